@@ -1,0 +1,253 @@
+//! The environment a state machine lives in: clock, entropy, transport, store.
+//!
+//! These are the only doors between the model and the world. The simulator implements them with
+//! virtual time, a seeded ChaCha20 stream, an in-memory faulty network and a crashable disk; the
+//! production drivers with the tokio clock, OS entropy, quinn and redb.
+//!
+//! The persist-then-speak rule (raft's `Ready`): a state machine hands its writes and its outputs
+//! out together as a [`Ready`]. The driver commits the writes, and only the [`CommitReceipt`] of
+//! that commit releases the outputs. Outputs of a `Ready` may depend on any write handed out
+//! earlier, so a driver releases `Ready`s strictly in order, each after its own commit and all
+//! earlier ones, even when its own batch is empty.
+
+use core::fmt;
+use core::ops::ControlFlow;
+
+use bytes::Bytes;
+
+use crate::ids::ConnectionId;
+use crate::time::Instant;
+
+/// Reads the driver's clock. State machines get `now` as an argument; drivers use this.
+pub trait Clock {
+    /// The current instant on this actor's clock (which may be skewed in simulation).
+    fn now(&self) -> Instant;
+}
+
+/// Cryptographic-quality random bytes: OS entropy in production, a seeded stream in simulation.
+pub trait Entropy {
+    /// Fills `dest` with random bytes.
+    fn fill_bytes(&mut self, dest: &mut [u8]);
+
+    /// A random `u64`.
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill_bytes(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// A uniformly random `u64` in `0..=max` (Lemire's widening multiply; bias below 2^-64).
+    fn below_inclusive(&mut self, max: u64) -> u64 {
+        if max == u64::MAX {
+            return self.next_u64();
+        }
+        ((u128::from(self.next_u64()) * (u128::from(max) + 1)) >> 64) as u64
+    }
+}
+
+/// Where a connection goes. One gateway per domain for now; federation adds more.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Endpoint {
+    /// The gateway of this node's own domain.
+    HomeGateway,
+}
+
+/// What a transport reports back to its driver; the driver turns each into a state machine input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransportEvent {
+    /// An outgoing connection is established.
+    Connected(ConnectionId),
+    /// An outgoing connection could not be established.
+    ConnectFailed(ConnectionId),
+    /// An incoming connection was accepted.
+    Accepted(ConnectionId),
+    /// A whole frame arrived on a connection.
+    Frame(ConnectionId, Bytes),
+    /// The connection is gone (reset, closed by the peer, timed out).
+    Closed(ConnectionId),
+}
+
+/// Connections carrying whole frames, as quinn streams do in production.
+///
+/// Events come back as [`TransportEvent`]s through the driver. File-chunk streams will be added as
+/// `open_stream` / `send_chunk` beside `send` when the files feature lands; frames and chunks then
+/// share a connection but not a stream, so a large file never delays a message.
+pub trait Transport {
+    /// Starts a connection; its outcome arrives as `Connected` or `ConnectFailed`.
+    fn connect(&mut self, now: Instant, to: Endpoint) -> ConnectionId;
+    /// Queues one encoded frame on a connection. Frames to a closed connection are dropped.
+    fn send(&mut self, now: Instant, conn: ConnectionId, frame: Bytes);
+    /// Closes a connection; the peer sees `Closed`.
+    fn close(&mut self, now: Instant, conn: ConnectionId);
+}
+
+/// A named, ordered key-value table. Keys order bytewise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Table(pub &'static str);
+
+/// One write of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Insert or replace.
+    Put {
+        /// Table written.
+        table: Table,
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Remove if present.
+    Delete {
+        /// Table written.
+        table: Table,
+        /// Key.
+        key: Vec<u8>,
+    },
+}
+
+/// Writes committed atomically: after a crash either all of them are on disk or none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    /// Adds a put.
+    pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(WriteOp::Put { table, key, value });
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, table: Table, key: Vec<u8>) {
+        self.ops.push(WriteOp::Delete { table, key });
+    }
+
+    /// True if nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Number of writes.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// The writes in order.
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
+    }
+
+    /// Takes the writes out, leaving the batch empty.
+    pub fn take(&mut self) -> WriteBatch {
+        WriteBatch { ops: core::mem::take(&mut self.ops) }
+    }
+}
+
+/// A store failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Stored bytes do not decode: the data directory is damaged or from another version.
+    #[error("stored record in table {table} is corrupt: {reason}; restore the data directory from a backup")]
+    Corrupt {
+        /// Table holding the record.
+        table: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The backend failed (I/O error, full disk).
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+}
+
+/// Proof that a batch was committed; only a [`Store`] implementation creates one.
+#[derive(Debug)]
+pub struct CommitReceipt {
+    _private: (),
+}
+
+impl CommitReceipt {
+    /// For `Store` implementations only: call after the batch is durable.
+    pub fn after_durable_commit() -> CommitReceipt {
+        CommitReceipt { _private: () }
+    }
+}
+
+/// Read access to committed data, used when a state machine recovers after a restart.
+pub trait StoreRead {
+    /// The value under `key`, if any.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Visits entries with `start <= key` in key order until `visit` breaks.
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError>;
+}
+
+/// Ordered tables with atomic batched commits, synchronous like redb.
+///
+/// The contract is kept small so that a replicated log (per-subject sequence numbers and
+/// expected-last-sequence writes, as NATS JetStream offers) can back it later.
+pub trait Store: StoreRead {
+    /// Commits `batch` atomically and durably.
+    fn commit(&mut self, batch: WriteBatch) -> Result<CommitReceipt, StoreError>;
+}
+
+/// Writes to commit and the outputs they release, handed out by a state machine together.
+#[must_use = "a Ready must be committed and its outputs released"]
+pub struct Ready<O> {
+    /// The writes to commit before any output may leave.
+    pub writes: WriteBatch,
+    outputs: Vec<O>,
+}
+
+impl<O> Ready<O> {
+    /// Built by state machines from their pending writes and outputs.
+    pub fn new(writes: WriteBatch, outputs: Vec<O>) -> Ready<O> {
+        Ready { writes, outputs }
+    }
+
+    /// Splits into the writes and the outputs held back until the commit succeeds.
+    pub fn split(self) -> (WriteBatch, HeldOutputs<O>) {
+        (self.writes, HeldOutputs(self.outputs))
+    }
+
+    /// Commits the writes into `store` and returns the outputs (the synchronous path).
+    pub fn commit(self, store: &mut dyn Store) -> Result<Vec<O>, StoreError> {
+        let (writes, held) = self.split();
+        let receipt = store.commit(writes)?;
+        Ok(held.release(receipt))
+    }
+}
+
+impl<O: fmt::Debug> fmt::Debug for Ready<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ready")
+            .field("writes", &self.writes.len())
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+/// Outputs waiting for their commit.
+#[derive(Debug)]
+pub struct HeldOutputs<O>(Vec<O>);
+
+impl<O> HeldOutputs<O> {
+    /// The outputs, released by the receipt of the commit that carried their writes.
+    pub fn release(self, _receipt: CommitReceipt) -> Vec<O> {
+        self.0
+    }
+
+    /// Number of outputs held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}

@@ -1,0 +1,568 @@
+//! The gateway state machine: sessions, sequencing, fan-out, acknowledgement cursors, redelivery.
+//!
+//! Shape (quinn-proto / str0m style):
+//! - getters take `&self` (`conversation_head`, `stats`, ...);
+//! - [`Gateway::handle`] takes every input (a connection accepted or closed, a frame, an admin
+//!   command) with the current time;
+//! - [`Gateway::handle_timeout`] runs periodic work when [`Gateway::poll_timeout`] says so;
+//! - [`Gateway::poll_ready`] hands out the writes and outputs produced since the last call.
+//!
+//! Drain rule: after every `handle` or `handle_timeout`, call `poll_ready` until it returns `None`
+//! and re-read `poll_timeout`. Commit each `Ready`'s writes before releasing its outputs (see
+//! [`crate::env::Ready`]): an acknowledgement never leaves before the message it acknowledges is
+//! durable.
+//!
+//! Sessions are opened by `Hello` (authentication with challenge, proof and certificates lands
+//! with the core delivery and trust issues). Delivery to each device and conversation is a
+//! sliding window over the log: up to `delivery_window` unacknowledged messages in flight; if the
+//! device's acknowledgement cursor stalls for `redeliver_after`, the window rewinds to the cursor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::env::{Ready, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::sequencer::{
+    decode_entry, split_pair_key, Appended, ConversationLog, SequencerError, LOG_TABLE,
+    MEMBERS_TABLE,
+};
+use crate::time::Instant;
+use crate::wire::payload::{
+    Ack, Deliver, ErrorCode, ErrorReport, Goodbye, HelloOk, SendAck,
+};
+use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+/// Table of per-device acknowledgement cursors: key `device(16) ++ conversation(16)`, value seq.
+pub const CURSORS_TABLE: Table = Table("cursors");
+
+/// Tunables of a gateway. Every queue and timer has a named bound here.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// How often nodes are asked to send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A session that sends nothing for this long is closed.
+    pub session_idle_timeout: Duration,
+    /// A connection that has not said `Hello` within this is closed.
+    pub hello_timeout: Duration,
+    /// Most unacknowledged deliveries in flight per device and conversation.
+    pub delivery_window: u64,
+    /// A stalled acknowledgement cursor triggers redelivery after this long.
+    pub redeliver_after: Duration,
+    /// Period of the housekeeping tick (timeouts, redelivery).
+    pub tick_interval: Duration,
+    /// Largest accepted frame payload.
+    pub payload_bytes_max: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            heartbeat_interval: Duration::from_secs(5),
+            session_idle_timeout: Duration::from_secs(15),
+            hello_timeout: Duration::from_secs(10),
+            delivery_window: 128,
+            redeliver_after: Duration::from_secs(2),
+            tick_interval: Duration::from_millis(250),
+            payload_bytes_max: PAYLOAD_BYTES_MAX,
+        }
+    }
+}
+
+/// Inputs to [`Gateway::handle`].
+#[derive(Clone, Debug)]
+pub enum GatewayInput {
+    /// A node connected.
+    Accepted(ConnectionId),
+    /// A frame arrived on a connection.
+    Frame(ConnectionId, Bytes),
+    /// A connection is gone.
+    Closed(ConnectionId),
+    /// Admin: create a conversation with these member devices (idempotent; members are added).
+    CreateConversation(ConversationId, Vec<DeviceId>),
+}
+
+/// Outputs released by a committed [`Ready`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayOutput {
+    /// Send an encoded frame on a connection.
+    Send(ConnectionId, Bytes),
+    /// Close a connection (after sending any frame queued before this output).
+    Close(ConnectionId),
+}
+
+/// Counters for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Messages newly sequenced.
+    pub sequenced: u64,
+    /// Sends answered as duplicates.
+    pub duplicates: u64,
+    /// Deliver frames sent (first sends and redeliveries).
+    pub deliveries: u64,
+    /// Window rewinds after a stalled cursor or a replay request.
+    pub rewinds: u64,
+    /// Frames rejected as malformed.
+    pub malformed: u64,
+    /// Sessions closed for silence.
+    pub idle_closes: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Stream {
+    acked: u64,
+    sent_upto: u64,
+    last_progress: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct Session {
+    device: Option<DeviceId>,
+    opened_at: Instant,
+    last_heard: Instant,
+    streams: BTreeMap<ConversationId, Stream>,
+}
+
+/// The gateway of one domain as a deterministic state machine. See the module docs.
+#[derive(Debug)]
+pub struct Gateway {
+    config: GatewayConfig,
+    conversations: BTreeMap<ConversationId, ConversationLog>,
+    memberships: BTreeMap<DeviceId, BTreeSet<ConversationId>>,
+    cursors: BTreeMap<(DeviceId, ConversationId), u64>,
+    sessions: BTreeMap<ConnectionId, Session>,
+    online: BTreeMap<DeviceId, ConnectionId>,
+    next_tick: Instant,
+    writes: WriteBatch,
+    outputs: Vec<GatewayOutput>,
+    stats: GatewayStats,
+}
+
+impl Gateway {
+    /// A gateway with empty storage.
+    pub fn new(config: GatewayConfig, now: Instant) -> Gateway {
+        assert!(config.delivery_window > 0, "delivery_window must be positive");
+        assert!(!config.tick_interval.is_zero(), "tick_interval must be positive");
+        Gateway {
+            next_tick: now + config.tick_interval,
+            config,
+            conversations: BTreeMap::new(),
+            memberships: BTreeMap::new(),
+            cursors: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            online: BTreeMap::new(),
+            writes: WriteBatch::default(),
+            outputs: Vec::new(),
+            stats: GatewayStats::default(),
+        }
+    }
+
+    /// Rebuilds a gateway from committed storage after a (re)start. Sessions start empty.
+    pub fn recover(
+        config: GatewayConfig,
+        now: Instant,
+        store: &dyn StoreRead,
+    ) -> Result<Gateway, StoreError> {
+        let mut gateway = Gateway::new(config, now);
+        let mut result = Ok(());
+        store.scan_from(MEMBERS_TABLE, &[], &mut |key, _| {
+            match split_pair_key(MEMBERS_TABLE, key) {
+                Ok((conv, device)) => gateway.add_member(ConversationId(conv), DeviceId(device)),
+                Err(e) => result = Err(e),
+            }
+            ControlFlow::Continue(())
+        })?;
+        result?;
+        let mut result = Ok(());
+        store.scan_from(LOG_TABLE, &[], &mut |key, value| {
+            let restored = decode_entry(key, value).and_then(|(conv, entry)| {
+                match gateway.conversations.get_mut(&conv) {
+                    Some(log) => log.restore_entry(entry),
+                    None => Err(StoreError::Corrupt {
+                        table: LOG_TABLE.0,
+                        reason: format!("entry for {conv} which has no members"),
+                    }),
+                }
+            });
+            match restored {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    result = Err(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        result?;
+        let mut result = Ok(());
+        store.scan_from(CURSORS_TABLE, &[], &mut |key, value| {
+            let decoded = split_pair_key(CURSORS_TABLE, key).and_then(|(device, conv)| {
+                let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
+                    table: CURSORS_TABLE.0,
+                    reason: format!("cursor value of {} bytes", value.len()),
+                })?;
+                Ok(((DeviceId(device), ConversationId(conv)), u64::from_be_bytes(seq)))
+            });
+            match decoded {
+                Ok((k, seq)) => {
+                    gateway.cursors.insert(k, seq);
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    result = Err(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        result?;
+        Ok(gateway)
+    }
+
+    // ---- getters ----
+
+    /// The highest seq of a conversation, if it exists here.
+    pub fn conversation_head(&self, conversation: ConversationId) -> Option<u64> {
+        self.conversations.get(&conversation).map(ConversationLog::head)
+    }
+
+    /// The conversations this gateway is authority for, in id order.
+    pub fn conversations(&self) -> impl Iterator<Item = &ConversationLog> {
+        self.conversations.values()
+    }
+
+    /// The durable acknowledgement cursor of a device in a conversation.
+    pub fn cursor(&self, device: DeviceId, conversation: ConversationId) -> u64 {
+        self.cursors.get(&(device, conversation)).copied().unwrap_or(0)
+    }
+
+    /// Number of open connections (authenticated or not).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &GatewayStats {
+        &self.stats
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick
+    }
+
+    // ---- inputs ----
+
+    /// Feeds one input. Then drain [`Gateway::poll_ready`].
+    pub fn handle(&mut self, now: Instant, input: GatewayInput) {
+        match input {
+            GatewayInput::Accepted(conn) => {
+                let session = Session {
+                    device: None,
+                    opened_at: now,
+                    last_heard: now,
+                    streams: BTreeMap::new(),
+                };
+                let previous = self.sessions.insert(conn, session);
+                debug_assert!(previous.is_none(), "connection ids are unique");
+            }
+            GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
+            GatewayInput::Closed(conn) => self.forget_session(conn),
+            GatewayInput::CreateConversation(conv, members) => {
+                for device in members {
+                    self.add_member(conv, device);
+                }
+                self.conversations.get(&conv).expect("just created").persist_members(&mut self.writes);
+            }
+        }
+    }
+
+    /// Periodic work: idle sessions, missing `Hello`s, stalled delivery windows.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + self.config.tick_interval;
+        let mut to_close = Vec::new();
+        let mut to_rewind = Vec::new();
+        for (&conn, session) in &self.sessions {
+            match session.device {
+                None if now.saturating_since(session.opened_at) >= self.config.hello_timeout => {
+                    to_close.push((conn, ErrorCode::NotAuthenticated, "no hello in time"));
+                }
+                Some(_)
+                    if now.saturating_since(session.last_heard)
+                        >= self.config.session_idle_timeout =>
+                {
+                    to_close.push((conn, ErrorCode::HeartbeatTimeout, "no heartbeat in time"));
+                }
+                Some(_) => {
+                    for (&conv, stream) in &session.streams {
+                        if stream.acked < stream.sent_upto
+                            && now.saturating_since(stream.last_progress)
+                                >= self.config.redeliver_after
+                        {
+                            to_rewind.push((conn, conv));
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        for (conn, code, why) in to_close {
+            if code == ErrorCode::HeartbeatTimeout {
+                self.stats.idle_closes += 1;
+            }
+            self.goodbye(conn, code, why);
+        }
+        for (conn, conv) in to_rewind {
+            self.rewind(now, conn, conv, None);
+        }
+    }
+
+    /// The writes and outputs produced so far, or `None` if there are none.
+    pub fn poll_ready(&mut self) -> Option<Ready<GatewayOutput>> {
+        if self.writes.is_empty() && self.outputs.is_empty() {
+            return None;
+        }
+        Some(Ready::new(self.writes.take(), std::mem::take(&mut self.outputs)))
+    }
+
+    // ---- internals ----
+
+    fn add_member(&mut self, conv: ConversationId, device: DeviceId) {
+        self.conversations
+            .entry(conv)
+            .or_insert_with(|| ConversationLog::new(conv, []))
+            .restore_member(device);
+        self.memberships.entry(device).or_default().insert(conv);
+    }
+
+    fn handle_frame(&mut self, now: Instant, conn: ConnectionId, bytes: &[u8]) {
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            return; // a frame raced with the close of its connection
+        };
+        session.last_heard = now;
+        let authenticated = session.device;
+        let frame = match Frame::decode(bytes, self.config.payload_bytes_max) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.stats.malformed += 1;
+                self.goodbye(conn, ErrorCode::MalformedFrame, &error.to_string());
+                return;
+            }
+        };
+        let routing = frame.routing;
+        match (authenticated, frame.payload) {
+            (_, Payload::Hello(hello)) => self.open_session(now, conn, routing.sender, &hello.cursors),
+            (None, _) => {
+                self.goodbye(conn, ErrorCode::NotAuthenticated, "say hello first");
+            }
+            (Some(_), Payload::Heartbeat(beat)) => {
+                self.send(conn, Routing::default(), Payload::HeartbeatAck(beat));
+            }
+            (Some(_), Payload::HeartbeatAck(_)) => {}
+            (Some(device), Payload::Send(send)) => {
+                let msg_id = send.msg_id();
+                self.accept_message(now, conn, device, routing.conversation, msg_id, send.body)
+            }
+            (Some(device), Payload::Ack(Ack {})) => {
+                self.acknowledge(now, conn, device, routing.conversation, routing.seq)
+            }
+            (Some(_), Payload::ReplayRequest(request)) => {
+                self.rewind(now, conn, routing.conversation, Some(request.from_seq))
+            }
+            (Some(_), Payload::Goodbye(_)) => {
+                self.outputs.push(GatewayOutput::Close(conn));
+                self.forget_session(conn);
+            }
+            (Some(_), other) => {
+                let message = format!("{:?} is not accepted by a gateway", other.opcode());
+                self.error(conn, ErrorCode::UnexpectedOpcode, &message, None);
+            }
+        }
+    }
+
+    fn open_session(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        cursors: &[crate::wire::payload::Cursor],
+    ) {
+        if device == DeviceId(0) {
+            self.goodbye(conn, ErrorCode::NotAuthenticated, "hello without a sender device");
+            return;
+        }
+        if let Some(old) = self.online.insert(device, conn) {
+            if old != conn {
+                self.goodbye(old, ErrorCode::SessionReplaced, "a newer session replaced this one");
+            }
+        }
+        let presented: BTreeMap<ConversationId, u64> =
+            cursors.iter().map(|c| (c.conversation_id(), c.seq)).collect();
+        let mut streams = BTreeMap::new();
+        let convs: Vec<ConversationId> =
+            self.memberships.get(&device).into_iter().flatten().copied().collect();
+        for conv in convs {
+            let head = self.conversations[&conv].head();
+            let stored = self.cursor(device, conv);
+            let acked = presented.get(&conv).copied().unwrap_or(stored).min(head);
+            if acked > stored {
+                self.store_cursor(device, conv, acked);
+            }
+            streams.insert(conv, Stream { acked, sent_upto: acked, last_progress: now });
+        }
+        let session = self.sessions.get_mut(&conn).expect("session exists");
+        session.device = Some(device);
+        session.streams = streams;
+        let interval_ms = u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
+        self.send(conn, Routing::default(), Payload::HelloOk(HelloOk { heartbeat_interval_ms: interval_ms }));
+        let convs: Vec<ConversationId> = self.sessions[&conn].streams.keys().copied().collect();
+        for conv in convs {
+            self.pump(now, conn, conv);
+        }
+    }
+
+    fn accept_message(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+        body: Vec<u8>,
+    ) {
+        let Some(log) = self.conversations.get_mut(&conv) else {
+            self.error(conn, ErrorCode::UnknownConversation, "no such conversation here", Some(msg_id));
+            return;
+        };
+        let seq = match log.append(device, msg_id, Bytes::from(body)) {
+            Ok(Appended::New(seq)) => {
+                log.persist_entry(seq, &mut self.writes);
+                self.stats.sequenced += 1;
+                seq
+            }
+            Ok(Appended::Duplicate(seq)) => {
+                self.stats.duplicates += 1;
+                seq
+            }
+            Err(SequencerError::NotMember) => {
+                self.error(conn, ErrorCode::NotMember, "not a member of this conversation", Some(msg_id));
+                return;
+            }
+        };
+        let routing = Routing { conversation: conv, seq, ..Routing::default() };
+        self.send(conn, routing, Payload::SendAck(SendAck { msg_id: msg_id.to_bytes() }));
+        let members: Vec<DeviceId> = self.conversations[&conv].members().iter().copied().collect();
+        for member in members {
+            if let Some(&member_conn) = self.online.get(&member) {
+                self.pump(now, member_conn, conv);
+            }
+        }
+    }
+
+    fn acknowledge(&mut self, now: Instant, conn: ConnectionId, device: DeviceId, conv: ConversationId, seq: u64) {
+        let head = self.conversation_head(conv).unwrap_or(0);
+        let Some(stream) = self.sessions.get_mut(&conn).and_then(|s| s.streams.get_mut(&conv)) else {
+            self.error(conn, ErrorCode::NotMember, "ack for a conversation you are not in", None);
+            return;
+        };
+        let seq = seq.min(head);
+        if seq > stream.acked {
+            stream.acked = seq;
+            stream.last_progress = now;
+            stream.sent_upto = stream.sent_upto.max(seq);
+            self.store_cursor(device, conv, seq);
+        }
+        self.pump(now, conn, conv);
+    }
+
+    /// Restarts delivery from `from_seq` (a replay request) or from the cursor (a stall).
+    fn rewind(&mut self, now: Instant, conn: ConnectionId, conv: ConversationId, from_seq: Option<u64>) {
+        let Some(stream) = self.sessions.get_mut(&conn).and_then(|s| s.streams.get_mut(&conv)) else {
+            return;
+        };
+        let restart = match from_seq {
+            Some(from) => from.saturating_sub(1).max(stream.acked),
+            None => stream.acked,
+        };
+        if restart < stream.sent_upto {
+            stream.sent_upto = restart;
+            self.stats.rewinds += 1;
+        }
+        stream.last_progress = now;
+        self.pump(now, conn, conv);
+    }
+
+    /// Sends as much of the conversation as the window allows.
+    fn pump(&mut self, now: Instant, conn: ConnectionId, conv: ConversationId) {
+        let window = self.config.delivery_window;
+        let Some(log) = self.conversations.get(&conv) else { return };
+        let Some(stream) = self.sessions.get_mut(&conn).and_then(|s| s.streams.get_mut(&conv)) else {
+            return;
+        };
+        if stream.acked == stream.sent_upto {
+            stream.last_progress = now;
+        }
+        while stream.sent_upto < log.head() && stream.sent_upto - stream.acked < window {
+            stream.sent_upto += 1;
+            let entry = log.get(stream.sent_upto).expect("seq within head");
+            let routing =
+                Routing { conversation: conv, sender: entry.sender, seq: entry.seq, epoch: 0 };
+            let payload = Payload::Deliver(Deliver {
+                msg_id: entry.msg_id.to_bytes(),
+                body: entry.body.to_vec(),
+            });
+            self.outputs.push(GatewayOutput::Send(conn, Frame::new(routing, payload).encode()));
+            self.stats.deliveries += 1;
+        }
+    }
+
+    fn store_cursor(&mut self, device: DeviceId, conv: ConversationId, seq: u64) {
+        self.cursors.insert((device, conv), seq);
+        let mut key = Vec::with_capacity(32);
+        key.extend_from_slice(&device.to_bytes());
+        key.extend_from_slice(&conv.to_bytes());
+        self.writes.put(CURSORS_TABLE, key, seq.to_be_bytes().to_vec());
+    }
+
+    fn send(&mut self, conn: ConnectionId, routing: Routing, payload: Payload) {
+        self.outputs.push(GatewayOutput::Send(conn, Frame::new(routing, payload).encode()));
+    }
+
+    fn error(&mut self, conn: ConnectionId, code: ErrorCode, message: &str, msg_id: Option<MsgId>) {
+        let report = ErrorReport {
+            code: code as u16,
+            message: message.to_string(),
+            msg_id: msg_id.map(MsgId::to_bytes),
+        };
+        self.send(conn, Routing::default(), Payload::Error(report));
+    }
+
+    fn goodbye(&mut self, conn: ConnectionId, code: ErrorCode, message: &str) {
+        let message = truncate_utf8(message, crate::wire::payload::MESSAGE_BYTES_MAX).to_string();
+        self.send(conn, Routing::default(), Payload::Goodbye(Goodbye { code: code as u16, message }));
+        self.outputs.push(GatewayOutput::Close(conn));
+        self.forget_session(conn);
+    }
+
+    fn forget_session(&mut self, conn: ConnectionId) {
+        let Some(session) = self.sessions.remove(&conn) else { return };
+        if let Some(device) = session.device {
+            if self.online.get(&device) == Some(&conn) {
+                self.online.remove(&device);
+            }
+        }
+    }
+}
+
+
+/// The longest prefix of `text` that fits in `max` bytes and ends on a character boundary.
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -1,0 +1,679 @@
+//! The node (device) state machine: connection life cycle, durable outbox, cursors, gap repair.
+//!
+//! Shape (quinn-proto / str0m style):
+//! - getters take `&self` (`status`, `cursor`, `outbox_len`, ...);
+//! - [`Node::handle`] takes inputs from the transport (connected, failed, frame, closed);
+//! - mutators are user commands: [`Node::send`], [`Node::go_offline`], [`Node::go_online`];
+//! - [`Node::handle_timeout`] runs due timers (reconnect, heartbeat, resend);
+//! - [`Node::poll_ready`] hands out writes and outputs; [`Node::poll_timeout`] says when to wake.
+//!
+//! Drain rule: after every input, command or timeout, drain `poll_ready` and commit each `Ready`
+//! before releasing its outputs; then re-read `poll_timeout`.
+//!
+//! Guarantees: a message stays in the durable outbox until the gateway acknowledges it, and is
+//! resent after every reconnect and after `resend_after` without an answer (at-least-once on the
+//! wire). Delivery to the application is exactly once and in seq order: the per-conversation
+//! cursor is committed in the same batch that releases the `Delivered` event, and anything at or
+//! below the cursor is dropped as a duplicate. A seq jump is buffered (bounded) and answered with
+//! a `ReplayRequest`.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::env::{Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::time::Instant;
+use crate::wire::payload::{
+    Ack, Cursor, ErrorCode, Goodbye, Heartbeat, Hello, ReplayRequest, Send, CURSORS_LEN_MAX,
+};
+use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+/// Table of unacknowledged messages: key `msg_id(16)`, value `conversation(16) ++ body`.
+pub const OUTBOX_TABLE: Table = Table("outbox");
+/// Table of delivery cursors: key `conversation(16)`, value seq (8, big-endian).
+pub const NODE_CURSORS_TABLE: Table = Table("node_cursors");
+
+/// Tunables of a node. Every queue and timer has a named bound here.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This device.
+    pub device: DeviceId,
+    /// Heartbeat period while connected (the gateway's `HelloOk` overrides it).
+    pub heartbeat_interval: Duration,
+    /// Silence from the gateway for this long means the connection is dead.
+    pub idle_timeout: Duration,
+    /// First reconnect delay cap; doubles per failed attempt.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay cap.
+    pub backoff_max: Duration,
+    /// An unacknowledged message is resent after this long on the same connection.
+    pub resend_after: Duration,
+    /// At most one replay request per conversation per this interval.
+    pub replay_request_interval: Duration,
+    /// Most out-of-order deliveries buffered per conversation.
+    pub reorder_buffer_max: usize,
+    /// Most messages waiting in the outbox; `send` refuses beyond it.
+    pub outbox_len_max: usize,
+    /// Largest message body.
+    pub body_bytes_max: usize,
+}
+
+impl NodeConfig {
+    /// Defaults for a device.
+    pub fn new(device: DeviceId) -> NodeConfig {
+        NodeConfig {
+            device,
+            heartbeat_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(15),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            resend_after: Duration::from_secs(3),
+            replay_request_interval: Duration::from_millis(500),
+            reorder_buffer_max: 256,
+            outbox_len_max: 10_000,
+            body_bytes_max: PAYLOAD_BYTES_MAX as usize - 1024,
+        }
+    }
+}
+
+/// Inputs from the transport to [`Node::handle`].
+#[derive(Clone, Debug)]
+pub enum NodeInput {
+    /// The connection asked for by `Connect` is up.
+    Connected(ConnectionId),
+    /// The connection asked for by `Connect` failed.
+    ConnectFailed,
+    /// A frame arrived.
+    Frame(ConnectionId, Bytes),
+    /// The connection is gone.
+    Closed(ConnectionId),
+}
+
+/// Connection status as the user sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionStatus {
+    /// A session with the gateway is open.
+    Connected,
+    /// Trying to (re)connect; `attempt` counts failures since the last session.
+    Reconnecting {
+        /// Failed attempts so far.
+        attempt: u32,
+    },
+    /// Not connected and not trying (the user went offline).
+    Offline,
+}
+
+/// What the application hears.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A message, exactly once and in seq order per conversation.
+    Delivered {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Its seq.
+        seq: u64,
+        /// Originating device.
+        sender: DeviceId,
+        /// The sender's id for it.
+        msg_id: MsgId,
+        /// Content.
+        body: Bytes,
+    },
+    /// The gateway durably sequenced one of our messages.
+    Accepted {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Our id for it.
+        msg_id: MsgId,
+        /// The seq it got.
+        seq: u64,
+    },
+    /// The gateway refused one of our messages; it left the outbox.
+    Rejected {
+        /// Our id for it.
+        msg_id: MsgId,
+        /// Why.
+        code: ErrorCode,
+    },
+    /// The connection status changed.
+    Status(ConnectionStatus),
+}
+
+/// Outputs released by a committed [`Ready`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeOutput {
+    /// Open a connection to the home gateway; answer with `Connected` or `ConnectFailed`.
+    Connect,
+    /// Send an encoded frame.
+    Send(ConnectionId, Bytes),
+    /// Close a connection.
+    Close(ConnectionId),
+    /// Tell the application.
+    Event(NodeEvent),
+}
+
+/// Why `send` refused a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The outbox is full: wait for acknowledgements (or reconnect) and try again.
+    #[error("outbox full ({max} messages waiting); wait until the gateway acknowledges some")]
+    OutboxFull {
+        /// The limit.
+        max: usize,
+    },
+    /// The body is larger than allowed.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    BodyTooLarge {
+        /// Body length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Counters for logs, metrics and the simulator's checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Connections that reached `HelloOk`.
+    pub sessions: u64,
+    /// Deliveries dropped as duplicates (at or below the cursor).
+    pub duplicate_deliveries: u64,
+    /// Replay requests sent.
+    pub replay_requests: u64,
+    /// Outbox messages resent.
+    pub resends: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Link {
+    /// Not connected; reconnect at `retry_at`, or never if `None` (user went offline).
+    Offline { retry_at: Option<Instant> },
+    /// `Connect` was emitted; waiting for the transport.
+    Connecting,
+    /// Connected, `Hello` sent, waiting for `HelloOk` until `deadline`.
+    Handshaking { conn: ConnectionId, deadline: Instant },
+    /// Session open.
+    Open { conn: ConnectionId, last_heard: Instant, next_heartbeat: Instant },
+}
+
+#[derive(Clone, Debug)]
+struct Outgoing {
+    conversation: ConversationId,
+    body: Bytes,
+    last_sent: Option<Instant>,
+}
+
+#[derive(Clone, Debug)]
+struct Inbound {
+    sender: DeviceId,
+    msg_id: MsgId,
+    body: Bytes,
+}
+
+/// One device as a deterministic state machine. See the module docs.
+pub struct Node {
+    config: NodeConfig,
+    entropy: Box<dyn Entropy>,
+    link: Link,
+    attempts: u32,
+    heartbeat_interval: Duration,
+    outbox: BTreeMap<MsgId, Outgoing>,
+    cursors: BTreeMap<ConversationId, u64>,
+    reorder: BTreeMap<ConversationId, BTreeMap<u64, Inbound>>,
+    replay_asked: BTreeMap<ConversationId, Instant>,
+    next_heartbeat_nonce: u64,
+    status: ConnectionStatus,
+    writes: WriteBatch,
+    outputs: Vec<NodeOutput>,
+    stats: NodeStats,
+}
+
+impl core::fmt::Debug for Node {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Node")
+            .field("device", &self.config.device)
+            .field("link", &self.link)
+            .field("outbox", &self.outbox.len())
+            .field("cursors", &self.cursors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Rebuilds a node from committed storage (empty storage for a new device) and starts
+    /// connecting at once.
+    pub fn recover(
+        config: NodeConfig,
+        entropy: Box<dyn Entropy>,
+        now: Instant,
+        store: &dyn StoreRead,
+    ) -> Result<Node, StoreError> {
+        assert!(config.outbox_len_max > 0, "outbox_len_max must be positive");
+        assert!(config.backoff_initial <= config.backoff_max, "backoff_initial <= backoff_max");
+        let mut outbox = BTreeMap::new();
+        let mut failure = None;
+        store.scan_from(OUTBOX_TABLE, &[], &mut |key, value| {
+            match decode_outbox(key, value) {
+                Ok((id, out)) => {
+                    outbox.insert(id, out);
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        let mut cursors = BTreeMap::new();
+        store.scan_from(NODE_CURSORS_TABLE, &[], &mut |key, value| {
+            match (<[u8; 16]>::try_from(key), <[u8; 8]>::try_from(value)) {
+                (Ok(k), Ok(v)) => {
+                    cursors.insert(ConversationId::from_bytes(k), u64::from_be_bytes(v));
+                    ControlFlow::Continue(())
+                }
+                _ => {
+                    failure = Some(corrupt(NODE_CURSORS_TABLE, "cursor key or value length"));
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(Node {
+            heartbeat_interval: config.heartbeat_interval,
+            config,
+            entropy,
+            link: Link::Offline { retry_at: Some(now) },
+            attempts: 0,
+            outbox,
+            cursors,
+            reorder: BTreeMap::new(),
+            replay_asked: BTreeMap::new(),
+            next_heartbeat_nonce: 0,
+            status: ConnectionStatus::Reconnecting { attempt: 0 },
+            writes: WriteBatch::default(),
+            outputs: Vec::new(),
+            stats: NodeStats::default(),
+        })
+    }
+
+    // ---- getters ----
+
+    /// This device.
+    pub fn device(&self) -> DeviceId {
+        self.config.device
+    }
+
+    /// Connection status.
+    pub fn status(&self) -> ConnectionStatus {
+        self.status
+    }
+
+    /// Highest seq delivered to the application in a conversation.
+    pub fn cursor(&self, conversation: ConversationId) -> u64 {
+        self.cursors.get(&conversation).copied().unwrap_or(0)
+    }
+
+    /// Messages waiting for the gateway's acknowledgement.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// True while a session is open.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.link, Link::Open { .. })
+    }
+
+    /// When `handle_timeout` must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.link {
+            Link::Offline { retry_at } => *retry_at,
+            Link::Connecting => None,
+            Link::Handshaking { deadline, .. } => Some(*deadline),
+            Link::Open { last_heard, next_heartbeat, .. } => {
+                Some((*next_heartbeat).min(*last_heard + self.config.idle_timeout))
+            }
+        }
+    }
+
+    /// The writes and outputs produced so far, or `None`.
+    pub fn poll_ready(&mut self) -> Option<Ready<NodeOutput>> {
+        if self.writes.is_empty() && self.outputs.is_empty() {
+            return None;
+        }
+        Some(Ready::new(self.writes.take(), std::mem::take(&mut self.outputs)))
+    }
+
+    // ---- commands ----
+
+    /// Queues a message for a conversation; it is sent now if connected, else after reconnect.
+    pub fn send(
+        &mut self,
+        now: Instant,
+        conversation: ConversationId,
+        body: Bytes,
+    ) -> Result<MsgId, SendError> {
+        if self.outbox.len() >= self.config.outbox_len_max {
+            return Err(SendError::OutboxFull { max: self.config.outbox_len_max });
+        }
+        if body.len() > self.config.body_bytes_max {
+            return Err(SendError::BodyTooLarge { len: body.len(), max: self.config.body_bytes_max });
+        }
+        let mut id = [0u8; 16];
+        self.entropy.fill_bytes(&mut id);
+        let msg_id = MsgId::from_bytes(id);
+        let mut value = Vec::with_capacity(16 + body.len());
+        value.extend_from_slice(&conversation.to_bytes());
+        value.extend_from_slice(&body);
+        self.writes.put(OUTBOX_TABLE, id.to_vec(), value);
+        self.outbox.insert(msg_id, Outgoing { conversation, body, last_sent: None });
+        if let Link::Open { conn, .. } = self.link {
+            self.transmit(now, conn, msg_id);
+        }
+        Ok(msg_id)
+    }
+
+    /// Closes the session cleanly and stays offline until `go_online`.
+    pub fn go_offline(&mut self, _now: Instant) {
+        if let Link::Open { conn, .. } | Link::Handshaking { conn, .. } = self.link {
+            let goodbye = Goodbye { code: ErrorCode::Unknown as u16, message: "going offline".into() };
+            self.send_frame(conn, Routing::default(), Payload::Goodbye(goodbye));
+            self.outputs.push(NodeOutput::Close(conn));
+        }
+        self.link = Link::Offline { retry_at: None };
+        self.set_status(ConnectionStatus::Offline);
+    }
+
+    /// Starts connecting again after `go_offline`.
+    pub fn go_online(&mut self, now: Instant) {
+        if let Link::Offline { .. } = self.link {
+            self.attempts = 0;
+            self.link = Link::Offline { retry_at: Some(now) };
+            self.set_status(ConnectionStatus::Reconnecting { attempt: 0 });
+        }
+    }
+
+    // ---- inputs ----
+
+    /// Feeds one transport input. Then drain [`Node::poll_ready`].
+    pub fn handle(&mut self, now: Instant, input: NodeInput) {
+        match input {
+            NodeInput::Connected(conn) => {
+                if !matches!(self.link, Link::Connecting) {
+                    self.outputs.push(NodeOutput::Close(conn));
+                    return;
+                }
+                self.link = Link::Handshaking { conn, deadline: now + self.config.idle_timeout };
+                let mut cursors: Vec<Cursor> =
+                    self.cursors.iter().map(|(c, s)| Cursor::new(*c, *s)).collect();
+                cursors.truncate(CURSORS_LEN_MAX);
+                let routing = Routing { sender: self.config.device, ..Routing::default() };
+                self.send_frame(conn, routing, Payload::Hello(Hello { cursors }));
+            }
+            NodeInput::ConnectFailed => {
+                if matches!(self.link, Link::Connecting) {
+                    self.schedule_reconnect(now);
+                }
+            }
+            NodeInput::Closed(conn) => {
+                if self.current_conn() == Some(conn) {
+                    self.schedule_reconnect(now);
+                }
+            }
+            NodeInput::Frame(conn, bytes) => {
+                if self.current_conn() != Some(conn) {
+                    return; // a late frame from a connection we already left
+                }
+                match Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
+                    Ok(frame) => self.handle_frame(now, conn, frame),
+                    Err(_) => {
+                        // A gateway that sends garbage is broken or not a gateway: start over.
+                        self.outputs.push(NodeOutput::Close(conn));
+                        self.schedule_reconnect(now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs due timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.link.clone() {
+            Link::Offline { retry_at: Some(at) } if now >= at => {
+                self.link = Link::Connecting;
+                self.outputs.push(NodeOutput::Connect);
+            }
+            Link::Handshaking { conn, deadline } if now >= deadline => {
+                self.outputs.push(NodeOutput::Close(conn));
+                self.schedule_reconnect(now);
+            }
+            Link::Open { conn, last_heard, next_heartbeat } => {
+                if now >= last_heard + self.config.idle_timeout {
+                    self.outputs.push(NodeOutput::Close(conn));
+                    self.schedule_reconnect(now);
+                    return;
+                }
+                if now >= next_heartbeat {
+                    self.next_heartbeat_nonce += 1;
+                    let beat = Heartbeat { nonce: self.next_heartbeat_nonce };
+                    self.send_frame(conn, Routing::default(), Payload::Heartbeat(beat));
+                    self.link = Link::Open {
+                        conn,
+                        last_heard,
+                        next_heartbeat: now + self.heartbeat_interval,
+                    };
+                    self.resend_stale(now, conn);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- internals ----
+
+    fn current_conn(&self) -> Option<ConnectionId> {
+        match self.link {
+            Link::Handshaking { conn, .. } | Link::Open { conn, .. } => Some(conn),
+            Link::Offline { .. } | Link::Connecting => None,
+        }
+    }
+
+    fn handle_frame(&mut self, now: Instant, conn: ConnectionId, frame: Frame) {
+        if let Link::Open { last_heard, .. } = &mut self.link {
+            *last_heard = now;
+        }
+        let routing = frame.routing;
+        match frame.payload {
+            Payload::HelloOk(ok) => {
+                if !matches!(self.link, Link::Handshaking { .. }) {
+                    return;
+                }
+                if ok.heartbeat_interval_ms > 0 {
+                    self.heartbeat_interval = Duration::from_millis(ok.heartbeat_interval_ms.into());
+                }
+                self.link = Link::Open { conn, last_heard: now, next_heartbeat: now + self.heartbeat_interval };
+                self.attempts = 0;
+                self.stats.sessions += 1;
+                self.set_status(ConnectionStatus::Connected);
+                let pending: Vec<MsgId> = self.outbox.keys().copied().collect();
+                for msg_id in pending {
+                    self.transmit(now, conn, msg_id);
+                }
+            }
+            _ if !matches!(self.link, Link::Open { .. }) => {
+                // Before HelloOk only HelloOk or Goodbye make sense.
+                if let Payload::Goodbye(_) = frame.payload {
+                    self.outputs.push(NodeOutput::Close(conn));
+                    self.schedule_reconnect(now);
+                }
+            }
+            Payload::Heartbeat(beat) => {
+                self.send_frame(conn, Routing::default(), Payload::HeartbeatAck(beat));
+            }
+            Payload::HeartbeatAck(_) => {}
+            Payload::SendAck(ack) => {
+                let msg_id = MsgId::from_bytes(ack.msg_id);
+                if let Some(out) = self.outbox.remove(&msg_id) {
+                    self.writes.delete(OUTBOX_TABLE, msg_id.to_bytes().to_vec());
+                    self.outputs.push(NodeOutput::Event(NodeEvent::Accepted {
+                        conversation: out.conversation,
+                        msg_id,
+                        seq: routing.seq,
+                    }));
+                }
+            }
+            Payload::Deliver(deliver) => {
+                let inbound = Inbound {
+                    sender: routing.sender,
+                    msg_id: MsgId::from_bytes(deliver.msg_id),
+                    body: Bytes::from(deliver.body),
+                };
+                self.receive(now, conn, routing.conversation, routing.seq, inbound);
+            }
+            Payload::Error(report) => {
+                let code = ErrorCode::from_u16(report.code);
+                if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
+                    if matches!(code, ErrorCode::NotMember | ErrorCode::UnknownConversation)
+                        && self.outbox.remove(&id).is_some()
+                    {
+                        self.writes.delete(OUTBOX_TABLE, id.to_bytes().to_vec());
+                        self.outputs.push(NodeOutput::Event(NodeEvent::Rejected { msg_id: id, code }));
+                    }
+                }
+            }
+            Payload::Goodbye(_) => {
+                self.outputs.push(NodeOutput::Close(conn));
+                self.schedule_reconnect(now);
+            }
+            _ => {} // frames meant for gateways are ignored
+        }
+    }
+
+    fn receive(&mut self, now: Instant, conn: ConnectionId, conv: ConversationId, seq: u64, inbound: Inbound) {
+        let cursor = self.cursor(conv);
+        if seq <= cursor {
+            self.stats.duplicate_deliveries += 1;
+            self.ack(conn, conv, cursor);
+            return;
+        }
+        if seq > cursor + 1 {
+            let buffer = self.reorder.entry(conv).or_default();
+            if buffer.len() < self.config.reorder_buffer_max || buffer.contains_key(&seq) {
+                buffer.insert(seq, inbound);
+            }
+            let asked = self.replay_asked.get(&conv).copied();
+            if asked.is_none_or(|t| now >= t + self.config.replay_request_interval) {
+                self.replay_asked.insert(conv, now);
+                self.stats.replay_requests += 1;
+                let routing = Routing { conversation: conv, ..Routing::default() };
+                self.send_frame(conn, routing, Payload::ReplayRequest(ReplayRequest { from_seq: cursor + 1 }));
+            }
+            return;
+        }
+        let mut next = seq;
+        let mut item = inbound;
+        loop {
+            self.outputs.push(NodeOutput::Event(NodeEvent::Delivered {
+                conversation: conv,
+                seq: next,
+                sender: item.sender,
+                msg_id: item.msg_id,
+                body: item.body,
+            }));
+            match self.reorder.get_mut(&conv).and_then(|b| b.remove(&(next + 1))) {
+                Some(buffered) => {
+                    next += 1;
+                    item = buffered;
+                }
+                None => break,
+            }
+        }
+        if let Some(buffer) = self.reorder.get_mut(&conv) {
+            buffer.retain(|&s, _| s > next);
+        }
+        debug_assert!(next > cursor, "cursor only moves forward");
+        self.cursors.insert(conv, next);
+        self.writes.put(NODE_CURSORS_TABLE, conv.to_bytes().to_vec(), next.to_be_bytes().to_vec());
+        self.ack(conn, conv, next);
+    }
+
+    fn ack(&mut self, conn: ConnectionId, conv: ConversationId, seq: u64) {
+        let routing = Routing { conversation: conv, seq, ..Routing::default() };
+        self.send_frame(conn, routing, Payload::Ack(Ack {}));
+    }
+
+    fn transmit(&mut self, now: Instant, conn: ConnectionId, msg_id: MsgId) {
+        let out = self.outbox.get_mut(&msg_id).expect("transmitting an outbox entry");
+        if out.last_sent.is_some() {
+            self.stats.resends += 1;
+        }
+        out.last_sent = Some(now);
+        let routing = Routing { conversation: out.conversation, sender: self.config.device, ..Routing::default() };
+        let payload = Payload::Send(Send { msg_id: msg_id.to_bytes(), body: out.body.to_vec() });
+        self.send_frame(conn, routing, payload);
+    }
+
+    fn resend_stale(&mut self, now: Instant, conn: ConnectionId) {
+        let stale: Vec<MsgId> = self
+            .outbox
+            .iter()
+            .filter(|(_, o)| o.last_sent.is_none_or(|t| now >= t + self.config.resend_after))
+            .map(|(id, _)| *id)
+            .collect();
+        for msg_id in stale {
+            self.transmit(now, conn, msg_id);
+        }
+    }
+
+    fn schedule_reconnect(&mut self, now: Instant) {
+        if let Link::Offline { retry_at: None } = self.link {
+            return; // the user asked to stay offline
+        }
+        self.reorder.clear();
+        self.replay_asked.clear();
+        let cap = self
+            .config
+            .backoff_initial
+            .saturating_mul(1u32 << self.attempts.min(20))
+            .min(self.config.backoff_max);
+        let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
+        let delay = Duration::from_micros(self.entropy.below_inclusive(cap_us));
+        self.attempts = self.attempts.saturating_add(1);
+        self.link = Link::Offline { retry_at: Some(now + delay) };
+        self.set_status(ConnectionStatus::Reconnecting { attempt: self.attempts });
+    }
+
+    fn set_status(&mut self, status: ConnectionStatus) {
+        if self.status != status {
+            self.status = status;
+            self.outputs.push(NodeOutput::Event(NodeEvent::Status(status)));
+        }
+    }
+
+    fn send_frame(&mut self, conn: ConnectionId, routing: Routing, payload: Payload) {
+        self.outputs.push(NodeOutput::Send(conn, Frame::new(routing, payload).encode()));
+    }
+}
+
+fn corrupt(table: Table, reason: &str) -> StoreError {
+    StoreError::Corrupt { table: table.0, reason: reason.to_string() }
+}
+
+fn decode_outbox(key: &[u8], value: &[u8]) -> Result<(MsgId, Outgoing), StoreError> {
+    let id: [u8; 16] = key.try_into().map_err(|_| corrupt(OUTBOX_TABLE, "key length"))?;
+    if value.len() < 16 {
+        return Err(corrupt(OUTBOX_TABLE, "value shorter than a conversation id"));
+    }
+    let conversation = ConversationId::from_bytes(value[..16].try_into().expect("16 bytes"));
+    let body = Bytes::copy_from_slice(&value[16..]);
+    Ok((MsgId::from_bytes(id), Outgoing { conversation, body, last_sent: None }))
+}

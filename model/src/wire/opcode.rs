@@ -1,0 +1,113 @@
+use super::WireError;
+
+macro_rules! opcodes {
+    ($( $(#[$doc:meta])* $name:ident = $value:literal, )*) => {
+        /// What a frame is. Values are grouped by concern in blocks of 0x100; every opcode of the
+        /// design is reserved now so that the numbering never changes.
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+        #[repr(u16)]
+        pub enum Opcode {
+            $( $(#[$doc])* $name = $value, )*
+        }
+
+        impl Opcode {
+            /// Every opcode, in numeric order.
+            pub const ALL: &'static [Opcode] = &[ $( Opcode::$name, )* ];
+
+            /// The opcode for a wire value, or `UnknownOpcode`.
+            pub fn from_u16(value: u16) -> Result<Opcode, WireError> {
+                match value {
+                    $( $value => Ok(Opcode::$name), )*
+                    found => Err(WireError::UnknownOpcode { found }),
+                }
+            }
+        }
+    };
+}
+
+opcodes! {
+    // 0x00xx: session
+    /// Node → gateway: open a session (device, resume cursors).
+    Hello = 0x0001,
+    /// Gateway → node: a nonce the node must sign (auth lands with the core delivery issue).
+    Challenge = 0x0002,
+    /// Node → gateway: the signed challenge and the device certificate.
+    Proof = 0x0003,
+    /// Gateway → node: the session is open.
+    HelloOk = 0x0004,
+    /// Node → gateway: resume a session with a token.
+    Resume = 0x0005,
+    /// Either way: liveness probe.
+    Heartbeat = 0x0006,
+    /// Either way: answer to a heartbeat.
+    HeartbeatAck = 0x0007,
+    /// Either way: the sender closes the session, with a reason.
+    Goodbye = 0x0008,
+    /// Either way: a request failed; carries a machine-readable code and a message.
+    Error = 0x000F,
+    // 0x01xx: delivery
+    /// Node → gateway: a message for a conversation (routing: conversation, sender).
+    Send = 0x0100,
+    /// Gateway → node: the message was durably sequenced (routing: conversation, seq).
+    SendAck = 0x0101,
+    /// Gateway → node: a sequenced message (routing: conversation, sender, seq).
+    Deliver = 0x0102,
+    /// Node → gateway: everything up to `seq` in a conversation is processed (mailbox cursor).
+    Ack = 0x0103,
+    /// Node → gateway: please resend a conversation from a seq (gap detected).
+    ReplayRequest = 0x0104,
+    // 0x02xx: MLS (payloads with the MLS issue)
+    /// Node → gateway: upload a batch of KeyPackages.
+    KeyPackageUpload = 0x0200,
+    /// Node → gateway: fetch KeyPackages of a user's devices.
+    KeyPackageFetch = 0x0201,
+    /// Gateway → node: KeyPackages answered to a fetch.
+    KeyPackages = 0x0202,
+    /// Via gateway: an MLS Welcome for a device's inbox.
+    Welcome = 0x0203,
+    /// Gateway → group: an external-sender proposal (server-initiated removal).
+    ExternalProposal = 0x0204,
+    // 0x03xx: identity and trust (payloads with the trust issue)
+    /// Node → gateway: register a device key with an enrolment token.
+    Register = 0x0300,
+    /// Gateway → node: a device certificate.
+    Certificate = 0x0301,
+    /// Node → gateway: fetch the CRL.
+    CrlFetch = 0x0302,
+    /// Gateway → node: a signed, versioned CRL (answer or push).
+    Crl = 0x0303,
+    /// Node → gateway: fetch the trust root.
+    TrustRootFetch = 0x0304,
+    /// Gateway → node: the trust root.
+    TrustRoot = 0x0305,
+    // 0x04xx: presence (later wave)
+    /// Node → gateway: set own presence.
+    PresenceUpdate = 0x0400,
+    /// Node → gateway: subscribe to a watchlist.
+    PresenceSubscribe = 0x0401,
+    /// Gateway → node: a watched device's presence changed.
+    PresenceNotify = 0x0402,
+    // 0x05xx: files (later wave)
+    /// Node → gateway: ask for chunks by hash.
+    ChunkRequest = 0x0500,
+    /// Either way: one encrypted chunk.
+    Chunk = 0x0501,
+    /// Receiver → sender: chunks received.
+    ChunkAck = 0x0502,
+    /// Receiver → sender: signed receipt for a whole file.
+    FileReceipt = 0x0503,
+    // 0x06xx: federation (later wave)
+    /// Gateway → gateway: mutual authentication.
+    FederationHello = 0x0600,
+    /// Gateway → gateway: a frame forwarded for another domain.
+    FederationForward = 0x0601,
+    /// Gateway → gateway: signed hand-over of a conversation's authority.
+    HandoverCertificate = 0x0602,
+}
+
+impl Opcode {
+    /// The wire value.
+    pub fn to_u16(self) -> u16 {
+        self as u16
+    }
+}

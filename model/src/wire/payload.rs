@@ -1,0 +1,302 @@
+//! CBOR payloads, one type per opcode whose feature has landed.
+//!
+//! Encoding: CBOR maps with small integer keys (minicbor's `#[cbor(map)]`), so that a later
+//! version can add optional keys that older decoders skip. Routing data lives in the header and
+//! is never repeated here. Lists carry a named maximum checked on decode.
+//!
+//! Why minicbor: it is maintained, `no_std`-capable, derives encoders with explicit stable field
+//! indices (the wire contract stays visible in the source), decodes without pre-allocating from
+//! untrusted length prefixes, and is fast; serde-based ciborium would hide the field numbering.
+
+use minicbor::{Decode, Encode};
+
+use super::{Opcode, WireError};
+use crate::ids::{ConversationId, MsgId};
+
+/// Most conversation cursors one `Hello` may carry.
+pub const CURSORS_LEN_MAX: usize = 4096;
+/// Longest human-readable message in `Goodbye` and `Error`, in bytes.
+pub const MESSAGE_BYTES_MAX: usize = 1024;
+
+/// Resume position in one conversation: everything up to and including `seq` is processed.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Cursor {
+    /// The conversation.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub conversation: [u8; 16],
+    /// Highest seq processed.
+    #[n(1)]
+    pub seq: u64,
+}
+
+impl Cursor {
+    /// A cursor for `conversation` at `seq`.
+    pub fn new(conversation: ConversationId, seq: u64) -> Cursor {
+        Cursor { conversation: conversation.to_bytes(), seq }
+    }
+
+    /// The conversation id.
+    pub fn conversation_id(&self) -> ConversationId {
+        ConversationId::from_bytes(self.conversation)
+    }
+}
+
+/// Node → gateway: open a session and say where to resume each conversation.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Hello {
+    /// Per-conversation resume positions; conversations not listed resume from the stored cursor.
+    #[n(0)]
+    pub cursors: Vec<Cursor>,
+}
+
+/// Gateway → node: the session is open.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct HelloOk {
+    /// How often the node must send a heartbeat, in milliseconds.
+    #[n(0)]
+    pub heartbeat_interval_ms: u32,
+}
+
+/// Either way: a liveness probe carrying a nonce the answer echoes.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Heartbeat {
+    /// Echoed in the answer.
+    #[n(0)]
+    pub nonce: u64,
+}
+
+/// Machine-readable reasons for `Goodbye` and `Error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// A code this build does not know (kept for forward compatibility).
+    Unknown = 0,
+    /// The frame could not be decoded.
+    MalformedFrame = 1,
+    /// A frame other than `Hello` arrived before the session was open.
+    NotAuthenticated = 2,
+    /// The sender is not a member of the conversation.
+    NotMember = 3,
+    /// The conversation does not exist at this gateway.
+    UnknownConversation = 4,
+    /// No frame arrived within the heartbeat timeout.
+    HeartbeatTimeout = 5,
+    /// A newer session of the same device replaced this one.
+    SessionReplaced = 6,
+    /// The gateway is shutting down.
+    ShuttingDown = 7,
+    /// The opcode is not valid in this direction or state.
+    UnexpectedOpcode = 8,
+    /// The requested replay starts before the retained log.
+    ReplayWindowExceeded = 9,
+}
+
+impl ErrorCode {
+    /// The code for a wire value; unknown values map to `Unknown`.
+    pub fn from_u16(value: u16) -> ErrorCode {
+        use ErrorCode::*;
+        [
+            MalformedFrame,
+            NotAuthenticated,
+            NotMember,
+            UnknownConversation,
+            HeartbeatTimeout,
+            SessionReplaced,
+            ShuttingDown,
+            UnexpectedOpcode,
+            ReplayWindowExceeded,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == value)
+        .unwrap_or(Unknown)
+    }
+}
+
+/// Either way: the sender ends the session.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Goodbye {
+    /// An [`ErrorCode`] value.
+    #[n(0)]
+    pub code: u16,
+    /// For people and logs; never holds message content.
+    #[n(1)]
+    pub message: String,
+}
+
+/// Either way: a request failed; the session stays open.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct ErrorReport {
+    /// An [`ErrorCode`] value.
+    #[n(0)]
+    pub code: u16,
+    /// For people and logs; never holds message content.
+    #[n(1)]
+    pub message: String,
+    /// The message the error refers to, if any.
+    #[n(2)]
+    #[cbor(with = "minicbor::bytes")]
+    pub msg_id: Option<[u8; 16]>,
+}
+
+/// Node → gateway: a message for the conversation named in the header.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Send {
+    /// Sender-chosen random id; the gateway deduplicates on it.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub msg_id: [u8; 16],
+    /// Opaque content (MLS ciphertext once the MLS issue lands).
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Gateway → node: the message with this id is durably sequenced at the header's seq.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct SendAck {
+    /// The acknowledged message.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub msg_id: [u8; 16],
+}
+
+/// Gateway → node: one sequenced message (conversation, sender and seq in the header).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Deliver {
+    /// The sender's message id.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub msg_id: [u8; 16],
+    /// Opaque content.
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Node → gateway: everything up to the header's seq is processed (the mailbox cursor).
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct Ack {}
+
+/// Node → gateway: resend the header's conversation from `from_seq` on (a gap was seen).
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct ReplayRequest {
+    /// First seq wanted.
+    #[n(0)]
+    pub from_seq: u64,
+}
+
+/// A decoded payload: one variant per opcode whose payload is defined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Payload {
+    Hello(Hello),
+    HelloOk(HelloOk),
+    Heartbeat(Heartbeat),
+    HeartbeatAck(Heartbeat),
+    Goodbye(Goodbye),
+    Error(ErrorReport),
+    Send(Send),
+    SendAck(SendAck),
+    Deliver(Deliver),
+    Ack(Ack),
+    ReplayRequest(ReplayRequest),
+}
+
+fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
+    minicbor::decode(bytes)
+        .map_err(|e| WireError::MalformedPayload { opcode, reason: e.to_string() })
+}
+
+fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
+    if len > max {
+        return Err(WireError::ListTooLong { field, len, max });
+    }
+    Ok(())
+}
+
+impl Payload {
+    /// The opcode this payload travels under.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Payload::Hello(_) => Opcode::Hello,
+            Payload::HelloOk(_) => Opcode::HelloOk,
+            Payload::Heartbeat(_) => Opcode::Heartbeat,
+            Payload::HeartbeatAck(_) => Opcode::HeartbeatAck,
+            Payload::Goodbye(_) => Opcode::Goodbye,
+            Payload::Error(_) => Opcode::Error,
+            Payload::Send(_) => Opcode::Send,
+            Payload::SendAck(_) => Opcode::SendAck,
+            Payload::Deliver(_) => Opcode::Deliver,
+            Payload::Ack(_) => Opcode::Ack,
+            Payload::ReplayRequest(_) => Opcode::ReplayRequest,
+        }
+    }
+
+    /// Appends the CBOR encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let result = match self {
+            Payload::Hello(p) => minicbor::encode(p, &mut *out),
+            Payload::HelloOk(p) => minicbor::encode(p, &mut *out),
+            Payload::Heartbeat(p) | Payload::HeartbeatAck(p) => minicbor::encode(p, &mut *out),
+            Payload::Goodbye(p) => minicbor::encode(p, &mut *out),
+            Payload::Error(p) => minicbor::encode(p, &mut *out),
+            Payload::Send(p) => minicbor::encode(p, &mut *out),
+            Payload::SendAck(p) => minicbor::encode(p, &mut *out),
+            Payload::Deliver(p) => minicbor::encode(p, &mut *out),
+            Payload::Ack(p) => minicbor::encode(p, &mut *out),
+            Payload::ReplayRequest(p) => minicbor::encode(p, &mut *out),
+        };
+        result.expect("encoding into a Vec cannot fail");
+    }
+
+    /// Decodes the payload of a frame with `opcode`, checking list and text limits.
+    pub fn decode(opcode: Opcode, bytes: &[u8]) -> Result<Payload, WireError> {
+        let payload = match opcode {
+            Opcode::Hello => {
+                let p: Hello = decode_as(opcode, bytes)?;
+                check_len("hello.cursors", p.cursors.len(), CURSORS_LEN_MAX)?;
+                Payload::Hello(p)
+            }
+            Opcode::HelloOk => Payload::HelloOk(decode_as(opcode, bytes)?),
+            Opcode::Heartbeat => Payload::Heartbeat(decode_as(opcode, bytes)?),
+            Opcode::HeartbeatAck => Payload::HeartbeatAck(decode_as(opcode, bytes)?),
+            Opcode::Goodbye => {
+                let p: Goodbye = decode_as(opcode, bytes)?;
+                check_len("goodbye.message", p.message.len(), MESSAGE_BYTES_MAX)?;
+                Payload::Goodbye(p)
+            }
+            Opcode::Error => {
+                let p: ErrorReport = decode_as(opcode, bytes)?;
+                check_len("error.message", p.message.len(), MESSAGE_BYTES_MAX)?;
+                Payload::Error(p)
+            }
+            Opcode::Send => Payload::Send(decode_as(opcode, bytes)?),
+            Opcode::SendAck => Payload::SendAck(decode_as(opcode, bytes)?),
+            Opcode::Deliver => Payload::Deliver(decode_as(opcode, bytes)?),
+            Opcode::Ack => Payload::Ack(decode_as(opcode, bytes)?),
+            Opcode::ReplayRequest => Payload::ReplayRequest(decode_as(opcode, bytes)?),
+            reserved => return Err(WireError::PayloadNotDefined(reserved)),
+        };
+        debug_assert_eq!(payload.opcode(), opcode);
+        Ok(payload)
+    }
+}
+
+impl Send {
+    /// The message id as a typed id.
+    pub fn msg_id(&self) -> MsgId {
+        MsgId::from_bytes(self.msg_id)
+    }
+}
