@@ -140,7 +140,9 @@ impl WriteBatch {
 
     /// Takes the writes out, leaving the batch empty.
     pub fn take(&mut self) -> WriteBatch {
-        WriteBatch { ops: core::mem::take(&mut self.ops) }
+        WriteBatch {
+            ops: core::mem::take(&mut self.ops),
+        }
     }
 }
 

@@ -30,9 +30,7 @@ use crate::sequencer::{
     MEMBERS_TABLE,
 };
 use crate::time::Instant;
-use crate::wire::payload::{
-    Ack, Deliver, ErrorCode, ErrorReport, Goodbye, HelloOk, SendAck,
-};
+use crate::wire::payload::{Ack, Deliver, ErrorCode, ErrorReport, Goodbye, HelloOk, SendAck};
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
 /// Table of per-device acknowledgement cursors: key `device(16) ++ conversation(16)`, value seq.
@@ -143,8 +141,14 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway with empty storage.
     pub fn new(config: GatewayConfig, now: Instant) -> Gateway {
-        assert!(config.delivery_window > 0, "delivery_window must be positive");
-        assert!(!config.tick_interval.is_zero(), "tick_interval must be positive");
+        assert!(
+            config.delivery_window > 0,
+            "delivery_window must be positive"
+        );
+        assert!(
+            !config.tick_interval.is_zero(),
+            "tick_interval must be positive"
+        );
         Gateway {
             next_tick: now + config.tick_interval,
             config,
@@ -202,7 +206,10 @@ impl Gateway {
                     table: CURSORS_TABLE.0,
                     reason: format!("cursor value of {} bytes", value.len()),
                 })?;
-                Ok(((DeviceId(device), ConversationId(conv)), u64::from_be_bytes(seq)))
+                Ok((
+                    (DeviceId(device), ConversationId(conv)),
+                    u64::from_be_bytes(seq),
+                ))
             });
             match decoded {
                 Ok((k, seq)) => {
@@ -223,7 +230,9 @@ impl Gateway {
 
     /// The highest seq of a conversation, if it exists here.
     pub fn conversation_head(&self, conversation: ConversationId) -> Option<u64> {
-        self.conversations.get(&conversation).map(ConversationLog::head)
+        self.conversations
+            .get(&conversation)
+            .map(ConversationLog::head)
     }
 
     /// The conversations this gateway is authority for, in id order.
@@ -233,7 +242,10 @@ impl Gateway {
 
     /// The durable acknowledgement cursor of a device in a conversation.
     pub fn cursor(&self, device: DeviceId, conversation: ConversationId) -> u64 {
-        self.cursors.get(&(device, conversation)).copied().unwrap_or(0)
+        self.cursors
+            .get(&(device, conversation))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Number of open connections (authenticated or not).
@@ -272,7 +284,10 @@ impl Gateway {
                 for device in members {
                     self.add_member(conv, device);
                 }
-                self.conversations.get(&conv).expect("just created").persist_members(&mut self.writes);
+                self.conversations
+                    .get(&conv)
+                    .expect("just created")
+                    .persist_members(&mut self.writes);
             }
         }
     }
@@ -325,7 +340,10 @@ impl Gateway {
         if self.writes.is_empty() && self.outputs.is_empty() {
             return None;
         }
-        Some(Ready::new(self.writes.take(), std::mem::take(&mut self.outputs)))
+        Some(Ready::new(
+            self.writes.take(),
+            std::mem::take(&mut self.outputs),
+        ))
     }
 
     // ---- internals ----
@@ -354,7 +372,9 @@ impl Gateway {
         };
         let routing = frame.routing;
         match (authenticated, frame.payload) {
-            (_, Payload::Hello(hello)) => self.open_session(now, conn, routing.sender, &hello.cursors),
+            (_, Payload::Hello(hello)) => {
+                self.open_session(now, conn, routing.sender, &hello.cursors)
+            }
             (None, _) => {
                 self.goodbye(conn, ErrorCode::NotAuthenticated, "say hello first");
             }
@@ -391,19 +411,34 @@ impl Gateway {
         cursors: &[crate::wire::payload::Cursor],
     ) {
         if device == DeviceId(0) {
-            self.goodbye(conn, ErrorCode::NotAuthenticated, "hello without a sender device");
+            self.goodbye(
+                conn,
+                ErrorCode::NotAuthenticated,
+                "hello without a sender device",
+            );
             return;
         }
         if let Some(old) = self.online.insert(device, conn) {
             if old != conn {
-                self.goodbye(old, ErrorCode::SessionReplaced, "a newer session replaced this one");
+                self.goodbye(
+                    old,
+                    ErrorCode::SessionReplaced,
+                    "a newer session replaced this one",
+                );
             }
         }
-        let presented: BTreeMap<ConversationId, u64> =
-            cursors.iter().map(|c| (c.conversation_id(), c.seq)).collect();
+        let presented: BTreeMap<ConversationId, u64> = cursors
+            .iter()
+            .map(|c| (c.conversation_id(), c.seq))
+            .collect();
         let mut streams = BTreeMap::new();
-        let convs: Vec<ConversationId> =
-            self.memberships.get(&device).into_iter().flatten().copied().collect();
+        let convs: Vec<ConversationId> = self
+            .memberships
+            .get(&device)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
         for conv in convs {
             let head = self.conversations[&conv].head();
             let stored = self.cursor(device, conv);
@@ -411,13 +446,27 @@ impl Gateway {
             if acked > stored {
                 self.store_cursor(device, conv, acked);
             }
-            streams.insert(conv, Stream { acked, sent_upto: acked, last_progress: now });
+            streams.insert(
+                conv,
+                Stream {
+                    acked,
+                    sent_upto: acked,
+                    last_progress: now,
+                },
+            );
         }
         let session = self.sessions.get_mut(&conn).expect("session exists");
         session.device = Some(device);
         session.streams = streams;
-        let interval_ms = u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
-        self.send(conn, Routing::default(), Payload::HelloOk(HelloOk { heartbeat_interval_ms: interval_ms }));
+        let interval_ms =
+            u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
+        self.send(
+            conn,
+            Routing::default(),
+            Payload::HelloOk(HelloOk {
+                heartbeat_interval_ms: interval_ms,
+            }),
+        );
         let convs: Vec<ConversationId> = self.sessions[&conn].streams.keys().copied().collect();
         for conv in convs {
             self.pump(now, conn, conv);
@@ -434,7 +483,12 @@ impl Gateway {
         body: Vec<u8>,
     ) {
         let Some(log) = self.conversations.get_mut(&conv) else {
-            self.error(conn, ErrorCode::UnknownConversation, "no such conversation here", Some(msg_id));
+            self.error(
+                conn,
+                ErrorCode::UnknownConversation,
+                "no such conversation here",
+                Some(msg_id),
+            );
             return;
         };
         let seq = match log.append(device, msg_id, Bytes::from(body)) {
@@ -448,13 +502,32 @@ impl Gateway {
                 seq
             }
             Err(SequencerError::NotMember) => {
-                self.error(conn, ErrorCode::NotMember, "not a member of this conversation", Some(msg_id));
+                self.error(
+                    conn,
+                    ErrorCode::NotMember,
+                    "not a member of this conversation",
+                    Some(msg_id),
+                );
                 return;
             }
         };
-        let routing = Routing { conversation: conv, seq, ..Routing::default() };
-        self.send(conn, routing, Payload::SendAck(SendAck { msg_id: msg_id.to_bytes() }));
-        let members: Vec<DeviceId> = self.conversations[&conv].members().iter().copied().collect();
+        let routing = Routing {
+            conversation: conv,
+            seq,
+            ..Routing::default()
+        };
+        self.send(
+            conn,
+            routing,
+            Payload::SendAck(SendAck {
+                msg_id: msg_id.to_bytes(),
+            }),
+        );
+        let members: Vec<DeviceId> = self.conversations[&conv]
+            .members()
+            .iter()
+            .copied()
+            .collect();
         for member in members {
             if let Some(&member_conn) = self.online.get(&member) {
                 self.pump(now, member_conn, conv);
@@ -462,10 +535,26 @@ impl Gateway {
         }
     }
 
-    fn acknowledge(&mut self, now: Instant, conn: ConnectionId, device: DeviceId, conv: ConversationId, seq: u64) {
+    fn acknowledge(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        seq: u64,
+    ) {
         let head = self.conversation_head(conv).unwrap_or(0);
-        let Some(stream) = self.sessions.get_mut(&conn).and_then(|s| s.streams.get_mut(&conv)) else {
-            self.error(conn, ErrorCode::NotMember, "ack for a conversation you are not in", None);
+        let Some(stream) = self
+            .sessions
+            .get_mut(&conn)
+            .and_then(|s| s.streams.get_mut(&conv))
+        else {
+            self.error(
+                conn,
+                ErrorCode::NotMember,
+                "ack for a conversation you are not in",
+                None,
+            );
             return;
         };
         let seq = seq.min(head);
@@ -479,8 +568,18 @@ impl Gateway {
     }
 
     /// Restarts delivery from `from_seq` (a replay request) or from the cursor (a stall).
-    fn rewind(&mut self, now: Instant, conn: ConnectionId, conv: ConversationId, from_seq: Option<u64>) {
-        let Some(stream) = self.sessions.get_mut(&conn).and_then(|s| s.streams.get_mut(&conv)) else {
+    fn rewind(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        conv: ConversationId,
+        from_seq: Option<u64>,
+    ) {
+        let Some(stream) = self
+            .sessions
+            .get_mut(&conn)
+            .and_then(|s| s.streams.get_mut(&conv))
+        else {
             return;
         };
         let restart = match from_seq {
@@ -498,8 +597,14 @@ impl Gateway {
     /// Sends as much of the conversation as the window allows.
     fn pump(&mut self, now: Instant, conn: ConnectionId, conv: ConversationId) {
         let window = self.config.delivery_window;
-        let Some(log) = self.conversations.get(&conv) else { return };
-        let Some(stream) = self.sessions.get_mut(&conn).and_then(|s| s.streams.get_mut(&conv)) else {
+        let Some(log) = self.conversations.get(&conv) else {
+            return;
+        };
+        let Some(stream) = self
+            .sessions
+            .get_mut(&conn)
+            .and_then(|s| s.streams.get_mut(&conv))
+        else {
             return;
         };
         if stream.acked == stream.sent_upto {
@@ -508,13 +613,20 @@ impl Gateway {
         while stream.sent_upto < log.head() && stream.sent_upto - stream.acked < window {
             stream.sent_upto += 1;
             let entry = log.get(stream.sent_upto).expect("seq within head");
-            let routing =
-                Routing { conversation: conv, sender: entry.sender, seq: entry.seq, epoch: 0 };
+            let routing = Routing {
+                conversation: conv,
+                sender: entry.sender,
+                seq: entry.seq,
+                epoch: 0,
+            };
             let payload = Payload::Deliver(Deliver {
                 msg_id: entry.msg_id.to_bytes(),
                 body: entry.body.to_vec(),
             });
-            self.outputs.push(GatewayOutput::Send(conn, Frame::new(routing, payload).encode()));
+            self.outputs.push(GatewayOutput::Send(
+                conn,
+                Frame::new(routing, payload).encode(),
+            ));
             self.stats.deliveries += 1;
         }
     }
@@ -524,11 +636,15 @@ impl Gateway {
         let mut key = Vec::with_capacity(32);
         key.extend_from_slice(&device.to_bytes());
         key.extend_from_slice(&conv.to_bytes());
-        self.writes.put(CURSORS_TABLE, key, seq.to_be_bytes().to_vec());
+        self.writes
+            .put(CURSORS_TABLE, key, seq.to_be_bytes().to_vec());
     }
 
     fn send(&mut self, conn: ConnectionId, routing: Routing, payload: Payload) {
-        self.outputs.push(GatewayOutput::Send(conn, Frame::new(routing, payload).encode()));
+        self.outputs.push(GatewayOutput::Send(
+            conn,
+            Frame::new(routing, payload).encode(),
+        ));
     }
 
     fn error(&mut self, conn: ConnectionId, code: ErrorCode, message: &str, msg_id: Option<MsgId>) {
@@ -542,13 +658,22 @@ impl Gateway {
 
     fn goodbye(&mut self, conn: ConnectionId, code: ErrorCode, message: &str) {
         let message = truncate_utf8(message, crate::wire::payload::MESSAGE_BYTES_MAX).to_string();
-        self.send(conn, Routing::default(), Payload::Goodbye(Goodbye { code: code as u16, message }));
+        self.send(
+            conn,
+            Routing::default(),
+            Payload::Goodbye(Goodbye {
+                code: code as u16,
+                message,
+            }),
+        );
         self.outputs.push(GatewayOutput::Close(conn));
         self.forget_session(conn);
     }
 
     fn forget_session(&mut self, conn: ConnectionId) {
-        let Some(session) = self.sessions.remove(&conn) else { return };
+        let Some(session) = self.sessions.remove(&conn) else {
+            return;
+        };
         if let Some(device) = session.device {
             if self.online.get(&device) == Some(&conn) {
                 self.online.remove(&device);
@@ -556,7 +681,6 @@ impl Gateway {
         }
     }
 }
-
 
 /// The longest prefix of `text` that fits in `max` bytes and ends on a character boundary.
 fn truncate_utf8(text: &str, max: usize) -> &str {

@@ -194,9 +194,16 @@ enum Link {
     /// `Connect` was emitted; waiting for the transport.
     Connecting,
     /// Connected, `Hello` sent, waiting for `HelloOk` until `deadline`.
-    Handshaking { conn: ConnectionId, deadline: Instant },
+    Handshaking {
+        conn: ConnectionId,
+        deadline: Instant,
+    },
     /// Session open.
-    Open { conn: ConnectionId, last_heard: Instant, next_heartbeat: Instant },
+    Open {
+        conn: ConnectionId,
+        last_heard: Instant,
+        next_heartbeat: Instant,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -252,11 +259,16 @@ impl Node {
         store: &dyn StoreRead,
     ) -> Result<Node, StoreError> {
         assert!(config.outbox_len_max > 0, "outbox_len_max must be positive");
-        assert!(config.backoff_initial <= config.backoff_max, "backoff_initial <= backoff_max");
+        assert!(
+            config.backoff_initial <= config.backoff_max,
+            "backoff_initial <= backoff_max"
+        );
         let mut outbox = BTreeMap::new();
         let mut failure = None;
-        store.scan_from(OUTBOX_TABLE, &[], &mut |key, value| {
-            match decode_outbox(key, value) {
+        store.scan_from(
+            OUTBOX_TABLE,
+            &[],
+            &mut |key, value| match decode_outbox(key, value) {
                 Ok((id, out)) => {
                     outbox.insert(id, out);
                     ControlFlow::Continue(())
@@ -265,19 +277,20 @@ impl Node {
                     failure = Some(e);
                     ControlFlow::Break(())
                 }
-            }
-        })?;
+            },
+        )?;
         let mut cursors = BTreeMap::new();
-        store.scan_from(NODE_CURSORS_TABLE, &[], &mut |key, value| {
-            match (<[u8; 16]>::try_from(key), <[u8; 8]>::try_from(value)) {
-                (Ok(k), Ok(v)) => {
-                    cursors.insert(ConversationId::from_bytes(k), u64::from_be_bytes(v));
-                    ControlFlow::Continue(())
-                }
-                _ => {
-                    failure = Some(corrupt(NODE_CURSORS_TABLE, "cursor key or value length"));
-                    ControlFlow::Break(())
-                }
+        store.scan_from(NODE_CURSORS_TABLE, &[], &mut |key, value| match (
+            <[u8; 16]>::try_from(key),
+            <[u8; 8]>::try_from(value),
+        ) {
+            (Ok(k), Ok(v)) => {
+                cursors.insert(ConversationId::from_bytes(k), u64::from_be_bytes(v));
+                ControlFlow::Continue(())
+            }
+            _ => {
+                failure = Some(corrupt(NODE_CURSORS_TABLE, "cursor key or value length"));
+                ControlFlow::Break(())
             }
         })?;
         if let Some(e) = failure {
@@ -287,7 +300,9 @@ impl Node {
             heartbeat_interval: config.heartbeat_interval,
             config,
             entropy,
-            link: Link::Offline { retry_at: Some(now) },
+            link: Link::Offline {
+                retry_at: Some(now),
+            },
             attempts: 0,
             outbox,
             cursors,
@@ -339,9 +354,11 @@ impl Node {
             Link::Offline { retry_at } => *retry_at,
             Link::Connecting => None,
             Link::Handshaking { deadline, .. } => Some(*deadline),
-            Link::Open { last_heard, next_heartbeat, .. } => {
-                Some((*next_heartbeat).min(*last_heard + self.config.idle_timeout))
-            }
+            Link::Open {
+                last_heard,
+                next_heartbeat,
+                ..
+            } => Some((*next_heartbeat).min(*last_heard + self.config.idle_timeout)),
         }
     }
 
@@ -350,7 +367,10 @@ impl Node {
         if self.writes.is_empty() && self.outputs.is_empty() {
             return None;
         }
-        Some(Ready::new(self.writes.take(), std::mem::take(&mut self.outputs)))
+        Some(Ready::new(
+            self.writes.take(),
+            std::mem::take(&mut self.outputs),
+        ))
     }
 
     // ---- commands ----
@@ -363,10 +383,15 @@ impl Node {
         body: Bytes,
     ) -> Result<MsgId, SendError> {
         if self.outbox.len() >= self.config.outbox_len_max {
-            return Err(SendError::OutboxFull { max: self.config.outbox_len_max });
+            return Err(SendError::OutboxFull {
+                max: self.config.outbox_len_max,
+            });
         }
         if body.len() > self.config.body_bytes_max {
-            return Err(SendError::BodyTooLarge { len: body.len(), max: self.config.body_bytes_max });
+            return Err(SendError::BodyTooLarge {
+                len: body.len(),
+                max: self.config.body_bytes_max,
+            });
         }
         let mut id = [0u8; 16];
         self.entropy.fill_bytes(&mut id);
@@ -375,7 +400,14 @@ impl Node {
         value.extend_from_slice(&conversation.to_bytes());
         value.extend_from_slice(&body);
         self.writes.put(OUTBOX_TABLE, id.to_vec(), value);
-        self.outbox.insert(msg_id, Outgoing { conversation, body, last_sent: None });
+        self.outbox.insert(
+            msg_id,
+            Outgoing {
+                conversation,
+                body,
+                last_sent: None,
+            },
+        );
         if let Link::Open { conn, .. } = self.link {
             self.transmit(now, conn, msg_id);
         }
@@ -385,7 +417,10 @@ impl Node {
     /// Closes the session cleanly and stays offline until `go_online`.
     pub fn go_offline(&mut self, _now: Instant) {
         if let Link::Open { conn, .. } | Link::Handshaking { conn, .. } = self.link {
-            let goodbye = Goodbye { code: ErrorCode::Unknown as u16, message: "going offline".into() };
+            let goodbye = Goodbye {
+                code: ErrorCode::Unknown as u16,
+                message: "going offline".into(),
+            };
             self.send_frame(conn, Routing::default(), Payload::Goodbye(goodbye));
             self.outputs.push(NodeOutput::Close(conn));
         }
@@ -397,7 +432,9 @@ impl Node {
     pub fn go_online(&mut self, now: Instant) {
         if let Link::Offline { .. } = self.link {
             self.attempts = 0;
-            self.link = Link::Offline { retry_at: Some(now) };
+            self.link = Link::Offline {
+                retry_at: Some(now),
+            };
             self.set_status(ConnectionStatus::Reconnecting { attempt: 0 });
         }
     }
@@ -412,11 +449,20 @@ impl Node {
                     self.outputs.push(NodeOutput::Close(conn));
                     return;
                 }
-                self.link = Link::Handshaking { conn, deadline: now + self.config.idle_timeout };
-                let mut cursors: Vec<Cursor> =
-                    self.cursors.iter().map(|(c, s)| Cursor::new(*c, *s)).collect();
+                self.link = Link::Handshaking {
+                    conn,
+                    deadline: now + self.config.idle_timeout,
+                };
+                let mut cursors: Vec<Cursor> = self
+                    .cursors
+                    .iter()
+                    .map(|(c, s)| Cursor::new(*c, *s))
+                    .collect();
                 cursors.truncate(CURSORS_LEN_MAX);
-                let routing = Routing { sender: self.config.device, ..Routing::default() };
+                let routing = Routing {
+                    sender: self.config.device,
+                    ..Routing::default()
+                };
                 self.send_frame(conn, routing, Payload::Hello(Hello { cursors }));
             }
             NodeInput::ConnectFailed => {
@@ -456,7 +502,11 @@ impl Node {
                 self.outputs.push(NodeOutput::Close(conn));
                 self.schedule_reconnect(now);
             }
-            Link::Open { conn, last_heard, next_heartbeat } => {
+            Link::Open {
+                conn,
+                last_heard,
+                next_heartbeat,
+            } => {
                 if now >= last_heard + self.config.idle_timeout {
                     self.outputs.push(NodeOutput::Close(conn));
                     self.schedule_reconnect(now);
@@ -464,7 +514,9 @@ impl Node {
                 }
                 if now >= next_heartbeat {
                     self.next_heartbeat_nonce += 1;
-                    let beat = Heartbeat { nonce: self.next_heartbeat_nonce };
+                    let beat = Heartbeat {
+                        nonce: self.next_heartbeat_nonce,
+                    };
                     self.send_frame(conn, Routing::default(), Payload::Heartbeat(beat));
                     self.link = Link::Open {
                         conn,
@@ -498,9 +550,14 @@ impl Node {
                     return;
                 }
                 if ok.heartbeat_interval_ms > 0 {
-                    self.heartbeat_interval = Duration::from_millis(ok.heartbeat_interval_ms.into());
+                    self.heartbeat_interval =
+                        Duration::from_millis(ok.heartbeat_interval_ms.into());
                 }
-                self.link = Link::Open { conn, last_heard: now, next_heartbeat: now + self.heartbeat_interval };
+                self.link = Link::Open {
+                    conn,
+                    last_heard: now,
+                    next_heartbeat: now + self.heartbeat_interval,
+                };
                 self.attempts = 0;
                 self.stats.sessions += 1;
                 self.set_status(ConnectionStatus::Connected);
@@ -546,7 +603,8 @@ impl Node {
                         && self.outbox.remove(&id).is_some()
                     {
                         self.writes.delete(OUTBOX_TABLE, id.to_bytes().to_vec());
-                        self.outputs.push(NodeOutput::Event(NodeEvent::Rejected { msg_id: id, code }));
+                        self.outputs
+                            .push(NodeOutput::Event(NodeEvent::Rejected { msg_id: id, code }));
                     }
                 }
             }
@@ -558,7 +616,14 @@ impl Node {
         }
     }
 
-    fn receive(&mut self, now: Instant, conn: ConnectionId, conv: ConversationId, seq: u64, inbound: Inbound) {
+    fn receive(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        conv: ConversationId,
+        seq: u64,
+        inbound: Inbound,
+    ) {
         let cursor = self.cursor(conv);
         if seq <= cursor {
             self.stats.duplicate_deliveries += 1;
@@ -574,8 +639,17 @@ impl Node {
             if asked.is_none_or(|t| now >= t + self.config.replay_request_interval) {
                 self.replay_asked.insert(conv, now);
                 self.stats.replay_requests += 1;
-                let routing = Routing { conversation: conv, ..Routing::default() };
-                self.send_frame(conn, routing, Payload::ReplayRequest(ReplayRequest { from_seq: cursor + 1 }));
+                let routing = Routing {
+                    conversation: conv,
+                    ..Routing::default()
+                };
+                self.send_frame(
+                    conn,
+                    routing,
+                    Payload::ReplayRequest(ReplayRequest {
+                        from_seq: cursor + 1,
+                    }),
+                );
             }
             return;
         }
@@ -589,7 +663,11 @@ impl Node {
                 msg_id: item.msg_id,
                 body: item.body,
             }));
-            match self.reorder.get_mut(&conv).and_then(|b| b.remove(&(next + 1))) {
+            match self
+                .reorder
+                .get_mut(&conv)
+                .and_then(|b| b.remove(&(next + 1)))
+            {
                 Some(buffered) => {
                     next += 1;
                     item = buffered;
@@ -602,23 +680,41 @@ impl Node {
         }
         debug_assert!(next > cursor, "cursor only moves forward");
         self.cursors.insert(conv, next);
-        self.writes.put(NODE_CURSORS_TABLE, conv.to_bytes().to_vec(), next.to_be_bytes().to_vec());
+        self.writes.put(
+            NODE_CURSORS_TABLE,
+            conv.to_bytes().to_vec(),
+            next.to_be_bytes().to_vec(),
+        );
         self.ack(conn, conv, next);
     }
 
     fn ack(&mut self, conn: ConnectionId, conv: ConversationId, seq: u64) {
-        let routing = Routing { conversation: conv, seq, ..Routing::default() };
+        let routing = Routing {
+            conversation: conv,
+            seq,
+            ..Routing::default()
+        };
         self.send_frame(conn, routing, Payload::Ack(Ack {}));
     }
 
     fn transmit(&mut self, now: Instant, conn: ConnectionId, msg_id: MsgId) {
-        let out = self.outbox.get_mut(&msg_id).expect("transmitting an outbox entry");
+        let out = self
+            .outbox
+            .get_mut(&msg_id)
+            .expect("transmitting an outbox entry");
         if out.last_sent.is_some() {
             self.stats.resends += 1;
         }
         out.last_sent = Some(now);
-        let routing = Routing { conversation: out.conversation, sender: self.config.device, ..Routing::default() };
-        let payload = Payload::Send(Send { msg_id: msg_id.to_bytes(), body: out.body.to_vec() });
+        let routing = Routing {
+            conversation: out.conversation,
+            sender: self.config.device,
+            ..Routing::default()
+        };
+        let payload = Payload::Send(Send {
+            msg_id: msg_id.to_bytes(),
+            body: out.body.to_vec(),
+        });
         self.send_frame(conn, routing, payload);
     }
 
@@ -626,7 +722,10 @@ impl Node {
         let stale: Vec<MsgId> = self
             .outbox
             .iter()
-            .filter(|(_, o)| o.last_sent.is_none_or(|t| now >= t + self.config.resend_after))
+            .filter(|(_, o)| {
+                o.last_sent
+                    .is_none_or(|t| now >= t + self.config.resend_after)
+            })
             .map(|(id, _)| *id)
             .collect();
         for msg_id in stale {
@@ -648,32 +747,55 @@ impl Node {
         let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
         let delay = Duration::from_micros(self.entropy.below_inclusive(cap_us));
         self.attempts = self.attempts.saturating_add(1);
-        self.link = Link::Offline { retry_at: Some(now + delay) };
-        self.set_status(ConnectionStatus::Reconnecting { attempt: self.attempts });
+        self.link = Link::Offline {
+            retry_at: Some(now + delay),
+        };
+        self.set_status(ConnectionStatus::Reconnecting {
+            attempt: self.attempts,
+        });
     }
 
     fn set_status(&mut self, status: ConnectionStatus) {
         if self.status != status {
             self.status = status;
-            self.outputs.push(NodeOutput::Event(NodeEvent::Status(status)));
+            self.outputs
+                .push(NodeOutput::Event(NodeEvent::Status(status)));
         }
     }
 
     fn send_frame(&mut self, conn: ConnectionId, routing: Routing, payload: Payload) {
-        self.outputs.push(NodeOutput::Send(conn, Frame::new(routing, payload).encode()));
+        self.outputs.push(NodeOutput::Send(
+            conn,
+            Frame::new(routing, payload).encode(),
+        ));
     }
 }
 
 fn corrupt(table: Table, reason: &str) -> StoreError {
-    StoreError::Corrupt { table: table.0, reason: reason.to_string() }
+    StoreError::Corrupt {
+        table: table.0,
+        reason: reason.to_string(),
+    }
 }
 
 fn decode_outbox(key: &[u8], value: &[u8]) -> Result<(MsgId, Outgoing), StoreError> {
-    let id: [u8; 16] = key.try_into().map_err(|_| corrupt(OUTBOX_TABLE, "key length"))?;
+    let id: [u8; 16] = key
+        .try_into()
+        .map_err(|_| corrupt(OUTBOX_TABLE, "key length"))?;
     if value.len() < 16 {
-        return Err(corrupt(OUTBOX_TABLE, "value shorter than a conversation id"));
+        return Err(corrupt(
+            OUTBOX_TABLE,
+            "value shorter than a conversation id",
+        ));
     }
     let conversation = ConversationId::from_bytes(value[..16].try_into().expect("16 bytes"));
     let body = Bytes::copy_from_slice(&value[16..]);
-    Ok((MsgId::from_bytes(id), Outgoing { conversation, body, last_sent: None }))
+    Ok((
+        MsgId::from_bytes(id),
+        Outgoing {
+            conversation,
+            body,
+            last_sent: None,
+        },
+    ))
 }

@@ -107,7 +107,12 @@ impl ConversationLog {
             return Ok(Appended::Duplicate(seq));
         }
         let seq = self.head() + 1;
-        self.push(LogEntry { seq, sender, msg_id, body });
+        self.push(LogEntry {
+            seq,
+            sender,
+            msg_id,
+            body,
+        });
         Ok(Appended::New(seq))
     }
 
@@ -134,7 +139,10 @@ impl ConversationLog {
     /// Re-appends an entry read back from the store during recovery.
     pub fn restore_entry(&mut self, entry: LogEntry) -> Result<(), StoreError> {
         if entry.seq != self.head() + 1 {
-            return Err(corrupt(LOG_TABLE, format!("seq {} follows {}", entry.seq, self.head())));
+            return Err(corrupt(
+                LOG_TABLE,
+                format!("seq {} follows {}", entry.seq, self.head()),
+            ));
         }
         if self.dedup.contains_key(&(entry.sender, entry.msg_id)) {
             return Err(corrupt(LOG_TABLE, "a message id appears twice".to_string()));
@@ -150,7 +158,10 @@ impl ConversationLog {
 }
 
 fn corrupt(table: Table, reason: String) -> StoreError {
-    StoreError::Corrupt { table: table.0, reason }
+    StoreError::Corrupt {
+        table: table.0,
+        reason,
+    }
 }
 
 /// The store key of a log entry.
@@ -171,8 +182,9 @@ pub fn member_key(conversation: ConversationId, device: DeviceId) -> Vec<u8> {
 
 /// Splits a 32-byte key into two 128-bit ids.
 pub fn split_pair_key(table: Table, key: &[u8]) -> Result<(u128, u128), StoreError> {
-    let bytes: [u8; 32] =
-        key.try_into().map_err(|_| corrupt(table, format!("key of {} bytes, want 32", key.len())))?;
+    let bytes: [u8; 32] = key
+        .try_into()
+        .map_err(|_| corrupt(table, format!("key of {} bytes, want 32", key.len())))?;
     let (a, b) = bytes.split_at(16);
     Ok((
         u128::from_be_bytes(a.try_into().expect("16 bytes")),
@@ -193,13 +205,19 @@ fn encode_entry(entry: &LogEntry) -> Vec<u8> {
 /// Decodes a log entry read from the store, checking it against its key.
 pub fn decode_entry(key: &[u8], value: &[u8]) -> Result<(ConversationId, LogEntry), StoreError> {
     if key.len() != 24 || value.len() < 40 {
-        return Err(corrupt(LOG_TABLE, format!("key {} / value {} bytes", key.len(), value.len())));
+        return Err(corrupt(
+            LOG_TABLE,
+            format!("key {} / value {} bytes", key.len(), value.len()),
+        ));
     }
     let conversation = ConversationId::from_bytes(key[..16].try_into().expect("16 bytes"));
     let key_seq = u64::from_be_bytes(key[16..24].try_into().expect("8 bytes"));
     let seq = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
     if seq != key_seq {
-        return Err(corrupt(LOG_TABLE, format!("entry seq {seq} under key seq {key_seq}")));
+        return Err(corrupt(
+            LOG_TABLE,
+            format!("entry seq {seq} under key seq {key_seq}"),
+        ));
     }
     let entry = LogEntry {
         seq,
@@ -221,11 +239,21 @@ mod tests {
     #[test]
     fn a_retry_gets_its_original_seq() {
         let mut log = log();
-        let first = log.append(DeviceId(1), MsgId(10), Bytes::from_static(b"a")).unwrap();
-        let other = log.append(DeviceId(2), MsgId(10), Bytes::from_static(b"b")).unwrap();
-        let retry = log.append(DeviceId(1), MsgId(10), Bytes::from_static(b"a")).unwrap();
+        let first = log
+            .append(DeviceId(1), MsgId(10), Bytes::from_static(b"a"))
+            .unwrap();
+        let other = log
+            .append(DeviceId(2), MsgId(10), Bytes::from_static(b"b"))
+            .unwrap();
+        let retry = log
+            .append(DeviceId(1), MsgId(10), Bytes::from_static(b"a"))
+            .unwrap();
         assert_eq!(first, Appended::New(1));
-        assert_eq!(other, Appended::New(2), "the same msg id from another sender is another message");
+        assert_eq!(
+            other,
+            Appended::New(2),
+            "the same msg id from another sender is another message"
+        );
         assert_eq!(retry, Appended::Duplicate(1));
         assert_eq!(log.head(), 2);
     }
@@ -241,10 +269,13 @@ mod tests {
     #[test]
     fn entries_round_trip_through_their_store_encoding() {
         let mut log = log();
-        log.append(DeviceId(2), MsgId(3), Bytes::from_static(b"hello")).unwrap();
+        log.append(DeviceId(2), MsgId(3), Bytes::from_static(b"hello"))
+            .unwrap();
         let mut batch = WriteBatch::default();
         log.persist_entry(1, &mut batch);
-        let crate::env::WriteOp::Put { key, value, .. } = &batch.ops()[0] else { panic!() };
+        let crate::env::WriteOp::Put { key, value, .. } = &batch.ops()[0] else {
+            panic!()
+        };
         let (conv, entry) = decode_entry(key, value).unwrap();
         assert_eq!(conv, ConversationId(7));
         assert_eq!(&entry, log.get(1).unwrap());
@@ -256,6 +287,9 @@ mod tests {
         assert!(decode_entry(&key, &[0; 39]).is_err());
         let mut value = vec![0; 40];
         value[7] = 4;
-        assert!(decode_entry(&key, &value).is_err(), "seq in value must match the key");
+        assert!(
+            decode_entry(&key, &value).is_err(),
+            "seq in value must match the key"
+        );
     }
 }

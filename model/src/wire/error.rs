@@ -4,7 +4,9 @@ use super::Opcode;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     /// Fewer bytes than a header: the peer sent a truncated frame.
-    #[error("frame truncated: got {got} bytes, a header needs {needed}; the sender cut the frame short")]
+    #[error(
+        "frame truncated: got {got} bytes, a header needs {needed}; the sender cut the frame short"
+    )]
     TruncatedHeader {
         /// Bytes available.
         got: usize,
@@ -20,7 +22,9 @@ pub enum WireError {
         got: usize,
     },
     /// More bytes than header plus payload: frames must be exactly delimited.
-    #[error("{extra} unexpected bytes after the payload; frames must be exactly header + payload_len")]
+    #[error(
+        "{extra} unexpected bytes after the payload; frames must be exactly header + payload_len"
+    )]
     TrailingBytes {
         /// Bytes beyond the declared payload.
         extra: usize,

@@ -1,6 +1,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::{FrameHeader, Opcode, Payload, WireError, FLAG_SIGNED, HEADER_BYTES, PAYLOAD_BYTES_MAX};
+use super::{
+    FrameHeader, Opcode, Payload, WireError, FLAG_SIGNED, HEADER_BYTES, PAYLOAD_BYTES_MAX,
+};
 use crate::ids::{ConversationId, DeviceId};
 
 /// The header's routing fields, typed. Zero means "none" for each.
@@ -30,7 +32,11 @@ pub struct Frame {
 impl Frame {
     /// An unsigned frame.
     pub fn new(routing: Routing, payload: Payload) -> Frame {
-        Frame { routing, signature: None, payload }
+        Frame {
+            routing,
+            signature: None,
+            payload,
+        }
     }
 
     /// The opcode, fixed by the payload type.
@@ -47,7 +53,10 @@ impl Frame {
         out.resize(HEADER_BYTES, 0);
         self.payload.encode(&mut out);
         let payload_len = out.len() - HEADER_BYTES;
-        assert!(payload_len <= PAYLOAD_BYTES_MAX as usize, "frame payload over PAYLOAD_BYTES_MAX");
+        assert!(
+            payload_len <= PAYLOAD_BYTES_MAX as usize,
+            "frame payload over PAYLOAD_BYTES_MAX"
+        );
         let (flags, signature) = match self.signature {
             Some(sig) => (FLAG_SIGNED, sig),
             None => (0, [0u8; 64]),
@@ -72,10 +81,15 @@ impl Frame {
         let declared = header.payload_len();
         let body = &bytes[HEADER_BYTES..];
         if body.len() < declared as usize {
-            return Err(WireError::TruncatedPayload { declared, got: body.len() });
+            return Err(WireError::TruncatedPayload {
+                declared,
+                got: body.len(),
+            });
         }
         if body.len() > declared as usize {
-            return Err(WireError::TrailingBytes { extra: body.len() - declared as usize });
+            return Err(WireError::TrailingBytes {
+                extra: body.len() - declared as usize,
+            });
         }
         Frame::from_parts(header, body)
     }
@@ -90,7 +104,11 @@ impl Frame {
             seq: header.seq(),
             epoch: header.epoch(),
         };
-        Ok(Frame { routing, signature, payload })
+        Ok(Frame {
+            routing,
+            signature,
+            payload,
+        })
     }
 }
 
@@ -108,7 +126,10 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses payloads larger than `payload_bytes_max`.
     pub fn new(payload_bytes_max: u32) -> FrameDecoder {
-        FrameDecoder { buffer: BytesMut::new(), payload_bytes_max }
+        FrameDecoder {
+            buffer: BytesMut::new(),
+            payload_bytes_max,
+        }
     }
 
     /// Appends bytes received from the stream.

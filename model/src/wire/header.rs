@@ -68,7 +68,10 @@ impl FrameHeader {
     /// against `payload_bytes_max`. Does not look at the payload.
     pub fn parse(bytes: &[u8], payload_bytes_max: u32) -> Result<&FrameHeader, WireError> {
         let Ok((header, _rest)) = FrameHeader::ref_from_prefix(bytes) else {
-            return Err(WireError::TruncatedHeader { got: bytes.len(), needed: HEADER_BYTES });
+            return Err(WireError::TruncatedHeader {
+                got: bytes.len(),
+                needed: HEADER_BYTES,
+            });
         };
         header.validate(payload_bytes_max)?;
         Ok(header)
@@ -80,10 +83,16 @@ impl FrameHeader {
             return Err(WireError::BadMagic { found: magic });
         }
         if self.version != VERSION {
-            return Err(WireError::UnsupportedVersion { found: self.version, supported: VERSION });
+            return Err(WireError::UnsupportedVersion {
+                found: self.version,
+                supported: VERSION,
+            });
         }
         if self.flags & !FLAGS_KNOWN != 0 {
-            return Err(WireError::UnknownFlags { found: self.flags, known: FLAGS_KNOWN });
+            return Err(WireError::UnknownFlags {
+                found: self.flags,
+                known: FLAGS_KNOWN,
+            });
         }
         let reserved = self.reserved.get();
         if reserved != 0 {
@@ -154,7 +163,10 @@ impl core::fmt::Debug for FrameHeader {
             .field("flags", &self.flags)
             .field("opcode", &Opcode::from_u16(self.opcode.get()))
             .field("payload_len", &self.payload_len.get())
-            .field("conversation_id", &format_args!("{:#x}", self.conversation_id.get()))
+            .field(
+                "conversation_id",
+                &format_args!("{:#x}", self.conversation_id.get()),
+            )
             .field("sender", &format_args!("{:#x}", self.sender.get()))
             .field("seq", &self.seq.get())
             .field("epoch", &self.epoch.get())

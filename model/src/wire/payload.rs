@@ -34,7 +34,10 @@ pub struct Cursor {
 impl Cursor {
     /// A cursor for `conversation` at `seq`.
     pub fn new(conversation: ConversationId, seq: u64) -> Cursor {
-        Cursor { conversation: conversation.to_bytes(), seq }
+        Cursor {
+            conversation: conversation.to_bytes(),
+            seq,
+        }
     }
 
     /// The conversation id.
@@ -215,8 +218,10 @@ pub enum Payload {
 }
 
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
-    minicbor::decode(bytes)
-        .map_err(|e| WireError::MalformedPayload { opcode, reason: e.to_string() })
+    minicbor::decode(bytes).map_err(|e| WireError::MalformedPayload {
+        opcode,
+        reason: e.to_string(),
+    })
 }
 
 fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {

@@ -1,0 +1,258 @@
+//! Safety invariants, checked as events happen, and the convergence test of the liveness phase.
+//!
+//! The checker sees only what applications see (deliveries, acceptances) and what a gateway
+//! reports about its log after a restart; it never reads a state machine's private state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sund_model::ids::{ConversationId, DeviceId, MsgId};
+
+use crate::network::ActorIndex;
+use crate::scenario::Invariant;
+
+/// The first broken invariant of a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Which invariant.
+    pub invariant: Invariant,
+    /// Virtual time, microseconds.
+    pub at_us: u64,
+    /// What exactly happened, with names.
+    pub detail: String,
+}
+
+/// Counters of what applications saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckerStats {
+    /// Messages acknowledged to their senders.
+    pub accepted: u64,
+    /// Messages delivered to applications (all devices).
+    pub delivered: u64,
+}
+
+/// Watches application-visible events for broken invariants.
+#[derive(Debug)]
+pub struct Checker {
+    enabled: BTreeSet<Invariant>,
+    /// Who owns each assigned seq, as first seen by anyone.
+    owners: BTreeMap<(ConversationId, u64), (DeviceId, MsgId)>,
+    /// Acknowledged messages and their seq.
+    accepted: BTreeMap<(ConversationId, DeviceId, MsgId), u64>,
+    /// Highest seq delivered per device and conversation.
+    delivered_upto: BTreeMap<(ActorIndex, ConversationId), u64>,
+    /// Messages delivered per device, to catch one message under two seqs.
+    delivered_ids: BTreeSet<(ActorIndex, ConversationId, DeviceId, MsgId)>,
+    violation: Option<Violation>,
+    stats: CheckerStats,
+}
+
+impl Checker {
+    /// A checker for the scenario's invariants.
+    pub fn new(enabled: BTreeSet<Invariant>) -> Checker {
+        Checker {
+            enabled,
+            owners: BTreeMap::new(),
+            accepted: BTreeMap::new(),
+            delivered_upto: BTreeMap::new(),
+            delivered_ids: BTreeSet::new(),
+            violation: None,
+            stats: CheckerStats::default(),
+        }
+    }
+
+    /// The first violation, if any.
+    pub fn violation(&self) -> Option<&Violation> {
+        self.violation.as_ref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &CheckerStats {
+        &self.stats
+    }
+
+    /// Highest seq a device has delivered in a conversation.
+    pub fn delivered_upto(&self, device: ActorIndex, conversation: ConversationId) -> u64 {
+        self.delivered_upto
+            .get(&(device, conversation))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every acknowledged message's conversation and seq.
+    pub fn accepted(&self) -> impl Iterator<Item = (ConversationId, u64)> + '_ {
+        self.accepted.iter().map(|((c, _, _), s)| (*c, *s))
+    }
+
+    fn fail(&mut self, invariant: Invariant, at_us: u64, detail: String) {
+        if self.violation.is_none() && self.enabled.contains(&invariant) {
+            self.violation = Some(Violation {
+                invariant,
+                at_us,
+                detail,
+            });
+        }
+    }
+
+    fn claim(
+        &mut self,
+        at_us: u64,
+        conv: ConversationId,
+        seq: u64,
+        sender: DeviceId,
+        msg_id: MsgId,
+        who: &str,
+    ) {
+        match self.owners.get(&(conv, seq)) {
+            Some(&owner) if owner != (sender, msg_id) => self.fail(
+                Invariant::NoLoss,
+                at_us,
+                format!("{who}: seq {seq} of {conv} carries {msg_id} from {sender}, but it was first seen carrying {} from {}: an acknowledged message was overwritten", owner.1, owner.0),
+            ),
+            Some(_) => {}
+            None => {
+                self.owners.insert((conv, seq), (sender, msg_id));
+            }
+        }
+    }
+
+    /// The gateway acknowledged `msg_id` from `sender` at `seq`.
+    pub fn on_accepted(
+        &mut self,
+        at_us: u64,
+        who: &str,
+        conv: ConversationId,
+        sender: DeviceId,
+        msg_id: MsgId,
+        seq: u64,
+    ) {
+        self.stats.accepted += 1;
+        if let Some(&earlier) = self.accepted.get(&(conv, sender, msg_id)) {
+            if earlier != seq {
+                self.fail(
+                    Invariant::NoDuplicate,
+                    at_us,
+                    format!("{who}: {msg_id} was acknowledged at seq {earlier} and again at seq {seq}: the gateway sequenced a retry twice"),
+                );
+            }
+            return;
+        }
+        self.accepted.insert((conv, sender, msg_id), seq);
+        self.claim(at_us, conv, seq, sender, msg_id, who);
+    }
+
+    /// A device's application received a message.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_delivered(
+        &mut self,
+        at_us: u64,
+        device: ActorIndex,
+        who: &str,
+        conv: ConversationId,
+        seq: u64,
+        sender: DeviceId,
+        msg_id: MsgId,
+    ) {
+        self.stats.delivered += 1;
+        let upto = self.delivered_upto(device, conv);
+        if seq <= upto {
+            self.fail(
+                Invariant::NoDuplicate,
+                at_us,
+                format!("{who}: seq {seq} of {conv} delivered again (already up to {upto})"),
+            );
+        } else if seq != upto + 1 {
+            self.fail(
+                Invariant::Order,
+                at_us,
+                format!(
+                    "{who}: seq {seq} of {conv} delivered after {upto}: a gap in delivery order"
+                ),
+            );
+        }
+        if !self.delivered_ids.insert((device, conv, sender, msg_id)) {
+            self.fail(Invariant::NoDuplicate, at_us, format!("{who}: {msg_id} from {sender} delivered twice in {conv} (second time as seq {seq})"));
+        }
+        self.delivered_upto.insert((device, conv), seq.max(upto));
+        self.claim(at_us, conv, seq, sender, msg_id, who);
+    }
+
+    /// A gateway restarted and reports the heads of its conversations.
+    pub fn on_gateway_recovered(
+        &mut self,
+        at_us: u64,
+        who: &str,
+        heads: &BTreeMap<ConversationId, u64>,
+    ) {
+        let lost: Option<(ConversationId, u64, u64)> = self
+            .accepted
+            .iter()
+            .filter_map(|((c, _, _), &s)| heads.get(c).map(|&h| (*c, s, h)))
+            .find(|&(_, s, h)| s > h);
+        if let Some((conv, seq, head)) = lost {
+            self.fail(
+                Invariant::NoLoss,
+                at_us,
+                format!("{who} restarted with {conv} at head {head}, but seq {seq} had been acknowledged: an acknowledged message was lost"),
+            );
+        }
+    }
+
+    /// Records a liveness failure found by the world's convergence probe.
+    pub fn fail_liveness(&mut self, at_us: u64, detail: String) {
+        let invariant = if self.enabled.contains(&Invariant::Converge) {
+            Invariant::Converge
+        } else {
+            Invariant::NoLoss
+        };
+        self.fail(invariant, at_us, detail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checker() -> Checker {
+        Checker::new(Invariant::ALL.iter().map(|(_, i)| *i).collect())
+    }
+
+    const C: ConversationId = ConversationId(1);
+
+    #[test]
+    fn a_redelivered_seq_is_a_duplicate() {
+        let mut c = checker();
+        c.on_delivered(1, 0, "a/0", C, 1, DeviceId(5), MsgId(1));
+        c.on_delivered(2, 0, "a/0", C, 1, DeviceId(5), MsgId(1));
+        assert_eq!(c.violation().unwrap().invariant, Invariant::NoDuplicate);
+    }
+
+    #[test]
+    fn a_skipped_seq_breaks_order() {
+        let mut c = checker();
+        c.on_delivered(1, 0, "a/0", C, 2, DeviceId(5), MsgId(1));
+        assert_eq!(c.violation().unwrap().invariant, Invariant::Order);
+    }
+
+    #[test]
+    fn an_overwritten_seq_is_a_loss() {
+        let mut c = checker();
+        c.on_accepted(1, "a/0", C, DeviceId(5), MsgId(1), 1);
+        c.on_delivered(2, 3, "b/0", C, 1, DeviceId(6), MsgId(9));
+        assert_eq!(c.violation().unwrap().invariant, Invariant::NoLoss);
+    }
+
+    #[test]
+    fn a_gateway_that_forgot_an_acknowledged_seq_lost_it() {
+        let mut c = checker();
+        c.on_accepted(1, "a/0", C, DeviceId(5), MsgId(1), 1);
+        c.on_gateway_recovered(2, "gw", &[(C, 0)].into_iter().collect());
+        assert_eq!(c.violation().unwrap().invariant, Invariant::NoLoss);
+    }
+
+    #[test]
+    fn disabled_invariants_are_not_reported() {
+        let mut c = Checker::new([Invariant::NoLoss].into_iter().collect());
+        c.on_delivered(1, 0, "a/0", C, 2, DeviceId(5), MsgId(1));
+        assert!(c.violation().is_none());
+    }
+}

@@ -1,0 +1,298 @@
+//! Runs scenarios for the `cargo sim` command: seeds, sweeps, determinism checks, reports.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::scenario::{self, Scenario};
+use crate::world::{Outcome, RunReport, World};
+
+/// What the command line asked for.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Seeds to run (inclusive); `None` uses each scenario's own seed.
+    pub seeds: Option<(u64, u64)>,
+    /// Print a progress line per run (sweeps).
+    pub sweep: bool,
+    /// Run everything twice and compare trace hashes.
+    pub check_determinism: bool,
+    /// One JSON object per run on stdout.
+    pub json: bool,
+}
+
+/// Errors that end the command with exit code 2.
+#[derive(Debug)]
+pub enum RunError {
+    /// The command line is wrong.
+    Usage(String),
+    /// A scenario file is unreadable, malformed or needs an unbuilt feature.
+    Scenario(String),
+}
+
+/// Totals of a command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Runs that passed.
+    pub passed: u64,
+    /// Runs that failed.
+    pub failed: u64,
+}
+
+/// One line of `--json` output.
+#[derive(Serialize)]
+struct JsonRun<'a> {
+    scenario: &'a str,
+    file: &'a str,
+    seed: u64,
+    trace_hash: &'a str,
+    events: u64,
+    sim_time_ms: u64,
+    wall_ms: u64,
+    result: &'a str,
+    violated_invariant: Option<&'a str>,
+    detail: Option<&'a str>,
+    deterministic: Option<bool>,
+    offered: u64,
+    accepted: u64,
+    delivered: u64,
+    frames_sent: u64,
+    frames_lost: u64,
+    frames_duplicated: u64,
+    frames_reordered: u64,
+    connections: u64,
+}
+
+/// Parses `A..B` (inclusive).
+pub fn parse_seed_range(text: &str) -> Result<(u64, u64), RunError> {
+    let bad = || RunError::Usage(format!("--seeds needs a range like 1..100, got `{text}`"));
+    let (a, b) = text.split_once("..").ok_or_else(bad)?;
+    let a: u64 = a.parse().map_err(|_| bad())?;
+    let b: u64 = b.parse().map_err(|_| bad())?;
+    if a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// Expands directories into their `*.sund` files, sorted by name.
+pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            // deterministic: the directory listing is sorted below.
+            let entries = std::fs::read_dir(path).map_err(|e| {
+                RunError::Scenario(format!("cannot read directory {}: {e}", path.display()))
+            })?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sund"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return Err(RunError::Scenario(format!(
+                    "no *.sund scenario files in {}",
+                    path.display()
+                )));
+            }
+            files.extend(found);
+        } else if path.is_file() {
+            files.push(path.clone());
+        } else {
+            return Err(RunError::Scenario(format!(
+                "no such scenario file or directory: {}",
+                path.display()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+fn parse_all(scenarios: &[(String, String)]) -> Result<Vec<Scenario>, RunError> {
+    scenarios
+        .iter()
+        .map(|(file, text)| {
+            scenario::parse(file, text).map_err(|e| RunError::Scenario(e.to_string()))
+        })
+        .collect()
+}
+
+/// `--list`: name, file, default seed and the first comment line of each scenario.
+pub fn list(scenarios: &[(String, String)]) -> Result<Vec<String>, RunError> {
+    let parsed = parse_all(scenarios)?;
+    Ok(parsed
+        .iter()
+        .zip(scenarios)
+        .map(|(s, (_, text))| {
+            let about = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix('#').map(str::trim))
+                .unwrap_or("");
+            format!("{:<28} {:<44} seed {:<6} {}", s.name, s.file, s.seed, about)
+        })
+        .collect())
+}
+
+fn run_once(scenario: &Scenario, seed: u64) -> Result<(RunReport, u64), RunError> {
+    // deterministic: wall time is measured for the report only and never enters the run.
+    let started = std::time::Instant::now();
+    let world =
+        World::new(scenario.clone(), seed).map_err(|e| RunError::Scenario(e.to_string()))?;
+    let report = world.run();
+    Ok((report, started.elapsed().as_millis() as u64))
+}
+
+/// Runs every scenario for every requested seed and writes reports.
+pub fn run_all(
+    scenarios: &[(String, String)],
+    options: &Options,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Summary, RunError> {
+    let parsed = parse_all(scenarios)?;
+    // Refuse scenarios this build cannot run before running any.
+    for s in &parsed {
+        World::new(s.clone(), s.seed).map_err(|e| RunError::Scenario(e.to_string()))?;
+    }
+    let mut summary = Summary::default();
+    let total: u64 = parsed.len() as u64 * options.seeds.map_or(1, |(a, b)| b - a + 1);
+    let mut done = 0;
+    for s in &parsed {
+        let (first, last) = options.seeds.unwrap_or((s.seed, s.seed));
+        for seed in first..=last {
+            let (report, wall_ms) = run_once(s, seed)?;
+            let mut deterministic = None;
+            let mut outcome_text = None;
+            if options.check_determinism {
+                let (again, _) = run_once(s, seed)?;
+                let same = again.trace_hash == report.trace_hash && again.events == report.events;
+                deterministic = Some(same);
+                if !same {
+                    outcome_text = Some(format!(
+                        "NONDETERMINISTIC: trace {} ({} events) then {} ({} events)",
+                        report.trace_hash, report.events, again.trace_hash, again.events
+                    ));
+                }
+            }
+            let passed = report.outcome == Outcome::Passed && deterministic != Some(false);
+            if passed {
+                summary.passed += 1;
+            } else {
+                summary.failed += 1;
+            }
+            done += 1;
+            write_report(
+                out,
+                err,
+                &report,
+                wall_ms,
+                deterministic,
+                outcome_text.as_deref(),
+                options.json,
+            )
+            .map_err(|e| RunError::Scenario(format!("cannot write output: {e}")))?;
+            if options.sweep {
+                let _ = writeln!(
+                    err,
+                    "[{done}/{total}] {} seed {seed}: {}",
+                    s.name,
+                    if passed { "ok" } else { "FAILED" }
+                );
+            }
+        }
+    }
+    if !options.json {
+        let _ = writeln!(
+            out,
+            "sim: {} passed, {} failed",
+            summary.passed, summary.failed
+        );
+    }
+    Ok(summary)
+}
+
+fn write_report(
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    r: &RunReport,
+    wall_ms: u64,
+    deterministic: Option<bool>,
+    nondeterminism: Option<&str>,
+    json: bool,
+) -> std::io::Result<()> {
+    let (result, violation) = match &r.outcome {
+        Outcome::Passed if nondeterminism.is_some() => ("nondeterministic", None),
+        Outcome::Passed => ("pass", None),
+        Outcome::Safety(v) => ("safety_violation", Some(v)),
+        Outcome::Liveness(v) => ("liveness_violation", Some(v)),
+    };
+    let replay = format!("cargo sim {} --seed {}", r.file, r.seed);
+    if json {
+        let line = JsonRun {
+            scenario: &r.scenario,
+            file: &r.file,
+            seed: r.seed,
+            trace_hash: &r.trace_hash,
+            events: r.events,
+            sim_time_ms: r.sim_time_ms,
+            wall_ms,
+            result,
+            violated_invariant: violation.map(|v| v.invariant.name()),
+            detail: violation.map(|v| v.detail.as_str()).or(nondeterminism),
+            deterministic,
+            offered: r.offered,
+            accepted: r.app.accepted,
+            delivered: r.app.delivered,
+            frames_sent: r.net.sent,
+            frames_lost: r.net.lost,
+            frames_duplicated: r.net.duplicated,
+            frames_reordered: r.net.reordered,
+            connections: r.net.connections,
+        };
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&line).expect("report serialises")
+        )?;
+    } else {
+        let status = match result {
+            "pass" => "ok  ",
+            _ => "FAIL",
+        };
+        writeln!(
+            out,
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}",
+            r.scenario,
+            r.seed,
+            r.trace_hash,
+            r.events,
+            r.sim_time_ms as f64 / 1000.0,
+            wall_ms as f64 / 1000.0,
+            r.app.delivered,
+            r.app.accepted,
+            if deterministic == Some(true) { " (deterministic)" } else { "" },
+        )?;
+    }
+    if let Some(v) = violation {
+        let phase = if matches!(r.outcome, Outcome::Liveness(_)) {
+            "liveness"
+        } else {
+            "safety"
+        };
+        writeln!(
+            err,
+            "FAILED {} seed {}: {phase} invariant `{}` violated at t={:.6}s: {}",
+            r.file,
+            r.seed,
+            v.invariant.name(),
+            v.at_us as f64 / 1e6,
+            v.detail
+        )?;
+        writeln!(err, "  replay: {replay}")?;
+    }
+    if let Some(text) = nondeterminism {
+        writeln!(err, "FAILED {} seed {}: {text}", r.file, r.seed)?;
+        writeln!(err, "  replay: {replay} --check-determinism")?;
+    }
+    Ok(())
+}

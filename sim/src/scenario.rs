@@ -1,0 +1,1168 @@
+//! The scenario DSL, version 1: line-oriented text describing topology, workload, faults over
+//! time, duration and the invariants to check. The reference is in SIMULATION.md.
+//!
+//! Parsing is two steps: each line becomes a statement (syntax errors name file:line:column and
+//! what was expected), then names are resolved against the declared topology (unknown names are
+//! reported at the token that used them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use crate::network::LinkProfile;
+
+/// A parse or resolution error, located in the scenario file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScenarioError {
+    /// File the scenario came from.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// What was wrong, and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+/// Where a statement came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Span {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+}
+
+/// A set of actors named in a statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One gateway by name.
+    Gateway(String),
+    /// Every device of a user.
+    User(String),
+    /// One device: user and index.
+    Device(String, u32),
+    /// Every device of every user whose name starts with the prefix (`member*`).
+    UserGlob(String),
+    /// Every device.
+    AllDevices,
+    /// Every gateway.
+    AllGateways,
+    /// One device drawn from the fault stream each time the action runs.
+    RandomDevice,
+    /// One gateway drawn from the fault stream each time the action runs.
+    RandomGateway,
+}
+
+/// Changes to a link profile; unset fields keep their value.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct ProfilePatch {
+    /// One-way latency range, microseconds.
+    pub latency_us: Option<(u64, u64)>,
+    /// Loss probability.
+    pub loss: Option<f64>,
+    /// Duplication probability.
+    pub duplicate: Option<f64>,
+    /// Reordering probability.
+    pub reorder: Option<f64>,
+}
+
+impl ProfilePatch {
+    /// Applies the patch to a profile.
+    pub fn apply(&self, mut p: LinkProfile) -> LinkProfile {
+        if let Some((lo, hi)) = self.latency_us {
+            p.latency_us_min = lo;
+            p.latency_us_max = hi;
+        }
+        if let Some(x) = self.loss {
+            p.loss = x;
+        }
+        if let Some(x) = self.duplicate {
+            p.duplicate = x;
+        }
+        if let Some(x) = self.reorder {
+            p.reorder = x;
+        }
+        p
+    }
+}
+
+/// Kinds of MLS changes a future `commit` action may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitKind {
+    /// Add a device.
+    Add,
+    /// Remove a device.
+    Remove,
+    /// Update own leaf.
+    Update,
+}
+
+/// Something done at a point in time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Cut every pair between the two sets.
+    Partition(Target, Target),
+    /// Restore every pair between the two sets.
+    Heal(Target, Target),
+    /// Heal every cut, release every hold, clear link faults, restart crashed actors.
+    HealAll,
+    /// Cut a set from everyone.
+    Isolate(Target),
+    /// Undo `isolate`.
+    Rejoin(Target),
+    /// Queue frames between the two sets.
+    Hold(Target, Target),
+    /// Deliver what was queued.
+    Release(Target, Target),
+    /// Reset every connection of the set.
+    Disconnect(Target),
+    /// Crash the set (uncommitted writes are lost).
+    Crash(Target),
+    /// Restart crashed actors of the set from their disks.
+    Restart(Target),
+    /// Change the default link profile.
+    Network(ProfilePatch),
+    /// Change the profile between two sets.
+    Link(Target, Target, ProfilePatch),
+    /// Revoke a device's certificate (identity and trust issue).
+    Revoke(Target),
+    /// Hand a conversation's authority to another gateway (federation).
+    Handover(String, String),
+    /// An MLS commit by a member (MLS issue).
+    Commit(String, Target, CommitKind),
+}
+
+impl Action {
+    /// The DSL keyword of the action.
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Action::Partition(..) => "partition",
+            Action::Heal(..) | Action::HealAll => "heal",
+            Action::Isolate(_) => "isolate",
+            Action::Rejoin(_) => "rejoin",
+            Action::Hold(..) => "hold",
+            Action::Release(..) => "release",
+            Action::Disconnect(_) => "disconnect",
+            Action::Crash(_) => "crash",
+            Action::Restart(_) => "restart",
+            Action::Network(_) => "network",
+            Action::Link(..) => "link",
+            Action::Revoke(_) => "revoke",
+            Action::Handover(..) => "handover",
+            Action::Commit(..) => "commit",
+        }
+    }
+}
+
+/// When an action runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timing {
+    /// Once.
+    At(Duration),
+    /// Repeatedly: first at `start`, then every `period` while before `stop`.
+    Every {
+        /// Period.
+        period: Duration,
+        /// First run.
+        start: Duration,
+        /// No run at or after this.
+        stop: Duration,
+    },
+}
+
+/// A scheduled action.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scheduled {
+    /// When.
+    pub timing: Timing,
+    /// What.
+    pub action: Action,
+    /// Where in the file.
+    pub span: Span,
+}
+
+/// A message workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    /// Conversation name.
+    pub conversation: String,
+    /// Senders.
+    pub from: Target,
+    /// Each sender sends once per period (first at a random phase).
+    pub period: Duration,
+    /// Body size in bytes.
+    pub size: usize,
+    /// First send no earlier than this.
+    pub start: Duration,
+    /// No send at or after this.
+    pub stop: Duration,
+    /// Where in the file.
+    pub span: Span,
+}
+
+/// Invariants a scenario can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Invariant {
+    /// No message the gateway acknowledged is lost (its seq never changes owner, and it reaches
+    /// every member after heal).
+    NoLoss,
+    /// No message reaches an application twice.
+    NoDuplicate,
+    /// Each device sees each conversation in seq order without gaps.
+    Order,
+    /// After heal, every cursor reaches the head and every outbox empties within the bound.
+    Converge,
+    /// MLS: members share epoch and epoch authenticator after heal (MLS issue).
+    EpochAgreement,
+    /// A revoked device never completes authentication (trust issue).
+    RevokedNeverAuthenticates,
+    /// Every node holds the newest CRL after heal (trust issue).
+    CrlConverge,
+    /// At most one authority per conversation at any time (federation).
+    SingleAuthority,
+}
+
+impl Invariant {
+    /// Every invariant with its DSL name.
+    pub const ALL: &'static [(&'static str, Invariant)] = &[
+        ("no-loss", Invariant::NoLoss),
+        ("no-duplicate", Invariant::NoDuplicate),
+        ("order", Invariant::Order),
+        ("converge", Invariant::Converge),
+        ("epoch-agreement", Invariant::EpochAgreement),
+        (
+            "revoked-never-authenticates",
+            Invariant::RevokedNeverAuthenticates,
+        ),
+        ("crl-converge", Invariant::CrlConverge),
+        ("single-authority", Invariant::SingleAuthority),
+    ];
+
+    /// The DSL name.
+    pub fn name(self) -> &'static str {
+        Invariant::ALL
+            .iter()
+            .find(|(_, i)| *i == self)
+            .expect("every invariant is named")
+            .0
+    }
+
+    /// True if this build can check it.
+    pub fn implemented(self) -> bool {
+        matches!(
+            self,
+            Invariant::NoLoss | Invariant::NoDuplicate | Invariant::Order | Invariant::Converge
+        )
+    }
+}
+
+/// A declared user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserDecl {
+    /// Name.
+    pub name: String,
+    /// Devices.
+    pub devices: u32,
+    /// Home gateway name.
+    pub gateway: String,
+}
+
+/// A declared conversation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConversationDecl {
+    /// Name.
+    pub name: String,
+    /// Member sets.
+    pub members: Vec<Target>,
+    /// Authority gateway name.
+    pub gateway: String,
+    /// Where in the file.
+    pub span: Span,
+}
+
+/// Protocol tunables a scenario may set.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Tunables {
+    /// Heartbeat interval.
+    pub heartbeat: Option<Duration>,
+    /// Idle timeout (node and gateway).
+    pub idle_timeout: Option<Duration>,
+    /// Gateway redelivery delay.
+    pub redeliver_after: Option<Duration>,
+    /// Node resend delay.
+    pub resend_after: Option<Duration>,
+    /// Gateway delivery window.
+    pub window: Option<u64>,
+    /// Node reconnect backoff cap.
+    pub backoff_max: Option<Duration>,
+}
+
+/// A whole parsed and resolved scenario.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    /// Name (the `name` line, else the file stem).
+    pub name: String,
+    /// The file it came from.
+    pub file: String,
+    /// Seed used when the command line gives none.
+    pub seed: u64,
+    /// Length of the workload-and-faults phase.
+    pub duration: Duration,
+    /// Bound on the convergence phase after heal.
+    pub liveness: Duration,
+    /// Gateways in declaration order.
+    pub gateways: Vec<String>,
+    /// Users in declaration order.
+    pub users: Vec<UserDecl>,
+    /// Conversations.
+    pub conversations: Vec<ConversationDecl>,
+    /// Default link profile.
+    pub network: LinkProfile,
+    /// Per-pair link profiles set at the start.
+    pub links: Vec<(Target, Target, ProfilePatch)>,
+    /// Commit latency per set.
+    pub disks: Vec<(Target, Duration)>,
+    /// Clock skew per set, microseconds (signed).
+    pub skews: Vec<(Target, i64)>,
+    /// Protocol tunables.
+    pub tunables: Tunables,
+    /// Message workloads.
+    pub workloads: Vec<Workload>,
+    /// Faults and other actions over time.
+    pub schedule: Vec<Scheduled>,
+    /// Invariants to check.
+    pub invariants: BTreeSet<Invariant>,
+}
+
+// ---------------------------------------------------------------- lexing
+
+#[derive(Clone, Debug)]
+struct Token<'a> {
+    text: &'a str,
+    column: usize,
+}
+
+struct Line<'a> {
+    file: &'a str,
+    number: usize,
+    tokens: Vec<Token<'a>>,
+    pos: usize,
+    end_column: usize,
+}
+
+impl<'a> Line<'a> {
+    fn new(file: &'a str, number: usize, text: &'a str) -> Line<'a> {
+        let text = match text.find('#') {
+            Some(i) => &text[..i],
+            None => text,
+        };
+        let mut tokens = Vec::new();
+        let mut start = None;
+        for (i, ch) in text.char_indices() {
+            if ch.is_whitespace() {
+                if let Some(s) = start.take() {
+                    tokens.push(Token {
+                        text: &text[s..i],
+                        column: text[..s].chars().count() + 1,
+                    });
+                }
+            } else if start.is_none() {
+                start = Some(i);
+            }
+        }
+        if let Some(s) = start {
+            tokens.push(Token {
+                text: &text[s..],
+                column: text[..s].chars().count() + 1,
+            });
+        }
+        Line {
+            file,
+            number,
+            tokens,
+            pos: 0,
+            end_column: text.trim_end().chars().count() + 1,
+        }
+    }
+
+    fn error_at(&self, column: usize, message: String) -> ScenarioError {
+        ScenarioError {
+            file: self.file.to_string(),
+            line: self.number,
+            column,
+            message,
+        }
+    }
+
+    fn span(&self) -> Span {
+        Span {
+            line: self.number,
+            column: self.tokens.first().map_or(1, |t| t.column),
+        }
+    }
+
+    fn peek(&self) -> Option<&Token<'a>> {
+        self.tokens.get(self.pos)
+    }
+
+    fn next(&mut self, expected: &str) -> Result<Token<'a>, ScenarioError> {
+        match self.tokens.get(self.pos) {
+            Some(t) => {
+                self.pos += 1;
+                Ok(t.clone())
+            }
+            None => Err(self.error_at(
+                self.end_column,
+                format!("expected {expected}, found end of line"),
+            )),
+        }
+    }
+
+    fn keyword(&mut self, word: &str) -> Result<(), ScenarioError> {
+        let t = self.next(&format!("`{word}`"))?;
+        if t.text != word {
+            return Err(self.error_at(t.column, format!("expected `{word}`, found `{}`", t.text)));
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, word: &str) -> bool {
+        if self.peek().is_some_and(|t| t.text == word) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn finish(&self) -> Result<(), ScenarioError> {
+        match self.peek() {
+            Some(t) => Err(self.error_at(
+                t.column,
+                format!("expected end of line, found `{}`", t.text),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn name(&mut self, what: &str) -> Result<String, ScenarioError> {
+        let t = self.next(what)?;
+        if !t
+            .text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !t.text.starts_with(|c: char| c.is_ascii_alphabetic())
+        {
+            return Err(self.error_at(
+                t.column,
+                format!("expected {what} (letters, digits, `-`, `_`, starting with a letter), found `{}`", t.text),
+            ));
+        }
+        Ok(t.text.to_string())
+    }
+
+    fn integer(&mut self, what: &str) -> Result<u64, ScenarioError> {
+        let t = self.next(what)?;
+        t.text.replace('_', "").parse::<u64>().map_err(|_| {
+            self.error_at(
+                t.column,
+                format!("expected {what} (a whole number), found `{}`", t.text),
+            )
+        })
+    }
+
+    fn duration(&mut self, what: &str) -> Result<Duration, ScenarioError> {
+        let t = self.next(what)?;
+        parse_duration(t.text).ok_or_else(|| {
+            self.error_at(
+                t.column,
+                format!(
+                    "expected {what} like `250ms`, `5s`, `2m`, found `{}`",
+                    t.text
+                ),
+            )
+        })
+    }
+
+    fn signed_duration_us(&mut self, what: &str) -> Result<i64, ScenarioError> {
+        let t = self.next(what)?;
+        let (sign, rest) = match t.text.as_bytes().first() {
+            Some(b'-') => (-1, &t.text[1..]),
+            Some(b'+') => (1, &t.text[1..]),
+            _ => (1, t.text),
+        };
+        let d = parse_duration(rest).ok_or_else(|| {
+            self.error_at(
+                t.column,
+                format!("expected {what} like `+250ms` or `-1s`, found `{}`", t.text),
+            )
+        })?;
+        Ok(sign * i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    fn probability(&mut self, what: &str) -> Result<f64, ScenarioError> {
+        let t = self.next(what)?;
+        let value = match t.text.strip_suffix('%') {
+            Some(pct) => pct.parse::<f64>().ok().map(|p| p / 100.0),
+            None => t.text.parse::<f64>().ok(),
+        };
+        match value {
+            Some(p) if (0.0..=1.0).contains(&p) => Ok(p),
+            _ => Err(self.error_at(
+                t.column,
+                format!(
+                    "expected {what} like `5%` or `0.05` (between 0 and 1), found `{}`",
+                    t.text
+                ),
+            )),
+        }
+    }
+
+    fn latency_range(&mut self) -> Result<(u64, u64), ScenarioError> {
+        let t = self.next("a latency range like `1ms..5ms`")?;
+        let parsed = match t.text.split_once("..") {
+            Some((lo, hi)) => parse_duration(lo).zip(parse_duration(hi)),
+            None => parse_duration(t.text).map(|d| (d, d)),
+        };
+        match parsed {
+            Some((lo, hi)) if lo <= hi => Ok((micros(lo), micros(hi))),
+            _ => Err(self.error_at(
+                t.column,
+                format!(
+                    "expected a latency range like `1ms..5ms` (low <= high), found `{}`",
+                    t.text
+                ),
+            )),
+        }
+    }
+
+    fn target(&mut self) -> Result<(Target, usize), ScenarioError> {
+        let t = self
+            .next("a target (gateway, user, user/N, prefix*, all-devices, random-device, ...)")?;
+        let target = match t.text {
+            "all-devices" => Target::AllDevices,
+            "all-gateways" => Target::AllGateways,
+            "random-device" => Target::RandomDevice,
+            "random-gateway" => Target::RandomGateway,
+            text => {
+                if let Some(prefix) = text.strip_suffix('*') {
+                    Target::UserGlob(prefix.to_string())
+                } else if let Some((user, index)) = text.split_once('/') {
+                    let index = index.parse::<u32>().map_err(|_| {
+                        self.error_at(
+                            t.column,
+                            format!("expected a device like `alice/0`, found `{text}`"),
+                        )
+                    })?;
+                    Target::Device(user.to_string(), index)
+                } else {
+                    // Gateway or user: resolved against the topology later.
+                    Target::User(text.to_string())
+                }
+            }
+        };
+        Ok((target, t.column))
+    }
+
+    fn profile_patch(&mut self) -> Result<ProfilePatch, ScenarioError> {
+        let mut patch = ProfilePatch::default();
+        let mut any = false;
+        while let Some(t) = self.peek().cloned() {
+            match t.text {
+                "latency" => {
+                    self.pos += 1;
+                    patch.latency_us = Some(self.latency_range()?);
+                }
+                "loss" => {
+                    self.pos += 1;
+                    patch.loss = Some(self.probability("a loss probability")?);
+                }
+                "duplicate" => {
+                    self.pos += 1;
+                    patch.duplicate = Some(self.probability("a duplication probability")?);
+                }
+                "reorder" => {
+                    self.pos += 1;
+                    patch.reorder = Some(self.probability("a reordering probability")?);
+                }
+                other => {
+                    return Err(self.error_at(
+                        t.column,
+                        format!(
+                            "expected `latency`, `loss`, `duplicate` or `reorder`, found `{other}`"
+                        ),
+                    ))
+                }
+            }
+            any = true;
+        }
+        if !any {
+            return Err(self.error_at(
+                self.end_column,
+                "expected `latency`, `loss`, `duplicate` or `reorder`, found end of line".into(),
+            ));
+        }
+        Ok(patch)
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Parses `250us`, `10ms`, `1.5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.replace('_', "").parse().ok()?;
+    let scale_us = match unit {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => return None,
+    };
+    let us = number * scale_us;
+    if !us.is_finite() || us < 0.0 || us > 1e15 {
+        return None;
+    }
+    Some(Duration::from_micros(us.round() as u64))
+}
+
+// ---------------------------------------------------------------- parsing
+
+struct Builder {
+    name: Option<String>,
+    seed: u64,
+    duration: Option<Duration>,
+    liveness: Duration,
+    gateways: Vec<(String, Span)>,
+    users: Vec<(String, u32, Option<(String, usize)>, Span)>,
+    conversations: Vec<(String, Vec<(Target, usize)>, Option<(String, usize)>, Span)>,
+    network: LinkProfile,
+    links: Vec<(Target, usize, Target, usize, ProfilePatch, Span)>,
+    disks: Vec<(Target, usize, Duration, Span)>,
+    skews: Vec<(Target, usize, i64, Span)>,
+    tunables: Tunables,
+    workloads: Vec<(Workload, String, usize, usize)>,
+    schedule: Vec<(Scheduled, Vec<(Target, usize)>, Vec<(String, usize)>)>,
+    invariants: BTreeSet<Invariant>,
+}
+
+/// Parses and resolves a scenario. `file` is used in error messages and as the default name.
+pub fn parse(file: &str, text: &str) -> Result<Scenario, ScenarioError> {
+    let mut b = Builder {
+        name: None,
+        seed: 1,
+        duration: None,
+        liveness: Duration::from_secs(60),
+        gateways: Vec::new(),
+        users: Vec::new(),
+        conversations: Vec::new(),
+        network: LinkProfile::default(),
+        links: Vec::new(),
+        disks: Vec::new(),
+        skews: Vec::new(),
+        tunables: Tunables::default(),
+        workloads: Vec::new(),
+        schedule: Vec::new(),
+        invariants: BTreeSet::new(),
+    };
+    let mut last_line = 1;
+    for (index, raw) in text.lines().enumerate() {
+        last_line = index + 1;
+        let mut line = Line::new(file, index + 1, raw);
+        if line.tokens.is_empty() {
+            continue;
+        }
+        statement(&mut b, &mut line)?;
+    }
+    resolve(file, b, last_line)
+}
+
+fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> {
+    let span = line.span();
+    let head = line.next("a statement")?;
+    match head.text {
+        "name" => b.name = Some(line.name("a scenario name")?),
+        "seed" => b.seed = line.integer("a seed")?,
+        "duration" => b.duration = Some(line.duration("a duration")?),
+        "liveness" => {
+            line.keyword("within")?;
+            b.liveness = line.duration("a liveness bound")?;
+        }
+        "gateway" => {
+            let name = line.name("a gateway name")?;
+            b.gateways.push((name, span));
+        }
+        "user" | "users" => {
+            let plural = head.text == "users";
+            let name = line.name(if plural { "a user name prefix" } else { "a user name" })?;
+            let count = if plural {
+                line.keyword("count")?;
+                line.integer("a user count")?
+            } else {
+                1
+            };
+            let mut devices = 1;
+            let mut gateway = None;
+            while let Some(t) = line.peek().cloned() {
+                match t.text {
+                    "devices" => {
+                        line.pos += 1;
+                        devices = line.integer("a device count")?;
+                        if devices == 0 || devices > 64 {
+                            return Err(line.error_at(t.column, "a user has 1 to 64 devices".into()));
+                        }
+                    }
+                    "gateway" => {
+                        line.pos += 1;
+                        let col = line.peek().map_or(line.end_column, |t| t.column);
+                        gateway = Some((line.name("a gateway name")?, col));
+                    }
+                    other => {
+                        return Err(line.error_at(t.column, format!("expected `devices` or `gateway`, found `{other}`")))
+                    }
+                }
+            }
+            if count == 0 || count > 100_000 {
+                return Err(line.error_at(head.column, "a user group has 1 to 100000 users".into()));
+            }
+            for i in 0..count {
+                let user = if plural { format!("{name}{i}") } else { name.clone() };
+                b.users.push((user, devices as u32, gateway.clone(), span));
+            }
+        }
+        "conversation" => {
+            let name = line.name("a conversation name")?;
+            let mut members = Vec::new();
+            let mut gateway = None;
+            if line.accept("gateway") {
+                let col = line.peek().map_or(line.end_column, |t| t.column);
+                gateway = Some((line.name("a gateway name")?, col));
+            }
+            line.keyword("members")?;
+            while line.peek().is_some() {
+                members.push(line.target()?);
+            }
+            if members.is_empty() {
+                return Err(line.error_at(line.end_column, "expected at least one member, found end of line".into()));
+            }
+            b.conversations.push((name, members, gateway, span));
+        }
+        "network" => b.network = line.profile_patch()?.apply(b.network),
+        "link" => {
+            let (a, ca) = line.target()?;
+            let (c, cc) = line.target()?;
+            let patch = line.profile_patch()?;
+            b.links.push((a, ca, c, cc, patch, span));
+        }
+        "disk" => {
+            let (t, col) = line.target()?;
+            line.keyword("commit")?;
+            let d = line.duration("a commit latency")?;
+            b.disks.push((t, col, d, span));
+        }
+        "skew" => {
+            let (t, col) = line.target()?;
+            let s = line.signed_duration_us("a clock offset")?;
+            b.skews.push((t, col, s, span));
+        }
+        "config" => {
+            let key = line.next("a tunable")?;
+            match key.text {
+                "heartbeat" => b.tunables.heartbeat = Some(line.duration("a heartbeat interval")?),
+                "idle-timeout" => b.tunables.idle_timeout = Some(line.duration("an idle timeout")?),
+                "redeliver-after" => b.tunables.redeliver_after = Some(line.duration("a redelivery delay")?),
+                "resend-after" => b.tunables.resend_after = Some(line.duration("a resend delay")?),
+                "backoff-max" => b.tunables.backoff_max = Some(line.duration("a backoff cap")?),
+                "window" => b.tunables.window = Some(line.integer("a delivery window")?.max(1)),
+                other => {
+                    return Err(line.error_at(
+                        key.column,
+                        format!("expected `heartbeat`, `idle-timeout`, `redeliver-after`, `resend-after`, `backoff-max` or `window`, found `{other}`"),
+                    ))
+                }
+            }
+        }
+        "send" => {
+            let col = line.peek().map_or(line.end_column, |t| t.column);
+            let conversation = line.name("a conversation name")?;
+            line.keyword("from")?;
+            let (from, from_col) = line.target()?;
+            line.keyword("every")?;
+            let period = line.duration("a send period")?;
+            if period.is_zero() {
+                return Err(line.error_at(line.end_column, "a send period must be positive".into()));
+            }
+            let mut size = 200;
+            let mut start = Duration::ZERO;
+            let mut stop = Duration::MAX;
+            while let Some(t) = line.peek().cloned() {
+                line.pos += 1;
+                match t.text {
+                    "size" => size = line.integer("a body size in bytes")? as usize,
+                    "start" => start = line.duration("a start time")?,
+                    "stop" => stop = line.duration("a stop time")?,
+                    other => return Err(line.error_at(t.column, format!("expected `size`, `start` or `stop`, found `{other}`"))),
+                }
+            }
+            if size > 512 * 1024 {
+                return Err(line.error_at(head.column, "a simulated message body is at most 524288 bytes".into()));
+            }
+            b.workloads.push((Workload { conversation: String::new(), from, period, size, start, stop, span }, conversation, col, from_col));
+        }
+        "at" | "every" => {
+            let timing = if head.text == "at" {
+                Timing::At(line.duration("a time")?)
+            } else {
+                let period = line.duration("a period")?;
+                if period.is_zero() {
+                    return Err(line.error_at(head.column, "a period must be positive".into()));
+                }
+                let mut start = Duration::ZERO;
+                let mut stop = Duration::MAX;
+                loop {
+                    if line.accept("start") {
+                        start = line.duration("a start time")?;
+                    } else if line.accept("stop") {
+                        stop = line.duration("a stop time")?;
+                    } else {
+                        break;
+                    }
+                }
+                Timing::Every { period, start, stop }
+            };
+            let (action, targets, names) = action(line)?;
+            b.schedule.push((Scheduled { timing, action, span }, targets, names));
+        }
+        "check" => {
+            if line.peek().is_none() {
+                return Err(line.error_at(line.end_column, "expected an invariant name, found end of line".into()));
+            }
+            while let Some(t) = line.peek().cloned() {
+                line.pos += 1;
+                let Some((_, inv)) = Invariant::ALL.iter().find(|(n, _)| *n == t.text) else {
+                    let known: Vec<&str> = Invariant::ALL.iter().map(|(n, _)| *n).collect();
+                    return Err(line.error_at(t.column, format!("unknown invariant `{}`; known: {}", t.text, known.join(", "))));
+                };
+                b.invariants.insert(*inv);
+            }
+        }
+        other => {
+            return Err(line.error_at(
+                head.column,
+                format!("unknown statement `{other}`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check"),
+            ))
+        }
+    }
+    line.finish()
+}
+
+type ActionParts = (Action, Vec<(Target, usize)>, Vec<(String, usize)>);
+
+fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
+    let head = line.next("an action")?;
+    let mut targets = Vec::new();
+    let mut names = Vec::new();
+    let one = |line: &mut Line<'_>,
+               targets: &mut Vec<(Target, usize)>|
+     -> Result<Target, ScenarioError> {
+        let (t, c) = line.target()?;
+        targets.push((t.clone(), c));
+        Ok(t)
+    };
+    let action = match head.text {
+        "partition" => Action::Partition(one(line, &mut targets)?, one(line, &mut targets)?),
+        "heal" => {
+            if line.accept("all") {
+                Action::HealAll
+            } else {
+                Action::Heal(one(line, &mut targets)?, one(line, &mut targets)?)
+            }
+        }
+        "isolate" => Action::Isolate(one(line, &mut targets)?),
+        "rejoin" => Action::Rejoin(one(line, &mut targets)?),
+        "hold" => Action::Hold(one(line, &mut targets)?, one(line, &mut targets)?),
+        "release" => Action::Release(one(line, &mut targets)?, one(line, &mut targets)?),
+        "disconnect" => Action::Disconnect(one(line, &mut targets)?),
+        "crash" => Action::Crash(one(line, &mut targets)?),
+        "restart" => Action::Restart(one(line, &mut targets)?),
+        "network" => Action::Network(line.profile_patch()?),
+        "link" => {
+            let a = one(line, &mut targets)?;
+            let c = one(line, &mut targets)?;
+            Action::Link(a, c, line.profile_patch()?)
+        }
+        "revoke" => Action::Revoke(one(line, &mut targets)?),
+        "handover" => {
+            let col = line.peek().map_or(line.end_column, |t| t.column);
+            let conv = line.name("a conversation name")?;
+            names.push((conv.clone(), col));
+            line.keyword("to")?;
+            let gcol = line.peek().map_or(line.end_column, |t| t.column);
+            let gw = line.name("a gateway name")?;
+            targets.push((Target::Gateway(gw.clone()), gcol));
+            Action::Handover(conv, gw)
+        }
+        "commit" => {
+            let col = line.peek().map_or(line.end_column, |t| t.column);
+            let conv = line.name("a conversation name")?;
+            names.push((conv.clone(), col));
+            line.keyword("from")?;
+            let who = one(line, &mut targets)?;
+            let kind_token = line.next("`add`, `remove` or `update`")?;
+            let kind = match kind_token.text {
+                "add" => CommitKind::Add,
+                "remove" => CommitKind::Remove,
+                "update" => CommitKind::Update,
+                other => return Err(line.error_at(kind_token.column, format!("expected `add`, `remove` or `update`, found `{other}`"))),
+            };
+            Action::Commit(conv, who, kind)
+        }
+        other => {
+            return Err(line.error_at(
+                head.column,
+                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, disconnect, crash, restart, network, link, revoke, handover, commit"),
+            ))
+        }
+    };
+    Ok((action, targets, names))
+}
+
+// ---------------------------------------------------------------- resolution
+
+fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, ScenarioError> {
+    let err = |span: Span, column: usize, message: String| ScenarioError {
+        file: file.to_string(),
+        line: span.line,
+        column,
+        message,
+    };
+    let Some(duration) = b.duration else {
+        return Err(ScenarioError {
+            file: file.to_string(),
+            line: last_line,
+            column: 1,
+            message: "missing `duration <time>`: every scenario says how long its workload runs"
+                .into(),
+        });
+    };
+    if b.gateways.is_empty() {
+        return Err(ScenarioError {
+            file: file.to_string(),
+            line: last_line,
+            column: 1,
+            message: "missing `gateway <name>`: a scenario needs at least one gateway".into(),
+        });
+    }
+    let mut gateway_names = BTreeSet::new();
+    for (g, span) in &b.gateways {
+        if !gateway_names.insert(g.clone()) {
+            return Err(err(
+                *span,
+                span.column,
+                format!("gateway `{g}` is declared twice"),
+            ));
+        }
+    }
+    let default_gateway =
+        |span: Span, given: &Option<(String, usize)>| -> Result<String, ScenarioError> {
+            match given {
+                Some((g, col)) if gateway_names.contains(g) => Ok(g.clone()),
+                Some((g, col)) => Err(err(span, *col, format!("unknown gateway `{g}`"))),
+                None if b.gateways.len() == 1 => Ok(b.gateways[0].0.clone()),
+                None => Err(err(
+                    span,
+                    span.column,
+                    "several gateways are declared: say which with `gateway <name>`".into(),
+                )),
+            }
+        };
+    let mut users = Vec::new();
+    let mut user_devices = BTreeMap::new();
+    for (name, devices, gateway, span) in &b.users {
+        if gateway_names.contains(name) || user_devices.insert(name.clone(), *devices).is_some() {
+            return Err(err(
+                *span,
+                span.column,
+                format!("name `{name}` is declared twice"),
+            ));
+        }
+        users.push(UserDecl {
+            name: name.clone(),
+            devices: *devices,
+            gateway: default_gateway(*span, gateway)?,
+        });
+    }
+    // Gateways and users share one namespace, so `User(name)` may really name a gateway.
+    let fix = |t: Target, span: Span, col: usize| -> Result<Target, ScenarioError> {
+        match t {
+            Target::User(n) if gateway_names.contains(&n) => Ok(Target::Gateway(n)),
+            Target::User(n) if user_devices.contains_key(&n) => Ok(Target::User(n)),
+            Target::User(n) => Err(err(span, col, format!("unknown gateway or user `{n}`"))),
+            Target::Device(u, i) => match user_devices.get(&u) {
+                Some(&d) if i < d => Ok(Target::Device(u, i)),
+                Some(&d) => Err(err(
+                    span,
+                    col,
+                    format!("user `{u}` has {d} devices (numbered from 0); there is no `{u}/{i}`"),
+                )),
+                None => Err(err(span, col, format!("unknown user `{u}`"))),
+            },
+            Target::UserGlob(p) if user_devices.keys().any(|u| u.starts_with(&p)) => {
+                Ok(Target::UserGlob(p))
+            }
+            Target::UserGlob(p) => Err(err(span, col, format!("no user name starts with `{p}`"))),
+            Target::Gateway(g) if gateway_names.contains(&g) => Ok(Target::Gateway(g)),
+            Target::Gateway(g) => Err(err(span, col, format!("unknown gateway `{g}`"))),
+            other => Ok(other),
+        }
+    };
+    let mut conversations = Vec::new();
+    let mut conversation_names = BTreeSet::new();
+    for (name, members, gateway, span) in b.conversations {
+        if !conversation_names.insert(name.clone()) {
+            return Err(err(
+                span,
+                span.column,
+                format!("conversation `{name}` is declared twice"),
+            ));
+        }
+        let mut resolved = Vec::new();
+        for (t, col) in members {
+            let t = fix(t, span, col)?;
+            if matches!(
+                t,
+                Target::Gateway(_)
+                    | Target::AllGateways
+                    | Target::RandomGateway
+                    | Target::RandomDevice
+            ) {
+                return Err(err(
+                    span,
+                    col,
+                    "conversation members are users or devices".into(),
+                ));
+            }
+            resolved.push(t);
+        }
+        conversations.push(ConversationDecl {
+            gateway: default_gateway(span, &gateway)?,
+            name,
+            members: resolved,
+            span,
+        });
+    }
+    let check_conv = |name: &str, span: Span, col: usize| -> Result<(), ScenarioError> {
+        if conversation_names.contains(name) {
+            Ok(())
+        } else {
+            Err(err(span, col, format!("unknown conversation `{name}`")))
+        }
+    };
+    let mut links = Vec::new();
+    for (a, ca, c, cc, patch, span) in b.links {
+        links.push((fix(a, span, ca)?, fix(c, span, cc)?, patch));
+    }
+    let disks = b
+        .disks
+        .into_iter()
+        .map(|(t, c, d, span)| Ok((fix(t, span, c)?, d)))
+        .collect::<Result<_, _>>()?;
+    let skews = b
+        .skews
+        .into_iter()
+        .map(|(t, c, s, span)| Ok((fix(t, span, c)?, s)))
+        .collect::<Result<_, _>>()?;
+    let mut workloads = Vec::new();
+    for (mut w, conv, col, from_col) in b.workloads {
+        check_conv(&conv, w.span, col)?;
+        w.conversation = conv;
+        w.from = fix(w.from, w.span, from_col)?;
+        workloads.push(w);
+    }
+    let mut schedule = Vec::new();
+    for (mut s, targets, names) in b.schedule {
+        for (name, col) in &names {
+            check_conv(name, s.span, *col)?;
+        }
+        let mut cols = targets.iter().map(|(_, c)| *c);
+        let mut f = |t: &mut Target| -> Result<(), ScenarioError> {
+            let col = cols.next().unwrap_or(s.span.column);
+            *t = fix(t.clone(), s.span, col)?;
+            Ok(())
+        };
+        match &mut s.action {
+            Action::Partition(a, c)
+            | Action::Heal(a, c)
+            | Action::Hold(a, c)
+            | Action::Release(a, c)
+            | Action::Link(a, c, _) => {
+                f(a)?;
+                f(c)?;
+            }
+            Action::Isolate(a)
+            | Action::Rejoin(a)
+            | Action::Disconnect(a)
+            | Action::Crash(a)
+            | Action::Restart(a)
+            | Action::Revoke(a) => f(a)?,
+            Action::Handover(_, g) => {
+                let mut t = Target::Gateway(g.clone());
+                f(&mut t)?;
+            }
+            Action::Commit(_, who, _) => f(who)?,
+            Action::HealAll | Action::Network(_) => {}
+        }
+        schedule.push(s);
+    }
+    let name = b.name.unwrap_or_else(|| {
+        let stem = file.rsplit('/').next().unwrap_or(file);
+        stem.strip_suffix(".sund").unwrap_or(stem).to_string()
+    });
+    let invariants = if b.invariants.is_empty() {
+        [
+            Invariant::NoLoss,
+            Invariant::NoDuplicate,
+            Invariant::Order,
+            Invariant::Converge,
+        ]
+        .into_iter()
+        .collect()
+    } else {
+        b.invariants
+    };
+    Ok(Scenario {
+        name,
+        file: file.to_string(),
+        seed: b.seed,
+        duration,
+        liveness: b.liveness,
+        gateways: b.gateways.into_iter().map(|(g, _)| g).collect(),
+        users,
+        conversations,
+        network: b.network,
+        links,
+        disks,
+        skews,
+        tunables: b.tunables,
+        workloads,
+        schedule,
+        invariants,
+    })
+}

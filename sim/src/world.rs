@@ -1,0 +1,1217 @@
+//! The world: actors, the event queue and the run loop of one scenario and one seed.
+//!
+//! Run loop contract:
+//! 1. Pop the earliest event (ties in insertion order); advance virtual time to it.
+//! 2. Hand it to its actor as a state machine input (on the actor's skewed clock), or carry out
+//!    a fault or workload step.
+//! 3. Drain the actor's `poll_ready`: each `Ready`'s writes go to the disk model, which commits
+//!    them after the configured latency, in order; only then are its outputs carried out (frames
+//!    to the network, application events to the checker and the trace).
+//! 4. Re-read the actor's `poll_timeout` and schedule a wake-up.
+//! 5. Check safety invariants (the checker raises on the event that breaks one).
+//!
+//! At `duration` the world heals every fault (cuts, holds, link faults, crashed actors) and
+//! probes for convergence every 100 ms of virtual time until the liveness bound.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sund_model::env::{HeldOutputs, WriteBatch};
+use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
+use sund_model::node::{Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
+use sund_model::time::Instant;
+
+use crate::checker::{Checker, CheckerStats, Violation};
+use crate::disk::SimDisk;
+use crate::network::{ActorIndex, Arrival, NetStats, Network};
+use crate::rng::SimRng;
+use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
+use crate::trace::{Record, TraceHash};
+
+/// Most events one run may process; a run that needs more is reported as exhausted.
+pub const EVENTS_MAX: u64 = 2_000_000_000;
+/// Interval of the convergence probe in the liveness phase.
+pub const PROBE_INTERVAL_US: u64 = 100_000;
+
+/// Why a scenario cannot run in this build.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct SetupError {
+    /// Scenario file.
+    pub file: String,
+    /// Line of the offending statement.
+    pub line: usize,
+    /// Column.
+    pub column: usize,
+    /// What is missing.
+    pub message: String,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every checked invariant held and the system converged.
+    Passed,
+    /// A safety invariant broke during the run.
+    Safety(Violation),
+    /// The system did not converge within the liveness bound after heal.
+    Liveness(Violation),
+}
+
+/// Everything a run reports.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// Scenario name.
+    pub scenario: String,
+    /// Scenario file.
+    pub file: String,
+    /// The seed.
+    pub seed: u64,
+    /// Trace hash (hex).
+    pub trace_hash: String,
+    /// Events processed.
+    pub events: u64,
+    /// Virtual time at the end, milliseconds.
+    pub sim_time_ms: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// What applications saw.
+    pub app: CheckerStats,
+    /// Network counters.
+    pub net: NetStats,
+    /// Faults injected by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Messages the workload offered.
+    pub offered: u64,
+}
+
+#[derive(Clone, Debug)]
+enum EventKind {
+    Arrive(Arrival),
+    Accept {
+        gateway: ActorIndex,
+        conn: u64,
+    },
+    ConnectDone {
+        node: ActorIndex,
+        incarnation: u32,
+        conn: Option<u64>,
+    },
+    Closed {
+        actor: ActorIndex,
+        incarnation: u32,
+        conn: u64,
+    },
+    Wake {
+        actor: ActorIndex,
+        incarnation: u32,
+    },
+    CommitDone {
+        actor: ActorIndex,
+        incarnation: u32,
+    },
+    Action {
+        index: usize,
+    },
+    Send {
+        workload: usize,
+        device: ActorIndex,
+    },
+    EndOfWorkload,
+    Probe,
+}
+
+#[derive(Debug)]
+struct Event {
+    at: u64,
+    seq: u64,
+    kind: EventKind,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Event {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+enum Machine {
+    Gateway(Option<Gateway>, GatewayConfig),
+    Node(Option<Box<Node>>, NodeConfig),
+}
+
+enum HeldKind {
+    Gateway(HeldOutputs<GatewayOutput>),
+    Node(HeldOutputs<NodeOutput>),
+}
+
+struct PendingCommit {
+    done_at: u64,
+    writes: WriteBatch,
+    held: HeldKind,
+}
+
+struct Actor {
+    name: String,
+    machine: Machine,
+    disk: SimDisk,
+    pending: VecDeque<PendingCommit>,
+    incarnation: u32,
+    up: bool,
+    skew_us: i64,
+    commit_latency_us: u64,
+    wake_at: Option<u64>,
+    entropy_base: SimRng,
+    /// Gateways: connections cut by the last crash, reset to their nodes on restart.
+    killed_conns: Vec<u64>,
+    /// Nodes: their home gateway and connection in progress.
+    home: ActorIndex,
+    connecting: Option<u64>,
+    device: DeviceId,
+}
+
+/// One run of one scenario with one seed.
+pub struct World {
+    scenario: Scenario,
+    seed: u64,
+    now: u64,
+    next_seq: u64,
+    queue: BinaryHeap<Reverse<Event>>,
+    actors: Vec<Actor>,
+    gateways: Vec<ActorIndex>,
+    devices: Vec<ActorIndex>,
+    user_devices: BTreeMap<String, Vec<ActorIndex>>,
+    conversations: Vec<(ConversationId, ActorIndex, Vec<ActorIndex>)>,
+    conversation_ids: BTreeMap<String, usize>,
+    network: Network,
+    fault_rng: SimRng,
+    workload_rng: SimRng,
+    checker: Checker,
+    trace: TraceHash,
+    events: u64,
+    end_us: u64,
+    duration_us: u64,
+    healing: bool,
+    outcome: Option<Outcome>,
+    faults: BTreeMap<&'static str, u64>,
+    offered: u64,
+    sent_counter: u64,
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl World {
+    /// Builds the world for `scenario` and `seed`, or says why this build cannot run it.
+    pub fn new(scenario: Scenario, seed: u64) -> Result<World, SetupError> {
+        Self::check_supported(&scenario)?;
+        let mut root = SimRng::from_seed(seed);
+        let network_rng = root.derive();
+        let fault_rng = root.derive();
+        let workload_rng = root.derive();
+        let mut actor_rng = root.derive();
+
+        let t = &scenario.tunables;
+        let mut gateway_config = GatewayConfig::default();
+        let mut node_template = NodeConfig::new(DeviceId(0));
+        if let Some(h) = t.heartbeat {
+            gateway_config.heartbeat_interval = h;
+            node_template.heartbeat_interval = h;
+        }
+        if let Some(i) = t.idle_timeout {
+            gateway_config.session_idle_timeout = i;
+            node_template.idle_timeout = i;
+        }
+        if let Some(r) = t.redeliver_after {
+            gateway_config.redeliver_after = r;
+        }
+        if let Some(r) = t.resend_after {
+            node_template.resend_after = r;
+        }
+        if let Some(w) = t.window {
+            gateway_config.delivery_window = w;
+        }
+        if let Some(b) = t.backoff_max {
+            node_template.backoff_max = b.max(node_template.backoff_initial);
+        }
+
+        let mut actors = Vec::new();
+        let mut gateways = Vec::new();
+        let mut gateway_index = BTreeMap::new();
+        for name in &scenario.gateways {
+            let index = actors.len() as ActorIndex;
+            gateway_index.insert(name.clone(), index);
+            gateways.push(index);
+            actors.push(Actor {
+                name: name.clone(),
+                machine: Machine::Gateway(None, gateway_config.clone()),
+                disk: SimDisk::default(),
+                pending: VecDeque::new(),
+                incarnation: 0,
+                up: false,
+                skew_us: 0,
+                commit_latency_us: 1_000,
+                wake_at: None,
+                entropy_base: actor_rng.derive(),
+                killed_conns: Vec::new(),
+                home: index,
+                connecting: None,
+                device: DeviceId(0),
+            });
+        }
+        let mut devices = Vec::new();
+        let mut user_devices = BTreeMap::new();
+        for (user_number, user) in scenario.users.iter().enumerate() {
+            let mut mine = Vec::new();
+            for d in 0..user.devices {
+                let index = actors.len() as ActorIndex;
+                let device = DeviceId(((user_number as u128 + 1) << 16) | u128::from(d));
+                let mut config = node_template.clone();
+                config.device = device;
+                actors.push(Actor {
+                    name: format!("{}/{}", user.name, d),
+                    machine: Machine::Node(None, config),
+                    disk: SimDisk::default(),
+                    pending: VecDeque::new(),
+                    incarnation: 0,
+                    up: false,
+                    skew_us: 0,
+                    commit_latency_us: 0,
+                    wake_at: None,
+                    entropy_base: actor_rng.derive(),
+                    killed_conns: Vec::new(),
+                    home: gateway_index[&user.gateway],
+                    connecting: None,
+                    device,
+                });
+                mine.push(index);
+                devices.push(index);
+            }
+            user_devices.insert(user.name.clone(), mine);
+        }
+
+        let duration_us = us(scenario.duration);
+        let end_us = duration_us.saturating_add(us(scenario.liveness));
+        let mut world = World {
+            checker: Checker::new(scenario.invariants.clone()),
+            seed,
+            now: 0,
+            next_seq: 0,
+            queue: BinaryHeap::new(),
+            actors,
+            gateways,
+            devices,
+            user_devices,
+            conversations: Vec::new(),
+            conversation_ids: BTreeMap::new(),
+            network: Network::new(network_rng, scenario.network),
+            fault_rng,
+            workload_rng,
+            trace: TraceHash::default(),
+            events: 0,
+            end_us,
+            duration_us,
+            healing: false,
+            outcome: None,
+            faults: BTreeMap::new(),
+            offered: 0,
+            sent_counter: 0,
+            scenario,
+        };
+        world.setup();
+        Ok(world)
+    }
+
+    fn check_supported(scenario: &Scenario) -> Result<(), SetupError> {
+        let unsupported = |span: crate::scenario::Span, message: String| SetupError {
+            file: scenario.file.clone(),
+            line: span.line,
+            column: span.column,
+            message,
+        };
+        for s in &scenario.schedule {
+            let lands_with = match &s.action {
+                Action::Revoke(_) => Some("the identity and trust issue (certificates and CRL)"),
+                Action::Handover(..) => Some("the federation work (authority handover)"),
+                Action::Commit(..) => Some("the MLS conversations issue"),
+                _ => None,
+            };
+            if let Some(issue) = lands_with {
+                return Err(unsupported(s.span, format!("action `{}` is part of the DSL but this build cannot run it yet; it lands with {issue}", s.action.keyword())));
+            }
+        }
+        if let Some(inv) = scenario.invariants.iter().find(|i| !i.implemented()) {
+            return Err(unsupported(
+                crate::scenario::Span { line: 1, column: 1 },
+                format!(
+                    "invariant `{}` is part of the DSL but this build cannot check it yet",
+                    inv.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, at: u64, kind: EventKind) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Reverse(Event { at, seq, kind }));
+    }
+
+    fn setup(&mut self) {
+        // Disk latencies and skews.
+        for (target, latency) in self.scenario.disks.clone() {
+            for a in self.resolve(&target) {
+                self.actors[a as usize].commit_latency_us = us(latency);
+            }
+        }
+        for (target, skew) in self.scenario.skews.clone() {
+            for a in self.resolve(&target) {
+                self.actors[a as usize].skew_us = skew;
+            }
+        }
+        for (a, b, patch) in self.scenario.links.clone() {
+            for x in self.resolve(&a) {
+                for y in self.resolve(&b) {
+                    if x != y {
+                        let p = patch.apply(self.network.profile(x, y));
+                        self.network.set_pair_profile(x, y, p);
+                    }
+                }
+            }
+        }
+        // Start gateways, then create conversations, then start nodes.
+        for g in self.gateways.clone() {
+            self.start_actor(g);
+        }
+        for (number, decl) in self.scenario.conversations.clone().into_iter().enumerate() {
+            let id = ConversationId((0xC0u128 << 120) | (number as u128 + 1));
+            let gateway = self.gateways[self
+                .scenario
+                .gateways
+                .iter()
+                .position(|g| *g == decl.gateway)
+                .expect("resolved")];
+            let mut members: Vec<ActorIndex> =
+                decl.members.iter().flat_map(|t| self.resolve(t)).collect();
+            members.sort_unstable();
+            members.dedup();
+            let devices: Vec<DeviceId> = members
+                .iter()
+                .map(|&m| self.actors[m as usize].device)
+                .collect();
+            self.conversation_ids
+                .insert(decl.name.clone(), self.conversations.len());
+            self.conversations.push((id, gateway, members));
+            self.with_gateway(gateway, |g, now| {
+                g.handle(now, GatewayInput::CreateConversation(id, devices))
+            });
+        }
+        for d in self.devices.clone() {
+            self.start_actor(d);
+        }
+        // Workloads: each sender starts at a random phase within its period.
+        for (index, w) in self.scenario.workloads.clone().into_iter().enumerate() {
+            let period = us(w.period);
+            for device in self.resolve(&w.from) {
+                let phase = self
+                    .workload_rng
+                    .range_inclusive(0, period.saturating_sub(1));
+                self.push(
+                    us(w.start).saturating_add(phase),
+                    EventKind::Send {
+                        workload: index,
+                        device,
+                    },
+                );
+            }
+        }
+        for (index, s) in self.scenario.schedule.clone().into_iter().enumerate() {
+            let at = match s.timing {
+                Timing::At(t) => us(t),
+                Timing::Every { start, .. } => us(start),
+            };
+            if at < self.duration_us {
+                self.push(at, EventKind::Action { index });
+            }
+        }
+        self.push(self.duration_us, EventKind::EndOfWorkload);
+    }
+
+    /// Resolves a target to actors (random targets draw from the fault stream).
+    fn resolve(&mut self, target: &Target) -> Vec<ActorIndex> {
+        match target {
+            Target::Gateway(name) => {
+                let i = self
+                    .scenario
+                    .gateways
+                    .iter()
+                    .position(|g| g == name)
+                    .expect("resolved at parse");
+                vec![self.gateways[i]]
+            }
+            Target::User(name) => self.user_devices[name].clone(),
+            Target::Device(user, i) => vec![self.user_devices[user][*i as usize]],
+            Target::UserGlob(prefix) => self
+                .user_devices
+                .iter()
+                .filter(|(u, _)| u.starts_with(prefix.as_str()))
+                .flat_map(|(_, d)| d.iter().copied())
+                .collect(),
+            Target::AllDevices => self.devices.clone(),
+            Target::AllGateways => self.gateways.clone(),
+            Target::RandomDevice => {
+                let i = self.fault_rng.index(self.devices.len());
+                vec![self.devices[i]]
+            }
+            Target::RandomGateway => {
+                let i = self.fault_rng.index(self.gateways.len());
+                vec![self.gateways[i]]
+            }
+        }
+    }
+
+    fn local_now(&self, actor: ActorIndex) -> Instant {
+        let skew = self.actors[actor as usize].skew_us;
+        Instant((self.now as i64).saturating_add(skew).max(0) as u64)
+    }
+
+    // ------------------------------------------------------------ actor life cycle
+
+    fn start_actor(&mut self, a: ActorIndex) {
+        let now = self.local_now(a);
+        let actor = &mut self.actors[a as usize];
+        debug_assert!(!actor.up, "starting an actor that is up");
+        actor.incarnation += 1;
+        actor.up = true;
+        actor.wake_at = None;
+        actor.connecting = None;
+        let entropy = actor.entropy_base.with_stream(u64::from(actor.incarnation));
+        let mut recovered_heads = None;
+        match &mut actor.machine {
+            Machine::Gateway(slot, config) => {
+                let g = Gateway::recover(config.clone(), now, &actor.disk)
+                    .expect("the simulated disk holds what the gateway wrote");
+                recovered_heads = Some(
+                    g.conversations()
+                        .map(|c| (c.id(), c.head()))
+                        .collect::<BTreeMap<_, _>>(),
+                );
+                *slot = Some(g);
+            }
+            Machine::Node(slot, config) => {
+                let n = Node::recover(config.clone(), Box::new(entropy), now, &actor.disk)
+                    .expect("the simulated disk holds what the node wrote");
+                *slot = Some(Box::new(n));
+            }
+        }
+        if let Some(heads) = recovered_heads {
+            if actor.incarnation > 1 {
+                let name = actor.name.clone();
+                self.checker.on_gateway_recovered(self.now, &name, &heads);
+            }
+            // Nodes still talking on connections the crash cut learn of it from their next
+            // packet (a QUIC stateless reset): tell them after one latency.
+            for conn in std::mem::take(&mut self.actors[a as usize].killed_conns) {
+                if let Some((node, _)) = self.network.ends(conn) {
+                    if self.actors[node as usize].up && !self.network.is_cut(node, a) {
+                        let at = self.now + self.network.default_profile().latency_us_max;
+                        let incarnation = self.actors[node as usize].incarnation;
+                        self.push(
+                            at,
+                            EventKind::Closed {
+                                actor: node,
+                                incarnation,
+                                conn,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.after_step(a);
+    }
+
+    fn crash_actor(&mut self, a: ActorIndex) {
+        if !self.actors[a as usize].up {
+            return;
+        }
+        let conns = self.network.connections_of(a);
+        for &conn in &conns {
+            self.network.kill(conn);
+        }
+        let actor = &mut self.actors[a as usize];
+        actor.up = false;
+        actor.pending.clear(); // uncommitted writes and the outputs they held are lost
+        actor.wake_at = None;
+        actor.connecting = None;
+        match &mut actor.machine {
+            Machine::Gateway(slot, _) => {
+                *slot = None;
+                actor.killed_conns = conns;
+            }
+            Machine::Node(slot, _) => *slot = None,
+        }
+        *self.faults.entry("crash").or_default() += 1;
+    }
+
+    fn with_gateway(&mut self, a: ActorIndex, f: impl FnOnce(&mut Gateway, Instant)) {
+        let now = self.local_now(a);
+        if let Machine::Gateway(Some(g), _) = &mut self.actors[a as usize].machine {
+            f(g, now);
+        } else {
+            return;
+        }
+        self.after_step(a);
+    }
+
+    fn with_node(&mut self, a: ActorIndex, f: impl FnOnce(&mut Node, Instant)) {
+        let now = self.local_now(a);
+        if let Machine::Node(Some(n), _) = &mut self.actors[a as usize].machine {
+            f(n, now);
+        } else {
+            return;
+        }
+        self.after_step(a);
+    }
+
+    /// Drains the actor's ready batches into the commit pipeline and reschedules its wake-up.
+    fn after_step(&mut self, a: ActorIndex) {
+        loop {
+            let actor = &mut self.actors[a as usize];
+            let (writes, held) = match &mut actor.machine {
+                Machine::Gateway(Some(g), _) => match g.poll_ready() {
+                    Some(r) => {
+                        let (w, h) = r.split();
+                        (w, HeldKind::Gateway(h))
+                    }
+                    None => break,
+                },
+                Machine::Node(Some(n), _) => match n.poll_ready() {
+                    Some(r) => {
+                        let (w, h) = r.split();
+                        (w, HeldKind::Node(h))
+                    }
+                    None => break,
+                },
+                _ => break,
+            };
+            let last = actor
+                .pending
+                .back()
+                .map_or(self.now, |p| p.done_at.max(self.now));
+            let done_at = if writes.is_empty() {
+                last
+            } else {
+                last + actor.commit_latency_us
+            };
+            if done_at == self.now && actor.pending.is_empty() {
+                self.commit_and_release(a, writes, held);
+            } else {
+                actor.pending.push_back(PendingCommit {
+                    done_at,
+                    writes,
+                    held,
+                });
+                let incarnation = actor.incarnation;
+                self.push(
+                    done_at,
+                    EventKind::CommitDone {
+                        actor: a,
+                        incarnation,
+                    },
+                );
+            }
+        }
+        let actor = &self.actors[a as usize];
+        if !actor.up {
+            return;
+        }
+        let deadline = match &actor.machine {
+            Machine::Gateway(Some(g), _) => Some(g.poll_timeout()),
+            Machine::Node(Some(n), _) => n.poll_timeout(),
+            _ => None,
+        };
+        if let Some(local) = deadline {
+            let at = ((local.0 as i64).saturating_sub(actor.skew_us).max(0) as u64).max(self.now);
+            if actor.wake_at.is_none_or(|w| at < w) {
+                let incarnation = actor.incarnation;
+                self.actors[a as usize].wake_at = Some(at);
+                self.push(
+                    at,
+                    EventKind::Wake {
+                        actor: a,
+                        incarnation,
+                    },
+                );
+            }
+        }
+    }
+
+    fn commit_and_release(&mut self, a: ActorIndex, writes: WriteBatch, held: HeldKind) {
+        use sund_model::env::Store;
+        let ops = writes.len() as u32;
+        let receipt = self.actors[a as usize]
+            .disk
+            .commit(writes)
+            .expect("the simulated disk accepts every batch");
+        if ops > 0 {
+            self.trace
+                .record(Record::Commit, self.now, a, &ops.to_le_bytes());
+        }
+        match held {
+            HeldKind::Gateway(h) => {
+                for output in h.release(receipt) {
+                    self.gateway_output(a, output);
+                }
+            }
+            HeldKind::Node(h) => {
+                for output in h.release(receipt) {
+                    self.node_output(a, output);
+                }
+            }
+        }
+    }
+
+    fn gateway_output(&mut self, a: ActorIndex, output: GatewayOutput) {
+        match output {
+            GatewayOutput::Send(conn, frame) => self.transmit(a, conn.0, frame),
+            GatewayOutput::Close(conn) => self.close(a, conn.0),
+        }
+    }
+
+    fn node_output(&mut self, a: ActorIndex, output: NodeOutput) {
+        match output {
+            NodeOutput::Connect => {
+                let home = self.actors[a as usize].home;
+                let gateway_up = self.actors[home as usize].up;
+                let incarnation = self.actors[a as usize].incarnation;
+                match self.network.connect(self.now, a, home, gateway_up) {
+                    Ok((conn, accept_at, connected_at)) => {
+                        self.actors[a as usize].connecting = Some(conn);
+                        self.push(
+                            accept_at,
+                            EventKind::Accept {
+                                gateway: home,
+                                conn,
+                            },
+                        );
+                        self.push(
+                            connected_at,
+                            EventKind::ConnectDone {
+                                node: a,
+                                incarnation,
+                                conn: Some(conn),
+                            },
+                        );
+                    }
+                    Err(fail_at) => {
+                        self.push(
+                            fail_at,
+                            EventKind::ConnectDone {
+                                node: a,
+                                incarnation,
+                                conn: None,
+                            },
+                        );
+                    }
+                }
+            }
+            NodeOutput::Send(conn, frame) => self.transmit(a, conn.0, frame),
+            NodeOutput::Close(conn) => self.close(a, conn.0),
+            NodeOutput::Event(event) => self.app_event(a, event),
+        }
+    }
+
+    fn transmit(&mut self, from: ActorIndex, conn: u64, frame: Bytes) {
+        for (at, arrival) in self.network.send(self.now, conn, from, frame) {
+            self.push(at, EventKind::Arrive(arrival));
+        }
+    }
+
+    fn close(&mut self, by: ActorIndex, conn: u64) {
+        if let Some((peer, at)) = self.network.close(self.now, conn, by) {
+            let incarnation = self.actors[peer as usize].incarnation;
+            self.push(
+                at,
+                EventKind::Closed {
+                    actor: peer,
+                    incarnation,
+                    conn,
+                },
+            );
+        }
+    }
+
+    fn app_event(&mut self, a: ActorIndex, event: NodeEvent) {
+        let name = &self.actors[a as usize].name;
+        let device = self.actors[a as usize].device;
+        let mut record = Vec::with_capacity(64);
+        match &event {
+            NodeEvent::Delivered {
+                conversation,
+                seq,
+                sender,
+                msg_id,
+                body,
+            } => {
+                record.push(1);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                record.extend_from_slice(&msg_id.to_bytes());
+                record.extend_from_slice(body);
+                self.checker
+                    .on_delivered(self.now, a, name, *conversation, *seq, *sender, *msg_id);
+            }
+            NodeEvent::Accepted {
+                conversation,
+                msg_id,
+                seq,
+            } => {
+                record.push(2);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                record.extend_from_slice(&msg_id.to_bytes());
+                self.checker
+                    .on_accepted(self.now, name, *conversation, device, *msg_id, *seq);
+            }
+            NodeEvent::Rejected { msg_id, code } => {
+                record.push(3);
+                record.extend_from_slice(&msg_id.to_bytes());
+                record.extend_from_slice(&(*code as u16).to_le_bytes());
+            }
+            NodeEvent::Status(status) => {
+                record.push(4);
+                record.extend_from_slice(format!("{status:?}").as_bytes());
+            }
+        }
+        self.trace.record(Record::AppEvent, self.now, a, &record);
+    }
+
+    // ------------------------------------------------------------ events
+
+    fn dispatch(&mut self, kind: EventKind) {
+        match kind {
+            EventKind::Arrive(arrival) => {
+                let to = arrival.to;
+                if !self.actors[to as usize].up || !self.network.is_open(arrival.conn) {
+                    return;
+                }
+                let from = self.network.peer_of(arrival.conn, to).unwrap_or(to);
+                if self.network.is_cut(from, to) {
+                    return; // in flight when the link was cut
+                }
+                let mut data = Vec::with_capacity(8 + arrival.frame.len());
+                data.extend_from_slice(&arrival.conn.to_le_bytes());
+                data.extend_from_slice(&arrival.frame);
+                self.trace.record(Record::Frame, self.now, to, &data);
+                let conn = ConnectionId(arrival.conn);
+                let frame = arrival.frame;
+                if self.is_gateway(to) {
+                    self.with_gateway(to, |g, now| g.handle(now, GatewayInput::Frame(conn, frame)));
+                } else {
+                    self.with_node(to, |n, now| n.handle(now, NodeInput::Frame(conn, frame)));
+                }
+            }
+            EventKind::Accept { gateway, conn } => {
+                if !self.actors[gateway as usize].up || !self.network.is_open(conn) {
+                    return;
+                }
+                self.trace
+                    .record(Record::Connection, self.now, gateway, &conn.to_le_bytes());
+                self.with_gateway(gateway, |g, now| {
+                    g.handle(now, GatewayInput::Accepted(ConnectionId(conn)))
+                });
+            }
+            EventKind::ConnectDone {
+                node,
+                incarnation,
+                conn,
+            } => {
+                let actor = &self.actors[node as usize];
+                if !actor.up || actor.incarnation != incarnation {
+                    return;
+                }
+                self.actors[node as usize].connecting = None;
+                let input = match conn {
+                    Some(c) if self.network.is_open(c) => NodeInput::Connected(ConnectionId(c)),
+                    _ => NodeInput::ConnectFailed,
+                };
+                self.trace.record(
+                    Record::Connection,
+                    self.now,
+                    node,
+                    &conn.unwrap_or(0).to_le_bytes(),
+                );
+                self.with_node(node, |n, now| n.handle(now, input));
+            }
+            EventKind::Closed {
+                actor,
+                incarnation,
+                conn,
+            } => {
+                let a = &self.actors[actor as usize];
+                if !a.up || a.incarnation != incarnation {
+                    return;
+                }
+                self.trace
+                    .record(Record::Connection, self.now, actor, &conn.to_le_bytes());
+                let c = ConnectionId(conn);
+                if self.is_gateway(actor) {
+                    self.with_gateway(actor, |g, now| g.handle(now, GatewayInput::Closed(c)));
+                } else {
+                    self.with_node(actor, |n, now| n.handle(now, NodeInput::Closed(c)));
+                }
+            }
+            EventKind::Wake { actor, incarnation } => {
+                let a = &mut self.actors[actor as usize];
+                if !a.up || a.incarnation != incarnation || a.wake_at != Some(self.now) {
+                    return;
+                }
+                a.wake_at = None;
+                self.trace.record(Record::Timer, self.now, actor, &[]);
+                if self.is_gateway(actor) {
+                    self.with_gateway(actor, |g, now| g.handle_timeout(now));
+                } else {
+                    self.with_node(actor, |n, now| n.handle_timeout(now));
+                }
+            }
+            EventKind::CommitDone { actor, incarnation } => {
+                if !self.actors[actor as usize].up
+                    || self.actors[actor as usize].incarnation != incarnation
+                {
+                    return;
+                }
+                while let Some(front) = self.actors[actor as usize].pending.front() {
+                    if front.done_at > self.now {
+                        break;
+                    }
+                    let p = self.actors[actor as usize]
+                        .pending
+                        .pop_front()
+                        .expect("front exists");
+                    self.commit_and_release(actor, p.writes, p.held);
+                }
+            }
+            EventKind::Action { index } => self.run_action(index),
+            EventKind::Send { workload, device } => self.workload_send(workload, device),
+            EventKind::EndOfWorkload => self.begin_liveness(),
+            EventKind::Probe => self.probe(),
+        }
+    }
+
+    fn is_gateway(&self, a: ActorIndex) -> bool {
+        matches!(self.actors[a as usize].machine, Machine::Gateway(..))
+    }
+
+    fn workload_send(&mut self, index: usize, device: ActorIndex) {
+        if self.healing {
+            return;
+        }
+        let w = &self.scenario.workloads[index];
+        let period = us(w.period);
+        let stop = us(w.stop).min(self.duration_us);
+        let size = w.size;
+        let conv_index = self.conversation_ids[&w.conversation];
+        let (conv, _, members) = &self.conversations[conv_index];
+        let conv = *conv;
+        let member = members.binary_search(&device).is_ok();
+        if self.actors[device as usize].up && member {
+            self.sent_counter += 1;
+            let mut body = format!("m{}:{}:", device, self.sent_counter).into_bytes();
+            let mut fill = vec![0u8; size.saturating_sub(body.len())];
+            sund_model::env::Entropy::fill_bytes(&mut self.workload_rng, &mut fill);
+            body.extend_from_slice(&fill);
+            body.truncate(size.max(1));
+            let mut offered = false;
+            self.with_node(device, |n, now| {
+                offered = n.send(now, conv, Bytes::from(body)).is_ok()
+            });
+            if offered {
+                self.offered += 1;
+            }
+        }
+        let next = self.now + period;
+        if next < stop {
+            self.push(
+                next,
+                EventKind::Send {
+                    workload: index,
+                    device,
+                },
+            );
+        }
+    }
+
+    fn run_action(&mut self, index: usize) {
+        if self.healing {
+            return;
+        }
+        let scheduled = self.scenario.schedule[index].clone();
+        self.trace.record(
+            Record::Fault,
+            self.now,
+            u32::MAX,
+            format!("{:?}", scheduled.action).as_bytes(),
+        );
+        *self.faults.entry(scheduled.action.keyword()).or_default() += 1;
+        self.apply(&scheduled.action);
+        if let Timing::Every { period, stop, .. } = scheduled.timing {
+            let next = self.now + us(period);
+            if next < us(stop).min(self.duration_us) {
+                self.push(next, EventKind::Action { index });
+            }
+        }
+    }
+
+    fn pairs(&mut self, a: &Target, b: &Target) -> Vec<(ActorIndex, ActorIndex)> {
+        let xs = self.resolve(a);
+        let ys = self.resolve(b);
+        let mut out = Vec::new();
+        for &x in &xs {
+            for &y in &ys {
+                if x != y {
+                    out.push((x, y));
+                }
+            }
+        }
+        out
+    }
+
+    fn apply(&mut self, action: &Action) {
+        match action {
+            Action::Partition(a, b) => {
+                for (x, y) in self.pairs(a, b) {
+                    self.network.partition(x, y);
+                }
+            }
+            Action::Heal(a, b) => {
+                for (x, y) in self.pairs(a, b) {
+                    self.network.heal(x, y);
+                }
+            }
+            Action::HealAll => self.heal_all(),
+            Action::Isolate(t) => {
+                for x in self.resolve(t) {
+                    self.network.isolate(x);
+                }
+            }
+            Action::Rejoin(t) => {
+                for x in self.resolve(t) {
+                    self.network.rejoin(x);
+                }
+            }
+            Action::Hold(a, b) => {
+                for (x, y) in self.pairs(a, b) {
+                    self.network.hold(x, y);
+                }
+            }
+            Action::Release(a, b) => {
+                for (x, y) in self.pairs(a, b) {
+                    for (at, arrival) in self.network.release(self.now, x, y) {
+                        self.push(at, EventKind::Arrive(arrival));
+                    }
+                }
+            }
+            Action::Disconnect(t) => {
+                for x in self.resolve(t) {
+                    for conn in self.network.connections_of(x) {
+                        // A reset: both ends hear of it.
+                        let incarnation = self.actors[x as usize].incarnation;
+                        self.push(
+                            self.now,
+                            EventKind::Closed {
+                                actor: x,
+                                incarnation,
+                                conn,
+                            },
+                        );
+                        self.close(x, conn);
+                    }
+                }
+                self.network.collect_closed();
+            }
+            Action::Crash(t) => {
+                for x in self.resolve(t) {
+                    self.crash_actor(x);
+                }
+            }
+            Action::Restart(t) => {
+                for x in self.resolve(t) {
+                    if !self.actors[x as usize].up {
+                        self.start_actor(x);
+                    }
+                }
+            }
+            Action::Network(patch) => {
+                let p = patch.apply(self.network.default_profile());
+                self.network.set_default_profile(p);
+            }
+            Action::Link(a, b, patch) => {
+                for (x, y) in self.pairs(a, b) {
+                    let p = patch.apply(self.network.profile(x, y));
+                    self.network.set_pair_profile(x, y, p);
+                }
+            }
+            Action::Revoke(_) | Action::Handover(..) | Action::Commit(..) => {
+                unreachable!("rejected by check_supported")
+            }
+        }
+    }
+
+    fn heal_all(&mut self) {
+        self.network.heal_all();
+        for (x, y) in self.network.held_pairs() {
+            for (at, arrival) in self.network.release(self.now, x, y) {
+                self.push(at, EventKind::Arrive(arrival));
+            }
+        }
+        for a in 0..self.actors.len() as ActorIndex {
+            if !self.actors[a as usize].up {
+                self.start_actor(a);
+            }
+        }
+    }
+
+    fn begin_liveness(&mut self) {
+        if !self.scenario.invariants.contains(&Invariant::Converge) {
+            self.outcome = Some(Outcome::Passed);
+            return;
+        }
+        self.healing = true;
+        self.trace.record(
+            Record::Fault,
+            self.now,
+            u32::MAX,
+            b"heal all (liveness phase)",
+        );
+        self.heal_all();
+        self.push(self.now + PROBE_INTERVAL_US, EventKind::Probe);
+    }
+
+    /// Why the system has not converged yet, or `None` if it has.
+    fn not_converged(&self) -> Option<String> {
+        for (conv, gateway, members) in &self.conversations {
+            let Machine::Gateway(Some(g), _) = &self.actors[*gateway as usize].machine else {
+                return Some(format!("{} is down", self.actors[*gateway as usize].name));
+            };
+            let head = g.conversation_head(*conv).unwrap_or(0);
+            if let Some((_, seq)) = self
+                .checker
+                .accepted()
+                .find(|(c, s)| c == conv && *s > head)
+            {
+                return Some(format!(
+                    "{conv}: seq {seq} was acknowledged but the head is {head}"
+                ));
+            }
+            for &m in members {
+                let upto = self.checker.delivered_upto(m, *conv);
+                if upto != head {
+                    return Some(format!(
+                        "{} has delivered {conv} up to seq {upto} of {head}",
+                        self.actors[m as usize].name
+                    ));
+                }
+            }
+        }
+        for &d in &self.devices {
+            if let Machine::Node(Some(n), _) = &self.actors[d as usize].machine {
+                if n.outbox_len() > 0 {
+                    return Some(format!(
+                        "{} still has {} unacknowledged messages in its outbox",
+                        self.actors[d as usize].name,
+                        n.outbox_len()
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn probe(&mut self) {
+        match self.not_converged() {
+            None => self.outcome = Some(Outcome::Passed),
+            Some(why) => {
+                if self.now + PROBE_INTERVAL_US > self.end_us {
+                    let bound = self.scenario.liveness;
+                    self.checker.fail_liveness(
+                        self.now,
+                        format!("not converged {bound:?} after heal: {why}"),
+                    );
+                } else {
+                    self.push(self.now + PROBE_INTERVAL_US, EventKind::Probe);
+                }
+            }
+        }
+    }
+
+    /// Runs to the end and reports.
+    pub fn run(mut self) -> RunReport {
+        while self.outcome.is_none() {
+            let Some(Reverse(event)) = self.queue.pop() else {
+                // Nothing left to do: converged or stuck; let the probe logic decide.
+                self.probe_final();
+                break;
+            };
+            debug_assert!(event.at >= self.now, "time never goes backwards");
+            self.now = event.at;
+            self.events += 1;
+            self.dispatch(event.kind);
+            if let Some(v) = self.checker.violation() {
+                let liveness = self.healing
+                    && v.invariant == Invariant::Converge
+                    && v.detail.starts_with("not converged");
+                self.outcome = Some(if liveness {
+                    Outcome::Liveness(v.clone())
+                } else {
+                    Outcome::Safety(v.clone())
+                });
+            }
+            if self.events >= EVENTS_MAX {
+                self.checker
+                    .fail_liveness(self.now, format!("event budget of {EVENTS_MAX} exhausted"));
+                self.outcome = self.checker.violation().cloned().map(Outcome::Liveness);
+            }
+        }
+        let trace_hash = self.trace.hex();
+        RunReport {
+            scenario: self.scenario.name.clone(),
+            file: self.scenario.file.clone(),
+            seed: self.seed,
+            trace_hash,
+            events: self.events,
+            sim_time_ms: self.now / 1000,
+            outcome: self.outcome.unwrap_or(Outcome::Passed),
+            app: self.checker.stats().clone(),
+            net: self.network.stats().clone(),
+            faults: self.faults,
+            offered: self.offered,
+        }
+    }
+
+    fn probe_final(&mut self) {
+        self.outcome = Some(match self.not_converged() {
+            None => Outcome::Passed,
+            Some(why) => Outcome::Liveness(Violation {
+                invariant: Invariant::Converge,
+                at_us: self.now,
+                detail: format!("no events left and not converged: {why}"),
+            }),
+        });
+    }
+}
