@@ -12,6 +12,7 @@
 
 use core::fmt;
 use core::ops::ControlFlow;
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
@@ -251,5 +252,69 @@ impl<O> HeldOutputs<O> {
     /// True if nothing is held.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// An in-memory [`Store`]: ordered tables in `BTreeMap`s, each commit applied whole.
+///
+/// The simulator's disk model keeps its committed state here (latency and crashes are the
+/// world's business), and tests use it wherever a store is needed.
+#[derive(Clone, Debug, Default)]
+pub struct MemStore {
+    tables: BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>,
+    commits: u64,
+}
+
+impl MemStore {
+    /// Committed batches so far.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    /// Number of records in a table.
+    pub fn table_len(&self, table: Table) -> usize {
+        self.tables.get(table.0).map_or(0, BTreeMap::len)
+    }
+}
+
+impl StoreRead for MemStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tables.get(table.0).and_then(|t| t.get(key)).cloned())
+    }
+
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let Some(t) = self.tables.get(table.0) else {
+            return Ok(());
+        };
+        for (k, v) in t.range(start.to_vec()..) {
+            if visit(k, v).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for MemStore {
+    fn commit(&mut self, batch: WriteBatch) -> Result<CommitReceipt, StoreError> {
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { table, key, value } => {
+                    self.tables.entry(table.0).or_default().insert(key, value);
+                }
+                WriteOp::Delete { table, key } => {
+                    if let Some(t) = self.tables.get_mut(table.0) {
+                        t.remove(&key);
+                    }
+                }
+            }
+        }
+        self.commits += 1;
+        Ok(CommitReceipt::after_durable_commit())
     }
 }

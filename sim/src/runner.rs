@@ -61,6 +61,7 @@ struct JsonRun<'a> {
     frames_duplicated: u64,
     frames_reordered: u64,
     connections: u64,
+    lost_uncommitted: u64,
 }
 
 /// Parses `A..B` (inclusive).
@@ -248,6 +249,7 @@ fn write_report(
             frames_duplicated: r.net.duplicated,
             frames_reordered: r.net.reordered,
             connections: r.net.connections,
+            lost_uncommitted: r.lost_uncommitted,
         };
         writeln!(
             out,

@@ -86,6 +86,8 @@ pub struct RunReport {
     pub faults: BTreeMap<&'static str, u64>,
     /// Messages the workload offered.
     pub offered: u64,
+    /// Messages gateways had sequenced in memory but not yet committed when they crashed.
+    pub lost_uncommitted: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -177,6 +179,8 @@ struct Actor {
     entropy_base: SimRng,
     /// Gateways: connections cut by the last crash, reset to their nodes on restart.
     killed_conns: Vec<u64>,
+    /// Gateways: conversation heads in memory at the last crash.
+    heads_at_crash: BTreeMap<ConversationId, u64>,
     /// Nodes: their home gateway and connection in progress.
     home: ActorIndex,
     connecting: Option<u64>,
@@ -209,6 +213,7 @@ pub struct World {
     faults: BTreeMap<&'static str, u64>,
     offered: u64,
     sent_counter: u64,
+    lost_uncommitted: u64,
 }
 
 fn us(d: Duration) -> u64 {
@@ -268,6 +273,7 @@ impl World {
                 wake_at: None,
                 entropy_base: actor_rng.derive(),
                 killed_conns: Vec::new(),
+                heads_at_crash: BTreeMap::new(),
                 home: index,
                 connecting: None,
                 device: DeviceId(0),
@@ -294,6 +300,7 @@ impl World {
                     wake_at: None,
                     entropy_base: actor_rng.derive(),
                     killed_conns: Vec::new(),
+                    heads_at_crash: BTreeMap::new(),
                     home: gateway_index[&user.gateway],
                     connecting: None,
                     device,
@@ -330,6 +337,7 @@ impl World {
             faults: BTreeMap::new(),
             offered: 0,
             sent_counter: 0,
+            lost_uncommitted: 0,
             scenario,
         };
         world.setup();
@@ -521,6 +529,10 @@ impl World {
         }
         if let Some(heads) = recovered_heads {
             if actor.incarnation > 1 {
+                for (conv, before) in std::mem::take(&mut actor.heads_at_crash) {
+                    let after = heads.get(&conv).copied().unwrap_or(0);
+                    self.lost_uncommitted += before.saturating_sub(after);
+                }
                 let name = actor.name.clone();
                 self.checker.on_gateway_recovered(self.now, &name, &heads);
             }
@@ -561,12 +573,13 @@ impl World {
         actor.connecting = None;
         match &mut actor.machine {
             Machine::Gateway(slot, _) => {
-                *slot = None;
+                if let Some(g) = slot.take() {
+                    actor.heads_at_crash = g.conversations().map(|c| (c.id(), c.head())).collect();
+                }
                 actor.killed_conns = conns;
             }
             Machine::Node(slot, _) => *slot = None,
         }
-        *self.faults.entry("crash").or_default() += 1;
     }
 
     fn with_gateway(&mut self, a: ActorIndex, f: impl FnOnce(&mut Gateway, Instant)) {
@@ -610,6 +623,8 @@ impl World {
                 },
                 _ => break,
             };
+            // Group commit: a batch is durable `commit_latency` after it is handed over, but
+            // never before the batches handed over earlier (commits complete in order).
             let last = actor
                 .pending
                 .back()
@@ -617,7 +632,7 @@ impl World {
             let done_at = if writes.is_empty() {
                 last
             } else {
-                last + actor.commit_latency_us
+                last.max(self.now + actor.commit_latency_us)
             };
             if done_at == self.now && actor.pending.is_empty() {
                 self.commit_and_release(a, writes, held);
@@ -1201,6 +1216,7 @@ impl World {
             net: self.network.stats().clone(),
             faults: self.faults,
             offered: self.offered,
+            lost_uncommitted: self.lost_uncommitted,
         }
     }
 

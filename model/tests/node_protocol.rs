@@ -1,0 +1,359 @@
+//! The node state machine driven through its public protocol: outbox, cursors, gap repair,
+//! reconnect with backoff.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use sund_model::env::{Entropy, MemStore};
+use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use sund_model::node::{
+    ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
+};
+use sund_model::time::Instant;
+use sund_model::wire::payload::*;
+use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+// ---- helpers ----
+
+const CONV: ConversationId = ConversationId(77);
+const ME: DeviceId = DeviceId(1);
+const PEER: DeviceId = DeviceId(2);
+
+/// A counter posing as entropy: enough for ids and jitter in tests.
+struct Counter(u64);
+impl Entropy for Counter {
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for b in dest {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (self.0 >> 56) as u8;
+        }
+    }
+}
+
+struct Harness {
+    node: Node,
+    store: MemStore,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let store = MemStore::default();
+        let node = Node::recover(
+            NodeConfig::new(ME),
+            Box::new(Counter(1)),
+            Instant(0),
+            &store,
+        )
+        .unwrap();
+        Harness {
+            node,
+            store,
+            now: Instant(0),
+        }
+    }
+
+    fn drain(&mut self) -> Vec<NodeOutput> {
+        let mut out = Vec::new();
+        while let Some(ready) = self.node.poll_ready() {
+            out.extend(ready.commit(&mut self.store).unwrap());
+        }
+        out
+    }
+
+    fn input(&mut self, input: NodeInput) -> Vec<NodeOutput> {
+        self.node.handle(self.now, input);
+        self.drain()
+    }
+
+    fn tick(&mut self) -> Vec<NodeOutput> {
+        self.node.handle_timeout(self.now);
+        self.drain()
+    }
+
+    fn frame(&mut self, conn: u64, routing: Routing, payload: Payload) -> Vec<NodeOutput> {
+        self.input(NodeInput::Frame(
+            ConnectionId(conn),
+            Frame::new(routing, payload).encode(),
+        ))
+    }
+
+    /// Connect on `conn` and complete the handshake.
+    fn open(&mut self, conn: u64) -> Vec<NodeOutput> {
+        let out = self.tick();
+        assert!(out.contains(&NodeOutput::Connect), "{out:?}");
+        self.input(NodeInput::Connected(ConnectionId(conn)));
+        self.frame(
+            conn,
+            Routing::default(),
+            Payload::HelloOk(HelloOk {
+                heartbeat_interval_ms: 5000,
+            }),
+        )
+    }
+
+    fn deliver(&mut self, conn: u64, seq: u64) -> Vec<NodeOutput> {
+        let routing = Routing {
+            conversation: CONV,
+            sender: PEER,
+            seq,
+            epoch: 0,
+        };
+        self.frame(
+            conn,
+            routing,
+            Payload::Deliver(Deliver {
+                msg_id: [seq as u8; 16],
+                body: vec![seq as u8],
+            }),
+        )
+    }
+}
+
+fn sent(outputs: &[NodeOutput]) -> Vec<Frame> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            NodeOutput::Send(_, b) => Some(Frame::decode(b, PAYLOAD_BYTES_MAX).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn delivered(outputs: &[NodeOutput]) -> Vec<u64> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            NodeOutput::Event(NodeEvent::Delivered { seq, .. }) => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---- tests ----
+
+#[test]
+fn a_message_sent_offline_waits_in_the_outbox_and_goes_out_after_hello() {
+    let mut h = Harness::new();
+    let id = h
+        .node
+        .send(h.now, CONV, Bytes::from_static(b"queued"))
+        .unwrap();
+    h.drain();
+    assert_eq!(h.node.outbox_len(), 1);
+    let out = h.open(1);
+    let frames = sent(&out);
+    assert!(matches!(&frames[0].payload, Payload::Send(s) if s.msg_id() == id));
+    let out = h.frame(
+        1,
+        Routing {
+            conversation: CONV,
+            seq: 1,
+            ..Routing::default()
+        },
+        Payload::SendAck(SendAck {
+            msg_id: id.to_bytes(),
+        }),
+    );
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::Accepted {
+        conversation: CONV,
+        msg_id: id,
+        seq: 1
+    })));
+    assert_eq!(h.node.outbox_len(), 0);
+}
+
+#[test]
+fn the_outbox_survives_a_restart() {
+    let mut h = Harness::new();
+    h.node
+        .send(h.now, CONV, Bytes::from_static(b"durable"))
+        .unwrap();
+    h.drain();
+    let node = Node::recover(NodeConfig::new(ME), Box::new(Counter(2)), h.now, &h.store).unwrap();
+    assert_eq!(node.outbox_len(), 1);
+}
+
+#[test]
+fn deliveries_reach_the_application_once_and_in_order() {
+    let mut h = Harness::new();
+    h.open(1);
+    assert_eq!(delivered(&h.deliver(1, 1)), vec![1]);
+    assert_eq!(
+        delivered(&h.deliver(1, 1)),
+        Vec::<u64>::new(),
+        "a duplicate is dropped"
+    );
+    // 3 arrives before 2: buffered, and a replay request goes out.
+    let out = h.deliver(1, 3);
+    assert!(delivered(&out).is_empty());
+    assert!(sent(&out)
+        .iter()
+        .any(|f| f.payload == Payload::ReplayRequest(ReplayRequest { from_seq: 2 })));
+    assert_eq!(delivered(&h.deliver(1, 2)), vec![2, 3]);
+    assert_eq!(h.node.cursor(CONV), 3);
+    assert_eq!(h.node.stats().duplicate_deliveries, 1);
+}
+
+#[test]
+fn each_delivery_is_acknowledged_with_the_new_cursor() {
+    let mut h = Harness::new();
+    h.open(1);
+    let out = h.deliver(1, 1);
+    let ack = sent(&out)
+        .into_iter()
+        .find(|f| f.payload == Payload::Ack(Ack {}))
+        .unwrap();
+    assert_eq!((ack.routing.conversation, ack.routing.seq), (CONV, 1));
+}
+
+#[test]
+fn hello_presents_the_durable_cursors() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deliver(1, 1);
+    h.deliver(1, 2);
+    let mut node =
+        Node::recover(NodeConfig::new(ME), Box::new(Counter(3)), h.now, &h.store).unwrap();
+    node.handle_timeout(h.now);
+    node.poll_ready();
+    node.handle(h.now, NodeInput::Connected(ConnectionId(9)));
+    let out = node.poll_ready().unwrap().commit(&mut h.store).unwrap();
+    let hello = sent(&out).remove(0);
+    assert_eq!(
+        hello.payload,
+        Payload::Hello(Hello {
+            cursors: vec![Cursor::new(CONV, 2)]
+        })
+    );
+    assert_eq!(hello.routing.sender, ME);
+}
+
+#[test]
+fn reconnect_backoff_grows_with_full_jitter_and_is_capped() {
+    let mut h = Harness::new();
+    let mut delays = Vec::new();
+    for _ in 0..12 {
+        let out = h.tick();
+        assert!(out.contains(&NodeOutput::Connect));
+        h.input(NodeInput::ConnectFailed);
+        let next = h.node.poll_timeout().unwrap();
+        delays.push(next.saturating_since(h.now));
+        h.now = next;
+    }
+    let config = NodeConfig::new(ME);
+    for (attempt, d) in delays.iter().enumerate() {
+        let cap = config
+            .backoff_initial
+            .saturating_mul(1 << attempt)
+            .min(config.backoff_max);
+        assert!(*d <= cap, "attempt {attempt}: {d:?} > {cap:?}");
+    }
+    assert!(
+        delays[8..].iter().any(|d| *d > Duration::from_secs(1)),
+        "later delays use the larger cap: {delays:?}"
+    );
+    assert_eq!(
+        h.node.status(),
+        ConnectionStatus::Reconnecting { attempt: 12 }
+    );
+}
+
+#[test]
+fn silence_from_the_gateway_drops_the_connection_and_reconnects() {
+    let mut h = Harness::new();
+    h.open(1);
+    assert!(h.node.is_connected());
+    h.now = h.now + Duration::from_secs(16);
+    let out = h.tick();
+    assert!(out.contains(&NodeOutput::Close(ConnectionId(1))));
+    assert!(matches!(
+        h.node.status(),
+        ConnectionStatus::Reconnecting { .. }
+    ));
+}
+
+#[test]
+fn going_offline_says_goodbye_and_stays_offline() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.node.go_offline(h.now);
+    let out = h.drain();
+    assert!(matches!(sent(&out)[0].payload, Payload::Goodbye(_)));
+    assert_eq!(h.node.status(), ConnectionStatus::Offline);
+    assert_eq!(h.node.poll_timeout(), None);
+    h.node.go_online(h.now);
+    assert_eq!(h.node.poll_timeout(), Some(h.now));
+}
+
+#[test]
+fn oversized_bodies_and_a_full_outbox_are_refused() {
+    let mut h = Harness::new();
+    let max = NodeConfig::new(ME).body_bytes_max;
+    let err = h
+        .node
+        .send(h.now, CONV, Bytes::from(vec![0; max + 1]))
+        .unwrap_err();
+    assert_eq!(err, SendError::BodyTooLarge { len: max + 1, max });
+    let mut config = NodeConfig::new(ME);
+    config.outbox_len_max = 2;
+    let mut node = Node::recover(config, Box::new(Counter(4)), h.now, &h.store).unwrap();
+    node.send(h.now, CONV, Bytes::new()).unwrap();
+    node.send(h.now, CONV, Bytes::new()).unwrap();
+    assert_eq!(
+        node.send(h.now, CONV, Bytes::new()),
+        Err(SendError::OutboxFull { max: 2 })
+    );
+}
+
+#[test]
+fn a_rejected_message_leaves_the_outbox_with_its_reason() {
+    let mut h = Harness::new();
+    let id = h.node.send(h.now, CONV, Bytes::from_static(b"x")).unwrap();
+    h.open(1);
+    let report = ErrorReport {
+        code: ErrorCode::NotMember as u16,
+        message: "no".into(),
+        msg_id: Some(id.to_bytes()),
+    };
+    let out = h.frame(1, Routing::default(), Payload::Error(report));
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::Rejected {
+        msg_id: id,
+        code: ErrorCode::NotMember
+    })));
+    assert_eq!(h.node.outbox_len(), 0);
+}
+
+#[test]
+fn garbage_from_the_gateway_drops_the_connection() {
+    let mut h = Harness::new();
+    h.open(1);
+    let out = h.input(NodeInput::Frame(
+        ConnectionId(1),
+        Bytes::from_static(b"garbage"),
+    ));
+    assert!(out.contains(&NodeOutput::Close(ConnectionId(1))));
+    assert!(!h.node.is_connected());
+}
+
+#[test]
+fn unacknowledged_messages_are_resent_on_the_heartbeat_after_resend_after() {
+    let mut h = Harness::new();
+    h.open(1);
+    let id: MsgId = h.node.send(h.now, CONV, Bytes::from_static(b"x")).unwrap();
+    h.drain();
+    h.now = h.now + Duration::from_secs(5);
+    let out = h.tick();
+    let resent: Vec<MsgId> = sent(&out)
+        .iter()
+        .filter_map(|f| match &f.payload {
+            Payload::Send(s) => Some(s.msg_id()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resent, vec![id]);
+    assert_eq!(h.node.stats().resends, 1);
+}

@@ -1,0 +1,288 @@
+//! Property tests of the wire format: every frame round-trips, and no input makes the decoder
+//! panic.
+
+use proptest::prelude::*;
+use sund_model::ids::{ConversationId, DeviceId};
+use sund_model::wire::payload::*;
+use sund_model::wire::{
+    Frame, FrameDecoder, FrameHeader, Opcode, Payload, Routing, WireError, HEADER_BYTES,
+    PAYLOAD_BYTES_MAX,
+};
+
+fn bytes16() -> impl Strategy<Value = [u8; 16]> {
+    any::<[u8; 16]>()
+}
+
+fn text() -> impl Strategy<Value = String> {
+    "\\PC{0,64}"
+}
+
+fn body() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..512)
+}
+
+fn payload() -> impl Strategy<Value = Payload> {
+    prop_oneof![
+        proptest::collection::vec((bytes16(), any::<u64>()), 0..8).prop_map(|cs| Payload::Hello(
+            Hello {
+                cursors: cs
+                    .into_iter()
+                    .map(|(conversation, seq)| Cursor { conversation, seq })
+                    .collect()
+            }
+        )),
+        any::<u32>().prop_map(|ms| Payload::HelloOk(HelloOk {
+            heartbeat_interval_ms: ms
+        })),
+        any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat { nonce })),
+        any::<u64>().prop_map(|nonce| Payload::HeartbeatAck(Heartbeat { nonce })),
+        (any::<u16>(), text())
+            .prop_map(|(code, message)| Payload::Goodbye(Goodbye { code, message })),
+        (any::<u16>(), text(), proptest::option::of(bytes16())).prop_map(
+            |(code, message, msg_id)| Payload::Error(ErrorReport {
+                code,
+                message,
+                msg_id
+            })
+        ),
+        (bytes16(), body()).prop_map(|(msg_id, body)| Payload::Send(Send { msg_id, body })),
+        bytes16().prop_map(|msg_id| Payload::SendAck(SendAck { msg_id })),
+        (bytes16(), body()).prop_map(|(msg_id, body)| Payload::Deliver(Deliver { msg_id, body })),
+        Just(Payload::Ack(Ack {})),
+        any::<u64>().prop_map(|from_seq| Payload::ReplayRequest(ReplayRequest { from_seq })),
+    ]
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    (
+        any::<u128>(),
+        any::<u128>(),
+        any::<u64>(),
+        any::<u64>(),
+        proptest::option::of(any::<[u8; 32]>()),
+        payload(),
+    )
+        .prop_map(|(conv, sender, seq, epoch, sig, payload)| Frame {
+            routing: Routing {
+                conversation: ConversationId(conv),
+                sender: DeviceId(sender),
+                seq,
+                epoch,
+            },
+            signature: sig.map(|half| {
+                let mut s = [0u8; 64];
+                s[..32].copy_from_slice(&half);
+                s[32..].copy_from_slice(&half);
+                s
+            }),
+            payload,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn every_frame_round_trips(frame in frame()) {
+        let bytes = frame.encode();
+        let header = FrameHeader::parse(&bytes, PAYLOAD_BYTES_MAX).unwrap();
+        prop_assert_eq!(header.opcode(), frame.opcode());
+        prop_assert_eq!(header.payload_len() as usize, bytes.len() - HEADER_BYTES);
+        let decoded = Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap();
+        prop_assert_eq!(decoded, frame);
+    }
+
+    #[test]
+    fn frames_survive_any_stream_split(frames in proptest::collection::vec(frame(), 1..6), cut in 1usize..300) {
+        let mut wire = Vec::new();
+        for f in &frames {
+            wire.extend_from_slice(&f.encode());
+        }
+        let mut decoder = FrameDecoder::new(PAYLOAD_BYTES_MAX);
+        let mut out = Vec::new();
+        for chunk in wire.chunks(cut) {
+            decoder.push(chunk);
+            while let Some(f) = decoder.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        prop_assert_eq!(decoder.buffered(), 0);
+        prop_assert_eq!(out, frames);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let _ = FrameHeader::parse(&data, PAYLOAD_BYTES_MAX);
+        let _ = Frame::decode(&data, PAYLOAD_BYTES_MAX);
+        for &op in Opcode::ALL {
+            let _ = Payload::decode(op, &data);
+        }
+    }
+
+    #[test]
+    fn a_corrupted_header_never_panics(frame in frame(), at in 0usize..HEADER_BYTES, byte in any::<u8>()) {
+        let mut bytes = frame.encode().to_vec();
+        bytes[at] = byte;
+        let _ = Frame::decode(&bytes, PAYLOAD_BYTES_MAX);
+    }
+}
+
+fn valid_frame() -> Vec<u8> {
+    Frame::new(
+        Routing::default(),
+        Payload::Heartbeat(Heartbeat { nonce: 1 }),
+    )
+    .encode()
+    .to_vec()
+}
+
+#[test]
+fn each_header_fault_has_its_own_error() {
+    let good = valid_frame();
+    assert!(matches!(
+        Frame::decode(&good[..100], PAYLOAD_BYTES_MAX),
+        Err(WireError::TruncatedHeader {
+            got: 100,
+            needed: 128
+        })
+    ));
+
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    assert!(matches!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::BadMagic { .. })
+    ));
+
+    let mut bad = good.clone();
+    bad[4] = 2;
+    assert_eq!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::UnsupportedVersion {
+            found: 2,
+            supported: 1
+        })
+    );
+
+    let mut bad = good.clone();
+    bad[5] = 0x80;
+    assert!(matches!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::UnknownFlags { found: 0x80, .. })
+    ));
+
+    let mut bad = good.clone();
+    bad[15] = 1;
+    assert_eq!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::ReservedNotZero { found: 1 })
+    );
+
+    let mut bad = good.clone();
+    bad[6..8].copy_from_slice(&0x7777u16.to_be_bytes());
+    assert_eq!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::UnknownOpcode { found: 0x7777 })
+    );
+
+    let mut bad = good.clone();
+    bad[8..12].copy_from_slice(&(PAYLOAD_BYTES_MAX + 1).to_be_bytes());
+    assert!(matches!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::PayloadTooLarge { .. })
+    ));
+
+    let mut bad = good.clone();
+    bad.pop();
+    assert!(matches!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::TruncatedPayload { .. })
+    ));
+
+    let mut bad = good.clone();
+    bad.push(0);
+    assert_eq!(
+        Frame::decode(&bad, PAYLOAD_BYTES_MAX),
+        Err(WireError::TrailingBytes { extra: 1 })
+    );
+}
+
+#[test]
+fn a_connection_limit_below_the_protocol_limit_is_enforced() {
+    let frame = Frame::new(
+        Routing::default(),
+        Payload::Send(Send {
+            msg_id: [1; 16],
+            body: vec![0; 2000],
+        }),
+    )
+    .encode();
+    assert!(matches!(
+        Frame::decode(&frame, 1024),
+        Err(WireError::PayloadTooLarge { max: 1024, .. })
+    ));
+    assert!(Frame::decode(&frame, 4096).is_ok());
+}
+
+#[test]
+fn reserved_opcodes_parse_as_headers_but_have_no_payload_yet() {
+    let mut bytes = valid_frame();
+    bytes[6..8].copy_from_slice(&Opcode::KeyPackageUpload.to_u16().to_be_bytes());
+    assert!(FrameHeader::parse(&bytes, PAYLOAD_BYTES_MAX).is_ok());
+    assert_eq!(
+        Frame::decode(&bytes, PAYLOAD_BYTES_MAX),
+        Err(WireError::PayloadNotDefined(Opcode::KeyPackageUpload))
+    );
+}
+
+#[test]
+fn a_payload_for_the_wrong_opcode_is_malformed() {
+    let mut bytes = Frame::new(
+        Routing::default(),
+        Payload::Send(Send {
+            msg_id: [1; 16],
+            body: vec![1],
+        }),
+    )
+    .encode()
+    .to_vec();
+    bytes[6..8].copy_from_slice(&Opcode::ReplayRequest.to_u16().to_be_bytes());
+    assert!(matches!(
+        Frame::decode(&bytes, PAYLOAD_BYTES_MAX),
+        Err(WireError::MalformedPayload {
+            opcode: Opcode::ReplayRequest,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn too_many_cursors_are_refused() {
+    let cursors = vec![
+        Cursor {
+            conversation: [0; 16],
+            seq: 0
+        };
+        CURSORS_LEN_MAX + 1
+    ];
+    let bytes = Frame::new(Routing::default(), Payload::Hello(Hello { cursors })).encode();
+    assert!(matches!(
+        Frame::decode(&bytes, PAYLOAD_BYTES_MAX),
+        Err(WireError::ListTooLong {
+            field: "hello.cursors",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn error_messages_say_what_to_do() {
+    let e = WireError::UnsupportedVersion {
+        found: 9,
+        supported: 1,
+    };
+    assert_eq!(
+        e.to_string(),
+        "unsupported protocol version 9; this build speaks version 1: upgrade the older side"
+    );
+}

@@ -1,0 +1,97 @@
+//! The exact bytes of representative frames. The wire format is a contract: a change here breaks
+//! every deployed peer, so it must be deliberate (bump the version) and reviewed.
+
+use sund_model::ids::{ConversationId, DeviceId};
+use sund_model::wire::payload::*;
+use sund_model::wire::{Frame, Payload, Routing};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .enumerate()
+        .map(|(i, row)| {
+            let cells: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{:04x}: {}", i * 16, cells.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn routing() -> Routing {
+    Routing {
+        conversation: ConversationId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10),
+        sender: DeviceId(0xa1a2_a3a4_a5a6_a7a8_a9aa_abac_adae_afb0),
+        seq: 42,
+        epoch: 7,
+    }
+}
+
+#[test]
+fn send_frame_bytes() {
+    let frame = Frame::new(
+        routing(),
+        Payload::Send(Send {
+            msg_id: [0x11; 16],
+            body: b"hello".to_vec(),
+        }),
+    );
+    insta::assert_snapshot!(hex(&frame.encode()));
+}
+
+#[test]
+fn deliver_frame_bytes() {
+    let frame = Frame::new(
+        routing(),
+        Payload::Deliver(Deliver {
+            msg_id: [0x22; 16],
+            body: vec![0xde, 0xad],
+        }),
+    );
+    insta::assert_snapshot!(hex(&frame.encode()));
+}
+
+#[test]
+fn hello_frame_bytes() {
+    let r = Routing {
+        sender: DeviceId(5),
+        ..Routing::default()
+    };
+    let frame = Frame::new(
+        r,
+        Payload::Hello(Hello {
+            cursors: vec![Cursor {
+                conversation: [3; 16],
+                seq: 9,
+            }],
+        }),
+    );
+    insta::assert_snapshot!(hex(&frame.encode()));
+}
+
+#[test]
+fn signed_goodbye_frame_bytes() {
+    let mut frame = Frame::new(
+        Routing::default(),
+        Payload::Goodbye(Goodbye {
+            code: ErrorCode::HeartbeatTimeout as u16,
+            message: "no heartbeat".into(),
+        }),
+    );
+    frame.signature = Some([0x5a; 64]);
+    insta::assert_snapshot!(hex(&frame.encode()));
+}
+
+#[test]
+fn ack_and_replay_request_bytes() {
+    let ack = Frame::new(routing(), Payload::Ack(Ack {})).encode();
+    let replay = Frame::new(
+        routing(),
+        Payload::ReplayRequest(ReplayRequest { from_seq: 40 }),
+    )
+    .encode();
+    insta::assert_snapshot!(format!(
+        "ack:\n{}\nreplay_request:\n{}",
+        hex(&ack),
+        hex(&replay)
+    ));
+}
