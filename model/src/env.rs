@@ -176,6 +176,9 @@ impl CommitReceipt {
     }
 }
 
+/// A visitor of `(key, value)` records in key order; it breaks to stop the scan.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
 /// Read access to committed data, used when a state machine recovers after a restart.
 pub trait StoreRead {
     /// The value under `key`, if any.
@@ -185,7 +188,7 @@ pub trait StoreRead {
         &self,
         table: Table,
         start: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), StoreError>;
 }
 
@@ -286,7 +289,7 @@ impl StoreRead for MemStore {
         &self,
         table: Table,
         start: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
         let Some(t) = self.tables.get(table.0) else {
             return Ok(());

@@ -637,7 +637,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     let us = number * scale_us;
-    if !us.is_finite() || us < 0.0 || us > 1e15 {
+    if !(0.0..=1e15).contains(&us) {
         return None;
     }
     Some(Duration::from_micros(us.round() as u64))
@@ -645,21 +645,44 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 
 // ---------------------------------------------------------------- parsing
 
+/// A value and the column where it appeared.
+type At<T> = (T, usize);
+
+struct PendingUser {
+    name: String,
+    devices: u32,
+    gateway: Option<At<String>>,
+    span: Span,
+}
+
+struct PendingConversation {
+    name: String,
+    members: Vec<At<Target>>,
+    gateway: Option<At<String>>,
+    span: Span,
+}
+
+struct PendingAction {
+    scheduled: Scheduled,
+    targets: Vec<At<Target>>,
+    names: Vec<At<String>>,
+}
+
 struct Builder {
     name: Option<String>,
     seed: u64,
     duration: Option<Duration>,
     liveness: Duration,
     gateways: Vec<(String, Span)>,
-    users: Vec<(String, u32, Option<(String, usize)>, Span)>,
-    conversations: Vec<(String, Vec<(Target, usize)>, Option<(String, usize)>, Span)>,
+    users: Vec<PendingUser>,
+    conversations: Vec<PendingConversation>,
     network: LinkProfile,
     links: Vec<(Target, usize, Target, usize, ProfilePatch, Span)>,
     disks: Vec<(Target, usize, Duration, Span)>,
     skews: Vec<(Target, usize, i64, Span)>,
     tunables: Tunables,
     workloads: Vec<(Workload, String, usize, usize)>,
-    schedule: Vec<(Scheduled, Vec<(Target, usize)>, Vec<(String, usize)>)>,
+    schedule: Vec<PendingAction>,
     invariants: BTreeSet<Invariant>,
 }
 
@@ -744,7 +767,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             }
             for i in 0..count {
                 let user = if plural { format!("{name}{i}") } else { name.clone() };
-                b.users.push((user, devices as u32, gateway.clone(), span));
+                b.users.push(PendingUser { name: user, devices: devices as u32, gateway: gateway.clone(), span });
             }
         }
         "conversation" => {
@@ -762,7 +785,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             if members.is_empty() {
                 return Err(line.error_at(line.end_column, "expected at least one member, found end of line".into()));
             }
-            b.conversations.push((name, members, gateway, span));
+            b.conversations.push(PendingConversation { name, members, gateway, span });
         }
         "network" => b.network = line.profile_patch()?.apply(b.network),
         "link" => {
@@ -848,7 +871,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 Timing::Every { period, start, stop }
             };
             let (action, targets, names) = action(line)?;
-            b.schedule.push((Scheduled { timing, action, span }, targets, names));
+            b.schedule.push(PendingAction { scheduled: Scheduled { timing, action, span }, targets, names });
         }
         "check" => {
             if line.peek().is_none() {
@@ -873,7 +896,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
     line.finish()
 }
 
-type ActionParts = (Action, Vec<(Target, usize)>, Vec<(String, usize)>);
+type ActionParts = (Action, Vec<At<Target>>, Vec<At<String>>);
 
 fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
     let head = line.next("an action")?;
@@ -995,7 +1018,13 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         };
     let mut users = Vec::new();
     let mut user_devices = BTreeMap::new();
-    for (name, devices, gateway, span) in &b.users {
+    for PendingUser {
+        name,
+        devices,
+        gateway,
+        span,
+    } in &b.users
+    {
         if gateway_names.contains(name) || user_devices.insert(name.clone(), *devices).is_some() {
             return Err(err(
                 *span,
@@ -1035,7 +1064,13 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
     };
     let mut conversations = Vec::new();
     let mut conversation_names = BTreeSet::new();
-    for (name, members, gateway, span) in b.conversations {
+    for PendingConversation {
+        name,
+        members,
+        gateway,
+        span,
+    } in b.conversations
+    {
         if !conversation_names.insert(name.clone()) {
             return Err(err(
                 span,
@@ -1097,7 +1132,12 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         workloads.push(w);
     }
     let mut schedule = Vec::new();
-    for (mut s, targets, names) in b.schedule {
+    for PendingAction {
+        scheduled: mut s,
+        targets,
+        names,
+    } in b.schedule
+    {
         for (name, col) in &names {
             check_conv(name, s.span, *col)?;
         }

@@ -151,7 +151,7 @@ impl Ord for Event {
 }
 
 enum Machine {
-    Gateway(Option<Gateway>, GatewayConfig),
+    Gateway(Option<Box<Gateway>>, GatewayConfig),
     Node(Option<Box<Node>>, NodeConfig),
 }
 
@@ -519,7 +519,7 @@ impl World {
                         .map(|c| (c.id(), c.head()))
                         .collect::<BTreeMap<_, _>>(),
                 );
-                *slot = Some(g);
+                *slot = Some(Box::new(g));
             }
             Machine::Node(slot, config) => {
                 let n = Node::recover(config.clone(), Box::new(entropy), now, &actor.disk)
