@@ -372,8 +372,18 @@ impl Gateway {
         };
         let routing = frame.routing;
         match (authenticated, frame.payload) {
-            (_, Payload::Hello(hello)) => {
+            (None, Payload::Hello(hello)) => {
                 self.open_session(now, conn, routing.sender, &hello.cursors)
+            }
+            (Some(_), Payload::Hello(_)) => {
+                // One device per session: a second Hello would leave the first device's routing
+                // pointing at a session that is no longer its own.
+                self.error(
+                    conn,
+                    ErrorCode::UnexpectedOpcode,
+                    "this session is already open",
+                    None,
+                );
             }
             (None, _) => {
                 self.goodbye(conn, ErrorCode::NotAuthenticated, "say hello first");
@@ -419,7 +429,11 @@ impl Gateway {
             return;
         }
         if let Some(old) = self.online.insert(device, conn) {
-            if old != conn {
+            let still_that_device = self
+                .sessions
+                .get(&old)
+                .is_some_and(|s| s.device == Some(device));
+            if old != conn && still_that_device {
                 self.goodbye(
                     old,
                     ErrorCode::SessionReplaced,

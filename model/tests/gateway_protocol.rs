@@ -377,3 +377,32 @@ fn a_corrupt_store_is_an_error_on_recovery() {
     let err = Gateway::recover(GatewayConfig::default(), Instant(0), &store).unwrap_err();
     assert!(err.to_string().contains("corrupt"), "{err}");
 }
+
+/// Regression (found by the `gateway_inputs` fuzz target): a second `Hello` on an open session
+/// re-homed the connection to another device, so a later session of the first device sent a
+/// `Goodbye` on a connection the gateway had already closed.
+#[test]
+fn a_second_hello_on_an_open_session_is_refused() {
+    let mut h = Harness::new();
+    h.connect(1, ALICE);
+    let out = h.frame(
+        1,
+        Routing {
+            sender: BOB,
+            ..Routing::default()
+        },
+        Payload::Hello(Hello { cursors: vec![] }),
+    );
+    let Payload::Error(report) = &frames_to(&out, 1)[0].payload else {
+        panic!("expected an error")
+    };
+    assert_eq!(
+        ErrorCode::from_u16(report.code),
+        ErrorCode::UnexpectedOpcode
+    );
+    h.input(GatewayInput::Closed(ConnectionId(1)));
+    // Bob connects for real; nothing is sent to the closed connection 1.
+    let out = h.connect(2, BOB);
+    assert!(frames_to(&out, 1).is_empty());
+    assert!(!closed(&out, 1));
+}
