@@ -26,8 +26,8 @@ use bytes::Bytes;
 use crate::env::{Ready, StoreError, StoreRead, Table, WriteBatch};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
 use crate::sequencer::{
-    decode_entry, split_pair_key, Appended, ConversationLog, SequencerError, LOG_TABLE,
-    MEMBERS_TABLE,
+    decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
+    SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
 };
 use crate::time::Instant;
 use crate::wire::payload::{Ack, Deliver, ErrorCode, ErrorReport, Goodbye, HelloOk, SendAck};
@@ -53,6 +53,13 @@ pub struct GatewayConfig {
     pub tick_interval: Duration,
     /// Largest accepted frame payload.
     pub payload_bytes_max: u32,
+    /// Messages older than this are dropped even if some member never acknowledged them.
+    pub retention_max: Duration,
+    /// How long a deduplication record outlives its message (a sender's late retry still gets
+    /// its original seq within this window).
+    pub dedup_retention: Duration,
+    /// Most log entries garbage-collected per conversation per tick (GC runs incrementally).
+    pub gc_batch_max: usize,
 }
 
 impl Default for GatewayConfig {
@@ -65,6 +72,9 @@ impl Default for GatewayConfig {
             redeliver_after: Duration::from_secs(2),
             tick_interval: Duration::from_millis(250),
             payload_bytes_max: PAYLOAD_BYTES_MAX,
+            retention_max: Duration::from_secs(30 * 24 * 3600),
+            dedup_retention: Duration::from_secs(30 * 24 * 3600),
+            gc_batch_max: 1024,
         }
     }
 }
@@ -106,6 +116,10 @@ pub struct GatewayStats {
     pub malformed: u64,
     /// Sessions closed for silence.
     pub idle_closes: u64,
+    /// Log entries garbage-collected (acknowledged by all, or past retention).
+    pub gc_dropped: u64,
+    /// Replays refused because they started before the retained log.
+    pub replay_window_exceeded: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -180,6 +194,42 @@ impl Gateway {
         })?;
         result?;
         let mut result = Ok(());
+        store.scan_from(BOUNDS_TABLE, &[], &mut |key, value| {
+            let restored = decode_bounds(key, value).and_then(|(conv, head, first)| {
+                gateway
+                    .conversations
+                    .entry(conv)
+                    .or_insert_with(|| ConversationLog::new(conv, []))
+                    .restore_bounds(head, first)
+            });
+            match restored {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    result = Err(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        result?;
+        let mut result = Ok(());
+        store.scan_from(
+            DEDUP_TABLE,
+            &[],
+            &mut |key, value| match decode_dedup(key, value) {
+                Ok((conv, sender, msg_id, seq, at)) => {
+                    if let Some(log) = gateway.conversations.get_mut(&conv) {
+                        log.restore_dedup(sender, msg_id, seq, at);
+                    }
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    result = Err(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        result?;
+        let mut result = Ok(());
         store.scan_from(LOG_TABLE, &[], &mut |key, value| {
             let restored = decode_entry(key, value).and_then(|(conv, entry)| {
                 match gateway.conversations.get_mut(&conv) {
@@ -223,6 +273,9 @@ impl Gateway {
             }
         })?;
         result?;
+        for log in gateway.conversations.values_mut() {
+            log.finish_restore()?;
+        }
         Ok(gateway)
     }
 
@@ -332,6 +385,30 @@ impl Gateway {
         }
         for (conn, conv) in to_rewind {
             self.rewind(now, conn, conv, None);
+        }
+        self.collect_garbage(now);
+    }
+
+    /// Drops log entries every member acknowledged or that passed retention, a bounded amount
+    /// per conversation per tick.
+    fn collect_garbage(&mut self, now: Instant) {
+        let expire_before = now - self.config.retention_max;
+        let dedup_expire_before = now - self.config.dedup_retention;
+        for log in self.conversations.values_mut() {
+            let acked_by_all = log
+                .members()
+                .iter()
+                .map(|d| self.cursors.get(&(*d, log.id())).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            let dropped = log.collect_garbage(
+                acked_by_all,
+                expire_before,
+                dedup_expire_before,
+                self.config.gc_batch_max,
+                &mut self.writes,
+            );
+            self.stats.gc_dropped += dropped as u64;
         }
     }
 
@@ -505,9 +582,9 @@ impl Gateway {
             );
             return;
         };
-        let seq = match log.append(device, msg_id, Bytes::from(body)) {
+        let seq = match log.append(now, device, msg_id, Bytes::from(body)) {
             Ok(Appended::New(seq)) => {
-                log.persist_entry(seq, &mut self.writes);
+                log.persist_append(seq, &mut self.writes);
                 self.stats.sequenced += 1;
                 seq
             }
@@ -623,6 +700,26 @@ impl Gateway {
         };
         if stream.acked == stream.sent_upto {
             stream.last_progress = now;
+        }
+        if stream.sent_upto + 1 < log.first_seq() {
+            // What this device still needs is gone (retention): say so, and go on from what
+            // is left. The node moves its cursor and reports the gap to its user.
+            let first = log.first_seq();
+            stream.sent_upto = first - 1;
+            stream.acked = stream.acked.max(first - 1);
+            self.stats.replay_window_exceeded += 1;
+            let report = ErrorReport {
+                code: ErrorCode::ReplayWindowExceeded as u16,
+                message: format!("messages before seq {first} are no longer retained"),
+                msg_id: None,
+            };
+            let routing = Routing {
+                conversation: conv,
+                seq: first,
+                ..Routing::default()
+            };
+            let frame = Frame::new(routing, Payload::Error(report)).encode();
+            self.outputs.push(GatewayOutput::Send(conn, frame));
         }
         while stream.sent_upto < log.head() && stream.sent_upto - stream.acked < window {
             stream.sent_upto += 1;

@@ -138,6 +138,16 @@ pub enum NodeEvent {
         /// Why.
         code: ErrorCode,
     },
+    /// Messages `from..=to` of a conversation are gone for good: the gateway no longer retains
+    /// them (this device was away longer than the retention limit). Delivery goes on after them.
+    Gap {
+        /// Conversation.
+        conversation: ConversationId,
+        /// First lost seq.
+        from: u64,
+        /// Last lost seq.
+        to: u64,
+    },
     /// The connection status changed.
     Status(ConnectionStatus),
 }
@@ -578,15 +588,11 @@ impl Node {
             }
             Payload::HeartbeatAck(_) => {}
             Payload::SendAck(ack) => {
-                let msg_id = MsgId::from_bytes(ack.msg_id);
-                if let Some(out) = self.outbox.remove(&msg_id) {
-                    self.writes.delete(OUTBOX_TABLE, msg_id.to_bytes().to_vec());
-                    self.outputs.push(NodeOutput::Event(NodeEvent::Accepted {
-                        conversation: out.conversation,
-                        msg_id,
-                        seq: routing.seq,
-                    }));
-                }
+                self.settle(
+                    routing.conversation,
+                    MsgId::from_bytes(ack.msg_id),
+                    routing.seq,
+                );
             }
             Payload::Deliver(deliver) => {
                 let inbound = Inbound {
@@ -595,6 +601,11 @@ impl Node {
                     body: Bytes::from(deliver.body),
                 };
                 self.receive(now, conn, routing.conversation, routing.seq, inbound);
+            }
+            Payload::Error(report)
+                if ErrorCode::from_u16(report.code) == ErrorCode::ReplayWindowExceeded =>
+            {
+                self.skip_expired(conn, routing.conversation, routing.seq);
             }
             Payload::Error(report) => {
                 let code = ErrorCode::from_u16(report.code);
@@ -616,6 +627,31 @@ impl Node {
         }
     }
 
+    /// The gateway no longer holds anything before `first_available`: report the gap and move
+    /// the cursor past it.
+    fn skip_expired(&mut self, conn: ConnectionId, conv: ConversationId, first_available: u64) {
+        let cursor = self.cursor(conv);
+        if first_available <= cursor + 1 {
+            return; // nothing of ours is missing
+        }
+        let to = first_available - 1;
+        self.outputs.push(NodeOutput::Event(NodeEvent::Gap {
+            conversation: conv,
+            from: cursor + 1,
+            to,
+        }));
+        self.cursors.insert(conv, to);
+        self.writes.put(
+            NODE_CURSORS_TABLE,
+            conv.to_bytes().to_vec(),
+            to.to_be_bytes().to_vec(),
+        );
+        if let Some(buffer) = self.reorder.get_mut(&conv) {
+            buffer.retain(|&s, _| s > to);
+        }
+        self.ack(conn, conv, to);
+    }
+
     fn receive(
         &mut self,
         now: Instant,
@@ -624,6 +660,12 @@ impl Node {
         seq: u64,
         inbound: Inbound,
     ) {
+        if inbound.sender == self.config.device {
+            // Our own message coming back proves the gateway sequenced it, even if its SendAck
+            // was lost: settle the outbox entry now, so that a resend after the log entry is
+            // garbage-collected cannot become a second copy.
+            self.settle(conv, inbound.msg_id, seq);
+        }
         let cursor = self.cursor(conv);
         if seq <= cursor {
             self.stats.duplicate_deliveries += 1;
@@ -686,6 +728,22 @@ impl Node {
             next.to_be_bytes().to_vec(),
         );
         self.ack(conn, conv, next);
+    }
+
+    /// The gateway sequenced our `msg_id` at `seq`: it leaves the outbox.
+    fn settle(&mut self, conv: ConversationId, msg_id: MsgId, seq: u64) {
+        if let Some(out) = self.outbox.remove(&msg_id) {
+            debug_assert!(
+                conv == out.conversation,
+                "a message settles in its own conversation"
+            );
+            self.writes.delete(OUTBOX_TABLE, msg_id.to_bytes().to_vec());
+            self.outputs.push(NodeOutput::Event(NodeEvent::Accepted {
+                conversation: out.conversation,
+                msg_id,
+                seq,
+            }));
+        }
     }
 
     fn ack(&mut self, conn: ConnectionId, conv: ConversationId, seq: u64) {

@@ -1,21 +1,33 @@
-//! One conversation's log at its authority gateway: members, seq assignment, deduplication.
+//! One conversation's log at its authority gateway: members, seq assignment, deduplication,
+//! retention.
 //!
 //! The sequencer is the heart of delivery: it gives each accepted message the next `seq`, and a
 //! message sent twice (a retry after a lost acknowledgement) gets its original `seq` back. It is
 //! pure data; the [`crate::gateway`] state machine persists what it appends before anyone hears
 //! of it.
+//!
+//! Retention: entries leave the front of the log once every member has acknowledged them or
+//! once they are older than the retention limit ([`ConversationLog::collect_garbage`]). The
+//! deduplication record of a message outlives its entry (`dedup_retention`), so that a sender
+//! retrying an old message still gets its original seq rather than a second copy.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
 use crate::env::{StoreError, Table, WriteBatch};
 use crate::ids::{ConversationId, DeviceId, MsgId};
+use crate::time::Instant;
 
 /// Table of log entries: key `conversation(16) ++ seq(8, big-endian)`, value an encoded entry.
 pub const LOG_TABLE: Table = Table("log");
 /// Table of members: key `conversation(16) ++ device(16)`, empty value.
 pub const MEMBERS_TABLE: Table = Table("members");
+/// Table of log bounds: key `conversation(16)`, value `head(8) ++ first_seq(8)`.
+pub const BOUNDS_TABLE: Table = Table("log_bounds");
+/// Table of deduplication records: key `conversation(16) ++ sender(16) ++ msg_id(16)`, value
+/// `seq(8) ++ accepted_at(8)`.
+pub const DEDUP_TABLE: Table = Table("dedup");
 
 /// One sequenced message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +38,8 @@ pub struct LogEntry {
     pub sender: DeviceId,
     /// The sender's message id.
     pub msg_id: MsgId,
+    /// When the gateway sequenced it (gateway clock).
+    pub accepted_at: Instant,
     /// Opaque content.
     pub body: Bytes,
 }
@@ -47,13 +61,25 @@ pub enum SequencerError {
     NotMember,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct DedupRecord {
+    seq: u64,
+    accepted_at: Instant,
+}
+
 /// The ordered, deduplicated log of one conversation.
 #[derive(Clone, Debug)]
 pub struct ConversationLog {
     id: ConversationId,
     members: BTreeSet<DeviceId>,
-    entries: Vec<LogEntry>,
-    dedup: BTreeMap<(DeviceId, MsgId), u64>,
+    /// Retained entries; `entries[0].seq == first_seq`.
+    entries: VecDeque<LogEntry>,
+    first_seq: u64,
+    dedup: BTreeMap<(DeviceId, MsgId), DedupRecord>,
+    /// Deduplication keys in seq order, for expiry.
+    dedup_order: VecDeque<(u64, DeviceId, MsgId)>,
+    /// During recovery: the head the bounds record promised.
+    expected_head: Option<u64>,
 }
 
 impl ConversationLog {
@@ -62,8 +88,11 @@ impl ConversationLog {
         ConversationLog {
             id,
             members: members.into_iter().collect(),
-            entries: Vec::new(),
+            entries: VecDeque::new(),
+            first_seq: 1,
             dedup: BTreeMap::new(),
+            dedup_order: VecDeque::new(),
+            expected_head: None,
         }
     }
 
@@ -82,20 +111,31 @@ impl ConversationLog {
         self.members.contains(&device)
     }
 
-    /// The highest assigned seq (0 for an empty log).
+    /// The highest assigned seq (0 for a conversation that never had a message).
     pub fn head(&self) -> u64 {
-        self.entries.len() as u64
+        self.first_seq - 1 + self.entries.len() as u64
     }
 
-    /// The entry at `seq`, if assigned.
+    /// The lowest seq still retained (`head + 1` when nothing is retained).
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
+    /// Retained entries.
+    pub fn retained(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entry at `seq`, if assigned and still retained.
     pub fn get(&self, seq: u64) -> Option<&LogEntry> {
-        let index = seq.checked_sub(1)?;
+        let index = seq.checked_sub(self.first_seq)?;
         self.entries.get(usize::try_from(index).ok()?)
     }
 
     /// Offers a message; sequences it unless it is a duplicate.
     pub fn append(
         &mut self,
+        now: Instant,
         sender: DeviceId,
         msg_id: MsgId,
         body: Bytes,
@@ -103,14 +143,15 @@ impl ConversationLog {
         if !self.is_member(sender) {
             return Err(SequencerError::NotMember);
         }
-        if let Some(&seq) = self.dedup.get(&(sender, msg_id)) {
-            return Ok(Appended::Duplicate(seq));
+        if let Some(record) = self.dedup.get(&(sender, msg_id)) {
+            return Ok(Appended::Duplicate(record.seq));
         }
         let seq = self.head() + 1;
         self.push(LogEntry {
             seq,
             sender,
             msg_id,
+            accepted_at: now,
             body,
         });
         Ok(Appended::New(seq))
@@ -118,15 +159,37 @@ impl ConversationLog {
 
     fn push(&mut self, entry: LogEntry) {
         assert_eq!(entry.seq, self.head() + 1, "log entries must be contiguous");
-        let previous = self.dedup.insert((entry.sender, entry.msg_id), entry.seq);
+        let record = DedupRecord {
+            seq: entry.seq,
+            accepted_at: entry.accepted_at,
+        };
+        let previous = self.dedup.insert((entry.sender, entry.msg_id), record);
         assert!(previous.is_none(), "a message id must map to one seq");
-        self.entries.push(entry);
+        self.dedup_order
+            .push_back((entry.seq, entry.sender, entry.msg_id));
+        self.entries.push_back(entry);
     }
 
-    /// Adds the write that persists the entry at `seq`.
-    pub fn persist_entry(&self, seq: u64, batch: &mut WriteBatch) {
-        let entry = self.get(seq).expect("persisting an assigned seq");
+    /// Adds the writes that persist the entry at `seq` (entry, bounds, deduplication record).
+    pub fn persist_append(&self, seq: u64, batch: &mut WriteBatch) {
+        let entry = self.get(seq).expect("persisting a retained seq");
         batch.put(LOG_TABLE, log_key(self.id, seq), encode_entry(entry));
+        let mut dedup = Vec::with_capacity(16);
+        dedup.extend_from_slice(&entry.seq.to_be_bytes());
+        dedup.extend_from_slice(&entry.accepted_at.0.to_be_bytes());
+        batch.put(
+            DEDUP_TABLE,
+            dedup_key(self.id, entry.sender, entry.msg_id),
+            dedup,
+        );
+        self.persist_bounds(batch);
+    }
+
+    fn persist_bounds(&self, batch: &mut WriteBatch) {
+        let mut value = Vec::with_capacity(16);
+        value.extend_from_slice(&self.head().to_be_bytes());
+        value.extend_from_slice(&self.first_seq.to_be_bytes());
+        batch.put(BOUNDS_TABLE, self.id.to_bytes().to_vec(), value);
     }
 
     /// Adds the writes that persist the member list.
@@ -134,6 +197,66 @@ impl ConversationLog {
         for member in &self.members {
             batch.put(MEMBERS_TABLE, member_key(self.id, *member), Vec::new());
         }
+    }
+
+    /// Drops up to `limit` entries from the front that every member has acknowledged
+    /// (`seq <= acked_by_all`) or that were sequenced before `expire_before`, and deduplication
+    /// records sequenced before `dedup_expire_before` whose entries are gone. Returns how many
+    /// entries were dropped.
+    pub fn collect_garbage(
+        &mut self,
+        acked_by_all: u64,
+        expire_before: Instant,
+        dedup_expire_before: Instant,
+        limit: usize,
+        batch: &mut WriteBatch,
+    ) -> usize {
+        let mut dropped = 0;
+        while dropped < limit {
+            let Some(front) = self.entries.front() else {
+                break;
+            };
+            if front.seq > acked_by_all && front.accepted_at >= expire_before {
+                break;
+            }
+            batch.delete(LOG_TABLE, log_key(self.id, front.seq));
+            self.entries.pop_front();
+            self.first_seq += 1;
+            dropped += 1;
+        }
+        let mut forgotten = 0;
+        while forgotten < limit {
+            let Some(&(seq, sender, msg_id)) = self.dedup_order.front() else {
+                break;
+            };
+            let record = self.dedup[&(sender, msg_id)];
+            if seq >= self.first_seq || record.accepted_at >= dedup_expire_before {
+                break;
+            }
+            self.dedup_order.pop_front();
+            self.dedup.remove(&(sender, msg_id));
+            batch.delete(DEDUP_TABLE, dedup_key(self.id, sender, msg_id));
+            forgotten += 1;
+        }
+        if dropped > 0 {
+            self.persist_bounds(batch);
+        }
+        debug_assert!(self.first_seq <= self.head() + 1);
+        dropped
+    }
+
+    /// Restores the bounds read back from the store during recovery.
+    pub fn restore_bounds(&mut self, head: u64, first_seq: u64) -> Result<(), StoreError> {
+        if first_seq == 0 || first_seq > head + 1 || !self.entries.is_empty() {
+            return Err(corrupt(
+                BOUNDS_TABLE,
+                format!("bounds head {head} first {first_seq}"),
+            ));
+        }
+        self.first_seq = first_seq;
+        // Entries are restored next; until then the log claims nothing beyond first_seq - 1.
+        self.expected_head = Some(head);
+        Ok(())
     }
 
     /// Re-appends an entry read back from the store during recovery.
@@ -144,10 +267,40 @@ impl ConversationLog {
                 format!("seq {} follows {}", entry.seq, self.head()),
             ));
         }
-        if self.dedup.contains_key(&(entry.sender, entry.msg_id)) {
-            return Err(corrupt(LOG_TABLE, "a message id appears twice".to_string()));
+        self.entries.push_back(entry);
+        Ok(())
+    }
+
+    /// Restores a deduplication record during recovery.
+    pub fn restore_dedup(
+        &mut self,
+        sender: DeviceId,
+        msg_id: MsgId,
+        seq: u64,
+        accepted_at: Instant,
+    ) {
+        self.dedup
+            .insert((sender, msg_id), DedupRecord { seq, accepted_at });
+        self.dedup_order.push_back((seq, sender, msg_id));
+    }
+
+    /// Checks a recovered log for consistency and orders its deduplication records.
+    pub fn finish_restore(&mut self) -> Result<(), StoreError> {
+        if let Some(expected) = self.expected_head.take() {
+            if expected != self.head() {
+                return Err(corrupt(
+                    LOG_TABLE,
+                    format!(
+                        "{}: bounds say head {expected}, entries end at {}",
+                        self.id,
+                        self.head()
+                    ),
+                ));
+            }
         }
-        self.push(entry);
+        let mut order: Vec<_> = self.dedup_order.drain(..).collect();
+        order.sort_unstable();
+        self.dedup_order = order.into();
         Ok(())
     }
 
@@ -180,39 +333,90 @@ pub fn member_key(conversation: ConversationId, device: DeviceId) -> Vec<u8> {
     key
 }
 
+fn dedup_key(conversation: ConversationId, sender: DeviceId, msg_id: MsgId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(48);
+    key.extend_from_slice(&conversation.to_bytes());
+    key.extend_from_slice(&sender.to_bytes());
+    key.extend_from_slice(&msg_id.to_bytes());
+    key
+}
+
+fn u128_at(bytes: &[u8], at: usize) -> u128 {
+    u128::from_be_bytes(bytes[at..at + 16].try_into().expect("16 bytes"))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
 /// Splits a 32-byte key into two 128-bit ids.
 pub fn split_pair_key(table: Table, key: &[u8]) -> Result<(u128, u128), StoreError> {
-    let bytes: [u8; 32] = key
-        .try_into()
-        .map_err(|_| corrupt(table, format!("key of {} bytes, want 32", key.len())))?;
-    let (a, b) = bytes.split_at(16);
+    if key.len() != 32 {
+        return Err(corrupt(
+            table,
+            format!("key of {} bytes, want 32", key.len()),
+        ));
+    }
+    Ok((u128_at(key, 0), u128_at(key, 16)))
+}
+
+/// Decodes a bounds record: `(conversation, head, first_seq)`.
+pub fn decode_bounds(key: &[u8], value: &[u8]) -> Result<(ConversationId, u64, u64), StoreError> {
+    if key.len() != 16 || value.len() != 16 {
+        return Err(corrupt(
+            BOUNDS_TABLE,
+            format!("key {} / value {} bytes", key.len(), value.len()),
+        ));
+    }
     Ok((
-        u128::from_be_bytes(a.try_into().expect("16 bytes")),
-        u128::from_be_bytes(b.try_into().expect("16 bytes")),
+        ConversationId(u128_at(key, 0)),
+        u64_at(value, 0),
+        u64_at(value, 8),
     ))
 }
 
-/// Entry value: `seq(8) ++ sender(16) ++ msg_id(16) ++ body`.
+/// Decodes a deduplication record: `(conversation, sender, msg_id, seq, accepted_at)`.
+pub fn decode_dedup(
+    key: &[u8],
+    value: &[u8],
+) -> Result<(ConversationId, DeviceId, MsgId, u64, Instant), StoreError> {
+    if key.len() != 48 || value.len() != 16 {
+        return Err(corrupt(
+            DEDUP_TABLE,
+            format!("key {} / value {} bytes", key.len(), value.len()),
+        ));
+    }
+    Ok((
+        ConversationId(u128_at(key, 0)),
+        DeviceId(u128_at(key, 16)),
+        MsgId(u128_at(key, 32)),
+        u64_at(value, 0),
+        Instant(u64_at(value, 8)),
+    ))
+}
+
+/// Entry value: `seq(8) ++ sender(16) ++ msg_id(16) ++ accepted_at(8) ++ body`.
 fn encode_entry(entry: &LogEntry) -> Vec<u8> {
-    let mut value = Vec::with_capacity(40 + entry.body.len());
+    let mut value = Vec::with_capacity(48 + entry.body.len());
     value.extend_from_slice(&entry.seq.to_be_bytes());
     value.extend_from_slice(&entry.sender.to_bytes());
     value.extend_from_slice(&entry.msg_id.to_bytes());
+    value.extend_from_slice(&entry.accepted_at.0.to_be_bytes());
     value.extend_from_slice(&entry.body);
     value
 }
 
 /// Decodes a log entry read from the store, checking it against its key.
 pub fn decode_entry(key: &[u8], value: &[u8]) -> Result<(ConversationId, LogEntry), StoreError> {
-    if key.len() != 24 || value.len() < 40 {
+    if key.len() != 24 || value.len() < 48 {
         return Err(corrupt(
             LOG_TABLE,
             format!("key {} / value {} bytes", key.len(), value.len()),
         ));
     }
-    let conversation = ConversationId::from_bytes(key[..16].try_into().expect("16 bytes"));
-    let key_seq = u64::from_be_bytes(key[16..24].try_into().expect("8 bytes"));
-    let seq = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
+    let conversation = ConversationId(u128_at(key, 0));
+    let key_seq = u64_at(key, 16);
+    let seq = u64_at(value, 0);
     if seq != key_seq {
         return Err(corrupt(
             LOG_TABLE,
@@ -221,9 +425,10 @@ pub fn decode_entry(key: &[u8], value: &[u8]) -> Result<(ConversationId, LogEntr
     }
     let entry = LogEntry {
         seq,
-        sender: DeviceId::from_bytes(value[8..24].try_into().expect("16 bytes")),
-        msg_id: MsgId::from_bytes(value[24..40].try_into().expect("16 bytes")),
-        body: Bytes::copy_from_slice(&value[40..]),
+        sender: DeviceId(u128_at(value, 8)),
+        msg_id: MsgId(u128_at(value, 24)),
+        accepted_at: Instant(u64_at(value, 40)),
+        body: Bytes::copy_from_slice(&value[48..]),
     };
     Ok((conversation, entry))
 }
@@ -236,17 +441,21 @@ mod tests {
         ConversationLog::new(ConversationId(7), [DeviceId(1), DeviceId(2)])
     }
 
+    fn at(s: u64) -> Instant {
+        Instant(s * 1_000_000)
+    }
+
     #[test]
     fn a_retry_gets_its_original_seq() {
         let mut log = log();
         let first = log
-            .append(DeviceId(1), MsgId(10), Bytes::from_static(b"a"))
+            .append(at(0), DeviceId(1), MsgId(10), Bytes::from_static(b"a"))
             .unwrap();
         let other = log
-            .append(DeviceId(2), MsgId(10), Bytes::from_static(b"b"))
+            .append(at(0), DeviceId(2), MsgId(10), Bytes::from_static(b"b"))
             .unwrap();
         let retry = log
-            .append(DeviceId(1), MsgId(10), Bytes::from_static(b"a"))
+            .append(at(0), DeviceId(1), MsgId(10), Bytes::from_static(b"a"))
             .unwrap();
         assert_eq!(first, Appended::New(1));
         assert_eq!(
@@ -261,7 +470,7 @@ mod tests {
     #[test]
     fn a_non_member_cannot_send() {
         let mut log = log();
-        let result = log.append(DeviceId(9), MsgId(1), Bytes::new());
+        let result = log.append(at(0), DeviceId(9), MsgId(1), Bytes::new());
         assert_eq!(result, Err(SequencerError::NotMember));
         assert_eq!(log.head(), 0);
     }
@@ -269,10 +478,10 @@ mod tests {
     #[test]
     fn entries_round_trip_through_their_store_encoding() {
         let mut log = log();
-        log.append(DeviceId(2), MsgId(3), Bytes::from_static(b"hello"))
+        log.append(at(3), DeviceId(2), MsgId(3), Bytes::from_static(b"hello"))
             .unwrap();
         let mut batch = WriteBatch::default();
-        log.persist_entry(1, &mut batch);
+        log.persist_append(1, &mut batch);
         let crate::env::WriteOp::Put { key, value, .. } = &batch.ops()[0] else {
             panic!()
         };
@@ -284,12 +493,47 @@ mod tests {
     #[test]
     fn a_corrupt_entry_is_an_error_not_a_panic() {
         let key = log_key(ConversationId(1), 5);
-        assert!(decode_entry(&key, &[0; 39]).is_err());
-        let mut value = vec![0; 40];
+        assert!(decode_entry(&key, &[0; 47]).is_err());
+        let mut value = vec![0; 48];
         value[7] = 4;
         assert!(
             decode_entry(&key, &value).is_err(),
             "seq in value must match the key"
+        );
+    }
+
+    #[test]
+    fn garbage_collection_drops_acknowledged_and_expired_entries_from_the_front() {
+        let mut log = log();
+        for i in 0..10 {
+            log.append(at(i), DeviceId(1), MsgId(u128::from(i)), Bytes::new())
+                .unwrap();
+        }
+        let mut batch = WriteBatch::default();
+        // Acknowledged by all up to 3; nothing expired yet.
+        assert_eq!(log.collect_garbage(3, at(0), at(0), 100, &mut batch), 3);
+        assert_eq!((log.first_seq(), log.head()), (4, 10));
+        assert!(log.get(3).is_none() && log.get(4).is_some());
+        // Entries sequenced before 7s are past retention, acknowledged or not; at most 2 a pass.
+        assert_eq!(log.collect_garbage(3, at(7), at(0), 2, &mut batch), 2);
+        assert_eq!(log.collect_garbage(3, at(7), at(0), 100, &mut batch), 2);
+        assert_eq!(log.first_seq(), 8);
+        // Deduplication outlives the entry until its own expiry.
+        assert_eq!(
+            log.append(at(20), DeviceId(1), MsgId(0), Bytes::new())
+                .unwrap(),
+            Appended::Duplicate(1)
+        );
+        log.collect_garbage(0, at(0), at(5), 100, &mut batch);
+        assert_eq!(
+            log.append(at(20), DeviceId(1), MsgId(0), Bytes::new())
+                .unwrap(),
+            Appended::New(11)
+        );
+        assert_eq!(
+            log.append(at(20), DeviceId(1), MsgId(6), Bytes::new())
+                .unwrap(),
+            Appended::Duplicate(7)
         );
     }
 }

@@ -406,3 +406,77 @@ fn a_second_hello_on_an_open_session_is_refused() {
     assert!(frames_to(&out, 1).is_empty());
     assert!(!closed(&out, 1));
 }
+
+#[test]
+fn acknowledged_messages_are_collected_and_the_head_survives_recovery() {
+    let mut h = Harness::new();
+    h.connect(1, ALICE);
+    h.connect(2, BOB);
+    for i in 1..=4 {
+        h.send(1, ALICE, i, &[i]);
+    }
+    for conn in [1, 2] {
+        h.frame(
+            conn,
+            Routing {
+                conversation: CONV,
+                seq: 4,
+                ..Routing::default()
+            },
+            Payload::Ack(Ack {}),
+        );
+    }
+    h.now = h.now + Duration::from_secs(1);
+    h.gateway.handle_timeout(h.now);
+    h.drain();
+    assert_eq!(h.gateway.stats().gc_dropped, 4);
+    let log = h.gateway.conversations().next().unwrap();
+    assert_eq!((log.first_seq(), log.head(), log.retained()), (5, 4, 0));
+    let recovered = Gateway::recover(GatewayConfig::default(), h.now, &h.store).unwrap();
+    assert_eq!(
+        recovered.conversation_head(CONV),
+        Some(4),
+        "an empty log still knows its head"
+    );
+    // A retry of a collected message still gets its original seq.
+    let out = h.send(1, ALICE, 2, &[2]);
+    assert_eq!(frames_to(&out, 1)[0].routing.seq, 2);
+}
+
+#[test]
+fn a_resume_from_before_the_retained_log_gets_replay_window_exceeded() {
+    let mut h = Harness::new();
+    h.gateway = Gateway::new(
+        GatewayConfig {
+            retention_max: Duration::from_secs(10),
+            ..GatewayConfig::default()
+        },
+        h.now,
+    );
+    h.input(GatewayInput::CreateConversation(CONV, vec![ALICE, BOB]));
+    h.connect(1, ALICE);
+    for i in 1..=3 {
+        h.send(1, ALICE, i, &[i]);
+    }
+    h.now = h.now + Duration::from_secs(11);
+    h.send(1, ALICE, 4, &[4]);
+    h.gateway.handle_timeout(h.now);
+    h.drain();
+    // Bob was never online: 1..=3 expired unacknowledged.
+    let out = h.connect(2, BOB);
+    let frames = frames_to(&out, 2);
+    let Payload::Error(report) = &frames[1].payload else {
+        panic!("expected an error, got {frames:?}")
+    };
+    assert_eq!(
+        ErrorCode::from_u16(report.code),
+        ErrorCode::ReplayWindowExceeded
+    );
+    assert_eq!(
+        (frames[1].routing.conversation, frames[1].routing.seq),
+        (CONV, 4)
+    );
+    assert!(matches!(frames[2].payload, Payload::Deliver(_)));
+    assert_eq!(frames[2].routing.seq, 4);
+    assert_eq!(h.gateway.stats().replay_window_exceeded, 1);
+}

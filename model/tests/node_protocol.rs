@@ -357,3 +357,62 @@ fn unacknowledged_messages_are_resent_on_the_heartbeat_after_resend_after() {
     assert_eq!(resent, vec![id]);
     assert_eq!(h.node.stats().resends, 1);
 }
+
+#[test]
+fn replay_window_exceeded_reports_the_gap_and_moves_the_cursor() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deliver(1, 1);
+    let report = ErrorReport {
+        code: ErrorCode::ReplayWindowExceeded as u16,
+        message: "gone".into(),
+        msg_id: None,
+    };
+    let out = h.frame(
+        1,
+        Routing {
+            conversation: CONV,
+            seq: 5,
+            ..Routing::default()
+        },
+        Payload::Error(report),
+    );
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::Gap {
+        conversation: CONV,
+        from: 2,
+        to: 4
+    })));
+    assert_eq!(h.node.cursor(CONV), 4);
+    assert_eq!(delivered(&h.deliver(1, 5)), vec![5]);
+}
+
+#[test]
+fn our_own_message_delivered_back_settles_the_outbox_even_without_a_send_ack() {
+    let mut h = Harness::new();
+    h.open(1);
+    let id = h
+        .node
+        .send(h.now, CONV, Bytes::from_static(b"mine"))
+        .unwrap();
+    h.drain();
+    let routing = Routing {
+        conversation: CONV,
+        sender: ME,
+        seq: 1,
+        epoch: 0,
+    };
+    let out = h.frame(
+        1,
+        routing,
+        Payload::Deliver(Deliver {
+            msg_id: id.to_bytes(),
+            body: b"mine".to_vec(),
+        }),
+    );
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::Accepted {
+        conversation: CONV,
+        msg_id: id,
+        seq: 1
+    })));
+    assert_eq!(h.node.outbox_len(), 0);
+}

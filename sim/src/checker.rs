@@ -28,12 +28,16 @@ pub struct CheckerStats {
     pub accepted: u64,
     /// Messages delivered to applications (all devices).
     pub delivered: u64,
+    /// Messages skipped because retention dropped them before a device came back.
+    pub expired: u64,
 }
 
 /// Watches application-visible events for broken invariants.
 #[derive(Debug)]
 pub struct Checker {
     enabled: BTreeSet<Invariant>,
+    /// True if the scenario sets a retention limit, so gaps reported by the gateway are policy.
+    gaps_allowed: bool,
     /// Who owns each assigned seq, as first seen by anyone.
     owners: BTreeMap<(ConversationId, u64), (DeviceId, MsgId)>,
     /// Acknowledged messages and their seq.
@@ -48,9 +52,10 @@ pub struct Checker {
 
 impl Checker {
     /// A checker for the scenario's invariants.
-    pub fn new(enabled: BTreeSet<Invariant>) -> Checker {
+    pub fn new(enabled: BTreeSet<Invariant>, gaps_allowed: bool) -> Checker {
         Checker {
             enabled,
+            gaps_allowed,
             owners: BTreeMap::new(),
             accepted: BTreeMap::new(),
             delivered_upto: BTreeMap::new(),
@@ -176,6 +181,30 @@ impl Checker {
         self.claim(at_us, conv, seq, sender, msg_id, who);
     }
 
+    /// A device was told that `from..=to` expired before it could fetch them.
+    pub fn on_gap(
+        &mut self,
+        at_us: u64,
+        device: ActorIndex,
+        who: &str,
+        conv: ConversationId,
+        from: u64,
+        to: u64,
+    ) {
+        let upto = self.delivered_upto(device, conv);
+        if !self.gaps_allowed {
+            self.fail(Invariant::NoLoss, at_us, format!("{who}: seqs {from}..={to} of {conv} expired undelivered, and the scenario sets no retention limit"));
+        } else if from != upto + 1 || to < from {
+            self.fail(
+                Invariant::Order,
+                at_us,
+                format!("{who}: a gap {from}..={to} of {conv} reported after {upto}"),
+            );
+        }
+        self.stats.expired += to.saturating_sub(from) + 1;
+        self.delivered_upto.insert((device, conv), to.max(upto));
+    }
+
     /// A gateway restarted and reports the heads of its conversations.
     pub fn on_gateway_recovered(
         &mut self,
@@ -213,7 +242,7 @@ mod tests {
     use super::*;
 
     fn checker() -> Checker {
-        Checker::new(Invariant::ALL.iter().map(|(_, i)| *i).collect())
+        Checker::new(Invariant::ALL.iter().map(|(_, i)| *i).collect(), false)
     }
 
     const C: ConversationId = ConversationId(1);
@@ -251,7 +280,7 @@ mod tests {
 
     #[test]
     fn disabled_invariants_are_not_reported() {
-        let mut c = Checker::new([Invariant::NoLoss].into_iter().collect());
+        let mut c = Checker::new([Invariant::NoLoss].into_iter().collect(), false);
         c.on_delivered(1, 0, "a/0", C, 2, DeviceId(5), MsgId(1));
         assert!(c.violation().is_none());
     }

@@ -308,6 +308,8 @@ pub struct Tunables {
     pub window: Option<u64>,
     /// Node reconnect backoff cap.
     pub backoff_max: Option<Duration>,
+    /// Gateway retention limit: older messages are dropped even if unacknowledged.
+    pub retention: Option<Duration>,
 }
 
 /// A whole parsed and resolved scenario.
@@ -814,10 +816,11 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "resend-after" => b.tunables.resend_after = Some(line.duration("a resend delay")?),
                 "backoff-max" => b.tunables.backoff_max = Some(line.duration("a backoff cap")?),
                 "window" => b.tunables.window = Some(line.integer("a delivery window")?.max(1)),
+                "retention" => b.tunables.retention = Some(line.duration("a retention limit")?),
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `redeliver-after`, `resend-after`, `backoff-max` or `window`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window` or `retention`, found `{other}`"),
                     ))
                 }
             }

@@ -250,6 +250,10 @@ impl World {
         if let Some(w) = t.window {
             gateway_config.delivery_window = w;
         }
+        if let Some(r) = t.retention {
+            gateway_config.retention_max = r;
+            gateway_config.dedup_retention = gateway_config.dedup_retention.max(r);
+        }
         if let Some(b) = t.backoff_max {
             node_template.backoff_max = b.max(node_template.backoff_initial);
         }
@@ -314,7 +318,10 @@ impl World {
         let duration_us = us(scenario.duration);
         let end_us = duration_us.saturating_add(us(scenario.liveness));
         let mut world = World {
-            checker: Checker::new(scenario.invariants.clone()),
+            checker: Checker::new(
+                scenario.invariants.clone(),
+                scenario.tunables.retention.is_some(),
+            ),
             seed,
             now: 0,
             next_seq: 0,
@@ -808,6 +815,18 @@ impl World {
                 record.push(3);
                 record.extend_from_slice(&msg_id.to_bytes());
                 record.extend_from_slice(&(*code as u16).to_le_bytes());
+            }
+            NodeEvent::Gap {
+                conversation,
+                from,
+                to,
+            } => {
+                record.push(5);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&from.to_le_bytes());
+                record.extend_from_slice(&to.to_le_bytes());
+                self.checker
+                    .on_gap(self.now, a, name, *conversation, *from, *to);
             }
             NodeEvent::Status(status) => {
                 record.push(4);

@@ -184,3 +184,25 @@ send c from all-devices every 100ms
 ";
     assert_eq!(run(text, 8).outcome, Outcome::Passed);
 }
+
+#[test]
+fn a_device_away_longer_than_retention_is_told_what_expired() {
+    let text = "
+duration 30s
+liveness within 30s
+gateway gw
+config retention 5s
+user a devices 2
+conversation c members a
+send c from a/0 every 100ms
+at 2s partition a/1 gw
+at 20s heal a/1 gw
+";
+    let report = run(text, 5);
+    assert_eq!(report.outcome, Outcome::Passed, "{:?}", report.outcome);
+    assert!(report.app.expired > 50, "expired {}", report.app.expired);
+    assert_eq!(
+        report.app.delivered + report.app.expired,
+        2 * report.app.accepted
+    );
+}
