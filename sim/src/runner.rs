@@ -63,6 +63,7 @@ struct JsonRun<'a> {
     frames_reordered: u64,
     connections: u64,
     lost_uncommitted: u64,
+    faults: &'a std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Parses `A..B` (inclusive).
@@ -252,6 +253,7 @@ fn write_report(
             frames_reordered: r.net.reordered,
             connections: r.net.connections,
             lost_uncommitted: r.lost_uncommitted,
+            faults: &r.faults,
         };
         writeln!(
             out,

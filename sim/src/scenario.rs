@@ -180,6 +180,8 @@ pub enum Timing {
         start: Duration,
         /// No run at or after this.
         stop: Duration,
+        /// Each run is delayed by a random amount below this (from the fault stream).
+        jitter: Duration,
     },
 }
 
@@ -862,16 +864,19 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 }
                 let mut start = Duration::ZERO;
                 let mut stop = Duration::MAX;
+                let mut jitter = Duration::ZERO;
                 loop {
                     if line.accept("start") {
                         start = line.duration("a start time")?;
                     } else if line.accept("stop") {
                         stop = line.duration("a stop time")?;
+                    } else if line.accept("jitter") {
+                        jitter = line.duration("a jitter")?;
                     } else {
                         break;
                     }
                 }
-                Timing::Every { period, start, stop }
+                Timing::Every { period, start, stop, jitter }
             };
             let (action, targets, names) = action(line)?;
             b.schedule.push(PendingAction { scheduled: Scheduled { timing, action, span }, targets, names });

@@ -117,6 +117,7 @@ enum EventKind {
     },
     Action {
         index: usize,
+        nominal: u64,
     },
     Send {
         workload: usize,
@@ -461,7 +462,8 @@ impl World {
                 Timing::Every { start, .. } => us(start),
             };
             if at < self.duration_us {
-                self.push(at, EventKind::Action { index });
+                let actual = at + self.jitter(&s.timing);
+                self.push(actual, EventKind::Action { index, nominal: at });
             }
         }
         self.push(self.duration_us, EventKind::EndOfWorkload);
@@ -941,7 +943,7 @@ impl World {
                     self.commit_and_release(actor, p.writes, p.held);
                 }
             }
-            EventKind::Action { index } => self.run_action(index),
+            EventKind::Action { index, nominal } => self.run_action(index, nominal),
             EventKind::Send { workload, device } => self.workload_send(workload, device),
             EventKind::EndOfWorkload => self.begin_liveness(),
             EventKind::Probe => self.probe(),
@@ -991,7 +993,17 @@ impl World {
         }
     }
 
-    fn run_action(&mut self, index: usize) {
+    /// A random delay below the timing's jitter, from the fault stream.
+    fn jitter(&mut self, timing: &Timing) -> u64 {
+        match timing {
+            Timing::Every { jitter, .. } if !jitter.is_zero() => {
+                self.fault_rng.range_inclusive(0, us(*jitter) - 1)
+            }
+            _ => 0,
+        }
+    }
+
+    fn run_action(&mut self, index: usize, nominal: u64) {
         if self.healing {
             return;
         }
@@ -1005,9 +1017,16 @@ impl World {
         *self.faults.entry(scheduled.action.keyword()).or_default() += 1;
         self.apply(&scheduled.action);
         if let Timing::Every { period, stop, .. } = scheduled.timing {
-            let next = self.now + us(period);
+            let next = nominal + us(period);
             if next < us(stop).min(self.duration_us) {
-                self.push(next, EventKind::Action { index });
+                let actual = next + self.jitter(&scheduled.timing);
+                self.push(
+                    actual,
+                    EventKind::Action {
+                        index,
+                        nominal: next,
+                    },
+                );
             }
         }
     }

@@ -36,7 +36,7 @@ skew alice/0 -250ms
 config heartbeat 2s
 send room from alice every 100ms size 64 start 1s stop 30s
 at 10s partition alice gw
-every 5s start 20s stop 40s crash random-gateway
+every 5s start 20s stop 40s jitter 250ms crash random-gateway
 check no-loss order
 ",
     )
@@ -64,7 +64,8 @@ check no-loss order
         Timing::Every {
             period: Duration::from_secs(5),
             start: Duration::from_secs(20),
-            stop: Duration::from_secs(40)
+            stop: Duration::from_secs(40),
+            jitter: Duration::from_millis(250)
         }
     );
     assert_eq!(
