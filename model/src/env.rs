@@ -321,3 +321,21 @@ impl Store for MemStore {
         Ok(CommitReceipt::after_durable_commit())
     }
 }
+
+/// Visits every record of `table` in key order; the first error from `visit` stops the scan and
+/// is returned. Recovery code uses it to read tables back without boilerplate.
+pub fn scan_all(
+    store: &dyn StoreRead,
+    table: Table,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut result = Ok(());
+    store.scan_from(table, &[], &mut |key, value| match visit(key, value) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            result = Err(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    result
+}

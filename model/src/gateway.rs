@@ -18,20 +18,28 @@
 //! device's acknowledgement cursor stalls for `redeliver_after`, the window rewinds to the cursor.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::ControlFlow;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::env::{Ready, StoreError, StoreRead, Table, WriteBatch};
+use crate::env::{scan_all, Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
+use crate::identity::{session_proof_message, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
 use crate::sequencer::{
     decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
     SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
 };
 use crate::time::Instant;
-use crate::wire::payload::{Ack, Deliver, ErrorCode, ErrorReport, Goodbye, HelloOk, SendAck};
+use crate::wire::payload::{
+    Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, Goodbye, Hello, HelloOk, Proof,
+    SendAck,
+};
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+/// Table of admitted device keys: key `public key(32)`, empty value.
+pub const ADMITTED_TABLE: Table = Table("admitted_devices");
+/// Table of resume tokens: key `token(32)`, value `device(16) ++ expires_at(8)`.
+pub const TOKENS_TABLE: Table = Table("resume_tokens");
 
 /// Table of per-device acknowledgement cursors: key `device(16) ++ conversation(16)`, value seq.
 pub const CURSORS_TABLE: Table = Table("cursors");
@@ -60,6 +68,11 @@ pub struct GatewayConfig {
     pub dedup_retention: Duration,
     /// Most log entries garbage-collected per conversation per tick (GC runs incrementally).
     pub gc_batch_max: usize,
+    /// Admit any device that proves it holds its key (local use and simulation); otherwise
+    /// only keys admitted with `GatewayInput::AdmitDevice`.
+    pub open_enrolment: bool,
+    /// How long a resume token stays valid.
+    pub resume_token_ttl: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -75,6 +88,8 @@ impl Default for GatewayConfig {
             retention_max: Duration::from_secs(30 * 24 * 3600),
             dedup_retention: Duration::from_secs(30 * 24 * 3600),
             gc_batch_max: 1024,
+            open_enrolment: false,
+            resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -90,6 +105,8 @@ pub enum GatewayInput {
     Closed(ConnectionId),
     /// Admin: create a conversation with these member devices (idempotent; members are added).
     CreateConversation(ConversationId, Vec<DeviceId>),
+    /// Admin: admit a device key (until certificates replace this with the trust issue).
+    AdmitDevice(DevicePublicKey),
 }
 
 /// Outputs released by a committed [`Ready`].
@@ -120,6 +137,12 @@ pub struct GatewayStats {
     pub gc_dropped: u64,
     /// Replays refused because they started before the retained log.
     pub replay_window_exceeded: u64,
+    /// Sessions opened by a challenge and proof.
+    pub authenticated: u64,
+    /// Sessions opened by a resume token.
+    pub resumed: u64,
+    /// Handshakes refused (bad proof, key mismatch, device not admitted).
+    pub auth_failures: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -129,21 +152,49 @@ struct Stream {
     last_progress: Instant,
 }
 
+/// Where a connection is in the handshake.
+#[derive(Clone, Debug)]
+enum Auth {
+    /// Connected; no `Hello` yet.
+    AwaitingHello,
+    /// `Challenge` sent; waiting for the `Proof`.
+    AwaitingProof {
+        device: DeviceId,
+        key: DevicePublicKey,
+        nonce: [u8; 32],
+        cursors: Vec<Cursor>,
+    },
+    /// Session open for this device.
+    Open(DeviceId),
+}
+
 #[derive(Clone, Debug)]
 struct Session {
-    device: Option<DeviceId>,
+    auth: Auth,
     opened_at: Instant,
     last_heard: Instant,
     streams: BTreeMap<ConversationId, Stream>,
 }
 
+impl Session {
+    fn device(&self) -> Option<DeviceId> {
+        match self.auth {
+            Auth::Open(device) => Some(device),
+            _ => None,
+        }
+    }
+}
+
 /// The gateway of one domain as a deterministic state machine. See the module docs.
-#[derive(Debug)]
 pub struct Gateway {
     config: GatewayConfig,
+    entropy: Box<dyn Entropy>,
     conversations: BTreeMap<ConversationId, ConversationLog>,
     memberships: BTreeMap<DeviceId, BTreeSet<ConversationId>>,
     cursors: BTreeMap<(DeviceId, ConversationId), u64>,
+    admitted: BTreeSet<DevicePublicKey>,
+    tokens: BTreeMap<[u8; 32], (DeviceId, Instant)>,
+    device_tokens: BTreeMap<DeviceId, [u8; 32]>,
     sessions: BTreeMap<ConnectionId, Session>,
     online: BTreeMap<DeviceId, ConnectionId>,
     next_tick: Instant,
@@ -152,9 +203,19 @@ pub struct Gateway {
     stats: GatewayStats,
 }
 
+impl core::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("conversations", &self.conversations.len())
+            .field("sessions", &self.sessions.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Gateway {
-    /// A gateway with empty storage.
-    pub fn new(config: GatewayConfig, now: Instant) -> Gateway {
+    /// A gateway with empty storage. `entropy` supplies challenge nonces and resume tokens.
+    pub fn new(config: GatewayConfig, now: Instant, entropy: Box<dyn Entropy>) -> Gateway {
         assert!(
             config.delivery_window > 0,
             "delivery_window must be positive"
@@ -166,9 +227,13 @@ impl Gateway {
         Gateway {
             next_tick: now + config.tick_interval,
             config,
+            entropy,
             conversations: BTreeMap::new(),
             memberships: BTreeMap::new(),
             cursors: BTreeMap::new(),
+            admitted: BTreeSet::new(),
+            tokens: BTreeMap::new(),
+            device_tokens: BTreeMap::new(),
             sessions: BTreeMap::new(),
             online: BTreeMap::new(),
             writes: WriteBatch::default(),
@@ -177,106 +242,83 @@ impl Gateway {
         }
     }
 
-    /// Rebuilds a gateway from committed storage after a (re)start. Sessions start empty.
+    /// Rebuilds a gateway from committed storage after a (re)start. Sessions start empty; resume
+    /// tokens survive.
     pub fn recover(
         config: GatewayConfig,
         now: Instant,
         store: &dyn StoreRead,
+        entropy: Box<dyn Entropy>,
     ) -> Result<Gateway, StoreError> {
-        let mut gateway = Gateway::new(config, now);
-        let mut result = Ok(());
-        store.scan_from(MEMBERS_TABLE, &[], &mut |key, _| {
-            match split_pair_key(MEMBERS_TABLE, key) {
-                Ok((conv, device)) => gateway.add_member(ConversationId(conv), DeviceId(device)),
-                Err(e) => result = Err(e),
-            }
-            ControlFlow::Continue(())
+        let mut g = Gateway::new(config, now, entropy);
+        scan_all(store, MEMBERS_TABLE, |key, _| {
+            let (conv, device) = split_pair_key(MEMBERS_TABLE, key)?;
+            g.add_member(ConversationId(conv), DeviceId(device));
+            Ok(())
         })?;
-        result?;
-        let mut result = Ok(());
-        store.scan_from(BOUNDS_TABLE, &[], &mut |key, value| {
-            let restored = decode_bounds(key, value).and_then(|(conv, head, first)| {
-                gateway
-                    .conversations
-                    .entry(conv)
-                    .or_insert_with(|| ConversationLog::new(conv, []))
-                    .restore_bounds(head, first)
-            });
-            match restored {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    result = Err(e);
-                    ControlFlow::Break(())
-                }
-            }
+        scan_all(store, BOUNDS_TABLE, |key, value| {
+            let (conv, head, first) = decode_bounds(key, value)?;
+            g.conversations
+                .entry(conv)
+                .or_insert_with(|| ConversationLog::new(conv, []))
+                .restore_bounds(head, first)
         })?;
-        result?;
-        let mut result = Ok(());
-        store.scan_from(
-            DEDUP_TABLE,
-            &[],
-            &mut |key, value| match decode_dedup(key, value) {
-                Ok((conv, sender, msg_id, seq, at)) => {
-                    if let Some(log) = gateway.conversations.get_mut(&conv) {
-                        log.restore_dedup(sender, msg_id, seq, at);
-                    }
-                    ControlFlow::Continue(())
-                }
-                Err(e) => {
-                    result = Err(e);
-                    ControlFlow::Break(())
-                }
-            },
-        )?;
-        result?;
-        let mut result = Ok(());
-        store.scan_from(LOG_TABLE, &[], &mut |key, value| {
-            let restored = decode_entry(key, value).and_then(|(conv, entry)| {
-                match gateway.conversations.get_mut(&conv) {
-                    Some(log) => log.restore_entry(entry),
-                    None => Err(StoreError::Corrupt {
-                        table: LOG_TABLE.0,
-                        reason: format!("entry for {conv} which has no members"),
-                    }),
-                }
-            });
-            match restored {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    result = Err(e);
-                    ControlFlow::Break(())
-                }
+        scan_all(store, DEDUP_TABLE, |key, value| {
+            let (conv, sender, msg_id, seq, at) = decode_dedup(key, value)?;
+            if let Some(log) = g.conversations.get_mut(&conv) {
+                log.restore_dedup(sender, msg_id, seq, at);
+            }
+            Ok(())
+        })?;
+        scan_all(store, LOG_TABLE, |key, value| {
+            let (conv, entry) = decode_entry(key, value)?;
+            match g.conversations.get_mut(&conv) {
+                Some(log) => log.restore_entry(entry),
+                None => Err(StoreError::Corrupt {
+                    table: LOG_TABLE.0,
+                    reason: format!("entry for {conv} which has no members"),
+                }),
             }
         })?;
-        result?;
-        let mut result = Ok(());
-        store.scan_from(CURSORS_TABLE, &[], &mut |key, value| {
-            let decoded = split_pair_key(CURSORS_TABLE, key).and_then(|(device, conv)| {
-                let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
-                    table: CURSORS_TABLE.0,
-                    reason: format!("cursor value of {} bytes", value.len()),
-                })?;
-                Ok((
-                    (DeviceId(device), ConversationId(conv)),
-                    u64::from_be_bytes(seq),
-                ))
-            });
-            match decoded {
-                Ok((k, seq)) => {
-                    gateway.cursors.insert(k, seq);
-                    ControlFlow::Continue(())
-                }
-                Err(e) => {
-                    result = Err(e);
-                    ControlFlow::Break(())
-                }
-            }
-        })?;
-        result?;
-        for log in gateway.conversations.values_mut() {
+        for log in g.conversations.values_mut() {
             log.finish_restore()?;
         }
-        Ok(gateway)
+        scan_all(store, CURSORS_TABLE, |key, value| {
+            let (device, conv) = split_pair_key(CURSORS_TABLE, key)?;
+            let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
+                table: CURSORS_TABLE.0,
+                reason: format!("cursor value of {} bytes", value.len()),
+            })?;
+            g.cursors.insert(
+                (DeviceId(device), ConversationId(conv)),
+                u64::from_be_bytes(seq),
+            );
+            Ok(())
+        })?;
+        scan_all(store, ADMITTED_TABLE, |key, _| {
+            let key: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt {
+                table: ADMITTED_TABLE.0,
+                reason: format!("device key of {} bytes", key.len()),
+            })?;
+            g.admitted.insert(DevicePublicKey(key));
+            Ok(())
+        })?;
+        scan_all(store, TOKENS_TABLE, |key, value| {
+            let corrupt = || StoreError::Corrupt {
+                table: TOKENS_TABLE.0,
+                reason: format!("token record {} / {} bytes", key.len(), value.len()),
+            };
+            let token: [u8; 32] = key.try_into().map_err(|_| corrupt())?;
+            if value.len() != 24 {
+                return Err(corrupt());
+            }
+            let device = DeviceId::from_bytes(value[..16].try_into().expect("16 bytes"));
+            let expires = Instant(u64::from_be_bytes(value[16..].try_into().expect("8 bytes")));
+            g.tokens.insert(token, (device, expires));
+            g.device_tokens.insert(device, token);
+            Ok(())
+        })?;
+        Ok(g)
     }
 
     // ---- getters ----
@@ -323,7 +365,7 @@ impl Gateway {
         match input {
             GatewayInput::Accepted(conn) => {
                 let session = Session {
-                    device: None,
+                    auth: Auth::AwaitingHello,
                     opened_at: now,
                     last_heard: now,
                     streams: BTreeMap::new(),
@@ -333,6 +375,11 @@ impl Gateway {
             }
             GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
             GatewayInput::Closed(conn) => self.forget_session(conn),
+            GatewayInput::AdmitDevice(key) => {
+                if self.admitted.insert(key) {
+                    self.writes.put(ADMITTED_TABLE, key.0.to_vec(), Vec::new());
+                }
+            }
             GatewayInput::CreateConversation(conv, members) => {
                 for device in members {
                     self.add_member(conv, device);
@@ -354,9 +401,13 @@ impl Gateway {
         let mut to_close = Vec::new();
         let mut to_rewind = Vec::new();
         for (&conn, session) in &self.sessions {
-            match session.device {
+            match session.device() {
                 None if now.saturating_since(session.opened_at) >= self.config.hello_timeout => {
-                    to_close.push((conn, ErrorCode::NotAuthenticated, "no hello in time"));
+                    to_close.push((
+                        conn,
+                        ErrorCode::NotAuthenticated,
+                        "handshake not completed in time",
+                    ));
                 }
                 Some(_)
                     if now.saturating_since(session.last_heard)
@@ -387,6 +438,46 @@ impl Gateway {
             self.rewind(now, conn, conv, None);
         }
         self.collect_garbage(now);
+        self.expire_tokens(now);
+    }
+
+    fn expire_tokens(&mut self, now: Instant) {
+        let expired: Vec<[u8; 32]> = self
+            .tokens
+            .iter()
+            .filter(|(_, (_, expires))| *expires <= now)
+            .take(self.config.gc_batch_max)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in expired {
+            self.remove_token(token);
+        }
+    }
+
+    fn remove_token(&mut self, token: [u8; 32]) {
+        if let Some((device, _)) = self.tokens.remove(&token) {
+            if self.device_tokens.get(&device) == Some(&token) {
+                self.device_tokens.remove(&device);
+            }
+            self.writes.delete(TOKENS_TABLE, token.to_vec());
+        }
+    }
+
+    /// Issues the device's new resume token, replacing its old one.
+    fn issue_token(&mut self, now: Instant, device: DeviceId) -> [u8; 32] {
+        if let Some(old) = self.device_tokens.get(&device).copied() {
+            self.remove_token(old);
+        }
+        let mut token = [0u8; 32];
+        self.entropy.fill_bytes(&mut token);
+        let expires = now + self.config.resume_token_ttl;
+        self.tokens.insert(token, (device, expires));
+        self.device_tokens.insert(device, token);
+        let mut value = Vec::with_capacity(24);
+        value.extend_from_slice(&device.to_bytes());
+        value.extend_from_slice(&expires.0.to_be_bytes());
+        self.writes.put(TOKENS_TABLE, token.to_vec(), value);
+        token
     }
 
     /// Drops log entries every member acknowledged or that passed retention, a bounded amount
@@ -438,7 +529,8 @@ impl Gateway {
             return; // a frame raced with the close of its connection
         };
         session.last_heard = now;
-        let authenticated = session.device;
+        let authenticated = session.device();
+        let awaiting_proof = matches!(session.auth, Auth::AwaitingProof { .. });
         let frame = match Frame::decode(bytes, self.config.payload_bytes_max) {
             Ok(frame) => frame,
             Err(error) => {
@@ -449,9 +541,10 @@ impl Gateway {
         };
         let routing = frame.routing;
         match (authenticated, frame.payload) {
-            (None, Payload::Hello(hello)) => {
-                self.open_session(now, conn, routing.sender, &hello.cursors)
+            (None, Payload::Hello(hello)) if !awaiting_proof => {
+                self.handle_hello(now, conn, routing.sender, hello)
             }
+            (None, Payload::Proof(proof)) if awaiting_proof => self.handle_proof(now, conn, proof),
             (Some(_), Payload::Hello(_)) => {
                 // One device per session: a second Hello would leave the first device's routing
                 // pointing at a session that is no longer its own.
@@ -490,26 +583,102 @@ impl Gateway {
         }
     }
 
+    /// Checks the key and admission, then resumes with a valid token or sends a challenge.
+    fn handle_hello(&mut self, now: Instant, conn: ConnectionId, device: DeviceId, hello: Hello) {
+        let key = DevicePublicKey(hello.device_key);
+        if key.device_id() != device {
+            self.stats.auth_failures += 1;
+            self.goodbye(
+                conn,
+                ErrorCode::AuthenticationFailed,
+                "the sender device id does not match the device key",
+            );
+            return;
+        }
+        if !self.config.open_enrolment && !self.admitted.contains(&key) {
+            self.stats.auth_failures += 1;
+            let message = format!("device key {} is not admitted; ask the operator to run `sund-gateway admin allow {}`", key.to_hex(), key.to_hex());
+            self.goodbye(conn, ErrorCode::DeviceNotAdmitted, &message);
+            return;
+        }
+        if let Some(token) = hello.resume_token {
+            match self.tokens.get(&token).copied() {
+                Some((owner, expires)) if owner == device && now < expires => {
+                    self.stats.resumed += 1;
+                    self.open_session(now, conn, device, &hello.cursors);
+                    return;
+                }
+                Some((owner, _)) if owner == device => {
+                    self.error(
+                        conn,
+                        ErrorCode::ResumeTokenExpired,
+                        "resume token expired; answer the challenge",
+                        None,
+                    );
+                }
+                _ => {
+                    self.error(
+                        conn,
+                        ErrorCode::ResumeTokenInvalid,
+                        "resume token unknown or not yours; answer the challenge",
+                        None,
+                    );
+                }
+            }
+        }
+        let mut nonce = [0u8; 32];
+        self.entropy.fill_bytes(&mut nonce);
+        let session = self.sessions.get_mut(&conn).expect("session exists");
+        session.auth = Auth::AwaitingProof {
+            device,
+            key,
+            nonce,
+            cursors: hello.cursors,
+        };
+        self.send(
+            conn,
+            Routing::default(),
+            Payload::Challenge(Challenge { nonce }),
+        );
+    }
+
+    fn handle_proof(&mut self, now: Instant, conn: ConnectionId, proof: Proof) {
+        let session = self.sessions.get_mut(&conn).expect("session exists");
+        let Auth::AwaitingProof {
+            device,
+            key,
+            nonce,
+            cursors,
+        } = std::mem::replace(&mut session.auth, Auth::AwaitingHello)
+        else {
+            unreachable!("checked by the caller");
+        };
+        if !key.verify(&session_proof_message(&nonce, device), &proof.signature) {
+            self.stats.auth_failures += 1;
+            self.goodbye(
+                conn,
+                ErrorCode::AuthenticationFailed,
+                "the proof does not verify against the device key",
+            );
+            return;
+        }
+        self.stats.authenticated += 1;
+        self.open_session(now, conn, device, &cursors);
+    }
+
     fn open_session(
         &mut self,
         now: Instant,
         conn: ConnectionId,
         device: DeviceId,
-        cursors: &[crate::wire::payload::Cursor],
+        cursors: &[Cursor],
     ) {
-        if device == DeviceId(0) {
-            self.goodbye(
-                conn,
-                ErrorCode::NotAuthenticated,
-                "hello without a sender device",
-            );
-            return;
-        }
+        debug_assert!(device != DeviceId(0), "device ids come from keys");
         if let Some(old) = self.online.insert(device, conn) {
             let still_that_device = self
                 .sessions
                 .get(&old)
-                .is_some_and(|s| s.device == Some(device));
+                .is_some_and(|s| s.device() == Some(device));
             if old != conn && still_that_device {
                 self.goodbye(
                     old,
@@ -547,17 +716,18 @@ impl Gateway {
             );
         }
         let session = self.sessions.get_mut(&conn).expect("session exists");
-        session.device = Some(device);
+        session.auth = Auth::Open(device);
         session.streams = streams;
+        let token = self.issue_token(now, device);
         let interval_ms =
             u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
-        self.send(
-            conn,
-            Routing::default(),
-            Payload::HelloOk(HelloOk {
-                heartbeat_interval_ms: interval_ms,
-            }),
-        );
+        let ttl_s = u32::try_from(self.config.resume_token_ttl.as_secs()).unwrap_or(u32::MAX);
+        let ok = HelloOk {
+            heartbeat_interval_ms: interval_ms,
+            resume_token: token,
+            resume_token_ttl_s: ttl_s,
+        };
+        self.send(conn, Routing::default(), Payload::HelloOk(ok));
         let convs: Vec<ConversationId> = self.sessions[&conn].streams.keys().copied().collect();
         for conv in convs {
             self.pump(now, conn, conv);
@@ -785,7 +955,7 @@ impl Gateway {
         let Some(session) = self.sessions.remove(&conn) else {
             return;
         };
-        if let Some(device) = session.device {
+        if let Some(device) = session.device() {
             if self.online.get(&device) == Some(&conn) {
                 self.online.remove(&device);
             }

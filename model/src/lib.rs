@@ -19,6 +19,7 @@
 
 pub mod env;
 pub mod gateway;
+pub mod identity;
 pub mod ids;
 pub mod node;
 pub mod sequencer;

@@ -24,10 +24,11 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::env::{Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
+use crate::identity::{session_proof_message, DeviceKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
 use crate::time::Instant;
 use crate::wire::payload::{
-    Ack, Cursor, ErrorCode, Goodbye, Heartbeat, Hello, ReplayRequest, Send, CURSORS_LEN_MAX,
+    Ack, Cursor, ErrorCode, Goodbye, Heartbeat, Hello, Proof, ReplayRequest, Send, CURSORS_LEN_MAX,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -35,11 +36,16 @@ use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 pub const OUTBOX_TABLE: Table = Table("outbox");
 /// Table of delivery cursors: key `conversation(16)`, value seq (8, big-endian).
 pub const NODE_CURSORS_TABLE: Table = Table("node_cursors");
+/// Table of session state: key `b"resume_token"`, value the token (32).
+pub const NODE_SESSION_TABLE: Table = Table("node_session");
+const RESUME_TOKEN_KEY: &[u8] = b"resume_token";
 
 /// Tunables of a node. Every queue and timer has a named bound here.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// This device.
+    /// This device's key; the device id is derived from it.
+    pub key: DeviceKey,
+    /// This device (the id of `key`).
     pub device: DeviceId,
     /// Heartbeat period while connected (the gateway's `HelloOk` overrides it).
     pub heartbeat_interval: Duration,
@@ -63,9 +69,10 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Defaults for a device.
-    pub fn new(device: DeviceId) -> NodeConfig {
+    pub fn new(key: DeviceKey) -> NodeConfig {
         NodeConfig {
-            device,
+            device: key.device_id(),
+            key,
             heartbeat_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             backoff_initial: Duration::from_millis(100),
@@ -147,6 +154,14 @@ pub enum NodeEvent {
         from: u64,
         /// Last lost seq.
         to: u64,
+    },
+    /// The gateway refused this device (not admitted, or its proof failed); the node keeps
+    /// retrying with backoff, so an operator can admit it meanwhile.
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The gateway's explanation.
+        message: String,
     },
     /// The connection status changed.
     Status(ConnectionStatus),
@@ -242,6 +257,7 @@ pub struct Node {
     reorder: BTreeMap<ConversationId, BTreeMap<u64, Inbound>>,
     replay_asked: BTreeMap<ConversationId, Instant>,
     next_heartbeat_nonce: u64,
+    resume_token: Option<[u8; 32]>,
     status: ConnectionStatus,
     writes: WriteBatch,
     outputs: Vec<NodeOutput>,
@@ -306,7 +322,15 @@ impl Node {
         if let Some(e) = failure {
             return Err(e);
         }
+        let resume_token = match store.get(NODE_SESSION_TABLE, RESUME_TOKEN_KEY)? {
+            Some(value) => Some(
+                <[u8; 32]>::try_from(value.as_slice())
+                    .map_err(|_| corrupt(NODE_SESSION_TABLE, "resume token length"))?,
+            ),
+            None => None,
+        };
         Ok(Node {
+            resume_token,
             heartbeat_interval: config.heartbeat_interval,
             config,
             entropy,
@@ -473,7 +497,12 @@ impl Node {
                     sender: self.config.device,
                     ..Routing::default()
                 };
-                self.send_frame(conn, routing, Payload::Hello(Hello { cursors }));
+                let hello = Hello {
+                    cursors,
+                    device_key: self.config.key.public().0,
+                    resume_token: self.resume_token,
+                };
+                self.send_frame(conn, routing, Payload::Hello(hello));
             }
             NodeInput::ConnectFailed => {
                 if matches!(self.link, Link::Connecting) {
@@ -555,9 +584,29 @@ impl Node {
         }
         let routing = frame.routing;
         match frame.payload {
+            Payload::Challenge(challenge) => {
+                if !matches!(self.link, Link::Handshaking { .. }) {
+                    return;
+                }
+                let message = session_proof_message(&challenge.nonce, self.config.device);
+                let signature = self.config.key.sign(&message);
+                self.send_frame(
+                    conn,
+                    Routing::default(),
+                    Payload::Proof(Proof { signature }),
+                );
+            }
             Payload::HelloOk(ok) => {
                 if !matches!(self.link, Link::Handshaking { .. }) {
                     return;
+                }
+                if self.resume_token != Some(ok.resume_token) {
+                    self.resume_token = Some(ok.resume_token);
+                    self.writes.put(
+                        NODE_SESSION_TABLE,
+                        RESUME_TOKEN_KEY.to_vec(),
+                        ok.resume_token.to_vec(),
+                    );
                 }
                 if ok.heartbeat_interval_ms > 0 {
                     self.heartbeat_interval =
@@ -577,10 +626,18 @@ impl Node {
                 }
             }
             _ if !matches!(self.link, Link::Open { .. }) => {
-                // Before HelloOk only HelloOk or Goodbye make sense.
-                if let Payload::Goodbye(_) = frame.payload {
-                    self.outputs.push(NodeOutput::Close(conn));
-                    self.schedule_reconnect(now);
+                // Before HelloOk only a challenge, a token refusal or a goodbye make sense.
+                match frame.payload {
+                    Payload::Error(report)
+                        if matches!(
+                            ErrorCode::from_u16(report.code),
+                            ErrorCode::ResumeTokenExpired | ErrorCode::ResumeTokenInvalid
+                        ) =>
+                    {
+                        self.forget_resume_token();
+                    }
+                    Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
+                    _ => {}
                 }
             }
             Payload::Heartbeat(beat) => {
@@ -619,12 +676,33 @@ impl Node {
                     }
                 }
             }
-            Payload::Goodbye(_) => {
-                self.outputs.push(NodeOutput::Close(conn));
-                self.schedule_reconnect(now);
-            }
+            Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
             _ => {} // frames meant for gateways are ignored
         }
+    }
+
+    fn forget_resume_token(&mut self) {
+        if self.resume_token.take().is_some() {
+            self.writes
+                .delete(NODE_SESSION_TABLE, RESUME_TOKEN_KEY.to_vec());
+        }
+    }
+
+    /// The gateway ended the session: tell the user if it refused us, then reconnect.
+    fn refused(&mut self, now: Instant, conn: ConnectionId, goodbye: &Goodbye) {
+        let code = ErrorCode::from_u16(goodbye.code);
+        if matches!(
+            code,
+            ErrorCode::AuthenticationFailed | ErrorCode::DeviceNotAdmitted
+        ) {
+            self.forget_resume_token();
+            self.outputs.push(NodeOutput::Event(NodeEvent::Refused {
+                code,
+                message: goodbye.message.clone(),
+            }));
+        }
+        self.outputs.push(NodeOutput::Close(conn));
+        self.schedule_reconnect(now);
     }
 
     /// The gateway no longer holds anything before `first_available`: report the gap and move

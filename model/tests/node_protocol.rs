@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sund_model::env::{Entropy, MemStore};
+use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
@@ -16,8 +17,15 @@ use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 // ---- helpers ----
 
 const CONV: ConversationId = ConversationId(77);
-const ME: DeviceId = DeviceId(1);
 const PEER: DeviceId = DeviceId(2);
+
+fn my_key() -> DeviceKey {
+    DeviceKey::from_seed([42; 32])
+}
+
+fn config() -> NodeConfig {
+    NodeConfig::new(my_key())
+}
 
 /// A counter posing as entropy: enough for ids and jitter in tests.
 struct Counter(u64);
@@ -42,13 +50,7 @@ struct Harness {
 impl Harness {
     fn new() -> Harness {
         let store = MemStore::default();
-        let node = Node::recover(
-            NodeConfig::new(ME),
-            Box::new(Counter(1)),
-            Instant(0),
-            &store,
-        )
-        .unwrap();
+        let node = Node::recover(config(), Box::new(Counter(1)), Instant(0), &store).unwrap();
         Harness {
             node,
             store,
@@ -91,6 +93,8 @@ impl Harness {
             Routing::default(),
             Payload::HelloOk(HelloOk {
                 heartbeat_interval_ms: 5000,
+                resume_token: [7; 32],
+                resume_token_ttl_s: 60,
             }),
         )
     }
@@ -173,7 +177,7 @@ fn the_outbox_survives_a_restart() {
         .send(h.now, CONV, Bytes::from_static(b"durable"))
         .unwrap();
     h.drain();
-    let node = Node::recover(NodeConfig::new(ME), Box::new(Counter(2)), h.now, &h.store).unwrap();
+    let node = Node::recover(config(), Box::new(Counter(2)), h.now, &h.store).unwrap();
     assert_eq!(node.outbox_len(), 1);
 }
 
@@ -216,8 +220,7 @@ fn hello_presents_the_durable_cursors() {
     h.open(1);
     h.deliver(1, 1);
     h.deliver(1, 2);
-    let mut node =
-        Node::recover(NodeConfig::new(ME), Box::new(Counter(3)), h.now, &h.store).unwrap();
+    let mut node = Node::recover(config(), Box::new(Counter(3)), h.now, &h.store).unwrap();
     node.handle_timeout(h.now);
     node.poll_ready();
     node.handle(h.now, NodeInput::Connected(ConnectionId(9)));
@@ -226,10 +229,12 @@ fn hello_presents_the_durable_cursors() {
     assert_eq!(
         hello.payload,
         Payload::Hello(Hello {
-            cursors: vec![Cursor::new(CONV, 2)]
+            cursors: vec![Cursor::new(CONV, 2)],
+            device_key: my_key().public().0,
+            resume_token: Some([7; 32]),
         })
     );
-    assert_eq!(hello.routing.sender, ME);
+    assert_eq!(hello.routing.sender, my_key().device_id());
 }
 
 #[test]
@@ -244,7 +249,7 @@ fn reconnect_backoff_grows_with_full_jitter_and_is_capped() {
         delays.push(next.saturating_since(h.now));
         h.now = next;
     }
-    let config = NodeConfig::new(ME);
+    let config = config();
     for (attempt, d) in delays.iter().enumerate() {
         let cap = config
             .backoff_initial
@@ -292,13 +297,13 @@ fn going_offline_says_goodbye_and_stays_offline() {
 #[test]
 fn oversized_bodies_and_a_full_outbox_are_refused() {
     let mut h = Harness::new();
-    let max = NodeConfig::new(ME).body_bytes_max;
+    let max = config().body_bytes_max;
     let err = h
         .node
         .send(h.now, CONV, Bytes::from(vec![0; max + 1]))
         .unwrap_err();
     assert_eq!(err, SendError::BodyTooLarge { len: max + 1, max });
-    let mut config = NodeConfig::new(ME);
+    let mut config = config();
     config.outbox_len_max = 2;
     let mut node = Node::recover(config, Box::new(Counter(4)), h.now, &h.store).unwrap();
     node.send(h.now, CONV, Bytes::new()).unwrap();
@@ -397,7 +402,7 @@ fn our_own_message_delivered_back_settles_the_outbox_even_without_a_send_ack() {
     h.drain();
     let routing = Routing {
         conversation: CONV,
-        sender: ME,
+        sender: my_key().device_id(),
         seq: 1,
         epoch: 0,
     };
@@ -415,4 +420,72 @@ fn our_own_message_delivered_back_settles_the_outbox_even_without_a_send_ack() {
         seq: 1
     })));
     assert_eq!(h.node.outbox_len(), 0);
+}
+
+// ---- authentication ----
+
+#[test]
+fn a_challenge_is_answered_with_a_proof_that_verifies() {
+    let mut h = Harness::new();
+    h.tick();
+    h.input(NodeInput::Connected(ConnectionId(1)));
+    let nonce = [3; 32];
+    let out = h.frame(
+        1,
+        Routing::default(),
+        Payload::Challenge(Challenge { nonce }),
+    );
+    let Payload::Proof(proof) = sent(&out).remove(0).payload else {
+        panic!("expected a proof")
+    };
+    let message = session_proof_message(&nonce, my_key().device_id());
+    assert!(my_key().public().verify(&message, &proof.signature));
+}
+
+#[test]
+fn a_refused_resume_token_is_forgotten() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.input(NodeInput::Closed(ConnectionId(1)));
+    h.now = h.now + Duration::from_secs(60);
+    h.tick();
+    let out = h.input(NodeInput::Connected(ConnectionId(2)));
+    assert!(
+        matches!(&sent(&out)[0].payload, Payload::Hello(hello) if hello.resume_token == Some([7; 32]))
+    );
+    let report = ErrorReport {
+        code: ErrorCode::ResumeTokenInvalid as u16,
+        message: "no".into(),
+        msg_id: None,
+    };
+    h.frame(2, Routing::default(), Payload::Error(report));
+    let node = Node::recover(config(), Box::new(Counter(8)), h.now, &h.store).unwrap();
+    let mut node = node;
+    node.handle_timeout(h.now);
+    node.poll_ready();
+    node.handle(h.now, NodeInput::Connected(ConnectionId(3)));
+    let out = node.poll_ready().unwrap().commit(&mut h.store).unwrap();
+    assert!(
+        matches!(&sent(&out)[0].payload, Payload::Hello(hello) if hello.resume_token.is_none())
+    );
+}
+
+#[test]
+fn a_device_the_gateway_does_not_admit_hears_why_and_keeps_retrying() {
+    let mut h = Harness::new();
+    h.tick();
+    h.input(NodeInput::Connected(ConnectionId(1)));
+    let goodbye = Goodbye {
+        code: ErrorCode::DeviceNotAdmitted as u16,
+        message: "ask the operator".into(),
+    };
+    let out = h.frame(1, Routing::default(), Payload::Goodbye(goodbye));
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::Refused {
+        code: ErrorCode::DeviceNotAdmitted,
+        message: "ask the operator".into()
+    })));
+    assert!(matches!(
+        h.node.status(),
+        ConnectionStatus::Reconnecting { attempt: 1 }
+    ));
 }

@@ -23,17 +23,33 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
 
 fn payload() -> impl Strategy<Value = Payload> {
     prop_oneof![
-        proptest::collection::vec((bytes16(), any::<u64>()), 0..8).prop_map(|cs| Payload::Hello(
-            Hello {
+        (
+            proptest::collection::vec((bytes16(), any::<u64>()), 0..8),
+            any::<[u8; 32]>(),
+            proptest::option::of(any::<[u8; 32]>())
+        )
+            .prop_map(|(cs, device_key, resume_token)| Payload::Hello(Hello {
                 cursors: cs
                     .into_iter()
                     .map(|(conversation, seq)| Cursor { conversation, seq })
-                    .collect()
-            }
-        )),
-        any::<u32>().prop_map(|ms| Payload::HelloOk(HelloOk {
-            heartbeat_interval_ms: ms
-        })),
+                    .collect(),
+                device_key,
+                resume_token,
+            })),
+        any::<[u8; 32]>().prop_map(|nonce| Payload::Challenge(Challenge { nonce })),
+        (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(a, b)| {
+            let mut signature = [0u8; 64];
+            signature[..32].copy_from_slice(&a);
+            signature[32..].copy_from_slice(&b);
+            Payload::Proof(Proof { signature })
+        }),
+        (any::<u32>(), any::<[u8; 32]>(), any::<u32>()).prop_map(|(ms, resume_token, ttl)| {
+            Payload::HelloOk(HelloOk {
+                heartbeat_interval_ms: ms,
+                resume_token,
+                resume_token_ttl_s: ttl,
+            })
+        }),
         any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat { nonce })),
         any::<u64>().prop_map(|nonce| Payload::HeartbeatAck(Heartbeat { nonce })),
         (any::<u16>(), text())
@@ -265,7 +281,15 @@ fn too_many_cursors_are_refused() {
         };
         CURSORS_LEN_MAX + 1
     ];
-    let bytes = Frame::new(Routing::default(), Payload::Hello(Hello { cursors })).encode();
+    let bytes = Frame::new(
+        Routing::default(),
+        Payload::Hello(Hello {
+            cursors,
+            device_key: [0; 32],
+            resume_token: None,
+        }),
+    )
+    .encode();
     assert!(matches!(
         Frame::decode(&bytes, PAYLOAD_BYTES_MAX),
         Err(WireError::ListTooLong {

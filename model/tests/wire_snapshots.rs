@@ -63,6 +63,8 @@ fn hello_frame_bytes() {
                 conversation: [3; 16],
                 seq: 9,
             }],
+            device_key: [0x4b; 32],
+            resume_token: Some([0x7e; 32]),
         }),
     );
     insta::assert_snapshot!(hex(&frame.encode()));
@@ -93,5 +95,36 @@ fn ack_and_replay_request_bytes() {
         "ack:\n{}\nreplay_request:\n{}",
         hex(&ack),
         hex(&replay)
+    ));
+}
+
+#[test]
+fn handshake_frames_bytes() {
+    let challenge = Frame::new(
+        Routing::default(),
+        Payload::Challenge(Challenge { nonce: [0xc4; 32] }),
+    )
+    .encode();
+    let proof = Frame::new(
+        Routing::default(),
+        Payload::Proof(Proof {
+            signature: [0x51; 64],
+        }),
+    )
+    .encode();
+    let ok = Frame::new(
+        Routing::default(),
+        Payload::HelloOk(HelloOk {
+            heartbeat_interval_ms: 5000,
+            resume_token: [0x70; 32],
+            resume_token_ttl_s: 604_800,
+        }),
+    )
+    .encode();
+    insta::assert_snapshot!(format!(
+        "challenge:\n{}\nproof:\n{}\nhello_ok:\n{}",
+        hex(&challenge),
+        hex(&proof),
+        hex(&ok)
     ));
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sund_model::env::{HeldOutputs, WriteBatch};
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
 use sund_model::node::{Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
 use sund_model::time::Instant;
@@ -232,8 +233,12 @@ impl World {
         let mut actor_rng = root.derive();
 
         let t = &scenario.tunables;
-        let mut gateway_config = GatewayConfig::default();
-        let mut node_template = NodeConfig::new(DeviceId(0));
+        // Simulated gateways admit any device that proves its key.
+        let mut gateway_config = GatewayConfig {
+            open_enrolment: true,
+            ..GatewayConfig::default()
+        };
+        let mut node_template = NodeConfig::new(DeviceKey::from_seed([0; 32]));
         if let Some(h) = t.heartbeat {
             gateway_config.heartbeat_interval = h;
             node_template.heartbeat_interval = h;
@@ -286,13 +291,19 @@ impl World {
         }
         let mut devices = Vec::new();
         let mut user_devices = BTreeMap::new();
-        for (user_number, user) in scenario.users.iter().enumerate() {
+        for user in scenario.users.iter() {
             let mut mine = Vec::new();
             for d in 0..user.devices {
                 let index = actors.len() as ActorIndex;
-                let device = DeviceId(((user_number as u128 + 1) << 16) | u128::from(d));
-                let mut config = node_template.clone();
-                config.device = device;
+                let entropy_base = actor_rng.derive();
+                // Stream 0 of the actor's key makes its device key; incarnations use 1, 2, ...
+                let key = DeviceKey::generate(&mut entropy_base.with_stream(0));
+                let device = key.device_id();
+                let config = NodeConfig {
+                    key,
+                    device,
+                    ..node_template.clone()
+                };
                 actors.push(Actor {
                     name: format!("{}/{}", user.name, d),
                     machine: Machine::Node(None, config),
@@ -303,7 +314,7 @@ impl World {
                     skew_us: 0,
                     commit_latency_us: 0,
                     wake_at: None,
-                    entropy_base: actor_rng.derive(),
+                    entropy_base,
                     killed_conns: Vec::new(),
                     heads_at_crash: BTreeMap::new(),
                     home: gateway_index[&user.gateway],
@@ -521,7 +532,7 @@ impl World {
         let mut recovered_heads = None;
         match &mut actor.machine {
             Machine::Gateway(slot, config) => {
-                let g = Gateway::recover(config.clone(), now, &actor.disk)
+                let g = Gateway::recover(config.clone(), now, &actor.disk, Box::new(entropy))
                     .expect("the simulated disk holds what the gateway wrote");
                 recovered_heads = Some(
                     g.conversations()
@@ -829,6 +840,10 @@ impl World {
                 record.extend_from_slice(&to.to_le_bytes());
                 self.checker
                     .on_gap(self.now, a, name, *conversation, *from, *to);
+            }
+            NodeEvent::Refused { code, .. } => {
+                record.push(6);
+                record.extend_from_slice(&(*code as u16).to_le_bytes());
             }
             NodeEvent::Status(status) => {
                 record.push(4);

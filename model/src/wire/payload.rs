@@ -46,13 +46,44 @@ impl Cursor {
     }
 }
 
-/// Node → gateway: open a session and say where to resume each conversation.
+/// Node → gateway: open a session (the header's sender is the device id) and say where to
+/// resume each conversation.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
 #[cbor(map)]
 pub struct Hello {
     /// Per-conversation resume positions; conversations not listed resume from the stored cursor.
     #[n(0)]
     pub cursors: Vec<Cursor>,
+    /// The device's Ed25519 public key; the header's sender must be its device id.
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pub device_key: [u8; 32],
+    /// A resume token from an earlier `HelloOk`: if still valid, the session opens without a
+    /// challenge round trip.
+    #[n(2)]
+    #[cbor(with = "minicbor::bytes")]
+    pub resume_token: Option<[u8; 32]>,
+}
+
+/// Gateway → node: prove you hold the device key by signing this nonce.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Challenge {
+    /// Fresh random bytes from the gateway's entropy.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub nonce: [u8; 32],
+}
+
+/// Node → gateway: the device key's signature over the session proof message
+/// (`identity::session_proof_message`).
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Proof {
+    /// Ed25519 signature.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub signature: [u8; 64],
 }
 
 /// Gateway → node: the session is open.
@@ -62,6 +93,13 @@ pub struct HelloOk {
     /// How often the node must send a heartbeat, in milliseconds.
     #[n(0)]
     pub heartbeat_interval_ms: u32,
+    /// Present this in the next `Hello` to skip the challenge; it replaces any earlier token.
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pub resume_token: [u8; 32],
+    /// Seconds the token stays valid.
+    #[n(2)]
+    pub resume_token_ttl_s: u32,
 }
 
 /// Either way: a liveness probe carrying a nonce the answer echoes.
@@ -97,6 +135,14 @@ pub enum ErrorCode {
     UnexpectedOpcode = 8,
     /// The requested replay starts before the retained log.
     ReplayWindowExceeded = 9,
+    /// The device key's proof did not verify, or the device id does not match the key.
+    AuthenticationFailed = 10,
+    /// The gateway does not admit this device key.
+    DeviceNotAdmitted = 11,
+    /// The resume token has expired: a challenge follows.
+    ResumeTokenExpired = 12,
+    /// The resume token is unknown or belongs to another device: a challenge follows.
+    ResumeTokenInvalid = 13,
 }
 
 impl ErrorCode {
@@ -113,6 +159,10 @@ impl ErrorCode {
             ShuttingDown,
             UnexpectedOpcode,
             ReplayWindowExceeded,
+            AuthenticationFailed,
+            DeviceNotAdmitted,
+            ResumeTokenExpired,
+            ResumeTokenInvalid,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -205,6 +255,8 @@ pub struct ReplayRequest {
 #[allow(missing_docs)]
 pub enum Payload {
     Hello(Hello),
+    Challenge(Challenge),
+    Proof(Proof),
     HelloOk(HelloOk),
     Heartbeat(Heartbeat),
     HeartbeatAck(Heartbeat),
@@ -236,6 +288,8 @@ impl Payload {
     pub fn opcode(&self) -> Opcode {
         match self {
             Payload::Hello(_) => Opcode::Hello,
+            Payload::Challenge(_) => Opcode::Challenge,
+            Payload::Proof(_) => Opcode::Proof,
             Payload::HelloOk(_) => Opcode::HelloOk,
             Payload::Heartbeat(_) => Opcode::Heartbeat,
             Payload::HeartbeatAck(_) => Opcode::HeartbeatAck,
@@ -253,6 +307,8 @@ impl Payload {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let result = match self {
             Payload::Hello(p) => minicbor::encode(p, &mut *out),
+            Payload::Challenge(p) => minicbor::encode(p, &mut *out),
+            Payload::Proof(p) => minicbor::encode(p, &mut *out),
             Payload::HelloOk(p) => minicbor::encode(p, &mut *out),
             Payload::Heartbeat(p) | Payload::HeartbeatAck(p) => minicbor::encode(p, &mut *out),
             Payload::Goodbye(p) => minicbor::encode(p, &mut *out),
@@ -274,6 +330,8 @@ impl Payload {
                 check_len("hello.cursors", p.cursors.len(), CURSORS_LEN_MAX)?;
                 Payload::Hello(p)
             }
+            Opcode::Challenge => Payload::Challenge(decode_as(opcode, bytes)?),
+            Opcode::Proof => Payload::Proof(decode_as(opcode, bytes)?),
             Opcode::HelloOk => Payload::HelloOk(decode_as(opcode, bytes)?),
             Opcode::Heartbeat => Payload::Heartbeat(decode_as(opcode, bytes)?),
             Opcode::HeartbeatAck => Payload::HeartbeatAck(decode_as(opcode, bytes)?),
