@@ -6,6 +6,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sund_model::ids::{ConversationId, DeviceId, MsgId};
 use sund_model::sequencer::ConversationLog;
+use sund_model::time::Instant;
 use sund_sim::scenario;
 use sund_sim::world::{Outcome, World};
 
@@ -63,6 +64,7 @@ fn sequencer(c: &mut Criterion) {
             for i in 0..n {
                 black_box(
                     log.append(
+                        Instant(i),
                         DeviceId(1 + (i & 1) as u128),
                         MsgId(u128::from(i)),
                         body.clone(),

@@ -70,6 +70,8 @@ fn frames(c: &mut Criterion) {
             cursors: (0..64)
                 .map(|i| Cursor::new(ConversationId(i), i as u64 * 10))
                 .collect(),
+            device_key: [7; 32],
+            resume_token: Some([9; 32]),
         }),
     )
     .encode();

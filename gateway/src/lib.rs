@@ -8,6 +8,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod driver;
+pub mod entropy;
+pub mod quic;
 pub mod store;
 
 pub use sund_model::gateway;

@@ -8,7 +8,7 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use sund_model::env::{
     CommitReceipt, Store, StoreError, StoreRead, Table, Visit, WriteBatch, WriteOp,
 };

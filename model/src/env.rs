@@ -215,6 +215,13 @@ impl<O> Ready<O> {
         Ready { writes, outputs }
     }
 
+    /// Appends `later` to this batch (group commit): its writes after ours, its outputs after
+    /// ours, so order and the persist-then-speak rule are both kept.
+    pub fn merge(&mut self, later: Ready<O>) {
+        self.writes.ops.extend(later.writes.ops);
+        self.outputs.extend(later.outputs);
+    }
+
     /// Splits into the writes and the outputs held back until the commit succeeds.
     pub fn split(self) -> (WriteBatch, HeldOutputs<O>) {
         (self.writes, HeldOutputs(self.outputs))

@@ -188,7 +188,7 @@ impl Session {
 /// The gateway of one domain as a deterministic state machine. See the module docs.
 pub struct Gateway {
     config: GatewayConfig,
-    entropy: Box<dyn Entropy>,
+    entropy: Box<dyn Entropy + Send>,
     conversations: BTreeMap<ConversationId, ConversationLog>,
     memberships: BTreeMap<DeviceId, BTreeSet<ConversationId>>,
     cursors: BTreeMap<(DeviceId, ConversationId), u64>,
@@ -215,7 +215,7 @@ impl core::fmt::Debug for Gateway {
 
 impl Gateway {
     /// A gateway with empty storage. `entropy` supplies challenge nonces and resume tokens.
-    pub fn new(config: GatewayConfig, now: Instant, entropy: Box<dyn Entropy>) -> Gateway {
+    pub fn new(config: GatewayConfig, now: Instant, entropy: Box<dyn Entropy + Send>) -> Gateway {
         assert!(
             config.delivery_window > 0,
             "delivery_window must be positive"
@@ -248,7 +248,7 @@ impl Gateway {
         config: GatewayConfig,
         now: Instant,
         store: &dyn StoreRead,
-        entropy: Box<dyn Entropy>,
+        entropy: Box<dyn Entropy + Send>,
     ) -> Result<Gateway, StoreError> {
         let mut g = Gateway::new(config, now, entropy);
         scan_all(store, MEMBERS_TABLE, |key, _| {
@@ -500,6 +500,19 @@ impl Gateway {
                 &mut self.writes,
             );
             self.stats.gc_dropped += dropped as u64;
+        }
+    }
+
+    /// Graceful shutdown: says goodbye to every session (`ShuttingDown`) and closes it. The
+    /// driver commits and flushes the resulting `Ready` before it stops.
+    pub fn shut_down(&mut self, _now: Instant) {
+        let conns: Vec<ConnectionId> = self.sessions.keys().copied().collect();
+        for conn in conns {
+            self.goodbye(
+                conn,
+                ErrorCode::ShuttingDown,
+                "the gateway is shutting down; reconnect shortly",
+            );
         }
     }
 

@@ -57,3 +57,16 @@ id128!(
 /// One transport connection as the driver names it; only unique within one driver.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct ConnectionId(pub u64);
+
+impl ConversationId {
+    /// The id of a conversation named by people (`"team-room"`): the first 16 bytes of SHA-256
+    /// over a context string and the name. Gateways and nodes derive the same id independently.
+    pub fn from_name(name: &str) -> ConversationId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"sund/conversation/v1")
+            .chain_update(name.as_bytes())
+            .finalize();
+        ConversationId::from_bytes(digest[..16].try_into().expect("16 of 32 bytes"))
+    }
+}

@@ -248,7 +248,7 @@ struct Inbound {
 /// One device as a deterministic state machine. See the module docs.
 pub struct Node {
     config: NodeConfig,
-    entropy: Box<dyn Entropy>,
+    entropy: Box<dyn Entropy + core::marker::Send>,
     link: Link,
     attempts: u32,
     heartbeat_interval: Duration,
@@ -280,7 +280,7 @@ impl Node {
     /// connecting at once.
     pub fn recover(
         config: NodeConfig,
-        entropy: Box<dyn Entropy>,
+        entropy: Box<dyn Entropy + core::marker::Send>,
         now: Instant,
         store: &dyn StoreRead,
     ) -> Result<Node, StoreError> {

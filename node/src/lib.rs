@@ -1,10 +1,11 @@
 //! `sund-node`: the device side of Sund in production.
 //!
-//! This crate will hold the tokio driver of [`sund_model::node::Node`] (quinn transport, redb
-//! store, OS entropy, the tokio clock) and the `sund` command-line tool. The drivers land with the
-//! core delivery issue; until then the protocol runs only in the simulator (`cargo sim`), which
-//! drives the very same state machine.
+//! [`driver`] runs [`sund_model::node::Node`] on tokio with quinn and redb; [`device`] keeps a
+//! device's key and settings in its data directory; the `sund` binary is the command-line tool.
 
 #![forbid(unsafe_code)]
+
+pub mod device;
+pub mod driver;
 
 pub use sund_model::node;

@@ -1,4 +1,4 @@
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use super::{
     FrameHeader, Opcode, Payload, WireError, FLAG_SIGNED, HEADER_BYTES, PAYLOAD_BYTES_MAX,
@@ -142,8 +142,10 @@ impl FrameDecoder {
         self.buffer.len()
     }
 
-    /// The next complete frame, `Ok(None)` if more bytes are needed.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+    /// The next complete frame's bytes, header validated but payload not decoded (a driver that
+    /// hands the bytes to a state machine, which decodes them itself). `Ok(None)` if more bytes
+    /// are needed.
+    pub fn next_frame_bytes(&mut self) -> Result<Option<Bytes>, WireError> {
         if self.buffer.len() < HEADER_BYTES {
             return Ok(None);
         }
@@ -152,10 +154,14 @@ impl FrameDecoder {
         if self.buffer.len() < total {
             return Ok(None);
         }
-        let frame_bytes = self.buffer.split_to(total).freeze();
-        let header = FrameHeader::parse(&frame_bytes, self.payload_bytes_max)?;
-        let mut body = frame_bytes.clone();
-        body.advance(HEADER_BYTES);
-        Frame::from_parts(header, &body).map(Some)
+        Ok(Some(self.buffer.split_to(total).freeze()))
+    }
+
+    /// The next complete frame, decoded; `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        match self.next_frame_bytes()? {
+            Some(bytes) => Frame::decode(&bytes, self.payload_bytes_max).map(Some),
+            None => Ok(None),
+        }
     }
 }

@@ -1,0 +1,344 @@
+//! The gateway's tokio driver: moves bytes and time between quinn, redb and the state machine.
+//!
+//! One task owns the [`Gateway`] state machine and the [`RedbStore`]. Each QUIC connection gets a
+//! reader task (frames in) and a writer task (frames out); they talk to the core over channels.
+//! The core takes a batch of inputs (group commit: up to [`BATCH_MAX`]), feeds them to the state
+//! machine, merges the resulting `Ready`s into one, commits it in one redb transaction, and only
+//! then hands the outputs to the writers — so no acknowledgement leaves before its commit.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rustls::pki_types::CertificateDer;
+use sund_model::env::Ready;
+use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput, GatewayStats};
+use sund_model::ids::ConnectionId;
+use sund_model::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::entropy::OsEntropy;
+use crate::quic::{self, FrameReader, ReadError, TlsIdentity};
+use crate::store::RedbStore;
+
+/// Most inputs folded into one commit.
+pub const BATCH_MAX: usize = 512;
+/// Most frames queued for one connection; a peer that reads slower than this is disconnected.
+pub const WRITER_QUEUE_MAX: usize = 4096;
+/// Most inputs waiting for the core.
+pub const CORE_QUEUE_MAX: usize = 16_384;
+/// How long shutdown waits for writers to flush their goodbyes.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The model's clock in production: microseconds since the Unix epoch.
+pub fn wall_clock() -> Instant {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Instant(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// QUIC or TLS setup.
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
+    /// The store.
+    #[error("storage: {0}")]
+    Store(#[from] sund_model::env::StoreError),
+    /// The data directory.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// What a gateway needs to start.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// UDP address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Where the database and the TLS identity live.
+    pub data_dir: PathBuf,
+    /// Protocol tunables.
+    pub config: GatewayConfig,
+}
+
+/// A running gateway.
+pub struct GatewayHandle {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its certificate (nodes pin it).
+    pub cert: CertificateDer<'static>,
+    admin: mpsc::Sender<CoreInput>,
+    shutdown: Option<oneshot::Sender<()>>,
+    core: JoinHandle<Result<GatewayStats, DriverError>>,
+    endpoint: quinn::Endpoint,
+}
+
+impl GatewayHandle {
+    /// Feeds an admin input (admit a device, create a conversation) to the running gateway.
+    pub async fn admin(&self, input: GatewayInput) {
+        let _ = self.admin.send(CoreInput::Admin(input)).await;
+    }
+
+    /// Graceful shutdown: stop accepting, finish in-flight work, say goodbye, close.
+    pub async fn shutdown(mut self) -> Result<GatewayStats, DriverError> {
+        self.endpoint.set_server_config(None);
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let stats = self
+            .core
+            .await
+            .expect("the gateway core task does not panic")?;
+        self.endpoint.close(0u32.into(), b"gateway shut down");
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.endpoint.wait_idle()).await;
+        Ok(stats)
+    }
+}
+
+enum CoreInput {
+    Accepted(ConnectionId, mpsc::Sender<WriterCommand>),
+    Frame(ConnectionId, Bytes),
+    Closed(ConnectionId),
+    Admin(GatewayInput),
+}
+
+enum WriterCommand {
+    Frame(Bytes),
+    Close,
+}
+
+/// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
+pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError> {
+    let dir = &options.data_dir;
+    std::fs::create_dir_all(dir).map_err(|source| DriverError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let store = RedbStore::open(&dir.join("gateway.redb"))?;
+    let identity = TlsIdentity::load_or_create(&dir.join("tls"))?;
+    let gateway = Gateway::recover(
+        options.config.clone(),
+        wall_clock(),
+        &store,
+        Box::new(OsEntropy),
+    )?;
+    let endpoint = quic::server_endpoint(options.listen, &identity)?;
+    let addr = endpoint
+        .local_addr()
+        .map_err(|source| DriverError::DataDir {
+            path: "socket".into(),
+            source,
+        })?;
+    tracing::info!(%addr, data_dir = %dir.display(), conversations = gateway.conversations().count(), "gateway listening");
+
+    let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE_MAX);
+    let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    tokio::spawn(accept_loop(endpoint.clone(), core_tx.clone()));
+    let core = tokio::spawn(core_loop(gateway, store, core_rx, shutdown_rx));
+    Ok(GatewayHandle {
+        addr,
+        cert: identity.cert.clone(),
+        admin: core_tx,
+        shutdown: Some(shutdown_tx),
+        core,
+        endpoint,
+    })
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, core: mpsc::Sender<CoreInput>) {
+    let mut next_conn = 1u64;
+    while let Some(incoming) = endpoint.accept().await {
+        let conn = ConnectionId(next_conn);
+        next_conn += 1;
+        tokio::spawn(serve_connection(incoming, conn, core.clone()));
+    }
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    conn: ConnectionId,
+    core: mpsc::Sender<CoreInput>,
+) {
+    let connection = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(?conn, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let (send, recv) = match connection.accept_bi().await {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(?conn, error = %e, "no stream opened");
+            return;
+        }
+    };
+    let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE_MAX);
+    if core
+        .send(CoreInput::Accepted(conn, writer_tx))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tokio::spawn(write_loop(send, writer_rx, connection.clone()));
+    let mut reader = FrameReader::new(recv);
+    loop {
+        match reader.next().await {
+            Ok(frame) => {
+                if core.send(CoreInput::Frame(conn, frame)).await.is_err() {
+                    break;
+                }
+            }
+            Err(ReadError::Closed) => break,
+            Err(ReadError::Wire(e)) => {
+                // The stream lost sync: nothing after this can be trusted.
+                tracing::info!(?conn, error = %e, "closing connection after an invalid frame");
+                connection.close(1u32.into(), e.to_string().as_bytes());
+                break;
+            }
+        }
+    }
+    let _ = core.send(CoreInput::Closed(conn)).await;
+}
+
+async fn write_loop(
+    mut send: quinn::SendStream,
+    mut commands: mpsc::Receiver<WriterCommand>,
+    connection: quinn::Connection,
+) {
+    while let Some(command) = commands.recv().await {
+        match command {
+            WriterCommand::Frame(bytes) => {
+                if send.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            WriterCommand::Close => {
+                let _ = send.finish();
+                // Give the peer a moment to read the goodbye before the connection goes.
+                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                connection.close(0u32.into(), b"closed by gateway");
+                return;
+            }
+        }
+    }
+}
+
+fn to_tokio(deadline: Instant) -> tokio::time::Instant {
+    let wait = deadline.saturating_since(wall_clock());
+    tokio::time::Instant::now() + wait
+}
+
+async fn core_loop(
+    mut gateway: Gateway,
+    mut store: RedbStore,
+    mut inputs: mpsc::Receiver<CoreInput>,
+    mut shutdown: oneshot::Receiver<()>,
+) -> Result<GatewayStats, DriverError> {
+    let mut writers: BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>> = BTreeMap::new();
+    let mut last_gc = 0;
+    loop {
+        let deadline = to_tokio(gateway.poll_timeout());
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            first = inputs.recv() => {
+                let Some(first) = first else { break };
+                apply(&mut gateway, &mut writers, first);
+                // Group commit: take what else is already waiting, up to a bound.
+                for _ in 1..BATCH_MAX {
+                    match inputs.try_recv() {
+                        Ok(input) => apply(&mut gateway, &mut writers, input),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => gateway.handle_timeout(wall_clock()),
+        }
+        flush(&mut gateway, &mut store, &mut writers)?;
+        if gateway.stats().gc_dropped != last_gc {
+            last_gc = gateway.stats().gc_dropped;
+            tracing::info!(
+                gc_dropped_total = last_gc,
+                "garbage collection dropped acknowledged or expired messages"
+            );
+        }
+    }
+    tracing::info!(
+        sessions = gateway.session_count(),
+        "shutting down: saying goodbye to every session"
+    );
+    gateway.shut_down(wall_clock());
+    flush(&mut gateway, &mut store, &mut writers)?;
+    // Dropping the writers lets each flush and close.
+    drop(writers);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(gateway.stats().clone())
+}
+
+fn apply(
+    gateway: &mut Gateway,
+    writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
+    input: CoreInput,
+) {
+    let now = wall_clock();
+    match input {
+        CoreInput::Accepted(conn, writer) => {
+            writers.insert(conn, writer);
+            gateway.handle(now, GatewayInput::Accepted(conn));
+        }
+        CoreInput::Frame(conn, bytes) => gateway.handle(now, GatewayInput::Frame(conn, bytes)),
+        CoreInput::Closed(conn) => {
+            writers.remove(&conn);
+            gateway.handle(now, GatewayInput::Closed(conn));
+        }
+        CoreInput::Admin(input) => gateway.handle(now, input),
+    }
+}
+
+/// Commits everything the state machine produced in one transaction, then releases the outputs.
+fn flush(
+    gateway: &mut Gateway,
+    store: &mut RedbStore,
+    writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
+) -> Result<(), DriverError> {
+    let mut batch: Option<Ready<GatewayOutput>> = None;
+    while let Some(ready) = gateway.poll_ready() {
+        match &mut batch {
+            Some(b) => b.merge(ready),
+            None => batch = Some(ready),
+        }
+    }
+    let Some(batch) = batch else { return Ok(()) };
+    for output in batch.commit(store)? {
+        match output {
+            GatewayOutput::Send(conn, bytes) => {
+                let Some(writer) = writers.get(&conn) else {
+                    continue;
+                };
+                if writer.try_send(WriterCommand::Frame(bytes)).is_err() {
+                    tracing::warn!(?conn, "peer reads too slowly; disconnecting it");
+                    writers.remove(&conn);
+                    gateway.handle(wall_clock(), GatewayInput::Closed(conn));
+                }
+            }
+            GatewayOutput::Close(conn) => {
+                if let Some(writer) = writers.remove(&conn) {
+                    let _ = writer.try_send(WriterCommand::Close);
+                }
+            }
+        }
+    }
+    Ok(())
+}

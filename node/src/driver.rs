@@ -1,0 +1,371 @@
+//! The node's tokio driver: moves bytes and time between quinn, redb and the state machine.
+//!
+//! One task owns the [`Node`] state machine and its [`RedbStore`]. A `Connect` output spawns a
+//! connection attempt; an established connection gets a reader task (frames in) and a writer
+//! task (frames out). Commands from the application (send, status, stop) arrive on a channel;
+//! application events leave on another. Each round's `Ready`s are merged and committed in one
+//! transaction before any output leaves.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::pki_types::CertificateDer;
+use sund_gateway::driver::wall_clock;
+use sund_gateway::entropy::OsEntropy;
+use sund_gateway::quic::{self, FrameReader};
+use sund_gateway::store::RedbStore;
+use sund_model::env::Ready;
+use sund_model::identity::DeviceKey;
+use sund_model::ids::{ConnectionId, ConversationId, MsgId};
+use sund_model::node::{
+    ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
+};
+use sund_model::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most frames queued for the gateway.
+pub const WRITER_QUEUE_MAX: usize = 4096;
+
+/// What a node needs to run.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Where the node's database lives.
+    pub data_dir: PathBuf,
+    /// The gateway's address.
+    pub gateway: SocketAddr,
+    /// The gateway's certificate, pinned.
+    pub gateway_cert: CertificateDer<'static>,
+    /// This device's key.
+    pub key: DeviceKey,
+}
+
+/// Why the node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// QUIC setup.
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
+    /// The store.
+    #[error("storage: {0}")]
+    Store(#[from] sund_model::env::StoreError),
+    /// The node task is gone.
+    #[error("the node stopped")]
+    Stopped,
+}
+
+/// A snapshot for `sund status`.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    /// Connection status.
+    pub connection: ConnectionStatus,
+    /// Messages waiting for acknowledgement.
+    pub outbox: usize,
+}
+
+enum Command {
+    Send {
+        conversation: ConversationId,
+        body: Bytes,
+        reply: oneshot::Sender<Result<MsgId, SendError>>,
+    },
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    Stop,
+}
+
+enum LinkInput {
+    Connected(ConnectionId, mpsc::Sender<WriterCommand>),
+    ConnectFailed(String),
+    Frame(ConnectionId, Bytes),
+    Closed(ConnectionId),
+}
+
+enum WriterCommand {
+    Frame(Bytes),
+    Close,
+}
+
+/// A running node.
+pub struct NodeHandle {
+    commands: mpsc::Sender<Command>,
+    /// What the application hears: deliveries, acceptances, status changes.
+    pub events: mpsc::UnboundedReceiver<NodeEvent>,
+    core: JoinHandle<Result<(), NodeError>>,
+}
+
+impl NodeHandle {
+    /// Queues a message; it is sent now if connected, else after the next reconnect.
+    pub async fn send(
+        &self,
+        conversation: ConversationId,
+        body: Bytes,
+    ) -> Result<Result<MsgId, SendError>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Send {
+                conversation,
+                body,
+                reply,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// The connection status and outbox size.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Status { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Disconnects cleanly and stops.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        let _ = self.commands.send(Command::Stop).await;
+        self.core.await.map_err(|_| NodeError::Stopped)?
+    }
+}
+
+/// Opens the node's store, recovers its state and starts connecting.
+pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
+    std::fs::create_dir_all(&options.data_dir)
+        .map_err(|e| NodeError::Store(sund_model::env::StoreError::Backend(e.to_string())))?;
+    let store = RedbStore::open(&options.data_dir.join("node.redb"))?;
+    let node = Node::recover(
+        NodeConfig::new(options.key.clone()),
+        Box::new(OsEntropy),
+        wall_clock(),
+        &store,
+    )?;
+    let endpoint = quic::client_endpoint(options.gateway_cert.clone())?;
+    let (commands_tx, commands_rx) = mpsc::channel(1024);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let core = tokio::spawn(core_loop(
+        node,
+        store,
+        endpoint,
+        options.gateway,
+        commands_rx,
+        events_tx,
+    ));
+    Ok(NodeHandle {
+        commands: commands_tx,
+        events: events_rx,
+        core,
+    })
+}
+
+fn to_tokio(deadline: Instant) -> tokio::time::Instant {
+    tokio::time::Instant::now() + deadline.saturating_since(wall_clock())
+}
+
+struct Core {
+    node: Node,
+    store: RedbStore,
+    endpoint: quinn::Endpoint,
+    gateway: SocketAddr,
+    next_conn: u64,
+    writers: BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
+    link_tx: mpsc::Sender<LinkInput>,
+    events: mpsc::UnboundedSender<NodeEvent>,
+}
+
+async fn core_loop(
+    node: Node,
+    store: RedbStore,
+    endpoint: quinn::Endpoint,
+    gateway: SocketAddr,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::UnboundedSender<NodeEvent>,
+) -> Result<(), NodeError> {
+    let (link_tx, mut link_rx) = mpsc::channel(4096);
+    let mut core = Core {
+        node,
+        store,
+        endpoint,
+        gateway,
+        next_conn: 1,
+        writers: BTreeMap::new(),
+        link_tx,
+        events,
+    };
+    loop {
+        let deadline = core.node.poll_timeout().map(to_tokio);
+        tokio::select! {
+            command = commands.recv() => match command {
+                None | Some(Command::Stop) => break,
+                Some(Command::Send { conversation, body, reply }) => {
+                    let result = core.node.send(wall_clock(), conversation, body);
+                    // The reply waits for the commit that makes the message durable.
+                    core.flush()?;
+                    let _ = reply.send(result);
+                    continue;
+                }
+                Some(Command::Status { reply }) => {
+                    let _ = reply.send(NodeStatus { connection: core.node.status(), outbox: core.node.outbox_len() });
+                }
+            },
+            input = link_rx.recv() => {
+                let Some(input) = input else { break };
+                core.link(input);
+                while let Ok(more) = link_rx.try_recv() {
+                    core.link(more);
+                }
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                core.node.handle_timeout(wall_clock());
+            }
+        }
+        core.flush()?;
+    }
+    core.node.go_offline(wall_clock());
+    core.flush()?;
+    drop(core.writers);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    core.endpoint.close(0u32.into(), b"node stopped");
+    Ok(())
+}
+
+impl Core {
+    fn link(&mut self, input: LinkInput) {
+        let now = wall_clock();
+        match input {
+            LinkInput::Connected(conn, writer) => {
+                self.writers.insert(conn, writer);
+                self.node.handle(now, NodeInput::Connected(conn));
+            }
+            LinkInput::ConnectFailed(why) => {
+                tracing::debug!(%why, "connection attempt failed");
+                self.node.handle(now, NodeInput::ConnectFailed);
+            }
+            LinkInput::Frame(conn, bytes) => self.node.handle(now, NodeInput::Frame(conn, bytes)),
+            LinkInput::Closed(conn) => {
+                self.writers.remove(&conn);
+                self.node.handle(now, NodeInput::Closed(conn));
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), NodeError> {
+        let mut batch: Option<Ready<NodeOutput>> = None;
+        while let Some(ready) = self.node.poll_ready() {
+            match &mut batch {
+                Some(b) => b.merge(ready),
+                None => batch = Some(ready),
+            }
+        }
+        let Some(batch) = batch else { return Ok(()) };
+        for output in batch.commit(&mut self.store)? {
+            match output {
+                NodeOutput::Connect => {
+                    let conn = ConnectionId(self.next_conn);
+                    self.next_conn += 1;
+                    tokio::spawn(connect(
+                        self.endpoint.clone(),
+                        self.gateway,
+                        conn,
+                        self.link_tx.clone(),
+                    ));
+                }
+                NodeOutput::Send(conn, bytes) => {
+                    if let Some(w) = self.writers.get(&conn) {
+                        if w.try_send(WriterCommand::Frame(bytes)).is_err() {
+                            tracing::warn!("gateway reads too slowly; reconnecting");
+                            self.writers.remove(&conn);
+                            self.node.handle(wall_clock(), NodeInput::Closed(conn));
+                        }
+                    }
+                }
+                NodeOutput::Close(conn) => {
+                    if let Some(w) = self.writers.remove(&conn) {
+                        let _ = w.try_send(WriterCommand::Close);
+                    }
+                }
+                NodeOutput::Event(event) => {
+                    let _ = self.events.send(event);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn connect(
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    conn: ConnectionId,
+    link: mpsc::Sender<LinkInput>,
+) {
+    let attempt = async {
+        let connecting = endpoint
+            .connect(addr, "sund-gateway")
+            .map_err(|e| e.to_string())?;
+        let connection = connecting.await.map_err(|e| e.to_string())?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((connection, send, recv))
+    };
+    let (connection, send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(e)) => {
+            let _ = link.send(LinkInput::ConnectFailed(e)).await;
+            return;
+        }
+        Err(_) => {
+            let _ = link
+                .send(LinkInput::ConnectFailed("timed out".into()))
+                .await;
+            return;
+        }
+    };
+    let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE_MAX);
+    if link
+        .send(LinkInput::Connected(conn, writer_tx))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tokio::spawn(write_loop(send, writer_rx, connection.clone()));
+    let mut reader = FrameReader::new(recv);
+    while let Ok(frame) = reader.next().await {
+        if link.send(LinkInput::Frame(conn, frame)).await.is_err() {
+            return;
+        }
+    }
+    let _ = link.send(LinkInput::Closed(conn)).await;
+}
+
+async fn write_loop(
+    mut send: quinn::SendStream,
+    mut commands: mpsc::Receiver<WriterCommand>,
+    connection: quinn::Connection,
+) {
+    while let Some(command) = commands.recv().await {
+        match command {
+            WriterCommand::Frame(bytes) => {
+                if send.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            WriterCommand::Close => {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+                connection.close(0u32.into(), b"closed by node");
+                return;
+            }
+        }
+    }
+    // The core dropped us (shutdown): close politely.
+    let _ = send.finish();
+    connection.close(0u32.into(), b"node stopped");
+}

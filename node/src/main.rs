@@ -1,0 +1,243 @@
+//! `sund`: the Sund command-line client.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use sund_model::ids::ConversationId;
+use sund_model::node::{ConnectionStatus, NodeEvent};
+use sund_node::device::Device;
+use sund_node::driver;
+
+mod demo;
+
+/// Sund: messages between devices through a gateway. Until the MLS work lands, message bodies
+/// travel as plaintext inside the QUIC/TLS connection and are stored by the gateway as sent.
+#[derive(Parser)]
+#[command(name = "sund", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a gateway and three devices on loopback and show messages flowing, a gateway restart
+    /// included (everything in a temporary directory).
+    Demo,
+    /// Set up a device: a new key, the gateway's address and its pinned certificate.
+    Init {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The gateway's UDP address.
+        #[arg(long)]
+        gateway: SocketAddr,
+        /// The gateway's certificate file (`sund-gateway cert` prints its path).
+        #[arg(long)]
+        gateway_cert: PathBuf,
+    },
+    /// Send one message (plaintext until MLS lands) and wait until the gateway acknowledges it.
+    Send {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The conversation's name.
+        conversation: String,
+        /// The message.
+        message: Vec<String>,
+    },
+    /// Print messages as they arrive; keeps going across gateway restarts.
+    Follow {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Show the device, its gateway, its outbox, and whether the gateway can be reached.
+    Status {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Demo => demo::run().await,
+        Command::Init {
+            data_dir,
+            gateway,
+            gateway_cert,
+        } => {
+            let device =
+                Device::init(&data_dir, gateway, &gateway_cert).map_err(|e| e.to_string())?;
+            let key = device.key.public().to_hex();
+            println!(
+                "device {} ready in {}",
+                device.key.device_id(),
+                data_dir.display()
+            );
+            println!("device key: {key}");
+            println!("on the gateway host, admit it:  sund-gateway admin allow {key}");
+            Ok(())
+        }
+        Command::Send {
+            data_dir,
+            conversation,
+            message,
+        } => send(&data_dir, &conversation, &message.join(" ")).await,
+        Command::Follow { data_dir, count } => follow(&data_dir, count).await,
+        Command::Status { data_dir } => status(&data_dir).await,
+    }
+}
+
+fn load(data_dir: &Path) -> Result<Device, String> {
+    Device::load(data_dir).map_err(|e| e.to_string())
+}
+
+async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), String> {
+    if message.is_empty() {
+        return Err("nothing to send: give the message after the conversation name".into());
+    }
+    let device = load(data_dir)?;
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = ConversationId::from_name(conversation);
+    let msg_id = node
+        .send(id, Bytes::from(message.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::sleep(Duration::from_secs(15));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                let _ = node.stop().await;
+                return Err("the gateway did not acknowledge within 15 s; the message stays in the outbox and goes out with the next `sund send` or `sund follow`".into());
+            }
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Accepted { msg_id: m, seq, .. }) if m == msg_id => {
+                    println!("sent to {conversation}: seq {seq}");
+                    break;
+                }
+                Some(NodeEvent::Rejected { msg_id: m, code }) if m == msg_id => {
+                    let _ = node.stop().await;
+                    return Err(format!("the gateway refused the message ({code:?}): is this device a member of `{conversation}`?"));
+                }
+                Some(NodeEvent::Refused { message, .. }) => {
+                    let _ = node.stop().await;
+                    return Err(format!("the gateway refused this device: {message}"));
+                }
+                Some(_) => {}
+                None => return Err("the node stopped unexpectedly".into()),
+            }
+        }
+    }
+    node.stop().await.map_err(|e| e.to_string())
+}
+
+async fn follow(data_dir: &Path, count: Option<u64>) -> Result<(), String> {
+    let device = load(data_dir)?;
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Delivered { conversation, seq, sender, body, .. }) => {
+                    println!("{conversation} seq {seq} from {sender}: {}", String::from_utf8_lossy(&body));
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        break;
+                    }
+                }
+                Some(NodeEvent::Gap { conversation, from, to }) => {
+                    eprintln!("{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them");
+                }
+                Some(NodeEvent::Status(status)) => eprintln!("status: {}", describe(status)),
+                Some(NodeEvent::Refused { message, .. }) => eprintln!("refused by the gateway: {message}"),
+                Some(_) => {}
+                None => return Err("the node stopped unexpectedly".into()),
+            }
+        }
+    }
+    node.stop().await.map_err(|e| e.to_string())
+}
+
+fn describe(status: ConnectionStatus) -> String {
+    match status {
+        ConnectionStatus::Connected => "connected".into(),
+        ConnectionStatus::Reconnecting { attempt } => format!("reconnecting (attempt {attempt})"),
+        ConnectionStatus::Offline => "offline".into(),
+    }
+}
+
+async fn status(data_dir: &Path) -> Result<(), String> {
+    let device = load(data_dir)?;
+    println!("device     {}", device.key.device_id());
+    println!("device key {}", device.key.public().to_hex());
+    println!("gateway    {}", device.gateway);
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::sleep(Duration::from_secs(6));
+    tokio::pin!(deadline);
+    let mut refused = None;
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Status(ConnectionStatus::Connected)) => break,
+                Some(NodeEvent::Refused { message, .. }) => { refused = Some(message); break; }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+    let snapshot = node.status().await.map_err(|e| e.to_string())?;
+    println!("outbox     {} message(s) waiting", snapshot.outbox);
+    match (snapshot.connection, refused) {
+        (_, Some(message)) => println!("connection refused: {message}"),
+        (ConnectionStatus::Connected, _) => println!("connection connected"),
+        (other, _) => println!(
+            "connection {} — is the gateway running at {}?",
+            describe(other),
+            device.gateway
+        ),
+    }
+    node.stop().await.map_err(|e| e.to_string())
+}
