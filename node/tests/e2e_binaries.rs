@@ -1,0 +1,250 @@
+//! End to end with the real binaries on loopback: `sund-gateway` with a temporary data
+//! directory, two `sund` devices, messages exchanged, the gateway killed with SIGKILL and
+//! restarted; nothing acknowledged may be lost and nothing delivered twice.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+// ---- helpers ----
+
+fn sund() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sund"))
+}
+
+/// `sund-gateway` sits beside `sund` in the target directory; build it if a narrower
+/// `cargo test -p sund-node` did not.
+fn gateway_binary() -> PathBuf {
+    let path = sund().with_file_name(format!("sund-gateway{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "sund-gateway", "--bin", "sund-gateway"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building sund-gateway failed");
+    }
+    path
+}
+
+fn run(bin: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_gateway(data: &Path, port: u16) -> Child {
+    Command::new(gateway_binary())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sund-gateway starts")
+}
+
+fn device_key(init_output: &str) -> String {
+    init_output
+        .lines()
+        .find_map(|l| l.strip_prefix("device key: "))
+        .expect("sund init prints the device key")
+        .to_string()
+}
+
+/// Kills the child on drop so a failing test leaves no process behind.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// ---- the test ----
+
+#[test]
+fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let cert = cert.trim();
+    let addr = format!("127.0.0.1:{port}");
+    let a_dir = tmp.path().join("a");
+    let b_dir = tmp.path().join("b");
+    let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
+    let key_a = device_key(&run(
+        &sund(),
+        &[
+            "init",
+            "--data-dir",
+            a,
+            "--gateway",
+            &addr,
+            "--gateway-cert",
+            cert,
+        ],
+    ));
+    let key_b = device_key(&run(
+        &sund(),
+        &[
+            "init",
+            "--data-dir",
+            b,
+            "--gateway",
+            &addr,
+            "--gateway-cert",
+            cert,
+        ],
+    ));
+    run(
+        &gateway_binary(),
+        &[
+            "admin",
+            "create-conversation",
+            "room",
+            "--member",
+            &key_a,
+            "--member",
+            &key_b,
+            "--data-dir",
+            gw,
+        ],
+    );
+
+    let mut gateway = Guard(start_gateway(&gw_dir, port));
+    // b follows in the background and reports each line it prints.
+    let mut follower = Guard(
+        Command::new(sund())
+            .args(["follow", "--data-dir", b, "--count", "10"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = mpsc::channel();
+    let stdout = follower.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    let mut acknowledged = Vec::new();
+    for i in 1..=5 {
+        let out = run(
+            &sund(),
+            &["send", "--data-dir", a, "room", &format!("message-{i}")],
+        );
+        acknowledged.push(out.trim().to_string());
+    }
+    // SIGKILL: no drain, no goodbye.
+    gateway.0.kill().unwrap();
+    gateway.0.wait().unwrap();
+    gateway = Guard(start_gateway(&gw_dir, port));
+    for i in 6..=10 {
+        let out = run(
+            &sund(),
+            &["send", "--data-dir", a, "room", &format!("message-{i}")],
+        );
+        acknowledged.push(out.trim().to_string());
+    }
+    let expected_acks: Vec<String> = (1..=10).map(|i| format!("sent to room: seq {i}")).collect();
+    assert_eq!(
+        acknowledged, expected_acks,
+        "each send is acknowledged with the next seq"
+    );
+
+    let mut received = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.len() < 10 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => received.push(line),
+            Err(_) => panic!(
+                "only {} of 10 messages arrived: {received:#?}",
+                received.len()
+            ),
+        }
+    }
+    for (i, line) in received.iter().enumerate() {
+        let n = i + 1;
+        assert!(
+            line.contains(&format!(" seq {n} from ")),
+            "line {n} out of order: {line}"
+        );
+        assert!(
+            line.ends_with(&format!(": message-{n}")),
+            "line {n} has the wrong body: {line}"
+        );
+    }
+    let status = follower.0.wait().unwrap();
+    assert!(status.success(), "follow exits 0 after --count messages");
+    drop(gateway);
+}
+
+#[test]
+fn a_device_the_gateway_does_not_know_is_refused_with_a_useful_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let addr = format!("127.0.0.1:{port}");
+    let d = tmp.path().join("stranger");
+    run(
+        &sund(),
+        &[
+            "init",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--gateway",
+            &addr,
+            "--gateway-cert",
+            cert.trim(),
+        ],
+    );
+    let _gateway = Guard(start_gateway(&gw_dir, port));
+    let out = Command::new(sund())
+        .args(["send", "--data-dir", d.to_str().unwrap(), "room", "hello?"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not admitted") && stderr.contains("sund-gateway admin allow"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn commands_without_a_device_say_how_to_create_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nothing-here");
+    let out = Command::new(sund())
+        .args(["status", "--data-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("run `sund init --data-dir"), "{stderr}");
+}
