@@ -5,8 +5,10 @@
 //! DATA_DIR/node.toml         gateway = "HOST:PORT"
 //! DATA_DIR/gateway-cert.der  the gateway's certificate, pinned
 //! DATA_DIR/node.redb         outbox, cursors, resume token
+//! DATA_DIR/conversations     names of conversations this device used, one per line
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sund_gateway::entropy::OsEntropy;
 use sund_gateway::quic::write_private;
 use sund_model::identity::DeviceKey;
+use sund_model::ids::ConversationId;
 
 use crate::driver::NodeOptions;
 
@@ -121,6 +124,28 @@ impl Device {
             gateway: settings.gateway,
             gateway_cert: CertificateDer::from(cert),
         })
+    }
+
+    /// Remembers a conversation name, so that `follow` can print it instead of its id.
+    pub fn remember_conversation(&self, name: &str) -> Result<(), DeviceError> {
+        let path = self.data_dir.join("conversations");
+        let mut names = self.conversation_names();
+        if names.values().any(|n| n == name) {
+            return Ok(());
+        }
+        names.insert(ConversationId::from_name(name), name.to_string());
+        let text: String = names.values().map(|n| format!("{n}\n")).collect();
+        std::fs::write(&path, text).map_err(io(&path))
+    }
+
+    /// The conversation names this device knows, by id.
+    pub fn conversation_names(&self) -> BTreeMap<ConversationId, String> {
+        let text = std::fs::read_to_string(self.data_dir.join("conversations")).unwrap_or_default();
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|n| (ConversationId::from_name(n), n.to_string()))
+            .collect()
     }
 
     /// The options to start this device's node.

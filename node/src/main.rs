@@ -58,6 +58,9 @@ enum Command {
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<u64>,
+        /// Conversation names to print instead of ids (names used with `sund send` are known).
+        #[arg(long = "conversation")]
+        conversations: Vec<String>,
     },
     /// Show the device, its gateway, its outbox, and whether the gateway can be reached.
     Status {
@@ -117,7 +120,11 @@ async fn run(command: Command) -> Result<(), String> {
             conversation,
             message,
         } => send(&data_dir, &conversation, &message.join(" ")).await,
-        Command::Follow { data_dir, count } => follow(&data_dir, count).await,
+        Command::Follow {
+            data_dir,
+            count,
+            conversations,
+        } => follow(&data_dir, count, &conversations).await,
         Command::Status { data_dir } => status(&data_dir).await,
     }
 }
@@ -169,8 +176,18 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
     node.stop().await.map_err(|e| e.to_string())
 }
 
-async fn follow(data_dir: &Path, count: Option<u64>) -> Result<(), String> {
+async fn follow(
+    data_dir: &Path,
+    count: Option<u64>,
+    conversations: &[String],
+) -> Result<(), String> {
     let device = load(data_dir)?;
+    for name in conversations {
+        device
+            .remember_conversation(name)
+            .map_err(|e| e.to_string())?;
+    }
+    let names = device.conversation_names();
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
@@ -180,6 +197,7 @@ async fn follow(data_dir: &Path, count: Option<u64>) -> Result<(), String> {
             _ = tokio::signal::ctrl_c() => break,
             event = node.events.recv() => match event {
                 Some(NodeEvent::Delivered { conversation, seq, sender, body, .. }) => {
+                    let conversation = names.get(&conversation).cloned().unwrap_or_else(|| conversation.to_string());
                     println!("{conversation} seq {seq} from {sender}: {}", String::from_utf8_lossy(&body));
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {

@@ -135,7 +135,15 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
     // b follows in the background and reports each line it prints.
     let mut follower = Guard(
         Command::new(sund())
-            .args(["follow", "--data-dir", b, "--count", "10"])
+            .args([
+                "follow",
+                "--data-dir",
+                b,
+                "--count",
+                "10",
+                "--conversation",
+                "room",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -1,0 +1,33 @@
+//! What `sund` shows a person: help text and errors, pinned as snapshots.
+
+use std::process::Command;
+
+fn sund(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sund")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn help_lists_the_commands_and_says_bodies_are_plaintext_for_now() {
+    let (code, stdout, _) = sund(&["--help"]);
+    assert_eq!(code, 0);
+    insta::assert_snapshot!(stdout);
+}
+
+#[test]
+fn send_without_a_message_says_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let (code, _, stderr) = sund(&["send", "--data-dir", dir.to_str().unwrap(), "room"]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(stderr, @"error: nothing to send: give the message after the conversation name");
+}
+
+#[test]
+fn init_with_a_missing_certificate_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let (code, _, stderr) = sund(&["init", "--data-dir", dir.to_str().unwrap(), "--gateway", "127.0.0.1:4433", "--gateway-cert", "/nonexistent/cert.der"]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(stderr, @"error: /nonexistent/cert.der: No such file or directory (os error 2)");
+}
