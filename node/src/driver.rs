@@ -31,6 +31,8 @@ use tokio::task::JoinHandle;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most frames queued for the gateway.
 pub const WRITER_QUEUE_MAX: usize = 4096;
+/// Most application commands folded into one commit.
+pub const COMMAND_BATCH_MAX: usize = 512;
 
 /// What a node needs to run.
 #[derive(Clone, Debug)]
@@ -100,8 +102,16 @@ pub struct NodeHandle {
     core: JoinHandle<Result<(), NodeError>>,
 }
 
-impl NodeHandle {
-    /// Queues a message; it is sent now if connected, else after the next reconnect.
+/// A cloneable way to send through a running node, for applications that send from several
+/// tasks at once (their messages share commits).
+#[derive(Clone)]
+pub struct NodeSender {
+    commands: mpsc::Sender<Command>,
+}
+
+impl NodeSender {
+    /// Queues a message; returns once it is durable in the outbox. It is sent now if connected,
+    /// else after the next reconnect.
     pub async fn send(
         &self,
         conversation: ConversationId,
@@ -117,6 +127,24 @@ impl NodeHandle {
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
+    }
+}
+
+impl NodeHandle {
+    /// Queues a message; see [`NodeSender::send`].
+    pub async fn send(
+        &self,
+        conversation: ConversationId,
+        body: Bytes,
+    ) -> Result<Result<MsgId, SendError>, NodeError> {
+        self.sender().send(conversation, body).await
+    }
+
+    /// A cloneable sender.
+    pub fn sender(&self) -> NodeSender {
+        NodeSender {
+            commands: self.commands.clone(),
+        }
     }
 
     /// The connection status and outbox size.
@@ -202,19 +230,39 @@ async fn core_loop(
     loop {
         let deadline = core.node.poll_timeout().map(to_tokio);
         tokio::select! {
-            command = commands.recv() => match command {
-                None | Some(Command::Stop) => break,
-                Some(Command::Send { conversation, body, reply }) => {
-                    let result = core.node.send(wall_clock(), conversation, body);
-                    // The reply waits for the commit that makes the message durable.
-                    core.flush()?;
+            command = commands.recv() => {
+                // Group commit: take every command already waiting (up to a bound), make all
+                // their messages durable in one commit, then answer each.
+                let mut replies = Vec::new();
+                let mut stop = false;
+                let mut next = command;
+                for _ in 0..COMMAND_BATCH_MAX {
+                    match next {
+                        None | Some(Command::Stop) => {
+                            stop = true;
+                            break;
+                        }
+                        Some(Command::Send { conversation, body, reply }) => {
+                            replies.push((reply, core.node.send(wall_clock(), conversation, body)));
+                        }
+                        Some(Command::Status { reply }) => {
+                            let _ = reply.send(NodeStatus { connection: core.node.status(), outbox: core.node.outbox_len() });
+                        }
+                    }
+                    match commands.try_recv() {
+                        Ok(more) => next = Some(more),
+                        Err(_) => break,
+                    }
+                }
+                core.flush()?;
+                for (reply, result) in replies {
                     let _ = reply.send(result);
-                    continue;
                 }
-                Some(Command::Status { reply }) => {
-                    let _ = reply.send(NodeStatus { connection: core.node.status(), outbox: core.node.outbox_len() });
+                if stop {
+                    break;
                 }
-            },
+                continue;
+            }
             input = link_rx.recv() => {
                 let Some(input) = input else { break };
                 core.link(input);

@@ -1,0 +1,256 @@
+//! The real stack on loopback: `sund-gateway`'s driver (quinn + redb, durable) and `sund-node`
+//! drivers, 200-byte messages. Beside it, in the same run, bare quinn (pipelined 200-byte frames
+//! with 8-byte acks) and bare redb (batched durable commits), so our rate can be read as a
+//! fraction of each.
+//!
+//! Run: `cargo bench -p sund-benches --bench stack`. Prints a table; asserts nothing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
+use sund_gateway::quic;
+use sund_model::gateway::{GatewayConfig, GatewayInput};
+use sund_model::ids::ConversationId;
+use sund_model::node::NodeEvent;
+use sund_node::device::Device;
+use sund_node::driver::{self as node_driver, NodeHandle};
+
+const BODY: usize = 200;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    gateway: GatewayHandle,
+    nodes: Vec<NodeHandle>,
+}
+
+/// A gateway and `n` devices; device i is alone in conversation `solo-i`, and all are in `all`.
+async fn setup(n: usize) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let options = GatewayOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("gw"),
+        config: GatewayConfig {
+            open_enrolment: true,
+            ..GatewayConfig::default()
+        },
+    };
+    let gateway = driver::start(options).await.unwrap();
+    let cert = dir.path().join("gw/tls/cert.der");
+    let mut nodes = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let device = Device::init(&dir.path().join(format!("d{i}")), gateway.addr, &cert).unwrap();
+        let id = device.key.device_id();
+        ids.push(id);
+        gateway
+            .admin(GatewayInput::CreateConversation(
+                ConversationId::from_name(&format!("solo-{i}")),
+                vec![id],
+            ))
+            .await;
+        nodes.push(node_driver::start(device.options()).await.unwrap());
+    }
+    gateway
+        .admin(GatewayInput::CreateConversation(
+            ConversationId::from_name("pair"),
+            ids[..2.min(n)].to_vec(),
+        ))
+        .await;
+    Setup {
+        _dir: dir,
+        gateway,
+        nodes,
+    }
+}
+
+/// Every node sends `per_node` messages to its own conversation, `concurrency` at a time; returns
+/// messages per second until the last acknowledgement.
+async fn throughput(nodes: &mut [NodeHandle], per_node: usize, concurrency: usize) -> f64 {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let conv = ConversationId::from_name(&format!("solo-{i}"));
+        for t in 0..concurrency {
+            let sender = node.sender();
+            let count = per_node / concurrency + usize::from(t < per_node % concurrency);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..count {
+                    sender
+                        .send(conv, Bytes::from(vec![b'x'; BODY]))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for node in nodes.iter_mut() {
+        let mut accepted = 0;
+        while accepted < per_node {
+            match tokio::time::timeout(Duration::from_secs(60), node.events.recv()).await {
+                Ok(Some(NodeEvent::Accepted { .. })) => accepted += 1,
+                Ok(Some(_)) => {}
+                _ => panic!("acknowledgements stopped at {accepted} of {per_node}"),
+            }
+        }
+    }
+    (nodes.len() * per_node) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Node 0 sends to node 1 at `rate` messages per second; returns (p50, p99) of send-to-delivery.
+async fn latency(nodes: &mut [NodeHandle], rate: f64, count: usize) -> (Duration, Duration) {
+    let conv = ConversationId::from_name("pair");
+    let origin = Instant::now();
+    let sender = nodes[0].sender();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let send_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        for _ in 0..count {
+            tick.tick().await;
+            let stamp = origin.elapsed().as_micros() as u64;
+            let mut body = stamp.to_be_bytes().to_vec();
+            body.resize(BODY, b'x');
+            let s = sender.clone();
+            tokio::spawn(async move { s.send(conv, Bytes::from(body)).await.unwrap().unwrap() });
+        }
+    });
+    let mut samples = Vec::with_capacity(count);
+    while samples.len() < count {
+        match tokio::time::timeout(Duration::from_secs(60), nodes[1].events.recv()).await {
+            Ok(Some(NodeEvent::Delivered {
+                conversation, body, ..
+            })) if conversation == conv => {
+                let sent = u64::from_be_bytes(body[..8].try_into().unwrap());
+                samples.push(origin.elapsed().as_micros() as u64 - sent);
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("deliveries stopped at {}", samples.len()),
+        }
+    }
+    send_task.await.unwrap();
+    samples.sort_unstable();
+    let at = |q: f64| Duration::from_micros(samples[((samples.len() - 1) as f64 * q) as usize]);
+    (at(0.50), at(0.99))
+}
+
+/// Bare redb: `batches` durable commits of `per_batch` 200-byte inserts.
+fn bare_redb(batches: usize, per_batch: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let db = redb::Database::create(dir.path().join("bare.redb")).unwrap();
+    let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("t");
+    let value = vec![b'x'; BODY];
+    let started = Instant::now();
+    let mut key = 0u64;
+    for _ in 0..batches {
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(table).unwrap();
+            for _ in 0..per_batch {
+                key += 1;
+                t.insert(key.to_be_bytes().as_slice(), value.as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    (batches * per_batch) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Bare quinn: one stream, 200-byte frames pipelined, an 8-byte ack per frame.
+async fn bare_quinn(frames: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = quic::TlsIdentity::load_or_create(dir.path()).unwrap();
+    let server = quic::server_endpoint("127.0.0.1:0".parse().unwrap(), &identity).unwrap();
+    let addr: SocketAddr = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = vec![0u8; BODY];
+        let mut n = 0u64;
+        while recv.read_exact(&mut buf).await.is_ok() {
+            n += 1;
+            if send.write_all(&n.to_be_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let client = quic::client_endpoint(identity.cert.clone()).unwrap();
+    let conn = client.connect(addr, "sund-gateway").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let frame = vec![b'x'; BODY];
+        for _ in 0..frames {
+            send.write_all(&frame).await.unwrap();
+        }
+        send
+    });
+    let mut ack = [0u8; 8];
+    for _ in 0..frames {
+        recv.read_exact(&mut ack).await.unwrap();
+    }
+    let rate = frames as f64 / started.elapsed().as_secs_f64();
+    drop(writer.await.unwrap());
+    rate
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut results: BTreeMap<&str, String> = BTreeMap::new();
+    runtime.block_on(async {
+        let quinn_rate = bare_quinn(200_000).await;
+        results.insert(
+            "a bare quinn, 200 B frames + 8 B acks",
+            format!("{quinn_rate:.0} frames/s"),
+        );
+        let redb_rate = bare_redb(200, 512);
+        results.insert(
+            "b bare redb, durable commits of 512 x 200 B",
+            format!("{redb_rate:.0} inserts/s"),
+        );
+
+        let mut one = setup(2).await;
+        let rate1 = throughput(&mut one.nodes[..1], 20_000, 64).await;
+        results.insert(
+            "c sund, 1 sending node",
+            format!(
+                "{rate1:.0} msg/s ({:.1}% of quinn, {:.1}% of redb)",
+                100.0 * rate1 / quinn_rate,
+                100.0 * rate1 / redb_rate
+            ),
+        );
+        let (p50, p99) = latency(&mut one.nodes, rate1 / 2.0, 5_000).await;
+        results.insert(
+            "e sund, latency at half the 1-node rate",
+            format!("p50 {p50:?}, p99 {p99:?}"),
+        );
+        for node in one.nodes {
+            node.stop().await.unwrap();
+        }
+        one.gateway.shutdown().await.unwrap();
+
+        let mut hundred = setup(100).await;
+        let rate100 = throughput(&mut hundred.nodes, 200, 4).await;
+        results.insert(
+            "d sund, 100 sending nodes",
+            format!(
+                "{rate100:.0} msg/s ({:.1}% of quinn, {:.1}% of redb)",
+                100.0 * rate100 / quinn_rate,
+                100.0 * rate100 / redb_rate
+            ),
+        );
+        for node in hundred.nodes {
+            node.stop().await.unwrap();
+        }
+        hundred.gateway.shutdown().await.unwrap();
+    });
+    for (name, value) in results {
+        println!("{:<46} {value}", &name[2..]);
+    }
+}
