@@ -30,7 +30,9 @@ struct Setup {
 async fn setup(n: usize) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let options = GatewayOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        socket: quic::Socket::Bind("127.0.0.1:0".parse().unwrap()),
+        entropy: sund_gateway::entropy::EntropySource::Os,
+        clock: None,
         data_dir: dir.path().join("gw"),
         config: GatewayConfig {
             open_enrolment: true,
@@ -166,7 +168,11 @@ fn bare_redb(batches: usize, per_batch: usize) -> f64 {
 async fn bare_quinn(frames: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let identity = quic::TlsIdentity::load_or_create(dir.path()).unwrap();
-    let server = quic::server_endpoint("127.0.0.1:0".parse().unwrap(), &identity).unwrap();
+    let server = quic::server_endpoint(
+        quic::Socket::Bind("127.0.0.1:0".parse().unwrap()),
+        &identity,
+    )
+    .unwrap();
     let addr: SocketAddr = server.local_addr().unwrap();
     tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
@@ -180,7 +186,11 @@ async fn bare_quinn(frames: usize) -> f64 {
             }
         }
     });
-    let client = quic::client_endpoint(identity.cert.clone()).unwrap();
+    let client = quic::client_endpoint(
+        quic::Socket::Bind("0.0.0.0:0".parse().unwrap()),
+        identity.cert.clone(),
+    )
+    .unwrap();
     let conn = client.connect(addr, "sund-gateway").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let started = Instant::now();

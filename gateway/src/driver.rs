@@ -20,8 +20,9 @@ use sund_model::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::entropy::OsEntropy;
-use crate::quic::{self, FrameReader, ReadError, TlsIdentity};
+use crate::clock::DriverClock;
+use crate::entropy::EntropySource;
+use crate::quic::{self, FrameReader, ReadError, Socket, TlsIdentity};
 use crate::store::RedbStore;
 
 /// Most inputs folded into one commit.
@@ -63,8 +64,12 @@ pub enum DriverError {
 /// What a gateway needs to start.
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
-    /// UDP address to listen on (port 0 picks one).
-    pub listen: SocketAddr,
+    /// Where to listen: a UDP address (port 0 picks one) or an injected socket.
+    pub socket: Socket,
+    /// Where its randomness comes from.
+    pub entropy: EntropySource,
+    /// Its clock (the wall clock in production; a fixed origin under simulation).
+    pub clock: Option<Instant>,
     /// Where the database and the TLS identity live.
     pub data_dir: PathBuf,
     /// Protocol tunables.
@@ -126,13 +131,16 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     })?;
     let store = RedbStore::open(&dir.join("gateway.redb"))?;
     let identity = TlsIdentity::load_or_create(&dir.join("tls"))?;
+    let clock = options
+        .clock
+        .map_or_else(DriverClock::wall, DriverClock::starting_at);
     let gateway = Gateway::recover(
         options.config.clone(),
-        wall_clock(),
+        clock.now(),
         &store,
-        Box::new(OsEntropy),
+        options.entropy.boxed(),
     )?;
-    let endpoint = quic::server_endpoint(options.listen, &identity)?;
+    let endpoint = quic::server_endpoint(options.socket.clone(), &identity)?;
     let addr = endpoint
         .local_addr()
         .map_err(|source| DriverError::DataDir {
@@ -144,7 +152,7 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE_MAX);
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     tokio::spawn(accept_loop(endpoint.clone(), core_tx.clone()));
-    let core = tokio::spawn(core_loop(gateway, store, core_rx, shutdown_rx));
+    let core = tokio::spawn(core_loop(gateway, store, clock, core_rx, shutdown_rx));
     Ok(GatewayHandle {
         addr,
         cert: identity.cert.clone(),
@@ -235,38 +243,34 @@ async fn write_loop(
     }
 }
 
-fn to_tokio(deadline: Instant) -> tokio::time::Instant {
-    let wait = deadline.saturating_since(wall_clock());
-    tokio::time::Instant::now() + wait
-}
-
 async fn core_loop(
     mut gateway: Gateway,
     mut store: RedbStore,
+    clock: DriverClock,
     mut inputs: mpsc::Receiver<CoreInput>,
     mut shutdown: oneshot::Receiver<()>,
 ) -> Result<GatewayStats, DriverError> {
     let mut writers: BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>> = BTreeMap::new();
     let mut last_gc = 0;
     loop {
-        let deadline = to_tokio(gateway.poll_timeout());
+        let deadline = clock.deadline(gateway.poll_timeout());
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
             first = inputs.recv() => {
                 let Some(first) = first else { break };
-                apply(&mut gateway, &mut writers, first);
+                apply(&mut gateway, &mut writers, clock.now(), first);
                 // Group commit: take what else is already waiting, up to a bound.
                 for _ in 1..BATCH_MAX {
                     match inputs.try_recv() {
-                        Ok(input) => apply(&mut gateway, &mut writers, input),
+                        Ok(input) => apply(&mut gateway, &mut writers, clock.now(), input),
                         Err(_) => break,
                     }
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => gateway.handle_timeout(wall_clock()),
+            _ = tokio::time::sleep_until(deadline) => gateway.handle_timeout(clock.now()),
         }
-        flush(&mut gateway, &mut store, &mut writers)?;
+        flush(&mut gateway, &mut store, &mut writers, clock.now())?;
         if gateway.stats().gc_dropped != last_gc {
             last_gc = gateway.stats().gc_dropped;
             tracing::info!(
@@ -279,8 +283,8 @@ async fn core_loop(
         sessions = gateway.session_count(),
         "shutting down: saying goodbye to every session"
     );
-    gateway.shut_down(wall_clock());
-    flush(&mut gateway, &mut store, &mut writers)?;
+    gateway.shut_down(clock.now());
+    flush(&mut gateway, &mut store, &mut writers, clock.now())?;
     // Dropping the writers lets each flush and close.
     drop(writers);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -290,9 +294,9 @@ async fn core_loop(
 fn apply(
     gateway: &mut Gateway,
     writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
+    now: Instant,
     input: CoreInput,
 ) {
-    let now = wall_clock();
     match input {
         CoreInput::Accepted(conn, writer) => {
             writers.insert(conn, writer);
@@ -312,6 +316,7 @@ fn flush(
     gateway: &mut Gateway,
     store: &mut RedbStore,
     writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
+    now: Instant,
 ) -> Result<(), DriverError> {
     let mut batch: Option<Ready<GatewayOutput>> = None;
     while let Some(ready) = gateway.poll_ready() {
@@ -330,7 +335,7 @@ fn flush(
                 if writer.try_send(WriterCommand::Frame(bytes)).is_err() {
                     tracing::warn!(?conn, "peer reads too slowly; disconnecting it");
                     writers.remove(&conn);
-                    gateway.handle(wall_clock(), GatewayInput::Closed(conn));
+                    gateway.handle(now, GatewayInput::Closed(conn));
                 }
             }
             GatewayOutput::Close(conn) => {

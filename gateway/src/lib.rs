@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod driver;
 pub mod entropy;
 pub mod quic;

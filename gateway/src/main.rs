@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use sund_gateway::driver::{self, wall_clock, GatewayOptions};
-use sund_gateway::entropy::OsEntropy;
+use sund_gateway::entropy::{EntropySource, OsEntropy};
+use sund_gateway::quic::Socket;
 use sund_gateway::store::RedbStore;
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
 use sund_model::identity::DevicePublicKey;
@@ -128,7 +129,9 @@ fn run(cli: Cli) -> Result<(), String> {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(GatewayOptions {
-            listen,
+            socket: Socket::Bind(listen),
+            entropy: EntropySource::Os,
+            clock: None,
             data_dir,
             config,
         }),

@@ -136,9 +136,52 @@ fn bound_socket(addr: SocketAddr) -> Result<UdpSocket, QuicError> {
     Ok(socket.into())
 }
 
-/// A server endpoint on `addr` presenting `identity`.
+/// Where an endpoint's datagrams go.
+#[derive(Clone)]
+pub enum Socket {
+    /// A real UDP socket bound to this address (4 MiB buffers).
+    Bind(SocketAddr),
+    /// Any quinn socket (the turmoil simulation plugs in here), with a seed for the endpoint's
+    /// own randomness (connection ids, stateless reset keys) so that simulated runs repeat.
+    Custom(Arc<dyn quinn::AsyncUdpSocket>, [u8; 32]),
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Socket::Bind(addr) => write!(f, "Bind({addr})"),
+            Socket::Custom(s, _) => write!(f, "Custom({:?})", s.local_addr()),
+        }
+    }
+}
+
+fn endpoint(
+    socket: Socket,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, QuicError> {
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime".into()))?;
+    match socket {
+        Socket::Bind(addr) => {
+            let socket = bound_socket(addr)?;
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+                .map_err(|source| QuicError::Bind { addr, source })
+        }
+        Socket::Custom(socket, seed) => {
+            let addr = socket
+                .local_addr()
+                .unwrap_or_else(|_| "0.0.0.0:0".parse().expect("valid"));
+            let mut config = quinn::EndpointConfig::default();
+            config.rng_seed(Some(seed));
+            quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+                .map_err(|source| QuicError::Bind { addr, source })
+        }
+    }
+}
+
+/// A server endpoint on `socket` presenting `identity`.
 pub fn server_endpoint(
-    addr: SocketAddr,
+    socket: Socket,
     identity: &TlsIdentity,
 ) -> Result<quinn::Endpoint, QuicError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -156,20 +199,14 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
-    let socket = bound_socket(addr)?;
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime".into()))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        socket,
-        runtime,
-    )
-    .map_err(|source| QuicError::Bind { addr, source })
+    endpoint(socket, Some(config))
 }
 
-/// A client endpoint that trusts exactly the gateway certificate `pinned`.
-pub fn client_endpoint(pinned: CertificateDer<'static>) -> Result<quinn::Endpoint, QuicError> {
+/// A client endpoint on `socket` that trusts exactly the gateway certificate `pinned`.
+pub fn client_endpoint(
+    socket: Socket,
+    pinned: CertificateDer<'static>,
+) -> Result<quinn::Endpoint, QuicError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCertificate {
         pinned,
@@ -185,13 +222,7 @@ pub fn client_endpoint(pinned: CertificateDer<'static>) -> Result<quinn::Endpoin
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
-    let addr: SocketAddr = "0.0.0.0:0".parse().expect("a valid address");
-    let socket = bound_socket(addr)?;
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime".into()))?;
-    let mut endpoint =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-            .map_err(|source| QuicError::Bind { addr, source })?;
+    let mut endpoint = endpoint(socket, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

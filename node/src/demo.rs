@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
+use sund_gateway::entropy::EntropySource;
+use sund_gateway::quic::Socket;
 use sund_model::gateway::{GatewayConfig, GatewayInput};
 use sund_model::ids::{ConversationId, DeviceId};
 use sund_model::node::NodeEvent;
@@ -18,7 +20,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn start_gateway(dir: &std::path::Path, listen: SocketAddr) -> Result<GatewayHandle, String> {
     let options = GatewayOptions {
-        listen,
+        socket: Socket::Bind(listen),
+        entropy: EntropySource::Os,
+        clock: None,
         data_dir: dir.join("gateway"),
         config: GatewayConfig::default(),
     };

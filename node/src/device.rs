@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
-use sund_gateway::entropy::OsEntropy;
+use sund_gateway::entropy::{EntropySource, OsEntropy};
 use sund_gateway::quic::write_private;
+use sund_gateway::quic::Socket;
 use sund_model::identity::DeviceKey;
 use sund_model::ids::ConversationId;
 
@@ -155,6 +156,9 @@ impl Device {
             gateway: self.gateway,
             gateway_cert: self.gateway_cert.clone(),
             key: self.key.clone(),
+            socket: Socket::Bind("0.0.0.0:0".parse().expect("a valid address")),
+            entropy: EntropySource::Os,
+            clock: None,
         }
     }
 }

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
-use sund_gateway::driver::wall_clock;
-use sund_gateway::entropy::OsEntropy;
-use sund_gateway::quic::{self, FrameReader};
+use sund_gateway::clock::DriverClock;
+use sund_gateway::entropy::EntropySource;
+use sund_gateway::quic::{self, FrameReader, Socket};
 use sund_gateway::store::RedbStore;
 use sund_model::env::Ready;
 use sund_model::identity::DeviceKey;
@@ -45,6 +45,12 @@ pub struct NodeOptions {
     pub gateway_cert: CertificateDer<'static>,
     /// This device's key.
     pub key: DeviceKey,
+    /// The node's UDP socket (an ephemeral port in production; injected under simulation).
+    pub socket: Socket,
+    /// Where its randomness comes from.
+    pub entropy: EntropySource,
+    /// Its clock (the wall clock in production; a fixed origin under simulation).
+    pub clock: Option<Instant>,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -169,18 +175,22 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     std::fs::create_dir_all(&options.data_dir)
         .map_err(|e| NodeError::Store(sund_model::env::StoreError::Backend(e.to_string())))?;
     let store = RedbStore::open(&options.data_dir.join("node.redb"))?;
+    let clock = options
+        .clock
+        .map_or_else(DriverClock::wall, DriverClock::starting_at);
     let node = Node::recover(
         NodeConfig::new(options.key.clone()),
-        Box::new(OsEntropy),
-        wall_clock(),
+        options.entropy.boxed(),
+        clock.now(),
         &store,
     )?;
-    let endpoint = quic::client_endpoint(options.gateway_cert.clone())?;
+    let endpoint = quic::client_endpoint(options.socket.clone(), options.gateway_cert.clone())?;
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let core = tokio::spawn(core_loop(
         node,
         store,
+        clock,
         endpoint,
         options.gateway,
         commands_rx,
@@ -193,13 +203,10 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     })
 }
 
-fn to_tokio(deadline: Instant) -> tokio::time::Instant {
-    tokio::time::Instant::now() + deadline.saturating_since(wall_clock())
-}
-
 struct Core {
     node: Node,
     store: RedbStore,
+    clock: DriverClock,
     endpoint: quinn::Endpoint,
     gateway: SocketAddr,
     next_conn: u64,
@@ -211,6 +218,7 @@ struct Core {
 async fn core_loop(
     node: Node,
     store: RedbStore,
+    clock: DriverClock,
     endpoint: quinn::Endpoint,
     gateway: SocketAddr,
     mut commands: mpsc::Receiver<Command>,
@@ -220,6 +228,7 @@ async fn core_loop(
     let mut core = Core {
         node,
         store,
+        clock,
         endpoint,
         gateway,
         next_conn: 1,
@@ -228,7 +237,7 @@ async fn core_loop(
         events,
     };
     loop {
-        let deadline = core.node.poll_timeout().map(to_tokio);
+        let deadline = core.node.poll_timeout().map(|d| clock.deadline(d));
         tokio::select! {
             command = commands.recv() => {
                 // Group commit: take every command already waiting (up to a bound), make all
@@ -243,7 +252,7 @@ async fn core_loop(
                             break;
                         }
                         Some(Command::Send { conversation, body, reply }) => {
-                            replies.push((reply, core.node.send(wall_clock(), conversation, body)));
+                            replies.push((reply, core.node.send(clock.now(), conversation, body)));
                         }
                         Some(Command::Status { reply }) => {
                             let _ = reply.send(NodeStatus { connection: core.node.status(), outbox: core.node.outbox_len() });
@@ -271,12 +280,12 @@ async fn core_loop(
                 }
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                core.node.handle_timeout(wall_clock());
+                core.node.handle_timeout(clock.now());
             }
         }
         core.flush()?;
     }
-    core.node.go_offline(wall_clock());
+    core.node.go_offline(clock.now());
     core.flush()?;
     drop(core.writers);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -286,7 +295,7 @@ async fn core_loop(
 
 impl Core {
     fn link(&mut self, input: LinkInput) {
-        let now = wall_clock();
+        let now = self.clock.now();
         match input {
             LinkInput::Connected(conn, writer) => {
                 self.writers.insert(conn, writer);
@@ -330,7 +339,7 @@ impl Core {
                         if w.try_send(WriterCommand::Frame(bytes)).is_err() {
                             tracing::warn!("gateway reads too slowly; reconnecting");
                             self.writers.remove(&conn);
-                            self.node.handle(wall_clock(), NodeInput::Closed(conn));
+                            self.node.handle(self.clock.now(), NodeInput::Closed(conn));
                         }
                     }
                 }

@@ -3,8 +3,15 @@
 use std::process::Command;
 
 fn sund(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sund")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_sund"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -27,7 +34,15 @@ fn send_without_a_message_says_what_is_missing() {
 fn init_with_a_missing_certificate_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
-    let (code, _, stderr) = sund(&["init", "--data-dir", dir.to_str().unwrap(), "--gateway", "127.0.0.1:4433", "--gateway-cert", "/nonexistent/cert.der"]);
+    let (code, _, stderr) = sund(&[
+        "init",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--gateway",
+        "127.0.0.1:4433",
+        "--gateway-cert",
+        "/nonexistent/cert.der",
+    ]);
     assert_eq!(code, 1);
     insta::assert_snapshot!(stderr, @"error: /nonexistent/cert.der: No such file or directory (os error 2)");
 }
