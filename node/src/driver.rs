@@ -85,6 +85,7 @@ enum Command {
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
+    Reconnect,
     Stop,
 }
 
@@ -161,6 +162,15 @@ impl NodeHandle {
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Drops the current session (cleanly, with a goodbye) and reconnects at once: a user's
+    /// "reconnect" button, and the disconnect cycles of the simulation tests.
+    pub async fn reconnect(&self) -> Result<(), NodeError> {
+        self.commands
+            .send(Command::Reconnect)
+            .await
+            .map_err(|_| NodeError::Stopped)
     }
 
     /// Disconnects cleanly and stops.
@@ -253,6 +263,10 @@ async fn core_loop(
                         }
                         Some(Command::Send { conversation, body, reply }) => {
                             replies.push((reply, core.node.send(clock.now(), conversation, body)));
+                        }
+                        Some(Command::Reconnect) => {
+                            core.node.go_offline(clock.now());
+                            core.node.go_online(clock.now());
                         }
                         Some(Command::Status { reply }) => {
                             let _ = reply.send(NodeStatus { connection: core.node.status(), outbox: core.node.outbox_len() });
