@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::DriverClock;
 use crate::entropy::EntropySource;
-use crate::quic::{self, FrameReader, ReadError, Socket, TlsIdentity};
+use crate::quic::{self, FrameReader, ReadError, Socket, TlsIdentity, WriterCommand};
 use crate::store::RedbStore;
 
 /// Most inputs folded into one commit.
@@ -117,11 +117,6 @@ enum CoreInput {
     Admin(GatewayInput),
 }
 
-enum WriterCommand {
-    Frame(Bytes),
-    Close,
-}
-
 /// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
 pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError> {
     let dir = &options.data_dir;
@@ -199,7 +194,13 @@ async fn serve_connection(
     {
         return;
     }
-    tokio::spawn(write_loop(send, writer_rx, connection.clone()));
+    tokio::spawn(quic::write_frames(
+        send,
+        writer_rx,
+        connection.clone(),
+        Duration::from_millis(500),
+        b"closed by gateway",
+    ));
     let mut reader = FrameReader::new(recv);
     loop {
         match reader.next().await {
@@ -218,29 +219,6 @@ async fn serve_connection(
         }
     }
     let _ = core.send(CoreInput::Closed(conn)).await;
-}
-
-async fn write_loop(
-    mut send: quinn::SendStream,
-    mut commands: mpsc::Receiver<WriterCommand>,
-    connection: quinn::Connection,
-) {
-    while let Some(command) = commands.recv().await {
-        match command {
-            WriterCommand::Frame(bytes) => {
-                if send.write_all(&bytes).await.is_err() {
-                    return;
-                }
-            }
-            WriterCommand::Close => {
-                let _ = send.finish();
-                // Give the peer a moment to read the goodbye before the connection goes.
-                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-                connection.close(0u32.into(), b"closed by gateway");
-                return;
-            }
-        }
-    }
 }
 
 async fn core_loop(

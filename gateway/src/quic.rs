@@ -322,3 +322,36 @@ impl FrameReader {
         }
     }
 }
+
+/// What a connection's writer task is told by its driver.
+#[derive(Debug)]
+pub enum WriterCommand {
+    /// Write one encoded frame.
+    Frame(Bytes),
+    /// Finish the stream, give the peer `linger` to read it, then close the connection.
+    Close,
+}
+
+/// A connection's writer task: writes frames in order until told to close or until its driver
+/// drops the channel (shutdown), then finishes the stream and closes with `reason`.
+pub async fn write_frames(
+    mut send: quinn::SendStream,
+    mut commands: tokio::sync::mpsc::Receiver<WriterCommand>,
+    connection: quinn::Connection,
+    linger: Duration,
+    reason: &'static [u8],
+) {
+    while let Some(command) = commands.recv().await {
+        match command {
+            WriterCommand::Frame(bytes) => {
+                if send.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            WriterCommand::Close => break,
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(linger, send.stopped()).await;
+    connection.close(0u32.into(), reason);
+}

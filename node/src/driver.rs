@@ -15,7 +15,7 @@ use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use sund_gateway::clock::DriverClock;
 use sund_gateway::entropy::EntropySource;
-use sund_gateway::quic::{self, FrameReader, Socket};
+use sund_gateway::quic::{self, FrameReader, Socket, WriterCommand};
 use sund_gateway::store::RedbStore;
 use sund_model::env::Ready;
 use sund_model::identity::DeviceKey;
@@ -94,11 +94,6 @@ enum LinkInput {
     ConnectFailed(String),
     Frame(ConnectionId, Bytes),
     Closed(ConnectionId),
-}
-
-enum WriterCommand {
-    Frame(Bytes),
-    Close,
 }
 
 /// A running node.
@@ -406,7 +401,13 @@ async fn connect(
     {
         return;
     }
-    tokio::spawn(write_loop(send, writer_rx, connection.clone()));
+    tokio::spawn(quic::write_frames(
+        send,
+        writer_rx,
+        connection.clone(),
+        Duration::from_millis(200),
+        b"closed by node",
+    ));
     let mut reader = FrameReader::new(recv);
     while let Ok(frame) = reader.next().await {
         if link.send(LinkInput::Frame(conn, frame)).await.is_err() {
@@ -414,29 +415,4 @@ async fn connect(
         }
     }
     let _ = link.send(LinkInput::Closed(conn)).await;
-}
-
-async fn write_loop(
-    mut send: quinn::SendStream,
-    mut commands: mpsc::Receiver<WriterCommand>,
-    connection: quinn::Connection,
-) {
-    while let Some(command) = commands.recv().await {
-        match command {
-            WriterCommand::Frame(bytes) => {
-                if send.write_all(&bytes).await.is_err() {
-                    return;
-                }
-            }
-            WriterCommand::Close => {
-                let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-                connection.close(0u32.into(), b"closed by node");
-                return;
-            }
-        }
-    }
-    // The core dropped us (shutdown): close politely.
-    let _ = send.finish();
-    connection.close(0u32.into(), b"node stopped");
 }
