@@ -47,7 +47,13 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
+/// Starts the gateway with debug logging appended to `DATA/../gateway.log`.
 fn start_gateway(data: &Path, port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.with_file_name("gateway.log"))
+        .unwrap();
     Command::new(gateway_binary())
         .args([
             "--listen",
@@ -55,8 +61,9 @@ fn start_gateway(data: &Path, port: u16) -> Child {
             "--data-dir",
             data.to_str().unwrap(),
         ])
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("sund-gateway starts")
 }
@@ -208,6 +215,13 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
     let status = follower.0.wait().unwrap();
     assert!(status.success(), "follow exits 0 after --count messages");
     drop(gateway);
+    // Logs never hold message content, even at debug level.
+    let log = std::fs::read_to_string(gw_dir.with_file_name("gateway.log")).unwrap();
+    assert!(log.contains("gateway listening"), "the log was captured");
+    assert!(
+        !log.contains("message-"),
+        "a message body leaked into the gateway's log"
+    );
 }
 
 #[test]
