@@ -103,7 +103,8 @@ pub enum GatewayInput {
     Frame(ConnectionId, Bytes),
     /// A connection is gone.
     Closed(ConnectionId),
-    /// Admin: create a conversation with these member devices (idempotent; members are added).
+    /// Admin: create a conversation with these member devices (idempotent; members are added;
+    /// an empty list creates nothing).
     CreateConversation(ConversationId, Vec<DeviceId>),
     /// Admin: admit a device key (until certificates replace this with the trust issue).
     AdmitDevice(DevicePublicKey),
@@ -384,10 +385,11 @@ impl Gateway {
                 for device in members {
                     self.add_member(conv, device);
                 }
-                self.conversations
-                    .get(&conv)
-                    .expect("just created")
-                    .persist_members(&mut self.writes);
+                // A conversation exists through its members: with none, there is nothing to
+                // create (and nothing that could be recovered).
+                if let Some(log) = self.conversations.get(&conv) {
+                    log.persist_members(&mut self.writes);
+                }
             }
         }
     }

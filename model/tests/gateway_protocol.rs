@@ -681,3 +681,17 @@ fn a_resume_from_before_the_retained_log_gets_replay_window_exceeded() {
     assert_eq!(frames[2].routing.seq, 4);
     assert_eq!(h.gateway.stats().replay_window_exceeded, 1);
 }
+
+/// Regression (spotted while writing the `gateway_inputs` fuzz target): creating a conversation
+/// with no members panicked.
+#[test]
+fn creating_a_conversation_without_members_creates_nothing() {
+    let mut h = Harness::new();
+    let empty = ConversationId(5);
+    h.input(GatewayInput::CreateConversation(empty, vec![]));
+    assert_eq!(h.gateway.conversation_head(empty), None);
+    assert_eq!(
+        h.restarted(open_config()).gateway.conversation_head(empty),
+        None
+    );
+}
