@@ -11,6 +11,7 @@
 
 pub mod checker;
 pub mod disk;
+pub mod fuzzing;
 pub mod network;
 pub mod rng;
 pub mod runner;

@@ -1,0 +1,565 @@
+//! Fuzzing harnesses shared by the `cargo fuzz` targets in `fuzz/` and the corpus replay tests.
+//!
+//! Each `run_*` function takes raw fuzzer bytes, drives the code under test and panics only when
+//! an invariant is broken, so that a fuzz target is a one-line call and `sim/tests/corpus_replay.rs`
+//! re-checks every committed corpus input with exactly the same code on every `cargo test`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use arbitrary::{Arbitrary, Unstructured};
+use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::identity::{session_proof_message, DeviceKey};
+use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
+use sund_model::time::Instant;
+use sund_model::wire::payload::{
+    Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, Proof, ReplayRequest, Send,
+};
+use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+use crate::disk::SimDisk;
+use crate::rng::SimRng;
+
+/// Most operations one input runs, so that one execution stays fast.
+pub const GATEWAY_OPS_MAX: usize = 256;
+/// Connection slots an input can address; each `Accept` opens a fresh connection id in a slot.
+const SLOTS: usize = 4;
+/// Longest message body a generated `Send` carries.
+const BODY_BYTES_MAX: usize = 256;
+/// Most cursors a generated `Hello` carries.
+const CURSORS_MAX: usize = 8;
+/// Longest time step of one `Advance`.
+const ADVANCE_MS_MAX: u64 = 10_000;
+
+/// Conversations an input can name: none, the two pre-created ones, and one that does not exist
+/// at first (an `AddMember` can create it).
+const CONVERSATIONS: [ConversationId; 4] = [
+    ConversationId(0),
+    ConversationId(1),
+    ConversationId(2),
+    ConversationId(99),
+];
+/// Device ids an input can name: 0 means "no sender"; 1..=3 are members of conversation 1,
+/// 2 and 4 of conversation 2, 5 of none.
+const DEVICES_MAX: u8 = 5;
+
+/// Parses fuzzer input as a scenario file (lossy UTF-8). Any `Ok` or `Err` is fine; a panic is a bug.
+pub fn run_scenario_parse(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let first = crate::scenario::parse("fuzz.sund", &text);
+    if let Err(error) = &first {
+        // Errors must point into the input: 1-based, at most one line past the last.
+        let lines = text.lines().count().max(1);
+        assert!(error.line >= 1, "error line is 1-based: {error}");
+        assert!(
+            error.line <= lines + 1,
+            "error line past the input: {error}"
+        );
+        assert!(error.column >= 1, "error column is 1-based: {error}");
+    }
+}
+
+/// A well-formed frame the interpreter builds with the wire types.
+#[derive(Arbitrary, Debug)]
+enum WellFormed {
+    Hello {
+        device: u8,
+        cursors: Vec<(u8, u64)>,
+        /// Present the last resume token the gateway issued on any connection (maybe another
+        /// device's), or none.
+        resume: bool,
+        /// Claim the device id with another device's key.
+        wrong_key: bool,
+    },
+    /// Answer the slot's last challenge as the device that said hello on it; `valid: false`
+    /// flips one bit of the signature.
+    Proof {
+        valid: bool,
+    },
+    Send {
+        conversation: u8,
+        msg_id: u8,
+        body: Vec<u8>,
+    },
+    Ack {
+        conversation: u8,
+        seq: u64,
+    },
+    ReplayRequest {
+        conversation: u8,
+        from_seq: u64,
+    },
+    Heartbeat {
+        nonce: u64,
+    },
+    HeartbeatAck {
+        nonce: u64,
+    },
+    Goodbye {
+        code: u16,
+    },
+    /// A gateway-to-node frame sent the wrong way.
+    HelloOk {
+        interval_ms: u32,
+    },
+}
+
+/// One step of a fuzzed gateway run.
+#[derive(Arbitrary, Debug)]
+enum Op {
+    /// The driver accepts a new connection in slot `k` (a no-op if the slot's connection is open).
+    Accept(u8),
+    /// The connection in slot `k` goes away.
+    Close(u8),
+    /// Raw bytes arrive as one frame on slot `k`.
+    Raw(u8, Vec<u8>),
+    /// A well-formed frame arrives on slot `k`.
+    Frame(u8, WellFormed),
+    /// A well-formed frame with one byte overwritten arrives on slot `k`.
+    Tampered(u8, WellFormed, u16, u8),
+    /// Admin: add one device to a conversation (creating it if needed).
+    AddMember(u8, u8),
+    /// Time passes (up to 10 s) and the housekeeping tick runs.
+    Advance(u16),
+}
+
+fn conversation(k: u8) -> ConversationId {
+    CONVERSATIONS[usize::from(k) % CONVERSATIONS.len()]
+}
+
+fn device(k: u8) -> DeviceId {
+    match k % (DEVICES_MAX + 1) {
+        0 => DeviceId(0),
+        d => device_key(d).device_id(),
+    }
+}
+
+/// The key of device `d` (1..=DEVICES_MAX): fixed seeds, so inputs replay exactly. Derived once
+/// per process: key derivation would otherwise dominate an execution.
+fn device_key(d: u8) -> DeviceKey {
+    static KEYS: std::sync::OnceLock<Vec<DeviceKey>> = std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        (1..=DEVICES_MAX)
+            .map(|d| DeviceKey::from_seed([d; 32]))
+            .collect()
+    });
+    keys[usize::from(d) - 1].clone()
+}
+
+/// What the harness remembers of the handshake to build `Hello` and `Proof` frames.
+#[derive(Default)]
+struct Handshakes {
+    /// Per connection: the last challenge nonce and the device that said hello.
+    challenges: BTreeMap<ConnectionId, [u8; 32]>,
+    hellos: BTreeMap<ConnectionId, u8>,
+    /// The last resume token any `HelloOk` carried.
+    last_token: Option<[u8; 32]>,
+}
+
+fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes) -> Frame {
+    match frame {
+        WellFormed::Proof { valid } => {
+            let d = hs.hellos.get(&conn).copied().unwrap_or(1);
+            let nonce = hs.challenges.get(&conn).copied().unwrap_or([0; 32]);
+            let k = (d % (DEVICES_MAX + 1)).max(1);
+            let mut signature = device_key(k).sign(&session_proof_message(&nonce, device(k)));
+            if !valid {
+                signature[7] ^= 0x20;
+            }
+            Frame::new(Routing::default(), Payload::Proof(Proof { signature }))
+        }
+        WellFormed::Hello {
+            device: d,
+            cursors,
+            resume,
+            wrong_key,
+        } => {
+            hs.hellos.insert(conn, d);
+            let k = (d % (DEVICES_MAX + 1)).max(1);
+            let key = if wrong_key {
+                device_key(k % DEVICES_MAX + 1)
+            } else {
+                device_key(k)
+            };
+            let cursors = cursors
+                .into_iter()
+                .take(CURSORS_MAX)
+                .map(|(c, seq)| Cursor::new(conversation(c), seq))
+                .collect();
+            let routing = Routing {
+                sender: device(d),
+                ..Routing::default()
+            };
+            let hello = Hello {
+                cursors,
+                device_key: key.public().0,
+                resume_token: if resume { hs.last_token } else { None },
+            };
+            Frame::new(routing, Payload::Hello(hello))
+        }
+        WellFormed::Send {
+            conversation: c,
+            msg_id,
+            mut body,
+        } => {
+            body.truncate(BODY_BYTES_MAX);
+            let routing = Routing {
+                conversation: conversation(c),
+                ..Routing::default()
+            };
+            let mut id = [0u8; 16];
+            id[15] = msg_id;
+            Frame::new(routing, Payload::Send(Send { msg_id: id, body }))
+        }
+        WellFormed::Ack {
+            conversation: c,
+            seq,
+        } => {
+            let routing = Routing {
+                conversation: conversation(c),
+                seq,
+                ..Routing::default()
+            };
+            Frame::new(routing, Payload::Ack(Ack {}))
+        }
+        WellFormed::ReplayRequest {
+            conversation: c,
+            from_seq,
+        } => {
+            let routing = Routing {
+                conversation: conversation(c),
+                ..Routing::default()
+            };
+            Frame::new(routing, Payload::ReplayRequest(ReplayRequest { from_seq }))
+        }
+        WellFormed::Heartbeat { nonce } => {
+            Frame::new(Routing::default(), Payload::Heartbeat(Heartbeat { nonce }))
+        }
+        WellFormed::HeartbeatAck { nonce } => Frame::new(
+            Routing::default(),
+            Payload::HeartbeatAck(Heartbeat { nonce }),
+        ),
+        WellFormed::Goodbye { code } => Frame::new(
+            Routing::default(),
+            Payload::Goodbye(Goodbye {
+                code,
+                message: "bye".to_string(),
+            }),
+        ),
+        WellFormed::HelloOk { interval_ms } => Frame::new(
+            Routing::default(),
+            Payload::HelloOk(HelloOk {
+                resume_token: [0; 32],
+                resume_token_ttl_s: 0,
+                heartbeat_interval_ms: interval_ms,
+            }),
+        ),
+    }
+}
+
+/// The driver side of a fuzzed gateway run: the gateway, its disk and what the checks remember.
+struct Harness {
+    config: GatewayConfig,
+    now: Instant,
+    gateway: Gateway,
+    disk: SimDisk,
+    /// Per slot: the slot's latest connection id and whether it is open.
+    slots: [Option<(ConnectionId, bool)>; SLOTS],
+    next_conn: u64,
+    /// Connections the gateway closed; nothing may be sent on them afterwards.
+    closed_by_gateway: BTreeSet<ConnectionId>,
+    /// Highest head seen per conversation.
+    heads: BTreeMap<ConversationId, u64>,
+    /// Challenges, hellos and tokens seen, to build valid proofs and resumptions.
+    handshakes: Handshakes,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let config = GatewayConfig {
+            open_enrolment: true,
+            ..GatewayConfig::default()
+        };
+        let now = Instant(0);
+        let mut harness = Harness {
+            gateway: Gateway::new(config.clone(), now, Box::new(SimRng::from_seed(0))),
+            handshakes: Handshakes::default(),
+            config,
+            now,
+            disk: SimDisk::default(),
+            slots: [None; SLOTS],
+            next_conn: 1,
+            closed_by_gateway: BTreeSet::new(),
+            heads: BTreeMap::new(),
+        };
+        let room = [device(1), device(2), device(3)];
+        harness.input(GatewayInput::CreateConversation(
+            ConversationId(1),
+            room.to_vec(),
+        ));
+        harness.input(GatewayInput::CreateConversation(
+            ConversationId(2),
+            vec![device(2), device(4)],
+        ));
+        harness
+    }
+
+    fn input(&mut self, input: GatewayInput) {
+        self.gateway.handle(self.now, input);
+        self.drain();
+    }
+
+    /// The connection id an op on slot `k` uses: the slot's latest (open or not), or one that was
+    /// never accepted.
+    fn conn(&self, k: u8) -> ConnectionId {
+        let slot = usize::from(k) % SLOTS;
+        match self.slots[slot] {
+            Some((conn, _)) => conn,
+            None => ConnectionId(1_000_000 + slot as u64),
+        }
+    }
+
+    fn step(&mut self, op: Op) {
+        match op {
+            Op::Accept(k) => {
+                let slot = usize::from(k) % SLOTS;
+                if matches!(self.slots[slot], Some((_, true))) {
+                    return;
+                }
+                let conn = ConnectionId(self.next_conn);
+                self.next_conn += 1;
+                self.slots[slot] = Some((conn, true));
+                self.input(GatewayInput::Accepted(conn));
+            }
+            Op::Close(k) => {
+                let slot = usize::from(k) % SLOTS;
+                if let Some((conn, open)) = &mut self.slots[slot] {
+                    if *open {
+                        *open = false;
+                        let conn = *conn;
+                        self.input(GatewayInput::Closed(conn));
+                    }
+                }
+            }
+            Op::Raw(k, bytes) => {
+                let conn = self.conn(k);
+                self.input(GatewayInput::Frame(conn, bytes.into()));
+            }
+            Op::Frame(k, frame) => {
+                let conn = self.conn(k);
+                let bytes = well_formed_frame(frame, conn, &mut self.handshakes).encode();
+                self.input(GatewayInput::Frame(conn, bytes));
+            }
+            Op::Tampered(k, frame, at, value) => {
+                let conn = self.conn(k);
+                let mut bytes = well_formed_frame(frame, conn, &mut self.handshakes)
+                    .encode()
+                    .to_vec();
+                let at = usize::from(at) % bytes.len();
+                bytes[at] = value;
+                self.input(GatewayInput::Frame(conn, bytes.into()));
+            }
+            Op::AddMember(c, d) => {
+                let d = device(d);
+                if d == DeviceId(0) {
+                    return;
+                }
+                self.input(GatewayInput::CreateConversation(conversation(c), vec![d]));
+            }
+            Op::Advance(ms) => {
+                let ms = u64::from(ms) % (ADVANCE_MS_MAX + 1);
+                self.now = self.now + Duration::from_millis(ms);
+                self.gateway.handle_timeout(self.now);
+                self.drain();
+            }
+        }
+    }
+
+    /// Commits every pending `Ready` and checks what it releases.
+    fn drain(&mut self) {
+        while let Some(ready) = self.gateway.poll_ready() {
+            let outputs = ready
+                .commit(&mut self.disk)
+                .expect("the simulated disk accepts every commit");
+            for output in outputs {
+                match output {
+                    GatewayOutput::Send(conn, bytes) => {
+                        let frame = Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap_or_else(|e| {
+                            panic!("gateway sent an undecodable frame on {conn:?}: {e}")
+                        });
+                        assert!(
+                            !self.closed_by_gateway.contains(&conn),
+                            "frame sent on {conn:?} after the gateway closed it: {:?}",
+                            frame.payload
+                        );
+                        match frame.payload {
+                            Payload::Challenge(c) => {
+                                self.handshakes.challenges.insert(conn, c.nonce);
+                            }
+                            Payload::HelloOk(ok) => {
+                                self.handshakes.last_token = Some(ok.resume_token)
+                            }
+                            _ => {}
+                        }
+                    }
+                    GatewayOutput::Close(conn) => {
+                        self.closed_by_gateway.insert(conn);
+                        for (c, open) in self.slots.iter_mut().flatten() {
+                            if *c == conn {
+                                *open = false;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for log in self.gateway.conversations() {
+            let head = log.head();
+            let seen = self.heads.entry(log.id()).or_insert(0);
+            assert!(
+                head >= *seen,
+                "head of {:?} went back from {} to {}",
+                log.id(),
+                seen,
+                head
+            );
+            *seen = head;
+        }
+        for (&conv, &seen) in &self.heads {
+            assert!(
+                self.gateway.conversation_head(conv).is_some(),
+                "{conv:?} (head {seen}) disappeared"
+            );
+        }
+    }
+
+    /// Durability: a gateway recovered from the disk knows what the live one committed.
+    fn check_recovery(&self) {
+        let recovered = Gateway::recover(
+            self.config.clone(),
+            self.now,
+            &self.disk,
+            Box::new(SimRng::from_seed(1)),
+        )
+        .expect("recovery from committed data succeeds");
+        let live: Vec<(ConversationId, u64)> = self
+            .gateway
+            .conversations()
+            .map(|log| (log.id(), log.head()))
+            .collect();
+        let back: Vec<(ConversationId, u64)> = recovered
+            .conversations()
+            .map(|log| (log.id(), log.head()))
+            .collect();
+        assert_eq!(live, back, "recovered conversations and heads differ");
+        for log in self.gateway.conversations() {
+            let conv = log.id();
+            let back = recovered.conversations().find(|l| l.id() == conv);
+            assert_eq!(
+                Some(log.members()),
+                back.map(|l| l.members()),
+                "recovered members of {conv:?} differ"
+            );
+            for d in 0..=DEVICES_MAX {
+                let d = device(d);
+                assert_eq!(
+                    self.gateway.cursor(d, conv),
+                    recovered.cursor(d, conv),
+                    "recovered cursor of {d:?} in {conv:?} differs"
+                );
+            }
+            for seq in 1..=log.head() {
+                assert_eq!(
+                    log.get(seq),
+                    back.and_then(|l| l.get(seq)),
+                    "recovered entry {seq} of {conv:?} differs"
+                );
+            }
+        }
+    }
+}
+
+/// Interprets fuzzer bytes as up to [`GATEWAY_OPS_MAX`] gateway operations and checks, after every
+/// step, that each frame the gateway sends decodes, that nothing is sent on a connection after the
+/// gateway closed it and that no conversation head goes back; at the end, that a gateway recovered
+/// from the committed disk has the same conversations, members, heads, entries and cursors.
+pub fn run_gateway_ops(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let mut harness = Harness::new();
+    for _ in 0..GATEWAY_OPS_MAX {
+        if u.is_empty() {
+            break;
+        }
+        let Ok(op) = Op::arbitrary(&mut u) else {
+            break;
+        };
+        harness.step(op);
+    }
+    harness.check_recovery();
+}
+
+/// The operations [`run_gateway_ops`] would run for `data`, one `Debug` line each: for triaging a
+/// crash input (`cargo fuzz` shows only bytes).
+pub fn describe_gateway_ops(data: &[u8]) -> Vec<String> {
+    let mut u = Unstructured::new(data);
+    let mut ops = Vec::new();
+    for _ in 0..GATEWAY_OPS_MAX {
+        if u.is_empty() {
+            break;
+        }
+        let Ok(op) = Op::arbitrary(&mut u) else {
+            break;
+        };
+        ops.push(format!("{op:?}"));
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_short_inputs_run() {
+        run_gateway_ops(&[]);
+        run_gateway_ops(&[0]);
+        run_gateway_ops(&[0xff; 64]);
+        run_scenario_parse(b"");
+        run_scenario_parse(b"name x\n\xff\xfe");
+    }
+
+    #[test]
+    fn a_session_that_sends_survives_recovery() {
+        let mut h = Harness::new();
+        h.step(Op::Accept(0));
+        h.step(Op::Frame(
+            0,
+            WellFormed::Hello {
+                device: 1,
+                cursors: vec![],
+                resume: false,
+                wrong_key: false,
+            },
+        ));
+        h.step(Op::Frame(0, WellFormed::Proof { valid: true }));
+        h.step(Op::Frame(
+            0,
+            WellFormed::Send {
+                conversation: 1,
+                msg_id: 7,
+                body: b"hi".to_vec(),
+            },
+        ));
+        h.step(Op::Frame(
+            0,
+            WellFormed::Ack {
+                conversation: 1,
+                seq: 1,
+            },
+        ));
+        h.step(Op::Advance(10_000));
+        assert_eq!(h.gateway.conversation_head(ConversationId(1)), Some(1));
+        assert_eq!(h.gateway.cursor(device(1), ConversationId(1)), 1);
+        h.check_recovery();
+    }
+}
