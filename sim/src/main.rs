@@ -80,8 +80,7 @@ fn real_main() -> Result<ExitCode, RunError> {
     let scenarios = files
         .iter()
         .map(|f| {
-            // deterministic: scenario files are read before any run starts.
-            let text = std::fs::read_to_string(f)
+            let text = std::fs::read_to_string(f) // deterministic: read before any run starts
                 .map_err(|e| RunError::Scenario(format!("cannot read {}: {e}", f.display())))?;
             Ok((f.display().to_string(), text))
         })

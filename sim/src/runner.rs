@@ -83,8 +83,8 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            // deterministic: the directory listing is sorted below.
-            let entries = std::fs::read_dir(path).map_err(|e| {
+            let listing = std::fs::read_dir(path); // deterministic: sorted below
+            let entries = listing.map_err(|e| {
                 RunError::Scenario(format!("cannot read directory {}: {e}", path.display()))
             })?;
             let mut found: Vec<PathBuf> = entries
@@ -137,8 +137,7 @@ pub fn list(scenarios: &[(String, String)]) -> Result<Vec<String>, RunError> {
 }
 
 fn run_once(scenario: &Scenario, seed: u64) -> Result<(RunReport, u64), RunError> {
-    // deterministic: wall time is measured for the report only and never enters the run.
-    let started = std::time::Instant::now();
+    let started = std::time::Instant::now(); // deterministic: reported only, never enters a run
     let world =
         World::new(scenario.clone(), seed).map_err(|e| RunError::Scenario(e.to_string()))?;
     let report = world.run();
