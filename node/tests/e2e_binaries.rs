@@ -14,13 +14,14 @@ fn sund() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sund"))
 }
 
-/// `sund-gateway` sits beside `sund` in the target directory; build it if a narrower
-/// `cargo test -p sund-node` did not.
+/// `sund-gateway` sits beside `sund` in the target directory. `cargo test` builds only the
+/// binaries of the package under test, so build the workspace's binaries (same features as this
+/// build, so the artifacts are shared and only the link is new) if it is not there yet.
 fn gateway_binary() -> PathBuf {
     let path = sund().with_file_name(format!("sund-gateway{}", std::env::consts::EXE_SUFFIX));
     if !path.exists() {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "sund-gateway", "--bin", "sund-gateway"])
+            .args(["build", "--workspace", "--bins"])
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building sund-gateway failed");
