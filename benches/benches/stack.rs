@@ -13,6 +13,7 @@ use bytes::Bytes;
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
 use sund_gateway::quic;
 use sund_model::gateway::{GatewayConfig, GatewayInput};
+use sund_model::identity::DeviceKey;
 use sund_model::ids::ConversationId;
 use sund_model::node::NodeEvent;
 use sund_node::device::Device;
@@ -210,6 +211,153 @@ async fn bare_quinn(frames: usize) -> f64 {
     rate
 }
 
+/// A minimal protocol client (no store): authenticates, pipelines `count` Send frames, acks its
+/// echoes, and returns when every Send is acknowledged. It measures the gateway alone, as 100
+/// real devices (each with its own disk) would load it.
+async fn load_client(
+    addr: SocketAddr,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: DeviceKey,
+    conv: ConversationId,
+    count: usize,
+) {
+    use sund_model::identity::session_proof_message;
+    use sund_model::wire::payload::{Ack, Hello, Proof, Send};
+    use sund_model::wire::{Frame, Payload, Routing};
+    let endpoint =
+        quic::client_endpoint(quic::Socket::Bind("0.0.0.0:0".parse().unwrap()), cert).unwrap();
+    let conn = endpoint
+        .connect(addr, "sund-gateway")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut reader = quic::FrameReader::new(recv);
+    let me = key.device_id();
+    let hello = Hello {
+        cursors: vec![],
+        device_key: key.public().0,
+        resume_token: None,
+    };
+    send.write_all(
+        &Frame::new(
+            Routing {
+                sender: me,
+                ..Routing::default()
+            },
+            Payload::Hello(hello),
+        )
+        .encode(),
+    )
+    .await
+    .unwrap();
+    let challenge = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
+    let Payload::Challenge(c) = challenge.payload else {
+        panic!("expected a challenge")
+    };
+    let signature = key.sign(&session_proof_message(&c.nonce, me));
+    send.write_all(&Frame::new(Routing::default(), Payload::Proof(Proof { signature })).encode())
+        .await
+        .unwrap();
+    let ok = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
+    assert!(matches!(ok.payload, Payload::HelloOk(_)));
+    // Reader: count acknowledgements, ask the writer to ack echoes.
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let reading = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < count {
+            let frame = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
+            match frame.payload {
+                Payload::SendAck(_) => acked += 1,
+                Payload::Deliver(_) => {
+                    let _ = ack_tx.send(frame.routing.seq);
+                }
+                _ => {}
+            }
+        }
+    });
+    let mut last_ack = 0;
+    for i in 0..count {
+        let mut msg_id = [0u8; 16];
+        msg_id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let frame = Frame::new(
+            Routing {
+                conversation: conv,
+                sender: me,
+                ..Routing::default()
+            },
+            Payload::Send(Send {
+                msg_id,
+                body: vec![b'x'; BODY],
+            }),
+        );
+        send.write_all(&frame.encode()).await.unwrap();
+        while let Ok(seq) = ack_rx.try_recv() {
+            last_ack = last_ack.max(seq);
+        }
+        if last_ack > 0 && i % 32 == 0 {
+            let ack = Frame::new(
+                Routing {
+                    conversation: conv,
+                    seq: last_ack,
+                    ..Routing::default()
+                },
+                Payload::Ack(Ack {}),
+            );
+            send.write_all(&ack.encode()).await.unwrap();
+        }
+    }
+    reading.await.unwrap();
+    conn.close(0u32.into(), b"done");
+}
+
+/// The gateway driver alone under `clients` protocol clients sending `per_client` messages each.
+async fn gateway_ingest(clients: usize, per_client: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let options = GatewayOptions {
+        socket: quic::Socket::Bind("127.0.0.1:0".parse().unwrap()),
+        entropy: sund_gateway::entropy::EntropySource::Os,
+        clock: None,
+        data_dir: dir.path().join("gw"),
+        config: GatewayConfig {
+            open_enrolment: true,
+            ..GatewayConfig::default()
+        },
+    };
+    let gateway = driver::start(options).await.unwrap();
+    let keys: Vec<DeviceKey> = (0..clients)
+        .map(|i| DeviceKey::from_seed([i as u8 + 1; 32]))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        gateway
+            .admin(GatewayInput::CreateConversation(
+                ConversationId::from_name(&format!("load-{i}")),
+                vec![k.device_id()],
+            ))
+            .await;
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| {
+            tokio::spawn(load_client(
+                gateway.addr,
+                gateway.cert.clone(),
+                k,
+                ConversationId::from_name(&format!("load-{i}")),
+                per_client,
+            ))
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = (clients * per_client) as f64 / started.elapsed().as_secs_f64();
+    gateway.shutdown().await.unwrap();
+    rate
+}
+
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut results: BTreeMap<&str, String> = BTreeMap::new();
@@ -244,6 +392,16 @@ fn main() {
             node.stop().await.unwrap();
         }
         one.gateway.shutdown().await.unwrap();
+
+        let ingest = gateway_ingest(100, 1_000).await;
+        results.insert(
+            "f gateway alone, 100 protocol clients",
+            format!(
+                "{ingest:.0} msg/s ({:.1}% of quinn, {:.1}% of redb)",
+                100.0 * ingest / quinn_rate,
+                100.0 * ingest / redb_rate
+            ),
+        );
 
         let mut hundred = setup(100).await;
         let rate100 = throughput(&mut hundred.nodes, 200, 4).await;

@@ -5,6 +5,7 @@
 //! really means durable. Drivers merge the `Ready`s of a batch of inputs into one commit (group
 //! commit) to pay the fsync once per batch.
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -77,17 +78,27 @@ impl Store for RedbStore {
         if batch.is_empty() {
             return Ok(CommitReceipt::after_durable_commit());
         }
-        let txn = self.db.begin_write().map_err(backend)?;
+        // Open each table once per transaction (opening is not free), applying its writes in
+        // batch order; writes to different tables commute within one transaction.
+        let mut by_table: BTreeMap<&'static str, Vec<&WriteOp>> = BTreeMap::new();
         for op in batch.ops() {
-            match op {
-                WriteOp::Put { table, key, value } => {
-                    let mut t = txn.open_table(definition(*table)).map_err(backend)?;
-                    t.insert(key.as_slice(), value.as_slice())
-                        .map_err(backend)?;
-                }
-                WriteOp::Delete { table, key } => {
-                    let mut t = txn.open_table(definition(*table)).map_err(backend)?;
-                    t.remove(key.as_slice()).map_err(backend)?;
+            let table = match op {
+                WriteOp::Put { table, .. } | WriteOp::Delete { table, .. } => table.0,
+            };
+            by_table.entry(table).or_default().push(op);
+        }
+        let txn = self.db.begin_write().map_err(backend)?;
+        for (name, ops) in by_table {
+            let mut t = txn.open_table(definition(Table(name))).map_err(backend)?;
+            for op in ops {
+                match op {
+                    WriteOp::Put { key, value, .. } => {
+                        t.insert(key.as_slice(), value.as_slice())
+                            .map_err(backend)?;
+                    }
+                    WriteOp::Delete { key, .. } => {
+                        t.remove(key.as_slice()).map_err(backend)?;
+                    }
                 }
             }
         }
@@ -133,6 +144,23 @@ mod tests {
                 (b"b".to_vec(), b"2".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn writes_to_one_key_apply_in_batch_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(&dir.path().join("db.redb")).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put(T, b"k".to_vec(), b"1".to_vec());
+        batch.put(Table("other"), b"x".to_vec(), b"y".to_vec());
+        batch.delete(T, b"k".to_vec());
+        batch.put(T, b"j".to_vec(), b"1".to_vec());
+        batch.delete(T, b"j".to_vec());
+        batch.put(T, b"j".to_vec(), b"2".to_vec());
+        store.commit(batch).unwrap();
+        assert_eq!(store.get(T, b"k").unwrap(), None);
+        assert_eq!(store.get(T, b"j").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(store.get(Table("other"), b"x").unwrap(), Some(b"y".to_vec()));
     }
 
     #[test]
