@@ -160,7 +160,10 @@ mod tests {
         store.commit(batch).unwrap();
         assert_eq!(store.get(T, b"k").unwrap(), None);
         assert_eq!(store.get(T, b"j").unwrap(), Some(b"2".to_vec()));
-        assert_eq!(store.get(Table("other"), b"x").unwrap(), Some(b"y".to_vec()));
+        assert_eq!(
+            store.get(Table("other"), b"x").unwrap(),
+            Some(b"y".to_vec())
+        );
     }
 
     #[test]
