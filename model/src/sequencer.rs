@@ -171,18 +171,13 @@ impl ConversationLog {
     }
 
     /// Adds the writes that persist the entry at `seq` (entry, bounds, deduplication record).
+    ///
+    /// One write per message on the hot path: the entry itself carries what deduplication and the
+    /// log's bounds need while it is retained; its deduplication record and the new bounds are
+    /// written when garbage collection drops it.
     pub fn persist_append(&self, seq: u64, batch: &mut WriteBatch) {
         let entry = self.get(seq).expect("persisting a retained seq");
         batch.put(LOG_TABLE, log_key(self.id, seq), encode_entry(entry));
-        let mut dedup = Vec::with_capacity(16);
-        dedup.extend_from_slice(&entry.seq.to_be_bytes());
-        dedup.extend_from_slice(&entry.accepted_at.0.to_be_bytes());
-        batch.put(
-            DEDUP_TABLE,
-            dedup_key(self.id, entry.sender, entry.msg_id),
-            dedup,
-        );
-        self.persist_bounds(batch);
     }
 
     fn persist_bounds(&self, batch: &mut WriteBatch) {
@@ -220,6 +215,15 @@ impl ConversationLog {
                 break;
             }
             batch.delete(LOG_TABLE, log_key(self.id, front.seq));
+            // The entry's deduplication record outlives it.
+            let mut record = Vec::with_capacity(16);
+            record.extend_from_slice(&front.seq.to_be_bytes());
+            record.extend_from_slice(&front.accepted_at.0.to_be_bytes());
+            batch.put(
+                DEDUP_TABLE,
+                dedup_key(self.id, front.sender, front.msg_id),
+                record,
+            );
             self.entries.pop_front();
             self.first_seq += 1;
             dropped += 1;
@@ -246,6 +250,9 @@ impl ConversationLog {
     }
 
     /// Restores the bounds read back from the store during recovery.
+    ///
+    /// The bounds are written when garbage collection moves `first_seq`; entries appended since
+    /// then extend the head beyond the recorded one.
     pub fn restore_bounds(&mut self, head: u64, first_seq: u64) -> Result<(), StoreError> {
         if first_seq == 0 || first_seq > head + 1 || !self.entries.is_empty() {
             return Err(corrupt(
@@ -254,7 +261,7 @@ impl ConversationLog {
             ));
         }
         self.first_seq = first_seq;
-        // Entries are restored next; until then the log claims nothing beyond first_seq - 1.
+        // Entries are restored next; the head must end at or after the recorded one.
         self.expected_head = Some(head);
         Ok(())
     }
@@ -267,7 +274,10 @@ impl ConversationLog {
                 format!("seq {} follows {}", entry.seq, self.head()),
             ));
         }
-        self.entries.push_back(entry);
+        if self.dedup.contains_key(&(entry.sender, entry.msg_id)) {
+            return Err(corrupt(LOG_TABLE, "a message id appears twice".to_string()));
+        }
+        self.push(entry);
         Ok(())
     }
 
@@ -286,12 +296,12 @@ impl ConversationLog {
 
     /// Checks a recovered log for consistency and orders its deduplication records.
     pub fn finish_restore(&mut self) -> Result<(), StoreError> {
-        if let Some(expected) = self.expected_head.take() {
-            if expected != self.head() {
+        if let Some(recorded) = self.expected_head.take() {
+            if recorded > self.head() {
                 return Err(corrupt(
                     LOG_TABLE,
                     format!(
-                        "{}: bounds say head {expected}, entries end at {}",
+                        "{}: bounds say head {recorded}, entries end at {}",
                         self.id,
                         self.head()
                     ),

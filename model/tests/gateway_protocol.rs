@@ -695,3 +695,39 @@ fn creating_a_conversation_without_members_creates_nothing() {
         None
     );
 }
+
+#[test]
+fn after_collection_and_more_sends_recovery_keeps_head_and_deduplication() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.connect(2, bob());
+    for i in 1..=3 {
+        h.send(1, alice(), i, &[i]);
+    }
+    h.ack(1, 3);
+    h.ack(2, 3);
+    h.now = h.now + Duration::from_secs(1);
+    h.gateway.handle_timeout(h.now);
+    h.drain();
+    for i in 4..=6 {
+        h.send(1, alice(), i, &[i]);
+    }
+    let mut h2 = h.restarted(open_config());
+    assert_eq!(h2.gateway.conversation_head(CONV), Some(6));
+    let log = h2.gateway.conversations().next().unwrap();
+    assert_eq!((log.first_seq(), log.retained()), (4, 3));
+    h2.connect(3, alice());
+    // A retry of a collected message and of a retained one both get their original seqs.
+    assert_eq!(
+        frames_to(&h2.send(3, alice(), 2, &[2]), 3)[0].routing.seq,
+        2
+    );
+    assert_eq!(
+        frames_to(&h2.send(3, alice(), 5, &[5]), 3)[0].routing.seq,
+        5
+    );
+    assert_eq!(
+        frames_to(&h2.send(3, alice(), 7, &[7]), 3)[0].routing.seq,
+        7
+    );
+}
