@@ -23,10 +23,12 @@ use crate::time::Instant;
 pub const LOG_TABLE: Table = Table("log");
 /// Table of members: key `conversation(16) ++ device(16)`, empty value.
 pub const MEMBERS_TABLE: Table = Table("members");
-/// Table of log bounds: key `conversation(16)`, value `head(8) ++ first_seq(8)`.
+/// Table of log bounds: key `conversation(16)`, value `head(8) ++ first_seq(8)`; written when
+/// garbage collection moves `first_seq` (entries appended later extend the head).
 pub const BOUNDS_TABLE: Table = Table("log_bounds");
 /// Table of deduplication records: key `conversation(16) ++ sender(16) ++ msg_id(16)`, value
-/// `seq(8) ++ accepted_at(8)`.
+/// `seq(8) ++ accepted_at(8)`; written when garbage collection drops the entry (a retained
+/// entry is its own record).
 pub const DEDUP_TABLE: Table = Table("dedup");
 
 /// One sequenced message.
