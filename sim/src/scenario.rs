@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use crate::network::LinkProfile;
 
+/// Most devices one scenario may declare (the simulator is sized for tens of thousands).
+pub const DEVICES_MAX: u64 = 100_000;
+
 /// A parse or resolution error, located in the scenario file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScenarioError {
@@ -768,6 +771,13 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             }
             if count == 0 || count > 100_000 {
                 return Err(line.error_at(head.column, "a user group has 1 to 100000 users".into()));
+            }
+            let declared: u64 = b.users.iter().map(|u| u64::from(u.devices)).sum();
+            if declared + count * devices > DEVICES_MAX {
+                return Err(line.error_at(
+                    head.column,
+                    format!("this would make {} devices; a scenario has at most {DEVICES_MAX}", declared + count * devices),
+                ));
             }
             for i in 0..count {
                 let user = if plural { format!("{name}{i}") } else { name.clone() };

@@ -90,6 +90,7 @@ fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
     insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, revoked-never-authenticates, crl-converge, single-authority");
     insta::assert_snapshot!(error("seed 12 13\n"), @"bad.sund:1:9: expected end of line, found `13`");
+    insta::assert_snapshot!(error("gateway gw\nusers d count 100000 devices 2\n"), @"bad.sund:2:1: this would make 200000 devices; a scenario has at most 100000");
 }
 
 #[test]
