@@ -27,20 +27,25 @@ struct Setup {
     nodes: Vec<NodeHandle>,
 }
 
-/// A gateway and `n` devices; device i is alone in conversation `solo-i`, and all are in `all`.
-async fn setup(n: usize) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
+/// A gateway on loopback with open enrolment, its data in `dir/gw`.
+async fn start_gateway(dir: &std::path::Path) -> GatewayHandle {
     let options = GatewayOptions {
         socket: quic::Socket::Bind("127.0.0.1:0".parse().unwrap()),
         entropy: sund_gateway::entropy::EntropySource::Os,
         clock: None,
-        data_dir: dir.path().join("gw"),
+        data_dir: dir.join("gw"),
         config: GatewayConfig {
             open_enrolment: true,
             ..GatewayConfig::default()
         },
     };
-    let gateway = driver::start(options).await.unwrap();
+    driver::start(options).await.unwrap()
+}
+
+/// A gateway and `n` devices; device i is alone in conversation `solo-i`, and all are in `all`.
+async fn setup(n: usize) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start_gateway(dir.path()).await;
     let cert = dir.path().join("gw/tls/cert.der");
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
@@ -314,17 +319,7 @@ async fn load_client(
 /// The gateway driver alone under `clients` protocol clients sending `per_client` messages each.
 async fn gateway_ingest(clients: usize, per_client: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let options = GatewayOptions {
-        socket: quic::Socket::Bind("127.0.0.1:0".parse().unwrap()),
-        entropy: sund_gateway::entropy::EntropySource::Os,
-        clock: None,
-        data_dir: dir.path().join("gw"),
-        config: GatewayConfig {
-            open_enrolment: true,
-            ..GatewayConfig::default()
-        },
-    };
-    let gateway = driver::start(options).await.unwrap();
+    let gateway = start_gateway(dir.path()).await;
     let keys: Vec<DeviceKey> = (0..clients)
         .map(|i| DeviceKey::from_seed([i as u8 + 1; 32]))
         .collect();
