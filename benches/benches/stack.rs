@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use sund_gateway::committer::CommitMode;
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
 use sund_gateway::quic;
 use sund_model::gateway::{GatewayConfig, GatewayInput};
@@ -38,6 +39,7 @@ async fn start_gateway(dir: &std::path::Path) -> GatewayHandle {
             open_enrolment: true,
             ..GatewayConfig::default()
         },
+        commit: CommitMode::Pipelined,
     };
     driver::start(options).await.unwrap()
 }

@@ -1,10 +1,13 @@
 //! The gateway's tokio driver: moves bytes and time between quinn, redb and the state machine.
 //!
-//! One task owns the [`Gateway`] state machine and the [`RedbStore`]. Each QUIC connection gets a
-//! reader task (frames in) and a writer task (frames out); they talk to the core over channels.
-//! The core takes a batch of inputs (group commit: up to [`BATCH_MAX`]), feeds them to the state
-//! machine, merges the resulting `Ready`s into one, commits it in one redb transaction, and only
-//! then hands the outputs to the writers — so no acknowledgement leaves before its commit.
+//! One task owns the [`Gateway`] state machine; a commit thread owns the [`RedbStore`]. Each QUIC
+//! connection gets a reader task (frames in) and a writer task (frames out); they talk to the core
+//! over channels.
+//! The core takes a batch of inputs (up to [`BATCH_MAX`]), feeds them to the state machine, merges
+//! the resulting `Ready`s into one job and hands it to the [`Committer`], which commits queued jobs
+//! together in one redb transaction on its own thread while the core goes on with the next
+//! inputs. Outputs reach the writers only when their commit is back — so no acknowledgement
+//! leaves before its commit.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::clock::DriverClock;
+use crate::committer::{CommitMode, Committer};
 use crate::entropy::EntropySource;
 use crate::quic::{self, FrameReader, ReadError, Socket, TlsIdentity, WriterCommand};
 use crate::store::RedbStore;
@@ -74,6 +78,8 @@ pub struct GatewayOptions {
     pub data_dir: PathBuf,
     /// Protocol tunables.
     pub config: GatewayConfig,
+    /// Where commits run: pipelined on their own thread (production) or inline (turmoil).
+    pub commit: CommitMode,
 }
 
 /// A running gateway.
@@ -147,7 +153,8 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE_MAX);
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     tokio::spawn(accept_loop(endpoint.clone(), core_tx.clone()));
-    let core = tokio::spawn(core_loop(gateway, store, clock, core_rx, shutdown_rx));
+    let committer = Committer::new(options.commit, store, "gateway");
+    let core = tokio::spawn(core_loop(gateway, committer, clock, core_rx, shutdown_rx));
     Ok(GatewayHandle {
         addr,
         cert: identity.cert.clone(),
@@ -223,7 +230,7 @@ async fn serve_connection(
 
 async fn core_loop(
     mut gateway: Gateway,
-    mut store: RedbStore,
+    mut committer: Committer<GatewayOutput>,
     clock: DriverClock,
     mut inputs: mpsc::Receiver<CoreInput>,
     mut shutdown: oneshot::Receiver<()>,
@@ -235,7 +242,10 @@ async fn core_loop(
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            first = inputs.recv() => {
+            done = committer.completed() => release(&mut gateway, &mut writers, clock.now(), done?),
+            // While too many commits wait, leave input in the queue: the readers then block and
+            // QUIC flow control pushes back on the senders.
+            first = inputs.recv(), if !committer.is_saturated() => {
                 let Some(first) = first else { break };
                 apply(&mut gateway, &mut writers, clock.now(), first);
                 // Group commit: take what else is already waiting, up to a bound.
@@ -248,7 +258,7 @@ async fn core_loop(
             }
             _ = tokio::time::sleep_until(deadline) => gateway.handle_timeout(clock.now()),
         }
-        flush(&mut gateway, &mut store, &mut writers, clock.now())?;
+        submit(&mut gateway, &mut committer);
         if gateway.stats().gc_dropped != last_gc {
             last_gc = gateway.stats().gc_dropped;
             tracing::info!(
@@ -262,7 +272,13 @@ async fn core_loop(
         "shutting down: saying goodbye to every session"
     );
     gateway.shut_down(clock.now());
-    flush(&mut gateway, &mut store, &mut writers, clock.now())?;
+    submit(&mut gateway, &mut committer);
+    while committer.is_busy() {
+        let done = committer.completed().await?;
+        release(&mut gateway, &mut writers, clock.now(), done);
+        submit(&mut gateway, &mut committer);
+    }
+    committer.finish().await?;
     // Dropping the writers lets each flush and close.
     drop(writers);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -289,13 +305,8 @@ fn apply(
     }
 }
 
-/// Commits everything the state machine produced in one transaction, then releases the outputs.
-fn flush(
-    gateway: &mut Gateway,
-    store: &mut RedbStore,
-    writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
-    now: Instant,
-) -> Result<(), DriverError> {
+/// Hands everything the state machine produced to the committer as one job.
+fn submit(gateway: &mut Gateway, committer: &mut Committer<GatewayOutput>) {
     let mut batch: Option<Ready<GatewayOutput>> = None;
     while let Some(ready) = gateway.poll_ready() {
         match &mut batch {
@@ -303,8 +314,19 @@ fn flush(
             None => batch = Some(ready),
         }
     }
-    let Some(batch) = batch else { return Ok(()) };
-    for output in batch.commit(store)? {
+    if let Some(batch) = batch {
+        committer.submit(batch);
+    }
+}
+
+/// Sends the outputs a finished commit released to their connections.
+fn release(
+    gateway: &mut Gateway,
+    writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
+    now: Instant,
+    outputs: Vec<GatewayOutput>,
+) {
+    for output in outputs {
         match output {
             GatewayOutput::Send(conn, bytes) => {
                 let Some(writer) = writers.get(&conn) else {
@@ -323,5 +345,4 @@ fn flush(
             }
         }
     }
-    Ok(())
 }

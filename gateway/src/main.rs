@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
+use sund_gateway::committer::CommitMode;
 use sund_gateway::driver::{self, wall_clock, GatewayOptions};
 use sund_gateway::entropy::{EntropySource, OsEntropy};
 use sund_gateway::quic::Socket;
@@ -134,6 +135,7 @@ fn run(cli: Cli) -> Result<(), String> {
             clock: None,
             data_dir,
             config,
+            commit: CommitMode::Pipelined,
         }),
         Command::Cert => {
             let dir = data_dir.join("tls");

@@ -222,6 +222,20 @@ impl<O> Ready<O> {
         self.outputs.extend(later.outputs);
     }
 
+    /// Turns each output into a driver's own type, keeping the writes (drivers add their own
+    /// outputs, such as replies to local callers, that must also wait for the commit).
+    pub fn map<P>(self, f: impl FnMut(O) -> P) -> Ready<P> {
+        Ready {
+            writes: self.writes,
+            outputs: self.outputs.into_iter().map(f).collect(),
+        }
+    }
+
+    /// Adds an output released with this batch's commit, after the ones already held.
+    pub fn push_output(&mut self, output: O) {
+        self.outputs.push(output);
+    }
+
     /// Splits into the writes and the outputs held back until the commit succeeds.
     pub fn split(self) -> (WriteBatch, HeldOutputs<O>) {
         (self.writes, HeldOutputs(self.outputs))

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use sund_gateway::committer::CommitMode;
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
 use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::Socket;
@@ -25,6 +26,7 @@ async fn start_gateway(dir: &std::path::Path, listen: SocketAddr) -> Result<Gate
         clock: None,
         data_dir: dir.join("gateway"),
         config: GatewayConfig::default(),
+        commit: CommitMode::Pipelined,
     };
     driver::start(options)
         .await

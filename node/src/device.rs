@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
+use sund_gateway::committer::CommitMode;
 use sund_gateway::entropy::{EntropySource, OsEntropy};
 use sund_gateway::quic::write_private;
 use sund_gateway::quic::Socket;
@@ -159,6 +160,7 @@ impl Device {
             socket: Socket::Bind("0.0.0.0:0".parse().expect("a valid address")),
             entropy: EntropySource::Os,
             clock: None,
+            commit: CommitMode::Pipelined,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The node's tokio driver: moves bytes and time between quinn, redb and the state machine.
 //!
-//! One task owns the [`Node`] state machine and its [`RedbStore`]. A `Connect` output spawns a
-//! connection attempt; an established connection gets a reader task (frames in) and a writer
-//! task (frames out). Commands from the application (send, status, stop) arrive on a channel;
-//! application events leave on another. Each round's `Ready`s are merged and committed in one
-//! transaction before any output leaves.
+//! One task owns the [`Node`] state machine; a commit thread owns its [`RedbStore`]. A `Connect`
+//! output spawns a connection attempt; an established connection gets a reader task (frames in)
+//! and a writer task (frames out). Commands from the application (send, status, stop) arrive on a
+//! channel; application events leave on another. Each round's `Ready`s are merged into one job
+//! for the [`Committer`], which commits queued jobs together while the core goes on; a round's
+//! outputs (frames, events, replies to `send`) leave only when its commit is back.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use sund_gateway::clock::DriverClock;
+use sund_gateway::committer::{CommitMode, Committer};
 use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::{self, FrameReader, Socket, WriterCommand};
 use sund_gateway::store::RedbStore;
@@ -51,6 +53,8 @@ pub struct NodeOptions {
     pub entropy: EntropySource,
     /// Its clock (the wall clock in production; a fixed origin under simulation).
     pub clock: Option<Instant>,
+    /// Where commits run: pipelined on their own thread (production) or inline (turmoil).
+    pub commit: CommitMode,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -192,9 +196,10 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     let endpoint = quic::client_endpoint(options.socket.clone(), options.gateway_cert.clone())?;
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let committer = Committer::new(options.commit, store, "node");
     let core = tokio::spawn(core_loop(
         node,
-        store,
+        committer,
         clock,
         endpoint,
         options.gateway,
@@ -208,9 +213,18 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     })
 }
 
+/// What a commit releases: the state machine's outputs and the driver's replies to `send`.
+enum Released {
+    Model(NodeOutput),
+    SendReply(
+        oneshot::Sender<Result<MsgId, SendError>>,
+        Result<MsgId, SendError>,
+    ),
+}
+
 struct Core {
     node: Node,
-    store: RedbStore,
+    committer: Committer<Released>,
     clock: DriverClock,
     endpoint: quinn::Endpoint,
     gateway: SocketAddr,
@@ -222,7 +236,7 @@ struct Core {
 
 async fn core_loop(
     node: Node,
-    store: RedbStore,
+    committer: Committer<Released>,
     clock: DriverClock,
     endpoint: quinn::Endpoint,
     gateway: SocketAddr,
@@ -232,7 +246,7 @@ async fn core_loop(
     let (link_tx, mut link_rx) = mpsc::channel(4096);
     let mut core = Core {
         node,
-        store,
+        committer,
         clock,
         endpoint,
         gateway,
@@ -243,11 +257,14 @@ async fn core_loop(
     };
     loop {
         let deadline = core.node.poll_timeout().map(|d| clock.deadline(d));
+        let saturated = core.committer.is_saturated();
+        let mut replies = Vec::new();
         tokio::select! {
-            command = commands.recv() => {
-                // Group commit: take every command already waiting (up to a bound), make all
-                // their messages durable in one commit, then answer each.
-                let mut replies = Vec::new();
+            biased;
+            done = core.committer.completed() => core.release(done?),
+            command = commands.recv(), if !saturated => {
+                // Group commit: take every command already waiting (up to a bound); their
+                // messages become durable in one commit, and each reply waits for it.
                 let mut stop = false;
                 let mut next = command;
                 for _ in 0..COMMAND_BATCH_MAX {
@@ -272,16 +289,12 @@ async fn core_loop(
                         Err(_) => break,
                     }
                 }
-                core.flush()?;
-                for (reply, result) in replies {
-                    let _ = reply.send(result);
-                }
                 if stop {
+                    core.submit(replies);
                     break;
                 }
-                continue;
             }
-            input = link_rx.recv() => {
+            input = link_rx.recv(), if !saturated => {
                 let Some(input) = input else { break };
                 core.link(input);
                 while let Ok(more) = link_rx.try_recv() {
@@ -292,13 +305,25 @@ async fn core_loop(
                 core.node.handle_timeout(clock.now());
             }
         }
-        core.flush()?;
+        core.submit(replies);
     }
     core.node.go_offline(clock.now());
-    core.flush()?;
-    drop(core.writers);
+    core.submit(Vec::new());
+    while core.committer.is_busy() {
+        let done = core.committer.completed().await?;
+        core.release(done);
+        core.submit(Vec::new());
+    }
+    let Core {
+        committer,
+        writers,
+        endpoint,
+        ..
+    } = core;
+    committer.finish().await?;
+    drop(writers);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    core.endpoint.close(0u32.into(), b"node stopped");
+    endpoint.close(0u32.into(), b"node stopped");
     Ok(())
 }
 
@@ -322,16 +347,44 @@ impl Core {
         }
     }
 
-    fn flush(&mut self) -> Result<(), NodeError> {
-        let mut batch: Option<Ready<NodeOutput>> = None;
+    /// Hands this round's writes and outputs, and the replies waiting for them, to the committer.
+    #[allow(clippy::type_complexity)]
+    fn submit(
+        &mut self,
+        replies: Vec<(
+            oneshot::Sender<Result<MsgId, SendError>>,
+            Result<MsgId, SendError>,
+        )>,
+    ) {
+        let mut batch: Option<Ready<Released>> = None;
         while let Some(ready) = self.node.poll_ready() {
+            let ready = ready.map(Released::Model);
             match &mut batch {
                 Some(b) => b.merge(ready),
                 None => batch = Some(ready),
             }
         }
-        let Some(batch) = batch else { return Ok(()) };
-        for output in batch.commit(&mut self.store)? {
+        if batch.is_none() && replies.is_empty() {
+            return;
+        }
+        let mut batch =
+            batch.unwrap_or_else(|| Ready::new(sund_model::env::WriteBatch::default(), Vec::new()));
+        for (reply, result) in replies {
+            batch.push_output(Released::SendReply(reply, result));
+        }
+        self.committer.submit(batch);
+    }
+
+    /// Acts on what a finished commit released.
+    fn release(&mut self, outputs: Vec<Released>) {
+        for output in outputs {
+            let output = match output {
+                Released::Model(output) => output,
+                Released::SendReply(reply, result) => {
+                    let _ = reply.send(result);
+                    continue;
+                }
+            };
             match output {
                 NodeOutput::Connect => {
                     let conn = ConnectionId(self.next_conn);
@@ -362,7 +415,6 @@ impl Core {
                 }
             }
         }
-        Ok(())
     }
 }
 

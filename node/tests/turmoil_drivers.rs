@@ -22,6 +22,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use sund_gateway::committer::CommitMode;
 use sund_gateway::driver::{self as gateway_driver, GatewayOptions};
 use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::{Socket, TlsIdentity};
@@ -209,6 +210,8 @@ impl World {
                     clock: Some(EPOCH),
                     data_dir: dir,
                     config: GatewayConfig::default(),
+                    // A commit thread would tie the timeline to the OS scheduler.
+                    commit: CommitMode::Inline,
                 };
                 let _handle = gateway_driver::start(options)
                     .await
@@ -230,6 +233,7 @@ impl World {
             socket: Socket::Custom(socket, seed32(seed, 10 + n)),
             entropy: EntropySource::Seeded(seed32(seed, 20 + n)),
             clock: Some(EPOCH),
+            commit: CommitMode::Inline,
         };
         node_driver::start(options).await.unwrap()
     }

@@ -1,0 +1,266 @@
+//! Pipelined group commit: the store's fsync runs on its own thread while the core keeps working.
+//!
+//! A driver's core hands each [`Ready`] to a [`Committer`] instead of committing it in place. In
+//! [`CommitMode::Pipelined`] a dedicated thread owns the store: it takes every job already queued,
+//! merges them into one write transaction (group commit), waits for the fsync, and sends the
+//! released outputs back in submission order. Meanwhile the core goes on reading frames and
+//! feeding the state machine, so the next batch builds up during the current fsync instead of
+//! after it. Outputs still leave only after the commit that carried their writes (the receipt is
+//! taken on the commit thread), and jobs complete in the order they were submitted, so the
+//! persist-then-speak rule and output order are both kept.
+//!
+//! [`CommitMode::Inline`] commits on the caller's thread before `submit` returns. Simulations of
+//! the drivers (turmoil) use it: a real thread would make their timelines depend on the OS
+//! scheduler.
+
+use std::collections::VecDeque;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+
+use sund_model::env::{Ready, Store, StoreError};
+use tokio::sync::mpsc;
+
+/// Most jobs (one per core round) waiting for or inside a commit before the core stops reading
+/// new input; this is the pipeline's backpressure.
+pub const IN_FLIGHT_MAX: usize = 64;
+
+/// Where a driver's commits run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommitMode {
+    /// On a dedicated thread, overlapping the core's work (production).
+    #[default]
+    Pipelined,
+    /// On the core's own thread, before `submit` returns (deterministic driver simulations).
+    Inline,
+}
+
+/// Runs a driver's commits and gives back, in order, the outputs each commit released.
+pub struct Committer<O> {
+    inner: Inner<O>,
+    in_flight: usize,
+}
+
+enum Inner<O> {
+    Pipelined {
+        jobs: Option<std_mpsc::Sender<Ready<O>>>,
+        done: mpsc::UnboundedReceiver<Result<Vec<O>, StoreError>>,
+        thread: Option<JoinHandle<()>>,
+    },
+    Inline {
+        store: Box<dyn Store + Send>,
+        done: VecDeque<Result<Vec<O>, StoreError>>,
+    },
+}
+
+impl<O: Send + 'static> Committer<O> {
+    /// Takes ownership of `store`; in pipelined mode starts the commit thread.
+    pub fn new(mode: CommitMode, store: impl Store + Send + 'static, name: &str) -> Committer<O> {
+        let inner = match mode {
+            CommitMode::Inline => Inner::Inline {
+                store: Box::new(store),
+                done: VecDeque::new(),
+            },
+            CommitMode::Pipelined => {
+                let (jobs_tx, jobs_rx) = std_mpsc::channel::<Ready<O>>();
+                let (done_tx, done_rx) = mpsc::unbounded_channel();
+                let thread = std::thread::Builder::new()
+                    .name(format!("{name}-commit"))
+                    .spawn(move || commit_thread(store, jobs_rx, done_tx))
+                    .expect("spawning the commit thread");
+                Inner::Pipelined {
+                    jobs: Some(jobs_tx),
+                    done: done_rx,
+                    thread: Some(thread),
+                }
+            }
+        };
+        Committer {
+            inner,
+            in_flight: 0,
+        }
+    }
+
+    /// Queues `ready` for commit. Its outputs come back from [`Committer::completed`].
+    pub fn submit(&mut self, ready: Ready<O>) {
+        self.in_flight += 1;
+        match &mut self.inner {
+            Inner::Inline { store, done } => done.push_back(ready.commit(store.as_mut())),
+            Inner::Pipelined { jobs, done: _, .. } => {
+                let sent = jobs.as_ref().map(|jobs| jobs.send(ready));
+                // The thread only stops when `jobs` closes or after a failed commit, which it
+                // reports first; a lost job is then reported by `completed` as a backend error.
+                if !matches!(sent, Some(Ok(()))) {
+                    self.in_flight -= 1;
+                    if let Inner::Pipelined { jobs, .. } = &mut self.inner {
+                        *jobs = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// True while no more input should be read: too many commits are waiting.
+    pub fn is_saturated(&self) -> bool {
+        self.in_flight >= IN_FLIGHT_MAX
+    }
+
+    /// True if some submitted job has not been handed back yet.
+    pub fn is_busy(&self) -> bool {
+        self.in_flight > 0
+    }
+
+    /// Waits for the next finished commit and returns the outputs it released, in submission
+    /// order. Never resolves while nothing is in flight (so it can sit in a `select!`).
+    pub async fn completed(&mut self) -> Result<Vec<O>, StoreError> {
+        if self.in_flight == 0 {
+            std::future::pending::<()>().await;
+        }
+        let result = match &mut self.inner {
+            Inner::Inline { done, .. } => done.pop_front().unwrap_or_else(|| Ok(Vec::new())),
+            Inner::Pipelined { done, .. } => done.recv().await.unwrap_or_else(|| {
+                Err(StoreError::Backend(
+                    "the commit thread stopped unexpectedly".to_string(),
+                ))
+            }),
+        };
+        self.in_flight -= 1;
+        result
+    }
+
+    /// Waits for every job still in flight and returns their outputs in order, then stops the
+    /// commit thread.
+    pub async fn finish(mut self) -> Result<Vec<O>, StoreError> {
+        let mut outputs = Vec::new();
+        while self.in_flight > 0 {
+            outputs.extend(self.completed().await?);
+        }
+        if let Inner::Pipelined { jobs, thread, .. } = &mut self.inner {
+            *jobs = None;
+            if let Some(thread) = thread.take() {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+/// The commit thread: merge whatever is queued, commit once, hand the outputs back, repeat.
+fn commit_thread<O>(
+    mut store: impl Store,
+    jobs: std_mpsc::Receiver<Ready<O>>,
+    done: mpsc::UnboundedSender<Result<Vec<O>, StoreError>>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut merged = first;
+        let mut count = 1;
+        while let Ok(more) = jobs.try_recv() {
+            merged.merge(more);
+            count += 1;
+        }
+        match merged.commit(&mut store) {
+            Ok(outputs) => {
+                // One message per job keeps the core's in-flight count exact; the merged outputs
+                // ride on the first, the rest are empty.
+                if done.send(Ok(outputs)).is_err() {
+                    return;
+                }
+                for _ in 1..count {
+                    if done.send(Ok(Vec::new())).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = done.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sund_model::env::{MemStore, Table, WriteBatch};
+
+    const T: Table = Table("t");
+
+    fn ready(key: u8, output: u32) -> Ready<u32> {
+        let mut writes = WriteBatch::default();
+        writes.put(T, vec![key], vec![key]);
+        Ready::new(writes, vec![output])
+    }
+
+    async fn outputs_in_order(mode: CommitMode) {
+        let mut committer = Committer::new(mode, MemStore::default(), "test");
+        assert!(!committer.is_busy());
+        for i in 0..200u32 {
+            committer.submit(ready(i as u8, i));
+        }
+        let mut seen = Vec::new();
+        while committer.is_busy() && seen.len() < 100 {
+            seen.extend(committer.completed().await.unwrap());
+        }
+        for i in 200..300u32 {
+            committer.submit(ready(i as u8, i));
+        }
+        seen.extend(committer.finish().await.unwrap());
+        assert_eq!(seen, (0..300).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn pipelined_outputs_come_back_in_submission_order() {
+        outputs_in_order(CommitMode::Pipelined).await;
+    }
+
+    #[tokio::test]
+    async fn inline_outputs_come_back_in_submission_order() {
+        outputs_in_order(CommitMode::Inline).await;
+    }
+
+    #[tokio::test]
+    async fn saturation_is_reported_and_clears() {
+        let mut committer = Committer::new(CommitMode::Inline, MemStore::default(), "test");
+        for i in 0..IN_FLIGHT_MAX as u32 {
+            assert!(!committer.is_saturated());
+            committer.submit(ready(0, i));
+        }
+        assert!(committer.is_saturated());
+        committer.completed().await.unwrap();
+        assert!(!committer.is_saturated());
+    }
+
+    /// A store whose commits fail: the failure reaches the core instead of being swallowed.
+    struct Failing;
+    impl sund_model::env::StoreRead for Failing {
+        fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+        fn scan_from(
+            &self,
+            _: Table,
+            _: &[u8],
+            _: &mut sund_model::env::Visit<'_>,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+    impl Store for Failing {
+        fn commit(
+            &mut self,
+            _: WriteBatch,
+        ) -> Result<sund_model::env::CommitReceipt, StoreError> {
+            Err(StoreError::Backend("disk full".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_releases_nothing_and_reports_the_error() {
+        for mode in [CommitMode::Pipelined, CommitMode::Inline] {
+            let mut committer = Committer::new(mode, Failing, "test");
+            committer.submit(ready(1, 1));
+            let err = committer.completed().await.unwrap_err();
+            assert!(err.to_string().contains("disk full"), "{mode:?}: {err}");
+        }
+    }
+}
