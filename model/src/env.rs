@@ -202,17 +202,44 @@ pub trait Store: StoreRead {
 }
 
 /// Writes to commit and the outputs they release, handed out by a state machine together.
+///
+/// Most outputs are *held*: they may leave only after the writes are durable (persist, then
+/// speak). A state machine may also mark outputs *eager* when they do not depend on any write of
+/// this or an earlier batch, such as a node transmitting a message whose outbox entry is being
+/// written in the same batch: the gateway deduplicates by message id, so sending it before the
+/// outbox commit risks nothing, and it takes one fsync off the path of every message. A driver
+/// takes eager outputs with [`Ready::take_eager`] and releases them at once (they may overtake
+/// held outputs); if it does not, [`Ready::split`] holds them with the rest, ahead of the others.
 #[must_use = "a Ready must be committed and its outputs released"]
 pub struct Ready<O> {
-    /// The writes to commit before any output may leave.
+    /// The writes to commit before any held output may leave.
     pub writes: WriteBatch,
     outputs: Vec<O>,
+    eager: Vec<O>,
 }
 
 impl<O> Ready<O> {
-    /// Built by state machines from their pending writes and outputs.
+    /// Built by state machines from their pending writes and (held) outputs.
     pub fn new(writes: WriteBatch, outputs: Vec<O>) -> Ready<O> {
-        Ready { writes, outputs }
+        Ready {
+            writes,
+            outputs,
+            eager: Vec::new(),
+        }
+    }
+
+    /// Like [`Ready::new`], with outputs that may leave before the commit.
+    pub fn with_eager(writes: WriteBatch, outputs: Vec<O>, eager: Vec<O>) -> Ready<O> {
+        Ready {
+            writes,
+            outputs,
+            eager,
+        }
+    }
+
+    /// Takes the outputs that may leave now, before the commit (in the order produced).
+    pub fn take_eager(&mut self) -> Vec<O> {
+        std::mem::take(&mut self.eager)
     }
 
     /// Appends `later` to this batch (group commit): its writes after ours, its outputs after
@@ -220,14 +247,16 @@ impl<O> Ready<O> {
     pub fn merge(&mut self, later: Ready<O>) {
         self.writes.ops.extend(later.writes.ops);
         self.outputs.extend(later.outputs);
+        self.eager.extend(later.eager);
     }
 
     /// Turns each output into a driver's own type, keeping the writes (drivers add their own
     /// outputs, such as replies to local callers, that must also wait for the commit).
-    pub fn map<P>(self, f: impl FnMut(O) -> P) -> Ready<P> {
+    pub fn map<P>(self, mut f: impl FnMut(O) -> P) -> Ready<P> {
         Ready {
             writes: self.writes,
-            outputs: self.outputs.into_iter().map(f).collect(),
+            outputs: self.outputs.into_iter().map(&mut f).collect(),
+            eager: self.eager.into_iter().map(&mut f).collect(),
         }
     }
 
@@ -238,7 +267,9 @@ impl<O> Ready<O> {
 
     /// Splits into the writes and the outputs held back until the commit succeeds.
     pub fn split(self) -> (WriteBatch, HeldOutputs<O>) {
-        (self.writes, HeldOutputs(self.outputs))
+        let mut held = self.eager;
+        held.extend(self.outputs);
+        (self.writes, HeldOutputs(held))
     }
 
     /// Commits the writes into `store` and returns the outputs (the synchronous path).
@@ -254,6 +285,7 @@ impl<O: fmt::Debug> fmt::Debug for Ready<O> {
         f.debug_struct("Ready")
             .field("writes", &self.writes.len())
             .field("outputs", &self.outputs)
+            .field("eager", &self.eager)
             .finish()
     }
 }
@@ -359,4 +391,46 @@ pub fn scan_all(
         }
     })?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Table = Table("t");
+
+    fn batch(key: u8) -> WriteBatch {
+        let mut writes = WriteBatch::default();
+        writes.put(T, vec![key], vec![key]);
+        writes
+    }
+
+    #[test]
+    fn merged_batches_keep_writes_held_and_eager_outputs_in_order() {
+        let mut first = Ready::with_eager(batch(1), vec!["held 1"], vec!["eager 1"]);
+        first.merge(Ready::with_eager(batch(2), vec!["held 2"], vec!["eager 2"]));
+        assert_eq!(first.writes.len(), 2);
+        assert_eq!(first.take_eager(), vec!["eager 1", "eager 2"]);
+        assert!(first.take_eager().is_empty(), "taken once");
+        let mut store = MemStore::default();
+        assert_eq!(first.commit(&mut store).unwrap(), vec!["held 1", "held 2"]);
+    }
+
+    #[test]
+    fn eager_outputs_a_driver_does_not_take_wait_for_the_commit_ahead_of_the_rest() {
+        let ready = Ready::with_eager(batch(1), vec!["held"], vec!["eager"]);
+        let (writes, held) = ready.split();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(held.len(), 2);
+        let receipt = MemStore::default().commit(writes).unwrap();
+        assert_eq!(held.release(receipt), vec!["eager", "held"]);
+    }
+
+    #[test]
+    fn map_converts_held_and_eager_outputs() {
+        let mut ready = Ready::with_eager(batch(1), vec![1], vec![2]).map(|n| n * 10);
+        assert_eq!(ready.take_eager(), vec![20]);
+        ready.push_output(5);
+        assert_eq!(ready.commit(&mut MemStore::default()).unwrap(), vec![10, 5]);
+    }
 }

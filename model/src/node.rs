@@ -8,7 +8,8 @@
 //! - [`Node::poll_ready`] hands out writes and outputs; [`Node::poll_timeout`] says when to wake.
 //!
 //! Drain rule: after every input, command or timeout, drain `poll_ready` and commit each `Ready`
-//! before releasing its outputs; then re-read `poll_timeout`.
+//! before releasing its held outputs; then re-read `poll_timeout`. Message transmissions are
+//! eager (see [`Ready`]): they may leave before the commit that writes their outbox entry.
 //!
 //! Guarantees: a message stays in the durable outbox until the gateway acknowledges it, and is
 //! resent after every reconnect and after `resend_after` without an answer (at-least-once on the
@@ -261,6 +262,8 @@ pub struct Node {
     status: ConnectionStatus,
     writes: WriteBatch,
     outputs: Vec<NodeOutput>,
+    /// Message transmissions, which may leave before the batch's commit (see [`Ready`]).
+    eager: Vec<NodeOutput>,
     stats: NodeStats,
 }
 
@@ -346,6 +349,7 @@ impl Node {
             status: ConnectionStatus::Reconnecting { attempt: 0 },
             writes: WriteBatch::default(),
             outputs: Vec::new(),
+            eager: Vec::new(),
             stats: NodeStats::default(),
         })
     }
@@ -398,12 +402,13 @@ impl Node {
 
     /// The writes and outputs produced so far, or `None`.
     pub fn poll_ready(&mut self) -> Option<Ready<NodeOutput>> {
-        if self.writes.is_empty() && self.outputs.is_empty() {
+        if self.writes.is_empty() && self.outputs.is_empty() && self.eager.is_empty() {
             return None;
         }
-        Some(Ready::new(
+        Some(Ready::with_eager(
             self.writes.take(),
             std::mem::take(&mut self.outputs),
+            std::mem::take(&mut self.eager),
         ))
     }
 
@@ -851,7 +856,13 @@ impl Node {
             msg_id: msg_id.to_bytes(),
             body: out.body.to_vec(),
         });
-        self.send_frame(conn, routing, payload);
+        // Eager: the gateway deduplicates on the message id, so the frame may leave before the
+        // outbox entry is durable. A crash in between loses only a message whose `send` had not
+        // returned yet; one the gateway accepted is delivered either way.
+        self.eager.push(NodeOutput::Send(
+            conn,
+            Frame::new(routing, payload).encode(),
+        ));
     }
 
     fn resend_stale(&mut self, now: Instant, conn: ConnectionId) {

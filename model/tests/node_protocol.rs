@@ -489,3 +489,66 @@ fn a_device_the_gateway_does_not_admit_hears_why_and_keeps_retrying() {
         ConnectionStatus::Reconnecting { attempt: 1 }
     ));
 }
+
+#[test]
+fn a_transmission_is_eager_but_its_outbox_entry_and_events_are_held() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.node
+        .send(h.now, CONV, Bytes::from_static(b"fast"))
+        .unwrap();
+    let mut ready = h.node.poll_ready().expect("a send produces a batch");
+    let eager = ready.take_eager();
+    assert_eq!(sent(&eager).len(), 1, "the Send frame may leave at once");
+    assert!(matches!(&sent(&eager)[0].payload, Payload::Send(_)));
+    assert_eq!(ready.writes.len(), 1, "the outbox entry is written");
+    let held = ready.commit(&mut h.store).unwrap();
+    assert!(sent(&held).is_empty(), "nothing is sent twice: {held:?}");
+}
+
+#[test]
+fn acks_and_deliveries_are_never_eager() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.node.handle(
+        h.now,
+        NodeInput::Frame(
+            ConnectionId(1),
+            Frame::new(
+                Routing {
+                    conversation: CONV,
+                    sender: PEER,
+                    seq: 1,
+                    epoch: 0,
+                },
+                Payload::Deliver(Deliver {
+                    msg_id: [1; 16],
+                    body: vec![1],
+                }),
+            )
+            .encode(),
+        ),
+    );
+    let mut ready = h.node.poll_ready().unwrap();
+    assert!(
+        ready.take_eager().is_empty(),
+        "an Ack promises a durable cursor"
+    );
+    let held = ready.commit(&mut h.store).unwrap();
+    assert_eq!(delivered(&held), vec![1]);
+}
+
+#[test]
+fn a_crash_after_an_eager_transmission_but_before_its_commit_forgets_only_that_send() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.node
+        .send(h.now, CONV, Bytes::from_static(b"in flight"))
+        .unwrap();
+    let mut ready = h.node.poll_ready().unwrap();
+    assert_eq!(sent(&ready.take_eager()).len(), 1);
+    // The process dies here: the batch is never committed and `send` never returned.
+    drop(ready.split());
+    let restarted = Node::recover(config(), Box::new(Counter(2)), h.now, &h.store).unwrap();
+    assert_eq!(restarted.outbox_len(), 0);
+}

@@ -5,7 +5,8 @@
 //! and a writer task (frames out). Commands from the application (send, status, stop) arrive on a
 //! channel; application events leave on another. Each round's `Ready`s are merged into one job
 //! for the [`Committer`], which commits queued jobs together while the core goes on; a round's
-//! outputs (frames, events, replies to `send`) leave only when its commit is back.
+//! held outputs (frames, events, replies to `send`) leave only when its commit is back, its eager
+//! ones (message transmissions) at once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -357,7 +358,12 @@ impl Core {
         )>,
     ) {
         let mut batch: Option<Ready<Released>> = None;
-        while let Some(ready) = self.node.poll_ready() {
+        while let Some(mut ready) = self.node.poll_ready() {
+            // Message transmissions need not wait for the outbox commit (see `Ready`).
+            let eager = ready.take_eager();
+            if !eager.is_empty() {
+                self.release(eager.into_iter().map(Released::Model).collect());
+            }
             let ready = ready.map(Released::Model);
             match &mut batch {
                 Some(b) => b.merge(ready),

@@ -5,8 +5,9 @@
 //! 2. Hand it to its actor as a state machine input (on the actor's skewed clock), or carry out
 //!    a fault or workload step.
 //! 3. Drain the actor's `poll_ready`: each `Ready`'s writes go to the disk model, which commits
-//!    them after the configured latency, in order; only then are its outputs carried out (frames
-//!    to the network, application events to the checker and the trace).
+//!    them after the configured latency, in order; only then are its held outputs carried out
+//!    (frames to the network, application events to the checker and the trace). Eager outputs (a
+//!    node's message transmissions) go out at once, ahead of the commit.
 //! 4. Re-read the actor's `poll_timeout` and schedule a wake-up.
 //! 5. Check safety invariants (the checker raises on the event that breaks one).
 //!
@@ -626,6 +627,7 @@ impl World {
     fn after_step(&mut self, a: ActorIndex) {
         loop {
             let actor = &mut self.actors[a as usize];
+            let mut eager = Vec::new();
             let (writes, held) = match &mut actor.machine {
                 Machine::Gateway(Some(g), _) => match g.poll_ready() {
                     Some(r) => {
@@ -635,7 +637,8 @@ impl World {
                     None => break,
                 },
                 Machine::Node(Some(n), _) => match n.poll_ready() {
-                    Some(r) => {
+                    Some(mut r) => {
+                        eager = r.take_eager();
                         let (w, h) = r.split();
                         (w, HeldKind::Node(h))
                     }
@@ -643,6 +646,11 @@ impl World {
                 },
                 _ => break,
             };
+            // Eager outputs leave now, ahead of the commit that holds the rest.
+            for output in eager {
+                self.node_output(a, output);
+            }
+            let actor = &mut self.actors[a as usize];
             // Group commit: a batch is durable `commit_latency` after it is handed over, but
             // never before the batches handed over earlier (commits complete in order).
             let last = actor
