@@ -66,8 +66,13 @@ pub struct GatewayConfig {
     /// How long a deduplication record outlives its message (a sender's late retry still gets
     /// its original seq within this window).
     pub dedup_retention: Duration,
-    /// Most log entries garbage-collected per conversation per tick (GC runs incrementally).
+    /// Most log entries garbage-collected per conversation in one step. GC runs incrementally:
+    /// one step per tick, and further steps every `gc_backlog_interval` while a step found more
+    /// than it could take. Small steps keep each commit short, so GC adds little latency to the
+    /// messages that share its commits.
     pub gc_batch_max: usize,
+    /// How soon the next GC step runs while acknowledged or expired entries remain.
+    pub gc_backlog_interval: Duration,
     /// Admit any device that proves it holds its key (local use and simulation); otherwise
     /// only keys admitted with `GatewayInput::AdmitDevice`.
     pub open_enrolment: bool,
@@ -87,7 +92,8 @@ impl Default for GatewayConfig {
             payload_bytes_max: PAYLOAD_BYTES_MAX,
             retention_max: Duration::from_secs(30 * 24 * 3600),
             dedup_retention: Duration::from_secs(30 * 24 * 3600),
-            gc_batch_max: 1024,
+            gc_batch_max: 128,
+            gc_backlog_interval: Duration::from_millis(5),
             open_enrolment: false,
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
         }
@@ -199,6 +205,8 @@ pub struct Gateway {
     sessions: BTreeMap<ConnectionId, Session>,
     online: BTreeMap<DeviceId, ConnectionId>,
     next_tick: Instant,
+    /// When the next GC step runs ahead of the tick, while there is a backlog.
+    gc_again_at: Option<Instant>,
     writes: WriteBatch,
     outputs: Vec<GatewayOutput>,
     stats: GatewayStats,
@@ -227,6 +235,7 @@ impl Gateway {
         );
         Gateway {
             next_tick: now + config.tick_interval,
+            gc_again_at: None,
             config,
             entropy,
             conversations: BTreeMap::new(),
@@ -265,9 +274,9 @@ impl Gateway {
                 .restore_bounds(head, first)
         })?;
         scan_all(store, DEDUP_TABLE, |key, value| {
-            let (conv, sender, msg_id, seq, at) = decode_dedup(key, value)?;
+            let (conv, records) = decode_dedup(key, value)?;
             if let Some(log) = g.conversations.get_mut(&conv) {
-                log.restore_dedup(sender, msg_id, seq, at);
+                log.restore_dedup_chunk(key.to_vec(), &records);
             }
             Ok(())
         })?;
@@ -356,7 +365,8 @@ impl Gateway {
 
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_tick
+        self.gc_again_at
+            .map_or(self.next_tick, |at| at.min(self.next_tick))
     }
 
     // ---- inputs ----
@@ -397,6 +407,9 @@ impl Gateway {
     /// Periodic work: idle sessions, missing `Hello`s, stalled delivery windows.
     pub fn handle_timeout(&mut self, now: Instant) {
         if now < self.next_tick {
+            if self.gc_again_at.is_some_and(|at| at <= now) {
+                self.collect_garbage(now);
+            }
             return;
         }
         self.next_tick = now + self.config.tick_interval;
@@ -482,11 +495,13 @@ impl Gateway {
         token
     }
 
-    /// Drops log entries every member acknowledged or that passed retention, a bounded amount
-    /// per conversation per tick.
+    /// One GC step: drops log entries every member acknowledged or that passed retention, a
+    /// bounded amount per conversation, and schedules the next step soon if any conversation
+    /// had more than that.
     fn collect_garbage(&mut self, now: Instant) {
         let expire_before = now - self.config.retention_max;
         let dedup_expire_before = now - self.config.dedup_retention;
+        let mut backlog = false;
         for log in self.conversations.values_mut() {
             let acked_by_all = log
                 .members()
@@ -502,7 +517,9 @@ impl Gateway {
                 &mut self.writes,
             );
             self.stats.gc_dropped += dropped as u64;
+            backlog |= dropped > 0 && dropped == self.config.gc_batch_max;
         }
+        self.gc_again_at = backlog.then(|| now + self.config.gc_backlog_interval);
     }
 
     /// Graceful shutdown: says goodbye to every session (`ShuttingDown`) and closes it. The

@@ -26,10 +26,18 @@ pub const MEMBERS_TABLE: Table = Table("members");
 /// Table of log bounds: key `conversation(16)`, value `head(8) ++ first_seq(8)`; written when
 /// garbage collection moves `first_seq` (entries appended later extend the head).
 pub const BOUNDS_TABLE: Table = Table("log_bounds");
-/// Table of deduplication records: key `conversation(16) ++ sender(16) ++ msg_id(16)`, value
-/// `seq(8) ++ accepted_at(8)`; written when garbage collection drops the entry (a retained
-/// entry is its own record).
+/// Table of deduplication records, one chunk per garbage-collection step: key
+/// `conversation(16) ++ first_seq(8)`, value `records` of [`DEDUP_RECORD_BYTES`] each
+/// (`seq(8) ++ sender(16) ++ msg_id(16) ++ accepted_at(8)`, seqs contiguous from `first_seq`).
+/// A chunk is written when garbage collection drops its entries (a retained entry is its own
+/// record) and deleted when its last record expires, so a step costs one put however many
+/// entries it drops. Stores from before chunks hold one record per key
+/// (`conversation(16) ++ sender(16) ++ msg_id(16)` to `seq(8) ++ accepted_at(8)`); recovery
+/// still reads those.
 pub const DEDUP_TABLE: Table = Table("dedup");
+
+/// Bytes of one record in a deduplication chunk.
+pub const DEDUP_RECORD_BYTES: usize = 48;
 
 /// One sequenced message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +88,9 @@ pub struct ConversationLog {
     dedup: BTreeMap<(DeviceId, MsgId), DedupRecord>,
     /// Deduplication keys in seq order, for expiry.
     dedup_order: VecDeque<(u64, DeviceId, MsgId)>,
+    /// Persisted deduplication chunks in seq order: `(last seq, store key)`; a chunk is deleted
+    /// once its last record is forgotten.
+    dedup_chunks: VecDeque<(u64, Vec<u8>)>,
     /// During recovery: the head the bounds record promised.
     expected_head: Option<u64>,
 }
@@ -94,6 +105,7 @@ impl ConversationLog {
             first_seq: 1,
             dedup: BTreeMap::new(),
             dedup_order: VecDeque::new(),
+            dedup_chunks: VecDeque::new(),
             expected_head: None,
         }
     }
@@ -209,6 +221,8 @@ impl ConversationLog {
         batch: &mut WriteBatch,
     ) -> usize {
         let mut dropped = 0;
+        let chunk_first = self.first_seq;
+        let mut chunk = Vec::new();
         while dropped < limit {
             let Some(front) = self.entries.front() else {
                 break;
@@ -217,18 +231,19 @@ impl ConversationLog {
                 break;
             }
             batch.delete(LOG_TABLE, log_key(self.id, front.seq));
-            // The entry's deduplication record outlives it.
-            let mut record = Vec::with_capacity(16);
-            record.extend_from_slice(&front.seq.to_be_bytes());
-            record.extend_from_slice(&front.accepted_at.0.to_be_bytes());
-            batch.put(
-                DEDUP_TABLE,
-                dedup_key(self.id, front.sender, front.msg_id),
-                record,
-            );
+            // The entry's deduplication record outlives it, in this step's chunk.
+            chunk.extend_from_slice(&front.seq.to_be_bytes());
+            chunk.extend_from_slice(&front.sender.to_bytes());
+            chunk.extend_from_slice(&front.msg_id.to_bytes());
+            chunk.extend_from_slice(&front.accepted_at.0.to_be_bytes());
             self.entries.pop_front();
             self.first_seq += 1;
             dropped += 1;
+        }
+        if dropped > 0 {
+            let key = log_key(self.id, chunk_first);
+            batch.put(DEDUP_TABLE, key.clone(), chunk);
+            self.dedup_chunks.push_back((self.first_seq - 1, key));
         }
         let mut forgotten = 0;
         while forgotten < limit {
@@ -241,7 +256,14 @@ impl ConversationLog {
             }
             self.dedup_order.pop_front();
             self.dedup.remove(&(sender, msg_id));
-            batch.delete(DEDUP_TABLE, dedup_key(self.id, sender, msg_id));
+            while self
+                .dedup_chunks
+                .front()
+                .is_some_and(|(last, _)| *last <= seq)
+            {
+                let (_, key) = self.dedup_chunks.pop_front().expect("checked");
+                batch.delete(DEDUP_TABLE, key);
+            }
             forgotten += 1;
         }
         if dropped > 0 {
@@ -283,17 +305,22 @@ impl ConversationLog {
         Ok(())
     }
 
-    /// Restores a deduplication record during recovery.
-    pub fn restore_dedup(
-        &mut self,
-        sender: DeviceId,
-        msg_id: MsgId,
-        seq: u64,
-        accepted_at: Instant,
-    ) {
-        self.dedup
-            .insert((sender, msg_id), DedupRecord { seq, accepted_at });
-        self.dedup_order.push_back((seq, sender, msg_id));
+    /// Restores a deduplication chunk (stored under `key`) during recovery.
+    pub fn restore_dedup_chunk(&mut self, key: Vec<u8>, records: &[DedupEntry]) {
+        let Some(last) = records.iter().map(|r| r.seq).max() else {
+            return;
+        };
+        for r in records {
+            self.dedup.insert(
+                (r.sender, r.msg_id),
+                DedupRecord {
+                    seq: r.seq,
+                    accepted_at: r.accepted_at,
+                },
+            );
+            self.dedup_order.push_back((r.seq, r.sender, r.msg_id));
+        }
+        self.dedup_chunks.push_back((last, key));
     }
 
     /// Checks a recovered log for consistency and orders its deduplication records.
@@ -313,6 +340,9 @@ impl ConversationLog {
         let mut order: Vec<_> = self.dedup_order.drain(..).collect();
         order.sort_unstable();
         self.dedup_order = order.into();
+        let mut chunks: Vec<_> = self.dedup_chunks.drain(..).collect();
+        chunks.sort_unstable();
+        self.dedup_chunks = chunks.into();
         Ok(())
     }
 
@@ -342,14 +372,6 @@ pub fn member_key(conversation: ConversationId, device: DeviceId) -> Vec<u8> {
     let mut key = Vec::with_capacity(32);
     key.extend_from_slice(&conversation.to_bytes());
     key.extend_from_slice(&device.to_bytes());
-    key
-}
-
-fn dedup_key(conversation: ConversationId, sender: DeviceId, msg_id: MsgId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(48);
-    key.extend_from_slice(&conversation.to_bytes());
-    key.extend_from_slice(&sender.to_bytes());
-    key.extend_from_slice(&msg_id.to_bytes());
     key
 }
 
@@ -387,24 +409,75 @@ pub fn decode_bounds(key: &[u8], value: &[u8]) -> Result<(ConversationId, u64, u
     ))
 }
 
-/// Decodes a deduplication record: `(conversation, sender, msg_id, seq, accepted_at)`.
+/// One deduplication record read back from the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupEntry {
+    /// The seq the message got.
+    pub seq: u64,
+    /// Its sender.
+    pub sender: DeviceId,
+    /// The sender's message id.
+    pub msg_id: MsgId,
+    /// When it was sequenced.
+    pub accepted_at: Instant,
+}
+
+/// Most records one stored chunk may hold (a chunk is one GC step, bounded by `gc_batch_max`).
+pub const DEDUP_CHUNK_RECORDS_MAX: usize = 1 << 20;
+
+/// Decodes a deduplication chunk, or a single record of the pre-chunk format:
+/// `(conversation, records)`.
 pub fn decode_dedup(
     key: &[u8],
     value: &[u8],
-) -> Result<(ConversationId, DeviceId, MsgId, u64, Instant), StoreError> {
-    if key.len() != 48 || value.len() != 16 {
-        return Err(corrupt(
+) -> Result<(ConversationId, Vec<DedupEntry>), StoreError> {
+    match key.len() {
+        24 => {
+            let first = u64_at(key, 16);
+            if value.is_empty()
+                || value.len() % DEDUP_RECORD_BYTES != 0
+                || value.len() / DEDUP_RECORD_BYTES > DEDUP_CHUNK_RECORDS_MAX
+            {
+                return Err(corrupt(
+                    DEDUP_TABLE,
+                    format!("chunk of {} bytes", value.len()),
+                ));
+            }
+            let records: Vec<DedupEntry> = value
+                .chunks_exact(DEDUP_RECORD_BYTES)
+                .map(|r| DedupEntry {
+                    seq: u64_at(r, 0),
+                    sender: DeviceId(u128_at(r, 8)),
+                    msg_id: MsgId(u128_at(r, 24)),
+                    accepted_at: Instant(u64_at(r, 40)),
+                })
+                .collect();
+            let contiguous = records
+                .iter()
+                .enumerate()
+                .all(|(i, r)| Some(r.seq) == first.checked_add(i as u64));
+            if !contiguous {
+                return Err(corrupt(
+                    DEDUP_TABLE,
+                    format!("chunk from seq {first} is not contiguous"),
+                ));
+            }
+            Ok((ConversationId(u128_at(key, 0)), records))
+        }
+        48 if value.len() == 16 => Ok((
+            ConversationId(u128_at(key, 0)),
+            vec![DedupEntry {
+                seq: u64_at(value, 0),
+                sender: DeviceId(u128_at(key, 16)),
+                msg_id: MsgId(u128_at(key, 32)),
+                accepted_at: Instant(u64_at(value, 8)),
+            }],
+        )),
+        _ => Err(corrupt(
             DEDUP_TABLE,
             format!("key {} / value {} bytes", key.len(), value.len()),
-        ));
+        )),
     }
-    Ok((
-        ConversationId(u128_at(key, 0)),
-        DeviceId(u128_at(key, 16)),
-        MsgId(u128_at(key, 32)),
-        u64_at(value, 0),
-        Instant(u64_at(value, 8)),
-    ))
 }
 
 /// Entry value: `seq(8) ++ sender(16) ++ msg_id(16) ++ accepted_at(8) ++ body`.
@@ -547,5 +620,125 @@ mod tests {
                 .unwrap(),
             Appended::Duplicate(7)
         );
+    }
+
+    fn dedup_keys(store: &crate::env::MemStore) -> usize {
+        store.table_len(DEDUP_TABLE)
+    }
+
+    /// Rebuilds a log from `store` the way gateway recovery does.
+    fn recovered(store: &crate::env::MemStore) -> ConversationLog {
+        use crate::env::scan_all;
+        let mut log = log();
+        scan_all(store, BOUNDS_TABLE, |k, v| {
+            let (_, head, first) = decode_bounds(k, v)?;
+            log.restore_bounds(head, first)
+        })
+        .unwrap();
+        scan_all(store, DEDUP_TABLE, |k, v| {
+            let (_, records) = decode_dedup(k, v)?;
+            log.restore_dedup_chunk(k.to_vec(), &records);
+            Ok(())
+        })
+        .unwrap();
+        scan_all(store, LOG_TABLE, |k, v| {
+            log.restore_entry(decode_entry(k, v)?.1)
+        })
+        .unwrap();
+        log.finish_restore().unwrap();
+        log
+    }
+
+    #[test]
+    fn each_gc_step_writes_one_dedup_chunk_and_expiry_deletes_it() {
+        use crate::env::{MemStore, Store};
+        let mut store = MemStore::default();
+        let mut log = log();
+        let mut batch = WriteBatch::default();
+        for i in 0..10 {
+            log.append(at(i), DeviceId(1), MsgId(u128::from(i)), Bytes::new())
+                .unwrap();
+            log.persist_append(i + 1, &mut batch);
+        }
+        store.commit(batch.take()).unwrap();
+        // Two steps of 4, one of 2: three chunks, each one put.
+        for expected in [4, 4, 2] {
+            assert_eq!(
+                log.collect_garbage(10, at(0), at(0), 4, &mut batch),
+                expected
+            );
+            let puts = batch
+                .ops()
+                .iter()
+                .filter(|op| matches!(op, crate::env::WriteOp::Put { table, .. } if *table == DEDUP_TABLE))
+                .count();
+            assert_eq!(puts, 1);
+            store.commit(batch.take()).unwrap();
+        }
+        assert_eq!(dedup_keys(&store), 3);
+        assert_eq!(store.table_len(LOG_TABLE), 0);
+        // Recovery reads the chunks back: every retry still gets its original seq.
+        let mut back = recovered(&store);
+        for i in 0..10u64 {
+            assert_eq!(
+                back.append(at(11), DeviceId(1), MsgId(u128::from(i)), Bytes::new()),
+                Ok(Appended::Duplicate(i + 1))
+            );
+        }
+        // Records sequenced before 6 s expire: chunk 1-4 goes, chunk 5-8 stays (7 and 8 live).
+        log.collect_garbage(10, at(0), at(6), 100, &mut batch);
+        store.commit(batch.take()).unwrap();
+        assert_eq!(dedup_keys(&store), 2);
+        log.collect_garbage(10, at(0), at(100), 100, &mut batch);
+        store.commit(batch.take()).unwrap();
+        assert_eq!(dedup_keys(&store), 0, "every chunk expired");
+        let mut back = recovered(&store);
+        assert_eq!(
+            back.append(at(101), DeviceId(1), MsgId(3), Bytes::new()),
+            Ok(Appended::New(11))
+        );
+    }
+
+    #[test]
+    fn a_record_of_the_pre_chunk_format_is_still_read() {
+        let mut key = ConversationId(7).to_bytes().to_vec();
+        key.extend_from_slice(&DeviceId(1).to_bytes());
+        key.extend_from_slice(&MsgId(5).to_bytes());
+        let mut value = 3u64.to_be_bytes().to_vec();
+        value.extend_from_slice(&9u64.to_be_bytes());
+        let (conv, records) = decode_dedup(&key, &value).unwrap();
+        assert_eq!(conv, ConversationId(7));
+        assert_eq!(
+            records,
+            vec![DedupEntry {
+                seq: 3,
+                sender: DeviceId(1),
+                msg_id: MsgId(5),
+                accepted_at: Instant(9)
+            }]
+        );
+    }
+
+    #[test]
+    fn corrupt_dedup_chunks_are_errors_not_panics() {
+        let key = log_key(ConversationId(7), 5);
+        let record = |seq: u64| {
+            let mut r = seq.to_be_bytes().to_vec();
+            r.extend_from_slice(&[0; 40]);
+            r
+        };
+        assert!(decode_dedup(&key, &[]).is_err(), "empty");
+        assert!(decode_dedup(&key, &[0; 47]).is_err(), "partial record");
+        assert!(
+            decode_dedup(&key, &record(6)).is_err(),
+            "does not start at the key's seq"
+        );
+        let mut gap = record(5);
+        gap.extend(record(7));
+        assert!(decode_dedup(&key, &gap).is_err(), "not contiguous");
+        assert!(decode_dedup(&key[..20], &record(5)).is_err(), "key length");
+        let mut two = record(5);
+        two.extend(record(6));
+        assert_eq!(decode_dedup(&key, &two).unwrap().1.len(), 2);
     }
 }

@@ -653,6 +653,53 @@ fn acknowledged_messages_are_collected_and_the_head_survives_recovery() {
 }
 
 #[test]
+fn a_gc_backlog_is_worked_off_in_small_steps_ahead_of_the_tick() {
+    let config = GatewayConfig {
+        gc_batch_max: 3,
+        gc_backlog_interval: Duration::from_millis(5),
+        ..open_config()
+    };
+    let mut h = Harness::with_config(config.clone());
+    h.connect(1, alice());
+    h.connect(2, bob());
+    for i in 1..=8 {
+        h.send(1, alice(), i, &[i]);
+    }
+    h.ack(1, 8);
+    h.ack(2, 8);
+    h.now = h.now + config.tick_interval;
+    h.gateway.handle_timeout(h.now);
+    h.drain();
+    assert_eq!(h.gateway.stats().gc_dropped, 3, "one bounded step");
+    assert_eq!(
+        h.gateway.poll_timeout(),
+        h.now + config.gc_backlog_interval,
+        "more is waiting, so the next step comes before the tick"
+    );
+    let mut steps = 1;
+    while h.gateway.stats().gc_dropped < 8 {
+        h.now = h.gateway.poll_timeout();
+        h.gateway.handle_timeout(h.now);
+        let writes: usize = std::iter::from_fn(|| h.gateway.poll_ready())
+            .map(|r| {
+                let n = r.writes.len();
+                r.commit(&mut h.store).unwrap();
+                n
+            })
+            .sum();
+        assert!(
+            writes <= 2 * 3 + 2,
+            "a step writes at most its bound: {writes}"
+        );
+        steps += 1;
+        assert!(steps <= 3, "8 entries take 3 steps of 3");
+    }
+    // The last step (2 of 3) took everything: back to the tick.
+    assert!(h.gateway.poll_timeout() > h.now + config.gc_backlog_interval);
+    assert_eq!(h.gateway.stats().gc_dropped, 8);
+}
+
+#[test]
 fn a_resume_from_before_the_retained_log_gets_replay_window_exceeded() {
     let mut h = Harness::with_config(GatewayConfig {
         retention_max: Duration::from_secs(10),
