@@ -113,8 +113,9 @@ async fn throughput(nodes: &mut [NodeHandle], per_node: usize, concurrency: usiz
     (nodes.len() * per_node) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Node 0 sends to node 1 at `rate` messages per second; returns (p50, p99) of send-to-delivery.
-async fn latency(nodes: &mut [NodeHandle], rate: f64, count: usize) -> (Duration, Duration) {
+/// Node 0 sends to node 1 at `rate` messages per second; returns (p50, p90, p99, max) of
+/// send-to-delivery.
+async fn latency(nodes: &mut [NodeHandle], rate: f64, count: usize) -> [Duration; 4] {
     let conv = ConversationId::from_name("pair");
     let origin = Instant::now();
     let sender = nodes[0].sender();
@@ -146,7 +147,7 @@ async fn latency(nodes: &mut [NodeHandle], rate: f64, count: usize) -> (Duration
     send_task.await.unwrap();
     samples.sort_unstable();
     let at = |q: f64| Duration::from_micros(samples[((samples.len() - 1) as f64 * q) as usize]);
-    (at(0.50), at(0.99))
+    [at(0.50), at(0.90), at(0.99), at(1.0)]
 }
 
 /// Bare redb: `batches` durable commits of `per_batch` 200-byte inserts.
@@ -170,6 +171,30 @@ fn bare_redb(batches: usize, per_batch: usize) -> f64 {
         txn.commit().unwrap();
     }
     (batches * per_batch) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Bare redb: the latency of `count` durable single-insert commits (the floor under any hop that
+/// must be durable before it answers); returns (p50, p90, p99, max).
+fn bare_redb_commit_latency(count: usize) -> [Duration; 4] {
+    let dir = tempfile::tempdir().unwrap();
+    let db = redb::Database::create(dir.path().join("bare.redb")).unwrap();
+    let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("t");
+    let value = vec![b'x'; BODY];
+    let mut samples = Vec::with_capacity(count);
+    for key in 0..count as u64 {
+        let started = Instant::now();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(table).unwrap();
+            t.insert(key.to_be_bytes().as_slice(), value.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        samples.push(started.elapsed());
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    [at(0.50), at(0.90), at(0.99), at(1.0)]
 }
 
 /// Bare quinn: one stream, 200-byte frames pipelined, an 8-byte ack per frame.
@@ -370,6 +395,12 @@ fn main() {
             format!("{redb_rate:.0} inserts/s"),
         );
 
+        let [p50, p90, p99, max] = bare_redb_commit_latency(3_000);
+        results.insert(
+            "b bare redb, one durable commit",
+            format!("p50 {p50:.2?}, p90 {p90:.2?}, p99 {p99:.2?}, max {max:.2?}"),
+        );
+
         let mut one = setup(2).await;
         let rate1 = throughput(&mut one.nodes[..1], 20_000, 64).await;
         results.insert(
@@ -380,11 +411,13 @@ fn main() {
                 100.0 * rate1 / redb_rate
             ),
         );
-        let (p50, p99) = latency(&mut one.nodes, rate1 / 2.0, 5_000).await;
-        results.insert(
-            "e sund, latency at half the 1-node rate",
-            format!("p50 {p50:?}, p99 {p99:?}"),
-        );
+        let show = |[p50, p90, p99, max]: [Duration; 4]| {
+            format!("p50 {p50:.2?}, p90 {p90:.2?}, p99 {p99:.2?}, max {max:.2?}")
+        };
+        let half = latency(&mut one.nodes, rate1 / 2.0, 10_000).await;
+        results.insert("e sund, latency at half the 1-node rate", show(half));
+        let light = latency(&mut one.nodes, 1_000.0, 3_000).await;
+        results.insert("g sund, latency at 1,000 msg/s", show(light));
         for node in one.nodes {
             node.stop().await.unwrap();
         }
