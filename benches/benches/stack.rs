@@ -77,7 +77,7 @@ async fn setup(n: usize) -> Setup {
 }
 
 /// Every node sends `per_node` messages to its own conversation, `concurrency` at a time; returns
-/// messages per second until the last acknowledgement.
+/// messages per second until the last is both acknowledged and delivered.
 async fn throughput(nodes: &mut [NodeHandle], per_node: usize, concurrency: usize) -> f64 {
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -101,12 +101,15 @@ async fn throughput(nodes: &mut [NodeHandle], per_node: usize, concurrency: usiz
         t.await.unwrap();
     }
     for node in nodes.iter_mut() {
-        let mut accepted = 0;
-        while accepted < per_node {
+        // Each node is the only member of its conversation: a message is done when it is both
+        // acknowledged and delivered back (durably) to its sender.
+        let (mut accepted, mut delivered) = (0, 0);
+        while accepted < per_node || delivered < per_node {
             match tokio::time::timeout(Duration::from_secs(60), node.events.recv()).await {
                 Ok(Some(NodeEvent::Accepted { .. })) => accepted += 1,
+                Ok(Some(NodeEvent::Delivered { .. })) => delivered += 1,
                 Ok(Some(_)) => {}
-                _ => panic!("acknowledgements stopped at {accepted} of {per_node}"),
+                _ => panic!("stopped at {accepted} acknowledged, {delivered} delivered of {per_node}"),
             }
         }
     }
