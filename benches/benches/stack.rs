@@ -109,7 +109,9 @@ async fn throughput(nodes: &mut [NodeHandle], per_node: usize, concurrency: usiz
                 Ok(Some(NodeEvent::Accepted { .. })) => accepted += 1,
                 Ok(Some(NodeEvent::Delivered { .. })) => delivered += 1,
                 Ok(Some(_)) => {}
-                _ => panic!("stopped at {accepted} acknowledged, {delivered} delivered of {per_node}"),
+                _ => panic!(
+                    "stopped at {accepted} acknowledged, {delivered} delivered of {per_node}"
+                ),
             }
         }
     }
