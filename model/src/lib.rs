@@ -17,10 +17,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod directory;
 pub mod env;
 pub mod gateway;
 pub mod identity;
 pub mod ids;
+pub mod mls;
 pub mod node;
 pub mod sequencer;
 pub mod time;

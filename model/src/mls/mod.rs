@@ -1,0 +1,81 @@
+//! MLS (RFC 9420) through openmls, made deterministic under simulation.
+//!
+//! openmls is pure computation, but it reaches for the operating system in several places. What
+//! this module does about each (measured on openmls 0.9.2):
+//!
+//! 1. Its stock crypto provider seeds a generator from the OS: [`provider::EntropyRand`] draws
+//!    from the injected [`crate::env::Entropy`] instead.
+//! 2. HPKE seal draws its ephemeral key from OS entropy inside hpke-rs:
+//!    [`crypto::SundCrypto`] runs the DHKEM encapsulation itself (checked against RFC 9180's
+//!    test vector) with key material from the entropy.
+//! 3. Path encryption runs on rayon threads, so seals arrive in thread order: under simulation
+//!    each ephemeral key is derived from a per-device secret and the seal's own inputs, not from
+//!    a shared stream ([`provider::Randomness`]).
+//! 4. `SignatureKeyPair::new` uses the OS generator: [`provider::MlsProvider::new_signer`] builds
+//!    the key from the entropy.
+//! 5. `Lifetime::new` reads the wall clock: [`lifetime`] computes lifetimes from the model's
+//!    clock, or makes them unbounded under simulation, because openmls validates lifetimes
+//!    against the wall clock and a simulated clock would otherwise have to track real time.
+//! 6. `ProposalQueue::filter_proposals` iterates a std hash map, so a commit holding two or more
+//!    member-specific proposals (removes, updates) is ordered by the process's hash seed. Sund's
+//!    commit policy is that a commit carries at most one member-specific proposal; the state
+//!    machines enforce it.
+//! 7. Stored state contains wall-clock times (past epoch secrets): stored bytes stay out of the
+//!    simulation's trace hash, which covers wire bytes only.
+//!
+//! All of openmls's storage writes for one operation are buffered by [`storage::MlsStorage`] and
+//! leave in one [`crate::env::WriteBatch`].
+
+pub mod crypto;
+pub mod provider;
+pub mod storage;
+
+use std::time::Duration;
+
+use openmls::prelude::Lifetime;
+
+use crate::time::Instant;
+
+pub use crypto::CIPHERSUITE;
+pub use provider::{MlsProvider, Randomness};
+pub use storage::{MlsStorage, MLS_TABLE};
+
+/// How long KeyPackages and leaf nodes are valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifetimePolicy {
+    /// From an hour before `now` (clock skew) for `validity`; `now` is the model's clock in
+    /// microseconds since the Unix epoch (production).
+    FromClock {
+        /// How long after `now` the lifetime ends.
+        validity: Duration,
+    },
+    /// Valid at every time (simulation: openmls checks lifetimes against the wall clock, which a
+    /// reproducible run cannot follow).
+    Unbounded,
+}
+
+impl Default for LifetimePolicy {
+    fn default() -> Self {
+        // openmls's own default: 12 weeks.
+        LifetimePolicy::FromClock {
+            validity: Duration::from_secs(12 * 7 * 24 * 3600),
+        }
+    }
+}
+
+/// Skew allowed before `now` when a lifetime starts.
+pub const LIFETIME_MARGIN: Duration = Duration::from_secs(3600);
+
+/// The lifetime of a KeyPackage or leaf node created at `now` under `policy`.
+pub fn lifetime(policy: LifetimePolicy, now: Instant) -> Lifetime {
+    match policy {
+        LifetimePolicy::Unbounded => Lifetime::init(0, u64::MAX),
+        LifetimePolicy::FromClock { validity } => {
+            let now_s = now.0 / 1_000_000;
+            Lifetime::init(
+                now_s.saturating_sub(LIFETIME_MARGIN.as_secs()),
+                now_s.saturating_add(validity.as_secs()),
+            )
+        }
+    }
+}
