@@ -54,6 +54,13 @@ id128!(
     "msg:"
 );
 
+id128!(
+    /// One person (or service account) owning one or more devices; KeyPackage fetches and DMs
+    /// address users, and each of a user's devices is a separate MLS member.
+    UserId,
+    "user:"
+);
+
 /// One transport connection as the driver names it; only unique within one driver.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct ConnectionId(pub u64);
@@ -68,5 +75,18 @@ impl ConversationId {
             .chain_update(name.as_bytes())
             .finalize();
         ConversationId::from_bytes(digest[..16].try_into().expect("16 of 32 bytes"))
+    }
+}
+
+impl UserId {
+    /// The id of a user named by people (`"alice"`), derived like [`ConversationId::from_name`]
+    /// under its own context string.
+    pub fn from_name(name: &str) -> UserId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"sund/user/v1")
+            .chain_update(name.as_bytes())
+            .finalize();
+        UserId::from_bytes(digest[..16].try_into().expect("16 of 32 bytes"))
     }
 }
