@@ -275,6 +275,7 @@ async fn load_client(
         cursors: vec![],
         device_key: key.public().0,
         resume_token: None,
+        user: None,
     };
     send.write_all(
         &Frame::new(

@@ -72,6 +72,7 @@ fn frames(c: &mut Criterion) {
                 .collect(),
             device_key: [7; 32],
             resume_token: Some([9; 32]),
+            user: None,
         }),
     )
     .encode();

@@ -22,17 +22,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::directory::{DirectoryConfig, Fetched, KeyPackageDirectory, KEY_PACKAGES_TABLE};
 use crate::env::{scan_all, Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
 use crate::identity::{session_proof_message, DevicePublicKey};
-use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
+use crate::mls;
 use crate::sequencer::{
     decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
     SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
 };
 use crate::time::Instant;
 use crate::wire::payload::{
-    Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, Goodbye, Hello, HelloOk, Proof,
-    SendAck,
+    Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Hello,
+    HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof, SendAck,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -40,6 +42,9 @@ use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 pub const ADMITTED_TABLE: Table = Table("admitted_devices");
 /// Table of resume tokens: key `token(32)`, value `device(16) ++ expires_at(8)`.
 pub const TOKENS_TABLE: Table = Table("resume_tokens");
+
+/// Table binding devices to users: key `user(16) ++ device(16)`, empty value.
+pub const USERS_TABLE: Table = Table("user_devices");
 
 /// Table of per-device acknowledgement cursors: key `device(16) ++ conversation(16)`, value seq.
 pub const CURSORS_TABLE: Table = Table("cursors");
@@ -78,6 +83,8 @@ pub struct GatewayConfig {
     pub open_enrolment: bool,
     /// How long a resume token stays valid.
     pub resume_token_ttl: Duration,
+    /// Limits of the KeyPackage directory.
+    pub directory: DirectoryConfig,
 }
 
 impl Default for GatewayConfig {
@@ -96,6 +103,7 @@ impl Default for GatewayConfig {
             gc_backlog_interval: Duration::from_millis(5),
             open_enrolment: false,
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            directory: DirectoryConfig::default(),
         }
     }
 }
@@ -150,6 +158,14 @@ pub struct GatewayStats {
     pub resumed: u64,
     /// Handshakes refused (bad proof, key mismatch, device not admitted).
     pub auth_failures: u64,
+    /// KeyPackages accepted into pools.
+    pub key_packages_uploaded: u64,
+    /// KeyPackage uploads refused.
+    pub key_package_uploads_refused: u64,
+    /// KeyPackages handed out (one-time and last-resort).
+    pub key_packages_fetched: u64,
+    /// Fetches refused by the rate limit.
+    pub key_package_fetches_limited: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +186,7 @@ enum Auth {
         key: DevicePublicKey,
         nonce: [u8; 32],
         cursors: Vec<Cursor>,
+        user: Option<UserId>,
     },
     /// Session open for this device.
     Open(DeviceId),
@@ -204,6 +221,11 @@ pub struct Gateway {
     device_tokens: BTreeMap<DeviceId, [u8; 32]>,
     sessions: BTreeMap<ConnectionId, Session>,
     online: BTreeMap<DeviceId, ConnectionId>,
+    directory: KeyPackageDirectory,
+    users: BTreeMap<UserId, BTreeSet<DeviceId>>,
+    device_users: BTreeMap<DeviceId, UserId>,
+    /// Verifies uploaded KeyPackages; verification draws no randomness.
+    mls_crypto: openmls_rust_crypto::RustCrypto,
     next_tick: Instant,
     /// When the next GC step runs ahead of the tick, while there is a backlog.
     gc_again_at: Option<Instant>,
@@ -233,6 +255,7 @@ impl Gateway {
             !config.tick_interval.is_zero(),
             "tick_interval must be positive"
         );
+        let directory_config = config.directory.clone();
         Gateway {
             next_tick: now + config.tick_interval,
             gc_again_at: None,
@@ -246,6 +269,10 @@ impl Gateway {
             device_tokens: BTreeMap::new(),
             sessions: BTreeMap::new(),
             online: BTreeMap::new(),
+            directory: KeyPackageDirectory::new(directory_config),
+            users: BTreeMap::new(),
+            device_users: BTreeMap::new(),
+            mls_crypto: openmls_rust_crypto::RustCrypto::default(),
             writes: WriteBatch::default(),
             outputs: Vec::new(),
             stats: GatewayStats::default(),
@@ -311,6 +338,14 @@ impl Gateway {
                 reason: format!("device key of {} bytes", key.len()),
             })?;
             g.admitted.insert(DevicePublicKey(key));
+            Ok(())
+        })?;
+        scan_all(store, KEY_PACKAGES_TABLE, |key, value| {
+            g.directory.restore(key, value)
+        })?;
+        scan_all(store, USERS_TABLE, |key, _| {
+            let (user, device) = split_pair_key(USERS_TABLE, key)?;
+            g.bind_user(UserId(user), DeviceId(device));
             Ok(())
         })?;
         scan_all(store, TOKENS_TABLE, |key, value| {
@@ -604,6 +639,12 @@ impl Gateway {
             (Some(_), Payload::ReplayRequest(request)) => {
                 self.rewind(now, conn, routing.conversation, Some(request.from_seq))
             }
+            (Some(device), Payload::KeyPackageUpload(upload)) => {
+                self.upload_key_packages(conn, device, upload)
+            }
+            (Some(device), Payload::KeyPackageFetch(fetch)) => {
+                self.fetch_key_packages(now, conn, device, fetch)
+            }
             (Some(_), Payload::Goodbye(_)) => {
                 self.outputs.push(GatewayOutput::Close(conn));
                 self.forget_session(conn);
@@ -627,6 +668,7 @@ impl Gateway {
             );
             return;
         }
+        let user = hello.user.map(UserId::from_bytes);
         if !self.config.open_enrolment && !self.admitted.contains(&key) {
             self.stats.auth_failures += 1;
             let message = format!("device key {} is not admitted; ask the operator to run `sund-gateway admin allow {}`", key.to_hex(), key.to_hex());
@@ -637,7 +679,7 @@ impl Gateway {
             match self.tokens.get(&token).copied() {
                 Some((owner, expires)) if owner == device && now < expires => {
                     self.stats.resumed += 1;
-                    self.open_session(now, conn, device, &hello.cursors);
+                    self.open_session(now, conn, device, &hello.cursors, user);
                     return;
                 }
                 Some((owner, _)) if owner == device => {
@@ -666,6 +708,7 @@ impl Gateway {
             key,
             nonce,
             cursors: hello.cursors,
+            user,
         };
         self.send(
             conn,
@@ -681,6 +724,7 @@ impl Gateway {
             key,
             nonce,
             cursors,
+            user,
         } = std::mem::replace(&mut session.auth, Auth::AwaitingHello)
         else {
             unreachable!("checked by the caller");
@@ -695,7 +739,7 @@ impl Gateway {
             return;
         }
         self.stats.authenticated += 1;
-        self.open_session(now, conn, device, &cursors);
+        self.open_session(now, conn, device, &cursors, user);
     }
 
     fn open_session(
@@ -704,8 +748,27 @@ impl Gateway {
         conn: ConnectionId,
         device: DeviceId,
         cursors: &[Cursor],
+        user: Option<UserId>,
     ) {
         debug_assert!(device != DeviceId(0), "device ids come from keys");
+        // Checked only now that the device proved its key, so the binding is not revealed to
+        // whoever merely claims a device id.
+        if let (Some(claimed), Some(bound)) = (user, self.device_users.get(&device)) {
+            if claimed != *bound {
+                self.stats.auth_failures += 1;
+                let message = format!("this device belongs to {bound}, not {claimed}");
+                self.goodbye(conn, ErrorCode::UserMismatch, &message);
+                return;
+            }
+        }
+        if let Some(user) = user {
+            if !self.device_users.contains_key(&device) {
+                self.bind_user(user, device);
+                let mut key = user.to_bytes().to_vec();
+                key.extend_from_slice(&device.to_bytes());
+                self.writes.put(USERS_TABLE, key, Vec::new());
+            }
+        }
         if let Some(old) = self.online.insert(device, conn) {
             let still_that_device = self
                 .sessions
@@ -760,10 +823,126 @@ impl Gateway {
             resume_token_ttl_s: ttl_s,
         };
         self.send(conn, Routing::default(), Payload::HelloOk(ok));
+        self.send_key_package_count(conn, device);
         let convs: Vec<ConversationId> = self.sessions[&conn].streams.keys().copied().collect();
         for conv in convs {
             self.pump(now, conn, conv);
         }
+    }
+
+    fn bind_user(&mut self, user: UserId, device: DeviceId) {
+        self.users.entry(user).or_default().insert(device);
+        self.device_users.insert(device, user);
+    }
+
+    /// Tells a device how many KeyPackages it has left.
+    fn send_key_package_count(&mut self, conn: ConnectionId, device: DeviceId) {
+        let count = KeyPackageCount {
+            remaining: u32::try_from(self.directory.remaining(device)).unwrap_or(u32::MAX),
+            last_resort: self.directory.has_last_resort(device),
+            replenish_below: u32::try_from(self.directory.config().replenish_below)
+                .unwrap_or(u32::MAX),
+        };
+        self.send(conn, Routing::default(), Payload::KeyPackageCount(count));
+    }
+
+    fn upload_key_packages(
+        &mut self,
+        conn: ConnectionId,
+        device: DeviceId,
+        upload: KeyPackageUpload,
+    ) {
+        let count = upload.packages.len();
+        let packages = upload
+            .packages
+            .into_iter()
+            .map(|p| Bytes::from(Vec::<u8>::from(p)))
+            .collect();
+        let last_resort = upload.last_resort.map(|p| Bytes::from(Vec::<u8>::from(p)));
+        let crypto = &self.mls_crypto;
+        let validate = |bytes: &[u8]| mls::key_packages::check(crypto, bytes, device);
+        match self
+            .directory
+            .upload(device, packages, last_resort, &validate, &mut self.writes)
+        {
+            Ok(_) => {
+                self.stats.key_packages_uploaded += count as u64;
+                self.send_key_package_count(conn, device);
+            }
+            Err(error) => {
+                self.stats.key_package_uploads_refused += 1;
+                self.error(
+                    conn,
+                    ErrorCode::KeyPackageRejected,
+                    &error.to_string(),
+                    None,
+                );
+            }
+        }
+    }
+
+    /// One KeyPackage per device of each requested user, the requesting device excluded.
+    fn fetch_key_packages(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        requester: DeviceId,
+        fetch: KeyPackageFetch,
+    ) {
+        if let Err(limited) = self.directory.admit_fetch(now, requester) {
+            self.stats.key_package_fetches_limited += 1;
+            self.error(conn, ErrorCode::RateLimited, &limited.to_string(), None);
+            return;
+        }
+        let mut targets: Vec<(UserId, DeviceId)> = Vec::new();
+        for user in fetch.users.iter().map(|u| UserId::from_bytes(**u)) {
+            for &device in self.users.get(&user).into_iter().flatten() {
+                if device != requester && !targets.iter().any(|(_, d)| *d == device) {
+                    targets.push((user, device));
+                }
+            }
+        }
+        let devices: Vec<DeviceId> = targets.iter().map(|(_, d)| *d).collect();
+        let taken = self.directory.take(&devices, &mut self.writes);
+        let mut answer = KeyPackages::default();
+        let mut drained = Vec::new();
+        for ((user, _), fetched) in targets.into_iter().zip(taken) {
+            match fetched {
+                Fetched::Package {
+                    device,
+                    package,
+                    last_resort,
+                } => {
+                    self.stats.key_packages_fetched += 1;
+                    if self.directory.needs_replenishing(device) {
+                        drained.push(device);
+                    }
+                    answer.found.push(FetchedKeyPackage {
+                        user: user.to_bytes().into(),
+                        device: device.to_bytes().into(),
+                        package: package.to_vec().into(),
+                        last_resort,
+                    });
+                }
+                Fetched::Exhausted(device) => answer.exhausted.push(device.to_bytes().into()),
+            }
+        }
+        self.send(conn, Routing::default(), Payload::KeyPackages(answer));
+        for owner in drained {
+            if let Some(&owner_conn) = self.online.get(&owner) {
+                self.send_key_package_count(owner_conn, owner);
+            }
+        }
+    }
+
+    /// The devices bound to `user`.
+    pub fn devices_of(&self, user: UserId) -> impl Iterator<Item = DeviceId> + '_ {
+        self.users.get(&user).into_iter().flatten().copied()
+    }
+
+    /// One-time KeyPackages `device` has in the directory.
+    pub fn key_packages_left(&self, device: DeviceId) -> usize {
+        self.directory.remaining(device)
     }
 
     fn accept_message(

@@ -26,7 +26,7 @@ use bytes::Bytes;
 
 use crate::env::{Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
 use crate::identity::{session_proof_message, DeviceKey};
-use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
 use crate::wire::payload::{
     Ack, Cursor, ErrorCode, Goodbye, Heartbeat, Hello, Proof, ReplayRequest, Send, CURSORS_LEN_MAX,
@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub outbox_len_max: usize,
     /// Largest message body.
     pub body_bytes_max: usize,
+    /// The user this device belongs to, named in every hello (`None`: not bound to a user).
+    pub user: Option<UserId>,
 }
 
 impl NodeConfig {
@@ -83,6 +85,7 @@ impl NodeConfig {
             reorder_buffer_max: 256,
             outbox_len_max: 10_000,
             body_bytes_max: PAYLOAD_BYTES_MAX as usize - 1024,
+            user: None,
         }
     }
 }
@@ -506,6 +509,7 @@ impl Node {
                     cursors,
                     device_key: self.config.key.public().0,
                     resume_token: self.resume_token,
+                    user: self.config.user.map(UserId::to_bytes),
                 };
                 self.send_frame(conn, routing, Payload::Hello(hello));
             }

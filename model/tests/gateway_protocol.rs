@@ -7,7 +7,7 @@ use bytes::Bytes;
 use sund_model::env::{Entropy, MemStore, Store};
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::{session_proof_message, DeviceKey};
-use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
+use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
 use sund_model::time::Instant;
 use sund_model::wire::payload::*;
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
@@ -28,8 +28,12 @@ fn bob() -> DeviceId {
 fn mallory() -> DeviceId {
     key(3).device_id()
 }
+/// Alice's second device.
+fn alice_phone() -> DeviceId {
+    key(4).device_id()
+}
 fn key_of(device: DeviceId) -> DeviceKey {
-    (1..=3)
+    (1..=4)
         .map(key)
         .find(|k| k.device_id() == device)
         .expect("a test device")
@@ -117,10 +121,22 @@ impl Harness {
         cursors: Vec<Cursor>,
         resume_token: Option<[u8; 32]>,
     ) -> Vec<GatewayOutput> {
+        self.hello_as(conn, device, cursors, resume_token, None)
+    }
+
+    fn hello_as(
+        &mut self,
+        conn: u64,
+        device: DeviceId,
+        cursors: Vec<Cursor>,
+        resume_token: Option<[u8; 32]>,
+        user: Option<UserId>,
+    ) -> Vec<GatewayOutput> {
         let hello = Hello {
             cursors,
             device_key: key_of(device).public().0,
             resume_token,
+            user: user.map(UserId::to_bytes),
         };
         self.frame(
             conn,
@@ -154,6 +170,21 @@ impl Harness {
 
     fn connect(&mut self, conn: u64, device: DeviceId) -> Vec<GatewayOutput> {
         self.connect_with(conn, device, vec![])
+    }
+
+    /// Accept, hello naming `user`, answer the challenge.
+    fn connect_as(&mut self, conn: u64, device: DeviceId, user: UserId) -> Vec<GatewayOutput> {
+        self.input(GatewayInput::Accepted(ConnectionId(conn)));
+        let out = self.hello_as(conn, device, vec![], None, Some(user));
+        let Payload::Challenge(challenge) = frames_to(&out, conn)[0].payload else {
+            panic!("expected a challenge: {out:?}")
+        };
+        let signature = key_of(device).sign(&session_proof_message(&challenge.nonce, device));
+        self.frame(
+            conn,
+            Routing::default(),
+            Payload::Proof(Proof { signature }),
+        )
     }
 
     fn send(&mut self, conn: u64, device: DeviceId, msg_id: u8, body: &[u8]) -> Vec<GatewayOutput> {
@@ -236,10 +267,14 @@ fn hello_and_proof_open_a_session_with_heartbeat_interval_and_token() {
     let mut h = Harness::new();
     let out = h.connect(1, alice());
     let frames = frames_to(&out, 1);
-    assert_eq!(frames.len(), 1);
+    assert_eq!(frames.len(), 2, "HelloOk, then the KeyPackage count");
     let Payload::HelloOk(ok) = &frames[0].payload else {
         panic!("expected HelloOk")
     };
+    assert!(matches!(
+        frames[1].payload,
+        Payload::KeyPackageCount(KeyPackageCount { remaining: 0, .. })
+    ));
     assert_eq!(ok.heartbeat_interval_ms, 5000);
     assert_eq!(ok.resume_token_ttl_s, 7 * 24 * 3600);
     assert_eq!(h.gateway.stats().authenticated, 1);
@@ -312,6 +347,7 @@ fn a_device_id_that_does_not_match_the_key_is_refused() {
         cursors: vec![],
         device_key: key(1).public().0,
         resume_token: None,
+        user: None,
     };
     let out = h.frame(
         1,
@@ -716,16 +752,16 @@ fn a_resume_from_before_the_retained_log_gets_replay_window_exceeded() {
     // Bob was never online: 1..=3 expired unacknowledged.
     let frames = frames_to(&h.connect(2, bob()), 2);
     assert_eq!(
-        error_code(&frames[1]),
+        error_code(&frames[2]),
         Some(ErrorCode::ReplayWindowExceeded),
         "{frames:?}"
     );
     assert_eq!(
-        (frames[1].routing.conversation, frames[1].routing.seq),
+        (frames[2].routing.conversation, frames[2].routing.seq),
         (CONV, 4)
     );
-    assert!(matches!(frames[2].payload, Payload::Deliver(_)));
-    assert_eq!(frames[2].routing.seq, 4);
+    assert!(matches!(frames[3].payload, Payload::Deliver(_)));
+    assert_eq!(frames[3].routing.seq, 4);
     assert_eq!(h.gateway.stats().replay_window_exceeded, 1);
 }
 
@@ -777,4 +813,225 @@ fn after_collection_and_more_sends_recovery_keeps_head_and_deduplication() {
         frames_to(&h2.send(3, alice(), 7, &[7]), 3)[0].routing.seq,
         7
     );
+}
+
+// ---- KeyPackage directory ----
+
+fn alice_user() -> UserId {
+    UserId::from_name("alice")
+}
+fn bob_user() -> UserId {
+    UserId::from_name("bob")
+}
+
+/// Real KeyPackages of `device`, made with Sund's MLS provider.
+fn key_packages(device: DeviceId, n: usize, last_resort: bool) -> KeyPackageUpload {
+    use sund_model::mls::{key_packages, LifetimePolicy, MlsProvider, MlsStorage, Randomness};
+    let provider = MlsProvider::new(
+        Box::new(Counter(device.0 as u64)),
+        Randomness::Simulation,
+        MlsStorage::new(),
+    );
+    let signer = provider.new_signer().unwrap();
+    let (packages, last) = key_packages::generate(
+        &provider,
+        &signer,
+        device,
+        LifetimePolicy::Unbounded,
+        Instant(0),
+        n,
+        last_resort,
+    )
+    .unwrap();
+    KeyPackageUpload {
+        packages: packages.into_iter().map(|p| p.to_vec().into()).collect(),
+        last_resort: last.map(|p| p.to_vec().into()),
+    }
+}
+
+impl Harness {
+    fn upload(&mut self, conn: u64, upload: KeyPackageUpload) -> Vec<Frame> {
+        let out = self.frame(conn, Routing::default(), Payload::KeyPackageUpload(upload));
+        frames_to(&out, conn)
+    }
+
+    fn fetch(&mut self, conn: u64, users: &[UserId]) -> Vec<GatewayOutput> {
+        let fetch = KeyPackageFetch {
+            users: users.iter().map(|u| u.to_bytes().into()).collect(),
+        };
+        self.frame(conn, Routing::default(), Payload::KeyPackageFetch(fetch))
+    }
+}
+
+fn answer(frames: &[Frame]) -> KeyPackages {
+    frames
+        .iter()
+        .find_map(|f| match &f.payload {
+            Payload::KeyPackages(k) => Some(k.clone()),
+            _ => None,
+        })
+        .expect("a KeyPackages answer")
+}
+
+fn count(frames: &[Frame]) -> Option<KeyPackageCount> {
+    frames.iter().find_map(|f| match f.payload {
+        Payload::KeyPackageCount(c) => Some(c),
+        _ => None,
+    })
+}
+
+/// Alice (laptop on 1, phone on 2) and Bob (on 3), each with a pool.
+fn directory_harness() -> Harness {
+    let mut h = Harness::new();
+    h.connect_as(1, alice(), alice_user());
+    h.connect_as(2, alice_phone(), alice_user());
+    h.connect_as(3, bob(), bob_user());
+    for (conn, device) in [(1, alice()), (2, alice_phone()), (3, bob())] {
+        let frames = h.upload(conn, key_packages(device, 3, true));
+        assert_eq!(count(&frames).unwrap().remaining, 3, "{frames:?}");
+    }
+    h
+}
+
+#[test]
+fn a_fetch_returns_one_package_per_device_of_each_user_but_never_the_requester() {
+    let mut h = directory_harness();
+    let got = answer(&frames_to(&h.fetch(1, &[bob_user(), alice_user()]), 1));
+    let devices: Vec<DeviceId> = got
+        .found
+        .iter()
+        .map(|k| DeviceId::from_bytes(*k.device))
+        .collect();
+    assert_eq!(devices, vec![bob(), alice_phone()]);
+    assert!(got.exhausted.is_empty());
+    assert!(got.found.iter().all(|k| !k.last_resort));
+    assert_eq!(h.gateway.key_packages_left(bob()), 2);
+    assert_eq!(
+        h.gateway.key_packages_left(alice()),
+        3,
+        "the requester's own pool is untouched"
+    );
+    let users: Vec<UserId> = got
+        .found
+        .iter()
+        .map(|k| UserId::from_bytes(*k.user))
+        .collect();
+    assert_eq!(users, vec![bob_user(), alice_user()]);
+}
+
+#[test]
+fn packages_are_never_handed_out_twice_then_the_last_resort_is_marked() {
+    let mut h = directory_harness();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let got = answer(&frames_to(&h.fetch(1, &[bob_user()]), 1));
+        assert_eq!(got.found.len(), 1);
+        seen.push((got.found[0].package.to_vec(), got.found[0].last_resort));
+    }
+    let one_time: Vec<_> = seen.iter().filter(|(_, lr)| !lr).map(|(p, _)| p).collect();
+    assert_eq!(one_time.len(), 3);
+    assert!(one_time[0] != one_time[1] && one_time[1] != one_time[2] && one_time[0] != one_time[2]);
+    assert!(seen[3].1 && seen[4].1, "then the last resort, marked");
+    assert_eq!(seen[3].0, seen[4].0);
+}
+
+#[test]
+fn exhaustion_degrades_to_the_devices_that_have_packages() {
+    let mut h = Harness::new();
+    h.connect_as(1, alice(), alice_user());
+    h.connect_as(2, alice_phone(), alice_user());
+    h.connect_as(3, bob(), bob_user());
+    h.upload(2, key_packages(alice_phone(), 1, false));
+    let got = answer(&frames_to(&h.fetch(3, &[alice_user()]), 3));
+    assert_eq!(got.found.len(), 1);
+    assert_eq!(DeviceId::from_bytes(*got.found[0].device), alice_phone());
+    assert_eq!(got.exhausted.len(), 1);
+    assert_eq!(DeviceId::from_bytes(*got.exhausted[0]), alice());
+    let again = answer(&frames_to(&h.fetch(3, &[alice_user()]), 3));
+    assert!(again.found.is_empty());
+    assert_eq!(
+        again.exhausted.len(),
+        2,
+        "everyone exhausted, still a clear answer"
+    );
+}
+
+#[test]
+fn the_owner_online_is_told_to_replenish_when_its_pool_runs_low() {
+    let mut h = directory_harness();
+    // The threshold is 10: every fetch leaves Bob below it, so Bob hears his count.
+    let out = h.fetch(1, &[bob_user()]);
+    let to_bob = count(&frames_to(&out, 3)).expect("a count pushed to bob");
+    assert_eq!(to_bob.remaining, 2);
+    assert!(to_bob.last_resort);
+    assert_eq!(to_bob.replenish_below, 10);
+}
+
+#[test]
+fn invalid_or_foreign_packages_are_refused_and_nothing_is_stored() {
+    let mut h = directory_harness();
+    let garbage = KeyPackageUpload {
+        packages: vec![b"not a key package".to_vec().into()],
+        last_resort: None,
+    };
+    let frames = h.upload(1, garbage);
+    assert_eq!(error_code(&frames[0]), Some(ErrorCode::KeyPackageRejected));
+    // Bob's packages uploaded by Alice: the credential names another device.
+    let frames = h.upload(1, key_packages(bob(), 1, false));
+    assert_eq!(error_code(&frames[0]), Some(ErrorCode::KeyPackageRejected));
+    let Payload::Error(report) = &frames[0].payload else {
+        panic!()
+    };
+    assert!(
+        report.message.contains("another device"),
+        "{}",
+        report.message
+    );
+    assert_eq!(h.gateway.key_packages_left(alice()), 3);
+    assert_eq!(h.gateway.stats().key_package_uploads_refused, 2);
+}
+
+#[test]
+fn fetches_beyond_the_burst_are_rate_limited_per_requester() {
+    let mut h = directory_harness();
+    for _ in 0..20 {
+        answer(&frames_to(&h.fetch(1, &[UserId::from_name("nobody")]), 1));
+    }
+    let frames = frames_to(&h.fetch(1, &[bob_user()]), 1);
+    assert_eq!(error_code(&frames[0]), Some(ErrorCode::RateLimited));
+    assert_eq!(
+        h.gateway.key_packages_left(bob()),
+        3,
+        "a refused fetch takes nothing"
+    );
+    // Bob's own budget is separate.
+    answer(&frames_to(&h.fetch(3, &[alice_user()]), 3));
+    h.now = h.now + Duration::from_secs(3);
+    answer(&frames_to(&h.fetch(1, &[bob_user()]), 1));
+}
+
+#[test]
+fn a_device_bound_to_one_user_cannot_claim_another() {
+    let mut h = directory_harness();
+    h.input(GatewayInput::Closed(ConnectionId(3)));
+    let out = h.connect_as(4, bob(), alice_user());
+    let frames = frames_to(&out, 4);
+    assert!(matches!(
+        &frames[0].payload,
+        Payload::Goodbye(g) if ErrorCode::from_u16(g.code) == ErrorCode::UserMismatch
+    ));
+    assert_eq!(h.gateway.devices_of(alice_user()).count(), 2);
+}
+
+#[test]
+fn pools_and_user_bindings_survive_a_restart() {
+    let mut h = directory_harness();
+    answer(&frames_to(&h.fetch(1, &[bob_user()]), 1));
+    let mut back = h.restarted(open_config());
+    assert_eq!(back.gateway.key_packages_left(bob()), 2);
+    assert_eq!(back.gateway.devices_of(alice_user()).count(), 2);
+    back.connect(1, alice());
+    let got = answer(&frames_to(&back.fetch(1, &[bob_user()]), 1));
+    assert_eq!(got.found.len(), 1);
+    assert!(!got.found[0].last_resort);
 }

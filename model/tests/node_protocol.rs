@@ -232,6 +232,7 @@ fn hello_presents_the_durable_cursors() {
             cursors: vec![Cursor::new(CONV, 2)],
             device_key: my_key().public().0,
             resume_token: Some([7; 32]),
+            user: None,
         })
     );
     assert_eq!(hello.routing.sender, my_key().device_id());

@@ -26,16 +26,20 @@ fn payload() -> impl Strategy<Value = Payload> {
         (
             proptest::collection::vec((bytes16(), any::<u64>()), 0..8),
             any::<[u8; 32]>(),
-            proptest::option::of(any::<[u8; 32]>())
+            proptest::option::of(any::<[u8; 32]>()),
+            proptest::option::of(bytes16()),
         )
-            .prop_map(|(cs, device_key, resume_token)| Payload::Hello(Hello {
-                cursors: cs
-                    .into_iter()
-                    .map(|(conversation, seq)| Cursor { conversation, seq })
-                    .collect(),
-                device_key,
-                resume_token,
-            })),
+            .prop_map(
+                |(cs, device_key, resume_token, user)| Payload::Hello(Hello {
+                    cursors: cs
+                        .into_iter()
+                        .map(|(conversation, seq)| Cursor { conversation, seq })
+                        .collect(),
+                    device_key,
+                    resume_token,
+                    user,
+                })
+            ),
         any::<[u8; 32]>().prop_map(|nonce| Payload::Challenge(Challenge { nonce })),
         (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(a, b)| {
             let mut signature = [0u8; 64];
@@ -66,6 +70,48 @@ fn payload() -> impl Strategy<Value = Payload> {
         (bytes16(), body()).prop_map(|(msg_id, body)| Payload::Deliver(Deliver { msg_id, body })),
         Just(Payload::Ack(Ack {})),
         any::<u64>().prop_map(|from_seq| Payload::ReplayRequest(ReplayRequest { from_seq })),
+        (
+            proptest::collection::vec(body(), 0..4),
+            proptest::option::of(body())
+        )
+            .prop_map(|(packages, last_resort)| {
+                Payload::KeyPackageUpload(KeyPackageUpload {
+                    packages: packages.into_iter().map(Into::into).collect(),
+                    last_resort: last_resort.map(Into::into),
+                })
+            }),
+        proptest::collection::vec(bytes16(), 0..4).prop_map(|users| {
+            Payload::KeyPackageFetch(KeyPackageFetch {
+                users: users.into_iter().map(Into::into).collect(),
+            })
+        }),
+        (
+            proptest::collection::vec((bytes16(), bytes16(), body(), any::<bool>()), 0..4),
+            proptest::collection::vec(bytes16(), 0..4)
+        )
+            .prop_map(|(found, exhausted)| {
+                Payload::KeyPackages(KeyPackages {
+                    found: found
+                        .into_iter()
+                        .map(|(user, device, package, last_resort)| FetchedKeyPackage {
+                            user: user.into(),
+                            device: device.into(),
+                            package: package.into(),
+                            last_resort,
+                        })
+                        .collect(),
+                    exhausted: exhausted.into_iter().map(Into::into).collect(),
+                })
+            }),
+        (any::<u32>(), any::<bool>(), any::<u32>()).prop_map(
+            |(remaining, last_resort, replenish_below)| {
+                Payload::KeyPackageCount(KeyPackageCount {
+                    remaining,
+                    last_resort,
+                    replenish_below,
+                })
+            }
+        ),
     ]
 }
 
@@ -243,11 +289,11 @@ fn a_connection_limit_below_the_protocol_limit_is_enforced() {
 #[test]
 fn reserved_opcodes_parse_as_headers_but_have_no_payload_yet() {
     let mut bytes = valid_frame();
-    bytes[6..8].copy_from_slice(&Opcode::KeyPackageUpload.to_u16().to_be_bytes());
+    bytes[6..8].copy_from_slice(&Opcode::Welcome.to_u16().to_be_bytes());
     assert!(FrameHeader::parse(&bytes, PAYLOAD_BYTES_MAX).is_ok());
     assert_eq!(
         Frame::decode(&bytes, PAYLOAD_BYTES_MAX),
-        Err(WireError::PayloadNotDefined(Opcode::KeyPackageUpload))
+        Err(WireError::PayloadNotDefined(Opcode::Welcome))
     );
 }
 
@@ -287,6 +333,7 @@ fn too_many_cursors_are_refused() {
             cursors,
             device_key: [0; 32],
             resume_token: None,
+            user: None,
         }),
     )
     .encode();
@@ -309,4 +356,19 @@ fn error_messages_say_what_to_do() {
         e.to_string(),
         "unsupported protocol version 9; this build speaks version 1: upgrade the older side"
     );
+}
+
+#[test]
+fn too_many_fetched_users_are_refused() {
+    let fetch = KeyPackageFetch {
+        users: vec![[1u8; 16].into(); FETCH_USERS_MAX + 1],
+    };
+    let bytes = Frame::new(Routing::default(), Payload::KeyPackageFetch(fetch)).encode();
+    assert!(matches!(
+        Frame::decode(&bytes, PAYLOAD_BYTES_MAX),
+        Err(WireError::ListTooLong {
+            field: "fetch.users",
+            ..
+        })
+    ));
 }

@@ -65,6 +65,7 @@ fn hello_frame_bytes() {
             }],
             device_key: [0x4b; 32],
             resume_token: Some([0x7e; 32]),
+            user: Some([0x75; 16]),
         }),
     );
     insta::assert_snapshot!(hex(&frame.encode()));
@@ -126,5 +127,53 @@ fn handshake_frames_bytes() {
         hex(&challenge),
         hex(&proof),
         hex(&ok)
+    ));
+}
+
+#[test]
+fn key_package_frames_bytes() {
+    let upload = Frame::new(
+        Routing::default(),
+        Payload::KeyPackageUpload(KeyPackageUpload {
+            packages: vec![vec![0xa1; 4].into(), vec![0xa2; 4].into()],
+            last_resort: Some(vec![0x1f; 4].into()),
+        }),
+    )
+    .encode();
+    let fetch = Frame::new(
+        Routing::default(),
+        Payload::KeyPackageFetch(KeyPackageFetch {
+            users: vec![[0xb0; 16].into()],
+        }),
+    )
+    .encode();
+    let answer = Frame::new(
+        Routing::default(),
+        Payload::KeyPackages(KeyPackages {
+            found: vec![FetchedKeyPackage {
+                user: [0xb0; 16].into(),
+                device: [0xd1; 16].into(),
+                package: vec![0xa1; 4].into(),
+                last_resort: false,
+            }],
+            exhausted: vec![[0xd2; 16].into()],
+        }),
+    )
+    .encode();
+    let count = Frame::new(
+        Routing::default(),
+        Payload::KeyPackageCount(KeyPackageCount {
+            remaining: 7,
+            last_resort: true,
+            replenish_below: 10,
+        }),
+    )
+    .encode();
+    insta::assert_snapshot!(format!(
+        "upload:\n{}\nfetch:\n{}\nkey_packages:\n{}\ncount:\n{}",
+        hex(&upload),
+        hex(&fetch),
+        hex(&answer),
+        hex(&count)
     ));
 }

@@ -10,10 +10,11 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::{session_proof_message, DeviceKey};
-use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
+use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
 use sund_model::time::Instant;
 use sund_model::wire::payload::{
-    Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, Proof, ReplayRequest, Send,
+    Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, KeyPackageFetch, KeyPackageUpload, Proof,
+    ReplayRequest, Send,
 };
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -70,6 +71,8 @@ enum WellFormed {
         resume: bool,
         /// Claim the device id with another device's key.
         wrong_key: bool,
+        /// Name one of three users (a device that named another before is refused).
+        user: Option<u8>,
     },
     /// Answer the slot's last challenge as the device that said hello on it; `valid: false`
     /// flips one bit of the signature.
@@ -102,6 +105,19 @@ enum WellFormed {
     HelloOk {
         interval_ms: u32,
     },
+    /// Arbitrary bytes posing as KeyPackages (real ones cost too much per execution; the
+    /// directory's acceptance path has its own tests).
+    KeyPackageUpload {
+        packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    },
+    KeyPackageFetch {
+        users: Vec<u8>,
+    },
+}
+
+fn user(k: u8) -> UserId {
+    UserId::from_name(["u0", "u1", "u2"][usize::from(k) % 3])
 }
 
 /// One step of a fuzzed gateway run.
@@ -173,6 +189,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             cursors,
             resume,
             wrong_key,
+            user: claimed,
         } => {
             hs.hellos.insert(conn, d);
             let k = (d % (DEVICES_MAX + 1)).max(1);
@@ -194,6 +211,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 cursors,
                 device_key: key.public().0,
                 resume_token: if resume { hs.last_token } else { None },
+                user: claimed.map(|k| user(k).to_bytes()),
             };
             Frame::new(routing, Payload::Hello(hello))
         }
@@ -252,6 +270,26 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 resume_token: [0; 32],
                 resume_token_ttl_s: 0,
                 heartbeat_interval_ms: interval_ms,
+            }),
+        ),
+        WellFormed::KeyPackageUpload {
+            packages,
+            last_resort,
+        } => Frame::new(
+            Routing::default(),
+            Payload::KeyPackageUpload(KeyPackageUpload {
+                packages: packages.into_iter().take(8).map(Into::into).collect(),
+                last_resort: last_resort.map(Into::into),
+            }),
+        ),
+        WellFormed::KeyPackageFetch { users } => Frame::new(
+            Routing::default(),
+            Payload::KeyPackageFetch(KeyPackageFetch {
+                users: users
+                    .into_iter()
+                    .take(4)
+                    .map(|k| user(k).to_bytes().into())
+                    .collect(),
             }),
         ),
     }
@@ -539,6 +577,7 @@ mod tests {
                 cursors: vec![],
                 resume: false,
                 wrong_key: false,
+                user: Some(1),
             },
         ));
         h.step(Op::Frame(0, WellFormed::Proof { valid: true }));
@@ -557,6 +596,22 @@ mod tests {
                 seq: 1,
             },
         ));
+        h.step(Op::Frame(
+            0,
+            WellFormed::KeyPackageUpload {
+                packages: vec![b"garbage".to_vec()],
+                last_resort: None,
+            },
+        ));
+        h.step(Op::Frame(
+            0,
+            WellFormed::KeyPackageFetch { users: vec![1, 2] },
+        ));
+        assert_eq!(h.gateway.stats().key_package_uploads_refused, 1);
+        assert_eq!(
+            h.gateway.devices_of(user(1)).collect::<Vec<_>>(),
+            vec![device(1)]
+        );
         h.step(Op::Advance(10_000));
         assert_eq!(h.gateway.conversation_head(ConversationId(1)), Some(1));
         assert_eq!(h.gateway.cursor(device(1), ConversationId(1)), 1);

@@ -34,6 +34,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 cursors: vec![],
                 device_key: [7; 32],
                 resume_token: None,
+                user: None,
             }),
         ),
         (
@@ -45,6 +46,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 ],
                 device_key: [0xee; 32],
                 resume_token: Some([0x11; 32]),
+                user: None,
             }),
         ),
         (

@@ -27,12 +27,13 @@
 //! leave in one [`crate::env::WriteBatch`].
 
 pub mod crypto;
+pub mod key_packages;
 pub mod provider;
 pub mod storage;
 
 use std::time::Duration;
 
-use openmls::prelude::Lifetime;
+use openmls::prelude::{Capabilities, ExtensionType, Lifetime};
 
 use crate::time::Instant;
 
@@ -78,4 +79,16 @@ pub fn lifetime(policy: LifetimePolicy, now: Instant) -> Lifetime {
             )
         }
     }
+}
+
+/// What every Sund leaf node declares it supports: Sund's ciphersuite and the last-resort
+/// KeyPackage extension (openmls refuses a package carrying an extension its leaf does not list).
+pub fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        Some(&[CIPHERSUITE]),
+        Some(&[ExtensionType::LastResort]),
+        None,
+        None,
+    )
 }

@@ -67,6 +67,8 @@ opcodes! {
     Welcome = 0x0203,
     /// Gateway → group: an external-sender proposal (server-initiated removal).
     ExternalProposal = 0x0204,
+    /// Gateway → node: how many of its KeyPackages the device has left.
+    KeyPackageCount = 0x0205,
     // 0x03xx: identity and trust (payloads with the trust issue)
     /// Node → gateway: register a device key with an enrolment token.
     Register = 0x0300,

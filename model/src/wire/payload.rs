@@ -17,6 +17,10 @@ use crate::ids::{ConversationId, MsgId};
 pub const CURSORS_LEN_MAX: usize = 4096;
 /// Longest human-readable message in `Goodbye` and `Error`, in bytes.
 pub const MESSAGE_BYTES_MAX: usize = 1024;
+/// Most KeyPackages in one upload or one answer.
+pub const KEY_PACKAGES_LEN_MAX: usize = 1024;
+/// Most users in one KeyPackage fetch.
+pub const FETCH_USERS_MAX: usize = 16;
 
 /// Resume position in one conversation: everything up to and including `seq` is processed.
 #[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +67,11 @@ pub struct Hello {
     #[n(2)]
     #[cbor(with = "minicbor::bytes")]
     pub resume_token: Option<[u8; 32]>,
+    /// The user this device belongs to. Until device certificates carry it, the gateway binds a
+    /// device to the user it names in its first session and refuses a different one later.
+    #[n(3)]
+    #[cbor(with = "minicbor::bytes")]
+    pub user: Option<[u8; 16]>,
 }
 
 /// Gateway → node: prove you hold the device key by signing this nonce.
@@ -143,6 +152,12 @@ pub enum ErrorCode {
     ResumeTokenExpired = 12,
     /// The resume token is unknown or belongs to another device: a challenge follows.
     ResumeTokenInvalid = 13,
+    /// Too many requests of this kind; the message says when to retry.
+    RateLimited = 14,
+    /// A KeyPackage upload was refused; nothing of it was stored.
+    KeyPackageRejected = 15,
+    /// The device is bound to another user than the one its hello names.
+    UserMismatch = 16,
 }
 
 impl ErrorCode {
@@ -163,6 +178,9 @@ impl ErrorCode {
             DeviceNotAdmitted,
             ResumeTokenExpired,
             ResumeTokenInvalid,
+            RateLimited,
+            KeyPackageRejected,
+            UserMismatch,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -250,6 +268,73 @@ pub struct ReplayRequest {
     pub from_seq: u64,
 }
 
+/// Node → gateway: add KeyPackages to this device's pool (all or nothing).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct KeyPackageUpload {
+    /// One-time packages (TLS-encoded MLS KeyPackages).
+    #[n(0)]
+    pub packages: Vec<minicbor::bytes::ByteVec>,
+    /// A new last-resort package replacing the device's previous one, if any.
+    #[n(1)]
+    pub last_resort: Option<minicbor::bytes::ByteVec>,
+}
+
+/// Node → gateway: one KeyPackage for each device of each user (the requesting device excluded).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct KeyPackageFetch {
+    /// The users whose devices to fetch.
+    #[n(0)]
+    pub users: Vec<minicbor::bytes::ByteArray<16>>,
+}
+
+/// One device's KeyPackage in an answer.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct FetchedKeyPackage {
+    /// The owner.
+    #[n(0)]
+    pub user: minicbor::bytes::ByteArray<16>,
+    /// The device.
+    #[n(1)]
+    pub device: minicbor::bytes::ByteArray<16>,
+    /// The TLS-encoded KeyPackage.
+    #[n(2)]
+    pub package: minicbor::bytes::ByteVec,
+    /// True if the device's pool was empty and this is its (reusable) last-resort package.
+    #[n(3)]
+    pub last_resort: bool,
+}
+
+/// Gateway → node: the answer to a [`KeyPackageFetch`].
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct KeyPackages {
+    /// One package per device that had one.
+    #[n(0)]
+    pub found: Vec<FetchedKeyPackage>,
+    /// Devices with no package at all: the conversation starts without them.
+    #[n(1)]
+    pub exhausted: Vec<minicbor::bytes::ByteArray<16>>,
+}
+
+/// Gateway → node: how many of this device's KeyPackages remain (after an upload, when a
+/// session opens, and when fetches take the pool below the replenish threshold).
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct KeyPackageCount {
+    /// One-time packages left.
+    #[n(0)]
+    pub remaining: u32,
+    /// True if the device has a last-resort package.
+    #[n(1)]
+    pub last_resort: bool,
+    /// Upload more when `remaining` is below this.
+    #[n(2)]
+    pub replenish_below: u32,
+}
+
 /// A decoded payload: one variant per opcode whose payload is defined.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -267,6 +352,10 @@ pub enum Payload {
     Deliver(Deliver),
     Ack(Ack),
     ReplayRequest(ReplayRequest),
+    KeyPackageUpload(KeyPackageUpload),
+    KeyPackageFetch(KeyPackageFetch),
+    KeyPackages(KeyPackages),
+    KeyPackageCount(KeyPackageCount),
 }
 
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
@@ -300,6 +389,10 @@ impl Payload {
             Payload::Deliver(_) => Opcode::Deliver,
             Payload::Ack(_) => Opcode::Ack,
             Payload::ReplayRequest(_) => Opcode::ReplayRequest,
+            Payload::KeyPackageUpload(_) => Opcode::KeyPackageUpload,
+            Payload::KeyPackageFetch(_) => Opcode::KeyPackageFetch,
+            Payload::KeyPackages(_) => Opcode::KeyPackages,
+            Payload::KeyPackageCount(_) => Opcode::KeyPackageCount,
         }
     }
 
@@ -318,6 +411,10 @@ impl Payload {
             Payload::Deliver(p) => minicbor::encode(p, &mut *out),
             Payload::Ack(p) => minicbor::encode(p, &mut *out),
             Payload::ReplayRequest(p) => minicbor::encode(p, &mut *out),
+            Payload::KeyPackageUpload(p) => minicbor::encode(p, &mut *out),
+            Payload::KeyPackageFetch(p) => minicbor::encode(p, &mut *out),
+            Payload::KeyPackages(p) => minicbor::encode(p, &mut *out),
+            Payload::KeyPackageCount(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -350,6 +447,27 @@ impl Payload {
             Opcode::Deliver => Payload::Deliver(decode_as(opcode, bytes)?),
             Opcode::Ack => Payload::Ack(decode_as(opcode, bytes)?),
             Opcode::ReplayRequest => Payload::ReplayRequest(decode_as(opcode, bytes)?),
+            Opcode::KeyPackageUpload => {
+                let p: KeyPackageUpload = decode_as(opcode, bytes)?;
+                check_len("upload.packages", p.packages.len(), KEY_PACKAGES_LEN_MAX)?;
+                Payload::KeyPackageUpload(p)
+            }
+            Opcode::KeyPackageFetch => {
+                let p: KeyPackageFetch = decode_as(opcode, bytes)?;
+                check_len("fetch.users", p.users.len(), FETCH_USERS_MAX)?;
+                Payload::KeyPackageFetch(p)
+            }
+            Opcode::KeyPackages => {
+                let p: KeyPackages = decode_as(opcode, bytes)?;
+                check_len("key_packages.found", p.found.len(), KEY_PACKAGES_LEN_MAX)?;
+                check_len(
+                    "key_packages.exhausted",
+                    p.exhausted.len(),
+                    KEY_PACKAGES_LEN_MAX,
+                )?;
+                Payload::KeyPackages(p)
+            }
+            Opcode::KeyPackageCount => Payload::KeyPackageCount(decode_as(opcode, bytes)?),
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };
         debug_assert_eq!(payload.opcode(), opcode);
