@@ -15,8 +15,9 @@
 //! in thread order. Under simulation ([`EphemeralKeys::Derived`]) the ephemeral key material is
 //! therefore not drawn from a shared stream but derived, independently of call order, as
 //! HMAC-SHA256 under a per-device secret (itself drawn from the entropy) over the recipient key,
-//! info, AAD and plaintext. MLS path secrets are fresh for every commit, so no two seals share
-//! those inputs. In production ([`EphemeralKeys::Fresh`]) every seal draws fresh bytes from the
+//! the lengths of info and AAD, and the plaintext. The plaintext of every MLS seal (a path secret, or a
+//! Welcome's group secrets) carries a secret that is fresh for every commit, and the recipient
+//! keys of one commit differ, so no two seals share those inputs. In production ([`EphemeralKeys::Fresh`]) every seal draws fresh bytes from the
 //! injected entropy (the OS), and call order does not matter.
 
 use std::sync::{Arc, Mutex};
@@ -284,7 +285,14 @@ impl OpenMlsCrypto for SundCrypto {
         ptxt: &[u8],
     ) -> Result<HpkeCiphertext, CryptoError> {
         let hpke = hpke(config)?;
-        let ikm = self.ephemeral_ikm(&[b"seal", pk_r, info, aad, ptxt])?;
+        // Info and AAD enter only by length: MLS puts its context into the info, and in a
+        // Welcome that is the encrypted GroupInfo (with the ratchet tree: hundreds of kilobytes
+        // at 1,000 members); hashing it once per recipient cost more than the encryption.
+        // Recipient key and plaintext already make the inputs unique: the plaintext carries a
+        // secret that is fresh for every commit.
+        let info_len = (info.len() as u64).to_be_bytes();
+        let aad_len = (aad.len() as u64).to_be_bytes();
+        let ikm = self.ephemeral_ikm(&[b"seal", pk_r, &info_len, &aad_len, ptxt])?;
         let (shared, enc) = encap_x25519(pk_r, &ikm)?;
         let mut context = hpke
             .key_schedule(&shared, info, &[], &[])

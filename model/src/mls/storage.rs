@@ -27,6 +27,8 @@
 //! holding a JSON array of its elements.
 
 use std::collections::BTreeMap;
+
+use bytes::Bytes;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openmls_traits::storage::{traits, Entity, StorageProvider, CURRENT_VERSION};
@@ -125,24 +127,23 @@ pub struct MlsStorage {
 /// never leave them inconsistent with each other.
 #[derive(Debug, Default)]
 struct State {
-    /// Every record: storage key → JSON value.
-    values: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Every record: storage key → JSON value. Values are shared buffers, so remembering an
+    /// old value for `undo` costs no copy (openmls rewrites large records, such as the secret
+    /// tree of a 1,000-member group, on every message).
+    values: BTreeMap<Vec<u8>, Bytes>,
     /// Every key written since the last take, with its value at that take (`None`: absent).
-    undo: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    undo: BTreeMap<Vec<u8>, Option<Bytes>>,
 }
 
 impl State {
     /// Sets (`Some`) or removes (`None`) one record, remembering its value at the last take the
     /// first time the key is touched since then.
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if !self.undo.contains_key(&key) {
-            let original = self.values.get(&key).cloned();
-            self.undo.insert(key.clone(), original);
-        }
-        match value {
-            Some(value) => self.values.insert(key, value),
+        let previous = match value {
+            Some(value) => self.values.insert(key.clone(), Bytes::from(value)),
             None => self.values.remove(&key),
         };
+        self.undo.entry(key).or_insert(previous);
     }
 
     /// Decodes the record under `key`, if present.
@@ -207,7 +208,7 @@ impl MlsStorage {
                     "value of a `{record}` record is not JSON: {e}"
                 )));
             }
-            values.insert(key.to_vec(), value.to_vec());
+            values.insert(key.to_vec(), Bytes::copy_from_slice(value));
             Ok(())
         })?;
         Ok(MlsStorage {
@@ -226,7 +227,7 @@ impl MlsStorage {
         let undo = std::mem::take(&mut state.undo);
         for key in undo.into_keys() {
             match state.values.get(&key) {
-                Some(value) => batch.put(MLS_TABLE, key, value.clone()),
+                Some(value) => batch.put(MLS_TABLE, key, value.to_vec()),
                 None => batch.delete(MLS_TABLE, key),
             }
         }
