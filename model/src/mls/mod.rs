@@ -26,6 +26,7 @@
 //! All of openmls's storage writes for one operation are buffered by [`storage::MlsStorage`] and
 //! leave in one [`crate::env::WriteBatch`].
 
+pub mod authority;
 pub mod crypto;
 pub mod key_packages;
 pub mod provider;

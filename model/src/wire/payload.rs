@@ -158,6 +158,9 @@ pub enum ErrorCode {
     KeyPackageRejected = 15,
     /// The device is bound to another user than the one its hello names.
     UserMismatch = 16,
+    /// An MLS commit or proposal for an epoch the group has left: another commit won; process
+    /// it and retry (see `mls::authority`).
+    StaleEpoch = 17,
 }
 
 impl ErrorCode {
@@ -181,6 +184,7 @@ impl ErrorCode {
             RateLimited,
             KeyPackageRejected,
             UserMismatch,
+            StaleEpoch,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
