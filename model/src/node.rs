@@ -27,9 +27,11 @@ use bytes::Bytes;
 use crate::env::{Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
 use crate::identity::{session_proof_message, DeviceKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
+use crate::mls::device::{DeviceMls, DeviceMlsConfig};
 use crate::time::Instant;
 use crate::wire::payload::{
-    Ack, Cursor, ErrorCode, Goodbye, Heartbeat, Hello, Proof, ReplayRequest, Send, CURSORS_LEN_MAX,
+    Ack, Cursor, ErrorCode, Goodbye, Heartbeat, Hello, KeyPackageCount, KeyPackageUpload, Proof,
+    ReplayRequest, Send, CURSORS_LEN_MAX,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -68,6 +70,8 @@ pub struct NodeConfig {
     pub body_bytes_max: usize,
     /// The user this device belongs to, named in every hello (`None`: not bound to a user).
     pub user: Option<UserId>,
+    /// MLS on this device (`None`: bodies stay plaintext and no KeyPackages are kept).
+    pub mls: Option<DeviceMlsConfig>,
 }
 
 impl NodeConfig {
@@ -86,6 +90,7 @@ impl NodeConfig {
             outbox_len_max: 10_000,
             body_bytes_max: PAYLOAD_BYTES_MAX as usize - 1024,
             user: None,
+            mls: None,
         }
     }
 }
@@ -214,6 +219,10 @@ pub struct NodeStats {
     pub replay_requests: u64,
     /// Outbox messages resent.
     pub resends: u64,
+    /// KeyPackages uploaded to the gateway.
+    pub key_packages_uploaded: u64,
+    /// KeyPackage uploads the gateway refused, or that could not be made.
+    pub key_package_failures: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -267,6 +276,7 @@ pub struct Node {
     outputs: Vec<NodeOutput>,
     /// Message transmissions, which may leave before the batch's commit (see [`Ready`]).
     eager: Vec<NodeOutput>,
+    mls: Option<DeviceMls>,
     stats: NodeStats,
 }
 
@@ -335,6 +345,19 @@ impl Node {
             ),
             None => None,
         };
+        let mut writes = WriteBatch::default();
+        let mut entropy = entropy;
+        let mls = match config.mls {
+            Some(mls_config) => Some(DeviceMls::recover(
+                mls_config,
+                config.device,
+                entropy.as_mut(),
+                store,
+                NODE_SESSION_TABLE,
+                &mut writes,
+            )?),
+            None => None,
+        };
         Ok(Node {
             resume_token,
             heartbeat_interval: config.heartbeat_interval,
@@ -350,9 +373,10 @@ impl Node {
             replay_asked: BTreeMap::new(),
             next_heartbeat_nonce: 0,
             status: ConnectionStatus::Reconnecting { attempt: 0 },
-            writes: WriteBatch::default(),
+            writes,
             outputs: Vec::new(),
             eager: Vec::new(),
+            mls,
             stats: NodeStats::default(),
         })
     }
@@ -673,8 +697,15 @@ impl Node {
             {
                 self.skip_expired(conn, routing.conversation, routing.seq);
             }
+            Payload::KeyPackageCount(count) => self.replenish(now, conn, count),
             Payload::Error(report) => {
                 let code = ErrorCode::from_u16(report.code);
+                if code == ErrorCode::KeyPackageRejected {
+                    self.stats.key_package_failures += 1;
+                    if let Some(mls) = &mut self.mls {
+                        mls.upload_abandoned();
+                    }
+                }
                 if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
                     if matches!(code, ErrorCode::NotMember | ErrorCode::UnknownConversation)
                         && self.outbox.remove(&id).is_some()
@@ -904,6 +935,38 @@ impl Node {
         self.set_status(ConnectionStatus::Reconnecting {
             attempt: self.attempts,
         });
+    }
+
+    /// Tops up this device's KeyPackage pool when the gateway says it runs low.
+    fn replenish(&mut self, now: Instant, conn: ConnectionId, count: KeyPackageCount) {
+        let Some(mls) = &mut self.mls else {
+            return; // a device without MLS keeps no pool
+        };
+        let result = mls.on_count(
+            now,
+            count.remaining as usize,
+            count.last_resort,
+            count.replenish_below as usize,
+            &mut self.writes,
+        );
+        match result {
+            Ok(Some((packages, last_resort))) => {
+                self.stats.key_packages_uploaded += packages.len() as u64;
+                let upload = KeyPackageUpload {
+                    packages: packages.into_iter().map(|p| p.to_vec().into()).collect(),
+                    last_resort: last_resort.map(|p| p.to_vec().into()),
+                };
+                // Held until the commit that carries the packages' private keys.
+                self.send_frame(conn, Routing::default(), Payload::KeyPackageUpload(upload));
+            }
+            Ok(None) => {}
+            Err(_) => self.stats.key_package_failures += 1,
+        }
+    }
+
+    /// The device's MLS state, if it runs MLS.
+    pub fn mls(&self) -> Option<&DeviceMls> {
+        self.mls.as_ref()
     }
 
     fn set_status(&mut self, status: ConnectionStatus) {

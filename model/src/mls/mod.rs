@@ -28,6 +28,7 @@
 
 pub mod authority;
 pub mod crypto;
+pub mod device;
 pub mod key_packages;
 pub mod provider;
 pub mod storage;

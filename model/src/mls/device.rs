@@ -1,0 +1,209 @@
+//! A device's MLS state inside the node machine: its provider, its signing key, and the
+//! KeyPackage pool it keeps topped up at the gateway.
+//!
+//! The signing key's private half lives in the MLS storage (openmls's own record), its public
+//! half under [`SIGNER_KEY`] in the node's session table, so that a restart finds it again. Every
+//! write an operation makes is handed to the node's write batch before any frame that depends on
+//! it leaves: a KeyPackage is never uploaded before its private keys are durable, or a Welcome to
+//! it could not be opened after a crash.
+
+use bytes::Bytes;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_traits::types::SignatureScheme;
+use openmls_traits::OpenMlsProvider as _;
+
+use super::key_packages::{self, KeyPackageError};
+use super::{LifetimePolicy, MlsProvider, MlsStorage, Randomness};
+use crate::env::{Entropy, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::DeviceId;
+use crate::time::Instant;
+
+/// Key of the signing key's public half in the node's session table.
+pub const SIGNER_KEY: &[u8] = b"mls_signer";
+
+/// How a device runs MLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMlsConfig {
+    /// Fresh or derived HPKE ephemeral keys (production or simulation).
+    pub randomness: Randomness,
+    /// Lifetimes of KeyPackages.
+    pub lifetime: LifetimePolicy,
+    /// How many one-time KeyPackages an upload tops the pool up to.
+    pub pool_target: usize,
+}
+
+impl Default for DeviceMlsConfig {
+    fn default() -> Self {
+        DeviceMlsConfig {
+            randomness: Randomness::Production,
+            lifetime: LifetimePolicy::default(),
+            pool_target: 20,
+        }
+    }
+}
+
+/// A deterministic generator seeded once from another entropy: SHA-256 over a 256-bit seed and a
+/// counter. It gives the MLS provider its own stream, so that openmls's draws do not interleave
+/// with the node's; seeded from the OS in production, from the simulation's seed otherwise.
+pub struct SeededStream {
+    seed: zeroize::Zeroizing<[u8; 32]>,
+    counter: u64,
+}
+
+impl SeededStream {
+    /// A stream seeded with 32 bytes from `from`.
+    pub fn new(from: &mut dyn Entropy) -> SeededStream {
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        from.fill_bytes(seed.as_mut_slice());
+        SeededStream { seed, counter: 0 }
+    }
+}
+
+impl Entropy for SeededStream {
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        use sha2::{Digest, Sha256};
+        for chunk in dest.chunks_mut(32) {
+            let block = Sha256::new()
+                .chain_update(b"sund/mls-stream/v1")
+                .chain_update(self.seed.as_slice())
+                .chain_update(self.counter.to_be_bytes())
+                .finalize();
+            self.counter += 1;
+            chunk.copy_from_slice(&block[..chunk.len()]);
+        }
+    }
+}
+
+/// The MLS side of one device.
+pub struct DeviceMls {
+    config: DeviceMlsConfig,
+    device: DeviceId,
+    provider: MlsProvider,
+    signer: SignatureKeyPair,
+    upload_pending: bool,
+}
+
+impl core::fmt::Debug for DeviceMls {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeviceMls")
+            .field("device", &self.device)
+            .field("upload_pending", &self.upload_pending)
+            .finish_non_exhaustive()
+    }
+}
+
+fn corrupt(table: Table, reason: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: table.0,
+        reason: reason.to_string(),
+    }
+}
+
+impl DeviceMls {
+    /// Loads the device's MLS state from `store` (creating a signing key for a new device, whose
+    /// writes go into `writes`). `session_table` is the node's table holding [`SIGNER_KEY`].
+    pub fn recover(
+        config: DeviceMlsConfig,
+        device: DeviceId,
+        entropy: &mut dyn Entropy,
+        store: &dyn StoreRead,
+        session_table: Table,
+        writes: &mut WriteBatch,
+    ) -> Result<DeviceMls, StoreError> {
+        let storage = MlsStorage::recover(store)?;
+        let provider = MlsProvider::new(
+            Box::new(SeededStream::new(entropy)),
+            config.randomness,
+            storage,
+        );
+        let signer = match store.get(session_table, SIGNER_KEY)? {
+            Some(public) => {
+                SignatureKeyPair::read(provider.storage(), &public, SignatureScheme::ED25519)
+                    .ok_or_else(|| {
+                        corrupt(
+                            super::MLS_TABLE,
+                            "the MLS signing key named in the session table is missing",
+                        )
+                    })?
+            }
+            None => {
+                let signer = provider
+                    .new_signer()
+                    .map_err(|e| StoreError::Backend(format!("MLS signing key: {e:?}")))?;
+                key_packages::store_signer(&provider, &signer).map_err(StoreError::Backend)?;
+                writes.put(session_table, SIGNER_KEY.to_vec(), signer.public().to_vec());
+                signer
+            }
+        };
+        provider.take_writes(writes);
+        Ok(DeviceMls {
+            config,
+            device,
+            provider,
+            signer,
+            upload_pending: false,
+        })
+    }
+
+    /// The provider (for MLS operations).
+    pub fn provider(&self) -> &MlsProvider {
+        &self.provider
+    }
+
+    /// The signing key's public half.
+    pub fn signature_key(&self) -> &[u8] {
+        self.signer.public()
+    }
+
+    /// The gateway said how many packages are left. Returns the packages to upload (and a new
+    /// last-resort package if there is none), their private keys' writes added to `writes`; or
+    /// `None` if the pool is full enough or an upload is already under way.
+    #[allow(clippy::type_complexity)]
+    pub fn on_count(
+        &mut self,
+        now: Instant,
+        remaining: usize,
+        has_last_resort: bool,
+        replenish_below: usize,
+        writes: &mut WriteBatch,
+    ) -> Result<Option<(Vec<Bytes>, Option<Bytes>)>, KeyPackageError> {
+        self.upload_pending = false;
+        if remaining >= replenish_below && has_last_resort {
+            return Ok(None);
+        }
+        let missing = self.config.pool_target.saturating_sub(remaining);
+        if missing == 0 && has_last_resort {
+            return Ok(None);
+        }
+        let result = key_packages::generate(
+            &self.provider,
+            &self.signer,
+            self.device,
+            self.config.lifetime,
+            now,
+            missing,
+            !has_last_resort,
+        );
+        match result {
+            Ok(packages) => {
+                self.provider.take_writes(writes);
+                self.upload_pending = true;
+                Ok(Some(packages))
+            }
+            Err(e) => {
+                self.provider.discard_writes();
+                Err(e)
+            }
+        }
+    }
+
+    /// An upload was refused or the connection dropped: the next count decides again.
+    pub fn upload_abandoned(&mut self) {
+        self.upload_pending = false;
+    }
+
+    /// True while an upload waits for the gateway's count.
+    pub fn upload_pending(&self) -> bool {
+        self.upload_pending
+    }
+}
