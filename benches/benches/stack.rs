@@ -52,7 +52,8 @@ async fn setup(n: usize) -> Setup {
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
     for i in 0..n {
-        let device = Device::init(&dir.path().join(format!("d{i}")), gateway.addr, &cert).unwrap();
+        let device =
+            Device::init(&dir.path().join(format!("d{i}")), gateway.addr, &cert, None).unwrap();
         let id = device.key.device_id();
         ids.push(id);
         gateway

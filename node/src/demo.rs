@@ -48,8 +48,8 @@ pub async fn run() -> Result<(), String> {
     let mut devices = Vec::new();
     let mut names = BTreeMap::new();
     for name in NAMES {
-        let device =
-            Device::init(&dir.path().join(name), addr, &cert).map_err(|e| e.to_string())?;
+        let device = Device::init(&dir.path().join(name), addr, &cert, Some(name))
+            .map_err(|e| e.to_string())?;
         gateway
             .admin(GatewayInput::AdmitDevice(device.key.public()))
             .await;
@@ -100,8 +100,8 @@ pub async fn run() -> Result<(), String> {
     println!("[gateway] graceful restart: drain, stop, start again from the same data directory");
     let stats = gateway.shutdown().await.map_err(|e| e.to_string())?;
     println!(
-        "[gateway] stopped after sequencing {} messages; restarting",
-        stats.sequenced
+        "[gateway] stopped after sequencing {} messages and taking {} MLS KeyPackages from the devices; restarting",
+        stats.sequenced, stats.key_packages_uploaded
     );
     let gateway = start_gateway(dir.path(), addr).await?;
 

@@ -19,7 +19,8 @@ use sund_gateway::entropy::{EntropySource, OsEntropy};
 use sund_gateway::quic::write_private;
 use sund_gateway::quic::Socket;
 use sund_model::identity::DeviceKey;
-use sund_model::ids::ConversationId;
+use sund_model::ids::{ConversationId, UserId};
+use sund_model::mls::device::DeviceMlsConfig;
 
 use crate::driver::NodeOptions;
 
@@ -51,6 +52,9 @@ pub enum DeviceError {
 #[serde(deny_unknown_fields)]
 struct Settings {
     gateway: SocketAddr,
+    /// The user this device belongs to (its other devices name the same user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
 }
 
 /// A device set up in a data directory.
@@ -63,6 +67,8 @@ pub struct Device {
     pub gateway: SocketAddr,
     /// The gateway's certificate.
     pub gateway_cert: CertificateDer<'static>,
+    /// The user this device belongs to, if set at `init`.
+    pub user: Option<String>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
@@ -79,6 +85,7 @@ impl Device {
         data_dir: &Path,
         gateway: SocketAddr,
         cert_file: &Path,
+        user: Option<&str>,
     ) -> Result<Device, DeviceError> {
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
         let cert = std::fs::read(cert_file).map_err(io(cert_file))?;
@@ -90,7 +97,11 @@ impl Device {
         let cert_path = data_dir.join("gateway-cert.der");
         std::fs::write(&cert_path, &cert).map_err(io(&cert_path))?;
         let settings_path = data_dir.join("node.toml");
-        let text = toml::to_string(&Settings { gateway }).expect("settings serialise");
+        let settings = Settings {
+            gateway,
+            user: user.map(str::to_string),
+        };
+        let text = toml::to_string(&settings).expect("settings serialise");
         std::fs::write(&settings_path, text).map_err(io(&settings_path))?;
         Device::load(data_dir)
     }
@@ -125,6 +136,7 @@ impl Device {
             key: DeviceKey::from_seed(seed),
             gateway: settings.gateway,
             gateway_cert: CertificateDer::from(cert),
+            user: settings.user,
         })
     }
 
@@ -161,6 +173,8 @@ impl Device {
             entropy: EntropySource::Os,
             clock: None,
             commit: CommitMode::Pipelined,
+            user: self.user.as_deref().map(UserId::from_name),
+            mls: Some(DeviceMlsConfig::default()),
         }
     }
 }

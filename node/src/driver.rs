@@ -22,7 +22,8 @@ use sund_gateway::quic::{self, FrameReader, Socket, WriterCommand};
 use sund_gateway::store::RedbStore;
 use sund_model::env::Ready;
 use sund_model::identity::DeviceKey;
-use sund_model::ids::{ConnectionId, ConversationId, MsgId};
+use sund_model::ids::{ConnectionId, ConversationId, MsgId, UserId};
+use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
 };
@@ -56,6 +57,10 @@ pub struct NodeOptions {
     pub clock: Option<Instant>,
     /// Where commits run: pipelined on their own thread (production) or inline (turmoil).
     pub commit: CommitMode,
+    /// The user the device belongs to, named in every hello.
+    pub user: Option<UserId>,
+    /// MLS on this device: it keeps a KeyPackage pool at the gateway (`None`: no MLS state).
+    pub mls: Option<DeviceMlsConfig>,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -188,12 +193,10 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     let clock = options
         .clock
         .map_or_else(DriverClock::wall, DriverClock::starting_at);
-    let node = Node::recover(
-        NodeConfig::new(options.key.clone()),
-        options.entropy.boxed(),
-        clock.now(),
-        &store,
-    )?;
+    let mut config = NodeConfig::new(options.key.clone());
+    config.user = options.user;
+    config.mls = options.mls;
+    let node = Node::recover(config, options.entropy.boxed(), clock.now(), &store)?;
     let endpoint = quic::client_endpoint(options.socket.clone(), options.gateway_cert.clone())?;
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let (events_tx, events_rx) = mpsc::unbounded_channel();

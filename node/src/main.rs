@@ -39,6 +39,9 @@ enum Command {
         /// The gateway's certificate file (`sund-gateway cert` prints its path).
         #[arg(long)]
         gateway_cert: PathBuf,
+        /// The user this device belongs to (give all of a person's devices the same name).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Send one message (plaintext until MLS lands) and wait until the gateway acknowledges it.
     Send {
@@ -102,9 +105,10 @@ async fn run(command: Command) -> Result<(), String> {
             data_dir,
             gateway,
             gateway_cert,
+            user,
         } => {
-            let device =
-                Device::init(&data_dir, gateway, &gateway_cert).map_err(|e| e.to_string())?;
+            let device = Device::init(&data_dir, gateway, &gateway_cert, user.as_deref())
+                .map_err(|e| e.to_string())?;
             let key = device.key.public().to_hex();
             println!(
                 "device {} ready in {}",

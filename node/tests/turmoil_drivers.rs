@@ -234,6 +234,8 @@ impl World {
             entropy: EntropySource::Seeded(seed32(seed, 20 + n)),
             clock: Some(EPOCH),
             commit: CommitMode::Inline,
+            user: None,
+            mls: None,
         };
         node_driver::start(options).await.unwrap()
     }

@@ -16,10 +16,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sund_model::ids::{ConversationId, DeviceId};
+use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::wire::payload::{
-    Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, Goodbye, Heartbeat, Hello, HelloOk,
-    Proof, ReplayRequest, Send, SendAck,
+    Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Heartbeat,
+    Hello, HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof,
+    ReplayRequest, Send, SendAck, FETCH_USERS_MAX,
 };
 use sund_model::wire::{
     Frame, Opcode, Payload, Routing, WireError, HEADER_BYTES, PAYLOAD_BYTES_MAX,
@@ -47,6 +48,15 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 device_key: [0xee; 32],
                 resume_token: Some([0x11; 32]),
                 user: None,
+            }),
+        ),
+        (
+            "hello-user",
+            Payload::Hello(Hello {
+                cursors: vec![Cursor::new(conv, 1)],
+                device_key: [0x5c; 32],
+                resume_token: None,
+                user: Some(UserId::from_name("alice").to_bytes()),
             }),
         ),
         (
@@ -124,6 +134,54 @@ fn payloads() -> Vec<(&'static str, Payload)> {
         (
             "replay-request",
             Payload::ReplayRequest(ReplayRequest { from_seq: 42 }),
+        ),
+        (
+            "key-package-upload",
+            Payload::KeyPackageUpload(KeyPackageUpload {
+                packages: vec![vec![0x00, 0x01, 0x00, 0x01].into(), vec![0x6b; 300].into()],
+                last_resort: Some(vec![0x4c; 64].into()),
+            }),
+        ),
+        (
+            "key-package-upload-empty",
+            Payload::KeyPackageUpload(KeyPackageUpload::default()),
+        ),
+        (
+            "key-package-fetch",
+            Payload::KeyPackageFetch(KeyPackageFetch {
+                users: vec![
+                    UserId::from_name("alice").to_bytes().into(),
+                    UserId::from_name("bob").to_bytes().into(),
+                ],
+            }),
+        ),
+        (
+            "key-packages",
+            Payload::KeyPackages(KeyPackages {
+                found: vec![
+                    FetchedKeyPackage {
+                        user: UserId::from_name("bob").to_bytes().into(),
+                        device: DeviceId(0x0b0b).to_bytes().into(),
+                        package: vec![0x6b; 120].into(),
+                        last_resort: false,
+                    },
+                    FetchedKeyPackage {
+                        user: UserId::from_name("bob").to_bytes().into(),
+                        device: DeviceId(0x0b0c).to_bytes().into(),
+                        package: vec![0x4c; 80].into(),
+                        last_resort: true,
+                    },
+                ],
+                exhausted: vec![DeviceId(0x0b0d).to_bytes().into()],
+            }),
+        ),
+        (
+            "key-package-count",
+            Payload::KeyPackageCount(KeyPackageCount {
+                remaining: 3,
+                last_resort: true,
+                replenish_below: 10,
+            }),
         ),
     ]
 }
@@ -306,6 +364,35 @@ fn main() {
         &[0xa2, 0x00, 0x01, 0x01, 0x62, 0xff, 0xfe],
     );
     cbor_for("ack-empty-input", Opcode::Ack, &[]);
+    // One user more than a fetch may name (the limit is checked after decoding).
+    let too_many = Payload::KeyPackageFetch(KeyPackageFetch {
+        users: (0..=FETCH_USERS_MAX)
+            .map(|i| UserId::from_name(&format!("u{i}")).to_bytes().into())
+            .collect(),
+    });
+    cbor_for(
+        "fetch-too-many-users",
+        Opcode::KeyPackageFetch,
+        &encoded(&too_many),
+    );
+    // A 15-byte user id where 16 are required.
+    let mut short_user = vec![0xa1, 0x00, 0x81, 0x4f];
+    short_user.extend_from_slice(&[0x75; 15]);
+    cbor_for("fetch-short-user", Opcode::KeyPackageFetch, &short_user);
+    // An upload whose package list claims 2^64-1 entries.
+    cbor_for(
+        "upload-huge-array",
+        Opcode::KeyPackageUpload,
+        &[
+            0xa1, 0x00, 0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ],
+    );
+    // A count whose flag is an integer, not a bool.
+    cbor_for(
+        "key-package-count-wrong-type",
+        Opcode::KeyPackageCount,
+        &[0xa2, 0x00, 0x01, 0x01, 0x01],
+    );
     cbor_for("reserved-chunk", Opcode::Chunk, &[0xa0]);
 
     // ---- stream_decode
