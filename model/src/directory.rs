@@ -106,6 +106,10 @@ pub enum UploadError {
     /// An ordinary package has the last-resort extension, or the last-resort one lacks it.
     #[error("KeyPackage in the wrong place: {0}")]
     WrongKind(&'static str),
+    /// A one-time package is already in the pool or twice in the upload: handing out both copies
+    /// would give two peers the same init key.
+    #[error("a KeyPackage is already in the pool or appears twice; upload each package once")]
+    Duplicate,
 }
 
 /// A fetch refused by the rate limit.
@@ -212,6 +216,13 @@ impl KeyPackageDirectory {
                     len: package.len(),
                     max: self.config.package_bytes_max,
                 });
+            }
+        }
+        let pool = self.pools.get(&device);
+        for (i, package) in packages.iter().enumerate() {
+            let in_pool = pool.is_some_and(|p| p.packages.values().any(|q| q == package));
+            if in_pool || packages[..i].contains(package) {
+                return Err(UploadError::Duplicate);
             }
         }
         for package in &packages {
@@ -469,6 +480,31 @@ mod tests {
         ));
         assert!(batch.is_empty(), "refused uploads write nothing");
         assert_eq!(d.remaining(ALICE), 0);
+    }
+
+    #[test]
+    fn a_package_already_in_the_pool_or_twice_in_an_upload_is_refused() {
+        let mut d = directory();
+        let mut batch = WriteBatch::default();
+        let same = vec![Bytes::from_static(b"kp-a"), Bytes::from_static(b"kp-a")];
+        assert_eq!(
+            d.upload(BOB, same, None, &validate, &mut batch),
+            Err(UploadError::Duplicate)
+        );
+        d.upload(
+            BOB,
+            vec![Bytes::from_static(b"kp-a")],
+            None,
+            &validate,
+            &mut batch,
+        )
+        .unwrap();
+        let again = vec![Bytes::from_static(b"kp-b"), Bytes::from_static(b"kp-a")];
+        assert_eq!(
+            d.upload(BOB, again, None, &validate, &mut batch),
+            Err(UploadError::Duplicate)
+        );
+        assert_eq!(d.remaining(BOB), 1);
     }
 
     #[test]

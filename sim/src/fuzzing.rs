@@ -114,6 +114,51 @@ enum WellFormed {
     KeyPackageFetch {
         users: Vec<u8>,
     },
+    /// Real KeyPackages of device `owner` (maybe not the session's device): `count` of its
+    /// cached one-time packages from index `first`, and its last-resort package if asked.
+    RealKeyPackages {
+        owner: u8,
+        first: u8,
+        count: u8,
+        last_resort: bool,
+    },
+}
+
+/// One-time packages cached per device (and one last-resort package).
+const CACHED_PACKAGES: usize = 12;
+
+/// Real KeyPackages of device `d` (1..=DEVICES_MAX), made once per process with Sund's MLS
+/// provider: generating them per execution would dominate it.
+fn real_key_packages(d: u8) -> &'static (Vec<Vec<u8>>, Vec<u8>) {
+    use sund_model::mls::{key_packages, LifetimePolicy, MlsProvider, MlsStorage, Randomness};
+    static PACKAGES: std::sync::OnceLock<Vec<(Vec<Vec<u8>>, Vec<u8>)>> = std::sync::OnceLock::new();
+    let all = PACKAGES.get_or_init(|| {
+        (1..=DEVICES_MAX)
+            .map(|d| {
+                let provider = MlsProvider::new(
+                    Box::new(SimRng::from_seed(u64::from(d))),
+                    Randomness::Simulation,
+                    MlsStorage::new(),
+                );
+                let signer = provider.new_signer().expect("a signing key");
+                let (packages, last) = key_packages::generate(
+                    &provider,
+                    &signer,
+                    device(d),
+                    LifetimePolicy::Unbounded,
+                    Instant(0),
+                    CACHED_PACKAGES,
+                    true,
+                )
+                .expect("KeyPackages");
+                (
+                    packages.into_iter().map(|p| p.to_vec()).collect(),
+                    last.expect("a last-resort package").to_vec(),
+                )
+            })
+            .collect()
+    });
+    &all[usize::from(d) - 1]
 }
 
 fn user(k: u8) -> UserId {
@@ -282,6 +327,25 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 last_resort: last_resort.map(Into::into),
             }),
         ),
+        WellFormed::RealKeyPackages {
+            owner,
+            first,
+            count,
+            last_resort,
+        } => {
+            let (packages, last) = real_key_packages((owner % DEVICES_MAX) + 1);
+            let first = usize::from(first) % CACHED_PACKAGES;
+            let count = usize::from(count) % 6;
+            Frame::new(
+                Routing::default(),
+                Payload::KeyPackageUpload(KeyPackageUpload {
+                    packages: (first..first + count)
+                        .map(|i| packages[i % CACHED_PACKAGES].clone().into())
+                        .collect(),
+                    last_resort: last_resort.then(|| last.clone().into()),
+                }),
+            )
+        }
         WellFormed::KeyPackageFetch { users } => Frame::new(
             Routing::default(),
             Payload::KeyPackageFetch(KeyPackageFetch {
@@ -490,6 +554,19 @@ impl Harness {
             .map(|log| (log.id(), log.head()))
             .collect();
         assert_eq!(live, back, "recovered conversations and heads differ");
+        for d in 0..=DEVICES_MAX {
+            let d = device(d);
+            assert_eq!(
+                self.gateway.key_packages_left(d),
+                recovered.key_packages_left(d),
+                "recovered KeyPackage pool of {d:?} differs"
+            );
+        }
+        for k in 0..3 {
+            let live: Vec<DeviceId> = self.gateway.devices_of(user(k)).collect();
+            let back: Vec<DeviceId> = recovered.devices_of(user(k)).collect();
+            assert_eq!(live, back, "recovered devices of user {k} differ");
+        }
         for log in self.gateway.conversations() {
             let conv = log.id();
             let back = recovered.conversations().find(|l| l.id() == conv);
@@ -612,6 +689,39 @@ mod tests {
             h.gateway.devices_of(user(1)).collect::<Vec<_>>(),
             vec![device(1)]
         );
+        let real = WellFormed::RealKeyPackages {
+            owner: 0,
+            first: 0,
+            count: 3,
+            last_resort: true,
+        };
+        h.step(Op::Frame(0, real));
+        assert_eq!(h.gateway.key_packages_left(device(1)), 3);
+        let again = WellFormed::RealKeyPackages {
+            owner: 0,
+            first: 2,
+            count: 2,
+            last_resort: false,
+        };
+        h.step(Op::Frame(0, again));
+        assert_eq!(
+            h.gateway.stats().key_package_uploads_refused,
+            2,
+            "package 2 is already in the pool"
+        );
+        let foreign = WellFormed::RealKeyPackages {
+            owner: 1,
+            first: 0,
+            count: 1,
+            last_resort: false,
+        };
+        h.step(Op::Frame(0, foreign));
+        assert_eq!(
+            h.gateway.stats().key_package_uploads_refused,
+            3,
+            "device 2's package"
+        );
+        assert_eq!(h.gateway.key_packages_left(device(1)), 3);
         h.step(Op::Advance(10_000));
         assert_eq!(h.gateway.conversation_head(ConversationId(1)), Some(1));
         assert_eq!(h.gateway.cursor(device(1), ConversationId(1)), 1);
