@@ -127,11 +127,14 @@ enum WellFormed {
 /// One-time packages cached per device (and one last-resort package).
 const CACHED_PACKAGES: usize = 12;
 
+/// One device's cached one-time packages and its last-resort package.
+type DevicePackages = (Vec<Vec<u8>>, Vec<u8>);
+
 /// Real KeyPackages of device `d` (1..=DEVICES_MAX), made once per process with Sund's MLS
 /// provider: generating them per execution would dominate it.
-fn real_key_packages(d: u8) -> &'static (Vec<Vec<u8>>, Vec<u8>) {
+fn real_key_packages(d: u8) -> &'static DevicePackages {
     use sund_model::mls::{key_packages, LifetimePolicy, MlsProvider, MlsStorage, Randomness};
-    static PACKAGES: std::sync::OnceLock<Vec<(Vec<Vec<u8>>, Vec<u8>)>> = std::sync::OnceLock::new();
+    static PACKAGES: std::sync::OnceLock<Vec<DevicePackages>> = std::sync::OnceLock::new();
     let all = PACKAGES.get_or_init(|| {
         (1..=DEVICES_MAX)
             .map(|d| {
