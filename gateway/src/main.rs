@@ -68,7 +68,7 @@ enum Admin {
         #[arg(long = "member", required = true)]
         members: Vec<String>,
     },
-    /// List conversations and their heads.
+    /// List conversations and their heads, then users, their devices and KeyPackages left.
     List,
 }
 
@@ -234,6 +234,14 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
                     log.retained(),
                     log.members().len()
                 );
+            }
+            for user in gateway.users() {
+                for device in gateway.devices_of(user) {
+                    println!(
+                        "{user} device {device} key_packages {}",
+                        gateway.key_packages_left(device)
+                    );
+                }
             }
         }
     }

@@ -935,6 +935,11 @@ impl Gateway {
         }
     }
 
+    /// Every user a device is bound to, in id order.
+    pub fn users(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.users.keys().copied()
+    }
+
     /// The devices bound to `user`.
     pub fn devices_of(&self, user: UserId) -> impl Iterator<Item = DeviceId> + '_ {
         self.users.get(&user).into_iter().flatten().copied()
