@@ -9,6 +9,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use sund_model::ids::ConversationId;
 use sund_model::node::{ConnectionStatus, NodeEvent};
+use sund_model::wire::payload::ErrorCode;
 use sund_node::device::Device;
 use sund_node::driver;
 
@@ -166,7 +167,17 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
                 }
                 Some(NodeEvent::Rejected { msg_id: m, code }) if m == msg_id => {
                     let _ = node.stop().await;
-                    return Err(format!("the gateway refused the message ({code:?}): is this device a member of `{conversation}`?"));
+                    let hint = match code {
+                        ErrorCode::UnknownConversation => format!(
+                            "the gateway has no conversation `{conversation}`; its operator creates one with `sund-gateway admin create-conversation {conversation} --member KEY ...` (each device's key is printed by `sund init`)"
+                        ),
+                        ErrorCode::NotMember => format!(
+                            "this device is not a member of `{conversation}`; the gateway's operator adds it with `sund-gateway admin create-conversation {conversation} --member {}`",
+                            device.key.public().to_hex()
+                        ),
+                        _ => format!("is this device a member of `{conversation}`?"),
+                    };
+                    return Err(format!("the gateway refused the message ({code:?}): {hint}"));
                 }
                 Some(NodeEvent::Refused { message, .. }) => {
                     let _ = node.stop().await;
