@@ -260,6 +260,53 @@ fn a_device_the_gateway_does_not_know_is_refused_with_a_useful_error() {
 }
 
 #[test]
+fn a_message_to_a_conversation_nobody_created_says_how_to_create_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let addr = format!("127.0.0.1:{port}");
+    let d = tmp.path().join("alice");
+    let init = run(
+        &sund(),
+        &[
+            "init",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--gateway",
+            &addr,
+            "--gateway-cert",
+            cert.trim(),
+            "--user",
+            "alice",
+        ],
+    );
+    run(
+        &gateway_binary(),
+        &["admin", "allow", &device_key(&init), "--data-dir", gw],
+    );
+    let _gateway = Guard(start_gateway(&gw_dir, port));
+    let out = Command::new(sund())
+        .args([
+            "send",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "nowhere",
+            "hello?",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no conversation `nowhere`")
+            && stderr.contains("sund-gateway admin create-conversation nowhere"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn commands_without_a_device_say_how_to_create_one() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("nothing-here");
