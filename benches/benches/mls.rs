@@ -19,7 +19,8 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use sund_model::env::{Entropy, WriteBatch};
 use sund_model::mls::{
-    capabilities, lifetime, LifetimePolicy, MlsProvider, MlsStorage, Randomness, CIPHERSUITE,
+    capabilities, group_config, join_config, lifetime, LifetimePolicy, MlsProvider, MlsStorage,
+    Randomness, CIPHERSUITE,
 };
 
 const MEMBERS: usize = 1_000;
@@ -127,15 +128,7 @@ impl<F: Flavour> Member<F> {
 }
 
 fn config() -> MlsGroupCreateConfig {
-    MlsGroupCreateConfig::builder()
-        .ciphersuite(CIPHERSUITE)
-        .lifetime(lifetime(
-            LifetimePolicy::Unbounded,
-            sund_model::time::Instant(0),
-        ))
-        .capabilities(capabilities())
-        .use_ratchet_tree_extension(true)
-        .build()
+    group_config(LifetimePolicy::Unbounded, sund_model::time::Instant(0))
 }
 
 fn protocol(bytes: &[u8]) -> ProtocolMessage {
@@ -219,9 +212,7 @@ fn run<F: Flavour>(add_rounds: usize, commit_rounds: usize, message_rounds: usiz
         let started = Instant::now();
         let g = StagedWelcome::new_from_welcome(
             &m.provider,
-            &MlsGroupJoinConfig::builder()
-                .use_ratchet_tree_extension(true)
-                .build(),
+            &join_config(),
             welcome(&welcome_bytes),
             None,
         )

@@ -6,7 +6,10 @@ use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use sha2::{Digest, Sha256};
 use sund_model::env::{Entropy, MemStore, Store, WriteBatch};
-use sund_model::mls::{lifetime, LifetimePolicy, MlsProvider, MlsStorage, Randomness, CIPHERSUITE};
+use sund_model::mls::{
+    group_config, join_config, lifetime, LifetimePolicy, MlsProvider, MlsStorage, Randomness,
+    CIPHERSUITE,
+};
 use sund_model::time::Instant;
 
 /// A seeded entropy for tests: SHA-256 in counter mode.
@@ -97,17 +100,10 @@ impl Device {
         else {
             panic!("not a welcome")
         };
-        let group = StagedWelcome::new_from_welcome(
-            &self.provider,
-            &MlsGroupJoinConfig::builder()
-                .use_ratchet_tree_extension(true)
-                .build(),
-            welcome,
-            None,
-        )
-        .unwrap()
-        .into_group(&self.provider)
-        .unwrap();
+        let group = StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, None)
+            .unwrap()
+            .into_group(&self.provider)
+            .unwrap();
         self.commit();
         group
     }
@@ -143,11 +139,7 @@ fn life(seed: u64) -> ([u8; 32], Vec<u8>) {
     let carol_kp = carol.key_package();
     wire.update(bob_kp.tls_serialize_detached().unwrap());
 
-    let config = MlsGroupCreateConfig::builder()
-        .ciphersuite(CIPHERSUITE)
-        .lifetime(lifetime(LifetimePolicy::Unbounded, Instant(0)))
-        .use_ratchet_tree_extension(true)
-        .build();
+    let config = group_config(LifetimePolicy::Unbounded, Instant(0));
     let mut a = MlsGroup::new(
         &alice.provider,
         &alice.signer,
@@ -272,10 +264,7 @@ fn a_welcome_from_sund_is_read_by_stock_openmls() {
         .build(CIPHERSUITE, &stock, &signer, credential)
         .unwrap();
     let alice = Device::new(1, "alice");
-    let config = MlsGroupCreateConfig::builder()
-        .ciphersuite(CIPHERSUITE)
-        .use_ratchet_tree_extension(true)
-        .build();
+    let config = group_config(LifetimePolicy::Unbounded, Instant(0));
     let mut a = MlsGroup::new(
         &alice.provider,
         &alice.signer,
@@ -294,17 +283,10 @@ fn a_welcome_from_sund_is_read_by_stock_openmls() {
     else {
         panic!()
     };
-    let mut joined = StagedWelcome::new_from_welcome(
-        &stock,
-        &MlsGroupJoinConfig::builder()
-            .use_ratchet_tree_extension(true)
-            .build(),
-        welcome,
-        None,
-    )
-    .unwrap()
-    .into_group(&stock)
-    .unwrap();
+    let mut joined = StagedWelcome::new_from_welcome(&stock, &join_config(), welcome, None)
+        .unwrap()
+        .into_group(&stock)
+        .unwrap();
     let bytes = a
         .create_message(&alice.provider, &alice.signer, b"interop")
         .unwrap()
@@ -333,11 +315,7 @@ fn crowd(seed: u64) -> [u8; 32] {
         .map(|i| Device::new(seed, &format!("member-{i}")))
         .collect();
     let packages: Vec<KeyPackage> = members.iter_mut().map(|m| m.key_package()).collect();
-    let config = MlsGroupCreateConfig::builder()
-        .ciphersuite(CIPHERSUITE)
-        .lifetime(lifetime(LifetimePolicy::Unbounded, Instant(0)))
-        .use_ratchet_tree_extension(true)
-        .build();
+    let config = group_config(LifetimePolicy::Unbounded, Instant(0));
     let mut group = MlsGroup::new(
         &owner.provider,
         &owner.signer,

@@ -125,7 +125,7 @@ mod tests {
     use crate::ids::DeviceId;
     use crate::mls::key_packages::{credential_with_key, generate};
     use crate::mls::{
-        capabilities, lifetime, LifetimePolicy, MlsProvider, MlsStorage, Randomness, CIPHERSUITE,
+        group_config, join_config, LifetimePolicy, MlsProvider, MlsStorage, Randomness,
     };
     use crate::time::Instant;
     use openmls::prelude::*;
@@ -183,11 +183,7 @@ mod tests {
         static COMMIT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
         COMMIT.get_or_init(|| {
             let alice = member(9);
-            let config = MlsGroupCreateConfig::builder()
-                .ciphersuite(CIPHERSUITE)
-                .capabilities(capabilities())
-                .lifetime(lifetime(LifetimePolicy::Unbounded, Instant(0)))
-                .build();
+            let config = group_config(LifetimePolicy::Unbounded, Instant(0));
             let mut a = MlsGroup::new(
                 &alice.provider,
                 &alice.signer,
@@ -218,12 +214,7 @@ mod tests {
     fn the_first_commit_for_an_epoch_wins_and_the_second_is_stale() {
         let alice = member(1);
         let bob = member(2);
-        let config = MlsGroupCreateConfig::builder()
-            .ciphersuite(CIPHERSUITE)
-            .capabilities(capabilities())
-            .lifetime(lifetime(LifetimePolicy::Unbounded, Instant(0)))
-            .use_ratchet_tree_extension(true)
-            .build();
+        let config = group_config(LifetimePolicy::Unbounded, Instant(0));
         let mut a = MlsGroup::new(
             &alice.provider,
             &alice.signer,
@@ -248,17 +239,10 @@ mod tests {
         else {
             panic!("a welcome")
         };
-        let mut b = StagedWelcome::new_from_welcome(
-            &bob.provider,
-            &MlsGroupJoinConfig::builder()
-                .use_ratchet_tree_extension(true)
-                .build(),
-            welcome,
-            None,
-        )
-        .unwrap()
-        .into_group(&bob.provider)
-        .unwrap();
+        let mut b = StagedWelcome::new_from_welcome(&bob.provider, &join_config(), welcome, None)
+            .unwrap()
+            .into_group(&bob.provider)
+            .unwrap();
 
         let from_alice = a
             .self_update(

@@ -35,7 +35,9 @@ pub mod storage;
 
 use std::time::Duration;
 
-use openmls::prelude::{Capabilities, ExtensionType, Lifetime};
+use openmls::prelude::{
+    Capabilities, ExtensionType, Lifetime, MlsGroupCreateConfig, MlsGroupJoinConfig,
+};
 
 use crate::time::Instant;
 
@@ -93,4 +95,22 @@ pub fn capabilities() -> Capabilities {
         None,
         None,
     )
+}
+
+/// How Sund creates every group: its ciphersuite and capabilities, the creator's leaf lifetime
+/// under `policy`, and the ratchet tree inside Welcomes (joiners need no separate tree fetch).
+pub fn group_config(policy: LifetimePolicy, now: Instant) -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .capabilities(capabilities())
+        .lifetime(lifetime(policy, now))
+        .use_ratchet_tree_extension(true)
+        .build()
+}
+
+/// How a Sund device joins a group from a Welcome (the tree comes in the Welcome).
+pub fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .build()
 }
