@@ -328,6 +328,7 @@ async fn load_client(
             Payload::Send(Send {
                 msg_id,
                 body: vec![b'x'; BODY],
+                welcome: None,
             }),
         );
         send.write_all(&frame.encode()).await.unwrap();

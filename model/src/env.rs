@@ -331,6 +331,15 @@ impl MemStore {
     pub fn table_len(&self, table: Table) -> usize {
         self.tables.get(table.0).map_or(0, BTreeMap::len)
     }
+
+    /// Every record as (table, key, value), for tests that search what a store holds.
+    pub fn records(&self) -> impl Iterator<Item = (&'static str, &[u8], &[u8])> + '_ {
+        self.tables.iter().flat_map(|(table, records)| {
+            records
+                .iter()
+                .map(move |(k, v)| (*table, k.as_slice(), v.as_slice()))
+        })
+    }
 }
 
 impl StoreRead for MemStore {

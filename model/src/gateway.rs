@@ -24,9 +24,11 @@ use bytes::Bytes;
 
 use crate::directory::{DirectoryConfig, Fetched, KeyPackageDirectory, KEY_PACKAGES_TABLE};
 use crate::env::{scan_all, Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
+use crate::groups::{Change, GroupKind, GroupOps, GroupRefusal, GroupState, GROUPS_TABLE};
 use crate::identity::{session_proof_message, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls;
+use crate::mls::authority::{Admission, Kind};
 use crate::sequencer::{
     decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
     SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
@@ -34,7 +36,8 @@ use crate::sequencer::{
 use crate::time::Instant;
 use crate::wire::payload::{
     Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Hello,
-    HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof, SendAck,
+    HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof, Removed,
+    RosterEntry, SendAck, Welcome,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -48,6 +51,110 @@ pub const USERS_TABLE: Table = Table("user_devices");
 
 /// Table of per-device acknowledgement cursors: key `device(16) ++ conversation(16)`, value seq.
 pub const CURSORS_TABLE: Table = Table("cursors");
+
+/// Table of device inboxes (Welcomes and removal notices): key `device(16) ++
+/// conversation(16)`, value `tag(1) ++ seq(8) ++ kind(1) ++ welcome` (tag 1 Welcome, 2 Removed).
+pub const INBOX_TABLE: Table = Table("inbox");
+
+/// What waits in a device's inbox for one conversation until the device acknowledges `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum InboxItem {
+    /// The commit at `seq` added the device; it joins with the Welcome.
+    Welcome {
+        seq: u64,
+        kind: GroupKind,
+        welcome: Bytes,
+    },
+    /// The commit at `seq` removed the device.
+    Removed { seq: u64 },
+}
+
+impl InboxItem {
+    fn seq(&self) -> u64 {
+        match self {
+            InboxItem::Welcome { seq, .. } | InboxItem::Removed { seq } => *seq,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut value = Vec::new();
+        match self {
+            InboxItem::Welcome { seq, kind, welcome } => {
+                value.push(1);
+                value.extend_from_slice(&seq.to_be_bytes());
+                value.push(*kind as u8);
+                value.extend_from_slice(welcome);
+            }
+            InboxItem::Removed { seq } => {
+                value.push(2);
+                value.extend_from_slice(&seq.to_be_bytes());
+                value.push(0);
+            }
+        }
+        value
+    }
+
+    fn decode(value: &[u8]) -> Result<InboxItem, StoreError> {
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            table: INBOX_TABLE.0,
+            reason: reason.to_string(),
+        };
+        if value.len() < 10 {
+            return Err(corrupt("record shorter than 10 bytes"));
+        }
+        let seq = u64::from_be_bytes(value[1..9].try_into().expect("8 bytes"));
+        match value[0] {
+            1 => Ok(InboxItem::Welcome {
+                seq,
+                kind: GroupKind::from_u8(value[9]).ok_or_else(|| corrupt("unknown kind"))?,
+                welcome: Bytes::copy_from_slice(&value[10..]),
+            }),
+            2 => Ok(InboxItem::Removed { seq }),
+            _ => Err(corrupt("unknown tag")),
+        }
+    }
+
+    fn payload(&self, group: Option<&GroupState>) -> Payload {
+        match self {
+            InboxItem::Welcome { seq, kind, welcome } => Payload::Welcome(Welcome {
+                seq: *seq,
+                kind: *kind as u8,
+                welcome: welcome.to_vec().into(),
+                members: group
+                    .into_iter()
+                    .flat_map(|g| g.devices())
+                    .map(|(d, u)| RosterEntry {
+                        device: d.to_bytes().into(),
+                        user: u.to_bytes().into(),
+                    })
+                    .collect(),
+            }),
+            InboxItem::Removed { seq } => Payload::Removed(Removed { seq: *seq }),
+        }
+    }
+}
+
+/// What an accepted commit does once it has its seq.
+struct GroupEffect {
+    state: GroupState,
+    change: Change,
+    welcome: Option<Bytes>,
+}
+
+/// The gateway's decision on a message in an MLS conversation.
+enum GroupAdmit {
+    /// Sequence it (or answer it as a duplicate); then apply the commit's effect, if any.
+    Pass(Option<GroupEffect>),
+    /// Refused; the error frame is queued.
+    Refused,
+}
+
+fn pair_key(a: u128, b: u128) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32);
+    key.extend_from_slice(&a.to_be_bytes());
+    key.extend_from_slice(&b.to_be_bytes());
+    key
+}
 
 /// Tunables of a gateway. Every queue and timer has a named bound here.
 #[derive(Clone, Debug)]
@@ -166,6 +273,12 @@ pub struct GatewayStats {
     pub key_packages_fetched: u64,
     /// Fetches refused by the rate limit.
     pub key_package_fetches_limited: u64,
+    /// Commits accepted into MLS conversations.
+    pub commits: u64,
+    /// Commits refused as stale (another commit won the epoch).
+    pub stale_commits: u64,
+    /// Group messages refused (roles, malformed, inconsistent).
+    pub group_refusals: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -214,6 +327,9 @@ pub struct Gateway {
     config: GatewayConfig,
     entropy: Box<dyn Entropy + Send>,
     conversations: BTreeMap<ConversationId, ConversationLog>,
+    /// Conversations that are MLS groups (the others are plain, created by an operator).
+    groups: BTreeMap<ConversationId, GroupState>,
+    inbox: BTreeMap<(DeviceId, ConversationId), InboxItem>,
     memberships: BTreeMap<DeviceId, BTreeSet<ConversationId>>,
     cursors: BTreeMap<(DeviceId, ConversationId), u64>,
     admitted: BTreeSet<DevicePublicKey>,
@@ -262,6 +378,8 @@ impl Gateway {
             config,
             entropy,
             conversations: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            inbox: BTreeMap::new(),
             memberships: BTreeMap::new(),
             cursors: BTreeMap::new(),
             admitted: BTreeSet::new(),
@@ -288,6 +406,22 @@ impl Gateway {
         entropy: Box<dyn Entropy + Send>,
     ) -> Result<Gateway, StoreError> {
         let mut g = Gateway::new(config, now, entropy);
+        // A group's log exists even when every device has left it.
+        scan_all(store, GROUPS_TABLE, |key, value| {
+            let (conv, state) = GroupState::decode(key, value)?;
+            g.conversations
+                .entry(conv)
+                .or_insert_with(|| ConversationLog::new(conv, []));
+            g.groups.insert(conv, state);
+            Ok(())
+        })?;
+        scan_all(store, INBOX_TABLE, |key, value| {
+            let (device, conv) = split_pair_key(INBOX_TABLE, key)?;
+            let item = InboxItem::decode(value)?;
+            g.inbox
+                .insert((DeviceId(device), ConversationId(conv)), item);
+            Ok(())
+        })?;
         scan_all(store, MEMBERS_TABLE, |key, _| {
             let (conv, device) = split_pair_key(MEMBERS_TABLE, key)?;
             g.add_member(ConversationId(conv), DeviceId(device));
@@ -631,7 +765,9 @@ impl Gateway {
             (Some(_), Payload::HeartbeatAck(_)) => {}
             (Some(device), Payload::Send(send)) => {
                 let msg_id = send.msg_id();
-                self.accept_message(now, conn, device, routing.conversation, msg_id, send.body)
+                let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
+                let conv = routing.conversation;
+                self.accept_message(now, conn, device, conv, msg_id, send.body, welcome)
             }
             (Some(device), Payload::Ack(Ack {})) => {
                 self.acknowledge(now, conn, device, routing.conversation, routing.seq)
@@ -824,6 +960,14 @@ impl Gateway {
         };
         self.send(conn, Routing::default(), Payload::HelloOk(ok));
         self.send_key_package_count(conn, device);
+        let waiting: Vec<(ConversationId, InboxItem)> = self
+            .inbox
+            .range((device, ConversationId(0))..=(device, ConversationId(u128::MAX)))
+            .map(|((_, conv), item)| (*conv, item.clone()))
+            .collect();
+        for (conv, item) in waiting {
+            self.send_inbox_item(conn, conv, &item);
+        }
         let convs: Vec<ConversationId> = self.sessions[&conn].streams.keys().copied().collect();
         for conv in convs {
             self.pump(now, conn, conv);
@@ -950,6 +1094,7 @@ impl Gateway {
         self.directory.remaining(device)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn accept_message(
         &mut self,
         now: Instant,
@@ -958,7 +1103,33 @@ impl Gateway {
         conv: ConversationId,
         msg_id: MsgId,
         body: Vec<u8>,
+        welcome: Option<Bytes>,
     ) {
+        let plain = self.conversations.contains_key(&conv) && !self.groups.contains_key(&conv);
+        let mut effect = None;
+        if !plain {
+            match self.admit_group_message(conn, device, conv, msg_id, &body, welcome) {
+                GroupAdmit::Pass(admitted) => effect = admitted,
+                GroupAdmit::Refused => return,
+            }
+            if effect.is_some() && !self.conversations.contains_key(&conv) {
+                // A creating commit: the conversation starts with its creator as sole member,
+                // and the commit adds the others.
+                let mut log = ConversationLog::new(conv, []);
+                log.add_member(device, &mut self.writes);
+                self.conversations.insert(conv, log);
+                self.memberships.entry(device).or_default().insert(conv);
+                self.store_cursor(device, conv, 0);
+                if let Some(session) = self.sessions.get_mut(&conn) {
+                    let stream = Stream {
+                        acked: 0,
+                        sent_upto: 0,
+                        last_progress: now,
+                    };
+                    session.streams.insert(conv, stream);
+                }
+            }
+        }
         let Some(log) = self.conversations.get_mut(&conv) else {
             self.error(
                 conn,
@@ -972,6 +1143,9 @@ impl Gateway {
             Ok(Appended::New(seq)) => {
                 log.persist_append(seq, &mut self.writes);
                 self.stats.sequenced += 1;
+                if let Some(effect) = effect.take() {
+                    self.apply_group_effect(now, conv, seq, effect);
+                }
                 seq
             }
             Ok(Appended::Duplicate(seq)) => {
@@ -1012,6 +1186,266 @@ impl Gateway {
         }
     }
 
+    /// Decides on a message for an MLS conversation (or one that a creating commit is about
+    /// to make): deduplication first, then the commit authority and the roles.
+    fn admit_group_message(
+        &mut self,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+        body: &[u8],
+        welcome: Option<Bytes>,
+    ) -> GroupAdmit {
+        let duplicate = self
+            .conversations
+            .get(&conv)
+            .and_then(|log| log.duplicate_of(device, msg_id));
+        if duplicate.is_some() {
+            // A retried message that was accepted gets its original seq, never stale_epoch.
+            return GroupAdmit::Pass(None);
+        }
+        let refuse = |g: &mut Gateway, code: ErrorCode, message: String, epoch: u64| {
+            g.stats.group_refusals += 1;
+            let routing = Routing {
+                conversation: conv,
+                epoch,
+                ..Routing::default()
+            };
+            g.error_in(conn, routing, code, &message, Some(msg_id));
+            GroupAdmit::Refused
+        };
+        let (framing, aad) = match mls::authority::read_message(body) {
+            Ok(read) => read,
+            Err(_) if !self.groups.contains_key(&conv) => {
+                let message = "no such conversation here".to_string();
+                return refuse(self, ErrorCode::UnknownConversation, message, 0);
+            }
+            Err(e) => return refuse(self, ErrorCode::InvalidGroupMessage, e.to_string(), 0),
+        };
+        if framing.group_id != conv.to_bytes() {
+            let message = "the MLS group id differs from the conversation id".to_string();
+            return refuse(self, ErrorCode::InvalidGroupMessage, message, 0);
+        }
+        let current = self.groups.get(&conv).map(GroupState::epoch);
+        match framing.kind {
+            Kind::Application => match current {
+                None => {
+                    let message = "no such conversation here".to_string();
+                    refuse(self, ErrorCode::UnknownConversation, message, 0)
+                }
+                Some(epoch) if framing.epoch > epoch => {
+                    let message = format!("epoch {} is ahead of the group's", framing.epoch);
+                    refuse(self, ErrorCode::InvalidGroupMessage, message, epoch)
+                }
+                Some(_) => GroupAdmit::Pass(None),
+            },
+            Kind::Proposal => {
+                let message = "Sund members commit their changes; proposals by members are \
+                               not accepted"
+                    .to_string();
+                refuse(
+                    self,
+                    ErrorCode::InvalidGroupMessage,
+                    message,
+                    current.unwrap_or(0),
+                )
+            }
+            Kind::Commit => {
+                let ops = match GroupOps::decode(&aad) {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        let epoch = current.unwrap_or(0);
+                        return refuse(self, ErrorCode::InvalidGroupMessage, e.to_string(), epoch);
+                    }
+                };
+                match self.check_commit(device, conv, framing.epoch, &ops, welcome) {
+                    Ok(effect) => GroupAdmit::Pass(Some(effect)),
+                    Err((code, message, epoch)) => {
+                        if code == ErrorCode::StaleEpoch {
+                            self.stats.stale_commits += 1;
+                        }
+                        refuse(self, code, message, epoch)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks a commit against the authority and the roles; on success returns the group as it
+    /// will be after the commit.
+    fn check_commit(
+        &self,
+        device: DeviceId,
+        conv: ConversationId,
+        epoch: u64,
+        ops: &GroupOps,
+        welcome: Option<Bytes>,
+    ) -> Result<GroupEffect, (ErrorCode, String, u64)> {
+        let mut state = match (self.groups.get(&conv), ops.create) {
+            (Some(state), None) => state.clone(),
+            (Some(state), Some(_)) => {
+                return Err((
+                    ErrorCode::StaleEpoch,
+                    "this conversation exists already; join it from its Welcome".into(),
+                    state.epoch(),
+                ))
+            }
+            (None, None) => {
+                return Err((
+                    ErrorCode::UnknownConversation,
+                    "no such conversation here".into(),
+                    0,
+                ))
+            }
+            (None, Some(kind)) => {
+                let Some(kind) = GroupKind::from_u8(kind) else {
+                    let message = format!("unknown conversation kind {kind}");
+                    return Err((ErrorCode::InvalidGroupMessage, message, 0));
+                };
+                if self.conversations.contains_key(&conv) {
+                    let message = "an operator-made conversation has this id".into();
+                    return Err((ErrorCode::InvalidGroupMessage, message, 0));
+                }
+                let Some(&user) = self.device_users.get(&device) else {
+                    let message = "say which user this device belongs to before creating \
+                                   conversations (sund init --user NAME)"
+                        .into();
+                    return Err((ErrorCode::Forbidden, message, 0));
+                };
+                GroupState::create(kind, device, user)
+            }
+        };
+        let before = state.epoch();
+        match state.authority_mut().admit(epoch, Kind::Commit) {
+            Admission::Accept => {}
+            Admission::Stale { current } => {
+                let message = format!(
+                    "a commit for epoch {epoch} was already accepted; the group is at epoch \
+                     {current}"
+                );
+                return Err((ErrorCode::StaleEpoch, message, current));
+            }
+            Admission::Future { current } => {
+                let message = format!("epoch {epoch} is ahead of the group's {current}");
+                return Err((ErrorCode::InvalidGroupMessage, message, current));
+            }
+        }
+        let change = state
+            .check(device, ops, |d| self.device_users.get(&d).copied())
+            .map_err(|refusal| match refusal {
+                GroupRefusal::Forbidden(m) => (ErrorCode::Forbidden, m, before),
+                GroupRefusal::Invalid(m) => (ErrorCode::InvalidGroupMessage, m, before),
+            })?;
+        if !change.added.is_empty() && welcome.is_none() {
+            let message = "a commit that adds devices must carry their Welcome".into();
+            return Err((ErrorCode::InvalidGroupMessage, message, before));
+        }
+        state.apply(&change);
+        Ok(GroupEffect {
+            state,
+            change,
+            welcome,
+        })
+    }
+
+    /// Applies an accepted commit sequenced at `seq`: the group's new state, the members it
+    /// adds (cursor at `seq`, a Welcome in their inbox) and removes (a notice in theirs).
+    fn apply_group_effect(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        effect: GroupEffect,
+    ) {
+        let GroupEffect {
+            state,
+            change,
+            welcome,
+        } = effect;
+        self.stats.commits += 1;
+        state.persist(conv, &mut self.writes);
+        let kind = state.kind();
+        self.groups.insert(conv, state);
+        let log = self.conversations.get_mut(&conv).expect("sequenced here");
+        for (device, _) in &change.added {
+            log.add_member(*device, &mut self.writes);
+        }
+        for device in &change.removed {
+            log.remove_member(*device, &mut self.writes);
+        }
+        for (device, _) in &change.added {
+            self.memberships.entry(*device).or_default().insert(conv);
+            self.store_cursor(*device, conv, seq);
+            let welcome = welcome.clone().expect("checked: adds carry a Welcome");
+            self.put_inbox(*device, conv, InboxItem::Welcome { seq, kind, welcome });
+            if let Some(&conn) = self.online.get(device) {
+                if let Some(session) = self.sessions.get_mut(&conn) {
+                    let stream = Stream {
+                        acked: seq,
+                        sent_upto: seq,
+                        last_progress: now,
+                    };
+                    session.streams.insert(conv, stream);
+                }
+            }
+        }
+        for device in &change.removed {
+            if let Some(convs) = self.memberships.get_mut(device) {
+                convs.remove(&conv);
+            }
+            self.cursors.remove(&(*device, conv));
+            self.writes
+                .delete(CURSORS_TABLE, pair_key(device.0, conv.0));
+            if let Some(&conn) = self.online.get(device) {
+                if let Some(session) = self.sessions.get_mut(&conn) {
+                    session.streams.remove(&conv);
+                }
+            }
+            self.put_inbox(*device, conv, InboxItem::Removed { seq });
+        }
+    }
+
+    /// Puts an item in a device's inbox (replacing an older one for the conversation) and sends
+    /// it at once if the device is online.
+    fn put_inbox(&mut self, device: DeviceId, conv: ConversationId, item: InboxItem) {
+        self.writes
+            .put(INBOX_TABLE, pair_key(device.0, conv.0), item.encode());
+        if let Some(&conn) = self.online.get(&device) {
+            self.send_inbox_item(conn, conv, &item);
+        }
+        self.inbox.insert((device, conv), item);
+    }
+
+    fn send_inbox_item(&mut self, conn: ConnectionId, conv: ConversationId, item: &InboxItem) {
+        let routing = Routing {
+            conversation: conv,
+            seq: item.seq(),
+            ..Routing::default()
+        };
+        let payload = item.payload(self.groups.get(&conv));
+        self.send(conn, routing, payload);
+    }
+
+    /// The device acknowledged `seq` in `conv`: an inbox item up to it is done. Returns true if
+    /// the item was a removal notice (the device has no stream left there).
+    fn settle_inbox(&mut self, device: DeviceId, conv: ConversationId, seq: u64) -> bool {
+        match self.inbox.get(&(device, conv)) {
+            Some(item) if item.seq() <= seq => {
+                let removed = matches!(item, InboxItem::Removed { .. });
+                self.inbox.remove(&(device, conv));
+                self.writes.delete(INBOX_TABLE, pair_key(device.0, conv.0));
+                removed
+            }
+            _ => false,
+        }
+    }
+
+    /// Kind, epoch, roles and devices of an MLS conversation.
+    pub fn group(&self, conversation: ConversationId) -> Option<&GroupState> {
+        self.groups.get(&conversation)
+    }
+
     fn acknowledge(
         &mut self,
         now: Instant,
@@ -1020,6 +1454,9 @@ impl Gateway {
         conv: ConversationId,
         seq: u64,
     ) {
+        if self.settle_inbox(device, conv, seq) {
+            return;
+        }
         let head = self.conversation_head(conv).unwrap_or(0);
         let Some(stream) = self
             .sessions
@@ -1145,12 +1582,25 @@ impl Gateway {
     }
 
     fn error(&mut self, conn: ConnectionId, code: ErrorCode, message: &str, msg_id: Option<MsgId>) {
+        self.error_in(conn, Routing::default(), code, message, msg_id);
+    }
+
+    /// An error frame with routing (conversation, and for `stale_epoch` the group's epoch).
+    fn error_in(
+        &mut self,
+        conn: ConnectionId,
+        routing: Routing,
+        code: ErrorCode,
+        message: &str,
+        msg_id: Option<MsgId>,
+    ) {
+        let message = truncate_utf8(message, crate::wire::payload::MESSAGE_BYTES_MAX);
         let report = ErrorReport {
             code: code as u16,
             message: message.to_string(),
             msg_id: msg_id.map(MsgId::to_bytes),
         };
-        self.send(conn, Routing::default(), Payload::Error(report));
+        self.send(conn, routing, Payload::Error(report));
     }
 
     fn goodbye(&mut self, conn: ConnectionId, code: ErrorCode, message: &str) {

@@ -11,6 +11,8 @@
 //! - [`env`]: the environment traits (clock, entropy, transport, store) and the
 //!   persist-then-speak [`env::Ready`] batch.
 //! - [`sequencer`]: one conversation's ordered, deduplicated log (the gateway's core).
+//! - [`groups`]: conversations that are MLS groups at the gateway: kinds, roles, declared
+//!   group operations.
 //! - [`gateway`]: the gateway state machine (sessions, sequencing, fan-out, redelivery).
 //! - [`node`]: the device state machine (outbox, cursors, gap detection, reconnect with backoff).
 
@@ -20,6 +22,7 @@
 pub mod directory;
 pub mod env;
 pub mod gateway;
+pub mod groups;
 pub mod identity;
 pub mod ids;
 pub mod mls;

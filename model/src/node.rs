@@ -25,13 +25,15 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::env::{Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
+use crate::groups::{GroupKind, Role};
 use crate::identity::{session_proof_message, DeviceKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::{DeviceMls, DeviceMlsConfig};
+use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent, Processed};
 use crate::time::Instant;
 use crate::wire::payload::{
-    Ack, Cursor, ErrorCode, Goodbye, Heartbeat, Hello, KeyPackageCount, KeyPackageUpload, Proof,
-    ReplayRequest, Send, CURSORS_LEN_MAX,
+    Ack, Cursor, ErrorCode, FetchedKeyPackage, Goodbye, Heartbeat, Hello, KeyPackageCount,
+    KeyPackageFetch, KeyPackageUpload, Proof, ReplayRequest, Send, CURSORS_LEN_MAX,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -41,6 +43,8 @@ pub const OUTBOX_TABLE: Table = Table("outbox");
 pub const NODE_CURSORS_TABLE: Table = Table("node_cursors");
 /// Table of session state: key `b"resume_token"`, value the token (32).
 pub const NODE_SESSION_TABLE: Table = Table("node_session");
+/// Table of the Welcomes that travel with outbox commits: key msg id, value Welcome bytes.
+pub const OUTBOX_WELCOME_TABLE: Table = Table("outbox_welcome");
 const RESUME_TOKEN_KEY: &[u8] = b"resume_token";
 
 /// Tunables of a node. Every queue and timer has a named bound here.
@@ -174,6 +178,60 @@ pub enum NodeEvent {
     },
     /// The connection status changed.
     Status(ConnectionStatus),
+    /// A commit at `seq` moved a group to `epoch` (ours once it came back sequenced, or
+    /// another member's once processed).
+    GroupChanged {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The commit's seq.
+        seq: u64,
+        /// The committing device.
+        sender: DeviceId,
+        /// The commit's message id.
+        msg_id: MsgId,
+        /// The group's new epoch.
+        epoch: u64,
+        /// Devices it added.
+        added: Vec<DeviceId>,
+        /// Devices it removed.
+        removed: Vec<DeviceId>,
+    },
+    /// This device joined a group from a Welcome; the conversation is read from `seq + 1`.
+    Joined {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The seq of the commit that added this device.
+        seq: u64,
+        /// DM or room.
+        kind: GroupKind,
+    },
+    /// A commit at `seq` removed this device from a group.
+    RemovedFrom {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The removing commit's seq.
+        seq: u64,
+    },
+    /// The message at `seq` of a group could not be decrypted or applied; delivery goes on.
+    Undecryptable {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Its seq.
+        seq: u64,
+        /// Originating device.
+        sender: DeviceId,
+        /// What went wrong (no plaintext, no key material).
+        reason: String,
+    },
+    /// The gateway refused a group change of ours (role, or an invalid commit); it is dropped.
+    GroupChangeRefused {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Why.
+        code: ErrorCode,
+        /// The gateway's explanation.
+        message: String,
+    },
 }
 
 /// Outputs released by a committed [`Ready`].
@@ -206,6 +264,9 @@ pub enum SendError {
         /// The limit.
         max: usize,
     },
+    /// The conversation is a group this device cannot encrypt for now.
+    #[error("{0}")]
+    Group(GroupError),
 }
 
 /// Counters for logs, metrics and the simulator's checks.
@@ -248,6 +309,8 @@ enum Link {
 struct Outgoing {
     conversation: ConversationId,
     body: Bytes,
+    /// The Welcome that travels with a commit adding devices.
+    welcome: Option<Bytes>,
     last_sent: Option<Instant>,
 }
 
@@ -277,6 +340,7 @@ pub struct Node {
     /// Message transmissions, which may leave before the batch's commit (see [`Ready`]).
     eager: Vec<NodeOutput>,
     mls: Option<DeviceMls>,
+    groups: Option<DeviceGroups>,
     stats: NodeStats,
 }
 
@@ -338,6 +402,15 @@ impl Node {
         if let Some(e) = failure {
             return Err(e);
         }
+        crate::env::scan_all(store, OUTBOX_WELCOME_TABLE, |key, value| {
+            let id: [u8; 16] = key
+                .try_into()
+                .map_err(|_| corrupt(OUTBOX_WELCOME_TABLE, "key length"))?;
+            if let Some(out) = outbox.get_mut(&MsgId::from_bytes(id)) {
+                out.welcome = Some(Bytes::copy_from_slice(value));
+            }
+            Ok(())
+        })?;
         let resume_token = match store.get(NODE_SESSION_TABLE, RESUME_TOKEN_KEY)? {
             Some(value) => Some(
                 <[u8; 32]>::try_from(value.as_slice())
@@ -355,6 +428,15 @@ impl Node {
                 store,
                 NODE_SESSION_TABLE,
                 &mut writes,
+            )?),
+            None => None,
+        };
+        let groups = match &mls {
+            Some(mls) => Some(DeviceGroups::recover(
+                config.device,
+                config.user,
+                store,
+                mls,
             )?),
             None => None,
         };
@@ -377,6 +459,7 @@ impl Node {
             outputs: Vec::new(),
             eager: Vec::new(),
             mls,
+            groups,
             stats: NodeStats::default(),
         })
     }
@@ -459,25 +542,63 @@ impl Node {
                 max: self.config.body_bytes_max,
             });
         }
+        let msg_id = self.new_msg_id();
+        let body = match (&mut self.groups, &self.mls) {
+            (Some(groups), Some(mls)) if groups.is_group(conversation) => groups
+                .encrypt(conversation, msg_id, &body, mls, &mut self.writes)
+                .map_err(SendError::Group)?,
+            _ => body,
+        };
+        self.enqueue(now, conversation, msg_id, body, None);
+        Ok(msg_id)
+    }
+
+    fn new_msg_id(&mut self) -> MsgId {
         let mut id = [0u8; 16];
         self.entropy.fill_bytes(&mut id);
-        let msg_id = MsgId::from_bytes(id);
+        MsgId::from_bytes(id)
+    }
+
+    /// Puts a message in the durable outbox and sends it if connected.
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        conversation: ConversationId,
+        msg_id: MsgId,
+        body: Bytes,
+        welcome: Option<Bytes>,
+    ) {
+        let id = msg_id.to_bytes();
         let mut value = Vec::with_capacity(16 + body.len());
         value.extend_from_slice(&conversation.to_bytes());
         value.extend_from_slice(&body);
         self.writes.put(OUTBOX_TABLE, id.to_vec(), value);
+        if let Some(welcome) = &welcome {
+            self.writes
+                .put(OUTBOX_WELCOME_TABLE, id.to_vec(), welcome.to_vec());
+        }
         self.outbox.insert(
             msg_id,
             Outgoing {
                 conversation,
                 body,
+                welcome,
                 last_sent: None,
             },
         );
         if let Link::Open { conn, .. } = self.link {
             self.transmit(now, conn, msg_id);
         }
-        Ok(msg_id)
+    }
+
+    fn remove_from_outbox(&mut self, msg_id: MsgId) -> Option<Outgoing> {
+        let out = self.outbox.remove(&msg_id)?;
+        let id = msg_id.to_bytes().to_vec();
+        if out.welcome.is_some() {
+            self.writes.delete(OUTBOX_WELCOME_TABLE, id.clone());
+        }
+        self.writes.delete(OUTBOX_TABLE, id);
+        Some(out)
     }
 
     /// Closes the session cleanly and stays offline until `go_online`.
@@ -657,6 +778,7 @@ impl Node {
                 for msg_id in pending {
                     self.transmit(now, conn, msg_id);
                 }
+                self.drive_groups(now);
             }
             _ if !matches!(self.link, Link::Open { .. }) => {
                 // Before HelloOk only a challenge, a token refusal or a goodbye make sense.
@@ -698,6 +820,22 @@ impl Node {
                 self.skip_expired(conn, routing.conversation, routing.seq);
             }
             Payload::KeyPackageCount(count) => self.replenish(now, conn, count),
+            Payload::KeyPackages(answer) => self.on_key_packages(now, answer.found),
+            Payload::Welcome(welcome) => {
+                self.on_welcome(now, routing.conversation, welcome);
+            }
+            Payload::Removed(removed) => {
+                let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
+                    return;
+                };
+                let conv = routing.conversation;
+                let action = groups.on_removed(conv, removed.seq, mls, &mut self.writes);
+                self.outputs.push(NodeOutput::Event(NodeEvent::RemovedFrom {
+                    conversation: conv,
+                    seq: removed.seq,
+                }));
+                self.perform(now, action);
+            }
             Payload::Error(report) => {
                 let code = ErrorCode::from_u16(report.code);
                 if code == ErrorCode::KeyPackageRejected {
@@ -706,11 +844,24 @@ impl Node {
                         mls.upload_abandoned();
                     }
                 }
+                if code == ErrorCode::RateLimited && report.msg_id.is_none() {
+                    // Only KeyPackage fetches are rate limited: the waiting group tries again
+                    // at its next chance.
+                    if let Some(groups) = &mut self.groups {
+                        groups.fetch_refused();
+                    }
+                }
                 if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
-                    if matches!(code, ErrorCode::NotMember | ErrorCode::UnknownConversation)
-                        && self.outbox.remove(&id).is_some()
-                    {
-                        self.writes.delete(OUTBOX_TABLE, id.to_bytes().to_vec());
+                    let refused = matches!(
+                        code,
+                        ErrorCode::NotMember
+                            | ErrorCode::UnknownConversation
+                            | ErrorCode::StaleEpoch
+                            | ErrorCode::Forbidden
+                            | ErrorCode::InvalidGroupMessage
+                    );
+                    if refused && self.remove_from_outbox(id).is_some() {
+                        self.group_message_refused(now, routing, id, code, &report.message);
                         self.outputs
                             .push(NodeOutput::Event(NodeEvent::Rejected { msg_id: id, code }));
                     }
@@ -815,14 +966,13 @@ impl Node {
         }
         let mut next = seq;
         let mut item = inbound;
+        let mut group_changed = false;
         loop {
-            self.outputs.push(NodeOutput::Event(NodeEvent::Delivered {
-                conversation: conv,
-                seq: next,
-                sender: item.sender,
-                msg_id: item.msg_id,
-                body: item.body,
-            }));
+            let event = self.process(conv, next, item);
+            group_changed |= matches!(event, Some(NodeEvent::GroupChanged { .. }));
+            if let Some(event) = event {
+                self.outputs.push(NodeOutput::Event(event));
+            }
             match self
                 .reorder
                 .get_mut(&conv)
@@ -846,16 +996,253 @@ impl Node {
             next.to_be_bytes().to_vec(),
         );
         self.ack(conn, conv, next);
+        if group_changed {
+            self.drive_groups(now);
+        }
+    }
+
+    /// What the application hears of the message at `seq`: the body itself in a plain
+    /// conversation; in a group, the decrypted message or the commit's effect.
+    fn process(&mut self, conv: ConversationId, seq: u64, item: Inbound) -> Option<NodeEvent> {
+        let delivered = |body: Bytes| NodeEvent::Delivered {
+            conversation: conv,
+            seq,
+            sender: item.sender,
+            msg_id: item.msg_id,
+            body,
+        };
+        let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
+            return Some(delivered(item.body.clone()));
+        };
+        if !groups.is_group(conv) {
+            return Some(delivered(item.body.clone()));
+        }
+        let processed = groups.on_deliver(
+            conv,
+            item.sender,
+            item.msg_id,
+            &item.body,
+            mls,
+            &mut self.writes,
+        );
+        match processed {
+            Processed::Message(plaintext) => Some(delivered(plaintext)),
+            Processed::Commit {
+                epoch,
+                added,
+                removed,
+            } => Some(NodeEvent::GroupChanged {
+                conversation: conv,
+                seq,
+                sender: item.sender,
+                msg_id: item.msg_id,
+                epoch,
+                added,
+                removed,
+            }),
+            Processed::Failed(reason) => Some(NodeEvent::Undecryptable {
+                conversation: conv,
+                seq,
+                sender: item.sender,
+                reason,
+            }),
+            Processed::Nothing => None,
+        }
+    }
+
+    // ---- groups ----
+
+    /// Starts a DM with every device of `peer` (and this user's other devices). The DM's id
+    /// follows from the two users, so both sides name the same conversation; if both create it
+    /// at once, the first creating commit wins and the other side joins from its Welcome.
+    pub fn create_dm(&mut self, now: Instant, peer: UserId) -> Result<ConversationId, GroupError> {
+        let user = self.config.user.ok_or(GroupError::NoIdentity)?;
+        let conv = dm_id(user, peer);
+        let groups = self.groups.as_mut().ok_or(GroupError::NoIdentity)?;
+        groups.create(conv, GroupKind::Dm, &[peer], &mut self.writes)?;
+        self.drive_groups(now);
+        Ok(conv)
+    }
+
+    /// Creates a room owned by this device's user, inviting `users`.
+    pub fn create_room(
+        &mut self,
+        now: Instant,
+        users: &[UserId],
+    ) -> Result<ConversationId, GroupError> {
+        let mut id = [0u8; 16];
+        self.entropy.fill_bytes(&mut id);
+        let conv = ConversationId::from_bytes(id);
+        let groups = self.groups.as_mut().ok_or(GroupError::NoIdentity)?;
+        groups.create(conv, GroupKind::Room, users, &mut self.writes)?;
+        self.drive_groups(now);
+        Ok(conv)
+    }
+
+    /// Queues a change to a group (add users, remove a user or device, update, set a role).
+    pub fn change_group(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        intent: Intent,
+    ) -> Result<(), GroupError> {
+        let groups = self.groups.as_mut().ok_or(GroupError::NoIdentity)?;
+        groups.request(conv, intent, &mut self.writes)?;
+        self.drive_groups(now);
+        Ok(())
+    }
+
+    /// Gives `user` a role in a room (the gateway checks that our user owns it).
+    pub fn set_role(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        user: UserId,
+        role: Role,
+    ) -> Result<(), GroupError> {
+        self.change_group(now, conv, DeviceGroups::role_change(user, role))
+    }
+
+    /// This device's groups.
+    pub fn groups(&self) -> Option<&DeviceGroups> {
+        self.groups.as_ref()
+    }
+
+    /// Lets every group with a queued change move, if a session is open.
+    fn drive_groups(&mut self, now: Instant) {
+        if !matches!(self.link, Link::Open { .. }) {
+            return;
+        }
+        let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
+            return;
+        };
+        let entropy = &mut self.entropy;
+        let mut next_id = || {
+            let mut id = [0u8; 16];
+            entropy.fill_bytes(&mut id);
+            MsgId::from_bytes(id)
+        };
+        let actions = groups.drive(now, mls, &mut next_id, &mut self.writes);
+        for action in actions {
+            self.perform(now, action);
+        }
+    }
+
+    fn perform(&mut self, now: Instant, action: GroupAction) {
+        let Some(conn) = self.current_conn() else {
+            return;
+        };
+        match action {
+            GroupAction::Submit {
+                conversation,
+                msg_id,
+                body,
+                welcome,
+            } => self.enqueue(now, conversation, msg_id, body, welcome),
+            GroupAction::Fetch(users) => {
+                let fetch = KeyPackageFetch {
+                    users: users.iter().map(|u| u.to_bytes().into()).collect(),
+                };
+                self.send_frame(conn, Routing::default(), Payload::KeyPackageFetch(fetch));
+            }
+            GroupAction::Joined { conversation, seq } => {
+                self.cursors.insert(conversation, seq);
+                self.writes.put(
+                    NODE_CURSORS_TABLE,
+                    conversation.to_bytes().to_vec(),
+                    seq.to_be_bytes().to_vec(),
+                );
+                if let Some(buffer) = self.reorder.get_mut(&conversation) {
+                    buffer.retain(|&s, _| s > seq);
+                }
+                self.ack(conn, conversation, seq);
+            }
+            GroupAction::Acknowledge { conversation, seq } => self.ack(conn, conversation, seq),
+        }
+    }
+
+    fn on_key_packages(&mut self, now: Instant, found: Vec<FetchedKeyPackage>) {
+        let msg_id = self.new_msg_id();
+        let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
+            return;
+        };
+        if let Some(action) = groups.on_key_packages(now, &found, mls, msg_id, &mut self.writes) {
+            self.perform(now, action);
+        }
+        self.drive_groups(now);
+    }
+
+    fn on_welcome(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        welcome: crate::wire::payload::Welcome,
+    ) {
+        let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
+            return;
+        };
+        let result = groups.on_welcome(conv, &welcome, mls, &mut self.writes);
+        match result {
+            Ok(action) => {
+                if let GroupAction::Joined { seq, .. } = action {
+                    self.outputs.push(NodeOutput::Event(NodeEvent::Joined {
+                        conversation: conv,
+                        seq,
+                        kind: GroupKind::from_u8(welcome.kind).unwrap_or(GroupKind::Room),
+                    }));
+                }
+                self.perform(now, action);
+                self.drive_groups(now);
+            }
+            Err(e) => {
+                // A Welcome we cannot use stays in the inbox; tell the application once per
+                // session, without the Welcome's bytes.
+                self.outputs
+                    .push(NodeOutput::Event(NodeEvent::Undecryptable {
+                        conversation: conv,
+                        seq: welcome.seq,
+                        sender: DeviceId(0),
+                        reason: format!("cannot join from this Welcome: {e}"),
+                    }));
+            }
+        }
+    }
+
+    /// The gateway refused our message `msg_id`; for a commit, the group drops or retries it.
+    fn group_message_refused(
+        &mut self,
+        now: Instant,
+        routing: Routing,
+        msg_id: MsgId,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
+            return;
+        };
+        groups.forget_sent(msg_id, &mut self.writes);
+        let conv = routing.conversation;
+        let stale = code == ErrorCode::StaleEpoch;
+        let refused =
+            groups.on_commit_refused(conv, msg_id, stale, routing.epoch, mls, &mut self.writes);
+        if refused.is_some() {
+            self.outputs
+                .push(NodeOutput::Event(NodeEvent::GroupChangeRefused {
+                    conversation: conv,
+                    code,
+                    message: message.to_string(),
+                }));
+        }
+        self.drive_groups(now);
     }
 
     /// The gateway sequenced our `msg_id` at `seq`: it leaves the outbox.
     fn settle(&mut self, conv: ConversationId, msg_id: MsgId, seq: u64) {
-        if let Some(out) = self.outbox.remove(&msg_id) {
+        if let Some(out) = self.remove_from_outbox(msg_id) {
             debug_assert!(
                 conv == out.conversation,
                 "a message settles in its own conversation"
             );
-            self.writes.delete(OUTBOX_TABLE, msg_id.to_bytes().to_vec());
             self.outputs.push(NodeOutput::Event(NodeEvent::Accepted {
                 conversation: out.conversation,
                 msg_id,
@@ -888,16 +1275,26 @@ impl Node {
             ..Routing::default()
         };
         let payload = Payload::Send(Send {
+            welcome: out.welcome.as_ref().map(|w| w.to_vec().into()),
             msg_id: msg_id.to_bytes(),
             body: out.body.to_vec(),
         });
-        // Eager: the gateway deduplicates on the message id, so the frame may leave before the
-        // outbox entry is durable. A crash in between loses only a message whose `send` had not
-        // returned yet; one the gateway accepted is delivered either way.
-        self.eager.push(NodeOutput::Send(
-            conn,
-            Frame::new(routing, payload).encode(),
-        ));
+        let frame = NodeOutput::Send(conn, Frame::new(routing, payload).encode());
+        let group = self
+            .groups
+            .as_ref()
+            .is_some_and(|g| g.is_group(out.conversation));
+        if group {
+            // Held: an MLS message leaves only once the state it advanced is durable. A commit
+            // the gateway accepted but we forgot would fork us from the group, and a ratchet
+            // generation used twice would reuse a key and nonce.
+            self.outputs.push(frame);
+        } else {
+            // Eager: the gateway deduplicates on the message id, so the frame may leave before
+            // the outbox entry is durable. A crash in between loses only a message whose `send`
+            // had not returned yet; one the gateway accepted is delivered either way.
+            self.eager.push(frame);
+        }
     }
 
     fn resend_stale(&mut self, now: Instant, conn: ConnectionId) {
@@ -921,6 +1318,9 @@ impl Node {
         }
         self.reorder.clear();
         self.replay_asked.clear();
+        if let Some(groups) = &mut self.groups {
+            groups.connection_lost();
+        }
         let cap = self
             .config
             .backoff_initial
@@ -1009,7 +1409,20 @@ fn decode_outbox(key: &[u8], value: &[u8]) -> Result<(MsgId, Outgoing), StoreErr
         Outgoing {
             conversation,
             body,
+            welcome: None,
             last_sent: None,
         },
     ))
+}
+
+/// The id of the DM between two users: the same whichever of them creates it.
+pub fn dm_id(a: UserId, b: UserId) -> ConversationId {
+    use sha2::{Digest, Sha256};
+    let (low, high) = if a <= b { (a, b) } else { (b, a) };
+    let digest = Sha256::new()
+        .chain_update(b"sund/dm/v1")
+        .chain_update(low.to_bytes())
+        .chain_update(high.to_bytes())
+        .finalize();
+    ConversationId::from_bytes(digest[..16].try_into().expect("16 bytes"))
 }

@@ -346,6 +346,25 @@ impl ConversationLog {
         Ok(())
     }
 
+    /// The seq an earlier copy of this message got, if it is a duplicate.
+    pub fn duplicate_of(&self, sender: DeviceId, msg_id: MsgId) -> Option<u64> {
+        self.dedup.get(&(sender, msg_id)).map(|r| r.seq)
+    }
+
+    /// Adds a member (a commit added its device) and the write that persists it.
+    pub fn add_member(&mut self, device: DeviceId, batch: &mut WriteBatch) {
+        if self.members.insert(device) {
+            batch.put(MEMBERS_TABLE, member_key(self.id, device), Vec::new());
+        }
+    }
+
+    /// Removes a member (a commit removed its device) and adds the write that persists it.
+    pub fn remove_member(&mut self, device: DeviceId, batch: &mut WriteBatch) {
+        if self.members.remove(&device) {
+            batch.delete(MEMBERS_TABLE, member_key(self.id, device));
+        }
+    }
+
     /// Adds a member read back from the store during recovery.
     pub fn restore_member(&mut self, device: DeviceId) {
         self.members.insert(device);

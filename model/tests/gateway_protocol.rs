@@ -199,6 +199,7 @@ impl Harness {
             Payload::Send(Send {
                 msg_id: [msg_id; 16],
                 body: body.to_vec(),
+                welcome: None,
             }),
         )
     }
@@ -491,6 +492,7 @@ fn a_message_is_acknowledged_only_in_the_ready_that_persists_it() {
         Payload::Send(Send {
             msg_id: [9; 16],
             body: b"hi".to_vec(),
+            welcome: None,
         }),
     )
     .encode();

@@ -65,7 +65,13 @@ fn payload() -> impl Strategy<Value = Payload> {
                 msg_id
             })
         ),
-        (bytes16(), body()).prop_map(|(msg_id, body)| Payload::Send(Send { msg_id, body })),
+        (bytes16(), body(), proptest::option::of(body())).prop_map(|(msg_id, body, welcome)| {
+            Payload::Send(Send {
+                msg_id,
+                body,
+                welcome: welcome.map(Into::into),
+            })
+        }),
         bytes16().prop_map(|msg_id| Payload::SendAck(SendAck { msg_id })),
         (bytes16(), body()).prop_map(|(msg_id, body)| Payload::Deliver(Deliver { msg_id, body })),
         Just(Payload::Ack(Ack {})),
@@ -112,6 +118,27 @@ fn payload() -> impl Strategy<Value = Payload> {
                 })
             }
         ),
+        (
+            any::<u64>(),
+            any::<u8>(),
+            body(),
+            proptest::collection::vec((bytes16(), bytes16()), 0..4)
+        )
+            .prop_map(|(seq, kind, welcome, members)| {
+                Payload::Welcome(Welcome {
+                    seq,
+                    kind,
+                    welcome: welcome.into(),
+                    members: members
+                        .into_iter()
+                        .map(|(device, user)| RosterEntry {
+                            device: device.into(),
+                            user: user.into(),
+                        })
+                        .collect(),
+                })
+            }),
+        any::<u64>().prop_map(|seq| Payload::Removed(Removed { seq })),
     ]
 }
 
@@ -276,6 +303,7 @@ fn a_connection_limit_below_the_protocol_limit_is_enforced() {
         Payload::Send(Send {
             msg_id: [1; 16],
             body: vec![0; 2000],
+            welcome: None,
         }),
     )
     .encode();
@@ -289,11 +317,11 @@ fn a_connection_limit_below_the_protocol_limit_is_enforced() {
 #[test]
 fn reserved_opcodes_parse_as_headers_but_have_no_payload_yet() {
     let mut bytes = valid_frame();
-    bytes[6..8].copy_from_slice(&Opcode::Welcome.to_u16().to_be_bytes());
+    bytes[6..8].copy_from_slice(&Opcode::ExternalProposal.to_u16().to_be_bytes());
     assert!(FrameHeader::parse(&bytes, PAYLOAD_BYTES_MAX).is_ok());
     assert_eq!(
         Frame::decode(&bytes, PAYLOAD_BYTES_MAX),
-        Err(WireError::PayloadNotDefined(Opcode::Welcome))
+        Err(WireError::PayloadNotDefined(Opcode::ExternalProposal))
     );
 }
 
@@ -304,6 +332,7 @@ fn a_payload_for_the_wrong_opcode_is_malformed() {
         Payload::Send(Send {
             msg_id: [1; 16],
             body: vec![1],
+            welcome: None,
         }),
     )
     .encode()

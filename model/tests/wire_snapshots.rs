@@ -33,6 +33,7 @@ fn send_frame_bytes() {
         Payload::Send(Send {
             msg_id: [0x11; 16],
             body: b"hello".to_vec(),
+            welcome: None,
         }),
     );
     insta::assert_snapshot!(hex(&frame.encode()));
@@ -175,5 +176,69 @@ fn key_package_frames_bytes() {
         hex(&fetch),
         hex(&answer),
         hex(&count)
+    ));
+}
+
+#[test]
+fn group_frames_bytes() {
+    let conv = ConversationId(0xc0);
+    let commit = Frame::new(
+        Routing {
+            conversation: conv,
+            sender: DeviceId(0xd1),
+            ..Routing::default()
+        },
+        Payload::Send(Send {
+            msg_id: [0x5e; 16],
+            body: vec![0x00, 0x01, 0x00, 0x02],
+            welcome: Some(vec![0x00, 0x01, 0x00, 0x03].into()),
+        }),
+    )
+    .encode();
+    let welcome = Frame::new(
+        Routing {
+            conversation: conv,
+            seq: 7,
+            ..Routing::default()
+        },
+        Payload::Welcome(Welcome {
+            seq: 7,
+            kind: 2,
+            welcome: vec![0x00, 0x01, 0x00, 0x03].into(),
+            members: vec![RosterEntry {
+                device: [0xd1; 16].into(),
+                user: [0xb0; 16].into(),
+            }],
+        }),
+    )
+    .encode();
+    let removed = Frame::new(
+        Routing {
+            conversation: conv,
+            seq: 9,
+            ..Routing::default()
+        },
+        Payload::Removed(Removed { seq: 9 }),
+    )
+    .encode();
+    let stale = Frame::new(
+        Routing {
+            conversation: conv,
+            epoch: 4,
+            ..Routing::default()
+        },
+        Payload::Error(ErrorReport {
+            code: ErrorCode::StaleEpoch as u16,
+            message: "a commit for epoch 3 was already accepted".into(),
+            msg_id: Some([0x5e; 16]),
+        }),
+    )
+    .encode();
+    insta::assert_snapshot!(format!(
+        "commit:\n{}\nwelcome:\n{}\nremoved:\n{}\nstale:\n{}",
+        hex(&commit),
+        hex(&welcome),
+        hex(&removed),
+        hex(&stale)
     ));
 }

@@ -30,6 +30,8 @@ pub struct CheckerStats {
     pub delivered: u64,
     /// Messages skipped because retention dropped them before a device came back.
     pub expired: u64,
+    /// Group messages a member could not decrypt or apply.
+    pub undecryptable: u64,
 }
 
 /// Watches application-visible events for broken invariants.
@@ -179,6 +181,34 @@ impl Checker {
         }
         self.delivered_upto.insert((device, conv), seq.max(upto));
         self.claim(at_us, conv, seq, sender, msg_id, who);
+    }
+
+    /// A device joined an MLS conversation from a Welcome: it reads the conversation from
+    /// `seq + 1` on (what came before is not for it).
+    pub fn on_joined(&mut self, device: ActorIndex, conv: ConversationId, seq: u64) {
+        let upto = self.delivered_upto(device, conv);
+        self.delivered_upto.insert((device, conv), seq.max(upto));
+    }
+
+    /// A member could not decrypt or apply the message at `seq`.
+    pub fn on_undecryptable(
+        &mut self,
+        at_us: u64,
+        device: ActorIndex,
+        who: &str,
+        conv: ConversationId,
+        seq: u64,
+        reason: &str,
+    ) {
+        self.stats.undecryptable += 1;
+        // The seq is consumed all the same: delivery goes on after it.
+        let upto = self.delivered_upto(device, conv);
+        self.delivered_upto.insert((device, conv), seq.max(upto));
+        self.fail(
+            Invariant::Decrypt,
+            at_us,
+            format!("{who}: seq {seq} of {conv} could not be decrypted or applied: {reason}"),
+        );
     }
 
     /// A device was told that `from..=to` expired before it could fetch them.

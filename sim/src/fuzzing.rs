@@ -275,7 +275,14 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             };
             let mut id = [0u8; 16];
             id[15] = msg_id;
-            Frame::new(routing, Payload::Send(Send { msg_id: id, body }))
+            Frame::new(
+                routing,
+                Payload::Send(Send {
+                    msg_id: id,
+                    body,
+                    welcome: None,
+                }),
+            )
         }
         WellFormed::Ack {
             conversation: c,

@@ -230,8 +230,10 @@ pub enum Invariant {
     Order,
     /// After heal, every cursor reaches the head and every outbox empties within the bound.
     Converge,
-    /// MLS: members share epoch and epoch authenticator after heal (MLS issue).
+    /// MLS: members share epoch and epoch authenticator after heal.
     EpochAgreement,
+    /// MLS: every member decrypts every message sequenced while it is a member.
+    Decrypt,
     /// A revoked device never completes authentication (trust issue).
     RevokedNeverAuthenticates,
     /// Every node holds the newest CRL after heal (trust issue).
@@ -248,6 +250,7 @@ impl Invariant {
         ("order", Invariant::Order),
         ("converge", Invariant::Converge),
         ("epoch-agreement", Invariant::EpochAgreement),
+        ("decrypt", Invariant::Decrypt),
         (
             "revoked-never-authenticates",
             Invariant::RevokedNeverAuthenticates,

@@ -857,6 +857,53 @@ impl World {
                 record.push(4);
                 record.extend_from_slice(format!("{status:?}").as_bytes());
             }
+            NodeEvent::GroupChanged {
+                conversation,
+                seq,
+                sender,
+                msg_id,
+                epoch,
+                ..
+            } => {
+                record.push(7);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                record.extend_from_slice(&epoch.to_le_bytes());
+                self.checker
+                    .on_delivered(self.now, a, name, *conversation, *seq, *sender, *msg_id);
+            }
+            NodeEvent::Joined {
+                conversation, seq, ..
+            } => {
+                record.push(8);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                self.checker.on_joined(a, *conversation, *seq);
+            }
+            NodeEvent::RemovedFrom { conversation, seq } => {
+                record.push(9);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+            }
+            NodeEvent::Undecryptable {
+                conversation,
+                seq,
+                reason,
+                ..
+            } => {
+                record.push(10);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                self.checker
+                    .on_undecryptable(self.now, a, name, *conversation, *seq, reason);
+            }
+            NodeEvent::GroupChangeRefused {
+                conversation, code, ..
+            } => {
+                record.push(11);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&(*code as u16).to_le_bytes());
+            }
         }
         self.trace.record(Record::AppEvent, self.now, a, &record);
     }

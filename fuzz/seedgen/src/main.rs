@@ -113,6 +113,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::Send(Send {
                 msg_id: [1; 16],
                 body: b"hello, sund".to_vec(),
+                welcome: None,
             }),
         ),
         (
@@ -120,6 +121,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::Send(Send {
                 msg_id: [0; 16],
                 body: vec![],
+                welcome: None,
             }),
         ),
         ("send-ack", Payload::SendAck(SendAck { msg_id: [9; 16] })),

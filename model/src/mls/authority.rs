@@ -17,7 +17,7 @@
 //! groups, after deduplication (a retried commit that was accepted gets its original seq, never
 //! `stale_epoch`).
 
-use openmls::framing::{ContentType, MlsMessageIn};
+use openmls::framing::{ContentType, MlsMessageIn, ProtocolMessage};
 use openmls::prelude::tls_codec::Deserialize as _;
 
 /// What the authority reads from a message's public framing.
@@ -50,20 +50,32 @@ pub struct NotMls(String);
 /// Reads group id, epoch and content type from a TLS-encoded `MLSMessage` carrying a
 /// `PublicMessage` or a `PrivateMessage`.
 pub fn read_framing(body: &[u8]) -> Result<Framing, NotMls> {
+    read_message(body).map(|(framing, _)| framing)
+}
+
+/// Like [`read_framing`], and also returns the authenticated data of a `PrivateMessage` (Sund's
+/// group-operation declaration on commits; empty for a `PublicMessage`, whose authenticated data
+/// openmls does not expose before processing).
+pub fn read_message(body: &[u8]) -> Result<(Framing, Vec<u8>), NotMls> {
     let message = MlsMessageIn::tls_deserialize_exact(body).map_err(|e| NotMls(e.to_string()))?;
     let protocol = message
         .try_into_protocol_message()
         .map_err(|e| NotMls(e.to_string()))?;
+    let aad = match &protocol {
+        ProtocolMessage::PrivateMessage(private) => private.aad().to_vec(),
+        ProtocolMessage::PublicMessage(_) => Vec::new(),
+    };
     let kind = match protocol.content_type() {
         ContentType::Application => Kind::Application,
         ContentType::Proposal => Kind::Proposal,
         ContentType::Commit => Kind::Commit,
     };
-    Ok(Framing {
+    let framing = Framing {
         group_id: protocol.group_id().as_slice().to_vec(),
         epoch: protocol.epoch().as_u64(),
         kind,
-    })
+    };
+    Ok((framing, aad))
 }
 
 /// The authority's answer to one message.

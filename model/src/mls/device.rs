@@ -150,6 +150,16 @@ impl DeviceMls {
         &self.provider
     }
 
+    /// The signing key (for group operations).
+    pub fn signer(&self) -> &SignatureKeyPair {
+        &self.signer
+    }
+
+    /// How this device sets lifetimes (for the leaf of a group it creates).
+    pub fn lifetime_policy(&self) -> LifetimePolicy {
+        self.config.lifetime
+    }
+
     /// The signing key's public half.
     pub fn signature_key(&self) -> &[u8] {
         self.signer.public()

@@ -29,6 +29,7 @@
 pub mod authority;
 pub mod crypto;
 pub mod device;
+pub mod groups;
 pub mod key_packages;
 pub mod provider;
 pub mod storage;
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 use openmls::prelude::{
     Capabilities, ExtensionType, Lifetime, MlsGroupCreateConfig, MlsGroupJoinConfig,
+    SenderRatchetConfiguration,
 };
 
 use crate::time::Instant;
@@ -97,20 +99,39 @@ pub fn capabilities() -> Capabilities {
     )
 }
 
+/// How many past epochs' secrets a member keeps, so that messages sent just before a commit
+/// still decrypt after it.
+pub const MAX_PAST_EPOCHS: usize = 8;
+/// How far out of order one sender's messages may arrive (a node resends its outbox in id
+/// order, not in the order it encrypted the messages).
+pub const OUT_OF_ORDER_TOLERANCE: u32 = 1024;
+/// How far ahead in one sender's chain a message may be.
+pub const MAXIMUM_FORWARD_DISTANCE: u32 = 10_000;
+
+fn sender_ratchet() -> SenderRatchetConfiguration {
+    SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAXIMUM_FORWARD_DISTANCE)
+}
+
 /// How Sund creates every group: its ciphersuite and capabilities, the creator's leaf lifetime
-/// under `policy`, and the ratchet tree inside Welcomes (joiners need no separate tree fetch).
+/// under `policy`, the ratchet tree inside Welcomes (joiners need no separate tree fetch), and
+/// the member-side limits above.
 pub fn group_config(policy: LifetimePolicy, now: Instant) -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
         .capabilities(capabilities())
         .lifetime(lifetime(policy, now))
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(sender_ratchet())
         .build()
 }
 
-/// How a Sund device joins a group from a Welcome (the tree comes in the Welcome).
+/// How a Sund device joins a group from a Welcome (the tree comes in the Welcome), with the
+/// same member-side limits as [`group_config`].
 pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(sender_ratchet())
         .build()
 }

@@ -63,12 +63,14 @@ opcodes! {
     KeyPackageFetch = 0x0201,
     /// Gateway → node: KeyPackages answered to a fetch.
     KeyPackages = 0x0202,
-    /// Via gateway: an MLS Welcome for a device's inbox.
+    /// Gateway → node: an MLS Welcome from the device's inbox (it was added to a group).
     Welcome = 0x0203,
     /// Gateway → group: an external-sender proposal (server-initiated removal).
     ExternalProposal = 0x0204,
     /// Gateway → node: how many of its KeyPackages the device has left.
     KeyPackageCount = 0x0205,
+    /// Gateway → node: a commit removed the device from a group (from the device's inbox).
+    Removed = 0x0206,
     // 0x03xx: identity and trust (payloads with the trust issue)
     /// Node → gateway: register a device key with an enrolment token.
     Register = 0x0300,

@@ -19,6 +19,8 @@ pub const CURSORS_LEN_MAX: usize = 4096;
 pub const MESSAGE_BYTES_MAX: usize = 1024;
 /// Most KeyPackages in one upload or one answer.
 pub const KEY_PACKAGES_LEN_MAX: usize = 1024;
+/// Most member devices a Welcome's roster lists (the largest group Sund serves).
+pub const ROSTER_LEN_MAX: usize = 4096;
 /// Most users in one KeyPackage fetch.
 pub const FETCH_USERS_MAX: usize = 16;
 
@@ -161,6 +163,11 @@ pub enum ErrorCode {
     /// An MLS commit or proposal for an epoch the group has left: another commit won; process
     /// it and retry (see `mls::authority`).
     StaleEpoch = 17,
+    /// The sender's role in the group does not allow this change (see `groups`).
+    Forbidden = 18,
+    /// An MLS message was malformed for this conversation, or its group operations did not
+    /// match what the conversation allows.
+    InvalidGroupMessage = 19,
 }
 
 impl ErrorCode {
@@ -185,6 +192,8 @@ impl ErrorCode {
             KeyPackageRejected,
             UserMismatch,
             StaleEpoch,
+            Forbidden,
+            InvalidGroupMessage,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -228,10 +237,14 @@ pub struct Send {
     #[n(0)]
     #[cbor(with = "minicbor::bytes")]
     pub msg_id: [u8; 16],
-    /// Opaque content (MLS ciphertext once the MLS issue lands).
+    /// Opaque content: an MLS message in a group conversation.
     #[n(1)]
     #[cbor(with = "minicbor::bytes")]
     pub body: Vec<u8>,
+    /// With a commit that adds devices: the MLS Welcome the gateway puts in each added device's
+    /// inbox.
+    #[n(2)]
+    pub welcome: Option<minicbor::bytes::ByteVec>,
 }
 
 /// Gateway → node: the message with this id is durably sequenced at the header's seq.
@@ -339,6 +352,49 @@ pub struct KeyPackageCount {
     pub replenish_below: u32,
 }
 
+/// Gateway → node: this device was added to the conversation named in the header. It joins
+/// from `welcome` and reads the conversation from `seq + 1` on. Repeated until the device
+/// acknowledges `seq` in that conversation.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Welcome {
+    /// The seq of the commit that added the device.
+    #[n(0)]
+    pub seq: u64,
+    /// What kind of conversation (`groups::GroupKind` as a number).
+    #[n(1)]
+    pub kind: u8,
+    /// The TLS-encoded MLS Welcome message.
+    #[n(2)]
+    pub welcome: minicbor::bytes::ByteVec,
+    /// Every member device and its user, as the gateway knows them (MLS credentials name devices
+    /// only).
+    #[n(3)]
+    pub members: Vec<RosterEntry>,
+}
+
+/// A member device of a group and its user.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct RosterEntry {
+    /// The device.
+    #[n(0)]
+    pub device: minicbor::bytes::ByteArray<16>,
+    /// Its user.
+    #[n(1)]
+    pub user: minicbor::bytes::ByteArray<16>,
+}
+
+/// Gateway → node: the commit at `seq` removed this device from the conversation named in the
+/// header. Repeated until the device acknowledges `seq` in that conversation.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Removed {
+    /// The seq of the removing commit.
+    #[n(0)]
+    pub seq: u64,
+}
+
 /// A decoded payload: one variant per opcode whose payload is defined.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -360,6 +416,8 @@ pub enum Payload {
     KeyPackageFetch(KeyPackageFetch),
     KeyPackages(KeyPackages),
     KeyPackageCount(KeyPackageCount),
+    Welcome(Welcome),
+    Removed(Removed),
 }
 
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
@@ -397,6 +455,8 @@ impl Payload {
             Payload::KeyPackageFetch(_) => Opcode::KeyPackageFetch,
             Payload::KeyPackages(_) => Opcode::KeyPackages,
             Payload::KeyPackageCount(_) => Opcode::KeyPackageCount,
+            Payload::Welcome(_) => Opcode::Welcome,
+            Payload::Removed(_) => Opcode::Removed,
         }
     }
 
@@ -419,6 +479,8 @@ impl Payload {
             Payload::KeyPackageFetch(p) => minicbor::encode(p, &mut *out),
             Payload::KeyPackages(p) => minicbor::encode(p, &mut *out),
             Payload::KeyPackageCount(p) => minicbor::encode(p, &mut *out),
+            Payload::Welcome(p) => minicbor::encode(p, &mut *out),
+            Payload::Removed(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -472,6 +534,12 @@ impl Payload {
                 Payload::KeyPackages(p)
             }
             Opcode::KeyPackageCount => Payload::KeyPackageCount(decode_as(opcode, bytes)?),
+            Opcode::Welcome => {
+                let p: Welcome = decode_as(opcode, bytes)?;
+                check_len("welcome.members", p.members.len(), ROSTER_LEN_MAX)?;
+                Payload::Welcome(p)
+            }
+            Opcode::Removed => Payload::Removed(decode_as(opcode, bytes)?),
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };
         debug_assert_eq!(payload.opcode(), opcode);

@@ -1,0 +1,1061 @@
+//! A device's MLS groups: DMs and rooms as the node sees them.
+//!
+//! Each conversation that is a group has an entry here with a persisted status:
+//!
+//! - `Synchronized`: in the group at the MLS group's epoch, no commit of ours outstanding;
+//! - `PendingCommit`: our commit for an epoch is out. It is applied only when it comes back from
+//!   the gateway with its seq (echo before apply, RFC 9750); if the gateway answers
+//!   `stale_epoch`, or another member's commit for that epoch arrives first, it is dropped and the
+//!   change it carried is retried in the new epoch;
+//! - `PendingWelcome`: we lost the race to create the conversation and wait for the winner's
+//!   Welcome;
+//! - `Removed`: a commit removed this device.
+//!
+//! Changes are queued as intents and made one commit at a time. A commit removes at most one
+//! device (see `mls` on hash-seed ordering), so removing a user with several devices takes one
+//! commit per device. Every commit declares what it does in its authenticated data
+//! ([`GroupOps`]); receivers check the declaration against the commit before merging it.
+//!
+//! The disconnected state of the state machine is the node's link, not a group status:
+//! while offline, nothing here changes, and intents wait.
+//!
+//! Every operation hands openmls's writes and the entry's record to the node's write batch, so
+//! the group state, the cursor and the outbox change in one store commit.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use minicbor::bytes::ByteArray;
+use minicbor::{Decode, Encode};
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::*;
+
+use super::device::DeviceMls;
+use super::key_packages::credential_with_key;
+use super::{group_config, join_config};
+use crate::env::{StoreError, StoreRead, Table, WriteBatch};
+use crate::groups::{AddedDevice, GroupKind, GroupOps, Role, RoleChange};
+use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
+use crate::time::Instant;
+use crate::wire::payload::{FetchedKeyPackage, RosterEntry, Welcome};
+
+/// Table of the node's group entries: conversation id → CBOR record.
+pub const NODE_GROUPS_TABLE: Table = Table("node_groups");
+/// Table of the plaintexts of our own messages until they come back sequenced: msg id →
+/// plaintext (we cannot decrypt our own MLS messages).
+pub const NODE_SENT_TABLE: Table = Table("node_sent");
+
+/// Where this device stands in a group.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub enum GroupStatus {
+    /// In the group, no commit of ours outstanding.
+    #[n(0)]
+    Synchronized,
+    /// Our commit for `epoch` is out as `msg_id`.
+    #[n(1)]
+    PendingCommit {
+        /// The commit's message id.
+        #[n(0)]
+        msg_id: ByteArray<16>,
+        /// The epoch it was made in.
+        #[n(1)]
+        epoch: u64,
+        /// Its declaration (applied to the roster when it is merged).
+        #[n(2)]
+        ops: Vec<u8>,
+        /// True if the commit creates the conversation.
+        #[n(3)]
+        creating: bool,
+    },
+    /// Waiting for a Welcome (we lost the race to create the conversation).
+    #[n(2)]
+    PendingWelcome,
+    /// A commit at `seq` removed this device.
+    #[n(3)]
+    Removed {
+        /// The removing commit's seq.
+        #[n(0)]
+        seq: u64,
+    },
+}
+
+/// A change this device wants to make to a group.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// Create the group and add every device of `users` (and our own other devices).
+    #[n(0)]
+    Create {
+        /// Users whose devices join.
+        #[n(0)]
+        users: Vec<ByteArray<16>>,
+    },
+    /// Add every device of these users that is not yet a member.
+    #[n(1)]
+    AddUsers(#[n(0)] Vec<ByteArray<16>>),
+    /// Remove every device of this user, one commit each.
+    #[n(2)]
+    RemoveUser(#[n(0)] ByteArray<16>),
+    /// Remove one device.
+    #[n(3)]
+    RemoveDevice(#[n(0)] ByteArray<16>),
+    /// Refresh our leaf (post-compromise security).
+    #[n(4)]
+    Update,
+    /// Give a user a role.
+    #[n(5)]
+    SetRole(#[n(0)] ByteArray<16>, #[n(1)] u8),
+}
+
+impl Intent {
+    fn users(&self) -> Option<Vec<UserId>> {
+        match self {
+            Intent::Create { users } | Intent::AddUsers(users) => {
+                Some(users.iter().map(|u| UserId::from_bytes(**u)).collect())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One group as this device keeps it.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct GroupEntry {
+    /// DM or room (`GroupKind` as a number).
+    #[n(0)]
+    pub kind: u8,
+    /// Where we stand.
+    #[n(1)]
+    pub status: GroupStatus,
+    /// Changes still to make, in order.
+    #[n(2)]
+    pub intents: VecDeque<Intent>,
+    /// Member devices and their users.
+    #[n(3)]
+    pub members: Vec<RosterEntry>,
+    /// Retry the front intent only once the group has reached this epoch (after `stale_epoch`).
+    #[n(4)]
+    pub retry_at_epoch: u64,
+}
+
+impl GroupEntry {
+    /// The kind, decoded.
+    pub fn group_kind(&self) -> GroupKind {
+        GroupKind::from_u8(self.kind).unwrap_or(GroupKind::Room)
+    }
+
+    fn user_of(&self, device: DeviceId) -> Option<UserId> {
+        self.members
+            .iter()
+            .find(|m| DeviceId::from_bytes(*m.device) == device)
+            .map(|m| UserId::from_bytes(*m.user))
+    }
+
+    fn apply_ops(&mut self, ops: &GroupOps) {
+        for (device, user) in ops.added_devices() {
+            if self.user_of(device).is_none() {
+                self.members.push(RosterEntry {
+                    device: device.to_bytes().into(),
+                    user: user.to_bytes().into(),
+                });
+            }
+        }
+        let removed: BTreeSet<DeviceId> = ops.removed_devices().collect();
+        self.members
+            .retain(|m| !removed.contains(&DeviceId::from_bytes(*m.device)));
+        self.members.sort_by_key(|m| *m.device);
+    }
+}
+
+/// What the node must do for its groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupAction {
+    /// Put this MLS message in the outbox under `msg_id` (a commit, with the Welcome for the
+    /// devices it adds).
+    Submit {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Chosen by the node before the commit was made.
+        msg_id: MsgId,
+        /// The commit.
+        body: Bytes,
+        /// Its Welcome.
+        welcome: Option<Bytes>,
+    },
+    /// Ask the gateway for KeyPackages of these users' devices.
+    Fetch(Vec<UserId>),
+    /// We joined at `seq`: the conversation's cursor moves there, and `seq` is acknowledged.
+    Joined {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The seq of the commit that added us.
+        seq: u64,
+    },
+    /// Acknowledge `seq` (a removal notice).
+    Acknowledge {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The notice's seq.
+        seq: u64,
+    },
+}
+
+/// What processing one sequenced message gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Processed {
+    /// An application message, decrypted (or our own, from the sent table).
+    Message(Bytes),
+    /// A commit was merged: the group is at `epoch`.
+    Commit {
+        /// The new epoch.
+        epoch: u64,
+        /// Devices it added.
+        added: Vec<DeviceId>,
+        /// Devices it removed.
+        removed: Vec<DeviceId>,
+    },
+    /// The message could not be used; delivery goes on after it.
+    Failed(String),
+    /// Nothing for the application (a message for a group we are not in any more).
+    Nothing,
+}
+
+/// Why a group command was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The device runs without MLS or without a user.
+    #[error("this device has no MLS identity or no user; run `sund init --user NAME`")]
+    NoIdentity,
+    /// Not a group this device is in.
+    #[error("{0} is not a conversation this device is in")]
+    NotInGroup(ConversationId),
+    /// The group refused the operation.
+    #[error("{0}")]
+    Mls(String),
+}
+
+/// All of a device's groups.
+pub struct DeviceGroups {
+    device: DeviceId,
+    user: Option<UserId>,
+    entries: BTreeMap<ConversationId, GroupEntry>,
+    groups: BTreeMap<ConversationId, MlsGroup>,
+    sent: BTreeMap<MsgId, Bytes>,
+    /// Conversations whose KeyPackage fetch is out, in the order the answers will come.
+    fetches: VecDeque<ConversationId>,
+}
+
+impl core::fmt::Debug for DeviceGroups {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeviceGroups")
+            .field("entries", &self.entries.len())
+            .field("fetches", &self.fetches)
+            .finish_non_exhaustive()
+    }
+}
+
+fn corrupt(table: Table, reason: String) -> StoreError {
+    StoreError::Corrupt {
+        table: table.0,
+        reason,
+    }
+}
+
+fn mls_error(e: impl core::fmt::Debug) -> GroupError {
+    GroupError::Mls(format!("{e:?}"))
+}
+
+fn group_id(conv: ConversationId) -> GroupId {
+    GroupId::from_slice(&conv.to_bytes())
+}
+
+fn device_of(member_credential: &Credential) -> Option<DeviceId> {
+    let basic = BasicCredential::try_from(member_credential.clone()).ok()?;
+    let id: [u8; 16] = basic.identity().try_into().ok()?;
+    Some(DeviceId::from_bytes(id))
+}
+
+impl DeviceGroups {
+    /// Loads every group entry, the MLS groups behind them, and our unsent plaintexts.
+    pub fn recover(
+        device: DeviceId,
+        user: Option<UserId>,
+        store: &dyn StoreRead,
+        mls: &DeviceMls,
+    ) -> Result<DeviceGroups, StoreError> {
+        let mut entries = BTreeMap::new();
+        crate::env::scan_all(store, NODE_GROUPS_TABLE, |key, value| {
+            let id: [u8; 16] = key
+                .try_into()
+                .map_err(|_| corrupt(NODE_GROUPS_TABLE, "key length".into()))?;
+            let entry: GroupEntry = minicbor::decode(value)
+                .map_err(|e| corrupt(NODE_GROUPS_TABLE, format!("entry: {e}")))?;
+            entries.insert(ConversationId::from_bytes(id), entry);
+            Ok(())
+        })?;
+        let mut sent = BTreeMap::new();
+        crate::env::scan_all(store, NODE_SENT_TABLE, |key, value| {
+            let id: [u8; 16] = key
+                .try_into()
+                .map_err(|_| corrupt(NODE_SENT_TABLE, "key length".into()))?;
+            sent.insert(MsgId::from_bytes(id), Bytes::copy_from_slice(value));
+            Ok(())
+        })?;
+        let mut groups = BTreeMap::new();
+        for (conv, entry) in &entries {
+            if matches!(
+                entry.status,
+                GroupStatus::PendingWelcome | GroupStatus::Removed { .. }
+            ) {
+                continue;
+            }
+            let group = MlsGroup::load(mls.provider().storage(), &group_id(*conv))
+                .map_err(|e| corrupt(super::MLS_TABLE, format!("group {conv}: {e:?}")))?
+                .ok_or_else(|| corrupt(super::MLS_TABLE, format!("group {conv} is missing")))?;
+            groups.insert(*conv, group);
+        }
+        Ok(DeviceGroups {
+            device,
+            user,
+            entries,
+            groups,
+            sent,
+            fetches: VecDeque::new(),
+        })
+    }
+
+    /// The entry of a conversation, if it is a group this device knows.
+    pub fn entry(&self, conv: ConversationId) -> Option<&GroupEntry> {
+        self.entries.get(&conv)
+    }
+
+    /// Every group conversation this device knows, with its entry.
+    pub fn entries(&self) -> impl Iterator<Item = (&ConversationId, &GroupEntry)> {
+        self.entries.iter()
+    }
+
+    /// The MLS epoch of a group we are in.
+    pub fn epoch(&self, conv: ConversationId) -> Option<u64> {
+        self.groups.get(&conv).map(|g| g.epoch().as_u64())
+    }
+
+    /// The epoch authenticator (members agree on it exactly when they share the epoch's state).
+    pub fn epoch_authenticator(&self, conv: ConversationId) -> Option<Vec<u8>> {
+        self.groups
+            .get(&conv)
+            .map(|g| g.epoch_authenticator().as_slice().to_vec())
+    }
+
+    /// Member devices as MLS sees them.
+    pub fn mls_members(&self, conv: ConversationId) -> Vec<DeviceId> {
+        self.groups
+            .get(&conv)
+            .map(|g| {
+                g.members()
+                    .filter_map(|m| device_of(&m.credential))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// True if `conv` is a group conversation (so messages are MLS).
+    pub fn is_group(&self, conv: ConversationId) -> bool {
+        self.entries.contains_key(&conv)
+    }
+
+    fn persist(&self, conv: ConversationId, writes: &mut WriteBatch) {
+        let entry = &self.entries[&conv];
+        let value = minicbor::to_vec(entry).expect("encoding into a Vec cannot fail");
+        writes.put(NODE_GROUPS_TABLE, conv.to_bytes().to_vec(), value);
+    }
+
+    /// Starts a new conversation: the group is created, and every device of `users` (and our
+    /// own other devices) added, when the KeyPackages arrive.
+    pub fn create(
+        &mut self,
+        conv: ConversationId,
+        kind: GroupKind,
+        users: &[UserId],
+        writes: &mut WriteBatch,
+    ) -> Result<(), GroupError> {
+        let Some(user) = self.user else {
+            return Err(GroupError::NoIdentity);
+        };
+        if self.entries.contains_key(&conv) {
+            return Ok(()); // creating the same DM twice is the same request
+        }
+        let mut wanted: Vec<ByteArray<16>> = users
+            .iter()
+            .chain([&user])
+            .map(|u| ByteArray::from(u.to_bytes()))
+            .collect();
+        wanted.dedup();
+        let entry = GroupEntry {
+            kind: kind as u8,
+            status: GroupStatus::Synchronized,
+            intents: VecDeque::from([Intent::Create { users: wanted }]),
+            members: vec![RosterEntry {
+                device: self.device.to_bytes().into(),
+                user: user.to_bytes().into(),
+            }],
+            retry_at_epoch: 0,
+        };
+        self.entries.insert(conv, entry);
+        self.persist(conv, writes);
+        Ok(())
+    }
+
+    /// Queues a change to a group we are in.
+    pub fn request(
+        &mut self,
+        conv: ConversationId,
+        intent: Intent,
+        writes: &mut WriteBatch,
+    ) -> Result<(), GroupError> {
+        let entry = self
+            .entries
+            .get_mut(&conv)
+            .filter(|e| !matches!(e.status, GroupStatus::Removed { .. }))
+            .ok_or(GroupError::NotInGroup(conv))?;
+        entry.intents.push_back(intent);
+        self.persist(conv, writes);
+        Ok(())
+    }
+
+    /// The connection dropped: outstanding fetches will not be answered.
+    pub fn connection_lost(&mut self) {
+        self.fetches.clear();
+    }
+
+    /// A fetch was refused (rate limit): the conversation waiting for it tries again later.
+    pub fn fetch_refused(&mut self) {
+        self.fetches.pop_front();
+    }
+
+    /// Moves every group whose front intent can go now: a fetch for adds, or a commit. `next_id`
+    /// gives message ids for commits.
+    pub fn drive(
+        &mut self,
+        now: Instant,
+        mls: &DeviceMls,
+        next_id: &mut dyn FnMut() -> MsgId,
+        writes: &mut WriteBatch,
+    ) -> Vec<GroupAction> {
+        let mut actions = Vec::new();
+        let ready: Vec<ConversationId> = self
+            .entries
+            .iter()
+            .filter(|(conv, e)| {
+                e.status == GroupStatus::Synchronized
+                    && !e.intents.is_empty()
+                    && !self.fetches.contains(conv)
+                    && self.epoch(**conv).unwrap_or(0) >= e.retry_at_epoch
+            })
+            .map(|(conv, _)| *conv)
+            .collect();
+        for conv in ready {
+            let intent = self.entries[&conv].intents[0].clone();
+            match intent.users() {
+                Some(users) => {
+                    self.fetches.push_back(conv);
+                    actions.push(GroupAction::Fetch(users));
+                }
+                None => {
+                    if let Some(action) = self.commit(now, conv, &[], mls, next_id(), writes) {
+                        actions.push(action);
+                    }
+                }
+            }
+        }
+        actions
+    }
+
+    /// KeyPackages arrived for the oldest outstanding fetch: the waiting conversation commits.
+    pub fn on_key_packages(
+        &mut self,
+        now: Instant,
+        found: &[FetchedKeyPackage],
+        mls: &DeviceMls,
+        msg_id: MsgId,
+        writes: &mut WriteBatch,
+    ) -> Option<GroupAction> {
+        let conv = self.fetches.pop_front()?;
+        let ready = self
+            .entries
+            .get(&conv)
+            .is_some_and(|e| e.status == GroupStatus::Synchronized && !e.intents.is_empty());
+        if !ready {
+            return None;
+        }
+        self.commit(now, conv, found, mls, msg_id, writes)
+    }
+
+    /// Makes the commit for the front intent of `conv` (with `found` packages for adds).
+    fn commit(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        found: &[FetchedKeyPackage],
+        mls: &DeviceMls,
+        msg_id: MsgId,
+        writes: &mut WriteBatch,
+    ) -> Option<GroupAction> {
+        let result = self.try_commit(now, conv, found, mls, msg_id);
+        match result {
+            Ok(Some((body, welcome, ops, creating))) => {
+                mls.provider().take_writes(writes);
+                let epoch = self.epoch(conv).unwrap_or(0);
+                let entry = self.entries.get_mut(&conv).expect("entry exists");
+                entry.status = GroupStatus::PendingCommit {
+                    msg_id: msg_id.to_bytes().into(),
+                    epoch,
+                    ops,
+                    creating,
+                };
+                self.persist(conv, writes);
+                Some(GroupAction::Submit {
+                    conversation: conv,
+                    msg_id,
+                    body,
+                    welcome,
+                })
+            }
+            Ok(None) => {
+                // Nothing left to do for this intent (everyone is in, or the target is gone).
+                mls.provider().take_writes(writes);
+                let entry = self.entries.get_mut(&conv).expect("entry exists");
+                entry.intents.pop_front();
+                self.persist(conv, writes);
+                None
+            }
+            Err(_) => {
+                // The intent cannot be carried out (for example a package that does not
+                // verify): drop it rather than retry forever.
+                mls.provider().discard_writes();
+                let entry = self.entries.get_mut(&conv).expect("entry exists");
+                entry.intents.pop_front();
+                self.persist(conv, writes);
+                None
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn try_commit(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        found: &[FetchedKeyPackage],
+        mls: &DeviceMls,
+        _msg_id: MsgId,
+    ) -> Result<Option<(Bytes, Option<Bytes>, Vec<u8>, bool)>, GroupError> {
+        let provider = mls.provider();
+        let signer = mls.signer();
+        let entry = &self.entries[&conv];
+        let intent = entry.intents[0].clone();
+        let creating = matches!(intent, Intent::Create { .. }) && !self.groups.contains_key(&conv);
+        if creating {
+            let config = group_config(mls.lifetime_policy(), now);
+            let group = MlsGroup::new_with_group_id(
+                provider,
+                signer,
+                &config,
+                group_id(conv),
+                credential_with_key(self.device, signer),
+            )
+            .map_err(mls_error)?;
+            self.groups.insert(conv, group);
+        }
+        let entry = &self.entries[&conv];
+        let group = self
+            .groups
+            .get_mut(&conv)
+            .ok_or(GroupError::NotInGroup(conv))?;
+        let members: BTreeMap<DeviceId, LeafNodeIndex> = group
+            .members()
+            .filter_map(|m| Some((device_of(&m.credential)?, m.index)))
+            .collect();
+        let mut ops = GroupOps {
+            create: creating.then_some(entry.kind),
+            ..GroupOps::default()
+        };
+        let commit = match intent {
+            Intent::Create { .. } | Intent::AddUsers(_) => {
+                let mut packages = Vec::new();
+                for fetched in found {
+                    let device = DeviceId::from_bytes(*fetched.device);
+                    if device == self.device || members.contains_key(&device) {
+                        continue;
+                    }
+                    let Ok(package) = KeyPackageIn::tls_deserialize_exact(&fetched.package[..])
+                        .map_err(mls_error)
+                        .and_then(|p| {
+                            p.validate(provider.crypto(), ProtocolVersion::Mls10)
+                                .map_err(mls_error)
+                        })
+                    else {
+                        continue; // a bad package leaves its device out, not the others
+                    };
+                    if package
+                        .leaf_node()
+                        .credential()
+                        .clone()
+                        .try_into()
+                        .ok()
+                        .and_then(|c: BasicCredential| <[u8; 16]>::try_from(c.identity()).ok())
+                        != Some(device.to_bytes())
+                    {
+                        continue;
+                    }
+                    ops.added
+                        .push(AddedDevice::new(device, UserId::from_bytes(*fetched.user)));
+                    packages.push(package);
+                }
+                if packages.is_empty() && !creating {
+                    return Ok(None);
+                }
+                group.set_aad(ops.encode());
+                if packages.is_empty() {
+                    let bundle = group
+                        .self_update(provider, signer, LeafNodeParameters::default())
+                        .map_err(mls_error)?;
+                    (bundle.into_commit(), None)
+                } else {
+                    let (commit, welcome, _) = group
+                        .add_members(provider, signer, &packages)
+                        .map_err(mls_error)?;
+                    (commit, Some(welcome))
+                }
+            }
+            Intent::RemoveUser(user) => {
+                let user = UserId::from_bytes(*user);
+                let target = entry
+                    .members
+                    .iter()
+                    .map(|m| (DeviceId::from_bytes(*m.device), UserId::from_bytes(*m.user)))
+                    .filter(|(d, u)| *u == user && *d != self.device)
+                    .find_map(|(d, _)| members.get(&d).map(|leaf| (d, *leaf)));
+                let Some((device, leaf)) = target else {
+                    return Ok(None);
+                };
+                ops.removed.push(ByteArray::from(device.to_bytes()));
+                group.set_aad(ops.encode());
+                let (commit, welcome, _) = group
+                    .remove_members(provider, signer, &[leaf])
+                    .map_err(mls_error)?;
+                (commit, welcome)
+            }
+            Intent::RemoveDevice(device) => {
+                let device = DeviceId::from_bytes(*device);
+                let Some(leaf) = members.get(&device).copied() else {
+                    return Ok(None);
+                };
+                if device == self.device {
+                    return Err(GroupError::Mls(
+                        "a member cannot commit its own removal".into(),
+                    ));
+                }
+                ops.removed.push(ByteArray::from(device.to_bytes()));
+                group.set_aad(ops.encode());
+                let (commit, welcome, _) = group
+                    .remove_members(provider, signer, &[leaf])
+                    .map_err(mls_error)?;
+                (commit, welcome)
+            }
+            Intent::Update | Intent::SetRole(..) => {
+                if let Intent::SetRole(user, role) = intent {
+                    ops.roles.push(RoleChange { user, role });
+                }
+                group.set_aad(ops.encode());
+                let bundle = group
+                    .self_update(provider, signer, LeafNodeParameters::default())
+                    .map_err(mls_error)?;
+                (bundle.into_commit(), None)
+            }
+        };
+        let (commit, welcome) = commit;
+        let body = commit.to_bytes().map_err(mls_error)?;
+        let welcome = match welcome {
+            Some(w) => Some(Bytes::from(w.to_bytes().map_err(mls_error)?)),
+            None => None,
+        };
+        Ok(Some((Bytes::from(body), welcome, ops.encode(), creating)))
+    }
+
+    /// Encrypts an application message for `conv`; its plaintext is kept until it comes back
+    /// sequenced.
+    pub fn encrypt(
+        &mut self,
+        conv: ConversationId,
+        msg_id: MsgId,
+        plaintext: &[u8],
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Result<Bytes, GroupError> {
+        let group = self
+            .groups
+            .get_mut(&conv)
+            .filter(|_| {
+                matches!(
+                    self.entries.get(&conv).map(|e| &e.status),
+                    Some(GroupStatus::Synchronized | GroupStatus::PendingCommit { .. })
+                )
+            })
+            .ok_or(GroupError::NotInGroup(conv))?;
+        let message = group.create_message(mls.provider(), mls.signer(), plaintext);
+        match message
+            .map_err(mls_error)
+            .and_then(|m| m.to_bytes().map_err(mls_error))
+        {
+            Ok(bytes) => {
+                mls.provider().take_writes(writes);
+                self.sent.insert(msg_id, Bytes::copy_from_slice(plaintext));
+                writes.put(
+                    NODE_SENT_TABLE,
+                    msg_id.to_bytes().to_vec(),
+                    plaintext.to_vec(),
+                );
+                Ok(Bytes::from(bytes))
+            }
+            Err(e) => {
+                mls.provider().discard_writes();
+                Err(e)
+            }
+        }
+    }
+
+    /// Our message `msg_id` will never be sequenced (refused): forget its plaintext.
+    pub fn forget_sent(&mut self, msg_id: MsgId, writes: &mut WriteBatch) {
+        if self.sent.remove(&msg_id).is_some() {
+            writes.delete(NODE_SENT_TABLE, msg_id.to_bytes().to_vec());
+        }
+    }
+
+    /// The gateway refused our commit `msg_id`: with `stale_epoch`, another commit won `epoch`;
+    /// we drop ours and retry the change once we have processed up to `current`. With any other
+    /// refusal the change itself is not allowed, and is dropped. Returns the refused intent.
+    pub fn on_commit_refused(
+        &mut self,
+        conv: ConversationId,
+        msg_id: MsgId,
+        stale: bool,
+        current: u64,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Option<Intent> {
+        let entry = self.entries.get_mut(&conv)?;
+        let GroupStatus::PendingCommit {
+            msg_id: pending,
+            creating,
+            ..
+        } = &entry.status
+        else {
+            return None;
+        };
+        if **pending != msg_id.to_bytes() {
+            return None;
+        }
+        let creating = *creating;
+        if creating {
+            // Another device created this conversation first: its Welcome will bring us in.
+            if let Some(mut group) = self.groups.remove(&conv) {
+                let _ = group.delete(mls.provider().storage());
+            }
+            entry.status = GroupStatus::PendingWelcome;
+            if let Some(Intent::Create { users }) = entry.intents.front().cloned() {
+                entry.intents[0] = Intent::AddUsers(users);
+            }
+        } else {
+            if let Some(group) = self.groups.get_mut(&conv) {
+                let _ = group.clear_pending_commit(mls.provider().storage());
+            }
+            entry.status = GroupStatus::Synchronized;
+        }
+        let refused = if stale || creating {
+            entry.retry_at_epoch = current;
+            None
+        } else {
+            entry.intents.pop_front()
+        };
+        mls.provider().take_writes(writes);
+        self.persist(conv, writes);
+        refused
+    }
+
+    /// A Welcome from our inbox: join the group, unless we are in it already.
+    pub fn on_welcome(
+        &mut self,
+        conv: ConversationId,
+        notice: &Welcome,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Result<GroupAction, GroupError> {
+        let (seq, kind, welcome, roster) = (
+            notice.seq,
+            notice.kind,
+            &notice.welcome[..],
+            &notice.members[..],
+        );
+        let joined = GroupAction::Joined {
+            conversation: conv,
+            seq,
+        };
+        let member = self.entries.get(&conv).is_some_and(|e| {
+            matches!(
+                e.status,
+                GroupStatus::Synchronized
+                    | GroupStatus::PendingCommit {
+                        creating: false,
+                        ..
+                    }
+            )
+        });
+        if member && self.groups.contains_key(&conv) {
+            return Ok(GroupAction::Acknowledge {
+                conversation: conv,
+                seq,
+            });
+        }
+        let provider = mls.provider();
+        if let Some(mut lost) = self.groups.remove(&conv) {
+            // Our own group lost the race to create this conversation: its records make way for
+            // the group we join under the same id.
+            let _ = lost.delete(provider.storage());
+        }
+        let result = MlsMessageIn::tls_deserialize_exact(welcome)
+            .map_err(mls_error)
+            .and_then(|m| match m.extract() {
+                MlsMessageBodyIn::Welcome(w) => Ok(w),
+                _ => Err(GroupError::Mls("not a Welcome".into())),
+            })
+            .and_then(|w| {
+                StagedWelcome::new_from_welcome(provider, &join_config(), w, None)
+                    .map_err(mls_error)
+            })
+            .and_then(|staged| staged.into_group(provider).map_err(mls_error));
+        let group = match result {
+            Ok(group) => group,
+            Err(e) => {
+                provider.discard_writes();
+                return Err(e);
+            }
+        };
+        provider.take_writes(writes);
+        self.groups.insert(conv, group);
+        let intents = self
+            .entries
+            .get(&conv)
+            .map(|e| e.intents.clone())
+            .unwrap_or_default();
+        let mut members = roster.to_vec();
+        members.sort_by_key(|m| *m.device);
+        self.entries.insert(
+            conv,
+            GroupEntry {
+                kind,
+                status: GroupStatus::Synchronized,
+                intents,
+                members,
+                retry_at_epoch: 0,
+            },
+        );
+        self.persist(conv, writes);
+        Ok(joined)
+    }
+
+    /// A notice from our inbox: the commit at `seq` removed this device.
+    pub fn on_removed(
+        &mut self,
+        conv: ConversationId,
+        seq: u64,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> GroupAction {
+        let ack = GroupAction::Acknowledge {
+            conversation: conv,
+            seq,
+        };
+        let Some(entry) = self.entries.get_mut(&conv) else {
+            return ack;
+        };
+        if matches!(entry.status, GroupStatus::Removed { .. }) {
+            return ack;
+        }
+        entry.status = GroupStatus::Removed { seq };
+        entry.intents.clear();
+        if let Some(mut group) = self.groups.remove(&conv) {
+            let _ = group.delete(mls.provider().storage());
+            mls.provider().take_writes(writes);
+        }
+        self.persist(conv, writes);
+        ack
+    }
+
+    /// Processes the message sequenced at `seq` in a group conversation.
+    pub fn on_deliver(
+        &mut self,
+        conv: ConversationId,
+        sender: DeviceId,
+        msg_id: MsgId,
+        body: &[u8],
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Processed {
+        if sender == self.device {
+            return self.on_own_message(conv, msg_id, mls, writes);
+        }
+        let Some(group) = self.groups.get_mut(&conv) else {
+            return Processed::Nothing;
+        };
+        let provider = mls.provider();
+        let message = match MlsMessageIn::tls_deserialize_exact(body)
+            .map_err(mls_error)
+            .and_then(|m| m.try_into_protocol_message().map_err(mls_error))
+        {
+            Ok(message) => message,
+            Err(e) => return Processed::Failed(e.to_string()),
+        };
+        let epoch_before = group.epoch().as_u64();
+        let processed = match group.process_message(provider, message) {
+            Ok(processed) => processed,
+            Err(e) => {
+                provider.discard_writes();
+                return Processed::Failed(format!("{e:?}"));
+            }
+        };
+        let aad = processed.aad().to_vec();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(m) => {
+                provider.take_writes(writes);
+                Processed::Message(Bytes::from(m.into_bytes()))
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let ops = match GroupOps::decode(&aad) {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        provider.discard_writes();
+                        return Processed::Failed(e.to_string());
+                    }
+                };
+                let members: BTreeMap<LeafNodeIndex, DeviceId> = group
+                    .members()
+                    .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
+                    .collect();
+                let added: BTreeSet<DeviceId> = staged
+                    .add_proposals()
+                    .filter_map(|p| {
+                        device_of(p.add_proposal().key_package().leaf_node().credential())
+                    })
+                    .collect();
+                let removed: BTreeSet<DeviceId> = staged
+                    .remove_proposals()
+                    .filter_map(|p| members.get(&p.remove_proposal().removed()).copied())
+                    .collect();
+                let declared_added: BTreeSet<DeviceId> =
+                    ops.added_devices().map(|(d, _)| d).collect();
+                let declared_removed: BTreeSet<DeviceId> = ops.removed_devices().collect();
+                if added != declared_added || removed != declared_removed {
+                    provider.discard_writes();
+                    return Processed::Failed(format!(
+                        "a commit by {sender} declares other membership changes than it makes"
+                    ));
+                }
+                let self_removed = staged.self_removed();
+                // Another member's commit for this epoch won over ours: drop ours, retry later.
+                let entry = self.entries.get_mut(&conv).expect("group has an entry");
+                if matches!(entry.status, GroupStatus::PendingCommit { .. }) {
+                    let _ = group.clear_pending_commit(provider.storage());
+                    entry.status = GroupStatus::Synchronized;
+                }
+                if let Err(e) = group.merge_staged_commit(provider, *staged) {
+                    provider.discard_writes();
+                    return Processed::Failed(format!("{e:?}"));
+                }
+                provider.take_writes(writes);
+                entry.apply_ops(&ops);
+                let epoch = group.epoch().as_u64();
+                debug_assert_eq!(epoch, epoch_before + 1, "a commit advances one epoch");
+                if self_removed {
+                    entry.status = GroupStatus::Removed { seq: 0 };
+                    entry.intents.clear();
+                    self.groups.remove(&conv);
+                }
+                self.persist(conv, writes);
+                Processed::Commit {
+                    epoch,
+                    added: declared_added.into_iter().collect(),
+                    removed: declared_removed.into_iter().collect(),
+                }
+            }
+            other => {
+                provider.discard_writes();
+                Processed::Failed(format!(
+                    "{} messages are not used by Sund",
+                    match other {
+                        ProcessedMessageContent::ProposalMessage(_) => "proposal",
+                        ProcessedMessageContent::ExternalJoinProposalMessage(_) => "join proposal",
+                        _ => "such",
+                    }
+                ))
+            }
+        }
+    }
+
+    /// Our own message came back sequenced: a commit is applied now (echo before apply); an
+    /// application message is handed back from the sent table.
+    fn on_own_message(
+        &mut self,
+        conv: ConversationId,
+        msg_id: MsgId,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Processed {
+        if let Some(plaintext) = self.sent.remove(&msg_id) {
+            writes.delete(NODE_SENT_TABLE, msg_id.to_bytes().to_vec());
+            return Processed::Message(plaintext);
+        }
+        let Some(entry) = self.entries.get_mut(&conv) else {
+            return Processed::Nothing;
+        };
+        let GroupStatus::PendingCommit {
+            msg_id: pending,
+            ops,
+            ..
+        } = &entry.status
+        else {
+            return Processed::Nothing;
+        };
+        if **pending != msg_id.to_bytes() {
+            return Processed::Nothing;
+        }
+        let ops = GroupOps::decode(ops).unwrap_or_default();
+        let Some(group) = self.groups.get_mut(&conv) else {
+            return Processed::Nothing;
+        };
+        let provider = mls.provider();
+        if let Err(e) = group.merge_pending_commit(provider) {
+            provider.discard_writes();
+            return Processed::Failed(format!("merging our own commit: {e:?}"));
+        }
+        provider.take_writes(writes);
+        entry.apply_ops(&ops);
+        entry.status = GroupStatus::Synchronized;
+        entry.retry_at_epoch = 0;
+        // A user removal goes on until none of the user's devices is left.
+        if !matches!(entry.intents.front(), Some(Intent::RemoveUser(_))) {
+            entry.intents.pop_front();
+        }
+        let epoch = group.epoch().as_u64();
+        self.persist(conv, writes);
+        Processed::Commit {
+            epoch,
+            added: ops.added_devices().map(|(d, _)| d).collect(),
+            removed: ops.removed_devices().collect(),
+        }
+    }
+
+    /// A user's role, as this device last set it (the gateway holds the authoritative roles).
+    pub fn role_change(user: UserId, role: Role) -> Intent {
+        Intent::SetRole(ByteArray::from(user.to_bytes()), role as u8)
+    }
+}

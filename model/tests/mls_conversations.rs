@@ -1,0 +1,345 @@
+//! DMs and rooms as MLS groups, end to end through the real node and gateway machines: Welcomes
+//! reach device inboxes, messages travel as MLS ciphertext, the gateway enforces roles and the
+//! first commit per epoch, and members apply their own commits only when they come back.
+
+mod support;
+
+use bytes::Bytes;
+use sund_model::groups::{GroupKind, Role};
+use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::mls::groups::{GroupStatus, Intent};
+use sund_model::node::{dm_id, NodeEvent};
+use sund_model::wire::payload::ErrorCode;
+use support::{node_config, Net};
+
+fn user(name: &str) -> UserId {
+    UserId::from_name(name)
+}
+
+/// Alice (1), Bob's phone (2) and Bob's laptop (3), all online.
+fn three_devices() -> Net {
+    let mut net = Net::new();
+    net.add(1, node_config(1, "alice"));
+    net.add(2, node_config(2, "bob"));
+    net.add(3, node_config(3, "bob"));
+    net
+}
+
+fn plaintexts(net: &Net, conn: u64, conv: ConversationId) -> Vec<Vec<u8>> {
+    net.events
+        .get(&conn)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| match e {
+            NodeEvent::Delivered {
+                conversation, body, ..
+            } if *conversation == conv => Some(body.to_vec()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failures(net: &Net) -> Vec<String> {
+    net.events
+        .values()
+        .flatten()
+        .filter_map(|e| match e {
+            NodeEvent::Undecryptable { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn authenticator(net: &Net, conn: u64, conv: ConversationId) -> (u64, Vec<u8>) {
+    let groups = net.nodes[&conn].0.groups().unwrap();
+    (
+        groups.epoch(conv).expect("in the group"),
+        groups.epoch_authenticator(conv).unwrap(),
+    )
+}
+
+fn send(net: &mut Net, conn: u64, conv: ConversationId, text: &str) {
+    let now = net.now;
+    let node = &mut net.nodes.get_mut(&conn).unwrap().0;
+    node.send(now, conv, Bytes::copy_from_slice(text.as_bytes()))
+        .unwrap();
+    net.settle();
+}
+
+#[test]
+fn a_dm_reaches_every_device_of_both_users_and_the_gateway_stores_only_ciphertext() {
+    let mut net = three_devices();
+    let now = net.now;
+    let conv = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_dm(now, user("bob"))
+        .unwrap();
+    net.settle();
+    assert_eq!(
+        conv,
+        dm_id(user("bob"), user("alice")),
+        "either side names it alike"
+    );
+
+    let group = net.gateway.group(conv).expect("the gateway knows the DM");
+    assert_eq!(group.kind(), GroupKind::Dm);
+    assert_eq!(group.devices().len(), 3);
+    assert_eq!(group.epoch(), 1);
+    for conn in [2, 3] {
+        assert!(net.events[&conn].iter().any(
+            |e| matches!(e, NodeEvent::Joined { conversation, seq: 1, .. } if *conversation == conv)
+        ));
+    }
+    let a = authenticator(&net, 1, conv);
+    assert_eq!(a.0, 1);
+    assert_eq!(authenticator(&net, 2, conv), a);
+    assert_eq!(authenticator(&net, 3, conv), a);
+
+    send(&mut net, 1, conv, "MARKER-hello bob");
+    send(&mut net, 2, conv, "MARKER-hi alice, from my phone");
+    for conn in [1, 2, 3] {
+        assert_eq!(
+            plaintexts(&net, conn, conv),
+            vec![
+                b"MARKER-hello bob".to_vec(),
+                b"MARKER-hi alice, from my phone".to_vec()
+            ],
+            "device {conn} reads both messages, its own included, in order"
+        );
+    }
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+    for (table, key, value) in net.gateway_store.records() {
+        for bytes in [key, value] {
+            assert!(
+                !bytes.windows(7).any(|w| w == b"MARKER-"),
+                "plaintext in the gateway's table {table}"
+            );
+        }
+    }
+    // The inboxes are empty once every Welcome was used.
+    assert_eq!(
+        net.gateway_store
+            .table_len(sund_model::gateway::INBOX_TABLE),
+        0
+    );
+}
+
+#[test]
+fn both_users_creating_the_same_dm_at_once_converge_on_one_group() {
+    let mut net = three_devices();
+    let now = net.now;
+    // Neither hears of the other before both commits are out.
+    let a = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_dm(now, user("bob"))
+        .unwrap();
+    let b = net
+        .nodes
+        .get_mut(&2)
+        .unwrap()
+        .0
+        .create_dm(now, user("alice"))
+        .unwrap();
+    assert_eq!(a, b);
+    net.settle();
+    let first = authenticator(&net, 1, a);
+    for conn in [2, 3] {
+        assert_eq!(authenticator(&net, conn, a), first);
+    }
+    assert_eq!(
+        net.gateway.stats().stale_commits,
+        1,
+        "the second creation lost"
+    );
+    send(&mut net, 3, a, "after the race");
+    for conn in [1, 2] {
+        assert_eq!(plaintexts(&net, conn, a), vec![b"after the race".to_vec()]);
+    }
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
+#[test]
+fn rooms_invite_remove_and_roles_are_enforced_by_the_gateway() {
+    let mut net = three_devices();
+    net.add(4, node_config(4, "carol"));
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob")])
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 3);
+    assert_eq!(
+        net.gateway.group(room).unwrap().role(user("alice")),
+        Some(Role::Owner)
+    );
+    assert_eq!(
+        net.gateway.group(room).unwrap().role(user("bob")),
+        Some(Role::Member)
+    );
+
+    // Bob, a member, may not invite Carol: the gateway refuses and Bob's node drops the change.
+    let carol_users = vec![user("carol").to_bytes().into()];
+    let node = &mut net.nodes.get_mut(&2).unwrap().0;
+    node.change_group(now, room, Intent::AddUsers(carol_users.clone()))
+        .unwrap();
+    net.settle();
+    assert!(net.events[&2].iter().any(|e| matches!(
+        e,
+        NodeEvent::GroupChangeRefused {
+            code: ErrorCode::Forbidden,
+            ..
+        }
+    )));
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 3);
+    let synced = net.nodes[&2]
+        .0
+        .groups()
+        .unwrap()
+        .entry(room)
+        .unwrap()
+        .status
+        .clone();
+    assert_eq!(
+        synced,
+        GroupStatus::Synchronized,
+        "the refused commit was dropped"
+    );
+
+    // Alice makes Bob an admin; then Bob's invitation goes through.
+    net.nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .set_role(now, room, user("bob"), Role::Admin)
+        .unwrap();
+    net.settle();
+    let node = &mut net.nodes.get_mut(&2).unwrap().0;
+    node.change_group(now, room, Intent::AddUsers(carol_users))
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 4);
+    send(&mut net, 4, room, "carol here");
+    for conn in [1, 2, 3] {
+        assert_eq!(plaintexts(&net, conn, room), vec![b"carol here".to_vec()]);
+    }
+
+    // Alice removes Bob (both devices, one commit each); Bob's devices are told.
+    let bob = user("bob").to_bytes().into();
+    net.nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .change_group(now, room, Intent::RemoveUser(bob))
+        .unwrap();
+    net.settle();
+    let group = net.gateway.group(room).unwrap();
+    assert_eq!(group.devices().len(), 2);
+    assert_eq!(group.role(user("bob")), None);
+    for conn in [2, 3] {
+        assert!(net.events[&conn]
+            .iter()
+            .any(|e| matches!(e, NodeEvent::RemovedFrom { .. })));
+        let status = &net.nodes[&conn]
+            .0
+            .groups()
+            .unwrap()
+            .entry(room)
+            .unwrap()
+            .status;
+        assert!(matches!(status, GroupStatus::Removed { .. }));
+    }
+    send(&mut net, 1, room, "bob is gone");
+    assert_eq!(
+        plaintexts(&net, 4, room),
+        vec![b"carol here".to_vec(), b"bob is gone".to_vec()]
+    );
+    assert_eq!(plaintexts(&net, 2, room), vec![b"carol here".to_vec()]);
+    let a = authenticator(&net, 1, room);
+    assert_eq!(authenticator(&net, 4, room), a);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
+#[test]
+fn concurrent_commits_one_wins_the_other_is_retried_in_the_next_epoch() {
+    let mut net = three_devices();
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob")])
+        .unwrap();
+    net.settle();
+    // All three update at once: one commit per epoch is accepted, the others are stale and
+    // retried, until all three are in.
+    for conn in [1, 2, 3] {
+        let node = &mut net.nodes.get_mut(&conn).unwrap().0;
+        node.change_group(now, room, Intent::Update).unwrap();
+    }
+    net.settle();
+    let group = net.gateway.group(room).unwrap();
+    assert_eq!(group.epoch(), 4, "creation plus three updates");
+    assert!(net.gateway.stats().stale_commits >= 2);
+    let a = authenticator(&net, 1, room);
+    assert_eq!(a.0, 4);
+    for conn in [2, 3] {
+        assert_eq!(authenticator(&net, conn, room), a);
+    }
+    send(&mut net, 2, room, "all in sync");
+    assert_eq!(plaintexts(&net, 1, room), vec![b"all in sync".to_vec()]);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
+#[test]
+fn group_state_and_pending_commits_survive_restarts() {
+    let mut net = three_devices();
+    let now = net.now;
+    let conv = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_dm(now, user("bob"))
+        .unwrap();
+    net.settle();
+    send(&mut net, 1, conv, "one");
+    net.restart(2, node_config(2, "bob"));
+    send(&mut net, 1, conv, "two");
+    send(&mut net, 2, conv, "three");
+    assert_eq!(
+        plaintexts(&net, 1, conv),
+        vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+    );
+    // A commit made and stored just before a crash goes out after the restart, and is applied
+    // when its echo arrives.
+    let node = &mut net.nodes.get_mut(&3).unwrap().0;
+    node.change_group(now, conv, Intent::Update).unwrap();
+    let devices: Vec<DeviceId> = net.nodes[&3].0.groups().unwrap().mls_members(conv);
+    assert_eq!(devices.len(), 3);
+    net.commit_and_lose_outputs(3);
+    let status = &net.nodes[&3]
+        .0
+        .groups()
+        .unwrap()
+        .entry(conv)
+        .unwrap()
+        .status;
+    assert!(matches!(status, GroupStatus::PendingCommit { .. }));
+    net.restart(3, node_config(3, "bob"));
+    let a = authenticator(&net, 1, conv);
+    assert_eq!(a.0, 2);
+    assert_eq!(authenticator(&net, 3, conv), a);
+    assert_eq!(authenticator(&net, 2, conv), a);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}

@@ -1,0 +1,177 @@
+//! A gateway and nodes wired together frame by frame, for the integration tests: every `Ready`
+//! is committed before its outputs move, and nothing moves until the test says so.
+
+#![allow(dead_code)] // each test file uses a part
+
+use std::collections::BTreeMap;
+
+use sund_model::env::{Entropy, MemStore};
+use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::identity::DeviceKey;
+use sund_model::ids::{ConnectionId, DeviceId, UserId};
+use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::mls::{LifetimePolicy, Randomness};
+use sund_model::node::{Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
+use sund_model::time::Instant;
+use sund_model::wire::payload::{KeyPackageFetch, KeyPackages};
+use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+pub struct Counter(u64);
+impl Entropy for Counter {
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for b in dest {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (self.0 >> 56) as u8;
+        }
+    }
+}
+
+pub fn mls_config() -> DeviceMlsConfig {
+    DeviceMlsConfig {
+        randomness: Randomness::Simulation,
+        lifetime: LifetimePolicy::Unbounded,
+        pool_target: 12,
+    }
+}
+
+pub fn node_config(seed: u8, user: &str) -> NodeConfig {
+    let mut config = NodeConfig::new(DeviceKey::from_seed([seed; 32]));
+    config.user = Some(UserId::from_name(user));
+    config.mls = Some(mls_config());
+    config
+}
+
+/// One gateway, some nodes, each node on its own connection; frames move until nothing moves.
+pub struct Net {
+    pub now: Instant,
+    pub gateway: Gateway,
+    pub gateway_store: MemStore,
+    pub nodes: BTreeMap<u64, (Node, MemStore)>,
+    /// Events each node's application heard, in order.
+    pub events: BTreeMap<u64, Vec<NodeEvent>>,
+    /// Frames the gateway sent to each connection, decoded, for the test to inspect.
+    pub seen: BTreeMap<u64, Vec<Frame>>,
+}
+
+impl Net {
+    pub fn new() -> Net {
+        let config = GatewayConfig {
+            open_enrolment: true,
+            ..GatewayConfig::default()
+        };
+        Net {
+            now: Instant(1_000_000),
+            gateway: Gateway::new(config, Instant(1_000_000), Box::new(Counter(77))),
+            gateway_store: MemStore::default(),
+            nodes: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            events: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, conn: u64, config: NodeConfig) {
+        let store = MemStore::default();
+        let node = Node::recover(config, Box::new(Counter(conn)), self.now, &store).unwrap();
+        self.nodes.insert(conn, (node, store));
+        self.settle();
+    }
+
+    /// Restarts a node from its store alone.
+    pub fn restart(&mut self, conn: u64, config: NodeConfig) {
+        let (_, store) = self.nodes.remove(&conn).unwrap();
+        self.gateway
+            .handle(self.now, GatewayInput::Closed(ConnectionId(conn)));
+        let node = Node::recover(config, Box::new(Counter(conn + 100)), self.now, &store).unwrap();
+        self.nodes.insert(conn, (node, store));
+        self.settle();
+    }
+
+    /// Commits what a node has written and drops its outputs, as if it crashed right after its
+    /// store commit and before anything left.
+    pub fn commit_and_lose_outputs(&mut self, conn: u64) {
+        let (node, store) = self.nodes.get_mut(&conn).unwrap();
+        while let Some(ready) = node.poll_ready() {
+            ready.commit(store).unwrap();
+        }
+    }
+
+    /// Delivers everything until quiet; every Ready is committed before its outputs move.
+    pub fn settle(&mut self) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            let conns: Vec<u64> = self.nodes.keys().copied().collect();
+            for conn in conns {
+                let (node, store) = self.nodes.get_mut(&conn).unwrap();
+                node.handle_timeout(self.now);
+                let mut outputs = Vec::new();
+                while let Some(mut ready) = node.poll_ready() {
+                    outputs.extend(ready.take_eager());
+                    outputs.extend(ready.commit(store).unwrap());
+                }
+                for output in outputs {
+                    moved = true;
+                    match output {
+                        NodeOutput::Connect => {
+                            node.handle(self.now, NodeInput::Connected(ConnectionId(conn)));
+                            self.gateway
+                                .handle(self.now, GatewayInput::Accepted(ConnectionId(conn)));
+                        }
+                        NodeOutput::Send(_, bytes) => self
+                            .gateway
+                            .handle(self.now, GatewayInput::Frame(ConnectionId(conn), bytes)),
+                        NodeOutput::Event(event) => {
+                            self.events.entry(conn).or_default().push(event)
+                        }
+                        NodeOutput::Close(_) => {}
+                    }
+                }
+            }
+            let mut outputs = Vec::new();
+            while let Some(ready) = self.gateway.poll_ready() {
+                outputs.extend(ready.commit(&mut self.gateway_store).unwrap());
+            }
+            for output in outputs {
+                if let GatewayOutput::Send(conn, bytes) = output {
+                    moved = true;
+                    self.seen
+                        .entry(conn.0)
+                        .or_default()
+                        .push(Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap());
+                    if let Some((node, _)) = self.nodes.get_mut(&conn.0) {
+                        node.handle(self.now, NodeInput::Frame(conn, bytes));
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the network did not settle");
+    }
+
+    pub fn device(&self, conn: u64) -> DeviceId {
+        DeviceKey::from_seed([conn as u8; 32]).device_id()
+    }
+
+    /// `conn` fetches packages of `user` through the gateway; returns the answer.
+    pub fn fetch(&mut self, conn: u64, user: &str) -> KeyPackages {
+        let fetch = KeyPackageFetch {
+            users: vec![UserId::from_name(user).to_bytes().into()],
+        };
+        let bytes = Frame::new(Routing::default(), Payload::KeyPackageFetch(fetch)).encode();
+        self.gateway
+            .handle(self.now, GatewayInput::Frame(ConnectionId(conn), bytes));
+        self.settle();
+        self.seen[&conn]
+            .iter()
+            .rev()
+            .find_map(|f| match &f.payload {
+                Payload::KeyPackages(k) => Some(k.clone()),
+                _ => None,
+            })
+            .expect("an answer")
+    }
+}
