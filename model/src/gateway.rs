@@ -277,6 +277,8 @@ pub struct GatewayStats {
     pub commits: u64,
     /// Commits refused as stale (another commit won the epoch).
     pub stale_commits: u64,
+    /// Application messages refused as made in an earlier epoch (the sender re-encrypts).
+    pub stale_messages: u64,
     /// Group messages refused (roles, malformed, inconsistent).
     pub group_refusals: u64,
 }
@@ -1237,6 +1239,16 @@ impl Gateway {
                 Some(epoch) if framing.epoch > epoch => {
                     let message = format!("epoch {} is ahead of the group's", framing.epoch);
                     refuse(self, ErrorCode::InvalidGroupMessage, message, epoch)
+                }
+                Some(epoch) if framing.epoch < epoch => {
+                    // Sequenced now, it would reach members (new ones among them) in a later
+                    // epoch than it was made for: the sender encrypts it again.
+                    self.stats.stale_messages += 1;
+                    let message = format!(
+                        "made in epoch {}, the group is at epoch {epoch}; encrypt it again",
+                        framing.epoch
+                    );
+                    refuse(self, ErrorCode::StaleEpoch, message, epoch)
                 }
                 Some(_) => GroupAdmit::Pass(None),
             },

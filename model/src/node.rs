@@ -851,7 +851,23 @@ impl Node {
                         groups.fetch_refused();
                     }
                 }
-                if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
+                let stale_message = code == ErrorCode::StaleEpoch
+                    && report.msg_id.is_some_and(|id| {
+                        self.groups
+                            .as_ref()
+                            .is_some_and(|g| g.is_own_message(MsgId::from_bytes(id)))
+                    });
+                if let (true, Some(id)) = (stale_message, report.msg_id) {
+                    // Our application message was made before the group's current epoch: it
+                    // stays in the outbox and is encrypted again once we are there.
+                    let groups = self.groups.as_mut().expect("checked above");
+                    groups.message_stale(
+                        routing.conversation,
+                        MsgId::from_bytes(id),
+                        routing.epoch,
+                    );
+                    self.drive_groups(now);
+                } else if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
                     let refused = matches!(
                         code,
                         ErrorCode::NotMember
@@ -1123,8 +1139,28 @@ impl Node {
             MsgId::from_bytes(id)
         };
         let actions = groups.drive(now, mls, &mut next_id, &mut self.writes);
+        let again = groups.reencrypt_ready(mls, &mut self.writes);
         for action in actions {
             self.perform(now, action);
+        }
+        for (msg_id, conv, result) in again {
+            match result {
+                Ok(body) => {
+                    // Same id, new ciphertext: the gateway never sequenced the old one.
+                    self.remove_from_outbox(msg_id);
+                    self.enqueue(now, conv, msg_id, body, None);
+                }
+                Err(_) => {
+                    self.remove_from_outbox(msg_id);
+                    if let Some(groups) = &mut self.groups {
+                        groups.forget_sent(msg_id, &mut self.writes);
+                    }
+                    self.outputs.push(NodeOutput::Event(NodeEvent::Rejected {
+                        msg_id,
+                        code: ErrorCode::NotMember,
+                    }));
+                }
+            }
         }
     }
 

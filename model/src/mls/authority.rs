@@ -10,8 +10,10 @@
 //!   the winner, and retries its change in the new epoch;
 //! - a commit or proposal for a future epoch is refused as well (no member can be ahead of the
 //!   authority, which saw every commit);
-//! - an application message for the current or an older epoch is accepted (members keep a few
-//!   past epochs' secrets and decrypt late messages); one for a future epoch is refused.
+//! - an application message for an older epoch is refused as stale too: the gateway accepts
+//!   application messages for the current epoch only, so every member of the group at the
+//!   message's seq (a member added by the commit just before included) can decrypt it; the
+//!   sender encrypts it again in the new epoch. One for a future epoch is refused.
 //!
 //! This module is the decision alone; the gateway applies it to conversations that are MLS
 //! groups, after deduplication (a retried commit that was accepted gets its original seq, never
@@ -125,6 +127,7 @@ impl EpochAuthority {
             }
             Kind::Proposal => Admission::Accept,
             Kind::Application if epoch > current => Admission::Future { current },
+            Kind::Application if epoch < current => Admission::Stale { current },
             Kind::Application => Admission::Accept,
         }
     }
@@ -283,8 +286,9 @@ mod tests {
             "bob lost the race"
         );
 
-        // An application message from the old epoch is still sequenced; Bob's retry, made
-        // after processing Alice's commit, is for the new epoch and wins.
+        // An application message from the old epoch is refused as stale too (Bob encrypts it
+        // again); Bob's retried commit, made after processing Alice's, is for the new epoch and
+        // wins.
         let late = b
             .create_message(
                 &bob.provider,
@@ -296,7 +300,10 @@ mod tests {
             .unwrap();
         let late = read_framing(&late).unwrap();
         assert_eq!((late.epoch, late.kind), (1, Kind::Application));
-        assert_eq!(authority.admit(late.epoch, late.kind), Admission::Accept);
+        assert_eq!(
+            authority.admit(late.epoch, late.kind),
+            Admission::Stale { current: 2 }
+        );
         b.clear_pending_commit(bob.provider.storage()).unwrap();
         let message = MlsMessageIn::tls_deserialize_exact(from_alice.as_slice())
             .unwrap()

@@ -243,6 +243,10 @@ pub struct DeviceGroups {
     sent: BTreeMap<MsgId, Bytes>,
     /// Conversations whose KeyPackage fetch is out, in the order the answers will come.
     fetches: VecDeque<ConversationId>,
+    /// Our application messages the gateway refused as made in an old epoch: encrypted again
+    /// once the group reaches the epoch named (not persisted: after a restart, the resend is
+    /// refused again and lands here again).
+    stale_messages: BTreeMap<MsgId, (ConversationId, u64)>,
 }
 
 impl core::fmt::Debug for DeviceGroups {
@@ -321,6 +325,7 @@ impl DeviceGroups {
             groups,
             sent,
             fetches: VecDeque::new(),
+            stale_messages: BTreeMap::new(),
         })
     }
 
@@ -724,8 +729,59 @@ impl DeviceGroups {
         }
     }
 
+    /// True if `msg_id` is one of our application messages not yet back from the gateway.
+    pub fn is_own_message(&self, msg_id: MsgId) -> bool {
+        self.sent.contains_key(&msg_id)
+    }
+
+    /// The gateway refused our application message as made before `epoch`: it is encrypted
+    /// again once the group is there ([`DeviceGroups::reencrypt_ready`]).
+    pub fn message_stale(&mut self, conv: ConversationId, msg_id: MsgId, epoch: u64) {
+        self.stale_messages.insert(msg_id, (conv, epoch));
+    }
+
+    /// Encrypts again, in the group's current epoch, every stale message whose group has
+    /// reached the epoch the gateway named. Returns `(msg_id, conversation, new body)`, or an
+    /// error for a message that can no longer be sent (we left the group).
+    #[allow(clippy::type_complexity)]
+    pub fn reencrypt_ready(
+        &mut self,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Vec<(MsgId, ConversationId, Result<Bytes, GroupError>)> {
+        let ready: Vec<(MsgId, ConversationId)> = self
+            .stale_messages
+            .iter()
+            .filter(|(_, (conv, epoch))| {
+                self.epoch(*conv).is_none_or(|e| e >= *epoch) || !self.is_member(*conv)
+            })
+            .map(|(id, (conv, _))| (*id, *conv))
+            .collect();
+        let mut done = Vec::new();
+        for (msg_id, conv) in ready {
+            self.stale_messages.remove(&msg_id);
+            let Some(plaintext) = self.sent.get(&msg_id).cloned() else {
+                continue;
+            };
+            let result = self.encrypt(conv, msg_id, &plaintext, mls, writes);
+            done.push((msg_id, conv, result));
+        }
+        done
+    }
+
+    fn is_member(&self, conv: ConversationId) -> bool {
+        self.groups.contains_key(&conv)
+            && self.entries.get(&conv).is_some_and(|e| {
+                matches!(
+                    e.status,
+                    GroupStatus::Synchronized | GroupStatus::PendingCommit { .. }
+                )
+            })
+    }
+
     /// Our message `msg_id` will never be sequenced (refused): forget its plaintext.
     pub fn forget_sent(&mut self, msg_id: MsgId, writes: &mut WriteBatch) {
+        self.stale_messages.remove(&msg_id);
         if self.sent.remove(&msg_id).is_some() {
             writes.delete(NODE_SENT_TABLE, msg_id.to_bytes().to_vec());
         }
