@@ -332,6 +332,8 @@ pub struct Gateway {
     /// Conversations that are MLS groups (the others are plain, created by an operator).
     groups: BTreeMap<ConversationId, GroupState>,
     inbox: BTreeMap<(DeviceId, ConversationId), InboxItem>,
+    /// When each inbox item last went out (in memory: a restart resends at session open).
+    inbox_sent: BTreeMap<(DeviceId, ConversationId), Instant>,
     memberships: BTreeMap<DeviceId, BTreeSet<ConversationId>>,
     cursors: BTreeMap<(DeviceId, ConversationId), u64>,
     admitted: BTreeSet<DevicePublicKey>,
@@ -382,6 +384,7 @@ impl Gateway {
             conversations: BTreeMap::new(),
             groups: BTreeMap::new(),
             inbox: BTreeMap::new(),
+            inbox_sent: BTreeMap::new(),
             memberships: BTreeMap::new(),
             cursors: BTreeMap::new(),
             admitted: BTreeSet::new(),
@@ -623,6 +626,7 @@ impl Gateway {
         for (conn, conv) in to_rewind {
             self.rewind(now, conn, conv, None);
         }
+        self.resend_inbox(now);
         self.collect_garbage(now);
         self.expire_tokens(now);
     }
@@ -781,7 +785,7 @@ impl Gateway {
                 self.upload_key_packages(conn, device, upload)
             }
             (Some(device), Payload::KeyPackageFetch(fetch)) => {
-                self.fetch_key_packages(now, conn, device, fetch)
+                self.fetch_key_packages(now, conn, device, fetch, routing.seq)
             }
             (Some(_), Payload::Goodbye(_)) => {
                 self.outputs.push(GatewayOutput::Close(conn));
@@ -968,6 +972,7 @@ impl Gateway {
             .map(|((_, conv), item)| (*conv, item.clone()))
             .collect();
         for (conv, item) in waiting {
+            self.inbox_sent.insert((device, conv), now);
             self.send_inbox_item(conn, conv, &item);
         }
         let convs: Vec<ConversationId> = self.sessions[&conn].streams.keys().copied().collect();
@@ -1027,17 +1032,24 @@ impl Gateway {
         }
     }
 
-    /// One KeyPackage per device of each requested user, the requesting device excluded.
+    /// One KeyPackage per device of each requested user, the requesting device excluded. The
+    /// answer (or the refusal) carries the request's id (the header's seq) back.
     fn fetch_key_packages(
         &mut self,
         now: Instant,
         conn: ConnectionId,
         requester: DeviceId,
         fetch: KeyPackageFetch,
+        request: u64,
     ) {
+        let routing = Routing {
+            seq: request,
+            ..Routing::default()
+        };
         if let Err(limited) = self.directory.admit_fetch(now, requester) {
             self.stats.key_package_fetches_limited += 1;
-            self.error(conn, ErrorCode::RateLimited, &limited.to_string(), None);
+            let message = limited.to_string();
+            self.error_in(conn, routing, ErrorCode::RateLimited, &message, None);
             return;
         }
         let mut targets: Vec<(UserId, DeviceId)> = Vec::new();
@@ -1073,7 +1085,7 @@ impl Gateway {
                 Fetched::Exhausted(device) => answer.exhausted.push(device.to_bytes().into()),
             }
         }
-        self.send(conn, Routing::default(), Payload::KeyPackages(answer));
+        self.send(conn, routing, Payload::KeyPackages(answer));
         for owner in drained {
             if let Some(&owner_conn) = self.online.get(&owner) {
                 self.send_key_package_count(owner_conn, owner);
@@ -1390,7 +1402,12 @@ impl Gateway {
             self.memberships.entry(*device).or_default().insert(conv);
             self.store_cursor(*device, conv, seq);
             let welcome = welcome.clone().expect("checked: adds carry a Welcome");
-            self.put_inbox(*device, conv, InboxItem::Welcome { seq, kind, welcome });
+            self.put_inbox(
+                now,
+                *device,
+                conv,
+                InboxItem::Welcome { seq, kind, welcome },
+            );
             if let Some(&conn) = self.online.get(device) {
                 if let Some(session) = self.sessions.get_mut(&conn) {
                     let stream = Stream {
@@ -1414,19 +1431,42 @@ impl Gateway {
                     session.streams.remove(&conv);
                 }
             }
-            self.put_inbox(*device, conv, InboxItem::Removed { seq });
+            self.put_inbox(now, *device, conv, InboxItem::Removed { seq });
         }
     }
 
     /// Puts an item in a device's inbox (replacing an older one for the conversation) and sends
     /// it at once if the device is online.
-    fn put_inbox(&mut self, device: DeviceId, conv: ConversationId, item: InboxItem) {
+    fn put_inbox(&mut self, now: Instant, device: DeviceId, conv: ConversationId, item: InboxItem) {
         self.writes
             .put(INBOX_TABLE, pair_key(device.0, conv.0), item.encode());
+        self.inbox.insert((device, conv), item.clone());
+        self.inbox_sent.remove(&(device, conv));
         if let Some(&conn) = self.online.get(&device) {
+            self.inbox_sent.insert((device, conv), now);
             self.send_inbox_item(conn, conv, &item);
         }
-        self.inbox.insert((device, conv), item);
+    }
+
+    /// Sends again every inbox item of an online device that has waited `redeliver_after` for
+    /// its acknowledgement (frames can be lost).
+    fn resend_inbox(&mut self, now: Instant) {
+        let due: Vec<(ConnectionId, DeviceId, ConversationId)> = self
+            .inbox
+            .keys()
+            .filter_map(|&(device, conv)| {
+                let conn = *self.online.get(&device)?;
+                let sent = self.inbox_sent.get(&(device, conv)).copied();
+                let due =
+                    sent.is_none_or(|t| now.saturating_since(t) >= self.config.redeliver_after);
+                due.then_some((conn, device, conv))
+            })
+            .collect();
+        for (conn, device, conv) in due {
+            let item = self.inbox[&(device, conv)].clone();
+            self.inbox_sent.insert((device, conv), now);
+            self.send_inbox_item(conn, conv, &item);
+        }
     }
 
     fn send_inbox_item(&mut self, conn: ConnectionId, conv: ConversationId, item: &InboxItem) {
@@ -1446,6 +1486,7 @@ impl Gateway {
             Some(item) if item.seq() <= seq => {
                 let removed = matches!(item, InboxItem::Removed { .. });
                 self.inbox.remove(&(device, conv));
+                self.inbox_sent.remove(&(device, conv));
                 self.writes.delete(INBOX_TABLE, pair_key(device.0, conv.0));
                 removed
             }
@@ -1526,6 +1567,13 @@ impl Gateway {
         let Some(log) = self.conversations.get(&conv) else {
             return;
         };
+        let device = self.sessions.get(&conn).and_then(Session::device);
+        if let Some(device) = device {
+            if let Some(InboxItem::Welcome { .. }) = self.inbox.get(&(device, conv)) {
+                // The device reads the group only once it has joined from its Welcome.
+                return;
+            }
+        }
         let Some(stream) = self
             .sessions
             .get_mut(&conn)

@@ -58,6 +58,9 @@ pub struct NodeConfig {
     pub heartbeat_interval: Duration,
     /// Silence from the gateway for this long means the connection is dead.
     pub idle_timeout: Duration,
+    /// A handshake (hello to session) that has not completed in this long starts over with a
+    /// new connection (a lost handshake frame is not retransmitted).
+    pub handshake_timeout: Duration,
     /// First reconnect delay cap; doubles per failed attempt.
     pub backoff_initial: Duration,
     /// Largest reconnect delay cap.
@@ -86,6 +89,7 @@ impl NodeConfig {
             key,
             heartbeat_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(15),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             resend_after: Duration::from_secs(3),
@@ -638,7 +642,7 @@ impl Node {
                 }
                 self.link = Link::Handshaking {
                     conn,
-                    deadline: now + self.config.idle_timeout,
+                    deadline: now + self.config.handshake_timeout,
                 };
                 let mut cursors: Vec<Cursor> = self
                     .cursors
@@ -717,6 +721,10 @@ impl Node {
                         next_heartbeat: now + self.heartbeat_interval,
                     };
                     self.resend_stale(now, conn);
+                    if let Some(groups) = &mut self.groups {
+                        groups.expire_fetches(now, self.config.resend_after);
+                    }
+                    self.drive_groups(now);
                 }
             }
             _ => {}
@@ -820,7 +828,7 @@ impl Node {
                 self.skip_expired(conn, routing.conversation, routing.seq);
             }
             Payload::KeyPackageCount(count) => self.replenish(now, conn, count),
-            Payload::KeyPackages(answer) => self.on_key_packages(now, answer.found),
+            Payload::KeyPackages(answer) => self.on_key_packages(now, routing.seq, answer.found),
             Payload::Welcome(welcome) => {
                 self.on_welcome(now, routing.conversation, welcome);
             }
@@ -829,11 +837,13 @@ impl Node {
                     return;
                 };
                 let conv = routing.conversation;
-                let action = groups.on_removed(conv, removed.seq, mls, &mut self.writes);
-                self.outputs.push(NodeOutput::Event(NodeEvent::RemovedFrom {
-                    conversation: conv,
-                    seq: removed.seq,
-                }));
+                let (action, news) = groups.on_removed(conv, removed.seq, mls, &mut self.writes);
+                if news {
+                    self.outputs.push(NodeOutput::Event(NodeEvent::RemovedFrom {
+                        conversation: conv,
+                        seq: removed.seq,
+                    }));
+                }
                 self.perform(now, action);
             }
             Payload::Error(report) => {
@@ -848,7 +858,7 @@ impl Node {
                     // Only KeyPackage fetches are rate limited: the waiting group tries again
                     // at its next chance.
                     if let Some(groups) = &mut self.groups {
-                        groups.fetch_refused();
+                        groups.fetch_refused(routing.seq);
                     }
                 }
                 let stale_message = code == ErrorCode::StaleEpoch
@@ -1175,11 +1185,15 @@ impl Node {
                 body,
                 welcome,
             } => self.enqueue(now, conversation, msg_id, body, welcome),
-            GroupAction::Fetch(users) => {
+            GroupAction::Fetch { request, users } => {
                 let fetch = KeyPackageFetch {
                     users: users.iter().map(|u| u.to_bytes().into()).collect(),
                 };
-                self.send_frame(conn, Routing::default(), Payload::KeyPackageFetch(fetch));
+                let routing = Routing {
+                    seq: request,
+                    ..Routing::default()
+                };
+                self.send_frame(conn, routing, Payload::KeyPackageFetch(fetch));
             }
             GroupAction::Joined { conversation, seq } => {
                 self.cursors.insert(conversation, seq);
@@ -1197,12 +1211,13 @@ impl Node {
         }
     }
 
-    fn on_key_packages(&mut self, now: Instant, found: Vec<FetchedKeyPackage>) {
+    fn on_key_packages(&mut self, now: Instant, request: u64, found: Vec<FetchedKeyPackage>) {
         let msg_id = self.new_msg_id();
         let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
             return;
         };
-        if let Some(action) = groups.on_key_packages(now, &found, mls, msg_id, &mut self.writes) {
+        let writes = &mut self.writes;
+        if let Some(action) = groups.on_key_packages(now, request, &found, mls, msg_id, writes) {
             self.perform(now, action);
         }
         self.drive_groups(now);

@@ -348,7 +348,13 @@ fn group_state_and_pending_commits_survive_restarts() {
 fn a_message_made_before_a_commit_it_missed_is_encrypted_again_in_the_new_epoch() {
     let mut net = three_devices();
     let now = net.now;
-    let room = net.nodes.get_mut(&1).unwrap().0.create_room(now, &[user("bob")]).unwrap();
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob")])
+        .unwrap();
     net.settle();
     // Alice writes while offline (epoch 1); meanwhile Bob's update moves the room to epoch 2.
     net.nodes.get_mut(&1).unwrap().0.go_offline(now);
@@ -360,9 +366,16 @@ fn a_message_made_before_a_commit_it_missed_is_encrypted_again_in_the_new_epoch(
     assert_eq!(net.gateway.group(room).unwrap().epoch(), 2);
     net.nodes.get_mut(&1).unwrap().0.go_online(now);
     net.settle();
-    assert_eq!(net.gateway.stats().stale_messages, 1, "refused once as epoch 1");
+    assert_eq!(
+        net.gateway.stats().stale_messages,
+        1,
+        "refused once as epoch 1"
+    );
     for conn in [1, 2, 3] {
-        assert_eq!(plaintexts(&net, conn, room), vec![b"written on the train".to_vec()]);
+        assert_eq!(
+            plaintexts(&net, conn, room),
+            vec![b"written on the train".to_vec()]
+        );
     }
     assert_eq!(net.nodes[&1].0.outbox_len(), 0);
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));

@@ -32,6 +32,12 @@ pub struct CheckerStats {
     pub expired: u64,
     /// Group messages a member could not decrypt or apply.
     pub undecryptable: u64,
+    /// Commits applied by members (each member's application counts once).
+    pub commits_applied: u64,
+    /// Devices that joined a group from a Welcome.
+    pub joins: u64,
+    /// Devices told a commit removed them.
+    pub removals: u64,
 }
 
 /// Watches application-visible events for broken invariants.
@@ -186,8 +192,19 @@ impl Checker {
     /// A device joined an MLS conversation from a Welcome: it reads the conversation from
     /// `seq + 1` on (what came before is not for it).
     pub fn on_joined(&mut self, device: ActorIndex, conv: ConversationId, seq: u64) {
+        self.stats.joins += 1;
         let upto = self.delivered_upto(device, conv);
         self.delivered_upto.insert((device, conv), seq.max(upto));
+    }
+
+    /// A member applied a commit (it is also delivered, as its seq).
+    pub fn on_commit_applied(&mut self) {
+        self.stats.commits_applied += 1;
+    }
+
+    /// A device was told it was removed from a group.
+    pub fn on_removed(&mut self) {
+        self.stats.removals += 1;
     }
 
     /// A member could not decrypt or apply the message at `seq`.

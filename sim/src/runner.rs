@@ -63,6 +63,10 @@ struct JsonRun<'a> {
     frames_reordered: u64,
     connections: u64,
     lost_uncommitted: u64,
+    commits_applied: u64,
+    joins: u64,
+    removals: u64,
+    undecryptable: u64,
     faults: &'a std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -252,6 +256,10 @@ fn write_report(
             frames_reordered: r.net.reordered,
             connections: r.net.connections,
             lost_uncommitted: r.lost_uncommitted,
+            commits_applied: r.app.commits_applied,
+            joins: r.app.joins,
+            removals: r.app.removals,
+            undecryptable: r.app.undecryptable,
             faults: &r.faults,
         };
         writeln!(
@@ -266,7 +274,7 @@ fn write_report(
         };
         writeln!(
             out,
-            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}",
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}",
             r.scenario,
             r.seed,
             r.trace_hash,
@@ -275,6 +283,14 @@ fn write_report(
             wall_ms as f64 / 1000.0,
             r.app.delivered,
             r.app.accepted,
+            if r.app.joins + r.app.commits_applied > 0 {
+                format!(
+                    " mls commits-applied {} joins {} removals {}",
+                    r.app.commits_applied, r.app.joins, r.app.removals
+                )
+            } else {
+                String::new()
+            },
             if deterministic == Some(true) { " (deterministic)" } else { "" },
         )?;
     }

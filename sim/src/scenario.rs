@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
+use sund_model::groups::GroupKind;
+
 use crate::network::LinkProfile;
 
 /// Most devices one scenario may declare (the simulator is sized for tens of thousands).
@@ -272,7 +274,12 @@ impl Invariant {
     pub fn implemented(self) -> bool {
         matches!(
             self,
-            Invariant::NoLoss | Invariant::NoDuplicate | Invariant::Order | Invariant::Converge
+            Invariant::NoLoss
+                | Invariant::NoDuplicate
+                | Invariant::Order
+                | Invariant::Converge
+                | Invariant::EpochAgreement
+                | Invariant::Decrypt
         )
     }
 }
@@ -293,6 +300,9 @@ pub struct UserDecl {
 pub struct ConversationDecl {
     /// Name.
     pub name: String,
+    /// An MLS group (DM or room) created by its first member device, or `None` for a plain
+    /// conversation the operator creates.
+    pub kind: Option<GroupKind>,
     /// Member sets.
     pub members: Vec<Target>,
     /// Authority gateway name.
@@ -308,6 +318,8 @@ pub struct Tunables {
     pub heartbeat: Option<Duration>,
     /// Idle timeout (node and gateway).
     pub idle_timeout: Option<Duration>,
+    /// Node handshake timeout.
+    pub handshake_timeout: Option<Duration>,
     /// Gateway redelivery delay.
     pub redeliver_after: Option<Duration>,
     /// Node resend delay.
@@ -667,6 +679,7 @@ struct PendingUser {
 
 struct PendingConversation {
     name: String,
+    kind: Option<GroupKind>,
     members: Vec<At<Target>>,
     gateway: Option<At<String>>,
     span: Span,
@@ -795,6 +808,20 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 let col = line.peek().map_or(line.end_column, |t| t.column);
                 gateway = Some((line.name("a gateway name")?, col));
             }
+            let mut kind = None;
+            if line.accept("kind") {
+                let word = line.next("a conversation kind (room or dm)")?;
+                kind = Some(match word.text {
+                    "room" => GroupKind::Room,
+                    "dm" => GroupKind::Dm,
+                    other => {
+                        return Err(line.error_at(
+                            word.column,
+                            format!("unknown conversation kind `{other}`; expected room or dm"),
+                        ))
+                    }
+                });
+            }
             line.keyword("members")?;
             while line.peek().is_some() {
                 members.push(line.target()?);
@@ -802,7 +829,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             if members.is_empty() {
                 return Err(line.error_at(line.end_column, "expected at least one member, found end of line".into()));
             }
-            b.conversations.push(PendingConversation { name, members, gateway, span });
+            b.conversations.push(PendingConversation { name, kind, members, gateway, span });
         }
         "network" => b.network = line.profile_patch()?.apply(b.network),
         "link" => {
@@ -827,6 +854,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             match key.text {
                 "heartbeat" => b.tunables.heartbeat = Some(line.duration("a heartbeat interval")?),
                 "idle-timeout" => b.tunables.idle_timeout = Some(line.duration("an idle timeout")?),
+                "handshake-timeout" => b.tunables.handshake_timeout = Some(line.duration("a handshake timeout")?),
                 "redeliver-after" => b.tunables.redeliver_after = Some(line.duration("a redelivery delay")?),
                 "resend-after" => b.tunables.resend_after = Some(line.duration("a resend delay")?),
                 "backoff-max" => b.tunables.backoff_max = Some(line.duration("a backoff cap")?),
@@ -1087,6 +1115,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
     let mut conversation_names = BTreeSet::new();
     for PendingConversation {
         name,
+        kind,
         members,
         gateway,
         span,
@@ -1120,6 +1149,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         conversations.push(ConversationDecl {
             gateway: default_gateway(span, &gateway)?,
             name,
+            kind,
             members: resolved,
             span,
         });

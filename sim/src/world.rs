@@ -33,6 +33,9 @@ use crate::rng::SimRng;
 use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
 use crate::trace::{Record, TraceHash};
 
+mod groups;
+use groups::SimConversation;
+
 /// Most events one run may process; a run that needs more is reported as exhausted.
 pub const EVENTS_MAX: u64 = 2_000_000_000;
 /// Interval of the convergence probe in the liveness phase.
@@ -125,6 +128,10 @@ enum EventKind {
         workload: usize,
         device: ActorIndex,
     },
+    /// The first member device of an MLS conversation creates it.
+    CreateGroup {
+        conversation: usize,
+    },
     EndOfWorkload,
     Probe,
 }
@@ -201,7 +208,7 @@ pub struct World {
     gateways: Vec<ActorIndex>,
     devices: Vec<ActorIndex>,
     user_devices: BTreeMap<String, Vec<ActorIndex>>,
-    conversations: Vec<(ConversationId, ActorIndex, Vec<ActorIndex>)>,
+    conversations: Vec<SimConversation>,
     conversation_ids: BTreeMap<String, usize>,
     network: Network,
     fault_rng: SimRng,
@@ -247,6 +254,10 @@ impl World {
         if let Some(i) = t.idle_timeout {
             gateway_config.session_idle_timeout = i;
             node_template.idle_timeout = i;
+            node_template.handshake_timeout = i;
+        }
+        if let Some(h) = t.handshake_timeout {
+            node_template.handshake_timeout = h;
         }
         if let Some(r) = t.redeliver_after {
             gateway_config.redeliver_after = r;
@@ -300,11 +311,14 @@ impl World {
                 // Stream 0 of the actor's key makes its device key; incarnations use 1, 2, ...
                 let key = DeviceKey::generate(&mut entropy_base.with_stream(0));
                 let device = key.device_id();
-                let config = NodeConfig {
+                let mut config = NodeConfig {
                     key,
                     device,
                     ..node_template.clone()
                 };
+                if groups::uses_mls(&scenario) {
+                    groups::enable_mls(&mut config, &user.name);
+                }
                 actors.push(Actor {
                     name: format!("{}/{}", user.name, d),
                     machine: Machine::Node(None, config),
@@ -375,7 +389,6 @@ impl World {
             let lands_with = match &s.action {
                 Action::Revoke(_) => Some("the identity and trust issue (certificates and CRL)"),
                 Action::Handover(..) => Some("the federation work (authority handover)"),
-                Action::Commit(..) => Some("the MLS conversations issue"),
                 _ => None,
             };
             if let Some(issue) = lands_with {
@@ -442,12 +455,29 @@ impl World {
                 .iter()
                 .map(|&m| self.actors[m as usize].device)
                 .collect();
-            self.conversation_ids
-                .insert(decl.name.clone(), self.conversations.len());
-            self.conversations.push((id, gateway, members));
-            self.with_gateway(gateway, |g, now| {
-                g.handle(now, GatewayInput::CreateConversation(id, devices))
+            let index = self.conversations.len();
+            self.conversation_ids.insert(decl.name.clone(), index);
+            self.conversations.push(SimConversation {
+                id: if decl.kind.is_some() {
+                    ConversationId(0) // named by its creator
+                } else {
+                    id
+                },
+                gateway,
+                members,
+                kind: decl.kind,
             });
+            match decl.kind {
+                None => self.with_gateway(gateway, |g, now| {
+                    g.handle(now, GatewayInput::CreateConversation(id, devices))
+                }),
+                Some(_) => self.push(
+                    groups::CREATE_AT_US,
+                    EventKind::CreateGroup {
+                        conversation: index,
+                    },
+                ),
+            }
         }
         for d in self.devices.clone() {
             self.start_actor(d);
@@ -869,6 +899,7 @@ impl World {
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&seq.to_le_bytes());
                 record.extend_from_slice(&epoch.to_le_bytes());
+                self.checker.on_commit_applied();
                 self.checker
                     .on_delivered(self.now, a, name, *conversation, *seq, *sender, *msg_id);
             }
@@ -881,6 +912,7 @@ impl World {
                 self.checker.on_joined(a, *conversation, *seq);
             }
             NodeEvent::RemovedFrom { conversation, seq } => {
+                self.checker.on_removed();
                 record.push(9);
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&seq.to_le_bytes());
@@ -1015,6 +1047,7 @@ impl World {
             }
             EventKind::Action { index, nominal } => self.run_action(index, nominal),
             EventKind::Send { workload, device } => self.workload_send(workload, device),
+            EventKind::CreateGroup { conversation } => self.create_group(conversation),
             EventKind::EndOfWorkload => self.begin_liveness(),
             EventKind::Probe => self.probe(),
         }
@@ -1033,9 +1066,8 @@ impl World {
         let stop = us(w.stop).min(self.duration_us);
         let size = w.size;
         let conv_index = self.conversation_ids[&w.conversation];
-        let (conv, _, members) = &self.conversations[conv_index];
-        let conv = *conv;
-        let member = members.binary_search(&device).is_ok();
+        let conv = self.conversations[conv_index].id;
+        let member = self.sends_to(conv_index, device);
         if self.actors[device as usize].up && member {
             self.sent_counter += 1;
             let mut body = format!("m{}:{}:", device, self.sent_counter).into_bytes();
@@ -1190,7 +1222,8 @@ impl World {
                     self.network.set_pair_profile(x, y, p);
                 }
             }
-            Action::Revoke(_) | Action::Handover(..) | Action::Commit(..) => {
+            Action::Commit(conv, who, kind) => self.commit_action(conv, who, *kind),
+            Action::Revoke(_) | Action::Handover(..) => {
                 unreachable!("rejected by check_supported")
             }
         }
@@ -1228,10 +1261,18 @@ impl World {
 
     /// Why the system has not converged yet, or `None` if it has.
     fn not_converged(&self) -> Option<String> {
-        for (conv, gateway, members) in &self.conversations {
+        for c in &self.conversations {
+            let (conv, gateway) = (&c.id, &c.gateway);
             let Machine::Gateway(Some(g), _) = &self.actors[*gateway as usize].machine else {
                 return Some(format!("{} is down", self.actors[*gateway as usize].name));
             };
+            if c.kind.is_some() {
+                if let Some(why) = self.group_not_converged(c, g) {
+                    return Some(why);
+                }
+                continue;
+            }
+            let members = &c.members;
             let head = g.conversation_head(*conv).unwrap_or(0);
             if let Some((_, seq)) = self
                 .checker

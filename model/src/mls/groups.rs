@@ -182,8 +182,13 @@ pub enum GroupAction {
         /// Its Welcome.
         welcome: Option<Bytes>,
     },
-    /// Ask the gateway for KeyPackages of these users' devices.
-    Fetch(Vec<UserId>),
+    /// Ask the gateway for KeyPackages of these users' devices; the answer names `request`.
+    Fetch {
+        /// Request id (the fetch frame's seq; the gateway echoes it).
+        request: u64,
+        /// Users whose devices are wanted.
+        users: Vec<UserId>,
+    },
     /// We joined at `seq`: the conversation's cursor moves there, and `seq` is acknowledged.
     Joined {
         /// Conversation.
@@ -241,8 +246,9 @@ pub struct DeviceGroups {
     entries: BTreeMap<ConversationId, GroupEntry>,
     groups: BTreeMap<ConversationId, MlsGroup>,
     sent: BTreeMap<MsgId, Bytes>,
-    /// Conversations whose KeyPackage fetch is out, in the order the answers will come.
-    fetches: VecDeque<ConversationId>,
+    /// KeyPackage fetches out: request id → conversation waiting, and when it was asked.
+    fetches: BTreeMap<u64, (ConversationId, Instant)>,
+    next_request: u64,
     /// Our application messages the gateway refused as made in an old epoch: encrypted again
     /// once the group reaches the epoch named (not persisted: after a restart, the resend is
     /// refused again and lands here again).
@@ -313,10 +319,22 @@ impl DeviceGroups {
             ) {
                 continue;
             }
-            let group = MlsGroup::load(mls.provider().storage(), &group_id(*conv))
-                .map_err(|e| corrupt(super::MLS_TABLE, format!("group {conv}: {e:?}")))?
-                .ok_or_else(|| corrupt(super::MLS_TABLE, format!("group {conv} is missing")))?;
-            groups.insert(*conv, group);
+            let loaded = MlsGroup::load(mls.provider().storage(), &group_id(*conv))
+                .map_err(|e| corrupt(super::MLS_TABLE, format!("group {conv}: {e:?}")))?;
+            match loaded {
+                Some(group) => {
+                    groups.insert(*conv, group);
+                }
+                // Asked for, not made yet: the group is created with its first commit.
+                None if entry.status == GroupStatus::Synchronized
+                    && matches!(entry.intents.front(), Some(Intent::Create { .. })) => {}
+                None => {
+                    return Err(corrupt(
+                        super::MLS_TABLE,
+                        format!("group {conv} is missing"),
+                    ))
+                }
+            }
         }
         Ok(DeviceGroups {
             device,
@@ -324,7 +342,8 @@ impl DeviceGroups {
             entries,
             groups,
             sent,
-            fetches: VecDeque::new(),
+            fetches: BTreeMap::new(),
+            next_request: 1,
             stale_messages: BTreeMap::new(),
         })
     }
@@ -432,9 +451,20 @@ impl DeviceGroups {
         self.fetches.clear();
     }
 
-    /// A fetch was refused (rate limit): the conversation waiting for it tries again later.
-    pub fn fetch_refused(&mut self) {
-        self.fetches.pop_front();
+    /// A fetch was refused (rate limit): the conversation waiting for it tries again at its
+    /// next chance.
+    pub fn fetch_refused(&mut self, request: u64) {
+        self.fetches.remove(&request);
+    }
+
+    /// Forgets fetches unanswered for `timeout` (a frame was lost), so they are asked again.
+    pub fn expire_fetches(&mut self, now: Instant, timeout: core::time::Duration) {
+        self.fetches
+            .retain(|_, (_, asked)| now.saturating_since(*asked) < timeout);
+    }
+
+    fn fetching(&self, conv: ConversationId) -> bool {
+        self.fetches.values().any(|(c, _)| *c == conv)
     }
 
     /// Moves every group whose front intent can go now: a fetch for adds, or a commit. `next_id`
@@ -453,7 +483,7 @@ impl DeviceGroups {
             .filter(|(conv, e)| {
                 e.status == GroupStatus::Synchronized
                     && !e.intents.is_empty()
-                    && !self.fetches.contains(conv)
+                    && !self.fetching(**conv)
                     && self.epoch(**conv).unwrap_or(0) >= e.retry_at_epoch
             })
             .map(|(conv, _)| *conv)
@@ -462,8 +492,10 @@ impl DeviceGroups {
             let intent = self.entries[&conv].intents[0].clone();
             match intent.users() {
                 Some(users) => {
-                    self.fetches.push_back(conv);
-                    actions.push(GroupAction::Fetch(users));
+                    let request = self.next_request;
+                    self.next_request += 1;
+                    self.fetches.insert(request, (conv, now));
+                    actions.push(GroupAction::Fetch { request, users });
                 }
                 None => {
                     if let Some(action) = self.commit(now, conv, &[], mls, next_id(), writes) {
@@ -475,16 +507,17 @@ impl DeviceGroups {
         actions
     }
 
-    /// KeyPackages arrived for the oldest outstanding fetch: the waiting conversation commits.
+    /// KeyPackages arrived for fetch `request`: the waiting conversation commits.
     pub fn on_key_packages(
         &mut self,
         now: Instant,
+        request: u64,
         found: &[FetchedKeyPackage],
         mls: &DeviceMls,
         msg_id: MsgId,
         writes: &mut WriteBatch,
     ) -> Option<GroupAction> {
-        let conv = self.fetches.pop_front()?;
+        let (conv, _) = self.fetches.remove(&request)?;
         let ready = self
             .entries
             .get(&conv)
@@ -919,23 +952,24 @@ impl DeviceGroups {
         Ok(joined)
     }
 
-    /// A notice from our inbox: the commit at `seq` removed this device.
+    /// A notice from our inbox: the commit at `seq` removed this device. Returns the
+    /// acknowledgement to send, and whether this is news (not a repeated notice).
     pub fn on_removed(
         &mut self,
         conv: ConversationId,
         seq: u64,
         mls: &DeviceMls,
         writes: &mut WriteBatch,
-    ) -> GroupAction {
+    ) -> (GroupAction, bool) {
         let ack = GroupAction::Acknowledge {
             conversation: conv,
             seq,
         };
         let Some(entry) = self.entries.get_mut(&conv) else {
-            return ack;
+            return (ack, false);
         };
         if matches!(entry.status, GroupStatus::Removed { .. }) {
-            return ack;
+            return (ack, false);
         }
         entry.status = GroupStatus::Removed { seq };
         entry.intents.clear();
@@ -944,7 +978,7 @@ impl DeviceGroups {
             mls.provider().take_writes(writes);
         }
         self.persist(conv, writes);
-        ack
+        (ack, true)
     }
 
     /// Processes the message sequenced at `seq` in a group conversation.

@@ -1,0 +1,235 @@
+//! MLS conversations in the simulated world: who creates them, what a `commit` action does,
+//! and when a group has converged.
+//!
+//! A conversation declared with `kind room` or `kind dm` is created by its first member device
+//! at [`CREATE_AT_US`], inviting the users of the other declared members. Devices whose
+//! KeyPackages were not available then (not yet connected, frames lost) are brought in by later
+//! `commit ... add` actions, which add every declared member missing from the committer's view.
+
+use sund_model::gateway::Gateway;
+use sund_model::groups::GroupKind;
+use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::mls::groups::{GroupStatus, Intent};
+use sund_model::mls::{LifetimePolicy, Randomness};
+use sund_model::node::NodeConfig;
+
+use super::{EventKind, Machine, World};
+use crate::network::ActorIndex;
+use crate::scenario::{CommitKind, Scenario, Target};
+
+/// When the creator of each MLS conversation creates it (devices have connected and uploaded
+/// their KeyPackages by then unless faults delayed them).
+pub(super) const CREATE_AT_US: u64 = 1_000_000;
+
+/// A declared conversation as the world tracks it.
+pub(super) struct SimConversation {
+    /// Its id (for an MLS conversation, known once its creator made it; 0 until then).
+    pub id: ConversationId,
+    /// Its authority gateway.
+    pub gateway: ActorIndex,
+    /// Declared member devices, sorted.
+    pub members: Vec<ActorIndex>,
+    /// `Some` for an MLS group.
+    pub kind: Option<GroupKind>,
+}
+
+/// True if any conversation of the scenario is an MLS group: then every device runs MLS.
+pub(super) fn uses_mls(scenario: &Scenario) -> bool {
+    scenario.conversations.iter().any(|c| c.kind.is_some())
+}
+
+/// Gives a simulated device its user and a deterministic MLS configuration.
+pub(super) fn enable_mls(config: &mut NodeConfig, user: &str) {
+    config.user = Some(UserId::from_name(user));
+    config.mls = Some(DeviceMlsConfig {
+        randomness: Randomness::Simulation,
+        lifetime: LifetimePolicy::Unbounded,
+        pool_target: 20,
+    });
+}
+
+impl World {
+    fn user_name(&self, a: ActorIndex) -> &str {
+        let name = &self.actors[a as usize].name;
+        name.split('/').next().unwrap_or(name)
+    }
+
+    fn node(&self, a: ActorIndex) -> Option<&sund_model::node::Node> {
+        match &self.actors[a as usize].machine {
+            Machine::Node(Some(n), _) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The creator of conversation `index` makes it now (or later, if it is down).
+    pub(super) fn create_group(&mut self, index: usize) {
+        let c = &self.conversations[index];
+        let kind = c.kind.expect("an MLS conversation");
+        let creator = c.members[0];
+        let own = self.user_name(creator).to_string();
+        let mut users: Vec<UserId> = Vec::new();
+        for &m in &c.members {
+            let name = self.user_name(m);
+            let user = UserId::from_name(name);
+            if name != own && !users.contains(&user) {
+                users.push(user);
+            }
+        }
+        if !self.actors[creator as usize].up {
+            self.push(
+                self.now + CREATE_AT_US,
+                EventKind::CreateGroup {
+                    conversation: index,
+                },
+            );
+            return;
+        }
+        let mut id = None;
+        self.with_node(creator, |n, now| {
+            id = match kind {
+                GroupKind::Dm => n.create_dm(now, users[0]).ok(),
+                GroupKind::Room => n.create_room(now, &users).ok(),
+            };
+        });
+        let id = id.expect("simulated devices have a user and MLS");
+        self.conversations[index].id = id;
+    }
+
+    /// True if `device` can send to conversation `index` now.
+    pub(super) fn sends_to(&self, index: usize, device: ActorIndex) -> bool {
+        let c = &self.conversations[index];
+        if c.kind.is_none() {
+            return c.members.binary_search(&device).is_ok();
+        }
+        self.node(device)
+            .and_then(|n| n.groups()?.entry(c.id).map(|e| e.status.clone()))
+            .is_some_and(|s| {
+                matches!(
+                    s,
+                    GroupStatus::Synchronized | GroupStatus::PendingCommit { .. }
+                )
+            })
+    }
+
+    /// `commit CONV from WHO KIND`: each device of WHO that is in the group queues the change.
+    pub(super) fn commit_action(&mut self, conv: &str, who: &Target, kind: CommitKind) {
+        let index = self.conversation_ids[conv];
+        let id = self.conversations[index].id;
+        let group_kind = self.conversations[index].kind;
+        let declared = self.conversations[index].members.clone();
+        for device in self.resolve(who) {
+            if !self.sends_to(index, device) {
+                continue;
+            }
+            let Some(members) = self
+                .node(device)
+                .and_then(|n| n.groups())
+                .map(|g| g.mls_members(id))
+            else {
+                continue;
+            };
+            let me = self.actors[device as usize].device;
+            let intent = match kind {
+                CommitKind::Update => Some(Intent::Update),
+                CommitKind::Add => {
+                    let mut users: Vec<UserId> = Vec::new();
+                    for &m in &declared {
+                        let user = UserId::from_name(self.user_name(m));
+                        let missing = !members.contains(&self.actors[m as usize].device);
+                        if missing && !users.contains(&user) {
+                            users.push(user);
+                        }
+                    }
+                    (!users.is_empty()).then(|| {
+                        Intent::AddUsers(users.iter().map(|u| u.to_bytes().into()).collect())
+                    })
+                }
+                CommitKind::Remove => {
+                    // A DM member removes only its own user's devices; in a room, anyone but
+                    // itself (the gateway refuses what its role does not allow).
+                    let own = self.user_name(device).to_string();
+                    let candidates: Vec<DeviceId> = declared
+                        .iter()
+                        .filter(|&&m| {
+                            let d = self.actors[m as usize].device;
+                            d != me
+                                && members.contains(&d)
+                                && (group_kind != Some(GroupKind::Dm) || self.user_name(m) == own)
+                        })
+                        .map(|&m| self.actors[m as usize].device)
+                        .collect();
+                    (!candidates.is_empty()).then(|| {
+                        let pick = candidates[self.fault_rng.index(candidates.len())];
+                        Intent::RemoveDevice(pick.to_bytes().into())
+                    })
+                }
+            };
+            if let Some(intent) = intent {
+                self.with_node(device, |n, now| {
+                    let _ = n.change_group(now, id, intent);
+                });
+            }
+        }
+    }
+
+    /// Why an MLS conversation has not converged: every member device the gateway lists has
+    /// read to the head, has nothing queued, and shares the gateway's epoch and one epoch
+    /// authenticator.
+    pub(super) fn group_not_converged(&self, c: &SimConversation, g: &Gateway) -> Option<String> {
+        let conv = c.id;
+        let Some(group) = g.group(conv) else {
+            return Some(format!("{conv} was never created"));
+        };
+        let head = g.conversation_head(conv).unwrap_or(0);
+        let mut agreed: Option<(String, Vec<u8>)> = None;
+        for &device in group.devices().keys() {
+            let Some(&a) = self
+                .devices
+                .iter()
+                .find(|&&a| self.actors[a as usize].device == device)
+            else {
+                continue;
+            };
+            let name = &self.actors[a as usize].name;
+            let Some(node) = self.node(a) else {
+                return Some(format!("{name} is down"));
+            };
+            let upto = self.checker.delivered_upto(a, conv);
+            if upto != head {
+                return Some(format!("{name} has read {conv} up to seq {upto} of {head}"));
+            }
+            let groups = node.groups().expect("simulated devices run MLS");
+            let Some(entry) = groups.entry(conv) else {
+                return Some(format!(
+                    "{name} is a member of {conv} but has not joined it"
+                ));
+            };
+            if entry.status != GroupStatus::Synchronized || !entry.intents.is_empty() {
+                return Some(format!(
+                    "{name} is {:?} with {} changes queued in {conv}",
+                    entry.status,
+                    entry.intents.len()
+                ));
+            }
+            let epoch = groups.epoch(conv).unwrap_or(0);
+            if epoch != group.epoch() {
+                return Some(format!(
+                    "{name} is at epoch {epoch} of {conv}, the gateway at {}",
+                    group.epoch()
+                ));
+            }
+            let authenticator = groups.epoch_authenticator(conv).unwrap_or_default();
+            match &agreed {
+                None => agreed = Some((name.clone(), authenticator)),
+                Some((first, a)) if *a != authenticator => {
+                    return Some(format!(
+                        "{name} and {first} disagree on the epoch authenticator of {conv} at epoch {epoch}"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        None
+    }
+}
