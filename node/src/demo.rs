@@ -1,5 +1,7 @@
-//! `sund demo`: a gateway and three devices on loopback over real QUIC and redb, messages
-//! flowing, a gateway restart survived, a readable transcript.
+//! `sund demo`: a gateway and three devices on loopback over real QUIC and redb. Alice creates
+//! a room with Bob and Carol and a DM with Bob (MLS groups: Welcomes through the gateway),
+//! encrypted messages flow, the gateway restarts, and at the end the gateway's database is
+//! searched for every message text: the gateway stored ciphertext only.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,10 +13,10 @@ use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
 use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::Socket;
 use sund_model::gateway::{GatewayConfig, GatewayInput};
-use sund_model::ids::{ConversationId, DeviceId};
-use sund_model::node::NodeEvent;
+use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_node::device::Device;
-use sund_node::driver::{self as node_driver, NodeHandle};
+use sund_node::driver::{self as node_driver, GroupRequest, NodeHandle};
 
 const NAMES: [&str; 3] = ["alice", "bob", "carol"];
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -57,20 +59,6 @@ pub async fn run() -> Result<(), String> {
         println!("[{name:<7}] device {} admitted", device.key.device_id());
         devices.push(device);
     }
-    let room = ConversationId::from_name("demo-room");
-    let dm = ConversationId::from_name("alice-bob");
-    let ids: Vec<DeviceId> = devices.iter().map(|d| d.key.device_id()).collect();
-    gateway
-        .admin(GatewayInput::CreateConversation(room, ids.clone()))
-        .await;
-    gateway
-        .admin(GatewayInput::CreateConversation(dm, ids[..2].to_vec()))
-        .await;
-    let conversations: BTreeMap<ConversationId, &str> = [(room, "demo-room"), (dm, "alice-bob")]
-        .into_iter()
-        .collect();
-    println!("[gateway] conversations: demo-room (alice, bob, carol), alice-bob (alice, bob)");
-
     let mut nodes = Vec::new();
     for device in &devices {
         nodes.push(
@@ -79,12 +67,29 @@ pub async fn run() -> Result<(), String> {
                 .map_err(|e| e.to_string())?,
         );
     }
-    let mut expected: BTreeMap<(usize, ConversationId), u64> = BTreeMap::new();
     let mut transcript = Transcript {
         names,
-        conversations,
+        conversations: BTreeMap::new(),
         delivered: BTreeMap::new(),
+        connected: BTreeMap::new(),
     };
+    // Everyone connects and uploads KeyPackages; then Alice creates the room and the DM.
+    transcript.wait_connected(&mut nodes).await?;
+    let bob = UserId::from_name("bob");
+    let carol = UserId::from_name("carol");
+    let room = group(&nodes[0], GroupRequest::Room(vec![bob, carol])).await?;
+    let dm = group(&nodes[0], GroupRequest::Dm(bob)).await?;
+    transcript.conversations.insert(room, "demo-room");
+    transcript.conversations.insert(dm, "alice-bob");
+    println!("[alice  ] creates MLS room demo-room (bob, carol) and a DM with bob");
+    let mut expected: BTreeMap<(usize, ConversationId), u64> = BTreeMap::new();
+    // Each group's first commit (seq 1) reaches its creator; the others join from Welcomes.
+    expected.insert((0, room), 1);
+    expected.insert((0, dm), 1);
+    for (who, conv) in [(1, room), (2, room), (1, dm)] {
+        expected.insert((who, conv), 1);
+    }
+    transcript.wait(&mut nodes, &expected).await?;
 
     let first = [
         (0, room, "hello everyone"),
@@ -120,7 +125,45 @@ pub async fn run() -> Result<(), String> {
         node.stop().await.map_err(|e| e.to_string())?;
     }
     gateway.shutdown().await.map_err(|e| e.to_string())?;
-    println!("demo: {total} deliveries, each exactly once and in seq order; the gateway restart lost nothing");
+    let texts: Vec<&str> = first.iter().chain(second.iter()).map(|m| m.2).collect();
+    search_gateway_database(&dir.path().join("gateway/gateway.redb"), &texts, &devices)?;
+    println!("demo: {total} deliveries (messages and commits), each exactly once and in seq order; the gateway restart lost nothing");
+    Ok(())
+}
+
+/// Asks for a group and returns its conversation.
+async fn group(node: &NodeHandle, request: GroupRequest) -> Result<ConversationId, String> {
+    node.group(request)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Reads the gateway's database file and looks for every message text: none may be there. As a
+/// control, the device ids the gateway does store in the clear must be found.
+fn search_gateway_database(
+    path: &std::path::Path,
+    texts: &[&str],
+    devices: &[Device],
+) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    let control = devices
+        .iter()
+        .all(|d| contains(&d.key.device_id().to_bytes()));
+    if !control {
+        return Err("the search does not find what the gateway stores in the clear".into());
+    }
+    if let Some(text) = texts.iter().find(|t| contains(t.as_bytes())) {
+        return Err(format!(
+            "the gateway's database holds the plaintext {text:?}"
+        ));
+    }
+    println!(
+        "[gateway] searched its database ({} KiB) for all {} message texts: none found, only ciphertext",
+        bytes.len() / 1024,
+        texts.len()
+    );
     Ok(())
 }
 
@@ -154,11 +197,33 @@ async fn send(
 struct Transcript {
     names: BTreeMap<DeviceId, &'static str>,
     conversations: BTreeMap<ConversationId, &'static str>,
-    /// Per (device, conversation): the seqs delivered, in order.
+    /// Per (device, conversation): the seqs delivered (messages and commits), in order.
     delivered: BTreeMap<(usize, ConversationId), Vec<u64>>,
+    /// Devices whose session is open.
+    connected: BTreeMap<usize, bool>,
 }
 
 impl Transcript {
+    /// Waits until every device has a session, and a little longer for its KeyPackages.
+    async fn wait_connected(&mut self, nodes: &mut [NodeHandle]) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while self.connected.values().filter(|c| **c).count() < nodes.len() {
+            for (i, node) in nodes.iter_mut().enumerate() {
+                while let Ok(event) = node.events.try_recv() {
+                    self.record(i, event)?;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "the devices did not all connect within {DEADLINE:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(())
+    }
+
     /// Drains events until every device has every message it should, checking order and
     /// uniqueness as it goes.
     async fn wait(
@@ -186,6 +251,13 @@ impl Transcript {
         }
     }
 
+    fn name_of(&self, conversation: ConversationId) -> &'static str {
+        self.conversations
+            .get(&conversation)
+            .copied()
+            .unwrap_or("?")
+    }
+
     fn record(&mut self, device: usize, event: NodeEvent) -> Result<(), String> {
         let me = NAMES[device];
         match event {
@@ -197,8 +269,7 @@ impl Transcript {
                 ..
             } => {
                 let seqs = self.delivered.entry((device, conversation)).or_default();
-                if seqs.last().is_some_and(|&last| seq != last + 1) || (seqs.is_empty() && seq != 1)
-                {
+                if seqs.last().is_none_or(|&last| seq != last + 1) {
                     return Err(format!(
                         "{me} got seq {seq} of {conversation} after {seqs:?}"
                     ));
@@ -207,11 +278,50 @@ impl Transcript {
                 let from = self.names.get(&sender).copied().unwrap_or("?");
                 println!(
                     "[{me:<7}] <- {} seq {seq} from {from}: {}",
-                    self.conversations[&conversation],
+                    self.name_of(conversation),
                     String::from_utf8_lossy(&body)
                 );
             }
-            NodeEvent::Status(status) => println!("[{me:<7}] connection {status:?}"),
+            NodeEvent::Joined {
+                conversation, seq, ..
+            } => {
+                // A joiner reads from the commit that added it on.
+                self.delivered
+                    .entry((device, conversation))
+                    .or_default()
+                    .push(seq);
+                println!(
+                    "[{me:<7}] joined {} from its Welcome (epoch 1)",
+                    self.name_of(conversation)
+                );
+            }
+            NodeEvent::GroupChanged {
+                conversation,
+                seq,
+                epoch,
+                added,
+                ..
+            } => {
+                let seqs = self.delivered.entry((device, conversation)).or_default();
+                seqs.push(seq);
+                let added: Vec<&str> = added
+                    .iter()
+                    .map(|d| self.names.get(d).copied().unwrap_or("?"))
+                    .collect();
+                println!(
+                    "[{me:<7}] {} is at epoch {epoch}: added {}",
+                    self.name_of(conversation),
+                    added.join(", ")
+                );
+            }
+            NodeEvent::Undecryptable { reason, .. } => {
+                return Err(format!("{me} could not decrypt a message: {reason}"))
+            }
+            NodeEvent::Status(status) => {
+                self.connected
+                    .insert(device, status == ConnectionStatus::Connected);
+                println!("[{me:<7}] connection {status:?}");
+            }
             NodeEvent::Refused { message, .. } => {
                 return Err(format!("{me} was refused: {message}"))
             }

@@ -4,8 +4,9 @@
 //! DATA_DIR/device.key        32-byte Ed25519 seed, owner-only permissions
 //! DATA_DIR/node.toml         gateway = "HOST:PORT"
 //! DATA_DIR/gateway-cert.der  the gateway's certificate, pinned
-//! DATA_DIR/node.redb         outbox, cursors, resume token
-//! DATA_DIR/conversations     names of conversations this device used, one per line
+//! DATA_DIR/node.redb         outbox, cursors, resume token, MLS state
+//! DATA_DIR/conversations     local names of conversations: `NAME` or `NAME=ID`, one per line
+//! DATA_DIR/contacts          user names this device has used, one per line
 //! ```
 
 use std::collections::BTreeMap;
@@ -140,25 +141,86 @@ impl Device {
         })
     }
 
-    /// Remembers a conversation name, so that `follow` can print it instead of its id.
+    /// Remembers the name of an operator-made conversation (its id follows from the name), so
+    /// that `follow` can print it instead of its id.
     pub fn remember_conversation(&self, name: &str) -> Result<(), DeviceError> {
+        self.name_conversation(name, ConversationId::from_name(name))
+    }
+
+    /// Gives a conversation a local name (DMs and rooms have random or derived ids).
+    pub fn name_conversation(&self, name: &str, id: ConversationId) -> Result<(), DeviceError> {
         let path = self.data_dir.join("conversations");
         let mut names = self.conversation_names();
-        if names.values().any(|n| n == name) {
+        if names.get(&id).is_some_and(|n| n == name) {
             return Ok(());
         }
-        names.insert(ConversationId::from_name(name), name.to_string());
-        let text: String = names.values().map(|n| format!("{n}\n")).collect();
+        names.retain(|_, n| n != name);
+        names.insert(id, name.to_string());
+        let text: String = names
+            .iter()
+            .map(|(id, n)| {
+                if *id == ConversationId::from_name(n) {
+                    format!("{n}\n")
+                } else {
+                    format!("{n}={:032x}\n", id.0)
+                }
+            })
+            .collect();
         std::fs::write(&path, text).map_err(io(&path))
     }
 
-    /// The conversation names this device knows, by id.
+    /// The conversation names this device knows, by id. Each line of the file is `NAME`
+    /// (an operator-made conversation, id derived from the name) or `NAME=ID` (32 hex digits).
     pub fn conversation_names(&self) -> BTreeMap<ConversationId, String> {
         let text = std::fs::read_to_string(self.data_dir.join("conversations")).unwrap_or_default();
         text.lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
-            .map(|n| (ConversationId::from_name(n), n.to_string()))
+            .filter_map(|line| match line.split_once('=') {
+                Some((name, hex)) => u128::from_str_radix(hex, 16)
+                    .ok()
+                    .map(|id| (ConversationId(id), name.to_string())),
+                None => Some((ConversationId::from_name(line), line.to_string())),
+            })
+            .collect()
+    }
+
+    /// The conversation a name stands for: a name this device knows, a full id
+    /// (`conv:` and 32 hex digits), or else an operator-made conversation of that name.
+    pub fn resolve_conversation(&self, name: &str) -> ConversationId {
+        if let Some((id, _)) = self.conversation_names().iter().find(|(_, n)| *n == name) {
+            return *id;
+        }
+        let hex = name.strip_prefix("conv:").unwrap_or("");
+        match (hex.len(), u128::from_str_radix(hex, 16)) {
+            (32, Ok(id)) => ConversationId(id),
+            _ => ConversationId::from_name(name),
+        }
+    }
+
+    /// Remembers a person's user name, so that output can show names instead of user ids.
+    pub fn remember_user(&self, name: &str) -> Result<(), DeviceError> {
+        let path = self.data_dir.join("contacts");
+        let mut names = self.user_names();
+        if names
+            .insert(UserId::from_name(name), name.to_string())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let text: String = names.values().map(|n| format!("{n}\n")).collect();
+        std::fs::write(&path, text).map_err(io(&path))
+    }
+
+    /// The user names this device knows (its own, and everyone it named), by user id.
+    pub fn user_names(&self) -> BTreeMap<UserId, String> {
+        let text = std::fs::read_to_string(self.data_dir.join("contacts")).unwrap_or_default();
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .chain(self.user.clone())
+            .map(|n| (UserId::from_name(&n), n))
             .collect()
     }
 

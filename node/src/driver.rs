@@ -21,9 +21,11 @@ use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::{self, FrameReader, Socket, WriterCommand};
 use sund_gateway::store::RedbStore;
 use sund_model::env::Ready;
+use sund_model::groups::GroupKind;
 use sund_model::identity::DeviceKey;
-use sund_model::ids::{ConnectionId, ConversationId, MsgId, UserId};
+use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::mls::groups::{GroupError, GroupStatus, Intent};
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
 };
@@ -95,8 +97,43 @@ enum Command {
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
+    Group {
+        request: GroupRequest,
+        reply: oneshot::Sender<Result<ConversationId, GroupError>>,
+    },
+    Groups {
+        reply: oneshot::Sender<Vec<GroupSummary>>,
+    },
     Reconnect,
     Stop,
+}
+
+/// A change to this device's groups, asked for by the application.
+#[derive(Clone, Debug)]
+pub enum GroupRequest {
+    /// Start (or find) the DM with a user.
+    Dm(UserId),
+    /// Create a room inviting these users.
+    Room(Vec<UserId>),
+    /// Change a group (add users, remove a user or device, update keys, set a role).
+    Change(ConversationId, Intent),
+}
+
+/// One group as `sund devices` shows it.
+#[derive(Clone, Debug)]
+pub struct GroupSummary {
+    /// Conversation.
+    pub conversation: ConversationId,
+    /// DM or room.
+    pub kind: GroupKind,
+    /// Where this device stands.
+    pub status: GroupStatus,
+    /// The MLS epoch.
+    pub epoch: Option<u64>,
+    /// Member devices and their users.
+    pub members: Vec<(DeviceId, UserId)>,
+    /// Changes still queued.
+    pub queued: usize,
 }
 
 enum LinkInput {
@@ -178,6 +215,30 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)
     }
 
+    /// Asks for a group change; returns the conversation once the request is durable (the
+    /// change itself happens when the gateway sequences its commit: watch the events).
+    pub async fn group(
+        &self,
+        request: GroupRequest,
+    ) -> Result<Result<ConversationId, GroupError>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Group { request, reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// This device's groups.
+    pub async fn groups(&self) -> Result<Vec<GroupSummary>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Groups { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
     /// Disconnects cleanly and stops.
     pub async fn stop(self) -> Result<(), NodeError> {
         let _ = self.commands.send(Command::Stop).await;
@@ -217,13 +278,19 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     })
 }
 
-/// What a commit releases: the state machine's outputs and the driver's replies to `send`.
+/// What a commit releases: the state machine's outputs and the driver's replies to commands
+/// (a reply says "durable", so it waits for the commit).
 enum Released {
     Model(NodeOutput),
-    SendReply(
-        oneshot::Sender<Result<MsgId, SendError>>,
-        Result<MsgId, SendError>,
-    ),
+    Reply(Box<dyn FnOnce() + Send>),
+}
+
+type Reply = Box<dyn FnOnce() + Send>;
+
+fn reply<T: Send + 'static>(to: oneshot::Sender<T>, value: T) -> Reply {
+    Box::new(move || {
+        let _ = to.send(value);
+    })
 }
 
 struct Core {
@@ -277,8 +344,23 @@ async fn core_loop(
                             stop = true;
                             break;
                         }
-                        Some(Command::Send { conversation, body, reply }) => {
-                            replies.push((reply, core.node.send(clock.now(), conversation, body)));
+                        Some(Command::Send { conversation, body, reply: to }) => {
+                            let result = core.node.send(clock.now(), conversation, body);
+                            replies.push(reply(to, result));
+                        }
+                        Some(Command::Group { request, reply: to }) => {
+                            let now = clock.now();
+                            let result = match request {
+                                GroupRequest::Dm(user) => core.node.create_dm(now, user),
+                                GroupRequest::Room(users) => core.node.create_room(now, &users),
+                                GroupRequest::Change(conv, intent) => {
+                                    core.node.change_group(now, conv, intent).map(|()| conv)
+                                }
+                            };
+                            replies.push(reply(to, result));
+                        }
+                        Some(Command::Groups { reply: to }) => {
+                            let _ = to.send(core.summaries());
                         }
                         Some(Command::Reconnect) => {
                             core.node.go_offline(clock.now());
@@ -351,15 +433,29 @@ impl Core {
         }
     }
 
+    fn summaries(&self) -> Vec<GroupSummary> {
+        let Some(groups) = self.node.groups() else {
+            return Vec::new();
+        };
+        groups
+            .entries()
+            .map(|(conv, entry)| GroupSummary {
+                conversation: *conv,
+                kind: entry.group_kind(),
+                status: entry.status.clone(),
+                epoch: groups.epoch(*conv),
+                members: entry
+                    .members
+                    .iter()
+                    .map(|m| (DeviceId::from_bytes(*m.device), UserId::from_bytes(*m.user)))
+                    .collect(),
+                queued: entry.intents.len(),
+            })
+            .collect()
+    }
+
     /// Hands this round's writes and outputs, and the replies waiting for them, to the committer.
-    #[allow(clippy::type_complexity)]
-    fn submit(
-        &mut self,
-        replies: Vec<(
-            oneshot::Sender<Result<MsgId, SendError>>,
-            Result<MsgId, SendError>,
-        )>,
-    ) {
+    fn submit(&mut self, replies: Vec<Reply>) {
         let mut batch: Option<Ready<Released>> = None;
         while let Some(mut ready) = self.node.poll_ready() {
             // Message transmissions need not wait for the outbox commit (see `Ready`).
@@ -378,8 +474,8 @@ impl Core {
         }
         let mut batch =
             batch.unwrap_or_else(|| Ready::new(sund_model::env::WriteBatch::default(), Vec::new()));
-        for (reply, result) in replies {
-            batch.push_output(Released::SendReply(reply, result));
+        for reply in replies {
+            batch.push_output(Released::Reply(reply));
         }
         self.committer.submit(batch);
     }
@@ -389,8 +485,8 @@ impl Core {
         for output in outputs {
             let output = match output {
                 Released::Model(output) => output,
-                Released::SendReply(reply, result) => {
-                    let _ = reply.send(result);
+                Released::Reply(reply) => {
+                    reply();
                     continue;
                 }
             };

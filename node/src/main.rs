@@ -7,21 +7,80 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use sund_model::ids::ConversationId;
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::wire::payload::ErrorCode;
 use sund_node::device::Device;
 use sund_node::driver;
 
 mod demo;
+mod groups;
 
-/// Sund: messages between devices through a gateway. Until the MLS work lands, message bodies
-/// travel as plaintext inside the QUIC/TLS connection and are stored by the gateway as sent.
+/// Sund: end-to-end encrypted messages between devices through a gateway. DMs and rooms are MLS
+/// groups: the gateway orders and stores their ciphertext only. (Conversations an operator
+/// creates with `sund-gateway admin create-conversation` are not encrypted end to end.)
 #[derive(Parser)]
 #[command(name = "sund", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum RoomCommand {
+    /// Create a room (you own it), inviting users.
+    Create {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// A local name for the room.
+        name: String,
+        /// Users to invite.
+        #[arg(long = "invite")]
+        invite: Vec<String>,
+    },
+    /// Invite users (all their devices) to a room (owners and admins).
+    Invite {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The room's name.
+        name: String,
+        /// Users to invite.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove a user (all their devices) from a room (owners, and admins for members).
+    Remove {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The room's name.
+        name: String,
+        /// The user to remove.
+        user: String,
+    },
+    /// Make a user admin or member of a room you own.
+    Role {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The room's name.
+        name: String,
+        /// The user.
+        user: String,
+        /// admin, member or owner.
+        role: String,
+    },
+    /// Give a room this device joined (shown by `sund devices` as conv:…) a local name.
+    Name {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The room's id, as `sund devices` prints it.
+        id: String,
+        /// The name to use.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -44,7 +103,26 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
     },
-    /// Send one message (plaintext until MLS lands) and wait until the gateway acknowledges it.
+    /// Start a DM with a user (all of their devices and your other devices join it).
+    Dm {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The other person's user name.
+        user: String,
+    },
+    /// Create rooms, invite and remove people.
+    Room {
+        #[command(subcommand)]
+        command: RoomCommand,
+    },
+    /// Show the DMs and rooms of this device: their members' devices, epoch and state.
+    Devices {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+    },
+    /// Send one message (encrypted in a DM or room) and wait until the gateway acknowledges it.
     Send {
         /// The device's data directory.
         #[arg(long, default_value = "sund-device")]
@@ -131,6 +209,9 @@ async fn run(command: Command) -> Result<(), String> {
             conversations,
         } => follow(&data_dir, count, &conversations).await,
         Command::Status { data_dir } => status(&data_dir).await,
+        Command::Dm { data_dir, user } => groups::dm(&data_dir, &user).await,
+        Command::Room { command } => groups::room(command).await,
+        Command::Devices { data_dir } => groups::devices(&data_dir).await,
     }
 }
 
@@ -146,12 +227,15 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
-    let id = ConversationId::from_name(conversation);
-    let msg_id = node
-        .send(id, Bytes::from(message.to_string()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let id = device.resolve_conversation(conversation);
+    let msg_id = match node.send(id, Bytes::from(message.to_string())).await {
+        Ok(Ok(msg_id)) => msg_id,
+        Ok(Err(e)) => {
+            let _ = node.stop().await;
+            return Err(format!("cannot send to `{conversation}`: {e}"));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let deadline = tokio::time::sleep(Duration::from_secs(15));
     tokio::pin!(deadline);
     loop {
@@ -203,9 +287,11 @@ async fn follow(
             .map_err(|e| e.to_string())?;
     }
     let names = device.conversation_names();
+    let users = device.user_names();
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
+    let mut members = groups::members(&node).await;
     let mut seen = 0;
     loop {
         tokio::select! {
@@ -213,7 +299,8 @@ async fn follow(
             event = node.events.recv() => match event {
                 Some(NodeEvent::Delivered { conversation, seq, sender, body, .. }) => {
                     let conversation = names.get(&conversation).cloned().unwrap_or_else(|| conversation.to_string());
-                    println!("{conversation} seq {seq} from {sender}: {}", String::from_utf8_lossy(&body));
+                    let from = groups::who(sender, &members, &users);
+                    println!("{conversation} seq {seq} from {from}: {}", String::from_utf8_lossy(&body));
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {
                         break;
@@ -224,6 +311,10 @@ async fn follow(
                 }
                 Some(NodeEvent::Status(status)) => eprintln!("status: {}", describe(status)),
                 Some(NodeEvent::Refused { message, .. }) => eprintln!("refused by the gateway: {message}"),
+                Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::RemovedFrom { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
+                    members = groups::members(&node).await;
+                    eprintln!("{}", groups::describe_event(&event, &names, &members, &users));
+                }
                 Some(_) => {}
                 None => return Err("the node stopped unexpectedly".into()),
             }

@@ -15,7 +15,7 @@ fn sund(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
-fn help_lists_the_commands_and_says_bodies_are_plaintext_for_now() {
+fn help_lists_the_commands_and_says_what_is_encrypted() {
     let (code, stdout, _) = sund(&["--help"]);
     assert_eq!(code, 0);
     insta::assert_snapshot!(stdout);

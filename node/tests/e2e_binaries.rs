@@ -50,6 +50,10 @@ fn free_udp_port() -> u16 {
 
 /// Starts the gateway with debug logging appended to `DATA/../gateway.log`.
 fn start_gateway(data: &Path, port: u16) -> Child {
+    start_gateway_with(data, port, &[])
+}
+
+fn start_gateway_with(data: &Path, port: u16, extra: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -62,6 +66,7 @@ fn start_gateway(data: &Path, port: u16) -> Child {
             "--data-dir",
             data.to_str().unwrap(),
         ])
+        .args(extra)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(log)
@@ -317,4 +322,101 @@ fn commands_without_a_device_say_how_to_create_one() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("run `sund init --data-dir"), "{stderr}");
+}
+
+#[test]
+fn an_encrypted_dm_between_real_binaries_leaves_only_ciphertext_at_the_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let cert = cert.trim();
+    let addr = format!("127.0.0.1:{port}");
+    let a_dir = tmp.path().join("alice");
+    let b_dir = tmp.path().join("bob");
+    let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
+    for (dir, user) in [(a, "alice"), (b, "bob")] {
+        let init = [
+            "init",
+            "--data-dir",
+            dir,
+            "--gateway",
+            &addr,
+            "--gateway-cert",
+            cert,
+            "--user",
+            user,
+        ];
+        run(&sund(), &init);
+    }
+    let gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
+    // Bob follows; his node connects and uploads KeyPackages.
+    let mut follower = Guard(
+        Command::new(sund())
+            .args(["follow", "--data-dir", b, "--count", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = mpsc::channel();
+    let stdout = follower.0.stdout.take().unwrap();
+    let stderr = follower.0.stderr.take().unwrap();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(format!("out: {line}"));
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(format!("err: {line}"));
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("bob never printed {what:?}; he printed {seen:#?}"),
+            }
+        }
+    };
+    wait_for("status: connected");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let dm = run(&sund(), &["dm", "--data-dir", a, "bob"]);
+    assert!(dm.starts_with("dm @bob (conv:"), "{dm}");
+    assert!(
+        dm.contains("  bob: dev:"),
+        "bob's device is in the DM: {dm}"
+    );
+    let sent = run(
+        &sund(),
+        &["send", "--data-dir", a, "@bob", "MARKER-e2e a secret"],
+    );
+    assert_eq!(sent.trim(), "sent to @bob: seq 2");
+    wait_for("joined dm");
+    let line = wait_for("MARKER-e2e");
+    assert!(line.ends_with(": MARKER-e2e a secret"), "{line}");
+    assert!(follower.0.wait().unwrap().success());
+    let devices = run(&sund(), &["devices", "--data-dir", a]);
+    assert!(devices.contains("epoch 1, in sync"), "{devices}");
+    drop(gateway);
+
+    // What the gateway stored: the DM's ciphertext, never its text.
+    let db = std::fs::read(gw_dir.join("gateway.redb")).unwrap();
+    assert!(
+        !db.windows(10).any(|w| w == b"MARKER-e2e"),
+        "plaintext in gateway.redb"
+    );
+    let log = std::fs::read_to_string(gw_dir.with_file_name("gateway.log")).unwrap();
+    assert!(
+        !log.contains("MARKER-e2e"),
+        "plaintext in the gateway's log"
+    );
 }

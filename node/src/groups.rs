@@ -1,0 +1,393 @@
+//! `sund dm`, `sund room ...` and `sund devices`: DMs and rooms from the command line.
+//!
+//! Each command starts the device's node, asks for the change, and waits until the change is
+//! done (the group has nothing queued any more) or refused, so that the next command sees it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use sund_model::groups::{GroupKind, Role};
+use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::mls::groups::{DeviceGroups, GroupStatus, Intent};
+use sund_model::node::NodeEvent;
+use sund_node::device::Device;
+use sund_node::driver::{self, GroupRequest, GroupSummary, NodeHandle};
+
+use crate::RoomCommand;
+
+/// How long a command waits for its change to be sequenced.
+const GROUP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Member devices and their users, over every group of the device.
+pub type Members = BTreeMap<DeviceId, UserId>;
+
+/// The members of every group the running node is in.
+pub async fn members(node: &NodeHandle) -> Members {
+    node.groups()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|g| g.members)
+        .collect()
+}
+
+/// A device as people read it: `alice (dev:1a2b3c4d)` when the user is known.
+pub fn who(device: DeviceId, members: &Members, users: &BTreeMap<UserId, String>) -> String {
+    let short = format!("{device}");
+    let short = &short[..short.len().min(12)];
+    match members.get(&device).and_then(|u| users.get(u).cloned()) {
+        Some(name) => format!("{name} ({short})"),
+        None => match members.get(&device) {
+            Some(user) => format!("{user} ({short})"),
+            None => short.to_string(),
+        },
+    }
+}
+
+fn conv_name(conv: ConversationId, names: &BTreeMap<ConversationId, String>) -> String {
+    names
+        .get(&conv)
+        .cloned()
+        .unwrap_or_else(|| conv.to_string())
+}
+
+/// One line about a group event, for `follow`.
+pub fn describe_event(
+    event: &NodeEvent,
+    names: &BTreeMap<ConversationId, String>,
+    members: &Members,
+    users: &BTreeMap<UserId, String>,
+) -> String {
+    match event {
+        NodeEvent::Joined {
+            conversation,
+            seq,
+            kind,
+        } => format!(
+            "joined {kind} {} at seq {seq} (name it: sund room name {conversation} NAME)",
+            conv_name(*conversation, names)
+        ),
+        NodeEvent::GroupChanged {
+            conversation,
+            epoch,
+            sender,
+            added,
+            removed,
+            ..
+        } => {
+            let mut line = format!(
+                "{} epoch {epoch} by {}",
+                conv_name(*conversation, names),
+                who(*sender, members, users)
+            );
+            for d in added {
+                line.push_str(&format!(", added {}", who(*d, members, users)));
+            }
+            for d in removed {
+                line.push_str(&format!(", removed {d}"));
+            }
+            line
+        }
+        NodeEvent::RemovedFrom { conversation, .. } => {
+            format!(
+                "this device was removed from {}",
+                conv_name(*conversation, names)
+            )
+        }
+        NodeEvent::Undecryptable {
+            conversation,
+            seq,
+            reason,
+            ..
+        } => format!(
+            "{} seq {seq} could not be read: {reason}",
+            conv_name(*conversation, names)
+        ),
+        NodeEvent::GroupChangeRefused {
+            conversation,
+            message,
+            ..
+        } => format!(
+            "{}: the gateway refused a change: {message}",
+            conv_name(*conversation, names)
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+fn load(data_dir: &Path) -> Result<Device, String> {
+    Device::load(data_dir).map_err(|e| e.to_string())
+}
+
+/// Starts the node, asks for `request`, waits until the group has nothing queued, stops.
+async fn change(device: &Device, request: GroupRequest) -> Result<GroupSummary, String> {
+    if device.user.is_none() {
+        return Err(
+            "this device has no user; set one up with `sund init --user NAME` (DMs and rooms \
+             are between users)"
+                .into(),
+        );
+    }
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let conv = node
+            .group(request)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        wait_until_done(&mut node, conv).await
+    }
+    .await;
+    let _ = node.stop().await;
+    result
+}
+
+async fn wait_until_done(
+    node: &mut NodeHandle,
+    conv: ConversationId,
+) -> Result<GroupSummary, String> {
+    let deadline = tokio::time::sleep(GROUP_DEADLINE);
+    tokio::pin!(deadline);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                return Err(format!(
+                    "the change to {conv} was not done within {GROUP_DEADLINE:?}; it stays queued \
+                     and goes on with the next `sund` command (is the gateway reachable? \
+                     `sund status`)"
+                ));
+            }
+            event = node.events.recv() => match event {
+                Some(NodeEvent::GroupChangeRefused { conversation, message, .. }) if conversation == conv => {
+                    return Err(format!("the gateway refused the change: {message}"));
+                }
+                Some(NodeEvent::Refused { message, .. }) => {
+                    return Err(format!("the gateway refused this device: {message}"));
+                }
+                Some(_) => {}
+                None => return Err("the node stopped unexpectedly".into()),
+            },
+            _ = poll.tick() => {
+                let groups = node.groups().await.map_err(|e| e.to_string())?;
+                if let Some(g) = groups.into_iter().find(|g| g.conversation == conv) {
+                    match g.status {
+                        GroupStatus::Synchronized if g.queued == 0 && g.epoch.is_some() => return Ok(g),
+                        GroupStatus::Removed { .. } => {
+                            return Err(format!("this device is no longer in {conv}"));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn print_group(name: &str, g: &GroupSummary, users: &BTreeMap<UserId, String>, me: DeviceId) {
+    let epoch = g.epoch.map_or("-".to_string(), |e| e.to_string());
+    let state = match &g.status {
+        GroupStatus::Synchronized => "in sync".to_string(),
+        GroupStatus::PendingCommit { .. } => "committing".to_string(),
+        GroupStatus::PendingWelcome => "waiting for its Welcome".to_string(),
+        GroupStatus::Removed { .. } => "removed".to_string(),
+    };
+    let queued = if g.queued > 0 {
+        format!(", {} change(s) queued", g.queued)
+    } else {
+        String::new()
+    };
+    println!(
+        "{} {name} ({}) epoch {epoch}, {state}{queued}",
+        g.kind, g.conversation
+    );
+    let mut by_user: BTreeMap<UserId, Vec<DeviceId>> = BTreeMap::new();
+    for (d, u) in &g.members {
+        by_user.entry(*u).or_default().push(*d);
+    }
+    for (user, devices) in by_user {
+        let name = users
+            .get(&user)
+            .cloned()
+            .unwrap_or_else(|| user.to_string());
+        let list: Vec<String> = devices
+            .iter()
+            .map(|d| {
+                if *d == me {
+                    format!("{d} (this device)")
+                } else {
+                    d.to_string()
+                }
+            })
+            .collect();
+        println!("  {name}: {}", list.join(", "));
+    }
+}
+
+/// `sund dm USER`.
+pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
+    let device = load(data_dir)?;
+    if device.user.as_deref() == Some(user) {
+        return Err(format!(
+            "`{user}` is this device's own user; name the person to write to"
+        ));
+    }
+    device.remember_user(user).map_err(|e| e.to_string())?;
+    let group = change(&device, GroupRequest::Dm(UserId::from_name(user))).await?;
+    let name = format!("@{user}");
+    device
+        .name_conversation(&name, group.conversation)
+        .map_err(|e| e.to_string())?;
+    print_group(&name, &group, &device.user_names(), device.key.device_id());
+    if !group
+        .members
+        .iter()
+        .any(|(_, u)| *u == UserId::from_name(user))
+    {
+        println!(
+            "  {user} has no device with KeyPackages at the gateway yet; add them later with \
+             `sund room invite {name} {user}`"
+        );
+    }
+    println!("write with: sund send {name} MESSAGE");
+    Ok(())
+}
+
+fn parse_role(role: &str) -> Result<Role, String> {
+    match role {
+        "owner" => Ok(Role::Owner),
+        "admin" => Ok(Role::Admin),
+        "member" => Ok(Role::Member),
+        other => Err(format!(
+            "unknown role `{other}`; use owner, admin or member"
+        )),
+    }
+}
+
+fn known_group(device: &Device, name: &str) -> Result<ConversationId, String> {
+    let id = device.resolve_conversation(name);
+    if device.conversation_names().contains_key(&id) || name.starts_with("conv:") {
+        Ok(id)
+    } else {
+        Err(format!(
+            "this device knows no room `{name}`; `sund devices` lists its rooms, and \
+             `sund room name conv:ID {name}` names one it joined"
+        ))
+    }
+}
+
+/// `sund room ...`.
+pub async fn room(command: RoomCommand) -> Result<(), String> {
+    match command {
+        RoomCommand::Create {
+            data_dir,
+            name,
+            invite,
+        } => {
+            let device = load(&data_dir)?;
+            if device.conversation_names().values().any(|n| *n == name) {
+                return Err(format!(
+                    "this device already has a conversation named `{name}`"
+                ));
+            }
+            for user in &invite {
+                device.remember_user(user).map_err(|e| e.to_string())?;
+            }
+            let users = invite.iter().map(|u| UserId::from_name(u)).collect();
+            let group = change(&device, GroupRequest::Room(users)).await?;
+            device
+                .name_conversation(&name, group.conversation)
+                .map_err(|e| e.to_string())?;
+            print_group(&name, &group, &device.user_names(), device.key.device_id());
+            Ok(())
+        }
+        RoomCommand::Invite {
+            data_dir,
+            name,
+            users,
+        } => {
+            let device = load(&data_dir)?;
+            let conv = known_group(&device, &name)?;
+            for user in &users {
+                device.remember_user(user).map_err(|e| e.to_string())?;
+            }
+            let ids = users
+                .iter()
+                .map(|u| UserId::from_name(u).to_bytes().into())
+                .collect();
+            let group = change(&device, GroupRequest::Change(conv, Intent::AddUsers(ids))).await?;
+            print_group(&name, &group, &device.user_names(), device.key.device_id());
+            Ok(())
+        }
+        RoomCommand::Remove {
+            data_dir,
+            name,
+            user,
+        } => {
+            let device = load(&data_dir)?;
+            let conv = known_group(&device, &name)?;
+            let intent = Intent::RemoveUser(UserId::from_name(&user).to_bytes().into());
+            let group = change(&device, GroupRequest::Change(conv, intent)).await?;
+            print_group(&name, &group, &device.user_names(), device.key.device_id());
+            Ok(())
+        }
+        RoomCommand::Role {
+            data_dir,
+            name,
+            user,
+            role,
+        } => {
+            let device = load(&data_dir)?;
+            let conv = known_group(&device, &name)?;
+            let role = parse_role(&role)?;
+            let intent = DeviceGroups::role_change(UserId::from_name(&user), role);
+            change(&device, GroupRequest::Change(conv, intent)).await?;
+            println!("{user} is now {role} of {name}");
+            Ok(())
+        }
+        RoomCommand::Name { data_dir, id, name } => {
+            let device = load(&data_dir)?;
+            let hex = id.strip_prefix("conv:").unwrap_or(&id);
+            let parsed = u128::from_str_radix(hex, 16)
+                .ok()
+                .filter(|_| hex.len() == 32)
+                .ok_or_else(|| {
+                    format!("`{id}` is not a conversation id (conv: and 32 hex digits)")
+                })?;
+            device
+                .name_conversation(&name, ConversationId(parsed))
+                .map_err(|e| e.to_string())?;
+            println!("{name} = {}", ConversationId(parsed));
+            Ok(())
+        }
+    }
+}
+
+/// `sund devices`.
+pub async fn devices(data_dir: &Path) -> Result<(), String> {
+    let device = load(data_dir)?;
+    let node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let groups = node.groups().await.map_err(|e| e.to_string())?;
+    let _ = node.stop().await;
+    let names = device.conversation_names();
+    let users = device.user_names();
+    if groups.is_empty() {
+        println!("this device is in no DM or room yet: `sund dm USER` or `sund room create NAME`");
+    }
+    for g in &groups {
+        let name = names
+            .get(&g.conversation)
+            .cloned()
+            .unwrap_or_else(|| match g.kind {
+                GroupKind::Dm => "(unnamed DM)".to_string(),
+                GroupKind::Room => "(unnamed room)".to_string(),
+            });
+        print_group(&name, g, &users, device.key.device_id());
+    }
+    Ok(())
+}
