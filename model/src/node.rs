@@ -227,6 +227,18 @@ pub enum NodeEvent {
         /// What went wrong (no plaintext, no key material).
         reason: String,
     },
+    /// A group message this device was configured not to decrypt (simulation sampling in
+    /// large rooms; see `DeviceMlsConfig::decrypt_sample`).
+    Skipped {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Its seq.
+        seq: u64,
+        /// Originating device.
+        sender: DeviceId,
+        /// The sender's id for it.
+        msg_id: MsgId,
+    },
     /// The gateway refused a group change of ours (role, or an invalid commit); it is dropped.
     GroupChangeRefused {
         /// Conversation.
@@ -1045,6 +1057,7 @@ impl Node {
         }
         let processed = groups.on_deliver(
             conv,
+            seq,
             item.sender,
             item.msg_id,
             &item.body,
@@ -1071,6 +1084,12 @@ impl Node {
                 seq,
                 sender: item.sender,
                 reason,
+            }),
+            Processed::Skipped => Some(NodeEvent::Skipped {
+                conversation: conv,
+                seq,
+                sender: item.sender,
+                msg_id: item.msg_id,
             }),
             Processed::Nothing => None,
         }

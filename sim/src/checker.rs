@@ -38,6 +38,8 @@ pub struct CheckerStats {
     pub joins: u64,
     /// Devices told a commit removed them.
     pub removals: u64,
+    /// Group messages members skipped (decryption sampling); included in `delivered`.
+    pub skipped: u64,
 }
 
 /// Watches application-visible events for broken invariants.
@@ -200,6 +202,11 @@ impl Checker {
     /// A member applied a commit (it is also delivered, as its seq).
     pub fn on_commit_applied(&mut self) {
         self.stats.commits_applied += 1;
+    }
+
+    /// A member skipped a message it was not drawn to decrypt.
+    pub fn on_skipped(&mut self) {
+        self.stats.skipped += 1;
     }
 
     /// A device was told it was removed from a group.

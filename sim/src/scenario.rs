@@ -326,6 +326,10 @@ pub struct Tunables {
     pub resend_after: Option<Duration>,
     /// Gateway delivery window.
     pub window: Option<u64>,
+    /// MLS: about how many members decrypt each application message (large rooms).
+    pub decrypt_sample: Option<u32>,
+    /// MLS: how many one-time KeyPackages each device keeps at the gateway.
+    pub key_packages: Option<usize>,
     /// Node reconnect backoff cap.
     pub backoff_max: Option<Duration>,
     /// Gateway retention limit: older messages are dropped even if unacknowledged.
@@ -859,11 +863,13 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "resend-after" => b.tunables.resend_after = Some(line.duration("a resend delay")?),
                 "backoff-max" => b.tunables.backoff_max = Some(line.duration("a backoff cap")?),
                 "window" => b.tunables.window = Some(line.integer("a delivery window")?.max(1)),
+                "decrypt-sample" => b.tunables.decrypt_sample = Some(u32::try_from(line.integer("a number of members")?).unwrap_or(u32::MAX)),
+                "key-packages" => b.tunables.key_packages = Some(line.integer("a KeyPackage pool size")?.clamp(1, 1000) as usize),
                 "retention" => b.tunables.retention = Some(line.duration("a retention limit")?),
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window` or `retention`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample` or `key-packages`, found `{other}`"),
                     ))
                 }
             }

@@ -317,7 +317,7 @@ impl World {
                     ..node_template.clone()
                 };
                 if groups::uses_mls(&scenario) {
-                    groups::enable_mls(&mut config, &user.name);
+                    groups::enable_mls(&mut config, &user.name, &scenario.tunables);
                 }
                 actors.push(Actor {
                     name: format!("{}/{}", user.name, d),
@@ -928,6 +928,19 @@ impl World {
                 record.extend_from_slice(&seq.to_le_bytes());
                 self.checker
                     .on_undecryptable(self.now, a, name, *conversation, *seq, reason);
+            }
+            NodeEvent::Skipped {
+                conversation,
+                seq,
+                sender,
+                msg_id,
+            } => {
+                record.push(12);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                self.checker.on_skipped();
+                self.checker
+                    .on_delivered(self.now, a, name, *conversation, *seq, *sender, *msg_id);
             }
             NodeEvent::GroupChangeRefused {
                 conversation, code, ..

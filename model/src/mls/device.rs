@@ -30,6 +30,10 @@ pub struct DeviceMlsConfig {
     pub lifetime: LifetimePolicy,
     /// How many one-time KeyPackages an upload tops the pool up to.
     pub pool_target: usize,
+    /// Simulation of large rooms only: decrypt an application message only if this device is
+    /// among about this many members drawn for it (by the message's conversation and seq); the
+    /// others skip it, which MLS allows (a later message ratchets forward). `None`: decrypt all.
+    pub decrypt_sample: Option<u32>,
 }
 
 impl Default for DeviceMlsConfig {
@@ -38,6 +42,7 @@ impl Default for DeviceMlsConfig {
             randomness: Randomness::Production,
             lifetime: LifetimePolicy::default(),
             pool_target: 20,
+            decrypt_sample: None,
         }
     }
 }
@@ -153,6 +158,11 @@ impl DeviceMls {
     /// The signing key (for group operations).
     pub fn signer(&self) -> &SignatureKeyPair {
         &self.signer
+    }
+
+    /// See [`DeviceMlsConfig::decrypt_sample`].
+    pub fn decrypt_sample(&self) -> Option<u32> {
+        self.config.decrypt_sample
     }
 
     /// How this device sets lifetimes (for the leaf of a group it creates).

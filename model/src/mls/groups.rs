@@ -37,7 +37,7 @@ use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::groups::{AddedDevice, GroupKind, GroupOps, Role, RoleChange};
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
-use crate::wire::payload::{FetchedKeyPackage, RosterEntry, Welcome};
+use crate::wire::payload::{FetchedKeyPackage, RosterEntry, Welcome, FETCH_USERS_MAX};
 
 /// Table of the node's group entries: conversation id → CBOR record.
 pub const NODE_GROUPS_TABLE: Table = Table("node_groups");
@@ -221,6 +221,8 @@ pub enum Processed {
     },
     /// The message could not be used; delivery goes on after it.
     Failed(String),
+    /// An application message this device was not drawn to decrypt (simulation sampling).
+    Skipped,
     /// Nothing for the application (a message for a group we are not in any more).
     Nothing,
 }
@@ -408,16 +410,23 @@ impl DeviceGroups {
         if self.entries.contains_key(&conv) {
             return Ok(()); // creating the same DM twice is the same request
         }
-        let mut wanted: Vec<ByteArray<16>> = users
-            .iter()
-            .chain([&user])
-            .map(|u| ByteArray::from(u.to_bytes()))
-            .collect();
-        wanted.dedup();
+        let mut wanted: Vec<ByteArray<16>> = Vec::new();
+        for u in [&user].into_iter().chain(users) {
+            let u = ByteArray::from(u.to_bytes());
+            if !wanted.contains(&u) {
+                wanted.push(u);
+            }
+        }
+        // One fetch names at most FETCH_USERS_MAX users: the creating commit adds the first
+        // ones, later commits the rest.
+        let mut chunks = wanted.chunks(FETCH_USERS_MAX);
+        let first = chunks.next().unwrap_or_default().to_vec();
+        let mut intents = VecDeque::from([Intent::Create { users: first }]);
+        intents.extend(chunks.map(|c| Intent::AddUsers(c.to_vec())));
         let entry = GroupEntry {
             kind: kind as u8,
             status: GroupStatus::Synchronized,
-            intents: VecDeque::from([Intent::Create { users: wanted }]),
+            intents,
             members: vec![RosterEntry {
                 device: self.device.to_bytes().into(),
                 user: user.to_bytes().into(),
@@ -441,7 +450,14 @@ impl DeviceGroups {
             .get_mut(&conv)
             .filter(|e| !matches!(e.status, GroupStatus::Removed { .. }))
             .ok_or(GroupError::NotInGroup(conv))?;
-        entry.intents.push_back(intent);
+        match intent {
+            Intent::AddUsers(users) if users.len() > FETCH_USERS_MAX => {
+                for chunk in users.chunks(FETCH_USERS_MAX) {
+                    entry.intents.push_back(Intent::AddUsers(chunk.to_vec()));
+                }
+            }
+            intent => entry.intents.push_back(intent),
+        }
         self.persist(conv, writes);
         Ok(())
     }
@@ -982,9 +998,11 @@ impl DeviceGroups {
     }
 
     /// Processes the message sequenced at `seq` in a group conversation.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_deliver(
         &mut self,
         conv: ConversationId,
+        seq: u64,
         sender: DeviceId,
         msg_id: MsgId,
         body: &[u8],
@@ -1005,6 +1023,15 @@ impl DeviceGroups {
             Ok(message) => message,
             Err(e) => return Processed::Failed(e.to_string()),
         };
+        if let Some(sample) = mls.decrypt_sample() {
+            // The roster's size (counting MLS members would copy every leaf).
+            let members = self.entries.get(&conv).map_or(1, |e| e.members.len()) as u64;
+            if message.content_type() == ContentType::Application
+                && !drawn(conv, seq, self.device, members, sample)
+            {
+                return Processed::Skipped;
+            }
+        }
         let epoch_before = group.epoch().as_u64();
         let processed = match group.process_message(provider, message) {
             Ok(processed) => processed,
@@ -1148,4 +1175,18 @@ impl DeviceGroups {
     pub fn role_change(user: UserId, role: Role) -> Intent {
         Intent::SetRole(ByteArray::from(user.to_bytes()), role as u8)
     }
+}
+
+/// Whether `device` is among the about `sample` of `members` devices drawn to decrypt the
+/// message at `seq` (see [`super::device::DeviceMlsConfig::decrypt_sample`]).
+fn drawn(conv: ConversationId, seq: u64, device: DeviceId, members: u64, sample: u32) -> bool {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"sund/decrypt-sample/v1")
+        .chain_update(conv.to_bytes())
+        .chain_update(seq.to_be_bytes())
+        .chain_update(device.to_bytes())
+        .finalize();
+    let draw = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    draw % members.max(1) < u64::from(sample)
 }

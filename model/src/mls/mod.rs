@@ -99,9 +99,11 @@ pub fn capabilities() -> Capabilities {
     )
 }
 
-/// How many past epochs' secrets a member keeps, so that messages sent just before a commit
-/// still decrypt after it.
-pub const MAX_PAST_EPOCHS: usize = 8;
+/// How many past epochs' secrets a member keeps: none. The gateway sequences an application
+/// message only in the epoch it was made in (see `authority`), and members process the log in
+/// seq order, so a member is always in the epoch of the message it reads. Keeping past epochs
+/// would only cost: openmls stores all of them in one record, rewritten on every message.
+pub const MAX_PAST_EPOCHS: usize = 0;
 /// How far out of order one sender's messages may arrive (a node resends its outbox in id
 /// order, not in the order it encrypted the messages).
 pub const OUT_OF_ORDER_TOLERANCE: u32 = 1024;

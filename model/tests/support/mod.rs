@@ -34,6 +34,7 @@ pub fn mls_config() -> DeviceMlsConfig {
         randomness: Randomness::Simulation,
         lifetime: LifetimePolicy::Unbounded,
         pool_target: 12,
+        decrypt_sample: None,
     }
 }
 

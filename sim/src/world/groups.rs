@@ -16,7 +16,7 @@ use sund_model::node::NodeConfig;
 
 use super::{EventKind, Machine, World};
 use crate::network::ActorIndex;
-use crate::scenario::{CommitKind, Scenario, Target};
+use crate::scenario::{CommitKind, Scenario, Target, Tunables};
 
 /// When the creator of each MLS conversation creates it (devices have connected and uploaded
 /// their KeyPackages by then unless faults delayed them).
@@ -40,12 +40,13 @@ pub(super) fn uses_mls(scenario: &Scenario) -> bool {
 }
 
 /// Gives a simulated device its user and a deterministic MLS configuration.
-pub(super) fn enable_mls(config: &mut NodeConfig, user: &str) {
+pub(super) fn enable_mls(config: &mut NodeConfig, user: &str, tunables: &Tunables) {
     config.user = Some(UserId::from_name(user));
     config.mls = Some(DeviceMlsConfig {
         randomness: Randomness::Simulation,
         lifetime: LifetimePolicy::Unbounded,
-        pool_target: 20,
+        pool_target: tunables.key_packages.unwrap_or(20),
+        decrypt_sample: tunables.decrypt_sample,
     });
 }
 
