@@ -49,6 +49,11 @@ pub const TOKENS_TABLE: Table = Table("resume_tokens");
 /// Table binding devices to users: key `user(16) ++ device(16)`, empty value.
 pub const USERS_TABLE: Table = Table("user_devices");
 
+/// Table of the gateway's own keys: key `mls_signer`, value its MLS signing key's 32-byte seed
+/// (the key it signs external proposals with).
+pub const GATEWAY_KEYS_TABLE: Table = Table("gateway_keys");
+const MLS_SIGNER_KEY: &[u8] = b"mls_signer";
+
 /// Table of per-device acknowledgement cursors: key `device(16) ++ conversation(16)`, value seq.
 pub const CURSORS_TABLE: Table = Table("cursors");
 
@@ -144,7 +149,7 @@ struct GroupEffect {
 /// The gateway's decision on a message in an MLS conversation.
 enum GroupAdmit {
     /// Sequence it (or answer it as a duplicate); then apply the commit's effect, if any.
-    Pass(Option<GroupEffect>),
+    Pass(Option<Box<GroupEffect>>),
     /// Refused; the error frame is queued.
     Refused,
 }
@@ -229,6 +234,9 @@ pub enum GatewayInput {
     CreateConversation(ConversationId, Vec<DeviceId>),
     /// Admin: admit a device key (until certificates replace this with the trust issue).
     AdmitDevice(DevicePublicKey),
+    /// Admin: remove a device from an MLS conversation (the gateway proposes it as the group's
+    /// external sender; the next committing member commits it).
+    RemoveDevice(ConversationId, DeviceId),
 }
 
 /// Outputs released by a committed [`Ready`].
@@ -281,6 +289,8 @@ pub struct GatewayStats {
     pub stale_messages: u64,
     /// Group messages refused (roles, malformed, inconsistent).
     pub group_refusals: u64,
+    /// Remove proposals the gateway sent as external sender.
+    pub removals_proposed: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -346,6 +356,8 @@ pub struct Gateway {
     device_users: BTreeMap<DeviceId, UserId>,
     /// Verifies uploaded KeyPackages; verification draws no randomness.
     mls_crypto: openmls_rust_crypto::RustCrypto,
+    /// The key the gateway signs external proposals with (made at the first session).
+    mls_signer: Option<openmls_basic_credential::SignatureKeyPair>,
     next_tick: Instant,
     /// When the next GC step runs ahead of the tick, while there is a backlog.
     gc_again_at: Option<Instant>,
@@ -396,6 +408,7 @@ impl Gateway {
             users: BTreeMap::new(),
             device_users: BTreeMap::new(),
             mls_crypto: openmls_rust_crypto::RustCrypto::default(),
+            mls_signer: None,
             writes: WriteBatch::default(),
             outputs: Vec::new(),
             stats: GatewayStats::default(),
@@ -420,6 +433,16 @@ impl Gateway {
             g.groups.insert(conv, state);
             Ok(())
         })?;
+        if let Some(seed) = store.get(GATEWAY_KEYS_TABLE, MLS_SIGNER_KEY)? {
+            let seed: [u8; 32] = seed
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt {
+                    table: GATEWAY_KEYS_TABLE.0,
+                    reason: format!("MLS signing key of {} bytes, want 32", seed.len()),
+                })?;
+            g.mls_signer = Some(signer_from_seed(seed));
+        }
         scan_all(store, INBOX_TABLE, |key, value| {
             let (device, conv) = split_pair_key(INBOX_TABLE, key)?;
             let item = InboxItem::decode(value)?;
@@ -560,6 +583,7 @@ impl Gateway {
             }
             GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
             GatewayInput::Closed(conn) => self.forget_session(conn),
+            GatewayInput::RemoveDevice(conv, device) => self.propose_removal(now, conv, device),
             GatewayInput::AdmitDevice(key) => {
                 if self.admitted.insert(key) {
                     self.writes.put(ADMITTED_TABLE, key.0.to_vec(), Vec::new());
@@ -778,6 +802,27 @@ impl Gateway {
             (Some(device), Payload::Ack(Ack {})) => {
                 self.acknowledge(now, conn, device, routing.conversation, routing.seq)
             }
+            (Some(device), Payload::Leave(_)) => {
+                let conv = routing.conversation;
+                if self
+                    .groups
+                    .get(&conv)
+                    .is_some_and(|g| g.devices().contains_key(&device))
+                {
+                    self.propose_removal(now, conv, device);
+                } else {
+                    self.error_in(
+                        conn,
+                        Routing {
+                            conversation: conv,
+                            ..Routing::default()
+                        },
+                        ErrorCode::NotMember,
+                        "this device is not in that group",
+                        None,
+                    );
+                }
+            }
             (Some(_), Payload::ReplayRequest(request)) => {
                 self.rewind(now, conn, routing.conversation, Some(request.from_seq))
             }
@@ -959,10 +1004,12 @@ impl Gateway {
         let interval_ms =
             u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
         let ttl_s = u32::try_from(self.config.resume_token_ttl.as_secs()).unwrap_or(u32::MAX);
+        let external_sender = self.external_signer().public().to_vec();
         let ok = HelloOk {
             heartbeat_interval_ms: interval_ms,
             resume_token: token,
             resume_token_ttl_s: ttl_s,
+            external_sender: Some(external_sender.into()),
         };
         self.send(conn, Routing::default(), Payload::HelloOk(ok));
         self.send_key_package_count(conn, device);
@@ -1158,7 +1205,8 @@ impl Gateway {
                 log.persist_append(seq, &mut self.writes);
                 self.stats.sequenced += 1;
                 if let Some(effect) = effect.take() {
-                    self.apply_group_effect(now, conv, seq, effect);
+                    self.stats.commits += 1;
+                    self.apply_group_effect(now, conv, seq, *effect);
                 }
                 seq
             }
@@ -1284,7 +1332,7 @@ impl Gateway {
                     }
                 };
                 match self.check_commit(device, conv, framing.epoch, &ops, welcome) {
-                    Ok(effect) => GroupAdmit::Pass(Some(effect)),
+                    Ok(effect) => GroupAdmit::Pass(Some(Box::new(effect))),
                     Err((code, message, epoch)) => {
                         if code == ErrorCode::StaleEpoch {
                             self.stats.stale_commits += 1;
@@ -1387,18 +1435,17 @@ impl Gateway {
             change,
             welcome,
         } = effect;
-        self.stats.commits += 1;
         state.persist(conv, &mut self.writes);
         let kind = state.kind();
         self.groups.insert(conv, state);
         let log = self.conversations.get_mut(&conv).expect("sequenced here");
-        for (device, _) in &change.added {
+        for (device, _, _) in &change.added {
             log.add_member(*device, &mut self.writes);
         }
         for device in &change.removed {
             log.remove_member(*device, &mut self.writes);
         }
-        for (device, _) in &change.added {
+        for (device, _, _) in &change.added {
             self.memberships.entry(*device).or_default().insert(conv);
             self.store_cursor(*device, conv, seq);
             let welcome = welcome.clone().expect("checked: adds carry a Welcome");
@@ -1432,6 +1479,12 @@ impl Gateway {
                 }
             }
             self.put_inbox(now, *device, conv, InboxItem::Removed { seq });
+        }
+        // Proposals are bound to their epoch: what this commit did not remove is proposed
+        // again in the new one.
+        let pending: Vec<DeviceId> = self.groups[&conv].removals().iter().copied().collect();
+        for device in pending {
+            self.issue_removal(now, conv, device);
         }
     }
 
@@ -1491,6 +1544,93 @@ impl Gateway {
                 removed
             }
             _ => false,
+        }
+    }
+
+    /// The gateway's external-sender signing key, made from the entropy on first use.
+    fn external_signer(&mut self) -> &openmls_basic_credential::SignatureKeyPair {
+        if self.mls_signer.is_none() {
+            let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+            self.entropy.fill_bytes(seed.as_mut_slice());
+            self.writes
+                .put(GATEWAY_KEYS_TABLE, MLS_SIGNER_KEY.to_vec(), seed.to_vec());
+            self.mls_signer = Some(signer_from_seed(*seed));
+        }
+        self.mls_signer.as_ref().expect("made above")
+    }
+
+    /// Proposes, as the group's external sender, to remove `device` from `conv`: a signed MLS
+    /// Remove proposal for the device's leaf, sequenced into the conversation for the members.
+    /// It is proposed again in each new epoch until a commit removes the device.
+    fn propose_removal(&mut self, now: Instant, conv: ConversationId, device: DeviceId) {
+        let Some(group) = self.groups.get_mut(&conv) else {
+            return;
+        };
+        if group.devices().len() == 1 && group.devices().contains_key(&device) {
+            // The last member leaves: nobody is left to commit, so it goes at once and the
+            // conversation is over.
+            let mut state = group.clone();
+            let change = Change {
+                removed: vec![device],
+                ..Change::default()
+            };
+            state.apply(&change);
+            let head = self.conversation_head(conv).unwrap_or(0);
+            let effect = GroupEffect {
+                state,
+                change,
+                welcome: None,
+            };
+            self.apply_group_effect(now, conv, head, effect);
+            return;
+        }
+        let already = group.removals().contains(&device);
+        if !group.propose_removal(device) {
+            return;
+        }
+        if already {
+            return; // proposed in this epoch; a repeated request changes nothing
+        }
+        let mut batch = std::mem::take(&mut self.writes);
+        group.persist(conv, &mut batch);
+        self.writes = batch;
+        self.issue_removal(now, conv, device);
+    }
+
+    /// Sequences the Remove proposal for `device` in the group's current epoch.
+    fn issue_removal(&mut self, now: Instant, conv: ConversationId, device: DeviceId) {
+        let (Some(leaf), epoch) = (
+            self.groups[&conv].leaf_of(device),
+            self.groups[&conv].epoch(),
+        ) else {
+            return;
+        };
+        self.external_signer();
+        let signer = self.mls_signer.as_ref().expect("made above");
+        let proposal = openmls::prelude::ExternalProposal::new_remove::<mls::MlsProvider>(
+            openmls::prelude::LeafNodeIndex::new(leaf),
+            openmls::prelude::GroupId::from_slice(&conv.to_bytes()),
+            openmls::prelude::GroupEpoch::from(epoch),
+            signer,
+            openmls::prelude::SenderExtensionIndex::new(0),
+        );
+        let Some(bytes) = proposal.ok().and_then(|m| m.to_bytes().ok()) else {
+            return; // signing with our own key cannot fail in practice; nothing to send if it does
+        };
+        let mut id = [0u8; 16];
+        self.entropy.fill_bytes(&mut id);
+        let log = self
+            .conversations
+            .get_mut(&conv)
+            .expect("a group has a log");
+        let seq = log.append_by_authority(now, MsgId::from_bytes(id), Bytes::from(bytes));
+        log.persist_append(seq, &mut self.writes);
+        self.stats.removals_proposed += 1;
+        let members: Vec<DeviceId> = log.members().iter().copied().collect();
+        for member in members {
+            if let Some(&member_conn) = self.online.get(&member) {
+                self.pump(now, member_conn, conv);
+            }
         }
     }
 
@@ -1696,4 +1836,14 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// An Ed25519 MLS signing key from its 32-byte seed.
+fn signer_from_seed(seed: [u8; 32]) -> openmls_basic_credential::SignatureKeyPair {
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    openmls_basic_credential::SignatureKeyPair::from_raw(
+        openmls_traits::types::SignatureScheme::ED25519,
+        key.to_bytes().to_vec(),
+        key.verifying_key().to_bytes().to_vec(),
+    )
 }

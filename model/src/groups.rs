@@ -16,8 +16,14 @@
 //!
 //! A commit removes at most one device: openmls orders several member-specific proposals by a
 //! std hash map (see `mls`), and one per commit keeps every run reproducible.
+//!
+//! The gateway is also an external sender of every group (RFC 9420 §12.1.8.1): it signs Remove
+//! proposals for a device that asked to leave or that its operator removes. Any member may
+//! commit such a pending removal whatever its role. To address the device, the gateway keeps
+//! each member's leaf index: the creator sits at leaf 0, and each commit declares the leaf of
+//! every device it adds (members check the declaration when they merge the commit).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use minicbor::bytes::ByteArray;
 use minicbor::{Decode, Encode};
@@ -121,14 +127,18 @@ pub struct AddedDevice {
     /// Its user.
     #[n(1)]
     pub user: ByteArray<16>,
+    /// The MLS leaf index the device gets.
+    #[n(2)]
+    pub leaf: Option<u32>,
 }
 
 impl AddedDevice {
-    /// A declaration for `device` of `user`.
-    pub fn new(device: DeviceId, user: UserId) -> AddedDevice {
+    /// A declaration for `device` of `user` at `leaf`.
+    pub fn new(device: DeviceId, user: UserId, leaf: u32) -> AddedDevice {
         AddedDevice {
             device: ByteArray::from(device.to_bytes()),
             user: ByteArray::from(user.to_bytes()),
+            leaf: Some(leaf),
         }
     }
 }
@@ -207,8 +217,8 @@ pub enum GroupRefusal {
 /// A checked change, ready to apply.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Change {
-    /// Devices joining, with their users.
-    pub added: Vec<(DeviceId, UserId)>,
+    /// Devices joining, with their users and leaf indexes.
+    pub added: Vec<(DeviceId, UserId, Option<u32>)>,
     /// Devices leaving.
     pub removed: Vec<DeviceId>,
     /// Role changes.
@@ -222,6 +232,10 @@ pub struct GroupState {
     authority: EpochAuthority,
     roles: BTreeMap<UserId, Role>,
     devices: BTreeMap<DeviceId, UserId>,
+    leaves: BTreeMap<DeviceId, u32>,
+    /// Devices the gateway proposed to remove (they asked to leave, or the operator removes
+    /// them); cleared when a commit removes them.
+    removals: BTreeSet<DeviceId>,
 }
 
 impl GroupState {
@@ -232,6 +246,8 @@ impl GroupState {
             authority: EpochAuthority::new(0),
             roles: BTreeMap::from([(user, Role::Owner)]),
             devices: BTreeMap::from([(creator, user)]),
+            leaves: BTreeMap::from([(creator, 0)]),
+            removals: BTreeSet::new(),
         }
     }
 
@@ -253,6 +269,26 @@ impl GroupState {
     /// Member devices and their users.
     pub fn devices(&self) -> &BTreeMap<DeviceId, UserId> {
         &self.devices
+    }
+
+    /// The MLS leaf index of a member device, if known.
+    pub fn leaf_of(&self, device: DeviceId) -> Option<u32> {
+        self.leaves.get(&device).copied()
+    }
+
+    /// Devices with a removal proposed by the gateway and not yet committed.
+    pub fn removals(&self) -> &BTreeSet<DeviceId> {
+        &self.removals
+    }
+
+    /// Records that the gateway proposes to remove `device`; false if it is not a member with a
+    /// known leaf.
+    pub fn propose_removal(&mut self, device: DeviceId) -> bool {
+        if !self.leaves.contains_key(&device) || !self.devices.contains_key(&device) {
+            return false;
+        }
+        self.removals.insert(device);
+        true
     }
 
     /// A user's role, if the user has a device in the group.
@@ -291,7 +327,8 @@ impl GroupState {
                     "{device} belongs to {user}, not to {declared}"
                 )));
             }
-            if self.devices.contains_key(&device) || change.added.iter().any(|(d, _)| *d == device)
+            if self.devices.contains_key(&device)
+                || change.added.iter().any(|(d, _, _)| *d == device)
             {
                 return Err(GroupRefusal::Invalid(format!(
                     "{device} is already a member"
@@ -310,7 +347,12 @@ impl GroupState {
                 return Err(GroupRefusal::Forbidden(format!("adding {device}: {why}")));
             }
             users_after.insert(user, ());
-            change.added.push((device, user));
+            let leaf = ops
+                .added
+                .iter()
+                .find(|a| DeviceId::from_bytes(*a.device) == device)
+                .and_then(|a| a.leaf);
+            change.added.push((device, user, leaf));
         }
         for device in ops.removed_devices() {
             let Some(&user) = self.devices.get(&device) else {
@@ -318,6 +360,7 @@ impl GroupState {
             };
             let target_role = self.roles.get(&user).copied().unwrap_or(Role::Member);
             let allowed = user == sender_user
+                || self.removals.contains(&device)
                 || match (self.kind, role) {
                     (GroupKind::Dm, _) => false,
                     (GroupKind::Room, Role::Owner) => true,
@@ -329,7 +372,9 @@ impl GroupState {
                     "removing {device}: a {role} may not remove a device of a {target_role}"
                 )));
             }
-            if user == sender_user && role == Role::Owner && self.kind == GroupKind::Room {
+            let asked = self.removals.contains(&device);
+            if !asked && user == sender_user && role == Role::Owner && self.kind == GroupKind::Room
+            {
                 let others = self
                     .devices
                     .iter()
@@ -373,9 +418,12 @@ impl GroupState {
     /// Applies a checked change: devices join and leave, roles change; a user with no device
     /// left loses its role.
     pub fn apply(&mut self, change: &Change) {
-        for (device, user) in &change.added {
+        for (device, user, leaf) in &change.added {
             let previous = self.devices.insert(*device, *user);
             debug_assert!(previous.is_none(), "checked: not yet a member");
+            if let Some(leaf) = leaf {
+                self.leaves.insert(*device, *leaf);
+            }
             let default = match self.kind {
                 GroupKind::Dm => Role::Owner,
                 GroupKind::Room => Role::Member,
@@ -383,6 +431,8 @@ impl GroupState {
             self.roles.entry(*user).or_insert(default);
         }
         for device in &change.removed {
+            self.leaves.remove(device);
+            self.removals.remove(device);
             if let Some(user) = self.devices.remove(device) {
                 if !self.devices.values().any(|u| *u == user) {
                     self.roles.remove(&user);
@@ -415,7 +465,13 @@ impl GroupState {
                 .map(|(d, u)| DeviceRecord {
                     device: ByteArray::from(d.to_bytes()),
                     user: ByteArray::from(u.to_bytes()),
+                    leaf: self.leaves.get(d).copied(),
                 })
+                .collect(),
+            removals: self
+                .removals
+                .iter()
+                .map(|d| ByteArray::from(d.to_bytes()))
                 .collect(),
         };
         let value = minicbor::to_vec(&record).expect("encoding into a Vec cannot fail");
@@ -443,14 +499,26 @@ impl GroupState {
         }
         let devices = record
             .devices
-            .into_iter()
+            .iter()
             .map(|d| (DeviceId::from_bytes(*d.device), UserId::from_bytes(*d.user)))
+            .collect();
+        let leaves = record
+            .devices
+            .iter()
+            .filter_map(|d| Some((DeviceId::from_bytes(*d.device), d.leaf?)))
+            .collect();
+        let removals = record
+            .removals
+            .iter()
+            .map(|d| DeviceId::from_bytes(**d))
             .collect();
         let state = GroupState {
             kind,
             authority: EpochAuthority::new(record.epoch),
             roles,
             devices,
+            leaves,
+            removals,
         };
         Ok((ConversationId::from_bytes(id), state))
     }
@@ -463,6 +531,8 @@ struct DeviceRecord {
     device: ByteArray<16>,
     #[n(1)]
     user: ByteArray<16>,
+    #[n(2)]
+    leaf: Option<u32>,
 }
 
 #[derive(Encode, Decode)]
@@ -476,6 +546,8 @@ struct GroupRecord {
     roles: Vec<RoleChange>,
     #[n(3)]
     devices: Vec<DeviceRecord>,
+    #[n(4)]
+    removals: Vec<ByteArray<16>>,
 }
 
 #[cfg(test)]
@@ -501,7 +573,8 @@ mod tests {
             create: None,
             added: added
                 .iter()
-                .map(|n| AddedDevice::new(d(*n), user_of(d(*n)).unwrap()))
+                .enumerate()
+                .map(|(i, n)| AddedDevice::new(d(*n), user_of(d(*n)).unwrap(), i as u32 + 1))
                 .collect(),
             removed: removed
                 .iter()

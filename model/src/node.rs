@@ -33,7 +33,7 @@ use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent, Processe
 use crate::time::Instant;
 use crate::wire::payload::{
     Ack, Cursor, ErrorCode, FetchedKeyPackage, Goodbye, Heartbeat, Hello, KeyPackageCount,
-    KeyPackageFetch, KeyPackageUpload, Proof, ReplayRequest, Send, CURSORS_LEN_MAX,
+    KeyPackageFetch, KeyPackageUpload, Leave, Proof, ReplayRequest, Send, CURSORS_LEN_MAX,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -46,6 +46,8 @@ pub const NODE_SESSION_TABLE: Table = Table("node_session");
 /// Table of the Welcomes that travel with outbox commits: key msg id, value Welcome bytes.
 pub const OUTBOX_WELCOME_TABLE: Table = Table("outbox_welcome");
 const RESUME_TOKEN_KEY: &[u8] = b"resume_token";
+/// Key of the gateway's external-sender key in the session table.
+const GATEWAY_KEY: &[u8] = b"gateway_mls_key";
 
 /// Tunables of a node. Every queue and timer has a named bound here.
 #[derive(Clone, Debug)]
@@ -226,6 +228,18 @@ pub enum NodeEvent {
         sender: DeviceId,
         /// What went wrong (no plaintext, no key material).
         reason: String,
+    },
+    /// The gateway proposed (as the group's external sender) to remove `device`; a member
+    /// commits it next.
+    RemovalProposed {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The proposal's seq.
+        seq: u64,
+        /// Its message id.
+        msg_id: MsgId,
+        /// The device to be removed.
+        device: DeviceId,
     },
     /// A group message this device was configured not to decrypt (simulation sampling in
     /// large rooms; see `DeviceMlsConfig::decrypt_sample`).
@@ -448,12 +462,11 @@ impl Node {
             None => None,
         };
         let groups = match &mls {
-            Some(mls) => Some(DeviceGroups::recover(
-                config.device,
-                config.user,
-                store,
-                mls,
-            )?),
+            Some(mls) => {
+                let mut groups = DeviceGroups::recover(config.device, config.user, store, mls)?;
+                groups.set_gateway_key(store.get(NODE_SESSION_TABLE, GATEWAY_KEY)?);
+                Some(groups)
+            }
             None => None,
         };
         Ok(Node {
@@ -791,6 +804,14 @@ impl Node {
                     last_heard: now,
                     next_heartbeat: now + self.heartbeat_interval,
                 };
+                if let (Some(groups), Some(key)) = (&mut self.groups, ok.external_sender) {
+                    let key = Vec::from(key);
+                    if groups.gateway_key() != Some(key.as_slice()) {
+                        self.writes
+                            .put(NODE_SESSION_TABLE, GATEWAY_KEY.to_vec(), key.clone());
+                        groups.set_gateway_key(Some(key));
+                    }
+                }
                 self.attempts = 0;
                 self.stats.sessions += 1;
                 self.set_status(ConnectionStatus::Connected);
@@ -882,12 +903,14 @@ impl Node {
                 if let (true, Some(id)) = (stale_message, report.msg_id) {
                     // Our application message was made before the group's current epoch: it
                     // stays in the outbox and is encrypted again once we are there.
+                    let id = MsgId::from_bytes(id);
+                    let sent_in = self.outbox.get(&id).and_then(|out| {
+                        crate::mls::authority::read_framing(&out.body)
+                            .ok()
+                            .map(|f| f.epoch)
+                    });
                     let groups = self.groups.as_mut().expect("checked above");
-                    groups.message_stale(
-                        routing.conversation,
-                        MsgId::from_bytes(id),
-                        routing.epoch,
-                    );
+                    groups.message_stale(routing.conversation, id, routing.epoch, sent_in);
                     self.drive_groups(now);
                 } else if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
                     let refused = matches!(
@@ -1007,7 +1030,10 @@ impl Node {
         let mut group_changed = false;
         loop {
             let event = self.process(conv, next, item);
-            group_changed |= matches!(event, Some(NodeEvent::GroupChanged { .. }));
+            group_changed |= matches!(
+                event,
+                Some(NodeEvent::GroupChanged { .. } | NodeEvent::RemovalProposed { .. })
+            );
             if let Some(event) = event {
                 self.outputs.push(NodeOutput::Event(event));
             }
@@ -1085,6 +1111,12 @@ impl Node {
                 sender: item.sender,
                 reason,
             }),
+            Processed::RemovalProposed { device } => Some(NodeEvent::RemovalProposed {
+                conversation: conv,
+                seq,
+                msg_id: item.msg_id,
+                device,
+            }),
             Processed::Skipped => Some(NodeEvent::Skipped {
                 conversation: conv,
                 seq,
@@ -1135,6 +1167,11 @@ impl Node {
         groups.request(conv, intent, &mut self.writes)?;
         self.drive_groups(now);
         Ok(())
+    }
+
+    /// Leaves a group: the gateway proposes this device's removal, and a member commits it.
+    pub fn leave(&mut self, now: Instant, conv: ConversationId) -> Result<(), GroupError> {
+        self.change_group(now, conv, Intent::Leave)
     }
 
     /// Gives `user` a role in a room (the gateway checks that our user owns it).
@@ -1227,6 +1264,13 @@ impl Node {
                 self.ack(conn, conversation, seq);
             }
             GroupAction::Acknowledge { conversation, seq } => self.ack(conn, conversation, seq),
+            GroupAction::Leave(conversation) => {
+                let routing = Routing {
+                    conversation,
+                    ..Routing::default()
+                };
+                self.send_frame(conn, routing, Payload::Leave(Leave {}));
+            }
         }
     }
 
@@ -1251,7 +1295,8 @@ impl Node {
         let (Some(groups), Some(mls)) = (&mut self.groups, &self.mls) else {
             return;
         };
-        let result = groups.on_welcome(conv, &welcome, mls, &mut self.writes);
+        let cursor = self.cursors.get(&conv).copied().unwrap_or(0);
+        let result = groups.on_welcome(conv, &welcome, cursor, mls, &mut self.writes);
         match result {
             Ok(action) => {
                 if let GroupAction::Joined { seq, .. } = action {

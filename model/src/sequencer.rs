@@ -171,6 +171,20 @@ impl ConversationLog {
         Ok(Appended::New(seq))
     }
 
+    /// Sequences a message of the conversation's authority itself (an external proposal); its
+    /// sender is [`AUTHORITY_SENDER`].
+    pub fn append_by_authority(&mut self, now: Instant, msg_id: MsgId, body: Bytes) -> u64 {
+        let seq = self.head() + 1;
+        self.push(LogEntry {
+            seq,
+            sender: AUTHORITY_SENDER,
+            msg_id,
+            accepted_at: now,
+            body,
+        });
+        seq
+    }
+
     fn push(&mut self, entry: LogEntry) {
         assert_eq!(entry.seq, self.head() + 1, "log entries must be contiguous");
         let record = DedupRecord {
@@ -377,6 +391,10 @@ fn corrupt(table: Table, reason: String) -> StoreError {
         reason,
     }
 }
+
+/// The sender of what the gateway itself puts in a log (no device has id 0: device ids are
+/// hashes of keys).
+pub const AUTHORITY_SENDER: DeviceId = DeviceId(0);
 
 /// The store key of a log entry.
 pub fn log_key(conversation: ConversationId, seq: u64) -> Vec<u8> {

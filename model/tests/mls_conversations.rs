@@ -380,3 +380,58 @@ fn a_message_made_before_a_commit_it_missed_is_encrypted_again_in_the_new_epoch(
     assert_eq!(net.nodes[&1].0.outbox_len(), 0);
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));
 }
+
+#[test]
+fn a_device_leaves_and_the_operator_removes_another_through_the_gateways_proposals() {
+    let mut net = three_devices();
+    net.add(4, node_config(4, "carol"));
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob"), user("carol")])
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 4);
+    let carol = net.device(4);
+    assert!(net.gateway.group(room).unwrap().leaf_of(carol).is_some());
+
+    // Carol, a member, leaves: the gateway proposes her removal; Alice (lowest leaf) commits it.
+    net.nodes.get_mut(&4).unwrap().0.leave(now, room).unwrap();
+    net.settle();
+    assert_eq!(net.gateway.stats().removals_proposed, 1);
+    let group = net.gateway.group(room).unwrap();
+    assert!(!group.devices().contains_key(&carol));
+    assert!(group.removals().is_empty());
+    assert!(net.events[&4]
+        .iter()
+        .any(|e| matches!(e, NodeEvent::RemovedFrom { .. })));
+    for conn in [1, 2, 3] {
+        assert!(net.events[&conn].iter().any(|e| matches!(
+            e,
+            NodeEvent::RemovalProposed { device, .. } if *device == carol
+        )));
+    }
+
+    // The operator removes Bob's laptop; a member commits that too.
+    let laptop = net.device(3);
+    net.gateway.handle(
+        now,
+        sund_model::gateway::GatewayInput::RemoveDevice(room, laptop),
+    );
+    net.settle();
+    assert!(!net
+        .gateway
+        .group(room)
+        .unwrap()
+        .devices()
+        .contains_key(&laptop));
+    let a = authenticator(&net, 1, room);
+    assert_eq!(authenticator(&net, 2, room), a);
+    send(&mut net, 2, room, "two of us left");
+    assert_eq!(plaintexts(&net, 1, room), vec![b"two of us left".to_vec()]);
+    assert!(plaintexts(&net, 3, room).is_empty());
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}

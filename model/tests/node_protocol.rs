@@ -95,6 +95,7 @@ impl Harness {
                 heartbeat_interval_ms: 5000,
                 resume_token: [7; 32],
                 resume_token_ttl_s: 60,
+                external_sender: None,
             }),
         )
     }

@@ -52,6 +52,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                 heartbeat_interval_ms: ms,
                 resume_token,
                 resume_token_ttl_s: ttl,
+                external_sender: None,
             })
         }),
         any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat { nonce })),
@@ -139,6 +140,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                 })
             }),
         any::<u64>().prop_map(|seq| Payload::Removed(Removed { seq })),
+        Just(Payload::Leave(Leave {})),
     ]
 }
 

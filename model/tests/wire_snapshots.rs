@@ -120,6 +120,7 @@ fn handshake_frames_bytes() {
             heartbeat_interval_ms: 5000,
             resume_token: [0x70; 32],
             resume_token_ttl_s: 604_800,
+            external_sender: None,
         }),
     )
     .encode();
@@ -234,11 +235,31 @@ fn group_frames_bytes() {
         }),
     )
     .encode();
+    let leave = Frame::new(
+        Routing {
+            conversation: conv,
+            ..Routing::default()
+        },
+        Payload::Leave(Leave {}),
+    )
+    .encode();
+    let hello_ok = Frame::new(
+        Routing::default(),
+        Payload::HelloOk(HelloOk {
+            heartbeat_interval_ms: 5_000,
+            resume_token: [0x70; 32],
+            resume_token_ttl_s: 604_800,
+            external_sender: Some(vec![0xe5; 32].into()),
+        }),
+    )
+    .encode();
     insta::assert_snapshot!(format!(
-        "commit:\n{}\nwelcome:\n{}\nremoved:\n{}\nstale:\n{}",
+        "commit:\n{}\nwelcome:\n{}\nremoved:\n{}\nstale:\n{}\nleave:\n{}\nhello_ok with external sender:\n{}",
         hex(&commit),
         hex(&welcome),
         hex(&removed),
-        hex(&stale)
+        hex(&stale),
+        hex(&leave),
+        hex(&hello_ok)
     ));
 }

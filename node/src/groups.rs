@@ -348,6 +348,13 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             println!("{user} is now {role} of {name}");
             Ok(())
         }
+        RoomCommand::Leave { data_dir, name } => {
+            let device = load(&data_dir)?;
+            let conv = known_group(&device, &name)?;
+            leave(&device, conv).await?;
+            println!("this device left {name}");
+            Ok(())
+        }
         RoomCommand::Name { data_dir, id, name } => {
             let device = load(&data_dir)?;
             let hex = id.strip_prefix("conv:").unwrap_or(&id);
@@ -364,6 +371,38 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Asks to leave and waits for the removal notice.
+async fn leave(device: &Device, conv: ConversationId) -> Result<(), String> {
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        node.group(GroupRequest::Change(conv, Intent::Leave))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let deadline = tokio::time::sleep(GROUP_DEADLINE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return Err(format!(
+                    "no member committed the removal within {GROUP_DEADLINE:?}; the request stays \
+                     and goes out again with the next `sund` command (the members' devices must \
+                     be online to commit it)"
+                )),
+                event = node.events.recv() => match event {
+                    Some(NodeEvent::RemovedFrom { conversation, .. }) if conversation == conv => return Ok(()),
+                    Some(_) => {}
+                    None => return Err("the node stopped unexpectedly".into()),
+                },
+            }
+        }
+    }
+    .await;
+    let _ = node.stop().await;
+    result
 }
 
 /// `sund devices`.

@@ -71,6 +71,14 @@ enum RoomCommand {
         /// admin, member or owner.
         role: String,
     },
+    /// Leave a room or DM (the gateway proposes your removal and a member commits it).
+    Leave {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The room's name.
+        name: String,
+    },
     /// Give a room this device joined (shown by `sund devices` as conv:…) a local name.
     Name {
         /// The device's data directory.

@@ -324,6 +324,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             Payload::HelloOk(HelloOk {
                 resume_token: [0; 32],
                 resume_token_ttl_s: 0,
+                external_sender: None,
                 heartbeat_interval_ms: interval_ms,
             }),
         ),

@@ -113,6 +113,8 @@ pub enum CommitKind {
     Remove,
     /// Update own leaf.
     Update,
+    /// Leave (the gateway proposes the removal, a member commits it).
+    Leave,
 }
 
 /// Something done at a point in time.
@@ -1003,12 +1005,13 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
             names.push((conv.clone(), col));
             line.keyword("from")?;
             let who = one(line, &mut targets)?;
-            let kind_token = line.next("`add`, `remove` or `update`")?;
+            let kind_token = line.next("`add`, `remove`, `update` or `leave`")?;
             let kind = match kind_token.text {
                 "add" => CommitKind::Add,
                 "remove" => CommitKind::Remove,
                 "update" => CommitKind::Update,
-                other => return Err(line.error_at(kind_token.column, format!("expected `add`, `remove` or `update`, found `{other}`"))),
+                "leave" => CommitKind::Leave,
+                other => return Err(line.error_at(kind_token.column, format!("expected `add`, `remove`, `update` or `leave`, found `{other}`"))),
             };
             Action::Commit(conv, who, kind)
         }

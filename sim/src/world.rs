@@ -929,6 +929,20 @@ impl World {
                 self.checker
                     .on_undecryptable(self.now, a, name, *conversation, *seq, reason);
             }
+            NodeEvent::RemovalProposed {
+                conversation,
+                seq,
+                msg_id,
+                device,
+            } => {
+                record.push(13);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                record.extend_from_slice(&device.to_bytes());
+                let sender = sund_model::sequencer::AUTHORITY_SENDER;
+                self.checker
+                    .on_delivered(self.now, a, name, *conversation, *seq, sender, *msg_id);
+            }
             NodeEvent::Skipped {
                 conversation,
                 seq,

@@ -21,3 +21,25 @@ fn run(file: &str, seed: u64) {
 fn dm_1k_with_reloads_seed_5_recovers_a_dm_not_yet_created() {
     run("../scenarios/dm-1k-with-reloads.sund", 5);
 }
+
+/// A device's own accepted message came back without its plaintext: a refusal of an older copy
+/// (already re-encrypted) triggered a second re-encryption, which failed while a removal was
+/// pending, and the message was dropped as rejected.
+#[test]
+fn commits_under_loss_seed_10_keeps_a_re_encrypted_message() {
+    run("../scenarios/commits-under-50-percent-loss.sund", 10);
+}
+
+/// The echo of a commit removed the wrong queued intent (the request to commit the gateway's
+/// proposal), so the designated member committed updates forever instead of the removal.
+#[test]
+fn commits_under_loss_seed_84_commits_the_proposed_removal() {
+    run("../scenarios/commits-under-50-percent-loss.sund", 84);
+}
+
+/// A removal notice was overtaken by the Welcome that added the device back; the device
+/// thought itself still a member and never read the conversation again.
+#[test]
+fn multi_device_churn_seed_4_rejoins_after_an_overtaken_removal() {
+    run("../scenarios/multi-device-churn.sund", 4);
+}

@@ -75,6 +75,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 heartbeat_interval_ms: 5_000,
                 resume_token: [0x22; 32],
                 resume_token_ttl_s: 3_600,
+                external_sender: None,
             }),
         ),
         (

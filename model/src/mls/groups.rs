@@ -32,12 +32,15 @@ use openmls::prelude::*;
 
 use super::device::DeviceMls;
 use super::key_packages::credential_with_key;
-use super::{group_config, join_config};
+use super::{group_config_with_external_sender, join_config};
 use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::groups::{AddedDevice, GroupKind, GroupOps, Role, RoleChange};
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
 use crate::wire::payload::{FetchedKeyPackage, RosterEntry, Welcome, FETCH_USERS_MAX};
+
+/// How long a leave request waits for its removal before it is asked again.
+pub const LEAVE_RESEND: core::time::Duration = core::time::Duration::from_secs(3);
 
 /// Table of the node's group entries: conversation id → CBOR record.
 pub const NODE_GROUPS_TABLE: Table = Table("node_groups");
@@ -66,6 +69,12 @@ pub enum GroupStatus {
         /// True if the commit creates the conversation.
         #[n(3)]
         creating: bool,
+        /// True if it only commits proposals the gateway made (the front intent waits).
+        #[n(4)]
+        pending_only: bool,
+        /// The intent it carries out (done when the commit comes back).
+        #[n(5)]
+        intent: Option<Intent>,
     },
     /// Waiting for a Welcome (we lost the race to create the conversation).
     #[n(2)]
@@ -104,6 +113,12 @@ pub enum Intent {
     /// Give a user a role.
     #[n(5)]
     SetRole(#[n(0)] ByteArray<16>, #[n(1)] u8),
+    /// Ask the gateway to remove this device (it proposes the removal; a member commits it).
+    #[n(6)]
+    Leave,
+    /// Commit the removals the gateway proposed (this device was chosen to).
+    #[n(7)]
+    CommitPending,
 }
 
 impl Intent {
@@ -182,6 +197,8 @@ pub enum GroupAction {
         /// Its Welcome.
         welcome: Option<Bytes>,
     },
+    /// Ask the gateway to remove this device from `conversation`.
+    Leave(ConversationId),
     /// Ask the gateway for KeyPackages of these users' devices; the answer names `request`.
     Fetch {
         /// Request id (the fetch frame's seq; the gateway echoes it).
@@ -223,6 +240,11 @@ pub enum Processed {
     Failed(String),
     /// An application message this device was not drawn to decrypt (simulation sampling).
     Skipped,
+    /// The gateway proposed to remove `device`; the proposal waits for a commit.
+    RemovalProposed {
+        /// The device to be removed.
+        device: DeviceId,
+    },
     /// Nothing for the application (a message for a group we are not in any more).
     Nothing,
 }
@@ -236,6 +258,10 @@ pub enum GroupError {
     /// Not a group this device is in.
     #[error("{0} is not a conversation this device is in")]
     NotInGroup(ConversationId),
+    /// A removal the gateway proposed waits for a member's commit; MLS allows no application
+    /// message until then (RFC 9420 §12.2). Try again in a moment.
+    #[error("a removal is being committed in {0}; try again in a moment")]
+    ProposalPending(ConversationId),
     /// The group refused the operation.
     #[error("{0}")]
     Mls(String),
@@ -248,6 +274,11 @@ pub struct DeviceGroups {
     entries: BTreeMap<ConversationId, GroupEntry>,
     groups: BTreeMap<ConversationId, MlsGroup>,
     sent: BTreeMap<MsgId, Bytes>,
+    /// The gateway's signature key, named as external sender in the groups this device creates.
+    gateway_key: Option<Vec<u8>>,
+    /// When each leave request last went out (asked again after [`LEAVE_RESEND`]: a frame
+    /// can be lost).
+    leave_asked: BTreeMap<ConversationId, Instant>,
     /// KeyPackage fetches out: request id → conversation waiting, and when it was asked.
     fetches: BTreeMap<u64, (ConversationId, Instant)>,
     next_request: u64,
@@ -344,6 +375,8 @@ impl DeviceGroups {
             entries,
             groups,
             sent,
+            gateway_key: None,
+            leave_asked: BTreeMap::new(),
             fetches: BTreeMap::new(),
             next_request: 1,
             stale_messages: BTreeMap::new(),
@@ -462,9 +495,21 @@ impl DeviceGroups {
         Ok(())
     }
 
-    /// The connection dropped: outstanding fetches will not be answered.
+    /// The connection dropped: outstanding fetches will not be answered, leave requests are
+    /// asked again.
     pub fn connection_lost(&mut self) {
         self.fetches.clear();
+        self.leave_asked.clear();
+    }
+
+    /// The gateway's external-sender key (from its `HelloOk`).
+    pub fn set_gateway_key(&mut self, key: Option<Vec<u8>>) {
+        self.gateway_key = key;
+    }
+
+    /// See [`DeviceGroups::set_gateway_key`].
+    pub fn gateway_key(&self) -> Option<&[u8]> {
+        self.gateway_key.as_deref()
     }
 
     /// A fetch was refused (rate limit): the conversation waiting for it tries again at its
@@ -506,7 +551,19 @@ impl DeviceGroups {
             .collect();
         for conv in ready {
             let intent = self.entries[&conv].intents[0].clone();
-            match intent.users() {
+            if intent == Intent::Leave {
+                let asked = self.leave_asked.get(&conv).copied();
+                if asked.is_none_or(|t| now.saturating_since(t) >= LEAVE_RESEND) {
+                    self.leave_asked.insert(conv, now);
+                    actions.push(GroupAction::Leave(conv));
+                }
+                continue;
+            }
+            let pending = self
+                .groups
+                .get(&conv)
+                .is_some_and(|g| g.pending_proposals().next().is_some());
+            match intent.users().filter(|_| !pending) {
                 Some(users) => {
                     let request = self.next_request;
                     self.next_request += 1;
@@ -556,15 +613,18 @@ impl DeviceGroups {
     ) -> Option<GroupAction> {
         let result = self.try_commit(now, conv, found, mls, msg_id);
         match result {
-            Ok(Some((body, welcome, ops, creating))) => {
+            Ok(Some((body, welcome, ops, creating, pending_only))) => {
                 mls.provider().take_writes(writes);
                 let epoch = self.epoch(conv).unwrap_or(0);
                 let entry = self.entries.get_mut(&conv).expect("entry exists");
+                let intent = (!pending_only).then(|| entry.intents[0].clone());
                 entry.status = GroupStatus::PendingCommit {
                     msg_id: msg_id.to_bytes().into(),
                     epoch,
                     ops,
                     creating,
+                    pending_only,
+                    intent,
                 };
                 self.persist(conv, writes);
                 Some(GroupAction::Submit {
@@ -602,14 +662,26 @@ impl DeviceGroups {
         found: &[FetchedKeyPackage],
         mls: &DeviceMls,
         _msg_id: MsgId,
-    ) -> Result<Option<(Bytes, Option<Bytes>, Vec<u8>, bool)>, GroupError> {
+    ) -> Result<Option<(Bytes, Option<Bytes>, Vec<u8>, bool, bool)>, GroupError> {
         let provider = mls.provider();
         let signer = mls.signer();
         let entry = &self.entries[&conv];
         let intent = entry.intents[0].clone();
         let creating = matches!(intent, Intent::Create { .. }) && !self.groups.contains_key(&conv);
+        if let Some(commit) = self.commit_pending(conv, mls)? {
+            // Removals the gateway proposed go first, alone: a commit removes one device, and
+            // the intent's own change follows in the next epoch.
+            return Ok(Some(commit));
+        }
+        if intent == Intent::CommitPending {
+            return Ok(None); // someone else committed them already
+        }
         if creating {
-            let config = group_config(mls.lifetime_policy(), now);
+            let config = group_config_with_external_sender(
+                mls.lifetime_policy(),
+                now,
+                self.gateway_key.as_deref(),
+            );
             let group = MlsGroup::new_with_group_id(
                 provider,
                 signer,
@@ -635,6 +707,8 @@ impl DeviceGroups {
         };
         let commit = match intent {
             Intent::Create { .. } | Intent::AddUsers(_) => {
+                let occupied: BTreeSet<u32> = members.values().map(|l| l.u32()).collect();
+                let mut free = free_leaves(occupied);
                 let mut packages = Vec::new();
                 for fetched in found {
                     let device = DeviceId::from_bytes(*fetched.device);
@@ -661,8 +735,9 @@ impl DeviceGroups {
                     {
                         continue;
                     }
-                    ops.added
-                        .push(AddedDevice::new(device, UserId::from_bytes(*fetched.user)));
+                    let leaf = free.next().expect("an endless supply of leaves");
+                    let user = UserId::from_bytes(*fetched.user);
+                    ops.added.push(AddedDevice::new(device, user, leaf));
                     packages.push(package);
                 }
                 if packages.is_empty() && !creating {
@@ -716,6 +791,7 @@ impl DeviceGroups {
                     .map_err(mls_error)?;
                 (commit, welcome)
             }
+            Intent::Leave | Intent::CommitPending => return Ok(None),
             Intent::Update | Intent::SetRole(..) => {
                 if let Intent::SetRole(user, role) = intent {
                     ops.roles.push(RoleChange { user, role });
@@ -733,7 +809,52 @@ impl DeviceGroups {
             Some(w) => Some(Bytes::from(w.to_bytes().map_err(mls_error)?)),
             None => None,
         };
-        Ok(Some((Bytes::from(body), welcome, ops.encode(), creating)))
+        Ok(Some((
+            Bytes::from(body),
+            welcome,
+            ops.encode(),
+            creating,
+            false,
+        )))
+    }
+
+    /// If the gateway's proposals wait in `conv`, commits them (and nothing else).
+    #[allow(clippy::type_complexity)]
+    fn commit_pending(
+        &mut self,
+        conv: ConversationId,
+        mls: &DeviceMls,
+    ) -> Result<Option<(Bytes, Option<Bytes>, Vec<u8>, bool, bool)>, GroupError> {
+        let Some(group) = self.groups.get_mut(&conv) else {
+            return Ok(None);
+        };
+        let by_leaf: BTreeMap<LeafNodeIndex, DeviceId> = group
+            .members()
+            .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
+            .collect();
+        let removed: Vec<DeviceId> = group
+            .pending_proposals()
+            .filter_map(|p| match p.proposal() {
+                Proposal::Remove(r) => by_leaf.get(&r.removed()).copied(),
+                _ => None,
+            })
+            .collect();
+        if group.pending_proposals().next().is_none() {
+            return Ok(None);
+        }
+        let ops = GroupOps {
+            removed: removed
+                .iter()
+                .map(|d| ByteArray::from(d.to_bytes()))
+                .collect(),
+            ..GroupOps::default()
+        };
+        group.set_aad(ops.encode());
+        let bundle = group
+            .self_update(mls.provider(), mls.signer(), LeafNodeParameters::default())
+            .map_err(mls_error)?;
+        let body = bundle.into_commit().to_bytes().map_err(mls_error)?;
+        Ok(Some((Bytes::from(body), None, ops.encode(), false, true)))
     }
 
     /// Encrypts an application message for `conv`; its plaintext is kept until it comes back
@@ -756,11 +877,15 @@ impl DeviceGroups {
                 )
             })
             .ok_or(GroupError::NotInGroup(conv))?;
-        let message = group.create_message(mls.provider(), mls.signer(), plaintext);
-        match message
-            .map_err(mls_error)
-            .and_then(|m| m.to_bytes().map_err(mls_error))
-        {
+        let message = group
+            .create_message(mls.provider(), mls.signer(), plaintext)
+            .map_err(|e| match e {
+                CreateMessageError::GroupStateError(MlsGroupStateError::PendingProposal) => {
+                    GroupError::ProposalPending(conv)
+                }
+                other => mls_error(other),
+            });
+        match message.and_then(|m| m.to_bytes().map_err(mls_error)) {
             Ok(bytes) => {
                 mls.provider().take_writes(writes);
                 self.sent.insert(msg_id, Bytes::copy_from_slice(plaintext));
@@ -784,8 +909,18 @@ impl DeviceGroups {
     }
 
     /// The gateway refused our application message as made before `epoch`: it is encrypted
-    /// again once the group is there ([`DeviceGroups::reencrypt_ready`]).
-    pub fn message_stale(&mut self, conv: ConversationId, msg_id: MsgId, epoch: u64) {
+    /// again once the group is there ([`DeviceGroups::reencrypt_ready`]). `sent_in` is the epoch
+    /// of the copy in the outbox: a refusal of an older copy, already replaced, changes nothing.
+    pub fn message_stale(
+        &mut self,
+        conv: ConversationId,
+        msg_id: MsgId,
+        epoch: u64,
+        sent_in: Option<u64>,
+    ) {
+        if sent_in.is_some_and(|e| e >= epoch) {
+            return;
+        }
         self.stale_messages.insert(msg_id, (conv, epoch));
     }
 
@@ -808,11 +943,15 @@ impl DeviceGroups {
             .collect();
         let mut done = Vec::new();
         for (msg_id, conv) in ready {
-            self.stale_messages.remove(&msg_id);
             let Some(plaintext) = self.sent.get(&msg_id).cloned() else {
+                self.stale_messages.remove(&msg_id);
                 continue;
             };
             let result = self.encrypt(conv, msg_id, &plaintext, mls, writes);
+            if matches!(result, Err(GroupError::ProposalPending(_))) {
+                continue; // once the removal is committed
+            }
+            self.stale_messages.remove(&msg_id);
             done.push((msg_id, conv, result));
         }
         done
@@ -888,10 +1027,13 @@ impl DeviceGroups {
     }
 
     /// A Welcome from our inbox: join the group, unless we are in it already.
+    /// `cursor` is how far this device has read the conversation: a Welcome beyond it means a
+    /// commit removed the device (its notice was overtaken) and another added it back.
     pub fn on_welcome(
         &mut self,
         conv: ConversationId,
         notice: &Welcome,
+        cursor: u64,
         mls: &DeviceMls,
         writes: &mut WriteBatch,
     ) -> Result<GroupAction, GroupError> {
@@ -915,7 +1057,7 @@ impl DeviceGroups {
                     }
             )
         });
-        if member && self.groups.contains_key(&conv) {
+        if member && self.groups.contains_key(&conv) && cursor >= seq {
             return Ok(GroupAction::Acknowledge {
                 conversation: conv,
                 seq,
@@ -1090,6 +1232,19 @@ impl DeviceGroups {
                 }
                 provider.take_writes(writes);
                 entry.apply_ops(&ops);
+                // The gateway addresses its removals by the leaves commits declare.
+                let leaves: BTreeMap<DeviceId, u32> = group
+                    .members()
+                    .filter_map(|m| Some((device_of(&m.credential)?, m.index.u32())))
+                    .collect();
+                let wrong_leaf = ops
+                    .added
+                    .iter()
+                    .find(|a| {
+                        a.leaf.is_some()
+                            && leaves.get(&DeviceId::from_bytes(*a.device)).copied() != a.leaf
+                    })
+                    .map(|a| DeviceId::from_bytes(*a.device));
                 let epoch = group.epoch().as_u64();
                 debug_assert_eq!(epoch, epoch_before + 1, "a commit advances one epoch");
                 if self_removed {
@@ -1098,18 +1253,55 @@ impl DeviceGroups {
                     self.groups.remove(&conv);
                 }
                 self.persist(conv, writes);
+                if let Some(device) = wrong_leaf {
+                    return Processed::Failed(format!(
+                        "a commit by {sender} declares another leaf for {device} than it gives it"
+                    ));
+                }
                 Processed::Commit {
                     epoch,
                     added: declared_added.into_iter().collect(),
                     removed: declared_removed.into_iter().collect(),
                 }
             }
+            ProcessedMessageContent::ProposalMessage(queued)
+                if matches!(queued.sender(), Sender::External(_)) =>
+            {
+                let Proposal::Remove(remove) = queued.proposal() else {
+                    provider.discard_writes();
+                    return Processed::Failed("the gateway proposes removals only".into());
+                };
+                let removed = remove.removed();
+                let members: BTreeMap<LeafNodeIndex, DeviceId> = group
+                    .members()
+                    .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
+                    .collect();
+                let Some(&device) = members.get(&removed) else {
+                    provider.discard_writes();
+                    return Processed::Failed("a removal of an empty leaf".into());
+                };
+                if let Err(e) = group.store_pending_proposal(provider.storage(), *queued) {
+                    provider.discard_writes();
+                    return Processed::Failed(format!("{e:?}"));
+                }
+                provider.take_writes(writes);
+                // One member commits it: the one with the lowest leaf, other than the leaver.
+                let committer = members.iter().find(|(leaf, _)| **leaf != removed);
+                let entry = self.entries.get_mut(&conv).expect("group has an entry");
+                if committer.is_some_and(|(_, d)| *d == self.device)
+                    && entry.intents.front() != Some(&Intent::CommitPending)
+                {
+                    entry.intents.push_front(Intent::CommitPending);
+                    self.persist(conv, writes);
+                }
+                Processed::RemovalProposed { device }
+            }
             other => {
                 provider.discard_writes();
                 Processed::Failed(format!(
                     "{} messages are not used by Sund",
                     match other {
-                        ProcessedMessageContent::ProposalMessage(_) => "proposal",
+                        ProcessedMessageContent::ProposalMessage(_) => "member proposal",
                         ProcessedMessageContent::ExternalJoinProposalMessage(_) => "join proposal",
                         _ => "such",
                     }
@@ -1137,6 +1329,7 @@ impl DeviceGroups {
         let GroupStatus::PendingCommit {
             msg_id: pending,
             ops,
+            intent,
             ..
         } = &entry.status
         else {
@@ -1145,6 +1338,7 @@ impl DeviceGroups {
         if **pending != msg_id.to_bytes() {
             return Processed::Nothing;
         }
+        let carried = intent.clone();
         let ops = GroupOps::decode(ops).unwrap_or_default();
         let Some(group) = self.groups.get_mut(&conv) else {
             return Processed::Nothing;
@@ -1158,9 +1352,18 @@ impl DeviceGroups {
         entry.apply_ops(&ops);
         entry.status = GroupStatus::Synchronized;
         entry.retry_at_epoch = 0;
-        // A user removal goes on until none of the user's devices is left.
-        if !matches!(entry.intents.front(), Some(Intent::RemoveUser(_))) {
-            entry.intents.pop_front();
+        // The intent the commit carried out is done (a user removal goes on until none of the
+        // user's devices is left); a commit of the gateway's proposals settles the request to
+        // commit them.
+        let done = match carried {
+            Some(Intent::RemoveUser(_)) => None,
+            Some(intent) => Some(intent),
+            None => Some(Intent::CommitPending),
+        };
+        if let Some(done) = done {
+            if let Some(at) = entry.intents.iter().position(|i| *i == done) {
+                entry.intents.remove(at);
+            }
         }
         let epoch = group.epoch().as_u64();
         self.persist(conv, writes);
@@ -1189,4 +1392,10 @@ fn drawn(conv: ConversationId, seq: u64, device: DeviceId, members: u64, sample:
         .finalize();
     let draw = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
     draw % members.max(1) < u64::from(sample)
+}
+
+/// The leaf indexes new members get, in the order they are added (RFC 9420 §12.1.1: the leftmost
+/// blank leaf, else a new leaf at the right edge), given the occupied ones.
+fn free_leaves(occupied: BTreeSet<u32>) -> impl Iterator<Item = u32> {
+    (0u32..).filter(move |leaf| !occupied.contains(leaf))
 }

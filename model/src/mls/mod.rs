@@ -37,8 +37,8 @@ pub mod storage;
 use std::time::Duration;
 
 use openmls::prelude::{
-    Capabilities, ExtensionType, Lifetime, MlsGroupCreateConfig, MlsGroupJoinConfig,
-    SenderRatchetConfiguration,
+    BasicCredential, Capabilities, Extension, ExtensionType, Extensions, ExternalSender, Lifetime,
+    MlsGroupCreateConfig, MlsGroupJoinConfig, SenderRatchetConfiguration,
 };
 
 use crate::time::Instant;
@@ -118,15 +118,37 @@ fn sender_ratchet() -> SenderRatchetConfiguration {
 /// under `policy`, the ratchet tree inside Welcomes (joiners need no separate tree fetch), and
 /// the member-side limits above.
 pub fn group_config(policy: LifetimePolicy, now: Instant) -> MlsGroupCreateConfig {
-    MlsGroupCreateConfig::builder()
+    group_config_with_external_sender(policy, now, None)
+}
+
+/// [`group_config`] naming the gateway's signature key as the group's external sender, so that
+/// the gateway can propose removals (RFC 9420 §12.1.8.1).
+pub fn group_config_with_external_sender(
+    policy: LifetimePolicy,
+    now: Instant,
+    gateway_key: Option<&[u8]>,
+) -> MlsGroupCreateConfig {
+    let mut builder = MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
         .capabilities(capabilities())
         .lifetime(lifetime(policy, now))
         .use_ratchet_tree_extension(true)
         .max_past_epochs(MAX_PAST_EPOCHS)
-        .sender_ratchet_configuration(sender_ratchet())
-        .build()
+        .sender_ratchet_configuration(sender_ratchet());
+    if let Some(key) = gateway_key {
+        let sender = ExternalSender::new(
+            key.to_vec().into(),
+            BasicCredential::new(GATEWAY_CREDENTIAL.to_vec()).into(),
+        );
+        let extensions = Extensions::single(Extension::ExternalSenders(vec![sender]))
+            .expect("external senders belong in a group context");
+        builder = builder.with_group_context_extensions(extensions);
+    }
+    builder.build()
 }
+
+/// The identity in the gateway's external-sender credential.
+pub const GATEWAY_CREDENTIAL: &[u8] = b"sund-gateway";
 
 /// How a Sund device joins a group from a Welcome (the tree comes in the Welcome), with the
 /// same member-side limits as [`group_config`].

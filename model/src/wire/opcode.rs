@@ -71,6 +71,9 @@ opcodes! {
     KeyPackageCount = 0x0205,
     /// Gateway → node: a commit removed the device from a group (from the device's inbox).
     Removed = 0x0206,
+    /// Node → gateway: remove this device from the conversation in the header (the gateway
+    /// proposes the removal as the group's external sender; a member commits it).
+    Leave = 0x0207,
     // 0x03xx: identity and trust (payloads with the trust issue)
     /// Node → gateway: register a device key with an enrolment token.
     Register = 0x0300,

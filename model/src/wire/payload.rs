@@ -111,6 +111,10 @@ pub struct HelloOk {
     /// Seconds the token stays valid.
     #[n(2)]
     pub resume_token_ttl_s: u32,
+    /// The gateway's MLS signature key (Ed25519): groups list it as their external sender, so
+    /// that the gateway can propose removals.
+    #[n(3)]
+    pub external_sender: Option<minicbor::bytes::ByteVec>,
 }
 
 /// Either way: a liveness probe carrying a nonce the answer echoes.
@@ -395,6 +399,11 @@ pub struct Removed {
     pub seq: u64,
 }
 
+/// Node → gateway: please remove this device from the conversation named in the header.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct Leave {}
+
 /// A decoded payload: one variant per opcode whose payload is defined.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -418,6 +427,7 @@ pub enum Payload {
     KeyPackageCount(KeyPackageCount),
     Welcome(Welcome),
     Removed(Removed),
+    Leave(Leave),
 }
 
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
@@ -457,6 +467,7 @@ impl Payload {
             Payload::KeyPackageCount(_) => Opcode::KeyPackageCount,
             Payload::Welcome(_) => Opcode::Welcome,
             Payload::Removed(_) => Opcode::Removed,
+            Payload::Leave(_) => Opcode::Leave,
         }
     }
 
@@ -481,6 +492,7 @@ impl Payload {
             Payload::KeyPackageCount(p) => minicbor::encode(p, &mut *out),
             Payload::Welcome(p) => minicbor::encode(p, &mut *out),
             Payload::Removed(p) => minicbor::encode(p, &mut *out),
+            Payload::Leave(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -540,6 +552,7 @@ impl Payload {
                 Payload::Welcome(p)
             }
             Opcode::Removed => Payload::Removed(decode_as(opcode, bytes)?),
+            Opcode::Leave => Payload::Leave(decode_as(opcode, bytes)?),
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };
         debug_assert_eq!(payload.opcode(), opcode);

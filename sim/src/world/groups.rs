@@ -133,6 +133,7 @@ impl World {
             let me = self.actors[device as usize].device;
             let intent = match kind {
                 CommitKind::Update => Some(Intent::Update),
+                CommitKind::Leave => Some(Intent::Leave),
                 CommitKind::Add => {
                     let mut users: Vec<UserId> = Vec::new();
                     for &m in &declared {
@@ -208,9 +209,11 @@ impl World {
             };
             if entry.status != GroupStatus::Synchronized || !entry.intents.is_empty() {
                 return Some(format!(
-                    "{name} is {:?} with {} changes queued in {conv}",
+                    "{name} is {:?} with {} changes queued in {conv} (first {:?}); the gateway proposed removing {:?}",
                     entry.status,
-                    entry.intents.len()
+                    entry.intents.len(),
+                    entry.intents.front(),
+                    group.removals()
                 ));
             }
             let epoch = groups.epoch(conv).unwrap_or(0);
