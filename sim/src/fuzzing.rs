@@ -13,8 +13,8 @@ use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
 use sund_model::time::Instant;
 use sund_model::wire::payload::{
-    Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, KeyPackageFetch, KeyPackageUpload, Proof,
-    ReplayRequest, Send,
+    Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, KeyPackageFetch, KeyPackageUpload, Leave,
+    Proof, ReplayRequest, Send,
 };
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -113,6 +113,10 @@ enum WellFormed {
     },
     KeyPackageFetch {
         users: Vec<u8>,
+    },
+    /// Ask the gateway to remove the session's device from a conversation.
+    Leave {
+        conversation: u8,
     },
     /// Real KeyPackages of device `owner` (maybe not the session's device): `count` of its
     /// cached one-time packages from index `first`, and its last-resort package if asked.
@@ -357,6 +361,13 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 }),
             )
         }
+        WellFormed::Leave { conversation: c } => Frame::new(
+            Routing {
+                conversation: conversation(c),
+                ..Routing::default()
+            },
+            Payload::Leave(Leave {}),
+        ),
         WellFormed::KeyPackageFetch { users } => Frame::new(
             Routing::default(),
             Payload::KeyPackageFetch(KeyPackageFetch {

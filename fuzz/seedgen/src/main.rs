@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::wire::payload::{
     Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Heartbeat,
-    Hello, HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof,
-    ReplayRequest, Send, SendAck, FETCH_USERS_MAX,
+    Hello, HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Leave, Proof,
+    Removed, ReplayRequest, RosterEntry, Send, SendAck, Welcome, FETCH_USERS_MAX,
 };
 use sund_model::wire::{
     Frame, Opcode, Payload, Routing, WireError, HEADER_BYTES, PAYLOAD_BYTES_MAX,
@@ -186,6 +186,28 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 replenish_below: 10,
             }),
         ),
+        (
+            "send-commit-with-welcome",
+            Payload::Send(Send {
+                msg_id: [2; 16],
+                body: vec![0x00, 0x01, 0x00, 0x03, 0x00],
+                welcome: Some(vec![0x00, 0x01, 0x00, 0x03].into()),
+            }),
+        ),
+        (
+            "welcome",
+            Payload::Welcome(Welcome {
+                seq: 1,
+                kind: 2,
+                welcome: vec![0x00, 0x01, 0x00, 0x03].into(),
+                members: vec![RosterEntry {
+                    device: [0xd1; 16].into(),
+                    user: [0xb0; 16].into(),
+                }],
+            }),
+        ),
+        ("removed", Payload::Removed(Removed { seq: 9 })),
+        ("leave", Payload::Leave(Leave {})),
     ]
 }
 
