@@ -256,6 +256,20 @@ pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Says which invited users have no device in the group (none had KeyPackages at the gateway).
+fn note_missing(name: &str, invited: &[String], group: &GroupSummary) {
+    for user in invited {
+        let id = UserId::from_name(user);
+        if !group.members.iter().any(|(_, u)| *u == id) {
+            println!(
+                "  {user} has no device with KeyPackages at the gateway (never connected, or not \
+                 a user there); invite them again once they have run sund: \
+                 sund room invite {name} {user}"
+            );
+        }
+    }
+}
+
 fn parse_role(role: &str) -> Result<Role, String> {
     match role {
         "owner" => Ok(Role::Owner),
@@ -302,6 +316,7 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
                 .name_conversation(&name, group.conversation)
                 .map_err(|e| e.to_string())?;
             print_group(&name, &group, &device.user_names(), device.key.device_id());
+            note_missing(&name, &invite, &group);
             Ok(())
         }
         RoomCommand::Invite {
@@ -320,6 +335,7 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
                 .collect();
             let group = change(&device, GroupRequest::Change(conv, Intent::AddUsers(ids))).await?;
             print_group(&name, &group, &device.user_names(), device.key.device_id());
+            note_missing(&name, &users, &group);
             Ok(())
         }
         RoomCommand::Remove {
@@ -388,9 +404,10 @@ async fn leave(device: &Device, conv: ConversationId) -> Result<(), String> {
         loop {
             tokio::select! {
                 _ = &mut deadline => return Err(format!(
-                    "no member committed the removal within {GROUP_DEADLINE:?}; the request stays \
-                     and goes out again with the next `sund` command (the members' devices must \
-                     be online to commit it)"
+                    "the gateway proposed this device's removal, but no member committed it within \
+                     {GROUP_DEADLINE:?}: the member chosen to commit it is offline. It completes \
+                     when that member's device next runs sund (for example `sund follow`); this \
+                     device stops sending to the room meanwhile"
                 )),
                 event = node.events.recv() => match event {
                     Some(NodeEvent::RemovedFrom { conversation, .. }) if conversation == conv => return Ok(()),

@@ -22,14 +22,9 @@
 //! scanning one prefix. Record keys made of several openmls keys (a queued proposal: group id and
 //! proposal reference) encode them as one JSON array.
 //!
-//! Values are a marker byte [`CBOR_VALUE`] followed by the CBOR (serde) encoding of the openmls
-//! entity. A list (own leaf nodes, queued proposal references, epoch key pairs) is one record
-//! holding an array of its elements. Stores written before this encoding hold serde_json values
-//! (as openmls's own in-memory provider does); those are still read (JSON text never starts with
-//! the marker byte) and are rewritten as CBOR the next time openmls writes them. CBOR, because
-//! openmls rewrites the whole message-secrets record (a secret per member) on every message it
-//! encrypts or decrypts, and JSON spells each byte as decimal text: in a 100-member room JSON
-//! made a third of the simulator's time.
+//! Values are the serde_json encoding of the openmls entity, as in openmls's own in-memory
+//! provider. A list (own leaf nodes, queued proposal references, epoch key pairs) is one record
+//! holding a JSON array of its elements.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +38,7 @@ use serde::Serialize;
 use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 
 /// Table holding every openmls storage record of a device: key = openmls storage key (see the
-/// module documentation), value = [`CBOR_VALUE`] and CBOR bytes (older stores: serde_json).
+/// module documentation), value = serde_json bytes.
 pub const MLS_TABLE: Table = Table("mls");
 
 // One label per kind of record. Lower-case ASCII without a zero byte (checked by a test).
@@ -197,8 +192,8 @@ impl MlsStorage {
 
     /// Loads every record of [`MLS_TABLE`], after a restart. Nothing is pending afterwards.
     ///
-    /// Keys must carry openmls's current storage version and a known label, and values must
-    /// decode; anything else is reported as corrupt rather than surfacing later in the
+    /// Keys must carry openmls's current storage version and a known label, and values must be
+    /// well-formed JSON; anything else is reported as corrupt rather than surfacing later in the
     /// middle of an MLS operation.
     pub fn recover(store: &dyn StoreRead) -> Result<Self, StoreError> {
         let mut values = BTreeMap::new();
@@ -208,9 +203,9 @@ impl MlsStorage {
                     "key {key:02x?} is not an openmls storage version {CURRENT_VERSION} record"
                 )));
             };
-            if let Err(e) = decode::<IgnoredAny>(record, value) {
+            if let Err(e) = serde_json::from_slice::<IgnoredAny>(value) {
                 return Err(corrupt_on_disk(format!(
-                    "value of a `{record}` record does not decode: {e}"
+                    "value of a `{record}` record is not JSON: {e}"
                 )));
             }
             values.insert(key.to_vec(), Bytes::copy_from_slice(value));
@@ -358,29 +353,20 @@ fn label_of(key: &[u8]) -> Option<&'static str> {
     LABELS.into_iter().find(|l| l.as_bytes() == label)
 }
 
-/// First byte of a CBOR-encoded value (JSON text never starts with it).
-pub const CBOR_VALUE: u8 = 0x01;
-
-/// The stored encoding of a value openmls hands over: [`CBOR_VALUE`], then CBOR.
+/// The JSON encoding of a value openmls hands over.
 fn encode(record: &'static str, value: &impl Serialize) -> Result<Vec<u8>, MlsStorageError> {
-    let mut out = vec![CBOR_VALUE];
-    ciborium::into_writer(value, &mut out).map_err(|e| MlsStorageError::Serialization {
+    serde_json::to_vec(value).map_err(|e| MlsStorageError::Serialization {
         record,
         reason: e.to_string(),
-    })?;
-    Ok(out)
+    })
 }
 
-/// Decodes a stored value (CBOR, or JSON from an older store); bytes that do not decode are
-/// corrupt, never a panic.
+/// Decodes stored JSON; bytes that do not decode are corrupt, never a panic.
 fn decode<V: DeserializeOwned>(record: &'static str, bytes: &[u8]) -> Result<V, MlsStorageError> {
-    let corrupt = |reason: String| MlsStorageError::Corrupt { record, reason };
-    match bytes.split_first() {
-        Some((&CBOR_VALUE, cbor)) => {
-            ciborium::from_reader(cbor).map_err(|e| corrupt(e.to_string()))
-        }
-        _ => serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string())),
-    }
+    serde_json::from_slice(bytes).map_err(|e| MlsStorageError::Corrupt {
+        record,
+        reason: e.to_string(),
+    })
 }
 
 /// A corrupt record found while recovering.
@@ -1144,7 +1130,7 @@ mod tests {
             WriteOp::Put {
                 table: MLS_TABLE,
                 key: index_key(&g1),
-                value: vec![CBOR_VALUE, 2],
+                value: b"2".to_vec(),
             },
             WriteOp::Delete {
                 table: MLS_TABLE,
@@ -1248,34 +1234,10 @@ mod tests {
         assert!(storage.own_leaf_nodes::<GroupId, LeafNode>(&g).is_err());
     }
 
-    /// Stores written before values were CBOR hold JSON: still read, rewritten as CBOR.
-    #[test]
-    fn values_of_older_stores_are_read_and_rewritten() {
-        let g = group("g");
-        let mut store = MemStore::default();
-        let mut batch = WriteBatch::default();
-        batch.put(MLS_TABLE, index_key(&g), b"7".to_vec());
-        store.commit(batch).unwrap();
-        let storage = MlsStorage::recover(&store).unwrap();
-        assert_eq!(read_index(&storage, &g), Some(7));
-        write_index(&storage, &g, 8);
-        let mut batch = WriteBatch::default();
-        storage.take_writes(&mut batch);
-        assert!(matches!(
-            batch.ops(),
-            [WriteOp::Put { value, .. }] if value == &vec![CBOR_VALUE, 8]
-        ));
-    }
-
     #[test]
     fn recover_rejects_records_it_cannot_have_written() {
-        let cases: [(&str, Vec<u8>, Vec<u8>); 4] = [
+        let cases: [(&str, Vec<u8>, Vec<u8>); 3] = [
             ("not JSON", index_key(&group("g")), b"{torn".to_vec()),
-            (
-                "torn CBOR",
-                index_key(&group("g")),
-                vec![CBOR_VALUE, 0x82, 0x01],
-            ),
             (
                 "unknown label",
                 b"\x00\x01nonsense\x00\"g\"".to_vec(),
