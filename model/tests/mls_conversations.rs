@@ -435,3 +435,47 @@ fn a_device_leaves_and_the_operator_removes_another_through_the_gateways_proposa
     assert!(plaintexts(&net, 3, room).is_empty());
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));
 }
+
+#[test]
+fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
+    let mut net = three_devices();
+    net.add(4, node_config(4, "carol"));
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob"), user("carol")])
+        .unwrap();
+    net.settle();
+    // Alice (leaf 0) would commit Carol's leave, but she is offline.
+    net.nodes.get_mut(&1).unwrap().0.go_offline(now);
+    net.settle();
+    net.nodes.get_mut(&4).unwrap().0.leave(now, room).unwrap();
+    net.settle();
+    let carol = net.device(4);
+    assert!(net
+        .gateway
+        .group(room)
+        .unwrap()
+        .devices()
+        .contains_key(&carol));
+    // Ten seconds later Bob's phone (rank 1) steps in; the heartbeats keep sessions open.
+    for _ in 0..7 {
+        net.now = sund_model::time::Instant(net.now.0 + 2_000_000);
+        net.settle();
+    }
+    assert!(!net
+        .gateway
+        .group(room)
+        .unwrap()
+        .devices()
+        .contains_key(&carol));
+    net.nodes.get_mut(&1).unwrap().0.go_online(net.now);
+    net.settle();
+    let a = authenticator(&net, 2, room);
+    assert_eq!(authenticator(&net, 1, room), a);
+    assert_eq!(authenticator(&net, 3, room), a);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}

@@ -39,6 +39,10 @@ use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
 use crate::wire::payload::{FetchedKeyPackage, RosterEntry, Welcome, FETCH_USERS_MAX};
 
+/// How long a proposed removal may wait per rank before the next member commits it (see
+/// `DeviceGroups::take_over_stalled_proposals`).
+pub const PROPOSAL_TAKEOVER: core::time::Duration = core::time::Duration::from_secs(10);
+
 /// How long a leave request waits for its removal before it is asked again.
 pub const LEAVE_RESEND: core::time::Duration = core::time::Duration::from_secs(3);
 
@@ -276,6 +280,8 @@ pub struct DeviceGroups {
     sent: BTreeMap<MsgId, Bytes>,
     /// The gateway's signature key, named as external sender in the groups this device creates.
     gateway_key: Option<Vec<u8>>,
+    /// When this device first saw each group's pending proposals (for the takeover rule).
+    proposals_seen: BTreeMap<ConversationId, Instant>,
     /// When each leave request last went out (asked again after [`LEAVE_RESEND`]: a frame
     /// can be lost).
     leave_asked: BTreeMap<ConversationId, Instant>,
@@ -310,6 +316,15 @@ fn mls_error(e: impl core::fmt::Debug) -> GroupError {
 
 fn group_id(conv: ConversationId) -> GroupId {
     GroupId::from_slice(&conv.to_bytes())
+}
+
+/// The group's member devices by leaf (a leaf whose credential names no Sund device is left
+/// out).
+fn devices_by_leaf(group: &MlsGroup) -> BTreeMap<LeafNodeIndex, DeviceId> {
+    group
+        .members()
+        .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
+        .collect()
 }
 
 fn device_of(member_credential: &Credential) -> Option<DeviceId> {
@@ -377,6 +392,7 @@ impl DeviceGroups {
             sent,
             gateway_key: None,
             leave_asked: BTreeMap::new(),
+            proposals_seen: BTreeMap::new(),
             fetches: BTreeMap::new(),
             next_request: 1,
             stale_messages: BTreeMap::new(),
@@ -538,6 +554,7 @@ impl DeviceGroups {
         writes: &mut WriteBatch,
     ) -> Vec<GroupAction> {
         let mut actions = Vec::new();
+        self.take_over_stalled_proposals(now, writes);
         let ready: Vec<ConversationId> = self
             .entries
             .iter()
@@ -578,6 +595,52 @@ impl DeviceGroups {
             }
         }
         actions
+    }
+
+    /// When a proposed removal waits longer than [`PROPOSAL_TAKEOVER`] times this member's rank
+    /// among the possible committers (the member with the lowest leaf is rank 0 and commits at
+    /// once), this member commits it: a chosen committer that stays offline stalls nobody for
+    /// long, and only one member at a time steps in.
+    fn take_over_stalled_proposals(&mut self, now: Instant, writes: &mut WriteBatch) {
+        let mut due = Vec::new();
+        for (conv, group) in &self.groups {
+            let proposed: BTreeSet<LeafNodeIndex> = group
+                .pending_proposals()
+                .filter_map(|p| match p.proposal() {
+                    Proposal::Remove(r) => Some(r.removed()),
+                    _ => None,
+                })
+                .collect();
+            if proposed.is_empty() {
+                continue;
+            }
+            let since = *self.proposals_seen.entry(*conv).or_insert(now);
+            let rank = devices_by_leaf(group)
+                .into_iter()
+                .filter(|(leaf, _)| !proposed.contains(leaf))
+                .position(|(_, d)| d == self.device);
+            let Some(rank) = rank.filter(|r| *r > 0) else {
+                continue;
+            };
+            let wait = PROPOSAL_TAKEOVER.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
+            if now.saturating_since(since) >= wait {
+                due.push(*conv);
+            }
+        }
+        self.proposals_seen.retain(|conv, _| {
+            self.groups
+                .get(conv)
+                .is_some_and(|g| g.pending_proposals().next().is_some())
+        });
+        for conv in due {
+            let Some(entry) = self.entries.get_mut(&conv) else {
+                continue;
+            };
+            if entry.intents.front() != Some(&Intent::CommitPending) {
+                entry.intents.push_front(Intent::CommitPending);
+                self.persist(conv, writes);
+            }
+        }
     }
 
     /// KeyPackages arrived for fetch `request`: the waiting conversation commits.
@@ -697,9 +760,9 @@ impl DeviceGroups {
             .groups
             .get_mut(&conv)
             .ok_or(GroupError::NotInGroup(conv))?;
-        let members: BTreeMap<DeviceId, LeafNodeIndex> = group
-            .members()
-            .filter_map(|m| Some((device_of(&m.credential)?, m.index)))
+        let members: BTreeMap<DeviceId, LeafNodeIndex> = devices_by_leaf(group)
+            .into_iter()
+            .map(|(leaf, device)| (device, leaf))
             .collect();
         let mut ops = GroupOps {
             create: creating.then_some(entry.kind),
@@ -828,10 +891,7 @@ impl DeviceGroups {
         let Some(group) = self.groups.get_mut(&conv) else {
             return Ok(None);
         };
-        let by_leaf: BTreeMap<LeafNodeIndex, DeviceId> = group
-            .members()
-            .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
-            .collect();
+        let by_leaf: BTreeMap<LeafNodeIndex, DeviceId> = devices_by_leaf(group);
         let removed: Vec<DeviceId> = group
             .pending_proposals()
             .filter_map(|p| match p.proposal() {
@@ -1196,10 +1256,7 @@ impl DeviceGroups {
                         return Processed::Failed(e.to_string());
                     }
                 };
-                let members: BTreeMap<LeafNodeIndex, DeviceId> = group
-                    .members()
-                    .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
-                    .collect();
+                let members: BTreeMap<LeafNodeIndex, DeviceId> = devices_by_leaf(group);
                 let added: BTreeSet<DeviceId> = staged
                     .add_proposals()
                     .filter_map(|p| {
@@ -1233,9 +1290,9 @@ impl DeviceGroups {
                 provider.take_writes(writes);
                 entry.apply_ops(&ops);
                 // The gateway addresses its removals by the leaves commits declare.
-                let leaves: BTreeMap<DeviceId, u32> = group
-                    .members()
-                    .filter_map(|m| Some((device_of(&m.credential)?, m.index.u32())))
+                let leaves: BTreeMap<DeviceId, u32> = devices_by_leaf(group)
+                    .into_iter()
+                    .map(|(leaf, device)| (device, leaf.u32()))
                     .collect();
                 let wrong_leaf = ops
                     .added
@@ -1272,10 +1329,7 @@ impl DeviceGroups {
                     return Processed::Failed("the gateway proposes removals only".into());
                 };
                 let removed = remove.removed();
-                let members: BTreeMap<LeafNodeIndex, DeviceId> = group
-                    .members()
-                    .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
-                    .collect();
+                let members: BTreeMap<LeafNodeIndex, DeviceId> = devices_by_leaf(group);
                 let Some(&device) = members.get(&removed) else {
                     provider.discard_writes();
                     return Processed::Failed("a removal of an empty leaf".into());
