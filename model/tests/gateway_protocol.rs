@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use sund_model::env::{Entropy, MemStore, Store};
+use sund_model::env::{MemStore, Store};
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
@@ -39,19 +39,8 @@ fn key_of(device: DeviceId) -> DeviceKey {
         .expect("a test device")
 }
 
-/// A counter posing as entropy: enough for nonces and tokens in tests.
-struct Counter(u64);
-impl Entropy for Counter {
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for b in dest {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *b = (self.0 >> 56) as u8;
-        }
-    }
-}
+mod support;
+use support::Counter;
 
 fn open_config() -> GatewayConfig {
     GatewayConfig {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use sund_model::env::{Entropy, MemStore};
+use sund_model::env::MemStore;
 use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
 use sund_model::node::{
@@ -27,19 +27,8 @@ fn config() -> NodeConfig {
     NodeConfig::new(my_key())
 }
 
-/// A counter posing as entropy: enough for ids and jitter in tests.
-struct Counter(u64);
-impl Entropy for Counter {
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for b in dest {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *b = (self.0 >> 56) as u8;
-        }
-    }
-}
+mod support;
+use support::Counter;
 
 struct Harness {
     node: Node,

@@ -318,6 +318,22 @@ fn group_id(conv: ConversationId) -> GroupId {
     GroupId::from_slice(&conv.to_bytes())
 }
 
+/// A commit removing one device, declared in its authenticated data.
+fn remove_one(
+    group: &mut MlsGroup,
+    mls: &DeviceMls,
+    ops: &mut GroupOps,
+    device: DeviceId,
+    leaf: LeafNodeIndex,
+) -> Result<(MlsMessageOut, Option<MlsMessageOut>), GroupError> {
+    ops.removed.push(ByteArray::from(device.to_bytes()));
+    group.set_aad(GroupOps::encode(ops));
+    let (commit, welcome, _) = group
+        .remove_members(mls.provider(), mls.signer(), &[leaf])
+        .map_err(mls_error)?;
+    Ok((commit, welcome))
+}
+
 /// The group's member devices by leaf (a leaf whose credential names no Sund device is left
 /// out).
 fn devices_by_leaf(group: &MlsGroup) -> BTreeMap<LeafNodeIndex, DeviceId> {
@@ -830,12 +846,7 @@ impl DeviceGroups {
                 let Some((device, leaf)) = target else {
                     return Ok(None);
                 };
-                ops.removed.push(ByteArray::from(device.to_bytes()));
-                group.set_aad(ops.encode());
-                let (commit, welcome, _) = group
-                    .remove_members(provider, signer, &[leaf])
-                    .map_err(mls_error)?;
-                (commit, welcome)
+                remove_one(group, mls, &mut ops, device, leaf)?
             }
             Intent::RemoveDevice(device) => {
                 let device = DeviceId::from_bytes(*device);
@@ -847,12 +858,7 @@ impl DeviceGroups {
                         "a member cannot commit its own removal".into(),
                     ));
                 }
-                ops.removed.push(ByteArray::from(device.to_bytes()));
-                group.set_aad(ops.encode());
-                let (commit, welcome, _) = group
-                    .remove_members(provider, signer, &[leaf])
-                    .map_err(mls_error)?;
-                (commit, welcome)
+                remove_one(group, mls, &mut ops, device, leaf)?
             }
             Intent::Leave | Intent::CommitPending => return Ok(None),
             Intent::Update | Intent::SetRole(..) => {

@@ -16,7 +16,8 @@ use sund_model::time::Instant;
 use sund_model::wire::payload::{KeyPackageFetch, KeyPackages};
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
-pub struct Counter(u64);
+/// A counter posing as entropy: enough for nonces, tokens and keys in tests.
+pub struct Counter(pub u64);
 impl Entropy for Counter {
     fn fill_bytes(&mut self, dest: &mut [u8]) {
         for b in dest {
