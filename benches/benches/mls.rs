@@ -19,8 +19,8 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use sund_model::env::{Entropy, WriteBatch};
 use sund_model::mls::{
-    capabilities, group_config, join_config, lifetime, LifetimePolicy, MlsProvider, MlsStorage,
-    Randomness, CIPHERSUITE,
+    capabilities, group_config, join_config, lifetime, sender_ratchet, LifetimePolicy, MlsProvider,
+    MlsStorage, Randomness, CIPHERSUITE,
 };
 
 const MEMBERS: usize = 1_000;
@@ -212,7 +212,7 @@ fn run<F: Flavour>(add_rounds: usize, commit_rounds: usize, message_rounds: usiz
         let started = Instant::now();
         let g = StagedWelcome::new_from_welcome(
             &m.provider,
-            &join_config(),
+            &join_config(sender_ratchet(false)),
             welcome(&welcome_bytes),
             None,
         )

@@ -7,8 +7,8 @@ use openmls_basic_credential::SignatureKeyPair;
 use sha2::{Digest, Sha256};
 use sund_model::env::{Entropy, MemStore, Store, WriteBatch};
 use sund_model::mls::{
-    group_config, join_config, lifetime, LifetimePolicy, MlsProvider, MlsStorage, Randomness,
-    CIPHERSUITE,
+    group_config, join_config, lifetime, sender_ratchet, LifetimePolicy, MlsProvider, MlsStorage,
+    Randomness, CIPHERSUITE,
 };
 use sund_model::time::Instant;
 
@@ -100,10 +100,15 @@ impl Device {
         else {
             panic!("not a welcome")
         };
-        let group = StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, None)
-            .unwrap()
-            .into_group(&self.provider)
-            .unwrap();
+        let group = StagedWelcome::new_from_welcome(
+            &self.provider,
+            &join_config(sender_ratchet(false)),
+            welcome,
+            None,
+        )
+        .unwrap()
+        .into_group(&self.provider)
+        .unwrap();
         self.commit();
         group
     }
@@ -283,10 +288,11 @@ fn a_welcome_from_sund_is_read_by_stock_openmls() {
     else {
         panic!()
     };
-    let mut joined = StagedWelcome::new_from_welcome(&stock, &join_config(), welcome, None)
-        .unwrap()
-        .into_group(&stock)
-        .unwrap();
+    let mut joined =
+        StagedWelcome::new_from_welcome(&stock, &join_config(sender_ratchet(false)), welcome, None)
+            .unwrap()
+            .into_group(&stock)
+            .unwrap();
     let bytes = a
         .create_message(&alice.provider, &alice.signer, b"interop")
         .unwrap()

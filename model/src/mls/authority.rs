@@ -140,7 +140,8 @@ mod tests {
     use crate::ids::DeviceId;
     use crate::mls::key_packages::{credential_with_key, generate};
     use crate::mls::{
-        group_config, join_config, LifetimePolicy, MlsProvider, MlsStorage, Randomness,
+        group_config, join_config, sender_ratchet, LifetimePolicy, MlsProvider, MlsStorage,
+        Randomness,
     };
     use crate::time::Instant;
     use openmls::prelude::*;
@@ -254,10 +255,15 @@ mod tests {
         else {
             panic!("a welcome")
         };
-        let mut b = StagedWelcome::new_from_welcome(&bob.provider, &join_config(), welcome, None)
-            .unwrap()
-            .into_group(&bob.provider)
-            .unwrap();
+        let mut b = StagedWelcome::new_from_welcome(
+            &bob.provider,
+            &join_config(sender_ratchet(false)),
+            welcome,
+            None,
+        )
+        .unwrap()
+        .into_group(&bob.provider)
+        .unwrap();
 
         let from_alice = a
             .self_update(

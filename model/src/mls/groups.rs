@@ -32,7 +32,7 @@ use openmls::prelude::*;
 
 use super::device::DeviceMls;
 use super::key_packages::credential_with_key;
-use super::{group_config_with_external_sender, join_config};
+use super::{group_config_with_external_sender, join_config, sender_ratchet};
 use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::groups::{AddedDevice, GroupKind, GroupOps, Role, RoleChange};
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
@@ -760,6 +760,7 @@ impl DeviceGroups {
                 mls.lifetime_policy(),
                 now,
                 self.gateway_key.as_deref(),
+                sender_ratchet(mls.decrypt_sample().is_some()),
             );
             let group = MlsGroup::new_with_group_id(
                 provider,
@@ -1130,6 +1131,7 @@ impl DeviceGroups {
             });
         }
         let provider = mls.provider();
+        let sampling = mls.decrypt_sample().is_some();
         if let Some(mut lost) = self.groups.remove(&conv) {
             // Our own group lost the race to create this conversation: its records make way for
             // the group we join under the same id.
@@ -1142,8 +1144,13 @@ impl DeviceGroups {
                 _ => Err(GroupError::Mls("not a Welcome".into())),
             })
             .and_then(|w| {
-                StagedWelcome::new_from_welcome(provider, &join_config(), w, None)
-                    .map_err(mls_error)
+                StagedWelcome::new_from_welcome(
+                    provider,
+                    &join_config(sender_ratchet(sampling)),
+                    w,
+                    None,
+                )
+                .map_err(mls_error)
             })
             .and_then(|staged| staged.into_group(provider).map_err(mls_error));
         let group = match result {

@@ -107,18 +107,31 @@ pub const MAX_PAST_EPOCHS: usize = 0;
 /// How far out of order one sender's messages may arrive (a node resends its outbox in id
 /// order, not in the order it encrypted the messages).
 pub const OUT_OF_ORDER_TOLERANCE: u32 = 1024;
+/// The out-of-order tolerance of a member that skips most messages by design (decryption
+/// sampling in simulated large rooms). openmls keeps the key of every skipped generation, up to
+/// the tolerance, in the secret tree, and rewrites the whole tree on every decrypted message: a
+/// sampling member of a 1,000-member room would end up storing some 360 keys per sender. The
+/// small window still covers a sender's outbox resent out of encryption order.
+pub const SAMPLED_OUT_OF_ORDER_TOLERANCE: u32 = 16;
 /// How far ahead in one sender's chain a message may be.
 pub const MAXIMUM_FORWARD_DISTANCE: u32 = 10_000;
 
-fn sender_ratchet() -> SenderRatchetConfiguration {
-    SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAXIMUM_FORWARD_DISTANCE)
+/// The sender ratchet limits of a member: [`OUT_OF_ORDER_TOLERANCE`], or
+/// [`SAMPLED_OUT_OF_ORDER_TOLERANCE`] for a member that samples what it decrypts.
+pub fn sender_ratchet(sampling: bool) -> SenderRatchetConfiguration {
+    let tolerance = if sampling {
+        SAMPLED_OUT_OF_ORDER_TOLERANCE
+    } else {
+        OUT_OF_ORDER_TOLERANCE
+    };
+    SenderRatchetConfiguration::new(tolerance, MAXIMUM_FORWARD_DISTANCE)
 }
 
 /// How Sund creates every group: its ciphersuite and capabilities, the creator's leaf lifetime
 /// under `policy`, the ratchet tree inside Welcomes (joiners need no separate tree fetch), and
 /// the member-side limits above.
 pub fn group_config(policy: LifetimePolicy, now: Instant) -> MlsGroupCreateConfig {
-    group_config_with_external_sender(policy, now, None)
+    group_config_with_external_sender(policy, now, None, sender_ratchet(false))
 }
 
 /// [`group_config`] naming the gateway's signature key as the group's external sender, so that
@@ -127,6 +140,7 @@ pub fn group_config_with_external_sender(
     policy: LifetimePolicy,
     now: Instant,
     gateway_key: Option<&[u8]>,
+    ratchet: SenderRatchetConfiguration,
 ) -> MlsGroupCreateConfig {
     let mut builder = MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
@@ -134,7 +148,7 @@ pub fn group_config_with_external_sender(
         .lifetime(lifetime(policy, now))
         .use_ratchet_tree_extension(true)
         .max_past_epochs(MAX_PAST_EPOCHS)
-        .sender_ratchet_configuration(sender_ratchet());
+        .sender_ratchet_configuration(ratchet);
     if let Some(key) = gateway_key {
         let sender = ExternalSender::new(
             key.to_vec().into(),
@@ -151,11 +165,11 @@ pub fn group_config_with_external_sender(
 pub const GATEWAY_CREDENTIAL: &[u8] = b"sund-gateway";
 
 /// How a Sund device joins a group from a Welcome (the tree comes in the Welcome), with the
-/// same member-side limits as [`group_config`].
-pub fn join_config() -> MlsGroupJoinConfig {
+/// same member-side limits as [`group_config`] (`ratchet`: see [`sender_ratchet`]).
+pub fn join_config(ratchet: SenderRatchetConfiguration) -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .use_ratchet_tree_extension(true)
         .max_past_epochs(MAX_PAST_EPOCHS)
-        .sender_ratchet_configuration(sender_ratchet())
+        .sender_ratchet_configuration(ratchet)
         .build()
 }

@@ -22,9 +22,14 @@
 //! scanning one prefix. Record keys made of several openmls keys (a queued proposal: group id and
 //! proposal reference) encode them as one JSON array.
 //!
-//! Values are the serde_json encoding of the openmls entity, as in openmls's own in-memory
-//! provider. A list (own leaf nodes, queued proposal references, epoch key pairs) is one record
-//! holding a JSON array of its elements.
+//! Values are the MessagePack encoding (rmp-serde) of the openmls entity after a tag byte 0x01.
+//! openmls's own in-memory provider uses JSON, which writes every secret byte as a decimal
+//! number: at 1,000 members, storing the secret tree after each decrypted message took most of
+//! the decryption's time. MessagePack writes a byte in one or two bytes and still describes
+//! itself, as tls_codec's byte vectors require when they are read back. Values written as JSON
+//! by earlier versions (they never start with 0x01) are still read. A list (own leaf nodes,
+//! queued proposal references, epoch key pairs) is one record holding an array of its
+//! elements.
 
 use std::collections::BTreeMap;
 
@@ -37,8 +42,11 @@ use serde::Serialize;
 
 use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 
+/// First byte of a MessagePack value (JSON never starts with it).
+const MSGPACK_TAG: u8 = 0x01;
+
 /// Table holding every openmls storage record of a device: key = openmls storage key (see the
-/// module documentation), value = serde_json bytes.
+/// module documentation), value = tagged MessagePack (or JSON from earlier versions).
 pub const MLS_TABLE: Table = Table("mls");
 
 // One label per kind of record. Lower-case ASCII without a zero byte (checked by a test).
@@ -178,8 +186,8 @@ impl State {
         let list: Vec<V> = self.get_list(record, &key)?;
         let mut elements: Vec<&V> = list.iter().collect();
         elements.push(item);
-        let json = encode(record, &elements)?;
-        self.set(key, Some(json));
+        let bytes = encode(record, &elements)?;
+        self.set(key, Some(bytes));
         Ok(())
     }
 }
@@ -193,7 +201,7 @@ impl MlsStorage {
     /// Loads every record of [`MLS_TABLE`], after a restart. Nothing is pending afterwards.
     ///
     /// Keys must carry openmls's current storage version and a known label, and values must be
-    /// well-formed JSON; anything else is reported as corrupt rather than surfacing later in the
+    /// well-formed (MessagePack, or JSON from earlier versions); anything else is reported as corrupt rather than surfacing later in the
     /// middle of an MLS operation.
     pub fn recover(store: &dyn StoreRead) -> Result<Self, StoreError> {
         let mut values = BTreeMap::new();
@@ -203,9 +211,9 @@ impl MlsStorage {
                     "key {key:02x?} is not an openmls storage version {CURRENT_VERSION} record"
                 )));
             };
-            if let Err(e) = serde_json::from_slice::<IgnoredAny>(value) {
+            if let Err(e) = decode::<IgnoredAny>(record, value) {
                 return Err(corrupt_on_disk(format!(
-                    "value of a `{record}` record is not JSON: {e}"
+                    "value of a `{record}` record does not decode: {e}"
                 )));
             }
             values.insert(key.to_vec(), Bytes::copy_from_slice(value));
@@ -355,18 +363,23 @@ fn label_of(key: &[u8]) -> Option<&'static str> {
 
 /// The JSON encoding of a value openmls hands over.
 fn encode(record: &'static str, value: &impl Serialize) -> Result<Vec<u8>, MlsStorageError> {
-    serde_json::to_vec(value).map_err(|e| MlsStorageError::Serialization {
+    let mut out = vec![MSGPACK_TAG];
+    rmp_serde::encode::write(&mut out, value).map_err(|e| MlsStorageError::Serialization {
         record,
         reason: e.to_string(),
-    })
+    })?;
+    Ok(out)
 }
 
-/// Decodes stored JSON; bytes that do not decode are corrupt, never a panic.
+/// Decodes a stored value: MessagePack after [`MSGPACK_TAG`], or JSON as written by earlier
+/// versions (a JSON value never starts with that byte). Bytes that do not decode are corrupt,
+/// never a panic.
 fn decode<V: DeserializeOwned>(record: &'static str, bytes: &[u8]) -> Result<V, MlsStorageError> {
-    serde_json::from_slice(bytes).map_err(|e| MlsStorageError::Corrupt {
-        record,
-        reason: e.to_string(),
-    })
+    let decoded = match bytes.split_first() {
+        Some((&MSGPACK_TAG, rest)) => rmp_serde::from_slice(rest).map_err(|e| e.to_string()),
+        _ => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    };
+    decoded.map_err(|reason| MlsStorageError::Corrupt { record, reason })
 }
 
 /// A corrupt record found while recovering.
@@ -1111,6 +1124,24 @@ mod tests {
     }
 
     #[test]
+    fn values_written_as_json_by_earlier_versions_still_read() {
+        assert_eq!(decode::<u32>(OWN_LEAF_INDEX, b"7").unwrap(), 7);
+        assert_eq!(decode::<u32>(OWN_LEAF_INDEX, &[MSGPACK_TAG, 7]).unwrap(), 7);
+        assert_eq!(encode(OWN_LEAF_INDEX, &7u32).unwrap(), vec![MSGPACK_TAG, 7]);
+        for bad in [
+            &b""[..],
+            &[MSGPACK_TAG][..],
+            &[MSGPACK_TAG, 0xc1][..],
+            &b"{"[..],
+        ] {
+            assert!(matches!(
+                decode::<u32>(OWN_LEAF_INDEX, bad),
+                Err(MlsStorageError::Corrupt { .. })
+            ));
+        }
+    }
+
+    #[test]
     fn writes_reach_the_batch_once_with_the_last_value_and_deletes_as_deletes() {
         let storage = MlsStorage::new();
         assert!(storage.is_empty() && !storage.has_pending());
@@ -1130,7 +1161,7 @@ mod tests {
             WriteOp::Put {
                 table: MLS_TABLE,
                 key: index_key(&g1),
-                value: b"2".to_vec(),
+                value: vec![MSGPACK_TAG, 2],
             },
             WriteOp::Delete {
                 table: MLS_TABLE,
