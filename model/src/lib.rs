@@ -29,4 +29,5 @@ pub mod mls;
 pub mod node;
 pub mod sequencer;
 pub mod time;
+pub mod trust;
 pub mod wire;

@@ -1,0 +1,681 @@
+//! The registration authority of a gateway's domain: trust root, enrolment tokens, certificates
+//! issued, and the CRL.
+//!
+//! Stored in three tables (all writes go through the caller's [`WriteBatch`], so an issued
+//! certificate and the consumed token land in one commit):
+//!
+//! - [`AUTHORITY_TABLE`]: `root_seed` (the root's 32-byte Ed25519 seed), `domain`,
+//!   `next_serial` (u64), `crl` (the encoded current CRL);
+//! - [`ENROLMENT_TOKENS_TABLE`]: key = token secret (16), value = user (16) | expires (u64 µs) |
+//!   used (u8); a used token is kept until it expires, so a second use gets its own error;
+//! - [`CERTIFICATES_TABLE`]: key = device id (16), value = the device's latest certificate.
+//!
+//! Backing up the gateway's data directory backs up the root. Losing the root means every device
+//! must enrol again; rotating it is the same operation (a new data directory, new tokens).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::env::{scan_all, Entropy, StoreError, StoreRead, Table, WriteBatch};
+use crate::identity::{DeviceKey, DevicePublicKey};
+use crate::ids::{DeviceId, UserId};
+use crate::time::Instant;
+
+use super::certificate::{register_message, CertificateError, DeviceCertificate};
+use super::crl::{Crl, CRL_ENTRIES_MAX};
+use super::{valid_domain, TrustRoot};
+
+/// The root key, domain, serial counter and current CRL.
+pub const AUTHORITY_TABLE: Table = Table("authority");
+/// Enrolment tokens issued and not yet expired.
+pub const ENROLMENT_TOKENS_TABLE: Table = Table("enrolment_tokens");
+/// The latest certificate of each registered device.
+pub const CERTIFICATES_TABLE: Table = Table("certificates");
+
+/// How long an enrolment token can be used.
+pub const ENROLMENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a certificate is valid. Renewal before expiry is not built yet: a device whose
+/// certificate expired registers again with a new token.
+pub const CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+const ROOT_SEED_KEY: &[u8] = b"root_seed";
+const DOMAIN_KEY: &[u8] = b"domain";
+const NEXT_SERIAL_KEY: &[u8] = b"next_serial";
+const CRL_KEY: &[u8] = b"crl";
+
+/// A one-time enrolment token: what an operator hands to a user so that one new device of that
+/// user can register. Its text form also pins the trust root, so the device can check that the
+/// gateway it registers with is the one the operator meant.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct EnrolmentToken {
+    /// The user the device will belong to.
+    pub user: UserId,
+    /// The one-time secret.
+    pub secret: [u8; 16],
+    /// The first 16 bytes of the trust root's public key.
+    pub root_fingerprint: [u8; 16],
+}
+
+impl core::fmt::Debug for EnrolmentToken {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // The secret is a credential: never in logs.
+        write!(f, "EnrolmentToken({})", self.user)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex16(text: &str) -> Option<[u8; 16]> {
+    if text.len() != 32 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(core::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl EnrolmentToken {
+    /// `sund-enrol:<user>:<secret>:<root fingerprint>`, each 32 hex digits.
+    pub fn to_text(&self) -> String {
+        format!(
+            "sund-enrol:{}:{}:{}",
+            hex(&self.user.to_bytes()),
+            hex(&self.secret),
+            hex(&self.root_fingerprint)
+        )
+    }
+
+    /// Parses [`Self::to_text`]'s form; `None` if it is not one.
+    pub fn from_text(text: &str) -> Option<EnrolmentToken> {
+        let mut parts = text.trim().split(':');
+        if parts.next()? != "sund-enrol" {
+            return None;
+        }
+        let user = UserId::from_bytes(unhex16(parts.next()?)?);
+        let secret = unhex16(parts.next()?)?;
+        let root_fingerprint = unhex16(parts.next()?)?;
+        parts.next().is_none().then_some(EnrolmentToken {
+            user,
+            secret,
+            root_fingerprint,
+        })
+    }
+
+    /// True if `root` is the root this token pins.
+    pub fn pins(&self, root: &TrustRoot) -> bool {
+        root.key.0[..16] == self.root_fingerprint
+    }
+}
+
+/// Why a registration or revocation was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegistrationError {
+    /// No such token (mistyped, or from another gateway).
+    #[error("unknown enrolment token; ask the operator for a new one (`sund-gateway admin enrol-token USER`)")]
+    TokenUnknown,
+    /// The token was already used by a device.
+    #[error("this enrolment token was already used; each token enrols one device")]
+    TokenUsed,
+    /// The token is too old.
+    #[error("this enrolment token expired; ask the operator for a new one")]
+    TokenExpired,
+    /// The request names another user than the token.
+    #[error("this enrolment token is for user {token}, not {claimed}")]
+    TokenForAnotherUser {
+        /// The token's user.
+        token: UserId,
+        /// The user claimed.
+        claimed: UserId,
+    },
+    /// The registration proof does not verify against the device key.
+    #[error("the registration proof does not verify against the device key")]
+    BadProof,
+    /// The device is revoked and cannot register again.
+    #[error("device {0} is revoked")]
+    Revoked(DeviceId),
+    /// The CRL is full.
+    #[error("the CRL holds {CRL_ENTRIES_MAX} devices, its limit")]
+    CrlFull,
+    /// The device was never registered here.
+    #[error("device {0} has no certificate from this gateway")]
+    UnknownDevice(DeviceId),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TokenRecord {
+    user: UserId,
+    expires: Instant,
+    used: bool,
+}
+
+impl TokenRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.user.to_bytes().to_vec();
+        out.extend_from_slice(&self.expires.as_micros().to_be_bytes());
+        out.push(u8::from(self.used));
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<TokenRecord> {
+        if bytes.len() != 25 {
+            return None;
+        }
+        Some(TokenRecord {
+            user: UserId::from_bytes(bytes[..16].try_into().ok()?),
+            expires: Instant(u64::from_be_bytes(bytes[16..24].try_into().ok()?)),
+            used: match bytes[24] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+        })
+    }
+}
+
+/// The gateway's registration authority.
+pub struct RegistrationAuthority {
+    root_key: DeviceKey,
+    root: TrustRoot,
+    next_serial: u64,
+    tokens: BTreeMap<[u8; 16], TokenRecord>,
+    certificates: BTreeMap<DeviceId, DeviceCertificate>,
+    crl: Crl,
+}
+
+fn seconds(at: Instant) -> u64 {
+    at.as_micros() / 1_000_000
+}
+
+impl RegistrationAuthority {
+    /// A new authority for `domain`: a fresh root key from `entropy` and an empty CRL
+    /// (version 0). Its records go into `writes`. Panics on an invalid domain (the gateway's
+    /// configuration checks it first: see [`super::valid_domain`]).
+    pub fn create(
+        domain: &str,
+        now: Instant,
+        entropy: &mut dyn Entropy,
+        writes: &mut WriteBatch,
+    ) -> RegistrationAuthority {
+        assert!(valid_domain(domain), "checked by the configuration");
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        entropy.fill_bytes(seed.as_mut());
+        let root_key = DeviceKey::from_seed(*seed);
+        let crl = Crl::issue(&root_key, domain, 0, seconds(now), BTreeSet::new());
+        writes.put(AUTHORITY_TABLE, ROOT_SEED_KEY.to_vec(), seed.to_vec());
+        writes.put(
+            AUTHORITY_TABLE,
+            DOMAIN_KEY.to_vec(),
+            domain.as_bytes().to_vec(),
+        );
+        writes.put(
+            AUTHORITY_TABLE,
+            NEXT_SERIAL_KEY.to_vec(),
+            1u64.to_be_bytes().to_vec(),
+        );
+        writes.put(AUTHORITY_TABLE, CRL_KEY.to_vec(), crl.encode());
+        RegistrationAuthority {
+            root: TrustRoot {
+                key: root_key.public(),
+                domain: domain.to_string(),
+            },
+            root_key,
+            next_serial: 1,
+            tokens: BTreeMap::new(),
+            certificates: BTreeMap::new(),
+            crl,
+        }
+    }
+
+    /// Reads the authority back; `None` if this store never had one (first start).
+    pub fn recover(store: &dyn StoreRead) -> Result<Option<RegistrationAuthority>, StoreError> {
+        let corrupt = |table: Table, reason: String| StoreError::Corrupt {
+            table: table.0,
+            reason,
+        };
+        let mut fields: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        scan_all(store, AUTHORITY_TABLE, |key, value| {
+            fields.insert(key.to_vec(), value.to_vec());
+            Ok(())
+        })?;
+        let Some(seed) = fields.get(ROOT_SEED_KEY) else {
+            return Ok(None);
+        };
+        let seed: [u8; 32] = seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt(AUTHORITY_TABLE, "root seed is not 32 bytes".into()))?;
+        let root_key = DeviceKey::from_seed(seed);
+        let domain = fields
+            .get(DOMAIN_KEY)
+            .and_then(|d| String::from_utf8(d.clone()).ok())
+            .filter(|d| valid_domain(d))
+            .ok_or_else(|| corrupt(AUTHORITY_TABLE, "missing or invalid domain".into()))?;
+        let next_serial = fields
+            .get(NEXT_SERIAL_KEY)
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| corrupt(AUTHORITY_TABLE, "missing or invalid serial".into()))?;
+        let root = TrustRoot {
+            key: root_key.public(),
+            domain,
+        };
+        let crl = fields
+            .get(CRL_KEY)
+            .and_then(|b| Crl::decode(b).ok())
+            .filter(|c| c.verify(&root).is_ok())
+            .ok_or_else(|| corrupt(AUTHORITY_TABLE, "missing or invalid CRL".into()))?;
+        let mut tokens = BTreeMap::new();
+        scan_all(store, ENROLMENT_TOKENS_TABLE, |key, value| {
+            let secret: [u8; 16] = key
+                .try_into()
+                .map_err(|_| corrupt(ENROLMENT_TOKENS_TABLE, "token key is not 16 bytes".into()))?;
+            let record = TokenRecord::decode(value)
+                .ok_or_else(|| corrupt(ENROLMENT_TOKENS_TABLE, "bad token record".into()))?;
+            tokens.insert(secret, record);
+            Ok(())
+        })?;
+        let mut certificates = BTreeMap::new();
+        scan_all(store, CERTIFICATES_TABLE, |_, value| {
+            let cert = DeviceCertificate::decode(value)
+                .map_err(|e| corrupt(CERTIFICATES_TABLE, e.to_string()))?;
+            certificates.insert(cert.device(), cert);
+            Ok(())
+        })?;
+        Ok(Some(RegistrationAuthority {
+            root_key,
+            root,
+            next_serial,
+            tokens,
+            certificates,
+            crl,
+        }))
+    }
+
+    /// The trust root devices pin.
+    pub fn root(&self) -> &TrustRoot {
+        &self.root
+    }
+
+    /// The current CRL.
+    pub fn crl(&self) -> &Crl {
+        &self.crl
+    }
+
+    /// The latest certificate of every registered device, by device id.
+    pub fn certificates(&self) -> impl Iterator<Item = &DeviceCertificate> + '_ {
+        self.certificates.values()
+    }
+
+    /// Issues a one-time token for one new device of `user`.
+    pub fn issue_token(
+        &mut self,
+        now: Instant,
+        user: UserId,
+        entropy: &mut dyn Entropy,
+        writes: &mut WriteBatch,
+    ) -> EnrolmentToken {
+        let mut secret = [0u8; 16];
+        entropy.fill_bytes(&mut secret);
+        let record = TokenRecord {
+            user,
+            expires: now + ENROLMENT_TOKEN_TTL,
+            used: false,
+        };
+        writes.put(ENROLMENT_TOKENS_TABLE, secret.to_vec(), record.encode());
+        self.tokens.insert(secret, record);
+        EnrolmentToken {
+            user,
+            secret,
+            root_fingerprint: self.root.key.0[..16].try_into().expect("16 of 32 bytes"),
+        }
+    }
+
+    /// Registers `device_key` for `user`: checks the proof of possession and, unless `open`
+    /// (open enrolment, for local use), the one-time token, which is consumed. Returns the new
+    /// certificate.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &mut self,
+        now: Instant,
+        device_key: DevicePublicKey,
+        user: UserId,
+        token: [u8; 16],
+        proof: &[u8; 64],
+        open: bool,
+        writes: &mut WriteBatch,
+    ) -> Result<DeviceCertificate, RegistrationError> {
+        if !device_key.verify(&register_message(&token, &device_key, user), proof) {
+            return Err(RegistrationError::BadProof);
+        }
+        let device = device_key.device_id();
+        if self.crl.revoked.contains(&device) {
+            return Err(RegistrationError::Revoked(device));
+        }
+        if !open {
+            let record = self
+                .tokens
+                .get_mut(&token)
+                .ok_or(RegistrationError::TokenUnknown)?;
+            if record.used {
+                return Err(RegistrationError::TokenUsed);
+            }
+            if now >= record.expires {
+                return Err(RegistrationError::TokenExpired);
+            }
+            if record.user != user {
+                return Err(RegistrationError::TokenForAnotherUser {
+                    token: record.user,
+                    claimed: user,
+                });
+            }
+            record.used = true;
+            writes.put(ENROLMENT_TOKENS_TABLE, token.to_vec(), record.encode());
+        }
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        writes.put(
+            AUTHORITY_TABLE,
+            NEXT_SERIAL_KEY.to_vec(),
+            self.next_serial.to_be_bytes().to_vec(),
+        );
+        let not_before = seconds(now);
+        let cert = DeviceCertificate::issue(
+            &self.root_key,
+            &self.root.domain,
+            serial,
+            device_key,
+            user,
+            not_before,
+            not_before + CERTIFICATE_VALIDITY.as_secs(),
+        );
+        writes.put(
+            CERTIFICATES_TABLE,
+            device.to_bytes().to_vec(),
+            cert.encode(),
+        );
+        self.certificates.insert(device, cert.clone());
+        Ok(cert)
+    }
+
+    /// Revokes `device`: a new CRL version that lists it. Revoking a revoked device changes
+    /// nothing and returns the current CRL.
+    pub fn revoke(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        writes: &mut WriteBatch,
+    ) -> Result<&Crl, RegistrationError> {
+        if self.crl.revoked.contains(&device) {
+            return Ok(&self.crl);
+        }
+        if !self.certificates.contains_key(&device) {
+            return Err(RegistrationError::UnknownDevice(device));
+        }
+        if self.crl.revoked.len() >= CRL_ENTRIES_MAX {
+            return Err(RegistrationError::CrlFull);
+        }
+        let mut revoked = self.crl.revoked.clone();
+        revoked.insert(device);
+        self.crl = Crl::issue(
+            &self.root_key,
+            &self.root.domain,
+            self.crl.version + 1,
+            seconds(now),
+            revoked,
+        );
+        writes.put(AUTHORITY_TABLE, CRL_KEY.to_vec(), self.crl.encode());
+        Ok(&self.crl)
+    }
+
+    /// Checks a certificate presented for a session by the holder of `device_key`: the root's
+    /// signature, domain, validity at `now`, that it certifies this key, and the CRL.
+    pub fn check(
+        &self,
+        now: Instant,
+        certificate: &[u8],
+        device_key: &DevicePublicKey,
+    ) -> Result<DeviceCertificate, CertificateError> {
+        let cert = DeviceCertificate::decode(certificate)?;
+        cert.verify(&self.root, now)?;
+        if cert.device_key != *device_key {
+            return Err(CertificateError::KeyMismatch);
+        }
+        self.crl.check(cert.device())?;
+        Ok(cert)
+    }
+
+    /// Forgets tokens past their expiry (used or not). Returns how many.
+    pub fn expire_tokens(&mut self, now: Instant, writes: &mut WriteBatch) -> usize {
+        let expired: Vec<[u8; 16]> = self
+            .tokens
+            .iter()
+            .filter(|(_, r)| now >= r.expires)
+            .map(|(s, _)| *s)
+            .collect();
+        for secret in &expired {
+            self.tokens.remove(secret);
+            writes.delete(ENROLMENT_TOKENS_TABLE, secret.to_vec());
+        }
+        expired.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{MemStore, Store};
+
+    struct Counter(u8);
+    impl Entropy for Counter {
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            for b in dest {
+                self.0 = self.0.wrapping_add(1);
+                *b = self.0;
+            }
+        }
+    }
+
+    const NOW: Instant = Instant(1_700_000_000_000_000);
+
+    fn authority() -> (RegistrationAuthority, MemStore) {
+        let mut writes = WriteBatch::default();
+        let ra = RegistrationAuthority::create("example.org", NOW, &mut Counter(0), &mut writes);
+        let mut store = MemStore::default();
+        store.commit(writes).unwrap();
+        (ra, store)
+    }
+
+    fn register(
+        ra: &mut RegistrationAuthority,
+        device: &DeviceKey,
+        user: UserId,
+        token: &EnrolmentToken,
+    ) -> Result<DeviceCertificate, RegistrationError> {
+        let proof = device.sign(&register_message(&token.secret, &device.public(), user));
+        ra.register(
+            NOW,
+            device.public(),
+            user,
+            token.secret,
+            &proof,
+            false,
+            &mut WriteBatch::default(),
+        )
+    }
+
+    #[test]
+    fn a_token_enrols_one_device_whose_certificate_then_checks() {
+        let (mut ra, _) = authority();
+        let token = ra.issue_token(NOW, UserId(1), &mut Counter(50), &mut WriteBatch::default());
+        assert!(token.pins(ra.root()));
+        assert_eq!(EnrolmentToken::from_text(&token.to_text()), Some(token));
+        let device = DeviceKey::from_seed([1; 32]);
+        let cert = register(&mut ra, &device, UserId(1), &token).unwrap();
+        assert_eq!(cert.user, UserId(1));
+        assert_eq!(
+            ra.check(NOW, &cert.encode(), &device.public()).unwrap(),
+            cert
+        );
+        let other = DeviceKey::from_seed([2; 32]);
+        assert_eq!(
+            register(&mut ra, &other, UserId(1), &token),
+            Err(RegistrationError::TokenUsed)
+        );
+        assert_eq!(
+            ra.check(NOW, &cert.encode(), &other.public()),
+            Err(CertificateError::KeyMismatch)
+        );
+    }
+
+    #[test]
+    fn unknown_expired_and_misdirected_tokens_and_bad_proofs_are_refused() {
+        let (mut ra, _) = authority();
+        let device = DeviceKey::from_seed([1; 32]);
+        let token = ra.issue_token(NOW, UserId(1), &mut Counter(50), &mut WriteBatch::default());
+        let mut unknown = token;
+        unknown.secret[0] ^= 1;
+        assert_eq!(
+            register(&mut ra, &device, UserId(1), &unknown),
+            Err(RegistrationError::TokenUnknown)
+        );
+        assert!(matches!(
+            register(&mut ra, &device, UserId(2), &token),
+            Err(RegistrationError::TokenForAnotherUser { .. })
+        ));
+        let proof = DeviceKey::from_seed([9; 32]).sign(&register_message(
+            &token.secret,
+            &device.public(),
+            UserId(1),
+        ));
+        assert_eq!(
+            ra.register(
+                NOW,
+                device.public(),
+                UserId(1),
+                token.secret,
+                &proof,
+                false,
+                &mut WriteBatch::default()
+            ),
+            Err(RegistrationError::BadProof)
+        );
+        let late = NOW + ENROLMENT_TOKEN_TTL;
+        let proof = device.sign(&register_message(
+            &token.secret,
+            &device.public(),
+            UserId(1),
+        ));
+        assert_eq!(
+            ra.register(
+                late,
+                device.public(),
+                UserId(1),
+                token.secret,
+                &proof,
+                false,
+                &mut WriteBatch::default()
+            ),
+            Err(RegistrationError::TokenExpired)
+        );
+        assert_eq!(ra.expire_tokens(late, &mut WriteBatch::default()), 1);
+    }
+
+    #[test]
+    fn revocation_grows_the_crl_and_refuses_the_device() {
+        let (mut ra, _) = authority();
+        let device = DeviceKey::from_seed([1; 32]);
+        let token = ra.issue_token(NOW, UserId(1), &mut Counter(50), &mut WriteBatch::default());
+        let cert = register(&mut ra, &device, UserId(1), &token).unwrap();
+        assert_eq!(ra.crl().version, 0);
+        let version = ra
+            .revoke(NOW, device.device_id(), &mut WriteBatch::default())
+            .unwrap()
+            .version;
+        assert_eq!(version, 1);
+        assert_eq!(
+            ra.revoke(NOW, device.device_id(), &mut WriteBatch::default())
+                .unwrap()
+                .version,
+            1,
+            "revoking twice changes nothing"
+        );
+        assert_eq!(
+            ra.check(NOW, &cert.encode(), &device.public()),
+            Err(CertificateError::Revoked(device.device_id()))
+        );
+        let token = ra.issue_token(NOW, UserId(1), &mut Counter(80), &mut WriteBatch::default());
+        assert_eq!(
+            register(&mut ra, &device, UserId(1), &token),
+            Err(RegistrationError::Revoked(device.device_id()))
+        );
+        assert_eq!(
+            ra.revoke(NOW, DeviceId(77), &mut WriteBatch::default())
+                .unwrap_err(),
+            RegistrationError::UnknownDevice(DeviceId(77))
+        );
+    }
+
+    #[test]
+    fn the_authority_survives_a_restart() {
+        let (mut ra, mut store) = authority();
+        let mut writes = WriteBatch::default();
+        let token = ra.issue_token(NOW, UserId(1), &mut Counter(50), &mut writes);
+        let spare = ra.issue_token(NOW, UserId(1), &mut Counter(90), &mut writes);
+        let device = DeviceKey::from_seed([1; 32]);
+        let proof = device.sign(&register_message(
+            &token.secret,
+            &device.public(),
+            UserId(1),
+        ));
+        ra.register(
+            NOW,
+            device.public(),
+            UserId(1),
+            token.secret,
+            &proof,
+            false,
+            &mut writes,
+        )
+        .unwrap();
+        ra.revoke(NOW, device.device_id(), &mut writes).unwrap();
+        store.commit(writes).unwrap();
+
+        let mut back = RegistrationAuthority::recover(&store).unwrap().unwrap();
+        assert_eq!(back.root(), ra.root());
+        assert_eq!(back.crl(), ra.crl());
+        assert_eq!(back.certificates().count(), 1);
+        let second = DeviceKey::from_seed([2; 32]);
+        assert_eq!(
+            register(&mut back, &second, UserId(1), &token),
+            Err(RegistrationError::TokenUsed),
+            "used tokens stay used"
+        );
+        assert_eq!(
+            register(&mut back, &device, UserId(1), &spare),
+            Err(RegistrationError::Revoked(device.device_id())),
+            "revocations survive"
+        );
+        let cert = register(&mut back, &second, UserId(1), &spare).unwrap();
+        assert_eq!(cert.serial, 2, "serials keep growing");
+        assert!(RegistrationAuthority::recover(&MemStore::default())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_token_never_prints_its_secret() {
+        let token = EnrolmentToken {
+            user: UserId(1),
+            secret: [0xab; 16],
+            root_fingerprint: [0; 16],
+        };
+        assert!(!format!("{token:?}").contains("abab"));
+        for bad in ["", "sund-enrol:", "sund-enrol:00:00:00", "other:0:0:0"] {
+            assert!(EnrolmentToken::from_text(bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Identity and trust: the gateway is the registration authority of its domain.
+//!
+//! - A **trust root** (an Ed25519 key named by its domain) signs every device certificate and
+//!   every CRL of the domain. The gateway creates it on first start and keeps it in its store.
+//! - A **device certificate** ([`DeviceCertificate`]) binds a device key to a user and a domain
+//!   for a validity period, under a serial number.
+//! - A **CRL** ([`Crl`]) lists revoked devices under a version that only grows; a holder refuses
+//!   any CRL older than the one it has.
+//! - The **registration authority** ([`RegistrationAuthority`]) issues one-time enrolment tokens,
+//!   exchanges a token and a proof of key possession for a certificate, and revokes devices.
+//!
+//! Both encodings are compact, versioned binary (not CBOR): they are signed byte for byte, so
+//! exactly one encoding of each value must exist. Decoders bound every length and never panic.
+
+mod authority;
+mod certificate;
+mod codec;
+mod crl;
+
+pub use authority::{
+    EnrolmentToken, RegistrationAuthority, RegistrationError, AUTHORITY_TABLE, CERTIFICATES_TABLE,
+    CERTIFICATE_VALIDITY, ENROLMENT_TOKENS_TABLE, ENROLMENT_TOKEN_TTL,
+};
+pub use certificate::{register_message, CertificateError, DeviceCertificate};
+pub use crl::{Crl, CrlError, CRL_ENTRIES_MAX};
+
+use crate::identity::DevicePublicKey;
+
+/// Longest domain name (DNS limit).
+pub const DOMAIN_BYTES_MAX: usize = 253;
+
+/// A domain's trust root as devices know it: the public key that signs its certificates and
+/// CRLs, and the domain it speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustRoot {
+    /// The root's Ed25519 public key.
+    pub key: DevicePublicKey,
+    /// The domain, e.g. `example.org`.
+    pub domain: String,
+}
+
+impl TrustRoot {
+    /// The first 16 bytes of the key in hex: what people compare when they pin a root.
+    pub fn fingerprint(&self) -> String {
+        self.key.to_hex()[..32].to_string()
+    }
+}
+
+/// True if `domain` is a plausible domain name: 1..=253 bytes of lower-case letters, digits,
+/// dots and hyphens. Certificates and CRLs carry only such names.
+pub fn valid_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= DOMAIN_BYTES_MAX
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_are_lower_case_dns_names() {
+        assert!(valid_domain("example.org"));
+        assert!(valid_domain("sund-1.local"));
+        for bad in ["", "Example.org", "a b", "ex/ample", "é.org"] {
+            assert!(!valid_domain(bad), "{bad}");
+        }
+        assert!(valid_domain(&"a".repeat(253)));
+        assert!(!valid_domain(&"a".repeat(254)));
+    }
+}
