@@ -34,15 +34,19 @@ use crate::sequencer::{
     SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
 };
 use crate::time::Instant;
+use crate::trust::{
+    CertificateError, EnrolmentToken, RegistrationAuthority, RegistrationError, TrustRoot,
+};
 use crate::wire::payload::{
     Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Hello,
-    HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof, Removed,
-    RosterEntry, SendAck, Welcome,
+    HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof, Register,
+    Removed, RosterEntry, SendAck, Welcome,
+};
+use crate::wire::payload::{
+    Certificate as CertificatePayload, Crl as CrlPayload, TrustRoot as TrustRootPayload,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
-/// Table of admitted device keys: key `public key(32)`, empty value.
-pub const ADMITTED_TABLE: Table = Table("admitted_devices");
 /// Table of resume tokens: key `token(32)`, value `device(16) ++ expires_at(8)`.
 pub const TOKENS_TABLE: Table = Table("resume_tokens");
 
@@ -190,9 +194,12 @@ pub struct GatewayConfig {
     pub gc_batch_max: usize,
     /// How soon the next GC step runs while acknowledged or expired entries remain.
     pub gc_backlog_interval: Duration,
-    /// Admit any device that proves it holds its key (local use and simulation); otherwise
-    /// only keys admitted with `GatewayInput::AdmitDevice`.
+    /// Issue a certificate to any device that registers without an enrolment token (local use
+    /// and demos); otherwise registration needs a one-time token from
+    /// [`Gateway::issue_enrolment_token`]. Sessions need a certificate either way.
     pub open_enrolment: bool,
+    /// The domain this gateway is the registration authority of (named in every certificate).
+    pub domain: String,
     /// How long a resume token stays valid.
     pub resume_token_ttl: Duration,
     /// Limits of the KeyPackage directory.
@@ -214,6 +221,7 @@ impl Default for GatewayConfig {
             gc_batch_max: 128,
             gc_backlog_interval: Duration::from_millis(5),
             open_enrolment: false,
+            domain: "localhost".into(),
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
             directory: DirectoryConfig::default(),
         }
@@ -232,8 +240,10 @@ pub enum GatewayInput {
     /// Admin: create a conversation with these member devices (idempotent; members are added;
     /// an empty list creates nothing).
     CreateConversation(ConversationId, Vec<DeviceId>),
-    /// Admin: admit a device key (until certificates replace this with the trust issue).
-    AdmitDevice(DevicePublicKey),
+    /// Admin: revoke a device. A new CRL goes to every connected device, the device's sessions
+    /// close, it never opens another, and the gateway proposes its removal from each of its
+    /// groups.
+    RevokeDevice(DeviceId),
     /// Admin: remove a device from an MLS conversation (the gateway proposes it as the group's
     /// external sender; the next committing member commits it).
     RemoveDevice(ConversationId, DeviceId),
@@ -271,8 +281,16 @@ pub struct GatewayStats {
     pub authenticated: u64,
     /// Sessions opened by a resume token.
     pub resumed: u64,
-    /// Handshakes refused (bad proof, key mismatch, device not admitted).
+    /// Handshakes refused (bad proof, key mismatch, missing, invalid or revoked certificate).
     pub auth_failures: u64,
+    /// Certificates issued.
+    pub registrations: u64,
+    /// Registrations refused (token, proof, revoked).
+    pub registrations_refused: u64,
+    /// Devices revoked.
+    pub revocations: u64,
+    /// CRL frames sent (answers and pushes).
+    pub crls_sent: u64,
     /// KeyPackages accepted into pools.
     pub key_packages_uploaded: u64,
     /// KeyPackage uploads refused.
@@ -346,7 +364,8 @@ pub struct Gateway {
     inbox_sent: BTreeMap<(DeviceId, ConversationId), Instant>,
     memberships: BTreeMap<DeviceId, BTreeSet<ConversationId>>,
     cursors: BTreeMap<(DeviceId, ConversationId), u64>,
-    admitted: BTreeSet<DevicePublicKey>,
+    /// The registration authority (created at first use, then kept in the store).
+    authority: Option<RegistrationAuthority>,
     tokens: BTreeMap<[u8; 32], (DeviceId, Instant)>,
     device_tokens: BTreeMap<DeviceId, [u8; 32]>,
     sessions: BTreeMap<ConnectionId, Session>,
@@ -399,7 +418,7 @@ impl Gateway {
             inbox_sent: BTreeMap::new(),
             memberships: BTreeMap::new(),
             cursors: BTreeMap::new(),
-            admitted: BTreeSet::new(),
+            authority: None,
             tokens: BTreeMap::new(),
             device_tokens: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -494,14 +513,7 @@ impl Gateway {
             );
             Ok(())
         })?;
-        scan_all(store, ADMITTED_TABLE, |key, _| {
-            let key: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt {
-                table: ADMITTED_TABLE.0,
-                reason: format!("device key of {} bytes", key.len()),
-            })?;
-            g.admitted.insert(DevicePublicKey(key));
-            Ok(())
-        })?;
+        g.authority = RegistrationAuthority::recover(store)?;
         scan_all(store, KEY_PACKAGES_TABLE, |key, value| {
             g.directory.restore(key, value)
         })?;
@@ -584,11 +596,7 @@ impl Gateway {
             GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
             GatewayInput::Closed(conn) => self.forget_session(conn),
             GatewayInput::RemoveDevice(conv, device) => self.propose_removal(now, conv, device),
-            GatewayInput::AdmitDevice(key) => {
-                if self.admitted.insert(key) {
-                    self.writes.put(ADMITTED_TABLE, key.0.to_vec(), Vec::new());
-                }
-            }
+            GatewayInput::RevokeDevice(device) => self.revoke(now, device),
             GatewayInput::CreateConversation(conv, members) => {
                 for device in members {
                     self.add_member(conv, device);
@@ -776,6 +784,22 @@ impl Gateway {
                 self.handle_hello(now, conn, routing.sender, hello)
             }
             (None, Payload::Proof(proof)) if awaiting_proof => self.handle_proof(now, conn, proof),
+            (None, Payload::Register(register)) if !awaiting_proof => {
+                self.handle_register(now, conn, routing.sender, register)
+            }
+            (_, Payload::TrustRootFetch(_)) => {
+                let root = self.authority(now).root().clone();
+                let answer = TrustRootPayload {
+                    key: root.key.0,
+                    domain: root.domain,
+                };
+                self.send(conn, Routing::default(), Payload::TrustRoot(answer));
+            }
+            (_, Payload::CrlFetch(fetch)) => {
+                if self.authority(now).crl().version > fetch.have_version {
+                    self.send_crl(now, conn);
+                }
+            }
             (Some(_), Payload::Hello(_)) => {
                 // One device per session: a second Hello would leave the first device's routing
                 // pointing at a session that is no longer its own.
@@ -855,13 +879,36 @@ impl Gateway {
             );
             return;
         }
-        let user = hello.user.map(UserId::from_bytes);
-        if !self.config.open_enrolment && !self.admitted.contains(&key) {
+        let Some(certificate) = hello.certificate else {
             self.stats.auth_failures += 1;
-            let message = format!("device key {} is not admitted; ask the operator to run `sund-gateway admin allow {}`", key.to_hex(), key.to_hex());
-            self.goodbye(conn, ErrorCode::DeviceNotAdmitted, &message);
+            self.goodbye(
+                conn,
+                ErrorCode::CertificateRequired,
+                "a session needs a device certificate: register this device first",
+            );
             return;
+        };
+        let checked = self.authority(now).check(now, &certificate, &key);
+        let cert = match checked {
+            Ok(cert) => cert,
+            Err(e) => {
+                self.stats.auth_failures += 1;
+                self.goodbye(conn, certificate_error_code(&e), &e.to_string());
+                return;
+            }
+        };
+        if let Some(claimed) = hello.user.map(UserId::from_bytes) {
+            if claimed != cert.user {
+                self.stats.auth_failures += 1;
+                let message = format!(
+                    "this device's certificate is for {}, not {claimed}",
+                    cert.user
+                );
+                self.goodbye(conn, ErrorCode::UserMismatch, &message);
+                return;
+            }
         }
+        let user = Some(cert.user);
         if let Some(token) = hello.resume_token {
             match self.tokens.get(&token).copied() {
                 Some((owner, expires)) if owner == device && now < expires => {
@@ -1817,6 +1864,134 @@ impl Gateway {
         self.forget_session(conn);
     }
 
+    /// The registration authority, created with a fresh root at first use.
+    fn authority(&mut self, now: Instant) -> &mut RegistrationAuthority {
+        self.authority.get_or_insert_with(|| {
+            RegistrationAuthority::create(
+                &self.config.domain,
+                now,
+                self.entropy.as_mut(),
+                &mut self.writes,
+            )
+        })
+    }
+
+    /// Admin: a one-time token that lets one new device of `user` register. Its text form
+    /// (`EnrolmentToken::to_text`) is what the operator hands over.
+    pub fn issue_enrolment_token(&mut self, now: Instant, user: UserId) -> EnrolmentToken {
+        self.authority(now);
+        let authority = self.authority.as_mut().expect("created above");
+        authority.issue_token(now, user, self.entropy.as_mut(), &mut self.writes)
+    }
+
+    /// The registration authority's trust root (created if this gateway has none yet).
+    pub fn trust_root(&mut self, now: Instant) -> TrustRoot {
+        self.authority(now).root().clone()
+    }
+
+    /// The registration authority, if it exists yet (admin listings).
+    pub fn registration_authority(&self) -> Option<&RegistrationAuthority> {
+        self.authority.as_ref()
+    }
+
+    /// A device asks for a certificate (before any session).
+    fn handle_register(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        sender: DeviceId,
+        register: Register,
+    ) {
+        let key = DevicePublicKey(register.device_key);
+        if key.device_id() != sender {
+            self.stats.registrations_refused += 1;
+            self.goodbye(
+                conn,
+                ErrorCode::AuthenticationFailed,
+                "the sender device id does not match the device key",
+            );
+            return;
+        }
+        let open = self.config.open_enrolment;
+        let user = UserId::from_bytes(register.user);
+        self.authority(now);
+        let authority = self.authority.as_mut().expect("created above");
+        let result = authority.register(
+            now,
+            key,
+            user,
+            register.token,
+            &register.proof,
+            open,
+            &mut self.writes,
+        );
+        match result {
+            Ok(cert) => {
+                self.stats.registrations += 1;
+                let root_key = self.authority(now).root().key.0;
+                let answer = CertificatePayload {
+                    certificate: cert.encode().into(),
+                    root_key,
+                };
+                self.send(conn, Routing::default(), Payload::Certificate(answer));
+            }
+            Err(e) => {
+                self.stats.registrations_refused += 1;
+                self.goodbye(conn, registration_error_code(&e), &e.to_string());
+            }
+        }
+    }
+
+    fn send_crl(&mut self, now: Instant, conn: ConnectionId) {
+        let crl = self.authority(now).crl().encode();
+        self.stats.crls_sent += 1;
+        self.send(
+            conn,
+            Routing::default(),
+            Payload::Crl(CrlPayload { crl: crl.into() }),
+        );
+    }
+
+    /// Revokes `device`: new CRL to every session, the device's sessions and resume token end,
+    /// and a removal proposal in each of its groups.
+    fn revoke(&mut self, now: Instant, device: DeviceId) {
+        let before = self.authority(now).crl().version;
+        let authority = self.authority.as_mut().expect("created above");
+        let result = authority
+            .revoke(now, device, &mut self.writes)
+            .map(|crl| crl.version);
+        match result {
+            Ok(version) if version > before => {}
+            Ok(_) => return,  // already revoked
+            Err(_) => return, // never registered here: nothing to revoke
+        }
+        self.stats.revocations += 1;
+        if let Some(token) = self.device_tokens.get(&device).copied() {
+            self.remove_token(token);
+        }
+        let open: Vec<(ConnectionId, Option<DeviceId>)> = self
+            .sessions
+            .iter()
+            .map(|(&conn, session)| (conn, session.device()))
+            .collect();
+        for (conn, holder) in open {
+            if holder == Some(device) {
+                self.goodbye(conn, ErrorCode::DeviceRevoked, "this device was revoked");
+            } else if holder.is_some() {
+                self.send_crl(now, conn);
+            }
+        }
+        let groups: Vec<ConversationId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.devices().contains_key(&device))
+            .map(|(&conv, _)| conv)
+            .collect();
+        for conv in groups {
+            self.propose_removal(now, conv, device);
+        }
+    }
+
     fn forget_session(&mut self, conn: ConnectionId) {
         let Some(session) = self.sessions.remove(&conn) else {
             return;
@@ -1836,6 +2011,34 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// The error code of a refused certificate.
+fn certificate_error_code(error: &CertificateError) -> ErrorCode {
+    match error {
+        CertificateError::Malformed(_)
+        | CertificateError::BadSignature
+        | CertificateError::KeyMismatch => ErrorCode::CertificateInvalid,
+        CertificateError::ForeignDomain { .. } => ErrorCode::ForeignDomain,
+        CertificateError::Expired { .. } => ErrorCode::CertificateExpired,
+        CertificateError::NotYetValid { .. } => ErrorCode::CertificateNotYetValid,
+        CertificateError::Revoked(_) => ErrorCode::DeviceRevoked,
+    }
+}
+
+/// The error code of a refused registration.
+fn registration_error_code(error: &RegistrationError) -> ErrorCode {
+    match error {
+        RegistrationError::TokenUnknown | RegistrationError::TokenForAnotherUser { .. } => {
+            ErrorCode::EnrolmentTokenInvalid
+        }
+        RegistrationError::TokenUsed => ErrorCode::EnrolmentTokenUsed,
+        RegistrationError::TokenExpired => ErrorCode::EnrolmentTokenExpired,
+        RegistrationError::BadProof => ErrorCode::AuthenticationFailed,
+        RegistrationError::Revoked(_) => ErrorCode::DeviceRevoked,
+        RegistrationError::BoundToAnotherUser { .. } => ErrorCode::UserMismatch,
+        RegistrationError::CrlFull | RegistrationError::UnknownDevice(_) => ErrorCode::Forbidden,
+    }
 }
 
 /// An Ed25519 MLS signing key from its 32-byte seed.

@@ -31,9 +31,12 @@ use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::{DeviceMls, DeviceMlsConfig};
 use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent, Processed};
 use crate::time::Instant;
+use crate::trust::{register_message, EnrolmentToken, TrustHolder};
+use crate::wire::payload::Certificate as CertificatePayload;
 use crate::wire::payload::{
-    Ack, Cursor, ErrorCode, FetchedKeyPackage, Goodbye, Heartbeat, Hello, KeyPackageCount,
-    KeyPackageFetch, KeyPackageUpload, Leave, Proof, ReplayRequest, Send, CURSORS_LEN_MAX,
+    Ack, CrlFetch, Cursor, ErrorCode, FetchedKeyPackage, Goodbye, Heartbeat, Hello,
+    KeyPackageCount, KeyPackageFetch, KeyPackageUpload, Leave, Proof, Register, ReplayRequest,
+    Send, CURSORS_LEN_MAX,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -81,6 +84,9 @@ pub struct NodeConfig {
     pub user: Option<UserId>,
     /// MLS on this device (`None`: bodies stay plaintext and no KeyPackages are kept).
     pub mls: Option<DeviceMlsConfig>,
+    /// The one-time enrolment token this device registers with when it has no certificate
+    /// (`None`: register without one, which only a gateway with open enrolment accepts).
+    pub enrolment: Option<EnrolmentToken>,
 }
 
 impl NodeConfig {
@@ -101,7 +107,15 @@ impl NodeConfig {
             body_bytes_max: PAYLOAD_BYTES_MAX as usize - 1024,
             user: None,
             mls: None,
+            enrolment: None,
         }
+    }
+
+    /// The user named in this device's certificate: the configured one, or for a device
+    /// configured without a user (plain conversations only), a user of its own with the
+    /// device's id.
+    pub fn certificate_user(&self) -> UserId {
+        self.user.unwrap_or(UserId(self.device.0))
     }
 }
 
@@ -174,8 +188,8 @@ pub enum NodeEvent {
         /// Last lost seq.
         to: u64,
     },
-    /// The gateway refused this device (not admitted, or its proof failed); the node keeps
-    /// retrying with backoff, so an operator can admit it meanwhile.
+    /// The gateway refused this device (registration, certificate or proof); the node keeps
+    /// retrying with backoff, registering again if its certificate was the problem.
     Refused {
         /// Why.
         code: ErrorCode,
@@ -184,6 +198,23 @@ pub enum NodeEvent {
     },
     /// The connection status changed.
     Status(ConnectionStatus),
+    /// The gateway issued this device a certificate.
+    Registered {
+        /// Its serial.
+        serial: u64,
+    },
+    /// A newer CRL arrived and is kept.
+    CrlUpdated {
+        /// Its version.
+        version: u64,
+    },
+    /// A CRL was refused (forged, foreign, or older than the one held).
+    CrlRefused {
+        /// Why.
+        reason: String,
+    },
+    /// This device is revoked: it disconnected and will not connect again.
+    Revoked,
     /// A commit at `seq` moved a group to `epoch` (ours once it came back sequenced, or
     /// another member's once processed).
     GroupChanged {
@@ -364,6 +395,8 @@ pub struct Node {
     replay_asked: BTreeMap<ConversationId, Instant>,
     next_heartbeat_nonce: u64,
     resume_token: Option<[u8; 32]>,
+    /// Certificate, pinned trust root and CRL.
+    trust: TrustHolder,
     status: ConnectionStatus,
     writes: WriteBatch,
     outputs: Vec<NodeOutput>,
@@ -469,8 +502,10 @@ impl Node {
             }
             None => None,
         };
+        let trust = TrustHolder::recover(store)?;
         Ok(Node {
             resume_token,
+            trust,
             heartbeat_interval: config.heartbeat_interval,
             config,
             entropy,
@@ -669,23 +704,11 @@ impl Node {
                     conn,
                     deadline: now + self.config.handshake_timeout,
                 };
-                let mut cursors: Vec<Cursor> = self
-                    .cursors
-                    .iter()
-                    .map(|(c, s)| Cursor::new(*c, *s))
-                    .collect();
-                cursors.truncate(CURSORS_LEN_MAX);
-                let routing = Routing {
-                    sender: self.config.device,
-                    ..Routing::default()
-                };
-                let hello = Hello {
-                    cursors,
-                    device_key: self.config.key.public().0,
-                    resume_token: self.resume_token,
-                    user: self.config.user.map(UserId::to_bytes),
-                };
-                self.send_frame(conn, routing, Payload::Hello(hello));
+                if self.trust.certificate().is_some() {
+                    self.send_hello(conn);
+                } else {
+                    self.register(conn);
+                }
             }
             NodeInput::ConnectFailed => {
                 if matches!(self.link, Link::Connecting) {
@@ -758,6 +781,112 @@ impl Node {
 
     // ---- internals ----
 
+    /// Opens a session with the device's certificate.
+    fn send_hello(&mut self, conn: ConnectionId) {
+        let mut cursors: Vec<Cursor> = self
+            .cursors
+            .iter()
+            .map(|(c, s)| Cursor::new(*c, *s))
+            .collect();
+        cursors.truncate(CURSORS_LEN_MAX);
+        let routing = Routing {
+            sender: self.config.device,
+            ..Routing::default()
+        };
+        let hello = Hello {
+            cursors,
+            device_key: self.config.key.public().0,
+            resume_token: self.resume_token,
+            user: self.config.user.map(UserId::to_bytes),
+            certificate: self.trust.certificate().map(|c| c.encode().into()),
+        };
+        self.send_frame(conn, routing, Payload::Hello(hello));
+    }
+
+    /// Asks for a certificate, with the enrolment token if the device has one.
+    fn register(&mut self, conn: ConnectionId) {
+        let key = self.config.key.public();
+        let user = self.config.certificate_user();
+        let token = self.config.enrolment.map_or([0; 16], |t| t.secret);
+        let proof = self.config.key.sign(&register_message(&token, &key, user));
+        let routing = Routing {
+            sender: self.config.device,
+            ..Routing::default()
+        };
+        let register = Register {
+            device_key: key.0,
+            user: user.to_bytes(),
+            token,
+            proof,
+        };
+        self.send_frame(conn, routing, Payload::Register(register));
+    }
+
+    /// The gateway issued our certificate: keep it and open the session.
+    fn on_certificate(&mut self, now: Instant, conn: ConnectionId, answer: CertificatePayload) {
+        let accepted = self
+            .trust
+            .accept_certificate(
+                now,
+                &answer.certificate,
+                answer.root_key,
+                self.config.key.public(),
+                self.config.certificate_user(),
+                self.config.enrolment.as_ref(),
+                &mut self.writes,
+            )
+            .map(|cert| cert.serial);
+        match accepted {
+            Ok(serial) => {
+                self.outputs
+                    .push(NodeOutput::Event(NodeEvent::Registered { serial }));
+                self.send_hello(conn);
+            }
+            Err(e) => {
+                self.outputs.push(NodeOutput::Event(NodeEvent::Refused {
+                    code: ErrorCode::CertificateInvalid,
+                    message: e.to_string(),
+                }));
+                self.outputs.push(NodeOutput::Close(conn));
+                self.schedule_reconnect(now);
+            }
+        }
+    }
+
+    /// A CRL from the gateway (pushed on revocation, or answering our fetch).
+    fn on_crl(&mut self, now: Instant, crl: &[u8]) {
+        match self.trust.accept_crl(crl, &mut self.writes) {
+            Ok(true) => {
+                let version = self.trust.crl_version();
+                self.outputs
+                    .push(NodeOutput::Event(NodeEvent::CrlUpdated { version }));
+                if self.trust.is_revoked(self.config.device) {
+                    self.revoked(now);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => self.outputs.push(NodeOutput::Event(NodeEvent::CrlRefused {
+                reason: e.to_string(),
+            })),
+        }
+    }
+
+    /// This device is revoked: it stops connecting for good.
+    fn revoked(&mut self, _now: Instant) {
+        if let Some(conn) = self.current_conn() {
+            self.outputs.push(NodeOutput::Close(conn));
+        }
+        self.forget_resume_token();
+        self.link = Link::Offline { retry_at: None };
+        self.set_status(ConnectionStatus::Offline);
+        self.outputs.push(NodeOutput::Event(NodeEvent::Revoked));
+    }
+
+    /// This device's trust state (certificate, pinned root, CRL).
+    pub fn trust(&self) -> &TrustHolder {
+        &self.trust
+    }
+
     fn current_conn(&self) -> Option<ConnectionId> {
         match self.link {
             Link::Handshaking { conn, .. } | Link::Open { conn, .. } => Some(conn),
@@ -815,11 +944,20 @@ impl Node {
                 self.attempts = 0;
                 self.stats.sessions += 1;
                 self.set_status(ConnectionStatus::Connected);
+                // Catch up on revocations made while this device was away.
+                let fetch = CrlFetch {
+                    have_version: self.trust.crl_version(),
+                };
+                self.send_frame(conn, Routing::default(), Payload::CrlFetch(fetch));
                 let pending: Vec<MsgId> = self.outbox.keys().copied().collect();
                 for msg_id in pending {
                     self.transmit(now, conn, msg_id);
                 }
                 self.drive_groups(now);
+            }
+            Payload::Crl(crl) => self.on_crl(now, &crl.crl),
+            Payload::Certificate(answer) if matches!(self.link, Link::Handshaking { .. }) => {
+                self.on_certificate(now, conn, answer);
             }
             _ if !matches!(self.link, Link::Open { .. }) => {
                 // Before HelloOk only a challenge, a token refusal or a goodbye make sense.
@@ -943,9 +1081,33 @@ impl Node {
     /// The gateway ended the session: tell the user if it refused us, then reconnect.
     fn refused(&mut self, now: Instant, conn: ConnectionId, goodbye: &Goodbye) {
         let code = ErrorCode::from_u16(goodbye.code);
+        if code == ErrorCode::DeviceRevoked {
+            self.revoked(now);
+            return;
+        }
         if matches!(
             code,
-            ErrorCode::AuthenticationFailed | ErrorCode::DeviceNotAdmitted
+            ErrorCode::CertificateExpired
+                | ErrorCode::CertificateInvalid
+                | ErrorCode::ForeignDomain
+                | ErrorCode::CertificateRequired
+        ) {
+            // Register again on the next connection.
+            self.trust.forget_certificate(&mut self.writes);
+        }
+        if matches!(
+            code,
+            ErrorCode::AuthenticationFailed
+                | ErrorCode::DeviceNotAdmitted
+                | ErrorCode::UserMismatch
+                | ErrorCode::CertificateExpired
+                | ErrorCode::CertificateInvalid
+                | ErrorCode::CertificateNotYetValid
+                | ErrorCode::ForeignDomain
+                | ErrorCode::CertificateRequired
+                | ErrorCode::EnrolmentTokenInvalid
+                | ErrorCode::EnrolmentTokenUsed
+                | ErrorCode::EnrolmentTokenExpired
         ) {
             self.forget_resume_token();
             self.outputs.push(NodeOutput::Event(NodeEvent::Refused {

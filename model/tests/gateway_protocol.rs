@@ -4,11 +4,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::collections::BTreeMap;
 use sund_model::env::{MemStore, Store};
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+
 use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
 use sund_model::time::Instant;
+use sund_model::trust::{register_message, Crl, DeviceCertificate};
 use sund_model::wire::payload::*;
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -53,6 +56,8 @@ struct Harness {
     gateway: Gateway,
     store: MemStore,
     now: Instant,
+    /// Each test device's certificate, registered at its first hello.
+    certificates: BTreeMap<DeviceId, Vec<u8>>,
 }
 
 impl Harness {
@@ -66,6 +71,7 @@ impl Harness {
             gateway,
             store: MemStore::default(),
             now: Instant(0),
+            certificates: BTreeMap::new(),
         };
         h.input(GatewayInput::CreateConversation(CONV, vec![alice(), bob()]));
         h
@@ -79,7 +85,53 @@ impl Harness {
             gateway,
             store: self.store.clone(),
             now: self.now,
+            certificates: self.certificates.clone(),
         }
+    }
+
+    /// Registers `device` for `user` on a connection of its own (`token`: the enrolment
+    /// token's secret, zeros under open enrolment); the outputs of the `Register`.
+    fn register(
+        &mut self,
+        conn: u64,
+        device: DeviceId,
+        user: UserId,
+        token: [u8; 16],
+    ) -> Vec<GatewayOutput> {
+        let key = key_of(device);
+        let proof = key.sign(&register_message(&token, &key.public(), user));
+        self.input(GatewayInput::Accepted(ConnectionId(conn)));
+        let register = Register {
+            device_key: key.public().0,
+            user: user.to_bytes(),
+            token,
+            proof,
+        };
+        let out = self.frame(
+            conn,
+            Routing {
+                sender: device,
+                ..Routing::default()
+            },
+            Payload::Register(register),
+        );
+        if let Some(Payload::Certificate(answer)) =
+            frames_to(&out, conn).into_iter().map(|f| f.payload).next()
+        {
+            self.certificates
+                .insert(device, Vec::from(answer.certificate));
+        }
+        out
+    }
+
+    /// The device's certificate, registering it (open enrolment) if it has none.
+    fn certificate(&mut self, device: DeviceId, user: Option<UserId>) -> Vec<u8> {
+        if !self.certificates.contains_key(&device) {
+            let user = user.unwrap_or(UserId(device.0));
+            self.register(9_000, device, user, [0; 16]);
+            self.input(GatewayInput::Closed(ConnectionId(9_000)));
+        }
+        self.certificates.get(&device).cloned().unwrap_or_default()
     }
 
     /// Feeds an input, commits every Ready, returns the released outputs.
@@ -121,11 +173,13 @@ impl Harness {
         resume_token: Option<[u8; 32]>,
         user: Option<UserId>,
     ) -> Vec<GatewayOutput> {
+        let certificate = self.certificate(device, user);
         let hello = Hello {
             cursors,
             device_key: key_of(device).public().0,
             resume_token,
             user: user.map(UserId::to_bytes),
+            certificate: Some(certificate.into()),
         };
         self.frame(
             conn,
@@ -338,6 +392,7 @@ fn a_device_id_that_does_not_match_the_key_is_refused() {
         device_key: key(1).public().0,
         resume_token: None,
         user: None,
+        certificate: None,
     };
     let out = h.frame(
         1,
@@ -351,18 +406,142 @@ fn a_device_id_that_does_not_match_the_key_is_refused() {
 }
 
 #[test]
-fn without_open_enrolment_only_admitted_keys_get_a_session() {
+fn without_open_enrolment_a_device_registers_with_a_one_time_token() {
     let mut h = Harness::with_config(GatewayConfig::default());
-    h.input(GatewayInput::Accepted(ConnectionId(1)));
-    let out = h.hello(1, alice(), vec![], None);
-    assert_eq!(goodbye_code(&out, 1), Some(ErrorCode::DeviceNotAdmitted));
-    h.input(GatewayInput::AdmitDevice(key(1).public()));
-    let out = h.connect(2, alice());
-    assert!(matches!(frames_to(&out, 2)[0].payload, Payload::HelloOk(_)));
-    // The admission is durable.
-    let mut h2 = h.restarted(GatewayConfig::default());
-    let out = h2.connect(3, alice());
+    let out = h.register(1, alice(), alice_user(), [0; 16]);
+    assert_eq!(
+        goodbye_code(&out, 1),
+        Some(ErrorCode::EnrolmentTokenInvalid)
+    );
+    let token = h.gateway.issue_enrolment_token(h.now, alice_user());
+    h.drain();
+    let out = h.register(2, alice(), alice_user(), token.secret);
+    let Payload::Certificate(answer) = &frames_to(&out, 2)[0].payload else {
+        panic!("expected a certificate: {out:?}")
+    };
+    let root = h.gateway.trust_root(h.now);
+    assert_eq!(answer.root_key, root.key.0);
+    assert!(token.pins(&root));
+    let cert = DeviceCertificate::decode(&answer.certificate).unwrap();
+    assert_eq!((cert.user, cert.device()), (alice_user(), alice()));
+    let out = h.connect(3, alice());
     assert!(matches!(frames_to(&out, 3)[0].payload, Payload::HelloOk(_)));
+    // The token was used once: a second device cannot use it, even after a restart.
+    let mut h2 = h.restarted(GatewayConfig::default());
+    let out = h2.register(4, alice_phone(), alice_user(), token.secret);
+    assert_eq!(goodbye_code(&out, 4), Some(ErrorCode::EnrolmentTokenUsed));
+    // The certificate still opens sessions after the restart: the root survived.
+    let out = h2.connect(5, alice());
+    assert!(matches!(frames_to(&out, 5)[0].payload, Payload::HelloOk(_)));
+}
+
+#[test]
+fn a_hello_without_a_valid_certificate_is_refused_with_its_own_error() {
+    let mut h = Harness::new();
+    let try_hello = |h: &mut Harness, conn: u64, device: DeviceId, certificate: Option<Vec<u8>>| {
+        h.input(GatewayInput::Accepted(ConnectionId(conn)));
+        let hello = Hello {
+            cursors: vec![],
+            device_key: key_of(device).public().0,
+            resume_token: None,
+            user: None,
+            certificate: certificate.map(Into::into),
+        };
+        let routing = Routing {
+            sender: device,
+            ..Routing::default()
+        };
+        let out = h.frame(conn, routing, Payload::Hello(hello));
+        goodbye_code(&out, conn)
+    };
+    assert_eq!(
+        try_hello(&mut h, 1, alice(), None),
+        Some(ErrorCode::CertificateRequired)
+    );
+    // Bob's certificate shown with Alice's key.
+    let bobs = h.certificate(bob(), None);
+    assert_eq!(
+        try_hello(&mut h, 2, alice(), Some(bobs)),
+        Some(ErrorCode::CertificateInvalid)
+    );
+    // Tampered: one byte of the user changed.
+    let mut tampered = h.certificate(alice(), None);
+    tampered[60] ^= 1;
+    assert_eq!(
+        try_hello(&mut h, 3, alice(), Some(tampered)),
+        Some(ErrorCode::CertificateInvalid)
+    );
+    // From another gateway's domain, signed by another root.
+    let mut other = Harness::with_config(GatewayConfig {
+        domain: "elsewhere.example".into(),
+        ..open_config()
+    });
+    let foreign = other.certificate(alice(), None);
+    assert_eq!(
+        try_hello(&mut h, 4, alice(), Some(foreign)),
+        Some(ErrorCode::ForeignDomain)
+    );
+    // Not yet valid: shown a minute before it was issued (a clock gone wrong).
+    h.now = Instant(120_000_000);
+    let mallorys = h.certificate(mallory(), None);
+    h.now = Instant(60_000_000);
+    assert_eq!(
+        try_hello(&mut h, 5, mallory(), Some(mallorys)),
+        Some(ErrorCode::CertificateNotYetValid)
+    );
+    // Expired: a year and a day later.
+    let valid = h.certificate(alice(), None);
+    h.now = h.now + Duration::from_secs(366 * 24 * 3600);
+    assert_eq!(
+        try_hello(&mut h, 6, alice(), Some(valid)),
+        Some(ErrorCode::CertificateExpired)
+    );
+    assert_eq!(h.gateway.stats().auth_failures, 6);
+}
+
+#[test]
+fn a_revoked_device_is_cut_off_and_everyone_connected_gets_the_new_crl() {
+    let mut h = Harness::new();
+    let alices_token = token_of(&h.connect(1, alice()), 1);
+    h.connect(2, bob());
+    let out = h.input(GatewayInput::RevokeDevice(alice()));
+    assert_eq!(goodbye_code(&out, 1), Some(ErrorCode::DeviceRevoked));
+    let Payload::Crl(crl) = &frames_to(&out, 2)[0].payload else {
+        panic!("Bob should get the new CRL: {out:?}")
+    };
+    let crl = Crl::decode(&crl.crl).unwrap();
+    assert_eq!(crl.version, 1);
+    assert!(crl.revoked.contains(&alice()));
+    crl.verify(&h.gateway.trust_root(h.now)).unwrap();
+    // Neither the old resume token nor a fresh challenge opens a session again.
+    h.input(GatewayInput::Accepted(ConnectionId(3)));
+    let out = h.hello(3, alice(), vec![], Some(alices_token));
+    assert_eq!(goodbye_code(&out, 3), Some(ErrorCode::DeviceRevoked));
+    h.input(GatewayInput::Accepted(ConnectionId(4)));
+    let out = h.hello(4, alice(), vec![], None);
+    assert_eq!(goodbye_code(&out, 4), Some(ErrorCode::DeviceRevoked));
+    // Nor does registering again, and the revocation survives a restart.
+    let out = h.register(5, alice(), UserId(alice().0), [0; 16]);
+    assert_eq!(goodbye_code(&out, 5), Some(ErrorCode::DeviceRevoked));
+    let mut h2 = h.restarted(open_config());
+    h2.input(GatewayInput::Accepted(ConnectionId(6)));
+    let out = h2.hello(6, alice(), vec![], None);
+    assert_eq!(goodbye_code(&out, 6), Some(ErrorCode::DeviceRevoked));
+    // A device that was away fetches the CRL it lacks; one that has it gets nothing.
+    let out = h2.connect(7, bob());
+    assert!(matches!(frames_to(&out, 7)[0].payload, Payload::HelloOk(_)));
+    let out = h2.frame(
+        7,
+        Routing::default(),
+        Payload::CrlFetch(CrlFetch { have_version: 0 }),
+    );
+    assert!(matches!(frames_to(&out, 7)[0].payload, Payload::Crl(_)));
+    let out = h2.frame(
+        7,
+        Routing::default(),
+        Payload::CrlFetch(CrlFetch { have_version: 1 }),
+    );
+    assert!(frames_to(&out, 7).is_empty());
 }
 
 #[test]
@@ -1005,7 +1184,9 @@ fn fetches_beyond_the_burst_are_rate_limited_per_requester() {
 fn a_device_bound_to_one_user_cannot_claim_another() {
     let mut h = directory_harness();
     h.input(GatewayInput::Closed(ConnectionId(3)));
-    let out = h.connect_as(4, bob(), alice_user());
+    // Bob's certificate names Bob: the hello claiming Alice is refused before any challenge.
+    h.input(GatewayInput::Accepted(ConnectionId(4)));
+    let out = h.hello_as(4, bob(), vec![], None, Some(alice_user()));
     let frames = frames_to(&out, 4);
     assert!(matches!(
         &frames[0].payload,

@@ -11,6 +11,7 @@ use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
 };
 use sund_model::time::Instant;
+use sund_model::trust::DeviceCertificate;
 use sund_model::wire::payload::*;
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -72,11 +73,20 @@ impl Harness {
         ))
     }
 
-    /// Connect on `conn` and complete the handshake.
+    /// Connect on `conn` and complete the handshake (registering first, the first time).
     fn open(&mut self, conn: u64) -> Vec<NodeOutput> {
         let out = self.tick();
         assert!(out.contains(&NodeOutput::Connect), "{out:?}");
-        self.input(NodeInput::Connected(ConnectionId(conn)));
+        let out = self.input(NodeInput::Connected(ConnectionId(conn)));
+        if let Some(Payload::Register(register)) = sent(&out).into_iter().map(|f| f.payload).next()
+        {
+            assert_eq!(register.device_key, my_key().public().0);
+            let out = self.frame(conn, Routing::default(), certificate_answer(self.now));
+            assert!(
+                matches!(sent(&out)[0].payload, Payload::Hello(_)),
+                "the hello follows the certificate: {out:?}"
+            );
+        }
         self.frame(
             conn,
             Routing::default(),
@@ -105,6 +115,29 @@ impl Harness {
             }),
         )
     }
+}
+
+/// The test domain's root key.
+fn root_key() -> DeviceKey {
+    DeviceKey::from_seed([99; 32])
+}
+
+/// The gateway's answer to this device's `Register`.
+fn certificate_answer(now: Instant) -> Payload {
+    let now_s = now.as_micros() / 1_000_000;
+    let cert = DeviceCertificate::issue(
+        &root_key(),
+        "localhost",
+        1,
+        my_key().public(),
+        config().certificate_user(),
+        now_s,
+        now_s + 3600,
+    );
+    Payload::Certificate(Certificate {
+        certificate: cert.encode().into(),
+        root_key: root_key().public().0,
+    })
 }
 
 fn sent(outputs: &[NodeOutput]) -> Vec<Frame> {
@@ -223,8 +256,10 @@ fn hello_presents_the_durable_cursors() {
             device_key: my_key().public().0,
             resume_token: Some([7; 32]),
             user: None,
+            certificate: h.node.trust().certificate().map(|c| c.encode().into()),
         })
     );
+    assert!(h.node.trust().certificate().is_some());
     assert_eq!(hello.routing.sender, my_key().device_id());
 }
 

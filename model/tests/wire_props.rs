@@ -28,9 +28,10 @@ fn payload() -> impl Strategy<Value = Payload> {
             any::<[u8; 32]>(),
             proptest::option::of(any::<[u8; 32]>()),
             proptest::option::of(bytes16()),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
         )
             .prop_map(
-                |(cs, device_key, resume_token, user)| Payload::Hello(Hello {
+                |(cs, device_key, resume_token, user, certificate)| Payload::Hello(Hello {
                     cursors: cs
                         .into_iter()
                         .map(|(conversation, seq)| Cursor { conversation, seq })
@@ -38,6 +39,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                     device_key,
                     resume_token,
                     user,
+                    certificate: certificate.map(Into::into),
                 })
             ),
         any::<[u8; 32]>().prop_map(|nonce| Payload::Challenge(Challenge { nonce })),
@@ -141,6 +143,31 @@ fn payload() -> impl Strategy<Value = Payload> {
             }),
         any::<u64>().prop_map(|seq| Payload::Removed(Removed { seq })),
         Just(Payload::Leave(Leave {})),
+        (any::<[u8; 32]>(), bytes16(), bytes16(), any::<[u8; 32]>()).prop_map(
+            |(device_key, user, token, half)| {
+                let mut proof = [0u8; 64];
+                proof[..32].copy_from_slice(&half);
+                Payload::Register(Register {
+                    device_key,
+                    user,
+                    token,
+                    proof,
+                })
+            }
+        ),
+        (body(), any::<[u8; 32]>()).prop_map(|(certificate, root_key)| {
+            let mut certificate = certificate;
+            certificate.truncate(CERTIFICATE_BYTES_MAX);
+            Payload::Certificate(Certificate {
+                certificate: certificate.into(),
+                root_key,
+            })
+        }),
+        any::<u64>().prop_map(|have_version| Payload::CrlFetch(CrlFetch { have_version })),
+        body().prop_map(|crl| Payload::Crl(Crl { crl: crl.into() })),
+        Just(Payload::TrustRootFetch(TrustRootFetch {})),
+        (any::<[u8; 32]>(), "[a-z0-9.-]{1,40}")
+            .prop_map(|(key, domain)| Payload::TrustRoot(TrustRoot { key, domain })),
     ]
 }
 
@@ -365,6 +392,7 @@ fn too_many_cursors_are_refused() {
             device_key: [0; 32],
             resume_token: None,
             user: None,
+            certificate: None,
         }),
     )
     .encode();

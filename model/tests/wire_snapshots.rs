@@ -67,6 +67,7 @@ fn hello_frame_bytes() {
             device_key: [0x4b; 32],
             resume_token: Some([0x7e; 32]),
             user: Some([0x75; 16]),
+            certificate: Some(vec![0xce; 8].into()),
         }),
     );
     insta::assert_snapshot!(hex(&frame.encode()));
@@ -261,5 +262,65 @@ fn group_frames_bytes() {
         hex(&stale),
         hex(&leave),
         hex(&hello_ok)
+    ));
+}
+
+#[test]
+fn trust_frames_bytes() {
+    let sender = Routing {
+        sender: DeviceId(5),
+        ..Routing::default()
+    };
+    let register = Frame::new(
+        sender,
+        Payload::Register(Register {
+            device_key: [0x4b; 32],
+            user: [0x75; 16],
+            token: [0x70; 16],
+            proof: [0x51; 64],
+        }),
+    )
+    .encode();
+    let certificate = Frame::new(
+        Routing::default(),
+        Payload::Certificate(Certificate {
+            certificate: vec![0xce; 8].into(),
+            root_key: [0x52; 32],
+        }),
+    )
+    .encode();
+    let crl_fetch = Frame::new(
+        Routing::default(),
+        Payload::CrlFetch(CrlFetch { have_version: 3 }),
+    )
+    .encode();
+    let crl = Frame::new(
+        Routing::default(),
+        Payload::Crl(Crl {
+            crl: vec![0xc1; 8].into(),
+        }),
+    )
+    .encode();
+    let root_fetch = Frame::new(
+        Routing::default(),
+        Payload::TrustRootFetch(TrustRootFetch {}),
+    )
+    .encode();
+    let root = Frame::new(
+        Routing::default(),
+        Payload::TrustRoot(TrustRoot {
+            key: [0x52; 32],
+            domain: "example.org".into(),
+        }),
+    )
+    .encode();
+    insta::assert_snapshot!(format!(
+        "register:\n{}\ncertificate:\n{}\ncrl_fetch:\n{}\ncrl:\n{}\ntrust_root_fetch:\n{}\ntrust_root:\n{}",
+        hex(&register),
+        hex(&certificate),
+        hex(&crl_fetch),
+        hex(&crl),
+        hex(&root_fetch),
+        hex(&root)
     ));
 }

@@ -140,6 +140,12 @@ pub enum RegistrationError {
     /// The CRL is full.
     #[error("the CRL holds {CRL_ENTRIES_MAX} devices, its limit")]
     CrlFull,
+    /// The device key is already certified for another user.
+    #[error("this device is already registered to user {bound}")]
+    BoundToAnotherUser {
+        /// The user of its existing certificate.
+        bound: UserId,
+    },
     /// The device was never registered here.
     #[error("device {0} has no certificate from this gateway")]
     UnknownDevice(DeviceId),
@@ -354,6 +360,13 @@ impl RegistrationAuthority {
         let device = device_key.device_id();
         if self.crl.revoked.contains(&device) {
             return Err(RegistrationError::Revoked(device));
+        }
+        if let Some(existing) = self.certificates.get(&device) {
+            if existing.user != user {
+                return Err(RegistrationError::BoundToAnotherUser {
+                    bound: existing.user,
+                });
+            }
         }
         if !open {
             let record = self

@@ -16,6 +16,7 @@ mod authority;
 mod certificate;
 mod codec;
 mod crl;
+mod holder;
 
 pub use authority::{
     EnrolmentToken, RegistrationAuthority, RegistrationError, AUTHORITY_TABLE, CERTIFICATES_TABLE,
@@ -23,6 +24,7 @@ pub use authority::{
 };
 pub use certificate::{register_message, CertificateError, DeviceCertificate};
 pub use crl::{Crl, CrlError, CRL_ENTRIES_MAX};
+pub use holder::{HolderError, TrustHolder, NODE_TRUST_TABLE};
 
 use crate::identity::DevicePublicKey;
 

@@ -23,6 +23,10 @@ pub const KEY_PACKAGES_LEN_MAX: usize = 1024;
 pub const ROSTER_LEN_MAX: usize = 4096;
 /// Most users in one KeyPackage fetch.
 pub const FETCH_USERS_MAX: usize = 16;
+/// Longest encoded device certificate (a 253-byte domain gives 408 bytes).
+pub const CERTIFICATE_BYTES_MAX: usize = 512;
+/// Longest domain name.
+pub const DOMAIN_BYTES_MAX: usize = 253;
 
 /// Resume position in one conversation: everything up to and including `seq` is processed.
 #[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,11 +73,86 @@ pub struct Hello {
     #[n(2)]
     #[cbor(with = "minicbor::bytes")]
     pub resume_token: Option<[u8; 32]>,
-    /// The user this device belongs to. Until device certificates carry it, the gateway binds a
-    /// device to the user it names in its first session and refuses a different one later.
+    /// The user this device belongs to, as its certificate says (kept for the log; the
+    /// gateway trusts only the certificate).
     #[n(3)]
     #[cbor(with = "minicbor::bytes")]
     pub user: Option<[u8; 16]>,
+    /// The device certificate (see `trust::DeviceCertificate`); a session needs one.
+    #[n(4)]
+    pub certificate: Option<minicbor::bytes::ByteVec>,
+}
+
+/// Node → gateway, before a session: issue a certificate for this device key. The header's
+/// sender is the key's device id.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Register {
+    /// The device's Ed25519 public key.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub device_key: [u8; 32],
+    /// The user the device belongs to (the token's user).
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pub user: [u8; 16],
+    /// The one-time enrolment token's secret (zeros under open enrolment).
+    #[n(2)]
+    #[cbor(with = "minicbor::bytes")]
+    pub token: [u8; 16],
+    /// The device key's signature over `trust::register_message(token, key, user)`.
+    #[n(3)]
+    #[cbor(with = "minicbor::bytes")]
+    pub proof: [u8; 64],
+}
+
+/// Gateway → node: the certificate a `Register` asked for, with the trust root that signed it.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Certificate {
+    /// The encoded `trust::DeviceCertificate`.
+    #[n(0)]
+    pub certificate: minicbor::bytes::ByteVec,
+    /// The trust root's public key.
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pub root_key: [u8; 32],
+}
+
+/// Node → gateway: send the current CRL if it is newer than `have_version`.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct CrlFetch {
+    /// The version the device holds.
+    #[n(0)]
+    pub have_version: u64,
+}
+
+/// Gateway → node: the current CRL (an answer to `CrlFetch`, or pushed on revocation).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct Crl {
+    /// The encoded `trust::Crl`.
+    #[n(0)]
+    pub crl: minicbor::bytes::ByteVec,
+}
+
+/// Node → gateway: send the trust root.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct TrustRootFetch {}
+
+/// Gateway → node: the domain's trust root.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct TrustRoot {
+    /// The root's Ed25519 public key.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub key: [u8; 32],
+    /// The domain.
+    #[n(1)]
+    pub domain: String,
 }
 
 /// Gateway → node: prove you hold the device key by signing this nonce.
@@ -172,6 +251,24 @@ pub enum ErrorCode {
     /// An MLS message was malformed for this conversation, or its group operations did not
     /// match what the conversation allows.
     InvalidGroupMessage = 19,
+    /// A session needs a device certificate: register first (`Register`).
+    CertificateRequired = 20,
+    /// The certificate is malformed, not signed by this gateway's root, or for another key.
+    CertificateInvalid = 21,
+    /// The certificate expired: register again.
+    CertificateExpired = 22,
+    /// The certificate is not valid yet (a clock is wrong).
+    CertificateNotYetValid = 23,
+    /// The certificate is for another domain.
+    ForeignDomain = 24,
+    /// The device is revoked: it will never open a session here again.
+    DeviceRevoked = 25,
+    /// The enrolment token is unknown, or for another user.
+    EnrolmentTokenInvalid = 26,
+    /// The enrolment token was already used.
+    EnrolmentTokenUsed = 27,
+    /// The enrolment token expired.
+    EnrolmentTokenExpired = 28,
 }
 
 impl ErrorCode {
@@ -198,6 +295,15 @@ impl ErrorCode {
             StaleEpoch,
             Forbidden,
             InvalidGroupMessage,
+            CertificateRequired,
+            CertificateInvalid,
+            CertificateExpired,
+            CertificateNotYetValid,
+            ForeignDomain,
+            DeviceRevoked,
+            EnrolmentTokenInvalid,
+            EnrolmentTokenUsed,
+            EnrolmentTokenExpired,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -428,6 +534,12 @@ pub enum Payload {
     Welcome(Welcome),
     Removed(Removed),
     Leave(Leave),
+    Register(Register),
+    Certificate(Certificate),
+    CrlFetch(CrlFetch),
+    Crl(Crl),
+    TrustRootFetch(TrustRootFetch),
+    TrustRoot(TrustRoot),
 }
 
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
@@ -468,6 +580,12 @@ impl Payload {
             Payload::Welcome(_) => Opcode::Welcome,
             Payload::Removed(_) => Opcode::Removed,
             Payload::Leave(_) => Opcode::Leave,
+            Payload::Register(_) => Opcode::Register,
+            Payload::Certificate(_) => Opcode::Certificate,
+            Payload::CrlFetch(_) => Opcode::CrlFetch,
+            Payload::Crl(_) => Opcode::Crl,
+            Payload::TrustRootFetch(_) => Opcode::TrustRootFetch,
+            Payload::TrustRoot(_) => Opcode::TrustRoot,
         }
     }
 
@@ -493,6 +611,12 @@ impl Payload {
             Payload::Welcome(p) => minicbor::encode(p, &mut *out),
             Payload::Removed(p) => minicbor::encode(p, &mut *out),
             Payload::Leave(p) => minicbor::encode(p, &mut *out),
+            Payload::Register(p) => minicbor::encode(p, &mut *out),
+            Payload::Certificate(p) => minicbor::encode(p, &mut *out),
+            Payload::CrlFetch(p) => minicbor::encode(p, &mut *out),
+            Payload::Crl(p) => minicbor::encode(p, &mut *out),
+            Payload::TrustRootFetch(p) => minicbor::encode(p, &mut *out),
+            Payload::TrustRoot(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -503,6 +627,8 @@ impl Payload {
             Opcode::Hello => {
                 let p: Hello = decode_as(opcode, bytes)?;
                 check_len("hello.cursors", p.cursors.len(), CURSORS_LEN_MAX)?;
+                let certificate = p.certificate.as_ref().map_or(0, |c| c.len());
+                check_len("hello.certificate", certificate, CERTIFICATE_BYTES_MAX)?;
                 Payload::Hello(p)
             }
             Opcode::Challenge => Payload::Challenge(decode_as(opcode, bytes)?),
@@ -553,6 +679,20 @@ impl Payload {
             }
             Opcode::Removed => Payload::Removed(decode_as(opcode, bytes)?),
             Opcode::Leave => Payload::Leave(decode_as(opcode, bytes)?),
+            Opcode::Register => Payload::Register(decode_as(opcode, bytes)?),
+            Opcode::Certificate => {
+                let p: Certificate = decode_as(opcode, bytes)?;
+                check_len("certificate", p.certificate.len(), CERTIFICATE_BYTES_MAX)?;
+                Payload::Certificate(p)
+            }
+            Opcode::CrlFetch => Payload::CrlFetch(decode_as(opcode, bytes)?),
+            Opcode::Crl => Payload::Crl(decode_as(opcode, bytes)?),
+            Opcode::TrustRootFetch => Payload::TrustRootFetch(decode_as(opcode, bytes)?),
+            Opcode::TrustRoot => {
+                let p: TrustRoot = decode_as(opcode, bytes)?;
+                check_len("trust_root.domain", p.domain.len(), DOMAIN_BYTES_MAX)?;
+                Payload::TrustRoot(p)
+            }
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };
         debug_assert_eq!(payload.opcode(), opcode);

@@ -1,0 +1,305 @@
+//! What a device holds of its domain's trust: its own certificate, the trust root it pinned, and
+//! the newest CRL it has seen, kept durably in [`NODE_TRUST_TABLE`].
+//!
+//! The root is pinned by the enrolment token's fingerprint when the device registers with one,
+//! and on first use otherwise (open enrolment, for local use). A CRL is accepted only if the
+//! pinned root signed it and it is not older than the one held.
+
+use crate::env::{StoreError, StoreRead, Table, WriteBatch};
+use crate::identity::DevicePublicKey;
+use crate::ids::{DeviceId, UserId};
+use crate::time::Instant;
+
+use super::authority::EnrolmentToken;
+use super::certificate::DeviceCertificate;
+use super::crl::{Crl, CrlError};
+use super::{valid_domain, TrustRoot};
+
+/// A device's certificate, pinned root and CRL: keys `certificate`, `root` (key 32 | domain),
+/// `crl`.
+pub const NODE_TRUST_TABLE: Table = Table("node_trust");
+
+const CERTIFICATE_KEY: &[u8] = b"certificate";
+const ROOT_KEY: &[u8] = b"root";
+const CRL_KEY: &[u8] = b"crl";
+
+/// Why a certificate from the gateway was not taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HolderError {
+    /// The certificate or root did not check out.
+    #[error("the gateway's certificate was refused: {0}")]
+    Certificate(String),
+    /// The gateway's root is not the one the enrolment token pins (or the one pinned before).
+    #[error("the gateway's trust root {found} is not the pinned root {pinned}; this is not the gateway the token came from")]
+    WrongRoot {
+        /// Fingerprint offered.
+        found: String,
+        /// Fingerprint expected.
+        pinned: String,
+    },
+}
+
+/// A device's trust state.
+#[derive(Clone, Debug, Default)]
+pub struct TrustHolder {
+    certificate: Option<DeviceCertificate>,
+    root: Option<TrustRoot>,
+    crl: Option<Crl>,
+}
+
+impl TrustHolder {
+    /// Reads the state back after a restart.
+    pub fn recover(store: &dyn StoreRead) -> Result<TrustHolder, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: NODE_TRUST_TABLE.0,
+            reason,
+        };
+        let root = match store.get(NODE_TRUST_TABLE, ROOT_KEY)? {
+            Some(bytes) => Some(decode_root(&bytes).ok_or_else(|| corrupt("bad root".into()))?),
+            None => None,
+        };
+        let certificate = match store.get(NODE_TRUST_TABLE, CERTIFICATE_KEY)? {
+            Some(bytes) => {
+                Some(DeviceCertificate::decode(&bytes).map_err(|e| corrupt(e.to_string()))?)
+            }
+            None => None,
+        };
+        let crl = match store.get(NODE_TRUST_TABLE, CRL_KEY)? {
+            Some(bytes) => Some(Crl::decode(&bytes).map_err(|e| corrupt(e.to_string()))?),
+            None => None,
+        };
+        Ok(TrustHolder {
+            certificate,
+            root,
+            crl,
+        })
+    }
+
+    /// The device's certificate, if it registered.
+    pub fn certificate(&self) -> Option<&DeviceCertificate> {
+        self.certificate.as_ref()
+    }
+
+    /// The pinned trust root.
+    pub fn root(&self) -> Option<&TrustRoot> {
+        self.root.as_ref()
+    }
+
+    /// The newest CRL held.
+    pub fn crl(&self) -> Option<&Crl> {
+        self.crl.as_ref()
+    }
+
+    /// The version of the CRL held (0 if none).
+    pub fn crl_version(&self) -> u64 {
+        self.crl.as_ref().map_or(0, |c| c.version)
+    }
+
+    /// True if the held CRL revokes `device`.
+    pub fn is_revoked(&self, device: DeviceId) -> bool {
+        self.crl
+            .as_ref()
+            .is_some_and(|c| c.revoked.contains(&device))
+    }
+
+    /// Takes the certificate the gateway issued for `key` and `user`, signed by `root_key`,
+    /// after checking it and the root against the token's pin or the root pinned before.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept_certificate(
+        &mut self,
+        now: Instant,
+        encoded: &[u8],
+        root_key: [u8; 32],
+        key: DevicePublicKey,
+        user: UserId,
+        token: Option<&EnrolmentToken>,
+        writes: &mut WriteBatch,
+    ) -> Result<&DeviceCertificate, HolderError> {
+        let cert = DeviceCertificate::decode(encoded)
+            .map_err(|e| HolderError::Certificate(e.to_string()))?;
+        let offered = TrustRoot {
+            key: DevicePublicKey(root_key),
+            domain: cert.domain.clone(),
+        };
+        let pinned = match (&self.root, token) {
+            (Some(root), _) => Some(root.fingerprint()),
+            (None, Some(token)) => Some(
+                token
+                    .root_fingerprint
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(pinned) = pinned {
+            if pinned != offered.fingerprint() || self.root.as_ref().is_some_and(|r| *r != offered)
+            {
+                return Err(HolderError::WrongRoot {
+                    found: offered.fingerprint(),
+                    pinned,
+                });
+            }
+        }
+        cert.verify(&offered, now)
+            .map_err(|e| HolderError::Certificate(e.to_string()))?;
+        if cert.device_key != key || cert.user != user {
+            return Err(HolderError::Certificate(
+                "it certifies another key or user".into(),
+            ));
+        }
+        writes.put(NODE_TRUST_TABLE, ROOT_KEY.to_vec(), encode_root(&offered));
+        writes.put(NODE_TRUST_TABLE, CERTIFICATE_KEY.to_vec(), encoded.to_vec());
+        self.root = Some(offered);
+        Ok(self.certificate.insert(cert))
+    }
+
+    /// Drops the certificate (expired or refused): the device registers again.
+    pub fn forget_certificate(&mut self, writes: &mut WriteBatch) {
+        if self.certificate.take().is_some() {
+            writes.delete(NODE_TRUST_TABLE, CERTIFICATE_KEY.to_vec());
+        }
+    }
+
+    /// Takes a CRL from the gateway: `Ok(true)` if it is newer than the one held, `Ok(false)` for
+    /// a resend, an error for a forged, foreign or older one (a rollback is never taken).
+    pub fn accept_crl(
+        &mut self,
+        encoded: &[u8],
+        writes: &mut WriteBatch,
+    ) -> Result<bool, CrlError> {
+        let Some(root) = &self.root else {
+            return Err(CrlError::Malformed("no trust root pinned yet"));
+        };
+        let crl = Crl::decode(encoded)?;
+        Crl::accept(self.crl.as_ref(), &crl, root)?;
+        if self
+            .crl
+            .as_ref()
+            .is_some_and(|held| held.version == crl.version)
+        {
+            return Ok(false);
+        }
+        writes.put(NODE_TRUST_TABLE, CRL_KEY.to_vec(), encoded.to_vec());
+        self.crl = Some(crl);
+        Ok(true)
+    }
+}
+
+fn encode_root(root: &TrustRoot) -> Vec<u8> {
+    let mut out = root.key.0.to_vec();
+    out.extend_from_slice(root.domain.as_bytes());
+    out
+}
+
+fn decode_root(bytes: &[u8]) -> Option<TrustRoot> {
+    if bytes.len() < 33 {
+        return None;
+    }
+    let key = DevicePublicKey(bytes[..32].try_into().ok()?);
+    let domain = core::str::from_utf8(&bytes[32..]).ok()?;
+    valid_domain(domain).then(|| TrustRoot {
+        key,
+        domain: domain.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{MemStore, Store};
+    use crate::identity::DeviceKey;
+    use std::collections::BTreeSet;
+
+    const NOW: Instant = Instant(1_700_000_000_000_000);
+
+    fn root_key() -> DeviceKey {
+        DeviceKey::from_seed([7; 32])
+    }
+
+    fn cert_for(device: &DeviceKey, user: UserId) -> Vec<u8> {
+        DeviceCertificate::issue(
+            &root_key(),
+            "example.org",
+            1,
+            device.public(),
+            user,
+            NOW.as_micros() / 1_000_000,
+            NOW.as_micros() / 1_000_000 + 100,
+        )
+        .encode()
+    }
+
+    fn crl(version: u64, revoked: &[u128]) -> Vec<u8> {
+        let set: BTreeSet<DeviceId> = revoked.iter().map(|&d| DeviceId(d)).collect();
+        Crl::issue(&root_key(), "example.org", version, 1, set).encode()
+    }
+
+    #[test]
+    fn a_certificate_pins_the_root_and_crls_only_move_forward() {
+        let device = DeviceKey::from_seed([1; 32]);
+        let mut holder = TrustHolder::default();
+        let mut writes = WriteBatch::default();
+        assert!(
+            holder.accept_crl(&crl(1, &[]), &mut writes).is_err(),
+            "no root yet"
+        );
+        holder
+            .accept_certificate(
+                NOW,
+                &cert_for(&device, UserId(3)),
+                root_key().public().0,
+                device.public(),
+                UserId(3),
+                None,
+                &mut writes,
+            )
+            .unwrap();
+        assert_eq!(holder.accept_crl(&crl(2, &[5]), &mut writes), Ok(true));
+        assert_eq!(holder.accept_crl(&crl(2, &[5]), &mut writes), Ok(false));
+        assert!(matches!(
+            holder.accept_crl(&crl(1, &[]), &mut writes),
+            Err(CrlError::Rollback { .. })
+        ));
+        assert!(holder.is_revoked(DeviceId(5)));
+
+        let mut store = MemStore::default();
+        store.commit(writes).unwrap();
+        let back = TrustHolder::recover(&store).unwrap();
+        assert_eq!(back.crl_version(), 2);
+        assert_eq!(back.root(), holder.root());
+        assert_eq!(back.certificate(), holder.certificate());
+    }
+
+    #[test]
+    fn a_root_other_than_the_pinned_one_is_refused() {
+        let device = DeviceKey::from_seed([1; 32]);
+        let token = EnrolmentToken {
+            user: UserId(3),
+            secret: [0; 16],
+            root_fingerprint: [0xee; 16],
+        };
+        let mut holder = TrustHolder::default();
+        let refused = holder.accept_certificate(
+            NOW,
+            &cert_for(&device, UserId(3)),
+            root_key().public().0,
+            device.public(),
+            UserId(3),
+            Some(&token),
+            &mut WriteBatch::default(),
+        );
+        assert!(matches!(refused, Err(HolderError::WrongRoot { .. })));
+        let someone_else = DeviceKey::from_seed([2; 32]);
+        let refused = holder.accept_certificate(
+            NOW,
+            &cert_for(&someone_else, UserId(3)),
+            root_key().public().0,
+            device.public(),
+            UserId(3),
+            None,
+            &mut WriteBatch::default(),
+        );
+        assert!(matches!(refused, Err(HolderError::Certificate(_))));
+    }
+}
