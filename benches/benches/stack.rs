@@ -52,8 +52,14 @@ async fn setup(n: usize) -> Setup {
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
     for i in 0..n {
-        let device =
-            Device::init(&dir.path().join(format!("d{i}")), gateway.addr, &cert, None).unwrap();
+        let device = Device::init(
+            &dir.path().join(format!("d{i}")),
+            gateway.addr,
+            &cert,
+            None,
+            None,
+        )
+        .unwrap();
         let id = device.key.device_id();
         ids.push(id);
         gateway
@@ -260,7 +266,7 @@ async fn load_client(
     count: usize,
 ) {
     use sund_model::identity::session_proof_message;
-    use sund_model::wire::payload::{Ack, Hello, Proof, Send};
+    use sund_model::wire::payload::{Ack, Hello, Proof, Register, Send};
     use sund_model::wire::{Frame, Payload, Routing};
     let endpoint =
         quic::client_endpoint(quic::Socket::Bind("0.0.0.0:0".parse().unwrap()), cert).unwrap();
@@ -272,11 +278,36 @@ async fn load_client(
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let mut reader = quic::FrameReader::new(recv);
     let me = key.device_id();
+    // Register (the gateway runs open enrolment), then open the session with the certificate.
+    let user = sund_model::ids::UserId(me.0);
+    let proof = key.sign(&sund_model::trust::register_message(
+        &[0; 16],
+        &key.public(),
+        user,
+    ));
+    let register = Register {
+        device_key: key.public().0,
+        user: user.to_bytes(),
+        token: [0; 16],
+        proof,
+    };
+    let routing = Routing {
+        sender: me,
+        ..Routing::default()
+    };
+    send.write_all(&Frame::new(routing, Payload::Register(register)).encode())
+        .await
+        .unwrap();
+    let answer = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
+    let Payload::Certificate(certificate) = answer.payload else {
+        panic!("expected a certificate")
+    };
     let hello = Hello {
         cursors: vec![],
         device_key: key.public().0,
         resume_token: None,
         user: None,
+        certificate: Some(certificate.certificate),
     };
     send.write_all(
         &Frame::new(

@@ -73,6 +73,7 @@ fn frames(c: &mut Criterion) {
             device_key: [7; 32],
             resume_token: Some([9; 32]),
             user: None,
+            certificate: Some(vec![0xce; 160].into()),
         }),
     )
     .encode();

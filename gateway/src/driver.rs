@@ -18,8 +18,9 @@ use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use sund_model::env::Ready;
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput, GatewayStats};
-use sund_model::ids::ConnectionId;
+use sund_model::ids::{ConnectionId, UserId};
 use sund_model::time::Instant;
+use sund_model::trust::EnrolmentToken;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -95,9 +96,20 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
-    /// Feeds an admin input (admit a device, create a conversation) to the running gateway.
+    /// Feeds an admin input (create a conversation, revoke a device) to the running gateway.
     pub async fn admin(&self, input: GatewayInput) {
         let _ = self.admin.send(CoreInput::Admin(input)).await;
+    }
+
+    /// Issues a one-time enrolment token for a new device of `user` (it is stored with the
+    /// gateway's next commit). `None` if the gateway stopped.
+    pub async fn enrolment_token(&self, user: UserId) -> Option<EnrolmentToken> {
+        let (tx, rx) = oneshot::channel();
+        self.admin
+            .send(CoreInput::EnrolmentToken(user, tx))
+            .await
+            .ok()?;
+        rx.await.ok()
     }
 
     /// Graceful shutdown: stop accepting, finish in-flight work, say goodbye, close.
@@ -121,6 +133,7 @@ enum CoreInput {
     Frame(ConnectionId, Bytes),
     Closed(ConnectionId),
     Admin(GatewayInput),
+    EnrolmentToken(UserId, oneshot::Sender<EnrolmentToken>),
 }
 
 /// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
@@ -302,6 +315,9 @@ fn apply(
             gateway.handle(now, GatewayInput::Closed(conn));
         }
         CoreInput::Admin(input) => gateway.handle(now, input),
+        CoreInput::EnrolmentToken(user, reply) => {
+            let _ = reply.send(gateway.issue_enrolment_token(now, user));
+        }
     }
 }
 

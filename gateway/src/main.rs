@@ -14,7 +14,8 @@ use sund_gateway::quic::Socket;
 use sund_gateway::store::RedbStore;
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
 use sund_model::identity::DevicePublicKey;
-use sund_model::ids::ConversationId;
+use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::trust::valid_domain;
 
 /// The Sund gateway: authenticates devices, orders and stores each conversation's messages,
 /// and delivers them with resume and replay. Message bodies are opaque to it (until the MLS
@@ -28,13 +29,18 @@ struct Cli {
     /// Directory holding the database and the TLS identity.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// TOML configuration file (keys: listen, data_dir, open_enrolment, heartbeat_interval_s,
-    /// retention_days); command-line flags win over it.
+    /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
+    /// heartbeat_interval_s, retention_days); command-line flags win over it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Admit any device that proves it holds its key (for local use; otherwise use `admin allow`).
+    /// Certify any device that registers without an enrolment token (for local use; otherwise
+    /// hand out tokens with `admin enrol-token USER`).
     #[arg(long)]
     open_enrolment: bool,
+    /// The domain this gateway certifies devices for (fixed when its trust root is created at
+    /// first start; default `localhost`).
+    #[arg(long, global = true)]
+    domain: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -55,11 +61,22 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Admin {
-    /// Admit a device key (64 hex digits, as `sund init` prints it).
-    Allow {
-        /// The device's public key.
-        device_key: String,
+    /// Issue a one-time enrolment token for a new device of USER; give it to
+    /// `sund init --user USER --token TOKEN`. It expires after 7 days.
+    EnrolToken {
+        /// The user name (as the device's `--user`).
+        user: String,
     },
+    /// List registered devices: id, user, certificate serial and validity, revoked or not.
+    Devices,
+    /// Revoke a device (its id as `admin devices` prints it, or its key): it never opens a
+    /// session again, and connected devices get the new CRL when the gateway runs.
+    Revoke {
+        /// Device id (`dev:` and 32 hex digits) or device key (64 hex digits).
+        device: String,
+    },
+    /// Print the current CRL: version, issue time and revoked devices.
+    Crl,
     /// Create a conversation (or add members to it).
     CreateConversation {
         /// The conversation's name; nodes use the same name.
@@ -78,6 +95,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     open_enrolment: Option<bool>,
+    domain: Option<String>,
     heartbeat_interval_s: Option<u64>,
     retention_days: Option<u64>,
 }
@@ -117,8 +135,18 @@ fn run(cli: Cli) -> Result<(), String> {
         .listen
         .or(file.listen)
         .unwrap_or_else(|| "0.0.0.0:4433".parse().expect("valid"));
+    let domain = cli
+        .domain
+        .or(file.domain)
+        .unwrap_or_else(|| "localhost".into());
+    if !valid_domain(&domain) {
+        return Err(format!(
+            "`{domain}` is not a domain name: use lower-case letters, digits, dots and hyphens"
+        ));
+    }
     let mut config = GatewayConfig {
         open_enrolment: cli.open_enrolment || file.open_enrolment.unwrap_or(false),
+        domain,
         ..GatewayConfig::default()
     };
     if let Some(s) = file.heartbeat_interval_s {
@@ -188,6 +216,21 @@ fn parse_key(text: &str) -> Result<DevicePublicKey, String> {
     })
 }
 
+/// A device named by its id (`dev:` and 32 hex digits, or the 32 digits) or by its key.
+fn parse_device(text: &str) -> Result<DeviceId, String> {
+    let text = text.trim();
+    if let Some(key) = DevicePublicKey::from_hex(text) {
+        return Ok(key.device_id());
+    }
+    let hex = text.strip_prefix("dev:").unwrap_or(text);
+    match (hex.len(), u128::from_str_radix(hex, 16)) {
+        (32, Ok(id)) => Ok(DeviceId(id)),
+        _ => Err(format!(
+            "`{text}` is not a device: give its id as `admin devices` prints it (dev: and 32 hex digits) or its key (64 hex digits)"
+        )),
+    }
+}
+
 fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), String> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
@@ -199,10 +242,72 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
         .map_err(|e| e.to_string())?;
     let now = wall_clock();
     match action {
-        Admin::Allow { device_key } => {
-            let key = parse_key(&device_key)?;
-            gateway.handle(now, GatewayInput::AdmitDevice(key));
-            println!("admitted device {} ({})", key.device_id(), key.to_hex());
+        Admin::EnrolToken { user } => {
+            let token = gateway.issue_enrolment_token(now, UserId::from_name(&user));
+            let root = gateway.trust_root(now);
+            println!("{}", token.to_text());
+            eprintln!(
+                "one device of `{user}` can register with this token within 7 days; root {} of {}",
+                root.fingerprint(),
+                root.domain
+            );
+        }
+        Admin::Devices => {
+            let Some(authority) = gateway.registration_authority() else {
+                println!("no devices registered yet");
+                return Ok(());
+            };
+            let crl = authority.crl();
+            for cert in authority.certificates() {
+                let state = if crl.revoked.contains(&cert.device()) {
+                    "revoked"
+                } else if now.as_micros() / 1_000_000 >= cert.not_after_s {
+                    "expired"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "{} {} serial {} valid {}..{} {state}",
+                    cert.device(),
+                    cert.user,
+                    cert.serial,
+                    cert.not_before_s,
+                    cert.not_after_s
+                );
+            }
+        }
+        Admin::Revoke { device } => {
+            let device = parse_device(&device)?;
+            let known = gateway
+                .registration_authority()
+                .is_some_and(|a| a.certificates().any(|c| c.device() == device));
+            if !known {
+                return Err(format!(
+                    "device {device} has no certificate from this gateway; `sund-gateway admin devices` lists those it has"
+                ));
+            }
+            gateway.handle(now, GatewayInput::RevokeDevice(device));
+            let version = gateway
+                .registration_authority()
+                .map_or(0, |a| a.crl().version);
+            println!("revoked {device}: CRL version {version}");
+        }
+        Admin::Crl => {
+            let Some(authority) = gateway.registration_authority() else {
+                println!("no CRL yet: the gateway has not created its trust root");
+                return Ok(());
+            };
+            let crl = authority.crl();
+            println!(
+                "CRL version {} issued at {} s for {}: {} revoked",
+                crl.version,
+                crl.issued_at_s,
+                crl.domain,
+                crl.revoked.len()
+            );
+            for device in &crl.revoked {
+                println!("{device}");
+            }
         }
         Admin::CreateConversation { name, members } => {
             let keys = members
@@ -210,9 +315,6 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
                 .map(|m| parse_key(m))
                 .collect::<Result<Vec<_>, _>>()?;
             let id = ConversationId::from_name(&name);
-            for key in &keys {
-                gateway.handle(now, GatewayInput::AdmitDevice(*key));
-            }
             gateway.handle(
                 now,
                 GatewayInput::CreateConversation(id, keys.iter().map(|k| k.device_id()).collect()),

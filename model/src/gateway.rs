@@ -1913,6 +1913,15 @@ impl Gateway {
             return;
         }
         let open = self.config.open_enrolment;
+        if !open && register.token == [0; 16] {
+            self.stats.registrations_refused += 1;
+            self.goodbye(
+                conn,
+                ErrorCode::EnrolmentTokenInvalid,
+                "this gateway needs an enrolment token to register a device: its operator issues one with `sund-gateway admin enrol-token USER`, given to `sund init --user USER --token TOKEN`",
+            );
+            return;
+        }
         let user = UserId::from_bytes(register.user);
         self.authority(now);
         let authority = self.authority.as_mut().expect("created above");

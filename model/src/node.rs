@@ -827,7 +827,6 @@ impl Node {
         let accepted = self
             .trust
             .accept_certificate(
-                now,
                 &answer.certificate,
                 answer.root_key,
                 self.config.key.public(),

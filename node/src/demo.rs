@@ -12,7 +12,7 @@ use sund_gateway::committer::CommitMode;
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
 use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::Socket;
-use sund_model::gateway::{GatewayConfig, GatewayInput};
+use sund_model::gateway::GatewayConfig;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_node::device::Device;
@@ -50,13 +50,23 @@ pub async fn run() -> Result<(), String> {
     let mut devices = Vec::new();
     let mut names = BTreeMap::new();
     for name in NAMES {
-        let device = Device::init(&dir.path().join(name), addr, &cert, Some(name))
-            .map_err(|e| e.to_string())?;
-        gateway
-            .admin(GatewayInput::AdmitDevice(device.key.public()))
-            .await;
+        let token = gateway
+            .enrolment_token(UserId::from_name(name))
+            .await
+            .ok_or("the gateway stopped")?;
+        let device = Device::init(
+            &dir.path().join(name),
+            addr,
+            &cert,
+            Some(name),
+            Some(&token.to_text()),
+        )
+        .map_err(|e| e.to_string())?;
         names.insert(device.key.device_id(), name);
-        println!("[{name:<7}] device {} admitted", device.key.device_id());
+        println!(
+            "[{name:<7}] device {} set up with a one-time enrolment token",
+            device.key.device_id()
+        );
         devices.push(device);
     }
     let mut nodes = Vec::new();

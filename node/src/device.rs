@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! DATA_DIR/device.key        32-byte Ed25519 seed, owner-only permissions
-//! DATA_DIR/node.toml         gateway = "HOST:PORT"
+//! DATA_DIR/node.toml         gateway = "HOST:PORT", user, enrolment token (owner-only)
 //! DATA_DIR/gateway-cert.der  the gateway's certificate, pinned
 //! DATA_DIR/node.redb         outbox, cursors, resume token, MLS state
 //! DATA_DIR/conversations     local names of conversations: `NAME` or `NAME=ID`, one per line
@@ -22,6 +22,7 @@ use sund_gateway::quic::Socket;
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConversationId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::trust::EnrolmentToken;
 
 use crate::driver::NodeOptions;
 
@@ -56,6 +57,10 @@ struct Settings {
     /// The user this device belongs to (its other devices name the same user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     user: Option<String>,
+    /// The one-time enrolment token (`sund-gateway admin enrol-token USER`) the device
+    /// registers with at its first connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enrolment_token: Option<String>,
 }
 
 /// A device set up in a data directory.
@@ -70,6 +75,8 @@ pub struct Device {
     pub gateway_cert: CertificateDer<'static>,
     /// The user this device belongs to, if set at `init`.
     pub user: Option<String>,
+    /// The enrolment token given at `init`, if any.
+    pub enrolment: Option<EnrolmentToken>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
@@ -87,7 +94,30 @@ impl Device {
         gateway: SocketAddr,
         cert_file: &Path,
         user: Option<&str>,
+        token: Option<&str>,
     ) -> Result<Device, DeviceError> {
+        if let Some(text) = token {
+            let invalid = |reason: String| DeviceError::Invalid {
+                path: "--token".into(),
+                reason,
+            };
+            let token = EnrolmentToken::from_text(text).ok_or_else(|| {
+                invalid("not an enrolment token: expected `sund-enrol:...` as `sund-gateway admin enrol-token USER` prints it".into())
+            })?;
+            match user {
+                None => {
+                    return Err(invalid(
+                        "an enrolment token is for a named user: give --user NAME too".into(),
+                    ))
+                }
+                Some(name) if UserId::from_name(name) != token.user => {
+                    return Err(invalid(format!(
+                        "this token is for another user than `{name}`; ask the operator for a token for `{name}`"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
         let cert = std::fs::read(cert_file).map_err(io(cert_file))?;
         let key_path = data_dir.join("device.key");
@@ -101,9 +131,11 @@ impl Device {
         let settings = Settings {
             gateway,
             user: user.map(str::to_string),
+            enrolment_token: token.map(|t| t.trim().to_string()),
         };
         let text = toml::to_string(&settings).expect("settings serialise");
-        std::fs::write(&settings_path, text).map_err(io(&settings_path))?;
+        // The token is a credential until it is used.
+        write_private(&settings_path, text.as_bytes()).map_err(io(&settings_path))?;
         Device::load(data_dir)
     }
 
@@ -132,7 +164,19 @@ impl Device {
         })?;
         let cert_path = data_dir.join("gateway-cert.der");
         let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
+        let enrolment = match &settings.enrolment_token {
+            Some(text) => {
+                Some(
+                    EnrolmentToken::from_text(text).ok_or_else(|| DeviceError::Invalid {
+                        path: settings_path.display().to_string(),
+                        reason: "enrolment_token is not a token; rerun `sund init --token`".into(),
+                    })?,
+                )
+            }
+            None => None,
+        };
         Ok(Device {
+            enrolment,
             data_dir: data_dir.to_path_buf(),
             key: DeviceKey::from_seed(seed),
             gateway: settings.gateway,
@@ -237,6 +281,7 @@ impl Device {
             commit: CommitMode::Pipelined,
             user: self.user.as_deref().map(UserId::from_name),
             mls: Some(DeviceMlsConfig::default()),
+            enrolment: self.enrolment,
         }
     }
 }

@@ -30,6 +30,7 @@ use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
 };
 use sund_model::time::Instant;
+use sund_model::trust::EnrolmentToken;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -63,6 +64,9 @@ pub struct NodeOptions {
     pub user: Option<UserId>,
     /// MLS on this device: it keeps a KeyPackage pool at the gateway (`None`: no MLS state).
     pub mls: Option<DeviceMlsConfig>,
+    /// The enrolment token to register with if the device has no certificate yet (`None`:
+    /// register without one, which only a gateway with open enrolment accepts).
+    pub enrolment: Option<EnrolmentToken>,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -257,6 +261,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     let mut config = NodeConfig::new(options.key.clone());
     config.user = options.user;
     config.mls = options.mls;
+    config.enrolment = options.enrolment;
     let node = Node::recover(config, options.entropy.boxed(), clock.now(), &store)?;
     let endpoint = quic::client_endpoint(options.socket.clone(), options.gateway_cert.clone())?;
     let (commands_tx, commands_rx) = mpsc::channel(1024);

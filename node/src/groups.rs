@@ -168,6 +168,9 @@ async fn wait_until_done(
                 Some(NodeEvent::Refused { message, .. }) => {
                     return Err(format!("the gateway refused this device: {message}"));
                 }
+                Some(NodeEvent::Revoked) => {
+                    return Err("this device was revoked by the gateway's operator and cannot connect again".into());
+                }
                 Some(_) => {}
                 None => return Err("the node stopped unexpectedly".into()),
             },

@@ -110,6 +110,11 @@ enum Command {
         /// The user this device belongs to (give all of a person's devices the same name).
         #[arg(long)]
         user: Option<String>,
+        /// The one-time enrolment token from the gateway's operator
+        /// (`sund-gateway admin enrol-token USER`); the device registers with it at its first
+        /// connection. Not needed with a gateway running `--open-enrolment`.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Start a DM with a user (all of their devices and your other devices join it).
     Dm {
@@ -185,6 +190,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// What a revoked device's commands say.
+const REVOKED: &str = "this device was revoked by the gateway's operator and cannot connect again; set up a new device (`sund init` in a new directory) with a new enrolment token";
+
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Demo => demo::run().await,
@@ -193,9 +201,16 @@ async fn run(command: Command) -> Result<(), String> {
             gateway,
             gateway_cert,
             user,
+            token,
         } => {
-            let device = Device::init(&data_dir, gateway, &gateway_cert, user.as_deref())
-                .map_err(|e| e.to_string())?;
+            let device = Device::init(
+                &data_dir,
+                gateway,
+                &gateway_cert,
+                user.as_deref(),
+                token.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
             let key = device.key.public().to_hex();
             println!(
                 "device {} ready in {}",
@@ -203,7 +218,14 @@ async fn run(command: Command) -> Result<(), String> {
                 data_dir.display()
             );
             println!("device key: {key}");
-            println!("on the gateway host, admit it:  sund-gateway admin allow {key}");
+            if device.enrolment.is_some() {
+                println!("it registers with its enrolment token when it first connects");
+            } else {
+                println!(
+                    "without --token it can register only with a gateway running --open-enrolment;"
+                );
+                println!("otherwise, on the gateway host: sund-gateway admin enrol-token USER, then rerun init with --token");
+            }
             Ok(())
         }
         Command::Send {
@@ -275,6 +297,10 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
                     let _ = node.stop().await;
                     return Err(format!("the gateway refused this device: {message}"));
                 }
+                Some(NodeEvent::Revoked) => {
+                    let _ = node.stop().await;
+                    return Err(REVOKED.into());
+                }
                 Some(_) => {}
                 None => return Err("the node stopped unexpectedly".into()),
             }
@@ -319,6 +345,10 @@ async fn follow(
                 }
                 Some(NodeEvent::Status(status)) => eprintln!("status: {}", describe(status)),
                 Some(NodeEvent::Refused { message, .. }) => eprintln!("refused by the gateway: {message}"),
+                Some(NodeEvent::Revoked) => {
+                    let _ = node.stop().await;
+                    return Err(REVOKED.into());
+                }
                 Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::RemovedFrom { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
                     members = groups::members(&node).await;
                     eprintln!("{}", groups::describe_event(&event, &names, &members, &users));
@@ -356,6 +386,7 @@ async fn status(data_dir: &Path) -> Result<(), String> {
             event = node.events.recv() => match event {
                 Some(NodeEvent::Status(ConnectionStatus::Connected)) => break,
                 Some(NodeEvent::Refused { message, .. }) => { refused = Some(message); break; }
+                Some(NodeEvent::Revoked) => { refused = Some(REVOKED.into()); break; }
                 Some(_) => {}
                 None => break,
             }
@@ -364,7 +395,11 @@ async fn status(data_dir: &Path) -> Result<(), String> {
     let snapshot = node.status().await.map_err(|e| e.to_string())?;
     println!("outbox     {} message(s) waiting", snapshot.outbox);
     match (snapshot.connection, refused) {
-        (_, Some(message)) => println!("connection refused: {message}"),
+        (_, Some(message)) => {
+            println!("connection refused");
+            let _ = node.stop().await;
+            return Err(format!("the gateway refused this device: {message}"));
+        }
         (ConnectionStatus::Connected, _) => println!("connection connected"),
         (other, _) => println!(
             "connection {} — is the gateway running at {}?",

@@ -74,6 +74,16 @@ fn start_gateway_with(data: &Path, port: u16, extra: &[&str]) -> Child {
         .expect("sund-gateway starts")
 }
 
+/// A one-time enrolment token for a device of `user`, from the stopped gateway's database.
+fn enrol(gateway_dir: &str, user: &str) -> String {
+    run(
+        &gateway_binary(),
+        &["admin", "enrol-token", user, "--data-dir", gateway_dir],
+    )
+    .trim()
+    .to_string()
+}
+
 fn device_key(init_output: &str) -> String {
     init_output
         .lines()
@@ -105,6 +115,7 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
     let a_dir = tmp.path().join("a");
     let b_dir = tmp.path().join("b");
     let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
+    let token_a = enrol(gw, "a");
     let key_a = device_key(&run(
         &sund(),
         &[
@@ -115,8 +126,13 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
             &addr,
             "--gateway-cert",
             cert,
+            "--user",
+            "a",
+            "--token",
+            &token_a,
         ],
     ));
+    let token_b = enrol(gw, "b");
     let key_b = device_key(&run(
         &sund(),
         &[
@@ -127,6 +143,10 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
             &addr,
             "--gateway-cert",
             cert,
+            "--user",
+            "b",
+            "--token",
+            &token_b,
         ],
     ));
     run(
@@ -259,9 +279,83 @@ fn a_device_the_gateway_does_not_know_is_refused_with_a_useful_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("is not admitted") && stderr.contains("sund-gateway admin allow"),
+        stderr.contains("needs an enrolment token")
+            && stderr.contains("sund-gateway admin enrol-token"),
         "{stderr}"
     );
+}
+
+#[test]
+fn an_enrolment_token_enrols_one_device_and_a_revoked_device_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let addr = format!("127.0.0.1:{port}");
+    let token = enrol(gw, "alice");
+    let init = |name: &str| {
+        let d = tmp.path().join(name);
+        run(
+            &sund(),
+            &[
+                "init",
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--gateway",
+                &addr,
+                "--gateway-cert",
+                cert.trim(),
+                "--user",
+                "alice",
+                "--token",
+                &token,
+            ],
+        );
+        d
+    };
+    let laptop = init("laptop");
+    let phone = init("phone");
+    let mut gateway = Guard(start_gateway(&gw_dir, port));
+    let status = |d: &Path| {
+        Command::new(sund())
+            .args(["status", "--data-dir", d.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = status(&laptop);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = status(&phone);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already used"), "{stderr}");
+
+    // The operator revokes the laptop (admin commands need the gateway stopped).
+    gateway.0.kill().unwrap();
+    gateway.0.wait().unwrap();
+    let devices = run(&gateway_binary(), &["admin", "devices", "--data-dir", gw]);
+    let laptop_id = devices
+        .split_whitespace()
+        .find(|w| w.starts_with("dev:"))
+        .expect("admin devices lists the laptop")
+        .to_string();
+    assert!(devices.contains("valid"), "{devices}");
+    let revoked = run(
+        &gateway_binary(),
+        &["admin", "revoke", &laptop_id, "--data-dir", gw],
+    );
+    assert!(revoked.contains("CRL version 1"), "{revoked}");
+    let crl = run(&gateway_binary(), &["admin", "crl", "--data-dir", gw]);
+    assert!(crl.contains(&laptop_id), "{crl}");
+    let _gateway = Guard(start_gateway(&gw_dir, port));
+    let out = status(&laptop);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("revoked"), "{stderr}");
 }
 
 #[test]
@@ -273,6 +367,7 @@ fn a_message_to_a_conversation_nobody_created_says_how_to_create_it() {
     let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
     let addr = format!("127.0.0.1:{port}");
     let d = tmp.path().join("alice");
+    let token = enrol(gw, "alice");
     let init = run(
         &sund(),
         &[
@@ -285,12 +380,11 @@ fn a_message_to_a_conversation_nobody_created_says_how_to_create_it() {
             cert.trim(),
             "--user",
             "alice",
+            "--token",
+            &token,
         ],
     );
-    run(
-        &gateway_binary(),
-        &["admin", "allow", &device_key(&init), "--data-dir", gw],
-    );
+    let _ = device_key(&init);
     let _gateway = Guard(start_gateway(&gw_dir, port));
     let out = Command::new(sund())
         .args([

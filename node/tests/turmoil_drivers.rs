@@ -29,9 +29,10 @@ use sund_gateway::quic::{Socket, TlsIdentity};
 use sund_gateway::store::RedbStore;
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
 use sund_model::identity::DeviceKey;
-use sund_model::ids::{ConversationId, DeviceId};
+use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::time::Instant;
+use sund_model::trust::EnrolmentToken;
 use sund_node::driver::{self as node_driver, NodeHandle, NodeOptions};
 
 // ---- the adapter ----
@@ -151,11 +152,15 @@ fn seed32(seed: u64, salt: u8) -> [u8; 32] {
     out
 }
 
-/// Prepares the gateway's data directory: TLS identity, admitted devices, one room.
+/// Prepares the gateway's data directory: TLS identity, one enrolment token per device (in
+/// `devices` order), one room.
 fn prepare_gateway(
     dir: &Path,
     devices: &[DeviceKey],
-) -> rustls::pki_types::CertificateDer<'static> {
+) -> (
+    rustls::pki_types::CertificateDer<'static>,
+    Vec<EnrolmentToken>,
+) {
     let identity = TlsIdentity::load_or_create(&dir.join("tls")).unwrap();
     let mut store = RedbStore::open(&dir.join("gateway.redb")).unwrap();
     let mut gateway = Gateway::new(
@@ -163,9 +168,10 @@ fn prepare_gateway(
         EPOCH,
         EntropySource::Seeded([9; 32]).boxed(),
     );
-    for k in devices {
-        gateway.handle(EPOCH, GatewayInput::AdmitDevice(k.public()));
-    }
+    let tokens = devices
+        .iter()
+        .map(|k| gateway.issue_enrolment_token(EPOCH, UserId(k.device_id().0)))
+        .collect();
     let ids: Vec<DeviceId> = devices.iter().map(DeviceKey::device_id).collect();
     gateway.handle(
         EPOCH,
@@ -174,7 +180,7 @@ fn prepare_gateway(
     while let Some(ready) = gateway.poll_ready() {
         ready.commit(&mut store).unwrap();
     }
-    identity.cert
+    (identity.cert, tokens)
 }
 
 struct World {
@@ -182,6 +188,8 @@ struct World {
     gateway_dir: PathBuf,
     cert: rustls::pki_types::CertificateDer<'static>,
     root: PathBuf,
+    /// Device `n`'s enrolment token at index `n - 1`.
+    tokens: Vec<EnrolmentToken>,
 }
 
 impl World {
@@ -189,8 +197,9 @@ impl World {
         let tmp = tempfile::tempdir().unwrap();
         let gateway_dir = tmp.path().join("gateway");
         let keys: Vec<DeviceKey> = (1..=devices).map(key).collect();
-        let cert = prepare_gateway(&gateway_dir, &keys);
+        let (cert, tokens) = prepare_gateway(&gateway_dir, &keys);
         World {
+            tokens,
             root: tmp.path().to_path_buf(),
             _tmp: tmp,
             gateway_dir,
@@ -236,6 +245,7 @@ impl World {
             commit: CommitMode::Inline,
             user: None,
             mls: None,
+            enrolment: Some(self.tokens[usize::from(n) - 1]),
         };
         node_driver::start(options).await.unwrap()
     }

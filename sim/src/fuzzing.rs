@@ -12,9 +12,10 @@ use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
 use sund_model::time::Instant;
+use sund_model::trust::{register_message, DeviceCertificate};
 use sund_model::wire::payload::{
     Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, KeyPackageFetch, KeyPackageUpload, Leave,
-    Proof, ReplayRequest, Send,
+    Proof, Register, ReplayRequest, Send,
 };
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -222,6 +223,8 @@ struct Handshakes {
     hellos: BTreeMap<ConnectionId, u8>,
     /// The last resume token any `HelloOk` carried.
     last_token: Option<[u8; 32]>,
+    /// Each device's certificate, registered when the harness starts.
+    certificates: BTreeMap<DeviceId, Vec<u8>>,
 }
 
 fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes) -> Frame {
@@ -264,6 +267,10 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 device_key: key.public().0,
                 resume_token: if resume { hs.last_token } else { None },
                 user: claimed.map(|k| user(k).to_bytes()),
+                certificate: hs
+                    .certificates
+                    .get(&device_key(k).device_id())
+                    .map(|c| c.clone().into()),
             };
             Frame::new(routing, Payload::Hello(hello))
         }
@@ -416,6 +423,27 @@ impl Harness {
             closed_by_gateway: BTreeSet::new(),
             heads: BTreeMap::new(),
         };
+        // Every device registers (open enrolment) for the user its number names, on a
+        // connection of its own that closes again.
+        for d in 1..=DEVICES_MAX {
+            let key = device_key(d);
+            let conn = ConnectionId(2_000_000 + u64::from(d));
+            harness.input(GatewayInput::Accepted(conn));
+            let proof = key.sign(&register_message(&[0; 16], &key.public(), user(d)));
+            let register = Register {
+                device_key: key.public().0,
+                user: user(d).to_bytes(),
+                token: [0; 16],
+                proof,
+            };
+            let routing = Routing {
+                sender: key.device_id(),
+                ..Routing::default()
+            };
+            let bytes = Frame::new(routing, Payload::Register(register)).encode();
+            harness.input(GatewayInput::Frame(conn, bytes));
+            harness.input(GatewayInput::Closed(conn));
+        }
         let room = [device(1), device(2), device(3)];
         harness.input(GatewayInput::CreateConversation(
             ConversationId(1),
@@ -522,6 +550,13 @@ impl Harness {
                             }
                             Payload::HelloOk(ok) => {
                                 self.handshakes.last_token = Some(ok.resume_token)
+                            }
+                            Payload::Certificate(answer) => {
+                                if let Ok(cert) = DeviceCertificate::decode(&answer.certificate) {
+                                    self.handshakes
+                                        .certificates
+                                        .insert(cert.device(), answer.certificate.to_vec());
+                                }
                             }
                             _ => {}
                         }

@@ -963,6 +963,16 @@ impl World {
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&(*code as u16).to_le_bytes());
             }
+            NodeEvent::Registered { serial } => {
+                record.push(14);
+                record.extend_from_slice(&serial.to_le_bytes());
+            }
+            NodeEvent::CrlUpdated { version } => {
+                record.push(15);
+                record.extend_from_slice(&version.to_le_bytes());
+            }
+            NodeEvent::CrlRefused { .. } => record.push(16),
+            NodeEvent::Revoked => record.push(17),
         }
         self.trace.record(Record::AppEvent, self.now, a, &record);
     }

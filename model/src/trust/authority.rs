@@ -38,6 +38,9 @@ pub const ENROLMENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// certificate expired registers again with a new token.
 pub const CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// How far back a certificate's validity starts before its issue.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(3600);
+
 const ROOT_SEED_KEY: &[u8] = b"root_seed";
 const DOMAIN_KEY: &[u8] = b"domain";
 const NEXT_SERIAL_KEY: &[u8] = b"next_serial";
@@ -395,7 +398,9 @@ impl RegistrationAuthority {
             NEXT_SERIAL_KEY.to_vec(),
             self.next_serial.to_be_bytes().to_vec(),
         );
-        let not_before = seconds(now);
+        // Backdated, so that a gateway whose clock runs ahead of another check's does not
+        // hand out certificates that are not yet valid there.
+        let not_before = seconds(now).saturating_sub(CLOCK_SKEW_ALLOWANCE.as_secs());
         let cert = DeviceCertificate::issue(
             &self.root_key,
             &self.root.domain,

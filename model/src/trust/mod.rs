@@ -20,7 +20,7 @@ mod holder;
 
 pub use authority::{
     EnrolmentToken, RegistrationAuthority, RegistrationError, AUTHORITY_TABLE, CERTIFICATES_TABLE,
-    CERTIFICATE_VALIDITY, ENROLMENT_TOKENS_TABLE, ENROLMENT_TOKEN_TTL,
+    CERTIFICATE_VALIDITY, CLOCK_SKEW_ALLOWANCE, ENROLMENT_TOKENS_TABLE, ENROLMENT_TOKEN_TTL,
 };
 pub use certificate::{register_message, CertificateError, DeviceCertificate};
 pub use crl::{Crl, CrlError, CRL_ENTRIES_MAX};
