@@ -38,9 +38,9 @@ use crate::trust::{
     CertificateError, EnrolmentToken, RegistrationAuthority, RegistrationError, TrustRoot,
 };
 use crate::wire::payload::{
-    Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Hello,
-    HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof, Register,
-    Removed, RosterEntry, SendAck, Welcome,
+    Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Heartbeat,
+    Hello, HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Proof,
+    Register, Removed, RosterEntry, SendAck, Welcome,
 };
 use crate::wire::payload::{
     Certificate as CertificatePayload, Crl as CrlPayload, TrustRoot as TrustRootPayload,
@@ -814,7 +814,12 @@ impl Gateway {
                 self.goodbye(conn, ErrorCode::NotAuthenticated, "say hello first");
             }
             (Some(_), Payload::Heartbeat(beat)) => {
-                self.send(conn, Routing::default(), Payload::HeartbeatAck(beat));
+                let crl_version = self.authority.as_ref().map(|a| a.crl().version);
+                let ack = Heartbeat {
+                    nonce: beat.nonce,
+                    crl_version,
+                };
+                self.send(conn, Routing::default(), Payload::HeartbeatAck(ack));
             }
             (Some(_), Payload::HeartbeatAck(_)) => {}
             (Some(device), Payload::Send(send)) => {
@@ -1460,6 +1465,16 @@ impl Gateway {
             let message = "a commit that adds devices must carry their Welcome".into();
             return Err((ErrorCode::InvalidGroupMessage, message, before));
         }
+        if let Some(crl) = self.authority.as_ref().map(|a| a.crl()) {
+            if let Some((revoked, _, _)) = change
+                .added
+                .iter()
+                .find(|(d, _, _)| crl.revoked.contains(d))
+            {
+                let message = format!("device {revoked} is revoked and cannot be added");
+                return Err((ErrorCode::Forbidden, message, before));
+            }
+        }
         state.apply(&change);
         Ok(GroupEffect {
             state,
@@ -1528,9 +1543,10 @@ impl Gateway {
             self.put_inbox(now, *device, conv, InboxItem::Removed { seq });
         }
         // Proposals are bound to their epoch: what this commit did not remove is proposed
-        // again in the new one.
-        let pending: Vec<DeviceId> = self.groups[&conv].removals().iter().copied().collect();
-        for device in pending {
+        // again in the new one, one device per epoch (a commit holds at most one removal: see
+        // `groups`).
+        let next = self.groups[&conv].removals().first().copied();
+        if let Some(device) = next {
             self.issue_removal(now, conv, device);
         }
     }
@@ -1632,6 +1648,7 @@ impl Gateway {
             return;
         }
         let already = group.removals().contains(&device);
+        let queued_behind = group.removals().first().copied();
         if !group.propose_removal(device) {
             return;
         }
@@ -1641,7 +1658,11 @@ impl Gateway {
         let mut batch = std::mem::take(&mut self.writes);
         group.persist(conv, &mut batch);
         self.writes = batch;
-        self.issue_removal(now, conv, device);
+        // One removal per commit, so one proposal per epoch: a removal requested while another
+        // is pending is proposed once that one is committed.
+        if queued_behind.is_none() {
+            self.issue_removal(now, conv, device);
+        }
     }
 
     /// Sequences the Remove proposal for `device` in the group's current epoch.
@@ -1978,6 +1999,8 @@ impl Gateway {
         if let Some(token) = self.device_tokens.get(&device).copied() {
             self.remove_token(token);
         }
+        // Nobody may add it to a group again.
+        self.directory.forget(device, &mut self.writes);
         let open: Vec<(ConnectionId, Option<DeviceId>)> = self
             .sessions
             .iter()

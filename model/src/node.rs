@@ -761,6 +761,7 @@ impl Node {
                     self.next_heartbeat_nonce += 1;
                     let beat = Heartbeat {
                         nonce: self.next_heartbeat_nonce,
+                        crl_version: None,
                     };
                     self.send_frame(conn, Routing::default(), Payload::Heartbeat(beat));
                     self.link = Link::Open {
@@ -976,7 +977,13 @@ impl Node {
             Payload::Heartbeat(beat) => {
                 self.send_frame(conn, Routing::default(), Payload::HeartbeatAck(beat));
             }
-            Payload::HeartbeatAck(_) => {}
+            Payload::HeartbeatAck(ack) => {
+                let held = self.trust.crl_version();
+                if ack.crl_version.is_some_and(|v| v > held) {
+                    let fetch = CrlFetch { have_version: held };
+                    self.send_frame(conn, Routing::default(), Payload::CrlFetch(fetch));
+                }
+            }
             Payload::SendAck(ack) => {
                 self.settle(
                     routing.conversation,

@@ -626,11 +626,17 @@ fn a_heartbeat_is_answered_with_its_nonce() {
     let out = h.frame(
         1,
         Routing::default(),
-        Payload::Heartbeat(Heartbeat { nonce: 41 }),
+        Payload::Heartbeat(Heartbeat {
+            nonce: 41,
+            crl_version: None,
+        }),
     );
     assert_eq!(
         frames_to(&out, 1)[0].payload,
-        Payload::HeartbeatAck(Heartbeat { nonce: 41 })
+        Payload::HeartbeatAck(Heartbeat {
+            nonce: 41,
+            crl_version: Some(0),
+        })
     );
 }
 
@@ -723,7 +729,10 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
 
     let mut unknown = Frame::new(
         Routing::default(),
-        Payload::Heartbeat(Heartbeat { nonce: 1 }),
+        Payload::Heartbeat(Heartbeat {
+            nonce: 1,
+            crl_version: None,
+        }),
     )
     .encode()
     .to_vec();
@@ -733,7 +742,10 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
 
     let mut oversized = Frame::new(
         Routing::default(),
-        Payload::Heartbeat(Heartbeat { nonce: 1 }),
+        Payload::Heartbeat(Heartbeat {
+            nonce: 1,
+            crl_version: None,
+        }),
     )
     .encode()
     .to_vec();
@@ -776,7 +788,10 @@ fn a_stalled_cursor_is_redelivered_and_a_replay_request_rewinds() {
     h.frame(
         2,
         Routing::default(),
-        Payload::Heartbeat(Heartbeat { nonce: 1 }),
+        Payload::Heartbeat(Heartbeat {
+            nonce: 1,
+            crl_version: None,
+        }),
     );
     h.gateway.handle_timeout(h.now);
     let out = h.drain();

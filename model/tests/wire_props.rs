@@ -57,8 +57,13 @@ fn payload() -> impl Strategy<Value = Payload> {
                 external_sender: None,
             })
         }),
-        any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat { nonce })),
-        any::<u64>().prop_map(|nonce| Payload::HeartbeatAck(Heartbeat { nonce })),
+        any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat {
+            nonce,
+            crl_version: None
+        })),
+        (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(nonce, crl_version)| {
+            Payload::HeartbeatAck(Heartbeat { nonce, crl_version })
+        }),
         (any::<u16>(), text())
             .prop_map(|(code, message)| Payload::Goodbye(Goodbye { code, message })),
         (any::<u16>(), text(), proptest::option::of(bytes16())).prop_map(
@@ -248,7 +253,10 @@ proptest! {
 fn valid_frame() -> Vec<u8> {
     Frame::new(
         Routing::default(),
-        Payload::Heartbeat(Heartbeat { nonce: 1 }),
+        Payload::Heartbeat(Heartbeat {
+            nonce: 1,
+            crl_version: None,
+        }),
     )
     .encode()
     .to_vec()

@@ -290,6 +290,11 @@ impl Checker {
         }
     }
 
+    /// Records a safety failure the world found itself (outside application events).
+    pub fn fail_safety(&mut self, invariant: Invariant, at_us: u64, detail: String) {
+        self.fail(invariant, at_us, detail);
+    }
+
     /// Records a liveness failure found by the world's convergence probe.
     pub fn fail_liveness(&mut self, at_us: u64, detail: String) {
         let invariant = if self.enabled.contains(&Invariant::Converge) {

@@ -316,12 +316,19 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             };
             Frame::new(routing, Payload::ReplayRequest(ReplayRequest { from_seq }))
         }
-        WellFormed::Heartbeat { nonce } => {
-            Frame::new(Routing::default(), Payload::Heartbeat(Heartbeat { nonce }))
-        }
+        WellFormed::Heartbeat { nonce } => Frame::new(
+            Routing::default(),
+            Payload::Heartbeat(Heartbeat {
+                nonce,
+                crl_version: None,
+            }),
+        ),
         WellFormed::HeartbeatAck { nonce } => Frame::new(
             Routing::default(),
-            Payload::HeartbeatAck(Heartbeat { nonce }),
+            Payload::HeartbeatAck(Heartbeat {
+                nonce,
+                crl_version: None,
+            }),
         ),
         WellFormed::Goodbye { code } => Frame::new(
             Routing::default(),

@@ -68,6 +68,12 @@ struct JsonRun<'a> {
     removals: u64,
     undecryptable: u64,
     faults: &'a std::collections::BTreeMap<&'static str, u64>,
+    /// Revocations: newest CRL version, devices revoked, devices holding it, and the time
+    /// from the last revocation until the last device took its CRL.
+    crl_version: Option<u64>,
+    crl_revoked: Option<u64>,
+    crl_holders: Option<u64>,
+    crl_slowest_ms: Option<f64>,
 }
 
 /// Parses `A..B` (inclusive).
@@ -261,6 +267,14 @@ fn write_report(
             removals: r.app.removals,
             undecryptable: r.app.undecryptable,
             faults: &r.faults,
+            crl_version: r.crl.as_ref().map(|c| c.version),
+            crl_revoked: r.crl.as_ref().map(|c| c.revoked),
+            crl_holders: r.crl.as_ref().map(|c| c.holders),
+            crl_slowest_ms: r
+                .crl
+                .as_ref()
+                .and_then(|c| c.slowest_us)
+                .map(|us| us as f64 / 1000.0),
         };
         writeln!(
             out,
@@ -274,7 +288,7 @@ fn write_report(
         };
         writeln!(
             out,
-            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}",
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}",
             r.scenario,
             r.seed,
             r.trace_hash,
@@ -290,6 +304,19 @@ fn write_report(
                 )
             } else {
                 String::new()
+            },
+            match &r.crl {
+                Some(c) => format!(
+                    " crl v{} revoked {} held-by {}/{}{}",
+                    c.version,
+                    c.revoked,
+                    c.holders,
+                    c.devices,
+                    c.slowest_us
+                        .map(|us| format!(" in {:.1}ms", us as f64 / 1000.0))
+                        .unwrap_or_default()
+                ),
+                None => String::new(),
             },
             if deterministic == Some(true) { " (deterministic)" } else { "" },
         )?;

@@ -282,6 +282,8 @@ impl Invariant {
                 | Invariant::Converge
                 | Invariant::EpochAgreement
                 | Invariant::Decrypt
+                | Invariant::RevokedNeverAuthenticates
+                | Invariant::CrlConverge
         )
     }
 }

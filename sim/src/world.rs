@@ -34,7 +34,9 @@ use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
 use crate::trace::{Record, TraceHash};
 
 mod groups;
+mod trust;
 use groups::SimConversation;
+pub use trust::CrlReport;
 
 /// Most events one run may process; a run that needs more is reported as exhausted.
 pub const EVENTS_MAX: u64 = 2_000_000_000;
@@ -93,6 +95,8 @@ pub struct RunReport {
     pub offered: u64,
     /// Messages gateways had sequenced in memory but not yet committed when they crashed.
     pub lost_uncommitted: u64,
+    /// How far revocations got (`None`: nothing was revoked).
+    pub crl: Option<CrlReport>,
 }
 
 #[derive(Clone, Debug)]
@@ -224,6 +228,7 @@ pub struct World {
     offered: u64,
     sent_counter: u64,
     lost_uncommitted: u64,
+    revocations: trust::Revocations,
 }
 
 fn us(d: Duration) -> u64 {
@@ -372,6 +377,7 @@ impl World {
             offered: 0,
             sent_counter: 0,
             lost_uncommitted: 0,
+            revocations: trust::Revocations::default(),
             scenario,
         };
         world.setup();
@@ -387,7 +393,6 @@ impl World {
         };
         for s in &scenario.schedule {
             let lands_with = match &s.action {
-                Action::Revoke(_) => Some("the identity and trust issue (certificates and CRL)"),
                 Action::Handover(..) => Some("the federation work (authority handover)"),
                 _ => None,
             };
@@ -762,7 +767,10 @@ impl World {
 
     fn gateway_output(&mut self, a: ActorIndex, output: GatewayOutput) {
         match output {
-            GatewayOutput::Send(conn, frame) => self.transmit(a, conn.0, frame),
+            GatewayOutput::Send(conn, frame) => {
+                self.check_released_frame(a, conn.0, &frame);
+                self.transmit(a, conn.0, frame)
+            }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
         }
     }
@@ -970,6 +978,7 @@ impl World {
             NodeEvent::CrlUpdated { version } => {
                 record.push(15);
                 record.extend_from_slice(&version.to_le_bytes());
+                self.on_crl_taken(a, *version);
             }
             NodeEvent::CrlRefused { .. } => record.push(16),
             NodeEvent::Revoked => record.push(17),
@@ -1260,9 +1269,8 @@ impl World {
                 }
             }
             Action::Commit(conv, who, kind) => self.commit_action(conv, who, *kind),
-            Action::Revoke(_) | Action::Handover(..) => {
-                unreachable!("rejected by check_supported")
-            }
+            Action::Revoke(t) => self.revoke_action(t),
+            Action::Handover(..) => unreachable!("rejected by check_supported"),
         }
     }
 
@@ -1321,6 +1329,9 @@ impl World {
                 ));
             }
             for &m in members {
+                if self.is_revoked(m) {
+                    continue; // it will never read again
+                }
                 let upto = self.checker.delivered_upto(m, *conv);
                 if upto != head {
                     return Some(format!(
@@ -1331,6 +1342,9 @@ impl World {
             }
         }
         for &d in &self.devices {
+            if self.is_revoked(d) {
+                continue;
+            }
             if let Machine::Node(Some(n), _) = &self.actors[d as usize].machine {
                 if n.outbox_len() > 0 {
                     return Some(format!(
@@ -1341,7 +1355,7 @@ impl World {
                 }
             }
         }
-        None
+        self.crl_not_converged()
     }
 
     fn probe(&mut self) {
@@ -1390,6 +1404,7 @@ impl World {
             }
         }
         let trace_hash = self.trace.hex();
+        let crl = self.crl_report();
         RunReport {
             scenario: self.scenario.name.clone(),
             file: self.scenario.file.clone(),
@@ -1403,6 +1418,7 @@ impl World {
             faults: self.faults,
             offered: self.offered,
             lost_uncommitted: self.lost_uncommitted,
+            crl,
         }
     }
 

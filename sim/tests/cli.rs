@@ -120,11 +120,11 @@ fn list_names_every_scenario() {
 
 #[test]
 fn a_scenario_needing_a_later_feature_exits_2_and_says_so() {
-    let out = sim(&["tests/dsl/crl-propagation.sund"]);
+    let out = sim(&["tests/dsl/federation-handover.sund"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("crl-propagation.sund:9:1: action `revoke` is part of the DSL"),
+        stderr.contains("federation-handover.sund:10:1: action `handover` is part of the DSL"),
         "{stderr}"
     );
 }

@@ -120,7 +120,7 @@ fn the_mission_scenarios_are_expressible() {
     for (file, runnable) in [
         ("tests/dsl/chaos-10k-disconnects.sund", true),
         ("../scenarios/commits-under-50-percent-loss.sund", true),
-        ("tests/dsl/crl-propagation.sund", false),
+        ("tests/dsl/crl-propagation.sund", true),
         ("tests/dsl/federation-handover.sund", false),
     ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);

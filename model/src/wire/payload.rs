@@ -203,6 +203,10 @@ pub struct Heartbeat {
     /// Echoed in the answer.
     #[n(0)]
     pub nonce: u64,
+    /// In a gateway's answer: the version of its current CRL, so that a device whose copy of a
+    /// pushed CRL was lost fetches it.
+    #[n(1)]
+    pub crl_version: Option<u64>,
 }
 
 /// Machine-readable reasons for `Goodbye` and `Error`.

@@ -56,7 +56,7 @@ impl World {
         name.split('/').next().unwrap_or(name)
     }
 
-    fn node(&self, a: ActorIndex) -> Option<&sund_model::node::Node> {
+    pub(super) fn node(&self, a: ActorIndex) -> Option<&sund_model::node::Node> {
         match &self.actors[a as usize].machine {
             Machine::Node(Some(n), _) => Some(n),
             _ => None,

@@ -1,0 +1,180 @@
+//! Revocation in the simulator: the `revoke` action, the safety invariant
+//! `revoked-never-authenticates`, the liveness invariant `crl-converge`, and the propagation
+//! figures a run reports.
+//!
+//! - `revoke DEVICE` asks the device's home gateway to revoke it (`GatewayInput::RevokeDevice`),
+//!   if that gateway is up; a revocation counts from the moment the gateway made its new CRL.
+//! - `revoked-never-authenticates` fails if a gateway sends `HelloOk` to a device it has
+//!   revoked (checked on every frame a gateway releases).
+//! - `crl-converge` (liveness, with `converge`): every device that is not revoked holds its
+//!   gateway's current CRL, and no MLS group at any gateway still lists a revoked device.
+//!   Revoked devices are left out of the other convergence checks: they will never read again.
+
+use std::collections::BTreeMap;
+
+use sund_model::gateway::GatewayInput;
+use sund_model::ids::DeviceId;
+use sund_model::wire::Opcode;
+
+use super::{Machine, World};
+use crate::network::ActorIndex;
+use crate::scenario::{Invariant, Target};
+
+/// How far revocations got, for the run report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CrlReport {
+    /// Devices revoked.
+    pub revoked: u64,
+    /// The newest CRL version any gateway issued.
+    pub version: u64,
+    /// Devices (not revoked) holding that version at the end.
+    pub holders: u64,
+    /// Devices not revoked.
+    pub devices: u64,
+    /// From the last revocation to the last device taking its CRL, microseconds (`None` if some
+    /// device never took it).
+    pub slowest_us: Option<u64>,
+}
+
+/// What the world remembers of revocations.
+#[derive(Debug, Default)]
+pub(super) struct Revocations {
+    /// Revoked devices and when their gateway revoked them.
+    revoked: BTreeMap<DeviceId, u64>,
+    /// When the newest CRL version was issued.
+    latest: Option<(u64, u64)>,
+    /// Per device: the newest CRL version it took, and when.
+    held: BTreeMap<ActorIndex, (u64, u64)>,
+}
+
+impl World {
+    /// The `revoke` action.
+    pub(super) fn revoke_action(&mut self, target: &Target) {
+        for x in self.resolve(target) {
+            let device = self.actors[x as usize].device;
+            let home = self.actors[x as usize].home;
+            let before = self.crl_version_at(home);
+            self.with_gateway(home, |g, now| {
+                g.handle(now, GatewayInput::RevokeDevice(device))
+            });
+            let after = self.crl_version_at(home);
+            if after > before {
+                self.revocations.revoked.insert(device, self.now);
+                self.revocations.latest = Some((after, self.now));
+            }
+        }
+    }
+
+    fn crl_version_at(&self, gateway: ActorIndex) -> u64 {
+        match &self.actors[gateway as usize].machine {
+            Machine::Gateway(Some(g), _) => {
+                g.registration_authority().map_or(0, |a| a.crl().version)
+            }
+            _ => 0,
+        }
+    }
+
+    /// True if `a`'s device was revoked.
+    pub(super) fn is_revoked(&self, a: ActorIndex) -> bool {
+        self.revocations
+            .revoked
+            .contains_key(&self.actors[a as usize].device)
+    }
+
+    /// A device took CRL `version`.
+    pub(super) fn on_crl_taken(&mut self, a: ActorIndex, version: u64) {
+        self.revocations.held.insert(a, (version, self.now));
+    }
+
+    /// Checks a frame a gateway releases on `conn`: a `HelloOk` to a revoked device breaks
+    /// `revoked-never-authenticates`.
+    pub(super) fn check_released_frame(&mut self, gateway: ActorIndex, conn: u64, frame: &[u8]) {
+        if self.revocations.revoked.is_empty() || frame.len() < 8 {
+            return;
+        }
+        if u16::from_be_bytes([frame[6], frame[7]]) != Opcode::HelloOk.to_u16() {
+            return;
+        }
+        let Some(peer) = self.network.peer_of(conn, gateway) else {
+            return;
+        };
+        let device = self.actors[peer as usize].device;
+        if let Some(&at) = self.revocations.revoked.get(&device) {
+            let who = self.actors[peer as usize].name.clone();
+            self.checker.fail_safety(
+                Invariant::RevokedNeverAuthenticates,
+                self.now,
+                format!(
+                    "{who} completed a session at {} although its gateway revoked it at {at} µs",
+                    self.actors[gateway as usize].name
+                ),
+            );
+        }
+    }
+
+    /// Why revocations have not converged: a device without its gateway's CRL, or a group that
+    /// still lists a revoked device.
+    pub(super) fn crl_not_converged(&self) -> Option<String> {
+        if !self.scenario.invariants.contains(&Invariant::CrlConverge) {
+            return None;
+        }
+        for &d in &self.devices {
+            if self.is_revoked(d) {
+                continue;
+            }
+            let actor = &self.actors[d as usize];
+            let want = self.crl_version_at(actor.home);
+            let Some(node) = self.node(d) else {
+                return Some(format!("{} is down", actor.name));
+            };
+            let have = node.trust().crl_version();
+            if have != want {
+                return Some(format!(
+                    "{} holds CRL version {have}, its gateway is at {want}",
+                    actor.name
+                ));
+            }
+        }
+        for c in &self.conversations {
+            let Machine::Gateway(Some(g), _) = &self.actors[c.gateway as usize].machine else {
+                continue;
+            };
+            if let Some(group) = g.group(c.id) {
+                if let Some(device) = group
+                    .devices()
+                    .keys()
+                    .find(|d| self.revocations.revoked.contains_key(d))
+                {
+                    return Some(format!("{} still lists revoked device {device}", c.id));
+                }
+            }
+        }
+        None
+    }
+
+    /// The revocation figures of this run.
+    pub(super) fn crl_report(&self) -> Option<CrlReport> {
+        let (version, issued_at) = self.revocations.latest?;
+        let mut report = CrlReport {
+            revoked: self.revocations.revoked.len() as u64,
+            version,
+            ..CrlReport::default()
+        };
+        let mut slowest = Some(0);
+        for &d in &self.devices {
+            if self.is_revoked(d) {
+                continue;
+            }
+            report.devices += 1;
+            match self.revocations.held.get(&d) {
+                Some(&(v, at)) if v >= version => {
+                    report.holders += 1;
+                    slowest = slowest.map(|s: u64| s.max(at.saturating_sub(issued_at)));
+                }
+                _ => slowest = None,
+            }
+        }
+        report.slowest_us = slowest;
+        Some(report)
+    }
+}
