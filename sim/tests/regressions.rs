@@ -43,3 +43,19 @@ fn commits_under_loss_seed_84_commits_the_proposed_removal() {
 fn multi_device_churn_seed_4_rejoins_after_an_overtaken_removal() {
     run("../scenarios/multi-device-churn.sund", 4);
 }
+
+/// A CRL pushed on revocation was lost in flight, and a device with an open session never
+/// asked again: it held an old CRL forever. Gateways now name their CRL version in every
+/// `HeartbeatAck`.
+#[test]
+fn crl_propagation_seed_1_fetches_a_lost_crl() {
+    run("../scenarios/crl-propagation.sund", 1);
+}
+
+/// Four revocations were pending in one room at once; the committing member put all four
+/// removals in one commit, which the gateway refuses (one removal per commit), and the room
+/// stalled. The gateway now proposes one removal per epoch.
+#[test]
+fn crl_propagation_seed_41_removes_revoked_devices_one_per_epoch() {
+    run("../scenarios/crl-propagation.sund", 41);
+}
