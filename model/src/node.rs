@@ -31,6 +31,7 @@ use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::{DeviceMls, DeviceMlsConfig};
 use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent, Processed};
 use crate::time::Instant;
+use crate::trust::handshake::PeerIdentity;
 use crate::trust::{register_message, EnrolmentToken, TrustHolder};
 use crate::wire::payload::Certificate as CertificatePayload;
 use crate::wire::payload::{
@@ -885,6 +886,17 @@ impl Node {
     /// This device's trust state (certificate, pinned root, CRL).
     pub fn trust(&self) -> &TrustHolder {
         &self.trust
+    }
+
+    /// What this device brings to a device-to-device handshake (`trust::handshake`): its key,
+    /// certificate, pinned root and CRL. `None` until it has registered.
+    pub fn peer_identity(&self) -> Option<PeerIdentity<'_>> {
+        Some(PeerIdentity {
+            key: &self.config.key,
+            certificate: self.trust.certificate()?,
+            root: self.trust.root()?,
+            crl: self.trust.crl(),
+        })
     }
 
     fn current_conn(&self) -> Option<ConnectionId> {

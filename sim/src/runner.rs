@@ -307,14 +307,15 @@ fn write_report(
             },
             match &r.crl {
                 Some(c) => format!(
-                    " crl v{} revoked {} held-by {}/{}{}",
+                    " crl v{} revoked {} held-by {}/{}{} peer-refused {}",
                     c.version,
                     c.revoked,
                     c.holders,
                     c.devices,
                     c.slowest_us
                         .map(|us| format!(" in {:.1}ms", us as f64 / 1000.0))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    c.handshakes_refused
                 ),
                 None => String::new(),
             },

@@ -16,6 +16,7 @@ mod authority;
 mod certificate;
 mod codec;
 mod crl;
+pub mod handshake;
 mod holder;
 
 pub use authority::{

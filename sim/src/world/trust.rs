@@ -14,10 +14,12 @@ use std::collections::BTreeMap;
 
 use sund_model::gateway::GatewayInput;
 use sund_model::ids::DeviceId;
+use sund_model::trust::handshake::{Initiator, Responder};
 use sund_model::wire::Opcode;
 
 use super::{Machine, World};
 use crate::network::ActorIndex;
+use crate::rng::SimRng;
 use crate::scenario::{Invariant, Target};
 
 /// How far revocations got, for the run report.
@@ -34,6 +36,9 @@ pub struct CrlReport {
     /// From the last revocation to the last device taking its CRL, microseconds (`None` if some
     /// device never took it).
     pub slowest_us: Option<u64>,
+    /// Device-to-device handshakes from revoked devices refused by a CRL (each device that takes
+    /// a CRL is tried by every revoked device at once).
+    pub handshakes_refused: u64,
 }
 
 /// What the world remembers of revocations.
@@ -45,6 +50,10 @@ pub(super) struct Revocations {
     latest: Option<(u64, u64)>,
     /// Per device: the newest CRL version it took, and when.
     held: BTreeMap<ActorIndex, (u64, u64)>,
+    /// Device-to-device handshakes tried by revoked devices.
+    handshakes: u64,
+    /// Those refused because the responder's CRL lists the initiator.
+    refused: u64,
 }
 
 impl World {
@@ -81,9 +90,45 @@ impl World {
             .contains_key(&self.actors[a as usize].device)
     }
 
-    /// A device took CRL `version`.
+    /// A device took CRL `version`: from now on it must refuse a device-to-device handshake
+    /// from every device that CRL revokes. Each revoked device tries one at once (in memory,
+    /// with both nodes' real trust state); one that succeeds breaks
+    /// `revoked-never-authenticates`.
     pub(super) fn on_crl_taken(&mut self, a: ActorIndex, version: u64) {
         self.revocations.held.insert(a, (version, self.now));
+        let revoked: Vec<ActorIndex> = self
+            .devices
+            .iter()
+            .copied()
+            .filter(|&d| d != a && self.is_revoked(d))
+            .collect();
+        for d in revoked {
+            self.revocations.handshakes += 1;
+            let mut rng = SimRng::from_seed(self.seed).with_stream(self.revocations.handshakes);
+            let (Some(initiator), Some(responder)) = (self.node(d), self.node(a)) else {
+                continue;
+            };
+            let (Some(me), Some(them)) = (initiator.peer_identity(), responder.peer_identity())
+            else {
+                continue;
+            };
+            let listed = them
+                .crl
+                .is_some_and(|crl| crl.revoked.contains(&self.actors[d as usize].device));
+            let (_, hello) = Initiator::start(&me, &mut rng);
+            let accepted = Responder::respond(&them, self.local_now(a), &hello, &mut rng).is_ok();
+            if listed && !accepted {
+                self.revocations.refused += 1;
+            }
+            if listed && accepted {
+                let detail = format!(
+                    "{} accepted a handshake from {}, which its CRL version {version} revokes",
+                    self.actors[a as usize].name, self.actors[d as usize].name
+                );
+                self.checker
+                    .fail_safety(Invariant::RevokedNeverAuthenticates, self.now, detail);
+            }
+        }
     }
 
     /// Checks a frame a gateway releases on `conn`: a `HelloOk` to a revoked device breaks
@@ -158,6 +203,7 @@ impl World {
         let mut report = CrlReport {
             revoked: self.revocations.revoked.len() as u64,
             version,
+            handshakes_refused: self.revocations.refused,
             ..CrlReport::default()
         };
         let mut slowest = Some(0);
