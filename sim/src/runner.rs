@@ -74,6 +74,8 @@ struct JsonRun<'a> {
     crl_revoked: Option<u64>,
     crl_holders: Option<u64>,
     crl_slowest_ms: Option<f64>,
+    crl_median_ms: Option<f64>,
+    crl_p99_ms: Option<f64>,
 }
 
 /// Parses `A..B` (inclusive).
@@ -275,6 +277,8 @@ fn write_report(
                 .as_ref()
                 .and_then(|c| c.slowest_us)
                 .map(|us| us as f64 / 1000.0),
+            crl_median_ms: r.crl.as_ref().map(|c| c.median_us as f64 / 1000.0),
+            crl_p99_ms: r.crl.as_ref().map(|c| c.p99_us as f64 / 1000.0),
         };
         writeln!(
             out,
@@ -307,7 +311,7 @@ fn write_report(
             },
             match &r.crl {
                 Some(c) => format!(
-                    " crl v{} revoked {} held-by {}/{}{} peer-refused {}",
+                    " crl v{} revoked {} held-by {}/{}{} (p50 {:.1}ms p99 {:.1}ms) peer-refused {}",
                     c.version,
                     c.revoked,
                     c.holders,
@@ -315,6 +319,8 @@ fn write_report(
                     c.slowest_us
                         .map(|us| format!(" in {:.1}ms", us as f64 / 1000.0))
                         .unwrap_or_default(),
+                    c.median_us as f64 / 1000.0,
+                    c.p99_us as f64 / 1000.0,
                     c.handshakes_refused
                 ),
                 None => String::new(),
