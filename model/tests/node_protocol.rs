@@ -517,6 +517,71 @@ fn a_device_the_gateway_does_not_admit_hears_why_and_keeps_retrying() {
 }
 
 #[test]
+fn a_revoked_device_stops_for_good_and_an_expired_certificate_is_renewed() {
+    // Expired: the certificate is dropped and the next connection registers again.
+    let mut h = Harness::new();
+    h.open(1);
+    assert!(h.node.trust().certificate().is_some());
+    let expired = Goodbye {
+        code: ErrorCode::CertificateExpired as u16,
+        message: "expired".into(),
+    };
+    h.frame(1, Routing::default(), Payload::Goodbye(expired));
+    assert!(h.node.trust().certificate().is_none());
+    h.now = h.node.poll_timeout().unwrap();
+    assert!(h.tick().contains(&NodeOutput::Connect));
+    let out = h.input(NodeInput::Connected(ConnectionId(2)));
+    assert!(matches!(sent(&out)[0].payload, Payload::Register(_)));
+
+    // Revoked: an event, and no reconnect ever.
+    let mut h = Harness::new();
+    h.open(1);
+    let revoked = Goodbye {
+        code: ErrorCode::DeviceRevoked as u16,
+        message: "this device was revoked".into(),
+    };
+    let out = h.frame(1, Routing::default(), Payload::Goodbye(revoked));
+    assert!(
+        out.contains(&NodeOutput::Event(NodeEvent::Revoked)),
+        "{out:?}"
+    );
+    assert_eq!(h.node.status(), ConnectionStatus::Offline);
+    assert_eq!(h.node.poll_timeout(), None, "nothing left to retry");
+}
+
+#[test]
+fn a_crl_older_than_the_one_held_is_refused() {
+    let mut h = Harness::new();
+    h.open(1);
+    let crl = |version: u64| {
+        let revoked = [DeviceId(5)].into_iter().collect();
+        let crl = sund_model::trust::Crl::issue(&root_key(), "localhost", version, 0, revoked);
+        Payload::Crl(Crl {
+            crl: crl.encode().into(),
+        })
+    };
+    let out = h.frame(1, Routing::default(), crl(3));
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::CrlUpdated { version: 3 })));
+    let out = h.frame(1, Routing::default(), crl(2));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, NodeOutput::Event(NodeEvent::CrlRefused { .. }))),
+        "{out:?}"
+    );
+    assert_eq!(h.node.trust().crl_version(), 3);
+    // A heartbeat answer naming a newer version makes the device fetch it.
+    let ack = Heartbeat {
+        nonce: 1,
+        crl_version: Some(4),
+    };
+    let out = h.frame(1, Routing::default(), Payload::HeartbeatAck(ack));
+    assert!(matches!(
+        sent(&out)[0].payload,
+        Payload::CrlFetch(CrlFetch { have_version: 3 })
+    ));
+}
+
+#[test]
 fn a_transmission_is_eager_but_its_outbox_entry_and_events_are_held() {
     let mut h = Harness::new();
     h.open(1);
