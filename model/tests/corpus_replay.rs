@@ -1,9 +1,12 @@
 //! Replays the committed fuzz corpora of the wire targets (`corpus/frame_decode`,
-//! `corpus/payload_decode`, `corpus/stream_decode`) with the same checks the fuzz targets run:
-//! no panic, and every frame or payload that decodes survives encode → decode unchanged.
+//! `corpus/payload_decode`, `corpus/stream_decode`) and the trust targets
+//! (`corpus/certificate_decode`, `corpus/crl_decode`) with the same checks the fuzz targets run:
+//! no panic, every frame or payload that decodes survives encode → decode unchanged, and every
+//! certificate or CRL that decodes re-encodes to exactly its input.
 //!
-//! The checks live in `fuzz/checks/wire.rs` and are spliced in here and into the fuzz targets,
-//! so the two cannot drift apart. To grow the corpora, see `fuzz/README.md`.
+//! The checks live in `fuzz/checks/wire.rs` and `fuzz/checks/trust.rs` and are spliced in here
+//! and into the fuzz targets, so the two cannot drift apart. To grow the corpora, see
+//! `fuzz/README.md`.
 
 use std::fs;
 use std::path::PathBuf;
@@ -11,6 +14,10 @@ use std::path::PathBuf;
 include!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../fuzz/checks/wire.rs"
+));
+include!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../fuzz/checks/trust.rs"
 ));
 
 /// Runs `check` on every file of `corpus/<target>`, which must not be empty.
@@ -53,4 +60,14 @@ fn payload_decode_corpus() {
 #[test]
 fn stream_decode_corpus() {
     replay("stream_decode", check_stream_decode);
+}
+
+#[test]
+fn certificate_decode_corpus() {
+    replay("certificate_decode", check_certificate_decode);
+}
+
+#[test]
+fn crl_decode_corpus() {
+    replay("crl_decode", check_crl_decode);
 }

@@ -1,26 +1,42 @@
 //! Writes seed inputs for the wire fuzz targets and copies the example scenarios:
 //!
 //! ```text
-//! cargo run --manifest-path fuzz/seedgen/Cargo.toml --target-dir fuzz/target -- corpus scenarios
+//! cargo run --manifest-path fuzz/seedgen/Cargo.toml --target-dir fuzz/target -- corpus scenarios [TARGET...]
 //! ```
+//!
+//! With target names after the two directories, only those corpora are written (e.g.
+//! `certificate_decode crl_decode`), so regenerating one target's seeds does not bring back the
+//! seeds that `cmin` dropped from the others.
 //!
 //! - `corpus/frame_decode/`: one valid frame per defined payload (plus signed and routed variants)
 //!   and malformed frames (bad magic, version, flags, reserved word, unknown and reserved opcodes,
 //!   truncated header and payload, oversized length, trailing bytes, bad CBOR);
 //! - `corpus/payload_decode/`: two bytes (index into `Opcode::ALL`) + each payload's CBOR;
 //! - `corpus/stream_decode/`: one chunk-size byte + several frames back to back;
-//! - `corpus/scenario_parse/`: the `.sund` files of the scenarios directory.
+//! - `corpus/scenario_parse/`: the `.sund` files of the scenarios directory;
+//! - `corpus/certificate_decode/`: device certificates signed by a `DeviceKey::from_seed` root
+//!   (short and 253-byte domains, edge serials, users and validity periods) and malformed ones
+//!   (truncated, wrong magic or format, bad domains, empty validity, trailing bytes);
+//! - `corpus/crl_decode/`: signed CRLs with 0, 1, 3 and 100 entries and malformed ones
+//!   (truncated, wrong magic or format, unsorted or repeated entries, counts beyond the limit or
+//!   not matching the length).
 //!
 //! Seeds are named `seed-*`; `cargo fuzz cmin` later renames what it keeps to content hashes.
 
+use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::trust::{Crl, DeviceCertificate, CRL_ENTRIES_MAX, DOMAIN_BYTES_MAX};
 use sund_model::wire::payload::{
     Ack, Challenge, Cursor, Deliver, ErrorCode, ErrorReport, FetchedKeyPackage, Goodbye, Heartbeat,
     Hello, HelloOk, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages, Leave, Proof,
     Removed, ReplayRequest, RosterEntry, Send, SendAck, Welcome, FETCH_USERS_MAX,
+};
+use sund_model::wire::payload::{
+    Certificate, Crl as CrlPayload, CrlFetch, Register, TrustRoot, TrustRootFetch,
 };
 use sund_model::wire::{
     Frame, Opcode, Payload, Routing, WireError, HEADER_BYTES, PAYLOAD_BYTES_MAX,
@@ -36,6 +52,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 device_key: [7; 32],
                 resume_token: None,
                 user: None,
+                certificate: None,
             }),
         ),
         (
@@ -48,6 +65,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 device_key: [0xee; 32],
                 resume_token: Some([0x11; 32]),
                 user: None,
+                certificate: None,
             }),
         ),
         (
@@ -57,6 +75,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 device_key: [0x5c; 32],
                 resume_token: None,
                 user: Some(UserId::from_name("alice").to_bytes()),
+                certificate: None,
             }),
         ),
         (
@@ -80,11 +99,17 @@ fn payloads() -> Vec<(&'static str, Payload)> {
         ),
         (
             "heartbeat",
-            Payload::Heartbeat(Heartbeat { nonce: 0xdead_beef }),
+            Payload::Heartbeat(Heartbeat {
+                nonce: 0xdead_beef,
+                crl_version: None,
+            }),
         ),
         (
             "heartbeat-ack",
-            Payload::HeartbeatAck(Heartbeat { nonce: 0 }),
+            Payload::HeartbeatAck(Heartbeat {
+                nonce: 0,
+                crl_version: None,
+            }),
         ),
         (
             "goodbye",
@@ -208,6 +233,43 @@ fn payloads() -> Vec<(&'static str, Payload)> {
         ),
         ("removed", Payload::Removed(Removed { seq: 9 })),
         ("leave", Payload::Leave(Leave {})),
+        (
+            "register",
+            Payload::Register(Register {
+                device_key: [0x4b; 32],
+                user: [0x75; 16],
+                token: [0x70; 16],
+                proof: [0x51; 64],
+            }),
+        ),
+        (
+            "certificate",
+            Payload::Certificate(Certificate {
+                certificate: vec![0xce; 160].into(),
+                root_key: [0x52; 32],
+            }),
+        ),
+        (
+            "crl-fetch",
+            Payload::CrlFetch(CrlFetch { have_version: 3 }),
+        ),
+        (
+            "crl",
+            Payload::Crl(CrlPayload {
+                crl: vec![0xc1; 120].into(),
+            }),
+        ),
+        (
+            "trust-root-fetch",
+            Payload::TrustRootFetch(TrustRootFetch {}),
+        ),
+        (
+            "trust-root",
+            Payload::TrustRoot(TrustRoot {
+                key: [0x52; 32],
+                domain: "example.org".into(),
+            }),
+        ),
     ]
 }
 
@@ -244,23 +306,300 @@ fn raw_header(opcode: u16, payload_len: u32) -> Vec<u8> {
     h
 }
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) {
-    fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
+/// Writes `seed-{name}` into `dir`; `None` is a corpus not selected on the command line.
+fn write(dir: &Option<PathBuf>, name: &str, bytes: &[u8]) {
+    if let Some(dir) = dir {
+        fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
+    }
+}
+
+/// The root key every seed certificate and CRL is signed with.
+fn root_key() -> DeviceKey {
+    DeviceKey::from_seed([7; 32])
+}
+
+/// A 253-byte (`DOMAIN_BYTES_MAX`) domain: four labels of lower-case letters.
+fn longest_domain() -> String {
+    let domain = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(domain.len(), DOMAIN_BYTES_MAX);
+    domain
+}
+
+/// 1 Jan 2026, seconds since the Unix epoch (production clocks start at the epoch).
+const JAN_2026_S: u64 = 1_767_225_600;
+
+fn certificate_seeds(dir: &Option<PathBuf>) {
+    let root = root_key();
+    let long = longest_domain();
+    let year = 365 * 24 * 3600;
+    let device = |n: u8| DeviceKey::from_seed([n; 32]).public();
+    let valid: Vec<(&str, DeviceCertificate)> = vec![
+        (
+            "example-org",
+            DeviceCertificate::issue(&root, "example.org", 42, device(1), UserId(9), 1_000, 2_000),
+        ),
+        (
+            "one-letter-domain-serial-0-user-0",
+            DeviceCertificate::issue(&root, "a", 0, device(2), UserId(0), 0, 1),
+        ),
+        (
+            "longest-domain",
+            DeviceCertificate::issue(
+                &root,
+                &long,
+                7,
+                device(3),
+                UserId::from_name("alice"),
+                JAN_2026_S - 3_600,
+                JAN_2026_S - 3_600 + year,
+            ),
+        ),
+        (
+            "backdated-year-named-user",
+            DeviceCertificate::issue(
+                &root,
+                "sund-1.local",
+                1,
+                device(4),
+                UserId::from_name("bob"),
+                JAN_2026_S - 3_600,
+                JAN_2026_S - 3_600 + year,
+            ),
+        ),
+        (
+            "max-serial-max-user-whole-clock",
+            DeviceCertificate::issue(
+                &root,
+                "example.org",
+                u64::MAX,
+                device(5),
+                UserId(u128::MAX),
+                0,
+                u64::MAX,
+            ),
+        ),
+        (
+            "last-second-of-the-clock",
+            DeviceCertificate::issue(
+                &root,
+                "0-9.example",
+                1 << 32,
+                device(6),
+                UserId(1 << 64),
+                u64::MAX - 1,
+                u64::MAX,
+            ),
+        ),
+        (
+            "signed-by-another-root",
+            DeviceCertificate::issue(
+                &DeviceKey::from_seed([8; 32]),
+                "example.org",
+                43,
+                device(1),
+                UserId(9),
+                1_000,
+                2_000,
+            ),
+        ),
+    ];
+    for (name, cert) in &valid {
+        let bytes = cert.encode();
+        assert_eq!(DeviceCertificate::decode(&bytes).as_ref(), Ok(cert));
+        write(dir, name, &bytes);
+    }
+
+    // Byte offsets of the encoding: "SDC" | format | serial | key | user | not before |
+    // not after | domain length | domain | signature.
+    const FORMAT_AT: usize = 3;
+    const NOT_BEFORE_AT: usize = 4 + 8 + 32 + 16;
+    const NOT_AFTER_AT: usize = NOT_BEFORE_AT + 8;
+    const DOMAIN_LEN_AT: usize = NOT_AFTER_AT + 8;
+    let base = valid[0].1.encode();
+    let bad = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = base.clone();
+        f(&mut b);
+        assert!(DeviceCertificate::decode(&b).is_err(), "{name} decodes");
+        write(dir, name, &b);
+    };
+    bad("empty", &|b| b.clear());
+    bad("magic-only", &|b| b.truncate(3));
+    bad("truncated-in-serial", &|b| b.truncate(FORMAT_AT + 5));
+    bad("truncated-in-domain", &|b| b.truncate(DOMAIN_LEN_AT + 4));
+    bad("truncated-signature", &|b| {
+        b.pop();
+    });
+    bad("trailing-byte", &|b| b.push(0));
+    bad("wrong-magic", &|b| b[0] = b'X');
+    bad("crl-magic", &|b| b[..3].copy_from_slice(b"SDR"));
+    bad("format-0", &|b| b[FORMAT_AT] = 0);
+    bad("format-2", &|b| b[FORMAT_AT] = 2);
+    bad("empty-domain", &|b| {
+        let end = DOMAIN_LEN_AT + 1 + usize::from(b[DOMAIN_LEN_AT]);
+        b.drain(DOMAIN_LEN_AT + 1..end);
+        b[DOMAIN_LEN_AT] = 0;
+    });
+    bad("upper-case-domain", &|b| b[DOMAIN_LEN_AT + 1] = b'E');
+    bad("non-utf8-domain", &|b| b[DOMAIN_LEN_AT + 1] = 0xff);
+    bad("domain-length-past-end", &|b| b[DOMAIN_LEN_AT] = 0xff);
+    bad("empty-validity", &|b| {
+        let not_before: [u8; 8] = b[NOT_BEFORE_AT..NOT_AFTER_AT].try_into().unwrap();
+        b[NOT_AFTER_AT..DOMAIN_LEN_AT].copy_from_slice(&not_before);
+    });
+    bad("validity-backwards", &|b| {
+        b[NOT_BEFORE_AT..NOT_AFTER_AT].copy_from_slice(&u64::MAX.to_be_bytes());
+    });
+    // A 254-byte domain of valid characters: one byte over `DOMAIN_BYTES_MAX`.
+    let mut too_long = valid[2].1.encode();
+    too_long.insert(DOMAIN_LEN_AT + 1, b'a');
+    too_long[DOMAIN_LEN_AT] = (DOMAIN_BYTES_MAX + 1) as u8;
+    assert!(DeviceCertificate::decode(&too_long).is_err());
+    write(dir, "domain-254-bytes", &too_long);
+    // Signed, but with an empty validity period (`issue` does not check it; `decode` does).
+    let empty = DeviceCertificate::issue(&root, "example.org", 44, device(1), UserId(9), 5, 5);
+    assert!(DeviceCertificate::decode(&empty.encode()).is_err());
+    write(dir, "signed-empty-validity", &empty.encode());
+}
+
+fn crl_seeds(dir: &Option<PathBuf>) {
+    let root = root_key();
+    let ids = |ids: &[u128]| ids.iter().map(|&d| DeviceId(d)).collect::<BTreeSet<_>>();
+    let hundred: BTreeSet<DeviceId> = (1..=100u8)
+        .map(|n| DeviceKey::from_seed([n; 32]).device_id())
+        .collect();
+    assert_eq!(hundred.len(), 100);
+    let valid: Vec<(&str, Crl)> = vec![
+        (
+            "empty-version-0",
+            Crl::issue(&root, "example.org", 0, JAN_2026_S, BTreeSet::new()),
+        ),
+        (
+            "one-entry",
+            Crl::issue(&root, "example.org", 1, JAN_2026_S + 60, ids(&[5])),
+        ),
+        (
+            "three-entries",
+            Crl::issue(&root, "example.org", 3, 100, ids(&[5, 1, 9])),
+        ),
+        (
+            "three-edge-ids-longest-domain",
+            Crl::issue(
+                &root,
+                &longest_domain(),
+                u64::MAX,
+                u64::MAX,
+                ids(&[0, 1 << 64, u128::MAX]),
+            ),
+        ),
+        (
+            "hundred-entries",
+            Crl::issue(&root, "sund-1.local", 100, JAN_2026_S + 3_600, hundred),
+        ),
+        (
+            "one-letter-domain",
+            Crl::issue(&root, "a", 2, 0, ids(&[7, 8])),
+        ),
+        (
+            "signed-by-another-root",
+            Crl::issue(
+                &DeviceKey::from_seed([8; 32]),
+                "example.org",
+                9,
+                100,
+                ids(&[1]),
+            ),
+        ),
+    ];
+    for (name, crl) in &valid {
+        let bytes = crl.encode();
+        assert_eq!(Crl::decode(&bytes).as_ref(), Ok(crl));
+        write(dir, name, &bytes);
+    }
+
+    // "SDR" | format | version | issued at | domain length | domain | count | ids | signature.
+    const FORMAT_AT: usize = 3;
+    const DOMAIN_LEN_AT: usize = 4 + 8 + 8;
+    let three = valid[2].1.encode();
+    let count_at = DOMAIN_LEN_AT + 1 + usize::from(three[DOMAIN_LEN_AT]);
+    let first_entry = count_at + 4;
+    let bad = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = three.clone();
+        f(&mut b);
+        assert!(Crl::decode(&b).is_err(), "{name} decodes");
+        write(dir, name, &b);
+    };
+    bad("empty", &|b| b.clear());
+    bad("magic-only", &|b| b.truncate(3));
+    bad("truncated-in-count", &|b| b.truncate(count_at + 2));
+    bad("truncated-in-entries", &|b| b.truncate(first_entry + 20));
+    bad("truncated-signature", &|b| {
+        b.pop();
+    });
+    bad("trailing-byte", &|b| b.push(0));
+    bad("wrong-magic", &|b| b[0] = b'X');
+    bad("certificate-magic", &|b| b[..3].copy_from_slice(b"SDC"));
+    bad("format-0", &|b| b[FORMAT_AT] = 0);
+    bad("format-2", &|b| b[FORMAT_AT] = 2);
+    bad("unsorted-entries", &|b| {
+        b[first_entry..first_entry + 32].rotate_left(16)
+    });
+    bad("repeated-entry", &|b| {
+        let first: [u8; 16] = b[first_entry..first_entry + 16].try_into().unwrap();
+        b[first_entry + 16..first_entry + 32].copy_from_slice(&first);
+    });
+    bad("count-one-more", &|b| {
+        b[count_at..first_entry].copy_from_slice(&4u32.to_be_bytes())
+    });
+    bad("count-one-less", &|b| {
+        b[count_at..first_entry].copy_from_slice(&2u32.to_be_bytes())
+    });
+    bad("count-over-limit", &|b| {
+        b[count_at..first_entry].copy_from_slice(&(CRL_ENTRIES_MAX as u32 + 1).to_be_bytes())
+    });
+    bad("count-u32-max", &|b| {
+        b[count_at..first_entry].copy_from_slice(&u32::MAX.to_be_bytes())
+    });
+    bad("count-at-limit-without-entries", &|b| {
+        b[count_at..first_entry].copy_from_slice(&(CRL_ENTRIES_MAX as u32).to_be_bytes())
+    });
+    bad("upper-case-domain", &|b| b[DOMAIN_LEN_AT + 1] = b'E');
+    bad("empty-domain", &|b| {
+        b.drain(DOMAIN_LEN_AT + 1..count_at);
+        b[DOMAIN_LEN_AT] = 0;
+    });
+    bad("domain-length-past-end", &|b| b[DOMAIN_LEN_AT] = 0xff);
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let corpus = PathBuf::from(args.next().unwrap_or_else(|| "corpus".into()));
     let scenarios = PathBuf::from(args.next().unwrap_or_else(|| "scenarios".into()));
+    // Target names to write; none means all of them.
+    let only: Vec<String> = args.collect();
+    // The corpus directory of `name`, or `None` if it was not selected.
     let dir = |name: &str| {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            return None;
+        }
         let d = corpus.join(name);
         fs::create_dir_all(&d).expect("create corpus dir");
-        d
+        Some(d)
     };
 
-    // Every opcode whose payload is defined must have a seed: fail loudly when one is added.
+    // Every opcode whose payload is defined must have a seed: fail loudly when one is added
+    // (checked when a wire corpus is written).
+    let wire_selected = only.is_empty()
+        || only
+            .iter()
+            .any(|o| ["frame_decode", "payload_decode", "stream_decode"].contains(&o.as_str()));
     let seeded: Vec<Opcode> = payloads().iter().map(|(_, p)| p.opcode()).collect();
-    for &opcode in Opcode::ALL {
+    for &opcode in Opcode::ALL.iter().filter(|_| wire_selected) {
         let defined = !matches!(
             Payload::decode(opcode, &[0xa0]),
             Err(WireError::PayloadNotDefined(_))
@@ -445,21 +784,26 @@ fn main() {
     write(&stream_dir, "max-length-header-waits", &b);
 
     // ---- scenario_parse
-    let scenario_dir = dir("scenario_parse");
-    let mut copied = 0;
-    for entry in fs::read_dir(&scenarios).expect("read scenarios dir") {
-        let path = entry.expect("dir entry").path();
-        if path.extension().is_some_and(|e| e == "sund") {
-            let name = path
-                .file_name()
-                .expect("file name")
-                .to_string_lossy()
-                .into_owned();
-            fs::copy(&path, scenario_dir.join(format!("seed-{name}"))).expect("copy scenario");
-            copied += 1;
+    if let Some(scenario_dir) = dir("scenario_parse") {
+        let mut copied = 0;
+        for entry in fs::read_dir(&scenarios).expect("read scenarios dir") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().is_some_and(|e| e == "sund") {
+                let name = path
+                    .file_name()
+                    .expect("file name")
+                    .to_string_lossy()
+                    .into_owned();
+                fs::copy(&path, scenario_dir.join(format!("seed-{name}"))).expect("copy scenario");
+                copied += 1;
+            }
         }
+        assert!(copied > 0, "no .sund files in {}", scenarios.display());
     }
-    assert!(copied > 0, "no .sund files in {}", scenarios.display());
+
+    // ---- certificate_decode, crl_decode
+    certificate_seeds(&dir("certificate_decode"));
+    crl_seeds(&dir("crl_decode"));
 
     dir("gateway_inputs");
     eprintln!("seeds written under {}", corpus.display());

@@ -1,0 +1,67 @@
+// Checks for the trust fuzz targets, shared by `fuzz/fuzz_targets/{certificate,crl}_decode.rs`
+// and `model/tests/corpus_replay.rs` through `include!`, so the committed corpora are replayed by
+// `cargo test` with exactly the checks the fuzzer ran. Plain (non-doc) comments only: this file is
+// spliced into other files. It names the model crate by path only (`sund_model::...`).
+//
+// Both encodings are canonical (they are signed byte for byte), so whatever decodes must
+// re-encode to exactly the input, and decoding that gives the same value back.
+
+/// `certificate_decode`: arbitrary bytes to `DeviceCertificate::decode`.
+#[allow(dead_code)]
+pub fn check_certificate_decode(data: &[u8]) {
+    use sund_model::trust::DeviceCertificate;
+    match DeviceCertificate::decode(data) {
+        Ok(cert) => {
+            let encoded = cert.encode();
+            assert_eq!(
+                encoded, data,
+                "certificate encoding is not canonical: {cert:?}"
+            );
+            let again = DeviceCertificate::decode(&encoded).unwrap_or_else(|e| {
+                panic!("re-encoded certificate does not decode: {e}; certificate {cert:?}")
+            });
+            assert_eq!(again, cert, "certificate changed in a round trip");
+            assert!(
+                cert.not_before_s < cert.not_after_s,
+                "empty validity period decoded"
+            );
+            assert!(
+                sund_model::trust::valid_domain(&cert.domain),
+                "invalid domain decoded"
+            );
+            let _ = cert.device();
+        }
+        Err(error) => {
+            let _ = error.to_string();
+        }
+    }
+}
+
+/// `crl_decode`: arbitrary bytes to `Crl::decode`.
+#[allow(dead_code)]
+pub fn check_crl_decode(data: &[u8]) {
+    use sund_model::trust::{Crl, CRL_ENTRIES_MAX};
+    match Crl::decode(data) {
+        Ok(crl) => {
+            let encoded = crl.encode();
+            assert_eq!(encoded, data, "CRL encoding is not canonical: {crl:?}");
+            let again = Crl::decode(&encoded)
+                .unwrap_or_else(|e| panic!("re-encoded CRL does not decode: {e}; CRL {crl:?}"));
+            assert_eq!(again, crl, "CRL changed in a round trip");
+            assert!(
+                crl.revoked.len() <= CRL_ENTRIES_MAX,
+                "more entries decoded than a CRL may hold"
+            );
+            assert!(
+                sund_model::trust::valid_domain(&crl.domain),
+                "invalid domain decoded"
+            );
+            for &device in &crl.revoked {
+                assert!(crl.check(device).is_err(), "a listed device is not revoked");
+            }
+        }
+        Err(error) => {
+            let _ = error.to_string();
+        }
+    }
+}
