@@ -21,7 +21,10 @@ struct Counter(u64);
 impl Entropy for Counter {
     fn fill_bytes(&mut self, dest: &mut [u8]) {
         for chunk in dest.chunks_mut(8) {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let bytes = self.0.to_le_bytes();
             chunk.copy_from_slice(&bytes[..chunk.len()]);
         }
@@ -36,14 +39,30 @@ fn authority(revoked: usize, device: &DeviceKey) -> (RegistrationAuthority, Vec<
     let mut ra = RegistrationAuthority::create("example.org", NOW, &mut Counter(1), &mut writes);
     let proof = device.sign(&register_message(&[0; 16], &device.public(), UserId(1)));
     let cert = ra
-        .register(NOW, device.public(), UserId(1), [0; 16], &proof, true, &mut writes)
+        .register(
+            NOW,
+            device.public(),
+            UserId(1),
+            [0; 16],
+            &proof,
+            true,
+            &mut writes,
+        )
         .unwrap();
     let mut victims = BTreeSet::new();
     for i in 0..revoked {
         let key = DeviceKey::from_seed((i as u64 + 10).to_le_bytes().repeat(4).try_into().unwrap());
         let proof = key.sign(&register_message(&[0; 16], &key.public(), UserId(2)));
-        ra.register(NOW, key.public(), UserId(2), [0; 16], &proof, true, &mut writes)
-            .unwrap();
+        ra.register(
+            NOW,
+            key.public(),
+            UserId(2),
+            [0; 16],
+            &proof,
+            true,
+            &mut writes,
+        )
+        .unwrap();
         victims.insert(key.device_id());
     }
     for v in victims {
