@@ -504,7 +504,7 @@ impl Node {
             None => None,
         };
         let trust = TrustHolder::recover(store)?;
-        Ok(Node {
+        let mut node = Node {
             resume_token,
             trust,
             heartbeat_interval: config.heartbeat_interval,
@@ -526,7 +526,9 @@ impl Node {
             mls,
             groups,
             stats: NodeStats::default(),
-        })
+        };
+        node.bind_mls_to_trust();
+        Ok(node)
     }
 
     // ---- getters ----
@@ -839,6 +841,7 @@ impl Node {
             .map(|cert| cert.serial);
         match accepted {
             Ok(serial) => {
+                self.bind_mls_to_trust();
                 self.outputs
                     .push(NodeOutput::Event(NodeEvent::Registered { serial }));
                 self.send_hello(conn);
@@ -858,6 +861,7 @@ impl Node {
     fn on_crl(&mut self, now: Instant, crl: &[u8]) {
         match self.trust.accept_crl(crl, &mut self.writes) {
             Ok(true) => {
+                self.bind_mls_to_trust();
                 let version = self.trust.crl_version();
                 self.outputs
                     .push(NodeOutput::Event(NodeEvent::CrlUpdated { version }));
@@ -869,6 +873,20 @@ impl Node {
             Err(e) => self.outputs.push(NodeOutput::Event(NodeEvent::CrlRefused {
                 reason: e.to_string(),
             })),
+        }
+    }
+
+    /// Gives the MLS layer this device's certificate (its credential binding) and the root and
+    /// CRL other members' credentials are checked against.
+    fn bind_mls_to_trust(&mut self) {
+        let Some(mls) = &mut self.mls else {
+            return;
+        };
+        if let Some(cert) = self.trust.certificate() {
+            mls.bind_certificate(&self.config.key, cert);
+        }
+        if let Some(root) = self.trust.root() {
+            mls.set_trust(root.clone(), self.trust.crl().cloned());
         }
     }
 

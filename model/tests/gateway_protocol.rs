@@ -1021,7 +1021,7 @@ fn key_packages(device: DeviceId, n: usize, last_resort: bool) -> KeyPackageUplo
     let (packages, last) = key_packages::generate(
         &provider,
         &signer,
-        device,
+        &device.to_bytes(),
         LifetimePolicy::Unbounded,
         Instant(0),
         n,

@@ -152,7 +152,7 @@ fn real_key_packages(d: u8) -> &'static DevicePackages {
                 let (packages, last) = key_packages::generate(
                     &provider,
                     &signer,
-                    device(d),
+                    &device(d).to_bytes(),
                     LifetimePolicy::Unbounded,
                     Instant(0),
                     CACHED_PACKAGES,

@@ -181,7 +181,7 @@ mod tests {
         let (packages, _) = generate(
             &m.provider,
             &m.signer,
-            m.device,
+            &m.device.to_bytes(),
             LifetimePolicy::Unbounded,
             Instant(0),
             1,
@@ -204,7 +204,7 @@ mod tests {
                 &alice.provider,
                 &alice.signer,
                 &config,
-                credential_with_key(alice.device, &alice.signer),
+                credential_with_key(&alice.device.to_bytes(), &alice.signer),
             )
             .unwrap();
             a.self_update(
@@ -235,7 +235,7 @@ mod tests {
             &alice.provider,
             &alice.signer,
             &config,
-            credential_with_key(alice.device, &alice.signer),
+            credential_with_key(&alice.device.to_bytes(), &alice.signer),
         )
         .unwrap();
         let (add, welcome, _) = a

@@ -15,8 +15,11 @@ use openmls_traits::OpenMlsProvider as _;
 use super::key_packages::{self, KeyPackageError};
 use super::{LifetimePolicy, MlsProvider, MlsStorage, Randomness};
 use crate::env::{Entropy, StoreError, StoreRead, Table, WriteBatch};
-use crate::ids::DeviceId;
+use crate::identity::DeviceKey;
+use crate::ids::{DeviceId, UserId};
 use crate::time::Instant;
+use crate::trust::credential::{credential_identity, verify_identity};
+use crate::trust::{Crl, DeviceCertificate, TrustRoot};
 
 /// Key of the signing key's public half in the node's session table.
 pub const SIGNER_KEY: &[u8] = b"mls_signer";
@@ -86,6 +89,12 @@ pub struct DeviceMls {
     provider: MlsProvider,
     signer: SignatureKeyPair,
     upload_pending: bool,
+    /// The credential identity (see `trust::credential`): the device id alone until the device
+    /// has a certificate.
+    identity: Vec<u8>,
+    /// The trust root and CRL members' credentials are checked against (`None`: no root pinned
+    /// yet, nothing can be checked).
+    trust: Option<(TrustRoot, Option<Crl>)>,
 }
 
 impl core::fmt::Debug for DeviceMls {
@@ -147,7 +156,39 @@ impl DeviceMls {
             provider,
             signer,
             upload_pending: false,
+            identity: device.to_bytes().to_vec(),
+            trust: None,
         })
+    }
+
+    /// Binds this device's MLS credential to its certificate: KeyPackages and groups made from
+    /// now on carry the binding.
+    pub fn bind_certificate(&mut self, key: &DeviceKey, certificate: &DeviceCertificate) {
+        self.identity = credential_identity(key, certificate, self.signer.public());
+    }
+
+    /// The root and CRL the credentials of other members are checked against.
+    pub fn set_trust(&mut self, root: TrustRoot, crl: Option<Crl>) {
+        self.trust = Some((root, crl));
+    }
+
+    /// This device's credential identity.
+    pub fn identity(&self) -> &[u8] {
+        &self.identity
+    }
+
+    /// Checks another member's credential identity and MLS signature key: `Ok(Some(user))` for
+    /// a certified, unrevoked device bound to that key, `Ok(None)` if this device has no root
+    /// to check against yet.
+    pub fn verify_member(
+        &self,
+        identity: &[u8],
+        signature_key: &[u8],
+    ) -> Result<Option<UserId>, String> {
+        let Some((root, crl)) = &self.trust else {
+            return Ok(None);
+        };
+        verify_identity(identity, signature_key, root, crl.as_ref()).map(|(_, u)| Some(u))
     }
 
     /// The provider (for MLS operations).
@@ -198,7 +239,7 @@ impl DeviceMls {
         let result = key_packages::generate(
             &self.provider,
             &self.signer,
-            self.device,
+            &self.identity,
             self.config.lifetime,
             now,
             missing,

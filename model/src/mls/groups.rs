@@ -37,6 +37,7 @@ use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::groups::{AddedDevice, GroupKind, GroupOps, Role, RoleChange};
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
+use crate::trust::credential::device_of_identity;
 use crate::wire::payload::{FetchedKeyPackage, RosterEntry, Welcome, FETCH_USERS_MAX};
 
 /// How long a proposed removal may wait per rank before the next member commits it (see
@@ -345,8 +346,19 @@ fn devices_by_leaf(group: &MlsGroup) -> BTreeMap<LeafNodeIndex, DeviceId> {
 
 fn device_of(member_credential: &Credential) -> Option<DeviceId> {
     let basic = BasicCredential::try_from(member_credential.clone()).ok()?;
-    let id: [u8; 16] = basic.identity().try_into().ok()?;
-    Some(DeviceId::from_bytes(id))
+    device_of_identity(basic.identity())
+}
+
+/// Checks the certificate binding of a device's leaf (see `trust::credential`): its user, or
+/// `None` if this device cannot check yet (no trust root pinned).
+fn verify_leaf(
+    mls: &DeviceMls,
+    credential: &Credential,
+    signature_key: &[u8],
+) -> Result<Option<UserId>, String> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| "a credential that is not a basic credential".to_string())?;
+    mls.verify_member(basic.identity(), signature_key)
 }
 
 impl DeviceGroups {
@@ -767,7 +779,7 @@ impl DeviceGroups {
                 signer,
                 &config,
                 group_id(conv),
-                credential_with_key(self.device, signer),
+                credential_with_key(mls.identity(), signer),
             )
             .map_err(mls_error)?;
             self.groups.insert(conv, group);
@@ -804,19 +816,22 @@ impl DeviceGroups {
                     else {
                         continue; // a bad package leaves its device out, not the others
                     };
-                    if package
-                        .leaf_node()
-                        .credential()
-                        .clone()
-                        .try_into()
-                        .ok()
-                        .and_then(|c: BasicCredential| <[u8; 16]>::try_from(c.identity()).ok())
-                        != Some(device.to_bytes())
-                    {
+                    let leaf_node = package.leaf_node();
+                    if device_of(leaf_node.credential()) != Some(device) {
                         continue;
                     }
-                    let leaf = free.next().expect("an endless supply of leaves");
                     let user = UserId::from_bytes(*fetched.user);
+                    // The package must be certified for the user the gateway says it is of.
+                    match verify_leaf(
+                        mls,
+                        leaf_node.credential(),
+                        leaf_node.signature_key().as_slice(),
+                    ) {
+                        Ok(None) => {}
+                        Ok(Some(certified)) if certified == user => {}
+                        Ok(Some(_)) | Err(_) => continue,
+                    }
+                    let leaf = free.next().expect("an endless supply of leaves");
                     ops.added.push(AddedDevice::new(device, user, leaf));
                     packages.push(package);
                 }
@@ -1160,6 +1175,19 @@ impl DeviceGroups {
                 return Err(e);
             }
         };
+        // Every member of the group joined must be certified and bound to its MLS key.
+        let uncertified = group.members().find_map(|m| {
+            verify_leaf(mls, &m.credential, m.signature_key.as_slice())
+                .err()
+                .map(|e| (m.index, e))
+        });
+        if let Some((leaf, reason)) = uncertified {
+            provider.discard_writes();
+            return Err(GroupError::Mls(format!(
+                "the group's member at leaf {} fails its certificate check: {reason}",
+                leaf.u32()
+            )));
+        }
         provider.take_writes(writes);
         self.groups.insert(conv, group);
         let intents = self
@@ -1282,6 +1310,28 @@ impl DeviceGroups {
                     .collect();
                 let declared_added: BTreeSet<DeviceId> =
                     ops.added_devices().map(|(d, _)| d).collect();
+                // Every device added must be certified, bound to its MLS key, unrevoked, and of
+                // the user the commit declares.
+                let declared_users: BTreeMap<DeviceId, UserId> = ops.added_devices().collect();
+                for p in staged.add_proposals() {
+                    let leaf = p.add_proposal().key_package().leaf_node();
+                    let device = device_of(leaf.credential());
+                    let checked =
+                        verify_leaf(mls, leaf.credential(), leaf.signature_key().as_slice());
+                    let refusal = match (device, checked) {
+                        (_, Err(e)) => Some(e),
+                        (Some(d), Ok(Some(user))) if declared_users.get(&d) != Some(&user) => {
+                            Some(format!("{d} is certified for another user than declared"))
+                        }
+                        _ => None,
+                    };
+                    if let Some(reason) = refusal {
+                        provider.discard_writes();
+                        return Processed::Failed(format!(
+                            "a commit by {sender} adds a device that fails its certificate check: {reason}"
+                        ));
+                    }
+                }
                 let declared_removed: BTreeSet<DeviceId> = ops.removed_devices().collect();
                 if added != declared_added || removed != declared_removed {
                     provider.discard_writes();

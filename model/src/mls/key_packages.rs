@@ -1,8 +1,9 @@
 //! KeyPackages of Sund devices: how a device makes them and how the gateway checks them.
 //!
-//! A device's MLS credential is a basic credential whose identity is its 16-byte device id, so
-//! the gateway can check that an uploaded package belongs to the device that uploads it (device
-//! certificates replace this with the trust issue).
+//! A device's MLS credential is a basic credential whose identity starts with its 16-byte device
+//! id, so the gateway can check that an uploaded package belongs to the device that uploads it;
+//! the rest binds the credential to the device's certificate (`trust::credential`), which
+//! members check.
 
 use bytes::Bytes;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -18,15 +19,16 @@ use crate::directory::PackageKind;
 use crate::ids::DeviceId;
 use crate::time::Instant;
 
-/// The MLS credential of `device`: a basic credential naming its device id.
-pub fn credential_for(device: DeviceId) -> Credential {
-    BasicCredential::new(device.to_bytes().to_vec()).into()
+/// A device's MLS credential: a basic credential with the device's credential identity (its
+/// device id, then its certificate binding when it has one; see `trust::credential`).
+pub fn credential_for(identity: &[u8]) -> Credential {
+    BasicCredential::new(identity.to_vec()).into()
 }
 
-/// The credential and signature key `device` uses in every group.
-pub fn credential_with_key(device: DeviceId, signer: &SignatureKeyPair) -> CredentialWithKey {
+/// The credential and signature key a device uses in every group.
+pub fn credential_with_key(identity: &[u8], signer: &SignatureKeyPair) -> CredentialWithKey {
     CredentialWithKey {
-        credential: credential_for(device),
+        credential: credential_for(identity),
         signature_key: signer.public().into(),
     }
 }
@@ -41,7 +43,7 @@ pub struct KeyPackageError(String);
 pub fn generate(
     provider: &MlsProvider,
     signer: &SignatureKeyPair,
-    device: DeviceId,
+    identity: &[u8],
     policy: LifetimePolicy,
     now: Instant,
     count: usize,
@@ -59,7 +61,7 @@ pub fn generate(
                 CIPHERSUITE,
                 provider,
                 signer,
-                credential_with_key(device, signer),
+                credential_with_key(identity, signer),
             )
             .map_err(|e| KeyPackageError(e.to_string()))?;
         let bytes = bundle
@@ -97,7 +99,7 @@ pub fn check(
     }
     let credential = BasicCredential::try_from(package.leaf_node().credential().clone())
         .map_err(|_| "the credential is not a basic credential".to_string())?;
-    if credential.identity() != uploader.to_bytes().as_slice() {
+    if crate::trust::credential::device_of_identity(credential.identity()) != Some(uploader) {
         return Err("the credential names another device".to_string());
     }
     Ok(if package.last_resort() {
@@ -143,7 +145,7 @@ mod tests {
         let (packages, last) = generate(
             &p,
             &signer,
-            DeviceId(5),
+            &DeviceId(5).to_bytes(),
             LifetimePolicy::Unbounded,
             Instant(0),
             2,
@@ -173,7 +175,7 @@ mod tests {
         let (packages, _) = generate(
             &p,
             &signer,
-            DeviceId(5),
+            &DeviceId(5).to_bytes(),
             LifetimePolicy::Unbounded,
             Instant(0),
             1,
@@ -203,7 +205,7 @@ mod tests {
         let (packages, _) = generate(
             &p,
             &signer,
-            DeviceId(5),
+            &DeviceId(5).to_bytes(),
             policy,
             Instant(1_000_000_000_000_000),
             1,

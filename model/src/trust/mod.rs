@@ -15,6 +15,7 @@
 mod authority;
 mod certificate;
 mod codec;
+pub mod credential;
 mod crl;
 pub mod handshake;
 mod holder;
