@@ -402,6 +402,21 @@ pub fn scan_all(
     result
 }
 
+/// Entropy for unit tests: a byte counter starting after the given byte, so that each test's
+/// keys and nonces are fixed and distinct streams differ by their start.
+#[cfg(test)]
+pub(crate) struct CountingEntropy(pub u8);
+
+#[cfg(test)]
+impl Entropy for CountingEntropy {
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for b in dest {
+            self.0 = self.0.wrapping_add(1);
+            *b = self.0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,33 @@ fn start_gateway_with(data: &Path, port: u16, extra: &[&str]) -> Child {
         .expect("sund-gateway starts")
 }
 
+/// `sund init` of a device in `dir` for the gateway at `addr` (certificate file `cert`), with a
+/// user and an enrolment token if given; what it printed.
+fn init_device(
+    dir: &str,
+    addr: &str,
+    cert: &str,
+    user: Option<&str>,
+    token: Option<&str>,
+) -> String {
+    let mut args = vec![
+        "init",
+        "--data-dir",
+        dir,
+        "--gateway",
+        addr,
+        "--gateway-cert",
+        cert,
+    ];
+    if let Some(user) = user {
+        args.extend(["--user", user]);
+    }
+    if let Some(token) = token {
+        args.extend(["--token", token]);
+    }
+    run(&sund(), &args)
+}
+
 /// A one-time enrolment token for a device of `user`, from the stopped gateway's database.
 fn enrol(gateway_dir: &str, user: &str) -> String {
     run(
@@ -116,39 +143,9 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
     let b_dir = tmp.path().join("b");
     let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
     let token_a = enrol(gw, "a");
-    let key_a = device_key(&run(
-        &sund(),
-        &[
-            "init",
-            "--data-dir",
-            a,
-            "--gateway",
-            &addr,
-            "--gateway-cert",
-            cert,
-            "--user",
-            "a",
-            "--token",
-            &token_a,
-        ],
-    ));
+    let key_a = device_key(&init_device(a, &addr, cert, Some("a"), Some(&token_a)));
     let token_b = enrol(gw, "b");
-    let key_b = device_key(&run(
-        &sund(),
-        &[
-            "init",
-            "--data-dir",
-            b,
-            "--gateway",
-            &addr,
-            "--gateway-cert",
-            cert,
-            "--user",
-            "b",
-            "--token",
-            &token_b,
-        ],
-    ));
+    let key_b = device_key(&init_device(b, &addr, cert, Some("b"), Some(&token_b)));
     run(
         &gateway_binary(),
         &[
@@ -259,18 +256,7 @@ fn a_device_the_gateway_does_not_know_is_refused_with_a_useful_error() {
     let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
     let addr = format!("127.0.0.1:{port}");
     let d = tmp.path().join("stranger");
-    run(
-        &sund(),
-        &[
-            "init",
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--gateway",
-            &addr,
-            "--gateway-cert",
-            cert.trim(),
-        ],
-    );
+    init_device(d.to_str().unwrap(), &addr, cert.trim(), None, None);
     let _gateway = Guard(start_gateway(&gw_dir, port));
     let out = Command::new(sund())
         .args(["send", "--data-dir", d.to_str().unwrap(), "room", "hello?"])
@@ -296,21 +282,12 @@ fn an_enrolment_token_enrols_one_device_and_a_revoked_device_is_refused() {
     let token = enrol(gw, "alice");
     let init = |name: &str| {
         let d = tmp.path().join(name);
-        run(
-            &sund(),
-            &[
-                "init",
-                "--data-dir",
-                d.to_str().unwrap(),
-                "--gateway",
-                &addr,
-                "--gateway-cert",
-                cert.trim(),
-                "--user",
-                "alice",
-                "--token",
-                &token,
-            ],
+        init_device(
+            d.to_str().unwrap(),
+            &addr,
+            cert.trim(),
+            Some("alice"),
+            Some(&token),
         );
         d
     };
@@ -368,21 +345,12 @@ fn a_message_to_a_conversation_nobody_created_says_how_to_create_it() {
     let addr = format!("127.0.0.1:{port}");
     let d = tmp.path().join("alice");
     let token = enrol(gw, "alice");
-    let init = run(
-        &sund(),
-        &[
-            "init",
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--gateway",
-            &addr,
-            "--gateway-cert",
-            cert.trim(),
-            "--user",
-            "alice",
-            "--token",
-            &token,
-        ],
+    let init = init_device(
+        d.to_str().unwrap(),
+        &addr,
+        cert.trim(),
+        Some("alice"),
+        Some(&token),
     );
     let _ = device_key(&init);
     let _gateway = Guard(start_gateway(&gw_dir, port));
@@ -431,18 +399,7 @@ fn an_encrypted_dm_between_real_binaries_leaves_only_ciphertext_at_the_gateway()
     let b_dir = tmp.path().join("bob");
     let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
     for (dir, user) in [(a, "alice"), (b, "bob")] {
-        let init = [
-            "init",
-            "--data-dir",
-            dir,
-            "--gateway",
-            &addr,
-            "--gateway-cert",
-            cert,
-            "--user",
-            user,
-        ];
-        run(&sund(), &init);
+        init_device(dir, &addr, cert, Some(user), None);
     }
     let gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
     // Bob follows; his node connects and uploads KeyPackages.

@@ -485,17 +485,8 @@ impl RegistrationAuthority {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::CountingEntropy as Counter;
     use crate::env::{MemStore, Store};
-
-    struct Counter(u8);
-    impl Entropy for Counter {
-        fn fill_bytes(&mut self, dest: &mut [u8]) {
-            for b in dest {
-                self.0 = self.0.wrapping_add(1);
-                *b = self.0;
-            }
-        }
-    }
 
     const NOW: Instant = Instant(1_700_000_000_000_000);
 
