@@ -34,6 +34,7 @@ use crate::sequencer::{
     SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
 };
 use crate::time::Instant;
+use crate::trust::pairing::vouch_message;
 use crate::trust::{
     CertificateError, EnrolmentToken, RegistrationAuthority, RegistrationError, TrustRoot,
 };
@@ -45,6 +46,7 @@ use crate::wire::payload::{
 use crate::wire::payload::{
     Certificate as CertificatePayload, Crl as CrlPayload, TrustRoot as TrustRootPayload,
 };
+use crate::wire::payload::{DeviceLinked, PairVouch, PairVouched};
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
 /// Table of resume tokens: key `token(32)`, value `device(16) ++ expires_at(8)`.
@@ -289,6 +291,10 @@ pub struct GatewayStats {
     pub registrations_refused: u64,
     /// Devices revoked.
     pub revocations: u64,
+    /// Devices registered with a pairing code another device vouched for.
+    pub pairings: u64,
+    /// Pairing vouches refused (signature, expiry, secret in use).
+    pub pairings_refused: u64,
     /// CRL frames sent (answers and pushes).
     pub crls_sent: u64,
     /// KeyPackages accepted into pools.
@@ -854,6 +860,9 @@ impl Gateway {
             }
             (Some(_), Payload::ReplayRequest(request)) => {
                 self.rewind(now, conn, routing.conversation, Some(request.from_seq))
+            }
+            (Some(device), Payload::PairVouch(vouch)) => {
+                self.accept_vouch(now, conn, device, vouch)
             }
             (Some(device), Payload::KeyPackageUpload(upload)) => {
                 self.upload_key_packages(conn, device, upload)
@@ -1958,16 +1967,78 @@ impl Gateway {
         match result {
             Ok(cert) => {
                 self.stats.registrations += 1;
-                let root_key = self.authority(now).root().key.0;
+                let authority = self.authority(now);
+                let root_key = authority.root().key.0;
+                let voucher = authority.voucher_certificate(&register.token).cloned();
                 let answer = CertificatePayload {
                     certificate: cert.encode().into(),
                     root_key,
+                    voucher: voucher.as_ref().map(|v| v.encode().into()),
                 };
                 self.send(conn, Routing::default(), Payload::Certificate(answer));
+                if let Some(voucher) = voucher {
+                    self.stats.pairings += 1;
+                    if let Some(voucher_conn) = self.online.get(&voucher.device()).copied() {
+                        let linked = DeviceLinked {
+                            certificate: cert.encode().into(),
+                        };
+                        self.send(
+                            voucher_conn,
+                            Routing::default(),
+                            Payload::DeviceLinked(linked),
+                        );
+                    }
+                }
             }
             Err(e) => {
                 self.stats.registrations_refused += 1;
                 self.goodbye(conn, registration_error_code(&e), &e.to_string());
+            }
+        }
+    }
+
+    /// A device vouches for a pairing code: checked against its certified key, then kept by the
+    /// authority until the new device registers with it or it expires.
+    fn accept_vouch(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        vouch: PairVouch,
+    ) {
+        let authority = self.authority(now);
+        let Some(voucher) = authority.certificate_of(device).cloned() else {
+            self.error(
+                conn,
+                ErrorCode::PairingRefused,
+                "this device has no certificate from this gateway",
+                None,
+            );
+            return;
+        };
+        let message = vouch_message(voucher.user, &vouch.secret, vouch.expires);
+        if !voucher.device_key.verify(&message, &vouch.signature) {
+            self.stats.pairings_refused += 1;
+            self.error(
+                conn,
+                ErrorCode::PairingRefused,
+                "the vouch's signature does not verify against this device's key",
+                None,
+            );
+            return;
+        }
+        let expires = Instant(vouch.expires.saturating_mul(1_000_000));
+        let authority = self.authority.as_mut().expect("created above");
+        match authority.accept_vouch(now, device, vouch.secret, expires, &mut self.writes) {
+            Ok(_) => {
+                let answer = PairVouched {
+                    secret: vouch.secret,
+                };
+                self.send(conn, Routing::default(), Payload::PairVouched(answer));
+            }
+            Err(e) => {
+                self.stats.pairings_refused += 1;
+                self.error(conn, ErrorCode::PairingRefused, &e.to_string(), None);
             }
         }
     }
@@ -2070,6 +2141,8 @@ fn registration_error_code(error: &RegistrationError) -> ErrorCode {
         RegistrationError::Revoked(_) => ErrorCode::DeviceRevoked,
         RegistrationError::BoundToAnotherUser { .. } => ErrorCode::UserMismatch,
         RegistrationError::CrlFull | RegistrationError::UnknownDevice(_) => ErrorCode::Forbidden,
+        RegistrationError::VoucherRevoked(_) => ErrorCode::EnrolmentTokenInvalid,
+        RegistrationError::SecretTaken => ErrorCode::PairingRefused,
     }
 }
 

@@ -26,18 +26,21 @@ use bytes::Bytes;
 
 use crate::env::{Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
 use crate::groups::{GroupKind, Role};
-use crate::identity::{session_proof_message, DeviceKey};
+use crate::identity::{session_proof_message, DeviceKey, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::{DeviceMls, DeviceMlsConfig};
 use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent, Processed};
 use crate::time::Instant;
 use crate::trust::handshake::PeerIdentity;
-use crate::trust::{register_message, EnrolmentToken, TrustHolder};
+use crate::trust::pairing::{confirm_voucher, vouch_message, PAIRING_TTL};
+use crate::trust::{
+    register_message, DeviceCertificate, EnrolmentToken, PendingVouch, TrustHolder, TrustRoot,
+};
 use crate::wire::payload::Certificate as CertificatePayload;
 use crate::wire::payload::{
     Ack, CrlFetch, Cursor, ErrorCode, FetchedKeyPackage, Goodbye, Heartbeat, Hello,
-    KeyPackageCount, KeyPackageFetch, KeyPackageUpload, Leave, Proof, Register, ReplayRequest,
-    Send, CURSORS_LEN_MAX,
+    KeyPackageCount, KeyPackageFetch, KeyPackageUpload, Leave, PairVouch, Proof, Register,
+    ReplayRequest, Send, CURSORS_LEN_MAX,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -88,6 +91,10 @@ pub struct NodeConfig {
     /// The one-time enrolment token this device registers with when it has no certificate
     /// (`None`: register without one, which only a gateway with open enrolment accepts).
     pub enrolment: Option<EnrolmentToken>,
+    /// For a device set up from a pairing code: the fingerprint (first 16 bytes of the key) of
+    /// the device that showed it. Trusted on first use; the device takes its certificate only
+    /// if the gateway names that device as the voucher (see `trust::pairing`).
+    pub pairing_voucher: Option<[u8; 16]>,
 }
 
 impl NodeConfig {
@@ -109,6 +116,7 @@ impl NodeConfig {
             user: None,
             mls: None,
             enrolment: None,
+            pairing_voucher: None,
         }
     }
 
@@ -117,6 +125,22 @@ impl NodeConfig {
     /// device's id.
     pub fn certificate_user(&self) -> UserId {
         self.user.unwrap_or(UserId(self.device.0))
+    }
+}
+
+/// A pairing code's secret and expiry, as [`Node::offer_pairing`] made them; the application
+/// adds the gateway's address and the user's name to show a `trust::pairing::PairingCode`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PairingOffer {
+    /// The one-time secret.
+    pub secret: [u8; 16],
+    /// Unix seconds after which the gateway refuses it.
+    pub expires: u64,
+}
+
+impl core::fmt::Debug for PairingOffer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PairingOffer(expires {})", self.expires)
     }
 }
 
@@ -216,6 +240,27 @@ pub enum NodeEvent {
     },
     /// This device is revoked: it disconnected and will not connect again.
     Revoked,
+    /// This device registered with a pairing code, and the gateway confirmed that the device
+    /// which showed the code vouched for it.
+    Paired {
+        /// The vouching device.
+        voucher: DeviceId,
+    },
+    /// The gateway holds this device's vouch for its pairing code: the code works now.
+    PairingReady {
+        /// Unix seconds after which the code is refused.
+        expires: u64,
+    },
+    /// The gateway refused this device's vouch for its pairing code (or it expired unsent).
+    PairingRefused {
+        /// Why.
+        reason: String,
+    },
+    /// A new device of this user registered with this device's pairing code.
+    DeviceLinked {
+        /// The new device.
+        device: DeviceId,
+    },
     /// A commit at `seq` moved a group to `epoch` (ours once it came back sequenced, or
     /// another member's once processed).
     GroupChanged {
@@ -826,8 +871,38 @@ impl Node {
         self.send_frame(conn, routing, Payload::Register(register));
     }
 
-    /// The gateway issued our certificate: keep it and open the session.
+    /// The gateway issued our certificate: keep it and open the session. A paired device first
+    /// checks that the gateway names the device whose code it took as the voucher.
     fn on_certificate(&mut self, now: Instant, conn: ConnectionId, answer: CertificatePayload) {
+        let mut voucher = None;
+        if let Some(fingerprint) = self.config.pairing_voucher {
+            let root = DeviceCertificate::decode(&answer.certificate).map(|cert| TrustRoot {
+                key: DevicePublicKey(answer.root_key),
+                domain: cert.domain,
+            });
+            let confirmed = match root {
+                Ok(root) => confirm_voucher(
+                    &fingerprint,
+                    self.config.certificate_user(),
+                    &root,
+                    answer.voucher.as_deref().map(|v| &v[..]),
+                )
+                .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match confirmed {
+                Ok(cert) => voucher = Some(cert),
+                Err(message) => {
+                    self.outputs.push(NodeOutput::Event(NodeEvent::Refused {
+                        code: ErrorCode::CertificateInvalid,
+                        message,
+                    }));
+                    self.outputs.push(NodeOutput::Close(conn));
+                    self.schedule_reconnect(now);
+                    return;
+                }
+            }
+        }
         let accepted = self
             .trust
             .accept_certificate(
@@ -844,6 +919,12 @@ impl Node {
                 self.bind_mls_to_trust();
                 self.outputs
                     .push(NodeOutput::Event(NodeEvent::Registered { serial }));
+                if let Some(voucher) = voucher {
+                    self.trust.record_pairing(&voucher, &mut self.writes);
+                    self.outputs.push(NodeOutput::Event(NodeEvent::Paired {
+                        voucher: voucher.device(),
+                    }));
+                }
                 self.send_hello(conn);
             }
             Err(e) => {
@@ -855,6 +936,49 @@ impl Node {
                 self.schedule_reconnect(now);
             }
         }
+    }
+
+    /// Makes a pairing code's secret and this device's signed vouch for it, valid for
+    /// [`PAIRING_TTL`] from `now` (`now_unix_seconds` is the same instant on the wall clock the
+    /// gateway checks expiry against). The vouch waits durably until the gateway has it: at once
+    /// if a session is open, else at the next one. A new offer replaces an unsent one.
+    pub fn offer_pairing(&mut self, now: Instant) -> PairingOffer {
+        let mut secret = [0u8; 16];
+        self.entropy.fill_bytes(&mut secret);
+        let expires = (now + PAIRING_TTL).as_micros() / 1_000_000;
+        let user = self.config.certificate_user();
+        let signature = self.config.key.sign(&vouch_message(user, &secret, expires));
+        let vouch = PendingVouch {
+            secret,
+            expires,
+            signature,
+        };
+        self.trust.set_pending_vouch(vouch, &mut self.writes);
+        self.send_pending_vouch(now);
+        PairingOffer { secret, expires }
+    }
+
+    fn send_pending_vouch(&mut self, now: Instant) {
+        let Some(vouch) = self.trust.pending_vouch().copied() else {
+            return;
+        };
+        if vouch.expires <= now.as_micros() / 1_000_000 {
+            self.trust
+                .take_pending_vouch(&vouch.secret, &mut self.writes);
+            self.outputs.push(NodeOutput::Event(NodeEvent::PairingRefused {
+                reason: "the pairing code expired before this device reached the gateway; show a new one".into(),
+            }));
+            return;
+        }
+        let Link::Open { conn, .. } = self.link else {
+            return;
+        };
+        let payload = Payload::PairVouch(PairVouch {
+            secret: vouch.secret,
+            expires: vouch.expires,
+            signature: vouch.signature,
+        });
+        self.send_frame(conn, Routing::default(), payload);
     }
 
     /// A CRL from the gateway (pushed on revocation, or answering our fetch).
@@ -979,6 +1103,7 @@ impl Node {
                     have_version: self.trust.crl_version(),
                 };
                 self.send_frame(conn, Routing::default(), Payload::CrlFetch(fetch));
+                self.send_pending_vouch(now);
                 let pending: Vec<MsgId> = self.outbox.keys().copied().collect();
                 for msg_id in pending {
                     self.transmit(now, conn, msg_id);
@@ -1033,6 +1158,44 @@ impl Node {
                 if ErrorCode::from_u16(report.code) == ErrorCode::ReplayWindowExceeded =>
             {
                 self.skip_expired(conn, routing.conversation, routing.seq);
+            }
+            Payload::PairVouched(answer) => {
+                if let Some(vouch) = self
+                    .trust
+                    .take_pending_vouch(&answer.secret, &mut self.writes)
+                {
+                    self.outputs
+                        .push(NodeOutput::Event(NodeEvent::PairingReady {
+                            expires: vouch.expires,
+                        }));
+                }
+            }
+            Payload::Error(report)
+                if ErrorCode::from_u16(report.code) == ErrorCode::PairingRefused =>
+            {
+                if let Some(vouch) = self.trust.pending_vouch().copied() {
+                    self.trust
+                        .take_pending_vouch(&vouch.secret, &mut self.writes);
+                    self.outputs
+                        .push(NodeOutput::Event(NodeEvent::PairingRefused {
+                            reason: report.message,
+                        }));
+                }
+            }
+            Payload::DeviceLinked(linked) => {
+                if let Ok(cert) = DeviceCertificate::decode(&linked.certificate) {
+                    let ours = self.config.certificate_user();
+                    let from_root = self
+                        .trust
+                        .root()
+                        .is_some_and(|r| cert.verify_issuer(r).is_ok());
+                    if from_root && cert.user == ours {
+                        self.outputs
+                            .push(NodeOutput::Event(NodeEvent::DeviceLinked {
+                                device: cert.device(),
+                            }));
+                    }
+                }
             }
             Payload::KeyPackageCount(count) => self.replenish(now, conn, count),
             Payload::KeyPackages(answer) => self.on_key_packages(now, routing.seq, answer.found),

@@ -137,6 +137,7 @@ fn certificate_answer(now: Instant) -> Payload {
     Payload::Certificate(Certificate {
         certificate: cert.encode().into(),
         root_key: root_key().public().0,
+        voucher: None,
     })
 }
 

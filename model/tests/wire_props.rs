@@ -160,12 +160,35 @@ fn payload() -> impl Strategy<Value = Payload> {
                 })
             }
         ),
-        (body(), any::<[u8; 32]>()).prop_map(|(certificate, root_key)| {
-            let mut certificate = certificate;
+        (body(), any::<[u8; 32]>(), proptest::option::of(body())).prop_map(
+            |(certificate, root_key, voucher)| {
+                let mut certificate = certificate;
+                certificate.truncate(CERTIFICATE_BYTES_MAX);
+                let voucher = voucher.map(|mut v| {
+                    v.truncate(CERTIFICATE_BYTES_MAX);
+                    v.into()
+                });
+                Payload::Certificate(Certificate {
+                    certificate: certificate.into(),
+                    root_key,
+                    voucher,
+                })
+            }
+        ),
+        (bytes16(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(secret, expires, half)| {
+            let mut signature = [0u8; 64];
+            signature[32..].copy_from_slice(&half);
+            Payload::PairVouch(PairVouch {
+                secret,
+                expires,
+                signature,
+            })
+        }),
+        bytes16().prop_map(|secret| Payload::PairVouched(PairVouched { secret })),
+        body().prop_map(|mut certificate| {
             certificate.truncate(CERTIFICATE_BYTES_MAX);
-            Payload::Certificate(Certificate {
+            Payload::DeviceLinked(DeviceLinked {
                 certificate: certificate.into(),
-                root_key,
             })
         }),
         any::<u64>().prop_map(|have_version| Payload::CrlFetch(CrlFetch { have_version })),

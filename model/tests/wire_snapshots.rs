@@ -286,6 +286,7 @@ fn trust_frames_bytes() {
         Payload::Certificate(Certificate {
             certificate: vec![0xce; 8].into(),
             root_key: [0x52; 32],
+            voucher: None,
         }),
     )
     .encode();
@@ -322,5 +323,46 @@ fn trust_frames_bytes() {
         hex(&crl),
         hex(&root_fetch),
         hex(&root)
+    ));
+}
+
+#[test]
+fn pairing_frames() {
+    let vouch = Frame::new(
+        Routing::default(),
+        Payload::PairVouch(PairVouch {
+            secret: [0x5e; 16],
+            expires: 1_700_000_600,
+            signature: [0x51; 64],
+        }),
+    )
+    .encode();
+    let vouched = Frame::new(
+        Routing::default(),
+        Payload::PairVouched(PairVouched { secret: [0x5e; 16] }),
+    )
+    .encode();
+    let certificate = Frame::new(
+        Routing::default(),
+        Payload::Certificate(Certificate {
+            certificate: vec![0xce; 8].into(),
+            root_key: [0x52; 32],
+            voucher: Some(vec![0xcf; 8].into()),
+        }),
+    )
+    .encode();
+    let linked = Frame::new(
+        Routing::default(),
+        Payload::DeviceLinked(DeviceLinked {
+            certificate: vec![0xce; 8].into(),
+        }),
+    )
+    .encode();
+    insta::assert_snapshot!(format!(
+        "pair_vouch:\n{}\npair_vouched:\n{}\ncertificate_with_voucher:\n{}\ndevice_linked:\n{}",
+        hex(&vouch),
+        hex(&vouched),
+        hex(&certificate),
+        hex(&linked)
     ));
 }

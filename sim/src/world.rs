@@ -982,6 +982,19 @@ impl World {
             }
             NodeEvent::CrlRefused { .. } => record.push(16),
             NodeEvent::Revoked => record.push(17),
+            NodeEvent::Paired { voucher } => {
+                record.push(18);
+                record.extend_from_slice(&voucher.to_bytes());
+            }
+            NodeEvent::PairingReady { expires } => {
+                record.push(19);
+                record.extend_from_slice(&expires.to_le_bytes());
+            }
+            NodeEvent::PairingRefused { .. } => record.push(20),
+            NodeEvent::DeviceLinked { device } => {
+                record.push(21);
+                record.extend_from_slice(&device.to_bytes());
+            }
         }
         self.trace.record(Record::AppEvent, self.now, a, &record);
     }

@@ -7,7 +7,8 @@
 //! - [`AUTHORITY_TABLE`]: `root_seed` (the root's 32-byte Ed25519 seed), `domain`,
 //!   `next_serial` (u64), `crl` (the encoded current CRL);
 //! - [`ENROLMENT_TOKENS_TABLE`]: key = token secret (16), value = user (16) | expires (u64 µs) |
-//!   used (u8); a used token is kept until it expires, so a second use gets its own error;
+//!   used (u8) [| voucher device id (16), for a pairing code an existing device vouched for];
+//!   a used token is kept until it expires, so a second use gets its own error;
 //! - [`CERTIFICATES_TABLE`]: key = device id (16), value = the device's latest certificate.
 //!
 //! Backing up the gateway's data directory backs up the root. Losing the root means every device
@@ -37,6 +38,9 @@ pub const ENROLMENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a certificate is valid. Renewal before expiry is not built yet: a device whose
 /// certificate expired registers again with a new token.
 pub const CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long a pairing code an existing device shows can be used (from when it was shown).
+pub const PAIRING_TTL: Duration = Duration::from_secs(10 * 60);
 
 /// How far back a certificate's validity starts before its issue.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(3600);
@@ -152,6 +156,12 @@ pub enum RegistrationError {
     /// The device was never registered here.
     #[error("device {0} has no certificate from this gateway")]
     UnknownDevice(DeviceId),
+    /// The device that vouched for this pairing code was revoked since.
+    #[error("the device that showed this pairing code ({0}) was revoked; pair with another device of yours")]
+    VoucherRevoked(DeviceId),
+    /// A vouch names a secret already in use (a new pairing code is needed).
+    #[error("this pairing secret is already in use; show a new pairing code")]
+    SecretTaken,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -159,6 +169,8 @@ struct TokenRecord {
     user: UserId,
     expires: Instant,
     used: bool,
+    /// For a pairing code: the existing device of `user` that vouched for it.
+    voucher: Option<DeviceId>,
 }
 
 impl TokenRecord {
@@ -166,14 +178,20 @@ impl TokenRecord {
         let mut out = self.user.to_bytes().to_vec();
         out.extend_from_slice(&self.expires.as_micros().to_be_bytes());
         out.push(u8::from(self.used));
+        if let Some(voucher) = self.voucher {
+            out.extend_from_slice(&voucher.to_bytes());
+        }
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<TokenRecord> {
-        if bytes.len() != 25 {
-            return None;
-        }
+        let voucher = match bytes.len() {
+            25 => None,
+            41 => Some(DeviceId::from_bytes(bytes[25..].try_into().ok()?)),
+            _ => return None,
+        };
         Some(TokenRecord {
+            voucher,
             user: UserId::from_bytes(bytes[..16].try_into().ok()?),
             expires: Instant(u64::from_be_bytes(bytes[16..24].try_into().ok()?)),
             used: match bytes[24] {
@@ -319,6 +337,11 @@ impl RegistrationAuthority {
         self.certificates.values()
     }
 
+    /// The latest certificate of `device`, if it registered here.
+    pub fn certificate_of(&self, device: DeviceId) -> Option<&DeviceCertificate> {
+        self.certificates.get(&device)
+    }
+
     /// Issues a one-time token for one new device of `user`.
     pub fn issue_token(
         &mut self,
@@ -333,6 +356,7 @@ impl RegistrationAuthority {
             user,
             expires: now + ENROLMENT_TOKEN_TTL,
             used: false,
+            voucher: None,
         };
         writes.put(ENROLMENT_TOKENS_TABLE, secret.to_vec(), record.encode());
         self.tokens.insert(secret, record);
@@ -343,9 +367,62 @@ impl RegistrationAuthority {
         }
     }
 
+    /// Accepts `voucher`'s vouch for a pairing code: whoever presents `secret` before
+    /// `expires` (at most [`PAIRING_TTL`] from now) may register one device for the voucher's
+    /// user. The caller has checked the vouch's signature by the voucher's key. Accepting the
+    /// same vouch twice (a resend) is not an error.
+    pub fn accept_vouch(
+        &mut self,
+        now: Instant,
+        voucher: DeviceId,
+        secret: [u8; 16],
+        expires: Instant,
+        writes: &mut WriteBatch,
+    ) -> Result<UserId, RegistrationError> {
+        if self.crl.revoked.contains(&voucher) {
+            return Err(RegistrationError::Revoked(voucher));
+        }
+        let user = self
+            .certificates
+            .get(&voucher)
+            .ok_or(RegistrationError::UnknownDevice(voucher))?
+            .user;
+        if secret == [0; 16] {
+            return Err(RegistrationError::TokenUnknown);
+        }
+        if let Some(held) = self.tokens.get(&secret) {
+            return if held.voucher == Some(voucher) {
+                Ok(user)
+            } else {
+                Err(RegistrationError::SecretTaken)
+            };
+        }
+        let expires = expires.min(now + PAIRING_TTL);
+        if expires <= now {
+            return Err(RegistrationError::TokenExpired);
+        }
+        let record = TokenRecord {
+            user,
+            expires,
+            used: false,
+            voucher: Some(voucher),
+        };
+        writes.put(ENROLMENT_TOKENS_TABLE, secret.to_vec(), record.encode());
+        self.tokens.insert(secret, record);
+        Ok(user)
+    }
+
+    /// The certificate of the device that vouched for the pairing code with `secret`, if it was
+    /// one (the gateway hands it to the new device, which checks it against the code).
+    pub fn voucher_certificate(&self, secret: &[u8; 16]) -> Option<&DeviceCertificate> {
+        let voucher = self.tokens.get(secret)?.voucher?;
+        self.certificates.get(&voucher)
+    }
+
     /// Registers `device_key` for `user`: checks the proof of possession and, unless `open`
-    /// (open enrolment, for local use), the one-time token, which is consumed. Returns the new
-    /// certificate.
+    /// (open enrolment, for local use), the one-time token, which is consumed. A pairing code's
+    /// secret is checked even under open enrolment, so that its voucher is known. Returns the
+    /// new certificate.
     #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
@@ -371,7 +448,7 @@ impl RegistrationAuthority {
                 });
             }
         }
-        if !open {
+        if !open || self.tokens.contains_key(&token) {
             let record = self
                 .tokens
                 .get_mut(&token)
@@ -387,6 +464,9 @@ impl RegistrationAuthority {
                     token: record.user,
                     claimed: user,
                 });
+            }
+            if let Some(voucher) = record.voucher.filter(|v| self.crl.revoked.contains(v)) {
+                return Err(RegistrationError::VoucherRevoked(voucher));
             }
             record.used = true;
             writes.put(ENROLMENT_TOKENS_TABLE, token.to_vec(), record.encode());

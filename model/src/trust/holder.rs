@@ -15,12 +15,54 @@ use super::crl::{Crl, CrlError};
 use super::{valid_domain, TrustRoot};
 
 /// A device's certificate, pinned root and CRL: keys `certificate`, `root` (key 32 | domain),
-/// `crl`.
+/// `crl`; for pairing, `pending_vouch` (see [`PendingVouch`]) and `paired_with` (the
+/// certificate of the device whose pairing code this device took, once the gateway confirmed
+/// it).
 pub const NODE_TRUST_TABLE: Table = Table("node_trust");
 
 const CERTIFICATE_KEY: &[u8] = b"certificate";
 const ROOT_KEY: &[u8] = b"root";
 const CRL_KEY: &[u8] = b"crl";
+const PENDING_VOUCH_KEY: &[u8] = b"pending_vouch";
+const PAIRED_WITH_KEY: &[u8] = b"paired_with";
+
+/// A vouch for this device's pairing code that the gateway has not confirmed yet: stored as
+/// secret (16) | expires (u64, Unix seconds) | signature (64).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PendingVouch {
+    /// The code's one-time secret.
+    pub secret: [u8; 16],
+    /// Unix seconds after which the gateway refuses the code.
+    pub expires: u64,
+    /// The device key's signature over `pairing::vouch_message`.
+    pub signature: [u8; 64],
+}
+
+impl core::fmt::Debug for PendingVouch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PendingVouch(expires {})", self.expires)
+    }
+}
+
+impl PendingVouch {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.secret.to_vec();
+        out.extend_from_slice(&self.expires.to_be_bytes());
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<PendingVouch> {
+        if bytes.len() != 88 {
+            return None;
+        }
+        Some(PendingVouch {
+            secret: bytes[..16].try_into().ok()?,
+            expires: u64::from_be_bytes(bytes[16..24].try_into().ok()?),
+            signature: bytes[24..].try_into().ok()?,
+        })
+    }
+}
 
 /// Why a certificate from the gateway was not taken.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +86,8 @@ pub struct TrustHolder {
     certificate: Option<DeviceCertificate>,
     root: Option<TrustRoot>,
     crl: Option<Crl>,
+    pending_vouch: Option<PendingVouch>,
+    paired_with: Option<DeviceCertificate>,
 }
 
 impl TrustHolder {
@@ -67,16 +111,65 @@ impl TrustHolder {
             Some(bytes) => Some(Crl::decode(&bytes).map_err(|e| corrupt(e.to_string()))?),
             None => None,
         };
+        let pending_vouch = match store.get(NODE_TRUST_TABLE, PENDING_VOUCH_KEY)? {
+            Some(bytes) => Some(
+                PendingVouch::decode(&bytes).ok_or_else(|| corrupt("bad pending vouch".into()))?,
+            ),
+            None => None,
+        };
+        let paired_with = match store.get(NODE_TRUST_TABLE, PAIRED_WITH_KEY)? {
+            Some(bytes) => {
+                Some(DeviceCertificate::decode(&bytes).map_err(|e| corrupt(e.to_string()))?)
+            }
+            None => None,
+        };
         Ok(TrustHolder {
             certificate,
             root,
             crl,
+            pending_vouch,
+            paired_with,
         })
     }
 
     /// The device's certificate, if it registered.
     pub fn certificate(&self) -> Option<&DeviceCertificate> {
         self.certificate.as_ref()
+    }
+
+    /// The vouch for this device's pairing code that the gateway has not confirmed yet.
+    pub fn pending_vouch(&self) -> Option<&PendingVouch> {
+        self.pending_vouch.as_ref()
+    }
+
+    /// Keeps a vouch until the gateway confirms it (replacing an earlier one).
+    pub fn set_pending_vouch(&mut self, vouch: PendingVouch, writes: &mut WriteBatch) {
+        writes.put(NODE_TRUST_TABLE, PENDING_VOUCH_KEY.to_vec(), vouch.encode());
+        self.pending_vouch = Some(vouch);
+    }
+
+    /// Drops the pending vouch for `secret` (confirmed or refused); returns it.
+    pub fn take_pending_vouch(
+        &mut self,
+        secret: &[u8; 16],
+        writes: &mut WriteBatch,
+    ) -> Option<PendingVouch> {
+        if self.pending_vouch.is_some_and(|v| v.secret == *secret) {
+            writes.delete(NODE_TRUST_TABLE, PENDING_VOUCH_KEY.to_vec());
+            return self.pending_vouch.take();
+        }
+        None
+    }
+
+    /// The device whose pairing code this device took, once the gateway confirmed it.
+    pub fn paired_with(&self) -> Option<&DeviceCertificate> {
+        self.paired_with.as_ref()
+    }
+
+    /// Records the confirmed voucher of this device's pairing.
+    pub fn record_pairing(&mut self, voucher: &DeviceCertificate, writes: &mut WriteBatch) {
+        writes.put(NODE_TRUST_TABLE, PAIRED_WITH_KEY.to_vec(), voucher.encode());
+        self.paired_with = Some(voucher.clone());
     }
 
     /// The pinned trust root.

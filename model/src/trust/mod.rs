@@ -8,6 +8,8 @@
 //!   any CRL older than the one it has.
 //! - The **registration authority** ([`RegistrationAuthority`]) issues one-time enrolment tokens,
 //!   exchanges a token and a proof of key possession for a certificate, and revokes devices.
+//! - **Pairing** ([`pairing`]): a certified device vouches for a new device of its user, whose
+//!   pairing code then serves as its enrolment token.
 //!
 //! Both encodings are compact, versioned binary (not CBOR): they are signed byte for byte, so
 //! exactly one encoding of each value must exist. Decoders bound every length and never panic.
@@ -19,14 +21,16 @@ pub mod credential;
 mod crl;
 pub mod handshake;
 mod holder;
+pub mod pairing;
 
 pub use authority::{
     EnrolmentToken, RegistrationAuthority, RegistrationError, AUTHORITY_TABLE, CERTIFICATES_TABLE,
     CERTIFICATE_VALIDITY, CLOCK_SKEW_ALLOWANCE, ENROLMENT_TOKENS_TABLE, ENROLMENT_TOKEN_TTL,
+    PAIRING_TTL,
 };
 pub use certificate::{register_message, CertificateError, DeviceCertificate};
 pub use crl::{Crl, CrlError, CRL_ENTRIES_MAX};
-pub use holder::{HolderError, TrustHolder, NODE_TRUST_TABLE};
+pub use holder::{HolderError, PendingVouch, TrustHolder, NODE_TRUST_TABLE};
 
 use crate::identity::DevicePublicKey;
 

@@ -87,6 +87,12 @@ opcodes! {
     TrustRootFetch = 0x0304,
     /// Gateway → node: the trust root.
     TrustRoot = 0x0305,
+    /// Node → gateway: this device vouches for a pairing code (a new device of its user).
+    PairVouch = 0x0306,
+    /// Gateway → node: the vouch is stored; the code can be used.
+    PairVouched = 0x0307,
+    /// Gateway → node: a new device registered with a pairing code this device vouched for.
+    DeviceLinked = 0x0308,
     // 0x04xx: presence (later wave)
     /// Node → gateway: set own presence.
     PresenceUpdate = 0x0400,

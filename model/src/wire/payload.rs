@@ -117,6 +117,47 @@ pub struct Certificate {
     #[n(1)]
     #[cbor(with = "minicbor::bytes")]
     pub root_key: [u8; 32],
+    /// For a device that registered with a pairing code: the encoded certificate of the device
+    /// that vouched for it (the new device checks it against the code).
+    #[n(2)]
+    pub voucher: Option<minicbor::bytes::ByteVec>,
+}
+
+/// Node → gateway, in a session: whoever presents `secret` before `expires` may register one
+/// device of this device's user (see `trust::pairing`).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct PairVouch {
+    /// The pairing code's one-time secret.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub secret: [u8; 16],
+    /// Unix seconds after which the code is refused (the gateway caps it at ten minutes).
+    #[n(1)]
+    pub expires: u64,
+    /// The device key's signature over `trust::pairing::vouch_message`.
+    #[n(2)]
+    #[cbor(with = "minicbor::bytes")]
+    pub signature: [u8; 64],
+}
+
+/// Gateway → node: the vouch for `secret` is stored.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct PairVouched {
+    /// The secret vouched for.
+    #[n(0)]
+    #[cbor(with = "minicbor::bytes")]
+    pub secret: [u8; 16],
+}
+
+/// Gateway → node: a new device registered with a pairing code this device vouched for.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct DeviceLinked {
+    /// The new device's encoded certificate.
+    #[n(0)]
+    pub certificate: minicbor::bytes::ByteVec,
 }
 
 /// Node → gateway: send the current CRL if it is newer than `have_version`.
@@ -273,6 +314,9 @@ pub enum ErrorCode {
     EnrolmentTokenUsed = 27,
     /// The enrolment token expired.
     EnrolmentTokenExpired = 28,
+    /// A pairing vouch was refused (bad signature, expired, or a secret in use); the session
+    /// stays open.
+    PairingRefused = 29,
 }
 
 impl ErrorCode {
@@ -308,6 +352,7 @@ impl ErrorCode {
             EnrolmentTokenInvalid,
             EnrolmentTokenUsed,
             EnrolmentTokenExpired,
+            PairingRefused,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -544,6 +589,9 @@ pub enum Payload {
     Crl(Crl),
     TrustRootFetch(TrustRootFetch),
     TrustRoot(TrustRoot),
+    PairVouch(PairVouch),
+    PairVouched(PairVouched),
+    DeviceLinked(DeviceLinked),
 }
 
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
@@ -590,6 +638,9 @@ impl Payload {
             Payload::Crl(_) => Opcode::Crl,
             Payload::TrustRootFetch(_) => Opcode::TrustRootFetch,
             Payload::TrustRoot(_) => Opcode::TrustRoot,
+            Payload::PairVouch(_) => Opcode::PairVouch,
+            Payload::PairVouched(_) => Opcode::PairVouched,
+            Payload::DeviceLinked(_) => Opcode::DeviceLinked,
         }
     }
 
@@ -621,6 +672,9 @@ impl Payload {
             Payload::Crl(p) => minicbor::encode(p, &mut *out),
             Payload::TrustRootFetch(p) => minicbor::encode(p, &mut *out),
             Payload::TrustRoot(p) => minicbor::encode(p, &mut *out),
+            Payload::PairVouch(p) => minicbor::encode(p, &mut *out),
+            Payload::PairVouched(p) => minicbor::encode(p, &mut *out),
+            Payload::DeviceLinked(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -687,6 +741,8 @@ impl Payload {
             Opcode::Certificate => {
                 let p: Certificate = decode_as(opcode, bytes)?;
                 check_len("certificate", p.certificate.len(), CERTIFICATE_BYTES_MAX)?;
+                let voucher = p.voucher.as_ref().map_or(0, |c| c.len());
+                check_len("certificate.voucher", voucher, CERTIFICATE_BYTES_MAX)?;
                 Payload::Certificate(p)
             }
             Opcode::CrlFetch => Payload::CrlFetch(decode_as(opcode, bytes)?),
@@ -696,6 +752,17 @@ impl Payload {
                 let p: TrustRoot = decode_as(opcode, bytes)?;
                 check_len("trust_root.domain", p.domain.len(), DOMAIN_BYTES_MAX)?;
                 Payload::TrustRoot(p)
+            }
+            Opcode::PairVouch => Payload::PairVouch(decode_as(opcode, bytes)?),
+            Opcode::PairVouched => Payload::PairVouched(decode_as(opcode, bytes)?),
+            Opcode::DeviceLinked => {
+                let p: DeviceLinked = decode_as(opcode, bytes)?;
+                check_len(
+                    "device_linked.certificate",
+                    p.certificate.len(),
+                    CERTIFICATE_BYTES_MAX,
+                )?;
+                Payload::DeviceLinked(p)
             }
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };

@@ -60,10 +60,13 @@ pub struct Net {
 
 impl Net {
     pub fn new() -> Net {
-        let config = GatewayConfig {
+        Net::with_config(GatewayConfig {
             open_enrolment: true,
             ..GatewayConfig::default()
-        };
+        })
+    }
+
+    pub fn with_config(config: GatewayConfig) -> Net {
         Net {
             now: Instant(1_000_000),
             gateway: Gateway::new(config, Instant(1_000_000), Box::new(Counter(77))),
@@ -152,6 +155,14 @@ impl Net {
             }
         }
         panic!("the network did not settle");
+    }
+
+    pub fn node(&mut self, conn: u64) -> &mut Node {
+        &mut self.nodes.get_mut(&conn).unwrap().0
+    }
+
+    pub fn events(&self, conn: u64) -> &[NodeEvent] {
+        self.events.get(&conn).map_or(&[], Vec::as_slice)
     }
 
     pub fn device(&self, conn: u64) -> DeviceId {
