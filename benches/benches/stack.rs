@@ -233,7 +233,7 @@ async fn bare_quinn(frames: usize) -> f64 {
     });
     let client = quic::client_endpoint(
         quic::Socket::Bind("0.0.0.0:0".parse().unwrap()),
-        identity.cert.clone(),
+        quic::certificate_pin(&identity.cert),
     )
     .unwrap();
     let conn = client.connect(addr, "sund-gateway").unwrap().await.unwrap();
@@ -268,8 +268,11 @@ async fn load_client(
     use sund_model::identity::session_proof_message;
     use sund_model::wire::payload::{Ack, Hello, Proof, Register, Send};
     use sund_model::wire::{Frame, Payload, Routing};
-    let endpoint =
-        quic::client_endpoint(quic::Socket::Bind("0.0.0.0:0".parse().unwrap()), cert).unwrap();
+    let endpoint = quic::client_endpoint(
+        quic::Socket::Bind("0.0.0.0:0".parse().unwrap()),
+        quic::certificate_pin(&cert),
+    )
+    .unwrap();
     let conn = endpoint
         .connect(addr, "sund-gateway")
         .unwrap()

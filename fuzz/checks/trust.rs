@@ -65,3 +65,30 @@ pub fn check_crl_decode(data: &[u8]) {
         }
     }
 }
+
+/// `pairing_code_parse`: arbitrary bytes (as text) to `PairingCode::from_text`. The text comes
+/// from a QR code or a paste, so anything may arrive.
+#[allow(dead_code)]
+pub fn check_pairing_code_parse(data: &[u8]) {
+    use sund_model::trust::pairing::{PairingCode, PAIRING_CODE_TEXT_MAX, USER_NAME_BYTES_MAX};
+    let Ok(text) = core::str::from_utf8(data) else {
+        return;
+    };
+    match PairingCode::from_text(text) {
+        Ok(code) => {
+            let again = PairingCode::from_text(&code.to_text()).unwrap_or_else(|e| {
+                panic!("re-encoded pairing code does not parse: {e}; code {code:?}")
+            });
+            assert!(again == code, "pairing code changed in a round trip: {code:?}");
+            assert!(code.to_text().len() <= PAIRING_CODE_TEXT_MAX, "a code longer than its limit");
+            assert!(
+                !code.user_name.is_empty() && code.user_name.len() <= USER_NAME_BYTES_MAX,
+                "a user name out of bounds decoded"
+            );
+            let _ = code.enrolment();
+        }
+        Err(error) => {
+            let _ = error.to_string();
+        }
+    }
+}

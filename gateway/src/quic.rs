@@ -202,14 +202,19 @@ pub fn server_endpoint(
     endpoint(socket, Some(config))
 }
 
-/// A client endpoint on `socket` that trusts exactly the gateway certificate `pinned`.
-pub fn client_endpoint(
-    socket: Socket,
-    pinned: CertificateDer<'static>,
-) -> Result<quinn::Endpoint, QuicError> {
+/// What a node pins of its gateway's certificate: the SHA-256 of its DER bytes. A pairing code
+/// carries this instead of the certificate, so that it fits a QR code.
+pub fn certificate_pin(cert: &CertificateDer<'_>) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert.as_ref()).into()
+}
+
+/// A client endpoint on `socket` that trusts exactly the gateway certificate whose
+/// [`certificate_pin`] is `pin`.
+pub fn client_endpoint(socket: Socket, pin: [u8; 32]) -> Result<quinn::Endpoint, QuicError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCertificate {
-        pinned,
+        pin,
         provider: provider.clone(),
     });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -227,11 +232,11 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
-/// Accepts the gateway's certificate only if it is byte for byte the pinned one; signatures are
+/// Accepts the gateway's certificate only if its SHA-256 is the pinned one; signatures are
 /// still verified, so the peer must hold the matching key.
 #[derive(Debug)]
 struct PinnedCertificate {
-    pinned: CertificateDer<'static>,
+    pin: [u8; 32],
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -244,7 +249,7 @@ impl ServerCertVerifier for PinnedCertificate {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.pinned.as_ref() {
+        if certificate_pin(end_entity) == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(

@@ -71,3 +71,8 @@ fn certificate_decode_corpus() {
 fn crl_decode_corpus() {
     replay("crl_decode", check_crl_decode);
 }
+
+#[test]
+fn pairing_code_parse_corpus() {
+    replay("pairing_code_parse", check_pairing_code_parse);
+}

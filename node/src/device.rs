@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! DATA_DIR/device.key        32-byte Ed25519 seed, owner-only permissions
-//! DATA_DIR/node.toml         gateway = "HOST:PORT", user, enrolment token (owner-only)
-//! DATA_DIR/gateway-cert.der  the gateway's certificate, pinned
+//! DATA_DIR/node.toml         gateway = "HOST:PORT", user, enrolment token or pairing code,
+//!                            and for a paired device the gateway pin (owner-only)
+//! DATA_DIR/gateway-cert.der  the gateway's certificate, pinned (a paired device pins its
+//!                            SHA-256 from the pairing code instead)
 //! DATA_DIR/node.redb         outbox, cursors, resume token, MLS state
 //! DATA_DIR/conversations     local names of conversations: `NAME` or `NAME=ID`, one per line
 //! DATA_DIR/contacts          user names this device has used, one per line
@@ -17,11 +19,12 @@ use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use sund_gateway::committer::CommitMode;
 use sund_gateway::entropy::{EntropySource, OsEntropy};
-use sund_gateway::quic::write_private;
 use sund_gateway::quic::Socket;
+use sund_gateway::quic::{certificate_pin, write_private};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConversationId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::trust::pairing::PairingCode;
 use sund_model::trust::EnrolmentToken;
 
 use crate::driver::NodeOptions;
@@ -61,6 +64,13 @@ struct Settings {
     /// registers with at its first connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     enrolment_token: Option<String>,
+    /// For a device set up with `sund pair accept`: the pairing code it registers with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pairing_code: Option<String>,
+    /// SHA-256 of the gateway's certificate in hex, for a device set up from a pairing code
+    /// (the others pin `gateway-cert.der`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gateway_pin: Option<String>,
 }
 
 /// A device set up in a data directory.
@@ -71,12 +81,14 @@ pub struct Device {
     pub key: DeviceKey,
     /// The gateway's address.
     pub gateway: SocketAddr,
-    /// The gateway's certificate.
-    pub gateway_cert: CertificateDer<'static>,
+    /// SHA-256 of the gateway's certificate, pinned.
+    pub gateway_pin: [u8; 32],
     /// The user this device belongs to, if set at `init`.
     pub user: Option<String>,
     /// The enrolment token given at `init`, if any.
     pub enrolment: Option<EnrolmentToken>,
+    /// The pairing code given to `sund pair accept`, if the device was set up with one.
+    pub pairing: Option<PairingCode>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
@@ -132,9 +144,45 @@ impl Device {
             gateway,
             user: user.map(str::to_string),
             enrolment_token: token.map(|t| t.trim().to_string()),
+            pairing_code: None,
+            gateway_pin: None,
         };
         let text = toml::to_string(&settings).expect("settings serialise");
         // The token is a credential until it is used.
+        write_private(&settings_path, text.as_bytes()).map_err(io(&settings_path))?;
+        Device::load(data_dir)
+    }
+
+    /// Sets up a new device from a pairing code another device of the same user showed
+    /// (`sund pair show`): a new key, the code's gateway and pin, its user, and the code itself
+    /// as the enrolment token. Refuses a directory that already holds a device.
+    pub fn init_paired(data_dir: &Path, code: &PairingCode) -> Result<Device, DeviceError> {
+        let key_path = data_dir.join("device.key");
+        if key_path.exists() {
+            return Err(DeviceError::Invalid {
+                path: data_dir.display().to_string(),
+                reason: "a device is already set up here; pair a new device in a new directory (`--data-dir`)".into(),
+            });
+        }
+        let gateway = resolve(&code.gateway).ok_or_else(|| DeviceError::Invalid {
+            path: "pairing code".into(),
+            reason: format!(
+                "its gateway address `{}` does not resolve to an address",
+                code.gateway
+            ),
+        })?;
+        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        let key = DeviceKey::generate(&mut OsEntropy);
+        write_private(&key_path, key.seed()).map_err(io(&key_path))?;
+        let settings = Settings {
+            gateway,
+            user: Some(code.user_name.clone()),
+            enrolment_token: None,
+            pairing_code: Some(code.to_text()),
+            gateway_pin: Some(hex(&code.gateway_pin)),
+        };
+        let settings_path = data_dir.join("node.toml");
+        let text = toml::to_string(&settings).expect("settings serialise");
         write_private(&settings_path, text.as_bytes()).map_err(io(&settings_path))?;
         Device::load(data_dir)
     }
@@ -162,8 +210,27 @@ impl Device {
             path: settings_path.display().to_string(),
             reason: format!("{e}; rerun `sund init` to rewrite it"),
         })?;
-        let cert_path = data_dir.join("gateway-cert.der");
-        let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
+        let invalid = |reason: &str| DeviceError::Invalid {
+            path: settings_path.display().to_string(),
+            reason: reason.to_string(),
+        };
+        let gateway_pin = match &settings.gateway_pin {
+            Some(text) => unhex32(text).ok_or_else(|| {
+                invalid("gateway_pin is not 64 hex digits; pair the device again")
+            })?,
+            None => {
+                let cert_path = data_dir.join("gateway-cert.der");
+                let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
+                certificate_pin(&CertificateDer::from(cert))
+            }
+        };
+        let pairing = match &settings.pairing_code {
+            Some(text) => Some(
+                PairingCode::from_text(text)
+                    .map_err(|e| invalid(&format!("pairing_code: {e}; pair the device again")))?,
+            ),
+            None => None,
+        };
         let enrolment = match &settings.enrolment_token {
             Some(text) => {
                 Some(
@@ -176,11 +243,12 @@ impl Device {
             None => None,
         };
         Ok(Device {
-            enrolment,
+            enrolment: enrolment.or(pairing.as_ref().map(PairingCode::enrolment)),
+            pairing,
             data_dir: data_dir.to_path_buf(),
             key: DeviceKey::from_seed(seed),
             gateway: settings.gateway,
-            gateway_cert: CertificateDer::from(cert),
+            gateway_pin,
             user: settings.user,
         })
     }
@@ -273,7 +341,7 @@ impl Device {
         NodeOptions {
             data_dir: self.data_dir.clone(),
             gateway: self.gateway,
-            gateway_cert: self.gateway_cert.clone(),
+            gateway_pin: self.gateway_pin,
             key: self.key.clone(),
             socket: Socket::Bind("0.0.0.0:0".parse().expect("a valid address")),
             entropy: EntropySource::Os,
@@ -282,6 +350,31 @@ impl Device {
             user: self.user.as_deref().map(UserId::from_name),
             mls: Some(DeviceMlsConfig::default()),
             enrolment: self.enrolment,
+            pairing_voucher: self.pairing.as_ref().map(|p| p.voucher),
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// `HOST:PORT` to a socket address (an IP address as is, a name through the resolver).
+fn resolve(address: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = address.parse() {
+        return Some(addr);
+    }
+    address.to_socket_addrs().ok()?.next()
 }

@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls::pki_types::CertificateDer;
 use sund_gateway::clock::DriverClock;
 use sund_gateway::committer::{CommitMode, Committer};
 use sund_gateway::entropy::EntropySource;
@@ -27,10 +26,10 @@ use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::mls::groups::{GroupError, GroupStatus, Intent};
 use sund_model::node::{
-    ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, SendError,
+    ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, PairingOffer, SendError,
 };
 use sund_model::time::Instant;
-use sund_model::trust::EnrolmentToken;
+use sund_model::trust::{EnrolmentToken, TrustRoot};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -48,8 +47,8 @@ pub struct NodeOptions {
     pub data_dir: PathBuf,
     /// The gateway's address.
     pub gateway: SocketAddr,
-    /// The gateway's certificate, pinned.
-    pub gateway_cert: CertificateDer<'static>,
+    /// The SHA-256 of the gateway's certificate (`quic::certificate_pin`), pinned.
+    pub gateway_pin: [u8; 32],
     /// This device's key.
     pub key: DeviceKey,
     /// The node's UDP socket (an ephemeral port in production; injected under simulation).
@@ -67,6 +66,9 @@ pub struct NodeOptions {
     /// The enrolment token to register with if the device has no certificate yet (`None`:
     /// register without one, which only a gateway with open enrolment accepts).
     pub enrolment: Option<EnrolmentToken>,
+    /// For a device set up from a pairing code: the fingerprint of the device that showed it
+    /// (see `NodeConfig::pairing_voucher`).
+    pub pairing_voucher: Option<[u8; 16]>,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -90,6 +92,14 @@ pub struct NodeStatus {
     pub connection: ConnectionStatus,
     /// Messages waiting for acknowledgement.
     pub outbox: usize,
+    /// This device's certificate: its user and serial, if it registered.
+    pub certificate: Option<(UserId, u64)>,
+    /// The trust root it pinned.
+    pub root: Option<TrustRoot>,
+    /// The device whose pairing code this device took, once the gateway confirmed it.
+    pub paired_with: Option<DeviceId>,
+    /// The version of the CRL it holds.
+    pub crl_version: u64,
 }
 
 enum Command {
@@ -107,6 +117,9 @@ enum Command {
     },
     Groups {
         reply: oneshot::Sender<Vec<GroupSummary>>,
+    },
+    OfferPairing {
+        reply: oneshot::Sender<(PairingOffer, Option<TrustRoot>)>,
     },
     Reconnect,
     Stop,
@@ -243,6 +256,17 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Makes a pairing code's secret and this device's vouch for it (see
+    /// `Node::offer_pairing`); returns once the vouch is durable, with the pinned trust root.
+    pub async fn offer_pairing(&self) -> Result<(PairingOffer, Option<TrustRoot>), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::OfferPairing { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
     /// Disconnects cleanly and stops.
     pub async fn stop(self) -> Result<(), NodeError> {
         let _ = self.commands.send(Command::Stop).await;
@@ -262,8 +286,9 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     config.user = options.user;
     config.mls = options.mls;
     config.enrolment = options.enrolment;
+    config.pairing_voucher = options.pairing_voucher;
     let node = Node::recover(config, options.entropy.boxed(), clock.now(), &store)?;
-    let endpoint = quic::client_endpoint(options.socket.clone(), options.gateway_cert.clone())?;
+    let endpoint = quic::client_endpoint(options.socket.clone(), options.gateway_pin)?;
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let committer = Committer::new(options.commit, store, "node");
@@ -372,7 +397,20 @@ async fn core_loop(
                             core.node.go_online(clock.now());
                         }
                         Some(Command::Status { reply }) => {
-                            let _ = reply.send(NodeStatus { connection: core.node.status(), outbox: core.node.outbox_len() });
+                            let trust = core.node.trust();
+                            let _ = reply.send(NodeStatus {
+                                connection: core.node.status(),
+                                outbox: core.node.outbox_len(),
+                                certificate: trust.certificate().map(|c| (c.user, c.serial)),
+                                root: trust.root().cloned(),
+                                paired_with: trust.paired_with().map(|c| c.device()),
+                                crl_version: trust.crl_version(),
+                            });
+                        }
+                        Some(Command::OfferPairing { reply: to }) => {
+                            let offer = core.node.offer_pairing(clock.now());
+                            let root = core.node.trust().root().cloned();
+                            replies.push(reply(to, (offer, root)));
                         }
                     }
                     match commands.try_recv() {

@@ -14,6 +14,7 @@ use sund_node::driver;
 
 mod demo;
 mod groups;
+mod pair;
 
 /// Sund: end-to-end encrypted messages between devices through a gateway. DMs and rooms are MLS
 /// groups: the gateway orders and stores their ciphertext only. (Conversations an operator
@@ -92,6 +93,35 @@ enum RoomCommand {
 }
 
 #[derive(Subcommand)]
+enum PairCommand {
+    /// On a device you already use: print a one-time code (QR and text) that links a new
+    /// device to your user, and wait until the new device takes it.
+    Show {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// How long to wait for the new device, in seconds (0: only print the code).
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+        /// Print only the text form, no QR code.
+        #[arg(long)]
+        no_qr: bool,
+    },
+    /// On the new device: set it up from the code `sund pair show` printed on your other
+    /// device, and register it with the gateway.
+    Accept {
+        /// The new device's data directory (must not hold a device yet).
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The pairing code (`SUND-PAIR:1:...`).
+        code: String,
+        /// How long to wait for the gateway, in seconds.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run a gateway and three devices on loopback and show messages flowing, a gateway restart
     /// included (everything in a temporary directory).
@@ -115,6 +145,11 @@ enum Command {
         /// connection. Not needed with a gateway running `--open-enrolment`.
         #[arg(long)]
         token: Option<String>,
+    },
+    /// Link a new device to your user from a device you already use (no operator token needed).
+    Pair {
+        #[command(subcommand)]
+        command: PairCommand,
     },
     /// Start a DM with a user (all of their devices and your other devices join it).
     Dm {
@@ -191,7 +226,7 @@ fn main() -> ExitCode {
 }
 
 /// What a revoked device's commands say.
-const REVOKED: &str = "this device was revoked by the gateway's operator and cannot connect again; set up a new device (`sund init` in a new directory) with a new enrolment token";
+pub(crate) const REVOKED: &str = "this device was revoked by the gateway's operator and cannot connect again; set up a new device (`sund init` in a new directory) with a new enrolment token";
 
 async fn run(command: Command) -> Result<(), String> {
     match command {
@@ -242,6 +277,22 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Dm { data_dir, user } => groups::dm(&data_dir, &user).await,
         Command::Room { command } => groups::room(command).await,
         Command::Devices { data_dir } => groups::devices(&data_dir).await,
+        Command::Pair {
+            command:
+                PairCommand::Show {
+                    data_dir,
+                    wait,
+                    no_qr,
+                },
+        } => pair::show(&data_dir, Duration::from_secs(wait), !no_qr).await,
+        Command::Pair {
+            command:
+                PairCommand::Accept {
+                    data_dir,
+                    code,
+                    wait,
+                },
+        } => pair::accept(&data_dir, &code, Duration::from_secs(wait)).await,
     }
 }
 
@@ -394,6 +445,23 @@ async fn status(data_dir: &Path) -> Result<(), String> {
     }
     let snapshot = node.status().await.map_err(|e| e.to_string())?;
     println!("outbox     {} message(s) waiting", snapshot.outbox);
+    match (&snapshot.certificate, &snapshot.root) {
+        (Some((_, serial)), Some(root)) => println!(
+            "trust      certificate {serial} from root {} ({}), CRL version {}",
+            root.fingerprint(),
+            root.domain,
+            snapshot.crl_version
+        ),
+        _ => println!("trust      not registered yet"),
+    }
+    match (&device.pairing, snapshot.paired_with) {
+        (_, Some(voucher)) => println!("paired     with device {voucher}, confirmed by the gateway"),
+        (Some(code), None) => println!(
+            "paired     with the device whose key starts {}: trusted on first use, not yet confirmed by the gateway",
+            code.voucher.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+        (None, None) => {}
+    }
     match (snapshot.connection, refused) {
         (_, Some(message)) => {
             println!("connection refused");

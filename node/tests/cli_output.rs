@@ -46,3 +46,28 @@ fn init_with_a_missing_certificate_names_the_file() {
     assert_eq!(code, 1);
     insta::assert_snapshot!(stderr, @"error: /nonexistent/cert.der: No such file or directory (os error 2)");
 }
+
+#[test]
+fn pair_accept_with_something_else_than_a_code_says_what_to_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let (code, _, stderr) = sund(&[
+        "pair",
+        "accept",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "sund-enrol:00:00:00",
+    ]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(stderr, @"error: not a pairing code: it starts with `SUND-PAIR:1:`; copy the whole text `sund pair show` prints");
+    assert!(!dir.exists(), "nothing is set up from a bad code");
+}
+
+#[test]
+fn pair_show_without_a_device_says_how_to_create_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let (code, _, stderr) = sund(&["pair", "show", "--data-dir", dir.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("run `sund init"), "{stderr}");
+}

@@ -471,3 +471,104 @@ fn an_encrypted_dm_between_real_binaries_leaves_only_ciphertext_at_the_gateway()
         "plaintext in the gateway's log"
     );
 }
+
+#[test]
+fn a_device_paired_from_another_registers_without_a_token_and_the_code_works_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let addr = format!("127.0.0.1:{port}");
+    let token = enrol(gw, "alice");
+    let laptop = tmp.path().join("laptop");
+    let laptop = laptop.to_str().unwrap();
+    init_device(laptop, &addr, cert.trim(), Some("alice"), Some(&token));
+    let _gateway = Guard(start_gateway(&gw_dir, port));
+    run(&sund(), &["status", "--data-dir", laptop]);
+
+    // The laptop shows a code (QR and text) and waits for the new device.
+    let mut show = Guard(
+        Command::new(sund())
+            .args(["pair", "show", "--data-dir", laptop, "--wait", "60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = show.0.stdout.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    let code = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no pairing code printed: {printed:?}"));
+        printed.push(line.clone());
+        if line.starts_with("SUND-PAIR:") {
+            break line;
+        }
+    };
+    assert!(
+        printed.iter().any(|l| l.contains('█') || l.contains('▀')),
+        "a QR code comes first: {printed:?}"
+    );
+
+    // The phone takes it: registered, confirmed, connected, without an operator token.
+    let phone = tmp.path().join("phone");
+    let phone = phone.to_str().unwrap();
+    let accepted = run(&sund(), &["pair", "accept", "--data-dir", phone, &code]);
+    assert!(
+        accepted.contains("paired: the gateway confirmed"),
+        "{accepted}"
+    );
+    assert!(
+        accepted.contains("connected to the gateway as a device of alice"),
+        "{accepted}"
+    );
+    let linked = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("pair show reports the new device");
+        if line.contains("is now linked") {
+            break line;
+        }
+    };
+    assert!(linked.contains("to alice"), "{linked}");
+    assert!(show.0.wait().unwrap().success());
+    let status = run(&sund(), &["status", "--data-dir", phone]);
+    assert!(status.contains("confirmed by the gateway"), "{status}");
+
+    // The code enrols one device only, and a damaged code says what is wrong.
+    let tablet = tmp.path().join("tablet");
+    let out = Command::new(sund())
+        .args([
+            "pair",
+            "accept",
+            "--data-dir",
+            tablet.to_str().unwrap(),
+            &code,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already used"), "{stderr}");
+    let out = Command::new(sund())
+        .args([
+            "pair",
+            "accept",
+            "--data-dir",
+            tablet.to_str().unwrap(),
+            "SUND-PAIR:1:00",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("secret is damaged"), "{stderr}");
+}

@@ -237,7 +237,8 @@ impl World {
         let options = NodeOptions {
             data_dir: self.root.join(format!("node-{n}")),
             gateway,
-            gateway_cert: self.cert.clone(),
+            gateway_pin: sund_gateway::quic::certificate_pin(&self.cert),
+            pairing_voucher: None,
             key: key(n),
             socket: Socket::Custom(socket, seed32(seed, 10 + n)),
             entropy: EntropySource::Seeded(seed32(seed, 20 + n)),

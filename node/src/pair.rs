@@ -1,0 +1,172 @@
+//! `sund pair show` and `sund pair accept`: link a new device to a user from one of the user's
+//! devices (see `sund_model::trust::pairing`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use qrcode::render::unicode::Dense1x2;
+use qrcode::QrCode;
+use sund_model::node::{ConnectionStatus, NodeEvent};
+use sund_model::trust::pairing::PairingCode;
+use sund_model::wire::payload::ErrorCode;
+use sund_node::device::Device;
+use sund_node::driver;
+
+use crate::REVOKED;
+
+/// How long `pair show` waits for the gateway to confirm the vouch before saying it is offline.
+const VOUCH_WAIT: Duration = Duration::from_secs(8);
+
+/// The code as a QR code drawn with half blocks, two modules per character cell, with a quiet
+/// zone, for a phone camera to read off a terminal.
+pub fn qr_text(code: &PairingCode) -> Result<String, String> {
+    let qr = QrCode::new(code.to_text().as_bytes())
+        .map_err(|e| format!("cannot draw the pairing code as a QR code: {e}"))?;
+    Ok(qr
+        .render::<Dense1x2>()
+        .dark_color(Dense1x2::Light)
+        .light_color(Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
+
+/// On an existing device: vouch for a new one and show the code it takes.
+pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), String> {
+    let device = Device::load(data_dir).map_err(|e| e.to_string())?;
+    let Some(user_name) = device.user.clone() else {
+        return Err("this device belongs to no named user, and pairing links devices of one user; set up devices with `sund init --user NAME`".into());
+    };
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (offer, root) = node.offer_pairing().await.map_err(|e| e.to_string())?;
+    let Some(root) = root else {
+        let _ = node.stop().await;
+        return Err("this device has not registered with its gateway yet, so it cannot vouch for another; run `sund status` until it is connected, then try again".into());
+    };
+    let code = PairingCode {
+        secret: offer.secret,
+        voucher: device.key.public().0[..16]
+            .try_into()
+            .expect("16 of 32 bytes"),
+        root_fingerprint: root.key.0[..16].try_into().expect("16 of 32 bytes"),
+        gateway_pin: device.gateway_pin,
+        user_name: user_name.clone(),
+        gateway: device.gateway.to_string(),
+    };
+    if qr {
+        println!("{}", qr_text(&code)?);
+    }
+    println!("pairing code for a new device of {user_name} (one use, valid for 10 minutes):");
+    println!("{}", code.to_text());
+    println!("on the new device: sund pair accept --data-dir DIR CODE");
+    println!(
+        "it will trust this device: {}",
+        &device.key.public().to_hex()[..32]
+    );
+
+    let vouch_wait = tokio::time::sleep(VOUCH_WAIT);
+    tokio::pin!(vouch_wait);
+    let linked_wait = tokio::time::sleep(wait);
+    tokio::pin!(linked_wait);
+    let mut ready = false;
+    let result = loop {
+        tokio::select! {
+            _ = &mut vouch_wait, if !ready => {
+                println!("the gateway cannot be reached now: the code starts working once this device reaches it (any `sund` command, or `sund follow`, takes it there)");
+                if wait.is_zero() {
+                    break Ok(());
+                }
+                ready = true; // stop saying so; keep waiting for the new device
+            }
+            _ = &mut linked_wait, if ready => {
+                if !wait.is_zero() {
+                    println!("no new device registered with the code while waiting; it stays valid until it expires");
+                }
+                break Ok(());
+            }
+            event = node.events.recv() => match event {
+                Some(NodeEvent::PairingReady { .. }) => {
+                    println!("the gateway holds the code: waiting for the new device");
+                    ready = true;
+                    if wait.is_zero() {
+                        break Ok(());
+                    }
+                }
+                Some(NodeEvent::DeviceLinked { device: linked }) => {
+                    println!("device {linked} is now linked to {user_name}");
+                    break Ok(());
+                }
+                Some(NodeEvent::PairingRefused { reason }) => {
+                    break Err(format!("the gateway refused the pairing code: {reason}"));
+                }
+                Some(NodeEvent::Revoked) => break Err(REVOKED.into()),
+                Some(NodeEvent::Refused { message, .. }) => {
+                    break Err(format!("the gateway refused this device: {message}"));
+                }
+                Some(_) => {}
+                None => break Err("the node stopped unexpectedly".into()),
+            }
+        }
+    };
+    let stopped = node.stop().await.map_err(|e| e.to_string());
+    result.and(stopped)
+}
+
+/// On a new device: set it up from a code and register with it.
+pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), String> {
+    let code = PairingCode::from_text(text).map_err(|e| e.to_string())?;
+    let device = Device::init_paired(data_dir, &code).map_err(|e| e.to_string())?;
+    println!(
+        "device {} set up in {} for {}",
+        device.key.device_id(),
+        data_dir.display(),
+        code.user_name
+    );
+    println!(
+        "trusting the device that showed the code on first use: {}",
+        hex(&code.voucher)
+    );
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    let mut told_unknown = false;
+    let result = loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                println!("the gateway at {} cannot be reached, or does not know the code yet: the pairing is kept and is confirmed when this device next connects (`sund status` says when)", code.gateway);
+                break Ok(());
+            }
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Paired { voucher }) => {
+                    println!("paired: the gateway confirmed that device {voucher} vouched for this one");
+                }
+                Some(NodeEvent::Status(ConnectionStatus::Connected)) => {
+                    println!("connected to the gateway as a device of {}", code.user_name);
+                    break Ok(());
+                }
+                Some(NodeEvent::Refused { code: ErrorCode::EnrolmentTokenInvalid, .. }) if !told_unknown => {
+                    // The device that showed the code may not have reached the gateway yet:
+                    // the node keeps trying.
+                    println!("the gateway does not know this code yet (has the other device reached it?); still trying");
+                    told_unknown = true;
+                }
+                Some(NodeEvent::Refused { code: ErrorCode::EnrolmentTokenInvalid, .. }) => {}
+                Some(NodeEvent::Refused { message, .. }) => {
+                    break Err(format!("the gateway refused the pairing: {message}; show a new code on your other device (`sund pair show`) and set this device up again in a new directory"));
+                }
+                Some(NodeEvent::Revoked) => break Err(REVOKED.into()),
+                Some(_) => {}
+                None => break Err("the node stopped unexpectedly".into()),
+            }
+        }
+    };
+    let stopped = node.stop().await.map_err(|e| e.to_string());
+    result.and(stopped)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
