@@ -293,6 +293,8 @@ pub struct GatewayStats {
     pub revocations: u64,
     /// Devices registered with a pairing code another device vouched for.
     pub pairings: u64,
+    /// Certificates renewed before expiry.
+    pub renewals: u64,
     /// Pairing vouches refused (signature, expiry, secret in use).
     pub pairings_refused: u64,
     /// CRL frames sent (answers and pushes).
@@ -864,6 +866,7 @@ impl Gateway {
             (Some(device), Payload::PairVouch(vouch)) => {
                 self.accept_vouch(now, conn, device, vouch)
             }
+            (Some(device), Payload::RenewCertificate(_)) => self.renew(now, conn, device),
             (Some(device), Payload::KeyPackageUpload(upload)) => {
                 self.upload_key_packages(conn, device, upload)
             }
@@ -2039,6 +2042,29 @@ impl Gateway {
             Err(e) => {
                 self.stats.pairings_refused += 1;
                 self.error(conn, ErrorCode::PairingRefused, &e.to_string(), None);
+            }
+        }
+    }
+
+    /// A device renews its certificate over its session (see `trust::RENEWAL_WINDOW`).
+    fn renew(&mut self, now: Instant, conn: ConnectionId, device: DeviceId) {
+        self.authority(now);
+        let authority = self.authority.as_mut().expect("created above");
+        let before = authority.certificate_of(device).map(|c| c.serial);
+        match authority.renew(now, device, &mut self.writes) {
+            Ok(cert) => {
+                if Some(cert.serial) != before {
+                    self.stats.renewals += 1;
+                }
+                let answer = CertificatePayload {
+                    certificate: cert.encode().into(),
+                    root_key: self.authority(now).root().key.0,
+                    voucher: None,
+                };
+                self.send(conn, Routing::default(), Payload::Certificate(answer));
+            }
+            Err(e) => {
+                self.error(conn, registration_error_code(&e), &e.to_string(), None);
             }
         }
     }

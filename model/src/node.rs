@@ -33,6 +33,7 @@ use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent, Processe
 use crate::time::Instant;
 use crate::trust::handshake::PeerIdentity;
 use crate::trust::pairing::{confirm_voucher, vouch_message, PAIRING_TTL};
+use crate::trust::RENEWAL_WINDOW;
 use crate::trust::{
     register_message, DeviceCertificate, EnrolmentToken, PendingVouch, TrustHolder, TrustRoot,
 };
@@ -40,7 +41,7 @@ use crate::wire::payload::Certificate as CertificatePayload;
 use crate::wire::payload::{
     Ack, CrlFetch, Cursor, ErrorCode, FetchedKeyPackage, Goodbye, Heartbeat, Hello,
     KeyPackageCount, KeyPackageFetch, KeyPackageUpload, Leave, PairVouch, Proof, Register,
-    ReplayRequest, Send, CURSORS_LEN_MAX,
+    RenewCertificate, ReplayRequest, Send, CURSORS_LEN_MAX,
 };
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -981,6 +982,39 @@ impl Node {
         self.send_frame(conn, Routing::default(), payload);
     }
 
+    /// The gateway answered a renewal: keep the certificate if it is a newer one for this key
+    /// and user under the pinned root.
+    fn on_renewed(&mut self, answer: CertificatePayload) {
+        let held = self.trust.certificate().map(|c| c.serial);
+        let fresh = DeviceCertificate::decode(&answer.certificate)
+            .is_ok_and(|c| held.is_some_and(|h| c.serial > h));
+        if !fresh {
+            return;
+        }
+        let accepted = self
+            .trust
+            .accept_certificate(
+                &answer.certificate,
+                answer.root_key,
+                self.config.key.public(),
+                self.config.certificate_user(),
+                None,
+                &mut self.writes,
+            )
+            .map(|cert| cert.serial);
+        match accepted {
+            Ok(serial) => {
+                self.bind_mls_to_trust();
+                self.outputs
+                    .push(NodeOutput::Event(NodeEvent::Registered { serial }));
+            }
+            Err(e) => self.outputs.push(NodeOutput::Event(NodeEvent::Refused {
+                code: ErrorCode::CertificateInvalid,
+                message: e.to_string(),
+            })),
+        }
+    }
+
     /// A CRL from the gateway (pushed on revocation, or answering our fetch).
     fn on_crl(&mut self, now: Instant, crl: &[u8]) {
         match self.trust.accept_crl(crl, &mut self.writes) {
@@ -1104,6 +1138,14 @@ impl Node {
                 };
                 self.send_frame(conn, Routing::default(), Payload::CrlFetch(fetch));
                 self.send_pending_vouch(now);
+                let renew_from = self
+                    .trust
+                    .certificate()
+                    .map(|c| c.not_after_s.saturating_sub(RENEWAL_WINDOW.as_secs()));
+                if renew_from.is_some_and(|from| now.as_micros() / 1_000_000 >= from) {
+                    let renew = Payload::RenewCertificate(RenewCertificate {});
+                    self.send_frame(conn, Routing::default(), renew);
+                }
                 let pending: Vec<MsgId> = self.outbox.keys().copied().collect();
                 for msg_id in pending {
                     self.transmit(now, conn, msg_id);
@@ -1113,6 +1155,9 @@ impl Node {
             Payload::Crl(crl) => self.on_crl(now, &crl.crl),
             Payload::Certificate(answer) if matches!(self.link, Link::Handshaking { .. }) => {
                 self.on_certificate(now, conn, answer);
+            }
+            Payload::Certificate(answer) if matches!(self.link, Link::Open { .. }) => {
+                self.on_renewed(answer);
             }
             _ if !matches!(self.link, Link::Open { .. }) => {
                 // Before HelloOk only a challenge, a token refusal or a goodbye make sense.

@@ -185,6 +185,7 @@ fn payload() -> impl Strategy<Value = Payload> {
             })
         }),
         bytes16().prop_map(|secret| Payload::PairVouched(PairVouched { secret })),
+        Just(Payload::RenewCertificate(RenewCertificate {})),
         body().prop_map(|mut certificate| {
             certificate.truncate(CERTIFICATE_BYTES_MAX);
             Payload::DeviceLinked(DeviceLinked {

@@ -35,9 +35,14 @@ pub const CERTIFICATES_TABLE: Table = Table("certificates");
 
 /// How long an enrolment token can be used.
 pub const ENROLMENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How long a certificate is valid. Renewal before expiry is not built yet: a device whose
-/// certificate expired registers again with a new token.
+/// How long a certificate is valid. A device renews its certificate over its session once it
+/// is within [`RENEWAL_WINDOW`] of expiry; one that expired anyway registers again with a new
+/// token (or pairing code).
 pub const CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How close to expiry a certificate is renewed: the device asks at each session open from
+/// then on, and the gateway renews only then (earlier requests get the current certificate).
+pub const RENEWAL_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// How long a pairing code an existing device shows can be used (from when it was shown).
 pub const PAIRING_TTL: Duration = Duration::from_secs(10 * 60);
@@ -471,6 +476,41 @@ impl RegistrationAuthority {
             record.used = true;
             writes.put(ENROLMENT_TOKENS_TABLE, token.to_vec(), record.encode());
         }
+        Ok(self.certify(now, device_key, user, writes))
+    }
+
+    /// Renews the certificate of `device`, whose session showed a valid one: a new serial and
+    /// validity for the same key and user, if the current one is within [`RENEWAL_WINDOW`] of
+    /// expiry; else the current certificate unchanged.
+    pub fn renew(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        writes: &mut WriteBatch,
+    ) -> Result<DeviceCertificate, RegistrationError> {
+        if self.crl.revoked.contains(&device) {
+            return Err(RegistrationError::Revoked(device));
+        }
+        let current = self
+            .certificates
+            .get(&device)
+            .ok_or(RegistrationError::UnknownDevice(device))?;
+        if current.not_after_s > seconds(now) + RENEWAL_WINDOW.as_secs() {
+            return Ok(current.clone());
+        }
+        let (key, user) = (current.device_key, current.user);
+        Ok(self.certify(now, key, user, writes))
+    }
+
+    /// Issues and records a certificate under the next serial.
+    fn certify(
+        &mut self,
+        now: Instant,
+        device_key: DevicePublicKey,
+        user: UserId,
+        writes: &mut WriteBatch,
+    ) -> DeviceCertificate {
+        let device = device_key.device_id();
         let serial = self.next_serial;
         self.next_serial += 1;
         writes.put(
@@ -496,7 +536,7 @@ impl RegistrationAuthority {
             cert.encode(),
         );
         self.certificates.insert(device, cert.clone());
-        Ok(cert)
+        cert
     }
 
     /// Revokes `device`: a new CRL version that lists it. Revoking a revoked device changes

@@ -93,6 +93,9 @@ opcodes! {
     PairVouched = 0x0307,
     /// Gateway → node: a new device registered with a pairing code this device vouched for.
     DeviceLinked = 0x0308,
+    /// Node → gateway, in a session: renew this device's certificate (answered by
+    /// `Certificate`).
+    RenewCertificate = 0x0309,
     // 0x04xx: presence (later wave)
     /// Node → gateway: set own presence.
     PresenceUpdate = 0x0400,

@@ -151,6 +151,12 @@ pub struct PairVouched {
     pub secret: [u8; 16],
 }
 
+/// Node → gateway, in a session: renew this device's certificate; the gateway answers with a
+/// `Certificate`, a new one if the current one is close to expiry.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct RenewCertificate {}
+
 /// Gateway → node: a new device registered with a pairing code this device vouched for.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
 #[cbor(map)]
@@ -592,6 +598,7 @@ pub enum Payload {
     PairVouch(PairVouch),
     PairVouched(PairVouched),
     DeviceLinked(DeviceLinked),
+    RenewCertificate(RenewCertificate),
 }
 
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
@@ -641,6 +648,7 @@ impl Payload {
             Payload::PairVouch(_) => Opcode::PairVouch,
             Payload::PairVouched(_) => Opcode::PairVouched,
             Payload::DeviceLinked(_) => Opcode::DeviceLinked,
+            Payload::RenewCertificate(_) => Opcode::RenewCertificate,
         }
     }
 
@@ -675,6 +683,7 @@ impl Payload {
             Payload::PairVouch(p) => minicbor::encode(p, &mut *out),
             Payload::PairVouched(p) => minicbor::encode(p, &mut *out),
             Payload::DeviceLinked(p) => minicbor::encode(p, &mut *out),
+            Payload::RenewCertificate(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -764,6 +773,7 @@ impl Payload {
                 )?;
                 Payload::DeviceLinked(p)
             }
+            Opcode::RenewCertificate => Payload::RenewCertificate(decode_as(opcode, bytes)?),
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };
         debug_assert_eq!(payload.opcode(), opcode);
