@@ -4,7 +4,7 @@
 //! Each session is one QUIC connection with one bidirectional stream that carries Sund frames
 //! back to back; [`FrameDecoder`] splits them, so a torn or hostile stream is rejected with a
 //! wire error instead of a panic. The gateway's certificate is self-signed (Ed25519) and created
-//! on first start; nodes pin it (its DER bytes), so no certificate authority is involved.
+//! on first start; nodes pin its SHA-256 (`certificate_pin`), so no certificate authority is involved.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};

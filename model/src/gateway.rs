@@ -2019,6 +2019,8 @@ impl Gateway {
             );
             return;
         };
+        // The refusal names the vouch by its signature's first half (not by its secret).
+        let vouch_id = MsgId::from_bytes(vouch.signature[..16].try_into().expect("16 of 64"));
         let message = vouch_message(voucher.user, &vouch.secret, vouch.expires);
         if !voucher.device_key.verify(&message, &vouch.signature) {
             self.stats.pairings_refused += 1;
@@ -2026,7 +2028,7 @@ impl Gateway {
                 conn,
                 ErrorCode::PairingRefused,
                 "the vouch's signature does not verify against this device's key",
-                None,
+                Some(vouch_id),
             );
             return;
         }
@@ -2041,7 +2043,12 @@ impl Gateway {
             }
             Err(e) => {
                 self.stats.pairings_refused += 1;
-                self.error(conn, ErrorCode::PairingRefused, &e.to_string(), None);
+                self.error(
+                    conn,
+                    ErrorCode::PairingRefused,
+                    &e.to_string(),
+                    Some(vouch_id),
+                );
             }
         }
     }
@@ -2167,8 +2174,9 @@ fn registration_error_code(error: &RegistrationError) -> ErrorCode {
         RegistrationError::Revoked(_) => ErrorCode::DeviceRevoked,
         RegistrationError::BoundToAnotherUser { .. } => ErrorCode::UserMismatch,
         RegistrationError::CrlFull | RegistrationError::UnknownDevice(_) => ErrorCode::Forbidden,
-        RegistrationError::VoucherRevoked(_) => ErrorCode::EnrolmentTokenInvalid,
-        RegistrationError::SecretTaken => ErrorCode::PairingRefused,
+        RegistrationError::VoucherRevoked(_)
+        | RegistrationError::SecretTaken
+        | RegistrationError::TooManyVouches => ErrorCode::PairingRefused,
     }
 }
 

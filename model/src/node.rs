@@ -129,6 +129,9 @@ impl NodeConfig {
     }
 }
 
+/// How often a device whose certificate is due for renewal asks again within one session.
+const RENEWAL_RETRY_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// A pairing code's secret and expiry, as [`Node::offer_pairing`] made them; the application
 /// adds the gateway's address and the user's name to show a `trust::pairing::PairingCode`.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -433,6 +436,8 @@ struct Inbound {
 pub struct Node {
     config: NodeConfig,
     entropy: Box<dyn Entropy + core::marker::Send>,
+    /// When this session last asked to renew the certificate (in memory).
+    renewal_asked: Option<Instant>,
     link: Link,
     attempts: u32,
     heartbeat_interval: Duration,
@@ -556,6 +561,7 @@ impl Node {
             heartbeat_interval: config.heartbeat_interval,
             config,
             entropy,
+            renewal_asked: None,
             link: Link::Offline {
                 retry_at: Some(now),
             },
@@ -982,6 +988,24 @@ impl Node {
         self.send_frame(conn, Routing::default(), payload);
     }
 
+    /// Asks for a new certificate once this one is within `RENEWAL_WINDOW` of expiry: at each
+    /// session open, and on heartbeats (at most hourly) for sessions that stay up for weeks.
+    fn renew_if_due(&mut self, now: Instant, conn: ConnectionId) {
+        let renew_from = self
+            .trust
+            .certificate()
+            .map(|c| c.not_after_s.saturating_sub(RENEWAL_WINDOW.as_secs()));
+        let due = renew_from.is_some_and(|from| now.as_micros() / 1_000_000 >= from);
+        let asked_lately = self
+            .renewal_asked
+            .is_some_and(|at| now < at + RENEWAL_RETRY_INTERVAL);
+        if due && !asked_lately {
+            self.renewal_asked = Some(now);
+            let renew = Payload::RenewCertificate(RenewCertificate {});
+            self.send_frame(conn, Routing::default(), renew);
+        }
+    }
+
     /// The gateway answered a renewal: keep the certificate if it is a newer one for this key
     /// and user under the pinned root.
     fn on_renewed(&mut self, answer: CertificatePayload) {
@@ -1138,14 +1162,8 @@ impl Node {
                 };
                 self.send_frame(conn, Routing::default(), Payload::CrlFetch(fetch));
                 self.send_pending_vouch(now);
-                let renew_from = self
-                    .trust
-                    .certificate()
-                    .map(|c| c.not_after_s.saturating_sub(RENEWAL_WINDOW.as_secs()));
-                if renew_from.is_some_and(|from| now.as_micros() / 1_000_000 >= from) {
-                    let renew = Payload::RenewCertificate(RenewCertificate {});
-                    self.send_frame(conn, Routing::default(), renew);
-                }
+                self.renewal_asked = None;
+                self.renew_if_due(now, conn);
                 let pending: Vec<MsgId> = self.outbox.keys().copied().collect();
                 for msg_id in pending {
                     self.transmit(now, conn, msg_id);
@@ -1178,6 +1196,7 @@ impl Node {
                 self.send_frame(conn, Routing::default(), Payload::HeartbeatAck(beat));
             }
             Payload::HeartbeatAck(ack) => {
+                self.renew_if_due(now, conn);
                 let held = self.trust.crl_version();
                 if ack.crl_version.is_some_and(|v| v > held) {
                     let fetch = CrlFetch { have_version: held };
@@ -1218,7 +1237,11 @@ impl Node {
             Payload::Error(report)
                 if ErrorCode::from_u16(report.code) == ErrorCode::PairingRefused =>
             {
-                if let Some(vouch) = self.trust.pending_vouch().copied() {
+                // The refusal names the vouch by its signature's first half: an old refusal
+                // must not drop a newer code.
+                let named =
+                    |v: &PendingVouch| report.msg_id.is_some_and(|id| id == v.signature[..16]);
+                if let Some(vouch) = self.trust.pending_vouch().copied().filter(named) {
                     self.trust
                         .take_pending_vouch(&vouch.secret, &mut self.writes);
                     self.outputs
@@ -1352,6 +1375,7 @@ impl Node {
                 | ErrorCode::EnrolmentTokenInvalid
                 | ErrorCode::EnrolmentTokenUsed
                 | ErrorCode::EnrolmentTokenExpired
+                | ErrorCode::PairingRefused
         ) {
             self.forget_resume_token();
             self.outputs.push(NodeOutput::Event(NodeEvent::Refused {

@@ -126,17 +126,33 @@ fn a_code_for_another_user_or_after_its_voucher_was_revoked_or_expired_is_refuse
     assert!(net.node(3).trust().certificate().is_none());
     assert!(refused_with(&net, 3).contains(&ErrorCode::EnrolmentTokenExpired));
 
-    // The voucher is revoked after vouching.
+    // The voucher is revoked after vouching (first it reconnects after the clock's jump).
+    net.restart(1, {
+        let mut c = node_config(1, "alice");
+        c.enrolment = Some(token);
+        c
+    });
+    assert!(net.node(1).is_connected());
     let now = net.now;
     let offer = net.node(1).offer_pairing(now);
     net.settle();
+    assert_eq!(
+        net.node(1).trust().pending_vouch(),
+        None,
+        "the vouch reached the gateway"
+    );
     let code = code_for(&mut net, &token, offer.secret);
     let first = net.device(1);
     net.gateway.handle(now, GatewayInput::RevokeDevice(first));
     net.settle();
     net.add(4, paired_config(4, &code));
     assert!(net.node(4).trust().certificate().is_none());
-    assert!(refused_with(&net, 4).contains(&ErrorCode::EnrolmentTokenInvalid));
+    assert!(
+        refused_with(&net, 4).contains(&ErrorCode::PairingRefused),
+        "{:?} {:?}",
+        net.events(4),
+        net.events(1)
+    );
 }
 
 #[test]
@@ -225,4 +241,46 @@ fn a_code_shown_while_the_gateway_is_unreachable_works_once_the_voucher_reaches_
         .events(2)
         .contains(&NodeEvent::Paired { voucher: first }));
     assert!(net.node(2).is_connected());
+}
+
+#[test]
+fn a_device_may_hold_only_a_few_unused_codes_and_a_refusal_names_its_own_code() {
+    let (mut net, _) = alice_enrolled();
+    // A refusal naming another vouch (an older code) leaves the pending one alone.
+    let now = net.now;
+    net.node(1).offer_pairing(now);
+    let pending = *net.node(1).trust().pending_vouch().unwrap();
+    let report = sund_model::wire::payload::ErrorReport {
+        code: ErrorCode::PairingRefused as u16,
+        message: "an older code".into(),
+        msg_id: Some([0x77; 16]),
+    };
+    let bytes = Frame::new(Routing::default(), Payload::Error(report)).encode();
+    assert!(net.node(1).is_connected());
+    net.node(1).handle(
+        now,
+        sund_model::node::NodeInput::Frame(ConnectionId(1), bytes),
+    );
+    assert_eq!(net.node(1).trust().pending_vouch(), Some(&pending));
+    net.settle();
+
+    for _ in 1..sund_model::trust::VOUCHES_PER_DEVICE_MAX {
+        let now = net.now;
+        net.node(1).offer_pairing(now);
+        net.settle();
+    }
+    let ready = net
+        .events(1)
+        .iter()
+        .filter(|e| matches!(e, NodeEvent::PairingReady { .. }))
+        .count();
+    assert_eq!(ready, sund_model::trust::VOUCHES_PER_DEVICE_MAX);
+    let now = net.now;
+    net.node(1).offer_pairing(now);
+    net.settle();
+    assert!(net.events(1).iter().any(
+        |e| matches!(e, NodeEvent::PairingRefused { reason } if reason.contains("unused pairing codes"))
+    ));
+    assert_eq!(net.node(1).trust().pending_vouch(), None);
+    assert_eq!(net.gateway.stats().pairings_refused, 1);
 }

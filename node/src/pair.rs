@@ -39,11 +39,14 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
-    let (offer, root) = node.offer_pairing().await.map_err(|e| e.to_string())?;
-    let Some(root) = root else {
+    // Only a registered device can vouch: check before a vouch is made and kept.
+    let status = node.status().await.map_err(|e| e.to_string())?;
+    if status.certificate.is_none() {
         let _ = node.stop().await;
         return Err("this device has not registered with its gateway yet, so it cannot vouch for another; run `sund status` until it is connected, then try again".into());
-    };
+    }
+    let (offer, root) = node.offer_pairing().await.map_err(|e| e.to_string())?;
+    let root = root.expect("a registered device has pinned its root");
     let code = PairingCode {
         secret: offer.secret,
         voucher: device.key.public().0[..16]
@@ -136,7 +139,11 @@ pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), S
     let result = loop {
         tokio::select! {
             _ = &mut deadline => {
-                println!("the gateway at {} cannot be reached, or does not know the code yet: the pairing is kept and is confirmed when this device next connects (`sund status` says when)", code.gateway);
+                if told_unknown {
+                    println!("the gateway does not know the code yet: this device registers with it at its next connection, which works once the other device has reached the gateway and while the code is valid (10 minutes from when it was shown); `sund status` says when the pairing is confirmed");
+                } else {
+                    println!("the gateway at {} cannot be reached: the pairing is kept (trust on first use) and is confirmed when this device next connects, if the code is still valid; `sund status` says when", code.gateway);
+                }
                 break Ok(());
             }
             event = node.events.recv() => match event {

@@ -47,6 +47,9 @@ pub const RENEWAL_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long a pairing code an existing device shows can be used (from when it was shown).
 pub const PAIRING_TTL: Duration = Duration::from_secs(10 * 60);
 
+/// Most unused, unexpired pairing codes one device may have vouched for at once.
+pub const VOUCHES_PER_DEVICE_MAX: usize = 4;
+
 /// How far back a certificate's validity starts before its issue.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(3600);
 
@@ -167,6 +170,9 @@ pub enum RegistrationError {
     /// A vouch names a secret already in use (a new pairing code is needed).
     #[error("this pairing secret is already in use; show a new pairing code")]
     SecretTaken,
+    /// The device already has [`VOUCHES_PER_DEVICE_MAX`] unused pairing codes.
+    #[error("this device already has {VOUCHES_PER_DEVICE_MAX} unused pairing codes; use one or wait ten minutes")]
+    TooManyVouches,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -405,6 +411,14 @@ impl RegistrationAuthority {
         let expires = expires.min(now + PAIRING_TTL);
         if expires <= now {
             return Err(RegistrationError::TokenExpired);
+        }
+        let live = self
+            .tokens
+            .values()
+            .filter(|t| t.voucher == Some(voucher) && !t.used && now < t.expires)
+            .count();
+        if live >= VOUCHES_PER_DEVICE_MAX {
+            return Err(RegistrationError::TooManyVouches);
         }
         let record = TokenRecord {
             user,

@@ -26,7 +26,7 @@ pub mod pairing;
 pub use authority::{
     EnrolmentToken, RegistrationAuthority, RegistrationError, AUTHORITY_TABLE, CERTIFICATES_TABLE,
     CERTIFICATE_VALIDITY, CLOCK_SKEW_ALLOWANCE, ENROLMENT_TOKENS_TABLE, ENROLMENT_TOKEN_TTL,
-    PAIRING_TTL, RENEWAL_WINDOW,
+    PAIRING_TTL, RENEWAL_WINDOW, VOUCHES_PER_DEVICE_MAX,
 };
 pub use certificate::{register_message, CertificateError, DeviceCertificate};
 pub use crl::{Crl, CrlError, CRL_ENTRIES_MAX};

@@ -13,7 +13,12 @@
 //! 4. The gateway accepts the registration only if A's vouch for the secret arrived, A is not
 //!    revoked, and B claims A's user. It answers with B's certificate and A's. B checks that
 //!    A's certificate has the fingerprint of the code and the same user: the pairing is
-//!    confirmed. A hears that a device was linked.
+//!    confirmed. A hears that a device was linked if it is connected at that moment (the notice
+//!    is not queued).
+//!
+//! A gateway that issued B's certificate but named the wrong voucher has already counted the
+//! code as used, even though B refuses the certificate: B pins the gateway, so only a faulty or
+//! compromised gateway does this, and B then shows the refusal.
 //!
 //! If the gateway cannot be reached when the code is shown or taken, both sides keep what they
 //! need and the pairing completes once they reach it, within [`PAIRING_TTL`] of the vouch.
@@ -124,8 +129,9 @@ impl PairingCode {
     }
 
     /// `SUND-PAIR:1:SECRET:VOUCHER:ROOT:PIN:NAME:ADDRESS`, hex in capitals and the name as the
-    /// hex of its UTF-8, so that the whole code fits a QR code's compact alphanumeric mode.
-    /// The address comes last because an IPv6 address holds colons.
+    /// hex of its UTF-8, so that a code with an IPv4 address or a host name fits a QR code's
+    /// compact alphanumeric mode (an IPv6 address's brackets do not). The address comes last
+    /// because an IPv6 address holds colons.
     pub fn to_text(&self) -> String {
         format!(
             "{TEXT_PREFIX}{}:{}:{}:{}:{}:{}",
@@ -251,6 +257,7 @@ mod tests {
             Ok(code.clone())
         );
         assert_eq!(code.enrolment().user, UserId::from_name("alice"));
+        assert!(!format!("{code:?}").contains("171"), "no secret in logs");
         assert!(!format!("{code:?}").contains("ab"), "no secret in logs");
     }
 

@@ -125,7 +125,7 @@ pub struct Certificate {
 
 /// Node → gateway, in a session: whoever presents `secret` before `expires` may register one
 /// device of this device's user (see `trust::pairing`).
-#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[derive(Encode, Decode, Clone, PartialEq, Eq)]
 #[cbor(map)]
 pub struct PairVouch {
     /// The pairing code's one-time secret.
@@ -142,7 +142,7 @@ pub struct PairVouch {
 }
 
 /// Gateway → node: the vouch for `secret` is stored.
-#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Encode, Decode, Clone, Copy, PartialEq, Eq)]
 #[cbor(map)]
 pub struct PairVouched {
     /// The secret vouched for.
@@ -156,6 +156,19 @@ pub struct PairVouched {
 #[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cbor(map)]
 pub struct RenewCertificate {}
+
+// The secrets are credentials until used: never in logs.
+impl core::fmt::Debug for PairVouch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PairVouch {{ expires: {} }}", self.expires)
+    }
+}
+
+impl core::fmt::Debug for PairVouched {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("PairVouched")
+    }
+}
 
 /// Gateway → node: a new device registered with a pairing code this device vouched for.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
@@ -320,8 +333,9 @@ pub enum ErrorCode {
     EnrolmentTokenUsed = 27,
     /// The enrolment token expired.
     EnrolmentTokenExpired = 28,
-    /// A pairing vouch was refused (bad signature, expired, or a secret in use); the session
-    /// stays open.
+    /// A pairing vouch was refused (bad signature, expired, a secret in use, too many codes;
+    /// `msg_id` is the first half of the vouch's signature), or a registration with a pairing
+    /// code whose voucher was revoked since.
     PairingRefused = 29,
 }
 
