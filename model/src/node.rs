@@ -910,6 +910,23 @@ impl Node {
                 }
             }
         }
+        if !self.take_certificate(&answer) {
+            self.outputs.push(NodeOutput::Close(conn));
+            self.schedule_reconnect(now);
+            return;
+        }
+        if let Some(voucher) = voucher {
+            self.trust.record_pairing(&voucher, &mut self.writes);
+            self.outputs.push(NodeOutput::Event(NodeEvent::Paired {
+                voucher: voucher.device(),
+            }));
+        }
+        self.send_hello(conn);
+    }
+
+    /// Keeps a certificate the gateway issued (at registration or renewal) if it checks out
+    /// against the pinned root, this key and user: then `Registered`, else `Refused`.
+    fn take_certificate(&mut self, answer: &CertificatePayload) -> bool {
         let accepted = self
             .trust
             .accept_certificate(
@@ -926,21 +943,14 @@ impl Node {
                 self.bind_mls_to_trust();
                 self.outputs
                     .push(NodeOutput::Event(NodeEvent::Registered { serial }));
-                if let Some(voucher) = voucher {
-                    self.trust.record_pairing(&voucher, &mut self.writes);
-                    self.outputs.push(NodeOutput::Event(NodeEvent::Paired {
-                        voucher: voucher.device(),
-                    }));
-                }
-                self.send_hello(conn);
+                true
             }
             Err(e) => {
                 self.outputs.push(NodeOutput::Event(NodeEvent::Refused {
                     code: ErrorCode::CertificateInvalid,
                     message: e.to_string(),
                 }));
-                self.outputs.push(NodeOutput::Close(conn));
-                self.schedule_reconnect(now);
+                false
             }
         }
     }
@@ -1015,28 +1025,7 @@ impl Node {
         if !fresh {
             return;
         }
-        let accepted = self
-            .trust
-            .accept_certificate(
-                &answer.certificate,
-                answer.root_key,
-                self.config.key.public(),
-                self.config.certificate_user(),
-                None,
-                &mut self.writes,
-            )
-            .map(|cert| cert.serial);
-        match accepted {
-            Ok(serial) => {
-                self.bind_mls_to_trust();
-                self.outputs
-                    .push(NodeOutput::Event(NodeEvent::Registered { serial }));
-            }
-            Err(e) => self.outputs.push(NodeOutput::Event(NodeEvent::Refused {
-                code: ErrorCode::CertificateInvalid,
-                message: e.to_string(),
-            })),
-        }
+        self.take_certificate(&answer);
     }
 
     /// A CRL from the gateway (pushed on revocation, or answering our fetch).

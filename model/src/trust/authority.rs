@@ -348,6 +348,20 @@ impl RegistrationAuthority {
         self.certificates.values()
     }
 
+    /// The latest certificate of `device`, which must be registered here and not revoked
+    /// (who may vouch or renew).
+    fn unrevoked_certificate(
+        &self,
+        device: DeviceId,
+    ) -> Result<&DeviceCertificate, RegistrationError> {
+        if self.crl.revoked.contains(&device) {
+            return Err(RegistrationError::Revoked(device));
+        }
+        self.certificates
+            .get(&device)
+            .ok_or(RegistrationError::UnknownDevice(device))
+    }
+
     /// The latest certificate of `device`, if it registered here.
     pub fn certificate_of(&self, device: DeviceId) -> Option<&DeviceCertificate> {
         self.certificates.get(&device)
@@ -390,14 +404,7 @@ impl RegistrationAuthority {
         expires: Instant,
         writes: &mut WriteBatch,
     ) -> Result<UserId, RegistrationError> {
-        if self.crl.revoked.contains(&voucher) {
-            return Err(RegistrationError::Revoked(voucher));
-        }
-        let user = self
-            .certificates
-            .get(&voucher)
-            .ok_or(RegistrationError::UnknownDevice(voucher))?
-            .user;
+        let user = self.unrevoked_certificate(voucher)?.user;
         if secret == [0; 16] {
             return Err(RegistrationError::TokenUnknown);
         }
@@ -502,13 +509,7 @@ impl RegistrationAuthority {
         device: DeviceId,
         writes: &mut WriteBatch,
     ) -> Result<DeviceCertificate, RegistrationError> {
-        if self.crl.revoked.contains(&device) {
-            return Err(RegistrationError::Revoked(device));
-        }
-        let current = self
-            .certificates
-            .get(&device)
-            .ok_or(RegistrationError::UnknownDevice(device))?;
+        let current = self.unrevoked_certificate(device)?;
         if current.not_after_s > seconds(now) + RENEWAL_WINDOW.as_secs() {
             return Ok(current.clone());
         }
