@@ -4,8 +4,8 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sund_model::gateway::sequencer::ConversationLog;
 use sund_model::ids::{ConversationId, DeviceId, MsgId};
-use sund_model::sequencer::ConversationLog;
 use sund_model::time::Instant;
 use sund_sim::scenario;
 use sund_sim::world::{Outcome, World};

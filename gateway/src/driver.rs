@@ -272,9 +272,9 @@ async fn core_loop(
             _ = tokio::time::sleep_until(deadline) => gateway.handle_timeout(clock.now()),
         }
         submit(&mut gateway, &mut committer);
-        if gateway.stats().gc_dropped != last_gc {
-            last_gc = gateway.stats().gc_dropped;
-            tracing::info!(
+        if gateway.delivery_stats().gc_dropped != last_gc {
+            last_gc = gateway.delivery_stats().gc_dropped;
+            tracing::debug!(
                 gc_dropped_total = last_gc,
                 "garbage collection dropped acknowledged or expired messages"
             );

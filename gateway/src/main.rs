@@ -188,8 +188,8 @@ fn serve(options: GatewayOptions) -> Result<(), String> {
         tracing::info!("signal received: draining");
         let stats = handle.shutdown().await.map_err(|e| e.to_string())?;
         tracing::info!(
-            sequenced = stats.sequenced,
-            deliveries = stats.deliveries,
+            sequenced = stats.delivery.sequenced,
+            deliveries = stats.delivery.deliveries,
             "stopped"
         );
         Ok(())

@@ -10,24 +10,21 @@
 //! - [`ids`], [`time`]: identifiers and the model's notion of time.
 //! - [`env`]: the environment traits (clock, entropy, transport, store) and the
 //!   persist-then-speak [`env::Ready`] batch.
-//! - [`sequencer`]: one conversation's ordered, deduplicated log (the gateway's core).
-//! - [`groups`]: conversations that are MLS groups at the gateway: kinds, roles, declared
-//!   group operations.
-//! - [`gateway`]: the gateway state machine (sessions, sequencing, fan-out, redelivery).
+//! - [`effects`]: the sink handlers write their store writes and outputs into.
+//! - [`gateway`]: the gateway state machine, a router over its sub-machines (sessions,
+//!   delivery and the sequencer, the registry, MLS groups, the KeyPackage directory).
 //! - [`node`]: the device state machine (outbox, cursors, gap detection, reconnect with backoff).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod directory;
+pub mod effects;
 pub mod env;
 pub mod gateway;
-pub mod groups;
 pub mod identity;
 pub mod ids;
 pub mod mls;
 pub mod node;
-pub mod sequencer;
 pub mod time;
 pub mod trust;
 pub mod wire;

@@ -25,10 +25,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::env::{Entropy, Ready, StoreError, StoreRead, Table, WriteBatch};
-use crate::groups::{GroupKind, Role};
 use crate::identity::{session_proof_message, DeviceKey, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::{DeviceMls, DeviceMlsConfig};
+use crate::mls::group_ops::{GroupKind, Role};
 use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent, Processed};
 use crate::time::Instant;
 use crate::trust::handshake::PeerIdentity;
@@ -1299,7 +1299,7 @@ impl Node {
                     // stays in the outbox and is encrypted again once we are there.
                     let id = MsgId::from_bytes(id);
                     let sent_in = self.outbox.get(&id).and_then(|out| {
-                        crate::mls::authority::read_framing(&out.body)
+                        crate::mls::commit_authority::read_framing(&out.body)
                             .ok()
                             .map(|f| f.epoch)
                     });

@@ -321,7 +321,7 @@ fn hello_and_proof_open_a_session_with_heartbeat_interval_and_token() {
     ));
     assert_eq!(ok.heartbeat_interval_ms, 5000);
     assert_eq!(ok.resume_token_ttl_s, 7 * 24 * 3600);
-    assert_eq!(h.gateway.stats().authenticated, 1);
+    assert_eq!(h.gateway.stats().sessions.authenticated, 1);
 }
 
 #[test]
@@ -351,7 +351,13 @@ fn a_proof_that_does_not_verify_closes_the_connection() {
     let out = h.frame(1, Routing::default(), Payload::Proof(Proof { signature }));
     assert_eq!(goodbye_code(&out, 1), Some(ErrorCode::AuthenticationFailed));
     assert!(closed(&out, 1));
-    assert_eq!(h.gateway.stats().auth_failures, 1);
+    assert_eq!(
+        h.gateway
+            .stats()
+            .refusals
+            .get(ErrorCode::AuthenticationFailed),
+        1
+    );
 }
 
 #[test]
@@ -496,7 +502,11 @@ fn a_hello_without_a_valid_certificate_is_refused_with_its_own_error() {
         try_hello(&mut h, 6, alice(), Some(valid)),
         Some(ErrorCode::CertificateExpired)
     );
-    assert_eq!(h.gateway.stats().auth_failures, 6);
+    assert_eq!(
+        h.gateway.stats().refusals.total(),
+        6,
+        "one goodbye per refused hello"
+    );
 }
 
 #[test]
@@ -552,7 +562,7 @@ fn a_resume_token_skips_the_challenge_and_is_rotated() {
     let out = h.hello(2, alice(), vec![], Some(token));
     let next = token_of(&out, 2);
     assert_ne!(next, token, "tokens rotate on every use");
-    assert_eq!(h.gateway.stats().resumed, 1);
+    assert_eq!(h.gateway.stats().sessions.resumed, 1);
     // The old token is spent.
     h.input(GatewayInput::Accepted(ConnectionId(3)));
     let frames = frames_to(&h.hello(3, alice(), vec![], Some(token)), 3);
@@ -698,7 +708,7 @@ fn a_retried_send_gets_the_original_seq_and_is_not_sequenced_again() {
     let out = h.send(1, alice(), 1, b"a");
     assert_eq!(frames_to(&out, 1)[0].routing.seq, 1);
     assert_eq!(h.gateway.conversation_head(CONV), Some(2));
-    assert_eq!(h.gateway.stats().duplicates, 1);
+    assert_eq!(h.gateway.stats().delivery.duplicates, 1);
 }
 
 #[test]
@@ -757,7 +767,13 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
     // Alice's session is untouched.
     let out = h.send(1, alice(), 1, b"still here");
     assert!(matches!(frames_to(&out, 1)[0].payload, Payload::SendAck(_)));
-    assert_eq!(h.gateway.stats().malformed, 3);
+    assert_eq!(
+        h.gateway
+            .stats()
+            .refusals
+            .get(sund_model::wire::payload::ErrorCode::MalformedFrame),
+        3
+    );
 }
 
 #[test]
@@ -834,7 +850,11 @@ fn recovery_restores_log_members_and_cursors_from_the_store() {
 fn a_corrupt_store_is_an_error_on_recovery() {
     let mut store = MemStore::default();
     let mut batch = sund_model::env::WriteBatch::default();
-    batch.put(sund_model::sequencer::LOG_TABLE, vec![1, 2, 3], vec![4]);
+    batch.put(
+        sund_model::gateway::sequencer::LOG_TABLE,
+        vec![1, 2, 3],
+        vec![4],
+    );
     store.commit(batch).unwrap();
     let err = Gateway::recover(
         GatewayConfig::default(),
@@ -859,7 +879,7 @@ fn acknowledged_messages_are_collected_and_the_head_survives_recovery() {
     h.now = h.now + Duration::from_secs(1);
     h.gateway.handle_timeout(h.now);
     h.drain();
-    assert_eq!(h.gateway.stats().gc_dropped, 4);
+    assert_eq!(h.gateway.stats().delivery.gc_dropped, 4);
     let log = h.gateway.conversations().next().unwrap();
     assert_eq!((log.first_seq(), log.head(), log.retained()), (5, 4, 0));
     let recovered = h.restarted(open_config()).gateway;
@@ -891,14 +911,14 @@ fn a_gc_backlog_is_worked_off_in_small_steps_ahead_of_the_tick() {
     h.now = h.now + config.tick_interval;
     h.gateway.handle_timeout(h.now);
     h.drain();
-    assert_eq!(h.gateway.stats().gc_dropped, 3, "one bounded step");
+    assert_eq!(h.gateway.stats().delivery.gc_dropped, 3, "one bounded step");
     assert_eq!(
         h.gateway.poll_timeout(),
         h.now + config.gc_backlog_interval,
         "more is waiting, so the next step comes before the tick"
     );
     let mut steps = 1;
-    while h.gateway.stats().gc_dropped < 8 {
+    while h.gateway.stats().delivery.gc_dropped < 8 {
         h.now = h.gateway.poll_timeout();
         h.gateway.handle_timeout(h.now);
         let writes: usize = std::iter::from_fn(|| h.gateway.poll_ready())
@@ -917,7 +937,7 @@ fn a_gc_backlog_is_worked_off_in_small_steps_ahead_of_the_tick() {
     }
     // The last step (2 of 3) took everything: back to the tick.
     assert!(h.gateway.poll_timeout() > h.now + config.gc_backlog_interval);
-    assert_eq!(h.gateway.stats().gc_dropped, 8);
+    assert_eq!(h.gateway.stats().delivery.gc_dropped, 8);
 }
 
 #[test]
@@ -947,7 +967,7 @@ fn a_resume_from_before_the_retained_log_gets_replay_window_exceeded() {
     );
     assert!(matches!(frames[3].payload, Payload::Deliver(_)));
     assert_eq!(frames[3].routing.seq, 4);
-    assert_eq!(h.gateway.stats().replay_window_exceeded, 1);
+    assert_eq!(h.gateway.stats().delivery.replay_window_exceeded, 1);
 }
 
 /// Regression (spotted while writing the `gateway_inputs` fuzz target): creating a conversation
@@ -1173,7 +1193,13 @@ fn invalid_or_foreign_packages_are_refused_and_nothing_is_stored() {
         report.message
     );
     assert_eq!(h.gateway.key_packages_left(alice()), 3);
-    assert_eq!(h.gateway.stats().key_package_uploads_refused, 2);
+    assert_eq!(
+        h.gateway
+            .stats()
+            .refusals
+            .get(sund_model::wire::payload::ErrorCode::KeyPackageRejected),
+        2
+    );
 }
 
 #[test]

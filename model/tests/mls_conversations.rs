@@ -5,8 +5,8 @@
 mod support;
 
 use bytes::Bytes;
-use sund_model::groups::{GroupKind, Role};
 use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::mls::group_ops::{GroupKind, Role};
 use sund_model::mls::groups::{GroupStatus, Intent};
 use sund_model::node::{dm_id, NodeEvent};
 use sund_model::wire::payload::ErrorCode;
@@ -153,7 +153,7 @@ fn both_users_creating_the_same_dm_at_once_converge_on_one_group() {
         assert_eq!(authenticator(&net, conn, a), first);
     }
     assert_eq!(
-        net.gateway.stats().stale_commits,
+        net.gateway.stats().groups.stale_commits,
         1,
         "the second creation lost"
     );
@@ -290,7 +290,7 @@ fn concurrent_commits_one_wins_the_other_is_retried_in_the_next_epoch() {
     net.settle();
     let group = net.gateway.group(room).unwrap();
     assert_eq!(group.epoch(), 4, "creation plus three updates");
-    assert!(net.gateway.stats().stale_commits >= 2);
+    assert!(net.gateway.stats().groups.stale_commits >= 2);
     let a = authenticator(&net, 1, room);
     assert_eq!(a.0, 4);
     for conn in [2, 3] {
@@ -367,7 +367,7 @@ fn a_message_made_before_a_commit_it_missed_is_encrypted_again_in_the_new_epoch(
     net.nodes.get_mut(&1).unwrap().0.go_online(now);
     net.settle();
     assert_eq!(
-        net.gateway.stats().stale_messages,
+        net.gateway.stats().groups.stale_messages,
         1,
         "refused once as epoch 1"
     );
@@ -401,7 +401,7 @@ fn a_device_leaves_and_the_operator_removes_another_through_the_gateways_proposa
     // Carol, a member, leaves: the gateway proposes her removal; Alice (lowest leaf) commits it.
     net.nodes.get_mut(&4).unwrap().0.leave(now, room).unwrap();
     net.settle();
-    assert_eq!(net.gateway.stats().removals_proposed, 1);
+    assert_eq!(net.gateway.stats().groups.removals_proposed, 1);
     let group = net.gateway.group(room).unwrap();
     assert!(!group.devices().contains_key(&carol));
     assert!(group.removals().is_empty());

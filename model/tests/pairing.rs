@@ -91,7 +91,7 @@ fn a_device_paired_from_another_is_certified_and_both_hear_of_it() {
         net.node(2).is_connected(),
         "the new device opened its session"
     );
-    assert_eq!(net.gateway.stats().pairings, 1);
+    assert_eq!(net.gateway.stats().registry.pairings, 1);
     assert_eq!(net.node(1).trust().pending_vouch(), None);
 
     // The code was for one device.
@@ -189,7 +189,13 @@ fn a_vouch_with_a_bad_signature_is_refused_and_the_code_never_works() {
         matches!(&f.payload, Payload::Error(e) if ErrorCode::from_u16(e.code) == ErrorCode::PairingRefused)
     });
     assert!(refused);
-    assert_eq!(net.gateway.stats().pairings_refused, 1);
+    assert_eq!(
+        net.gateway
+            .stats()
+            .refusals
+            .get(sund_model::wire::payload::ErrorCode::PairingRefused),
+        1
+    );
     let code = code_for(&mut net, &token, secret);
     net.add(2, paired_config(2, &code));
     assert!(net.node(2).trust().certificate().is_none());
@@ -282,5 +288,11 @@ fn a_device_may_hold_only_a_few_unused_codes_and_a_refusal_names_its_own_code() 
         |e| matches!(e, NodeEvent::PairingRefused { reason } if reason.contains("unused pairing codes"))
     ));
     assert_eq!(net.node(1).trust().pending_vouch(), None);
-    assert_eq!(net.gateway.stats().pairings_refused, 1);
+    assert_eq!(
+        net.gateway
+            .stats()
+            .refusals
+            .get(sund_model::wire::payload::ErrorCode::PairingRefused),
+        1
+    );
 }

@@ -21,7 +21,7 @@ fn a_certificate_close_to_expiry_is_renewed_at_the_next_session_and_kept() {
     net.now = net.now + DAY * 300;
     net.restart(1, node_config(1, "alice"));
     assert_eq!(net.node(1).trust().certificate(), Some(&first));
-    assert_eq!(net.gateway.stats().renewals, 0);
+    assert_eq!(net.gateway.stats().registry.renewals, 0);
 
     // Inside the window: the session renews it, for the same key and user.
     net.now = net.now + DAY * 40;
@@ -36,13 +36,13 @@ fn a_certificate_close_to_expiry_is_renewed_at_the_next_session_and_kept() {
     assert!(net.events(1).contains(&NodeEvent::Registered {
         serial: renewed.serial
     }));
-    assert_eq!(net.gateway.stats().renewals, 1);
+    assert_eq!(net.gateway.stats().registry.renewals, 1);
     assert!(net.node(1).is_connected());
 
     // The renewed certificate is durable, and the next session neither renews nor registers.
     net.restart(1, node_config(1, "alice"));
     assert_eq!(net.node(1).trust().certificate(), Some(&renewed));
-    assert_eq!(net.gateway.stats().renewals, 1);
+    assert_eq!(net.gateway.stats().registry.renewals, 1);
     assert!(net.node(1).is_connected());
 }
 
@@ -69,7 +69,7 @@ fn a_revoked_device_cannot_renew() {
     net.gateway
         .handle(now, GatewayInput::Frame(ConnectionId(2), bytes));
     net.settle();
-    assert_eq!(net.gateway.stats().renewals, 0);
+    assert_eq!(net.gateway.stats().registry.renewals, 0);
     let last = net.seen[&2].last().unwrap();
     assert!(
         matches!(&last.payload, Payload::Goodbye(g) if matches!(ErrorCode::from_u16(g.code), ErrorCode::NotAuthenticated | ErrorCode::DeviceRevoked)),

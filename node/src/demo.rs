@@ -116,7 +116,7 @@ pub async fn run() -> Result<(), String> {
     let stats = gateway.shutdown().await.map_err(|e| e.to_string())?;
     println!(
         "[gateway] stopped after sequencing {} messages and taking {} MLS KeyPackages from the devices; restarting",
-        stats.sequenced, stats.key_packages_uploaded
+        stats.delivery.sequenced, stats.key_packages.uploaded
     );
     let gateway = start_gateway(dir.path(), addr).await?;
 

@@ -20,10 +20,10 @@ use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::{self, FrameReader, Socket, WriterCommand};
 use sund_gateway::store::RedbStore;
 use sund_model::env::Ready;
-use sund_model::groups::GroupKind;
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::mls::group_ops::GroupKind;
 use sund_model::mls::groups::{GroupError, GroupStatus, Intent};
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, PairingOffer, SendError,

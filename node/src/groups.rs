@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use sund_model::groups::{GroupKind, Role};
 use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::mls::group_ops::{GroupKind, Role};
 use sund_model::mls::groups::{DeviceGroups, GroupStatus, Intent};
 use sund_model::node::NodeEvent;
 use sund_node::device::Device;

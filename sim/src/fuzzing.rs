@@ -748,7 +748,13 @@ mod tests {
             0,
             WellFormed::KeyPackageFetch { users: vec![1, 2] },
         ));
-        assert_eq!(h.gateway.stats().key_package_uploads_refused, 1);
+        assert_eq!(
+            h.gateway
+                .stats()
+                .refusals
+                .get(sund_model::wire::payload::ErrorCode::KeyPackageRejected),
+            1
+        );
         assert_eq!(
             h.gateway.devices_of(user(1)).collect::<Vec<_>>(),
             vec![device(1)]
@@ -769,7 +775,10 @@ mod tests {
         };
         h.step(Op::Frame(0, again));
         assert_eq!(
-            h.gateway.stats().key_package_uploads_refused,
+            h.gateway
+                .stats()
+                .refusals
+                .get(sund_model::wire::payload::ErrorCode::KeyPackageRejected),
             2,
             "package 2 is already in the pool"
         );
@@ -781,7 +790,10 @@ mod tests {
         };
         h.step(Op::Frame(0, foreign));
         assert_eq!(
-            h.gateway.stats().key_package_uploads_refused,
+            h.gateway
+                .stats()
+                .refusals
+                .get(sund_model::wire::payload::ErrorCode::KeyPackageRejected),
             3,
             "device 2's package"
         );

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use sund_model::groups::GroupKind;
+use sund_model::mls::group_ops::GroupKind;
 
 use crate::network::LinkProfile;
 

@@ -947,7 +947,7 @@ impl World {
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&seq.to_le_bytes());
                 record.extend_from_slice(&device.to_bytes());
-                let sender = sund_model::sequencer::AUTHORITY_SENDER;
+                let sender = sund_model::gateway::sequencer::AUTHORITY_SENDER;
                 self.checker
                     .on_delivered(self.now, a, name, *conversation, *seq, sender, *msg_id);
             }

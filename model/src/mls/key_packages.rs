@@ -15,7 +15,7 @@ use openmls_traits::crypto::OpenMlsCrypto;
 use openmls_traits::OpenMlsProvider as _;
 
 use super::{capabilities, lifetime, LifetimePolicy, MlsProvider, CIPHERSUITE};
-use crate::directory::PackageKind;
+use crate::gateway::key_packages::PackageKind;
 use crate::ids::DeviceId;
 use crate::time::Instant;
 

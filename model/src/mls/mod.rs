@@ -26,9 +26,10 @@
 //! All of openmls's storage writes for one operation are buffered by [`storage::MlsStorage`] and
 //! leave in one [`crate::env::WriteBatch`].
 
-pub mod authority;
+pub mod commit_authority;
 pub mod crypto;
 pub mod device;
+pub mod group_ops;
 pub mod groups;
 pub mod key_packages;
 pub mod provider;

@@ -308,7 +308,7 @@ pub enum ErrorCode {
     /// The device is bound to another user than the one its hello names.
     UserMismatch = 16,
     /// An MLS commit or proposal for an epoch the group has left: another commit won; process
-    /// it and retry (see `mls::authority`).
+    /// it and retry (see `mls::commit_authority`).
     StaleEpoch = 17,
     /// The sender's role in the group does not allow this change (see `groups`).
     Forbidden = 18,

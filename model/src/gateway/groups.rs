@@ -1,11 +1,8 @@
-//! Conversations that are MLS groups, as the gateway sees them: kind, roles, member devices and
-//! the commit authority.
+//! Conversations that are MLS groups, as the gateway sees them: kind, roles, member devices, the
+//! commit authority, and the gateway as every group's external sender.
 //!
-//! The gateway never reads a commit's content. Each Sund commit declares what it does in its MLS
-//! authenticated data ([`GroupOps`]): the AAD is signed by the committer, travels in the clear in
-//! both MLS framings, and every member checks it against the commit it processes (a commit whose
-//! declaration differs from its content is refused by every honest member). The gateway enforces
-//! roles on the declaration:
+//! The gateway never reads a commit's content; it enforces roles on the declaration each commit
+//! carries ([`GroupOps`], see `mls::group_ops`):
 //!
 //! | who (the sender's user) | may add | may remove | may set roles |
 //! |---|---|---|---|
@@ -17,201 +14,449 @@
 //! A commit removes at most one device: openmls orders several member-specific proposals by a
 //! std hash map (see `mls`), and one per commit keeps every run reproducible.
 //!
+//! Admission ([`Groups::admit`]): after deduplication, every group message passes the commit
+//! authority (the first commit per epoch wins; application messages only in the current epoch,
+//! `stale_epoch` with the group's epoch in the error's header otherwise) and, for commits, the
+//! role check. A commit that adds devices must carry their Welcome, and may not add a revoked
+//! device.
+//!
 //! The gateway is also an external sender of every group (RFC 9420 §12.1.8.1): it signs Remove
-//! proposals for a device that asked to leave or that its operator removes. Any member may
-//! commit such a pending removal whatever its role. To address the device, the gateway keeps
-//! each member's leaf index: the creator sits at leaf 0, and each commit declares the leaf of
-//! every device it adds (members check the declaration when they merge the commit).
+//! proposals for a device that asked to leave or that its operator removes, one per epoch until
+//! a commit removes it. Any member may commit such a pending removal whatever its role. To
+//! address the device, the gateway keeps each member's leaf index: the creator sits at leaf 0,
+//! and each commit declares the leaf of every device it adds (members check the declaration when
+//! they merge the commit).
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use minicbor::bytes::ByteArray;
 use minicbor::{Decode, Encode};
 
-use crate::env::{StoreError, Table, WriteBatch};
-use crate::ids::{ConversationId, DeviceId, UserId};
-use crate::mls::authority::EpochAuthority;
+use super::Refusal;
+use crate::env::{Entropy, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
+use crate::mls;
+use crate::mls::commit_authority::{Admission, EpochAuthority, Kind};
+use crate::mls::group_ops::{GroupKind, GroupOps, GroupRefusal, Role, RoleChange};
+use crate::trust::Crl;
+use crate::wire::payload::ErrorCode;
+use crate::wire::Routing;
 
 /// Store table of group records: conversation id → [`GroupRecord`] CBOR.
 pub const GROUPS_TABLE: Table = Table("groups");
 
-/// Most devices one commit may add.
-pub const ADDED_MAX: usize = 1024;
-/// Most devices one commit may remove (see the module docs).
-pub const REMOVED_MAX: usize = 1;
-/// Most role changes in one commit.
-pub const ROLES_MAX: usize = 64;
+/// Table of the gateway's own keys: key `mls_signer`, value its MLS signing key's 32-byte seed
+/// (the key it signs external proposals with).
+pub const GATEWAY_KEYS_TABLE: Table = Table("gateway_keys");
+const MLS_SIGNER_KEY: &[u8] = b"mls_signer";
 
-/// What a conversation is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum GroupKind {
-    /// Two users and all their devices.
-    Dm = 1,
-    /// Any number of users, with roles.
-    Room = 2,
+/// What an accepted commit does once it has its seq.
+pub struct GroupEffect {
+    /// The group as the commit leaves it.
+    pub state: GroupState,
+    /// The membership and role changes.
+    pub change: Change,
+    /// The Welcome for the devices it adds.
+    pub welcome: Option<Bytes>,
 }
 
-impl GroupKind {
-    /// The kind for a wire value.
-    pub fn from_u8(value: u8) -> Option<GroupKind> {
-        match value {
-            1 => Some(GroupKind::Dm),
-            2 => Some(GroupKind::Room),
-            _ => None,
-        }
+/// What a removal request leads to.
+pub enum Removal {
+    /// Nothing to do now (no such group or member, proposed already, or queued behind another
+    /// removal of this epoch).
+    Nothing,
+    /// The device is the group's last member: it goes at once and the conversation is over.
+    LastMember(Box<GroupEffect>),
+    /// Propose it now (the caller sequences the proposal).
+    Propose,
+}
+
+/// Counters of the groups sub-machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Commits accepted into MLS conversations.
+    pub commits: u64,
+    /// Commits refused as stale (another commit won the epoch).
+    pub stale_commits: u64,
+    /// Application messages refused as made in an earlier epoch (the sender re-encrypts).
+    pub stale_messages: u64,
+    /// Remove proposals the gateway sent as external sender.
+    pub removals_proposed: u64,
+}
+
+/// The gateway's MLS conversations and its external-sender key. See the module docs.
+#[derive(Default)]
+pub struct Groups {
+    groups: BTreeMap<ConversationId, GroupState>,
+    /// The key the gateway signs external proposals with (made at the first session).
+    signer: Option<openmls_basic_credential::SignatureKeyPair>,
+    stats: GroupStats,
+}
+
+impl core::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Groups")
+            .field("groups", &self.groups.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
-impl core::fmt::Display for GroupKind {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(match self {
-            GroupKind::Dm => "dm",
-            GroupKind::Room => "room",
+impl Groups {
+    /// Reads the groups and the external-sender key back.
+    pub fn recover(store: &dyn StoreRead) -> Result<Groups, StoreError> {
+        let mut groups = Groups::default();
+        crate::env::scan_all(store, GROUPS_TABLE, |key, value| {
+            let (conv, state) = GroupState::decode(key, value)?;
+            groups.groups.insert(conv, state);
+            Ok(())
+        })?;
+        if let Some(seed) = store.get(GATEWAY_KEYS_TABLE, MLS_SIGNER_KEY)? {
+            let seed: [u8; 32] = seed
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt {
+                    table: GATEWAY_KEYS_TABLE.0,
+                    reason: format!("MLS signing key of {} bytes, want 32", seed.len()),
+                })?;
+            groups.signer = Some(signer_from_seed(seed));
+        }
+        Ok(groups)
+    }
+
+    /// Kind, epoch, roles and devices of an MLS conversation.
+    pub fn get(&self, conv: ConversationId) -> Option<&GroupState> {
+        self.groups.get(&conv)
+    }
+
+    /// True if `conv` is an MLS conversation.
+    pub fn contains(&self, conv: ConversationId) -> bool {
+        self.groups.contains_key(&conv)
+    }
+
+    /// The groups `device` is a member of, in id order.
+    pub fn groups_of(&self, device: DeviceId) -> Vec<ConversationId> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.devices().contains_key(&device))
+            .map(|(&conv, _)| conv)
+            .collect()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &GroupStats {
+        &self.stats
+    }
+
+    /// Counts a commit sequenced.
+    pub fn count_commit(&mut self) {
+        self.stats.commits += 1;
+    }
+
+    /// The gateway's external-sender public key, made from the entropy on first use.
+    pub fn external_key(&mut self, entropy: &mut dyn Entropy, writes: &mut WriteBatch) -> Vec<u8> {
+        self.signer(entropy, writes).public().to_vec()
+    }
+
+    fn signer(
+        &mut self,
+        entropy: &mut dyn Entropy,
+        writes: &mut WriteBatch,
+    ) -> &openmls_basic_credential::SignatureKeyPair {
+        self.signer.get_or_insert_with(|| {
+            let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+            entropy.fill_bytes(seed.as_mut_slice());
+            writes.put(GATEWAY_KEYS_TABLE, MLS_SIGNER_KEY.to_vec(), seed.to_vec());
+            signer_from_seed(*seed)
         })
     }
-}
 
-/// A user's role in a room (in a DM both users are owners of their own devices only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    /// Sends, adds and removes its own user's devices.
-    Member = 0,
-    /// Also adds anyone and removes members.
-    Admin = 1,
-    /// Also removes admins and sets roles.
-    Owner = 2,
-}
-
-impl Role {
-    /// The role for a wire value.
-    pub fn from_u8(value: u8) -> Option<Role> {
-        match value {
-            0 => Some(Role::Member),
-            1 => Some(Role::Admin),
-            2 => Some(Role::Owner),
-            _ => None,
+    /// Decides on a message for an MLS conversation (or one a creating commit is about to make):
+    /// a duplicate passes (it gets its original seq, never `stale_epoch`), then the commit
+    /// authority and the roles. `Ok(Some(effect))` for a commit, to apply once sequenced.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit(
+        &mut self,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+        body: &[u8],
+        welcome: Option<Bytes>,
+        duplicate: bool,
+        has_log: bool,
+        user_of: &dyn Fn(DeviceId) -> Option<UserId>,
+        crl: Option<&Crl>,
+    ) -> Result<Option<Box<GroupEffect>>, Refusal> {
+        if duplicate {
+            return Ok(None);
         }
-    }
-}
-
-impl core::fmt::Display for Role {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(match self {
-            Role::Member => "member",
-            Role::Admin => "admin",
-            Role::Owner => "owner",
-        })
-    }
-}
-
-/// A role given to a user by a commit.
-#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
-#[cbor(map)]
-pub struct RoleChange {
-    /// The user.
-    #[n(0)]
-    pub user: ByteArray<16>,
-    /// The new role (`Role` as a number).
-    #[n(1)]
-    pub role: u8,
-}
-
-/// A device a commit adds, and the user it belongs to (checked by the gateway against the
-/// device's binding, so every member learns who its new members are).
-#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
-#[cbor(map)]
-pub struct AddedDevice {
-    /// The device.
-    #[n(0)]
-    pub device: ByteArray<16>,
-    /// Its user.
-    #[n(1)]
-    pub user: ByteArray<16>,
-    /// The MLS leaf index the device gets.
-    #[n(2)]
-    pub leaf: Option<u32>,
-}
-
-impl AddedDevice {
-    /// A declaration for `device` of `user` at `leaf`.
-    pub fn new(device: DeviceId, user: UserId, leaf: u32) -> AddedDevice {
-        AddedDevice {
-            device: ByteArray::from(device.to_bytes()),
-            user: ByteArray::from(user.to_bytes()),
-            leaf: Some(leaf),
+        let refuse = |code: ErrorCode, message: String, epoch: u64| {
+            let routing = Routing {
+                conversation: conv,
+                epoch,
+                ..Routing::default()
+            };
+            Refusal::error(code, message)
+                .in_conversation(routing)
+                .about(msg_id)
+        };
+        let (framing, aad) = match mls::commit_authority::read_message(body) {
+            Ok(read) => read,
+            Err(_) if !self.groups.contains_key(&conv) => {
+                let message = "no such conversation here".to_string();
+                return Err(refuse(ErrorCode::UnknownConversation, message, 0));
+            }
+            Err(e) => return Err(refuse(ErrorCode::InvalidGroupMessage, e.to_string(), 0)),
+        };
+        if framing.group_id != conv.to_bytes() {
+            let message = "the MLS group id differs from the conversation id".to_string();
+            return Err(refuse(ErrorCode::InvalidGroupMessage, message, 0));
         }
-    }
-}
-
-/// What a Sund commit declares it does; carried as the commit's MLS authenticated data.
-#[derive(Encode, Decode, Clone, Debug, Default, PartialEq, Eq)]
-#[cbor(map)]
-pub struct GroupOps {
-    /// Set on the commit that creates the conversation: its kind (`GroupKind` as a number).
-    #[n(0)]
-    pub create: Option<u8>,
-    /// Devices the commit adds.
-    #[n(1)]
-    pub added: Vec<AddedDevice>,
-    /// Devices the commit removes (at most [`REMOVED_MAX`]).
-    #[n(2)]
-    pub removed: Vec<ByteArray<16>>,
-    /// Role changes.
-    #[n(3)]
-    pub roles: Vec<RoleChange>,
-}
-
-impl GroupOps {
-    /// The CBOR bytes that go into the commit's authenticated data.
-    pub fn encode(&self) -> Vec<u8> {
-        minicbor::to_vec(self).expect("encoding into a Vec cannot fail")
-    }
-
-    /// Reads the declaration from a commit's authenticated data (empty data: no changes),
-    /// checking its limits.
-    pub fn decode(aad: &[u8]) -> Result<GroupOps, GroupRefusal> {
-        if aad.is_empty() {
-            return Ok(GroupOps::default());
-        }
-        let ops: GroupOps = minicbor::decode(aad)
-            .map_err(|e| GroupRefusal::Invalid(format!("group operations: {e}")))?;
-        let limits = [
-            ("added", ops.added.len(), ADDED_MAX),
-            ("removed", ops.removed.len(), REMOVED_MAX),
-            ("roles", ops.roles.len(), ROLES_MAX),
-        ];
-        for (field, len, max) in limits {
-            if len > max {
-                return Err(GroupRefusal::Invalid(format!(
-                    "a commit lists {len} {field} devices or roles; at most {max} are allowed"
-                )));
+        let current = self.groups.get(&conv).map(GroupState::epoch);
+        match framing.kind {
+            Kind::Application => match current {
+                None => {
+                    let message = "no such conversation here".to_string();
+                    Err(refuse(ErrorCode::UnknownConversation, message, 0))
+                }
+                Some(epoch) if framing.epoch > epoch => {
+                    let message = format!("epoch {} is ahead of the group's", framing.epoch);
+                    Err(refuse(ErrorCode::InvalidGroupMessage, message, epoch))
+                }
+                Some(epoch) if framing.epoch < epoch => {
+                    // Sequenced now, it would reach members (new ones among them) in a later
+                    // epoch than it was made for: the sender encrypts it again.
+                    self.stats.stale_messages += 1;
+                    let message = format!(
+                        "made in epoch {}, the group is at epoch {epoch}; encrypt it again",
+                        framing.epoch
+                    );
+                    Err(refuse(ErrorCode::StaleEpoch, message, epoch))
+                }
+                Some(_) => Ok(None),
+            },
+            Kind::Proposal => {
+                let message = "Sund members commit their changes; proposals by members are \
+                               not accepted"
+                    .to_string();
+                Err(refuse(
+                    ErrorCode::InvalidGroupMessage,
+                    message,
+                    current.unwrap_or(0),
+                ))
+            }
+            Kind::Commit => {
+                let ops = match GroupOps::decode(&aad) {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        let epoch = current.unwrap_or(0);
+                        return Err(refuse(ErrorCode::InvalidGroupMessage, e.to_string(), epoch));
+                    }
+                };
+                let checked = self.check_commit(
+                    device,
+                    conv,
+                    framing.epoch,
+                    &ops,
+                    welcome,
+                    has_log,
+                    user_of,
+                    crl,
+                );
+                match checked {
+                    Ok(effect) => Ok(Some(Box::new(effect))),
+                    Err((code, message, epoch)) => {
+                        if code == ErrorCode::StaleEpoch {
+                            self.stats.stale_commits += 1;
+                        }
+                        Err(refuse(code, message, epoch))
+                    }
+                }
             }
         }
-        Ok(ops)
     }
 
-    /// Devices added and their declared users, as ids.
-    pub fn added_devices(&self) -> impl Iterator<Item = (DeviceId, UserId)> + '_ {
-        self.added
-            .iter()
-            .map(|a| (DeviceId::from_bytes(*a.device), UserId::from_bytes(*a.user)))
+    /// Checks a commit against the authority and the roles; on success returns the group as it
+    /// will be after the commit.
+    #[allow(clippy::too_many_arguments)]
+    fn check_commit(
+        &self,
+        device: DeviceId,
+        conv: ConversationId,
+        epoch: u64,
+        ops: &GroupOps,
+        welcome: Option<Bytes>,
+        has_log: bool,
+        user_of: &dyn Fn(DeviceId) -> Option<UserId>,
+        crl: Option<&Crl>,
+    ) -> Result<GroupEffect, (ErrorCode, String, u64)> {
+        let mut state = match (self.groups.get(&conv), ops.create) {
+            (Some(state), None) => state.clone(),
+            (Some(state), Some(_)) => {
+                return Err((
+                    ErrorCode::StaleEpoch,
+                    "this conversation exists already; join it from its Welcome".into(),
+                    state.epoch(),
+                ))
+            }
+            (None, None) => {
+                return Err((
+                    ErrorCode::UnknownConversation,
+                    "no such conversation here".into(),
+                    0,
+                ))
+            }
+            (None, Some(kind)) => {
+                let Some(kind) = GroupKind::from_u8(kind) else {
+                    let message = format!("unknown conversation kind {kind}");
+                    return Err((ErrorCode::InvalidGroupMessage, message, 0));
+                };
+                if has_log {
+                    let message = "an operator-made conversation has this id".into();
+                    return Err((ErrorCode::InvalidGroupMessage, message, 0));
+                }
+                let Some(user) = user_of(device) else {
+                    let message = "say which user this device belongs to before creating \
+                                   conversations (sund init --user NAME)"
+                        .into();
+                    return Err((ErrorCode::Forbidden, message, 0));
+                };
+                GroupState::create(kind, device, user)
+            }
+        };
+        let before = state.epoch();
+        match state.authority_mut().admit(epoch, Kind::Commit) {
+            Admission::Accept => {}
+            Admission::Stale { current } => {
+                let message = format!(
+                    "a commit for epoch {epoch} was already accepted; the group is at epoch \
+                     {current}"
+                );
+                return Err((ErrorCode::StaleEpoch, message, current));
+            }
+            Admission::Future { current } => {
+                let message = format!("epoch {epoch} is ahead of the group's {current}");
+                return Err((ErrorCode::InvalidGroupMessage, message, current));
+            }
+        }
+        let change = state
+            .check(device, ops, user_of)
+            .map_err(|refusal| match refusal {
+                GroupRefusal::Forbidden(m) => (ErrorCode::Forbidden, m, before),
+                GroupRefusal::Invalid(m) => (ErrorCode::InvalidGroupMessage, m, before),
+            })?;
+        if !change.added.is_empty() && welcome.is_none() {
+            let message = "a commit that adds devices must carry their Welcome".into();
+            return Err((ErrorCode::InvalidGroupMessage, message, before));
+        }
+        if let Some(crl) = crl {
+            if let Some((revoked, _, _)) = change
+                .added
+                .iter()
+                .find(|(d, _, _)| crl.revoked.contains(d))
+            {
+                let message = format!("device {revoked} is revoked and cannot be added");
+                return Err((ErrorCode::Forbidden, message, before));
+            }
+        }
+        state.apply(&change);
+        debug_assert!(state.epoch() > before, "an accepted commit moves the epoch");
+        Ok(GroupEffect {
+            state,
+            change,
+            welcome,
+        })
     }
 
-    /// Devices removed, as ids.
-    pub fn removed_devices(&self) -> impl Iterator<Item = DeviceId> + '_ {
-        self.removed.iter().map(|d| DeviceId::from_bytes(**d))
+    /// Keeps the group's state after an accepted commit (or a last member's departure).
+    pub fn set_state(&mut self, conv: ConversationId, state: GroupState, writes: &mut WriteBatch) {
+        if let Some(old) = self.groups.get(&conv) {
+            // Epochs only move forward; a stored state that went back would let an old commit in.
+            assert!(state.epoch() >= old.epoch(), "group epochs are monotonic");
+        }
+        state.persist(conv, writes);
+        self.groups.insert(conv, state);
+    }
+
+    /// Records a request to remove `device` from `conv` (it leaves, is revoked, or the operator
+    /// removes it) and says what to do now. Proposals are bound to their epoch and a commit
+    /// holds at most one removal, so one is proposed per epoch; the others wait their turn.
+    pub fn request_removal(
+        &mut self,
+        conv: ConversationId,
+        device: DeviceId,
+        writes: &mut WriteBatch,
+    ) -> Removal {
+        let Some(group) = self.groups.get_mut(&conv) else {
+            return Removal::Nothing;
+        };
+        if group.devices().len() == 1 && group.devices().contains_key(&device) {
+            // The last member leaves: nobody is left to commit, so it goes at once and the
+            // conversation is over.
+            let mut state = group.clone();
+            let change = Change {
+                removed: vec![device],
+                ..Change::default()
+            };
+            state.apply(&change);
+            return Removal::LastMember(Box::new(GroupEffect {
+                state,
+                change,
+                welcome: None,
+            }));
+        }
+        let already = group.removals().contains(&device);
+        let queued_behind = group.removals().first().copied();
+        if !group.propose_removal(device) || already {
+            return Removal::Nothing; // not a member, or proposed in this epoch already
+        }
+        group.persist(conv, writes);
+        if queued_behind.is_some() {
+            return Removal::Nothing; // proposed once the pending one is committed
+        }
+        Removal::Propose
+    }
+
+    /// The removal to propose next in `conv`'s new epoch, if one is pending.
+    pub fn next_removal(&self, conv: ConversationId) -> Option<DeviceId> {
+        self.groups.get(&conv)?.removals().first().copied()
+    }
+
+    /// The signed MLS Remove proposal for `device` in `conv`'s current epoch, if the device has
+    /// a known leaf; counted as proposed.
+    pub fn removal_proposal(
+        &mut self,
+        conv: ConversationId,
+        device: DeviceId,
+        entropy: &mut dyn Entropy,
+        writes: &mut WriteBatch,
+    ) -> Option<Bytes> {
+        let group = self.groups.get(&conv)?;
+        let (leaf, epoch) = (group.leaf_of(device)?, group.epoch());
+        let signer = self.signer(entropy, writes);
+        let proposal = openmls::prelude::ExternalProposal::new_remove::<mls::MlsProvider>(
+            openmls::prelude::LeafNodeIndex::new(leaf),
+            openmls::prelude::GroupId::from_slice(&conv.to_bytes()),
+            openmls::prelude::GroupEpoch::from(epoch),
+            signer,
+            openmls::prelude::SenderExtensionIndex::new(0),
+        );
+        // Signing with our own key cannot fail in practice; nothing to send if it does.
+        let bytes = proposal.ok().and_then(|m| m.to_bytes().ok())?;
+        self.stats.removals_proposed += 1;
+        Some(Bytes::from(bytes))
     }
 }
 
-/// Why the gateway refused a group message.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum GroupRefusal {
-    /// The sender's role does not allow the change.
-    #[error("{0}")]
-    Forbidden(String),
-    /// The message or its declaration is malformed or inconsistent with the group.
-    #[error("{0}")]
-    Invalid(String),
+/// An Ed25519 MLS signing key from its 32-byte seed.
+fn signer_from_seed(seed: [u8; 32]) -> openmls_basic_credential::SignatureKeyPair {
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    openmls_basic_credential::SignatureKeyPair::from_raw(
+        openmls_traits::types::SignatureScheme::ED25519,
+        key.to_bytes().to_vec(),
+        key.verifying_key().to_bytes().to_vec(),
+    )
 }
 
 /// A checked change, ready to apply.
@@ -554,6 +799,7 @@ struct GroupRecord {
 mod tests {
     use super::*;
     use crate::env::WriteOp;
+    use crate::mls::group_ops::AddedDevice;
 
     fn d(n: u128) -> DeviceId {
         DeviceId(n)

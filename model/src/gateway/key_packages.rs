@@ -23,9 +23,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::{Fx, Refusal};
 use crate::env::{StoreError, Table, WriteBatch};
-use crate::ids::DeviceId;
+use crate::ids::{ConnectionId, DeviceId, UserId};
 use crate::time::Instant;
+use crate::wire::payload::{
+    ErrorCode, FetchedKeyPackage, KeyPackageCount, KeyPackageFetch, KeyPackageUpload, KeyPackages,
+    Payload,
+};
+use crate::wire::Routing;
 
 /// Table of KeyPackages: key `device(16) ++ slot(8, big-endian)`, value the package bytes; slot
 /// [`LAST_RESORT_SLOT`] holds the device's last-resort package.
@@ -344,6 +350,173 @@ impl KeyPackageDirectory {
         } else {
             pool.packages.insert(slot, package);
             pool.next_slot = pool.next_slot.max(slot + 1);
+        }
+        Ok(())
+    }
+}
+
+/// Counters of the KeyPackage service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPackageStats {
+    /// KeyPackages accepted into pools.
+    pub uploaded: u64,
+    /// KeyPackages handed out (one-time and last-resort).
+    pub fetched: u64,
+}
+
+/// The directory's protocol: uploads checked with openmls, fetches by user, counts pushed to
+/// owners running low.
+pub struct KeyPackageService {
+    directory: KeyPackageDirectory,
+    /// Verifies uploaded KeyPackages; verification draws no randomness.
+    crypto: openmls_rust_crypto::RustCrypto,
+    stats: KeyPackageStats,
+}
+
+impl core::fmt::Debug for KeyPackageService {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("KeyPackageService")
+            .field("devices", &self.directory.pools.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyPackageService {
+    /// An empty directory.
+    pub fn new(config: DirectoryConfig) -> KeyPackageService {
+        KeyPackageService {
+            directory: KeyPackageDirectory::new(config),
+            crypto: openmls_rust_crypto::RustCrypto::default(),
+            stats: KeyPackageStats::default(),
+        }
+    }
+
+    /// Reads the pools back.
+    pub fn recover(
+        config: DirectoryConfig,
+        store: &dyn crate::env::StoreRead,
+    ) -> Result<KeyPackageService, StoreError> {
+        let mut service = KeyPackageService::new(config);
+        crate::env::scan_all(store, KEY_PACKAGES_TABLE, |key, value| {
+            service.directory.restore(key, value)
+        })?;
+        Ok(service)
+    }
+
+    /// The pools.
+    pub fn directory(&self) -> &KeyPackageDirectory {
+        &self.directory
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &KeyPackageStats {
+        &self.stats
+    }
+
+    /// Forgets a revoked device's packages: nobody may add it to a group again.
+    pub fn forget(&mut self, device: DeviceId, writes: &mut WriteBatch) {
+        self.directory.forget(device, writes);
+    }
+
+    /// Tells a device how many KeyPackages it has left.
+    pub fn send_count(&self, conn: ConnectionId, device: DeviceId, fx: &mut Fx) {
+        let count = KeyPackageCount {
+            remaining: u32::try_from(self.directory.remaining(device)).unwrap_or(u32::MAX),
+            last_resort: self.directory.has_last_resort(device),
+            replenish_below: u32::try_from(self.directory.config().replenish_below)
+                .unwrap_or(u32::MAX),
+        };
+        fx.send(conn, Routing::default(), Payload::KeyPackageCount(count));
+    }
+
+    /// A device uploads packages: all are checked (well formed, Sund's ciphersuite, the
+    /// uploading device's), then kept, or none is.
+    pub fn upload(
+        &mut self,
+        conn: ConnectionId,
+        device: DeviceId,
+        upload: KeyPackageUpload,
+        fx: &mut Fx,
+    ) -> Result<(), Refusal> {
+        let count = upload.packages.len();
+        let packages = upload
+            .packages
+            .into_iter()
+            .map(|p| Bytes::from(Vec::<u8>::from(p)))
+            .collect();
+        let last_resort = upload.last_resort.map(|p| Bytes::from(Vec::<u8>::from(p)));
+        let crypto = &self.crypto;
+        let validate = |bytes: &[u8]| crate::mls::key_packages::check(crypto, bytes, device);
+        self.directory
+            .upload(device, packages, last_resort, &validate, fx.writes())
+            .map_err(|e| Refusal::error(ErrorCode::KeyPackageRejected, e.to_string()))?;
+        self.stats.uploaded += count as u64;
+        self.send_count(conn, device, fx);
+        Ok(())
+    }
+
+    /// One KeyPackage per device of each requested user, the requesting device excluded. The
+    /// answer (or the refusal) carries the request's id (the header's seq) back; owners whose
+    /// pool ran low hear their count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fetch(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        requester: DeviceId,
+        fetch: KeyPackageFetch,
+        request: u64,
+        devices_of: &dyn Fn(UserId) -> Vec<DeviceId>,
+        online: &dyn Fn(DeviceId) -> Option<ConnectionId>,
+        fx: &mut Fx,
+    ) -> Result<(), Refusal> {
+        let routing = Routing {
+            seq: request,
+            ..Routing::default()
+        };
+        if let Err(limited) = self.directory.admit_fetch(now, requester) {
+            return Err(Refusal::error(ErrorCode::RateLimited, limited.to_string())
+                .in_conversation(routing));
+        }
+        let mut targets: Vec<(UserId, DeviceId)> = Vec::new();
+        for user in fetch.users.iter().map(|u| UserId::from_bytes(**u)) {
+            for device in devices_of(user) {
+                if device != requester && !targets.iter().any(|(_, d)| *d == device) {
+                    targets.push((user, device));
+                }
+            }
+        }
+        let devices: Vec<DeviceId> = targets.iter().map(|(_, d)| *d).collect();
+        let taken = self.directory.take(&devices, fx.writes());
+        let mut answer = KeyPackages::default();
+        let mut drained = Vec::new();
+        for ((user, _), fetched) in targets.into_iter().zip(taken) {
+            match fetched {
+                Fetched::Package {
+                    device,
+                    package,
+                    last_resort,
+                } => {
+                    self.stats.fetched += 1;
+                    if self.directory.needs_replenishing(device) {
+                        drained.push(device);
+                    }
+                    answer.found.push(FetchedKeyPackage {
+                        user: user.to_bytes().into(),
+                        device: device.to_bytes().into(),
+                        package: package.to_vec().into(),
+                        last_resort,
+                    });
+                }
+                Fetched::Exhausted(device) => answer.exhausted.push(device.to_bytes().into()),
+            }
+        }
+        fx.send(conn, routing, Payload::KeyPackages(answer));
+        for owner in drained {
+            if let Some(owner_conn) = online(owner) {
+                self.send_count(owner_conn, owner, fx);
+            }
         }
         Ok(())
     }

@@ -1,0 +1,850 @@
+//! Delivery: conversation logs, member cursors, per-session delivery windows, device inboxes and
+//! garbage collection.
+//!
+//! Delivery to each device and conversation is a sliding window over the log: up to
+//! `delivery_window` unacknowledged messages in flight on the device's session; if its
+//! acknowledgement cursor stalls for `redeliver_after`, the window rewinds to the cursor, and a
+//! replay request rewinds it to where the device asks. Acknowledgements move the device's durable
+//! cursor. Inboxes hold what a device must see outside a conversation's log: the Welcome of a
+//! group that added it (its stream waits for it) and the notice of a removal, both resent until
+//! acknowledged. Garbage collection drops, in bounded steps, what every member acknowledged or
+//! what passed retention.
+//!
+//! Invariants: for every window `acked <= sent_upto <= head` and `sent_upto - acked <=
+//! delivery_window`; a conversation's seqs are contiguous from its first retained seq to its
+//! head (the sequencer asserts it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::groups::{Change, GroupState, Groups, GROUPS_TABLE};
+use super::sequencer::{
+    decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
+    SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
+};
+use super::session::Sessions;
+use super::{Fx, Refusal};
+use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::mls::group_ops::GroupKind;
+use crate::time::Instant;
+use crate::wire::payload::{
+    Cursor, Deliver, ErrorCode, ErrorReport, Payload, Removed, RosterEntry, Welcome,
+};
+use crate::wire::Routing;
+
+/// Table of per-device acknowledgement cursors: key `device(16) ++ conversation(16)`, value seq.
+pub const CURSORS_TABLE: Table = Table("cursors");
+
+/// Table of device inboxes (Welcomes and removal notices): key `device(16) ++
+/// conversation(16)`, value `tag(1) ++ seq(8) ++ kind(1) ++ welcome` (tag 1 Welcome, 2 Removed).
+pub const INBOX_TABLE: Table = Table("inbox");
+
+/// What waits in a device's inbox for one conversation until the device acknowledges `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum InboxItem {
+    /// The commit at `seq` added the device; it joins with the Welcome.
+    Welcome {
+        seq: u64,
+        kind: GroupKind,
+        welcome: Bytes,
+    },
+    /// The commit at `seq` removed the device.
+    Removed { seq: u64 },
+}
+
+impl InboxItem {
+    fn seq(&self) -> u64 {
+        match self {
+            InboxItem::Welcome { seq, .. } | InboxItem::Removed { seq } => *seq,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut value = Vec::new();
+        match self {
+            InboxItem::Welcome { seq, kind, welcome } => {
+                value.push(1);
+                value.extend_from_slice(&seq.to_be_bytes());
+                value.push(*kind as u8);
+                value.extend_from_slice(welcome);
+            }
+            InboxItem::Removed { seq } => {
+                value.push(2);
+                value.extend_from_slice(&seq.to_be_bytes());
+                value.push(0);
+            }
+        }
+        value
+    }
+
+    fn decode(value: &[u8]) -> Result<InboxItem, StoreError> {
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            table: INBOX_TABLE.0,
+            reason: reason.to_string(),
+        };
+        if value.len() < 10 {
+            return Err(corrupt("record shorter than 10 bytes"));
+        }
+        let seq = u64::from_be_bytes(value[1..9].try_into().expect("8 bytes"));
+        match value[0] {
+            1 => Ok(InboxItem::Welcome {
+                seq,
+                kind: GroupKind::from_u8(value[9]).ok_or_else(|| corrupt("unknown kind"))?,
+                welcome: Bytes::copy_from_slice(&value[10..]),
+            }),
+            2 => Ok(InboxItem::Removed { seq }),
+            _ => Err(corrupt("unknown tag")),
+        }
+    }
+
+    fn payload(&self, group: Option<&GroupState>) -> Payload {
+        match self {
+            InboxItem::Welcome { seq, kind, welcome } => Payload::Welcome(Welcome {
+                seq: *seq,
+                kind: *kind as u8,
+                welcome: welcome.to_vec().into(),
+                members: group
+                    .into_iter()
+                    .flat_map(|g| g.devices())
+                    .map(|(d, u)| RosterEntry {
+                        device: d.to_bytes().into(),
+                        user: u.to_bytes().into(),
+                    })
+                    .collect(),
+            }),
+            InboxItem::Removed { seq } => Payload::Removed(Removed { seq: *seq }),
+        }
+    }
+}
+
+/// The store key of a `(device, conversation)` pair, or any two 128-bit ids.
+pub(super) fn pair_key(a: u128, b: u128) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32);
+    key.extend_from_slice(&a.to_be_bytes());
+    key.extend_from_slice(&b.to_be_bytes());
+    key
+}
+
+/// Why a message could not be appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendError {
+    /// No such conversation here.
+    UnknownConversation,
+    /// The sender is not a member.
+    NotMember,
+}
+
+/// Limits of delivery, from the gateway's configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct DeliveryLimits {
+    /// Most unacknowledged deliveries in flight per device and conversation.
+    pub window: u64,
+    /// A stalled window, or an unacknowledged inbox item, goes out again after this long.
+    pub redeliver_after: Duration,
+    /// Messages older than this are dropped even if some member never acknowledged them.
+    pub retention_max: Duration,
+    /// How long a deduplication record outlives its message.
+    pub dedup_retention: Duration,
+    /// Most log entries garbage-collected per conversation in one step.
+    pub gc_batch_max: usize,
+    /// How soon the next GC step runs while a step left a backlog.
+    pub gc_backlog_interval: Duration,
+}
+
+/// Counters of the delivery sub-machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryStats {
+    /// Messages newly sequenced.
+    pub sequenced: u64,
+    /// Sends answered as duplicates.
+    pub duplicates: u64,
+    /// Deliver frames sent (first sends and redeliveries).
+    pub deliveries: u64,
+    /// Window rewinds after a stalled cursor or a replay request.
+    pub rewinds: u64,
+    /// Log entries garbage-collected (acknowledged by all, or past retention).
+    pub gc_dropped: u64,
+    /// Replays refused because they started before the retained log.
+    pub replay_window_exceeded: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Window {
+    acked: u64,
+    sent_upto: u64,
+    last_progress: Instant,
+}
+
+impl Window {
+    fn at(seq: u64, now: Instant) -> Window {
+        Window {
+            acked: seq,
+            sent_upto: seq,
+            last_progress: now,
+        }
+    }
+}
+
+/// The windows of one open session.
+#[derive(Clone, Debug)]
+struct SessionWindows {
+    device: DeviceId,
+    windows: BTreeMap<ConversationId, Window>,
+}
+
+/// Logs, cursors, windows, inboxes. See the module docs.
+#[derive(Debug)]
+pub struct Delivery {
+    limits: DeliveryLimits,
+    conversations: BTreeMap<ConversationId, ConversationLog>,
+    memberships: BTreeMap<DeviceId, BTreeSet<ConversationId>>,
+    cursors: BTreeMap<(DeviceId, ConversationId), u64>,
+    sessions: BTreeMap<ConnectionId, SessionWindows>,
+    inbox: BTreeMap<(DeviceId, ConversationId), InboxItem>,
+    /// When each inbox item last went out (in memory: a restart resends at session open).
+    inbox_sent: BTreeMap<(DeviceId, ConversationId), Instant>,
+    /// When the next GC step runs ahead of the tick, while there is a backlog.
+    gc_again_at: Option<Instant>,
+    stats: DeliveryStats,
+}
+
+impl Delivery {
+    /// Empty delivery state.
+    pub fn new(limits: DeliveryLimits) -> Delivery {
+        assert!(limits.window > 0, "delivery_window must be positive");
+        assert!(limits.gc_batch_max > 0, "gc_batch_max must be positive");
+        Delivery {
+            limits,
+            conversations: BTreeMap::new(),
+            memberships: BTreeMap::new(),
+            cursors: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            inbox: BTreeMap::new(),
+            inbox_sent: BTreeMap::new(),
+            gc_again_at: None,
+            stats: DeliveryStats::default(),
+        }
+    }
+
+    /// Reads logs, members, cursors and inboxes back from the store.
+    pub fn recover(limits: DeliveryLimits, store: &dyn StoreRead) -> Result<Delivery, StoreError> {
+        let mut d = Delivery::new(limits);
+        // A group's log exists even when every device has left it.
+        scan_all(store, GROUPS_TABLE, |key, _| {
+            let conv =
+                ConversationId::from_bytes(key.try_into().map_err(|_| StoreError::Corrupt {
+                    table: GROUPS_TABLE.0,
+                    reason: format!("key of {} bytes", key.len()),
+                })?);
+            d.conversations
+                .entry(conv)
+                .or_insert_with(|| ConversationLog::new(conv, []));
+            Ok(())
+        })?;
+        scan_all(store, INBOX_TABLE, |key, value| {
+            let (device, conv) = split_pair_key(INBOX_TABLE, key)?;
+            let item = InboxItem::decode(value)?;
+            d.inbox
+                .insert((DeviceId(device), ConversationId(conv)), item);
+            Ok(())
+        })?;
+        scan_all(store, MEMBERS_TABLE, |key, _| {
+            let (conv, device) = split_pair_key(MEMBERS_TABLE, key)?;
+            d.add_member(ConversationId(conv), DeviceId(device));
+            Ok(())
+        })?;
+        scan_all(store, BOUNDS_TABLE, |key, value| {
+            let (conv, head, first) = decode_bounds(key, value)?;
+            d.conversations
+                .entry(conv)
+                .or_insert_with(|| ConversationLog::new(conv, []))
+                .restore_bounds(head, first)
+        })?;
+        scan_all(store, DEDUP_TABLE, |key, value| {
+            let (conv, records) = decode_dedup(key, value)?;
+            if let Some(log) = d.conversations.get_mut(&conv) {
+                log.restore_dedup_chunk(key.to_vec(), &records);
+            }
+            Ok(())
+        })?;
+        scan_all(store, LOG_TABLE, |key, value| {
+            let (conv, entry) = decode_entry(key, value)?;
+            match d.conversations.get_mut(&conv) {
+                Some(log) => log.restore_entry(entry),
+                None => Err(StoreError::Corrupt {
+                    table: LOG_TABLE.0,
+                    reason: format!("entry for {conv} which has no members"),
+                }),
+            }
+        })?;
+        for log in d.conversations.values_mut() {
+            log.finish_restore()?;
+        }
+        scan_all(store, CURSORS_TABLE, |key, value| {
+            let (device, conv) = split_pair_key(CURSORS_TABLE, key)?;
+            let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
+                table: CURSORS_TABLE.0,
+                reason: format!("cursor value of {} bytes", value.len()),
+            })?;
+            d.cursors.insert(
+                (DeviceId(device), ConversationId(conv)),
+                u64::from_be_bytes(seq),
+            );
+            Ok(())
+        })?;
+        Ok(d)
+    }
+
+    // ---- getters ----
+
+    /// The highest seq of a conversation, if it exists here.
+    pub fn head(&self, conversation: ConversationId) -> Option<u64> {
+        self.conversations
+            .get(&conversation)
+            .map(ConversationLog::head)
+    }
+
+    /// True if the conversation has a log here.
+    pub fn contains(&self, conversation: ConversationId) -> bool {
+        self.conversations.contains_key(&conversation)
+    }
+
+    /// The conversation's log.
+    pub fn log(&self, conversation: ConversationId) -> Option<&ConversationLog> {
+        self.conversations.get(&conversation)
+    }
+
+    /// Every conversation, in id order.
+    pub fn conversations(&self) -> impl Iterator<Item = &ConversationLog> {
+        self.conversations.values()
+    }
+
+    /// The durable acknowledgement cursor of a device in a conversation.
+    pub fn cursor(&self, device: DeviceId, conversation: ConversationId) -> u64 {
+        self.cursors
+            .get(&(device, conversation))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// When the next GC step is due ahead of the tick, if a step left a backlog.
+    pub fn gc_again_at(&self) -> Option<Instant> {
+        self.gc_again_at
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &DeliveryStats {
+        &self.stats
+    }
+
+    // ---- membership ----
+
+    /// Makes `device` a member of `conv` in memory (recovery and admin creation).
+    pub fn add_member(&mut self, conv: ConversationId, device: DeviceId) {
+        self.conversations
+            .entry(conv)
+            .or_insert_with(|| ConversationLog::new(conv, []))
+            .restore_member(device);
+        self.memberships.entry(device).or_default().insert(conv);
+    }
+
+    /// Admin: a plain conversation with these members (idempotent; an empty list creates
+    /// nothing, since a conversation exists through its members).
+    pub fn create_plain(&mut self, conv: ConversationId, members: &[DeviceId], fx: &mut Fx) {
+        for &device in members {
+            self.add_member(conv, device);
+        }
+        if let Some(log) = self.conversations.get(&conv) {
+            log.persist_members(fx.writes());
+        }
+    }
+
+    /// A creating commit made `conv`, with its creator as the sole member so far; the creator's
+    /// session on `conn` starts reading it from the start.
+    pub fn create_group_log(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        conv: ConversationId,
+        creator: DeviceId,
+        writes: &mut WriteBatch,
+    ) {
+        debug_assert!(!self.conversations.contains_key(&conv), "created once");
+        let mut log = ConversationLog::new(conv, []);
+        log.add_member(creator, writes);
+        self.conversations.insert(conv, log);
+        self.memberships.entry(creator).or_default().insert(conv);
+        self.store_cursor(creator, conv, 0, writes);
+        if let Some(session) = self.sessions.get_mut(&conn) {
+            session.windows.insert(conv, Window::at(0, now));
+        }
+    }
+
+    /// An accepted commit at `seq` changed `conv`'s members: added devices get a cursor at
+    /// `seq` and the Welcome in their inbox, removed ones lose their stream and get a notice.
+    /// `group` is the group as the commit left it (for the Welcome's roster).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_membership(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        change: &Change,
+        welcome: Option<&Bytes>,
+        group: &GroupState,
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        let log = self.conversations.get_mut(&conv).expect("sequenced here");
+        for (device, _, _) in &change.added {
+            log.add_member(*device, fx.writes());
+        }
+        for device in &change.removed {
+            log.remove_member(*device, fx.writes());
+        }
+        let kind = group.kind();
+        for (device, _, _) in &change.added {
+            self.memberships.entry(*device).or_default().insert(conv);
+            self.store_cursor(*device, conv, seq, fx.writes());
+            let welcome = welcome.cloned().expect("checked: adds carry a Welcome");
+            let item = InboxItem::Welcome { seq, kind, welcome };
+            self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
+            if let Some(conn) = sessions.online(*device) {
+                if let Some(session) = self.sessions.get_mut(&conn) {
+                    session.windows.insert(conv, Window::at(seq, now));
+                }
+            }
+        }
+        for device in &change.removed {
+            if let Some(convs) = self.memberships.get_mut(device) {
+                convs.remove(&conv);
+            }
+            self.cursors.remove(&(*device, conv));
+            fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
+            if let Some(conn) = sessions.online(*device) {
+                if let Some(session) = self.sessions.get_mut(&conn) {
+                    session.windows.remove(&conv);
+                }
+            }
+            let item = InboxItem::Removed { seq };
+            self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
+        }
+    }
+
+    // ---- sequencing ----
+
+    /// Offers a message from `device` to `conv`'s log; a new one is persisted in `writes`.
+    pub fn append(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+        body: Bytes,
+        writes: &mut WriteBatch,
+    ) -> Result<Appended, AppendError> {
+        let log = self
+            .conversations
+            .get_mut(&conv)
+            .ok_or(AppendError::UnknownConversation)?;
+        let appended = log
+            .append(now, device, msg_id, body)
+            .map_err(|SequencerError::NotMember| AppendError::NotMember)?;
+        match appended {
+            Appended::New(seq) => {
+                log.persist_append(seq, writes);
+                self.stats.sequenced += 1;
+            }
+            Appended::Duplicate(_) => self.stats.duplicates += 1,
+        }
+        Ok(appended)
+    }
+
+    /// Sequences a message of the gateway itself (an external proposal) in `conv`.
+    pub fn append_by_authority(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        msg_id: MsgId,
+        body: Bytes,
+        writes: &mut WriteBatch,
+    ) -> u64 {
+        let log = self
+            .conversations
+            .get_mut(&conv)
+            .expect("a group has a log");
+        let seq = log.append_by_authority(now, msg_id, body);
+        log.persist_append(seq, writes);
+        seq
+    }
+
+    // ---- windows ----
+
+    /// A session opened on `conn` for `device`: one window per conversation it is in, starting
+    /// at the cursor it presented (or the stored one), which moves the stored one forward.
+    pub fn open_session(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        presented: &[Cursor],
+        writes: &mut WriteBatch,
+    ) {
+        let presented: BTreeMap<ConversationId, u64> = presented
+            .iter()
+            .map(|c| (c.conversation_id(), c.seq))
+            .collect();
+        let mut windows = BTreeMap::new();
+        let convs: Vec<ConversationId> = self
+            .memberships
+            .get(&device)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for conv in convs {
+            let head = self.conversations[&conv].head();
+            let stored = self.cursor(device, conv);
+            let acked = presented.get(&conv).copied().unwrap_or(stored).min(head);
+            if acked > stored {
+                self.store_cursor(device, conv, acked, writes);
+            }
+            windows.insert(conv, Window::at(acked, now));
+        }
+        self.sessions
+            .insert(conn, SessionWindows { device, windows });
+    }
+
+    /// The session on `conn` ended: its windows go.
+    pub fn close_session(&mut self, conn: ConnectionId) {
+        self.sessions.remove(&conn);
+    }
+
+    /// Sends what each of the session's windows allows.
+    pub fn pump_session(&mut self, now: Instant, conn: ConnectionId, fx: &mut Fx) {
+        let convs: Vec<ConversationId> = self
+            .sessions
+            .get(&conn)
+            .map(|s| s.windows.keys().copied().collect())
+            .unwrap_or_default();
+        for conv in convs {
+            self.pump(now, conn, conv, fx);
+        }
+    }
+
+    /// Sends what each online member's window of `conv` allows.
+    pub fn pump_members(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        let members: Vec<DeviceId> = match self.conversations.get(&conv) {
+            Some(log) => log.members().iter().copied().collect(),
+            None => return,
+        };
+        for member in members {
+            if let Some(conn) = sessions.online(member) {
+                self.pump(now, conn, conv, fx);
+            }
+        }
+    }
+
+    /// Sends as much of the conversation as the window allows.
+    pub fn pump(&mut self, now: Instant, conn: ConnectionId, conv: ConversationId, fx: &mut Fx) {
+        let window_max = self.limits.window;
+        let Some(log) = self.conversations.get(&conv) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if let Some(InboxItem::Welcome { .. }) = self.inbox.get(&(session.device, conv)) {
+            // The device reads the group only once it has joined from its Welcome.
+            return;
+        }
+        let Some(window) = session.windows.get_mut(&conv) else {
+            return;
+        };
+        if window.acked == window.sent_upto {
+            window.last_progress = now;
+        }
+        if window.sent_upto + 1 < log.first_seq() {
+            // What this device still needs is gone (retention): say so, and go on from what
+            // is left. The node moves its cursor and reports the gap to its user.
+            let first = log.first_seq();
+            window.sent_upto = first - 1;
+            window.acked = window.acked.max(first - 1);
+            self.stats.replay_window_exceeded += 1;
+            let report = ErrorReport {
+                code: ErrorCode::ReplayWindowExceeded as u16,
+                message: format!("messages before seq {first} are no longer retained"),
+                msg_id: None,
+            };
+            let routing = Routing {
+                conversation: conv,
+                seq: first,
+                ..Routing::default()
+            };
+            fx.send(conn, routing, Payload::Error(report));
+        }
+        while window.sent_upto < log.head() && window.sent_upto - window.acked < window_max {
+            window.sent_upto += 1;
+            let entry = log.get(window.sent_upto).expect("seq within head");
+            let routing = Routing {
+                conversation: conv,
+                sender: entry.sender,
+                seq: entry.seq,
+                epoch: 0,
+            };
+            let payload = Payload::Deliver(Deliver {
+                msg_id: entry.msg_id.to_bytes(),
+                body: entry.body.to_vec(),
+            });
+            fx.send(conn, routing, payload);
+            self.stats.deliveries += 1;
+        }
+        debug_assert!(window.acked <= window.sent_upto, "acked <= sent_upto");
+        debug_assert!(window.sent_upto <= log.head(), "sent_upto <= head");
+        debug_assert!(
+            window.sent_upto - window.acked <= window_max,
+            "the window stays within its bound"
+        );
+    }
+
+    /// The device acknowledged `seq` of `conv`: an inbox item up to it is done, else its window
+    /// and durable cursor move.
+    pub fn acknowledge(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        seq: u64,
+        fx: &mut Fx,
+    ) -> Result<(), Refusal> {
+        if self.settle_inbox(device, conv, seq, fx.writes()) {
+            return Ok(());
+        }
+        let head = self.head(conv).unwrap_or(0);
+        let Some(window) = self
+            .sessions
+            .get_mut(&conn)
+            .and_then(|s| s.windows.get_mut(&conv))
+        else {
+            return Err(Refusal::error(
+                ErrorCode::NotMember,
+                "ack for a conversation you are not in",
+            ));
+        };
+        let seq = seq.min(head);
+        if seq > window.acked {
+            window.acked = seq;
+            window.last_progress = now;
+            window.sent_upto = window.sent_upto.max(seq);
+            self.store_cursor(device, conv, seq, fx.writes());
+        }
+        self.pump(now, conn, conv, fx);
+        Ok(())
+    }
+
+    /// Restarts delivery from `from_seq` (a replay request) or from the cursor (a stall).
+    pub fn rewind(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        conv: ConversationId,
+        from_seq: Option<u64>,
+        fx: &mut Fx,
+    ) {
+        let Some(window) = self
+            .sessions
+            .get_mut(&conn)
+            .and_then(|s| s.windows.get_mut(&conv))
+        else {
+            return;
+        };
+        let restart = match from_seq {
+            Some(from) => from.saturating_sub(1).max(window.acked),
+            None => window.acked,
+        };
+        if restart < window.sent_upto {
+            window.sent_upto = restart;
+            self.stats.rewinds += 1;
+        }
+        window.last_progress = now;
+        self.pump(now, conn, conv, fx);
+    }
+
+    /// Windows whose cursor stalled for `redeliver_after` with deliveries outstanding, in
+    /// (connection, conversation) order.
+    pub fn stalled(&self, now: Instant) -> Vec<(ConnectionId, ConversationId)> {
+        let mut stalled = Vec::new();
+        for (&conn, session) in &self.sessions {
+            for (&conv, window) in &session.windows {
+                if window.acked < window.sent_upto
+                    && now.saturating_since(window.last_progress) >= self.limits.redeliver_after
+                {
+                    stalled.push((conn, conv));
+                }
+            }
+        }
+        stalled
+    }
+
+    fn store_cursor(
+        &mut self,
+        device: DeviceId,
+        conv: ConversationId,
+        seq: u64,
+        writes: &mut WriteBatch,
+    ) {
+        self.cursors.insert((device, conv), seq);
+        writes.put(
+            CURSORS_TABLE,
+            pair_key(device.0, conv.0),
+            seq.to_be_bytes().to_vec(),
+        );
+    }
+
+    // ---- inboxes ----
+
+    /// Sends everything waiting in the inbox of a device whose session just opened.
+    pub fn send_inbox(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        groups: &Groups,
+        fx: &mut Fx,
+    ) {
+        let waiting: Vec<(ConversationId, InboxItem)> = self
+            .inbox
+            .range((device, ConversationId(0))..=(device, ConversationId(u128::MAX)))
+            .map(|((_, conv), item)| (*conv, item.clone()))
+            .collect();
+        for (conv, item) in waiting {
+            self.inbox_sent.insert((device, conv), now);
+            send_inbox_item(conn, conv, &item, groups.get(conv), fx);
+        }
+    }
+
+    /// Puts an item in a device's inbox (replacing an older one for the conversation) and sends
+    /// it at once if the device is online.
+    #[allow(clippy::too_many_arguments)]
+    fn put_inbox(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        item: InboxItem,
+        group: Option<&GroupState>,
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        fx.put(INBOX_TABLE, pair_key(device.0, conv.0), item.encode());
+        self.inbox.insert((device, conv), item.clone());
+        self.inbox_sent.remove(&(device, conv));
+        if let Some(conn) = sessions.online(device) {
+            self.inbox_sent.insert((device, conv), now);
+            send_inbox_item(conn, conv, &item, group, fx);
+        }
+    }
+
+    /// Sends again every inbox item of an online device that has waited `redeliver_after` for
+    /// its acknowledgement (frames can be lost).
+    pub fn resend_inbox(
+        &mut self,
+        now: Instant,
+        sessions: &Sessions,
+        groups: &Groups,
+        fx: &mut Fx,
+    ) {
+        let due: Vec<(ConnectionId, DeviceId, ConversationId)> = self
+            .inbox
+            .keys()
+            .filter_map(|&(device, conv)| {
+                let conn = sessions.online(device)?;
+                let sent = self.inbox_sent.get(&(device, conv)).copied();
+                let due =
+                    sent.is_none_or(|t| now.saturating_since(t) >= self.limits.redeliver_after);
+                due.then_some((conn, device, conv))
+            })
+            .collect();
+        for (conn, device, conv) in due {
+            let item = self.inbox[&(device, conv)].clone();
+            self.inbox_sent.insert((device, conv), now);
+            send_inbox_item(conn, conv, &item, groups.get(conv), fx);
+        }
+    }
+
+    /// The device acknowledged `seq` in `conv`: an inbox item up to it is done. Returns true if
+    /// the item was a removal notice (the device has no stream left there).
+    fn settle_inbox(
+        &mut self,
+        device: DeviceId,
+        conv: ConversationId,
+        seq: u64,
+        writes: &mut WriteBatch,
+    ) -> bool {
+        match self.inbox.get(&(device, conv)) {
+            Some(item) if item.seq() <= seq => {
+                let removed = matches!(item, InboxItem::Removed { .. });
+                self.inbox.remove(&(device, conv));
+                self.inbox_sent.remove(&(device, conv));
+                writes.delete(INBOX_TABLE, pair_key(device.0, conv.0));
+                removed
+            }
+            _ => false,
+        }
+    }
+
+    // ---- garbage collection ----
+
+    /// One GC step: drops log entries every member acknowledged or that passed retention, a
+    /// bounded amount per conversation, and schedules the next step soon if any conversation
+    /// had more than that.
+    pub fn collect_garbage(&mut self, now: Instant, writes: &mut WriteBatch) {
+        let limits = self.limits;
+        let expire_before = now - limits.retention_max;
+        let dedup_expire_before = now - limits.dedup_retention;
+        let mut backlog = false;
+        for log in self.conversations.values_mut() {
+            let acked_by_all = log
+                .members()
+                .iter()
+                .map(|d| self.cursors.get(&(*d, log.id())).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            let dropped = log.collect_garbage(
+                acked_by_all,
+                expire_before,
+                dedup_expire_before,
+                limits.gc_batch_max,
+                writes,
+            );
+            self.stats.gc_dropped += dropped as u64;
+            backlog |= dropped > 0 && dropped == limits.gc_batch_max;
+        }
+        self.gc_again_at = backlog.then(|| now + limits.gc_backlog_interval);
+    }
+}
+
+fn send_inbox_item(
+    conn: ConnectionId,
+    conv: ConversationId,
+    item: &InboxItem,
+    group: Option<&GroupState>,
+    fx: &mut Fx,
+) {
+    let routing = Routing {
+        conversation: conv,
+        seq: item.seq(),
+        ..Routing::default()
+    };
+    fx.send(conn, routing, item.payload(group));
+}

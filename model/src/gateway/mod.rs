@@ -1,0 +1,865 @@
+//! The gateway state machine: a thin router over sub-machines that each own their state.
+//!
+//! Shape (quinn-proto / str0m style):
+//! - getters take `&self` (`conversation_head`, `stats`, ...);
+//! - [`Gateway::handle`] takes every input (a connection accepted or closed, a frame, an admin
+//!   command) with the current time;
+//! - [`Gateway::handle_timeout`] runs periodic work when [`Gateway::poll_timeout`] says so;
+//! - [`Gateway::poll_ready`] hands out the writes and outputs produced since the last call.
+//!
+//! Drain rule: after every `handle` or `handle_timeout`, call `poll_ready` until it returns `None`
+//! and re-read `poll_timeout`. Commit each `Ready`'s writes before releasing its outputs (see
+//! [`crate::env::Ready`]): an acknowledgement never leaves before the message it acknowledges is
+//! durable.
+//!
+//! The sub-machines, each with its tables and the store codec of its records:
+//! - [`session`]: connections, the handshake (hello, challenge, proof), resume tokens, hello
+//!   and idle timeouts;
+//! - [`delivery`]: conversation logs ([`sequencer`]), cursors, delivery windows (pump, rewind,
+//!   acknowledge), device inboxes, garbage collection;
+//! - [`registry`]: the registration authority (register, vouch, renew, revoke, CRL) and the
+//!   binding of devices to users;
+//! - [`groups`]: MLS conversations (commit admission, roles, the external sender, removals);
+//! - [`key_packages`]: the KeyPackage directory.
+//!
+//! This module only routes: it decodes a frame, asks the sub-machines, and carries effects that
+//! span several of them (a commit that changes membership, a revocation). Every handler writes
+//! into one effects sink ([`Effects`]); every error or goodbye the gateway sends goes through
+//! [`Gateway::refuse`], which sends it and counts it by code.
+
+mod config;
+pub mod delivery;
+pub mod groups;
+pub mod key_packages;
+mod refusal;
+pub mod registry;
+pub mod sequencer;
+pub mod session;
+
+use bytes::Bytes;
+
+use crate::effects::Effects;
+use crate::env::{Entropy, Ready, StoreError, StoreRead};
+use crate::identity::{session_proof_message, DevicePublicKey};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
+use crate::time::Instant;
+use crate::trust::{EnrolmentToken, RegistrationAuthority, TrustRoot};
+use crate::wire::payload::{
+    Ack, Challenge, Cursor, ErrorCode, ErrorReport, Goodbye, Heartbeat, Hello, HelloOk, Proof, Send,
+};
+use crate::wire::{Frame, Payload, Routing};
+
+use delivery::{AppendError, Delivery, DeliveryStats};
+use groups::{GroupEffect, GroupState, Groups, Removal};
+use key_packages::KeyPackageService;
+use registry::Registry;
+use sequencer::{Appended, ConversationLog};
+use session::{Challenged, Resume, Sessions, Stage};
+
+pub use config::GatewayConfig;
+pub use delivery::{CURSORS_TABLE, INBOX_TABLE};
+pub use refusal::{GatewayStats, Refusal, RefusalCounts};
+pub use registry::USERS_TABLE;
+pub use session::TOKENS_TABLE;
+
+/// Inputs to [`Gateway::handle`].
+#[derive(Clone, Debug)]
+pub enum GatewayInput {
+    /// A node connected.
+    Accepted(ConnectionId),
+    /// A frame arrived on a connection.
+    Frame(ConnectionId, Bytes),
+    /// A connection is gone.
+    Closed(ConnectionId),
+    /// Admin: create a conversation with these member devices (idempotent; members are added;
+    /// an empty list creates nothing).
+    CreateConversation(ConversationId, Vec<DeviceId>),
+    /// Admin: revoke a device. A new CRL goes to every connected device, the device's sessions
+    /// close, it never opens another, and the gateway proposes its removal from each of its
+    /// groups.
+    RevokeDevice(DeviceId),
+    /// Admin: remove a device from an MLS conversation (the gateway proposes it as the group's
+    /// external sender; the next committing member commits it).
+    RemoveDevice(ConversationId, DeviceId),
+}
+
+/// Outputs released by a committed [`Ready`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayOutput {
+    /// Send an encoded frame on a connection.
+    Send(ConnectionId, Bytes),
+    /// Close a connection (after sending any frame queued before this output).
+    Close(ConnectionId),
+}
+
+/// The gateway's effects sink.
+pub(crate) type Fx = Effects<GatewayOutput>;
+
+impl Effects<GatewayOutput> {
+    /// Queues a frame to `conn`, released with this batch's commit.
+    pub(crate) fn send(&mut self, conn: ConnectionId, routing: Routing, payload: Payload) {
+        self.hold(GatewayOutput::Send(
+            conn,
+            Frame::new(routing, payload).encode(),
+        ));
+    }
+}
+
+/// The gateway of one domain as a deterministic state machine. See the module docs.
+pub struct Gateway {
+    config: GatewayConfig,
+    entropy: Box<dyn Entropy + core::marker::Send>,
+    sessions: Sessions,
+    delivery: Delivery,
+    registry: Registry,
+    groups: Groups,
+    key_packages: KeyPackageService,
+    next_tick: Instant,
+    refusals: RefusalCounts,
+    fx: Fx,
+}
+
+impl core::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("conversations", &self.delivery.conversations().count())
+            .field("sessions", &self.sessions.len())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway with empty storage. `entropy` supplies keys, challenge nonces and tokens.
+    pub fn new(
+        config: GatewayConfig,
+        now: Instant,
+        entropy: Box<dyn Entropy + core::marker::Send>,
+    ) -> Gateway {
+        let registry = Registry::new(config.domain.clone(), config.open_enrolment);
+        Gateway::assemble(
+            config.clone(),
+            now,
+            entropy,
+            Sessions::default(),
+            Delivery::new(config.delivery_limits()),
+            registry,
+            Groups::default(),
+            KeyPackageService::new(config.directory.clone()),
+        )
+    }
+
+    /// Rebuilds a gateway from committed storage after a (re)start. Sessions start empty; resume
+    /// tokens survive.
+    pub fn recover(
+        config: GatewayConfig,
+        now: Instant,
+        store: &dyn StoreRead,
+        entropy: Box<dyn Entropy + core::marker::Send>,
+    ) -> Result<Gateway, StoreError> {
+        let groups = Groups::recover(store)?;
+        let delivery = Delivery::recover(config.delivery_limits(), store)?;
+        let registry = Registry::recover(config.domain.clone(), config.open_enrolment, store)?;
+        let key_packages = KeyPackageService::recover(config.directory.clone(), store)?;
+        let sessions = Sessions::recover(store)?;
+        Ok(Gateway::assemble(
+            config,
+            now,
+            entropy,
+            sessions,
+            delivery,
+            registry,
+            groups,
+            key_packages,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: GatewayConfig,
+        now: Instant,
+        entropy: Box<dyn Entropy + core::marker::Send>,
+        sessions: Sessions,
+        delivery: Delivery,
+        registry: Registry,
+        groups: Groups,
+        key_packages: KeyPackageService,
+    ) -> Gateway {
+        assert!(
+            !config.tick_interval.is_zero(),
+            "tick_interval must be positive"
+        );
+        Gateway {
+            next_tick: now + config.tick_interval,
+            config,
+            entropy,
+            sessions,
+            delivery,
+            registry,
+            groups,
+            key_packages,
+            refusals: RefusalCounts::default(),
+            fx: Fx::default(),
+        }
+    }
+
+    // ---- getters ----
+
+    /// The highest seq of a conversation, if it exists here.
+    pub fn conversation_head(&self, conversation: ConversationId) -> Option<u64> {
+        self.delivery.head(conversation)
+    }
+
+    /// The conversations this gateway is authority for, in id order.
+    pub fn conversations(&self) -> impl Iterator<Item = &ConversationLog> {
+        self.delivery.conversations()
+    }
+
+    /// The durable acknowledgement cursor of a device in a conversation.
+    pub fn cursor(&self, device: DeviceId, conversation: ConversationId) -> u64 {
+        self.delivery.cursor(device, conversation)
+    }
+
+    /// Number of open connections (authenticated or not).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Counters of delivery (cheap: no copy of the other sub-machines' counters).
+    pub fn delivery_stats(&self) -> &DeliveryStats {
+        self.delivery.stats()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            sessions: self.sessions.stats().clone(),
+            delivery: self.delivery.stats().clone(),
+            registry: self.registry.stats().clone(),
+            groups: self.groups.stats().clone(),
+            key_packages: self.key_packages.stats().clone(),
+            refusals: self.refusals,
+        }
+    }
+
+    /// Kind, epoch, roles and devices of an MLS conversation.
+    pub fn group(&self, conversation: ConversationId) -> Option<&GroupState> {
+        self.groups.get(conversation)
+    }
+
+    /// Every user a device is bound to, in id order.
+    pub fn users(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.registry.users()
+    }
+
+    /// The devices bound to `user`.
+    pub fn devices_of(&self, user: UserId) -> impl Iterator<Item = DeviceId> + '_ {
+        self.registry.devices_of(user)
+    }
+
+    /// One-time KeyPackages `device` has in the directory.
+    pub fn key_packages_left(&self, device: DeviceId) -> usize {
+        self.key_packages.directory().remaining(device)
+    }
+
+    /// The registration authority, if it exists yet (admin listings).
+    pub fn registration_authority(&self) -> Option<&RegistrationAuthority> {
+        self.registry.authority()
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Instant {
+        self.delivery
+            .gc_again_at()
+            .map_or(self.next_tick, |at| at.min(self.next_tick))
+    }
+
+    /// The writes and outputs produced so far, or `None` if there are none.
+    pub fn poll_ready(&mut self) -> Option<Ready<GatewayOutput>> {
+        self.fx.take_ready()
+    }
+
+    // ---- admin commands ----
+
+    /// Admin: a one-time token that lets one new device of `user` register. Its text form
+    /// (`EnrolmentToken::to_text`) is what the operator hands over.
+    pub fn issue_enrolment_token(&mut self, now: Instant, user: UserId) -> EnrolmentToken {
+        self.registry
+            .issue_enrolment_token(now, user, self.entropy.as_mut(), self.fx.writes())
+    }
+
+    /// The registration authority's trust root (created if this gateway has none yet).
+    pub fn trust_root(&mut self, now: Instant) -> TrustRoot {
+        self.registry
+            .trust_root(now, self.entropy.as_mut(), self.fx.writes())
+    }
+
+    /// Graceful shutdown: says goodbye to every session (`ShuttingDown`) and closes it. The
+    /// driver commits and flushes the resulting `Ready` before it stops.
+    pub fn shut_down(&mut self, _now: Instant) {
+        let conns: Vec<ConnectionId> = self.sessions.connections().map(|(c, _)| c).collect();
+        for conn in conns {
+            let goodbye = Refusal::goodbye(
+                ErrorCode::ShuttingDown,
+                "the gateway is shutting down; reconnect shortly",
+            );
+            self.refuse(conn, goodbye);
+        }
+    }
+
+    // ---- inputs ----
+
+    /// Feeds one input. Then drain [`Gateway::poll_ready`].
+    pub fn handle(&mut self, now: Instant, input: GatewayInput) {
+        match input {
+            GatewayInput::Accepted(conn) => self.sessions.accept(now, conn),
+            GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
+            GatewayInput::Closed(conn) => self.forget_session(conn),
+            GatewayInput::RemoveDevice(conv, device) => self.propose_removal(now, conv, device),
+            GatewayInput::RevokeDevice(device) => self.revoke(now, device),
+            GatewayInput::CreateConversation(conv, members) => {
+                self.delivery.create_plain(conv, &members, &mut self.fx);
+            }
+        }
+    }
+
+    /// Periodic work: idle sessions, missing `Hello`s, stalled delivery windows, inbox resends,
+    /// garbage collection, expired resume tokens.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            if self.delivery.gc_again_at().is_some_and(|at| at <= now) {
+                self.delivery.collect_garbage(now, self.fx.writes());
+            }
+            return;
+        }
+        self.next_tick = now + self.config.tick_interval;
+        let to_close = self.sessions.timed_out(
+            now,
+            self.config.hello_timeout,
+            self.config.session_idle_timeout,
+        );
+        for (conn, code, why) in to_close {
+            self.refuse(conn, Refusal::goodbye(code, why));
+        }
+        for (conn, conv) in self.delivery.stalled(now) {
+            self.delivery.rewind(now, conn, conv, None, &mut self.fx);
+        }
+        self.delivery
+            .resend_inbox(now, &self.sessions, &self.groups, &mut self.fx);
+        self.delivery.collect_garbage(now, self.fx.writes());
+        self.sessions
+            .expire_tokens(now, self.config.gc_batch_max, self.fx.writes());
+        debug_assert!(self.poll_timeout() > now, "a tick that ran is re-armed");
+    }
+
+    fn handle_frame(&mut self, now: Instant, conn: ConnectionId, bytes: &[u8]) {
+        let Some(stage) = self.sessions.heard(now, conn) else {
+            return; // a frame raced with the close of its connection
+        };
+        let frame = match Frame::decode(bytes, self.config.payload_bytes_max) {
+            Ok(frame) => frame,
+            Err(error) => {
+                let goodbye = Refusal::goodbye(ErrorCode::MalformedFrame, error.to_string());
+                self.refuse(conn, goodbye);
+                return;
+            }
+        };
+        let routing = frame.routing;
+        let entropy = self.entropy.as_mut();
+        let fx = &mut self.fx;
+        let result = match (stage, frame.payload) {
+            (Stage::AwaitingHello, Payload::Hello(hello)) => {
+                self.handle_hello(now, conn, routing.sender, hello);
+                Ok(())
+            }
+            (Stage::AwaitingProof, Payload::Proof(proof)) => {
+                self.handle_proof(now, conn, proof);
+                Ok(())
+            }
+            (Stage::AwaitingHello, Payload::Register(register)) => self.registry.register(
+                now,
+                conn,
+                routing.sender,
+                register,
+                &self.sessions,
+                entropy,
+                fx,
+            ),
+            (_, Payload::TrustRootFetch(_)) => {
+                self.registry.send_trust_root(now, conn, entropy, fx);
+                Ok(())
+            }
+            (_, Payload::CrlFetch(fetch)) => {
+                let have = fetch.have_version;
+                self.registry
+                    .send_crl_if_newer(now, conn, have, entropy, fx);
+                Ok(())
+            }
+            // One device per session: a second Hello would leave the first device's routing
+            // pointing at a session that is no longer its own.
+            (Stage::Open(_), Payload::Hello(_)) => Err(Refusal::error(
+                ErrorCode::UnexpectedOpcode,
+                "this session is already open",
+            )),
+            (Stage::AwaitingHello | Stage::AwaitingProof, _) => Err(Refusal::goodbye(
+                ErrorCode::NotAuthenticated,
+                "say hello first",
+            )),
+            (Stage::Open(device), payload) => {
+                self.handle_session_frame(now, conn, device, routing, payload)
+            }
+        };
+        if let Err(refusal) = result {
+            self.refuse(conn, refusal);
+        }
+    }
+
+    /// A frame on an open session.
+    fn handle_session_frame(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        routing: Routing,
+        payload: Payload,
+    ) -> Result<(), Refusal> {
+        let entropy = self.entropy.as_mut();
+        let fx = &mut self.fx;
+        match payload {
+            Payload::Heartbeat(beat) => {
+                let ack = Heartbeat {
+                    nonce: beat.nonce,
+                    crl_version: self.registry.crl_version(),
+                };
+                fx.send(conn, Routing::default(), Payload::HeartbeatAck(ack));
+                Ok(())
+            }
+            Payload::HeartbeatAck(_) => Ok(()),
+            Payload::Send(send) => {
+                self.accept_message(now, conn, device, routing.conversation, send);
+                Ok(())
+            }
+            Payload::Ack(Ack {}) => {
+                let (conv, seq) = (routing.conversation, routing.seq);
+                self.delivery.acknowledge(now, conn, device, conv, seq, fx)
+            }
+            Payload::Leave(_) => {
+                let conv = routing.conversation;
+                let member = self
+                    .groups
+                    .get(conv)
+                    .is_some_and(|g| g.devices().contains_key(&device));
+                if !member {
+                    let routing = Routing {
+                        conversation: conv,
+                        ..Routing::default()
+                    };
+                    return Err(Refusal::error(
+                        ErrorCode::NotMember,
+                        "this device is not in that group",
+                    )
+                    .in_conversation(routing));
+                }
+                self.propose_removal(now, conv, device);
+                Ok(())
+            }
+            Payload::ReplayRequest(request) => {
+                let conv = routing.conversation;
+                self.delivery
+                    .rewind(now, conn, conv, Some(request.from_seq), fx);
+                Ok(())
+            }
+            Payload::PairVouch(vouch) => self.registry.vouch(now, conn, device, vouch, entropy, fx),
+            Payload::RenewCertificate(_) => self.registry.renew(now, conn, device, entropy, fx),
+            Payload::KeyPackageUpload(upload) => self.key_packages.upload(conn, device, upload, fx),
+            Payload::KeyPackageFetch(fetch) => {
+                let registry = &self.registry;
+                let sessions = &self.sessions;
+                self.key_packages.fetch(
+                    now,
+                    conn,
+                    device,
+                    fetch,
+                    routing.seq,
+                    &|user| registry.devices_of(user).collect(),
+                    &|d| sessions.online(d),
+                    fx,
+                )
+            }
+            Payload::Goodbye(_) => {
+                fx.hold(GatewayOutput::Close(conn));
+                self.forget_session(conn);
+                Ok(())
+            }
+            other => Err(Refusal::error(
+                ErrorCode::UnexpectedOpcode,
+                format!("{:?} is not accepted by a gateway", other.opcode()),
+            )),
+        }
+    }
+
+    // ---- sessions ----
+
+    /// Checks the key and certificate, then resumes with a valid token or sends a challenge.
+    fn handle_hello(&mut self, now: Instant, conn: ConnectionId, device: DeviceId, hello: Hello) {
+        let key = DevicePublicKey(hello.device_key);
+        if key.device_id() != device {
+            let goodbye = Refusal::goodbye(
+                ErrorCode::AuthenticationFailed,
+                "the sender device id does not match the device key",
+            );
+            self.refuse(conn, goodbye);
+            return;
+        }
+        let user = match self.registry.check_hello(
+            now,
+            &key,
+            hello.certificate.as_deref().map(|c| &c[..]),
+            hello.user.map(UserId::from_bytes),
+            self.entropy.as_mut(),
+            self.fx.writes(),
+        ) {
+            Ok(user) => Some(user),
+            Err(refusal) => {
+                self.refuse(conn, refusal);
+                return;
+            }
+        };
+        if let Some(token) = hello.resume_token {
+            match self.sessions.check_resume(now, device, &token) {
+                Resume::Valid => {
+                    self.sessions.count_opening(true);
+                    self.open_session(now, conn, device, &hello.cursors, user);
+                    return;
+                }
+                Resume::Expired => self.refuse(
+                    conn,
+                    Refusal::error(
+                        ErrorCode::ResumeTokenExpired,
+                        "resume token expired; answer the challenge",
+                    ),
+                ),
+                Resume::Invalid => self.refuse(
+                    conn,
+                    Refusal::error(
+                        ErrorCode::ResumeTokenInvalid,
+                        "resume token unknown or not yours; answer the challenge",
+                    ),
+                ),
+            }
+        }
+        let mut nonce = [0u8; 32];
+        self.entropy.fill_bytes(&mut nonce);
+        let challenged = Challenged {
+            device,
+            key,
+            nonce,
+            cursors: hello.cursors,
+            user,
+        };
+        self.sessions.challenge(conn, challenged);
+        self.fx.send(
+            conn,
+            Routing::default(),
+            Payload::Challenge(Challenge { nonce }),
+        );
+    }
+
+    fn handle_proof(&mut self, now: Instant, conn: ConnectionId, proof: Proof) {
+        let challenged = self
+            .sessions
+            .take_challenge(conn)
+            .expect("the stage said a challenge is out");
+        let message = session_proof_message(&challenged.nonce, challenged.device);
+        if !challenged.key.verify(&message, &proof.signature) {
+            let goodbye = Refusal::goodbye(
+                ErrorCode::AuthenticationFailed,
+                "the proof does not verify against the device key",
+            );
+            self.refuse(conn, goodbye);
+            return;
+        }
+        self.sessions.count_opening(false);
+        let Challenged {
+            device,
+            cursors,
+            user,
+            ..
+        } = challenged;
+        self.open_session(now, conn, device, &cursors, user);
+    }
+
+    fn open_session(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        cursors: &[Cursor],
+        user: Option<UserId>,
+    ) {
+        if let Err(refusal) = self
+            .registry
+            .bind_at_session(device, user, self.fx.writes())
+        {
+            self.refuse(conn, refusal);
+            return;
+        }
+        if let Some(old) = self.sessions.open(conn, device) {
+            let goodbye = Refusal::goodbye(
+                ErrorCode::SessionReplaced,
+                "a newer session replaced this one",
+            );
+            self.refuse(old, goodbye);
+        }
+        self.delivery
+            .open_session(now, conn, device, cursors, self.fx.writes());
+        let token = self.sessions.issue_token(
+            now,
+            device,
+            self.config.resume_token_ttl,
+            self.entropy.as_mut(),
+            self.fx.writes(),
+        );
+        let interval_ms =
+            u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
+        let ttl_s = u32::try_from(self.config.resume_token_ttl.as_secs()).unwrap_or(u32::MAX);
+        let external_sender = self
+            .groups
+            .external_key(self.entropy.as_mut(), self.fx.writes());
+        let ok = HelloOk {
+            heartbeat_interval_ms: interval_ms,
+            resume_token: token,
+            resume_token_ttl_s: ttl_s,
+            external_sender: Some(external_sender.into()),
+        };
+        self.fx.send(conn, Routing::default(), Payload::HelloOk(ok));
+        self.key_packages.send_count(conn, device, &mut self.fx);
+        self.delivery
+            .send_inbox(now, conn, device, &self.groups, &mut self.fx);
+        self.delivery.pump_session(now, conn, &mut self.fx);
+    }
+
+    /// Sends an error or a goodbye and counts it; a goodbye also closes the connection and
+    /// forgets its session.
+    fn refuse(&mut self, conn: ConnectionId, refusal: Refusal) {
+        self.refusals.count(refusal.code);
+        let message = truncate_utf8(&refusal.message, crate::wire::payload::MESSAGE_BYTES_MAX);
+        let payload = if refusal.ends_session {
+            Payload::Goodbye(Goodbye {
+                code: refusal.code as u16,
+                message: message.to_string(),
+            })
+        } else {
+            Payload::Error(ErrorReport {
+                code: refusal.code as u16,
+                message: message.to_string(),
+                msg_id: refusal.msg_id.map(MsgId::to_bytes),
+            })
+        };
+        self.fx.send(conn, refusal.routing, payload);
+        if refusal.ends_session {
+            self.fx.hold(GatewayOutput::Close(conn));
+            self.forget_session(conn);
+        }
+    }
+
+    fn forget_session(&mut self, conn: ConnectionId) {
+        if self.sessions.forget(conn) {
+            self.delivery.close_session(conn);
+        }
+    }
+
+    // ---- messages ----
+
+    fn accept_message(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        send: Send,
+    ) {
+        let msg_id = send.msg_id();
+        let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
+        let body = send.body;
+        let plain = self.delivery.contains(conv) && !self.groups.contains(conv);
+        let mut effect = None;
+        if !plain {
+            let duplicate = self
+                .delivery
+                .log(conv)
+                .and_then(|log| log.duplicate_of(device, msg_id))
+                .is_some();
+            let registry = &self.registry;
+            let admitted = self.groups.admit(
+                device,
+                conv,
+                msg_id,
+                &body,
+                welcome,
+                duplicate,
+                self.delivery.contains(conv),
+                &|d| registry.user_of(d),
+                registry.crl(),
+            );
+            match admitted {
+                Ok(admitted) => effect = admitted,
+                Err(refusal) => {
+                    self.refuse(conn, refusal);
+                    return;
+                }
+            }
+            if effect.is_some() && !self.delivery.contains(conv) {
+                // A creating commit: the conversation starts with its creator as sole member,
+                // and the commit adds the others.
+                self.delivery
+                    .create_group_log(now, conn, conv, device, self.fx.writes());
+            }
+        }
+        let appended = self.delivery.append(
+            now,
+            device,
+            conv,
+            msg_id,
+            Bytes::from(body),
+            self.fx.writes(),
+        );
+        let seq = match appended {
+            Ok(Appended::New(seq)) => {
+                if let Some(effect) = effect.take() {
+                    self.groups.count_commit();
+                    self.apply_group_effect(now, conv, seq, *effect);
+                }
+                seq
+            }
+            Ok(Appended::Duplicate(seq)) => seq,
+            Err(error) => {
+                let (code, message) = match error {
+                    AppendError::UnknownConversation => {
+                        (ErrorCode::UnknownConversation, "no such conversation here")
+                    }
+                    AppendError::NotMember => {
+                        (ErrorCode::NotMember, "not a member of this conversation")
+                    }
+                };
+                self.refuse(conn, Refusal::error(code, message).about(msg_id));
+                return;
+            }
+        };
+        let routing = Routing {
+            conversation: conv,
+            seq,
+            ..Routing::default()
+        };
+        let ack = crate::wire::payload::SendAck {
+            msg_id: msg_id.to_bytes(),
+        };
+        self.fx.send(conn, routing, Payload::SendAck(ack));
+        self.delivery
+            .pump_members(now, conv, &self.sessions, &mut self.fx);
+    }
+
+    /// Applies an accepted commit sequenced at `seq`: the group's new state, the members it
+    /// adds (cursor at `seq`, a Welcome in their inbox) and removes (a notice in theirs), and
+    /// the next pending removal proposed in the new epoch.
+    fn apply_group_effect(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        effect: GroupEffect,
+    ) {
+        let GroupEffect {
+            state,
+            change,
+            welcome,
+        } = effect;
+        self.groups.set_state(conv, state, self.fx.writes());
+        let group = self.groups.get(conv).expect("set above");
+        self.delivery.apply_membership(
+            now,
+            conv,
+            seq,
+            &change,
+            welcome.as_ref(),
+            group,
+            &self.sessions,
+            &mut self.fx,
+        );
+        // Proposals are bound to their epoch: what this commit did not remove is proposed
+        // again in the new one, one device per epoch (a commit holds at most one removal).
+        if let Some(device) = self.groups.next_removal(conv) {
+            self.issue_removal(now, conv, device);
+        }
+    }
+
+    /// Asks for `device` to leave `conv`: proposed as the group's external sender now, or once
+    /// the removal pending in this epoch is committed.
+    fn propose_removal(&mut self, now: Instant, conv: ConversationId, device: DeviceId) {
+        match self.groups.request_removal(conv, device, self.fx.writes()) {
+            Removal::Nothing => {}
+            Removal::LastMember(effect) => {
+                let head = self.delivery.head(conv).unwrap_or(0);
+                self.apply_group_effect(now, conv, head, *effect);
+            }
+            Removal::Propose => self.issue_removal(now, conv, device),
+        }
+    }
+
+    /// Sequences the Remove proposal for `device` in the group's current epoch.
+    fn issue_removal(&mut self, now: Instant, conv: ConversationId, device: DeviceId) {
+        let Some(proposal) =
+            self.groups
+                .removal_proposal(conv, device, self.entropy.as_mut(), self.fx.writes())
+        else {
+            return;
+        };
+        let mut id = [0u8; 16];
+        self.entropy.fill_bytes(&mut id);
+        self.delivery.append_by_authority(
+            now,
+            conv,
+            MsgId::from_bytes(id),
+            proposal,
+            self.fx.writes(),
+        );
+        self.delivery
+            .pump_members(now, conv, &self.sessions, &mut self.fx);
+    }
+
+    /// Revokes `device`: new CRL to every session, the device's sessions and resume token end,
+    /// its KeyPackages go, and a removal is proposed in each of its groups.
+    fn revoke(&mut self, now: Instant, device: DeviceId) {
+        if !self
+            .registry
+            .revoke(now, device, self.entropy.as_mut(), self.fx.writes())
+        {
+            return; // revoked already, or never registered here
+        }
+        self.sessions.drop_device_token(device, self.fx.writes());
+        // Nobody may add it to a group again.
+        self.key_packages.forget(device, self.fx.writes());
+        let open: Vec<(ConnectionId, Option<DeviceId>)> = self.sessions.connections().collect();
+        for (conn, holder) in open {
+            if holder == Some(device) {
+                let goodbye = Refusal::goodbye(ErrorCode::DeviceRevoked, "this device was revoked");
+                self.refuse(conn, goodbye);
+            } else if holder.is_some() {
+                self.registry
+                    .send_crl(now, conn, self.entropy.as_mut(), &mut self.fx);
+            }
+        }
+        for conv in self.groups.groups_of(device) {
+            self.propose_removal(now, conv, device);
+        }
+    }
+}
+
+/// The longest prefix of `text` that fits in `max` bytes and ends on a character boundary.
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

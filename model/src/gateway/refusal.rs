@@ -1,0 +1,117 @@
+//! Refusals: the errors and goodbyes the gateway sends, decided by sub-machines and sent and
+//! counted by the router alone; and the gateway's counters.
+
+use super::delivery::DeliveryStats;
+use super::groups::GroupStats;
+use super::key_packages::KeyPackageStats;
+use super::registry::RegistryStats;
+use super::session::SessionStats;
+use crate::ids::MsgId;
+use crate::wire::payload::ErrorCode;
+use crate::wire::Routing;
+
+/// Slots of [`RefusalCounts`]: one per error code value (codes are below 32).
+const ERROR_CODE_SLOTS: usize = 32;
+
+/// Errors and goodbyes sent, by code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusalCounts([u64; ERROR_CODE_SLOTS]);
+
+impl Default for RefusalCounts {
+    fn default() -> Self {
+        RefusalCounts([0; ERROR_CODE_SLOTS])
+    }
+}
+
+impl RefusalCounts {
+    /// How many were sent with `code`.
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.0[usize::from(code as u16)]
+    }
+
+    /// How many were sent in all.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Every code sent at least once, with its count, in code order.
+    pub fn iter(&self) -> impl Iterator<Item = (ErrorCode, u64)> + '_ {
+        (0u16..)
+            .zip(self.0)
+            .filter(|(_, n)| *n > 0)
+            .map(|(code, n)| (ErrorCode::from_u16(code), n))
+    }
+
+    pub(super) fn count(&mut self, code: ErrorCode) {
+        let slot = usize::from(code as u16);
+        assert!(slot < ERROR_CODE_SLOTS, "error codes fit the table");
+        self.0[slot] += 1;
+    }
+}
+
+/// Counters for logs and metrics, one set per sub-machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Connections and sessions.
+    pub sessions: SessionStats,
+    /// Sequencing, delivery and garbage collection.
+    pub delivery: DeliveryStats,
+    /// Registration, revocation and CRLs.
+    pub registry: RegistryStats,
+    /// MLS conversations.
+    pub groups: GroupStats,
+    /// The KeyPackage directory.
+    pub key_packages: KeyPackageStats,
+    /// Errors and goodbyes sent, by code.
+    pub refusals: RefusalCounts,
+}
+
+/// An error or a goodbye for a connection: decided by a sub-machine, sent and counted by
+/// [`Gateway::refuse`] alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub(super) code: ErrorCode,
+    pub(super) message: String,
+    pub(super) routing: Routing,
+    pub(super) msg_id: Option<MsgId>,
+    pub(super) ends_session: bool,
+}
+
+impl Refusal {
+    /// A request failed; the session stays open.
+    pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+            routing: Routing::default(),
+            msg_id: None,
+            ends_session: false,
+        }
+    }
+
+    /// The gateway ends the session (and closes the connection).
+    pub(crate) fn goodbye(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            ends_session: true,
+            ..Refusal::error(code, message)
+        }
+    }
+
+    /// With routing (conversation, and for `stale_epoch` the group's epoch).
+    pub(crate) fn in_conversation(self, routing: Routing) -> Refusal {
+        Refusal { routing, ..self }
+    }
+
+    /// Naming the message it refuses.
+    pub(crate) fn about(self, msg_id: MsgId) -> Refusal {
+        Refusal {
+            msg_id: Some(msg_id),
+            ..self
+        }
+    }
+
+    /// Its code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+}
