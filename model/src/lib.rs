@@ -8,7 +8,7 @@
 //! Map of the crate:
 //! - [`wire`]: the frame format (128-byte header + CBOR payload), opcodes, payloads, limits.
 //! - [`ids`], [`time`]: identifiers and the model's notion of time.
-//! - [`env`]: the environment traits (clock, entropy, transport, store) and the
+//! - [`env`](mod@env): the environment traits (clock, entropy, transport, store) and the
 //!   persist-then-speak [`env::Ready`] batch.
 //! - [`effects`]: the sink handlers write their store writes and outputs into.
 //! - [`gateway`]: the gateway state machine, a router over its sub-machines (sessions,

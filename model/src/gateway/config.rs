@@ -37,7 +37,7 @@ pub struct GatewayConfig {
     pub gc_backlog_interval: Duration,
     /// Issue a certificate to any device that registers without an enrolment token (local use
     /// and demos); otherwise registration needs a one-time token from
-    /// [`Gateway::issue_enrolment_token`]. Sessions need a certificate either way.
+    /// [`super::Gateway::issue_enrolment_token`]. Sessions need a certificate either way.
     pub open_enrolment: bool,
     /// The domain this gateway is the registration authority of (named in every certificate).
     pub domain: String,

@@ -43,7 +43,7 @@ use crate::trust::Crl;
 use crate::wire::payload::ErrorCode;
 use crate::wire::Routing;
 
-/// Store table of group records: conversation id → [`GroupRecord`] CBOR.
+/// Store table of group records: conversation id → a `GroupRecord` in CBOR.
 pub const GROUPS_TABLE: Table = Table("groups");
 
 /// Table of the gateway's own keys: key `mls_signer`, value its MLS signing key's 32-byte seed

@@ -25,7 +25,7 @@
 //! This module only routes: it decodes a frame, asks the sub-machines, and carries effects that
 //! span several of them (a commit that changes membership, a revocation). Every handler writes
 //! into one effects sink ([`Effects`]); every error or goodbye the gateway sends goes through
-//! [`Gateway::refuse`], which sends it and counts it by code.
+//! `Gateway::refuse`, which sends it and counts it by code.
 
 mod config;
 pub mod delivery;

@@ -67,7 +67,7 @@ pub struct GatewayStats {
 }
 
 /// An error or a goodbye for a connection: decided by a sub-machine, sent and counted by
-/// [`Gateway::refuse`] alone.
+/// `Gateway::refuse` alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub(super) code: ErrorCode,

@@ -1,0 +1,273 @@
+//! What a node tells its driver and its application: inputs, outputs, events, errors, counters.
+
+use bytes::Bytes;
+
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::mls::group_ops::GroupKind;
+use crate::mls::groups::GroupError;
+use crate::wire::payload::ErrorCode;
+
+/// A pairing code's secret and expiry, as [`super::Node::offer_pairing`] made them; the application
+/// adds the gateway's address and the user's name to show a `trust::pairing::PairingCode`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PairingOffer {
+    /// The one-time secret.
+    pub secret: [u8; 16],
+    /// Unix seconds after which the gateway refuses it.
+    pub expires: u64,
+}
+
+impl core::fmt::Debug for PairingOffer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PairingOffer(expires {})", self.expires)
+    }
+}
+
+/// Inputs from the transport to [`super::Node::handle`].
+#[derive(Clone, Debug)]
+pub enum NodeInput {
+    /// The connection asked for by `Connect` is up.
+    Connected(ConnectionId),
+    /// The connection asked for by `Connect` failed.
+    ConnectFailed,
+    /// A frame arrived.
+    Frame(ConnectionId, Bytes),
+    /// The connection is gone.
+    Closed(ConnectionId),
+}
+
+/// Connection status as the user sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionStatus {
+    /// A session with the gateway is open.
+    Connected,
+    /// Trying to (re)connect; `attempt` counts failures since the last session.
+    Reconnecting {
+        /// Failed attempts so far.
+        attempt: u32,
+    },
+    /// Not connected and not trying (the user went offline).
+    Offline,
+}
+
+/// What the application hears.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A message, exactly once and in seq order per conversation.
+    Delivered {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Its seq.
+        seq: u64,
+        /// Originating device.
+        sender: DeviceId,
+        /// The sender's id for it.
+        msg_id: MsgId,
+        /// Content.
+        body: Bytes,
+    },
+    /// The gateway durably sequenced one of our messages.
+    Accepted {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Our id for it.
+        msg_id: MsgId,
+        /// The seq it got.
+        seq: u64,
+    },
+    /// The gateway refused one of our messages; it left the outbox.
+    Rejected {
+        /// Our id for it.
+        msg_id: MsgId,
+        /// Why.
+        code: ErrorCode,
+    },
+    /// Messages `from..=to` of a conversation are gone for good: the gateway no longer retains
+    /// them (this device was away longer than the retention limit). Delivery goes on after them.
+    Gap {
+        /// Conversation.
+        conversation: ConversationId,
+        /// First lost seq.
+        from: u64,
+        /// Last lost seq.
+        to: u64,
+    },
+    /// The gateway refused this device (registration, certificate or proof); the node keeps
+    /// retrying with backoff, registering again if its certificate was the problem.
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The gateway's explanation.
+        message: String,
+    },
+    /// The connection status changed.
+    Status(ConnectionStatus),
+    /// The gateway issued this device a certificate.
+    Registered {
+        /// Its serial.
+        serial: u64,
+    },
+    /// A newer CRL arrived and is kept.
+    CrlUpdated {
+        /// Its version.
+        version: u64,
+    },
+    /// A CRL was refused (forged, foreign, or older than the one held).
+    CrlRefused {
+        /// Why.
+        reason: String,
+    },
+    /// This device is revoked: it disconnected and will not connect again.
+    Revoked,
+    /// This device registered with a pairing code, and the gateway confirmed that the device
+    /// which showed the code vouched for it.
+    Paired {
+        /// The vouching device.
+        voucher: DeviceId,
+    },
+    /// The gateway holds this device's vouch for its pairing code: the code works now.
+    PairingReady {
+        /// Unix seconds after which the code is refused.
+        expires: u64,
+    },
+    /// The gateway refused this device's vouch for its pairing code (or it expired unsent).
+    PairingRefused {
+        /// Why.
+        reason: String,
+    },
+    /// A new device of this user registered with this device's pairing code.
+    DeviceLinked {
+        /// The new device.
+        device: DeviceId,
+    },
+    /// A commit at `seq` moved a group to `epoch` (ours once it came back sequenced, or
+    /// another member's once processed).
+    GroupChanged {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The commit's seq.
+        seq: u64,
+        /// The committing device.
+        sender: DeviceId,
+        /// The commit's message id.
+        msg_id: MsgId,
+        /// The group's new epoch.
+        epoch: u64,
+        /// Devices it added.
+        added: Vec<DeviceId>,
+        /// Devices it removed.
+        removed: Vec<DeviceId>,
+    },
+    /// This device joined a group from a Welcome; the conversation is read from `seq + 1`.
+    Joined {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The seq of the commit that added this device.
+        seq: u64,
+        /// DM or room.
+        kind: GroupKind,
+    },
+    /// A commit at `seq` removed this device from a group.
+    RemovedFrom {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The removing commit's seq.
+        seq: u64,
+    },
+    /// The message at `seq` of a group could not be decrypted or applied; delivery goes on.
+    Undecryptable {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Its seq.
+        seq: u64,
+        /// Originating device.
+        sender: DeviceId,
+        /// What went wrong (no plaintext, no key material).
+        reason: String,
+    },
+    /// The gateway proposed (as the group's external sender) to remove `device`; a member
+    /// commits it next.
+    RemovalProposed {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The proposal's seq.
+        seq: u64,
+        /// Its message id.
+        msg_id: MsgId,
+        /// The device to be removed.
+        device: DeviceId,
+    },
+    /// A group message this device was configured not to decrypt (simulation sampling in
+    /// large rooms; see `DeviceMlsConfig::decrypt_sample`).
+    Skipped {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Its seq.
+        seq: u64,
+        /// Originating device.
+        sender: DeviceId,
+        /// The sender's id for it.
+        msg_id: MsgId,
+    },
+    /// The gateway refused a group change of ours (role, or an invalid commit); it is dropped.
+    GroupChangeRefused {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Why.
+        code: ErrorCode,
+        /// The gateway's explanation.
+        message: String,
+    },
+}
+
+/// Outputs released by a committed [`crate::env::Ready`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeOutput {
+    /// Open a connection to the home gateway; answer with `Connected` or `ConnectFailed`.
+    Connect,
+    /// Send an encoded frame.
+    Send(ConnectionId, Bytes),
+    /// Close a connection.
+    Close(ConnectionId),
+    /// Tell the application.
+    Event(NodeEvent),
+}
+
+/// Why `send` refused a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The outbox is full: wait for acknowledgements (or reconnect) and try again.
+    #[error("outbox full ({max} messages waiting); wait until the gateway acknowledges some")]
+    OutboxFull {
+        /// The limit.
+        max: usize,
+    },
+    /// The body is larger than allowed.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    BodyTooLarge {
+        /// Body length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The conversation is a group this device cannot encrypt for now.
+    #[error("{0}")]
+    Group(GroupError),
+}
+
+/// Counters for logs, metrics and the simulator's checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Connections that reached `HelloOk`.
+    pub sessions: u64,
+    /// Deliveries dropped as duplicates (at or below the cursor).
+    pub duplicate_deliveries: u64,
+    /// Replay requests sent.
+    pub replay_requests: u64,
+    /// Outbox messages resent.
+    pub resends: u64,
+    /// KeyPackages uploaded to the gateway.
+    pub key_packages_uploaded: u64,
+    /// KeyPackage uploads the gateway refused, or that could not be made.
+    pub key_package_failures: u64,
+}

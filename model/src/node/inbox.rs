@@ -1,0 +1,133 @@
+//! The inbox: per-conversation delivery cursors, the reorder buffer and replay requests.
+//!
+//! Delivery to the application is exactly once and in seq order: the cursor is committed in the
+//! same batch that releases the event, and anything at or below it is a duplicate. A seq beyond
+//! `cursor + 1` waits in a bounded reorder buffer while the node asks the gateway to replay from
+//! `cursor + 1` (at most once per `replay_request_interval`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::{ConversationId, DeviceId, MsgId};
+use crate::time::Instant;
+
+/// Table of delivery cursors: key `conversation(16)`, value seq (8, big-endian).
+pub const NODE_CURSORS_TABLE: Table = Table("node_cursors");
+
+/// A delivery waiting for its turn.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    /// Originating device.
+    pub sender: DeviceId,
+    /// The sender's id for it.
+    pub msg_id: MsgId,
+    /// Content as delivered (ciphertext in a group).
+    pub body: Bytes,
+}
+
+/// Cursors and the reorder buffer. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Inbox {
+    cursors: BTreeMap<ConversationId, u64>,
+    reorder: BTreeMap<ConversationId, BTreeMap<u64, Inbound>>,
+    replay_asked: BTreeMap<ConversationId, Instant>,
+    reorder_buffer_max: usize,
+    replay_request_interval: Duration,
+}
+
+impl Inbox {
+    /// Reads the cursors back; the buffer starts empty.
+    pub fn recover(
+        reorder_buffer_max: usize,
+        replay_request_interval: Duration,
+        store: &dyn StoreRead,
+    ) -> Result<Inbox, StoreError> {
+        let mut cursors = BTreeMap::new();
+        scan_all(store, NODE_CURSORS_TABLE, |key, value| {
+            match (<[u8; 16]>::try_from(key), <[u8; 8]>::try_from(value)) {
+                (Ok(k), Ok(v)) => {
+                    cursors.insert(ConversationId::from_bytes(k), u64::from_be_bytes(v));
+                    Ok(())
+                }
+                _ => Err(StoreError::Corrupt {
+                    table: NODE_CURSORS_TABLE.0,
+                    reason: "cursor key or value length".into(),
+                }),
+            }
+        })?;
+        Ok(Inbox {
+            cursors,
+            reorder: BTreeMap::new(),
+            replay_asked: BTreeMap::new(),
+            reorder_buffer_max,
+            replay_request_interval,
+        })
+    }
+
+    /// Highest seq delivered to the application in a conversation.
+    pub fn cursor(&self, conversation: ConversationId) -> u64 {
+        self.cursors.get(&conversation).copied().unwrap_or(0)
+    }
+
+    /// Every cursor, in conversation order.
+    pub fn cursors(&self) -> &BTreeMap<ConversationId, u64> {
+        &self.cursors
+    }
+
+    /// Moves a conversation's cursor to `seq` (forward only, except when a Welcome resets
+    /// where a group is read from) and drops what the buffer holds up to it.
+    pub fn set_cursor(&mut self, conversation: ConversationId, seq: u64, writes: &mut WriteBatch) {
+        self.cursors.insert(conversation, seq);
+        writes.put(
+            NODE_CURSORS_TABLE,
+            conversation.to_bytes().to_vec(),
+            seq.to_be_bytes().to_vec(),
+        );
+        if let Some(buffer) = self.reorder.get_mut(&conversation) {
+            buffer.retain(|&s, _| s > seq);
+        }
+    }
+
+    /// Keeps a delivery that arrived ahead of its turn (the buffer is bounded; a full one keeps
+    /// only what it holds already). True if a replay request should go out now.
+    pub fn hold(
+        &mut self,
+        now: Instant,
+        conversation: ConversationId,
+        seq: u64,
+        inbound: Inbound,
+    ) -> bool {
+        debug_assert!(
+            seq > self.cursor(conversation) + 1,
+            "only what is ahead waits"
+        );
+        let buffer = self.reorder.entry(conversation).or_default();
+        if buffer.len() < self.reorder_buffer_max || buffer.contains_key(&seq) {
+            buffer.insert(seq, inbound);
+        }
+        debug_assert!(
+            buffer.len() <= self.reorder_buffer_max,
+            "the buffer is bounded"
+        );
+        let asked = self.replay_asked.get(&conversation).copied();
+        if asked.is_none_or(|t| now >= t + self.replay_request_interval) {
+            self.replay_asked.insert(conversation, now);
+            return true;
+        }
+        false
+    }
+
+    /// The buffered delivery at `seq`, if any, taken out.
+    pub fn take(&mut self, conversation: ConversationId, seq: u64) -> Option<Inbound> {
+        self.reorder.get_mut(&conversation)?.remove(&seq)
+    }
+
+    /// The connection is gone: the buffer and replay timers start over on the next one.
+    pub fn connection_lost(&mut self) {
+        self.reorder.clear();
+        self.replay_asked.clear();
+    }
+}

@@ -1,0 +1,322 @@
+//! The link: the node's connection to its gateway, from connecting through the handshake to an
+//! open session, with heartbeats, the idle timeout, reconnects with exponential backoff and full
+//! jitter, and the resume token that lets the next session skip the challenge.
+
+use std::time::Duration;
+
+use crate::env::{Entropy, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::ConnectionId;
+use crate::time::Instant;
+use crate::wire::payload::Heartbeat;
+
+use super::events::ConnectionStatus;
+use super::NodeConfig;
+
+/// Table of session state: key `b"resume_token"`, value the token (32).
+pub const NODE_SESSION_TABLE: Table = Table("node_session");
+const RESUME_TOKEN_KEY: &[u8] = b"resume_token";
+
+/// Where the link is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Not connected; reconnect at `retry_at`, or never if `None` (offline by choice, or
+    /// revoked).
+    Offline {
+        /// When to try again.
+        retry_at: Option<Instant>,
+    },
+    /// `Connect` was emitted; waiting for the transport.
+    Connecting,
+    /// Connected, `Hello` (or `Register`) sent, waiting for `HelloOk` until `deadline`.
+    Handshaking {
+        /// The connection.
+        conn: ConnectionId,
+        /// When the handshake is given up.
+        deadline: Instant,
+    },
+    /// Session open.
+    Open {
+        /// The connection.
+        conn: ConnectionId,
+        /// When the gateway was last heard.
+        last_heard: Instant,
+        /// When the next heartbeat is due.
+        next_heartbeat: Instant,
+    },
+}
+
+/// What a due link timer asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkDue {
+    /// Nothing is due.
+    Nothing,
+    /// Open a connection now.
+    Connect,
+    /// The connection is dead (handshake or idle timeout): close it and reconnect later.
+    Dead(ConnectionId),
+    /// A heartbeat went out on the open session (its frame is returned by `heartbeat`).
+    Heartbeat(ConnectionId, Heartbeat),
+}
+
+/// The node's link to its gateway. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Link {
+    state: LinkState,
+    attempts: u32,
+    heartbeat_interval: Duration,
+    next_heartbeat_nonce: u64,
+    resume_token: Option<[u8; 32]>,
+    status: ConnectionStatus,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+impl Link {
+    /// The link of a node that just started: it connects at once.
+    pub fn recover(
+        config: &NodeConfig,
+        now: Instant,
+        store: &dyn StoreRead,
+    ) -> Result<Link, StoreError> {
+        assert!(
+            config.backoff_initial <= config.backoff_max,
+            "backoff_initial <= backoff_max"
+        );
+        let resume_token =
+            match store.get(NODE_SESSION_TABLE, RESUME_TOKEN_KEY)? {
+                Some(value) => Some(<[u8; 32]>::try_from(value.as_slice()).map_err(|_| {
+                    StoreError::Corrupt {
+                        table: NODE_SESSION_TABLE.0,
+                        reason: "resume token length".into(),
+                    }
+                })?),
+                None => None,
+            };
+        Ok(Link {
+            state: LinkState::Offline {
+                retry_at: Some(now),
+            },
+            attempts: 0,
+            heartbeat_interval: config.heartbeat_interval,
+            next_heartbeat_nonce: 0,
+            resume_token,
+            status: ConnectionStatus::Reconnecting { attempt: 0 },
+            idle_timeout: config.idle_timeout,
+            handshake_timeout: config.handshake_timeout,
+            backoff_initial: config.backoff_initial,
+            backoff_max: config.backoff_max,
+        })
+    }
+
+    // ---- getters ----
+
+    /// Where the link is.
+    pub fn state(&self) -> LinkState {
+        self.state
+    }
+
+    /// Connection status as the user sees it.
+    pub fn status(&self) -> ConnectionStatus {
+        self.status
+    }
+
+    /// The connection being handshaken or open.
+    pub fn current_conn(&self) -> Option<ConnectionId> {
+        match self.state {
+            LinkState::Handshaking { conn, .. } | LinkState::Open { conn, .. } => Some(conn),
+            LinkState::Offline { .. } | LinkState::Connecting => None,
+        }
+    }
+
+    /// The connection of the open session.
+    pub fn open_conn(&self) -> Option<ConnectionId> {
+        match self.state {
+            LinkState::Open { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// True while a session is open.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, LinkState::Open { .. })
+    }
+
+    /// True while the handshake runs.
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.state, LinkState::Handshaking { .. })
+    }
+
+    /// True if the user asked to stay offline (or the device was revoked).
+    pub fn stays_offline(&self) -> bool {
+        matches!(self.state, LinkState::Offline { retry_at: None })
+    }
+
+    /// The resume token to present in the next `Hello`.
+    pub fn resume_token(&self) -> Option<[u8; 32]> {
+        self.resume_token
+    }
+
+    /// When a link timer is next due, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.state {
+            LinkState::Offline { retry_at } => retry_at,
+            LinkState::Connecting => None,
+            LinkState::Handshaking { deadline, .. } => Some(deadline),
+            LinkState::Open {
+                last_heard,
+                next_heartbeat,
+                ..
+            } => Some(next_heartbeat.min(last_heard + self.idle_timeout)),
+        }
+    }
+
+    // ---- transitions ----
+
+    /// The transport connected; false if no connection was asked for (the caller closes it).
+    pub fn connected(&mut self, now: Instant, conn: ConnectionId) -> bool {
+        if self.state != LinkState::Connecting {
+            return false;
+        }
+        self.state = LinkState::Handshaking {
+            conn,
+            deadline: now + self.handshake_timeout,
+        };
+        true
+    }
+
+    /// True if a connection attempt is in flight (a failure report concerns it).
+    pub fn is_connecting(&self) -> bool {
+        self.state == LinkState::Connecting
+    }
+
+    /// The gateway was heard on the open session.
+    pub fn heard(&mut self, now: Instant) {
+        if let LinkState::Open { last_heard, .. } = &mut self.state {
+            *last_heard = now;
+        }
+    }
+
+    /// `HelloOk`: the session is open. Stores a new resume token and takes the gateway's
+    /// heartbeat interval.
+    pub fn opened(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        resume_token: [u8; 32],
+        heartbeat_interval_ms: u32,
+        writes: &mut WriteBatch,
+    ) {
+        debug_assert!(self.is_handshaking(), "a session opens after a handshake");
+        if self.resume_token != Some(resume_token) {
+            self.resume_token = Some(resume_token);
+            writes.put(
+                NODE_SESSION_TABLE,
+                RESUME_TOKEN_KEY.to_vec(),
+                resume_token.to_vec(),
+            );
+        }
+        if heartbeat_interval_ms > 0 {
+            self.heartbeat_interval = Duration::from_millis(heartbeat_interval_ms.into());
+        }
+        self.state = LinkState::Open {
+            conn,
+            last_heard: now,
+            next_heartbeat: now + self.heartbeat_interval,
+        };
+        self.attempts = 0;
+    }
+
+    /// Forgets the resume token (the gateway refused it, or refused this device).
+    pub fn forget_resume_token(&mut self, writes: &mut WriteBatch) {
+        if self.resume_token.take().is_some() {
+            writes.delete(NODE_SESSION_TABLE, RESUME_TOKEN_KEY.to_vec());
+        }
+    }
+
+    /// Runs the link's due timer, if one is due at `now`.
+    pub fn on_timeout(&mut self, now: Instant) -> LinkDue {
+        match self.state {
+            LinkState::Offline { retry_at: Some(at) } if now >= at => {
+                self.state = LinkState::Connecting;
+                LinkDue::Connect
+            }
+            LinkState::Handshaking { conn, deadline } if now >= deadline => LinkDue::Dead(conn),
+            LinkState::Open {
+                conn,
+                last_heard,
+                next_heartbeat,
+            } => {
+                if now >= last_heard + self.idle_timeout {
+                    return LinkDue::Dead(conn);
+                }
+                if now < next_heartbeat {
+                    return LinkDue::Nothing;
+                }
+                self.next_heartbeat_nonce += 1;
+                self.state = LinkState::Open {
+                    conn,
+                    last_heard,
+                    next_heartbeat: now + self.heartbeat_interval,
+                };
+                let beat = Heartbeat {
+                    nonce: self.next_heartbeat_nonce,
+                    crl_version: None,
+                };
+                LinkDue::Heartbeat(conn, beat)
+            }
+            _ => LinkDue::Nothing,
+        }
+    }
+
+    /// The connection failed or died: try again after a random delay below a cap that doubles
+    /// per failed attempt (full jitter). Returns the new status.
+    pub fn back_off(&mut self, now: Instant, entropy: &mut dyn Entropy) -> ConnectionStatus {
+        debug_assert!(!self.stays_offline(), "the caller checks");
+        let cap = self
+            .backoff_initial
+            .saturating_mul(1u32 << self.attempts.min(20))
+            .min(self.backoff_max);
+        let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
+        let delay = Duration::from_micros(entropy.below_inclusive(cap_us));
+        debug_assert!(delay <= self.backoff_max, "the delay stays below the cap");
+        self.attempts = self.attempts.saturating_add(1);
+        self.state = LinkState::Offline {
+            retry_at: Some(now + delay),
+        };
+        ConnectionStatus::Reconnecting {
+            attempt: self.attempts,
+        }
+    }
+
+    /// The user goes offline (or the device is revoked): no more reconnects. Returns the
+    /// connection to close, if any.
+    pub fn stay_offline(&mut self) -> Option<ConnectionId> {
+        let conn = self.current_conn();
+        self.state = LinkState::Offline { retry_at: None };
+        conn
+    }
+
+    /// The user goes online again after `stay_offline`: connect at once. False if the link
+    /// was not offline.
+    pub fn go_online(&mut self, now: Instant) -> bool {
+        if !matches!(self.state, LinkState::Offline { .. }) {
+            return false;
+        }
+        self.attempts = 0;
+        self.state = LinkState::Offline {
+            retry_at: Some(now),
+        };
+        true
+    }
+
+    /// Records a status change; true if it is news for the application.
+    pub fn set_status(&mut self, status: ConnectionStatus) -> bool {
+        if self.status == status {
+            return false;
+        }
+        self.status = status;
+        true
+    }
+}

@@ -1,0 +1,892 @@
+//! The node (device) state machine: a thin router over sub-machines that each own their state.
+//!
+//! Shape (quinn-proto / str0m style):
+//! - getters take `&self` (`status`, `cursor`, `outbox_len`, ...);
+//! - [`Node::handle`] takes inputs from the transport (connected, failed, frame, closed);
+//! - mutators are user commands: [`Node::send`], [`Node::go_offline`], [`Node::go_online`],
+//!   the group commands, [`Node::offer_pairing`];
+//! - [`Node::handle_timeout`] runs due timers (reconnect, heartbeat, resend);
+//! - [`Node::poll_ready`] hands out writes and outputs; [`Node::poll_timeout`] says when to wake.
+//!
+//! Drain rule: after every input, command or timeout, drain `poll_ready` and commit each `Ready`
+//! before releasing its held outputs; then re-read `poll_timeout`. Message transmissions are
+//! eager (see [`Ready`]): they may leave before the commit that writes their outbox entry.
+//!
+//! Guarantees: a message stays in the durable outbox until the gateway acknowledges it, and is
+//! resent after every reconnect and after `resend_after` without an answer (at-least-once on the
+//! wire). Delivery to the application is exactly once and in seq order: the per-conversation
+//! cursor is committed in the same batch that releases the `Delivered` event, and anything at or
+//! below the cursor is dropped as a duplicate. A seq jump is buffered (bounded) and answered with
+//! a `ReplayRequest`.
+//!
+//! The sub-machines: [`link`] (connection, handshake, heartbeats, backoff, resume token),
+//! [`outbox`], [`inbox`] (cursors, reorder buffer, replay requests), [`trust`] (registration,
+//! renewal, pairing, CRL) and [`mls`] (the device's MLS identity and groups, one optional value).
+//! Every handler writes into one effects sink ([`Effects`]).
+
+mod config;
+mod events;
+pub mod inbox;
+pub mod link;
+pub mod mls;
+pub mod outbox;
+pub mod trust;
+
+use bytes::Bytes;
+
+use crate::effects::Effects;
+use crate::env::{Entropy, Ready, StoreError, StoreRead};
+use crate::identity::session_proof_message;
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
+use crate::mls::device::DeviceMls;
+use crate::mls::groups::{DeviceGroups, Processed};
+use crate::time::Instant;
+use crate::trust::handshake::PeerIdentity;
+use crate::trust::TrustHolder;
+use crate::wire::payload::{
+    Ack, CrlFetch, Cursor, ErrorCode, ErrorReport, Goodbye, Hello, HelloOk, Proof, ReplayRequest,
+    CURSORS_LEN_MAX,
+};
+use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+pub use config::NodeConfig;
+pub use events::{
+    ConnectionStatus, NodeEvent, NodeInput, NodeOutput, NodeStats, PairingOffer, SendError,
+};
+pub use inbox::NODE_CURSORS_TABLE;
+pub use link::NODE_SESSION_TABLE;
+pub use outbox::{OUTBOX_TABLE, OUTBOX_WELCOME_TABLE};
+
+use inbox::{Inbound, Inbox};
+use link::{Link, LinkDue};
+use mls::NodeMls;
+use outbox::Outbox;
+use trust::{CrlOutcome, NodeTrust};
+
+/// The node's effects sink.
+pub(crate) type NodeFx = Effects<NodeOutput>;
+
+impl Effects<NodeOutput> {
+    /// Queues a frame, released with this batch's commit.
+    pub(crate) fn send(&mut self, conn: ConnectionId, routing: Routing, payload: Payload) {
+        self.hold(NodeOutput::Send(
+            conn,
+            Frame::new(routing, payload).encode(),
+        ));
+    }
+
+    /// Tells the application, with this batch's commit.
+    pub(crate) fn event(&mut self, event: NodeEvent) {
+        self.hold(NodeOutput::Event(event));
+    }
+}
+
+/// One device as a deterministic state machine. See the module docs.
+pub struct Node {
+    config: NodeConfig,
+    entropy: Box<dyn Entropy + core::marker::Send>,
+    link: Link,
+    outbox: Outbox,
+    inbox: Inbox,
+    trust: NodeTrust,
+    mls: Option<NodeMls>,
+    stats: NodeStats,
+    fx: NodeFx,
+}
+
+impl core::fmt::Debug for Node {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Node")
+            .field("device", &self.config.device)
+            .field("link", &self.link.state())
+            .field("outbox", &self.outbox.len())
+            .field("cursors", self.inbox.cursors())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Rebuilds a node from committed storage (empty storage for a new device) and starts
+    /// connecting at once.
+    pub fn recover(
+        config: NodeConfig,
+        entropy: Box<dyn Entropy + core::marker::Send>,
+        now: Instant,
+        store: &dyn StoreRead,
+    ) -> Result<Node, StoreError> {
+        let outbox = Outbox::recover(config.outbox_len_max, store)?;
+        let inbox = Inbox::recover(
+            config.reorder_buffer_max,
+            config.replay_request_interval,
+            store,
+        )?;
+        let link = Link::recover(&config, now, store)?;
+        let mut fx = NodeFx::default();
+        let mut entropy = entropy;
+        let mls = match config.mls {
+            Some(mls_config) => Some(NodeMls::recover(
+                mls_config,
+                config.device,
+                config.user,
+                entropy.as_mut(),
+                store,
+                fx.writes(),
+            )?),
+            None => None,
+        };
+        let trust = NodeTrust::recover(store)?;
+        let mut node = Node {
+            config,
+            entropy,
+            link,
+            outbox,
+            inbox,
+            trust,
+            mls,
+            stats: NodeStats::default(),
+            fx,
+        };
+        node.bind_mls_to_trust();
+        Ok(node)
+    }
+
+    // ---- getters ----
+
+    /// This device.
+    pub fn device(&self) -> DeviceId {
+        self.config.device
+    }
+
+    /// Connection status.
+    pub fn status(&self) -> ConnectionStatus {
+        self.link.status()
+    }
+
+    /// Highest seq delivered to the application in a conversation.
+    pub fn cursor(&self, conversation: ConversationId) -> u64 {
+        self.inbox.cursor(conversation)
+    }
+
+    /// Messages waiting for the gateway's acknowledgement.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// True while a session is open.
+    pub fn is_connected(&self) -> bool {
+        self.link.is_open()
+    }
+
+    /// This device's trust state (certificate, pinned root, CRL).
+    pub fn trust(&self) -> &TrustHolder {
+        self.trust.holder()
+    }
+
+    /// What this device brings to a device-to-device handshake (`trust::handshake`): its key,
+    /// certificate, pinned root and CRL. `None` until it has registered.
+    pub fn peer_identity(&self) -> Option<PeerIdentity<'_>> {
+        let holder = self.trust.holder();
+        Some(PeerIdentity {
+            key: &self.config.key,
+            certificate: holder.certificate()?,
+            root: holder.root()?,
+            crl: holder.crl(),
+        })
+    }
+
+    /// This device's groups.
+    pub fn groups(&self) -> Option<&DeviceGroups> {
+        self.mls.as_ref().map(|m| &m.groups)
+    }
+
+    /// The device's MLS state, if it runs MLS.
+    pub fn mls(&self) -> Option<&DeviceMls> {
+        self.mls.as_ref().map(|m| &m.device)
+    }
+
+    /// When `handle_timeout` must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.link.next_deadline()
+    }
+
+    /// The writes and outputs produced so far, or `None`.
+    pub fn poll_ready(&mut self) -> Option<Ready<NodeOutput>> {
+        self.fx.take_ready()
+    }
+
+    // ---- commands ----
+
+    /// Queues a message for a conversation; it is sent now if connected, else after reconnect.
+    pub fn send(
+        &mut self,
+        now: Instant,
+        conversation: ConversationId,
+        body: Bytes,
+    ) -> Result<MsgId, SendError> {
+        if self.outbox.is_full() {
+            return Err(SendError::OutboxFull {
+                max: self.outbox.len_max(),
+            });
+        }
+        if body.len() > self.config.body_bytes_max {
+            return Err(SendError::BodyTooLarge {
+                len: body.len(),
+                max: self.config.body_bytes_max,
+            });
+        }
+        let msg_id = self.new_msg_id();
+        let body = match &mut self.mls {
+            Some(m) if m.groups.is_group(conversation) => m
+                .groups
+                .encrypt(conversation, msg_id, &body, &m.device, self.fx.writes())
+                .map_err(SendError::Group)?,
+            _ => body,
+        };
+        self.enqueue(now, conversation, msg_id, body, None);
+        Ok(msg_id)
+    }
+
+    fn new_msg_id(&mut self) -> MsgId {
+        let mut id = [0u8; 16];
+        self.entropy.fill_bytes(&mut id);
+        MsgId::from_bytes(id)
+    }
+
+    /// Puts a message in the durable outbox and sends it if connected.
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        conversation: ConversationId,
+        msg_id: MsgId,
+        body: Bytes,
+        welcome: Option<Bytes>,
+    ) {
+        self.outbox
+            .insert(msg_id, conversation, body, welcome, self.fx.writes());
+        if let Some(conn) = self.link.open_conn() {
+            self.transmit(now, conn, msg_id);
+        }
+    }
+
+    /// Closes the session cleanly and stays offline until `go_online`.
+    pub fn go_offline(&mut self, _now: Instant) {
+        if let Some(conn) = self.link.stay_offline() {
+            let goodbye = Goodbye {
+                code: ErrorCode::Unknown as u16,
+                message: "going offline".into(),
+            };
+            self.fx
+                .send(conn, Routing::default(), Payload::Goodbye(goodbye));
+            self.fx.hold(NodeOutput::Close(conn));
+        }
+        self.set_status(ConnectionStatus::Offline);
+    }
+
+    /// Starts connecting again after `go_offline`.
+    pub fn go_online(&mut self, now: Instant) {
+        if self.link.go_online(now) {
+            self.set_status(ConnectionStatus::Reconnecting { attempt: 0 });
+        }
+    }
+
+    /// Makes a pairing code's secret and this device's signed vouch for it, valid for
+    /// `trust::pairing::PAIRING_TTL` from `now` (the gateway checks expiry on its wall clock,
+    /// which `now` is in production). The vouch waits durably until the gateway has it: at once
+    /// if a session is open, else at the next one. A new offer replaces an unsent one.
+    pub fn offer_pairing(&mut self, now: Instant) -> PairingOffer {
+        let offer =
+            self.trust
+                .offer_pairing(&self.config, now, self.entropy.as_mut(), &mut self.fx);
+        self.send_pending_vouch(now);
+        offer
+    }
+
+    // ---- inputs ----
+
+    /// Feeds one transport input. Then drain [`Node::poll_ready`].
+    pub fn handle(&mut self, now: Instant, input: NodeInput) {
+        match input {
+            NodeInput::Connected(conn) => {
+                if !self.link.connected(now, conn) {
+                    self.fx.hold(NodeOutput::Close(conn));
+                    return;
+                }
+                if self.trust.holder().certificate().is_some() {
+                    self.send_hello(conn);
+                } else {
+                    let routing = Routing {
+                        sender: self.config.device,
+                        ..Routing::default()
+                    };
+                    let register = self.trust.register(&self.config);
+                    self.fx.send(conn, routing, register);
+                }
+            }
+            NodeInput::ConnectFailed => {
+                if self.link.is_connecting() {
+                    self.schedule_reconnect(now);
+                }
+            }
+            NodeInput::Closed(conn) => {
+                if self.link.current_conn() == Some(conn) {
+                    self.schedule_reconnect(now);
+                }
+            }
+            NodeInput::Frame(conn, bytes) => {
+                if self.link.current_conn() != Some(conn) {
+                    return; // a late frame from a connection we already left
+                }
+                match Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
+                    Ok(frame) => self.handle_frame(now, conn, frame),
+                    Err(_) => {
+                        // A gateway that sends garbage is broken or not a gateway: start over.
+                        self.fx.hold(NodeOutput::Close(conn));
+                        self.schedule_reconnect(now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs due timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.link.on_timeout(now) {
+            LinkDue::Nothing => {}
+            LinkDue::Connect => self.fx.hold(NodeOutput::Connect),
+            LinkDue::Dead(conn) => {
+                self.fx.hold(NodeOutput::Close(conn));
+                self.schedule_reconnect(now);
+            }
+            LinkDue::Heartbeat(conn, beat) => {
+                self.fx
+                    .send(conn, Routing::default(), Payload::Heartbeat(beat));
+                self.resend_stale(now, conn);
+                if let Some(m) = &mut self.mls {
+                    m.groups.expire_fetches(now, self.config.resend_after);
+                }
+                self.drive_groups(now);
+            }
+        }
+    }
+
+    // ---- the session ----
+
+    /// Opens a session with the device's certificate.
+    fn send_hello(&mut self, conn: ConnectionId) {
+        let mut cursors: Vec<Cursor> = self
+            .inbox
+            .cursors()
+            .iter()
+            .map(|(c, s)| Cursor::new(*c, *s))
+            .collect();
+        cursors.truncate(CURSORS_LEN_MAX);
+        let routing = Routing {
+            sender: self.config.device,
+            ..Routing::default()
+        };
+        let hello = Hello {
+            cursors,
+            device_key: self.config.key.public().0,
+            resume_token: self.link.resume_token(),
+            user: self.config.user.map(UserId::to_bytes),
+            certificate: self.trust.hello_certificate().map(Into::into),
+        };
+        self.fx.send(conn, routing, Payload::Hello(hello));
+    }
+
+    /// `HelloOk`: the session is open; catch up on what waited for it.
+    fn opened(&mut self, now: Instant, conn: ConnectionId, ok: HelloOk) {
+        self.link.opened(
+            now,
+            conn,
+            ok.resume_token,
+            ok.heartbeat_interval_ms,
+            self.fx.writes(),
+        );
+        if let (Some(m), Some(key)) = (&mut self.mls, ok.external_sender) {
+            m.set_gateway_key(Vec::from(key), self.fx.writes());
+        }
+        self.stats.sessions += 1;
+        self.set_status(ConnectionStatus::Connected);
+        // Catch up on revocations made while this device was away.
+        let fetch = CrlFetch {
+            have_version: self.trust.holder().crl_version(),
+        };
+        self.fx
+            .send(conn, Routing::default(), Payload::CrlFetch(fetch));
+        self.send_pending_vouch(now);
+        self.trust.session_opened();
+        self.renew_if_due(now, conn);
+        for msg_id in self.outbox.ids() {
+            self.transmit(now, conn, msg_id);
+        }
+        self.drive_groups(now);
+    }
+
+    fn send_pending_vouch(&mut self, now: Instant) {
+        let Some(vouch) = self.trust.pending_vouch(now, &mut self.fx) else {
+            return;
+        };
+        if let Some(conn) = self.link.open_conn() {
+            self.fx.send(conn, Routing::default(), vouch);
+        }
+    }
+
+    fn renew_if_due(&mut self, now: Instant, conn: ConnectionId) {
+        if let Some(renew) = self.trust.renewal_due(now) {
+            self.fx.send(conn, Routing::default(), renew);
+        }
+    }
+
+    /// Gives the MLS layer the certificate, root and CRL it checks credentials against.
+    fn bind_mls_to_trust(&mut self) {
+        if let Some(m) = &mut self.mls {
+            m.bind(&self.config.key, self.trust.holder());
+        }
+    }
+
+    /// A CRL from the gateway (pushed on revocation, or answering our fetch).
+    fn on_crl(&mut self, now: Instant, crl: &[u8]) {
+        let outcome = self.trust.on_crl(self.config.device, crl, &mut self.fx);
+        if let CrlOutcome::Updated { revoked } = outcome {
+            self.bind_mls_to_trust();
+            if revoked {
+                self.revoked(now);
+            }
+        }
+    }
+
+    /// This device is revoked: it stops connecting for good.
+    fn revoked(&mut self, _now: Instant) {
+        if let Some(conn) = self.link.stay_offline() {
+            self.fx.hold(NodeOutput::Close(conn));
+        }
+        self.link.forget_resume_token(self.fx.writes());
+        self.set_status(ConnectionStatus::Offline);
+        self.fx.event(NodeEvent::Revoked);
+    }
+
+    /// The gateway ended the session: tell the user if it refused us, then reconnect.
+    fn refused(&mut self, now: Instant, conn: ConnectionId, goodbye: &Goodbye) {
+        let code = ErrorCode::from_u16(goodbye.code);
+        if code == ErrorCode::DeviceRevoked {
+            self.revoked(now);
+            return;
+        }
+        if matches!(
+            code,
+            ErrorCode::CertificateExpired
+                | ErrorCode::CertificateInvalid
+                | ErrorCode::ForeignDomain
+                | ErrorCode::CertificateRequired
+        ) {
+            // Register again on the next connection.
+            self.trust.forget_certificate(&mut self.fx);
+        }
+        if matches!(
+            code,
+            ErrorCode::AuthenticationFailed
+                | ErrorCode::DeviceNotAdmitted
+                | ErrorCode::UserMismatch
+                | ErrorCode::CertificateExpired
+                | ErrorCode::CertificateInvalid
+                | ErrorCode::CertificateNotYetValid
+                | ErrorCode::ForeignDomain
+                | ErrorCode::CertificateRequired
+                | ErrorCode::EnrolmentTokenInvalid
+                | ErrorCode::EnrolmentTokenUsed
+                | ErrorCode::EnrolmentTokenExpired
+                | ErrorCode::PairingRefused
+        ) {
+            self.link.forget_resume_token(self.fx.writes());
+            self.fx.event(NodeEvent::Refused {
+                code,
+                message: goodbye.message.clone(),
+            });
+        }
+        self.fx.hold(NodeOutput::Close(conn));
+        self.schedule_reconnect(now);
+    }
+
+    fn schedule_reconnect(&mut self, now: Instant) {
+        if self.link.stays_offline() {
+            return; // the user asked to stay offline
+        }
+        self.inbox.connection_lost();
+        if let Some(m) = &mut self.mls {
+            m.groups.connection_lost();
+        }
+        let status = self.link.back_off(now, self.entropy.as_mut());
+        self.set_status(status);
+    }
+
+    fn set_status(&mut self, status: ConnectionStatus) {
+        if self.link.set_status(status) {
+            self.fx.event(NodeEvent::Status(status));
+        }
+    }
+
+    fn handle_frame(&mut self, now: Instant, conn: ConnectionId, frame: Frame) {
+        self.link.heard(now);
+        let routing = frame.routing;
+        match frame.payload {
+            Payload::Challenge(challenge) => {
+                if !self.link.is_handshaking() {
+                    return;
+                }
+                let message = session_proof_message(&challenge.nonce, self.config.device);
+                let signature = self.config.key.sign(&message);
+                self.fx.send(
+                    conn,
+                    Routing::default(),
+                    Payload::Proof(Proof { signature }),
+                );
+            }
+            Payload::HelloOk(ok) if self.link.is_handshaking() => self.opened(now, conn, ok),
+            Payload::Crl(crl) => self.on_crl(now, &crl.crl),
+            Payload::Certificate(answer) if self.link.is_handshaking() => {
+                if self
+                    .trust
+                    .on_certificate(&self.config, &answer, &mut self.fx)
+                {
+                    self.bind_mls_to_trust();
+                    self.send_hello(conn);
+                } else {
+                    self.fx.hold(NodeOutput::Close(conn));
+                    self.schedule_reconnect(now);
+                }
+            }
+            Payload::Certificate(answer) if self.link.is_open() => {
+                let renewed = self.trust.on_renewed(&self.config, &answer, &mut self.fx);
+                if renewed {
+                    self.bind_mls_to_trust();
+                }
+            }
+            _ if !self.link.is_open() => {
+                // Before HelloOk only a challenge, a token refusal or a goodbye make sense.
+                match frame.payload {
+                    Payload::Error(report)
+                        if matches!(
+                            ErrorCode::from_u16(report.code),
+                            ErrorCode::ResumeTokenExpired | ErrorCode::ResumeTokenInvalid
+                        ) =>
+                    {
+                        self.link.forget_resume_token(self.fx.writes());
+                    }
+                    Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
+                    _ => {}
+                }
+            }
+            Payload::Heartbeat(beat) => {
+                self.fx
+                    .send(conn, Routing::default(), Payload::HeartbeatAck(beat));
+            }
+            Payload::HeartbeatAck(ack) => {
+                self.renew_if_due(now, conn);
+                let held = self.trust.holder().crl_version();
+                if ack.crl_version.is_some_and(|v| v > held) {
+                    let fetch = CrlFetch { have_version: held };
+                    self.fx
+                        .send(conn, Routing::default(), Payload::CrlFetch(fetch));
+                }
+            }
+            Payload::SendAck(ack) => {
+                let msg_id = MsgId::from_bytes(ack.msg_id);
+                self.settle(routing.conversation, msg_id, routing.seq);
+            }
+            Payload::Deliver(deliver) => {
+                let inbound = Inbound {
+                    sender: routing.sender,
+                    msg_id: MsgId::from_bytes(deliver.msg_id),
+                    body: Bytes::from(deliver.body),
+                };
+                self.receive(now, conn, routing.conversation, routing.seq, inbound);
+            }
+            Payload::Error(report)
+                if ErrorCode::from_u16(report.code) == ErrorCode::ReplayWindowExceeded =>
+            {
+                self.skip_expired(conn, routing.conversation, routing.seq);
+            }
+            Payload::PairVouched(answer) => self.trust.on_vouched(&answer.secret, &mut self.fx),
+            Payload::Error(report)
+                if ErrorCode::from_u16(report.code) == ErrorCode::PairingRefused =>
+            {
+                self.trust.on_vouch_refused(report, &mut self.fx);
+            }
+            Payload::DeviceLinked(linked) => {
+                self.trust
+                    .on_device_linked(&self.config, &linked, &mut self.fx);
+            }
+            Payload::KeyPackageCount(count) => self.replenish(now, conn, count),
+            Payload::KeyPackages(answer) => self.on_key_packages(now, routing.seq, answer.found),
+            Payload::Welcome(welcome) => self.on_welcome(now, routing.conversation, welcome),
+            Payload::Removed(removed) => self.on_removed(now, routing.conversation, removed.seq),
+            Payload::Error(report) => self.on_error(now, routing, report),
+            Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
+            _ => {} // frames meant for gateways are ignored
+        }
+    }
+
+    /// An error frame on the open session.
+    fn on_error(&mut self, now: Instant, routing: Routing, report: ErrorReport) {
+        let code = ErrorCode::from_u16(report.code);
+        if code == ErrorCode::KeyPackageRejected {
+            self.stats.key_package_failures += 1;
+            if let Some(m) = &mut self.mls {
+                m.device.upload_abandoned();
+            }
+        }
+        if code == ErrorCode::RateLimited && report.msg_id.is_none() {
+            // Only KeyPackage fetches are rate limited: the waiting group tries again at its
+            // next chance.
+            if let Some(m) = &mut self.mls {
+                m.groups.fetch_refused(routing.seq);
+            }
+        }
+        let stale_message = code == ErrorCode::StaleEpoch
+            && report.msg_id.is_some_and(|id| {
+                self.mls
+                    .as_ref()
+                    .is_some_and(|m| m.groups.is_own_message(MsgId::from_bytes(id)))
+            });
+        if let (true, Some(id)) = (stale_message, report.msg_id) {
+            // Our application message was made before the group's current epoch: it stays in
+            // the outbox and is encrypted again once we are there.
+            let id = MsgId::from_bytes(id);
+            let sent_in = self.outbox.get(id).and_then(|out| {
+                crate::mls::commit_authority::read_framing(&out.body)
+                    .ok()
+                    .map(|f| f.epoch)
+            });
+            let m = self.mls.as_mut().expect("checked above");
+            m.groups
+                .message_stale(routing.conversation, id, routing.epoch, sent_in);
+            self.drive_groups(now);
+        } else if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
+            let refused = matches!(
+                code,
+                ErrorCode::NotMember
+                    | ErrorCode::UnknownConversation
+                    | ErrorCode::StaleEpoch
+                    | ErrorCode::Forbidden
+                    | ErrorCode::InvalidGroupMessage
+            );
+            if refused && self.outbox.remove(id, self.fx.writes()).is_some() {
+                self.group_message_refused(now, routing, id, code, &report.message);
+                self.fx.event(NodeEvent::Rejected { msg_id: id, code });
+            }
+        }
+    }
+
+    // ---- sending ----
+
+    fn transmit(&mut self, now: Instant, conn: ConnectionId, msg_id: MsgId) {
+        let (frame, conversation, resend) = self.outbox.transmit(now, self.config.device, msg_id);
+        if resend {
+            self.stats.resends += 1;
+        }
+        let output = NodeOutput::Send(conn, frame);
+        let group = self
+            .mls
+            .as_ref()
+            .is_some_and(|m| m.groups.is_group(conversation));
+        if group {
+            // Held: an MLS message leaves only once the state it advanced is durable. A commit
+            // the gateway accepted but we forgot would fork us from the group, and a ratchet
+            // generation used twice would reuse a key and nonce.
+            self.fx.hold(output);
+        } else {
+            // Eager: the gateway deduplicates on the message id, so the frame may leave before
+            // the outbox entry is durable. A crash in between loses only a message whose `send`
+            // had not returned yet; one the gateway accepted is delivered either way.
+            self.fx.eager(output);
+        }
+    }
+
+    fn resend_stale(&mut self, now: Instant, conn: ConnectionId) {
+        for msg_id in self.outbox.stale(now, self.config.resend_after) {
+            self.transmit(now, conn, msg_id);
+        }
+    }
+
+    /// The gateway sequenced our `msg_id` at `seq`: it leaves the outbox.
+    fn settle(&mut self, conv: ConversationId, msg_id: MsgId, seq: u64) {
+        if let Some(out) = self.outbox.remove(msg_id, self.fx.writes()) {
+            debug_assert!(
+                conv == out.conversation,
+                "a message settles in its own conversation"
+            );
+            self.fx.event(NodeEvent::Accepted {
+                conversation: out.conversation,
+                msg_id,
+                seq,
+            });
+        }
+    }
+
+    // ---- receiving ----
+
+    fn ack(&mut self, conn: ConnectionId, conv: ConversationId, seq: u64) {
+        let routing = Routing {
+            conversation: conv,
+            seq,
+            ..Routing::default()
+        };
+        self.fx.send(conn, routing, Payload::Ack(Ack {}));
+    }
+
+    /// The gateway no longer holds anything before `first_available`: report the gap and move
+    /// the cursor past it.
+    fn skip_expired(&mut self, conn: ConnectionId, conv: ConversationId, first_available: u64) {
+        let cursor = self.inbox.cursor(conv);
+        if first_available <= cursor + 1 {
+            return; // nothing of ours is missing
+        }
+        let to = first_available - 1;
+        self.fx.event(NodeEvent::Gap {
+            conversation: conv,
+            from: cursor + 1,
+            to,
+        });
+        self.inbox.set_cursor(conv, to, self.fx.writes());
+        self.ack(conn, conv, to);
+    }
+
+    fn receive(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        conv: ConversationId,
+        seq: u64,
+        inbound: Inbound,
+    ) {
+        if inbound.sender == self.config.device {
+            // Our own message coming back proves the gateway sequenced it, even if its SendAck
+            // was lost: settle the outbox entry now, so that a resend after the log entry is
+            // garbage-collected cannot become a second copy.
+            self.settle(conv, inbound.msg_id, seq);
+        }
+        let cursor = self.inbox.cursor(conv);
+        if seq <= cursor {
+            self.stats.duplicate_deliveries += 1;
+            self.ack(conn, conv, cursor);
+            return;
+        }
+        if seq > cursor + 1 {
+            if self.inbox.hold(now, conv, seq, inbound) {
+                self.stats.replay_requests += 1;
+                let routing = Routing {
+                    conversation: conv,
+                    ..Routing::default()
+                };
+                let request = ReplayRequest {
+                    from_seq: cursor + 1,
+                };
+                self.fx.send(conn, routing, Payload::ReplayRequest(request));
+            }
+            return;
+        }
+        let mut next = seq;
+        let mut item = inbound;
+        let mut group_changed = false;
+        loop {
+            let event = self.process(conv, next, item);
+            group_changed |= matches!(
+                event,
+                Some(NodeEvent::GroupChanged { .. } | NodeEvent::RemovalProposed { .. })
+            );
+            if let Some(event) = event {
+                self.fx.event(event);
+            }
+            match self.inbox.take(conv, next + 1) {
+                Some(buffered) => {
+                    next += 1;
+                    item = buffered;
+                }
+                None => break,
+            }
+        }
+        debug_assert!(next > cursor, "cursor only moves forward");
+        self.inbox.set_cursor(conv, next, self.fx.writes());
+        self.ack(conn, conv, next);
+        if group_changed {
+            self.drive_groups(now);
+        }
+    }
+
+    /// What the application hears of the message at `seq`: the body itself in a plain
+    /// conversation; in a group, the decrypted message or the commit's effect.
+    fn process(&mut self, conv: ConversationId, seq: u64, item: Inbound) -> Option<NodeEvent> {
+        let delivered = |body: Bytes| NodeEvent::Delivered {
+            conversation: conv,
+            seq,
+            sender: item.sender,
+            msg_id: item.msg_id,
+            body,
+        };
+        let Some(m) = self.mls.as_mut().filter(|m| m.groups.is_group(conv)) else {
+            return Some(delivered(item.body.clone()));
+        };
+        let processed = m.groups.on_deliver(
+            conv,
+            seq,
+            item.sender,
+            item.msg_id,
+            &item.body,
+            &m.device,
+            self.fx.writes(),
+        );
+        match processed {
+            Processed::Message(plaintext) => Some(delivered(plaintext)),
+            Processed::Commit {
+                epoch,
+                added,
+                removed,
+            } => Some(NodeEvent::GroupChanged {
+                conversation: conv,
+                seq,
+                sender: item.sender,
+                msg_id: item.msg_id,
+                epoch,
+                added,
+                removed,
+            }),
+            Processed::Failed(reason) => Some(NodeEvent::Undecryptable {
+                conversation: conv,
+                seq,
+                sender: item.sender,
+                reason,
+            }),
+            Processed::RemovalProposed { device } => Some(NodeEvent::RemovalProposed {
+                conversation: conv,
+                seq,
+                msg_id: item.msg_id,
+                device,
+            }),
+            Processed::Skipped => Some(NodeEvent::Skipped {
+                conversation: conv,
+                seq,
+                sender: item.sender,
+                msg_id: item.msg_id,
+            }),
+            Processed::Nothing => None,
+        }
+    }
+}
+
+/// The id of the DM between two users: the same whichever of them creates it.
+pub fn dm_id(a: UserId, b: UserId) -> ConversationId {
+    use sha2::{Digest, Sha256};
+    let (low, high) = if a <= b { (a, b) } else { (b, a) };
+    let digest = Sha256::new()
+        .chain_update(b"sund/dm/v1")
+        .chain_update(low.to_bytes())
+        .chain_update(high.to_bytes())
+        .finalize();
+    ConversationId::from_bytes(digest[..16].try_into().expect("16 bytes"))
+}
