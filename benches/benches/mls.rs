@@ -66,7 +66,7 @@ impl Flavour for Sund {
     }
     fn after(provider: &MlsProvider) {
         let mut batch = WriteBatch::default();
-        provider.take_writes(&mut batch);
+        provider.adopt_pending().commit(&mut batch);
         std::hint::black_box(batch);
     }
 }

@@ -6,8 +6,8 @@ mod support;
 
 use bytes::Bytes;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::mls::device_groups::{GroupStatus, Intent};
 use sund_model::mls::group_ops::{GroupKind, Role};
-use sund_model::mls::groups::{GroupStatus, Intent};
 use sund_model::node::{dm_id, NodeEvent};
 use sund_model::wire::payload::ErrorCode;
 use support::{node_config, Net};

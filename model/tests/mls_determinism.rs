@@ -75,7 +75,7 @@ impl Device {
     /// Commits this operation's storage writes, as a driver would after each MLS operation.
     fn commit(&mut self) {
         let mut batch = WriteBatch::default();
-        self.provider.take_writes(&mut batch);
+        self.provider.adopt_pending().commit(&mut batch);
         self.store.commit(batch).unwrap();
     }
 

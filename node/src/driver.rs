@@ -23,8 +23,8 @@ use sund_model::env::Ready;
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::mls::device_groups::{GroupError, GroupStatus, Intent};
 use sund_model::mls::group_ops::GroupKind;
-use sund_model::mls::groups::{GroupError, GroupStatus, Intent};
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, PairingOffer, SendError,
 };

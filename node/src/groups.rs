@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::mls::device_groups::{DeviceGroups, GroupStatus, Intent};
 use sund_model::mls::group_ops::{GroupKind, Role};
-use sund_model::mls::groups::{DeviceGroups, GroupStatus, Intent};
 use sund_model::node::NodeEvent;
 use sund_node::device::Device;
 use sund_node::driver::{self, GroupRequest, GroupSummary, NodeHandle};

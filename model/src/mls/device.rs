@@ -130,6 +130,7 @@ impl DeviceMls {
             config.randomness,
             storage,
         );
+        let transaction = provider.transaction();
         let signer = match store.get(session_table, SIGNER_KEY)? {
             Some(public) => {
                 SignatureKeyPair::read(provider.storage(), &public, SignatureScheme::ED25519)
@@ -149,7 +150,7 @@ impl DeviceMls {
                 signer
             }
         };
-        provider.take_writes(writes);
+        transaction.commit(writes);
         Ok(DeviceMls {
             config,
             device,
@@ -236,6 +237,7 @@ impl DeviceMls {
         if missing == 0 && has_last_resort {
             return Ok(None);
         }
+        let transaction = self.provider.transaction();
         let result = key_packages::generate(
             &self.provider,
             &self.signer,
@@ -245,17 +247,10 @@ impl DeviceMls {
             missing,
             !has_last_resort,
         );
-        match result {
-            Ok(packages) => {
-                self.provider.take_writes(writes);
-                self.upload_pending = true;
-                Ok(Some(packages))
-            }
-            Err(e) => {
-                self.provider.discard_writes();
-                Err(e)
-            }
-        }
+        let packages = result?;
+        transaction.commit(writes);
+        self.upload_pending = true;
+        Ok(Some(packages))
     }
 
     /// An upload was refused or the connection dropped: the next count decides again.

@@ -29,8 +29,8 @@
 pub mod commit_authority;
 pub mod crypto;
 pub mod device;
+pub mod device_groups;
 pub mod group_ops;
-pub mod groups;
 pub mod key_packages;
 pub mod provider;
 pub mod storage;

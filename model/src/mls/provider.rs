@@ -3,8 +3,9 @@
 //!
 //! Every random byte openmls uses comes from the [`Entropy`] the provider was built with, so a
 //! simulation run seeded the same way produces the same MLS bytes. All writes openmls makes during
-//! one operation stay buffered in the storage until [`MlsProvider::take_writes`] moves them into
-//! the caller's [`WriteBatch`], so one MLS operation is one store commit (crash consistency).
+//! one operation stay buffered in the storage until the operation's [`MlsTransaction`] moves them
+//! into the caller's [`WriteBatch`] (or discards them when it drops uncommitted), so one MLS
+//! operation is one store commit (crash consistency).
 
 use std::sync::{Arc, Mutex};
 
@@ -98,14 +99,49 @@ impl MlsProvider {
         ))
     }
 
-    /// Moves every storage write since the last call into `batch`, to be committed as one unit.
-    pub fn take_writes(&self, batch: &mut WriteBatch) {
-        self.storage.take_writes(batch);
+    /// Starts one MLS operation: its storage writes are discarded when the returned guard
+    /// drops, unless [`MlsTransaction::commit`] moves them into the caller's batch first. No
+    /// writes of an earlier operation may still wait (a missed commit or discard would leak
+    /// half-finished writes into this one).
+    pub fn transaction(&self) -> MlsTransaction<'_> {
+        debug_assert!(
+            !self.storage.has_pending(),
+            "an earlier MLS operation left its writes neither committed nor discarded"
+        );
+        self.adopt_pending()
     }
 
-    /// Forgets the writes of a failed operation, restoring the state of the last `take_writes`.
-    pub fn discard_writes(&self) {
-        self.storage.discard_writes();
+    /// A transaction holding whatever writes openmls made since the last commit or discard:
+    /// for tests and benchmarks that drive openmls directly and collect its writes afterwards.
+    pub fn adopt_pending(&self) -> MlsTransaction<'_> {
+        MlsTransaction {
+            storage: &self.storage,
+            committed: false,
+        }
+    }
+}
+
+/// One MLS operation's storage writes: discarded on drop unless committed (see
+/// [`MlsProvider::transaction`]).
+#[must_use = "an MLS transaction discards its writes unless committed"]
+pub struct MlsTransaction<'a> {
+    storage: &'a MlsStorage,
+    committed: bool,
+}
+
+impl MlsTransaction<'_> {
+    /// Moves the operation's writes into `batch`, to be committed with what depends on them.
+    pub fn commit(mut self, batch: &mut WriteBatch) {
+        self.storage.take_writes(batch);
+        self.committed = true;
+    }
+}
+
+impl Drop for MlsTransaction<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.storage.discard_writes();
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 use bytes::Bytes;
 
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::mls::device_groups::GroupError;
 use crate::mls::group_ops::GroupKind;
-use crate::mls::groups::GroupError;
 use crate::wire::payload::ErrorCode;
 
 /// A pairing code's secret and expiry, as [`super::Node::offer_pairing`] made them; the application

@@ -7,8 +7,8 @@ use crate::env::{Entropy, StoreError, StoreRead, WriteBatch};
 use crate::identity::DeviceKey;
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::{DeviceMls, DeviceMlsConfig};
+use crate::mls::device_groups::{DeviceGroups, GroupAction, GroupError, Intent};
 use crate::mls::group_ops::{GroupKind, Role};
-use crate::mls::groups::{DeviceGroups, GroupAction, GroupError, Intent};
 use crate::time::Instant;
 use crate::trust::TrustHolder;
 use crate::wire::payload::{

@@ -39,7 +39,7 @@ use crate::env::{Entropy, Ready, StoreError, StoreRead};
 use crate::identity::session_proof_message;
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::DeviceMls;
-use crate::mls::groups::{DeviceGroups, Processed};
+use crate::mls::device_groups::{DeviceGroups, Processed};
 use crate::time::Instant;
 use crate::trust::handshake::PeerIdentity;
 use crate::trust::TrustHolder;

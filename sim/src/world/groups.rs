@@ -9,8 +9,8 @@
 use sund_model::gateway::Gateway;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
+use sund_model::mls::device_groups::{GroupStatus, Intent};
 use sund_model::mls::group_ops::GroupKind;
-use sund_model::mls::groups::{GroupStatus, Intent};
 use sund_model::mls::{LifetimePolicy, Randomness};
 use sund_model::node::NodeConfig;
 

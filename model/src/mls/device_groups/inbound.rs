@@ -1,0 +1,388 @@
+//! What comes in from the gateway: Welcomes, removal notices, and every sequenced message of a
+//! group (commits checked against their declaration and merged, application messages
+//! decrypted, the gateway's proposals kept for a commit).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::*;
+
+use super::{
+    device_of, devices_by_leaf, drawn, mls_error, verify_leaf, DeviceGroups, GroupAction,
+    GroupEntry, GroupError, GroupStatus, Intent, Processed, NODE_SENT_TABLE,
+};
+use crate::env::WriteBatch;
+use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
+use crate::mls::device::DeviceMls;
+use crate::mls::group_ops::GroupOps;
+use crate::mls::{join_config, sender_ratchet};
+use crate::wire::payload::Welcome;
+
+impl DeviceGroups {
+    /// A Welcome from our inbox: join the group, unless we are in it already.
+    /// `cursor` is how far this device has read the conversation: a Welcome beyond it means a
+    /// commit removed the device (its notice was overtaken) and another added it back.
+    pub fn on_welcome(
+        &mut self,
+        conv: ConversationId,
+        notice: &Welcome,
+        cursor: u64,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Result<GroupAction, GroupError> {
+        let (seq, kind, welcome, roster) = (
+            notice.seq,
+            notice.kind,
+            &notice.welcome[..],
+            &notice.members[..],
+        );
+        let joined = GroupAction::Joined {
+            conversation: conv,
+            seq,
+        };
+        let member = self.entries.get(&conv).is_some_and(|e| {
+            matches!(
+                e.status,
+                GroupStatus::Synchronized
+                    | GroupStatus::PendingCommit {
+                        creating: false,
+                        ..
+                    }
+            )
+        });
+        if member && self.groups.contains_key(&conv) && cursor >= seq {
+            return Ok(GroupAction::Acknowledge {
+                conversation: conv,
+                seq,
+            });
+        }
+        let provider = mls.provider();
+        let sampling = mls.decrypt_sample().is_some();
+        let transaction = provider.transaction();
+        if let Some(mut lost) = self.groups.remove(&conv) {
+            // Our own group lost the race to create this conversation: its records make way for
+            // the group we join under the same id.
+            let _ = lost.delete(provider.storage());
+        }
+        let result = MlsMessageIn::tls_deserialize_exact(welcome)
+            .map_err(mls_error)
+            .and_then(|m| match m.extract() {
+                MlsMessageBodyIn::Welcome(w) => Ok(w),
+                _ => Err(GroupError::Mls("not a Welcome".into())),
+            })
+            .and_then(|w| {
+                StagedWelcome::new_from_welcome(
+                    provider,
+                    &join_config(sender_ratchet(sampling)),
+                    w,
+                    None,
+                )
+                .map_err(mls_error)
+            })
+            .and_then(|staged| staged.into_group(provider).map_err(mls_error));
+        let group = result?;
+        // Every member of the group joined must be certified and bound to its MLS key.
+        let uncertified = group.members().find_map(|m| {
+            verify_leaf(mls, &m.credential, m.signature_key.as_slice())
+                .err()
+                .map(|e| (m.index, e))
+        });
+        if let Some((leaf, reason)) = uncertified {
+            return Err(GroupError::Mls(format!(
+                "the group's member at leaf {} fails its certificate check: {reason}",
+                leaf.u32()
+            )));
+        }
+        transaction.commit(writes);
+        self.groups.insert(conv, group);
+        let intents = self
+            .entries
+            .get(&conv)
+            .map(|e| e.intents.clone())
+            .unwrap_or_default();
+        let mut members = roster.to_vec();
+        members.sort_by_key(|m| *m.device);
+        self.entries.insert(
+            conv,
+            GroupEntry {
+                kind,
+                status: GroupStatus::Synchronized,
+                intents,
+                members,
+                retry_at_epoch: 0,
+            },
+        );
+        self.persist(conv, writes);
+        Ok(joined)
+    }
+
+    /// A notice from our inbox: the commit at `seq` removed this device. Returns the
+    /// acknowledgement to send, and whether this is news (not a repeated notice).
+    pub fn on_removed(
+        &mut self,
+        conv: ConversationId,
+        seq: u64,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> (GroupAction, bool) {
+        let ack = GroupAction::Acknowledge {
+            conversation: conv,
+            seq,
+        };
+        let Some(entry) = self.entries.get_mut(&conv) else {
+            return (ack, false);
+        };
+        if matches!(entry.status, GroupStatus::Removed { .. }) {
+            return (ack, false);
+        }
+        entry.status = GroupStatus::Removed { seq };
+        entry.intents.clear();
+        if let Some(mut group) = self.groups.remove(&conv) {
+            let transaction = mls.provider().transaction();
+            let _ = group.delete(mls.provider().storage());
+            transaction.commit(writes);
+        }
+        self.persist(conv, writes);
+        (ack, true)
+    }
+
+    /// Processes the message sequenced at `seq` in a group conversation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_deliver(
+        &mut self,
+        conv: ConversationId,
+        seq: u64,
+        sender: DeviceId,
+        msg_id: MsgId,
+        body: &[u8],
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Processed {
+        if sender == self.device {
+            return self.on_own_message(conv, msg_id, mls, writes);
+        }
+        let Some(group) = self.groups.get_mut(&conv) else {
+            return Processed::Nothing;
+        };
+        let provider = mls.provider();
+        let message = match MlsMessageIn::tls_deserialize_exact(body)
+            .map_err(mls_error)
+            .and_then(|m| m.try_into_protocol_message().map_err(mls_error))
+        {
+            Ok(message) => message,
+            Err(e) => return Processed::Failed(e.to_string()),
+        };
+        if let Some(sample) = mls.decrypt_sample() {
+            // The roster's size (counting MLS members would copy every leaf).
+            let members = self.entries.get(&conv).map_or(1, |e| e.members.len()) as u64;
+            if message.content_type() == ContentType::Application
+                && !drawn(conv, seq, self.device, members, sample)
+            {
+                return Processed::Skipped;
+            }
+        }
+        let epoch_before = group.epoch().as_u64();
+        let transaction = provider.transaction();
+        let processed = match group.process_message(provider, message) {
+            Ok(processed) => processed,
+            Err(e) => return Processed::Failed(format!("{e:?}")),
+        };
+        let aad = processed.aad().to_vec();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(m) => {
+                transaction.commit(writes);
+                Processed::Message(Bytes::from(m.into_bytes()))
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let ops = match GroupOps::decode(&aad) {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        return Processed::Failed(e.to_string());
+                    }
+                };
+                let members: BTreeMap<LeafNodeIndex, DeviceId> = devices_by_leaf(group);
+                let added: BTreeSet<DeviceId> = staged
+                    .add_proposals()
+                    .filter_map(|p| {
+                        device_of(p.add_proposal().key_package().leaf_node().credential())
+                    })
+                    .collect();
+                let removed: BTreeSet<DeviceId> = staged
+                    .remove_proposals()
+                    .filter_map(|p| members.get(&p.remove_proposal().removed()).copied())
+                    .collect();
+                let declared_added: BTreeSet<DeviceId> =
+                    ops.added_devices().map(|(d, _)| d).collect();
+                // Every device added must be certified, bound to its MLS key, unrevoked, and of
+                // the user the commit declares.
+                let declared_users: BTreeMap<DeviceId, UserId> = ops.added_devices().collect();
+                for p in staged.add_proposals() {
+                    let leaf = p.add_proposal().key_package().leaf_node();
+                    let device = device_of(leaf.credential());
+                    let checked =
+                        verify_leaf(mls, leaf.credential(), leaf.signature_key().as_slice());
+                    let refusal = match (device, checked) {
+                        (_, Err(e)) => Some(e),
+                        (Some(d), Ok(Some(user))) if declared_users.get(&d) != Some(&user) => {
+                            Some(format!("{d} is certified for another user than declared"))
+                        }
+                        _ => None,
+                    };
+                    if let Some(reason) = refusal {
+                        return Processed::Failed(format!(
+                            "a commit by {sender} adds a device that fails its certificate check: {reason}"
+                        ));
+                    }
+                }
+                let declared_removed: BTreeSet<DeviceId> = ops.removed_devices().collect();
+                if added != declared_added || removed != declared_removed {
+                    return Processed::Failed(format!(
+                        "a commit by {sender} declares other membership changes than it makes"
+                    ));
+                }
+                let self_removed = staged.self_removed();
+                // Another member's commit for this epoch won over ours: drop ours, retry later.
+                let entry = self.entries.get_mut(&conv).expect("group has an entry");
+                if matches!(entry.status, GroupStatus::PendingCommit { .. }) {
+                    let _ = group.clear_pending_commit(provider.storage());
+                    entry.status = GroupStatus::Synchronized;
+                }
+                if let Err(e) = group.merge_staged_commit(provider, *staged) {
+                    return Processed::Failed(format!("{e:?}"));
+                }
+                transaction.commit(writes);
+                entry.apply_ops(&ops);
+                // The gateway addresses its removals by the leaves commits declare.
+                let leaves: BTreeMap<DeviceId, u32> = devices_by_leaf(group)
+                    .into_iter()
+                    .map(|(leaf, device)| (device, leaf.u32()))
+                    .collect();
+                let wrong_leaf = ops
+                    .added
+                    .iter()
+                    .find(|a| {
+                        a.leaf.is_some()
+                            && leaves.get(&DeviceId::from_bytes(*a.device)).copied() != a.leaf
+                    })
+                    .map(|a| DeviceId::from_bytes(*a.device));
+                let epoch = group.epoch().as_u64();
+                debug_assert_eq!(epoch, epoch_before + 1, "a commit advances one epoch");
+                if self_removed {
+                    entry.status = GroupStatus::Removed { seq: 0 };
+                    entry.intents.clear();
+                    self.groups.remove(&conv);
+                }
+                self.persist(conv, writes);
+                if let Some(device) = wrong_leaf {
+                    return Processed::Failed(format!(
+                        "a commit by {sender} declares another leaf for {device} than it gives it"
+                    ));
+                }
+                Processed::Commit {
+                    epoch,
+                    added: declared_added.into_iter().collect(),
+                    removed: declared_removed.into_iter().collect(),
+                }
+            }
+            ProcessedMessageContent::ProposalMessage(queued)
+                if matches!(queued.sender(), Sender::External(_)) =>
+            {
+                let Proposal::Remove(remove) = queued.proposal() else {
+                    return Processed::Failed("the gateway proposes removals only".into());
+                };
+                let removed = remove.removed();
+                let members: BTreeMap<LeafNodeIndex, DeviceId> = devices_by_leaf(group);
+                let Some(&device) = members.get(&removed) else {
+                    return Processed::Failed("a removal of an empty leaf".into());
+                };
+                if let Err(e) = group.store_pending_proposal(provider.storage(), *queued) {
+                    return Processed::Failed(format!("{e:?}"));
+                }
+                transaction.commit(writes);
+                // One member commits it: the one with the lowest leaf, other than the leaver.
+                let committer = members.iter().find(|(leaf, _)| **leaf != removed);
+                let entry = self.entries.get_mut(&conv).expect("group has an entry");
+                if committer.is_some_and(|(_, d)| *d == self.device)
+                    && entry.intents.front() != Some(&Intent::CommitPending)
+                {
+                    entry.intents.push_front(Intent::CommitPending);
+                    self.persist(conv, writes);
+                }
+                Processed::RemovalProposed { device }
+            }
+            other => Processed::Failed(format!(
+                "{} messages are not used by Sund",
+                match other {
+                    ProcessedMessageContent::ProposalMessage(_) => "member proposal",
+                    ProcessedMessageContent::ExternalJoinProposalMessage(_) => "join proposal",
+                    _ => "such",
+                }
+            )),
+        }
+    }
+
+    /// Our own message came back sequenced: a commit is applied now (echo before apply); an
+    /// application message is handed back from the sent table.
+    fn on_own_message(
+        &mut self,
+        conv: ConversationId,
+        msg_id: MsgId,
+        mls: &DeviceMls,
+        writes: &mut WriteBatch,
+    ) -> Processed {
+        if let Some(plaintext) = self.sent.remove(&msg_id) {
+            writes.delete(NODE_SENT_TABLE, msg_id.to_bytes().to_vec());
+            return Processed::Message(plaintext);
+        }
+        let Some(entry) = self.entries.get_mut(&conv) else {
+            return Processed::Nothing;
+        };
+        let GroupStatus::PendingCommit {
+            msg_id: pending,
+            ops,
+            intent,
+            ..
+        } = &entry.status
+        else {
+            return Processed::Nothing;
+        };
+        if **pending != msg_id.to_bytes() {
+            return Processed::Nothing;
+        }
+        let carried = intent.clone();
+        let ops = GroupOps::decode(ops).unwrap_or_default();
+        let Some(group) = self.groups.get_mut(&conv) else {
+            return Processed::Nothing;
+        };
+        let provider = mls.provider();
+        let transaction = provider.transaction();
+        if let Err(e) = group.merge_pending_commit(provider) {
+            return Processed::Failed(format!("merging our own commit: {e:?}"));
+        }
+        transaction.commit(writes);
+        entry.apply_ops(&ops);
+        entry.status = GroupStatus::Synchronized;
+        entry.retry_at_epoch = 0;
+        // The intent the commit carried out is done (a user removal goes on until none of the
+        // user's devices is left); a commit of the gateway's proposals settles the request to
+        // commit them.
+        let done = match carried {
+            Some(Intent::RemoveUser(_)) => None,
+            Some(intent) => Some(intent),
+            None => Some(Intent::CommitPending),
+        };
+        if let Some(done) = done {
+            if let Some(at) = entry.intents.iter().position(|i| *i == done) {
+                entry.intents.remove(at);
+            }
+        }
+        let epoch = group.epoch().as_u64();
+        self.persist(conv, writes);
+        Processed::Commit {
+            epoch,
+            added: ops.added_devices().map(|(d, _)| d).collect(),
+            removed: ops.removed_devices().collect(),
+        }
+    }
+}

@@ -1,0 +1,683 @@
+//! A device's MLS groups: DMs and rooms as the node sees them.
+//!
+//! Each conversation that is a group has an entry here with a persisted status:
+//!
+//! - `Synchronized`: in the group at the MLS group's epoch, no commit of ours outstanding;
+//! - `PendingCommit`: our commit for an epoch is out. It is applied only when it comes back from
+//!   the gateway with its seq (echo before apply, RFC 9750); if the gateway answers
+//!   `stale_epoch`, or another member's commit for that epoch arrives first, it is dropped and the
+//!   change it carried is retried in the new epoch;
+//! - `PendingWelcome`: we lost the race to create the conversation and wait for the winner's
+//!   Welcome;
+//! - `Removed`: a commit removed this device.
+//!
+//! Changes are queued as intents and made one commit at a time. A commit removes at most one
+//! device (see `mls` on hash-seed ordering), so removing a user with several devices takes one
+//! commit per device. Every commit declares what it does in its authenticated data
+//! ([`GroupOps`]); receivers check the declaration against the commit before merging it.
+//!
+//! The disconnected state of the state machine is the node's link, not a group status:
+//! while offline, nothing here changes, and intents wait.
+//!
+//! Every operation hands openmls's writes and the entry's record to the node's write batch, so
+//! the group state, the cursor and the outbox change in one store commit.
+
+mod commit;
+mod inbound;
+mod messages;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use minicbor::bytes::ByteArray;
+use minicbor::{Decode, Encode};
+use openmls::prelude::*;
+
+use super::device::DeviceMls;
+use crate::env::{StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
+use crate::mls::group_ops::{GroupKind, GroupOps, Role};
+use crate::time::Instant;
+use crate::trust::credential::device_of_identity;
+use crate::wire::payload::{RosterEntry, FETCH_USERS_MAX};
+
+/// How long a proposed removal may wait per rank before the next member commits it (see
+/// `DeviceGroups::take_over_stalled_proposals`).
+pub const PROPOSAL_TAKEOVER: core::time::Duration = core::time::Duration::from_secs(10);
+
+/// How long a leave request waits for its removal before it is asked again.
+pub const LEAVE_RESEND: core::time::Duration = core::time::Duration::from_secs(3);
+
+/// Table of the node's group entries: conversation id → CBOR record.
+pub const NODE_GROUPS_TABLE: Table = Table("node_groups");
+/// Table of the plaintexts of our own messages until they come back sequenced: msg id →
+/// plaintext (we cannot decrypt our own MLS messages).
+pub const NODE_SENT_TABLE: Table = Table("node_sent");
+
+/// Where this device stands in a group.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub enum GroupStatus {
+    /// In the group, no commit of ours outstanding.
+    #[n(0)]
+    Synchronized,
+    /// Our commit for `epoch` is out as `msg_id`.
+    #[n(1)]
+    PendingCommit {
+        /// The commit's message id.
+        #[n(0)]
+        msg_id: ByteArray<16>,
+        /// The epoch it was made in.
+        #[n(1)]
+        epoch: u64,
+        /// Its declaration (applied to the roster when it is merged).
+        #[n(2)]
+        ops: Vec<u8>,
+        /// True if the commit creates the conversation.
+        #[n(3)]
+        creating: bool,
+        /// True if it only commits proposals the gateway made (the front intent waits).
+        #[n(4)]
+        pending_only: bool,
+        /// The intent it carries out (done when the commit comes back).
+        #[n(5)]
+        intent: Option<Intent>,
+    },
+    /// Waiting for a Welcome (we lost the race to create the conversation).
+    #[n(2)]
+    PendingWelcome,
+    /// A commit at `seq` removed this device.
+    #[n(3)]
+    Removed {
+        /// The removing commit's seq.
+        #[n(0)]
+        seq: u64,
+    },
+}
+
+/// A change this device wants to make to a group.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// Create the group and add every device of `users` (and our own other devices).
+    #[n(0)]
+    Create {
+        /// Users whose devices join.
+        #[n(0)]
+        users: Vec<ByteArray<16>>,
+    },
+    /// Add every device of these users that is not yet a member.
+    #[n(1)]
+    AddUsers(#[n(0)] Vec<ByteArray<16>>),
+    /// Remove every device of this user, one commit each.
+    #[n(2)]
+    RemoveUser(#[n(0)] ByteArray<16>),
+    /// Remove one device.
+    #[n(3)]
+    RemoveDevice(#[n(0)] ByteArray<16>),
+    /// Refresh our leaf (post-compromise security).
+    #[n(4)]
+    Update,
+    /// Give a user a role.
+    #[n(5)]
+    SetRole(#[n(0)] ByteArray<16>, #[n(1)] u8),
+    /// Ask the gateway to remove this device (it proposes the removal; a member commits it).
+    #[n(6)]
+    Leave,
+    /// Commit the removals the gateway proposed (this device was chosen to).
+    #[n(7)]
+    CommitPending,
+}
+
+impl Intent {
+    fn users(&self) -> Option<Vec<UserId>> {
+        match self {
+            Intent::Create { users } | Intent::AddUsers(users) => {
+                Some(users.iter().map(|u| UserId::from_bytes(**u)).collect())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One group as this device keeps it.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct GroupEntry {
+    /// DM or room (`GroupKind` as a number).
+    #[n(0)]
+    pub kind: u8,
+    /// Where we stand.
+    #[n(1)]
+    pub status: GroupStatus,
+    /// Changes still to make, in order.
+    #[n(2)]
+    pub intents: VecDeque<Intent>,
+    /// Member devices and their users.
+    #[n(3)]
+    pub members: Vec<RosterEntry>,
+    /// Retry the front intent only once the group has reached this epoch (after `stale_epoch`).
+    #[n(4)]
+    pub retry_at_epoch: u64,
+}
+
+impl GroupEntry {
+    /// The kind, decoded.
+    pub fn group_kind(&self) -> GroupKind {
+        GroupKind::from_u8(self.kind).unwrap_or(GroupKind::Room)
+    }
+
+    fn user_of(&self, device: DeviceId) -> Option<UserId> {
+        self.members
+            .iter()
+            .find(|m| DeviceId::from_bytes(*m.device) == device)
+            .map(|m| UserId::from_bytes(*m.user))
+    }
+
+    fn apply_ops(&mut self, ops: &GroupOps) {
+        for (device, user) in ops.added_devices() {
+            if self.user_of(device).is_none() {
+                self.members.push(RosterEntry {
+                    device: device.to_bytes().into(),
+                    user: user.to_bytes().into(),
+                });
+            }
+        }
+        let removed: BTreeSet<DeviceId> = ops.removed_devices().collect();
+        self.members
+            .retain(|m| !removed.contains(&DeviceId::from_bytes(*m.device)));
+        self.members.sort_by_key(|m| *m.device);
+    }
+}
+
+/// What the node must do for its groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupAction {
+    /// Put this MLS message in the outbox under `msg_id` (a commit, with the Welcome for the
+    /// devices it adds).
+    Submit {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Chosen by the node before the commit was made.
+        msg_id: MsgId,
+        /// The commit.
+        body: Bytes,
+        /// Its Welcome.
+        welcome: Option<Bytes>,
+    },
+    /// Ask the gateway to remove this device from `conversation`.
+    Leave(ConversationId),
+    /// Ask the gateway for KeyPackages of these users' devices; the answer names `request`.
+    Fetch {
+        /// Request id (the fetch frame's seq; the gateway echoes it).
+        request: u64,
+        /// Users whose devices are wanted.
+        users: Vec<UserId>,
+    },
+    /// We joined at `seq`: the conversation's cursor moves there, and `seq` is acknowledged.
+    Joined {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The seq of the commit that added us.
+        seq: u64,
+    },
+    /// Acknowledge `seq` (a removal notice).
+    Acknowledge {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The notice's seq.
+        seq: u64,
+    },
+}
+
+/// What processing one sequenced message gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Processed {
+    /// An application message, decrypted (or our own, from the sent table).
+    Message(Bytes),
+    /// A commit was merged: the group is at `epoch`.
+    Commit {
+        /// The new epoch.
+        epoch: u64,
+        /// Devices it added.
+        added: Vec<DeviceId>,
+        /// Devices it removed.
+        removed: Vec<DeviceId>,
+    },
+    /// The message could not be used; delivery goes on after it.
+    Failed(String),
+    /// An application message this device was not drawn to decrypt (simulation sampling).
+    Skipped,
+    /// The gateway proposed to remove `device`; the proposal waits for a commit.
+    RemovalProposed {
+        /// The device to be removed.
+        device: DeviceId,
+    },
+    /// Nothing for the application (a message for a group we are not in any more).
+    Nothing,
+}
+
+/// Why a group command was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The device runs without MLS or without a user.
+    #[error("this device has no MLS identity or no user; run `sund init --user NAME`")]
+    NoIdentity,
+    /// Not a group this device is in.
+    #[error("{0} is not a conversation this device is in")]
+    NotInGroup(ConversationId),
+    /// A removal the gateway proposed waits for a member's commit; MLS allows no application
+    /// message until then (RFC 9420 §12.2). Try again in a moment.
+    #[error("a removal is being committed in {0}; try again in a moment")]
+    ProposalPending(ConversationId),
+    /// The group refused the operation.
+    #[error("{0}")]
+    Mls(String),
+}
+
+/// All of a device's groups.
+pub struct DeviceGroups {
+    device: DeviceId,
+    user: Option<UserId>,
+    entries: BTreeMap<ConversationId, GroupEntry>,
+    groups: BTreeMap<ConversationId, MlsGroup>,
+    sent: BTreeMap<MsgId, Bytes>,
+    /// The gateway's signature key, named as external sender in the groups this device creates.
+    gateway_key: Option<Vec<u8>>,
+    /// When this device first saw each group's pending proposals (for the takeover rule).
+    proposals_seen: BTreeMap<ConversationId, Instant>,
+    /// When each leave request last went out (asked again after [`LEAVE_RESEND`]: a frame
+    /// can be lost).
+    leave_asked: BTreeMap<ConversationId, Instant>,
+    /// KeyPackage fetches out: request id → conversation waiting, and when it was asked.
+    fetches: BTreeMap<u64, (ConversationId, Instant)>,
+    next_request: u64,
+    /// Our application messages the gateway refused as made in an old epoch: encrypted again
+    /// once the group reaches the epoch named (not persisted: after a restart, the resend is
+    /// refused again and lands here again).
+    stale_messages: BTreeMap<MsgId, (ConversationId, u64)>,
+}
+
+impl core::fmt::Debug for DeviceGroups {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeviceGroups")
+            .field("entries", &self.entries.len())
+            .field("fetches", &self.fetches)
+            .finish_non_exhaustive()
+    }
+}
+
+fn corrupt(table: Table, reason: String) -> StoreError {
+    StoreError::Corrupt {
+        table: table.0,
+        reason,
+    }
+}
+
+fn mls_error(e: impl core::fmt::Debug) -> GroupError {
+    GroupError::Mls(format!("{e:?}"))
+}
+
+fn group_id(conv: ConversationId) -> GroupId {
+    GroupId::from_slice(&conv.to_bytes())
+}
+
+/// The group's member devices by leaf (a leaf whose credential names no Sund device is left
+/// out).
+fn devices_by_leaf(group: &MlsGroup) -> BTreeMap<LeafNodeIndex, DeviceId> {
+    group
+        .members()
+        .filter_map(|m| Some((m.index, device_of(&m.credential)?)))
+        .collect()
+}
+
+fn device_of(member_credential: &Credential) -> Option<DeviceId> {
+    let basic = BasicCredential::try_from(member_credential.clone()).ok()?;
+    device_of_identity(basic.identity())
+}
+
+/// Checks the certificate binding of a device's leaf (see `trust::credential`): its user, or
+/// `None` if this device cannot check yet (no trust root pinned).
+fn verify_leaf(
+    mls: &DeviceMls,
+    credential: &Credential,
+    signature_key: &[u8],
+) -> Result<Option<UserId>, String> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| "a credential that is not a basic credential".to_string())?;
+    mls.verify_member(basic.identity(), signature_key)
+}
+
+impl DeviceGroups {
+    /// Loads every group entry, the MLS groups behind them, and our unsent plaintexts.
+    pub fn recover(
+        device: DeviceId,
+        user: Option<UserId>,
+        store: &dyn StoreRead,
+        mls: &DeviceMls,
+    ) -> Result<DeviceGroups, StoreError> {
+        let mut entries = BTreeMap::new();
+        crate::env::scan_all(store, NODE_GROUPS_TABLE, |key, value| {
+            let id: [u8; 16] = key
+                .try_into()
+                .map_err(|_| corrupt(NODE_GROUPS_TABLE, "key length".into()))?;
+            let entry: GroupEntry = minicbor::decode(value)
+                .map_err(|e| corrupt(NODE_GROUPS_TABLE, format!("entry: {e}")))?;
+            entries.insert(ConversationId::from_bytes(id), entry);
+            Ok(())
+        })?;
+        let mut sent = BTreeMap::new();
+        crate::env::scan_all(store, NODE_SENT_TABLE, |key, value| {
+            let id: [u8; 16] = key
+                .try_into()
+                .map_err(|_| corrupt(NODE_SENT_TABLE, "key length".into()))?;
+            sent.insert(MsgId::from_bytes(id), Bytes::copy_from_slice(value));
+            Ok(())
+        })?;
+        let mut groups = BTreeMap::new();
+        for (conv, entry) in &entries {
+            if matches!(
+                entry.status,
+                GroupStatus::PendingWelcome | GroupStatus::Removed { .. }
+            ) {
+                continue;
+            }
+            let loaded = MlsGroup::load(mls.provider().storage(), &group_id(*conv))
+                .map_err(|e| corrupt(super::MLS_TABLE, format!("group {conv}: {e:?}")))?;
+            match loaded {
+                Some(group) => {
+                    groups.insert(*conv, group);
+                }
+                // Asked for, not made yet: the group is created with its first commit.
+                None if entry.status == GroupStatus::Synchronized
+                    && matches!(entry.intents.front(), Some(Intent::Create { .. })) => {}
+                None => {
+                    return Err(corrupt(
+                        super::MLS_TABLE,
+                        format!("group {conv} is missing"),
+                    ))
+                }
+            }
+        }
+        Ok(DeviceGroups {
+            device,
+            user,
+            entries,
+            groups,
+            sent,
+            gateway_key: None,
+            leave_asked: BTreeMap::new(),
+            proposals_seen: BTreeMap::new(),
+            fetches: BTreeMap::new(),
+            next_request: 1,
+            stale_messages: BTreeMap::new(),
+        })
+    }
+
+    /// The entry of a conversation, if it is a group this device knows.
+    pub fn entry(&self, conv: ConversationId) -> Option<&GroupEntry> {
+        self.entries.get(&conv)
+    }
+
+    /// Every group conversation this device knows, with its entry.
+    pub fn entries(&self) -> impl Iterator<Item = (&ConversationId, &GroupEntry)> {
+        self.entries.iter()
+    }
+
+    /// The MLS epoch of a group we are in.
+    pub fn epoch(&self, conv: ConversationId) -> Option<u64> {
+        self.groups.get(&conv).map(|g| g.epoch().as_u64())
+    }
+
+    /// The epoch authenticator (members agree on it exactly when they share the epoch's state).
+    pub fn epoch_authenticator(&self, conv: ConversationId) -> Option<Vec<u8>> {
+        self.groups
+            .get(&conv)
+            .map(|g| g.epoch_authenticator().as_slice().to_vec())
+    }
+
+    /// Member devices as MLS sees them.
+    pub fn mls_members(&self, conv: ConversationId) -> Vec<DeviceId> {
+        self.groups
+            .get(&conv)
+            .map(|g| {
+                g.members()
+                    .filter_map(|m| device_of(&m.credential))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// True if `conv` is a group conversation (so messages are MLS).
+    pub fn is_group(&self, conv: ConversationId) -> bool {
+        self.entries.contains_key(&conv)
+    }
+
+    fn persist(&self, conv: ConversationId, writes: &mut WriteBatch) {
+        let entry = &self.entries[&conv];
+        let value = minicbor::to_vec(entry).expect("encoding into a Vec cannot fail");
+        writes.put(NODE_GROUPS_TABLE, conv.to_bytes().to_vec(), value);
+    }
+
+    /// Starts a new conversation: the group is created, and every device of `users` (and our
+    /// own other devices) added, when the KeyPackages arrive.
+    pub fn create(
+        &mut self,
+        conv: ConversationId,
+        kind: GroupKind,
+        users: &[UserId],
+        writes: &mut WriteBatch,
+    ) -> Result<(), GroupError> {
+        let Some(user) = self.user else {
+            return Err(GroupError::NoIdentity);
+        };
+        if self.entries.contains_key(&conv) {
+            return Ok(()); // creating the same DM twice is the same request
+        }
+        let mut wanted: Vec<ByteArray<16>> = Vec::new();
+        for u in [&user].into_iter().chain(users) {
+            let u = ByteArray::from(u.to_bytes());
+            if !wanted.contains(&u) {
+                wanted.push(u);
+            }
+        }
+        // One fetch names at most FETCH_USERS_MAX users: the creating commit adds the first
+        // ones, later commits the rest.
+        let mut chunks = wanted.chunks(FETCH_USERS_MAX);
+        let first = chunks.next().unwrap_or_default().to_vec();
+        let mut intents = VecDeque::from([Intent::Create { users: first }]);
+        intents.extend(chunks.map(|c| Intent::AddUsers(c.to_vec())));
+        let entry = GroupEntry {
+            kind: kind as u8,
+            status: GroupStatus::Synchronized,
+            intents,
+            members: vec![RosterEntry {
+                device: self.device.to_bytes().into(),
+                user: user.to_bytes().into(),
+            }],
+            retry_at_epoch: 0,
+        };
+        self.entries.insert(conv, entry);
+        self.persist(conv, writes);
+        Ok(())
+    }
+
+    /// Queues a change to a group we are in.
+    pub fn request(
+        &mut self,
+        conv: ConversationId,
+        intent: Intent,
+        writes: &mut WriteBatch,
+    ) -> Result<(), GroupError> {
+        let entry = self
+            .entries
+            .get_mut(&conv)
+            .filter(|e| !matches!(e.status, GroupStatus::Removed { .. }))
+            .ok_or(GroupError::NotInGroup(conv))?;
+        match intent {
+            Intent::AddUsers(users) if users.len() > FETCH_USERS_MAX => {
+                for chunk in users.chunks(FETCH_USERS_MAX) {
+                    entry.intents.push_back(Intent::AddUsers(chunk.to_vec()));
+                }
+            }
+            intent => entry.intents.push_back(intent),
+        }
+        self.persist(conv, writes);
+        Ok(())
+    }
+
+    /// The connection dropped: outstanding fetches will not be answered, leave requests are
+    /// asked again.
+    pub fn connection_lost(&mut self) {
+        self.fetches.clear();
+        self.leave_asked.clear();
+    }
+
+    /// The gateway's external-sender key (from its `HelloOk`).
+    pub fn set_gateway_key(&mut self, key: Option<Vec<u8>>) {
+        self.gateway_key = key;
+    }
+
+    /// See [`DeviceGroups::set_gateway_key`].
+    pub fn gateway_key(&self) -> Option<&[u8]> {
+        self.gateway_key.as_deref()
+    }
+
+    /// A fetch was refused (rate limit): the conversation waiting for it tries again at its
+    /// next chance.
+    pub fn fetch_refused(&mut self, request: u64) {
+        self.fetches.remove(&request);
+    }
+
+    /// Forgets fetches unanswered for `timeout` (a frame was lost), so they are asked again.
+    pub fn expire_fetches(&mut self, now: Instant, timeout: core::time::Duration) {
+        self.fetches
+            .retain(|_, (_, asked)| now.saturating_since(*asked) < timeout);
+    }
+
+    fn fetching(&self, conv: ConversationId) -> bool {
+        self.fetches.values().any(|(c, _)| *c == conv)
+    }
+
+    /// Moves every group whose front intent can go now: a fetch for adds, or a commit. `next_id`
+    /// gives message ids for commits.
+    pub fn drive(
+        &mut self,
+        now: Instant,
+        mls: &DeviceMls,
+        next_id: &mut dyn FnMut() -> MsgId,
+        writes: &mut WriteBatch,
+    ) -> Vec<GroupAction> {
+        let mut actions = Vec::new();
+        self.take_over_stalled_proposals(now, writes);
+        let ready: Vec<ConversationId> = self
+            .entries
+            .iter()
+            .filter(|(conv, e)| {
+                e.status == GroupStatus::Synchronized
+                    && !e.intents.is_empty()
+                    && !self.fetching(**conv)
+                    && self.epoch(**conv).unwrap_or(0) >= e.retry_at_epoch
+            })
+            .map(|(conv, _)| *conv)
+            .collect();
+        for conv in ready {
+            let intent = self.entries[&conv].intents[0].clone();
+            if intent == Intent::Leave {
+                let asked = self.leave_asked.get(&conv).copied();
+                if asked.is_none_or(|t| now.saturating_since(t) >= LEAVE_RESEND) {
+                    self.leave_asked.insert(conv, now);
+                    actions.push(GroupAction::Leave(conv));
+                }
+                continue;
+            }
+            let pending = self
+                .groups
+                .get(&conv)
+                .is_some_and(|g| g.pending_proposals().next().is_some());
+            match intent.users().filter(|_| !pending) {
+                Some(users) => {
+                    let request = self.next_request;
+                    self.next_request += 1;
+                    self.fetches.insert(request, (conv, now));
+                    actions.push(GroupAction::Fetch { request, users });
+                }
+                None => {
+                    if let Some(action) = self.commit(now, conv, &[], mls, next_id(), writes) {
+                        actions.push(action);
+                    }
+                }
+            }
+        }
+        actions
+    }
+
+    /// When a proposed removal waits longer than [`PROPOSAL_TAKEOVER`] times this member's rank
+    /// among the possible committers (the member with the lowest leaf is rank 0 and commits at
+    /// once), this member commits it: a chosen committer that stays offline stalls nobody for
+    /// long, and only one member at a time steps in.
+    fn take_over_stalled_proposals(&mut self, now: Instant, writes: &mut WriteBatch) {
+        let mut due = Vec::new();
+        for (conv, group) in &self.groups {
+            let proposed: BTreeSet<LeafNodeIndex> = group
+                .pending_proposals()
+                .filter_map(|p| match p.proposal() {
+                    Proposal::Remove(r) => Some(r.removed()),
+                    _ => None,
+                })
+                .collect();
+            if proposed.is_empty() {
+                continue;
+            }
+            let since = *self.proposals_seen.entry(*conv).or_insert(now);
+            let rank = devices_by_leaf(group)
+                .into_iter()
+                .filter(|(leaf, _)| !proposed.contains(leaf))
+                .position(|(_, d)| d == self.device);
+            let Some(rank) = rank.filter(|r| *r > 0) else {
+                continue;
+            };
+            let wait = PROPOSAL_TAKEOVER.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
+            if now.saturating_since(since) >= wait {
+                due.push(*conv);
+            }
+        }
+        self.proposals_seen.retain(|conv, _| {
+            self.groups
+                .get(conv)
+                .is_some_and(|g| g.pending_proposals().next().is_some())
+        });
+        for conv in due {
+            let Some(entry) = self.entries.get_mut(&conv) else {
+                continue;
+            };
+            if entry.intents.front() != Some(&Intent::CommitPending) {
+                entry.intents.push_front(Intent::CommitPending);
+                self.persist(conv, writes);
+            }
+        }
+    }
+
+    /// A user's role, as this device last set it (the gateway holds the authoritative roles).
+    pub fn role_change(user: UserId, role: Role) -> Intent {
+        Intent::SetRole(ByteArray::from(user.to_bytes()), role as u8)
+    }
+}
+
+/// Whether `device` is among the about `sample` of `members` devices drawn to decrypt the
+/// message at `seq` (see [`super::device::DeviceMlsConfig::decrypt_sample`]).
+fn drawn(conv: ConversationId, seq: u64, device: DeviceId, members: u64, sample: u32) -> bool {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"sund/decrypt-sample/v1")
+        .chain_update(conv.to_bytes())
+        .chain_update(seq.to_be_bytes())
+        .chain_update(device.to_bytes())
+        .finalize();
+    let draw = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    draw % members.max(1) < u64::from(sample)
+}
+
+/// The leaf indexes new members get, in the order they are added (RFC 9420 §12.1.1: the leftmost
+/// blank leaf, else a new leaf at the right edge), given the occupied ones.
+fn free_leaves(occupied: BTreeSet<u32>) -> impl Iterator<Item = u32> {
+    (0u32..).filter(move |leaf| !occupied.contains(leaf))
+}
