@@ -13,7 +13,7 @@ use bytes::Bytes;
 use sund_gateway::committer::CommitMode;
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
 use sund_gateway::quic;
-use sund_model::gateway::{GatewayConfig, GatewayInput};
+use sund_model::gateway::{AdminCommand, GatewayConfig};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::ConversationId;
 use sund_model::node::NodeEvent;
@@ -63,7 +63,7 @@ async fn setup(n: usize) -> Setup {
         let id = device.key.device_id();
         ids.push(id);
         gateway
-            .admin(GatewayInput::CreateConversation(
+            .admin(AdminCommand::CreateConversation(
                 ConversationId::from_name(&format!("solo-{i}")),
                 vec![id],
             ))
@@ -71,7 +71,7 @@ async fn setup(n: usize) -> Setup {
         nodes.push(node_driver::start(device.options()).await.unwrap());
     }
     gateway
-        .admin(GatewayInput::CreateConversation(
+        .admin(AdminCommand::CreateConversation(
             ConversationId::from_name("pair"),
             ids[..2.min(n)].to_vec(),
         ))
@@ -394,7 +394,7 @@ async fn gateway_ingest(clients: usize, per_client: usize) -> f64 {
         .collect();
     for (i, k) in keys.iter().enumerate() {
         gateway
-            .admin(GatewayInput::CreateConversation(
+            .admin(AdminCommand::CreateConversation(
                 ConversationId::from_name(&format!("load-{i}")),
                 vec![k.device_id()],
             ))

@@ -115,6 +115,7 @@ fn session_open(c: &mut Criterion) {
         ..GatewayConfig::default()
     };
     let mut gateway = Gateway::new(config, NOW, Box::new(Counter(7)));
+    let mut store = sund_model::env::MemStore::default();
     let key = DeviceKey::from_seed([3; 32]);
     let me = key.device_id();
     // Register once.
@@ -132,8 +133,7 @@ fn session_open(c: &mut Criterion) {
     );
     let mut certificate = None;
     while let Some(ready) = gateway.poll_ready() {
-        let (_, held) = ready.split();
-        for out in held.release(sund_model::env::CommitReceipt::after_durable_commit()) {
+        for out in ready.commit(&mut store).unwrap() {
             if let GatewayOutput::Send(_, bytes) = out {
                 if let Ok(f) = Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
                     if let Payload::Certificate(c) = f.payload {
@@ -166,8 +166,7 @@ fn session_open(c: &mut Criterion) {
             gateway.handle(NOW, GatewayInput::Frame(conn, hello.clone()));
             let mut nonce = None;
             while let Some(ready) = gateway.poll_ready() {
-                let (_, held) = ready.split();
-                for out in held.release(sund_model::env::CommitReceipt::after_durable_commit()) {
+                for out in ready.commit(&mut store).unwrap() {
                     if let GatewayOutput::Send(_, bytes) = out {
                         if let Ok(f) = Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
                             if let Payload::Challenge(ch) = f.payload {

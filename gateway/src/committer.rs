@@ -246,7 +246,7 @@ mod tests {
         }
     }
     impl Store for Failing {
-        fn commit(&mut self, _: WriteBatch) -> Result<sund_model::env::CommitReceipt, StoreError> {
+        fn commit(&mut self, _: WriteBatch) -> Result<(), StoreError> {
             Err(StoreError::Backend("disk full".into()))
         }
     }

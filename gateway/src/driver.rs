@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use sund_model::env::Ready;
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput, GatewayStats};
+use sund_model::gateway::{
+    AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput, GatewayStats,
+};
 use sund_model::ids::{ConnectionId, UserId};
 use sund_model::time::Instant;
 use sund_model::trust::EnrolmentToken;
@@ -96,20 +98,21 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
-    /// Feeds an admin input (create a conversation, revoke a device) to the running gateway.
-    pub async fn admin(&self, input: GatewayInput) {
-        let _ = self.admin.send(CoreInput::Admin(input)).await;
+    /// Carries out an operator's command on the running gateway; the answer comes once the
+    /// commit that makes it true is durable. `None` if the gateway stopped.
+    pub async fn admin(&self, command: AdminCommand) -> Option<AdminAnswer> {
+        let (tx, rx) = oneshot::channel();
+        self.admin.send(CoreInput::Admin(command, tx)).await.ok()?;
+        rx.await.ok()
     }
 
-    /// Issues a one-time enrolment token for a new device of `user` (it is stored with the
-    /// gateway's next commit). `None` if the gateway stopped.
+    /// Issues a one-time enrolment token for a new device of `user`, once it is stored. `None`
+    /// if the gateway stopped.
     pub async fn enrolment_token(&self, user: UserId) -> Option<EnrolmentToken> {
-        let (tx, rx) = oneshot::channel();
-        self.admin
-            .send(CoreInput::EnrolmentToken(user, tx))
-            .await
-            .ok()?;
-        rx.await.ok()
+        match self.admin(AdminCommand::IssueEnrolmentToken(user)).await? {
+            AdminAnswer::EnrolmentToken(token) => Some(token),
+            _ => None,
+        }
     }
 
     /// Graceful shutdown: stop accepting, finish in-flight work, say goodbye, close.
@@ -132,8 +135,15 @@ enum CoreInput {
     Accepted(ConnectionId, mpsc::Sender<WriterCommand>),
     Frame(ConnectionId, Bytes),
     Closed(ConnectionId),
-    Admin(GatewayInput),
-    EnrolmentToken(UserId, oneshot::Sender<EnrolmentToken>),
+    Admin(AdminCommand, oneshot::Sender<AdminAnswer>),
+}
+
+/// The core's own state beside the machine: writers by connection, admin callers waiting.
+#[derive(Default)]
+struct Routes {
+    writers: BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
+    admin: BTreeMap<u64, oneshot::Sender<AdminAnswer>>,
+    next_admin: u64,
 }
 
 /// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
@@ -248,23 +258,23 @@ async fn core_loop(
     mut inputs: mpsc::Receiver<CoreInput>,
     mut shutdown: oneshot::Receiver<()>,
 ) -> Result<GatewayStats, DriverError> {
-    let mut writers: BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>> = BTreeMap::new();
+    let mut routes = Routes::default();
     let mut last_gc = 0;
     loop {
         let deadline = clock.deadline(gateway.poll_timeout());
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            done = committer.completed() => release(&mut gateway, &mut writers, clock.now(), done?),
+            done = committer.completed() => release(&mut gateway, &mut routes, clock.now(), done?),
             // While too many commits wait, leave input in the queue: the readers then block and
             // QUIC flow control pushes back on the senders.
             first = inputs.recv(), if !committer.is_saturated() => {
                 let Some(first) = first else { break };
-                apply(&mut gateway, &mut writers, clock.now(), first);
+                apply(&mut gateway, &mut routes, clock.now(), first);
                 // Group commit: take what else is already waiting, up to a bound.
                 for _ in 1..BATCH_MAX {
                     match inputs.try_recv() {
-                        Ok(input) => apply(&mut gateway, &mut writers, clock.now(), input),
+                        Ok(input) => apply(&mut gateway, &mut routes, clock.now(), input),
                         Err(_) => break,
                     }
                 }
@@ -288,35 +298,32 @@ async fn core_loop(
     submit(&mut gateway, &mut committer);
     while committer.is_busy() {
         let done = committer.completed().await?;
-        release(&mut gateway, &mut writers, clock.now(), done);
+        release(&mut gateway, &mut routes, clock.now(), done);
         submit(&mut gateway, &mut committer);
     }
     committer.finish().await?;
     // Dropping the writers lets each flush and close.
-    drop(writers);
+    drop(routes);
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(gateway.stats().clone())
 }
 
-fn apply(
-    gateway: &mut Gateway,
-    writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
-    now: Instant,
-    input: CoreInput,
-) {
+fn apply(gateway: &mut Gateway, routes: &mut Routes, now: Instant, input: CoreInput) {
     match input {
         CoreInput::Accepted(conn, writer) => {
-            writers.insert(conn, writer);
+            routes.writers.insert(conn, writer);
             gateway.handle(now, GatewayInput::Accepted(conn));
         }
         CoreInput::Frame(conn, bytes) => gateway.handle(now, GatewayInput::Frame(conn, bytes)),
         CoreInput::Closed(conn) => {
-            writers.remove(&conn);
+            routes.writers.remove(&conn);
             gateway.handle(now, GatewayInput::Closed(conn));
         }
-        CoreInput::Admin(input) => gateway.handle(now, input),
-        CoreInput::EnrolmentToken(user, reply) => {
-            let _ = reply.send(gateway.issue_enrolment_token(now, user));
+        CoreInput::Admin(command, reply) => {
+            let request = routes.next_admin;
+            routes.next_admin += 1;
+            routes.admin.insert(request, reply);
+            gateway.handle(now, GatewayInput::Admin { request, command });
         }
     }
 }
@@ -336,27 +343,27 @@ fn submit(gateway: &mut Gateway, committer: &mut Committer<GatewayOutput>) {
 }
 
 /// Sends the outputs a finished commit released to their connections.
-fn release(
-    gateway: &mut Gateway,
-    writers: &mut BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
-    now: Instant,
-    outputs: Vec<GatewayOutput>,
-) {
+fn release(gateway: &mut Gateway, routes: &mut Routes, now: Instant, outputs: Vec<GatewayOutput>) {
     for output in outputs {
         match output {
             GatewayOutput::Send(conn, bytes) => {
-                let Some(writer) = writers.get(&conn) else {
+                let Some(writer) = routes.writers.get(&conn) else {
                     continue;
                 };
                 if writer.try_send(WriterCommand::Frame(bytes)).is_err() {
                     tracing::warn!(?conn, "peer reads too slowly; disconnecting it");
-                    writers.remove(&conn);
+                    routes.writers.remove(&conn);
                     gateway.handle(now, GatewayInput::Closed(conn));
                 }
             }
             GatewayOutput::Close(conn) => {
-                if let Some(writer) = writers.remove(&conn) {
+                if let Some(writer) = routes.writers.remove(&conn) {
                     let _ = writer.try_send(WriterCommand::Close);
+                }
+            }
+            GatewayOutput::Admin { request, answer } => {
+                if let Some(reply) = routes.admin.remove(&request) {
+                    let _ = reply.send(answer);
                 }
             }
         }

@@ -12,14 +12,16 @@ use sund_gateway::driver::{self, wall_clock, GatewayOptions};
 use sund_gateway::entropy::{EntropySource, OsEntropy};
 use sund_gateway::quic::Socket;
 use sund_gateway::store::RedbStore;
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
+use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::identity::DevicePublicKey;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
-use sund_model::trust::valid_domain;
+use sund_model::time::format_utc;
+use sund_model::trust::{valid_domain, RegistrationAuthority};
 
-/// The Sund gateway: authenticates devices, orders and stores each conversation's messages,
-/// and delivers them with resume and replay. Message bodies are opaque to it (until the MLS
-/// work lands they are plaintext bytes chosen by the sender; the gateway never logs them).
+/// The Sund gateway: enrols devices, authenticates them, orders and stores each conversation's
+/// messages, and delivers them with resume and replay. Messages of DMs and rooms are
+/// end-to-end encrypted (MLS): the gateway stores and forwards ciphertext and never logs
+/// message content.
 #[derive(Parser)]
 #[command(name = "sund-gateway", version)]
 struct Cli {
@@ -232,19 +234,35 @@ fn parse_device(text: &str) -> Result<DeviceId, String> {
 }
 
 fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), String> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let path = data_dir.join("gateway.redb");
+    if !path.exists() {
+        return Err(format!(
+            "no gateway database at {}: admin commands work on an existing gateway; start it once with `sund-gateway run --data-dir {}`, or pass the --data-dir it runs with",
+            path.display(),
+            data_dir.display()
+        ));
+    }
     let mut store = RedbStore::open(&path).map_err(|e| {
         format!("{e}\nadmin commands edit the database directly: stop the gateway first")
     })?;
-    let mut gateway = Gateway::recover(config, wall_clock(), &store, Box::new(OsEntropy))
-        .map_err(|e| e.to_string())?;
+    let existing = RegistrationAuthority::recover(&store).map_err(|e| e.to_string())?;
+    if existing.is_none() {
+        return Err(format!(
+            "{} holds no trust root: it is damaged or not a gateway database; restore the data directory from a backup",
+            path.display()
+        ));
+    }
     let now = wall_clock();
+    let mut gateway =
+        Gateway::recover(config, now, &store, Box::new(OsEntropy)).map_err(|e| e.to_string())?;
     match action {
         Admin::EnrolToken { user } => {
-            let token = gateway.issue_enrolment_token(now, UserId::from_name(&user));
-            let root = gateway.trust_root(now);
+            let command = AdminCommand::IssueEnrolmentToken(UserId::from_name(&user));
+            let AdminAnswer::EnrolmentToken(token) = run_admin(&mut gateway, &mut store, command)?
+            else {
+                return Err("the gateway issued no token".into());
+            };
+            let root = gateway.trust_root();
             println!("{}", token.to_text());
             eprintln!(
                 "one device of `{user}` can register with this token within 7 days; root {} of {}",
@@ -253,12 +271,11 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
             );
         }
         Admin::Devices => {
-            let Some(authority) = gateway.registration_authority() else {
-                println!("no devices registered yet");
-                return Ok(());
-            };
+            let authority = gateway.registration_authority();
             let crl = authority.crl();
+            let mut any = false;
             for cert in authority.certificates() {
+                any = true;
                 let state = if crl.revoked.contains(&cert.device()) {
                     "revoked"
                 } else if now.as_micros() / 1_000_000 >= cert.not_after_s {
@@ -267,41 +284,42 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
                     "valid"
                 };
                 println!(
-                    "{} {} serial {} valid {}..{} {state}",
+                    "{} {} serial {} valid from {} until {} {state}",
                     cert.device(),
                     cert.user,
                     cert.serial,
-                    cert.not_before_s,
-                    cert.not_after_s
+                    format_utc(cert.not_before_s),
+                    format_utc(cert.not_after_s)
                 );
+            }
+            if !any {
+                println!("no devices registered yet");
             }
         }
         Admin::Revoke { device } => {
             let device = parse_device(&device)?;
-            let known = gateway
-                .registration_authority()
-                .is_some_and(|a| a.certificates().any(|c| c.device() == device));
-            if !known {
-                return Err(format!(
-                    "device {device} has no certificate from this gateway; `sund-gateway admin devices` lists those it has"
-                ));
+            match run_admin(&mut gateway, &mut store, AdminCommand::RevokeDevice(device))? {
+                AdminAnswer::Revoked {
+                    crl_version,
+                    already: false,
+                    ..
+                } => println!("revoked {device}: CRL version {crl_version}"),
+                AdminAnswer::Revoked { crl_version, .. } => {
+                    println!("{device} was already revoked (CRL version {crl_version})")
+                }
+                _ => {
+                    return Err(format!(
+                        "device {device} has no certificate from this gateway; `sund-gateway admin devices` lists those it has"
+                    ))
+                }
             }
-            gateway.handle(now, GatewayInput::RevokeDevice(device));
-            let version = gateway
-                .registration_authority()
-                .map_or(0, |a| a.crl().version);
-            println!("revoked {device}: CRL version {version}");
         }
         Admin::Crl => {
-            let Some(authority) = gateway.registration_authority() else {
-                println!("no CRL yet: the gateway has not created its trust root");
-                return Ok(());
-            };
-            let crl = authority.crl();
+            let crl = gateway.registration_authority().crl();
             println!(
-                "CRL version {} issued at {} s for {}: {} revoked",
+                "CRL version {} issued at {} for {}: {} revoked",
                 crl.version,
-                crl.issued_at_s,
+                format_utc(crl.issued_at_s),
                 crl.domain,
                 crl.revoked.len()
             );
@@ -315,17 +333,13 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
                 .map(|m| parse_key(m))
                 .collect::<Result<Vec<_>, _>>()?;
             let id = ConversationId::from_name(&name);
-            gateway.handle(
-                now,
-                GatewayInput::CreateConversation(id, keys.iter().map(|k| k.device_id()).collect()),
-            );
-            println!(
-                "conversation `{name}` ({id}) has {} member devices",
-                gateway
-                    .conversations()
-                    .find(|c| c.id() == id)
-                    .map_or(0, |c| c.members().len())
-            );
+            let devices = keys.iter().map(|k| k.device_id()).collect();
+            let command = AdminCommand::CreateConversation(id, devices);
+            if let AdminAnswer::ConversationCreated { members, .. } =
+                run_admin(&mut gateway, &mut store, command)?
+            {
+                println!("conversation `{name}` ({id}) has {members} member devices");
+            }
         }
         Admin::List => {
             for log in gateway.conversations() {
@@ -347,8 +361,22 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
             }
         }
     }
+    // What recovery itself wrote (nothing, for a healthy database) is committed too.
     while let Some(ready) = gateway.poll_ready() {
         ready.commit(&mut store).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Runs one admin command through the state machine and returns its answer once the commit
+/// that makes it true is durable (nothing is printed before that).
+fn run_admin(
+    gateway: &mut Gateway,
+    store: &mut RedbStore,
+    command: AdminCommand,
+) -> Result<AdminAnswer, String> {
+    let (answer, _) = gateway
+        .run_admin(wall_clock(), command, store)
+        .map_err(|e| e.to_string())?;
+    Ok(answer)
 }

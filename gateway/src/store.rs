@@ -10,9 +10,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, TableDefinition, TableError};
-use sund_model::env::{
-    CommitReceipt, Store, StoreError, StoreRead, Table, Visit, WriteBatch, WriteOp,
-};
+use sund_model::env::{Store, StoreError, StoreRead, Table, Visit, WriteBatch, WriteOp};
 
 /// A redb database file holding a state machine's tables.
 pub struct RedbStore {
@@ -74,9 +72,9 @@ impl StoreRead for RedbStore {
 }
 
 impl Store for RedbStore {
-    fn commit(&mut self, batch: WriteBatch) -> Result<CommitReceipt, StoreError> {
+    fn commit(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
-            return Ok(CommitReceipt::after_durable_commit());
+            return Ok(());
         }
         // Open each table once per transaction (opening is not free), applying its writes in
         // batch order; writes to different tables commute within one transaction.
@@ -103,7 +101,7 @@ impl Store for RedbStore {
             }
         }
         txn.commit().map_err(backend)?;
-        Ok(CommitReceipt::after_durable_commit())
+        Ok(())
     }
 }
 

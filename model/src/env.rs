@@ -163,17 +163,20 @@ pub enum StoreError {
     Backend(String),
 }
 
-/// Proof that a batch was committed; only a [`Store`] implementation creates one.
+/// Proof that a batch was committed: only [`commit_durably`] makes one, after a [`Store`]
+/// reported the batch durable. It is what releases outputs held for the batch.
 #[derive(Debug)]
 pub struct CommitReceipt {
     _private: (),
 }
 
-impl CommitReceipt {
-    /// For `Store` implementations only: call after the batch is durable.
-    pub fn after_durable_commit() -> CommitReceipt {
-        CommitReceipt { _private: () }
-    }
+/// Commits `batch` into `store` and returns the receipt that releases the outputs held for it.
+pub fn commit_durably(
+    store: &mut (impl Store + ?Sized),
+    batch: WriteBatch,
+) -> Result<CommitReceipt, StoreError> {
+    store.commit(batch)?;
+    Ok(CommitReceipt { _private: () })
 }
 
 /// A visitor of `(key, value)` records in key order; it breaks to stop the scan.
@@ -197,8 +200,9 @@ pub trait StoreRead {
 /// The contract is kept small so that a replicated log (per-subject sequence numbers and
 /// expected-last-sequence writes, as NATS JetStream offers) can back it later.
 pub trait Store: StoreRead {
-    /// Commits `batch` atomically and durably.
-    fn commit(&mut self, batch: WriteBatch) -> Result<CommitReceipt, StoreError>;
+    /// Commits `batch` atomically and durably: it returns only once the batch would survive a
+    /// crash. Outputs are released through [`commit_durably`], which calls this.
+    fn commit(&mut self, batch: WriteBatch) -> Result<(), StoreError>;
 }
 
 /// Writes to commit and the outputs they release, handed out by a state machine together.
@@ -213,7 +217,7 @@ pub trait Store: StoreRead {
 #[must_use = "a Ready must be committed and its outputs released"]
 pub struct Ready<O> {
     /// The writes to commit before any held output may leave.
-    pub writes: WriteBatch,
+    writes: WriteBatch,
     outputs: Vec<O>,
     eager: Vec<O>,
 }
@@ -235,6 +239,11 @@ impl<O> Ready<O> {
             outputs,
             eager,
         }
+    }
+
+    /// The writes to commit before any held output may leave.
+    pub fn writes(&self) -> &WriteBatch {
+        &self.writes
     }
 
     /// Takes the outputs that may leave now, before the commit (in the order produced).
@@ -275,7 +284,7 @@ impl<O> Ready<O> {
     /// Commits the writes into `store` and returns the outputs (the synchronous path).
     pub fn commit(self, store: &mut dyn Store) -> Result<Vec<O>, StoreError> {
         let (writes, held) = self.split();
-        let receipt = store.commit(writes)?;
+        let receipt = commit_durably(store, writes)?;
         Ok(held.release(receipt))
     }
 }
@@ -366,7 +375,7 @@ impl StoreRead for MemStore {
 }
 
 impl Store for MemStore {
-    fn commit(&mut self, batch: WriteBatch) -> Result<CommitReceipt, StoreError> {
+    fn commit(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
         for op in batch.ops {
             match op {
                 WriteOp::Put { table, key, value } => {
@@ -380,7 +389,7 @@ impl Store for MemStore {
             }
         }
         self.commits += 1;
-        Ok(CommitReceipt::after_durable_commit())
+        Ok(())
     }
 }
 
@@ -433,7 +442,7 @@ mod tests {
     fn merged_batches_keep_writes_held_and_eager_outputs_in_order() {
         let mut first = Ready::with_eager(batch(1), vec!["held 1"], vec!["eager 1"]);
         first.merge(Ready::with_eager(batch(2), vec!["held 2"], vec!["eager 2"]));
-        assert_eq!(first.writes.len(), 2);
+        assert_eq!(first.writes().len(), 2);
         assert_eq!(first.take_eager(), vec!["eager 1", "eager 2"]);
         assert!(first.take_eager().is_empty(), "taken once");
         let mut store = MemStore::default();
@@ -446,7 +455,7 @@ mod tests {
         let (writes, held) = ready.split();
         assert_eq!(writes.len(), 1);
         assert_eq!(held.len(), 2);
-        let receipt = MemStore::default().commit(writes).unwrap();
+        let receipt = commit_durably(&mut MemStore::default(), writes).unwrap();
         assert_eq!(held.release(receipt), vec!["eager", "held"]);
     }
 

@@ -7,7 +7,7 @@
 //!
 //! Map of the crate:
 //! - [`wire`]: the frame format (128-byte header + CBOR payload), opcodes, payloads, limits.
-//! - [`ids`], [`time`]: identifiers and the model's notion of time.
+//! - [`ids`], [`time`], [`timers`]: identifiers, the model's notion of time, timer tables.
 //! - [`env`](mod@env): the environment traits (clock, entropy, transport, store) and the
 //!   persist-then-speak [`env::Ready`] batch.
 //! - [`effects`]: the sink handlers write their store writes and outputs into.
@@ -26,5 +26,6 @@ pub mod ids;
 pub mod mls;
 pub mod node;
 pub mod time;
+pub mod timers;
 pub mod trust;
 pub mod wire;

@@ -6,7 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use sund_model::env::{MemStore, Store};
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::gateway::{
+    AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
+};
 
 use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
@@ -73,7 +75,10 @@ impl Harness {
             now: Instant(0),
             certificates: BTreeMap::new(),
         };
-        h.input(GatewayInput::CreateConversation(CONV, vec![alice(), bob()]));
+        h.input(support::admin(AdminCommand::CreateConversation(
+            CONV,
+            vec![alice(), bob()],
+        )));
         h
     }
 
@@ -419,13 +424,17 @@ fn without_open_enrolment_a_device_registers_with_a_one_time_token() {
         goodbye_code(&out, 1),
         Some(ErrorCode::EnrolmentTokenInvalid)
     );
-    let token = h.gateway.issue_enrolment_token(h.now, alice_user());
-    h.drain();
+    let out = h.input(support::admin(AdminCommand::IssueEnrolmentToken(
+        alice_user(),
+    )));
+    let Some(AdminAnswer::EnrolmentToken(token)) = support::answer_in(&out) else {
+        panic!("expected a token: {out:?}")
+    };
     let out = h.register(2, alice(), alice_user(), token.secret);
     let Payload::Certificate(answer) = &frames_to(&out, 2)[0].payload else {
         panic!("expected a certificate: {out:?}")
     };
-    let root = h.gateway.trust_root(h.now);
+    let root = h.gateway.trust_root().clone();
     assert_eq!(answer.root_key, root.key.0);
     assert!(token.pins(&root));
     let cert = DeviceCertificate::decode(&answer.certificate).unwrap();
@@ -514,7 +523,7 @@ fn a_revoked_device_is_cut_off_and_everyone_connected_gets_the_new_crl() {
     let mut h = Harness::new();
     let alices_token = token_of(&h.connect(1, alice()), 1);
     h.connect(2, bob());
-    let out = h.input(GatewayInput::RevokeDevice(alice()));
+    let out = h.input(support::admin(AdminCommand::RevokeDevice(alice())));
     assert_eq!(goodbye_code(&out, 1), Some(ErrorCode::DeviceRevoked));
     let Payload::Crl(crl) = &frames_to(&out, 2)[0].payload else {
         panic!("Bob should get the new CRL: {out:?}")
@@ -522,7 +531,7 @@ fn a_revoked_device_is_cut_off_and_everyone_connected_gets_the_new_crl() {
     let crl = Crl::decode(&crl.crl).unwrap();
     assert_eq!(crl.version, 1);
     assert!(crl.revoked.contains(&alice()));
-    crl.verify(&h.gateway.trust_root(h.now)).unwrap();
+    crl.verify(h.gateway.trust_root()).unwrap();
     // Neither the old resume token nor a fresh challenge opens a session again.
     h.input(GatewayInput::Accepted(ConnectionId(3)));
     let out = h.hello(3, alice(), vec![], Some(alices_token));
@@ -687,7 +696,7 @@ fn a_message_is_acknowledged_only_in_the_ready_that_persists_it() {
         .poll_ready()
         .expect("a ready with the write and the ack");
     assert!(
-        !ready.writes.is_empty(),
+        !ready.writes().is_empty(),
         "the log entry is written in the same batch as the ack"
     );
     let outputs = ready.commit(&mut h.store).unwrap();
@@ -923,7 +932,7 @@ fn a_gc_backlog_is_worked_off_in_small_steps_ahead_of_the_tick() {
         h.gateway.handle_timeout(h.now);
         let writes: usize = std::iter::from_fn(|| h.gateway.poll_ready())
             .map(|r| {
-                let n = r.writes.len();
+                let n = r.writes().len();
                 r.commit(&mut h.store).unwrap();
                 n
             })
@@ -976,7 +985,10 @@ fn a_resume_from_before_the_retained_log_gets_replay_window_exceeded() {
 fn creating_a_conversation_without_members_creates_nothing() {
     let mut h = Harness::new();
     let empty = ConversationId(5);
-    h.input(GatewayInput::CreateConversation(empty, vec![]));
+    h.input(support::admin(AdminCommand::CreateConversation(
+        empty,
+        vec![],
+    )));
     assert_eq!(h.gateway.conversation_head(empty), None);
     assert_eq!(
         h.restarted(open_config()).gateway.conversation_head(empty),

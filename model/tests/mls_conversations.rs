@@ -417,11 +417,9 @@ fn a_device_leaves_and_the_operator_removes_another_through_the_gateways_proposa
 
     // The operator removes Bob's laptop; a member commits that too.
     let laptop = net.device(3);
-    net.gateway.handle(
-        now,
-        sund_model::gateway::GatewayInput::RemoveDevice(room, laptop),
-    );
-    net.settle();
+    net.admin(sund_model::gateway::AdminCommand::RemoveDevice(
+        room, laptop,
+    ));
     assert!(!net
         .gateway
         .group(room)

@@ -371,23 +371,56 @@ fn garbage_from_the_gateway_drops_the_connection() {
     assert!(!h.node.is_connected());
 }
 
-#[test]
-fn unacknowledged_messages_are_resent_on_the_heartbeat_after_resend_after() {
-    let mut h = Harness::new();
-    h.open(1);
-    let id: MsgId = h.node.send(h.now, CONV, Bytes::from_static(b"x")).unwrap();
-    h.drain();
-    h.now = h.now + Duration::from_secs(5);
-    let out = h.tick();
-    let resent: Vec<MsgId> = sent(&out)
+fn sent_ids(outputs: &[NodeOutput]) -> Vec<MsgId> {
+    sent(outputs)
         .iter()
         .filter_map(|f| match &f.payload {
             Payload::Send(s) => Some(s.msg_id()),
             _ => None,
         })
-        .collect();
-    assert_eq!(resent, vec![id]);
+        .collect()
+}
+
+#[test]
+fn an_unacknowledged_message_is_resent_at_resend_after_not_at_the_next_heartbeat() {
+    let mut h = Harness::new();
+    h.open(1);
+    let resend_after = config().resend_after;
+    let heartbeat = h.now + Duration::from_secs(5);
+    assert!(
+        h.now + resend_after < heartbeat,
+        "the test needs the resend first"
+    );
+    let sent_at = h.now;
+    let id: MsgId = h.node.send(h.now, CONV, Bytes::from_static(b"x")).unwrap();
+    h.drain();
+    assert_eq!(
+        h.node.poll_timeout(),
+        Some(sent_at + resend_after),
+        "the resend is the node's next deadline, ahead of the heartbeat"
+    );
+    h.now = sent_at + resend_after;
+    let out = h.tick();
+    assert_eq!(sent_ids(&out), vec![id]);
     assert_eq!(h.node.stats().resends, 1);
+    assert!(
+        !sent(&out)
+            .iter()
+            .any(|f| matches!(f.payload, Payload::Heartbeat(_))),
+        "no heartbeat is due yet: {out:?}"
+    );
+    assert_eq!(h.node.poll_timeout(), Some(heartbeat));
+    h.now = heartbeat;
+    assert!(
+        sent_ids(&h.tick()).is_empty(),
+        "the heartbeat resends nothing"
+    );
+    h.now = sent_at + resend_after + resend_after;
+    assert_eq!(
+        sent_ids(&h.tick()),
+        vec![id],
+        "and again after resend_after"
+    );
 }
 
 #[test]
@@ -593,7 +626,7 @@ fn a_transmission_is_eager_but_its_outbox_entry_and_events_are_held() {
     let eager = ready.take_eager();
     assert_eq!(sent(&eager).len(), 1, "the Send frame may leave at once");
     assert!(matches!(&sent(&eager)[0].payload, Payload::Send(_)));
-    assert_eq!(ready.writes.len(), 1, "the outbox entry is written");
+    assert_eq!(ready.writes().len(), 1, "the outbox entry is written");
     let held = ready.commit(&mut h.store).unwrap();
     assert!(sent(&held).is_empty(), "nothing is sent twice: {held:?}");
 }

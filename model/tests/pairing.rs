@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use sund_model::gateway::{GatewayConfig, GatewayInput};
+use sund_model::gateway::{AdminCommand, GatewayConfig, GatewayInput};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, UserId};
 use sund_model::node::{NodeConfig, NodeEvent};
@@ -18,10 +18,7 @@ use support::{node_config, Net};
 /// A gateway that needs tokens, and alice's first device (conn 1) enrolled with one.
 fn alice_enrolled() -> (Net, EnrolmentToken) {
     let mut net = Net::with_config(GatewayConfig::default());
-    let now = net.now;
-    let token = net
-        .gateway
-        .issue_enrolment_token(now, UserId::from_name("alice"));
+    let token = net.enrolment_token("alice");
     let mut first = node_config(1, "alice");
     first.enrolment = Some(token);
     net.add(1, first);
@@ -143,8 +140,7 @@ fn a_code_for_another_user_or_after_its_voucher_was_revoked_or_expired_is_refuse
     );
     let code = code_for(&mut net, &token, offer.secret);
     let first = net.device(1);
-    net.gateway.handle(now, GatewayInput::RevokeDevice(first));
-    net.settle();
+    net.admin(AdminCommand::RevokeDevice(first));
     net.add(4, paired_config(4, &code));
     assert!(net.node(4).trust().certificate().is_none());
     assert!(

@@ -48,7 +48,7 @@ fn a_certificate_close_to_expiry_is_renewed_at_the_next_session_and_kept() {
 
 #[test]
 fn a_revoked_device_cannot_renew() {
-    use sund_model::gateway::GatewayInput;
+    use sund_model::gateway::{AdminCommand, GatewayInput};
     use sund_model::ids::ConnectionId;
     use sund_model::wire::payload::{ErrorCode, RenewCertificate};
     use sund_model::wire::{Frame, Payload, Routing};
@@ -57,8 +57,7 @@ fn a_revoked_device_cannot_renew() {
     net.add(2, node_config(2, "bob"));
     let bob = net.device(2);
     let now = net.now;
-    net.gateway.handle(now, GatewayInput::RevokeDevice(bob));
-    net.settle();
+    net.admin(AdminCommand::RevokeDevice(bob));
     // Bob's session is gone: a renewal on it is refused as unauthenticated, and nothing is
     // issued.
     let bytes = Frame::new(

@@ -27,7 +27,7 @@ use sund_gateway::driver::{self as gateway_driver, GatewayOptions};
 use sund_gateway::entropy::EntropySource;
 use sund_gateway::quic::{Socket, TlsIdentity};
 use sund_gateway::store::RedbStore;
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
+use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
@@ -170,16 +170,18 @@ fn prepare_gateway(
     );
     let tokens = devices
         .iter()
-        .map(|k| gateway.issue_enrolment_token(EPOCH, UserId(k.device_id().0)))
+        .map(|k| {
+            let user = UserId(k.device_id().0);
+            let command = AdminCommand::IssueEnrolmentToken(user);
+            match gateway.run_admin(EPOCH, command, &mut store).unwrap().0 {
+                AdminAnswer::EnrolmentToken(token) => token,
+                other => panic!("expected a token: {other:?}"),
+            }
+        })
         .collect();
     let ids: Vec<DeviceId> = devices.iter().map(DeviceKey::device_id).collect();
-    gateway.handle(
-        EPOCH,
-        GatewayInput::CreateConversation(ConversationId::from_name("room"), ids),
-    );
-    while let Some(ready) = gateway.poll_ready() {
-        ready.commit(&mut store).unwrap();
-    }
+    let room = AdminCommand::CreateConversation(ConversationId::from_name("room"), ids);
+    gateway.run_admin(EPOCH, room, &mut store).unwrap();
     (identity.cert, tokens)
 }
 

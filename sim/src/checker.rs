@@ -15,10 +15,21 @@ use crate::scenario::Invariant;
 pub struct Violation {
     /// Which invariant.
     pub invariant: Invariant,
+    /// Broken during the run (safety) or not reached after heal (liveness).
+    pub phase: Phase,
     /// Virtual time, microseconds.
     pub at_us: u64,
     /// What exactly happened, with names.
     pub detail: String,
+}
+
+/// Which phase of a run a violation belongs to (see SIMULATION.md, "Two phases").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A safety invariant broke during the run.
+    Safety,
+    /// The system did not converge within the liveness bound after heal.
+    Liveness,
 }
 
 /// Counters of what applications saw.
@@ -101,9 +112,15 @@ impl Checker {
     }
 
     fn fail(&mut self, invariant: Invariant, at_us: u64, detail: String) {
+        self.record(invariant, Phase::Safety, at_us, detail);
+    }
+
+    /// Keeps the first violation of an enabled invariant.
+    fn record(&mut self, invariant: Invariant, phase: Phase, at_us: u64, detail: String) {
         if self.violation.is_none() && self.enabled.contains(&invariant) {
             self.violation = Some(Violation {
                 invariant,
+                phase,
                 at_us,
                 detail,
             });
@@ -302,7 +319,7 @@ impl Checker {
         } else {
             Invariant::NoLoss
         };
-        self.fail(invariant, at_us, detail);
+        self.record(invariant, Phase::Liveness, at_us, detail);
     }
 }
 

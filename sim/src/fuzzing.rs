@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
 use sund_model::time::Instant;
@@ -21,6 +21,9 @@ use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
 use crate::disk::SimDisk;
 use crate::rng::SimRng;
+
+/// The request id of the harness's admin commands.
+const ADMIN_REQUEST: u64 = 7;
 
 /// Most operations one input runs, so that one execution stays fast.
 pub const GATEWAY_OPS_MAX: usize = 256;
@@ -452,11 +455,11 @@ impl Harness {
             harness.input(GatewayInput::Closed(conn));
         }
         let room = [device(1), device(2), device(3)];
-        harness.input(GatewayInput::CreateConversation(
+        harness.admin(AdminCommand::CreateConversation(
             ConversationId(1),
             room.to_vec(),
         ));
-        harness.input(GatewayInput::CreateConversation(
+        harness.admin(AdminCommand::CreateConversation(
             ConversationId(2),
             vec![device(2), device(4)],
         ));
@@ -466,6 +469,11 @@ impl Harness {
     fn input(&mut self, input: GatewayInput) {
         self.gateway.handle(self.now, input);
         self.drain();
+    }
+
+    fn admin(&mut self, command: AdminCommand) {
+        let request = ADMIN_REQUEST;
+        self.input(GatewayInput::Admin { request, command });
     }
 
     /// The connection id an op on slot `k` uses: the slot's latest (open or not), or one that was
@@ -523,7 +531,7 @@ impl Harness {
                 if d == DeviceId(0) {
                     return;
                 }
-                self.input(GatewayInput::CreateConversation(conversation(c), vec![d]));
+                self.admin(AdminCommand::CreateConversation(conversation(c), vec![d]));
             }
             Op::Advance(ms) => {
                 let ms = u64::from(ms) % (ADVANCE_MS_MAX + 1);
@@ -575,6 +583,9 @@ impl Harness {
                                 *open = false;
                             }
                         }
+                    }
+                    GatewayOutput::Admin { request, .. } => {
+                        assert_eq!(request, ADMIN_REQUEST, "answers name their request");
                     }
                 }
             }

@@ -20,13 +20,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sund_model::env::{HeldOutputs, WriteBatch};
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
-use sund_model::node::{Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
+use sund_model::node::{ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
 use sund_model::time::Instant;
 
-use crate::checker::{Checker, CheckerStats, Violation};
+use crate::checker::{Checker, CheckerStats, Phase, Violation};
 use crate::disk::SimDisk;
 use crate::network::{ActorIndex, Arrival, NetStats, Network};
 use crate::rng::SimRng;
@@ -474,7 +474,14 @@ impl World {
             });
             match decl.kind {
                 None => self.with_gateway(gateway, |g, now| {
-                    g.handle(now, GatewayInput::CreateConversation(id, devices))
+                    let command = AdminCommand::CreateConversation(id, devices);
+                    g.handle(
+                        now,
+                        GatewayInput::Admin {
+                            request: 0,
+                            command,
+                        },
+                    )
                 }),
                 Some(_) => self.push(
                     groups::CREATE_AT_US,
@@ -741,11 +748,8 @@ impl World {
     }
 
     fn commit_and_release(&mut self, a: ActorIndex, writes: WriteBatch, held: HeldKind) {
-        use sund_model::env::Store;
         let ops = writes.len() as u32;
-        let receipt = self.actors[a as usize]
-            .disk
-            .commit(writes)
+        let receipt = sund_model::env::commit_durably(&mut self.actors[a as usize].disk, writes)
             .expect("the simulated disk accepts every batch");
         if ops > 0 {
             self.trace
@@ -772,6 +776,8 @@ impl World {
                 self.transmit(a, conn.0, frame)
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
+            // The world asks for nothing it needs the answer of.
+            GatewayOutput::Admin { .. } => {}
         }
     }
 
@@ -893,7 +899,14 @@ impl World {
             }
             NodeEvent::Status(status) => {
                 record.push(4);
-                record.extend_from_slice(format!("{status:?}").as_bytes());
+                match status {
+                    ConnectionStatus::Connected => record.push(0),
+                    ConnectionStatus::Reconnecting { attempt } => {
+                        record.push(1);
+                        record.extend_from_slice(&attempt.to_le_bytes());
+                    }
+                    ConnectionStatus::Offline => record.push(2),
+                }
             }
             NodeEvent::GroupChanged {
                 conversation,
@@ -1169,12 +1182,12 @@ impl World {
             return;
         }
         let scheduled = self.scenario.schedule[index].clone();
-        self.trace.record(
-            Record::Fault,
-            self.now,
-            u32::MAX,
-            format!("{:?}", scheduled.action).as_bytes(),
-        );
+        // The action is named by its place in the schedule (the scenario file fixes its
+        // content) and its keyword: explicit bytes, whatever its Debug form says.
+        let mut record = (index as u32).to_le_bytes().to_vec();
+        record.extend_from_slice(scheduled.action.keyword().as_bytes());
+        self.trace
+            .record(Record::Fault, self.now, u32::MAX, &record);
         *self.faults.entry(scheduled.action.keyword()).or_default() += 1;
         self.apply(&scheduled.action);
         if let Timing::Every { period, stop, .. } = scheduled.timing {
@@ -1401,13 +1414,9 @@ impl World {
             self.events += 1;
             self.dispatch(event.kind);
             if let Some(v) = self.checker.violation() {
-                let liveness = self.healing
-                    && v.invariant == Invariant::Converge
-                    && v.detail.starts_with("not converged");
-                self.outcome = Some(if liveness {
-                    Outcome::Liveness(v.clone())
-                } else {
-                    Outcome::Safety(v.clone())
+                self.outcome = Some(match v.phase {
+                    Phase::Liveness => Outcome::Liveness(v.clone()),
+                    Phase::Safety => Outcome::Safety(v.clone()),
                 });
             }
             if self.events >= EVENTS_MAX {
@@ -1440,6 +1449,7 @@ impl World {
             None => Outcome::Passed,
             Some(why) => Outcome::Liveness(Violation {
                 invariant: Invariant::Converge,
+                phase: Phase::Liveness,
                 at_us: self.now,
                 detail: format!("no events left and not converged: {why}"),
             }),

@@ -27,6 +27,7 @@
 //! into one effects sink ([`Effects`]); every error or goodbye the gateway sends goes through
 //! `Gateway::refuse`, which sends it and counts it by code.
 
+mod admin;
 mod config;
 pub mod delivery;
 pub mod groups;
@@ -43,7 +44,8 @@ use crate::env::{Entropy, Ready, StoreError, StoreRead};
 use crate::identity::{session_proof_message, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
-use crate::trust::{EnrolmentToken, RegistrationAuthority, TrustRoot};
+use crate::timers::{TimerName, TimerTable};
+use crate::trust::{RegistrationAuthority, TrustRoot};
 use crate::wire::payload::{
     Ack, Challenge, Cursor, ErrorCode, ErrorReport, Goodbye, Heartbeat, Hello, HelloOk, Proof, Send,
 };
@@ -56,6 +58,7 @@ use registry::Registry;
 use sequencer::{Appended, ConversationLog};
 use session::{Challenged, Resume, Sessions, Stage};
 
+pub use admin::{AdminAnswer, AdminCommand};
 pub use config::GatewayConfig;
 pub use delivery::{CURSORS_TABLE, INBOX_TABLE};
 pub use refusal::{GatewayStats, Refusal, RefusalCounts};
@@ -71,16 +74,14 @@ pub enum GatewayInput {
     Frame(ConnectionId, Bytes),
     /// A connection is gone.
     Closed(ConnectionId),
-    /// Admin: create a conversation with these member devices (idempotent; members are added;
-    /// an empty list creates nothing).
-    CreateConversation(ConversationId, Vec<DeviceId>),
-    /// Admin: revoke a device. A new CRL goes to every connected device, the device's sessions
-    /// close, it never opens another, and the gateway proposes its removal from each of its
-    /// groups.
-    RevokeDevice(DeviceId),
-    /// Admin: remove a device from an MLS conversation (the gateway proposes it as the group's
-    /// external sender; the next committing member commits it).
-    RemoveDevice(ConversationId, DeviceId),
+    /// An operator's command; its answer leaves as [`GatewayOutput::Admin`] with the same
+    /// `request`, released by the commit that makes it true.
+    Admin {
+        /// Chosen by the driver to match the answer.
+        request: u64,
+        /// What to do.
+        command: AdminCommand,
+    },
 }
 
 /// Outputs released by a committed [`Ready`].
@@ -90,6 +91,13 @@ pub enum GatewayOutput {
     Send(ConnectionId, Bytes),
     /// Close a connection (after sending any frame queued before this output).
     Close(ConnectionId),
+    /// The answer to an operator's command.
+    Admin {
+        /// The request it answers.
+        request: u64,
+        /// The answer.
+        answer: AdminAnswer,
+    },
 }
 
 /// The gateway's effects sink.
@@ -105,6 +113,24 @@ impl Effects<GatewayOutput> {
     }
 }
 
+/// The gateway's timers, in firing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayTimer {
+    /// Housekeeping: hello and idle timeouts, stalled windows, inbox resends, a GC step,
+    /// expired resume tokens.
+    Tick,
+    /// The next GC step while a step left a backlog.
+    GcBacklog,
+}
+
+impl TimerName for GatewayTimer {
+    const ALL: &'static [GatewayTimer] = &[GatewayTimer::Tick, GatewayTimer::GcBacklog];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// The gateway of one domain as a deterministic state machine. See the module docs.
 pub struct Gateway {
     config: GatewayConfig,
@@ -114,7 +140,7 @@ pub struct Gateway {
     registry: Registry,
     groups: Groups,
     key_packages: KeyPackageService,
-    next_tick: Instant,
+    timers: TimerTable<GatewayTimer>,
     refusals: RefusalCounts,
     fx: Fx,
 }
@@ -130,14 +156,23 @@ impl core::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    /// A gateway with empty storage. `entropy` supplies keys, challenge nonces and tokens.
+    /// A gateway with empty storage and a new trust root (its records are the first writes
+    /// `poll_ready` hands out). `entropy` supplies keys, challenge nonces and tokens.
     pub fn new(
         config: GatewayConfig,
         now: Instant,
         entropy: Box<dyn Entropy + core::marker::Send>,
     ) -> Gateway {
-        let registry = Registry::new(config.domain.clone(), config.open_enrolment);
-        Gateway::assemble(
+        let mut entropy = entropy;
+        let mut fx = Fx::default();
+        let registry = Registry::new(
+            config.domain.clone(),
+            config.open_enrolment,
+            now,
+            entropy.as_mut(),
+            fx.writes(),
+        );
+        let mut gateway = Gateway::assemble(
             config.clone(),
             now,
             entropy,
@@ -146,7 +181,9 @@ impl Gateway {
             registry,
             Groups::default(),
             KeyPackageService::new(config.directory.clone()),
-        )
+        );
+        gateway.fx = fx;
+        gateway
     }
 
     /// Rebuilds a gateway from committed storage after a (re)start. Sessions start empty; resume
@@ -157,12 +194,21 @@ impl Gateway {
         store: &dyn StoreRead,
         entropy: Box<dyn Entropy + core::marker::Send>,
     ) -> Result<Gateway, StoreError> {
+        let mut entropy = entropy;
+        let mut fx = Fx::default();
         let groups = Groups::recover(store)?;
         let delivery = Delivery::recover(config.delivery_limits(), store)?;
-        let registry = Registry::recover(config.domain.clone(), config.open_enrolment, store)?;
+        let registry = Registry::recover(
+            config.domain.clone(),
+            config.open_enrolment,
+            now,
+            store,
+            entropy.as_mut(),
+            fx.writes(),
+        )?;
         let key_packages = KeyPackageService::recover(config.directory.clone(), store)?;
         let sessions = Sessions::recover(store)?;
-        Ok(Gateway::assemble(
+        let mut gateway = Gateway::assemble(
             config,
             now,
             entropy,
@@ -171,7 +217,9 @@ impl Gateway {
             registry,
             groups,
             key_packages,
-        ))
+        );
+        gateway.fx = fx;
+        Ok(gateway)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -189,8 +237,10 @@ impl Gateway {
             !config.tick_interval.is_zero(),
             "tick_interval must be positive"
         );
+        let mut timers = TimerTable::default();
+        timers.set(GatewayTimer::Tick, now + config.tick_interval);
         Gateway {
-            next_tick: now + config.tick_interval,
+            timers,
             config,
             entropy,
             sessions,
@@ -262,16 +312,14 @@ impl Gateway {
         self.key_packages.directory().remaining(device)
     }
 
-    /// The registration authority, if it exists yet (admin listings).
-    pub fn registration_authority(&self) -> Option<&RegistrationAuthority> {
+    /// The registration authority (admin listings).
+    pub fn registration_authority(&self) -> &RegistrationAuthority {
         self.registry.authority()
     }
 
-    /// When `handle_timeout` must next be called.
+    /// When `handle_timeout` must next be called: the earliest of every timer.
     pub fn poll_timeout(&self) -> Instant {
-        self.delivery
-            .gc_again_at()
-            .map_or(self.next_tick, |at| at.min(self.next_tick))
+        self.timers.next().expect("the tick is always armed")
     }
 
     /// The writes and outputs produced so far, or `None` if there are none.
@@ -279,20 +327,12 @@ impl Gateway {
         self.fx.take_ready()
     }
 
-    // ---- admin commands ----
-
-    /// Admin: a one-time token that lets one new device of `user` register. Its text form
-    /// (`EnrolmentToken::to_text`) is what the operator hands over.
-    pub fn issue_enrolment_token(&mut self, now: Instant, user: UserId) -> EnrolmentToken {
-        self.registry
-            .issue_enrolment_token(now, user, self.entropy.as_mut(), self.fx.writes())
+    /// The registration authority's trust root.
+    pub fn trust_root(&self) -> &TrustRoot {
+        self.registry.trust_root()
     }
 
-    /// The registration authority's trust root (created if this gateway has none yet).
-    pub fn trust_root(&mut self, now: Instant) -> TrustRoot {
-        self.registry
-            .trust_root(now, self.entropy.as_mut(), self.fx.writes())
-    }
+    // ---- commands ----
 
     /// Graceful shutdown: says goodbye to every session (`ShuttingDown`) and closes it. The
     /// driver commits and flushes the resulting `Ready` before it stops.
@@ -315,24 +355,36 @@ impl Gateway {
             GatewayInput::Accepted(conn) => self.sessions.accept(now, conn),
             GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
             GatewayInput::Closed(conn) => self.forget_session(conn),
-            GatewayInput::RemoveDevice(conv, device) => self.propose_removal(now, conv, device),
-            GatewayInput::RevokeDevice(device) => self.revoke(now, device),
-            GatewayInput::CreateConversation(conv, members) => {
-                self.delivery.create_plain(conv, &members, &mut self.fx);
-            }
+            GatewayInput::Admin { request, command } => self.admin(now, request, command),
         }
     }
 
-    /// Periodic work: idle sessions, missing `Hello`s, stalled delivery windows, inbox resends,
-    /// garbage collection, expired resume tokens.
+    /// Runs every timer due at `now`: the housekeeping tick (idle sessions, missing `Hello`s,
+    /// stalled delivery windows, inbox resends, a GC step, expired resume tokens) and GC steps
+    /// ahead of it while there is a backlog.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if now < self.next_tick {
-            if self.delivery.gc_again_at().is_some_and(|at| at <= now) {
-                self.delivery.collect_garbage(now, self.fx.writes());
+        for name in self.timers.due(now) {
+            match name {
+                GatewayTimer::Tick => self.tick(now),
+                GatewayTimer::GcBacklog => {
+                    // The tick may have run this step already.
+                    if self.delivery.gc_again_at().is_some_and(|at| at <= now) {
+                        self.delivery.collect_garbage(now, self.fx.writes());
+                    }
+                }
             }
-            return;
+            self.timers
+                .set_or_clear(GatewayTimer::GcBacklog, self.delivery.gc_again_at());
         }
-        self.next_tick = now + self.config.tick_interval;
+        debug_assert!(
+            self.poll_timeout() > now,
+            "every timer that fired is re-armed"
+        );
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.timers
+            .set(GatewayTimer::Tick, now + self.config.tick_interval);
         let to_close = self.sessions.timed_out(
             now,
             self.config.hello_timeout,
@@ -349,7 +401,6 @@ impl Gateway {
         self.delivery.collect_garbage(now, self.fx.writes());
         self.sessions
             .expire_tokens(now, self.config.gc_batch_max, self.fx.writes());
-        debug_assert!(self.poll_timeout() > now, "a tick that ran is re-armed");
     }
 
     fn handle_frame(&mut self, now: Instant, conn: ConnectionId, bytes: &[u8]) {
@@ -365,7 +416,6 @@ impl Gateway {
             }
         };
         let routing = frame.routing;
-        let entropy = self.entropy.as_mut();
         let fx = &mut self.fx;
         let result = match (stage, frame.payload) {
             (Stage::AwaitingHello, Payload::Hello(hello)) => {
@@ -376,23 +426,19 @@ impl Gateway {
                 self.handle_proof(now, conn, proof);
                 Ok(())
             }
-            (Stage::AwaitingHello, Payload::Register(register)) => self.registry.register(
-                now,
-                conn,
-                routing.sender,
-                register,
-                &self.sessions,
-                entropy,
-                fx,
-            ),
+            (Stage::AwaitingHello, Payload::Register(register)) => {
+                let sessions = &self.sessions;
+                let sender = routing.sender;
+                self.registry
+                    .register(now, conn, sender, register, sessions, fx)
+            }
             (_, Payload::TrustRootFetch(_)) => {
-                self.registry.send_trust_root(now, conn, entropy, fx);
+                self.registry.send_trust_root(conn, fx);
                 Ok(())
             }
             (_, Payload::CrlFetch(fetch)) => {
-                let have = fetch.have_version;
                 self.registry
-                    .send_crl_if_newer(now, conn, have, entropy, fx);
+                    .send_crl_if_newer(conn, fetch.have_version, fx);
                 Ok(())
             }
             // One device per session: a second Hello would leave the first device's routing
@@ -423,13 +469,12 @@ impl Gateway {
         routing: Routing,
         payload: Payload,
     ) -> Result<(), Refusal> {
-        let entropy = self.entropy.as_mut();
         let fx = &mut self.fx;
         match payload {
             Payload::Heartbeat(beat) => {
                 let ack = Heartbeat {
                     nonce: beat.nonce,
-                    crl_version: self.registry.crl_version(),
+                    crl_version: Some(self.registry.crl().version),
                 };
                 fx.send(conn, Routing::default(), Payload::HeartbeatAck(ack));
                 Ok(())
@@ -469,8 +514,8 @@ impl Gateway {
                     .rewind(now, conn, conv, Some(request.from_seq), fx);
                 Ok(())
             }
-            Payload::PairVouch(vouch) => self.registry.vouch(now, conn, device, vouch, entropy, fx),
-            Payload::RenewCertificate(_) => self.registry.renew(now, conn, device, entropy, fx),
+            Payload::PairVouch(vouch) => self.registry.vouch(now, conn, device, vouch, fx),
+            Payload::RenewCertificate(_) => self.registry.renew(now, conn, device, fx),
             Payload::KeyPackageUpload(upload) => self.key_packages.upload(conn, device, upload, fx),
             Payload::KeyPackageFetch(fetch) => {
                 let registry = &self.registry;
@@ -516,8 +561,6 @@ impl Gateway {
             &key,
             hello.certificate.as_deref().map(|c| &c[..]),
             hello.user.map(UserId::from_bytes),
-            self.entropy.as_mut(),
-            self.fx.writes(),
         ) {
             Ok(user) => Some(user),
             Err(refusal) => {
@@ -700,7 +743,7 @@ impl Gateway {
                 duplicate,
                 self.delivery.contains(conv),
                 &|d| registry.user_of(d),
-                registry.crl(),
+                Some(registry.crl()),
             );
             match admitted {
                 Ok(admitted) => effect = admitted,
@@ -830,10 +873,7 @@ impl Gateway {
     /// Revokes `device`: new CRL to every session, the device's sessions and resume token end,
     /// its KeyPackages go, and a removal is proposed in each of its groups.
     fn revoke(&mut self, now: Instant, device: DeviceId) {
-        if !self
-            .registry
-            .revoke(now, device, self.entropy.as_mut(), self.fx.writes())
-        {
+        if !self.registry.revoke(now, device, self.fx.writes()) {
             return; // revoked already, or never registered here
         }
         self.sessions.drop_device_token(device, self.fx.writes());
@@ -845,8 +885,7 @@ impl Gateway {
                 let goodbye = Refusal::goodbye(ErrorCode::DeviceRevoked, "this device was revoked");
                 self.refuse(conn, goodbye);
             } else if holder.is_some() {
-                self.registry
-                    .send_crl(now, conn, self.entropy.as_mut(), &mut self.fx);
+                self.registry.send_crl(conn, &mut self.fx);
             }
         }
         for conv in self.groups.groups_of(device) {

@@ -16,8 +16,7 @@ use crate::ids::{ConnectionId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
 use crate::trust::pairing::vouch_message;
 use crate::trust::{
-    CertificateError, Crl, DeviceCertificate, EnrolmentToken, RegistrationAuthority,
-    RegistrationError, TrustRoot,
+    CertificateError, Crl, EnrolmentToken, RegistrationAuthority, RegistrationError, TrustRoot,
 };
 use crate::wire::payload::{
     Certificate as CertificatePayload, Crl as CrlPayload, DeviceLinked, ErrorCode, PairVouch,
@@ -47,8 +46,8 @@ pub struct RegistryStats {
 pub struct Registry {
     domain: String,
     open_enrolment: bool,
-    /// Created at first use, then kept in the store.
-    authority: Option<RegistrationAuthority>,
+    /// Created with the gateway (a new root), then kept in the store.
+    authority: RegistrationAuthority,
     users: BTreeMap<UserId, BTreeSet<DeviceId>>,
     device_users: BTreeMap<DeviceId, UserId>,
     stats: RegistryStats,
@@ -65,26 +64,48 @@ impl core::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// A registry for `domain` with no authority yet.
-    pub fn new(domain: String, open_enrolment: bool) -> Registry {
+    /// A new registry for `domain`: a new trust root, whose records go into `writes`.
+    pub fn new(
+        domain: String,
+        open_enrolment: bool,
+        now: Instant,
+        entropy: &mut dyn Entropy,
+        writes: &mut WriteBatch,
+    ) -> Registry {
+        let authority = RegistrationAuthority::create(&domain, now, entropy, writes);
+        Registry::with_authority(domain, open_enrolment, authority)
+    }
+
+    fn with_authority(
+        domain: String,
+        open_enrolment: bool,
+        authority: RegistrationAuthority,
+    ) -> Registry {
         Registry {
             domain,
             open_enrolment,
-            authority: None,
+            authority,
             users: BTreeMap::new(),
             device_users: BTreeMap::new(),
             stats: RegistryStats::default(),
         }
     }
 
-    /// Reads the authority and the user bindings back.
+    /// Reads the authority and the user bindings back; a store that never held an authority
+    /// (a gateway that stopped before its first commit) gets a new one, its records in
+    /// `writes`.
     pub fn recover(
         domain: String,
         open_enrolment: bool,
+        now: Instant,
         store: &dyn StoreRead,
+        entropy: &mut dyn Entropy,
+        writes: &mut WriteBatch,
     ) -> Result<Registry, StoreError> {
-        let mut registry = Registry::new(domain, open_enrolment);
-        registry.authority = RegistrationAuthority::recover(store)?;
+        let mut registry = match RegistrationAuthority::recover(store)? {
+            Some(authority) => Registry::with_authority(domain, open_enrolment, authority),
+            None => Registry::new(domain, open_enrolment, now, entropy, writes),
+        };
         scan_all(store, USERS_TABLE, |key, _| {
             let (user, device) = super::sequencer::split_pair_key(USERS_TABLE, key)?;
             registry.bind_in_memory(UserId(user), DeviceId(device));
@@ -95,19 +116,14 @@ impl Registry {
 
     // ---- getters ----
 
-    /// The registration authority, if it exists yet (admin listings).
-    pub fn authority(&self) -> Option<&RegistrationAuthority> {
-        self.authority.as_ref()
+    /// The registration authority (admin listings).
+    pub fn authority(&self) -> &RegistrationAuthority {
+        &self.authority
     }
 
-    /// The current CRL's version, if there is an authority.
-    pub fn crl_version(&self) -> Option<u64> {
-        self.authority.as_ref().map(|a| a.crl().version)
-    }
-
-    /// The current CRL, if there is an authority.
-    pub fn crl(&self) -> Option<&Crl> {
-        self.authority.as_ref().map(RegistrationAuthority::crl)
+    /// The current CRL.
+    pub fn crl(&self) -> &Crl {
+        self.authority.crl()
     }
 
     /// The user `device` is bound to.
@@ -130,26 +146,9 @@ impl Registry {
         &self.stats
     }
 
-    /// The authority, created with a fresh root at first use.
-    fn authority_mut(
-        &mut self,
-        now: Instant,
-        entropy: &mut dyn Entropy,
-        writes: &mut WriteBatch,
-    ) -> &mut RegistrationAuthority {
-        let domain = &self.domain;
-        self.authority
-            .get_or_insert_with(|| RegistrationAuthority::create(domain, now, entropy, writes))
-    }
-
-    /// The trust root (created if this gateway has none yet).
-    pub fn trust_root(
-        &mut self,
-        now: Instant,
-        entropy: &mut dyn Entropy,
-        writes: &mut WriteBatch,
-    ) -> TrustRoot {
-        self.authority_mut(now, entropy, writes).root().clone()
+    /// The trust root devices pin.
+    pub fn trust_root(&self) -> &TrustRoot {
+        self.authority.root()
     }
 
     // ---- bindings ----
@@ -192,13 +191,11 @@ impl Registry {
 
     /// Checks the certificate a `Hello` shows for `key`; returns the user it names.
     pub fn check_hello(
-        &mut self,
+        &self,
         now: Instant,
         key: &DevicePublicKey,
         certificate: Option<&[u8]>,
         claimed: Option<UserId>,
-        entropy: &mut dyn Entropy,
-        writes: &mut WriteBatch,
     ) -> Result<UserId, Refusal> {
         let Some(certificate) = certificate else {
             return Err(Refusal::goodbye(
@@ -207,7 +204,7 @@ impl Registry {
             ));
         };
         let cert = self
-            .authority_mut(now, entropy, writes)
+            .authority
             .check(now, certificate, key)
             .map_err(|e| Refusal::goodbye(certificate_error_code(&e), e.to_string()))?;
         if let Some(claimed) = claimed {
@@ -233,7 +230,6 @@ impl Registry {
         sender: DeviceId,
         register: Register,
         sessions: &Sessions,
-        entropy: &mut dyn Entropy,
         fx: &mut Fx,
     ) -> Result<(), Refusal> {
         let key = DevicePublicKey(register.device_key);
@@ -251,8 +247,8 @@ impl Registry {
             ));
         }
         let user = UserId::from_bytes(register.user);
-        let authority = self.authority_mut(now, entropy, fx.writes());
-        let cert = authority
+        let cert = self
+            .authority
             .register(
                 now,
                 key,
@@ -264,7 +260,7 @@ impl Registry {
             )
             .map_err(|e| Refusal::goodbye(registration_error_code(&e), e.to_string()))?;
         self.stats.registrations += 1;
-        let authority = self.authority.as_ref().expect("created above");
+        let authority = &self.authority;
         let voucher = authority.voucher_certificate(&register.token).cloned();
         let answer = CertificatePayload {
             certificate: cert.encode().into(),
@@ -296,10 +292,9 @@ impl Registry {
         conn: ConnectionId,
         device: DeviceId,
         vouch: PairVouch,
-        entropy: &mut dyn Entropy,
         fx: &mut Fx,
     ) -> Result<(), Refusal> {
-        let authority = self.authority_mut(now, entropy, fx.writes());
+        let authority = &mut self.authority;
         let Some(voucher) = authority.certificate_of(device).cloned() else {
             return Err(Refusal::error(
                 ErrorCode::PairingRefused,
@@ -335,10 +330,9 @@ impl Registry {
         now: Instant,
         conn: ConnectionId,
         device: DeviceId,
-        entropy: &mut dyn Entropy,
         fx: &mut Fx,
     ) -> Result<(), Refusal> {
-        let authority = self.authority_mut(now, entropy, fx.writes());
+        let authority = &mut self.authority;
         let before = authority.certificate_of(device).map(|c| c.serial);
         let cert = authority
             .renew(now, device, fx.writes())
@@ -356,14 +350,8 @@ impl Registry {
     }
 
     /// Answers a device that asks for the trust root.
-    pub fn send_trust_root(
-        &mut self,
-        now: Instant,
-        conn: ConnectionId,
-        entropy: &mut dyn Entropy,
-        fx: &mut Fx,
-    ) {
-        let root = self.trust_root(now, entropy, fx.writes());
+    pub fn send_trust_root(&self, conn: ConnectionId, fx: &mut Fx) {
+        let root = self.trust_root().clone();
         let answer = TrustRootPayload {
             key: root.key.0,
             domain: root.domain,
@@ -372,28 +360,15 @@ impl Registry {
     }
 
     /// Sends the CRL to `conn` if it is newer than `have_version`.
-    pub fn send_crl_if_newer(
-        &mut self,
-        now: Instant,
-        conn: ConnectionId,
-        have_version: u64,
-        entropy: &mut dyn Entropy,
-        fx: &mut Fx,
-    ) {
-        if self.authority_mut(now, entropy, fx.writes()).crl().version > have_version {
-            self.send_crl(now, conn, entropy, fx);
+    pub fn send_crl_if_newer(&mut self, conn: ConnectionId, have_version: u64, fx: &mut Fx) {
+        if self.authority.crl().version > have_version {
+            self.send_crl(conn, fx);
         }
     }
 
     /// Sends the current CRL to `conn`.
-    pub fn send_crl(
-        &mut self,
-        now: Instant,
-        conn: ConnectionId,
-        entropy: &mut dyn Entropy,
-        fx: &mut Fx,
-    ) {
-        let crl = self.authority_mut(now, entropy, fx.writes()).crl().encode();
+    pub fn send_crl(&mut self, conn: ConnectionId, fx: &mut Fx) {
+        let crl = self.authority.crl().encode();
         self.stats.crls_sent += 1;
         fx.send(
             conn,
@@ -404,14 +379,8 @@ impl Registry {
 
     /// Revokes `device`; true if this revoked it (false if it was revoked already or never
     /// registered here).
-    pub fn revoke(
-        &mut self,
-        now: Instant,
-        device: DeviceId,
-        entropy: &mut dyn Entropy,
-        writes: &mut WriteBatch,
-    ) -> bool {
-        let authority = self.authority_mut(now, entropy, writes);
+    pub fn revoke(&mut self, now: Instant, device: DeviceId, writes: &mut WriteBatch) -> bool {
+        let authority = &mut self.authority;
         let before = authority.crl().version;
         match authority.revoke(now, device, writes).map(|crl| crl.version) {
             Ok(version) if version > before => {
@@ -430,16 +399,7 @@ impl Registry {
         entropy: &mut dyn Entropy,
         writes: &mut WriteBatch,
     ) -> EnrolmentToken {
-        self.authority_mut(now, entropy, writes);
-        let authority = self.authority.as_mut().expect("created above");
-        authority.issue_token(now, user, entropy, writes)
-    }
-
-    /// The certificates issued so far (admin listings).
-    pub fn certificates(&self) -> impl Iterator<Item = &DeviceCertificate> + '_ {
-        self.authority
-            .iter()
-            .flat_map(RegistrationAuthority::certificates)
+        self.authority.issue_token(now, user, entropy, writes)
     }
 }
 

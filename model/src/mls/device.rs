@@ -144,7 +144,7 @@ impl DeviceMls {
             None => {
                 let signer = provider
                     .new_signer()
-                    .map_err(|e| StoreError::Backend(format!("MLS signing key: {e:?}")))?;
+                    .map_err(|e| StoreError::Backend(format!("MLS signing key: {e}")))?;
                 key_packages::store_signer(&provider, &signer).map_err(StoreError::Backend)?;
                 writes.put(session_table, SIGNER_KEY.to_vec(), signer.public().to_vec());
                 signer

@@ -10,7 +10,9 @@ use crate::time::Instant;
 use crate::wire::payload::Heartbeat;
 
 use super::events::ConnectionStatus;
+use super::timers::NodeTimer;
 use super::NodeConfig;
+use crate::timers::TimerTable;
 
 /// Table of session state: key `b"resume_token"`, value the token (32).
 pub const NODE_SESSION_TABLE: Table = Table("node_session");
@@ -158,18 +160,26 @@ impl Link {
         self.resume_token
     }
 
-    /// When a link timer is next due, if any.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// Arms the link's timers in `timers` from its state (and clears the others).
+    pub fn arm(&self, timers: &mut TimerTable<NodeTimer>) {
+        let (mut reconnect, mut handshake, mut idle, mut heartbeat) = (None, None, None, None);
         match self.state {
-            LinkState::Offline { retry_at } => retry_at,
-            LinkState::Connecting => None,
-            LinkState::Handshaking { deadline, .. } => Some(deadline),
+            LinkState::Offline { retry_at } => reconnect = retry_at,
+            LinkState::Connecting => {}
+            LinkState::Handshaking { deadline, .. } => handshake = Some(deadline),
             LinkState::Open {
                 last_heard,
                 next_heartbeat,
                 ..
-            } => Some(next_heartbeat.min(last_heard + self.idle_timeout)),
+            } => {
+                idle = Some(last_heard + self.idle_timeout);
+                heartbeat = Some(next_heartbeat);
+            }
         }
+        timers.set_or_clear(NodeTimer::Reconnect, reconnect);
+        timers.set_or_clear(NodeTimer::Handshake, handshake);
+        timers.set_or_clear(NodeTimer::Idle, idle);
+        timers.set_or_clear(NodeTimer::Heartbeat, heartbeat);
     }
 
     // ---- transitions ----
@@ -279,7 +289,8 @@ impl Link {
             .saturating_mul(1u32 << self.attempts.min(20))
             .min(self.backoff_max);
         let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
-        let delay = Duration::from_micros(entropy.below_inclusive(cap_us));
+        // At least a microsecond, so that a timer that fired is never due again at once.
+        let delay = Duration::from_micros(entropy.below_inclusive(cap_us).max(1));
         debug_assert!(delay <= self.backoff_max, "the delay stays below the cap");
         self.attempts = self.attempts.saturating_add(1);
         self.state = LinkState::Offline {

@@ -89,6 +89,7 @@ impl Node {
         m.groups
             .create(conv, GroupKind::Dm, &[peer], self.fx.writes())?;
         self.drive_groups(now);
+        self.refresh_timers();
         Ok(conv)
     }
 
@@ -105,6 +106,7 @@ impl Node {
         m.groups
             .create(conv, GroupKind::Room, users, self.fx.writes())?;
         self.drive_groups(now);
+        self.refresh_timers();
         Ok(conv)
     }
 
@@ -118,6 +120,7 @@ impl Node {
         let m = self.mls.as_mut().ok_or(GroupError::NoIdentity)?;
         m.groups.request(conv, intent, self.fx.writes())?;
         self.drive_groups(now);
+        self.refresh_timers();
         Ok(())
     }
 

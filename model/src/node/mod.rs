@@ -30,6 +30,7 @@ pub mod inbox;
 pub mod link;
 pub mod mls;
 pub mod outbox;
+mod timers;
 pub mod trust;
 
 use bytes::Bytes;
@@ -41,6 +42,7 @@ use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::DeviceMls;
 use crate::mls::device_groups::{DeviceGroups, Processed};
 use crate::time::Instant;
+use crate::timers::TimerTable;
 use crate::trust::handshake::PeerIdentity;
 use crate::trust::TrustHolder;
 use crate::wire::payload::{
@@ -61,6 +63,7 @@ use inbox::{Inbound, Inbox};
 use link::{Link, LinkDue};
 use mls::NodeMls;
 use outbox::Outbox;
+use timers::NodeTimer;
 use trust::{CrlOutcome, NodeTrust};
 
 /// The node's effects sink.
@@ -90,6 +93,7 @@ pub struct Node {
     inbox: Inbox,
     trust: NodeTrust,
     mls: Option<NodeMls>,
+    timers: TimerTable<NodeTimer>,
     stats: NodeStats,
     fx: NodeFx,
 }
@@ -143,10 +147,12 @@ impl Node {
             inbox,
             trust,
             mls,
+            timers: TimerTable::default(),
             stats: NodeStats::default(),
             fx,
         };
         node.bind_mls_to_trust();
+        node.refresh_timers();
         Ok(node)
     }
 
@@ -209,9 +215,9 @@ impl Node {
         self.mls.as_ref().map(|m| &m.device)
     }
 
-    /// When `handle_timeout` must next be called, if ever.
+    /// When `handle_timeout` must next be called, if ever: the earliest of every timer.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.link.next_deadline()
+        self.timers.next()
     }
 
     /// The writes and outputs produced so far, or `None`.
@@ -248,6 +254,7 @@ impl Node {
             _ => body,
         };
         self.enqueue(now, conversation, msg_id, body, None);
+        self.refresh_timers();
         Ok(msg_id)
     }
 
@@ -285,6 +292,7 @@ impl Node {
             self.fx.hold(NodeOutput::Close(conn));
         }
         self.set_status(ConnectionStatus::Offline);
+        self.refresh_timers();
     }
 
     /// Starts connecting again after `go_offline`.
@@ -292,6 +300,7 @@ impl Node {
         if self.link.go_online(now) {
             self.set_status(ConnectionStatus::Reconnecting { attempt: 0 });
         }
+        self.refresh_timers();
     }
 
     /// Makes a pairing code's secret and this device's signed vouch for it, valid for
@@ -303,6 +312,7 @@ impl Node {
             self.trust
                 .offer_pairing(&self.config, now, self.entropy.as_mut(), &mut self.fx);
         self.send_pending_vouch(now);
+        self.refresh_timers();
         offer
     }
 
@@ -310,6 +320,11 @@ impl Node {
 
     /// Feeds one transport input. Then drain [`Node::poll_ready`].
     pub fn handle(&mut self, now: Instant, input: NodeInput) {
+        self.route(now, input);
+        self.refresh_timers();
+    }
+
+    fn route(&mut self, now: Instant, input: NodeInput) {
         match input {
             NodeInput::Connected(conn) => {
                 if !self.link.connected(now, conn) {
@@ -353,8 +368,13 @@ impl Node {
         }
     }
 
-    /// Runs due timers.
+    /// Runs every timer due at `now` (see `timers`).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.fire_timers(now);
+    }
+
+    /// A link timer is due: connect, give up on a dead connection, or beat.
+    fn on_link_timeout(&mut self, now: Instant) {
         match self.link.on_timeout(now) {
             LinkDue::Nothing => {}
             LinkDue::Connect => self.fx.hold(NodeOutput::Connect),
@@ -365,10 +385,8 @@ impl Node {
             LinkDue::Heartbeat(conn, beat) => {
                 self.fx
                     .send(conn, Routing::default(), Payload::Heartbeat(beat));
-                self.resend_stale(now, conn);
-                if let Some(m) = &mut self.mls {
-                    m.groups.expire_fetches(now, self.config.resend_after);
-                }
+                // A periodic nudge for group work that waits on no timer of its own (a
+                // KeyPackage fetch the gateway rate-limited is asked again here).
                 self.drive_groups(now);
             }
         }

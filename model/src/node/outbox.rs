@@ -4,7 +4,7 @@
 //! again `resend_after` after its last transmission, and leaves when the gateway acknowledges
 //! it (or its own delivery comes back), or refuses it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
@@ -36,6 +36,8 @@ pub struct Outgoing {
 #[derive(Clone, Debug)]
 pub struct Outbox {
     entries: BTreeMap<MsgId, Outgoing>,
+    /// Transmitted entries by when they last went out: the first is the next to resend.
+    sent_order: BTreeSet<(Instant, MsgId)>,
     len_max: usize,
 }
 
@@ -65,7 +67,11 @@ impl Outbox {
             }
             Ok(())
         })?;
-        Ok(Outbox { entries, len_max })
+        Ok(Outbox {
+            entries,
+            sent_order: BTreeSet::new(),
+            len_max,
+        })
     }
 
     /// Messages waiting.
@@ -107,6 +113,11 @@ impl Outbox {
             .collect()
     }
 
+    /// When the first transmitted message is due again, `resend_after` after it went out.
+    pub fn next_resend(&self, resend_after: core::time::Duration) -> Option<Instant> {
+        self.sent_order.first().map(|(at, _)| *at + resend_after)
+    }
+
     /// Puts a message in the outbox and the writes that make it durable.
     pub fn insert(
         &mut self,
@@ -142,6 +153,9 @@ impl Outbox {
     /// Takes a message out (acknowledged or refused), with the writes that delete it.
     pub fn remove(&mut self, msg_id: MsgId, writes: &mut WriteBatch) -> Option<Outgoing> {
         let out = self.entries.remove(&msg_id)?;
+        if let Some(at) = out.last_sent {
+            self.sent_order.remove(&(at, msg_id));
+        }
         let id = msg_id.to_bytes().to_vec();
         if out.welcome.is_some() {
             writes.delete(OUTBOX_WELCOME_TABLE, id.clone());
@@ -163,7 +177,10 @@ impl Outbox {
             .get_mut(&msg_id)
             .expect("transmitting an outbox entry");
         let resend = out.last_sent.is_some();
-        out.last_sent = Some(now);
+        if let Some(at) = out.last_sent.replace(now) {
+            self.sent_order.remove(&(at, msg_id));
+        }
+        self.sent_order.insert((now, msg_id));
         let routing = Routing {
             conversation: out.conversation,
             sender,
@@ -174,11 +191,12 @@ impl Outbox {
             msg_id: msg_id.to_bytes(),
             body: out.body.to_vec(),
         });
-        (
-            Frame::new(routing, payload).encode(),
-            out.conversation,
-            resend,
-        )
+        let conversation = out.conversation;
+        debug_assert!(
+            self.sent_order.len() <= self.entries.len(),
+            "one resend slot per entry"
+        );
+        (Frame::new(routing, payload).encode(), conversation, resend)
     }
 }
 

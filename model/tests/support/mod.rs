@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use sund_model::env::{Entropy, MemStore};
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::gateway::{
+    AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
+};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, DeviceId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
@@ -28,6 +30,22 @@ impl Entropy for Counter {
             *b = (self.0 >> 56) as u8;
         }
     }
+}
+
+/// An operator's command as a gateway input (its answer is released with its commit).
+pub fn admin(command: AdminCommand) -> GatewayInput {
+    GatewayInput::Admin {
+        request: 1,
+        command,
+    }
+}
+
+/// The answer to an admin command among released outputs.
+pub fn answer_in(outputs: &[GatewayOutput]) -> Option<AdminAnswer> {
+    outputs.iter().find_map(|o| match o {
+        GatewayOutput::Admin { answer, .. } => Some(answer.clone()),
+        _ => None,
+    })
 }
 
 pub fn mls_config() -> DeviceMlsConfig {
@@ -56,6 +74,8 @@ pub struct Net {
     pub events: BTreeMap<u64, Vec<NodeEvent>>,
     /// Frames the gateway sent to each connection, decoded, for the test to inspect.
     pub seen: BTreeMap<u64, Vec<Frame>>,
+    /// Answers to admin commands, in order.
+    pub answers: Vec<AdminAnswer>,
 }
 
 impl Net {
@@ -74,6 +94,7 @@ impl Net {
             nodes: BTreeMap::new(),
             seen: BTreeMap::new(),
             events: BTreeMap::new(),
+            answers: Vec::new(),
         }
     }
 
@@ -139,6 +160,9 @@ impl Net {
                 outputs.extend(ready.commit(&mut self.gateway_store).unwrap());
             }
             for output in outputs {
+                if let GatewayOutput::Admin { answer, .. } = &output {
+                    self.answers.push(answer.clone());
+                }
                 if let GatewayOutput::Send(conn, bytes) = output {
                     moved = true;
                     self.seen
@@ -155,6 +179,22 @@ impl Net {
             }
         }
         panic!("the network did not settle");
+    }
+
+    /// Runs an operator's command against the gateway's store (frames it releases are
+    /// delivered) and returns its answer.
+    pub fn admin(&mut self, command: AdminCommand) -> AdminAnswer {
+        self.gateway.handle(self.now, admin(command));
+        self.settle();
+        self.answers.pop().expect("an admin command is answered")
+    }
+
+    /// A one-time enrolment token for `user`.
+    pub fn enrolment_token(&mut self, user: &str) -> sund_model::trust::EnrolmentToken {
+        match self.admin(AdminCommand::IssueEnrolmentToken(UserId::from_name(user))) {
+            AdminAnswer::EnrolmentToken(token) => token,
+            other => panic!("expected a token: {other:?}"),
+        }
     }
 
     pub fn node(&mut self, conn: u64) -> &mut Node {

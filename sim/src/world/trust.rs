@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use sund_model::gateway::GatewayInput;
+use sund_model::gateway::{AdminCommand, GatewayInput};
 use sund_model::ids::DeviceId;
 use sund_model::trust::handshake::{Initiator, Responder};
 use sund_model::wire::Opcode;
@@ -68,7 +68,14 @@ impl World {
             let home = self.actors[x as usize].home;
             let before = self.crl_version_at(home);
             self.with_gateway(home, |g, now| {
-                g.handle(now, GatewayInput::RevokeDevice(device))
+                let command = AdminCommand::RevokeDevice(device);
+                g.handle(
+                    now,
+                    GatewayInput::Admin {
+                        request: 0,
+                        command,
+                    },
+                )
             });
             let after = self.crl_version_at(home);
             if after > before {
@@ -80,9 +87,7 @@ impl World {
 
     fn crl_version_at(&self, gateway: ActorIndex) -> u64 {
         match &self.actors[gateway as usize].machine {
-            Machine::Gateway(Some(g), _) => {
-                g.registration_authority().map_or(0, |a| a.crl().version)
-            }
+            Machine::Gateway(Some(g), _) => g.registration_authority().crl().version,
             _ => 0,
         }
     }

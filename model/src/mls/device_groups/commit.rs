@@ -10,7 +10,7 @@ use openmls::prelude::*;
 
 use super::{
     device_of, devices_by_leaf, free_leaves, group_id, mls_error, verify_leaf, DeviceGroups,
-    GroupAction, GroupError, GroupStatus, Intent,
+    GroupAction, GroupError, GroupStatus, Intent, MlsStep,
 };
 use crate::env::WriteBatch;
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
@@ -33,7 +33,7 @@ fn remove_one(
     group.set_aad(GroupOps::encode(ops));
     let (commit, welcome, _) = group
         .remove_members(mls.provider(), mls.signer(), &[leaf])
-        .map_err(mls_error)?;
+        .map_err(mls_error(MlsStep::Commit))?;
     Ok((commit, welcome))
 }
 
@@ -149,7 +149,7 @@ impl DeviceGroups {
                 group_id(conv),
                 credential_with_key(mls.identity(), signer),
             )
-            .map_err(mls_error)?;
+            .map_err(mls_error(MlsStep::Create))?;
             self.groups.insert(conv, group);
         }
         let entry = &self.entries[&conv];
@@ -176,10 +176,10 @@ impl DeviceGroups {
                         continue;
                     }
                     let Ok(package) = KeyPackageIn::tls_deserialize_exact(&fetched.package[..])
-                        .map_err(mls_error)
+                        .map_err(mls_error(MlsStep::Decode))
                         .and_then(|p| {
                             p.validate(provider.crypto(), ProtocolVersion::Mls10)
-                                .map_err(mls_error)
+                                .map_err(mls_error(MlsStep::Verify))
                         })
                     else {
                         continue; // a bad package leaves its device out, not the others
@@ -210,12 +210,12 @@ impl DeviceGroups {
                 if packages.is_empty() {
                     let bundle = group
                         .self_update(provider, signer, LeafNodeParameters::default())
-                        .map_err(mls_error)?;
+                        .map_err(mls_error(MlsStep::Commit))?;
                     (bundle.into_commit(), None)
                 } else {
                     let (commit, welcome, _) = group
                         .add_members(provider, signer, &packages)
-                        .map_err(mls_error)?;
+                        .map_err(mls_error(MlsStep::Commit))?;
                     (commit, Some(welcome))
                 }
             }
@@ -238,8 +238,9 @@ impl DeviceGroups {
                     return Ok(None);
                 };
                 if device == self.device {
-                    return Err(GroupError::Mls(
-                        "a member cannot commit its own removal".into(),
+                    return Err(GroupError::mls(
+                        MlsStep::Commit,
+                        "a member cannot commit its own removal",
                     ));
                 }
                 remove_one(group, mls, &mut ops, device, leaf)?
@@ -252,14 +253,16 @@ impl DeviceGroups {
                 group.set_aad(ops.encode());
                 let bundle = group
                     .self_update(provider, signer, LeafNodeParameters::default())
-                    .map_err(mls_error)?;
+                    .map_err(mls_error(MlsStep::Commit))?;
                 (bundle.into_commit(), None)
             }
         };
         let (commit, welcome) = commit;
-        let body = commit.to_bytes().map_err(mls_error)?;
+        let body = commit.to_bytes().map_err(mls_error(MlsStep::Encode))?;
         let welcome = match welcome {
-            Some(w) => Some(Bytes::from(w.to_bytes().map_err(mls_error)?)),
+            Some(w) => Some(Bytes::from(
+                w.to_bytes().map_err(mls_error(MlsStep::Encode))?,
+            )),
             None => None,
         };
         Ok(Some((
@@ -302,8 +305,11 @@ impl DeviceGroups {
         group.set_aad(ops.encode());
         let bundle = group
             .self_update(mls.provider(), mls.signer(), LeafNodeParameters::default())
-            .map_err(mls_error)?;
-        let body = bundle.into_commit().to_bytes().map_err(mls_error)?;
+            .map_err(mls_error(MlsStep::Commit))?;
+        let body = bundle
+            .into_commit()
+            .to_bytes()
+            .map_err(mls_error(MlsStep::Encode))?;
         Ok(Some((Bytes::from(body), None, ops.encode(), false, true)))
     }
 

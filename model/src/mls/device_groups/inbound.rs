@@ -10,7 +10,7 @@ use openmls::prelude::*;
 
 use super::{
     device_of, devices_by_leaf, drawn, mls_error, verify_leaf, DeviceGroups, GroupAction,
-    GroupEntry, GroupError, GroupStatus, Intent, Processed, NODE_SENT_TABLE,
+    GroupEntry, GroupError, GroupStatus, Intent, MlsStep, Processed, NODE_SENT_TABLE,
 };
 use crate::env::WriteBatch;
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
@@ -66,10 +66,10 @@ impl DeviceGroups {
             let _ = lost.delete(provider.storage());
         }
         let result = MlsMessageIn::tls_deserialize_exact(welcome)
-            .map_err(mls_error)
+            .map_err(mls_error(MlsStep::Decode))
             .and_then(|m| match m.extract() {
                 MlsMessageBodyIn::Welcome(w) => Ok(w),
-                _ => Err(GroupError::Mls("not a Welcome".into())),
+                _ => Err(GroupError::mls(MlsStep::Decode, "not a Welcome")),
             })
             .and_then(|w| {
                 StagedWelcome::new_from_welcome(
@@ -78,9 +78,13 @@ impl DeviceGroups {
                     w,
                     None,
                 )
-                .map_err(mls_error)
+                .map_err(mls_error(MlsStep::Join))
             })
-            .and_then(|staged| staged.into_group(provider).map_err(mls_error));
+            .and_then(|staged| {
+                staged
+                    .into_group(provider)
+                    .map_err(mls_error(MlsStep::Join))
+            });
         let group = result?;
         // Every member of the group joined must be certified and bound to its MLS key.
         let uncertified = group.members().find_map(|m| {
@@ -89,10 +93,13 @@ impl DeviceGroups {
                 .map(|e| (m.index, e))
         });
         if let Some((leaf, reason)) = uncertified {
-            return Err(GroupError::Mls(format!(
-                "the group's member at leaf {} fails its certificate check: {reason}",
-                leaf.u32()
-            )));
+            return Err(GroupError::mls(
+                MlsStep::Verify,
+                format!(
+                    "the group's member at leaf {} fails its certificate check: {reason}",
+                    leaf.u32()
+                ),
+            ));
         }
         transaction.commit(writes);
         self.groups.insert(conv, group);
@@ -167,9 +174,11 @@ impl DeviceGroups {
         };
         let provider = mls.provider();
         let message = match MlsMessageIn::tls_deserialize_exact(body)
-            .map_err(mls_error)
-            .and_then(|m| m.try_into_protocol_message().map_err(mls_error))
-        {
+            .map_err(mls_error(MlsStep::Decode))
+            .and_then(|m| {
+                m.try_into_protocol_message()
+                    .map_err(mls_error(MlsStep::Decode))
+            }) {
             Ok(message) => message,
             Err(e) => return Processed::Failed(e.to_string()),
         };
@@ -186,7 +195,7 @@ impl DeviceGroups {
         let transaction = provider.transaction();
         let processed = match group.process_message(provider, message) {
             Ok(processed) => processed,
-            Err(e) => return Processed::Failed(format!("{e:?}")),
+            Err(e) => return Processed::Failed(format!("processing a message: {e}")),
         };
         let aad = processed.aad().to_vec();
         match processed.into_content() {
@@ -249,7 +258,7 @@ impl DeviceGroups {
                     entry.status = GroupStatus::Synchronized;
                 }
                 if let Err(e) = group.merge_staged_commit(provider, *staged) {
-                    return Processed::Failed(format!("{e:?}"));
+                    return Processed::Failed(format!("merging a commit: {e}"));
                 }
                 transaction.commit(writes);
                 entry.apply_ops(&ops);
@@ -297,7 +306,7 @@ impl DeviceGroups {
                     return Processed::Failed("a removal of an empty leaf".into());
                 };
                 if let Err(e) = group.store_pending_proposal(provider.storage(), *queued) {
-                    return Processed::Failed(format!("{e:?}"));
+                    return Processed::Failed(format!("keeping the gateway's proposal: {e}"));
                 }
                 transaction.commit(writes);
                 // One member commits it: the one with the lowest leaf, other than the leaver.
@@ -358,7 +367,7 @@ impl DeviceGroups {
         let provider = mls.provider();
         let transaction = provider.transaction();
         if let Err(e) = group.merge_pending_commit(provider) {
-            return Processed::Failed(format!("merging our own commit: {e:?}"));
+            return Processed::Failed(format!("merging our own commit: {e}"));
         }
         transaction.commit(writes);
         entry.apply_ops(&ops);

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use openmls::prelude::*;
 
-use super::{mls_error, DeviceGroups, GroupError, GroupStatus, NODE_SENT_TABLE};
+use super::{mls_error, DeviceGroups, GroupError, GroupStatus, MlsStep, NODE_SENT_TABLE};
 use crate::env::WriteBatch;
 use crate::ids::{ConversationId, MsgId};
 use crate::mls::device::DeviceMls;
@@ -37,9 +37,9 @@ impl DeviceGroups {
                 CreateMessageError::GroupStateError(MlsGroupStateError::PendingProposal) => {
                     GroupError::ProposalPending(conv)
                 }
-                other => mls_error(other),
+                other => mls_error(MlsStep::Encrypt)(other),
             });
-        let bytes = message.and_then(|m| m.to_bytes().map_err(mls_error))?;
+        let bytes = message.and_then(|m| m.to_bytes().map_err(mls_error(MlsStep::Encode)))?;
         transaction.commit(writes);
         self.sent.insert(msg_id, Bytes::copy_from_slice(plaintext));
         writes.put(

@@ -268,9 +268,62 @@ pub enum GroupError {
     /// message until then (RFC 9420 §12.2). Try again in a moment.
     #[error("a removal is being committed in {0}; try again in a moment")]
     ProposalPending(ConversationId),
-    /// The group refused the operation.
+    /// An MLS step failed.
     #[error("{0}")]
-    Mls(String),
+    Mls(MlsFailure),
+}
+
+/// Which MLS step failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlsStep {
+    /// Reading a message, Welcome or KeyPackage.
+    Decode,
+    /// Checking a KeyPackage, a credential or a certificate binding.
+    Verify,
+    /// Creating a group.
+    Create,
+    /// Making a commit.
+    Commit,
+    /// Encrypting an application message.
+    Encrypt,
+    /// Encoding an outgoing message.
+    Encode,
+    /// Joining from a Welcome.
+    Join,
+}
+
+impl core::fmt::Display for MlsStep {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            MlsStep::Decode => "decoding",
+            MlsStep::Verify => "verifying",
+            MlsStep::Create => "creating the group",
+            MlsStep::Commit => "making a commit",
+            MlsStep::Encrypt => "encrypting",
+            MlsStep::Encode => "encoding",
+            MlsStep::Join => "joining",
+        })
+    }
+}
+
+/// An MLS step that failed, with openmls's own explanation (its `Display`, never key material).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{step}: {message}")]
+pub struct MlsFailure {
+    /// The step.
+    pub step: MlsStep,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl GroupError {
+    /// A failure of `step` explained by `message`.
+    fn mls(step: MlsStep, message: impl Into<String>) -> GroupError {
+        GroupError::Mls(MlsFailure {
+            step,
+            message: message.into(),
+        })
+    }
 }
 
 /// All of a device's groups.
@@ -284,6 +337,8 @@ pub struct DeviceGroups {
     gateway_key: Option<Vec<u8>>,
     /// When this device first saw each group's pending proposals (for the takeover rule).
     proposals_seen: BTreeMap<ConversationId, Instant>,
+    /// When this member takes over each stalled proposal not yet due (rebuilt by every drive).
+    takeover_due: BTreeMap<ConversationId, Instant>,
     /// When each leave request last went out (asked again after [`LEAVE_RESEND`]: a frame
     /// can be lost).
     leave_asked: BTreeMap<ConversationId, Instant>,
@@ -312,8 +367,9 @@ fn corrupt(table: Table, reason: String) -> StoreError {
     }
 }
 
-fn mls_error(e: impl core::fmt::Debug) -> GroupError {
-    GroupError::Mls(format!("{e:?}"))
+/// Turns an openmls error of `step` into a [`GroupError`].
+fn mls_error<E: core::fmt::Display>(step: MlsStep) -> impl Fn(E) -> GroupError {
+    move |e| GroupError::mls(step, e.to_string())
 }
 
 fn group_id(conv: ConversationId) -> GroupId {
@@ -381,7 +437,7 @@ impl DeviceGroups {
                 continue;
             }
             let loaded = MlsGroup::load(mls.provider().storage(), &group_id(*conv))
-                .map_err(|e| corrupt(super::MLS_TABLE, format!("group {conv}: {e:?}")))?;
+                .map_err(|e| corrupt(super::MLS_TABLE, format!("group {conv}: {e}")))?;
             match loaded {
                 Some(group) => {
                     groups.insert(*conv, group);
@@ -406,6 +462,7 @@ impl DeviceGroups {
             gateway_key: None,
             leave_asked: BTreeMap::new(),
             proposals_seen: BTreeMap::new(),
+            takeover_due: BTreeMap::new(),
             fetches: BTreeMap::new(),
             next_request: 1,
             stale_messages: BTreeMap::new(),
@@ -553,6 +610,35 @@ impl DeviceGroups {
             .retain(|_, (_, asked)| now.saturating_since(*asked) < timeout);
     }
 
+    /// True if the front intent of `conv` can go now (`drive` moves it).
+    fn movable(&self, conv: ConversationId) -> bool {
+        self.entries.get(&conv).is_some_and(|e| {
+            e.status == GroupStatus::Synchronized
+                && !e.intents.is_empty()
+                && !self.fetching(conv)
+                && self.epoch(conv).unwrap_or(0) >= e.retry_at_epoch
+        })
+    }
+
+    /// When the groups next need driving while a session is open: a KeyPackage fetch to give
+    /// up on after `fetch_timeout`, a leave request to ask again, a stalled proposal this member
+    /// takes over. `None` if nothing waits on time.
+    pub fn next_deadline(&self, fetch_timeout: core::time::Duration) -> Option<Instant> {
+        let fetches = self
+            .fetches
+            .values()
+            .map(|(_, asked)| *asked + fetch_timeout);
+        let leaves = self
+            .leave_asked
+            .iter()
+            .filter(|(conv, _)| {
+                self.movable(**conv) && self.entries[*conv].intents.front() == Some(&Intent::Leave)
+            })
+            .map(|(_, asked)| *asked + LEAVE_RESEND);
+        let takeovers = self.takeover_due.values().copied();
+        fetches.chain(leaves).chain(takeovers).min()
+    }
+
     fn fetching(&self, conv: ConversationId) -> bool {
         self.fetches.values().any(|(c, _)| *c == conv)
     }
@@ -571,12 +657,7 @@ impl DeviceGroups {
         let ready: Vec<ConversationId> = self
             .entries
             .iter()
-            .filter(|(conv, e)| {
-                e.status == GroupStatus::Synchronized
-                    && !e.intents.is_empty()
-                    && !self.fetching(**conv)
-                    && self.epoch(**conv).unwrap_or(0) >= e.retry_at_epoch
-            })
+            .filter(|(conv, _)| self.movable(**conv))
             .map(|(conv, _)| *conv)
             .collect();
         for conv in ready {
@@ -616,6 +697,7 @@ impl DeviceGroups {
     /// long, and only one member at a time steps in.
     fn take_over_stalled_proposals(&mut self, now: Instant, writes: &mut WriteBatch) {
         let mut due = Vec::new();
+        self.takeover_due.clear();
         for (conv, group) in &self.groups {
             let proposed: BTreeSet<LeafNodeIndex> = group
                 .pending_proposals()
@@ -638,6 +720,8 @@ impl DeviceGroups {
             let wait = PROPOSAL_TAKEOVER.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
             if now.saturating_since(since) >= wait {
                 due.push(*conv);
+            } else {
+                self.takeover_due.insert(*conv, since + wait);
             }
         }
         self.proposals_seen.retain(|conv, _| {

@@ -1,0 +1,162 @@
+//! The operator's commands: inputs like any other, whose answers leave as outputs released by
+//! the commit that makes them true (a token printed is a token stored; a CRL version shown is
+//! a CRL on disk).
+
+use super::{Gateway, GatewayInput, GatewayOutput};
+use crate::env::{Store, StoreError};
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::time::Instant;
+use crate::trust::EnrolmentToken;
+
+/// A command of the gateway's operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminCommand {
+    /// A one-time token that lets one new device of this user register.
+    IssueEnrolmentToken(UserId),
+    /// Revoke a device: a new CRL goes to every connected device, the device's sessions close,
+    /// it never opens another, and the gateway proposes its removal from each of its groups.
+    RevokeDevice(DeviceId),
+    /// Remove a device from an MLS conversation (the gateway proposes it as the group's
+    /// external sender; the next committing member commits it).
+    RemoveDevice(ConversationId, DeviceId),
+    /// Create a plain conversation with these member devices (idempotent; members are added;
+    /// an empty list creates nothing).
+    CreateConversation(ConversationId, Vec<DeviceId>),
+}
+
+/// The answer to an [`AdminCommand`], released with the commit that holds its effect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminAnswer {
+    /// The token to hand to the new device (`EnrolmentToken::to_text`).
+    EnrolmentToken(EnrolmentToken),
+    /// The device is revoked in this CRL version (newly, or `already` before).
+    Revoked {
+        /// The device.
+        device: DeviceId,
+        /// The CRL version that lists it.
+        crl_version: u64,
+        /// True if it was revoked before this command.
+        already: bool,
+    },
+    /// The device has no certificate from this gateway: nothing to revoke.
+    UnknownDevice(DeviceId),
+    /// The removal is proposed (or was already) in the group.
+    RemovalRequested {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The device.
+        device: DeviceId,
+    },
+    /// The device is not a member of that MLS conversation.
+    NotInGroup {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The device.
+        device: DeviceId,
+    },
+    /// The plain conversation exists with this many member devices.
+    ConversationCreated {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Its member devices now.
+        members: usize,
+    },
+}
+
+impl Gateway {
+    /// Carries out an operator's command; its answer (tagged `request`) is released with the
+    /// commit of its writes.
+    pub(super) fn admin(&mut self, now: Instant, request: u64, command: AdminCommand) {
+        let answer = match command {
+            AdminCommand::IssueEnrolmentToken(user) => {
+                let token = self.registry.issue_enrolment_token(
+                    now,
+                    user,
+                    self.entropy.as_mut(),
+                    self.fx.writes(),
+                );
+                AdminAnswer::EnrolmentToken(token)
+            }
+            AdminCommand::RevokeDevice(device) => {
+                let known = self.registry.authority().certificate_of(device).is_some();
+                if !known {
+                    AdminAnswer::UnknownDevice(device)
+                } else {
+                    let already = self.registry.crl().revoked.contains(&device);
+                    self.revoke(now, device);
+                    AdminAnswer::Revoked {
+                        device,
+                        crl_version: self.registry.crl().version,
+                        already,
+                    }
+                }
+            }
+            AdminCommand::RemoveDevice(conversation, device) => {
+                let member = self
+                    .groups
+                    .get(conversation)
+                    .is_some_and(|g| g.devices().contains_key(&device));
+                if member {
+                    self.propose_removal(now, conversation, device);
+                    AdminAnswer::RemovalRequested {
+                        conversation,
+                        device,
+                    }
+                } else {
+                    AdminAnswer::NotInGroup {
+                        conversation,
+                        device,
+                    }
+                }
+            }
+            AdminCommand::CreateConversation(conversation, members) => {
+                self.delivery
+                    .create_plain(conversation, &members, &mut self.fx);
+                let members = self
+                    .delivery
+                    .log(conversation)
+                    .map_or(0, |log| log.members().len());
+                AdminAnswer::ConversationCreated {
+                    conversation,
+                    members,
+                }
+            }
+        };
+        self.fx.hold(GatewayOutput::Admin { request, answer });
+    }
+
+    /// Runs an operator's command synchronously: handles it, commits everything pending into
+    /// `store`, and returns its answer (released by that commit) with the other outputs the
+    /// commit released. For a stopped gateway (the offline `sund-gateway admin`), set-up code
+    /// and tests.
+    pub fn run_admin(
+        &mut self,
+        now: Instant,
+        command: AdminCommand,
+        store: &mut dyn Store,
+    ) -> Result<(AdminAnswer, Vec<GatewayOutput>), StoreError> {
+        const REQUEST: u64 = u64::MAX;
+        self.handle(
+            now,
+            GatewayInput::Admin {
+                request: REQUEST,
+                command,
+            },
+        );
+        let mut answer = None;
+        let mut others = Vec::new();
+        while let Some(ready) = self.poll_ready() {
+            for output in ready.commit(store)? {
+                match output {
+                    GatewayOutput::Admin {
+                        request: REQUEST,
+                        answer: a,
+                    } => answer = Some(a),
+                    other => others.push(other),
+                }
+            }
+        }
+        let answer = answer.expect("every admin command is answered in its own batch");
+        Ok((answer, others))
+    }
+}

@@ -1,0 +1,100 @@
+//! The node's timers, all in one table that `poll_timeout` reads.
+//!
+//! The link arms its own (reconnect, handshake, idle, heartbeat); while a session is open the
+//! outbox arms the resend of its oldest transmission (`resend_after` after it went out) and the
+//! groups arm their next deadline (a fetch to give up on, a leave to ask again, a stalled
+//! proposal to take over). The table is refreshed after every input, command and timeout.
+
+use super::Node;
+use crate::time::Instant;
+use crate::timers::TimerName;
+
+/// The node's timers, in firing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeTimer {
+    /// Connect again after a backoff.
+    Reconnect,
+    /// Give up on a handshake.
+    Handshake,
+    /// The gateway has been silent too long.
+    Idle,
+    /// Send a heartbeat.
+    Heartbeat,
+    /// Resend what the gateway has not acknowledged.
+    Resend,
+    /// Drive the groups (fetch expiry, leave resend, proposal takeover).
+    Groups,
+}
+
+impl TimerName for NodeTimer {
+    const ALL: &'static [NodeTimer] = &[
+        NodeTimer::Reconnect,
+        NodeTimer::Handshake,
+        NodeTimer::Idle,
+        NodeTimer::Heartbeat,
+        NodeTimer::Resend,
+        NodeTimer::Groups,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Node {
+    /// Re-arms every timer from the sub-machines' state.
+    pub(super) fn refresh_timers(&mut self) {
+        self.link.arm(&mut self.timers);
+        let open = self.link.is_open();
+        let resend = self.outbox.next_resend(self.config.resend_after);
+        self.timers
+            .set_or_clear(NodeTimer::Resend, resend.filter(|_| open));
+        let groups = self
+            .mls
+            .as_ref()
+            .and_then(|m| m.groups.next_deadline(self.config.resend_after));
+        self.timers
+            .set_or_clear(NodeTimer::Groups, groups.filter(|_| open));
+    }
+
+    /// Fires every timer due at `now`, in order, re-arming after each.
+    pub(super) fn fire_timers(&mut self, now: Instant) {
+        self.refresh_timers();
+        let mut link_fired = false;
+        for &name in NodeTimer::ALL {
+            if self.timers.get(name).is_none_or(|at| at > now) {
+                continue;
+            }
+            match name {
+                NodeTimer::Reconnect
+                | NodeTimer::Handshake
+                | NodeTimer::Idle
+                | NodeTimer::Heartbeat => {
+                    // The link decides what its state makes of the time (an idle session is
+                    // dead before it is due a heartbeat): once per call.
+                    if !link_fired {
+                        link_fired = true;
+                        self.on_link_timeout(now);
+                    }
+                }
+                NodeTimer::Resend => {
+                    if let Some(conn) = self.link.open_conn() {
+                        self.resend_stale(now, conn);
+                    }
+                }
+                NodeTimer::Groups => {
+                    if let Some(m) = &mut self.mls {
+                        m.groups.expire_fetches(now, self.config.resend_after);
+                    }
+                    self.drive_groups(now);
+                }
+            }
+            self.refresh_timers();
+        }
+        debug_assert!(
+            self.timers.next().is_none_or(|at| at > now),
+            "every timer that fired is re-armed in the future or cleared: {:?}",
+            self.timers.due(now)
+        );
+    }
+}
