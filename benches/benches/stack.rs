@@ -4,21 +4,25 @@
 //! fraction of each.
 //!
 //! Run: `cargo bench -p sund-benches --bench stack`. Prints a table; asserts nothing.
+//! `SUND_STACK=ingest` runs only the gateway-alone measurement.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sund_gateway::committer::CommitMode;
+use std::sync::Arc;
+
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
-use sund_gateway::quic;
 use sund_model::gateway::{AdminCommand, GatewayConfig};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::ConversationId;
 use sund_model::node::NodeEvent;
 use sund_node::device::Device;
 use sund_node::driver::{self as node_driver, NodeHandle};
+use sund_runtime::endpoint;
+use sund_runtime::environment::Production;
+use sund_runtime::tls::{certificate_pin, TlsIdentity};
 
 const BODY: usize = 200;
 
@@ -31,15 +35,13 @@ struct Setup {
 /// A gateway on loopback with open enrolment, its data in `dir/gw`.
 async fn start_gateway(dir: &std::path::Path) -> GatewayHandle {
     let options = GatewayOptions {
-        socket: quic::Socket::Bind("127.0.0.1:0".parse().unwrap()),
-        entropy: sund_gateway::entropy::EntropySource::Os,
-        clock: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        environment: Arc::new(Production),
         data_dir: dir.join("gw"),
         config: GatewayConfig {
             open_enrolment: true,
             ..GatewayConfig::default()
         },
-        commit: CommitMode::Pipelined,
     };
     driver::start(options).await.unwrap()
 }
@@ -104,24 +106,31 @@ async fn throughput(nodes: &mut [NodeHandle], per_node: usize, concurrency: usiz
             }));
         }
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    for node in nodes.iter_mut() {
-        // Each node is the only member of its conversation: a message is done when it is both
-        // acknowledged and delivered back (durably) to its sender.
-        let (mut accepted, mut delivered) = (0, 0);
-        while accepted < per_node || delivered < per_node {
-            match tokio::time::timeout(Duration::from_secs(60), node.events.recv()).await {
-                Ok(Some(NodeEvent::Accepted { .. })) => accepted += 1,
-                Ok(Some(NodeEvent::Delivered { .. })) => delivered += 1,
-                Ok(Some(_)) => {}
-                _ => panic!(
-                    "stopped at {accepted} acknowledged, {delivered} delivered of {per_node}"
-                ),
+    let sending = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    // The application takes its events while it sends: a node stops reading from the gateway
+    // while its application leaves events untaken.
+    let counting = async {
+        for node in nodes.iter_mut() {
+            // Each node is the only member of its conversation: a message is done when it is
+            // both acknowledged and delivered back (durably) to its sender.
+            let (mut accepted, mut delivered) = (0, 0);
+            while accepted < per_node || delivered < per_node {
+                match tokio::time::timeout(Duration::from_secs(60), node.events.recv()).await {
+                    Ok(Some(NodeEvent::Accepted { .. })) => accepted += 1,
+                    Ok(Some(NodeEvent::Delivered { .. })) => delivered += 1,
+                    Ok(Some(_)) => {}
+                    _ => panic!(
+                        "stopped at {accepted} acknowledged, {delivered} delivered of {per_node}"
+                    ),
+                }
             }
         }
-    }
+    };
+    tokio::join!(sending, counting);
     (nodes.len() * per_node) as f64 / started.elapsed().as_secs_f64()
 }
 
@@ -143,18 +152,28 @@ async fn latency(nodes: &mut [NodeHandle], rate: f64, count: usize) -> [Duration
             tokio::spawn(async move { s.send(conv, Bytes::from(body)).await.unwrap().unwrap() });
         }
     });
+    let (first, rest) = nodes.split_at_mut(1);
+    // The sender's application takes its own events too (acknowledgements, its echoes).
+    let sender_events = &mut first[0].events;
+    let draining = async { while sender_events.recv().await.is_some() {} };
     let mut samples = Vec::with_capacity(count);
-    while samples.len() < count {
-        match tokio::time::timeout(Duration::from_secs(60), nodes[1].events.recv()).await {
-            Ok(Some(NodeEvent::Delivered {
-                conversation, body, ..
-            })) if conversation == conv => {
-                let sent = u64::from_be_bytes(body[..8].try_into().unwrap());
-                samples.push(origin.elapsed().as_micros() as u64 - sent);
+    let measuring = async {
+        while samples.len() < count {
+            match tokio::time::timeout(Duration::from_secs(60), rest[0].events.recv()).await {
+                Ok(Some(NodeEvent::Delivered {
+                    conversation, body, ..
+                })) if conversation == conv => {
+                    let sent = u64::from_be_bytes(body[..8].try_into().unwrap());
+                    samples.push(origin.elapsed().as_micros() as u64 - sent);
+                }
+                Ok(Some(_)) => {}
+                _ => panic!("deliveries stopped at {}", samples.len()),
             }
-            Ok(Some(_)) => {}
-            _ => panic!("deliveries stopped at {}", samples.len()),
         }
+    };
+    tokio::select! {
+        _ = draining => unreachable!("the sender's events end only when it stops"),
+        _ = measuring => {}
     }
     send_task.await.unwrap();
     samples.sort_unstable();
@@ -210,14 +229,14 @@ fn bare_redb_commit_latency(count: usize) -> [Duration; 4] {
 }
 
 /// Bare quinn: one stream, 200-byte frames pipelined, an 8-byte ack per frame.
-async fn bare_quinn(frames: usize) -> f64 {
+/// Bare quinn on loopback: `frames` 200-byte frames, each answered with an 8-byte ack. With
+/// `coalesce`, the sender hands quinn every frame it has in one gathered write of up to 256
+/// (as Sund's session writer does); without, one `write_all` per frame.
+async fn bare_quinn(frames: usize, coalesce: bool) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let identity = quic::TlsIdentity::load_or_create(dir.path()).unwrap();
-    let server = quic::server_endpoint(
-        quic::Socket::Bind("127.0.0.1:0".parse().unwrap()),
-        &identity,
-    )
-    .unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let server =
+        endpoint::server_endpoint(&Production, "127.0.0.1:0".parse().unwrap(), &identity).unwrap();
     let addr: SocketAddr = server.local_addr().unwrap();
     tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
@@ -231,18 +250,24 @@ async fn bare_quinn(frames: usize) -> f64 {
             }
         }
     });
-    let client = quic::client_endpoint(
-        quic::Socket::Bind("0.0.0.0:0".parse().unwrap()),
-        quic::certificate_pin(&identity.cert),
-    )
-    .unwrap();
+    let client = endpoint::client_endpoint(&Production, certificate_pin(&identity.cert)).unwrap();
     let conn = client.connect(addr, "sund-gateway").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let started = Instant::now();
     let writer = tokio::spawn(async move {
-        let frame = vec![b'x'; BODY];
-        for _ in 0..frames {
-            send.write_all(&frame).await.unwrap();
+        let frame = Bytes::from(vec![b'x'; BODY]);
+        if coalesce {
+            let mut left = frames;
+            while left > 0 {
+                let n = left.min(256);
+                let mut batch = vec![frame.clone(); n];
+                send.write_all_chunks(&mut batch).await.unwrap();
+                left -= n;
+            }
+        } else {
+            for _ in 0..frames {
+                send.write_all(&frame).await.unwrap();
+            }
         }
         send
     });
@@ -253,6 +278,33 @@ async fn bare_quinn(frames: usize) -> f64 {
     let rate = frames as f64 / started.elapsed().as_secs_f64();
     drop(writer.await.unwrap());
     rate
+}
+
+/// Whole frames from a QUIC stream (the load client's reader).
+struct FrameReader {
+    stream: quinn::RecvStream,
+    decoder: sund_model::wire::FrameDecoder,
+}
+
+impl FrameReader {
+    fn new(stream: quinn::RecvStream) -> FrameReader {
+        FrameReader {
+            stream,
+            decoder: sund_model::wire::FrameDecoder::new(sund_model::wire::PAYLOAD_BYTES_MAX),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Bytes, ()> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame_bytes().map_err(|_| ())? {
+                return Ok(frame);
+            }
+            match self.stream.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
+                _ => return Err(()),
+            }
+        }
+    }
 }
 
 /// A minimal protocol client (no store): authenticates, pipelines `count` Send frames, acks its
@@ -268,18 +320,14 @@ async fn load_client(
     use sund_model::identity::session_proof_message;
     use sund_model::wire::payload::{Ack, Hello, Proof, Register, Send};
     use sund_model::wire::{Frame, Payload, Routing};
-    let endpoint = quic::client_endpoint(
-        quic::Socket::Bind("0.0.0.0:0".parse().unwrap()),
-        quic::certificate_pin(&cert),
-    )
-    .unwrap();
+    let endpoint = endpoint::client_endpoint(&Production, certificate_pin(&cert)).unwrap();
     let conn = endpoint
         .connect(addr, "sund-gateway")
         .unwrap()
         .await
         .unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    let mut reader = quic::FrameReader::new(recv);
+    let mut reader = FrameReader::new(recv);
     let me = key.device_id();
     // Register (the gateway runs open enrolment), then open the session with the certificate.
     let user = sund_model::ids::UserId(me.0);
@@ -303,7 +351,7 @@ async fn load_client(
         .unwrap();
     let answer = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
     let Payload::Certificate(certificate) = answer.payload else {
-        panic!("expected a certificate")
+        panic!("expected a certificate: {:?}", answer.payload)
     };
     let hello = Hello {
         cursors: vec![],
@@ -424,12 +472,23 @@ async fn gateway_ingest(clients: usize, per_client: usize) -> f64 {
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    // `SUND_STACK=ingest` runs the gateway-alone measurement only (for profiling).
+    if std::env::var("SUND_STACK").as_deref() == Ok("ingest") {
+        let rate = runtime.block_on(gateway_ingest(100, 1_000));
+        println!("gateway alone, 100 protocol clients: {rate:.0} msg/s");
+        return;
+    }
     let mut results: BTreeMap<&str, String> = BTreeMap::new();
     runtime.block_on(async {
-        let quinn_rate = bare_quinn(200_000).await;
+        let quinn_rate = bare_quinn(200_000, false).await;
         results.insert(
-            "a bare quinn, 200 B frames + 8 B acks",
+            "a bare quinn, 200 B frames + 8 B acks, one write each",
             format!("{quinn_rate:.0} frames/s"),
+        );
+        let quinn_coalesced = bare_quinn(400_000, true).await;
+        results.insert(
+            "a bare quinn, 200 B frames + 8 B acks, gathered writes",
+            format!("{quinn_coalesced:.0} frames/s"),
         );
         let redb_rate = bare_redb(200, 512);
         results.insert(

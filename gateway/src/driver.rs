@@ -1,18 +1,25 @@
 //! The gateway's tokio driver: moves bytes and time between quinn, redb and the state machine.
 //!
-//! One task owns the [`Gateway`] state machine; a commit thread owns the [`RedbStore`]. Each QUIC
-//! connection gets a reader task (frames in) and a writer task (frames out); they talk to the core
-//! over channels.
-//! The core takes a batch of inputs (up to [`BATCH_MAX`]), feeds them to the state machine, merges
-//! the resulting `Ready`s into one job and hands it to the [`Committer`], which commits queued jobs
-//! together in one redb transaction on its own thread while the core goes on with the next
-//! inputs. Outputs reach the writers only when their commit is back — so no acknowledgement
-//! leaves before its commit.
+//! One task (the core) owns the [`Gateway`] state machine; a commit thread owns the
+//! [`RedbStore`] ([`Committer`]). Each QUIC connection gets a task that completes the QUIC
+//! handshake and tells the core at once (the state machine's hello timeout runs from there,
+//! whatever the peer does), then waits for the session's stream and hands it to the runtime's
+//! session reader and writer ([`session::spawn`]). The core takes the frames of up to
+//! [`BATCH_MAX`] frames' worth of input, feeds them to the state machine, merges the resulting
+//! `Ready`s into one job for the committer, and goes on with the next inputs while the commit
+//! runs; outputs reach the writers only when their commit is back, so no acknowledgement leaves
+//! before its commit.
+//!
+//! What the driver adds to the machine is only what the machine cannot see: connection limits
+//! per source address and in total, a peer that reads too slowly (closed at once), log lines for
+//! refusals (rate-limited, with the peer's address), and the stop of the whole gateway when its
+//! store fails: a gateway that cannot commit must not keep accepting connections.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
@@ -23,38 +30,42 @@ use sund_model::gateway::{
 use sund_model::ids::{ConnectionId, UserId};
 use sund_model::time::Instant;
 use sund_model::trust::EnrolmentToken;
+use sund_model::wire::{Frame, Payload, PAYLOAD_BYTES_MAX};
+use sund_runtime::clock::DriverClock;
+use sund_runtime::committer::Committer;
+use sund_runtime::endpoint::{self, QuicError};
+use sund_runtime::environment::Environment;
+use sund_runtime::session::{self, CloseCause, SessionEvent, SessionHandle, SessionLimits};
+use sund_runtime::store::RedbStore;
+use sund_runtime::tls::TlsIdentity;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::clock::DriverClock;
-use crate::committer::{CommitMode, Committer};
-use crate::entropy::EntropySource;
-use crate::quic::{self, FrameReader, ReadError, Socket, TlsIdentity, WriterCommand};
-use crate::store::RedbStore;
-
-/// Most inputs folded into one commit.
+/// Most frames folded into one commit.
 pub const BATCH_MAX: usize = 512;
 /// Most frames queued for one connection; a peer that reads slower than this is disconnected.
 pub const WRITER_QUEUE_MAX: usize = 4096;
-/// Most inputs waiting for the core.
-pub const CORE_QUEUE_MAX: usize = 16_384;
-/// How long shutdown waits for writers to flush their goodbyes.
+/// Most connection reports (connects, batches of frames, closes) waiting for the core.
+pub const LINK_QUEUE_MAX: usize = 16_384;
+/// Most admin commands waiting for the core.
+pub const CONTROL_QUEUE_MAX: usize = 1024;
+/// Most connections from one address at once.
+pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 256;
+/// Most connections at once.
+pub const CONNECTIONS_MAX: usize = 100_000;
+/// How long a goodbye may take to reach its peer before the connection closes anyway.
+pub const LINGER: Duration = Duration::from_millis(500);
+/// How long shutdown waits for the endpoint to go idle.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The model's clock in production: microseconds since the Unix epoch.
-pub fn wall_clock() -> Instant {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Instant(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
-}
+/// At most one log line per refusal code per this interval (the rest are counted).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     /// QUIC or TLS setup.
     #[error(transparent)]
-    Quic(#[from] quic::QuicError),
+    Quic(#[from] QuicError),
     /// The store.
     #[error("storage: {0}")]
     Store(#[from] sund_model::env::StoreError),
@@ -69,20 +80,16 @@ pub enum DriverError {
 }
 
 /// What a gateway needs to start.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GatewayOptions {
-    /// Where to listen: a UDP address (port 0 picks one) or an injected socket.
-    pub socket: Socket,
-    /// Where its randomness comes from.
-    pub entropy: EntropySource,
-    /// Its clock (the wall clock in production; a fixed origin under simulation).
-    pub clock: Option<Instant>,
+    /// Where to listen (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Where its clock, randomness, network and commits come from.
+    pub environment: Arc<dyn Environment>,
     /// Where the database and the TLS identity live.
     pub data_dir: PathBuf,
     /// Protocol tunables.
     pub config: GatewayConfig,
-    /// Where commits run: pipelined on their own thread (production) or inline (turmoil).
-    pub commit: CommitMode,
 }
 
 /// A running gateway.
@@ -91,7 +98,7 @@ pub struct GatewayHandle {
     pub addr: SocketAddr,
     /// Its certificate (nodes pin it).
     pub cert: CertificateDer<'static>,
-    admin: mpsc::Sender<CoreInput>,
+    control: mpsc::Sender<Control>,
     shutdown: Option<oneshot::Sender<()>>,
     core: JoinHandle<Result<GatewayStats, DriverError>>,
     endpoint: quinn::Endpoint,
@@ -102,7 +109,7 @@ impl GatewayHandle {
     /// commit that makes it true is durable. `None` if the gateway stopped.
     pub async fn admin(&self, command: AdminCommand) -> Option<AdminAnswer> {
         let (tx, rx) = oneshot::channel();
-        self.admin.send(CoreInput::Admin(command, tx)).await.ok()?;
+        self.control.send(Control::Admin(command, tx)).await.ok()?;
         rx.await.ok()
     }
 
@@ -115,35 +122,63 @@ impl GatewayHandle {
         }
     }
 
+    /// Resolves if the gateway stops by itself (its store failed): the error says why. Await it
+    /// beside the shutdown signal, so that a gateway that cannot commit does not linger.
+    pub async fn failed(&mut self) -> DriverError {
+        match (&mut self.core).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => DriverError::Store(sund_model::env::StoreError::Backend(
+                "the gateway core stopped".into(),
+            )),
+            Err(panic) => DriverError::Store(sund_model::env::StoreError::Backend(format!(
+                "the gateway core panicked: {panic}"
+            ))),
+        }
+    }
+
     /// Graceful shutdown: stop accepting, finish in-flight work, say goodbye, close.
     pub async fn shutdown(mut self) -> Result<GatewayStats, DriverError> {
         self.endpoint.set_server_config(None);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let stats = self
-            .core
-            .await
-            .expect("the gateway core task does not panic")?;
+        let stats = match self.core.await {
+            Ok(result) => result?,
+            Err(panic) => {
+                return Err(DriverError::Store(sund_model::env::StoreError::Backend(
+                    format!("the gateway core panicked: {panic}"),
+                )))
+            }
+        };
         self.endpoint.close(0u32.into(), b"gateway shut down");
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.endpoint.wait_idle()).await;
         Ok(stats)
     }
 }
 
-enum CoreInput {
-    Accepted(ConnectionId, mpsc::Sender<WriterCommand>),
-    Frame(ConnectionId, Bytes),
-    Closed(ConnectionId),
-    Admin(AdminCommand, oneshot::Sender<AdminAnswer>),
+/// What a connection's tasks tell the core, in one queue so that each connection's events keep
+/// their order (connected, stream, frames, closed).
+enum Link {
+    /// A QUIC handshake completed: the session's clock starts.
+    Connected(ConnectionId, quinn::Connection),
+    /// The session's stream is open.
+    Stream(ConnectionId, SessionHandle),
+    /// The connection ended before its stream opened.
+    Gone(ConnectionId),
+    /// Frames or the end of the session.
+    Session(SessionEvent),
 }
 
-/// The core's own state beside the machine: writers by connection, admin callers waiting.
-#[derive(Default)]
-struct Routes {
-    writers: BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
-    admin: BTreeMap<u64, oneshot::Sender<AdminAnswer>>,
-    next_admin: u64,
+impl From<SessionEvent> for Link {
+    fn from(event: SessionEvent) -> Link {
+        Link::Session(event)
+    }
+}
+
+/// What the operator tells the core.
+enum Control {
+    /// An operator's command and where its answer goes.
+    Admin(AdminCommand, oneshot::Sender<AdminAnswer>),
 }
 
 /// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
@@ -153,18 +188,17 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         path: dir.display().to_string(),
         source,
     })?;
+    let environment = options.environment.clone();
     let store = RedbStore::open(&dir.join("gateway.redb"))?;
     let identity = TlsIdentity::load_or_create(&dir.join("tls"))?;
-    let clock = options
-        .clock
-        .map_or_else(DriverClock::wall, DriverClock::starting_at);
+    let clock = environment.clock();
     let gateway = Gateway::recover(
         options.config.clone(),
         clock.now(),
         &store,
-        options.entropy.boxed(),
+        environment.entropy(),
     )?;
-    let endpoint = quic::server_endpoint(options.socket.clone(), &identity)?;
+    let endpoint = endpoint::server_endpoint(environment.as_ref(), options.listen, &identity)?;
     let addr = endpoint
         .local_addr()
         .map_err(|source| DriverError::DataDir {
@@ -173,197 +207,419 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         })?;
     tracing::info!(%addr, data_dir = %dir.display(), conversations = gateway.conversations().count(), "gateway listening");
 
-    let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE_MAX);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_MAX);
+    let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE_MAX);
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
-    tokio::spawn(accept_loop(endpoint.clone(), core_tx.clone()));
-    let committer = Committer::new(options.commit, store, "gateway");
-    let core = tokio::spawn(core_loop(gateway, committer, clock, core_rx, shutdown_rx));
+    let hello_timeout = options.config.hello_timeout;
+    tokio::spawn(accept_loop(endpoint.clone(), link_tx, hello_timeout));
+    let committer = Committer::new(environment.commit_mode(), store, "gateway");
+    let core = Core {
+        gateway,
+        committer,
+        clock,
+        routes: BTreeMap::new(),
+        admin: BTreeMap::new(),
+        next_admin: 0,
+        refusals: RefusalLog::default(),
+    };
+    let core = tokio::spawn(core.run(control_rx, link_rx, shutdown_rx));
     Ok(GatewayHandle {
         addr,
         cert: identity.cert.clone(),
-        admin: core_tx,
+        control: control_tx,
         shutdown: Some(shutdown_tx),
         core,
         endpoint,
     })
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, core: mpsc::Sender<CoreInput>) {
-    let mut next_conn = 1u64;
-    while let Some(incoming) = endpoint.accept().await {
-        let conn = ConnectionId(next_conn);
-        next_conn += 1;
-        tokio::spawn(serve_connection(incoming, conn, core.clone()));
+/// Connections open per source address, and in all.
+#[derive(Default)]
+struct Admission {
+    per_address: BTreeMap<IpAddr, usize>,
+    total: usize,
+}
+
+impl Admission {
+    fn admit(&mut self, ip: IpAddr) -> bool {
+        let here = self.per_address.entry(ip).or_default();
+        if *here >= CONNECTIONS_PER_ADDRESS_MAX || self.total >= CONNECTIONS_MAX {
+            return false;
+        }
+        *here += 1;
+        self.total += 1;
+        true
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        if let Some(here) = self.per_address.get_mut(&ip) {
+            *here -= 1;
+            if *here == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
+        self.total = self.total.saturating_sub(1);
     }
 }
 
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    links: mpsc::Sender<Link>,
+    hello_timeout: Duration,
+) {
+    let admission = Arc::new(Mutex::new(Admission::default()));
+    let mut next_conn = 1u64;
+    let mut refused_logged: Option<tokio::time::Instant> = None;
+    while let Some(incoming) = endpoint.accept().await {
+        let ip = incoming.remote_address().ip();
+        if !admission.lock().expect("not poisoned").admit(ip) {
+            let now = tokio::time::Instant::now();
+            if refused_logged.is_none_or(|at| now >= at + REFUSAL_LOG_INTERVAL) {
+                refused_logged = Some(now);
+                tracing::warn!(%ip, per_address_max = CONNECTIONS_PER_ADDRESS_MAX, total_max = CONNECTIONS_MAX, "connection refused: too many connections");
+            }
+            incoming.refuse();
+            continue;
+        }
+        let conn = ConnectionId(next_conn);
+        next_conn += 1;
+        let links = links.clone();
+        let admission = admission.clone();
+        tokio::spawn(async move {
+            serve_connection(incoming, conn, links, hello_timeout).await;
+            admission.lock().expect("not poisoned").release(ip);
+        });
+    }
+}
+
+/// One connection: the QUIC handshake, then (within the hello timeout) its stream.
 async fn serve_connection(
     incoming: quinn::Incoming,
     conn: ConnectionId,
-    core: mpsc::Sender<CoreInput>,
+    links: mpsc::Sender<Link>,
+    hello_timeout: Duration,
 ) {
-    let connection = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(?conn, error = %e, "handshake failed");
+    let connection = match tokio::time::timeout(hello_timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(?conn, error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(?conn, "QUIC handshake not completed in time");
             return;
         }
     };
-    let (send, recv) = match connection.accept_bi().await {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(?conn, error = %e, "no stream opened");
-            return;
-        }
-    };
-    let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE_MAX);
-    if core
-        .send(CoreInput::Accepted(conn, writer_tx))
+    if links
+        .send(Link::Connected(conn, connection.clone()))
         .await
         .is_err()
     {
         return;
     }
-    tokio::spawn(quic::write_frames(
-        send,
-        writer_rx,
-        connection.clone(),
-        Duration::from_millis(500),
-        b"closed by gateway",
-    ));
-    let mut reader = FrameReader::new(recv);
-    loop {
-        match reader.next().await {
-            Ok(frame) => {
-                if core.send(CoreInput::Frame(conn, frame)).await.is_err() {
-                    break;
-                }
-            }
-            Err(ReadError::Closed) => break,
-            Err(ReadError::Wire(e)) => {
-                // The stream lost sync: nothing after this can be trusted.
-                tracing::info!(?conn, error = %e, "closing connection after an invalid frame");
-                connection.close(1u32.into(), e.to_string().as_bytes());
-                break;
-            }
+    // The state machine closes a connection that has not said hello within `hello_timeout`
+    // of now; the stream must come within that too.
+    let stream = tokio::time::timeout(hello_timeout, connection.accept_bi()).await;
+    let (send, recv) = match stream {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(_)) | Err(_) => {
+            connection.close(2u32.into(), b"no stream opened in time");
+            let _ = links.send(Link::Gone(conn)).await;
+            return;
         }
+    };
+    let limits = SessionLimits {
+        writer_queue_max: WRITER_QUEUE_MAX,
+        linger: LINGER,
+        reason: b"closed by gateway",
+    };
+    // The reader's frames follow `Connected` in the one queue (the machine has accepted the
+    // connection by then); what the machine answers before `Stream` reaches the core waits in the
+    // route's `early` frames.
+    let handle = session::spawn(conn, connection.clone(), send, recv, links.clone(), limits);
+    if links.send(Link::Stream(conn, handle)).await.is_err() {
+        return;
     }
-    let _ = core.send(CoreInput::Closed(conn)).await;
+    // Keep the admission slot until the connection is really gone.
+    connection.closed().await;
 }
 
-async fn core_loop(
-    mut gateway: Gateway,
-    mut committer: Committer<GatewayOutput>,
+/// A connection as the core knows it.
+struct Route {
+    connection: quinn::Connection,
+    session: Option<SessionHandle>,
+    /// Frames released before the stream opened (a goodbye to a peer that never opened one).
+    early: Vec<Bytes>,
+}
+
+/// Logs each refusal the gateway sends, at most one line per code per interval.
+#[derive(Default)]
+struct RefusalLog {
+    last: BTreeMap<u16, (tokio::time::Instant, u64)>,
+}
+
+impl RefusalLog {
+    /// If `frame` is an error or a goodbye, logs it (rate-limited) with the peer's address.
+    fn observe(&mut self, peer: Option<SocketAddr>, conn: ConnectionId, frame: &Bytes) {
+        let Ok(frame) = Frame::decode(frame, PAYLOAD_BYTES_MAX) else {
+            return;
+        };
+        let (code, message, goodbye) = match frame.payload {
+            Payload::Goodbye(g) => (g.code, g.message, true),
+            Payload::Error(e) => (e.code, e.message, false),
+            _ => return,
+        };
+        let now = tokio::time::Instant::now();
+        let entry = self
+            .last
+            .entry(code)
+            .or_insert((now - REFUSAL_LOG_INTERVAL, 0));
+        if now < entry.0 + REFUSAL_LOG_INTERVAL {
+            entry.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut entry.1);
+        entry.0 = now;
+        let code = sund_model::wire::payload::ErrorCode::from_u16(code);
+        let peer = peer.map_or_else(|| "-".to_string(), |p| p.to_string());
+        if goodbye {
+            tracing::info!(%peer, ?conn, ?code, %message, suppressed, "session refused");
+        } else {
+            tracing::info!(%peer, ?conn, ?code, %message, suppressed, "request refused");
+        }
+    }
+}
+
+struct Core {
+    gateway: Gateway,
+    committer: Committer<GatewayOutput>,
     clock: DriverClock,
-    mut inputs: mpsc::Receiver<CoreInput>,
-    mut shutdown: oneshot::Receiver<()>,
-) -> Result<GatewayStats, DriverError> {
-    let mut routes = Routes::default();
-    let mut last_gc = 0;
-    loop {
-        let deadline = clock.deadline(gateway.poll_timeout());
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            done = committer.completed() => release(&mut gateway, &mut routes, clock.now(), done?),
-            // While too many commits wait, leave input in the queue: the readers then block and
-            // QUIC flow control pushes back on the senders.
-            first = inputs.recv(), if !committer.is_saturated() => {
-                let Some(first) = first else { break };
-                apply(&mut gateway, &mut routes, clock.now(), first);
-                // Group commit: take what else is already waiting, up to a bound.
-                for _ in 1..BATCH_MAX {
-                    match inputs.try_recv() {
-                        Ok(input) => apply(&mut gateway, &mut routes, clock.now(), input),
-                        Err(_) => break,
+    routes: BTreeMap<ConnectionId, Route>,
+    admin: BTreeMap<u64, oneshot::Sender<AdminAnswer>>,
+    next_admin: u64,
+    refusals: RefusalLog,
+}
+
+impl Core {
+    async fn run(
+        mut self,
+        mut control: mpsc::Receiver<Control>,
+        mut links: mpsc::Receiver<Link>,
+        mut shutdown: oneshot::Receiver<()>,
+    ) -> Result<GatewayStats, DriverError> {
+        let mut last_gc = 0;
+        loop {
+            let deadline = self.clock.deadline(self.gateway.poll_timeout());
+            let saturated = self.committer.is_saturated();
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                done = self.committer.completed() => {
+                    let outputs = done.inspect_err(|e| {
+                        tracing::error!(error = %e, "the store failed: the gateway stops");
+                    })?;
+                    self.release(outputs);
+                }
+                input = control.recv() => {
+                    let Some(input) = input else { break };
+                    self.control(input);
+                }
+                // While too many commits wait, leave input in the queue: the readers then block
+                // and QUIC flow control pushes back on the senders.
+                first = links.recv(), if !saturated => {
+                    let Some(first) = first else { break };
+                    let mut frames = self.link(first);
+                    // Group commit: take what else is already waiting, up to a bound.
+                    while frames < BATCH_MAX {
+                        match links.try_recv() {
+                            Ok(event) => frames += self.link(event),
+                            Err(_) => break,
+                        }
                     }
                 }
-            }
-            _ = tokio::time::sleep_until(deadline) => gateway.handle_timeout(clock.now()),
-        }
-        submit(&mut gateway, &mut committer);
-        if gateway.delivery_stats().gc_dropped != last_gc {
-            last_gc = gateway.delivery_stats().gc_dropped;
-            tracing::debug!(
-                gc_dropped_total = last_gc,
-                "garbage collection dropped acknowledged or expired messages"
-            );
-        }
-    }
-    tracing::info!(
-        sessions = gateway.session_count(),
-        "shutting down: saying goodbye to every session"
-    );
-    gateway.shut_down(clock.now());
-    submit(&mut gateway, &mut committer);
-    while committer.is_busy() {
-        let done = committer.completed().await?;
-        release(&mut gateway, &mut routes, clock.now(), done);
-        submit(&mut gateway, &mut committer);
-    }
-    committer.finish().await?;
-    // Dropping the writers lets each flush and close.
-    drop(routes);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(gateway.stats().clone())
-}
-
-fn apply(gateway: &mut Gateway, routes: &mut Routes, now: Instant, input: CoreInput) {
-    match input {
-        CoreInput::Accepted(conn, writer) => {
-            routes.writers.insert(conn, writer);
-            gateway.handle(now, GatewayInput::Accepted(conn));
-        }
-        CoreInput::Frame(conn, bytes) => gateway.handle(now, GatewayInput::Frame(conn, bytes)),
-        CoreInput::Closed(conn) => {
-            routes.writers.remove(&conn);
-            gateway.handle(now, GatewayInput::Closed(conn));
-        }
-        CoreInput::Admin(command, reply) => {
-            let request = routes.next_admin;
-            routes.next_admin += 1;
-            routes.admin.insert(request, reply);
-            gateway.handle(now, GatewayInput::Admin { request, command });
-        }
-    }
-}
-
-/// Hands everything the state machine produced to the committer as one job.
-fn submit(gateway: &mut Gateway, committer: &mut Committer<GatewayOutput>) {
-    let mut batch: Option<Ready<GatewayOutput>> = None;
-    while let Some(ready) = gateway.poll_ready() {
-        match &mut batch {
-            Some(b) => b.merge(ready),
-            None => batch = Some(ready),
-        }
-    }
-    if let Some(batch) = batch {
-        committer.submit(batch);
-    }
-}
-
-/// Sends the outputs a finished commit released to their connections.
-fn release(gateway: &mut Gateway, routes: &mut Routes, now: Instant, outputs: Vec<GatewayOutput>) {
-    for output in outputs {
-        match output {
-            GatewayOutput::Send(conn, bytes) => {
-                let Some(writer) = routes.writers.get(&conn) else {
-                    continue;
-                };
-                if writer.try_send(WriterCommand::Frame(bytes)).is_err() {
-                    tracing::warn!(?conn, "peer reads too slowly; disconnecting it");
-                    routes.writers.remove(&conn);
-                    gateway.handle(now, GatewayInput::Closed(conn));
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = self.clock.now();
+                    self.gateway.handle_timeout(now);
                 }
             }
-            GatewayOutput::Close(conn) => {
-                if let Some(writer) = routes.writers.remove(&conn) {
-                    let _ = writer.try_send(WriterCommand::Close);
-                }
+            self.submit();
+            let gc_dropped = self.gateway.delivery_stats().gc_dropped;
+            if gc_dropped != last_gc {
+                last_gc = gc_dropped;
+                tracing::debug!(
+                    gc_dropped_total = last_gc,
+                    "garbage collection dropped acknowledged or expired messages"
+                );
             }
-            GatewayOutput::Admin { request, answer } => {
-                if let Some(reply) = routes.admin.remove(&request) {
-                    let _ = reply.send(answer);
+        }
+        tracing::info!(
+            sessions = self.gateway.session_count(),
+            "shutting down: saying goodbye to every session"
+        );
+        let now = self.clock.now();
+        self.gateway.shut_down(now);
+        self.submit();
+        while self.committer.is_busy() {
+            let done = self.committer.completed().await?;
+            self.release(done);
+            self.submit();
+        }
+        let Core {
+            gateway,
+            committer,
+            routes,
+            ..
+        } = self;
+        committer.finish().await?;
+        // Dropping the sessions lets each writer flush its goodbye and close (within LINGER).
+        for (_, route) in routes {
+            if let Some(session) = route.session {
+                session.close();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(gateway.stats())
+    }
+
+    fn control(&mut self, input: Control) {
+        let now = self.clock.now();
+        match input {
+            Control::Admin(command, reply) => {
+                let request = self.next_admin;
+                self.next_admin += 1;
+                self.admin.insert(request, reply);
+                self.gateway
+                    .handle(now, GatewayInput::Admin { request, command });
+            }
+        }
+    }
+
+    /// Feeds what a connection's tasks reported to the machine; returns how many frames it
+    /// carried (at least one, to bound a round).
+    fn link(&mut self, event: Link) -> usize {
+        let now = self.clock.now();
+        match event {
+            Link::Session(event) => return self.session(event),
+            Link::Connected(conn, connection) => {
+                self.routes.insert(
+                    conn,
+                    Route {
+                        connection,
+                        session: None,
+                        early: Vec::new(),
+                    },
+                );
+                self.gateway.handle(now, GatewayInput::Accepted(conn));
+            }
+            Link::Stream(conn, session) => match self.routes.get_mut(&conn) {
+                Some(route) => {
+                    for frame in route.early.drain(..) {
+                        let _ = session.send(frame);
+                    }
+                    route.session = Some(session);
+                }
+                // The machine closed the connection before its stream came.
+                None => session.abort("closed by gateway"),
+            },
+            Link::Gone(conn) => self.forget(now, conn),
+        }
+        1
+    }
+
+    /// Feeds a session's report to the machine; returns how many frames it carried.
+    fn session(&mut self, event: SessionEvent) -> usize {
+        let now = self.clock.now();
+        match event {
+            SessionEvent::Frames(conn, frames) => {
+                let count = frames.len();
+                for frame in frames {
+                    self.gateway.handle(now, GatewayInput::Frame(conn, frame));
+                }
+                count
+            }
+            SessionEvent::Closed(conn, cause) => {
+                let peer = self
+                    .routes
+                    .get(&conn)
+                    .map(|r| r.connection.remote_address());
+                match cause {
+                    CloseCause::Ended => {}
+                    CloseCause::InvalidFrame(e) => {
+                        tracing::info!(?peer, ?conn, error = %e, "connection closed after an invalid frame");
+                    }
+                    CloseCause::TornFrame { bytes } => {
+                        tracing::info!(
+                            ?peer,
+                            ?conn,
+                            bytes,
+                            "connection ended in the middle of a frame"
+                        );
+                    }
+                }
+                self.forget(now, conn);
+                1
+            }
+        }
+    }
+
+    fn forget(&mut self, now: Instant, conn: ConnectionId) {
+        if self.routes.remove(&conn).is_some() {
+            self.gateway.handle(now, GatewayInput::Closed(conn));
+        }
+    }
+
+    /// Hands everything the state machine produced to the committer as one job.
+    fn submit(&mut self) {
+        let mut batch: Option<Ready<GatewayOutput>> = None;
+        while let Some(ready) = self.gateway.poll_ready() {
+            match &mut batch {
+                Some(b) => b.merge(ready),
+                None => batch = Some(ready),
+            }
+        }
+        if let Some(batch) = batch {
+            self.committer.submit(batch);
+        }
+    }
+
+    /// Carries out the outputs a finished commit released.
+    fn release(&mut self, outputs: Vec<GatewayOutput>) {
+        let now = self.clock.now();
+        for output in outputs {
+            match output {
+                GatewayOutput::Send(conn, bytes) => {
+                    let Some(route) = self.routes.get_mut(&conn) else {
+                        continue;
+                    };
+                    self.refusals
+                        .observe(Some(route.connection.remote_address()), conn, &bytes);
+                    let Some(session) = &route.session else {
+                        route.early.push(bytes);
+                        continue;
+                    };
+                    if let Err(full) = session.send(bytes) {
+                        tracing::warn!(peer = %route.connection.remote_address(), ?conn, error = %full, "disconnecting a peer that does not read");
+                        if let Some(route) = self.routes.remove(&conn) {
+                            match route.session {
+                                Some(session) => session.abort("the peer does not read"),
+                                None => route.connection.close(1u32.into(), b"not reading"),
+                            }
+                        }
+                        self.gateway.handle(now, GatewayInput::Closed(conn));
+                    }
+                }
+                GatewayOutput::Close(conn) => {
+                    if let Some(route) = self.routes.remove(&conn) {
+                        match route.session {
+                            Some(session) => session.close(),
+                            None => route.connection.close(0u32.into(), b"closed by gateway"),
+                        }
+                    }
+                }
+                GatewayOutput::Admin { request, answer } => {
+                    if let Some(reply) = self.admin.remove(&request) {
+                        let _ = reply.send(answer);
+                    }
                 }
             }
         }

@@ -1,18 +1,13 @@
 //! `sund-gateway`: the gateway of one domain in production.
 //!
-//! This crate holds the production pieces around [`sund_model::gateway::Gateway`]: the redb
-//! [`store`], the pipelined group [`committer`], the quinn endpoint ([`quic`]), the tokio
-//! [`driver`] loop with graceful drain, and the `sund-gateway` binary. The node driver reuses the
-//! store, the committer and the QUIC pieces. The simulator (`cargo sim`) drives the very same
-//! state machine without any of them.
+//! This crate holds the tokio [`driver`] around [`sund_model::gateway::Gateway`] (connection
+//! admission, group commit through the runtime's committer, graceful drain, stopping when the
+//! store fails) and the `sund-gateway` binary. What the node driver shares with it (clock,
+//! entropy, redb store, committer, QUIC endpoints and sessions) is in `sund-runtime`. The
+//! simulator (`cargo sim`) drives the very same state machine without any of them.
 
 #![forbid(unsafe_code)]
 
-pub mod clock;
-pub mod committer;
 pub mod driver;
-pub mod entropy;
-pub mod quic;
-pub mod store;
 
 pub use sund_model::gateway;

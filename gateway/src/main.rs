@@ -7,16 +7,19 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use sund_gateway::committer::CommitMode;
-use sund_gateway::driver::{self, wall_clock, GatewayOptions};
-use sund_gateway::entropy::{EntropySource, OsEntropy};
-use sund_gateway::quic::Socket;
-use sund_gateway::store::RedbStore;
+use std::sync::Arc;
+
+use sund_gateway::driver::{self, GatewayOptions};
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::identity::DevicePublicKey;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::time::format_utc;
 use sund_model::trust::{valid_domain, RegistrationAuthority};
+use sund_runtime::clock::wall_clock;
+use sund_runtime::entropy::OsEntropy;
+use sund_runtime::environment::Production;
+use sund_runtime::store::RedbStore;
+use sund_runtime::tls::TlsIdentity;
 
 /// The Sund gateway: enrols devices, authenticates them, orders and stores each conversation's
 /// messages, and delivers them with resume and replay. Messages of DMs and rooms are
@@ -160,16 +163,14 @@ fn run(cli: Cli) -> Result<(), String> {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(GatewayOptions {
-            socket: Socket::Bind(listen),
-            entropy: EntropySource::Os,
-            clock: None,
+            listen,
+            environment: Arc::new(Production),
             data_dir,
             config,
-            commit: CommitMode::Pipelined,
         }),
         Command::Cert => {
             let dir = data_dir.join("tls");
-            sund_gateway::quic::TlsIdentity::load_or_create(&dir).map_err(|e| e.to_string())?;
+            TlsIdentity::load_or_create(&dir).map_err(|e| e.to_string())?;
             println!("{}", dir.join("cert.der").display());
             Ok(())
         }
@@ -181,12 +182,17 @@ fn serve(options: GatewayOptions) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async move {
-        let handle = driver::start(options).await.map_err(|e| e.to_string())?;
+        let mut handle = driver::start(options).await.map_err(|e| e.to_string())?;
         eprintln!(
             "sund-gateway listening on {} (certificate: pin it with `sund init --gateway-cert`)",
             handle.addr
         );
-        wait_for_signal().await;
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            error = handle.failed() => {
+                return Err(format!("the gateway stopped: {error}"));
+            }
+        }
         tracing::info!("signal received: draining");
         let stats = handle.shutdown().await.map_err(|e| e.to_string())?;
         tracing::info!(
@@ -235,18 +241,27 @@ fn parse_device(text: &str) -> Result<DeviceId, String> {
 
 fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), String> {
     let path = data_dir.join("gateway.redb");
-    if !path.exists() {
+    let writes = matches!(
+        action,
+        Admin::EnrolToken { .. } | Admin::Revoke { .. } | Admin::CreateConversation { .. }
+    );
+    let new = !path.exists();
+    if new && !writes {
         return Err(format!(
-            "no gateway database at {}: admin commands work on an existing gateway; start it once with `sund-gateway run --data-dir {}`, or pass the --data-dir it runs with",
-            path.display(),
-            data_dir.display()
+            "no gateway database at {}: nothing is registered there yet (pass the --data-dir the gateway runs with)",
+            path.display()
         ));
     }
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let mut store = RedbStore::open(&path).map_err(|e| {
         format!("{e}\nadmin commands edit the database directly: stop the gateway first")
     })?;
-    let existing = RegistrationAuthority::recover(&store).map_err(|e| e.to_string())?;
-    if existing.is_none() {
+    if !new
+        && RegistrationAuthority::recover(&store)
+            .map_err(|e| e.to_string())?
+            .is_none()
+    {
         return Err(format!(
             "{} holds no trust root: it is damaged or not a gateway database; restore the data directory from a backup",
             path.display()
@@ -255,6 +270,15 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
     let now = wall_clock();
     let mut gateway =
         Gateway::recover(config, now, &store, Box::new(OsEntropy)).map_err(|e| e.to_string())?;
+    if new {
+        let root = gateway.trust_root();
+        eprintln!(
+            "created a new gateway in {}: trust root {} of {}",
+            data_dir.display(),
+            root.fingerprint(),
+            root.domain
+        );
+    }
     match action {
         Admin::EnrolToken { user } => {
             let command = AdminCommand::IssueEnrolmentToken(UserId::from_name(&user));

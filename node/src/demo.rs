@@ -8,27 +8,25 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sund_gateway::committer::CommitMode;
+use std::sync::Arc;
+
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
-use sund_gateway::entropy::EntropySource;
-use sund_gateway::quic::Socket;
 use sund_model::gateway::GatewayConfig;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_node::device::Device;
 use sund_node::driver::{self as node_driver, GroupRequest, NodeHandle};
+use sund_runtime::environment::Production;
 
 const NAMES: [&str; 3] = ["alice", "bob", "carol"];
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn start_gateway(dir: &std::path::Path, listen: SocketAddr) -> Result<GatewayHandle, String> {
     let options = GatewayOptions {
-        socket: Socket::Bind(listen),
-        entropy: EntropySource::Os,
-        clock: None,
+        listen,
+        environment: Arc::new(Production),
         data_dir: dir.join("gateway"),
         config: GatewayConfig::default(),
-        commit: CommitMode::Pipelined,
     };
     driver::start(options)
         .await

@@ -17,15 +17,16 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
-use sund_gateway::committer::CommitMode;
-use sund_gateway::entropy::{EntropySource, OsEntropy};
-use sund_gateway::quic::Socket;
-use sund_gateway::quic::{certificate_pin, write_private};
+use std::sync::Arc;
+
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConversationId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::trust::pairing::PairingCode;
 use sund_model::trust::EnrolmentToken;
+use sund_runtime::entropy::OsEntropy;
+use sund_runtime::environment::Production;
+use sund_runtime::tls::{certificate_pin, write_private};
 
 use crate::driver::NodeOptions;
 
@@ -343,10 +344,7 @@ impl Device {
             gateway: self.gateway,
             gateway_pin: self.gateway_pin,
             key: self.key.clone(),
-            socket: Socket::Bind("0.0.0.0:0".parse().expect("a valid address")),
-            entropy: EntropySource::Os,
-            clock: None,
-            commit: CommitMode::Pipelined,
+            environment: Arc::new(Production),
             user: self.user.as_deref().map(UserId::from_name),
             mls: Some(DeviceMlsConfig::default()),
             enrolment: self.enrolment,

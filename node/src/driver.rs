@@ -1,24 +1,21 @@
 //! The node's tokio driver: moves bytes and time between quinn, redb and the state machine.
 //!
-//! One task owns the [`Node`] state machine; a commit thread owns its [`RedbStore`]. A `Connect`
-//! output spawns a connection attempt; an established connection gets a reader task (frames in)
-//! and a writer task (frames out). Commands from the application (send, status, stop) arrive on a
-//! channel; application events leave on another. Each round's `Ready`s are merged into one job
-//! for the [`Committer`], which commits queued jobs together while the core goes on; a round's
-//! held outputs (frames, events, replies to `send`) leave only when its commit is back, its eager
-//! ones (message transmissions) at once.
+//! One task (the core) owns the [`Node`] state machine; a commit thread owns its [`RedbStore`]
+//! ([`Committer`]). A `Connect` output spawns a connection attempt; an established session gets
+//! the runtime's reader and writer tasks ([`session::spawn`]). Commands from the application
+//! (send, status, stop) arrive on a channel; application events leave on a bounded one. Each
+//! round's `Ready`s are merged into one job for the committer, which commits queued jobs together
+//! while the core goes on; a round's held outputs (frames, events, replies to `send`) leave only
+//! when its commit is back, its eager ones (message transmissions) at once. While the
+//! application does not take its events, the core stops reading from the gateway.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sund_gateway::clock::DriverClock;
-use sund_gateway::committer::{CommitMode, Committer};
-use sund_gateway::entropy::EntropySource;
-use sund_gateway::quic::{self, FrameReader, Socket, WriterCommand};
-use sund_gateway::store::RedbStore;
 use sund_model::env::Ready;
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
@@ -28,8 +25,13 @@ use sund_model::mls::group_ops::GroupKind;
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, PairingOffer, SendError,
 };
-use sund_model::time::Instant;
 use sund_model::trust::{EnrolmentToken, TrustRoot};
+use sund_runtime::clock::DriverClock;
+use sund_runtime::committer::Committer;
+use sund_runtime::endpoint::{self, QuicError};
+use sund_runtime::environment::Environment;
+use sund_runtime::session::{self, SessionEvent, SessionHandle, SessionLimits};
+use sund_runtime::store::RedbStore;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -39,9 +41,18 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WRITER_QUEUE_MAX: usize = 4096;
 /// Most application commands folded into one commit.
 pub const COMMAND_BATCH_MAX: usize = 512;
+/// Most application commands waiting for the core.
+pub const COMMAND_QUEUE_MAX: usize = 1024;
+/// Most connection reports (connects, batches of frames, closes) waiting for the core.
+pub const LINK_QUEUE_MAX: usize = 4096;
+/// Most events waiting for the application; beyond it the core stops reading from the gateway
+/// until the application takes some.
+pub const EVENT_QUEUE_MAX: usize = 4096;
+/// How long a goodbye may take to reach the gateway before the connection closes anyway.
+pub const LINGER: Duration = Duration::from_millis(200);
 
 /// What a node needs to run.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeOptions {
     /// Where the node's database lives.
     pub data_dir: PathBuf,
@@ -51,14 +62,8 @@ pub struct NodeOptions {
     pub gateway_pin: [u8; 32],
     /// This device's key.
     pub key: DeviceKey,
-    /// The node's UDP socket (an ephemeral port in production; injected under simulation).
-    pub socket: Socket,
-    /// Where its randomness comes from.
-    pub entropy: EntropySource,
-    /// Its clock (the wall clock in production; a fixed origin under simulation).
-    pub clock: Option<Instant>,
-    /// Where commits run: pipelined on their own thread (production) or inline (turmoil).
-    pub commit: CommitMode,
+    /// Where its clock, randomness, network and commits come from.
+    pub environment: Arc<dyn Environment>,
     /// The user the device belongs to, named in every hello.
     pub user: Option<UserId>,
     /// MLS on this device: it keeps a KeyPackage pool at the gateway (`None`: no MLS state).
@@ -76,7 +81,7 @@ pub struct NodeOptions {
 pub enum NodeError {
     /// QUIC setup.
     #[error(transparent)]
-    Quic(#[from] quic::QuicError),
+    Quic(#[from] QuicError),
     /// The store.
     #[error("storage: {0}")]
     Store(#[from] sund_model::env::StoreError),
@@ -153,18 +158,26 @@ pub struct GroupSummary {
     pub queued: usize,
 }
 
-enum LinkInput {
-    Connected(ConnectionId, mpsc::Sender<WriterCommand>),
-    ConnectFailed(String),
-    Frame(ConnectionId, Bytes),
-    Closed(ConnectionId),
+/// What a connection attempt and its session tell the core, in one queue so that a
+/// connection's events keep their order (connected, frames, closed).
+enum Link {
+    Connected(ConnectionId, SessionHandle),
+    Failed(String),
+    Session(SessionEvent),
+}
+
+impl From<SessionEvent> for Link {
+    fn from(event: SessionEvent) -> Link {
+        Link::Session(event)
+    }
 }
 
 /// A running node.
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
-    /// What the application hears: deliveries, acceptances, status changes.
-    pub events: mpsc::UnboundedReceiver<NodeEvent>,
+    /// What the application hears: deliveries, acceptances, status changes (bounded: while the
+    /// application leaves [`EVENT_QUEUE_MAX`] events untaken, the node reads no more).
+    pub events: mpsc::Receiver<NodeEvent>,
     core: JoinHandle<Result<(), NodeError>>,
 }
 
@@ -279,28 +292,32 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     std::fs::create_dir_all(&options.data_dir)
         .map_err(|e| NodeError::Store(sund_model::env::StoreError::Backend(e.to_string())))?;
     let store = RedbStore::open(&options.data_dir.join("node.redb"))?;
-    let clock = options
-        .clock
-        .map_or_else(DriverClock::wall, DriverClock::starting_at);
+    let environment = options.environment.clone();
+    let clock = environment.clock();
     let mut config = NodeConfig::new(options.key.clone());
     config.user = options.user;
     config.mls = options.mls;
     config.enrolment = options.enrolment;
     config.pairing_voucher = options.pairing_voucher;
-    let node = Node::recover(config, options.entropy.boxed(), clock.now(), &store)?;
-    let endpoint = quic::client_endpoint(options.socket.clone(), options.gateway_pin)?;
-    let (commands_tx, commands_rx) = mpsc::channel(1024);
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let committer = Committer::new(options.commit, store, "node");
-    let core = tokio::spawn(core_loop(
+    let node = Node::recover(config, environment.entropy(), clock.now(), &store)?;
+    let endpoint = endpoint::client_endpoint(environment.as_ref(), options.gateway_pin)?;
+    let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_MAX);
+    let committer = Committer::new(environment.commit_mode(), store, "node");
+    let (links_tx, links_rx) = mpsc::channel(LINK_QUEUE_MAX);
+    let core = Core {
         node,
         committer,
         clock,
         endpoint,
-        options.gateway,
-        commands_rx,
-        events_tx,
-    ));
+        gateway: options.gateway,
+        next_conn: 1,
+        sessions: BTreeMap::new(),
+        links: links_tx,
+        events: events_tx,
+        waiting_events: VecDeque::new(),
+    };
+    let core = tokio::spawn(core.run(commands_rx, links_rx));
     Ok(NodeHandle {
         commands: commands_tx,
         events: events_rx,
@@ -330,148 +347,181 @@ struct Core {
     endpoint: quinn::Endpoint,
     gateway: SocketAddr,
     next_conn: u64,
-    writers: BTreeMap<ConnectionId, mpsc::Sender<WriterCommand>>,
-    link_tx: mpsc::Sender<LinkInput>,
-    events: mpsc::UnboundedSender<NodeEvent>,
-}
-
-async fn core_loop(
-    node: Node,
-    committer: Committer<Released>,
-    clock: DriverClock,
-    endpoint: quinn::Endpoint,
-    gateway: SocketAddr,
-    mut commands: mpsc::Receiver<Command>,
-    events: mpsc::UnboundedSender<NodeEvent>,
-) -> Result<(), NodeError> {
-    let (link_tx, mut link_rx) = mpsc::channel(4096);
-    let mut core = Core {
-        node,
-        committer,
-        clock,
-        endpoint,
-        gateway,
-        next_conn: 1,
-        writers: BTreeMap::new(),
-        link_tx,
-        events,
-    };
-    loop {
-        let deadline = core.node.poll_timeout().map(|d| clock.deadline(d));
-        let saturated = core.committer.is_saturated();
-        let mut replies = Vec::new();
-        tokio::select! {
-            biased;
-            done = core.committer.completed() => core.release(done?),
-            command = commands.recv(), if !saturated => {
-                // Group commit: take every command already waiting (up to a bound); their
-                // messages become durable in one commit, and each reply waits for it.
-                let mut stop = false;
-                let mut next = command;
-                for _ in 0..COMMAND_BATCH_MAX {
-                    match next {
-                        None | Some(Command::Stop) => {
-                            stop = true;
-                            break;
-                        }
-                        Some(Command::Send { conversation, body, reply: to }) => {
-                            let result = core.node.send(clock.now(), conversation, body);
-                            replies.push(reply(to, result));
-                        }
-                        Some(Command::Group { request, reply: to }) => {
-                            let now = clock.now();
-                            let result = match request {
-                                GroupRequest::Dm(user) => core.node.create_dm(now, user),
-                                GroupRequest::Room(users) => core.node.create_room(now, &users),
-                                GroupRequest::Change(conv, intent) => {
-                                    core.node.change_group(now, conv, intent).map(|()| conv)
-                                }
-                            };
-                            replies.push(reply(to, result));
-                        }
-                        Some(Command::Groups { reply: to }) => {
-                            let _ = to.send(core.summaries());
-                        }
-                        Some(Command::Reconnect) => {
-                            core.node.go_offline(clock.now());
-                            core.node.go_online(clock.now());
-                        }
-                        Some(Command::Status { reply }) => {
-                            let trust = core.node.trust();
-                            let _ = reply.send(NodeStatus {
-                                connection: core.node.status(),
-                                outbox: core.node.outbox_len(),
-                                certificate: trust.certificate().map(|c| (c.user, c.serial)),
-                                root: trust.root().cloned(),
-                                paired_with: trust.paired_with().map(|c| c.device()),
-                                crl_version: trust.crl_version(),
-                            });
-                        }
-                        Some(Command::OfferPairing { reply: to }) => {
-                            let offer = core.node.offer_pairing(clock.now());
-                            let root = core.node.trust().root().cloned();
-                            replies.push(reply(to, (offer, root)));
-                        }
-                    }
-                    match commands.try_recv() {
-                        Ok(more) => next = Some(more),
-                        Err(_) => break,
-                    }
-                }
-                if stop {
-                    core.submit(replies);
-                    break;
-                }
-            }
-            input = link_rx.recv(), if !saturated => {
-                let Some(input) = input else { break };
-                core.link(input);
-                while let Ok(more) = link_rx.try_recv() {
-                    core.link(more);
-                }
-            }
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                core.node.handle_timeout(clock.now());
-            }
-        }
-        core.submit(replies);
-    }
-    core.node.go_offline(clock.now());
-    core.submit(Vec::new());
-    while core.committer.is_busy() {
-        let done = core.committer.completed().await?;
-        core.release(done);
-        core.submit(Vec::new());
-    }
-    let Core {
-        committer,
-        writers,
-        endpoint,
-        ..
-    } = core;
-    committer.finish().await?;
-    drop(writers);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    endpoint.close(0u32.into(), b"node stopped");
-    Ok(())
+    sessions: BTreeMap<ConnectionId, SessionHandle>,
+    links: mpsc::Sender<Link>,
+    events: mpsc::Sender<NodeEvent>,
+    /// Events released but not yet taken by the application (bounded by the reading pause).
+    waiting_events: VecDeque<NodeEvent>,
 }
 
 impl Core {
-    fn link(&mut self, input: LinkInput) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut links: mpsc::Receiver<Link>,
+    ) -> Result<(), NodeError> {
+        let clock = self.clock;
+        let events = self.events.clone();
+        loop {
+            let deadline = self.node.poll_timeout().map(|d| clock.deadline(d));
+            let saturated = self.committer.is_saturated();
+            // While the application leaves events untaken, read nothing more from the gateway.
+            let reading = self.waiting_events.len() < EVENT_QUEUE_MAX;
+            let mut replies = Vec::new();
+            tokio::select! {
+                biased;
+                done = self.committer.completed() => {
+                    let outputs = done.inspect_err(|e| {
+                        tracing::error!(error = %e, "the device's store failed: the node stops");
+                    })?;
+                    self.release(outputs);
+                }
+                permit = events.reserve(), if !self.waiting_events.is_empty() => {
+                    let Ok(permit) = permit else { break };
+                    permit.send(self.waiting_events.pop_front().expect("checked non-empty"));
+                }
+                command = commands.recv(), if !saturated => {
+                    // Group commit: take every command already waiting (up to a bound); their
+                    // messages become durable in one commit, and each reply waits for it.
+                    let mut next = command;
+                    let mut stop = false;
+                    for _ in 0..COMMAND_BATCH_MAX {
+                        match next {
+                            None | Some(Command::Stop) => {
+                                stop = true;
+                                break;
+                            }
+                            Some(command) => self.command(command, &mut replies),
+                        }
+                        match commands.try_recv() {
+                            Ok(more) => next = Some(more),
+                            Err(_) => break,
+                        }
+                    }
+                    if stop {
+                        self.submit(replies);
+                        break;
+                    }
+                }
+                event = links.recv(), if !saturated && reading => {
+                    let Some(event) = event else { break };
+                    self.link(event);
+                    while let Ok(more) = links.try_recv() {
+                        self.link(more);
+                    }
+                }
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    self.node.handle_timeout(clock.now());
+                }
+            }
+            self.submit(replies);
+        }
+        self.node.go_offline(clock.now());
+        self.submit(Vec::new());
+        while self.committer.is_busy() {
+            let done = self.committer.completed().await?;
+            self.release(done);
+            self.submit(Vec::new());
+        }
+        let Core {
+            committer,
+            sessions,
+            endpoint,
+            events,
+            waiting_events,
+            ..
+        } = self;
+        committer.finish().await?;
+        for event in waiting_events {
+            if events.send(event).await.is_err() {
+                break;
+            }
+        }
+        for (_, session) in sessions {
+            session.close();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        endpoint.close(0u32.into(), b"node stopped");
+        Ok(())
+    }
+
+    /// One application command; a reply that says "durable" joins `replies`, to leave with
+    /// the round's commit.
+    fn command(&mut self, command: Command, replies: &mut Vec<Reply>) {
         let now = self.clock.now();
-        match input {
-            LinkInput::Connected(conn, writer) => {
-                self.writers.insert(conn, writer);
+        match command {
+            Command::Send {
+                conversation,
+                body,
+                reply: to,
+            } => {
+                let result = self.node.send(now, conversation, body);
+                replies.push(reply(to, result));
+            }
+            Command::Group { request, reply: to } => {
+                let result = match request {
+                    GroupRequest::Dm(user) => self.node.create_dm(now, user),
+                    GroupRequest::Room(users) => self.node.create_room(now, &users),
+                    GroupRequest::Change(conv, intent) => {
+                        self.node.change_group(now, conv, intent).map(|()| conv)
+                    }
+                };
+                replies.push(reply(to, result));
+            }
+            Command::Groups { reply: to } => {
+                let _ = to.send(self.summaries());
+            }
+            Command::Reconnect => {
+                self.node.go_offline(now);
+                self.node.go_online(now);
+            }
+            Command::Status { reply } => {
+                let trust = self.node.trust();
+                let _ = reply.send(NodeStatus {
+                    connection: self.node.status(),
+                    outbox: self.node.outbox_len(),
+                    certificate: trust.certificate().map(|c| (c.user, c.serial)),
+                    root: trust.root().cloned(),
+                    paired_with: trust.paired_with().map(|c| c.device()),
+                    crl_version: trust.crl_version(),
+                });
+            }
+            Command::OfferPairing { reply: to } => {
+                let offer = self.node.offer_pairing(now);
+                let root = self.node.trust().root().cloned();
+                replies.push(reply(to, (offer, root)));
+            }
+            Command::Stop => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn link(&mut self, event: Link) {
+        let now = self.clock.now();
+        match event {
+            Link::Connected(conn, session) => {
+                self.sessions.insert(conn, session);
                 self.node.handle(now, NodeInput::Connected(conn));
             }
-            LinkInput::ConnectFailed(why) => {
+            Link::Failed(why) => {
                 tracing::debug!(%why, "connection attempt failed");
                 self.node.handle(now, NodeInput::ConnectFailed);
             }
-            LinkInput::Frame(conn, bytes) => self.node.handle(now, NodeInput::Frame(conn, bytes)),
-            LinkInput::Closed(conn) => {
-                self.writers.remove(&conn);
-                self.node.handle(now, NodeInput::Closed(conn));
+            Link::Session(event) => self.session(now, event),
+        }
+    }
+
+    fn session(&mut self, now: sund_model::time::Instant, event: SessionEvent) {
+        match event {
+            SessionEvent::Frames(conn, frames) => {
+                for frame in frames {
+                    self.node.handle(now, NodeInput::Frame(conn, frame));
+                }
+            }
+            SessionEvent::Closed(conn, cause) => {
+                tracing::debug!(?conn, ?cause, "connection closed");
+                if self.sessions.remove(&conn).is_some() {
+                    self.node.handle(now, NodeInput::Closed(conn));
+                }
             }
         }
     }
@@ -541,26 +591,33 @@ impl Core {
                         self.endpoint.clone(),
                         self.gateway,
                         conn,
-                        self.link_tx.clone(),
+                        self.links.clone(),
                     ));
                 }
                 NodeOutput::Send(conn, bytes) => {
-                    if let Some(w) = self.writers.get(&conn) {
-                        if w.try_send(WriterCommand::Frame(bytes)).is_err() {
-                            tracing::warn!("gateway reads too slowly; reconnecting");
-                            self.writers.remove(&conn);
-                            self.node.handle(self.clock.now(), NodeInput::Closed(conn));
+                    let Some(session) = self.sessions.get(&conn) else {
+                        continue;
+                    };
+                    if let Err(full) = session.send(bytes) {
+                        tracing::warn!(error = %full, "the gateway reads too slowly; reconnecting");
+                        if let Some(session) = self.sessions.remove(&conn) {
+                            session.abort("the gateway does not read");
                         }
+                        self.node.handle(self.clock.now(), NodeInput::Closed(conn));
                     }
                 }
                 NodeOutput::Close(conn) => {
-                    if let Some(w) = self.writers.remove(&conn) {
-                        let _ = w.try_send(WriterCommand::Close);
+                    if let Some(session) = self.sessions.remove(&conn) {
+                        session.close();
                     }
                 }
-                NodeOutput::Event(event) => {
-                    let _ = self.events.send(event);
-                }
+                NodeOutput::Event(event) => match self.events.try_send(event) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(event)) => {
+                        self.waiting_events.push_back(event)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {} // nobody listens
+                },
             }
         }
     }
@@ -570,7 +627,7 @@ async fn connect(
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
     conn: ConnectionId,
-    link: mpsc::Sender<LinkInput>,
+    links: mpsc::Sender<Link>,
 ) {
     let attempt = async {
         let connecting = endpoint
@@ -583,36 +640,29 @@ async fn connect(
     let (connection, send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(parts)) => parts,
         Ok(Err(e)) => {
-            let _ = link.send(LinkInput::ConnectFailed(e)).await;
+            let _ = links.send(Link::Failed(e)).await;
             return;
         }
         Err(_) => {
-            let _ = link
-                .send(LinkInput::ConnectFailed("timed out".into()))
-                .await;
+            let _ = links.send(Link::Failed("timed out".into())).await;
             return;
         }
     };
-    let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE_MAX);
-    if link
-        .send(LinkInput::Connected(conn, writer_tx))
-        .await
-        .is_err()
-    {
+    let limits = SessionLimits {
+        writer_queue_max: WRITER_QUEUE_MAX,
+        linger: LINGER,
+        reason: b"closed by node",
+    };
+    // `Connected` (with the handle) goes to the core first; the session's own reports are
+    // relayed after it through the same queue, so none can overtake it.
+    let (relay_tx, mut relay_rx) = mpsc::channel::<Link>(LINK_QUEUE_MAX);
+    let session = session::spawn(conn, connection, send, recv, relay_tx, limits);
+    if links.send(Link::Connected(conn, session)).await.is_err() {
         return;
     }
-    tokio::spawn(quic::write_frames(
-        send,
-        writer_rx,
-        connection.clone(),
-        Duration::from_millis(200),
-        b"closed by node",
-    ));
-    let mut reader = FrameReader::new(recv);
-    while let Ok(frame) = reader.next().await {
-        if link.send(LinkInput::Frame(conn, frame)).await.is_err() {
+    while let Some(event) = relay_rx.recv().await {
+        if links.send(event).await.is_err() {
             return;
         }
     }
-    let _ = link.send(LinkInput::Closed(conn)).await;
 }

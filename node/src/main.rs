@@ -12,6 +12,7 @@ use sund_model::wire::payload::ErrorCode;
 use sund_node::device::Device;
 use sund_node::driver;
 
+#[cfg(feature = "demo")]
 mod demo;
 mod groups;
 mod pair;
@@ -230,7 +231,10 @@ pub(crate) const REVOKED: &str = "this device was revoked by the gateway's opera
 
 async fn run(command: Command) -> Result<(), String> {
     match command {
+        #[cfg(feature = "demo")]
         Command::Demo => demo::run().await,
+        #[cfg(not(feature = "demo"))]
+        Command::Demo => Err("this `sund` was built without the demo; build it with the default features (`cargo run -p sund-node --bin sund -- demo`)".into()),
         Command::Init {
             data_dir,
             gateway,

@@ -2,31 +2,20 @@
 //! rustls, redb and all — under turmoil's simulated network and clock. The model-level simulator
 //! (`cargo sim`) proves the protocol; these runs prove the drivers around it.
 //!
-//! quinn runs over turmoil's UDP through [`TurmoilUdp`], a small `AsyncUdpSocket` adapter (one
-//! datagram per transmit). Per-datagram loss is applied in the adapter from a seeded stream
-//! (turmoil's own fail rate cuts whole links). What repeats from a seed and what does not is in
+//! quinn runs over turmoil's UDP through the runtime's `TurmoilUdp` adapter (one datagram per
+//! transmit), and every driver takes the runtime's `Simulated` environment: seeded entropy, a
+//! clock from a fixed origin, inline commits. Per-datagram loss is applied in the adapter from a
+//! seeded stream (turmoil's own fail rate cuts whole links). What repeats from a seed and what does not is in
 //! SIMULATION.md ("The second layer").
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quinn::udp::{RecvMeta, Transmit};
-use quinn::{AsyncUdpSocket, UdpPoller};
-use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rand_chacha::ChaCha20Rng;
-use sund_gateway::committer::CommitMode;
 use sund_gateway::driver::{self as gateway_driver, GatewayOptions};
-use sund_gateway::entropy::EntropySource;
-use sund_gateway::quic::{Socket, TlsIdentity};
-use sund_gateway::store::RedbStore;
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
@@ -34,107 +23,11 @@ use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::time::Instant;
 use sund_model::trust::EnrolmentToken;
 use sund_node::driver::{self as node_driver, NodeHandle, NodeOptions};
-
-// ---- the adapter ----
-
-type Readable = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
-
-/// quinn's socket trait over a turmoil UDP socket, with seeded per-datagram loss.
-struct TurmoilUdp {
-    socket: Arc<turmoil::net::UdpSocket>,
-    readable: Mutex<Option<Readable>>,
-    loss: f64,
-    rng: Mutex<ChaCha20Rng>,
-}
-
-impl std::fmt::Debug for TurmoilUdp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TurmoilUdp({:?})", self.socket.local_addr())
-    }
-}
-
-impl TurmoilUdp {
-    async fn bind(port: u16, loss: f64, seed: u64) -> Arc<TurmoilUdp> {
-        let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-            .await
-            .expect("bind in the simulation");
-        Arc::new(TurmoilUdp {
-            socket: Arc::new(socket),
-            readable: Mutex::new(None),
-            loss,
-            rng: Mutex::new(ChaCha20Rng::seed_from_u64(seed)),
-        })
-    }
-}
-
-#[derive(Debug)]
-struct AlwaysWritable;
-
-impl UdpPoller for AlwaysWritable {
-    fn poll_writable(self: Pin<&mut Self>, _cx: &mut Context) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(())) // turmoil's UDP has no backpressure
-    }
-}
-
-impl AsyncUdpSocket for TurmoilUdp {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(AlwaysWritable)
-    }
-
-    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        if self.loss > 0.0 {
-            let draw = self.rng.lock().unwrap().next_u64() as f64 / u64::MAX as f64;
-            if draw < self.loss {
-                return Ok(()); // lost on the wire
-            }
-        }
-        match self
-            .socket
-            .try_send_to(transmit.contents, transmit.destination)
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-            // Unreachable hosts (crashed, partitioned) swallow datagrams as a real network does.
-            Err(_) => Ok(()),
-        }
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut Context,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            match self.socket.try_recv_from(&mut bufs[0]) {
-                Ok((len, addr)) => {
-                    meta[0] = RecvMeta {
-                        addr,
-                        len,
-                        stride: len,
-                        ..RecvMeta::default()
-                    };
-                    return Poll::Ready(Ok(1));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut slot = self.readable.lock().unwrap();
-                    let socket = self.socket.clone();
-                    let future = slot
-                        .get_or_insert_with(|| Box::pin(async move { socket.readable().await }));
-                    match future.as_mut().poll(cx) {
-                        Poll::Ready(_) => *slot = None, // try again
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
-    }
-}
+use sund_runtime::entropy::SeededEntropy;
+use sund_runtime::environment::Simulated;
+use sund_runtime::store::RedbStore;
+use sund_runtime::tls::{certificate_pin, TlsIdentity};
+use sund_runtime::turmoil::TurmoilUdp;
 
 // ---- the world ----
 
@@ -166,7 +59,7 @@ fn prepare_gateway(
     let mut gateway = Gateway::new(
         GatewayConfig::default(),
         EPOCH,
-        EntropySource::Seeded([9; 32]).boxed(),
+        Box::new(SeededEntropy::new([9; 32])),
     );
     let tokens = devices
         .iter()
@@ -216,13 +109,10 @@ impl World {
             async move {
                 let socket = TurmoilUdp::bind(PORT, 0.0, seed).await;
                 let options = GatewayOptions {
-                    socket: Socket::Custom(socket, seed32(seed, 1)),
-                    entropy: EntropySource::Seeded(seed32(seed, 2)),
-                    clock: Some(EPOCH),
+                    listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
+                    environment: Arc::new(Simulated::new(socket, seed32(seed, 1), EPOCH)),
                     data_dir: dir,
                     config: GatewayConfig::default(),
-                    // A commit thread would tie the timeline to the OS scheduler.
-                    commit: CommitMode::Inline,
                 };
                 let _handle = gateway_driver::start(options)
                     .await
@@ -239,13 +129,10 @@ impl World {
         let options = NodeOptions {
             data_dir: self.root.join(format!("node-{n}")),
             gateway,
-            gateway_pin: sund_gateway::quic::certificate_pin(&self.cert),
+            gateway_pin: certificate_pin(&self.cert),
             pairing_voucher: None,
             key: key(n),
-            socket: Socket::Custom(socket, seed32(seed, 10 + n)),
-            entropy: EntropySource::Seeded(seed32(seed, 20 + n)),
-            clock: Some(EPOCH),
-            commit: CommitMode::Inline,
+            environment: Arc::new(Simulated::new(socket, seed32(seed, 10 + n), EPOCH)),
             user: None,
             mls: None,
             enrolment: Some(self.tokens[usize::from(n) - 1]),

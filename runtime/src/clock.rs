@@ -5,7 +5,18 @@
 //! Under turmoil, tokio's clock is simulated and the origin is fixed, so a driver never reads the
 //! real time.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sund_model::env::Clock;
 use sund_model::time::Instant;
+
+/// The model's clock in production: microseconds since the Unix epoch.
+pub fn wall_clock() -> Instant {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Instant(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
+}
 
 /// Maps tokio's monotonic clock onto model instants.
 #[derive(Clone, Copy, Debug)]
@@ -17,7 +28,7 @@ pub struct DriverClock {
 impl DriverClock {
     /// A clock that starts at the wall clock now.
     pub fn wall() -> DriverClock {
-        DriverClock::starting_at(crate::driver::wall_clock())
+        DriverClock::starting_at(wall_clock())
     }
 
     /// A clock that reads `at` now and advances with tokio's clock (simulation).
@@ -37,5 +48,11 @@ impl DriverClock {
     /// The tokio instant at which the model's `deadline` falls.
     pub fn deadline(&self, deadline: Instant) -> tokio::time::Instant {
         tokio::time::Instant::now() + deadline.saturating_since(self.now())
+    }
+}
+
+impl Clock for DriverClock {
+    fn now(&self) -> Instant {
+        DriverClock::now(self)
     }
 }

@@ -1,0 +1,28 @@
+//! `sund-runtime`: what Sund's two drivers share.
+//!
+//! The gateway driver (`sund-gateway`) and the node driver (`sund-node`) move bytes and time
+//! between the world and the model's state machines. Everything they both need lives here, once:
+//!
+//! - [`environment`]: where a driver's clock, entropy, network and commits come from
+//!   ([`environment::Production`] or the reproducible [`environment::Simulated`]);
+//! - [`clock`], [`entropy`]: the model's `Clock` and `Entropy` for drivers;
+//! - [`store`]: redb behind the model's `Store` trait;
+//! - [`committer`]: pipelined group commit on a thread of its own;
+//! - [`tls`], [`endpoint`]: the gateway's TLS identity, certificate pinning, QUIC endpoints;
+//! - [`session`]: one session's reader and writer tasks (frames in batches, gathered writes,
+//!   bounded closing);
+//! - `turmoil` (feature `turmoil`): quinn over turmoil's simulated UDP.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod committer;
+pub mod endpoint;
+pub mod entropy;
+pub mod environment;
+pub mod session;
+pub mod store;
+pub mod tls;
+#[cfg(feature = "turmoil")]
+pub mod turmoil;

@@ -1,0 +1,208 @@
+//! One QUIC session's I/O, the same for the gateway and the node.
+//!
+//! A session is one connection with one bidirectional stream of Sund frames. [`spawn`] starts
+//! two tasks for it and returns the driver's [`SessionHandle`]:
+//!
+//! - the **reader** reads what the stream brings, splits every whole frame out of each read in
+//!   one pass ([`FrameDecoder`]) and hands them to the driver's core as one
+//!   [`SessionEvent::Frames`] message; a stream that loses sync, or ends in the middle of a
+//!   frame, is closed and reported with its cause;
+//! - the **writer** takes every frame queued for the peer and writes them in one gathered write
+//!   (`write_all_chunks`), so a burst of deliveries costs one lock and one wake-up of quinn's
+//!   connection driver instead of one per frame.
+//!
+//! Closing is always bounded in time. [`SessionHandle::close`] lets the writer flush what is
+//! queued (a goodbye), then closes the connection after at most `linger` even if the peer reads
+//! nothing; [`SessionHandle::abort`] closes at once, whatever the writer is doing (a peer that
+//! reads too slowly). Either way the reader stops and the driver hears
+//! [`SessionEvent::Closed`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sund_model::ids::ConnectionId;
+use sund_model::wire::{FrameDecoder, WireError, PAYLOAD_BYTES_MAX};
+use tokio::sync::mpsc;
+
+/// Most bytes asked of the stream in one read.
+pub const READ_BYTES_MAX: usize = 64 * 1024;
+/// Most queued frames written in one gathered write.
+pub const WRITE_BATCH_MAX: usize = 256;
+
+/// What a session's tasks tell the driver's core.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// Whole frames, in stream order (header checked, payload left to the state machine).
+    Frames(ConnectionId, Vec<Bytes>),
+    /// The session is over.
+    Closed(ConnectionId, CloseCause),
+}
+
+/// Why a session ended, as its reader saw it.
+#[derive(Debug)]
+pub enum CloseCause {
+    /// The stream ended cleanly or the connection closed (by either side, or timed out).
+    Ended,
+    /// The peer sent bytes that are not a frame: nothing after them can be trusted.
+    InvalidFrame(WireError),
+    /// The stream ended in the middle of a frame (`bytes` of it had arrived).
+    TornFrame {
+        /// Bytes of the incomplete frame.
+        bytes: usize,
+    },
+}
+
+/// Bounds and manners of one session.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    /// Most frames queued for the peer; beyond it the peer reads too slowly.
+    pub writer_queue_max: usize,
+    /// How long a graceful close waits for queued frames to reach the peer.
+    pub linger: Duration,
+    /// The reason given in the close.
+    pub reason: &'static [u8],
+}
+
+/// The peer does not read fast enough: the frame was not queued.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the peer reads too slowly: {0} frames are queued for it")]
+pub struct QueueFull(pub usize);
+
+/// The driver's side of a session: frames to send, and closing.
+#[derive(Debug)]
+pub struct SessionHandle {
+    frames: mpsc::Sender<Bytes>,
+    connection: quinn::Connection,
+    limits: SessionLimits,
+}
+
+impl SessionHandle {
+    /// Queues a frame for the peer.
+    pub fn send(&self, frame: Bytes) -> Result<(), QueueFull> {
+        self.frames
+            .try_send(frame)
+            .map_err(|_| QueueFull(self.limits.writer_queue_max))
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+
+    /// Closes after the frames already queued reach the peer, or after `linger` whatever the
+    /// peer does.
+    pub fn close(self) {
+        let SessionHandle {
+            frames,
+            connection,
+            limits,
+        } = self;
+        drop(frames); // the writer flushes, finishes the stream and closes
+        tokio::spawn(async move {
+            // Whichever comes first: the writer closed, or the linger ran out.
+            tokio::select! {
+                _ = connection.closed() => {}
+                _ = tokio::time::sleep(limits.linger) => {
+                    connection.close(0u32.into(), limits.reason);
+                }
+            }
+        });
+    }
+
+    /// Closes now, dropping whatever is queued or being written.
+    pub fn abort(self, reason: &str) {
+        self.connection.close(1u32.into(), reason.as_bytes());
+    }
+}
+
+/// Starts the reader and writer of a session whose stream is open, reporting to `events`.
+///
+/// `events` is the driver's own queue (any type a [`SessionEvent`] converts into), so that a
+/// driver can put what it learns of a connection before its stream (that it connected) in the
+/// same queue, ahead of the connection's frames: one queue, one order per connection.
+pub fn spawn<E: From<SessionEvent> + Send + 'static>(
+    conn: ConnectionId,
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    events: mpsc::Sender<E>,
+    limits: SessionLimits,
+) -> SessionHandle {
+    assert!(limits.writer_queue_max > 0, "a session can queue a frame");
+    let (frames_tx, frames_rx) = mpsc::channel(limits.writer_queue_max);
+    tokio::spawn(write_frames(send, frames_rx, connection.clone(), limits));
+    tokio::spawn(read_frames(conn, recv, connection.clone(), events));
+    SessionHandle {
+        frames: frames_tx,
+        connection,
+        limits,
+    }
+}
+
+/// The writer: every queued frame in one gathered write, until the driver drops its handle;
+/// then finish the stream, let the peer read it (at most `linger`), and close.
+async fn write_frames(
+    mut send: quinn::SendStream,
+    mut frames: mpsc::Receiver<Bytes>,
+    connection: quinn::Connection,
+    limits: SessionLimits,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_MAX);
+    loop {
+        if frames.recv_many(&mut batch, WRITE_BATCH_MAX).await == 0 {
+            break;
+        }
+        if send.write_all_chunks(&mut batch).await.is_err() {
+            return; // the connection is gone (closed, aborted, reset)
+        }
+        batch.clear();
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(limits.linger, send.stopped()).await;
+    connection.close(0u32.into(), limits.reason);
+}
+
+/// The reader: whole frames to the core, in batches of what one read brought; then why the
+/// session ended.
+async fn read_frames<E: From<SessionEvent>>(
+    conn: ConnectionId,
+    mut recv: quinn::RecvStream,
+    connection: quinn::Connection,
+    events: mpsc::Sender<E>,
+) {
+    let mut decoder = FrameDecoder::new(PAYLOAD_BYTES_MAX);
+    let cause = loop {
+        match recv.read_chunk(READ_BYTES_MAX, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) if decoder.buffered() > 0 => {
+                break CloseCause::TornFrame {
+                    bytes: decoder.buffered(),
+                }
+            }
+            Ok(None) | Err(_) => break CloseCause::Ended,
+        }
+        let mut frames = Vec::new();
+        let invalid = loop {
+            match decoder.next_frame_bytes() {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        if !frames.is_empty()
+            && events
+                .send(SessionEvent::Frames(conn, frames).into())
+                .await
+                .is_err()
+        {
+            return; // the driver is gone
+        }
+        if let Some(e) = invalid {
+            // The stream lost sync: nothing after this can be trusted.
+            connection.close(1u32.into(), e.to_string().as_bytes());
+            break CloseCause::InvalidFrame(e);
+        }
+    };
+    let _ = events.send(SessionEvent::Closed(conn, cause).into()).await;
+}

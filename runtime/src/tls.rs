@@ -1,0 +1,135 @@
+//! TLS for Sund's QUIC: the gateway's self-signed Ed25519 identity (created on first start, kept
+//! in `DATA_DIR/tls/`, its key readable by its owner only) and the node's pin of it.
+//!
+//! No certificate authority is involved: a node pins the SHA-256 of the gateway's certificate
+//! ([`certificate_pin`]) and accepts exactly that certificate, with its signatures still checked.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::endpoint::QuicError;
+
+/// The gateway's TLS identity: certificate and private key, both DER.
+pub struct TlsIdentity {
+    /// The self-signed certificate (nodes pin these bytes).
+    pub cert: CertificateDer<'static>,
+    pub(crate) key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl TlsIdentity {
+    /// Loads `cert.der` and `key.der` from `dir`, creating an Ed25519 identity on first start.
+    pub fn load_or_create(dir: &Path) -> Result<TlsIdentity, QuicError> {
+        let cert_path = dir.join("cert.der");
+        let key_path = dir.join("key.der");
+        let io_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| QuicError::Identity { path, source }
+        };
+        if cert_path.exists() && key_path.exists() {
+            let cert = std::fs::read(&cert_path).map_err(io_err(&cert_path))?;
+            let key = std::fs::read(&key_path).map_err(io_err(&key_path))?;
+            return Ok(TlsIdentity {
+                cert: CertificateDer::from(cert),
+                key: PrivatePkcs8KeyDer::from(key),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .map_err(|e| QuicError::Certificate(e.to_string()))?;
+        let params = rcgen::CertificateParams::new(vec!["sund-gateway".to_string()])
+            .map_err(|e| QuicError::Certificate(e.to_string()))?;
+        let cert = params
+            .self_signed(&key_pair)
+            .map_err(|e| QuicError::Certificate(e.to_string()))?;
+        let key_der = key_pair.serialize_der();
+        write_private(&key_path, &key_der).map_err(io_err(&key_path))?;
+        std::fs::write(&cert_path, cert.der()).map_err(io_err(&cert_path))?;
+        Ok(TlsIdentity {
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key_der),
+        })
+    }
+}
+
+/// Writes a secret file readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// What a node pins of its gateway's certificate: the SHA-256 of its DER bytes. A pairing code
+/// carries this instead of the certificate, so that it fits a QR code.
+pub fn certificate_pin(cert: &CertificateDer<'_>) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert.as_ref()).into()
+}
+
+/// Accepts the gateway's certificate only if its SHA-256 is the pinned one; signatures are
+/// still verified, so the peer must hold the matching key.
+#[derive(Debug)]
+pub(crate) struct PinnedCertificate {
+    pub(crate) pin: [u8; 32],
+    pub(crate) provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if certificate_pin(end_entity) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the gateway's certificate is not the pinned one".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
