@@ -317,8 +317,8 @@ async fn load_client(
     conv: ConversationId,
     count: usize,
 ) {
-    use sund_model::identity::session_proof_message;
-    use sund_model::wire::payload::{Ack, Hello, Proof, Register, Send};
+    use sund_model::testing::TestDevice;
+    use sund_model::wire::payload::{Ack, Send};
     use sund_model::wire::{Frame, Payload, Routing};
     let endpoint = endpoint::client_endpoint(&Production, certificate_pin(&cert)).unwrap();
     let conn = endpoint
@@ -329,57 +329,23 @@ async fn load_client(
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let mut reader = FrameReader::new(recv);
     let me = key.device_id();
+    let device = TestDevice {
+        key,
+        user: sund_model::ids::UserId(me.0),
+    };
     // Register (the gateway runs open enrolment), then open the session with the certificate.
-    let user = sund_model::ids::UserId(me.0);
-    let proof = key.sign(&sund_model::trust::register_message(
-        &[0; 16],
-        &key.public(),
-        user,
-    ));
-    let register = Register {
-        device_key: key.public().0,
-        user: user.to_bytes(),
-        token: [0; 16],
-        proof,
-    };
-    let routing = Routing {
-        sender: me,
-        ..Routing::default()
-    };
-    send.write_all(&Frame::new(routing, Payload::Register(register)).encode())
-        .await
-        .unwrap();
+    send.write_all(&device.register([0; 16])).await.unwrap();
     let answer = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
     let Payload::Certificate(certificate) = answer.payload else {
         panic!("expected a certificate: {:?}", answer.payload)
     };
-    let hello = Hello {
-        cursors: vec![],
-        device_key: key.public().0,
-        resume_token: None,
-        user: None,
-        certificate: Some(certificate.certificate),
-    };
-    send.write_all(
-        &Frame::new(
-            Routing {
-                sender: me,
-                ..Routing::default()
-            },
-            Payload::Hello(hello),
-        )
-        .encode(),
-    )
-    .await
-    .unwrap();
+    let hello = device.hello(Some(certificate.certificate.into()), vec![], None, None);
+    send.write_all(&hello).await.unwrap();
     let challenge = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
     let Payload::Challenge(c) = challenge.payload else {
         panic!("expected a challenge")
     };
-    let signature = key.sign(&session_proof_message(&c.nonce, me));
-    send.write_all(&Frame::new(Routing::default(), Payload::Proof(Proof { signature })).encode())
-        .await
-        .unwrap();
+    send.write_all(&device.proof(&c.nonce)).await.unwrap();
     let ok = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
     assert!(matches!(ok.payload, Payload::HelloOk(_)));
     // Reader: count acknowledgements, ask the writer to ack echoes.

@@ -2,34 +2,19 @@
 //! signature, domain, validity, CRL lookup), and a whole session opening through the gateway
 //! state machine (hello with certificate, challenge, proof, HelloOk; no I/O, no commit).
 //!
-//! Issue "Identity and trust" asks for session authentications per second at the gateway.
+//! The figure that matters: session authentications per second at the gateway.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sund_model::env::Entropy;
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
-use sund_model::identity::{session_proof_message, DeviceKey};
-use sund_model::ids::{ConnectionId, DeviceId, UserId};
+use sund_model::identity::DeviceKey;
+use sund_model::ids::{ConnectionId, UserId};
+use sund_model::testing::{drain_gateway, TestDevice, TestEntropy as Counter};
 use sund_model::time::Instant;
 use sund_model::trust::{register_message, RegistrationAuthority};
-use sund_model::wire::payload::{Hello, Proof, Register};
-use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
-
-struct Counter(u64);
-impl Entropy for Counter {
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for chunk in dest.chunks_mut(8) {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let bytes = self.0.to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
-    }
-}
+use sund_model::wire::{Frame, Payload, PAYLOAD_BYTES_MAX};
 
 const NOW: Instant = Instant(1_800_000_000_000_000);
 
@@ -97,17 +82,6 @@ fn certificate_check(c: &mut Criterion) {
     group.finish();
 }
 
-fn frame(sender: DeviceId, payload: Payload) -> bytes::Bytes {
-    Frame::new(
-        Routing {
-            sender,
-            ..Routing::default()
-        },
-        payload,
-    )
-    .encode()
-}
-
 /// One session opening: accept, hello with certificate, challenge, proof, HelloOk, close.
 fn session_open(c: &mut Criterion) {
     let config = GatewayConfig {
@@ -117,44 +91,31 @@ fn session_open(c: &mut Criterion) {
     let mut gateway = Gateway::new(config, NOW, Box::new(Counter(7)));
     let mut store = sund_model::env::MemStore::default();
     let key = DeviceKey::from_seed([3; 32]);
-    let me = key.device_id();
+    let device = TestDevice {
+        key: key.clone(),
+        user: UserId(key.device_id().0),
+    };
     // Register once.
     gateway.handle(NOW, GatewayInput::Accepted(ConnectionId(1)));
-    let proof = key.sign(&register_message(&[0; 16], &key.public(), UserId(me.0)));
-    let register = Register {
-        device_key: key.public().0,
-        user: UserId(me.0).to_bytes(),
-        token: [0; 16],
-        proof,
-    };
     gateway.handle(
         NOW,
-        GatewayInput::Frame(ConnectionId(1), frame(me, Payload::Register(register))),
+        GatewayInput::Frame(ConnectionId(1), device.register([0; 16])),
     );
-    let mut certificate = None;
-    while let Some(ready) = gateway.poll_ready() {
-        for out in ready.commit(&mut store).unwrap() {
-            if let GatewayOutput::Send(_, bytes) = out {
-                if let Ok(f) = Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
-                    if let Payload::Certificate(c) = f.payload {
-                        certificate = Some(c.certificate);
-                    }
-                }
-            }
-        }
-    }
+    let certificate = drain_gateway(&mut gateway, &mut store)
+        .into_iter()
+        .find_map(|out| match out {
+            GatewayOutput::Send(_, bytes) => match Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
+                Ok(Frame {
+                    payload: Payload::Certificate(c),
+                    ..
+                }) => Some(Vec::from(c.certificate)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("registered");
     gateway.handle(NOW, GatewayInput::Closed(ConnectionId(1)));
-    let certificate = certificate.expect("registered");
-    let hello = frame(
-        me,
-        Payload::Hello(Hello {
-            cursors: vec![],
-            device_key: key.public().0,
-            resume_token: None,
-            user: None,
-            certificate: Some(certificate),
-        }),
-    );
+    let hello = device.hello(Some(certificate), vec![], None, None);
     let mut next = 2u64;
     let mut group = c.benchmark_group("session_open");
     group.throughput(Throughput::Elements(1));
@@ -165,21 +126,18 @@ fn session_open(c: &mut Criterion) {
             gateway.handle(NOW, GatewayInput::Accepted(conn));
             gateway.handle(NOW, GatewayInput::Frame(conn, hello.clone()));
             let mut nonce = None;
-            while let Some(ready) = gateway.poll_ready() {
-                for out in ready.commit(&mut store).unwrap() {
-                    if let GatewayOutput::Send(_, bytes) = out {
-                        if let Ok(f) = Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
-                            if let Payload::Challenge(ch) = f.payload {
-                                nonce = Some(ch.nonce);
-                            }
+            for out in drain_gateway(&mut gateway, &mut store) {
+                if let GatewayOutput::Send(_, bytes) = out {
+                    if let Ok(f) = Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
+                        if let Payload::Challenge(ch) = f.payload {
+                            nonce = Some(ch.nonce);
                         }
                     }
                 }
             }
-            let signature = key.sign(&session_proof_message(&nonce.unwrap(), me));
             gateway.handle(
                 NOW,
-                GatewayInput::Frame(conn, frame(me, Payload::Proof(Proof { signature }))),
+                GatewayInput::Frame(conn, device.proof(&nonce.expect("a challenge"))),
             );
             while let Some(ready) = gateway.poll_ready() {
                 black_box(ready.split());

@@ -1,6 +1,6 @@
 //! Wire format throughput: header parse + validate, whole-frame decode, encode.
 //!
-//! Target (issue "Foundation"): at least 25 million headers per second on the 2-core CI machine.
+//! Target: at least 25 million headers per second on the 2-core CI machine.
 
 use std::hint::black_box;
 

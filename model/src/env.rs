@@ -1,8 +1,10 @@
-//! The environment a state machine lives in: clock, entropy, transport, store.
+//! The environment a state machine lives in: clock, entropy, store.
 //!
-//! These are the only doors between the model and the world. The simulator implements them with
-//! virtual time, a seeded ChaCha20 stream, an in-memory faulty network and a crashable disk; the
-//! production drivers with the tokio clock, OS entropy, quinn and redb.
+//! These are the doors between the model and the world. The simulator implements them with
+//! virtual time, a seeded ChaCha20 stream and a crashable disk; the drivers (`sund-runtime`)
+//! with tokio's clock, OS entropy (or a seeded stream) and redb. The network is not a trait of
+//! the model: machines take frames as inputs and hand frames out as outputs, and the simulator's
+//! network model or the runtime's QUIC sessions carry them.
 //!
 //! The persist-then-speak rule (raft's `Ready`): a state machine hands its writes and its outputs
 //! out together as a [`Ready`]. The driver commits the writes, and only the [`CommitReceipt`] of
@@ -14,9 +16,6 @@ use core::fmt;
 use core::ops::ControlFlow;
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
-
-use crate::ids::ConnectionId;
 use crate::time::Instant;
 
 /// Reads the driver's clock. State machines get `now` as an argument; drivers use this.
@@ -44,42 +43,6 @@ pub trait Entropy {
         }
         ((u128::from(self.next_u64()) * (u128::from(max) + 1)) >> 64) as u64
     }
-}
-
-/// Where a connection goes. One gateway per domain for now; federation adds more.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Endpoint {
-    /// The gateway of this node's own domain.
-    HomeGateway,
-}
-
-/// What a transport reports back to its driver; the driver turns each into a state machine input.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TransportEvent {
-    /// An outgoing connection is established.
-    Connected(ConnectionId),
-    /// An outgoing connection could not be established.
-    ConnectFailed(ConnectionId),
-    /// An incoming connection was accepted.
-    Accepted(ConnectionId),
-    /// A whole frame arrived on a connection.
-    Frame(ConnectionId, Bytes),
-    /// The connection is gone (reset, closed by the peer, timed out).
-    Closed(ConnectionId),
-}
-
-/// Connections carrying whole frames, as quinn streams do in production.
-///
-/// Events come back as [`TransportEvent`]s through the driver. File-chunk streams will be added as
-/// `open_stream` / `send_chunk` beside `send` when the files feature lands; frames and chunks then
-/// share a connection but not a stream, so a large file never delays a message.
-pub trait Transport {
-    /// Starts a connection; its outcome arrives as `Connected` or `ConnectFailed`.
-    fn connect(&mut self, now: Instant, to: Endpoint) -> ConnectionId;
-    /// Queues one encoded frame on a connection. Frames to a closed connection are dropped.
-    fn send(&mut self, now: Instant, conn: ConnectionId, frame: Bytes);
-    /// Closes a connection; the peer sees `Closed`.
-    fn close(&mut self, now: Instant, conn: ConnectionId);
 }
 
 /// A named, ordered key-value table. Keys order bytewise.

@@ -1,10 +1,9 @@
 //! Device identity: an Ed25519 key pair per device, the device id derived from its public key,
 //! and the domain-separated messages a device signs.
 //!
-//! Until the trust issue adds certificates, a gateway trusts a device key because an operator
-//! admitted it (or because the gateway runs with open enrolment for local use). The session proof
-//! already binds the signature to the gateway's nonce and the device id, so a recorded proof can
-//! never open another session.
+//! A gateway trusts a device key through the certificate its registration authority issued for
+//! it (`trust`). The session proof binds the signature to the gateway's nonce and the device id,
+//! so a recorded proof can never open another session.
 
 use core::fmt;
 
@@ -44,21 +43,12 @@ impl DevicePublicKey {
 
     /// Lower-case hex, for people and logs.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::encode(&self.0)
     }
 
     /// Parses 64 hex digits.
     pub fn from_hex(text: &str) -> Option<DevicePublicKey> {
-        let text = text.trim();
-        if text.len() != 64 || !text.is_ascii() {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-            let pair = core::str::from_utf8(chunk).ok()?;
-            out[i] = u8::from_str_radix(pair, 16).ok()?;
-        }
-        Some(DevicePublicKey(out))
+        crate::hex::decode_array(text.trim()).map(DevicePublicKey)
     }
 }
 
@@ -148,10 +138,7 @@ mod tests {
         );
         let sig = key.sign(b"");
         let expected = "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b";
-        assert_eq!(
-            sig.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-            expected
-        );
+        assert_eq!(crate::hex::encode(&sig), expected);
         assert!(key.public().verify(b"", &sig));
     }
 

@@ -21,10 +21,13 @@
 pub mod effects;
 pub mod env;
 pub mod gateway;
+pub mod hex;
 pub mod identity;
 pub mod ids;
 pub mod mls;
 pub mod node;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 pub mod timers;
 pub mod trust;

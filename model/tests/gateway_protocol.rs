@@ -12,8 +12,9 @@ use sund_model::gateway::{
 
 use sund_model::identity::{session_proof_message, DeviceKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
+use sund_model::testing::{drain_gateway, TestDevice};
 use sund_model::time::Instant;
-use sund_model::trust::{register_message, Crl, DeviceCertificate};
+use sund_model::trust::{Crl, DeviceCertificate};
 use sund_model::wire::payload::*;
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -38,9 +39,13 @@ fn alice_phone() -> DeviceId {
     key(4).device_id()
 }
 fn key_of(device: DeviceId) -> DeviceKey {
-    (1..=4)
-        .map(key)
-        .find(|k| k.device_id() == device)
+    test_device(device, UserId(device.0)).key
+}
+/// The test device `device` (one of the four keys above), playing `user`.
+fn test_device(device: DeviceId, user: UserId) -> TestDevice {
+    (1..=4u8)
+        .map(|seed| TestDevice::new([seed; 32], user))
+        .find(|d| d.id() == device)
         .expect("a test device")
 }
 
@@ -103,23 +108,9 @@ impl Harness {
         user: UserId,
         token: [u8; 16],
     ) -> Vec<GatewayOutput> {
-        let key = key_of(device);
-        let proof = key.sign(&register_message(&token, &key.public(), user));
         self.input(GatewayInput::Accepted(ConnectionId(conn)));
-        let register = Register {
-            device_key: key.public().0,
-            user: user.to_bytes(),
-            token,
-            proof,
-        };
-        let out = self.frame(
-            conn,
-            Routing {
-                sender: device,
-                ..Routing::default()
-            },
-            Payload::Register(register),
-        );
+        let register = test_device(device, user).register(token);
+        let out = self.input(GatewayInput::Frame(ConnectionId(conn), register));
         if let Some(Payload::Certificate(answer)) =
             frames_to(&out, conn).into_iter().map(|f| f.payload).next()
         {
@@ -146,11 +137,7 @@ impl Harness {
     }
 
     fn drain(&mut self) -> Vec<GatewayOutput> {
-        let mut out = Vec::new();
-        while let Some(ready) = self.gateway.poll_ready() {
-            out.extend(ready.commit(&mut self.store).unwrap());
-        }
-        out
+        drain_gateway(&mut self.gateway, &mut self.store)
     }
 
     fn frame(&mut self, conn: u64, routing: Routing, payload: Payload) -> Vec<GatewayOutput> {
@@ -179,21 +166,13 @@ impl Harness {
         user: Option<UserId>,
     ) -> Vec<GatewayOutput> {
         let certificate = self.certificate(device, user);
-        let hello = Hello {
+        let hello = test_device(device, UserId(device.0)).hello(
+            Some(certificate),
             cursors,
-            device_key: key_of(device).public().0,
             resume_token,
-            user: user.map(UserId::to_bytes),
-            certificate: Some(certificate.into()),
-        };
-        self.frame(
-            conn,
-            Routing {
-                sender: device,
-                ..Routing::default()
-            },
-            Payload::Hello(hello),
-        )
+            user,
+        );
+        self.input(GatewayInput::Frame(ConnectionId(conn), hello))
     }
 
     /// Accept, hello, answer the challenge: the outputs after the proof.
@@ -205,15 +184,16 @@ impl Harness {
     ) -> Vec<GatewayOutput> {
         self.input(GatewayInput::Accepted(ConnectionId(conn)));
         let out = self.hello(conn, device, cursors, None);
-        let Payload::Challenge(challenge) = frames_to(&out, conn)[0].payload else {
+        self.prove(conn, device, &out)
+    }
+
+    /// Answers the challenge among `out` as `device`: the outputs after the proof.
+    fn prove(&mut self, conn: u64, device: DeviceId, out: &[GatewayOutput]) -> Vec<GatewayOutput> {
+        let Payload::Challenge(challenge) = frames_to(out, conn)[0].payload else {
             panic!("expected a challenge: {out:?}")
         };
-        let signature = key_of(device).sign(&session_proof_message(&challenge.nonce, device));
-        self.frame(
-            conn,
-            Routing::default(),
-            Payload::Proof(Proof { signature }),
-        )
+        let proof = test_device(device, UserId(device.0)).proof(&challenge.nonce);
+        self.input(GatewayInput::Frame(ConnectionId(conn), proof))
     }
 
     fn connect(&mut self, conn: u64, device: DeviceId) -> Vec<GatewayOutput> {
@@ -224,15 +204,7 @@ impl Harness {
     fn connect_as(&mut self, conn: u64, device: DeviceId, user: UserId) -> Vec<GatewayOutput> {
         self.input(GatewayInput::Accepted(ConnectionId(conn)));
         let out = self.hello_as(conn, device, vec![], None, Some(user));
-        let Payload::Challenge(challenge) = frames_to(&out, conn)[0].payload else {
-            panic!("expected a challenge: {out:?}")
-        };
-        let signature = key_of(device).sign(&session_proof_message(&challenge.nonce, device));
-        self.frame(
-            conn,
-            Routing::default(),
-            Payload::Proof(Proof { signature }),
-        )
+        self.prove(conn, device, &out)
     }
 
     fn send(&mut self, conn: u64, device: DeviceId, msg_id: u8, body: &[u8]) -> Vec<GatewayOutput> {

@@ -353,20 +353,7 @@ impl Device {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
+use sund_model::hex::{decode_array as unhex32, encode as hex};
 
 /// `HOST:PORT` to a socket address (an IP address as is, a name through the resolver).
 fn resolve(address: &str) -> Option<SocketAddr> {

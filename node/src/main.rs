@@ -14,7 +14,7 @@ use sund_node::driver;
 
 #[cfg(feature = "demo")]
 mod demo;
-mod groups;
+mod group_commands;
 mod pair;
 
 /// Sund: end-to-end encrypted messages between devices through a gateway. DMs and rooms are MLS
@@ -278,9 +278,9 @@ async fn run(command: Command) -> Result<(), String> {
             conversations,
         } => follow(&data_dir, count, &conversations).await,
         Command::Status { data_dir } => status(&data_dir).await,
-        Command::Dm { data_dir, user } => groups::dm(&data_dir, &user).await,
-        Command::Room { command } => groups::room(command).await,
-        Command::Devices { data_dir } => groups::devices(&data_dir).await,
+        Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,
+        Command::Room { command } => group_commands::room(command).await,
+        Command::Devices { data_dir } => group_commands::devices(&data_dir).await,
         Command::Pair {
             command:
                 PairCommand::Show {
@@ -380,7 +380,7 @@ async fn follow(
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
-    let mut members = groups::members(&node).await;
+    let mut members = group_commands::members(&node).await;
     let mut seen = 0;
     loop {
         tokio::select! {
@@ -388,7 +388,7 @@ async fn follow(
             event = node.events.recv() => match event {
                 Some(NodeEvent::Delivered { conversation, seq, sender, body, .. }) => {
                     let conversation = names.get(&conversation).cloned().unwrap_or_else(|| conversation.to_string());
-                    let from = groups::who(sender, &members, &users);
+                    let from = group_commands::who(sender, &members, &users);
                     println!("{conversation} seq {seq} from {from}: {}", String::from_utf8_lossy(&body));
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {
@@ -405,8 +405,8 @@ async fn follow(
                     return Err(REVOKED.into());
                 }
                 Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::RemovedFrom { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
-                    members = groups::members(&node).await;
-                    eprintln!("{}", groups::describe_event(&event, &names, &members, &users));
+                    members = group_commands::members(&node).await;
+                    eprintln!("{}", group_commands::describe_event(&event, &names, &members, &users));
                 }
                 Some(_) => {}
                 None => return Err("the node stopped unexpectedly".into()),
@@ -462,7 +462,7 @@ async fn status(data_dir: &Path) -> Result<(), String> {
         (_, Some(voucher)) => println!("paired     with device {voucher}, confirmed by the gateway"),
         (Some(code), None) => println!(
             "paired     with the device whose key starts {}: trusted on first use, not yet confirmed by the gateway",
-            code.voucher.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            sund_model::hex::encode(&code.voucher)
         ),
         (None, None) => {}
     }

@@ -174,6 +174,4 @@ pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), S
     result.and(stopped)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use sund_model::hex::encode as hex;

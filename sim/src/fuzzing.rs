@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
-use sund_model::identity::{session_proof_message, DeviceKey};
+use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
+use sund_model::testing::TestDevice;
 use sund_model::time::Instant;
-use sund_model::trust::{register_message, DeviceCertificate};
+use sund_model::trust::DeviceCertificate;
 use sund_model::wire::payload::{
     Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, KeyPackageFetch, KeyPackageUpload, Leave,
-    Proof, Register, ReplayRequest, Send,
+    ReplayRequest, Send,
 };
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -236,11 +237,16 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             let d = hs.hellos.get(&conn).copied().unwrap_or(1);
             let nonce = hs.challenges.get(&conn).copied().unwrap_or([0; 32]);
             let k = (d % (DEVICES_MAX + 1)).max(1);
-            let mut signature = device_key(k).sign(&session_proof_message(&nonce, device(k)));
-            if !valid {
-                signature[7] ^= 0x20;
+            let proof = TestDevice {
+                key: device_key(k),
+                user: user(k),
             }
-            Frame::new(Routing::default(), Payload::Proof(Proof { signature }))
+            .proof(&nonce);
+            let mut frame = Frame::decode(&proof, PAYLOAD_BYTES_MAX).expect("our own frame");
+            if let (false, Payload::Proof(p)) = (valid, &mut frame.payload) {
+                p.signature[7] ^= 0x20;
+            }
+            frame
         }
         WellFormed::Hello {
             device: d,
@@ -436,22 +442,13 @@ impl Harness {
         // Every device registers (open enrolment) for the user its number names, on a
         // connection of its own that closes again.
         for d in 1..=DEVICES_MAX {
-            let key = device_key(d);
             let conn = ConnectionId(2_000_000 + u64::from(d));
             harness.input(GatewayInput::Accepted(conn));
-            let proof = key.sign(&register_message(&[0; 16], &key.public(), user(d)));
-            let register = Register {
-                device_key: key.public().0,
-                user: user(d).to_bytes(),
-                token: [0; 16],
-                proof,
+            let device = TestDevice {
+                key: device_key(d),
+                user: user(d),
             };
-            let routing = Routing {
-                sender: key.device_id(),
-                ..Routing::default()
-            };
-            let bytes = Frame::new(routing, Payload::Register(register)).encode();
-            harness.input(GatewayInput::Frame(conn, bytes));
+            harness.input(GatewayInput::Frame(conn, device.register([0; 16])));
             harness.input(GatewayInput::Closed(conn));
         }
         let room = [device(1), device(2), device(3)];

@@ -148,7 +148,7 @@ pub enum Action {
     Revoke(Target),
     /// Hand a conversation's authority to another gateway (federation).
     Handover(String, String),
-    /// An MLS commit by a member (MLS issue).
+    /// An MLS commit by a member.
     Commit(String, Target, CommitKind),
 }
 
@@ -240,7 +240,7 @@ pub enum Invariant {
     Decrypt,
     /// A revoked device never completes authentication (trust issue).
     RevokedNeverAuthenticates,
-    /// Every node holds the newest CRL after heal (trust issue).
+    /// Every node holds the newest CRL after heal.
     CrlConverge,
     /// At most one authority per conversation at any time (federation).
     SingleAuthority,

@@ -64,11 +64,7 @@ impl TraceHash {
     pub fn hex(&self) -> String {
         let mut hasher = self.hasher.clone();
         hasher.update(&self.buffer);
-        let hash = hasher.finalize();
-        hash.as_bytes()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        sund_model::hex::encode(&hasher.finalize().as_bytes()[..16])
     }
 }
 
@@ -100,9 +96,6 @@ mod tests {
     }
 
     fn hex32(hasher: &blake3::Hasher) -> String {
-        hasher.finalize().as_bytes()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        sund_model::hex::encode(&hasher.finalize().as_bytes()[..16])
     }
 }

@@ -33,9 +33,9 @@ use crate::rng::SimRng;
 use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
 use crate::trace::{Record, TraceHash};
 
-mod groups;
+mod mls_groups;
 mod trust;
-use groups::SimConversation;
+use mls_groups::SimConversation;
 pub use trust::CrlReport;
 
 /// Most events one run may process; a run that needs more is reported as exhausted.
@@ -321,8 +321,8 @@ impl World {
                     device,
                     ..node_template.clone()
                 };
-                if groups::uses_mls(&scenario) {
-                    groups::enable_mls(&mut config, &user.name, &scenario.tunables);
+                if mls_groups::uses_mls(&scenario) {
+                    mls_groups::enable_mls(&mut config, &user.name, &scenario.tunables);
                 }
                 actors.push(Actor {
                     name: format!("{}/{}", user.name, d),
@@ -396,8 +396,8 @@ impl World {
                 Action::Handover(..) => Some("the federation work (authority handover)"),
                 _ => None,
             };
-            if let Some(issue) = lands_with {
-                return Err(unsupported(s.span, format!("action `{}` is part of the DSL but this build cannot run it yet; it lands with {issue}", s.action.keyword())));
+            if let Some(work) = lands_with {
+                return Err(unsupported(s.span, format!("action `{}` is part of the DSL but this build cannot run it yet; it lands with {work}", s.action.keyword())));
             }
         }
         if let Some(inv) = scenario.invariants.iter().find(|i| !i.implemented()) {
@@ -484,7 +484,7 @@ impl World {
                     )
                 }),
                 Some(_) => self.push(
-                    groups::CREATE_AT_US,
+                    mls_groups::CREATE_AT_US,
                     EventKind::CreateGroup {
                         conversation: index,
                     },

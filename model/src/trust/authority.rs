@@ -78,20 +78,7 @@ impl core::fmt::Debug for EnrolmentToken {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex16(text: &str) -> Option<[u8; 16]> {
-    if text.len() != 32 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(core::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
+use crate::hex::{decode_array as unhex16, encode as hex};
 
 impl EnrolmentToken {
     /// `sund-enrol:<user>:<secret>:<root fingerprint>`, each 32 hex digits.

@@ -214,13 +214,7 @@ impl TrustHolder {
         };
         let pinned = match (&self.root, token) {
             (Some(root), _) => Some(root.fingerprint()),
-            (None, Some(token)) => Some(
-                token
-                    .root_fingerprint
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-            ),
+            (None, Some(token)) => Some(crate::hex::encode(&token.root_fingerprint)),
             (None, None) => None,
         };
         if let Some(pinned) = pinned {

@@ -80,32 +80,17 @@ pub enum PairingCodeError {
     BadField(&'static str),
 }
 
-fn hex_upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
-}
+use crate::hex::encode_upper as hex_upper;
 
 fn unhex(text: &str, field: &'static str) -> Result<Vec<u8>, PairingCodeError> {
-    if text.len() % 2 != 0 || !text.is_ascii() {
-        return Err(PairingCodeError::BadField(field));
-    }
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| {
-            core::str::from_utf8(pair)
-                .ok()
-                .and_then(|p| u8::from_str_radix(p, 16).ok())
-                .ok_or(PairingCodeError::BadField(field))
-        })
-        .collect()
+    crate::hex::decode(text).ok_or(PairingCodeError::BadField(field))
 }
 
 fn unhex_array<const N: usize>(
     text: &str,
     field: &'static str,
 ) -> Result<[u8; N], PairingCodeError> {
-    unhex(text, field)?
-        .try_into()
-        .map_err(|_| PairingCodeError::BadField(field))
+    crate::hex::decode_array(text).ok_or(PairingCodeError::BadField(field))
 }
 
 impl PairingCode {

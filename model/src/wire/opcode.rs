@@ -29,7 +29,7 @@ opcodes! {
     // 0x00xx: session
     /// Node → gateway: open a session (device, resume cursors).
     Hello = 0x0001,
-    /// Gateway → node: a nonce the node must sign (auth lands with the core delivery issue).
+    /// Gateway → node: a nonce the node must sign with its device key.
     Challenge = 0x0002,
     /// Node → gateway: the signed challenge and the device certificate.
     Proof = 0x0003,
@@ -56,7 +56,7 @@ opcodes! {
     Ack = 0x0103,
     /// Node → gateway: please resend a conversation from a seq (gap detected).
     ReplayRequest = 0x0104,
-    // 0x02xx: MLS (payloads with the MLS issue)
+    // 0x02xx: MLS
     /// Node → gateway: upload a batch of KeyPackages.
     KeyPackageUpload = 0x0200,
     /// Node → gateway: fetch KeyPackages of a user's devices.
@@ -74,7 +74,7 @@ opcodes! {
     /// Node → gateway: remove this device from the conversation in the header (the gateway
     /// proposes the removal as the group's external sender; a member commits it).
     Leave = 0x0207,
-    // 0x03xx: identity and trust (payloads with the trust issue)
+    // 0x03xx: identity and trust
     /// Node → gateway: register a device key with an enrolment token.
     Register = 0x0300,
     /// Gateway → node: a device certificate.

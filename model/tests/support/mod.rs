@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use sund_model::env::{Entropy, MemStore};
+use sund_model::env::MemStore;
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
 };
@@ -14,23 +14,13 @@ use sund_model::ids::{ConnectionId, DeviceId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::mls::{LifetimePolicy, Randomness};
 use sund_model::node::{Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
+use sund_model::testing::{drain_gateway, drain_node};
 use sund_model::time::Instant;
 use sund_model::wire::payload::{KeyPackageFetch, KeyPackages};
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
-/// A counter posing as entropy: enough for nonces, tokens and keys in tests.
-pub struct Counter(pub u64);
-impl Entropy for Counter {
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for b in dest {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *b = (self.0 >> 56) as u8;
-        }
-    }
-}
+/// Deterministic entropy for the tests (one stream per starting value).
+pub use sund_model::testing::TestEntropy as Counter;
 
 /// An operator's command as a gateway input (its answer is released with its commit).
 pub fn admin(command: AdminCommand) -> GatewayInput {
@@ -132,11 +122,7 @@ impl Net {
             for conn in conns {
                 let (node, store) = self.nodes.get_mut(&conn).unwrap();
                 node.handle_timeout(self.now);
-                let mut outputs = Vec::new();
-                while let Some(mut ready) = node.poll_ready() {
-                    outputs.extend(ready.take_eager());
-                    outputs.extend(ready.commit(store).unwrap());
-                }
+                let outputs = drain_node(node, store);
                 for output in outputs {
                     moved = true;
                     match output {
@@ -155,10 +141,7 @@ impl Net {
                     }
                 }
             }
-            let mut outputs = Vec::new();
-            while let Some(ready) = self.gateway.poll_ready() {
-                outputs.extend(ready.commit(&mut self.gateway_store).unwrap());
-            }
+            let outputs = drain_gateway(&mut self.gateway, &mut self.gateway_store);
             for output in outputs {
                 if let GatewayOutput::Admin { answer, .. } = &output {
                     self.answers.push(answer.clone());

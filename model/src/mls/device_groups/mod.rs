@@ -16,8 +16,8 @@
 //! commit per device. Every commit declares what it does in its authenticated data
 //! ([`GroupOps`]); receivers check the declaration against the commit before merging it.
 //!
-//! The disconnected state of the state machine is the node's link, not a group status:
-//! while offline, nothing here changes, and intents wait.
+//! Being disconnected is the node's link state, not a group status: while offline, nothing here
+//! changes, and intents wait.
 //!
 //! Every operation hands openmls's writes and the entry's record to the node's write batch, so
 //! the group state, the cursor and the outbox change in one store commit.
