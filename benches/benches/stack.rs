@@ -445,6 +445,7 @@ fn main() {
         return;
     }
     let mut results: BTreeMap<&str, String> = BTreeMap::new();
+    let mut stages: Vec<String> = Vec::new();
     runtime.block_on(async {
         let quinn_rate = bare_quinn(200_000, false).await;
         results.insert(
@@ -481,14 +482,31 @@ fn main() {
         let show = |[p50, p90, p99, max]: [Duration; 4]| {
             format!("p50 {p50:.2?}, p90 {p90:.2?}, p99 {p99:.2?}, max {max:.2?}")
         };
-        let half = latency(&mut one.nodes, rate1 / 2.0, 10_000).await;
-        results.insert("e sund, latency at half the 1-node rate", show(half));
-        let light = latency(&mut one.nodes, 1_000.0, 3_000).await;
-        results.insert("g sund, latency at 1,000 msg/s", show(light));
         for node in one.nodes {
             node.stop().await.unwrap();
         }
         one.gateway.shutdown().await.unwrap();
+        // Each latency run on a fresh gateway and pair of nodes, so that the stage figures
+        // (where the time goes) are those of that run alone.
+        for (key, rate, count) in [
+            ("e sund, latency at half the 1-node rate", rate1 / 2.0, 10_000),
+            ("g sund, latency at 1,000 msg/s", 1_000.0, 3_000),
+        ] {
+            let mut pair = setup(2).await;
+            let figures = latency(&mut pair.nodes, rate, count).await;
+            results.insert(key, show(figures));
+            let gw = pair.gateway.stages();
+            let rx = pair.nodes[1].stages();
+            stages.push(format!(
+                "{}:\n  gateway: queued {} | machine {} | commit wait {} | fsync {} | writes/commit {} | release {}\n  receiver: queued {} | machine {} | commit wait {} | fsync {}",
+                &key[2..], gw.queued, gw.machine, gw.commit_wait, gw.fsync, gw.commit_writes, gw.release,
+                rx.queued, rx.machine, rx.commit_wait, rx.fsync
+            ));
+            for node in pair.nodes {
+                node.stop().await.unwrap();
+            }
+            pair.gateway.shutdown().await.unwrap();
+        }
 
         let ingest = gateway_ingest(100, 1_000).await;
         results.insert(
@@ -517,5 +535,9 @@ fn main() {
     });
     for (name, value) in results {
         println!("{:<46} {value}", &name[2..]);
+    }
+    println!("\nstages (microseconds; writes per commit):");
+    for line in stages {
+        println!("{line}");
     }
 }

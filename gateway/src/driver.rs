@@ -35,6 +35,7 @@ use sund_runtime::clock::DriverClock;
 use sund_runtime::committer::Committer;
 use sund_runtime::endpoint::{self, QuicError};
 use sund_runtime::environment::Environment;
+use sund_runtime::metrics::{StageReport, Stages};
 use sund_runtime::session::{self, CloseCause, SessionEvent, SessionHandle, SessionLimits};
 use sund_runtime::store::RedbStore;
 use sund_runtime::tls::TlsIdentity;
@@ -102,9 +103,15 @@ pub struct GatewayHandle {
     shutdown: Option<oneshot::Sender<()>>,
     core: JoinHandle<Result<GatewayStats, DriverError>>,
     endpoint: quinn::Endpoint,
+    stages: Arc<Stages>,
 }
 
 impl GatewayHandle {
+    /// Where the core's time went so far, stage by stage (microseconds; commit sizes in writes).
+    pub fn stages(&self) -> StageReport {
+        self.stages.report()
+    }
+
     /// Carries out an operator's command on the running gateway; the answer comes once the
     /// commit that makes it true is durable. `None` if the gateway stopped.
     pub async fn admin(&self, command: AdminCommand) -> Option<AdminAnswer> {
@@ -212,8 +219,11 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let hello_timeout = options.config.hello_timeout;
     tokio::spawn(accept_loop(endpoint.clone(), link_tx, hello_timeout));
-    let committer = Committer::new(environment.commit_mode(), store, "gateway");
+    let stages = Arc::new(Stages::default());
+    let committer =
+        Committer::with_stages(environment.commit_mode(), store, "gateway", stages.clone());
     let core = Core {
+        stages: stages.clone(),
         gateway,
         committer,
         clock,
@@ -230,6 +240,7 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         shutdown: Some(shutdown_tx),
         core,
         endpoint,
+        stages,
     })
 }
 
@@ -391,6 +402,7 @@ impl RefusalLog {
 }
 
 struct Core {
+    stages: Arc<Stages>,
     gateway: Gateway,
     committer: Committer<GatewayOutput>,
     clock: DriverClock,
@@ -418,7 +430,9 @@ impl Core {
                     let outputs = done.inspect_err(|e| {
                         tracing::error!(error = %e, "the store failed: the gateway stops");
                     })?;
+                    let started = tokio::time::Instant::now();
                     self.release(outputs);
+                    self.stages.release.record_duration(started.elapsed());
                 }
                 input = control.recv() => {
                     let Some(input) = input else { break };
@@ -428,6 +442,7 @@ impl Core {
                 // and QUIC flow control pushes back on the senders.
                 first = links.recv(), if !saturated => {
                     let Some(first) = first else { break };
+                    let started = tokio::time::Instant::now();
                     let mut frames = self.link(first);
                     // Group commit: take what else is already waiting, up to a bound.
                     while frames < BATCH_MAX {
@@ -436,6 +451,7 @@ impl Core {
                             Err(_) => break,
                         }
                     }
+                    self.stages.machine.record_duration(started.elapsed());
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.clock.now();
@@ -530,7 +546,8 @@ impl Core {
     fn session(&mut self, event: SessionEvent) -> usize {
         let now = self.clock.now();
         match event {
-            SessionEvent::Frames(conn, frames) => {
+            SessionEvent::Frames(conn, frames, read_at) => {
+                self.stages.queued.record_duration(read_at.elapsed());
                 let count = frames.len();
                 for frame in frames {
                     self.gateway.handle(now, GatewayInput::Frame(conn, frame));

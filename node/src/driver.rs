@@ -30,6 +30,7 @@ use sund_runtime::clock::DriverClock;
 use sund_runtime::committer::Committer;
 use sund_runtime::endpoint::{self, QuicError};
 use sund_runtime::environment::Environment;
+use sund_runtime::metrics::{StageReport, Stages};
 use sund_runtime::session::{self, SessionEvent, SessionHandle, SessionLimits};
 use sund_runtime::store::RedbStore;
 use tokio::sync::{mpsc, oneshot};
@@ -179,6 +180,7 @@ pub struct NodeHandle {
     /// application leaves [`EVENT_QUEUE_MAX`] events untaken, the node reads no more).
     pub events: mpsc::Receiver<NodeEvent>,
     core: JoinHandle<Result<(), NodeError>>,
+    stages: Arc<Stages>,
 }
 
 /// A cloneable way to send through a running node, for applications that send from several
@@ -210,6 +212,11 @@ impl NodeSender {
 }
 
 impl NodeHandle {
+    /// Where the core's time went so far, stage by stage (microseconds; commit sizes in writes).
+    pub fn stages(&self) -> StageReport {
+        self.stages.report()
+    }
+
     /// Queues a message; see [`NodeSender::send`].
     pub async fn send(
         &self,
@@ -303,9 +310,12 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     let endpoint = endpoint::client_endpoint(environment.as_ref(), options.gateway_pin)?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_MAX);
-    let committer = Committer::new(environment.commit_mode(), store, "node");
+    let stages = Arc::new(Stages::default());
+    let committer =
+        Committer::with_stages(environment.commit_mode(), store, "node", stages.clone());
     let (links_tx, links_rx) = mpsc::channel(LINK_QUEUE_MAX);
     let core = Core {
+        stages: stages.clone(),
         node,
         committer,
         clock,
@@ -322,6 +332,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
         commands: commands_tx,
         events: events_rx,
         core,
+        stages,
     })
 }
 
@@ -341,6 +352,7 @@ fn reply<T: Send + 'static>(to: oneshot::Sender<T>, value: T) -> Reply {
 }
 
 struct Core {
+    stages: Arc<Stages>,
     node: Node,
     committer: Committer<Released>,
     clock: DriverClock,
@@ -405,10 +417,12 @@ impl Core {
                 }
                 event = links.recv(), if !saturated && reading => {
                     let Some(event) = event else { break };
+                    let started = tokio::time::Instant::now();
                     self.link(event);
                     while let Ok(more) = links.try_recv() {
                         self.link(more);
                     }
+                    self.stages.machine.record_duration(started.elapsed());
                 }
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                     self.node.handle_timeout(clock.now());
@@ -512,7 +526,8 @@ impl Core {
 
     fn session(&mut self, now: sund_model::time::Instant, event: SessionEvent) {
         match event {
-            SessionEvent::Frames(conn, frames) => {
+            SessionEvent::Frames(conn, frames, read_at) => {
+                self.stages.queued.record_duration(read_at.elapsed());
                 for frame in frames {
                     self.node.handle(now, NodeInput::Frame(conn, frame));
                 }

@@ -15,7 +15,11 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::metrics::Stages;
 
 use sund_model::env::{Ready, Store, StoreError};
 use tokio::sync::mpsc;
@@ -38,6 +42,9 @@ pub enum CommitMode {
 pub struct Committer<O> {
     inner: Inner<O>,
     in_flight: usize,
+    stages: Arc<Stages>,
+    /// When each job in flight was submitted (for the commit-wait histogram).
+    submitted: VecDeque<Instant>,
 }
 
 enum Inner<O> {
@@ -52,9 +59,35 @@ enum Inner<O> {
     },
 }
 
+/// Commits `ready` into `store`, timing the commit and counting its writes.
+fn commit_timed<O>(
+    ready: Ready<O>,
+    store: &mut dyn Store,
+    stages: &Stages,
+) -> Result<Vec<O>, StoreError> {
+    let writes = ready.writes().len() as u64;
+    let started = Instant::now();
+    let result = ready.commit(store);
+    if writes > 0 {
+        stages.fsync.record_duration(started.elapsed());
+        stages.commit_writes.record(writes);
+    }
+    result
+}
+
 impl<O: Send + 'static> Committer<O> {
     /// Takes ownership of `store`; in pipelined mode starts the commit thread.
     pub fn new(mode: CommitMode, store: impl Store + Send + 'static, name: &str) -> Committer<O> {
+        Committer::with_stages(mode, store, name, Arc::default())
+    }
+
+    /// Like [`Committer::new`], recording commit times and sizes in `stages`.
+    pub fn with_stages(
+        mode: CommitMode,
+        store: impl Store + Send + 'static,
+        name: &str,
+        stages: Arc<Stages>,
+    ) -> Committer<O> {
         let inner = match mode {
             CommitMode::Inline => Inner::Inline {
                 store: Box::new(store),
@@ -63,9 +96,10 @@ impl<O: Send + 'static> Committer<O> {
             CommitMode::Pipelined => {
                 let (jobs_tx, jobs_rx) = std_mpsc::channel::<Ready<O>>();
                 let (done_tx, done_rx) = mpsc::unbounded_channel();
+                let thread_stages = stages.clone();
                 let thread = std::thread::Builder::new()
                     .name(format!("{name}-commit"))
-                    .spawn(move || commit_thread(store, jobs_rx, done_tx))
+                    .spawn(move || commit_thread(store, jobs_rx, done_tx, &thread_stages))
                     .expect("spawning the commit thread");
                 Inner::Pipelined {
                     jobs: Some(jobs_tx),
@@ -77,20 +111,26 @@ impl<O: Send + 'static> Committer<O> {
         Committer {
             inner,
             in_flight: 0,
+            stages,
+            submitted: VecDeque::new(),
         }
     }
 
     /// Queues `ready` for commit. Its outputs come back from [`Committer::completed`].
     pub fn submit(&mut self, ready: Ready<O>) {
         self.in_flight += 1;
+        self.submitted.push_back(Instant::now());
         match &mut self.inner {
-            Inner::Inline { store, done } => done.push_back(ready.commit(store.as_mut())),
+            Inner::Inline { store, done } => {
+                done.push_back(commit_timed(ready, store.as_mut(), &self.stages))
+            }
             Inner::Pipelined { jobs, done: _, .. } => {
                 let sent = jobs.as_ref().map(|jobs| jobs.send(ready));
                 // The thread only stops when `jobs` closes or after a failed commit, which it
                 // reports first; a lost job is then reported by `completed` as a backend error.
                 if !matches!(sent, Some(Ok(()))) {
                     self.in_flight -= 1;
+                    self.submitted.pop_back();
                     if let Inner::Pipelined { jobs, .. } = &mut self.inner {
                         *jobs = None;
                     }
@@ -124,6 +164,9 @@ impl<O: Send + 'static> Committer<O> {
             }),
         };
         self.in_flight -= 1;
+        if let Some(at) = self.submitted.pop_front() {
+            self.stages.commit_wait.record_duration(at.elapsed());
+        }
         result
     }
 
@@ -149,6 +192,7 @@ fn commit_thread<O>(
     mut store: impl Store,
     jobs: std_mpsc::Receiver<Ready<O>>,
     done: mpsc::UnboundedSender<Result<Vec<O>, StoreError>>,
+    stages: &Stages,
 ) {
     while let Ok(first) = jobs.recv() {
         let mut merged = first;
@@ -157,7 +201,23 @@ fn commit_thread<O>(
             merged.merge(more);
             count += 1;
         }
-        match merged.commit(&mut store) {
+        // A panic inside the store (redb on a damaged page) must not leave a gateway that
+        // accepts connections it can never commit for: it is reported like any failure, and the
+        // driver stops.
+        let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            commit_timed(merged, &mut store, stages)
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            Err(StoreError::Backend(format!(
+                "the store panicked while committing ({what}); its file may be damaged: stop, check it, restore the data directory from a backup if needed"
+            )))
+        });
+        match committed {
             Ok(outputs) => {
                 // One message per job keeps the core's in-flight count exact; the merged outputs
                 // ride on the first, the rest are empty.

@@ -8,6 +8,7 @@
 //! - [`clock`], [`entropy`]: the model's `Clock` and `Entropy` for drivers;
 //! - [`store`]: redb behind the model's `Store` trait;
 //! - [`committer`]: pipelined group commit on a thread of its own;
+//! - [`metrics`]: histograms of the stages a message passes in a driver;
 //! - [`tls`], [`endpoint`]: the gateway's TLS identity, certificate pinning, QUIC endpoints;
 //! - [`session`]: one session's reader and writer tasks (frames in batches, gathered writes,
 //!   bounded closing);
@@ -21,6 +22,7 @@ pub mod committer;
 pub mod endpoint;
 pub mod entropy;
 pub mod environment;
+pub mod metrics;
 pub mod session;
 pub mod store;
 pub mod tls;

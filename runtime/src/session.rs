@@ -33,8 +33,9 @@ pub const WRITE_BATCH_MAX: usize = 256;
 /// What a session's tasks tell the driver's core.
 #[derive(Debug)]
 pub enum SessionEvent {
-    /// Whole frames, in stream order (header checked, payload left to the state machine).
-    Frames(ConnectionId, Vec<Bytes>),
+    /// Whole frames, in stream order (header checked, payload left to the state machine), and
+    /// when they were read.
+    Frames(ConnectionId, Vec<Bytes>, tokio::time::Instant),
     /// The session is over.
     Closed(ConnectionId, CloseCause),
 }
@@ -192,7 +193,7 @@ async fn read_frames<E: From<SessionEvent>>(
         };
         if !frames.is_empty()
             && events
-                .send(SessionEvent::Frames(conn, frames).into())
+                .send(SessionEvent::Frames(conn, frames, tokio::time::Instant::now()).into())
                 .await
                 .is_err()
         {
