@@ -23,18 +23,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
-use sund_model::env::Ready;
+use sund_model::env::{Ready, Store, StoreError, WriteBatch};
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput, GatewayStats,
 };
 use sund_model::ids::{ConnectionId, UserId};
 use sund_model::time::Instant;
-use sund_model::trust::EnrolmentToken;
+use sund_model::trust::{EnrolmentToken, RegistrationAuthority};
 use sund_model::wire::{Frame, Payload, PAYLOAD_BYTES_MAX};
 use sund_runtime::clock::DriverClock;
 use sund_runtime::committer::Committer;
 use sund_runtime::endpoint::{self, QuicError};
 use sund_runtime::environment::Environment;
+use sund_runtime::files::private_dir;
 use sund_runtime::metrics::{StageReport, Stages};
 use sund_runtime::session::{self, CloseCause, SessionEvent, SessionHandle, SessionLimits};
 use sund_runtime::store::RedbStore;
@@ -70,6 +71,9 @@ pub enum DriverError {
     /// The store.
     #[error("storage: {0}")]
     Store(#[from] sund_model::env::StoreError),
+    /// The data directory or a secret file is accessible to other users.
+    #[error(transparent)]
+    Private(#[from] sund_runtime::files::FileError),
     /// The data directory.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -104,9 +108,15 @@ pub struct GatewayHandle {
     core: JoinHandle<Result<GatewayStats, DriverError>>,
     endpoint: quinn::Endpoint,
     stages: Arc<Stages>,
+    health: Arc<Mutex<Health>>,
 }
 
 impl GatewayHandle {
+    /// Whether the gateway serves, or waits for its store.
+    pub fn health(&self) -> Health {
+        self.health.lock().expect("not poisoned").clone()
+    }
+
     /// Where the core's time went so far, stage by stage (microseconds; commit sizes in writes).
     pub fn stages(&self) -> StageReport {
         self.stages.report()
@@ -191,12 +201,19 @@ enum Control {
 /// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
 pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError> {
     let dir = &options.data_dir;
-    std::fs::create_dir_all(dir).map_err(|source| DriverError::DataDir {
-        path: dir.display().to_string(),
-        source,
-    })?;
+    private_dir(dir)?;
     let environment = options.environment.clone();
     let store = RedbStore::open(&dir.join("gateway.redb"))?;
+    // A database with tables but no trust root is damaged: recovering would make a new root
+    // and silently turn this into another gateway that none of its devices trust.
+    if !store.is_empty()? && RegistrationAuthority::recover(&store)?.is_none() {
+        return Err(DriverError::Store(sund_model::env::StoreError::Damaged(
+            format!(
+                "{} holds data but no trust root: it is damaged. Restore the data directory from a backup",
+                dir.join("gateway.redb").display()
+            ),
+        )));
+    }
     let identity = TlsIdentity::load_or_create(&dir.join("tls"))?;
     let clock = environment.clock();
     let gateway = Gateway::recover(
@@ -222,11 +239,18 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     let stages = Arc::new(Stages::default());
     let committer =
         Committer::with_stages(environment.commit_mode(), store, "gateway", stages.clone());
+    let health = Arc::new(Mutex::new(Health::Serving));
     let core = Core {
         stages: stages.clone(),
-        gateway,
-        committer,
+        environment: environment.clone(),
+        config: options.config.clone(),
+        store_path: dir.join("gateway.redb"),
         clock,
+        serving: Some(Serving { gateway, committer }),
+        health: health.clone(),
+        retry_at: tokio::time::Instant::now(),
+        outages: 0,
+        outage_logged_at: None,
         routes: BTreeMap::new(),
         admin: BTreeMap::new(),
         next_admin: 0,
@@ -241,6 +265,7 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         core,
         endpoint,
         stages,
+        health,
     })
 }
 
@@ -401,11 +426,56 @@ impl RefusalLog {
     }
 }
 
-struct Core {
-    stages: Arc<Stages>,
+/// Whether the gateway can serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Serving.
+    Serving,
+    /// Its store cannot commit (a full disk): it refuses every connection, and recovers by
+    /// itself once a commit succeeds again.
+    StorageUnavailable {
+        /// What the store said.
+        reason: String,
+    },
+}
+
+/// How often a gateway whose store failed tries to commit again.
+pub const STORAGE_RETRY: Duration = Duration::from_secs(1);
+/// The QUIC close code of connections refused while the store is unavailable.
+pub const CLOSE_STORAGE_UNAVAILABLE: u32 = 3;
+/// What devices are told when the store is unavailable (their users read it).
+const STORAGE_UNAVAILABLE_REASON: &[u8] =
+    b"the gateway cannot store messages right now (its disk may be full or failing); retry later";
+
+/// The machine and its committer, while the store works.
+struct Serving {
     gateway: Gateway,
     committer: Committer<GatewayOutput>,
+}
+
+/// Waits for the next finished commit, or forever while not serving.
+async fn completed(serving: &mut Option<Serving>) -> Result<Vec<GatewayOutput>, StoreError> {
+    match serving {
+        Some(s) => s.committer.completed().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Core {
+    stages: Arc<Stages>,
+    environment: Arc<dyn Environment>,
+    config: GatewayConfig,
+    store_path: PathBuf,
     clock: DriverClock,
+    /// `None` while the store is unavailable.
+    serving: Option<Serving>,
+    health: Arc<Mutex<Health>>,
+    /// While the store is unavailable: when to try it again.
+    retry_at: tokio::time::Instant,
+    /// How many times the store became unavailable.
+    outages: u64,
+    /// When an outage was last logged.
+    outage_logged_at: Option<tokio::time::Instant>,
     routes: BTreeMap<ConnectionId, Route>,
     admin: BTreeMap<u64, oneshot::Sender<AdminAnswer>>,
     next_admin: u64,
@@ -421,19 +491,28 @@ impl Core {
     ) -> Result<GatewayStats, DriverError> {
         let mut last_gc = 0;
         loop {
-            let deadline = self.clock.deadline(self.gateway.poll_timeout());
-            let saturated = self.committer.is_saturated();
+            let (deadline, saturated) = match &self.serving {
+                Some(s) => (
+                    self.clock.deadline(s.gateway.poll_timeout()),
+                    s.committer.is_saturated(),
+                ),
+                None => (self.retry_at, false),
+            };
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                done = self.committer.completed() => {
-                    let outputs = done.inspect_err(|e| {
+                done = completed(&mut self.serving) => match done {
+                    Ok(outputs) => {
+                        let started = tokio::time::Instant::now();
+                        self.release(outputs);
+                        self.stages.release.record_duration(started.elapsed());
+                    }
+                    Err(e @ (StoreError::Backend(_) | StoreError::Refused(_))) => self.storage_lost(e),
+                    Err(e) => {
                         tracing::error!(error = %e, "the store failed: the gateway stops");
-                    })?;
-                    let started = tokio::time::Instant::now();
-                    self.release(outputs);
-                    self.stages.release.record_duration(started.elapsed());
-                }
+                        return Err(e.into());
+                    }
+                },
                 input = control.recv() => {
                     let Some(input) = input else { break };
                     self.control(input);
@@ -455,40 +534,50 @@ impl Core {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.clock.now();
-                    self.gateway.handle_timeout(now);
+                    match &mut self.serving {
+                        Some(s) => s.gateway.handle_timeout(now),
+                        None => self.try_storage()?,
+                    }
                 }
             }
             self.submit();
-            let gc_dropped = self.gateway.delivery_stats().gc_dropped;
-            if gc_dropped != last_gc {
-                last_gc = gc_dropped;
-                tracing::debug!(
-                    gc_dropped_total = last_gc,
-                    "garbage collection dropped acknowledged or expired messages"
-                );
+            if let Some(s) = &self.serving {
+                let gc_dropped = s.gateway.delivery_stats().gc_dropped;
+                if gc_dropped != last_gc {
+                    last_gc = gc_dropped;
+                    tracing::debug!(
+                        gc_dropped_total = last_gc,
+                        "garbage collection dropped acknowledged or expired messages"
+                    );
+                }
             }
         }
+        let Some(mut serving) = self.serving.take() else {
+            for (_, route) in std::mem::take(&mut self.routes) {
+                route.connection.close(0u32.into(), b"gateway shut down");
+            }
+            return Ok(GatewayStats::default());
+        };
         tracing::info!(
-            sessions = self.gateway.session_count(),
+            sessions = serving.gateway.session_count(),
             "shutting down: saying goodbye to every session"
         );
         let now = self.clock.now();
-        self.gateway.shut_down(now);
+        serving.gateway.shut_down(now);
+        self.serving = Some(serving);
         self.submit();
-        while self.committer.is_busy() {
-            let done = self.committer.completed().await?;
+        let mut serving = self.serving.take().expect("set above");
+        while serving.committer.is_busy() {
+            let done = serving.committer.completed().await?;
+            self.serving = Some(serving);
             self.release(done);
             self.submit();
+            serving = self.serving.take().expect("set above");
         }
-        let Core {
-            gateway,
-            committer,
-            routes,
-            ..
-        } = self;
+        let Serving { gateway, committer } = serving;
         committer.finish().await?;
         // Dropping the sessions lets each writer flush its goodbye and close (within LINGER).
-        for (_, route) in routes {
+        for (_, route) in std::mem::take(&mut self.routes) {
             if let Some(session) = route.session {
                 session.close();
             }
@@ -497,14 +586,96 @@ impl Core {
         Ok(gateway.stats())
     }
 
+    /// The store failed to commit in a way that may pass (a full disk): what the machine held
+    /// in memory beyond the last commit is gone with it, so the machine goes, every session
+    /// ends (devices keep their unacknowledged messages and retry), and the gateway refuses
+    /// connections until a commit succeeds again.
+    fn storage_lost(&mut self, error: StoreError) {
+        self.outages += 1;
+        let now = tokio::time::Instant::now();
+        // Logged once, and again at most once a minute while it keeps failing (a disk that
+        // stays nearly full fails again soon after each recovery).
+        if self
+            .outage_logged_at
+            .is_none_or(|at| now.duration_since(at) >= OUTAGE_LOG_EVERY)
+        {
+            self.outage_logged_at = Some(now);
+            tracing::error!(
+                error = %error,
+                sessions = self.routes.len(),
+                outages_total = self.outages,
+                "the store cannot commit: refusing every connection until it can again (devices keep their messages and retry)"
+            );
+        }
+        *self.health.lock().expect("not poisoned") = Health::StorageUnavailable {
+            reason: error.to_string(),
+        };
+        // Its commit thread stopped after the failure; what it held is not durable.
+        self.serving = None;
+        self.admin.clear();
+        for (_, route) in std::mem::take(&mut self.routes) {
+            route
+                .connection
+                .close(CLOSE_STORAGE_UNAVAILABLE.into(), STORAGE_UNAVAILABLE_REASON);
+        }
+        self.retry_at = tokio::time::Instant::now() + STORAGE_RETRY;
+    }
+
+    /// While the store is unavailable: tries to open it and commit; on success recovers the
+    /// machine from what is durable and serves again.
+    fn try_storage(&mut self) -> Result<(), DriverError> {
+        self.retry_at = tokio::time::Instant::now() + STORAGE_RETRY;
+        let mut store = match RedbStore::open(&self.store_path) {
+            Ok(store) => store,
+            Err(e @ StoreError::Damaged(_)) => return Err(e.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "the store is still unavailable");
+                return Ok(());
+            }
+        };
+        // The probe commits a megabyte, then frees it in a second commit (within one the
+        // store would never write it): a store that can take it has room for the commits that
+        // follow, so a disk that is still nearly full does not flap.
+        let mut fill = WriteBatch::default();
+        fill.put(PROBE_TABLE, b"probe".to_vec(), vec![0; PROBE_BYTES]);
+        let mut free = WriteBatch::default();
+        free.delete(PROBE_TABLE, b"probe".to_vec());
+        if let Err(e) = store.commit(fill).and_then(|()| store.commit(free)) {
+            tracing::debug!(error = %e, "the store still cannot commit");
+            return Ok(());
+        }
+        let gateway = Gateway::recover(
+            self.config.clone(),
+            self.clock.now(),
+            &store,
+            self.environment.entropy(),
+        )?;
+        let committer = Committer::with_stages(
+            self.environment.commit_mode(),
+            store,
+            "gateway",
+            self.stages.clone(),
+        );
+        self.serving = Some(Serving { gateway, committer });
+        *self.health.lock().expect("not poisoned") = Health::Serving;
+        tracing::info!(
+            outages_total = self.outages,
+            "the store commits again: serving"
+        );
+        Ok(())
+    }
+
     fn control(&mut self, input: Control) {
         let now = self.clock.now();
         match input {
             Control::Admin(command, reply) => {
+                let Some(s) = &mut self.serving else {
+                    return; // dropping `reply` tells the caller the gateway cannot answer now
+                };
                 let request = self.next_admin;
                 self.next_admin += 1;
                 self.admin.insert(request, reply);
-                self.gateway
+                s.gateway
                     .handle(now, GatewayInput::Admin { request, command });
             }
         }
@@ -517,6 +688,10 @@ impl Core {
         match event {
             Link::Session(event) => return self.session(event),
             Link::Connected(conn, connection) => {
+                let Some(s) = &mut self.serving else {
+                    connection.close(CLOSE_STORAGE_UNAVAILABLE.into(), STORAGE_UNAVAILABLE_REASON);
+                    return 1;
+                };
                 self.routes.insert(
                     conn,
                     Route {
@@ -525,7 +700,7 @@ impl Core {
                         early: Vec::new(),
                     },
                 );
-                self.gateway.handle(now, GatewayInput::Accepted(conn));
+                s.gateway.handle(now, GatewayInput::Accepted(conn));
             }
             Link::Stream(conn, session) => match self.routes.get_mut(&conn) {
                 Some(route) => {
@@ -549,8 +724,11 @@ impl Core {
             SessionEvent::Frames(conn, frames, read_at) => {
                 self.stages.queued.record_duration(read_at.elapsed());
                 let count = frames.len();
+                let Some(s) = &mut self.serving else {
+                    return count; // its connection was closed when the store failed
+                };
                 for frame in frames {
-                    self.gateway.handle(now, GatewayInput::Frame(conn, frame));
+                    s.gateway.handle(now, GatewayInput::Frame(conn, frame));
                 }
                 count
             }
@@ -561,6 +739,9 @@ impl Core {
                     .map(|r| r.connection.remote_address());
                 match cause {
                     CloseCause::Ended => {}
+                    CloseCause::PeerClosed { code, reason } => {
+                        tracing::debug!(?peer, ?conn, code, %reason, "the device closed its connection");
+                    }
                     CloseCause::InvalidFrame(e) => {
                         tracing::info!(?peer, ?conn, error = %e, "connection closed after an invalid frame");
                     }
@@ -581,21 +762,26 @@ impl Core {
 
     fn forget(&mut self, now: Instant, conn: ConnectionId) {
         if self.routes.remove(&conn).is_some() {
-            self.gateway.handle(now, GatewayInput::Closed(conn));
+            if let Some(s) = &mut self.serving {
+                s.gateway.handle(now, GatewayInput::Closed(conn));
+            }
         }
     }
 
     /// Hands everything the state machine produced to the committer as one job.
     fn submit(&mut self) {
+        let Some(s) = &mut self.serving else {
+            return;
+        };
         let mut batch: Option<Ready<GatewayOutput>> = None;
-        while let Some(ready) = self.gateway.poll_ready() {
+        while let Some(ready) = s.gateway.poll_ready() {
             match &mut batch {
                 Some(b) => b.merge(ready),
                 None => batch = Some(ready),
             }
         }
         if let Some(batch) = batch {
-            self.committer.submit(batch);
+            s.committer.submit(batch);
         }
     }
 
@@ -622,7 +808,9 @@ impl Core {
                                 None => route.connection.close(1u32.into(), b"not reading"),
                             }
                         }
-                        self.gateway.handle(now, GatewayInput::Closed(conn));
+                        if let Some(s) = &mut self.serving {
+                            s.gateway.handle(now, GatewayInput::Closed(conn));
+                        }
                     }
                 }
                 GatewayOutput::Close(conn) => {
@@ -642,3 +830,10 @@ impl Core {
         }
     }
 }
+
+/// A table only the storage probe writes (and deletes again).
+const PROBE_TABLE: sund_model::env::Table = sund_model::env::Table("storage_probe");
+/// How much the storage probe writes.
+const PROBE_BYTES: usize = 1 << 20;
+/// Least time between two logged storage outages.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);

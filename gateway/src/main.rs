@@ -252,12 +252,10 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
             path.display()
         ));
     }
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-    let mut store = RedbStore::open(&path).map_err(|e| {
-        format!("{e}\nadmin commands edit the database directly: stop the gateway first")
-    })?;
-    if !new
+    sund_runtime::files::private_dir(data_dir).map_err(|e| e.to_string())?;
+    let mut store = RedbStore::open(&path).map_err(|e| e.to_string())?;
+    let empty = store.is_empty().map_err(|e| e.to_string())?;
+    if !empty
         && RegistrationAuthority::recover(&store)
             .map_err(|e| e.to_string())?
             .is_none()

@@ -124,6 +124,14 @@ pub enum StoreError {
     /// The backend failed (I/O error, full disk).
     #[error("storage backend failed: {0}")]
     Backend(String),
+    /// The store cannot be used as it is (another process holds it, other users can read it);
+    /// the message says what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// The store as a whole is damaged (a page fails its checksum, the file is empty); the
+    /// message names the file and what to do.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 /// Proof that a batch was committed: only [`commit_durably`] makes one, after a [`Store`]

@@ -26,7 +26,13 @@ use sund_model::trust::pairing::PairingCode;
 use sund_model::trust::EnrolmentToken;
 use sund_runtime::entropy::OsEntropy;
 use sund_runtime::environment::Production;
+use sund_runtime::files::{check_private, private_dir, FileError};
 use sund_runtime::tls::{certificate_pin, write_private};
+
+/// A data directory or secret file that is not private.
+fn private(e: FileError) -> DeviceError {
+    DeviceError::Private(e.to_string())
+}
 
 use crate::driver::NodeOptions;
 
@@ -44,6 +50,9 @@ pub enum DeviceError {
         /// The error.
         source: std::io::Error,
     },
+    /// The data directory or a secret file in it is accessible to other users.
+    #[error("{0}")]
+    Private(String),
     /// A file holds something unexpected.
     #[error("{path}: {reason}")]
     Invalid {
@@ -131,7 +140,7 @@ impl Device {
                 Some(_) => {}
             }
         }
-        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        private_dir(data_dir).map_err(private)?;
         let cert = std::fs::read(cert_file).map_err(io(cert_file))?;
         let key_path = data_dir.join("device.key");
         if !key_path.exists() {
@@ -172,7 +181,7 @@ impl Device {
                 code.gateway
             ),
         })?;
-        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        private_dir(data_dir).map_err(private)?;
         let key = DeviceKey::generate(&mut OsEntropy);
         write_private(&key_path, key.seed()).map_err(io(&key_path))?;
         let settings = Settings {
@@ -193,6 +202,12 @@ impl Device {
         let key_path = data_dir.join("device.key");
         if !key_path.exists() {
             return Err(DeviceError::Missing(data_dir.display().to_string()));
+        }
+        // The key, the settings (an enrolment token until it is used) and the database (MLS
+        // state) are secrets: refused if other users can read them, as ssh refuses its keys.
+        check_private(data_dir, 0o700).map_err(private)?;
+        for secret in ["device.key", "node.toml"] {
+            check_private(&data_dir.join(secret), 0o600).map_err(private)?;
         }
         let seed = std::fs::read(&key_path).map_err(io(&key_path))?;
         let seed: [u8; 32] = seed

@@ -31,7 +31,7 @@ use sund_runtime::committer::Committer;
 use sund_runtime::endpoint::{self, QuicError};
 use sund_runtime::environment::Environment;
 use sund_runtime::metrics::{StageReport, Stages};
-use sund_runtime::session::{self, SessionEvent, SessionHandle, SessionLimits};
+use sund_runtime::session::{self, CloseCause, SessionEvent, SessionHandle, SessionLimits};
 use sund_runtime::store::RedbStore;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -106,6 +106,9 @@ pub struct NodeStatus {
     pub paired_with: Option<DeviceId>,
     /// The version of the CRL it holds.
     pub crl_version: u64,
+    /// While not connected: why the last connection failed or ended, as the network or the
+    /// gateway said it.
+    pub last_problem: Option<String>,
 }
 
 enum Command {
@@ -296,7 +299,7 @@ impl NodeHandle {
 
 /// Opens the node's store, recovers its state and starts connecting.
 pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
-    std::fs::create_dir_all(&options.data_dir)
+    sund_runtime::files::private_dir(&options.data_dir)
         .map_err(|e| NodeError::Store(sund_model::env::StoreError::Backend(e.to_string())))?;
     let store = RedbStore::open(&options.data_dir.join("node.redb"))?;
     let environment = options.environment.clone();
@@ -326,6 +329,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
         links: links_tx,
         events: events_tx,
         waiting_events: VecDeque::new(),
+        last_problem: None,
     };
     let core = tokio::spawn(core.run(commands_rx, links_rx));
     Ok(NodeHandle {
@@ -364,6 +368,8 @@ struct Core {
     events: mpsc::Sender<NodeEvent>,
     /// Events released but not yet taken by the application (bounded by the reading pause).
     waiting_events: VecDeque<NodeEvent>,
+    /// Why the last connection failed or ended, if the network or the gateway said.
+    last_problem: Option<String>,
 }
 
 impl Core {
@@ -498,6 +504,10 @@ impl Core {
                     root: trust.root().cloned(),
                     paired_with: trust.paired_with().map(|c| c.device()),
                     crl_version: trust.crl_version(),
+                    last_problem: match self.node.status() {
+                        ConnectionStatus::Connected => None,
+                        _ => self.last_problem.clone(),
+                    },
                 });
             }
             Command::OfferPairing { reply: to } => {
@@ -518,6 +528,7 @@ impl Core {
             }
             Link::Failed(why) => {
                 tracing::debug!(%why, "connection attempt failed");
+                self.last_problem = Some(why);
                 self.node.handle(now, NodeInput::ConnectFailed);
             }
             Link::Session(event) => self.session(now, event),
@@ -534,6 +545,14 @@ impl Core {
             }
             SessionEvent::Closed(conn, cause) => {
                 tracing::debug!(?conn, ?cause, "connection closed");
+                if let CloseCause::PeerClosed { reason, .. } = &cause {
+                    let problem = format!("the gateway said: {reason}");
+                    // Logged when it changes, not on every retry.
+                    if self.last_problem.as_ref() != Some(&problem) {
+                        tracing::warn!(%reason, "the gateway closed the connection");
+                    }
+                    self.last_problem = Some(problem);
+                }
                 if self.sessions.remove(&conn).is_some() {
                     self.node.handle(now, NodeInput::Closed(conn));
                 }

@@ -326,8 +326,12 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
     loop {
         tokio::select! {
             _ = &mut deadline => {
+                let why = match node.status().await.ok().and_then(|s| s.last_problem) {
+                    Some(problem) => format!(" ({problem})"),
+                    None => String::new(),
+                };
                 let _ = node.stop().await;
-                return Err("the gateway did not acknowledge within 15 s; the message stays in the outbox and goes out with the next `sund send` or `sund follow`".into());
+                return Err(format!("the gateway at {} did not acknowledge within 15 s{why}; the message stays in this device's outbox and goes out with the next `sund send` or `sund follow`", device.gateway));
             }
             event = node.events.recv() => match event {
                 Some(NodeEvent::Accepted { msg_id: m, seq, .. }) if m == msg_id => {
@@ -473,11 +477,14 @@ async fn status(data_dir: &Path) -> Result<(), String> {
             return Err(format!("the gateway refused this device: {message}"));
         }
         (ConnectionStatus::Connected, _) => println!("connection connected"),
-        (other, _) => println!(
-            "connection {} — is the gateway running at {}?",
-            describe(other),
-            device.gateway
-        ),
+        (other, _) => match &snapshot.last_problem {
+            Some(problem) => println!("connection {} — {problem}", describe(other)),
+            None => println!(
+                "connection {} — is the gateway running at {}?",
+                describe(other),
+                device.gateway
+            ),
+        },
     }
     node.stop().await.map_err(|e| e.to_string())
 }

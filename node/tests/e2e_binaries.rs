@@ -3,130 +3,13 @@
 //! restarted; nothing acknowledged may be lost and nothing delivered twice.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-// ---- helpers ----
-
-fn sund() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sund"))
-}
-
-/// `sund-gateway` sits beside `sund` in the target directory. `cargo test` builds only the
-/// binaries of the package under test, so build the workspace's binaries (same features as this
-/// build, so the artifacts are shared and only the link is new) if it is not there yet.
-fn gateway_binary() -> PathBuf {
-    let path = sund().with_file_name(format!("sund-gateway{}", std::env::consts::EXE_SUFFIX));
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--workspace", "--bins"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building sund-gateway failed");
-    }
-    path
-}
-
-fn run(bin: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin).args(args).output().expect("binary runs");
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed: {}",
-        bin.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts the gateway with debug logging appended to `DATA/../gateway.log`.
-fn start_gateway(data: &Path, port: u16) -> Child {
-    start_gateway_with(data, port, &[])
-}
-
-fn start_gateway_with(data: &Path, port: u16, extra: &[&str]) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data.with_file_name("gateway.log"))
-        .unwrap();
-    Command::new(gateway_binary())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])
-        .args(extra)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("sund-gateway starts")
-}
-
-/// `sund init` of a device in `dir` for the gateway at `addr` (certificate file `cert`), with a
-/// user and an enrolment token if given; what it printed.
-fn init_device(
-    dir: &str,
-    addr: &str,
-    cert: &str,
-    user: Option<&str>,
-    token: Option<&str>,
-) -> String {
-    let mut args = vec![
-        "init",
-        "--data-dir",
-        dir,
-        "--gateway",
-        addr,
-        "--gateway-cert",
-        cert,
-    ];
-    if let Some(user) = user {
-        args.extend(["--user", user]);
-    }
-    if let Some(token) = token {
-        args.extend(["--token", token]);
-    }
-    run(&sund(), &args)
-}
-
-/// A one-time enrolment token for a device of `user`, from the stopped gateway's database.
-fn enrol(gateway_dir: &str, user: &str) -> String {
-    run(
-        &gateway_binary(),
-        &["admin", "enrol-token", user, "--data-dir", gateway_dir],
-    )
-    .trim()
-    .to_string()
-}
-
-fn device_key(init_output: &str) -> String {
-    init_output
-        .lines()
-        .find_map(|l| l.strip_prefix("device key: "))
-        .expect("sund init prints the device key")
-        .to_string()
-}
-
-/// Kills the child on drop so a failing test leaves no process behind.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::*;
 
 // ---- the test ----
 

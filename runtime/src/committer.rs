@@ -213,7 +213,7 @@ fn commit_thread<O>(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown".into());
-            Err(StoreError::Backend(format!(
+            Err(StoreError::Damaged(format!(
                 "the store panicked while committing ({what}); its file may be damaged: stop, check it, restore the data directory from a backup if needed"
             )))
         });
@@ -231,6 +231,8 @@ fn commit_thread<O>(
                 }
             }
             Err(e) => {
+                // Close the store before saying so: whoever learns of the failure may reopen it.
+                drop(store);
                 let _ = done.send(Err(e));
                 return;
             }
@@ -309,6 +311,38 @@ mod tests {
         fn commit(&mut self, _: WriteBatch) -> Result<(), StoreError> {
             Err(StoreError::Backend("disk full".into()))
         }
+    }
+
+    /// A store that panics inside its commit (as redb may on a damaged page).
+    struct Panicking;
+    impl sund_model::env::StoreRead for Panicking {
+        fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+        fn scan_from(
+            &self,
+            _: Table,
+            _: &[u8],
+            _: &mut sund_model::env::Visit<'_>,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+    impl Store for Panicking {
+        fn commit(&mut self, _: WriteBatch) -> Result<(), StoreError> {
+            panic!("page 12 fails its checksum")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_inside_the_store_is_reported_as_a_failure_not_a_silent_stop() {
+        let mut committer = Committer::new(CommitMode::Pipelined, Panicking, "test");
+        committer.submit(ready(1, 1));
+        let err = committer.completed().await.unwrap_err().to_string();
+        assert!(
+            err.contains("panicked") && err.contains("page 12 fails its checksum"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! - [`environment`]: where a driver's clock, entropy, network and commits come from
 //!   ([`environment::Production`] or the reproducible [`environment::Simulated`]);
 //! - [`clock`], [`entropy`]: the model's `Clock` and `Entropy` for drivers;
-//! - [`store`]: redb behind the model's `Store` trait;
+//! - [`store`]: redb behind the model's `Store` trait, checked whole when it opens;
+//! - [`files`]: owner-only data directories and secret files;
 //! - [`committer`]: pipelined group commit on a thread of its own;
 //! - [`metrics`]: histograms of the stages a message passes in a driver;
 //! - [`tls`], [`endpoint`]: the gateway's TLS identity, certificate pinning, QUIC endpoints;
@@ -22,6 +23,7 @@ pub mod committer;
 pub mod endpoint;
 pub mod entropy;
 pub mod environment;
+pub mod files;
 pub mod metrics;
 pub mod session;
 pub mod store;

@@ -52,6 +52,29 @@ pub enum CloseCause {
         /// Bytes of the incomplete frame.
         bytes: usize,
     },
+    /// The peer closed the connection with a non-zero code, saying why (a gateway whose
+    /// storage failed, a peer that found a frame invalid).
+    PeerClosed {
+        /// The application close code.
+        code: u64,
+        /// The peer's reason, as text (lossy, bounded by QUIC's frame size).
+        reason: String,
+    },
+}
+
+/// Why the connection ended, if the peer closed it with a non-zero code.
+fn peer_closed(error: &quinn::ReadError) -> Option<CloseCause> {
+    match error {
+        quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code.into_inner() != 0 =>
+        {
+            Some(CloseCause::PeerClosed {
+                code: close.error_code.into_inner(),
+                reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Bounds and manners of one session.
@@ -181,7 +204,8 @@ async fn read_frames<E: From<SessionEvent>>(
                     bytes: decoder.buffered(),
                 }
             }
-            Ok(None) | Err(_) => break CloseCause::Ended,
+            Err(e) => break peer_closed(&e).unwrap_or(CloseCause::Ended),
+            Ok(None) => break CloseCause::Ended,
         }
         let mut frames = Vec::new();
         let invalid = loop {

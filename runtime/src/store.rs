@@ -17,8 +17,18 @@ pub struct RedbStore {
     db: Database,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+/// What a redb failure means for the machine above: a damaged file (stop; restore from a
+/// backup), or a failure of the disk that may pass (a full disk).
+fn backend(e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Corrupted(what) => StoreError::Damaged(format!(
+            "the database is damaged ({what}); keep a copy of it for inspection and restore the data directory from a backup"
+        )),
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            StoreError::Backend(format!("the disk is full ({io}): free some space"))
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
 }
 
 fn definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
@@ -26,15 +36,52 @@ fn definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static 
 }
 
 impl RedbStore {
-    /// Opens the database at `path`, creating it if missing.
+    /// Opens the database at `path`, creating it (owner-only) if missing.
+    ///
+    /// An existing file is checked whole before it is used (every page against its checksum),
+    /// and refused if it is empty (a file truncated by accident must not silently become a new
+    /// database) or damaged; the error says to restore the data directory from a backup. The
+    /// file must not be accessible to other users (see [`crate::files`]).
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path).map_err(|e| {
-            StoreError::Backend(format!(
-                "cannot open database {}: {e}; is another process using it?",
+        let existed = path.exists();
+        if existed {
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            if len == 0 {
+                return Err(StoreError::Damaged(format!(
+                    "{} is empty: the database was truncated or never written. Restore the data directory from a backup; only if nothing of it is worth keeping, delete the file to start anew",
+                    path.display()
+                )));
+            }
+        }
+        crate::files::private_file(path).map_err(|e| StoreError::Refused(e.to_string()))?;
+        let mut builder = Database::builder();
+        builder.set_check_integrity_on_open(true);
+        let opened = if existed {
+            builder.open(path)
+        } else {
+            builder.create(path)
+        };
+        let db = opened.map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Refused(format!(
+                "{} is in use by another process (a running gateway or node?): stop it first",
                 path.display()
-            ))
+            )),
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Backend(
+                format!("cannot open {}: {io}", path.display()),
+            ),
+            other => StoreError::Damaged(format!(
+                "{} is damaged ({other}). Keep a copy of it for inspection and restore the data directory from a backup",
+                path.display()
+            )),
         })?;
         Ok(RedbStore { db })
+    }
+
+    /// True if the database holds no table yet (created, never committed to).
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let mut tables = txn.list_tables().map_err(backend)?;
+        Ok(tables.next().is_none())
     }
 }
 

@@ -38,7 +38,10 @@ impl TlsIdentity {
                 key: PrivatePkcs8KeyDer::from(key),
             });
         }
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::files::private_dir(dir).map_err(|e| QuicError::Identity {
+            path: dir.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
             .map_err(|e| QuicError::Certificate(e.to_string()))?;
         let params = rcgen::CertificateParams::new(vec!["sund-gateway".to_string()])
