@@ -227,6 +227,75 @@ fn deliveries_reach_the_application_once_and_in_order() {
 }
 
 #[test]
+fn with_hold_until_taken_what_the_application_did_not_take_is_delivered_again_after_a_restart() {
+    let mut config = config();
+    config.hold_until_taken = true;
+    let store = MemStore::default();
+    let node = Node::recover(config.clone(), Box::new(Counter(1)), Instant(0), &store).unwrap();
+    let mut h = Harness {
+        node,
+        store,
+        now: Instant(0),
+    };
+    h.open(1);
+    for seq in 1..=5 {
+        assert_eq!(delivered(&h.deliver(1, seq)), vec![seq]);
+    }
+    // The application shows one message and stops (`sund follow --count 1`).
+    h.node.taken(CONV, 1);
+    h.drain();
+    assert_eq!(h.node.unread_len(), 4);
+
+    let mut node = Node::recover(config.clone(), Box::new(Counter(2)), h.now, &h.store).unwrap();
+    let mut again = Vec::new();
+    while let Some(ready) = node.poll_ready() {
+        again.extend(ready.commit(&mut h.store).unwrap());
+    }
+    assert_eq!(
+        delivered(&again),
+        vec![2, 3, 4, 5],
+        "in seq order, once each"
+    );
+    let bodies: Vec<_> = again
+        .iter()
+        .filter_map(|o| match o {
+            NodeOutput::Event(NodeEvent::Delivered {
+                body,
+                sender,
+                msg_id,
+                ..
+            }) => Some((body.clone(), *sender, *msg_id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        bodies[0],
+        (Bytes::from(vec![2u8]), PEER, MsgId::from_bytes([2; 16])),
+        "the message comes back whole"
+    );
+    for seq in 2..=5 {
+        node.taken(CONV, seq);
+    }
+    node.taken(CONV, 5); // twice is harmless
+    while let Some(ready) = node.poll_ready() {
+        ready.commit(&mut h.store).unwrap();
+    }
+    let mut node = Node::recover(config, Box::new(Counter(3)), h.now, &h.store).unwrap();
+    assert!(node.poll_ready().is_none(), "everything was taken");
+    assert_eq!(node.unread_len(), 0);
+}
+
+#[test]
+fn without_hold_until_taken_nothing_is_kept_for_the_application() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deliver(1, 1);
+    assert_eq!(h.node.unread_len(), 0);
+    let mut node = Node::recover(config(), Box::new(Counter(2)), h.now, &h.store).unwrap();
+    assert!(node.poll_ready().is_none());
+}
+
+#[test]
 fn each_delivery_is_acknowledged_with_the_new_cursor() {
     let mut h = Harness::new();
     h.open(1);

@@ -39,7 +39,7 @@ pub async fn run() -> Result<(), String> {
         tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let gateway = start_gateway(dir.path(), "127.0.0.1:0".parse().expect("valid")).await?;
     let addr = gateway.addr;
-    println!(
+    say!(
         "[gateway] listening on {addr} over QUIC, data in {}",
         dir.path().join("gateway").display()
     );
@@ -61,7 +61,7 @@ pub async fn run() -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
         names.insert(device.key.device_id(), name);
-        println!(
+        say!(
             "[{name:<7}] device {} set up with a one-time enrolment token",
             device.key.device_id()
         );
@@ -69,8 +69,14 @@ pub async fn run() -> Result<(), String> {
     }
     let mut nodes = Vec::new();
     for device in &devices {
+        // The demo's devices live for one run in a temporary directory: nothing is kept for a
+        // later one.
+        let options = node_driver::NodeOptions {
+            hold_until_taken: false,
+            ..device.options()
+        };
         nodes.push(
-            node_driver::start(device.options())
+            node_driver::start(options)
                 .await
                 .map_err(|e| e.to_string())?,
         );
@@ -89,7 +95,7 @@ pub async fn run() -> Result<(), String> {
     let dm = group(&nodes[0], GroupRequest::Dm(bob)).await?;
     transcript.conversations.insert(room, "demo-room");
     transcript.conversations.insert(dm, "alice-bob");
-    println!("[alice  ] creates MLS room demo-room (bob, carol) and a DM with bob");
+    say!("[alice  ] creates MLS room demo-room (bob, carol) and a DM with bob");
     let mut expected: BTreeMap<(usize, ConversationId), u64> = BTreeMap::new();
     // Each group's first commit (seq 1) reaches its creator; the others join from Welcomes.
     expected.insert((0, room), 1);
@@ -110,9 +116,9 @@ pub async fn run() -> Result<(), String> {
     }
     transcript.wait(&mut nodes, &expected).await?;
 
-    println!("[gateway] graceful restart: drain, stop, start again from the same data directory");
+    say!("[gateway] graceful restart: drain, stop, start again from the same data directory");
     let stats = gateway.shutdown().await.map_err(|e| e.to_string())?;
-    println!(
+    say!(
         "[gateway] stopped after sequencing {} messages and taking {} MLS KeyPackages from the devices; restarting",
         stats.delivery.sequenced, stats.key_packages.uploaded
     );
@@ -135,7 +141,7 @@ pub async fn run() -> Result<(), String> {
     gateway.shutdown().await.map_err(|e| e.to_string())?;
     let texts: Vec<&str> = first.iter().chain(second.iter()).map(|m| m.2).collect();
     search_gateway_database(&dir.path().join("gateway/gateway.redb"), &texts, &devices)?;
-    println!("demo: {total} deliveries (messages and commits), each exactly once and in seq order; the gateway restart lost nothing");
+    say!("demo: {total} deliveries (messages and commits), each exactly once and in seq order; the gateway restart lost nothing");
     Ok(())
 }
 
@@ -167,7 +173,7 @@ fn search_gateway_database(
             "the gateway's database holds the plaintext {text:?}"
         ));
     }
-    println!(
+    say!(
         "[gateway] searched its database ({} KiB) for all {} message texts: none found, only ciphertext",
         bytes.len() / 1024,
         texts.len()
@@ -187,9 +193,10 @@ async fn send(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    println!(
+    say!(
         "[{:<7}] -> {}: {text}",
-        NAMES[who], transcript.conversations[&conv]
+        NAMES[who],
+        transcript.conversations[&conv]
     );
     let members: &[usize] = if transcript.conversations[&conv] == "demo-room" {
         &[0, 1, 2]
@@ -284,10 +291,10 @@ impl Transcript {
                 }
                 seqs.push(seq);
                 let from = self.names.get(&sender).copied().unwrap_or("?");
-                println!(
+                say!(
                     "[{me:<7}] <- {} seq {seq} from {from}: {}",
                     self.name_of(conversation),
-                    String::from_utf8_lossy(&body)
+                    crate::display::body(&body)
                 );
             }
             NodeEvent::Joined {
@@ -298,7 +305,7 @@ impl Transcript {
                     .entry((device, conversation))
                     .or_default()
                     .push(seq);
-                println!(
+                say!(
                     "[{me:<7}] joined {} from its Welcome (epoch 1)",
                     self.name_of(conversation)
                 );
@@ -316,7 +323,7 @@ impl Transcript {
                     .iter()
                     .map(|d| self.names.get(d).copied().unwrap_or("?"))
                     .collect();
-                println!(
+                say!(
                     "[{me:<7}] {} is at epoch {epoch}: added {}",
                     self.name_of(conversation),
                     added.join(", ")
@@ -328,7 +335,7 @@ impl Transcript {
             NodeEvent::Status(status) => {
                 self.connected
                     .insert(device, status == ConnectionStatus::Connected);
-                println!("[{me:<7}] connection {status:?}");
+                say!("[{me:<7}] connection {status:?}");
             }
             NodeEvent::Refused { message, .. } => {
                 return Err(format!("{me} was refused: {message}"))

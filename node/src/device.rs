@@ -364,6 +364,9 @@ impl Device {
             mls: Some(DeviceMlsConfig::default()),
             enrolment: self.enrolment,
             pairing_voucher: self.pairing.as_ref().map(|p| p.voucher),
+            // What `sund follow` prints is gone if the terminal goes: a message stays on the
+            // device until it was printed.
+            hold_until_taken: true,
         }
     }
 }

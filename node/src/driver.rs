@@ -75,6 +75,9 @@ pub struct NodeOptions {
     /// For a device set up from a pairing code: the fingerprint of the device that showed it
     /// (see `NodeConfig::pairing_voucher`).
     pub pairing_voucher: Option<[u8; 16]>,
+    /// Keep delivered messages until the application calls [`NodeHandle::taken`], and deliver
+    /// untaken ones again at the next start (see `NodeConfig::hold_until_taken`).
+    pub hold_until_taken: bool,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -106,6 +109,8 @@ pub struct NodeStatus {
     pub paired_with: Option<DeviceId>,
     /// The version of the CRL it holds.
     pub crl_version: u64,
+    /// Delivered messages the application has not taken yet (`hold_until_taken`).
+    pub unread: usize,
     /// While not connected: why the last connection failed or ended, as the network or the
     /// gateway said it.
     pub last_problem: Option<String>,
@@ -131,6 +136,10 @@ enum Command {
         reply: oneshot::Sender<(PairingOffer, Option<TrustRoot>)>,
     },
     Reconnect,
+    Taken {
+        conversation: ConversationId,
+        seq: u64,
+    },
     Stop,
 }
 
@@ -246,6 +255,15 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// The application took (showed) the message at `seq` of `conversation`: with
+    /// `hold_until_taken` the node forgets it and does not deliver it again when it starts.
+    pub async fn taken(&self, conversation: ConversationId, seq: u64) -> Result<(), NodeError> {
+        self.commands
+            .send(Command::Taken { conversation, seq })
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
     /// Drops the current session (cleanly, with a goodbye) and reconnects at once: a user's
     /// "reconnect" button, and the disconnect cycles of the simulation tests.
     pub async fn reconnect(&self) -> Result<(), NodeError> {
@@ -309,6 +327,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     config.mls = options.mls;
     config.enrolment = options.enrolment;
     config.pairing_voucher = options.pairing_voucher;
+    config.hold_until_taken = options.hold_until_taken;
     let node = Node::recover(config, environment.entropy(), clock.now(), &store)?;
     let endpoint = endpoint::client_endpoint(environment.as_ref(), options.gateway_pin)?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
@@ -491,6 +510,7 @@ impl Core {
             Command::Groups { reply: to } => {
                 let _ = to.send(self.summaries());
             }
+            Command::Taken { conversation, seq } => self.node.taken(conversation, seq),
             Command::Reconnect => {
                 self.node.go_offline(now);
                 self.node.go_online(now);
@@ -504,6 +524,7 @@ impl Core {
                     root: trust.root().cloned(),
                     paired_with: trust.paired_with().map(|c| c.device()),
                     crl_version: trust.crl_version(),
+                    unread: self.node.unread_len(),
                     last_problem: match self.node.status() {
                         ConnectionStatus::Connected => None,
                         _ => self.last_problem.clone(),

@@ -203,9 +203,10 @@ fn print_group(name: &str, g: &GroupSummary, users: &BTreeMap<UserId, String>, m
     } else {
         String::new()
     };
-    println!(
+    say!(
         "{} {name} ({}) epoch {epoch}, {state}{queued}",
-        g.kind, g.conversation
+        g.kind,
+        g.conversation
     );
     let mut by_user: BTreeMap<UserId, Vec<DeviceId>> = BTreeMap::new();
     for (d, u) in &g.members {
@@ -226,7 +227,7 @@ fn print_group(name: &str, g: &GroupSummary, users: &BTreeMap<UserId, String>, m
                 }
             })
             .collect();
-        println!("  {name}: {}", list.join(", "));
+        say!("  {name}: {}", list.join(", "));
     }
 }
 
@@ -250,12 +251,12 @@ pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
         .iter()
         .any(|(_, u)| *u == UserId::from_name(user))
     {
-        println!(
+        say!(
             "  {user} has no device with KeyPackages at the gateway yet; add them later with \
              `sund room invite {name} {user}`"
         );
     }
-    println!("write with: sund send {name} MESSAGE");
+    say!("write with: sund send {name} MESSAGE");
     Ok(())
 }
 
@@ -264,7 +265,7 @@ fn note_missing(name: &str, invited: &[String], group: &GroupSummary) {
     for user in invited {
         let id = UserId::from_name(user);
         if !group.members.iter().any(|(_, u)| *u == id) {
-            println!(
+            say!(
                 "  {user} has no device with KeyPackages at the gateway (never connected, or not \
                  a user there); invite them again once they have run sund: \
                  sund room invite {name} {user}"
@@ -364,14 +365,14 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             let role = parse_role(&role)?;
             let intent = DeviceGroups::role_change(UserId::from_name(&user), role);
             change(&device, GroupRequest::Change(conv, intent)).await?;
-            println!("{user} is now {role} of {name}");
+            say!("{user} is now {role} of {name}");
             Ok(())
         }
         RoomCommand::Leave { data_dir, name } => {
             let device = load(&data_dir)?;
             let conv = known_group(&device, &name)?;
             leave(&device, conv).await?;
-            println!("this device left {name}");
+            say!("this device left {name}");
             Ok(())
         }
         RoomCommand::Name { data_dir, id, name } => {
@@ -386,7 +387,7 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             device
                 .name_conversation(&name, ConversationId(parsed))
                 .map_err(|e| e.to_string())?;
-            println!("{name} = {}", ConversationId(parsed));
+            say!("{name} = {}", ConversationId(parsed));
             Ok(())
         }
     }
@@ -436,7 +437,7 @@ pub async fn devices(data_dir: &Path) -> Result<(), String> {
     let names = device.conversation_names();
     let users = device.user_names();
     if groups.is_empty() {
-        println!("this device is in no DM or room yet: `sund dm USER` or `sund room create NAME`");
+        say!("this device is in no DM or room yet: `sund dm USER` or `sund room create NAME`");
     }
     for g in &groups {
         let name = names

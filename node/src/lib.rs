@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+pub mod display;
 pub mod driver;
 
 pub use sund_model::node;

@@ -1,5 +1,6 @@
 //! `sund`: the Sund command-line client.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,7 +11,25 @@ use clap::{Parser, Subcommand};
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::wire::payload::ErrorCode;
 use sund_node::device::Device;
+use sund_node::display;
 use sund_node::driver;
+
+/// `println!` that never panics: when whoever reads our output has gone (`sund dm bob | head
+/// -1`), the command still finishes its work and the rest of its output is dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics (see `say!`).
+macro_rules! esay {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 #[cfg(feature = "demo")]
 mod demo;
@@ -213,14 +232,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            esay!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("error: {message}");
+            esay!("error: {message}");
             ExitCode::from(1)
         }
     }
@@ -251,19 +270,19 @@ async fn run(command: Command) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             let key = device.key.public().to_hex();
-            println!(
+            say!(
                 "device {} ready in {}",
                 device.key.device_id(),
                 data_dir.display()
             );
-            println!("device key: {key}");
+            say!("device key: {key}");
             if device.enrolment.is_some() {
-                println!("it registers with its enrolment token when it first connects");
+                say!("it registers with its enrolment token when it first connects");
             } else {
-                println!(
+                say!(
                     "without --token it can register only with a gateway running --open-enrolment;"
                 );
-                println!("otherwise, on the gateway host: sund-gateway admin enrol-token USER, then rerun init with --token");
+                say!("otherwise, on the gateway host: sund-gateway admin enrol-token USER, then rerun init with --token");
             }
             Ok(())
         }
@@ -335,7 +354,7 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
             }
             event = node.events.recv() => match event {
                 Some(NodeEvent::Accepted { msg_id: m, seq, .. }) if m == msg_id => {
-                    println!("sent to {conversation}: seq {seq}");
+                    say!("sent to {conversation}: seq {seq}");
                     break;
                 }
                 Some(NodeEvent::Rejected { msg_id: m, code }) if m == msg_id => {
@@ -390,27 +409,40 @@ async fn follow(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             event = node.events.recv() => match event {
-                Some(NodeEvent::Delivered { conversation, seq, sender, body, .. }) => {
-                    let conversation = names.get(&conversation).cloned().unwrap_or_else(|| conversation.to_string());
+                Some(NodeEvent::Delivered { conversation: id, seq, sender, body, .. }) => {
+                    let conversation = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
                     let from = group_commands::who(sender, &members, &users);
-                    println!("{conversation} seq {seq} from {from}: {}", String::from_utf8_lossy(&body));
+                    let line = format!(
+                        "{} seq {seq} from {}: {}",
+                        display::printable(&conversation),
+                        display::printable(&from),
+                        display::body(&body)
+                    );
+                    // Taken only once printed: a message a closed pipe (`| head -1`) or a
+                    // crash kept from the screen is shown by the next `follow`.
+                    let mut out = std::io::stdout().lock();
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        break;
+                    }
+                    drop(out);
+                    node.taken(id, seq).await.map_err(|e| e.to_string())?;
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {
                         break;
                     }
                 }
                 Some(NodeEvent::Gap { conversation, from, to }) => {
-                    eprintln!("{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them");
+                    esay!("{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them");
                 }
-                Some(NodeEvent::Status(status)) => eprintln!("status: {}", describe(status)),
-                Some(NodeEvent::Refused { message, .. }) => eprintln!("refused by the gateway: {message}"),
+                Some(NodeEvent::Status(status)) => esay!("status: {}", describe(status)),
+                Some(NodeEvent::Refused { message, .. }) => esay!("refused by the gateway: {message}"),
                 Some(NodeEvent::Revoked) => {
                     let _ = node.stop().await;
                     return Err(REVOKED.into());
                 }
                 Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::RemovedFrom { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
                     members = group_commands::members(&node).await;
-                    eprintln!("{}", group_commands::describe_event(&event, &names, &members, &users));
+                    esay!("{}", group_commands::describe_event(&event, &names, &members, &users));
                 }
                 Some(_) => {}
                 None => return Err("the node stopped unexpectedly".into()),
@@ -430,9 +462,9 @@ fn describe(status: ConnectionStatus) -> String {
 
 async fn status(data_dir: &Path) -> Result<(), String> {
     let device = load(data_dir)?;
-    println!("device     {}", device.key.device_id());
-    println!("device key {}", device.key.public().to_hex());
-    println!("gateway    {}", device.gateway);
+    say!("device     {}", device.key.device_id());
+    say!("device key {}", device.key.public().to_hex());
+    say!("gateway    {}", device.gateway);
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
@@ -452,19 +484,25 @@ async fn status(data_dir: &Path) -> Result<(), String> {
         }
     }
     let snapshot = node.status().await.map_err(|e| e.to_string())?;
-    println!("outbox     {} message(s) waiting", snapshot.outbox);
+    say!("outbox     {} message(s) waiting", snapshot.outbox);
+    if snapshot.unread > 0 {
+        say!(
+            "unread     {} message(s) not shown yet: `sund follow` prints them",
+            snapshot.unread
+        );
+    }
     match (&snapshot.certificate, &snapshot.root) {
-        (Some((_, serial)), Some(root)) => println!(
+        (Some((_, serial)), Some(root)) => say!(
             "trust      certificate {serial} from root {} ({}), CRL version {}",
             root.fingerprint(),
             root.domain,
             snapshot.crl_version
         ),
-        _ => println!("trust      not registered yet"),
+        _ => say!("trust      not registered yet"),
     }
     match (&device.pairing, snapshot.paired_with) {
-        (_, Some(voucher)) => println!("paired     with device {voucher}, confirmed by the gateway"),
-        (Some(code), None) => println!(
+        (_, Some(voucher)) => say!("paired     with device {voucher}, confirmed by the gateway"),
+        (Some(code), None) => say!(
             "paired     with the device whose key starts {}: trusted on first use, not yet confirmed by the gateway",
             sund_model::hex::encode(&code.voucher)
         ),
@@ -472,14 +510,14 @@ async fn status(data_dir: &Path) -> Result<(), String> {
     }
     match (snapshot.connection, refused) {
         (_, Some(message)) => {
-            println!("connection refused");
+            say!("connection refused");
             let _ = node.stop().await;
             return Err(format!("the gateway refused this device: {message}"));
         }
-        (ConnectionStatus::Connected, _) => println!("connection connected"),
+        (ConnectionStatus::Connected, _) => say!("connection connected"),
         (other, _) => match &snapshot.last_problem {
-            Some(problem) => println!("connection {} — {problem}", describe(other)),
-            None => println!(
+            Some(problem) => say!("connection {} — {problem}", describe(other)),
+            None => say!(
                 "connection {} — is the gateway running at {}?",
                 describe(other),
                 device.gateway

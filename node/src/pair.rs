@@ -58,12 +58,12 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
         gateway: device.gateway.to_string(),
     };
     if qr {
-        println!("{}", qr_text(&code)?);
+        say!("{}", qr_text(&code)?);
     }
-    println!("pairing code for a new device of {user_name} (one use, valid for 10 minutes):");
-    println!("{}", code.to_text());
-    println!("on the new device: sund pair accept --data-dir DIR CODE");
-    println!(
+    say!("pairing code for a new device of {user_name} (one use, valid for 10 minutes):");
+    say!("{}", code.to_text());
+    say!("on the new device: sund pair accept --data-dir DIR CODE");
+    say!(
         "it will trust this device: {}",
         &device.key.public().to_hex()[..32]
     );
@@ -76,7 +76,7 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
     let result = loop {
         tokio::select! {
             _ = &mut vouch_wait, if !ready => {
-                println!("the gateway cannot be reached now: the code starts working once this device reaches it (any `sund` command, or `sund follow`, takes it there)");
+                say!("the gateway cannot be reached now: the code starts working once this device reaches it (any `sund` command, or `sund follow`, takes it there)");
                 if wait.is_zero() {
                     break Ok(());
                 }
@@ -84,20 +84,20 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
             }
             _ = &mut linked_wait, if ready => {
                 if !wait.is_zero() {
-                    println!("no new device registered with the code while waiting; it stays valid until it expires");
+                    say!("no new device registered with the code while waiting; it stays valid until it expires");
                 }
                 break Ok(());
             }
             event = node.events.recv() => match event {
                 Some(NodeEvent::PairingReady { .. }) => {
-                    println!("the gateway holds the code: waiting for the new device");
+                    say!("the gateway holds the code: waiting for the new device");
                     ready = true;
                     if wait.is_zero() {
                         break Ok(());
                     }
                 }
                 Some(NodeEvent::DeviceLinked { device: linked }) => {
-                    println!("device {linked} is now linked to {user_name}");
+                    say!("device {linked} is now linked to {user_name}");
                     break Ok(());
                 }
                 Some(NodeEvent::PairingRefused { reason }) => {
@@ -120,13 +120,13 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
 pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), String> {
     let code = PairingCode::from_text(text).map_err(|e| e.to_string())?;
     let device = Device::init_paired(data_dir, &code).map_err(|e| e.to_string())?;
-    println!(
+    say!(
         "device {} set up in {} for {}",
         device.key.device_id(),
         data_dir.display(),
         code.user_name
     );
-    println!(
+    say!(
         "trusting the device that showed the code on first use: {}",
         hex(&code.voucher)
     );
@@ -140,24 +140,24 @@ pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), S
         tokio::select! {
             _ = &mut deadline => {
                 if told_unknown {
-                    println!("the gateway does not know the code yet: this device registers with it at its next connection, which works once the other device has reached the gateway and while the code is valid (10 minutes from when it was shown); `sund status` says when the pairing is confirmed");
+                    say!("the gateway does not know the code yet: this device registers with it at its next connection, which works once the other device has reached the gateway and while the code is valid (10 minutes from when it was shown); `sund status` says when the pairing is confirmed");
                 } else {
-                    println!("the gateway at {} cannot be reached: the pairing is kept (trust on first use) and is confirmed when this device next connects, if the code is still valid; `sund status` says when", code.gateway);
+                    say!("the gateway at {} cannot be reached: the pairing is kept (trust on first use) and is confirmed when this device next connects, if the code is still valid; `sund status` says when", code.gateway);
                 }
                 break Ok(());
             }
             event = node.events.recv() => match event {
                 Some(NodeEvent::Paired { voucher }) => {
-                    println!("paired: the gateway confirmed that device {voucher} vouched for this one");
+                    say!("paired: the gateway confirmed that device {voucher} vouched for this one");
                 }
                 Some(NodeEvent::Status(ConnectionStatus::Connected)) => {
-                    println!("connected to the gateway as a device of {}", code.user_name);
+                    say!("connected to the gateway as a device of {}", code.user_name);
                     break Ok(());
                 }
                 Some(NodeEvent::Refused { code: ErrorCode::EnrolmentTokenInvalid, .. }) if !told_unknown => {
                     // The device that showed the code may not have reached the gateway yet:
                     // the node keeps trying.
-                    println!("the gateway does not know this code yet (has the other device reached it?); still trying");
+                    say!("the gateway does not know this code yet (has the other device reached it?); still trying");
                     told_unknown = true;
                 }
                 Some(NodeEvent::Refused { code: ErrorCode::EnrolmentTokenInvalid, .. }) => {}

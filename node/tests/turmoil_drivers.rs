@@ -136,6 +136,7 @@ impl World {
             user: None,
             mls: None,
             enrolment: Some(self.tokens[usize::from(n) - 1]),
+            hold_until_taken: true,
         };
         node_driver::start(options).await.unwrap()
     }
@@ -168,6 +169,7 @@ async fn receive_all(node: &mut NodeHandle, count: u64) -> Received {
                 ..
             } if conversation == room => {
                 assert_eq!(seq, next, "delivered out of order or twice");
+                node.taken(conversation, seq).await.unwrap();
                 got.bodies.push(body);
                 got.times_ms.push(started.elapsed().as_millis());
                 next += 1;

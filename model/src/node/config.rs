@@ -47,6 +47,10 @@ pub struct NodeConfig {
     /// the device that showed it. Trusted on first use; the device takes its certificate only
     /// if the gateway names that device as the voucher (see `trust::pairing`).
     pub pairing_voucher: Option<[u8; 16]>,
+    /// Keep each delivered message in the store until the application says it took it
+    /// ([`crate::node::Node::taken`]), and deliver untaken ones again when the node starts: for
+    /// an application that shows messages where a crash loses them (see `node::unread`).
+    pub hold_until_taken: bool,
 }
 
 impl NodeConfig {
@@ -69,6 +73,7 @@ impl NodeConfig {
             mls: None,
             enrolment: None,
             pairing_voucher: None,
+            hold_until_taken: false,
         }
     }
 

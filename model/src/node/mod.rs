@@ -32,6 +32,7 @@ pub mod mls;
 pub mod outbox;
 mod timers;
 pub mod trust;
+pub mod unread;
 
 use bytes::Bytes;
 
@@ -58,6 +59,7 @@ pub use events::{
 pub use inbox::NODE_CURSORS_TABLE;
 pub use link::NODE_SESSION_TABLE;
 pub use outbox::{OUTBOX_TABLE, OUTBOX_WELCOME_TABLE};
+pub use unread::NODE_UNREAD_TABLE;
 
 use inbox::{Inbound, Inbox};
 use link::{Link, LinkDue};
@@ -65,6 +67,7 @@ use mls::NodeMls;
 use outbox::Outbox;
 use timers::NodeTimer;
 use trust::{CrlOutcome, NodeTrust};
+use unread::Unread;
 
 /// The node's effects sink.
 pub(crate) type NodeFx = Effects<NodeOutput>;
@@ -91,6 +94,7 @@ pub struct Node {
     link: Link,
     outbox: Outbox,
     inbox: Inbox,
+    unread: Unread,
     trust: NodeTrust,
     mls: Option<NodeMls>,
     timers: TimerTable<NodeTimer>,
@@ -139,12 +143,21 @@ impl Node {
             None => None,
         };
         let trust = NodeTrust::recover(store)?;
+        let mut unread = Unread::default();
+        if config.hold_until_taken {
+            let (held, untaken) = Unread::recover(store)?;
+            unread = held;
+            for event in untaken {
+                fx.event(event);
+            }
+        }
         let mut node = Node {
             config,
             entropy,
             link,
             outbox,
             inbox,
+            unread,
             trust,
             mls,
             timers: TimerTable::default(),
@@ -176,6 +189,11 @@ impl Node {
     /// Messages waiting for the gateway's acknowledgement.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Delivered messages the application has not taken yet (with `hold_until_taken`).
+    pub fn unread_len(&self) -> usize {
+        self.unread.len()
     }
 
     /// Counters.
@@ -278,6 +296,12 @@ impl Node {
         if let Some(conn) = self.link.open_conn() {
             self.transmit(now, conn, msg_id);
         }
+    }
+
+    /// The application took (showed, stored) the message at `seq` of `conversation`: with
+    /// `hold_until_taken`, it is forgotten and not delivered again. Taking twice is harmless.
+    pub fn taken(&mut self, conversation: ConversationId, seq: u64) {
+        self.unread.taken(conversation, seq, self.fx.writes());
     }
 
     /// Closes the session cleanly and stays offline until `go_online`.
@@ -819,6 +843,9 @@ impl Node {
                 Some(NodeEvent::GroupChanged { .. } | NodeEvent::RemovalProposed { .. })
             );
             if let Some(event) = event {
+                if self.config.hold_until_taken && matches!(event, NodeEvent::Delivered { .. }) {
+                    self.unread.keep(&event, self.fx.writes());
+                }
                 self.fx.event(event);
             }
             match self.inbox.take(conv, next + 1) {
