@@ -364,9 +364,10 @@ async fn load_client(
         }
     });
     let mut last_ack = 0;
+    let mut after = [0u8; 16];
     for i in 0..count {
         let mut msg_id = [0u8; 16];
-        msg_id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        msg_id[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
         let frame = Frame::new(
             Routing {
                 conversation: conv,
@@ -377,8 +378,10 @@ async fn load_client(
                 msg_id,
                 body: vec![b'x'; BODY],
                 welcome: None,
+                after: Some(after),
             }),
         );
+        after = msg_id;
         send.write_all(&frame.encode()).await.unwrap();
         while let Ok(seq) = ack_rx.try_recv() {
             last_ack = last_ack.max(seq);

@@ -65,6 +65,11 @@ struct Harness {
     now: Instant,
     /// Each test device's certificate, registered at its first hello.
     certificates: BTreeMap<DeviceId, Vec<u8>>,
+    /// What each (device, message id) was sent after: a message sent again keeps it, a new one
+    /// comes after its device's last acknowledged message, as a node's outbox chains them.
+    sent_after: BTreeMap<(DeviceId, u8), u8>,
+    /// Each device's last acknowledged message id (0: none).
+    acked_last: BTreeMap<DeviceId, u8>,
 }
 
 impl Harness {
@@ -79,6 +84,8 @@ impl Harness {
             store: MemStore::default(),
             now: Instant(0),
             certificates: BTreeMap::new(),
+            sent_after: BTreeMap::new(),
+            acked_last: BTreeMap::new(),
         };
         h.input(support::admin(AdminCommand::CreateConversation(
             CONV,
@@ -96,6 +103,8 @@ impl Harness {
             store: self.store.clone(),
             now: self.now,
             certificates: self.certificates.clone(),
+            sent_after: self.sent_after.clone(),
+            acked_last: self.acked_last.clone(),
         }
     }
 
@@ -208,11 +217,32 @@ impl Harness {
     }
 
     fn send(&mut self, conn: u64, device: DeviceId, msg_id: u8, body: &[u8]) -> Vec<GatewayOutput> {
+        let last = self.acked_last.get(&device).copied().unwrap_or(0);
+        let after = *self.sent_after.entry((device, msg_id)).or_insert(last);
+        let out = self.send_after(conn, device, msg_id, after, body);
+        let acked = frames_to(&out, conn)
+            .iter()
+            .any(|f| matches!(f.payload, Payload::SendAck(a) if a.msg_id == [msg_id; 16]));
+        if acked && after == last {
+            self.acked_last.insert(device, msg_id);
+        }
+        out
+    }
+
+    fn send_after(
+        &mut self,
+        conn: u64,
+        device: DeviceId,
+        msg_id: u8,
+        after: u8,
+        body: &[u8],
+    ) -> Vec<GatewayOutput> {
         let routing = Routing {
             conversation: CONV,
             sender: device,
             ..Routing::default()
         };
+        let after = if after == 0 { [0; 16] } else { [after; 16] };
         self.frame(
             conn,
             routing,
@@ -220,6 +250,7 @@ impl Harness {
                 msg_id: [msg_id; 16],
                 body: body.to_vec(),
                 welcome: None,
+                after: Some(after),
             }),
         )
     }
@@ -642,6 +673,55 @@ fn a_new_session_replaces_the_old_one_of_the_same_device() {
 
 // ---- sequencing and delivery ----
 
+/// The `SendAck`s and `sender_out_of_order` refusals to `conn`, as (message byte, seq or the
+/// byte of the message the gateway says comes last).
+fn send_answers(outputs: &[GatewayOutput], conn: u64) -> Vec<(&'static str, u8, u64)> {
+    frames_to(outputs, conn)
+        .into_iter()
+        .filter_map(|f| match f.payload {
+            Payload::SendAck(a) => Some(("ack", a.msg_id[0], f.routing.seq)),
+            Payload::Error(e) if e.code == ErrorCode::SenderOutOfOrder as u16 => Some((
+                "out of order",
+                e.msg_id.unwrap()[0],
+                u64::from(e.after.unwrap()[0]),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_device_s_messages_are_sequenced_only_in_the_order_it_chained_them() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    // 2 comes after 1, which has not arrived (lost or overtaken): refused, naming "none yet".
+    let out = h.send_after(1, alice(), 2, 1, b"second");
+    assert_eq!(send_answers(&out, 1), vec![("out of order", 2, 0)]);
+    let out = h.send_after(1, alice(), 1, 0, b"first");
+    assert_eq!(send_answers(&out, 1), vec![("ack", 1, 1)]);
+    let out = h.send_after(1, alice(), 2, 1, b"second");
+    assert_eq!(send_answers(&out, 1), vec![("ack", 2, 2)]);
+    // A copy of 1 is a duplicate whatever it names: its original seq.
+    let out = h.send_after(1, alice(), 1, 9, b"first");
+    assert_eq!(send_answers(&out, 1), vec![("ack", 1, 1)]);
+    // Another device's chain is its own.
+    h.connect(2, bob());
+    let out = h.send_after(2, bob(), 7, 0, b"bob");
+    assert_eq!(send_answers(&out, 2), vec![("ack", 7, 3)]);
+    // The last survives a restart: a stale chain is refused, the right one taken.
+    let mut h = h.restarted(open_config());
+    h.connect(3, alice());
+    let out = h.send_after(3, alice(), 4, 1, b"stale chain");
+    assert_eq!(send_answers(&out, 3), vec![("out of order", 4, 2)]);
+    let out = h.send_after(3, alice(), 4, 2, b"third");
+    assert_eq!(send_answers(&out, 3), vec![("ack", 4, 4)]);
+    assert_eq!(
+        h.gateway.stats().delivery.out_of_sender_order,
+        1,
+        "counted since the restart"
+    );
+}
+
 #[test]
 fn a_message_is_acknowledged_only_in_the_ready_that_persists_it() {
     let mut h = Harness::new();
@@ -658,6 +738,7 @@ fn a_message_is_acknowledged_only_in_the_ready_that_persists_it() {
             msg_id: [9; 16],
             body: b"hi".to_vec(),
             welcome: None,
+            after: Some([0; 16]),
         }),
     )
     .encode();

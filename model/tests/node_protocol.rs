@@ -295,6 +295,143 @@ fn without_hold_until_taken_nothing_is_kept_for_the_application() {
     assert!(node.poll_ready().is_none());
 }
 
+/// The `Send` frames in `outputs`, as (message id, what it comes after).
+fn sends(outputs: &[NodeOutput]) -> Vec<(MsgId, Option<MsgId>)> {
+    sent(outputs)
+        .into_iter()
+        .filter_map(|f| match f.payload {
+            Payload::Send(s) => Some((s.msg_id(), s.after.map(MsgId::from_bytes))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn eager_and_held(h: &mut Harness) -> Vec<NodeOutput> {
+    let mut out = Vec::new();
+    while let Some(mut ready) = h.node.poll_ready() {
+        out.extend(ready.take_eager());
+        out.extend(ready.commit(&mut h.store).unwrap());
+    }
+    out
+}
+
+fn send_ack(h: &mut Harness, id: MsgId, seq: u64) -> Vec<NodeOutput> {
+    let routing = Routing {
+        conversation: CONV,
+        seq,
+        ..Routing::default()
+    };
+    h.frame(
+        1,
+        routing,
+        Payload::SendAck(SendAck {
+            msg_id: id.to_bytes(),
+        }),
+    )
+}
+
+fn out_of_order(h: &mut Harness, refused: MsgId, last: MsgId) -> Vec<NodeOutput> {
+    let report = ErrorReport {
+        code: ErrorCode::SenderOutOfOrder as u16,
+        message: "out of order".into(),
+        msg_id: Some(refused.to_bytes()),
+        after: Some(last.to_bytes()),
+    };
+    let routing = Routing {
+        conversation: CONV,
+        ..Routing::default()
+    };
+    h.frame(1, routing, Payload::Error(report))
+}
+
+#[test]
+fn messages_queued_offline_go_out_in_the_order_they_were_sent_each_chained_to_the_one_before() {
+    let mut h = Harness::new();
+    // Offline: three messages queue up (random ids, so id order is not send order).
+    let ids: Vec<MsgId> = (1..=3)
+        .map(|i| {
+            h.node
+                .send(h.now, CONV, Bytes::from(format!("q{i}")))
+                .unwrap()
+        })
+        .collect();
+    h.drain();
+    let out = h.open(1);
+    let none = MsgId::from_bytes([0; 16]);
+    assert_eq!(
+        sends(&out),
+        vec![
+            (ids[0], Some(none)),
+            (ids[1], Some(ids[0])),
+            (ids[2], Some(ids[1]))
+        ],
+        "in send order, each after the one before"
+    );
+    // The same after a restart.
+    let mut again = Harness {
+        node: Node::recover(config(), Box::new(Counter(9)), h.now, &h.store).unwrap(),
+        store: h.store.clone(),
+        now: h.now,
+    };
+    assert_eq!(sends(&again.open(2)), sends(&out));
+    // Acknowledged in order, the next message chains after the last acknowledged one.
+    for (seq, id) in ids.iter().enumerate() {
+        send_ack(&mut h, *id, seq as u64 + 1);
+    }
+    h.node.send(h.now, CONV, Bytes::from_static(b"q4")).unwrap();
+    let out = eager_and_held(&mut h);
+    assert_eq!(sends(&out)[0].1, Some(ids[2]));
+}
+
+#[test]
+fn a_refusal_out_of_order_resends_what_waits_chained_from_the_gateways_last() {
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    let b = h.node.send(h.now, CONV, Bytes::from_static(b"b")).unwrap();
+    eager_and_held(&mut h);
+    // The gateway sequenced a message this device forgot (a crash took it before it was
+    // written): it is the gateway's last, and `a` must come after it.
+    let forgotten = MsgId::from_bytes([0xf0; 16]);
+    let out = out_of_order(&mut h, a, forgotten);
+    assert_eq!(sends(&out), vec![(a, Some(forgotten)), (b, Some(a))]);
+    assert_eq!(h.node.stats().sender_resyncs, 1);
+    // More refusals of the same wave (copies sent before) change nothing and send nothing
+    // within the replay interval.
+    let out = out_of_order(&mut h, b, forgotten);
+    assert!(sends(&out).is_empty(), "{out:?}");
+    // `a` itself is the gateway's last: its acknowledgement is on the way, and `b` was merely
+    // overtaken; after the interval what waits goes again.
+    h.now = h.now + Duration::from_secs(1);
+    let out = out_of_order(&mut h, b, a);
+    assert_eq!(sends(&out), vec![(a, Some(forgotten)), (b, Some(a))]);
+}
+
+#[test]
+fn a_message_refused_for_good_leaves_the_chain_and_the_next_goes_again_after_its_predecessor() {
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    let b = h.node.send(h.now, CONV, Bytes::from_static(b"b")).unwrap();
+    eager_and_held(&mut h);
+    let report = ErrorReport {
+        code: ErrorCode::NotMember as u16,
+        message: "no".into(),
+        msg_id: Some(a.to_bytes()),
+        after: None,
+    };
+    let routing = Routing {
+        conversation: CONV,
+        ..Routing::default()
+    };
+    let out = h.frame(1, routing, Payload::Error(report));
+    assert_eq!(
+        sends(&out),
+        vec![(b, Some(MsgId::from_bytes([0; 16])))],
+        "b now comes first"
+    );
+}
+
 #[test]
 fn each_delivery_is_acknowledged_with_the_new_cursor() {
     let mut h = Harness::new();
@@ -419,6 +556,7 @@ fn a_rejected_message_leaves_the_outbox_with_its_reason() {
         code: ErrorCode::NotMember as u16,
         message: "no".into(),
         msg_id: Some(id.to_bytes()),
+        after: None,
     };
     let out = h.frame(1, Routing::default(), Payload::Error(report));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::Rejected {
@@ -501,6 +639,7 @@ fn replay_window_exceeded_reports_the_gap_and_moves_the_cursor() {
         code: ErrorCode::ReplayWindowExceeded as u16,
         message: "gone".into(),
         msg_id: None,
+        after: None,
     };
     let out = h.frame(
         1,
@@ -586,6 +725,7 @@ fn a_refused_resume_token_is_forgotten() {
         code: ErrorCode::ResumeTokenInvalid as u16,
         message: "no".into(),
         msg_id: None,
+        after: None,
     };
     h.frame(2, Routing::default(), Payload::Error(report));
     let node = Node::recover(config(), Box::new(Counter(8)), h.now, &h.store).unwrap();

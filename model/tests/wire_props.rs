@@ -66,20 +66,34 @@ fn payload() -> impl Strategy<Value = Payload> {
         }),
         (any::<u16>(), text())
             .prop_map(|(code, message)| Payload::Goodbye(Goodbye { code, message })),
-        (any::<u16>(), text(), proptest::option::of(bytes16())).prop_map(
-            |(code, message, msg_id)| Payload::Error(ErrorReport {
-                code,
-                message,
-                msg_id
-            })
-        ),
-        (bytes16(), body(), proptest::option::of(body())).prop_map(|(msg_id, body, welcome)| {
-            Payload::Send(Send {
-                msg_id,
-                body,
-                welcome: welcome.map(Into::into),
-            })
-        }),
+        (
+            any::<u16>(),
+            text(),
+            proptest::option::of(bytes16()),
+            proptest::option::of(bytes16())
+        )
+            .prop_map(
+                |(code, message, msg_id, after)| Payload::Error(ErrorReport {
+                    code,
+                    message,
+                    msg_id,
+                    after
+                })
+            ),
+        (
+            bytes16(),
+            body(),
+            proptest::option::of(body()),
+            proptest::option::of(bytes16())
+        )
+            .prop_map(|(msg_id, body, welcome, after)| {
+                Payload::Send(Send {
+                    msg_id,
+                    body,
+                    welcome: welcome.map(Into::into),
+                    after,
+                })
+            }),
         bytes16().prop_map(|msg_id| Payload::SendAck(SendAck { msg_id })),
         (bytes16(), body()).prop_map(|(msg_id, body)| Payload::Deliver(Deliver { msg_id, body })),
         Just(Payload::Ack(Ack {})),
@@ -365,6 +379,7 @@ fn a_connection_limit_below_the_protocol_limit_is_enforced() {
             msg_id: [1; 16],
             body: vec![0; 2000],
             welcome: None,
+            after: Some([0; 16]),
         }),
     )
     .encode();
@@ -394,6 +409,7 @@ fn a_payload_for_the_wrong_opcode_is_malformed() {
             msg_id: [1; 16],
             body: vec![1],
             welcome: None,
+            after: Some([0; 16]),
         }),
     )
     .encode()

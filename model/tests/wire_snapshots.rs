@@ -34,6 +34,7 @@ fn send_frame_bytes() {
             msg_id: [0x11; 16],
             body: b"hello".to_vec(),
             welcome: None,
+            after: Some([0; 16]),
         }),
     );
     insta::assert_snapshot!(hex(&frame.encode()));
@@ -194,6 +195,7 @@ fn group_frames_bytes() {
             msg_id: [0x5e; 16],
             body: vec![0x00, 0x01, 0x00, 0x02],
             welcome: Some(vec![0x00, 0x01, 0x00, 0x03].into()),
+            after: None,
         }),
     )
     .encode();
@@ -233,6 +235,7 @@ fn group_frames_bytes() {
             code: ErrorCode::StaleEpoch as u16,
             message: "a commit for epoch 3 was already accepted".into(),
             msg_id: Some([0x5e; 16]),
+            after: None,
         }),
     )
     .encode();

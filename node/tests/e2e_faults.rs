@@ -297,9 +297,13 @@ fn a_full_disk_stops_the_gateway_storing_not_listening_and_it_recovers_when_spac
         gateway.0.try_wait().unwrap().is_none(),
         "the gateway keeps running and retries its store"
     );
+    // A second message queues behind the first: they must go out in the order sent.
+    let queued = format!("while-full-{}", sent_while_full + 1);
+    let err = fails(&sund(), &["send", "--data-dir", a, "room", &queued]);
+    assert!(err.contains("stays in this device's outbox"), "{err}");
     let status = run(&sund(), &["status", "--data-dir", a]);
     assert!(
-        status.contains("outbox     1 message(s) waiting")
+        status.contains("outbox     2 message(s) waiting")
             && status.contains("cannot store messages"),
         "{status}"
     );
@@ -331,20 +335,16 @@ fn a_full_disk_stops_the_gateway_storing_not_listening_and_it_recovers_when_spac
     }
     run(&sund(), &["send", "--data-dir", a, "room", "after"]);
     let mut expected = vec!["before".to_string()];
-    expected.extend((1..=sent_while_full).map(|i| format!("while-full-{i}")));
+    expected.extend((1..=sent_while_full + 1).map(|i| format!("while-full-{i}")));
     expected.push("after".into());
     let lines = follow(b, "room", expected.len(), Duration::from_secs(30));
     let bodies: Vec<&str> = lines
         .iter()
-        .filter_map(|l| l.split_once(": ").map(|(_, body)| body))
+        .filter_map(|l| l.rsplit_once(": ").map(|(_, body)| body))
         .collect();
-    let mut sorted_bodies = bodies.clone();
-    sorted_bodies.sort();
-    let mut sorted_expected: Vec<&str> = expected.iter().map(String::as_str).collect();
-    sorted_expected.sort();
     assert_eq!(
-        sorted_bodies, sorted_expected,
-        "nothing lost, nothing twice: {lines:#?}"
+        bodies, expected,
+        "nothing lost, nothing twice, in the order sent: {lines:#?}"
     );
     assert!(gateway.0.try_wait().unwrap().is_none());
     gateway.0.kill().unwrap();

@@ -69,6 +69,12 @@ pub struct Checker {
     /// entry per message, not per device and message: a per-device set held 360 million
     /// entries (about 20 GB) after the hour of the 1,000-member room.
     delivered_seqs: BTreeMap<(ConversationId, DeviceId, MsgId), u64>,
+    /// Each application send, numbered in the order its device made it.
+    sent: BTreeMap<(ConversationId, DeviceId, MsgId), u64>,
+    /// Sends per device: how many so far.
+    sends_made: BTreeMap<DeviceId, u64>,
+    /// The seq each sequenced send got, by sender and conversation, in send order.
+    sequenced: BTreeMap<(ConversationId, DeviceId), BTreeMap<u64, u64>>,
     violation: Option<Violation>,
     stats: CheckerStats,
 }
@@ -83,6 +89,9 @@ impl Checker {
             accepted: BTreeMap::new(),
             delivered_upto: BTreeMap::new(),
             delivered_seqs: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            sends_made: BTreeMap::new(),
+            sequenced: BTreeMap::new(),
             violation: None,
             stats: CheckerStats::default(),
         }
@@ -145,7 +154,47 @@ impl Checker {
             Some(_) => {}
             None => {
                 self.owners.insert((conv, seq), (sender, msg_id));
+                self.check_sender_order(at_us, conv, seq, sender, msg_id, who);
             }
+        }
+    }
+
+    /// An application asked its device to send `msg_id` (and the device took it).
+    pub fn on_sent(&mut self, conv: ConversationId, sender: DeviceId, msg_id: MsgId) {
+        let made = self.sends_made.entry(sender).or_default();
+        *made += 1;
+        self.sent.insert((conv, sender, msg_id), *made);
+    }
+
+    /// A send got its seq: it must sit after every earlier send of its device to the
+    /// conversation and before every later one.
+    fn check_sender_order(
+        &mut self,
+        at_us: u64,
+        conv: ConversationId,
+        seq: u64,
+        sender: DeviceId,
+        msg_id: MsgId,
+        who: &str,
+    ) {
+        let Some(&index) = self.sent.get(&(conv, sender, msg_id)) else {
+            return; // not an application send (a commit, a re-sent Welcome...)
+        };
+        let order = self.sequenced.entry((conv, sender)).or_default();
+        let before = order.range(..index).next_back().map(|(&i, &s)| (i, s));
+        let after = order.range(index + 1..).next().map(|(&i, &s)| (i, s));
+        order.insert(index, seq);
+        let broken = match (before, after) {
+            (Some((i, s)), _) if s > seq => Some((i, s, "before")),
+            (_, Some((i, s))) if s < seq => Some((i, s, "after")),
+            _ => None,
+        };
+        if let Some((other, other_seq, relation)) = broken {
+            self.fail(
+                Invariant::SenderOrder,
+                at_us,
+                format!("{who}: {msg_id}, send #{index} of {sender} to {conv}, got seq {seq}, but its send #{other}, made {relation} it, got seq {other_seq}: the device's messages were sequenced out of the order it sent them"),
+            );
         }
     }
 
@@ -376,6 +425,27 @@ mod tests {
         c.on_accepted(1, "a/0", C, DeviceId(5), MsgId(1), 1);
         c.on_gateway_recovered(2, "gw", &[(C, 0)].into_iter().collect());
         assert_eq!(c.violation().unwrap().invariant, Invariant::NoLoss);
+    }
+
+    #[test]
+    fn sends_sequenced_out_of_the_order_they_were_made_break_sender_order() {
+        let mut c = checker();
+        let (me, other) = (DeviceId(5), DeviceId(6));
+        for id in 1..=3 {
+            c.on_sent(C, me, MsgId(id));
+        }
+        c.on_sent(C, other, MsgId(9));
+        c.on_accepted(1, "a/0", C, me, MsgId(1), 1);
+        c.on_accepted(2, "b/0", C, other, MsgId(9), 2);
+        c.on_accepted(3, "a/0", C, me, MsgId(3), 3);
+        assert!(
+            c.violation().is_none(),
+            "a gap for a send still in flight is fine"
+        );
+        c.on_accepted(4, "a/0", C, me, MsgId(2), 4);
+        let v = c.violation().expect("send #2 after send #3");
+        assert_eq!(v.invariant, Invariant::SenderOrder);
+        assert!(v.detail.contains("send #2"), "{}", v.detail);
     }
 
     #[test]

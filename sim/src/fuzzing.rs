@@ -87,6 +87,7 @@ enum WellFormed {
     Send {
         conversation: u8,
         msg_id: u8,
+        after: u8,
         body: Vec<u8>,
     },
     Ack {
@@ -286,6 +287,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
         WellFormed::Send {
             conversation: c,
             msg_id,
+            after,
             mut body,
         } => {
             body.truncate(BODY_BYTES_MAX);
@@ -301,6 +303,11 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                     msg_id: id,
                     body,
                     welcome: None,
+                    after: (after != u8::MAX).then(|| {
+                        let mut id = [0u8; 16];
+                        id[15] = after;
+                        id
+                    }),
                 }),
             )
         }
@@ -735,6 +742,7 @@ mod tests {
             WellFormed::Send {
                 conversation: 1,
                 msg_id: 7,
+                after: 0,
                 body: b"hi".to_vec(),
             },
         ));

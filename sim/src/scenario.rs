@@ -244,6 +244,9 @@ pub enum Invariant {
     CrlConverge,
     /// At most one authority per conversation at any time (federation).
     SingleAuthority,
+    /// What one device sends to one conversation is sequenced in the order it was sent.
+    /// Checked in every scenario, named or not.
+    SenderOrder,
 }
 
 impl Invariant {
@@ -261,6 +264,7 @@ impl Invariant {
         ),
         ("crl-converge", Invariant::CrlConverge),
         ("single-authority", Invariant::SingleAuthority),
+        ("sender-order", Invariant::SenderOrder),
     ];
 
     /// The DSL name.
@@ -284,6 +288,7 @@ impl Invariant {
                 | Invariant::Decrypt
                 | Invariant::RevokedNeverAuthenticates
                 | Invariant::CrlConverge
+                | Invariant::SenderOrder
         )
     }
 }
@@ -1237,7 +1242,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         let stem = file.rsplit('/').next().unwrap_or(file);
         stem.strip_suffix(".sund").unwrap_or(stem).to_string()
     });
-    let invariants = if b.invariants.is_empty() {
+    let mut invariants = if b.invariants.is_empty() {
         [
             Invariant::NoLoss,
             Invariant::NoDuplicate,
@@ -1249,6 +1254,8 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
     } else {
         b.invariants
     };
+    // A user's promise, not a protocol option: every scenario checks it.
+    invariants.insert(Invariant::SenderOrder);
     Ok(Scenario {
         name,
         file: file.to_string(),

@@ -1147,12 +1147,14 @@ impl World {
             sund_model::env::Entropy::fill_bytes(&mut self.workload_rng, &mut fill);
             body.extend_from_slice(&fill);
             body.truncate(size.max(1));
-            let mut offered = false;
+            let mut sent = None;
             self.with_node(device, |n, now| {
-                offered = n.send(now, conv, Bytes::from(body)).is_ok()
+                sent = n.send(now, conv, Bytes::from(body)).ok();
             });
-            if offered {
+            if let Some(msg_id) = sent {
                 self.offered += 1;
+                let id = self.actors[device as usize].device;
+                self.checker.on_sent(conv, id, msg_id);
             }
         }
         let next = self.now + period;

@@ -36,7 +36,8 @@ use sund_model::wire::payload::{
     Removed, ReplayRequest, RosterEntry, Send, SendAck, Welcome, FETCH_USERS_MAX,
 };
 use sund_model::wire::payload::{
-    Certificate, Crl as CrlPayload, CrlFetch, Register, TrustRoot, TrustRootFetch,
+    Certificate, Crl as CrlPayload, CrlFetch, DeviceLinked, PairVouch, PairVouched, Register,
+    RenewCertificate, TrustRoot, TrustRootFetch,
 };
 use sund_model::wire::{
     Frame, Opcode, Payload, Routing, WireError, HEADER_BYTES, PAYLOAD_BYTES_MAX,
@@ -124,6 +125,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 code: ErrorCode::NotMember as u16,
                 message: "not a member of this conversation".into(),
                 msg_id: Some([0x42; 16]),
+                after: None,
             }),
         ),
         (
@@ -132,6 +134,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 code: ErrorCode::UnexpectedOpcode as u16,
                 message: String::new(),
                 msg_id: None,
+                after: None,
             }),
         ),
         (
@@ -140,6 +143,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 msg_id: [1; 16],
                 body: b"hello, sund".to_vec(),
                 welcome: None,
+                after: Some([0; 16]),
             }),
         ),
         (
@@ -148,6 +152,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 msg_id: [0; 16],
                 body: vec![],
                 welcome: None,
+                after: Some([0; 16]),
             }),
         ),
         ("send-ack", Payload::SendAck(SendAck { msg_id: [9; 16] })),
@@ -217,6 +222,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 msg_id: [2; 16],
                 body: vec![0x00, 0x01, 0x00, 0x03, 0x00],
                 welcome: Some(vec![0x00, 0x01, 0x00, 0x03].into()),
+                after: None,
             }),
         ),
         (
@@ -232,6 +238,28 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             }),
         ),
         ("removed", Payload::Removed(Removed { seq: 9 })),
+        (
+            "pair-vouch",
+            Payload::PairVouch(PairVouch {
+                secret: [0x5c; 16],
+                expires: 1_800_000_000,
+                signature: [0x56; 64],
+            }),
+        ),
+        (
+            "pair-vouched",
+            Payload::PairVouched(PairVouched { secret: [0x5c; 16] }),
+        ),
+        (
+            "device-linked",
+            Payload::DeviceLinked(DeviceLinked {
+                certificate: vec![0xce; 160].into(),
+            }),
+        ),
+        (
+            "renew-certificate",
+            Payload::RenewCertificate(RenewCertificate {}),
+        ),
         ("leave", Payload::Leave(Leave {})),
         (
             "register",
@@ -247,6 +275,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::Certificate(Certificate {
                 certificate: vec![0xce; 160].into(),
                 root_key: [0x52; 32],
+                voucher: None,
             }),
         ),
         (

@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::groups::{Change, GroupState, Groups, GROUPS_TABLE};
+use super::sender_order::SenderOrder;
 use super::sequencer::{
     decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
     SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
@@ -169,6 +170,8 @@ pub struct DeliveryStats {
     pub gc_dropped: u64,
     /// Replays refused because they started before the retained log.
     pub replay_window_exceeded: u64,
+    /// Sends refused because they came out of their sender's order.
+    pub out_of_sender_order: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -208,6 +211,8 @@ pub struct Delivery {
     inbox_sent: BTreeMap<(DeviceId, ConversationId), Instant>,
     /// When the next GC step runs ahead of the tick, while there is a backlog.
     gc_again_at: Option<Instant>,
+    /// The sender seq each device must send next in each conversation.
+    sender_order: SenderOrder,
     stats: DeliveryStats,
 }
 
@@ -225,6 +230,7 @@ impl Delivery {
             inbox: BTreeMap::new(),
             inbox_sent: BTreeMap::new(),
             gc_again_at: None,
+            sender_order: SenderOrder::default(),
             stats: DeliveryStats::default(),
         }
     }
@@ -232,6 +238,7 @@ impl Delivery {
     /// Reads logs, members, cursors and inboxes back from the store.
     pub fn recover(limits: DeliveryLimits, store: &dyn StoreRead) -> Result<Delivery, StoreError> {
         let mut d = Delivery::new(limits);
+        d.sender_order = SenderOrder::recover(store)?;
         // A group's log exists even when every device has left it.
         scan_all(store, GROUPS_TABLE, |key, _| {
             let conv =
@@ -437,12 +444,45 @@ impl Delivery {
     // ---- sequencing ----
 
     /// Offers a message from `device` to `conv`'s log; a new one is persisted in `writes`.
+    /// Whether a message of `device` that comes `after` another may be sequenced now (see
+    /// [`SenderOrder`]): a duplicate always may (it keeps its seq), and so may a group
+    /// operation (no `after`); otherwise only one that comes after the last sequenced, which
+    /// `Err` names.
+    pub fn check_sender_order(
+        &mut self,
+        conv: ConversationId,
+        device: DeviceId,
+        msg_id: MsgId,
+        after: Option<MsgId>,
+    ) -> Result<(), MsgId> {
+        let Some(after) = after else {
+            return Ok(());
+        };
+        let duplicate = self
+            .conversations
+            .get(&conv)
+            .is_some_and(|log| log.duplicate_of(device, msg_id).is_some());
+        if duplicate {
+            return Ok(());
+        }
+        let checked = self.sender_order.check(conv, device, after);
+        if checked.is_err() {
+            self.stats.out_of_sender_order += 1;
+        }
+        checked
+    }
+
+    /// Sequences a message that passed [`Delivery::check_sender_order`] (and, in a group, its
+    /// admission), with the writes that make it durable; a `chained` one becomes its sender's
+    /// last.
+    #[allow(clippy::too_many_arguments)]
     pub fn append(
         &mut self,
         now: Instant,
         device: DeviceId,
         conv: ConversationId,
         msg_id: MsgId,
+        chained: bool,
         body: Bytes,
         writes: &mut WriteBatch,
     ) -> Result<Appended, AppendError> {
@@ -456,6 +496,9 @@ impl Delivery {
         match appended {
             Appended::New(seq) => {
                 log.persist_append(seq, writes);
+                if chained {
+                    self.sender_order.sequenced(conv, device, msg_id, writes);
+                }
                 self.stats.sequenced += 1;
             }
             Appended::Duplicate(_) => self.stats.duplicates += 1,
@@ -584,6 +627,7 @@ impl Delivery {
                 code: ErrorCode::ReplayWindowExceeded as u16,
                 message: format!("messages before seq {first} are no longer retained"),
                 msg_id: None,
+                after: None,
             };
             let routing = Routing {
                 conversation: conv,

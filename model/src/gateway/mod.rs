@@ -15,8 +15,8 @@
 //! The sub-machines, each with its tables and the store codec of its records:
 //! - [`session`]: connections, the handshake (hello, challenge, proof), resume tokens, hello
 //!   and idle timeouts;
-//! - [`delivery`]: conversation logs ([`sequencer`]), cursors, delivery windows (pump, rewind,
-//!   acknowledge), device inboxes, garbage collection;
+//! - [`delivery`]: conversation logs ([`sequencer`]), each sender's order ([`sender_order`]),
+//!   cursors, delivery windows (pump, rewind, acknowledge), device inboxes, garbage collection;
 //! - [`registry`]: the registration authority (register, vouch, renew, revoke, CRL) and the
 //!   binding of devices to users;
 //! - [`groups`]: MLS conversations (commit admission, roles, the external sender, removals);
@@ -34,6 +34,7 @@ pub mod groups;
 pub mod key_packages;
 mod refusal;
 pub mod registry;
+pub mod sender_order;
 pub mod sequencer;
 pub mod session;
 
@@ -696,7 +697,8 @@ impl Gateway {
             Payload::Error(ErrorReport {
                 code: refusal.code as u16,
                 message: message.to_string(),
-                msg_id: refusal.msg_id.map(MsgId::to_bytes),
+                msg_id: refusal.msg_id,
+                after: refusal.after,
             })
         };
         self.fx.send(conn, refusal.routing, payload);
@@ -723,6 +725,26 @@ impl Gateway {
         send: Send,
     ) {
         let msg_id = send.msg_id();
+        let after = send.after.map(MsgId::from_bytes);
+        if let Err(last) = self
+            .delivery
+            .check_sender_order(conv, device, msg_id, after)
+        {
+            let routing = Routing {
+                conversation: conv,
+                ..Routing::default()
+            };
+            let message = format!(
+                "this message comes after {}, but the last one sequenced from this device here is {last}",
+                after.unwrap_or_default()
+            );
+            let refusal = Refusal::error(ErrorCode::SenderOutOfOrder, message)
+                .in_conversation(routing)
+                .about(msg_id)
+                .after(last);
+            self.refuse(conn, refusal);
+            return;
+        }
         let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
         let body = send.body;
         let plain = self.delivery.contains(conv) && !self.groups.contains(conv);
@@ -764,6 +786,7 @@ impl Gateway {
             device,
             conv,
             msg_id,
+            after.is_some(),
             Bytes::from(body),
             self.fx.writes(),
         );

@@ -73,7 +73,9 @@ pub struct Refusal {
     pub(super) code: ErrorCode,
     pub(super) message: String,
     pub(super) routing: Routing,
-    pub(super) msg_id: Option<MsgId>,
+    /// As bytes (align 1) to keep `Refusal` small: it travels in every `Result` of the gateway.
+    pub(super) msg_id: Option<[u8; 16]>,
+    pub(super) after: Option<[u8; 16]>,
     pub(super) ends_session: bool,
 }
 
@@ -85,6 +87,7 @@ impl Refusal {
             message: message.into(),
             routing: Routing::default(),
             msg_id: None,
+            after: None,
             ends_session: false,
         }
     }
@@ -102,10 +105,18 @@ impl Refusal {
         Refusal { routing, ..self }
     }
 
+    /// Naming the message the refused one must come after (`sender_out_of_order`).
+    pub(crate) fn after(self, last: MsgId) -> Refusal {
+        Refusal {
+            after: Some(last.to_bytes()),
+            ..self
+        }
+    }
+
     /// Naming the message it refuses.
     pub(crate) fn about(self, msg_id: MsgId) -> Refusal {
         Refusal {
-            msg_id: Some(msg_id),
+            msg_id: Some(msg_id.to_bytes()),
             ..self
         }
     }

@@ -270,4 +270,7 @@ pub struct NodeStats {
     pub key_packages_uploaded: u64,
     /// KeyPackage uploads the gateway refused, or that could not be made.
     pub key_package_failures: u64,
+    /// Times the gateway refused a message out of this device's order and what waited went
+    /// out again, chained from the gateway's last.
+    pub sender_resyncs: u64,
 }

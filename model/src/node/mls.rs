@@ -161,12 +161,20 @@ impl Node {
         for action in actions {
             self.perform(now, action);
         }
+        let mut encrypted_again = std::collections::BTreeSet::new();
         for (msg_id, conv, result) in again {
             match result {
                 Ok(body) => {
-                    // Same id, new ciphertext: the gateway never sequenced the old one.
-                    self.outbox.remove(msg_id, self.fx.writes());
-                    self.enqueue(now, conv, msg_id, body, None);
+                    // Same id and place in the sender order, new ciphertext: the gateway never
+                    // sequenced the old one.
+                    if self
+                        .outbox
+                        .replace_body(msg_id, body.clone(), self.fx.writes())
+                    {
+                        encrypted_again.insert(conv);
+                    } else {
+                        self.enqueue(now, conv, msg_id, true, body, None);
+                    }
                 }
                 Err(_) => {
                     self.outbox.remove(msg_id, self.fx.writes());
@@ -180,6 +188,11 @@ impl Node {
                 }
             }
         }
+        // What waited behind them was turned away out of order meanwhile: all of it goes again,
+        // in order.
+        for conv in encrypted_again {
+            self.retransmit_conversation(now, conv);
+        }
     }
 
     pub(super) fn perform(&mut self, now: Instant, action: GroupAction) {
@@ -192,7 +205,7 @@ impl Node {
                 msg_id,
                 body,
                 welcome,
-            } => self.enqueue(now, conversation, msg_id, body, welcome),
+            } => self.enqueue(now, conversation, msg_id, false, body, welcome),
             GroupAction::Fetch { request, users } => {
                 let fetch = KeyPackageFetch {
                     users: users.iter().map(|u| u.to_bytes().into()).collect(),

@@ -34,6 +34,8 @@ mod timers;
 pub mod trust;
 pub mod unread;
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 
 use crate::effects::Effects;
@@ -98,6 +100,8 @@ pub struct Node {
     trust: NodeTrust,
     mls: Option<NodeMls>,
     timers: TimerTable<NodeTimer>,
+    /// When each conversation was last sent again in sender order (see `resync_sender_order`).
+    sender_resync_at: BTreeMap<ConversationId, Instant>,
     stats: NodeStats,
     fx: NodeFx,
 }
@@ -161,6 +165,7 @@ impl Node {
             trust,
             mls,
             timers: TimerTable::default(),
+            sender_resync_at: BTreeMap::new(),
             stats: NodeStats::default(),
             fx,
         };
@@ -271,7 +276,7 @@ impl Node {
                 .map_err(SendError::Group)?,
             _ => body,
         };
-        self.enqueue(now, conversation, msg_id, body, None);
+        self.enqueue(now, conversation, msg_id, true, body, None);
         self.refresh_timers();
         Ok(msg_id)
     }
@@ -283,16 +288,24 @@ impl Node {
     }
 
     /// Puts a message in the durable outbox and sends it if connected.
+    /// An application message is `chained` in sender order; a group operation is not.
     fn enqueue(
         &mut self,
         now: Instant,
         conversation: ConversationId,
         msg_id: MsgId,
+        chained: bool,
         body: Bytes,
         welcome: Option<Bytes>,
     ) {
-        self.outbox
-            .insert(msg_id, conversation, body, welcome, self.fx.writes());
+        self.outbox.insert(
+            msg_id,
+            conversation,
+            chained,
+            body,
+            welcome,
+            self.fx.writes(),
+        );
         if let Some(conn) = self.link.open_conn() {
             self.transmit(now, conn, msg_id);
         }
@@ -677,6 +690,11 @@ impl Node {
     /// An error frame on the open session.
     fn on_error(&mut self, now: Instant, routing: Routing, report: ErrorReport) {
         let code = ErrorCode::from_u16(report.code);
+        if code == ErrorCode::SenderOutOfOrder {
+            let last = MsgId::from_bytes(report.after.unwrap_or_default());
+            self.resync_sender_order(now, routing.conversation, last);
+            return;
+        }
         if code == ErrorCode::KeyPackageRejected {
             self.stats.key_package_failures += 1;
             if let Some(m) = &mut self.mls {
@@ -700,14 +718,30 @@ impl Node {
             // Our application message was made before the group's current epoch: it stays in
             // the outbox and is encrypted again once we are there.
             let id = MsgId::from_bytes(id);
-            let sent_in = self.outbox.get(id).and_then(|out| {
+            let conv = routing.conversation;
+            let sent_in = |out: &outbox::Outgoing| {
                 crate::mls::commit_authority::read_framing(&out.body)
                     .ok()
                     .map(|f| f.epoch)
-            });
+            };
+            let mut stale = vec![(id, self.outbox.get(id).and_then(sent_in))];
+            // What waits behind it in sender order was made no later, and would be refused
+            // the same way once its turn comes: encrypt it again now, all together.
+            for other in self.outbox.ids_in(conv) {
+                let Some(out) = self.outbox.get(other).filter(|o| o.chained && other != id) else {
+                    continue;
+                };
+                let epoch = sent_in(out);
+                if epoch.is_some_and(|e| e < routing.epoch) {
+                    stale.push((other, epoch));
+                }
+            }
             let m = self.mls.as_mut().expect("checked above");
-            m.groups
-                .message_stale(routing.conversation, id, routing.epoch, sent_in);
+            for (msg_id, epoch) in stale {
+                if m.groups.is_own_message(msg_id) {
+                    m.groups.message_stale(conv, msg_id, routing.epoch, epoch);
+                }
+            }
             self.drive_groups(now);
         } else if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
             let refused = matches!(
@@ -721,11 +755,45 @@ impl Node {
             if refused && self.outbox.remove(id, self.fx.writes()).is_some() {
                 self.group_message_refused(now, routing, id, code, &report.message);
                 self.fx.event(NodeEvent::Rejected { msg_id: id, code });
+                // What came after it named it: chained anew, it goes again.
+                self.retransmit_conversation(now, routing.conversation);
             }
         }
     }
 
     // ---- sending ----
+
+    /// The gateway says `last` is the last message of this device it sequenced in `conv`, and
+    /// refused one that named another: send what waits there again, chained from `last` (see
+    /// `outbox`). If `last` is itself waiting, its acknowledgement is on the way and what waits
+    /// is merely in flight or lost: it goes again at most once per `replay_request_interval`,
+    /// however many later messages the gateway turned away meanwhile.
+    fn resync_sender_order(&mut self, now: Instant, conv: ConversationId, last: MsgId) {
+        let waiting = self.outbox.get(last).is_some();
+        let rechained = !waiting && self.outbox.chain_after(conv, last, self.fx.writes());
+        if !rechained {
+            let recent = self
+                .sender_resync_at
+                .get(&conv)
+                .is_some_and(|&at| now < at + self.config.replay_request_interval);
+            if recent {
+                return;
+            }
+        }
+        self.stats.sender_resyncs += 1;
+        self.sender_resync_at.insert(conv, now);
+        self.retransmit_conversation(now, conv);
+    }
+
+    /// Sends every message waiting in `conv` again, in order (each names the one before it).
+    fn retransmit_conversation(&mut self, now: Instant, conv: ConversationId) {
+        let Some(conn) = self.link.open_conn() else {
+            return;
+        };
+        for msg_id in self.outbox.ids_in(conv) {
+            self.transmit(now, conn, msg_id);
+        }
+    }
 
     fn transmit(&mut self, now: Instant, conn: ConnectionId, msg_id: MsgId) {
         let (frame, conversation, resend) = self.outbox.transmit(now, self.config.device, msg_id);
@@ -758,6 +826,9 @@ impl Node {
 
     /// The gateway sequenced our `msg_id` at `seq`: it leaves the outbox.
     fn settle(&mut self, conv: ConversationId, msg_id: MsgId, seq: u64) {
+        if self.outbox.get(msg_id).is_some_and(|out| out.chained) {
+            self.outbox.sequenced(conv, msg_id, seq, self.fx.writes());
+        }
         if let Some(out) = self.outbox.remove(msg_id, self.fx.writes()) {
             debug_assert!(
                 conv == out.conversation,

@@ -337,6 +337,11 @@ pub enum ErrorCode {
     /// `msg_id` is the first half of the vouch's signature), or a registration with a pairing
     /// code whose voucher was revoked since.
     PairingRefused = 29,
+    /// A message came out of its sender's order in the conversation: it says it comes after
+    /// another message than the last one the gateway sequenced from this device there (an
+    /// earlier one has not arrived, or was refused). The error's `after` names that last one;
+    /// send what waits again, chained from it.
+    SenderOutOfOrder = 30,
 }
 
 impl ErrorCode {
@@ -373,6 +378,7 @@ impl ErrorCode {
             EnrolmentTokenUsed,
             EnrolmentTokenExpired,
             PairingRefused,
+            SenderOutOfOrder,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -406,6 +412,11 @@ pub struct ErrorReport {
     #[n(2)]
     #[cbor(with = "minicbor::bytes")]
     pub msg_id: Option<[u8; 16]>,
+    /// With `sender_out_of_order`: the id of the last message from the device the gateway
+    /// sequenced in the conversation (all zeros: none), which the next must come after.
+    #[n(3)]
+    #[cbor(with = "minicbor::bytes")]
+    pub after: Option<[u8; 16]>,
 }
 
 /// Node → gateway: a message for the conversation named in the header.
@@ -424,6 +435,14 @@ pub struct Send {
     /// inbox.
     #[n(2)]
     pub welcome: Option<minicbor::bytes::ByteVec>,
+    /// For an application message: the id of the device's application message that this one
+    /// comes after (all zeros: the first). The gateway sequences it only right after that one,
+    /// so a device's messages are sequenced in the order it sent them (see
+    /// `gateway::sender_order`). `None` for group operations (commits), which the MLS commit
+    /// authority orders instead.
+    #[n(3)]
+    #[cbor(with = "minicbor::bytes")]
+    pub after: Option<[u8; 16]>,
 }
 
 /// Gateway → node: the message with this id is durably sequenced at the header's seq.
