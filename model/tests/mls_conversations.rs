@@ -270,6 +270,56 @@ fn rooms_invite_remove_and_roles_are_enforced_by_the_gateway() {
 }
 
 #[test]
+fn a_device_removed_while_away_first_reads_what_was_sent_while_it_was_a_member() {
+    let mut net = three_devices();
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob")])
+        .unwrap();
+    net.settle();
+    // Bob's laptop goes away; Alice writes twice, then removes Bob.
+    net.node(3).go_offline(now);
+    net.settle();
+    send(&mut net, 1, room, "before 1");
+    send(&mut net, 1, room, "before 2");
+    let bob = user("bob").to_bytes().into();
+    net.node(1)
+        .change_group(now, room, Intent::RemoveUser(bob))
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 1);
+    assert!(
+        !net.events(3)
+            .iter()
+            .any(|e| matches!(e, NodeEvent::RemovedFrom { .. })),
+        "the laptop was away"
+    );
+    // Back, the laptop reads both messages before it hears of its removal.
+    net.node(3).go_online(now);
+    net.settle();
+    let heard: Vec<String> = net
+        .events(3)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Delivered {
+                conversation, body, ..
+            } if *conversation == room => Some(String::from_utf8_lossy(body).into_owned()),
+            NodeEvent::RemovedFrom { conversation, .. } if *conversation == room => {
+                Some("removed".into())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(heard, ["before 1", "before 2", "removed"]);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+    assert_eq!(net.gateway.stats().delivery.departing, 1);
+}
+
+#[test]
 fn concurrent_commits_one_wins_the_other_is_retried_in_the_next_epoch() {
     let mut net = three_devices();
     let now = net.now;

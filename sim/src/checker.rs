@@ -285,9 +285,53 @@ impl Checker {
         self.stats.skipped += 1;
     }
 
-    /// A device was told it was removed from a group.
-    pub fn on_removed(&mut self) {
+    /// A device was told the commit at `seq` removed it from `conv`: every message sequenced
+    /// while it was a member (everything before `seq`) must have reached it first.
+    pub fn on_removed(
+        &mut self,
+        at_us: u64,
+        device: ActorIndex,
+        who: &str,
+        conv: ConversationId,
+        seq: u64,
+    ) {
         self.stats.removals += 1;
+        let upto = self.delivered_upto(device, conv);
+        if upto + 1 < seq {
+            self.fail(
+                Invariant::Decrypt,
+                at_us,
+                format!(
+                    "{who}: removed from {conv} by the commit at seq {seq}, but only seqs up to {upto} reached it: {}..={} were sequenced while it was a member",
+                    upto + 1,
+                    seq - 1
+                ),
+            );
+        }
+        self.delivered_upto.insert((device, conv), seq.max(upto));
+    }
+
+    /// A device durably moved its cursor in `conv` to `cursor` in a batch whose events were
+    /// just released: every seq up to it must have reached its application as an event.
+    pub fn on_cursor_committed(
+        &mut self,
+        at_us: u64,
+        device: ActorIndex,
+        who: &str,
+        conv: ConversationId,
+        cursor: u64,
+    ) {
+        let upto = self.delivered_upto(device, conv);
+        if cursor > upto {
+            self.fail(
+                Invariant::NoLoss,
+                at_us,
+                format!(
+                    "{who}: its cursor in {conv} moved to {cursor}, but its application heard of seqs up to {upto} only: {}..={cursor} were consumed without an event",
+                    upto + 1
+                ),
+            );
+        }
     }
 
     /// A member could not decrypt or apply the message at `seq`.
@@ -446,6 +490,31 @@ mod tests {
         let v = c.violation().expect("send #2 after send #3");
         assert_eq!(v.invariant, Invariant::SenderOrder);
         assert!(v.detail.contains("send #2"), "{}", v.detail);
+    }
+
+    #[test]
+    fn a_removal_before_everything_sequenced_while_a_member_arrived_is_a_decrypt_failure() {
+        let mut c = checker();
+        c.on_delivered(1, 0, "a/0", C, 1, DeviceId(5), MsgId(1));
+        c.on_removed(2, 0, "a/0", C, 2);
+        assert!(c.violation().is_none(), "everything before seq 2 arrived");
+        let mut c = checker();
+        c.on_delivered(1, 0, "a/0", C, 1, DeviceId(5), MsgId(1));
+        c.on_removed(2, 0, "a/0", C, 4);
+        let v = c.violation().expect("seqs 2 and 3 never arrived");
+        assert_eq!(v.invariant, Invariant::Decrypt);
+        assert!(v.detail.contains("2..=3"), "{}", v.detail);
+    }
+
+    #[test]
+    fn a_cursor_past_what_the_application_heard_is_a_loss() {
+        let mut c = checker();
+        c.on_delivered(1, 0, "a/0", C, 1, DeviceId(5), MsgId(1));
+        c.on_cursor_committed(2, 0, "a/0", C, 1);
+        assert!(c.violation().is_none());
+        c.on_cursor_committed(3, 0, "a/0", C, 2);
+        let v = c.violation().expect("seq 2 consumed without an event");
+        assert_eq!(v.invariant, Invariant::NoLoss);
     }
 
     #[test]

@@ -749,6 +749,25 @@ impl World {
 
     fn commit_and_release(&mut self, a: ActorIndex, writes: WriteBatch, held: HeldKind) {
         let ops = writes.len() as u32;
+        // The delivery cursors this batch makes durable, checked once its events are out.
+        let cursors: Vec<(ConversationId, u64)> = match held {
+            HeldKind::Node(_) => writes
+                .ops()
+                .iter()
+                .filter_map(|op| match op {
+                    sund_model::env::WriteOp::Put { table, key, value }
+                        if *table == sund_model::node::NODE_CURSORS_TABLE =>
+                    {
+                        Some((
+                            ConversationId::from_bytes(key.as_slice().try_into().ok()?),
+                            u64::from_be_bytes(value.as_slice().try_into().ok()?),
+                        ))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            HeldKind::Gateway(_) => Vec::new(),
+        };
         let receipt = sund_model::env::commit_durably(&mut self.actors[a as usize].disk, writes)
             .expect("the simulated disk accepts every batch");
         if ops > 0 {
@@ -764,6 +783,11 @@ impl World {
             HeldKind::Node(h) => {
                 for output in h.release(receipt) {
                     self.node_output(a, output);
+                }
+                let name = self.actors[a as usize].name.clone();
+                for (conv, cursor) in cursors {
+                    self.checker
+                        .on_cursor_committed(self.now, a, &name, conv, cursor);
                 }
             }
         }
@@ -933,7 +957,8 @@ impl World {
                 self.checker.on_joined(a, *conversation, *seq);
             }
             NodeEvent::RemovedFrom { conversation, seq } => {
-                self.checker.on_removed();
+                self.checker
+                    .on_removed(self.now, a, name, *conversation, *seq);
                 record.push(9);
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&seq.to_le_bytes());

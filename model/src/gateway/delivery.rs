@@ -172,6 +172,9 @@ pub struct DeliveryStats {
     pub replay_window_exceeded: u64,
     /// Sends refused because they came out of their sender's order.
     pub out_of_sender_order: u64,
+    /// Devices removed before everything sequenced while they were members had reached them
+    /// (they read up to their removal first).
+    pub departing: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -179,6 +182,8 @@ struct Window {
     acked: u64,
     sent_upto: u64,
     last_progress: Instant,
+    /// For a device a commit removed: the last seq it still gets (the one before the commit).
+    cap: Option<u64>,
 }
 
 impl Window {
@@ -187,6 +192,7 @@ impl Window {
             acked: seq,
             sent_upto: seq,
             last_progress: now,
+            cap: None,
         }
     }
 }
@@ -211,6 +217,11 @@ pub struct Delivery {
     inbox_sent: BTreeMap<(DeviceId, ConversationId), Instant>,
     /// When the next GC step runs ahead of the tick, while there is a backlog.
     gc_again_at: Option<Instant>,
+    /// Devices a commit removed that have not yet received everything sequenced before it,
+    /// with the commit's seq: they keep their cursor and a window capped below it, and their
+    /// removal notice waits in their inbox until they acknowledged up to there. Rebuilt at
+    /// recovery from the notices and the cursors.
+    departing: BTreeMap<(DeviceId, ConversationId), u64>,
     /// The sender seq each device must send next in each conversation.
     sender_order: SenderOrder,
     stats: DeliveryStats,
@@ -230,6 +241,7 @@ impl Delivery {
             inbox: BTreeMap::new(),
             inbox_sent: BTreeMap::new(),
             gc_again_at: None,
+            departing: BTreeMap::new(),
             sender_order: SenderOrder::default(),
             stats: DeliveryStats::default(),
         }
@@ -302,6 +314,22 @@ impl Delivery {
             );
             Ok(())
         })?;
+        // A removal notice whose device still has a cursor below it: still departing.
+        let departing: Vec<(DeviceId, ConversationId, u64)> = d
+            .inbox
+            .iter()
+            .filter_map(|(&(device, conv), item)| match item {
+                InboxItem::Removed { seq } => {
+                    let cursor = d.cursors.get(&(device, conv))?;
+                    (cursor + 1 < *seq).then_some((device, conv, *seq))
+                }
+                InboxItem::Welcome { .. } => None,
+            })
+            .collect();
+        for (device, conv, seq) in departing {
+            d.departing.insert((device, conv), seq);
+            d.memberships.entry(device).or_default().insert(conv);
+        }
         Ok(d)
     }
 
@@ -426,18 +454,83 @@ impl Delivery {
             }
         }
         for device in &change.removed {
-            if let Some(convs) = self.memberships.get_mut(device) {
-                convs.remove(&conv);
-            }
-            self.cursors.remove(&(*device, conv));
-            fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
-            if let Some(conn) = sessions.online(*device) {
-                if let Some(session) = self.sessions.get_mut(&conn) {
-                    session.windows.remove(&conv);
-                }
-            }
             let item = InboxItem::Removed { seq };
-            self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
+            if self.cursor(*device, conv) + 1 >= seq {
+                self.forget_member(*device, conv, sessions, fx);
+                self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
+                continue;
+            }
+            // Messages sequenced while it was a member have not all reached it: it keeps
+            // reading up to the commit, and hears of its removal after.
+            self.departing.insert((*device, conv), seq);
+            self.stats.departing += 1;
+            fx.put(INBOX_TABLE, pair_key(device.0, conv.0), item.encode());
+            self.inbox.insert((*device, conv), item);
+            self.inbox_sent.remove(&(*device, conv));
+            if let Some(window) = sessions
+                .online(*device)
+                .and_then(|conn| self.sessions.get_mut(&conn))
+                .and_then(|s| s.windows.get_mut(&conv))
+            {
+                window.cap = Some(seq - 1);
+            }
+        }
+        for (device, _, _) in &change.added {
+            // Added again before it read what came before its removal: it reads from its new
+            // Welcome on.
+            self.departing.remove(&(*device, conv));
+        }
+    }
+
+    /// A device's membership of `conv` is over: its cursor and window go.
+    fn forget_member(
+        &mut self,
+        device: DeviceId,
+        conv: ConversationId,
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        if let Some(convs) = self.memberships.get_mut(&device) {
+            convs.remove(&conv);
+        }
+        self.cursors.remove(&(device, conv));
+        fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
+        if let Some(conn) = sessions.online(device) {
+            if let Some(session) = self.sessions.get_mut(&conn) {
+                session.windows.remove(&conv);
+            }
+        }
+    }
+
+    /// A departing device acknowledged `seq` of `conv`: once that is everything before the
+    /// commit that removed it, its membership ends and its removal notice goes out.
+    fn depart_if_done(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        seq: u64,
+        fx: &mut Fx,
+    ) {
+        let Some(&removed_at) = self.departing.get(&(device, conv)) else {
+            return;
+        };
+        if seq + 1 < removed_at {
+            return;
+        }
+        self.departing.remove(&(device, conv));
+        if let Some(convs) = self.memberships.get_mut(&device) {
+            convs.remove(&conv);
+        }
+        self.cursors.remove(&(device, conv));
+        fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
+        if let Some(session) = self.sessions.get_mut(&conn) {
+            session.windows.remove(&conv);
+        }
+        if let Some(item) = self.inbox.get(&(device, conv)).cloned() {
+            self.inbox_sent.insert((device, conv), now);
+            send_inbox_item(conn, conv, &item, None, fx);
         }
     }
 
@@ -555,7 +648,9 @@ impl Delivery {
             if acked > stored {
                 self.store_cursor(device, conv, acked, writes);
             }
-            windows.insert(conv, Window::at(acked, now));
+            let mut window = Window::at(acked, now);
+            window.cap = self.departing.get(&(device, conv)).map(|r| r - 1);
+            windows.insert(conv, window);
         }
         self.sessions
             .insert(conn, SessionWindows { device, windows });
@@ -636,7 +731,8 @@ impl Delivery {
             };
             fx.send(conn, routing, Payload::Error(report));
         }
-        while window.sent_upto < log.head() && window.sent_upto - window.acked < window_max {
+        let last = window.cap.map_or(log.head(), |cap| cap.min(log.head()));
+        while window.sent_upto < last && window.sent_upto - window.acked < window_max {
             window.sent_upto += 1;
             let entry = log.get(window.sent_upto).expect("seq within head");
             let routing = Routing {
@@ -693,6 +789,7 @@ impl Delivery {
             self.store_cursor(device, conv, seq, fx.writes());
         }
         self.pump(now, conn, conv, fx);
+        self.depart_if_done(now, conn, device, conv, seq, fx);
         Ok(())
     }
 
@@ -772,6 +869,9 @@ impl Delivery {
             .map(|((_, conv), item)| (*conv, item.clone()))
             .collect();
         for (conv, item) in waiting {
+            if self.departing.contains_key(&(device, conv)) {
+                continue; // its removal notice waits until it has read up to the commit
+            }
             self.inbox_sent.insert((device, conv), now);
             send_inbox_item(conn, conv, &item, groups.get(conv), fx);
         }
@@ -812,6 +912,9 @@ impl Delivery {
             .inbox
             .keys()
             .filter_map(|&(device, conv)| {
+                if self.departing.contains_key(&(device, conv)) {
+                    return None;
+                }
                 let conn = sessions.online(device)?;
                 let sent = self.inbox_sent.get(&(device, conv)).copied();
                 let due =
@@ -858,9 +961,16 @@ impl Delivery {
         let dedup_expire_before = now - limits.dedup_retention;
         let mut backlog = false;
         for log in self.conversations.values_mut() {
+            // Departing devices still read what came before their removal.
+            let departing = self
+                .departing
+                .keys()
+                .filter(|(_, conv)| *conv == log.id())
+                .map(|(device, _)| device);
             let acked_by_all = log
                 .members()
                 .iter()
+                .chain(departing)
                 .map(|d| self.cursors.get(&(*d, log.id())).copied().unwrap_or(0))
                 .min()
                 .unwrap_or(0);

@@ -154,11 +154,14 @@ impl ConversationLog {
         msg_id: MsgId,
         body: Bytes,
     ) -> Result<Appended, SequencerError> {
-        if !self.is_member(sender) {
-            return Err(SequencerError::NotMember);
-        }
+        // A copy of a message sequenced while its sender was a member gets its seq back even
+        // if the sender has been removed since: it was sequenced, and must not be reported
+        // refused.
         if let Some(record) = self.dedup.get(&(sender, msg_id)) {
             return Ok(Appended::Duplicate(record.seq));
+        }
+        if !self.is_member(sender) {
+            return Err(SequencerError::NotMember);
         }
         let seq = self.head() + 1;
         self.push(LogEntry {
@@ -565,6 +568,26 @@ mod tests {
 
     fn at(s: u64) -> Instant {
         Instant(s * 1_000_000)
+    }
+
+    #[test]
+    fn a_copy_from_a_sender_removed_since_keeps_its_seq_and_a_new_message_is_refused() {
+        let mut log = log();
+        let body = Bytes::from_static(b"m");
+        assert_eq!(
+            log.append(at(1), DeviceId(1), MsgId(5), body.clone()),
+            Ok(Appended::New(1))
+        );
+        log.remove_member(DeviceId(1), &mut WriteBatch::default());
+        assert_eq!(
+            log.append(at(2), DeviceId(1), MsgId(5), body.clone()),
+            Ok(Appended::Duplicate(1)),
+            "sequenced while a member: not refused"
+        );
+        assert_eq!(
+            log.append(at(2), DeviceId(1), MsgId(6), body),
+            Err(SequencerError::NotMember)
+        );
     }
 
     #[test]
