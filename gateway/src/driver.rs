@@ -441,6 +441,8 @@ pub enum Health {
 
 /// How often a gateway whose store failed tries to commit again.
 pub const STORAGE_RETRY: Duration = Duration::from_secs(1);
+/// The QUIC close code of a connection whose stream ended in the middle of a frame.
+pub const CLOSE_TORN_FRAME: u32 = 4;
 /// The QUIC close code of connections refused while the store is unavailable.
 pub const CLOSE_STORAGE_UNAVAILABLE: u32 = 3;
 /// What devices are told when the store is unavailable (their users read it).
@@ -738,7 +740,7 @@ impl Core {
                     .get(&conn)
                     .map(|r| r.connection.remote_address());
                 match cause {
-                    CloseCause::Ended => {}
+                    CloseCause::Ended | CloseCause::Reset => {}
                     CloseCause::PeerClosed { code, reason } => {
                         tracing::debug!(?peer, ?conn, code, %reason, "the device closed its connection");
                     }
@@ -752,6 +754,13 @@ impl Core {
                             bytes,
                             "connection ended in the middle of a frame"
                         );
+                        // The peer finished its stream but may still read: say why it is over.
+                        if let Some(route) = self.routes.get(&conn) {
+                            route.connection.close(
+                                CLOSE_TORN_FRAME.into(),
+                                b"your stream ended in the middle of a frame",
+                            );
+                        }
                     }
                 }
                 self.forget(now, conn);

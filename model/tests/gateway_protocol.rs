@@ -333,6 +333,47 @@ fn hello_and_proof_open_a_session_with_heartbeat_interval_and_token() {
 }
 
 #[test]
+fn trust_root_and_crl_lookups_before_a_session_are_bounded_per_connection() {
+    let mut h = Harness::new();
+    h.input(GatewayInput::Accepted(ConnectionId(1)));
+    for _ in 0..sund_model::gateway::session::LOOKUPS_MAX {
+        let out = h.frame(
+            1,
+            Routing::default(),
+            Payload::TrustRootFetch(TrustRootFetch {}),
+        );
+        assert!(
+            frames_to(&out, 1)
+                .iter()
+                .any(|f| matches!(f.payload, Payload::TrustRoot(_))),
+            "{out:?}"
+        );
+    }
+    let out = h.frame(
+        1,
+        Routing::default(),
+        Payload::TrustRootFetch(TrustRootFetch {}),
+    );
+    assert_eq!(goodbye_code(&out, 1), Some(ErrorCode::RateLimited));
+    assert!(closed(&out, 1));
+    // CRL requests count too before a session opens.
+    h.input(GatewayInput::Accepted(ConnectionId(2)));
+    for _ in 0..sund_model::gateway::session::LOOKUPS_MAX {
+        h.frame(
+            2,
+            Routing::default(),
+            Payload::CrlFetch(CrlFetch { have_version: 0 }),
+        );
+    }
+    let out = h.frame(
+        2,
+        Routing::default(),
+        Payload::CrlFetch(CrlFetch { have_version: 0 }),
+    );
+    assert_eq!(goodbye_code(&out, 2), Some(ErrorCode::RateLimited));
+}
+
+#[test]
 fn frames_before_the_session_is_open_close_the_connection() {
     let mut h = Harness::new();
     h.input(GatewayInput::Accepted(ConnectionId(1)));

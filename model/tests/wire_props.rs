@@ -479,3 +479,35 @@ fn too_many_fetched_users_are_refused() {
         })
     ));
 }
+
+#[test]
+fn bytes_after_the_cbor_item_of_a_payload_are_refused() {
+    let payload = Payload::Ack(Ack {});
+    let mut cbor = Vec::new();
+    payload.encode(&mut cbor);
+    assert!(Payload::decode(Opcode::Ack, &cbor).is_ok());
+    cbor.push(0x00);
+    let err = Payload::decode(Opcode::Ack, &cbor).unwrap_err();
+    assert!(
+        err.to_string().contains("1 bytes after the CBOR item"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_byte_string_over_its_limit_is_counted_in_bytes() {
+    let goodbye = Goodbye {
+        code: 0,
+        message: "x".repeat(MESSAGE_BYTES_MAX + 1),
+    };
+    let bytes = Frame::new(Routing::default(), Payload::Goodbye(goodbye)).encode();
+    let err = Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap_err();
+    assert!(matches!(
+        err,
+        WireError::BytesTooLong {
+            field: "goodbye.message",
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("bytes, more than"), "{err}");
+}

@@ -566,6 +566,11 @@ impl Core {
             }
             SessionEvent::Closed(conn, cause) => {
                 tracing::debug!(?conn, ?cause, "connection closed");
+                if matches!(cause, CloseCause::Reset) {
+                    tracing::info!(
+                        "the gateway no longer knows this connection (it restarted, or dropped it): reconnecting"
+                    );
+                }
                 if let CloseCause::PeerClosed { reason, .. } = &cause {
                     let problem = format!("the gateway said: {reason}");
                     // Logged when it changes, not on every retry.

@@ -349,3 +349,56 @@ fn a_full_disk_stops_the_gateway_storing_not_listening_and_it_recovers_when_spac
     assert!(gateway.0.try_wait().unwrap().is_none());
     gateway.0.kill().unwrap();
 }
+
+#[test]
+fn a_device_acts_on_the_stateless_reset_of_a_restarted_gateway() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let dev_dir = tmp.path().join("a");
+    let dev = dev_dir.to_str().unwrap();
+    init_device(dev, &addr, cert.trim(), Some("a"), Some(&enrol(gw, "a")));
+    let mut gateway = Guard(start_gateway(&gw_dir, port));
+    let mut follower = Guard(
+        Command::new(sund())
+            .args(["follow", "--data-dir", dev])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = follower.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("never saw {what:?}; saw {seen:#?}"),
+            }
+        }
+    };
+    wait_for("status: connected");
+    // A crash and an immediate restart on the same port: the device's next packet reaches a
+    // process that does not know its connection, and the reset it gets back verifies (the
+    // reset key survives restarts), so it reconnects without waiting out its idle timeout.
+    gateway.0.kill().unwrap();
+    gateway.0.wait().unwrap();
+    gateway = Guard(start_gateway(&gw_dir, port));
+    wait_for("the gateway no longer knows this connection");
+    wait_for("status: connected");
+    drop(gateway);
+}

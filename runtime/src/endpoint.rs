@@ -104,12 +104,25 @@ pub(crate) fn bound_socket(addr: SocketAddr) -> Result<UdpSocket, QuicError> {
 fn endpoint(
     environment: &dyn Environment,
     addr: SocketAddr,
-    server: Option<quinn::ServerConfig>,
+    server: Option<(quinn::ServerConfig, [u8; 32])>,
 ) -> Result<quinn::Endpoint, QuicError> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime".into()))?;
     let (socket, seed) = environment.udp_socket(addr)?;
     let mut config = quinn::EndpointConfig::default();
+    let server = server.map(|(server, reset_key)| {
+        // Both derived from the identity, so that a restarted gateway recognises the connection
+        // ids it gave out before and answers them with resets the devices can verify.
+        config.reset_key(Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &reset_key,
+        )));
+        let cid_key = u64::from_be_bytes(reset_key[..8].try_into().expect("8 bytes"));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        server
+    });
     config.rng_seed(seed);
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
         .map_err(|source| QuicError::Bind { addr, source })
@@ -136,7 +149,7 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(Side::Server)));
-    endpoint(environment, addr, Some(config))
+    endpoint(environment, addr, Some((config, identity.reset_key())))
 }
 
 /// A client endpoint that trusts exactly the gateway certificate whose

@@ -52,6 +52,9 @@ pub enum CloseCause {
         /// Bytes of the incomplete frame.
         bytes: usize,
     },
+    /// The peer no longer knows the connection (a QUIC stateless reset: it restarted, or
+    /// dropped this side while its close could not get through).
+    Reset,
     /// The peer closed the connection with a non-zero code, saying why (a gateway whose
     /// storage failed, a peer that found a frame invalid).
     PeerClosed {
@@ -65,6 +68,7 @@ pub enum CloseCause {
 /// Why the connection ended, if the peer closed it with a non-zero code.
 fn peer_closed(error: &quinn::ReadError) -> Option<CloseCause> {
     match error {
+        quinn::ReadError::ConnectionLost(quinn::ConnectionError::Reset) => Some(CloseCause::Reset),
         quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
             if close.error_code.into_inner() != 0 =>
         {

@@ -434,13 +434,28 @@ impl Gateway {
                     .register(now, conn, sender, register, sessions, fx)
             }
             (_, Payload::TrustRootFetch(_)) => {
-                self.registry.send_trust_root(conn, fx);
-                Ok(())
+                if self.sessions.lookup_allowed(conn) {
+                    self.registry.send_trust_root(conn, fx);
+                    Ok(())
+                } else {
+                    Err(Refusal::goodbye(
+                        ErrorCode::RateLimited,
+                        "too many trust root requests on one connection",
+                    ))
+                }
             }
-            (_, Payload::CrlFetch(fetch)) => {
-                self.registry
-                    .send_crl_if_newer(conn, fetch.have_version, fx);
-                Ok(())
+            (stage, Payload::CrlFetch(fetch)) => {
+                let open = matches!(stage, Stage::Open(_));
+                if open || self.sessions.lookup_allowed(conn) {
+                    self.registry
+                        .send_crl_if_newer(conn, fetch.have_version, fx);
+                    Ok(())
+                } else {
+                    Err(Refusal::goodbye(
+                        ErrorCode::RateLimited,
+                        "too many CRL requests before a session; open one",
+                    ))
+                }
             }
             // One device per session: a second Hello would leave the first device's routing
             // pointing at a session that is no longer its own.

@@ -58,7 +58,13 @@ struct Session {
     auth: Auth,
     opened_at: Instant,
     last_heard: Instant,
+    /// Trust root and CRL requests answered on this connection (bounded: anyone may ask).
+    lookups: u32,
 }
+
+/// Most trust root and CRL requests a connection gets answered before its session opens, and
+/// most trust root requests in all: enough for a device that checks a pin, and no amplifier.
+pub const LOOKUPS_MAX: u32 = 4;
 
 /// What a presented resume token is worth.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +139,16 @@ impl Sessions {
         })
     }
 
+    /// Counts a trust root or CRL request on `conn`; false if the connection has had its share
+    /// (see [`LOOKUPS_MAX`]).
+    pub fn lookup_allowed(&mut self, conn: ConnectionId) -> bool {
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        session.lookups += 1;
+        session.lookups <= LOOKUPS_MAX
+    }
+
     /// The device a connection's open session speaks for.
     pub fn device(&self, conn: ConnectionId) -> Option<DeviceId> {
         match self.sessions.get(&conn)?.auth {
@@ -170,6 +186,7 @@ impl Sessions {
             auth: Auth::AwaitingHello,
             opened_at: now,
             last_heard: now,
+            lookups: 0,
         };
         let previous = self.sessions.insert(conn, session);
         debug_assert!(previous.is_none(), "connection ids are unique");

@@ -82,6 +82,16 @@ pub enum WireError {
         /// What the CBOR decoder reported.
         reason: String,
     },
+    /// A byte string in the payload is longer than its named maximum.
+    #[error("{field} is {len} bytes, more than the maximum of {max}")]
+    BytesTooLong {
+        /// Which field.
+        field: &'static str,
+        /// Bytes found.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
     /// A list in the payload is longer than its named maximum.
     #[error("{field} holds {len} entries, more than the maximum of {max}")]
     ListTooLong {

@@ -634,16 +634,29 @@ pub enum Payload {
     RenewCertificate(RenewCertificate),
 }
 
+/// Decodes exactly one CBOR item that fills `bytes`: anything after it is refused, so one
+/// frame cannot carry data a decoder would silently ignore.
 fn decode_as<'b, T: Decode<'b, ()>>(opcode: Opcode, bytes: &'b [u8]) -> Result<T, WireError> {
-    minicbor::decode(bytes).map_err(|e| WireError::MalformedPayload {
-        opcode,
-        reason: e.to_string(),
-    })
+    let malformed = |reason: String| WireError::MalformedPayload { opcode, reason };
+    let mut decoder = minicbor::Decoder::new(bytes);
+    let value = decoder.decode().map_err(|e| malformed(e.to_string()))?;
+    let extra = bytes.len() - decoder.position();
+    if extra > 0 {
+        return Err(malformed(format!("{extra} bytes after the CBOR item")));
+    }
+    Ok(value)
 }
 
 fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
     if len > max {
         return Err(WireError::ListTooLong { field, len, max });
+    }
+    Ok(())
+}
+
+fn check_bytes(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
+    if len > max {
+        return Err(WireError::BytesTooLong { field, len, max });
     }
     Ok(())
 }
@@ -728,7 +741,7 @@ impl Payload {
                 let p: Hello = decode_as(opcode, bytes)?;
                 check_len("hello.cursors", p.cursors.len(), CURSORS_LEN_MAX)?;
                 let certificate = p.certificate.as_ref().map_or(0, |c| c.len());
-                check_len("hello.certificate", certificate, CERTIFICATE_BYTES_MAX)?;
+                check_bytes("hello.certificate", certificate, CERTIFICATE_BYTES_MAX)?;
                 Payload::Hello(p)
             }
             Opcode::Challenge => Payload::Challenge(decode_as(opcode, bytes)?),
@@ -738,12 +751,12 @@ impl Payload {
             Opcode::HeartbeatAck => Payload::HeartbeatAck(decode_as(opcode, bytes)?),
             Opcode::Goodbye => {
                 let p: Goodbye = decode_as(opcode, bytes)?;
-                check_len("goodbye.message", p.message.len(), MESSAGE_BYTES_MAX)?;
+                check_bytes("goodbye.message", p.message.len(), MESSAGE_BYTES_MAX)?;
                 Payload::Goodbye(p)
             }
             Opcode::Error => {
                 let p: ErrorReport = decode_as(opcode, bytes)?;
-                check_len("error.message", p.message.len(), MESSAGE_BYTES_MAX)?;
+                check_bytes("error.message", p.message.len(), MESSAGE_BYTES_MAX)?;
                 Payload::Error(p)
             }
             Opcode::Send => Payload::Send(decode_as(opcode, bytes)?),
@@ -782,9 +795,9 @@ impl Payload {
             Opcode::Register => Payload::Register(decode_as(opcode, bytes)?),
             Opcode::Certificate => {
                 let p: Certificate = decode_as(opcode, bytes)?;
-                check_len("certificate", p.certificate.len(), CERTIFICATE_BYTES_MAX)?;
+                check_bytes("certificate", p.certificate.len(), CERTIFICATE_BYTES_MAX)?;
                 let voucher = p.voucher.as_ref().map_or(0, |c| c.len());
-                check_len("certificate.voucher", voucher, CERTIFICATE_BYTES_MAX)?;
+                check_bytes("certificate.voucher", voucher, CERTIFICATE_BYTES_MAX)?;
                 Payload::Certificate(p)
             }
             Opcode::CrlFetch => Payload::CrlFetch(decode_as(opcode, bytes)?),
@@ -792,14 +805,14 @@ impl Payload {
             Opcode::TrustRootFetch => Payload::TrustRootFetch(decode_as(opcode, bytes)?),
             Opcode::TrustRoot => {
                 let p: TrustRoot = decode_as(opcode, bytes)?;
-                check_len("trust_root.domain", p.domain.len(), DOMAIN_BYTES_MAX)?;
+                check_bytes("trust_root.domain", p.domain.len(), DOMAIN_BYTES_MAX)?;
                 Payload::TrustRoot(p)
             }
             Opcode::PairVouch => Payload::PairVouch(decode_as(opcode, bytes)?),
             Opcode::PairVouched => Payload::PairVouched(decode_as(opcode, bytes)?),
             Opcode::DeviceLinked => {
                 let p: DeviceLinked = decode_as(opcode, bytes)?;
-                check_len(
+                check_bytes(
                     "device_linked.certificate",
                     p.certificate.len(),
                     CERTIFICATE_BYTES_MAX,

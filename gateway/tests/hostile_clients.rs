@@ -1,0 +1,204 @@
+//! The real gateway driver against QUIC clients that do not play by the rules: connections that
+//! never log in, streams Sund does not use, too many connections, a peer that stops reading.
+//! Each bounds something an attacker could otherwise hold without limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sund_gateway::driver::{self, GatewayHandle, GatewayOptions, CONNECTIONS_PER_ADDRESS_MAX};
+use sund_model::gateway::GatewayConfig;
+use sund_model::identity::DeviceKey;
+use sund_model::ids::UserId;
+use sund_model::testing::TestDevice;
+use sund_model::wire::payload::Heartbeat;
+use sund_model::wire::{Frame, FrameDecoder, Payload, Routing, PAYLOAD_BYTES_MAX};
+use sund_runtime::endpoint;
+use sund_runtime::environment::Production;
+use sund_runtime::tls::certificate_pin;
+
+async fn gateway(dir: &std::path::Path, hello_timeout: Duration) -> GatewayHandle {
+    let options = GatewayOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        environment: Arc::new(Production),
+        data_dir: dir.join("gw"),
+        config: GatewayConfig {
+            open_enrolment: true,
+            hello_timeout,
+            ..GatewayConfig::default()
+        },
+    };
+    driver::start(options).await.unwrap()
+}
+
+fn client(gateway: &GatewayHandle) -> quinn::Endpoint {
+    endpoint::client_endpoint(&Production, certificate_pin(&gateway.cert)).unwrap()
+}
+
+async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
+    endpoint
+        .connect(addr, "sund-gateway")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// Waits at most `within` for the gateway to close `conn`; why it closed.
+async fn closed_within(conn: &quinn::Connection, within: Duration) -> quinn::ConnectionError {
+    tokio::time::timeout(within, conn.closed())
+        .await
+        .expect("the gateway should have closed the connection by now")
+}
+
+#[tokio::test]
+async fn a_connection_that_never_opens_a_stream_is_closed_at_the_hello_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway(dir.path(), Duration::from_millis(500)).await;
+    let conn = connect(&client(&gateway), gateway.addr).await;
+    let why = closed_within(&conn, Duration::from_secs(5)).await;
+    assert!(
+        matches!(why, quinn::ConnectionError::ApplicationClosed(_)),
+        "closed by the gateway, not by an idle timeout: {why:?}"
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_that_never_says_hello_is_closed_at_the_hello_timeout_whatever_it_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway(dir.path(), Duration::from_millis(500)).await;
+    let conn = connect(&client(&gateway), gateway.addr).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // Half a frame header, then nothing: the gateway must not wait for the rest forever.
+    send.write_all(b"SUND\x01").await.unwrap();
+    let why = closed_within(&conn, Duration::from_secs(5)).await;
+    assert!(
+        matches!(why, quinn::ConnectionError::ApplicationClosed(_)),
+        "{why:?}"
+    );
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unidirectional_streams_and_datagrams_get_no_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway(dir.path(), Duration::from_secs(10)).await;
+    let conn = connect(&client(&gateway), gateway.addr).await;
+    assert_eq!(
+        conn.max_datagram_size(),
+        None,
+        "the gateway accepts no datagrams"
+    );
+    let uni = tokio::time::timeout(Duration::from_millis(500), conn.open_uni()).await;
+    assert!(
+        uni.is_err(),
+        "a unidirectional stream must wait for credit that never comes"
+    );
+    // Sund's own stream still opens: one bidirectional stream per connection.
+    assert!(conn.open_bi().await.is_ok());
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_per_address_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway(dir.path(), Duration::from_secs(60)).await;
+    let endpoint = client(&gateway);
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS_PER_ADDRESS_MAX {
+        held.push(connect(&endpoint, gateway.addr).await);
+    }
+    let refused = endpoint
+        .connect(gateway.addr, "sund-gateway")
+        .unwrap()
+        .await;
+    assert!(
+        refused.is_err(),
+        "connection {} from one address must be refused",
+        CONNECTIONS_PER_ADDRESS_MAX + 1
+    );
+    // One goes, one more may come.
+    held.pop().unwrap().close(0u32.into(), b"done");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.push(connect(&endpoint, gateway.addr).await);
+    gateway.shutdown().await.unwrap();
+}
+
+/// Registers `device` (open enrolment) and opens its session on a new connection; the
+/// connection and its stream.
+async fn logged_in(
+    gateway: &GatewayHandle,
+    device: &TestDevice,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let conn = connect(&client(gateway), gateway.addr).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut decoder = FrameDecoder::new(PAYLOAD_BYTES_MAX);
+    let mut next = async |recv: &mut quinn::RecvStream| loop {
+        if let Some(frame) = decoder.next_frame_bytes().unwrap() {
+            return Frame::decode(&frame, PAYLOAD_BYTES_MAX).unwrap();
+        }
+        let chunk = recv.read_chunk(65536, true).await.unwrap().unwrap();
+        decoder.push(&chunk.bytes);
+    };
+    send.write_all(&device.register([0; 16])).await.unwrap();
+    let Payload::Certificate(certificate) = next(&mut recv).await.payload else {
+        panic!("expected a certificate")
+    };
+    let hello = device.hello(Some(certificate.certificate.into()), vec![], None, None);
+    send.write_all(&hello).await.unwrap();
+    let Payload::Challenge(challenge) = next(&mut recv).await.payload else {
+        panic!("expected a challenge")
+    };
+    send.write_all(&device.proof(&challenge.nonce))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut recv).await.payload, Payload::HelloOk(_)));
+    (conn, send, recv)
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_disconnected_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway(dir.path(), Duration::from_secs(10)).await;
+    let key = DeviceKey::from_seed([7; 32]);
+    let device = TestDevice {
+        user: UserId(key.device_id().0),
+        key,
+    };
+    let (conn, mut send, _recv_never_read) = logged_in(&gateway, &device).await;
+    // Every heartbeat gets an answer; the peer reads none of them, so the answers pile up in
+    // front of it until the gateway gives up on it.
+    let beat = Frame::new(
+        Routing::default(),
+        Payload::Heartbeat(Heartbeat {
+            nonce: 1,
+            crl_version: None,
+        }),
+    )
+    .encode();
+    let flood = async {
+        loop {
+            if send.write_all(&beat).await.is_err() {
+                return;
+            }
+        }
+    };
+    let why = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            () = flood => conn.closed().await,
+            why = conn.closed() => why,
+        }
+    })
+    .await
+    .expect("a peer that reads nothing must be cut off, not served forever");
+    // Closed, or (when its close could not get past the full window) forgotten, which the
+    // peer learns from the stateless reset its next packet gets.
+    assert!(
+        matches!(
+            why,
+            quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::Reset
+        ),
+        "{why:?}"
+    );
+    gateway.shutdown().await.unwrap();
+}
