@@ -320,6 +320,54 @@ fn a_device_removed_while_away_first_reads_what_was_sent_while_it_was_a_member()
 }
 
 #[test]
+fn a_device_removed_and_added_again_while_away_reads_both_memberships_in_order() {
+    let mut net = three_devices();
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob")])
+        .unwrap();
+    net.settle();
+    net.node(3).go_offline(now);
+    net.settle();
+    send(&mut net, 1, room, "before");
+    let bob = || user("bob").to_bytes().into();
+    net.node(1)
+        .change_group(now, room, Intent::RemoveUser(bob()))
+        .unwrap();
+    net.settle();
+    net.node(1)
+        .change_group(now, room, Intent::AddUsers(vec![bob()]))
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 3);
+    send(&mut net, 1, room, "after");
+    net.node(3).go_online(now);
+    net.settle();
+    let heard: Vec<String> = net
+        .events(3)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Delivered {
+                conversation, body, ..
+            } if *conversation == room => Some(String::from_utf8_lossy(body).into_owned()),
+            NodeEvent::RemovedFrom { conversation, .. } if *conversation == room => {
+                Some("removed".into())
+            }
+            NodeEvent::Joined { conversation, .. } if *conversation == room => {
+                Some("joined".into())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(heard, ["joined", "before", "removed", "joined", "after"]);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
+#[test]
 fn concurrent_commits_one_wins_the_other_is_retried_in_the_next_epoch() {
     let mut net = three_devices();
     let now = net.now;

@@ -43,6 +43,11 @@ pub const CURSORS_TABLE: Table = Table("cursors");
 /// conversation(16)`, value `tag(1) ++ seq(8) ++ kind(1) ++ welcome` (tag 1 Welcome, 2 Removed).
 pub const INBOX_TABLE: Table = Table("inbox");
 
+/// Table of departing devices (removed before they read everything sequenced while they were
+/// members): key `device(16) ++ conversation(16)`, value the removing commit's seq (8,
+/// big-endian).
+pub const DEPARTING_TABLE: Table = Table("departing");
+
 /// What waits in a device's inbox for one conversation until the device acknowledges `seq`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum InboxItem {
@@ -314,22 +319,22 @@ impl Delivery {
             );
             Ok(())
         })?;
-        // A removal notice whose device still has a cursor below it: still departing.
-        let departing: Vec<(DeviceId, ConversationId, u64)> = d
-            .inbox
-            .iter()
-            .filter_map(|(&(device, conv), item)| match item {
-                InboxItem::Removed { seq } => {
-                    let cursor = d.cursors.get(&(device, conv))?;
-                    (cursor + 1 < *seq).then_some((device, conv, *seq))
-                }
-                InboxItem::Welcome { .. } => None,
-            })
-            .collect();
-        for (device, conv, seq) in departing {
-            d.departing.insert((device, conv), seq);
-            d.memberships.entry(device).or_default().insert(conv);
-        }
+        scan_all(store, DEPARTING_TABLE, |key, value| {
+            let (device, conv) = split_pair_key(DEPARTING_TABLE, key)?;
+            let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
+                table: DEPARTING_TABLE.0,
+                reason: format!("departing value of {} bytes", value.len()),
+            })?;
+            d.departing.insert(
+                (DeviceId(device), ConversationId(conv)),
+                u64::from_be_bytes(seq),
+            );
+            d.memberships
+                .entry(DeviceId(device))
+                .or_default()
+                .insert(ConversationId(conv));
+            Ok(())
+        })?;
         Ok(d)
     }
 
@@ -443,9 +448,20 @@ impl Delivery {
         let kind = group.kind();
         for (device, _, _) in &change.added {
             self.memberships.entry(*device).or_default().insert(conv);
-            self.store_cursor(*device, conv, seq, fx.writes());
             let welcome = welcome.cloned().expect("checked: adds carry a Welcome");
             let item = InboxItem::Welcome { seq, kind, welcome };
+            if let Some(&removed_at) = self.departing.get(&(*device, conv)) {
+                if self.welcome_before(*device, conv, removed_at) {
+                    // It never joined the membership it is departing: nothing to read there.
+                    self.end_departure(*device, conv, fx);
+                } else {
+                    // Added again before it read what came before its removal: it reads that
+                    // first (its cursor and capped window stay), then gets this Welcome.
+                    self.hold_inbox(*device, conv, item, fx);
+                    continue;
+                }
+            }
+            self.store_cursor(*device, conv, seq, fx.writes());
             self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
             if let Some(conn) = sessions.online(*device) {
                 if let Some(session) = self.sessions.get_mut(&conn) {
@@ -454,32 +470,75 @@ impl Delivery {
             }
         }
         for device in &change.removed {
-            let item = InboxItem::Removed { seq };
+            if self.departing.contains_key(&(*device, conv)) {
+                // Removed again before its first removal took effect: it never joined from
+                // the Welcome in between, which it no longer needs.
+                if self.inbox.remove(&(*device, conv)).is_some() {
+                    fx.delete(INBOX_TABLE, pair_key(device.0, conv.0));
+                }
+                continue;
+            }
             if self.cursor(*device, conv) + 1 >= seq {
                 self.forget_member(*device, conv, sessions, fx);
+                let item = InboxItem::Removed { seq };
                 self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
                 continue;
             }
-            // Messages sequenced while it was a member have not all reached it: it keeps
-            // reading up to the commit, and hears of its removal after.
+            // Messages sequenced while it was a member have not all reached it (or it has
+            // not acknowledged its Welcome yet): it keeps reading up to the commit, and hears
+            // of its removal after.
             self.departing.insert((*device, conv), seq);
+            fx.put(
+                DEPARTING_TABLE,
+                pair_key(device.0, conv.0),
+                seq.to_be_bytes().to_vec(),
+            );
             self.stats.departing += 1;
-            fx.put(INBOX_TABLE, pair_key(device.0, conv.0), item.encode());
-            self.inbox.insert((*device, conv), item);
-            self.inbox_sent.remove(&(*device, conv));
-            if let Some(window) = sessions
-                .online(*device)
-                .and_then(|conn| self.sessions.get_mut(&conn))
-                .and_then(|s| s.windows.get_mut(&conv))
-            {
-                window.cap = Some(seq - 1);
+            if let Some(conn) = sessions.online(*device) {
+                if let Some(window) = self
+                    .sessions
+                    .get_mut(&conn)
+                    .and_then(|s| s.windows.get_mut(&conv))
+                {
+                    window.cap = Some(seq - 1);
+                }
+                self.pump(now, conn, conv, fx);
             }
         }
-        for (device, _, _) in &change.added {
-            // Added again before it read what came before its removal: it reads from its new
-            // Welcome on.
-            self.departing.remove(&(*device, conv));
+    }
+
+    /// True if `device`'s inbox holds a Welcome to `conv` from before seq `before` (one it has
+    /// not acknowledged: it may not have joined yet).
+    fn welcome_before(&self, device: DeviceId, conv: ConversationId, before: u64) -> bool {
+        matches!(
+            self.inbox.get(&(device, conv)),
+            Some(InboxItem::Welcome { seq, .. }) if *seq < before
+        )
+    }
+
+    /// True if `device`'s inbox item for `conv` waits for the device's departure (a Welcome
+    /// from after the removal it is reading up to).
+    fn held_for_departure(&self, device: DeviceId, conv: ConversationId) -> bool {
+        match (
+            self.departing.get(&(device, conv)),
+            self.inbox.get(&(device, conv)),
+        ) {
+            (Some(removed_at), Some(item)) => item.seq() > *removed_at,
+            _ => false,
         }
+    }
+
+    /// Puts an item in a departing device's inbox without sending it: it goes out when the
+    /// device has read up to its removal.
+    fn hold_inbox(&mut self, device: DeviceId, conv: ConversationId, item: InboxItem, fx: &mut Fx) {
+        fx.put(INBOX_TABLE, pair_key(device.0, conv.0), item.encode());
+        self.inbox.insert((device, conv), item);
+        self.inbox_sent.remove(&(device, conv));
+    }
+
+    fn end_departure(&mut self, device: DeviceId, conv: ConversationId, fx: &mut Fx) {
+        self.departing.remove(&(device, conv));
+        fx.delete(DEPARTING_TABLE, pair_key(device.0, conv.0));
     }
 
     /// A device's membership of `conv` is over: its cursor and window go.
@@ -503,7 +562,10 @@ impl Delivery {
     }
 
     /// A departing device acknowledged `seq` of `conv`: once that is everything before the
-    /// commit that removed it, its membership ends and its removal notice goes out.
+    /// commit that removed it, its removal takes effect and its notice goes out. If it was
+    /// added again meanwhile, it reads on from the Welcome waiting in its inbox, sent right
+    /// after the notice (the notice goes once: the Welcome supersedes it if lost).
+    #[allow(clippy::too_many_arguments)]
     fn depart_if_done(
         &mut self,
         now: Instant,
@@ -511,15 +573,30 @@ impl Delivery {
         device: DeviceId,
         conv: ConversationId,
         seq: u64,
+        group: Option<&GroupState>,
         fx: &mut Fx,
     ) {
         let Some(&removed_at) = self.departing.get(&(device, conv)) else {
             return;
         };
-        if seq + 1 < removed_at {
+        if seq + 1 < removed_at || self.welcome_before(device, conv, removed_at) {
             return;
         }
-        self.departing.remove(&(device, conv));
+        let rejoined = self.held_for_departure(device, conv);
+        self.end_departure(device, conv, fx);
+        let notice = InboxItem::Removed { seq: removed_at };
+        if rejoined {
+            let joined_at = self.inbox[&(device, conv)].seq();
+            self.store_cursor(device, conv, joined_at, fx.writes());
+            if let Some(session) = self.sessions.get_mut(&conn) {
+                session.windows.insert(conv, Window::at(joined_at, now));
+            }
+            send_inbox_item(conn, conv, &notice, None, fx);
+            let welcome = self.inbox[&(device, conv)].clone();
+            self.inbox_sent.insert((device, conv), now);
+            send_inbox_item(conn, conv, &welcome, group, fx);
+            return;
+        }
         if let Some(convs) = self.memberships.get_mut(&device) {
             convs.remove(&conv);
         }
@@ -528,15 +605,14 @@ impl Delivery {
         if let Some(session) = self.sessions.get_mut(&conn) {
             session.windows.remove(&conv);
         }
-        if let Some(item) = self.inbox.get(&(device, conv)).cloned() {
-            self.inbox_sent.insert((device, conv), now);
-            send_inbox_item(conn, conv, &item, None, fx);
-        }
+        fx.put(INBOX_TABLE, pair_key(device.0, conv.0), notice.encode());
+        self.inbox.insert((device, conv), notice.clone());
+        self.inbox_sent.insert((device, conv), now);
+        send_inbox_item(conn, conv, &notice, None, fx);
     }
 
     // ---- sequencing ----
 
-    /// Offers a message from `device` to `conv`'s log; a new one is persisted in `writes`.
     /// Whether a message of `device` that comes `after` another may be sequenced now (see
     /// [`SenderOrder`]): a duplicate always may (it keeps its seq), and so may a group
     /// operation (no `after`); otherwise only one that comes after the last sequenced, which
@@ -701,8 +777,17 @@ impl Delivery {
         let Some(session) = self.sessions.get_mut(&conn) else {
             return;
         };
-        if let Some(InboxItem::Welcome { .. }) = self.inbox.get(&(session.device, conv)) {
-            // The device reads the group only once it has joined from its Welcome.
+        let held = match (
+            self.inbox.get(&(session.device, conv)),
+            self.departing.get(&(session.device, conv)),
+        ) {
+            (Some(item @ InboxItem::Welcome { .. }), Some(removed_at)) => item.seq() < *removed_at,
+            (Some(InboxItem::Welcome { .. }), None) => true,
+            _ => false,
+        };
+        if held {
+            // The device reads the group only once it has joined from its Welcome (a departing
+            // device added again first reads up to its removal).
             return;
         }
         let Some(window) = session.windows.get_mut(&conv) else {
@@ -758,6 +843,7 @@ impl Delivery {
 
     /// The device acknowledged `seq` of `conv`: an inbox item up to it is done, else its window
     /// and durable cursor move.
+    #[allow(clippy::too_many_arguments)]
     pub fn acknowledge(
         &mut self,
         now: Instant,
@@ -765,6 +851,7 @@ impl Delivery {
         device: DeviceId,
         conv: ConversationId,
         seq: u64,
+        group: Option<&GroupState>,
         fx: &mut Fx,
     ) -> Result<(), Refusal> {
         if self.settle_inbox(device, conv, seq, fx.writes()) {
@@ -789,7 +876,7 @@ impl Delivery {
             self.store_cursor(device, conv, seq, fx.writes());
         }
         self.pump(now, conn, conv, fx);
-        self.depart_if_done(now, conn, device, conv, seq, fx);
+        self.depart_if_done(now, conn, device, conv, seq, group, fx);
         Ok(())
     }
 
@@ -869,8 +956,8 @@ impl Delivery {
             .map(|((_, conv), item)| (*conv, item.clone()))
             .collect();
         for (conv, item) in waiting {
-            if self.departing.contains_key(&(device, conv)) {
-                continue; // its removal notice waits until it has read up to the commit
+            if self.held_for_departure(device, conv) {
+                continue; // its new Welcome waits until it has read up to its removal
             }
             self.inbox_sent.insert((device, conv), now);
             send_inbox_item(conn, conv, &item, groups.get(conv), fx);
@@ -912,7 +999,7 @@ impl Delivery {
             .inbox
             .keys()
             .filter_map(|&(device, conv)| {
-                if self.departing.contains_key(&(device, conv)) {
+                if self.held_for_departure(device, conv) {
                     return None;
                 }
                 let conn = sessions.online(device)?;

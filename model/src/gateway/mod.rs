@@ -502,7 +502,9 @@ impl Gateway {
             }
             Payload::Ack(Ack {}) => {
                 let (conv, seq) = (routing.conversation, routing.seq);
-                self.delivery.acknowledge(now, conn, device, conv, seq, fx)
+                let group = self.groups.get(conv);
+                self.delivery
+                    .acknowledge(now, conn, device, conv, seq, group, fx)
             }
             Payload::Leave(_) => {
                 let conv = routing.conversation;

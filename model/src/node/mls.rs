@@ -167,13 +167,10 @@ impl Node {
                 Ok(body) => {
                     // Same id and place in the sender order, new ciphertext: the gateway never
                     // sequenced the old one.
-                    if self
-                        .outbox
-                        .replace_body(msg_id, body.clone(), self.fx.writes())
-                    {
+                    // Not waiting any more (acknowledged, or refused for good since): nothing
+                    // to send again; a refused message must not come back out of order.
+                    if self.outbox.replace_body(msg_id, body, self.fx.writes()) {
                         encrypted_again.insert(conv);
-                    } else {
-                        self.enqueue(now, conv, msg_id, true, body, None);
                     }
                 }
                 Err(_) => {

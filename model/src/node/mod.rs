@@ -724,7 +724,14 @@ impl Node {
                     .ok()
                     .map(|f| f.epoch)
             };
-            let mut stale = vec![(id, self.outbox.get(id).and_then(sent_in))];
+            // Only what still waits: a late refusal of a copy of a message acknowledged or
+            // refused since changes nothing.
+            let mut stale: Vec<(MsgId, Option<u64>)> = self
+                .outbox
+                .get(id)
+                .map(|out| (id, sent_in(out)))
+                .into_iter()
+                .collect();
             // What waits behind it in sender order was made no later, and would be refused
             // the same way once its turn comes: encrypt it again now, all together.
             for other in self.outbox.ids_in(conv) {
