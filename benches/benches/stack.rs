@@ -56,7 +56,7 @@ async fn setup(n: usize) -> Setup {
     for i in 0..n {
         let device = Device::init(
             &dir.path().join(format!("d{i}")),
-            gateway.addr,
+            &gateway.addr.to_string(),
             &cert,
             None,
             None,

@@ -40,7 +40,7 @@ struct Cli {
     config: Option<PathBuf>,
     /// Certify any device that registers without an enrolment token (for local use; otherwise
     /// hand out tokens with `admin enrol-token USER`).
-    #[arg(long)]
+    #[arg(long, global = true)]
     open_enrolment: bool,
     /// The domain this gateway certifies devices for (fixed when its trust root is created at
     /// first start; default `localhost`).

@@ -575,3 +575,60 @@ fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
     assert_eq!(authenticator(&net, 3, room), a);
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));
 }
+
+#[test]
+fn a_user_with_no_registered_device_is_an_error_not_an_empty_conversation() {
+    let mut net = three_devices();
+    let now = net.now;
+    let refused = |net: &Net, conv: ConversationId| {
+        net.events[&1].iter().any(|e| {
+            matches!(e, NodeEvent::GroupChangeRefused { conversation, code: ErrorCode::UnknownUser, .. }
+                if *conversation == conv)
+        })
+    };
+    // A DM with nobody: refused, and the half-made conversation is forgotten.
+    let dm = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_dm(now, user("nobody"))
+        .unwrap();
+    net.settle();
+    assert!(refused(&net, dm));
+    assert!(net.nodes[&1].0.groups().unwrap().entry(dm).is_none());
+    assert!(net.gateway.group(dm).is_none(), "nothing was committed");
+    // A room with bob, then an invitation for a ghost: refused, the room stays as it was.
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob")])
+        .unwrap();
+    net.settle();
+    let before = net.gateway.group(room).unwrap().epoch();
+    let now = net.now;
+    net.nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .change_group(
+            now,
+            room,
+            Intent::AddUsers(vec![user("ghost").to_bytes().into()]),
+        )
+        .unwrap();
+    net.settle();
+    assert!(refused(&net, room));
+    assert_eq!(net.gateway.group(room).unwrap().epoch(), before);
+    let entry = net.nodes[&1].0.groups().unwrap().entry(room).unwrap();
+    assert!(
+        entry.intents.is_empty(),
+        "the refused invitation is dropped"
+    );
+    // The room still works.
+    send(&mut net, 1, room, "after the ghost");
+    assert_eq!(plaintexts(&net, 2, room), vec![b"after the ghost".to_vec()]);
+}

@@ -54,7 +54,7 @@ pub async fn run() -> Result<(), String> {
             .ok_or("the gateway stopped")?;
         let device = Device::init(
             &dir.path().join(name),
-            addr,
+            &addr.to_string(),
             &cert,
             Some(name),
             Some(&token.to_text()),

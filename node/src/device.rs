@@ -66,7 +66,8 @@ pub enum DeviceError {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Settings {
-    gateway: SocketAddr,
+    /// `HOST:PORT` as given to `sund init` (a name is resolved at each start).
+    gateway: String,
     /// The user this device belongs to (its other devices name the same user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     user: Option<String>,
@@ -113,11 +114,19 @@ impl Device {
     /// certificate read from `cert_file`.
     pub fn init(
         data_dir: &Path,
-        gateway: SocketAddr,
+        gateway: &str,
         cert_file: &Path,
         user: Option<&str>,
         token: Option<&str>,
     ) -> Result<Device, DeviceError> {
+        if resolve(gateway).is_none() {
+            return Err(DeviceError::Invalid {
+                path: "--gateway".into(),
+                reason: format!(
+                    "`{gateway}` is not HOST:PORT that resolves to an address (for example 192.0.2.7:4433 or gateway.example.org:4433)"
+                ),
+            });
+        }
         if let Some(text) = token {
             let invalid = |reason: String| DeviceError::Invalid {
                 path: "--token".into(),
@@ -140,8 +149,14 @@ impl Device {
                 Some(_) => {}
             }
         }
-        private_dir(data_dir).map_err(private)?;
         let cert = std::fs::read(cert_file).map_err(io(cert_file))?;
+        sund_runtime::tls::check_certificate(&cert).map_err(|e| DeviceError::Invalid {
+            path: cert_file.display().to_string(),
+            reason: format!(
+                "{e}: give the gateway's `tls/cert.der` (`sund-gateway cert` prints its path)"
+            ),
+        })?;
+        private_dir(data_dir).map_err(private)?;
         let key_path = data_dir.join("device.key");
         if !key_path.exists() {
             let key = DeviceKey::generate(&mut OsEntropy);
@@ -151,7 +166,7 @@ impl Device {
         std::fs::write(&cert_path, &cert).map_err(io(&cert_path))?;
         let settings_path = data_dir.join("node.toml");
         let settings = Settings {
-            gateway,
+            gateway: gateway.to_string(),
             user: user.map(str::to_string),
             enrolment_token: token.map(|t| t.trim().to_string()),
             pairing_code: None,
@@ -174,13 +189,16 @@ impl Device {
                 reason: "a device is already set up here; pair a new device in a new directory (`--data-dir`)".into(),
             });
         }
-        let gateway = resolve(&code.gateway).ok_or_else(|| DeviceError::Invalid {
-            path: "pairing code".into(),
-            reason: format!(
-                "its gateway address `{}` does not resolve to an address",
-                code.gateway
-            ),
-        })?;
+        if resolve(&code.gateway).is_none() {
+            return Err(DeviceError::Invalid {
+                path: "pairing code".into(),
+                reason: format!(
+                    "its gateway address `{}` does not resolve to an address",
+                    code.gateway
+                ),
+            });
+        }
+        let gateway = code.gateway.clone();
         private_dir(data_dir).map_err(private)?;
         let key = DeviceKey::generate(&mut OsEntropy);
         write_private(&key_path, key.seed()).map_err(io(&key_path))?;
@@ -263,7 +281,12 @@ impl Device {
             pairing,
             data_dir: data_dir.to_path_buf(),
             key: DeviceKey::from_seed(seed),
-            gateway: settings.gateway,
+            gateway: resolve(&settings.gateway).ok_or_else(|| {
+                invalid(&format!(
+                    "the gateway address `{}` does not resolve to an address; check the name, or rerun `sund init` with an IP address",
+                    settings.gateway
+                ))
+            })?,
             gateway_pin,
             user: settings.user,
         })
@@ -313,11 +336,15 @@ impl Device {
             .collect()
     }
 
-    /// The conversation a name stands for: a name this device knows, a full id
-    /// (`conv:` and 32 hex digits), or else an operator-made conversation of that name.
+    /// The conversation a name stands for: a name this device knows, `@user` for the DM with
+    /// that user, a full id (`conv:` and 32 hex digits), or else an operator-made conversation
+    /// of that name.
     pub fn resolve_conversation(&self, name: &str) -> ConversationId {
         if let Some((id, _)) = self.conversation_names().iter().find(|(_, n)| *n == name) {
             return *id;
+        }
+        if let (Some(other), Some(me)) = (name.strip_prefix('@'), self.user.as_deref()) {
+            return sund_model::node::dm_id(UserId::from_name(me), UserId::from_name(other));
         }
         let hex = name.strip_prefix("conv:").unwrap_or("");
         match (hex.len(), u128::from_str_radix(hex, 16)) {
@@ -379,5 +406,7 @@ fn resolve(address: &str) -> Option<SocketAddr> {
     if let Ok(addr) = address.parse() {
         return Some(addr);
     }
-    address.to_socket_addrs().ok()?.next()
+    // The client endpoint binds an IPv4 socket: prefer the name's IPv4 addresses.
+    let all: Vec<SocketAddr> = address.to_socket_addrs().ok()?.collect();
+    all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
 }

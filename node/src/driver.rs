@@ -549,6 +549,11 @@ impl Core {
             }
             Link::Failed(why) => {
                 tracing::debug!(%why, "connection attempt failed");
+                if why.contains("not the gateway this device pinned")
+                    && self.last_problem.as_ref() != Some(&why)
+                {
+                    tracing::warn!(%why, "refusing the gateway's certificate");
+                }
                 self.last_problem = Some(why);
                 self.node.handle(now, NodeInput::ConnectFailed);
             }
@@ -683,6 +688,18 @@ impl Core {
     }
 }
 
+/// Words for a failed connection attempt that say what to do; a certificate that is not the
+/// pinned one is named as such (it is not a gateway that is down).
+fn explain_connect_error(addr: SocketAddr, error: &str) -> String {
+    if error.contains(sund_runtime::tls::NOT_PINNED) {
+        format!(
+            "the server at {addr} is not the gateway this device pinned (its certificate differs): if the gateway's certificate was replaced, set this device up again with the new `tls/cert.der`; otherwise another server answers at that address"
+        )
+    } else {
+        format!("connecting to {addr}: {error}")
+    }
+}
+
 async fn connect(
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
@@ -700,11 +717,17 @@ async fn connect(
     let (connection, send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(parts)) => parts,
         Ok(Err(e)) => {
-            let _ = links.send(Link::Failed(e)).await;
+            let _ = links
+                .send(Link::Failed(explain_connect_error(addr, &e)))
+                .await;
             return;
         }
         Err(_) => {
-            let _ = links.send(Link::Failed("timed out".into())).await;
+            let why = format!(
+                "no answer from {addr} within {} s: is the gateway running there?",
+                CONNECT_TIMEOUT.as_secs()
+            );
+            let _ = links.send(Link::Failed(why)).await;
             return;
         }
     };

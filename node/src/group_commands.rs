@@ -11,6 +11,7 @@ use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::mls::device_groups::{DeviceGroups, GroupStatus, Intent};
 use sund_model::mls::group_ops::{GroupKind, Role};
 use sund_model::node::NodeEvent;
+use sund_model::wire::payload::ErrorCode;
 use sund_node::device::Device;
 use sund_node::driver::{self, GroupRequest, GroupSummary, NodeHandle};
 
@@ -18,6 +19,21 @@ use crate::RoomCommand;
 
 /// How long a command waits for its change to be sequenced.
 const GROUP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A user name as people type it: not empty, no spaces or control characters, at most 64
+/// bytes (the gateway's operator enrols users by these names).
+pub fn check_user_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a user name cannot be empty".into());
+    }
+    if name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "`{}` is not a user name: at most 64 bytes, no spaces or control characters",
+            crate::display::printable(name)
+        ));
+    }
+    Ok(())
+}
 
 /// Member devices and their users, over every group of the device.
 pub type Members = BTreeMap<DeviceId, UserId>;
@@ -132,26 +148,83 @@ async fn change(device: &Device, request: GroupRequest) -> Result<GroupSummary, 
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
+    let names = device.user_names();
     let result = async {
+        if let GroupRequest::Change(conv, _) = &request {
+            await_membership(&mut node, *conv).await?;
+        }
         let conv = node
             .group(request)
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        wait_until_done(&mut node, conv).await
+        wait_until_done(&mut node, conv, &names).await
     }
     .await;
     let _ = node.stop().await;
     result
 }
 
+/// How long a command waits, once connected, for the Welcome of a room this device was
+/// invited to but has not opened yet.
+const WELCOME_GRACE: Duration = Duration::from_secs(3);
+
+/// Returns once this device is a member of `conv`. A room it was invited to while it was not
+/// running joins from the Welcome waiting at the gateway, so a command on such a room waits
+/// for the connection and then briefly for that Welcome before saying the room is unknown.
+async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Result<(), String> {
+    let member = |groups: &[GroupSummary]| {
+        groups.iter().any(|g| {
+            g.conversation == conv
+                && matches!(
+                    g.status,
+                    GroupStatus::Synchronized | GroupStatus::PendingCommit { .. }
+                )
+        })
+    };
+    let deadline = tokio::time::sleep(GROUP_DEADLINE);
+    tokio::pin!(deadline);
+    let mut connected_at: Option<tokio::time::Instant> = None;
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let groups = node.groups().await.map_err(|e| e.to_string())?;
+        if member(&groups) {
+            return Ok(());
+        }
+        let unknown = || {
+            format!(
+                "{conv} is not a conversation this device is in: `sund devices` lists its DMs and rooms"
+            )
+        };
+        if connected_at.is_some_and(|t| t.elapsed() >= WELCOME_GRACE) {
+            return Err(unknown());
+        }
+        tokio::select! {
+            _ = &mut deadline => return Err(format!(
+                "{}; the gateway could not be reached to fetch invitations (`sund status` says why)",
+                unknown()
+            )),
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Status(sund_model::node::ConnectionStatus::Connected)) => {
+                    connected_at.get_or_insert_with(tokio::time::Instant::now);
+                }
+                Some(_) => {}
+                None => return Err("the node stopped unexpectedly".into()),
+            },
+            _ = poll.tick() => {}
+        }
+    }
+}
+
 async fn wait_until_done(
     node: &mut NodeHandle,
     conv: ConversationId,
+    names: &BTreeMap<UserId, String>,
 ) -> Result<GroupSummary, String> {
     let deadline = tokio::time::sleep(GROUP_DEADLINE);
     tokio::pin!(deadline);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let mut waited = 0u32;
     loop {
         tokio::select! {
             _ = &mut deadline => {
@@ -162,6 +235,15 @@ async fn wait_until_done(
                 ));
             }
             event = node.events.recv() => match event {
+                Some(NodeEvent::GroupChangeRefused { conversation, code: ErrorCode::UnknownUser, message }) if conversation == conv => {
+                    let mut message = message;
+                    for (id, name) in names {
+                        message = message.replace(&id.to_string(), &format!("`{name}`"));
+                    }
+                    return Err(format!(
+                        "{message}: no such user here. Check the name; the gateway's operator enrols users with `sund-gateway admin enrol-token USER`"
+                    ));
+                }
                 Some(NodeEvent::GroupChangeRefused { conversation, message, .. }) if conversation == conv => {
                     return Err(format!("the gateway refused the change: {message}"));
                 }
@@ -175,6 +257,10 @@ async fn wait_until_done(
                 None => return Err("the node stopped unexpectedly".into()),
             },
             _ = poll.tick() => {
+                waited += 1;
+                if waited == 30 {
+                    esay!("waiting for the gateway to sequence the change (up to {GROUP_DEADLINE:?}; `sund status` says whether it is reachable)…");
+                }
                 let groups = node.groups().await.map_err(|e| e.to_string())?;
                 if let Some(g) = groups.into_iter().find(|g| g.conversation == conv) {
                     match g.status {
@@ -233,6 +319,7 @@ fn print_group(name: &str, g: &GroupSummary, users: &BTreeMap<UserId, String>, m
 
 /// `sund dm USER`.
 pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
+    check_user_name(user)?;
     let device = load(data_dir)?;
     if device.user.as_deref() == Some(user) {
         return Err(format!(
@@ -305,6 +392,9 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             name,
             invite,
         } => {
+            for user in &invite {
+                check_user_name(user)?;
+            }
             let device = load(&data_dir)?;
             if device.conversation_names().values().any(|n| *n == name) {
                 return Err(format!(
@@ -328,6 +418,9 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             name,
             users,
         } => {
+            for user in &users {
+                check_user_name(user)?;
+            }
             let device = load(&data_dir)?;
             let conv = known_group(&device, &name)?;
             for user in &users {
@@ -371,8 +464,12 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
         RoomCommand::Leave { data_dir, name } => {
             let device = load(&data_dir)?;
             let conv = known_group(&device, &name)?;
-            leave(&device, conv).await?;
-            say!("this device left {name}");
+            match leave(&device, conv).await? {
+                Left::Removed => say!("this device left {name}"),
+                Left::Proposed => say!(
+                    "this device left {name}: the gateway sequenced its removal and it sends nothing more there; the removal's commit comes from the next member of the room to come online"
+                ),
+            }
             Ok(())
         }
         RoomCommand::Name { data_dir, id, name } => {
@@ -393,28 +490,50 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
     }
 }
 
-/// Asks to leave and waits for the removal notice.
-async fn leave(device: &Device, conv: ConversationId) -> Result<(), String> {
+/// How long `leave` waits for a member to commit the removal once the gateway has sequenced
+/// it, before saying that it completes later.
+const COMMIT_GRACE: Duration = Duration::from_secs(5);
+
+/// How a leave ended: removed by a member's commit, or sequenced by the gateway as a proposal
+/// that the next member to come online commits.
+enum Left {
+    Removed,
+    Proposed,
+}
+
+/// Asks to leave and waits until the gateway has sequenced the removal (and briefly for the
+/// commit that completes it).
+async fn leave(device: &Device, conv: ConversationId) -> Result<Left, String> {
+    let me = device.key.device_id();
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
     let result = async {
+        await_membership(&mut node, conv).await?;
         node.group(GroupRequest::Change(conv, Intent::Leave))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        esay!("asked the gateway to remove this device; waiting for it to sequence the removal…");
         let deadline = tokio::time::sleep(GROUP_DEADLINE);
         tokio::pin!(deadline);
+        let grace = tokio::time::sleep(GROUP_DEADLINE);
+        tokio::pin!(grace);
+        let mut proposed = false;
         loop {
             tokio::select! {
-                _ = &mut deadline => return Err(format!(
-                    "the gateway proposed this device's removal, but no member committed it within \
-                     {GROUP_DEADLINE:?}: the member chosen to commit it is offline. It completes \
-                     when that member's device next runs sund (for example `sund follow`); this \
-                     device stops sending to the room meanwhile"
+                _ = &mut deadline, if !proposed => return Err(format!(
+                    "the gateway did not sequence this device's removal within {GROUP_DEADLINE:?}                      (`sund status` says whether it can be reached); the request is kept and sent                      again at the next start of this device"
                 )),
+                _ = &mut grace, if proposed => return Ok(Left::Proposed),
                 event = node.events.recv() => match event {
-                    Some(NodeEvent::RemovedFrom { conversation, .. }) if conversation == conv => return Ok(()),
+                    Some(NodeEvent::RemovedFrom { conversation, .. }) if conversation == conv => return Ok(Left::Removed),
+                    Some(NodeEvent::RemovalProposed { conversation, device, .. })
+                        if conversation == conv && device == me && !proposed =>
+                    {
+                        proposed = true;
+                        grace.as_mut().reset(tokio::time::Instant::now() + COMMIT_GRACE);
+                    }
                     Some(_) => {}
                     None => return Err("the node stopped unexpectedly".into()),
                 },

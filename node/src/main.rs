@@ -1,7 +1,6 @@
 //! `sund`: the Sund command-line client.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -151,9 +150,9 @@ enum Command {
         /// The device's data directory.
         #[arg(long, default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The gateway's UDP address.
+        /// The gateway's UDP address, HOST:PORT (an IP address or a name).
         #[arg(long)]
-        gateway: SocketAddr,
+        gateway: String,
         /// The gateway's certificate file (`sund-gateway cert` prints its path).
         #[arg(long)]
         gateway_cert: PathBuf,
@@ -263,7 +262,7 @@ async fn run(command: Command) -> Result<(), String> {
         } => {
             let device = Device::init(
                 &data_dir,
-                gateway,
+                &gateway,
                 &gateway_cert,
                 user.as_deref(),
                 token.as_deref(),
@@ -332,6 +331,23 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
         .await
         .map_err(|e| e.to_string())?;
     let id = device.resolve_conversation(conversation);
+    if let Some(user) = conversation.strip_prefix('@') {
+        // A DM is an MLS group: never send its messages down the operator-conversation path.
+        let groups = node.groups().await.map_err(|e| e.to_string())?;
+        let joined = groups.iter().any(|g| {
+            g.conversation == id
+                && !matches!(
+                    g.status,
+                    sund_model::mls::device_groups::GroupStatus::Removed { .. }
+                )
+        });
+        if !joined {
+            let _ = node.stop().await;
+            return Err(format!(
+                "this device has no DM with `{user}` yet: start one with `sund dm {user}`"
+            ));
+        }
+    }
     let msg_id = match node.send(id, Bytes::from(message.to_string())).await {
         Ok(Ok(msg_id)) => msg_id,
         Ok(Err(e)) => {
@@ -342,8 +358,15 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
     };
     let deadline = tokio::time::sleep(Duration::from_secs(15));
     tokio::pin!(deadline);
+    let still_waiting = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(still_waiting);
+    let mut told = false;
     loop {
         tokio::select! {
+            _ = &mut still_waiting, if !told => {
+                told = true;
+                esay!("waiting for the gateway at {} to acknowledge (up to 15 s)…", device.gateway);
+            }
             _ = &mut deadline => {
                 let why = match node.status().await.ok().and_then(|s| s.last_problem) {
                     Some(problem) => format!(" ({problem})"),
@@ -515,14 +538,17 @@ async fn status(data_dir: &Path) -> Result<(), String> {
             return Err(format!("the gateway refused this device: {message}"));
         }
         (ConnectionStatus::Connected, _) => say!("connection connected"),
-        (other, _) => match &snapshot.last_problem {
-            Some(problem) => say!("connection {} — {problem}", describe(other)),
-            None => say!(
-                "connection {} — is the gateway running at {}?",
-                describe(other),
-                device.gateway
-            ),
-        },
+        (other, _) => {
+            say!("connection {}", describe(other));
+            let _ = node.stop().await;
+            return Err(match &snapshot.last_problem {
+                Some(problem) => format!("cannot reach the gateway: {problem}"),
+                None => format!(
+                    "cannot reach the gateway at {}: is it running?",
+                    device.gateway
+                ),
+            });
+        }
     }
     node.stop().await.map_err(|e| e.to_string())
 }

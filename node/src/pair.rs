@@ -57,7 +57,8 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
         user_name: user_name.clone(),
         gateway: device.gateway.to_string(),
     };
-    if qr {
+    // A QR code is for a camera: only on a terminal, not into files or pipes.
+    if qr && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         say!("{}", qr_text(&code)?);
     }
     say!("pairing code for a new device of {user_name} (one use, valid for 10 minutes):");
@@ -90,7 +91,12 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
             }
             event = node.events.recv() => match event {
                 Some(NodeEvent::PairingReady { .. }) => {
-                    say!("the gateway holds the code: waiting for the new device");
+                    if !wait.is_zero() {
+                        say!(
+                            "the gateway holds the code: waiting up to {} s for the new device (Ctrl-C stops waiting; the code stays valid until it expires; `--wait 0` only prints it)",
+                            wait.as_secs()
+                        );
+                    }
                     ready = true;
                     if wait.is_zero() {
                         break Ok(());
@@ -162,7 +168,7 @@ pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), S
                 }
                 Some(NodeEvent::Refused { code: ErrorCode::EnrolmentTokenInvalid, .. }) => {}
                 Some(NodeEvent::Refused { message, .. }) => {
-                    break Err(format!("the gateway refused the pairing: {message}; show a new code on your other device (`sund pair show`) and set this device up again in a new directory"));
+                    break Err(format!("the gateway refused the pairing: {message}; show a new code on your other device (`sund pair show`) and run `sund pair accept` again"));
                 }
                 Some(NodeEvent::Revoked) => break Err(REVOKED.into()),
                 Some(_) => {}
@@ -171,7 +177,20 @@ pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), S
         }
     };
     let stopped = node.stop().await.map_err(|e| e.to_string());
+    if result.is_err() {
+        // A refused pairing leaves no dead device behind: the directory can take the next code.
+        forget_device(data_dir);
+    }
     result.and(stopped)
+}
+
+/// Removes what `Device::init_paired` and the node's first start wrote into `data_dir`, and the
+/// directory itself if nothing else is in it.
+fn forget_device(data_dir: &Path) {
+    for file in ["device.key", "node.toml", "gateway-cert.der", "node.redb"] {
+        let _ = std::fs::remove_file(data_dir.join(file));
+    }
+    let _ = std::fs::remove_dir(data_dir);
 }
 
 use sund_model::hex::encode as hex;

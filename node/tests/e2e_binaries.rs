@@ -397,8 +397,8 @@ fn a_device_paired_from_another_registers_without_a_token_and_the_code_works_onc
         }
     };
     assert!(
-        printed.iter().any(|l| l.contains('█') || l.contains('▀')),
-        "a QR code comes first: {printed:?}"
+        !printed.iter().any(|l| l.contains('█') || l.contains('▀')),
+        "a QR code is for a terminal, not a pipe: {printed:?}"
     );
 
     // The phone takes it: registered, confirmed, connected, without an operator token.
@@ -441,6 +441,10 @@ fn a_device_paired_from_another_registers_without_a_token_and_the_code_works_onc
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("already used"), "{stderr}");
+    assert!(
+        !tablet.exists(),
+        "a refused pairing leaves no dead device directory behind"
+    );
     let out = Command::new(sund())
         .args([
             "pair",

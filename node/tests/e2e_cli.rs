@@ -1,6 +1,7 @@
 //! The `sund` command line as a user types it, against a real gateway on loopback: what it
 //! prints, what it keeps, and what it refuses.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -124,4 +125,250 @@ fn output_into_a_closed_pipe_does_not_panic() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "sund {args}: {err}");
     }
+}
+
+#[test]
+fn unknown_users_are_an_error_never_a_silent_success() {
+    let dm = Dm::new();
+    let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, "nobody"]);
+    assert!(err.contains("no such user here"), "{err}");
+    let err = fails(
+        &sund(),
+        &["dm", "--data-dir", &dm.alice, "nobody@localhost"],
+    );
+    assert!(err.contains("no such user here"), "{err}");
+    let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, ""]);
+    assert!(err.contains("cannot be empty"), "{err}");
+    let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, "two words"]);
+    assert!(err.contains("is not a user name"), "{err}");
+    // A room with bob, then an invitation for a user who does not exist.
+    let out = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &dm.alice,
+            "team",
+            "--invite",
+            "bob",
+        ],
+    );
+    assert!(out.contains("team"), "{out}");
+    let err = fails(
+        &sund(),
+        &[
+            "room",
+            "invite",
+            "--data-dir",
+            &dm.alice,
+            "team",
+            "nosuchuser",
+        ],
+    );
+    assert!(err.contains("no such user here"), "{err}");
+    let err = fails(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &dm.alice,
+            "ghosts",
+            "--invite",
+            "ghost",
+        ],
+    );
+    assert!(err.contains("no such user here"), "{err}");
+    // `@name` means the DM: never the operator-conversation path.
+    let err = fails(
+        &sund(),
+        &["send", "--data-dir", &dm.alice, "@nobody", "hello?"],
+    );
+    assert!(err.contains("start one with `sund dm nobody`"), "{err}");
+    assert!(
+        !err.contains("admin"),
+        "no operator command is suggested: {err}"
+    );
+    // The DM with bob still works after all that.
+    dm.send("still here");
+    let got = follow(&dm.bob, "@bob", 1, Duration::from_secs(30));
+    assert!(got[0].ends_with(": still here"), "{got:#?}");
+}
+
+#[test]
+fn init_checks_the_certificate_and_takes_host_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let garbage = tmp.path().join("garbage.der");
+    std::fs::write(&garbage, b"this is not a certificate").unwrap();
+    let dev = tmp.path().join("alice");
+    let dev = dev.to_str().unwrap();
+    let err = fails(
+        &sund(),
+        &[
+            "init",
+            "--data-dir",
+            dev,
+            "--gateway",
+            "127.0.0.1:4433",
+            "--gateway-cert",
+            garbage.to_str().unwrap(),
+            "--user",
+            "alice",
+        ],
+    );
+    assert!(err.contains("not a DER X.509 certificate"), "{err}");
+    assert!(
+        err.contains("sund-gateway cert"),
+        "says where the right file is: {err}"
+    );
+    assert!(
+        !Path::new(dev).join("node.toml").exists(),
+        "nothing half-made is left"
+    );
+    let err = fails(
+        &sund(),
+        &[
+            "init",
+            "--data-dir",
+            dev,
+            "--gateway",
+            "no-port-here",
+            "--gateway-cert",
+            cert.trim(),
+            "--user",
+            "alice",
+        ],
+    );
+    assert!(err.contains("is not HOST:PORT"), "{err}");
+    // A host name works as the pairing codes' addresses do, and the device connects by it.
+    let port = free_udp_port();
+    init_device(
+        dev,
+        &format!("localhost:{port}"),
+        cert.trim(),
+        Some("alice"),
+        None,
+    );
+    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
+    let status = run(&sund(), &["status", "--data-dir", dev]);
+    assert!(
+        status.contains(&format!("localhost:{port}"))
+            || status.contains(&format!("127.0.0.1:{port}")),
+        "{status}"
+    );
+    assert!(status.contains("connection connected"), "{status}");
+}
+
+#[test]
+fn a_wrong_pin_is_named_and_status_fails_when_the_gateway_is_not_reached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    // Another gateway's certificate: a device pinned to it must not talk to this one.
+    let other = tmp.path().join("other");
+    let other_cert = run(
+        &gateway_binary(),
+        &["cert", "--data-dir", other.to_str().unwrap()],
+    );
+    let port = free_udp_port();
+    let dev = tmp.path().join("alice");
+    let dev = dev.to_str().unwrap();
+    init_device(
+        dev,
+        &format!("127.0.0.1:{port}"),
+        other_cert.trim(),
+        Some("alice"),
+        None,
+    );
+    // Nothing runs yet: status exits non-zero and says it cannot reach the gateway.
+    let (out, err) = fails_with_output(&sund(), &["status", "--data-dir", dev]);
+    assert!(out.contains("connection reconnecting"), "{out}");
+    assert!(err.contains("cannot reach the gateway"), "{err}");
+    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
+    let (_, err) = fails_with_output(&sund(), &["status", "--data-dir", dev]);
+    assert!(
+        err.contains("is not the gateway this device pinned"),
+        "the pin mismatch is named, not taken for a gateway that is down: {err}"
+    );
+    assert!(!err.contains("is the gateway running"), "{err}");
+}
+
+#[test]
+fn flags_after_run_work_and_a_forged_token_is_named_as_unknown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let token = enrol(gw, "alice");
+    // The token's secret changed: well formed, but not one the gateway issued.
+    let mut parts: Vec<String> = token.trim().split(':').map(str::to_string).collect();
+    assert_eq!(parts.len(), 4, "{token}");
+    parts[2] = parts[2].chars().rev().collect();
+    let forged = parts.join(":");
+    let port = free_udp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dev = tmp.path().join("alice");
+    let dev = dev.to_str().unwrap();
+    init_device(dev, &addr, cert.trim(), Some("alice"), Some(&forged));
+    // `run` then its flags, as users type it.
+    let log = std::fs::File::create(tmp.path().join("gateway.log")).unwrap();
+    let _gateway = Guard(
+        Command::new(gateway_binary())
+            .args(["run", "--listen", &addr, "--data-dir", gw])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let err = fails(&sund(), &["status", "--data-dir", dev]);
+    assert!(err.contains("unknown enrolment token"), "{err}");
+    assert!(!err.contains("needs an enrolment token"), "{err}");
+    // `run --open-enrolment` is accepted after `run` as well as before it.
+    let out = Command::new(gateway_binary())
+        .args(["run", "--open-enrolment", "--help"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_command_while_follow_runs_says_what_holds_the_device_and_what_to_do() {
+    let dm = Dm::new();
+    let mut follow = Guard(
+        Command::new(sund())
+            .args(["follow", "--data-dir", &dm.bob])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until follow holds the database.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let out = Command::new(sund())
+            .args(["send", "--data-dir", &dm.bob, "@alice", "while following"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() && err.contains("in use") {
+            break err;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "follow never held the device: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(err.contains("such as a running `sund follow`"), "{err}");
+    assert!(err.contains("Stop the other one"), "{err}");
+    let _ = follow.0.kill();
 }

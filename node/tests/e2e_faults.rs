@@ -172,8 +172,11 @@ fn a_truncated_device_database_is_refused_not_taken_for_a_new_device() {
     let dev_dir = tmp.path().join("alice");
     let dev = dev_dir.to_str().unwrap();
     init_device(dev, "127.0.0.1:9", cert.trim(), None, None);
-    // The device's first start creates its database; a later empty one is damage.
-    run(&sund(), &["status", "--data-dir", dev]);
+    // The device's first start creates its database; a later empty one is damage. Nothing
+    // answers at port 9, so `status` fails (exit non-zero) and says so.
+    let (out, err) = fails_with_output(&sund(), &["status", "--data-dir", dev]);
+    assert!(out.contains("connection reconnecting"), "{out}");
+    assert!(err.contains("cannot reach the gateway"), "{err}");
     let db = dev_dir.join("node.redb");
     assert!(db.exists());
     std::fs::write(&db, b"").unwrap();
@@ -301,12 +304,12 @@ fn a_full_disk_stops_the_gateway_storing_not_listening_and_it_recovers_when_spac
     let queued = format!("while-full-{}", sent_while_full + 1);
     let err = fails(&sund(), &["send", "--data-dir", a, "room", &queued]);
     assert!(err.contains("stays in this device's outbox"), "{err}");
-    let status = run(&sund(), &["status", "--data-dir", a]);
+    let (status, err) = fails_with_output(&sund(), &["status", "--data-dir", a]);
     assert!(
-        status.contains("outbox     2 message(s) waiting")
-            && status.contains("cannot store messages"),
+        status.contains("outbox     2 message(s) waiting"),
         "{status}"
     );
+    assert!(err.contains("cannot store messages"), "{err}");
     let log = std::fs::read_to_string(gw_dir.with_file_name("gateway.log")).unwrap();
     assert!(
         log.contains("the disk is full"),

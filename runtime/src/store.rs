@@ -62,10 +62,7 @@ impl RedbStore {
             builder.create(path)
         };
         let db = opened.map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Refused(format!(
-                "{} is in use by another process (a running gateway or node?): stop it first",
-                path.display()
-            )),
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Refused(in_use(path)),
             redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Backend(
                 format!("cannot open {}: {io}", path.display()),
             ),
@@ -149,6 +146,22 @@ impl Store for RedbStore {
         }
         txn.commit().map_err(backend)?;
         Ok(())
+    }
+}
+
+/// Words for a database another process holds open: which process that likely is, and what to
+/// do (one process at a time opens a data directory).
+fn in_use(path: &Path) -> String {
+    match path.file_name().and_then(|n| n.to_str()) {
+        Some("node.redb") => format!(
+            "this device ({}) is in use by another `sund` process, such as a running `sund follow`: one command at a time uses a device. Stop the other one (Ctrl-C), run this, then start it again; `sund follow` prints what arrived meanwhile",
+            path.parent().unwrap_or(path).display()
+        ),
+        Some("gateway.redb") => format!(
+            "{} is in use by another process, such as the running gateway: stop it first (admin commands edit the database while the gateway is stopped)",
+            path.display()
+        ),
+        _ => format!("{} is in use by another process: stop it first", path.display()),
     }
 }
 

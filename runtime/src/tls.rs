@@ -88,12 +88,26 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.sync_all()
 }
 
+/// Checks that `der` is an X.509 certificate a node could pin (it parses as one), so that a
+/// wrong file given to `sund init --gateway-cert` is refused at once rather than at every
+/// connection.
+pub fn check_certificate(der: &[u8]) -> Result<(), String> {
+    let cert = CertificateDer::from(der);
+    webpki::EndEntityCert::try_from(&cert)
+        .map(|_| ())
+        .map_err(|e| format!("not a DER X.509 certificate ({e:?})"))
+}
+
 /// What a node pins of its gateway's certificate: the SHA-256 of its DER bytes. A pairing code
 /// carries this instead of the certificate, so that it fits a QR code.
 pub fn certificate_pin(cert: &CertificateDer<'_>) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(cert.as_ref()).into()
 }
+
+/// The words of the TLS error a node's pin check raises, so that drivers can tell a wrong
+/// pin from a gateway that is down.
+pub const NOT_PINNED: &str = "the gateway's certificate is not the pinned one";
 
 /// Accepts the gateway's certificate only if its SHA-256 is the pinned one; signatures are
 /// still verified, so the peer must hold the matching key.
@@ -115,9 +129,7 @@ impl ServerCertVerifier for PinnedCertificate {
         if certificate_pin(end_entity) == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(
-                "the gateway's certificate is not the pinned one".into(),
-            ))
+            Err(rustls::Error::General(NOT_PINNED.into()))
         }
     }
 

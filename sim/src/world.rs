@@ -1008,6 +1008,9 @@ impl World {
                 record.push(11);
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&(*code as u16).to_le_bytes());
+                if *code == sund_model::wire::payload::ErrorCode::UnknownUser {
+                    self.retry_unknown_user(a, *conversation);
+                }
             }
             NodeEvent::Registered { serial } => {
                 record.push(14);

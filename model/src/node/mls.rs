@@ -233,16 +233,35 @@ impl Node {
         now: Instant,
         request: u64,
         found: Vec<FetchedKeyPackage>,
+        exhausted: usize,
     ) {
         let msg_id = self.new_msg_id();
         let Some(m) = &mut self.mls else {
             return;
         };
-        let action =
-            m.groups
-                .on_key_packages(now, request, &found, &m.device, msg_id, self.fx.writes());
-        if let Some(action) = action {
-            self.perform(now, action);
+        let outcome = m.groups.on_key_packages(
+            now,
+            request,
+            &found,
+            exhausted,
+            &m.device,
+            msg_id,
+            self.fx.writes(),
+        );
+        match outcome {
+            Ok(Some(action)) => self.perform(now, action),
+            Ok(None) => {}
+            Err((conversation, users)) => {
+                let names: Vec<String> = users.iter().map(ToString::to_string).collect();
+                self.fx.event(NodeEvent::GroupChangeRefused {
+                    conversation,
+                    code: ErrorCode::UnknownUser,
+                    message: format!(
+                        "no device of {} is registered at this gateway",
+                        names.join(", ")
+                    ),
+                });
+            }
         }
         self.drive_groups(now);
     }

@@ -678,7 +678,10 @@ impl Node {
                     .on_device_linked(&self.config, &linked, &mut self.fx);
             }
             Payload::KeyPackageCount(count) => self.replenish(now, conn, count),
-            Payload::KeyPackages(answer) => self.on_key_packages(now, routing.seq, answer.found),
+            Payload::KeyPackages(answer) => {
+                let exhausted = answer.exhausted.len();
+                self.on_key_packages(now, routing.seq, answer.found, exhausted)
+            }
             Payload::Welcome(welcome) => self.on_welcome(now, routing.conversation, welcome),
             Payload::Removed(removed) => self.on_removed(now, routing.conversation, removed.seq),
             Payload::Error(report) => self.on_error(now, routing, report),

@@ -342,6 +342,9 @@ pub enum ErrorCode {
     /// earlier one has not arrived, or was refused). The error's `after` names that last one;
     /// send what waits again, chained from it.
     SenderOutOfOrder = 30,
+    /// No device of a named user is registered at this gateway (a node's own verdict on a
+    /// group change, from a KeyPackage fetch that found nothing).
+    UnknownUser = 31,
 }
 
 impl ErrorCode {
@@ -379,6 +382,7 @@ impl ErrorCode {
             EnrolmentTokenExpired,
             PairingRefused,
             SenderOutOfOrder,
+            UnknownUser,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)

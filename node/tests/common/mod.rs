@@ -160,6 +160,21 @@ pub fn follow(dir: &str, conv: &str, count: usize, within: std::time::Duration) 
     out.lines().map(str::to_string).collect()
 }
 
+/// Runs a binary that must fail; its stdout and its stderr.
+pub fn fails_with_output(bin: &Path, args: &[&str]) -> (String, String) {
+    let out = Command::new(bin).args(args).output().expect("binary runs");
+    assert!(
+        !out.status.success(),
+        "{} {args:?} should have failed: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs a binary that must fail; its stderr.
 pub fn fails(bin: &Path, args: &[&str]) -> String {
     let out = Command::new(bin).args(args).output().expect("binary runs");

@@ -97,6 +97,30 @@ impl World {
         self.conversations[index].id = id;
     }
 
+    /// A creation refused because an invited user had no registered device yet (a device that
+    /// enrols late): the creator tries again later, as a user would, until that user exists.
+    pub(super) fn retry_unknown_user(&mut self, device: ActorIndex, conv: ConversationId) {
+        let Some(index) = self
+            .conversations
+            .iter()
+            .position(|c| c.id == conv && c.kind.is_some() && c.members[0] == device)
+        else {
+            return;
+        };
+        let forgotten = self
+            .node(device)
+            .and_then(|n| n.groups())
+            .is_some_and(|g| g.entry(conv).is_none());
+        if forgotten {
+            self.push(
+                self.now + CREATE_AT_US,
+                EventKind::CreateGroup {
+                    conversation: index,
+                },
+            );
+        }
+    }
+
     /// True if `device` can send to conversation `index` now.
     pub(super) fn sends_to(&self, index: usize, device: ActorIndex) -> bool {
         let c = &self.conversations[index];

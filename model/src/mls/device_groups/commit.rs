@@ -38,25 +38,63 @@ fn remove_one(
 }
 
 impl DeviceGroups {
-    /// KeyPackages arrived for fetch `request`: the waiting conversation commits.
+    /// KeyPackages arrived for fetch `request`: the waiting conversation commits. If the
+    /// gateway knows no device of a user the change names (nothing found, nothing exhausted),
+    /// the change is dropped (a conversation it was to create is forgotten) and `Err` names the
+    /// conversation and those users: a user who does not exist is an error, not an empty add.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn on_key_packages(
         &mut self,
         now: Instant,
         request: u64,
         found: &[FetchedKeyPackage],
+        exhausted: usize,
         mls: &DeviceMls,
         msg_id: MsgId,
         writes: &mut WriteBatch,
-    ) -> Option<GroupAction> {
-        let (conv, _) = self.fetches.remove(&request)?;
+    ) -> Result<Option<GroupAction>, (ConversationId, Vec<UserId>)> {
+        let Some((conv, _)) = self.fetches.remove(&request) else {
+            return Ok(None);
+        };
         let ready = self
             .entries
             .get(&conv)
             .is_some_and(|e| e.status == GroupStatus::Synchronized && !e.intents.is_empty());
         if !ready {
-            return None;
+            return Ok(None);
         }
-        self.commit(now, conv, found, mls, msg_id, writes)
+        if exhausted == 0 {
+            let unknown = self.unknown_users(conv, found);
+            if !unknown.is_empty() {
+                let entry = self.entries.get_mut(&conv).expect("ready above");
+                let creating = matches!(entry.intents.front(), Some(Intent::Create { .. }))
+                    && !self.groups.contains_key(&conv);
+                if creating {
+                    self.entries.remove(&conv);
+                    writes.delete(super::NODE_GROUPS_TABLE, conv.to_bytes().to_vec());
+                } else {
+                    entry.intents.pop_front();
+                    self.persist(conv, writes);
+                }
+                return Err((conv, unknown));
+            }
+        }
+        Ok(self.commit(now, conv, found, mls, msg_id, writes))
+    }
+
+    /// The users the front intent of `conv` adds (other than this device's own) of whom
+    /// `found` holds no device.
+    fn unknown_users(&self, conv: ConversationId, found: &[FetchedKeyPackage]) -> Vec<UserId> {
+        let users = match self.entries[&conv].intents.front() {
+            Some(Intent::Create { users } | Intent::AddUsers(users)) => users,
+            _ => return Vec::new(),
+        };
+        users
+            .iter()
+            .map(|u| UserId::from_bytes(**u))
+            .filter(|u| Some(*u) != self.user)
+            .filter(|u| !found.iter().any(|f| UserId::from_bytes(*f.user) == *u))
+            .collect()
     }
 
     /// Makes the commit for the front intent of `conv` (with `found` packages for adds).
