@@ -632,3 +632,105 @@ fn a_user_with_no_registered_device_is_an_error_not_an_empty_conversation() {
     send(&mut net, 1, room, "after the ghost");
     assert_eq!(plaintexts(&net, 2, room), vec![b"after the ghost".to_vec()]);
 }
+
+#[test]
+fn revoking_the_owners_only_device_hands_the_room_to_the_earliest_member() {
+    let mut net = Net::new();
+    net.add(1, node_config(1, "alice"));
+    net.add(2, node_config(2, "bob"));
+    net.add(3, node_config(3, "carol"));
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob"), user("carol")])
+        .unwrap();
+    net.settle();
+    assert_eq!(
+        net.gateway.group(room).unwrap().role(user("alice")),
+        Some(Role::Owner)
+    );
+    let alice = net.nodes[&1].0.device();
+    net.admin(sund_model::gateway::AdminCommand::RevokeDevice(alice));
+    net.settle();
+    let group = net.gateway.group(room).unwrap();
+    assert!(
+        !group.devices().contains_key(&alice),
+        "a member committed the removal"
+    );
+    let owners: Vec<UserId> = [user("bob"), user("carol")]
+        .into_iter()
+        .filter(|u| group.role(*u) == Some(Role::Owner))
+        .collect();
+    assert_eq!(owners.len(), 1, "exactly one heir: {owners:?}");
+    assert_eq!(net.gateway.stats().groups.ownership_handovers, 1);
+    // The heir runs the room: it sets roles, which only an owner may.
+    let heir = if owners[0] == user("bob") { 2 } else { 3 };
+    let other = if heir == 2 {
+        user("carol")
+    } else {
+        user("bob")
+    };
+    let now = net.now;
+    net.nodes
+        .get_mut(&heir)
+        .unwrap()
+        .0
+        .set_role(now, room, other, Role::Admin)
+        .unwrap();
+    net.settle();
+    assert_eq!(
+        net.gateway.group(room).unwrap().role(other),
+        Some(Role::Admin)
+    );
+}
+
+#[test]
+fn a_device_joins_from_a_welcome_listing_a_member_revoked_since() {
+    let mut net = Net::new();
+    net.add(1, node_config(1, "alice"));
+    net.add(2, node_config(2, "bob"));
+    net.add(3, node_config(3, "carol"));
+    let now = net.now;
+    let room = net.node(1).create_room(now, &[user("bob")]).unwrap();
+    net.settle();
+    // Alice invites Carol; her commit is made (KeyPackages in hand) when Bob is revoked, so
+    // it wins the epoch before the gateway's proposal to remove Bob is committed: the Welcome
+    // lists Bob, and Carol already holds the CRL that names him.
+    let carol = user("carol").to_bytes().into();
+    net.node(1)
+        .change_group(now, room, Intent::AddUsers(vec![carol]))
+        .unwrap();
+    assert!(net.step(), "the fetch and its answer");
+    let bob = net.device(2);
+    net.gateway.handle(
+        net.now,
+        support::admin(sund_model::gateway::AdminCommand::RevokeDevice(bob)),
+    );
+    net.settle();
+    let crl_at = net
+        .events(3)
+        .iter()
+        .position(|e| matches!(e, NodeEvent::CrlUpdated { .. }));
+    let joined_at = net
+        .events(3)
+        .iter()
+        .position(|e| matches!(e, NodeEvent::Joined { conversation, .. } if *conversation == room));
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+    assert!(
+        crl_at.is_some() && joined_at.is_some() && crl_at < joined_at,
+        "carol joins after she holds the CRL: {:?}",
+        net.events(3)
+    );
+    assert!(!net
+        .gateway
+        .group(room)
+        .unwrap()
+        .devices()
+        .contains_key(&bob));
+    send(&mut net, 1, room, "after bob");
+    assert_eq!(plaintexts(&net, 3, room), vec![b"after bob".to_vec()]);
+    assert_eq!(authenticator(&net, 3, room), authenticator(&net, 1, room));
+}

@@ -11,6 +11,13 @@
 //! | room member | its own user's devices | its own user's devices | no |
 //! | DM user | devices of the DM's two users | its own user's devices | no |
 //!
+//! A room always has an owner. When a commit (or a revocation's removal) takes away the last
+//! device of the last owner, ownership passes by a fixed rule that every replica applies alike:
+//! to the admin who joined the room first, and if there is none, to the member who joined
+//! first (join order is the order of the commits that added each user's first device, and
+//! within one commit the order it lists them; users who joined at the same moment before join
+//! order was kept are ordered by user id).
+//!
 //! A commit removes at most one device: openmls orders several member-specific proposals by a
 //! std hash map (see `mls`), and one per commit keeps every run reproducible.
 //!
@@ -59,6 +66,9 @@ pub struct GroupEffect {
     pub change: Change,
     /// The Welcome for the devices it adds.
     pub welcome: Option<Bytes>,
+    /// The user who became the room's owner because the commit took the last owner's last
+    /// device (the handover rule, see the module docs).
+    pub new_owner: Option<UserId>,
 }
 
 /// What a removal request leads to.
@@ -83,6 +93,8 @@ pub struct GroupStats {
     pub stale_messages: u64,
     /// Remove proposals the gateway sent as external sender.
     pub removals_proposed: u64,
+    /// Rooms whose last owner went and whose ownership passed by the handover rule.
+    pub ownership_handovers: u64,
 }
 
 /// The gateway's MLS conversations and its external-sender key. See the module docs.
@@ -360,13 +372,19 @@ impl Groups {
                 return Err((ErrorCode::Forbidden, message, before));
             }
         }
-        state.apply(&change);
+        let new_owner = state.apply(&change);
         debug_assert!(state.epoch() > before, "an accepted commit moves the epoch");
         Ok(GroupEffect {
             state,
             change,
             welcome,
+            new_owner,
         })
+    }
+
+    /// Counts a room whose ownership passed by the handover rule.
+    pub fn note_handover(&mut self) {
+        self.stats.ownership_handovers += 1;
     }
 
     /// Keeps the group's state after an accepted commit (or a last member's departure).
@@ -399,11 +417,12 @@ impl Groups {
                 removed: vec![device],
                 ..Change::default()
             };
-            state.apply(&change);
+            let new_owner = state.apply(&change);
             return Removal::LastMember(Box::new(GroupEffect {
                 state,
                 change,
                 welcome: None,
+                new_owner,
             }));
         }
         let already = group.removals().contains(&device);
@@ -481,6 +500,8 @@ pub struct GroupState {
     /// Devices the gateway proposed to remove (they asked to leave, or the operator removes
     /// them); cleared when a commit removes them.
     removals: BTreeSet<DeviceId>,
+    /// Each member user's place in join order (smaller joined earlier), for owner handover.
+    joined: BTreeMap<UserId, u64>,
 }
 
 impl GroupState {
@@ -493,6 +514,7 @@ impl GroupState {
             devices: BTreeMap::from([(creator, user)]),
             leaves: BTreeMap::from([(creator, 0)]),
             removals: BTreeSet::new(),
+            joined: BTreeMap::from([(user, 0)]),
         }
     }
 
@@ -661,8 +683,9 @@ impl GroupState {
     }
 
     /// Applies a checked change: devices join and leave, roles change; a user with no device
-    /// left loses its role.
-    pub fn apply(&mut self, change: &Change) {
+    /// left loses its role. A room left without an owner gets one by the handover rule (see
+    /// the module docs); the user who became owner that way is returned.
+    pub fn apply(&mut self, change: &Change) -> Option<UserId> {
         for (device, user, leaf) in &change.added {
             let previous = self.devices.insert(*device, *user);
             debug_assert!(previous.is_none(), "checked: not yet a member");
@@ -674,6 +697,10 @@ impl GroupState {
                 GroupKind::Room => Role::Member,
             };
             self.roles.entry(*user).or_insert(default);
+            if !self.joined.contains_key(user) {
+                let next = self.joined.values().max().map_or(0, |m| m + 1);
+                self.joined.insert(*user, next);
+            }
         }
         for device in &change.removed {
             self.leaves.remove(device);
@@ -681,6 +708,7 @@ impl GroupState {
             if let Some(user) = self.devices.remove(device) {
                 if !self.devices.values().any(|u| *u == user) {
                     self.roles.remove(&user);
+                    self.joined.remove(&user);
                 }
             }
         }
@@ -689,6 +717,36 @@ impl GroupState {
                 self.roles.insert(*user, *role);
             }
         }
+        let handed_over = self.hand_over_ownership();
+        assert!(
+            self.kind != GroupKind::Room
+                || self.roles.is_empty()
+                || self.roles.values().any(|r| *r == Role::Owner),
+            "a room with members always has an owner"
+        );
+        handed_over
+    }
+
+    /// If this room has members but no owner, makes the earliest-joined admin owner, or else
+    /// the earliest-joined member.
+    fn hand_over_ownership(&mut self) -> Option<UserId> {
+        if self.kind != GroupKind::Room
+            || self.roles.is_empty()
+            || self.roles.values().any(|r| *r == Role::Owner)
+        {
+            return None;
+        }
+        let order = |user: &UserId| (self.joined.get(user).copied().unwrap_or(0), *user);
+        let earliest = |wanted: Option<Role>| {
+            self.roles
+                .iter()
+                .filter(|(_, r)| wanted.is_none_or(|w| **r == w))
+                .map(|(u, _)| *u)
+                .min_by_key(order)
+        };
+        let heir = earliest(Some(Role::Admin)).or_else(|| earliest(None))?;
+        self.roles.insert(heir, Role::Owner);
+        Some(heir)
     }
 
     /// Adds the write that persists this group.
@@ -718,6 +776,15 @@ impl GroupState {
                 .iter()
                 .map(|d| ByteArray::from(d.to_bytes()))
                 .collect(),
+            joined: Some(
+                self.joined
+                    .iter()
+                    .map(|(u, order)| JoinedRecord {
+                        user: ByteArray::from(u.to_bytes()),
+                        order: *order,
+                    })
+                    .collect(),
+            ),
         };
         let value = minicbor::to_vec(&record).expect("encoding into a Vec cannot fail");
         batch.put(GROUPS_TABLE, conv.to_bytes().to_vec(), value);
@@ -757,6 +824,12 @@ impl GroupState {
             .iter()
             .map(|d| DeviceId::from_bytes(**d))
             .collect();
+        let joined = record
+            .joined
+            .unwrap_or_default()
+            .iter()
+            .map(|j| (UserId::from_bytes(*j.user), j.order))
+            .collect();
         let state = GroupState {
             kind,
             authority: EpochAuthority::new(record.epoch),
@@ -764,6 +837,7 @@ impl GroupState {
             devices,
             leaves,
             removals,
+            joined,
         };
         Ok((ConversationId::from_bytes(id), state))
     }
@@ -793,6 +867,18 @@ struct GroupRecord {
     devices: Vec<DeviceRecord>,
     #[n(4)]
     removals: Vec<ByteArray<16>>,
+    /// Join order of member users (absent in records written before it was kept).
+    #[n(5)]
+    joined: Option<Vec<JoinedRecord>>,
+}
+
+#[derive(Encode, Decode)]
+#[cbor(map)]
+struct JoinedRecord {
+    #[n(0)]
+    user: ByteArray<16>,
+    #[n(1)]
+    order: u64,
 }
 
 #[cfg(test)]
@@ -887,6 +973,55 @@ mod tests {
         let change = g.check(d(10), &ops(&[], &[30]), user_of).unwrap();
         g.apply(&change);
         assert_eq!(g.role(u(3)), None);
+    }
+
+    #[test]
+    fn ownership_passes_to_the_earliest_admin_then_the_earliest_member() {
+        // Owner user 1; user 3 joins before user 2 (a later commit), so 3 is the elder.
+        let mut g = GroupState::create(GroupKind::Room, d(10), u(1));
+        let change = g.check(d(10), &ops(&[30], &[]), user_of).unwrap();
+        g.apply(&change);
+        let change = g.check(d(10), &ops(&[20, 40], &[]), user_of).unwrap();
+        g.apply(&change);
+        let keep = g.clone();
+        // No admin: the owner's only device is revoked (the gateway asks for its removal) and
+        // a member commits it; the earliest-joined member, not the smallest id, owns the room.
+        assert!(g.propose_removal(d(10)));
+        let change = g.check(d(20), &ops(&[], &[10]), user_of).unwrap();
+        assert_eq!(g.apply(&change), Some(u(3)));
+        assert_eq!(g.role(u(3)), Some(Role::Owner));
+        assert_eq!(g.role(u(2)), Some(Role::Member));
+        // With admins, the earliest-joined admin comes first, whatever the members' order.
+        let mut g = keep;
+        let promote = GroupOps {
+            roles: [2u128, 4]
+                .iter()
+                .map(|n| RoleChange {
+                    user: ByteArray::from(u(*n).to_bytes()),
+                    role: Role::Admin as u8,
+                })
+                .collect(),
+            ..GroupOps::default()
+        };
+        let change = g.check(d(10), &promote, user_of).unwrap();
+        assert_eq!(g.apply(&change), None, "the owner is still there");
+        assert!(g.propose_removal(d(10)));
+        let change = g.check(d(30), &ops(&[], &[10]), user_of).unwrap();
+        assert_eq!(
+            g.apply(&change),
+            Some(u(2)),
+            "2 and 4 joined in one commit, 2 listed first"
+        );
+        assert_eq!(g.role(u(2)), Some(Role::Owner));
+        assert_eq!(g.role(u(4)), Some(Role::Admin));
+        // The join order survives a restart.
+        let mut batch = WriteBatch::default();
+        g.persist(ConversationId(7), &mut batch);
+        let WriteOp::Put { key, value, .. } = &batch.ops()[0] else {
+            panic!("a put")
+        };
+        let (_, back) = GroupState::decode(key, value).unwrap();
+        assert_eq!(back, g);
     }
 
     #[test]

@@ -856,7 +856,11 @@ impl Gateway {
             state,
             change,
             welcome,
+            new_owner,
         } = effect;
+        if new_owner.is_some() {
+            self.groups.note_handover();
+        }
         self.groups.set_state(conv, state, self.fx.writes());
         let group = self.groups.get(conv).expect("set above");
         self.delivery.apply_membership(

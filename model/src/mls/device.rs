@@ -192,6 +192,22 @@ impl DeviceMls {
         verify_identity(identity, signature_key, root, crl.as_ref()).map(|(_, u)| Some(u))
     }
 
+    /// As [`DeviceMls::verify_member`], but a revoked certificate passes: the check a joining
+    /// device makes of the members its Welcome lists. A device revoked after it joined stays
+    /// in the group's tree until a member commits the removal the gateway proposes for it (and
+    /// it can open no session meanwhile), so refusing such a Welcome would keep the joiner out
+    /// for good while the group is already removing that device.
+    pub fn verify_member_at_join(
+        &self,
+        identity: &[u8],
+        signature_key: &[u8],
+    ) -> Result<Option<UserId>, String> {
+        let Some((root, _)) = &self.trust else {
+            return Ok(None);
+        };
+        verify_identity(identity, signature_key, root, None).map(|(_, u)| Some(u))
+    }
+
     /// The provider (for MLS operations).
     pub fn provider(&self) -> &MlsProvider {
         &self.provider

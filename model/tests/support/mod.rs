@@ -117,6 +117,17 @@ impl Net {
     /// Delivers everything until quiet; every Ready is committed before its outputs move.
     pub fn settle(&mut self) {
         for _ in 0..1000 {
+            if !self.step() {
+                return;
+            }
+        }
+        panic!("the network did not settle");
+    }
+
+    /// One round: every node's outputs go to the gateway, then the gateway's to the nodes
+    /// (what the nodes make of them waits for the next round). False if nothing moved.
+    pub fn step(&mut self) -> bool {
+        {
             let mut moved = false;
             let conns: Vec<u64> = self.nodes.keys().copied().collect();
             for conn in conns {
@@ -157,11 +168,8 @@ impl Net {
                     }
                 }
             }
-            if !moved {
-                return;
-            }
+            moved
         }
-        panic!("the network did not settle");
     }
 
     /// Runs an operator's command against the gateway's store (frames it releases are

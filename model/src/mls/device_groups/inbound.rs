@@ -86,9 +86,19 @@ impl DeviceGroups {
                     .map_err(mls_error(MlsStep::Join))
             });
         let group = result?;
-        // Every member of the group joined must be certified and bound to its MLS key.
+        // Every member of the group joined must be certified and bound to its MLS key; one
+        // revoked since it joined is being removed by the group (see `verify_member_at_join`).
         let uncertified = group.members().find_map(|m| {
-            verify_leaf(mls, &m.credential, m.signature_key.as_slice())
+            let basic = match BasicCredential::try_from(m.credential.clone()) {
+                Ok(basic) => basic,
+                Err(_) => {
+                    return Some((
+                        m.index,
+                        "a credential that is not a basic credential".into(),
+                    ))
+                }
+            };
+            mls.verify_member_at_join(basic.identity(), m.signature_key.as_slice())
                 .err()
                 .map(|e| (m.index, e))
         });
