@@ -74,6 +74,7 @@ fn frames(c: &mut Criterion) {
             resume_token: Some([9; 32]),
             user: None,
             certificate: Some(vec![0xce; 160].into()),
+            generation: Some(7),
         }),
     )
     .encode();

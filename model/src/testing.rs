@@ -65,6 +65,7 @@ impl TestDevice {
             resume_token,
             user: user.map(UserId::to_bytes),
             certificate: certificate.map(Into::into),
+            generation: None,
         };
         Frame::new(self.routing(), Payload::Hello(hello)).encode()
     }

@@ -448,6 +448,7 @@ fn a_device_id_that_does_not_match_the_key_is_refused() {
         resume_token: None,
         user: None,
         certificate: None,
+        generation: None,
     };
     let out = h.frame(
         1,
@@ -505,6 +506,7 @@ fn a_hello_without_a_valid_certificate_is_refused_with_its_own_error() {
             resume_token: None,
             user: None,
             certificate: certificate.map(Into::into),
+            generation: None,
         };
         let routing = Routing {
             sender: device,

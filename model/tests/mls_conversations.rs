@@ -8,9 +8,9 @@ use bytes::Bytes;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::mls::device_groups::{GroupStatus, Intent};
 use sund_model::mls::group_ops::{GroupKind, Role};
-use sund_model::node::{dm_id, NodeEvent};
+use sund_model::node::{dm_id, Node, NodeEvent};
 use sund_model::wire::payload::ErrorCode;
-use support::{node_config, Net};
+use support::{node_config, Counter, Net};
 
 fn user(name: &str) -> UserId {
     UserId::from_name(name)
@@ -733,4 +733,78 @@ fn a_device_joins_from_a_welcome_listing_a_member_revoked_since() {
     send(&mut net, 1, room, "after bob");
     assert_eq!(plaintexts(&net, 3, room), vec![b"after bob".to_vec()]);
     assert_eq!(authenticator(&net, 3, room), authenticator(&net, 1, room));
+}
+
+#[test]
+fn a_copied_device_directory_is_caught_and_only_one_copy_goes_on() {
+    let mut net = three_devices();
+    let now = net.now;
+    let dm = net.node(1).create_dm(now, user("bob")).unwrap();
+    net.settle();
+    send(&mut net, 1, dm, "before the copy");
+    // Alice's data directory is copied while her device runs (a clone, or a backup that
+    // is restored later); the copy starts as conn 4, with the same key and MLS state.
+    let copy_store = net.nodes[&1].1.clone();
+    let copy = Node::recover(
+        node_config(1, "alice"),
+        Box::new(Counter(44)),
+        net.now,
+        &copy_store,
+    )
+    .unwrap();
+    net.nodes.insert(4, (copy, copy_store));
+    net.settle();
+    // The copy's session replaced the original's, which reconnects after its backoff.
+    for _ in 0..5 {
+        net.now = sund_model::time::Instant(net.now.0 + 5_000_000);
+        net.settle();
+    }
+    // Whichever copy opened a session first goes on; the other was told and stays offline.
+    let copied: Vec<u64> = [1, 4]
+        .into_iter()
+        .filter(|c| net.nodes[c].0.state_copied())
+        .collect();
+    assert_eq!(copied.len(), 1, "exactly one copy is refused: {copied:?}");
+    let (stale, live) = if copied[0] == 1 { (1, 4) } else { (4, 1) };
+    assert!(net.events(stale).iter().any(|e| matches!(
+        e,
+        NodeEvent::Refused {
+            code: ErrorCode::DeviceStateCopied,
+            ..
+        }
+    )));
+    // Both copies write; only the live one's message leaves, so nothing is encrypted twice
+    // with one secret (before, Bob failed with SecretReuseError on the second copy's).
+    send(&mut net, stale, dm, "from the stale copy");
+    send(&mut net, live, dm, "after the copy");
+    assert_eq!(
+        plaintexts(&net, 2, dm),
+        vec![b"before the copy".to_vec(), b"after the copy".to_vec()]
+    );
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+    // The stale copy stays offline across restarts, and says why each time it starts.
+    let config = node_config(1, "alice");
+    net.restart(stale, config);
+    assert!(net.nodes[&stale].0.state_copied());
+    let refusals = net
+        .events(stale)
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                NodeEvent::Refused {
+                    code: ErrorCode::DeviceStateCopied,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(refusals, 2, "told at the refusal and again at the restart");
+    assert_eq!(
+        net.gateway
+            .stats()
+            .refusals
+            .get(ErrorCode::DeviceStateCopied),
+        1
+    );
 }

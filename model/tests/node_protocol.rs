@@ -464,6 +464,7 @@ fn hello_presents_the_durable_cursors() {
             resume_token: Some([7; 32]),
             user: None,
             certificate: h.node.trust().certificate().map(|c| c.encode().into()),
+            generation: Some(2),
         })
     );
     assert!(h.node.trust().certificate().is_some());

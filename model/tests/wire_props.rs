@@ -29,18 +29,22 @@ fn payload() -> impl Strategy<Value = Payload> {
             proptest::option::of(any::<[u8; 32]>()),
             proptest::option::of(bytes16()),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+            proptest::option::of(any::<u64>()),
         )
             .prop_map(
-                |(cs, device_key, resume_token, user, certificate)| Payload::Hello(Hello {
-                    cursors: cs
-                        .into_iter()
-                        .map(|(conversation, seq)| Cursor { conversation, seq })
-                        .collect(),
-                    device_key,
-                    resume_token,
-                    user,
-                    certificate: certificate.map(Into::into),
-                })
+                |(cs, device_key, resume_token, user, certificate, generation)| Payload::Hello(
+                    Hello {
+                        cursors: cs
+                            .into_iter()
+                            .map(|(conversation, seq)| Cursor { conversation, seq })
+                            .collect(),
+                        device_key,
+                        resume_token,
+                        user,
+                        certificate: certificate.map(Into::into),
+                        generation,
+                    }
+                )
             ),
         any::<[u8; 32]>().prop_map(|nonce| Payload::Challenge(Challenge { nonce })),
         (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(a, b)| {
@@ -441,6 +445,7 @@ fn too_many_cursors_are_refused() {
             resume_token: None,
             user: None,
             certificate: None,
+            generation: None,
         }),
     )
     .encode();

@@ -69,6 +69,7 @@ fn hello_frame_bytes() {
             resume_token: Some([0x7e; 32]),
             user: Some([0x75; 16]),
             certificate: Some(vec![0xce; 8].into()),
+            generation: Some(7),
         }),
     );
     insta::assert_snapshot!(hex(&frame.encode()));

@@ -527,6 +527,9 @@ impl Core {
                     unread: self.node.unread_len(),
                     last_problem: match self.node.status() {
                         ConnectionStatus::Connected => None,
+                        _ if self.node.state_copied() => {
+                            Some(sund_model::node::STATE_COPIED.to_string())
+                        }
                         _ => self.last_problem.clone(),
                     },
                 });

@@ -172,7 +172,7 @@ const WELCOME_GRACE: Duration = Duration::from_secs(3);
 /// Returns once this device is a member of `conv`. A room it was invited to while it was not
 /// running joins from the Welcome waiting at the gateway, so a command on such a room waits
 /// for the connection and then briefly for that Welcome before saying the room is unknown.
-async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Result<(), String> {
+pub async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Result<(), String> {
     let member = |groups: &[GroupSummary]| {
         groups.iter().any(|g| {
             g.conversation == conv
@@ -208,6 +208,10 @@ async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Result
                 Some(NodeEvent::Status(sund_model::node::ConnectionStatus::Connected)) => {
                     connected_at.get_or_insert_with(tokio::time::Instant::now);
                 }
+                Some(NodeEvent::Refused { message, .. }) => {
+                    return Err(format!("the gateway refused this device: {message}"));
+                }
+                Some(NodeEvent::Revoked) => return Err(crate::REVOKED.into()),
                 Some(_) => {}
                 None => return Err("the node stopped unexpectedly".into()),
             },
@@ -273,6 +277,81 @@ async fn wait_until_done(
                 }
             }
         }
+    }
+}
+
+/// Attempts to add a newly linked device of this user to its user's conversations (its
+/// KeyPackages may still be on their way, so a few times, a few seconds apart).
+const BRING_IN_ATTEMPTS: u32 = 5;
+
+/// Adds `linked`, a new device of this device's user, to every DM and room this device is in
+/// (as Signal's linked devices join their user's conversations), and says for each whether it
+/// got in, and what to run where it did not.
+pub async fn bring_in(node: &mut NodeHandle, device: &Device, linked: DeviceId) {
+    let Some(user_name) = device.user.clone() else {
+        return;
+    };
+    let me = UserId::from_name(&user_name);
+    let names = device.conversation_names();
+    let users = device.user_names();
+    let mut pending: Vec<ConversationId> = match node.groups().await {
+        Ok(groups) => groups
+            .into_iter()
+            .filter(|g| {
+                matches!(
+                    g.status,
+                    GroupStatus::Synchronized | GroupStatus::PendingCommit { .. }
+                )
+            })
+            .map(|g| g.conversation)
+            .collect(),
+        Err(_) => return,
+    };
+    if pending.is_empty() {
+        return;
+    }
+    let label =
+        |conv: &ConversationId| names.get(conv).cloned().unwrap_or_else(|| conv.to_string());
+    say!(
+        "adding the new device to {}'s {} conversation(s)…",
+        user_name,
+        pending.len()
+    );
+    for attempt in 1..=BRING_IN_ATTEMPTS {
+        // The new device uploads its KeyPackages once its first session opens.
+        tokio::time::sleep(Duration::from_secs(if attempt == 1 { 1 } else { 3 })).await;
+        let mut still = Vec::new();
+        for conv in pending {
+            let request = GroupRequest::Change(conv, Intent::AddUsers(vec![me.to_bytes().into()]));
+            let outcome = match node.group(request).await {
+                Ok(Ok(_)) => wait_until_done(node, conv, &users).await,
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(g) if g.members.iter().any(|(d, _)| *d == linked) => {
+                    say!("  {}: added", crate::display::printable(&label(&conv)));
+                }
+                Ok(_) => still.push(conv),
+                Err(e) => {
+                    say!(
+                        "  {}: not added ({e})",
+                        crate::display::printable(&label(&conv))
+                    );
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            return;
+        }
+    }
+    for conv in pending {
+        say!(
+            "  {}: not added yet (the new device has not shown its keys to the gateway); once it has connected, run here: sund room invite {} {user_name}",
+            crate::display::printable(&label(&conv)),
+            crate::display::printable(&label(&conv))
+        );
     }
 }
 

@@ -331,21 +331,27 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
         .await
         .map_err(|e| e.to_string())?;
     let id = device.resolve_conversation(conversation);
+    if let Some(problem) = node
+        .status()
+        .await
+        .ok()
+        .and_then(|s| s.last_problem)
+        .filter(|p| p.as_str() == sund_model::node::STATE_COPIED)
+    {
+        let _ = node.stop().await;
+        return Err(format!("this copy of the device cannot be used: {problem}"));
+    }
     if let Some(user) = conversation.strip_prefix('@') {
         // A DM is an MLS group: never send its messages down the operator-conversation path.
-        let groups = node.groups().await.map_err(|e| e.to_string())?;
-        let joined = groups.iter().any(|g| {
-            g.conversation == id
-                && !matches!(
-                    g.status,
-                    sund_model::mls::device_groups::GroupStatus::Removed { .. }
-                )
-        });
-        if !joined {
+        // One started by the other user joins from its Welcome once this device connects.
+        if let Err(e) = group_commands::await_membership(&mut node, id).await {
             let _ = node.stop().await;
-            return Err(format!(
-                "this device has no DM with `{user}` yet: start one with `sund dm {user}`"
-            ));
+            if e.contains("is not a conversation this device is in") {
+                return Err(format!(
+                    "this device has no DM with `{user}` yet: start one with `sund dm {user}`"
+                ));
+            }
+            return Err(e);
         }
     }
     let msg_id = match node.send(id, Bytes::from(message.to_string())).await {
@@ -541,6 +547,13 @@ async fn status(data_dir: &Path) -> Result<(), String> {
         (other, _) => {
             say!("connection {}", describe(other));
             let _ = node.stop().await;
+            if let Some(problem) = snapshot
+                .last_problem
+                .as_ref()
+                .filter(|p| p.as_str() == sund_model::node::STATE_COPIED)
+            {
+                return Err(format!("this copy of the device cannot be used: {problem}"));
+            }
             return Err(match &snapshot.last_problem {
                 Some(problem) => format!("cannot reach the gateway: {problem}"),
                 None => format!(

@@ -104,6 +104,7 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
                 }
                 Some(NodeEvent::DeviceLinked { device: linked }) => {
                     say!("device {linked} is now linked to {user_name}");
+                    crate::group_commands::bring_in(&mut node, &device, linked).await;
                     break Ok(());
                 }
                 Some(NodeEvent::PairingRefused { reason }) => {

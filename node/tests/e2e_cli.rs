@@ -351,7 +351,9 @@ fn a_command_while_follow_runs_says_what_holds_the_device_and_what_to_do() {
             .spawn()
             .unwrap(),
     );
-    // Wait until follow holds the database.
+    // Give follow time to open the database (a command racing its start would hold it first).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(follow.0.try_wait().unwrap().is_none(), "follow runs");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let err = loop {
         let out = Command::new(sund())
@@ -371,4 +373,96 @@ fn a_command_while_follow_runs_says_what_holds_the_device_and_what_to_do() {
     assert!(err.contains("such as a running `sund follow`"), "{err}");
     assert!(err.contains("Stop the other one"), "{err}");
     let _ = follow.0.kill();
+}
+
+#[test]
+fn a_copied_data_directory_is_caught_and_the_stale_copy_says_what_to_do() {
+    let dm = Dm::new();
+    dm.send("before the copy");
+    // A backup of alice's device, restored later beside it (or a clone).
+    let copy = format!("{}-copy", dm.alice);
+    let status = Command::new("cp")
+        .args(["-a", &dm.alice, &copy])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The original goes on using the gateway; then the copy starts.
+    dm.send("after the copy");
+    let (_, err) = fails_with_output(
+        &sund(),
+        &["send", "--data-dir", &copy, "@bob", "from the copy"],
+    );
+    assert!(err.contains("another copy of this device's data"), "{err}");
+    assert!(err.contains("set it up as a new device"), "{err}");
+    // It stays refused without asking the gateway again, and says so in status.
+    let (_, err) = fails_with_output(&sund(), &["status", "--data-dir", &copy]);
+    assert!(err.contains("another copy of this device's data"), "{err}");
+    // Bob read the original's two messages and nothing of the copy, and decrypted all.
+    let got = follow(&dm.bob, "@bob", 2, Duration::from_secs(30));
+    assert!(got[0].ends_with(": before the copy"), "{got:#?}");
+    assert!(got[1].ends_with(": after the copy"), "{got:#?}");
+    dm.send("still the original");
+    let got = follow(&dm.bob, "@bob", 1, Duration::from_secs(30));
+    assert!(got[0].ends_with(": still the original"), "{got:#?}");
+}
+
+#[test]
+fn a_paired_device_is_added_to_its_users_conversations() {
+    let dm = Dm::new();
+    let out = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &dm.alice,
+            "team",
+            "--invite",
+            "bob",
+        ],
+    );
+    assert!(out.contains("team"), "{out}");
+    // Alice shows a code on her device and her new phone takes it.
+    let show = Command::new(sund())
+        .args(["pair", "show", "--data-dir", &dm.alice, "--wait", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut show = Guard(show);
+    let stdout = show.0.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let code = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a pairing code");
+        if line.starts_with("SUND-PAIR:") {
+            break line;
+        }
+    };
+    let phone = format!("{}-phone", dm.alice);
+    run(&sund(), &["pair", "accept", "--data-dir", &phone, &code]);
+    let mut said = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
+        said.push(line);
+    }
+    assert!(show.0.wait().unwrap().success(), "{said:#?}");
+    assert!(said.iter().any(|l| l == "  @bob: added"), "{said:#?}");
+    assert!(said.iter().any(|l| l == "  team: added"), "{said:#?}");
+    // Bob writes in both; the phone reads both.
+    run(
+        &sund(),
+        &["send", "--data-dir", &dm.bob, "@alice", "hello both of you"],
+    );
+    let got = follow(&phone, "@alice", 1, Duration::from_secs(30));
+    assert!(got[0].ends_with(": hello both of you"), "{got:#?}");
 }

@@ -281,6 +281,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                     .certificates
                     .get(&device_key(k).device_id())
                     .map(|c| c.clone().into()),
+                generation: None,
             };
             Frame::new(routing, Payload::Hello(hello))
         }

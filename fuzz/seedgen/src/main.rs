@@ -54,6 +54,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 resume_token: None,
                 user: None,
                 certificate: None,
+                generation: None,
             }),
         ),
         (
@@ -67,6 +68,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 resume_token: Some([0x11; 32]),
                 user: None,
                 certificate: None,
+                generation: None,
             }),
         ),
         (
@@ -77,6 +79,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 resume_token: None,
                 user: Some(UserId::from_name("alice").to_bytes()),
                 certificate: None,
+                generation: Some(3),
             }),
         ),
         (

@@ -590,7 +590,7 @@ impl Gateway {
             match self.sessions.check_resume(now, device, &token) {
                 Resume::Valid => {
                     self.sessions.count_opening(true);
-                    self.open_session(now, conn, device, &hello.cursors, user);
+                    self.open_session(now, conn, device, &hello.cursors, user, hello.generation);
                     return;
                 }
                 Resume::Expired => self.refuse(
@@ -617,6 +617,7 @@ impl Gateway {
             nonce,
             cursors: hello.cursors,
             user,
+            generation: hello.generation,
         };
         self.sessions.challenge(conn, challenged);
         self.fx.send(
@@ -645,11 +646,14 @@ impl Gateway {
             device,
             cursors,
             user,
+            generation,
             ..
         } = challenged;
-        self.open_session(now, conn, device, &cursors, user);
+        self.open_session(now, conn, device, &cursors, user, generation);
     }
 
+    /// Opens the authenticated session of `device`, unless its `Hello` came from a stale copy
+    /// of the device's data (`generation` not above the last one seen).
     fn open_session(
         &mut self,
         now: Instant,
@@ -657,7 +661,23 @@ impl Gateway {
         device: DeviceId,
         cursors: &[Cursor],
         user: Option<UserId>,
+        generation: Option<u64>,
     ) {
+        if let Some(generation) = generation {
+            if let Err(last) =
+                self.sessions
+                    .advance_generation(device, generation, self.fx.writes())
+            {
+                let goodbye = Refusal::goodbye(
+                    ErrorCode::DeviceStateCopied,
+                    format!(
+                        "session {generation} of this device, but session {last} was opened already: another copy of this device's data was used since"
+                    ),
+                );
+                self.refuse(conn, goodbye);
+                return;
+            }
+        }
         if let Err(refusal) = self
             .registry
             .bind_at_session(device, user, self.fx.writes())

@@ -10,8 +10,9 @@ use crate::ids::MsgId;
 use crate::wire::payload::ErrorCode;
 use crate::wire::Routing;
 
-/// Slots of [`RefusalCounts`]: one per error code value (codes are below 32).
-const ERROR_CODE_SLOTS: usize = 32;
+/// Slots of [`RefusalCounts`]: one per error code value (codes are below 64; a unit test
+/// checks every known code fits).
+const ERROR_CODE_SLOTS: usize = 64;
 
 /// Errors and goodbyes sent, by code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,5 +125,22 @@ impl Refusal {
     /// Its code.
     pub fn code(&self) -> ErrorCode {
         self.code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_code_has_a_slot() {
+        let mut counts = RefusalCounts::default();
+        for value in 0..=u16::MAX {
+            let code = ErrorCode::from_u16(value);
+            if code as u16 == value {
+                counts.count(code);
+                assert_eq!(counts.get(code), 1, "{code:?}");
+            }
+        }
     }
 }

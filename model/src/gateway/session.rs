@@ -20,6 +20,10 @@ use crate::wire::payload::{Cursor, ErrorCode};
 /// Table of resume tokens: key `token(32)`, value `device(16) ++ expires_at(8)`.
 pub const TOKENS_TABLE: Table = Table("resume_tokens");
 
+/// Table of each device's last session number: key `device(16)`, value `u64` LE. A `Hello`
+/// must number its session above it (see `Hello::generation`).
+pub const GENERATIONS_TABLE: Table = Table("device_generations");
+
 /// What a connection waits for in the handshake.
 #[derive(Clone, Debug)]
 pub enum Stage {
@@ -44,6 +48,8 @@ pub struct Challenged {
     pub cursors: Vec<Cursor>,
     /// The user the certificate names.
     pub user: Option<UserId>,
+    /// The hello's session number (see `Hello::generation`).
+    pub generation: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +99,7 @@ pub struct Sessions {
     online: BTreeMap<DeviceId, ConnectionId>,
     tokens: BTreeMap<[u8; 32], (DeviceId, Instant)>,
     device_tokens: BTreeMap<DeviceId, [u8; 32]>,
+    generations: BTreeMap<DeviceId, u64>,
     stats: SessionStats,
 }
 
@@ -115,7 +122,38 @@ impl Sessions {
             sessions.device_tokens.insert(device, token);
             Ok(())
         })?;
+        scan_all(store, GENERATIONS_TABLE, |key, value| {
+            let corrupt = || StoreError::Corrupt {
+                table: GENERATIONS_TABLE.0,
+                reason: format!("generation record {} / {} bytes", key.len(), value.len()),
+            };
+            let device = DeviceId::from_bytes(key.try_into().map_err(|_| corrupt())?);
+            let last = u64::from_le_bytes(value.try_into().map_err(|_| corrupt())?);
+            sessions.generations.insert(device, last);
+            Ok(())
+        })?;
         Ok(sessions)
+    }
+
+    /// Records that an authenticated `Hello` of `device` numbered its session `generation`;
+    /// `Err` with the last number if it is not above it (a stale copy of the device's data).
+    pub fn advance_generation(
+        &mut self,
+        device: DeviceId,
+        generation: u64,
+        writes: &mut WriteBatch,
+    ) -> Result<(), u64> {
+        let last = self.generations.get(&device).copied();
+        if let Some(last) = last.filter(|last| generation <= *last) {
+            return Err(last);
+        }
+        self.generations.insert(device, generation);
+        writes.put(
+            GENERATIONS_TABLE,
+            device.to_bytes().to_vec(),
+            generation.to_le_bytes().to_vec(),
+        );
+        Ok(())
     }
 
     // ---- getters ----

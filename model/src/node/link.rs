@@ -14,9 +14,13 @@ use super::timers::NodeTimer;
 use super::NodeConfig;
 use crate::timers::TimerTable;
 
-/// Table of session state: key `b"resume_token"`, value the token (32).
+/// Table of session state: key `b"resume_token"`, value the token (32); key
+/// `b"generation"`, value the number of the last `Hello` (u64 LE); key `b"state_copied"`
+/// (empty value) once the gateway said another copy of this device's data was used since.
 pub const NODE_SESSION_TABLE: Table = Table("node_session");
 const RESUME_TOKEN_KEY: &[u8] = b"resume_token";
+const GENERATION_KEY: &[u8] = b"generation";
+const STATE_COPIED_KEY: &[u8] = b"state_copied";
 
 /// Where the link is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +77,12 @@ pub struct Link {
     handshake_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    /// The number of the last `Hello` this device's data sent (durable): the gateway refuses a
+    /// `Hello` whose number is not above the last it saw, which only a copy of the data
+    /// directory (a clone, or a restored backup) can send.
+    generation: u64,
+    /// The gateway said another copy of this data was used since: never connect again.
+    copied: bool,
 }
 
 impl Link {
@@ -96,9 +106,21 @@ impl Link {
                 })?),
                 None => None,
             };
+        let generation = match store.get(NODE_SESSION_TABLE, GENERATION_KEY)? {
+            Some(value) => {
+                u64::from_le_bytes(<[u8; 8]>::try_from(value.as_slice()).map_err(|_| {
+                    StoreError::Corrupt {
+                        table: NODE_SESSION_TABLE.0,
+                        reason: "generation length".into(),
+                    }
+                })?)
+            }
+            None => 0,
+        };
+        let copied = store.get(NODE_SESSION_TABLE, STATE_COPIED_KEY)?.is_some();
         Ok(Link {
             state: LinkState::Offline {
-                retry_at: Some(now),
+                retry_at: (!copied).then_some(now),
             },
             attempts: 0,
             heartbeat_interval: config.heartbeat_interval,
@@ -109,7 +131,34 @@ impl Link {
             handshake_timeout: config.handshake_timeout,
             backoff_initial: config.backoff_initial,
             backoff_max: config.backoff_max,
+            generation,
+            copied,
         })
+    }
+
+    /// The number for the next `Hello`, one above the last, kept durably before the `Hello`
+    /// leaves (its write commits before any output moves).
+    pub fn next_generation(&mut self, writes: &mut WriteBatch) -> u64 {
+        self.generation += 1;
+        writes.put(
+            NODE_SESSION_TABLE,
+            GENERATION_KEY.to_vec(),
+            self.generation.to_le_bytes().to_vec(),
+        );
+        self.generation
+    }
+
+    /// True once the gateway said another copy of this device's data was used since.
+    pub fn state_copied(&self) -> bool {
+        self.copied
+    }
+
+    /// Remembers for good that this copy of the device's data is stale: it never connects
+    /// again. Returns the connection to close, if any.
+    pub fn mark_copied(&mut self, writes: &mut WriteBatch) -> Option<ConnectionId> {
+        self.copied = true;
+        writes.put(NODE_SESSION_TABLE, STATE_COPIED_KEY.to_vec(), Vec::new());
+        self.stay_offline()
     }
 
     // ---- getters ----

@@ -71,6 +71,9 @@ use timers::NodeTimer;
 use trust::{CrlOutcome, NodeTrust};
 use unread::Unread;
 
+/// What a device whose data was copied is told (the gateway's refusal, and every start after).
+pub const STATE_COPIED: &str = "another copy of this device's data (a copied data directory, or one restored from a backup) has connected since this copy last did. Using both would reuse encryption secrets, so this copy stays offline for good. Keep using the other copy; to use this machine as well, set it up as a new device in a new data directory (`sund pair show` on the other copy, `sund pair accept` here)";
+
 /// The node's effects sink.
 pub(crate) type NodeFx = Effects<NodeOutput>;
 
@@ -170,6 +173,13 @@ impl Node {
             fx,
         };
         node.bind_mls_to_trust();
+        if node.link.state_copied() {
+            node.set_status(ConnectionStatus::Offline);
+            node.fx.event(NodeEvent::Refused {
+                code: ErrorCode::DeviceStateCopied,
+                message: STATE_COPIED.into(),
+            });
+        }
         node.refresh_timers();
         Ok(node)
     }
@@ -444,12 +454,14 @@ impl Node {
             sender: self.config.device,
             ..Routing::default()
         };
+        let generation = self.link.next_generation(self.fx.writes());
         let hello = Hello {
             cursors,
             device_key: self.config.key.public().0,
             resume_token: self.link.resume_token(),
             user: self.config.user.map(UserId::to_bytes),
             certificate: self.trust.hello_certificate().map(Into::into),
+            generation: Some(generation),
         };
         self.fx.send(conn, routing, Payload::Hello(hello));
     }
@@ -526,11 +538,29 @@ impl Node {
         self.fx.event(NodeEvent::Revoked);
     }
 
+    /// True if this copy of the device's data was found stale (another copy was used since):
+    /// it never connects again.
+    pub fn state_copied(&self) -> bool {
+        self.link.state_copied()
+    }
+
     /// The gateway ended the session: tell the user if it refused us, then reconnect.
     fn refused(&mut self, now: Instant, conn: ConnectionId, goodbye: &Goodbye) {
         let code = ErrorCode::from_u16(goodbye.code);
         if code == ErrorCode::DeviceRevoked {
             self.revoked(now);
+            return;
+        }
+        if code == ErrorCode::DeviceStateCopied {
+            if let Some(conn) = self.link.mark_copied(self.fx.writes()) {
+                self.fx.hold(NodeOutput::Close(conn));
+            }
+            self.fx.hold(NodeOutput::Close(conn));
+            self.set_status(ConnectionStatus::Offline);
+            self.fx.event(NodeEvent::Refused {
+                code,
+                message: STATE_COPIED.into(),
+            });
             return;
         }
         if matches!(

@@ -81,6 +81,11 @@ pub struct Hello {
     /// The device certificate (see `trust::DeviceCertificate`); a session needs one.
     #[n(4)]
     pub certificate: Option<minicbor::bytes::ByteVec>,
+    /// One more than the number of this device's previous `Hello` (kept in its store): a
+    /// number not above the last the gateway saw means a copy of the device's data (a clone or
+    /// a restored backup) was used, which would reuse its encryption secrets.
+    #[n(5)]
+    pub generation: Option<u64>,
 }
 
 /// Node → gateway, before a session: issue a certificate for this device key. The header's
@@ -345,6 +350,10 @@ pub enum ErrorCode {
     /// No device of a named user is registered at this gateway (a node's own verdict on a
     /// group change, from a KeyPackage fetch that found nothing).
     UnknownUser = 31,
+    /// Another copy of this device's data (a clone of its directory, or a restored backup) has
+    /// opened a session since this copy last did; this copy's encryption state is stale and
+    /// must not be used again. Set the device up anew.
+    DeviceStateCopied = 32,
 }
 
 impl ErrorCode {
@@ -383,6 +392,7 @@ impl ErrorCode {
             PairingRefused,
             SenderOutOfOrder,
             UnknownUser,
+            DeviceStateCopied,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
