@@ -209,6 +209,15 @@ fn an_enrolment_token_enrols_one_device_and_a_revoked_device_is_refused() {
         &["admin", "revoke", &laptop_id, "--data-dir", gw],
     );
     assert!(revoked.contains("CRL version 1"), "{revoked}");
+    // Revoking it again says so, and the CRL does not grow.
+    let again = run(
+        &gateway_binary(),
+        &["admin", "revoke", &laptop_id, "--data-dir", gw],
+    );
+    assert!(
+        again.contains("was already revoked (CRL version 1)"),
+        "{again}"
+    );
     let crl = run(&gateway_binary(), &["admin", "crl", "--data-dir", gw]);
     assert!(crl.contains(&laptop_id), "{crl}");
     let _gateway = Guard(start_gateway(&gw_dir, port));

@@ -338,6 +338,10 @@ fn flags_after_run_work_and_a_forged_token_is_named_as_unknown() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The help says what the gateway sees: ciphertext only.
+    let help = run(&gateway_binary(), &["--help"]);
+    assert!(help.contains("end-to-end encrypted"), "{help}");
+    assert!(!help.contains("until MLS"), "{help}");
 }
 
 #[test]

@@ -62,4 +62,12 @@ fn the_readme_by_hand_flow_runs_top_to_bottom() {
     ] {
         assert!(stdout.contains(expected), "missing `{expected}`:\n{stdout}");
     }
+    // Validity as dates people read, connection states in words (not Rust's debug form).
+    assert!(stdout.contains(" UTC until 20"), "{stdout}");
+    for debug in ["Reconnecting {", "Some(", "Connected)"] {
+        assert!(
+            !stdout.contains(debug) && !stderr.contains(debug),
+            "`{debug}` printed"
+        );
+    }
 }
