@@ -328,6 +328,18 @@ fn flags_after_run_work_and_a_forged_token_is_named_as_unknown() {
     let err = fails(&sund(), &["status", "--data-dir", dev]);
     assert!(err.contains("unknown enrolment token"), "{err}");
     assert!(!err.contains("needs an enrolment token"), "{err}");
+    // The operator sees the refusal once per burst, with the peer's address and the code,
+    // never the token.
+    let log = std::fs::read_to_string(tmp.path().join("gateway.log")).unwrap();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("session refused"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert!(
+        refusal.contains("127.0.0.1") && refusal.contains("EnrolmentTokenInvalid"),
+        "{refusal}"
+    );
+    assert!(!log.contains(&parts[2]), "the log holds no token secret");
     // `run --open-enrolment` is accepted after `run` as well as before it.
     let out = Command::new(gateway_binary())
         .args(["run", "--open-enrolment", "--help"])
