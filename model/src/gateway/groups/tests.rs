@@ -1,0 +1,202 @@
+//! Unit tests of the gateway's view of groups: roles, handover, declarations, records.
+
+use super::*;
+use crate::env::WriteOp;
+use crate::mls::group_ops::AddedDevice;
+
+fn d(n: u128) -> DeviceId {
+    DeviceId(n)
+}
+
+fn u(n: u128) -> UserId {
+    UserId(n)
+}
+
+/// Devices 1x belong to user 1, 2x to user 2, 3x to user 3.
+fn user_of(device: DeviceId) -> Option<UserId> {
+    Some(u(device.0 / 10))
+}
+
+fn ops(added: &[u128], removed: &[u128]) -> GroupOps {
+    GroupOps {
+        create: None,
+        added: added
+            .iter()
+            .enumerate()
+            .map(|(i, n)| AddedDevice::new(d(*n), user_of(d(*n)).unwrap(), i as u32 + 1))
+            .collect(),
+        removed: removed
+            .iter()
+            .map(|n| ByteArray::from(d(*n).to_bytes()))
+            .collect(),
+        roles: Vec::new(),
+    }
+}
+
+fn room() -> GroupState {
+    let mut g = GroupState::create(GroupKind::Room, d(10), u(1));
+    let change = g
+        .check(d(10), &ops(&[11, 20, 21, 30], &[]), user_of)
+        .unwrap();
+    g.apply(&change);
+    g
+}
+
+#[test]
+fn owner_adds_anyone_member_only_own_devices() {
+    let g = room();
+    assert_eq!(g.role(u(2)), Some(Role::Member));
+    assert!(g.check(d(20), &ops(&[22], &[]), user_of).is_ok());
+    assert!(matches!(
+        g.check(d(20), &ops(&[40], &[]), user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+    assert!(matches!(
+        g.check(d(20), &ops(&[11], &[]), user_of),
+        Err(GroupRefusal::Invalid(_))
+    ));
+}
+
+#[test]
+fn removal_follows_roles() {
+    let mut g = room();
+    // A member removes its own device, not another user's.
+    assert!(g.check(d(20), &ops(&[], &[21]), user_of).is_ok());
+    assert!(matches!(
+        g.check(d(20), &ops(&[], &[30]), user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+    // An admin removes members but not the owner.
+    let promote = GroupOps {
+        roles: vec![RoleChange {
+            user: ByteArray::from(u(2).to_bytes()),
+            role: Role::Admin as u8,
+        }],
+        ..GroupOps::default()
+    };
+    assert!(matches!(
+        g.check(d(30), &promote, user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+    let change = g.check(d(10), &promote, user_of).unwrap();
+    g.apply(&change);
+    assert_eq!(g.role(u(2)), Some(Role::Admin));
+    assert!(g.check(d(20), &ops(&[], &[30]), user_of).is_ok());
+    assert!(matches!(
+        g.check(d(20), &ops(&[], &[10]), user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+    // Removing a user's last device drops its role.
+    let change = g.check(d(10), &ops(&[], &[30]), user_of).unwrap();
+    g.apply(&change);
+    assert_eq!(g.role(u(3)), None);
+}
+
+#[test]
+fn ownership_passes_to_the_earliest_admin_then_the_earliest_member() {
+    // Owner user 1; user 3 joins before user 2 (a later commit), so 3 is the elder.
+    let mut g = GroupState::create(GroupKind::Room, d(10), u(1));
+    let change = g.check(d(10), &ops(&[30], &[]), user_of).unwrap();
+    g.apply(&change);
+    let change = g.check(d(10), &ops(&[20, 40], &[]), user_of).unwrap();
+    g.apply(&change);
+    let keep = g.clone();
+    // No admin: the owner's only device is revoked (the gateway asks for its removal) and
+    // a member commits it; the earliest-joined member, not the smallest id, owns the room.
+    assert!(g.propose_removal(d(10)));
+    let change = g.check(d(20), &ops(&[], &[10]), user_of).unwrap();
+    assert_eq!(g.apply(&change), Some(u(3)));
+    assert_eq!(g.role(u(3)), Some(Role::Owner));
+    assert_eq!(g.role(u(2)), Some(Role::Member));
+    // With admins, the earliest-joined admin comes first, whatever the members' order.
+    let mut g = keep;
+    let promote = GroupOps {
+        roles: [2u128, 4]
+            .iter()
+            .map(|n| RoleChange {
+                user: ByteArray::from(u(*n).to_bytes()),
+                role: Role::Admin as u8,
+            })
+            .collect(),
+        ..GroupOps::default()
+    };
+    let change = g.check(d(10), &promote, user_of).unwrap();
+    assert_eq!(g.apply(&change), None, "the owner is still there");
+    assert!(g.propose_removal(d(10)));
+    let change = g.check(d(30), &ops(&[], &[10]), user_of).unwrap();
+    assert_eq!(
+        g.apply(&change),
+        Some(u(2)),
+        "2 and 4 joined in one commit, 2 listed first"
+    );
+    assert_eq!(g.role(u(2)), Some(Role::Owner));
+    assert_eq!(g.role(u(4)), Some(Role::Admin));
+    // The join order survives a restart.
+    let mut batch = WriteBatch::default();
+    g.persist(ConversationId(7), &mut batch);
+    let WriteOp::Put { key, value, .. } = &batch.ops()[0] else {
+        panic!("a put")
+    };
+    let (_, back) = GroupState::decode(key, value).unwrap();
+    assert_eq!(back, g);
+}
+
+#[test]
+fn a_dm_holds_two_users() {
+    let mut g = GroupState::create(GroupKind::Dm, d(10), u(1));
+    let change = g.check(d(10), &ops(&[11, 20, 21], &[]), user_of).unwrap();
+    g.apply(&change);
+    assert!(matches!(
+        g.check(d(20), &ops(&[30], &[]), user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+    // Either user adds a new device of either user; removes only its own.
+    assert!(g.check(d(20), &ops(&[12], &[]), user_of).is_ok());
+    assert!(g.check(d(20), &ops(&[], &[21]), user_of).is_ok());
+    assert!(matches!(
+        g.check(d(20), &ops(&[], &[11]), user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+}
+
+#[test]
+fn declarations_are_bounded_and_checked() {
+    let g = room();
+    let two_removes = ops(&[], &[20, 21]).encode();
+    assert!(matches!(
+        GroupOps::decode(&two_removes),
+        Err(GroupRefusal::Invalid(_))
+    ));
+    assert!(GroupOps::decode(&[0xff, 0x00]).is_err());
+    assert_eq!(GroupOps::decode(&[]).unwrap(), GroupOps::default());
+    // Unbound device, non-member sender.
+    assert!(g.check(d(10), &ops(&[11], &[]), |_| None).is_err());
+    assert!(matches!(
+        g.check(d(99), &ops(&[], &[]), user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+    // The owner's last device cannot leave while others stay.
+    let mut g = room();
+    let change = g.check(d(10), &ops(&[], &[11]), user_of).unwrap();
+    g.apply(&change);
+    assert!(matches!(
+        g.check(d(10), &ops(&[], &[10]), user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+}
+
+#[test]
+fn records_round_trip() {
+    let g = room();
+    let mut batch = WriteBatch::default();
+    g.persist(ConversationId(5), &mut batch);
+    let Some(WriteOp::Put { key, value, .. }) = batch.ops().first().cloned() else {
+        panic!("one put");
+    };
+    let (key, value) = (&key[..], &value[..]);
+    let (conv, back) = GroupState::decode(key, value).unwrap();
+    assert_eq!(conv, ConversationId(5));
+    assert_eq!(back, g);
+    assert!(GroupState::decode(key, &[0xa0]).is_err());
+    assert!(GroupState::decode(&[1, 2], value).is_err());
+}

@@ -1,0 +1,182 @@
+//! The node's side of the session, as `impl Node`: the `Hello` (with the session number that
+//! catches a copied data directory), `HelloOk`, what follows a session's opening (vouches,
+//! renewal, the CRL), and the gateway's refusals, revocation and reconnects.
+
+use super::*;
+
+impl Node {
+    /// Opens a session with the device's certificate.
+    pub(super) fn send_hello(&mut self, conn: ConnectionId) {
+        let mut cursors: Vec<Cursor> = self
+            .inbox
+            .cursors()
+            .iter()
+            .map(|(c, s)| Cursor::new(*c, *s))
+            .collect();
+        cursors.truncate(CURSORS_LEN_MAX);
+        let routing = Routing {
+            sender: self.config.device,
+            ..Routing::default()
+        };
+        let generation = self.link.next_generation(self.fx.writes());
+        let hello = Hello {
+            cursors,
+            device_key: self.config.key.public().0,
+            resume_token: self.link.resume_token(),
+            user: self.config.user.map(UserId::to_bytes),
+            certificate: self.trust.hello_certificate().map(Into::into),
+            generation: Some(generation),
+        };
+        self.fx.send(conn, routing, Payload::Hello(hello));
+    }
+
+    /// `HelloOk`: the session is open; catch up on what waited for it.
+    pub(super) fn opened(&mut self, now: Instant, conn: ConnectionId, ok: HelloOk) {
+        self.link.opened(
+            now,
+            conn,
+            ok.resume_token,
+            ok.heartbeat_interval_ms,
+            self.fx.writes(),
+        );
+        if let (Some(m), Some(key)) = (&mut self.mls, ok.external_sender) {
+            m.set_gateway_key(Vec::from(key), self.fx.writes());
+        }
+        self.stats.sessions += 1;
+        self.set_status(ConnectionStatus::Connected);
+        // Catch up on revocations made while this device was away.
+        let fetch = CrlFetch {
+            have_version: self.trust.holder().crl_version(),
+        };
+        self.fx
+            .send(conn, Routing::default(), Payload::CrlFetch(fetch));
+        self.send_pending_vouch(now);
+        self.trust.session_opened();
+        self.renew_if_due(now, conn);
+        for msg_id in self.outbox.ids() {
+            self.transmit(now, conn, msg_id);
+        }
+        self.drive_groups(now);
+    }
+
+    pub(super) fn send_pending_vouch(&mut self, now: Instant) {
+        let Some(vouch) = self.trust.pending_vouch(now, &mut self.fx) else {
+            return;
+        };
+        if let Some(conn) = self.link.open_conn() {
+            self.fx.send(conn, Routing::default(), vouch);
+        }
+    }
+
+    pub(super) fn renew_if_due(&mut self, now: Instant, conn: ConnectionId) {
+        if let Some(renew) = self.trust.renewal_due(now) {
+            self.fx.send(conn, Routing::default(), renew);
+        }
+    }
+
+    /// Gives the MLS layer the certificate, root and CRL it checks credentials against.
+    pub(super) fn bind_mls_to_trust(&mut self) {
+        if let Some(m) = &mut self.mls {
+            m.bind(&self.config.key, self.trust.holder());
+        }
+    }
+
+    /// A CRL from the gateway (pushed on revocation, or answering our fetch).
+    pub(super) fn on_crl(&mut self, now: Instant, crl: &[u8]) {
+        let outcome = self.trust.on_crl(self.config.device, crl, &mut self.fx);
+        if let CrlOutcome::Updated { revoked } = outcome {
+            self.bind_mls_to_trust();
+            if revoked {
+                self.revoked(now);
+            }
+        }
+    }
+
+    /// This device is revoked: it stops connecting for good.
+    pub(super) fn revoked(&mut self, _now: Instant) {
+        if let Some(conn) = self.link.stay_offline() {
+            self.fx.hold(NodeOutput::Close(conn));
+        }
+        self.link.forget_resume_token(self.fx.writes());
+        self.set_status(ConnectionStatus::Offline);
+        self.fx.event(NodeEvent::Revoked);
+    }
+
+    /// True if this copy of the device's data was found stale (another copy was used since):
+    /// it never connects again.
+    pub fn state_copied(&self) -> bool {
+        self.link.state_copied()
+    }
+
+    /// The gateway ended the session: tell the user if it refused us, then reconnect.
+    pub(super) fn refused(&mut self, now: Instant, conn: ConnectionId, goodbye: &Goodbye) {
+        let code = ErrorCode::from_u16(goodbye.code);
+        if code == ErrorCode::DeviceRevoked {
+            self.revoked(now);
+            return;
+        }
+        if code == ErrorCode::DeviceStateCopied {
+            if let Some(conn) = self.link.mark_copied(self.fx.writes()) {
+                self.fx.hold(NodeOutput::Close(conn));
+            }
+            self.fx.hold(NodeOutput::Close(conn));
+            self.set_status(ConnectionStatus::Offline);
+            self.fx.event(NodeEvent::Refused {
+                code,
+                message: STATE_COPIED.into(),
+            });
+            return;
+        }
+        if matches!(
+            code,
+            ErrorCode::CertificateExpired
+                | ErrorCode::CertificateInvalid
+                | ErrorCode::ForeignDomain
+                | ErrorCode::CertificateRequired
+        ) {
+            // Register again on the next connection.
+            self.trust.forget_certificate(&mut self.fx);
+        }
+        if matches!(
+            code,
+            ErrorCode::AuthenticationFailed
+                | ErrorCode::DeviceNotAdmitted
+                | ErrorCode::UserMismatch
+                | ErrorCode::CertificateExpired
+                | ErrorCode::CertificateInvalid
+                | ErrorCode::CertificateNotYetValid
+                | ErrorCode::ForeignDomain
+                | ErrorCode::CertificateRequired
+                | ErrorCode::EnrolmentTokenInvalid
+                | ErrorCode::EnrolmentTokenUsed
+                | ErrorCode::EnrolmentTokenExpired
+                | ErrorCode::PairingRefused
+        ) {
+            self.link.forget_resume_token(self.fx.writes());
+            self.fx.event(NodeEvent::Refused {
+                code,
+                message: goodbye.message.clone(),
+            });
+        }
+        self.fx.hold(NodeOutput::Close(conn));
+        self.schedule_reconnect(now);
+    }
+
+    pub(super) fn schedule_reconnect(&mut self, now: Instant) {
+        if self.link.stays_offline() {
+            return; // the user asked to stay offline
+        }
+        self.inbox.connection_lost();
+        if let Some(m) = &mut self.mls {
+            m.groups.connection_lost();
+        }
+        let status = self.link.back_off(now, self.entropy.as_mut());
+        self.set_status(status);
+    }
+
+    pub(super) fn set_status(&mut self, status: ConnectionStatus) {
+        if self.link.set_status(status) {
+            self.fx.event(NodeEvent::Status(status));
+        }
+    }
+}
