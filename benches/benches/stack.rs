@@ -48,7 +48,7 @@ async fn start_gateway(dir: &std::path::Path) -> GatewayHandle {
 
 /// A gateway and `n` devices; device i is alone in conversation `solo-i`, and all are in `all`.
 async fn setup(n: usize) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_tempdir();
     let gateway = start_gateway(dir.path()).await;
     let cert = dir.path().join("gw/tls/cert.der");
     let mut nodes = Vec::new();
@@ -70,7 +70,12 @@ async fn setup(n: usize) -> Setup {
                 vec![id],
             ))
             .await;
-        nodes.push(node_driver::start(device.options()).await.unwrap());
+        // The benchmark's application takes each message as it arrives: it does not ask the
+        // node to keep delivered messages until taken (the `sund` CLI does, at one more put
+        // per delivered message and a delete when it is printed).
+        let mut options = device.options();
+        options.hold_until_taken = false;
+        nodes.push(node_driver::start(options).await.unwrap());
     }
     gateway
         .admin(AdminCommand::CreateConversation(
@@ -176,14 +181,28 @@ async fn latency(nodes: &mut [NodeHandle], rate: f64, count: usize) -> [Duration
         _ = measuring => {}
     }
     send_task.await.unwrap();
+    if std::env::var_os("SUND_BENCH_SLOW").is_some() {
+        // Where the slow deliveries fall in the run (by send order).
+        let slow: Vec<usize> = (0..samples.len()).filter(|i| samples[*i] > 5_000).collect();
+        eprintln!("slow (>5 ms): {} of {}, at {:?}", slow.len(), samples.len(), slow.iter().step_by(10).collect::<Vec<_>>());
+    }
     samples.sort_unstable();
     let at = |q: f64| Duration::from_micros(samples[((samples.len() - 1) as f64 * q) as usize]);
     [at(0.50), at(0.90), at(0.99), at(1.0)]
 }
 
+/// A temporary directory only its owner may enter: the gateway and devices refuse data
+/// directories other users can read (they hold secret keys).
+fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
 /// Bare redb: `batches` durable commits of `per_batch` 200-byte inserts.
 fn bare_redb(batches: usize, per_batch: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_tempdir();
     let db = redb::Database::create(dir.path().join("bare.redb")).unwrap();
     let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("t");
     let value = vec![b'x'; BODY];
@@ -207,7 +226,7 @@ fn bare_redb(batches: usize, per_batch: usize) -> f64 {
 /// Bare redb: the latency of `count` durable single-insert commits (the floor under any hop that
 /// must be durable before it answers); returns (p50, p90, p99, max).
 fn bare_redb_commit_latency(count: usize) -> [Duration; 4] {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_tempdir();
     let db = redb::Database::create(dir.path().join("bare.redb")).unwrap();
     let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("t");
     let value = vec![b'x'; BODY];
@@ -233,7 +252,7 @@ fn bare_redb_commit_latency(count: usize) -> [Duration; 4] {
 /// `coalesce`, the sender hands quinn every frame it has in one gathered write of up to 256
 /// (as Sund's session writer does); without, one `write_all` per frame.
 async fn bare_quinn(frames: usize, coalesce: bool) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_tempdir();
     let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
     let server =
         endpoint::server_endpoint(&Production, "127.0.0.1:0".parse().unwrap(), &identity).unwrap();
@@ -404,7 +423,7 @@ async fn load_client(
 
 /// The gateway driver alone under `clients` protocol clients sending `per_client` messages each.
 async fn gateway_ingest(clients: usize, per_client: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = private_tempdir();
     let gateway = start_gateway(dir.path()).await;
     let keys: Vec<DeviceKey> = (0..clients)
         .map(|i| DeviceKey::from_seed([i as u8 + 1; 32]))
@@ -496,6 +515,9 @@ fn main() {
             ("g sund, latency at 1,000 msg/s", 1_000.0, 3_000),
         ] {
             let mut pair = setup(2).await;
+            // Steady state: both sessions open and their setup (registration, KeyPackage
+            // upload and checks) done before the first timed message.
+            tokio::time::sleep(Duration::from_secs(2)).await;
             let figures = latency(&mut pair.nodes, rate, count).await;
             results.insert(key, show(figures));
             let gw = pair.gateway.stages();
@@ -508,7 +530,15 @@ fn main() {
             for node in pair.nodes {
                 node.stop().await.unwrap();
             }
-            pair.gateway.shutdown().await.unwrap();
+            let counters = pair.gateway.shutdown().await.unwrap();
+            let refusals: Vec<String> = counters
+                .refusals
+                .iter()
+                .map(|(code, n)| format!("{code:?} {n}"))
+                .collect();
+            if !refusals.is_empty() {
+                stages.push(format!("  gateway refusals: {}", refusals.join(", ")));
+            }
         }
 
         let ingest = gateway_ingest(100, 1_000).await;
