@@ -184,7 +184,12 @@ async fn latency(nodes: &mut [NodeHandle], rate: f64, count: usize) -> [Duration
     if std::env::var_os("SUND_BENCH_SLOW").is_some() {
         // Where the slow deliveries fall in the run (by send order).
         let slow: Vec<usize> = (0..samples.len()).filter(|i| samples[*i] > 5_000).collect();
-        eprintln!("slow (>5 ms): {} of {}, at {:?}", slow.len(), samples.len(), slow.iter().step_by(10).collect::<Vec<_>>());
+        eprintln!(
+            "slow (>5 ms): {} of {}, at {:?}",
+            slow.len(),
+            samples.len(),
+            slow.iter().step_by(10).collect::<Vec<_>>()
+        );
     }
     samples.sort_unstable();
     let at = |q: f64| Duration::from_micros(samples[((samples.len() - 1) as f64 * q) as usize]);
