@@ -292,12 +292,6 @@ impl Device {
         })
     }
 
-    /// Remembers the name of an operator-made conversation (its id follows from the name), so
-    /// that `follow` can print it instead of its id.
-    pub fn remember_conversation(&self, name: &str) -> Result<(), DeviceError> {
-        self.name_conversation(name, ConversationId::from_name(name))
-    }
-
     /// Gives a conversation a local name (DMs and rooms have random or derived ids).
     pub fn name_conversation(&self, name: &str, id: ConversationId) -> Result<(), DeviceError> {
         let path = self.data_dir.join("conversations");

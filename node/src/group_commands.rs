@@ -80,6 +80,14 @@ pub fn describe_event(
             conversation,
             seq,
             kind,
+        } if *kind == GroupKind::Dm && !names.contains_key(conversation) => format!(
+            "joined dm {} at seq {seq} (if you know who started it, `sund contact NAME` names them and the DM)",
+            conv_name(*conversation, names)
+        ),
+        NodeEvent::Joined {
+            conversation,
+            seq,
+            kind,
         } => format!(
             "joined {kind} {} at seq {seq} (name it: sund room name {conversation} NAME)",
             conv_name(*conversation, names)
@@ -278,6 +286,27 @@ async fn wait_until_done(
             }
         }
     }
+}
+
+/// `sund contact NAME`: this device shows NAME for that user (names are hashed on the wire and
+/// in certificates, so a device learns them only from its user), and `@NAME` for the DM with
+/// them.
+pub fn contact(data_dir: &Path, name: &str) -> Result<(), String> {
+    check_user_name(name)?;
+    let device = load(data_dir)?;
+    device.remember_user(name).map_err(|e| e.to_string())?;
+    let user = UserId::from_name(name);
+    match device.user.as_deref() {
+        Some(me) if me != name => {
+            let dm = sund_model::node::dm_id(UserId::from_name(me), user);
+            device
+                .name_conversation(&format!("@{name}"), dm)
+                .map_err(|e| e.to_string())?;
+            say!("{name} = {user}; your DM with them is @{name} ({dm})");
+        }
+        _ => say!("{name} = {user}"),
+    }
+    Ok(())
 }
 
 /// Attempts to add a newly linked device of this user to its user's conversations (its

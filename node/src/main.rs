@@ -211,6 +211,15 @@ enum Command {
         #[arg(long = "conversation")]
         conversations: Vec<String>,
     },
+    /// Name a user on this device: what they write shows NAME instead of `user:…`, and the DM
+    /// with them is `@NAME` (user names travel only as hashes).
+    Contact {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The user's name, as their own devices were set up with (`--user`).
+        name: String,
+    },
     /// Show the device, its gateway, its outbox, and whether the gateway can be reached.
     Status {
         /// The device's data directory.
@@ -296,6 +305,7 @@ async fn run(command: Command) -> Result<(), String> {
             conversations,
         } => follow(&data_dir, count, &conversations).await,
         Command::Status { data_dir } => status(&data_dir).await,
+        Command::Contact { data_dir, name } => group_commands::contact(&data_dir, &name),
         Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,
         Command::Room { command } => group_commands::room(command).await,
         Command::Devices { data_dir } => group_commands::devices(&data_dir).await,
@@ -423,8 +433,9 @@ async fn follow(
 ) -> Result<(), String> {
     let device = load(data_dir)?;
     for name in conversations {
+        // `@user` is the DM with that user; other names as `send` takes them.
         device
-            .remember_conversation(name)
+            .name_conversation(name, device.resolve_conversation(name))
             .map_err(|e| e.to_string())?;
     }
     let names = device.conversation_names();
@@ -433,6 +444,7 @@ async fn follow(
         .await
         .map_err(|e| e.to_string())?;
     let mut members = group_commands::members(&node).await;
+    let mut unnamed = std::collections::BTreeSet::new();
     let mut seen = 0;
     loop {
         tokio::select! {
@@ -441,6 +453,11 @@ async fn follow(
                 Some(NodeEvent::Delivered { conversation: id, seq, sender, body, .. }) => {
                     let conversation = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
                     let from = group_commands::who(sender, &members, &users);
+                    if let Some(user) = members.get(&sender).filter(|u| !users.contains_key(u)) {
+                        if unnamed.insert(*user) {
+                            esay!("{user} is not named on this device: if you know who it is, `sund contact NAME` shows their name");
+                        }
+                    }
                     let line = format!(
                         "{} seq {seq} from {}: {}",
                         display::printable(&conversation),

@@ -482,3 +482,30 @@ fn a_paired_device_is_added_to_its_users_conversations() {
     let got = follow(&phone, "@alice", 1, Duration::from_secs(30));
     assert!(got[0].ends_with(": hello both of you"), "{got:#?}");
 }
+
+#[test]
+fn a_receiver_names_a_sender_once_and_sees_the_name_after() {
+    let dm = Dm::new();
+    dm.send("who am I?");
+    // Bob's device knows alice only by the hash of her name: it says so, and how to name her.
+    let out = Command::new(sund())
+        .args(["follow", "--data-dir", &dm.bob, "--count", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("from user:"), "{stdout}");
+    assert!(stderr.contains("`sund contact NAME`"), "{stderr}");
+    let named = run(&sund(), &["contact", "--data-dir", &dm.bob, "alice"]);
+    assert!(named.contains("your DM with them is @alice"), "{named}");
+    dm.send("now you know");
+    let got = follow(&dm.bob, "@alice", 1, Duration::from_secs(30));
+    assert!(got[0].starts_with("@alice seq "), "{got:#?}");
+    assert!(got[0].contains(" from alice ("), "{got:#?}");
+    // And bob writes to her by that name.
+    let out = run(
+        &sund(),
+        &["send", "--data-dir", &dm.bob, "@alice", "hi alice"],
+    );
+    assert!(out.starts_with("sent to @alice: seq "), "{out}");
+}

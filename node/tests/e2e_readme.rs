@@ -54,6 +54,7 @@ fn the_readme_by_hand_flow_runs_top_to_bottom() {
         "connection connected",
         "sent to @bob: seq ",
         ": hello bob",
+        "your DM with them is @alice",
         "bob is now admin of team",
         "this device left conv:",
         "paired: the gateway confirmed",
