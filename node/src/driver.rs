@@ -114,6 +114,9 @@ pub struct NodeStatus {
     /// While not connected: why the last connection failed or ended, as the network or the
     /// gateway said it.
     pub last_problem: Option<String>,
+    /// The gateway found this copy of the device's data stale (another copy was used since):
+    /// it never connects again (`last_problem` says why).
+    pub state_copied: bool,
 }
 
 enum Command {
@@ -525,6 +528,7 @@ impl Core {
                     paired_with: trust.paired_with().map(|c| c.device()),
                     crl_version: trust.crl_version(),
                     unread: self.node.unread_len(),
+                    state_copied: self.node.state_copied(),
                     last_problem: match self.node.status() {
                         ConnectionStatus::Connected => None,
                         _ if self.node.state_copied() => {

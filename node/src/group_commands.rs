@@ -339,8 +339,6 @@ pub async fn bring_in(node: &mut NodeHandle, device: &Device, linked: DeviceId) 
     if pending.is_empty() {
         return;
     }
-    let label =
-        |conv: &ConversationId| names.get(conv).cloned().unwrap_or_else(|| conv.to_string());
     say!(
         "adding the new device to {}'s {} conversation(s)…",
         user_name,
@@ -359,13 +357,16 @@ pub async fn bring_in(node: &mut NodeHandle, device: &Device, linked: DeviceId) 
             };
             match outcome {
                 Ok(g) if g.members.iter().any(|(d, _)| *d == linked) => {
-                    say!("  {}: added", crate::display::printable(&label(&conv)));
+                    say!(
+                        "  {}: added",
+                        crate::display::printable(&conv_name(conv, &names))
+                    );
                 }
                 Ok(_) => still.push(conv),
                 Err(e) => {
                     say!(
                         "  {}: not added ({e})",
-                        crate::display::printable(&label(&conv))
+                        crate::display::printable(&conv_name(conv, &names))
                     );
                 }
             }
@@ -378,8 +379,8 @@ pub async fn bring_in(node: &mut NodeHandle, device: &Device, linked: DeviceId) 
     for conv in pending {
         say!(
             "  {}: not added yet (the new device has not shown its keys to the gateway); once it has connected, run here: sund room invite {} {user_name}",
-            crate::display::printable(&label(&conv)),
-            crate::display::printable(&label(&conv))
+            crate::display::printable(&conv_name(conv, &names)),
+            crate::display::printable(&conv_name(conv, &names))
         );
     }
 }

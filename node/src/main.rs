@@ -341,15 +341,9 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
         .await
         .map_err(|e| e.to_string())?;
     let id = device.resolve_conversation(conversation);
-    if let Some(problem) = node
-        .status()
-        .await
-        .ok()
-        .and_then(|s| s.last_problem)
-        .filter(|p| p.as_str() == sund_model::node::STATE_COPIED)
-    {
+    if node.status().await.is_ok_and(|s| s.state_copied) {
         let _ = node.stop().await;
-        return Err(format!("this copy of the device cannot be used: {problem}"));
+        return Err(stale_copy());
     }
     if let Some(user) = conversation.strip_prefix('@') {
         // A DM is an MLS group: never send its messages down the operator-conversation path.
@@ -498,6 +492,14 @@ async fn follow(
     node.stop().await.map_err(|e| e.to_string())
 }
 
+/// What a command on a stale copy of a device (see `Node::state_copied`) says.
+fn stale_copy() -> String {
+    format!(
+        "this copy of the device cannot be used: {}",
+        sund_model::node::STATE_COPIED
+    )
+}
+
 fn describe(status: ConnectionStatus) -> String {
     match status {
         ConnectionStatus::Connected => "connected".into(),
@@ -564,12 +566,8 @@ async fn status(data_dir: &Path) -> Result<(), String> {
         (other, _) => {
             say!("connection {}", describe(other));
             let _ = node.stop().await;
-            if let Some(problem) = snapshot
-                .last_problem
-                .as_ref()
-                .filter(|p| p.as_str() == sund_model::node::STATE_COPIED)
-            {
-                return Err(format!("this copy of the device cannot be used: {problem}"));
+            if snapshot.state_copied {
+                return Err(stale_copy());
             }
             return Err(match &snapshot.last_problem {
                 Some(problem) => format!("cannot reach the gateway: {problem}"),
