@@ -116,9 +116,9 @@ impl Node {
             return;
         }
         if code == ErrorCode::DeviceStateCopied {
-            if let Some(conn) = self.link.mark_copied(self.fx.writes()) {
-                self.fx.hold(NodeOutput::Close(conn));
-            }
+            // The refusing connection closes below; no other is open (one session at a time).
+            let open = self.link.mark_copied(self.fx.writes());
+            debug_assert!(open.is_none_or(|c| c == conn), "one connection at a time");
             self.fx.hold(NodeOutput::Close(conn));
             self.set_status(ConnectionStatus::Offline);
             self.fx.event(NodeEvent::Refused {
