@@ -122,6 +122,11 @@ impl GatewayHandle {
         self.stages.report()
     }
 
+    /// Starts the stage histograms afresh (see [`Stages::reset`]).
+    pub fn reset_stages(&self) {
+        self.stages.reset();
+    }
+
     /// Carries out an operator's command on the running gateway; the answer comes once the
     /// commit that makes it true is durable. `None` if the gateway stopped.
     pub async fn admin(&self, command: AdminCommand) -> Option<AdminAnswer> {

@@ -765,6 +765,103 @@ fn a_device_s_messages_are_sequenced_only_in_the_order_it_chained_them() {
     );
 }
 
+/// A `Send` frame of alice's in `CONV` that comes after `after` (0: none; `None`: unchained,
+/// as a group operation is).
+fn alice_send(msg_id: u8, after: Option<u8>) -> GatewayInput {
+    let routing = Routing {
+        conversation: CONV,
+        sender: alice(),
+        ..Routing::default()
+    };
+    let payload = Payload::Send(Send {
+        msg_id: [msg_id; 16],
+        body: vec![msg_id],
+        welcome: None,
+        after: after.map(|a| if a == 0 { [0; 16] } else { [a; 16] }),
+    });
+    GatewayInput::Frame(ConnectionId(1), Frame::new(routing, payload).encode())
+}
+
+/// The sender-order rows a Ready writes (their values).
+fn sender_order_rows(ready: &sund_model::env::Ready<GatewayOutput>) -> Vec<Vec<u8>> {
+    ready
+        .writes()
+        .ops()
+        .iter()
+        .filter_map(|op| match op {
+            sund_model::env::WriteOp::Put { table, value, .. }
+                if *table == sund_model::gateway::sender_order::SENDER_ORDER_TABLE =>
+            {
+                Some(value.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Feeds `inputs` as a driver does (every frame a read brought, then one Ready), commits the
+/// Ready and returns its sender-order rows and released outputs.
+fn one_batch(h: &mut Harness, inputs: Vec<GatewayInput>) -> (Vec<Vec<u8>>, Vec<GatewayOutput>) {
+    for input in inputs {
+        h.gateway.handle(h.now, input);
+    }
+    let ready = h.gateway.poll_ready().expect("something to commit");
+    let rows = sender_order_rows(&ready);
+    let released = ready.commit(&mut h.store).unwrap();
+    assert!(h.gateway.poll_ready().is_none(), "one Ready per batch");
+    (rows, released)
+}
+
+#[test]
+fn sender_order_is_written_only_when_the_log_cannot_tell_it_and_survives_restarts() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.connect(2, bob());
+    // Chained messages: the log entries are the record, no row is written.
+    let sends = vec![
+        alice_send(1, Some(0)),
+        alice_send(2, Some(1)),
+        alice_send(3, Some(2)),
+    ];
+    let (rows, released) = one_batch(&mut h, sends);
+    assert_eq!(rows, Vec::<Vec<u8>>::new());
+    assert_eq!(send_answers(&released, 1).len(), 3);
+    let mut h = h.restarted(open_config());
+    h.connect(1, alice());
+    h.connect(2, bob());
+    let out = h.send_after(1, alice(), 4, 2, b"stale chain");
+    assert_eq!(send_answers(&out, 1), vec![("out of order", 4, 3)]);
+    // Garbage collection drops alice's entries: a row keeps her last.
+    h.ack(1, 3);
+    h.ack(2, 3);
+    h.now = h.now + Duration::from_secs(1);
+    h.gateway.handle_timeout(h.now);
+    let ready = h.gateway.poll_ready().expect("a GC step");
+    let mut row = vec![3; 16];
+    row.extend_from_slice(&3u64.to_be_bytes());
+    assert_eq!(sender_order_rows(&ready), vec![row]);
+    ready.commit(&mut h.store).unwrap();
+    assert_eq!(h.gateway.stats().delivery.gc_dropped, 3);
+    let mut h = h.restarted(open_config());
+    h.connect(1, alice());
+    let out = h.send_after(1, alice(), 4, 2, b"stale chain");
+    assert_eq!(send_answers(&out, 1), vec![("out of order", 4, 3)]);
+    let (rows, released) = one_batch(&mut h, vec![alice_send(4, Some(3))]);
+    assert!(rows.is_empty());
+    assert_eq!(send_answers(&released, 1), vec![("ack", 4, 4)]);
+    // An unchained message (a group operation) is never taken for her last: it writes a row.
+    let (rows, _) = one_batch(&mut h, vec![alice_send(5, None), alice_send(6, Some(4))]);
+    let mut row = vec![6; 16];
+    row.extend_from_slice(&5u64.to_be_bytes());
+    assert_eq!(rows, vec![row], "once, with the newest values");
+    let mut h = h.restarted(open_config());
+    h.connect(1, alice());
+    let out = h.send_after(1, alice(), 7, 5, b"after the unchained one");
+    assert_eq!(send_answers(&out, 1), vec![("out of order", 7, 6)]);
+    let out = h.send_after(1, alice(), 7, 6, b"seventh");
+    assert_eq!(send_answers(&out, 1), vec![("ack", 7, 7)]);
+}
+
 #[test]
 fn a_message_is_acknowledged_only_in_the_ready_that_persists_it() {
     let mut h = Harness::new();

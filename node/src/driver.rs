@@ -232,6 +232,11 @@ impl NodeHandle {
         self.stages.report()
     }
 
+    /// Starts the stage histograms afresh (see [`Stages::reset`]).
+    pub fn reset_stages(&self) {
+        self.stages.reset();
+    }
+
     /// Queues a message; see [`NodeSender::send`].
     pub async fn send(
         &self,

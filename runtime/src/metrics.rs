@@ -60,6 +60,16 @@ impl Histogram {
         self.max.fetch_max(value, Ordering::Relaxed);
     }
 
+    /// Forgets what was recorded (values recorded meanwhile may land on either side).
+    pub fn reset(&self) {
+        for bucket in self.buckets.iter() {
+            bucket.store(0, Ordering::Relaxed);
+        }
+        self.count.store(0, Ordering::Relaxed);
+        self.sum.store(0, Ordering::Relaxed);
+        self.max.store(0, Ordering::Relaxed);
+    }
+
     /// Records a duration in microseconds.
     pub fn record_duration(&self, duration: Duration) {
         self.record(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX));
@@ -164,6 +174,21 @@ pub struct StageReport {
 }
 
 impl Stages {
+    /// Starts every stage afresh, so that a report covers only what came after (a warmed-up
+    /// steady state, say).
+    pub fn reset(&self) {
+        for h in [
+            &self.queued,
+            &self.machine,
+            &self.commit_wait,
+            &self.fsync,
+            &self.commit_writes,
+            &self.release,
+        ] {
+            h.reset();
+        }
+    }
+
     /// Quantiles of every stage.
     pub fn report(&self) -> StageReport {
         StageReport {
@@ -208,5 +233,18 @@ mod tests {
         assert!((80..=90).contains(&s.p90), "{s}");
         assert!((88..=99).contains(&s.p99), "{s}");
         assert_eq!(Histogram::default().summary(), Summary::default());
+    }
+
+    #[test]
+    fn a_reset_forgets_what_came_before() {
+        let stages = Stages::default();
+        stages.fsync.record(5_000);
+        stages.queued.record(7);
+        stages.reset();
+        assert_eq!(stages.report().fsync, Summary::default());
+        assert_eq!(stages.report().queued, Summary::default());
+        stages.fsync.record(300);
+        assert_eq!(stages.report().fsync.max, 300);
+        assert_eq!(stages.report().fsync.count, 1);
     }
 }

@@ -325,6 +325,8 @@ impl Gateway {
 
     /// The writes and outputs produced so far, or `None` if there are none.
     pub fn poll_ready(&mut self) -> Option<Ready<GatewayOutput>> {
+        // Sender order is written once per batch, atomically with the entries it names.
+        self.delivery.flush_sender_order(self.fx.writes());
         self.fx.take_ready()
     }
 

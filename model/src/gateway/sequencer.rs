@@ -146,6 +146,11 @@ impl ConversationLog {
         self.entries.get(usize::try_from(index).ok()?)
     }
 
+    /// The retained entries, in seq order.
+    pub fn entries(&self) -> impl Iterator<Item = &LogEntry> + '_ {
+        self.entries.iter()
+    }
+
     /// Offers a message; sequences it unless it is a duplicate.
     pub fn append(
         &mut self,
@@ -227,8 +232,8 @@ impl ConversationLog {
 
     /// Drops up to `limit` entries from the front that every member has acknowledged
     /// (`seq <= acked_by_all`) or that were sequenced before `expire_before`, and deduplication
-    /// records sequenced before `dedup_expire_before` whose entries are gone. Returns how many
-    /// entries were dropped.
+    /// records sequenced before `dedup_expire_before` whose entries are gone. Shows each entry
+    /// to `dropping` before it goes; returns how many entries were dropped.
     pub fn collect_garbage(
         &mut self,
         acked_by_all: u64,
@@ -236,6 +241,7 @@ impl ConversationLog {
         dedup_expire_before: Instant,
         limit: usize,
         batch: &mut WriteBatch,
+        dropping: &mut dyn FnMut(&LogEntry),
     ) -> usize {
         let mut dropped = 0;
         let chunk_first = self.first_seq;
@@ -247,6 +253,7 @@ impl ConversationLog {
             if front.seq > acked_by_all && front.accepted_at >= expire_before {
                 break;
             }
+            dropping(front);
             batch.delete(LOG_TABLE, log_key(self.id, front.seq));
             // The entry's deduplication record outlives it, in this step's chunk.
             chunk.extend_from_slice(&front.seq.to_be_bytes());
@@ -656,12 +663,21 @@ mod tests {
         }
         let mut batch = WriteBatch::default();
         // Acknowledged by all up to 3; nothing expired yet.
-        assert_eq!(log.collect_garbage(3, at(0), at(0), 100, &mut batch), 3);
+        assert_eq!(
+            log.collect_garbage(3, at(0), at(0), 100, &mut batch, &mut |_| {}),
+            3
+        );
         assert_eq!((log.first_seq(), log.head()), (4, 10));
         assert!(log.get(3).is_none() && log.get(4).is_some());
         // Entries sequenced before 7s are past retention, acknowledged or not; at most 2 a pass.
-        assert_eq!(log.collect_garbage(3, at(7), at(0), 2, &mut batch), 2);
-        assert_eq!(log.collect_garbage(3, at(7), at(0), 100, &mut batch), 2);
+        assert_eq!(
+            log.collect_garbage(3, at(7), at(0), 2, &mut batch, &mut |_| {}),
+            2
+        );
+        assert_eq!(
+            log.collect_garbage(3, at(7), at(0), 100, &mut batch, &mut |_| {}),
+            2
+        );
         assert_eq!(log.first_seq(), 8);
         // Deduplication outlives the entry until its own expiry.
         assert_eq!(
@@ -669,7 +685,7 @@ mod tests {
                 .unwrap(),
             Appended::Duplicate(1)
         );
-        log.collect_garbage(0, at(0), at(5), 100, &mut batch);
+        log.collect_garbage(0, at(0), at(5), 100, &mut batch, &mut |_| {});
         assert_eq!(
             log.append(at(20), DeviceId(1), MsgId(0), Bytes::new())
                 .unwrap(),
@@ -724,7 +740,7 @@ mod tests {
         // Two steps of 4, one of 2: three chunks, each one put.
         for expected in [4, 4, 2] {
             assert_eq!(
-                log.collect_garbage(10, at(0), at(0), 4, &mut batch),
+                log.collect_garbage(10, at(0), at(0), 4, &mut batch, &mut |_| {}),
                 expected
             );
             let puts = batch
@@ -746,10 +762,10 @@ mod tests {
             );
         }
         // Records sequenced before 6 s expire: chunk 1-4 goes, chunk 5-8 stays (7 and 8 live).
-        log.collect_garbage(10, at(0), at(6), 100, &mut batch);
+        log.collect_garbage(10, at(0), at(6), 100, &mut batch, &mut |_| {});
         store.commit(batch.take()).unwrap();
         assert_eq!(dedup_keys(&store), 2);
-        log.collect_garbage(10, at(0), at(100), 100, &mut batch);
+        log.collect_garbage(10, at(0), at(100), 100, &mut batch, &mut |_| {});
         store.commit(batch.take()).unwrap();
         assert_eq!(dedup_keys(&store), 0, "every chunk expired");
         let mut back = recovered(&store);

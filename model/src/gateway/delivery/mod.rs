@@ -231,7 +231,7 @@ pub struct Delivery {
     /// removal notice waits in their inbox until they acknowledged up to there. Rebuilt at
     /// recovery from the notices and the cursors.
     departing: BTreeMap<(DeviceId, ConversationId), u64>,
-    /// The sender seq each device must send next in each conversation.
+    /// The last message sequenced from each device in each conversation.
     sender_order: SenderOrder,
     stats: DeliveryStats,
 }
@@ -259,7 +259,6 @@ impl Delivery {
     /// Reads logs, members, cursors and inboxes back from the store.
     pub fn recover(limits: DeliveryLimits, store: &dyn StoreRead) -> Result<Delivery, StoreError> {
         let mut d = Delivery::new(limits);
-        d.sender_order = SenderOrder::recover(store)?;
         // A group's log exists even when every device has left it.
         scan_all(store, GROUPS_TABLE, |key, _| {
             let conv =
@@ -311,6 +310,7 @@ impl Delivery {
         for log in d.conversations.values_mut() {
             log.finish_restore()?;
         }
+        d.sender_order = SenderOrder::recover(store, d.conversations.values())?;
         scan_all(store, CURSORS_TABLE, |key, value| {
             let (device, conv) = split_pair_key(CURSORS_TABLE, key)?;
             let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
@@ -631,15 +631,17 @@ impl Delivery {
         let Some(after) = after else {
             return Ok(());
         };
-        let duplicate = self
-            .conversations
-            .get(&conv)
-            .is_some_and(|log| log.duplicate_of(device, msg_id).is_some());
-        if duplicate {
-            return Ok(());
-        }
         let checked = self.sender_order.check(conv, device, after);
         if checked.is_err() {
+            // Only a message out of order needs the duplicate lookup: one in order is either
+            // new or a copy of the last, and either may go on.
+            let duplicate = self
+                .conversations
+                .get(&conv)
+                .is_some_and(|log| log.duplicate_of(device, msg_id).is_some());
+            if duplicate {
+                return Ok(());
+            }
             self.stats.out_of_sender_order += 1;
         }
         checked
@@ -670,13 +672,21 @@ impl Delivery {
             Appended::New(seq) => {
                 log.persist_append(seq, writes);
                 if chained {
-                    self.sender_order.sequenced(conv, device, msg_id, writes);
+                    self.sender_order.chained(conv, device, msg_id);
+                } else {
+                    self.sender_order.unchained(conv, device, seq);
                 }
                 self.stats.sequenced += 1;
             }
             Appended::Duplicate(_) => self.stats.duplicates += 1,
         }
         Ok(appended)
+    }
+
+    /// Adds the sender-order rows changed since the last call to `writes`: call it before the
+    /// batch that holds the log entries leaves (see [`SenderOrder::flush`]).
+    pub fn flush_sender_order(&mut self, writes: &mut WriteBatch) {
+        self.sender_order.flush(writes);
     }
 
     /// Sequences a message of the gateway itself (an external proposal) in `conv`.
@@ -967,12 +977,15 @@ impl Delivery {
                 .map(|d| self.cursors.get(&(*d, log.id())).copied().unwrap_or(0))
                 .min()
                 .unwrap_or(0);
+            let (conv, head) = (log.id(), log.head());
+            let order = &mut self.sender_order;
             let dropped = log.collect_garbage(
                 acked_by_all,
                 expire_before,
                 dedup_expire_before,
                 limits.gc_batch_max,
                 writes,
+                &mut |entry| order.dropping(conv, entry.sender, entry.seq, head),
             );
             self.stats.gc_dropped += dropped as u64;
             backlog |= dropped > 0 && dropped == limits.gc_batch_max;
