@@ -247,6 +247,10 @@ pub enum Invariant {
     /// What one device sends to one conversation is sequenced in the order it was sent.
     /// Checked in every scenario, named or not.
     SenderOrder,
+    /// No actor panics and the simulated disk takes every batch: a run that hits either ends
+    /// as a failure with its seed and replay line, and the rest of a sweep goes on. Checked in
+    /// every scenario, named or not.
+    NoPanic,
 }
 
 impl Invariant {
@@ -265,6 +269,7 @@ impl Invariant {
         ("crl-converge", Invariant::CrlConverge),
         ("single-authority", Invariant::SingleAuthority),
         ("sender-order", Invariant::SenderOrder),
+        ("no-panic", Invariant::NoPanic),
     ];
 
     /// The DSL name.
@@ -289,6 +294,7 @@ impl Invariant {
                 | Invariant::RevokedNeverAuthenticates
                 | Invariant::CrlConverge
                 | Invariant::SenderOrder
+                | Invariant::NoPanic
         )
     }
 }
@@ -1256,6 +1262,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
     };
     // A user's promise, not a protocol option: every scenario checks it.
     invariants.insert(Invariant::SenderOrder);
+    invariants.insert(Invariant::NoPanic);
     Ok(Scenario {
         name,
         file: file.to_string(),

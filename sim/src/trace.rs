@@ -36,6 +36,8 @@ pub enum Record {
     Fault = 5,
     /// A connection opened, failed or closed.
     Connection = 6,
+    /// An actor panicked (the run ends there).
+    Panic = 7,
 }
 
 impl TraceHash {

@@ -138,6 +138,8 @@ enum EventKind {
     },
     EndOfWorkload,
     Probe,
+    /// A panic planted by a test (see `World::plant_panic`).
+    PlantedPanic,
 }
 
 #[derive(Debug)]
@@ -1044,6 +1046,7 @@ impl World {
 
     fn dispatch(&mut self, kind: EventKind) {
         match kind {
+            EventKind::PlantedPanic => panic!("planted by a test"),
             EventKind::Arrive(arrival) => {
                 let to = arrival.to;
                 if !self.actors[to as usize].up || !self.network.is_open(arrival.conn) {
@@ -1431,8 +1434,41 @@ impl World {
         }
     }
 
-    /// Runs to the end and reports.
+    /// Test support: the run panics at `at_us`, as a bug in an actor would, to show that a
+    /// panic is reported as a failure of that run rather than the end of the process.
+    pub fn plant_panic(&mut self, at_us: u64) {
+        self.push(at_us, EventKind::PlantedPanic);
+    }
+
+    /// Runs to the end and reports. A panic inside any actor (or a batch the simulated disk
+    /// refuses) ends the run as a `no-panic` failure at the time it happened, so that it is
+    /// reported with its seed and replay line like any other, and a sweep goes on.
     pub fn run(mut self) -> RunReport {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_events()));
+        if let Err(panic) = ran {
+            // The world may be half-way through an event: only the clock, the counters and
+            // the trace so far are read from here on.
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            self.trace
+                .record(Record::Panic, self.now, 0, what.as_bytes());
+            self.outcome = Some(Outcome::Safety(Violation {
+                invariant: Invariant::NoPanic,
+                phase: Phase::Safety,
+                at_us: self.now,
+                detail: format!(
+                    "panicked at event {} (the panic's location is printed above): {what}",
+                    self.events
+                ),
+            }));
+        }
+        self.report()
+    }
+
+    fn run_events(&mut self) {
         while self.outcome.is_none() {
             let Some(Reverse(event)) = self.queue.pop() else {
                 // Nothing left to do: converged or stuck; let the probe logic decide.
@@ -1455,6 +1491,9 @@ impl World {
                 self.outcome = self.checker.violation().cloned().map(Outcome::Liveness);
             }
         }
+    }
+
+    fn report(self) -> RunReport {
         let trace_hash = self.trace.hex();
         let crl = self.crl_report();
         RunReport {

@@ -70,8 +70,13 @@ check no-loss order
     );
     assert_eq!(
         s.invariants.iter().copied().collect::<Vec<_>>(),
-        vec![Invariant::NoLoss, Invariant::Order, Invariant::SenderOrder],
-        "sender-order is checked whether named or not"
+        vec![
+            Invariant::NoLoss,
+            Invariant::Order,
+            Invariant::SenderOrder,
+            Invariant::NoPanic
+        ],
+        "sender-order and no-panic are checked whether named or not"
     );
 }
 
@@ -89,7 +94,7 @@ fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("network loss 150%\n"), @"bad.sund:1:14: expected a loss probability like `5%` or `0.05` (between 0 and 1), found `150%`");
     insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, disconnect, crash, restart, network, link, revoke, handover, commit");
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
-    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order");
+    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic");
     insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room or dm");
     insta::assert_snapshot!(error("seed 12 13\n"), @"bad.sund:1:9: expected end of line, found `13`");
     insta::assert_snapshot!(error("gateway gw\nusers d count 100000 devices 2\n"), @"bad.sund:2:1: this would make 200000 devices; a scenario has at most 100000");

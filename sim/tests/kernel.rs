@@ -206,3 +206,23 @@ at 20s heal a/1 gw
         2 * report.app.accepted
     );
 }
+
+#[test]
+fn a_panic_ends_its_run_as_a_failure_at_its_time_and_repeats() {
+    let run_planted = || {
+        let s = scenario::parse("test.sund", SMALL).unwrap();
+        let mut world = World::new(s, 42).unwrap();
+        world.plant_panic(2_500_000);
+        world.run()
+    };
+    let report = run_planted();
+    let Outcome::Safety(v) = &report.outcome else {
+        panic!("expected a failure, got {:?}", report.outcome)
+    };
+    assert_eq!(v.invariant.name(), "no-panic");
+    assert_eq!(v.at_us, 2_500_000);
+    assert!(v.detail.contains("planted by a test"), "{}", v.detail);
+    assert!(report.app.delivered > 0, "what came before is reported");
+    assert_eq!(run_planted().trace_hash, report.trace_hash);
+    assert_ne!(run(SMALL, 42).trace_hash, report.trace_hash);
+}
