@@ -236,6 +236,25 @@ pub struct Delivery {
     stats: DeliveryStats,
 }
 
+/// Decodes a record keyed `device(16) ++ conversation(16)` whose value is a seq (8,
+/// big-endian): a cursor or a departure.
+fn decode_seq_record(
+    table: Table,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(DeviceId, ConversationId, u64), StoreError> {
+    let (device, conv) = split_pair_key(table, key)?;
+    let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
+        table: table.0,
+        reason: format!("seq value of {} bytes", value.len()),
+    })?;
+    Ok((
+        DeviceId(device),
+        ConversationId(conv),
+        u64::from_be_bytes(seq),
+    ))
+}
+
 impl Delivery {
     /// Empty delivery state.
     pub fn new(limits: DeliveryLimits) -> Delivery {
@@ -312,31 +331,14 @@ impl Delivery {
         }
         d.sender_order = SenderOrder::recover(store, d.conversations.values())?;
         scan_all(store, CURSORS_TABLE, |key, value| {
-            let (device, conv) = split_pair_key(CURSORS_TABLE, key)?;
-            let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
-                table: CURSORS_TABLE.0,
-                reason: format!("cursor value of {} bytes", value.len()),
-            })?;
-            d.cursors.insert(
-                (DeviceId(device), ConversationId(conv)),
-                u64::from_be_bytes(seq),
-            );
+            let (device, conv, seq) = decode_seq_record(CURSORS_TABLE, key, value)?;
+            d.cursors.insert((device, conv), seq);
             Ok(())
         })?;
         scan_all(store, DEPARTING_TABLE, |key, value| {
-            let (device, conv) = split_pair_key(DEPARTING_TABLE, key)?;
-            let seq: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
-                table: DEPARTING_TABLE.0,
-                reason: format!("departing value of {} bytes", value.len()),
-            })?;
-            d.departing.insert(
-                (DeviceId(device), ConversationId(conv)),
-                u64::from_be_bytes(seq),
-            );
-            d.memberships
-                .entry(DeviceId(device))
-                .or_default()
-                .insert(ConversationId(conv));
+            let (device, conv, seq) = decode_seq_record(DEPARTING_TABLE, key, value)?;
+            d.departing.insert((device, conv), seq);
+            d.memberships.entry(device).or_default().insert(conv);
             Ok(())
         })?;
         Ok(d)
