@@ -609,6 +609,25 @@ fn a_revoked_device_is_cut_off_and_everyone_connected_gets_the_new_crl() {
     assert!(frames_to(&out, 7).is_empty());
 }
 
+/// Found by the simulator's swarm (seed 1424 of the first swarm): a device that sent its
+/// `Hello` before its revocation and its proof after it got a session.
+#[test]
+fn a_device_revoked_while_it_answers_its_challenge_gets_no_session() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.input(GatewayInput::Accepted(ConnectionId(2)));
+    let challenged = h.hello(2, alice(), vec![], None);
+    h.input(support::admin(AdminCommand::RevokeDevice(alice())));
+    let out = h.prove(2, alice(), &challenged);
+    assert_eq!(goodbye_code(&out, 2), Some(ErrorCode::DeviceRevoked));
+    assert!(
+        !frames_to(&out, 2)
+            .iter()
+            .any(|f| matches!(f.payload, Payload::HelloOk(_))),
+        "no session for a revoked device: {out:?}"
+    );
+}
+
 #[test]
 fn a_resume_token_skips_the_challenge_and_is_rotated() {
     let mut h = Harness::new();

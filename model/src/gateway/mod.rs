@@ -665,6 +665,13 @@ impl Gateway {
         user: Option<UserId>,
         generation: Option<u64>,
     ) {
+        // The certificate was checked at `Hello`; a revocation that came while the device was
+        // answering its challenge must still keep it out.
+        if self.registry.crl().check(device).is_err() {
+            let goodbye = Refusal::goodbye(ErrorCode::DeviceRevoked, "this device was revoked");
+            self.refuse(conn, goodbye);
+            return;
+        }
         if let Some(generation) = generation {
             if let Err(last) =
                 self.sessions
@@ -719,6 +726,8 @@ impl Gateway {
         self.key_packages.send_count(conn, device, &mut self.fx);
         self.delivery
             .send_inbox(now, conn, device, &self.groups, &mut self.fx);
+        self.delivery
+            .settle_departures(now, conn, device, &self.groups, &mut self.fx);
         self.delivery.pump_session(now, conn, &mut self.fx);
     }
 

@@ -748,6 +748,29 @@ impl Delivery {
             .insert(conn, SessionWindows { device, windows });
     }
 
+    /// A departing device whose session opens with a cursor that covers everything before
+    /// its removal has nothing left to read there: its removal takes effect now, and its
+    /// notice (and a Welcome waiting behind it) goes out. Its acknowledgement of the last
+    /// message may have been lost with the connection it was sent on; it will not send
+    /// another, so waiting for one would leave it out of the conversation for good.
+    pub fn settle_departures(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        groups: &Groups,
+        fx: &mut Fx,
+    ) {
+        let departing: Vec<(ConversationId, u64)> = self
+            .departing
+            .range((device, ConversationId(0))..=(device, ConversationId(u128::MAX)))
+            .map(|(&(_, conv), _)| (conv, self.cursor(device, conv)))
+            .collect();
+        for (conv, acked) in departing {
+            self.depart_if_done(now, conn, device, conv, acked, groups.get(conv), fx);
+        }
+    }
+
     /// The session on `conn` ended: its windows go.
     pub fn close_session(&mut self, conn: ConnectionId) {
         self.sessions.remove(&conn);
