@@ -11,10 +11,12 @@
 
 pub mod checker;
 pub mod disk;
+pub mod event_log;
 pub mod fuzzing;
 pub mod network;
 pub mod rng;
 pub mod runner;
 pub mod scenario;
+pub mod swarm;
 pub mod trace;
 pub mod world;

@@ -1,11 +1,13 @@
 //! Runs scenarios for the `cargo sim` command: seeds, sweeps, determinism checks, reports.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::scenario::{self, Scenario};
+use crate::swarm::{self, Family, Generated};
 use crate::world::{Outcome, RunReport, World};
 
 /// What the command line asked for.
@@ -19,6 +21,8 @@ pub struct Options {
     pub check_determinism: bool,
     /// One JSON object per run on stdout.
     pub json: bool,
+    /// Keep the newest this many events of each run in words, printed if it fails.
+    pub trace: Option<usize>,
 }
 
 /// Errors that end the command with exit code 2.
@@ -67,7 +71,7 @@ struct JsonRun<'a> {
     joins: u64,
     removals: u64,
     undecryptable: u64,
-    faults: &'a std::collections::BTreeMap<&'static str, u64>,
+    faults: &'a BTreeMap<&'static str, u64>,
     /// Revocations: newest CRL version, devices revoked, devices holding it, and the time
     /// from the last revocation until the last device took its CRL.
     crl_version: Option<u64>,
@@ -148,10 +152,17 @@ pub fn list(scenarios: &[(String, String)]) -> Result<Vec<String>, RunError> {
         .collect())
 }
 
-fn run_once(scenario: &Scenario, seed: u64) -> Result<(RunReport, u64), RunError> {
+fn run_once(
+    scenario: &Scenario,
+    seed: u64,
+    trace: Option<usize>,
+) -> Result<(RunReport, u64), RunError> {
     let started = std::time::Instant::now(); // deterministic: reported only, never enters a run
-    let world =
+    let mut world =
         World::new(scenario.clone(), seed).map_err(|e| RunError::Scenario(e.to_string()))?;
+    if let Some(lines) = trace {
+        world.keep_event_log(lines);
+    }
     let report = world.run();
     Ok((report, started.elapsed().as_millis() as u64))
 }
@@ -174,11 +185,11 @@ pub fn run_all(
     for s in &parsed {
         let (first, last) = options.seeds.unwrap_or((s.seed, s.seed));
         for seed in first..=last {
-            let (report, wall_ms) = run_once(s, seed)?;
+            let (report, wall_ms) = run_once(s, seed, options.trace)?;
             let mut deterministic = None;
             let mut outcome_text = None;
             if options.check_determinism {
-                let (again, _) = run_once(s, seed)?;
+                let (again, _) = run_once(s, seed, None)?;
                 let same = again.trace_hash == report.trace_hash && again.events == report.events;
                 deterministic = Some(same);
                 if !same {
@@ -344,10 +355,166 @@ fn write_report(
             v.detail
         )?;
         writeln!(err, "  replay: {replay}")?;
+        if !r.event_log.is_empty() {
+            writeln!(
+                err,
+                "  the last {} events up to the failure (--trace):",
+                r.event_log.len()
+            )?;
+            for line in &r.event_log {
+                writeln!(err, "    {line}")?;
+            }
+        }
     }
     if let Some(text) = nondeterminism {
         writeln!(err, "FAILED {} seed {}: {text}", r.file, r.seed)?;
         writeln!(err, "  replay: {replay} --check-determinism")?;
     }
     Ok(())
+}
+
+/// What `cargo sim --swarm` was asked for.
+#[derive(Clone, Debug)]
+pub struct SwarmOptions {
+    /// How many seeds.
+    pub count: u64,
+    /// The first seed; the swarm runs `first_seed .. first_seed + count`.
+    pub first_seed: u64,
+    /// The family the seeds draw from.
+    pub family: Family,
+    /// Start no seed after this much wall time (the seeds not started are reported).
+    pub time_budget: Option<std::time::Duration>,
+    /// Where a failing seed's scenario is said to be written (the command writes it there).
+    pub out_dir: String,
+    /// One JSON object per run on stdout.
+    pub json: bool,
+    /// Run each seed twice and compare trace hashes.
+    pub check_determinism: bool,
+    /// As [`Options::trace`].
+    pub trace: Option<usize>,
+}
+
+/// What a swarm covered and found.
+#[derive(Clone, Debug, Default)]
+pub struct SwarmSummary {
+    /// Runs passed and failed.
+    pub summary: Summary,
+    /// The scenarios of the failing seeds, for the command to write out.
+    pub failures: Vec<(String, Generated)>,
+    /// Seeds run per family.
+    pub families: BTreeMap<&'static str, u64>,
+    /// Seeds that switched each fault kind on.
+    pub kinds: BTreeMap<&'static str, u64>,
+    /// Distinct fault mixes (sets of kinds switched on).
+    pub mixes: BTreeSet<BTreeSet<&'static str>>,
+    /// Events processed by every run.
+    pub events: u64,
+    /// Seeds not started because the time budget ran out.
+    pub skipped: u64,
+}
+
+/// Runs a swarm: each seed draws its own scenario ([`crate::swarm`]) and runs it.
+pub fn run_swarm(
+    options: &SwarmOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<SwarmSummary, RunError> {
+    let started = std::time::Instant::now(); // deterministic: the time budget only decides which seeds start
+    let mut s = SwarmSummary::default();
+    let last = options.first_seed.saturating_add(options.count);
+    for (done, seed) in (options.first_seed..last).enumerate() {
+        if options
+            .time_budget
+            .is_some_and(|budget| started.elapsed() >= budget)
+        {
+            s.skipped = last - seed;
+            break;
+        }
+        let generated = swarm::generate(seed, options.family);
+        let file = format!("{}/{}.sund", options.out_dir, generated.name());
+        let scenario = scenario::parse(&file, &generated.text).map_err(|e| {
+            RunError::Scenario(format!(
+                "the swarm generator drew a scenario that does not parse ({e}):\n{}",
+                generated.text
+            ))
+        })?;
+        let (report, wall_ms) = run_once(&scenario, seed, options.trace)?;
+        let mut deterministic = None;
+        let mut nondeterminism = None;
+        if options.check_determinism {
+            let (again, _) = run_once(&scenario, seed, None)?;
+            let same = again.trace_hash == report.trace_hash && again.events == report.events;
+            deterministic = Some(same);
+            if !same {
+                nondeterminism = Some(format!(
+                    "NONDETERMINISTIC: trace {} ({} events) then {} ({} events)",
+                    report.trace_hash, report.events, again.trace_hash, again.events
+                ));
+            }
+        }
+        let passed = report.outcome == Outcome::Passed && deterministic != Some(false);
+        s.events += report.events;
+        *s.families.entry(generated.family.name()).or_default() += 1;
+        for kind in &generated.mix {
+            *s.kinds.entry(kind).or_default() += 1;
+        }
+        s.mixes.insert(generated.mix.clone());
+        write_report(
+            out,
+            err,
+            &report,
+            wall_ms,
+            deterministic,
+            nondeterminism.as_deref(),
+            options.json,
+        )
+        .map_err(|e| RunError::Scenario(format!("cannot write output: {e}")))?;
+        let mix: Vec<&str> = generated.mix.iter().copied().collect();
+        let _ = writeln!(
+            err,
+            "[{}/{}] swarm seed {seed} ({}: {}): {}",
+            done + 1,
+            options.count,
+            generated.family.name(),
+            if mix.is_empty() {
+                "no faults".to_string()
+            } else {
+                mix.join(" ")
+            },
+            if passed { "ok" } else { "FAILED" }
+        );
+        if passed {
+            s.summary.passed += 1;
+        } else {
+            s.summary.failed += 1;
+            s.failures.push((file, generated));
+        }
+    }
+    if !options.json {
+        let families: Vec<String> = s.families.iter().map(|(f, n)| format!("{f} {n}")).collect();
+        let kinds: Vec<String> = swarm::FAULT_KINDS
+            .iter()
+            .map(|k| format!("{k} {}", s.kinds.get(k).copied().unwrap_or(0)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "swarm: {} seeds ({}), {} distinct fault mixes, {} events{}",
+            s.summary.passed + s.summary.failed,
+            families.join(", "),
+            s.mixes.len(),
+            s.events,
+            if s.skipped > 0 {
+                format!(", {} seeds not started (time budget)", s.skipped)
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(out, "swarm: seeds per fault kind: {}", kinds.join(", "));
+        let _ = writeln!(
+            out,
+            "sim: {} passed, {} failed",
+            s.summary.passed, s.summary.failed
+        );
+    }
+    Ok(s)
 }

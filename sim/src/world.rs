@@ -28,6 +28,7 @@ use sund_model::time::Instant;
 
 use crate::checker::{Checker, CheckerStats, Phase, Violation};
 use crate::disk::SimDisk;
+use crate::event_log::{describe_frame, EventLog};
 use crate::network::{ActorIndex, Arrival, NetStats, Network};
 use crate::rng::SimRng;
 use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
@@ -97,6 +98,8 @@ pub struct RunReport {
     pub lost_uncommitted: u64,
     /// How far revocations got (`None`: nothing was revoked).
     pub crl: Option<CrlReport>,
+    /// The last events in words, if the run kept a log ([`World::keep_event_log`]).
+    pub event_log: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -231,6 +234,8 @@ pub struct World {
     sent_counter: u64,
     lost_uncommitted: u64,
     revocations: trust::Revocations,
+    /// The newest events in words, when `--trace` asked for them.
+    event_log: Option<EventLog>,
 }
 
 fn us(d: Duration) -> u64 {
@@ -380,6 +385,7 @@ impl World {
             sent_counter: 0,
             lost_uncommitted: 0,
             revocations: trust::Revocations::default(),
+            event_log: None,
             scenario,
         };
         world.setup();
@@ -775,6 +781,12 @@ impl World {
         if ops > 0 {
             self.trace
                 .record(Record::Commit, self.now, a, &ops.to_le_bytes());
+            self.note(|w| {
+                format!(
+                    "{} commit of {ops} writes durable",
+                    w.actors[a as usize].name
+                )
+            });
         }
         match held {
             HeldKind::Gateway(h) => {
@@ -802,8 +814,7 @@ impl World {
                 self.transmit(a, conn.0, frame)
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
-            // The world asks for nothing it needs the answer of.
-            GatewayOutput::Admin { .. } => {}
+            GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
         }
     }
 
@@ -851,6 +862,13 @@ impl World {
     }
 
     fn transmit(&mut self, from: ActorIndex, conn: u64, frame: Bytes) {
+        self.note(|w| {
+            format!(
+                "{} sends on conn {conn}: {}",
+                w.actors[from as usize].name,
+                w.describe(&frame)
+            )
+        });
         for (at, arrival) in self.network.send(self.now, conn, from, frame) {
             self.push(at, EventKind::Arrive(arrival));
         }
@@ -906,6 +924,9 @@ impl World {
                 record.push(3);
                 record.extend_from_slice(&msg_id.to_bytes());
                 record.extend_from_slice(&(*code as u16).to_le_bytes());
+                if *code == sund_model::wire::payload::ErrorCode::Forbidden {
+                    self.retry_refused_creation(a);
+                }
             }
             NodeEvent::Gap {
                 conversation,
@@ -1040,6 +1061,22 @@ impl World {
             }
         }
         self.trace.record(Record::AppEvent, self.now, a, &record);
+        self.note(|w| {
+            let name = &w.actors[a as usize].name;
+            match &event {
+                // Bodies stay out of the log: their size says enough.
+                NodeEvent::Delivered {
+                    conversation,
+                    seq,
+                    body,
+                    ..
+                } => format!(
+                    "{name} tells its application Delivered {conversation} seq {seq} ({} bytes)",
+                    body.len()
+                ),
+                other => format!("{name} tells its application {other:?}"),
+            }
+        });
     }
 
     // ------------------------------------------------------------ events
@@ -1060,6 +1097,15 @@ impl World {
                 data.extend_from_slice(&arrival.conn.to_le_bytes());
                 data.extend_from_slice(&arrival.frame);
                 self.trace.record(Record::Frame, self.now, to, &data);
+                self.note(|w| {
+                    format!(
+                        "{} <- {} conn {}: {}",
+                        w.actors[to as usize].name,
+                        w.actors[from as usize].name,
+                        arrival.conn,
+                        w.describe(&arrival.frame)
+                    )
+                });
                 let conn = ConnectionId(arrival.conn);
                 let frame = arrival.frame;
                 if self.is_gateway(to) {
@@ -1074,6 +1120,7 @@ impl World {
                 }
                 self.trace
                     .record(Record::Connection, self.now, gateway, &conn.to_le_bytes());
+                self.note(|w| format!("{} accepts conn {conn}", w.actors[gateway as usize].name));
                 self.with_gateway(gateway, |g, now| {
                     g.handle(now, GatewayInput::Accepted(ConnectionId(conn)))
                 });
@@ -1098,6 +1145,13 @@ impl World {
                     node,
                     &conn.unwrap_or(0).to_le_bytes(),
                 );
+                self.note(|w| match conn {
+                    Some(c) => format!("{} connected on conn {c}", w.actors[node as usize].name),
+                    None => format!(
+                        "{}'s connection attempt failed",
+                        w.actors[node as usize].name
+                    ),
+                });
                 self.with_node(node, |n, now| n.handle(now, input));
             }
             EventKind::Closed {
@@ -1111,6 +1165,9 @@ impl World {
                 }
                 self.trace
                     .record(Record::Connection, self.now, actor, &conn.to_le_bytes());
+                self.note(|w| {
+                    format!("{} hears conn {conn} closed", w.actors[actor as usize].name)
+                });
                 let c = ConnectionId(conn);
                 if self.is_gateway(actor) {
                     self.with_gateway(actor, |g, now| g.handle(now, GatewayInput::Closed(c)));
@@ -1221,6 +1278,7 @@ impl World {
         record.extend_from_slice(scheduled.action.keyword().as_bytes());
         self.trace
             .record(Record::Fault, self.now, u32::MAX, &record);
+        self.note(|_| format!("fault/action: {:?}", scheduled.action));
         *self.faults.entry(scheduled.action.keyword()).or_default() += 1;
         self.apply(&scheduled.action);
         if let Timing::Every { period, stop, .. } = scheduled.timing {
@@ -1440,6 +1498,32 @@ impl World {
         self.push(at_us, EventKind::PlantedPanic);
     }
 
+    /// Keeps the newest `lines` events in words, reported in [`RunReport::event_log`]
+    /// (`cargo sim --trace`). Changes nothing else about the run, its hash included.
+    pub fn keep_event_log(&mut self, lines: usize) {
+        self.event_log = Some(EventLog::new(lines));
+    }
+
+    /// Adds a line to the event log, if one is kept (the text is made only then).
+    fn note(&mut self, what: impl FnOnce(&World) -> String) {
+        if self.event_log.is_some() {
+            let line = format!("{:>11.6}s {}", self.now as f64 / 1e6, what(self));
+            if let Some(log) = &mut self.event_log {
+                log.push(line);
+            }
+        }
+    }
+
+    /// A frame in words, senders by actor name.
+    fn describe(&self, frame: &[u8]) -> String {
+        describe_frame(frame, &|d| {
+            self.actors
+                .iter()
+                .find(|a| a.device == d && matches!(a.machine, Machine::Node(..)))
+                .map(|a| a.name.clone())
+        })
+    }
+
     /// Runs to the end and reports. A panic inside any actor (or a batch the simulated disk
     /// refuses) ends the run as a `no-panic` failure at the time it happened, so that it is
     /// reported with its seed and replay line like any other, and a sweep goes on.
@@ -1510,6 +1594,7 @@ impl World {
             offered: self.offered,
             lost_uncommitted: self.lost_uncommitted,
             crl,
+            event_log: self.event_log.map(EventLog::into_lines).unwrap_or_default(),
         }
     }
 

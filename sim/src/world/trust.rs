@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use sund_model::gateway::{AdminCommand, GatewayInput};
+use sund_model::gateway::{AdminAnswer, AdminCommand, GatewayInput};
 use sund_model::ids::DeviceId;
 use sund_model::trust::handshake::{Initiator, Responder};
 use sund_model::wire::Opcode;
@@ -48,8 +48,10 @@ pub struct CrlReport {
 /// What the world remembers of revocations.
 #[derive(Debug, Default)]
 pub(super) struct Revocations {
-    /// Revoked devices and when their gateway revoked them.
+    /// Revoked devices and when their gateway's revocation became durable.
     revoked: BTreeMap<DeviceId, u64>,
+    /// The next admin request id.
+    next_request: u64,
     /// When the newest CRL version was issued.
     latest: Option<(u64, u64)>,
     /// Per device: the newest CRL version it took, and when.
@@ -66,21 +68,29 @@ impl World {
         for x in self.resolve(target) {
             let device = self.actors[x as usize].device;
             let home = self.actors[x as usize].home;
-            let before = self.crl_version_at(home);
+            self.revocations.next_request += 1;
+            let request = self.revocations.next_request;
             self.with_gateway(home, |g, now| {
                 let command = AdminCommand::RevokeDevice(device);
-                g.handle(
-                    now,
-                    GatewayInput::Admin {
-                        request: 0,
-                        command,
-                    },
-                )
+                g.handle(now, GatewayInput::Admin { request, command })
             });
-            let after = self.crl_version_at(home);
-            if after > before {
-                self.revocations.revoked.insert(device, self.now);
-                self.revocations.latest = Some((after, self.now));
+        }
+    }
+
+    /// A gateway answered an admin request. A revocation counts from its answer, which the
+    /// gateway releases only once the revocation is durable (as the operator's `revoke`
+    /// command returns only then); a gateway that crashes before never answers, and the
+    /// device was never revoked. A device that never registered cannot be revoked.
+    pub(super) fn on_admin_answer(&mut self, answer: &AdminAnswer) {
+        if let AdminAnswer::Revoked {
+            device,
+            crl_version,
+            already: false,
+        } = *answer
+        {
+            self.revocations.revoked.insert(device, self.now);
+            if self.revocations.latest.is_none_or(|(v, _)| v < crl_version) {
+                self.revocations.latest = Some((crl_version, self.now));
             }
         }
     }
@@ -90,6 +100,11 @@ impl World {
             Machine::Gateway(Some(g), _) => g.registration_authority().crl().version,
             _ => 0,
         }
+    }
+
+    /// True if `device` was revoked.
+    pub(super) fn revocations_hold(&self, device: DeviceId) -> bool {
+        self.revocations.revoked.contains_key(&device)
     }
 
     /// True if `a`'s device was revoked.
@@ -194,10 +209,15 @@ impl World {
                 continue;
             };
             if let Some(group) = g.group(c.id) {
+                // Only a member can commit a removal, and not its own: a group whose every
+                // device was revoked or is leaving stays as it is, read by nobody.
+                let committer = group.devices().keys().any(|d| {
+                    !self.revocations.revoked.contains_key(d) && !group.removals().contains(d)
+                });
                 if let Some(device) = group
                     .devices()
                     .keys()
-                    .find(|d| self.revocations.revoked.contains_key(d))
+                    .find(|d| committer && self.revocations.revoked.contains_key(d))
                 {
                     return Some(format!("{} still lists revoked device {device}", c.id));
                 }

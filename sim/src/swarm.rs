@@ -1,0 +1,513 @@
+//! Swarm runs: one seed draws a whole scenario — topology, workload and fault mix, with their
+//! rates — so that different seeds explore very different worlds (swarm testing, as
+//! TigerBeetle's VOPR does it).
+//!
+//! The generator writes ordinary DSL text, which is then parsed like any file in `scenarios/`.
+//! A failing swarm seed is therefore replayed, shared and shrunk as a plain `.sund` file; nothing
+//! about a run depends on the generator once its text exists.
+//!
+//! Each fault kind is switched on or off per seed (most seeds run a few kinds at high rates
+//! rather than every kind at low ones, which is what lets a swarm reach states a uniform mix
+//! never does). [`Generated::mix`] names the kinds a seed switched on; a swarm reports how many
+//! distinct mixes it covered.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use crate::rng::SimRng;
+
+/// ChaCha stream of the generator: independent of every stream a run draws from its seed.
+const GENERATOR_STREAM: u64 = 0x0053_5741_524d;
+
+/// What kind of world a swarm seed builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    /// Plain conversations the operator creates: delivery, resume, redelivery, dedup.
+    Plain,
+    /// MLS rooms and DMs with membership churn, key updates and leaves.
+    Mls,
+    /// Revocations (certificates, CRL propagation) in plain conversations and rooms.
+    Trust,
+    /// Any of the above, and their combinations, drawn per seed.
+    Mixed,
+}
+
+impl Family {
+    /// Every family with its command-line name.
+    pub const ALL: &'static [(&'static str, Family)] = &[
+        ("plain", Family::Plain),
+        ("mls", Family::Mls),
+        ("trust", Family::Trust),
+        ("mixed", Family::Mixed),
+    ];
+
+    /// Looks a family up by its command-line name.
+    pub fn parse(name: &str) -> Option<Family> {
+        Family::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+    }
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        Family::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .expect("every family is named")
+            .0
+    }
+}
+
+/// A scenario drawn from one swarm seed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generated {
+    /// The seed: it drew the scenario and is the scenario's own `seed` line.
+    pub seed: u64,
+    /// The family it was drawn from (for `Mixed`, the family the seed drew).
+    pub family: Family,
+    /// The scenario, as DSL text.
+    pub text: String,
+    /// The fault kinds switched on (the seed's fault mix).
+    pub mix: BTreeSet<&'static str>,
+}
+
+impl Generated {
+    /// The scenario's name (and file stem when written out).
+    pub fn name(&self) -> String {
+        format!("swarm-{}", self.seed)
+    }
+}
+
+/// Every fault kind a swarm can switch on, for coverage reports.
+pub const FAULT_KINDS: &[&str] = &[
+    "loss",
+    "duplicate",
+    "reorder",
+    "slow-links",
+    "link-fault",
+    "skew",
+    "device-disk",
+    "gateway-disk",
+    "partition",
+    "isolate",
+    "hold",
+    "disconnect",
+    "crash-device",
+    "crash-gateway",
+    "small-window",
+    "fast-timers",
+    "mls-churn",
+    "revoke",
+];
+
+struct Draw {
+    rng: SimRng,
+}
+
+impl Draw {
+    fn chance(&mut self, p: f64) -> bool {
+        self.rng.chance(p)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        self.rng.range_inclusive(lo, hi)
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.rng.index(items.len())]
+    }
+    /// A probability in percent with one decimal, between `lo` and `hi` percent.
+    fn percent(&mut self, lo: f64, hi: f64) -> String {
+        let tenths = self.range((lo * 10.0) as u64, (hi * 10.0) as u64);
+        format!("{}.{}%", tenths / 10, tenths % 10)
+    }
+}
+
+/// A user of the generated topology.
+struct User {
+    name: String,
+    devices: u64,
+}
+
+/// A conversation of the generated topology.
+struct Conv {
+    name: String,
+    mls: bool,
+    /// Indexes into the users.
+    members: Vec<usize>,
+}
+
+/// Draws the scenario of one swarm seed.
+pub fn generate(seed: u64, family: Family) -> Generated {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(GENERATOR_STREAM),
+    };
+    let family = match family {
+        Family::Mixed => *d.pick(&[Family::Plain, Family::Mls, Family::Trust]),
+        f => f,
+    };
+    let mut mix = BTreeSet::new();
+    let mut out = String::new();
+    let duration_s = d.range(8, 25);
+    let _ = writeln!(
+        out,
+        "# Drawn by `cargo sim --swarm` from seed {seed} (family {}).",
+        family.name()
+    );
+    let _ = writeln!(out, "name swarm-{seed}");
+    let _ = writeln!(out, "seed {seed}");
+    let _ = writeln!(out, "duration {duration_s}s");
+    let _ = writeln!(out, "liveness within 90s");
+    let _ = writeln!(out);
+    let _ = writeln!(out, "gateway gw");
+
+    // Topology. MLS groups are costly to simulate (every commit is real HPKE and signatures),
+    // so MLS worlds are smaller.
+    let (users_max, devices_max) = match family {
+        Family::Plain => (6, 3),
+        Family::Mls | Family::Trust | Family::Mixed => (4, 2),
+    };
+    let users: Vec<User> = (0..d.range(2, users_max))
+        .map(|i| User {
+            name: format!("u{i}"),
+            devices: d.range(1, devices_max),
+        })
+        .collect();
+    for u in &users {
+        let _ = writeln!(out, "user {} devices {}", u.name, u.devices);
+    }
+    let mut convs: Vec<Conv> = Vec::new();
+    let plain_count = match family {
+        Family::Plain => d.range(1, 3),
+        _ => d.range(0, 1),
+    };
+    let mls_count = match family {
+        Family::Plain => 0,
+        Family::Mls => d.range(1, 2),
+        _ => d.range(0, 1),
+    };
+    let mls_count = if plain_count + mls_count == 0 {
+        1
+    } else {
+        mls_count
+    };
+    for i in 0..plain_count {
+        let members = some_users(&mut d, users.len());
+        convs.push(Conv {
+            name: format!("c{i}"),
+            mls: false,
+            members,
+        });
+    }
+    for i in 0..mls_count {
+        let dm = d.chance(0.4);
+        let members = if dm {
+            let a = d.rng.index(users.len());
+            let b = (a + 1 + d.rng.index(users.len() - 1)) % users.len();
+            vec![a, b]
+        } else {
+            some_users(&mut d, users.len())
+        };
+        convs.push(Conv {
+            name: format!("{}{i}", if dm { "dm" } else { "room" }),
+            mls: true,
+            members,
+        });
+    }
+    for c in &convs {
+        let members: Vec<&str> = c.members.iter().map(|&u| users[u].name.as_str()).collect();
+        let kind = match (c.mls, c.name.starts_with("dm")) {
+            (false, _) => "",
+            (true, true) => " kind dm",
+            (true, false) => " kind room",
+        };
+        let _ = writeln!(
+            out,
+            "conversation {}{kind} members {}",
+            c.name,
+            members.join(" ")
+        );
+    }
+    let _ = writeln!(out);
+
+    // Network, disks, clocks, tunables.
+    let mut network = String::new();
+    let slow = d.chance(0.25);
+    if slow {
+        mix.insert("slow-links");
+        let lo = d.range(5, 40);
+        let _ = write!(network, " latency {lo}ms..{}ms", lo + d.range(10, 150));
+    } else {
+        let lo = d.range(1, 5);
+        let _ = write!(network, " latency {lo}ms..{}ms", lo + d.range(0, 20));
+    }
+    if d.chance(0.5) {
+        mix.insert("loss");
+        let p = if d.chance(0.3) {
+            d.percent(5.0, 20.0)
+        } else {
+            d.percent(0.1, 3.0)
+        };
+        let _ = write!(network, " loss {p}");
+    }
+    if d.chance(0.4) {
+        mix.insert("duplicate");
+        let p = d.percent(0.1, 5.0);
+        let _ = write!(network, " duplicate {p}");
+    }
+    if d.chance(0.4) {
+        mix.insert("reorder");
+        let p = d.percent(0.5, 10.0);
+        let _ = write!(network, " reorder {p}");
+    }
+    let _ = writeln!(out, "network{network}");
+    if d.chance(0.6) {
+        mix.insert("gateway-disk");
+        let ms = *d.pick(&[0u64, 2, 5, 20, 50]);
+        let _ = writeln!(out, "disk gw commit {ms}ms");
+    }
+    // Devices commit in 0 ms unless told otherwise, which hides every bug of acknowledging
+    // before a write is durable: most seeds give some devices a real commit latency.
+    if d.chance(0.7) {
+        mix.insert("device-disk");
+        for u in &users {
+            if d.chance(0.7) {
+                let ms = *d.pick(&[1u64, 2, 5, 10, 30]);
+                let _ = writeln!(out, "disk {} commit {ms}ms", u.name);
+            }
+        }
+    }
+    if d.chance(0.3) {
+        mix.insert("skew");
+        for u in &users {
+            if d.chance(0.5) {
+                let sign = if d.chance(0.5) { '+' } else { '-' };
+                let ms = d.range(1, 2_000);
+                let _ = writeln!(out, "skew {}/0 {sign}{ms}ms", u.name);
+            }
+        }
+    }
+    let small_window = d.chance(0.25);
+    if small_window {
+        mix.insert("small-window");
+        let _ = writeln!(out, "config window {}", d.range(1, 4));
+    }
+    if d.chance(0.25) {
+        mix.insert("fast-timers");
+        let _ = writeln!(out, "config resend-after {}ms", d.range(200, 1_500));
+        let _ = writeln!(out, "config redeliver-after {}ms", d.range(200, 1_500));
+    }
+    let _ = writeln!(out);
+
+    // Workload: every conversation carries traffic from some of its members.
+    for c in &convs {
+        let senders = 1 + d.rng.index(c.members.len());
+        for &u in c.members.iter().take(senders) {
+            let user = &users[u];
+            let from = if user.devices > 1 && d.chance(0.5) {
+                format!("{}/{}", user.name, d.range(0, user.devices - 1))
+            } else {
+                user.name.clone()
+            };
+            // A small window or slow links bound a device's delivery rate (a window per round
+            // trip, and a lost frame stalls it until redelivery): faster workloads than this
+            // cannot converge within the liveness bound however correct the protocol is.
+            let period = if c.mls {
+                d.range(150, 1_000)
+            } else if small_window || slow {
+                d.range(250, 1_000)
+            } else {
+                d.range(30, 600)
+            };
+            let _ = writeln!(out, "send {} from {from} every {period}ms", c.name);
+        }
+    }
+    let _ = writeln!(out);
+
+    // Faults over time: each kind on or off for this seed, then a few episodes of it.
+    let end_ms = duration_s * 1_000;
+    let episode = |d: &mut Draw, longest_ms: u64| -> (u64, u64) {
+        let start = d.range(500, end_ms.saturating_sub(1_000).max(600));
+        let stop = (start + d.range(100, longest_ms)).min(end_ms - 100);
+        (start, stop.max(start + 1))
+    };
+    let any_device = |d: &mut Draw| -> String {
+        let u = &users[d.rng.index(users.len())];
+        format!("{}/{}", u.name, d.range(0, u.devices - 1))
+    };
+    let any_user_or_device = |d: &mut Draw| -> String {
+        if d.chance(0.5) {
+            users[d.rng.index(users.len())].name.clone()
+        } else {
+            any_device(d)
+        }
+    };
+    if d.chance(0.4) {
+        mix.insert("partition");
+        for _ in 0..d.range(1, 4) {
+            let target = any_user_or_device(&mut d);
+            let (a, b) = episode(&mut d, 8_000);
+            let _ = writeln!(out, "at {a}ms partition {target} gw");
+            let _ = writeln!(out, "at {b}ms heal {target} gw");
+        }
+    }
+    if d.chance(0.2) {
+        mix.insert("isolate");
+        let (a, b) = episode(&mut d, 5_000);
+        let _ = writeln!(out, "at {a}ms isolate gw");
+        let _ = writeln!(out, "at {b}ms rejoin gw");
+    }
+    if d.chance(0.3) {
+        mix.insert("hold");
+        for _ in 0..d.range(1, 3) {
+            let target = any_user_or_device(&mut d);
+            let (a, b) = episode(&mut d, 4_000);
+            let _ = writeln!(out, "at {a}ms hold {target} gw");
+            let _ = writeln!(out, "at {b}ms release {target} gw");
+        }
+    }
+    if d.chance(0.4) {
+        mix.insert("disconnect");
+        let period = *d.pick(&[20u64, 100, 500, 2_000]);
+        let _ = writeln!(
+            out,
+            "every {period}ms start 1s jitter {period}ms disconnect random-device"
+        );
+    }
+    if d.chance(0.35) {
+        mix.insert("crash-device");
+        for _ in 0..d.range(1, 4) {
+            let target = any_device(&mut d);
+            let (a, b) = episode(&mut d, 3_000);
+            let _ = writeln!(out, "at {a}ms crash {target}");
+            let _ = writeln!(out, "at {b}ms restart {target}");
+        }
+    }
+    if d.chance(0.3) {
+        mix.insert("crash-gateway");
+        for _ in 0..d.range(1, 3) {
+            let (a, b) = episode(&mut d, 2_000);
+            let _ = writeln!(out, "at {a}ms crash gw");
+            let _ = writeln!(out, "at {b}ms restart gw");
+        }
+    }
+    if d.chance(0.25) {
+        mix.insert("link-fault");
+        let target = any_user_or_device(&mut d);
+        let (a, b) = episode(&mut d, 6_000);
+        let p = d.percent(20.0, 60.0);
+        let _ = writeln!(out, "at {a}ms link {target} gw loss {p}");
+        let _ = writeln!(out, "at {b}ms link {target} gw loss 0%");
+    }
+    let mls_convs: Vec<&Conv> = convs.iter().filter(|c| c.mls).collect();
+    if !mls_convs.is_empty() && d.chance(0.7) {
+        mix.insert("mls-churn");
+        for c in &mls_convs {
+            let owner = &users[c.members[0]].name;
+            let period = d.range(2, 6);
+            let _ = writeln!(
+                out,
+                "every {period}s start 2s commit {} from random-device update",
+                c.name
+            );
+            if d.chance(0.6) {
+                let period = d.range(3, 8);
+                let _ = writeln!(
+                    out,
+                    "every {period}s start 3s commit {} from {owner}/0 remove",
+                    c.name
+                );
+                let _ = writeln!(
+                    out,
+                    "every {period}s start {}s commit {} from {owner}/0 add",
+                    3 + d.range(1, 2),
+                    c.name
+                );
+            }
+            if d.chance(0.3) {
+                let leaver = &users[*c.members.last().expect("two members")];
+                let period = d.range(5, 12);
+                let _ = writeln!(
+                    out,
+                    "every {period}s start 4s commit {} from {}/0 leave",
+                    c.name, leaver.name
+                );
+            }
+        }
+    }
+    let revokes = family == Family::Trust;
+    if revokes {
+        mix.insert("revoke");
+        for _ in 0..d.range(1, 2) {
+            let target = any_device(&mut d);
+            let at = d.range(2_000, end_ms - 1_000);
+            let _ = writeln!(out, "at {at}ms revoke {target}");
+        }
+    }
+    let _ = writeln!(out);
+    let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
+    if !mls_convs.is_empty() {
+        checks.extend(["epoch-agreement", "decrypt"]);
+    }
+    if revokes {
+        checks.extend(["revoked-never-authenticates", "crl-converge"]);
+    }
+    let _ = writeln!(out, "check {}", checks.join(" "));
+    debug_assert!(mix.iter().all(|k| FAULT_KINDS.contains(k)));
+    Generated {
+        seed,
+        family,
+        text: out,
+        mix,
+    }
+}
+
+/// Indexes of at least two distinct users (all of them when there are two).
+fn some_users(d: &mut Draw, users: usize) -> Vec<usize> {
+    let want = d.range(2, users as u64) as usize;
+    let mut all: Vec<usize> = (0..users).collect();
+    // A partial Fisher–Yates shuffle from the generator's stream.
+    for i in 0..want {
+        let j = i + d.rng.index(users - i);
+        all.swap(i, j);
+    }
+    let mut chosen = all[..want].to_vec();
+    chosen.sort_unstable();
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario;
+
+    #[test]
+    fn every_family_draws_scenarios_that_parse() {
+        for &(_, family) in Family::ALL {
+            for seed in 0..200 {
+                let g = generate(seed, family);
+                let parsed = scenario::parse(&g.name(), &g.text);
+                assert!(parsed.is_ok(), "{}\n{}", parsed.unwrap_err(), g.text);
+                assert_eq!(parsed.unwrap().seed, seed);
+            }
+        }
+    }
+
+    #[test]
+    fn one_seed_draws_one_scenario_and_seeds_differ() {
+        assert_eq!(generate(7, Family::Mixed), generate(7, Family::Mixed));
+        assert_ne!(
+            generate(7, Family::Mixed).text,
+            generate(8, Family::Mixed).text
+        );
+    }
+
+    #[test]
+    fn a_swarm_covers_many_fault_mixes() {
+        let mixes: BTreeSet<_> = (0..200).map(|s| generate(s, Family::Mixed).mix).collect();
+        assert!(mixes.len() > 150, "only {} distinct mixes", mixes.len());
+        let kinds: BTreeSet<_> = (0..200)
+            .flat_map(|s| generate(s, Family::Mixed).mix)
+            .collect();
+        assert_eq!(kinds.len(), FAULT_KINDS.len(), "every kind is drawn");
+    }
+}
