@@ -26,6 +26,7 @@ pub mod identity;
 pub mod ids;
 pub mod mls;
 pub mod node;
+pub mod planted;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod time;

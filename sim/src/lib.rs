@@ -17,6 +17,7 @@ pub mod network;
 pub mod rng;
 pub mod runner;
 pub mod scenario;
+pub mod shrink;
 pub mod swarm;
 pub mod trace;
 pub mod world;

@@ -6,12 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use sund_model::planted::PlantedBug;
 use sund_sim::runner::{self, Options, RunError, SwarmOptions};
 use sund_sim::scenario::parse_duration;
 use sund_sim::swarm::Family;
 
 const USAGE: &str = "\
 usage: cargo sim [SCENARIO...] [--seed N | --seeds A..B] [--check-determinism] [--json] [--trace N] [--list]
+       cargo sim SCENARIO [--seed N] --shrink
        cargo sim --swarm N [--family NAME] [--first-seed S] [--time-budget T] [--check-determinism] [--json]
 
 Runs scenario files (default: every *.sund file in scenarios/) in the deterministic simulator.
@@ -22,9 +24,14 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
   --seeds A..B          run every seed from A to B inclusive (a sweep), with a progress line
   --check-determinism   run each (scenario, seed) twice and fail if the trace hashes differ
   --json                print one JSON object per run on stdout
+  --plant BUG           plant a known protocol bug in every gateway and device, to show
+                        that runs find it: gateway-ack-before-commit, dedup-forgets,
+                        node-ack-before-durable, resume-off-by-one
   --trace N             for a failing run, print its last N events in words (frames with
                         their opcode, conversation and seq; commits; faults; application events)
   --list                list the scenarios and exit
+  --shrink              reduce a failing scenario (one file, its seed or --seed) to a smaller
+                        one that breaks the same invariant; written to target/shrunk/
   --swarm N             run N swarm seeds; a failing seed's scenario is written to
                         target/swarm/swarm-SEED.sund and its replay command printed
   --family NAME         what the swarm draws: plain, mls, trust or mixed (default mixed)
@@ -52,6 +59,7 @@ fn real_main() -> Result<ExitCode, RunError> {
     let mut options = Options::default();
     let mut paths: Vec<PathBuf> = Vec::new();
     let mut list = false;
+    let mut shrink = false;
     let mut swarm: Option<SwarmOptions> = None;
     let mut family = Family::Mixed;
     let mut first_seed = 1;
@@ -81,6 +89,19 @@ fn real_main() -> Result<ExitCode, RunError> {
             }
             "--check-determinism" => options.check_determinism = true,
             "--json" => options.json = true,
+            "--plant" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| RunError::Usage("--plant needs a bug's name".into()))?;
+                let bug = PlantedBug::parse(&value).ok_or_else(|| {
+                    let known: Vec<&str> = PlantedBug::ALL.iter().map(|(n, _)| *n).collect();
+                    RunError::Usage(format!(
+                        "unknown planted bug `{value}`: use one of {}",
+                        known.join(", ")
+                    ))
+                })?;
+                options.plant = Some(bug);
+            }
             "--trace" => {
                 let value = args.next().ok_or_else(|| {
                     RunError::Usage("--trace needs a number of events to show".into())
@@ -91,6 +112,7 @@ fn real_main() -> Result<ExitCode, RunError> {
                 options.trace = Some(lines);
             }
             "--list" => list = true,
+            "--shrink" => shrink = true,
             "--swarm" => {
                 let value = args
                     .next()
@@ -107,6 +129,7 @@ fn real_main() -> Result<ExitCode, RunError> {
                     json: false,
                     check_determinism: false,
                     trace: None,
+                    plant: None,
                 });
             }
             "--family" => {
@@ -155,7 +178,11 @@ fn real_main() -> Result<ExitCode, RunError> {
         swarm.json = options.json;
         swarm.check_determinism = options.check_determinism;
         swarm.trace = options.trace;
+        swarm.plant = options.plant;
         return run_swarm(&swarm);
+    }
+    if shrink {
+        return run_shrink(&paths, &options);
     }
     if paths.is_empty() {
         paths.push(default_scenarios_dir());
@@ -187,6 +214,68 @@ fn real_main() -> Result<ExitCode, RunError> {
         ExitCode::from(1)
     })
 }
+
+/// Most runs one shrink may spend.
+const SHRINK_RUNS_MAX: u64 = 3_000;
+
+fn run_shrink(paths: &[PathBuf], options: &Options) -> Result<ExitCode, RunError> {
+    let [path] = paths else {
+        return Err(RunError::Usage(
+            "--shrink takes exactly one scenario file".into(),
+        ));
+    };
+    if options.seeds.is_some_and(|(a, b)| a != b) {
+        return Err(RunError::Usage(
+            "--shrink takes one seed (--seed N), not a range".into(),
+        ));
+    }
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path) // deterministic: read before any run starts
+        .map_err(|e| RunError::Scenario(format!("cannot read {file}: {e}")))?;
+    let mut text = text;
+    if let Some(bug) = options.plant {
+        text.push_str(&format!("plant {bug}\n"));
+    }
+    let scenario =
+        sund_sim::scenario::parse(&file, &text).map_err(|e| RunError::Scenario(e.to_string()))?;
+    let seed = options.seeds.map_or(scenario.seed, |(a, _)| a);
+    eprintln!("shrinking {file} with seed {seed} (at most {SHRINK_RUNS_MAX} runs)");
+    let shrunk =
+        sund_sim::shrink::shrink(&file, &text, seed, SHRINK_RUNS_MAX, &mut |left, runs| {
+            eprintln!("  {left} statements still fail ({runs} runs)");
+        });
+    let shrunk = match shrunk {
+        Ok(s) => s,
+        Err(sund_sim::shrink::ShrinkError::Passes { file, seed }) => {
+            eprintln!("{file} with seed {seed} passes: there is no failure to shrink");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(RunError::Scenario(e.to_string())),
+    };
+    let stem = path
+        .file_stem()
+        .map_or("scenario".into(), |s| s.to_string_lossy().into_owned());
+    let out = format!("{SHRUNK_DIR}/{stem}-shrunk.sund");
+    // deterministic: written after the runs, for replay; never read by a run
+    let written =
+        std::fs::create_dir_all(SHRUNK_DIR).and_then(|()| std::fs::write(&out, &shrunk.text));
+    print!("{}", shrunk.text);
+    match written {
+        Ok(()) => println!(
+            "shrunk: `{}` still fails with {} of {} statements ({} runs{}); written to {out}\n  replay: cargo sim {out}",
+            shrunk.invariant.name(),
+            shrunk.statements_after,
+            shrunk.statements_before,
+            shrunk.runs,
+            if shrunk.budget_spent { ", budget spent" } else { "" }
+        ),
+        Err(e) => println!("shrunk, but cannot write {out}: {e}"),
+    }
+    Ok(ExitCode::from(1))
+}
+
+/// Where a shrunk scenario is written.
+const SHRUNK_DIR: &str = "target/shrunk";
 
 /// Where a failing swarm seed's scenario is written.
 const SWARM_DIR: &str = "target/swarm";

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::scenario::{self, Scenario};
 use crate::swarm::{self, Family, Generated};
 use crate::world::{Outcome, RunReport, World};
+use sund_model::planted::PlantedBug;
 
 /// What the command line asked for.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +24,8 @@ pub struct Options {
     pub json: bool,
     /// Keep the newest this many events of each run in words, printed if it fails.
     pub trace: Option<usize>,
+    /// Plant this bug in every run (as the scenario statement `plant NAME` does).
+    pub plant: Option<PlantedBug>,
 }
 
 /// Errors that end the command with exit code 2.
@@ -174,7 +177,12 @@ pub fn run_all(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<Summary, RunError> {
-    let parsed = parse_all(scenarios)?;
+    let mut parsed = parse_all(scenarios)?;
+    if let Some(bug) = options.plant {
+        for s in &mut parsed {
+            s.planted = Some(bug);
+        }
+    }
     // Refuse scenarios this build cannot run before running any.
     for s in &parsed {
         World::new(s.clone(), s.seed).map_err(|e| RunError::Scenario(e.to_string()))?;
@@ -392,6 +400,8 @@ pub struct SwarmOptions {
     pub check_determinism: bool,
     /// As [`Options::trace`].
     pub trace: Option<usize>,
+    /// As [`Options::plant`]: written into each drawn scenario as `plant NAME`.
+    pub plant: Option<PlantedBug>,
 }
 
 /// What a swarm covered and found.
@@ -430,7 +440,10 @@ pub fn run_swarm(
             s.skipped = last - seed;
             break;
         }
-        let generated = swarm::generate(seed, options.family);
+        let mut generated = swarm::generate(seed, options.family);
+        if let Some(bug) = options.plant {
+            generated.text.push_str(&format!("plant {bug}\n"));
+        }
         let file = format!("{}/{}.sund", options.out_dir, generated.name());
         let scenario = scenario::parse(&file, &generated.text).map_err(|e| {
             RunError::Scenario(format!(

@@ -10,6 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use sund_model::mls::group_ops::GroupKind;
+use sund_model::planted::PlantedBug;
 
 use crate::network::LinkProfile;
 
@@ -386,6 +387,9 @@ pub struct Scenario {
     pub schedule: Vec<Scheduled>,
     /// Invariants to check.
     pub invariants: BTreeSet<Invariant>,
+    /// A deliberate protocol bug planted in every gateway and device (`plant NAME`), to show
+    /// that the simulator finds it; `None` in every scenario CI runs as a check.
+    pub planted: Option<PlantedBug>,
 }
 
 // ---------------------------------------------------------------- lexing
@@ -726,6 +730,7 @@ struct Builder {
     workloads: Vec<(Workload, String, usize, usize)>,
     schedule: Vec<PendingAction>,
     invariants: BTreeSet<Invariant>,
+    planted: Option<PlantedBug>,
 }
 
 /// Parses and resolves a scenario. `file` is used in error messages and as the default name.
@@ -746,6 +751,7 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ScenarioError> {
         workloads: Vec::new(),
         schedule: Vec::new(),
         invariants: BTreeSet::new(),
+        planted: None,
     };
     let mut last_line = 1;
     for (index, raw) in text.lines().enumerate() {
@@ -868,6 +874,21 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             let s = line.signed_duration_us("a clock offset")?;
             b.skews.push((t, col, s, span));
         }
+        "plant" => {
+            let name = line.next("a planted bug")?;
+            let bug = PlantedBug::parse(name.text).ok_or_else(|| {
+                let known: Vec<&str> = PlantedBug::ALL.iter().map(|(n, _)| *n).collect();
+                line.error_at(
+                    name.column,
+                    format!(
+                        "unknown planted bug `{}`; expected one of: {}",
+                        name.text,
+                        known.join(", ")
+                    ),
+                )
+            })?;
+            b.planted = Some(bug);
+        }
         "config" => {
             let key = line.next("a tunable")?;
             match key.text {
@@ -959,7 +980,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown statement `{other}`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check"),
+                format!("unknown statement `{other}`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant"),
             ))
         }
     }
@@ -1280,5 +1301,6 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         workloads,
         schedule,
         invariants,
+        planted: b.planted,
     })
 }

@@ -259,6 +259,8 @@ impl World {
             ..GatewayConfig::default()
         };
         let mut node_template = NodeConfig::new(DeviceKey::from_seed([0; 32]));
+        gateway_config.planted = scenario.planted;
+        node_template.planted = scenario.planted;
         if let Some(h) = t.heartbeat {
             gateway_config.heartbeat_interval = h;
             node_template.heartbeat_interval = h;
@@ -678,9 +680,11 @@ impl World {
         loop {
             let actor = &mut self.actors[a as usize];
             let mut eager = Vec::new();
+            let mut gateway_eager = Vec::new();
             let (writes, held) = match &mut actor.machine {
                 Machine::Gateway(Some(g), _) => match g.poll_ready() {
-                    Some(r) => {
+                    Some(mut r) => {
+                        gateway_eager = r.take_eager();
                         let (w, h) = r.split();
                         (w, HeldKind::Gateway(h))
                     }
@@ -699,6 +703,9 @@ impl World {
             // Eager outputs leave now, ahead of the commit that holds the rest.
             for output in eager {
                 self.node_output(a, output);
+            }
+            for output in gateway_eager {
+                self.gateway_output(a, output);
             }
             let actor = &mut self.actors[a as usize];
             // Group commit: a batch is durable `commit_latency` after it is handed over, but

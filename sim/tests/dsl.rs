@@ -89,7 +89,7 @@ fn the_name_defaults_to_the_file_stem() {
 #[test]
 fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("duration 5 seconds\n"), @"bad.sund:1:10: expected a duration like `250ms`, `5s`, `2m`, found `5`");
-    insta::assert_snapshot!(error("gateway gw\n  frobnicate x\n"), @"bad.sund:2:3: unknown statement `frobnicate`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check");
+    insta::assert_snapshot!(error("gateway gw\n  frobnicate x\n"), @"bad.sund:2:3: unknown statement `frobnicate`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant");
     insta::assert_snapshot!(error("network latency 5ms..1ms\n"), @"bad.sund:1:17: expected a latency range like `1ms..5ms` (low <= high), found `5ms..1ms`");
     insta::assert_snapshot!(error("network loss 150%\n"), @"bad.sund:1:14: expected a loss probability like `5%` or `0.05` (between 0 and 1), found `150%`");
     insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, disconnect, crash, restart, network, link, revoke, handover, commit");
@@ -144,4 +144,9 @@ fn the_mission_scenarios_are_expressible() {
             }
         }
     }
+}
+
+#[test]
+fn an_unknown_planted_bug_is_named_with_the_ones_there_are() {
+    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one");
 }

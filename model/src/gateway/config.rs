@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::delivery::DeliveryLimits;
 use super::key_packages::DirectoryConfig;
+use crate::planted::PlantedBug;
 use crate::wire::PAYLOAD_BYTES_MAX;
 
 /// Tunables of a gateway. Every queue and timer has a named bound here.
@@ -45,6 +46,9 @@ pub struct GatewayConfig {
     pub resume_token_ttl: Duration,
     /// Limits of the KeyPackage directory.
     pub directory: DirectoryConfig,
+    /// A deliberate bug, planted by the simulator only (see [`crate::planted`]); `None` in
+    /// every real gateway.
+    pub planted: Option<PlantedBug>,
 }
 
 impl Default for GatewayConfig {
@@ -65,6 +69,7 @@ impl Default for GatewayConfig {
             domain: "localhost".into(),
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
             directory: DirectoryConfig::default(),
+            planted: None,
         }
     }
 }
@@ -78,6 +83,7 @@ impl GatewayConfig {
             dedup_retention: self.dedup_retention,
             gc_batch_max: self.gc_batch_max,
             gc_backlog_interval: self.gc_backlog_interval,
+            resume_off_by_one: self.planted == Some(PlantedBug::ResumeOffByOne),
         }
     }
 }

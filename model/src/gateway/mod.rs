@@ -44,6 +44,7 @@ use crate::effects::Effects;
 use crate::env::{Entropy, Ready, StoreError, StoreRead};
 use crate::identity::{session_proof_message, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
+use crate::planted::PlantedBug;
 use crate::time::Instant;
 use crate::timers::{TimerName, TimerTable};
 use crate::trust::{RegistrationAuthority, TrustRoot};
@@ -793,6 +794,10 @@ impl Gateway {
             self.refuse(conn, refusal);
             return;
         }
+        if self.config.planted == Some(PlantedBug::DedupForgets) {
+            // Planted by the simulator: never in a real gateway.
+            self.delivery.forget_old_duplicate(conv, device, msg_id);
+        }
         let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
         let body = send.body;
         let plain = self.delivery.contains(conv) && !self.groups.contains(conv);
@@ -868,7 +873,13 @@ impl Gateway {
         let ack = crate::wire::payload::SendAck {
             msg_id: msg_id.to_bytes(),
         };
-        self.fx.send(conn, routing, Payload::SendAck(ack));
+        if self.config.planted == Some(PlantedBug::GatewayAckBeforeCommit) {
+            // Planted by the simulator: never in a real gateway.
+            let frame = crate::wire::Frame::new(routing, Payload::SendAck(ack)).encode();
+            self.fx.eager(GatewayOutput::Send(conn, frame));
+        } else {
+            self.fx.send(conn, routing, Payload::SendAck(ack));
+        }
         self.delivery
             .pump_members(now, conv, &self.sessions, &mut self.fx);
     }

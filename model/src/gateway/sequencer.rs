@@ -375,6 +375,19 @@ impl ConversationLog {
         self.dedup.get(&(sender, msg_id)).map(|r| r.seq)
     }
 
+    /// Planted bug [`crate::planted::PlantedBug::DedupForgets`] (simulator only): forgets the
+    /// duplicate record of a message once two newer ones are sequenced after it.
+    pub fn forget_old_duplicate(&mut self, sender: DeviceId, msg_id: MsgId) {
+        let head = self.head();
+        if self
+            .dedup
+            .get(&(sender, msg_id))
+            .is_some_and(|r| r.seq + 2 <= head)
+        {
+            self.dedup.remove(&(sender, msg_id));
+        }
+    }
+
     /// Adds a member (a commit added its device) and the write that persists it.
     pub fn add_member(&mut self, device: DeviceId, batch: &mut WriteBatch) {
         if self.members.insert(device) {

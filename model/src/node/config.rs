@@ -51,6 +51,9 @@ pub struct NodeConfig {
     /// ([`crate::node::Node::taken`]), and deliver untaken ones again when the node starts: for
     /// an application that shows messages where a crash loses them (see `node::unread`).
     pub hold_until_taken: bool,
+    /// A deliberate bug, planted by the simulator only (see [`crate::planted`]); `None` in
+    /// every real device.
+    pub planted: Option<crate::planted::PlantedBug>,
 }
 
 impl NodeConfig {
@@ -74,6 +77,7 @@ impl NodeConfig {
             enrolment: None,
             pairing_voucher: None,
             hold_until_taken: false,
+            planted: None,
         }
     }
 

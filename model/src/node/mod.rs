@@ -714,7 +714,13 @@ impl Node {
             seq,
             ..Routing::default()
         };
-        self.fx.send(conn, routing, Payload::Ack(Ack {}));
+        if self.config.planted == Some(crate::planted::PlantedBug::NodeAckBeforeDurable) {
+            // Planted by the simulator: never in a real device.
+            let frame = Frame::new(routing, Payload::Ack(Ack {})).encode();
+            self.fx.eager(NodeOutput::Send(conn, frame));
+        } else {
+            self.fx.send(conn, routing, Payload::Ack(Ack {}));
+        }
     }
 
     /// The gateway no longer holds anything before `first_available`: report the gap and move

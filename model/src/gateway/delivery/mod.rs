@@ -162,6 +162,8 @@ pub struct DeliveryLimits {
     pub gc_batch_max: usize,
     /// How soon the next GC step runs while a step left a backlog.
     pub gc_backlog_interval: Duration,
+    /// Planted bug [`crate::planted::PlantedBug::ResumeOffByOne`] (simulator only).
+    pub resume_off_by_one: bool,
 }
 
 /// Counters of the delivery sub-machine.
@@ -736,7 +738,10 @@ impl Delivery {
         for conv in convs {
             let head = self.conversations[&conv].head();
             let stored = self.cursor(device, conv);
-            let acked = presented.get(&conv).copied().unwrap_or(stored).min(head);
+            let mut acked = presented.get(&conv).copied().unwrap_or(stored).min(head);
+            if self.limits.resume_off_by_one && acked < head {
+                acked += 1; // planted by the simulator: never in a real gateway
+            }
             if acked > stored {
                 self.store_cursor(device, conv, acked, writes);
             }
@@ -768,6 +773,14 @@ impl Delivery {
             .collect();
         for (conv, acked) in departing {
             self.depart_if_done(now, conn, device, conv, acked, groups.get(conv), fx);
+        }
+    }
+
+    /// Planted bug [`crate::planted::PlantedBug::DedupForgets`] (simulator only): forgets the
+    /// duplicate record of `msg_id` once two newer messages are sequenced after it.
+    pub fn forget_old_duplicate(&mut self, conv: ConversationId, device: DeviceId, msg_id: MsgId) {
+        if let Some(log) = self.conversations.get_mut(&conv) {
+            log.forget_old_duplicate(device, msg_id);
         }
     }
 
