@@ -367,6 +367,14 @@ impl Node {
 
     /// A commit at `seq` removed this device from `conv`.
     pub(super) fn on_removed(&mut self, now: Instant, conv: ConversationId, seq: u64) {
+        // A removal this device has read past is news of an earlier membership, overtaken by
+        // the Welcome of a later one (the gateway sends the two back to back, and frames may
+        // overtake each other): applying it would throw the current membership away, and with
+        // it what arrives next (found by the simulator's swarm). A removed device never reads
+        // up to the commit that removed it, so a current notice is always ahead of the cursor.
+        if seq <= self.inbox.cursor(conv) {
+            return;
+        }
         let Some(m) = &mut self.mls else {
             return;
         };

@@ -9,7 +9,7 @@ use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::*;
 
 use super::{
-    device_of, devices_by_leaf, drawn, mls_error, verify_leaf, DeviceGroups, GroupAction,
+    device_of, devices_by_leaf, drawn, mls_error, verify_added_leaf, DeviceGroups, GroupAction,
     GroupEntry, GroupError, GroupStatus, Intent, MlsStep, Processed, NODE_SENT_TABLE,
 };
 use crate::env::WriteBatch;
@@ -233,14 +233,15 @@ impl DeviceGroups {
                     .collect();
                 let declared_added: BTreeSet<DeviceId> =
                     ops.added_devices().map(|(d, _)| d).collect();
-                // Every device added must be certified, bound to its MLS key, unrevoked, and of
-                // the user the commit declares.
+                // Every device added must be certified, bound to its MLS key and of the user the
+                // commit declares; one revoked since the commit was made passes (see
+                // `verify_added_leaf`).
                 let declared_users: BTreeMap<DeviceId, UserId> = ops.added_devices().collect();
                 for p in staged.add_proposals() {
                     let leaf = p.add_proposal().key_package().leaf_node();
                     let device = device_of(leaf.credential());
                     let checked =
-                        verify_leaf(mls, leaf.credential(), leaf.signature_key().as_slice());
+                        verify_added_leaf(mls, leaf.credential(), leaf.signature_key().as_slice());
                     let refusal = match (device, checked) {
                         (_, Err(e)) => Some(e),
                         (Some(d), Ok(Some(user))) if declared_users.get(&d) != Some(&user) => {

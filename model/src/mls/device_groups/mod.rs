@@ -402,6 +402,24 @@ fn verify_leaf(
     mls.verify_member(basic.identity(), signature_key)
 }
 
+/// As [`verify_leaf`], but a revoked certificate passes (every other check stays): the check
+/// a member makes of the devices another member's commit adds. The committer checked them
+/// against its own CRL, and the gateway against the newest, when the commit was sequenced;
+/// a device revoked since is in the group until a member commits the removal the gateway
+/// proposes for it, and can open no session meanwhile. Refusing the commit instead would cut
+/// this member off from the group for good (found by the simulator's swarm). A committer
+/// that adds a device it knows to be revoked is a malicious member, who could hand the
+/// group's secrets out anyway.
+fn verify_added_leaf(
+    mls: &DeviceMls,
+    credential: &Credential,
+    signature_key: &[u8],
+) -> Result<Option<UserId>, String> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| "a credential that is not a basic credential".to_string())?;
+    mls.verify_member_at_join(basic.identity(), signature_key)
+}
+
 impl DeviceGroups {
     /// Loads every group entry, the MLS groups behind them, and our unsent plaintexts.
     pub fn recover(
