@@ -6,8 +6,11 @@
 //! QUIC, which retransmits inside a connection: here a lost frame is gone and the protocol must
 //! recover it (resend, redelivery, replay). Partitions (`partition`/`heal`) drop frames on a cut
 //! pair, also frames already in flight; `hold`/`release` queue them instead. A connection attempt
-//! across a cut or to a crashed gateway fails after `connect_timeout`. Not modelled: bandwidth,
-//! congestion, MTU, the QUIC handshake's own packets.
+//! across a cut or to a crashed gateway fails after `connect_timeout`. `block` cuts one direction
+//! only (frames from A to B are dropped, B to A flow; a connection needs both). A link may have
+//! a bandwidth: its frames then leave one after another, each taking its size over the rate,
+//! before their latency (a queue per direction, without limit or loss). Not modelled:
+//! congestion control, MTU, the QUIC handshake's own packets.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,6 +34,8 @@ pub struct LinkProfile {
     pub duplicate: f64,
     /// Probability a frame may overtake earlier ones.
     pub reorder: f64,
+    /// Bits per second a direction of the link carries; 0: no limit.
+    pub bandwidth_bps: u64,
 }
 
 impl Default for LinkProfile {
@@ -41,6 +46,7 @@ impl Default for LinkProfile {
             loss: 0.0,
             duplicate: 0.0,
             reorder: 0.0,
+            bandwidth_bps: 0,
         }
     }
 }
@@ -91,6 +97,10 @@ pub struct Network {
     default_profile: LinkProfile,
     pair_profiles: BTreeMap<(ActorIndex, ActorIndex), LinkProfile>,
     cut: BTreeSet<(ActorIndex, ActorIndex)>,
+    /// One-way cuts: frames from the first to the second are dropped.
+    blocked: BTreeSet<(ActorIndex, ActorIndex)>,
+    /// Per direction of a link with a bandwidth: when its last queued frame has left.
+    busy_until_us: BTreeMap<(ActorIndex, ActorIndex), u64>,
     isolated: BTreeSet<ActorIndex>,
     holding: BTreeSet<(ActorIndex, ActorIndex)>,
     held: BTreeMap<(ActorIndex, ActorIndex), Vec<Arrival>>,
@@ -113,6 +123,8 @@ impl Network {
             default_profile: profile,
             pair_profiles: BTreeMap::new(),
             cut: BTreeSet::new(),
+            blocked: BTreeSet::new(),
+            busy_until_us: BTreeMap::new(),
             isolated: BTreeSet::new(),
             holding: BTreeSet::new(),
             held: BTreeMap::new(),
@@ -161,6 +173,16 @@ impl Network {
         self.cut.remove(&pair(a, b));
     }
 
+    /// Cuts one direction: frames from `from` to `to` are dropped until `unblock`.
+    pub fn block(&mut self, from: ActorIndex, to: ActorIndex) {
+        self.blocked.insert((from, to));
+    }
+
+    /// Restores a blocked direction.
+    pub fn unblock(&mut self, from: ActorIndex, to: ActorIndex) {
+        self.blocked.remove(&(from, to));
+    }
+
     /// Cuts an actor from everyone.
     pub fn isolate(&mut self, a: ActorIndex) {
         self.isolated.insert(a);
@@ -174,6 +196,7 @@ impl Network {
     /// Heals every cut and restores every link profile to the default with no faults.
     pub fn heal_all(&mut self) {
         self.cut.clear();
+        self.blocked.clear();
         self.isolated.clear();
         self.pair_profiles.clear();
         self.default_profile.loss = 0.0;
@@ -181,9 +204,18 @@ impl Network {
         self.default_profile.reorder = 0.0;
     }
 
-    /// True if frames between `a` and `b` are dropped.
+    /// True if frames between `a` and `b` are dropped in either direction (no connection can
+    /// open across it).
     pub fn is_cut(&self, a: ActorIndex, b: ActorIndex) -> bool {
-        self.isolated.contains(&a) || self.isolated.contains(&b) || self.cut.contains(&pair(a, b))
+        self.drops(a, b) || self.drops(b, a)
+    }
+
+    /// True if frames from `from` to `to` are dropped.
+    pub fn drops(&self, from: ActorIndex, to: ActorIndex) -> bool {
+        self.isolated.contains(&from)
+            || self.isolated.contains(&to)
+            || self.cut.contains(&pair(from, to))
+            || self.blocked.contains(&(from, to))
     }
 
     /// Queues frames between a pair until `release`.
@@ -262,7 +294,7 @@ impl Network {
         }
         c.open = false;
         let peer = if c.node == by { c.gateway } else { c.node };
-        if self.is_cut(by, peer) {
+        if self.drops(by, peer) {
             return None;
         }
         Some((peer, now_us + self.latency(by, peer)))
@@ -312,7 +344,7 @@ impl Network {
             self.held.entry(pair(from, to)).or_default().push(arrival);
             return out;
         }
-        if self.is_cut(from, to) {
+        if self.drops(from, to) {
             self.stats.cut += 1;
             return out;
         }
@@ -338,7 +370,16 @@ impl Network {
     ) {
         let to = arrival.to;
         let profile = self.profile(from, to);
-        let mut at = now_us + self.latency(from, to);
+        let mut departs = now_us;
+        if profile.bandwidth_bps > 0 {
+            // One frame after another: each takes its size over the rate to leave.
+            let bits = arrival.frame.len() as u64 * 8;
+            let transmit_us = (bits * 1_000_000).div_ceil(profile.bandwidth_bps);
+            let free = self.busy_until_us.get(&(from, to)).copied().unwrap_or(0);
+            departs = now_us.max(free) + transmit_us;
+            self.busy_until_us.insert((from, to), departs);
+        }
+        let mut at = departs + self.latency(from, to);
         let reorder = self.rng.chance(profile.reorder);
         let Some(c) = self.conns.get_mut(&arrival.conn) else {
             return;

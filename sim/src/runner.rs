@@ -56,6 +56,8 @@ struct JsonRun<'a> {
     events: u64,
     sim_time_ms: u64,
     wall_ms: u64,
+    /// Events processed per second of wall time (the kernel's speed on this scenario).
+    events_per_s: u64,
     result: &'a str,
     violated_invariant: Option<&'a str>,
     detail: Option<&'a str>,
@@ -269,6 +271,9 @@ fn write_report(
             events: r.events,
             sim_time_ms: r.sim_time_ms,
             wall_ms,
+            events_per_s: (r.events * 1000)
+                .checked_div(wall_ms)
+                .unwrap_or(r.events * 1000),
             result,
             violated_invariant: violation.map(|v| v.invariant.name()),
             detail: violation.map(|v| v.detail.as_str()).or(nondeterminism),

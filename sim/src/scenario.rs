@@ -83,6 +83,8 @@ pub struct ProfilePatch {
     pub duplicate: Option<f64>,
     /// Reordering probability.
     pub reorder: Option<f64>,
+    /// Bits per second per direction (0: no limit).
+    pub bandwidth_bps: Option<u64>,
 }
 
 impl ProfilePatch {
@@ -100,6 +102,9 @@ impl ProfilePatch {
         }
         if let Some(x) = self.reorder {
             p.reorder = x;
+        }
+        if let Some(x) = self.bandwidth_bps {
+            p.bandwidth_bps = x;
         }
         p
     }
@@ -151,6 +156,24 @@ pub enum Action {
     Handover(String, String),
     /// An MLS commit by a member.
     Commit(String, Target, CommitKind),
+    /// Cut one direction: frames from the first set to the second are dropped.
+    Block(Target, Target),
+    /// Undo `block`.
+    Unblock(Target, Target),
+    /// The set's disks stop completing commits (a slow disk that stalls).
+    StallDisk(Target),
+    /// Undo `stall-disk`: what waited completes.
+    ResumeDisk(Target),
+    /// The set's disks are full: the next commit with writes fails, and the actor stops (as a
+    /// real driver drops its machine and refuses connections) until `free-disk`.
+    FillDisk(Target),
+    /// Undo `fill-disk`: a stopped actor starts again from what is durable.
+    FreeDisk(Target),
+    /// The wall clock of the set jumps by this many microseconds; a running process keeps its
+    /// monotonic time and reads the jump when it next starts.
+    ClockJump(Target, i64),
+    /// The set's clocks run this many parts per million fast (or slow) from now on.
+    Drift(Target, i64),
 }
 
 impl Action {
@@ -171,6 +194,14 @@ impl Action {
             Action::Revoke(_) => "revoke",
             Action::Handover(..) => "handover",
             Action::Commit(..) => "commit",
+            Action::Block(..) => "block",
+            Action::Unblock(..) => "unblock",
+            Action::StallDisk(_) => "stall-disk",
+            Action::ResumeDisk(_) => "resume-disk",
+            Action::FillDisk(_) => "fill-disk",
+            Action::FreeDisk(_) => "free-disk",
+            Action::ClockJump(..) => "clock",
+            Action::Drift(..) => "drift",
         }
     }
 }
@@ -622,6 +653,37 @@ impl<'a> Line<'a> {
         Ok((target, t.column))
     }
 
+    /// `unlimited`, or bits per second: `64kbit`, `10mbit`, `1gbit`, `9600bit`.
+    fn bandwidth(&mut self) -> Result<u64, ScenarioError> {
+        let what = "a bandwidth (`unlimited`, or bits per second like `64kbit`, `10mbit`)";
+        let t = self.next(what)?;
+        if t.text == "unlimited" {
+            return Ok(0);
+        }
+        let rate = parse_bandwidth(t.text).ok_or_else(|| {
+            self.error_at(t.column, format!("expected {what}, found `{}`", t.text))
+        })?;
+        Ok(rate)
+    }
+
+    /// A per-million rate with its sign: `+200ppm`, `-50ppm`, `0ppm`.
+    fn ppm(&mut self) -> Result<i64, ScenarioError> {
+        let what = "a clock rate like `+200ppm` or `-50ppm`";
+        let t = self.next(what)?;
+        let value = t
+            .text
+            .strip_suffix("ppm")
+            .and_then(|n| n.strip_prefix('+').unwrap_or(n).parse::<i64>().ok())
+            .filter(|v| v.abs() <= 100_000)
+            .ok_or_else(|| {
+                self.error_at(
+                    t.column,
+                    format!("expected {what} (at most 100000), found `{}`", t.text),
+                )
+            })?;
+        Ok(value)
+    }
+
     fn profile_patch(&mut self) -> Result<ProfilePatch, ScenarioError> {
         let mut patch = ProfilePatch::default();
         let mut any = false;
@@ -643,11 +705,15 @@ impl<'a> Line<'a> {
                     self.pos += 1;
                     patch.reorder = Some(self.probability("a reordering probability")?);
                 }
+                "bandwidth" => {
+                    self.pos += 1;
+                    patch.bandwidth_bps = Some(self.bandwidth()?);
+                }
                 other => {
                     return Err(self.error_at(
                         t.column,
                         format!(
-                            "expected `latency`, `loss`, `duplicate` or `reorder`, found `{other}`"
+                            "expected `latency`, `loss`, `duplicate`, `reorder` or `bandwidth`, found `{other}`"
                         ),
                     ))
                 }
@@ -657,7 +723,7 @@ impl<'a> Line<'a> {
         if !any {
             return Err(self.error_at(
                 self.end_column,
-                "expected `latency`, `loss`, `duplicate` or `reorder`, found end of line".into(),
+                "expected `latency`, `loss`, `duplicate`, `reorder` or `bandwidth`, found end of line".into(),
             ));
         }
         Ok(patch)
@@ -666,6 +732,21 @@ impl<'a> Line<'a> {
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Parses a bandwidth in bits per second: `9600bit`, `64kbit`, `10mbit`, `1gbit` (positive).
+pub fn parse_bandwidth(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let scale = match unit {
+        "bit" => 1,
+        "kbit" => 1_000,
+        "mbit" => 1_000_000,
+        "gbit" => 1_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(scale).filter(|&bps| bps > 0)
 }
 
 /// Parses `250us`, `10ms`, `1.5s`, `2m`, `1h`.
@@ -1023,6 +1104,20 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
             Action::Link(a, c, line.profile_patch()?)
         }
         "revoke" => Action::Revoke(one(line, &mut targets)?),
+        "block" => Action::Block(one(line, &mut targets)?, one(line, &mut targets)?),
+        "unblock" => Action::Unblock(one(line, &mut targets)?, one(line, &mut targets)?),
+        "stall-disk" => Action::StallDisk(one(line, &mut targets)?),
+        "resume-disk" => Action::ResumeDisk(one(line, &mut targets)?),
+        "fill-disk" => Action::FillDisk(one(line, &mut targets)?),
+        "free-disk" => Action::FreeDisk(one(line, &mut targets)?),
+        "clock" => {
+            let t = one(line, &mut targets)?;
+            Action::ClockJump(t, line.signed_duration_us("a clock jump")?)
+        }
+        "drift" => {
+            let t = one(line, &mut targets)?;
+            Action::Drift(t, line.ppm()?)
+        }
         "handover" => {
             let col = line.peek().map_or(line.end_column, |t| t.column);
             let conv = line.name("a conversation name")?;
@@ -1052,7 +1147,7 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, disconnect, crash, restart, network, link, revoke, handover, commit"),
+                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, clock, drift, network, link, revoke, handover, commit"),
             ))
         }
     };
@@ -1246,6 +1341,8 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             | Action::Heal(a, c)
             | Action::Hold(a, c)
             | Action::Release(a, c)
+            | Action::Block(a, c)
+            | Action::Unblock(a, c)
             | Action::Link(a, c, _) => {
                 f(a)?;
                 f(c)?;
@@ -1255,6 +1352,12 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             | Action::Disconnect(a)
             | Action::Crash(a)
             | Action::Restart(a)
+            | Action::StallDisk(a)
+            | Action::ResumeDisk(a)
+            | Action::FillDisk(a)
+            | Action::FreeDisk(a)
+            | Action::ClockJump(a, _)
+            | Action::Drift(a, _)
             | Action::Revoke(a) => f(a)?,
             Action::Handover(_, g) => {
                 let mut t = Target::Gateway(g.clone());

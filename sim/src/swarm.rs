@@ -99,6 +99,12 @@ pub const FAULT_KINDS: &[&str] = &[
     "fast-timers",
     "mls-churn",
     "revoke",
+    "disk-stall",
+    "disk-full",
+    "one-way",
+    "clock-drift",
+    "clock-jump",
+    "bandwidth",
 ];
 
 struct Draw {
@@ -397,6 +403,77 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         let p = d.percent(20.0, 60.0);
         let _ = writeln!(out, "at {a}ms link {target} gw loss {p}");
         let _ = writeln!(out, "at {b}ms link {target} gw loss 0%");
+    }
+    if d.chance(0.25) {
+        mix.insert("disk-stall");
+        for _ in 0..d.range(1, 3) {
+            let target = if d.chance(0.4) {
+                "gw".to_string()
+            } else {
+                any_device(&mut d)
+            };
+            let (a, b) = episode(&mut d, 4_000);
+            let _ = writeln!(out, "at {a}ms stall-disk {target}");
+            let _ = writeln!(out, "at {b}ms resume-disk {target}");
+        }
+    }
+    if d.chance(0.2) {
+        mix.insert("disk-full");
+        for _ in 0..d.range(1, 2) {
+            let target = if d.chance(0.4) {
+                "gw".to_string()
+            } else {
+                any_device(&mut d)
+            };
+            let (a, b) = episode(&mut d, 4_000);
+            let _ = writeln!(out, "at {a}ms fill-disk {target}");
+            let _ = writeln!(out, "at {b}ms free-disk {target}");
+        }
+    }
+    if d.chance(0.25) {
+        mix.insert("one-way");
+        for _ in 0..d.range(1, 3) {
+            let target = any_user_or_device(&mut d);
+            let (a, b) = episode(&mut d, 6_000);
+            let (from, to) = if d.chance(0.5) {
+                (target.as_str(), "gw")
+            } else {
+                ("gw", target.as_str())
+            };
+            let _ = writeln!(out, "at {a}ms block {from} {to}");
+            let _ = writeln!(out, "at {b}ms unblock {from} {to}");
+        }
+    }
+    if d.chance(0.2) {
+        mix.insert("clock-drift");
+        for u in &users {
+            if d.chance(0.5) {
+                let sign = if d.chance(0.5) { '+' } else { '-' };
+                let _ = writeln!(out, "at 0s drift {} {sign}{}ppm", u.name, d.range(1, 2_000));
+            }
+        }
+    }
+    if d.chance(0.2) {
+        mix.insert("clock-jump");
+        // A jump shows when the process next starts: each comes with a restart.
+        for _ in 0..d.range(1, 2) {
+            let target = if d.chance(0.3) {
+                "gw".to_string()
+            } else {
+                any_device(&mut d)
+            };
+            let (a, b) = episode(&mut d, 2_000);
+            let sign = if d.chance(0.5) { '+' } else { '-' };
+            let _ = writeln!(out, "at {a}ms clock {target} {sign}{}ms", d.range(1, 5_000));
+            let _ = writeln!(out, "at {a}ms crash {target}");
+            let _ = writeln!(out, "at {b}ms restart {target}");
+        }
+    }
+    if d.chance(0.15) {
+        mix.insert("bandwidth");
+        let target = any_user_or_device(&mut d);
+        let kbit = *d.pick(&[64u64, 256, 1_000, 4_000]);
+        let _ = writeln!(out, "link {target} gw bandwidth {kbit}kbit");
     }
     let mls_convs: Vec<&Conv> = convs.iter().filter(|c| c.mls).collect();
     if !mls_convs.is_empty() && d.chance(0.7) {

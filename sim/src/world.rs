@@ -200,6 +200,17 @@ struct Actor {
     killed_conns: Vec<u64>,
     /// Gateways: conversation heads in memory at the last crash.
     heads_at_crash: BTreeMap<ConversationId, u64>,
+    /// Disk faults: commits wait while stalled; a commit with writes fails while full.
+    disk_stalled: bool,
+    disk_full: bool,
+    /// Stopped by a commit that failed on a full disk; starts again at `free-disk`.
+    stopped_by_full_disk: bool,
+    /// Clock rate error, parts per million, counted from `drift_since_us` (virtual time); what
+    /// earlier rates added is folded into `skew_us`.
+    drift_ppm: i64,
+    drift_since_us: u64,
+    /// A wall-clock jump the process reads at its next start.
+    pending_jump_us: i64,
     /// Nodes: their home gateway and connection in progress.
     home: ActorIndex,
     connecting: Option<u64>,
@@ -236,6 +247,14 @@ pub struct World {
     revocations: trust::Revocations,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
+}
+
+/// What a clock `ppm` parts per million off adds over `elapsed_us` (signed, truncated).
+fn drift_us(ppm: i64, elapsed_us: u64) -> i64 {
+    if ppm == 0 {
+        return 0;
+    }
+    ((ppm as i128 * elapsed_us as i128) / 1_000_000) as i64
 }
 
 fn us(d: Duration) -> u64 {
@@ -306,6 +325,12 @@ impl World {
                 up: false,
                 skew_us: 0,
                 commit_latency_us: 1_000,
+                disk_stalled: false,
+                disk_full: false,
+                stopped_by_full_disk: false,
+                drift_ppm: 0,
+                drift_since_us: 0,
+                pending_jump_us: 0,
                 wake_at: None,
                 entropy_base: actor_rng.derive(),
                 killed_conns: Vec::new(),
@@ -342,6 +367,12 @@ impl World {
                     up: false,
                     skew_us: 0,
                     commit_latency_us: 0,
+                    disk_stalled: false,
+                    disk_full: false,
+                    stopped_by_full_disk: false,
+                    drift_ppm: 0,
+                    drift_since_us: 0,
+                    pending_jump_us: 0,
                     wake_at: None,
                     entropy_base,
                     killed_conns: Vec::new(),
@@ -567,13 +598,43 @@ impl World {
     }
 
     fn local_now(&self, actor: ActorIndex) -> Instant {
-        let skew = self.actors[actor as usize].skew_us;
-        Instant((self.now as i64).saturating_add(skew).max(0) as u64)
+        Instant(self.local_at(actor, self.now))
+    }
+
+    /// The actor's clock at virtual time `t`: its offset, plus what its rate error added
+    /// since the rate was set.
+    fn local_at(&self, actor: ActorIndex, t: u64) -> u64 {
+        let a = &self.actors[actor as usize];
+        (t as i64)
+            .saturating_add(a.skew_us)
+            .saturating_add(drift_us(a.drift_ppm, t.saturating_sub(a.drift_since_us)))
+            .max(0) as u64
+    }
+
+    /// The earliest virtual time at which the actor's clock reads `local` (never before now).
+    fn virtual_at(&self, actor: ActorIndex, local: u64) -> u64 {
+        let a = &self.actors[actor as usize];
+        let since = a.drift_since_us;
+        // Invert t + skew + ppm * (t - since) / 1e6, then step to the first tick that reaches it.
+        let base = (local as i64).saturating_sub(a.skew_us) as i128 - since as i128;
+        let guess = since as i128 + base * 1_000_000 / (1_000_000 + a.drift_ppm as i128);
+        let mut t = guess.clamp(self.now as i128, u64::MAX as i128) as u64;
+        while self.local_at(actor, t) < local {
+            t += 1;
+        }
+        while t > self.now && self.local_at(actor, t - 1) >= local {
+            t -= 1;
+        }
+        t
     }
 
     // ------------------------------------------------------------ actor life cycle
 
     fn start_actor(&mut self, a: ActorIndex) {
+        // A process reads the wall clock when it starts: a jump made while it ran (or was
+        // down) shows now, and its monotonic time goes on from there.
+        let jump = std::mem::take(&mut self.actors[a as usize].pending_jump_us);
+        self.actors[a as usize].skew_us += jump;
         let now = self.local_now(a);
         let actor = &mut self.actors[a as usize];
         debug_assert!(!actor.up, "starting an actor that is up");
@@ -600,6 +661,7 @@ impl World {
                 *slot = Some(Box::new(n));
             }
         }
+
         if let Some(heads) = recovered_heads {
             if actor.incarnation > 1 {
                 for (conv, before) in std::mem::take(&mut actor.heads_at_crash) {
@@ -613,7 +675,7 @@ impl World {
             // packet (a QUIC stateless reset): tell them after one latency.
             for conn in std::mem::take(&mut self.actors[a as usize].killed_conns) {
                 if let Some((node, _)) = self.network.ends(conn) {
-                    if self.actors[node as usize].up && !self.network.is_cut(node, a) {
+                    if self.actors[node as usize].up && !self.network.drops(a, node) {
                         let at = self.now + self.network.default_profile().latency_us_max;
                         let incarnation = self.actors[node as usize].incarnation;
                         self.push(
@@ -627,6 +689,9 @@ impl World {
                     }
                 }
             }
+        }
+        if !self.is_gateway(a) && self.actors[a as usize].incarnation > 1 {
+            self.recreate_lost_groups(a);
         }
         self.after_step(a);
     }
@@ -652,6 +717,55 @@ impl World {
                 actor.killed_conns = conns;
             }
             Machine::Node(slot, _) => *slot = None,
+        }
+    }
+
+    /// A commit failed on a full disk: nothing it held is released. The actor stops as a real
+    /// driver does (it drops its machine and closes its connections, so peers hear at once)
+    /// and starts again from what is durable when the disk is freed.
+    fn storage_failed(&mut self, a: ActorIndex) {
+        self.trace
+            .record(Record::Fault, self.now, a, b"storage-failed");
+        self.note(|w| {
+            format!(
+                "{}'s commit failed: its disk is full; it stops until the disk is freed",
+                w.actors[a as usize].name
+            )
+        });
+        *self.faults.entry("storage-failed").or_default() += 1;
+        for conn in self.network.connections_of(a) {
+            self.close(a, conn);
+        }
+        self.network.collect_closed();
+        self.crash_actor(a);
+        self.actors[a as usize].stopped_by_full_disk = true;
+    }
+
+    /// A stalled disk resumes: what waited completes now (in order, behind nothing).
+    fn resume_disk(&mut self, a: ActorIndex) {
+        let actor = &mut self.actors[a as usize];
+        if !actor.disk_stalled {
+            return;
+        }
+        actor.disk_stalled = false;
+        if actor.up && !actor.pending.is_empty() {
+            let incarnation = actor.incarnation;
+            self.push(
+                self.now,
+                EventKind::CommitDone {
+                    actor: a,
+                    incarnation,
+                },
+            );
+        }
+    }
+
+    /// A full disk has room again: an actor it stopped starts from what is durable.
+    fn free_disk(&mut self, a: ActorIndex) {
+        let actor = &mut self.actors[a as usize];
+        actor.disk_full = false;
+        if std::mem::take(&mut actor.stopped_by_full_disk) && !actor.up {
+            self.start_actor(a);
         }
     }
 
@@ -719,7 +833,7 @@ impl World {
             } else {
                 last.max(self.now + actor.commit_latency_us)
             };
-            if done_at == self.now && actor.pending.is_empty() {
+            if done_at == self.now && actor.pending.is_empty() && !actor.disk_stalled {
                 self.commit_and_release(a, writes, held);
             } else {
                 actor.pending.push_back(PendingCommit {
@@ -747,7 +861,12 @@ impl World {
             _ => None,
         };
         if let Some(local) = deadline {
-            let at = ((local.0 as i64).saturating_sub(actor.skew_us).max(0) as u64).max(self.now);
+            let at = if actor.drift_ppm == 0 {
+                ((local.0 as i64).saturating_sub(actor.skew_us).max(0) as u64).max(self.now)
+            } else {
+                self.virtual_at(a, local.0)
+            };
+            let actor = &self.actors[a as usize];
             if actor.wake_at.is_none_or(|w| at < w) {
                 let incarnation = actor.incarnation;
                 self.actors[a as usize].wake_at = Some(at);
@@ -763,6 +882,10 @@ impl World {
     }
 
     fn commit_and_release(&mut self, a: ActorIndex, writes: WriteBatch, held: HeldKind) {
+        if self.actors[a as usize].disk_full && !writes.is_empty() {
+            self.storage_failed(a);
+            return;
+        }
         let ops = writes.len() as u32;
         // The delivery cursors this batch makes durable, checked once its events are out.
         let cursors: Vec<(ConversationId, u64)> = match held {
@@ -968,6 +1091,7 @@ impl World {
                 sender,
                 msg_id,
                 epoch,
+                removed,
                 ..
             } => {
                 record.push(7);
@@ -975,6 +1099,7 @@ impl World {
                 record.extend_from_slice(&seq.to_le_bytes());
                 record.extend_from_slice(&epoch.to_le_bytes());
                 self.checker.on_commit_applied();
+                self.checker.on_group_changed(*conversation, *seq, removed);
                 self.checker
                     .on_delivered(self.now, a, name, *conversation, *seq, *sender, *msg_id);
             }
@@ -988,7 +1113,7 @@ impl World {
             }
             NodeEvent::RemovedFrom { conversation, seq } => {
                 self.checker
-                    .on_removed(self.now, a, name, *conversation, *seq);
+                    .on_removed(self.now, a, device, name, *conversation, *seq);
                 record.push(9);
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&seq.to_le_bytes());
@@ -1097,7 +1222,7 @@ impl World {
                     return;
                 }
                 let from = self.network.peer_of(arrival.conn, to).unwrap_or(to);
-                if self.network.is_cut(from, to) {
+                if self.network.drops(from, to) {
                     return; // in flight when the link was cut
                 }
                 let mut data = Vec::with_capacity(8 + arrival.frame.len());
@@ -1198,8 +1323,9 @@ impl World {
             EventKind::CommitDone { actor, incarnation } => {
                 if !self.actors[actor as usize].up
                     || self.actors[actor as usize].incarnation != incarnation
+                    || self.actors[actor as usize].disk_stalled
                 {
-                    return;
+                    return; // a stalled disk completes what waits when it resumes
                 }
                 while let Some(front) = self.actors[actor as usize].pending.front() {
                     if front.done_at > self.now {
@@ -1393,6 +1519,55 @@ impl World {
                 }
             }
             Action::Commit(conv, who, kind) => self.commit_action(conv, who, *kind),
+            Action::Block(a, b) => {
+                for x in self.resolve(a) {
+                    for y in self.resolve(b) {
+                        self.network.block(x, y);
+                    }
+                }
+            }
+            Action::Unblock(a, b) => {
+                for x in self.resolve(a) {
+                    for y in self.resolve(b) {
+                        self.network.unblock(x, y);
+                    }
+                }
+            }
+            Action::StallDisk(t) => {
+                for x in self.resolve(t) {
+                    self.actors[x as usize].disk_stalled = true;
+                }
+            }
+            Action::ResumeDisk(t) => {
+                for x in self.resolve(t) {
+                    self.resume_disk(x);
+                }
+            }
+            Action::FillDisk(t) => {
+                for x in self.resolve(t) {
+                    self.actors[x as usize].disk_full = true;
+                }
+            }
+            Action::FreeDisk(t) => {
+                for x in self.resolve(t) {
+                    self.free_disk(x);
+                }
+            }
+            Action::ClockJump(t, jump) => {
+                for x in self.resolve(t) {
+                    self.actors[x as usize].pending_jump_us += jump;
+                }
+            }
+            Action::Drift(t, ppm) => {
+                for x in self.resolve(t) {
+                    let now = self.now;
+                    let a = &mut self.actors[x as usize];
+                    // Fold what the old rate added into the offset: the clock stays continuous.
+                    a.skew_us += drift_us(a.drift_ppm, now.saturating_sub(a.drift_since_us));
+                    a.drift_since_us = now;
+                    a.drift_ppm = *ppm;
+                }
+            }
             Action::Revoke(t) => self.revoke_action(t),
             Action::Handover(..) => unreachable!("rejected by check_supported"),
         }
@@ -1400,6 +1575,10 @@ impl World {
 
     fn heal_all(&mut self) {
         self.network.heal_all();
+        for a in 0..self.actors.len() as ActorIndex {
+            self.resume_disk(a);
+            self.free_disk(a);
+        }
         for (x, y) in self.network.held_pairs() {
             for (at, arrival) in self.network.release(self.now, x, y) {
                 self.push(at, EventKind::Arrive(arrival));
@@ -1615,5 +1794,61 @@ impl World {
                 detail: format!("no events left and not converged: {why}"),
             }),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world() -> World {
+        let text = "duration 1s\ngateway gw\nuser a\nconversation c members a\n";
+        World::new(crate::scenario::parse("t.sund", text).unwrap(), 1).unwrap()
+    }
+
+    /// A wake-up is scheduled at the first virtual time the actor's own clock reaches its
+    /// deadline, whatever the clock's offset and rate.
+    #[test]
+    fn a_drifting_clock_wakes_at_the_first_moment_it_reads_its_deadline() {
+        let mut w = world();
+        let a = w.devices[0];
+        for (ppm, skew) in [
+            (50_000, 0),
+            (-30_000, 2_000_000),
+            (1, -500_000),
+            (-100_000, 0),
+        ] {
+            w.actors[a as usize].drift_ppm = ppm;
+            w.actors[a as usize].skew_us = skew;
+            w.actors[a as usize].drift_since_us = 1_000;
+            w.now = 5_000;
+            for deadline in [3_000_000u64, 7_777_777, 60_000_001] {
+                let at = w.virtual_at(a, deadline);
+                assert!(w.local_at(a, at) >= deadline, "{ppm} ppm: late enough");
+                assert!(
+                    at == w.now || w.local_at(a, at - 1) < deadline,
+                    "{ppm} ppm: not later than needed"
+                );
+            }
+            // The clock runs at its rate.
+            let elapsed = w.local_at(a, 3_001_000) - w.local_at(a, 2_001_000);
+            assert_eq!(elapsed as i64, 1_000_000 + ppm);
+        }
+    }
+
+    #[test]
+    fn a_clock_jump_shows_only_when_the_process_next_starts() {
+        let mut w = world();
+        let a = w.devices[0];
+        w.now = 10_000_000;
+        let before = w.local_now(a).0;
+        w.apply(&Action::ClockJump(
+            Target::Device("a".into(), 0),
+            -3_000_000,
+        ));
+        assert_eq!(w.local_now(a).0, before, "a running process keeps its time");
+        w.crash_actor(a);
+        w.start_actor(a);
+        assert_eq!(w.local_now(a).0 as i64, before as i64 - 3_000_000);
     }
 }

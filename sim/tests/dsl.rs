@@ -92,7 +92,7 @@ fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("gateway gw\n  frobnicate x\n"), @"bad.sund:2:3: unknown statement `frobnicate`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant");
     insta::assert_snapshot!(error("network latency 5ms..1ms\n"), @"bad.sund:1:17: expected a latency range like `1ms..5ms` (low <= high), found `5ms..1ms`");
     insta::assert_snapshot!(error("network loss 150%\n"), @"bad.sund:1:14: expected a loss probability like `5%` or `0.05` (between 0 and 1), found `150%`");
-    insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, disconnect, crash, restart, network, link, revoke, handover, commit");
+    insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, clock, drift, network, link, revoke, handover, commit");
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
     insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic");
     insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room or dm");
@@ -149,4 +149,11 @@ fn the_mission_scenarios_are_expressible() {
 #[test]
 fn an_unknown_planted_bug_is_named_with_the_ones_there_are() {
     insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one");
+}
+
+#[test]
+fn harsher_fault_values_are_checked() {
+    insta::assert_snapshot!(error("gateway gw\nnetwork bandwidth fast\n"), @"bad.sund:2:19: expected a bandwidth (`unlimited`, or bits per second like `64kbit`, `10mbit`), found `fast`");
+    insta::assert_snapshot!(error("gateway gw\nuser a\nat 1s drift a 5%\n"), @"bad.sund:3:15: expected a clock rate like `+200ppm` or `-50ppm` (at most 100000), found `5%`");
+    insta::assert_snapshot!(error("gateway gw\nuser a\nat 1s clock a soon\n"), @"bad.sund:3:15: expected a clock jump like `+250ms` or `-1s`, found `soon`");
 }

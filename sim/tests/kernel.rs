@@ -94,6 +94,7 @@ fn duplication_and_reordering_happen_at_the_configured_rates() {
         loss: 0.1,
         duplicate: 0.05,
         reorder: 0.2,
+        bandwidth_bps: 0,
     };
     let mut net = network(profile);
     let (conn, _, _) = net.connect(0, 1, 0, true).unwrap();
@@ -225,4 +226,128 @@ fn a_panic_ends_its_run_as_a_failure_at_its_time_and_repeats() {
     assert!(report.app.delivered > 0, "what came before is reported");
     assert_eq!(run_planted().trace_hash, report.trace_hash);
     assert_ne!(run(SMALL, 42).trace_hash, report.trace_hash);
+}
+
+// ---- harsher faults ----
+
+#[test]
+fn a_one_way_block_drops_one_direction_only_and_no_connection_opens_across_it() {
+    let mut net = network(LinkProfile::default());
+    let (conn, _, _) = net.connect(0, 1, 0, true).unwrap();
+    net.block(1, 0);
+    assert!(net.send(0, conn, 1, Bytes::from_static(b"up")).is_empty());
+    assert_eq!(net.send(0, conn, 0, Bytes::from_static(b"down")).len(), 1);
+    assert!(
+        net.connect(0, 1, 0, true).is_err(),
+        "a connection needs both ways"
+    );
+    net.unblock(1, 0);
+    assert_eq!(net.send(0, conn, 1, Bytes::from_static(b"up")).len(), 1);
+}
+
+#[test]
+fn a_link_with_a_bandwidth_sends_frames_one_after_another_by_their_size() {
+    let profile = LinkProfile {
+        latency_us_min: 1_000,
+        latency_us_max: 1_000,
+        bandwidth_bps: 80_000, // 10 bytes per millisecond
+        ..LinkProfile::default()
+    };
+    let mut net = network(profile);
+    let (conn, _, _) = net.connect(0, 1, 0, true).unwrap();
+    let start = 10_000_000;
+    let arrivals: Vec<u64> = (0..5)
+        .map(|_| net.send(start, conn, 1, Bytes::from(vec![0u8; 100]))[0].0)
+        .collect();
+    // 100 bytes take 10 ms to leave, then 1 ms on the wire; the next waits for the first.
+    let expected: Vec<u64> = (1..=5).map(|i| start + i * 10_000 + 1_000).collect();
+    assert_eq!(arrivals, expected);
+    // The other direction has its own queue.
+    let back = net.send(start, conn, 0, Bytes::from(vec![0u8; 100]))[0].0;
+    assert_eq!(back, start + 10_000 + 1_000);
+}
+
+fn logged(text: &str, seed: u64) -> RunReport {
+    let s = scenario::parse("test.sund", text).unwrap();
+    let mut world = World::new(s, seed).unwrap();
+    world.keep_event_log(1_000_000);
+    world.run()
+}
+
+fn seconds_of(line: &str) -> f64 {
+    line.split_whitespace()
+        .next()
+        .and_then(|t| t.strip_suffix('s'))
+        .and_then(|t| t.parse().ok())
+        .expect("every line starts with its time")
+}
+
+const TWO_DEVICES: &str = "
+duration 12s
+gateway gw
+user a
+user b
+conversation c members a b
+send c from all-devices every 100ms
+";
+
+#[test]
+fn a_stalled_disk_completes_no_commit_until_it_resumes_and_nothing_is_lost() {
+    let text = format!("{TWO_DEVICES}at 3s stall-disk gw\nat 6s resume-disk gw\n");
+    let report = logged(&text, 5);
+    assert_eq!(report.outcome, Outcome::Passed, "{:?}", report.outcome);
+    let gateway_commits: Vec<f64> = report
+        .event_log
+        .iter()
+        .filter(|l| l.contains(" gw commit of "))
+        .map(|l| seconds_of(l))
+        .collect();
+    assert!(gateway_commits.iter().any(|&t| t < 3.0));
+    assert!(
+        !gateway_commits.iter().any(|&t| (3.0..6.0).contains(&t)),
+        "nothing completes while stalled"
+    );
+    assert!(
+        gateway_commits.contains(&6.0),
+        "what waited completes at once"
+    );
+    assert_eq!(
+        report.app.delivered,
+        2 * report.offered,
+        "everything reaches the other device"
+    );
+}
+
+#[test]
+fn a_full_disk_stops_its_actor_and_freeing_it_starts_it_again_from_what_is_durable() {
+    let text = format!("{TWO_DEVICES}at 3s fill-disk gw\nat 6s free-disk gw\nat 4s fill-disk a\nat 8s free-disk a\n");
+    let report = logged(&text, 5);
+    assert_eq!(report.outcome, Outcome::Passed, "{:?}", report.outcome);
+    assert_eq!(
+        report.faults.get("storage-failed"),
+        Some(&2),
+        "{:?}",
+        report.faults
+    );
+    let failed: Vec<&String> = report
+        .event_log
+        .iter()
+        .filter(|l| l.contains("its disk is full"))
+        .collect();
+    assert_eq!(failed.len(), 2);
+    assert!(failed[0].contains("gw's commit failed") && seconds_of(failed[0]) >= 3.0);
+    assert!(failed[1].contains("a/0's commit failed") && seconds_of(failed[1]) >= 4.0);
+    // Whatever was acknowledged survived: every accepted message reached the other device.
+    assert!(report.app.accepted > 0);
+    assert!(report.app.delivered >= report.app.accepted);
+}
+
+#[test]
+fn drifting_and_jumping_clocks_do_not_break_delivery() {
+    let text = format!(
+        "{TWO_DEVICES}at 0s drift a +50000ppm\nat 0s drift gw -20000ppm\nat 4s clock b -3s\nat 4s crash b\nat 5s restart b\nat 7s drift a 0ppm\n"
+    );
+    let report = run(&text, 9);
+    assert_eq!(report.outcome, Outcome::Passed, "{:?}", report.outcome);
+    assert_eq!(report.faults.get("drift"), Some(&3));
 }

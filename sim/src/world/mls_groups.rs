@@ -177,6 +177,37 @@ impl World {
         }
     }
 
+    /// A creator that restarted without the group it was creating (the commit that wrote it
+    /// was lost with a crash or a full disk) creates it again, as a person whose command
+    /// failed would.
+    pub(super) fn recreate_lost_groups(&mut self, device: ActorIndex) {
+        // The node holds every group it ever told the gateway of (a creating commit leaves
+        // only once the group is durable), so its own store says whether the creation was lost.
+        let lost: Vec<usize> = self
+            .conversations
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.kind.is_some()
+                    && c.members[0] == device
+                    && c.id != ConversationId(0)
+                    && self
+                        .node(device)
+                        .and_then(|n| n.groups())
+                        .is_some_and(|g| g.entry(c.id).is_none())
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for index in lost {
+            self.push(
+                self.now + CREATE_AT_US,
+                EventKind::CreateGroup {
+                    conversation: index,
+                },
+            );
+        }
+    }
+
     /// The running gateway `device` is homed at.
     fn gateway_of(&self, device: ActorIndex) -> Option<&Gateway> {
         match &self.actors[self.actors[device as usize].home as usize].machine {
