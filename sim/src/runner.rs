@@ -58,6 +58,8 @@ struct JsonRun<'a> {
     wall_ms: u64,
     /// Events processed per second of wall time (the kernel's speed on this scenario).
     events_per_s: u64,
+    /// Time from the heal at the end of the safety phase to convergence (100 ms steps).
+    recovery_ms: Option<u64>,
     result: &'a str,
     violated_invariant: Option<&'a str>,
     detail: Option<&'a str>,
@@ -274,6 +276,7 @@ fn write_report(
             events_per_s: (r.events * 1000)
                 .checked_div(wall_ms)
                 .unwrap_or(r.events * 1000),
+            recovery_ms: r.recovery_ms,
             result,
             violated_invariant: violation.map(|v| v.invariant.name()),
             detail: violation.map(|v| v.detail.as_str()).or(nondeterminism),
@@ -316,7 +319,7 @@ fn write_report(
         };
         writeln!(
             out,
-            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}",
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}",
             r.scenario,
             r.seed,
             r.trace_hash,
@@ -349,6 +352,9 @@ fn write_report(
                 ),
                 None => String::new(),
             },
+            r.recovery_ms
+                .map(|ms| format!(" recovered {:.1}s", ms as f64 / 1000.0))
+                .unwrap_or_default(),
             if deterministic == Some(true) { " (deterministic)" } else { "" },
         )?;
     }
@@ -426,6 +432,8 @@ pub struct SwarmSummary {
     pub events: u64,
     /// Seeds not started because the time budget ran out.
     pub skipped: u64,
+    /// Each passing seed's recovery time after heal, milliseconds, with its seed.
+    pub recoveries: Vec<(u64, u64)>,
 }
 
 /// Runs a swarm: each seed draws its own scenario ([`crate::swarm`]) and runs it.
@@ -472,6 +480,9 @@ pub fn run_swarm(
         }
         let passed = report.outcome == Outcome::Passed && deterministic != Some(false);
         s.events += report.events;
+        if let Some(ms) = report.recovery_ms {
+            s.recoveries.push((ms, seed));
+        }
         *s.families.entry(generated.family.name()).or_default() += 1;
         for kind in &generated.mix {
             *s.kinds.entry(kind).or_default() += 1;
@@ -528,6 +539,18 @@ pub fn run_swarm(
             }
         );
         let _ = writeln!(out, "swarm: seeds per fault kind: {}", kinds.join(", "));
+        let mut recoveries = s.recoveries.clone();
+        recoveries.sort_unstable();
+        if let Some(&(slowest, seed)) = recoveries.last() {
+            let at = |q: f64| recoveries[((recoveries.len() - 1) as f64 * q) as usize].0;
+            let _ = writeln!(
+                out,
+                "swarm: recovery after heal: p50 {} ms, p90 {} ms, p99 {} ms, slowest {slowest} ms (seed {seed})",
+                at(0.5),
+                at(0.9),
+                at(0.99)
+            );
+        }
         let _ = writeln!(
             out,
             "sim: {} passed, {} failed",

@@ -100,6 +100,9 @@ pub struct RunReport {
     pub crl: Option<CrlReport>,
     /// The last events in words, if the run kept a log ([`World::keep_event_log`]).
     pub event_log: Vec<String>,
+    /// How long after the heal at the end of the safety phase everything had converged, to the
+    /// probe's 100 ms (`None`: it did not, or the scenario does not check convergence).
+    pub recovery_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -247,6 +250,8 @@ pub struct World {
     revocations: trust::Revocations,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
+    /// When the liveness probe found everything converged.
+    recovered_at: Option<u64>,
 }
 
 /// What a clock `ppm` parts per million off adds over `elapsed_us` (signed, truncated).
@@ -419,6 +424,7 @@ impl World {
             lost_uncommitted: 0,
             revocations: trust::Revocations::default(),
             event_log: None,
+            recovered_at: None,
             scenario,
         };
         world.setup();
@@ -1663,7 +1669,10 @@ impl World {
 
     fn probe(&mut self) {
         match self.not_converged() {
-            None => self.outcome = Some(Outcome::Passed),
+            None => {
+                self.recovered_at = Some(self.now);
+                self.outcome = Some(Outcome::Passed);
+            }
             Some(why) => {
                 if self.now + PROBE_INTERVAL_US > self.end_us {
                     let bound = self.scenario.liveness;
@@ -1781,6 +1790,9 @@ impl World {
             lost_uncommitted: self.lost_uncommitted,
             crl,
             event_log: self.event_log.map(EventLog::into_lines).unwrap_or_default(),
+            recovery_ms: self
+                .recovered_at
+                .map(|t| t.saturating_sub(self.duration_us) / 1000),
         }
     }
 
