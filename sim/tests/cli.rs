@@ -128,3 +128,108 @@ fn a_scenario_needing_a_later_feature_exits_2_and_says_so() {
         "{stderr}"
     );
 }
+
+// ---- swarms, shrinking and traces, as the README shows them ----
+
+/// Runs the command in a scratch directory of its own, where it writes `target/swarm/` and
+/// `target/shrunk/`.
+fn sim_in(dir: &str, args: &[&str]) -> (Output, PathBuf) {
+    let cwd = std::env::temp_dir().join(format!("sund-sim-cli-{}-{dir}", std::process::id()));
+    std::fs::create_dir_all(&cwd).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sund-sim"))
+        .args(args)
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    (out, cwd)
+}
+
+fn planted_example(bug: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/planted/{bug}.sund"))
+}
+
+#[test]
+fn a_swarm_reports_what_it_covered() {
+    let (out, _) = sim_in("swarm", &["--swarm", "3"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("swarm: 3 seeds ("), "{stdout}");
+    assert!(stdout.contains("distinct fault mixes"), "{stdout}");
+    assert!(
+        stdout.contains("swarm: seeds per fault kind: loss "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sim: 3 passed, 0 failed"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[1/3] swarm seed 1 ("), "{stderr}");
+}
+
+#[test]
+fn a_failing_swarm_seed_writes_its_scenario_and_the_command_that_replays_it() {
+    // Swarm seed 2 finds this planted bug (sim/tests/planted/resume-off-by-one.sund).
+    let (out, cwd) = sim_in(
+        "swarm-fail",
+        &[
+            "--swarm",
+            "1",
+            "--first-seed",
+            "2",
+            "--plant",
+            "resume-off-by-one",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("replay: cargo sim target/swarm/swarm-2.sund --seed 2"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("swarm seed 2: scenario written to target/swarm/swarm-2.sund"),
+        "{stderr}"
+    );
+    let written = std::fs::read_to_string(cwd.join("target/swarm/swarm-2.sund")).unwrap();
+    assert!(written.contains("seed 2\n") && written.contains("plant resume-off-by-one"));
+    // The written file alone replays the failure.
+    let (again, _) = sim_in("swarm-fail", &["target/swarm/swarm-2.sund"]);
+    assert_eq!(again.status.code(), Some(1));
+}
+
+#[test]
+fn shrink_writes_a_smaller_scenario_that_still_fails_and_refuses_a_passing_one() {
+    let example = planted_example("resume-off-by-one");
+    let (out, cwd) = sim_in("shrink", &[example.to_str().unwrap(), "--shrink"]);
+    assert_eq!(out.status.code(), Some(1), "a failure was found and kept");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("shrunk: `converge` still fails with"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("replay: cargo sim target/shrunk/resume-off-by-one-shrunk.sund"),
+        "{stdout}"
+    );
+    let shrunk =
+        std::fs::read_to_string(cwd.join("target/shrunk/resume-off-by-one-shrunk.sund")).unwrap();
+    assert!(shrunk.contains("plant resume-off-by-one"), "{shrunk}");
+    let passing =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/steady-delivery.sund");
+    let (passes, _) = sim_in("shrink", &[passing.to_str().unwrap(), "--shrink"]);
+    assert_eq!(passes.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&passes.stderr).contains("passes: there is no failure to shrink")
+    );
+}
+
+#[test]
+fn trace_prints_the_last_events_before_a_failure() {
+    let example = planted_example("gateway-ack-before-commit");
+    let out = sim(&[example.to_str().unwrap(), "--trace", "25"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the last 25 events up to the failure (--trace):"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("u0/0 sends on conn"), "{stderr}");
+}
