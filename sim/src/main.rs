@@ -256,9 +256,8 @@ fn run_shrink(paths: &[PathBuf], options: &Options) -> Result<ExitCode, RunError
         .file_stem()
         .map_or("scenario".into(), |s| s.to_string_lossy().into_owned());
     let out = format!("{SHRUNK_DIR}/{stem}-shrunk.sund");
-    // deterministic: written after the runs, for replay; never read by a run
-    let written =
-        std::fs::create_dir_all(SHRUNK_DIR).and_then(|()| std::fs::write(&out, &shrunk.text));
+    let written = std::fs::create_dir_all(SHRUNK_DIR) // deterministic: after the runs, for replay
+        .and_then(|()| std::fs::write(&out, &shrunk.text)); // deterministic: never read by a run
     print!("{}", shrunk.text);
     match written {
         Ok(()) => println!(
@@ -283,9 +282,8 @@ const SWARM_DIR: &str = "target/swarm";
 fn run_swarm(options: &SwarmOptions) -> Result<ExitCode, RunError> {
     let result = runner::run_swarm(options, &mut std::io::stdout(), &mut std::io::stderr())?;
     for (file, generated) in &result.failures {
-        // deterministic: written after the runs, for replay; never read by a run
-        let written = std::fs::create_dir_all(&options.out_dir)
-            .and_then(|()| std::fs::write(file, &generated.text));
+        let written = std::fs::create_dir_all(&options.out_dir) // deterministic: after the runs
+            .and_then(|()| std::fs::write(file, &generated.text)); // deterministic: never read by a run
         match written {
             Ok(()) => eprintln!("swarm seed {}: scenario written to {file}", generated.seed),
             Err(e) => eprintln!(

@@ -174,6 +174,28 @@ fn run_once(
     Ok((report, started.elapsed().as_millis() as u64))
 }
 
+/// With `check`, runs the scenario again with the same seed: whether the trace repeated, and
+/// the report line if it did not.
+fn check_again(
+    scenario: &Scenario,
+    seed: u64,
+    report: &RunReport,
+    check: bool,
+) -> Result<(Option<bool>, Option<String>), RunError> {
+    if !check {
+        return Ok((None, None));
+    }
+    let (again, _) = run_once(scenario, seed, None)?;
+    let same = again.trace_hash == report.trace_hash && again.events == report.events;
+    let text = (!same).then(|| {
+        format!(
+            "NONDETERMINISTIC: trace {} ({} events) then {} ({} events)",
+            report.trace_hash, report.events, again.trace_hash, again.events
+        )
+    });
+    Ok((Some(same), text))
+}
+
 /// Runs every scenario for every requested seed and writes reports.
 pub fn run_all(
     scenarios: &[(String, String)],
@@ -198,19 +220,8 @@ pub fn run_all(
         let (first, last) = options.seeds.unwrap_or((s.seed, s.seed));
         for seed in first..=last {
             let (report, wall_ms) = run_once(s, seed, options.trace)?;
-            let mut deterministic = None;
-            let mut outcome_text = None;
-            if options.check_determinism {
-                let (again, _) = run_once(s, seed, None)?;
-                let same = again.trace_hash == report.trace_hash && again.events == report.events;
-                deterministic = Some(same);
-                if !same {
-                    outcome_text = Some(format!(
-                        "NONDETERMINISTIC: trace {} ({} events) then {} ({} events)",
-                        report.trace_hash, report.events, again.trace_hash, again.events
-                    ));
-                }
-            }
+            let (deterministic, outcome_text) =
+                check_again(s, seed, &report, options.check_determinism)?;
             let passed = report.outcome == Outcome::Passed && deterministic != Some(false);
             if passed {
                 summary.passed += 1;
@@ -465,19 +476,8 @@ pub fn run_swarm(
             ))
         })?;
         let (report, wall_ms) = run_once(&scenario, seed, options.trace)?;
-        let mut deterministic = None;
-        let mut nondeterminism = None;
-        if options.check_determinism {
-            let (again, _) = run_once(&scenario, seed, None)?;
-            let same = again.trace_hash == report.trace_hash && again.events == report.events;
-            deterministic = Some(same);
-            if !same {
-                nondeterminism = Some(format!(
-                    "NONDETERMINISTIC: trace {} ({} events) then {} ({} events)",
-                    report.trace_hash, report.events, again.trace_hash, again.events
-                ));
-            }
-        }
+        let (deterministic, nondeterminism) =
+            check_again(&scenario, seed, &report, options.check_determinism)?;
         let passed = report.outcome == Outcome::Passed && deterministic != Some(false);
         s.events += report.events;
         if let Some(ms) = report.recovery_ms {

@@ -397,9 +397,13 @@ fn verify_leaf(
     credential: &Credential,
     signature_key: &[u8],
 ) -> Result<Option<UserId>, String> {
-    let basic = BasicCredential::try_from(credential.clone())
-        .map_err(|_| "a credential that is not a basic credential".to_string())?;
-    mls.verify_member(basic.identity(), signature_key)
+    mls.verify_member(basic_identity(credential)?.identity(), signature_key)
+}
+
+/// A leaf's credential as the basic credential every Sund device uses.
+fn basic_identity(credential: &Credential) -> Result<BasicCredential, String> {
+    BasicCredential::try_from(credential.clone())
+        .map_err(|_| "a credential that is not a basic credential".to_string())
 }
 
 /// As [`verify_leaf`], but a revoked certificate passes (every other check stays): the check
@@ -415,9 +419,7 @@ fn verify_added_leaf(
     credential: &Credential,
     signature_key: &[u8],
 ) -> Result<Option<UserId>, String> {
-    let basic = BasicCredential::try_from(credential.clone())
-        .map_err(|_| "a credential that is not a basic credential".to_string())?;
-    mls.verify_member_at_join(basic.identity(), signature_key)
+    mls.verify_member_at_join(basic_identity(credential)?.identity(), signature_key)
 }
 
 impl DeviceGroups {
