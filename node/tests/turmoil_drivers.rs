@@ -27,7 +27,7 @@ use sund_runtime::entropy::SeededEntropy;
 use sund_runtime::environment::Simulated;
 use sund_runtime::store::RedbStore;
 use sund_runtime::tls::{certificate_pin, TlsIdentity};
-use sund_runtime::turmoil::TurmoilUdp;
+use sund_runtime::turmoil::{PacketTrace, PacketTraceSummary, TurmoilUdp};
 
 // ---- the world ----
 
@@ -54,7 +54,9 @@ fn prepare_gateway(
     rustls::pki_types::CertificateDer<'static>,
     Vec<EnrolmentToken>,
 ) {
-    let identity = TlsIdentity::load_or_create(&dir.join("tls")).unwrap();
+    // A seeded identity: the certificate's bytes, and so every handshake, repeat between runs.
+    let identity = TlsIdentity::from_seed([7; 32]).unwrap();
+    identity.save(&dir.join("tls")).unwrap();
     let mut store = RedbStore::open(&dir.join("gateway.redb")).unwrap();
     let mut gateway = Gateway::new(
         GatewayConfig::default(),
@@ -85,6 +87,8 @@ struct World {
     root: PathBuf,
     /// Device `n`'s enrolment token at index `n - 1`.
     tokens: Vec<EnrolmentToken>,
+    /// Every datagram any host of the run sends.
+    packets: PacketTrace,
 }
 
 impl World {
@@ -95,6 +99,7 @@ impl World {
         let (cert, tokens) = prepare_gateway(&gateway_dir, &keys);
         World {
             tokens,
+            packets: PacketTrace::new(),
             root: tmp.path().to_path_buf(),
             _tmp: tmp,
             gateway_dir,
@@ -104,10 +109,12 @@ impl World {
 
     fn add_gateway(&self, sim: &mut turmoil::Sim<'_>, seed: u64) {
         let dir = self.gateway_dir.clone();
+        let packets = self.packets.clone();
         sim.host("gateway", move || {
             let dir = dir.clone();
+            let packets = packets.clone();
             async move {
-                let socket = TurmoilUdp::bind(PORT, 0.0, seed).await;
+                let socket = TurmoilUdp::bind_traced(PORT, 0.0, seed, Some(packets)).await;
                 let options = GatewayOptions {
                     listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
                     environment: Arc::new(Simulated::new(socket, seed32(seed, 1), EPOCH)),
@@ -125,7 +132,8 @@ impl World {
 
     async fn node(&self, n: u8, loss: f64, seed: u64) -> NodeHandle {
         let gateway = SocketAddr::new(turmoil::lookup("gateway"), PORT);
-        let socket = TurmoilUdp::bind(0, loss, seed ^ u64::from(n)).await;
+        let socket =
+            TurmoilUdp::bind_traced(0, loss, seed ^ u64::from(n), Some(self.packets.clone())).await;
         let options = NodeOptions {
             data_dir: self.root.join(format!("node-{n}")),
             gateway,
@@ -228,8 +236,8 @@ fn sim(seed: u64, duration: Duration) -> turmoil::Sim<'static> {
 
 // ---- the runs ----
 
-/// Runs the crash scenario; returns bob's delivery times.
-fn crash_run(seed: u64) -> Vec<u128> {
+/// Runs the crash scenario; returns bob's delivery times and the digest of every datagram.
+fn crash_run(seed: u64) -> (Vec<u128>, PacketTraceSummary) {
     let world = Arc::new(World::new(2));
     let times = Arc::new(Mutex::new(Vec::new()));
     let mut sim = sim(seed, Duration::from_secs(240));
@@ -270,22 +278,61 @@ fn crash_run(seed: u64) -> Vec<u128> {
     }
     assert!(crashed && restarted);
     let times = times.lock().unwrap().clone();
-    times
+    (times, world.packets.summary())
 }
 
 #[test]
 fn a_gateway_crash_and_restart_mid_stream_loses_nothing() {
-    let times = crash_run(7);
+    let (times, packets) = crash_run(7);
     assert_eq!(times.len(), 100);
+    assert!(
+        packets.datagrams > 200,
+        "handshakes, 100 sends and 100 deliveries"
+    );
 }
 
-/// Timing repeats from a seed: the simulated time of every delivery is the same in two runs
-/// (packet contents are not: rustls draws its key exchange from OS entropy).
+/// Bit for bit: the same seed gives the same simulated time for every delivery and the same
+/// bytes in every datagram (TLS and QUIC draw from the seeded stack), another seed another run.
 #[test]
-fn the_same_seed_gives_the_same_delivery_timeline() {
+fn the_same_seed_gives_the_same_packets() {
     let first = crash_run(21);
     assert_eq!(first, crash_run(21));
-    assert_ne!(first, crash_run(22), "another seed gives another timeline");
+    let other = crash_run(22);
+    assert_ne!(first.0, other.0, "another seed gives another timeline");
+    assert_ne!(first.1.hash, other.1.hash, "and other packets");
+}
+
+/// The test binary's name for [`packet_hash_of_seed_21`], run in a child process.
+const CHILD_TEST: &str = "packet_hash_of_seed_21";
+
+/// Prints the crash run's packet digest (run by [`the_same_packets_in_another_process`]).
+#[test]
+#[ignore = "run by the_same_packets_in_another_process in a child process"]
+fn packet_hash_of_seed_21() {
+    let (_, packets) = crash_run(21);
+    println!("packet-hash {}", hex(&packets.hash));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A second process (with its own OS randomness, hash seeds and thread-local generators) gives
+/// the same datagrams: nothing in the drivers' stacks draws from anything but the seed.
+#[test]
+fn the_same_packets_in_another_process() {
+    let (_, here) = crash_run(21);
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", CHILD_TEST, "--nocapture"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "the child run passed: {stdout}");
+    let there = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("packet-hash "))
+        .unwrap_or_else(|| panic!("the child printed its digest: {stdout}"));
+    assert_eq!(hex(&here.hash), there.trim());
 }
 
 #[test]

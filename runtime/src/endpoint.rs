@@ -13,7 +13,9 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::PrivateKeyDer;
 
+use crate::clock::DriverClock;
 use crate::environment::Environment;
+use crate::seeded;
 use crate::tls::{PinnedCertificate, TlsIdentity};
 
 /// ALPN of protocol version 1.
@@ -101,31 +103,103 @@ pub(crate) fn bound_socket(addr: SocketAddr) -> Result<UdpSocket, QuicError> {
     Ok(socket.into())
 }
 
-fn endpoint(
-    environment: &dyn Environment,
-    addr: SocketAddr,
-    server: Option<(quinn::ServerConfig, [u8; 32])>,
-) -> Result<quinn::Endpoint, QuicError> {
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime".into()))?;
-    let (socket, seed) = environment.udp_socket(addr)?;
-    let mut config = quinn::EndpointConfig::default();
-    let server = server.map(|(server, reset_key)| {
-        // Both derived from the identity, so that a restarted gateway recognises the connection
-        // ids it gave out before and answers them with resets the devices can verify.
-        config.reset_key(Arc::new(ring::hmac::Key::new(
-            ring::hmac::HMAC_SHA256,
-            &reset_key,
-        )));
-        let cid_key = u64::from_be_bytes(reset_key[..8].try_into().expect("8 bytes"));
-        config.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        });
-        server
-    });
-    config.rng_seed(seed);
-    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+/// Where an endpoint's QUIC and TLS stacks draw their randomness and read the time: the OS and
+/// the wall clock in production, a seed and the driver clock in a simulation
+/// ([`crate::seeded`]).
+struct Stack {
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    seed: Option<[u8; 32]>,
+    clock: DriverClock,
+}
+
+impl Stack {
+    fn new(environment: &dyn Environment, addr: SocketAddr) -> Result<Stack, QuicError> {
+        let (socket, seed) = environment.udp_socket(addr)?;
+        Ok(Stack {
+            socket,
+            seed,
+            clock: environment.clock(),
+        })
+    }
+
+    fn tls_provider(&self) -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(match &self.seed {
+            None => rustls::crypto::ring::default_provider(),
+            Some(seed) => seeded::tls_provider(seed),
+        })
+    }
+
+    fn tls_time(&self) -> Arc<dyn rustls::time_provider::TimeProvider> {
+        match self.seed {
+            None => Arc::new(rustls::time_provider::DefaultTimeProvider),
+            Some(_) => Arc::new(seeded::ClockTime(self.clock)),
+        }
+    }
+
+    /// A server's QUIC config: handshake tokens keyed from the OS, or from the seed and
+    /// stamped with the driver clock.
+    fn server_config(&self, crypto: Arc<QuicServerConfig>) -> quinn::ServerConfig {
+        match &self.seed {
+            None => quinn::ServerConfig::with_crypto(crypto),
+            Some(seed) => {
+                let key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[])
+                    .extract(&seeded::derive(seed, "quic-token-key"));
+                let mut config = quinn::ServerConfig::new(crypto, Arc::new(key));
+                config.time_source(Arc::new(seeded::ClockTime(self.clock)));
+                config
+            }
+        }
+    }
+
+    fn endpoint(
+        self,
+        addr: SocketAddr,
+        server: Option<(quinn::ServerConfig, [u8; 32])>,
+    ) -> Result<quinn::Endpoint, QuicError> {
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| QuicError::Tls("no async runtime".into()))?;
+        let mut config = quinn::EndpointConfig::default();
+        // The key behind reset tokens and connection ids: a server derives it from its identity,
+        // so that a restarted gateway recognises the connection ids it gave out before and
+        // answers them with resets the devices can verify; a simulated client from its seed.
+        let key = match (&server, &self.seed) {
+            (Some((_, reset_key)), _) => Some(*reset_key),
+            (None, Some(seed)) => Some(seeded::derive(seed, "quic-reset-key")),
+            (None, None) => None,
+        };
+        if let Some(key) = key {
+            config.reset_key(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &key,
+            )));
+            let cid_key = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+            match self.seed {
+                None => config.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                }),
+                Some(seed) => {
+                    // One stream per generator the endpoint asks for.
+                    let made = std::sync::atomic::AtomicU64::new(0);
+                    config.cid_generator(move || {
+                        let n = made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let label = format!("quic-connection-ids/{n}");
+                        Box::new(seeded::SeededConnectionIds::new(
+                            cid_key,
+                            seeded::derive(&seed, &label),
+                        ))
+                    })
+                }
+            };
+        }
+        config.rng_seed(self.seed.map(|seed| seeded::derive(&seed, "quinn-rng")));
+        quinn::Endpoint::new_with_abstract_socket(
+            config,
+            server.map(|(server, _)| server),
+            self.socket,
+            runtime,
+        )
         .map_err(|source| QuicError::Bind { addr, source })
+    }
 }
 
 /// A server endpoint at `addr` presenting `identity`.
@@ -134,22 +208,22 @@ pub fn server_endpoint(
     addr: SocketAddr,
     identity: &TlsIdentity,
 ) -> Result<quinn::Endpoint, QuicError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|e| QuicError::Tls(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![identity.cert.clone()],
-        PrivateKeyDer::Pkcs8(identity.key.clone_key()),
-    )
-    .map_err(|e| QuicError::Tls(e.to_string()))?;
+    let stack = Stack::new(environment, addr)?;
+    let mut tls =
+        rustls::ServerConfig::builder_with_details(stack.tls_provider(), stack.tls_time())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| QuicError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![identity.cert.clone()],
+                PrivateKeyDer::Pkcs8(identity.key.clone_key()),
+            )
+            .map_err(|e| QuicError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut config = stack.server_config(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(Side::Server)));
-    endpoint(environment, addr, Some((config, identity.reset_key())))
+    stack.endpoint(addr, Some((config, identity.reset_key())))
 }
 
 /// A client endpoint that trusts exactly the gateway certificate whose
@@ -158,12 +232,14 @@ pub fn client_endpoint(
     environment: &dyn Environment,
     pin: [u8; 32],
 ) -> Result<quinn::Endpoint, QuicError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let any: SocketAddr = "0.0.0.0:0".parse().expect("a valid address");
+    let stack = Stack::new(environment, any)?;
+    let provider = stack.tls_provider();
     let verifier = Arc::new(PinnedCertificate {
         pin,
         provider: provider.clone(),
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_details(provider, stack.tls_time())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| QuicError::Tls(e.to_string()))?
         .dangerous()
@@ -173,8 +249,11 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(Side::Client)));
-    let any: SocketAddr = "0.0.0.0:0".parse().expect("a valid address");
-    let mut endpoint = endpoint(environment, any, None)?;
+    if let Some(seed) = &stack.seed {
+        // The id a client's first packet is addressed to: otherwise from `rand::rng()`.
+        config.initial_dst_cid_provider(seeded::initial_connection_ids(seed));
+    }
+    let mut endpoint = stack.endpoint(any, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

@@ -11,6 +11,7 @@
 //! - [`committer`]: pipelined group commit on a thread of its own;
 //! - [`metrics`]: histograms of the stages a message passes in a driver;
 //! - [`tls`], [`endpoint`]: the gateway's TLS identity, certificate pinning, QUIC endpoints;
+//! - [`seeded`]: seeded randomness and a simulated clock for quinn and rustls (simulation only);
 //! - [`session`]: one session's reader and writer tasks (frames in batches, gathered writes,
 //!   bounded closing);
 //! - `turmoil` (feature `turmoil`): quinn over turmoil's simulated UDP.
@@ -25,6 +26,7 @@ pub mod entropy;
 pub mod environment;
 pub mod files;
 pub mod metrics;
+pub mod seeded;
 pub mod session;
 pub mod store;
 pub mod tls;

@@ -130,6 +130,7 @@ impl SessionHandle {
         tokio::spawn(async move {
             // Whichever comes first: the writer closed, or the linger ran out.
             tokio::select! {
+                biased; // no random branch order: simulated runs repeat
                 _ = connection.closed() => {}
                 _ = tokio::time::sleep(limits.linger) => {
                     connection.close(0u32.into(), limits.reason);

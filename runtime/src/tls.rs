@@ -58,6 +58,47 @@ impl TlsIdentity {
         })
     }
 
+    /// An identity whose Ed25519 key is `seed`, for simulations that must repeat bit for bit
+    /// (the certificate is then the same too: rcgen derives its serial from the key and its
+    /// validity is fixed). Never for production: the key is only as secret as the seed.
+    pub fn from_seed(seed: [u8; 32]) -> Result<TlsIdentity, QuicError> {
+        // PKCS#8 v1 of an Ed25519 private key (RFC 8410): a fixed prefix, then the seed.
+        const PREFIX: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        let mut der = PREFIX.to_vec();
+        der.extend_from_slice(&seed);
+        let key = PrivatePkcs8KeyDer::from(der);
+        let key_pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key, &rcgen::PKCS_ED25519)
+            .map_err(|e| QuicError::Certificate(e.to_string()))?;
+        let params = rcgen::CertificateParams::new(vec!["sund-gateway".to_string()])
+            .map_err(|e| QuicError::Certificate(e.to_string()))?;
+        let cert = params
+            .self_signed(&key_pair)
+            .map_err(|e| QuicError::Certificate(e.to_string()))?;
+        Ok(TlsIdentity {
+            cert: cert.der().clone(),
+            key,
+        })
+    }
+
+    /// Writes this identity where [`TlsIdentity::load_or_create`] finds it.
+    pub fn save(&self, dir: &Path) -> Result<(), QuicError> {
+        let io_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| QuicError::Identity { path, source }
+        };
+        crate::files::private_dir(dir).map_err(|e| QuicError::Identity {
+            path: dir.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let key_path = dir.join("key.der");
+        let cert_path = dir.join("cert.der");
+        write_private(&key_path, self.key.secret_pkcs8_der()).map_err(io_err(&key_path))?;
+        std::fs::write(&cert_path, self.cert.as_ref()).map_err(io_err(&cert_path))
+    }
+
     /// The key of the gateway's QUIC stateless resets (and of its connection id generator),
     /// derived from its TLS key: the same across restarts, so a device still talking on a
     /// connection the gateway forgot (it restarted, or dropped a peer whose close never got

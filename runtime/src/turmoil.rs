@@ -3,6 +3,10 @@
 //! [`TurmoilUdp`] is quinn's `AsyncUdpSocket` on a turmoil UDP socket, one datagram per
 //! transmit, with per-datagram loss drawn from a seeded stream (turmoil's own fail rate cuts
 //! whole links). Give it to [`crate::environment::Simulated`].
+//!
+//! [`PacketTrace`] digests every datagram the sockets of a run send (when, from, to, every
+//! byte, lost or not): the trace hash of the driver layer. With the seeded stack
+//! ([`crate::seeded`]) two runs from one seed give the same digest.
 
 use std::future::Future;
 use std::io::{self, IoSliceMut};
@@ -24,6 +28,82 @@ pub struct TurmoilUdp {
     readable: Mutex<Option<Readable>>,
     loss: f64,
     rng: Mutex<ChaCha20Rng>,
+    trace: Option<PacketTrace>,
+}
+
+/// A running SHA-256 over every datagram the traced sockets of one run send, in the order
+/// they are sent: simulated time (µs), source, destination, whether the wire lost it, and its
+/// bytes. Share one (it is a handle) among every socket of a run.
+#[derive(Clone, Default)]
+pub struct PacketTrace(Arc<Mutex<TraceState>>);
+
+#[derive(Default)]
+struct TraceState {
+    hasher: sha2::Sha256,
+    datagrams: u64,
+    bytes: u64,
+    lost: u64,
+}
+
+/// What a [`PacketTrace`] saw so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketTraceSummary {
+    /// The digest of every datagram, in order.
+    pub hash: [u8; 32],
+    /// Datagrams sent (lost ones included).
+    pub datagrams: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// How many the wire lost.
+    pub lost: u64,
+}
+
+impl PacketTraceSummary {
+    /// The first eight bytes of the digest in hex, as reports print trace hashes.
+    pub fn short_hash(&self) -> String {
+        self.hash[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl PacketTrace {
+    /// An empty trace.
+    pub fn new() -> PacketTrace {
+        PacketTrace::default()
+    }
+
+    fn record(&self, from: Option<SocketAddr>, to: SocketAddr, contents: &[u8], lost: bool) {
+        use sha2::Digest;
+        let micros = turmoil::sim_elapsed().unwrap_or_default().as_micros() as u64;
+        let mut state = self.0.lock().expect("a trace's lock is never poisoned");
+        let address = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        let header = format!(
+            "{micros} {} {} {lost} {}|",
+            address(from),
+            to,
+            contents.len()
+        );
+        if std::env::var_os("SUND_DEBUG_PACKETS").is_some() {
+            let hex: String = contents.iter().map(|b| format!("{b:02x}")).collect();
+            eprintln!("PKT {header} {hex}");
+        }
+        state.hasher.update(header.as_bytes());
+        state.hasher.update(contents);
+        state.datagrams += 1;
+        state.bytes += contents.len() as u64;
+        state.lost += u64::from(lost);
+    }
+
+    /// The digest and counts so far.
+    pub fn summary(&self) -> PacketTraceSummary {
+        use sha2::Digest;
+        let state = self.0.lock().expect("a trace's lock is never poisoned");
+        PacketTraceSummary {
+            hash: state.hasher.clone().finalize().into(),
+            datagrams: state.datagrams,
+            bytes: state.bytes,
+            lost: state.lost,
+        }
+    }
 }
 
 impl std::fmt::Debug for TurmoilUdp {
@@ -36,6 +116,16 @@ impl TurmoilUdp {
     /// Binds `port` on this simulated host; `loss` of the datagrams it sends are dropped, drawn
     /// from a stream seeded with `seed`.
     pub async fn bind(port: u16, loss: f64, seed: u64) -> Arc<TurmoilUdp> {
+        TurmoilUdp::bind_traced(port, loss, seed, None).await
+    }
+
+    /// [`TurmoilUdp::bind`], adding every datagram it sends to `trace`.
+    pub async fn bind_traced(
+        port: u16,
+        loss: f64,
+        seed: u64,
+        trace: Option<PacketTrace>,
+    ) -> Arc<TurmoilUdp> {
         let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
             .await
             .expect("bind in the simulation");
@@ -44,6 +134,7 @@ impl TurmoilUdp {
             readable: Mutex::new(None),
             loss,
             rng: Mutex::new(ChaCha20Rng::seed_from_u64(seed)),
+            trace,
         })
     }
 }
@@ -63,11 +154,16 @@ impl AsyncUdpSocket for TurmoilUdp {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        if self.loss > 0.0 {
+        let lost = self.loss > 0.0 && {
             let draw = self.rng.lock().unwrap().next_u64() as f64 / u64::MAX as f64;
-            if draw < self.loss {
-                return Ok(()); // lost on the wire
-            }
+            draw < self.loss
+        };
+        if let Some(trace) = &self.trace {
+            let from = self.socket.local_addr().ok();
+            trace.record(from, transmit.destination, transmit.contents, lost);
+        }
+        if lost {
+            return Ok(()); // lost on the wire
         }
         match self
             .socket
