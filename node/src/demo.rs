@@ -73,6 +73,7 @@ pub async fn run() -> Result<(), String> {
         // later one.
         let options = node_driver::NodeOptions {
             hold_until_taken: false,
+            timers: None,
             ..device.options()
         };
         nodes.push(

@@ -388,6 +388,7 @@ impl Device {
             // What `sund follow` prints is gone if the terminal goes: a message stays on the
             // device until it was printed.
             hold_until_taken: true,
+            timers: None,
         }
     }
 }

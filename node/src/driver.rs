@@ -78,6 +78,50 @@ pub struct NodeOptions {
     /// Keep delivered messages until the application calls [`NodeHandle::taken`], and deliver
     /// untaken ones again at the next start (see `NodeConfig::hold_until_taken`).
     pub hold_until_taken: bool,
+    /// The protocol's timers, where a simulation sets its own (`None`: the model's defaults,
+    /// as in production).
+    pub timers: Option<NodeTimers>,
+}
+
+/// The node's protocol timers, as a simulation sets them (`cargo sim --drivers` carries a
+/// scenario's `config` lines here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeTimers {
+    /// `NodeConfig::heartbeat_interval`.
+    pub heartbeat_interval: Duration,
+    /// `NodeConfig::idle_timeout`.
+    pub idle_timeout: Duration,
+    /// `NodeConfig::handshake_timeout`.
+    pub handshake_timeout: Duration,
+    /// `NodeConfig::resend_after`.
+    pub resend_after: Duration,
+    /// `NodeConfig::backoff_initial`.
+    pub backoff_initial: Duration,
+    /// `NodeConfig::backoff_max`.
+    pub backoff_max: Duration,
+}
+
+impl NodeTimers {
+    /// The timers of `config`.
+    pub fn of(config: &NodeConfig) -> NodeTimers {
+        NodeTimers {
+            heartbeat_interval: config.heartbeat_interval,
+            idle_timeout: config.idle_timeout,
+            handshake_timeout: config.handshake_timeout,
+            resend_after: config.resend_after,
+            backoff_initial: config.backoff_initial,
+            backoff_max: config.backoff_max,
+        }
+    }
+
+    fn apply(&self, config: &mut NodeConfig) {
+        config.heartbeat_interval = self.heartbeat_interval;
+        config.idle_timeout = self.idle_timeout;
+        config.handshake_timeout = self.handshake_timeout;
+        config.resend_after = self.resend_after;
+        config.backoff_initial = self.backoff_initial;
+        config.backoff_max = self.backoff_max;
+    }
 }
 
 /// Why the node could not start or stopped with an error.
@@ -336,6 +380,9 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     config.enrolment = options.enrolment;
     config.pairing_voucher = options.pairing_voucher;
     config.hold_until_taken = options.hold_until_taken;
+    if let Some(timers) = &options.timers {
+        timers.apply(&mut config);
+    }
     let node = Node::recover(config, environment.entropy(), clock.now(), &store)?;
     let endpoint = endpoint::client_endpoint(environment.as_ref(), options.gateway_pin)?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);

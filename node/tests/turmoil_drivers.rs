@@ -27,7 +27,7 @@ use sund_runtime::entropy::SeededEntropy;
 use sund_runtime::environment::Simulated;
 use sund_runtime::store::RedbStore;
 use sund_runtime::tls::{certificate_pin, TlsIdentity};
-use sund_runtime::turmoil::{PacketTrace, PacketTraceSummary, TurmoilUdp};
+use sund_runtime::turmoil::{DatagramFaults, PacketTrace, PacketTraceSummary, TurmoilUdp};
 
 // ---- the world ----
 
@@ -114,7 +114,9 @@ impl World {
             let dir = dir.clone();
             let packets = packets.clone();
             async move {
-                let socket = TurmoilUdp::bind_traced(PORT, 0.0, seed, Some(packets)).await;
+                let socket =
+                    TurmoilUdp::bind_traced(PORT, DatagramFaults::default(), seed, Some(packets))
+                        .await;
                 let options = GatewayOptions {
                     listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
                     environment: Arc::new(Simulated::new(socket, seed32(seed, 1), EPOCH)),
@@ -132,8 +134,13 @@ impl World {
 
     async fn node(&self, n: u8, loss: f64, seed: u64) -> NodeHandle {
         let gateway = SocketAddr::new(turmoil::lookup("gateway"), PORT);
+        let faults = DatagramFaults {
+            loss,
+            duplicate: 0.0,
+        };
         let socket =
-            TurmoilUdp::bind_traced(0, loss, seed ^ u64::from(n), Some(self.packets.clone())).await;
+            TurmoilUdp::bind_traced(0, faults, seed ^ u64::from(n), Some(self.packets.clone()))
+                .await;
         let options = NodeOptions {
             data_dir: self.root.join(format!("node-{n}")),
             gateway,
@@ -145,6 +152,7 @@ impl World {
             mls: None,
             enrolment: Some(self.tokens[usize::from(n) - 1]),
             hold_until_taken: true,
+            timers: None,
         };
         node_driver::start(options).await.unwrap()
     }

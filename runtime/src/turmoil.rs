@@ -22,13 +22,23 @@ use rand_chacha::ChaCha20Rng;
 
 type Readable = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
-/// quinn's socket trait over a turmoil UDP socket, with seeded per-datagram loss.
+/// quinn's socket trait over a turmoil UDP socket, with seeded per-datagram loss and
+/// duplication.
 pub struct TurmoilUdp {
     socket: Arc<turmoil::net::UdpSocket>,
     readable: Mutex<Option<Readable>>,
-    loss: f64,
+    faults: DatagramFaults,
     rng: Mutex<ChaCha20Rng>,
     trace: Option<PacketTrace>,
+}
+
+/// What the wire does to the datagrams a [`TurmoilUdp`] sends, each drawn independently.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DatagramFaults {
+    /// Probability a datagram is lost.
+    pub loss: f64,
+    /// Probability a datagram arrives twice.
+    pub duplicate: f64,
 }
 
 /// A running SHA-256 over every datagram the traced sockets of one run send, in the order
@@ -116,13 +126,18 @@ impl TurmoilUdp {
     /// Binds `port` on this simulated host; `loss` of the datagrams it sends are dropped, drawn
     /// from a stream seeded with `seed`.
     pub async fn bind(port: u16, loss: f64, seed: u64) -> Arc<TurmoilUdp> {
-        TurmoilUdp::bind_traced(port, loss, seed, None).await
+        let faults = DatagramFaults {
+            loss,
+            duplicate: 0.0,
+        };
+        TurmoilUdp::bind_traced(port, faults, seed, None).await
     }
 
-    /// [`TurmoilUdp::bind`], adding every datagram it sends to `trace`.
+    /// Binds `port` with `faults` drawn from a stream seeded with `seed`, adding every datagram
+    /// it sends to `trace`.
     pub async fn bind_traced(
         port: u16,
-        loss: f64,
+        faults: DatagramFaults,
         seed: u64,
         trace: Option<PacketTrace>,
     ) -> Arc<TurmoilUdp> {
@@ -132,7 +147,7 @@ impl TurmoilUdp {
         Arc::new(TurmoilUdp {
             socket: Arc::new(socket),
             readable: Mutex::new(None),
-            loss,
+            faults,
             rng: Mutex::new(ChaCha20Rng::seed_from_u64(seed)),
             trace,
         })
@@ -154,9 +169,13 @@ impl AsyncUdpSocket for TurmoilUdp {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let lost = self.loss > 0.0 && {
-            let draw = self.rng.lock().unwrap().next_u64() as f64 / u64::MAX as f64;
-            draw < self.loss
+        let draw =
+            |p: f64| p > 0.0 && (self.rng.lock().unwrap().next_u64() as f64 / u64::MAX as f64) < p;
+        let lost = draw(self.faults.loss);
+        let copies = if !lost && draw(self.faults.duplicate) {
+            2
+        } else {
+            1
         };
         if let Some(trace) = &self.trace {
             let from = self.socket.local_addr().ok();
@@ -165,15 +184,19 @@ impl AsyncUdpSocket for TurmoilUdp {
         if lost {
             return Ok(()); // lost on the wire
         }
-        match self
-            .socket
-            .try_send_to(transmit.contents, transmit.destination)
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-            // Unreachable hosts (crashed, partitioned) swallow datagrams as a real network does.
-            Err(_) => Ok(()),
+        for _ in 0..copies {
+            match self
+                .socket
+                .try_send_to(transmit.contents, transmit.destination)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                // Unreachable hosts (crashed, partitioned) swallow datagrams as a real network
+                // does.
+                Err(_) => {}
+            }
         }
+        Ok(())
     }
 
     fn poll_recv(

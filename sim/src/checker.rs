@@ -273,6 +273,19 @@ impl Checker {
         self.claim(at_us, conv, seq, sender, msg_id, who);
     }
 
+    /// A device that restarted delivers `seq` of `conv` again. A driver that keeps deliveries
+    /// until its application takes them (`hold_until_taken`) delivers again, after a crash,
+    /// whatever it had not yet durably marked taken: that is at-least-once to the application by
+    /// design. The replay must start at a seq this device already had, and run on in order
+    /// from there; `claim` still checks that every seq is the same message as before. Used by
+    /// the driver layer (`sund-sim-drivers`), whose devices are real processes.
+    pub fn on_replay_after_restart(&mut self, device: ActorIndex, conv: ConversationId, seq: u64) {
+        let upto = self.delivered_upto(device, conv);
+        if seq >= 1 && seq <= upto {
+            self.delivered_upto.insert((device, conv), seq - 1);
+        }
+    }
+
     /// A device joined an MLS conversation from a Welcome: it reads the conversation from
     /// `seq + 1` on (what came before is not for it).
     pub fn on_joined(&mut self, device: ActorIndex, conv: ConversationId, seq: u64) {
@@ -459,6 +472,30 @@ mod tests {
         c.on_delivered(1, 0, "a/0", C, 1, DeviceId(5), MsgId(1));
         c.on_delivered(2, 0, "a/0", C, 1, DeviceId(5), MsgId(1));
         assert_eq!(c.violation().unwrap().invariant, Invariant::NoDuplicate);
+    }
+
+    #[test]
+    fn a_restarted_device_may_replay_what_it_had_but_not_skip_or_change_it() {
+        let deliver = |c: &mut Checker, seq: u64| {
+            c.on_delivered(seq, 0, "a/0", C, seq, DeviceId(5), MsgId(seq.into()));
+        };
+        let mut c = checker();
+        (1..=5).for_each(|seq| deliver(&mut c, seq));
+        // After a restart the replay starts at 3 and runs on in order.
+        c.on_replay_after_restart(0, C, 3);
+        (3..=7).for_each(|seq| deliver(&mut c, seq));
+        assert!(c.violation().is_none(), "{:?}", c.violation());
+        // A replay that is not one (past what the device had) does not rewind anything.
+        c.on_replay_after_restart(0, C, 9);
+        deliver(&mut c, 9);
+        assert_eq!(c.violation().unwrap().invariant, Invariant::Order);
+
+        // A replayed seq must be the same message as before.
+        let mut c = checker();
+        (1..=3).for_each(|seq| deliver(&mut c, seq));
+        c.on_replay_after_restart(0, C, 2);
+        c.on_delivered(9, 0, "a/0", C, 2, DeviceId(5), MsgId(99));
+        assert!(c.violation().is_some(), "seq 2 was another message");
     }
 
     #[test]

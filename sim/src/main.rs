@@ -14,6 +14,7 @@ use sund_sim::swarm::Family;
 const USAGE: &str = "\
 usage: cargo sim [SCENARIO...] [--seed N | --seeds A..B] [--check-determinism] [--json] [--trace N] [--list]
        cargo sim SCENARIO [--seed N] --shrink
+       cargo sim --drivers [SCENARIO...] [--seed N] [--check-determinism] [--json] [--plant BUG]
        cargo sim --swarm N [--family NAME] [--first-seed S] [--time-budget T] [--check-determinism] [--json]
 
 Runs scenario files (default: every *.sund file in scenarios/) in the deterministic simulator.
@@ -37,11 +38,17 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
   --family NAME         what the swarm draws: plain, mls, trust or mixed (default mixed)
   --first-seed S        the swarm's first seed (default 1)
   --time-budget T       start no swarm seed after T of wall time (e.g. 10m)
+  --drivers             run the scenarios on the production gateway and node drivers (tokio,
+                        quinn, rustls, redb) under turmoil instead, bit for bit from the seed;
+                        see `cargo sim --drivers --help`
   -h, --help            this text
 
 Exit status: 0 all passed, 1 an invariant failed, 2 bad usage or a bad scenario file.";
 
 fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "--drivers") {
+        return run_drivers();
+    }
     match real_main() {
         Ok(code) => code,
         Err(RunError::Usage(message)) => {
@@ -300,6 +307,29 @@ fn run_swarm(options: &SwarmOptions) -> Result<ExitCode, RunError> {
 }
 
 /// `scenarios/` under the current directory, else the one in the source tree.
+/// `--drivers`: the driver layer is its own binary (it links the production drivers, which
+/// the model simulator must not), built and run by cargo with the same arguments.
+fn run_drivers() -> ExitCode {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()); // deterministic: before any run
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let status = std::process::Command::new(cargo) // deterministic: a separate process, before any run here
+        .args(["run", "--release", "--quiet", "--manifest-path"])
+        .arg(&manifest)
+        .args(["-p", "sund-sim-drivers", "--bin", "sund-sim-drivers", "--"])
+        .args(std::env::args().skip(1).filter(|a| a != "--drivers"))
+        .status();
+    match status {
+        Ok(status) => match status.code() {
+            Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            None => ExitCode::from(1),
+        },
+        Err(e) => {
+            eprintln!("error: cannot start cargo to build and run the driver layer: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn default_scenarios_dir() -> PathBuf {
     let here = Path::new("scenarios");
     if here.is_dir() {

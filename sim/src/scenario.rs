@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
+use sund_model::gateway::GatewayConfig;
 use sund_model::mls::group_ops::GroupKind;
+use sund_model::node::NodeConfig;
 use sund_model::planted::PlantedBug;
 
 use crate::network::LinkProfile;
@@ -328,6 +330,41 @@ impl Invariant {
                 | Invariant::SenderOrder
                 | Invariant::NoPanic
         )
+    }
+}
+
+impl Tunables {
+    /// Sets what this scenario's `config` lines name in a gateway's and a node's configuration
+    /// (the model simulator's actors and the driver layer's drivers both take it from here).
+    pub fn apply(&self, gateway: &mut GatewayConfig, node: &mut NodeConfig) {
+        if let Some(h) = self.heartbeat {
+            gateway.heartbeat_interval = h;
+            node.heartbeat_interval = h;
+        }
+        if let Some(i) = self.idle_timeout {
+            gateway.session_idle_timeout = i;
+            node.idle_timeout = i;
+            node.handshake_timeout = i;
+        }
+        if let Some(h) = self.handshake_timeout {
+            node.handshake_timeout = h;
+        }
+        if let Some(r) = self.redeliver_after {
+            gateway.redeliver_after = r;
+        }
+        if let Some(r) = self.resend_after {
+            node.resend_after = r;
+        }
+        if let Some(w) = self.window {
+            gateway.delivery_window = w;
+        }
+        if let Some(r) = self.retention {
+            gateway.retention_max = r;
+            gateway.dedup_retention = gateway.dedup_retention.max(r);
+        }
+        if let Some(b) = self.backoff_max {
+            node.backoff_max = b.max(node.backoff_initial);
+        }
     }
 }
 

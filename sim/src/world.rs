@@ -285,34 +285,7 @@ impl World {
         let mut node_template = NodeConfig::new(DeviceKey::from_seed([0; 32]));
         gateway_config.planted = scenario.planted;
         node_template.planted = scenario.planted;
-        if let Some(h) = t.heartbeat {
-            gateway_config.heartbeat_interval = h;
-            node_template.heartbeat_interval = h;
-        }
-        if let Some(i) = t.idle_timeout {
-            gateway_config.session_idle_timeout = i;
-            node_template.idle_timeout = i;
-            node_template.handshake_timeout = i;
-        }
-        if let Some(h) = t.handshake_timeout {
-            node_template.handshake_timeout = h;
-        }
-        if let Some(r) = t.redeliver_after {
-            gateway_config.redeliver_after = r;
-        }
-        if let Some(r) = t.resend_after {
-            node_template.resend_after = r;
-        }
-        if let Some(w) = t.window {
-            gateway_config.delivery_window = w;
-        }
-        if let Some(r) = t.retention {
-            gateway_config.retention_max = r;
-            gateway_config.dedup_retention = gateway_config.dedup_retention.max(r);
-        }
-        if let Some(b) = t.backoff_max {
-            node_template.backoff_max = b.max(node_template.backoff_initial);
-        }
+        t.apply(&mut gateway_config, &mut node_template);
 
         let mut actors = Vec::new();
         let mut gateways = Vec::new();

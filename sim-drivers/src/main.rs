@@ -1,0 +1,269 @@
+//! `cargo sim --drivers`: scenario files on the production drivers under turmoil.
+//!
+//! Exit codes as `cargo sim`: 0 every run passed (scenarios the drivers cannot express are
+//! listed as skipped, with the reasons); 1 an invariant failed or a determinism check saw two
+//! different traces; 2 bad usage or a bad scenario file, or a file given by name that the
+//! drivers cannot run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use sund_model::planted::PlantedBug;
+use sund_sim::runner::{collect_files, RunError};
+use sund_sim::scenario::{self, Scenario};
+use sund_sim_drivers::plan::plan;
+use sund_sim_drivers::run::{result_word, run, RunReport};
+
+const USAGE: &str = "\
+usage: cargo sim --drivers [SCENARIO...] [--seed N] [--check-determinism] [--json] [--plant BUG]
+
+Runs scenario files (default: every *.sund file in scenarios/) on the production gateway and
+node drivers (tokio, quinn, rustls, redb) inside turmoil's simulated network and clock, with the
+simulator's invariant checker. A scenario the drivers cannot express (MLS groups, several
+gateways, disk and clock faults, per-link profiles, config tunables, more than 32 devices) is
+skipped with its reasons; naming such a file is an error.
+
+  SCENARIO              a scenario file or a directory of them
+  --seed N              run with seed N instead of the scenario's `seed` line
+  --check-determinism   run each scenario twice and fail if the trace hashes differ (every
+                        datagram and every application event, byte for byte)
+  --json                print one JSON object per run on stdout
+  --plant BUG           plant a known gateway bug through the gateway driver's configuration,
+                        to show this layer finds it: gateway-ack-before-commit, dedup-forgets,
+                        resume-off-by-one
+  -h, --help            this text
+
+Exit status: 0 all passed, 1 an invariant failed, 2 bad usage or a bad scenario file.";
+
+struct Options {
+    seed: Option<u64>,
+    plant: Option<PlantedBug>,
+    check_determinism: bool,
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(RunError::Usage(message)) => {
+            eprintln!("error: {message}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+        Err(RunError::Scenario(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode, RunError> {
+    let mut options = Options {
+        seed: None,
+        plant: None,
+        check_determinism: false,
+        json: false,
+    };
+    let mut paths = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            "--drivers" => {} // as forwarded by `cargo sim --drivers`
+            "--seed" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| RunError::Usage("--seed needs a number".into()))?;
+                options.seed = Some(value.parse().map_err(|_| {
+                    RunError::Usage(format!("--seed needs a whole number, got `{value}`"))
+                })?);
+            }
+            "--check-determinism" => options.check_determinism = true,
+            "--json" => options.json = true,
+            "--plant" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| RunError::Usage("--plant needs a bug's name".into()))?;
+                options.plant = Some(PlantedBug::parse(&value).ok_or_else(|| {
+                    let known: Vec<&str> = PlantedBug::ALL.iter().map(|(n, _)| *n).collect();
+                    RunError::Usage(format!(
+                        "unknown planted bug `{value}`: use one of {}",
+                        known.join(", ")
+                    ))
+                })?);
+            }
+            flag if flag.starts_with('-') => {
+                return Err(RunError::Usage(format!(
+                    "`{flag}` is not an option of the driver layer (it takes --seed, --check-determinism, --json, --plant)"
+                )))
+            }
+            path => paths.push(PathBuf::from(path)),
+        }
+    }
+    let named = !paths.is_empty();
+    if paths.is_empty() {
+        paths.push(default_scenarios_dir());
+    }
+    let named_files = named && paths.iter().all(|p| p.is_file());
+    let files = collect_files(&paths)?;
+    let mut failed = false;
+    let mut ran = 0;
+    for file in files {
+        let shown = file.display().to_string();
+        let text =
+            std::fs::read_to_string(&file) // deterministic: read before its run starts
+                .map_err(|e| RunError::Scenario(format!("cannot read {shown}: {e}")))?;
+        let mut scenario =
+            scenario::parse(&shown, &text).map_err(|e| RunError::Scenario(e.to_string()))?;
+        if options.plant.is_some() {
+            scenario.planted = options.plant;
+        }
+        let planned = match plan(&scenario) {
+            Ok(planned) => planned,
+            Err(reasons) if named_files => {
+                return Err(RunError::Scenario(format!(
+                    "{shown} cannot run on the drivers:\n  - {}",
+                    reasons.join("\n  - ")
+                )))
+            }
+            Err(reasons) => {
+                eprintln!("skip {}: {}", scenario.name, reasons.join("; "));
+                continue;
+            }
+        };
+        for note in &planned.approximations {
+            eprintln!("note {}: {note}", scenario.name);
+        }
+        let seed = options.seed.unwrap_or(scenario.seed);
+        let started = Instant::now(); // deterministic: wall time for the report only
+        let report = run(&scenario, planned.clone(), seed).map_err(RunError::Scenario)?;
+        let wall = started.elapsed();
+        ran += 1;
+        let deterministic = if options.check_determinism {
+            let again = run(&scenario, planned, seed).map_err(RunError::Scenario)?;
+            Some(again.trace_hash == report.trace_hash)
+        } else {
+            None
+        };
+        failed |= report.violation.is_some() || deterministic == Some(false);
+        print_report(
+            &scenario,
+            &shown,
+            seed,
+            &report,
+            wall,
+            deterministic,
+            &options,
+        );
+    }
+    if ran == 0 {
+        eprintln!("no scenario here can run on the drivers (see the skip lines)");
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_report(
+    scenario: &Scenario,
+    file: &str,
+    seed: u64,
+    report: &RunReport,
+    wall: std::time::Duration,
+    deterministic: Option<bool>,
+    options: &Options,
+) {
+    let replay = format!("cargo sim --drivers {file} --seed {seed}");
+    if options.json {
+        let (invariant, detail) = match &report.violation {
+            Some(v) => (Some(v.invariant.name()), Some(v.detail.clone())),
+            None => (None, None),
+        };
+        let result = if deterministic == Some(false) {
+            "nondeterministic"
+        } else {
+            result_word(report)
+        };
+        let json = serde_json::json!({
+            "layer": "drivers",
+            "scenario": scenario.name,
+            "file": file,
+            "seed": seed,
+            "trace_hash": report.short_hash(),
+            "packet_hash": report.packets.short_hash(),
+            "datagrams": report.packets.datagrams,
+            "datagram_bytes": report.packets.bytes,
+            "datagrams_lost": report.packets.lost,
+            "sim_time_ms": report.sim_time.as_millis() as u64,
+            "wall_ms": wall.as_millis() as u64,
+            "recovery_ms": report.recovery.map(|r| r.as_millis() as u64),
+            "result": result,
+            "violated_invariant": invariant,
+            "detail": detail,
+            "deterministic": deterministic,
+            "offered": report.offered,
+            "accepted": report.accepted,
+            "delivered": report.delivered,
+            "replayed": report.replayed,
+            "refused": report.refused,
+            "reconnects": report.reconnects,
+            "restarts": report.restarts,
+        });
+        println!("{json}");
+        return;
+    }
+    match &report.violation {
+        None if deterministic == Some(false) => {
+            println!(
+                "FAILED {file} seed {seed}: two runs gave different traces (first {})\n  replay: {replay} --check-determinism",
+                report.short_hash()
+            );
+        }
+        None => println!(
+            "ok {} seed {seed} trace {} datagrams {} ({} lost) sim {:.1}s wall {:.1}s offered {} delivered {} (replayed {}) restarts {} recovery {}{}",
+            scenario.name,
+            report.short_hash(),
+            report.packets.datagrams,
+            report.packets.lost,
+            report.sim_time.as_secs_f64(),
+            wall.as_secs_f64(),
+            report.offered,
+            report.delivered,
+            report.replayed,
+            report.restarts,
+            report
+                .recovery
+                .map_or("-".to_string(), |r| format!("{}ms", r.as_millis())),
+            if deterministic == Some(true) {
+                " deterministic"
+            } else {
+                ""
+            },
+        ),
+        Some(v) => {
+            let phase = match v.phase {
+                sund_sim::checker::Phase::Safety => "safety",
+                sund_sim::checker::Phase::Liveness => "liveness",
+            };
+            println!(
+                "FAILED {file} seed {seed}: {phase} invariant `{}` violated at t={:.6}s: {}\n  replay: {replay}",
+                v.invariant.name(),
+                v.at_us as f64 / 1e6,
+                v.detail
+            );
+        }
+    }
+}
+
+fn default_scenarios_dir() -> PathBuf {
+    let here = Path::new("scenarios");
+    if here.is_dir() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}

@@ -1,0 +1,320 @@
+//! What a scenario becomes on the real drivers: one turmoil host per gateway and device, and
+//! the faults turmoil and the socket adapter can inject. A scenario that asks for something
+//! the driver layer cannot do is refused with every reason, never run half-way.
+
+use std::time::Duration;
+
+use sha2::Digest;
+use sund_model::gateway::GatewayConfig;
+use sund_model::identity::DeviceKey;
+use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::node::NodeConfig;
+use sund_model::planted::PlantedBug;
+use sund_node::driver::NodeTimers;
+use sund_sim::scenario::{Action, Invariant, Scenario, Scheduled, Target};
+
+/// Most devices a driver-layer run takes: each is a real QUIC endpoint, TLS stack and redb file.
+pub const DEVICES_MAX: usize = 32;
+
+/// One simulated device: a `sund-node` driver on a turmoil host of its own.
+#[derive(Clone, Debug)]
+pub struct DevicePlan {
+    /// As the DSL names it (`alice/0`).
+    pub name: String,
+    /// Its turmoil host name (`alice-0`).
+    pub host: String,
+    /// Its user.
+    pub user: UserId,
+    /// Its key (from the scenario's names, so every run of a scenario has the same devices).
+    pub key: DeviceKey,
+}
+
+impl DevicePlan {
+    /// The device's id.
+    pub fn id(&self) -> DeviceId {
+        self.key.device_id()
+    }
+}
+
+/// A plain conversation the operator creates before the run.
+#[derive(Clone, Debug)]
+pub struct ConversationPlan {
+    /// DSL name.
+    pub name: String,
+    /// Its id.
+    pub id: ConversationId,
+    /// Member devices (indices into [`Plan::devices`]).
+    pub members: Vec<usize>,
+}
+
+/// One `send` statement for one device.
+#[derive(Clone, Debug)]
+pub struct SendPlan {
+    /// Which device sends.
+    pub device: usize,
+    /// Into which conversation (index into [`Plan::conversations`]).
+    pub conversation: usize,
+    /// One send per period.
+    pub period: Duration,
+    /// Body size in bytes.
+    pub size: usize,
+    /// No send before this.
+    pub start: Duration,
+    /// No send at or after this.
+    pub stop: Duration,
+}
+
+/// A scenario the drivers can run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The gateway's turmoil host name.
+    pub gateway: String,
+    /// Every device, in declaration order.
+    pub devices: Vec<DevicePlan>,
+    /// Every conversation.
+    pub conversations: Vec<ConversationPlan>,
+    /// Every device's sends.
+    pub sends: Vec<SendPlan>,
+    /// Datagram latency range.
+    pub latency: (Duration, Duration),
+    /// Datagram loss probability (each device's socket and the gateway's).
+    pub loss: f64,
+    /// Datagram duplication probability.
+    pub duplicate: f64,
+    /// The timed actions, each checked to be one the drivers can do.
+    pub schedule: Vec<Scheduled>,
+    /// The gateway driver's configuration: the scenario's `config` lines and planted bug.
+    pub gateway_config: GatewayConfig,
+    /// The node drivers' timers, from the scenario's `config` lines.
+    pub node_timers: NodeTimers,
+    /// The scenario sets a retention limit: gaps the gateway reports are policy, not loss.
+    pub gaps_allowed: bool,
+    /// What the driver layer does differently from the model layer for this scenario (printed
+    /// with the report; never something that would weaken an invariant).
+    pub approximations: Vec<String>,
+}
+
+/// Invariants the driver layer checks (the others need MLS or trust, which it does not run).
+const CHECKED: &[Invariant] = &[
+    Invariant::NoLoss,
+    Invariant::NoDuplicate,
+    Invariant::Order,
+    Invariant::Converge,
+    Invariant::SenderOrder,
+    Invariant::NoPanic,
+];
+
+/// A stable 32-byte seed from words: device keys come from the scenario's names.
+fn seed_of(parts: &[&str]) -> [u8; 32] {
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"sund/sim-drivers/v1");
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.finalize().into()
+}
+
+/// Maps `scenario` onto the drivers, or says everything that stops it.
+pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
+    let mut why_not = Vec::new();
+    if scenario.gateways.len() != 1 {
+        why_not.push(format!(
+            "{} gateways: the driver layer runs one (federation is not built yet)",
+            scenario.gateways.len()
+        ));
+    }
+    let devices: Vec<DevicePlan> = scenario
+        .users
+        .iter()
+        .flat_map(|user| {
+            (0..user.devices).map(move |d| DevicePlan {
+                name: format!("{}/{d}", user.name),
+                host: format!("{}-{d}", user.name),
+                user: UserId::from_name(&user.name),
+                key: DeviceKey::from_seed(seed_of(&["device", &user.name, &d.to_string()])),
+            })
+        })
+        .collect();
+    if devices.len() > DEVICES_MAX {
+        why_not.push(format!(
+            "{} devices: the driver layer runs at most {DEVICES_MAX} (each is a real QUIC endpoint, TLS stack and redb file)",
+            devices.len()
+        ));
+    }
+    let mut conversations = Vec::new();
+    for conv in &scenario.conversations {
+        if conv.kind.is_some() {
+            why_not.push(format!(
+                "conversation {} is an MLS group: the driver layer runs plain conversations only",
+                conv.name
+            ));
+        }
+        let mut members: Vec<usize> = conv
+            .members
+            .iter()
+            .flat_map(|t| resolve(scenario, &devices, t))
+            .collect();
+        members.sort_unstable();
+        members.dedup();
+        conversations.push(ConversationPlan {
+            name: conv.name.clone(),
+            id: ConversationId::from_name(&conv.name),
+            members,
+        });
+    }
+    let profile = scenario.network;
+    if profile.bandwidth_bps != 0 {
+        why_not.push("a bandwidth limit: turmoil's links have none".into());
+    }
+    if !scenario.links.is_empty() {
+        why_not.push("`link` profiles: the driver layer has one network profile".into());
+    }
+    if !scenario.skews.is_empty() {
+        why_not.push("`skew`: the drivers' clocks are turmoil's, one per run".into());
+    }
+    if scenario.planted == Some(PlantedBug::NodeAckBeforeDurable) {
+        why_not.push(
+            "`plant node-ack-before-durable`: the node driver takes no model configuration".into(),
+        );
+    }
+    for invariant in &scenario.invariants {
+        if !CHECKED.contains(invariant) {
+            why_not.push(format!(
+                "invariant `{}` needs MLS or trust state the driver layer does not run",
+                invariant.name()
+            ));
+        }
+    }
+    for scheduled in &scenario.schedule {
+        if let Err(reason) = supported(&scheduled.action) {
+            why_not.push(format!(
+                "line {}: `{}` {reason}",
+                scheduled.span.line,
+                scheduled.action.keyword()
+            ));
+        }
+    }
+    let mut sends = Vec::new();
+    for workload in &scenario.workloads {
+        let Some(conversation) = conversations
+            .iter()
+            .position(|c| c.name == workload.conversation)
+        else {
+            continue; // the parser resolved it; unreachable for a parsed scenario
+        };
+        for device in resolve(scenario, &devices, &workload.from) {
+            sends.push(SendPlan {
+                device,
+                conversation,
+                period: workload.period,
+                size: workload.size,
+                start: workload.start,
+                stop: workload.stop.min(scenario.duration),
+            });
+        }
+    }
+    if !why_not.is_empty() {
+        return Err(why_not);
+    }
+    let mut gateway_config = GatewayConfig {
+        planted: scenario.planted,
+        ..GatewayConfig::default()
+    };
+    let mut node_config = NodeConfig::new(DeviceKey::from_seed([0; 32]));
+    scenario
+        .tunables
+        .apply(&mut gateway_config, &mut node_config);
+    let mut approximations = Vec::new();
+    if !scenario.disks.is_empty() {
+        approximations.push(
+            "`disk … commit`: the drivers commit to real redb files; their latency is redb's"
+                .to_string(),
+        );
+    }
+    if profile.reorder > 0.0 {
+        approximations.push(format!(
+            "reorder {}: datagrams reorder through turmoil's random latencies; QUIC streams deliver frames in order",
+            profile.reorder
+        ));
+    }
+    if profile.loss > 0.0 || profile.duplicate > 0.0 {
+        approximations.push(
+            "loss and duplication apply to UDP datagrams, which QUIC retransmits and deduplicates, not to Sund frames".to_string(),
+        );
+    }
+    Ok(Plan {
+        gateway: scenario.gateways[0].clone(),
+        devices,
+        conversations,
+        sends,
+        latency: (
+            Duration::from_micros(profile.latency_us_min),
+            Duration::from_micros(profile.latency_us_max),
+        ),
+        loss: profile.loss,
+        duplicate: profile.duplicate,
+        schedule: scenario.schedule.clone(),
+        gateway_config,
+        node_timers: NodeTimers::of(&node_config),
+        gaps_allowed: scenario.tunables.retention.is_some(),
+        approximations,
+    })
+}
+
+/// Whether the drivers can carry out `action`.
+fn supported(action: &Action) -> Result<(), &'static str> {
+    match action {
+        Action::Partition(..)
+        | Action::Heal(..)
+        | Action::HealAll
+        | Action::Isolate(_)
+        | Action::Rejoin(_)
+        | Action::Hold(..)
+        | Action::Release(..)
+        | Action::Block(..)
+        | Action::Unblock(..)
+        | Action::Disconnect(_)
+        | Action::Crash(_)
+        | Action::Restart(_) => Ok(()),
+        Action::Network(_) | Action::Link(..) => Err("changes the network mid-run"),
+        Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
+        Action::Handover(..) => Err("needs federation"),
+        Action::Commit(..) => Err("needs MLS"),
+        Action::StallDisk(_)
+        | Action::ResumeDisk(_)
+        | Action::FillDisk(_)
+        | Action::FreeDisk(_) => Err("needs a disk fault in real redb files"),
+        Action::ClockJump(..) | Action::Drift(..) => Err("needs a clock per host"),
+    }
+}
+
+/// The devices a target names (gateways and random targets name none here).
+pub fn resolve(scenario: &Scenario, devices: &[DevicePlan], target: &Target) -> Vec<usize> {
+    let of_user = |user: &str| -> Vec<usize> {
+        devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.name.rsplit_once('/').map(|(u, _)| u) == Some(user))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    match target {
+        Target::User(user) => of_user(user),
+        Target::Device(user, n) => of_user(user)
+            .get(*n as usize)
+            .copied()
+            .into_iter()
+            .collect(),
+        Target::UserGlob(prefix) => scenario
+            .users
+            .iter()
+            .filter(|u| u.name.starts_with(prefix.as_str()))
+            .flat_map(|u| of_user(&u.name))
+            .collect(),
+        Target::AllDevices => (0..devices.len()).collect(),
+        Target::Gateway(_) | Target::AllGateways | Target::RandomDevice | Target::RandomGateway => {
+            Vec::new()
+        }
+    }
+}

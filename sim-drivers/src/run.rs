@@ -1,0 +1,827 @@
+//! One run of a [`Plan`] on the production drivers under turmoil.
+//!
+//! The gateway and every device are turmoil hosts running the real `sund-gateway` and
+//! `sund-node` drivers (tokio, quinn, rustls, redb in a temporary directory). Each device's
+//! host is also its application: it sends on the scenario's schedule and takes what it is
+//! delivered, and reports both to the same invariant checker the model layer uses. The control
+//! loop steps turmoil one millisecond at a time and carries out the scenario's faults between
+//! steps: crash and restart (turmoil `crash` and `bounce`), partitions, one-way cuts, holds,
+//! and disconnects (the node's own reconnect). After the safety phase it heals everything and
+//! probes every 100 ms until every member has everything acknowledged, as the model layer does.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use sha2::Digest;
+use sund_gateway::driver::{self as gateway_driver, GatewayOptions};
+use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
+use sund_model::ids::{ConversationId, DeviceId, MsgId};
+use sund_model::node::{ConnectionStatus, NodeEvent};
+use sund_model::time::Instant;
+use sund_model::trust::EnrolmentToken;
+use sund_node::driver::{self as node_driver, NodeHandle, NodeOptions};
+use sund_runtime::entropy::SeededEntropy;
+use sund_runtime::environment::Simulated;
+use sund_runtime::store::RedbStore;
+use sund_runtime::tls::{certificate_pin, TlsIdentity};
+use sund_runtime::turmoil::{DatagramFaults, PacketTrace, PacketTraceSummary, TurmoilUdp};
+use sund_sim::checker::{Checker, Phase, Violation};
+use sund_sim::scenario::{Action, Invariant, Scenario, Target, Timing};
+
+use crate::plan::{resolve, Plan};
+
+/// The gateway's UDP port.
+const PORT: u16 = 4433;
+/// Model clocks read this at the start of a run (a simulation never reads the real time).
+const EPOCH: Instant = Instant(1_700_000_000_000_000);
+/// One turmoil step.
+const TICK: Duration = Duration::from_millis(1);
+/// How often the liveness phase asks whether the run has converged.
+const PROBE: Duration = Duration::from_millis(100);
+/// How often a device's application looks at its schedule.
+const APP_TICK: Duration = Duration::from_millis(5);
+
+/// What one run did.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// The first broken invariant, if any.
+    pub violation: Option<Violation>,
+    /// SHA-256 over every datagram (the packet trace) and every application event, in order.
+    pub trace_hash: [u8; 32],
+    /// The datagrams.
+    pub packets: PacketTraceSummary,
+    /// Simulated time when the run ended.
+    pub sim_time: Duration,
+    /// Time from the heal to convergence (liveness phase), if it converged.
+    pub recovery: Option<Duration>,
+    /// Application sends the nodes took.
+    pub offered: u64,
+    /// Acknowledgements the applications heard.
+    pub accepted: u64,
+    /// Deliveries the applications heard (replays after a restart included).
+    pub delivered: u64,
+    /// Deliveries heard again after a device restarted (not yet durably taken before).
+    pub replayed: u64,
+    /// Sends a node refused at once (its outbox full).
+    pub refused: u64,
+    /// Reconnect attempts the nodes reported.
+    pub reconnects: u64,
+    /// Host starts after the first (restarts after crashes).
+    pub restarts: u64,
+}
+
+impl RunReport {
+    /// The trace hash as `cargo sim` prints it: the first 128 bits in hex.
+    pub fn short_hash(&self) -> String {
+        self.trace_hash[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// Everything the hosts and the control loop share (turmoil runs every host on this thread).
+struct Shared {
+    checker: Checker,
+    /// Past the safety phase: applications stop sending.
+    liveness: bool,
+    /// Per send plan: when its next send is due.
+    next_send: Vec<Duration>,
+    /// How many sends each device made (numbers its bodies).
+    made: Vec<u64>,
+    /// SHA-256 of every sent body, to check what is delivered is what was sent.
+    bodies: BTreeMap<(DeviceId, MsgId), [u8; 32]>,
+    /// Sends not yet acknowledged to their device.
+    unacknowledged: BTreeSet<(ConversationId, DeviceId, MsgId)>,
+    /// Device and conversation pairs whose next delivery may replay (the device restarted).
+    may_replay: BTreeSet<(usize, ConversationId)>,
+    /// Host starts so far, per device.
+    starts: Vec<u32>,
+    gateway_starts: u32,
+    /// Disconnects asked for and not yet carried out, per device.
+    disconnects: Vec<u32>,
+    /// SHA-256 over the application events.
+    events: sha2::Sha256,
+    report: RunReport,
+}
+
+fn now_us() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_micros() as u64
+}
+
+fn hash_body(body: &[u8]) -> [u8; 32] {
+    sha2::Sha256::digest(body).into()
+}
+
+/// A 32-byte seed for one use, from the run's seed.
+fn stream_seed(seed: u64, label: &str, n: u64) -> [u8; 32] {
+    sha2::Sha256::new()
+        .chain_update(b"sund/sim-drivers/stream/")
+        .chain_update(label.as_bytes())
+        .chain_update(seed.to_le_bytes())
+        .chain_update(n.to_le_bytes())
+        .finalize()
+        .into()
+}
+
+fn seed_u64(seed: [u8; 32]) -> u64 {
+    u64::from_le_bytes(seed[..8].try_into().expect("8 bytes"))
+}
+
+/// What is fixed for a run: the plan, the seed, where the data lives.
+struct World {
+    plan: Plan,
+    seed: u64,
+    root: PathBuf,
+    pin: [u8; 32],
+    tokens: Vec<EnrolmentToken>,
+    faults: DatagramFaults,
+    packets: PacketTrace,
+    shared: RefCell<Shared>,
+}
+
+/// Prepares the gateway's data directory as an operator would before the run: a TLS identity
+/// (seeded, so handshakes repeat), one enrolment token per device, the conversations.
+fn prepare_gateway(dir: &Path, plan: &Plan) -> Result<([u8; 32], Vec<EnrolmentToken>), String> {
+    let identity = TlsIdentity::from_seed([7; 32]).map_err(|e| e.to_string())?;
+    identity.save(&dir.join("tls")).map_err(|e| e.to_string())?;
+    let mut store = RedbStore::open(&dir.join("gateway.redb")).map_err(|e| e.to_string())?;
+    let mut gateway = Gateway::new(
+        GatewayConfig::default(),
+        EPOCH,
+        Box::new(SeededEntropy::new([9; 32])),
+    );
+    let mut tokens = Vec::new();
+    for device in &plan.devices {
+        let command = AdminCommand::IssueEnrolmentToken(device.user);
+        match gateway.run_admin(EPOCH, command, &mut store) {
+            Ok((AdminAnswer::EnrolmentToken(token), _)) => tokens.push(token),
+            other => return Err(format!("issuing a token for {}: {other:?}", device.name)),
+        }
+    }
+    for conv in &plan.conversations {
+        let members = conv.members.iter().map(|&i| plan.devices[i].id()).collect();
+        let command = AdminCommand::CreateConversation(conv.id, members);
+        gateway
+            .run_admin(EPOCH, command, &mut store)
+            .map_err(|e| format!("creating {}: {e:?}", conv.name))?;
+    }
+    Ok((certificate_pin(&identity.cert), tokens))
+}
+
+/// Runs `scenario` (already planned as `plan`) with `seed`.
+pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, String> {
+    let tmp = data_dir().map_err(|e| format!("a temporary directory: {e}"))?;
+    let root = tmp.path().to_path_buf();
+    let (pin, tokens) = prepare_gateway(&root.join("gateway"), &plan)?;
+    let mut rng = ChaCha20Rng::from_seed(stream_seed(seed, "workload", 0));
+    let next_send = plan
+        .sends
+        .iter()
+        .map(|s| {
+            let period = s.period.as_micros().max(1) as u64;
+            s.start + Duration::from_micros(rng.next_u64() % period)
+        })
+        .collect();
+    let devices = plan.devices.len();
+    let shared = Shared {
+        checker: Checker::new(scenario.invariants.clone(), plan.gaps_allowed),
+        liveness: false,
+        next_send,
+        made: vec![0; devices],
+        bodies: BTreeMap::new(),
+        unacknowledged: BTreeSet::new(),
+        may_replay: BTreeSet::new(),
+        starts: vec![0; devices],
+        gateway_starts: 0,
+        disconnects: vec![0; devices],
+        events: sha2::Sha256::new(),
+        report: RunReport {
+            violation: None,
+            trace_hash: [0; 32],
+            packets: PacketTrace::new().summary(),
+            sim_time: Duration::ZERO,
+            recovery: None,
+            offered: 0,
+            accepted: 0,
+            delivered: 0,
+            replayed: 0,
+            refused: 0,
+            reconnects: 0,
+            restarts: 0,
+        },
+    };
+    let world = Rc::new(World {
+        faults: DatagramFaults {
+            loss: plan.loss,
+            duplicate: plan.duplicate,
+        },
+        plan,
+        seed,
+        root,
+        pin,
+        tokens,
+        packets: PacketTrace::new(),
+        shared: RefCell::new(shared),
+    });
+    let end = scenario.duration + scenario.liveness;
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(end + Duration::from_secs(10))
+        .tick_duration(TICK)
+        .min_message_latency(world.plan.latency.0)
+        .max_message_latency(world.plan.latency.1)
+        .rng_seed(seed)
+        .build();
+    add_gateway(&mut sim, &world);
+    for index in 0..devices {
+        add_device(&mut sim, &world, index);
+    }
+    control(&mut sim, scenario, &world, end);
+    let mut shared = world.shared.borrow_mut();
+    let packets = world.packets.summary();
+    let events: [u8; 32] = shared.events.clone().finalize().into();
+    let mut report = shared.report.clone();
+    report.violation = shared.checker.violation().cloned();
+    report.packets = packets;
+    report.trace_hash = sha2::Sha256::new()
+        .chain_update(packets.hash)
+        .chain_update(events)
+        .finalize()
+        .into();
+    shared.report = report.clone();
+    drop(shared);
+    drop(sim);
+    Ok(report)
+}
+
+/// Where the run's redb files live: a fresh directory in memory-backed `/dev/shm` where there is
+/// one and `TMPDIR` does not say otherwise (redb is as real there, and its syncs cost nothing,
+/// which makes runs about four times faster), else in the temporary directory.
+fn data_dir() -> std::io::Result<tempfile::TempDir> {
+    let builder = tempfile::Builder::new().prefix("sund-sim-drivers-").clone();
+    let shm = Path::new("/dev/shm");
+    // deterministic: redb's files live here; their bytes never enter the trace hash
+    if std::env::var_os("TMPDIR").is_none() && shm.is_dir() {
+        if let Ok(dir) = builder.tempdir_in(shm) {
+            return Ok(dir);
+        }
+    }
+    builder.tempdir()
+}
+
+fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
+    let w = world.clone();
+    sim.host(world.plan.gateway.as_str(), move || {
+        let w = w.clone();
+        async move {
+            let start = {
+                let mut shared = w.shared.borrow_mut();
+                shared.gateway_starts += 1;
+                if shared.gateway_starts > 1 {
+                    shared.report.restarts += 1;
+                }
+                shared.gateway_starts
+            };
+            let socket_seed = seed_u64(stream_seed(w.seed, "gateway-socket", start.into()));
+            let socket =
+                TurmoilUdp::bind_traced(PORT, w.faults, socket_seed, Some(w.packets.clone())).await;
+            let origin = EPOCH + turmoil::sim_elapsed().unwrap_or_default();
+            let environment =
+                Simulated::new(socket, stream_seed(w.seed, "gateway", start.into()), origin);
+            let options = GatewayOptions {
+                listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
+                environment: Arc::new(environment),
+                data_dir: w.root.join("gateway"),
+                config: w.plan.gateway_config.clone(),
+            };
+            let _gateway = gateway_driver::start(options)
+                .await
+                .map_err(|e| format!("the gateway driver did not start: {e}"))?;
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    });
+}
+
+fn add_device(sim: &mut turmoil::Sim<'_>, world: &Rc<World>, index: usize) {
+    let w = world.clone();
+    let host = world.plan.devices[index].host.clone();
+    sim.host(host.as_str(), move || {
+        let w = w.clone();
+        async move { device_main(&w, index).await }
+    });
+}
+
+/// A device's host: its node driver and its application.
+async fn device_main(w: &World, index: usize) -> turmoil::Result {
+    let device = &w.plan.devices[index];
+    let start = {
+        let mut shared = w.shared.borrow_mut();
+        shared.starts[index] += 1;
+        if shared.starts[index] > 1 {
+            shared.report.restarts += 1;
+            // What the application had not durably taken comes again.
+            for conv in &w.plan.conversations {
+                if conv.members.contains(&index) {
+                    shared.may_replay.insert((index, conv.id));
+                }
+            }
+        }
+        shared.starts[index]
+    };
+    let label = format!("device/{}", device.name);
+    let socket_seed = seed_u64(stream_seed(
+        w.seed,
+        &format!("{label}/socket"),
+        start.into(),
+    ));
+    let socket = TurmoilUdp::bind_traced(0, w.faults, socket_seed, Some(w.packets.clone())).await;
+    let origin = EPOCH + turmoil::sim_elapsed().unwrap_or_default();
+    let environment = Simulated::new(socket, stream_seed(w.seed, &label, start.into()), origin);
+    let options = NodeOptions {
+        data_dir: w.root.join(&device.host),
+        gateway: SocketAddr::new(turmoil::lookup(w.plan.gateway.as_str()), PORT),
+        gateway_pin: w.pin,
+        key: device.key.clone(),
+        environment: Arc::new(environment),
+        user: Some(device.user),
+        mls: None,
+        enrolment: Some(w.tokens[index]),
+        pairing_voucher: None,
+        hold_until_taken: true,
+        timers: Some(w.plan.node_timers),
+    };
+    let mut node = node_driver::start(options)
+        .await
+        .map_err(|e| format!("{}: the node driver did not start: {e}", device.name))?;
+    let mut tick = tokio::time::interval(APP_TICK);
+    loop {
+        tokio::select! {
+            biased;
+            event = node.events.recv() => {
+                let Some(event) = event else {
+                    return Err(format!("{}: the node driver stopped", device.name).into());
+                };
+                on_event(w, index, &node, event).await?;
+            }
+            _ = tick.tick() => act(w, index, &node).await?,
+        }
+    }
+}
+
+/// The application hears `event`.
+async fn on_event(w: &World, index: usize, node: &NodeHandle, event: NodeEvent) -> turmoil::Result {
+    let device = &w.plan.devices[index];
+    let who = device.name.as_str();
+    let at = now_us();
+    let actor = index as u32;
+    let take = {
+        let mut shared = w.shared.borrow_mut();
+        let shared = &mut *shared;
+        match event {
+            NodeEvent::Delivered {
+                conversation,
+                seq,
+                sender,
+                msg_id,
+                body,
+            } => {
+                shared.report.delivered += 1;
+                if shared.may_replay.remove(&(index, conversation))
+                    && seq <= shared.checker.delivered_upto(actor, conversation)
+                {
+                    shared.report.replayed += 1;
+                    shared
+                        .checker
+                        .on_replay_after_restart(actor, conversation, seq);
+                }
+                shared
+                    .checker
+                    .on_delivered(at, actor, who, conversation, seq, sender, msg_id);
+                match shared.bodies.get(&(sender, msg_id)) {
+                    Some(sent) if *sent != hash_body(&body) => shared.checker.fail_safety(
+                        Invariant::NoLoss,
+                        at,
+                        format!("{who}: seq {seq} of {conversation} ({msg_id} from {sender}) arrived with other bytes than were sent"),
+                    ),
+                    Some(_) => {}
+                    None => shared.checker.fail_safety(
+                        Invariant::NoDuplicate,
+                        at,
+                        format!("{who}: seq {seq} of {conversation} is {msg_id} from {sender}, which no application sent"),
+                    ),
+                }
+                shared
+                    .events
+                    .update(format!("{at} {who} delivered {conversation} {seq}|").as_bytes());
+                Some((conversation, seq))
+            }
+            NodeEvent::Accepted {
+                conversation,
+                msg_id,
+                seq,
+            } => {
+                shared.report.accepted += 1;
+                let id = device.id();
+                shared
+                    .checker
+                    .on_accepted(at, who, conversation, id, msg_id, seq);
+                shared.unacknowledged.remove(&(conversation, id, msg_id));
+                shared
+                    .events
+                    .update(format!("{at} {who} accepted {conversation} {seq}|").as_bytes());
+                None
+            }
+            NodeEvent::Rejected { msg_id, code } => {
+                // A member's message to a plain conversation has no reason to be refused.
+                shared.checker.fail_safety(
+                    Invariant::NoLoss,
+                    at,
+                    format!("{who}: the gateway refused {msg_id} ({code:?}), which the application had sent"),
+                );
+                None
+            }
+            NodeEvent::Gap {
+                conversation,
+                from,
+                to,
+            } => {
+                shared
+                    .checker
+                    .on_gap(at, actor, who, conversation, from, to);
+                None
+            }
+            NodeEvent::Status(ConnectionStatus::Reconnecting { .. }) => {
+                shared.report.reconnects += 1;
+                None
+            }
+            _ => None,
+        }
+    };
+    if let Some((conversation, seq)) = take {
+        node.taken(conversation, seq)
+            .await
+            .map_err(|e| format!("{who}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The application's turn: carry out an asked-for disconnect, and the sends that are due.
+async fn act(w: &World, index: usize, node: &NodeHandle) -> turmoil::Result {
+    let device = &w.plan.devices[index];
+    let now = turmoil::sim_elapsed().unwrap_or_default();
+    let (disconnect, due) = {
+        let mut shared = w.shared.borrow_mut();
+        let disconnect = std::mem::take(&mut shared.disconnects[index]) > 0;
+        let mut due = Vec::new();
+        if !shared.liveness {
+            for (n, send) in w.plan.sends.iter().enumerate() {
+                if send.device != index || shared.next_send[n] > now {
+                    continue;
+                }
+                if now < send.stop {
+                    shared.made[index] += 1;
+                    let mut body = format!("{}#{}", device.name, shared.made[index]).into_bytes();
+                    if body.len() < send.size {
+                        body.resize(send.size, b'.');
+                    }
+                    due.push((
+                        w.plan.conversations[send.conversation].id,
+                        Bytes::from(body),
+                    ));
+                }
+                // A device that was down skips the turns it missed.
+                while shared.next_send[n] <= now {
+                    shared.next_send[n] += send.period;
+                }
+            }
+        }
+        (disconnect, due)
+    };
+    if disconnect {
+        node.reconnect()
+            .await
+            .map_err(|e| format!("{}: {e}", device.name))?;
+    }
+    for (conversation, body) in due {
+        let digest = hash_body(&body);
+        match node.send(conversation, body).await {
+            Ok(Ok(msg_id)) => {
+                let mut shared = w.shared.borrow_mut();
+                let id = device.id();
+                shared.checker.on_sent(conversation, id, msg_id);
+                shared.bodies.insert((id, msg_id), digest);
+                shared.unacknowledged.insert((conversation, id, msg_id));
+                shared.report.offered += 1;
+            }
+            Ok(Err(_)) => w.shared.borrow_mut().report.refused += 1,
+            Err(e) => return Err(format!("{}: {e}", device.name).into()),
+        }
+    }
+    Ok(())
+}
+
+/// The fault side of the run: expands the schedule, steps turmoil, carries out each action at
+/// its time, heals at the end of the safety phase and probes for convergence.
+fn control(sim: &mut turmoil::Sim<'_>, scenario: &Scenario, world: &World, end: Duration) {
+    let plan = &world.plan;
+    let mut faults_rng = ChaCha20Rng::from_seed(stream_seed(world.seed, "faults", 0));
+    let mut actions: Vec<(Duration, usize, Action)> = Vec::new();
+    for (n, scheduled) in plan.schedule.iter().enumerate() {
+        match scheduled.timing {
+            Timing::At(at) => actions.push((at, n, scheduled.action.clone())),
+            Timing::Every {
+                period,
+                start,
+                stop,
+                jitter,
+            } => {
+                let mut at = start;
+                while at < stop.min(scenario.duration) && !period.is_zero() {
+                    let delay = match jitter.as_micros() as u64 {
+                        0 => 0,
+                        j => faults_rng.next_u64() % j,
+                    };
+                    actions.push((
+                        at + Duration::from_micros(delay),
+                        n,
+                        scheduled.action.clone(),
+                    ));
+                    at += period;
+                }
+            }
+        }
+    }
+    actions.sort_by_key(|(at, n, _)| (*at, *n));
+    let mut actions = actions.into_iter().peekable();
+    let mut faults = Faults::default();
+    let mut next_probe = scenario.duration;
+    loop {
+        if let Err(e) = sim.step() {
+            let at = now_of(sim);
+            world.shared.borrow_mut().checker.fail_safety(
+                Invariant::NoPanic,
+                at,
+                format!("a driver failed: {e}"),
+            );
+            break;
+        }
+        let now = sim.elapsed();
+        while let Some((at, _, _)) = actions.peek() {
+            if *at > now || now >= scenario.duration {
+                break;
+            }
+            let (_, _, action) = actions.next().expect("peeked");
+            faults.apply(sim, scenario, world, &action, &mut faults_rng);
+        }
+        if world.shared.borrow().checker.violation().is_some() {
+            break;
+        }
+        if now >= scenario.duration && !world.shared.borrow().liveness {
+            world.shared.borrow_mut().liveness = true;
+            faults.heal_all(sim);
+        }
+        if now >= next_probe {
+            next_probe += PROBE;
+            match missing(world) {
+                None => {
+                    world.shared.borrow_mut().report.recovery =
+                        Some(now.saturating_sub(scenario.duration));
+                    break;
+                }
+                Some(what) if now >= end => {
+                    world
+                        .shared
+                        .borrow_mut()
+                        .checker
+                        .fail_liveness(now.as_micros() as u64, what);
+                    break;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    world.shared.borrow_mut().report.sim_time = sim.elapsed();
+}
+
+fn now_of(sim: &turmoil::Sim<'_>) -> u64 {
+    sim.elapsed().as_micros() as u64
+}
+
+/// What stops the run from having converged, in words (`None`: converged).
+fn missing(world: &World) -> Option<String> {
+    let shared = world.shared.borrow();
+    if let Some((conv, device, msg_id)) = shared.unacknowledged.iter().next() {
+        let name = world
+            .plan
+            .devices
+            .iter()
+            .find(|d| d.id() == *device)
+            .map_or("?", |d| d.name.as_str());
+        return Some(format!(
+            "{name}'s {msg_id} to {conv} was never acknowledged ({} sends wait)",
+            shared.unacknowledged.len()
+        ));
+    }
+    let mut heads: BTreeMap<ConversationId, u64> = BTreeMap::new();
+    for (conv, seq) in shared.checker.accepted() {
+        let head = heads.entry(conv).or_default();
+        *head = (*head).max(seq);
+    }
+    for conv in &world.plan.conversations {
+        let head = heads.get(&conv.id).copied().unwrap_or(0);
+        for &member in &conv.members {
+            let upto = shared.checker.delivered_upto(member as u32, conv.id);
+            if upto < head {
+                return Some(format!(
+                    "{} has delivered {} up to seq {upto} of {head}",
+                    world.plan.devices[member].name, conv.name
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The faults in force, so that the heal at the end of the safety phase undoes each.
+#[derive(Default)]
+struct Faults {
+    cut: BTreeSet<(String, String)>,
+    blocked: BTreeSet<(String, String)>,
+    held: BTreeSet<(String, String)>,
+    crashed: BTreeSet<String>,
+}
+
+impl Faults {
+    /// Turmoil hosts a target names; random targets draw from the fault stream.
+    fn hosts(
+        scenario: &Scenario,
+        world: &World,
+        target: &Target,
+        rng: &mut ChaCha20Rng,
+    ) -> Vec<String> {
+        let plan = &world.plan;
+        match target {
+            Target::Gateway(_) | Target::AllGateways | Target::RandomGateway => {
+                vec![plan.gateway.clone()]
+            }
+            Target::RandomDevice => {
+                let n = plan.devices.len() as u64;
+                vec![plan.devices[(rng.next_u64() % n) as usize].host.clone()]
+            }
+            other => resolve(scenario, &plan.devices, other)
+                .into_iter()
+                .map(|i| plan.devices[i].host.clone())
+                .collect(),
+        }
+    }
+
+    fn all_hosts(world: &World) -> Vec<String> {
+        let mut hosts = vec![world.plan.gateway.clone()];
+        hosts.extend(world.plan.devices.iter().map(|d| d.host.clone()));
+        hosts
+    }
+
+    fn pairs(a: &[String], b: &[String]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for x in a {
+            for y in b {
+                if x != y {
+                    let pair = if x < y { (x, y) } else { (y, x) };
+                    out.push((pair.0.clone(), pair.1.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn apply(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        scenario: &Scenario,
+        world: &World,
+        action: &Action,
+        rng: &mut ChaCha20Rng,
+    ) {
+        let mut hosts = |t: &Target| Faults::hosts(scenario, world, t, rng);
+        match action {
+            Action::Partition(a, b) => {
+                for (x, y) in Faults::pairs(&hosts(a), &hosts(b)) {
+                    sim.partition(x.as_str(), y.as_str());
+                    self.cut.insert((x, y));
+                }
+            }
+            Action::Heal(a, b) => {
+                for (x, y) in Faults::pairs(&hosts(a), &hosts(b)) {
+                    if self.cut.remove(&(x.clone(), y.clone())) {
+                        sim.repair(x.as_str(), y.as_str());
+                    }
+                }
+            }
+            Action::Isolate(a) => {
+                for (x, y) in Faults::pairs(&hosts(a), &Faults::all_hosts(world)) {
+                    sim.partition(x.as_str(), y.as_str());
+                    self.cut.insert((x, y));
+                }
+            }
+            Action::Rejoin(a) => {
+                for (x, y) in Faults::pairs(&hosts(a), &Faults::all_hosts(world)) {
+                    if self.cut.remove(&(x.clone(), y.clone())) {
+                        sim.repair(x.as_str(), y.as_str());
+                    }
+                }
+            }
+            Action::Hold(a, b) => {
+                for (x, y) in Faults::pairs(&hosts(a), &hosts(b)) {
+                    sim.hold(x.as_str(), y.as_str());
+                    self.held.insert((x, y));
+                }
+            }
+            Action::Release(a, b) => {
+                for (x, y) in Faults::pairs(&hosts(a), &hosts(b)) {
+                    if self.held.remove(&(x.clone(), y.clone())) {
+                        sim.release(x.as_str(), y.as_str());
+                    }
+                }
+            }
+            Action::Block(a, b) => {
+                let (from, to) = (hosts(a), hosts(b));
+                for x in &from {
+                    for y in to.iter().filter(|y| *y != x) {
+                        sim.partition_oneway(x.as_str(), y.as_str());
+                        self.blocked.insert((x.clone(), y.clone()));
+                    }
+                }
+            }
+            Action::Unblock(a, b) => {
+                let (from, to) = (hosts(a), hosts(b));
+                for x in &from {
+                    for y in to.iter().filter(|y| *y != x) {
+                        if self.blocked.remove(&(x.clone(), y.clone())) {
+                            sim.repair_oneway(x.as_str(), y.as_str());
+                        }
+                    }
+                }
+            }
+            Action::Disconnect(a) => {
+                let named = hosts(a);
+                let mut shared = world.shared.borrow_mut();
+                let gateway = named.contains(&world.plan.gateway);
+                for (i, device) in world.plan.devices.iter().enumerate() {
+                    if gateway || named.contains(&device.host) {
+                        shared.disconnects[i] += 1;
+                    }
+                }
+            }
+            Action::Crash(a) => {
+                for host in hosts(a) {
+                    if self.crashed.insert(host.clone()) {
+                        sim.crash(host.as_str());
+                    }
+                }
+            }
+            Action::Restart(a) => {
+                for host in hosts(a) {
+                    if self.crashed.remove(&host) {
+                        sim.bounce(host.as_str());
+                    }
+                }
+            }
+            Action::HealAll => self.heal_all(sim),
+            // The plan refused every other action.
+            other => unreachable!("the plan admits no `{}`", other.keyword()),
+        }
+    }
+
+    fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>) {
+        for (x, y) in std::mem::take(&mut self.cut) {
+            sim.repair(x.as_str(), y.as_str());
+        }
+        for (x, y) in std::mem::take(&mut self.blocked) {
+            sim.repair_oneway(x.as_str(), y.as_str());
+        }
+        for (x, y) in std::mem::take(&mut self.held) {
+            sim.release(x.as_str(), y.as_str());
+        }
+        for host in std::mem::take(&mut self.crashed) {
+            sim.bounce(host.as_str());
+        }
+    }
+}
+
+/// How a report's result reads in one word, as `cargo sim --json` writes it.
+pub fn result_word(report: &RunReport) -> &'static str {
+    match &report.violation {
+        None => "pass",
+        Some(v) if v.phase == Phase::Liveness => "liveness_violation",
+        Some(_) => "safety_violation",
+    }
+}
