@@ -27,7 +27,9 @@ use sund_runtime::entropy::SeededEntropy;
 use sund_runtime::environment::Simulated;
 use sund_runtime::store::RedbStore;
 use sund_runtime::tls::{certificate_pin, TlsIdentity};
-use sund_runtime::turmoil::{DatagramFaults, PacketTrace, PacketTraceSummary, TurmoilUdp};
+use sund_runtime::turmoil::{
+    DatagramFaults, PacketTrace, PacketTraceSummary, SocketFaults, TurmoilUdp,
+};
 
 // ---- the world ----
 
@@ -115,7 +117,7 @@ impl World {
             let packets = packets.clone();
             async move {
                 let socket =
-                    TurmoilUdp::bind_traced(PORT, DatagramFaults::default(), seed, Some(packets))
+                    TurmoilUdp::bind_traced(PORT, SocketFaults::default(), seed, Some(packets))
                         .await;
                 let options = GatewayOptions {
                     listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
@@ -138,9 +140,13 @@ impl World {
             loss,
             duplicate: 0.0,
         };
-        let socket =
-            TurmoilUdp::bind_traced(0, faults, seed ^ u64::from(n), Some(self.packets.clone()))
-                .await;
+        let socket = TurmoilUdp::bind_traced(
+            0,
+            SocketFaults::uniform(faults),
+            seed ^ u64::from(n),
+            Some(self.packets.clone()),
+        )
+        .await;
         let options = NodeOptions {
             data_dir: self.root.join(format!("node-{n}")),
             gateway,

@@ -27,7 +27,7 @@ type Readable = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 pub struct TurmoilUdp {
     socket: Arc<turmoil::net::UdpSocket>,
     readable: Mutex<Option<Readable>>,
-    faults: DatagramFaults,
+    faults: SocketFaults,
     rng: Mutex<ChaCha20Rng>,
     trace: Option<PacketTrace>,
 }
@@ -39,6 +39,47 @@ pub struct DatagramFaults {
     pub loss: f64,
     /// Probability a datagram arrives twice.
     pub duplicate: f64,
+}
+
+/// The faults a socket applies to what it sends, per destination: a default and overrides per
+/// destination address. A handle: a simulation keeps one per host and changes it while the run
+/// goes on (a `network` or `link` change), and it outlives the host's restarts.
+#[derive(Clone, Debug, Default)]
+pub struct SocketFaults(Arc<Mutex<FaultTable>>);
+
+#[derive(Debug, Default)]
+struct FaultTable {
+    default: DatagramFaults,
+    to: std::collections::BTreeMap<std::net::IpAddr, DatagramFaults>,
+}
+
+impl SocketFaults {
+    /// The same faults towards every destination.
+    pub fn uniform(faults: DatagramFaults) -> SocketFaults {
+        let shared = SocketFaults::default();
+        shared.set_default(faults);
+        shared
+    }
+
+    /// Sets the faults towards every destination without an override.
+    pub fn set_default(&self, faults: DatagramFaults) {
+        self.0.lock().expect("never poisoned").default = faults;
+    }
+
+    /// Sets the faults towards `destination`, overriding the default.
+    pub fn set_to(&self, destination: std::net::IpAddr, faults: DatagramFaults) {
+        self.0
+            .lock()
+            .expect("never poisoned")
+            .to
+            .insert(destination, faults);
+    }
+
+    /// The faults towards `destination`.
+    pub fn towards(&self, destination: std::net::IpAddr) -> DatagramFaults {
+        let table = self.0.lock().expect("never poisoned");
+        table.to.get(&destination).copied().unwrap_or(table.default)
+    }
 }
 
 /// A running SHA-256 over every datagram the traced sockets of one run send, in the order
@@ -130,14 +171,14 @@ impl TurmoilUdp {
             loss,
             duplicate: 0.0,
         };
-        TurmoilUdp::bind_traced(port, faults, seed, None).await
+        TurmoilUdp::bind_traced(port, SocketFaults::uniform(faults), seed, None).await
     }
 
     /// Binds `port` with `faults` drawn from a stream seeded with `seed`, adding every datagram
     /// it sends to `trace`.
     pub async fn bind_traced(
         port: u16,
-        faults: DatagramFaults,
+        faults: SocketFaults,
         seed: u64,
         trace: Option<PacketTrace>,
     ) -> Arc<TurmoilUdp> {
@@ -171,8 +212,9 @@ impl AsyncUdpSocket for TurmoilUdp {
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let draw =
             |p: f64| p > 0.0 && (self.rng.lock().unwrap().next_u64() as f64 / u64::MAX as f64) < p;
-        let lost = draw(self.faults.loss);
-        let copies = if !lost && draw(self.faults.duplicate) {
+        let faults = self.faults.towards(transmit.destination.ip());
+        let lost = draw(faults.loss);
+        let copies = if !lost && draw(faults.duplicate) {
             2
         } else {
             1

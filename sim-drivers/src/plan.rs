@@ -11,7 +11,8 @@ use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::node::NodeConfig;
 use sund_model::planted::PlantedBug;
 use sund_node::driver::NodeTimers;
-use sund_sim::scenario::{Action, Invariant, Scenario, Scheduled, Target};
+use sund_sim::network::LinkProfile;
+use sund_sim::scenario::{Action, Invariant, ProfilePatch, Scenario, Scheduled, Target};
 
 /// Most devices a driver-layer run takes: each is a real QUIC endpoint, TLS stack and redb file.
 pub const DEVICES_MAX: usize = 32;
@@ -75,12 +76,13 @@ pub struct Plan {
     pub conversations: Vec<ConversationPlan>,
     /// Every device's sends.
     pub sends: Vec<SendPlan>,
-    /// Datagram latency range.
-    pub latency: (Duration, Duration),
-    /// Datagram loss probability (each device's socket and the gateway's).
-    pub loss: f64,
-    /// Datagram duplication probability.
-    pub duplicate: f64,
+    /// The default link profile (latency range, datagram loss and duplication).
+    pub network: LinkProfile,
+    /// `link` statements between the gateway and devices: which devices' links, and the change.
+    /// (Devices talk to the gateway only, so a link between two sets of devices carries nothing.)
+    pub links: Vec<(Vec<usize>, ProfilePatch)>,
+    /// `skew` statements: a clock offset in microseconds per host.
+    pub skews: Vec<(String, i64)>,
     /// The timed actions, each checked to be one the drivers can do.
     pub schedule: Vec<Scheduled>,
     /// The gateway driver's configuration: the scenario's `config` lines and planted bug.
@@ -167,11 +169,12 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
     if profile.bandwidth_bps != 0 {
         why_not.push("a bandwidth limit: turmoil's links have none".into());
     }
-    if !scenario.links.is_empty() {
-        why_not.push("`link` profiles: the driver layer has one network profile".into());
-    }
-    if !scenario.skews.is_empty() {
-        why_not.push("`skew`: the drivers' clocks are turmoil's, one per run".into());
+    if scenario
+        .links
+        .iter()
+        .any(|(_, _, patch)| patch.bandwidth_bps.is_some())
+    {
+        why_not.push("a bandwidth limit on a link: turmoil's links have none".into());
     }
     if scenario.planted == Some(PlantedBug::NodeAckBeforeDurable) {
         why_not.push(
@@ -225,6 +228,20 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
     scenario
         .tunables
         .apply(&mut gateway_config, &mut node_config);
+    let links = scenario
+        .links
+        .iter()
+        .map(|(a, b, patch)| (link_devices(scenario, &devices, a, b), *patch))
+        .collect();
+    let skews = scenario
+        .skews
+        .iter()
+        .flat_map(|(target, offset)| {
+            static_hosts(scenario, &devices, &scenario.gateways[0], target)
+                .into_iter()
+                .map(move |host| (host, *offset))
+        })
+        .collect();
     let mut approximations = Vec::new();
     if !scenario.disks.is_empty() {
         approximations.push(
@@ -232,15 +249,41 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
                 .to_string(),
         );
     }
-    if profile.reorder > 0.0 {
-        approximations.push(format!(
-            "reorder {}: datagrams reorder through turmoil's random latencies; QUIC streams deliver frames in order",
-            profile.reorder
-        ));
+    let patches =
+        scenario
+            .links
+            .iter()
+            .map(|(_, _, p)| *p)
+            .chain(scenario.schedule.iter().filter_map(|s| match &s.action {
+                Action::Network(p) | Action::Link(_, _, p) => Some(*p),
+                _ => None,
+            }));
+    let (mut reorders, mut loses) = (
+        profile.reorder > 0.0,
+        profile.loss > 0.0 || profile.duplicate > 0.0,
+    );
+    for patch in patches {
+        reorders |= patch.reorder.is_some_and(|r| r > 0.0);
+        loses |= patch.loss.is_some_and(|l| l > 0.0) || patch.duplicate.is_some_and(|d| d > 0.0);
     }
-    if profile.loss > 0.0 || profile.duplicate > 0.0 {
+    if reorders {
+        approximations.push(
+            "reorder: datagrams reorder through turmoil's random latencies; QUIC streams deliver frames in order".to_string(),
+        );
+    }
+    if loses {
         approximations.push(
             "loss and duplication apply to UDP datagrams, which QUIC retransmits and deduplicates, not to Sund frames".to_string(),
+        );
+    }
+    if !scenario.skews.is_empty()
+        || scenario
+            .schedule
+            .iter()
+            .any(|s| matches!(s.action, Action::ClockJump(..)))
+    {
+        approximations.push(
+            "`skew` and `clock`: a host's driver clock starts offset (a jump is read at its next start, as on the model layer); its timers run on turmoil's one clock".to_string(),
         );
     }
     Ok(Plan {
@@ -248,12 +291,9 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
         devices,
         conversations,
         sends,
-        latency: (
-            Duration::from_micros(profile.latency_us_min),
-            Duration::from_micros(profile.latency_us_max),
-        ),
-        loss: profile.loss,
-        duplicate: profile.duplicate,
+        network: profile,
+        links,
+        skews,
         schedule: scenario.schedule.clone(),
         gateway_config,
         node_timers: NodeTimers::of(&node_config),
@@ -277,7 +317,10 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         | Action::Disconnect(_)
         | Action::Crash(_)
         | Action::Restart(_) => Ok(()),
-        Action::Network(_) | Action::Link(..) => Err("changes the network mid-run"),
+        Action::Network(patch) | Action::Link(_, _, patch) if patch.bandwidth_bps.is_some() => {
+            Err("sets a bandwidth: turmoil's links have none")
+        }
+        Action::Network(_) | Action::Link(..) | Action::ClockJump(..) => Ok(()),
         Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
         Action::Handover(..) => Err("needs federation"),
         Action::Commit(..) => Err("needs MLS"),
@@ -285,7 +328,46 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         | Action::ResumeDisk(_)
         | Action::FillDisk(_)
         | Action::FreeDisk(_) => Err("needs a disk fault in real redb files"),
-        Action::ClockJump(..) | Action::Drift(..) => Err("needs a clock per host"),
+        Action::Drift(..) => Err("needs a clock that runs at another rate: tokio's runs at one"),
+    }
+}
+
+/// The devices whose link with the gateway a `link A B` names (empty if neither side names
+/// the gateway).
+pub fn link_devices(
+    scenario: &Scenario,
+    devices: &[DevicePlan],
+    a: &Target,
+    b: &Target,
+) -> Vec<usize> {
+    let gateway = |t: &Target| matches!(t, Target::Gateway(_) | Target::AllGateways);
+    let mut out = Vec::new();
+    if gateway(a) {
+        out.extend(resolve(scenario, devices, b));
+    }
+    if gateway(b) {
+        out.extend(resolve(scenario, devices, a));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The turmoil hosts a target names, without random draws (for statements read once).
+pub fn static_hosts(
+    scenario: &Scenario,
+    devices: &[DevicePlan],
+    gateway: &str,
+    target: &Target,
+) -> Vec<String> {
+    match target {
+        Target::Gateway(_) | Target::AllGateways | Target::RandomGateway => {
+            vec![gateway.to_string()]
+        }
+        other => resolve(scenario, devices, other)
+            .into_iter()
+            .map(|i| devices[i].host.clone())
+            .collect(),
     }
 }
 

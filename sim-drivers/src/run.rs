@@ -32,11 +32,14 @@ use sund_runtime::entropy::SeededEntropy;
 use sund_runtime::environment::Simulated;
 use sund_runtime::store::RedbStore;
 use sund_runtime::tls::{certificate_pin, TlsIdentity};
-use sund_runtime::turmoil::{DatagramFaults, PacketTrace, PacketTraceSummary, TurmoilUdp};
+use sund_runtime::turmoil::{
+    DatagramFaults, PacketTrace, PacketTraceSummary, SocketFaults, TurmoilUdp,
+};
 use sund_sim::checker::{Checker, Phase, Violation};
+use sund_sim::network::LinkProfile;
 use sund_sim::scenario::{Action, Invariant, Scenario, Target, Timing};
 
-use crate::plan::{resolve, Plan};
+use crate::plan::{link_devices, resolve, Plan};
 
 /// The gateway's UDP port.
 const PORT: u16 = 4433;
@@ -110,6 +113,12 @@ struct Shared {
     disconnects: Vec<u32>,
     /// SHA-256 over the application events.
     events: sha2::Sha256,
+    /// The link profile of every device's link with the gateway that no `link` changed.
+    default_profile: LinkProfile,
+    /// Links a `link` statement or action changed, by device.
+    link_profiles: BTreeMap<usize, LinkProfile>,
+    /// Each host's clock offset (µs; `skew`, and `clock` jumps, read when the host starts).
+    clock_offsets: BTreeMap<String, i64>,
     report: RunReport,
 }
 
@@ -143,7 +152,10 @@ struct World {
     root: PathBuf,
     pin: [u8; 32],
     tokens: Vec<EnrolmentToken>,
-    faults: DatagramFaults,
+    /// What the gateway's socket does to datagrams, per device it sends to.
+    gateway_faults: SocketFaults,
+    /// What each device's socket does to its datagrams.
+    device_faults: Vec<SocketFaults>,
     packets: PacketTrace,
     shared: RefCell<Shared>,
 }
@@ -204,6 +216,9 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         gateway_starts: 0,
         disconnects: vec![0; devices],
         events: sha2::Sha256::new(),
+        default_profile: plan.network,
+        link_profiles: BTreeMap::new(),
+        clock_offsets: plan.skews.iter().cloned().collect(),
         report: RunReport {
             violation: None,
             trace_hash: [0; 32],
@@ -220,10 +235,8 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         },
     };
     let world = Rc::new(World {
-        faults: DatagramFaults {
-            loss: plan.loss,
-            duplicate: plan.duplicate,
-        },
+        gateway_faults: SocketFaults::default(),
+        device_faults: (0..devices).map(|_| SocketFaults::default()).collect(),
         plan,
         seed,
         root,
@@ -236,14 +249,24 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
     let mut sim = turmoil::Builder::new()
         .simulation_duration(end + Duration::from_secs(10))
         .tick_duration(TICK)
-        .min_message_latency(world.plan.latency.0)
-        .max_message_latency(world.plan.latency.1)
+        .min_message_latency(Duration::from_micros(world.plan.network.latency_us_min))
+        .max_message_latency(Duration::from_micros(world.plan.network.latency_us_max))
         .rng_seed(seed)
         .build();
     add_gateway(&mut sim, &world);
     for index in 0..devices {
         add_device(&mut sim, &world, index);
     }
+    {
+        let mut shared = world.shared.borrow_mut();
+        for (changed, patch) in &world.plan.links {
+            for &device in changed {
+                let current = shared.profile(device);
+                shared.link_profiles.insert(device, patch.apply(current));
+            }
+        }
+    }
+    apply_profiles(&sim, &world);
     control(&mut sim, scenario, &world, end);
     let mut shared = world.shared.borrow_mut();
     let packets = world.packets.summary();
@@ -277,6 +300,56 @@ fn data_dir() -> std::io::Result<tempfile::TempDir> {
     builder.tempdir()
 }
 
+impl World {
+    /// What a host's clock reads as it starts: the simulated time, moved by its offset.
+    fn origin(&self, host: &str) -> Instant {
+        let offset = self
+            .shared
+            .borrow()
+            .clock_offsets
+            .get(host)
+            .copied()
+            .unwrap_or(0);
+        let now = EPOCH.0 + turmoil::sim_elapsed().unwrap_or_default().as_micros() as u64;
+        Instant(now.saturating_add_signed(offset))
+    }
+}
+
+impl Shared {
+    /// The profile of a device's link with the gateway.
+    fn profile(&self, device: usize) -> LinkProfile {
+        self.link_profiles
+            .get(&device)
+            .copied()
+            .unwrap_or(self.default_profile)
+    }
+}
+
+/// Gives every link between the gateway and a device its current profile: datagram faults in
+/// both sockets, latency in turmoil.
+fn apply_profiles(sim: &turmoil::Sim<'_>, world: &World) {
+    let shared = world.shared.borrow();
+    let gateway = world.plan.gateway.as_str();
+    for (index, device) in world.plan.devices.iter().enumerate() {
+        let profile = shared.profile(index);
+        let faults = DatagramFaults {
+            loss: profile.loss,
+            duplicate: profile.duplicate,
+        };
+        world.device_faults[index].set_default(faults);
+        world
+            .gateway_faults
+            .set_to(sim.lookup(device.host.as_str()), faults);
+        let host = device.host.as_str();
+        sim.set_link_latency(host, gateway, Duration::from_micros(profile.latency_us_min));
+        sim.set_link_max_message_latency(
+            host,
+            gateway,
+            Duration::from_micros(profile.latency_us_max),
+        );
+    }
+}
+
 fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
     let w = world.clone();
     sim.host(world.plan.gateway.as_str(), move || {
@@ -291,9 +364,14 @@ fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
                 shared.gateway_starts
             };
             let socket_seed = seed_u64(stream_seed(w.seed, "gateway-socket", start.into()));
-            let socket =
-                TurmoilUdp::bind_traced(PORT, w.faults, socket_seed, Some(w.packets.clone())).await;
-            let origin = EPOCH + turmoil::sim_elapsed().unwrap_or_default();
+            let socket = TurmoilUdp::bind_traced(
+                PORT,
+                w.gateway_faults.clone(),
+                socket_seed,
+                Some(w.packets.clone()),
+            )
+            .await;
+            let origin = w.origin(&w.plan.gateway);
             let environment =
                 Simulated::new(socket, stream_seed(w.seed, "gateway", start.into()), origin);
             let options = GatewayOptions {
@@ -343,8 +421,14 @@ async fn device_main(w: &World, index: usize) -> turmoil::Result {
         &format!("{label}/socket"),
         start.into(),
     ));
-    let socket = TurmoilUdp::bind_traced(0, w.faults, socket_seed, Some(w.packets.clone())).await;
-    let origin = EPOCH + turmoil::sim_elapsed().unwrap_or_default();
+    let socket = TurmoilUdp::bind_traced(
+        0,
+        w.device_faults[index].clone(),
+        socket_seed,
+        Some(w.packets.clone()),
+    )
+    .await;
+    let origin = w.origin(&device.host);
     let environment = Simulated::new(socket, stream_seed(w.seed, &label, start.into()), origin);
     let options = NodeOptions {
         data_dir: w.root.join(&device.host),
@@ -587,7 +671,7 @@ fn control(sim: &mut turmoil::Sim<'_>, scenario: &Scenario, world: &World, end: 
         }
         if now >= scenario.duration && !world.shared.borrow().liveness {
             world.shared.borrow_mut().liveness = true;
-            faults.heal_all(sim);
+            faults.heal_all(sim, world);
         }
         if now >= next_probe {
             next_probe += PROBE;
@@ -795,13 +879,47 @@ impl Faults {
                     }
                 }
             }
-            Action::HealAll => self.heal_all(sim),
+            Action::Network(patch) => {
+                {
+                    let mut shared = world.shared.borrow_mut();
+                    shared.default_profile = patch.apply(shared.default_profile);
+                }
+                apply_profiles(sim, world);
+            }
+            Action::Link(a, b, patch) => {
+                {
+                    let mut shared = world.shared.borrow_mut();
+                    for device in link_devices(scenario, &world.plan.devices, a, b) {
+                        let current = shared.profile(device);
+                        shared.link_profiles.insert(device, patch.apply(current));
+                    }
+                }
+                apply_profiles(sim, world);
+            }
+            Action::ClockJump(a, by) => {
+                let named = hosts(a);
+                let mut shared = world.shared.borrow_mut();
+                for host in named {
+                    *shared.clock_offsets.entry(host).or_default() += by;
+                }
+            }
+            Action::HealAll => self.heal_all(sim, world),
             // The plan refused every other action.
             other => unreachable!("the plan admits no `{}`", other.keyword()),
         }
     }
 
-    fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>) {
+    /// As the model layer heals: cuts, one-way cuts and holds undone, link profiles back to
+    /// the default one and no datagram loss or duplication anywhere, crashed hosts restarted.
+    fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>, world: &World) {
+        {
+            let mut shared = world.shared.borrow_mut();
+            shared.link_profiles.clear();
+            shared.default_profile.loss = 0.0;
+            shared.default_profile.duplicate = 0.0;
+            shared.default_profile.reorder = 0.0;
+        }
+        apply_profiles(sim, world);
         for (x, y) in std::mem::take(&mut self.cut) {
             sim.repair(x.as_str(), y.as_str());
         }

@@ -75,7 +75,7 @@ gateway gw
 gateway gw2
 user alice devices 2 gateway gw
 conversation room gateway gw kind room members alice
-skew alice +1s
+at 3s drift alice +100ppm
 at 2s stall-disk gw
 check no-loss epoch-agreement
 ";
@@ -84,7 +84,7 @@ check no-loss epoch-agreement
     let all = reasons.join("\n");
     for expected in [
         "2 gateways",
-        "`skew`",
+        "`drift`",
         "MLS group",
         "`stall-disk`",
         "epoch-agreement",
