@@ -12,11 +12,13 @@ use std::time::Instant;
 use sund_model::planted::PlantedBug;
 use sund_sim::runner::{collect_files, RunError};
 use sund_sim::scenario::{self, Scenario};
+use sund_sim::swarm::{generate, Family};
 use sund_sim_drivers::plan::plan;
 use sund_sim_drivers::run::{result_word, run, RunReport};
 
 const USAGE: &str = "\
 usage: cargo sim --drivers [SCENARIO...] [--seed N] [--check-determinism] [--json] [--plant BUG]
+       cargo sim --drivers --swarm N [--first-seed S] [--family plain|mixed] [--check-determinism]
 
 Runs scenario files (default: every *.sund file in scenarios/) on the production gateway and
 node drivers (tokio, quinn, rustls, redb) inside turmoil's simulated network and clock, with the
@@ -29,6 +31,11 @@ skipped with its reasons; naming such a file is an error.
   --check-determinism   run each scenario twice and fail if the trace hashes differ (every
                         datagram and every application event, byte for byte)
   --json                print one JSON object per run on stdout
+  --swarm N             N seeds of the model layer's swarm generator (default family plain):
+                        each seed's world runs here if the drivers can express it; a failing
+                        seed's scenario is written to target/swarm-drivers/
+  --first-seed S        the swarm's first seed (default 1)
+  --family NAME         what the swarm draws (plain, mls, trust, mixed)
   --plant BUG           plant a known gateway bug through the gateway driver's configuration,
                         to show this layer finds it: gateway-ack-before-commit, dedup-forgets,
                         resume-off-by-one
@@ -38,6 +45,9 @@ Exit status: 0 all passed, 1 an invariant failed, 2 bad usage or a bad scenario 
 
 struct Options {
     seed: Option<u64>,
+    swarm: Option<u64>,
+    first_seed: u64,
+    family: Family,
     plant: Option<PlantedBug>,
     check_determinism: bool,
     json: bool,
@@ -58,8 +68,19 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> Result<ExitCode, RunError> {
+    // The drivers' own log lines, for a failing seed: `SUND_LOG=debug cargo sim --drivers …`.
+    if let Ok(filter) = std::env::var("SUND_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .without_time()
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut options = Options {
         seed: None,
+        swarm: None,
+        first_seed: 1,
+        family: Family::Plain,
         plant: None,
         check_determinism: false,
         json: false,
@@ -83,6 +104,32 @@ fn real_main() -> Result<ExitCode, RunError> {
             }
             "--check-determinism" => options.check_determinism = true,
             "--json" => options.json = true,
+            "--swarm" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| RunError::Usage("--swarm needs a number of seeds".into()))?;
+                options.swarm = Some(value.parse().map_err(|_| {
+                    RunError::Usage(format!("--swarm needs a whole number, got `{value}`"))
+                })?);
+            }
+            "--first-seed" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| RunError::Usage("--first-seed needs a number".into()))?;
+                options.first_seed = value.parse().map_err(|_| {
+                    RunError::Usage(format!("--first-seed needs a whole number, got `{value}`"))
+                })?;
+            }
+            "--family" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| RunError::Usage("--family needs a name".into()))?;
+                options.family = Family::parse(&value).ok_or_else(|| {
+                    RunError::Usage(format!(
+                        "unknown family `{value}`: use plain, mls, trust or mixed"
+                    ))
+                })?;
+            }
             "--plant" => {
                 let value = args
                     .next()
@@ -97,11 +144,19 @@ fn real_main() -> Result<ExitCode, RunError> {
             }
             flag if flag.starts_with('-') => {
                 return Err(RunError::Usage(format!(
-                    "`{flag}` is not an option of the driver layer (it takes --seed, --check-determinism, --json, --plant)"
+                    "`{flag}` is not an option of the driver layer (it takes --seed, --check-determinism, --json, --plant, --swarm, --first-seed, --family)"
                 )))
             }
             path => paths.push(PathBuf::from(path)),
         }
+    }
+    if let Some(count) = options.swarm {
+        if !paths.is_empty() || options.seed.is_some() {
+            return Err(RunError::Usage(
+                "--swarm draws its own scenarios: give no scenario files or --seed (use --first-seed)".into(),
+            ));
+        }
+        return run_swarm(count, &options);
     }
     let named = !paths.is_empty();
     if paths.is_empty() {
@@ -163,6 +218,86 @@ fn real_main() -> Result<ExitCode, RunError> {
         eprintln!("no scenario here can run on the drivers (see the skip lines)");
     }
     Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Where a failing swarm seed's scenario is written.
+const SWARM_DIR: &str = "target/swarm-drivers";
+
+/// `--swarm N`: the model layer's swarm generator draws each seed's world; the seeds whose
+/// worlds the drivers can express run here (the others are counted, with the first reason).
+fn run_swarm(count: u64, options: &Options) -> Result<ExitCode, RunError> {
+    let mut passed = 0u64;
+    let mut failed = 0u64;
+    let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut skipped_seeds = 0u64;
+    for seed in options.first_seed..options.first_seed.saturating_add(count) {
+        let generated = generate(seed, options.family);
+        let name = generated.name();
+        let file = format!("{SWARM_DIR}/{name}.sund");
+        let mut scenario = scenario::parse(&file, &generated.text)
+            .map_err(|e| RunError::Scenario(format!("the swarm drew a bad scenario: {e}")))?;
+        if options.plant.is_some() {
+            scenario.planted = options.plant;
+        }
+        let planned = match plan(&scenario) {
+            Ok(planned) => planned,
+            Err(reasons) => {
+                // Counted by kind: "line 23: `fill-disk` needs …" counts as "`fill-disk` needs …".
+                for reason in reasons
+                    .iter()
+                    .map(|r| {
+                        let kind = r.strip_prefix("line ").map_or(r.as_str(), |rest| {
+                            rest.split_once(": ").map_or(rest, |(_, kind)| kind)
+                        });
+                        kind.to_string()
+                    })
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
+                    *skipped.entry(reason).or_default() += 1;
+                }
+                skipped_seeds += 1;
+                continue;
+            }
+        };
+        let started = Instant::now(); // deterministic: wall time for the report only
+        let report = run(&scenario, planned.clone(), seed).map_err(RunError::Scenario)?;
+        let wall = started.elapsed();
+        let deterministic = if options.check_determinism {
+            let again = run(&scenario, planned, seed).map_err(RunError::Scenario)?;
+            Some(again.trace_hash == report.trace_hash)
+        } else {
+            None
+        };
+        if report.violation.is_some() || deterministic == Some(false) {
+            failed += 1;
+            // deterministic: written after the run, for the user to replay
+            std::fs::create_dir_all(SWARM_DIR)
+                .and_then(|_| std::fs::write(&file, &generated.text))
+                .map_err(|e| RunError::Scenario(format!("cannot write {file}: {e}")))?;
+        } else {
+            passed += 1;
+        }
+        print_report(
+            &scenario,
+            &file,
+            seed,
+            &report,
+            wall,
+            deterministic,
+            options,
+        );
+    }
+    println!(
+        "swarm: {passed} passed, {failed} failed, {skipped_seeds} drawn worlds the drivers cannot express"
+    );
+    for (reason, n) in &skipped {
+        println!("  {n:>5} seeds need: {reason}");
+    }
+    Ok(if failed > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

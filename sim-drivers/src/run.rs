@@ -117,6 +117,8 @@ struct Shared {
     default_profile: LinkProfile,
     /// Links a `link` statement or action changed, by device.
     link_profiles: BTreeMap<usize, LinkProfile>,
+    /// Each device's last connection status, in words (for a liveness failure's detail).
+    status: Vec<String>,
     /// Each host's clock offset (µs; `skew`, and `clock` jumps, read when the host starts).
     clock_offsets: BTreeMap<String, i64>,
     report: RunReport,
@@ -218,6 +220,7 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         events: sha2::Sha256::new(),
         default_profile: plan.network,
         link_profiles: BTreeMap::new(),
+        status: vec!["never connected".to_string(); devices],
         clock_offsets: plan.skews.iter().cloned().collect(),
         report: RunReport {
             violation: None,
@@ -543,8 +546,29 @@ async fn on_event(w: &World, index: usize, node: &NodeHandle, event: NodeEvent) 
                     .on_gap(at, actor, who, conversation, from, to);
                 None
             }
-            NodeEvent::Status(ConnectionStatus::Reconnecting { .. }) => {
-                shared.report.reconnects += 1;
+            NodeEvent::Status(status) => {
+                if let ConnectionStatus::Reconnecting { .. } = status {
+                    shared.report.reconnects += 1;
+                }
+                shared.status[index] = match status {
+                    ConnectionStatus::Connected => {
+                        format!("connected since {:.3}s", at as f64 / 1e6)
+                    }
+                    ConnectionStatus::Reconnecting { attempt } => {
+                        format!(
+                            "reconnecting since {:.3}s (attempt {attempt})",
+                            at as f64 / 1e6
+                        )
+                    }
+                    ConnectionStatus::Offline => format!("offline since {:.3}s", at as f64 / 1e6),
+                };
+                None
+            }
+            NodeEvent::Refused { code, message } => {
+                shared.status[index] = format!(
+                    "refused by the gateway at {:.3}s ({code:?}: {message})",
+                    at as f64 / 1e6
+                );
                 None
             }
             _ => None,
@@ -704,14 +728,11 @@ fn now_of(sim: &turmoil::Sim<'_>) -> u64 {
 fn missing(world: &World) -> Option<String> {
     let shared = world.shared.borrow();
     if let Some((conv, device, msg_id)) = shared.unacknowledged.iter().next() {
-        let name = world
-            .plan
-            .devices
-            .iter()
-            .find(|d| d.id() == *device)
-            .map_or("?", |d| d.name.as_str());
+        let index = world.plan.devices.iter().position(|d| d.id() == *device);
+        let name = index.map_or("?", |i| world.plan.devices[i].name.as_str());
+        let status = index.map_or("?", |i| shared.status[i].as_str());
         return Some(format!(
-            "{name}'s {msg_id} to {conv} was never acknowledged ({} sends wait)",
+            "{name}'s {msg_id} to {conv} was never acknowledged ({} sends wait; {name} is {status})",
             shared.unacknowledged.len()
         ));
     }
@@ -726,8 +747,8 @@ fn missing(world: &World) -> Option<String> {
             let upto = shared.checker.delivered_upto(member as u32, conv.id);
             if upto < head {
                 return Some(format!(
-                    "{} has delivered {} up to seq {upto} of {head}",
-                    world.plan.devices[member].name, conv.name
+                    "{} has delivered {} up to seq {upto} of {head} (it is {})",
+                    world.plan.devices[member].name, conv.name, shared.status[member]
                 ));
             }
         }

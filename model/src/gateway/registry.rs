@@ -247,6 +247,7 @@ impl Registry {
             ));
         }
         let user = UserId::from_bytes(register.user);
+        let again = self.authority.enrolled_with(&register.token, sender);
         let cert = self
             .authority
             .register(
@@ -259,7 +260,9 @@ impl Registry {
                 fx.writes(),
             )
             .map_err(|e| Refusal::goodbye(registration_error_code(&e), e.to_string()))?;
-        self.stats.registrations += 1;
+        if !again {
+            self.stats.registrations += 1;
+        }
         let authority = &self.authority;
         let voucher = authority.voucher_certificate(&register.token).cloned();
         let answer = CertificatePayload {
@@ -268,7 +271,7 @@ impl Registry {
             voucher: voucher.as_ref().map(|v| v.encode().into()),
         };
         fx.send(conn, Routing::default(), Payload::Certificate(answer));
-        if let Some(voucher) = voucher {
+        if let Some(voucher) = voucher.filter(|_| !again) {
             self.stats.pairings += 1;
             if let Some(voucher_conn) = sessions.online(voucher.device()) {
                 let linked = DeviceLinked {

@@ -166,37 +166,62 @@ pub enum RegistrationError {
 struct TokenRecord {
     user: UserId,
     expires: Instant,
-    used: bool,
+    used: Used,
     /// For a pairing code: the existing device of `user` that vouched for it.
     voucher: Option<DeviceId>,
 }
 
+/// Whether a token enrolled a device, and which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Used {
+    No,
+    /// Used by a device the record does not name (written before records named it).
+    ByUnknown,
+    /// Used by this device: the same device registering again with it (its answer was lost on
+    /// the way) gets its certificate again.
+    By(DeviceId),
+}
+
 impl TokenRecord {
+    /// `user (16) · expires (8) · used flag (1) · voucher (16, optional) · used by (16, when
+    /// the flag is 2)`. Flags 0 and 1 are the older unused and used.
     fn encode(&self) -> Vec<u8> {
         let mut out = self.user.to_bytes().to_vec();
         out.extend_from_slice(&self.expires.as_micros().to_be_bytes());
-        out.push(u8::from(self.used));
+        out.push(match self.used {
+            Used::No => 0,
+            Used::ByUnknown => 1,
+            Used::By(_) => 2,
+        });
         if let Some(voucher) = self.voucher {
             out.extend_from_slice(&voucher.to_bytes());
+        }
+        if let Used::By(device) = self.used {
+            out.extend_from_slice(&device.to_bytes());
         }
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<TokenRecord> {
-        let voucher = match bytes.len() {
-            25 => None,
-            41 => Some(DeviceId::from_bytes(bytes[25..].try_into().ok()?)),
+        let id = |at: usize| -> Option<DeviceId> {
+            Some(DeviceId::from_bytes(
+                bytes.get(at..at + 16)?.try_into().ok()?,
+            ))
+        };
+        let (used, voucher) = match (*bytes.get(24)?, bytes.len()) {
+            (0, 25) => (Used::No, None),
+            (0, 41) => (Used::No, Some(id(25)?)),
+            (1, 25) => (Used::ByUnknown, None),
+            (1, 41) => (Used::ByUnknown, Some(id(25)?)),
+            (2, 41) => (Used::By(id(25)?), None),
+            (2, 57) => (Used::By(id(41)?), Some(id(25)?)),
             _ => return None,
         };
         Some(TokenRecord {
             voucher,
             user: UserId::from_bytes(bytes[..16].try_into().ok()?),
             expires: Instant(u64::from_be_bytes(bytes[16..24].try_into().ok()?)),
-            used: match bytes[24] {
-                0 => false,
-                1 => true,
-                _ => return None,
-            },
+            used,
         })
     }
 }
@@ -367,7 +392,7 @@ impl RegistrationAuthority {
         let record = TokenRecord {
             user,
             expires: now + ENROLMENT_TOKEN_TTL,
-            used: false,
+            used: Used::No,
             voucher: None,
         };
         writes.put(ENROLMENT_TOKENS_TABLE, secret.to_vec(), record.encode());
@@ -409,7 +434,7 @@ impl RegistrationAuthority {
         let live = self
             .tokens
             .values()
-            .filter(|t| t.voucher == Some(voucher) && !t.used && now < t.expires)
+            .filter(|t| t.voucher == Some(voucher) && t.used == Used::No && now < t.expires)
             .count();
         if live >= VOUCHES_PER_DEVICE_MAX {
             return Err(RegistrationError::TooManyVouches);
@@ -417,12 +442,20 @@ impl RegistrationAuthority {
         let record = TokenRecord {
             user,
             expires,
-            used: false,
+            used: Used::No,
             voucher: Some(voucher),
         };
         writes.put(ENROLMENT_TOKENS_TABLE, secret.to_vec(), record.encode());
         self.tokens.insert(secret, record);
         Ok(user)
+    }
+
+    /// True if `device` already registered with the token `secret`: registering again gets the
+    /// same certificate, and is not a new enrolment.
+    pub fn enrolled_with(&self, secret: &[u8; 16], device: DeviceId) -> bool {
+        self.tokens
+            .get(secret)
+            .is_some_and(|t| t.used == Used::By(device))
     }
 
     /// The certificate of the device that vouched for the pairing code with `secret`, if it was
@@ -466,8 +499,17 @@ impl RegistrationAuthority {
                 .tokens
                 .get_mut(&token)
                 .ok_or(RegistrationError::TokenUnknown)?;
-            if record.used {
-                return Err(RegistrationError::TokenUsed);
+            match record.used {
+                Used::No => {}
+                // The same device again (proved by its key above): its certificate reply was
+                // lost, or it crashed before keeping it. Registration is idempotent for it.
+                Used::By(by) if by == device => {
+                    if let Some(cert) = self.certificates.get(&device) {
+                        return Ok(cert.clone());
+                    }
+                    return Err(RegistrationError::TokenUsed);
+                }
+                Used::By(_) | Used::ByUnknown => return Err(RegistrationError::TokenUsed),
             }
             if now >= record.expires {
                 return Err(RegistrationError::TokenExpired);
@@ -481,7 +523,7 @@ impl RegistrationAuthority {
             if let Some(voucher) = record.voucher.filter(|v| self.crl.revoked.contains(v)) {
                 return Err(RegistrationError::VoucherRevoked(voucher));
             }
-            record.used = true;
+            record.used = Used::By(device);
             writes.put(ENROLMENT_TOKENS_TABLE, token.to_vec(), record.encode());
         }
         Ok(self.certify(now, device_key, user, writes))
@@ -643,6 +685,55 @@ mod tests {
             false,
             &mut WriteBatch::default(),
         )
+    }
+
+    #[test]
+    fn the_same_device_registering_again_with_its_token_gets_its_certificate_again() {
+        // Found by `cargo sim --drivers --swarm` (seed 4): the certificate answer was lost on a
+        // lossy link, and every retry was refused as `token used`: the device was locked out.
+        let (mut ra, _) = authority();
+        let token = ra.issue_token(NOW, UserId(1), &mut Counter(50), &mut WriteBatch::default());
+        let device = DeviceKey::from_seed([1; 32]);
+        let first = register(&mut ra, &device, UserId(1), &token).unwrap();
+        assert!(ra.enrolled_with(&token.secret, device.device_id()));
+        let again = register(&mut ra, &device, UserId(1), &token).unwrap();
+        assert_eq!(again, first, "the same certificate, not a new one");
+        let other = DeviceKey::from_seed([2; 32]);
+        assert!(!ra.enrolled_with(&token.secret, other.device_id()));
+        assert_eq!(
+            register(&mut ra, &other, UserId(1), &token),
+            Err(RegistrationError::TokenUsed)
+        );
+    }
+
+    #[test]
+    fn token_records_round_trip_and_older_records_still_read() {
+        let device = DeviceId(7);
+        let voucher = DeviceId(8);
+        for used in [Used::No, Used::ByUnknown, Used::By(device)] {
+            for voucher in [None, Some(voucher)] {
+                let record = TokenRecord {
+                    user: UserId(3),
+                    expires: Instant(99),
+                    used,
+                    voucher,
+                };
+                let back = TokenRecord::decode(&record.encode()).unwrap();
+                assert_eq!((back.used, back.voucher), (used, voucher));
+                assert_eq!((back.user, back.expires), (UserId(3), Instant(99)));
+            }
+        }
+        // A used record as written before records named the device: flag 1, 25 bytes.
+        let mut old = UserId(3).to_bytes().to_vec();
+        old.extend_from_slice(&99u64.to_be_bytes());
+        old.push(1);
+        assert_eq!(TokenRecord::decode(&old).unwrap().used, Used::ByUnknown);
+        // Malformed: an unknown flag, a flag with the wrong length, too short.
+        old[24] = 3;
+        assert!(TokenRecord::decode(&old).is_none());
+        old[24] = 2;
+        assert!(TokenRecord::decode(&old).is_none());
+        assert!(TokenRecord::decode(&old[..10]).is_none());
     }
 
     #[test]
