@@ -208,7 +208,7 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     let dir = &options.data_dir;
     private_dir(dir)?;
     let environment = options.environment.clone();
-    let store = RedbStore::open(&dir.join("gateway.redb"))?;
+    let store = RedbStore::open_with(&dir.join("gateway.redb"), environment.disk())?;
     // A database with tables but no trust root is damaged: recovering would make a new root
     // and silently turn this into another gateway that none of its devices trust.
     if !store.is_empty()? && RegistrationAuthority::recover(&store)?.is_none() {
@@ -632,7 +632,7 @@ impl Core {
     /// machine from what is durable and serves again.
     fn try_storage(&mut self) -> Result<(), DriverError> {
         self.retry_at = tokio::time::Instant::now() + STORAGE_RETRY;
-        let mut store = match RedbStore::open(&self.store_path) {
+        let mut store = match RedbStore::open_with(&self.store_path, self.environment.disk()) {
             Ok(store) => store,
             Err(e @ StoreError::Damaged(_)) => return Err(e.into()),
             Err(e) => {

@@ -371,7 +371,10 @@ impl NodeHandle {
 pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     sund_runtime::files::private_dir(&options.data_dir)
         .map_err(|e| NodeError::Store(sund_model::env::StoreError::Backend(e.to_string())))?;
-    let store = RedbStore::open(&options.data_dir.join("node.redb"))?;
+    let store = RedbStore::open_with(
+        &options.data_dir.join("node.redb"),
+        options.environment.disk(),
+    )?;
     let environment = options.environment.clone();
     let clock = environment.clock();
     let mut config = NodeConfig::new(options.key.clone());

@@ -364,7 +364,17 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
             let _ = node.stop().await;
             return Err(format!("cannot send to `{conversation}`: {e}"));
         }
-        Err(e) => return Err(e.to_string()),
+        Err(_) => {
+            // The node stopped before the message was saved (its store failed: a full disk).
+            // It may have left already: the node sends before its outbox commit completes.
+            let why = match node.stop().await {
+                Err(e) => e.to_string(),
+                Ok(()) => "it stopped".to_string(),
+            };
+            return Err(format!(
+                "this device stopped before it could save the message ({why}); the message may already have reached the gateway, so look at `{conversation}` with `sund follow` before sending it again"
+            ));
+        }
     };
     let deadline = tokio::time::sleep(Duration::from_secs(15));
     tokio::pin!(deadline);

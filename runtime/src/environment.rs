@@ -15,6 +15,7 @@ use crate::clock::DriverClock;
 use crate::committer::CommitMode;
 use crate::endpoint::{bound_socket, QuicError};
 use crate::entropy::{OsEntropy, SeededEntropy};
+use crate::store::DiskSwitch;
 
 /// A UDP socket for a QUIC endpoint, and the seed of quinn's own randomness (connection ids,
 /// reset tokens; `None`: from the OS).
@@ -30,6 +31,10 @@ pub trait Environment: Send + Sync + 'static {
     fn udp_socket(&self, addr: SocketAddr) -> Result<EndpointSocket, QuicError>;
     /// Where commits run.
     fn commit_mode(&self) -> CommitMode;
+    /// A switch that fills the driver's disk, in a simulation (`None`: a real disk only).
+    fn disk(&self) -> Option<DiskSwitch> {
+        None
+    }
 }
 
 /// Production: the wall clock, OS entropy, the OS's UDP with 4 MiB buffers, commits pipelined
@@ -69,6 +74,10 @@ pub struct Simulated {
     socket: Arc<dyn quinn::AsyncUdpSocket>,
     seed: [u8; 32],
     origin: Instant,
+    disk: Option<DiskSwitch>,
+    /// How many entropy streams were handed out: each call of [`Environment::entropy`] gets
+    /// a stream of its own, as each read of the OS generator gets fresh bytes.
+    entropy_streams: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Simulated {
@@ -79,7 +88,15 @@ impl Simulated {
             socket,
             seed,
             origin,
+            disk: None,
+            entropy_streams: Arc::default(),
         }
+    }
+
+    /// The same machine on a disk `switch` can fill.
+    pub fn with_disk(mut self, switch: DiskSwitch) -> Self {
+        self.disk = Some(switch);
+        self
     }
 
     /// `seed` with its last byte changed: one independent stream per use.
@@ -96,7 +113,17 @@ impl Environment for Simulated {
     }
 
     fn entropy(&self) -> Box<dyn Entropy + Send> {
-        Box::new(SeededEntropy::new(self.stream(1)))
+        // A new stream per call: the gateway driver recovers its machine after a storage outage
+        // and asks again; one stream for both would repeat every token it drew before (found by
+        // `cargo sim --drivers` on a full disk: the recovered gateway issued a resume token it
+        // had issued already, and the session table's invariant caught it).
+        let n = self
+            .entropy_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Box::new(SeededEntropy::new(crate::seeded::derive(
+            &self.stream(1),
+            &format!("entropy/{n}"),
+        )))
     }
 
     fn udp_socket(&self, _addr: SocketAddr) -> Result<EndpointSocket, QuicError> {
@@ -105,5 +132,9 @@ impl Environment for Simulated {
 
     fn commit_mode(&self) -> CommitMode {
         CommitMode::Inline
+    }
+
+    fn disk(&self) -> Option<DiskSwitch> {
+        self.disk.clone()
     }
 }

@@ -15,6 +15,28 @@ use sund_model::env::{Store, StoreError, StoreRead, Table, Visit, WriteBatch, Wr
 /// A redb database file holding a state machine's tables.
 pub struct RedbStore {
     db: Database,
+    /// A simulated full disk ([`crate::environment::Simulated::with_disk`]); never in
+    /// production.
+    disk: Option<DiskSwitch>,
+}
+
+/// A simulation's switch for a machine's disk: while it is full, every commit with writes fails
+/// as a real full disk makes redb fail (`StoreError::Backend`, "the disk is full"), so the
+/// drivers' handling of it (the gateway's outage and recovery, the node's stop) runs for real.
+/// A handle: the simulation keeps it across the machine's restarts.
+#[derive(Clone, Debug, Default)]
+pub struct DiskSwitch(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl DiskSwitch {
+    /// Fills (`true`) or frees (`false`) the disk.
+    pub fn set_full(&self, full: bool) {
+        self.0.store(full, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// True while the disk is full.
+    pub fn is_full(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// What a redb failure means for the machine above: a damaged file (stop; restore from a
@@ -43,6 +65,11 @@ impl RedbStore {
     /// database) or damaged; the error says to restore the data directory from a backup. The
     /// file must not be accessible to other users (see [`crate::files`]).
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with(path, None)
+    }
+
+    /// [`RedbStore::open`] on a disk a simulation can fill (`None`: a real disk only).
+    pub fn open_with(path: &Path, disk: Option<DiskSwitch>) -> Result<RedbStore, StoreError> {
         let existed = path.exists();
         if existed {
             let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -71,7 +98,7 @@ impl RedbStore {
                 path.display()
             )),
         })?;
-        Ok(RedbStore { db })
+        Ok(RedbStore { db, disk })
     }
 
     /// True if the database holds no table yet (created, never committed to).
@@ -119,6 +146,11 @@ impl Store for RedbStore {
     fn commit(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
+        }
+        if self.disk.as_ref().is_some_and(DiskSwitch::is_full) {
+            return Err(StoreError::Backend(
+                "the disk is full (No space left on device, simulated): free some space".into(),
+            ));
         }
         // Open each table once per transaction (opening is not free), applying its writes in
         // batch order; writes to different tables commute within one transaction.

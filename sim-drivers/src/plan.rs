@@ -316,7 +316,9 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         | Action::Unblock(..)
         | Action::Disconnect(_)
         | Action::Crash(_)
-        | Action::Restart(_) => Ok(()),
+        | Action::Restart(_)
+        | Action::FillDisk(_)
+        | Action::FreeDisk(_) => Ok(()),
         Action::Network(patch) | Action::Link(_, _, patch) if patch.bandwidth_bps.is_some() => {
             Err("sets a bandwidth: turmoil's links have none")
         }
@@ -324,10 +326,9 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
         Action::Handover(..) => Err("needs federation"),
         Action::Commit(..) => Err("needs MLS"),
-        Action::StallDisk(_)
-        | Action::ResumeDisk(_)
-        | Action::FillDisk(_)
-        | Action::FreeDisk(_) => Err("needs a disk fault in real redb files"),
+        Action::StallDisk(_) | Action::ResumeDisk(_) => {
+            Err("needs a slow disk: simulated drivers commit inline, on turmoil's one thread")
+        }
         Action::Drift(..) => Err("needs a clock that runs at another rate: tokio's runs at one"),
     }
 }

@@ -30,7 +30,7 @@ use sund_model::trust::EnrolmentToken;
 use sund_node::driver::{self as node_driver, NodeHandle, NodeOptions};
 use sund_runtime::entropy::SeededEntropy;
 use sund_runtime::environment::Simulated;
-use sund_runtime::store::RedbStore;
+use sund_runtime::store::{DiskSwitch, RedbStore};
 use sund_runtime::tls::{certificate_pin, TlsIdentity};
 use sund_runtime::turmoil::{
     DatagramFaults, PacketTrace, PacketTraceSummary, SocketFaults, TurmoilUdp,
@@ -102,6 +102,10 @@ struct Shared {
     made: Vec<u64>,
     /// SHA-256 of every sent body, to check what is delivered is what was sent.
     bodies: BTreeMap<(DeviceId, MsgId), [u8; 32]>,
+    /// Bodies of sends whose outcome the application never learned: the node stopped (its disk
+    /// filled) before the message was saved, and it may have left already (a node sends before
+    /// its outbox commit completes). Their delivery is allowed, not required.
+    unknown_outcome: BTreeSet<[u8; 32]>,
     /// Sends not yet acknowledged to their device.
     unacknowledged: BTreeSet<(ConversationId, DeviceId, MsgId)>,
     /// Device and conversation pairs whose next delivery may replay (the device restarted).
@@ -117,6 +121,8 @@ struct Shared {
     default_profile: LinkProfile,
     /// Links a `link` statement or action changed, by device.
     link_profiles: BTreeMap<usize, LinkProfile>,
+    /// Hosts whose driver stopped because their disk is full; `free-disk` starts them again.
+    stopped: BTreeSet<String>,
     /// Each device's last connection status, in words (for a liveness failure's detail).
     status: Vec<String>,
     /// Each host's clock offset (µs; `skew`, and `clock` jumps, read when the host starts).
@@ -158,6 +164,8 @@ struct World {
     gateway_faults: SocketFaults,
     /// What each device's socket does to its datagrams.
     device_faults: Vec<SocketFaults>,
+    /// Each host's disk (`fill-disk`, `free-disk`), by host name.
+    disks: BTreeMap<String, DiskSwitch>,
     packets: PacketTrace,
     shared: RefCell<Shared>,
 }
@@ -212,6 +220,7 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         next_send,
         made: vec![0; devices],
         bodies: BTreeMap::new(),
+        unknown_outcome: BTreeSet::new(),
         unacknowledged: BTreeSet::new(),
         may_replay: BTreeSet::new(),
         starts: vec![0; devices],
@@ -221,6 +230,7 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         default_profile: plan.network,
         link_profiles: BTreeMap::new(),
         status: vec!["never connected".to_string(); devices],
+        stopped: BTreeSet::new(),
         clock_offsets: plan.skews.iter().cloned().collect(),
         report: RunReport {
             violation: None,
@@ -240,6 +250,10 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
     let world = Rc::new(World {
         gateway_faults: SocketFaults::default(),
         device_faults: (0..devices).map(|_| SocketFaults::default()).collect(),
+        disks: std::iter::once(plan.gateway.clone())
+            .chain(plan.devices.iter().map(|d| d.host.clone()))
+            .map(|host| (host, DiskSwitch::default()))
+            .collect(),
         plan,
         seed,
         root,
@@ -318,6 +332,20 @@ impl World {
     }
 }
 
+impl World {
+    /// A host's driver ended with `error`. On a full disk that is what the drivers do (the node
+    /// stops; a gateway that cannot even start stays down): the host waits, stopped, until
+    /// `free-disk` starts it again. Anything else is a failure of the run.
+    async fn stopped_or_failed(&self, host: &str, error: String) -> turmoil::Result {
+        if !self.disks[host].is_full() {
+            return Err(error.into());
+        }
+        self.shared.borrow_mut().stopped.insert(host.to_string());
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
 impl Shared {
     /// The profile of a device's link with the gateway.
     fn profile(&self, device: usize) -> LinkProfile {
@@ -375,19 +403,23 @@ fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
             )
             .await;
             let origin = w.origin(&w.plan.gateway);
+            let host = w.plan.gateway.as_str();
             let environment =
-                Simulated::new(socket, stream_seed(w.seed, "gateway", start.into()), origin);
+                Simulated::new(socket, stream_seed(w.seed, "gateway", start.into()), origin)
+                    .with_disk(w.disks[host].clone());
             let options = GatewayOptions {
                 listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
                 environment: Arc::new(environment),
                 data_dir: w.root.join("gateway"),
                 config: w.plan.gateway_config.clone(),
             };
-            let _gateway = gateway_driver::start(options)
-                .await
-                .map_err(|e| format!("the gateway driver did not start: {e}"))?;
-            std::future::pending::<()>().await;
-            Ok(())
+            let error = match gateway_driver::start(options).await {
+                // A full disk makes the gateway refuse sessions until it can commit again (it
+                // probes by itself); only a failure it cannot live through ends the driver.
+                Ok(mut gateway) => gateway.failed().await.to_string(),
+                Err(e) => format!("the gateway driver did not start: {e}"),
+            };
+            w.stopped_or_failed(host, error).await
         }
     });
 }
@@ -432,7 +464,8 @@ async fn device_main(w: &World, index: usize) -> turmoil::Result {
     )
     .await;
     let origin = w.origin(&device.host);
-    let environment = Simulated::new(socket, stream_seed(w.seed, &label, start.into()), origin);
+    let environment = Simulated::new(socket, stream_seed(w.seed, &label, start.into()), origin)
+        .with_disk(w.disks[&device.host].clone());
     let options = NodeOptions {
         data_dir: w.root.join(&device.host),
         gateway: SocketAddr::new(turmoil::lookup(w.plan.gateway.as_str()), PORT),
@@ -446,20 +479,32 @@ async fn device_main(w: &World, index: usize) -> turmoil::Result {
         hold_until_taken: true,
         timers: Some(w.plan.node_timers),
     };
-    let mut node = node_driver::start(options)
-        .await
-        .map_err(|e| format!("{}: the node driver did not start: {e}", device.name))?;
+    let mut node = match node_driver::start(options).await {
+        Ok(node) => node,
+        Err(e) => {
+            let error = format!("{}: the node driver did not start: {e}", device.name);
+            return w.stopped_or_failed(&device.host, error).await;
+        }
+    };
     let mut tick = tokio::time::interval(APP_TICK);
     loop {
         tokio::select! {
             biased;
             event = node.events.recv() => {
                 let Some(event) = event else {
-                    return Err(format!("{}: the node driver stopped", device.name).into());
+                    // The node stops when its store fails (a full disk), as `sund` does.
+                    let error = format!("{}: the node driver stopped", device.name);
+                    return w.stopped_or_failed(&device.host, error).await;
                 };
-                on_event(w, index, &node, event).await?;
+                if let Err(e) = on_event(w, index, &node, event).await {
+                    return w.stopped_or_failed(&device.host, e.to_string()).await;
+                }
             }
-            _ = tick.tick() => act(w, index, &node).await?,
+            _ = tick.tick() => {
+                if let Err(e) = act(w, index, &node).await {
+                    return w.stopped_or_failed(&device.host, e.to_string()).await;
+                }
+            }
         }
     }
 }
@@ -500,6 +545,9 @@ async fn on_event(w: &World, index: usize, node: &NodeHandle, event: NodeEvent) 
                         format!("{who}: seq {seq} of {conversation} ({msg_id} from {sender}) arrived with other bytes than were sent"),
                     ),
                     Some(_) => {}
+                    None if shared.unknown_outcome.remove(&hash_body(&body)) => {
+                        shared.bodies.insert((sender, msg_id), hash_body(&body));
+                    }
                     None => shared.checker.fail_safety(
                         Invariant::NoDuplicate,
                         at,
@@ -631,7 +679,10 @@ async fn act(w: &World, index: usize, node: &NodeHandle) -> turmoil::Result {
                 shared.report.offered += 1;
             }
             Ok(Err(_)) => w.shared.borrow_mut().report.refused += 1,
-            Err(e) => return Err(format!("{}: {e}", device.name).into()),
+            Err(e) => {
+                w.shared.borrow_mut().unknown_outcome.insert(digest);
+                return Err(format!("{}: {e}", device.name).into());
+            }
         }
     }
     Ok(())
@@ -890,6 +941,8 @@ impl Faults {
                 for host in hosts(a) {
                     if self.crashed.insert(host.clone()) {
                         sim.crash(host.as_str());
+                        // A crash ends a stopped driver too; the restart starts it.
+                        world.shared.borrow_mut().stopped.remove(&host);
                     }
                 }
             }
@@ -924,15 +977,40 @@ impl Faults {
                     *shared.clock_offsets.entry(host).or_default() += by;
                 }
             }
+            Action::FillDisk(a) => {
+                for host in hosts(a) {
+                    world.disks[&host].set_full(true);
+                }
+            }
+            Action::FreeDisk(a) => {
+                for host in hosts(a) {
+                    world.disks[&host].set_full(false);
+                    self.start_if_stopped(sim, world, &host);
+                }
+            }
             Action::HealAll => self.heal_all(sim, world),
             // The plan refused every other action.
             other => unreachable!("the plan admits no `{}`", other.keyword()),
         }
     }
 
+    /// A host whose driver stopped on a full disk starts again (unless it is crashed: its
+    /// restart will start it).
+    fn start_if_stopped(&self, sim: &mut turmoil::Sim<'_>, world: &World, host: &str) {
+        let stopped = world.shared.borrow_mut().stopped.remove(host);
+        if stopped && !self.crashed.contains(host) {
+            sim.bounce(host);
+        }
+    }
+
     /// As the model layer heals: cuts, one-way cuts and holds undone, link profiles back to
-    /// the default one and no datagram loss or duplication anywhere, crashed hosts restarted.
+    /// the default one and no datagram loss or duplication anywhere, disks freed, crashed and
+    /// stopped hosts restarted.
     fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>, world: &World) {
+        for (host, disk) in &world.disks {
+            disk.set_full(false);
+            self.start_if_stopped(sim, world, host);
+        }
         {
             let mut shared = world.shared.borrow_mut();
             shared.link_profiles.clear();

@@ -21,11 +21,11 @@ fn a_named_file_the_drivers_cannot_run_exits_2_with_every_reason() {
 
 #[test]
 fn an_unknown_option_exits_2_and_says_which_options_there_are() {
-    let out = drivers(&["--swarm", "10"]);
+    let out = drivers(&["--shrink"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("`--swarm` is not an option of the driver layer (it takes --seed, --check-determinism, --json, --plant)"),
+        stderr.contains("`--shrink` is not an option of the driver layer (it takes --seed, --check-determinism, --json, --plant, --swarm, --first-seed, --family)"),
         "{stderr}"
     );
     let out = drivers(&["--plant", "no-such-bug"]);

@@ -92,3 +92,21 @@ check no-loss epoch-agreement
         assert!(all.contains(expected), "`{expected}` in:\n{all}");
     }
 }
+
+/// Regression: a gateway that recovered from a full disk drew its entropy stream again from
+/// the start and issued a resume token it had issued before (the session table's invariant
+/// panicked). And a node whose disk fills stops, may already have sent the message it could not
+/// save, and starts again when space returns.
+#[test]
+fn full_disks_on_the_gateway_and_devices_lose_nothing() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/full-disks.sund");
+    let text = std::fs::read_to_string(path).unwrap();
+    let scenario = scenario::parse(path, &text).unwrap();
+    let report = run_with(&scenario, scenario.seed);
+    assert!(report.violation.is_none(), "{:?}", report.violation);
+    assert!(
+        report.restarts >= 2,
+        "stopped devices started again: {report:?}"
+    );
+    assert!(report.recovery.is_some());
+}
