@@ -367,10 +367,7 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
         Err(_) => {
             // The node stopped before the message was saved (its store failed: a full disk).
             // It may have left already: the node sends before its outbox commit completes.
-            let why = match node.stop().await {
-                Err(e) => e.to_string(),
-                Ok(()) => "it stopped".to_string(),
-            };
+            let why = why_stopped(node).await;
             return Err(format!(
                 "this device stopped before it could save the message ({why}); the message may already have reached the gateway, so look at `{conversation}` with `sund follow` before sending it again"
             ));
@@ -423,7 +420,11 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
                     return Err(REVOKED.into());
                 }
                 Some(_) => {}
-                None => return Err("the node stopped unexpectedly".into()),
+                None => {
+                    // The message is saved (the send returned): it waits in the outbox.
+                    let why = why_stopped(node).await;
+                    return Err(format!("this device stopped ({why}) before the gateway acknowledged the message; it is saved in this device's outbox and goes out with the next `sund send` or `sund follow` once the device can write to its data directory again"));
+                }
             }
         }
     }
@@ -495,11 +496,22 @@ async fn follow(
                     esay!("{}", group_commands::describe_event(&event, &names, &members, &users));
                 }
                 Some(_) => {}
-                None => return Err("the node stopped unexpectedly".into()),
+                None => {
+                    let why = why_stopped(node).await;
+                    return Err(format!("this device stopped: {why}"));
+                }
             }
         }
     }
     node.stop().await.map_err(|e| e.to_string())
+}
+
+/// Why a node stopped, in words, from its core's result (a failed store says which and why).
+async fn why_stopped(node: driver::NodeHandle) -> String {
+    match node.stop().await {
+        Err(e) => e.to_string(),
+        Ok(()) => "it stopped".to_string(),
+    }
 }
 
 /// What a command on a stale copy of a device (see `Node::state_copied`) says.

@@ -353,6 +353,89 @@ fn a_full_disk_stops_the_gateway_storing_not_listening_and_it_recovers_when_spac
     gateway.0.kill().unwrap();
 }
 
+/// A device whose own disk is full: `sund send` says the device stopped before it could save
+/// the message, why, and that the message may already have reached the gateway (the node sends
+/// before its outbox commit completes), so the user looks before sending it again. Found on the
+/// driver layer (`cargo sim --drivers scenarios/full-disks.sund`), shown here on the binaries.
+#[test]
+#[ignore = "mounts a tmpfs, which needs root; .ci/run runs it"]
+fn a_full_device_disk_stops_the_send_and_says_the_message_may_have_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let cert = cert.trim();
+    // The sender's data directory is the small disk.
+    let disk = Tmpfs::mount(&tmp.path().join("a"), "4m");
+    let a_dir = disk.0.clone();
+    let b_dir = tmp.path().join("b");
+    let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
+    let key_a = device_key(&init_device(
+        a,
+        &addr,
+        cert,
+        Some("a"),
+        Some(&enrol(gw, "a")),
+    ));
+    let key_b = device_key(&init_device(
+        b,
+        &addr,
+        cert,
+        Some("b"),
+        Some(&enrol(gw, "b")),
+    ));
+    run(
+        &gateway_binary(),
+        &[
+            "admin",
+            "create-conversation",
+            "room",
+            "--member",
+            &key_a,
+            "--member",
+            &key_b,
+            "--data-dir",
+            gw,
+        ],
+    );
+    let mut gateway = Guard(start_gateway(&gw_dir, port));
+    run(&sund(), &["send", "--data-dir", a, "room", "before"]);
+
+    fill_disk(&disk.0.join("filler"));
+    let err = fails(&sund(), &["send", "--data-dir", a, "room", "while-full"]);
+    assert!(
+        err.contains("the disk is full"),
+        "the device says why: {err}"
+    );
+    // Whether the outbox commit of this message still fit (redb writes into pages it already
+    // has) or not, the user is told where the message stands and what to do.
+    let saved = err.contains("it is saved in this device's outbox");
+    let maybe_left = err.contains("may already have reached the gateway")
+        && err.contains("before sending it again");
+    assert!(saved || maybe_left, "and what to do: {err}");
+
+    // Space returns: the device sends again; nothing came twice, and the order holds.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    run(&sund(), &["send", "--data-dir", a, "room", "after"]);
+    // A message that may have left arrives at most once, in its place; a saved one exactly
+    // once. (Waiting for three lines ends early when all three came.)
+    let within = Duration::from_secs(if saved { 30 } else { 10 });
+    let lines = follow(b, "room", 3, within);
+    let bodies: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.rsplit_once(": ").map(|(_, body)| body))
+        .collect();
+    let all = ["before", "while-full", "after"];
+    if saved {
+        assert_eq!(bodies, all, "{lines:#?}");
+    } else {
+        assert!(bodies == all || bodies == ["before", "after"], "{lines:#?}");
+    }
+    gateway.0.kill().unwrap();
+}
+
 #[test]
 fn a_device_acts_on_the_stateless_reset_of_a_restarted_gateway() {
     use std::io::{BufRead, BufReader};
