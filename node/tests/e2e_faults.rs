@@ -184,6 +184,37 @@ fn a_truncated_device_database_is_refused_not_taken_for_a_new_device() {
     assert!(err.contains("is empty") && err.contains("backup"), "{err}");
 }
 
+/// Devices `a` and `b` (users `a` and `b`), enrolled with tokens at the gateway in `gw`, and
+/// a conversation `room` of the two.
+fn two_devices_in_a_room(gw: &str, addr: &str, cert: &str, a: &str, b: &str) {
+    let key_a = device_key(&init_device(
+        a,
+        addr,
+        cert,
+        Some("a"),
+        Some(&enrol(gw, "a")),
+    ));
+    let key_b = device_key(&init_device(
+        b,
+        addr,
+        cert,
+        Some("b"),
+        Some(&enrol(gw, "b")),
+    ));
+    let room = [
+        "admin",
+        "create-conversation",
+        "room",
+        "--member",
+        &key_a,
+        "--member",
+        &key_b,
+    ];
+    let mut args = room.to_vec();
+    args.extend(["--data-dir", gw]);
+    run(&gateway_binary(), &args);
+}
+
 /// A small tmpfs mounted for one test, unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
 impl Tmpfs {
@@ -245,34 +276,7 @@ fn a_full_disk_stops_the_gateway_storing_not_listening_and_it_recovers_when_spac
     let a_dir = tmp.path().join("a");
     let b_dir = tmp.path().join("b");
     let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
-    let key_a = device_key(&init_device(
-        a,
-        &addr,
-        cert,
-        Some("a"),
-        Some(&enrol(gw, "a")),
-    ));
-    let key_b = device_key(&init_device(
-        b,
-        &addr,
-        cert,
-        Some("b"),
-        Some(&enrol(gw, "b")),
-    ));
-    run(
-        &gateway_binary(),
-        &[
-            "admin",
-            "create-conversation",
-            "room",
-            "--member",
-            &key_a,
-            "--member",
-            &key_b,
-            "--data-dir",
-            gw,
-        ],
-    );
+    two_devices_in_a_room(gw, &addr, cert, a, b);
     let mut gateway = Guard(start_gateway(&gw_dir, port));
     run(&sund(), &["send", "--data-dir", a, "room", "before"]);
 
@@ -372,34 +376,7 @@ fn a_full_device_disk_stops_the_send_and_says_the_message_may_have_left() {
     let a_dir = disk.0.clone();
     let b_dir = tmp.path().join("b");
     let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
-    let key_a = device_key(&init_device(
-        a,
-        &addr,
-        cert,
-        Some("a"),
-        Some(&enrol(gw, "a")),
-    ));
-    let key_b = device_key(&init_device(
-        b,
-        &addr,
-        cert,
-        Some("b"),
-        Some(&enrol(gw, "b")),
-    ));
-    run(
-        &gateway_binary(),
-        &[
-            "admin",
-            "create-conversation",
-            "room",
-            "--member",
-            &key_a,
-            "--member",
-            &key_b,
-            "--data-dir",
-            gw,
-        ],
-    );
+    two_devices_in_a_room(gw, &addr, cert, a, b);
     let mut gateway = Guard(start_gateway(&gw_dir, port));
     run(&sund(), &["send", "--data-dir", a, "room", "before"]);
 

@@ -26,35 +26,31 @@ impl TlsIdentity {
     pub fn load_or_create(dir: &Path) -> Result<TlsIdentity, QuicError> {
         let cert_path = dir.join("cert.der");
         let key_path = dir.join("key.der");
-        let io_err = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| QuicError::Identity { path, source }
-        };
         if cert_path.exists() && key_path.exists() {
-            let cert = std::fs::read(&cert_path).map_err(io_err(&cert_path))?;
-            let key = std::fs::read(&key_path).map_err(io_err(&key_path))?;
+            let cert = std::fs::read(&cert_path).map_err(identity_error(&cert_path))?;
+            let key = std::fs::read(&key_path).map_err(identity_error(&key_path))?;
             return Ok(TlsIdentity {
                 cert: CertificateDer::from(cert),
                 key: PrivatePkcs8KeyDer::from(key),
             });
         }
-        crate::files::private_dir(dir).map_err(|e| QuicError::Identity {
-            path: dir.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
             .map_err(|e| QuicError::Certificate(e.to_string()))?;
+        let identity = TlsIdentity::self_signed(&key_pair)?;
+        identity.save(dir)?;
+        Ok(identity)
+    }
+
+    /// The identity of `key_pair` with its self-signed certificate.
+    fn self_signed(key_pair: &rcgen::KeyPair) -> Result<TlsIdentity, QuicError> {
         let params = rcgen::CertificateParams::new(vec!["sund-gateway".to_string()])
             .map_err(|e| QuicError::Certificate(e.to_string()))?;
         let cert = params
-            .self_signed(&key_pair)
+            .self_signed(key_pair)
             .map_err(|e| QuicError::Certificate(e.to_string()))?;
-        let key_der = key_pair.serialize_der();
-        write_private(&key_path, &key_der).map_err(io_err(&key_path))?;
-        std::fs::write(&cert_path, cert.der()).map_err(io_err(&cert_path))?;
         Ok(TlsIdentity {
             cert: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(key_der),
+            key: PrivatePkcs8KeyDer::from(key_pair.serialize_der()),
         })
     }
 
@@ -72,31 +68,19 @@ impl TlsIdentity {
         let key = PrivatePkcs8KeyDer::from(der);
         let key_pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key, &rcgen::PKCS_ED25519)
             .map_err(|e| QuicError::Certificate(e.to_string()))?;
-        let params = rcgen::CertificateParams::new(vec!["sund-gateway".to_string()])
-            .map_err(|e| QuicError::Certificate(e.to_string()))?;
-        let cert = params
-            .self_signed(&key_pair)
-            .map_err(|e| QuicError::Certificate(e.to_string()))?;
-        Ok(TlsIdentity {
-            cert: cert.der().clone(),
-            key,
-        })
+        TlsIdentity::self_signed(&key_pair)
     }
 
     /// Writes this identity where [`TlsIdentity::load_or_create`] finds it.
     pub fn save(&self, dir: &Path) -> Result<(), QuicError> {
-        let io_err = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| QuicError::Identity { path, source }
-        };
         crate::files::private_dir(dir).map_err(|e| QuicError::Identity {
             path: dir.display().to_string(),
             source: std::io::Error::other(e.to_string()),
         })?;
         let key_path = dir.join("key.der");
         let cert_path = dir.join("cert.der");
-        write_private(&key_path, self.key.secret_pkcs8_der()).map_err(io_err(&key_path))?;
-        std::fs::write(&cert_path, self.cert.as_ref()).map_err(io_err(&cert_path))
+        write_private(&key_path, self.key.secret_pkcs8_der()).map_err(identity_error(&key_path))?;
+        std::fs::write(&cert_path, self.cert.as_ref()).map_err(identity_error(&cert_path))
     }
 
     /// The key of the gateway's QUIC stateless resets (and of its connection id generator),
@@ -112,6 +96,12 @@ impl TlsIdentity {
             .finalize()
             .into()
     }
+}
+
+/// An I/O error on an identity file, naming the file.
+fn identity_error(path: &Path) -> impl FnOnce(io::Error) -> QuicError {
+    let path = path.display().to_string();
+    move |source| QuicError::Identity { path, source }
 }
 
 /// Writes a secret file readable by its owner only.

@@ -5,12 +5,12 @@
 //! different traces; 2 bad usage or a bad scenario file, or a file given by name that the
 //! drivers cannot run.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use sund_model::planted::PlantedBug;
-use sund_sim::runner::{collect_files, RunError};
+use sund_sim::runner::{self, collect_files, RunError};
 use sund_sim::scenario::{self, Scenario};
 use sund_sim::swarm::{generate, Family};
 use sund_sim_drivers::plan::plan;
@@ -54,17 +54,7 @@ struct Options {
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(code) => code,
-        Err(RunError::Usage(message)) => {
-            eprintln!("error: {message}\n\n{USAGE}");
-            ExitCode::from(2)
-        }
-        Err(RunError::Scenario(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(2)
-        }
-    }
+    runner::exit_code(real_main(), USAGE)
 }
 
 fn real_main() -> Result<ExitCode, RunError> {
@@ -94,54 +84,15 @@ fn real_main() -> Result<ExitCode, RunError> {
                 return Ok(ExitCode::SUCCESS);
             }
             "--drivers" => {} // as forwarded by `cargo sim --drivers`
-            "--seed" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--seed needs a number".into()))?;
-                options.seed = Some(value.parse().map_err(|_| {
-                    RunError::Usage(format!("--seed needs a whole number, got `{value}`"))
-                })?);
-            }
+            "--seed" => options.seed = Some(runner::whole_number("--seed", args.next())?),
             "--check-determinism" => options.check_determinism = true,
             "--json" => options.json = true,
-            "--swarm" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--swarm needs a number of seeds".into()))?;
-                options.swarm = Some(value.parse().map_err(|_| {
-                    RunError::Usage(format!("--swarm needs a whole number, got `{value}`"))
-                })?);
-            }
+            "--swarm" => options.swarm = Some(runner::whole_number("--swarm", args.next())?),
             "--first-seed" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--first-seed needs a number".into()))?;
-                options.first_seed = value.parse().map_err(|_| {
-                    RunError::Usage(format!("--first-seed needs a whole number, got `{value}`"))
-                })?;
+                options.first_seed = runner::whole_number("--first-seed", args.next())?;
             }
-            "--family" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--family needs a name".into()))?;
-                options.family = Family::parse(&value).ok_or_else(|| {
-                    RunError::Usage(format!(
-                        "unknown family `{value}`: use plain, mls, trust or mixed"
-                    ))
-                })?;
-            }
-            "--plant" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--plant needs a bug's name".into()))?;
-                options.plant = Some(PlantedBug::parse(&value).ok_or_else(|| {
-                    let known: Vec<&str> = PlantedBug::ALL.iter().map(|(n, _)| *n).collect();
-                    RunError::Usage(format!(
-                        "unknown planted bug `{value}`: use one of {}",
-                        known.join(", ")
-                    ))
-                })?);
-            }
+            "--family" => options.family = runner::family(args.next())?,
+            "--plant" => options.plant = Some(runner::planted_bug(args.next())?),
             flag if flag.starts_with('-') => {
                 return Err(RunError::Usage(format!(
                     "`{flag}` is not an option of the driver layer (it takes --seed, --check-determinism, --json, --plant, --swarm, --first-seed, --family)"
@@ -160,7 +111,7 @@ fn real_main() -> Result<ExitCode, RunError> {
     }
     let named = !paths.is_empty();
     if paths.is_empty() {
-        paths.push(default_scenarios_dir());
+        paths.push(runner::default_scenarios_dir());
     }
     let named_files = named && paths.iter().all(|p| p.is_file());
     let files = collect_files(&paths)?;
@@ -393,12 +344,4 @@ fn print_report(
             );
         }
     }
-}
-
-fn default_scenarios_dir() -> PathBuf {
-    let here = Path::new("scenarios");
-    if here.is_dir() {
-        return here.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
 }

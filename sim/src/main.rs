@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use sund_model::planted::PlantedBug;
 use sund_sim::runner::{self, Options, RunError, SwarmOptions};
 use sund_sim::scenario::parse_duration;
 use sund_sim::swarm::Family;
@@ -49,17 +48,7 @@ fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--drivers") {
         return run_drivers();
     }
-    match real_main() {
-        Ok(code) => code,
-        Err(RunError::Usage(message)) => {
-            eprintln!("error: {message}\n\n{USAGE}");
-            ExitCode::from(2)
-        }
-        Err(RunError::Scenario(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(2)
-        }
-    }
+    runner::exit_code(real_main(), USAGE)
 }
 
 fn real_main() -> Result<ExitCode, RunError> {
@@ -79,12 +68,7 @@ fn real_main() -> Result<ExitCode, RunError> {
                 return Ok(ExitCode::SUCCESS);
             }
             "--seed" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--seed needs a number".into()))?;
-                let seed = value.parse().map_err(|_| {
-                    RunError::Usage(format!("--seed needs a whole number, got `{value}`"))
-                })?;
+                let seed = runner::whole_number("--seed", args.next())?;
                 options.seeds = Some((seed, seed));
             }
             "--seeds" => {
@@ -96,19 +80,7 @@ fn real_main() -> Result<ExitCode, RunError> {
             }
             "--check-determinism" => options.check_determinism = true,
             "--json" => options.json = true,
-            "--plant" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--plant needs a bug's name".into()))?;
-                let bug = PlantedBug::parse(&value).ok_or_else(|| {
-                    let known: Vec<&str> = PlantedBug::ALL.iter().map(|(n, _)| *n).collect();
-                    RunError::Usage(format!(
-                        "unknown planted bug `{value}`: use one of {}",
-                        known.join(", ")
-                    ))
-                })?;
-                options.plant = Some(bug);
-            }
+            "--plant" => options.plant = Some(runner::planted_bug(args.next())?),
             "--trace" => {
                 let value = args.next().ok_or_else(|| {
                     RunError::Usage("--trace needs a number of events to show".into())
@@ -139,24 +111,8 @@ fn real_main() -> Result<ExitCode, RunError> {
                     plant: None,
                 });
             }
-            "--family" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--family needs a name".into()))?;
-                family = Family::parse(&value).ok_or_else(|| {
-                    RunError::Usage(format!(
-                        "unknown family `{value}`: use plain, mls, trust or mixed"
-                    ))
-                })?;
-            }
-            "--first-seed" => {
-                let value = args
-                    .next()
-                    .ok_or_else(|| RunError::Usage("--first-seed needs a number".into()))?;
-                first_seed = value.parse().map_err(|_| {
-                    RunError::Usage(format!("--first-seed needs a whole number, got `{value}`"))
-                })?;
-            }
+            "--family" => family = runner::family(args.next())?,
+            "--first-seed" => first_seed = runner::whole_number("--first-seed", args.next())?,
             "--time-budget" => {
                 let value = args
                     .next()
@@ -192,7 +148,7 @@ fn real_main() -> Result<ExitCode, RunError> {
         return run_shrink(&paths, &options);
     }
     if paths.is_empty() {
-        paths.push(default_scenarios_dir());
+        paths.push(runner::default_scenarios_dir());
     }
     let files = runner::collect_files(&paths)?;
     let scenarios = files
@@ -328,12 +284,4 @@ fn run_drivers() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn default_scenarios_dir() -> PathBuf {
-    let here = Path::new("scenarios");
-    if here.is_dir() {
-        return here.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
 }

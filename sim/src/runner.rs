@@ -101,6 +101,65 @@ pub fn parse_seed_range(text: &str) -> Result<(u64, u64), RunError> {
     Ok((a, b))
 }
 
+/// The process exit code of a command's result: errors are printed here, usage errors with
+/// the command's `usage` text (shared by `cargo sim` and `cargo sim --drivers`).
+pub fn exit_code(
+    result: Result<std::process::ExitCode, RunError>,
+    usage: &str,
+) -> std::process::ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(RunError::Usage(message)) => {
+            eprintln!("error: {message}\n\n{usage}");
+            std::process::ExitCode::from(2)
+        }
+        Err(RunError::Scenario(message)) => {
+            eprintln!("error: {message}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// The whole number after `flag` on the command line.
+pub fn whole_number(flag: &str, value: Option<String>) -> Result<u64, RunError> {
+    let value = value.ok_or_else(|| RunError::Usage(format!("{flag} needs a number")))?;
+    value
+        .parse()
+        .map_err(|_| RunError::Usage(format!("{flag} needs a whole number, got `{value}`")))
+}
+
+/// The swarm family after `--family`.
+pub fn family(value: Option<String>) -> Result<crate::swarm::Family, RunError> {
+    let value = value.ok_or_else(|| RunError::Usage("--family needs a name".into()))?;
+    crate::swarm::Family::parse(&value).ok_or_else(|| {
+        RunError::Usage(format!(
+            "unknown family `{value}`: use plain, mls, trust or mixed"
+        ))
+    })
+}
+
+/// The planted bug after `--plant`.
+pub fn planted_bug(value: Option<String>) -> Result<sund_model::planted::PlantedBug, RunError> {
+    use sund_model::planted::PlantedBug;
+    let value = value.ok_or_else(|| RunError::Usage("--plant needs a bug's name".into()))?;
+    PlantedBug::parse(&value).ok_or_else(|| {
+        let known: Vec<&str> = PlantedBug::ALL.iter().map(|(n, _)| *n).collect();
+        RunError::Usage(format!(
+            "unknown planted bug `{value}`: use one of {}",
+            known.join(", ")
+        ))
+    })
+}
+
+/// `scenarios/` here, else the repository's (a command run from another folder).
+pub fn default_scenarios_dir() -> PathBuf {
+    let here = std::path::Path::new("scenarios");
+    if here.is_dir() {
+        return here.to_path_buf();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
 /// Expands directories into their `*.sund` files, sorted by name.
 pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RunError> {
     let mut files = Vec::new();
