@@ -22,9 +22,9 @@ usage: cargo sim --drivers [SCENARIO...] [--seed N] [--check-determinism] [--jso
 
 Runs scenario files (default: every *.sund file in scenarios/) on the production gateway and
 node drivers (tokio, quinn, rustls, redb) inside turmoil's simulated network and clock, with the
-simulator's invariant checker. A scenario the drivers cannot express (MLS groups, several
-gateways, disk and clock faults, per-link profiles, config tunables, more than 32 devices) is
-skipped with its reasons; naming such a file is an error.
+simulator's invariant checker. A scenario the drivers cannot express (MLS groups, revocations,
+several gateways, a slow disk, clock drift, bandwidth limits, more than 32 devices) is skipped
+with its reasons; naming such a file is an error.
 
   SCENARIO              a scenario file or a directory of them
   --seed N              run with seed N instead of the scenario's `seed` line
