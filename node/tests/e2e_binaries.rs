@@ -25,24 +25,7 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
     let a_dir = tmp.path().join("a");
     let b_dir = tmp.path().join("b");
     let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
-    let token_a = enrol(gw, "a");
-    let key_a = device_key(&init_device(a, &addr, cert, Some("a"), Some(&token_a)));
-    let token_b = enrol(gw, "b");
-    let key_b = device_key(&init_device(b, &addr, cert, Some("b"), Some(&token_b)));
-    run(
-        &gateway_binary(),
-        &[
-            "admin",
-            "create-conversation",
-            "room",
-            "--member",
-            &key_a,
-            "--member",
-            &key_b,
-            "--data-dir",
-            gw,
-        ],
-    );
+    two_devices_in_a_room(gw, &addr, cert, a, b);
 
     let mut gateway = Guard(start_gateway(&gw_dir, port));
     // b follows in the background and reports each line it prints.

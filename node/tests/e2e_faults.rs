@@ -184,37 +184,6 @@ fn a_truncated_device_database_is_refused_not_taken_for_a_new_device() {
     assert!(err.contains("is empty") && err.contains("backup"), "{err}");
 }
 
-/// Devices `a` and `b` (users `a` and `b`), enrolled with tokens at the gateway in `gw`, and
-/// a conversation `room` of the two.
-fn two_devices_in_a_room(gw: &str, addr: &str, cert: &str, a: &str, b: &str) {
-    let key_a = device_key(&init_device(
-        a,
-        addr,
-        cert,
-        Some("a"),
-        Some(&enrol(gw, "a")),
-    ));
-    let key_b = device_key(&init_device(
-        b,
-        addr,
-        cert,
-        Some("b"),
-        Some(&enrol(gw, "b")),
-    ));
-    let room = [
-        "admin",
-        "create-conversation",
-        "room",
-        "--member",
-        &key_a,
-        "--member",
-        &key_b,
-    ];
-    let mut args = room.to_vec();
-    args.extend(["--data-dir", gw]);
-    run(&gateway_binary(), &args);
-}
-
 /// A small tmpfs mounted for one test, unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
 impl Tmpfs {
