@@ -219,14 +219,32 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
             ),
         )));
     }
+    // An empty database the gateway did not just create lost its data: a disk that lost
+    // writes it had reported durable can leave redb at its empty first commit
+    // (`sund_runtime::sim_disk`'s tests found it), or the file was replaced. Starting would
+    // make a new trust root, as above.
+    if store.is_empty()? && !store.was_created() {
+        return Err(DriverError::Store(sund_model::env::StoreError::Damaged(
+            empty_database(&dir.join("gateway.redb")),
+        )));
+    }
     let identity = TlsIdentity::load_or_create(&dir.join("tls"))?;
     let clock = environment.clock();
-    let gateway = Gateway::recover(
+    let mut gateway = Gateway::recover(
         options.config.clone(),
         clock.now(),
         &store,
         environment.entropy(),
     )?;
+    // A new database gets its trust root durably before the gateway listens, so that an
+    // empty database at a later start always means lost data.
+    let mut store = store;
+    if store.is_empty()? {
+        while let Some(ready) = gateway.poll_ready() {
+            let outputs = ready.commit(&mut store)?;
+            assert!(outputs.is_empty(), "a new gateway has no one to answer");
+        }
+    }
     let endpoint = endpoint::server_endpoint(environment.as_ref(), options.listen, &identity)?;
     let addr = endpoint
         .local_addr()
@@ -272,6 +290,14 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         stages,
         health,
     })
+}
+
+/// Words for a gateway database that opened empty though it existed before.
+pub fn empty_database(path: &std::path::Path) -> String {
+    format!(
+        "{} holds no data, but the file existed before: the database lost its data (for example a disk that lost writes in a power cut) or was replaced. Restore the data directory from a backup. Only if this gateway never enrolled a device, delete the file to start anew",
+        path.display()
+    )
 }
 
 /// Connections open per source address, and in all.

@@ -153,6 +153,24 @@ fn a_damaged_or_truncated_gateway_database_is_refused_with_how_to_restore() {
     let err = gateway_run_exits(&gw_dir, free_udp_port());
     assert!(err.contains("is empty"), "{err}");
 
+    // A whole database with nothing in it, where one existed (a disk that lost the writes
+    // it had reported durable can leave redb at its empty first commit): never silently a new
+    // gateway either.
+    std::fs::remove_file(&db).unwrap();
+    drop(sund_runtime::store::RedbStore::open(&db).unwrap());
+    let err = fails(&gateway_binary(), &["admin", "crl", "--data-dir", gw]);
+    assert!(
+        err.contains("holds no data") && err.contains("backup"),
+        "{err}"
+    );
+    let err = fails(
+        &gateway_binary(),
+        &["admin", "enrol-token", "bob", "--data-dir", gw],
+    );
+    assert!(err.contains("holds no data"), "{err}");
+    let err = gateway_run_exits(&gw_dir, free_udp_port());
+    assert!(err.contains("holds no data"), "{err}");
+
     // Restored from the copy, the same gateway again.
     std::fs::copy(&copy, &db).unwrap();
     assert_eq!(

@@ -15,7 +15,7 @@ use crate::clock::DriverClock;
 use crate::committer::CommitMode;
 use crate::endpoint::{bound_socket, QuicError};
 use crate::entropy::{OsEntropy, SeededEntropy};
-use crate::store::DiskSwitch;
+use crate::sim_disk::SimulatedDisk;
 
 /// A UDP socket for a QUIC endpoint, and the seed of quinn's own randomness (connection ids,
 /// reset tokens; `None`: from the OS).
@@ -32,7 +32,7 @@ pub trait Environment: Send + Sync + 'static {
     /// Where commits run.
     fn commit_mode(&self) -> CommitMode;
     /// A switch that fills the driver's disk, in a simulation (`None`: a real disk only).
-    fn disk(&self) -> Option<DiskSwitch> {
+    fn disk(&self) -> Option<SimulatedDisk> {
         None
     }
 }
@@ -74,7 +74,7 @@ pub struct Simulated {
     socket: Arc<dyn quinn::AsyncUdpSocket>,
     seed: [u8; 32],
     origin: Instant,
-    disk: Option<DiskSwitch>,
+    disk: Option<SimulatedDisk>,
     /// How many entropy streams were handed out: each call of [`Environment::entropy`] gets
     /// a stream of its own, as each read of the OS generator gets fresh bytes.
     entropy_streams: Arc<std::sync::atomic::AtomicU64>,
@@ -94,7 +94,7 @@ impl Simulated {
     }
 
     /// The same machine on a disk `switch` can fill.
-    pub fn with_disk(mut self, switch: DiskSwitch) -> Self {
+    pub fn with_disk(mut self, switch: SimulatedDisk) -> Self {
         self.disk = Some(switch);
         self
     }
@@ -134,7 +134,7 @@ impl Environment for Simulated {
         CommitMode::Inline
     }
 
-    fn disk(&self) -> Option<DiskSwitch> {
+    fn disk(&self) -> Option<SimulatedDisk> {
         self.disk.clone()
     }
 }

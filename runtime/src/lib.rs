@@ -7,6 +7,7 @@
 //!   ([`environment::Production`] or the reproducible [`environment::Simulated`]);
 //! - [`clock`], [`entropy`]: the model's `Clock` and `Entropy` for drivers;
 //! - [`store`]: redb behind the model's `Store` trait, checked whole when it opens;
+//! - [`sim_disk`]: a simulated machine's disk (full, torn writes at a power cut, lying fsync);
 //! - [`files`]: owner-only data directories and secret files;
 //! - [`committer`]: pipelined group commit on a thread of its own;
 //! - [`metrics`]: histograms of the stages a message passes in a driver;
@@ -28,6 +29,7 @@ pub mod files;
 pub mod metrics;
 pub mod seeded;
 pub mod session;
+pub mod sim_disk;
 pub mod store;
 pub mod tls;
 #[cfg(feature = "turmoil")]

@@ -12,31 +12,15 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use sund_model::env::{Store, StoreError, StoreRead, Table, Visit, WriteBatch, WriteOp};
 
+use crate::sim_disk::SimulatedDisk;
+
 /// A redb database file holding a state machine's tables.
 pub struct RedbStore {
     db: Database,
-    /// A simulated full disk ([`crate::environment::Simulated::with_disk`]); never in
-    /// production.
-    disk: Option<DiskSwitch>,
-}
-
-/// A simulation's switch for a machine's disk: while it is full, every commit with writes fails
-/// as a real full disk makes redb fail (`StoreError::Backend`, "the disk is full"), so the
-/// drivers' handling of it (the gateway's outage and recovery, the node's stop) runs for real.
-/// A handle: the simulation keeps it across the machine's restarts.
-#[derive(Clone, Debug, Default)]
-pub struct DiskSwitch(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl DiskSwitch {
-    /// Fills (`true`) or frees (`false`) the disk.
-    pub fn set_full(&self, full: bool) {
-        self.0.store(full, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// True while the disk is full.
-    pub fn is_full(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
+    /// A simulated disk ([`crate::environment::Simulated::with_disk`]); never in production.
+    disk: Option<SimulatedDisk>,
+    /// The file did not exist (or was blank) before this open made it.
+    created: bool,
 }
 
 /// What a redb failure means for the machine above: a damaged file (stop; restore from a
@@ -68,8 +52,22 @@ impl RedbStore {
         RedbStore::open_with(path, None)
     }
 
-    /// [`RedbStore::open`] on a disk a simulation can fill (`None`: a real disk only).
-    pub fn open_with(path: &Path, disk: Option<DiskSwitch>) -> Result<RedbStore, StoreError> {
+    /// [`RedbStore::open`], or with `disk` the same database on a simulated disk (the file at
+    /// `path` is not touched then; the path only names the database in errors).
+    pub fn open_with(path: &Path, disk: Option<SimulatedDisk>) -> Result<RedbStore, StoreError> {
+        let mut builder = Database::builder();
+        builder.set_check_integrity_on_open(true);
+        if let Some(disk) = disk {
+            let created = disk.is_blank();
+            let db = builder
+                .create_with_backend(disk.backend())
+                .map_err(|e| open_error(path, e))?;
+            return Ok(RedbStore {
+                db,
+                disk: Some(disk),
+                created,
+            });
+        }
         let existed = path.exists();
         if existed {
             let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -81,24 +79,23 @@ impl RedbStore {
             }
         }
         crate::files::private_file(path).map_err(|e| StoreError::Refused(e.to_string()))?;
-        let mut builder = Database::builder();
-        builder.set_check_integrity_on_open(true);
         let opened = if existed {
             builder.open(path)
         } else {
             builder.create(path)
         };
-        let db = opened.map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Refused(in_use(path)),
-            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Backend(
-                format!("cannot open {}: {io}", path.display()),
-            ),
-            other => StoreError::Damaged(format!(
-                "{} is damaged ({other}). Keep a copy of it for inspection and restore the data directory from a backup",
-                path.display()
-            )),
-        })?;
-        Ok(RedbStore { db, disk })
+        let db = opened.map_err(|e| open_error(path, e))?;
+        Ok(RedbStore {
+            db,
+            disk: None,
+            created: !existed,
+        })
+    }
+
+    /// True if this open created the database (its file did not exist): an empty database
+    /// that was not just created lost its data, or was never committed to.
+    pub fn was_created(&self) -> bool {
+        self.created
     }
 
     /// True if the database holds no table yet (created, never committed to).
@@ -147,7 +144,7 @@ impl Store for RedbStore {
         if batch.is_empty() {
             return Ok(());
         }
-        if self.disk.as_ref().is_some_and(DiskSwitch::is_full) {
+        if self.disk.as_ref().is_some_and(SimulatedDisk::is_full) {
             return Err(StoreError::Backend(
                 "the disk is full (No space left on device, simulated): free some space".into(),
             ));
@@ -178,6 +175,21 @@ impl Store for RedbStore {
         }
         txn.commit().map_err(backend)?;
         Ok(())
+    }
+}
+
+/// What a failed open means: another process has the file, the disk failed, or the file is
+/// damaged (restore it).
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Refused(in_use(path)),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            StoreError::Backend(format!("cannot open {}: {io}", path.display()))
+        }
+        other => StoreError::Damaged(format!(
+            "{} is damaged ({other}). Keep a copy of it for inspection and restore the data directory from a backup",
+            path.display()
+        )),
     }
 }
 

@@ -1,11 +1,13 @@
 //! One run of a [`Plan`] on the production drivers under turmoil.
 //!
 //! The gateway and every device are turmoil hosts running the real `sund-gateway` and
-//! `sund-node` drivers (tokio, quinn, rustls, redb in a temporary directory). Each device's
+//! `sund-node` drivers (tokio, quinn, rustls, redb on a [`SimulatedDisk`]). Each device's
 //! host is also its application: it sends on the scenario's schedule and takes what it is
 //! delivered, and reports both to the same invariant checker the model layer uses. The control
 //! loop steps turmoil one millisecond at a time and carries out the scenario's faults between
-//! steps: crash and restart (turmoil `crash` and `bounce`), partitions, one-way cuts, holds,
+//! steps: crash and restart (turmoil `crash` and `bounce`; a crash cuts the host's power first,
+//! so redb's unsynced writes survive only in part and its clean close never runs), partitions,
+//! one-way cuts, holds,
 //! and disconnects (the node's own reconnect). After the safety phase it heals everything and
 //! probes every 100 ms until every member has everything acknowledged, as the model layer does.
 
@@ -30,7 +32,8 @@ use sund_model::trust::EnrolmentToken;
 use sund_node::driver::{self as node_driver, NodeHandle, NodeOptions};
 use sund_runtime::entropy::SeededEntropy;
 use sund_runtime::environment::Simulated;
-use sund_runtime::store::{DiskSwitch, RedbStore};
+use sund_runtime::sim_disk::SimulatedDisk;
+use sund_runtime::store::RedbStore;
 use sund_runtime::tls::{certificate_pin, TlsIdentity};
 use sund_runtime::turmoil::{
     DatagramFaults, PacketTrace, PacketTraceSummary, SocketFaults, TurmoilUdp,
@@ -165,17 +168,22 @@ struct World {
     /// What each device's socket does to its datagrams.
     device_faults: Vec<SocketFaults>,
     /// Each host's disk (`fill-disk`, `free-disk`), by host name.
-    disks: BTreeMap<String, DiskSwitch>,
+    disks: BTreeMap<String, SimulatedDisk>,
     packets: PacketTrace,
     shared: RefCell<Shared>,
 }
 
 /// Prepares the gateway's data directory as an operator would before the run: a TLS identity
 /// (seeded, so handshakes repeat), one enrolment token per device, the conversations.
-fn prepare_gateway(dir: &Path, plan: &Plan) -> Result<([u8; 32], Vec<EnrolmentToken>), String> {
+fn prepare_gateway(
+    dir: &Path,
+    disk: &SimulatedDisk,
+    plan: &Plan,
+) -> Result<([u8; 32], Vec<EnrolmentToken>), String> {
     let identity = TlsIdentity::from_seed([7; 32]).map_err(|e| e.to_string())?;
     identity.save(&dir.join("tls")).map_err(|e| e.to_string())?;
-    let mut store = RedbStore::open(&dir.join("gateway.redb")).map_err(|e| e.to_string())?;
+    let mut store = RedbStore::open_with(&dir.join("gateway.redb"), Some(disk.clone()))
+        .map_err(|e| e.to_string())?;
     let mut gateway = Gateway::new(
         GatewayConfig::default(),
         EPOCH,
@@ -203,7 +211,11 @@ fn prepare_gateway(dir: &Path, plan: &Plan) -> Result<([u8; 32], Vec<EnrolmentTo
 pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, String> {
     let tmp = data_dir().map_err(|e| format!("a temporary directory: {e}"))?;
     let root = tmp.path().to_path_buf();
-    let (pin, tokens) = prepare_gateway(&root.join("gateway"), &plan)?;
+    let disks: BTreeMap<String, SimulatedDisk> = std::iter::once(plan.gateway.clone())
+        .chain(plan.devices.iter().map(|d| d.host.clone()))
+        .map(|host| (host, SimulatedDisk::default()))
+        .collect();
+    let (pin, tokens) = prepare_gateway(&root.join("gateway"), &disks[&plan.gateway], &plan)?;
     let mut rng = ChaCha20Rng::from_seed(stream_seed(seed, "workload", 0));
     let next_send = plan
         .sends
@@ -250,10 +262,7 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
     let world = Rc::new(World {
         gateway_faults: SocketFaults::default(),
         device_faults: (0..devices).map(|_| SocketFaults::default()).collect(),
-        disks: std::iter::once(plan.gateway.clone())
-            .chain(plan.devices.iter().map(|d| d.host.clone()))
-            .map(|host| (host, DiskSwitch::default()))
-            .collect(),
+        disks,
         plan,
         seed,
         root,
@@ -302,13 +311,13 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
     Ok(report)
 }
 
-/// Where the run's redb files live: a fresh directory in memory-backed `/dev/shm` where there is
-/// one and `TMPDIR` does not say otherwise (redb is as real there, and its syncs cost nothing,
-/// which makes runs about four times faster), else in the temporary directory.
+/// Where the run's files live (the gateway's TLS identity; redb's databases are on each host's
+/// [`SimulatedDisk`], in memory): a fresh directory in memory-backed `/dev/shm` where there is
+/// one and `TMPDIR` does not say otherwise, else in the temporary directory.
 fn data_dir() -> std::io::Result<tempfile::TempDir> {
     let builder = tempfile::Builder::new().prefix("sund-sim-drivers-").clone();
     let shm = Path::new("/dev/shm");
-    // deterministic: redb's files live here; their bytes never enter the trace hash
+    // deterministic: the run's files live here; their bytes never enter the trace hash
     if std::env::var_os("TMPDIR").is_none() && shm.is_dir() {
         if let Ok(dir) = builder.tempdir_in(shm) {
             return Ok(dir);
@@ -814,6 +823,8 @@ struct Faults {
     blocked: BTreeSet<(String, String)>,
     held: BTreeSet<(String, String)>,
     crashed: BTreeSet<String>,
+    /// Power cuts so far: each draws its torn sectors from a stream of its own.
+    power_cuts: u64,
 }
 
 impl Faults {
@@ -940,6 +951,16 @@ impl Faults {
             Action::Crash(a) => {
                 for host in hosts(a) {
                     if self.crashed.insert(host.clone()) {
+                        // The power goes before the process does, so nothing it does on the way
+                        // down (redb's clean close) reaches the disk; what it wrote and did not
+                        // sync survives sector by sector, as a coin says.
+                        self.power_cuts += 1;
+                        let mut coin = ChaCha20Rng::from_seed(stream_seed(
+                            world.seed,
+                            "power-cut",
+                            self.power_cuts,
+                        ));
+                        world.disks[&host].power_cut(&mut || coin.next_u64() & 1 == 1);
                         sim.crash(host.as_str());
                         // A crash ends a stopped driver too; the restart starts it.
                         world.shared.borrow_mut().stopped.remove(&host);
