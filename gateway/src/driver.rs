@@ -26,6 +26,7 @@ use rustls::pki_types::CertificateDer;
 use sund_model::env::{Ready, Store, StoreError, WriteBatch};
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput, GatewayStats,
+    HistoryKind,
 };
 use sund_model::ids::{ConnectionId, UserId};
 use sund_model::time::Instant;
@@ -866,6 +867,23 @@ impl Core {
                         let _ = reply.send(answer);
                     }
                 }
+                GatewayOutput::HistoryLost(lost) => match lost.kind {
+                    HistoryKind::Lost => tracing::error!(
+                        conversation = %lost.conversation,
+                        device = %lost.device,
+                        from = lost.from,
+                        to = lost.to,
+                        "this gateway lost messages it had acknowledged: a device has read up to seq {} of a conversation whose log ends before it. The disk lost writes it had reported durable (a volatile write cache, or a copy of the data directory restored from an older backup). The seqs are marked lost and the members told; check the disk's write cache settings",
+                        lost.to
+                    ),
+                    HistoryKind::Diverged => tracing::error!(
+                        conversation = %lost.conversation,
+                        device = %lost.device,
+                        from = lost.from,
+                        to = lost.to,
+                        "a device read messages this gateway has since lost, at seqs now given to other messages: the device was told its history diverged. The disk lost writes it had reported durable; check its write cache settings"
+                    ),
+                },
             }
         }
     }

@@ -7,11 +7,12 @@ use bytes::Bytes;
 use std::collections::BTreeMap;
 use sund_model::env::{MemStore, Store};
 use sund_model::gateway::{
-    AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
+    AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput, HistoryKind,
+    LostHistory,
 };
 
 use sund_model::identity::{session_proof_message, DeviceKey};
-use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
+use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::testing::{drain_gateway, TestDevice};
 use sund_model::time::Instant;
 use sund_model::trust::{Crl, DeviceCertificate};
@@ -1471,4 +1472,143 @@ fn pools_and_user_bindings_survive_a_restart() {
     let got = answer(&frames_to(&back.fetch(1, &[bob_user()]), 1));
     assert_eq!(got.found.len(), 1);
     assert!(!got.found[0].last_resort);
+}
+
+// ---- a disk that lost writes it had reported durable ----
+
+/// The operator outputs that report lost history.
+fn history(outputs: &[GatewayOutput]) -> Vec<LostHistory> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            GatewayOutput::HistoryLost(h) => Some(*h),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Errors of `code` sent to `conn`, by the seq they name.
+fn notices(outputs: &[GatewayOutput], conn: u64, code: ErrorCode) -> Vec<u64> {
+    frames_to(outputs, conn)
+        .into_iter()
+        .filter(|f| error_code(f) == Some(code))
+        .map(|f| f.routing.seq)
+        .collect()
+}
+
+/// Alice sent seqs 1..=3 and read them; the gateway's disk kept only seq 1 (its fsync lied,
+/// then it crashed): the recovered gateway, with bob connected at seq 1.
+fn gateway_that_lost_seqs_2_and_3() -> Harness {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.send(1, alice(), 1, b"one");
+    let durable = h.store.clone();
+    h.send(1, alice(), 2, b"two");
+    h.send(1, alice(), 3, b"three");
+    assert_eq!(h.gateway.conversation_head(CONV), Some(3));
+    h.store = durable;
+    let mut h = h.restarted(open_config());
+    assert_eq!(
+        h.gateway.conversation_head(CONV),
+        Some(1),
+        "seqs 2 and 3 are gone"
+    );
+    h.connect_with(2, bob(), vec![Cursor::new(CONV, 1)]);
+    h
+}
+
+#[test]
+fn a_cursor_beyond_the_head_marks_the_seqs_lost_and_tells_the_members_behind() {
+    let mut h = gateway_that_lost_seqs_2_and_3();
+    let read = Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])));
+    let out = h.connect_with(3, alice(), vec![read]);
+    let found = history(&out);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].kind, found[0].device, found[0].from, found[0].to),
+        (HistoryKind::Lost, alice(), 2, 3)
+    );
+    assert_eq!(
+        notices(&out, 2, ErrorCode::HistoryLost),
+        vec![4],
+        "bob, waiting at seq 1, hears at once that 2..=3 are gone"
+    );
+    assert!(
+        notices(&out, 3, ErrorCode::HistoryDiverged).is_empty(),
+        "alice read nothing that was replaced"
+    );
+    // No seq alice read is given to another message.
+    let out = h.send(2, bob(), 9, b"after");
+    let ack = frames_to(&out, 2)
+        .into_iter()
+        .find(|f| matches!(f.payload, Payload::SendAck(_)))
+        .expect("acknowledged");
+    assert_eq!(ack.routing.seq, 4);
+    // A second device showing the same cursor finds nothing new.
+    let out = h.connect_with(4, alice(), vec![read]);
+    assert!(history(&out).is_empty(), "{:?}", history(&out));
+}
+
+#[test]
+fn a_device_that_read_seqs_given_to_other_messages_since_is_told_until_it_heard() {
+    let mut h = gateway_that_lost_seqs_2_and_3();
+    // Bob's message takes seq 2, which alice read as her own "two".
+    h.send(2, bob(), 9, b"bob's");
+    let read = Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])));
+    let out = h.connect_with(3, alice(), vec![read]);
+    let kinds: Vec<_> = history(&out)
+        .iter()
+        .map(|f| (f.kind, f.from, f.to))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(HistoryKind::Lost, 3, 3), (HistoryKind::Diverged, 2, 2)]
+    );
+    assert_eq!(notices(&out, 3, ErrorCode::HistoryDiverged), vec![2]);
+    let delivered = |out: &[GatewayOutput], conn| {
+        frames_to(out, conn)
+            .iter()
+            .filter(|f| matches!(f.payload, Payload::Deliver(_)))
+            .count()
+    };
+    assert_eq!(
+        delivered(&out, 3),
+        0,
+        "the conversation waits behind the notice"
+    );
+    // The notice was lost with the connection: the next session hears it again (the
+    // operator heard once).
+    let out = h.connect_with(4, alice(), vec![read]);
+    assert_eq!(notices(&out, 4, ErrorCode::HistoryDiverged), vec![2]);
+    assert!(history(&out).is_empty(), "{:?}", history(&out));
+    // Its acknowledgement answers the notice, and delivery goes on.
+    h.ack(4, 3);
+    let out = h.send(2, bob(), 10, b"more");
+    assert_eq!(delivered(&out, 4), 1, "bob's next message, seq 4");
+    let out = h.connect_with(5, alice(), vec![Cursor::new(CONV, 4)]);
+    assert!(notices(&out, 5, ErrorCode::HistoryDiverged).is_empty());
+}
+
+#[test]
+fn a_cursor_naming_another_message_than_the_one_at_its_seq_has_diverged() {
+    let mut h = gateway_that_lost_seqs_2_and_3();
+    h.send(2, bob(), 9, b"bob's");
+    h.send(2, bob(), 10, b"bob's too");
+    // Alice read her "two" at seq 2; the gateway now holds bob's message there.
+    let read = Cursor::read(CONV, 2, Some(MsgId::from_bytes([2; 16])));
+    let out = h.connect_with(3, alice(), vec![read]);
+    assert_eq!(notices(&out, 3, ErrorCode::HistoryDiverged), vec![2]);
+    // Bob read bob's message at seq 2: nothing to tell.
+    let same = Cursor::read(CONV, 2, Some(MsgId::from_bytes([9; 16])));
+    let out = h.connect_with(4, bob(), vec![same]);
+    assert!(notices(&out, 4, ErrorCode::HistoryDiverged).is_empty());
+}
+
+#[test]
+fn a_cursor_implausibly_far_beyond_the_head_is_not_believed() {
+    let mut h = gateway_that_lost_seqs_2_and_3();
+    let far = Cursor::new(CONV, 1 + sund_model::gateway::FENCE_MAX + 1);
+    let out = h.connect_with(3, alice(), vec![far]);
+    assert!(history(&out).is_empty());
+    assert_eq!(h.gateway.conversation_head(CONV), Some(1));
 }

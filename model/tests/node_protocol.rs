@@ -459,7 +459,7 @@ fn hello_presents_the_durable_cursors() {
     assert_eq!(
         hello.payload,
         Payload::Hello(Hello {
-            cursors: vec![Cursor::new(CONV, 2)],
+            cursors: vec![Cursor::read(CONV, 2, Some(MsgId::from_bytes([2; 16])))],
             device_key: my_key().public().0,
             resume_token: Some([7; 32]),
             user: None,
@@ -886,4 +886,78 @@ fn a_crash_after_an_eager_transmission_but_before_its_commit_forgets_only_that_s
     drop(ready.split());
     let restarted = Node::recover(config(), Box::new(Counter(2)), h.now, &h.store).unwrap();
     assert_eq!(restarted.outbox_len(), 0);
+}
+
+/// The gateway lost seqs 2..=4 (its disk lost writes it had reported durable): the node says so
+/// to its user, moves past them and acknowledges; the message id at its cursor is forgotten,
+/// since it read no message there.
+#[test]
+fn a_loss_notice_is_told_to_the_user_and_skipped() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deliver(1, 1);
+    let routing = Routing {
+        conversation: CONV,
+        seq: 5,
+        ..Routing::default()
+    };
+    let report = ErrorReport {
+        code: ErrorCode::HistoryLost as u16,
+        message: "lost".into(),
+        msg_id: None,
+        after: None,
+    };
+    let out = h.frame(1, routing, Payload::Error(report));
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::HistoryLost {
+        conversation: CONV,
+        from: 2,
+        to: 4,
+    })));
+    let ack = sent(&out)
+        .into_iter()
+        .find(|f| f.payload == Payload::Ack(Ack {}))
+        .expect("acknowledged");
+    assert_eq!(ack.routing.seq, 4);
+    let out = h.deliver(1, 5);
+    assert_eq!(delivered(&out), vec![5], "reading goes on after the loss");
+}
+
+/// The gateway says what this device read up to seq 2 is not what it holds: the user is
+/// told, what was read stays, and the next Hello no longer names the message read at the
+/// cursor (which is how the gateway learns the device heard).
+#[test]
+fn a_divergence_notice_is_told_and_the_cursor_stops_naming_its_message() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deliver(1, 1);
+    h.deliver(1, 2);
+    let routing = Routing {
+        conversation: CONV,
+        seq: 2,
+        ..Routing::default()
+    };
+    let report = ErrorReport {
+        code: ErrorCode::HistoryDiverged as u16,
+        message: "diverged".into(),
+        msg_id: None,
+        after: None,
+    };
+    let out = h.frame(1, routing, Payload::Error(report));
+    assert!(out.contains(&NodeOutput::Event(NodeEvent::HistoryDiverged {
+        conversation: CONV,
+        upto: 2,
+    })));
+    let mut node = Node::recover(config(), Box::new(Counter(3)), h.now, &h.store).unwrap();
+    node.handle_timeout(h.now);
+    node.poll_ready();
+    node.handle(h.now, NodeInput::Connected(ConnectionId(9)));
+    let out = node.poll_ready().unwrap().commit(&mut h.store).unwrap();
+    let Payload::Hello(hello) = sent(&out).remove(0).payload else {
+        panic!("a Hello first");
+    };
+    assert_eq!(
+        hello.cursors,
+        vec![Cursor::new(CONV, 2)],
+        "same seq, no message named"
+    );
 }

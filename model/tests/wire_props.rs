@@ -24,7 +24,10 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
 fn payload() -> impl Strategy<Value = Payload> {
     prop_oneof![
         (
-            proptest::collection::vec((bytes16(), any::<u64>()), 0..8),
+            proptest::collection::vec(
+                (bytes16(), any::<u64>(), proptest::option::of(bytes16())),
+                0..8
+            ),
             any::<[u8; 32]>(),
             proptest::option::of(any::<[u8; 32]>()),
             proptest::option::of(bytes16()),
@@ -36,7 +39,11 @@ fn payload() -> impl Strategy<Value = Payload> {
                     Hello {
                         cursors: cs
                             .into_iter()
-                            .map(|(conversation, seq)| Cursor { conversation, seq })
+                            .map(|(conversation, seq, last)| Cursor {
+                                conversation,
+                                seq,
+                                last
+                            })
                             .collect(),
                         device_key,
                         resume_token,
@@ -433,7 +440,8 @@ fn too_many_cursors_are_refused() {
     let cursors = vec![
         Cursor {
             conversation: [0; 16],
-            seq: 0
+            seq: 0,
+            last: None,
         };
         CURSORS_LEN_MAX + 1
     ];

@@ -485,6 +485,12 @@ async fn follow(
                 Some(NodeEvent::Gap { conversation, from, to }) => {
                     esay!("{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them");
                 }
+                Some(NodeEvent::HistoryDiverged { conversation, upto }) => {
+                    esay!("{conversation}: the gateway lost messages this device had read (its disk lost writes it had reported durable) and gave their seqs, up to {upto}, to other messages, which this device cannot show. What it shows is kept. Tell the gateway's operator");
+                }
+                Some(NodeEvent::HistoryLost { conversation, from, to }) => {
+                    esay!("{conversation}: seqs {from}..={to} were lost by the gateway (its disk lost writes it had reported durable); they cannot be fetched. Tell the gateway's operator");
+                }
                 Some(NodeEvent::Status(status)) => esay!("status: {}", describe(status)),
                 Some(NodeEvent::Refused { message, .. }) => esay!("refused by the gateway: {message}"),
                 Some(NodeEvent::Revoked) => {

@@ -95,9 +95,13 @@ impl SimulatedDisk {
     }
 
     /// Makes fsync lie (`true`: it succeeds and syncs nothing) or tell the truth again
-    /// (`false`: the next sync makes everything durable, as a cache flush does).
+    /// (`false`: the cache is flushed, so everything written is durable now).
     pub fn set_lying(&self, lying: bool) {
-        self.state().lying = lying;
+        let mut state = self.state();
+        state.lying = lying;
+        if !lying {
+            flush(&mut state);
+        }
     }
 
     /// True while fsync lies.
@@ -165,6 +169,25 @@ impl SimulatedDisk {
         state.fuse = None;
         cut
     }
+}
+
+/// Makes every unsynced write durable. It applies what waited rather than copying the whole
+/// image: a commit writes a few pages.
+fn flush(state: &mut FileState) {
+    let FileState {
+        durable, unsynced, ..
+    } = state;
+    for write in unsynced.drain(..) {
+        match write {
+            Unsynced::SetLen(len) => durable.resize(to_usize(len), 0),
+            Unsynced::Write { offset, data } => write_at(durable, to_usize(offset), &data),
+        }
+    }
+    debug_assert_eq!(
+        state.durable.len(),
+        state.current.len(),
+        "a flush leaves nothing unsynced"
+    );
 }
 
 /// Writes `data` at `at`, growing the image with zeros as a file grows.
@@ -242,21 +265,7 @@ impl redb::StorageBackend for SimulatedFile {
             state.lied_syncs += 1;
             return Ok(());
         }
-        // Apply what waited rather than copy the whole image: a commit writes a few pages.
-        let FileState {
-            durable, unsynced, ..
-        } = &mut *state;
-        for write in unsynced.drain(..) {
-            match write {
-                Unsynced::SetLen(len) => durable.resize(to_usize(len), 0),
-                Unsynced::Write { offset, data } => write_at(durable, to_usize(offset), &data),
-            }
-        }
-        debug_assert_eq!(
-            state.durable.len(),
-            state.current.len(),
-            "a true sync leaves nothing unsynced"
-        );
+        flush(&mut state);
         Ok(())
     }
 

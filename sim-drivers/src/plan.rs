@@ -318,7 +318,9 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         | Action::Crash(_)
         | Action::Restart(_)
         | Action::FillDisk(_)
-        | Action::FreeDisk(_) => Ok(()),
+        | Action::FreeDisk(_)
+        | Action::LieDisk(_)
+        | Action::HonestDisk(_) => Ok(()),
         Action::Network(patch) | Action::Link(_, _, patch) if patch.bandwidth_bps.is_some() => {
             Err("sets a bandwidth: turmoil's links have none")
         }

@@ -603,6 +603,22 @@ async fn on_event(w: &World, index: usize, node: &NodeHandle, event: NodeEvent) 
                     .on_gap(at, actor, who, conversation, from, to);
                 None
             }
+            NodeEvent::HistoryLost {
+                conversation,
+                from,
+                to,
+            } => {
+                shared
+                    .checker
+                    .on_history_lost(at, actor, who, conversation, from, to);
+                None
+            }
+            NodeEvent::HistoryDiverged { conversation, upto } => {
+                shared
+                    .checker
+                    .on_history_diverged(at, actor, who, conversation, upto);
+                None
+            }
             NodeEvent::Status(status) => {
                 if let ConnectionStatus::Reconnecting { .. } = status {
                     shared.report.reconnects += 1;
@@ -761,8 +777,16 @@ fn control(sim: &mut turmoil::Sim<'_>, scenario: &Scenario, world: &World, end: 
             next_probe += PROBE;
             match missing(world) {
                 None => {
-                    world.shared.borrow_mut().report.recovery =
-                        Some(now.saturating_sub(scenario.duration));
+                    let mut shared = world.shared.borrow_mut();
+                    shared.report.recovery = Some(now.saturating_sub(scenario.duration));
+                    // A device holding a message the gateway lost, at a seq that now holds
+                    // another, must have been told by now.
+                    let name = |a: u32| world.plan.devices[a as usize].name.clone();
+                    if let Some(fork) = shared.checker.silent_fork(&name) {
+                        shared
+                            .checker
+                            .fail_safety(Invariant::NoLoss, now.as_micros() as u64, fork);
+                    }
                     break;
                 }
                 Some(what) if now >= end => {
@@ -954,14 +978,26 @@ impl Faults {
                         // The power goes before the process does, so nothing it does on the way
                         // down (redb's clean close) reaches the disk; what it wrote and did not
                         // sync survives sector by sector, as a coin says.
+                        // A disk that lies keeps nothing of what it only cached (the model
+                        // layer's `lie-disk`: back to what was durable when it began to lie).
                         self.power_cuts += 1;
                         let mut coin = ChaCha20Rng::from_seed(stream_seed(
                             world.seed,
                             "power-cut",
                             self.power_cuts,
                         ));
-                        world.disks[&host].power_cut(&mut || coin.next_u64() & 1 == 1);
+                        let disk = &world.disks[&host];
+                        let lying = disk.is_lying();
+                        let cut = disk.power_cut(&mut || !lying && coin.next_u64() & 1 == 1);
                         sim.crash(host.as_str());
+                        if lying && cut.unsynced > 0 && host == world.plan.gateway {
+                            let heads = recovered_heads(world, disk);
+                            world
+                                .shared
+                                .borrow_mut()
+                                .checker
+                                .on_gateway_lost_writes(&heads, &BTreeMap::new());
+                        }
                         // A crash ends a stopped driver too; the restart starts it.
                         world.shared.borrow_mut().stopped.remove(&host);
                     }
@@ -1009,6 +1045,16 @@ impl Faults {
                     self.start_if_stopped(sim, world, &host);
                 }
             }
+            Action::LieDisk(a) => {
+                for host in hosts(a) {
+                    world.disks[&host].set_lying(true);
+                }
+            }
+            Action::HonestDisk(a) => {
+                for host in hosts(a) {
+                    world.disks[&host].set_lying(false);
+                }
+            }
             Action::HealAll => self.heal_all(sim, world),
             // The plan refused every other action.
             other => unreachable!("the plan admits no `{}`", other.keyword()),
@@ -1030,6 +1076,7 @@ impl Faults {
     fn heal_all(&mut self, sim: &mut turmoil::Sim<'_>, world: &World) {
         for (host, disk) in &world.disks {
             disk.set_full(false);
+            disk.set_lying(false);
             self.start_if_stopped(sim, world, host);
         }
         {
@@ -1053,6 +1100,25 @@ impl Faults {
             sim.bounce(host.as_str());
         }
     }
+}
+
+/// The conversations' heads in what a crashed gateway's disk kept: its database opened and
+/// its state machine recovered from it, as the gateway will at its restart, for the checker.
+fn recovered_heads(world: &World, disk: &SimulatedDisk) -> BTreeMap<ConversationId, u64> {
+    let path = world.root.join("gateway").join("gateway.redb");
+    let store = RedbStore::open_with(&path, Some(disk.clone()))
+        .expect("the gateway's disk after a power cut of a lying disk opens");
+    let gateway = Gateway::recover(
+        GatewayConfig::default(),
+        EPOCH,
+        &store,
+        Box::new(SeededEntropy::new([0; 32])),
+    )
+    .expect("the gateway's state recovers");
+    gateway
+        .conversations()
+        .map(|c| (c.id(), c.head()))
+        .collect()
 }
 
 /// How a report's result reads in one word, as `cargo sim --json` writes it.

@@ -51,6 +51,12 @@ pub struct CheckerStats {
     pub removals: u64,
     /// Group messages members skipped (decryption sampling); included in `delivered`.
     pub skipped: u64,
+    /// Acknowledged messages a gateway lost with writes its disk had reported durable.
+    pub lost_by_disk: u64,
+    /// Seqs devices were told the gateway lost.
+    pub told_lost: u64,
+    /// Times a device was told its history diverged from the gateway's.
+    pub told_diverged: u64,
 }
 
 /// Watches application-visible events for broken invariants.
@@ -79,6 +85,21 @@ pub struct Checker {
     sends_made: BTreeMap<DeviceId, u64>,
     /// The seq each sequenced send got, by sender and conversation, in send order.
     sequenced: BTreeMap<(ConversationId, DeviceId), BTreeMap<u64, u64>>,
+    /// Seqs a gateway gave out and then lost with writes its disk had reported durable
+    /// (`lie-disk`, then a crash), per conversation: from its recovered head to its head at the
+    /// crash. Applications may hear of those seqs late (a device whose disk stalled releases
+    /// its events when it resumes) as the lost messages or as the ones given those seqs since,
+    /// so there the first owner of a seq is not the only one; members may be told of a loss
+    /// there (and only there).
+    lost: BTreeMap<ConversationId, BTreeSet<u64>>,
+    /// What each device read at each seq of a lost region: two devices that read different
+    /// messages at one seq hold a fork, and one of them must have been told
+    /// ([`Checker::silent_fork`]).
+    lost_reads: BTreeMap<(ConversationId, u64), BTreeMap<ActorIndex, (DeviceId, MsgId)>>,
+    /// Devices that read a seq the gateway then lost.
+    read_lost: BTreeSet<(ActorIndex, ConversationId)>,
+    /// Up to which seq each device was told its history diverged from the gateway's.
+    told_diverged: BTreeMap<(ActorIndex, ConversationId), u64>,
     violation: Option<Violation>,
     stats: CheckerStats,
 }
@@ -98,6 +119,10 @@ impl Checker {
             sent: BTreeMap::new(),
             sends_made: BTreeMap::new(),
             sequenced: BTreeMap::new(),
+            lost: BTreeMap::new(),
+            lost_reads: BTreeMap::new(),
+            read_lost: BTreeSet::new(),
+            told_diverged: BTreeMap::new(),
             violation: None,
             stats: CheckerStats::default(),
         }
@@ -142,6 +167,12 @@ impl Checker {
         }
     }
 
+    /// True if `seq` of `conv` is in a region a gateway lost.
+    fn in_lost(&self, conv: ConversationId, seq: u64) -> bool {
+        self.lost.get(&conv).is_some_and(|l| l.contains(&seq))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn claim(
         &mut self,
         at_us: u64,
@@ -150,7 +181,17 @@ impl Checker {
         sender: DeviceId,
         msg_id: MsgId,
         who: &str,
+        reader: Option<ActorIndex>,
     ) {
+        if self.in_lost(conv, seq) {
+            if let Some(device) = reader {
+                self.lost_reads
+                    .entry((conv, seq))
+                    .or_default()
+                    .insert(device, (sender, msg_id));
+            }
+            return;
+        }
         match self.owners.get(&(conv, seq)) {
             Some(&owner) if owner != (sender, msg_id) => self.fail(
                 Invariant::NoLoss,
@@ -216,7 +257,7 @@ impl Checker {
     ) {
         self.stats.accepted += 1;
         if let Some(&earlier) = self.accepted.get(&(conv, sender, msg_id)) {
-            if earlier != seq {
+            if earlier != seq && !self.in_lost(conv, earlier) && !self.in_lost(conv, seq) {
                 self.fail(
                     Invariant::NoDuplicate,
                     at_us,
@@ -226,7 +267,7 @@ impl Checker {
             return;
         }
         self.accepted.insert((conv, sender, msg_id), seq);
-        self.claim(at_us, conv, seq, sender, msg_id, who);
+        self.claim(at_us, conv, seq, sender, msg_id, who, None);
     }
 
     /// A device's application received a message.
@@ -259,6 +300,11 @@ impl Checker {
             );
         }
         match self.delivered_seqs.get(&(conv, sender, msg_id)) {
+            // A message the gateway lost after delivering it, retried by its sender, gets
+            // another seq: the devices that read it before read it again.
+            Some(&first) if first != seq && (self.in_lost(conv, first) || self.in_lost(conv, seq)) => {
+                self.delivered_seqs.insert((conv, sender, msg_id), seq);
+            }
             Some(&first) if first != seq => self.fail(
                 Invariant::NoDuplicate,
                 at_us,
@@ -270,7 +316,7 @@ impl Checker {
             }
         }
         self.delivered_upto.insert((device, conv), seq.max(upto));
-        self.claim(at_us, conv, seq, sender, msg_id, who);
+        self.claim(at_us, conv, seq, sender, msg_id, who, Some(device));
     }
 
     /// A device that restarted delivers `seq` of `conv` again. A driver that keeps deliveries
@@ -419,6 +465,170 @@ impl Checker {
         self.delivered_upto.insert((device, conv), to.max(upto));
     }
 
+    /// A gateway restarted after its disk lost writes it had reported durable (`lie-disk`):
+    /// what it had sequenced beyond each recovered head is gone. That is the fault, not a bug
+    /// of the protocol; what the protocol must do about it is checked from here on: those seqs
+    /// are never given to other messages ([`Checker::claim`]), members are told of the loss
+    /// only there ([`Checker::on_history_lost`]), and a message retried by its sender may be
+    /// sequenced again.
+    pub fn on_gateway_lost_writes(
+        &mut self,
+        heads: &BTreeMap<ConversationId, u64>,
+        crash_heads: &BTreeMap<ConversationId, u64>,
+    ) {
+        for (&conv, &head) in heads {
+            // The region: every seq given out before the crash and not kept. What applications
+            // saw sets its end where the crash's own record is short of it.
+            let seen = self
+                .owners
+                .range((conv, head + 1)..=(conv, u64::MAX))
+                .map(|((_, s), _)| *s)
+                .chain(
+                    self.accepted
+                        .iter()
+                        .filter(|((c, _, _), _)| *c == conv)
+                        .map(|(_, &s)| s),
+                )
+                .max()
+                .unwrap_or(0);
+            let end = crash_heads.get(&conv).copied().unwrap_or(0).max(seen);
+            if end <= head {
+                continue;
+            }
+            self.lost.entry(conv).or_default().extend(head + 1..=end);
+            // Who read what there: each device read the seqs up to its cursor as their owner.
+            for (&(device, c), &upto) in &self.delivered_upto {
+                if c != conv || upto <= head {
+                    continue;
+                }
+                self.read_lost.insert((device, conv));
+                for ((_, seq), owner) in self.owners.range((conv, head + 1)..=(conv, upto)) {
+                    self.lost_reads
+                        .entry((conv, *seq))
+                        .or_default()
+                        .insert(device, *owner);
+                }
+            }
+            let gone: Vec<(ConversationId, u64)> = self
+                .owners
+                .range((conv, head + 1)..=(conv, u64::MAX))
+                .map(|(&k, _)| k)
+                .collect();
+            for key in gone {
+                self.owners.remove(&key);
+            }
+            let accepted: Vec<_> = self
+                .accepted
+                .iter()
+                .filter(|((c, _, _), &s)| *c == conv && s > head)
+                .map(|(&k, _)| k)
+                .collect();
+            for key in accepted {
+                self.accepted.remove(&key);
+                self.stats.lost_by_disk += 1;
+            }
+            self.delivered_seqs
+                .retain(|(c, _, _), s| *c != conv || *s <= head);
+            for ((c, _), order) in self.sequenced.iter_mut() {
+                if *c == conv {
+                    order.retain(|_, s| *s <= head);
+                }
+            }
+        }
+    }
+
+    /// A device was told that `from..=to` of `conv` were lost by the gateway: only seqs the
+    /// gateway really lost (or never gave out, after them) may be reported so, in order.
+    pub fn on_history_lost(
+        &mut self,
+        at_us: u64,
+        device: ActorIndex,
+        who: &str,
+        conv: ConversationId,
+        from: u64,
+        to: u64,
+    ) {
+        let upto = self.delivered_upto(device, conv);
+        let lost = self.lost.get(&conv);
+        let unlost = (from..=to)
+            .find(|s| lost.is_none_or(|l| !l.contains(s)) && self.owners.contains_key(&(conv, *s)));
+        if let Some(seq) = unlost {
+            self.fail(
+                Invariant::NoLoss,
+                at_us,
+                format!("{who}: told seqs {from}..={to} of {conv} were lost by the gateway, but seq {seq} was not lost: it was delivered elsewhere"),
+            );
+        } else if lost.is_none() {
+            self.fail(
+                Invariant::NoLoss,
+                at_us,
+                format!("{who}: told seqs {from}..={to} of {conv} were lost by the gateway, whose disk never lost a write"),
+            );
+        } else if from != upto + 1 || to < from {
+            self.fail(
+                Invariant::Order,
+                at_us,
+                format!("{who}: a loss {from}..={to} of {conv} reported after {upto}"),
+            );
+        }
+        self.stats.told_lost += to.saturating_sub(from) + 1;
+        self.delivered_upto.insert((device, conv), to.max(upto));
+    }
+
+    /// A device was told that what it read of `conv` up to `upto` is not what the gateway holds.
+    pub fn on_history_diverged(
+        &mut self,
+        at_us: u64,
+        device: ActorIndex,
+        who: &str,
+        conv: ConversationId,
+        upto: u64,
+    ) {
+        if !self.read_lost.contains(&(device, conv)) && !self.lost.contains_key(&conv) {
+            self.fail(
+                Invariant::NoLoss,
+                at_us,
+                format!("{who}: told its history of {conv} up to seq {upto} diverged, but it never read a message the gateway lost"),
+            );
+        }
+        self.stats.told_diverged += 1;
+        let told = self.told_diverged.entry((device, conv)).or_default();
+        *told = (*told).max(upto);
+    }
+
+    /// Two devices that read different messages at one seq of a lost region, neither of them
+    /// told that its history diverged there: a silent fork. Checked when a run ends, since a
+    /// device learns of it only when it next opens a session.
+    pub fn silent_fork(&self, name: &dyn Fn(ActorIndex) -> String) -> Option<String> {
+        for (&(conv, seq), reads) in &self.lost_reads {
+            let untold: Vec<(ActorIndex, (DeviceId, MsgId))> = reads
+                .iter()
+                .filter(|(d, _)| {
+                    self.told_diverged
+                        .get(&(**d, conv))
+                        .is_none_or(|&told| told < seq)
+                })
+                .map(|(&d, &m)| (d, m))
+                .collect();
+            if let Some((a, b)) = untold
+                .iter()
+                .zip(untold.iter().skip(1))
+                .find(|(a, b)| a.1 != b.1)
+            {
+                return Some(format!(
+                    "{} read {} from {} and {} read {} from {} at seq {seq} of {conv}, which the gateway had lost, and neither was told its history diverged (a silent fork)",
+                    name(a.0),
+                    a.1 .1,
+                    a.1 .0,
+                    name(b.0),
+                    b.1 .1,
+                    b.1 .0
+                ));
+            }
+        }
+        None
+    }
+
     /// A gateway restarted and reports the heads of its conversations.
     pub fn on_gateway_recovered(
         &mut self,
@@ -524,6 +734,82 @@ mod tests {
         let mut c = checker();
         c.on_accepted(1, "a/0", C, DeviceId(5), MsgId(1), 1);
         c.on_delivered(2, 3, "b/0", C, 1, DeviceId(6), MsgId(9));
+        assert_eq!(c.violation().unwrap().invariant, Invariant::NoLoss);
+    }
+
+    /// Devices 0 and 1 read seqs 1..=3; the gateway's lying disk kept only seq 1.
+    fn lost_two_and_three() -> Checker {
+        let mut c = checker();
+        for seq in 1..=3 {
+            c.on_accepted(seq, "a/0", C, DeviceId(5), MsgId(seq.into()), seq);
+            for d in 0..=1 {
+                c.on_delivered(seq, d, "r", C, seq, DeviceId(5), MsgId(seq.into()));
+            }
+        }
+        let heads = [(C, 1)].into_iter().collect();
+        c.on_gateway_lost_writes(&heads, &[(C, 3)].into_iter().collect());
+        c.on_gateway_recovered(10, "gw", &heads);
+        c
+    }
+
+    fn name(a: ActorIndex) -> String {
+        format!("d{a}")
+    }
+
+    #[test]
+    fn a_loss_by_a_lying_disk_is_not_a_bug_but_a_seq_read_as_two_messages_untold_is() {
+        let mut c = lost_two_and_three();
+        assert!(
+            c.violation().is_none(),
+            "the disk lost them: {:?}",
+            c.violation()
+        );
+        assert_eq!(c.stats().lost_by_disk, 2);
+        // Device 2 never read 2..=3 and is told they are lost.
+        c.on_history_lost(20, 2, "d2", C, 1, 3);
+        assert_eq!(
+            c.violation().unwrap().invariant,
+            Invariant::NoLoss,
+            "seq 1 was not lost"
+        );
+        let mut c = lost_two_and_three();
+        c.on_delivered(20, 2, "d2", C, 1, DeviceId(5), MsgId(1));
+        c.on_history_lost(21, 2, "d2", C, 3, 3);
+        assert_eq!(
+            c.violation().unwrap().invariant,
+            Invariant::Order,
+            "2 skipped"
+        );
+        let mut c = lost_two_and_three();
+        c.on_delivered(20, 2, "d2", C, 1, DeviceId(5), MsgId(1));
+        c.on_history_lost(20, 2, "d2", C, 2, 3);
+        assert!(c.violation().is_none(), "{:?}", c.violation());
+        assert!(
+            c.silent_fork(&name).is_none(),
+            "nobody read another message"
+        );
+        // Seq 2 goes to another message, which device 2 reads: device 0 and 1 hold a fork.
+        c.on_delivered(30, 2, "d2", C, 4, DeviceId(6), MsgId(9));
+        c.on_delivered(31, 3, "d3", C, 1, DeviceId(5), MsgId(1));
+        c.on_delivered(32, 3, "d3", C, 2, DeviceId(6), MsgId(8));
+        let fork = c.silent_fork(&name).expect("a silent fork");
+        assert!(fork.contains("seq 2"), "{fork}");
+        // Told, devices 0 and 1 hold it knowingly.
+        c.on_history_diverged(40, 0, "d0", C, 3);
+        assert!(c.silent_fork(&name).is_some(), "device 1 is not told yet");
+        c.on_history_diverged(41, 1, "d1", C, 2);
+        assert!(c.silent_fork(&name).is_none(), "{:?}", c.silent_fork(&name));
+        assert!(c.violation().is_none(), "{:?}", c.violation());
+    }
+
+    #[test]
+    fn a_loss_or_divergence_reported_where_the_disk_lost_nothing_is_a_bug() {
+        let mut c = checker();
+        c.on_delivered(1, 0, "d0", C, 1, DeviceId(5), MsgId(1));
+        c.on_history_lost(2, 1, "d1", C, 1, 1);
+        assert_eq!(c.violation().unwrap().invariant, Invariant::NoLoss);
+        let mut c = checker();
+        c.on_history_diverged(2, 0, "d0", C, 1);
         assert_eq!(c.violation().unwrap().invariant, Invariant::NoLoss);
     }
 

@@ -592,6 +592,7 @@ impl Harness {
                     GatewayOutput::Admin { request, .. } => {
                         assert_eq!(request, ADMIN_REQUEST, "answers name their request");
                     }
+                    GatewayOutput::HistoryLost(_) => {}
                 }
             }
         }

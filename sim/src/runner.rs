@@ -68,6 +68,10 @@ struct JsonRun<'a> {
     accepted: u64,
     delivered: u64,
     expired: u64,
+    /// Acknowledged messages a gateway lost with writes its disk reported durable (`lie-disk`).
+    lost_by_disk: u64,
+    /// Seqs devices were told a gateway lost.
+    told_lost: u64,
     frames_sent: u64,
     frames_lost: u64,
     frames_duplicated: u64,
@@ -355,6 +359,8 @@ fn write_report(
             accepted: r.app.accepted,
             delivered: r.app.delivered,
             expired: r.app.expired,
+            lost_by_disk: r.app.lost_by_disk,
+            told_lost: r.app.told_lost,
             frames_sent: r.net.sent,
             frames_lost: r.net.lost,
             frames_duplicated: r.net.duplicated,

@@ -171,6 +171,11 @@ pub enum Action {
     FillDisk(Target),
     /// Undo `fill-disk`: a stopped actor starts again from what is durable.
     FreeDisk(Target),
+    /// The gateways' disks lie about fsync from now on: commits report durable (and release
+    /// what they held) but stay in a volatile cache, so a crash loses every one since.
+    LieDisk(Target),
+    /// Undo `lie-disk`: the cache is flushed, and what was committed is durable again.
+    HonestDisk(Target),
     /// The wall clock of the set jumps by this many microseconds; a running process keeps its
     /// monotonic time and reads the jump when it next starts.
     ClockJump(Target, i64),
@@ -202,6 +207,8 @@ impl Action {
             Action::ResumeDisk(_) => "resume-disk",
             Action::FillDisk(_) => "fill-disk",
             Action::FreeDisk(_) => "free-disk",
+            Action::LieDisk(_) => "lie-disk",
+            Action::HonestDisk(_) => "honest-disk",
             Action::ClockJump(..) => "clock",
             Action::Drift(..) => "drift",
         }
@@ -1147,6 +1154,8 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
         "resume-disk" => Action::ResumeDisk(one(line, &mut targets)?),
         "fill-disk" => Action::FillDisk(one(line, &mut targets)?),
         "free-disk" => Action::FreeDisk(one(line, &mut targets)?),
+        "lie-disk" => Action::LieDisk(one(line, &mut targets)?),
+        "honest-disk" => Action::HonestDisk(one(line, &mut targets)?),
         "clock" => {
             let t = one(line, &mut targets)?;
             Action::ClockJump(t, line.signed_duration_us("a clock jump")?)
@@ -1184,7 +1193,7 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, clock, drift, network, link, revoke, handover, commit"),
+                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit"),
             ))
         }
     };
@@ -1396,6 +1405,22 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             | Action::ClockJump(a, _)
             | Action::Drift(a, _)
             | Action::Revoke(a) => f(a)?,
+            Action::LieDisk(a) | Action::HonestDisk(a) => {
+                f(a)?;
+                if !matches!(
+                    a,
+                    Target::Gateway(_) | Target::AllGateways | Target::RandomGateway
+                ) {
+                    return Err(err(
+                        s.span,
+                        s.span.column,
+                        format!(
+                            "`{}` takes gateways: a device whose disk lies is not modelled yet",
+                            s.action.keyword()
+                        ),
+                    ));
+                }
+            }
             Action::Handover(_, g) => {
                 let mut t = Target::Gateway(g.clone());
                 f(&mut t)?;

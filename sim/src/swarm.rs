@@ -105,6 +105,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "clock-drift",
     "clock-jump",
     "bandwidth",
+    "lying-disk",
 ];
 
 struct Draw {
@@ -519,6 +520,18 @@ pub fn generate(seed: u64, family: Family) -> Generated {
             let at = d.range(2_000, end_ms - 1_000);
             let _ = writeln!(out, "at {at}ms revoke {target}");
         }
+    }
+    // Drawn last, so that every earlier draw of a seed stays as it was before this fault kind
+    // existed. Plain conversations only: a lost MLS commit is not handled yet.
+    if family == Family::Plain && d.chance(0.15) {
+        mix.insert("lying-disk");
+        let (a, b) = episode(&mut d, 8_000);
+        let crash = d.range(a, b);
+        let down = d.range(100, 3_000);
+        let _ = writeln!(out, "at {a}ms lie-disk gw");
+        let _ = writeln!(out, "at {crash}ms crash gw");
+        let _ = writeln!(out, "at {}ms restart gw", crash + down);
+        let _ = writeln!(out, "at {b}ms honest-disk gw");
     }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];

@@ -208,6 +208,11 @@ struct Actor {
     disk_full: bool,
     /// Stopped by a commit that failed on a full disk; starts again at `free-disk`.
     stopped_by_full_disk: bool,
+    /// While the disk lies about fsync (`lie-disk`): what is really durable, as it was when
+    /// the disk began to lie. A crash goes back to it.
+    durable_while_lying: Option<SimDisk>,
+    /// The last crash lost commits the disk had reported durable.
+    lost_writes: bool,
     /// Clock rate error, parts per million, counted from `drift_since_us` (virtual time); what
     /// earlier rates added is folded into `skew_us`.
     drift_ppm: i64,
@@ -306,6 +311,8 @@ impl World {
                 disk_stalled: false,
                 disk_full: false,
                 stopped_by_full_disk: false,
+                durable_while_lying: None,
+                lost_writes: false,
                 drift_ppm: 0,
                 drift_since_us: 0,
                 pending_jump_us: 0,
@@ -348,6 +355,8 @@ impl World {
                     disk_stalled: false,
                     disk_full: false,
                     stopped_by_full_disk: false,
+                    durable_while_lying: None,
+                    lost_writes: false,
                     drift_ppm: 0,
                     drift_since_us: 0,
                     pending_jump_us: 0,
@@ -643,11 +652,18 @@ impl World {
 
         if let Some(heads) = recovered_heads {
             if actor.incarnation > 1 {
-                for (conv, before) in std::mem::take(&mut actor.heads_at_crash) {
-                    let after = heads.get(&conv).copied().unwrap_or(0);
-                    self.lost_uncommitted += before.saturating_sub(after);
+                let crash_heads = std::mem::take(&mut actor.heads_at_crash);
+                let lost_writes = std::mem::take(&mut actor.lost_writes);
+                if !lost_writes {
+                    for (conv, before) in &crash_heads {
+                        let after = heads.get(conv).copied().unwrap_or(0);
+                        self.lost_uncommitted += before.saturating_sub(after);
+                    }
                 }
                 let name = actor.name.clone();
+                if lost_writes {
+                    self.checker.on_gateway_lost_writes(&heads, &crash_heads);
+                }
                 self.checker.on_gateway_recovered(self.now, &name, &heads);
             }
             // Nodes still talking on connections the crash cut learn of it from their next
@@ -686,6 +702,14 @@ impl World {
         let actor = &mut self.actors[a as usize];
         actor.up = false;
         actor.pending.clear(); // uncommitted writes and the outputs they held are lost
+        if let Some(durable) = &actor.durable_while_lying {
+            // The volatile cache goes with the power: every commit since the disk began to
+            // lie is lost, though each was reported durable.
+            if durable.commits() != actor.disk.commits() {
+                actor.lost_writes = true;
+                actor.disk = durable.clone();
+            }
+        }
         actor.wake_at = None;
         actor.connecting = None;
         match &mut actor.machine {
@@ -877,7 +901,9 @@ impl World {
                     {
                         Some((
                             ConversationId::from_bytes(key.as_slice().try_into().ok()?),
-                            u64::from_be_bytes(value.as_slice().try_into().ok()?),
+                            // The seq leads the value; the id of the message read there
+                            // may follow.
+                            u64::from_be_bytes(value.get(..8)?.try_into().ok()?),
                         ))
                     }
                     _ => None,
@@ -924,6 +950,15 @@ impl World {
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
             GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
+            GatewayOutput::HistoryLost(lost) => {
+                *self.faults.entry("history-lost-detected").or_default() += 1;
+                self.note(|w| {
+                    format!(
+                        "{} found seqs {}..={} of {} lost (a device had read them)",
+                        w.actors[a as usize].name, lost.from, lost.to, lost.conversation
+                    )
+                });
+            }
         }
     }
 
@@ -1048,6 +1083,25 @@ impl World {
                 record.extend_from_slice(&to.to_le_bytes());
                 self.checker
                     .on_gap(self.now, a, name, *conversation, *from, *to);
+            }
+            NodeEvent::HistoryLost {
+                conversation,
+                from,
+                to,
+            } => {
+                record.push(22);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&from.to_le_bytes());
+                record.extend_from_slice(&to.to_le_bytes());
+                self.checker
+                    .on_history_lost(self.now, a, name, *conversation, *from, *to);
+            }
+            NodeEvent::HistoryDiverged { conversation, upto } => {
+                record.push(23);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&upto.to_le_bytes());
+                self.checker
+                    .on_history_diverged(self.now, a, name, *conversation, *upto);
             }
             NodeEvent::Refused { code, .. } => {
                 record.push(6);
@@ -1532,6 +1586,19 @@ impl World {
                     self.free_disk(x);
                 }
             }
+            Action::LieDisk(t) => {
+                for x in self.resolve(t) {
+                    let actor = &mut self.actors[x as usize];
+                    if actor.durable_while_lying.is_none() {
+                        actor.durable_while_lying = Some(actor.disk.clone());
+                    }
+                }
+            }
+            Action::HonestDisk(t) => {
+                for x in self.resolve(t) {
+                    self.actors[x as usize].durable_while_lying = None;
+                }
+            }
             Action::ClockJump(t, jump) => {
                 for x in self.resolve(t) {
                     self.actors[x as usize].pending_jump_us += jump;
@@ -1557,6 +1624,8 @@ impl World {
         for a in 0..self.actors.len() as ActorIndex {
             self.resume_disk(a);
             self.free_disk(a);
+            // A lying disk's cache is flushed: what was committed is durable from now on.
+            self.actors[a as usize].durable_while_lying = None;
         }
         for (x, y) in self.network.held_pairs() {
             for (at, arrival) in self.network.release(self.now, x, y) {
@@ -1640,11 +1709,28 @@ impl World {
         self.crl_not_converged()
     }
 
+    /// The run's end: a device holding a message the gateway lost, at a seq that now holds
+    /// another, must have been told (the checker can only know once every device is back).
+    fn silent_fork(&self) -> Option<Violation> {
+        let name = |a: ActorIndex| self.actors[a as usize].name.clone();
+        self.checker.silent_fork(&name).map(|detail| Violation {
+            invariant: Invariant::NoLoss,
+            phase: Phase::Safety,
+            at_us: self.now,
+            detail,
+        })
+    }
+
     fn probe(&mut self) {
         match self.not_converged() {
             None => {
                 self.recovered_at = Some(self.now);
-                self.outcome = Some(Outcome::Passed);
+                self.outcome = Some(match self.silent_fork() {
+                    Some(v) if self.scenario.invariants.contains(&Invariant::NoLoss) => {
+                        Outcome::Safety(v)
+                    }
+                    _ => Outcome::Passed,
+                });
             }
             Some(why) => {
                 if self.now + PROBE_INTERVAL_US > self.end_us {
@@ -1771,7 +1857,12 @@ impl World {
 
     fn probe_final(&mut self) {
         self.outcome = Some(match self.not_converged() {
-            None => Outcome::Passed,
+            None => match self.silent_fork() {
+                Some(v) if self.scenario.invariants.contains(&Invariant::NoLoss) => {
+                    Outcome::Safety(v)
+                }
+                _ => Outcome::Passed,
+            },
             Some(why) => Outcome::Liveness(Violation {
                 invariant: Invariant::Converge,
                 phase: Phase::Liveness,

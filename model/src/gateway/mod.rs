@@ -62,7 +62,7 @@ use session::{Challenged, Resume, Sessions, Stage};
 
 pub use admin::{AdminAnswer, AdminCommand};
 pub use config::GatewayConfig;
-pub use delivery::{CURSORS_TABLE, INBOX_TABLE};
+pub use delivery::{HistoryKind, LostHistory, CURSORS_TABLE, FENCE_MAX, INBOX_TABLE};
 pub use refusal::{GatewayStats, Refusal, RefusalCounts};
 pub use registry::USERS_TABLE;
 pub use session::TOKENS_TABLE;
@@ -100,6 +100,11 @@ pub enum GatewayOutput {
         /// The answer.
         answer: AdminAnswer,
     },
+    /// For the operator: a device's cursor showed that this gateway lost messages it had
+    /// acknowledged (its disk lost writes it reported durable). Lost seqs are marked lost, and
+    /// members are told as they reach them; a device whose history diverged was told; the disk
+    /// needs looking at.
+    HistoryLost(LostHistory),
 }
 
 /// The gateway's effects sink.
@@ -702,7 +707,8 @@ impl Gateway {
             );
             self.refuse(old, goodbye);
         }
-        self.delivery
+        let findings = self
+            .delivery
             .open_session(now, conn, device, cursors, self.fx.writes());
         let token = self.sessions.issue_token(
             now,
@@ -724,6 +730,15 @@ impl Gateway {
             external_sender: Some(external_sender.into()),
         };
         self.fx.send(conn, Routing::default(), Payload::HelloOk(ok));
+        for finding in findings {
+            // A divergence notice waits in the device's inbox, sent below.
+            self.fx.hold(GatewayOutput::HistoryLost(finding));
+            if finding.kind == HistoryKind::Lost {
+                // The head moved: members waiting at the old one hear of the loss now.
+                self.delivery
+                    .pump_members(now, finding.conversation, &self.sessions, &mut self.fx);
+            }
+        }
         self.key_packages.send_count(conn, device, &mut self.fx);
         self.delivery
             .send_inbox(now, conn, device, &self.groups, &mut self.fx);

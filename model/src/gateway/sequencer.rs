@@ -193,6 +193,26 @@ impl ConversationLog {
         seq
     }
 
+    /// Marks `head + 1 ..= upto` as lost: a device showed that it had read up to `upto`, so
+    /// this gateway once sequenced those seqs and lost them with writes its disk had reported
+    /// durable (a lying fsync). Each gets a placeholder entry from [`LOST_SENDER`], so that no
+    /// seq a device has seen is ever given to another message, and devices behind are told of
+    /// the loss as they reach it. Returns the first lost seq; the caller persists the
+    /// placeholders with [`ConversationLog::persist_append`].
+    pub fn fence(&mut self, now: Instant, upto: u64) -> u64 {
+        let from = self.head() + 1;
+        for seq in from..=upto {
+            self.push(LogEntry {
+                seq,
+                sender: LOST_SENDER,
+                msg_id: MsgId(u128::from(seq)),
+                accepted_at: now,
+                body: Bytes::new(),
+            });
+        }
+        from
+    }
+
     fn push(&mut self, entry: LogEntry) {
         assert_eq!(entry.seq, self.head() + 1, "log entries must be contiguous");
         let record = DedupRecord {
@@ -418,6 +438,9 @@ fn corrupt(table: Table, reason: String) -> StoreError {
 /// The sender of what the gateway itself puts in a log (no device has id 0: device ids are
 /// hashes of keys).
 pub const AUTHORITY_SENDER: DeviceId = DeviceId(0);
+
+/// The sender of the placeholders for seqs the gateway lost ([`ConversationLog::fence`]).
+pub const LOST_SENDER: DeviceId = DeviceId(1);
 
 /// The store key of a log entry.
 pub fn log_key(conversation: ConversationId, seq: u64) -> Vec<u8> {

@@ -92,6 +92,27 @@ pub enum NodeEvent {
         /// Last lost seq.
         to: u64,
     },
+    /// Messages `from..=to` of a conversation are gone for good because the gateway lost them:
+    /// its disk lost writes it had reported durable, and another device's cursor showed it.
+    /// Unlike [`NodeEvent::Gap`] this is a fault, not policy: the user should hear it as one.
+    HistoryLost {
+        /// Conversation.
+        conversation: ConversationId,
+        /// First lost seq.
+        from: u64,
+        /// Last lost seq.
+        to: u64,
+    },
+    /// What this device read of a conversation up to `upto` is not what the gateway holds
+    /// there: the gateway lost messages this device had read (its disk lost writes it had
+    /// reported durable) and has since given their seqs to other messages, which this device
+    /// will not be shown. It keeps what it read, and reads on after `upto`.
+    HistoryDiverged {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The seq up to which this device's history differs (from somewhere before it).
+        upto: u64,
+    },
     /// The gateway refused this device (registration, certificate or proof); the node keeps
     /// retrying with backoff, registering again if its certificate was the problem.
     Refused {

@@ -14,7 +14,8 @@ use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::ids::{ConversationId, DeviceId, MsgId};
 use crate::time::Instant;
 
-/// Table of delivery cursors: key `conversation(16)`, value seq (8, big-endian).
+/// Table of delivery cursors: key `conversation(16)`, value seq (8, big-endian), then the id of
+/// the message read at it (16) where there is one.
 pub const NODE_CURSORS_TABLE: Table = Table("node_cursors");
 
 /// A delivery waiting for its turn.
@@ -32,6 +33,8 @@ pub struct Inbound {
 #[derive(Clone, Debug)]
 pub struct Inbox {
     cursors: BTreeMap<ConversationId, u64>,
+    /// The id of the message read at each cursor, where the cursor moved by reading one.
+    last_read: BTreeMap<ConversationId, MsgId>,
     reorder: BTreeMap<ConversationId, BTreeMap<u64, Inbound>>,
     replay_asked: BTreeMap<ConversationId, Instant>,
     reorder_buffer_max: usize,
@@ -46,10 +49,20 @@ impl Inbox {
         store: &dyn StoreRead,
     ) -> Result<Inbox, StoreError> {
         let mut cursors = BTreeMap::new();
+        let mut last_read = BTreeMap::new();
         scan_all(store, NODE_CURSORS_TABLE, |key, value| {
-            match (<[u8; 16]>::try_from(key), <[u8; 8]>::try_from(value)) {
+            let (seq, last) = match value.len() {
+                8 => (value, None),
+                24 => (&value[..8], Some(&value[8..])),
+                _ => (value, None),
+            };
+            match (<[u8; 16]>::try_from(key), <[u8; 8]>::try_from(seq)) {
                 (Ok(k), Ok(v)) => {
-                    cursors.insert(ConversationId::from_bytes(k), u64::from_be_bytes(v));
+                    let conversation = ConversationId::from_bytes(k);
+                    cursors.insert(conversation, u64::from_be_bytes(v));
+                    if let Some(id) = last.and_then(|l| <[u8; 16]>::try_from(l).ok()) {
+                        last_read.insert(conversation, MsgId::from_bytes(id));
+                    }
                     Ok(())
                 }
                 _ => Err(StoreError::Corrupt {
@@ -60,6 +73,7 @@ impl Inbox {
         })?;
         Ok(Inbox {
             cursors,
+            last_read,
             reorder: BTreeMap::new(),
             replay_asked: BTreeMap::new(),
             reorder_buffer_max,
@@ -77,15 +91,47 @@ impl Inbox {
         &self.cursors
     }
 
+    /// The id of the message read at the cursor, if the cursor moved by reading one.
+    pub fn last_read(&self, conversation: ConversationId) -> Option<MsgId> {
+        self.last_read.get(&conversation).copied()
+    }
+
     /// Moves a conversation's cursor to `seq` (forward only, except when a Welcome resets
     /// where a group is read from) and drops what the buffer holds up to it.
     pub fn set_cursor(&mut self, conversation: ConversationId, seq: u64, writes: &mut WriteBatch) {
+        self.set(conversation, seq, None, writes);
+    }
+
+    /// [`Inbox::set_cursor`] to the seq of a message just read, `msg_id`.
+    pub fn set_cursor_read(
+        &mut self,
+        conversation: ConversationId,
+        seq: u64,
+        msg_id: MsgId,
+        writes: &mut WriteBatch,
+    ) {
+        self.set(conversation, seq, Some(msg_id), writes);
+    }
+
+    fn set(
+        &mut self,
+        conversation: ConversationId,
+        seq: u64,
+        last: Option<MsgId>,
+        writes: &mut WriteBatch,
+    ) {
         self.cursors.insert(conversation, seq);
-        writes.put(
-            NODE_CURSORS_TABLE,
-            conversation.to_bytes().to_vec(),
-            seq.to_be_bytes().to_vec(),
-        );
+        let mut value = seq.to_be_bytes().to_vec();
+        match last {
+            Some(id) => {
+                self.last_read.insert(conversation, id);
+                value.extend_from_slice(&id.to_bytes());
+            }
+            None => {
+                self.last_read.remove(&conversation);
+            }
+        }
+        writes.put(NODE_CURSORS_TABLE, conversation.to_bytes().to_vec(), value);
         if let Some(buffer) = self.reorder.get_mut(&conversation) {
             buffer.retain(|&s, _| s > seq);
         }
@@ -129,5 +175,49 @@ impl Inbox {
     pub fn connection_lost(&mut self) {
         self.reorder.clear();
         self.replay_asked.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{MemStore, Store};
+
+    const CONV: ConversationId = ConversationId(3);
+
+    fn recovered(store: &MemStore) -> Inbox {
+        Inbox::recover(8, Duration::from_secs(1), store).unwrap()
+    }
+
+    #[test]
+    fn a_cursor_keeps_the_id_of_the_message_read_at_it_and_loses_it_when_moved_otherwise() {
+        let mut store = MemStore::default();
+        let mut inbox = recovered(&store);
+        let mut writes = WriteBatch::default();
+        inbox.set_cursor_read(CONV, 4, MsgId(44), &mut writes);
+        store.commit(writes.take()).unwrap();
+        let again = recovered(&store);
+        assert_eq!(
+            (again.cursor(CONV), again.last_read(CONV)),
+            (4, Some(MsgId(44)))
+        );
+        inbox.set_cursor(CONV, 6, &mut writes);
+        store.commit(writes.take()).unwrap();
+        let again = recovered(&store);
+        assert_eq!((again.cursor(CONV), again.last_read(CONV)), (6, None));
+    }
+
+    #[test]
+    fn a_cursor_written_before_ids_were_kept_still_reads() {
+        let mut store = MemStore::default();
+        let mut writes = WriteBatch::default();
+        writes.put(
+            NODE_CURSORS_TABLE,
+            CONV.to_bytes().to_vec(),
+            9u64.to_be_bytes().to_vec(),
+        );
+        store.commit(writes).unwrap();
+        let inbox = recovered(&store);
+        assert_eq!((inbox.cursor(CONV), inbox.last_read(CONV)), (9, None));
     }
 }

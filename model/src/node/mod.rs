@@ -519,7 +519,31 @@ impl Node {
             Payload::Error(report)
                 if ErrorCode::from_u16(report.code) == ErrorCode::ReplayWindowExceeded =>
             {
-                self.skip_expired(conn, routing.conversation, routing.seq);
+                self.skip_missing(conn, routing.conversation, routing.seq, Missing::Expired);
+            }
+            Payload::Error(report)
+                if ErrorCode::from_u16(report.code) == ErrorCode::HistoryLost =>
+            {
+                self.skip_missing(conn, routing.conversation, routing.seq, Missing::Lost);
+            }
+            Payload::Error(report)
+                if ErrorCode::from_u16(report.code) == ErrorCode::HistoryDiverged =>
+            {
+                // What we read up to our cursor differs from what the gateway holds there: it
+                // lost what we read. We keep it, and read on after our cursor; the message id
+                // at our cursor no longer matches the gateway's, so it is forgotten.
+                // The notice comes again until acknowledged (its delivery waits for that): the
+                // user hears it once, while the cursor still names the message it read.
+                let conv = routing.conversation;
+                let cursor = self.inbox.cursor(conv);
+                if self.inbox.last_read(conv).is_some() {
+                    self.inbox.set_cursor(conv, cursor, self.fx.writes());
+                    self.fx.event(NodeEvent::HistoryDiverged {
+                        conversation: conv,
+                        upto: routing.seq,
+                    });
+                }
+                self.ack(conn, conv, cursor);
             }
             Payload::PairVouched(answer) => self.trust.on_vouched(&answer.secret, &mut self.fx),
             Payload::Error(report)
@@ -725,16 +749,32 @@ impl Node {
 
     /// The gateway no longer holds anything before `first_available`: report the gap and move
     /// the cursor past it.
-    fn skip_expired(&mut self, conn: ConnectionId, conv: ConversationId, first_available: u64) {
+    /// The gateway says what comes before `first_available` is gone (expired, or lost by the
+    /// gateway): the user is told, and reading goes on after it.
+    fn skip_missing(
+        &mut self,
+        conn: ConnectionId,
+        conv: ConversationId,
+        first_available: u64,
+        why: Missing,
+    ) {
         let cursor = self.inbox.cursor(conv);
         if first_available <= cursor + 1 {
             return; // nothing of ours is missing
         }
         let to = first_available - 1;
-        self.fx.event(NodeEvent::Gap {
-            conversation: conv,
-            from: cursor + 1,
-            to,
+        let from = cursor + 1;
+        self.fx.event(match why {
+            Missing::Expired => NodeEvent::Gap {
+                conversation: conv,
+                from,
+                to,
+            },
+            Missing::Lost => NodeEvent::HistoryLost {
+                conversation: conv,
+                from,
+                to,
+            },
         });
         self.inbox.set_cursor(conv, to, self.fx.writes());
         self.ack(conn, conv, to);
@@ -777,7 +817,9 @@ impl Node {
         let mut next = seq;
         let mut item = inbound;
         let mut group_changed = false;
+        let mut last_read;
         loop {
+            last_read = item.msg_id;
             let event = self.process(conv, next, item);
             group_changed |= matches!(
                 event,
@@ -798,7 +840,8 @@ impl Node {
             }
         }
         debug_assert!(next > cursor, "cursor only moves forward");
-        self.inbox.set_cursor(conv, next, self.fx.writes());
+        self.inbox
+            .set_cursor_read(conv, next, last_read, self.fx.writes());
         self.ack(conn, conv, next);
         if group_changed {
             self.drive_groups(now);
@@ -875,4 +918,13 @@ pub fn dm_id(a: UserId, b: UserId) -> ConversationId {
         .chain_update(high.to_bytes())
         .finalize();
     ConversationId::from_bytes(digest[..16].try_into().expect("16 bytes"))
+}
+
+/// Why messages a node was owed are gone.
+#[derive(Clone, Copy, Debug)]
+enum Missing {
+    /// Past the gateway's retention.
+    Expired,
+    /// The gateway lost them (its disk lost writes it had reported durable).
+    Lost,
 }

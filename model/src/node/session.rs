@@ -11,7 +11,7 @@ impl Node {
             .inbox
             .cursors()
             .iter()
-            .map(|(c, s)| Cursor::new(*c, *s))
+            .map(|(c, s)| Cursor::read(*c, *s, self.inbox.last_read(*c)))
             .collect();
         cursors.truncate(CURSORS_LEN_MAX);
         let routing = Routing {

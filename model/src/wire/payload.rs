@@ -39,6 +39,13 @@ pub struct Cursor {
     /// Highest seq processed.
     #[n(1)]
     pub seq: u64,
+    /// The id of the message the device read at `seq`, if it read one there (not a gap, a
+    /// Welcome or a loss notice). The gateway compares it with its own entry at `seq`: a
+    /// different message means the device read history the gateway has since lost and
+    /// replaced (a disk that lost writes it had reported durable), and the device is told.
+    #[n(2)]
+    #[cbor(with = "minicbor::bytes")]
+    pub last: Option<[u8; 16]>,
 }
 
 impl Cursor {
@@ -47,6 +54,15 @@ impl Cursor {
         Cursor {
             conversation: conversation.to_bytes(),
             seq,
+            last: None,
+        }
+    }
+
+    /// A cursor at `seq`, where the device read the message `last`.
+    pub fn read(conversation: ConversationId, seq: u64, last: Option<MsgId>) -> Cursor {
+        Cursor {
+            last: last.map(MsgId::to_bytes),
+            ..Cursor::new(conversation, seq)
         }
     }
 
@@ -354,6 +370,13 @@ pub enum ErrorCode {
     /// opened a session since this copy last did; this copy's encryption state is stale and
     /// must not be used again. Set the device up anew.
     DeviceStateCopied = 32,
+    /// The gateway lost messages it had sequenced (its disk lost writes it had reported
+    /// durable): the routing's seq is the first one after them, as for `ReplayWindowExceeded`.
+    HistoryLost = 33,
+    /// What this device read of a conversation up to the routing's seq is not what the gateway
+    /// holds there: the gateway lost messages the device had read, and has since sequenced
+    /// others at their seqs. The device keeps what it has and reads on after its cursor.
+    HistoryDiverged = 34,
 }
 
 impl ErrorCode {
@@ -393,6 +416,8 @@ impl ErrorCode {
             SenderOutOfOrder,
             UnknownUser,
             DeviceStateCopied,
+            HistoryLost,
+            HistoryDiverged,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)

@@ -1,5 +1,5 @@
-//! Device inboxes, as `impl Delivery`: the Welcomes and removal notices a device gets before
-//! (or instead of) a conversation's log, kept until it acknowledges them (table `inbox`), sent
+//! Device inboxes, as `impl Delivery`: the Welcomes, removal and divergence notices a device
+//! gets before (or instead of) a conversation's log, kept until it acknowledges them (table `inbox`), sent
 //! when its session opens and again when they stall, and held for a departing device until it
 //! has read up to its removal.
 
@@ -91,7 +91,9 @@ impl Delivery {
         writes: &mut WriteBatch,
     ) -> bool {
         match self.inbox.get(&(device, conv)) {
-            Some(item) if item.seq() <= seq => {
+            // The conversation's delivery waits behind a divergence notice: any
+            // acknowledgement there answers it.
+            Some(item) if item.seq() <= seq || matches!(item, InboxItem::Diverged { .. }) => {
                 let removed = matches!(item, InboxItem::Removed { .. });
                 self.inbox.remove(&(device, conv));
                 self.inbox_sent.remove(&(device, conv));

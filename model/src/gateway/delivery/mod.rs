@@ -27,7 +27,7 @@ use super::groups::{Change, GroupState, Groups, GROUPS_TABLE};
 use super::sender_order::SenderOrder;
 use super::sequencer::{
     decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
-    SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, MEMBERS_TABLE,
+    SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER, MEMBERS_TABLE,
 };
 use super::session::Sessions;
 use super::{Fx, Refusal};
@@ -63,12 +63,18 @@ enum InboxItem {
     },
     /// The commit at `seq` removed the device.
     Removed { seq: u64 },
+    /// What the device read up to `seq` is not what the gateway holds there (it lost messages
+    /// the device had read and gave their seqs to others). Delivery of the conversation waits
+    /// until the device acknowledges the notice, so that it cannot be lost unseen.
+    Diverged { seq: u64 },
 }
 
 impl InboxItem {
     fn seq(&self) -> u64 {
         match self {
-            InboxItem::Welcome { seq, .. } | InboxItem::Removed { seq } => *seq,
+            InboxItem::Welcome { seq, .. }
+            | InboxItem::Removed { seq }
+            | InboxItem::Diverged { seq } => *seq,
         }
     }
 
@@ -83,6 +89,11 @@ impl InboxItem {
             }
             InboxItem::Removed { seq } => {
                 value.push(2);
+                value.extend_from_slice(&seq.to_be_bytes());
+                value.push(0);
+            }
+            InboxItem::Diverged { seq } => {
+                value.push(3);
                 value.extend_from_slice(&seq.to_be_bytes());
                 value.push(0);
             }
@@ -106,6 +117,7 @@ impl InboxItem {
                 welcome: Bytes::copy_from_slice(&value[10..]),
             }),
             2 => Ok(InboxItem::Removed { seq }),
+            3 => Ok(InboxItem::Diverged { seq }),
             _ => Err(corrupt("unknown tag")),
         }
     }
@@ -126,6 +138,12 @@ impl InboxItem {
                     .collect(),
             }),
             InboxItem::Removed { seq } => Payload::Removed(Removed { seq: *seq }),
+            InboxItem::Diverged { seq } => Payload::Error(ErrorReport {
+                code: ErrorCode::HistoryDiverged as u16,
+                message: format!("what this device read of the conversation up to seq {seq} is not what the gateway holds: the gateway lost messages this device had read (its disk lost writes it had reported durable), and others took their seqs"),
+                msg_id: None,
+                after: None,
+            }),
         }
     }
 }
@@ -186,6 +204,44 @@ pub struct DeliveryStats {
     /// Devices removed before everything sequenced while they were members had reached them
     /// (they read up to their removal first).
     pub departing: u64,
+    /// Times a device showed a cursor beyond a conversation's head: the gateway had lost
+    /// messages it acknowledged (see [`Delivery::open_session`]).
+    pub history_lost: u64,
+    /// Seqs marked lost that way.
+    pub lost_seqs: u64,
+    /// Cursors beyond the head by more than [`FENCE_MAX`], taken as a device's error.
+    pub implausible_cursors: u64,
+    /// Devices told that what they read differs from what the gateway now holds.
+    pub history_diverged: u64,
+}
+
+/// Most seqs one device's cursor may show lost at once. More is not a disk that lost its last
+/// writes but a broken or hostile device, and is not believed.
+pub const FENCE_MAX: u64 = 1 << 16;
+
+/// What a device's cursor showed of messages the gateway lost (see [`Delivery::open_session`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HistoryKind {
+    /// The device read `from..=to`, which the gateway no longer has: marked lost.
+    Lost,
+    /// The device read other messages at seqs up to `to` (after `from - 1`) than the gateway
+    /// now holds there: it was told.
+    Diverged,
+}
+
+/// Seqs of a conversation the gateway found lost or diverged (see [`Delivery::open_session`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostHistory {
+    /// Lost, or diverged at this device.
+    pub kind: HistoryKind,
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The device whose cursor showed it.
+    pub device: DeviceId,
+    /// First seq concerned.
+    pub from: u64,
+    /// Last seq concerned.
+    pub to: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -195,6 +251,10 @@ struct Window {
     last_progress: Instant,
     /// For a device a commit removed: the last seq it still gets (the one before the commit).
     cap: Option<u64>,
+    /// Where `acked` stood before a gap or loss notice moved it on without the device's
+    /// acknowledgement, until the device acknowledges that far: a replay request from before
+    /// it means the notice never arrived, and it goes again.
+    unconfirmed: Option<u64>,
 }
 
 impl Window {
@@ -204,7 +264,17 @@ impl Window {
             sent_upto: seq,
             last_progress: now,
             cap: None,
+            unconfirmed: None,
         }
+    }
+
+    /// A notice moves the window past `to` before the device acknowledges it.
+    fn skip_to(&mut self, to: u64) {
+        if to > self.acked {
+            self.unconfirmed.get_or_insert(self.acked);
+            self.acked = to;
+        }
+        self.sent_upto = self.sent_upto.max(to);
     }
 }
 
@@ -235,6 +305,9 @@ pub struct Delivery {
     departing: BTreeMap<(DeviceId, ConversationId), u64>,
     /// The last message sequenced from each device in each conversation.
     sender_order: SenderOrder,
+    /// Each conversation's head when this gateway recovered: a device that read beyond it
+    /// before a crash read what this run may have lost (see [`Delivery::open_session`]).
+    recovered_heads: BTreeMap<ConversationId, u64>,
     stats: DeliveryStats,
 }
 
@@ -273,6 +346,7 @@ impl Delivery {
             gc_again_at: None,
             departing: BTreeMap::new(),
             sender_order: SenderOrder::default(),
+            recovered_heads: BTreeMap::new(),
             stats: DeliveryStats::default(),
         }
     }
@@ -343,6 +417,11 @@ impl Delivery {
             d.memberships.entry(device).or_default().insert(conv);
             Ok(())
         })?;
+        d.recovered_heads = d
+            .conversations
+            .iter()
+            .map(|(&id, log)| (id, log.head()))
+            .collect();
         Ok(d)
     }
 
@@ -715,6 +794,13 @@ impl Delivery {
 
     /// A session opened on `conn` for `device`: one window per conversation it is in, starting
     /// at the cursor it presented (or the stored one), which moves the stored one forward.
+    ///
+    /// A presented cursor beyond the head means the device read messages this gateway no longer
+    /// has: it sequenced them and lost them with writes its disk had reported durable (fsync
+    /// that lies, then a crash). The gateway cannot give those seqs back, and must never give
+    /// them to other messages (the device would take a different message for one it has, a
+    /// silent fork): they become placeholders ([`ConversationLog::fence`]), the devices behind
+    /// are told of the loss as they reach it, and the loss is returned for the operator.
     pub fn open_session(
         &mut self,
         now: Instant,
@@ -722,7 +808,12 @@ impl Delivery {
         device: DeviceId,
         presented: &[Cursor],
         writes: &mut WriteBatch,
-    ) {
+    ) -> Vec<LostHistory> {
+        let mut lost = Vec::new();
+        let presented_last: BTreeMap<ConversationId, Option<[u8; 16]>> = presented
+            .iter()
+            .map(|c| (c.conversation_id(), c.last))
+            .collect();
         let presented: BTreeMap<ConversationId, u64> = presented
             .iter()
             .map(|c| (c.conversation_id(), c.seq))
@@ -736,6 +827,10 @@ impl Delivery {
             .copied()
             .collect();
         for conv in convs {
+            let read = presented_last.get(&conv).copied().flatten();
+            if let Some(&shown) = presented.get(&conv) {
+                self.examine_cursor(now, device, conv, shown, read, writes, &mut lost);
+            }
             let head = self.conversations[&conv].head();
             let stored = self.cursor(device, conv);
             let mut acked = presented.get(&conv).copied().unwrap_or(stored).min(head);
@@ -751,6 +846,103 @@ impl Delivery {
         }
         self.sessions
             .insert(conn, SessionWindows { device, windows });
+        lost
+    }
+
+    /// What a cursor `device` presented for `conv` (read there: the message it read at it)
+    /// shows of history this gateway lost; see [`Delivery::open_session`]. A cursor beyond the
+    /// head fences the seqs up to it as lost. A device that read a message the gateway lost
+    /// (beyond the head, at a seq now marked lost, or another message than the one now at its
+    /// cursor) read everything after the recovered head from before the crash: any seq this
+    /// run gave to another message since is one where its history diverged, and it is told.
+    #[allow(clippy::too_many_arguments)]
+    fn examine_cursor(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        shown: u64,
+        read: Option<[u8; 16]>,
+        writes: &mut WriteBatch,
+        found: &mut Vec<LostHistory>,
+    ) {
+        let recovered = self.recovered_heads.get(&conv).copied().unwrap_or(0);
+        let log = self.conversations.get_mut(&conv).expect("a member's log");
+        let head = log.head();
+        let read_lost = if shown > head {
+            if shown - head > FENCE_MAX {
+                self.stats.implausible_cursors += 1;
+                return;
+            }
+            let from = log.fence(now, shown);
+            for seq in from..=shown {
+                log.persist_append(seq, writes);
+            }
+            self.stats.history_lost += 1;
+            self.stats.lost_seqs += shown - from + 1;
+            found.push(LostHistory {
+                kind: HistoryKind::Lost,
+                conversation: conv,
+                device,
+                from,
+                to: shown,
+            });
+            true
+        } else {
+            match (read, log.get(shown)) {
+                (Some(_), Some(entry)) if entry.sender == LOST_SENDER => true,
+                (Some(id), Some(entry)) if entry.msg_id.to_bytes() != id => {
+                    let from = recovered.min(shown - 1) + 1;
+                    self.diverged_found(device, conv, from, shown, writes, found);
+                    return;
+                }
+                _ => false,
+            }
+        };
+        if !read_lost {
+            return;
+        }
+        let log = &self.conversations[&conv];
+        let replaced = (recovered + 1..=shown.min(log.head()))
+            .rev()
+            .find(|&s| log.get(s).is_some_and(|e| e.sender != LOST_SENDER));
+        if let Some(to) = replaced {
+            self.diverged_found(device, conv, recovered + 1, to, writes, found);
+        }
+    }
+
+    /// `device`'s history of `conv` diverged over `from..=to`: unless it is being told already,
+    /// a notice goes to its inbox (sent when its session opens, and again until it
+    /// acknowledges; the conversation's delivery waits for that).
+    fn diverged_found(
+        &mut self,
+        device: DeviceId,
+        conv: ConversationId,
+        from: u64,
+        to: u64,
+        writes: &mut WriteBatch,
+        found: &mut Vec<LostHistory>,
+    ) {
+        match self.inbox.get(&(device, conv)) {
+            Some(InboxItem::Diverged { seq }) if *seq >= to => return,
+            // A Welcome or a removal notice holds the slot (a group; not handled yet): the
+            // operator hears, the device does not.
+            Some(InboxItem::Welcome { .. } | InboxItem::Removed { .. }) => {}
+            _ => {
+                let item = InboxItem::Diverged { seq: to };
+                writes.put(INBOX_TABLE, pair_key(device.0, conv.0), item.encode());
+                self.inbox.insert((device, conv), item);
+                self.inbox_sent.remove(&(device, conv));
+            }
+        }
+        self.stats.history_diverged += 1;
+        found.push(LostHistory {
+            kind: HistoryKind::Diverged,
+            conversation: conv,
+            device,
+            from,
+            to,
+        });
     }
 
     /// A departing device whose session opens with a cursor that covers everything before
@@ -835,6 +1027,8 @@ impl Delivery {
         ) {
             (Some(item @ InboxItem::Welcome { .. }), Some(removed_at)) => item.seq() < *removed_at,
             (Some(InboxItem::Welcome { .. }), None) => true,
+            // It hears that its history diverged before it reads on.
+            (Some(InboxItem::Diverged { .. }), _) => true,
             _ => false,
         };
         if held {
@@ -853,7 +1047,7 @@ impl Delivery {
             // is left. The node moves its cursor and reports the gap to its user.
             let first = log.first_seq();
             window.sent_upto = first - 1;
-            window.acked = window.acked.max(first - 1);
+            window.skip_to(first - 1);
             self.stats.replay_window_exceeded += 1;
             let report = ErrorReport {
                 code: ErrorCode::ReplayWindowExceeded as u16,
@@ -870,6 +1064,34 @@ impl Delivery {
         }
         let last = window.cap.map_or(log.head(), |cap| cap.min(log.head()));
         while window.sent_upto < last && window.sent_upto - window.acked < window_max {
+            let next = log.get(window.sent_upto + 1).expect("seq within head");
+            if next.sender == LOST_SENDER {
+                // Lost seqs: once what went before them is acknowledged (the device's cursor
+                // stands just before them), say so, and go on after them. The node moves its
+                // cursor past them and tells its user.
+                if window.acked < window.sent_upto {
+                    break;
+                }
+                let from = next.seq;
+                let mut to = from;
+                while to < last && log.get(to + 1).is_some_and(|e| e.sender == LOST_SENDER) {
+                    to += 1;
+                }
+                window.skip_to(to);
+                let report = ErrorReport {
+                    code: ErrorCode::HistoryLost as u16,
+                    message: format!("messages {from}..={to} were lost by the gateway (its disk lost writes it had reported durable)"),
+                    msg_id: None,
+                    after: None,
+                };
+                let routing = Routing {
+                    conversation: conv,
+                    seq: to + 1,
+                    ..Routing::default()
+                };
+                fx.send(conn, routing, Payload::Error(report));
+                continue;
+            }
             window.sent_upto += 1;
             let entry = log.get(window.sent_upto).expect("seq within head");
             let routing = Routing {
@@ -921,6 +1143,9 @@ impl Delivery {
             ));
         };
         let seq = seq.min(head);
+        if seq >= window.acked {
+            window.unconfirmed = None;
+        }
         if seq > window.acked {
             window.acked = seq;
             window.last_progress = now;
@@ -949,7 +1174,16 @@ impl Delivery {
             return;
         };
         let restart = match from_seq {
-            Some(from) => from.saturating_sub(1).max(window.acked),
+            Some(from) => {
+                let before = from.saturating_sub(1);
+                if before < window.acked && window.unconfirmed.is_some_and(|u| before >= u) {
+                    // It asks again for what this window took as read on a gap or loss
+                    // notice it never received (the connection dropped it): the notice goes
+                    // again.
+                    window.acked = before;
+                }
+                before.max(window.acked)
+            }
             None => window.acked,
         };
         if restart < window.sent_upto {
