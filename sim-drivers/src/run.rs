@@ -1045,14 +1045,10 @@ impl Faults {
                     self.start_if_stopped(sim, world, &host);
                 }
             }
-            Action::LieDisk(a) => {
+            Action::LieDisk(a) | Action::HonestDisk(a) => {
+                let lying = matches!(action, Action::LieDisk(_));
                 for host in hosts(a) {
-                    world.disks[&host].set_lying(true);
-                }
-            }
-            Action::HonestDisk(a) => {
-                for host in hosts(a) {
-                    world.disks[&host].set_lying(false);
+                    world.disks[&host].set_lying(lying);
                 }
             }
             Action::HealAll => self.heal_all(sim, world),

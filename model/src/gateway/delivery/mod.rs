@@ -148,6 +148,30 @@ impl InboxItem {
     }
 }
 
+/// Tells a device that what comes before `first_available` in `conv` is gone (`code` says why:
+/// expired, or lost by the gateway); the node moves its cursor past it and tells its user.
+fn send_skip_notice(
+    conn: ConnectionId,
+    conv: ConversationId,
+    code: ErrorCode,
+    first_available: u64,
+    message: String,
+    fx: &mut Fx,
+) {
+    let report = ErrorReport {
+        code: code as u16,
+        message,
+        msg_id: None,
+        after: None,
+    };
+    let routing = Routing {
+        conversation: conv,
+        seq: first_available,
+        ..Routing::default()
+    };
+    fx.send(conn, routing, Payload::Error(report));
+}
+
 /// The store key of a `(device, conversation)` pair, or any two 128-bit ids.
 pub(super) fn pair_key(a: u128, b: u128) -> Vec<u8> {
     let mut key = Vec::with_capacity(32);
@@ -1046,21 +1070,17 @@ impl Delivery {
             // What this device still needs is gone (retention): say so, and go on from what
             // is left. The node moves its cursor and reports the gap to its user.
             let first = log.first_seq();
-            window.sent_upto = first - 1;
             window.skip_to(first - 1);
             self.stats.replay_window_exceeded += 1;
-            let report = ErrorReport {
-                code: ErrorCode::ReplayWindowExceeded as u16,
-                message: format!("messages before seq {first} are no longer retained"),
-                msg_id: None,
-                after: None,
-            };
-            let routing = Routing {
-                conversation: conv,
-                seq: first,
-                ..Routing::default()
-            };
-            fx.send(conn, routing, Payload::Error(report));
+            let message = format!("messages before seq {first} are no longer retained");
+            send_skip_notice(
+                conn,
+                conv,
+                ErrorCode::ReplayWindowExceeded,
+                first,
+                message,
+                fx,
+            );
         }
         let last = window.cap.map_or(log.head(), |cap| cap.min(log.head()));
         while window.sent_upto < last && window.sent_upto - window.acked < window_max {
@@ -1078,18 +1098,8 @@ impl Delivery {
                     to += 1;
                 }
                 window.skip_to(to);
-                let report = ErrorReport {
-                    code: ErrorCode::HistoryLost as u16,
-                    message: format!("messages {from}..={to} were lost by the gateway (its disk lost writes it had reported durable)"),
-                    msg_id: None,
-                    after: None,
-                };
-                let routing = Routing {
-                    conversation: conv,
-                    seq: to + 1,
-                    ..Routing::default()
-                };
-                fx.send(conn, routing, Payload::Error(report));
+                let message = format!("messages {from}..={to} were lost by the gateway (its disk lost writes it had reported durable)");
+                send_skip_notice(conn, conv, ErrorCode::HistoryLost, to + 1, message, fx);
                 continue;
             }
             window.sent_upto += 1;
