@@ -23,6 +23,7 @@ use sund_model::env::{HeldOutputs, WriteBatch};
 use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
+use sund_model::mls::verified::VerifiedSignatures;
 use sund_model::node::{ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
 use sund_model::time::Instant;
 
@@ -327,6 +328,9 @@ impl World {
         }
         let mut devices = Vec::new();
         let mut user_devices = BTreeMap::new();
+        // One memo of verified signatures for every device of this run (see
+        // sund_model::mls::verified): the same check answers the same everywhere.
+        let verified = VerifiedSignatures::default();
         for user in scenario.users.iter() {
             let mut mine = Vec::new();
             for d in 0..user.devices {
@@ -341,7 +345,7 @@ impl World {
                     ..node_template.clone()
                 };
                 if mls_groups::uses_mls(&scenario) {
-                    mls_groups::enable_mls(&mut config, &user.name, &scenario.tunables);
+                    mls_groups::enable_mls(&mut config, &user.name, &scenario.tunables, &verified);
                 }
                 actors.push(Actor {
                     name: format!("{}/{}", user.name, d),

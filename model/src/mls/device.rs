@@ -13,6 +13,7 @@ use openmls_traits::types::SignatureScheme;
 use openmls_traits::OpenMlsProvider as _;
 
 use super::key_packages::{self, KeyPackageError};
+use super::verified::VerifiedSignatures;
 use super::{LifetimePolicy, MlsProvider, MlsStorage, Randomness};
 use crate::env::{Entropy, StoreError, StoreRead, Table, WriteBatch};
 use crate::identity::DeviceKey;
@@ -25,7 +26,7 @@ use crate::trust::{Crl, DeviceCertificate, TrustRoot};
 pub const SIGNER_KEY: &[u8] = b"mls_signer";
 
 /// How a device runs MLS.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceMlsConfig {
     /// Fresh or derived HPKE ephemeral keys (production or simulation).
     pub randomness: Randomness,
@@ -37,6 +38,9 @@ pub struct DeviceMlsConfig {
     /// among about this many members drawn for it (by the message's conversation and seq); the
     /// others skip it, which MLS allows (a later message ratchets forward). `None`: decrypt all.
     pub decrypt_sample: Option<u32>,
+    /// Signatures and credentials already verified (see [`VerifiedSignatures`]): `None` in
+    /// production; a simulation shares one memo among all its devices.
+    pub verified: Option<VerifiedSignatures>,
 }
 
 impl Default for DeviceMlsConfig {
@@ -46,6 +50,7 @@ impl Default for DeviceMlsConfig {
             lifetime: LifetimePolicy::default(),
             pool_target: 20,
             decrypt_sample: None,
+            verified: None,
         }
     }
 }
@@ -129,7 +134,8 @@ impl DeviceMls {
             Box::new(SeededStream::new(entropy)),
             config.randomness,
             storage,
-        );
+        )
+        .with_verified(config.verified.clone());
         let transaction = provider.transaction();
         let signer = match store.get(session_table, SIGNER_KEY)? {
             Some(public) => {
@@ -189,7 +195,8 @@ impl DeviceMls {
         let Some((root, crl)) = &self.trust else {
             return Ok(None);
         };
-        verify_identity(identity, signature_key, root, crl.as_ref()).map(|(_, u)| Some(u))
+        self.check_credential(identity, signature_key, root, crl.as_ref())
+            .map(|(_, u)| Some(u))
     }
 
     /// As [`DeviceMls::verify_member`], but a revoked certificate passes: the check a joining
@@ -205,7 +212,22 @@ impl DeviceMls {
         let Some((root, _)) = &self.trust else {
             return Ok(None);
         };
-        verify_identity(identity, signature_key, root, None).map(|(_, u)| Some(u))
+        self.check_credential(identity, signature_key, root, None)
+            .map(|(_, u)| Some(u))
+    }
+
+    /// [`verify_identity`], through the configured memo if there is one.
+    fn check_credential(
+        &self,
+        identity: &[u8],
+        signature_key: &[u8],
+        root: &TrustRoot,
+        crl: Option<&Crl>,
+    ) -> Result<(DeviceId, UserId), String> {
+        match &self.config.verified {
+            Some(memo) => memo.credential(identity, signature_key, root, crl),
+            None => verify_identity(identity, signature_key, root, crl),
+        }
     }
 
     /// The provider (for MLS operations).

@@ -34,6 +34,7 @@ pub mod group_ops;
 pub mod key_packages;
 pub mod provider;
 pub mod storage;
+pub mod verified;
 
 use std::time::Duration;
 

@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 
 use super::crypto::{EphemeralKeys, SharedEntropy, SundCrypto};
 use super::storage::MlsStorage;
+use super::verified::VerifiedSignatures;
 use crate::env::{Entropy, WriteBatch};
 
 /// How HPKE ephemeral keys are chosen (see [`super::crypto`]).
@@ -86,6 +87,12 @@ impl MlsProvider {
             rand: EntropyRand(shared),
             storage,
         }
+    }
+
+    /// Answers repeated signature checks from `memo` (see [`super::verified`]).
+    pub fn with_verified(mut self, memo: Option<VerifiedSignatures>) -> MlsProvider {
+        self.crypto.set_verified(memo);
+        self
     }
 
     /// A new MLS signing key from the entropy. The device key that authenticates sessions is kept

@@ -139,9 +139,9 @@ impl Node {
         let link = Link::recover(&config, now, store)?;
         let mut fx = NodeFx::default();
         let mut entropy = entropy;
-        let mls = match config.mls {
+        let mls = match &config.mls {
             Some(mls_config) => Some(NodeMls::recover(
-                mls_config,
+                mls_config.clone(),
                 config.device,
                 config.user,
                 entropy.as_mut(),

@@ -44,6 +44,7 @@ pub fn mls_config() -> DeviceMlsConfig {
         lifetime: LifetimePolicy::Unbounded,
         pool_target: 12,
         decrypt_sample: None,
+        verified: None,
     }
 }
 

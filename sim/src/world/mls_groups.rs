@@ -11,6 +11,7 @@ use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::mls::device_groups::{GroupStatus, Intent};
 use sund_model::mls::group_ops::GroupKind;
+use sund_model::mls::verified::VerifiedSignatures;
 use sund_model::mls::{LifetimePolicy, Randomness};
 use sund_model::node::NodeConfig;
 
@@ -40,13 +41,19 @@ pub(super) fn uses_mls(scenario: &Scenario) -> bool {
 }
 
 /// Gives a simulated device its user and a deterministic MLS configuration.
-pub(super) fn enable_mls(config: &mut NodeConfig, user: &str, tunables: &Tunables) {
+pub(super) fn enable_mls(
+    config: &mut NodeConfig,
+    user: &str,
+    tunables: &Tunables,
+    verified: &VerifiedSignatures,
+) {
     config.user = Some(UserId::from_name(user));
     config.mls = Some(DeviceMlsConfig {
         randomness: Randomness::Simulation,
         lifetime: LifetimePolicy::Unbounded,
         pool_target: tunables.key_packages.unwrap_or(20),
         decrypt_sample: tunables.decrypt_sample,
+        verified: Some(verified.clone()),
     });
 }
 

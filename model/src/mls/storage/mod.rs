@@ -25,9 +25,12 @@
 //! Values are the MessagePack encoding (rmp-serde) of the openmls entity after a tag byte 0x01.
 //! openmls's own in-memory provider uses JSON, which writes every secret byte as a decimal
 //! number: at 1,000 members, storing the secret tree after each decrypted message took most of
-//! the decryption's time. MessagePack writes a byte in one or two bytes and still describes
-//! itself, as tls_codec's byte vectors require when they are read back. Values written as JSON
-//! by earlier versions (they never start with 0x01) are still read. A list (own leaf nodes,
+//! the decryption's time. MessagePack still describes itself, as tls_codec's byte vectors
+//! require when they are read back. Byte vectors (keys, hashes, public keys of every leaf of
+//! the tree) are written as one MessagePack binary string each, not as an array of small
+//! integers (serde's default for `Vec<u8>`, which cost a call and up to two bytes per byte);
+//! reading accepts both forms, so values written as arrays by earlier versions still read, as
+//! do values written as JSON (they never start with 0x01). A list (own leaf nodes,
 //! queued proposal references, epoch key pairs) is one record holding an array of its
 //! elements.
 
@@ -361,13 +364,19 @@ fn label_of(key: &[u8]) -> Option<&'static str> {
     LABELS.into_iter().find(|l| l.as_bytes() == label)
 }
 
-/// The JSON encoding of a value openmls hands over.
+/// The stored encoding of a value openmls hands over: [`MSGPACK_TAG`], then MessagePack with
+/// every non-empty sequence of bytes (a `Vec<u8>` or `&[u8]`) as one binary string rather
+/// than an array of integers.
 fn encode(record: &'static str, value: &impl Serialize) -> Result<Vec<u8>, MlsStorageError> {
     let mut out = vec![MSGPACK_TAG];
-    rmp_serde::encode::write(&mut out, value).map_err(|e| MlsStorageError::Serialization {
-        record,
-        reason: e.to_string(),
-    })?;
+    let mut serializer = rmp_serde::Serializer::new(&mut out)
+        .with_bytes(rmp_serde::config::BytesMode::ForceIterables);
+    value
+        .serialize(&mut serializer)
+        .map_err(|e| MlsStorageError::Serialization {
+            record,
+            reason: e.to_string(),
+        })?;
     Ok(out)
 }
 

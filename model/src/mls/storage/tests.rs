@@ -414,3 +414,54 @@ fn a_discarded_openmls_operation_leaves_the_group_at_the_last_take() {
     let recovered = MlsStorage::recover(&store).unwrap();
     assert_eq!(recovered.len(), provider.storage.len());
 }
+
+#[test]
+fn byte_vectors_are_stored_as_binary_strings_and_arrays_of_integers_still_read() {
+    let bytes: Vec<u8> = (0..=255).collect();
+    let stored = encode(TREE, &bytes).unwrap();
+    // Tag, bin16 marker, two length bytes, the bytes themselves.
+    assert_eq!(stored[..4], [MSGPACK_TAG, 0xc5, 0x01, 0x00]);
+    assert_eq!(stored.len(), 4 + 256);
+    assert_eq!(decode::<Vec<u8>>(TREE, &stored).unwrap(), bytes);
+    // What earlier versions wrote: an array holding one integer per byte.
+    let mut earlier = vec![MSGPACK_TAG];
+    rmp_serde::encode::write(&mut earlier, &bytes).unwrap();
+    assert_eq!(earlier[1], 0xdc, "array16");
+    assert_eq!(decode::<Vec<u8>>(TREE, &earlier).unwrap(), bytes);
+    // An empty vector and a vector of wider integers stay arrays.
+    assert_eq!(
+        decode::<Vec<u8>>(TREE, &encode(TREE, &Vec::<u8>::new()).unwrap()).unwrap(),
+        b""
+    );
+    let wide = vec![1u16, 300, 7];
+    assert_eq!(
+        decode::<Vec<u16>>(TREE, &encode(TREE, &wide).unwrap()).unwrap(),
+        wide
+    );
+}
+
+#[test]
+fn a_group_stored_with_binary_strings_reloads_whole() {
+    let provider = TestProvider {
+        crypto: RustCrypto::default(),
+        storage: MlsStorage::new(),
+    };
+    let (signer, credential) = alice(&provider);
+    let mut group = new_group(&provider, &signer, credential);
+    group
+        .self_update(&provider, &signer, LeafNodeParameters::default())
+        .unwrap();
+    group.merge_pending_commit(&provider).unwrap();
+    let mut store = MemStore::default();
+    commit(&provider.storage, &mut store);
+    let recovered = MlsStorage::recover(&store).unwrap();
+    let loaded = MlsGroup::load(&recovered, group.group_id())
+        .unwrap()
+        .expect("the group is stored");
+    assert_eq!(loaded.epoch(), group.epoch());
+    assert_eq!(
+        loaded.epoch_authenticator().as_slice(),
+        group.epoch_authenticator().as_slice()
+    );
+    assert_eq!(loaded.export_ratchet_tree(), group.export_ratchet_tree());
+}

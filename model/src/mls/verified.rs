@@ -1,0 +1,283 @@
+//! Signatures and credentials already verified, remembered so that the same check is not
+//! made again: a simulation shares one memo among all its devices.
+//!
+//! Every member of a group verifies the same signatures: the committer's signature on each
+//! commit, each added device's KeyPackage and leaf node, each member's certificate and MLS key
+//! binding (two Ed25519 verifications, about 100 µs, per device a member sees). A simulated
+//! 1,000-device room repeats each of these checks at every member, in one process: building
+//! the room cost a million credential checks and as many KeyPackage checks, a third of the
+//! run. The checks are pure functions of the bytes checked, so a check that passed once
+//! passes again for the same bytes; the memo keeps the SHA-256 digest of everything a check
+//! read (the key, the message, the signature; for a credential also the trust root) and
+//! answers a repeat from it. Only checks that passed are kept: a failing one is made in full
+//! each time, and revocation (which changes) is checked every time.
+//!
+//! Production devices run without a memo (`DeviceMlsConfig::verified` is `None`): one device
+//! rarely sees the same signature twice. Under simulation, sharing changes no result (the
+//! trace hash stays the same with or without it), only the time spent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use sha2::{Digest, Sha256};
+
+use crate::ids::{DeviceId, UserId};
+use crate::trust::credential::verify_identity;
+use crate::trust::{Crl, TrustRoot};
+
+/// Most digests of each kind kept; the memo starts again when one is full (some 100 bytes
+/// per entry, so at most a few hundred megabytes for a whole simulation).
+pub const VERIFIED_MAX: usize = 2_000_000;
+
+#[derive(Default)]
+struct Memo {
+    signatures: BTreeSet<[u8; 32]>,
+    credentials: BTreeMap<[u8; 32], (DeviceId, UserId)>,
+    hits: u64,
+}
+
+/// A memo of verified signatures and credentials, cheap to clone: clones share it.
+#[derive(Clone, Default)]
+pub struct VerifiedSignatures(Arc<Mutex<Memo>>);
+
+impl core::fmt::Debug for VerifiedSignatures {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let memo = self.memo();
+        f.debug_struct("VerifiedSignatures")
+            .field("signatures", &memo.signatures.len())
+            .field("credentials", &memo.credentials.len())
+            .finish()
+    }
+}
+
+/// Two configurations are equal if they share the same memo.
+impl PartialEq for VerifiedSignatures {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for VerifiedSignatures {}
+
+/// SHA-256 over a context string and each part, every part length-prefixed so that no two
+/// lists of parts share an encoding.
+fn digest(context: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(context);
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.finalize().into()
+}
+
+impl VerifiedSignatures {
+    fn memo(&self) -> MutexGuard<'_, Memo> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `signature` over `message` verifies under `public_key` (of the scheme named by
+    /// `scheme`): from the memo if these exact bytes verified before, else by `verify`, whose
+    /// success is remembered.
+    pub fn signature(
+        &self,
+        scheme: u16,
+        public_key: &[u8],
+        message: &[u8],
+        signature: &[u8],
+        verify: impl FnOnce() -> bool,
+    ) -> bool {
+        let key = digest(
+            b"sund/verified-signature/v1",
+            &[&scheme.to_be_bytes(), public_key, message, signature],
+        );
+        {
+            let mut memo = self.memo();
+            if memo.signatures.contains(&key) {
+                memo.hits += 1;
+                return true;
+            }
+        }
+        // Verified outside the lock: openmls may verify on several threads at once.
+        if !verify() {
+            return false;
+        }
+        let mut memo = self.memo();
+        if memo.signatures.len() >= VERIFIED_MAX {
+            memo.signatures.clear();
+        }
+        memo.signatures.insert(key);
+        true
+    }
+
+    /// As [`verify_identity`]: the device and user a credential identity names, if its
+    /// certificate is from `root`, its device is not revoked in `crl`, and its key signed the
+    /// binding to `mls_signature_key`. Revocation is checked every time; the rest is
+    /// remembered once it passed, for these exact bytes under this root.
+    pub fn credential(
+        &self,
+        identity: &[u8],
+        mls_signature_key: &[u8],
+        root: &TrustRoot,
+        crl: Option<&Crl>,
+    ) -> Result<(DeviceId, UserId), String> {
+        let key = digest(
+            b"sund/verified-credential/v1",
+            &[
+                &root.key.0,
+                root.domain.as_bytes(),
+                identity,
+                mls_signature_key,
+            ],
+        );
+        let known = {
+            let mut memo = self.memo();
+            let known = memo.credentials.get(&key).copied();
+            memo.hits += u64::from(known.is_some());
+            known
+        };
+        if let Some((device, user)) = known {
+            // Every other check passed for these bytes: revocation is the only one left that
+            // can fail, and it is the one verify_identity reports first after them.
+            if crl.is_some_and(|c| c.revoked.contains(&device)) {
+                return Err(format!("{device} is revoked"));
+            }
+            return Ok((device, user));
+        }
+        let verified = verify_identity(identity, mls_signature_key, root, crl)?;
+        let mut memo = self.memo();
+        if memo.credentials.len() >= VERIFIED_MAX {
+            memo.credentials.clear();
+        }
+        memo.credentials.insert(key, verified);
+        Ok(verified)
+    }
+
+    /// How many checks the memo answered.
+    pub fn hits(&self) -> u64 {
+        self.memo().hits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::DeviceKey;
+    use crate::trust::credential::credential_identity;
+    use crate::trust::DeviceCertificate;
+
+    const DOMAIN: &str = "example.org";
+
+    /// A root and a certified device's identity for MLS key `[7; 32]`.
+    fn world() -> (TrustRoot, DeviceId, Vec<u8>) {
+        let root_key = DeviceKey::from_seed([70; 32]);
+        let key = DeviceKey::from_seed([1; 32]);
+        let cert = DeviceCertificate::issue(
+            &root_key,
+            DOMAIN,
+            1,
+            key.public(),
+            UserId(5),
+            0,
+            4_000_000_000,
+        );
+        let root = TrustRoot {
+            key: root_key.public(),
+            domain: DOMAIN.into(),
+        };
+        (
+            root,
+            key.device_id(),
+            credential_identity(&key, &cert, &[7; 32]),
+        )
+    }
+
+    #[test]
+    fn a_remembered_credential_gives_what_a_full_check_gives() {
+        let (root, device, identity) = world();
+        let memo = VerifiedSignatures::default();
+        let full = verify_identity(&identity, &[7; 32], &root, None);
+        assert_eq!(full, Ok((device, UserId(5))));
+        assert_eq!(memo.credential(&identity, &[7; 32], &root, None), full);
+        assert_eq!(memo.hits(), 0);
+        // A clone shares the memo.
+        assert_eq!(
+            memo.clone().credential(&identity, &[7; 32], &root, None),
+            full
+        );
+        assert_eq!(memo.hits(), 1);
+        // Revocation is checked at every hit, with verify_identity's words.
+        let crl = Crl::issue(
+            &DeviceKey::from_seed([70; 32]),
+            DOMAIN,
+            2,
+            0,
+            [device].into_iter().collect(),
+        );
+        assert_eq!(
+            memo.credential(&identity, &[7; 32], &root, Some(&crl)),
+            verify_identity(&identity, &[7; 32], &root, Some(&crl))
+        );
+        assert!(memo
+            .credential(&identity, &[7; 32], &root, Some(&crl))
+            .is_err());
+        assert_eq!(memo.hits(), 3);
+    }
+
+    #[test]
+    fn other_bytes_are_checked_in_full_and_failures_are_not_remembered() {
+        let (root, _, identity) = world();
+        let memo = VerifiedSignatures::default();
+        memo.credential(&identity, &[7; 32], &root, None).unwrap();
+        // The binding covers the MLS key: another key fails although the device is known.
+        let err = memo
+            .credential(&identity, &[8; 32], &root, None)
+            .unwrap_err();
+        assert!(err.contains("not bound"), "{err}");
+        let mut tampered = identity.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(memo.credential(&tampered, &[7; 32], &root, None).is_err());
+        assert!(memo.credential(&tampered, &[7; 32], &root, None).is_err());
+        // Another root does not share the first one's answers.
+        let other = TrustRoot {
+            key: DeviceKey::from_seed([42; 32]).public(),
+            domain: root.domain.clone(),
+        };
+        assert!(memo.credential(&identity, &[7; 32], &other, None).is_err());
+        assert_eq!(memo.hits(), 0);
+    }
+
+    #[test]
+    fn a_signature_is_verified_once_and_a_bad_one_every_time() {
+        let memo = VerifiedSignatures::default();
+        let mut calls = 0;
+        for _ in 0..3 {
+            assert!(memo.signature(1, b"pk", b"message", b"sig", || {
+                calls += 1;
+                true
+            }));
+        }
+        assert_eq!(calls, 1);
+        for _ in 0..3 {
+            assert!(!memo.signature(1, b"pk", b"message", b"bad", || {
+                calls += 1;
+                false
+            }));
+        }
+        assert_eq!(calls, 4);
+        // Any other byte (scheme, key, message, signature) is a different check.
+        let mut other = 0;
+        for (scheme, pk, msg, sig) in [
+            (2u16, &b"pk"[..], &b"message"[..], &b"sig"[..]),
+            (1, b"pK", b"message", b"sig"),
+            (1, b"pk", b"messagf", b"sig"),
+            (1, b"pk", b"message", b"sih"),
+            (1, b"pkm", b"essage", b"sig"),
+        ] {
+            memo.signature(scheme, pk, msg, sig, || {
+                other += 1;
+                true
+            });
+        }
+        assert_eq!(other, 5);
+    }
+}
