@@ -16,6 +16,8 @@ use core::fmt;
 use core::ops::ControlFlow;
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
 use crate::time::Instant;
 
 /// Reads the driver's clock. State machines get `now` as an argument; drivers use this.
@@ -58,8 +60,9 @@ pub enum WriteOp {
         table: Table,
         /// Key.
         key: Vec<u8>,
-        /// Value.
-        value: Vec<u8>,
+        /// Value (shared, not copied, with whoever else holds it: the MLS storage keeps the
+        /// same bytes in memory that the store keeps).
+        value: Bytes,
     },
     /// Remove if present.
     Delete {
@@ -78,8 +81,12 @@ pub struct WriteBatch {
 
 impl WriteBatch {
     /// Adds a put.
-    pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
-        self.ops.push(WriteOp::Put { table, key, value });
+    pub fn put(&mut self, table: Table, key: Vec<u8>, value: impl Into<Bytes>) {
+        self.ops.push(WriteOp::Put {
+            table,
+            key,
+            value: value.into(),
+        });
     }
 
     /// Adds a delete.
@@ -297,7 +304,7 @@ impl<O> HeldOutputs<O> {
 /// world's business), and tests use it wherever a store is needed.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
-    tables: BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>,
+    tables: BTreeMap<&'static str, BTreeMap<Vec<u8>, Bytes>>,
     commits: u64,
 }
 
@@ -317,14 +324,18 @@ impl MemStore {
         self.tables.iter().flat_map(|(table, records)| {
             records
                 .iter()
-                .map(move |(k, v)| (*table, k.as_slice(), v.as_slice()))
+                .map(move |(k, v)| (*table, k.as_slice(), &v[..]))
         })
     }
 }
 
 impl StoreRead for MemStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tables.get(table.0).and_then(|t| t.get(key)).cloned())
+        Ok(self
+            .tables
+            .get(table.0)
+            .and_then(|t| t.get(key))
+            .map(|v| v.to_vec()))
     }
 
     fn scan_from(

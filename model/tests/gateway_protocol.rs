@@ -812,7 +812,7 @@ fn sender_order_rows(ready: &sund_model::env::Ready<GatewayOutput>) -> Vec<Vec<u
             sund_model::env::WriteOp::Put { table, value, .. }
                 if *table == sund_model::gateway::sender_order::SENDER_ORDER_TABLE =>
             {
-                Some(value.clone())
+                Some(value.to_vec())
             }
             _ => None,
         })

@@ -164,8 +164,7 @@ impl Store for RedbStore {
             for op in ops {
                 match op {
                     WriteOp::Put { key, value, .. } => {
-                        t.insert(key.as_slice(), value.as_slice())
-                            .map_err(backend)?;
+                        t.insert(key.as_slice(), &value[..]).map_err(backend)?;
                     }
                     WriteOp::Delete { key, .. } => {
                         t.remove(key.as_slice()).map_err(backend)?;

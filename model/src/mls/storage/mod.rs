@@ -238,7 +238,7 @@ impl MlsStorage {
         let undo = std::mem::take(&mut state.undo);
         for key in undo.into_keys() {
             match state.values.get(&key) {
-                Some(value) => batch.put(MLS_TABLE, key, value.to_vec()),
+                Some(value) => batch.put(MLS_TABLE, key, value.clone()),
                 None => batch.delete(MLS_TABLE, key),
             }
         }
@@ -377,6 +377,8 @@ fn encode(record: &'static str, value: &impl Serialize) -> Result<Vec<u8>, MlsSt
             record,
             reason: e.to_string(),
         })?;
+    // The buffer grew by doubling; the value is kept (in memory and in the store) as it is.
+    out.shrink_to_fit();
     Ok(out)
 }
 

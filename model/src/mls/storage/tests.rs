@@ -150,7 +150,7 @@ fn writes_reach_the_batch_once_with_the_last_value_and_deletes_as_deletes() {
         WriteOp::Put {
             table: MLS_TABLE,
             key: index_key(&g1),
-            value: vec![MSGPACK_TAG, 2],
+            value: vec![MSGPACK_TAG, 2].into(),
         },
         WriteOp::Delete {
             table: MLS_TABLE,
