@@ -14,12 +14,16 @@
 //! - [`gateway`]: the gateway state machine, a router over its sub-machines (sessions,
 //!   delivery and the sequencer, the registry, MLS groups, the KeyPackage directory).
 //! - [`node`]: the device state machine (outbox, cursors, gap detection, reconnect with backoff).
+//! - [`files`]: files as a manifest plus sealed, content-defined chunks (chunking, chunk keys,
+//!   sealing and the manifest codec).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub(crate) mod codec;
 pub mod effects;
 pub mod env;
+pub mod files;
 pub mod gateway;
 pub mod hex;
 pub mod identity;

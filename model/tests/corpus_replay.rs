@@ -1,6 +1,7 @@
 //! Replays the committed fuzz corpora of the wire targets (`corpus/frame_decode`,
 //! `corpus/payload_decode`, `corpus/stream_decode`) and the trust targets
-//! (`corpus/certificate_decode`, `corpus/crl_decode`) with the same checks the fuzz targets run:
+//! (`corpus/certificate_decode`, `corpus/crl_decode`) and the file manifest
+//! (`corpus/manifest_decode`) with the same checks the fuzz targets run:
 //! no panic, every frame or payload that decodes survives encode → decode unchanged, and every
 //! certificate or CRL that decodes re-encodes to exactly its input.
 //!
@@ -15,6 +16,11 @@ include!(concat!(
 include!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../fuzz/checks/trust.rs"
+));
+
+include!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../fuzz/checks/files.rs"
 ));
 
 include!(concat!(
@@ -50,4 +56,9 @@ fn crl_decode_corpus() {
 #[test]
 fn pairing_code_parse_corpus() {
     replay("pairing_code_parse", check_pairing_code_parse);
+}
+
+#[test]
+fn manifest_decode_corpus() {
+    replay("manifest_decode", check_manifest_decode);
 }

@@ -21,6 +21,10 @@
 //!   (truncated, wrong magic or format, unsorted or repeated entries, counts beyond the limit or
 //!   not matching the length).
 //!
+//! - `corpus/manifest_decode/`: file manifests (empty, one and three chunks, the longest and a
+//!   non-ASCII name) and malformed ones (truncated, wrong magic or format, unsafe names, a
+//!   lying size, a count beyond the limit, trailing bytes).
+//!
 //! Seeds are named `seed-*`; `cargo fuzz cmin` later renames what it keeps to content hashes.
 
 use std::collections::BTreeSet;
@@ -343,6 +347,51 @@ fn write(dir: &Option<PathBuf>, name: &str, bytes: &[u8]) {
     if let Some(dir) = dir {
         fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
     }
+}
+
+/// File manifests: an empty file, one chunk, a few chunks, the longest name, and malformed
+/// ones (truncated, wrong magic or format, unsafe names, lying sizes, counts that do not match).
+fn manifest_seeds(dir: &Option<PathBuf>) {
+    use sund_model::files::{seal_file, FileName, FileSecret};
+    let secret = FileSecret::from_bytes([9; 32]);
+    let sealed = |name: &str, data: &[u8]| {
+        let (manifest, _) = seal_file(FileName::new(name).expect("seed name"), secret.clone(), data)
+            .expect("seed file");
+        manifest.encode()
+    };
+    let pattern = |len: usize| (0..len).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>();
+    let one = sealed("notes.txt", b"hello");
+    write(dir, "manifest-empty", &sealed("empty", &[]));
+    write(dir, "manifest-one-chunk", &one);
+    write(dir, "manifest-three-chunks", &sealed("video.mp4", &pattern(3 << 20)));
+    write(dir, "manifest-longest-name", &sealed(&"n".repeat(255), b"x"));
+    write(dir, "manifest-unicode-name", &sealed("f\u{e9}vrier \u{1f4c4}.pdf", b"pdf"));
+    write(dir, "manifest-truncated", &one[..one.len() - 3]);
+    let mut wrong = one.clone();
+    wrong[0] = b'X';
+    write(dir, "manifest-wrong-magic", &wrong);
+    let mut wrong = one.clone();
+    wrong[3] = 2;
+    write(dir, "manifest-wrong-format", &wrong);
+    let name_at = 3 + 1 + 8 + 32 + 32 + 1;
+    for (label, byte) in [("slash", b'/'), ("backslash", b'\\'), ("nul", 0u8), ("dot", b'.')] {
+        let mut unsafe_name = sealed("ab", b"y");
+        unsafe_name[name_at] = byte;
+        if label == "dot" {
+            unsafe_name[name_at + 1] = b'.';
+        }
+        write(dir, &format!("manifest-name-{label}"), &unsafe_name);
+    }
+    let mut lying = one.clone();
+    lying[4 + 7] ^= 1;
+    write(dir, "manifest-lying-size", &lying);
+    let mut count = one.clone();
+    let at = count.len() - 36 - 4;
+    count[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    write(dir, "manifest-count-too-large", &count);
+    let mut extra = one.clone();
+    extra.push(0);
+    write(dir, "manifest-trailing-byte", &extra);
 }
 
 /// The root key every seed certificate and CRL is signed with.
@@ -836,6 +885,9 @@ fn main() {
     // ---- certificate_decode, crl_decode
     certificate_seeds(&dir("certificate_decode"));
     crl_seeds(&dir("crl_decode"));
+
+    // ---- manifest_decode
+    manifest_seeds(&dir("manifest_decode"));
 
     dir("gateway_inputs");
     eprintln!("seeds written under {}", corpus.display());

@@ -20,7 +20,9 @@
 //! - [`registry`]: the registration authority (register, vouch, renew, revoke, CRL) and the
 //!   binding of devices to users;
 //! - [`groups`]: MLS conversations (commit admission, roles, the external sender, removals);
-//! - [`key_packages`]: the KeyPackage directory.
+//! - [`key_packages`]: the KeyPackage directory;
+//! - [`files`]: the chunk index of file transfers (quota, references, uploads, damage at rest;
+//!   not routed yet).
 //!
 //! This module only routes: it decodes a frame, asks the sub-machines, and carries effects that
 //! span several of them (a commit that changes membership, a revocation). Every handler writes
@@ -30,6 +32,7 @@
 mod admin;
 mod config;
 pub mod delivery;
+pub mod files;
 pub mod groups;
 pub mod key_packages;
 mod refusal;

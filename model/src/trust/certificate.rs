@@ -16,8 +16,9 @@ use crate::identity::{DeviceKey, DevicePublicKey};
 use crate::ids::{DeviceId, UserId};
 use crate::time::Instant;
 
-use super::codec::{get_domain, put_domain, Reader};
+use super::codec::{get_domain, put_domain};
 use super::{valid_domain, TrustRoot};
+use crate::codec::Reader;
 
 const MAGIC: &[u8; 3] = b"SDC";
 const FORMAT: u8 = 1;

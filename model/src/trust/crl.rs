@@ -18,8 +18,9 @@ use crate::identity::DeviceKey;
 use crate::ids::DeviceId;
 
 use super::certificate::CertificateError;
-use super::codec::{get_domain, put_domain, Reader};
+use super::codec::{get_domain, put_domain};
 use super::{valid_domain, TrustRoot};
+use crate::codec::Reader;
 
 const MAGIC: &[u8; 3] = b"SDR";
 const FORMAT: u8 = 1;

@@ -1,0 +1,672 @@
+//! The gateway's chunk index: which sealed file chunks each conversation holds, who pays for
+//! them, which uploads still need them, and when they go.
+//!
+//! Control plane only. The sealed bytes live in [`BLOBS_TABLE`] and never stay in memory: a
+//! chunk's bytes pass through [`ChunkIndex::store_chunk`] once (as shared [`Bytes`], written in
+//! the same batch as the index record that names them), and a fetch gets the blob's key and
+//! the digest to check it against ([`ChunkIndex::admit_fetch`], [`verify_blob`]).
+//!
+//! Rules:
+//! - Chunks belong to a conversation: a chunk stored in one is invisible from every other
+//!   (the router checks membership before asking), and the same id in two conversations would
+//!   be two chunks (it cannot happen: ids are keyed by a per-conversation secret).
+//! - An upload lists its chunks first ([`ChunkIndex::open_upload`]). Chunks the conversation
+//!   already holds are referenced, not uploaded again; the others are charged to the uploader's
+//!   quota at once (reserved, so two concurrent uploads cannot both fit in the last gigabyte)
+//!   and awaited. Opening the same upload again answers what is still missing: that is how an
+//!   interrupted upload resumes.
+//! - A chunk's bytes are accepted only while an open upload of that conversation awaits them,
+//!   at exactly the length it declared; their BLAKE3 digest is recorded, and checked on every
+//!   read, so damage at rest is caught here and the chunk is awaited again
+//!   ([`ChunkIndex::damaged`]).
+//! - An upload lives until every device that was a member when it opened has fetched all of
+//!   it ([`ChunkIndex::fetched_all`]), or its retention passes. A chunk goes (record, blob and
+//!   quota charge) when no upload references it.
+//!
+//! Not routed yet: the wire opcodes and the drivers' chunk streams come in the next step of
+//! issue 16 (see ARCHITECTURE.md, "Files").
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::codec::Reader;
+use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
+use crate::files::{sealed_len, ChunkId, CHUNKS_MAX, CHUNK_BYTES_MAX};
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::time::Instant;
+
+/// Index records: key `conversation(16) ++ chunk id(32)`, value a [`ChunkRecord`].
+pub const CHUNKS_TABLE: Table = Table("file_chunks");
+/// Sealed chunk bytes: the same key as [`CHUNKS_TABLE`], value the ciphertext.
+pub const BLOBS_TABLE: Table = Table("file_blobs");
+/// Open uploads: key `conversation(16) ++ upload id(16)`, value an [`Upload`].
+pub const UPLOADS_TABLE: Table = Table("file_uploads");
+
+/// Limits of the chunk index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkLimits {
+    /// Sealed bytes one user's uploads may hold at once (stored or awaited).
+    pub quota_bytes_per_user: u64,
+    /// How long an upload is kept for devices that have not fetched it.
+    pub retention: Duration,
+    /// Open uploads one user may have at once.
+    pub uploads_per_user_max: usize,
+}
+
+impl Default for ChunkLimits {
+    fn default() -> Self {
+        ChunkLimits {
+            quota_bytes_per_user: 10 << 30,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            uploads_per_user_max: 64,
+        }
+    }
+}
+
+/// An upload's id, chosen by the uploading device (random), so that it can open the same
+/// upload again after a crash or a lost answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UploadId(pub [u8; 16]);
+
+/// One chunk as an upload lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListedChunk {
+    /// Its id.
+    pub id: ChunkId,
+    /// Its sealed length.
+    pub sealed_len: u32,
+}
+
+/// An upload as its device opens it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadRequest<'a> {
+    /// The conversation it goes to (the router checked the uploader is a member).
+    pub conversation: ConversationId,
+    /// Its id.
+    pub upload: UploadId,
+    /// The uploading user, charged for what is new.
+    pub owner: UserId,
+    /// Its distinct chunks.
+    pub chunks: &'a [ListedChunk],
+    /// The conversation's member devices now: the upload lives until each has fetched it.
+    pub members: BTreeSet<DeviceId>,
+}
+
+/// What the index knows of one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkRecord {
+    /// Sealed length in bytes.
+    pub sealed_len: u32,
+    /// Whose quota it is charged to (the uploader that first listed it).
+    pub owner: UserId,
+    /// BLAKE3 of the stored bytes; `None` while awaited (never stored, or found damaged).
+    pub digest: Option<[u8; 32]>,
+    /// Open uploads that reference it.
+    pub refs: u32,
+}
+
+/// An open upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    /// The uploading user.
+    pub owner: UserId,
+    /// Its distinct chunks, in the order listed.
+    pub chunks: Vec<ChunkId>,
+    /// Member devices that have not fetched all of it yet.
+    pub pending: BTreeSet<DeviceId>,
+    /// When it goes whatever is still pending.
+    pub expires: Instant,
+}
+
+/// Why the index refused a request; each says what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkRefusal {
+    /// The upload would take its owner past the quota.
+    #[error("this upload needs {needed} more bytes; {used} of your {quota} bytes are in use: wait until members have fetched earlier files, or delete some")]
+    QuotaExceeded {
+        /// Bytes the upload would add.
+        needed: u64,
+        /// Bytes already charged.
+        used: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// Too many uploads open at once.
+    #[error("you have {max} uploads open; wait until one completes")]
+    TooManyUploads {
+        /// The limit.
+        max: usize,
+    },
+    /// An upload listed nothing, too many chunks, the same chunk twice, or an impossible length.
+    #[error("the upload's chunk list is invalid: {0}")]
+    BadList(&'static str),
+    /// The upload id is already open with another list or owner.
+    #[error("upload id already in use for another file: choose a new one")]
+    UploadIdReused,
+    /// No such open upload in this conversation.
+    #[error("no such upload in this conversation (it completed or expired): open it again")]
+    NoSuchUpload,
+    /// The chunk is not one this upload awaits (not listed, or already stored).
+    #[error("chunk {0} is not awaited by this upload")]
+    NotAwaited(ChunkId),
+    /// The bytes are not as long as the list declared.
+    #[error("chunk {id} is {got} bytes, the upload declared {declared}")]
+    WrongLength {
+        /// The chunk.
+        id: ChunkId,
+        /// Declared length.
+        declared: u32,
+        /// Length received.
+        got: usize,
+    },
+    /// The conversation does not hold the chunk (never uploaded, gone, or awaited again).
+    #[error("chunk {0} is not available in this conversation; ask the sender to upload it again")]
+    Unavailable(ChunkId),
+}
+
+/// What a fetch of one chunk reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchPlan {
+    /// The blob's key in [`BLOBS_TABLE`].
+    pub key: [u8; 48],
+    /// Its sealed length.
+    pub sealed_len: u32,
+    /// The digest its bytes must have ([`verify_blob`]).
+    pub digest: [u8; 32],
+}
+
+/// True if `bytes` read from the blob table are what was stored.
+pub fn verify_blob(plan: &FetchPlan, bytes: &[u8]) -> bool {
+    bytes.len() == plan.sealed_len as usize && *blake3::hash(bytes).as_bytes() == plan.digest
+}
+
+/// The largest sealed chunk: the largest chunk, padded and tagged.
+fn sealed_len_max() -> u32 {
+    u32::try_from(sealed_len(CHUNK_BYTES_MAX)).expect("a few MiB")
+}
+
+fn chunk_key(conversation: ConversationId, id: &ChunkId) -> [u8; 48] {
+    let mut key = [0u8; 48];
+    key[..16].copy_from_slice(&conversation.to_bytes());
+    key[16..].copy_from_slice(&id.0);
+    key
+}
+
+fn upload_key(conversation: ConversationId, upload: UploadId) -> Vec<u8> {
+    let mut key = conversation.to_bytes().to_vec();
+    key.extend_from_slice(&upload.0);
+    key
+}
+
+/// The chunk index of one gateway.
+#[derive(Clone, Debug, Default)]
+pub struct ChunkIndex {
+    limits: ChunkLimits,
+    chunks: BTreeMap<(ConversationId, ChunkId), ChunkRecord>,
+    uploads: BTreeMap<(ConversationId, UploadId), Upload>,
+    /// Bytes charged to each user (stored and awaited chunks it owns).
+    usage: BTreeMap<UserId, u64>,
+    /// Open uploads by expiry, for housekeeping that looks only at what is due.
+    expiries: BTreeSet<(Instant, ConversationId, UploadId)>,
+}
+
+impl ChunkIndex {
+    /// An empty index.
+    pub fn new(limits: ChunkLimits) -> ChunkIndex {
+        ChunkIndex {
+            limits,
+            ..ChunkIndex::default()
+        }
+    }
+
+    /// The index as the store holds it.
+    pub fn recover(limits: ChunkLimits, store: &dyn StoreRead) -> Result<ChunkIndex, StoreError> {
+        let mut index = ChunkIndex::new(limits);
+        scan_all(store, CHUNKS_TABLE, |key, value| {
+            let (conversation, id) = decode_chunk_key(key)?;
+            let record = decode_chunk(value)?;
+            *index.usage.entry(record.owner).or_default() += u64::from(record.sealed_len);
+            index.chunks.insert((conversation, id), record);
+            Ok(())
+        })?;
+        scan_all(store, UPLOADS_TABLE, |key, value| {
+            let corrupt = |reason: &str| StoreError::Corrupt {
+                table: UPLOADS_TABLE.0,
+                reason: reason.to_string(),
+            };
+            if key.len() != 32 {
+                return Err(corrupt("key is not conversation ++ upload id"));
+            }
+            let conversation = ConversationId::from_bytes(key[..16].try_into().expect("16"));
+            let id = UploadId(key[16..].try_into().expect("16"));
+            let upload = decode_upload(value).ok_or_else(|| corrupt("malformed upload"))?;
+            index.expiries.insert((upload.expires, conversation, id));
+            index.uploads.insert((conversation, id), upload);
+            Ok(())
+        })?;
+        index.check_references();
+        Ok(index)
+    }
+
+    /// Opens (or reopens) an upload. Answers the chunks still awaited, in the order listed.
+    pub fn open_upload(
+        &mut self,
+        now: Instant,
+        request: UploadRequest<'_>,
+        writes: &mut WriteBatch,
+    ) -> Result<Vec<ChunkId>, ChunkRefusal> {
+        let UploadRequest {
+            conversation,
+            upload,
+            owner,
+            chunks,
+            members,
+        } = request;
+        if chunks.is_empty() || chunks.len() > CHUNKS_MAX {
+            return Err(ChunkRefusal::BadList("it lists no chunks, or too many"));
+        }
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        if let Some(open) = self.uploads.get(&(conversation, upload)) {
+            if open.owner != owner || open.chunks != ids {
+                return Err(ChunkRefusal::UploadIdReused);
+            }
+            return Ok(self.awaited(conversation, &ids));
+        }
+        if ids.iter().collect::<BTreeSet<_>>().len() != ids.len() {
+            return Err(ChunkRefusal::BadList("a chunk is listed twice"));
+        }
+        if chunks
+            .iter()
+            .any(|c| c.sealed_len == 0 || c.sealed_len > sealed_len_max())
+        {
+            return Err(ChunkRefusal::BadList(
+                "a chunk's sealed length is impossible",
+            ));
+        }
+        if chunks.iter().any(|c| {
+            self.chunks
+                .get(&(conversation, c.id))
+                .is_some_and(|r| r.sealed_len != c.sealed_len)
+        }) {
+            return Err(ChunkRefusal::BadList(
+                "a chunk's length differs from the one its id was listed with",
+            ));
+        }
+        let open = self.uploads.values().filter(|u| u.owner == owner).count();
+        if open >= self.limits.uploads_per_user_max {
+            return Err(ChunkRefusal::TooManyUploads {
+                max: self.limits.uploads_per_user_max,
+            });
+        }
+        let needed: u64 = chunks
+            .iter()
+            .filter(|c| !self.chunks.contains_key(&(conversation, c.id)))
+            .map(|c| u64::from(c.sealed_len))
+            .sum();
+        let used = self.usage(owner);
+        if used + needed > self.limits.quota_bytes_per_user {
+            return Err(ChunkRefusal::QuotaExceeded {
+                needed,
+                used,
+                quota: self.limits.quota_bytes_per_user,
+            });
+        }
+        for listed in chunks {
+            let record = self
+                .chunks
+                .entry((conversation, listed.id))
+                .or_insert(ChunkRecord {
+                    sealed_len: listed.sealed_len,
+                    owner,
+                    digest: None,
+                    refs: 0,
+                });
+            record.refs += 1;
+            writes.put(
+                CHUNKS_TABLE,
+                chunk_key(conversation, &listed.id).to_vec(),
+                encode_chunk(record),
+            );
+        }
+        *self.usage.entry(owner).or_default() += needed;
+        let expires = now + self.limits.retention;
+        let record = Upload {
+            owner,
+            chunks: ids.clone(),
+            pending: members,
+            expires,
+        };
+        writes.put(
+            UPLOADS_TABLE,
+            upload_key(conversation, upload),
+            encode_upload(&record),
+        );
+        self.uploads.insert((conversation, upload), record);
+        self.expiries.insert((expires, conversation, upload));
+        Ok(self.awaited(conversation, &ids))
+    }
+
+    /// The chunks of `ids` that `conversation` does not hold yet.
+    pub fn awaited(&self, conversation: ConversationId, ids: &[ChunkId]) -> Vec<ChunkId> {
+        ids.iter()
+            .filter(|id| {
+                self.chunks
+                    .get(&(conversation, **id))
+                    .is_none_or(|r| r.digest.is_none())
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Takes the bytes of an awaited chunk of `upload`: the blob and its record go into
+    /// `writes` together, so a crash keeps both or neither.
+    pub fn store_chunk(
+        &mut self,
+        conversation: ConversationId,
+        upload: UploadId,
+        id: ChunkId,
+        bytes: Bytes,
+        writes: &mut WriteBatch,
+    ) -> Result<(), ChunkRefusal> {
+        let listed = self
+            .uploads
+            .get(&(conversation, upload))
+            .ok_or(ChunkRefusal::NoSuchUpload)?
+            .chunks
+            .contains(&id);
+        let record = self
+            .chunks
+            .get_mut(&(conversation, id))
+            .filter(|r| listed && r.digest.is_none())
+            .ok_or(ChunkRefusal::NotAwaited(id))?;
+        if bytes.len() != record.sealed_len as usize {
+            return Err(ChunkRefusal::WrongLength {
+                id,
+                declared: record.sealed_len,
+                got: bytes.len(),
+            });
+        }
+        record.digest = Some(*blake3::hash(&bytes).as_bytes());
+        let key = chunk_key(conversation, &id).to_vec();
+        writes.put(CHUNKS_TABLE, key.clone(), encode_chunk(record));
+        writes.put(BLOBS_TABLE, key, bytes);
+        Ok(())
+    }
+
+    /// Where to read a chunk a member asked for, and what its bytes must hash to.
+    pub fn admit_fetch(
+        &self,
+        conversation: ConversationId,
+        id: ChunkId,
+    ) -> Result<FetchPlan, ChunkRefusal> {
+        let record = self
+            .chunks
+            .get(&(conversation, id))
+            .ok_or(ChunkRefusal::Unavailable(id))?;
+        let digest = record.digest.ok_or(ChunkRefusal::Unavailable(id))?;
+        Ok(FetchPlan {
+            key: chunk_key(conversation, &id),
+            sealed_len: record.sealed_len,
+            digest,
+        })
+    }
+
+    /// A read found the chunk's bytes damaged ([`verify_blob`] failed): it is awaited again
+    /// (the uploader's next open of an upload that lists it answers it as missing), and the
+    /// damaged bytes go.
+    pub fn damaged(&mut self, conversation: ConversationId, id: ChunkId, writes: &mut WriteBatch) {
+        if let Some(record) = self.chunks.get_mut(&(conversation, id)) {
+            record.digest = None;
+            let key = chunk_key(conversation, &id).to_vec();
+            writes.put(CHUNKS_TABLE, key.clone(), encode_chunk(record));
+            writes.delete(BLOBS_TABLE, key);
+        }
+    }
+
+    /// `device` has every chunk of `upload`. When no member is left pending, the upload ends.
+    pub fn fetched_all(
+        &mut self,
+        conversation: ConversationId,
+        upload: UploadId,
+        device: DeviceId,
+        writes: &mut WriteBatch,
+    ) {
+        self.forget_pending(conversation, upload, device, writes);
+    }
+
+    /// `device` left `conversation`: no upload waits for it any more.
+    pub fn member_removed(
+        &mut self,
+        conversation: ConversationId,
+        device: DeviceId,
+        writes: &mut WriteBatch,
+    ) {
+        let uploads: Vec<UploadId> = self
+            .uploads
+            .range((conversation, UploadId([0; 16]))..=(conversation, UploadId([0xff; 16])))
+            .filter(|(_, u)| u.pending.contains(&device))
+            .map(|(&(_, id), _)| id)
+            .collect();
+        for upload in uploads {
+            self.forget_pending(conversation, upload, device, writes);
+        }
+    }
+
+    fn forget_pending(
+        &mut self,
+        conversation: ConversationId,
+        upload: UploadId,
+        device: DeviceId,
+        writes: &mut WriteBatch,
+    ) {
+        let Some(open) = self.uploads.get_mut(&(conversation, upload)) else {
+            return;
+        };
+        if !open.pending.remove(&device) {
+            return;
+        }
+        if open.pending.is_empty() {
+            self.end_upload(conversation, upload, writes);
+        } else {
+            let record = encode_upload(open);
+            writes.put(UPLOADS_TABLE, upload_key(conversation, upload), record);
+        }
+    }
+
+    /// When the next upload expires, for the gateway's timer.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.expiries.first().map(|&(at, _, _)| at)
+    }
+
+    /// Ends every upload whose retention has passed; looks only at those due.
+    pub fn handle_timeout(&mut self, now: Instant, writes: &mut WriteBatch) -> usize {
+        let mut ended = 0;
+        while let Some(&(at, conversation, upload)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.end_upload(conversation, upload, writes);
+            ended += 1;
+        }
+        ended
+    }
+
+    fn end_upload(
+        &mut self,
+        conversation: ConversationId,
+        upload: UploadId,
+        writes: &mut WriteBatch,
+    ) {
+        let open = self
+            .uploads
+            .remove(&(conversation, upload))
+            .expect("only open uploads end");
+        assert!(self.expiries.remove(&(open.expires, conversation, upload)));
+        writes.delete(UPLOADS_TABLE, upload_key(conversation, upload));
+        for id in &open.chunks {
+            let record = self
+                .chunks
+                .get_mut(&(conversation, *id))
+                .expect("an open upload's chunks are indexed");
+            assert!(record.refs > 0, "a referenced chunk counts its references");
+            record.refs -= 1;
+            let key = chunk_key(conversation, id).to_vec();
+            if record.refs == 0 {
+                let record = self.chunks.remove(&(conversation, *id)).expect("present");
+                let usage = self.usage.get_mut(&record.owner).expect("charged");
+                *usage -= u64::from(record.sealed_len);
+                writes.delete(CHUNKS_TABLE, key.clone());
+                writes.delete(BLOBS_TABLE, key);
+            } else {
+                writes.put(CHUNKS_TABLE, key, encode_chunk(record));
+            }
+        }
+    }
+
+    /// Bytes charged to `user`.
+    pub fn usage(&self, user: UserId) -> u64 {
+        self.usage.get(&user).copied().unwrap_or(0)
+    }
+
+    /// The record of a chunk, if indexed.
+    pub fn chunk(&self, conversation: ConversationId, id: ChunkId) -> Option<&ChunkRecord> {
+        self.chunks.get(&(conversation, id))
+    }
+
+    /// An open upload.
+    pub fn upload(&self, conversation: ConversationId, upload: UploadId) -> Option<&Upload> {
+        self.uploads.get(&(conversation, upload))
+    }
+
+    /// Chunks indexed, in every conversation.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Every chunk's reference count is the number of open uploads listing it, and every
+    /// user's usage the sum of the chunks it owns. Runs after recovery, and in tests.
+    pub fn check_references(&self) {
+        let mut refs: BTreeMap<(ConversationId, ChunkId), u32> = BTreeMap::new();
+        for (&(conversation, _), upload) in &self.uploads {
+            for id in &upload.chunks {
+                *refs.entry((conversation, *id)).or_default() += 1;
+            }
+        }
+        let mut usage: BTreeMap<UserId, u64> = BTreeMap::new();
+        for (key, record) in &self.chunks {
+            assert_eq!(
+                refs.get(key).copied().unwrap_or(0),
+                record.refs,
+                "refs of {key:?}"
+            );
+            *usage.entry(record.owner).or_default() += u64::from(record.sealed_len);
+        }
+        for (user, used) in &self.usage {
+            assert_eq!(
+                usage.get(user).copied().unwrap_or(0),
+                *used,
+                "usage of {user:?}"
+            );
+        }
+        assert_eq!(self.expiries.len(), self.uploads.len());
+    }
+}
+
+fn encode_chunk(record: &ChunkRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 16 + 1 + 32 + 4);
+    out.extend_from_slice(&record.sealed_len.to_be_bytes());
+    out.extend_from_slice(&record.owner.to_bytes());
+    match record.digest {
+        Some(digest) => {
+            out.push(1);
+            out.extend_from_slice(&digest);
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&record.refs.to_be_bytes());
+    out
+}
+
+fn decode_chunk_key(key: &[u8]) -> Result<(ConversationId, ChunkId), StoreError> {
+    if key.len() != 48 {
+        return Err(StoreError::Corrupt {
+            table: CHUNKS_TABLE.0,
+            reason: "key is not conversation ++ chunk id".into(),
+        });
+    }
+    Ok((
+        ConversationId::from_bytes(key[..16].try_into().expect("16")),
+        ChunkId(key[16..].try_into().expect("32")),
+    ))
+}
+
+fn decode_chunk(value: &[u8]) -> Result<ChunkRecord, StoreError> {
+    let mut reader = Reader::new(value);
+    let decoded = (|| {
+        let sealed_len = reader.u32()?;
+        let owner = UserId::from_bytes(reader.array()?);
+        let digest = match reader.u8()? {
+            0 => None,
+            1 => Some(reader.array()?),
+            _ => return None,
+        };
+        let refs = reader.u32()?;
+        (reader.remaining() == 0).then_some(ChunkRecord {
+            sealed_len,
+            owner,
+            digest,
+            refs,
+        })
+    })();
+    decoded.ok_or_else(|| StoreError::Corrupt {
+        table: CHUNKS_TABLE.0,
+        reason: "malformed chunk record".into(),
+    })
+}
+
+fn encode_upload(upload: &Upload) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(16 + 8 + 8 + upload.chunks.len() * 32 + upload.pending.len() * 16);
+    out.extend_from_slice(&upload.owner.to_bytes());
+    out.extend_from_slice(&upload.expires.0.to_be_bytes());
+    out.extend_from_slice(&(upload.chunks.len() as u32).to_be_bytes());
+    for id in &upload.chunks {
+        out.extend_from_slice(&id.0);
+    }
+    out.extend_from_slice(&(upload.pending.len() as u32).to_be_bytes());
+    for device in &upload.pending {
+        out.extend_from_slice(&device.to_bytes());
+    }
+    out
+}
+
+fn decode_upload(value: &[u8]) -> Option<Upload> {
+    let mut reader = Reader::new(value);
+    let owner = UserId::from_bytes(reader.array()?);
+    let expires = Instant(reader.u64()?);
+    let count = reader.u32()? as usize;
+    if count > CHUNKS_MAX || reader.remaining() < count * 32 {
+        return None;
+    }
+    let chunks = (0..count)
+        .map(|_| reader.array().map(ChunkId))
+        .collect::<Option<Vec<_>>>()?;
+    let members = reader.u32()? as usize;
+    if reader.remaining() != members * 16 {
+        return None;
+    }
+    let pending = (0..members)
+        .map(|_| reader.array().map(DeviceId::from_bytes))
+        .collect::<Option<BTreeSet<_>>>()?;
+    Some(Upload {
+        owner,
+        chunks,
+        pending,
+        expires,
+    })
+}
+
+#[cfg(test)]
+mod tests;
