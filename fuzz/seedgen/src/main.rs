@@ -363,7 +363,7 @@ fn manifest_seeds(dir: &Option<PathBuf>) {
     let one = sealed("notes.txt", b"hello");
     write(dir, "manifest-empty", &sealed("empty", &[]));
     write(dir, "manifest-one-chunk", &one);
-    write(dir, "manifest-three-chunks", &sealed("video.mp4", &pattern(3 << 20)));
+    write(dir, "manifest-three-chunks", &sealed("video.mp4", &pattern(9 << 20)));
     write(dir, "manifest-longest-name", &sealed(&"n".repeat(255), b"x"));
     write(dir, "manifest-unicode-name", &sealed("f\u{e9}vrier \u{1f4c4}.pdf", b"pdf"));
     write(dir, "manifest-truncated", &one[..one.len() - 3]);
@@ -373,7 +373,7 @@ fn manifest_seeds(dir: &Option<PathBuf>) {
     let mut wrong = one.clone();
     wrong[3] = 2;
     write(dir, "manifest-wrong-format", &wrong);
-    let name_at = 3 + 1 + 8 + 32 + 32 + 1;
+    let name_at = 3 + 1 + 8 + 32 + 1;
     for (label, byte) in [("slash", b'/'), ("backslash", b'\\'), ("nul", 0u8), ("dot", b'.')] {
         let mut unsafe_name = sealed("ab", b"y");
         unsafe_name[name_at] = byte;

@@ -1,11 +1,11 @@
-//! The manifest: what a file is (name, size, whole-file hash), how to open it (the secret),
+//! The manifest: what a file is (name, size), how to open it (the secret),
 //! and its chunks in order. Members receive it inside the conversation's MLS messages.
 //!
 //! Encoding (big-endian, canonical: one encoding per manifest, so a receipt can sign its
 //! digest):
 //!
 //! ```text
-//! "SDF" | format 1 (u8) | size (u64) | content hash (32) | secret (32)
+//! "SDF" | format 1 (u8) | size (u64) | secret (32)
 //!       | name length (u8) | name (UTF-8) | count (u32) | chunks: hash (32) + length (u32) each
 //! ```
 
@@ -21,7 +21,7 @@ use super::{
 
 const MAGIC: &[u8; 3] = b"SDF";
 const FORMAT: u8 = 1;
-const HEAD_BYTES: usize = 3 + 1 + 8 + 32 + 32 + 1;
+const HEAD_BYTES: usize = 3 + 1 + 8 + 32 + 1;
 const ENTRY_BYTES: usize = 32 + 4;
 
 /// Longest encoded manifest: a name of the longest kind and [`CHUNKS_MAX`] chunks.
@@ -203,8 +203,6 @@ pub struct Manifest {
     pub name: FileName,
     /// Its length in bytes.
     pub size: u64,
-    /// BLAKE3 of the whole file, checked once every chunk is in.
-    pub content_hash: ContentHash,
     /// The secret its chunks are sealed under.
     pub secret: FileSecret,
     /// Its chunks in order.
@@ -220,7 +218,6 @@ impl Manifest {
         out.extend_from_slice(MAGIC);
         out.push(FORMAT);
         out.extend_from_slice(&self.size.to_be_bytes());
-        out.extend_from_slice(&self.content_hash.0);
         out.extend_from_slice(self.secret.as_bytes());
         out.push(u8::try_from(name.len()).expect("a FileName is at most 255 bytes"));
         out.extend_from_slice(name);
@@ -250,7 +247,6 @@ impl Manifest {
             return Err(ManifestError::Malformed("unknown format: upgrade Sund"));
         }
         let size = reader.u64().ok_or(truncated.clone())?;
-        let content_hash = ContentHash(reader.array().ok_or(truncated.clone())?);
         let secret = FileSecret::from_bytes(reader.array().ok_or(truncated.clone())?);
         let name_len = usize::from(reader.u8().ok_or(truncated.clone())?);
         let name = reader.take(name_len).ok_or(truncated.clone())?;
@@ -276,7 +272,6 @@ impl Manifest {
         let manifest = Manifest {
             name,
             size,
-            content_hash,
             secret,
             chunks,
         };
@@ -350,7 +345,6 @@ pub struct ManifestBuilder {
     name: FileName,
     secret: FileSecret,
     size: u64,
-    hasher: blake3::Hasher,
     chunks: Vec<ChunkEntry>,
 }
 
@@ -361,7 +355,6 @@ impl ManifestBuilder {
             name,
             secret,
             size: 0,
-            hasher: blake3::Hasher::new(),
             chunks: Vec::new(),
         }
     }
@@ -387,7 +380,6 @@ impl ManifestBuilder {
             });
         }
         let (entry, sealed) = seal_chunk(&self.secret, plain);
-        self.hasher.update(plain);
         self.size = size;
         self.chunks.push(entry);
         Ok(sealed)
@@ -398,7 +390,6 @@ impl ManifestBuilder {
         let manifest = Manifest {
             name: self.name,
             size: self.size,
-            content_hash: ContentHash(*self.hasher.finalize().as_bytes()),
             secret: self.secret,
             chunks: self.chunks,
         };

@@ -4,8 +4,8 @@
 //! file secret), so inserting a byte moves only the chunk around it, not every later block as
 //! fixed-size blocks would. Each chunk is sealed on its own (AES-256-GCM) under a key derived
 //! from the file secret and the chunk's plaintext BLAKE3 hash, and stored by the gateway under
-//! an id derived the same way. The manifest — name, size, whole-file hash, the secret and each
-//! chunk's plaintext hash and length — travels inside the conversation's MLS messages, so only
+//! an id derived the same way. The manifest — name, size, the secret and each chunk's plaintext
+//! hash and length — travels inside the conversation's MLS messages, so only
 //! members can read it.
 //!
 //! Why keys and ids come from the *content* under a *secret*:

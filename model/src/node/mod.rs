@@ -21,11 +21,13 @@
 //!
 //! The sub-machines: [`link`] (connection, handshake, heartbeats, backoff, resume token),
 //! [`outbox`], [`inbox`] (cursors, reorder buffer, replay requests), [`trust`] (registration,
-//! renewal, pairing, CRL) and [`mls`] (the device's MLS identity and groups, one optional value).
+//! renewal, pairing, CRL) and [`mls`] (the device's MLS identity and groups, one optional value);
+//! [`files`] (the chunk store, files being received, receipts) is not routed yet.
 //! Every handler writes into one effects sink ([`Effects`]).
 
 mod config;
 mod events;
+pub mod files;
 pub mod inbox;
 pub mod link;
 pub mod mls;

@@ -1,0 +1,547 @@
+//! A device's files: its content-addressed store of plaintext chunks, the files it is
+//! receiving with their per-chunk progress, and the receipts it signs when a file is complete.
+//!
+//! Rules:
+//! - Chunks are stored by the BLAKE3 of their plaintext, once, whatever file or conversation
+//!   brought them. Offering a manifest answers only the chunks this device does not hold, so a
+//!   file it already has, or an edited version of one, moves almost nothing.
+//! - Every chunk is verified before it is kept ([`crate::files::open_chunk`]: length, tag,
+//!   padding, hash). A chunk that fails is not kept and stays needed: the driver fetches it
+//!   again (and reports it, so the gateway can check its copy).
+//! - Progress is durable per chunk: the chunk and its index record go into one batch, so a
+//!   crash resumes at a chunk boundary, never inside one and never fetching a kept chunk again.
+//! - A file is complete when every chunk is held; the driver then assembles it
+//!   ([`assemble`], which checks every chunk read back against its hash, so a damaged store
+//!   never yields a wrong file) and the device signs a [`Receipt`] over the manifest digest for
+//!   the sender to show.
+//!
+//! The plaintext lives in [`CHUNK_BYTES_TABLE`]; in memory only an index of hashes and lengths,
+//! so a device's memory does not grow with what it holds. Not routed yet (issue 16, next step).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+
+use crate::codec::Reader;
+use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
+use crate::files::{open_chunk, ChunkError, ChunkId, ContentHash, Manifest, ManifestDigest};
+use crate::identity::{DeviceKey, DevicePublicKey};
+use crate::ids::{ConversationId, DeviceId};
+
+/// Which plaintext chunks the device holds: key the chunk's hash (32), value its length (u32).
+pub const CHUNK_INDEX_TABLE: Table = Table("file_chunk_index");
+/// The plaintext chunks: key the chunk's hash (32), value its bytes.
+pub const CHUNK_BYTES_TABLE: Table = Table("file_chunk_bytes");
+/// Files received or being received: key the manifest digest (32), value
+/// `conversation(16) | manifest`.
+pub const FILES_TABLE: Table = Table("files");
+
+const RECEIPT_CONTEXT: &[u8] = b"sund/file-receipt/v1";
+
+/// A file the device knows of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRecord {
+    /// The conversation it came in.
+    pub conversation: ConversationId,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+/// What to fetch for a file: its chunks this device lacks, each once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Needed {
+    /// The file.
+    pub digest: ManifestDigest,
+    /// `(chunk index in the manifest, gateway id)` of each chunk to fetch, the first index of
+    /// a chunk that occurs more than once.
+    pub chunks: Vec<(usize, ChunkId)>,
+    /// Plaintext bytes still to fetch.
+    pub bytes: u64,
+    /// Plaintext bytes already held (deduplicated).
+    pub held_bytes: u64,
+}
+
+/// What a verified chunk changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkProgress {
+    /// Kept; this many distinct chunks of the file are still needed.
+    Kept {
+        /// Chunks still needed.
+        remaining: usize,
+    },
+    /// Already held (a copy fetched twice, or another file brought it): nothing written.
+    AlreadyHeld,
+}
+
+/// Why an arriving chunk was not kept.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiveError {
+    /// No such file.
+    #[error("no file {0:?} is being received")]
+    UnknownFile(ManifestDigest),
+    /// The manifest has no chunk at that index.
+    #[error("the file has no chunk {index}")]
+    NoSuchChunk {
+        /// The index asked for.
+        index: usize,
+    },
+    /// The chunk failed verification; it stays needed.
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+}
+
+/// A device's signed statement that it holds a file, complete and verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The file.
+    pub digest: ManifestDigest,
+    /// The device that holds it.
+    pub device: DeviceId,
+    /// Its signature over [`RECEIPT_CONTEXT`] and the digest.
+    pub signature: [u8; 64],
+}
+
+impl Receipt {
+    /// `key`'s receipt for `digest`.
+    pub fn sign(key: &DeviceKey, digest: ManifestDigest) -> Receipt {
+        Receipt {
+            digest,
+            device: key.device_id(),
+            signature: key.sign(&receipt_message(&digest)),
+        }
+    }
+
+    /// True if `public` (the device's key, from its certificate) signed this receipt.
+    pub fn verify(&self, public: &DevicePublicKey) -> bool {
+        public.device_id() == self.device
+            && public.verify(&receipt_message(&self.digest), &self.signature)
+    }
+}
+
+fn receipt_message(digest: &ManifestDigest) -> Vec<u8> {
+    let mut message = RECEIPT_CONTEXT.to_vec();
+    message.extend_from_slice(&digest.0);
+    message
+}
+
+/// A device's files and its chunk store.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFiles {
+    /// Held chunks: hash → plaintext length.
+    held: BTreeMap<ContentHash, u32>,
+    /// Every file known, complete or not.
+    files: BTreeMap<ManifestDigest, FileRecord>,
+}
+
+impl DeviceFiles {
+    /// An empty store.
+    pub fn new() -> DeviceFiles {
+        DeviceFiles::default()
+    }
+
+    /// The store as the device's database holds it (reads the index and the manifests, not
+    /// the chunk bytes).
+    pub fn recover(store: &dyn StoreRead) -> Result<DeviceFiles, StoreError> {
+        let mut files = DeviceFiles::new();
+        scan_all(store, CHUNK_INDEX_TABLE, |key, value| {
+            let hash = key.try_into().ok().map(ContentHash);
+            let len = value.try_into().ok().map(u32::from_be_bytes);
+            let (Some(hash), Some(len)) = (hash, len) else {
+                return Err(StoreError::Corrupt {
+                    table: CHUNK_INDEX_TABLE.0,
+                    reason: "not a chunk hash and length".into(),
+                });
+            };
+            files.held.insert(hash, len);
+            Ok(())
+        })?;
+        scan_all(store, FILES_TABLE, |key, value| {
+            let corrupt = |reason: String| StoreError::Corrupt {
+                table: FILES_TABLE.0,
+                reason,
+            };
+            let digest = ManifestDigest(
+                key.try_into()
+                    .map_err(|_| corrupt("key is not a digest".into()))?,
+            );
+            let mut reader = Reader::new(value);
+            let conversation = reader
+                .array()
+                .map(ConversationId::from_bytes)
+                .ok_or_else(|| corrupt("truncated".into()))?;
+            let manifest = Manifest::decode(&value[16..]).map_err(|e| corrupt(e.to_string()))?;
+            if manifest.digest() != digest {
+                return Err(corrupt("the manifest does not match its key".into()));
+            }
+            files.files.insert(
+                digest,
+                FileRecord {
+                    conversation,
+                    manifest,
+                },
+            );
+            Ok(())
+        })?;
+        Ok(files)
+    }
+
+    /// A manifest arrived in `conversation`: remember the file and answer what to fetch.
+    /// Offering a known file again answers what it still needs (how a receiver resumes).
+    pub fn offer(
+        &mut self,
+        conversation: ConversationId,
+        manifest: Manifest,
+        writes: &mut WriteBatch,
+    ) -> Needed {
+        let digest = manifest.digest();
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.files.entry(digest) {
+            let mut value = conversation.to_bytes().to_vec();
+            value.extend_from_slice(&manifest.encode());
+            writes.put(FILES_TABLE, digest.0.to_vec(), value);
+            slot.insert(FileRecord {
+                conversation,
+                manifest,
+            });
+        }
+        self.needed(digest).expect("just recorded")
+    }
+
+    /// What `digest` still needs, or `None` for an unknown file.
+    pub fn needed(&self, digest: ManifestDigest) -> Option<Needed> {
+        let manifest = &self.files.get(&digest)?.manifest;
+        let mut seen = BTreeSet::new();
+        let mut needed = Needed {
+            digest,
+            chunks: Vec::new(),
+            bytes: 0,
+            held_bytes: 0,
+        };
+        for (index, chunk) in manifest.chunks.iter().enumerate() {
+            if self.held.contains_key(&chunk.hash) {
+                needed.held_bytes += u64::from(chunk.len);
+            } else if seen.insert(chunk.hash) {
+                needed.chunks.push((index, manifest.chunk_id(index)));
+                needed.bytes += u64::from(chunk.len);
+            }
+        }
+        Some(needed)
+    }
+
+    /// Chunk `index` of file `digest` arrived sealed: verify it and keep its plaintext,
+    /// durably in `writes` with its index record.
+    pub fn chunk_arrived(
+        &mut self,
+        digest: ManifestDigest,
+        index: usize,
+        ciphertext: Vec<u8>,
+        writes: &mut WriteBatch,
+    ) -> Result<ChunkProgress, ReceiveError> {
+        let manifest = &self
+            .files
+            .get(&digest)
+            .ok_or(ReceiveError::UnknownFile(digest))?
+            .manifest;
+        let entry = *manifest
+            .chunks
+            .get(index)
+            .ok_or(ReceiveError::NoSuchChunk { index })?;
+        if self.held.contains_key(&entry.hash) {
+            return Ok(ChunkProgress::AlreadyHeld);
+        }
+        let plain = open_chunk(&manifest.secret, &entry, ciphertext)?;
+        debug_assert_eq!(plain.len(), entry.len as usize);
+        writes.put(CHUNK_BYTES_TABLE, entry.hash.0.to_vec(), Bytes::from(plain));
+        writes.put(
+            CHUNK_INDEX_TABLE,
+            entry.hash.0.to_vec(),
+            entry.len.to_be_bytes().to_vec(),
+        );
+        self.held.insert(entry.hash, entry.len);
+        let remaining = self.needed(digest).expect("known").chunks.len();
+        Ok(ChunkProgress::Kept { remaining })
+    }
+
+    /// True when every chunk of `digest` is held.
+    pub fn is_complete(&self, digest: ManifestDigest) -> bool {
+        self.needed(digest).is_some_and(|n| n.chunks.is_empty())
+    }
+
+    /// A file known to this device.
+    pub fn file(&self, digest: ManifestDigest) -> Option<&FileRecord> {
+        self.files.get(&digest)
+    }
+
+    /// Every file known, by digest.
+    pub fn files(&self) -> impl Iterator<Item = (&ManifestDigest, &FileRecord)> {
+        self.files.iter()
+    }
+
+    /// Distinct chunks held, and their plaintext bytes.
+    pub fn held(&self) -> (usize, u64) {
+        (
+            self.held.len(),
+            self.held.values().map(|&len| u64::from(len)).sum(),
+        )
+    }
+}
+
+/// Why a complete file could not be assembled; nothing should be saved.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AssemblyError {
+    /// A chunk the index says is held is not in the store (or has another length).
+    #[error("chunk {index} of the file is missing from this device's store: fetch the file again")]
+    MissingChunk {
+        /// Its index.
+        index: usize,
+    },
+    /// A chunk read back from the store does not hash to what the manifest names.
+    #[error("chunk {index} of the file is damaged in this device's store: fetch the file again")]
+    Damaged {
+        /// Its index.
+        index: usize,
+    },
+}
+
+/// Writes file `manifest` to `sink` chunk by chunk, reading each chunk with `chunk` (from the
+/// device's store) and checking it against its hash. The caller writes to a temporary file
+/// and renames it only on `Ok`, so no half-written or wrong file is left.
+pub fn assemble(
+    manifest: &Manifest,
+    mut chunk: impl FnMut(&ContentHash) -> Option<Vec<u8>>,
+    mut sink: impl FnMut(&[u8]),
+) -> Result<(), AssemblyError> {
+    for (index, entry) in manifest.chunks.iter().enumerate() {
+        let bytes = chunk(&entry.hash)
+            .filter(|b| b.len() == entry.len as usize)
+            .ok_or(AssemblyError::MissingChunk { index })?;
+        if ContentHash::of(&bytes) != entry.hash {
+            return Err(AssemblyError::Damaged { index });
+        }
+        sink(&bytes);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{MemStore, Store};
+    use crate::files::{seal_file, FileName, FileSecret, SealedChunk};
+
+    const CONV: ConversationId = ConversationId(3);
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn sealed(data: &[u8], secret: u8) -> (Manifest, Vec<SealedChunk>) {
+        seal_file(
+            FileName::new("f.bin").unwrap(),
+            FileSecret::from_bytes([secret; 32]),
+            data,
+        )
+        .unwrap()
+    }
+
+    fn commit(store: &mut MemStore, f: impl FnOnce(&mut WriteBatch)) {
+        let mut writes = WriteBatch::default();
+        f(&mut writes);
+        store.commit(writes).unwrap();
+    }
+
+    fn assembled(
+        files: &DeviceFiles,
+        store: &MemStore,
+        manifest: &Manifest,
+    ) -> Result<Vec<u8>, AssemblyError> {
+        let mut out = Vec::new();
+        assemble(
+            manifest,
+            |hash| store.get(CHUNK_BYTES_TABLE, &hash.0).unwrap(),
+            |bytes| out.extend_from_slice(bytes),
+        )?;
+        assert!(files.is_complete(manifest.digest()));
+        Ok(out)
+    }
+
+    #[test]
+    fn a_receive_interrupted_by_a_crash_resumes_at_a_chunk_boundary() {
+        let data = noise(5 << 20, 1);
+        let (manifest, chunks) = sealed(&data, 1);
+        assert!(chunks.len() >= 3);
+        let mut store = MemStore::default();
+        let mut files = DeviceFiles::new();
+        let digest = manifest.digest();
+        let mut needed = None;
+        commit(&mut store, |w| {
+            needed = Some(files.offer(CONV, manifest.clone(), w))
+        });
+        assert_eq!(needed.unwrap().chunks.len(), chunks.len());
+        commit(&mut store, |w| {
+            files
+                .chunk_arrived(digest, 0, chunks[0].ciphertext.clone(), w)
+                .unwrap();
+        });
+        // The device crashes; it recovers what was committed.
+        let mut files = DeviceFiles::recover(&store).unwrap();
+        let needed = files.needed(digest).unwrap();
+        assert_eq!(
+            needed.chunks.len(),
+            chunks.len() - 1,
+            "chunk 0 is not fetched again"
+        );
+        assert_eq!(needed.held_bytes, u64::from(manifest.chunks[0].len));
+        for (index, _) in needed.chunks {
+            commit(&mut store, |w| {
+                files
+                    .chunk_arrived(digest, index, chunks[index].ciphertext.clone(), w)
+                    .unwrap();
+            });
+        }
+        assert_eq!(assembled(&files, &store, &manifest).unwrap(), data);
+    }
+
+    #[test]
+    fn a_file_already_held_or_an_edited_one_fetches_almost_nothing() {
+        let data = noise(6 << 20, 2);
+        let (first, chunks) = sealed(&data, 4);
+        let mut store = MemStore::default();
+        let mut files = DeviceFiles::new();
+        commit(&mut store, |w| {
+            files.offer(CONV, first.clone(), w);
+            for (i, chunk) in chunks.iter().enumerate() {
+                files
+                    .chunk_arrived(first.digest(), i, chunk.ciphertext.clone(), w)
+                    .unwrap();
+            }
+        });
+        // The same bytes under another name: nothing to fetch.
+        let mut renamed = first.clone();
+        renamed.name = FileName::new("copy.bin").unwrap();
+        let mut needed = None;
+        commit(&mut store, |w| {
+            needed = Some(files.offer(CONV, renamed.clone(), w))
+        });
+        assert_eq!(needed.unwrap().bytes, 0);
+        // An edit in the middle: only the chunk around it.
+        let mut edited = data.clone();
+        edited[3 << 20] ^= 0xff;
+        let (second, _) = sealed(&edited, 4);
+        let mut needed = None;
+        commit(&mut store, |w| needed = Some(files.offer(CONV, second, w)));
+        let needed = needed.unwrap();
+        assert_eq!(needed.chunks.len(), 1);
+        assert!(needed.bytes <= crate::files::CHUNK_BYTES_MAX as u64);
+        assert!(needed.held_bytes >= (6 << 20) - needed.bytes);
+    }
+
+    #[test]
+    fn a_bad_chunk_is_not_kept_and_stays_needed() {
+        let (manifest, chunks) = sealed(&noise(1_000, 3), 5);
+        let mut files = DeviceFiles::new();
+        let mut writes = WriteBatch::default();
+        files.offer(CONV, manifest.clone(), &mut writes);
+        let mut bad = chunks[0].ciphertext.clone();
+        bad[7] ^= 1;
+        let mut writes = WriteBatch::default();
+        let err = files
+            .chunk_arrived(manifest.digest(), 0, bad, &mut writes)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ReceiveError::Chunk(ChunkError::Tampered { .. })
+        ));
+        assert!(writes.is_empty(), "nothing of it is kept");
+        assert_eq!(files.needed(manifest.digest()).unwrap().chunks.len(), 1);
+        assert!(matches!(
+            files.chunk_arrived(
+                manifest.digest(),
+                9,
+                chunks[0].ciphertext.clone(),
+                &mut writes
+            ),
+            Err(ReceiveError::NoSuchChunk { index: 9 })
+        ));
+        assert_eq!(
+            files.chunk_arrived(
+                manifest.digest(),
+                0,
+                chunks[0].ciphertext.clone(),
+                &mut writes
+            ),
+            Ok(ChunkProgress::Kept { remaining: 0 })
+        );
+        assert_eq!(
+            files.chunk_arrived(
+                manifest.digest(),
+                0,
+                chunks[0].ciphertext.clone(),
+                &mut writes
+            ),
+            Ok(ChunkProgress::AlreadyHeld)
+        );
+    }
+
+    #[test]
+    fn assembly_refuses_a_missing_or_damaged_chunk() {
+        let data = noise(2_000, 6);
+        let (manifest, chunks) = sealed(&data, 7);
+        let mut store = MemStore::default();
+        let mut files = DeviceFiles::new();
+        commit(&mut store, |w| {
+            files.offer(CONV, manifest.clone(), w);
+        });
+        assert_eq!(
+            assemble(&manifest, |_| None, |_| {}),
+            Err(AssemblyError::MissingChunk { index: 0 })
+        );
+        commit(&mut store, |w| {
+            files
+                .chunk_arrived(manifest.digest(), 0, chunks[0].ciphertext.clone(), w)
+                .unwrap();
+        });
+        let damaged = |_: &ContentHash| {
+            let mut bytes = store
+                .get(CHUNK_BYTES_TABLE, &manifest.chunks[0].hash.0)
+                .unwrap()?;
+            bytes[100] ^= 1;
+            Some(bytes)
+        };
+        assert_eq!(
+            assemble(&manifest, damaged, |_| {}),
+            Err(AssemblyError::Damaged { index: 0 })
+        );
+        assert_eq!(assembled(&files, &store, &manifest).unwrap(), data);
+    }
+
+    #[test]
+    fn a_receipt_verifies_only_for_its_device_and_file() {
+        let key = DeviceKey::from_seed([1; 32]);
+        let other = DeviceKey::from_seed([2; 32]);
+        let digest = ManifestDigest([9; 32]);
+        let receipt = Receipt::sign(&key, digest);
+        assert!(receipt.verify(&key.public()));
+        assert!(!receipt.verify(&other.public()));
+        let mut forged = receipt.clone();
+        forged.digest = ManifestDigest([8; 32]);
+        assert!(!forged.verify(&key.public()));
+    }
+
+    #[test]
+    fn recovery_refuses_a_corrupt_index_with_the_table_named() {
+        let mut store = MemStore::default();
+        commit(&mut store, |w| {
+            w.put(CHUNK_INDEX_TABLE, vec![1; 32], vec![1, 2])
+        });
+        let err = DeviceFiles::recover(&store).unwrap_err();
+        assert!(err.to_string().contains("file_chunk_index"), "{err}");
+    }
+}
