@@ -58,9 +58,41 @@ pub enum FileNameError {
     /// Holds `/` or `\`: a path, which could write outside the directory it is saved to.
     #[error("the file name `{0}` holds a path separator: send the file itself, not a path")]
     Separator(String),
-    /// Holds a control character (NUL, newline, escape...).
-    #[error("the file name holds a control character (U+{0:04X}): rename the file")]
+    /// Holds a control character (NUL, newline, escape...) or an invisible formatting one
+    /// (a bidirectional override that makes `invoice\u{202E}fdp.exe` read as `invoiceexe.pdf`,
+    /// a zero-width space, a line separator).
+    #[error("the file name holds a control or invisible formatting character (U+{0:04X}): rename the file")]
     Control(u32),
+    /// A character or a form Windows refuses or reads as something else (`:` names an
+    /// alternate data stream, `CON` a device, a trailing dot or space is dropped).
+    #[error("`{0}` is not a file name every system accepts (no `:*?\"<>|`, no trailing dot or space, not a device name such as CON or LPT1): rename the file")]
+    NotPortable(String),
+}
+
+/// Invisible formatting characters (Unicode Cf, Zl and Zp) that can disguise a name.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
+}
+
+/// Names Windows reserves for devices, with or without an extension.
+fn is_device_name(name: &str) -> bool {
+    let stem = name.split('.').next().unwrap_or(name).to_ascii_uppercase();
+    matches!(stem.as_str(), "CON" | "PRN" | "AUX" | "NUL")
+        || ((stem.starts_with("COM") || stem.starts_with("LPT"))
+            && stem.len() == 4
+            && stem.as_bytes()[3].is_ascii_digit())
 }
 
 /// A file's name: one path component, safe to join to a directory on any platform Sund runs
@@ -86,8 +118,14 @@ impl FileName {
         if name.contains(['/', '\\']) {
             return Err(FileNameError::Separator(name.to_string()));
         }
-        if let Some(c) = name.chars().find(|c| c.is_control()) {
+        if let Some(c) = name.chars().find(|&c| c.is_control() || is_invisible(c)) {
             return Err(FileNameError::Control(u32::from(c)));
+        }
+        if name.contains([':', '*', '?', '"', '<', '>', '|'])
+            || name.ends_with(['.', ' '])
+            || is_device_name(name)
+        {
+            return Err(FileNameError::NotPortable(name.to_string()));
         }
         Ok(FileName(name.to_string()))
     }
@@ -150,6 +188,15 @@ pub enum ManifestError {
         len: u32,
         /// The limit.
         max: usize,
+    },
+    /// The same chunk hash listed with two lengths: one of them is a lie, and the file could
+    /// never be assembled.
+    #[error(
+        "chunk {index} repeats an earlier chunk's hash with another length: the manifest lies"
+    )]
+    InconsistentChunk {
+        /// The later index.
+        index: usize,
     },
     /// The chunks do not add up to the size the manifest states.
     #[error("the manifest says the file is {stated} bytes, its chunks add up to {sum}: it lies about the size")]
@@ -291,7 +338,11 @@ impl Manifest {
             return Err(ManifestError::TooManyChunks { max: CHUNKS_MAX });
         }
         let mut sum = 0u64;
+        let mut lengths = std::collections::BTreeMap::new();
         for (index, chunk) in self.chunks.iter().enumerate() {
+            if *lengths.entry(chunk.hash).or_insert(chunk.len) != chunk.len {
+                return Err(ManifestError::InconsistentChunk { index });
+            }
             if chunk.len == 0 || chunk.len as usize > CHUNK_BYTES_MAX {
                 return Err(ManifestError::ChunkLength {
                     index,

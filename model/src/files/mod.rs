@@ -13,10 +13,12 @@
 //!   sending a file (or an edited version of it) again uploads only the chunks the gateway does
 //!   not already hold;
 //! - a device keeps one secret per conversation it sends files into ([`FileSecret`]), so the
-//!   same file in two conversations gives unrelated ids, ciphertexts and chunk boundaries: the
-//!   gateway cannot tell that two conversations exchanged the same file, even from the lengths
-//!   of its chunks (each sealed chunk is padded with Padmé, which leaks at most O(log log n)
-//!   bits of its length);
+//!   same file in two conversations gives unrelated ids and ciphertexts, and different chunk
+//!   boundaries, so the gateway cannot match chunks or chunk lengths across conversations
+//!   (each sealed chunk is also padded with Padmé, which leaks at most O(log log n) bits of its
+//!   length). What still shows: an upload's total, within about 3 % of the file's size. And
+//!   the boundaries are keyed only by fastcdc's 64-bit seed XORed into its public gear table:
+//!   enough to make cuts differ, not a cryptographic keying;
 //! - a receiver keeps a store of plaintext chunks by hash and fetches only the chunks it lacks.
 //!
 //! Nothing here does I/O: the node streams a file through [`stream_chunker`] and
@@ -47,7 +49,8 @@ pub const CHUNK_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Most chunks one manifest names, so that a manifest fits in one frame (36 bytes each).
 pub const CHUNKS_MAX: usize = 16_384;
 /// Largest file Sund moves today: about 8,000 chunks at the average size, half of
-/// [`CHUNKS_MAX`], so that an unlucky chunking still fits in one manifest.
+/// [`CHUNKS_MAX`]. Content that cuts far below the average (at worst every chunk at
+/// [`CHUNK_BYTES_MIN`]: 32,768 chunks) is refused with `TooManyChunks`, not cut further.
 pub const FILE_BYTES_MAX: u64 = 8 << 30;
 /// Longest file name, in bytes of UTF-8.
 pub const FILE_NAME_BYTES_MAX: usize = 255;

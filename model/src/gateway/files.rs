@@ -7,9 +7,11 @@
 //! the digest to check it against ([`ChunkIndex::admit_fetch`], [`verify_blob`]).
 //!
 //! Rules:
-//! - Chunks belong to a conversation: a chunk stored in one is invisible from every other
-//!   (the router checks membership before asking), and the same id in two conversations would
-//!   be two chunks (it cannot happen: ids are keyed by a per-conversation secret).
+//! - Chunks belong to a conversation and to the user who uploaded them: a chunk stored in one
+//!   conversation is invisible from every other (the router checks membership before asking),
+//!   and no user can reference, pre-empt or overwrite another's chunks (every member knows the
+//!   sender's secret from its manifests, so ids are predictable; honest users never share ids,
+//!   since each device keys its own). The same id twice is two chunks.
 //! - An upload lists its chunks first ([`ChunkIndex::open_upload`]). Chunks the conversation
 //!   already holds are referenced, not uploaded again; the others are charged to the uploader's
 //!   quota at once (reserved, so two concurrent uploads cannot both fit in the last gigabyte)
@@ -37,7 +39,8 @@ use crate::files::{sealed_len, ChunkId, CHUNKS_MAX, CHUNK_BYTES_MAX};
 use crate::ids::{ConversationId, DeviceId, UserId};
 use crate::time::Instant;
 
-/// Index records: key `conversation(16) ++ chunk id(32)`, value a [`ChunkRecord`].
+/// Index records: key `conversation(16) ++ owner(16) ++ chunk id(32)`, value a
+/// [`ChunkRecord`].
 pub const CHUNKS_TABLE: Table = Table("file_chunks");
 /// Sealed chunk bytes: the same key as [`CHUNKS_TABLE`], value the ciphertext.
 pub const BLOBS_TABLE: Table = Table("file_blobs");
@@ -99,8 +102,6 @@ pub struct UploadRequest<'a> {
 pub struct ChunkRecord {
     /// Sealed length in bytes.
     pub sealed_len: u32,
-    /// Whose quota it is charged to (the uploader that first listed it).
-    pub owner: UserId,
     /// BLAKE3 of the stored bytes; `None` while awaited (never stored, or found damaged).
     pub digest: Option<[u8; 32]>,
     /// Open uploads that reference it.
@@ -170,7 +171,7 @@ pub enum ChunkRefusal {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FetchPlan {
     /// The blob's key in [`BLOBS_TABLE`].
-    pub key: [u8; 48],
+    pub key: [u8; 64],
     /// Its sealed length.
     pub sealed_len: u32,
     /// The digest its bytes must have ([`verify_blob`]).
@@ -187,10 +188,14 @@ fn sealed_len_max() -> u32 {
     u32::try_from(sealed_len(CHUNK_BYTES_MAX)).expect("a few MiB")
 }
 
-fn chunk_key(conversation: ConversationId, id: &ChunkId) -> [u8; 48] {
-    let mut key = [0u8; 48];
+/// Where a chunk is indexed: its conversation, its owner, its id.
+type ChunkAt = (ConversationId, UserId, ChunkId);
+
+fn chunk_key(&(conversation, owner, id): &ChunkAt) -> [u8; 64] {
+    let mut key = [0u8; 64];
     key[..16].copy_from_slice(&conversation.to_bytes());
-    key[16..].copy_from_slice(&id.0);
+    key[16..32].copy_from_slice(&owner.to_bytes());
+    key[32..].copy_from_slice(&id.0);
     key
 }
 
@@ -204,10 +209,12 @@ fn upload_key(conversation: ConversationId, upload: UploadId) -> Vec<u8> {
 #[derive(Clone, Debug, Default)]
 pub struct ChunkIndex {
     limits: ChunkLimits,
-    chunks: BTreeMap<(ConversationId, ChunkId), ChunkRecord>,
+    chunks: BTreeMap<ChunkAt, ChunkRecord>,
     uploads: BTreeMap<(ConversationId, UploadId), Upload>,
-    /// Bytes charged to each user (stored and awaited chunks it owns).
+    /// Bytes charged to each user (stored and awaited chunks it owns); no zero entries.
     usage: BTreeMap<UserId, u64>,
+    /// Open uploads of each user; no zero entries.
+    uploads_open: BTreeMap<UserId, usize>,
     /// Open uploads by expiry, for housekeeping that looks only at what is due.
     expiries: BTreeSet<(Instant, ConversationId, UploadId)>,
 }
@@ -225,10 +232,10 @@ impl ChunkIndex {
     pub fn recover(limits: ChunkLimits, store: &dyn StoreRead) -> Result<ChunkIndex, StoreError> {
         let mut index = ChunkIndex::new(limits);
         scan_all(store, CHUNKS_TABLE, |key, value| {
-            let (conversation, id) = decode_chunk_key(key)?;
+            let at = decode_chunk_key(key)?;
             let record = decode_chunk(value)?;
-            *index.usage.entry(record.owner).or_default() += u64::from(record.sealed_len);
-            index.chunks.insert((conversation, id), record);
+            *index.usage.entry(at.1).or_default() += u64::from(record.sealed_len);
+            index.chunks.insert(at, record);
             Ok(())
         })?;
         scan_all(store, UPLOADS_TABLE, |key, value| {
@@ -243,10 +250,14 @@ impl ChunkIndex {
             let id = UploadId(key[16..].try_into().expect("16"));
             let upload = decode_upload(value).ok_or_else(|| corrupt("malformed upload"))?;
             index.expiries.insert((upload.expires, conversation, id));
+            *index.uploads_open.entry(upload.owner).or_default() += 1;
             index.uploads.insert((conversation, id), upload);
             Ok(())
         })?;
-        index.check_references();
+        index.consistency().map_err(|reason| StoreError::Corrupt {
+            table: CHUNKS_TABLE.0,
+            reason,
+        })?;
         Ok(index)
     }
 
@@ -272,7 +283,12 @@ impl ChunkIndex {
             if open.owner != owner || open.chunks != ids {
                 return Err(ChunkRefusal::UploadIdReused);
             }
-            return Ok(self.awaited(conversation, &ids));
+            return Ok(self.awaited(conversation, owner, &ids));
+        }
+        if members.is_empty() {
+            return Err(ChunkRefusal::BadList(
+                "no member device is there to fetch it",
+            ));
         }
         if ids.iter().collect::<BTreeSet<_>>().len() != ids.len() {
             return Err(ChunkRefusal::BadList("a chunk is listed twice"));
@@ -287,14 +303,14 @@ impl ChunkIndex {
         }
         if chunks.iter().any(|c| {
             self.chunks
-                .get(&(conversation, c.id))
+                .get(&(conversation, owner, c.id))
                 .is_some_and(|r| r.sealed_len != c.sealed_len)
         }) {
             return Err(ChunkRefusal::BadList(
                 "a chunk's length differs from the one its id was listed with",
             ));
         }
-        let open = self.uploads.values().filter(|u| u.owner == owner).count();
+        let open = self.uploads_open.get(&owner).copied().unwrap_or(0);
         if open >= self.limits.uploads_per_user_max {
             return Err(ChunkRefusal::TooManyUploads {
                 max: self.limits.uploads_per_user_max,
@@ -302,7 +318,7 @@ impl ChunkIndex {
         }
         let needed: u64 = chunks
             .iter()
-            .filter(|c| !self.chunks.contains_key(&(conversation, c.id)))
+            .filter(|c| !self.chunks.contains_key(&(conversation, owner, c.id)))
             .map(|c| u64::from(c.sealed_len))
             .sum();
         let used = self.usage(owner);
@@ -314,23 +330,19 @@ impl ChunkIndex {
             });
         }
         for listed in chunks {
-            let record = self
-                .chunks
-                .entry((conversation, listed.id))
-                .or_insert(ChunkRecord {
-                    sealed_len: listed.sealed_len,
-                    owner,
-                    digest: None,
-                    refs: 0,
-                });
+            let at = (conversation, owner, listed.id);
+            let record = self.chunks.entry(at).or_insert(ChunkRecord {
+                sealed_len: listed.sealed_len,
+                digest: None,
+                refs: 0,
+            });
             record.refs += 1;
-            writes.put(
-                CHUNKS_TABLE,
-                chunk_key(conversation, &listed.id).to_vec(),
-                encode_chunk(record),
-            );
+            writes.put(CHUNKS_TABLE, chunk_key(&at).to_vec(), encode_chunk(record));
         }
-        *self.usage.entry(owner).or_default() += needed;
+        if needed > 0 {
+            *self.usage.entry(owner).or_default() += needed;
+        }
+        *self.uploads_open.entry(owner).or_default() += 1;
         let expires = now + self.limits.retention;
         let record = Upload {
             owner,
@@ -345,26 +357,32 @@ impl ChunkIndex {
         );
         self.uploads.insert((conversation, upload), record);
         self.expiries.insert((expires, conversation, upload));
-        Ok(self.awaited(conversation, &ids))
+        Ok(self.awaited(conversation, owner, &ids))
     }
 
-    /// The chunks of `ids` that `conversation` does not hold yet.
-    pub fn awaited(&self, conversation: ConversationId, ids: &[ChunkId]) -> Vec<ChunkId> {
+    /// The chunks of `ids` that `conversation` does not hold yet from `owner`.
+    pub fn awaited(
+        &self,
+        conversation: ConversationId,
+        owner: UserId,
+        ids: &[ChunkId],
+    ) -> Vec<ChunkId> {
         ids.iter()
             .filter(|id| {
                 self.chunks
-                    .get(&(conversation, **id))
+                    .get(&(conversation, owner, **id))
                     .is_none_or(|r| r.digest.is_none())
             })
             .copied()
             .collect()
     }
 
-    /// Takes the bytes of an awaited chunk of `upload`: the blob and its record go into
-    /// `writes` together, so a crash keeps both or neither.
+    /// Takes the bytes of an awaited chunk of `owner`'s `upload`: the blob and its record go
+    /// into `writes` together, so a crash keeps both or neither.
     pub fn store_chunk(
         &mut self,
         conversation: ConversationId,
+        owner: UserId,
         upload: UploadId,
         id: ChunkId,
         bytes: Bytes,
@@ -373,12 +391,14 @@ impl ChunkIndex {
         let listed = self
             .uploads
             .get(&(conversation, upload))
+            .filter(|u| u.owner == owner)
             .ok_or(ChunkRefusal::NoSuchUpload)?
             .chunks
             .contains(&id);
+        let at = (conversation, owner, id);
         let record = self
             .chunks
-            .get_mut(&(conversation, id))
+            .get_mut(&at)
             .filter(|r| listed && r.digest.is_none())
             .ok_or(ChunkRefusal::NotAwaited(id))?;
         if bytes.len() != record.sealed_len as usize {
@@ -389,25 +409,25 @@ impl ChunkIndex {
             });
         }
         record.digest = Some(*blake3::hash(&bytes).as_bytes());
-        let key = chunk_key(conversation, &id).to_vec();
+        let key = chunk_key(&at).to_vec();
         writes.put(CHUNKS_TABLE, key.clone(), encode_chunk(record));
         writes.put(BLOBS_TABLE, key, bytes);
         Ok(())
     }
 
-    /// Where to read a chunk a member asked for, and what its bytes must hash to.
+    /// Where to read a chunk of `owner`'s (the file's sender, named by its manifest's
+    /// message) that a member asked for, and what its bytes must hash to.
     pub fn admit_fetch(
         &self,
         conversation: ConversationId,
+        owner: UserId,
         id: ChunkId,
     ) -> Result<FetchPlan, ChunkRefusal> {
-        let record = self
-            .chunks
-            .get(&(conversation, id))
-            .ok_or(ChunkRefusal::Unavailable(id))?;
+        let at = (conversation, owner, id);
+        let record = self.chunks.get(&at).ok_or(ChunkRefusal::Unavailable(id))?;
         let digest = record.digest.ok_or(ChunkRefusal::Unavailable(id))?;
         Ok(FetchPlan {
-            key: chunk_key(conversation, &id),
+            key: chunk_key(&at),
             sealed_len: record.sealed_len,
             digest,
         })
@@ -416,10 +436,17 @@ impl ChunkIndex {
     /// A read found the chunk's bytes damaged ([`verify_blob`] failed): it is awaited again
     /// (the uploader's next open of an upload that lists it answers it as missing), and the
     /// damaged bytes go.
-    pub fn damaged(&mut self, conversation: ConversationId, id: ChunkId, writes: &mut WriteBatch) {
-        if let Some(record) = self.chunks.get_mut(&(conversation, id)) {
+    pub fn damaged(
+        &mut self,
+        conversation: ConversationId,
+        owner: UserId,
+        id: ChunkId,
+        writes: &mut WriteBatch,
+    ) {
+        let at = (conversation, owner, id);
+        if let Some(record) = self.chunks.get_mut(&at) {
             record.digest = None;
-            let key = chunk_key(conversation, &id).to_vec();
+            let key = chunk_key(&at).to_vec();
             writes.put(CHUNKS_TABLE, key.clone(), encode_chunk(record));
             writes.delete(BLOBS_TABLE, key);
         }
@@ -505,18 +532,28 @@ impl ChunkIndex {
             .expect("only open uploads end");
         assert!(self.expiries.remove(&(open.expires, conversation, upload)));
         writes.delete(UPLOADS_TABLE, upload_key(conversation, upload));
+        let owner = open.owner;
+        let count = self.uploads_open.get_mut(&owner).expect("counted");
+        *count -= 1;
+        if *count == 0 {
+            self.uploads_open.remove(&owner);
+        }
         for id in &open.chunks {
+            let at = (conversation, owner, *id);
             let record = self
                 .chunks
-                .get_mut(&(conversation, *id))
+                .get_mut(&at)
                 .expect("an open upload's chunks are indexed");
             assert!(record.refs > 0, "a referenced chunk counts its references");
             record.refs -= 1;
-            let key = chunk_key(conversation, id).to_vec();
+            let key = chunk_key(&at).to_vec();
             if record.refs == 0 {
-                let record = self.chunks.remove(&(conversation, *id)).expect("present");
-                let usage = self.usage.get_mut(&record.owner).expect("charged");
+                let record = self.chunks.remove(&at).expect("present");
+                let usage = self.usage.get_mut(&owner).expect("charged");
                 *usage -= u64::from(record.sealed_len);
+                if *usage == 0 {
+                    self.usage.remove(&owner);
+                }
                 writes.delete(CHUNKS_TABLE, key.clone());
                 writes.delete(BLOBS_TABLE, key);
             } else {
@@ -530,9 +567,14 @@ impl ChunkIndex {
         self.usage.get(&user).copied().unwrap_or(0)
     }
 
-    /// The record of a chunk, if indexed.
-    pub fn chunk(&self, conversation: ConversationId, id: ChunkId) -> Option<&ChunkRecord> {
-        self.chunks.get(&(conversation, id))
+    /// The record of `owner`'s chunk `id` in `conversation`, if indexed.
+    pub fn chunk(
+        &self,
+        conversation: ConversationId,
+        owner: UserId,
+        id: ChunkId,
+    ) -> Option<&ChunkRecord> {
+        self.chunks.get(&(conversation, owner, id))
     }
 
     /// An open upload.
@@ -545,39 +587,56 @@ impl ChunkIndex {
         self.chunks.len()
     }
 
-    /// Every chunk's reference count is the number of open uploads listing it, and every
-    /// user's usage the sum of the chunks it owns. Runs after recovery, and in tests.
-    pub fn check_references(&self) {
-        let mut refs: BTreeMap<(ConversationId, ChunkId), u32> = BTreeMap::new();
-        for (&(conversation, _), upload) in &self.uploads {
-            for id in &upload.chunks {
-                *refs.entry((conversation, *id)).or_default() += 1;
+    /// What must hold between the tables: every open upload's chunks are indexed, every
+    /// chunk's reference count is the number of open uploads listing it (never zero: a chunk
+    /// nothing references is gone), every user's usage is the sum of its chunks and its open
+    /// uploads are counted, and every upload has an expiry and someone to wait for. Checked
+    /// after recovery (a store that breaks it is corrupt) and in tests after every step.
+    pub fn consistency(&self) -> Result<(), String> {
+        let mut refs: BTreeMap<ChunkAt, u32> = BTreeMap::new();
+        let mut open: BTreeMap<UserId, usize> = BTreeMap::new();
+        for (&(conversation, id), upload) in &self.uploads {
+            *open.entry(upload.owner).or_default() += 1;
+            if upload.pending.is_empty() {
+                return Err(format!("upload {id:?} waits for nobody"));
+            }
+            if !self.expiries.contains(&(upload.expires, conversation, id)) {
+                return Err(format!("upload {id:?} has no expiry"));
+            }
+            for chunk in &upload.chunks {
+                let at = (conversation, upload.owner, *chunk);
+                if !self.chunks.contains_key(&at) {
+                    return Err(format!(
+                        "upload {id:?} lists {chunk:?}, which is not indexed"
+                    ));
+                }
+                *refs.entry(at).or_default() += 1;
             }
         }
         let mut usage: BTreeMap<UserId, u64> = BTreeMap::new();
-        for (key, record) in &self.chunks {
-            assert_eq!(
-                refs.get(key).copied().unwrap_or(0),
-                record.refs,
-                "refs of {key:?}"
-            );
-            *usage.entry(record.owner).or_default() += u64::from(record.sealed_len);
+        for (at, record) in &self.chunks {
+            let counted = refs.get(at).copied().unwrap_or(0);
+            if counted == 0 || counted != record.refs {
+                return Err(format!(
+                    "{:?} counts {} references, {counted} uploads list it",
+                    at.2, record.refs
+                ));
+            }
+            *usage.entry(at.1).or_default() += u64::from(record.sealed_len);
         }
-        for (user, used) in &self.usage {
-            assert_eq!(
-                usage.get(user).copied().unwrap_or(0),
-                *used,
-                "usage of {user:?}"
-            );
+        if usage != self.usage || open != self.uploads_open {
+            return Err("usage or open uploads do not add up".into());
         }
-        assert_eq!(self.expiries.len(), self.uploads.len());
+        if self.expiries.len() != self.uploads.len() {
+            return Err("an expiry names no upload".into());
+        }
+        Ok(())
     }
 }
 
 fn encode_chunk(record: &ChunkRecord) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + 16 + 1 + 32 + 4);
+    let mut out = Vec::with_capacity(4 + 1 + 32 + 4);
     out.extend_from_slice(&record.sealed_len.to_be_bytes());
-    out.extend_from_slice(&record.owner.to_bytes());
     match record.digest {
         Some(digest) => {
             out.push(1);
@@ -589,16 +648,17 @@ fn encode_chunk(record: &ChunkRecord) -> Vec<u8> {
     out
 }
 
-fn decode_chunk_key(key: &[u8]) -> Result<(ConversationId, ChunkId), StoreError> {
-    if key.len() != 48 {
+fn decode_chunk_key(key: &[u8]) -> Result<ChunkAt, StoreError> {
+    if key.len() != 64 {
         return Err(StoreError::Corrupt {
             table: CHUNKS_TABLE.0,
-            reason: "key is not conversation ++ chunk id".into(),
+            reason: "key is not conversation ++ owner ++ chunk id".into(),
         });
     }
     Ok((
         ConversationId::from_bytes(key[..16].try_into().expect("16")),
-        ChunkId(key[16..].try_into().expect("32")),
+        UserId::from_bytes(key[16..32].try_into().expect("16")),
+        ChunkId(key[32..].try_into().expect("32")),
     ))
 }
 
@@ -606,7 +666,6 @@ fn decode_chunk(value: &[u8]) -> Result<ChunkRecord, StoreError> {
     let mut reader = Reader::new(value);
     let decoded = (|| {
         let sealed_len = reader.u32()?;
-        let owner = UserId::from_bytes(reader.array()?);
         let digest = match reader.u8()? {
             0 => None,
             1 => Some(reader.array()?),
@@ -615,7 +674,6 @@ fn decode_chunk(value: &[u8]) -> Result<ChunkRecord, StoreError> {
         let refs = reader.u32()?;
         (reader.remaining() == 0).then_some(ChunkRecord {
             sealed_len,
-            owner,
             digest,
             refs,
         })

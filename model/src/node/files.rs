@@ -3,8 +3,12 @@
 //!
 //! Rules:
 //! - Chunks are stored by the BLAKE3 of their plaintext, once, whatever file or conversation
-//!   brought them. Offering a manifest answers only the chunks this device does not hold, so a
-//!   file it already has, or an edited version of one, moves almost nothing.
+//!   brought them. Offering a manifest answers only the chunks this device does not hold *in
+//!   that conversation*, so a file it already has there, or an edited version of one, moves
+//!   almost nothing. Chunks held from other conversations are fetched again (their bytes are
+//!   still stored once): otherwise any member could learn whether this device holds some
+//!   content from elsewhere, by sending a manifest of guessed hashes and watching for the
+//!   receipt. (Chunks cut under another sender's secret rarely match anyway.)
 //! - Every chunk is verified before it is kept ([`crate::files::open_chunk`]: length, tag,
 //!   padding, hash). A chunk that fails is not kept and stays needed: the driver fetches it
 //!   again (and reports it, so the gateway can check its copy).
@@ -28,12 +32,14 @@ use crate::files::{open_chunk, ChunkError, ChunkId, ContentHash, Manifest, Manif
 use crate::identity::{DeviceKey, DevicePublicKey};
 use crate::ids::{ConversationId, DeviceId};
 
-/// Which plaintext chunks the device holds: key the chunk's hash (32), value its length (u32).
+/// Which plaintext chunks the device holds for each conversation: key `conversation(16) ++
+/// hash(32)`, value the length (u32).
 pub const CHUNK_INDEX_TABLE: Table = Table("file_chunk_index");
-/// The plaintext chunks: key the chunk's hash (32), value its bytes.
+/// The plaintext chunks: key the chunk's hash (32), value its bytes (once, whichever
+/// conversations hold it).
 pub const CHUNK_BYTES_TABLE: Table = Table("file_chunk_bytes");
-/// Files received or being received: key the manifest digest (32), value
-/// `conversation(16) | manifest`.
+/// Files received or being received: key `conversation(16) ++ manifest digest(32)`, value
+/// the manifest.
 pub const FILES_TABLE: Table = Table("files");
 
 const RECEIPT_CONTEXT: &[u8] = b"sund/file-receipt/v1";
@@ -57,7 +63,7 @@ pub struct Needed {
     pub chunks: Vec<(usize, ChunkId)>,
     /// Plaintext bytes still to fetch.
     pub bytes: u64,
-    /// Plaintext bytes already held (deduplicated).
+    /// Plaintext bytes of the file already held (a chunk that occurs twice counts twice).
     pub held_bytes: u64,
 }
 
@@ -124,13 +130,24 @@ fn receipt_message(digest: &ManifestDigest) -> Vec<u8> {
     message
 }
 
+/// A file's place: the conversation it came in and its manifest digest.
+type FileAt = (ConversationId, ManifestDigest);
+
+/// A file being received or received, with the chunks it still lacks.
+#[derive(Clone, Debug)]
+struct Receiving {
+    record: FileRecord,
+    /// Distinct chunk hashes of the file not held in its conversation yet.
+    missing: BTreeSet<ContentHash>,
+}
+
 /// A device's files and its chunk store.
 #[derive(Clone, Debug, Default)]
 pub struct DeviceFiles {
-    /// Held chunks: hash → plaintext length.
-    held: BTreeMap<ContentHash, u32>,
+    /// Held chunks per conversation: (conversation, hash) → plaintext length.
+    held: BTreeMap<(ConversationId, ContentHash), u32>,
     /// Every file known, complete or not.
-    files: BTreeMap<ManifestDigest, FileRecord>,
+    files: BTreeMap<FileAt, Receiving>,
 }
 
 impl DeviceFiles {
@@ -144,15 +161,20 @@ impl DeviceFiles {
     pub fn recover(store: &dyn StoreRead) -> Result<DeviceFiles, StoreError> {
         let mut files = DeviceFiles::new();
         scan_all(store, CHUNK_INDEX_TABLE, |key, value| {
-            let hash = key.try_into().ok().map(ContentHash);
-            let len = value.try_into().ok().map(u32::from_be_bytes);
-            let (Some(hash), Some(len)) = (hash, len) else {
-                return Err(StoreError::Corrupt {
-                    table: CHUNK_INDEX_TABLE.0,
-                    reason: "not a chunk hash and length".into(),
-                });
+            let corrupt = || StoreError::Corrupt {
+                table: CHUNK_INDEX_TABLE.0,
+                reason: "not a conversation, chunk hash and length".into(),
             };
-            files.held.insert(hash, len);
+            let mut reader = Reader::new(key);
+            let conversation = reader.array().map(ConversationId::from_bytes);
+            let hash = reader.array().map(ContentHash);
+            let len = value.try_into().ok().map(u32::from_be_bytes);
+            let (Some(conversation), Some(hash), Some(len), 0) =
+                (conversation, hash, len, reader.remaining())
+            else {
+                return Err(corrupt());
+            };
+            files.held.insert((conversation, hash), len);
             Ok(())
         })?;
         scan_all(store, FILES_TABLE, |key, value| {
@@ -160,29 +182,37 @@ impl DeviceFiles {
                 table: FILES_TABLE.0,
                 reason,
             };
-            let digest = ManifestDigest(
-                key.try_into()
-                    .map_err(|_| corrupt("key is not a digest".into()))?,
-            );
-            let mut reader = Reader::new(value);
-            let conversation = reader
-                .array()
-                .map(ConversationId::from_bytes)
-                .ok_or_else(|| corrupt("truncated".into()))?;
-            let manifest = Manifest::decode(&value[16..]).map_err(|e| corrupt(e.to_string()))?;
+            let mut reader = Reader::new(key);
+            let conversation = reader.array().map(ConversationId::from_bytes);
+            let digest = reader.array().map(ManifestDigest);
+            let (Some(conversation), Some(digest), 0) = (conversation, digest, reader.remaining())
+            else {
+                return Err(corrupt("key is not a conversation and a digest".into()));
+            };
+            let manifest = Manifest::decode(value).map_err(|e| corrupt(e.to_string()))?;
             if manifest.digest() != digest {
                 return Err(corrupt("the manifest does not match its key".into()));
             }
-            files.files.insert(
-                digest,
-                FileRecord {
-                    conversation,
-                    manifest,
-                },
-            );
+            files.insert(conversation, manifest);
             Ok(())
         })?;
         Ok(files)
+    }
+
+    fn insert(&mut self, conversation: ConversationId, manifest: Manifest) -> FileAt {
+        let at = (conversation, manifest.digest());
+        let missing = manifest
+            .chunks
+            .iter()
+            .map(|c| c.hash)
+            .filter(|hash| !self.held.contains_key(&(conversation, *hash)))
+            .collect();
+        let record = FileRecord {
+            conversation,
+            manifest,
+        };
+        self.files.insert(at, Receiving { record, missing });
+        at
     }
 
     /// A manifest arrived in `conversation`: remember the file and answer what to fetch.
@@ -194,22 +224,20 @@ impl DeviceFiles {
         writes: &mut WriteBatch,
     ) -> Needed {
         let digest = manifest.digest();
-        if let std::collections::btree_map::Entry::Vacant(slot) = self.files.entry(digest) {
-            let mut value = conversation.to_bytes().to_vec();
-            value.extend_from_slice(&manifest.encode());
-            writes.put(FILES_TABLE, digest.0.to_vec(), value);
-            slot.insert(FileRecord {
-                conversation,
-                manifest,
-            });
+        if !self.files.contains_key(&(conversation, digest)) {
+            let mut key = conversation.to_bytes().to_vec();
+            key.extend_from_slice(&digest.0);
+            writes.put(FILES_TABLE, key, manifest.encode());
+            self.insert(conversation, manifest);
         }
-        self.needed(digest).expect("just recorded")
+        self.needed(conversation, digest).expect("just recorded")
     }
 
-    /// What `digest` still needs, or `None` for an unknown file.
-    pub fn needed(&self, digest: ManifestDigest) -> Option<Needed> {
-        let manifest = &self.files.get(&digest)?.manifest;
-        let mut seen = BTreeSet::new();
+    /// What file `digest` of `conversation` still needs, or `None` for an unknown file.
+    pub fn needed(&self, conversation: ConversationId, digest: ManifestDigest) -> Option<Needed> {
+        let receiving = self.files.get(&(conversation, digest))?;
+        let manifest = &receiving.record.manifest;
+        let mut listed = BTreeSet::new();
         let mut needed = Needed {
             digest,
             chunks: Vec::new(),
@@ -217,9 +245,9 @@ impl DeviceFiles {
             held_bytes: 0,
         };
         for (index, chunk) in manifest.chunks.iter().enumerate() {
-            if self.held.contains_key(&chunk.hash) {
+            if !receiving.missing.contains(&chunk.hash) {
                 needed.held_bytes += u64::from(chunk.len);
-            } else if seen.insert(chunk.hash) {
+            } else if listed.insert(chunk.hash) {
                 needed.chunks.push((index, manifest.chunk_id(index)));
                 needed.bytes += u64::from(chunk.len);
             }
@@ -227,56 +255,68 @@ impl DeviceFiles {
         Some(needed)
     }
 
-    /// Chunk `index` of file `digest` arrived sealed: verify it and keep its plaintext,
-    /// durably in `writes` with its index record.
+    /// Chunk `index` of file `digest` in `conversation` arrived sealed: verify it and keep its
+    /// plaintext, durably in `writes` with its index record.
     pub fn chunk_arrived(
         &mut self,
+        conversation: ConversationId,
         digest: ManifestDigest,
         index: usize,
         ciphertext: Vec<u8>,
         writes: &mut WriteBatch,
     ) -> Result<ChunkProgress, ReceiveError> {
-        let manifest = &self
+        let at = (conversation, digest);
+        let receiving = self
             .files
-            .get(&digest)
-            .ok_or(ReceiveError::UnknownFile(digest))?
-            .manifest;
+            .get(&at)
+            .ok_or(ReceiveError::UnknownFile(digest))?;
+        let manifest = &receiving.record.manifest;
         let entry = *manifest
             .chunks
             .get(index)
             .ok_or(ReceiveError::NoSuchChunk { index })?;
-        if self.held.contains_key(&entry.hash) {
+        if self.held.contains_key(&(conversation, entry.hash)) {
             return Ok(ChunkProgress::AlreadyHeld);
         }
         let plain = open_chunk(&manifest.secret, &entry, ciphertext)?;
         debug_assert_eq!(plain.len(), entry.len as usize);
         writes.put(CHUNK_BYTES_TABLE, entry.hash.0.to_vec(), Bytes::from(plain));
-        writes.put(
-            CHUNK_INDEX_TABLE,
-            entry.hash.0.to_vec(),
-            entry.len.to_be_bytes().to_vec(),
-        );
-        self.held.insert(entry.hash, entry.len);
-        let remaining = self.needed(digest).expect("known").chunks.len();
+        let mut key = conversation.to_bytes().to_vec();
+        key.extend_from_slice(&entry.hash.0);
+        writes.put(CHUNK_INDEX_TABLE, key, entry.len.to_be_bytes().to_vec());
+        self.held.insert((conversation, entry.hash), entry.len);
+        // Every file of the conversation that lacked it has it now.
+        let digests =
+            (conversation, ManifestDigest([0; 32]))..=(conversation, ManifestDigest([0xff; 32]));
+        for (_, other) in self.files.range_mut(digests) {
+            other.missing.remove(&entry.hash);
+        }
+        let remaining = self.files[&at].missing.len();
         Ok(ChunkProgress::Kept { remaining })
     }
 
-    /// True when every chunk of `digest` is held.
-    pub fn is_complete(&self, digest: ManifestDigest) -> bool {
-        self.needed(digest).is_some_and(|n| n.chunks.is_empty())
+    /// True when every chunk of file `digest` in `conversation` is held.
+    pub fn is_complete(&self, conversation: ConversationId, digest: ManifestDigest) -> bool {
+        self.files
+            .get(&(conversation, digest))
+            .is_some_and(|r| r.missing.is_empty())
     }
 
     /// A file known to this device.
-    pub fn file(&self, digest: ManifestDigest) -> Option<&FileRecord> {
-        self.files.get(&digest)
+    pub fn file(
+        &self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+    ) -> Option<&FileRecord> {
+        self.files.get(&(conversation, digest)).map(|r| &r.record)
     }
 
-    /// Every file known, by digest.
-    pub fn files(&self) -> impl Iterator<Item = (&ManifestDigest, &FileRecord)> {
-        self.files.iter()
+    /// Every file known, by conversation and digest.
+    pub fn files(&self) -> impl Iterator<Item = &FileRecord> {
+        self.files.values().map(|r| &r.record)
     }
 
-    /// Distinct chunks held, and their plaintext bytes.
+    /// Distinct chunks held (per conversation), and their plaintext bytes.
     pub fn held(&self) -> (usize, u64) {
         (
             self.held.len(),
@@ -368,7 +408,7 @@ mod tests {
             |hash| store.get(CHUNK_BYTES_TABLE, &hash.0).unwrap(),
             |bytes| out.extend_from_slice(bytes),
         )?;
-        assert!(files.is_complete(manifest.digest()));
+        assert!(files.is_complete(CONV, manifest.digest()));
         Ok(out)
     }
 
@@ -387,12 +427,12 @@ mod tests {
         assert_eq!(needed.unwrap().chunks.len(), chunks.len());
         commit(&mut store, |w| {
             files
-                .chunk_arrived(digest, 0, chunks[0].ciphertext.clone(), w)
+                .chunk_arrived(CONV, digest, 0, chunks[0].ciphertext.clone(), w)
                 .unwrap();
         });
         // The device crashes; it recovers what was committed.
         let mut files = DeviceFiles::recover(&store).unwrap();
-        let needed = files.needed(digest).unwrap();
+        let needed = files.needed(CONV, digest).unwrap();
         assert_eq!(
             needed.chunks.len(),
             chunks.len() - 1,
@@ -402,7 +442,7 @@ mod tests {
         for (index, _) in needed.chunks {
             commit(&mut store, |w| {
                 files
-                    .chunk_arrived(digest, index, chunks[index].ciphertext.clone(), w)
+                    .chunk_arrived(CONV, digest, index, chunks[index].ciphertext.clone(), w)
                     .unwrap();
             });
         }
@@ -419,7 +459,7 @@ mod tests {
             files.offer(CONV, first.clone(), w);
             for (i, chunk) in chunks.iter().enumerate() {
                 files
-                    .chunk_arrived(first.digest(), i, chunk.ciphertext.clone(), w)
+                    .chunk_arrived(CONV, first.digest(), i, chunk.ciphertext.clone(), w)
                     .unwrap();
             }
         });
@@ -443,6 +483,51 @@ mod tests {
         assert!(needed.held_bytes >= (6 << 20) - needed.bytes);
     }
 
+    /// A member of another conversation must not learn, from a manifest of guessed hashes and
+    /// an instant receipt, that this device holds some content: held chunks count only in the
+    /// conversation that brought them. Within one, two files share what either brought.
+    #[test]
+    fn held_chunks_count_only_in_their_own_conversation() {
+        const ELSEWHERE: ConversationId = ConversationId(4);
+        let (manifest, chunks) = sealed(&noise(2_000, 9), 8);
+        let mut files = DeviceFiles::new();
+        let mut writes = WriteBatch::default();
+        files.offer(CONV, manifest.clone(), &mut writes);
+        let digest = manifest.digest();
+        files
+            .chunk_arrived(CONV, digest, 0, chunks[0].ciphertext.clone(), &mut writes)
+            .unwrap();
+        assert!(files.is_complete(CONV, digest));
+        let probe = files.offer(ELSEWHERE, manifest.clone(), &mut writes);
+        assert_eq!(
+            probe.chunks.len(),
+            1,
+            "fetched again, so nothing completes at once"
+        );
+        assert!(!files.is_complete(ELSEWHERE, digest));
+        // Another file of the same conversation listing the same chunk: held already.
+        let mut renamed = manifest.clone();
+        renamed.name = FileName::new("again.bin").unwrap();
+        assert_eq!(files.offer(CONV, renamed.clone(), &mut writes).bytes, 0);
+        assert!(files.is_complete(CONV, renamed.digest()));
+        // And a chunk that arrives for one file completes every file of the conversation
+        // that lacked it.
+        let mut both = DeviceFiles::new();
+        both.offer(ELSEWHERE, manifest.clone(), &mut writes);
+        both.offer(ELSEWHERE, renamed.clone(), &mut writes);
+        assert_eq!(
+            both.chunk_arrived(
+                ELSEWHERE,
+                digest,
+                0,
+                chunks[0].ciphertext.clone(),
+                &mut writes
+            ),
+            Ok(ChunkProgress::Kept { remaining: 0 })
+        );
+        assert!(both.is_complete(ELSEWHERE, renamed.digest()));
+    }
+
     #[test]
     fn a_bad_chunk_is_not_kept_and_stays_needed() {
         let (manifest, chunks) = sealed(&noise(1_000, 3), 5);
@@ -453,16 +538,20 @@ mod tests {
         bad[7] ^= 1;
         let mut writes = WriteBatch::default();
         let err = files
-            .chunk_arrived(manifest.digest(), 0, bad, &mut writes)
+            .chunk_arrived(CONV, manifest.digest(), 0, bad, &mut writes)
             .unwrap_err();
         assert!(matches!(
             err,
             ReceiveError::Chunk(ChunkError::Tampered { .. })
         ));
         assert!(writes.is_empty(), "nothing of it is kept");
-        assert_eq!(files.needed(manifest.digest()).unwrap().chunks.len(), 1);
+        assert_eq!(
+            files.needed(CONV, manifest.digest()).unwrap().chunks.len(),
+            1
+        );
         assert!(matches!(
             files.chunk_arrived(
+                CONV,
                 manifest.digest(),
                 9,
                 chunks[0].ciphertext.clone(),
@@ -472,6 +561,7 @@ mod tests {
         ));
         assert_eq!(
             files.chunk_arrived(
+                CONV,
                 manifest.digest(),
                 0,
                 chunks[0].ciphertext.clone(),
@@ -481,6 +571,7 @@ mod tests {
         );
         assert_eq!(
             files.chunk_arrived(
+                CONV,
                 manifest.digest(),
                 0,
                 chunks[0].ciphertext.clone(),
@@ -505,7 +596,7 @@ mod tests {
         );
         commit(&mut store, |w| {
             files
-                .chunk_arrived(manifest.digest(), 0, chunks[0].ciphertext.clone(), w)
+                .chunk_arrived(CONV, manifest.digest(), 0, chunks[0].ciphertext.clone(), w)
                 .unwrap();
         });
         let damaged = |_: &ContentHash| {

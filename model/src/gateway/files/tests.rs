@@ -50,7 +50,7 @@ impl Harness {
         let mut writes = WriteBatch::default();
         let out = f(&mut self.index, &mut writes);
         self.store.commit(writes).unwrap();
-        self.index.check_references();
+        self.index.consistency().unwrap();
         out
     }
 
@@ -76,8 +76,18 @@ impl Harness {
     }
 
     fn store_chunk(&mut self, upload: u8, n: u8, bytes: Bytes) -> Result<(), ChunkRefusal> {
+        self.store_as(ALICE, upload, n, bytes)
+    }
+
+    fn store_as(
+        &mut self,
+        owner: UserId,
+        upload: u8,
+        n: u8,
+        bytes: Bytes,
+    ) -> Result<(), ChunkRefusal> {
         self.run(|index, writes| {
-            index.store_chunk(CONV, UploadId([upload; 16]), id(n), bytes, writes)
+            index.store_chunk(CONV, owner, UploadId([upload; 16]), id(n), bytes, writes)
         })
     }
 
@@ -97,14 +107,8 @@ fn same(a: &ChunkIndex, b: &ChunkIndex) {
     assert_eq!(a.chunks, b.chunks);
     assert_eq!(a.uploads, b.uploads);
     assert_eq!(a.expiries, b.expiries);
-    let nonzero = |i: &ChunkIndex| {
-        i.usage
-            .iter()
-            .filter(|(_, &u)| u > 0)
-            .map(|(&k, &v)| (k, v))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(nonzero(a), nonzero(b));
+    assert_eq!(a.uploads_open, b.uploads_open);
+    assert_eq!(a.usage, b.usage);
 }
 
 #[test]
@@ -126,13 +130,13 @@ fn an_upload_resumes_with_what_is_missing_and_a_member_fetches_what_was_stored()
     h.store_chunk(1, 3, blob(1_000, 3)).unwrap();
     assert_eq!(h.open(1, ALICE, &chunks), Ok(vec![]));
 
-    let plan = h.index.admit_fetch(CONV, id(2)).unwrap();
+    let plan = h.index.admit_fetch(CONV, ALICE, id(2)).unwrap();
     let bytes = h.read(&plan);
     assert!(verify_blob(&plan, &bytes));
     assert_eq!(bytes, vec![2; 1_000]);
     // Another conversation sees nothing of it.
     assert_eq!(
-        h.index.admit_fetch(OTHER, id(2)),
+        h.index.admit_fetch(OTHER, ALICE, id(2)),
         Err(ChunkRefusal::Unavailable(id(2)))
     );
 }
@@ -145,10 +149,37 @@ fn sending_again_uploads_nothing_and_charges_nothing() {
     h.store_chunk(1, 2, blob(500, 2)).unwrap();
     // The same file again, and an edited one sharing chunk 2.
     assert_eq!(h.open(2, ALICE, &listed(&[1, 2], 500)), Ok(vec![]));
-    assert_eq!(h.open(3, BOB, &listed(&[2, 9], 500)), Ok(vec![id(9)]));
-    assert_eq!(h.index.usage(ALICE), 1_000);
-    assert_eq!(h.index.usage(BOB), 500, "only what it added");
-    assert_eq!(h.index.chunk(CONV, id(2)).unwrap().refs, 3);
+    assert_eq!(h.open(3, ALICE, &listed(&[2, 9], 500)), Ok(vec![id(9)]));
+    assert_eq!(h.index.usage(ALICE), 1_500, "only what it added");
+    assert_eq!(h.index.chunk(CONV, ALICE, id(2)).unwrap().refs, 3);
+}
+
+/// Every member knows a sender's secret (it is in the manifests), so it can compute the ids
+/// of the sender's chunks. It must not be able to pin them, block them or poison them.
+#[test]
+fn another_member_cannot_borrow_block_or_poison_a_senders_chunks() {
+    let mut h = Harness::new(ChunkLimits::default());
+    // Bob lists Alice's future ids first, with a wrong length, and stores garbage there.
+    assert_eq!(h.open(9, BOB, &listed(&[1], 77)), Ok(vec![id(1)]));
+    h.store_as(BOB, 9, 1, blob(77, 0xee)).unwrap();
+    // Alice's upload is not affected: her chunk is awaited from her, at her length.
+    assert_eq!(h.open(1, ALICE, &listed(&[1], 500)), Ok(vec![id(1)]));
+    assert_eq!(
+        h.store_as(BOB, 1, 1, blob(500, 0xee)),
+        Err(ChunkRefusal::NoSuchUpload),
+        "nobody stores into another's upload"
+    );
+    h.store_chunk(1, 1, blob(500, 1)).unwrap();
+    let plan = h.index.admit_fetch(CONV, ALICE, id(1)).unwrap();
+    assert_eq!(h.read(&plan), vec![1; 500]);
+    assert_eq!(h.index.usage(ALICE), 500);
+    assert_eq!(h.index.usage(BOB), 77, "Bob pays for his own");
+    // When Alice's upload is fetched, her chunk goes even though Bob listed the same id.
+    for device in [10, 11] {
+        h.run(|index, writes| index.fetched_all(CONV, UploadId([1; 16]), DeviceId(device), writes));
+    }
+    assert!(h.index.chunk(CONV, ALICE, id(1)).is_none());
+    assert_eq!(h.index.usage(ALICE), 0);
 }
 
 #[test]
@@ -217,7 +248,7 @@ fn bytes_are_taken_only_for_an_awaited_chunk_at_its_declared_length() {
         "stored once, never replaced"
     );
     assert_eq!(
-        h.index.admit_fetch(CONV, id(2)),
+        h.index.admit_fetch(CONV, ALICE, id(2)),
         Err(ChunkRefusal::Unavailable(id(2))),
         "awaited, not fetchable"
     );
@@ -226,6 +257,17 @@ fn bytes_are_taken_only_for_an_awaited_chunk_at_its_declared_length() {
 #[test]
 fn bad_lists_and_reused_ids_are_refused() {
     let mut h = Harness::new(ChunkLimits::default());
+    let nobody = h.run(|index, writes| {
+        let request = UploadRequest {
+            conversation: CONV,
+            upload: UploadId([1; 16]),
+            owner: ALICE,
+            chunks: &listed(&[1], 10),
+            members: BTreeSet::new(),
+        };
+        index.open_upload(T0, request, writes)
+    });
+    assert!(matches!(nobody, Err(ChunkRefusal::BadList(_))));
     assert!(matches!(
         h.open(1, ALICE, &[]),
         Err(ChunkRefusal::BadList(_))
@@ -259,14 +301,14 @@ fn a_chunk_damaged_at_rest_is_caught_on_read_and_uploaded_again() {
     let chunks = listed(&[1], 64);
     h.open(1, ALICE, &chunks).unwrap();
     h.store_chunk(1, 1, blob(64, 1)).unwrap();
-    let plan = h.index.admit_fetch(CONV, id(1)).unwrap();
+    let plan = h.index.admit_fetch(CONV, ALICE, id(1)).unwrap();
     let mut bytes = h.read(&plan);
     bytes[10] ^= 0x40; // a flipped bit on the gateway's disk
     assert!(!verify_blob(&plan, &bytes));
-    h.run(|index, writes| index.damaged(CONV, id(1), writes));
+    h.run(|index, writes| index.damaged(CONV, ALICE, id(1), writes));
     assert!(h.store.get(BLOBS_TABLE, &plan.key).unwrap().is_none());
     assert_eq!(
-        h.index.admit_fetch(CONV, id(1)),
+        h.index.admit_fetch(CONV, ALICE, id(1)),
         Err(ChunkRefusal::Unavailable(id(1)))
     );
     assert_eq!(
@@ -275,7 +317,7 @@ fn a_chunk_damaged_at_rest_is_caught_on_read_and_uploaded_again() {
         "the uploader is asked again"
     );
     h.store_chunk(1, 1, blob(64, 1)).unwrap();
-    let plan = h.index.admit_fetch(CONV, id(1)).unwrap();
+    let plan = h.index.admit_fetch(CONV, ALICE, id(1)).unwrap();
     assert!(verify_blob(&plan, &h.read(&plan)));
     assert_eq!(h.index.usage(ALICE), 64, "charged once throughout");
 }
@@ -297,11 +339,11 @@ fn chunks_go_when_every_member_has_fetched_them_and_not_before() {
     h.run(|index, writes| index.fetched_all(CONV, UploadId([1; 16]), DeviceId(11), writes));
     assert!(h.index.upload(CONV, UploadId([1; 16])).is_none());
     assert!(
-        h.index.chunk(CONV, id(1)).is_none(),
+        h.index.chunk(CONV, ALICE, id(1)).is_none(),
         "only upload 1 listed it"
     );
     assert_eq!(
-        h.index.chunk(CONV, id(2)).unwrap().refs,
+        h.index.chunk(CONV, ALICE, id(2)).unwrap().refs,
         1,
         "upload 2 still lists it"
     );
@@ -359,7 +401,7 @@ fn a_corrupt_record_stops_recovery_with_the_table_named() {
     let mut writes = WriteBatch::default();
     writes.put(
         CHUNKS_TABLE,
-        chunk_key(CONV, &id(1)).to_vec(),
+        chunk_key(&(CONV, ALICE, id(1))).to_vec(),
         vec![1, 2, 3],
     );
     store.commit(writes).unwrap();
@@ -376,10 +418,12 @@ enum Op {
     },
     Store {
         upload: u8,
+        owner: bool,
         chunk: u8,
         short: bool,
     },
     Damage {
+        owner: bool,
         chunk: u8,
     },
     Fetched {
@@ -406,14 +450,19 @@ fn op() -> impl Strategy<Value = Op> {
                 owner,
                 chunks
             }),
-        (0u8..6, 0u8..12, proptest::bool::weighted(0.1)).prop_map(|(upload, chunk, short)| {
-            Op::Store {
+        (
+            0u8..6,
+            any::<bool>(),
+            0u8..12,
+            proptest::bool::weighted(0.1)
+        )
+            .prop_map(|(upload, owner, chunk, short)| Op::Store {
                 upload,
+                owner,
                 chunk,
                 short,
-            }
-        }),
-        (0u8..12).prop_map(|chunk| Op::Damage { chunk }),
+            }),
+        (any::<bool>(), 0u8..12).prop_map(|(owner, chunk)| Op::Damage { owner, chunk }),
         (0u8..6, 0u8..3).prop_map(|(upload, device)| Op::Fetched { upload, device }),
         (0u8..3).prop_map(|device| Op::Removed { device }),
         (0u16..400).prop_map(|seconds| Op::Tick { seconds }),
@@ -450,11 +499,15 @@ proptest! {
                     };
                     let _ = h.run(|index, writes| index.open_upload(now, request, writes));
                 }
-                Op::Store { upload, chunk, short } => {
+                Op::Store { upload, owner, chunk, short } => {
                     let len = 100 + u32::from(chunk) - u32::from(short);
-                    let _ = h.store_chunk(upload, chunk, blob(len, chunk));
+                    let owner = if owner { ALICE } else { BOB };
+                    let _ = h.store_as(owner, upload, chunk, blob(len, chunk));
                 }
-                Op::Damage { chunk } => h.run(|index, writes| index.damaged(CONV, id(chunk), writes)),
+                Op::Damage { owner, chunk } => {
+                    let owner = if owner { ALICE } else { BOB };
+                    h.run(|index, writes| index.damaged(CONV, owner, id(chunk), writes))
+                }
                 Op::Fetched { upload, device } => h.run(|index, writes| index.fetched_all(CONV, UploadId([upload; 16]), DeviceId(u128::from(device)), writes)),
                 Op::Removed { device } => h.run(|index, writes| index.member_removed(CONV, DeviceId(u128::from(device)), writes)),
                 Op::Tick { seconds } => {
@@ -465,8 +518,10 @@ proptest! {
             prop_assert!(h.index.usage(ALICE) <= 5_000 && h.index.usage(BOB) <= 5_000);
             prop_assert_eq!(h.store.table_len(BLOBS_TABLE), h.index.chunks.values().filter(|r| r.digest.is_some()).count());
             for n in 0..12 {
-                if let Ok(plan) = h.index.admit_fetch(CONV, id(n)) {
-                    prop_assert!(verify_blob(&plan, &h.read(&plan)));
+                for owner in [ALICE, BOB] {
+                    if let Ok(plan) = h.index.admit_fetch(CONV, owner, id(n)) {
+                        prop_assert!(verify_blob(&plan, &h.read(&plan)));
+                    }
                 }
             }
         }
