@@ -30,7 +30,7 @@ mod sealing;
 mod secret;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use chunking::{chunk_ranges, stream_chunker};
 pub use manifest::{

@@ -7,8 +7,9 @@ use proptest::prelude::*;
 
 use super::*;
 
-/// Deterministic pseudo-random bytes (xorshift64), so the tests need no entropy source.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
+/// Deterministic pseudo-random bytes (xorshift64), so the tests need no entropy source
+/// (shared with the device's file tests).
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {

@@ -366,21 +366,10 @@ pub fn assemble(
 mod tests {
     use super::*;
     use crate::env::{MemStore, Store};
+    use crate::files::tests::noise;
     use crate::files::{seal_file, FileName, FileSecret, SealedChunk};
 
     const CONV: ConversationId = ConversationId(3);
-
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
 
     fn sealed(data: &[u8], secret: u8) -> (Manifest, Vec<SealedChunk>) {
         seal_file(
