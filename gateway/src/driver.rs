@@ -25,8 +25,8 @@ use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use sund_model::env::{Ready, Store, StoreError, WriteBatch};
 use sund_model::gateway::{
-    AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput, GatewayStats,
-    HistoryKind,
+    AdminAnswer, AdminCommand, ChunkToServe, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
+    GatewayStats, HistoryKind,
 };
 use sund_model::ids::{ConnectionId, UserId};
 use sund_model::time::Instant;
@@ -39,10 +39,12 @@ use sund_runtime::environment::Environment;
 use sund_runtime::files::private_dir;
 use sund_runtime::metrics::{StageReport, Stages};
 use sund_runtime::session::{self, CloseCause, SessionEvent, SessionHandle, SessionLimits};
-use sund_runtime::store::RedbStore;
+use sund_runtime::store::{RedbReader, RedbStore};
 use sund_runtime::tls::TlsIdentity;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+use crate::chunks::{accept_chunk_streams, ChunkServer, QueueRefused};
 
 /// Most frames folded into one commit.
 pub const BATCH_MAX: usize = 512;
@@ -181,7 +183,7 @@ impl GatewayHandle {
 
 /// What a connection's tasks tell the core, in one queue so that each connection's events keep
 /// their order (connected, stream, frames, closed).
-enum Link {
+pub(crate) enum Link {
     /// A QUIC handshake completed: the session's clock starts.
     Connected(ConnectionId, quinn::Connection),
     /// The session's stream is open.
@@ -190,6 +192,10 @@ enum Link {
     Gone(ConnectionId),
     /// Frames or the end of the session.
     Session(SessionEvent),
+    /// A chunk stream read whole: its head frame and the bytes after it.
+    Chunk(ConnectionId, Bytes, Bytes),
+    /// A chunk to serve failed its digest check when read from the store.
+    ChunkDamaged(ChunkToServe),
 }
 
 impl From<SessionEvent> for Link {
@@ -259,8 +265,13 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE_MAX);
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let hello_timeout = options.config.hello_timeout;
-    tokio::spawn(accept_loop(endpoint.clone(), link_tx, hello_timeout));
+    tokio::spawn(accept_loop(
+        endpoint.clone(),
+        link_tx.clone(),
+        hello_timeout,
+    ));
     let stages = Arc::new(Stages::default());
+    let reader = store.reader();
     let committer =
         Committer::with_stages(environment.commit_mode(), store, "gateway", stages.clone());
     let health = Arc::new(Mutex::new(Health::Serving));
@@ -270,7 +281,12 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         config: options.config.clone(),
         store_path: dir.join("gateway.redb"),
         clock,
-        serving: Some(Serving { gateway, committer }),
+        serving: Some(Serving {
+            gateway,
+            committer,
+            reader,
+        }),
+        links: link_tx.clone(),
         health: health.clone(),
         retry_at: tokio::time::Instant::now(),
         outages: 0,
@@ -408,6 +424,7 @@ async fn serve_connection(
     if links.send(Link::Stream(conn, handle)).await.is_err() {
         return;
     }
+    tokio::spawn(accept_chunk_streams(conn, connection.clone(), links));
     // Keep the admission slot until the connection is really gone.
     connection.closed().await;
 }
@@ -416,6 +433,8 @@ async fn serve_connection(
 struct Route {
     connection: quinn::Connection,
     session: Option<SessionHandle>,
+    /// Serves the chunks the device asks for; started at its first request.
+    chunks: Option<ChunkServer>,
     /// Frames released before the stream opened (a goodbye to a peer that never opened one).
     early: Vec<Bytes>,
 }
@@ -485,6 +504,8 @@ const STORAGE_UNAVAILABLE_REASON: &[u8] =
 struct Serving {
     gateway: Gateway,
     committer: Committer<GatewayOutput>,
+    /// Reads the committed store beside the committer (file chunks to serve).
+    reader: RedbReader,
 }
 
 /// Waits for the next finished commit, or forever while not serving.
@@ -511,6 +532,8 @@ struct Core {
     /// When an outage was last logged.
     outage_logged_at: Option<tokio::time::Instant>,
     routes: BTreeMap<ConnectionId, Route>,
+    /// The connections' queue to the core, for tasks the core starts (chunk servers).
+    links: mpsc::Sender<Link>,
     admin: BTreeMap<u64, oneshot::Sender<AdminAnswer>>,
     next_admin: u64,
     refusals: RefusalLog,
@@ -608,7 +631,9 @@ impl Core {
             self.submit();
             serving = self.serving.take().expect("set above");
         }
-        let Serving { gateway, committer } = serving;
+        let Serving {
+            gateway, committer, ..
+        } = serving;
         committer.finish().await?;
         // Dropping the sessions lets each writer flush its goodbye and close (within LINGER).
         for (_, route) in std::mem::take(&mut self.routes) {
@@ -684,13 +709,18 @@ impl Core {
             &store,
             self.environment.entropy(),
         )?;
+        let reader = store.reader();
         let committer = Committer::with_stages(
             self.environment.commit_mode(),
             store,
             "gateway",
             self.stages.clone(),
         );
-        self.serving = Some(Serving { gateway, committer });
+        self.serving = Some(Serving {
+            gateway,
+            committer,
+            reader,
+        });
         *self.health.lock().expect("not poisoned") = Health::Serving;
         tracing::info!(
             outages_total = self.outages,
@@ -731,6 +761,7 @@ impl Core {
                     Route {
                         connection,
                         session: None,
+                        chunks: None,
                         early: Vec::new(),
                     },
                 );
@@ -747,6 +778,22 @@ impl Core {
                 None => session.abort("closed by gateway"),
             },
             Link::Gone(conn) => self.forget(now, conn),
+            Link::Chunk(conn, head, body) => {
+                if let Some(s) = &mut self.serving {
+                    s.gateway
+                        .handle(now, GatewayInput::Chunk { conn, head, body });
+                }
+            }
+            Link::ChunkDamaged(chunk) => {
+                tracing::error!(
+                    conversation = %chunk.conversation,
+                    chunk = %chunk.id,
+                    "a stored file chunk is damaged (its bytes no longer match what was stored): it was not sent, and its uploader is asked for it again. Check the disk"
+                );
+                if let Some(s) = &mut self.serving {
+                    s.gateway.handle(now, GatewayInput::ChunkDamaged(chunk));
+                }
+            }
         }
         1
     }
@@ -867,6 +914,7 @@ impl Core {
                         let _ = reply.send(answer);
                     }
                 }
+                GatewayOutput::ServeChunk(chunk) => self.serve_chunk(chunk),
                 GatewayOutput::HistoryLost(lost) => match lost.kind {
                     HistoryKind::Lost => tracing::error!(
                         conversation = %lost.conversation,
@@ -884,6 +932,39 @@ impl Core {
                         "a device read messages this gateway has since lost, at seqs now given to other messages: the device was told its history diverged. The disk lost writes it had reported durable; check its write cache settings"
                     ),
                 },
+            }
+        }
+    }
+}
+
+impl Core {
+    /// Queues a chunk for its connection's chunk server (started at the first).
+    fn serve_chunk(&mut self, chunk: ChunkToServe) {
+        let conn = chunk.conn;
+        let (Some(route), Some(s)) = (self.routes.get_mut(&conn), &self.serving) else {
+            return; // the connection is gone; the device asks again on its next one
+        };
+        let server = route.chunks.get_or_insert_with(|| {
+            ChunkServer::spawn(
+                route.connection.clone(),
+                s.reader.clone(),
+                self.links.clone(),
+            )
+        });
+        match server.queue(chunk) {
+            Ok(()) | Err(QueueRefused::Gone) => {}
+            Err(QueueRefused::Full) => {
+                tracing::warn!(peer = %route.connection.remote_address(), ?conn, "disconnecting a device that asks for file chunks faster than it reads them");
+                let now = self.clock.now();
+                if let Some(route) = self.routes.remove(&conn) {
+                    match route.session {
+                        Some(session) => session.abort("too many file chunks asked for at once"),
+                        None => route.connection.close(1u32.into(), b"not reading"),
+                    }
+                }
+                if let Some(s) = &mut self.serving {
+                    s.gateway.handle(now, GatewayInput::Closed(conn));
+                }
             }
         }
     }

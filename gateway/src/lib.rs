@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod chunks;
 pub mod driver;
 
 pub use sund_model::gateway;

@@ -2,46 +2,18 @@
 //! never log in, streams Sund does not use, too many connections, a peer that stops reading.
 //! Each bounds something an attacker could otherwise hold without limit.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use sund_gateway::driver::{self, GatewayHandle, GatewayOptions, CONNECTIONS_PER_ADDRESS_MAX};
-use sund_model::gateway::GatewayConfig;
+use common::{client, connect, gateway, logged_in};
+use sund_gateway::driver::CONNECTIONS_PER_ADDRESS_MAX;
 use sund_model::identity::DeviceKey;
 use sund_model::ids::UserId;
 use sund_model::testing::TestDevice;
 use sund_model::wire::payload::Heartbeat;
-use sund_model::wire::{Frame, FrameDecoder, Payload, Routing, PAYLOAD_BYTES_MAX};
-use sund_runtime::endpoint;
-use sund_runtime::environment::Production;
-use sund_runtime::tls::certificate_pin;
-
-async fn gateway(dir: &std::path::Path, hello_timeout: Duration) -> GatewayHandle {
-    let options = GatewayOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        environment: Arc::new(Production),
-        data_dir: dir.join("gw"),
-        config: GatewayConfig {
-            open_enrolment: true,
-            hello_timeout,
-            ..GatewayConfig::default()
-        },
-    };
-    driver::start(options).await.unwrap()
-}
-
-fn client(gateway: &GatewayHandle) -> quinn::Endpoint {
-    endpoint::client_endpoint(&Production, certificate_pin(&gateway.cert)).unwrap()
-}
-
-async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
-    endpoint
-        .connect(addr, "sund-gateway")
-        .unwrap()
-        .await
-        .unwrap()
-}
+use sund_model::wire::{Frame, Payload, Routing};
+use sund_runtime::chunk_stream::CHUNK_STREAMS_MAX;
 
 /// Waits at most `within` for the gateway to close `conn`; why it closed.
 async fn closed_within(conn: &quinn::Connection, within: Duration) -> quinn::ConnectionError {
@@ -80,7 +52,7 @@ async fn a_stream_that_never_says_hello_is_closed_at_the_hello_timeout_whatever_
 }
 
 #[tokio::test]
-async fn unidirectional_streams_and_datagrams_get_no_credit() {
+async fn datagrams_get_no_credit_and_chunk_streams_only_a_few_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = gateway(dir.path(), Duration::from_secs(10)).await;
     let conn = connect(&client(&gateway), gateway.addr).await;
@@ -89,10 +61,15 @@ async fn unidirectional_streams_and_datagrams_get_no_credit() {
         None,
         "the gateway accepts no datagrams"
     );
+    let mut held = Vec::new();
+    for _ in 0..CHUNK_STREAMS_MAX {
+        held.push(conn.open_uni().await.unwrap());
+    }
     let uni = tokio::time::timeout(Duration::from_millis(500), conn.open_uni()).await;
     assert!(
         uni.is_err(),
-        "a unidirectional stream must wait for credit that never comes"
+        "chunk stream {} must wait for credit while {CHUNK_STREAMS_MAX} are open",
+        CHUNK_STREAMS_MAX + 1
     );
     // Sund's own stream still opens: one bidirectional stream per connection.
     assert!(conn.open_bi().await.is_ok());
@@ -122,38 +99,6 @@ async fn connections_beyond_the_limit_per_address_are_refused() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     held.push(connect(&endpoint, gateway.addr).await);
     gateway.shutdown().await.unwrap();
-}
-
-/// Registers `device` (open enrolment) and opens its session on a new connection; the
-/// connection and its stream.
-async fn logged_in(
-    gateway: &GatewayHandle,
-    device: &TestDevice,
-) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let conn = connect(&client(gateway), gateway.addr).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let mut decoder = FrameDecoder::new(PAYLOAD_BYTES_MAX);
-    let mut next = async |recv: &mut quinn::RecvStream| loop {
-        if let Some(frame) = decoder.next_frame_bytes().unwrap() {
-            return Frame::decode(&frame, PAYLOAD_BYTES_MAX).unwrap();
-        }
-        let chunk = recv.read_chunk(65536, true).await.unwrap().unwrap();
-        decoder.push(&chunk.bytes);
-    };
-    send.write_all(&device.register([0; 16])).await.unwrap();
-    let Payload::Certificate(certificate) = next(&mut recv).await.payload else {
-        panic!("expected a certificate")
-    };
-    let hello = device.hello(Some(certificate.certificate.into()), vec![], None, None);
-    send.write_all(&hello).await.unwrap();
-    let Payload::Challenge(challenge) = next(&mut recv).await.payload else {
-        panic!("expected a challenge")
-    };
-    send.write_all(&device.proof(&challenge.nonce))
-        .await
-        .unwrap();
-    assert!(matches!(next(&mut recv).await.payload, Payload::HelloOk(_)));
-    (conn, send, recv)
 }
 
 #[tokio::test]

@@ -222,7 +222,34 @@ fn payload() -> impl Strategy<Value = Payload> {
         Just(Payload::TrustRootFetch(TrustRootFetch {})),
         (any::<[u8; 32]>(), "[a-z0-9.-]{1,40}")
             .prop_map(|(key, domain)| Payload::TrustRoot(TrustRoot { key, domain })),
+        (
+            bytes16(),
+            proptest::collection::vec((any::<[u8; 32]>(), any::<u32>()), 0..6)
+        )
+            .prop_map(|(upload, chunks)| Payload::UploadOpen(UploadOpen {
+                upload,
+                chunks: chunks
+                    .into_iter()
+                    .map(|(id, len)| ListedChunkWire { id, len })
+                    .collect(),
+            })),
+        (bytes16(), ids32())
+            .prop_map(|(upload, missing)| Payload::UploadStatus(UploadStatus { upload, missing })),
+        (bytes16(), any::<[u8; 32]>(), any::<u32>())
+            .prop_map(|(upload, id, len)| Payload::Chunk(ChunkHead { upload, id, len })),
+        (bytes16(), any::<[u8; 32]>())
+            .prop_map(|(upload, id)| Payload::ChunkAck(ChunkAck { upload, id })),
+        (bytes16(), ids32())
+            .prop_map(|(upload, ids)| Payload::ChunkRequest(ChunkRequest { upload, ids })),
+        (bytes16(), ids32()).prop_map(|(upload, ids)| Payload::ChunksUnavailable(
+            ChunksUnavailable { upload, ids }
+        )),
+        bytes16().prop_map(|upload| Payload::FileFetched(FileFetched { upload })),
     ]
+}
+
+fn ids32() -> impl Strategy<Value = Vec<minicbor::bytes::ByteArray<32>>> {
+    proptest::collection::vec(any::<[u8; 32]>().prop_map(Into::into), 0..6)
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
@@ -523,4 +550,70 @@ fn a_byte_string_over_its_limit_is_counted_in_bytes() {
         }
     ));
     assert!(err.to_string().contains("bytes, more than"), "{err}");
+}
+
+#[test]
+fn file_lists_over_their_limits_are_refused_on_decode() {
+    let open = Payload::UploadOpen(UploadOpen {
+        upload: [1; 16],
+        chunks: vec![
+            ListedChunkWire {
+                id: [2; 32],
+                len: 9
+            };
+            UPLOAD_CHUNKS_MAX + 1
+        ],
+    });
+    let mut bytes = Vec::new();
+    open.encode(&mut bytes);
+    assert_eq!(
+        Payload::decode(Opcode::UploadOpen, &bytes),
+        Err(WireError::ListTooLong {
+            field: "upload_open.chunks",
+            len: UPLOAD_CHUNKS_MAX + 1,
+            max: UPLOAD_CHUNKS_MAX,
+        })
+    );
+    let request = Payload::ChunkRequest(ChunkRequest {
+        upload: [1; 16],
+        ids: vec![[3; 32].into(); CHUNK_REQUEST_IDS_MAX + 1],
+    });
+    let mut bytes = Vec::new();
+    request.encode(&mut bytes);
+    assert!(matches!(
+        Payload::decode(Opcode::ChunkRequest, &bytes),
+        Err(WireError::ListTooLong {
+            field: "chunk_request.ids",
+            ..
+        })
+    ));
+    // The largest upload list still fits in one frame.
+    let largest = Frame::new(
+        Routing::default(),
+        Payload::UploadOpen(UploadOpen {
+            upload: [1; 16],
+            chunks: vec![
+                ListedChunkWire {
+                    id: [2; 32],
+                    len: u32::MAX
+                };
+                UPLOAD_CHUNKS_MAX
+            ],
+        }),
+    );
+    assert!(largest.encode().len() < PAYLOAD_BYTES_MAX as usize);
+}
+
+#[test]
+fn a_chunk_head_must_announce_a_length_a_sealed_chunk_can_have() {
+    let head = |len| ChunkHead {
+        upload: [1; 16],
+        id: [2; 32],
+        len,
+    };
+    let max = sund_model::wire::files::sealed_chunk_bytes_max();
+    assert!(head(1).check_len().is_ok());
+    assert!(head(max).check_len().is_ok());
+    assert!(head(0).check_len().is_err());
+    assert!(head(max + 1).check_len().is_err());
 }

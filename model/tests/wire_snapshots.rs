@@ -371,3 +371,49 @@ fn pairing_frames() {
         hex(&linked)
     ));
 }
+
+#[test]
+fn file_frames_bytes() {
+    let routed = |payload| {
+        hex(&Frame::new(
+            Routing {
+                conversation: ConversationId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10),
+                ..Routing::default()
+            },
+            payload,
+        )
+        .encode())
+    };
+    let open = routed(Payload::UploadOpen(UploadOpen {
+        upload: [0x55; 16],
+        chunks: vec![ListedChunkWire {
+            id: [0x01; 32],
+            len: 1_048_592,
+        }],
+    }));
+    let status = routed(Payload::UploadStatus(UploadStatus {
+        upload: [0x55; 16],
+        missing: vec![[0x01; 32].into()],
+    }));
+    let head = routed(Payload::Chunk(ChunkHead {
+        upload: [0x55; 16],
+        id: [0x01; 32],
+        len: 1_048_592,
+    }));
+    let ack = routed(Payload::ChunkAck(ChunkAck {
+        upload: [0x55; 16],
+        id: [0x01; 32],
+    }));
+    let request = routed(Payload::ChunkRequest(ChunkRequest {
+        upload: [0x55; 16],
+        ids: vec![[0x01; 32].into()],
+    }));
+    let unavailable = routed(Payload::ChunksUnavailable(ChunksUnavailable {
+        upload: [0x55; 16],
+        ids: vec![[0x01; 32].into()],
+    }));
+    let fetched = routed(Payload::FileFetched(FileFetched { upload: [0x55; 16] }));
+    insta::assert_snapshot!(format!(
+        "upload_open:\n{open}\nupload_status:\n{status}\nchunk_head:\n{head}\nchunk_ack:\n{ack}\nchunk_request:\n{request}\nchunks_unavailable:\n{unavailable}\nfile_fetched:\n{fetched}"
+    ));
+}

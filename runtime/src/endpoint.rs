@@ -13,6 +13,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::PrivateKeyDer;
 
+use crate::chunk_stream::CHUNK_STREAMS_MAX;
 use crate::clock::DriverClock;
 use crate::environment::Environment;
 use crate::seeded;
@@ -68,8 +69,10 @@ enum Side {
 }
 
 /// How a connection is run: idle timeout, keep-alives from the client only, and no credit for
-/// what Sund does not use (unidirectional streams, datagrams), so a hostile peer cannot park data
-/// in quinn's buffers. A server admits one bidirectional stream per connection; a client none.
+/// what Sund does not use (datagrams), so a hostile peer cannot park data in quinn's buffers.
+/// A server admits one bidirectional stream per connection (the session's), a client none;
+/// each side admits [`CHUNK_STREAMS_MAX`] unidirectional chunk streams at once from the other
+/// (see [`crate::chunk_stream`]).
 fn transport_config(side: Side) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(
@@ -80,7 +83,7 @@ fn transport_config(side: Side) -> quinn::TransportConfig {
         Side::Client => (Some(KEEP_ALIVE_INTERVAL), 0),
     };
     transport.keep_alive_interval(keep_alive);
-    transport.max_concurrent_uni_streams(0u32.into());
+    transport.max_concurrent_uni_streams(CHUNK_STREAMS_MAX.into());
     transport.max_concurrent_bidi_streams(bidi_streams.into());
     transport.datagram_receive_buffer_size(None);
     transport

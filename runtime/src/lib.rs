@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chunk_stream;
 pub mod clock;
 pub mod committer;
 pub mod endpoint;

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use sund_model::env::{Store, StoreError, StoreRead, Table, Visit, WriteBatch, WriteOp};
@@ -16,7 +17,7 @@ use crate::sim_disk::SimulatedDisk;
 
 /// A redb database file holding a state machine's tables.
 pub struct RedbStore {
-    db: Database,
+    db: Arc<Database>,
     /// A simulated disk ([`crate::environment::Simulated::with_disk`]); never in production.
     disk: Option<SimulatedDisk>,
     /// The file did not exist (or was blank) before this open made it.
@@ -63,7 +64,7 @@ impl RedbStore {
                 .create_with_backend(disk.backend())
                 .map_err(|e| open_error(path, e))?;
             return Ok(RedbStore {
-                db,
+                db: Arc::new(db),
                 disk: Some(disk),
                 created,
             });
@@ -86,7 +87,7 @@ impl RedbStore {
         };
         let db = opened.map_err(|e| open_error(path, e))?;
         Ok(RedbStore {
-            db,
+            db: Arc::new(db),
             disk: None,
             created: !existed,
         })
@@ -98,6 +99,15 @@ impl RedbStore {
         self.created
     }
 
+    /// A handle that reads the same database from other threads while this store commits
+    /// (redb's readers see the last committed state): a driver serves file chunks through
+    /// it without waiting for the commit thread.
+    pub fn reader(&self) -> RedbReader {
+        RedbReader {
+            db: self.db.clone(),
+        }
+    }
+
     /// True if the database holds no table yet (created, never committed to).
     pub fn is_empty(&self) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
@@ -106,15 +116,15 @@ impl RedbStore {
     }
 }
 
-impl StoreRead for RedbStore {
+/// Reads a [`RedbStore`]'s database from another thread ([`RedbStore::reader`]).
+#[derive(Clone)]
+pub struct RedbReader {
+    db: Arc<Database>,
+}
+
+impl StoreRead for RedbReader {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let t = match txn.open_table(definition(table)) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(backend(e)),
-        };
-        Ok(t.get(key).map_err(backend)?.map(|v| v.value().to_vec()))
+        get(&self.db, table, key)
     }
 
     fn scan_from(
@@ -123,20 +133,54 @@ impl StoreRead for RedbStore {
         start: &[u8],
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let t = match txn.open_table(definition(table)) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(()),
-            Err(e) => return Err(backend(e)),
-        };
-        for entry in t.range::<&[u8]>(start..).map_err(backend)? {
-            let (k, v) = entry.map_err(backend)?;
-            if let ControlFlow::Break(()) = visit(k.value(), v.value()) {
-                break;
-            }
-        }
-        Ok(())
+        scan_from(&self.db, table, start, visit)
     }
+}
+
+impl StoreRead for RedbStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        get(&self.db, table, key)
+    }
+
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        scan_from(&self.db, table, start, visit)
+    }
+}
+
+fn get(db: &Database, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let t = match txn.open_table(definition(table)) {
+        Ok(t) => t,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(backend(e)),
+    };
+    Ok(t.get(key).map_err(backend)?.map(|v| v.value().to_vec()))
+}
+
+fn scan_from(
+    db: &Database,
+    table: Table,
+    start: &[u8],
+    visit: &mut Visit<'_>,
+) -> Result<(), StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let t = match txn.open_table(definition(table)) {
+        Ok(t) => t,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(backend(e)),
+    };
+    for entry in t.range::<&[u8]>(start..).map_err(backend)? {
+        let (k, v) = entry.map_err(backend)?;
+        if let ControlFlow::Break(()) = visit(k.value(), v.value()) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 impl Store for RedbStore {

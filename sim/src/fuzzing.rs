@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
+use sund_model::gateway::transfers::read_chunk;
 use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, UserId};
@@ -15,8 +16,8 @@ use sund_model::testing::TestDevice;
 use sund_model::time::Instant;
 use sund_model::trust::DeviceCertificate;
 use sund_model::wire::payload::{
-    Ack, Cursor, Goodbye, Heartbeat, Hello, HelloOk, KeyPackageFetch, KeyPackageUpload, Leave,
-    ReplayRequest, Send,
+    Ack, ChunkHead, ChunkRequest, Cursor, FileFetched, Goodbye, Heartbeat, Hello, HelloOk,
+    KeyPackageFetch, KeyPackageUpload, Leave, ListedChunkWire, ReplayRequest, Send, UploadOpen,
 };
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -124,6 +125,22 @@ enum WellFormed {
     Leave {
         conversation: u8,
     },
+    /// Open (or reopen) upload `upload` listing chunks by (id byte, length): small lengths,
+    /// so that chunks are cheap to send.
+    UploadOpen {
+        conversation: u8,
+        upload: u8,
+        chunks: Vec<(u8, u16)>,
+    },
+    ChunkRequest {
+        conversation: u8,
+        upload: u8,
+        ids: Vec<u8>,
+    },
+    FileFetched {
+        conversation: u8,
+        upload: u8,
+    },
     /// Real KeyPackages of device `owner` (maybe not the session's device): `count` of its
     /// cached one-time packages from index `first`, and its last-resort package if asked.
     RealKeyPackages {
@@ -191,6 +208,17 @@ enum Op {
     Frame(u8, WellFormed),
     /// A well-formed frame with one byte overwritten arrives on slot `k`.
     Tampered(u8, WellFormed, u16, u8),
+    /// A chunk stream on slot `k`: a head naming (conversation, upload, id byte, declared
+    /// length), then `len` bytes of `fill`.
+    ChunkStream {
+        slot: u8,
+        conversation: u8,
+        upload: u8,
+        id: u8,
+        declared: u16,
+        len: u16,
+        fill: u8,
+    },
     /// Admin: add one device to a conversation (creating it if needed).
     AddMember(u8, u8),
     /// Time passes (up to 10 s) and the housekeeping tick runs.
@@ -230,6 +258,13 @@ struct Handshakes {
     last_token: Option<[u8; 32]>,
     /// Each device's certificate, registered when the harness starts.
     certificates: BTreeMap<DeviceId, Vec<u8>>,
+}
+
+fn in_conversation(k: u8) -> Routing {
+    Routing {
+        conversation: conversation(k),
+        ..Routing::default()
+    }
 }
 
 fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes) -> Frame {
@@ -392,6 +427,44 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 }),
             )
         }
+        WellFormed::UploadOpen {
+            conversation: c,
+            upload,
+            chunks,
+        } => Frame::new(
+            in_conversation(c),
+            Payload::UploadOpen(UploadOpen {
+                upload: [upload; 16],
+                chunks: chunks
+                    .into_iter()
+                    .take(16)
+                    .map(|(id, len)| ListedChunkWire {
+                        id: [id; 32],
+                        len: u32::from(len),
+                    })
+                    .collect(),
+            }),
+        ),
+        WellFormed::ChunkRequest {
+            conversation: c,
+            upload,
+            ids,
+        } => Frame::new(
+            in_conversation(c),
+            Payload::ChunkRequest(ChunkRequest {
+                upload: [upload; 16],
+                ids: ids.into_iter().take(16).map(|id| [id; 32].into()).collect(),
+            }),
+        ),
+        WellFormed::FileFetched {
+            conversation: c,
+            upload,
+        } => Frame::new(
+            in_conversation(c),
+            Payload::FileFetched(FileFetched {
+                upload: [upload; 16],
+            }),
+        ),
         WellFormed::Leave { conversation: c } => Frame::new(
             Routing {
                 conversation: conversation(c),
@@ -531,6 +604,25 @@ impl Harness {
                 bytes[at] = value;
                 self.input(GatewayInput::Frame(conn, bytes.into()));
             }
+            Op::ChunkStream {
+                slot,
+                conversation: c,
+                upload,
+                id,
+                declared,
+                len,
+                fill,
+            } => {
+                let conn = self.conn(slot);
+                let head = ChunkHead {
+                    upload: [upload; 16],
+                    id: [id; 32],
+                    len: u32::from(declared),
+                };
+                let head = Frame::new(in_conversation(c), Payload::Chunk(head)).encode();
+                let body = vec![fill; usize::from(len)].into();
+                self.input(GatewayInput::Chunk { conn, head, body });
+            }
             Op::AddMember(c, d) => {
                 let d = device(d);
                 if d == DeviceId(0) {
@@ -593,6 +685,24 @@ impl Harness {
                         assert_eq!(request, ADMIN_REQUEST, "answers name their request");
                     }
                     GatewayOutput::HistoryLost(_) => {}
+                    GatewayOutput::ServeChunk(serve) => {
+                        // As a driver does: read and check. This disk never damages what it
+                        // holds, so a chunk the index calls stored must read back whole.
+                        let read = read_chunk(&self.disk, &serve)
+                            .expect("the simulated disk reads what it holds");
+                        let bytes = read.unwrap_or_else(|| {
+                            panic!(
+                                "the index serves {:?}, but its blob is not stored",
+                                serve.id
+                            )
+                        });
+                        assert_eq!(bytes.len(), serve.plan.sealed_len as usize);
+                        assert!(
+                            !self.closed_by_gateway.contains(&serve.conn),
+                            "chunk served on {:?} after the gateway closed it",
+                            serve.conn
+                        );
+                    }
                 }
             }
         }
@@ -647,6 +757,25 @@ impl Harness {
             let live: Vec<DeviceId> = self.gateway.devices_of(user(k)).collect();
             let back: Vec<DeviceId> = recovered.devices_of(user(k)).collect();
             assert_eq!(live, back, "recovered devices of user {k} differ");
+        }
+        let (live_index, back_index) = (self.gateway.chunk_index(), recovered.chunk_index());
+        live_index
+            .consistency()
+            .expect("the live chunk index is consistent");
+        back_index
+            .consistency()
+            .expect("the recovered chunk index is consistent");
+        assert_eq!(
+            live_index.chunk_count(),
+            back_index.chunk_count(),
+            "recovered chunk count differs"
+        );
+        for k in 0..=DEVICES_MAX {
+            assert_eq!(
+                live_index.usage(user(k)),
+                back_index.usage(user(k)),
+                "recovered file quota use of user {k} differs"
+            );
         }
         for log in self.gateway.conversations() {
             let conv = log.id();

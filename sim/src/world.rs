@@ -954,6 +954,12 @@ impl World {
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
             GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
+            // Simulated nodes do not move files yet (issue 16's node side comes next): nothing
+            // here sends a `ChunkRequest`, so the gateway never has a chunk to serve.
+            GatewayOutput::ServeChunk(serve) => unreachable!(
+                "{} was asked to serve {:?} though no simulated node fetches files yet",
+                self.actors[a as usize].name, serve.id
+            ),
             GatewayOutput::HistoryLost(lost) => {
                 *self.faults.entry("history-lost-detected").or_default() += 1;
                 self.note(|w| {

@@ -40,8 +40,9 @@ use sund_model::wire::payload::{
     Removed, ReplayRequest, RosterEntry, Send, SendAck, Welcome, FETCH_USERS_MAX,
 };
 use sund_model::wire::payload::{
-    Certificate, Crl as CrlPayload, CrlFetch, DeviceLinked, PairVouch, PairVouched, Register,
-    RenewCertificate, TrustRoot, TrustRootFetch,
+    Certificate, ChunkAck, ChunkHead, ChunkRequest, ChunksUnavailable, Crl as CrlPayload, CrlFetch,
+    DeviceLinked, FileFetched, ListedChunkWire, PairVouch, PairVouched, Register,
+    RenewCertificate, TrustRoot, TrustRootFetch, UploadOpen, UploadStatus,
 };
 use sund_model::wire::{
     Frame, Opcode, Payload, Routing, WireError, HEADER_BYTES, PAYLOAD_BYTES_MAX,
@@ -268,6 +269,62 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::RenewCertificate(RenewCertificate {}),
         ),
         ("leave", Payload::Leave(Leave {})),
+        (
+            "upload-open",
+            Payload::UploadOpen(UploadOpen {
+                upload: [0x55; 16],
+                chunks: vec![
+                    ListedChunkWire {
+                        id: [0x01; 32],
+                        len: 1 << 20,
+                    },
+                    ListedChunkWire {
+                        id: [0x02; 32],
+                        len: 262_160,
+                    },
+                ],
+            }),
+        ),
+        (
+            "upload-status",
+            Payload::UploadStatus(UploadStatus {
+                upload: [0x55; 16],
+                missing: vec![[0x02; 32].into()],
+            }),
+        ),
+        (
+            "chunk-head",
+            Payload::Chunk(ChunkHead {
+                upload: [0x55; 16],
+                id: [0x01; 32],
+                len: 1 << 20,
+            }),
+        ),
+        (
+            "chunk-ack",
+            Payload::ChunkAck(ChunkAck {
+                upload: [0x55; 16],
+                id: [0x01; 32],
+            }),
+        ),
+        (
+            "chunk-request",
+            Payload::ChunkRequest(ChunkRequest {
+                upload: [0x55; 16],
+                ids: vec![[0x01; 32].into(), [0x02; 32].into()],
+            }),
+        ),
+        (
+            "chunks-unavailable",
+            Payload::ChunksUnavailable(ChunksUnavailable {
+                upload: [0x55; 16],
+                ids: vec![[0x02; 32].into()],
+            }),
+        ),
+        (
+            "file-fetched",
+            Payload::FileFetched(FileFetched { upload: [0x55; 16] }),
+        ),
         (
             "register",
             Payload::Register(Register {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::delivery::DeliveryLimits;
+use super::files::ChunkLimits;
 use super::key_packages::DirectoryConfig;
 use crate::planted::PlantedBug;
 use crate::wire::PAYLOAD_BYTES_MAX;
@@ -46,6 +47,8 @@ pub struct GatewayConfig {
     pub resume_token_ttl: Duration,
     /// Limits of the KeyPackage directory.
     pub directory: DirectoryConfig,
+    /// Limits of file transfers: quota per user, retention, uploads open at once.
+    pub files: ChunkLimits,
     /// A deliberate bug, planted by the simulator only (see [`crate::planted`]); `None` in
     /// every real gateway.
     pub planted: Option<PlantedBug>,
@@ -69,6 +72,7 @@ impl Default for GatewayConfig {
             domain: "localhost".into(),
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
             directory: DirectoryConfig::default(),
+            files: ChunkLimits::default(),
             planted: None,
         }
     }

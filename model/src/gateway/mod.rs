@@ -21,8 +21,8 @@
 //!   binding of devices to users;
 //! - [`groups`]: MLS conversations (commit admission, roles, the external sender, removals);
 //! - [`key_packages`]: the KeyPackage directory;
-//! - [`files`]: the chunk index of file transfers (quota, references, uploads, damage at rest;
-//!   not routed yet).
+//! - [`files`]: the chunk index of file transfers (quota, references, uploads, damage at rest),
+//!   and [`transfers`], its wire side (membership, answers, chunks to serve).
 //!
 //! This module only routes: it decodes a frame, asks the sub-machines, and carries effects that
 //! span several of them (a commit that changes membership, a revocation). Every handler writes
@@ -40,6 +40,7 @@ pub mod registry;
 pub mod sender_order;
 pub mod sequencer;
 pub mod session;
+pub mod transfers;
 
 use bytes::Bytes;
 
@@ -62,6 +63,7 @@ use key_packages::KeyPackageService;
 use registry::Registry;
 use sequencer::{Appended, ConversationLog};
 use session::{Challenged, Resume, Sessions, Stage};
+use transfers::Transfers;
 
 pub use admin::{AdminAnswer, AdminCommand};
 pub use config::GatewayConfig;
@@ -69,14 +71,29 @@ pub use delivery::{HistoryKind, LostHistory, CURSORS_TABLE, FENCE_MAX, INBOX_TAB
 pub use refusal::{GatewayStats, Refusal, RefusalCounts};
 pub use registry::USERS_TABLE;
 pub use session::TOKENS_TABLE;
+pub use transfers::{ChunkToServe, TransferStats};
 
 /// Inputs to [`Gateway::handle`].
 #[derive(Clone, Debug)]
 pub enum GatewayInput {
     /// A node connected.
     Accepted(ConnectionId),
-    /// A frame arrived on a connection.
+    /// A frame arrived on a connection's message stream.
     Frame(ConnectionId, Bytes),
+    /// A chunk stream of a connection was read whole: its first frame (a `Chunk` head) and
+    /// the bytes after it. The driver reads at most the head's `len` (checked with
+    /// `ChunkHead::check_len` before reading) and hands over exactly what it read.
+    Chunk {
+        /// The connection.
+        conn: ConnectionId,
+        /// The encoded head frame.
+        head: Bytes,
+        /// The sealed chunk.
+        body: Bytes,
+    },
+    /// A chunk the gateway asked the driver to serve ([`GatewayOutput::ServeChunk`]) failed
+    /// its digest check when read: damaged at rest. It was not sent.
+    ChunkDamaged(ChunkToServe),
     /// A connection is gone.
     Closed(ConnectionId),
     /// An operator's command; its answer leaves as [`GatewayOutput::Admin`] with the same
@@ -108,6 +125,10 @@ pub enum GatewayOutput {
     /// members are told as they reach them; a device whose history diverged was told; the disk
     /// needs looking at.
     HistoryLost(LostHistory),
+    /// Read a chunk's blob from the store, check it (`files::verify_blob`), and send it to the
+    /// connection on a chunk stream of its own: [`ChunkToServe::head`], then the bytes. A
+    /// blob that fails the check is not sent but reported as [`GatewayInput::ChunkDamaged`].
+    ServeChunk(ChunkToServe),
 }
 
 /// The gateway's effects sink.
@@ -150,6 +171,7 @@ pub struct Gateway {
     registry: Registry,
     groups: Groups,
     key_packages: KeyPackageService,
+    transfers: Transfers,
     timers: TimerTable<GatewayTimer>,
     refusals: RefusalCounts,
     fx: Fx,
@@ -191,6 +213,7 @@ impl Gateway {
             registry,
             Groups::default(),
             KeyPackageService::new(config.directory.clone()),
+            Transfers::new(config.files.clone()),
         );
         gateway.fx = fx;
         gateway
@@ -218,6 +241,7 @@ impl Gateway {
         )?;
         let key_packages = KeyPackageService::recover(config.directory.clone(), store)?;
         let sessions = Sessions::recover(store)?;
+        let transfers = Transfers::recover(config.files.clone(), store)?;
         let mut gateway = Gateway::assemble(
             config,
             now,
@@ -227,6 +251,7 @@ impl Gateway {
             registry,
             groups,
             key_packages,
+            transfers,
         );
         gateway.fx = fx;
         Ok(gateway)
@@ -242,6 +267,7 @@ impl Gateway {
         registry: Registry,
         groups: Groups,
         key_packages: KeyPackageService,
+        transfers: Transfers,
     ) -> Gateway {
         assert!(
             !config.tick_interval.is_zero(),
@@ -258,6 +284,7 @@ impl Gateway {
             registry,
             groups,
             key_packages,
+            transfers,
             refusals: RefusalCounts::default(),
             fx: Fx::default(),
         }
@@ -298,6 +325,7 @@ impl Gateway {
             registry: self.registry.stats().clone(),
             groups: self.groups.stats().clone(),
             key_packages: self.key_packages.stats().clone(),
+            transfers: self.transfers.stats().clone(),
             refusals: self.refusals,
         }
     }
@@ -320,6 +348,11 @@ impl Gateway {
     /// One-time KeyPackages `device` has in the directory.
     pub fn key_packages_left(&self, device: DeviceId) -> usize {
         self.key_packages.directory().remaining(device)
+    }
+
+    /// The file transfers' chunk index.
+    pub fn chunk_index(&self) -> &files::ChunkIndex {
+        self.transfers.index()
     }
 
     /// The registration authority (admin listings).
@@ -367,6 +400,15 @@ impl Gateway {
             GatewayInput::Accepted(conn) => self.sessions.accept(now, conn),
             GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
             GatewayInput::Closed(conn) => self.forget_session(conn),
+            GatewayInput::Chunk { conn, head, body } => self.handle_chunk(now, conn, &head, body),
+            GatewayInput::ChunkDamaged(serve) => {
+                let uploader: Vec<ConnectionId> = self
+                    .registry
+                    .devices_of(serve.owner)
+                    .filter_map(|d| self.sessions.online(d))
+                    .collect();
+                self.transfers.damaged(&serve, &uploader, &mut self.fx);
+            }
             GatewayInput::Admin { request, command } => self.admin(now, request, command),
         }
     }
@@ -413,6 +455,7 @@ impl Gateway {
         self.delivery.collect_garbage(now, self.fx.writes());
         self.sessions
             .expire_tokens(now, self.config.gc_batch_max, self.fx.writes());
+        self.transfers.expire(now, &mut self.fx);
     }
 
     fn handle_frame(&mut self, now: Instant, conn: ConnectionId, bytes: &[u8]) {
@@ -560,6 +603,28 @@ impl Gateway {
                     fx,
                 )
             }
+            Payload::UploadOpen(open) => {
+                let owner = owner_of(&self.registry, device)?;
+                let conv = routing.conversation;
+                let members = self.delivery.log(conv).map(|log| log.members());
+                self.transfers
+                    .open(now, conn, device, owner, conv, members, open, fx)
+            }
+            Payload::ChunkRequest(request) => {
+                let conv = routing.conversation;
+                let members = self.delivery.log(conv).map(|log| log.members());
+                self.transfers
+                    .request(conn, device, conv, members, request, fx)
+            }
+            Payload::FileFetched(fetched) => {
+                self.transfers
+                    .fetched(routing.conversation, device, fetched, fx);
+                Ok(())
+            }
+            Payload::Chunk(_) => Err(Refusal::error(
+                ErrorCode::UnexpectedOpcode,
+                "a chunk travels on a stream of its own, not in the message stream",
+            )),
             Payload::Goodbye(_) => {
                 fx.hold(GatewayOutput::Close(conn));
                 self.forget_session(conn);
@@ -569,6 +634,51 @@ impl Gateway {
                 ErrorCode::UnexpectedOpcode,
                 format!("{:?} is not accepted by a gateway", other.opcode()),
             )),
+        }
+    }
+
+    // ---- files ----
+
+    /// A whole chunk stream: its head frame, checked like any frame, then the bytes.
+    fn handle_chunk(&mut self, now: Instant, conn: ConnectionId, head: &[u8], body: Bytes) {
+        let Some(stage) = self.sessions.heard(now, conn) else {
+            return; // the stream raced with the close of its connection
+        };
+        let Stage::Open(device) = stage else {
+            let goodbye = Refusal::goodbye(ErrorCode::NotAuthenticated, "say hello first");
+            self.refuse(conn, goodbye);
+            return;
+        };
+        let result = match Frame::decode(head, self.config.payload_bytes_max) {
+            Err(error) => Err(Refusal::error(ErrorCode::MalformedFrame, error.to_string())),
+            Ok(Frame {
+                routing,
+                payload: Payload::Chunk(chunk),
+                ..
+            }) => owner_of(&self.registry, device).and_then(|owner| {
+                let conv = routing.conversation;
+                let members = self.delivery.log(conv).map(|log| log.members());
+                self.transfers.chunk(
+                    conn,
+                    device,
+                    owner,
+                    conv,
+                    members,
+                    chunk,
+                    body,
+                    &mut self.fx,
+                )
+            }),
+            Ok(other) => Err(Refusal::error(
+                ErrorCode::UnexpectedOpcode,
+                format!(
+                    "a chunk stream starts with a Chunk frame, not {:?}",
+                    other.opcode()
+                ),
+            )),
+        };
+        if let Err(refusal) = result {
+            self.refuse(conn, refusal);
         }
     }
 
@@ -922,6 +1032,9 @@ impl Gateway {
             self.groups.note_handover();
         }
         self.groups.set_state(conv, state, self.fx.writes());
+        for &device in &change.removed {
+            self.transfers.member_removed(conv, device, &mut self.fx);
+        }
         let group = self.groups.get(conv).expect("set above");
         self.delivery.apply_membership(
             now,
@@ -996,6 +1109,16 @@ impl Gateway {
             self.propose_removal(now, conv, device);
         }
     }
+}
+
+/// The user a session's device belongs to (every open session's device is bound to one).
+fn owner_of(registry: &Registry, device: DeviceId) -> Result<UserId, Refusal> {
+    registry.user_of(device).ok_or_else(|| {
+        Refusal::error(
+            ErrorCode::DeviceNotAdmitted,
+            "this device is not bound to a user here",
+        )
+    })
 }
 
 /// The longest prefix of `text` that fits in `max` bytes and ends on a character boundary.

@@ -6,6 +6,7 @@ use super::groups::GroupStats;
 use super::key_packages::KeyPackageStats;
 use super::registry::RegistryStats;
 use super::session::SessionStats;
+use super::transfers::TransferStats;
 use crate::ids::MsgId;
 use crate::wire::payload::ErrorCode;
 use crate::wire::Routing;
@@ -63,6 +64,8 @@ pub struct GatewayStats {
     pub groups: GroupStats,
     /// The KeyPackage directory.
     pub key_packages: KeyPackageStats,
+    /// File transfers.
+    pub transfers: TransferStats,
     /// Errors and goodbyes sent, by code.
     pub refusals: RefusalCounts,
 }

@@ -19,6 +19,7 @@
 //! the payload and never panics; each rejection has its own [`WireError`] variant.
 
 mod error;
+pub mod files;
 mod frame;
 mod header;
 mod opcode;

@@ -103,15 +103,25 @@ opcodes! {
     PresenceSubscribe = 0x0401,
     /// Gateway → node: a watched device's presence changed.
     PresenceNotify = 0x0402,
-    // 0x05xx: files (later wave)
-    /// Node → gateway: ask for chunks by hash.
+    // 0x05xx: files
+    /// Node → gateway: send these chunks of an upload.
     ChunkRequest = 0x0500,
-    /// Either way: one encrypted chunk.
+    /// Either way, only as the first frame of a chunk stream: the head of one sealed chunk,
+    /// whose bytes follow the frame.
     Chunk = 0x0501,
-    /// Receiver → sender: chunks received.
+    /// Gateway → node: an uploaded chunk is durable.
     ChunkAck = 0x0502,
-    /// Receiver → sender: signed receipt for a whole file.
+    /// Receiver → sender: signed receipt for a whole file (reserved: receipts travel inside
+    /// the conversation's MLS messages).
     FileReceipt = 0x0503,
+    /// Node → gateway: open or resume an upload (its chunk list).
+    UploadOpen = 0x0504,
+    /// Gateway → node: the chunks an upload still lacks.
+    UploadStatus = 0x0505,
+    /// Node → gateway: this device holds all of an upload's file.
+    FileFetched = 0x0506,
+    /// Gateway → node: requested chunks that cannot be sent.
+    ChunksUnavailable = 0x0507,
     // 0x06xx: federation (later wave)
     /// Gateway → gateway: mutual authentication.
     FederationHello = 0x0600,

@@ -10,6 +10,10 @@
 
 use minicbor::{Decode, Encode};
 
+pub use super::files::{
+    ChunkAck, ChunkHead, ChunkRequest, ChunksUnavailable, FileFetched, ListedChunkWire, UploadOpen,
+    UploadStatus, CHUNK_REQUEST_IDS_MAX, UPLOAD_CHUNKS_MAX,
+};
 use super::{Opcode, WireError};
 use crate::ids::{ConversationId, MsgId};
 
@@ -377,6 +381,16 @@ pub enum ErrorCode {
     /// holds there: the gateway lost messages the device had read, and has since sequenced
     /// others at their seqs. The device keeps what it has and reads on after its cursor.
     HistoryDiverged = 34,
+    /// A file upload would take its user past the storage quota; the message says how much is
+    /// in use. Wait until members have fetched earlier files.
+    QuotaExceeded = 35,
+    /// A file upload was refused: an invalid chunk list, an upload id in use for another file,
+    /// or too many uploads open at once; the message says which.
+    UploadRefused = 36,
+    /// The upload named is not open here (it completed or expired): open it again.
+    NoSuchUpload = 37,
+    /// A chunk's bytes were refused: not awaited by the upload, or not the declared length.
+    ChunkRefused = 38,
 }
 
 impl ErrorCode {
@@ -418,6 +432,10 @@ impl ErrorCode {
             DeviceStateCopied,
             HistoryLost,
             HistoryDiverged,
+            QuotaExceeded,
+            UploadRefused,
+            NoSuchUpload,
+            ChunkRefused,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -671,6 +689,13 @@ pub enum Payload {
     PairVouched(PairVouched),
     DeviceLinked(DeviceLinked),
     RenewCertificate(RenewCertificate),
+    UploadOpen(UploadOpen),
+    UploadStatus(UploadStatus),
+    Chunk(ChunkHead),
+    ChunkAck(ChunkAck),
+    ChunkRequest(ChunkRequest),
+    ChunksUnavailable(ChunksUnavailable),
+    FileFetched(FileFetched),
 }
 
 /// Decodes exactly one CBOR item that fills `bytes`: anything after it is refused, so one
@@ -734,6 +759,13 @@ impl Payload {
             Payload::PairVouched(_) => Opcode::PairVouched,
             Payload::DeviceLinked(_) => Opcode::DeviceLinked,
             Payload::RenewCertificate(_) => Opcode::RenewCertificate,
+            Payload::UploadOpen(_) => Opcode::UploadOpen,
+            Payload::UploadStatus(_) => Opcode::UploadStatus,
+            Payload::Chunk(_) => Opcode::Chunk,
+            Payload::ChunkAck(_) => Opcode::ChunkAck,
+            Payload::ChunkRequest(_) => Opcode::ChunkRequest,
+            Payload::ChunksUnavailable(_) => Opcode::ChunksUnavailable,
+            Payload::FileFetched(_) => Opcode::FileFetched,
         }
     }
 
@@ -769,6 +801,13 @@ impl Payload {
             Payload::PairVouched(p) => minicbor::encode(p, &mut *out),
             Payload::DeviceLinked(p) => minicbor::encode(p, &mut *out),
             Payload::RenewCertificate(p) => minicbor::encode(p, &mut *out),
+            Payload::UploadOpen(p) => minicbor::encode(p, &mut *out),
+            Payload::UploadStatus(p) => minicbor::encode(p, &mut *out),
+            Payload::Chunk(p) => minicbor::encode(p, &mut *out),
+            Payload::ChunkAck(p) => minicbor::encode(p, &mut *out),
+            Payload::ChunkRequest(p) => minicbor::encode(p, &mut *out),
+            Payload::ChunksUnavailable(p) => minicbor::encode(p, &mut *out),
+            Payload::FileFetched(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -859,6 +898,29 @@ impl Payload {
                 Payload::DeviceLinked(p)
             }
             Opcode::RenewCertificate => Payload::RenewCertificate(decode_as(opcode, bytes)?),
+            Opcode::UploadOpen => {
+                let p: UploadOpen = decode_as(opcode, bytes)?;
+                check_len("upload_open.chunks", p.chunks.len(), UPLOAD_CHUNKS_MAX)?;
+                Payload::UploadOpen(p)
+            }
+            Opcode::UploadStatus => {
+                let p: UploadStatus = decode_as(opcode, bytes)?;
+                check_len("upload_status.missing", p.missing.len(), UPLOAD_CHUNKS_MAX)?;
+                Payload::UploadStatus(p)
+            }
+            Opcode::Chunk => Payload::Chunk(decode_as(opcode, bytes)?),
+            Opcode::ChunkAck => Payload::ChunkAck(decode_as(opcode, bytes)?),
+            Opcode::ChunkRequest => {
+                let p: ChunkRequest = decode_as(opcode, bytes)?;
+                check_len("chunk_request.ids", p.ids.len(), CHUNK_REQUEST_IDS_MAX)?;
+                Payload::ChunkRequest(p)
+            }
+            Opcode::ChunksUnavailable => {
+                let p: ChunksUnavailable = decode_as(opcode, bytes)?;
+                check_len("chunks_unavailable.ids", p.ids.len(), CHUNK_REQUEST_IDS_MAX)?;
+                Payload::ChunksUnavailable(p)
+            }
+            Opcode::FileFetched => Payload::FileFetched(decode_as(opcode, bytes)?),
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };
         debug_assert_eq!(payload.opcode(), opcode);

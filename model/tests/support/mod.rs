@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use sund_model::env::MemStore;
+use sund_model::gateway::transfers::read_chunk;
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
 };
@@ -67,6 +68,8 @@ pub struct Net {
     pub seen: BTreeMap<u64, Vec<Frame>>,
     /// Answers to admin commands, in order.
     pub answers: Vec<AdminAnswer>,
+    /// Chunk streams the gateway served to each connection: the head frame and the bytes.
+    pub chunks: BTreeMap<u64, Vec<(Frame, Vec<u8>)>>,
 }
 
 impl Net {
@@ -86,6 +89,7 @@ impl Net {
             seen: BTreeMap::new(),
             events: BTreeMap::new(),
             answers: Vec::new(),
+            chunks: BTreeMap::new(),
         }
     }
 
@@ -157,6 +161,21 @@ impl Net {
             for output in outputs {
                 if let GatewayOutput::Admin { answer, .. } = &output {
                     self.answers.push(answer.clone());
+                }
+                if let GatewayOutput::ServeChunk(serve) = &output {
+                    moved = true;
+                    match read_chunk(&self.gateway_store, serve).unwrap() {
+                        Some(bytes) => {
+                            let head = Frame::decode(&serve.head(), PAYLOAD_BYTES_MAX).unwrap();
+                            self.chunks
+                                .entry(serve.conn.0)
+                                .or_default()
+                                .push((head, bytes));
+                        }
+                        None => self
+                            .gateway
+                            .handle(self.now, GatewayInput::ChunkDamaged(serve.clone())),
+                    }
                 }
                 if let GatewayOutput::Send(conn, bytes) = output {
                     moved = true;

@@ -1,0 +1,465 @@
+//! File transfers through the real gateway machine, with real MLS rooms for membership: an
+//! upload opened, resumed and completed; chunks served only to members and checked at rest;
+//! uploads ended when every member has fetched them; and every refusal with its own code.
+//!
+//! The devices here speak the file opcodes by hand (the node's side comes in a later step); the
+//! `Net` harness serves chunks from the gateway's store as a driver does.
+
+mod support;
+
+use bytes::Bytes;
+use sund_model::env::{Store, WriteBatch};
+use sund_model::files::{open_chunk, seal_file, FileName, FileSecret, Manifest, SealedChunk};
+use sund_model::gateway::files::{ChunkLimits, BLOBS_TABLE};
+use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
+use sund_model::ids::{ConnectionId, ConversationId, UserId};
+use sund_model::wire::payload::{
+    ChunkHead, ChunkRequest, ErrorCode, FileFetched, ListedChunkWire, UploadOpen,
+};
+use sund_model::wire::{Frame, Payload, Routing};
+use support::{node_config, Counter, Net};
+
+const UPLOAD: [u8; 16] = [0x55; 16];
+
+fn user(name: &str) -> UserId {
+    UserId::from_name(name)
+}
+
+/// Bytes that do not repeat (so that the chunker cuts them as it would a real file).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Alice (1) owns a room with Bob's phone (2) and laptop (3); Carol (4) is registered but not
+/// in it.
+fn room(net: &mut Net) -> ConversationId {
+    net.add(1, node_config(1, "alice"));
+    net.add(2, node_config(2, "bob"));
+    net.add(3, node_config(3, "bob"));
+    net.add(4, node_config(4, "carol"));
+    let now = net.now;
+    let room = net
+        .node(1)
+        .create_room(now, &[user("bob")])
+        .expect("a room");
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 3);
+    room
+}
+
+fn file(len: usize) -> (Manifest, Vec<SealedChunk>) {
+    let secret = FileSecret::from_bytes([9; 32]);
+    seal_file(FileName::new("report.pdf").unwrap(), secret, &noise(len, 7)).unwrap()
+}
+
+fn listed(chunks: &[SealedChunk]) -> Vec<ListedChunkWire> {
+    chunks
+        .iter()
+        .map(|c| ListedChunkWire {
+            id: c.id.0,
+            len: c.ciphertext.len() as u32,
+        })
+        .collect()
+}
+
+fn in_conv(conv: ConversationId) -> Routing {
+    Routing {
+        conversation: conv,
+        ..Routing::default()
+    }
+}
+
+/// A frame from `conn`'s session, as its message stream carries it.
+fn frame(net: &mut Net, conn: u64, conv: ConversationId, payload: Payload) {
+    let bytes = Frame::new(in_conv(conv), payload).encode();
+    let now = net.now;
+    net.gateway
+        .handle(now, GatewayInput::Frame(ConnectionId(conn), bytes));
+    net.settle();
+}
+
+/// A chunk stream from `conn`: the head frame, then the bytes.
+fn chunk_stream(net: &mut Net, conn: u64, conv: ConversationId, id: [u8; 32], body: &[u8]) {
+    let head = ChunkHead {
+        upload: UPLOAD,
+        id,
+        len: body.len() as u32,
+    };
+    let head = Frame::new(in_conv(conv), Payload::Chunk(head)).encode();
+    let now = net.now;
+    net.gateway.handle(
+        now,
+        GatewayInput::Chunk {
+            conn: ConnectionId(conn),
+            head,
+            body: Bytes::copy_from_slice(body),
+        },
+    );
+    net.settle();
+}
+
+fn take_seen(net: &mut Net, conn: u64) -> Vec<Payload> {
+    net.seen
+        .remove(&conn)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| f.payload)
+        .collect()
+}
+
+/// The `missing` of the last `UploadStatus` `conn` heard.
+fn missing(seen: &[Payload]) -> Vec<[u8; 32]> {
+    seen.iter()
+        .rev()
+        .find_map(|p| match p {
+            Payload::UploadStatus(s) => Some(s.missing.iter().map(|id| **id).collect()),
+            _ => None,
+        })
+        .expect("an upload status")
+}
+
+fn errors(seen: &[Payload]) -> Vec<(ErrorCode, String)> {
+    seen.iter()
+        .filter_map(|p| match p {
+            Payload::Error(e) => Some((ErrorCode::from_u16(e.code), e.message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn open_upload(net: &mut Net, conv: ConversationId, chunks: &[SealedChunk]) -> Vec<[u8; 32]> {
+    let open = UploadOpen {
+        upload: UPLOAD,
+        chunks: listed(chunks),
+    };
+    frame(net, 1, conv, Payload::UploadOpen(open));
+    missing(&take_seen(net, 1))
+}
+
+fn request(net: &mut Net, conn: u64, conv: ConversationId, ids: &[[u8; 32]]) -> Vec<Payload> {
+    let request = ChunkRequest {
+        upload: UPLOAD,
+        ids: ids.iter().map(|id| (*id).into()).collect(),
+    };
+    frame(net, conn, conv, Payload::ChunkRequest(request));
+    take_seen(net, conn)
+}
+
+#[test]
+fn an_upload_resumes_with_what_is_missing_and_members_fetch_exactly_the_sealed_bytes() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let (manifest, sealed) = file(3 << 20);
+    assert!(sealed.len() >= 2, "a file of several chunks");
+    let ids: Vec<[u8; 32]> = sealed.iter().map(|c| c.id.0).collect();
+
+    assert_eq!(
+        open_upload(&mut net, conv, &sealed),
+        ids,
+        "nothing stored yet"
+    );
+    // The first chunk arrives and is acknowledged; the uploader is cut off.
+    chunk_stream(&mut net, 1, conv, ids[0], &sealed[0].ciphertext);
+    let acks: Vec<[u8; 32]> = take_seen(&mut net, 1)
+        .iter()
+        .filter_map(|p| match p {
+            Payload::ChunkAck(a) => Some(a.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![ids[0]]);
+    // It reopens the upload and hears only what is missing, even after the gateway restarts.
+    net.gateway = Gateway::recover(
+        GatewayConfig {
+            open_enrolment: true,
+            ..GatewayConfig::default()
+        },
+        net.now,
+        &net.gateway_store,
+        Box::new(Counter(5)),
+    )
+    .unwrap();
+    for conn in 1..=4 {
+        let config = node_config(
+            conn as u8,
+            ["alice", "bob", "bob", "carol"][conn as usize - 1],
+        );
+        net.restart(conn, config);
+    }
+    assert_eq!(open_upload(&mut net, conv, &sealed), ids[1..].to_vec());
+    for chunk in &sealed[1..] {
+        chunk_stream(&mut net, 1, conv, chunk.id.0, &chunk.ciphertext);
+    }
+    assert!(open_upload(&mut net, conv, &sealed).is_empty());
+    // Counters count since the start; reopening to resume is not a new upload.
+    assert_eq!(net.gateway.stats().transfers.uploads_opened, 0);
+
+    // Bob's phone fetches every chunk, gets the very bytes, and opens them.
+    let answers = request(&mut net, 2, conv, &ids);
+    assert!(errors(&answers).is_empty(), "{:?}", errors(&answers));
+    let served = net.chunks.remove(&2).unwrap();
+    assert_eq!(served.len(), sealed.len());
+    let mut plain = Vec::new();
+    for ((head, bytes), (entry, chunk)) in
+        served.into_iter().zip(manifest.chunks.iter().zip(&sealed))
+    {
+        let Payload::Chunk(h) = head.payload else {
+            panic!("a chunk stream opens with a chunk head")
+        };
+        assert_eq!((h.id, h.len as usize), (chunk.id.0, bytes.len()));
+        assert_eq!(head.routing.conversation, conv);
+        plain.extend(open_chunk(&manifest.secret, entry, bytes).unwrap());
+    }
+    assert_eq!(plain, noise(3 << 20, 7));
+}
+
+#[test]
+fn outsiders_cannot_upload_fetch_or_reach_another_conversation() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let (_, sealed) = file(100_000);
+    open_upload(&mut net, conv, &sealed);
+    chunk_stream(&mut net, 1, conv, sealed[0].id.0, &sealed[0].ciphertext);
+    let id = sealed[0].id.0;
+
+    // Carol is not a member: she can neither fetch nor upload nor open an upload there.
+    let seen = request(&mut net, 4, conv, &[id]);
+    assert_eq!(errors(&seen)[0].0, ErrorCode::NotMember);
+    assert!(!net.chunks.contains_key(&4));
+    chunk_stream(&mut net, 4, conv, id, &sealed[0].ciphertext);
+    let open = UploadOpen {
+        upload: [1; 16],
+        chunks: listed(&sealed),
+    };
+    frame(&mut net, 4, conv, Payload::UploadOpen(open));
+    let codes: Vec<ErrorCode> = errors(&take_seen(&mut net, 4))
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(codes, vec![ErrorCode::NotMember, ErrorCode::NotMember]);
+
+    // Asking in a conversation that does not exist names that.
+    let seen = request(&mut net, 2, ConversationId(999), &[id]);
+    assert_eq!(errors(&seen)[0].0, ErrorCode::UnknownConversation);
+    // A chunk nobody uploaded is unavailable, and said so by id.
+    let seen = request(&mut net, 2, conv, &[[7; 32]]);
+    let unavailable: Vec<[u8; 32]> = seen
+        .iter()
+        .find_map(|p| match p {
+            Payload::ChunksUnavailable(u) => Some(u.ids.iter().map(|i| **i).collect()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(unavailable, vec![[7; 32]]);
+    // An upload id that is not open is its own error.
+    let request_other = ChunkRequest {
+        upload: [2; 16],
+        ids: vec![id.into()],
+    };
+    frame(&mut net, 2, conv, Payload::ChunkRequest(request_other));
+    assert_eq!(
+        errors(&take_seen(&mut net, 2))[0].0,
+        ErrorCode::NoSuchUpload
+    );
+}
+
+#[test]
+fn chunk_bytes_are_refused_unless_awaited_at_their_declared_length_on_their_own_stream() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let (_, sealed) = file(100_000);
+    open_upload(&mut net, conv, &sealed);
+    let id = sealed[0].id.0;
+    let good = &sealed[0].ciphertext;
+
+    chunk_stream(&mut net, 1, conv, id, &good[1..]);
+    chunk_stream(&mut net, 1, conv, [3; 32], good);
+    let codes: Vec<ErrorCode> = errors(&take_seen(&mut net, 1))
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        codes,
+        vec![ErrorCode::ChunkRefused, ErrorCode::ChunkRefused]
+    );
+
+    // A head whose length disagrees with the bytes the driver read is refused too.
+    let head = ChunkHead {
+        upload: UPLOAD,
+        id,
+        len: good.len() as u32 + 1,
+    };
+    let now = net.now;
+    net.gateway.handle(
+        now,
+        GatewayInput::Chunk {
+            conn: ConnectionId(1),
+            head: Frame::new(in_conv(conv), Payload::Chunk(head)).encode(),
+            body: Bytes::copy_from_slice(good),
+        },
+    );
+    net.settle();
+    // A chunk head in the message stream is the wrong stream.
+    frame(&mut net, 1, conv, Payload::Chunk(head));
+    let codes: Vec<ErrorCode> = errors(&take_seen(&mut net, 1))
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        codes,
+        vec![ErrorCode::ChunkRefused, ErrorCode::UnexpectedOpcode]
+    );
+    // Nothing of it was stored; the right bytes still are accepted once.
+    chunk_stream(&mut net, 1, conv, id, good);
+    chunk_stream(&mut net, 1, conv, id, good);
+    let seen = take_seen(&mut net, 1);
+    assert_eq!(
+        seen.iter()
+            .filter(|p| matches!(p, Payload::ChunkAck(_)))
+            .count(),
+        1
+    );
+    assert_eq!(
+        errors(&seen)[0].0,
+        ErrorCode::ChunkRefused,
+        "not awaited any more"
+    );
+
+    // A chunk stream before a session ends the connection.
+    let now = net.now;
+    net.gateway
+        .handle(now, GatewayInput::Accepted(ConnectionId(9)));
+    net.gateway.handle(
+        now,
+        GatewayInput::Chunk {
+            conn: ConnectionId(9),
+            head: Frame::new(in_conv(conv), Payload::Chunk(head)).encode(),
+            body: Bytes::copy_from_slice(good),
+        },
+    );
+    net.settle();
+    let seen = take_seen(&mut net, 9);
+    assert!(
+        matches!(&seen[0], Payload::Goodbye(g) if g.code == ErrorCode::NotAuthenticated as u16)
+    );
+}
+
+#[test]
+fn a_chunk_damaged_at_rest_is_not_served_and_the_uploader_is_asked_for_it_again() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let (manifest, sealed) = file(100_000);
+    open_upload(&mut net, conv, &sealed);
+    let chunk = &sealed[0];
+    chunk_stream(&mut net, 1, conv, chunk.id.0, &chunk.ciphertext);
+    take_seen(&mut net, 1);
+
+    // One bit flips in the stored blob.
+    let (key, mut blob) = net
+        .gateway_store
+        .records()
+        .find(|(table, _, _)| *table == BLOBS_TABLE.0)
+        .map(|(_, k, v)| (k.to_vec(), v.to_vec()))
+        .unwrap();
+    blob[100] ^= 1;
+    let mut batch = WriteBatch::default();
+    batch.put(BLOBS_TABLE, key, blob);
+    net.gateway_store.commit(batch).unwrap();
+
+    let seen = request(&mut net, 2, conv, &[chunk.id.0]);
+    assert!(!net.chunks.contains_key(&2), "damaged bytes are never sent");
+    assert!(seen
+        .iter()
+        .any(|p| matches!(p, Payload::ChunksUnavailable(u) if *u.ids[0] == chunk.id.0)));
+    assert_eq!(net.gateway.stats().transfers.chunks_damaged, 1);
+    // Alice's session hears the upload lacks it again, and sends it again.
+    assert_eq!(missing(&take_seen(&mut net, 1)), vec![chunk.id.0]);
+    chunk_stream(&mut net, 1, conv, chunk.id.0, &chunk.ciphertext);
+    request(&mut net, 2, conv, &[chunk.id.0]);
+    let (_, bytes) = net.chunks.remove(&2).unwrap().remove(0);
+    assert!(open_chunk(&manifest.secret, &manifest.chunks[0], bytes).is_ok());
+}
+
+#[test]
+fn an_upload_ends_when_every_member_device_has_it_and_frees_its_quota() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let (_, sealed) = file(100_000);
+    open_upload(&mut net, conv, &sealed);
+    chunk_stream(&mut net, 1, conv, sealed[0].id.0, &sealed[0].ciphertext);
+    let alice = user("alice");
+    assert!(net.gateway.chunk_index().usage(alice) > 0);
+
+    let fetched = Payload::FileFetched(FileFetched { upload: UPLOAD });
+    frame(&mut net, 2, conv, fetched.clone());
+    assert!(net
+        .gateway
+        .chunk_index()
+        .upload(conv, sund_model::gateway::files::UploadId(UPLOAD))
+        .is_some());
+    // Bob's laptop leaves the room instead of fetching: nobody is left to wait for.
+    let now = net.now;
+    net.node(3).leave(now, conv).unwrap();
+    net.settle();
+    assert!(!net
+        .gateway
+        .group(conv)
+        .unwrap()
+        .devices()
+        .contains_key(&net.device(3)));
+    assert!(net
+        .gateway
+        .chunk_index()
+        .upload(conv, sund_model::gateway::files::UploadId(UPLOAD))
+        .is_none());
+    assert_eq!(net.gateway.chunk_index().usage(alice), 0);
+    assert_eq!(net.gateway.chunk_index().chunk_count(), 0);
+    assert_eq!(
+        net.gateway_store.table_len(BLOBS_TABLE),
+        0,
+        "the bytes are gone"
+    );
+    net.gateway.chunk_index().consistency().unwrap();
+}
+
+#[test]
+fn an_upload_over_the_quota_is_refused_with_what_is_in_use() {
+    let mut net = Net::with_config(GatewayConfig {
+        open_enrolment: true,
+        files: ChunkLimits {
+            quota_bytes_per_user: 150_000,
+            ..ChunkLimits::default()
+        },
+        ..GatewayConfig::default()
+    });
+    let conv = room(&mut net);
+    let (_, sealed) = file(100_000);
+    open_upload(&mut net, conv, &sealed);
+    let other = seal_file(
+        FileName::new("other.bin").unwrap(),
+        FileSecret::from_bytes([8; 32]),
+        &noise(100_000, 3),
+    )
+    .unwrap()
+    .1;
+    let open = UploadOpen {
+        upload: [6; 16],
+        chunks: listed(&other),
+    };
+    frame(&mut net, 1, conv, Payload::UploadOpen(open));
+    let errors = errors(&take_seen(&mut net, 1));
+    assert_eq!(errors[0].0, ErrorCode::QuotaExceeded);
+    assert!(
+        errors[0].1.contains("of your 150000 bytes are in use"),
+        "{}",
+        errors[0].1
+    );
+}
