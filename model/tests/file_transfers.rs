@@ -8,11 +8,15 @@
 mod support;
 
 use bytes::Bytes;
-use sund_model::env::{Store, WriteBatch};
-use sund_model::files::{open_chunk, seal_file, FileName, FileSecret, Manifest, SealedChunk};
+use sund_model::env::{Store, StoreRead, WriteBatch};
+use sund_model::files::{
+    open_chunk, seal_file, FileName, FileSecret, Manifest, ManifestDigest, SealedChunk,
+};
 use sund_model::gateway::files::{ChunkLimits, BLOBS_TABLE};
 use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
 use sund_model::ids::{ConnectionId, ConversationId, UserId};
+use sund_model::node::files::{assemble, CHUNK_BYTES_TABLE};
+use sund_model::node::NodeEvent;
 use sund_model::wire::payload::{
     ChunkHead, ChunkRequest, ErrorCode, FileFetched, ListedChunkWire, UploadOpen,
 };
@@ -462,4 +466,193 @@ fn an_upload_over_the_quota_is_refused_with_what_is_in_use() {
         "{}",
         errors[0].1
     );
+}
+
+fn file_events(net: &Net, conn: u64) -> Vec<&NodeEvent> {
+    net.events
+        .get(&conn)
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        NodeEvent::FileOffered { .. }
+                            | NodeEvent::FileComplete { .. }
+                            | NodeEvent::FileFailed { .. }
+                            | NodeEvent::FileSent { .. }
+                            | NodeEvent::FileSendFailed { .. }
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The file `conn` holds, read back from its store as the driver assembles it.
+fn assembled(net: &Net, conn: u64, conv: ConversationId, digest: ManifestDigest) -> Vec<u8> {
+    let (node, store) = &net.nodes[&conn];
+    let manifest = &node.files().file(conv, digest).unwrap().manifest;
+    let mut out = Vec::new();
+    assemble(
+        manifest,
+        |hash| store.get(CHUNK_BYTES_TABLE, &hash.0).unwrap(),
+        |bytes| out.extend_from_slice(bytes),
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn a_file_sent_from_one_device_is_fetched_by_the_others_each_chunk_once_and_resumes_after_restarts()
+{
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let data = noise(5 << 20, 11);
+    let secret = FileSecret::from_bytes([4; 32]);
+    let (manifest, sealed) = seal_file(FileName::new("talk.mp4").unwrap(), secret, &data).unwrap();
+    let digest = manifest.digest();
+    let source = Bytes::from_static(b"/home/alice/talk.mp4");
+    net.sources.insert(source.clone(), data.clone());
+
+    let now = net.now;
+    net.node(1).send_file(now, conv, manifest, source).unwrap();
+    net.settle();
+    assert_eq!(
+        net.chunks_sent[&1],
+        sealed.len(),
+        "each chunk uploaded once"
+    );
+    assert!(
+        matches!(file_events(&net, 1)[..], [NodeEvent::FileSent { .. }]),
+        "{:?}",
+        file_events(&net, 1)
+    );
+    assert!(
+        net.node(1).transfers().uploads().next().is_none(),
+        "the upload is over"
+    );
+    for conn in [2, 3] {
+        match file_events(&net, conn)[..] {
+            [NodeEvent::FileOffered {
+                digest: d,
+                name,
+                size,
+                missing_bytes,
+                ..
+            }] => {
+                assert_eq!(
+                    (*d, name.as_str(), *size),
+                    (digest, "talk.mp4", data.len() as u64)
+                );
+                assert_eq!(*missing_bytes, data.len() as u64);
+            }
+            ref other => panic!("{other:?}"),
+        }
+    }
+    // Carol, outside the room, hears nothing.
+    assert!(file_events(&net, 4).is_empty());
+
+    // Bob's phone fetches it; it restarts after the first batch of chunks and goes on.
+    let now = net.now;
+    assert!(net.node(2).fetch_file(now, conv, digest));
+    net.step();
+    net.step();
+    net.restart(2, node_config(2, "bob"));
+    net.settle();
+    assert!(matches!(
+        file_events(&net, 2).last(),
+        Some(NodeEvent::FileComplete { .. })
+    ));
+    assert_eq!(assembled(&net, 2, conv, digest), data);
+    assert_eq!(net.chunks[&2].len(), sealed.len(), "no chunk served twice");
+
+    // The laptop too; then the gateway lets the upload go.
+    let now = net.now;
+    assert!(net.node(3).fetch_file(now, conv, digest));
+    net.settle();
+    assert_eq!(assembled(&net, 3, conv, digest), data);
+    assert_eq!(net.gateway.chunk_index().chunk_count(), 0);
+    assert_eq!(net.gateway.chunk_index().usage(user("alice")), 0);
+}
+
+#[test]
+fn an_upload_interrupted_by_restarts_sends_only_what_the_gateway_lacks() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let data = noise(5 << 20, 12);
+    let (manifest, sealed) = seal_file(
+        FileName::new("big.iso").unwrap(),
+        FileSecret::from_bytes([6; 32]),
+        &data,
+    )
+    .unwrap();
+    let source = Bytes::from_static(b"big.iso");
+    net.sources.insert(source.clone(), data.clone());
+    let now = net.now;
+    net.node(1).send_file(now, conv, manifest, source).unwrap();
+    // Two rounds (open, then the first window of chunks), then Alice's device restarts: its
+    // upload is durable and reopens.
+    net.step();
+    net.step();
+    let sent_before = net.chunks_sent.get(&1).copied().unwrap_or(0);
+    assert!(
+        sent_before < sealed.len(),
+        "interrupted part way: {sent_before} of {}",
+        sealed.len()
+    );
+    net.restart(1, node_config(1, "alice"));
+    net.settle();
+    assert_eq!(
+        net.chunks_sent[&1],
+        sealed.len(),
+        "what was acknowledged before the restart is not sent again"
+    );
+    assert!(file_events(&net, 1)
+        .iter()
+        .any(|e| matches!(e, NodeEvent::FileSent { .. })));
+    assert!(file_events(&net, 2)
+        .iter()
+        .any(|e| matches!(e, NodeEvent::FileOffered { .. })));
+}
+
+#[test]
+fn a_second_file_sharing_most_chunks_moves_only_the_new_ones_both_ways() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let secret = [7; 32];
+    let first = noise(4 << 20, 13);
+    let mut second = first.clone();
+    second.splice(
+        2_000_000..2_000_000,
+        b"an edit in the middle".iter().copied(),
+    );
+    let send = |net: &mut Net, name: &str, data: &[u8]| {
+        let (manifest, _) = seal_file(
+            FileName::new(name).unwrap(),
+            FileSecret::from_bytes(secret),
+            data,
+        )
+        .unwrap();
+        let digest = manifest.digest();
+        let source = Bytes::copy_from_slice(name.as_bytes());
+        net.sources.insert(source.clone(), data.to_vec());
+        let now = net.now;
+        net.node(1).send_file(now, conv, manifest, source).unwrap();
+        net.settle();
+        let now = net.now;
+        assert!(net.node(2).fetch_file(now, conv, digest));
+        net.settle();
+        digest
+    };
+    let d1 = send(&mut net, "v1.bin", &first);
+    let (up1, down1) = (net.chunks_sent[&1], net.chunks[&2].len());
+    let d2 = send(&mut net, "v2.bin", &second);
+    let (up2, down2) = (net.chunks_sent[&1] - up1, net.chunks[&2].len() - down1);
+    assert!(
+        up2 <= 2 && down2 <= 2,
+        "an edit moves the chunks around it: {up2} up, {down2} down of {up1}"
+    );
+    assert_eq!(assembled(&net, 2, conv, d1), first);
+    assert_eq!(assembled(&net, 2, conv, d2), second);
 }

@@ -17,15 +17,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sund_model::env::Ready;
+use sund_model::files::{seal_chunk, UploadId};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::mls::device_groups::{GroupError, GroupStatus, Intent};
 use sund_model::mls::group_ops::GroupKind;
+use sund_model::node::transfers::ChunkToSend;
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, PairingOffer, SendError,
 };
 use sund_model::trust::{EnrolmentToken, TrustRoot};
+use sund_model::wire::payload::ChunkHead;
+use sund_model::wire::{Frame, Payload, Routing};
+use sund_runtime::chunk_stream::{read_chunk_stream, write_chunk_stream};
 use sund_runtime::clock::DriverClock;
 use sund_runtime::committer::Committer;
 use sund_runtime::endpoint::{self, QuicError};
@@ -221,9 +226,13 @@ pub struct GroupSummary {
 /// What a connection attempt and its session tell the core, in one queue so that a
 /// connection's events keep their order (connected, frames, closed).
 enum Link {
-    Connected(ConnectionId, SessionHandle),
+    Connected(ConnectionId, SessionHandle, quinn::Connection),
     Failed(String),
     Session(SessionEvent),
+    /// A chunk stream from the gateway, read whole.
+    Chunk(ConnectionId, Bytes, Bytes),
+    /// A chunk of an upload could not be read from its file as it was when sent.
+    SourceFailed(UploadId, String),
 }
 
 impl From<SessionEvent> for Link {
@@ -403,6 +412,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
         gateway: options.gateway,
         next_conn: 1,
         sessions: BTreeMap::new(),
+        connections: BTreeMap::new(),
         links: links_tx,
         events: events_tx,
         waiting_events: VecDeque::new(),
@@ -441,6 +451,8 @@ struct Core {
     gateway: SocketAddr,
     next_conn: u64,
     sessions: BTreeMap<ConnectionId, SessionHandle>,
+    /// The QUIC connection of each session, for the chunk streams it opens.
+    connections: BTreeMap<ConnectionId, quinn::Connection>,
     links: mpsc::Sender<Link>,
     events: mpsc::Sender<NodeEvent>,
     /// Events released but not yet taken by the application (bounded by the reading pause).
@@ -605,9 +617,17 @@ impl Core {
     fn link(&mut self, event: Link) {
         let now = self.clock.now();
         match event {
-            Link::Connected(conn, session) => {
+            Link::Connected(conn, session, connection) => {
                 self.sessions.insert(conn, session);
+                self.connections.insert(conn, connection);
                 self.node.handle(now, NodeInput::Connected(conn));
+            }
+            Link::Chunk(conn, head, body) => {
+                self.node.handle(now, NodeInput::Chunk { conn, head, body });
+            }
+            Link::SourceFailed(upload, why) => {
+                tracing::warn!(?upload, %why, "a file being sent can no longer be read as it was");
+                self.node.cancel_upload(now, upload, why);
             }
             Link::Failed(why) => {
                 tracing::debug!(%why, "connection attempt failed");
@@ -646,6 +666,7 @@ impl Core {
                     }
                     self.last_problem = Some(problem);
                 }
+                self.connections.remove(&conn);
                 if self.sessions.remove(&conn).is_some() {
                     self.node.handle(now, NodeInput::Closed(conn));
                 }
@@ -727,6 +748,7 @@ impl Core {
                     };
                     if let Err(full) = session.send(bytes) {
                         tracing::warn!(error = %full, "the gateway reads too slowly; reconnecting");
+                        self.connections.remove(&conn);
                         if let Some(session) = self.sessions.remove(&conn) {
                             session.abort("the gateway does not read");
                         }
@@ -734,9 +756,16 @@ impl Core {
                     }
                 }
                 NodeOutput::Close(conn) => {
+                    self.connections.remove(&conn);
                     if let Some(session) = self.sessions.remove(&conn) {
                         session.close();
                     }
+                }
+                NodeOutput::SendChunk(chunk) => {
+                    let Some(connection) = self.connections.get(&chunk.conn) else {
+                        continue; // the session is gone; the next one opens the upload again
+                    };
+                    tokio::spawn(send_chunk(connection.clone(), chunk, self.links.clone()));
                 }
                 NodeOutput::Event(event) => match self.events.try_send(event) {
                     Ok(()) => {}
@@ -748,6 +777,89 @@ impl Core {
             }
         }
     }
+}
+
+/// Reads every chunk stream the gateway opens on `connection` and hands each over whole.
+async fn accept_chunk_streams(
+    conn: ConnectionId,
+    connection: quinn::Connection,
+    links: mpsc::Sender<Link>,
+) {
+    while let Ok(mut recv) = connection.accept_uni().await {
+        let links = links.clone();
+        tokio::spawn(async move {
+            match read_chunk_stream(&mut recv).await {
+                Ok(stream) => {
+                    let _ = links
+                        .send(Link::Chunk(conn, stream.head, stream.body))
+                        .await;
+                }
+                // Asked for again at the next heartbeat or session.
+                Err(e) => tracing::debug!(?conn, error = %e, "chunk stream not read to its end"),
+            }
+        });
+    }
+}
+
+/// Reads one chunk of a file being sent, seals it, checks it is the chunk the manifest names,
+/// and sends it on a chunk stream of its own.
+async fn send_chunk(connection: quinn::Connection, chunk: ChunkToSend, links: mpsc::Sender<Link>) {
+    let upload = chunk.upload;
+    let sealed = tokio::task::spawn_blocking(move || read_and_seal(&chunk).map(|s| (chunk, s)))
+        .await
+        .expect("sealing does not panic");
+    match sealed {
+        Ok((chunk, sealed)) => {
+            let head = ChunkHead {
+                upload: chunk.upload.0,
+                id: chunk.id.0,
+                len: sealed.len() as u32,
+            };
+            let routing = Routing {
+                conversation: chunk.conversation,
+                ..Routing::default()
+            };
+            let head = Frame::new(routing, Payload::Chunk(head)).encode();
+            if let Err(e) = write_chunk_stream(&connection, &head, &sealed).await {
+                // The connection went; the next session opens the upload again.
+                tracing::debug!(error = %e, "chunk not sent");
+            }
+        }
+        Err(why) => {
+            let _ = links.send(Link::SourceFailed(upload, why)).await;
+        }
+    }
+}
+
+/// The sealed bytes of `chunk`, read from its file; an error in words if the file is gone or
+/// no longer holds what was sent.
+fn read_and_seal(chunk: &ChunkToSend) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = std::path::PathBuf::from(String::from_utf8_lossy(&chunk.source).into_owned());
+    let entry = chunk.manifest.chunks[chunk.index];
+    let mut file = std::fs::File::open(&path).map_err(|e| {
+        format!(
+            "{} cannot be read any more ({e}): send it again",
+            path.display()
+        )
+    })?;
+    let mut plain = vec![0u8; entry.len as usize];
+    file.seek(SeekFrom::Start(chunk.offset))
+        .and_then(|_| file.read_exact(&mut plain))
+        .map_err(|e| {
+            format!(
+                "{} is shorter than when it was sent ({e}): send it again",
+                path.display()
+            )
+        })?;
+    let (read, sealed) = seal_chunk(&chunk.manifest.secret, &plain);
+    if read.hash != entry.hash || sealed.id != chunk.id {
+        return Err(format!(
+            "{} changed since it was sent: send it again",
+            path.display()
+        ));
+    }
+    Ok(sealed.ciphertext)
 }
 
 /// Words for a failed connection attempt that say what to do; a certificate that is not the
@@ -801,10 +913,22 @@ async fn connect(
     // `Connected` (with the handle) goes to the core first; the session's own reports are
     // relayed after it through the same queue, so none can overtake it.
     let (relay_tx, mut relay_rx) = mpsc::channel::<Link>(LINK_QUEUE_MAX);
-    let session = session::spawn(conn, connection, send, recv, relay_tx, limits);
-    if links.send(Link::Connected(conn, session)).await.is_err() {
+    let session = session::spawn(
+        conn,
+        connection.clone(),
+        send,
+        recv,
+        relay_tx.clone(),
+        limits,
+    );
+    if links
+        .send(Link::Connected(conn, session, connection.clone()))
+        .await
+        .is_err()
+    {
         return;
     }
+    tokio::spawn(accept_chunk_streams(conn, connection, relay_tx));
     while let Some(event) = relay_rx.recv().await {
         if links.send(event).await.is_err() {
             return;

@@ -1011,6 +1011,11 @@ impl World {
             }
             NodeOutput::Send(conn, frame) => self.transmit(a, conn.0, frame),
             NodeOutput::Close(conn) => self.close(a, conn.0),
+            // No simulated node sends files yet (issue 16's simulation step comes next).
+            NodeOutput::SendChunk(chunk) => unreachable!(
+                "{} asked to send {:?} though no simulated node sends files yet",
+                self.actors[a as usize].name, chunk.id
+            ),
             NodeOutput::Event(event) => self.app_event(a, event),
         }
     }
@@ -1209,6 +1214,43 @@ impl World {
                 if *code == sund_model::wire::payload::ErrorCode::UnknownUser {
                     self.retry_unknown_user(a, *conversation);
                 }
+            }
+            NodeEvent::FileOffered {
+                conversation,
+                digest,
+                ..
+            }
+            | NodeEvent::FileProgress {
+                conversation,
+                digest,
+                ..
+            }
+            | NodeEvent::FileComplete {
+                conversation,
+                digest,
+            }
+            | NodeEvent::FileFailed {
+                conversation,
+                digest,
+                ..
+            } => {
+                record.push(24);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&digest.0);
+            }
+            NodeEvent::FileSent {
+                conversation,
+                upload,
+                ..
+            }
+            | NodeEvent::FileSendFailed {
+                conversation,
+                upload,
+                ..
+            } => {
+                record.push(25);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&upload.0);
             }
             NodeEvent::Registered { serial } => {
                 record.push(14);

@@ -26,6 +26,7 @@
 
 mod chunking;
 mod manifest;
+mod message;
 mod sealing;
 mod secret;
 
@@ -37,6 +38,7 @@ pub use manifest::{
     seal_file, ChunkEntry, FileId, FileName, FileNameError, Manifest, ManifestBuilder,
     ManifestDigest, ManifestError, MANIFEST_BYTES_MAX,
 };
+pub use message::{FileMessage, UploadId, FILE_MESSAGE_MAGIC};
 pub use sealing::{open_chunk, padded_len, seal_chunk, sealed_len, ChunkError, SealedChunk};
 pub use secret::{ChunkId, ContentHash, FileSecret};
 

@@ -35,6 +35,7 @@ use bytes::Bytes;
 
 use crate::codec::Reader;
 use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
+pub use crate::files::UploadId;
 use crate::files::{sealed_len, ChunkId, CHUNKS_MAX, CHUNK_BYTES_MAX};
 use crate::ids::{ConversationId, DeviceId, UserId};
 use crate::time::Instant;
@@ -67,11 +68,6 @@ impl Default for ChunkLimits {
         }
     }
 }
-
-/// An upload's id, chosen by the uploading device (random), so that it can open the same
-/// upload again after a crash or a lost answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct UploadId(pub [u8; 16]);
 
 /// One chunk as an upload lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

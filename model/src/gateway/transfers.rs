@@ -17,7 +17,7 @@ use super::files::{
 use super::{Fx, GatewayOutput, Refusal};
 use crate::env::{StoreError, StoreRead};
 use crate::files::ChunkId;
-use crate::ids::{ConnectionId, ConversationId, DeviceId, UserId};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::time::Instant;
 use crate::wire::payload::{
     ChunkAck, ChunkHead, ChunkRequest, ChunksUnavailable, ErrorCode, FileFetched, UploadOpen,
@@ -102,8 +102,9 @@ fn in_conv(conversation: ConversationId) -> Routing {
     }
 }
 
-/// The error the device hears for an index refusal.
-fn refusal(conversation: ConversationId, refused: ChunkRefusal) -> Refusal {
+/// The error the device hears for an index refusal; its `msg_id` names the upload, so that a
+/// device with several uploads open knows which one failed.
+fn refusal(conversation: ConversationId, upload: UploadId, refused: ChunkRefusal) -> Refusal {
     let code = match refused {
         ChunkRefusal::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
         ChunkRefusal::TooManyUploads { .. }
@@ -113,7 +114,9 @@ fn refusal(conversation: ConversationId, refused: ChunkRefusal) -> Refusal {
         ChunkRefusal::NotAwaited(_) | ChunkRefusal::WrongLength { .. } => ErrorCode::ChunkRefused,
         ChunkRefusal::Unavailable(_) => ErrorCode::ChunkRefused,
     };
-    Refusal::error(code, refused.to_string()).in_conversation(in_conv(conversation))
+    Refusal::error(code, refused.to_string())
+        .in_conversation(in_conv(conversation))
+        .about(MsgId::from_bytes(upload.0))
 }
 
 /// The member check every file operation starts with: the conversation's members are those
@@ -203,7 +206,7 @@ impl Transfers {
         let missing = self
             .index
             .open_upload(now, request, fx.writes())
-            .map_err(|r| refusal(conversation, r))?;
+            .map_err(|r| refusal(conversation, upload, r))?;
         if !reopened {
             self.stats.uploads_opened += 1;
         }
@@ -252,7 +255,7 @@ impl Transfers {
         let id = head.chunk_id();
         self.index
             .store_chunk(conversation, owner, upload, id, body, fx.writes())
-            .map_err(|r| refusal(conversation, r))?;
+            .map_err(|r| refusal(conversation, upload, r))?;
         self.stats.chunks_stored += 1;
         self.stats.bytes_stored += len;
         let ack = ChunkAck {
@@ -278,7 +281,7 @@ impl Transfers {
         member_of(members, conversation, device)?;
         let upload = UploadId(request.upload);
         let Some(open) = self.index.upload(conversation, upload) else {
-            return Err(refusal(conversation, ChunkRefusal::NoSuchUpload));
+            return Err(refusal(conversation, upload, ChunkRefusal::NoSuchUpload));
         };
         let owner = open.owner;
         let mut unavailable = Vec::new();

@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 
+use crate::files::{ManifestDigest, UploadId};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
 use crate::mls::device_groups::GroupError;
 use crate::mls::group_ops::GroupKind;
@@ -34,6 +35,16 @@ pub enum NodeInput {
     Frame(ConnectionId, Bytes),
     /// The connection is gone.
     Closed(ConnectionId),
+    /// A chunk stream of the connection was read whole: its head frame and the sealed bytes
+    /// after it (at most the head's length, checked before reading).
+    Chunk {
+        /// The connection.
+        conn: ConnectionId,
+        /// The encoded head frame.
+        head: Bytes,
+        /// The sealed chunk.
+        body: Bytes,
+    },
 }
 
 /// Connection status as the user sees it.
@@ -239,6 +250,67 @@ pub enum NodeEvent {
         /// The gateway's explanation.
         message: String,
     },
+    /// A file arrived in a conversation (its chunks wait at the gateway): fetch it with
+    /// `Node::fetch_file`.
+    FileOffered {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The sending device.
+        sender: DeviceId,
+        /// The file, as `fetch_file` names it.
+        digest: ManifestDigest,
+        /// Its name (checked safe).
+        name: String,
+        /// Its size in bytes.
+        size: u64,
+        /// Bytes this device lacks of it (less than `size` when it holds some chunks already).
+        missing_bytes: u64,
+    },
+    /// A chunk of a file being fetched arrived and verified.
+    FileProgress {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The file.
+        digest: ManifestDigest,
+        /// Bytes still to fetch.
+        remaining_bytes: u64,
+    },
+    /// Every chunk of a file is held and verified: assemble it (`files::assemble`).
+    FileComplete {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The file.
+        digest: ManifestDigest,
+    },
+    /// A fetch gave up; the reason says what to do.
+    FileFailed {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The file.
+        digest: ManifestDigest,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Every chunk of an upload is at the gateway and the file message is queued.
+    FileSent {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The upload.
+        upload: UploadId,
+        /// The file message's id.
+        msg_id: MsgId,
+    },
+    /// The gateway refused an upload; nothing more of it is sent.
+    FileSendFailed {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The upload.
+        upload: UploadId,
+        /// Why.
+        code: ErrorCode,
+        /// The gateway's words.
+        message: String,
+    },
 }
 
 /// Outputs released by a committed [`crate::env::Ready`].
@@ -252,6 +324,9 @@ pub enum NodeOutput {
     Close(ConnectionId),
     /// Tell the application.
     Event(NodeEvent),
+    /// Send a chunk of a file this device uploads, on a chunk stream of its own (see
+    /// `transfers::ChunkToSend`).
+    SendChunk(super::transfers::ChunkToSend),
 }
 
 /// Why `send` refused a message.
@@ -294,4 +369,8 @@ pub struct NodeStats {
     /// Times the gateway refused a message out of this device's order and what waited went
     /// out again, chained from the gateway's last.
     pub sender_resyncs: u64,
+    /// Chunk streams whose head was not a chunk head.
+    pub bad_chunk_streams: u64,
+    /// File messages whose manifest this device refused.
+    pub bad_file_messages: u64,
 }

@@ -22,7 +22,8 @@
 //! The sub-machines: [`link`] (connection, handshake, heartbeats, backoff, resume token),
 //! [`outbox`], [`inbox`] (cursors, reorder buffer, replay requests), [`trust`] (registration,
 //! renewal, pairing, CRL) and [`mls`] (the device's MLS identity and groups, one optional value);
-//! [`files`] (the chunk store, files being received, receipts) is not routed yet.
+//! [`files`] (the chunk store, files being received) and [`transfers`] (uploads and fetches
+//! on the wire).
 //! Every handler writes into one effects sink ([`Effects`]).
 
 mod config;
@@ -34,6 +35,7 @@ pub mod mls;
 pub mod outbox;
 mod session;
 mod timers;
+pub mod transfers;
 pub mod trust;
 pub mod unread;
 
@@ -105,6 +107,8 @@ pub struct Node {
     unread: Unread,
     trust: NodeTrust,
     mls: Option<NodeMls>,
+    files: files::DeviceFiles,
+    transfers: transfers::NodeTransfers,
     timers: TimerTable<NodeTimer>,
     /// When each conversation was last sent again in sender order (see `resync_sender_order`).
     sender_resync_at: BTreeMap<ConversationId, Instant>,
@@ -153,6 +157,8 @@ impl Node {
             None => None,
         };
         let trust = NodeTrust::recover(store)?;
+        let files = files::DeviceFiles::recover(store)?;
+        let transfers = transfers::NodeTransfers::recover(store)?;
         let mut unread = Unread::default();
         if config.hold_until_taken {
             let (held, untaken) = Unread::recover(store)?;
@@ -170,6 +176,8 @@ impl Node {
             unread,
             trust,
             mls,
+            files,
+            transfers,
             timers: TimerTable::default(),
             sender_resync_at: BTreeMap::new(),
             stats: NodeStats::default(),
@@ -261,7 +269,92 @@ impl Node {
         self.fx.take_ready()
     }
 
+    /// The device's chunk store and the files it knows.
+    pub fn files(&self) -> &files::DeviceFiles {
+        &self.files
+    }
+
+    /// Uploads and offered files.
+    pub fn transfers(&self) -> &transfers::NodeTransfers {
+        &self.transfers
+    }
+
     // ---- commands ----
+
+    /// Starts sending a file into a conversation: `manifest` from cutting and sealing it
+    /// (`files::ManifestBuilder`), `source` where the driver finds its bytes again (a path).
+    /// Its chunks go first; the file message follows once the gateway holds them all
+    /// ([`NodeEvent::FileSent`]). Durable: it resumes after a restart.
+    pub fn send_file(
+        &mut self,
+        _now: Instant,
+        conversation: ConversationId,
+        manifest: crate::files::Manifest,
+        source: Bytes,
+    ) -> Result<crate::files::UploadId, SendError> {
+        if source.len() > transfers::SOURCE_BYTES_MAX {
+            return Err(SendError::BodyTooLarge {
+                len: source.len(),
+                max: transfers::SOURCE_BYTES_MAX,
+            });
+        }
+        let mut id = [0u8; 16];
+        self.entropy.fill_bytes(&mut id);
+        let upload = crate::files::UploadId(id);
+        let conn = self.link.open_conn();
+        self.transfers
+            .start_upload(conn, conversation, upload, manifest, source, &mut self.fx);
+        Ok(upload)
+    }
+
+    /// Fetches a file offered here ([`NodeEvent::FileOffered`]); durable, resumed after a
+    /// restart. False if no such file was offered in that conversation.
+    pub fn fetch_file(
+        &mut self,
+        _now: Instant,
+        conversation: ConversationId,
+        digest: crate::files::ManifestDigest,
+    ) -> bool {
+        let conn = self.link.open_conn();
+        self.transfers
+            .fetch(conn, conversation, digest, &self.files, &mut self.fx)
+    }
+
+    /// Gives up an upload the driver cannot go on with (its file changed or went since it was
+    /// sent): nothing more of it is sent, and the application hears why.
+    pub fn cancel_upload(&mut self, _now: Instant, upload: crate::files::UploadId, reason: String) {
+        if let Some(failed) = self.transfers.upload_refused(upload, &mut self.fx) {
+            self.fx.event(NodeEvent::FileSendFailed {
+                conversation: failed.conversation,
+                upload,
+                code: ErrorCode::Unknown,
+                message: reason,
+            });
+        }
+    }
+
+    /// Sends a finished upload's file message into its conversation.
+    fn send_file_message(
+        &mut self,
+        now: Instant,
+        conversation: ConversationId,
+        message: crate::files::FileMessage,
+    ) {
+        let upload = message.upload;
+        match self.send(now, conversation, Bytes::from(message.encode())) {
+            Ok(msg_id) => self.fx.event(NodeEvent::FileSent {
+                conversation,
+                upload,
+                msg_id,
+            }),
+            Err(error) => self.fx.event(NodeEvent::FileSendFailed {
+                conversation,
+                upload,
+                code: ErrorCode::Unknown,
+                message: format!("the file's chunks are at the gateway, but its message could not be sent: {error}"),
+            }),
+        }
+    }
 
     /// Queues a message for a conversation; it is sent now if connected, else after reconnect.
     pub fn send(
@@ -402,6 +495,29 @@ impl Node {
                     self.schedule_reconnect(now);
                 }
             }
+            NodeInput::Chunk { conn, head, body } => {
+                if self.link.open_conn() != Some(conn) {
+                    return; // a late stream from a connection we already left
+                }
+                let Ok(Frame {
+                    routing,
+                    payload: Payload::Chunk(head),
+                    ..
+                }) = Frame::decode(&head, PAYLOAD_BYTES_MAX)
+                else {
+                    self.stats.bad_chunk_streams += 1;
+                    return;
+                };
+                self.transfers.on_chunk(
+                    conn,
+                    routing.conversation,
+                    crate::files::UploadId(head.upload),
+                    head.chunk_id(),
+                    body,
+                    &mut self.files,
+                    &mut self.fx,
+                );
+            }
             NodeInput::Frame(conn, bytes) => {
                 if self.link.current_conn() != Some(conn) {
                     return; // a late frame from a connection we already left
@@ -436,8 +552,10 @@ impl Node {
                 self.fx
                     .send(conn, Routing::default(), Payload::Heartbeat(beat));
                 // A periodic nudge for group work that waits on no timer of its own (a
-                // KeyPackage fetch the gateway rate-limited is asked again here).
+                // KeyPackage fetch the gateway rate-limited is asked again here), and for
+                // chunks the gateway could not serve a moment ago.
                 self.drive_groups(now);
+                self.transfers.retry(conn, &self.files, &mut self.fx);
             }
         }
     }
@@ -505,6 +623,32 @@ impl Node {
                     self.fx
                         .send(conn, Routing::default(), Payload::CrlFetch(fetch));
                 }
+            }
+            Payload::UploadStatus(status) => {
+                if let Some((conv, message)) = self.transfers.on_status(conn, status, &mut self.fx)
+                {
+                    self.send_file_message(now, conv, message);
+                }
+            }
+            Payload::ChunkAck(ack) => {
+                if let Some((conv, message)) = self.transfers.on_ack(conn, ack, &mut self.fx) {
+                    self.send_file_message(now, conv, message);
+                }
+            }
+            Payload::ChunksUnavailable(answer) => {
+                self.transfers.on_unavailable(routing.conversation, answer);
+            }
+            Payload::Error(report)
+                if report.msg_id.is_some()
+                    && matches!(
+                        ErrorCode::from_u16(report.code),
+                        ErrorCode::QuotaExceeded
+                            | ErrorCode::UploadRefused
+                            | ErrorCode::ChunkRefused
+                            | ErrorCode::NoSuchUpload
+                    ) =>
+            {
+                self.file_refused(conn, report);
             }
             Payload::SendAck(ack) => {
                 let msg_id = MsgId::from_bytes(ack.msg_id);
@@ -827,6 +971,15 @@ impl Node {
                 event,
                 Some(NodeEvent::GroupChanged { .. } | NodeEvent::RemovalProposed { .. })
             );
+            if let Some(NodeEvent::Delivered {
+                conversation,
+                sender,
+                body,
+                ..
+            }) = &event
+            {
+                self.note_file(*conversation, *sender, body);
+            }
             if let Some(event) = event {
                 if self.config.hold_until_taken && matches!(event, NodeEvent::Delivered { .. }) {
                     self.unread.keep(&event, self.fx.writes());
@@ -847,6 +1000,52 @@ impl Node {
         self.ack(conn, conv, next);
         if group_changed {
             self.drive_groups(now);
+        }
+    }
+
+    /// A delivered body that is a file message: the file is offered to this device.
+    fn note_file(&mut self, conversation: ConversationId, sender: DeviceId, body: &[u8]) {
+        if sender == self.config.device {
+            return; // its own file: the bytes are where it sent them from
+        }
+        match crate::files::FileMessage::decode(body) {
+            None => {}
+            Some(Ok(message)) => {
+                self.transfers.offered(
+                    conversation,
+                    sender,
+                    message,
+                    &mut self.files,
+                    &mut self.fx,
+                );
+            }
+            Some(Err(error)) => {
+                self.stats.bad_file_messages += 1;
+                self.fx.event(NodeEvent::FileFailed {
+                    conversation,
+                    digest: crate::files::ManifestDigest([0; 32]),
+                    reason: format!("a member sent a file this device refuses: {error}"),
+                });
+            }
+        }
+    }
+
+    /// The gateway refused something of an upload (its `msg_id` names the upload): an
+    /// expired upload is opened again; any other refusal ends the upload.
+    fn file_refused(&mut self, conn: ConnectionId, report: ErrorReport) {
+        let upload = crate::files::UploadId(report.msg_id.expect("matched"));
+        let code = ErrorCode::from_u16(report.code);
+        if code == ErrorCode::NoSuchUpload {
+            self.transfers.upload_gone(conn, upload, &mut self.fx);
+            return;
+        }
+        if let Some(failed) = self.transfers.upload_refused(upload, &mut self.fx) {
+            self.fx.event(NodeEvent::FileSendFailed {
+                conversation: failed.conversation,
+                upload,
+                code,
+                message: report.message,
+            });
         }
     }
 

@@ -57,6 +57,8 @@ impl Node {
             self.transmit(now, conn, msg_id);
         }
         self.drive_groups(now);
+        self.transfers
+            .session_opened(conn, &self.files, &mut self.fx);
     }
 
     pub(super) fn send_pending_vouch(&mut self, now: Instant) {

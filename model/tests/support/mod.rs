@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
 use sund_model::env::MemStore;
+use sund_model::files::seal_chunk;
 use sund_model::gateway::transfers::read_chunk;
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
@@ -17,6 +20,7 @@ use sund_model::mls::{LifetimePolicy, Randomness};
 use sund_model::node::{Node, NodeConfig, NodeEvent, NodeInput, NodeOutput};
 use sund_model::testing::{drain_gateway, drain_node};
 use sund_model::time::Instant;
+use sund_model::wire::payload::ChunkHead;
 use sund_model::wire::payload::{KeyPackageFetch, KeyPackages};
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -70,6 +74,10 @@ pub struct Net {
     pub answers: Vec<AdminAnswer>,
     /// Chunk streams the gateway served to each connection: the head frame and the bytes.
     pub chunks: BTreeMap<u64, Vec<(Frame, Vec<u8>)>>,
+    /// Files nodes send, by the source they name: the driver reads chunks from here.
+    pub sources: BTreeMap<Bytes, Vec<u8>>,
+    /// Chunk streams each node sent.
+    pub chunks_sent: BTreeMap<u64, usize>,
 }
 
 impl Net {
@@ -90,6 +98,8 @@ impl Net {
             events: BTreeMap::new(),
             answers: Vec::new(),
             chunks: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            chunks_sent: BTreeMap::new(),
         }
     }
 
@@ -154,6 +164,34 @@ impl Net {
                             self.events.entry(conn).or_default().push(event)
                         }
                         NodeOutput::Close(_) => {}
+                        NodeOutput::SendChunk(chunk) => {
+                            // As the node driver does: read the source, seal, check, send.
+                            let file = &self.sources[&chunk.source];
+                            let entry = chunk.manifest.chunks[chunk.index];
+                            let start = chunk.offset as usize;
+                            let plain = &file[start..start + entry.len as usize];
+                            let (_, sealed) = seal_chunk(&chunk.manifest.secret, plain);
+                            assert_eq!(sealed.id, chunk.id, "the source changed");
+                            let head = ChunkHead {
+                                upload: chunk.upload.0,
+                                id: chunk.id.0,
+                                len: sealed.ciphertext.len() as u32,
+                            };
+                            let routing = Routing {
+                                conversation: chunk.conversation,
+                                ..Routing::default()
+                            };
+                            let head = Frame::new(routing, Payload::Chunk(head)).encode();
+                            *self.chunks_sent.entry(conn).or_default() += 1;
+                            self.gateway.handle(
+                                self.now,
+                                GatewayInput::Chunk {
+                                    conn: chunk.conn,
+                                    head,
+                                    body: sealed.ciphertext.into(),
+                                },
+                            );
+                        }
                     }
                 }
             }
@@ -166,7 +204,18 @@ impl Net {
                     moved = true;
                     match read_chunk(&self.gateway_store, serve).unwrap() {
                         Some(bytes) => {
-                            let head = Frame::decode(&serve.head(), PAYLOAD_BYTES_MAX).unwrap();
+                            let head_bytes = serve.head();
+                            let head = Frame::decode(&head_bytes, PAYLOAD_BYTES_MAX).unwrap();
+                            if let Some((node, _)) = self.nodes.get_mut(&serve.conn.0) {
+                                node.handle(
+                                    self.now,
+                                    NodeInput::Chunk {
+                                        conn: serve.conn,
+                                        head: head_bytes,
+                                        body: bytes.clone().into(),
+                                    },
+                                );
+                            }
                             self.chunks
                                 .entry(serve.conn.0)
                                 .or_default()

@@ -1,0 +1,647 @@
+//! The device's file transfers: files it uploads and files it fetches, each resumable at a
+//! chunk boundary.
+//!
+//! Sending: the application cuts and seals the file (streamed, `files::ManifestBuilder`) and
+//! hands the manifest over ([`NodeTransfers::start_upload`]); the upload is durable from then
+//! on. On every session the device opens it (`UploadOpen`); the gateway answers what it lacks;
+//! the device asks the driver to send those chunks, [`UPLOAD_WINDOW`] at a time
+//! ([`ChunkToSend`]: the driver reads the file's bytes at the chunk's offset and seals them
+//! again, which gives the same ciphertext); each `ChunkAck` lets the next go. When nothing is
+//! missing, the file message (manifest and upload id) goes into the conversation as an MLS
+//! message, and the upload record goes.
+//!
+//! Receiving: a file message that arrives is offered to the chunk store (`files::DeviceFiles`),
+//! which answers what this device lacks; the application decides to fetch it
+//! ([`NodeTransfers::fetch`], durable). The device asks for missing chunks, [`FETCH_WINDOW`] at
+//! a time; each arriving chunk is verified and kept with its index record in one batch; when
+//! all are held the gateway hears `FileFetched` and the application `FileComplete`.
+//! Chunks the gateway cannot serve, or that fail verification, are asked for again at the next
+//! heartbeat or session; a chunk that fails verification [`CHUNK_FAILURES_MAX`] times ends the
+//! fetch (the sender's copy is bad).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::files::{ChunkProgress, DeviceFiles, ReceiveError};
+use super::{NodeEvent, NodeFx, NodeOutput};
+use crate::codec::Reader;
+use crate::env::{scan_all, StoreError, StoreRead, Table};
+use crate::files::{sealed_len, ChunkId, FileMessage, Manifest, ManifestDigest, UploadId};
+use crate::ids::{ConnectionId, ConversationId, DeviceId};
+use crate::wire::payload::{
+    ChunkAck, ChunkRequest, ChunksUnavailable, FileFetched, ListedChunkWire, UploadOpen,
+    UploadStatus, CHUNK_REQUEST_IDS_MAX,
+};
+use crate::wire::{Payload, Routing};
+
+/// Uploads not finished: key the upload id, value `conversation(16) ++ source_len u16 ++
+/// source ++ manifest`.
+pub const NODE_UPLOADS_TABLE: Table = Table("node_uploads");
+/// Files offered to this device: key `conversation(16) ++ digest(32)`, value `upload(16) ++
+/// sender(16) ++ state u8` (0 offered, 1 fetching, 2 complete, 3 failed).
+pub const NODE_OFFERS_TABLE: Table = Table("node_file_offers");
+
+/// Chunks one upload has in flight at once (the gateway grants four chunk streams).
+pub const UPLOAD_WINDOW: usize = 4;
+/// Chunks one fetch has asked for and not received at once.
+pub const FETCH_WINDOW: usize = 8;
+/// Verification failures of one chunk after which its fetch ends.
+pub const CHUNK_FAILURES_MAX: u32 = 3;
+/// Longest source description an upload keeps (a path, for the driver).
+pub const SOURCE_BYTES_MAX: usize = 4096;
+
+/// A chunk the driver is to send on a chunk stream of its own: it reads `len` bytes of the
+/// file at `offset`, seals them (`files::seal_chunk` with the manifest's secret), checks the
+/// id, and writes the stream (`wire::payload::ChunkHead`, then the sealed bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkToSend {
+    /// The session's connection.
+    pub conn: ConnectionId,
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The upload.
+    pub upload: UploadId,
+    /// Where the file is, as the application described it at the start.
+    pub source: Bytes,
+    /// The file's manifest (the secret inside is never printed).
+    pub manifest: Arc<Manifest>,
+    /// The chunk's index in the manifest.
+    pub index: usize,
+    /// Its id.
+    pub id: ChunkId,
+    /// Its plaintext offset in the file.
+    pub offset: u64,
+}
+
+/// A file offered to this device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    /// The upload that holds its chunks.
+    pub upload: UploadId,
+    /// Who sent it.
+    pub sender: DeviceId,
+    /// Where it stands.
+    pub state: OfferState,
+}
+
+/// Where an offered file stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfferState {
+    /// Known, not asked for.
+    Offered = 0,
+    /// Being fetched.
+    Fetching = 1,
+    /// Every chunk held and verified.
+    Complete = 2,
+    /// Given up: a chunk never verified.
+    Failed = 3,
+}
+
+/// What ended an upload early.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadFailed {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The upload.
+    pub upload: UploadId,
+}
+
+struct Outgoing {
+    conversation: ConversationId,
+    source: Bytes,
+    manifest: Arc<Manifest>,
+    /// Distinct chunks: id → (first index, sealed length), in listing order below.
+    chunks: Vec<(ChunkId, usize, u32)>,
+    /// What the gateway lacks, once it said; `None` before its answer in this session.
+    missing: Option<BTreeSet<ChunkId>>,
+    in_flight: BTreeSet<ChunkId>,
+}
+
+#[derive(Default)]
+struct Fetching {
+    /// Asked for, not arrived.
+    asked: BTreeSet<ChunkId>,
+    /// The gateway could not serve them: asked again at the next heartbeat or session.
+    held_back: BTreeSet<ChunkId>,
+    /// Verification failures per chunk.
+    failures: BTreeMap<ChunkId, u32>,
+}
+
+/// The transfers sub-machine.
+#[derive(Default)]
+pub struct NodeTransfers {
+    uploads: BTreeMap<UploadId, Outgoing>,
+    offers: BTreeMap<(ConversationId, ManifestDigest), Offer>,
+    /// The offer each (conversation, upload) names, for chunk arrivals.
+    by_upload: BTreeMap<(ConversationId, UploadId), ManifestDigest>,
+    fetching: BTreeMap<(ConversationId, ManifestDigest), Fetching>,
+}
+
+fn in_conv(conversation: ConversationId) -> Routing {
+    Routing {
+        conversation,
+        ..Routing::default()
+    }
+}
+
+fn distinct_chunks(manifest: &Manifest) -> Vec<(ChunkId, usize, u32)> {
+    let mut seen = BTreeSet::new();
+    manifest
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| seen.insert(c.hash))
+        .map(|(index, c)| {
+            let sealed = u32::try_from(sealed_len(c.len as usize)).expect("a few MiB");
+            (manifest.chunk_id(index), index, sealed)
+        })
+        .collect()
+}
+
+fn offer_key(conversation: ConversationId, digest: ManifestDigest) -> Vec<u8> {
+    let mut key = conversation.to_bytes().to_vec();
+    key.extend_from_slice(&digest.0);
+    key
+}
+
+fn encode_offer(offer: &Offer) -> Vec<u8> {
+    let mut value = offer.upload.0.to_vec();
+    value.extend_from_slice(&offer.sender.to_bytes());
+    value.push(offer.state as u8);
+    value
+}
+
+impl NodeTransfers {
+    /// Uploads and offers from committed storage.
+    pub fn recover(store: &dyn StoreRead) -> Result<NodeTransfers, StoreError> {
+        let mut transfers = NodeTransfers::default();
+        scan_all(store, NODE_UPLOADS_TABLE, |key, value| {
+            let corrupt = |reason: &str| StoreError::Corrupt {
+                table: NODE_UPLOADS_TABLE.0,
+                reason: reason.into(),
+            };
+            let upload = UploadId(key.try_into().map_err(|_| corrupt("key is not an id"))?);
+            let mut reader = Reader::new(value);
+            let conversation = reader
+                .array()
+                .map(ConversationId::from_bytes)
+                .ok_or_else(|| corrupt("no conversation"))?;
+            let source_len = reader
+                .array::<2>()
+                .map(u16::from_be_bytes)
+                .ok_or_else(|| corrupt("no source"))?;
+            let source = reader
+                .take(usize::from(source_len))
+                .ok_or_else(|| corrupt("source cut short"))?;
+            let source = Bytes::copy_from_slice(source);
+            let rest = reader.take(reader.remaining()).unwrap_or_default();
+            let manifest = Manifest::decode(rest).map_err(|e| StoreError::Corrupt {
+                table: NODE_UPLOADS_TABLE.0,
+                reason: e.to_string(),
+            })?;
+            transfers.insert_upload(upload, conversation, source, manifest);
+            Ok(())
+        })?;
+        scan_all(store, NODE_OFFERS_TABLE, |key, value| {
+            let corrupt = || StoreError::Corrupt {
+                table: NODE_OFFERS_TABLE.0,
+                reason: "not a conversation, digest, upload, sender and state".into(),
+            };
+            let mut k = Reader::new(key);
+            let mut v = Reader::new(value);
+            let (Some(conv), Some(digest), 0) = (k.array(), k.array(), k.remaining()) else {
+                return Err(corrupt());
+            };
+            let (Some(upload), Some(sender), Some(state), 0) =
+                (v.array(), v.array(), v.u8(), v.remaining())
+            else {
+                return Err(corrupt());
+            };
+            let state = match state {
+                0 => OfferState::Offered,
+                1 => OfferState::Fetching,
+                2 => OfferState::Complete,
+                3 => OfferState::Failed,
+                _ => return Err(corrupt()),
+            };
+            let (conv, digest) = (ConversationId::from_bytes(conv), ManifestDigest(digest));
+            let offer = Offer {
+                upload: UploadId(upload),
+                sender: DeviceId::from_bytes(sender),
+                state,
+            };
+            transfers.by_upload.insert((conv, offer.upload), digest);
+            if state == OfferState::Fetching {
+                transfers
+                    .fetching
+                    .insert((conv, digest), Fetching::default());
+            }
+            transfers.offers.insert((conv, digest), offer);
+            Ok(())
+        })?;
+        Ok(transfers)
+    }
+
+    fn insert_upload(
+        &mut self,
+        upload: UploadId,
+        conversation: ConversationId,
+        source: Bytes,
+        manifest: Manifest,
+    ) {
+        let chunks = distinct_chunks(&manifest);
+        self.uploads.insert(
+            upload,
+            Outgoing {
+                conversation,
+                source,
+                manifest: Arc::new(manifest),
+                chunks,
+                missing: None,
+                in_flight: BTreeSet::new(),
+            },
+        );
+    }
+
+    /// Uploads not finished, with their conversations.
+    pub fn uploads(&self) -> impl Iterator<Item = (UploadId, ConversationId)> + '_ {
+        self.uploads.iter().map(|(&id, u)| (id, u.conversation))
+    }
+
+    /// A file offered to this device.
+    pub fn offer_of(&self, conversation: ConversationId, digest: ManifestDigest) -> Option<&Offer> {
+        self.offers.get(&(conversation, digest))
+    }
+
+    /// Starts uploading `manifest` into `conversation` (durably), and opens it at once on an
+    /// open session.
+    pub fn start_upload(
+        &mut self,
+        conn: Option<ConnectionId>,
+        conversation: ConversationId,
+        upload: UploadId,
+        manifest: Manifest,
+        source: Bytes,
+        fx: &mut NodeFx,
+    ) {
+        assert!(
+            source.len() <= SOURCE_BYTES_MAX,
+            "the caller bounds the source"
+        );
+        let mut value = conversation.to_bytes().to_vec();
+        value.extend_from_slice(&(source.len() as u16).to_be_bytes());
+        value.extend_from_slice(&source);
+        value.extend_from_slice(&manifest.encode());
+        fx.put(NODE_UPLOADS_TABLE, upload.0.to_vec(), value);
+        self.insert_upload(upload, conversation, source, manifest);
+        if let Some(conn) = conn {
+            self.open(conn, upload, fx);
+        }
+    }
+
+    fn open(&mut self, conn: ConnectionId, upload: UploadId, fx: &mut NodeFx) {
+        let Some(outgoing) = self.uploads.get_mut(&upload) else {
+            return;
+        };
+        outgoing.missing = None;
+        outgoing.in_flight.clear();
+        let open = UploadOpen {
+            upload: upload.0,
+            chunks: outgoing
+                .chunks
+                .iter()
+                .map(|&(id, _, len)| ListedChunkWire { id: id.0, len })
+                .collect(),
+        };
+        fx.send(
+            conn,
+            in_conv(outgoing.conversation),
+            Payload::UploadOpen(open),
+        );
+    }
+
+    /// A session opened: every upload is opened again (the gateway answers what it still
+    /// lacks) and every fetch asks again for what it lacks.
+    pub fn session_opened(&mut self, conn: ConnectionId, files: &DeviceFiles, fx: &mut NodeFx) {
+        let uploads: Vec<UploadId> = self.uploads.keys().copied().collect();
+        for upload in uploads {
+            self.open(conn, upload, fx);
+        }
+        for fetching in self.fetching.values_mut() {
+            fetching.asked.clear();
+            fetching.held_back.clear();
+        }
+        self.pump_fetches(conn, files, fx);
+    }
+
+    /// The heartbeat: chunks the gateway could not serve earlier are asked for again (it may
+    /// have them now: an uploader sent a damaged one again).
+    pub fn retry(&mut self, conn: ConnectionId, files: &DeviceFiles, fx: &mut NodeFx) {
+        let mut any = false;
+        for fetching in self.fetching.values_mut() {
+            any |= !fetching.held_back.is_empty();
+            fetching.held_back.clear();
+        }
+        if any {
+            self.pump_fetches(conn, files, fx);
+        }
+    }
+
+    /// `UploadStatus`: what the gateway lacks. Returns the file message to send when it lacks
+    /// nothing (the upload is then over).
+    pub fn on_status(
+        &mut self,
+        conn: ConnectionId,
+        status: UploadStatus,
+        fx: &mut NodeFx,
+    ) -> Option<(ConversationId, FileMessage)> {
+        let upload = UploadId(status.upload);
+        let outgoing = self.uploads.get_mut(&upload)?;
+        let missing: BTreeSet<ChunkId> = status.missing.iter().map(|id| ChunkId(**id)).collect();
+        outgoing.in_flight.retain(|id| missing.contains(id));
+        outgoing.missing = Some(missing);
+        self.pump_upload(conn, upload, fx)
+    }
+
+    /// `ChunkAck`: a chunk is durable at the gateway.
+    pub fn on_ack(
+        &mut self,
+        conn: ConnectionId,
+        ack: ChunkAck,
+        fx: &mut NodeFx,
+    ) -> Option<(ConversationId, FileMessage)> {
+        let upload = UploadId(ack.upload);
+        let outgoing = self.uploads.get_mut(&upload)?;
+        let id = ChunkId(ack.id);
+        outgoing.in_flight.remove(&id);
+        if let Some(missing) = &mut outgoing.missing {
+            missing.remove(&id);
+        }
+        self.pump_upload(conn, upload, fx)
+    }
+
+    fn pump_upload(
+        &mut self,
+        conn: ConnectionId,
+        upload: UploadId,
+        fx: &mut NodeFx,
+    ) -> Option<(ConversationId, FileMessage)> {
+        let outgoing = self.uploads.get_mut(&upload)?;
+        let missing = outgoing.missing.as_ref()?;
+        if missing.is_empty() {
+            let outgoing = self.uploads.remove(&upload).expect("present");
+            fx.delete(NODE_UPLOADS_TABLE, upload.0.to_vec());
+            let manifest = Arc::unwrap_or_clone(outgoing.manifest);
+            return Some((outgoing.conversation, FileMessage { upload, manifest }));
+        }
+        let offsets: Vec<u64> = outgoing
+            .manifest
+            .chunks
+            .iter()
+            .scan(0u64, |at, c| {
+                let here = *at;
+                *at += u64::from(c.len);
+                Some(here)
+            })
+            .collect();
+        for &(id, index, _) in &outgoing.chunks {
+            if outgoing.in_flight.len() >= UPLOAD_WINDOW {
+                break;
+            }
+            if !missing.contains(&id) || outgoing.in_flight.contains(&id) {
+                continue;
+            }
+            outgoing.in_flight.insert(id);
+            fx.hold(NodeOutput::SendChunk(ChunkToSend {
+                conn,
+                conversation: outgoing.conversation,
+                upload,
+                source: outgoing.source.clone(),
+                manifest: outgoing.manifest.clone(),
+                index,
+                id,
+                offset: offsets[index],
+            }));
+        }
+        None
+    }
+
+    /// The gateway refused upload `upload` (quota, a bad list): it ends here.
+    pub fn upload_refused(&mut self, upload: UploadId, fx: &mut NodeFx) -> Option<UploadFailed> {
+        let outgoing = self.uploads.remove(&upload)?;
+        fx.delete(NODE_UPLOADS_TABLE, upload.0.to_vec());
+        Some(UploadFailed {
+            conversation: outgoing.conversation,
+            upload,
+        })
+    }
+
+    /// The gateway no longer has upload `upload` open (it expired while chunks were still
+    /// coming): open it again.
+    pub fn upload_gone(&mut self, conn: ConnectionId, upload: UploadId, fx: &mut NodeFx) {
+        self.open(conn, upload, fx);
+    }
+
+    /// A file message arrived in `conversation` from `sender`: the chunk store remembers the
+    /// file; the application hears of it.
+    pub fn offered(
+        &mut self,
+        conversation: ConversationId,
+        sender: DeviceId,
+        message: FileMessage,
+        files: &mut DeviceFiles,
+        fx: &mut NodeFx,
+    ) {
+        let FileMessage { upload, manifest } = message;
+        let (name, size) = (manifest.name.as_str().to_string(), manifest.size);
+        let needed = files.offer(conversation, manifest, fx.writes());
+        let digest = needed.digest;
+        let at = (conversation, digest);
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.offers.entry(at) {
+            let offer = Offer {
+                upload,
+                sender,
+                state: OfferState::Offered,
+            };
+            fx.put(
+                NODE_OFFERS_TABLE,
+                offer_key(conversation, digest),
+                encode_offer(&offer),
+            );
+            slot.insert(offer);
+            self.by_upload.insert((conversation, upload), digest);
+        }
+        fx.event(NodeEvent::FileOffered {
+            conversation,
+            sender,
+            digest,
+            name,
+            size,
+            missing_bytes: needed.bytes,
+        });
+    }
+
+    fn set_state(
+        &mut self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        state: OfferState,
+        fx: &mut NodeFx,
+    ) {
+        if let Some(offer) = self.offers.get_mut(&(conversation, digest)) {
+            offer.state = state;
+            let value = encode_offer(offer);
+            fx.put(NODE_OFFERS_TABLE, offer_key(conversation, digest), value);
+        }
+        if state != OfferState::Fetching {
+            self.fetching.remove(&(conversation, digest));
+        }
+    }
+
+    /// The application asks for file `digest` of `conversation`. False for a file never
+    /// offered here.
+    pub fn fetch(
+        &mut self,
+        conn: Option<ConnectionId>,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        files: &DeviceFiles,
+        fx: &mut NodeFx,
+    ) -> bool {
+        let Some(offer) = self.offers.get(&(conversation, digest)) else {
+            return false;
+        };
+        if matches!(offer.state, OfferState::Offered | OfferState::Failed) {
+            self.set_state(conversation, digest, OfferState::Fetching, fx);
+            self.fetching
+                .insert((conversation, digest), Fetching::default());
+        }
+        if let Some(conn) = conn {
+            self.pump_fetches(conn, files, fx);
+        }
+        true
+    }
+
+    /// Asks for what each fetch lacks and has not asked for, within its window; finishes the
+    /// fetches that lack nothing.
+    pub fn pump_fetches(&mut self, conn: ConnectionId, files: &DeviceFiles, fx: &mut NodeFx) {
+        let keys: Vec<(ConversationId, ManifestDigest)> = self.fetching.keys().copied().collect();
+        for (conversation, digest) in keys {
+            let Some(needed) = files.needed(conversation, digest) else {
+                continue;
+            };
+            if needed.chunks.is_empty() {
+                self.finish(conn, conversation, digest, fx);
+                continue;
+            }
+            let upload = self.offers[&(conversation, digest)].upload;
+            let fetching = self
+                .fetching
+                .get_mut(&(conversation, digest))
+                .expect("listed");
+            let room = FETCH_WINDOW.saturating_sub(fetching.asked.len());
+            let ids: Vec<ChunkId> = needed
+                .chunks
+                .iter()
+                .map(|&(_, id)| id)
+                .filter(|id| !fetching.asked.contains(id) && !fetching.held_back.contains(id))
+                .take(room.min(CHUNK_REQUEST_IDS_MAX))
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            fetching.asked.extend(ids.iter().copied());
+            let request = ChunkRequest {
+                upload: upload.0,
+                ids: ids.iter().map(|id| id.0.into()).collect(),
+            };
+            fx.send(conn, in_conv(conversation), Payload::ChunkRequest(request));
+        }
+    }
+
+    fn finish(
+        &mut self,
+        conn: ConnectionId,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        fx: &mut NodeFx,
+    ) {
+        let upload = self.offers[&(conversation, digest)].upload;
+        self.set_state(conversation, digest, OfferState::Complete, fx);
+        let fetched = FileFetched { upload: upload.0 };
+        fx.send(conn, in_conv(conversation), Payload::FileFetched(fetched));
+        fx.event(NodeEvent::FileComplete {
+            conversation,
+            digest,
+        });
+    }
+
+    /// A chunk stream arrived: verified and kept, or counted as a failure and asked for again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_chunk(
+        &mut self,
+        conn: ConnectionId,
+        conversation: ConversationId,
+        upload: UploadId,
+        id: ChunkId,
+        body: Bytes,
+        files: &mut DeviceFiles,
+        fx: &mut NodeFx,
+    ) {
+        let Some(&digest) = self.by_upload.get(&(conversation, upload)) else {
+            return; // not a file this device knows: nothing asked for it
+        };
+        let Some(fetching) = self.fetching.get_mut(&(conversation, digest)) else {
+            return; // a late copy for a fetch that is over
+        };
+        fetching.asked.remove(&id);
+        let Some(index) = files
+            .needed(conversation, digest)
+            .and_then(|n| n.chunks.iter().find(|(_, c)| *c == id).map(|&(i, _)| i))
+        else {
+            return; // already held
+        };
+        match files.chunk_arrived(conversation, digest, index, body.to_vec(), fx.writes()) {
+            Ok(ChunkProgress::Kept { .. } | ChunkProgress::AlreadyHeld) => {
+                let remaining = files.needed(conversation, digest).map_or(0, |n| n.bytes);
+                fx.event(NodeEvent::FileProgress {
+                    conversation,
+                    digest,
+                    remaining_bytes: remaining,
+                });
+            }
+            Err(error) => {
+                let failures = fetching.failures.entry(id).or_default();
+                *failures += 1;
+                if *failures >= CHUNK_FAILURES_MAX || !matches!(error, ReceiveError::Chunk(_)) {
+                    self.set_state(conversation, digest, OfferState::Failed, fx);
+                    fx.event(NodeEvent::FileFailed {
+                        conversation,
+                        digest,
+                        reason: format!(
+                            "chunk {index} does not match the file's manifest ({error}); the sender's copy may be damaged: ask them to send the file again"
+                        ),
+                    });
+                    return;
+                }
+            }
+        }
+        self.pump_fetches(conn, files, fx);
+    }
+
+    /// `ChunksUnavailable`: these are asked for again at the next heartbeat or session.
+    pub fn on_unavailable(&mut self, conversation: ConversationId, answer: ChunksUnavailable) {
+        let upload = UploadId(answer.upload);
+        let Some(&digest) = self.by_upload.get(&(conversation, upload)) else {
+            return;
+        };
+        if let Some(fetching) = self.fetching.get_mut(&(conversation, digest)) {
+            for id in &answer.ids {
+                fetching.asked.remove(&ChunkId(**id));
+                fetching.held_back.insert(ChunkId(**id));
+            }
+        }
+    }
+}
