@@ -321,21 +321,19 @@ fn chunk_bytes_are_refused_unless_awaited_at_their_declared_length_on_their_own_
         codes,
         vec![ErrorCode::ChunkRefused, ErrorCode::UnexpectedOpcode]
     );
-    // Nothing of it was stored; the right bytes still are accepted once.
+    // Nothing of it was stored; the right bytes are stored once, and a copy sent again is
+    // acknowledged without being written.
     chunk_stream(&mut net, 1, conv, id, good);
     chunk_stream(&mut net, 1, conv, id, good);
     let seen = take_seen(&mut net, 1);
-    assert_eq!(
-        seen.iter()
-            .filter(|p| matches!(p, Payload::ChunkAck(_)))
-            .count(),
-        1
-    );
-    assert_eq!(
-        errors(&seen)[0].0,
-        ErrorCode::ChunkRefused,
-        "not awaited any more"
-    );
+    let acks = seen
+        .iter()
+        .filter(|p| matches!(p, Payload::ChunkAck(_)))
+        .count();
+    assert_eq!(acks, 2);
+    assert!(errors(&seen).is_empty());
+    let stats = net.gateway.stats().transfers;
+    assert_eq!((stats.chunks_stored, stats.chunks_duplicate), (1, 1));
 
     // A chunk stream before a session ends the connection.
     let now = net.now;
@@ -655,4 +653,49 @@ fn a_second_file_sharing_most_chunks_moves_only_the_new_ones_both_ways() {
     );
     assert_eq!(assembled(&net, 2, conv, d1), first);
     assert_eq!(assembled(&net, 2, conv, d2), second);
+}
+
+#[test]
+fn the_same_file_sent_again_moves_nothing_down_and_is_not_kept_for_devices_that_hold_it() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let data = noise(3 << 20, 14);
+    let source = Bytes::from_static(b"same.bin");
+    net.sources.insert(source.clone(), data.clone());
+    let send = |net: &mut Net| {
+        let (manifest, _) = seal_file(
+            FileName::new("same.bin").unwrap(),
+            FileSecret::from_bytes([8; 32]),
+            &data,
+        )
+        .unwrap();
+        let digest = manifest.digest();
+        let now = net.now;
+        net.node(1)
+            .send_file(now, conv, manifest, source.clone())
+            .unwrap();
+        net.settle();
+        digest
+    };
+    let digest = send(&mut net);
+    for conn in [2, 3] {
+        let now = net.now;
+        assert!(net.node(conn).fetch_file(now, conv, digest));
+    }
+    net.settle();
+    assert_eq!(net.gateway.chunk_index().chunk_count(), 0);
+    let served = net.chunks[&2].len() + net.chunks[&3].len();
+
+    assert_eq!(send(&mut net), digest);
+    assert_eq!(
+        net.chunks[&2].len() + net.chunks[&3].len(),
+        served,
+        "nothing fetched again"
+    );
+    assert_eq!(
+        net.gateway.chunk_index().chunk_count(),
+        0,
+        "both of Bob's devices said at once that they hold it"
+    );
+    assert_eq!(net.gateway.chunk_index().usage(user("alice")), 0);
 }

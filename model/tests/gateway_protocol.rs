@@ -946,6 +946,25 @@ fn a_non_member_is_refused_with_the_message_id() {
     assert_eq!(h.gateway.conversation_head(CONV), Some(0));
 }
 
+/// Found by fuzzing the gateway's inputs (corpus/gateway_inputs/crash-de0c5053…): a message
+/// under the all-zeros id, which sender order reserves for "no message", crashed the gateway.
+#[test]
+fn a_message_with_the_reserved_all_zeros_id_is_refused_and_the_gateway_goes_on() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    let out = h.send_after(1, alice(), 0, 0, b"zero");
+    let Payload::Error(report) = &frames_to(&out, 1)[0].payload else {
+        panic!("expected an error")
+    };
+    assert_eq!(ErrorCode::from_u16(report.code), ErrorCode::MalformedFrame);
+    assert!(report.message.contains("reserved"), "{}", report.message);
+    assert_eq!(h.gateway.conversation_head(CONV), Some(0));
+    let out = h.send(1, alice(), 1, b"next");
+    assert!(frames_to(&out, 1)
+        .iter()
+        .any(|f| matches!(f.payload, Payload::SendAck(_))));
+}
+
 #[test]
 fn malformed_and_oversized_frames_close_only_their_own_session() {
     let mut h = Harness::new();

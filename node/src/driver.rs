@@ -11,19 +11,21 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sund_model::env::Ready;
-use sund_model::files::{seal_chunk, UploadId};
+use sund_model::env::StoreRead;
+use sund_model::files::{seal_chunk, Manifest, ManifestDigest, UploadId};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::mls::device_groups::{GroupError, GroupStatus, Intent};
 use sund_model::mls::group_ops::GroupKind;
-use sund_model::node::transfers::ChunkToSend;
+use sund_model::node::files::{assemble, CHUNK_BYTES_TABLE};
+use sund_model::node::transfers::{ChunkToSend, OfferState};
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, PairingOffer, SendError,
 };
@@ -37,7 +39,7 @@ use sund_runtime::endpoint::{self, QuicError};
 use sund_runtime::environment::Environment;
 use sund_runtime::metrics::{StageReport, Stages};
 use sund_runtime::session::{self, CloseCause, SessionEvent, SessionHandle, SessionLimits};
-use sund_runtime::store::RedbStore;
+use sund_runtime::store::{RedbReader, RedbStore};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -187,12 +189,51 @@ enum Command {
     OfferPairing {
         reply: oneshot::Sender<(PairingOffer, Option<TrustRoot>)>,
     },
+    SendFile {
+        conversation: ConversationId,
+        manifest: Manifest,
+        source: Bytes,
+        reply: oneshot::Sender<Result<UploadId, SendError>>,
+    },
+    FetchFile {
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        reply: oneshot::Sender<bool>,
+    },
+    Files {
+        reply: oneshot::Sender<Vec<FileSummary>>,
+    },
+    SaveFile {
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        dir: PathBuf,
+        reply: oneshot::Sender<Result<PathBuf, String>>,
+    },
     Reconnect,
     Taken {
         conversation: ConversationId,
         seq: u64,
     },
     Stop,
+}
+
+/// A file this device knows: offered to it, being fetched, or held.
+#[derive(Clone, Debug)]
+pub struct FileSummary {
+    /// The conversation it came in.
+    pub conversation: ConversationId,
+    /// Its digest (what `fetch_file` names).
+    pub digest: ManifestDigest,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Who sent it.
+    pub sender: DeviceId,
+    /// Where it stands.
+    pub state: OfferState,
+    /// Bytes this device still lacks.
+    pub missing_bytes: u64,
 }
 
 /// A change to this device's groups, asked for by the application.
@@ -369,6 +410,79 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Starts sending a file (its manifest from `files::ManifestBuilder`, `source` the path
+    /// the driver reads its chunks from); returns once the upload is durable. Watch for
+    /// `UploadProgress` and `FileSent`.
+    pub async fn send_file(
+        &self,
+        conversation: ConversationId,
+        manifest: Manifest,
+        source: Bytes,
+    ) -> Result<Result<UploadId, SendError>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::SendFile {
+                conversation,
+                manifest,
+                source,
+                reply,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Starts fetching a file offered to this device; false if it was never offered. Watch
+    /// for `FileProgress`, then `FileComplete` (or `FileFailed`).
+    pub async fn fetch_file(
+        &self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+    ) -> Result<bool, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::FetchFile {
+                conversation,
+                digest,
+                reply,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Every file this device knows.
+    pub async fn files(&self) -> Result<Vec<FileSummary>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Files { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Writes a complete file into `dir` under its own name, checking every chunk read back;
+    /// the file appears only whole (written beside it, then renamed). Refuses to replace a
+    /// file that exists.
+    pub async fn save_file(
+        &self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        dir: PathBuf,
+    ) -> Result<Result<PathBuf, String>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::SaveFile {
+                conversation,
+                digest,
+                dir,
+                reply,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
     /// Disconnects cleanly and stops.
     pub async fn stop(self) -> Result<(), NodeError> {
         let _ = self.commands.send(Command::Stop).await;
@@ -400,6 +514,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_MAX);
     let stages = Arc::new(Stages::default());
+    let reader = store.reader();
     let committer =
         Committer::with_stages(environment.commit_mode(), store, "node", stages.clone());
     let (links_tx, links_rx) = mpsc::channel(LINK_QUEUE_MAX);
@@ -413,6 +528,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
         next_conn: 1,
         sessions: BTreeMap::new(),
         connections: BTreeMap::new(),
+        reader,
         links: links_tx,
         events: events_tx,
         waiting_events: VecDeque::new(),
@@ -453,6 +569,8 @@ struct Core {
     sessions: BTreeMap<ConnectionId, SessionHandle>,
     /// The QUIC connection of each session, for the chunk streams it opens.
     connections: BTreeMap<ConnectionId, quinn::Connection>,
+    /// Reads the committed store beside the committer (chunks of files to save).
+    reader: RedbReader,
     links: mpsc::Sender<Link>,
     events: mpsc::Sender<NodeEvent>,
     /// Events released but not yet taken by the application (bounded by the reading pause).
@@ -605,6 +723,48 @@ impl Core {
                     },
                 });
             }
+            Command::SendFile {
+                conversation,
+                manifest,
+                source,
+                reply: to,
+            } => {
+                let result = self.node.send_file(now, conversation, manifest, source);
+                replies.push(reply(to, result));
+            }
+            Command::FetchFile {
+                conversation,
+                digest,
+                reply: to,
+            } => {
+                let known = self.node.fetch_file(now, conversation, digest);
+                replies.push(reply(to, known));
+            }
+            Command::Files { reply: to } => {
+                let _ = to.send(self.file_summaries());
+            }
+            Command::SaveFile {
+                conversation,
+                digest,
+                dir,
+                reply: to,
+            } => match self.node.files().file(conversation, digest) {
+                Some(record) if self.node.files().is_complete(conversation, digest) => {
+                    let manifest = record.manifest.clone();
+                    let reader = self.reader.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = to.send(save_file(&reader, &manifest, &dir));
+                    });
+                }
+                Some(_) => {
+                    let _ = to.send(Err(
+                        "this device does not hold the whole file yet: fetch it first".into(),
+                    ));
+                }
+                None => {
+                    let _ = to.send(Err("no such file on this device".into()));
+                }
+            },
             Command::OfferPairing { reply: to } => {
                 let offer = self.node.offer_pairing(now);
                 let root = self.node.trust().root().cloned();
@@ -672,6 +832,27 @@ impl Core {
                 }
             }
         }
+    }
+
+    fn file_summaries(&self) -> Vec<FileSummary> {
+        let transfers = self.node.transfers();
+        let files = self.node.files();
+        transfers
+            .offers()
+            .filter_map(|(conversation, digest, offer)| {
+                let record = files.file(conversation, digest)?;
+                let missing_bytes = files.needed(conversation, digest).map_or(0, |n| n.bytes);
+                Some(FileSummary {
+                    conversation,
+                    digest,
+                    name: record.manifest.name.as_str().to_string(),
+                    size: record.manifest.size,
+                    sender: offer.sender,
+                    state: offer.state,
+                    missing_bytes,
+                })
+            })
+            .collect()
     }
 
     fn summaries(&self) -> Vec<GroupSummary> {
@@ -777,6 +958,50 @@ impl Core {
             }
         }
     }
+}
+
+/// Writes `manifest`'s file into `dir` from the device's chunk store: into a hidden temporary
+/// file beside its place, synced, then renamed, so that a crash or a damaged chunk leaves no
+/// half-written file under the real name.
+fn save_file(reader: &RedbReader, manifest: &Manifest, dir: &Path) -> Result<PathBuf, String> {
+    use std::io::Write;
+    let name = manifest.name.as_str();
+    let path = dir.join(name);
+    if path.exists() {
+        return Err(format!(
+            "{} exists already: move it away or choose another directory with --out",
+            path.display()
+        ));
+    }
+    let temp = dir.join(format!(".{name}.sund-part"));
+    let mut file = std::fs::File::create(&temp)
+        .map_err(|e| format!("cannot write into {}: {e}", dir.display()))?;
+    let mut io_error = None;
+    let assembled = assemble(
+        manifest,
+        |hash| reader.get(CHUNK_BYTES_TABLE, &hash.0).ok().flatten(),
+        |bytes| {
+            if io_error.is_none() {
+                io_error = file.write_all(bytes).err();
+            }
+        },
+    );
+    let result = match (assembled, io_error) {
+        (Err(e), _) => Err(e.to_string()),
+        (Ok(()), Some(e)) => Err(format!(
+            "cannot write {} ({e}): free some space and get it again",
+            path.display()
+        )),
+        (Ok(()), None) => file
+            .sync_all()
+            .and_then(|()| std::fs::rename(&temp, &path))
+            .map(|()| path.clone())
+            .map_err(|e| format!("cannot write {} ({e})", path.display())),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
 }
 
 /// Reads every chunk stream the gateway opens on `connection` and hands each over whole.

@@ -32,6 +32,7 @@ macro_rules! esay {
 
 #[cfg(feature = "demo")]
 mod demo;
+mod file_commands;
 mod group_commands;
 mod pair;
 
@@ -112,6 +113,40 @@ enum RoomCommand {
 }
 
 #[derive(Subcommand)]
+enum FileCommand {
+    /// Send a file into a DM or room: only the parts the gateway does not hold yet move, and
+    /// an interrupted send goes on where it stopped.
+    Send {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The conversation's name (`@user` for a DM).
+        conversation: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// List the files this device knows, with their ids.
+    List {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// Only the files of this conversation.
+        conversation: Option<String>,
+    },
+    /// Fetch a file (only the parts this device lacks) and save it under its own name.
+    Get {
+        /// The device's data directory.
+        #[arg(long, default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The file's id, as `sund file list` or `sund follow` shows it.
+        id: String,
+        /// Where to save it.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum PairCommand {
     /// On a device you already use: print a one-time code (QR and text) that links a new
     /// device to your user, and wait until the new device takes it.
@@ -182,6 +217,11 @@ enum Command {
     Room {
         #[command(subcommand)]
         command: RoomCommand,
+    },
+    /// Send, list and fetch files in DMs and rooms.
+    File {
+        #[command(subcommand)]
+        command: FileCommand,
     },
     /// Show the DMs and rooms of this device: their members' devices, epoch and state.
     Devices {
@@ -309,6 +349,24 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,
         Command::Room { command } => group_commands::room(command).await,
         Command::Devices { data_dir } => group_commands::devices(&data_dir).await,
+        Command::File {
+            command:
+                FileCommand::Send {
+                    data_dir,
+                    conversation,
+                    path,
+                },
+        } => file_commands::send(&data_dir, &conversation, &path).await,
+        Command::File {
+            command:
+                FileCommand::List {
+                    data_dir,
+                    conversation,
+                },
+        } => file_commands::list(&data_dir, conversation.as_deref()).await,
+        Command::File {
+            command: FileCommand::Get { data_dir, id, out },
+        } => file_commands::get(&data_dir, &id, &out).await,
         Command::Pair {
             command:
                 PairCommand::Show {
@@ -463,12 +521,26 @@ async fn follow(
                             esay!("{user} is not named on this device: if you know who it is, `sund contact NAME` shows their name");
                         }
                     }
-                    let line = format!(
-                        "{} seq {seq} from {}: {}",
-                        display::printable(&conversation),
-                        display::printable(&from),
-                        display::body(&body)
-                    );
+                    let line = match sund_model::files::FileMessage::decode(&body) {
+                        Some(Ok(file)) => file_commands::offered_line(
+                            &display::printable(&conversation),
+                            &display::printable(&from),
+                            file.manifest.digest(),
+                            file.manifest.name.as_str(),
+                            file.manifest.size,
+                        ),
+                        Some(Err(e)) => format!(
+                            "{} seq {seq} from {}: a file this device refuses ({e})",
+                            display::printable(&conversation),
+                            display::printable(&from),
+                        ),
+                        None => format!(
+                            "{} seq {seq} from {}: {}",
+                            display::printable(&conversation),
+                            display::printable(&from),
+                            display::body(&body)
+                        ),
+                    };
                     // Taken only once printed: a message a closed pipe (`| head -1`) or a
                     // crash kept from the screen is shown by the next `follow`.
                     let mut out = std::io::stdout().lock();
@@ -513,7 +585,7 @@ async fn follow(
 }
 
 /// Why a node stopped, in words, from its core's result (a failed store says which and why).
-async fn why_stopped(node: driver::NodeHandle) -> String {
+pub(crate) async fn why_stopped(node: driver::NodeHandle) -> String {
     match node.stop().await {
         Err(e) => e.to_string(),
         Ok(()) => "it stopped".to_string(),
@@ -521,7 +593,7 @@ async fn why_stopped(node: driver::NodeHandle) -> String {
 }
 
 /// What a command on a stale copy of a device (see `Node::state_copied`) says.
-fn stale_copy() -> String {
+pub(crate) fn stale_copy() -> String {
     format!(
         "this copy of the device cannot be used: {}",
         sund_model::node::STATE_COPIED

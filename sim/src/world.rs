@@ -1243,6 +1243,11 @@ impl World {
                 upload,
                 ..
             }
+            | NodeEvent::UploadProgress {
+                conversation,
+                upload,
+                ..
+            }
             | NodeEvent::FileSendFailed {
                 conversation,
                 upload,

@@ -67,6 +67,20 @@ impl FileSecret {
         FileSecret(bytes)
     }
 
+    /// The secret device `key` seals the files it sends into `conversation` under: derived
+    /// (BLAKE3 in key-derivation mode, its own context) so that it is the same on every send
+    /// and needs no storage, and unrelated between conversations and devices.
+    pub fn for_conversation(
+        key: &crate::identity::DeviceKey,
+        conversation: crate::ids::ConversationId,
+    ) -> FileSecret {
+        let mut hasher =
+            blake3::Hasher::new_derive_key("sund 2026 file secret of a device in a conversation");
+        hasher.update(key.seed());
+        hasher.update(&conversation.to_bytes());
+        FileSecret(Zeroizing::new(*hasher.finalize().as_bytes()))
+    }
+
     /// The secret's bytes, for a manifest's encoding or the node's store.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0

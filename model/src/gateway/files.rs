@@ -374,7 +374,11 @@ impl ChunkIndex {
     }
 
     /// Takes the bytes of an awaited chunk of `owner`'s `upload`: the blob and its record go
-    /// into `writes` together, so a crash keeps both or neither.
+    /// into `writes` together, so a crash keeps both or neither. True if they were stored;
+    /// false for bytes of a chunk this upload lists that is stored already (another upload of
+    /// the same owner sharing it stored it first, or a copy sent again after a lost
+    /// acknowledgement): nothing is written and the stored bytes are never replaced, but the
+    /// sender hears the chunk is durable.
     pub fn store_chunk(
         &mut self,
         conversation: ConversationId,
@@ -383,7 +387,7 @@ impl ChunkIndex {
         id: ChunkId,
         bytes: Bytes,
         writes: &mut WriteBatch,
-    ) -> Result<(), ChunkRefusal> {
+    ) -> Result<bool, ChunkRefusal> {
         let listed = self
             .uploads
             .get(&(conversation, upload))
@@ -395,7 +399,7 @@ impl ChunkIndex {
         let record = self
             .chunks
             .get_mut(&at)
-            .filter(|r| listed && r.digest.is_none())
+            .filter(|_| listed)
             .ok_or(ChunkRefusal::NotAwaited(id))?;
         if bytes.len() != record.sealed_len as usize {
             return Err(ChunkRefusal::WrongLength {
@@ -404,11 +408,14 @@ impl ChunkIndex {
                 got: bytes.len(),
             });
         }
+        if record.digest.is_some() {
+            return Ok(false);
+        }
         record.digest = Some(*blake3::hash(&bytes).as_bytes());
         let key = chunk_key(&at).to_vec();
         writes.put(CHUNKS_TABLE, key.clone(), encode_chunk(record));
         writes.put(BLOBS_TABLE, key, bytes);
-        Ok(())
+        Ok(true)
     }
 
     /// Where to read a chunk of `owner`'s (the file's sender, named by its manifest's

@@ -902,6 +902,21 @@ impl Gateway {
         send: Send,
     ) {
         let msg_id = send.msg_id();
+        if msg_id == sender_order::NO_MESSAGE {
+            // All zeros means "no message" in sender order (what `after` names before a
+            // device's first message): a message under it would be its own predecessor.
+            let routing = Routing {
+                conversation: conv,
+                ..Routing::default()
+            };
+            let refusal = Refusal::error(
+                ErrorCode::MalformedFrame,
+                "a message id of all zeros is reserved: choose a random one",
+            )
+            .in_conversation(routing);
+            self.refuse(conn, refusal);
+            return;
+        }
         let after = send.after.map(MsgId::from_bytes);
         if let Err(last) = self
             .delivery

@@ -34,6 +34,8 @@ pub struct TransferStats {
     pub chunks_stored: u64,
     /// Sealed bytes stored.
     pub bytes_stored: u64,
+    /// Chunks received that were stored already (acknowledged, not written again).
+    pub chunks_duplicate: u64,
     /// Chunks handed to the driver to serve.
     pub chunks_served: u64,
     /// Asked-for chunks that could not be served.
@@ -253,11 +255,16 @@ impl Transfers {
         }
         let upload = UploadId(head.upload);
         let id = head.chunk_id();
-        self.index
+        let stored = self
+            .index
             .store_chunk(conversation, owner, upload, id, body, fx.writes())
             .map_err(|r| refusal(conversation, upload, r))?;
-        self.stats.chunks_stored += 1;
-        self.stats.bytes_stored += len;
+        if stored {
+            self.stats.chunks_stored += 1;
+            self.stats.bytes_stored += len;
+        } else {
+            self.stats.chunks_duplicate += 1;
+        }
         let ack = ChunkAck {
             upload: upload.0,
             id: id.0,

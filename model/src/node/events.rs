@@ -291,6 +291,15 @@ pub enum NodeEvent {
         /// Why, in words.
         reason: String,
     },
+    /// The gateway said what an upload lacks, or a chunk of it became durable there.
+    UploadProgress {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The upload.
+        upload: UploadId,
+        /// Sealed bytes the gateway still lacks.
+        remaining_bytes: u64,
+    },
     /// Every chunk of an upload is at the gateway and the file message is queued.
     FileSent {
         /// Conversation.

@@ -298,6 +298,11 @@ impl Node {
                 max: transfers::SOURCE_BYTES_MAX,
             });
         }
+        // The same file into the same conversation while its upload is unfinished (the
+        // command run again after a crash): that upload goes on.
+        if let Some(upload) = self.transfers.upload_of(conversation, manifest.digest()) {
+            return Ok(upload);
+        }
         let mut id = [0u8; 16];
         self.entropy.fill_bytes(&mut id);
         let upload = crate::files::UploadId(id);
@@ -1011,7 +1016,9 @@ impl Node {
         match crate::files::FileMessage::decode(body) {
             None => {}
             Some(Ok(message)) => {
+                let conn = self.link.open_conn();
                 self.transfers.offered(
+                    conn,
                     conversation,
                     sender,
                     message,

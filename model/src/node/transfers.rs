@@ -265,6 +265,37 @@ impl NodeTransfers {
         );
     }
 
+    /// Sealed bytes of upload `upload` the gateway lacks, once it said (`None` before).
+    pub fn upload_missing_bytes(&self, upload: UploadId) -> Option<u64> {
+        let outgoing = self.uploads.get(&upload)?;
+        let missing = outgoing.missing.as_ref()?;
+        Some(
+            outgoing
+                .chunks
+                .iter()
+                .filter(|(c, _, _)| missing.contains(c))
+                .map(|&(_, _, len)| u64::from(len))
+                .sum(),
+        )
+    }
+
+    /// Every file offered to this device, by conversation and digest.
+    pub fn offers(&self) -> impl Iterator<Item = (ConversationId, ManifestDigest, &Offer)> + '_ {
+        self.offers.iter().map(|(&(c, d), o)| (c, d, o))
+    }
+
+    /// The unfinished upload of file `digest` into `conversation`, if any.
+    pub fn upload_of(
+        &self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+    ) -> Option<UploadId> {
+        self.uploads
+            .iter()
+            .find(|(_, u)| u.conversation == conversation && u.manifest.digest() == digest)
+            .map(|(&id, _)| id)
+    }
+
     /// Uploads not finished, with their conversations.
     pub fn uploads(&self) -> impl Iterator<Item = (UploadId, ConversationId)> + '_ {
         self.uploads.iter().map(|(&id, u)| (id, u.conversation))
@@ -361,6 +392,17 @@ impl NodeTransfers {
         let outgoing = self.uploads.get_mut(&upload)?;
         let missing: BTreeSet<ChunkId> = status.missing.iter().map(|id| ChunkId(**id)).collect();
         outgoing.in_flight.retain(|id| missing.contains(id));
+        let remaining_bytes = outgoing
+            .chunks
+            .iter()
+            .filter(|(c, _, _)| missing.contains(c))
+            .map(|&(_, _, len)| u64::from(len))
+            .sum();
+        fx.event(NodeEvent::UploadProgress {
+            conversation: outgoing.conversation,
+            upload,
+            remaining_bytes,
+        });
         outgoing.missing = Some(missing);
         self.pump_upload(conn, upload, fx)
     }
@@ -377,7 +419,19 @@ impl NodeTransfers {
         let id = ChunkId(ack.id);
         outgoing.in_flight.remove(&id);
         if let Some(missing) = &mut outgoing.missing {
-            missing.remove(&id);
+            if missing.remove(&id) {
+                let remaining_bytes = outgoing
+                    .chunks
+                    .iter()
+                    .filter(|(c, _, _)| missing.contains(c))
+                    .map(|&(_, _, len)| u64::from(len))
+                    .sum();
+                fx.event(NodeEvent::UploadProgress {
+                    conversation: outgoing.conversation,
+                    upload,
+                    remaining_bytes,
+                });
+            }
         }
         self.pump_upload(conn, upload, fx)
     }
@@ -448,6 +502,7 @@ impl NodeTransfers {
     /// file; the application hears of it.
     pub fn offered(
         &mut self,
+        conn: Option<ConnectionId>,
         conversation: ConversationId,
         sender: DeviceId,
         message: FileMessage,
@@ -459,19 +514,41 @@ impl NodeTransfers {
         let needed = files.offer(conversation, manifest, fx.writes());
         let digest = needed.digest;
         let at = (conversation, digest);
-        if let std::collections::btree_map::Entry::Vacant(slot) = self.offers.entry(at) {
-            let offer = Offer {
-                upload,
-                sender,
-                state: OfferState::Offered,
-            };
-            fx.put(
-                NODE_OFFERS_TABLE,
-                offer_key(conversation, digest),
-                encode_offer(&offer),
-            );
-            slot.insert(offer);
-            self.by_upload.insert((conversation, upload), digest);
+        match self.offers.entry(at) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let offer = Offer {
+                    upload,
+                    sender,
+                    state: OfferState::Offered,
+                };
+                fx.put(
+                    NODE_OFFERS_TABLE,
+                    offer_key(conversation, digest),
+                    encode_offer(&offer),
+                );
+                slot.insert(offer);
+                self.by_upload.insert((conversation, upload), digest);
+            }
+            // The same file sent again, under a new upload: fetches name the new one, and
+            // a device that holds the file already says so at once, so that the gateway
+            // does not keep the new upload's chunks for it.
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                let offer = slot.get_mut();
+                if offer.upload != upload {
+                    self.by_upload.remove(&(conversation, offer.upload));
+                    offer.upload = upload;
+                    fx.put(
+                        NODE_OFFERS_TABLE,
+                        offer_key(conversation, digest),
+                        encode_offer(offer),
+                    );
+                    self.by_upload.insert((conversation, upload), digest);
+                    if let (OfferState::Complete, Some(conn)) = (offer.state, conn) {
+                        let fetched = FileFetched { upload: upload.0 };
+                        fx.send(conn, in_conv(conversation), Payload::FileFetched(fetched));
+                    }
+                }
+            }
         }
         fx.event(NodeEvent::FileOffered {
             conversation,

@@ -75,7 +75,7 @@ impl Harness {
         })
     }
 
-    fn store_chunk(&mut self, upload: u8, n: u8, bytes: Bytes) -> Result<(), ChunkRefusal> {
+    fn store_chunk(&mut self, upload: u8, n: u8, bytes: Bytes) -> Result<bool, ChunkRefusal> {
         self.store_as(ALICE, upload, n, bytes)
     }
 
@@ -85,7 +85,7 @@ impl Harness {
         upload: u8,
         n: u8,
         bytes: Bytes,
-    ) -> Result<(), ChunkRefusal> {
+    ) -> Result<bool, ChunkRefusal> {
         self.run(|index, writes| {
             index.store_chunk(CONV, owner, UploadId([upload; 16]), id(n), bytes, writes)
         })
@@ -241,10 +241,16 @@ fn bytes_are_taken_only_for_an_awaited_chunk_at_its_declared_length() {
             got: 99
         })
     );
-    h.store_chunk(1, 1, blob(100, 1)).unwrap();
+    assert_eq!(h.store_chunk(1, 1, blob(100, 1)), Ok(true));
+    let digest = h.index.chunk(CONV, ALICE, id(1)).unwrap().digest;
     assert_eq!(
         h.store_chunk(1, 1, blob(100, 6)),
-        Err(ChunkRefusal::NotAwaited(id(1))),
+        Ok(false),
+        "a copy of a stored chunk is acknowledged"
+    );
+    assert_eq!(
+        h.index.chunk(CONV, ALICE, id(1)).unwrap().digest,
+        digest,
         "stored once, never replaced"
     );
     assert_eq!(

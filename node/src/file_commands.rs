@@ -1,0 +1,388 @@
+//! `sund file send | list | get`: files in DMs and rooms, with progress.
+//!
+//! Progress goes to stderr: a bar (bytes, rate, ETA) on a terminal, a plain line at each
+//! quarter otherwise, so logs and pipes stay readable.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
+use sund_model::files::{
+    sealed_len, stream_chunker, FileId, FileName, FileSecret, ManifestBuilder, ManifestDigest,
+};
+use sund_model::node::transfers::OfferState;
+use sund_model::node::NodeEvent;
+use sund_node::device::Device;
+use sund_node::driver::{self, FileSummary, NodeHandle};
+
+use crate::{group_commands, stale_copy, why_stopped, REVOKED};
+
+/// How long a transfer may go without progress before the command stops waiting (the
+/// transfer itself is durable and goes on with the next command or `sund follow`).
+const STALL: Duration = Duration::from_secs(30);
+
+/// A progress display for `total` bytes.
+struct Progress {
+    bar: ProgressBar,
+    plain: Option<(String, u64)>,
+    total: u64,
+}
+
+impl Progress {
+    fn new(what: &str, total: u64) -> Progress {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(what.to_string());
+            Progress {
+                bar,
+                plain: None,
+                total,
+            }
+        } else {
+            Progress {
+                bar: ProgressBar::hidden(),
+                plain: Some((what.to_string(), 0)),
+                total,
+            }
+        }
+    }
+
+    fn set(&mut self, done: u64) {
+        self.bar.set_position(done);
+        if let Some((what, quarter)) = &mut self.plain {
+            let now = (done.saturating_mul(4)) / self.total.max(1);
+            if now > *quarter {
+                *quarter = now;
+                esay!("{what}: {} %", now * 25);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// `1.5 MB`, for people.
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn file_id(digest: ManifestDigest) -> FileId {
+    FileId(digest.0[..8].try_into().expect("8 bytes"))
+}
+
+async fn open_node(device: &Device) -> Result<NodeHandle, String> {
+    let node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    if node.status().await.is_ok_and(|s| s.state_copied) {
+        let _ = node.stop().await;
+        return Err(stale_copy());
+    }
+    Ok(node)
+}
+
+/// `sund file send CONVERSATION PATH`.
+pub(crate) async fn send(data_dir: &Path, conversation: &str, path: &Path) -> Result<(), String> {
+    let device = Device::load(data_dir).map_err(|e| e.to_string())?;
+    let metadata =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{} has no file name Sund can send", path.display()))?;
+    let name = FileName::new(name).map_err(|e| {
+        format!("the name of {} cannot be sent as it is ({e}): rename the file or copy it under another name", path.display())
+    })?;
+    let source =
+        std::fs::canonicalize(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let source = source
+        .to_str()
+        .ok_or_else(|| format!("{} is not a UTF-8 path; move the file", source.display()))?
+        .to_string();
+    let id = device.resolve_conversation(conversation);
+    let mut node = open_node(&device).await?;
+    if let Err(e) = group_commands::await_membership(&mut node, id).await {
+        let _ = node.stop().await;
+        return Err(format!("cannot send into `{conversation}`: {e}"));
+    }
+
+    // Cut and seal the file once to learn its chunks (one chunk in memory at a time); the
+    // node's driver reads and seals each chunk again when the gateway asks for it.
+    let secret = FileSecret::for_conversation(&device.key, id);
+    let total = metadata.len();
+    let mut reading = Progress::new(&format!("reading {}", name.as_str()), total);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader_path = PathBuf::from(&source);
+    let cut = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&reader_path)
+            .map_err(|e| format!("cannot read {}: {e}", reader_path.display()))?;
+        let mut builder = ManifestBuilder::new(name, secret.clone());
+        let mut done = 0u64;
+        for chunk in stream_chunker(&secret, std::io::BufReader::new(file)) {
+            let chunk = chunk.map_err(|e| format!("cannot read {}: {e}", reader_path.display()))?;
+            builder.push(&chunk.data).map_err(|e| e.to_string())?;
+            done += chunk.length as u64;
+            let _ = tx.send(done);
+        }
+        Ok::<_, String>(builder.finish())
+    });
+    tokio::pin!(cut);
+    let manifest = loop {
+        tokio::select! {
+            done = rx.recv() => if let Some(done) = done { reading.set(done) },
+            result = &mut cut => break result.map_err(|e| e.to_string())?,
+        }
+    };
+    reading.finish();
+    let manifest = match manifest {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = node.stop().await;
+            return Err(e);
+        }
+    };
+    let file_name = manifest.name.as_str().to_string();
+    // What the gateway holds of the file is counted in sealed bytes of distinct chunks.
+    let mut distinct = std::collections::BTreeSet::new();
+    let sealed_total: u64 = manifest
+        .chunks
+        .iter()
+        .filter(|c| distinct.insert(c.hash))
+        .map(|c| sealed_len(c.len as usize) as u64)
+        .sum();
+    let upload = match node.send_file(id, manifest, Bytes::from(source)).await {
+        Ok(Ok(upload)) => upload,
+        Ok(Err(e)) => {
+            let _ = node.stop().await;
+            return Err(format!("cannot send the file: {e}"));
+        }
+        Err(_) => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+    };
+    let mut uploading = Progress::new(&format!("sending {file_name}"), total);
+    let mut first_missing = None;
+    let mut file_msg = None;
+    loop {
+        let event = match tokio::time::timeout(STALL, node.events.recv()).await {
+            Ok(event) => event,
+            Err(_) => {
+                uploading.finish();
+                let why = match node.status().await.ok().and_then(|s| s.last_problem) {
+                    Some(problem) => format!(" ({problem})"),
+                    None => String::new(),
+                };
+                let _ = node.stop().await;
+                return Err(format!("no progress for {} s{why}; the upload is saved on this device and goes on with the next `sund follow` or `sund file send`", STALL.as_secs()));
+            }
+        };
+        match event {
+            Some(NodeEvent::UploadProgress {
+                upload: u,
+                remaining_bytes,
+                ..
+            }) if u == upload => {
+                first_missing.get_or_insert(remaining_bytes);
+                let moved = sealed_total.saturating_sub(remaining_bytes);
+                uploading.set(total.saturating_mul(moved) / sealed_total.max(1));
+            }
+            Some(NodeEvent::FileSent {
+                upload: u, msg_id, ..
+            }) if u == upload => {
+                uploading.set(total);
+                file_msg = Some(msg_id);
+            }
+            Some(NodeEvent::Accepted { msg_id, seq, .. }) if Some(msg_id) == file_msg => {
+                uploading.finish();
+                let missing = first_missing.unwrap_or(sealed_total);
+                let held = sealed_total.saturating_sub(missing);
+                if missing == 0 {
+                    say!(
+                        "sent {file_name} ({}) to {conversation}: seq {seq}; the gateway held all of it already, so nothing moved",
+                        size(total)
+                    );
+                } else if held > 0 {
+                    say!(
+                        "sent {file_name} ({}) to {conversation}: seq {seq}; {} of it was at the gateway already and did not move",
+                        size(total),
+                        size(total.saturating_mul(held) / sealed_total.max(1))
+                    );
+                } else {
+                    say!("sent {file_name} ({}) to {conversation}: seq {seq}", size(total));
+                }
+                break;
+            }
+            Some(NodeEvent::FileSendFailed {
+                upload: u,
+                code,
+                message,
+                ..
+            }) if u == upload => {
+                uploading.finish();
+                let _ = node.stop().await;
+                return Err(format!("the file was refused ({code:?}): {message}"));
+            }
+            Some(NodeEvent::Refused { message, .. }) => {
+                let _ = node.stop().await;
+                return Err(format!("the gateway refused this device: {message}"));
+            }
+            Some(NodeEvent::Revoked) => {
+                let _ = node.stop().await;
+                return Err(REVOKED.into());
+            }
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                    "this device stopped ({}); the upload is saved and goes on with the next `sund follow`",
+                    why_stopped(node).await
+                ))
+            }
+        }
+    }
+    node.stop().await.map_err(|e| e.to_string())
+}
+
+fn state(file: &FileSummary) -> String {
+    match file.state {
+        OfferState::Offered if file.missing_bytes == 0 => "held".into(),
+        OfferState::Offered => "offered".into(),
+        OfferState::Fetching => format!("fetching, {} to go", size(file.missing_bytes)),
+        OfferState::Complete => "complete".into(),
+        OfferState::Failed => "failed".into(),
+    }
+}
+
+/// `sund file list [CONVERSATION]`.
+pub(crate) async fn list(data_dir: &Path, conversation: Option<&str>) -> Result<(), String> {
+    let device = Device::load(data_dir).map_err(|e| e.to_string())?;
+    let names = device.conversation_names();
+    let only = conversation.map(|c| device.resolve_conversation(c));
+    let node = open_node(&device).await?;
+    let files = node.files().await.map_err(|e| e.to_string());
+    let _ = node.stop().await;
+    let files: Vec<FileSummary> = files?
+        .into_iter()
+        .filter(|f| only.is_none_or(|c| c == f.conversation))
+        .collect();
+    if files.is_empty() {
+        say!("no files yet");
+        return Ok(());
+    }
+    for file in files {
+        let conv = names
+            .get(&file.conversation)
+            .cloned()
+            .unwrap_or_else(|| file.conversation.to_string());
+        say!(
+            "{}  {:>10}  {:<24}  {}  in {conv}",
+            file_id(file.digest),
+            size(file.size),
+            state(&file),
+            sund_node::display::printable(&file.name),
+        );
+    }
+    Ok(())
+}
+
+/// `sund file get ID [--out DIR]`.
+pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), String> {
+    let wanted = FileId::parse(id).ok_or_else(|| {
+        format!("`{id}` is not a file id: give the 16 hex digits `sund file list` shows")
+    })?;
+    if !out.is_dir() {
+        return Err(format!(
+            "{} is not a directory: create it or give another with --out",
+            out.display()
+        ));
+    }
+    let device = Device::load(data_dir).map_err(|e| e.to_string())?;
+    let mut node = open_node(&device).await?;
+    let files = node.files().await.map_err(|e| e.to_string())?;
+    let Some(file) = files.into_iter().find(|f| file_id(f.digest) == wanted) else {
+        let _ = node.stop().await;
+        return Err(format!("this device knows no file {id}: `sund file list` shows the ones it knows (a file sent while this device was away arrives with `sund follow`)"));
+    };
+    let (conv, digest) = (file.conversation, file.digest);
+    if file.missing_bytes > 0 {
+        match node.fetch_file(conv, digest).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = node.stop().await;
+                return Err(format!("this device knows no file {id}"));
+            }
+            Err(_) => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+        }
+        let mut fetching = Progress::new(&format!("getting {}", file.name), file.size);
+        fetching.set(file.size - file.missing_bytes);
+        loop {
+            let event = match tokio::time::timeout(STALL, node.events.recv()).await {
+                Ok(event) => event,
+                Err(_) => {
+                    fetching.finish();
+                    let _ = node.stop().await;
+                    return Err(format!("no progress for {} s; what arrived is kept, and `sund file get {id}` goes on from there", STALL.as_secs()));
+                }
+            };
+            match event {
+                Some(NodeEvent::FileProgress {
+                    digest: d,
+                    remaining_bytes,
+                    ..
+                }) if d == digest => fetching.set(file.size - remaining_bytes),
+                Some(NodeEvent::FileComplete { digest: d, .. }) if d == digest => break,
+                Some(NodeEvent::FileFailed {
+                    digest: d, reason, ..
+                }) if d == digest => {
+                    fetching.finish();
+                    let _ = node.stop().await;
+                    return Err(reason);
+                }
+                Some(NodeEvent::Revoked) => {
+                    let _ = node.stop().await;
+                    return Err(REVOKED.into());
+                }
+                Some(_) => {}
+                None => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+            }
+        }
+        fetching.finish();
+    }
+    let saved = node.save_file(conv, digest, out.to_path_buf()).await;
+    let _ = node.stop().await;
+    let path = saved.map_err(|e| e.to_string())??;
+    say!("saved {} ({})", path.display(), size(file.size));
+    Ok(())
+}
+
+/// What `sund follow` prints for a file offered to this device.
+pub(crate) fn offered_line(
+    conversation: &str,
+    from: &str,
+    digest: ManifestDigest,
+    name: &str,
+    bytes: u64,
+) -> String {
+    format!(
+        "[{conversation}] {from} sent a file: {} ({}) — sund file get {}",
+        sund_node::display::printable(name),
+        size(bytes),
+        file_id(digest)
+    )
+}

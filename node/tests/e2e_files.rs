@@ -1,0 +1,160 @@
+//! Files between the real binaries on loopback, as a user types the commands: a 100 MB file
+//! sent while the sender, the receiver and the gateway are each killed with SIGKILL part way;
+//! every transfer resumes where it stopped and arrives whole and verified; the same file sent
+//! again moves nothing; and no half-written file is ever left under the real name.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+/// Bytes that do not repeat, fast to make.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Starts `sund ARGS` and waits until a line of its stderr contains `until`; the child, still
+/// running (or exited, if it ended first: then the test fails with what it said).
+fn run_until(args: &[&str], until: &str) -> Child {
+    let mut child = Command::new(sund())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains(until) => return child,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("`sund {args:?}` never printed {until:?}; it said {seen:?}"),
+        }
+    }
+}
+
+fn sigkill(child: &mut Child) {
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+}
+
+/// The id `sund follow` announces for the next file that arrives at `dir`.
+fn next_file_id(dir: &str) -> String {
+    let out = run(&sund(), &["follow", "--data-dir", dir, "--count", "1"]);
+    out.lines()
+        .find_map(|l| l.split("sund file get ").nth(1))
+        .unwrap_or_else(|| panic!("follow announced no file: {out}"))
+        .trim()
+        .to_string()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[test]
+fn files_resume_after_sigkills_of_sender_receiver_and_gateway_and_arrive_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let cert = cert.trim();
+    let addr = format!("127.0.0.1:{port}");
+    let a_dir = tmp.path().join("alice");
+    let b_dir = tmp.path().join("bob");
+    let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
+    init_device(a, &addr, cert, Some("alice"), Some(&enrol(gw, "alice")));
+    init_device(b, &addr, cert, Some("bob"), Some(&enrol(gw, "bob")));
+    let mut gateway = Guard(start_gateway(&gw_dir, port));
+    run(&sund(), &["status", "--data-dir", b]);
+    run(&sund(), &["dm", "--data-dir", a, "bob"]);
+
+    let big = tmp.path().join("big.bin");
+    std::fs::write(&big, noise(100_000_000, 1)).unwrap();
+    let big_path = big.to_str().unwrap();
+    let out_dir = tmp.path().join("received");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.to_str().unwrap();
+
+    // The sender is killed a quarter of the way; sending again goes on from there.
+    let send = ["file", "send", "--data-dir", a, "@bob", big_path];
+    sigkill(&mut run_until(&send, "sending big.bin: 25 %"));
+    let sent = run(&sund(), &send);
+    assert!(
+        sent.contains("sent big.bin") && sent.contains("was at the gateway already"),
+        "{sent}"
+    );
+
+    // The receiver is killed half way; nothing appears under the file's name until it is
+    // whole; getting it again goes on from there.
+    let id = next_file_id(b);
+    let get = ["file", "get", "--data-dir", b, id.as_str(), "--out", out];
+    sigkill(&mut run_until(&get, "getting big.bin: 50 %"));
+    assert!(!out_dir.join("big.bin").exists(), "no half-written file");
+    let got = run(&sund(), &get);
+    assert!(got.contains("saved"), "{got}");
+    assert!(same_file(&big, &out_dir.join("big.bin")));
+    let list = run(&sund(), &["file", "list", "--data-dir", b]);
+    assert!(list.contains(&id) && list.contains("complete"), "{list}");
+
+    // The gateway is killed while a second file goes up; the sender waits, reconnects to the
+    // restarted gateway and finishes.
+    let second = tmp.path().join("second.bin");
+    std::fs::write(&second, noise(40_000_000, 2)).unwrap();
+    let second_path = second.to_str().unwrap();
+    let send_second = ["file", "send", "--data-dir", a, "@bob", second_path];
+    let mut sender = run_until(&send_second, "sending second.bin: 25 %");
+    sigkill(&mut gateway.0);
+    gateway = Guard(start_gateway(&gw_dir, port));
+    let status = sender.wait().unwrap();
+    assert!(
+        status.success(),
+        "the send finished after the gateway came back"
+    );
+
+    // The same file again, before Bob fetched it: nothing moves up.
+    let again = run(&sund(), &send_second);
+    assert!(
+        again.contains("the gateway held all of it already, so nothing moved"),
+        "{again}"
+    );
+    let id = next_file_id(b);
+    let id_again = next_file_id(b);
+    assert_eq!(id, id_again, "the same file has the same id");
+    let got = run(
+        &sund(),
+        &["file", "get", "--data-dir", b, &id, "--out", out],
+    );
+    assert!(got.contains("saved"), "{got}");
+    assert!(same_file(&second, &out_dir.join("second.bin")));
+    // Getting it a second time refuses to overwrite what is there.
+    let refused = fails(
+        &sund(),
+        &["file", "get", "--data-dir", b, &id, "--out", out],
+    );
+    assert!(refused.contains("exists already"), "{refused}");
+    drop(gateway);
+}
