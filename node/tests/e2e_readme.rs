@@ -54,6 +54,8 @@ fn the_readme_by_hand_flow_runs_top_to_bottom() {
         "connection connected",
         "sent to @bob: seq ",
         ": hello bob",
+        "sent photo.bin (2.9 MiB) to @bob",
+        "saved received/photo.bin (2.9 MiB)",
         "your DM with them is @alice",
         "bob is now admin of team",
         "this device left conv:",
