@@ -15,6 +15,12 @@ use sund_model::env::{Store, StoreError, StoreRead, Table, Visit, WriteBatch, Wr
 
 use crate::sim_disk::SimulatedDisk;
 
+/// Memory redb may keep as its page cache. Its default (1 GiB) let a device or gateway that
+/// moved a large file grow to over 1.5 GiB of memory (the file's pages stayed cached); what
+/// the machines read back often (recent log entries, cursors, index records) fits many times
+/// in this.
+pub const CACHE_BYTES: usize = 32 << 20;
+
 /// A redb database file holding a state machine's tables.
 pub struct RedbStore {
     db: Arc<Database>,
@@ -58,6 +64,7 @@ impl RedbStore {
     pub fn open_with(path: &Path, disk: Option<SimulatedDisk>) -> Result<RedbStore, StoreError> {
         let mut builder = Database::builder();
         builder.set_check_integrity_on_open(true);
+        builder.set_cache_size(CACHE_BYTES);
         if let Some(disk) = disk {
             let created = disk.is_blank();
             let db = builder
