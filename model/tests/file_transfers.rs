@@ -699,3 +699,37 @@ fn the_same_file_sent_again_moves_nothing_down_and_is_not_kept_for_devices_that_
     );
     assert_eq!(net.gateway.chunk_index().usage(user("alice")), 0);
 }
+
+#[test]
+fn a_chunk_lost_on_the_way_is_asked_for_again_once_the_fetch_stalls() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let data = noise(3 << 20, 15);
+    let (manifest, _) = seal_file(
+        FileName::new("lossy.bin").unwrap(),
+        FileSecret::from_bytes([9; 32]),
+        &data,
+    )
+    .unwrap();
+    let digest = manifest.digest();
+    let source = Bytes::from_static(b"lossy.bin");
+    net.sources.insert(source.clone(), data.clone());
+    let now = net.now;
+    net.node(1).send_file(now, conv, manifest, source).unwrap();
+    net.settle();
+    net.lose_served = 1;
+    let now = net.now;
+    assert!(net.node(2).fetch_file(now, conv, digest));
+    net.settle();
+    assert!(
+        !net.node(2).files().is_complete(conv, digest),
+        "one chunk never came"
+    );
+    // Heartbeats go on; once nothing has moved for the stall time, the fetch asks again.
+    for _ in 0..40 {
+        net.now = net.now + std::time::Duration::from_secs(1);
+        net.settle();
+    }
+    assert!(net.node(2).files().is_complete(conv, digest));
+    assert_eq!(assembled(&net, 2, conv, digest), data);
+}

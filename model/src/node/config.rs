@@ -28,6 +28,9 @@ pub struct NodeConfig {
     pub backoff_max: Duration,
     /// An unacknowledged message is resent after this long on the same connection.
     pub resend_after: Duration,
+    /// A transfer with chunks in flight and no progress for this long asks again (a chunk
+    /// stream or its acknowledgement lost without the connection failing).
+    pub transfer_stall: Duration,
     /// At most one replay request per conversation per this interval.
     pub replay_request_interval: Duration,
     /// Most out-of-order deliveries buffered per conversation.
@@ -68,6 +71,7 @@ impl NodeConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             resend_after: Duration::from_secs(3),
+            transfer_stall: Duration::from_secs(30),
             replay_request_interval: Duration::from_millis(500),
             reorder_buffer_max: 256,
             outbox_len_max: 10_000,

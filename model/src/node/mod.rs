@@ -287,7 +287,7 @@ impl Node {
     /// ([`NodeEvent::FileSent`]). Durable: it resumes after a restart.
     pub fn send_file(
         &mut self,
-        _now: Instant,
+        now: Instant,
         conversation: ConversationId,
         manifest: crate::files::Manifest,
         source: Bytes,
@@ -307,8 +307,15 @@ impl Node {
         self.entropy.fill_bytes(&mut id);
         let upload = crate::files::UploadId(id);
         let conn = self.link.open_conn();
-        self.transfers
-            .start_upload(conn, conversation, upload, manifest, source, &mut self.fx);
+        self.transfers.start_upload(
+            now,
+            conn,
+            conversation,
+            upload,
+            manifest,
+            source,
+            &mut self.fx,
+        );
         Ok(upload)
     }
 
@@ -316,13 +323,13 @@ impl Node {
     /// restart. False if no such file was offered in that conversation.
     pub fn fetch_file(
         &mut self,
-        _now: Instant,
+        now: Instant,
         conversation: ConversationId,
         digest: crate::files::ManifestDigest,
     ) -> bool {
         let conn = self.link.open_conn();
         self.transfers
-            .fetch(conn, conversation, digest, &self.files, &mut self.fx)
+            .fetch(now, conn, conversation, digest, &self.files, &mut self.fx)
     }
 
     /// Gives up an upload the driver cannot go on with (its file changed or went since it was
@@ -514,6 +521,7 @@ impl Node {
                     return;
                 };
                 self.transfers.on_chunk(
+                    now,
                     conn,
                     routing.conversation,
                     crate::files::UploadId(head.upload),
@@ -560,7 +568,9 @@ impl Node {
                 // KeyPackage fetch the gateway rate-limited is asked again here), and for
                 // chunks the gateway could not serve a moment ago.
                 self.drive_groups(now);
-                self.transfers.retry(conn, &self.files, &mut self.fx);
+                let stall = self.config.transfer_stall;
+                self.transfers
+                    .retry(now, stall, conn, &self.files, &mut self.fx);
             }
         }
     }
@@ -630,13 +640,14 @@ impl Node {
                 }
             }
             Payload::UploadStatus(status) => {
-                if let Some((conv, message)) = self.transfers.on_status(conn, status, &mut self.fx)
+                if let Some((conv, message)) =
+                    self.transfers.on_status(now, conn, status, &mut self.fx)
                 {
                     self.send_file_message(now, conv, message);
                 }
             }
             Payload::ChunkAck(ack) => {
-                if let Some((conv, message)) = self.transfers.on_ack(conn, ack, &mut self.fx) {
+                if let Some((conv, message)) = self.transfers.on_ack(now, conn, ack, &mut self.fx) {
                     self.send_file_message(now, conv, message);
                 }
             }
@@ -653,7 +664,7 @@ impl Node {
                             | ErrorCode::NoSuchUpload
                     ) =>
             {
-                self.file_refused(conn, report);
+                self.file_refused(now, conn, report);
             }
             Payload::SendAck(ack) => {
                 let msg_id = MsgId::from_bytes(ack.msg_id);
@@ -1039,11 +1050,11 @@ impl Node {
 
     /// The gateway refused something of an upload (its `msg_id` names the upload): an
     /// expired upload is opened again; any other refusal ends the upload.
-    fn file_refused(&mut self, conn: ConnectionId, report: ErrorReport) {
+    fn file_refused(&mut self, now: Instant, conn: ConnectionId, report: ErrorReport) {
         let upload = crate::files::UploadId(report.msg_id.expect("matched"));
         let code = ErrorCode::from_u16(report.code);
         if code == ErrorCode::NoSuchUpload {
-            self.transfers.upload_gone(conn, upload, &mut self.fx);
+            self.transfers.upload_gone(now, conn, upload, &mut self.fx);
             return;
         }
         if let Some(failed) = self.transfers.upload_refused(upload, &mut self.fx) {

@@ -58,7 +58,7 @@ impl Node {
         }
         self.drive_groups(now);
         self.transfers
-            .session_opened(conn, &self.files, &mut self.fx);
+            .session_opened(now, conn, &self.files, &mut self.fx);
     }
 
     pub(super) fn send_pending_vouch(&mut self, now: Instant) {

@@ -30,6 +30,7 @@ use crate::codec::Reader;
 use crate::env::{scan_all, StoreError, StoreRead, Table};
 use crate::files::{sealed_len, ChunkId, FileMessage, Manifest, ManifestDigest, UploadId};
 use crate::ids::{ConnectionId, ConversationId, DeviceId};
+use crate::time::Instant;
 use crate::wire::payload::{
     ChunkAck, ChunkRequest, ChunksUnavailable, FileFetched, ListedChunkWire, UploadOpen,
     UploadStatus, CHUNK_REQUEST_IDS_MAX,
@@ -117,6 +118,8 @@ struct Outgoing {
     /// What the gateway lacks, once it said; `None` before its answer in this session.
     missing: Option<BTreeSet<ChunkId>>,
     in_flight: BTreeSet<ChunkId>,
+    /// When it last opened or heard of a chunk.
+    progress_at: Instant,
 }
 
 #[derive(Default)]
@@ -127,6 +130,8 @@ struct Fetching {
     held_back: BTreeSet<ChunkId>,
     /// Verification failures per chunk.
     failures: BTreeMap<ChunkId, u32>,
+    /// When it last asked or received.
+    progress_at: Instant,
 }
 
 /// The transfers sub-machine.
@@ -261,6 +266,7 @@ impl NodeTransfers {
                 chunks,
                 missing: None,
                 in_flight: BTreeSet::new(),
+                progress_at: Instant::default(),
             },
         );
     }
@@ -310,6 +316,7 @@ impl NodeTransfers {
     /// open session.
     pub fn start_upload(
         &mut self,
+        now: Instant,
         conn: Option<ConnectionId>,
         conversation: ConversationId,
         upload: UploadId,
@@ -328,14 +335,15 @@ impl NodeTransfers {
         fx.put(NODE_UPLOADS_TABLE, upload.0.to_vec(), value);
         self.insert_upload(upload, conversation, source, manifest);
         if let Some(conn) = conn {
-            self.open(conn, upload, fx);
+            self.open(now, conn, upload, fx);
         }
     }
 
-    fn open(&mut self, conn: ConnectionId, upload: UploadId, fx: &mut NodeFx) {
+    fn open(&mut self, now: Instant, conn: ConnectionId, upload: UploadId, fx: &mut NodeFx) {
         let Some(outgoing) = self.uploads.get_mut(&upload) else {
             return;
         };
+        outgoing.progress_at = now;
         outgoing.missing = None;
         outgoing.in_flight.clear();
         let open = UploadOpen {
@@ -355,28 +363,58 @@ impl NodeTransfers {
 
     /// A session opened: every upload is opened again (the gateway answers what it still
     /// lacks) and every fetch asks again for what it lacks.
-    pub fn session_opened(&mut self, conn: ConnectionId, files: &DeviceFiles, fx: &mut NodeFx) {
+    pub fn session_opened(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        files: &DeviceFiles,
+        fx: &mut NodeFx,
+    ) {
         let uploads: Vec<UploadId> = self.uploads.keys().copied().collect();
         for upload in uploads {
-            self.open(conn, upload, fx);
+            self.open(now, conn, upload, fx);
         }
         for fetching in self.fetching.values_mut() {
             fetching.asked.clear();
             fetching.held_back.clear();
         }
-        self.pump_fetches(conn, files, fx);
+        self.pump_fetches(now, conn, files, fx);
     }
 
     /// The heartbeat: chunks the gateway could not serve earlier are asked for again (it may
-    /// have them now: an uploader sent a damaged one again).
-    pub fn retry(&mut self, conn: ConnectionId, files: &DeviceFiles, fx: &mut NodeFx) {
+    /// have them now: an uploader sent a damaged one again); a transfer with chunks in flight
+    /// and no progress for `stall` asks again (an upload is opened again and hears what is
+    /// missing; a fetch asks again for what it asked and did not get).
+    pub fn retry(
+        &mut self,
+        now: Instant,
+        stall: core::time::Duration,
+        conn: ConnectionId,
+        files: &DeviceFiles,
+        fx: &mut NodeFx,
+    ) {
+        let stalled: Vec<UploadId> = self
+            .uploads
+            .iter()
+            .filter(|(_, u)| {
+                (u.missing.is_none() || !u.in_flight.is_empty()) && now >= u.progress_at + stall
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for upload in stalled {
+            self.open(now, conn, upload, fx);
+        }
         let mut any = false;
         for fetching in self.fetching.values_mut() {
             any |= !fetching.held_back.is_empty();
             fetching.held_back.clear();
+            if !fetching.asked.is_empty() && now >= fetching.progress_at + stall {
+                fetching.asked.clear();
+                any = true;
+            }
         }
         if any {
-            self.pump_fetches(conn, files, fx);
+            self.pump_fetches(now, conn, files, fx);
         }
     }
 
@@ -384,12 +422,14 @@ impl NodeTransfers {
     /// nothing (the upload is then over).
     pub fn on_status(
         &mut self,
+        now: Instant,
         conn: ConnectionId,
         status: UploadStatus,
         fx: &mut NodeFx,
     ) -> Option<(ConversationId, FileMessage)> {
         let upload = UploadId(status.upload);
         let outgoing = self.uploads.get_mut(&upload)?;
+        outgoing.progress_at = now;
         let missing: BTreeSet<ChunkId> = status.missing.iter().map(|id| ChunkId(**id)).collect();
         outgoing.in_flight.retain(|id| missing.contains(id));
         let remaining_bytes = outgoing
@@ -410,12 +450,14 @@ impl NodeTransfers {
     /// `ChunkAck`: a chunk is durable at the gateway.
     pub fn on_ack(
         &mut self,
+        now: Instant,
         conn: ConnectionId,
         ack: ChunkAck,
         fx: &mut NodeFx,
     ) -> Option<(ConversationId, FileMessage)> {
         let upload = UploadId(ack.upload);
         let outgoing = self.uploads.get_mut(&upload)?;
+        outgoing.progress_at = now;
         let id = ChunkId(ack.id);
         outgoing.in_flight.remove(&id);
         if let Some(missing) = &mut outgoing.missing {
@@ -494,8 +536,14 @@ impl NodeTransfers {
 
     /// The gateway no longer has upload `upload` open (it expired while chunks were still
     /// coming): open it again.
-    pub fn upload_gone(&mut self, conn: ConnectionId, upload: UploadId, fx: &mut NodeFx) {
-        self.open(conn, upload, fx);
+    pub fn upload_gone(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        upload: UploadId,
+        fx: &mut NodeFx,
+    ) {
+        self.open(now, conn, upload, fx);
     }
 
     /// A file message arrived in `conversation` from `sender`: the chunk store remembers the
@@ -581,6 +629,7 @@ impl NodeTransfers {
     /// offered here.
     pub fn fetch(
         &mut self,
+        now: Instant,
         conn: Option<ConnectionId>,
         conversation: ConversationId,
         digest: ManifestDigest,
@@ -596,14 +645,20 @@ impl NodeTransfers {
                 .insert((conversation, digest), Fetching::default());
         }
         if let Some(conn) = conn {
-            self.pump_fetches(conn, files, fx);
+            self.pump_fetches(now, conn, files, fx);
         }
         true
     }
 
     /// Asks for what each fetch lacks and has not asked for, within its window; finishes the
     /// fetches that lack nothing.
-    pub fn pump_fetches(&mut self, conn: ConnectionId, files: &DeviceFiles, fx: &mut NodeFx) {
+    pub fn pump_fetches(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        files: &DeviceFiles,
+        fx: &mut NodeFx,
+    ) {
         let keys: Vec<(ConversationId, ManifestDigest)> = self.fetching.keys().copied().collect();
         for (conversation, digest) in keys {
             let Some(needed) = files.needed(conversation, digest) else {
@@ -630,6 +685,7 @@ impl NodeTransfers {
                 continue;
             }
             fetching.asked.extend(ids.iter().copied());
+            fetching.progress_at = now;
             let request = ChunkRequest {
                 upload: upload.0,
                 ids: ids.iter().map(|id| id.0.into()).collect(),
@@ -659,6 +715,7 @@ impl NodeTransfers {
     #[allow(clippy::too_many_arguments)]
     pub fn on_chunk(
         &mut self,
+        now: Instant,
         conn: ConnectionId,
         conversation: ConversationId,
         upload: UploadId,
@@ -674,6 +731,7 @@ impl NodeTransfers {
             return; // a late copy for a fetch that is over
         };
         fetching.asked.remove(&id);
+        fetching.progress_at = now;
         let Some(index) = files
             .needed(conversation, digest)
             .and_then(|n| n.chunks.iter().find(|(_, c)| *c == id).map(|&(i, _)| i))
@@ -705,7 +763,7 @@ impl NodeTransfers {
                 }
             }
         }
-        self.pump_fetches(conn, files, fx);
+        self.pump_fetches(now, conn, files, fx);
     }
 
     /// `ChunksUnavailable`: these are asked for again at the next heartbeat or session.

@@ -78,6 +78,8 @@ pub struct Net {
     pub sources: BTreeMap<Bytes, Vec<u8>>,
     /// Chunk streams each node sent.
     pub chunks_sent: BTreeMap<u64, usize>,
+    /// Chunk streams the gateway serves that are lost on the way (the next this many).
+    pub lose_served: usize,
 }
 
 impl Net {
@@ -100,6 +102,7 @@ impl Net {
             chunks: BTreeMap::new(),
             sources: BTreeMap::new(),
             chunks_sent: BTreeMap::new(),
+            lose_served: 0,
         }
     }
 
@@ -203,6 +206,7 @@ impl Net {
                 if let GatewayOutput::ServeChunk(serve) = &output {
                     moved = true;
                     match read_chunk(&self.gateway_store, serve).unwrap() {
+                        Some(_) if self.lose_served > 0 => self.lose_served -= 1,
                         Some(bytes) => {
                             let head_bytes = serve.head();
                             let head = Frame::decode(&head_bytes, PAYLOAD_BYTES_MAX).unwrap();
