@@ -314,6 +314,7 @@ impl NodeTransfers {
 
     /// Starts uploading `manifest` into `conversation` (durably), and opens it at once on an
     /// open session.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_upload(
         &mut self,
         now: Instant,
