@@ -733,3 +733,126 @@ fn a_chunk_lost_on_the_way_is_asked_for_again_once_the_fetch_stalls() {
     assert!(net.node(2).files().is_complete(conv, digest));
     assert_eq!(assembled(&net, 2, conv, digest), data);
 }
+
+/// Sends a file from Alice's device (1) and returns its digest, with nobody fetching yet.
+fn send_from_alice(net: &mut Net, conv: ConversationId, name: &str, seed: u64) -> ManifestDigest {
+    let data = noise(1 << 20, seed);
+    let (manifest, _) = seal_file(
+        FileName::new(name).unwrap(),
+        FileSecret::from_bytes([3; 32]),
+        &data,
+    )
+    .unwrap();
+    let digest = manifest.digest();
+    let source = Bytes::copy_from_slice(name.as_bytes());
+    net.sources.insert(source.clone(), data);
+    let now = net.now;
+    net.node(1).send_file(now, conv, manifest, source).unwrap();
+    net.settle();
+    digest
+}
+
+/// Refusals the gateway sent to `conn` (each a question it would not answer).
+fn refusals(net: &Net, conn: u64) -> usize {
+    net.seen.get(&conn).map_or(0, |frames| {
+        frames
+            .iter()
+            .filter(|f| matches!(f.payload, Payload::Error(_)))
+            .count()
+    })
+}
+
+/// A device removed from the room before it fetched a file hears that its fetch ended, and
+/// why, instead of asking a gateway that no longer serves it at every heartbeat.
+#[test]
+fn a_device_removed_before_it_fetched_a_file_is_told_and_stops_asking() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let digest = send_from_alice(&mut net, conv, "plans.pdf", 21);
+    // Alice removes Bob's laptop before it asks for the file.
+    let laptop = net.device(3);
+    let now = net.now;
+    net.node(1)
+        .change_group(
+            now,
+            conv,
+            sund_model::mls::device_groups::Intent::RemoveDevice(laptop.to_bytes().into()),
+        )
+        .unwrap();
+    net.settle();
+    let failed: Vec<&String> = file_events(&net, 3)
+        .into_iter()
+        .filter_map(|e| match e {
+            NodeEvent::FileFailed { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [&sund_model::node::transfers::FILE_REMOVED.to_string()]
+    );
+    // Asked again by its user, it asks the gateway once, is refused, and ends again.
+    let now = net.now;
+    assert!(net.node(3).fetch_file(now, conv, digest));
+    net.settle();
+    let failures = file_events(&net, 3)
+        .iter()
+        .filter(|e| matches!(e, NodeEvent::FileFailed { .. }))
+        .count();
+    assert_eq!(failures, 2);
+    let refused = refusals(&net, 3);
+    for _ in 0..70 {
+        net.now = net.now + std::time::Duration::from_secs(1);
+        net.settle();
+    }
+    assert_eq!(refusals(&net, 3), refused, "no more asking");
+}
+
+/// A file kept past its retention is let go by the gateway; a member that asks for it after
+/// that is told it is gone and what to do, once, rather than asking for ever.
+#[test]
+fn a_file_the_gateway_let_go_ends_the_fetch_with_what_to_do() {
+    let mut net = Net::with_config(GatewayConfig {
+        open_enrolment: true,
+        files: ChunkLimits {
+            retention: std::time::Duration::from_secs(60),
+            ..ChunkLimits::default()
+        },
+        ..GatewayConfig::default()
+    });
+    let conv = room(&mut net);
+    let digest = send_from_alice(&mut net, conv, "old.bin", 22);
+    for _ in 0..90 {
+        net.now = net.now + std::time::Duration::from_secs(1);
+        let now = net.now;
+        net.gateway.handle_timeout(now);
+        net.settle();
+    }
+    assert_eq!(
+        net.gateway.chunk_index().chunk_count(),
+        0,
+        "retention passed"
+    );
+    let now = net.now;
+    assert!(net.node(2).fetch_file(now, conv, digest));
+    net.settle();
+    let failed: Vec<&String> = file_events(&net, 2)
+        .into_iter()
+        .filter_map(|e| match e {
+            NodeEvent::FileFailed { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [&sund_model::node::transfers::FILE_GONE.to_string()]
+    );
+    assert!(failed[0].contains("ask the sender to send it again"));
+    // Sent again, the file is offered again and this time arrives.
+    let again = send_from_alice(&mut net, conv, "old.bin", 22);
+    assert_eq!(again, digest);
+    let now = net.now;
+    assert!(net.node(2).fetch_file(now, conv, digest));
+    net.settle();
+    assert!(net.node(2).files().is_complete(conv, digest));
+}

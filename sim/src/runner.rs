@@ -91,6 +91,16 @@ struct JsonRun<'a> {
     crl_slowest_ms: Option<f64>,
     crl_median_ms: Option<f64>,
     crl_p99_ms: Option<f64>,
+    /// Files: sent, completed by member devices, chunk streams and sealed bytes each way, and
+    /// the plaintext bytes completed (so `bytes_down / files_bytes_completed` shows what
+    /// deduplication saved).
+    files_sent: Option<u64>,
+    files_completed: Option<u64>,
+    files_chunks_up: Option<u64>,
+    files_bytes_up: Option<u64>,
+    files_chunks_down: Option<u64>,
+    files_bytes_down: Option<u64>,
+    files_bytes_completed: Option<u64>,
 }
 
 /// Parses `A..B` (inclusive).
@@ -382,6 +392,13 @@ fn write_report(
                 .map(|us| us as f64 / 1000.0),
             crl_median_ms: r.crl.as_ref().map(|c| c.median_us as f64 / 1000.0),
             crl_p99_ms: r.crl.as_ref().map(|c| c.p99_us as f64 / 1000.0),
+            files_sent: r.files.as_ref().map(|f| f.sent),
+            files_completed: r.files.as_ref().map(|f| f.completed),
+            files_chunks_up: r.files.as_ref().map(|f| f.chunks_up),
+            files_bytes_up: r.files.as_ref().map(|f| f.bytes_up),
+            files_chunks_down: r.files.as_ref().map(|f| f.chunks_down),
+            files_bytes_down: r.files.as_ref().map(|f| f.bytes_down),
+            files_bytes_completed: r.files.as_ref().map(|f| f.bytes_completed),
         };
         writeln!(
             out,
@@ -395,7 +412,7 @@ fn write_report(
         };
         writeln!(
             out,
-            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}",
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}{}",
             r.scenario,
             r.seed,
             r.trace_hash,
@@ -425,6 +442,18 @@ fn write_report(
                     c.median_us as f64 / 1000.0,
                     c.p99_us as f64 / 1000.0,
                     c.handshakes_refused
+                ),
+                None => String::new(),
+            },
+            match &r.files {
+                Some(f) => format!(
+                    " files sent {} completed {} chunks up {} down {} ({:.1} of {:.1} MB)",
+                    f.sent,
+                    f.completed,
+                    f.chunks_up,
+                    f.chunks_down,
+                    f.bytes_down as f64 / 1e6,
+                    f.bytes_completed as f64 / 1e6
                 ),
                 None => String::new(),
             },

@@ -181,7 +181,25 @@ pub enum Action {
     ClockJump(Target, i64),
     /// The set's clocks run this many parts per million fast (or slow) from now on.
     Drift(Target, i64),
+    /// Each device of the set that is in the conversation sends a file of this many bytes
+    /// (its content from the seed and the name; with `like`, the named file with bytes
+    /// inserted in its middle, so that most chunks are shared).
+    SendFile {
+        /// Conversation name.
+        conversation: String,
+        /// Senders.
+        from: Target,
+        /// Size in bytes.
+        size: usize,
+        /// The file's name (also what `like` refers to).
+        name: String,
+        /// An earlier file this one is an edit of.
+        like: Option<String>,
+    },
 }
+
+/// Largest file a scenario sends (the simulation keeps files in memory).
+pub const SIM_FILE_BYTES_MAX: usize = 64 << 20;
 
 impl Action {
     /// The DSL keyword of the action.
@@ -211,6 +229,7 @@ impl Action {
             Action::HonestDisk(_) => "honest-disk",
             Action::ClockJump(..) => "clock",
             Action::Drift(..) => "drift",
+            Action::SendFile { .. } => "send-file",
         }
     }
 }
@@ -292,6 +311,9 @@ pub enum Invariant {
     /// as a failure with its seed and replay line, and the rest of a sweep goes on. Checked in
     /// every scenario, named or not.
     NoPanic,
+    /// Every file a device completes is the file that was sent, completed once; after heal,
+    /// every device that was a member when a file was sent and still is holds it complete.
+    Files,
 }
 
 impl Invariant {
@@ -311,6 +333,7 @@ impl Invariant {
         ("single-authority", Invariant::SingleAuthority),
         ("sender-order", Invariant::SenderOrder),
         ("no-panic", Invariant::NoPanic),
+        ("files", Invariant::Files),
     ];
 
     /// The DSL name.
@@ -336,6 +359,7 @@ impl Invariant {
                 | Invariant::CrlConverge
                 | Invariant::SenderOrder
                 | Invariant::NoPanic
+                | Invariant::Files
         )
     }
 }
@@ -1190,10 +1214,41 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
             };
             Action::Commit(conv, who, kind)
         }
+        "send-file" => {
+            let col = line.peek().map_or(line.end_column, |t| t.column);
+            let conversation = line.name("a conversation name")?;
+            names.push((conversation.clone(), col));
+            line.keyword("from")?;
+            let from = one(line, &mut targets)?;
+            line.keyword("size")?;
+            let size_col = line.peek().map_or(line.end_column, |t| t.column);
+            let size = line.integer("a file size in bytes")? as usize;
+            if size == 0 || size > SIM_FILE_BYTES_MAX {
+                return Err(line.error_at(
+                    size_col,
+                    format!("a file is 1 to {SIM_FILE_BYTES_MAX} bytes here"),
+                ));
+            }
+            line.keyword("name")?;
+            let name = line.name("a file name")?;
+            let like = if line.peek().is_some() {
+                line.keyword("like")?;
+                Some(line.name("the name of an earlier file")?)
+            } else {
+                None
+            };
+            Action::SendFile {
+                conversation,
+                from,
+                size,
+                name,
+                like,
+            }
+        }
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit"),
+                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file"),
             ))
         }
     };
@@ -1367,6 +1422,14 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         workloads.push(w);
     }
     let mut schedule = Vec::new();
+    let file_names: BTreeSet<String> = b
+        .schedule
+        .iter()
+        .filter_map(|p| match &p.scheduled.action {
+            Action::SendFile { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
     for PendingAction {
         scheduled: mut s,
         targets,
@@ -1426,6 +1489,22 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
                 f(&mut t)?;
             }
             Action::Commit(_, who, _) => f(who)?,
+            Action::SendFile { from, like, .. } => {
+                if let Some(like) = like {
+                    let known = file_names.contains(like);
+                    if !known {
+                        return Err(ScenarioError {
+                            file: file.to_string(),
+                            line: s.span.line,
+                            column: s.span.column,
+                            message: format!(
+                                "`like {like}`: no `send-file ... name {like}` in this scenario"
+                            ),
+                        });
+                    }
+                }
+                f(from)?
+            }
             Action::HealAll | Action::Network(_) => {}
         }
         schedule.push(s);

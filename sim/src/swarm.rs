@@ -106,6 +106,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "clock-jump",
     "bandwidth",
     "lying-disk",
+    "files",
 ];
 
 struct Draw {
@@ -536,10 +537,40 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         let _ = writeln!(out, "at {}ms restart gw", crash + down);
         let _ = writeln!(out, "at {b}ms honest-disk gw");
     }
+    // Files, drawn after everything else for the same reason: into an MLS conversation (a
+    // file's manifest is an MLS message), a few hundred kB to a few MB, sometimes an edit of
+    // the one before so that deduplication is exercised under the faults drawn above.
+    let files = !mls_convs.is_empty() && d.chance(0.3);
+    if files {
+        mix.insert("files");
+        let mut previous: Option<String> = None;
+        let mut at = 0;
+        for i in 0..d.range(1, 3) {
+            let c = d.pick(&mls_convs);
+            let sender = &users[*d.pick(&c.members)].name;
+            // In order, so that an edit comes after the file it edits.
+            at = d.range(at + 1_000, (at + 1_000).max(end_ms * 2 / 3));
+            let size = d.range(50_000, 4_000_000);
+            let like = match &previous {
+                Some(p) if d.chance(0.5) => format!(" like {p}"),
+                _ => String::new(),
+            };
+            let name = format!("f{i}");
+            let _ = writeln!(
+                out,
+                "at {at}ms send-file {} from {sender} size {size} name {name}{like}",
+                c.name
+            );
+            previous = Some(name);
+        }
+    }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
     if !mls_convs.is_empty() {
         checks.extend(["epoch-agreement", "decrypt"]);
+    }
+    if files {
+        checks.push("files");
     }
     if revokes {
         checks.extend(["revoked-never-authenticates", "crl-converge"]);

@@ -35,6 +35,8 @@ use crate::rng::SimRng;
 use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
 use crate::trace::{Record, TraceHash};
 
+mod files;
+pub use files::FilesReport;
 mod mls_groups;
 mod trust;
 use mls_groups::SimConversation;
@@ -104,6 +106,8 @@ pub struct RunReport {
     /// How long after the heal at the end of the safety phase everything had converged, to the
     /// probe's 100 ms (`None`: it did not, or the scenario does not check convergence).
     pub recovery_ms: Option<u64>,
+    /// How files fared (`None`: no file was sent).
+    pub files: Option<FilesReport>,
 }
 
 #[derive(Clone, Debug)]
@@ -258,6 +262,8 @@ pub struct World {
     event_log: Option<EventLog>,
     /// When the liveness probe found everything converged.
     recovered_at: Option<u64>,
+    /// Files sent and how they arrived.
+    files: files::SimFiles,
 }
 
 /// What a clock `ppm` parts per million off adds over `elapsed_us` (signed, truncated).
@@ -411,6 +417,7 @@ impl World {
             revocations: trust::Revocations::default(),
             event_log: None,
             recovered_at: None,
+            files: files::SimFiles::default(),
             scenario,
         };
         world.setup();
@@ -690,6 +697,7 @@ impl World {
             }
         }
         if !self.is_gateway(a) && self.actors[a as usize].incarnation > 1 {
+            self.files_after_restart(a);
             self.recreate_lost_groups(a);
         }
         self.after_step(a);
@@ -954,12 +962,7 @@ impl World {
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
             GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
-            // Simulated nodes do not move files yet (issue 16's node side comes next): nothing
-            // here sends a `ChunkRequest`, so the gateway never has a chunk to serve.
-            GatewayOutput::ServeChunk(serve) => unreachable!(
-                "{} was asked to serve {:?} though no simulated node fetches files yet",
-                self.actors[a as usize].name, serve.id
-            ),
+            GatewayOutput::ServeChunk(serve) => self.serve_chunk(a, serve),
             GatewayOutput::HistoryLost(lost) => {
                 *self.faults.entry("history-lost-detected").or_default() += 1;
                 self.note(|w| {
@@ -1011,11 +1014,7 @@ impl World {
             }
             NodeOutput::Send(conn, frame) => self.transmit(a, conn.0, frame),
             NodeOutput::Close(conn) => self.close(a, conn.0),
-            // No simulated node sends files yet (issue 16's simulation step comes next).
-            NodeOutput::SendChunk(chunk) => unreachable!(
-                "{} asked to send {:?} though no simulated node sends files yet",
-                self.actors[a as usize].name, chunk.id
-            ),
+            NodeOutput::SendChunk(chunk) => self.send_chunk(a, chunk),
             NodeOutput::Event(event) => self.app_event(a, event),
         }
     }
@@ -1283,6 +1282,7 @@ impl World {
             }
         }
         self.trace.record(Record::AppEvent, self.now, a, &record);
+        self.file_event(a, &event);
         self.note(|w| {
             let name = &w.actors[a as usize].name;
             match &event {
@@ -1330,7 +1330,9 @@ impl World {
                 });
                 let conn = ConnectionId(arrival.conn);
                 let frame = arrival.frame;
-                if self.is_gateway(to) {
+                if frame.starts_with(b"SCHK") {
+                    self.chunk_arrived(to, conn, &frame);
+                } else if self.is_gateway(to) {
                     self.with_gateway(to, |g, now| g.handle(now, GatewayInput::Frame(conn, frame)));
                 } else {
                     self.with_node(to, |n, now| n.handle(now, NodeInput::Frame(conn, frame)));
@@ -1609,6 +1611,13 @@ impl World {
                 }
             }
             Action::Commit(conv, who, kind) => self.commit_action(conv, who, *kind),
+            Action::SendFile {
+                conversation,
+                from,
+                size,
+                name,
+                like,
+            } => self.send_file_action(conversation, from, *size, name, like.as_deref()),
             Action::Block(a, b) => {
                 for x in self.resolve(a) {
                     for y in self.resolve(b) {
@@ -1764,6 +1773,7 @@ impl World {
             }
         }
         self.crl_not_converged()
+            .or_else(|| self.files_not_converged())
     }
 
     /// The run's end: a device holding a message the gateway lost, at a seq that now holds
@@ -1891,7 +1901,9 @@ impl World {
     fn report(self) -> RunReport {
         let trace_hash = self.trace.hex();
         let crl = self.crl_report();
+        let files = self.files_report();
         RunReport {
+            files,
             scenario: self.scenario.name.clone(),
             file: self.scenario.file.clone(),
             seed: self.seed,

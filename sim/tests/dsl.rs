@@ -92,12 +92,16 @@ fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("gateway gw\n  frobnicate x\n"), @"bad.sund:2:3: unknown statement `frobnicate`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant");
     insta::assert_snapshot!(error("network latency 5ms..1ms\n"), @"bad.sund:1:17: expected a latency range like `1ms..5ms` (low <= high), found `5ms..1ms`");
     insta::assert_snapshot!(error("network loss 150%\n"), @"bad.sund:1:14: expected a loss probability like `5%` or `0.05` (between 0 and 1), found `150%`");
-    insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit");
+    insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file");
     insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a\nat 1s lie-disk a\n"), @"bad.sund:4:1: `lie-disk` takes gateways: a device whose disk lies is not modelled yet");
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
-    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic");
+    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic, files");
     insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room or dm");
     insta::assert_snapshot!(error("seed 12 13\n"), @"bad.sund:1:9: expected end of line, found `13`");
+    let files = "duration 5s\ngateway gw\nuser a\nconversation c kind room members a\n";
+    insta::assert_snapshot!(error(&format!("{files}at 1s send-file c from a size 0 name x\n")), @"bad.sund:5:31: a file is 1 to 67108864 bytes here");
+    insta::assert_snapshot!(error(&format!("{files}at 1s send-file c from a size 100 name y like x\n")), @"bad.sund:5:1: `like x`: no `send-file ... name x` in this scenario");
+    insta::assert_snapshot!(error(&format!("{files}at 1s send-file c from a name x\n")), @"bad.sund:5:26: expected `size`, found `name`");
     insta::assert_snapshot!(error("gateway gw\nusers d count 100000 devices 2\n"), @"bad.sund:2:1: this would make 200000 devices; a scenario has at most 100000");
 }
 

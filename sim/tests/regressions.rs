@@ -59,3 +59,27 @@ fn crl_propagation_seed_1_fetches_a_lost_crl() {
 fn crl_propagation_seed_41_removes_revoked_devices_one_per_epoch() {
     run("../scenarios/crl-propagation.sund", 41);
 }
+
+/// A device removed from a room (and added back) after a file was offered to it asked the
+/// gateway for the file's chunks at every heartbeat for ever, hearing `NoSuchUpload` each
+/// time: the gateway had let the upload go once the members it still counted had it. The
+/// fetch now ends with what to do.
+#[test]
+fn files_swarm_47_a_fetch_the_gateway_let_go_ends() {
+    run("tests/regressions/files-swarm-47.sund", 47);
+}
+
+/// A whole upload's file message met a removal waiting for its commit (MLS sends nothing
+/// then) and was dropped with "try again in a moment". It now waits, durably, for a later
+/// heartbeat.
+#[test]
+fn files_swarm_105_a_file_message_waits_for_a_pending_removal() {
+    run("tests/regressions/files-swarm-105.sund", 105);
+}
+
+/// A device removed from a room in the middle of an upload opened it again every 30 s for
+/// ever, silently refused. Its uploads and fetches there now end when it is removed.
+#[test]
+fn files_swarm_106_a_removed_device_stops_uploading() {
+    run("tests/regressions/files-swarm-106.sund", 106);
+}

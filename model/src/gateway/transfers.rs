@@ -123,10 +123,13 @@ fn refusal(conversation: ConversationId, upload: UploadId, refused: ChunkRefusal
 
 /// The member check every file operation starts with: the conversation's members are those
 /// who may send in it (its log's members, kept in step with the MLS group's).
+/// A refusal names the upload it is about, so that the device ends that transfer (a device
+/// removed from the conversation would otherwise ask again at every heartbeat).
 fn member_of(
     members: Option<&BTreeSet<DeviceId>>,
     conversation: ConversationId,
     device: DeviceId,
+    upload: UploadId,
 ) -> Result<&BTreeSet<DeviceId>, Refusal> {
     match members {
         Some(m) if m.contains(&device) => Ok(m),
@@ -134,12 +137,14 @@ fn member_of(
             ErrorCode::NotMember,
             "this device is not a member of that conversation",
         )
-        .in_conversation(in_conv(conversation))),
+        .in_conversation(in_conv(conversation))
+        .about(MsgId::from_bytes(upload.0))),
         None => Err(Refusal::error(
             ErrorCode::UnknownConversation,
             "no such conversation here: files go into a DM or a room you are in",
         )
-        .in_conversation(in_conv(conversation))),
+        .in_conversation(in_conv(conversation))
+        .about(MsgId::from_bytes(upload.0))),
     }
 }
 
@@ -183,8 +188,8 @@ impl Transfers {
         open: UploadOpen,
         fx: &mut Fx,
     ) -> Result<(), Refusal> {
-        let members = member_of(members, conversation, device)?;
         let upload = UploadId(open.upload);
+        let members = member_of(members, conversation, device, upload)?;
         let chunks: Vec<ListedChunk> = open
             .chunks
             .iter()
@@ -234,7 +239,7 @@ impl Transfers {
         body: Bytes,
         fx: &mut Fx,
     ) -> Result<(), Refusal> {
-        member_of(members, conversation, device)?;
+        member_of(members, conversation, device, UploadId(head.upload))?;
         head.check_len().map_err(|e| {
             Refusal::error(ErrorCode::ChunkRefused, e.to_string())
                 .in_conversation(in_conv(conversation))
@@ -285,8 +290,8 @@ impl Transfers {
         request: ChunkRequest,
         fx: &mut Fx,
     ) -> Result<(), Refusal> {
-        member_of(members, conversation, device)?;
         let upload = UploadId(request.upload);
+        member_of(members, conversation, device, upload)?;
         let Some(open) = self.index.upload(conversation, upload) else {
             return Err(refusal(conversation, upload, ChunkRefusal::NoSuchUpload));
         };

@@ -382,4 +382,7 @@ pub struct NodeStats {
     pub bad_chunk_streams: u64,
     /// File messages whose manifest this device refused.
     pub bad_file_messages: u64,
+    /// Times a whole upload's message had to wait (a removal waiting for its commit, a full
+    /// outbox) and was sent again at a later heartbeat.
+    pub file_messages_waiting: u64,
 }

@@ -384,6 +384,7 @@ impl Node {
                 conversation: conv,
                 seq,
             });
+            self.transfers.conversation_left(conv, &mut self.fx);
         }
         self.perform(now, action);
     }

@@ -48,7 +48,7 @@ use crate::env::{Entropy, Ready, StoreError, StoreRead};
 use crate::identity::session_proof_message;
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device::DeviceMls;
-use crate::mls::device_groups::{DeviceGroups, Processed};
+use crate::mls::device_groups::{DeviceGroups, GroupError, Processed};
 use crate::time::Instant;
 use crate::timers::TimerTable;
 use crate::trust::handshake::PeerIdentity;
@@ -354,17 +354,30 @@ impl Node {
     ) {
         let upload = message.upload;
         match self.send(now, conversation, Bytes::from(message.encode())) {
-            Ok(msg_id) => self.fx.event(NodeEvent::FileSent {
-                conversation,
-                upload,
-                msg_id,
-            }),
-            Err(error) => self.fx.event(NodeEvent::FileSendFailed {
-                conversation,
-                upload,
-                code: ErrorCode::Unknown,
-                message: format!("the file's chunks are at the gateway, but its message could not be sent: {error}"),
-            }),
+            Ok(msg_id) => {
+                self.transfers.upload_finished(upload, &mut self.fx);
+                self.fx.event(NodeEvent::FileSent {
+                    conversation,
+                    upload,
+                    msg_id,
+                });
+            }
+            // Passing: the message goes at a later heartbeat (the upload stays until then,
+            // durably, so a restart sends it too).
+            Err(
+                SendError::OutboxFull { .. } | SendError::Group(GroupError::ProposalPending(_)),
+            ) => {
+                self.stats.file_messages_waiting += 1;
+            }
+            Err(error) => {
+                self.transfers.upload_finished(upload, &mut self.fx);
+                self.fx.event(NodeEvent::FileSendFailed {
+                    conversation,
+                    upload,
+                    code: ErrorCode::Unknown,
+                    message: format!("the file's chunks are at the gateway, but its message could not be sent: {error}"),
+                });
+            }
         }
     }
 
@@ -569,8 +582,12 @@ impl Node {
                 // chunks the gateway could not serve a moment ago.
                 self.drive_groups(now);
                 let stall = self.config.transfer_stall;
-                self.transfers
+                let waiting = self
+                    .transfers
                     .retry(now, stall, conn, &self.files, &mut self.fx);
+                for (conversation, message) in waiting {
+                    self.send_file_message(now, conversation, message);
+                }
             }
         }
     }
@@ -654,6 +671,20 @@ impl Node {
             Payload::ChunksUnavailable(answer) => {
                 self.transfers.on_unavailable(routing.conversation, answer);
             }
+            // A file operation refused because this device is no longer in the conversation
+            // (a removal it has not read yet): its transfers there end, each with its reason.
+            Payload::Error(report)
+                if report.msg_id.is_some_and(|id| {
+                    let upload = crate::files::UploadId(id);
+                    self.transfers.knows_upload(routing.conversation, upload)
+                }) && matches!(
+                    ErrorCode::from_u16(report.code),
+                    ErrorCode::NotMember | ErrorCode::UnknownConversation
+                ) =>
+            {
+                self.transfers
+                    .conversation_left(routing.conversation, &mut self.fx);
+            }
             Payload::Error(report)
                 if report.msg_id.is_some()
                     && matches!(
@@ -664,7 +695,7 @@ impl Node {
                             | ErrorCode::NoSuchUpload
                     ) =>
             {
-                self.file_refused(now, conn, report);
+                self.file_refused(now, conn, routing.conversation, report);
             }
             Payload::SendAck(ack) => {
                 let msg_id = MsgId::from_bytes(ack.msg_id);
@@ -1050,11 +1081,18 @@ impl Node {
 
     /// The gateway refused something of an upload (its `msg_id` names the upload): an
     /// expired upload is opened again; any other refusal ends the upload.
-    fn file_refused(&mut self, now: Instant, conn: ConnectionId, report: ErrorReport) {
+    fn file_refused(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        conversation: ConversationId,
+        report: ErrorReport,
+    ) {
         let upload = crate::files::UploadId(report.msg_id.expect("matched"));
         let code = ErrorCode::from_u16(report.code);
         if code == ErrorCode::NoSuchUpload {
-            self.transfers.upload_gone(now, conn, upload, &mut self.fx);
+            self.transfers
+                .upload_gone(now, conn, conversation, upload, &mut self.fx);
             return;
         }
         if let Some(failed) = self.transfers.upload_refused(upload, &mut self.fx) {

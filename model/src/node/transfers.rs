@@ -32,7 +32,7 @@ use crate::files::{sealed_len, ChunkId, FileMessage, Manifest, ManifestDigest, U
 use crate::ids::{ConnectionId, ConversationId, DeviceId};
 use crate::time::Instant;
 use crate::wire::payload::{
-    ChunkAck, ChunkRequest, ChunksUnavailable, FileFetched, ListedChunkWire, UploadOpen,
+    ChunkAck, ChunkRequest, ChunksUnavailable, ErrorCode, FileFetched, ListedChunkWire, UploadOpen,
     UploadStatus, CHUNK_REQUEST_IDS_MAX,
 };
 use crate::wire::{Payload, Routing};
@@ -43,6 +43,12 @@ pub const NODE_UPLOADS_TABLE: Table = Table("node_uploads");
 /// Files offered to this device: key `conversation(16) ++ digest(32)`, value `upload(16) ++
 /// sender(16) ++ state u8` (0 offered, 1 fetching, 2 complete, 3 failed).
 pub const NODE_OFFERS_TABLE: Table = Table("node_file_offers");
+
+/// Why a fetch ends when this device is removed from the file's conversation.
+pub const FILE_REMOVED: &str = "this device was removed from the conversation before the file arrived: ask to be added again and for the file to be sent again";
+
+/// Why a fetch ends when the gateway no longer holds the file's chunks.
+pub const FILE_GONE: &str = "the gateway no longer holds this file (it let it go once every member had it, its retention passed, or this device left the conversation meanwhile): ask the sender to send it again";
 
 /// Chunks one upload has in flight at once (the gateway grants four chunk streams).
 pub const UPLOAD_WINDOW: usize = 4;
@@ -386,6 +392,9 @@ impl NodeTransfers {
     /// have them now: an uploader sent a damaged one again); a transfer with chunks in flight
     /// and no progress for `stall` asks again (an upload is opened again and hears what is
     /// missing; a fetch asks again for what it asked and did not get).
+    ///
+    /// Returns the messages of uploads the gateway holds whole whose message could not be
+    /// sent earlier (a removal waiting for its commit, a full outbox), to be sent again now.
     pub fn retry(
         &mut self,
         now: Instant,
@@ -393,7 +402,16 @@ impl NodeTransfers {
         conn: ConnectionId,
         files: &DeviceFiles,
         fx: &mut NodeFx,
-    ) {
+    ) -> Vec<(ConversationId, FileMessage)> {
+        let waiting: Vec<(ConversationId, FileMessage)> = self
+            .uploads
+            .iter()
+            .filter(|(_, u)| u.missing.as_ref().is_some_and(BTreeSet::is_empty))
+            .map(|(&upload, u)| {
+                let manifest = Manifest::clone(&u.manifest);
+                (u.conversation, FileMessage { upload, manifest })
+            })
+            .collect();
         let stalled: Vec<UploadId> = self
             .uploads
             .iter()
@@ -417,6 +435,7 @@ impl NodeTransfers {
         if any {
             self.pump_fetches(now, conn, files, fx);
         }
+        waiting
     }
 
     /// `UploadStatus`: what the gateway lacks. Returns the file message to send when it lacks
@@ -488,9 +507,10 @@ impl NodeTransfers {
         let outgoing = self.uploads.get_mut(&upload)?;
         let missing = outgoing.missing.as_ref()?;
         if missing.is_empty() {
-            let outgoing = self.uploads.remove(&upload).expect("present");
-            fx.delete(NODE_UPLOADS_TABLE, upload.0.to_vec());
-            let manifest = Arc::unwrap_or_clone(outgoing.manifest);
+            // The upload stays (durably) until its message is in the outbox: the caller ends
+            // it with `upload_finished`, or leaves it for `retry` when the group cannot take
+            // a message at the moment.
+            let manifest = Manifest::clone(&outgoing.manifest);
             return Some((outgoing.conversation, FileMessage { upload, manifest }));
         }
         let offsets: Vec<u64> = outgoing
@@ -525,6 +545,13 @@ impl NodeTransfers {
         None
     }
 
+    /// Upload `upload`'s message is in the outbox (or could never be): the upload is over.
+    pub fn upload_finished(&mut self, upload: UploadId, fx: &mut NodeFx) {
+        if self.uploads.remove(&upload).is_some() {
+            fx.delete(NODE_UPLOADS_TABLE, upload.0.to_vec());
+        }
+    }
+
     /// The gateway refused upload `upload` (quota, a bad list): it ends here.
     pub fn upload_refused(&mut self, upload: UploadId, fx: &mut NodeFx) -> Option<UploadFailed> {
         let outgoing = self.uploads.remove(&upload)?;
@@ -535,16 +562,83 @@ impl NodeTransfers {
         })
     }
 
-    /// The gateway no longer has upload `upload` open (it expired while chunks were still
-    /// coming): open it again.
+    /// The gateway no longer has upload `upload`. Ours: it expired while chunks were still
+    /// coming, so it is opened again. One we fetch from: the gateway let its chunks go (every
+    /// member it still counts fetched them, retention passed, or this device was removed from
+    /// the conversation meanwhile), so the fetch ends, and says what to do, instead of asking
+    /// for ever.
     pub fn upload_gone(
         &mut self,
         now: Instant,
         conn: ConnectionId,
+        conversation: ConversationId,
         upload: UploadId,
         fx: &mut NodeFx,
     ) {
-        self.open(now, conn, upload, fx);
+        if self.uploads.contains_key(&upload) {
+            self.open(now, conn, upload, fx);
+            return;
+        }
+        let Some(&digest) = self.by_upload.get(&(conversation, upload)) else {
+            return;
+        };
+        let open = self
+            .offers
+            .get(&(conversation, digest))
+            .is_some_and(|o| matches!(o.state, OfferState::Offered | OfferState::Fetching));
+        if open {
+            self.set_state(conversation, digest, OfferState::Failed, fx);
+            fx.event(NodeEvent::FileFailed {
+                conversation,
+                digest,
+                reason: FILE_GONE.to_string(),
+            });
+        }
+    }
+
+    /// Whether `upload` is one of this device's uploads or fetches in `conversation` (so that
+    /// a refusal naming it is about a file, not a message).
+    pub fn knows_upload(&self, conversation: ConversationId, upload: UploadId) -> bool {
+        self.uploads
+            .get(&upload)
+            .is_some_and(|u| u.conversation == conversation)
+            || self.by_upload.contains_key(&(conversation, upload))
+    }
+
+    /// This device was removed from `conversation`: its uploads and fetches there end (the
+    /// gateway no longer takes or serves its chunks), each with its reason, rather than
+    /// asking for ever.
+    pub fn conversation_left(&mut self, conversation: ConversationId, fx: &mut NodeFx) {
+        let uploads: Vec<UploadId> = self
+            .uploads
+            .iter()
+            .filter(|(_, u)| u.conversation == conversation)
+            .map(|(&id, _)| id)
+            .collect();
+        for upload in uploads {
+            self.upload_finished(upload, fx);
+            fx.event(NodeEvent::FileSendFailed {
+                conversation,
+                upload,
+                code: ErrorCode::NotMember,
+                message: "this device was removed from the conversation before the file was sent: it was not sent".to_string(),
+            });
+        }
+        let open: Vec<ManifestDigest> = self
+            .offers
+            .range((conversation, ManifestDigest([0; 32]))..)
+            .take_while(|((c, _), _)| *c == conversation)
+            .filter(|(_, o)| matches!(o.state, OfferState::Offered | OfferState::Fetching))
+            .map(|((_, d), _)| *d)
+            .collect();
+        for digest in open {
+            self.set_state(conversation, digest, OfferState::Failed, fx);
+            fx.event(NodeEvent::FileFailed {
+                conversation,
+                digest,
+                reason: FILE_REMOVED.to_string(),
+            });
+        }
     }
 
     /// A file message arrived in `conversation` from `sender`: the chunk store remembers the
