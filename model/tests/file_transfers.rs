@@ -856,3 +856,75 @@ fn a_file_the_gateway_let_go_ends_the_fetch_with_what_to_do() {
     net.settle();
     assert!(net.node(2).files().is_complete(conv, digest));
 }
+
+fn receipts_heard(net: &Net, conn: u64) -> Vec<(sund_model::ids::DeviceId, bool)> {
+    net.events
+        .get(&conn)
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    NodeEvent::FileReceipt {
+                        device, verified, ..
+                    } => Some((*device, *verified)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each device that completes a file signs a receipt with its device key; the sender checks
+/// it against the key in the device's certificate and keeps who holds the file, across a
+/// restart. A receipt signed by another key, or naming another device, is refused.
+#[test]
+fn receivers_sign_receipts_that_the_sender_verifies_and_keeps() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let digest = send_from_alice(&mut net, conv, "minutes.txt", 23);
+    for conn in [2, 3] {
+        let now = net.now;
+        assert!(net.node(conn).fetch_file(now, conv, digest));
+    }
+    net.settle();
+    let mut heard = receipts_heard(&net, 1);
+    heard.sort();
+    let mut want = vec![(net.device(2), true), (net.device(3), true)];
+    want.sort();
+    assert_eq!(heard, want, "both of Bob's devices, verified");
+    assert!(
+        receipts_heard(&net, 2).is_empty(),
+        "only the sender keeps receipts"
+    );
+
+    // Bob's laptop forges its phone's receipt, then signs one with a key that is not its own.
+    let phone = net.device(2);
+    let forged = sund_model::node::files::Receipt {
+        digest,
+        device: phone,
+        signature: [7; 64],
+    };
+    let now = net.now;
+    net.node(3)
+        .send(now, conv, Bytes::from(forged.encode_message()))
+        .unwrap();
+    let stranger = sund_model::identity::DeviceKey::from_seed([42; 32]);
+    let mut wrong_key = sund_model::node::files::Receipt::sign(&stranger, digest);
+    wrong_key.device = net.device(3);
+    let now = net.now;
+    net.node(3)
+        .send(now, conv, Bytes::from(wrong_key.encode_message()))
+        .unwrap();
+    net.settle();
+    assert_eq!(receipts_heard(&net, 1).len(), 2, "nothing new");
+    assert_eq!(net.node(1).stats().receipts_refused, 2);
+
+    // The sender restarts: what it learnt is on its disk.
+    net.restart(1, node_config(1, "alice"));
+    let sent: Vec<_> = net.node(1).transfers().sent_files().collect();
+    assert_eq!(sent.len(), 1);
+    let (c, d, file) = sent[0];
+    assert_eq!((c, d, file.name.as_str()), (conv, digest, "minutes.txt"));
+    assert_eq!(file.receipts.len(), 2);
+    assert!(file.receipts.values().all(|&verified| verified));
+}

@@ -203,6 +203,9 @@ enum Command {
     Files {
         reply: oneshot::Sender<Vec<FileSummary>>,
     },
+    SentFiles {
+        reply: oneshot::Sender<Vec<SentFileSummary>>,
+    },
     SaveFile {
         conversation: ConversationId,
         digest: ManifestDigest,
@@ -234,6 +237,21 @@ pub struct FileSummary {
     pub state: OfferState,
     /// Bytes this device still lacks.
     pub missing_bytes: u64,
+}
+
+/// A file this device sent, as `sund file list` shows it: who said they hold it.
+#[derive(Clone, Debug)]
+pub struct SentFileSummary {
+    /// The conversation it went into.
+    pub conversation: ConversationId,
+    /// Its digest.
+    pub digest: ManifestDigest,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Devices that sent a receipt, and whether its signature verified.
+    pub receipts: Vec<(DeviceId, bool)>,
 }
 
 /// A change to this device's groups, asked for by the application.
@@ -456,6 +474,16 @@ impl NodeHandle {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Files { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// The files this device sent, with their receipts.
+    pub async fn sent_files(&self) -> Result<Vec<SentFileSummary>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::SentFiles { reply })
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
@@ -742,6 +770,21 @@ impl Core {
             }
             Command::Files { reply: to } => {
                 let _ = to.send(self.file_summaries());
+            }
+            Command::SentFiles { reply: to } => {
+                let sent = self
+                    .node
+                    .transfers()
+                    .sent_files()
+                    .map(|(conversation, digest, file)| SentFileSummary {
+                        conversation,
+                        digest,
+                        name: file.name.clone(),
+                        size: file.size,
+                        receipts: file.receipts.iter().map(|(&d, &v)| (d, v)).collect(),
+                    })
+                    .collect();
+                let _ = to.send(sent);
             }
             Command::SaveFile {
                 conversation,

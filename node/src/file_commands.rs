@@ -15,7 +15,7 @@ use sund_model::files::{
 use sund_model::node::transfers::OfferState;
 use sund_model::node::NodeEvent;
 use sund_node::device::Device;
-use sund_node::driver::{self, FileSummary, NodeHandle};
+use sund_node::driver::{self, FileSummary, NodeHandle, SentFileSummary};
 
 use crate::{group_commands, stale_copy, why_stopped, REVOKED};
 
@@ -82,7 +82,7 @@ fn size(bytes: u64) -> String {
     }
 }
 
-fn file_id(digest: ManifestDigest) -> FileId {
+pub(crate) fn file_id(digest: ManifestDigest) -> FileId {
     FileId(digest.0[..8].try_into().expect("8 bytes"))
 }
 
@@ -269,6 +269,15 @@ fn state(file: &FileSummary) -> String {
     }
 }
 
+/// How a receipt reads: `bob (dev:1a2b3c4d), verified`.
+pub(crate) fn receipt_words(who: &str, verified: bool) -> String {
+    if verified {
+        format!("{who}, verified")
+    } else {
+        format!("{who}, not verified (no certificate key to check its signature)")
+    }
+}
+
 /// `sund file list [CONVERSATION]`.
 pub(crate) async fn list(data_dir: &Path, conversation: Option<&str>) -> Result<(), String> {
     let device = Device::load(data_dir).map_err(|e| e.to_string())?;
@@ -276,14 +285,47 @@ pub(crate) async fn list(data_dir: &Path, conversation: Option<&str>) -> Result<
     let only = conversation.map(|c| device.resolve_conversation(c));
     let node = open_node(&device).await?;
     let files = node.files().await.map_err(|e| e.to_string());
+    let sent = node.sent_files().await.map_err(|e| e.to_string());
+    let members = group_commands::members(&node).await;
     let _ = node.stop().await;
+    let users = device.user_names();
     let files: Vec<FileSummary> = files?
         .into_iter()
         .filter(|f| only.is_none_or(|c| c == f.conversation))
         .collect();
-    if files.is_empty() {
+    let sent: Vec<SentFileSummary> = sent?
+        .into_iter()
+        .filter(|f| only.is_none_or(|c| c == f.conversation))
+        .collect();
+    if files.is_empty() && sent.is_empty() {
         say!("no files yet");
         return Ok(());
+    }
+    for file in sent {
+        let conv = names
+            .get(&file.conversation)
+            .cloned()
+            .unwrap_or_else(|| file.conversation.to_string());
+        say!(
+            "{}  {:>10}  {:<24}  {}  in {conv}",
+            file_id(file.digest),
+            size(file.size),
+            "sent by this device",
+            sund_node::display::printable(&file.name),
+        );
+        let receipts: Vec<String> = file
+            .receipts
+            .iter()
+            .map(|&(d, verified)| {
+                let who = group_commands::who(d, &members, &users);
+                receipt_words(&sund_node::display::printable(&who), verified)
+            })
+            .collect();
+        if receipts.is_empty() {
+            say!("    no device has said it holds it yet");
+        } else {
+            say!("    delivered to {}", receipts.join("; "));
+        }
     }
     for file in files {
         let conv = names

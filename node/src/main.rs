@@ -250,6 +250,10 @@ enum Command {
         /// Conversation names to print instead of ids (names used with `sund send` are known).
         #[arg(long = "conversation")]
         conversations: Vec<String>,
+        /// Fetch every file offered from now on and save it into this directory (a file of that
+        /// name there is kept, and the new one waits for `sund file get ID --out OTHER`).
+        #[arg(long, value_name = "DIR")]
+        fetch_into: Option<PathBuf>,
     },
     /// Name a user on this device: what they write shows NAME instead of `user:…`, and the DM
     /// with them is `@NAME` (user names travel only as hashes).
@@ -343,7 +347,8 @@ async fn run(command: Command) -> Result<(), String> {
             data_dir,
             count,
             conversations,
-        } => follow(&data_dir, count, &conversations).await,
+            fetch_into,
+        } => follow(&data_dir, count, &conversations, fetch_into.as_deref()).await,
         Command::Status { data_dir } => status(&data_dir).await,
         Command::Contact { data_dir, name } => group_commands::contact(&data_dir, &name),
         Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,
@@ -493,7 +498,14 @@ async fn follow(
     data_dir: &Path,
     count: Option<u64>,
     conversations: &[String],
+    fetch_into: Option<&Path>,
 ) -> Result<(), String> {
+    if let Some(dir) = fetch_into.filter(|d| !d.is_dir()) {
+        return Err(format!(
+            "{} is not a directory: create it or give another with --fetch-into",
+            dir.display()
+        ));
+    }
     let device = load(data_dir)?;
     for name in conversations {
         // `@user` is the DM with that user; other names as `send` takes them.
@@ -521,7 +533,20 @@ async fn follow(
                             esay!("{user} is not named on this device: if you know who it is, `sund contact NAME` shows their name");
                         }
                     }
-                    let line = match sund_model::files::FileMessage::decode(&body) {
+                    // A receipt is the sender's news (shown below as `FileReceipt`), not a
+                    // line of the conversation.
+                    if sund_model::node::files::Receipt::decode_message(&body).is_some() {
+                        node.taken(id, seq).await.map_err(|e| e.to_string())?;
+                        continue;
+                    }
+                    let file = sund_model::files::FileMessage::decode(&body);
+                    // Files from others (its own are not offered to this device: the answer
+                    // is then false, and nothing happens).
+                    if let (Some(Ok(file)), Some(_)) = (&file, fetch_into) {
+                        let digest = file.manifest.digest();
+                        node.fetch_file(id, digest).await.map_err(|e| e.to_string())?;
+                    }
+                    let line = match file {
                         Some(Ok(file)) => file_commands::offered_line(
                             &display::printable(&conversation),
                             &display::printable(&from),
@@ -562,6 +587,26 @@ async fn follow(
                 }
                 Some(NodeEvent::HistoryLost { conversation, from, to }) => {
                     esay!("{conversation}: seqs {from}..={to} were lost by the gateway (its disk lost writes it had reported durable); they cannot be fetched. Tell the gateway's operator");
+                }
+                Some(NodeEvent::FileComplete { conversation, digest }) if fetch_into.is_some() => {
+                    let dir = fetch_into.expect("matched").to_path_buf();
+                    match node.save_file(conversation, digest, dir).await.map_err(|e| e.to_string())? {
+                        Ok(path) => esay!("saved {}", path.display()),
+                        Err(why) => esay!("file {} not saved: {why}", file_commands::file_id(digest)),
+                    }
+                }
+                Some(NodeEvent::FileFailed { digest, reason, .. }) => {
+                    esay!("file {}: {reason}", file_commands::file_id(digest));
+                }
+                Some(NodeEvent::FileReceipt { conversation, digest, device: holder, verified }) => {
+                    let conversation = names.get(&conversation).cloned().unwrap_or_else(|| conversation.to_string());
+                    let who = group_commands::who(holder, &members, &users);
+                    let words = file_commands::receipt_words(&display::printable(&who), verified);
+                    esay!(
+                        "{}: file {} delivered to {words}",
+                        display::printable(&conversation),
+                        file_commands::file_id(digest)
+                    );
                 }
                 Some(NodeEvent::Status(status)) => esay!("status: {}", describe(status)),
                 Some(NodeEvent::Refused { message, .. }) => esay!("refused by the gateway: {message}"),

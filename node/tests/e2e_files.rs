@@ -119,6 +119,19 @@ fn files_resume_after_sigkills_of_sender_receiver_and_gateway_and_arrive_whole()
     assert!(same_file(&big, &out_dir.join("big.bin")));
     let list = run(&sund(), &["file", "list", "--data-dir", b]);
     assert!(list.contains(&id) && list.contains("complete"), "{list}");
+    // Bob's device signed a receipt; Alice's `follow` hears it, checks it against Bob's
+    // certificate key, and `file list` shows who holds the file.
+    let follow = ["follow", "--data-dir", a];
+    sigkill(&mut run_until(&follow, "delivered to bob"));
+    let list = run(&sund(), &["file", "list", "--data-dir", a]);
+    assert!(
+        list.contains(&id) && list.contains("sent by this device"),
+        "{list}"
+    );
+    assert!(
+        list.contains("delivered to bob (dev:") && list.contains(", verified"),
+        "{list}"
+    );
 
     // The gateway is killed while a second file goes up; the sender waits, reconnects to the
     // restarted gateway and finishes.
@@ -156,5 +169,42 @@ fn files_resume_after_sigkills_of_sender_receiver_and_gateway_and_arrive_whole()
         &["file", "get", "--data-dir", b, &id, "--out", out],
     );
     assert!(refused.contains("exists already"), "{refused}");
+
+    // `follow --fetch-into` fetches what is offered and saves it, announcing each.
+    let third = tmp.path().join("notes.txt");
+    std::fs::write(&third, noise(300_000, 3)).unwrap();
+    run(
+        &sund(),
+        &[
+            "file",
+            "send",
+            "--data-dir",
+            a,
+            "@bob",
+            third.to_str().unwrap(),
+        ],
+    );
+    let inbox = tmp.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let follow = [
+        "follow",
+        "--data-dir",
+        b,
+        "--fetch-into",
+        inbox.to_str().unwrap(),
+    ];
+    sigkill(&mut run_until(&follow, "saved"));
+    assert!(same_file(&third, &inbox.join("notes.txt")));
+    let missing = fails(
+        &sund(),
+        &[
+            "follow",
+            "--data-dir",
+            b,
+            "--fetch-into",
+            "/nonexistent/dir",
+        ],
+    );
+    assert!(missing.contains("is not a directory"), "{missing}");
     drop(gateway);
 }

@@ -312,7 +312,8 @@ pub enum Invariant {
     /// every scenario, named or not.
     NoPanic,
     /// Every file a device completes is the file that was sent, completed once; after heal,
-    /// every device that was a member when a file was sent and still is holds it complete.
+    /// every device that was a member when a file was sent and still is holds it complete,
+    /// and the sender holds its verified receipt.
     Files,
 }
 

@@ -1256,6 +1256,18 @@ impl World {
                 record.extend_from_slice(&conversation.to_bytes());
                 record.extend_from_slice(&upload.0);
             }
+            NodeEvent::FileReceipt {
+                conversation,
+                digest,
+                device,
+                verified,
+            } => {
+                record.push(26);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&digest.0);
+                record.extend_from_slice(&device.to_bytes());
+                record.push(u8::from(*verified));
+            }
             NodeEvent::Registered { serial } => {
                 record.push(14);
                 record.extend_from_slice(&serial.to_le_bytes());

@@ -320,6 +320,18 @@ pub enum NodeEvent {
         /// The gateway's words.
         message: String,
     },
+    /// A member device says it holds a file this device sent, complete and verified.
+    FileReceipt {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The file.
+        digest: ManifestDigest,
+        /// The device that holds it.
+        device: DeviceId,
+        /// Its signature checked against the key of its certificate (false: the key could not
+        /// be found, as in a conversation without MLS).
+        verified: bool,
+    },
 }
 
 /// Outputs released by a committed [`crate::env::Ready`].
@@ -385,4 +397,11 @@ pub struct NodeStats {
     /// Times a whole upload's message had to wait (a removal waiting for its commit, a full
     /// outbox) and was sent again at a later heartbeat.
     pub file_messages_waiting: u64,
+    /// File receipts this device sent.
+    pub receipts_sent: u64,
+    /// Receipts that could not be sent (this device is no longer in the conversation).
+    pub receipts_unsent: u64,
+    /// Receipts refused: malformed, naming another device than their sender, or with a
+    /// signature that does not verify against the device's certificate key.
+    pub receipts_refused: u64,
 }

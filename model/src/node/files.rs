@@ -124,6 +124,45 @@ impl Receipt {
     }
 }
 
+/// The first bytes of a receipt message body (format 1); NUL first, as a file message's, so
+/// no typed text starts with it.
+pub const RECEIPT_MESSAGE_MAGIC: &[u8; 4] = b"\0SR\x01";
+/// A receipt message body's length: magic, digest, device, signature.
+pub const RECEIPT_MESSAGE_BYTES: usize = 4 + 32 + 16 + 64;
+
+impl Receipt {
+    /// The message body that carries this receipt into the file's conversation (encrypted
+    /// by MLS like any message, so only members read it).
+    pub fn encode_message(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RECEIPT_MESSAGE_BYTES);
+        out.extend_from_slice(RECEIPT_MESSAGE_MAGIC);
+        out.extend_from_slice(&self.digest.0);
+        out.extend_from_slice(&self.device.to_bytes());
+        out.extend_from_slice(&self.signature);
+        debug_assert_eq!(out.len(), RECEIPT_MESSAGE_BYTES);
+        out
+    }
+
+    /// `None` for a body that is not a receipt; `Some(None)` for one of the wrong length.
+    pub fn decode_message(body: &[u8]) -> Option<Option<Receipt>> {
+        let rest = body.strip_prefix(RECEIPT_MESSAGE_MAGIC)?;
+        let mut reader = Reader::new(rest);
+        let (Some(digest), Some(device), Some(signature), 0) = (
+            reader.array(),
+            reader.array(),
+            reader.array(),
+            reader.remaining(),
+        ) else {
+            return Some(None);
+        };
+        Some(Some(Receipt {
+            digest: ManifestDigest(digest),
+            device: DeviceId::from_bytes(device),
+            signature,
+        }))
+    }
+}
+
 fn receipt_message(digest: &ManifestDigest) -> Vec<u8> {
     let mut message = RECEIPT_CONTEXT.to_vec();
     message.extend_from_slice(&digest.0);
@@ -600,6 +639,21 @@ mod tests {
             Err(AssemblyError::Damaged { index: 0 })
         );
         assert_eq!(assembled(&files, &store, &manifest).unwrap(), data);
+    }
+
+    #[test]
+    fn a_receipt_message_round_trips_and_refuses_other_lengths() {
+        let key = DeviceKey::from_seed([3; 32]);
+        let receipt = Receipt::sign(&key, ManifestDigest([7; 32]));
+        let body = receipt.encode_message();
+        assert_eq!(body.len(), RECEIPT_MESSAGE_BYTES);
+        assert_eq!(Receipt::decode_message(&body), Some(Some(receipt)));
+        assert_eq!(Receipt::decode_message(&body[..body.len() - 1]), Some(None));
+        let mut longer = body.clone();
+        longer.push(0);
+        assert_eq!(Receipt::decode_message(&longer), Some(None));
+        assert_eq!(Receipt::decode_message(b"hello"), None);
+        assert_eq!(Receipt::decode_message(b"\0SF\x01 a file"), None);
     }
 
     #[test]

@@ -328,8 +328,11 @@ impl Node {
         digest: crate::files::ManifestDigest,
     ) -> bool {
         let conn = self.link.open_conn();
-        self.transfers
-            .fetch(now, conn, conversation, digest, &self.files, &mut self.fx)
+        let known =
+            self.transfers
+                .fetch(now, conn, conversation, digest, &self.files, &mut self.fx);
+        self.send_receipts(now);
+        known
     }
 
     /// Gives up an upload the driver cannot go on with (its file changed or went since it was
@@ -356,6 +359,8 @@ impl Node {
         match self.send(now, conversation, Bytes::from(message.encode())) {
             Ok(msg_id) => {
                 self.transfers.upload_finished(upload, &mut self.fx);
+                self.transfers
+                    .file_sent(conversation, &message.manifest, &mut self.fx);
                 self.fx.event(NodeEvent::FileSent {
                     conversation,
                     upload,
@@ -489,7 +494,24 @@ impl Node {
     /// Feeds one transport input. Then drain [`Node::poll_ready`].
     pub fn handle(&mut self, now: Instant, input: NodeInput) {
         self.route(now, input);
+        self.send_receipts(now);
         self.refresh_timers();
+    }
+
+    /// Sends a receipt for every file completed since: in the same batch as the completion,
+    /// so that a crash loses neither or both. One the group cannot take now (a removal
+    /// waiting for its commit, a full outbox) waits for the next input.
+    fn send_receipts(&mut self, now: Instant) {
+        for (conversation, digest) in self.transfers.take_receipts_owed() {
+            let receipt = files::Receipt::sign(&self.config.key, digest);
+            match self.send(now, conversation, Bytes::from(receipt.encode_message())) {
+                Ok(_) => self.stats.receipts_sent += 1,
+                Err(
+                    SendError::OutboxFull { .. } | SendError::Group(GroupError::ProposalPending(_)),
+                ) => self.transfers.receipt_waits(conversation, digest),
+                Err(_) => self.stats.receipts_unsent += 1,
+            }
+        }
     }
 
     fn route(&mut self, now: Instant, input: NodeInput) {
@@ -563,6 +585,7 @@ impl Node {
     /// Runs every timer due at `now` (see `timers`).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.fire_timers(now);
+        self.send_receipts(now);
     }
 
     /// A link timer is due: connect, give up on a dead connection, or beat.
@@ -1055,6 +1078,10 @@ impl Node {
         if sender == self.config.device {
             return; // its own file: the bytes are where it sent them from
         }
+        if let Some(receipt) = files::Receipt::decode_message(body) {
+            self.note_receipt(conversation, sender, receipt);
+            return;
+        }
         match crate::files::FileMessage::decode(body) {
             None => {}
             Some(Ok(message)) => {
@@ -1076,6 +1103,45 @@ impl Node {
                     reason: format!("a member sent a file this device refuses: {error}"),
                 });
             }
+        }
+    }
+
+    /// A receipt in `conversation` from `sender`: kept if it is for a file this device sent
+    /// and names its sender; verified against the key of the sender's certificate in the
+    /// group.
+    fn note_receipt(
+        &mut self,
+        conversation: ConversationId,
+        sender: DeviceId,
+        receipt: Option<files::Receipt>,
+    ) {
+        let Some(receipt) = receipt.filter(|r| r.device == sender) else {
+            self.stats.receipts_refused += 1;
+            return;
+        };
+        let key = self
+            .mls
+            .as_ref()
+            .and_then(|m| m.groups.member_key(conversation, sender));
+        let verified = match key {
+            Some(key) if receipt.verify(&key) => true,
+            Some(_) => {
+                self.stats.receipts_refused += 1;
+                return;
+            }
+            None => false,
+        };
+        let digest = receipt.digest;
+        if self
+            .transfers
+            .receipt(conversation, digest, sender, verified, &mut self.fx)
+        {
+            self.fx.event(NodeEvent::FileReceipt {
+                conversation,
+                digest,
+                device: sender,
+                verified,
+            });
         }
     }
 

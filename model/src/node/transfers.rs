@@ -44,6 +44,14 @@ pub const NODE_UPLOADS_TABLE: Table = Table("node_uploads");
 /// sender(16) ++ state u8` (0 offered, 1 fetching, 2 complete, 3 failed).
 pub const NODE_OFFERS_TABLE: Table = Table("node_file_offers");
 
+/// Files this device sent: key `conversation(16) ++ digest(32)`, value `size u64 ++ name`.
+pub const NODE_SENT_FILES_TABLE: Table = Table("node_sent_files");
+/// Receipts for files this device sent: key `conversation(16) ++ digest(32) ++ device(16)`,
+/// value `verified u8` (1: the device's signature checked against its certificate's key).
+pub const NODE_FILE_RECEIPTS_TABLE: Table = Table("node_file_receipts");
+/// Receipts one sent file keeps (a room's member devices, generously).
+pub const RECEIPTS_PER_FILE_MAX: usize = 4096;
+
 /// Why a fetch ends when this device is removed from the file's conversation.
 pub const FILE_REMOVED: &str = "this device was removed from the conversation before the file arrived: ask to be added again and for the file to be sent again";
 
@@ -106,6 +114,18 @@ pub enum OfferState {
     Failed = 3,
 }
 
+/// A file this device sent, and who said they hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentFile {
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Devices that sent a receipt: true if its signature verified against the device's
+    /// certificate key.
+    pub receipts: BTreeMap<DeviceId, bool>,
+}
+
 /// What ended an upload early.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadFailed {
@@ -148,6 +168,16 @@ pub struct NodeTransfers {
     /// The offer each (conversation, upload) names, for chunk arrivals.
     by_upload: BTreeMap<(ConversationId, UploadId), ManifestDigest>,
     fetching: BTreeMap<(ConversationId, ManifestDigest), Fetching>,
+    sent: BTreeMap<(ConversationId, ManifestDigest), SentFile>,
+    /// Files completed here whose receipt is still to be sent (the node sends it in the same
+    /// batch as the completion, or at a later heartbeat if the group cannot take a message).
+    receipts_owed: Vec<(ConversationId, ManifestDigest)>,
+}
+
+fn sent_key(conversation: ConversationId, digest: ManifestDigest) -> Vec<u8> {
+    let mut key = conversation.to_bytes().to_vec();
+    key.extend_from_slice(&digest.0);
+    key
 }
 
 fn in_conv(conversation: ConversationId) -> Routing {
@@ -252,7 +282,119 @@ impl NodeTransfers {
             transfers.offers.insert((conv, digest), offer);
             Ok(())
         })?;
+        scan_all(store, NODE_SENT_FILES_TABLE, |key, value| {
+            let corrupt = || StoreError::Corrupt {
+                table: NODE_SENT_FILES_TABLE.0,
+                reason: "not a conversation, digest, size and name".into(),
+            };
+            let mut k = Reader::new(key);
+            let (Some(conv), Some(digest), 0) = (k.array(), k.array(), k.remaining()) else {
+                return Err(corrupt());
+            };
+            let mut v = Reader::new(value);
+            let size = v.array().map(u64::from_be_bytes).ok_or_else(corrupt)?;
+            let name = v.take(v.remaining()).unwrap_or_default();
+            let name = String::from_utf8(name.to_vec()).map_err(|_| corrupt())?;
+            let file = SentFile {
+                name,
+                size,
+                receipts: BTreeMap::new(),
+            };
+            let at = (ConversationId::from_bytes(conv), ManifestDigest(digest));
+            transfers.sent.insert(at, file);
+            Ok(())
+        })?;
+        scan_all(store, NODE_FILE_RECEIPTS_TABLE, |key, value| {
+            let corrupt = || StoreError::Corrupt {
+                table: NODE_FILE_RECEIPTS_TABLE.0,
+                reason: "not a sent file's receipt".into(),
+            };
+            let mut k = Reader::new(key);
+            let (Some(conv), Some(digest), Some(device), 0) =
+                (k.array(), k.array(), k.array(), k.remaining())
+            else {
+                return Err(corrupt());
+            };
+            let verified = match value {
+                [0] => false,
+                [1] => true,
+                _ => return Err(corrupt()),
+            };
+            let at = (ConversationId::from_bytes(conv), ManifestDigest(digest));
+            let file = transfers.sent.get_mut(&at).ok_or_else(corrupt)?;
+            file.receipts.insert(DeviceId::from_bytes(device), verified);
+            Ok(())
+        })?;
         Ok(transfers)
+    }
+
+    /// Files this device sent, with their receipts.
+    pub fn sent_files(
+        &self,
+    ) -> impl Iterator<Item = (ConversationId, ManifestDigest, &SentFile)> + '_ {
+        self.sent.iter().map(|(&(c, d), f)| (c, d, f))
+    }
+
+    /// A file's message went into the outbox: it is remembered as sent, for its receipts.
+    pub fn file_sent(
+        &mut self,
+        conversation: ConversationId,
+        manifest: &Manifest,
+        fx: &mut NodeFx,
+    ) {
+        let at = (conversation, manifest.digest());
+        if self.sent.contains_key(&at) {
+            return; // the same file again: its receipts so far stand
+        }
+        let name = manifest.name.as_str().to_string();
+        let mut value = manifest.size.to_be_bytes().to_vec();
+        value.extend_from_slice(name.as_bytes());
+        fx.put(NODE_SENT_FILES_TABLE, sent_key(at.0, at.1), value);
+        self.sent.insert(
+            at,
+            SentFile {
+                name,
+                size: manifest.size,
+                receipts: BTreeMap::new(),
+            },
+        );
+    }
+
+    /// A receipt for a file this device sent: kept (once per device; a verified one replaces
+    /// an unverified one) and true if it is news. Receipts for other files are not kept.
+    pub fn receipt(
+        &mut self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        device: DeviceId,
+        verified: bool,
+        fx: &mut NodeFx,
+    ) -> bool {
+        let Some(file) = self.sent.get_mut(&(conversation, digest)) else {
+            return false;
+        };
+        let known = file.receipts.get(&device).copied();
+        if known == Some(true) || known == Some(verified) {
+            return false;
+        }
+        if known.is_none() && file.receipts.len() >= RECEIPTS_PER_FILE_MAX {
+            return false;
+        }
+        file.receipts.insert(device, verified);
+        let mut key = sent_key(conversation, digest);
+        key.extend_from_slice(&device.to_bytes());
+        fx.put(NODE_FILE_RECEIPTS_TABLE, key, vec![u8::from(verified)]);
+        true
+    }
+
+    /// Files completed here whose receipts are to be sent now.
+    pub fn take_receipts_owed(&mut self) -> Vec<(ConversationId, ManifestDigest)> {
+        std::mem::take(&mut self.receipts_owed)
+    }
+
+    /// A receipt that could not be sent now: tried again at the next heartbeat.
+    pub fn receipt_waits(&mut self, conversation: ConversationId, digest: ManifestDigest) {
+        self.receipts_owed.push((conversation, digest));
     }
 
     fn insert_upload(
@@ -804,6 +946,7 @@ impl NodeTransfers {
             conversation,
             digest,
         });
+        self.receipts_owed.push((conversation, digest));
     }
 
     /// A chunk stream arrived: verified and kept, or counted as a failure and asked for again.

@@ -53,6 +53,18 @@ pub fn device_of_identity(identity: &[u8]) -> Option<DeviceId> {
     Some(DeviceId::from_bytes(id))
 }
 
+/// The device key in a credential identity's certificate, without checking it: for a member
+/// of a group, whose credential was checked (`verify_identity`) when it joined. `None` for an
+/// identity without a certificate or one naming another device.
+pub fn device_key_of_identity(identity: &[u8]) -> Option<crate::identity::DevicePublicKey> {
+    let device = device_of_identity(identity)?;
+    let len = identity
+        .get(16..18)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))?;
+    let cert = DeviceCertificate::decode(identity.get(18..18 + len)?).ok()?;
+    (cert.device() == device).then_some(cert.device_key)
+}
+
 /// Checks a credential identity seen in a group: a certificate for the named device from
 /// `root`, not revoked in `crl`, whose key signed the binding to `mls_signature_key`. Returns
 /// the device and its user. The validity period is the gateway's to check, at every session:

@@ -425,6 +425,38 @@ impl World {
         }
     }
 
+    /// Why the sender of a file does not show member `m`'s verified receipt, if it does not.
+    fn receipt_missing(
+        &self,
+        sent: &SentFile,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        m: ActorIndex,
+    ) -> Option<String> {
+        let sender = &self.actors[sent.sender as usize];
+        let Machine::Node(Some(n), _) = &sender.machine else {
+            return Some(format!("{} is down", sender.name));
+        };
+        let device = self.actors[m as usize].device;
+        let receipt = n
+            .transfers()
+            .sent_files()
+            .find(|&(c, d, _)| c == conversation && d == digest)
+            .and_then(|(_, _, f)| f.receipts.get(&device).copied());
+        let member = &self.actors[m as usize].name;
+        match receipt {
+            Some(true) => None,
+            Some(false) => Some(format!(
+                "{} holds an unverified receipt from {member} for file {}",
+                sender.name, sent.name
+            )),
+            None => Some(format!(
+                "{} has no receipt from {member} for file {}",
+                sender.name, sent.name
+            )),
+        }
+    }
+
     /// The run's file figures, if any file was sent.
     pub(super) fn files_report(&self) -> Option<FilesReport> {
         if self.files.sent.is_empty() {
@@ -498,6 +530,10 @@ impl World {
                     .completed
                     .contains_key(&(m, conversation, digest))
                 {
+                    // ... and the sender holds its verified receipt.
+                    if let Some(why) = self.receipt_missing(sent, conversation, digest, m) {
+                        return Some(why);
+                    }
                     continue;
                 }
                 if self.files.gone.contains(&(m, conversation, digest)) {
@@ -508,14 +544,10 @@ impl World {
                         self.actors[sent.sender as usize].name
                     ));
                 }
-                {
-                    return Some(format!(
-                        "{} has not completed file {} sent by {}",
-                        self.actors[m as usize].name,
-                        sent.name,
-                        self.actors[sent.sender as usize].name
-                    ));
-                }
+                return Some(format!(
+                    "{} has not completed file {} sent by {}",
+                    self.actors[m as usize].name, sent.name, self.actors[sent.sender as usize].name
+                ));
             }
         }
         None

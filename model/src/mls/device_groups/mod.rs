@@ -523,6 +523,21 @@ impl DeviceGroups {
             .unwrap_or_default()
     }
 
+    /// The device key of `device` as its leaf in `conv` names it (from its certificate, checked
+    /// when it joined), to verify what it signs with its device key (a file receipt).
+    pub fn member_key(
+        &self,
+        conv: ConversationId,
+        device: DeviceId,
+    ) -> Option<crate::identity::DevicePublicKey> {
+        self.groups.get(&conv)?.members().find_map(|m| {
+            let basic = BasicCredential::try_from(m.credential.clone()).ok()?;
+            (device_of_identity(basic.identity())? == device)
+                .then(|| crate::trust::credential::device_key_of_identity(basic.identity()))
+                .flatten()
+        })
+    }
+
     /// True if `conv` is a group conversation (so messages are MLS).
     pub fn is_group(&self, conv: ConversationId) -> bool {
         self.entries.contains_key(&conv)
