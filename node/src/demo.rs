@@ -1,7 +1,9 @@
 //! `sund demo`: a gateway and three devices on loopback over real QUIC and redb. Alice creates
 //! a room with Bob and Carol and a DM with Bob (MLS groups: Welcomes through the gateway),
-//! encrypted messages flow, the gateway restarts, and at the end the gateway's database is
-//! searched for every message text: the gateway stored ciphertext only.
+//! encrypted messages flow, the gateway restarts, Alice sends a file into the room (Bob and
+//! Carol fetch and verify it, and sign receipts Alice verifies), and at the end the gateway's
+//! database is searched for every message text and pieces of the file: the gateway stored
+//! ciphertext only.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -135,15 +137,135 @@ pub async fn run() -> Result<(), String> {
     }
     transcript.wait(&mut nodes, &expected).await?;
 
+    let file = send_file_into_room(dir.path(), &devices[0], &mut nodes, room, &mut transcript)
+        .await?;
+
     let total: u64 = transcript.delivered.values().map(|v| v.len() as u64).sum();
     for node in nodes {
         node.stop().await.map_err(|e| e.to_string())?;
     }
     gateway.shutdown().await.map_err(|e| e.to_string())?;
-    let texts: Vec<&str> = first.iter().chain(second.iter()).map(|m| m.2).collect();
+    let mut texts: Vec<&[u8]> = first
+        .iter()
+        .chain(second.iter())
+        .map(|m| m.2.as_bytes())
+        .collect();
+    // The file's name, and 64 bytes from each of its first, middle and last parts.
+    let quarter = file.len() / 4;
+    texts.push(FILE_NAME.as_bytes());
+    for at in [16, 2 * quarter, file.len() - 80] {
+        texts.push(&file[at..at + 64]);
+    }
     search_gateway_database(&dir.path().join("gateway/gateway.redb"), &texts, &devices)?;
-    say!("demo: {total} deliveries (messages and commits), each exactly once and in seq order; the gateway restart lost nothing");
+    say!("demo: {total} deliveries (messages, commits, a file and its receipts), each exactly once and in seq order; the gateway restart lost nothing");
     Ok(())
+}
+
+/// The demo's file.
+const FILE_NAME: &str = "report.bin";
+/// Its size: a few chunks.
+const FILE_BYTES: usize = 3_000_000;
+
+/// Alice sends a file into the room; Bob's and Carol's devices fetch it, verify every chunk
+/// and save it; each signs a receipt, which Alice's device verifies. Returns the file's bytes.
+async fn send_file_into_room(
+    dir: &std::path::Path,
+    alice: &Device,
+    nodes: &mut [NodeHandle],
+    room: ConversationId,
+    transcript: &mut Transcript,
+) -> Result<Vec<u8>, String> {
+    use sund_model::files::{stream_chunker, FileName, FileSecret, ManifestBuilder};
+    // Bytes that do not repeat, so that the chunker cuts them as it would a real file.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..FILE_BYTES)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    let files = dir.join("files");
+    let saved = dir.join("saved");
+    for d in [&files, &saved] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let path = files.join(FILE_NAME);
+    std::fs::write(&path, &data).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = FileSecret::for_conversation(&alice.key, room);
+    let name = FileName::new(FILE_NAME).map_err(|e| e.to_string())?;
+    let mut builder = ManifestBuilder::new(name, secret.clone());
+    for chunk in stream_chunker(&secret, &data[..]) {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        builder.push(&chunk.data).map_err(|e| e.to_string())?;
+    }
+    let manifest = builder.finish();
+    let chunks = manifest.chunks.len();
+    let source = path.to_str().ok_or("a temporary path that is not UTF-8")?;
+    nodes[0]
+        .send_file(room, manifest, Bytes::from(source.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    say!(
+        "[alice  ] -> demo-room: a file, {FILE_NAME} ({} MB in {chunks} chunks, each sealed; the name and key travel inside an MLS message)",
+        FILE_BYTES / 1_000_000
+    );
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut saved_by = Vec::new();
+    let mut receipts = Vec::new();
+    while saved_by.len() < 2 || receipts.len() < 2 {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the file did not arrive within {DEADLINE:?}: saved by {saved_by:?}, receipts from {receipts:?}"));
+        }
+        for i in 0..nodes.len() {
+            while let Ok(event) = nodes[i].events.try_recv() {
+                let me = NAMES[i];
+                match event {
+                    NodeEvent::FileOffered { digest, .. } => {
+                        nodes[i]
+                            .fetch_file(room, digest)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        say!("[{me:<7}] fetches {FILE_NAME}: only the chunks it lacks");
+                    }
+                    NodeEvent::FileComplete { digest, .. } => {
+                        let into = saved.join(me);
+                        std::fs::create_dir_all(&into)
+                            .map_err(|e| format!("{}: {e}", into.display()))?;
+                        let written = nodes[i]
+                            .save_file(room, digest, into)
+                            .await
+                            .map_err(|e| e.to_string())??;
+                        let back = std::fs::read(&written)
+                            .map_err(|e| format!("{}: {e}", written.display()))?;
+                        if back != data {
+                            return Err(format!("{me} saved other bytes than alice sent"));
+                        }
+                        say!("[{me:<7}] has {FILE_NAME}: every chunk verified, saved whole, the same bytes");
+                        saved_by.push(me);
+                    }
+                    NodeEvent::FileFailed { reason, .. } => {
+                        return Err(format!("{me} could not fetch the file: {reason}"));
+                    }
+                    NodeEvent::FileReceipt {
+                        device, verified, ..
+                    } => {
+                        let who = transcript.names.get(&device).copied().unwrap_or("?");
+                        if !verified {
+                            return Err(format!("{me} could not verify {who}'s receipt"));
+                        }
+                        say!("[{me:<7}] {FILE_NAME} delivered to {who}, verified (a receipt signed with {who}'s device key)");
+                        receipts.push(who);
+                    }
+                    other => transcript.record(i, other)?,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(data)
 }
 
 /// Asks for a group and returns its conversation.
@@ -158,7 +280,7 @@ async fn group(node: &NodeHandle, request: GroupRequest) -> Result<ConversationI
 /// control, the device ids the gateway does store in the clear must be found.
 fn search_gateway_database(
     path: &std::path::Path,
-    texts: &[&str],
+    texts: &[&[u8]],
     devices: &[Device],
 ) -> Result<(), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -169,15 +291,16 @@ fn search_gateway_database(
     if !control {
         return Err("the search does not find what the gateway stores in the clear".into());
     }
-    if let Some(text) = texts.iter().find(|t| contains(t.as_bytes())) {
+    if let Some(text) = texts.iter().find(|t| contains(t)) {
         return Err(format!(
-            "the gateway's database holds the plaintext {text:?}"
+            "the gateway's database holds the plaintext {:?}",
+            String::from_utf8_lossy(text)
         ));
     }
     say!(
-        "[gateway] searched its database ({} KiB) for all {} message texts: none found, only ciphertext",
+        "[gateway] searched its database ({} KiB) for all {} message texts, the file's name and pieces of its bytes: none found, only ciphertext",
         bytes.len() / 1024,
-        texts.len()
+        texts.len() - 4
     );
     Ok(())
 }
@@ -292,10 +415,17 @@ impl Transcript {
                 }
                 seqs.push(seq);
                 let from = self.names.get(&sender).copied().unwrap_or("?");
-                say!(
-                    "[{me:<7}] <- {} seq {seq} from {from}: {}",
-                    self.name_of(conversation),
+                let what = if let Some(Ok(file)) = sund_model::files::FileMessage::decode(&body)
+                {
+                    format!("a file, {}", file.manifest.name.as_str())
+                } else if sund_model::node::files::Receipt::decode_message(&body).is_some() {
+                    "a file receipt".to_string()
+                } else {
                     crate::display::body(&body)
+                };
+                say!(
+                    "[{me:<7}] <- {} seq {seq} from {from}: {what}",
+                    self.name_of(conversation),
                 );
             }
             NodeEvent::Joined {
