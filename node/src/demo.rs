@@ -137,8 +137,8 @@ pub async fn run() -> Result<(), String> {
     }
     transcript.wait(&mut nodes, &expected).await?;
 
-    let file = send_file_into_room(dir.path(), &devices[0], &mut nodes, room, &mut transcript)
-        .await?;
+    let file =
+        send_file_into_room(dir.path(), &devices[0], &mut nodes, room, &mut transcript).await?;
 
     let total: u64 = transcript.delivered.values().map(|v| v.len() as u64).sum();
     for node in nodes {
@@ -415,8 +415,7 @@ impl Transcript {
                 }
                 seqs.push(seq);
                 let from = self.names.get(&sender).copied().unwrap_or("?");
-                let what = if let Some(Ok(file)) = sund_model::files::FileMessage::decode(&body)
-                {
+                let what = if let Some(Ok(file)) = sund_model::files::FileMessage::decode(&body) {
                     format!("a file, {}", file.manifest.name.as_str())
                 } else if sund_model::node::files::Receipt::decode_message(&body).is_some() {
                     "a file receipt".to_string()
