@@ -547,6 +547,12 @@ async fn follow(
                         node.fetch_file(id, digest).await.map_err(|e| e.to_string())?;
                     }
                     let line = match file {
+                        // Its own file (sent from this device): nothing to get.
+                        Some(Ok(file)) if sender == device.key.device_id() => format!(
+                            "[{}] this device sent a file: {} — `sund file list` shows who has it",
+                            display::printable(&conversation),
+                            display::printable(file.manifest.name.as_str()),
+                        ),
                         Some(Ok(file)) => file_commands::offered_line(
                             &display::printable(&conversation),
                             &display::printable(&from),
