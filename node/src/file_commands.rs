@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sund_model::files::{
     sealed_len, stream_chunker, FileId, FileName, FileSecret, ManifestBuilder, ManifestDigest,
 };
+use sund_model::ids::ConversationId;
 use sund_model::node::transfers::OfferState;
 use sund_model::node::NodeEvent;
 use sund_node::device::Device;
@@ -301,18 +302,21 @@ pub(crate) async fn list(data_dir: &Path, conversation: Option<&str>) -> Result<
         say!("no files yet");
         return Ok(());
     }
-    for file in sent {
+    let line = |conversation: ConversationId, digest, bytes, state: &str, name: &str| {
         let conv = names
-            .get(&file.conversation)
+            .get(&conversation)
             .cloned()
-            .unwrap_or_else(|| file.conversation.to_string());
-        say!(
-            "{}  {:>10}  {:<24}  {}  in {conv}",
-            file_id(file.digest),
-            size(file.size),
-            "sent by this device",
-            sund_node::display::printable(&file.name),
-        );
+            .unwrap_or_else(|| conversation.to_string());
+        format!(
+            "{}  {:>10}  {state:<24}  {}  in {conv}",
+            file_id(digest),
+            size(bytes),
+            sund_node::display::printable(name),
+        )
+    };
+    for file in sent {
+        let (c, d, n) = (file.conversation, file.digest, file.size);
+        say!("{}", line(c, d, n, "sent by this device", &file.name));
         let receipts: Vec<String> = file
             .receipts
             .iter()
@@ -328,17 +332,8 @@ pub(crate) async fn list(data_dir: &Path, conversation: Option<&str>) -> Result<
         }
     }
     for file in files {
-        let conv = names
-            .get(&file.conversation)
-            .cloned()
-            .unwrap_or_else(|| file.conversation.to_string());
-        say!(
-            "{}  {:>10}  {:<24}  {}  in {conv}",
-            file_id(file.digest),
-            size(file.size),
-            state(&file),
-            sund_node::display::printable(&file.name),
-        );
+        let (c, d, n) = (file.conversation, file.digest, file.size);
+        say!("{}", line(c, d, n, &state(&file), &file.name));
     }
     Ok(())
 }

@@ -148,6 +148,23 @@ struct Outgoing {
     progress_at: Instant,
 }
 
+impl Outgoing {
+    /// Tells the application how many plaintext bytes of the upload the gateway still lacks.
+    fn tell_progress(&self, upload: UploadId, missing: &BTreeSet<ChunkId>, fx: &mut NodeFx) {
+        let remaining_bytes = self
+            .chunks
+            .iter()
+            .filter(|(c, _, _)| missing.contains(c))
+            .map(|&(_, _, len)| u64::from(len))
+            .sum();
+        fx.event(NodeEvent::UploadProgress {
+            conversation: self.conversation,
+            upload,
+            remaining_bytes,
+        });
+    }
+}
+
 #[derive(Default)]
 struct Fetching {
     /// Asked for, not arrived.
@@ -594,17 +611,7 @@ impl NodeTransfers {
         outgoing.progress_at = now;
         let missing: BTreeSet<ChunkId> = status.missing.iter().map(|id| ChunkId(**id)).collect();
         outgoing.in_flight.retain(|id| missing.contains(id));
-        let remaining_bytes = outgoing
-            .chunks
-            .iter()
-            .filter(|(c, _, _)| missing.contains(c))
-            .map(|&(_, _, len)| u64::from(len))
-            .sum();
-        fx.event(NodeEvent::UploadProgress {
-            conversation: outgoing.conversation,
-            upload,
-            remaining_bytes,
-        });
+        outgoing.tell_progress(upload, &missing, fx);
         outgoing.missing = Some(missing);
         self.pump_upload(conn, upload, fx)
     }
@@ -622,20 +629,11 @@ impl NodeTransfers {
         outgoing.progress_at = now;
         let id = ChunkId(ack.id);
         outgoing.in_flight.remove(&id);
-        if let Some(missing) = &mut outgoing.missing {
+        if let Some(mut missing) = outgoing.missing.take() {
             if missing.remove(&id) {
-                let remaining_bytes = outgoing
-                    .chunks
-                    .iter()
-                    .filter(|(c, _, _)| missing.contains(c))
-                    .map(|&(_, _, len)| u64::from(len))
-                    .sum();
-                fx.event(NodeEvent::UploadProgress {
-                    conversation: outgoing.conversation,
-                    upload,
-                    remaining_bytes,
-                });
+                outgoing.tell_progress(upload, &missing, fx);
             }
+            outgoing.missing = Some(missing);
         }
         self.pump_upload(conn, upload, fx)
     }
