@@ -424,6 +424,16 @@ fn an_upload_ends_when_every_member_device_has_it_and_frees_its_quota() {
         .is_none());
     assert_eq!(net.gateway.chunk_index().usage(alice), 0);
     assert_eq!(net.gateway.chunk_index().chunk_count(), 0);
+    // The bytes go in steps of the gateway's chunk-drop timer, not all in the commit that
+    // ended the upload (a big file's would hold every message behind it).
+    let dropping = net.gateway.chunk_index().dropping();
+    assert!(dropping > 0);
+    assert_eq!(net.gateway_store.table_len(BLOBS_TABLE), dropping);
+    net.run_gateway_timers_while(|gateway| gateway.chunk_index().dropping() > 0);
+    assert_eq!(
+        net.gateway.stats().transfers.chunks_dropped,
+        dropping as u64
+    );
     assert_eq!(
         net.gateway_store.table_len(BLOBS_TABLE),
         0,

@@ -1,8 +1,10 @@
 //! Pipelined group commit: the store's fsync runs on its own thread while the core keeps working.
 //!
 //! A driver's core hands each [`Ready`] to a [`Committer`] instead of committing it in place. In
-//! [`CommitMode::Pipelined`] a dedicated thread owns the store: it takes every job already queued,
-//! merges them into one write transaction (group commit), waits for the fsync, and sends the
+//! [`CommitMode::Pipelined`] a dedicated thread owns the store: it takes the jobs already queued
+//! (up to [`MERGE_BYTES_MAX`] of values, so that a file's chunks cannot make the commit that a
+//! message waits for long), merges them into one write transaction (group commit), waits for
+//! the fsync, and sends the
 //! released outputs back in submission order. Meanwhile the core goes on reading frames and
 //! feeding the state machine, so the next batch builds up during the current fsync instead of
 //! after it. Outputs still leave only after the commit that carried their writes (the receipt is
@@ -59,6 +61,14 @@ enum Inner<O> {
     },
 }
 
+/// Most bytes the commit thread merges into one commit, beyond its first job. Without a bound,
+/// a file upload's chunks queued behind a commit all went into the next one (4 or 5 MiB, some
+/// 30 ms on this disk), and a message that arrived meanwhile waited for all of it.
+pub const MERGE_BYTES_MAX: usize = 1 << 20;
+
+/// A commit at least this slow is described in a debug line (writes, deletes, bytes put).
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Commits `ready` into `store`, timing the commit and counting its writes.
 fn commit_timed<O>(
     ready: Ready<O>,
@@ -66,11 +76,34 @@ fn commit_timed<O>(
     stages: &Stages,
 ) -> Result<Vec<O>, StoreError> {
     let writes = ready.writes().len() as u64;
+    // What a slow commit held, for the debug line below (counted only when it is printed).
+    let summary = |ops: &[sund_model::env::WriteOp]| {
+        let (mut deletes, mut bytes) = (0usize, 0usize);
+        for op in ops {
+            match op {
+                sund_model::env::WriteOp::Put { value, .. } => bytes += value.len(),
+                sund_model::env::WriteOp::Delete { .. } => deletes += 1,
+            }
+        }
+        (deletes, bytes)
+    };
+    let slow_summary =
+        tracing::enabled!(tracing::Level::DEBUG).then(|| summary(ready.writes().ops()));
     let started = Instant::now();
     let result = ready.commit(store);
     if writes > 0 {
-        stages.fsync.record_duration(started.elapsed());
+        let took = started.elapsed();
+        stages.fsync.record_duration(took);
         stages.commit_writes.record(writes);
+        if let Some((deletes, bytes)) = slow_summary.filter(|_| took >= SLOW_COMMIT) {
+            tracing::debug!(
+                took_ms = took.as_millis() as u64,
+                writes,
+                deletes,
+                put_bytes = bytes,
+                "slow commit"
+            );
+        }
     }
     result
 }
@@ -188,16 +221,38 @@ impl<O: Send + 'static> Committer<O> {
 }
 
 /// The commit thread: merge whatever is queued, commit once, hand the outputs back, repeat.
+/// Bytes put by one job.
+fn put_bytes<O>(ready: &Ready<O>) -> usize {
+    ready
+        .writes()
+        .ops()
+        .iter()
+        .map(|op| match op {
+            sund_model::env::WriteOp::Put { value, .. } => value.len(),
+            sund_model::env::WriteOp::Delete { .. } => 0,
+        })
+        .sum()
+}
+
 fn commit_thread<O>(
     mut store: impl Store,
     jobs: std_mpsc::Receiver<Ready<O>>,
     done: mpsc::UnboundedSender<Result<Vec<O>, StoreError>>,
     stages: &Stages,
 ) {
-    while let Ok(first) = jobs.recv() {
+    // A job taken from the queue that did not fit the previous commit.
+    let mut carried: Option<Ready<O>> = None;
+    while let Some(first) = carried.take().or_else(|| jobs.recv().ok()) {
+        let mut bytes = put_bytes(&first);
         let mut merged = first;
         let mut count = 1;
         while let Ok(more) = jobs.try_recv() {
+            let more_bytes = put_bytes(&more);
+            if bytes + more_bytes > MERGE_BYTES_MAX {
+                carried = Some(more);
+                break;
+            }
+            bytes += more_bytes;
             merged.merge(more);
             count += 1;
         }
@@ -343,6 +398,70 @@ mod tests {
             err.contains("panicked") && err.contains("page 12 fails its checksum"),
             "{err}"
         );
+    }
+
+    /// A store that records the bytes put by each commit, and whose commits wait while the
+    /// test holds `gate`.
+    struct Gated {
+        gate: Arc<std::sync::Mutex<()>>,
+        commits: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+    impl sund_model::env::StoreRead for Gated {
+        fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+        fn scan_from(
+            &self,
+            _: Table,
+            _: &[u8],
+            _: &mut sund_model::env::Visit<'_>,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+    impl Store for Gated {
+        fn commit(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
+            let _open = self.gate.lock().unwrap();
+            let bytes = batch
+                .ops()
+                .iter()
+                .map(|op| match op {
+                    sund_model::env::WriteOp::Put { value, .. } => value.len(),
+                    sund_model::env::WriteOp::Delete { .. } => 0,
+                })
+                .sum();
+            self.commits.lock().unwrap().push(bytes);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn big_jobs_queued_behind_a_commit_are_not_all_merged_into_the_next() {
+        let gate = Arc::new(std::sync::Mutex::new(()));
+        let commits = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = Gated {
+            gate: gate.clone(),
+            commits: commits.clone(),
+        };
+        let mut committer = Committer::new(CommitMode::Pipelined, store, "test");
+        let held = gate.lock().unwrap();
+        committer.submit(ready(0, 0));
+        // Six file chunks of 600 KiB queue up while the first commit waits.
+        for i in 1..=6u32 {
+            let mut writes = WriteBatch::default();
+            writes.put(T, vec![i as u8], vec![0u8; 600 << 10]);
+            committer.submit(Ready::new(writes, vec![i]));
+        }
+        drop(held);
+        let outputs = committer.finish().await.unwrap();
+        assert_eq!(outputs, (0..=6).collect::<Vec<_>>(), "still in order");
+        let commits = commits.lock().unwrap().clone();
+        assert!(commits.len() >= 6, "one chunk per commit: {commits:?}");
+        assert!(
+            commits.iter().all(|&bytes| bytes <= MERGE_BYTES_MAX),
+            "no commit holds two chunks: {commits:?}"
+        );
+        assert_eq!(commits.iter().sum::<usize>(), 1 + 6 * (600 << 10));
     }
 
     #[tokio::test]

@@ -22,8 +22,13 @@
 //!   read, so damage at rest is caught here and the chunk is awaited again
 //!   ([`ChunkIndex::damaged`]).
 //! - An upload lives until every device that was a member when it opened has fetched all of
-//!   it ([`ChunkIndex::fetched_all`]), or its retention passes. A chunk goes (record, blob and
-//!   quota charge) when no upload references it.
+//!   it ([`ChunkIndex::fetched_all`]), or its retention passes. When no upload references a
+//!   chunk any more its quota charge goes at once, and its record and blob go in later steps
+//!   of at most [`CHUNK_DROP_STEP_BYTES`] ([`ChunkIndex::drop_step`]): deleting a gigabyte
+//!   file's blobs in one commit held every message behind it for a third of a second. Until
+//!   its step comes, a dropping chunk is kept as a record with no references (so a restart
+//!   resumes the dropping), and an upload that lists it again takes it back without a byte
+//!   moving.
 //!
 //! Not routed yet: the wire opcodes and the drivers' chunk streams come in the next step of
 //! issue 16 (see ARCHITECTURE.md, "Files").
@@ -47,6 +52,10 @@ pub const CHUNKS_TABLE: Table = Table("file_chunks");
 pub const BLOBS_TABLE: Table = Table("file_blobs");
 /// Open uploads: key `conversation(16) ++ upload id(16)`, value an [`Upload`].
 pub const UPLOADS_TABLE: Table = Table("file_uploads");
+
+/// Most sealed bytes one [`ChunkIndex::drop_step`] deletes (always at least one chunk), so a
+/// commit that drops chunks stays as short as one that stores a few.
+pub const CHUNK_DROP_STEP_BYTES: u64 = 4 << 20;
 
 /// Limits of the chunk index.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +222,9 @@ pub struct ChunkIndex {
     uploads_open: BTreeMap<UserId, usize>,
     /// Open uploads by expiry, for housekeeping that looks only at what is due.
     expiries: BTreeSet<(Instant, ConversationId, UploadId)>,
+    /// Stored chunks no upload references, whose record (kept with no references) and blob
+    /// go in [`ChunkIndex::drop_step`]s; not in `chunks`, charged to nobody.
+    dropping: BTreeMap<ChunkAt, ChunkRecord>,
 }
 
 impl ChunkIndex {
@@ -230,8 +242,13 @@ impl ChunkIndex {
         scan_all(store, CHUNKS_TABLE, |key, value| {
             let at = decode_chunk_key(key)?;
             let record = decode_chunk(value)?;
-            *index.usage.entry(at.1).or_default() += u64::from(record.sealed_len);
-            index.chunks.insert(at, record);
+            if record.refs == 0 {
+                // Dropped before the restart; its step had not come.
+                index.dropping.insert(at, record);
+            } else {
+                *index.usage.entry(at.1).or_default() += u64::from(record.sealed_len);
+                index.chunks.insert(at, record);
+            }
             Ok(())
         })?;
         scan_all(store, UPLOADS_TABLE, |key, value| {
@@ -298,8 +315,10 @@ impl ChunkIndex {
             ));
         }
         if chunks.iter().any(|c| {
+            let at = (conversation, owner, c.id);
             self.chunks
-                .get(&(conversation, owner, c.id))
+                .get(&at)
+                .or_else(|| self.dropping.get(&at))
                 .is_some_and(|r| r.sealed_len != c.sealed_len)
         }) {
             return Err(ChunkRefusal::BadList(
@@ -327,10 +346,15 @@ impl ChunkIndex {
         }
         for listed in chunks {
             let at = (conversation, owner, listed.id);
-            let record = self.chunks.entry(at).or_insert(ChunkRecord {
-                sealed_len: listed.sealed_len,
-                digest: None,
-                refs: 0,
+            // A dropping chunk is taken back, bytes and all (charged again: it counted in
+            // `needed`, not being in `chunks`).
+            let dropping = &mut self.dropping;
+            let record = self.chunks.entry(at).or_insert_with(|| {
+                dropping.remove(&at).unwrap_or(ChunkRecord {
+                    sealed_len: listed.sealed_len,
+                    digest: None,
+                    refs: 0,
+                })
             });
             record.refs += 1;
             writes.put(CHUNKS_TABLE, chunk_key(&at).to_vec(), encode_chunk(record));
@@ -557,12 +581,43 @@ impl ChunkIndex {
                 if *usage == 0 {
                     self.usage.remove(&owner);
                 }
-                writes.delete(CHUNKS_TABLE, key.clone());
-                writes.delete(BLOBS_TABLE, key);
+                if record.digest.is_some() {
+                    // Its blob goes in a later step; the record says so across a restart.
+                    writes.put(CHUNKS_TABLE, key, encode_chunk(&record));
+                    self.dropping.insert(at, record);
+                } else {
+                    // Never stored (or its damaged bytes went already): nothing to delete.
+                    writes.delete(CHUNKS_TABLE, key);
+                }
             } else {
                 writes.put(CHUNKS_TABLE, key, encode_chunk(record));
             }
         }
+    }
+
+    /// Deletes the records and blobs of dropping chunks, at most [`CHUNK_DROP_STEP_BYTES`] of
+    /// them (at least one chunk). Returns how many went.
+    pub fn drop_step(&mut self, writes: &mut WriteBatch) -> usize {
+        let mut bytes = 0u64;
+        let mut dropped = 0;
+        while let Some(entry) = self.dropping.first_entry() {
+            let len = u64::from(entry.get().sealed_len);
+            if dropped > 0 && bytes + len > CHUNK_DROP_STEP_BYTES {
+                break;
+            }
+            let (at, _) = entry.remove_entry();
+            let key = chunk_key(&at).to_vec();
+            writes.delete(CHUNKS_TABLE, key.clone());
+            writes.delete(BLOBS_TABLE, key);
+            bytes += len;
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Chunks waiting for a [`ChunkIndex::drop_step`].
+    pub fn dropping(&self) -> usize {
+        self.dropping.len()
     }
 
     /// Bytes charged to `user`.
@@ -632,6 +687,14 @@ impl ChunkIndex {
         }
         if self.expiries.len() != self.uploads.len() {
             return Err("an expiry names no upload".into());
+        }
+        for (at, record) in &self.dropping {
+            if record.refs != 0 || record.digest.is_none() || self.chunks.contains_key(at) {
+                return Err(format!(
+                    "dropping {:?} is referenced, was never stored, or is indexed too",
+                    at.2
+                ));
+            }
         }
         Ok(())
     }

@@ -144,6 +144,11 @@ impl Effects<GatewayOutput> {
     }
 }
 
+/// Time between two steps deleting chunks no upload references (each at most
+/// [`files::CHUNK_DROP_STEP_BYTES`]): about 160 MiB a second, spread thinly enough that the
+/// commits of messages between them stay short (freed pages cost the commits after them too).
+pub const CHUNK_DROP_INTERVAL: core::time::Duration = core::time::Duration::from_millis(25);
+
 /// The gateway's timers, in firing order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GatewayTimer {
@@ -152,10 +157,16 @@ pub enum GatewayTimer {
     Tick,
     /// The next GC step while a step left a backlog.
     GcBacklog,
+    /// The next step deleting chunks no upload references any more.
+    ChunkDrop,
 }
 
 impl TimerName for GatewayTimer {
-    const ALL: &'static [GatewayTimer] = &[GatewayTimer::Tick, GatewayTimer::GcBacklog];
+    const ALL: &'static [GatewayTimer] = &[
+        GatewayTimer::Tick,
+        GatewayTimer::GcBacklog,
+        GatewayTimer::ChunkDrop,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -275,6 +286,10 @@ impl Gateway {
         );
         let mut timers = TimerTable::default();
         timers.set(GatewayTimer::Tick, now + config.tick_interval);
+        if transfers.index().dropping() > 0 {
+            // Chunks dropped before a restart whose steps had not come.
+            timers.set(GatewayTimer::ChunkDrop, now + CHUNK_DROP_INTERVAL);
+        }
         Gateway {
             timers,
             config,
@@ -411,11 +426,24 @@ impl Gateway {
             }
             GatewayInput::Admin { request, command } => self.admin(now, request, command),
         }
+        self.arm_chunk_drop(now);
+    }
+
+    /// Arms the chunk-drop step if chunks wait for one and it is not armed.
+    fn arm_chunk_drop(&mut self, now: Instant) {
+        let waiting = self.transfers.index().dropping() > 0;
+        match (waiting, self.timers.get(GatewayTimer::ChunkDrop)) {
+            (true, None) => self
+                .timers
+                .set(GatewayTimer::ChunkDrop, now + CHUNK_DROP_INTERVAL),
+            (false, Some(_)) => self.timers.clear(GatewayTimer::ChunkDrop),
+            _ => {}
+        }
     }
 
     /// Runs every timer due at `now`: the housekeeping tick (idle sessions, missing `Hello`s,
-    /// stalled delivery windows, inbox resends, a GC step, expired resume tokens) and GC steps
-    /// ahead of it while there is a backlog.
+    /// stalled delivery windows, inbox resends, a GC step, expired resume tokens), GC steps
+    /// ahead of it while there is a backlog, and steps deleting chunks no upload references.
     pub fn handle_timeout(&mut self, now: Instant) {
         for name in self.timers.due(now) {
             match name {
@@ -426,10 +454,15 @@ impl Gateway {
                         self.delivery.collect_garbage(now, self.fx.writes());
                     }
                 }
+                GatewayTimer::ChunkDrop => {
+                    self.timers.clear(GatewayTimer::ChunkDrop);
+                    self.transfers.drop_step(&mut self.fx);
+                }
             }
             self.timers
                 .set_or_clear(GatewayTimer::GcBacklog, self.delivery.gc_again_at());
         }
+        self.arm_chunk_drop(now);
         debug_assert!(
             self.poll_timeout() > now,
             "every timer that fired is re-armed"

@@ -44,6 +44,8 @@ pub struct TransferStats {
     pub chunks_damaged: u64,
     /// Uploads ended (fetched by every member, or expired).
     pub uploads_ended: u64,
+    /// Chunks deleted (record and blob) after no upload referenced them.
+    pub chunks_dropped: u64,
 }
 
 /// A chunk the driver is to read from the store and send on a chunk stream of its own.
@@ -390,6 +392,12 @@ impl Transfers {
     /// `device` left `conversation`: no upload waits for it.
     pub fn member_removed(&mut self, conversation: ConversationId, device: DeviceId, fx: &mut Fx) {
         self.index.member_removed(conversation, device, fx.writes());
+    }
+
+    /// One step deleting chunks no upload references ([`ChunkIndex::drop_step`]).
+    pub fn drop_step(&mut self, fx: &mut Fx) {
+        let dropped = self.index.drop_step(fx.writes());
+        self.stats.chunks_dropped += dropped as u64;
     }
 
     /// When the next upload's retention passes.

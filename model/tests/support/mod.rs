@@ -132,6 +132,20 @@ impl Net {
         }
     }
 
+    /// Moves time to the gateway's next timer, fires it and settles; repeated while `more` holds
+    /// (at most 10,000 times).
+    pub fn run_gateway_timers_while(&mut self, mut more: impl FnMut(&Gateway) -> bool) {
+        for _ in 0..10_000 {
+            if !more(&self.gateway) {
+                return;
+            }
+            self.now = self.gateway.poll_timeout();
+            self.gateway.handle_timeout(self.now);
+            self.settle();
+        }
+        panic!("the gateway's timers did not get there");
+    }
+
     /// Delivers everything until quiet; every Ready is committed before its outputs move.
     pub fn settle(&mut self) {
         for _ in 0..1000 {

@@ -101,6 +101,15 @@ impl Harness {
     fn recovered(&self) -> ChunkIndex {
         ChunkIndex::recover(self.index.limits.clone(), &self.store).unwrap()
     }
+
+    /// The same store after a restart: the index as recovered from it.
+    fn recovered_harness(self) -> Harness {
+        let index = self.recovered();
+        Harness {
+            index,
+            store: self.store,
+        }
+    }
 }
 
 fn same(a: &ChunkIndex, b: &ChunkIndex) {
@@ -109,6 +118,7 @@ fn same(a: &ChunkIndex, b: &ChunkIndex) {
     assert_eq!(a.expiries, b.expiries);
     assert_eq!(a.uploads_open, b.uploads_open);
     assert_eq!(a.usage, b.usage);
+    assert_eq!(a.dropping, b.dropping);
 }
 
 #[test]
@@ -358,10 +368,77 @@ fn chunks_go_when_every_member_has_fetched_them_and_not_before() {
     h.run(|index, writes| index.member_removed(CONV, DeviceId(10), writes));
     h.run(|index, writes| index.member_removed(CONV, DeviceId(11), writes));
     assert_eq!(h.index.chunk_count(), 0);
-    assert_eq!(h.index.usage(ALICE), 0);
+    assert_eq!(h.index.usage(ALICE), 0, "uncharged at once");
+    assert_eq!(h.index.dropping(), 3, "their blobs go in steps");
+    assert_eq!(h.store.table_len(BLOBS_TABLE), 3);
+    assert_eq!(
+        h.run(|index, writes| index.drop_step(writes)),
+        3,
+        "300 bytes fit one step"
+    );
     assert_eq!(h.store.table_len(BLOBS_TABLE), 0, "no orphan blobs");
     assert_eq!(h.store.table_len(CHUNKS_TABLE), 0);
     assert_eq!(h.store.table_len(UPLOADS_TABLE), 0);
+}
+
+#[test]
+fn dropping_goes_in_bounded_steps_survives_a_restart_and_a_chunk_listed_again_is_taken_back() {
+    let mut h = Harness::new(ChunkLimits::default());
+    // Ten chunks of 1.5 MiB: a step deletes at most CHUNK_DROP_STEP_BYTES of them.
+    let len = 3 << 19;
+    let ns: Vec<u8> = (1..=10).collect();
+    h.open(1, ALICE, &listed(&ns, len)).unwrap();
+    for &n in &ns {
+        h.store_chunk(1, n, blob(len, n)).unwrap();
+    }
+    for device in [10, 11] {
+        h.run(|index, writes| index.fetched_all(CONV, UploadId([1; 16]), DeviceId(device), writes));
+    }
+    assert_eq!(h.index.usage(ALICE), 0);
+    assert_eq!(h.index.dropping(), 10);
+    let per_step = (CHUNK_DROP_STEP_BYTES / u64::from(len)) as usize;
+    assert_eq!(per_step, 2);
+    assert_eq!(h.run(|index, writes| index.drop_step(writes)), per_step);
+    assert_eq!(h.store.table_len(BLOBS_TABLE), 8);
+
+    // A restart resumes the dropping where it was.
+    let mut h = h.recovered_harness();
+    assert_eq!(h.index.dropping(), 8);
+    assert_eq!(h.index.usage(ALICE), 0);
+
+    // The same file sent again: what is still there is taken back, charged again, and not
+    // awaited; only what went must be uploaded.
+    let missing = h.open(2, ALICE, &listed(&ns, len)).unwrap();
+    assert_eq!(
+        missing,
+        vec![id(1), id(2)],
+        "the first step deleted these two"
+    );
+    assert_eq!(h.index.dropping(), 0);
+    assert_eq!(h.index.usage(ALICE), 10 * u64::from(len));
+    let plan = h.index.admit_fetch(CONV, ALICE, id(7)).unwrap();
+    assert!(
+        verify_blob(&plan, &h.read(&plan)),
+        "taken back bytes and all"
+    );
+    h.index.consistency().unwrap();
+    same(&h.index, &h.recovered());
+}
+
+#[test]
+fn a_chunk_listed_again_with_another_length_while_dropping_is_refused() {
+    let mut h = Harness::new(ChunkLimits::default());
+    h.open(1, ALICE, &listed(&[1], 100)).unwrap();
+    h.store_chunk(1, 1, blob(100, 1)).unwrap();
+    for device in [10, 11] {
+        h.run(|index, writes| index.fetched_all(CONV, UploadId([1; 16]), DeviceId(device), writes));
+    }
+    assert_eq!(h.index.dropping(), 1);
+    assert!(matches!(
+        h.open(2, ALICE, &listed(&[1], 99)),
+        Err(ChunkRefusal::BadList(_))
+    ));
+    assert_eq!(h.index.dropping(), 1, "left to its step");
 }
 
 #[test]
@@ -442,6 +519,7 @@ enum Op {
     Tick {
         seconds: u16,
     },
+    DropStep,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -472,6 +550,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0u8..6, 0u8..3).prop_map(|(upload, device)| Op::Fetched { upload, device }),
         (0u8..3).prop_map(|device| Op::Removed { device }),
         (0u16..400).prop_map(|seconds| Op::Tick { seconds }),
+        Just(Op::DropStep),
     ]
 }
 
@@ -520,9 +599,16 @@ proptest! {
                     now = now + Duration::from_secs(u64::from(seconds));
                     h.run(|index, writes| index.handle_timeout(now, writes));
                 }
+                Op::DropStep => {
+                    h.run(|index, writes| index.drop_step(writes));
+                }
             }
+            h.index.consistency().map_err(TestCaseError::fail)?;
             prop_assert!(h.index.usage(ALICE) <= 5_000 && h.index.usage(BOB) <= 5_000);
-            prop_assert_eq!(h.store.table_len(BLOBS_TABLE), h.index.chunks.values().filter(|r| r.digest.is_some()).count());
+            prop_assert_eq!(
+                h.store.table_len(BLOBS_TABLE),
+                h.index.chunks.values().filter(|r| r.digest.is_some()).count() + h.index.dropping()
+            );
             for n in 0..12 {
                 for owner in [ALICE, BOB] {
                     if let Ok(plan) = h.index.admit_fetch(CONV, owner, id(n)) {
@@ -531,6 +617,15 @@ proptest! {
                 }
             }
         }
+        same(&h.index, &h.recovered());
+        // Once the steps are through, no blob outlives its chunk.
+        while h.index.dropping() > 0 {
+            h.run(|index, writes| index.drop_step(writes));
+        }
+        prop_assert_eq!(
+            h.store.table_len(BLOBS_TABLE),
+            h.index.chunks.values().filter(|r| r.digest.is_some()).count()
+        );
         same(&h.index, &h.recovered());
     }
 }
