@@ -7,6 +7,10 @@
 # fetched (benches/examples/message_latency.rs).
 #
 #   scripts/file-bench.sh [SIZE]          (builds the release binaries first)
+#   RECEIVER_ON_TMPFS=1 scripts/file-bench.sh [SIZE]
+#                                         the receiving device's data and the saved file on
+#                                         tmpfs: what the gateway does with no other process
+#                                         writing a gigabyte to its disk
 #
 # Prints one line per figure; benches/README.md ("Files") records the runs.
 set -euo pipefail
@@ -30,16 +34,22 @@ $S init --data-dir alice --gateway 127.0.0.1:$PORT --gateway-cert "$CERT" --user
 # gateway's, alice's and bob's are on the disk.
 MSGS=$(mktemp -d -p /dev/shm)
 trap 'kill $GW 2>/dev/null || true; rm -rf "$WORK" "$MSGS"' EXIT
+BOB=bob
+RECEIVED=received
+if [ -n "${RECEIVER_ON_TMPFS:-}" ]; then
+  BOB=$MSGS/bob
+  RECEIVED=$MSGS/received
+fi
 for user in bob carol dave; do
-  dir=$user
-  [ $user = bob ] || dir=$MSGS/$user
+  dir=$MSGS/$user
+  [ $user != bob ] || dir=$BOB
   $S init --data-dir $dir --gateway 127.0.0.1:$PORT --gateway-cert "$CERT" --user $user \
      --token "$($G admin enrol-token $user --data-dir gw)" >/dev/null
 done
 $G run --listen 127.0.0.1:$PORT --data-dir gw 2>gw.log &
 GW=$!
 sleep 0.5
-$S status --data-dir bob >/dev/null
+$S status --data-dir $BOB >/dev/null
 $S dm --data-dir alice bob >/dev/null
 $S status --data-dir $MSGS/dave >/dev/null
 $S dm --data-dir $MSGS/carol dave >/dev/null
@@ -47,7 +57,7 @@ LATENCY=$ROOT/target/release/examples/message_latency
 # 100 messages a second; the first run also lets dave join the DM from its Welcome.
 $LATENCY $MSGS/carol $MSGS/dave @dave 1000 100 "messages, no transfer"
 head -c "$SIZE" /dev/urandom > big.bin
-mkdir received
+mkdir $RECEIVED
 
 measure() { # label, command...: elapsed seconds and peak RSS of the command
   local label=$1; shift
@@ -63,14 +73,14 @@ LAT=$!
 measure "send (cut, seal, upload)" $S file send --data-dir alice @bob big.bin
 touch "$WORK/send-over"
 wait $LAT
-ID=$($S follow --data-dir bob --count 1 | grep -o 'file get [0-9a-f]*' | cut -d' ' -f3)
+ID=$($S follow --data-dir $BOB --count 1 | grep -o 'file get [0-9a-f]*' | cut -d' ' -f3)
 STOP_FILE=$WORK/get-over $LATENCY $MSGS/carol $MSGS/dave @dave 6000 100 "messages during the get" > lat-get.txt &
 LAT=$!
-measure "get (download, verify, save)" $S file get --data-dir bob "$ID" --out received
+measure "get (download, verify, save)" $S file get --data-dir $BOB "$ID" --out $RECEIVED
 touch "$WORK/get-over"
 wait $LAT
 cat lat-send.txt lat-get.txt
-cmp big.bin received/big.bin
+cmp big.bin $RECEIVED/big.bin
 echo "gateway peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$GW/status)"
 kill $GW; wait $GW 2>/dev/null || true
 "$ROOT"/target/release/examples/quinn_bulk "$SIZE"

@@ -106,6 +106,7 @@ struct FileConfig {
 }
 
 fn main() -> ExitCode {
+    sund_runtime::memory::one_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
