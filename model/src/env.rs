@@ -104,6 +104,17 @@ impl WriteBatch {
         self.ops.len()
     }
 
+    /// Bytes of the values put (what a commit of this batch writes, keys and deletes aside).
+    pub fn put_bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Put { value, .. } => value.len(),
+                WriteOp::Delete { .. } => 0,
+            })
+            .sum()
+    }
+
     /// The writes in order.
     pub fn ops(&self) -> &[WriteOp] {
         &self.ops

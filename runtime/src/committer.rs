@@ -76,19 +76,16 @@ fn commit_timed<O>(
     stages: &Stages,
 ) -> Result<Vec<O>, StoreError> {
     let writes = ready.writes().len() as u64;
-    // What a slow commit held, for the debug line below (counted only when it is printed).
-    let summary = |ops: &[sund_model::env::WriteOp]| {
-        let (mut deletes, mut bytes) = (0usize, 0usize);
-        for op in ops {
-            match op {
-                sund_model::env::WriteOp::Put { value, .. } => bytes += value.len(),
-                sund_model::env::WriteOp::Delete { .. } => deletes += 1,
-            }
-        }
-        (deletes, bytes)
-    };
-    let slow_summary =
-        tracing::enabled!(tracing::Level::DEBUG).then(|| summary(ready.writes().ops()));
+    // What a slow commit held, for the debug line below (counted only when it may be printed).
+    let slow_summary = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let batch = ready.writes();
+        let deletes = batch
+            .ops()
+            .iter()
+            .filter(|op| matches!(op, sund_model::env::WriteOp::Delete { .. }))
+            .count();
+        (deletes, batch.put_bytes())
+    });
     let started = Instant::now();
     let result = ready.commit(store);
     if writes > 0 {
@@ -221,19 +218,6 @@ impl<O: Send + 'static> Committer<O> {
 }
 
 /// The commit thread: merge whatever is queued, commit once, hand the outputs back, repeat.
-/// Bytes put by one job.
-fn put_bytes<O>(ready: &Ready<O>) -> usize {
-    ready
-        .writes()
-        .ops()
-        .iter()
-        .map(|op| match op {
-            sund_model::env::WriteOp::Put { value, .. } => value.len(),
-            sund_model::env::WriteOp::Delete { .. } => 0,
-        })
-        .sum()
-}
-
 fn commit_thread<O>(
     mut store: impl Store,
     jobs: std_mpsc::Receiver<Ready<O>>,
@@ -243,11 +227,11 @@ fn commit_thread<O>(
     // A job taken from the queue that did not fit the previous commit.
     let mut carried: Option<Ready<O>> = None;
     while let Some(first) = carried.take().or_else(|| jobs.recv().ok()) {
-        let mut bytes = put_bytes(&first);
+        let mut bytes = first.writes().put_bytes();
         let mut merged = first;
         let mut count = 1;
         while let Ok(more) = jobs.try_recv() {
-            let more_bytes = put_bytes(&more);
+            let more_bytes = more.writes().put_bytes();
             if bytes + more_bytes > MERGE_BYTES_MAX {
                 carried = Some(more);
                 break;
@@ -347,21 +331,28 @@ mod tests {
         assert!(!committer.is_saturated());
     }
 
+    /// Test stores hold nothing to read: only their commits matter.
+    macro_rules! nothing_to_read {
+        ($store:ty) => {
+            impl sund_model::env::StoreRead for $store {
+                fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+                    Ok(None)
+                }
+                fn scan_from(
+                    &self,
+                    _: Table,
+                    _: &[u8],
+                    _: &mut sund_model::env::Visit<'_>,
+                ) -> Result<(), StoreError> {
+                    Ok(())
+                }
+            }
+        };
+    }
+
     /// A store whose commits fail: the failure reaches the core instead of being swallowed.
     struct Failing;
-    impl sund_model::env::StoreRead for Failing {
-        fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-        fn scan_from(
-            &self,
-            _: Table,
-            _: &[u8],
-            _: &mut sund_model::env::Visit<'_>,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
+    nothing_to_read!(Failing);
     impl Store for Failing {
         fn commit(&mut self, _: WriteBatch) -> Result<(), StoreError> {
             Err(StoreError::Backend("disk full".into()))
@@ -370,19 +361,7 @@ mod tests {
 
     /// A store that panics inside its commit (as redb may on a damaged page).
     struct Panicking;
-    impl sund_model::env::StoreRead for Panicking {
-        fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-        fn scan_from(
-            &self,
-            _: Table,
-            _: &[u8],
-            _: &mut sund_model::env::Visit<'_>,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
+    nothing_to_read!(Panicking);
     impl Store for Panicking {
         fn commit(&mut self, _: WriteBatch) -> Result<(), StoreError> {
             panic!("page 12 fails its checksum")
@@ -406,31 +385,11 @@ mod tests {
         gate: Arc<std::sync::Mutex<()>>,
         commits: Arc<std::sync::Mutex<Vec<usize>>>,
     }
-    impl sund_model::env::StoreRead for Gated {
-        fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-        fn scan_from(
-            &self,
-            _: Table,
-            _: &[u8],
-            _: &mut sund_model::env::Visit<'_>,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
+    nothing_to_read!(Gated);
     impl Store for Gated {
         fn commit(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
             let _open = self.gate.lock().unwrap();
-            let bytes = batch
-                .ops()
-                .iter()
-                .map(|op| match op {
-                    sund_model::env::WriteOp::Put { value, .. } => value.len(),
-                    sund_model::env::WriteOp::Delete { .. } => 0,
-                })
-                .sum();
-            self.commits.lock().unwrap().push(bytes);
+            self.commits.lock().unwrap().push(batch.put_bytes());
             Ok(())
         }
     }
