@@ -938,3 +938,48 @@ fn receivers_sign_receipts_that_the_sender_verifies_and_keeps() {
     assert_eq!(file.receipts.len(), 2);
     assert!(file.receipts.values().all(|&verified| verified));
 }
+
+/// A receipt the group cannot take when the file completes (here a full outbox) waits on the
+/// device's disk: after a restart it is still owed, and sent once the group takes messages.
+#[test]
+fn a_receipt_that_must_wait_survives_a_restart() {
+    let mut net = Net::new();
+    let conv = room(&mut net);
+    let digest = send_from_alice(&mut net, conv, "plans.pdf", 24);
+    // Bob's phone comes back with an outbox of one message, and fills it: the message's frame
+    // is lost on the way, so it stays unacknowledged (time does not move here to resend it).
+    let mut small = node_config(2, "bob");
+    small.outbox_len_max = 1;
+    net.restart(2, small);
+    let now = net.now;
+    net.node(2)
+        .send(now, conv, Bytes::from_static(b"on my way"))
+        .unwrap();
+    net.commit_and_lose_outputs(2);
+    let now = net.now;
+    assert!(net.node(2).fetch_file(now, conv, digest));
+    net.settle();
+    assert!(net.node(2).files().is_complete(conv, digest));
+    assert!(
+        receipts_heard(&net, 1).is_empty(),
+        "the phone could not send it"
+    );
+    assert_eq!(
+        net.nodes[&2]
+            .1
+            .table_len(sund_model::node::transfers::NODE_RECEIPTS_OWED_TABLE),
+        1,
+        "owed, on disk"
+    );
+    // A restart with room in the outbox: the receipt goes out, and is owed no more.
+    net.restart(2, node_config(2, "bob"));
+    net.settle();
+    assert_eq!(receipts_heard(&net, 1), vec![(net.device(2), true)]);
+    assert_eq!(
+        net.nodes[&2]
+            .1
+            .table_len(sund_model::node::transfers::NODE_RECEIPTS_OWED_TABLE),
+        0
+    );
+    assert_eq!(net.node(2).stats().receipts_sent, 1);
+}

@@ -500,7 +500,7 @@ impl Node {
 
     /// Sends a receipt for every file completed since: in the same batch as the completion,
     /// so that a crash loses neither or both. One the group cannot take now (a removal
-    /// waiting for its commit, a full outbox) waits for the next input.
+    /// waiting for its commit, a full outbox) waits on disk for a later input.
     fn send_receipts(&mut self, now: Instant) {
         for (conversation, digest) in self.transfers.take_receipts_owed() {
             let receipt = files::Receipt::sign(&self.config.key, digest);
@@ -508,9 +508,17 @@ impl Node {
                 Ok(_) => self.stats.receipts_sent += 1,
                 Err(
                     SendError::OutboxFull { .. } | SendError::Group(GroupError::ProposalPending(_)),
-                ) => self.transfers.receipt_waits(conversation, digest),
+                ) => {
+                    self.transfers
+                        .receipt_waits(conversation, digest, &mut self.fx);
+                    continue;
+                }
                 Err(_) => self.stats.receipts_unsent += 1,
             }
+            // A receipt that had waited on disk is owed no more (for one sent with its
+            // completion this deletes nothing).
+            self.transfers
+                .receipt_settled(conversation, digest, &mut self.fx);
         }
     }
 

@@ -49,6 +49,10 @@ pub const NODE_SENT_FILES_TABLE: Table = Table("node_sent_files");
 /// Receipts for files this device sent: key `conversation(16) ++ digest(32) ++ device(16)`,
 /// value `verified u8` (1: the device's signature checked against its certificate's key).
 pub const NODE_FILE_RECEIPTS_TABLE: Table = Table("node_file_receipts");
+/// Receipts this device owes that could not be sent with the completion (the group could not
+/// take a message then): key `conversation(16) ++ digest(32)`, value empty. Sent at a later
+/// heartbeat, even after a restart.
+pub const NODE_RECEIPTS_OWED_TABLE: Table = Table("node_receipts_owed");
 /// Receipts one sent file keeps (a room's member devices, generously).
 pub const RECEIPTS_PER_FILE_MAX: usize = 4096;
 
@@ -187,8 +191,11 @@ pub struct NodeTransfers {
     fetching: BTreeMap<(ConversationId, ManifestDigest), Fetching>,
     sent: BTreeMap<(ConversationId, ManifestDigest), SentFile>,
     /// Files completed here whose receipt is still to be sent (the node sends it in the same
-    /// batch as the completion, or at a later heartbeat if the group cannot take a message).
+    /// batch as the completion, or at a later heartbeat if the group cannot take a message;
+    /// those wait in [`NODE_RECEIPTS_OWED_TABLE`] too).
     receipts_owed: Vec<(ConversationId, ManifestDigest)>,
+    /// The owed receipts that are in [`NODE_RECEIPTS_OWED_TABLE`].
+    receipts_owed_on_disk: BTreeSet<(ConversationId, ManifestDigest)>,
 }
 
 fn sent_key(conversation: ConversationId, digest: ManifestDigest) -> Vec<u8> {
@@ -342,6 +349,21 @@ impl NodeTransfers {
             file.receipts.insert(DeviceId::from_bytes(device), verified);
             Ok(())
         })?;
+        scan_all(store, NODE_RECEIPTS_OWED_TABLE, |key, value| {
+            let mut k = Reader::new(key);
+            let (Some(conv), Some(digest), 0, true) =
+                (k.array(), k.array(), k.remaining(), value.is_empty())
+            else {
+                return Err(StoreError::Corrupt {
+                    table: NODE_RECEIPTS_OWED_TABLE.0,
+                    reason: "not a conversation and a file digest".into(),
+                });
+            };
+            let owed = (ConversationId::from_bytes(conv), ManifestDigest(digest));
+            transfers.receipts_owed.push(owed);
+            transfers.receipts_owed_on_disk.insert(owed);
+            Ok(())
+        })?;
         Ok(transfers)
     }
 
@@ -409,9 +431,34 @@ impl NodeTransfers {
         std::mem::take(&mut self.receipts_owed)
     }
 
-    /// A receipt that could not be sent now: tried again at the next heartbeat.
-    pub fn receipt_waits(&mut self, conversation: ConversationId, digest: ManifestDigest) {
+    /// A receipt that could not be sent now: kept on disk and tried again at the next
+    /// heartbeat.
+    pub fn receipt_waits(
+        &mut self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        fx: &mut NodeFx,
+    ) {
+        if self.receipts_owed_on_disk.insert((conversation, digest)) {
+            fx.put(
+                NODE_RECEIPTS_OWED_TABLE,
+                sent_key(conversation, digest),
+                Vec::new(),
+            );
+        }
         self.receipts_owed.push((conversation, digest));
+    }
+
+    /// A receipt owed went out (or never can): it is owed no more.
+    pub fn receipt_settled(
+        &mut self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        fx: &mut NodeFx,
+    ) {
+        if self.receipts_owed_on_disk.remove(&(conversation, digest)) {
+            fx.delete(NODE_RECEIPTS_OWED_TABLE, sent_key(conversation, digest));
+        }
     }
 
     fn insert_upload(

@@ -80,6 +80,9 @@ pub struct Net {
     pub chunks_sent: BTreeMap<u64, usize>,
     /// Chunk streams the gateway serves that are lost on the way (the next this many).
     pub lose_served: usize,
+    /// Restarts so far: each restart's entropy is its own, as a real device's would be (a
+    /// repeated seed would repeat message ids).
+    pub restarts: u64,
 }
 
 impl Net {
@@ -103,6 +106,7 @@ impl Net {
             sources: BTreeMap::new(),
             chunks_sent: BTreeMap::new(),
             lose_served: 0,
+            restarts: 0,
         }
     }
 
@@ -118,7 +122,9 @@ impl Net {
         let (_, store) = self.nodes.remove(&conn).unwrap();
         self.gateway
             .handle(self.now, GatewayInput::Closed(ConnectionId(conn)));
-        let node = Node::recover(config, Box::new(Counter(conn + 100)), self.now, &store).unwrap();
+        self.restarts += 1;
+        let seed = conn + 100 * self.restarts;
+        let node = Node::recover(config, Box::new(Counter(seed)), self.now, &store).unwrap();
         self.nodes.insert(conn, (node, store));
         self.settle();
     }
