@@ -4,8 +4,7 @@
 //! [`CommitMode::Pipelined`] a dedicated thread owns the store: it takes the jobs already queued
 //! (up to [`MERGE_BYTES_MAX`] of values, so that a file's chunks cannot make the commit that a
 //! message waits for long), merges them into one write transaction (group commit), waits for
-//! the fsync, and sends the
-//! released outputs back in submission order. Meanwhile the core goes on reading frames and
+//! the fsync, and sends the released outputs back in submission order. Meanwhile the core goes on reading frames and
 //! feeding the state machine, so the next batch builds up during the current fsync instead of
 //! after it. Outputs still leave only after the commit that carried their writes (the receipt is
 //! taken on the commit thread), and jobs complete in the order they were submitted, so the

@@ -30,8 +30,8 @@
 //!   resumes the dropping), and an upload that lists it again takes it back without a byte
 //!   moving.
 //!
-//! Not routed yet: the wire opcodes and the drivers' chunk streams come in the next step of
-//! issue 16 (see ARCHITECTURE.md, "Files").
+//! The gateway's [`super::transfers`] routes frames and chunk streams to it (see
+//! ARCHITECTURE.md, "Files").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -286,11 +286,7 @@ impl Gateway {
         );
         let mut timers = TimerTable::default();
         timers.set(GatewayTimer::Tick, now + config.tick_interval);
-        if transfers.index().dropping() > 0 {
-            // Chunks dropped before a restart whose steps had not come.
-            timers.set(GatewayTimer::ChunkDrop, now + CHUNK_DROP_INTERVAL);
-        }
-        Gateway {
+        let mut gateway = Gateway {
             timers,
             config,
             entropy,
@@ -302,7 +298,10 @@ impl Gateway {
             transfers,
             refusals: RefusalCounts::default(),
             fx: Fx::default(),
-        }
+        };
+        // Chunks dropped before a restart whose steps had not come.
+        gateway.arm_chunk_drop(now);
+        gateway
     }
 
     // ---- getters ----
