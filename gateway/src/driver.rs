@@ -17,13 +17,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use sund_model::env::{Ready, Store, StoreError, WriteBatch};
+use sund_model::gateway::files::BLOBS_TABLE;
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, ChunkToServe, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
     GatewayStats, HistoryKind,
@@ -210,12 +211,22 @@ enum Control {
     Admin(AdminCommand, oneshot::Sender<AdminAnswer>),
 }
 
+/// Opens the gateway's database at `path`, with file chunks ([`BLOBS_TABLE`]) in files of
+/// their own in `values/` beside it (see [`sund_runtime::value_files`]).
+pub fn open_store(
+    path: &Path,
+    disk: Option<sund_runtime::sim_disk::SimulatedDisk>,
+) -> Result<RedbStore, StoreError> {
+    let values = path.with_file_name("values");
+    RedbStore::open_with(path, disk)?.with_value_files(&values, &[BLOBS_TABLE])
+}
+
 /// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
 pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError> {
     let dir = &options.data_dir;
     private_dir(dir)?;
     let environment = options.environment.clone();
-    let store = RedbStore::open_with(&dir.join("gateway.redb"), environment.disk())?;
+    let store = open_store(&dir.join("gateway.redb"), environment.disk())?;
     // A database with tables but no trust root is damaged: recovering would make a new root
     // and silently turn this into another gateway that none of its devices trust.
     if !store.is_empty()? && RegistrationAuthority::recover(&store)?.is_none() {
@@ -684,7 +695,7 @@ impl Core {
     /// machine from what is durable and serves again.
     fn try_storage(&mut self) -> Result<(), DriverError> {
         self.retry_at = tokio::time::Instant::now() + STORAGE_RETRY;
-        let mut store = match RedbStore::open_with(&self.store_path, self.environment.disk()) {
+        let mut store = match open_store(&self.store_path, self.environment.disk()) {
             Ok(store) => store,
             Err(e @ StoreError::Damaged(_)) => return Err(e.into()),
             Err(e) => {

@@ -254,7 +254,7 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
         ));
     }
     sund_runtime::files::private_dir(data_dir).map_err(|e| e.to_string())?;
-    let mut store = RedbStore::open(&path).map_err(|e| e.to_string())?;
+    let mut store = sund_gateway::driver::open_store(&path, None).map_err(|e| e.to_string())?;
     let empty = store.is_empty().map_err(|e| e.to_string())?;
     if empty && !store.was_created() {
         return Err(sund_gateway::driver::empty_database(&path));

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{gateway, logged_in, Frames};
-use sund_model::env::{Store, StoreRead, WriteBatch};
+
 use sund_model::files::{open_chunk, seal_file, FileName, FileSecret};
 use sund_model::gateway::files::BLOBS_TABLE;
 use sund_model::gateway::AdminCommand;
@@ -18,7 +18,6 @@ use sund_model::wire::files::sealed_chunk_bytes_max;
 use sund_model::wire::payload::{ChunkHead, ChunkRequest, ErrorCode, ListedChunkWire, UploadOpen};
 use sund_model::wire::{Frame, Payload, Routing};
 use sund_runtime::chunk_stream::{read_chunk_stream, write_chunk_stream};
-use sund_runtime::store::RedbStore;
 
 const CONV: ConversationId = ConversationId(0x5eed);
 const UPLOAD: [u8; 16] = [0x42; 16];
@@ -161,25 +160,25 @@ async fn chunks_move_on_streams_of_their_own_and_damage_at_rest_is_caught() {
     assert_eq!(stats.transfers.chunks_stored, sealed.len() as u64);
     assert_eq!(stats.transfers.chunks_served, sealed.len() as u64);
 
-    // One bit of one stored chunk flips while the gateway is down.
-    let path = dir.path().join("gw").join("gateway.redb");
+    // One bit of one stored chunk flips on disk while the gateway is down: chunks live in
+    // files of their own beside the database.
     {
-        let mut store = RedbStore::open(&path).unwrap();
-        let key = {
-            let mut key = None;
-            store
-                .scan_from(BLOBS_TABLE, &[], &mut |k, _| {
-                    key = Some(k.to_vec());
-                    std::ops::ControlFlow::Break(())
-                })
-                .unwrap();
-            key.unwrap()
-        };
-        let mut blob = store.get(BLOBS_TABLE, &key).unwrap().unwrap();
+        let blobs = dir.path().join("gw/values").join(BLOBS_TABLE.0);
+        let fan = std::fs::read_dir(&blobs)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let file = std::fs::read_dir(&fan)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut blob = std::fs::read(&file).unwrap();
         blob[1000] ^= 0x10;
-        let mut batch = WriteBatch::default();
-        batch.put(BLOBS_TABLE, key, blob);
-        store.commit(batch).unwrap();
+        std::fs::write(&file, blob).unwrap();
     }
     let gw = gateway(dir.path(), Duration::from_secs(10)).await;
     let (_a_conn, _a_send, a_recv) = logged_in(&gw, &alice).await;

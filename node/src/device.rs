@@ -6,7 +6,8 @@
 //!                            and for a paired device the gateway pin (owner-only)
 //! DATA_DIR/gateway-cert.der  the gateway's certificate, pinned (a paired device pins its
 //!                            SHA-256 from the pairing code instead)
-//! DATA_DIR/node.redb         outbox, cursors, resume token, MLS state
+//! DATA_DIR/node.redb         outbox, cursors, resume token, MLS state, files' records
+//! DATA_DIR/values/           the plaintext chunks of files, one file each (owner-only)
 //! DATA_DIR/conversations     local names of conversations: `NAME` or `NAME=ID`, one per line
 //! DATA_DIR/contacts          user names this device has used, one per line
 //! ```

@@ -522,10 +522,13 @@ impl NodeHandle {
 pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     sund_runtime::files::private_dir(&options.data_dir)
         .map_err(|e| NodeError::Store(sund_model::env::StoreError::Backend(e.to_string())))?;
+    // Plaintext chunks of files live in files of their own in `values/` (see
+    // `sund_runtime::value_files`), not in the database.
     let store = RedbStore::open_with(
         &options.data_dir.join("node.redb"),
         options.environment.disk(),
-    )?;
+    )?
+    .with_value_files(&options.data_dir.join("values"), &[CHUNK_BYTES_TABLE])?;
     let environment = options.environment.clone();
     let clock = environment.clock();
     let mut config = NodeConfig::new(options.key.clone());

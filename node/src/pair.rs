@@ -191,6 +191,8 @@ fn forget_device(data_dir: &Path) {
     for file in ["device.key", "node.toml", "gateway-cert.der", "node.redb"] {
         let _ = std::fs::remove_file(data_dir.join(file));
     }
+    // Empty on a device that never held a file chunk.
+    let _ = std::fs::remove_dir(data_dir.join("values"));
     let _ = std::fs::remove_dir(data_dir);
 }
 

@@ -7,6 +7,7 @@
 //!   ([`environment::Production`] or the reproducible [`environment::Simulated`]);
 //! - [`clock`], [`entropy`]: the model's `Clock` and `Entropy` for drivers;
 //! - [`store`]: redb behind the model's `Store` trait, checked whole when it opens;
+//! - [`value_files`]: large values (file chunks) in files beside the database;
 //! - [`sim_disk`]: a simulated machine's disk (full, torn writes at a power cut, lying fsync);
 //! - [`files`]: owner-only data directories and secret files;
 //! - [`committer`]: pipelined group commit on a thread of its own;
@@ -38,3 +39,4 @@ pub mod store;
 pub mod tls;
 #[cfg(feature = "turmoil")]
 pub mod turmoil;
+pub mod value_files;

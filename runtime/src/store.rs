@@ -14,6 +14,7 @@ use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use sund_model::env::{Store, StoreError, StoreRead, Table, Visit, WriteBatch, WriteOp};
 
 use crate::sim_disk::SimulatedDisk;
+use crate::value_files::ValueFiles;
 
 /// Memory redb may keep as its page cache. Its default (1 GiB) let a device or gateway that
 /// moved a large file grow to over 1.5 GiB of memory (the file's pages stayed cached); what
@@ -28,6 +29,8 @@ pub struct RedbStore {
     disk: Option<SimulatedDisk>,
     /// The file did not exist (or was blank) before this open made it.
     created: bool,
+    /// Tables whose values live in files of their own ([`RedbStore::with_value_files`]).
+    values: Option<Arc<ValueFiles>>,
 }
 
 /// What a redb failure means for the machine above: a damaged file (stop; restore from a
@@ -74,6 +77,7 @@ impl RedbStore {
                 db: Arc::new(db),
                 disk: Some(disk),
                 created,
+                values: None,
             });
         }
         let existed = path.exists();
@@ -97,7 +101,33 @@ impl RedbStore {
             db: Arc::new(db),
             disk: None,
             created: !existed,
+            values: None,
         })
+    }
+
+    /// Keeps the values of `tables` in files under `root` instead of in the database (see
+    /// [`crate::value_files`]): for large values such as file chunks. Removes the files a
+    /// crash left without a reference. On a simulated disk the values stay in the database
+    /// (the simulated disk models one file), and this does nothing.
+    pub fn with_value_files(
+        mut self,
+        root: &Path,
+        tables: &[Table],
+    ) -> Result<RedbStore, StoreError> {
+        if self.disk.is_some() {
+            return Ok(self);
+        }
+        let values = ValueFiles::new(root, tables)?;
+        let removed = values.sweep(|table, key| Ok(raw_get(&self.db, table, key)?.is_some()))?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                dir = %root.display(),
+                "removed value files left without a record by an interrupted commit"
+            );
+        }
+        self.values = Some(Arc::new(values));
+        Ok(self)
     }
 
     /// True if this open created the database (its file did not exist): an empty database
@@ -112,6 +142,7 @@ impl RedbStore {
     pub fn reader(&self) -> RedbReader {
         RedbReader {
             db: self.db.clone(),
+            values: self.values.clone(),
         }
     }
 
@@ -127,11 +158,12 @@ impl RedbStore {
 #[derive(Clone)]
 pub struct RedbReader {
     db: Arc<Database>,
+    values: Option<Arc<ValueFiles>>,
 }
 
 impl StoreRead for RedbReader {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        get(&self.db, table, key)
+        get(&self.db, self.values.as_deref(), table, key)
     }
 
     fn scan_from(
@@ -140,13 +172,13 @@ impl StoreRead for RedbReader {
         start: &[u8],
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
-        scan_from(&self.db, table, start, visit)
+        scan_from(&self.db, self.values.as_deref(), table, start, visit)
     }
 }
 
 impl StoreRead for RedbStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        get(&self.db, table, key)
+        get(&self.db, self.values.as_deref(), table, key)
     }
 
     fn scan_from(
@@ -155,11 +187,25 @@ impl StoreRead for RedbStore {
         start: &[u8],
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
-        scan_from(&self.db, table, start, visit)
+        scan_from(&self.db, self.values.as_deref(), table, start, visit)
     }
 }
 
-fn get(db: &Database, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+fn get(
+    db: &Database,
+    values: Option<&ValueFiles>,
+    table: Table,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let record = raw_get(db, table, key)?;
+    match (record, values) {
+        (Some(record), Some(values)) if values.holds(table) => values.resolve(table, key, &record),
+        (record, _) => Ok(record),
+    }
+}
+
+/// The record redb holds for `key` (for a table in files, the reference).
+fn raw_get(db: &Database, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
     let txn = db.begin_read().map_err(backend)?;
     let t = match txn.open_table(definition(table)) {
         Ok(t) => t,
@@ -171,6 +217,7 @@ fn get(db: &Database, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Store
 
 fn scan_from(
     db: &Database,
+    values: Option<&ValueFiles>,
     table: Table,
     start: &[u8],
     visit: &mut Visit<'_>,
@@ -183,7 +230,14 @@ fn scan_from(
     };
     for entry in t.range::<&[u8]>(start..).map_err(backend)? {
         let (k, v) = entry.map_err(backend)?;
-        if let ControlFlow::Break(()) = visit(k.value(), v.value()) {
+        let flow = match values.filter(|v| v.holds(table)) {
+            Some(values) => match values.resolve(table, k.value(), v.value())? {
+                Some(value) => visit(k.value(), &value),
+                None => ControlFlow::Continue(()),
+            },
+            None => visit(k.value(), v.value()),
+        };
+        if let ControlFlow::Break(()) = flow {
             break;
         }
     }
@@ -209,11 +263,22 @@ impl Store for RedbStore {
             };
             by_table.entry(table).or_default().push(op);
         }
+        // Values kept in files are written (and synced) before the transaction that refers to
+        // them; files of dropped references go after it.
+        let files = match &self.values {
+            Some(values) => Some(values.prepare(&batch)?),
+            None => None,
+        };
         let txn = self.db.begin_write().map_err(backend)?;
         for (name, ops) in by_table {
+            let in_files = self.values.as_ref().is_some_and(|v| v.holds(Table(name)));
             let mut t = txn.open_table(definition(Table(name))).map_err(backend)?;
             for op in ops {
                 match op {
+                    WriteOp::Put { key, value, .. } if in_files => {
+                        let reference = ValueFiles::reference(value.len());
+                        t.insert(key.as_slice(), &reference[..]).map_err(backend)?;
+                    }
                     WriteOp::Put { key, value, .. } => {
                         t.insert(key.as_slice(), &value[..]).map_err(backend)?;
                     }
@@ -224,8 +289,18 @@ impl Store for RedbStore {
             }
         }
         txn.commit().map_err(backend)?;
+        if let Some(files) = files {
+            files.after_commit();
+        }
         Ok(())
     }
+}
+
+/// The raw record redb holds (a reference, for a table in files): for tests of
+/// [`crate::value_files`].
+#[cfg(test)]
+pub(crate) fn tests_raw_get(store: &RedbStore, table: Table, key: &[u8]) -> Vec<u8> {
+    raw_get(&store.db, table, key).unwrap().unwrap()
 }
 
 /// What a failed open means: another process has the file, the disk failed, or the file is
