@@ -113,7 +113,9 @@ async fn serve(
             };
             match read {
                 Ok(Some(bytes)) => {
-                    if let Err(e) = write_chunk_stream(&connection, &chunk.head(), &bytes).await {
+                    if let Err(e) =
+                        write_chunk_stream(&connection, &chunk.head(), bytes.into()).await
+                    {
                         tracing::debug!(conn = ?chunk.conn, error = %e, "chunk not sent");
                     }
                 }

@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use common::{gateway, logged_in, Frames};
 
 use sund_model::files::{open_chunk, seal_file, FileName, FileSecret};
@@ -100,9 +102,13 @@ async fn chunks_move_on_streams_of_their_own_and_damage_at_rest_is_caught() {
     assert_eq!(status.missing.len(), sealed.len());
 
     // A head that announces an impossible length is refused before its bytes are read.
-    write_chunk_stream(&a_conn, &head([1; 32], sealed_chunk_bytes_max() + 1), &[])
-        .await
-        .unwrap();
+    write_chunk_stream(
+        &a_conn,
+        &head([1; 32], sealed_chunk_bytes_max() + 1),
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
     let Payload::Error(error) = a_frames.next_answer().await else {
         panic!("an error")
     };
@@ -112,7 +118,7 @@ async fn chunks_move_on_streams_of_their_own_and_damage_at_rest_is_caught() {
     // Every chunk on its own stream, each acknowledged.
     for chunk in &sealed {
         let h = head(chunk.id.0, chunk.ciphertext.len() as u32);
-        write_chunk_stream(&a_conn, &h, &chunk.ciphertext)
+        write_chunk_stream(&a_conn, &h, Bytes::from(chunk.ciphertext.clone()))
             .await
             .unwrap();
     }

@@ -18,13 +18,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use sund_model::env::Ready;
 use sund_model::env::StoreRead;
+use sund_model::files::ContentHash;
 use sund_model::files::{seal_chunk, Manifest, ManifestDigest, UploadId};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::mls::device_groups::{GroupError, GroupStatus, Intent};
 use sund_model::mls::group_ops::GroupKind;
-use sund_model::node::files::{assemble, CHUNK_BYTES_TABLE};
+use sund_model::node::files::{assemble, AssemblyError, CHUNK_BYTES_TABLE};
 use sund_model::node::transfers::{ChunkToSend, OfferState};
 use sund_model::node::{
     ConnectionStatus, Node, NodeConfig, NodeEvent, NodeInput, NodeOutput, PairingOffer, SendError,
@@ -40,7 +41,7 @@ use sund_runtime::environment::Environment;
 use sund_runtime::metrics::{StageReport, Stages};
 use sund_runtime::session::{self, CloseCause, SessionEvent, SessionHandle, SessionLimits};
 use sund_runtime::store::{RedbReader, RedbStore};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How long one connection attempt may take.
@@ -210,6 +211,8 @@ enum Command {
         conversation: ConversationId,
         digest: ManifestDigest,
         dir: PathBuf,
+        /// Save a file still being fetched, each chunk as soon as it is committed.
+        as_it_arrives: bool,
         reply: oneshot::Sender<Result<PathBuf, String>>,
     },
     Reconnect,
@@ -308,6 +311,16 @@ pub struct NodeHandle {
     pub events: mpsc::Receiver<NodeEvent>,
     core: JoinHandle<Result<(), NodeError>>,
     stages: Arc<Stages>,
+}
+
+/// A file being saved ([`NodeHandle::save_file_as_it_arrives`]).
+pub struct SaveInProgress(oneshot::Receiver<Result<PathBuf, String>>);
+
+impl SaveInProgress {
+    /// Where the file was saved, or why it was not.
+    pub async fn finished(self) -> Result<Result<PathBuf, String>, NodeError> {
+        self.0.await.map_err(|_| NodeError::Stopped)
+    }
 }
 
 /// A cloneable way to send through a running node, for applications that send from several
@@ -498,17 +511,45 @@ impl NodeHandle {
         digest: ManifestDigest,
         dir: PathBuf,
     ) -> Result<Result<PathBuf, String>, NodeError> {
+        self.start_saving(conversation, digest, dir, false)
+            .await?
+            .finished()
+            .await
+    }
+
+    /// Starts saving a file that is being fetched ([`NodeHandle::fetch_file`]) into `dir`:
+    /// each chunk is written as soon as it is committed, so that the file is whole moments
+    /// after its last chunk arrives instead of after a second pass over the whole file. The
+    /// file appears only whole, as with [`NodeHandle::save_file`]; if the node stops first,
+    /// the partial file is removed and [`SaveInProgress::finished`] says why.
+    pub async fn save_file_as_it_arrives(
+        &self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        dir: PathBuf,
+    ) -> Result<SaveInProgress, NodeError> {
+        self.start_saving(conversation, digest, dir, true).await
+    }
+
+    async fn start_saving(
+        &self,
+        conversation: ConversationId,
+        digest: ManifestDigest,
+        dir: PathBuf,
+        as_it_arrives: bool,
+    ) -> Result<SaveInProgress, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::SaveFile {
                 conversation,
                 digest,
                 dir,
+                as_it_arrives,
                 reply,
             })
             .await
             .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        Ok(SaveInProgress(rx))
     }
 
     /// Disconnects cleanly and stops.
@@ -560,6 +601,7 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
         sessions: BTreeMap::new(),
         connections: BTreeMap::new(),
         reader,
+        commits: watch::Sender::new(0),
         links: links_tx,
         events: events_tx,
         waiting_events: VecDeque::new(),
@@ -602,6 +644,9 @@ struct Core {
     connections: BTreeMap<ConnectionId, quinn::Connection>,
     /// Reads the committed store beside the committer (chunks of files to save).
     reader: RedbReader,
+    /// Counts finished commits: a file being saved as it arrives waits on it for its next
+    /// chunk.
+    commits: watch::Sender<u64>,
     links: mpsc::Sender<Link>,
     events: mpsc::Sender<NodeEvent>,
     /// Events released but not yet taken by the application (bounded by the reading pause).
@@ -630,6 +675,7 @@ impl Core {
                     let outputs = done.inspect_err(|e| {
                         tracing::error!(error = %e, "the device's store failed: the node stops");
                     })?;
+                    self.commits.send_modify(|n| *n += 1);
                     self.release(outputs);
                 }
                 permit = events.reserve(), if !self.waiting_events.is_empty() => {
@@ -793,13 +839,22 @@ impl Core {
                 conversation,
                 digest,
                 dir,
+                as_it_arrives,
                 reply: to,
             } => match self.node.files().file(conversation, digest) {
-                Some(record) if self.node.files().is_complete(conversation, digest) => {
+                Some(record)
+                    if as_it_arrives || self.node.files().is_complete(conversation, digest) =>
+                {
                     let manifest = record.manifest.clone();
                     let reader = self.reader.clone();
+                    let arrivals = ChunkArrivals {
+                        wait: as_it_arrives,
+                        commits: self.commits.subscribe(),
+                        runtime: tokio::runtime::Handle::current(),
+                        stopped: false,
+                    };
                     tokio::task::spawn_blocking(move || {
-                        let _ = to.send(save_file(&reader, &manifest, &dir));
+                        let _ = to.send(save_file(&reader, &manifest, &dir, arrivals));
                     });
                 }
                 Some(_) => {
@@ -1006,10 +1061,48 @@ impl Core {
     }
 }
 
-/// Writes `manifest`'s file into `dir` from the device's chunk store: into a hidden temporary
-/// file beside its place, synced, then renamed, so that a crash or a damaged chunk leaves no
-/// half-written file under the real name.
-fn save_file(reader: &RedbReader, manifest: &Manifest, dir: &Path) -> Result<PathBuf, String> {
+/// How a save waits for chunks still being fetched: it looks again after each commit.
+struct ChunkArrivals {
+    /// False for a file already whole: a chunk missing from it is not coming.
+    wait: bool,
+    commits: watch::Receiver<u64>,
+    runtime: tokio::runtime::Handle,
+    /// The node stopped while the save waited.
+    stopped: bool,
+}
+
+impl ChunkArrivals {
+    /// The chunk `hash` from the store, waiting for it while the node runs; `None` if the node
+    /// stopped first. A complete file never waits: every chunk is there.
+    fn chunk(&mut self, reader: &RedbReader, hash: &ContentHash) -> Option<Vec<u8>> {
+        loop {
+            // Marks the commits seen so far before looking, so that a commit landing between
+            // the look and the wait still wakes the wait.
+            self.commits.borrow_and_update();
+            if let Some(bytes) = reader.get(CHUNK_BYTES_TABLE, &hash.0).ok().flatten() {
+                return Some(bytes);
+            }
+            if !self.wait {
+                return None;
+            }
+            if self.runtime.block_on(self.commits.changed()).is_err() {
+                self.stopped = true;
+                return None;
+            }
+        }
+    }
+}
+
+/// Writes `manifest`'s file into `dir` from the device's chunk store, in order, each chunk as
+/// soon as it is there: into a hidden temporary file beside its place, synced, then renamed,
+/// so that a crash, a damaged chunk or a fetch that never ends leaves no half-written file
+/// under the real name.
+fn save_file(
+    reader: &RedbReader,
+    manifest: &Manifest,
+    dir: &Path,
+    mut arrivals: ChunkArrivals,
+) -> Result<PathBuf, String> {
     use std::io::Write;
     let name = manifest.name.as_str();
     let path = dir.join(name);
@@ -1025,7 +1118,7 @@ fn save_file(reader: &RedbReader, manifest: &Manifest, dir: &Path) -> Result<Pat
     let mut io_error = None;
     let assembled = assemble(
         manifest,
-        |hash| reader.get(CHUNK_BYTES_TABLE, &hash.0).ok().flatten(),
+        |hash| arrivals.chunk(reader, hash),
         |bytes| {
             if io_error.is_none() {
                 io_error = file.write_all(bytes).err();
@@ -1033,6 +1126,9 @@ fn save_file(reader: &RedbReader, manifest: &Manifest, dir: &Path) -> Result<Pat
         },
     );
     let result = match (assembled, io_error) {
+        (Err(AssemblyError::MissingChunk { .. }), _) if arrivals.stopped => {
+            Err("the device stopped before the file was whole; `sund file get` goes on from what arrived".into())
+        }
         (Err(e), _) => Err(e.to_string()),
         (Ok(()), Some(e)) => Err(format!(
             "cannot write {} ({e}): free some space and get it again",
@@ -1091,7 +1187,7 @@ async fn send_chunk(connection: quinn::Connection, chunk: ChunkToSend, links: mp
                 ..Routing::default()
             };
             let head = Frame::new(routing, Payload::Chunk(head)).encode();
-            if let Err(e) = write_chunk_stream(&connection, &head, &sealed).await {
+            if let Err(e) = write_chunk_stream(&connection, &head, Bytes::from(sealed)).await {
                 // The connection went; the next session opens the upload again.
                 tracing::debug!(error = %e, "chunk not sent");
             }
@@ -1204,5 +1300,143 @@ async fn connect(
         if links.send(event).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sund_model::env::{Store, WriteBatch};
+    use sund_model::files::{seal_file, FileName, FileSecret};
+
+    /// A file of three chunks or more, and its plaintext chunks in order.
+    fn file() -> (Manifest, Vec<Vec<u8>>) {
+        let mut data = vec![0u8; 6_000_000];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for b in &mut data {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let (manifest, _) = seal_file(
+            FileName::new("f.bin").unwrap(),
+            FileSecret::from_bytes([4; 32]),
+            &data,
+        )
+        .unwrap();
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        for entry in &manifest.chunks {
+            chunks.push(data[at..at + entry.len as usize].to_vec());
+            at += entry.len as usize;
+        }
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        (manifest, chunks)
+    }
+
+    fn keep(store: &mut RedbStore, manifest: &Manifest, chunks: &[Vec<u8>], index: usize) {
+        let mut batch = WriteBatch::default();
+        batch.put(
+            CHUNK_BYTES_TABLE,
+            manifest.chunks[index].hash.0.to_vec(),
+            chunks[index].clone(),
+        );
+        store.commit(batch).unwrap();
+    }
+
+    fn store(dir: &Path) -> RedbStore {
+        RedbStore::open(&dir.join("node.redb"))
+            .unwrap()
+            .with_value_files(&dir.join("values"), &[CHUNK_BYTES_TABLE])
+            .unwrap()
+    }
+
+    #[test]
+    fn a_file_saved_as_it_arrives_waits_for_each_chunk_and_appears_whole() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let (manifest, chunks) = file();
+        let mut store = store(tmp.path());
+        keep(&mut store, &manifest, &chunks, 0);
+        let commits = watch::Sender::new(0u64);
+        let arrivals = ChunkArrivals {
+            wait: true,
+            commits: commits.subscribe(),
+            runtime: runtime.handle().clone(),
+            stopped: false,
+        };
+        let (reader, m, o) = (store.reader(), manifest.clone(), out.clone());
+        let saver = std::thread::spawn(move || save_file(&reader, &m, &o, arrivals));
+        // The rest arrives later, last chunk first; the save goes on after each commit.
+        for index in (1..chunks.len()).rev() {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!saver.is_finished(), "waits for chunk 1");
+            assert!(
+                !out.join("f.bin").exists(),
+                "nothing under the real name yet"
+            );
+            keep(&mut store, &manifest, &chunks, index);
+            commits.send_modify(|n| *n += 1);
+        }
+        let saved = saver.join().unwrap().unwrap();
+        assert_eq!(saved, out.join("f.bin"));
+        assert_eq!(std::fs::read(&saved).unwrap(), chunks.concat());
+        let names: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["f.bin"], "no temporary file left");
+    }
+
+    #[test]
+    fn a_save_whose_node_stops_first_says_so_and_leaves_nothing_behind() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let (manifest, chunks) = file();
+        let mut store = store(tmp.path());
+        keep(&mut store, &manifest, &chunks, 0);
+        let commits = watch::Sender::new(0u64);
+        let arrivals = ChunkArrivals {
+            wait: true,
+            commits: commits.subscribe(),
+            runtime: runtime.handle().clone(),
+            stopped: false,
+        };
+        let (reader, m, o) = (store.reader(), manifest.clone(), out.clone());
+        let saver = std::thread::spawn(move || save_file(&reader, &m, &o, arrivals));
+        std::thread::sleep(Duration::from_millis(20));
+        drop(commits); // the node stops
+        let error = saver.join().unwrap().unwrap_err();
+        assert!(
+            error.contains("stopped before the file was whole"),
+            "{error}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&out).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
+
+        // A file said to be whole does not wait for a chunk it lacks: the save fails at once.
+        let arrivals = ChunkArrivals {
+            wait: false,
+            commits: watch::Sender::new(0u64).subscribe(),
+            runtime: runtime.handle().clone(),
+            stopped: false,
+        };
+        let error = save_file(&store.reader(), &manifest, &out, arrivals).unwrap_err();
+        assert!(error.contains("chunk 1"), "{error}");
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
     }
 }

@@ -357,51 +357,74 @@ pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), Str
         return Err(format!("this device knows no file {id}: `sund file list` shows the ones it knows (a file sent while this device was away arrives with `sund follow`)"));
     };
     let (conv, digest) = (file.conversation, file.digest);
-    if file.missing_bytes > 0 {
-        match node.fetch_file(conv, digest).await {
-            Ok(true) => {}
-            Ok(false) => {
-                let _ = node.stop().await;
-                return Err(format!("this device knows no file {id}"));
-            }
-            Err(_) => return Err(format!("this device stopped ({})", why_stopped(node).await)),
-        }
-        let mut fetching = Progress::new(&format!("getting {}", file.name), file.size);
-        fetching.set(file.size - file.missing_bytes);
-        loop {
-            let event = match tokio::time::timeout(STALL, node.events.recv()).await {
-                Ok(event) => event,
-                Err(_) => {
-                    fetching.finish();
-                    let _ = node.stop().await;
-                    return Err(format!("no progress for {} s; what arrived is kept, and `sund file get {id}` goes on from there", STALL.as_secs()));
-                }
-            };
-            match event {
-                Some(NodeEvent::FileProgress {
-                    digest: d,
-                    remaining_bytes,
-                    ..
-                }) if d == digest => fetching.set(file.size - remaining_bytes),
-                Some(NodeEvent::FileComplete { digest: d, .. }) if d == digest => break,
-                Some(NodeEvent::FileFailed {
-                    digest: d, reason, ..
-                }) if d == digest => {
-                    fetching.finish();
-                    let _ = node.stop().await;
-                    return Err(reason);
-                }
-                Some(NodeEvent::Revoked) => {
-                    let _ = node.stop().await;
-                    return Err(REVOKED.into());
-                }
-                Some(_) => {}
-                None => return Err(format!("this device stopped ({})", why_stopped(node).await)),
-            }
-        }
-        fetching.finish();
+    let target = out.join(&file.name);
+    if target.exists() {
+        let _ = node.stop().await;
+        return Err(format!(
+            "{} exists already: move it away or choose another directory with --out",
+            target.display()
+        ));
     }
-    let saved = node.save_file(conv, digest, out.to_path_buf()).await;
+    if file.missing_bytes == 0 {
+        let saved = node.save_file(conv, digest, out.to_path_buf()).await;
+        let _ = node.stop().await;
+        let path = saved.map_err(|e| e.to_string())??;
+        say!("saved {} ({})", path.display(), size(file.size));
+        return Ok(());
+    }
+    // The file is written as its chunks arrive, so that it is whole moments after the last one
+    // instead of after a second pass over all of it. If the fetch fails, stopping the node
+    // ends the save, which removes what it wrote.
+    let saving = match node
+        .save_file_as_it_arrives(conv, digest, out.to_path_buf())
+        .await
+    {
+        Ok(saving) => saving,
+        Err(_) => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+    };
+    match node.fetch_file(conv, digest).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = node.stop().await;
+            return Err(format!("this device knows no file {id}"));
+        }
+        Err(_) => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+    }
+    let mut fetching = Progress::new(&format!("getting {}", file.name), file.size);
+    fetching.set(file.size - file.missing_bytes);
+    loop {
+        let event = match tokio::time::timeout(STALL, node.events.recv()).await {
+            Ok(event) => event,
+            Err(_) => {
+                fetching.finish();
+                let _ = node.stop().await;
+                return Err(format!("no progress for {} s; what arrived is kept, and `sund file get {id}` goes on from there", STALL.as_secs()));
+            }
+        };
+        match event {
+            Some(NodeEvent::FileProgress {
+                digest: d,
+                remaining_bytes,
+                ..
+            }) if d == digest => fetching.set(file.size - remaining_bytes),
+            Some(NodeEvent::FileComplete { digest: d, .. }) if d == digest => break,
+            Some(NodeEvent::FileFailed {
+                digest: d, reason, ..
+            }) if d == digest => {
+                fetching.finish();
+                let _ = node.stop().await;
+                return Err(reason);
+            }
+            Some(NodeEvent::Revoked) => {
+                let _ = node.stop().await;
+                return Err(REVOKED.into());
+            }
+            Some(_) => {}
+            None => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+        }
+    }
+    fetching.finish();
+    let saved = saving.finished().await;
     let _ = node.stop().await;
     let path = saved.map_err(|e| e.to_string())??;
     say!("saved {} ({})", path.display(), size(file.size));

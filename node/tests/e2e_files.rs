@@ -117,6 +117,13 @@ fn files_resume_after_sigkills_of_sender_receiver_and_gateway_and_arrive_whole()
     let got = run(&sund(), &get);
     assert!(got.contains("saved"), "{got}");
     assert!(same_file(&big, &out_dir.join("big.bin")));
+    // The killed get was saving as the chunks arrived, into a hidden file beside; the get that
+    // finished took it over, so nothing hidden is left.
+    let left: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, vec!["big.bin"], "no temporary file left behind");
     let list = run(&sund(), &["file", "list", "--data-dir", b]);
     assert!(list.contains(&id) && list.contains("complete"), "{list}");
     // Bob's device signed a receipt; Alice's `follow` hears it, checks it against Bob's

@@ -103,15 +103,16 @@ pub enum ChunkSendError {
 }
 
 /// Sends one chunk on a new unidirectional stream of `connection`: the head frame, then the
-/// bytes, then the end of the stream. Waits for stream credit (backpressure).
+/// bytes, then the end of the stream. Waits for stream credit (backpressure). The body is handed
+/// to quinn as it is, not copied.
 pub async fn write_chunk_stream(
     connection: &quinn::Connection,
     head: &[u8],
-    body: &[u8],
+    body: Bytes,
 ) -> Result<(), ChunkSendError> {
     let mut send = connection.open_uni().await?;
     send.write_all(head).await?;
-    send.write_all(body).await?;
+    send.write_chunk(body).await?;
     send.finish()?;
     Ok(())
 }

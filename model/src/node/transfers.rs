@@ -1021,7 +1021,7 @@ impl NodeTransfers {
         else {
             return; // already held
         };
-        match files.chunk_arrived(conversation, digest, index, body.to_vec(), fx.writes()) {
+        match files.chunk_arrived(conversation, digest, index, Vec::from(body), fx.writes()) {
             Ok(ChunkProgress::Kept { .. } | ChunkProgress::AlreadyHeld) => {
                 let remaining = files.needed(conversation, digest).map_or(0, |n| n.bytes);
                 fx.event(NodeEvent::FileProgress {
