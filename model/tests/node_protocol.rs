@@ -501,6 +501,65 @@ fn reconnect_backoff_grows_with_full_jitter_and_is_capped() {
     );
 }
 
+/// A session the gateway ends with `code` right after `open`; returns the wait before the next
+/// connect.
+fn refused_session(h: &mut Harness, conn: u64, code: ErrorCode) -> Duration {
+    h.open(conn);
+    assert!(h.node.is_connected());
+    let goodbye = Goodbye {
+        code: code as u16,
+        message: "not understood".into(),
+    };
+    let out = h.frame(conn, Routing::default(), Payload::Goodbye(goodbye));
+    assert!(out.contains(&NodeOutput::Close(ConnectionId(conn))));
+    let next = h.node.poll_timeout().unwrap();
+    let wait = next.saturating_since(h.now);
+    h.now = next;
+    wait
+}
+
+#[test]
+fn a_gateway_that_refuses_each_session_as_it_opens_is_not_reconnected_to_in_a_tight_loop() {
+    // Each connect succeeds and each session opens, then the gateway ends it (a frame it does
+    // not understand, say). Were the open session counted as a success, every reconnect would
+    // come within `backoff_initial`: a tight loop against the gateway.
+    let config = config();
+    let mut h = Harness::new();
+    let mut waits = Vec::new();
+    for conn in 1..=12 {
+        waits.push(refused_session(&mut h, conn, ErrorCode::MalformedFrame));
+    }
+    for (refusal, wait) in waits.iter().enumerate() {
+        let cap = config
+            .backoff_initial
+            .saturating_mul(1 << (refusal + 1))
+            .min(config.backoff_max);
+        assert!(*wait <= cap, "refusal {refusal}: {wait:?} > {cap:?}");
+    }
+    let total: Duration = waits.iter().sum();
+    assert!(
+        total > Duration::from_secs(5),
+        "twelve refused sessions take seconds, not a tight loop: {waits:?}"
+    );
+    // A session that lasts, then is refused, starts the count anew: the next wait is short.
+    h.open(13);
+    h.now = h.now + config.backoff_max;
+    for _ in 0..3 {
+        // Heartbeats answered keep the session open meanwhile.
+        h.tick();
+    }
+    let goodbye = Goodbye {
+        code: ErrorCode::MalformedFrame as u16,
+        message: "not understood".into(),
+    };
+    h.frame(13, Routing::default(), Payload::Goodbye(goodbye));
+    let wait = h.node.poll_timeout().unwrap().saturating_since(h.now);
+    assert!(
+        wait <= config.backoff_initial.saturating_mul(2),
+        "a refusal after a lasting session waits little: {wait:?}"
+    );
+}
+
 #[test]
 fn silence_from_the_gateway_drops_the_connection_and_reconnects() {
     let mut h = Harness::new();

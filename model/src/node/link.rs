@@ -1,6 +1,8 @@
 //! The link: the node's connection to its gateway, from connecting through the handshake to an
 //! open session, with heartbeats, the idle timeout, reconnects with exponential backoff and full
-//! jitter, and the resume token that lets the next session skip the challenge.
+//! jitter, and the resume token that lets the next session skip the challenge. A session the
+//! gateway refuses (a `Goodbye`) before it has lasted `backoff_max` counts as a failed attempt
+//! though it opened, so that a refusal that repeats backs off instead of looping.
 
 use std::time::Duration;
 
@@ -69,6 +71,13 @@ pub enum LinkDue {
 pub struct Link {
     state: LinkState,
     attempts: u32,
+    /// Sessions in a row that the gateway ended with a refusal (a `Goodbye`) before they had
+    /// lasted `backoff_max`: each counts as a failed attempt, though its connect succeeded, so
+    /// that a refusal that repeats (a frame this gateway does not understand, a certificate it
+    /// no longer takes) backs off instead of reconnecting in a tight loop.
+    refusals: u32,
+    /// When the open session opened (until it ends).
+    open_since: Option<Instant>,
     heartbeat_interval: Duration,
     next_heartbeat_nonce: u64,
     resume_token: Option<[u8; 32]>,
@@ -123,6 +132,8 @@ impl Link {
                 retry_at: (!copied).then_some(now),
             },
             attempts: 0,
+            refusals: 0,
+            open_since: None,
             heartbeat_interval: config.heartbeat_interval,
             next_heartbeat_nonce: 0,
             resume_token,
@@ -285,6 +296,24 @@ impl Link {
             next_heartbeat: now + self.heartbeat_interval,
         };
         self.attempts = 0;
+        self.open_since = Some(now);
+    }
+
+    /// True if the open session (if any) has lasted long enough to count as a success.
+    fn lasted(&self, now: Instant) -> bool {
+        self.open_since
+            .is_some_and(|since| now >= since + self.backoff_max)
+    }
+
+    /// The gateway ended the session (or the handshake) with a refusal; the caller backs off
+    /// next. A refusal soon after the session opened makes the next wait as long as after one
+    /// more failed connect; one after the session had lasted starts the count anew.
+    pub fn refused(&mut self, now: Instant) {
+        if self.lasted(now) {
+            self.refusals = 0;
+        }
+        self.open_since = None;
+        self.refusals = self.refusals.saturating_add(1);
     }
 
     /// Forgets the resume token (the gateway refused it, or refused this device).
@@ -333,9 +362,15 @@ impl Link {
     /// per failed attempt (full jitter). Returns the new status.
     pub fn back_off(&mut self, now: Instant, entropy: &mut dyn Entropy) -> ConnectionStatus {
         debug_assert!(!self.stays_offline(), "the caller checks");
+        // A session that lasted, then failed for any other reason, forgets earlier refusals.
+        if self.lasted(now) {
+            self.refusals = 0;
+        }
+        self.open_since = None;
+        let failures = self.attempts.saturating_add(self.refusals);
         let cap = self
             .backoff_initial
-            .saturating_mul(1u32 << self.attempts.min(20))
+            .saturating_mul(1u32 << failures.min(20))
             .min(self.backoff_max);
         let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
         // At least a microsecond, so that a timer that fired is never due again at once.

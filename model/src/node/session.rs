@@ -161,6 +161,7 @@ impl Node {
             });
         }
         self.fx.hold(NodeOutput::Close(conn));
+        self.link.refused(now);
         self.schedule_reconnect(now);
     }
 
