@@ -1364,8 +1364,19 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_file_saved_as_it_arrives_waits_for_each_chunk_and_appears_whole() {
+    /// A save of a file of which the store holds only chunk 0 yet, started on a thread.
+    struct Saving {
+        runtime: tokio::runtime::Runtime,
+        _tmp: tempfile::TempDir,
+        out: PathBuf,
+        manifest: Manifest,
+        chunks: Vec<Vec<u8>>,
+        store: RedbStore,
+        commits: watch::Sender<u64>,
+        saver: std::thread::JoinHandle<Result<PathBuf, String>>,
+    }
+
+    fn start_saving() -> Saving {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1385,6 +1396,30 @@ mod tests {
         };
         let (reader, m, o) = (store.reader(), manifest.clone(), out.clone());
         let saver = std::thread::spawn(move || save_file(&reader, &m, &o, arrivals));
+        Saving {
+            runtime,
+            _tmp: tmp,
+            out,
+            manifest,
+            chunks,
+            store,
+            commits,
+            saver,
+        }
+    }
+
+    #[test]
+    fn a_file_saved_as_it_arrives_waits_for_each_chunk_and_appears_whole() {
+        let Saving {
+            runtime: _runtime,
+            _tmp,
+            out,
+            manifest,
+            chunks,
+            mut store,
+            commits,
+            saver,
+        } = start_saving();
         // The rest arrives later, last chunk first; the save goes on after each commit.
         for index in (1..chunks.len()).rev() {
             std::thread::sleep(Duration::from_millis(20));
@@ -1408,25 +1443,16 @@ mod tests {
 
     #[test]
     fn a_save_whose_node_stops_first_says_so_and_leaves_nothing_behind() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("out");
-        std::fs::create_dir(&out).unwrap();
-        let (manifest, chunks) = file();
-        let mut store = store(tmp.path());
-        keep(&mut store, &manifest, &chunks, 0);
-        let commits = watch::Sender::new(0u64);
-        let arrivals = ChunkArrivals {
-            wait: true,
-            commits: commits.subscribe(),
-            runtime: runtime.handle().clone(),
-            stopped: false,
-        };
-        let (reader, m, o) = (store.reader(), manifest.clone(), out.clone());
-        let saver = std::thread::spawn(move || save_file(&reader, &m, &o, arrivals));
+        let Saving {
+            runtime,
+            _tmp,
+            out,
+            manifest,
+            store,
+            commits,
+            saver,
+            ..
+        } = start_saving();
         std::thread::sleep(Duration::from_millis(20));
         drop(commits); // the node stops
         let error = saver.join().unwrap().unwrap_err();

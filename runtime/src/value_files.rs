@@ -430,6 +430,69 @@ mod tests {
         assert_eq!(store.get(BIG, &[5]).unwrap(), None);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Batches of puts and deletes over a few keys, some reopening the store between them
+        /// (which sweeps), and some files left behind as a crash would leave them: the store
+        /// with values in files reads like an in-memory store given the same batches, and every
+        /// file on disk is one a record names.
+        #[test]
+        fn a_store_with_values_in_files_reads_like_one_without(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::vec((0u8..6, proptest::option::of(0usize..3000)), 1..6),
+                    0u8..4,
+                ),
+                1..12,
+            )
+        ) {
+            use sund_model::env::MemStore;
+            let tmp = tempfile::tempdir().unwrap();
+            let mut store = open(tmp.path());
+            let mut model = MemStore::default();
+            for (ops, after) in steps {
+                let mut batch = WriteBatch::default();
+                for (key, value) in ops {
+                    match value {
+                        Some(len) => batch.put(BIG, vec![key], vec![key ^ len as u8; len]),
+                        None => batch.delete(BIG, vec![key]),
+                    }
+                }
+                model.commit(batch.clone()).unwrap();
+                store.commit(batch).unwrap();
+                match after {
+                    0 => {
+                        drop(store);
+                        store = open(tmp.path());
+                    }
+                    1 => {
+                        // A crash between a file's write and its transaction: the next open
+                        // sweeps it.
+                        let dir = tmp.path().join("values/big/ff");
+                        std::fs::create_dir_all(&dir).unwrap();
+                        std::fs::write(dir.join("ff"), [1, 2, 3]).unwrap();
+                        std::fs::write(dir.join("ff.tmp"), [1]).unwrap();
+                        drop(store);
+                        store = open(tmp.path());
+                    }
+                    _ => {}
+                }
+                for key in 0u8..6 {
+                    proptest::prop_assert_eq!(
+                        store.get(BIG, &[key]).unwrap(),
+                        model.get(BIG, &[key]).unwrap()
+                    );
+                }
+                let held: Vec<String> = (0u8..6)
+                    .filter(|k| model.get(BIG, &[*k]).unwrap().is_some())
+                    .map(|k| hex::encode(&[k]))
+                    .collect();
+                proptest::prop_assert_eq!(files_under(&tmp.path().join("values")), held);
+            }
+        }
+    }
+
     #[cfg(unix)]
     #[test]
     fn value_files_are_private_to_their_owner() {
