@@ -57,6 +57,9 @@ LATENCY=$ROOT/target/release/examples/message_latency
 # 100 messages a second; the first run also lets dave join the DM from its Welcome.
 $LATENCY $MSGS/carol $MSGS/dave @dave 1000 100 "messages, no transfer"
 head -c "$SIZE" /dev/urandom > big.bin
+# A file someone sends has usually been on the disk a while: flush this one now, so that the
+# kernel does not write out gigabytes of it while the gateway's commits sync during the send.
+sync
 mkdir $RECEIVED
 
 measure() { # label, command...: elapsed seconds and peak RSS of the command
