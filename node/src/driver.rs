@@ -1066,6 +1066,18 @@ impl Core {
 /// gigabyte of writes, hundreds of milliseconds; synced as it goes, they wait for a few MiB.
 const SAVE_SYNC_BYTES: usize = 16 << 20;
 
+/// Where a file named `name` is saved in `dir`, or why it cannot be: a file is never replaced.
+pub fn save_target(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let path = dir.join(name);
+    if path.exists() {
+        return Err(format!(
+            "{} exists already: move it away or choose another directory with --out",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
 /// How a save waits for chunks still being fetched: it looks again after each commit.
 struct ChunkArrivals {
     /// False for a file already whole: a chunk missing from it is not coming.
@@ -1110,13 +1122,7 @@ fn save_file(
 ) -> Result<PathBuf, String> {
     use std::io::Write;
     let name = manifest.name.as_str();
-    let path = dir.join(name);
-    if path.exists() {
-        return Err(format!(
-            "{} exists already: move it away or choose another directory with --out",
-            path.display()
-        ));
-    }
+    let path = save_target(dir, name)?;
     let temp = dir.join(format!(".{name}.sund-part"));
     let mut file = std::fs::File::create(&temp)
         .map_err(|e| format!("cannot write into {}: {e}", dir.display()))?;

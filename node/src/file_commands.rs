@@ -357,13 +357,10 @@ pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), Str
         return Err(format!("this device knows no file {id}: `sund file list` shows the ones it knows (a file sent while this device was away arrives with `sund follow`)"));
     };
     let (conv, digest) = (file.conversation, file.digest);
-    let target = out.join(&file.name);
-    if target.exists() {
+    // Refused before anything is fetched, not after.
+    if let Err(why) = sund_node::driver::save_target(out, &file.name) {
         let _ = node.stop().await;
-        return Err(format!(
-            "{} exists already: move it away or choose another directory with --out",
-            target.display()
-        ));
+        return Err(why);
     }
     if file.missing_bytes == 0 {
         let saved = node.save_file(conv, digest, out.to_path_buf()).await;
