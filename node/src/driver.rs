@@ -9,7 +9,7 @@
 //! when its commit is back, its eager ones (message transmissions) at once. While the
 //! application does not take its events, the core stops reading from the gateway.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -295,6 +295,9 @@ enum Link {
     Chunk(ConnectionId, Bytes, Bytes),
     /// A chunk of an upload could not be read from its file as it was when sent.
     SourceFailed(UploadId, String),
+    /// A save found the device's copy of a chunk missing or damaged: the node drops it, so
+    /// that the file is fetched again, then the save's reply goes.
+    ChunkLost(ContentHash, Reply),
 }
 
 impl From<SessionEvent> for Link {
@@ -847,14 +850,35 @@ impl Core {
                 {
                     let manifest = record.manifest.clone();
                     let reader = self.reader.clone();
+                    let held = manifest
+                        .chunks
+                        .iter()
+                        .map(|c| c.hash)
+                        .filter(|hash| self.node.files().holds(conversation, hash))
+                        .collect();
                     let arrivals = ChunkArrivals {
-                        wait: as_it_arrives,
+                        held,
                         commits: self.commits.subscribe(),
                         runtime: tokio::runtime::Handle::current(),
                         stopped: false,
                     };
+                    let links = self.links.clone();
                     tokio::task::spawn_blocking(move || {
-                        let _ = to.send(save_file(&reader, &manifest, &dir, arrivals));
+                        match save_file(&reader, &manifest, &dir, arrivals) {
+                            Err(SaveError::ChunkLost { hash, why }) => {
+                                let answer = reply(to, Err(why));
+                                if let Err(unsent) =
+                                    links.blocking_send(Link::ChunkLost(hash, answer))
+                                {
+                                    if let Link::ChunkLost(_, answer) = unsent.0 {
+                                        answer(); // the node stopped: nothing to drop
+                                    }
+                                }
+                            }
+                            saved => {
+                                let _ = to.send(saved.map_err(|e| e.to_string()));
+                            }
+                        }
                     });
                 }
                 Some(_) => {
@@ -885,6 +909,14 @@ impl Core {
             }
             Link::Chunk(conn, head, body) => {
                 self.node.handle(now, NodeInput::Chunk { conn, head, body });
+            }
+            Link::ChunkLost(hash, answer) => {
+                let lacking = self.node.chunk_lost(now, hash);
+                tracing::warn!(
+                    files = lacking.len(),
+                    "a chunk in this device's store was missing or damaged: dropped, so that the files that have it are fetched again"
+                );
+                answer();
             }
             Link::SourceFailed(upload, why) => {
                 tracing::warn!(?upload, %why, "a file being sent can no longer be read as it was");
@@ -1080,8 +1112,9 @@ pub fn save_target(dir: &Path, name: &str) -> Result<PathBuf, String> {
 
 /// How a save waits for chunks still being fetched: it looks again after each commit.
 struct ChunkArrivals {
-    /// False for a file already whole: a chunk missing from it is not coming.
-    wait: bool,
+    /// Chunks the device held when the save began: one of these missing from the store is
+    /// lost, not on its way. (All of them, for a file already whole.)
+    held: BTreeSet<ContentHash>,
     commits: watch::Receiver<u64>,
     runtime: tokio::runtime::Handle,
     /// The node stopped while the save waited.
@@ -1090,7 +1123,7 @@ struct ChunkArrivals {
 
 impl ChunkArrivals {
     /// The chunk `hash` from the store, waiting for it while the node runs; `None` if the node
-    /// stopped first. A complete file never waits: every chunk is there.
+    /// stopped first, or at once if it was held already (so it is lost).
     fn chunk(&mut self, reader: &RedbReader, hash: &ContentHash) -> Option<Vec<u8>> {
         loop {
             // Marks the commits seen so far before looking, so that a commit landing between
@@ -1099,7 +1132,7 @@ impl ChunkArrivals {
             if let Some(bytes) = reader.get(CHUNK_BYTES_TABLE, &hash.0).ok().flatten() {
                 return Some(bytes);
             }
-            if !self.wait {
+            if self.held.contains(hash) {
                 return None;
             }
             if self.runtime.block_on(self.commits.changed()).is_err() {
@@ -1107,6 +1140,30 @@ impl ChunkArrivals {
                 return None;
             }
         }
+    }
+}
+
+/// Why a file was not saved.
+#[derive(Debug)]
+enum SaveError {
+    /// The device's copy of a chunk was missing or damaged: the node drops it, and the file
+    /// can be fetched again.
+    ChunkLost { hash: ContentHash, why: String },
+    /// Anything else, in words for the user.
+    Failed(String),
+}
+
+impl std::fmt::Display for SaveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SaveError::ChunkLost { why, .. } | SaveError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for SaveError {
+    fn from(why: String) -> SaveError {
+        SaveError::Failed(why)
     }
 }
 
@@ -1119,7 +1176,7 @@ fn save_file(
     manifest: &Manifest,
     dir: &Path,
     mut arrivals: ChunkArrivals,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, SaveError> {
     use std::io::Write;
     let name = manifest.name.as_str();
     let path = save_target(dir, name)?;
@@ -1145,18 +1202,26 @@ fn save_file(
     );
     let result = match (assembled, io_error) {
         (Err(AssemblyError::MissingChunk { .. }), _) if arrivals.stopped => {
-            Err("the device stopped before the file was whole; `sund file get` goes on from what arrived".into())
+            Err(SaveError::Failed("the device stopped before the file was whole; `sund file get` goes on from what arrived".into()))
         }
-        (Err(e), _) => Err(e.to_string()),
-        (Ok(()), Some(e)) => Err(format!(
+        (
+            Err(
+                e @ (AssemblyError::MissingChunk { index } | AssemblyError::Damaged { index }),
+            ),
+            _,
+        ) => Err(SaveError::ChunkLost {
+            hash: manifest.chunks[index].hash,
+            why: e.to_string(),
+        }),
+        (Ok(()), Some(e)) => Err(SaveError::Failed(format!(
             "cannot write {} ({e}): free some space and get it again",
             path.display()
-        )),
+        ))),
         (Ok(()), None) => file
             .sync_all()
             .and_then(|()| std::fs::rename(&temp, &path))
             .map(|()| path.clone())
-            .map_err(|e| format!("cannot write {} ({e})", path.display())),
+            .map_err(|e| SaveError::Failed(format!("cannot write {} ({e})", path.display()))),
     };
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
@@ -1379,7 +1444,7 @@ mod tests {
         chunks: Vec<Vec<u8>>,
         store: RedbStore,
         commits: watch::Sender<u64>,
-        saver: std::thread::JoinHandle<Result<PathBuf, String>>,
+        saver: std::thread::JoinHandle<Result<PathBuf, SaveError>>,
     }
 
     fn start_saving() -> Saving {
@@ -1395,7 +1460,7 @@ mod tests {
         keep(&mut store, &manifest, &chunks, 0);
         let commits = watch::Sender::new(0u64);
         let arrivals = ChunkArrivals {
-            wait: true,
+            held: BTreeSet::new(),
             commits: commits.subscribe(),
             runtime: runtime.handle().clone(),
             stopped: false,
@@ -1450,18 +1515,15 @@ mod tests {
     #[test]
     fn a_save_whose_node_stops_first_says_so_and_leaves_nothing_behind() {
         let Saving {
-            runtime,
             _tmp,
             out,
-            manifest,
-            store,
             commits,
             saver,
             ..
         } = start_saving();
         std::thread::sleep(Duration::from_millis(20));
         drop(commits); // the node stops
-        let error = saver.join().unwrap().unwrap_err();
+        let error = saver.join().unwrap().unwrap_err().to_string();
         assert!(
             error.contains("stopped before the file was whole"),
             "{error}"
@@ -1471,16 +1533,56 @@ mod tests {
             0,
             "nothing left behind"
         );
+    }
 
-        // A file said to be whole does not wait for a chunk it lacks: the save fails at once.
-        let arrivals = ChunkArrivals {
-            wait: false,
+    /// A chunk the device held when the save began but that is gone or damaged in its store
+    /// is not waited for: the save fails at once, naming the chunk, so that the node can drop
+    /// it and the file be fetched again; nothing is left behind.
+    #[test]
+    fn a_save_that_finds_a_held_chunk_lost_names_it_and_leaves_nothing_behind() {
+        let Saving {
+            runtime,
+            _tmp,
+            out,
+            manifest,
+            chunks,
+            mut store,
+            commits,
+            saver,
+        } = start_saving();
+        drop(commits);
+        let _ = saver.join();
+        let all_held = || ChunkArrivals {
+            held: manifest.chunks.iter().map(|c| c.hash).collect(),
             commits: watch::Sender::new(0u64).subscribe(),
             runtime: runtime.handle().clone(),
             stopped: false,
         };
-        let error = save_file(&store.reader(), &manifest, &out, arrivals).unwrap_err();
-        assert!(error.contains("chunk 1"), "{error}");
+        // Missing: only chunk 0 is in the store.
+        match save_file(&store.reader(), &manifest, &out, all_held()) {
+            Err(SaveError::ChunkLost { hash, why }) => {
+                assert_eq!(hash, manifest.chunks[1].hash);
+                assert!(why.contains("chunk 1") && why.contains("missing"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+        // Damaged: chunk 1 is there with one bit flipped.
+        let mut damaged = chunks.clone();
+        damaged[1][1_000] ^= 1;
+        for index in 1..chunks.len() {
+            keep(&mut store, &manifest, &damaged, index);
+        }
+        match save_file(&store.reader(), &manifest, &out, all_held()) {
+            Err(SaveError::ChunkLost { hash, why }) => {
+                assert_eq!(hash, manifest.chunks[1].hash);
+                assert!(why.contains("chunk 1") && why.contains("damaged"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+        keep(&mut store, &manifest, &chunks, 1);
+        let saved = save_file(&store.reader(), &manifest, &out, all_held()).unwrap();
+        assert_eq!(std::fs::read(saved).unwrap(), chunks.concat());
     }
 }

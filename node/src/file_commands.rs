@@ -351,41 +351,94 @@ pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), Str
     }
     let device = Device::load(data_dir).map_err(|e| e.to_string())?;
     let mut node = open_node(&device).await?;
-    let files = node.files().await.map_err(|e| e.to_string())?;
-    let Some(file) = files.into_iter().find(|f| file_id(f.digest) == wanted) else {
-        let _ = node.stop().await;
-        return Err(format!("this device knows no file {id}: `sund file list` shows the ones it knows (a file sent while this device was away arrives with `sund follow`)"));
-    };
-    let (conv, digest) = (file.conversation, file.digest);
-    // Refused before anything is fetched, not after.
-    if let Err(why) = sund_node::driver::save_target(out, &file.name) {
-        let _ = node.stop().await;
-        return Err(why);
+    // A second round only if the first found a chunk of this device's copy missing or
+    // damaged: the node dropped it, so the file lacks it and is fetched again.
+    for round in 0..2 {
+        let files = node.files().await.map_err(|e| e.to_string())?;
+        let Some(file) = files.into_iter().find(|f| file_id(f.digest) == wanted) else {
+            let _ = node.stop().await;
+            return Err(format!("this device knows no file {id}: `sund file list` shows the ones it knows (a file sent while this device was away arrives with `sund follow`)"));
+        };
+        // Refused before anything is fetched, not after.
+        if let Err(why) = sund_node::driver::save_target(out, &file.name) {
+            let _ = node.stop().await;
+            return Err(why);
+        }
+        let saved = match fetch_and_save(&mut node, &file, id, out).await {
+            Ok(saved) => saved,
+            Err(FetchEnded::Stopped) => {
+                return Err(format!("this device stopped ({})", why_stopped(node).await))
+            }
+            Err(FetchEnded::Failed(why)) => {
+                let _ = node.stop().await;
+                return Err(why);
+            }
+        };
+        match saved {
+            Ok(path) => {
+                let _ = node.stop().await;
+                say!("saved {} ({})", path.display(), size(file.size));
+                return Ok(());
+            }
+            Err(why) if round == 0 && lacks_chunks(&node, file.digest).await => {
+                esay!("{why}: fetching it again");
+            }
+            Err(why) => {
+                let _ = node.stop().await;
+                return Err(why);
+            }
+        }
     }
+    unreachable!("the second round returns")
+}
+
+/// True if this device's file `digest` lacks chunks (after a save found one lost).
+pub(crate) async fn lacks_chunks(node: &NodeHandle, digest: ManifestDigest) -> bool {
+    node.files().await.is_ok_and(|files| {
+        files
+            .iter()
+            .any(|f| f.digest == digest && f.missing_bytes > 0)
+    })
+}
+
+/// Why a fetch ended before its file was whole.
+enum FetchEnded {
+    /// The node stopped (it says why when stopped).
+    Stopped,
+    /// In words for the user.
+    Failed(String),
+}
+
+/// Fetches what `file` lacks, saving it into `out` as it arrives: the save's outcome, or why
+/// the fetch ended first.
+async fn fetch_and_save(
+    node: &mut NodeHandle,
+    file: &FileSummary,
+    id: &str,
+    out: &Path,
+) -> Result<Result<PathBuf, String>, FetchEnded> {
+    let (conv, digest) = (file.conversation, file.digest);
     if file.missing_bytes == 0 {
-        let saved = node.save_file(conv, digest, out.to_path_buf()).await;
-        let _ = node.stop().await;
-        let path = saved.map_err(|e| e.to_string())??;
-        say!("saved {} ({})", path.display(), size(file.size));
-        return Ok(());
+        return node
+            .save_file(conv, digest, out.to_path_buf())
+            .await
+            .map_err(|_| FetchEnded::Stopped);
     }
     // The file is written as its chunks arrive, so that it is whole moments after the last one
     // instead of after a second pass over all of it. If the fetch fails, stopping the node
     // ends the save, which removes what it wrote.
-    let saving = match node
+    let saving = node
         .save_file_as_it_arrives(conv, digest, out.to_path_buf())
         .await
-    {
-        Ok(saving) => saving,
-        Err(_) => return Err(format!("this device stopped ({})", why_stopped(node).await)),
-    };
+        .map_err(|_| FetchEnded::Stopped)?;
     match node.fetch_file(conv, digest).await {
         Ok(true) => {}
         Ok(false) => {
-            let _ = node.stop().await;
-            return Err(format!("this device knows no file {id}"));
+            return Err(FetchEnded::Failed(format!(
+                "this device knows no file {id}"
+            )))
         }
-        Err(_) => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+        Err(_) => return Err(FetchEnded::Stopped),
     }
     let mut fetching = Progress::new(&format!("getting {}", file.name), file.size);
     fetching.set(file.size - file.missing_bytes);
@@ -394,8 +447,7 @@ pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), Str
             Ok(event) => event,
             Err(_) => {
                 fetching.finish();
-                let _ = node.stop().await;
-                return Err(format!("no progress for {} s; what arrived is kept, and `sund file get {id}` goes on from there", STALL.as_secs()));
+                return Err(FetchEnded::Failed(format!("no progress for {} s; what arrived is kept, and `sund file get {id}` goes on from there", STALL.as_secs())));
             }
         };
         match event {
@@ -409,23 +461,15 @@ pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), Str
                 digest: d, reason, ..
             }) if d == digest => {
                 fetching.finish();
-                let _ = node.stop().await;
-                return Err(reason);
+                return Err(FetchEnded::Failed(reason));
             }
-            Some(NodeEvent::Revoked) => {
-                let _ = node.stop().await;
-                return Err(REVOKED.into());
-            }
+            Some(NodeEvent::Revoked) => return Err(FetchEnded::Failed(REVOKED.into())),
             Some(_) => {}
-            None => return Err(format!("this device stopped ({})", why_stopped(node).await)),
+            None => return Err(FetchEnded::Stopped),
         }
     }
     fetching.finish();
-    let saved = saving.finished().await;
-    let _ = node.stop().await;
-    let path = saved.map_err(|e| e.to_string())??;
-    say!("saved {} ({})", path.display(), size(file.size));
-    Ok(())
+    saving.finished().await.map_err(|_| FetchEnded::Stopped)
 }
 
 /// What `sund follow` prints for a file offered to this device.

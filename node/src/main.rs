@@ -599,7 +599,15 @@ async fn follow(
                     let dir = fetch_into.expect("matched").to_path_buf();
                     match node.save_file(conversation, digest, dir).await.map_err(|e| e.to_string())? {
                         Ok(path) => esay!("saved {}", path.display()),
-                        Err(why) => esay!("file {} not saved: {why}", file_commands::file_id(digest)),
+                        Err(why) => {
+                            esay!("file {} not saved: {why}", file_commands::file_id(digest));
+                            // A chunk of this device's copy was lost and dropped: fetched
+                            // again, and saved when it completes.
+                            if file_commands::lacks_chunks(&node, digest).await {
+                                esay!("file {}: fetching it again", file_commands::file_id(digest));
+                                node.fetch_file(conversation, digest).await.map_err(|e| e.to_string())?;
+                            }
+                        }
                     }
                 }
                 Some(NodeEvent::FileFailed { digest, reason, .. }) => {

@@ -74,6 +74,18 @@ fn same_file(a: &Path, b: &Path) -> bool {
     std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
 
+/// The files of a device's chunk store (`DATA_DIR/values/file_chunk_bytes/AB/ABCD…`).
+fn chunk_files(data_dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let root = data_dir.join("values").join("file_chunk_bytes");
+    let mut files = std::collections::BTreeSet::new();
+    for fan in std::fs::read_dir(root).unwrap() {
+        for file in std::fs::read_dir(fan.unwrap().path()).unwrap() {
+            files.insert(file.unwrap().path());
+        }
+    }
+    files
+}
+
 #[test]
 fn files_resume_after_sigkills_of_sender_receiver_and_gateway_and_arrive_whole() {
     let tmp = tempfile::tempdir().unwrap();
@@ -164,18 +176,44 @@ fn files_resume_after_sigkills_of_sender_receiver_and_gateway_and_arrive_whole()
     let id = next_file_id(b);
     let id_again = next_file_id(b);
     assert_eq!(id, id_again, "the same file has the same id");
-    let got = run(
-        &sund(),
-        &["file", "get", "--data-dir", b, &id, "--out", out],
-    );
+    let before = chunk_files(&b_dir);
+    let get_second = ["file", "get", "--data-dir", b, &id, "--out", out];
+    let got = run(&sund(), &get_second);
     assert!(got.contains("saved"), "{got}");
     assert!(same_file(&second, &out_dir.join("second.bin")));
     // Getting it a second time refuses to overwrite what is there.
-    let refused = fails(
-        &sund(),
-        &["file", "get", "--data-dir", b, &id, "--out", out],
-    );
+    let refused = fails(&sund(), &get_second);
     assert!(refused.contains("exists already"), "{refused}");
+
+    // A bit of Bob's stored copy rots. Saving the file again finds it, drops that chunk and
+    // fetches it again; the gateway let the file go once Bob had it, so the get says what to
+    // do, and leaves nothing behind. Once Alice sends it again, the get moves that one chunk.
+    let second_chunks: Vec<_> = chunk_files(&b_dir).difference(&before).cloned().collect();
+    assert!(second_chunks.len() > 10, "{}", second_chunks.len());
+    let rotten = &second_chunks[second_chunks.len() / 2];
+    let mut bytes = std::fs::read(rotten).unwrap();
+    bytes[1_000] ^= 0x10;
+    std::fs::write(rotten, bytes).unwrap();
+    std::fs::remove_file(out_dir.join("second.bin")).unwrap();
+    let failed = fails(&sund(), &get_second);
+    assert!(
+        failed.contains("was damaged in this device's store: fetching it again"),
+        "{failed}"
+    );
+    assert!(
+        failed.contains("the gateway no longer holds this file")
+            && failed.contains("ask the sender to send it again"),
+        "{failed}"
+    );
+    assert!(!out_dir.join("second.bin").exists(), "no wrong file saved");
+    let list = run(&sund(), &["file", "list", "--data-dir", b]);
+    let line = list.lines().find(|l| l.contains(&id)).unwrap_or_default();
+    assert!(!line.is_empty() && !line.contains("complete"), "{list}");
+    run(&sund(), &send_second);
+    assert_eq!(next_file_id(b), id);
+    let got = run(&sund(), &get_second);
+    assert!(got.contains("saved"), "{got}");
+    assert!(same_file(&second, &out_dir.join("second.bin")));
 
     // `follow --fetch-into` fetches what is offered and saves it, announcing each.
     let third = tmp.path().join("notes.txt");

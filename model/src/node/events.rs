@@ -397,6 +397,9 @@ pub struct NodeStats {
     /// Times a whole upload's message had to wait (a removal waiting for its commit, a full
     /// outbox) and was sent again at a later heartbeat.
     pub file_messages_waiting: u64,
+    /// Chunks of this device's store found missing or damaged when a file was saved, and
+    /// dropped so that the file is fetched again.
+    pub chunks_lost: u64,
     /// File receipts this device sent.
     pub receipts_sent: u64,
     /// Receipts that could not be sent (this device is no longer in the conversation).

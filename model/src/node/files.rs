@@ -170,7 +170,7 @@ fn receipt_message(digest: &ManifestDigest) -> Vec<u8> {
 }
 
 /// A file's place: the conversation it came in and its manifest digest.
-type FileAt = (ConversationId, ManifestDigest);
+pub type FileAt = (ConversationId, ManifestDigest);
 
 /// A file being received or received, with the chunks it still lacks.
 #[derive(Clone, Debug)]
@@ -334,6 +334,45 @@ impl DeviceFiles {
         Ok(ChunkProgress::Kept { remaining })
     }
 
+    /// The device's copy of chunk `hash` turned out missing or damaged (found while saving a
+    /// file): it is no longer held in any conversation, its bytes and index records go in
+    /// `writes`, and every file that has it lacks it again, so fetching such a file asks for
+    /// it anew instead of promising a chunk that is not there. Returns those files.
+    pub fn chunk_lost(&mut self, hash: ContentHash, writes: &mut WriteBatch) -> Vec<FileAt> {
+        let conversations: Vec<ConversationId> = self
+            .held
+            .keys()
+            .filter(|(_, h)| *h == hash)
+            .map(|&(c, _)| c)
+            .collect();
+        for conversation in &conversations {
+            self.held.remove(&(*conversation, hash));
+            let mut key = conversation.to_bytes().to_vec();
+            key.extend_from_slice(&hash.0);
+            writes.delete(CHUNK_INDEX_TABLE, key);
+        }
+        writes.delete(CHUNK_BYTES_TABLE, hash.0.to_vec());
+        let mut lacking = Vec::new();
+        for (at, receiving) in &mut self.files {
+            if receiving
+                .record
+                .manifest
+                .chunks
+                .iter()
+                .any(|c| c.hash == hash)
+            {
+                receiving.missing.insert(hash);
+                lacking.push(*at);
+            }
+        }
+        lacking
+    }
+
+    /// True if chunk `hash` is held in `conversation` (its bytes should be in the store).
+    pub fn holds(&self, conversation: ConversationId, hash: &ContentHash) -> bool {
+        self.held.contains_key(&(conversation, *hash))
+    }
+
     /// True when every chunk of file `digest` in `conversation` is held.
     pub fn is_complete(&self, conversation: ConversationId, digest: ManifestDigest) -> bool {
         self.files
@@ -368,13 +407,13 @@ impl DeviceFiles {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AssemblyError {
     /// A chunk the index says is held is not in the store (or has another length).
-    #[error("chunk {index} of the file is missing from this device's store: fetch the file again")]
+    #[error("chunk {index} of the file was missing from this device's store")]
     MissingChunk {
         /// Its index.
         index: usize,
     },
     /// A chunk read back from the store does not hash to what the manifest names.
-    #[error("chunk {index} of the file is damaged in this device's store: fetch the file again")]
+    #[error("chunk {index} of the file was damaged in this device's store")]
     Damaged {
         /// Its index.
         index: usize,
@@ -638,6 +677,52 @@ mod tests {
             assemble(&manifest, damaged, |_| {}),
             Err(AssemblyError::Damaged { index: 0 })
         );
+        assert_eq!(assembled(&files, &store, &manifest).unwrap(), data);
+    }
+
+    /// A chunk found damaged on this device's disk is dropped everywhere it was held, durably:
+    /// each file that has it lacks it again (even after a restart) and names it to fetch, and
+    /// when it arrives again the file is whole.
+    #[test]
+    fn a_lost_chunk_is_dropped_and_fetched_again_in_every_file_that_has_it() {
+        const ELSEWHERE: ConversationId = ConversationId(4);
+        let data = noise(3 << 20, 11);
+        let (manifest, chunks) = sealed(&data, 12);
+        let digest = manifest.digest();
+        assert!(chunks.len() >= 2);
+        let mut store = MemStore::default();
+        let mut files = DeviceFiles::new();
+        commit(&mut store, |w| {
+            for conversation in [CONV, ELSEWHERE] {
+                files.offer(conversation, manifest.clone(), w);
+                for (i, chunk) in chunks.iter().enumerate() {
+                    files
+                        .chunk_arrived(conversation, digest, i, chunk.ciphertext.clone(), w)
+                        .unwrap();
+                }
+            }
+        });
+        assert!(files.is_complete(CONV, digest) && files.is_complete(ELSEWHERE, digest));
+        let lost = manifest.chunks[1].hash;
+        assert!(files.holds(CONV, &lost));
+        let mut lacking = Vec::new();
+        commit(&mut store, |w| lacking = files.chunk_lost(lost, w));
+        assert_eq!(lacking, vec![(CONV, digest), (ELSEWHERE, digest)]);
+        assert_eq!(store.get(CHUNK_BYTES_TABLE, &lost.0).unwrap(), None);
+        // Durable: a restart does not believe in it again.
+        let mut files = DeviceFiles::recover(&store).unwrap();
+        for conversation in [CONV, ELSEWHERE] {
+            assert!(!files.is_complete(conversation, digest));
+            assert!(!files.holds(conversation, &lost));
+            let needed = files.needed(conversation, digest).unwrap();
+            assert_eq!(needed.chunks, vec![(1, manifest.chunk_id(1))]);
+            assert_eq!(needed.bytes, u64::from(manifest.chunks[1].len));
+        }
+        commit(&mut store, |w| {
+            files
+                .chunk_arrived(CONV, digest, 1, chunks[1].ciphertext.clone(), w)
+                .unwrap();
+        });
         assert_eq!(assembled(&files, &store, &manifest).unwrap(), data);
     }
 

@@ -335,6 +335,21 @@ impl Node {
         known
     }
 
+    /// The driver found this device's copy of chunk `hash` missing or damaged while saving a
+    /// file. The chunk is dropped (durably) and each file that has it lacks it again: a
+    /// complete one goes back to offered, so fetching it asks for the chunk anew (or says the
+    /// gateway no longer holds it). Returns those files.
+    pub fn chunk_lost(
+        &mut self,
+        _now: Instant,
+        hash: crate::files::ContentHash,
+    ) -> Vec<files::FileAt> {
+        self.stats.chunks_lost += 1;
+        let lacking = self.files.chunk_lost(hash, self.fx.writes());
+        self.transfers.files_incomplete(&lacking, &mut self.fx);
+        lacking
+    }
+
     /// Gives up an upload the driver cannot go on with (its file changed or went since it was
     /// sent): nothing more of it is sent, and the application hears why.
     pub fn cancel_upload(&mut self, _now: Instant, upload: crate::files::UploadId, reason: String) {

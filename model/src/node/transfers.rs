@@ -907,6 +907,24 @@ impl NodeTransfers {
         }
     }
 
+    /// These files lack a chunk again (the device's copy was lost): those that were complete
+    /// go back to offered, to be fetched again.
+    pub fn files_incomplete(
+        &mut self,
+        files: &[(ConversationId, ManifestDigest)],
+        fx: &mut NodeFx,
+    ) {
+        for &(conversation, digest) in files {
+            let complete = self
+                .offers
+                .get(&(conversation, digest))
+                .is_some_and(|o| o.state == OfferState::Complete);
+            if complete {
+                self.set_state(conversation, digest, OfferState::Offered, fx);
+            }
+        }
+    }
+
     /// The application asks for file `digest` of `conversation`. False for a file never
     /// offered here.
     pub fn fetch(
