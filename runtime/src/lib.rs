@@ -25,6 +25,7 @@
 
 pub mod chunk_stream;
 pub mod clock;
+pub mod direct_io;
 pub mod committer;
 pub mod endpoint;
 pub mod entropy;

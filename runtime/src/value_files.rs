@@ -22,17 +22,22 @@
 //! so that no directory grows past a few thousand entries for a gateway holding millions.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use sund_model::env::{StoreError, Table, WriteBatch, WriteOp};
+
+use crate::direct_io::{self, DirectFile};
 use sund_model::hex;
 
 /// The tag that starts a reference record: what a table in files keeps in redb.
 const REFERENCE_TAG: &[u8; 8] = b"\0sundref";
 /// A reference record: the tag, then the value's length (u64, little-endian).
 const REFERENCE_LEN: usize = 16;
+/// Most bytes a value's file is read for, whatever its reference says (a damaged reference
+/// must not make a read allocate gigabytes): file chunks are at most a few MiB.
+const VALUE_BYTES_MAX: usize = 64 << 20;
 
 /// Where the values of some tables live as files, and how they get there.
 #[derive(Debug)]
@@ -181,17 +186,11 @@ impl ValueFiles {
             }
         }
         let temp = path.with_extension("tmp");
+        // Around the page cache (see `direct_io`): chunks are written once and read rarely.
         let written = (|| {
-            let mut options = OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let mut file = options.open(&temp)?;
+            let mut file = DirectFile::create(&temp, true)?;
             file.write_all(bytes)?;
-            file.sync_data()?;
+            file.finish()?;
             std::fs::rename(&temp, path)
         })();
         if let Err(e) = written {
@@ -214,29 +213,29 @@ impl ValueFiles {
             return Ok(Some(record.to_vec()));
         };
         let path = self.path(table, key);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
+        let want = usize::try_from(len).unwrap_or(usize::MAX).min(VALUE_BYTES_MAX);
+        match direct_io::read_file(&path, want) {
+            Ok(bytes) => Ok(self.checked_len(&path, bytes, len)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Removed by hand, or dropped by a commit after this read's snapshot.
                 tracing::debug!(path = %path.display(), "a value's file is gone");
-                return Ok(None);
+                Ok(None)
             }
-            Err(e) => {
-                return Err(StoreError::Backend(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )))
-            }
-        };
-        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(64 << 20));
-        file.read_to_end(&mut bytes)
-            .map_err(|e| StoreError::Backend(format!("cannot read {}: {e}", path.display())))?;
+            Err(e) => Err(StoreError::Backend(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// `bytes` if the file had the length its reference names; else none, with a warning.
+    fn checked_len(&self, path: &Path, bytes: Vec<u8>, len: u64) -> Option<Vec<u8>> {
         if bytes.len() as u64 != len {
             tracing::warn!(path = %path.display(), want = len, found = bytes.len(),
                 "a value's file has the wrong length (damaged or changed by hand): read as missing");
-            return Ok(None);
+            return None;
         }
-        Ok(Some(bytes))
+        Some(bytes)
     }
 
     /// Removes the files no reference names (a crash between a file's write and its
