@@ -575,6 +575,30 @@ fn a_file_sent_from_one_device_is_fetched_by_the_others_each_chunk_once_and_resu
     assert_eq!(assembled(&net, 2, conv, digest), data);
     assert_eq!(net.chunks[&2].len(), sealed.len(), "no chunk served twice");
 
+    // A chunk of Bob's copy rots on his phone's disk; saving the file finds it, and the node
+    // drops it: the file lacks that chunk again, and fetching it moves that chunk alone.
+    let lost = net
+        .node(2)
+        .files()
+        .file(conv, digest)
+        .unwrap()
+        .manifest
+        .chunks[1]
+        .hash;
+    let now = net.now;
+    assert_eq!(net.node(2).chunk_lost(now, lost), vec![(conv, digest)]);
+    net.settle();
+    assert!(!net.node(2).files().is_complete(conv, digest));
+    assert_eq!(net.node(2).stats().chunks_lost, 1);
+    assert!(net.node(2).fetch_file(now, conv, digest));
+    net.settle();
+    assert_eq!(assembled(&net, 2, conv, digest), data);
+    assert_eq!(
+        net.chunks[&2].len(),
+        sealed.len() + 1,
+        "the lost chunk alone is served again"
+    );
+
     // The laptop too; then the gateway lets the upload go.
     let now = net.now;
     assert!(net.node(3).fetch_file(now, conv, digest));

@@ -190,7 +190,8 @@ impl DirectFile {
             // the next write unaligned): the rest goes through the page cache.
             if self.direct {
                 self.file = OpenOptions::new().write(true).open(&self.path)?;
-                self.file.seek(SeekFrom::Start(self.written + done as u64))?;
+                self.file
+                    .seek(SeekFrom::Start(self.written + done as u64))?;
                 self.direct = false;
             }
             self.file.write_all(&block[done..])?;
@@ -198,8 +199,7 @@ impl DirectFile {
         self.written += n as u64;
         let keep = self.staged.saturating_sub(n);
         let from = self.start + n;
-        self.buffer
-            .copy_within(from..from + keep, self.start);
+        self.buffer.copy_within(from..from + keep, self.start);
         self.staged = keep;
         Ok(())
     }
@@ -216,7 +216,14 @@ mod tests {
     #[test]
     fn files_of_any_length_round_trip_and_syncs_in_between_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        for len in [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, STAGE_BYTES + 3 * ALIGN + 17] {
+        for len in [
+            0,
+            1,
+            ALIGN - 1,
+            ALIGN,
+            ALIGN + 1,
+            STAGE_BYTES + 3 * ALIGN + 17,
+        ] {
             let data = noise(len);
             let path = dir.path().join(format!("f{len}"));
             let mut file = DirectFile::create(&path, true).unwrap();

@@ -25,8 +25,8 @@
 
 pub mod chunk_stream;
 pub mod clock;
-pub mod direct_io;
 pub mod committer;
+pub mod direct_io;
 pub mod endpoint;
 pub mod entropy;
 pub mod environment;

@@ -8,8 +8,9 @@
 //! and key, written before the transaction that refers to it commits and removed after the
 //! transaction that drops the reference:
 //!
-//! - **put**: the bytes go to `KEY.tmp`, are synced, renamed to `KEY` and the directory synced,
-//!   all before the redb transaction commits, so a committed reference always has its file;
+//! - **put**: the bytes go to `KEY.tmp` (around the page cache, [`crate::direct_io`]), are
+//!   synced, renamed to `KEY` and the directory synced, all before the redb transaction
+//!   commits, so a committed reference always has its file;
 //! - **delete**: the reference goes with the transaction; the file after it has committed;
 //! - a crash between the two leaves a file no reference names: [`ValueFiles::sweep`] removes
 //!   such files (and `*.tmp` left by a crash mid-write) when the store opens.
@@ -213,7 +214,9 @@ impl ValueFiles {
             return Ok(Some(record.to_vec()));
         };
         let path = self.path(table, key);
-        let want = usize::try_from(len).unwrap_or(usize::MAX).min(VALUE_BYTES_MAX);
+        let want = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(VALUE_BYTES_MAX);
         match direct_io::read_file(&path, want) {
             Ok(bytes) => Ok(self.checked_len(&path, bytes, len)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
