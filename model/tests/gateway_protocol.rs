@@ -1623,6 +1623,30 @@ fn a_cursor_naming_another_message_than_the_one_at_its_seq_has_diverged() {
     assert!(notices(&out, 4, ErrorCode::HistoryDiverged).is_empty());
 }
 
+/// Two lossy crashes in one lying spell: each run gave seq 3 to another message, and a device
+/// read each. The first to come back marks 2..=3 lost and the placeholder keeps what it read
+/// at 3; the second read something else there, so its history diverged, and it is told (two
+/// untold devices would be a silent fork). Swarm seed 22782 of the plain family.
+#[test]
+fn two_devices_that_read_different_lost_messages_at_one_seq_are_not_both_left_untold() {
+    let mut h = gateway_that_lost_seqs_2_and_3();
+    let first = Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])));
+    let out = h.connect_with(3, alice(), vec![first]);
+    assert_eq!(
+        history(&out).iter().map(|f| f.kind).collect::<Vec<_>>(),
+        vec![HistoryKind::Lost]
+    );
+    assert!(notices(&out, 3, ErrorCode::HistoryDiverged).is_empty());
+    let other = Cursor::read(CONV, 3, Some(MsgId::from_bytes([7; 16])));
+    let out = h.connect_with(4, bob(), vec![other]);
+    let found: Vec<_> = history(&out)
+        .iter()
+        .map(|f| (f.kind, f.device, f.to))
+        .collect();
+    assert_eq!(found, vec![(HistoryKind::Diverged, bob(), 3)]);
+    assert_eq!(notices(&out, 4, ErrorCode::HistoryDiverged), vec![3]);
+}
+
 #[test]
 fn a_cursor_implausibly_far_beyond_the_head_is_not_believed() {
     let mut h = gateway_that_lost_seqs_2_and_3();

@@ -83,3 +83,11 @@ fn files_swarm_105_a_file_message_waits_for_a_pending_removal() {
 fn files_swarm_106_a_removed_device_stops_uploading() {
     run("tests/regressions/files-swarm-106.sund", 106);
 }
+
+/// Two lossy crashes of a gateway in one lying spell gave seq 1 to two messages, and each of
+/// the user's two devices read one: neither was told its history diverged (a silent fork).
+/// The placeholder of a lost seq now keeps the message the first device read there.
+#[test]
+fn lying_disk_swarm_22782_two_lost_histories_at_one_seq_are_told() {
+    run("tests/regressions/lying-disk-swarm-22782.sund", 22782);
+}

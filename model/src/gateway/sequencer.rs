@@ -197,17 +197,24 @@ impl ConversationLog {
     /// this gateway once sequenced those seqs and lost them with writes its disk had reported
     /// durable (a lying fsync). Each gets a placeholder entry from [`LOST_SENDER`], so that no
     /// seq a device has seen is ever given to another message, and devices behind are told of
-    /// the loss as they reach it. Returns the first lost seq; the caller persists the
-    /// placeholders with [`ConversationLog::persist_append`].
-    pub fn fence(&mut self, now: Instant, upto: u64) -> u64 {
+    /// the loss as they reach it. The placeholder at `upto` keeps `read`, the id of the
+    /// message the device read there ([`lost_read`]), so that a device that read another
+    /// message at that seq (a second lossy crash gave it to another) is known to have diverged.
+    /// Returns the first lost seq; the caller persists the placeholders with
+    /// [`ConversationLog::persist_append`].
+    pub fn fence(&mut self, now: Instant, upto: u64, read: Option<[u8; 16]>) -> u64 {
         let from = self.head() + 1;
         for seq in from..=upto {
+            let body = match read {
+                Some(id) if seq == upto => Bytes::copy_from_slice(&id),
+                _ => Bytes::new(),
+            };
             self.push(LogEntry {
                 seq,
                 sender: LOST_SENDER,
                 msg_id: MsgId(u128::from(seq)),
                 accepted_at: now,
-                body: Bytes::new(),
+                body,
             });
         }
         from
@@ -441,6 +448,13 @@ pub const AUTHORITY_SENDER: DeviceId = DeviceId(0);
 
 /// The sender of the placeholders for seqs the gateway lost ([`ConversationLog::fence`]).
 pub const LOST_SENDER: DeviceId = DeviceId(1);
+
+/// The id of the message a device had read at a lost seq, if a placeholder ([`LOST_SENDER`])
+/// keeps one: the placeholder's body is that id (empty when no device's cursor named it).
+pub fn lost_read(entry: &LogEntry) -> Option<[u8; 16]> {
+    debug_assert_eq!(entry.sender, LOST_SENDER);
+    entry.body.as_ref().try_into().ok()
+}
 
 /// The store key of a log entry.
 pub fn log_key(conversation: ConversationId, seq: u64) -> Vec<u8> {

@@ -27,7 +27,7 @@ use super::groups::{Change, GroupState, Groups, GROUPS_TABLE};
 use super::sender_order::SenderOrder;
 use super::sequencer::{
     decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
-    SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER, MEMBERS_TABLE,
+    lost_read, SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER, MEMBERS_TABLE,
 };
 use super::session::Sessions;
 use super::{Fx, Refusal};
@@ -898,7 +898,7 @@ impl Delivery {
                 self.stats.implausible_cursors += 1;
                 return;
             }
-            let from = log.fence(now, shown);
+            let from = log.fence(now, shown, read);
             for seq in from..=shown {
                 log.persist_append(seq, writes);
             }
@@ -914,6 +914,17 @@ impl Delivery {
             true
         } else {
             match (read, log.get(shown)) {
+                // Another device read another message at this lost seq: two lost histories
+                // (two lossy crashes in one lying spell, each run giving the seq to another
+                // message). This one is told its history diverged.
+                (Some(id), Some(entry))
+                    if entry.sender == LOST_SENDER
+                        && lost_read(entry).is_some_and(|kept| kept != id) =>
+                {
+                    let from = recovered.min(shown - 1) + 1;
+                    self.diverged_found(device, conv, from, shown, writes, found);
+                    return;
+                }
                 (Some(_), Some(entry)) if entry.sender == LOST_SENDER => true,
                 (Some(id), Some(entry)) if entry.msg_id.to_bytes() != id => {
                     let from = recovered.min(shown - 1) + 1;
