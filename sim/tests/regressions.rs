@@ -91,3 +91,15 @@ fn files_swarm_106_a_removed_device_stops_uploading() {
 fn lying_disk_swarm_22782_two_lost_histories_at_one_seq_are_told() {
     run("tests/regressions/lying-disk-swarm-22782.sund", 22782);
 }
+
+/// A DM's creating commit added the other user's second device, revoked a moment before the
+/// commit reached the gateway, which refused it (`forbidden`). The creator took every refusal
+/// of a creation for "another device created it first" and waited for a Welcome that never
+/// came: the DM was never created. It now makes the creation again from fresh packages.
+#[test]
+fn dm_creation_revoked_swarm_21070_is_made_again_without_the_revoked_device() {
+    run(
+        "tests/regressions/dm-creation-revoked-swarm-21070.sund",
+        21070,
+    );
+}

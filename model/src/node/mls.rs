@@ -319,10 +319,12 @@ impl Node {
         m.groups.forget_sent(msg_id, self.fx.writes());
         let conv = routing.conversation;
         let stale = code == ErrorCode::StaleEpoch;
+        let forbidden = code == ErrorCode::Forbidden;
         let refused = m.groups.on_commit_refused(
             conv,
             msg_id,
             stale,
+            forbidden,
             routing.epoch,
             &m.device,
             self.fx.writes(),

@@ -26,8 +26,9 @@ use bytes::Bytes;
 use super::groups::{Change, GroupState, Groups, GROUPS_TABLE};
 use super::sender_order::SenderOrder;
 use super::sequencer::{
-    decode_bounds, decode_dedup, decode_entry, split_pair_key, Appended, ConversationLog,
-    lost_read, SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER, MEMBERS_TABLE,
+    decode_bounds, decode_dedup, decode_entry, lost_read, split_pair_key, Appended,
+    ConversationLog, SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER,
+    MEMBERS_TABLE,
 };
 use super::session::Sessions;
 use super::{Fx, Refusal};

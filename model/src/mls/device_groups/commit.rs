@@ -354,11 +354,19 @@ impl DeviceGroups {
     /// The gateway refused our commit `msg_id`: with `stale_epoch`, another commit won `epoch`;
     /// we drop ours and retry the change once we have processed up to `current`. With any other
     /// refusal the change itself is not allowed, and is dropped. Returns the refused intent.
+    ///
+    /// A commit that *creates* the conversation: `stale_epoch` means another device created it
+    /// first (its Welcome will bring us in); `forbidden` (a device it added was revoked
+    /// meanwhile: the gateway has dropped that device's packages, and our CRL names it by now)
+    /// means it is made again from freshly fetched packages; anything else ends the request,
+    /// and the conversation is forgotten (it never existed).
+    #[allow(clippy::too_many_arguments)]
     pub fn on_commit_refused(
         &mut self,
         conv: ConversationId,
         msg_id: MsgId,
         stale: bool,
+        forbidden: bool,
         current: u64,
         mls: &DeviceMls,
         writes: &mut WriteBatch,
@@ -378,13 +386,27 @@ impl DeviceGroups {
         let creating = *creating;
         let transaction = mls.provider().transaction();
         if creating {
-            // Another device created this conversation first: its Welcome will bring us in.
             if let Some(mut group) = self.groups.remove(&conv) {
                 let _ = group.delete(mls.provider().storage());
             }
-            entry.status = GroupStatus::PendingWelcome;
-            if let Some(Intent::Create { users }) = entry.intents.front().cloned() {
-                entry.intents[0] = Intent::AddUsers(users);
+            if stale {
+                // Another device created this conversation first: its Welcome will bring us in.
+                entry.status = GroupStatus::PendingWelcome;
+                if let Some(Intent::Create { users }) = entry.intents.front().cloned() {
+                    entry.intents[0] = Intent::AddUsers(users);
+                }
+            } else if forbidden {
+                // Asked for, not made: the creation starts again (fetch, commit).
+                entry.status = GroupStatus::Synchronized;
+                transaction.commit(writes);
+                self.persist(conv, writes);
+                return None;
+            } else {
+                let refused = entry.intents.pop_front();
+                self.entries.remove(&conv);
+                transaction.commit(writes);
+                writes.delete(super::NODE_GROUPS_TABLE, conv.to_bytes().to_vec());
+                return refused;
             }
         } else {
             if let Some(group) = self.groups.get_mut(&conv) {
