@@ -318,11 +318,13 @@ pub fn generate(seed: u64, family: Family) -> Generated {
             };
             // A small window or slow links bound a device's delivery rate (a window per round
             // trip, and a lost frame stalls it until redelivery): faster workloads than this
-            // cannot converge within the liveness bound however correct the protocol is.
+            // cannot converge within the liveness bound however correct the protocol is. Every
+            // member receives what all the conversation's senders send, so the bound is on
+            // their sum (swarm seed 21453: five senders at 250 ms–1 s each into a window of 1).
             let period = if c.mls {
                 d.range(150, 1_000)
             } else if small_window || slow {
-                d.range(250, 1_000)
+                d.range(250, 1_000) * senders as u64
             } else {
                 d.range(30, 600)
             };
