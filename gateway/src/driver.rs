@@ -134,9 +134,14 @@ impl GatewayHandle {
     /// Carries out an operator's command on the running gateway; the answer comes once the
     /// commit that makes it true is durable. `None` if the gateway stopped.
     pub async fn admin(&self, command: AdminCommand) -> Option<AdminAnswer> {
-        let (tx, rx) = oneshot::channel();
-        self.control.send(Control::Admin(command, tx)).await.ok()?;
-        rx.await.ok()
+        self.admin_client().admin(command).await
+    }
+
+    /// A handle for operator requests that others (the control socket) can hold.
+    pub fn admin_client(&self) -> AdminClient {
+        AdminClient {
+            control: self.control.clone(),
+        }
     }
 
     /// Issues a one-time enrolment token for a new device of `user`, once it is stored. `None`
@@ -209,6 +214,42 @@ impl From<SessionEvent> for Link {
 enum Control {
     /// An operator's command and where its answer goes.
     Admin(AdminCommand, oneshot::Sender<AdminAnswer>),
+    /// A look at the gateway's state (listings), run by the core between inputs.
+    Inspect(Inspection),
+}
+
+/// A look at the running gateway's state: it runs in the core, so it must be quick.
+type Inspection = Box<dyn FnOnce(&Gateway, Instant) + Send>;
+
+/// Operator requests to a running gateway: changes through [`AdminCommand`]s, answered once
+/// committed, and looks at its state. Cheap to clone; every call returns `None` when the
+/// gateway stopped or cannot commit (its store is out).
+#[derive(Clone)]
+pub struct AdminClient {
+    control: mpsc::Sender<Control>,
+}
+
+impl AdminClient {
+    /// Carries out `command`; the answer comes once the commit that makes it true is durable.
+    pub async fn admin(&self, command: AdminCommand) -> Option<AdminAnswer> {
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::Admin(command, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Runs `look` on the gateway's state (as the machine holds it: what an answer reported
+    /// is committed; what devices did in the last few milliseconds may still be committing).
+    pub async fn inspect<T: Send + 'static>(
+        &self,
+        look: impl FnOnce(&Gateway, Instant) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Inspection = Box::new(move |gateway, now| {
+            let _ = tx.send(look(gateway, now));
+        });
+        self.control.send(Control::Inspect(job)).await.ok()?;
+        rx.await.ok()
+    }
 }
 
 /// Opens the gateway's database at `path`, with file chunks ([`BLOBS_TABLE`]) in files of
@@ -752,6 +793,11 @@ impl Core {
                 self.admin.insert(request, reply);
                 s.gateway
                     .handle(now, GatewayInput::Admin { request, command });
+            }
+            Control::Inspect(look) => {
+                if let Some(s) = &self.serving {
+                    look(&s.gateway, now);
+                } // else dropping `look` tells the caller the gateway cannot answer now
             }
         }
     }

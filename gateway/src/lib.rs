@@ -8,7 +8,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod chunks;
+#[cfg(unix)]
+pub mod control;
 pub mod driver;
 
 pub use sund_model::gateway;

@@ -9,11 +9,10 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::sync::Arc;
 
+use sund_gateway::admin::{AdminRequest, Printed};
+use sund_gateway::control::{self, AskError};
 use sund_gateway::driver::{self, GatewayOptions};
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
-use sund_model::identity::DevicePublicKey;
-use sund_model::ids::{ConversationId, DeviceId, UserId};
-use sund_model::time::format_utc;
 use sund_model::trust::{valid_domain, RegistrationAuthority};
 use sund_runtime::clock::wall_clock;
 use sund_runtime::entropy::OsEntropy;
@@ -35,7 +34,7 @@ struct Cli {
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
-    /// heartbeat_interval_s, retention_days); command-line flags win over it.
+    /// heartbeat_interval_s, retention_days, drain_timeout_s); command-line flags win over it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Certify any device that registers without an enrolment token (for local use; otherwise
@@ -46,6 +45,11 @@ struct Cli {
     /// first start; default `localhost`).
     #[arg(long, global = true)]
     domain: Option<String>,
+    /// Seconds a drain (after SIGTERM or Ctrl-C) may take before the gateway exits without
+    /// finishing it (default 10); a second signal exits at once. Devices resend whatever was
+    /// not acknowledged, so an unfinished drain loses nothing.
+    #[arg(long, global = true)]
+    drain_timeout: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -54,7 +58,8 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Run,
-    /// Edit the gateway's database while it is stopped.
+    /// Administer the gateway: through the running gateway on this data directory (its control
+    /// socket `admin.sock`), or on the database of a stopped one.
     Admin {
         #[command(subcommand)]
         action: Admin,
@@ -94,6 +99,21 @@ enum Admin {
     List,
 }
 
+impl Admin {
+    fn request(self) -> AdminRequest {
+        match self {
+            Admin::EnrolToken { user } => AdminRequest::EnrolToken { user },
+            Admin::Devices => AdminRequest::Devices,
+            Admin::Revoke { device } => AdminRequest::Revoke { device },
+            Admin::Crl => AdminRequest::Crl,
+            Admin::CreateConversation { name, members } => {
+                AdminRequest::CreateConversation { name, members }
+            }
+            Admin::List => AdminRequest::List,
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -103,6 +123,7 @@ struct FileConfig {
     domain: Option<String>,
     heartbeat_interval_s: Option<u64>,
     retention_days: Option<u64>,
+    drain_timeout_s: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -162,13 +183,21 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Some(days) = file.retention_days {
         config.retention_max = Duration::from_secs(days * 24 * 3600);
     }
+    let drain_timeout = Duration::from_secs(
+        cli.drain_timeout
+            .or(file.drain_timeout_s)
+            .unwrap_or(DRAIN_TIMEOUT_DEFAULT_S),
+    );
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => serve(GatewayOptions {
-            listen,
-            environment: Arc::new(Production),
-            data_dir,
-            config,
-        }),
+        Command::Run => serve(
+            GatewayOptions {
+                listen,
+                environment: Arc::new(Production),
+                data_dir,
+                config,
+            },
+            drain_timeout,
+        ),
         Command::Cert => {
             let dir = data_dir.join("tls");
             TlsIdentity::load_or_create(&dir).map_err(|e| e.to_string())?;
@@ -179,11 +208,27 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-fn serve(options: GatewayOptions) -> Result<(), String> {
+/// How long a drain may take unless `--drain-timeout` says otherwise (seconds).
+const DRAIN_TIMEOUT_DEFAULT_S: u64 = 10;
+
+fn serve(options: GatewayOptions, drain_timeout: Duration) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let socket = options.data_dir.join(control::SOCKET_NAME);
     runtime.block_on(async move {
         let mut handle = driver::start(options).await.map_err(|e| e.to_string())?;
+        // The database is ours now: no other gateway serves this directory.
+        let control = match control::listen(&socket, handle.admin_client()) {
+            Ok(control) => Some(control),
+            Err(e) => {
+                tracing::warn!(
+                    socket = %socket.display(),
+                    error = %e,
+                    "no control socket: `sund-gateway admin` works only while the gateway is stopped"
+                );
+                None
+            }
+        };
         eprintln!(
             "sund-gateway listening on {} (certificate: pin it with `sund init --gateway-cert`)",
             handle.addr
@@ -194,8 +239,28 @@ fn serve(options: GatewayOptions) -> Result<(), String> {
                 return Err(format!("the gateway stopped: {error}"));
             }
         }
-        tracing::info!("signal received: draining");
-        let stats = handle.shutdown().await.map_err(|e| e.to_string())?;
+        drop(control);
+        tracing::info!(
+            drain_timeout_s = drain_timeout.as_secs(),
+            "signal received: draining (a second signal stops at once)"
+        );
+        let stats = tokio::select! {
+            stats = handle.shutdown() => stats.map_err(|e| e.to_string())?,
+            _ = wait_for_signal() => {
+                tracing::warn!("second signal: stopping without finishing the drain");
+                exit_now("stopped by a second signal before the drain finished; devices resend what was not acknowledged");
+            }
+            _ = tokio::time::sleep(drain_timeout) => {
+                tracing::error!(
+                    drain_timeout_s = drain_timeout.as_secs(),
+                    "the drain did not finish in time: stopping without it"
+                );
+                exit_now(&format!(
+                    "the drain took longer than {} s (--drain-timeout): stopped without finishing it; devices resend what was not acknowledged",
+                    drain_timeout.as_secs()
+                ));
+            }
+        };
         tracing::info!(
             sequenced = stats.delivery.sequenced,
             deliveries = stats.delivery.deliveries,
@@ -203,6 +268,13 @@ fn serve(options: GatewayOptions) -> Result<(), String> {
         );
         Ok(())
     })
+}
+
+/// Exits the process at once, without waiting for the runtime's tasks (a commit in flight is
+/// either durable or not, as after a crash; what was not acknowledged is resent by devices).
+fn exit_now(why: &str) -> ! {
+    eprintln!("error: {why}");
+    std::process::exit(1)
 }
 
 async fn wait_for_signal() {
@@ -219,35 +291,31 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn parse_key(text: &str) -> Result<DevicePublicKey, String> {
-    DevicePublicKey::from_hex(text).ok_or_else(|| {
-        format!("`{text}` is not a device key: expected 64 hex digits as `sund init` prints them")
-    })
-}
-
-/// A device named by its id (`dev:` and 32 hex digits, or the 32 digits) or by its key.
-fn parse_device(text: &str) -> Result<DeviceId, String> {
-    let text = text.trim();
-    if let Some(key) = DevicePublicKey::from_hex(text) {
-        return Ok(key.device_id());
-    }
-    let hex = text.strip_prefix("dev:").unwrap_or(text);
-    match (hex.len(), u128::from_str_radix(hex, 16)) {
-        (32, Ok(id)) => Ok(DeviceId(id)),
-        _ => Err(format!(
-            "`{text}` is not a device: give its id as `admin devices` prints it (dev: and 32 hex digits) or its key (64 hex digits)"
-        )),
-    }
-}
-
+/// `sund-gateway admin …`: through the running gateway's control socket if one runs on this
+/// data directory, else on its database directly.
 fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), String> {
+    let request = action.request();
+    request.command()?; // a mistyped request is refused before anything is opened
+    let socket = data_dir.join(control::SOCKET_NAME);
+    let printed = match control::ask(&socket, &request) {
+        Ok(answer) => answer?,
+        Err(AskError::Failed(why)) => return Err(why),
+        Err(AskError::NotRunning) => offline(data_dir, config, &request)?,
+    };
+    print!("{}", printed.stdout);
+    eprint!("{}", printed.stderr);
+    Ok(())
+}
+
+/// Carries out `request` on a stopped gateway's database.
+fn offline(
+    data_dir: &Path,
+    config: GatewayConfig,
+    request: &AdminRequest,
+) -> Result<Printed, String> {
     let path = data_dir.join("gateway.redb");
-    let writes = matches!(
-        action,
-        Admin::EnrolToken { .. } | Admin::Revoke { .. } | Admin::CreateConversation { .. }
-    );
     let new = !path.exists();
-    if new && !writes {
+    if new && !request.writes() {
         return Err(format!(
             "no gateway database at {}: nothing is registered there yet (pass the --data-dir the gateway runs with)",
             path.display()
@@ -281,117 +349,16 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
             root.domain
         );
     }
-    match action {
-        Admin::EnrolToken { user } => {
-            let command = AdminCommand::IssueEnrolmentToken(UserId::from_name(&user));
-            let AdminAnswer::EnrolmentToken(token) = run_admin(&mut gateway, &mut store, command)?
-            else {
-                return Err("the gateway issued no token".into());
-            };
-            let root = gateway.trust_root();
-            println!("{}", token.to_text());
-            eprintln!(
-                "one device of `{user}` can register with this token within 7 days; root {} of {}",
-                root.fingerprint(),
-                root.domain
-            );
-        }
-        Admin::Devices => {
-            let authority = gateway.registration_authority();
-            let crl = authority.crl();
-            let mut any = false;
-            for cert in authority.certificates() {
-                any = true;
-                let state = if crl.revoked.contains(&cert.device()) {
-                    "revoked"
-                } else if now.as_micros() / 1_000_000 >= cert.not_after_s {
-                    "expired"
-                } else {
-                    "valid"
-                };
-                println!(
-                    "{} {} serial {} valid from {} until {} {state}",
-                    cert.device(),
-                    cert.user,
-                    cert.serial,
-                    format_utc(cert.not_before_s),
-                    format_utc(cert.not_after_s)
-                );
-            }
-            if !any {
-                println!("no devices registered yet");
-            }
-        }
-        Admin::Revoke { device } => {
-            let device = parse_device(&device)?;
-            match run_admin(&mut gateway, &mut store, AdminCommand::RevokeDevice(device))? {
-                AdminAnswer::Revoked {
-                    crl_version,
-                    already: false,
-                    ..
-                } => println!("revoked {device}: CRL version {crl_version}"),
-                AdminAnswer::Revoked { crl_version, .. } => {
-                    println!("{device} was already revoked (CRL version {crl_version})")
-                }
-                _ => {
-                    return Err(format!(
-                        "device {device} has no certificate from this gateway; `sund-gateway admin devices` lists those it has"
-                    ))
-                }
-            }
-        }
-        Admin::Crl => {
-            let crl = gateway.registration_authority().crl();
-            println!(
-                "CRL version {} issued at {} for {}: {} revoked",
-                crl.version,
-                format_utc(crl.issued_at_s),
-                crl.domain,
-                crl.revoked.len()
-            );
-            for device in &crl.revoked {
-                println!("{device}");
-            }
-        }
-        Admin::CreateConversation { name, members } => {
-            let keys = members
-                .iter()
-                .map(|m| parse_key(m))
-                .collect::<Result<Vec<_>, _>>()?;
-            let id = ConversationId::from_name(&name);
-            let devices = keys.iter().map(|k| k.device_id()).collect();
-            let command = AdminCommand::CreateConversation(id, devices);
-            if let AdminAnswer::ConversationCreated { members, .. } =
-                run_admin(&mut gateway, &mut store, command)?
-            {
-                println!("conversation `{name}` ({id}) has {members} member devices");
-            }
-        }
-        Admin::List => {
-            for log in gateway.conversations() {
-                println!(
-                    "{} head {} retained {} members {}",
-                    log.id(),
-                    log.head(),
-                    log.retained(),
-                    log.members().len()
-                );
-            }
-            for user in gateway.users() {
-                for device in gateway.devices_of(user) {
-                    println!(
-                        "{user} device {device} key_packages {}",
-                        gateway.key_packages_left(device)
-                    );
-                }
-            }
-        }
-    }
+    let answer = match request.command()? {
+        Some(command) => Some(run_admin(&mut gateway, &mut store, command)?),
+        None => None,
+    };
+    let printed = request.render(&gateway, wall_clock(), answer)?;
     // What recovery itself wrote (nothing, for a healthy database) is committed too.
     while let Some(ready) = gateway.poll_ready() {
         ready.commit(&mut store).map_err(|e| e.to_string())?;
     }
-    Ok(())
+    Ok(printed)
 }
 
 /// Runs one admin command through the state machine and returns its answer once the commit

@@ -138,7 +138,7 @@ fn a_device_the_gateway_does_not_know_is_refused_with_a_useful_error() {
 }
 
 #[test]
-fn an_enrolment_token_enrols_one_device_and_a_revoked_device_is_refused() {
+fn an_enrolment_token_enrols_one_device_and_a_device_revoked_on_the_running_gateway_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let gw_dir = tmp.path().join("gateway");
     let gw = gw_dir.to_str().unwrap();
@@ -177,9 +177,15 @@ fn an_enrolment_token_enrols_one_device_and_a_revoked_device_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("already used"), "{stderr}");
 
-    // The operator revokes the laptop (admin commands need the gateway stopped).
-    gateway.0.kill().unwrap();
-    gateway.0.wait().unwrap();
+    // The operator works on the running gateway, through its control socket: only the
+    // gateway's user may open it.
+    let socket = gw_dir.join("admin.sock");
+    {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let meta = std::fs::metadata(&socket).expect("the running gateway has a control socket");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
     let devices = run(&gateway_binary(), &["admin", "devices", "--data-dir", gw]);
     let laptop_id = devices
         .split_whitespace()
@@ -187,6 +193,22 @@ fn an_enrolment_token_enrols_one_device_and_a_revoked_device_is_refused() {
         .expect("admin devices lists the laptop")
         .to_string();
     assert!(devices.contains("valid"), "{devices}");
+    // A token issued while the gateway runs is stored before it is printed: it works at once.
+    let token = enrol(gw, "alice");
+    let tablet = tmp.path().join("tablet");
+    init_device(
+        tablet.to_str().unwrap(),
+        &addr,
+        cert.trim(),
+        Some("alice"),
+        Some(&token),
+    );
+    let out = status(&tablet);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let revoked = run(
         &gateway_binary(),
         &["admin", "revoke", &laptop_id, "--data-dir", gw],
@@ -201,13 +223,69 @@ fn an_enrolment_token_enrols_one_device_and_a_revoked_device_is_refused() {
         again.contains("was already revoked (CRL version 1)"),
         "{again}"
     );
-    let crl = run(&gateway_binary(), &["admin", "crl", "--data-dir", gw]);
-    assert!(crl.contains(&laptop_id), "{crl}");
-    let _gateway = Guard(start_gateway(&gw_dir, port));
+    // The running gateway refuses the laptop at once, without a restart.
     let out = status(&laptop);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("revoked"), "{stderr}");
+    // A mistyped request is refused with what to type instead, and changes nothing.
+    let err = fails(
+        &gateway_binary(),
+        &["admin", "revoke", "laptop", "--data-dir", gw],
+    );
+    assert!(err.contains("admin devices"), "{err}");
+    // A request that is not JSON, written straight to the socket, gets an answer and is logged.
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        raw.write_all(b"\xff revoke everything").unwrap();
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).unwrap();
+        assert!(answer.contains("same version"), "{answer}");
+    }
+    let log = std::fs::read_to_string(tmp.path().join("gateway.log")).unwrap();
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("sund_gateway::audit"))
+        .collect();
+    assert!(
+        audit.iter().any(|l| l.contains("request=\"revoke\"")
+            && l.contains(&laptop_id)
+            && l.contains("uid=")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("request=\"enrol-token\"")),
+        "{audit:#?}"
+    );
+    assert!(
+        !log.contains(token.trim()),
+        "the audit log holds an enrolment token"
+    );
+
+    // Killed, the gateway leaves its socket behind: admin commands then open the database.
+    gateway.0.kill().unwrap();
+    gateway.0.wait().unwrap();
+    assert!(socket.exists());
+    let crl = run(&gateway_binary(), &["admin", "crl", "--data-dir", gw]);
+    assert!(crl.contains(&laptop_id), "{crl}");
+    // A gateway started again replaces the stale socket and still refuses the laptop.
+    let mut gateway = Guard(start_gateway(&gw_dir, port));
+    let out = status(&laptop);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("revoked"), "{stderr}");
+    let crl = run(&gateway_binary(), &["admin", "crl", "--data-dir", gw]);
+    assert!(crl.contains("CRL version 1"), "{crl}");
+    // SIGTERM drains and stops: exit status 0, and the socket goes with the gateway.
+    let pid = gateway.0.id().to_string();
+    run(Path::new("/bin/kill"), &["-TERM", &pid]);
+    let exit = gateway.0.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(!socket.exists(), "the control socket outlived its gateway");
+    let log = std::fs::read_to_string(tmp.path().join("gateway.log")).unwrap();
+    assert!(log.contains("draining"), "{log}");
 }
 
 #[test]

@@ -61,10 +61,18 @@ fn the_readme_by_hand_flow_runs_top_to_bottom() {
         "this device left conv:",
         "paired: the gateway confirmed",
         "revoked dev:",
+        "the laptop is refused now",
         "CRL version 1 issued",
     ] {
         assert!(stdout.contains(expected), "missing `{expected}`:\n{stdout}");
     }
+    // The revocation went through the running gateway: the laptop heard it was revoked, and
+    // the gateway logged who asked.
+    assert!(stderr.contains("revoked"), "{stderr}");
+    assert!(
+        log.contains("sund_gateway::audit") && log.contains("request=\"revoke\""),
+        "no audit line for the revocation:\n{log}"
+    );
     // Validity as dates people read, connection states in words (not Rust's debug form).
     assert!(stdout.contains(" UTC until 20"), "{stdout}");
     for debug in ["Reconnecting {", "Some(", "Connected)"] {

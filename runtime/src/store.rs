@@ -327,7 +327,7 @@ fn in_use(path: &Path) -> String {
             path.parent().unwrap_or(path).display()
         ),
         Some("gateway.redb") => format!(
-            "{} is in use by another process, such as the running gateway: stop it first (admin commands edit the database while the gateway is stopped)",
+            "{} is in use by another process, such as a running gateway whose control socket (admin.sock beside it) is missing: `sund-gateway admin` reaches a running gateway through that socket, or edits the database of a stopped one",
             path.display()
         ),
         _ => format!("{} is in use by another process: stop it first", path.display()),

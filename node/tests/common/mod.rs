@@ -97,7 +97,8 @@ pub fn init_device(
     run(&sund(), &args)
 }
 
-/// A one-time enrolment token for a device of `user`, from the stopped gateway's database.
+/// A one-time enrolment token for a device of `user` (from the running gateway, or the stopped
+/// gateway's database).
 pub fn enrol(gateway_dir: &str, user: &str) -> String {
     run(
         &gateway_binary(),
