@@ -334,6 +334,51 @@ fn hello_and_proof_open_a_session_with_heartbeat_interval_and_token() {
 }
 
 #[test]
+fn a_gateway_shutting_down_tells_each_device_when_to_come_back_and_only_then() {
+    let mut h = Harness::with_config(GatewayConfig {
+        shutdown_retry_after: Duration::from_millis(1_500),
+        ..open_config()
+    });
+    // Other goodbyes carry no hint: a refused device backs off as it would anyway.
+    h.input(GatewayInput::Accepted(ConnectionId(3)));
+    let out = h.frame(
+        3,
+        Routing::default(),
+        Payload::HeartbeatAck(Heartbeat {
+            nonce: 1,
+            crl_version: None,
+        }),
+    );
+    let hints: Vec<_> = frames_to(&out, 3)
+        .into_iter()
+        .filter_map(|f| match f.payload {
+            Payload::Goodbye(g) => Some(g.retry_after_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        hints,
+        [None],
+        "a frame before the session is refused with a goodbye"
+    );
+    h.connect(1, alice());
+    h.connect(2, bob());
+    h.gateway.shut_down(h.now);
+    let out = h.drain();
+    for conn in [1, 2] {
+        let hints: Vec<_> = frames_to(&out, conn)
+            .into_iter()
+            .filter_map(|f| match f.payload {
+                Payload::Goodbye(g) => Some((ErrorCode::from_u16(g.code), g.retry_after_ms)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hints, [(ErrorCode::ShuttingDown, Some(1_500))]);
+        assert!(closed(&out, conn));
+    }
+}
+
+#[test]
 fn trust_root_and_crl_lookups_before_a_session_are_bounded_per_connection() {
     let mut h = Harness::new();
     h.input(GatewayInput::Accepted(ConnectionId(1)));

@@ -39,8 +39,14 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_entropy(1)
+    }
+
+    /// A harness whose node draws from entropy stream `seed` (another device, as far as its
+    /// random choices go).
+    fn with_entropy(seed: u64) -> Harness {
         let store = MemStore::default();
-        let node = Node::recover(config(), Box::new(Counter(1)), Instant(0), &store).unwrap();
+        let node = Node::recover(config(), Box::new(Counter(seed)), Instant(0), &store).unwrap();
         Harness {
             node,
             store,
@@ -509,6 +515,7 @@ fn refused_session(h: &mut Harness, conn: u64, code: ErrorCode) -> Duration {
     let goodbye = Goodbye {
         code: code as u16,
         message: "not understood".into(),
+        retry_after_ms: None,
     };
     let out = h.frame(conn, Routing::default(), Payload::Goodbye(goodbye));
     assert!(out.contains(&NodeOutput::Close(ConnectionId(conn))));
@@ -551,12 +558,84 @@ fn a_gateway_that_refuses_each_session_as_it_opens_is_not_reconnected_to_in_a_ti
     let goodbye = Goodbye {
         code: ErrorCode::MalformedFrame as u16,
         message: "not understood".into(),
+        retry_after_ms: None,
     };
     h.frame(13, Routing::default(), Payload::Goodbye(goodbye));
     let wait = h.node.poll_timeout().unwrap().saturating_since(h.now);
     assert!(
         wait <= config.backoff_initial.saturating_mul(2),
         "a refusal after a lasting session waits little: {wait:?}"
+    );
+}
+
+#[test]
+fn devices_told_the_gateway_is_shutting_down_come_back_after_its_hint_and_spread_out() {
+    // A gateway going away says when to come back (2 s). Each device waits at least that long
+    // and at most twice that, and a hundred devices spread over the window instead of
+    // reconnecting together the moment the gateway is back.
+    let hint = Duration::from_secs(2);
+    let mut waits = Vec::new();
+    for seed in 1..=100 {
+        let mut h = Harness::with_entropy(seed);
+        h.open(1);
+        // The session has lasted: this is no refusal of the device.
+        h.now = h.now + config().backoff_max;
+        for _ in 0..3 {
+            h.tick();
+        }
+        let goodbye = Goodbye {
+            code: ErrorCode::ShuttingDown as u16,
+            message: "the gateway is shutting down; reconnect shortly".into(),
+            retry_after_ms: Some(2_000),
+        };
+        let out = h.frame(1, Routing::default(), Payload::Goodbye(goodbye));
+        assert!(out.contains(&NodeOutput::Close(ConnectionId(1))));
+        assert!(matches!(
+            h.node.status(),
+            ConnectionStatus::Reconnecting { .. }
+        ));
+        let wait = h.node.poll_timeout().unwrap().saturating_since(h.now);
+        assert!(
+            wait >= hint && wait <= hint * 2,
+            "device {seed} waits {wait:?}"
+        );
+        // Nothing connects before the wait is over; then it does.
+        h.now = h.now + wait - Duration::from_millis(1);
+        assert!(!h.tick().contains(&NodeOutput::Connect));
+        h.now = h.now + Duration::from_millis(1);
+        assert!(h.tick().contains(&NodeOutput::Connect));
+        waits.push(wait);
+    }
+    waits.sort();
+    let spread = waits[waits.len() - 1] - waits[0];
+    assert!(
+        spread >= Duration::from_millis(1_500),
+        "reconnects spread over {spread:?} only"
+    );
+    // No tenth of the window holds more than a quarter of the devices: no herd.
+    let mut buckets = [0usize; 10];
+    for wait in &waits {
+        let share = (*wait - hint).as_micros() * 10 / hint.as_micros();
+        buckets[(share as usize).min(9)] += 1;
+    }
+    assert!(buckets.iter().all(|&n| n <= 25), "{buckets:?}");
+}
+
+#[test]
+fn a_retry_hint_beyond_a_minute_is_cut_to_a_minute() {
+    // A faulty or hostile gateway cannot keep its devices away for weeks with one goodbye.
+    let mut h = Harness::new();
+    h.open(1);
+    let goodbye = Goodbye {
+        code: ErrorCode::ShuttingDown as u16,
+        message: "see you in seven weeks".into(),
+        retry_after_ms: Some(u32::MAX),
+    };
+    h.frame(1, Routing::default(), Payload::Goodbye(goodbye));
+    let wait = h.node.poll_timeout().unwrap().saturating_since(h.now);
+    assert!(
+        wait >= Duration::from_secs(60) && wait <= Duration::from_secs(120),
+        "{wait:?}"
     );
 }
 
@@ -807,6 +886,7 @@ fn a_device_the_gateway_does_not_admit_hears_why_and_keeps_retrying() {
     let goodbye = Goodbye {
         code: ErrorCode::DeviceNotAdmitted as u16,
         message: "ask the operator".into(),
+        retry_after_ms: None,
     };
     let out = h.frame(1, Routing::default(), Payload::Goodbye(goodbye));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::Refused {
@@ -828,6 +908,7 @@ fn a_revoked_device_stops_for_good_and_an_expired_certificate_is_renewed() {
     let expired = Goodbye {
         code: ErrorCode::CertificateExpired as u16,
         message: "expired".into(),
+        retry_after_ms: None,
     };
     h.frame(1, Routing::default(), Payload::Goodbye(expired));
     assert!(h.node.trust().certificate().is_none());
@@ -842,6 +923,7 @@ fn a_revoked_device_stops_for_good_and_an_expired_certificate_is_renewed() {
     let revoked = Goodbye {
         code: ErrorCode::DeviceRevoked as u16,
         message: "this device was revoked".into(),
+        retry_after_ms: None,
     };
     let out = h.frame(1, Routing::default(), Payload::Goodbye(revoked));
     assert!(

@@ -75,8 +75,13 @@ fn payload() -> impl Strategy<Value = Payload> {
         (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(nonce, crl_version)| {
             Payload::HeartbeatAck(Heartbeat { nonce, crl_version })
         }),
-        (any::<u16>(), text())
-            .prop_map(|(code, message)| Payload::Goodbye(Goodbye { code, message })),
+        (any::<u16>(), text(), any::<Option<u32>>()).prop_map(|(code, message, retry_after_ms)| {
+            Payload::Goodbye(Goodbye {
+                code,
+                message,
+                retry_after_ms,
+            })
+        }),
         (
             any::<u16>(),
             text(),
@@ -539,6 +544,7 @@ fn a_byte_string_over_its_limit_is_counted_in_bytes() {
     let goodbye = Goodbye {
         code: 0,
         message: "x".repeat(MESSAGE_BYTES_MAX + 1),
+        retry_after_ms: None,
     };
     let bytes = Frame::new(Routing::default(), Payload::Goodbye(goodbye)).encode();
     let err = Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap_err();

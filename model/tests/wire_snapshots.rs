@@ -83,6 +83,7 @@ fn signed_goodbye_frame_bytes() {
         Payload::Goodbye(Goodbye {
             code: ErrorCode::HeartbeatTimeout as u16,
             message: "no heartbeat".into(),
+            retry_after_ms: None,
         }),
     );
     frame.signature = Some([0x5a; 64]);

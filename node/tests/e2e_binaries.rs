@@ -15,6 +15,26 @@ use common::*;
 
 #[test]
 fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_nothing() {
+    restart_mid_conversation(Stop::Kill);
+}
+
+#[test]
+fn a_gateway_restarted_with_sigterm_mid_conversation_loses_nothing_and_its_devices_wait_as_told() {
+    restart_mid_conversation(Stop::Term);
+}
+
+/// How the gateway is stopped in the middle of a conversation.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGKILL: no drain, no goodbye.
+    Kill,
+    /// SIGTERM: a drain, and a goodbye telling each device to come back in 2 s or more.
+    Term,
+}
+
+/// Two devices in a room; b follows while a sends five messages, the gateway is stopped and
+/// started again, a sends five more: b prints the ten in order, once each.
+fn restart_mid_conversation(stop: Stop) {
     let tmp = tempfile::tempdir().unwrap();
     let gw_dir = tmp.path().join("gateway");
     let gw = gw_dir.to_str().unwrap();
@@ -61,9 +81,21 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
         );
         acknowledged.push(out.trim().to_string());
     }
-    // SIGKILL: no drain, no goodbye.
-    gateway.0.kill().unwrap();
-    gateway.0.wait().unwrap();
+    let stopped_at = Instant::now();
+    match stop {
+        Stop::Kill => {
+            gateway.0.kill().unwrap();
+            gateway.0.wait().unwrap();
+        }
+        Stop::Term => {
+            run(
+                Path::new("/bin/kill"),
+                &["-TERM", &gateway.0.id().to_string()],
+            );
+            let exit = gateway.0.wait().unwrap();
+            assert!(exit.success(), "a drained gateway exits 0: {exit:?}");
+        }
+    }
     gateway = Guard(start_gateway(&gw_dir, port));
     for i in 6..=10 {
         let out = run(
@@ -88,6 +120,15 @@ fn a_gateway_killed_mid_conversation_loses_nothing_acknowledged_and_duplicates_n
                 "only {} of 10 messages arrived: {received:#?}",
                 received.len()
             ),
+        }
+        if received.len() == 6 && stop == Stop::Term {
+            // b heard the goodbye before the restart, so it came back no sooner than the 2 s
+            // the gateway asked for (and message 6 reached it only then).
+            assert!(
+                stopped_at.elapsed() >= Duration::from_secs(2),
+                "b reconnected {:?} after the goodbye, before the gateway's hint",
+                stopped_at.elapsed()
+            );
         }
     }
     for (i, line) in received.iter().enumerate() {

@@ -387,6 +387,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             Payload::Goodbye(Goodbye {
                 code,
                 message: "bye".to_string(),
+                retry_after_ms: None,
             }),
         ),
         WellFormed::HelloOk { interval_ms } => Frame::new(

@@ -125,6 +125,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::Goodbye(Goodbye {
                 code: ErrorCode::HeartbeatTimeout as u16,
                 message: "no heartbeat in time".into(),
+                retry_after_ms: None,
             }),
         ),
         (

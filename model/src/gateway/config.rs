@@ -49,6 +49,9 @@ pub struct GatewayConfig {
     pub directory: DirectoryConfig,
     /// Limits of file transfers: quota per user, retention, uploads open at once.
     pub files: ChunkLimits,
+    /// What a shutting-down gateway tells its devices to wait before reconnecting (each waits
+    /// this plus a random share of it, so a restart does not bring them all back at once).
+    pub shutdown_retry_after: Duration,
     /// A deliberate bug, planted by the simulator only (see [`crate::planted`]); `None` in
     /// every real gateway.
     pub planted: Option<PlantedBug>,
@@ -73,6 +76,7 @@ impl Default for GatewayConfig {
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
             directory: DirectoryConfig::default(),
             files: ChunkLimits::default(),
+            shutdown_retry_after: Duration::from_secs(2),
             planted: None,
         }
     }

@@ -901,6 +901,10 @@ impl Gateway {
             Payload::Goodbye(Goodbye {
                 code: refusal.code as u16,
                 message: message.to_string(),
+                // Going away on purpose: the devices' reconnects are spread over a window.
+                retry_after_ms: (refusal.code == ErrorCode::ShuttingDown).then(|| {
+                    u32::try_from(self.config.shutdown_retry_after.as_millis()).unwrap_or(u32::MAX)
+                }),
             })
         } else {
             Payload::Error(ErrorReport {

@@ -16,6 +16,10 @@ use super::timers::NodeTimer;
 use super::NodeConfig;
 use crate::timers::TimerTable;
 
+/// The longest wait a gateway's retry hint can impose on a device (a hint beyond it, from a
+/// faulty or hostile gateway, is cut to it).
+pub const RETRY_HINT_MAX: Duration = Duration::from_secs(60);
+
 /// Table of session state: key `b"resume_token"`, value the token (32); key
 /// `b"generation"`, value the number of the last `Hello` (u64 LE); key `b"state_copied"`
 /// (empty value) once the gateway said another copy of this device's data was used since.
@@ -383,6 +387,29 @@ impl Link {
         ConnectionStatus::Reconnecting {
             attempt: self.attempts,
         }
+    }
+
+    /// The gateway said it is going away on purpose and when to come back: back off as after
+    /// a failure, but wait at least `hint` plus a random share of it (`hint` capped at
+    /// [`RETRY_HINT_MAX`]), so that a restarting gateway's devices return spread over a window
+    /// as wide as the hint instead of all at once. Returns the new status.
+    pub fn back_off_for(
+        &mut self,
+        now: Instant,
+        hint: Duration,
+        entropy: &mut dyn Entropy,
+    ) -> ConnectionStatus {
+        let status = self.back_off(now, entropy);
+        let hint = hint.min(RETRY_HINT_MAX);
+        let hint_us = u64::try_from(hint.as_micros()).unwrap_or(u64::MAX);
+        let at = now + hint + Duration::from_micros(entropy.below_inclusive(hint_us));
+        if let LinkState::Offline {
+            retry_at: Some(retry_at),
+        } = &mut self.state
+        {
+            *retry_at = (*retry_at).max(at);
+        }
+        status
     }
 
     /// The user goes offline (or the device is revoked): no more reconnects. Returns the

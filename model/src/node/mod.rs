@@ -474,6 +474,7 @@ impl Node {
             let goodbye = Goodbye {
                 code: ErrorCode::Unknown as u16,
                 message: "going offline".into(),
+                retry_after_ms: None,
             };
             self.fx
                 .send(conn, Routing::default(), Payload::Goodbye(goodbye));

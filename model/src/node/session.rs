@@ -3,6 +3,7 @@
 //! renewal, the CRL), and the gateway's refusals, revocation and reconnects.
 
 use super::*;
+use std::time::Duration;
 
 impl Node {
     /// Opens a session with the device's certificate.
@@ -162,10 +163,18 @@ impl Node {
         }
         self.fx.hold(NodeOutput::Close(conn));
         self.link.refused(now);
-        self.schedule_reconnect(now);
+        let hint = goodbye
+            .retry_after_ms
+            .map(|ms| Duration::from_millis(u64::from(ms)));
+        self.schedule_reconnect_after(now, hint);
     }
 
     pub(super) fn schedule_reconnect(&mut self, now: Instant) {
+        self.schedule_reconnect_after(now, None);
+    }
+
+    /// Backs off before the next connect; with the gateway's retry hint, at least that long.
+    fn schedule_reconnect_after(&mut self, now: Instant, hint: Option<Duration>) {
         if self.link.stays_offline() {
             return; // the user asked to stay offline
         }
@@ -173,7 +182,10 @@ impl Node {
         if let Some(m) = &mut self.mls {
             m.groups.connection_lost();
         }
-        let status = self.link.back_off(now, self.entropy.as_mut());
+        let status = match hint {
+            Some(hint) => self.link.back_off_for(now, hint, self.entropy.as_mut()),
+            None => self.link.back_off(now, self.entropy.as_mut()),
+        };
         self.set_status(status);
     }
 

@@ -453,6 +453,11 @@ pub struct Goodbye {
     /// For people and logs; never holds message content.
     #[n(1)]
     pub message: String,
+    /// Sent by a gateway going away on purpose (`shutting_down`): wait at least this long, plus
+    /// a random share of it, before reconnecting (milliseconds), so that its devices come back
+    /// spread out rather than all at once. Absent from older peers and other goodbyes.
+    #[n(2)]
+    pub retry_after_ms: Option<u32>,
 }
 
 /// Either way: a request failed; the session stays open.
