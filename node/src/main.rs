@@ -269,6 +269,10 @@ enum Command {
         /// The device's data directory.
         #[arg(long, default_value = "sund-device")]
         data_dir: PathBuf,
+        /// Print one JSON object (device, connection, problem, outbox, unread, certificate,
+        /// root, CRL version, pairing) instead of lines, for scripts and monitoring.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -350,7 +354,7 @@ async fn run(command: Command) -> Result<(), String> {
             conversations,
             fetch_into,
         } => follow(&data_dir, count, &conversations, fetch_into.as_deref()).await,
-        Command::Status { data_dir } => status(&data_dir).await,
+        Command::Status { data_dir, json } => status(&data_dir, json).await,
         Command::Contact { data_dir, name } => group_commands::contact(&data_dir, &name),
         Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,
         Command::Room { command } => group_commands::room(command).await,
@@ -668,11 +672,75 @@ fn describe(status: ConnectionStatus) -> String {
     }
 }
 
-async fn status(data_dir: &Path) -> Result<(), String> {
+/// What `sund status --json` prints: one JSON object, for scripts and monitoring.
+#[derive(serde::Serialize)]
+struct StatusReport {
+    /// `dev:` and 32 hex digits.
+    device: String,
+    /// 64 hex digits.
+    device_key: String,
+    /// The gateway's address as configured.
+    gateway: String,
+    /// `connected`, `reconnecting`, `offline` or `refused`.
+    connection: &'static str,
+    /// While reconnecting: failed attempts so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconnect_attempt: Option<u32>,
+    /// Why the device is not connected, in words that say what to do.
+    problem: Option<String>,
+    /// Messages waiting for the gateway's acknowledgement.
+    outbox: usize,
+    /// Messages delivered that `sund follow` has not printed yet.
+    unread: usize,
+    /// The user and serial of this device's certificate, once registered.
+    certificate: Option<CertificateReport>,
+    /// The trust root this device pinned.
+    root: Option<RootReport>,
+    /// The version of the CRL it holds.
+    crl_version: u64,
+    /// The device that vouched for this one, once the gateway confirmed the pairing.
+    paired_with: Option<String>,
+    /// Set up from a pairing code the gateway has not confirmed yet: the voucher's key prefix.
+    pairing_unconfirmed: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct CertificateReport {
+    user: String,
+    serial: u64,
+}
+
+#[derive(serde::Serialize)]
+struct RootReport {
+    fingerprint: String,
+    domain: String,
+}
+
+async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     let device = load(data_dir)?;
-    say!("device     {}", device.key.device_id());
-    say!("device key {}", device.key.public().to_hex());
-    say!("gateway    {}", device.gateway);
+    let mut report = StatusReport {
+        device: device.key.device_id().to_string(),
+        device_key: device.key.public().to_hex(),
+        gateway: device.gateway.to_string(),
+        connection: "offline",
+        reconnect_attempt: None,
+        problem: None,
+        outbox: 0,
+        unread: 0,
+        certificate: None,
+        root: None,
+        crl_version: 0,
+        paired_with: None,
+        pairing_unconfirmed: device
+            .pairing
+            .as_ref()
+            .map(|code| sund_model::hex::encode(&code.voucher)),
+    };
+    if !json {
+        say!("device     {}", report.device);
+        say!("device key {}", report.device_key);
+        say!("gateway    {}", report.gateway);
+    }
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
@@ -692,51 +760,92 @@ async fn status(data_dir: &Path) -> Result<(), String> {
         }
     }
     let snapshot = node.status().await.map_err(|e| e.to_string())?;
-    say!("outbox     {} message(s) waiting", snapshot.outbox);
-    if snapshot.unread > 0 {
-        say!(
-            "unread     {} message(s) not shown yet: `sund follow` prints them",
-            snapshot.unread
-        );
+    report.outbox = snapshot.outbox;
+    report.unread = snapshot.unread;
+    report.crl_version = snapshot.crl_version;
+    if let (Some((user, serial)), Some(root)) = (&snapshot.certificate, &snapshot.root) {
+        report.certificate = Some(CertificateReport {
+            user: user.to_string(),
+            serial: *serial,
+        });
+        report.root = Some(RootReport {
+            fingerprint: root.fingerprint(),
+            domain: root.domain.clone(),
+        });
     }
-    match (&snapshot.certificate, &snapshot.root) {
-        (Some((_, serial)), Some(root)) => say!(
-            "trust      certificate {serial} from root {} ({}), CRL version {}",
-            root.fingerprint(),
-            root.domain,
-            snapshot.crl_version
-        ),
-        _ => say!("trust      not registered yet"),
+    if let Some(voucher) = snapshot.paired_with {
+        report.paired_with = Some(voucher.to_string());
+        report.pairing_unconfirmed = None;
     }
-    match (&device.pairing, snapshot.paired_with) {
-        (_, Some(voucher)) => say!("paired     with device {voucher}, confirmed by the gateway"),
-        (Some(code), None) => say!(
-            "paired     with the device whose key starts {}: trusted on first use, not yet confirmed by the gateway",
-            sund_model::hex::encode(&code.voucher)
-        ),
-        (None, None) => {}
-    }
-    match (snapshot.connection, refused) {
+    let failure = match (snapshot.connection, refused) {
         (_, Some(message)) => {
-            say!("connection refused");
-            let _ = node.stop().await;
-            return Err(format!("the gateway refused this device: {message}"));
+            report.connection = "refused";
+            Some(format!("the gateway refused this device: {message}"))
         }
-        (ConnectionStatus::Connected, _) => say!("connection connected"),
+        (ConnectionStatus::Connected, _) => {
+            report.connection = "connected";
+            None
+        }
         (other, _) => {
-            say!("connection {}", describe(other));
-            let _ = node.stop().await;
-            if snapshot.state_copied {
-                return Err(stale_copy());
+            if let ConnectionStatus::Reconnecting { attempt } = other {
+                report.connection = "reconnecting";
+                report.reconnect_attempt = Some(attempt);
             }
-            return Err(match &snapshot.last_problem {
-                Some(problem) => format!("cannot reach the gateway: {problem}"),
-                None => format!(
-                    "cannot reach the gateway at {}: is it running?",
-                    device.gateway
-                ),
-            });
+            Some(if snapshot.state_copied {
+                stale_copy()
+            } else {
+                match &snapshot.last_problem {
+                    Some(problem) => format!("cannot reach the gateway: {problem}"),
+                    None => format!(
+                        "cannot reach the gateway at {}: is it running?",
+                        device.gateway
+                    ),
+                }
+            })
+        }
+    };
+    report.problem = failure.clone();
+    if json {
+        let text = serde_json::to_string_pretty(&report).expect("a status report encodes");
+        say!("{text}");
+    } else {
+        say!("outbox     {} message(s) waiting", report.outbox);
+        if report.unread > 0 {
+            say!(
+                "unread     {} message(s) not shown yet: `sund follow` prints them",
+                report.unread
+            );
+        }
+        match (&report.certificate, &report.root) {
+            (Some(cert), Some(root)) => say!(
+                "trust      certificate {} from root {} ({}), CRL version {}",
+                cert.serial,
+                root.fingerprint,
+                root.domain,
+                report.crl_version
+            ),
+            _ => say!("trust      not registered yet"),
+        }
+        match (&report.paired_with, &report.pairing_unconfirmed) {
+            (Some(voucher), _) => {
+                say!("paired     with device {voucher}, confirmed by the gateway")
+            }
+            (None, Some(prefix)) => say!(
+                "paired     with the device whose key starts {prefix}: trusted on first use, not yet confirmed by the gateway"
+            ),
+            (None, None) => {}
+        }
+        match report.connection {
+            "refused" => say!("connection refused"),
+            "connected" => say!("connection connected"),
+            _ => say!("connection {}", describe(snapshot.connection)),
         }
     }
-    node.stop().await.map_err(|e| e.to_string())
+    match failure {
+        Some(why) => {
+            let _ = node.stop().await;
+            Err(why)
+        }
+        None => node.stop().await.map_err(|e| e.to_string()),
+    }
 }

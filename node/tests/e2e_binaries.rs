@@ -269,6 +269,35 @@ fn an_enrolment_token_enrols_one_device_and_a_device_revoked_on_the_running_gate
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("revoked"), "{stderr}");
+    // Scripts read the same in JSON: the laptop refused, the tablet connected and registered.
+    let json_status = |d: &Path| {
+        let out = Command::new(sund())
+            .args(["status", "--json", "--data-dir", d.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json printed no JSON ({e}): {out:?}"));
+        (out.status.success(), report)
+    };
+    let (ok, report) = json_status(&laptop);
+    assert!(!ok);
+    assert_eq!(report["connection"], "refused", "{report}");
+    assert!(
+        report["problem"].as_str().unwrap().contains("revoked"),
+        "{report}"
+    );
+    assert_eq!(report["device"], laptop_id.as_str(), "{report}");
+    let (ok, report) = json_status(&tablet);
+    assert!(ok, "{report}");
+    assert_eq!(report["connection"], "connected", "{report}");
+    assert_eq!(report["problem"], serde_json::Value::Null, "{report}");
+    // What it holds now: the CRL comes with its first heartbeat, not with the session.
+    assert!(report["crl_version"].is_u64(), "{report}");
+    assert_eq!(
+        report["certificate"]["user"],
+        revoked_user(&devices, &laptop_id),
+        "{report}"
+    );
     // A mistyped request is refused with what to type instead, and changes nothing.
     let err = fails(
         &gateway_binary(),
@@ -327,6 +356,16 @@ fn an_enrolment_token_enrols_one_device_and_a_device_revoked_on_the_running_gate
     assert!(!socket.exists(), "the control socket outlived its gateway");
     let log = std::fs::read_to_string(tmp.path().join("gateway.log")).unwrap();
     assert!(log.contains("draining"), "{log}");
+}
+
+/// The user column of `admin devices` for `device`.
+fn revoked_user(devices: &str, device: &str) -> String {
+    devices
+        .lines()
+        .find(|l| l.starts_with(device))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .expect("the device is listed")
+        .to_string()
 }
 
 #[test]
