@@ -70,7 +70,10 @@ pub fn listen(path: &Path, admin: AdminClient) -> std::io::Result<ControlSocket>
             std::fs::remove_file(path)?;
         }
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = {
+        let (short, _dir) = socket_address(path)?;
+        UnixListener::bind(short)?
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let owner = std::fs::metadata(path)?.uid();
     let task = tokio::spawn(accept(listener, admin, owner));
@@ -216,6 +219,25 @@ async fn write_reply(stream: &mut UnixStream, reply: &ControlReply) {
     let _ = stream.shutdown().await;
 }
 
+/// The longest path a Unix socket address holds on Linux (`sun_path` is 108 bytes with its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// An address for the socket at `path` that fits a socket address: `path` itself, or, for a
+/// data directory deeper than that allows, the socket's name under `/proc/self/fd/N` where `N`
+/// is the directory held open (returned beside it: keep it open while binding or connecting).
+fn socket_address(path: &Path) -> std::io::Result<(PathBuf, Option<std::fs::File>)> {
+    use std::os::fd::AsRawFd;
+    if path.as_os_str().len() <= SOCKET_PATH_MAX {
+        return Ok((path.to_path_buf(), None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok((path.to_path_buf(), None));
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    Ok((short, Some(dir)))
+}
+
 /// Why [`ask`] got no answer.
 #[derive(Debug)]
 pub enum AskError {
@@ -229,12 +251,15 @@ pub enum AskError {
 /// Sends `request` to the gateway running on the data directory whose control socket is `path`
 /// and waits for its answer (blocking; for the `sund-gateway admin` command).
 pub fn ask(path: &Path, request: &AdminRequest) -> Result<Result<Printed, String>, AskError> {
-    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+    let connected = socket_address(path)
+        .and_then(|(short, _dir)| std::os::unix::net::UnixStream::connect(short));
+    let mut stream = match connected {
         Ok(stream) => stream,
         Err(e)
             if matches!(
                 e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
             return Err(AskError::NotRunning)
@@ -305,6 +330,31 @@ mod tests {
         assert!(err.contains("same version"), "{err}");
         let big = vec![b' '; REQUEST_MAX as usize + 1];
         assert!(decode_request(&big).unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn a_socket_deeper_than_a_socket_address_allows_is_still_reached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = tmp.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join(SOCKET_NAME);
+        assert!(path.as_os_str().len() > SOCKET_PATH_MAX);
+        let (short, dir) = socket_address(&path).unwrap();
+        assert!(short.as_os_str().len() <= SOCKET_PATH_MAX && dir.is_some());
+        let listener = std::os::unix::net::UnixListener::bind(&short).unwrap();
+        drop(dir);
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_socket());
+        let (client, _dir) = socket_address(&path).unwrap();
+        let _stream = std::os::unix::net::UnixStream::connect(client).unwrap();
+        assert!(listener.accept().is_ok());
+        // A short path is used as it is.
+        let short_path = tmp.path().join(SOCKET_NAME);
+        if short_path.as_os_str().len() <= SOCKET_PATH_MAX {
+            assert_eq!(socket_address(&short_path).unwrap().0, short_path);
+        }
     }
 
     proptest! {
