@@ -7,6 +7,8 @@
 //! [`AdminRequest::render`] turns that answer and the gateway's state into the text the operator
 //! reads. Nothing rendered holds a secret except the enrolment token the operator asked for.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway};
@@ -46,6 +48,11 @@ pub enum AdminRequest {
     },
     /// List conversations, users, devices and KeyPackages left.
     List,
+    /// Back up the whole gateway into a new file (an absolute path on the gateway's machine).
+    Backup {
+        /// Where the backup goes.
+        file: String,
+    },
 }
 
 /// What a request prints: `stdout` holds the answer (a token, a listing), `stderr` what a person
@@ -68,6 +75,7 @@ impl AdminRequest {
             AdminRequest::Crl => "crl",
             AdminRequest::CreateConversation { .. } => "create-conversation",
             AdminRequest::List => "list",
+            AdminRequest::Backup { .. } => "backup",
         }
     }
 
@@ -79,6 +87,7 @@ impl AdminRequest {
             AdminRequest::CreateConversation { name, members } => {
                 format!("{name} ({} members)", members.len())
             }
+            AdminRequest::Backup { file } => file.clone(),
             AdminRequest::Devices | AdminRequest::Crl | AdminRequest::List => String::new(),
         }
     }
@@ -118,6 +127,15 @@ impl AdminRequest {
                     .map(|m| parse_key(m).map(|k| k.device_id()))
                     .collect::<Result<Vec<_>, _>>()?;
                 AdminCommand::CreateConversation(ConversationId::from_name(name), devices)
+            }
+            AdminRequest::Backup { file } => {
+                if !Path::new(file).is_absolute() {
+                    return Err(format!(
+                        "the backup's path `{}` is not absolute: the gateway may run elsewhere",
+                        file.escape_debug()
+                    ));
+                }
+                return Ok(None);
             }
             AdminRequest::Devices | AdminRequest::Crl | AdminRequest::List => return Ok(None),
         }))

@@ -61,10 +61,12 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Creates the control socket at `path` and serves operator requests through `admin`. Call it
-/// only while holding the gateway's database (so no other gateway serves this data directory):
-/// a socket left by a gateway that was killed is replaced.
-pub fn listen(path: &Path, admin: AdminClient) -> std::io::Result<ControlSocket> {
+/// Creates the control socket of the gateway whose data directory is `data_dir` and serves
+/// operator requests through `admin`. Call it only while holding the gateway's database (so no
+/// other gateway serves this data directory): a socket left by a gateway that was killed is
+/// replaced.
+pub fn listen(data_dir: &Path, admin: AdminClient) -> std::io::Result<ControlSocket> {
+    let path = &data_dir.join(SOCKET_NAME);
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             std::fs::remove_file(path)?;
@@ -76,14 +78,19 @@ pub fn listen(path: &Path, admin: AdminClient) -> std::io::Result<ControlSocket>
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let owner = std::fs::metadata(path)?.uid();
-    let task = tokio::spawn(accept(listener, admin, owner));
+    let task = tokio::spawn(accept(
+        listener,
+        admin,
+        owner,
+        Arc::new(data_dir.to_path_buf()),
+    ));
     Ok(ControlSocket {
         path: path.to_path_buf(),
         task,
     })
 }
 
-async fn accept(listener: UnixListener, admin: AdminClient, owner: u32) {
+async fn accept(listener: UnixListener, admin: AdminClient, owner: u32, data_dir: Arc<PathBuf>) {
     let slots = Arc::new(Semaphore::new(CONCURRENT_MAX));
     loop {
         let mut stream = match listener.accept().await {
@@ -102,14 +109,15 @@ async fn accept(listener: UnixListener, admin: AdminClient, owner: u32) {
             continue;
         };
         let admin = admin.clone();
+        let data_dir = data_dir.clone();
         tokio::spawn(async move {
-            serve_one(stream, &admin, owner).await;
+            serve_one(stream, &admin, owner, &data_dir).await;
             drop(slot);
         });
     }
 }
 
-async fn serve_one(mut stream: UnixStream, admin: &AdminClient, owner: u32) {
+async fn serve_one(mut stream: UnixStream, admin: &AdminClient, owner: u32, data_dir: &Path) {
     let (uid, pid) = match stream.peer_cred() {
         Ok(cred) => (cred.uid(), cred.pid()),
         Err(e) => {
@@ -141,7 +149,7 @@ async fn serve_one(mut stream: UnixStream, admin: &AdminClient, owner: u32) {
             return;
         }
     };
-    let reply = execute(admin, &request).await;
+    let reply = execute(admin, &request, data_dir).await;
     match &reply {
         ControlReply::Done(_) => tracing::info!(
             target: "sund_gateway::audit",
@@ -187,12 +195,27 @@ pub fn decode_request(bytes: &[u8]) -> Result<AdminRequest, String> {
     })
 }
 
-async fn execute(admin: &AdminClient, request: &AdminRequest) -> ControlReply {
+async fn execute(admin: &AdminClient, request: &AdminRequest, data_dir: &Path) -> ControlReply {
     const UNAVAILABLE: &str = "the gateway cannot answer now: its store is unavailable (see its log) or it is stopping; try again once it serves";
     let command = match request.command() {
         Ok(command) => command,
         Err(why) => return ControlReply::Failed(why),
     };
+    if let AdminRequest::Backup { file } = request {
+        let Some(reader) = admin.reader().await else {
+            return ControlReply::Failed(UNAVAILABLE.into());
+        };
+        let (data_dir, dest) = (data_dir.to_path_buf(), PathBuf::from(file));
+        // A snapshot read beside the commits, off the async threads.
+        let done =
+            tokio::task::spawn_blocking(move || crate::backup::backup(&reader, &data_dir, &dest))
+                .await;
+        return match done {
+            Ok(Ok(printed)) => ControlReply::Done(printed),
+            Ok(Err(why)) => ControlReply::Failed(why),
+            Err(e) => ControlReply::Failed(format!("the backup stopped: {e}")),
+        };
+    }
     let answer = match command {
         Some(command) => match admin.admin(command).await {
             Some(answer) => Some(answer),

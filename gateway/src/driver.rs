@@ -216,6 +216,8 @@ enum Control {
     Admin(AdminCommand, oneshot::Sender<AdminAnswer>),
     /// A look at the gateway's state (listings), run by the core between inputs.
     Inspect(Inspection),
+    /// A reader of the database (for a backup), while the gateway serves.
+    Reader(oneshot::Sender<RedbReader>),
 }
 
 /// A look at the running gateway's state: it runs in the core, so it must be quick.
@@ -234,6 +236,14 @@ impl AdminClient {
     pub async fn admin(&self, command: AdminCommand) -> Option<AdminAnswer> {
         let (tx, rx) = oneshot::channel();
         self.control.send(Control::Admin(command, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// A reader of the gateway's database (it sees the last committed state; a read
+    /// transaction is a consistent snapshot while commits go on).
+    pub async fn reader(&self) -> Option<RedbReader> {
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::Reader(tx)).await.ok()?;
         rx.await.ok()
     }
 
@@ -793,6 +803,11 @@ impl Core {
                 self.admin.insert(request, reply);
                 s.gateway
                     .handle(now, GatewayInput::Admin { request, command });
+            }
+            Control::Reader(reply) => {
+                if let Some(s) = &self.serving {
+                    let _ = reply.send(s.reader.clone());
+                }
             }
             Control::Inspect(look) => {
                 if let Some(s) = &self.serving {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backup;
 mod chunks;
 #[cfg(unix)]
 pub mod control;

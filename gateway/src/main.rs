@@ -97,6 +97,17 @@ enum Admin {
     },
     /// List conversations and their heads, then users, their devices and KeyPackages left.
     List,
+    /// Back up the whole gateway (database, file chunks, TLS identity) into a new file, while it
+    /// runs or stopped; the file is as secret as the data directory.
+    Backup {
+        /// The new file.
+        file: PathBuf,
+    },
+    /// Make a new data directory (`--data-dir`, which must hold no database) from a backup.
+    Restore {
+        /// A file `admin backup` wrote.
+        file: PathBuf,
+    },
 }
 
 impl Admin {
@@ -110,6 +121,14 @@ impl Admin {
                 AdminRequest::CreateConversation { name, members }
             }
             Admin::List => AdminRequest::List,
+            Admin::Backup { file } => AdminRequest::Backup {
+                // The gateway resolves it, perhaps in another working directory.
+                file: std::path::absolute(&file)
+                    .unwrap_or(file)
+                    .to_string_lossy()
+                    .into_owned(),
+            },
+            Admin::Restore { .. } => unreachable!("a restore is made offline, by `admin`"),
         }
     }
 }
@@ -214,11 +233,12 @@ const DRAIN_TIMEOUT_DEFAULT_S: u64 = 10;
 fn serve(options: GatewayOptions, drain_timeout: Duration) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let socket = options.data_dir.join(control::SOCKET_NAME);
+    let data_dir = options.data_dir.clone();
+    let socket = data_dir.join(control::SOCKET_NAME);
     runtime.block_on(async move {
         let mut handle = driver::start(options).await.map_err(|e| e.to_string())?;
         // The database is ours now: no other gateway serves this directory.
-        let control = match control::listen(&socket, handle.admin_client()) {
+        let control = match control::listen(&data_dir, handle.admin_client()) {
             Ok(control) => Some(control),
             Err(e) => {
                 tracing::warn!(
@@ -294,6 +314,22 @@ async fn wait_for_signal() {
 /// `sund-gateway admin …`: through the running gateway's control socket if one runs on this
 /// data directory, else on its database directly.
 fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), String> {
+    if let Admin::Restore { file } = &action {
+        let socket = data_dir.join(control::SOCKET_NAME);
+        if !matches!(
+            control::ask(&socket, &AdminRequest::Crl),
+            Err(AskError::NotRunning)
+        ) {
+            return Err(format!(
+                "a gateway runs on {}: restore into a new data directory",
+                data_dir.display()
+            ));
+        }
+        let printed = sund_gateway::backup::restore(file, data_dir)?;
+        print!("{}", printed.stdout);
+        eprint!("{}", printed.stderr);
+        return Ok(());
+    }
     let request = action.request();
     request.command()?; // a mistyped request is refused before anything is opened
     let socket = data_dir.join(control::SOCKET_NAME);
@@ -348,6 +384,9 @@ fn offline(
             root.fingerprint(),
             root.domain
         );
+    }
+    if let AdminRequest::Backup { file } = request {
+        return sund_gateway::backup::backup(&store.reader(), data_dir, Path::new(file));
     }
     let answer = match request.command()? {
         Some(command) => Some(run_admin(&mut gateway, &mut store, command)?),

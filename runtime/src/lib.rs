@@ -23,6 +23,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backup;
 pub mod chunk_stream;
 pub mod clock;
 pub mod committer;

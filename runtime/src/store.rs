@@ -161,6 +161,18 @@ pub struct RedbReader {
     values: Option<Arc<ValueFiles>>,
 }
 
+impl RedbReader {
+    /// The database, for whole-store work such as [`crate::backup`].
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Where values of some tables live as files, if anywhere.
+    pub(crate) fn values(&self) -> Option<&ValueFiles> {
+        self.values.as_deref()
+    }
+}
+
 impl StoreRead for RedbReader {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         get(&self.db, self.values.as_deref(), table, key)

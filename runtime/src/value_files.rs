@@ -95,6 +95,11 @@ impl ValueFiles {
         self.tables.contains(&table)
     }
 
+    /// The table named `name`, if its values live in files.
+    pub(crate) fn held_table(&self, name: &str) -> Option<Table> {
+        self.tables.iter().copied().find(|t| t.0 == name)
+    }
+
     fn path(&self, table: Table, key: &[u8]) -> PathBuf {
         let name = if key.is_empty() {
             // An empty key still needs a name; hex of nothing is "".
