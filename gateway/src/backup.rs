@@ -67,6 +67,12 @@ pub fn restore(file: &Path, data_dir: &Path) -> Result<Printed, String> {
             data_dir.display()
         ));
     }
+    if !file.is_file() {
+        return Err(format!(
+            "{} is not a file: give the path of a backup `sund-gateway admin backup` wrote",
+            file.display()
+        ));
+    }
     let not_backup = |why: String| {
         format!(
             "{} is not a gateway backup ({why}): give a file `sund-gateway admin backup` wrote",

@@ -300,9 +300,12 @@ pub fn ask(path: &Path, request: &AdminRequest) -> Result<Result<Printed, String
             path.display()
         ))
     };
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(failed)?;
+    // A backup takes as long as the store is large; everything else answers within a commit.
+    let timeout = match request {
+        AdminRequest::Backup { .. } => None,
+        _ => Some(REPLY_TIMEOUT),
+    };
+    stream.set_read_timeout(timeout).map_err(failed)?;
     let bytes = serde_json::to_vec(request).expect("a request always encodes");
     stream.write_all(&bytes).map_err(failed)?;
     stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;

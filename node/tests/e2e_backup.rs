@@ -161,4 +161,18 @@ fn restoring_something_that_is_not_a_backup_says_so_and_leaves_nothing() {
     );
     assert!(err.contains("is not a gateway backup"), "{err}");
     assert!(!target.join("gateway.redb").exists());
+    // A file that is not there is said to be missing, and is not created.
+    let missing = tmp.path().join("missing.backup");
+    let err = fails(
+        &gateway_binary(),
+        &[
+            "admin",
+            "restore",
+            missing.to_str().unwrap(),
+            "--data-dir",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("is not a file"), "{err}");
+    assert!(!missing.exists());
 }
