@@ -126,6 +126,11 @@ impl GatewayHandle {
         self.stages.report()
     }
 
+    /// The stage histograms themselves, for a reader elsewhere (the metrics endpoint).
+    pub fn stage_histograms(&self) -> Arc<Stages> {
+        self.stages.clone()
+    }
+
     /// Starts the stage histograms afresh (see [`Stages::reset`]).
     pub fn reset_stages(&self) {
         self.stages.reset();

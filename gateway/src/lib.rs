@@ -14,5 +14,6 @@ mod chunks;
 #[cfg(unix)]
 pub mod control;
 pub mod driver;
+pub mod metrics;
 
 pub use sund_model::gateway;

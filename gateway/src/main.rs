@@ -34,7 +34,8 @@ struct Cli {
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
-    /// heartbeat_interval_s, retention_days, drain_timeout_s); command-line flags win over it.
+    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics); command-line flags win
+    /// over it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Certify any device that registers without an enrolment token (for local use; otherwise
@@ -45,6 +46,10 @@ struct Cli {
     /// first start; default `localhost`).
     #[arg(long, global = true)]
     domain: Option<String>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (no authentication: bind it to
+    /// loopback or a monitoring network).
+    #[arg(long, global = true)]
+    metrics: Option<SocketAddr>,
     /// Seconds a drain (after SIGTERM or Ctrl-C) may take before the gateway exits without
     /// finishing it (default 10); a second signal exits at once. Devices resend whatever was
     /// not acknowledged, so an unfinished drain loses nothing.
@@ -143,6 +148,7 @@ struct FileConfig {
     heartbeat_interval_s: Option<u64>,
     retention_days: Option<u64>,
     drain_timeout_s: Option<u64>,
+    metrics: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -202,6 +208,7 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Some(days) = file.retention_days {
         config.retention_max = Duration::from_secs(days * 24 * 3600);
     }
+    let metrics = cli.metrics.or(file.metrics);
     let drain_timeout = Duration::from_secs(
         cli.drain_timeout
             .or(file.drain_timeout_s)
@@ -216,6 +223,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 config,
             },
             drain_timeout,
+            metrics,
         ),
         Command::Cert => {
             let dir = data_dir.join("tls");
@@ -230,7 +238,11 @@ fn run(cli: Cli) -> Result<(), String> {
 /// How long a drain may take unless `--drain-timeout` says otherwise (seconds).
 const DRAIN_TIMEOUT_DEFAULT_S: u64 = 10;
 
-fn serve(options: GatewayOptions, drain_timeout: Duration) -> Result<(), String> {
+fn serve(
+    options: GatewayOptions,
+    drain_timeout: Duration,
+    metrics: Option<SocketAddr>,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let data_dir = options.data_dir.clone();
@@ -248,6 +260,20 @@ fn serve(options: GatewayOptions, drain_timeout: Duration) -> Result<(), String>
                 );
                 None
             }
+        };
+        let _metrics = match metrics {
+            Some(addr) => {
+                let endpoint = sund_gateway::metrics::listen(
+                    addr,
+                    handle.admin_client(),
+                    handle.stage_histograms(),
+                )
+                .await
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+                tracing::info!(addr = %endpoint.addr, "metrics at /metrics");
+                Some(endpoint)
+            }
+            None => None,
         };
         eprintln!(
             "sund-gateway listening on {} (certificate: pin it with `sund init --gateway-cert`)",

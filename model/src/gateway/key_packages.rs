@@ -356,7 +356,7 @@ impl KeyPackageDirectory {
 }
 
 /// Counters of the KeyPackage service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct KeyPackageStats {
     /// KeyPackages accepted into pools.
     pub uploaded: u64,

@@ -52,7 +52,7 @@ impl RefusalCounts {
 }
 
 /// Counters for logs and metrics, one set per sub-machine.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GatewayStats {
     /// Connections and sessions.
     pub sessions: SessionStats,
@@ -67,6 +67,7 @@ pub struct GatewayStats {
     /// File transfers.
     pub transfers: TransferStats,
     /// Errors and goodbyes sent, by code.
+    #[serde(skip)]
     pub refusals: RefusalCounts,
 }
 

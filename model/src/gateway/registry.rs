@@ -28,7 +28,7 @@ use crate::wire::Routing;
 pub const USERS_TABLE: Table = Table("user_devices");
 
 /// Counters of the registry.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RegistryStats {
     /// Certificates issued at registration.
     pub registrations: u64,

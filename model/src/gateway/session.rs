@@ -84,7 +84,7 @@ pub enum Resume {
 }
 
 /// Counters of the session sub-machine.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SessionStats {
     /// Sessions opened by a challenge and proof.
     pub authenticated: u64,

@@ -26,7 +26,7 @@ use crate::wire::payload::{
 use crate::wire::{Payload, Routing};
 
 /// Counters of file transfers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TransferStats {
     /// Uploads opened (a reopen to resume is not counted again).
     pub uploads_opened: u64,

@@ -210,7 +210,7 @@ pub struct DeliveryLimits {
 }
 
 /// Counters of the delivery sub-machine.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeliveryStats {
     /// Messages newly sequenced.
     pub sequenced: u64,

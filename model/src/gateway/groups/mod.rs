@@ -83,7 +83,7 @@ pub enum Removal {
 }
 
 /// Counters of the groups sub-machine.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GroupStats {
     /// Commits accepted into MLS conversations.
     pub commits: u64,

@@ -1,8 +1,11 @@
-//! Backup and restore of a running gateway, end to end with the real binaries: a backup taken
-//! while a device keeps sending holds every message acknowledged before it began, and a
-//! gateway restored from it into a new data directory serves them to a device that never
-//! read them (its TLS identity restored too, so the devices' pinned certificate still holds).
+//! Operating a gateway, end to end with the real binaries.
+//!
+//! Backup and restore: a backup taken while a device keeps sending holds every message
+//! acknowledged before it began, and a gateway restored from it into a new data directory serves
+//! them to a device that never read them (its TLS identity restored too, so the devices' pinned
+//! certificate still holds). Metrics: a scraper reads the running gateway's counters.
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -175,4 +178,75 @@ fn restoring_something_that_is_not_a_backup_says_so_and_leaves_nothing() {
     );
     assert!(err.contains("is not a file"), "{err}");
     assert!(!missing.exists());
+}
+
+/// `GET PATH` (or another method) on the metrics endpoint: the status line and the body.
+fn scrape(addr: &str, method: &str, path: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the series named exactly `series` in an exposition.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[test]
+fn a_scraper_reads_the_running_gateways_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let gw = gw_dir.to_str().unwrap();
+    let port = free_udp_port();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let addr = format!("127.0.0.1:{port}");
+    let a_dir = tmp.path().join("a");
+    let b_dir = tmp.path().join("b");
+    let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
+    two_devices_in_a_room(gw, &addr, cert.trim(), a, b);
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--metrics", &metrics]));
+    for i in 1..=3 {
+        run(
+            &sund(),
+            &["send", "--data-dir", a, "room", &format!("m{i}")],
+        );
+    }
+    let (status, text) = scrape(&metrics, "GET", "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(value(&text, "sund_gateway_up"), 1.0);
+    assert_eq!(value(&text, "sund_gateway_delivery_sequenced_total"), 3.0);
+    // Each send is a session of its own: opened with a proof or resumed with a token.
+    assert!(
+        value(&text, "sund_gateway_sessions_authenticated_total")
+            + value(&text, "sund_gateway_sessions_resumed_total")
+            >= 3.0
+    );
+    assert_eq!(
+        value(&text, "sund_gateway_registry_registrations_total"),
+        1.0
+    );
+    assert_eq!(value(&text, "sund_gateway_conversations"), 1.0);
+    assert!(value(&text, "sund_gateway_stage_seconds_count{stage=\"fsync\"}") >= 3.0);
+    assert!(text.contains("# TYPE sund_gateway_refusals_total counter"));
+    // No user data in the exposition: no device, user or conversation ids.
+    for leak in ["dev:", "user:", "conv:"] {
+        assert!(!text.contains(leak), "`{leak}` in the metrics:\n{text}");
+    }
+    assert_eq!(
+        scrape(&metrics, "GET", "/elsewhere").0,
+        "HTTP/1.1 404 Not Found"
+    );
+    assert_eq!(
+        scrape(&metrics, "POST", "/metrics").0,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
 }
