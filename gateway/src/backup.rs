@@ -67,6 +67,13 @@ pub fn restore(file: &Path, data_dir: &Path) -> Result<Printed, String> {
             data_dir.display()
         ));
     }
+    // Nothing of another gateway (a TLS identity made by `cert`, say) is overwritten.
+    if std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(format!(
+            "{} is not empty: restore into a new or empty directory, so that nothing in it is overwritten",
+            data_dir.display()
+        ));
+    }
     if !file.is_file() {
         return Err(format!(
             "{} is not a file: give the path of a backup `sund-gateway admin backup` wrote",

@@ -274,6 +274,19 @@ pub enum AskError {
 /// Sends `request` to the gateway running on the data directory whose control socket is `path`
 /// and waits for its answer (blocking; for the `sund-gateway admin` command).
 pub fn ask(path: &Path, request: &AdminRequest) -> Result<Result<Printed, String>, AskError> {
+    // A gateway makes its socket 0600 in a 0700 directory: one that others may open, or that
+    // another user owns, was not made by it, and gets no request (a token is a secret).
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let me = std::fs::metadata(path.parent().unwrap_or(Path::new("."))).map(|d| d.uid());
+        if meta.mode() & 0o077 != 0 || me.is_ok_and(|owner| owner != meta.uid()) {
+            return Err(AskError::Failed(format!(
+                "{} is not as the gateway makes it (mode {:o}, owner uid {}): another user could have made or reach it. Stop the gateway, remove the file, and start the gateway again",
+                path.display(),
+                meta.mode() & 0o7777,
+                meta.uid()
+            )));
+        }
+    }
     let connected = socket_address(path)
         .and_then(|(short, _dir)| std::os::unix::net::UnixStream::connect(short));
     let mut stream = match connected {
@@ -356,6 +369,23 @@ mod tests {
         assert!(err.contains("same version"), "{err}");
         let big = vec![b' '; REQUEST_MAX as usize + 1];
         assert!(decode_request(&big).unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn a_socket_others_may_open_gets_no_request() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(SOCKET_NAME);
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        match ask(&path, &AdminRequest::Crl) {
+            Err(AskError::Failed(why)) => {
+                assert!(
+                    why.contains("mode 666") && why.contains("remove the file"),
+                    "{why}"
+                )
+            }
+            other => panic!("asked through a loose socket: {other:?}"),
+        }
     }
 
     #[test]

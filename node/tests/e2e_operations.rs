@@ -116,6 +116,27 @@ fn a_backup_taken_under_load_restores_every_message_acknowledged_before_it() {
         std::fs::read(gw_dir.join("tls/cert.der")).unwrap(),
         "the devices' pinned certificate is the restored gateway's"
     );
+    // A truncated copy of the backup is refused before anything is written.
+    let truncated = tmp.path().join("truncated.backup");
+    let bytes = std::fs::read(&backup).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&truncated, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let elsewhere = tmp.path().join("elsewhere");
+    let err = fails(
+        &gateway_binary(),
+        &[
+            "admin",
+            "restore",
+            truncated.to_str().unwrap(),
+            "--data-dir",
+            elsewhere.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("is not a gateway backup"), "{err}");
+    assert!(!elsewhere.join("gateway.redb").exists());
     let devices = run(&gateway_binary(), &["admin", "devices", "--data-dir", r]);
     assert!(
         devices.contains(" valid"),
@@ -178,6 +199,23 @@ fn restoring_something_that_is_not_a_backup_says_so_and_leaves_nothing() {
     );
     assert!(err.contains("is not a file"), "{err}");
     assert!(!missing.exists());
+    // A directory holding anything (a TLS identity made by `cert`) is not overwritten.
+    let used = tmp.path().join("used");
+    run(
+        &gateway_binary(),
+        &["cert", "--data-dir", used.to_str().unwrap()],
+    );
+    let err = fails(
+        &gateway_binary(),
+        &[
+            "admin",
+            "restore",
+            bogus.to_str().unwrap(),
+            "--data-dir",
+            used.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("is not empty"), "{err}");
 }
 
 /// `GET PATH` (or another method) on the metrics endpoint: the status line and the body.
