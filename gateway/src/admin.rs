@@ -31,14 +31,22 @@ pub enum AdminRequest {
         user: String,
     },
     /// List registered devices.
-    Devices,
+    Devices {
+        /// One JSON document instead of lines.
+        #[serde(default)]
+        json: bool,
+    },
     /// Revoke a device, named by its id or its key.
     Revoke {
         /// `dev:` and 32 hex digits, or 64 hex digits of key.
         device: String,
     },
     /// Print the CRL.
-    Crl,
+    Crl {
+        /// One JSON document instead of lines.
+        #[serde(default)]
+        json: bool,
+    },
     /// Create a plain conversation or add members to it.
     CreateConversation {
         /// The conversation's name.
@@ -47,7 +55,11 @@ pub enum AdminRequest {
         members: Vec<String>,
     },
     /// List conversations, users, devices and KeyPackages left.
-    List,
+    List {
+        /// One JSON document instead of lines.
+        #[serde(default)]
+        json: bool,
+    },
     /// Back up the whole gateway into a new file (an absolute path on the gateway's machine).
     Backup {
         /// Where the backup goes.
@@ -70,11 +82,11 @@ impl AdminRequest {
     pub fn verb(&self) -> &'static str {
         match self {
             AdminRequest::EnrolToken { .. } => "enrol-token",
-            AdminRequest::Devices => "devices",
+            AdminRequest::Devices { .. } => "devices",
             AdminRequest::Revoke { .. } => "revoke",
-            AdminRequest::Crl => "crl",
+            AdminRequest::Crl { .. } => "crl",
             AdminRequest::CreateConversation { .. } => "create-conversation",
-            AdminRequest::List => "list",
+            AdminRequest::List { .. } => "list",
             AdminRequest::Backup { .. } => "backup",
         }
     }
@@ -88,7 +100,9 @@ impl AdminRequest {
                 format!("{name} ({} members)", members.len())
             }
             AdminRequest::Backup { file } => file.clone(),
-            AdminRequest::Devices | AdminRequest::Crl | AdminRequest::List => String::new(),
+            AdminRequest::Devices { .. } | AdminRequest::Crl { .. } | AdminRequest::List { .. } => {
+                String::new()
+            }
         }
     }
 
@@ -137,7 +151,9 @@ impl AdminRequest {
                 }
                 return Ok(None);
             }
-            AdminRequest::Devices | AdminRequest::Crl | AdminRequest::List => return Ok(None),
+            AdminRequest::Devices { .. } | AdminRequest::Crl { .. } | AdminRequest::List { .. } => {
+                return Ok(None)
+            }
         }))
     }
 
@@ -190,8 +206,23 @@ impl AdminRequest {
                     "conversation `{name}` ({conversation}) has {members} member devices\n"
                 );
             }
-            (AdminRequest::Devices, None) => out.stdout = devices(gateway, now),
-            (AdminRequest::Crl, None) => {
+            (AdminRequest::Devices { json: true }, None) => {
+                out.stdout = listing_json(&devices_json(gateway, now))
+            }
+            (AdminRequest::Crl { json: true }, None) => {
+                let crl = gateway.registration_authority().crl();
+                out.stdout = listing_json(&serde_json::json!({
+                    "version": crl.version,
+                    "issued_at": format_utc(crl.issued_at_s),
+                    "domain": crl.domain,
+                    "revoked": crl.revoked.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                }));
+            }
+            (AdminRequest::List { json: true }, None) => {
+                out.stdout = listing_json(&list_json(gateway))
+            }
+            (AdminRequest::Devices { .. }, None) => out.stdout = devices(gateway, now),
+            (AdminRequest::Crl { .. }, None) => {
                 let crl = gateway.registration_authority().crl();
                 out.stdout = format!(
                     "CRL version {} issued at {} for {}: {} revoked\n",
@@ -204,7 +235,7 @@ impl AdminRequest {
                     out.stdout.push_str(&format!("{device}\n"));
                 }
             }
-            (AdminRequest::List, None) => out.stdout = list(gateway),
+            (AdminRequest::List { .. }, None) => out.stdout = list(gateway),
             (request, answer) => {
                 return Err(format!(
                     "the gateway gave an unexpected answer to `{}`: {answer:?}",
@@ -216,18 +247,79 @@ impl AdminRequest {
     }
 }
 
+/// A listing as one JSON document on a line of its own.
+fn listing_json(value: &serde_json::Value) -> String {
+    format!("{value}\n")
+}
+
+/// The state of a device's certificate now.
+fn certificate_state(
+    gateway: &Gateway,
+    cert: &sund_model::trust::DeviceCertificate,
+    now: Instant,
+) -> &'static str {
+    if gateway
+        .registration_authority()
+        .crl()
+        .revoked
+        .contains(&cert.device())
+    {
+        "revoked"
+    } else if now.as_micros() / 1_000_000 >= cert.not_after_s {
+        "expired"
+    } else {
+        "valid"
+    }
+}
+
+fn devices_json(gateway: &Gateway, now: Instant) -> serde_json::Value {
+    let devices: Vec<serde_json::Value> = gateway
+        .registration_authority()
+        .certificates()
+        .map(|cert| {
+            serde_json::json!({
+                "device": cert.device().to_string(),
+                "user": cert.user.to_string(),
+                "serial": cert.serial,
+                "valid_from": format_utc(cert.not_before_s),
+                "valid_until": format_utc(cert.not_after_s),
+                "state": certificate_state(gateway, cert, now),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(devices)
+}
+
+fn list_json(gateway: &Gateway) -> serde_json::Value {
+    let conversations: Vec<serde_json::Value> = gateway
+        .conversations()
+        .map(|log| {
+            serde_json::json!({
+                "conversation": log.id().to_string(),
+                "head": log.head(),
+                "retained": log.retained(),
+                "members": log.members().len(),
+            })
+        })
+        .collect();
+    let mut devices = Vec::new();
+    for user in gateway.users() {
+        for device in gateway.devices_of(user) {
+            devices.push(serde_json::json!({
+                "user": user.to_string(),
+                "device": device.to_string(),
+                "key_packages": gateway.key_packages_left(device),
+            }));
+        }
+    }
+    serde_json::json!({ "conversations": conversations, "devices": devices })
+}
+
 fn devices(gateway: &Gateway, now: Instant) -> String {
     let authority = gateway.registration_authority();
-    let crl = authority.crl();
     let mut text = String::new();
     for cert in authority.certificates() {
-        let state = if crl.revoked.contains(&cert.device()) {
-            "revoked"
-        } else if now.as_micros() / 1_000_000 >= cert.not_after_s {
-            "expired"
-        } else {
-            "valid"
-        };
+        let state = certificate_state(gateway, cert, now);
         text.push_str(&format!(
             "{} {} serial {} valid from {} until {} {state}\n",
             cert.device(),
@@ -340,6 +432,6 @@ mod tests {
             members: vec!["zz".into()]
         })
         .contains("64 hex digits"));
-        assert_eq!(AdminRequest::List.command(), Ok(None));
+        assert_eq!(AdminRequest::List { json: false }.command(), Ok(None));
     }
 }

@@ -377,7 +377,7 @@ mod tests {
         let path = tmp.path().join(SOCKET_NAME);
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        match ask(&path, &AdminRequest::Crl) {
+        match ask(&path, &AdminRequest::Crl { json: false }) {
             Err(AskError::Failed(why)) => {
                 assert!(
                     why.contains("mode 666") && why.contains("remove the file"),
@@ -425,9 +425,9 @@ mod tests {
                 AdminRequest::EnrolToken { user: user.clone() },
                 AdminRequest::Revoke { device: user.clone() },
                 AdminRequest::CreateConversation { name: user.clone(), members: keys.clone() },
-                AdminRequest::Devices,
-                AdminRequest::Crl,
-                AdminRequest::List,
+                AdminRequest::Devices { json: false },
+                AdminRequest::Crl { json: true },
+                AdminRequest::List { json: false },
             ] {
                 let bytes = serde_json::to_vec(&request).unwrap();
                 prop_assert_eq!(decode_request(&bytes), Ok(request));

@@ -83,7 +83,11 @@ enum Admin {
         user: String,
     },
     /// List registered devices: id, user, certificate serial and validity, revoked or not.
-    Devices,
+    Devices {
+        /// One JSON document (an array of devices) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a device (its id as `admin devices` prints it, or its key): it never opens a
     /// session again, and connected devices get the new CRL when the gateway runs.
     Revoke {
@@ -91,7 +95,11 @@ enum Admin {
         device: String,
     },
     /// Print the current CRL: version, issue time and revoked devices.
-    Crl,
+    Crl {
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a conversation (or add members to it).
     CreateConversation {
         /// The conversation's name; nodes use the same name.
@@ -101,7 +109,11 @@ enum Admin {
         members: Vec<String>,
     },
     /// List conversations and their heads, then users, their devices and KeyPackages left.
-    List,
+    List {
+        /// One JSON document (`conversations`, `devices`) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Back up the whole gateway (database, file chunks, TLS identity) into a new file, while it
     /// runs or stopped; the file is as secret as the data directory.
     Backup {
@@ -119,13 +131,13 @@ impl Admin {
     fn request(self) -> AdminRequest {
         match self {
             Admin::EnrolToken { user } => AdminRequest::EnrolToken { user },
-            Admin::Devices => AdminRequest::Devices,
+            Admin::Devices { json } => AdminRequest::Devices { json },
             Admin::Revoke { device } => AdminRequest::Revoke { device },
-            Admin::Crl => AdminRequest::Crl,
+            Admin::Crl { json } => AdminRequest::Crl { json },
             Admin::CreateConversation { name, members } => {
                 AdminRequest::CreateConversation { name, members }
             }
-            Admin::List => AdminRequest::List,
+            Admin::List { json } => AdminRequest::List { json },
             Admin::Backup { file } => AdminRequest::Backup {
                 // The gateway resolves it, perhaps in another working directory.
                 file: std::path::absolute(&file)
@@ -343,7 +355,7 @@ fn admin(data_dir: &Path, config: GatewayConfig, action: Admin) -> Result<(), St
     if let Admin::Restore { file } = &action {
         let socket = data_dir.join(control::SOCKET_NAME);
         if !matches!(
-            control::ask(&socket, &AdminRequest::Crl),
+            control::ask(&socket, &AdminRequest::Crl { json: false }),
             Err(AskError::NotRunning)
         ) {
             return Err(format!(

@@ -298,6 +298,24 @@ fn an_enrolment_token_enrols_one_device_and_a_device_revoked_on_the_running_gate
         revoked_user(&devices, &laptop_id),
         "{report}"
     );
+    // Scripts read the listings as JSON.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = run(&gateway_binary(), args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let listed = json(&["admin", "devices", "--json", "--data-dir", gw]);
+    let laptop_entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == laptop_id.as_str())
+        .expect("the laptop is listed");
+    assert_eq!(laptop_entry["state"], "revoked", "{listed}");
+    let crl = json(&["admin", "crl", "--json", "--data-dir", gw]);
+    assert_eq!(crl["version"], 1, "{crl}");
+    assert_eq!(crl["revoked"][0], laptop_id.as_str(), "{crl}");
+    let list = json(&["admin", "list", "--json", "--data-dir", gw]);
+    assert!(list["devices"].as_array().unwrap().len() >= 2, "{list}");
     // A mistyped request is refused with what to type instead, and changes nothing.
     let err = fails(
         &gateway_binary(),
