@@ -186,6 +186,10 @@ impl GatewayHandle {
                 )))
             }
         };
+        // Each session's writer delivers its goodbye (with the retry hint), then closes its
+        // connection (within LINGER): wait for that before closing what is left, or a goodbye
+        // still in flight is lost and its device comes back at once.
+        let _ = tokio::time::timeout(LINGER * 2, self.endpoint.wait_idle()).await;
         self.endpoint.close(0u32.into(), b"gateway shut down");
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.endpoint.wait_idle()).await;
         Ok(stats)

@@ -81,6 +81,17 @@ fn restart_mid_conversation(stop: Stop) {
         );
         acknowledged.push(out.trim().to_string());
     }
+    let mut received = Vec::new();
+    if stop == Stop::Term {
+        // b must be connected when the gateway stops, to hear its goodbye: it has the first
+        // five messages.
+        while received.len() < 5 {
+            match lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => received.push(line),
+                Err(_) => panic!("b got {} of 5 messages: {received:#?}", received.len()),
+            }
+        }
+    }
     let stopped_at = Instant::now();
     match stop {
         Stop::Kill => {
@@ -110,7 +121,6 @@ fn restart_mid_conversation(stop: Stop) {
         "each send is acknowledged with the next seq"
     );
 
-    let mut received = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while received.len() < 10 {
         let left = deadline.saturating_duration_since(Instant::now());
