@@ -89,16 +89,7 @@ fn a_backup_taken_under_load_restores_every_message_acknowledged_before_it() {
     gateway.0.wait().unwrap();
     let restored = tmp.path().join("restored");
     let r = restored.to_str().unwrap();
-    let err = fails(
-        &gateway_binary(),
-        &[
-            "admin",
-            "restore",
-            backup.to_str().unwrap(),
-            "--data-dir",
-            gw,
-        ],
-    );
+    let err = restore_fails(&backup, &gw_dir);
     assert!(err.contains("holds a gateway database already"), "{err}");
     let out = run(
         &gateway_binary(),
@@ -120,21 +111,9 @@ fn a_backup_taken_under_load_restores_every_message_acknowledged_before_it() {
     let truncated = tmp.path().join("truncated.backup");
     let bytes = std::fs::read(&backup).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&truncated, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    owner_only(&truncated);
     let elsewhere = tmp.path().join("elsewhere");
-    let err = fails(
-        &gateway_binary(),
-        &[
-            "admin",
-            "restore",
-            truncated.to_str().unwrap(),
-            "--data-dir",
-            elsewhere.to_str().unwrap(),
-        ],
-    );
+    let err = restore_fails(&truncated, &elsewhere);
     assert!(err.contains("is not a gateway backup"), "{err}");
     assert!(!elsewhere.join("gateway.redb").exists());
     let devices = run(&gateway_binary(), &["admin", "devices", "--data-dir", r]);
@@ -163,40 +142,39 @@ fn a_backup_taken_under_load_restores_every_message_acknowledged_before_it() {
     assert!(Path::new(&backup).exists());
 }
 
+/// `sund-gateway admin restore FILE --data-dir DIR`, which must fail: what it said.
+fn restore_fails(file: &Path, dir: &Path) -> String {
+    fails(
+        &gateway_binary(),
+        &[
+            "admin",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Mode 0600, as a backup is written (a restore reads only such files).
+fn owner_only(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn restoring_something_that_is_not_a_backup_says_so_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let bogus = tmp.path().join("notes.txt");
     std::fs::write(&bogus, "not a database").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&bogus, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    owner_only(&bogus);
     let target = tmp.path().join("new");
-    let err = fails(
-        &gateway_binary(),
-        &[
-            "admin",
-            "restore",
-            bogus.to_str().unwrap(),
-            "--data-dir",
-            target.to_str().unwrap(),
-        ],
-    );
+    let err = restore_fails(&bogus, &target);
     assert!(err.contains("is not a gateway backup"), "{err}");
     assert!(!target.join("gateway.redb").exists());
     // A file that is not there is said to be missing, and is not created.
     let missing = tmp.path().join("missing.backup");
-    let err = fails(
-        &gateway_binary(),
-        &[
-            "admin",
-            "restore",
-            missing.to_str().unwrap(),
-            "--data-dir",
-            target.to_str().unwrap(),
-        ],
-    );
+    let err = restore_fails(&missing, &target);
     assert!(err.contains("is not a file"), "{err}");
     assert!(!missing.exists());
     // A directory holding anything (a TLS identity made by `cert`) is not overwritten.
@@ -205,16 +183,7 @@ fn restoring_something_that_is_not_a_backup_says_so_and_leaves_nothing() {
         &gateway_binary(),
         &["cert", "--data-dir", used.to_str().unwrap()],
     );
-    let err = fails(
-        &gateway_binary(),
-        &[
-            "admin",
-            "restore",
-            bogus.to_str().unwrap(),
-            "--data-dir",
-            used.to_str().unwrap(),
-        ],
-    );
+    let err = restore_fails(&bogus, &used);
     assert!(err.contains("is not empty"), "{err}");
 }
 
