@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -34,8 +34,8 @@ struct Cli {
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
-    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics); command-line flags win
-    /// over it.
+    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, log_format); command-line
+    /// flags win over it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Certify any device that registers without an enrolment token (for local use; otherwise
@@ -55,6 +55,10 @@ struct Cli {
     /// not acknowledged, so an unfinished drain loses nothing.
     #[arg(long, global = true)]
     drain_timeout: Option<u64>,
+    /// How log lines are written to stderr: `text` for people (the default), `json` for one
+    /// JSON object per line for a log collector. `RUST_LOG` picks what is logged (default info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -72,6 +76,22 @@ enum Command {
     /// Print the path of the gateway's TLS certificate (creating the identity if missing);
     /// give this file to `sund init --gateway-cert`.
     Cert,
+    /// Print a completion script for a shell, e.g.
+    /// `sund-gateway completions bash > ~/.local/share/bash-completion/completions/sund-gateway`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The shape of log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    /// Lines for people (coloured on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -161,36 +181,88 @@ struct FileConfig {
     retention_days: Option<u64>,
     drain_timeout_s: Option<u64>,
     metrics: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
 }
 
 fn main() -> ExitCode {
     sund_runtime::memory::one_malloc_arena();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    if let Some(Command::Completions { shell }) = cli.command {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "sund-gateway", &mut script);
+        use std::io::Write as _;
+        let _ = std::io::stdout().write_all(&script);
+        return ExitCode::SUCCESS;
+    }
+    let file = match read_config(cli.config.as_deref()) {
+        Ok(file) => file,
         Err(message) => {
             eprintln!("error: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    init_logs(
+        cli.log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+    );
+    match run(cli, file) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            say_error(&message);
             ExitCode::from(1)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<(), String> {
-    let file = match &cli.config {
+/// Whether logs are JSON lines: then the few lines written for a person on stderr (the
+/// listening address, a fatal error) are log records too, so a collector reads one format.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn json_logs() -> bool {
+    JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A fatal error: `error: …` on stderr, or an error record with `--log-format json`.
+fn say_error(message: &str) {
+    if json_logs() {
+        tracing::error!(error = %message, "exiting");
+    } else {
+        eprintln!("error: {message}");
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default info), as lines or JSON objects.
+fn init_logs(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            logs.json().with_current_span(false).init()
+        }
+    }
+}
+
+fn read_config(path: Option<&Path>) -> Result<FileConfig, String> {
+    match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
             toml::from_str::<FileConfig>(&text)
-                .map_err(|e| format!("config file {}: {e}", path.display()))?
+                .map_err(|e| format!("config file {}: {e}", path.display()))
         }
-        None => FileConfig::default(),
-    };
+        None => Ok(FileConfig::default()),
+    }
+}
+
+fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
     let data_dir = cli
         .data_dir
         .or(file.data_dir)
@@ -244,6 +316,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Admin { action } => admin(&data_dir, config, action),
+        Command::Completions { .. } => unreachable!("printed before the configuration is read"),
     }
 }
 
@@ -287,10 +360,12 @@ fn serve(
             }
             None => None,
         };
-        eprintln!(
-            "sund-gateway listening on {} (certificate: pin it with `sund init --gateway-cert`)",
-            handle.addr
-        );
+        if !json_logs() {
+            eprintln!(
+                "sund-gateway listening on {} (certificate: pin it with `sund init --gateway-cert`)",
+                handle.addr
+            );
+        }
         tokio::select! {
             _ = wait_for_signal() => {}
             error = handle.failed() => {
@@ -331,7 +406,7 @@ fn serve(
 /// Exits the process at once, without waiting for the runtime's tasks (a commit in flight is
 /// either durable or not, as after a crash; what was not acknowledged is resent by devices).
 fn exit_now(why: &str) -> ! {
-    eprintln!("error: {why}");
+    say_error(why);
     std::process::exit(1)
 }
 

@@ -655,7 +655,7 @@ async fn leave(device: &Device, conv: ConversationId) -> Result<Left, String> {
 }
 
 /// `sund devices`.
-pub async fn devices(data_dir: &Path) -> Result<(), String> {
+pub async fn devices(data_dir: &Path, json: bool) -> Result<(), String> {
     let device = load(data_dir)?;
     let node = driver::start(device.options())
         .await
@@ -664,6 +664,15 @@ pub async fn devices(data_dir: &Path) -> Result<(), String> {
     let _ = node.stop().await;
     let names = device.conversation_names();
     let users = device.user_names();
+    if json {
+        let report: Vec<GroupReport> = groups
+            .iter()
+            .map(|g| GroupReport::new(g, &names, &users, device.key.device_id()))
+            .collect();
+        let text = serde_json::to_string_pretty(&report).expect("a group report encodes");
+        say!("{text}");
+        return Ok(());
+    }
     if groups.is_empty() {
         say!("this device is in no DM or room yet: `sund dm USER` or `sund room create NAME`");
     }
@@ -678,4 +687,64 @@ pub async fn devices(data_dir: &Path) -> Result<(), String> {
         print_group(&name, g, &users, device.key.device_id());
     }
     Ok(())
+}
+
+/// One DM or room in `sund devices --json`.
+#[derive(serde::Serialize)]
+struct GroupReport {
+    conversation_id: String,
+    /// The name this device gave it, if any.
+    name: Option<String>,
+    /// `dm` or `room`.
+    kind: String,
+    /// The MLS epoch, once the group is joined.
+    epoch: Option<u64>,
+    /// `in_sync`, `committing`, `waiting_for_welcome` or `removed`.
+    state: &'static str,
+    /// Membership changes still queued on this device.
+    queued: usize,
+    members: Vec<MemberReport>,
+}
+
+/// One member device in `sund devices --json`.
+#[derive(serde::Serialize)]
+struct MemberReport {
+    device: String,
+    user_id: String,
+    /// The user's name, when this device knows it.
+    user: Option<String>,
+    this_device: bool,
+}
+
+impl GroupReport {
+    fn new(
+        g: &GroupSummary,
+        names: &BTreeMap<ConversationId, String>,
+        users: &BTreeMap<UserId, String>,
+        me: DeviceId,
+    ) -> GroupReport {
+        GroupReport {
+            conversation_id: g.conversation.to_string(),
+            name: names.get(&g.conversation).cloned(),
+            kind: g.kind.to_string(),
+            epoch: g.epoch,
+            state: match g.status {
+                GroupStatus::Synchronized => "in_sync",
+                GroupStatus::PendingCommit { .. } => "committing",
+                GroupStatus::PendingWelcome => "waiting_for_welcome",
+                GroupStatus::Removed { .. } => "removed",
+            },
+            queued: g.queued,
+            members: g
+                .members
+                .iter()
+                .map(|(d, u)| MemberReport {
+                    device: d.to_string(),
+                    user_id: u.to_string(),
+                    user: users.get(u).cloned(),
+                    this_device: *d == me,
+                })
+                .collect(),
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::wire::payload::ErrorCode;
 use sund_node::device::Device;
@@ -33,6 +33,7 @@ macro_rules! esay {
 #[cfg(feature = "demo")]
 mod demo;
 mod file_commands;
+mod follow;
 mod group_commands;
 mod pair;
 
@@ -51,7 +52,7 @@ enum RoomCommand {
     /// Create a room (you own it), inviting users.
     Create {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// A local name for the room.
         name: String,
@@ -62,7 +63,7 @@ enum RoomCommand {
     /// Invite users (all their devices) to a room (owners and admins).
     Invite {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The room's name.
         name: String,
@@ -73,7 +74,7 @@ enum RoomCommand {
     /// Remove a user (all their devices) from a room (owners, and admins for members).
     Remove {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The room's name.
         name: String,
@@ -83,7 +84,7 @@ enum RoomCommand {
     /// Make a user admin or member of a room you own.
     Role {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The room's name.
         name: String,
@@ -95,7 +96,7 @@ enum RoomCommand {
     /// Leave a room or DM (the gateway proposes your removal and a member commits it).
     Leave {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The room's name.
         name: String,
@@ -103,7 +104,7 @@ enum RoomCommand {
     /// Give a room this device joined (shown by `sund devices` as conv:…) a local name.
     Name {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The room's id, as `sund devices` prints it.
         id: String,
@@ -118,7 +119,7 @@ enum FileCommand {
     /// an interrupted send goes on where it stopped.
     Send {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The conversation's name (`@user` for a DM).
         conversation: String,
@@ -128,7 +129,7 @@ enum FileCommand {
     /// List the files this device knows, with their ids.
     List {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// Only the files of this conversation.
         conversation: Option<String>,
@@ -136,7 +137,7 @@ enum FileCommand {
     /// Fetch a file (only the parts this device lacks) and save it under its own name.
     Get {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The file's id, as `sund file list` or `sund follow` shows it.
         id: String,
@@ -152,7 +153,7 @@ enum PairCommand {
     /// device to your user, and wait until the new device takes it.
     Show {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// How long to wait for the new device, in seconds (0: only print the code).
         #[arg(long, default_value_t = 600)]
@@ -165,7 +166,7 @@ enum PairCommand {
     /// device, and register it with the gateway.
     Accept {
         /// The new device's data directory (must not hold a device yet).
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The pairing code (`SUND-PAIR:1:...`).
         code: String,
@@ -183,7 +184,7 @@ enum Command {
     /// Set up a device: a new key, the gateway's address and its pinned certificate.
     Init {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The gateway's UDP address, HOST:PORT (an IP address or a name).
         #[arg(long)]
@@ -208,7 +209,7 @@ enum Command {
     /// Start a DM with a user (all of their devices and your other devices join it).
     Dm {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The other person's user name.
         user: String,
@@ -226,13 +227,16 @@ enum Command {
     /// Show the DMs and rooms of this device: their members' devices, epoch and state.
     Devices {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
+        /// One JSON document (an array of conversations and their member devices).
+        #[arg(long)]
+        json: bool,
     },
     /// Send one message (encrypted in a DM or room) and wait until the gateway acknowledges it.
     Send {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The conversation's name.
         conversation: String,
@@ -242,7 +246,7 @@ enum Command {
     /// Print messages as they arrive; keeps going across gateway restarts.
     Follow {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// Stop after this many messages.
         #[arg(long)]
@@ -254,12 +258,16 @@ enum Command {
         /// name there is kept, and the new one waits for `sund file get ID --out OTHER`).
         #[arg(long, value_name = "DIR")]
         fetch_into: Option<PathBuf>,
+        /// One JSON object per line for each event (messages, files, status, group changes),
+        /// all on stdout, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Name a user on this device: what they write shows NAME instead of `user:…`, and the DM
     /// with them is `@NAME` (user names travel only as hashes).
     Contact {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The user's name, as their own devices were set up with (`--user`).
         name: String,
@@ -267,12 +275,18 @@ enum Command {
     /// Show the device, its gateway, its outbox, and whether the gateway can be reached.
     Status {
         /// The device's data directory.
-        #[arg(long, default_value = "sund-device")]
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// Print one JSON object (device, connection, problem, outbox, unread, certificate,
         /// root, CRL version, pairing) instead of lines, for scripts and monitoring.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a completion script for a shell, e.g.
+    /// `sund completions bash > ~/.local/share/bash-completion/completions/sund`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -286,6 +300,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "sund", &mut script);
+        let _ = std::io::stdout().write_all(&script);
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -353,12 +373,14 @@ async fn run(command: Command) -> Result<(), String> {
             count,
             conversations,
             fetch_into,
-        } => follow(&data_dir, count, &conversations, fetch_into.as_deref()).await,
+            json,
+        } => follow::follow(&data_dir, count, &conversations, fetch_into.as_deref(), json).await,
         Command::Status { data_dir, json } => status(&data_dir, json).await,
+        Command::Completions { .. } => unreachable!("printed before the runtime starts"),
         Command::Contact { data_dir, name } => group_commands::contact(&data_dir, &name),
         Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,
         Command::Room { command } => group_commands::room(command).await,
-        Command::Devices { data_dir } => group_commands::devices(&data_dir).await,
+        Command::Devices { data_dir, json } => group_commands::devices(&data_dir, json).await,
         Command::File {
             command:
                 FileCommand::Send {
@@ -492,155 +514,6 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
                     // The message is saved (the send returned): it waits in the outbox.
                     let why = why_stopped(node).await;
                     return Err(format!("this device stopped ({why}) before the gateway acknowledged the message; it is saved in this device's outbox and goes out with the next `sund send` or `sund follow` once the device can write to its data directory again"));
-                }
-            }
-        }
-    }
-    node.stop().await.map_err(|e| e.to_string())
-}
-
-async fn follow(
-    data_dir: &Path,
-    count: Option<u64>,
-    conversations: &[String],
-    fetch_into: Option<&Path>,
-) -> Result<(), String> {
-    if let Some(dir) = fetch_into.filter(|d| !d.is_dir()) {
-        return Err(format!(
-            "{} is not a directory: create it or give another with --fetch-into",
-            dir.display()
-        ));
-    }
-    let device = load(data_dir)?;
-    for name in conversations {
-        // `@user` is the DM with that user; other names as `send` takes them.
-        device
-            .name_conversation(name, device.resolve_conversation(name))
-            .map_err(|e| e.to_string())?;
-    }
-    let names = device.conversation_names();
-    let users = device.user_names();
-    let mut node = driver::start(device.options())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut members = group_commands::members(&node).await;
-    let mut unnamed = std::collections::BTreeSet::new();
-    let mut seen = 0;
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            event = node.events.recv() => match event {
-                Some(NodeEvent::Delivered { conversation: id, seq, sender, body, .. }) => {
-                    let conversation = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
-                    let from = group_commands::who(sender, &members, &users);
-                    if let Some(user) = members.get(&sender).filter(|u| !users.contains_key(u)) {
-                        if unnamed.insert(*user) {
-                            esay!("{user} is not named on this device: if you know who it is, `sund contact NAME` shows their name");
-                        }
-                    }
-                    // A receipt is the sender's news (shown below as `FileReceipt`), not a
-                    // line of the conversation.
-                    if sund_model::node::files::Receipt::decode_message(&body).is_some() {
-                        node.taken(id, seq).await.map_err(|e| e.to_string())?;
-                        continue;
-                    }
-                    let file = sund_model::files::FileMessage::decode(&body);
-                    // Files from others (its own are not offered to this device: the answer
-                    // is then false, and nothing happens).
-                    if let (Some(Ok(file)), Some(_)) = (&file, fetch_into) {
-                        let digest = file.manifest.digest();
-                        node.fetch_file(id, digest).await.map_err(|e| e.to_string())?;
-                    }
-                    let line = match file {
-                        // Its own file (sent from this device): nothing to get.
-                        Some(Ok(file)) if sender == device.key.device_id() => format!(
-                            "[{}] this device sent a file: {} — `sund file list` shows who has it",
-                            display::printable(&conversation),
-                            display::printable(file.manifest.name.as_str()),
-                        ),
-                        Some(Ok(file)) => file_commands::offered_line(
-                            &display::printable(&conversation),
-                            &display::printable(&from),
-                            file.manifest.digest(),
-                            file.manifest.name.as_str(),
-                            file.manifest.size,
-                        ),
-                        Some(Err(e)) => format!(
-                            "{} seq {seq} from {}: a file this device refuses ({e})",
-                            display::printable(&conversation),
-                            display::printable(&from),
-                        ),
-                        None => format!(
-                            "{} seq {seq} from {}: {}",
-                            display::printable(&conversation),
-                            display::printable(&from),
-                            display::body(&body)
-                        ),
-                    };
-                    // Taken only once printed: a message a closed pipe (`| head -1`) or a
-                    // crash kept from the screen is shown by the next `follow`.
-                    let mut out = std::io::stdout().lock();
-                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-                        break;
-                    }
-                    drop(out);
-                    node.taken(id, seq).await.map_err(|e| e.to_string())?;
-                    seen += 1;
-                    if count.is_some_and(|c| seen >= c) {
-                        break;
-                    }
-                }
-                Some(NodeEvent::Gap { conversation, from, to }) => {
-                    esay!("{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them");
-                }
-                Some(NodeEvent::HistoryDiverged { conversation, upto }) => {
-                    esay!("{conversation}: the gateway lost messages this device had read (its disk lost writes it had reported durable) and gave their seqs, up to {upto}, to other messages, which this device cannot show. What it shows is kept. Tell the gateway's operator");
-                }
-                Some(NodeEvent::HistoryLost { conversation, from, to }) => {
-                    esay!("{conversation}: seqs {from}..={to} were lost by the gateway (its disk lost writes it had reported durable); they cannot be fetched. Tell the gateway's operator");
-                }
-                Some(NodeEvent::FileComplete { conversation, digest }) if fetch_into.is_some() => {
-                    let dir = fetch_into.expect("matched").to_path_buf();
-                    match node.save_file(conversation, digest, dir).await.map_err(|e| e.to_string())? {
-                        Ok(path) => esay!("saved {}", path.display()),
-                        Err(why) => {
-                            esay!("file {} not saved: {why}", file_commands::file_id(digest));
-                            // A chunk of this device's copy was lost and dropped: fetched
-                            // again, and saved when it completes.
-                            if file_commands::lacks_chunks(&node, digest).await {
-                                esay!("file {}: fetching it again", file_commands::file_id(digest));
-                                node.fetch_file(conversation, digest).await.map_err(|e| e.to_string())?;
-                            }
-                        }
-                    }
-                }
-                Some(NodeEvent::FileFailed { digest, reason, .. }) => {
-                    esay!("file {}: {reason}", file_commands::file_id(digest));
-                }
-                Some(NodeEvent::FileReceipt { conversation, digest, device: holder, verified }) => {
-                    let conversation = names.get(&conversation).cloned().unwrap_or_else(|| conversation.to_string());
-                    let who = group_commands::who(holder, &members, &users);
-                    let words = file_commands::receipt_words(&display::printable(&who), verified);
-                    esay!(
-                        "{}: file {} delivered to {words}",
-                        display::printable(&conversation),
-                        file_commands::file_id(digest)
-                    );
-                }
-                Some(NodeEvent::Status(status)) => esay!("status: {}", describe(status)),
-                Some(NodeEvent::Refused { message, .. }) => esay!("refused by the gateway: {message}"),
-                Some(NodeEvent::Revoked) => {
-                    let _ = node.stop().await;
-                    return Err(REVOKED.into());
-                }
-                Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::RemovedFrom { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
-                    members = group_commands::members(&node).await;
-                    esay!("{}", group_commands::describe_event(&event, &names, &members, &users));
-                }
-                Some(_) => {}
-                None => {
-                    let why = why_stopped(node).await;
-                    return Err(format!("this device stopped: {why}"));
                 }
             }
         }

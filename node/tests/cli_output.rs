@@ -71,3 +71,17 @@ fn pair_show_without_a_device_says_how_to_create_one() {
     assert_eq!(code, 1);
     assert!(stderr.contains("run `sund init"), "{stderr}");
 }
+
+#[test]
+fn completions_cover_the_commands_and_their_flags() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, stdout, stderr) = sund(&["completions", shell]);
+        assert_eq!(code, 0, "{stderr}");
+        for word in ["follow", "devices", "data-dir", "json", "fetch-into"] {
+            assert!(stdout.contains(word), "{shell} lacks {word}");
+        }
+    }
+    let (code, _, stderr) = sund(&["completions", "tcsh"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("possible values: bash"), "{stderr}");
+}

@@ -18,6 +18,10 @@ struct Dm {
 
 impl Dm {
     fn new() -> Dm {
+        Dm::with_gateway_flags(&[])
+    }
+
+    fn with_gateway_flags(flags: &[&str]) -> Dm {
         let tmp = tempfile::tempdir().unwrap();
         let gw_dir = tmp.path().join("gateway");
         let gw = gw_dir.to_str().unwrap();
@@ -29,7 +33,8 @@ impl Dm {
         for (dir, user) in [(&alice, "alice"), (&bob, "bob")] {
             init_device(dir, &addr, cert.trim(), Some(user), None);
         }
-        let gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
+        let flags: Vec<&str> = ["--open-enrolment"].iter().chain(flags).copied().collect();
+        let gateway = Guard(start_gateway_with(&gw_dir, port, &flags));
         // Bob's first start registers him and leaves KeyPackages for alice's DM.
         let status = run(&sund(), &["status", "--data-dir", &bob]);
         assert!(status.contains("connection connected"), "{status}");
@@ -508,4 +513,84 @@ fn a_receiver_names_a_sender_once_and_sees_the_name_after() {
         &["send", "--data-dir", &dm.bob, "@alice", "hi alice"],
     );
     assert!(out.starts_with("sent to @alice: seq "), "{out}");
+}
+
+#[test]
+fn scripts_read_follow_devices_and_the_gateways_logs_as_json() {
+    let dm = Dm::with_gateway_flags(&["--log-format", "json"]);
+    dm.send("a \"quoted\"\nsecond line");
+    let out = Command::new(sund())
+        .args([
+            "follow",
+            "--data-dir",
+            &dm.bob,
+            "--count",
+            "1",
+            "--conversation",
+            "@alice",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let message = records
+        .iter()
+        .find(|r| r["event"] == "message")
+        .unwrap_or_else(|| panic!("a message record: {stdout}"));
+    assert_eq!(message["text"], "a \"quoted\"\nsecond line", "{stdout}");
+    assert_eq!(message["conversation"], "@alice", "{stdout}");
+    assert!(message["seq"].as_u64().is_some_and(|s| s > 0), "{stdout}");
+    assert!(
+        message["sender"].as_str().unwrap().starts_with("dev:"),
+        "{stdout}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "status" && r["connection"] == "connected"),
+        "{stdout}"
+    );
+    // The message was taken once its record was written.
+    let status = run(&sund(), &["status", "--data-dir", &dm.bob, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["unread"], 0, "{status}");
+
+    let devices = run(&sund(), &["devices", "--data-dir", &dm.alice, "--json"]);
+    let groups: serde_json::Value = serde_json::from_str(&devices).unwrap();
+    let groups = groups.as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{devices}");
+    assert_eq!(groups[0]["name"], "@bob", "{devices}");
+    assert_eq!(groups[0]["kind"], "dm", "{devices}");
+    assert_eq!(groups[0]["state"], "in_sync", "{devices}");
+    let members = groups[0]["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{devices}");
+    assert!(
+        members
+            .iter()
+            .any(|m| m["user"] == "bob" && m["this_device"] == false),
+        "{devices}"
+    );
+    assert!(
+        members.iter().any(|m| m["this_device"] == true),
+        "{devices}"
+    );
+
+    // Every line the gateway wrote is a JSON log record, and none holds the message.
+    let log = std::fs::read_to_string(dm._tmp.path().join("gateway.log")).unwrap();
+    assert!(log.lines().count() > 1, "{log}");
+    for line in log.lines() {
+        let record: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(record["level"].is_string(), "{line}");
+    }
+    assert!(!log.contains("quoted"), "{log}");
 }
