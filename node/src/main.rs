@@ -30,6 +30,7 @@ macro_rules! esay {
     }};
 }
 
+mod chat;
 #[cfg(feature = "demo")]
 mod demo;
 mod file_commands;
@@ -263,6 +264,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Chat in the terminal: your DMs and rooms, their messages, an input line and a status
+    /// bar (connection, messages waiting, epoch). Tab switches, Enter sends, `/dm USER` starts a
+    /// DM, Esc leaves. Keeps going across gateway restarts.
+    Chat {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+    },
     /// Name a user on this device: what they write shows NAME instead of `user:…`, and the DM
     /// with them is `@NAME` (user names travel only as hashes).
     Contact {
@@ -376,6 +385,7 @@ async fn run(command: Command) -> Result<(), String> {
             json,
         } => follow::follow(&data_dir, count, &conversations, fetch_into.as_deref(), json).await,
         Command::Status { data_dir, json } => status(&data_dir, json).await,
+        Command::Chat { data_dir } => chat::chat(&data_dir).await,
         Command::Completions { .. } => unreachable!("printed before the runtime starts"),
         Command::Contact { data_dir, name } => group_commands::contact(&data_dir, &name),
         Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,

@@ -85,3 +85,11 @@ fn completions_cover_the_commands_and_their_flags() {
     assert_eq!(code, 2);
     assert!(stderr.contains("possible values: bash"), "{stderr}");
 }
+
+#[test]
+fn chat_outside_a_terminal_says_what_to_use_instead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = sund(&["chat", "--data-dir", tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(stderr, @"error: `sund chat` needs a terminal; in scripts use `sund follow --json` and `sund send`");
+}

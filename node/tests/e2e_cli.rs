@@ -12,6 +12,8 @@ use common::*;
 struct Dm {
     _tmp: tempfile::TempDir,
     _gateway: Guard,
+    gw_dir: std::path::PathBuf,
+    port: u16,
     alice: String,
     bob: String,
 }
@@ -43,6 +45,8 @@ impl Dm {
         Dm {
             _tmp: tmp,
             _gateway: gateway,
+            gw_dir,
+            port,
             alice,
             bob,
         }
@@ -593,4 +597,138 @@ fn scripts_read_follow_devices_and_the_gateways_logs_as_json() {
         assert!(record["level"].is_string(), "{line}");
     }
     assert!(!log.contains("quoted"), "{log}");
+}
+
+/// A terminal (a tmux session on a server of its own) that a test types into and reads.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(command: &str) -> Tmux {
+        let socket = format!("sund-test-{}-{}", std::process::id(), rand_suffix());
+        let tmux = Tmux { socket };
+        let status = Command::new("tmux")
+            .args([
+                "-L",
+                &tmux.socket,
+                "new-session",
+                "-d",
+                "-s",
+                "t",
+                "-x",
+                "100",
+                "-y",
+                "30",
+            ])
+            .arg(command)
+            .status()
+            .expect("tmux runs (CI installs it: apt-get install tmux)");
+        assert!(status.success());
+        tmux
+    }
+
+    fn tmux(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.tmux(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
+    }
+
+    fn type_text(&self, text: &str) {
+        assert!(self
+            .tmux(&["send-keys", "-t", "t", "-l", text])
+            .status
+            .success());
+    }
+
+    fn key(&self, key: &str) {
+        assert!(self.tmux(&["send-keys", "-t", "t", key]).status.success());
+    }
+
+    /// The screen once `done` holds for it, or a panic showing it.
+    fn wait_for(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let screen = self.screen();
+            if done(&screen) {
+                return screen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waiting for {what}; the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-server"]);
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[test]
+fn chat_in_a_real_terminal_sends_receives_and_rides_out_a_gateway_restart() {
+    let mut dm = Dm::new();
+    dm.send("first from alice");
+    let chat = Tmux::start(&format!(
+        "'{}' chat --data-dir '{}'; sleep 30",
+        sund().display(),
+        dm.bob
+    ));
+    chat.wait_for("alice's message and the connection", |s| {
+        s.contains("first from alice") && s.contains("connected")
+    });
+    chat.type_text("hello from the chat");
+    chat.key("Enter");
+    // Alice's device reads her own first message too, then bob's.
+    let got = follow(&dm.alice, "@bob", 2, Duration::from_secs(30));
+    assert!(got[1].ends_with(": hello from the chat"), "{got:#?}");
+    chat.wait_for("the gateway's acknowledgement", |s| {
+        s.contains("me: hello from the chat") && !s.contains("… me:")
+    });
+
+    // The gateway stops: the status bar says so; it comes back, and so does the chat.
+    kill_gateway(&mut dm);
+    chat.wait_for("the reconnecting status", |s| s.contains("reconnecting"));
+    dm._gateway = Guard(start_gateway_with(
+        &dm.gw_dir,
+        dm.port,
+        &["--open-enrolment"],
+    ));
+    dm.send("after the restart");
+    let screen = chat.wait_for("the message sent after the restart", |s| {
+        s.contains("after the restart") && s.contains("connected")
+    });
+    assert!(!screen.contains("panicked"), "{screen}");
+
+    // Esc leaves, and what was shown counts as read.
+    chat.key("Escape");
+    let screen = chat.wait_for("the chat to exit", |s| !s.contains("┌ chats"));
+    assert!(!screen.contains("error"), "{screen}");
+    let status = run(&sund(), &["status", "--data-dir", &dm.bob, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["unread"], 0, "{status}");
+    assert_eq!(status["outbox"], 0, "{status}");
+    drop(chat);
+}
+
+/// Stops the DM's gateway at once (SIGKILL: the devices are not told).
+fn kill_gateway(dm: &mut Dm) {
+    let _ = dm._gateway.0.kill();
+    let _ = dm._gateway.0.wait();
 }

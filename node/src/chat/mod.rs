@@ -1,0 +1,211 @@
+//! `sund chat`: an interactive client in the terminal (ratatui).
+//!
+//! The node runs as for `follow` (it reconnects across gateway restarts by itself); this loop
+//! feeds its events and the user's keys into [`view::ChatView`] and draws it. A message counts
+//! as read (taken) only once a frame showing it has been drawn, as `follow` takes a message only
+//! once its line is printed.
+
+mod view;
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ratatui::crossterm::event::{self, Event};
+use sund_model::ids::{ConversationId, UserId};
+use sund_model::node::{ConnectionStatus, NodeEvent};
+use sund_node::device::Device;
+use sund_node::driver::{self, GroupRequest, NodeHandle};
+use tokio::sync::mpsc;
+
+use crate::{group_commands, load, why_stopped, REVOKED};
+use view::{Action, ChatView, Connection};
+
+/// `sund chat`.
+pub(crate) async fn chat(data_dir: &Path) -> Result<(), String> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return Err(
+            "`sund chat` needs a terminal; in scripts use `sund follow --json` and `sund send`"
+                .into(),
+        );
+    }
+    let device = load(data_dir)?;
+    let node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut view = ChatView::new();
+    refresh_groups(&node, &device, &mut view).await;
+    // Keys are read on a thread of their own (crossterm's reads block) and queued.
+    let (keys_tx, keys) = mpsc::channel(64);
+    std::thread::spawn(move || read_keys(keys_tx));
+    // Restores the terminal on the way out and on a panic.
+    let mut terminal = ratatui::init();
+    let result = run(&mut terminal, node, &device, view, keys).await;
+    ratatui::restore();
+    result
+}
+
+/// The keys typed, until the receiver is gone.
+fn read_keys(keys: mpsc::Sender<event::KeyEvent>) {
+    loop {
+        match event::read() {
+            Ok(Event::Key(key)) => {
+                if keys.blocking_send(key).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+async fn run(
+    terminal: &mut ratatui::DefaultTerminal,
+    mut node: NodeHandle,
+    device: &Device,
+    mut view: ChatView,
+    mut keys: mpsc::Receiver<event::KeyEvent>,
+) -> Result<(), String> {
+    let users = device.user_names();
+    let mut members = group_commands::members(&node).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Messages drawn into the view but not yet on the screen: taken after the next draw.
+    let mut to_take: Vec<(ConversationId, u64)> = Vec::new();
+    loop {
+        terminal
+            .draw(|f| view.draw(f))
+            .map_err(|e| format!("cannot draw on the terminal: {e}"))?;
+        for (conversation, seq) in to_take.drain(..) {
+            node.taken(conversation, seq)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tokio::select! {
+            key = keys.recv() => {
+                let Some(key) = key else { break };
+                match view.key(key) {
+                    Action::None => {}
+                    Action::Quit => break,
+                    Action::Send(conversation, text) => match node.send(conversation, Bytes::from(text.clone())).await {
+                        Ok(Ok(msg_id)) => view.sent(conversation, msg_id, &text),
+                        Ok(Err(e)) => view.notice(format!("not sent: {e}")),
+                        Err(_) => break,
+                    },
+                    Action::Dm(user) => start_dm(&node, device, &mut view, &user).await,
+                }
+            }
+            _ = tick.tick() => {
+                if let Ok(status) = node.status().await {
+                    view.pending(status.outbox);
+                }
+            }
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Delivered { conversation, seq, sender, msg_id, body }) => {
+                    if sund_model::node::files::Receipt::decode_message(&body).is_some() {
+                        node.taken(conversation, seq).await.map_err(|e| e.to_string())?;
+                        continue;
+                    }
+                    let from = if sender == device.key.device_id() {
+                        "me".to_string()
+                    } else {
+                        group_commands::who(sender, &members, &users)
+                    };
+                    let text = match sund_model::files::FileMessage::decode(&body) {
+                        Some(Ok(file)) => format!(
+                            "[file] {} ({} bytes): sund file get {}",
+                            file.manifest.name.as_str(),
+                            file.manifest.size,
+                            crate::file_commands::file_id(file.manifest.digest())
+                        ),
+                        Some(Err(e)) => format!("[a file this device refuses: {e}]"),
+                        None => String::from_utf8_lossy(&body).into_owned(),
+                    };
+                    view.delivered(conversation, seq, msg_id, &from, &text);
+                    to_take.push((conversation, seq));
+                }
+                Some(NodeEvent::Accepted { msg_id, seq, .. }) => view.accepted(msg_id, seq),
+                Some(NodeEvent::Rejected { msg_id, code }) => view.rejected(msg_id, &format!("{code:?}")),
+                Some(NodeEvent::Status(status)) => view.connection(match status {
+                    ConnectionStatus::Connected => Connection::Connected,
+                    ConnectionStatus::Reconnecting { attempt } => Connection::Reconnecting(attempt),
+                    ConnectionStatus::Offline => Connection::Offline,
+                }),
+                Some(NodeEvent::Refused { message, .. }) => view.notice(format!("refused by the gateway: {message}")),
+                Some(NodeEvent::Revoked) => {
+                    let _ = node.stop().await;
+                    return Err(REVOKED.into());
+                }
+                Some(NodeEvent::RemovedFrom { conversation, .. }) => {
+                    view.remove_conversation(conversation);
+                    view.notice(format!("this device was removed from {conversation}"));
+                }
+                Some(NodeEvent::Gap { conversation, from, to }) => view.notice(format!(
+                    "{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them"
+                )),
+                Some(NodeEvent::HistoryLost { conversation, from, to }) => view.notice(format!(
+                    "{conversation}: seqs {from}..={to} were lost by the gateway; tell its operator"
+                )),
+                Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
+                    members = group_commands::members(&node).await;
+                    refresh_groups(&node, device, &mut view).await;
+                    if matches!(event, NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. }) {
+                        let names = device.conversation_names();
+                        view.notice(group_commands::describe_event(&event, &names, &members, &users));
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    let why = why_stopped(node).await;
+                    return Err(format!("this device stopped: {why}"));
+                }
+            }
+        }
+    }
+    node.stop().await.map_err(|e| e.to_string())
+}
+
+/// Lists the device's DMs and rooms in the view, by the names this device gave them.
+async fn refresh_groups(node: &NodeHandle, device: &Device, view: &mut ChatView) {
+    let names = device.conversation_names();
+    for g in node.groups().await.unwrap_or_default() {
+        let name = names
+            .get(&g.conversation)
+            .cloned()
+            .unwrap_or_else(|| format!("{} {}", g.kind, g.conversation));
+        view.conversation(g.conversation, &name, g.epoch);
+    }
+}
+
+/// `/dm USER`: asks the node for the DM (the commit goes out in the background; the DM lists
+/// itself at once and its epoch shows once the gateway sequenced it).
+async fn start_dm(node: &NodeHandle, device: &Device, view: &mut ChatView, user: &str) {
+    if let Err(e) = group_commands::check_user_name(user) {
+        view.notice(e);
+        return;
+    }
+    if device.user.as_deref() == Some(user) {
+        view.notice(format!(
+            "`{user}` is this device's own user; name the person to write to"
+        ));
+        return;
+    }
+    if let Err(e) = device.remember_user(user) {
+        view.notice(e.to_string());
+        return;
+    }
+    match node.group(GroupRequest::Dm(UserId::from_name(user))).await {
+        Ok(Ok(conversation)) => {
+            let name = format!("@{user}");
+            if let Err(e) = device.name_conversation(&name, conversation) {
+                view.notice(e.to_string());
+            }
+            view.conversation(conversation, &name, None);
+            view.select(conversation);
+            view.notice(format!("DM with {user} started"));
+        }
+        Ok(Err(e)) => view.notice(format!("no DM with {user}: {e}")),
+        Err(e) => view.notice(e.to_string()),
+    }
+}
