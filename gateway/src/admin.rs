@@ -60,6 +60,17 @@ pub enum AdminRequest {
         #[serde(default)]
         json: bool,
     },
+    /// List enrolment tokens and pairing codes (by id; never their secrets).
+    Tokens {
+        /// One JSON document instead of lines.
+        #[serde(default)]
+        json: bool,
+    },
+    /// Make a token expire now, named by its id (`admin tokens`) or its whole text.
+    ExpireToken {
+        /// 16 hex digits, or `sund-enrol:…`.
+        token: String,
+    },
     /// Back up the whole gateway into a new file (an absolute path on the gateway's machine).
     Backup {
         /// Where the backup goes.
@@ -88,6 +99,8 @@ impl AdminRequest {
             AdminRequest::CreateConversation { .. } => "create-conversation",
             AdminRequest::List { .. } => "list",
             AdminRequest::Backup { .. } => "backup",
+            AdminRequest::Tokens { .. } => "tokens",
+            AdminRequest::ExpireToken { .. } => "expire-token",
         }
     }
 
@@ -100,9 +113,15 @@ impl AdminRequest {
                 format!("{name} ({} members)", members.len())
             }
             AdminRequest::Backup { file } => file.clone(),
-            AdminRequest::Devices { .. } | AdminRequest::Crl { .. } | AdminRequest::List { .. } => {
-                String::new()
-            }
+            // The id only: a whole token given here is a credential, kept out of audit lines.
+            AdminRequest::ExpireToken { token } => match parse_token_id(token) {
+                Ok(id) => crate::admin::hex_id(id),
+                Err(_) => "(not a token)".into(),
+            },
+            AdminRequest::Devices { .. }
+            | AdminRequest::Crl { .. }
+            | AdminRequest::List { .. }
+            | AdminRequest::Tokens { .. } => String::new(),
         }
     }
 
@@ -113,6 +132,7 @@ impl AdminRequest {
             AdminRequest::EnrolToken { .. }
                 | AdminRequest::Revoke { .. }
                 | AdminRequest::CreateConversation { .. }
+                | AdminRequest::ExpireToken { .. }
         )
     }
 
@@ -151,9 +171,13 @@ impl AdminRequest {
                 }
                 return Ok(None);
             }
-            AdminRequest::Devices { .. } | AdminRequest::Crl { .. } | AdminRequest::List { .. } => {
-                return Ok(None)
+            AdminRequest::ExpireToken { token } => {
+                AdminCommand::ExpireToken(parse_token_id(token)?)
             }
+            AdminRequest::Devices { .. }
+            | AdminRequest::Crl { .. }
+            | AdminRequest::List { .. }
+            | AdminRequest::Tokens { .. } => return Ok(None),
         }))
     }
 
@@ -171,9 +195,11 @@ impl AdminRequest {
                 let root = gateway.trust_root();
                 out.stdout = format!("{}\n", token.to_text());
                 out.stderr = format!(
-                    "one device of `{user}` can register with this token within 7 days; root {} of {}\n",
+                    "one device of `{user}` can register with this token within 7 days; root {} of {}; its id is {} (`admin expire-token {}` withdraws it)\n",
                     root.fingerprint(),
-                    root.domain
+                    root.domain,
+                    hex_id(token.id()),
+                    hex_id(token.id()),
                 );
             }
             (
@@ -205,6 +231,55 @@ impl AdminRequest {
                 out.stdout = format!(
                     "conversation `{name}` ({conversation}) has {members} member devices\n"
                 );
+            }
+            (AdminRequest::ExpireToken { .. }, Some(AdminAnswer::TokenExpired(token))) => {
+                out.stdout = if now >= token.expires || token.used.is_some() {
+                    format!(
+                        "token {} ({}) was already {}; it stays unusable\n",
+                        hex_id(token.id),
+                        token.user,
+                        if token.used.is_some() {
+                            "used"
+                        } else {
+                            "expired"
+                        }
+                    )
+                } else {
+                    format!(
+                        "token {} ({}) expired now: no device can register with it\n",
+                        hex_id(token.id),
+                        token.user
+                    )
+                };
+            }
+            (AdminRequest::ExpireToken { .. }, Some(AdminAnswer::UnknownToken(id))) => {
+                return Err(format!(
+                    "no token has the id {}: `sund-gateway admin tokens` lists those the gateway holds (expired ones are forgotten after a while)",
+                    hex_id(id)
+                ));
+            }
+            (AdminRequest::Tokens { json: true }, None) => {
+                out.stdout = listing_json(&tokens_json(gateway, now))
+            }
+            (AdminRequest::Tokens { json: false }, None) => {
+                let tokens = gateway.registration_authority().tokens();
+                if tokens.is_empty() {
+                    out.stderr =
+                        "no tokens: `sund-gateway admin enrol-token USER` issues one\n".into();
+                }
+                for t in tokens {
+                    let kind = match t.voucher {
+                        Some(voucher) => format!(" pairing code vouched by {voucher}"),
+                        None => String::new(),
+                    };
+                    out.stdout.push_str(&format!(
+                        "{} {} {} until {}{kind}\n",
+                        hex_id(t.id),
+                        t.user,
+                        token_state(&t, now),
+                        format_utc(t.expires.as_micros() / 1_000_000),
+                    ));
+                }
             }
             (AdminRequest::Devices { json: true }, None) => {
                 out.stdout = listing_json(&devices_json(gateway, now))
@@ -245,6 +320,61 @@ impl AdminRequest {
         }
         Ok(out)
     }
+}
+
+/// A token id as printed and typed: 16 hex digits.
+pub fn hex_id(id: [u8; 8]) -> String {
+    sund_model::hex::encode(&id)
+}
+
+/// A token named by its id (16 hex digits) or its whole text (`sund-enrol:…`).
+fn parse_token_id(text: &str) -> Result<[u8; 8], String> {
+    let text = text.trim();
+    if let Some(token) = sund_model::trust::EnrolmentToken::from_text(text) {
+        return Ok(token.id());
+    }
+    let bytes = sund_model::hex::decode(text).filter(|b| b.len() == 8);
+    bytes
+        .map(|b| b.try_into().expect("8 bytes"))
+        .ok_or_else(|| {
+            format!(
+                "`{}` is not a token id: give the 16 hex digits `sund-gateway admin tokens` prints, or the whole token",
+                text.chars().take(40).collect::<String>().escape_debug()
+            )
+        })
+}
+
+/// `unused`, `used by DEVICE`, `used` or `expired`.
+fn token_state(t: &sund_model::trust::TokenSummary, now: Instant) -> String {
+    match t.used {
+        Some(Some(device)) => format!("used by {device}"),
+        Some(None) => "used".into(),
+        None if now >= t.expires => "expired".into(),
+        None => "unused".into(),
+    }
+}
+
+fn tokens_json(gateway: &Gateway, now: Instant) -> serde_json::Value {
+    let tokens: Vec<serde_json::Value> = gateway
+        .registration_authority()
+        .tokens()
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "id": hex_id(t.id),
+                "user": t.user.to_string(),
+                "expires": format_utc(t.expires.as_micros() / 1_000_000),
+                "state": match t.used {
+                    Some(_) => "used",
+                    None if now >= t.expires => "expired",
+                    None => "unused",
+                },
+                "used_by": t.used.flatten().map(|d| d.to_string()),
+                "pairing_voucher": t.voucher.map(|v| v.to_string()),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(tokens)
 }
 
 /// A listing as one JSON document on a line of its own.
@@ -433,5 +563,100 @@ mod tests {
         })
         .contains("64 hex digits"));
         assert_eq!(AdminRequest::List { json: false }.command(), Ok(None));
+    }
+
+    /// Runs a request as the offline `admin` does, on a gateway in memory.
+    fn ask(
+        gateway: &mut Gateway,
+        store: &mut sund_model::env::MemStore,
+        now: Instant,
+        request: AdminRequest,
+    ) -> Result<Printed, String> {
+        let answer = match request.command()? {
+            Some(command) => Some(gateway.run_admin(now, command, store).unwrap().0),
+            None => None,
+        };
+        request.render(gateway, now, answer)
+    }
+
+    #[test]
+    fn tokens_are_listed_by_id_and_expire_by_id_or_text_never_showing_a_secret() {
+        let now = Instant(1_700_000_000_000_000);
+        let mut store = sund_model::env::MemStore::default();
+        let mut gateway = Gateway::recover(
+            sund_model::gateway::GatewayConfig::default(),
+            now,
+            &store,
+            Box::new(sund_model::testing::TestEntropy(1)),
+        )
+        .unwrap();
+        let issued = ask(
+            &mut gateway,
+            &mut store,
+            now,
+            AdminRequest::EnrolToken {
+                user: "alice".into(),
+            },
+        )
+        .unwrap();
+        let text = issued.stdout.trim().to_string();
+        let token = sund_model::trust::EnrolmentToken::from_text(&text).unwrap();
+        let id = hex_id(token.id());
+        assert!(issued.stderr.contains(&id), "{issued:?}");
+        let secret = sund_model::hex::encode(&token.secret);
+        let listed = ask(
+            &mut gateway,
+            &mut store,
+            now,
+            AdminRequest::Tokens { json: false },
+        )
+        .unwrap();
+        assert!(
+            listed.stdout.starts_with(&format!("{id} user:")),
+            "{listed:?}"
+        );
+        assert!(listed.stdout.contains(" unused until "), "{listed:?}");
+        assert!(!listed.stdout.contains(&secret), "no secret in a listing");
+        // Expired by its whole text; the audit subject is the id, not the credential.
+        let request = AdminRequest::ExpireToken {
+            token: text.clone(),
+        };
+        assert_eq!(request.subject(), id);
+        let later = Instant(now.0 + 1_000_000);
+        let done = ask(&mut gateway, &mut store, later, request.clone()).unwrap();
+        assert!(done.stdout.contains("expired now"), "{done:?}");
+        let again = ask(
+            &mut gateway,
+            &mut store,
+            later,
+            AdminRequest::ExpireToken { token: id.clone() },
+        )
+        .unwrap();
+        assert!(again.stdout.contains("was already expired"), "{again:?}");
+        let json = ask(
+            &mut gateway,
+            &mut store,
+            later,
+            AdminRequest::Tokens { json: true },
+        )
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+        assert_eq!(json[0]["id"], id.as_str());
+        assert_eq!(json[0]["state"], "expired");
+        assert!(!json.to_string().contains(&secret));
+        let unknown = ask(
+            &mut gateway,
+            &mut store,
+            later,
+            AdminRequest::ExpireToken {
+                token: "00".repeat(8),
+            },
+        );
+        assert!(unknown.unwrap_err().contains("no token has the id"));
+        let bad = AdminRequest::ExpireToken {
+            token: "laptop".into(),
+        }
+        .command();
+        assert!(bad.unwrap_err().contains("16 hex digits"));
     }
 }

@@ -134,6 +134,18 @@ enum Admin {
         #[arg(long)]
         json: bool,
     },
+    /// List enrolment tokens and pairing codes: id, user, unused / used / expired, expiry
+    /// (never the tokens themselves).
+    Tokens {
+        /// One JSON document (an array of tokens) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an enrolment token or pairing code expire now, so no device registers with it.
+    ExpireToken {
+        /// Its id as `admin tokens` or `admin enrol-token` print it, or the whole token.
+        token: String,
+    },
     /// Back up the whole gateway (database, file chunks, TLS identity) into a new file, while it
     /// runs or stopped; the file is as secret as the data directory.
     Backup {
@@ -158,6 +170,8 @@ impl Admin {
                 AdminRequest::CreateConversation { name, members }
             }
             Admin::List { json } => AdminRequest::List { json },
+            Admin::Tokens { json } => AdminRequest::Tokens { json },
+            Admin::ExpireToken { token } => AdminRequest::ExpireToken { token },
             Admin::Backup { file } => AdminRequest::Backup {
                 // The gateway resolves it, perhaps in another working directory.
                 file: std::path::absolute(&file)

@@ -22,6 +22,9 @@ pub enum AdminCommand {
     /// Create a plain conversation with these member devices (idempotent; members are added;
     /// an empty list creates nothing).
     CreateConversation(ConversationId, Vec<DeviceId>),
+    /// Make the enrolment token or pairing code with this id
+    /// ([`crate::trust::token_id`]) expire now.
+    ExpireToken([u8; 8]),
 }
 
 /// The answer to an [`AdminCommand`], released with the commit that holds its effect.
@@ -54,6 +57,10 @@ pub enum AdminAnswer {
         /// The device.
         device: DeviceId,
     },
+    /// The token expired now (or had already): as it was before.
+    TokenExpired(crate::trust::TokenSummary),
+    /// No token has that id (never issued, or expired and forgotten).
+    UnknownToken([u8; 8]),
     /// The plain conversation exists with this many member devices.
     ConversationCreated {
         /// The conversation.
@@ -119,6 +126,12 @@ impl Gateway {
                 AdminAnswer::ConversationCreated {
                     conversation,
                     members,
+                }
+            }
+            AdminCommand::ExpireToken(id) => {
+                match self.registry.expire_token(now, id, self.fx.writes()) {
+                    Some(token) => AdminAnswer::TokenExpired(token),
+                    None => AdminAnswer::UnknownToken(id),
                 }
             }
         };

@@ -404,6 +404,16 @@ impl Registry {
     ) -> EnrolmentToken {
         self.authority.issue_token(now, user, entropy, writes)
     }
+
+    /// Makes a token expire now (see [`RegistrationAuthority::expire_token`]).
+    pub fn expire_token(
+        &mut self,
+        now: Instant,
+        id: [u8; 8],
+        writes: &mut WriteBatch,
+    ) -> Option<crate::trust::TokenSummary> {
+        self.authority.expire_token(now, id, writes)
+    }
 }
 
 /// The error code of a refused certificate.

@@ -80,7 +80,38 @@ impl core::fmt::Debug for EnrolmentToken {
 
 use crate::hex::{decode_array as unhex16, encode as hex};
 
+/// The public name of a token or pairing code: 8 bytes of SHA-256 over its secret, so an
+/// operator can list and expire tokens without the listing holding a credential.
+pub fn token_id(secret: &[u8; 16]) -> [u8; 8] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"sund/token-id/v1")
+        .chain_update(secret)
+        .finalize();
+    digest[..8].try_into().expect("8 of 32 bytes")
+}
+
+/// A token as an operator may see it: never its secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenSummary {
+    /// [`token_id`] of its secret.
+    pub id: [u8; 8],
+    /// The user it enrols a device for.
+    pub user: UserId,
+    /// When it stops working.
+    pub expires: Instant,
+    /// Whether a device registered with it, and which when known.
+    pub used: Option<Option<DeviceId>>,
+    /// For a pairing code: the device that vouched for it.
+    pub voucher: Option<DeviceId>,
+}
+
 impl EnrolmentToken {
+    /// Its public name ([`token_id`]).
+    pub fn id(&self) -> [u8; 8] {
+        token_id(&self.secret)
+    }
+
     /// `sund-enrol:<user>:<secret>:<root fingerprint>`, each 32 hex digits.
     pub fn to_text(&self) -> String {
         format!(
@@ -637,6 +668,50 @@ impl RegistrationAuthority {
         Ok(cert)
     }
 
+    /// The tokens and pairing codes held (unexpired, or expired and not yet forgotten), in
+    /// the order of their ids.
+    pub fn tokens(&self) -> Vec<TokenSummary> {
+        let mut out: Vec<TokenSummary> = self
+            .tokens
+            .iter()
+            .map(|(secret, r)| TokenSummary {
+                id: token_id(secret),
+                user: r.user,
+                expires: r.expires,
+                used: match r.used {
+                    Used::No => None,
+                    Used::ByUnknown => Some(None),
+                    Used::By(device) => Some(Some(device)),
+                },
+                voucher: r.voucher,
+            })
+            .collect();
+        out.sort_by_key(|t| t.id);
+        out
+    }
+
+    /// Makes the token named `id` expire now, so no device registers with it any more (a used
+    /// token keeps enrolling nothing new either way). Returns it as it was, or `None` if no
+    /// token has that id.
+    pub fn expire_token(
+        &mut self,
+        now: Instant,
+        id: [u8; 8],
+        writes: &mut WriteBatch,
+    ) -> Option<TokenSummary> {
+        let before = self.tokens().into_iter().find(|t| t.id == id)?;
+        let (secret, record) = self
+            .tokens
+            .iter_mut()
+            .find(|(secret, _)| token_id(secret) == id)
+            .expect("listed above");
+        if record.expires > now {
+            record.expires = now;
+            writes.put(ENROLMENT_TOKENS_TABLE, secret.to_vec(), record.encode());
+        }
+        Some(before)
+    }
+
     /// Forgets tokens past their expiry (used or not). Returns how many.
     pub fn expire_tokens(&mut self, now: Instant, writes: &mut WriteBatch) -> usize {
         let expired: Vec<[u8; 16]> = self
@@ -925,6 +1000,46 @@ mod tests {
         assert!(RegistrationAuthority::recover(&MemStore::default())
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn a_token_listed_by_id_expires_at_once_and_its_expiry_is_stored() {
+        let (mut ra, mut store) = authority();
+        let mut writes = WriteBatch::default();
+        let alice = UserId::from_name("alice");
+        let token = ra.issue_token(NOW, alice, &mut Counter(7), &mut writes);
+        store.commit(writes).unwrap();
+        let listed = ra.tokens();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, token.id());
+        assert_eq!((listed[0].user, listed[0].used), (alice, None));
+        assert_eq!(listed[0].expires, NOW + ENROLMENT_TOKEN_TTL);
+        assert!(ra
+            .expire_token(NOW, [0; 8], &mut WriteBatch::default())
+            .is_none());
+        let mut writes = WriteBatch::default();
+        let later = Instant(NOW.0 + 5_000_000);
+        assert_eq!(
+            ra.expire_token(later, token.id(), &mut writes),
+            Some(listed[0])
+        );
+        store.commit(writes).unwrap();
+        assert_eq!(ra.tokens()[0].expires, later);
+        let device = DeviceKey::from_seed([9; 32]);
+        let proof = device.sign(&register_message(&token.secret, &device.public(), alice));
+        let refused = ra.register(
+            later,
+            device.public(),
+            alice,
+            token.secret,
+            &proof,
+            false,
+            &mut WriteBatch::default(),
+        );
+        assert_eq!(refused.err(), Some(RegistrationError::TokenExpired));
+        // The expiry survives a restart.
+        let recovered = RegistrationAuthority::recover(&store).unwrap().unwrap();
+        assert_eq!(recovered.tokens()[0].expires, later);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod handshake;
 mod holder;
 pub mod pairing;
 
+pub use authority::{token_id, TokenSummary};
 pub use authority::{
     EnrolmentToken, RegistrationAuthority, RegistrationError, AUTHORITY_TABLE, CERTIFICATES_TABLE,
     CERTIFICATE_VALIDITY, CLOCK_SKEW_ALLOWANCE, ENROLMENT_TOKENS_TABLE, ENROLMENT_TOKEN_TTL,
