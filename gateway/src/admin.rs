@@ -572,10 +572,9 @@ mod tests {
         now: Instant,
         request: AdminRequest,
     ) -> Result<Printed, String> {
-        let answer = match request.command()? {
-            Some(command) => Some(gateway.run_admin(now, command, store).unwrap().0),
-            None => None,
-        };
+        let answer = request
+            .command()?
+            .map(|command| gateway.run_admin(now, command, store).unwrap().0);
         request.render(gateway, now, answer)
     }
 
