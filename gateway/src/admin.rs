@@ -424,8 +424,12 @@ fn list_json(gateway: &Gateway) -> serde_json::Value {
     let conversations: Vec<serde_json::Value> = gateway
         .conversations()
         .map(|log| {
+            let group = gateway.group(log.id());
             serde_json::json!({
                 "conversation": log.id().to_string(),
+                // `dm` and `room` are MLS groups; `plain` ones an operator created.
+                "kind": group.map_or("plain".to_string(), |g| g.kind().to_string()),
+                "epoch": group.map(|g| g.epoch()),
                 "head": log.head(),
                 "retained": log.retained(),
                 "members": log.members().len(),

@@ -195,7 +195,12 @@ pub fn decode_request(bytes: &[u8]) -> Result<AdminRequest, String> {
     })
 }
 
-async fn execute(admin: &AdminClient, request: &AdminRequest, data_dir: &Path) -> ControlReply {
+/// Carries out one request on the running gateway (the control socket and the web page share it).
+pub(crate) async fn execute(
+    admin: &AdminClient,
+    request: &AdminRequest,
+    data_dir: &Path,
+) -> ControlReply {
     const UNAVAILABLE: &str = "the gateway cannot answer now: its store is unavailable (see its log) or it is stopping; try again once it serves";
     let command = match request.command() {
         Ok(command) => command,

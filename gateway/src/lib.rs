@@ -15,5 +15,7 @@ mod chunks;
 pub mod control;
 pub mod driver;
 pub mod metrics;
+#[cfg(unix)]
+pub mod web;
 
 pub use sund_model::gateway;

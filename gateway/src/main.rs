@@ -34,8 +34,8 @@ struct Cli {
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
-    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, log_format); command-line
-    /// flags win over it.
+    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, admin_web, log_format);
+    /// command-line flags win over it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Certify any device that registers without an enrolment token (for local use; otherwise
@@ -50,6 +50,11 @@ struct Cli {
     /// loopback or a monitoring network).
     #[arg(long, global = true)]
     metrics: Option<SocketAddr>,
+    /// Serve the web admin page at `http://ADDR/` (devices, revocations, tokens, the CRL,
+    /// conversations, health). Sign in with the token in `DATA_DIR/admin-web.token`; keep the
+    /// address on loopback (reach it over SSH port forwarding).
+    #[arg(long, global = true)]
+    admin_web: Option<SocketAddr>,
     /// Seconds a drain (after SIGTERM or Ctrl-C) may take before the gateway exits without
     /// finishing it (default 10); a second signal exits at once. Devices resend whatever was
     /// not acknowledged, so an unfinished drain loses nothing.
@@ -195,6 +200,7 @@ struct FileConfig {
     retention_days: Option<u64>,
     drain_timeout_s: Option<u64>,
     metrics: Option<SocketAddr>,
+    admin_web: Option<SocketAddr>,
     log_format: Option<LogFormat>,
 }
 
@@ -306,7 +312,10 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
     if let Some(days) = file.retention_days {
         config.retention_max = Duration::from_secs(days * 24 * 3600);
     }
-    let metrics = cli.metrics.or(file.metrics);
+    let endpoints = Endpoints {
+        metrics: cli.metrics.or(file.metrics),
+        admin_web: cli.admin_web.or(file.admin_web),
+    };
     let drain_timeout = Duration::from_secs(
         cli.drain_timeout
             .or(file.drain_timeout_s)
@@ -321,7 +330,7 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
                 config,
             },
             drain_timeout,
-            metrics,
+            endpoints,
         ),
         Command::Cert => {
             let dir = data_dir.join("tls");
@@ -337,10 +346,18 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
 /// How long a drain may take unless `--drain-timeout` says otherwise (seconds).
 const DRAIN_TIMEOUT_DEFAULT_S: u64 = 10;
 
+/// The HTTP endpoints a running gateway may serve besides QUIC.
+struct Endpoints {
+    /// Prometheus metrics.
+    metrics: Option<SocketAddr>,
+    /// The web admin page.
+    admin_web: Option<SocketAddr>,
+}
+
 fn serve(
     options: GatewayOptions,
     drain_timeout: Duration,
-    metrics: Option<SocketAddr>,
+    endpoints: Endpoints,
 ) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
@@ -360,7 +377,7 @@ fn serve(
                 None
             }
         };
-        let _metrics = match metrics {
+        let _metrics = match endpoints.metrics {
             Some(addr) => {
                 let endpoint = sund_gateway::metrics::listen(
                     addr,
@@ -371,6 +388,20 @@ fn serve(
                 .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
                 tracing::info!(addr = %endpoint.addr, "metrics at /metrics");
                 Some(endpoint)
+            }
+            None => None,
+        };
+        let _admin_web = match endpoints.admin_web {
+            Some(addr) => {
+                let web =
+                    sund_gateway::web::listen(addr, handle.admin_client(), &data_dir).await?;
+                tracing::info!(
+                    addr = %web.addr,
+                    token_file = %web.token_file.display(),
+                    "admin page at http://{}/ (sign in with the token in the token file)",
+                    web.addr
+                );
+                Some(web)
             }
             None => None,
         };
