@@ -4,7 +4,9 @@
 //! fraction of each.
 //!
 //! Run: `cargo bench -p sund-benches --bench stack`. Prints a table; asserts nothing.
-//! `SUND_STACK=ingest` runs only the gateway-alone measurement.
+//! `SUND_STACK=ingest` runs only the gateway-alone measurement; `SUND_STACK=ops` the operations
+//! figures instead (metrics endpoint on and off, drain with 100 devices, backup of a million
+//! messages with and without live traffic).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -432,27 +434,51 @@ async fn load_client(
 async fn gateway_ingest(clients: usize, per_client: usize) -> f64 {
     let dir = private_tempdir();
     let gateway = start_gateway(dir.path()).await;
-    let keys: Vec<DeviceKey> = (0..clients)
-        .map(|i| DeviceKey::from_seed([i as u8 + 1; 32]))
-        .collect();
-    for (i, k) in keys.iter().enumerate() {
+    let conversations = load_conversations(&gateway, clients, false).await;
+    let rate = ingest(&gateway, &conversations, per_client).await;
+    gateway.shutdown().await.unwrap();
+    rate
+}
+
+/// One conversation per load client; with `retained`, each also holds a member that never
+/// connects, so the gateway keeps every message (nothing is acknowledged by all members).
+async fn load_conversations(
+    gateway: &GatewayHandle,
+    clients: usize,
+    retained: bool,
+) -> Vec<(DeviceKey, ConversationId)> {
+    let silent = DeviceKey::from_seed([0xee; 32]).device_id();
+    let mut out = Vec::new();
+    for i in 0..clients {
+        let key = DeviceKey::from_seed([i as u8 + 1; 32]);
+        let conv = ConversationId::from_name(&format!("load-{i}"));
+        let mut members = vec![key.device_id()];
+        if retained {
+            members.push(silent);
+        }
         gateway
-            .admin(AdminCommand::CreateConversation(
-                ConversationId::from_name(&format!("load-{i}")),
-                vec![k.device_id()],
-            ))
+            .admin(AdminCommand::CreateConversation(conv, members))
             .await;
+        out.push((key, conv));
     }
+    out
+}
+
+/// Every client sends `per_client` messages; the rate over all of them.
+async fn ingest(
+    gateway: &GatewayHandle,
+    conversations: &[(DeviceKey, ConversationId)],
+    per_client: usize,
+) -> f64 {
     let started = Instant::now();
-    let tasks: Vec<_> = keys
-        .into_iter()
-        .enumerate()
-        .map(|(i, k)| {
+    let tasks: Vec<_> = conversations
+        .iter()
+        .map(|(k, conv)| {
             tokio::spawn(load_client(
                 gateway.addr,
                 gateway.cert.clone(),
-                k,
-                ConversationId::from_name(&format!("load-{i}")),
+                k.clone(),
+                *conv,
                 per_client,
             ))
         })
@@ -460,9 +486,160 @@ async fn gateway_ingest(clients: usize, per_client: usize) -> f64 {
     for t in tasks {
         t.await.unwrap();
     }
-    let rate = (clients * per_client) as f64 / started.elapsed().as_secs_f64();
+    (conversations.len() * per_client) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Gateway alone with its metrics endpoint served and scraped every `every` (as Prometheus
+/// would, only more often), against the same without an endpoint.
+async fn ingest_with_metrics(clients: usize, per_client: usize, every: Option<Duration>) -> f64 {
+    let dir = private_tempdir();
+    let gateway = start_gateway(dir.path()).await;
+    let conversations = load_conversations(&gateway, clients, false).await;
+    let scraper = match every {
+        Some(every) => {
+            let endpoint = sund_gateway::metrics::listen(
+                "127.0.0.1:0".parse().unwrap(),
+                gateway.admin_client(),
+                gateway.stage_histograms(),
+            )
+            .await
+            .unwrap();
+            let addr = endpoint.addr;
+            let task = tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                loop {
+                    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    stream
+                        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let mut text = Vec::new();
+                    stream.read_to_end(&mut text).await.unwrap();
+                    assert!(text.starts_with(b"HTTP/1.1 200"));
+                    tokio::time::sleep(every).await;
+                }
+            });
+            Some((endpoint, task))
+        }
+        None => None,
+    };
+    let rate = ingest(&gateway, &conversations, per_client).await;
+    if let Some((endpoint, task)) = scraper {
+        task.abort();
+        drop(endpoint);
+    }
     gateway.shutdown().await.unwrap();
     rate
+}
+
+/// The operations figures of issue 18 (printed; asserts nothing).
+async fn operations() {
+    // Metrics endpoint off and on, alternating, same gateway-alone load.
+    for round in 1..=5 {
+        let off = ingest_with_metrics(100, 1_000, None).await;
+        let on = ingest_with_metrics(100, 1_000, Some(Duration::from_millis(250))).await;
+        println!(
+            "metrics round {round}: off {off:.0} msg/s, on (scraped every 250 ms) {on:.0} msg/s ({:+.1} %)",
+            100.0 * (on - off) / off
+        );
+    }
+    // Drain: from the signal to a stopped gateway with 100 devices connected.
+    for round in 1..=3 {
+        let hundred = setup(100).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let sessions = hundred
+            .gateway
+            .admin_client()
+            .inspect(|g, _| g.session_count())
+            .await
+            .unwrap_or(0);
+        let started = Instant::now();
+        hundred.gateway.shutdown().await.unwrap();
+        println!(
+            "drain round {round}: {sessions} sessions open, SIGTERM-equivalent to stopped in {:.0?}",
+            started.elapsed()
+        );
+        for node in hundred.nodes {
+            let _ = node.stop().await;
+        }
+    }
+    // Backup of a gateway holding a million messages: idle, then under live traffic.
+    let dir = private_tempdir();
+    let gateway = start_gateway(dir.path()).await;
+    let conversations = load_conversations(&gateway, 100, true).await;
+    let fill = ingest(&gateway, &conversations, 10_000).await;
+    let retained: u64 = gateway
+        .admin_client()
+        .inspect(|g, _| g.conversations().map(|l| l.retained() as u64).sum())
+        .await
+        .unwrap();
+    println!("backup: filled {retained} retained messages at {fill:.0} msg/s");
+    let data_dir = dir.path().join("gw");
+    for round in 1..=3 {
+        let dest = dir.path().join(format!("idle-{round}.backup"));
+        let took = timed_backup(&gateway, &data_dir, &dest).await;
+        let size = std::fs::metadata(&dest).unwrap().len();
+        std::fs::remove_file(&dest).unwrap();
+        println!(
+            "backup round {round}, idle: {took:.1?} for {:.0} MiB",
+            size as f64 / (1 << 20) as f64
+        );
+    }
+    for round in 1..=3 {
+        // The same rounds of 100 messages per client (each round connects anew) for 3 s
+        // without a backup, then while one runs.
+        let started = Instant::now();
+        let mut sent = 0usize;
+        while started.elapsed() < Duration::from_secs(3) {
+            ingest(&gateway, &conversations, 100).await;
+            sent += conversations.len() * 100;
+        }
+        let alone = sent as f64 / started.elapsed().as_secs_f64();
+        let dest = dir.path().join(format!("live-{round}.backup"));
+        let backup = {
+            let (admin, data_dir, dest) = (gateway.admin_client(), data_dir.clone(), dest.clone());
+            tokio::spawn(async move {
+                let reader = admin.reader().await.unwrap();
+                let started = Instant::now();
+                sund_runtime::background::run("sund-backup", move || {
+                    sund_gateway::backup::backup(&reader, &data_dir, &dest).unwrap()
+                })
+                .await
+                .unwrap();
+                started.elapsed()
+            })
+        };
+        // Live traffic for as long as the backup runs.
+        let started = Instant::now();
+        let mut sent = 0usize;
+        while !backup.is_finished() {
+            ingest(&gateway, &conversations, 100).await;
+            sent += conversations.len() * 100;
+        }
+        let during = sent as f64 / started.elapsed().as_secs_f64();
+        let took = backup.await.unwrap();
+        std::fs::remove_file(&dest).unwrap();
+        println!(
+            "backup round {round}, under load: {took:.1?}; live traffic {during:.0} msg/s during it against {alone:.0} msg/s just before"
+        );
+    }
+    gateway.shutdown().await.unwrap();
+}
+
+async fn timed_backup(
+    gateway: &GatewayHandle,
+    data_dir: &std::path::Path,
+    dest: &std::path::Path,
+) -> Duration {
+    let reader = gateway.admin_client().reader().await.unwrap();
+    let (data_dir, dest) = (data_dir.to_path_buf(), dest.to_path_buf());
+    let started = Instant::now();
+    sund_runtime::background::run("sund-backup", move || {
+        sund_gateway::backup::backup(&reader, &data_dir, &dest).unwrap()
+    })
+    .await
+    .unwrap();
+    started.elapsed()
 }
 
 fn main() {
@@ -471,6 +648,10 @@ fn main() {
     if std::env::var("SUND_STACK").as_deref() == Ok("ingest") {
         let rate = runtime.block_on(gateway_ingest(100, 1_000));
         println!("gateway alone, 100 protocol clients: {rate:.0} msg/s");
+        return;
+    }
+    if std::env::var("SUND_STACK").as_deref() == Ok("ops") {
+        runtime.block_on(operations());
         return;
     }
     let mut results: BTreeMap<&str, String> = BTreeMap::new();

@@ -211,14 +211,16 @@ pub(crate) async fn execute(
             return ControlReply::Failed(UNAVAILABLE.into());
         };
         let (data_dir, dest) = (data_dir.to_path_buf(), PathBuf::from(file));
-        // A snapshot read beside the commits, off the async threads.
-        let done =
-            tokio::task::spawn_blocking(move || crate::backup::backup(&reader, &data_dir, &dest))
-                .await;
+        // A snapshot read beside the commits, on a thread that yields the CPU and the disk
+        // to them.
+        let done = sund_runtime::background::run("sund-backup", move || {
+            crate::backup::backup(&reader, &data_dir, &dest)
+        })
+        .await;
         return match done {
             Ok(Ok(printed)) => ControlReply::Done(printed),
             Ok(Err(why)) => ControlReply::Failed(why),
-            Err(e) => ControlReply::Failed(format!("the backup stopped: {e}")),
+            Err(_) => ControlReply::Failed("the backup stopped before it finished".into()),
         };
     }
     let answer = match command {

@@ -11,6 +11,7 @@
 //! - [`sim_disk`]: a simulated machine's disk (full, torn writes at a power cut, lying fsync);
 //! - [`files`]: owner-only data directories and secret files;
 //! - [`committer`]: pipelined group commit on a thread of its own;
+//! - [`background`]: long jobs (a backup) on a thread that yields to the driver;
 //! - [`metrics`]: histograms of the stages a message passes in a driver;
 //! - [`tls`], [`endpoint`]: the gateway's TLS identity, certificate pinning, QUIC endpoints;
 //! - [`memory`]: one malloc arena, so that what a file transfer frees is reused;
@@ -19,10 +20,12 @@
 //!   bounded closing);
 //! - `turmoil` (feature `turmoil`): quinn over turmoil's simulated UDP.
 
-// One `unsafe` block in the crate, allowed where it is: `memory::one_malloc_arena`.
+// `unsafe` is allowed only where it is: `memory::one_malloc_arena` and `background` (thread
+// priorities).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod background;
 pub mod backup;
 pub mod chunk_stream;
 pub mod clock;
