@@ -326,6 +326,7 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         }
         Action::Network(_) | Action::Link(..) | Action::ClockJump(..) => Ok(()),
         Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
+        Action::Drain(_) => Err("needs a drain signal to the gateway driver (not wired yet)"),
         Action::Handover(..) => Err("needs federation"),
         Action::Commit(..) | Action::SendFile { .. } => Err("needs MLS"),
         Action::StallDisk(_) | Action::ResumeDisk(_) => {

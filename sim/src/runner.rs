@@ -101,6 +101,24 @@ struct JsonRun<'a> {
     files_chunks_down: Option<u64>,
     files_bytes_down: Option<u64>,
     files_bytes_completed: Option<u64>,
+    /// Drains (`drain GATEWAY`): signal to stop, and the devices' reconnects after it (first
+    /// accepted connection per device, from the signal; the most in any 100 ms).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    drains: Vec<JsonDrain<'a>>,
+}
+
+/// One drain in `--json` output.
+#[derive(Serialize)]
+struct JsonDrain<'a> {
+    gateway: &'a str,
+    sessions: u64,
+    stopped_after_ms: Option<f64>,
+    refused: u64,
+    reconnected: u64,
+    reconnect_p50_ms: f64,
+    reconnect_p99_ms: f64,
+    reconnect_max_ms: f64,
+    peak_per_100ms: u64,
 }
 
 /// Parses `A..B` (inclusive).
@@ -399,6 +417,21 @@ fn write_report(
             files_chunks_down: r.files.as_ref().map(|f| f.chunks_down),
             files_bytes_down: r.files.as_ref().map(|f| f.bytes_down),
             files_bytes_completed: r.files.as_ref().map(|f| f.bytes_completed),
+            drains: r
+                .drains
+                .iter()
+                .map(|d| JsonDrain {
+                    gateway: &d.gateway,
+                    sessions: d.sessions,
+                    stopped_after_ms: d.stopped_after_us.map(|us| us as f64 / 1000.0),
+                    refused: d.refused,
+                    reconnected: d.reconnected,
+                    reconnect_p50_ms: d.reconnect_p50_us as f64 / 1000.0,
+                    reconnect_p99_ms: d.reconnect_p99_us as f64 / 1000.0,
+                    reconnect_max_ms: d.reconnect_max_us as f64 / 1000.0,
+                    peak_per_100ms: d.peak_per_100ms,
+                })
+                .collect(),
         };
         writeln!(
             out,
@@ -412,7 +445,7 @@ fn write_report(
         };
         writeln!(
             out,
-            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}{}",
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}{}{}",
             r.scenario,
             r.seed,
             r.trace_hash,
@@ -457,6 +490,21 @@ fn write_report(
                 ),
                 None => String::new(),
             },
+            r.drains
+                .iter()
+                .map(|d| format!(
+                    " drain {} {} sessions stopped {} back {}/{} p50 {:.2}s p99 {:.2}s peak {}/100ms",
+                    d.gateway,
+                    d.sessions,
+                    d.stopped_after_us
+                        .map_or("never".to_string(), |us| format!("{:.1}ms", us as f64 / 1000.0)),
+                    d.reconnected,
+                    d.sessions,
+                    d.reconnect_p50_us as f64 / 1e6,
+                    d.reconnect_p99_us as f64 / 1e6,
+                    d.peak_per_100ms
+                ))
+                .collect::<String>(),
             r.recovery_ms
                 .map(|ms| format!(" recovered {:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_default(),

@@ -148,6 +148,9 @@ pub enum Action {
     Crash(Target),
     /// Restart crashed actors of the set from their disks.
     Restart(Target),
+    /// Drain gateways as on SIGTERM: refuse new connections, say goodbye to every session
+    /// (with the retry hint), commit what is in flight, stop.
+    Drain(Target),
     /// Change the default link profile.
     Network(ProfilePatch),
     /// Change the profile between two sets.
@@ -214,6 +217,7 @@ impl Action {
             Action::Disconnect(_) => "disconnect",
             Action::Crash(_) => "crash",
             Action::Restart(_) => "restart",
+            Action::Drain(_) => "drain",
             Action::Network(_) => "network",
             Action::Link(..) => "link",
             Action::Revoke(_) => "revoke",
@@ -1166,6 +1170,7 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
         "disconnect" => Action::Disconnect(one(line, &mut targets)?),
         "crash" => Action::Crash(one(line, &mut targets)?),
         "restart" => Action::Restart(one(line, &mut targets)?),
+        "drain" => Action::Drain(one(line, &mut targets)?),
         "network" => Action::Network(line.profile_patch()?),
         "link" => {
             let a = one(line, &mut targets)?;
@@ -1249,7 +1254,7 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file"),
+                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file"),
             ))
         }
     };
@@ -1482,6 +1487,19 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
                             "`{}` takes gateways: a device whose disk lies is not modelled yet",
                             s.action.keyword()
                         ),
+                    ));
+                }
+            }
+            Action::Drain(a) => {
+                f(a)?;
+                if !matches!(
+                    a,
+                    Target::Gateway(_) | Target::AllGateways | Target::RandomGateway
+                ) {
+                    return Err(err(
+                        s.span,
+                        s.span.column,
+                        "`drain` takes gateways (a device is stopped with `crash`)".to_string(),
                     ));
                 }
             }

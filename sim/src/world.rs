@@ -35,10 +35,12 @@ use crate::rng::SimRng;
 use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
 use crate::trace::{Record, TraceHash};
 
+mod drain;
 mod files;
 pub use files::FilesReport;
 mod mls_groups;
 mod trust;
+pub use drain::DrainReport;
 use mls_groups::SimConversation;
 pub use trust::CrlReport;
 
@@ -108,6 +110,8 @@ pub struct RunReport {
     pub recovery_ms: Option<u64>,
     /// How files fared (`None`: no file was sent).
     pub files: Option<FilesReport>,
+    /// Each `drain`: how long it took and how the devices came back.
+    pub drains: Vec<DrainReport>,
 }
 
 #[derive(Clone, Debug)]
@@ -151,6 +155,12 @@ enum EventKind {
     Probe,
     /// A panic planted by a test (see `World::plant_panic`).
     PlantedPanic,
+    /// A draining gateway closes a connection once its goodbye has arrived.
+    GracefulClose {
+        gateway: ActorIndex,
+        incarnation: u32,
+        conn: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -258,6 +268,7 @@ pub struct World {
     sent_counter: u64,
     lost_uncommitted: u64,
     revocations: trust::Revocations,
+    drains: drain::Drains,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
     /// When the liveness probe found everything converged.
@@ -415,6 +426,7 @@ impl World {
             sent_counter: 0,
             lost_uncommitted: 0,
             revocations: trust::Revocations::default(),
+            drains: drain::Drains::default(),
             event_log: None,
             recovered_at: None,
             files: files::SimFiles::default(),
@@ -960,6 +972,9 @@ impl World {
                 self.check_released_frame(a, conn.0, &frame);
                 self.transmit(a, conn.0, frame)
             }
+            GatewayOutput::Close(conn) if self.drains.is_draining(a) => {
+                self.close_after_goodbye(a, conn.0)
+            }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
             GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
             GatewayOutput::ServeChunk(serve) => self.serve_chunk(a, serve),
@@ -1027,7 +1042,11 @@ impl World {
                 w.describe(&frame)
             )
         });
+        let draining = self.drains.is_draining(from);
         for (at, arrival) in self.network.send(self.now, conn, from, frame) {
+            if draining {
+                self.drains.sent(conn, at);
+            }
             self.push(at, EventKind::Arrive(arrival));
         }
     }
@@ -1354,6 +1373,11 @@ impl World {
                 if !self.actors[gateway as usize].up || !self.network.is_open(conn) {
                     return;
                 }
+                if self.drains.is_draining(gateway) {
+                    self.refuse_while_draining(gateway, conn);
+                    return;
+                }
+                self.on_accept(gateway, conn);
                 self.trace
                     .record(Record::Connection, self.now, gateway, &conn.to_le_bytes());
                 self.note(|w| format!("{} accepts conn {conn}", w.actors[gateway as usize].name));
@@ -1441,12 +1465,18 @@ impl World {
                         .expect("front exists");
                     self.commit_and_release(actor, p.writes, p.held);
                 }
+                self.finish_drain_if_done(actor);
             }
             EventKind::Action { index, nominal } => self.run_action(index, nominal),
             EventKind::Send { workload, device } => self.workload_send(workload, device),
             EventKind::CreateGroup { conversation } => self.create_group(conversation),
             EventKind::EndOfWorkload => self.begin_liveness(),
             EventKind::Probe => self.probe(),
+            EventKind::GracefulClose {
+                gateway,
+                incarnation,
+                conn,
+            } => self.graceful_close(gateway, incarnation, conn),
         }
     }
 
@@ -1609,6 +1639,13 @@ impl World {
                 for x in self.resolve(t) {
                     if !self.actors[x as usize].up {
                         self.start_actor(x);
+                    }
+                }
+            }
+            Action::Drain(t) => {
+                for x in self.resolve(t) {
+                    if self.is_gateway(x) {
+                        self.drain_action(x);
                     }
                 }
             }
@@ -1914,8 +1951,10 @@ impl World {
         let trace_hash = self.trace.hex();
         let crl = self.crl_report();
         let files = self.files_report();
+        let drains = self.drain_reports();
         RunReport {
             files,
+            drains,
             scenario: self.scenario.name.clone(),
             file: self.scenario.file.clone(),
             seed: self.seed,
