@@ -40,6 +40,8 @@ pub struct Gauges {
     pub conversations: usize,
     /// The version of the CRL it serves.
     pub crl_version: u64,
+    /// Devices whose KeyPackage pool is below the replenish threshold.
+    pub key_package_pools_low: usize,
 }
 
 impl Gauges {
@@ -49,6 +51,7 @@ impl Gauges {
             sessions_open: gateway.session_count(),
             conversations: gateway.conversations().count(),
             crl_version: gateway.registration_authority().crl().version,
+            key_package_pools_low: gateway.key_package_pools_low(),
         }
     }
 }
@@ -159,6 +162,12 @@ pub fn render(
             "sund_gateway_crl_version",
             "version of the CRL served",
             gauges.crl_version,
+        );
+        gauge(
+            &mut out,
+            "sund_gateway_key_package_pools_low",
+            "devices whose KeyPackage pool is below the replenish threshold",
+            gauges.key_package_pools_low as u64,
         );
         let tree = serde_json::to_value(stats).expect("counters encode");
         let mut counters = Vec::new();
@@ -300,6 +309,7 @@ mod tests {
             sessions_open: 2,
             conversations: 5,
             crl_version: 7,
+            key_package_pools_low: 1,
         };
         let text = render(Some(&(stats, gauges)), &Default::default());
         for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -312,6 +322,9 @@ mod tests {
             "sund_gateway_up 1",
             "sund_gateway_sessions_open 2",
             "sund_gateway_crl_version 7",
+            "sund_gateway_key_package_pools_low 1",
+            "sund_gateway_delivery_replays_total 0",
+            "sund_gateway_delivery_replayed_total 0",
             "sund_gateway_delivery_sequenced_total 42",
             "sund_gateway_sessions_authenticated_total 3",
             "sund_gateway_transfers_chunks_stored_total 0",

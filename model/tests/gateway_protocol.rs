@@ -1099,6 +1099,10 @@ fn a_stalled_cursor_is_redelivered_and_a_replay_request_rewinds() {
     let out = h.drain();
     let seqs: Vec<u64> = frames_to(&out, 2).iter().map(|f| f.routing.seq).collect();
     assert_eq!(seqs, vec![1, 2]);
+    let stalled = h.gateway.stats().delivery;
+    assert_eq!(stalled.replays, 0, "a stall is not a replay request");
+    // Alice (who did not acknowledge her echoes either) and bob: two windows of two.
+    assert_eq!(stalled.replayed, 4, "{stalled:?}");
     // Bob acknowledges 1, then asks for 2 again.
     h.ack(2, 1);
     let out = h.frame(
@@ -1112,6 +1116,10 @@ fn a_stalled_cursor_is_redelivered_and_a_replay_request_rewinds() {
     let seqs: Vec<u64> = frames_to(&out, 2).iter().map(|f| f.routing.seq).collect();
     assert_eq!(seqs, vec![2]);
     assert_eq!(h.gateway.cursor(bob(), CONV), 1);
+    // Counted for the metrics: one replay request, of one message.
+    let stats = h.gateway.stats().delivery;
+    assert_eq!(stats.replays, 1);
+    assert_eq!(stats.replayed, stalled.replayed + 1);
 }
 
 // ---- storage ----

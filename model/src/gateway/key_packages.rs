@@ -315,6 +315,15 @@ impl KeyPackageDirectory {
             .collect()
     }
 
+    /// Devices whose pool is below the replenish threshold (they are told when they connect
+    /// or their pool is drawn on; a pool that stays low means a device that does not refill).
+    pub fn pools_low(&self) -> usize {
+        self.pools
+            .keys()
+            .filter(|d| self.needs_replenishing(**d))
+            .count()
+    }
+
     /// True if `device` should be told to replenish (its pool is below the threshold).
     pub fn needs_replenishing(&self, device: DeviceId) -> bool {
         self.remaining(device) < self.config.replenish_below

@@ -364,6 +364,11 @@ impl Gateway {
         self.key_packages.directory().remaining(device)
     }
 
+    /// Devices whose KeyPackage pool is below the replenish threshold.
+    pub fn key_package_pools_low(&self) -> usize {
+        self.key_packages.directory().pools_low()
+    }
+
     /// The file transfers' chunk index.
     pub fn chunk_index(&self) -> &files::ChunkIndex {
         self.transfers.index()

@@ -220,6 +220,11 @@ pub struct DeliveryStats {
     pub deliveries: u64,
     /// Window rewinds after a stalled cursor or a replay request.
     pub rewinds: u64,
+    /// Replay requests from devices (a device asking again from a seq).
+    pub replays: u64,
+    /// Messages sent again because of a rewind (replay request or stalled cursor): the sum of
+    /// the replays' sizes.
+    pub replayed: u64,
     /// Log entries garbage-collected (acknowledged by all, or past retention).
     pub gc_dropped: u64,
     /// Replays refused because they started before the retained log.
@@ -1195,6 +1200,9 @@ impl Delivery {
         else {
             return;
         };
+        if from_seq.is_some() {
+            self.stats.replays += 1;
+        }
         let restart = match from_seq {
             Some(from) => {
                 let before = from.saturating_sub(1);
@@ -1209,6 +1217,7 @@ impl Delivery {
             None => window.acked,
         };
         if restart < window.sent_upto {
+            self.stats.replayed += window.sent_upto - restart;
             window.sent_upto = restart;
             self.stats.rewinds += 1;
         }
