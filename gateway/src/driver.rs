@@ -1010,7 +1010,7 @@ impl Core {
                         device = %lost.device,
                         from = lost.from,
                         to = lost.to,
-                        "a device read messages this gateway has since lost, at seqs now given to other messages: the device was told its history diverged. The disk lost writes it had reported durable; check its write cache settings"
+                        "a device read messages this gateway has since lost, at seqs now given to other messages: the device was told its history diverged. The disk lost writes it had reported durable (a volatile write cache), or the data directory was restored from an older backup; check the disk's write cache settings"
                     ),
                 },
             }

@@ -622,6 +622,41 @@ fn devices_told_the_gateway_is_shutting_down_come_back_after_its_hint_and_spread
 }
 
 #[test]
+fn a_shutting_down_goodbye_is_no_refusal_and_restarts_in_a_row_do_not_grow_the_waits() {
+    // Two drains a few seconds apart, then the gateway is still down for three attempts: the
+    // waits after those failures are those of three failed connects, not doubled per goodbye.
+    // (Found by the simulator: scenarios/drain-and-restart.sund took 12 s to recover.)
+    let cfg = config();
+    for seed in 1..=40 {
+        let mut h = Harness::with_entropy(seed);
+        for conn in 1..=2 {
+            h.open(conn);
+            let goodbye = Goodbye {
+                code: ErrorCode::ShuttingDown as u16,
+                message: "the gateway is shutting down; reconnect shortly".into(),
+                retry_after_ms: Some(2_000),
+            };
+            h.frame(conn, Routing::default(), Payload::Goodbye(goodbye));
+            h.now = h.node.poll_timeout().unwrap();
+        }
+        for attempt in 0..3 {
+            let out = h.tick();
+            assert!(out.contains(&NodeOutput::Connect), "{out:?}");
+            h.input(NodeInput::ConnectFailed);
+            let next = h.node.poll_timeout().unwrap();
+            // The goodbye's own back-off counts as one failed connect, nothing more.
+            let cap = cfg.backoff_initial.saturating_mul(1 << (attempt + 1));
+            let wait = next.saturating_since(h.now);
+            assert!(
+                wait <= cap,
+                "seed {seed}, failure {attempt}: {wait:?} > {cap:?}"
+            );
+            h.now = next;
+        }
+    }
+}
+
+#[test]
 fn a_retry_hint_beyond_a_minute_is_cut_to_a_minute() {
     // A faulty or hostile gateway cannot keep its devices away for weeks with one goodbye.
     let mut h = Harness::new();

@@ -320,13 +320,13 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         | Action::FillDisk(_)
         | Action::FreeDisk(_)
         | Action::LieDisk(_)
-        | Action::HonestDisk(_) => Ok(()),
+        | Action::HonestDisk(_)
+        | Action::Drain(_) => Ok(()),
         Action::Network(patch) | Action::Link(_, _, patch) if patch.bandwidth_bps.is_some() => {
             Err("sets a bandwidth: turmoil's links have none")
         }
         Action::Network(_) | Action::Link(..) | Action::ClockJump(..) => Ok(()),
         Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
-        Action::Drain(_) => Err("needs a drain signal to the gateway driver (not wired yet)"),
         Action::Handover(..) => Err("needs federation"),
         Action::Commit(..) | Action::SendFile { .. } => Err("needs MLS"),
         Action::StallDisk(_) | Action::ResumeDisk(_) => {

@@ -171,6 +171,8 @@ struct World {
     disks: BTreeMap<String, SimulatedDisk>,
     packets: PacketTrace,
     shared: RefCell<Shared>,
+    /// `drain`: wakes the running gateway host, which shuts its driver down as SIGTERM does.
+    drain: tokio::sync::Notify,
 }
 
 /// Prepares the gateway's data directory as an operator would before the run: a TLS identity
@@ -270,6 +272,7 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         tokens,
         packets: PacketTrace::new(),
         shared: RefCell::new(shared),
+        drain: tokio::sync::Notify::new(),
     });
     let end = scenario.duration + scenario.liveness;
     let mut sim = turmoil::Builder::new()
@@ -425,7 +428,26 @@ fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
             let error = match gateway_driver::start(options).await {
                 // A full disk makes the gateway refuse sessions until it can commit again (it
                 // probes by itself); only a failure it cannot live through ends the driver.
-                Ok(mut gateway) => gateway.failed().await.to_string(),
+                Ok(mut gateway) => {
+                    let drain = w.drain.notified();
+                    let failed = tokio::select! {
+                        error = gateway.failed() => Some(error.to_string()),
+                        () = drain => None,
+                    };
+                    match failed {
+                        Some(error) => error,
+                        None => {
+                            // `drain`: what SIGTERM does (goodbyes with the retry hint, commits
+                            // finished, the endpoint closed); the host then idles until
+                            // `restart` bounces it.
+                            if let Err(e) = gateway.shutdown().await {
+                                return Err(format!("the gateway's drain failed: {e}").into());
+                            }
+                            std::future::pending::<()>().await;
+                            unreachable!("pending never completes")
+                        }
+                    }
+                }
                 Err(e) => format!("the gateway driver did not start: {e}"),
             };
             w.stopped_or_failed(host, error).await
@@ -1007,6 +1029,16 @@ impl Faults {
                 for host in hosts(a) {
                     if self.crashed.remove(&host) {
                         sim.bounce(host.as_str());
+                    }
+                }
+            }
+            Action::Drain(a) => {
+                for host in hosts(a) {
+                    // Only a running gateway drains (a waiter exists only while it runs); it
+                    // counts as down until `restart`, as after a crash, but its disk keeps
+                    // everything: the driver finished its commits before it stopped.
+                    if host == world.plan.gateway && self.crashed.insert(host) {
+                        world.drain.notify_waiters();
                     }
                 }
             }

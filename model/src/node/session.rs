@@ -162,7 +162,13 @@ impl Node {
             });
         }
         self.fx.hold(NodeOutput::Close(conn));
-        self.link.refused(now);
+        // A gateway going away on purpose refuses nothing: its hint says when to come back.
+        // Counted as a refusal, two restarts in a row would double every wait after them (a
+        // device that then finds the gateway still down would wait up to `backoff_max` once
+        // it is back).
+        if code != ErrorCode::ShuttingDown {
+            self.link.refused(now);
+        }
         let hint = goodbye
             .retry_after_ms
             .map(|ms| Duration::from_millis(u64::from(ms)));
