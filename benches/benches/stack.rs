@@ -577,7 +577,7 @@ async fn operations() {
     let data_dir = dir.path().join("gw");
     for round in 1..=3 {
         let dest = dir.path().join(format!("idle-{round}.backup"));
-        let took = timed_backup(&gateway, &data_dir, &dest).await;
+        let took = timed_backup(gateway.admin_client(), data_dir.clone(), dest.clone()).await;
         let size = std::fs::metadata(&dest).unwrap().len();
         std::fs::remove_file(&dest).unwrap();
         println!(
@@ -596,19 +596,11 @@ async fn operations() {
         }
         let alone = sent as f64 / started.elapsed().as_secs_f64();
         let dest = dir.path().join(format!("live-{round}.backup"));
-        let backup = {
-            let (admin, data_dir, dest) = (gateway.admin_client(), data_dir.clone(), dest.clone());
-            tokio::spawn(async move {
-                let reader = admin.reader().await.unwrap();
-                let started = Instant::now();
-                sund_runtime::background::run("sund-backup", move || {
-                    sund_gateway::backup::backup(&reader, &data_dir, &dest).unwrap()
-                })
-                .await
-                .unwrap();
-                started.elapsed()
-            })
-        };
+        let backup = tokio::spawn(timed_backup(
+            gateway.admin_client(),
+            data_dir.clone(),
+            dest.clone(),
+        ));
         // Live traffic for as long as the backup runs.
         let started = Instant::now();
         let mut sent = 0usize;
@@ -626,13 +618,13 @@ async fn operations() {
     gateway.shutdown().await.unwrap();
 }
 
+/// One backup as `admin backup` takes it (on a low-priority thread), timed.
 async fn timed_backup(
-    gateway: &GatewayHandle,
-    data_dir: &std::path::Path,
-    dest: &std::path::Path,
+    admin: sund_gateway::driver::AdminClient,
+    data_dir: std::path::PathBuf,
+    dest: std::path::PathBuf,
 ) -> Duration {
-    let reader = gateway.admin_client().reader().await.unwrap();
-    let (data_dir, dest) = (data_dir.to_path_buf(), dest.to_path_buf());
+    let reader = admin.reader().await.unwrap();
     let started = Instant::now();
     sund_runtime::background::run("sund-backup", move || {
         sund_gateway::backup::backup(&reader, &data_dir, &dest).unwrap()

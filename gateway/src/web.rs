@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -162,11 +162,23 @@ fn router(state: Web) -> Router {
         .route("/", get(page))
         .route("/app.js", get(script))
         .route("/api/overview", get(overview))
-        .route("/api/devices", get(devices))
+        .route(
+            "/api/devices",
+            listing_route("/api/devices", AdminRequest::Devices { json: true }),
+        )
         .route("/api/devices/{device}/revoke", post(revoke))
-        .route("/api/crl", get(crl))
-        .route("/api/conversations", get(conversations))
-        .route("/api/tokens", get(tokens).post(issue_token))
+        .route(
+            "/api/crl",
+            listing_route("/api/crl", AdminRequest::Crl { json: true }),
+        )
+        .route(
+            "/api/conversations",
+            listing_route("/api/conversations", AdminRequest::List { json: true }),
+        )
+        .route(
+            "/api/tokens",
+            listing_route("/api/tokens", AdminRequest::Tokens { json: true }).post(issue_token),
+        )
         .route("/api/tokens/{id}/expire", post(expire_token))
         .layer(DefaultBodyLimit::max(BODY_MAX))
         .with_state(state)
@@ -272,6 +284,18 @@ async fn run(web: &Web, peer: SocketAddr, request: AdminRequest) -> Result<Strin
     }
 }
 
+/// `GET path`: a listing, answered as the JSON document `admin … --json` prints.
+fn listing_route(path: &'static str, request: AdminRequest) -> MethodRouter<Web> {
+    get(
+        move |State(web): State<Web>,
+              ConnectInfo(peer): ConnectInfo<SocketAddr>,
+              headers: HeaderMap| {
+            let request = request.clone();
+            async move { listing(&web, peer, &headers, path, request).await }
+        },
+    )
+}
+
 /// A listing request answered as the JSON document `admin … --json` prints.
 async fn listing(
     web: &Web,
@@ -293,66 +317,6 @@ async fn listing(
         },
         Err(response) => response,
     }
-}
-
-async fn devices(
-    State(web): State<Web>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    listing(
-        &web,
-        peer,
-        &headers,
-        "/api/devices",
-        AdminRequest::Devices { json: true },
-    )
-    .await
-}
-
-async fn crl(
-    State(web): State<Web>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    listing(
-        &web,
-        peer,
-        &headers,
-        "/api/crl",
-        AdminRequest::Crl { json: true },
-    )
-    .await
-}
-
-async fn conversations(
-    State(web): State<Web>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    listing(
-        &web,
-        peer,
-        &headers,
-        "/api/conversations",
-        AdminRequest::List { json: true },
-    )
-    .await
-}
-
-async fn tokens(
-    State(web): State<Web>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    listing(
-        &web,
-        peer,
-        &headers,
-        "/api/tokens",
-        AdminRequest::Tokens { json: true },
-    )
-    .await
 }
 
 /// Health: sessions, conversations, CRL version and the delivery counters the chart plots.
@@ -390,19 +354,31 @@ async fn overview(
     }
 }
 
+/// A change (revoke, expire): `{"done": "…"}` with what the CLI would print.
+async fn change(
+    web: &Web,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    path: &str,
+    request: AdminRequest,
+) -> Response {
+    if !web.token.admits(headers) {
+        return refused(peer, path);
+    }
+    match run(web, peer, request).await {
+        Ok(text) => hardened(Json(serde_json::json!({ "done": text.trim() })).into_response()),
+        Err(response) => response,
+    }
+}
+
 async fn revoke(
     State(web): State<Web>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     UrlPath(device): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !web.token.admits(&headers) {
-        return refused(peer, "/api/devices/…/revoke");
-    }
-    match run(&web, peer, AdminRequest::Revoke { device }).await {
-        Ok(text) => hardened(Json(serde_json::json!({ "done": text.trim() })).into_response()),
-        Err(response) => response,
-    }
+    let request = AdminRequest::Revoke { device };
+    change(&web, peer, &headers, "/api/devices/…/revoke", request).await
 }
 
 /// The body of a token request.
@@ -445,13 +421,8 @@ async fn expire_token(
     UrlPath(id): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !web.token.admits(&headers) {
-        return refused(peer, "/api/tokens/…/expire");
-    }
-    match run(&web, peer, AdminRequest::ExpireToken { token: id }).await {
-        Ok(text) => hardened(Json(serde_json::json!({ "done": text.trim() })).into_response()),
-        Err(response) => response,
-    }
+    let request = AdminRequest::ExpireToken { token: id };
+    change(&web, peer, &headers, "/api/tokens/…/expire", request).await
 }
 
 #[cfg(test)]

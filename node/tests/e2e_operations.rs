@@ -206,21 +206,14 @@ fn value(text: &str, series: &str) -> f64 {
 
 #[test]
 fn a_scraper_reads_the_running_gateways_counters() {
-    let tmp = tempfile::tempdir().unwrap();
-    let gw_dir = tmp.path().join("gateway");
-    let gw = gw_dir.to_str().unwrap();
-    let port = free_udp_port();
-    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
-    let addr = format!("127.0.0.1:{port}");
-    let a_dir = tmp.path().join("a");
-    let b_dir = tmp.path().join("b");
-    let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
-    two_devices_in_a_room(gw, &addr, cert.trim(), a, b);
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--metrics", &metrics]));
+    let room = RoomOfTwo::new();
+    let a = room.a.as_str();
+    let metrics = free_tcp_addr();
+    let _gateway = Guard(start_gateway_with(
+        &room.gw_dir,
+        room.port,
+        &["--metrics", &metrics],
+    ));
     for i in 1..=3 {
         run(
             &sund(),

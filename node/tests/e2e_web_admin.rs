@@ -178,21 +178,11 @@ fn crl(gw: &str) -> Value {
 
 #[test]
 fn an_operator_signs_in_revokes_a_device_through_the_page_and_sees_the_crl_grow() {
-    let tmp = tempfile::tempdir().unwrap();
-    let gw_dir = tmp.path().join("gateway");
-    let gw = gw_dir.to_str().unwrap();
-    let port = free_udp_port();
-    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
-    let addr = format!("127.0.0.1:{port}");
-    let a_dir = tmp.path().join("a");
-    let b_dir = tmp.path().join("b");
-    let (a, b) = (a_dir.to_str().unwrap(), b_dir.to_str().unwrap());
-    two_devices_in_a_room(gw, &addr, cert.trim(), a, b);
-    let web = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--admin-web", &web]));
+    let room = RoomOfTwo::new();
+    let (tmp, gw_dir, port, gw) = (room.tmp.path(), &room.gw_dir, room.port, room.gw());
+    let (a, b) = (room.a.as_str(), room.b.as_str());
+    let web = free_tcp_addr();
+    let _gateway = Guard(start_gateway_with(gw_dir, port, &["--admin-web", &web]));
     let mut device_a = String::new();
     for dir in [a, b] {
         let status = run(&sund(), &["status", "--json", "--data-dir", dir]);
@@ -313,7 +303,7 @@ fn an_operator_signs_in_revokes_a_device_through_the_page_and_sees_the_crl_grow(
     assert_eq!(expired, 1, "{tokens}");
 
     // Every change made through the page is an audit line, and the token is in none.
-    let log = std::fs::read_to_string(tmp.path().join("gateway.log")).unwrap();
+    let log = std::fs::read_to_string(tmp.join("gateway.log")).unwrap();
     assert!(
         log.contains("source=\"web\"") && log.contains("request=\"revoke\""),
         "{log}"

@@ -218,3 +218,45 @@ pub fn two_devices_in_a_room(gw: &str, addr: &str, cert: &str, a: &str, b: &str)
     args.extend(["--data-dir", gw]);
     run(&gateway_binary(), &args);
 }
+
+/// A loopback TCP address nobody listens on now (for `--metrics`, `--admin-web`).
+pub fn free_tcp_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A gateway data directory (not started) and devices `a` and `b` enrolled in its plain
+/// conversation `room`, all in a temporary directory.
+pub struct RoomOfTwo {
+    pub tmp: tempfile::TempDir,
+    pub gw_dir: PathBuf,
+    pub port: u16,
+    pub a: String,
+    pub b: String,
+}
+
+impl RoomOfTwo {
+    pub fn new() -> RoomOfTwo {
+        let tmp = tempfile::tempdir().unwrap();
+        let gw_dir = tmp.path().join("gateway");
+        let gw = gw_dir.to_str().unwrap();
+        let port = free_udp_port();
+        let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+        let addr = format!("127.0.0.1:{port}");
+        let a = tmp.path().join("a").to_str().unwrap().to_string();
+        let b = tmp.path().join("b").to_str().unwrap().to_string();
+        two_devices_in_a_room(gw, &addr, cert.trim(), &a, &b);
+        RoomOfTwo {
+            tmp,
+            gw_dir,
+            port,
+            a,
+            b,
+        }
+    }
+
+    /// The gateway's data directory as an argument.
+    pub fn gw(&self) -> &str {
+        self.gw_dir.to_str().unwrap()
+    }
+}
