@@ -6,7 +6,8 @@
 //! Run: `cargo bench -p sund-benches --bench stack`. Prints a table; asserts nothing.
 //! `SUND_STACK=ingest` runs only the gateway-alone measurement; `SUND_STACK=ops` the operations
 //! figures instead (metrics endpoint on and off, drain with 100 devices, backup of a million
-//! messages with and without live traffic).
+//! messages with and without live traffic); `SUND_STACK=flood` the abuse-control figures
+//! (well-behaved devices while bots flood, with the default rate limits and without).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
+use sund_model::gateway::limits::RateLimits;
 use sund_model::gateway::{AdminCommand, GatewayConfig};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::ConversationId;
@@ -36,14 +38,29 @@ struct Setup {
     nodes: Vec<NodeHandle>,
 }
 
-/// A gateway on loopback with open enrolment, its data in `dir/gw`.
+/// A gateway on loopback with open enrolment, its data in `dir/gw`, without rate limits (the
+/// capacity figures push single devices far past what a person sends).
 async fn start_gateway(dir: &std::path::Path) -> GatewayHandle {
+    start_gateway_limited(
+        dir,
+        RateLimits {
+            sends: None,
+            conversations: None,
+            ..RateLimits::default()
+        },
+    )
+    .await
+}
+
+/// As `start_gateway`, with these rate limits.
+async fn start_gateway_limited(dir: &std::path::Path, limits: RateLimits) -> GatewayHandle {
     let options = GatewayOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         environment: Arc::new(Production),
         data_dir: dir.join("gw"),
         config: GatewayConfig {
             open_enrolment: true,
+            limits,
             ..GatewayConfig::default()
         },
     };
@@ -335,19 +352,20 @@ impl FrameReader {
     }
 }
 
-/// A minimal protocol client (no store): authenticates, pipelines `count` Send frames, acks its
-/// echoes, and returns when every Send is acknowledged. It measures the gateway alone, as 100
-/// real devices (each with its own disk) would load it.
-async fn load_client(
+/// A protocol client's session (no store): registers (the gateway runs open enrolment), then
+/// opens the session with its certificate.
+async fn open_session(
     addr: SocketAddr,
     cert: rustls::pki_types::CertificateDer<'static>,
     key: DeviceKey,
-    conv: ConversationId,
-    count: usize,
+) -> (
+    quinn::Connection,
+    quinn::SendStream,
+    FrameReader,
+    sund_model::ids::DeviceId,
 ) {
     use sund_model::testing::TestDevice;
-    use sund_model::wire::payload::{Ack, Send};
-    use sund_model::wire::{Frame, Payload, Routing};
+    use sund_model::wire::{Frame, Payload};
     let endpoint = endpoint::client_endpoint(&Production, certificate_pin(&cert)).unwrap();
     let conn = endpoint
         .connect(addr, "sund-gateway")
@@ -361,7 +379,6 @@ async fn load_client(
         key,
         user: sund_model::ids::UserId(me.0),
     };
-    // Register (the gateway runs open enrolment), then open the session with the certificate.
     send.write_all(&device.register([0; 16])).await.unwrap();
     let answer = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
     let Payload::Certificate(certificate) = answer.payload else {
@@ -376,6 +393,245 @@ async fn load_client(
     send.write_all(&device.proof(&c.nonce)).await.unwrap();
     let ok = Frame::decode(&reader.next().await.unwrap(), u32::MAX).unwrap();
     assert!(matches!(ok.payload, Payload::HelloOk(_)));
+    (conn, send, reader, me)
+}
+
+/// What one client of the flood figures saw.
+#[derive(Default)]
+struct FloodClient {
+    /// Messages the gateway acknowledged.
+    acknowledged: u64,
+    /// Messages refused by a rate limit.
+    refused: u64,
+    /// Send-to-acknowledgement of each acknowledged message.
+    latencies: Vec<Duration>,
+    /// The gateway closed the connection (it stopped reading what it was sent).
+    cut_off: bool,
+}
+
+/// A protocol client that sends into `conv` for `length`: paced at `rate` messages a second
+/// (a well-behaved device, each message chained after the one before), or (`rate` `None`) as
+/// fast as the stream takes them, unchained so that no refusal stops the next, and resending
+/// nothing it is refused (a bot).
+async fn flood_client(
+    addr: SocketAddr,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: DeviceKey,
+    conv: ConversationId,
+    rate: Option<f64>,
+    length: Duration,
+) -> FloodClient {
+    use sund_model::wire::payload::ErrorCode;
+    use sund_model::wire::{Frame, Payload};
+    let (conn, mut send, mut reader, me) = open_session(addr, cert, key).await;
+    let sent_at: Arc<std::sync::Mutex<BTreeMap<u64, Instant>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reading = {
+        let (sent_at, done) = (sent_at.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seen = FloodClient::default();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(Ok(bytes)) =
+                    tokio::time::timeout(Duration::from_millis(200), reader.next()).await
+                else {
+                    continue;
+                };
+                let frame = Frame::decode(&bytes, u32::MAX).unwrap();
+                match frame.payload {
+                    Payload::SendAck(ack) => {
+                        let n = u64::from_be_bytes(ack.msg_id[..8].try_into().unwrap());
+                        if let Some(at) = sent_at.lock().unwrap().remove(&n) {
+                            seen.latencies.push(at.elapsed());
+                            seen.acknowledged += 1;
+                        }
+                    }
+                    Payload::Error(e) if ErrorCode::from_u16(e.code) == ErrorCode::SendsLimited => {
+                        seen.refused += 1;
+                    }
+                    _ => {}
+                }
+            }
+            seen
+        })
+    };
+    let started = Instant::now();
+    let mut n = 0u64;
+    let mut previous = [0u8; 16];
+    let mut cut_off = false;
+    while started.elapsed() < length {
+        n += 1;
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(n as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let mut msg_id = [0u8; 16];
+        msg_id[..8].copy_from_slice(&n.to_be_bytes());
+        msg_id[8..].copy_from_slice(&me.0.to_be_bytes()[..8]);
+        let after = rate.is_some().then_some(previous);
+        previous = msg_id;
+        let frame = send_frame(conv, me, msg_id, after);
+        sent_at.lock().unwrap().insert(n, Instant::now());
+        if send.write_all(&frame.encode()).await.is_err() {
+            // The gateway cut this client off (a bot that does not read what it is sent).
+            cut_off = true;
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = reading.await.unwrap();
+    seen.cut_off = cut_off;
+    conn.close(0u32.into(), b"done");
+    seen
+}
+
+/// A `Send` of a 200-byte body from `me` into `conv`.
+fn send_frame(
+    conv: ConversationId,
+    me: sund_model::ids::DeviceId,
+    msg_id: [u8; 16],
+    after: Option<[u8; 16]>,
+) -> sund_model::wire::Frame {
+    use sund_model::wire::payload::Send;
+    use sund_model::wire::{Frame, Payload, Routing};
+    Frame::new(
+        Routing {
+            conversation: conv,
+            sender: me,
+            ..Routing::default()
+        },
+        Payload::Send(Send {
+            msg_id,
+            body: vec![b'x'; BODY],
+            welcome: None,
+            after,
+        }),
+    )
+}
+
+/// One flood round's figures.
+struct FloodRound {
+    /// What the well-behaved got acknowledged, per second.
+    ordinary: f64,
+    /// Their p99 send-to-acknowledgement.
+    ordinary_p99: Duration,
+    /// What the bots got acknowledged, per second.
+    bots: f64,
+    /// Bot messages refused by the limit.
+    refused: u64,
+    /// Connections the gateway cut off: well-behaved, bots.
+    cut_off: [u32; 2],
+}
+
+/// Well-behaved clients (`ordinary`, each at `rate` messages a second, in conversations of
+/// their own) for `length`, with `bots` flooding clients beside them, against a gateway with
+/// `limits`.
+async fn flood_round(
+    ordinary: usize,
+    rate: f64,
+    bots: usize,
+    limits: RateLimits,
+    length: Duration,
+) -> FloodRound {
+    let dir = private_tempdir();
+    let gateway = start_gateway_limited(dir.path(), limits).await;
+    let conversations = load_conversations(&gateway, ordinary + bots, false).await;
+    let tasks: Vec<_> = conversations
+        .iter()
+        .enumerate()
+        .map(|(i, (k, conv))| {
+            let rate = (i < ordinary).then_some(rate);
+            tokio::spawn(flood_client(
+                gateway.addr,
+                gateway.cert.clone(),
+                k.clone(),
+                *conv,
+                rate,
+                length,
+            ))
+        })
+        .collect();
+    let mut good = FloodClient::default();
+    let mut bad = FloodClient::default();
+    let mut cut_off = [0u32; 2];
+    for (i, t) in tasks.into_iter().enumerate() {
+        let seen = t.await.unwrap();
+        let bot = i >= ordinary;
+        let into = if bot { &mut bad } else { &mut good };
+        into.acknowledged += seen.acknowledged;
+        into.refused += seen.refused;
+        into.latencies.extend(seen.latencies);
+        cut_off[usize::from(bot)] += u32::from(seen.cut_off);
+    }
+    gateway.shutdown().await.unwrap();
+    good.latencies.sort();
+    let secs = length.as_secs_f64();
+    FloodRound {
+        ordinary: good.acknowledged as f64 / secs,
+        ordinary_p99: good
+            .latencies
+            .get(good.latencies.len() * 99 / 100)
+            .copied()
+            .unwrap_or_default(),
+        bots: bad.acknowledged as f64 / secs,
+        refused: bad.refused,
+        cut_off,
+    }
+}
+
+/// The abuse-control figures of issue 19: what well-behaved devices get while bots flood, with
+/// the default limits and without any (printed; asserts nothing). `SUND_FLOOD_SECS` sets the
+/// length of each run (default 10).
+async fn floods() {
+    let secs = std::env::var("SUND_FLOOD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let (ordinary, rate, bots, length) = (100, 20.0, 10, Duration::from_secs(secs));
+    let off = RateLimits {
+        sends: None,
+        conversations: None,
+        ..RateLimits::default()
+    };
+    for round in 1..=5 {
+        let quiet = flood_round(ordinary, rate, 0, RateLimits::default(), length).await;
+        let limited = flood_round(ordinary, rate, bots, RateLimits::default(), length).await;
+        let open = flood_round(ordinary, rate, bots, off, length).await;
+        let show = |r: &FloodRound| {
+            format!(
+                "{:.0} msg/s = {:.1} % (p99 {:.1?}; bots got {:.0} msg/s, {} refused, cut off: {} bots, {} others)",
+                r.ordinary,
+                100.0 * r.ordinary / quiet.ordinary,
+                r.ordinary_p99,
+                r.bots,
+                r.refused,
+                r.cut_off[1],
+                r.cut_off[0]
+            )
+        };
+        println!(
+            "round {round}: {ordinary} devices at {rate}/s alone: {:.0} msg/s (p99 {:.1?}); with {bots} bots, default limits: {}; no limits: {}",
+            quiet.ordinary,
+            quiet.ordinary_p99,
+            show(&limited),
+            show(&open)
+        );
+    }
+}
+
+/// A minimal protocol client (no store): authenticates, pipelines `count` Send frames, acks its
+/// echoes, and returns when every Send is acknowledged. It measures the gateway alone, as 100
+/// real devices (each with its own disk) would load it.
+async fn load_client(
+    addr: SocketAddr,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: DeviceKey,
+    conv: ConversationId,
+    count: usize,
+) {
+    use sund_model::wire::payload::Ack;
+    use sund_model::wire::{Frame, Payload, Routing};
+    let (conn, mut send, mut reader, me) = open_session(addr, cert, key).await;
     // Reader: count acknowledgements, ask the writer to ack echoes.
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let reading = tokio::spawn(async move {
@@ -396,19 +652,7 @@ async fn load_client(
     for i in 0..count {
         let mut msg_id = [0u8; 16];
         msg_id[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
-        let frame = Frame::new(
-            Routing {
-                conversation: conv,
-                sender: me,
-                ..Routing::default()
-            },
-            Payload::Send(Send {
-                msg_id,
-                body: vec![b'x'; BODY],
-                welcome: None,
-                after: Some(after),
-            }),
-        );
+        let frame = send_frame(conv, me, msg_id, Some(after));
         after = msg_id;
         send.write_all(&frame.encode()).await.unwrap();
         while let Ok(seq) = ack_rx.try_recv() {
@@ -644,6 +888,10 @@ fn main() {
     }
     if std::env::var("SUND_STACK").as_deref() == Ok("ops") {
         runtime.block_on(operations());
+        return;
+    }
+    if std::env::var("SUND_STACK").as_deref() == Ok("flood") {
+        runtime.block_on(floods());
         return;
     }
     let mut results: BTreeMap<&str, String> = BTreeMap::new();

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use sund_gateway::admin::{AdminRequest, Printed};
 use sund_gateway::control::{self, AskError};
 use sund_gateway::driver::{self, GatewayOptions};
+use sund_model::gateway::limits::{Rate, RateLimits};
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::trust::{valid_domain, RegistrationAuthority};
 use sund_runtime::clock::wall_clock;
@@ -34,8 +35,9 @@ struct Cli {
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
-    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, admin_web, log_format);
-    /// command-line flags win over it.
+    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, admin_web, log_format,
+    /// and a `[limits]` table: sends_per_second, send_burst, conversations_per_hour,
+    /// conversation_burst, 0 turning one off, send_refusals_max); command-line flags win.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Certify any device that registers without an enrolment token (for local use; otherwise
@@ -202,6 +204,53 @@ struct FileConfig {
     metrics: Option<SocketAddr>,
     admin_web: Option<SocketAddr>,
     log_format: Option<LogFormat>,
+    limits: Option<LimitsConfig>,
+}
+
+/// The `[limits]` table: rate limits per device and per user (0 turns one off). Devices
+/// refused by a limit are told when to send again and do so by themselves.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsConfig {
+    sends_per_second: Option<u32>,
+    send_burst: Option<u32>,
+    conversations_per_hour: Option<u32>,
+    conversation_burst: Option<u32>,
+    send_refusals_max: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// The limits it names, the defaults for what it leaves out.
+    fn apply(&self, limits: &mut RateLimits) {
+        fn rate(
+            default: Option<Rate>,
+            count: Option<u32>,
+            burst: Option<u32>,
+            make: fn(u32, u32) -> Rate,
+        ) -> Option<Rate> {
+            match (count, default) {
+                (Some(0), _) => None,
+                (Some(count), _) => Some(make(count, burst.unwrap_or(count).max(1))),
+                (None, Some(d)) => Some(make(d.count, burst.unwrap_or(d.burst).max(1))),
+                (None, None) => None,
+            }
+        }
+        limits.sends = rate(
+            limits.sends,
+            self.sends_per_second,
+            self.send_burst,
+            Rate::per_second,
+        );
+        limits.conversations = rate(
+            limits.conversations,
+            self.conversations_per_hour,
+            self.conversation_burst,
+            Rate::per_hour,
+        );
+        if let Some(max) = self.send_refusals_max {
+            limits.send_refusals_max = max.max(1);
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -311,6 +360,9 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
     }
     if let Some(days) = file.retention_days {
         config.retention_max = Duration::from_secs(days * 24 * 3600);
+    }
+    if let Some(limits) = &file.limits {
+        limits.apply(&mut config.limits);
     }
     let endpoints = Endpoints {
         metrics: cli.metrics.or(file.metrics),

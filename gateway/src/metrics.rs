@@ -184,7 +184,7 @@ pub fn render(
             let _ = writeln!(
                 out,
                 "sund_gateway_refusals_total{{code=\"{}\"}} {}",
-                snake(&format!("{code:?}")),
+                code.name(),
                 stats.refusals.get(code)
             );
         }
@@ -271,22 +271,6 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, u64)>
         }
         _ => {}
     }
-}
-
-/// `MalformedFrame` → `malformed_frame`.
-fn snake(name: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -22,6 +22,9 @@ pub enum PlantedBug {
     /// A resumed session starts one past the device's cursor, as if the device had read one
     /// message more than it had.
     ResumeOffByOne,
+    /// The gateway charges each device's sends to its rate limit but never refuses one: a
+    /// flooding device takes the sequencer for itself.
+    SendLimitIgnored,
 }
 
 impl PlantedBug {
@@ -34,6 +37,7 @@ impl PlantedBug {
         ("dedup-forgets", PlantedBug::DedupForgets),
         ("node-ack-before-durable", PlantedBug::NodeAckBeforeDurable),
         ("resume-off-by-one", PlantedBug::ResumeOffByOne),
+        ("send-limit-ignored", PlantedBug::SendLimitIgnored),
     ];
 
     /// Looks a bug up by its command-line name.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use sund_model::env::{MemStore, Store};
+use sund_model::gateway::limits::{Rate, RateLimits};
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput, HistoryKind,
     LostHistory,
@@ -1707,4 +1708,102 @@ fn a_cursor_implausibly_far_beyond_the_head_is_not_believed() {
     let out = h.connect_with(3, alice(), vec![far]);
     assert!(history(&out).is_empty());
     assert_eq!(h.gateway.conversation_head(CONV), Some(1));
+}
+
+fn limited_config(sends: Rate) -> GatewayConfig {
+    GatewayConfig {
+        limits: RateLimits {
+            sends: Some(sends),
+            ..RateLimits::default()
+        },
+        ..open_config()
+    }
+}
+
+/// The error a refusal by a rate limit carries: its code, the message it names and its hint.
+fn limit_refusal(outputs: &[GatewayOutput], conn: u64) -> Option<(ErrorCode, u8, Option<u32>)> {
+    frames_to(outputs, conn)
+        .into_iter()
+        .find_map(|f| match f.payload {
+            Payload::Error(e) => Some((
+                ErrorCode::from_u16(e.code),
+                e.msg_id.unwrap_or_default()[0],
+                e.retry_after_ms,
+            )),
+            _ => None,
+        })
+}
+
+#[test]
+fn a_device_past_its_send_limit_is_refused_with_a_hint_and_taken_after_it() {
+    let mut h = Harness::with_config(limited_config(Rate::per_second(4, 2)));
+    h.connect(1, alice());
+    h.connect(2, bob());
+    assert!(limit_refusal(&h.send(1, alice(), 1, b"a"), 1).is_none());
+    assert!(limit_refusal(&h.send(1, alice(), 2, b"b"), 1).is_none());
+    let out = h.send(1, alice(), 3, b"c");
+    assert_eq!(
+        limit_refusal(&out, 1),
+        Some((ErrorCode::SendsLimited, 3, Some(250))),
+        "past the burst of 2: one more every 250 ms"
+    );
+    assert_eq!(h.gateway.conversation_head(CONV), Some(2), "nothing stored");
+    // A retry of a sequenced message is answered from the deduplication record, not charged.
+    let out = h.send(1, alice(), 1, b"a");
+    assert_eq!(send_answers(&out, 1), vec![("ack", 1, 1)]);
+    // Another device has its own bucket.
+    assert!(limit_refusal(&h.send(2, bob(), 9, b"bob"), 2).is_none());
+    h.now = h.now + Duration::from_millis(249);
+    let out = h.send(1, alice(), 3, b"c");
+    assert_eq!(limit_refusal(&out, 1).map(|r| r.2), Some(Some(1)));
+    h.now = h.now + Duration::from_millis(1);
+    let out = h.send(1, alice(), 3, b"c");
+    assert_eq!(send_answers(&out, 1), vec![("ack", 3, 4)]);
+    let stats = h.gateway.stats();
+    assert_eq!(stats.limits.sends_limited, 2);
+    assert_eq!(stats.refusals.get(ErrorCode::SendsLimited), 2);
+}
+
+#[test]
+fn a_gateway_without_limits_takes_every_message() {
+    let mut config = open_config();
+    config.limits = RateLimits {
+        sends: None,
+        conversations: None,
+        ..RateLimits::default()
+    };
+    let mut h = Harness::with_config(config);
+    h.connect(1, alice());
+    for id in 1..=250u8 {
+        assert!(limit_refusal(&h.send(1, alice(), id, b"x"), 1).is_none());
+    }
+    assert_eq!(h.gateway.conversation_head(CONV), Some(250));
+}
+
+#[test]
+fn a_device_that_keeps_sending_while_refused_is_cut_off_with_the_hint() {
+    let mut config = limited_config(Rate::per_second(1, 1));
+    config.limits.send_refusals_max = 2;
+    let mut h = Harness::with_config(config);
+    h.connect(1, alice());
+    assert!(limit_refusal(&h.send(1, alice(), 1, b"a"), 1).is_none());
+    for id in [2, 3] {
+        let out = h.send(1, alice(), id, b"more");
+        assert_eq!(
+            limit_refusal(&out, 1).map(|r| r.0),
+            Some(ErrorCode::SendsLimited)
+        );
+        assert!(!closed(&out, 1));
+    }
+    let out = h.send(1, alice(), 4, b"still more");
+    assert_eq!(goodbye_code(&out, 1), Some(ErrorCode::SendsLimited));
+    assert!(closed(&out, 1), "the session ends");
+    let hint = frames_to(&out, 1)
+        .into_iter()
+        .find_map(|f| match f.payload {
+            Payload::Goodbye(g) => g.retry_after_ms,
+            _ => None,
+        });
+    assert!(hint.is_some_and(|ms| ms > 0 && ms <= 1000), "{hint:?}");
+    assert_eq!(h.gateway.stats().limits.cut_off, 1);
 }

@@ -4,7 +4,11 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use sund_model::gateway::limits::Rate;
+use sund_model::gateway::GatewayConfig;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::mls::device_groups::{GroupStatus, Intent};
 use sund_model::mls::group_ops::{GroupKind, Role};
@@ -875,4 +879,55 @@ fn a_copied_device_directory_is_caught_and_only_one_copy_goes_on() {
             .get(ErrorCode::DeviceStateCopied),
         1
     );
+}
+
+#[test]
+fn a_user_past_the_conversation_limit_is_paused_and_the_creation_goes_through_after_the_hint() {
+    let mut config = GatewayConfig {
+        open_enrolment: true,
+        ..GatewayConfig::default()
+    };
+    config.limits.conversations = Some(Rate {
+        count: 1,
+        period: Duration::from_secs(2),
+        burst: 1,
+    });
+    let mut net = Net::with_config(config);
+    net.add(1, node_config(1, "alice"));
+    net.add(2, node_config(2, "bob"));
+    net.add(3, node_config(3, "carol"));
+    let now = net.now;
+    let with_bob = net.node(1).create_dm(now, user("bob")).unwrap();
+    net.settle();
+    assert!(net.gateway.group(with_bob).is_some());
+    let with_carol = net.node(1).create_dm(now, user("carol")).unwrap();
+    net.settle();
+    assert!(
+        net.gateway.group(with_carol).is_none(),
+        "a second conversation within 2 s is held back"
+    );
+    let throttled: Vec<_> = net
+        .events(1)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Throttled {
+                code, retry_after, ..
+            } => Some((*code, *retry_after)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(throttled.len(), 1, "{throttled:?}");
+    assert_eq!(throttled[0].0, ErrorCode::ConversationsLimited);
+    assert!(throttled[0].1 <= Duration::from_secs(2), "{throttled:?}");
+    net.now = net.now + Duration::from_secs(2);
+    net.settle();
+    assert!(
+        net.gateway.group(with_carol).is_some(),
+        "created after the hint"
+    );
+    assert!(net.events(3).iter().any(
+        |e| matches!(e, NodeEvent::Joined { conversation, .. } if *conversation == with_carol)
+    ));
+    assert_eq!(net.gateway.stats().limits.conversations_limited, 1);
+    assert_eq!(net.node(1).stats().throttled, 1);
 }

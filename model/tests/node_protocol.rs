@@ -342,6 +342,7 @@ fn out_of_order(h: &mut Harness, refused: MsgId, last: MsgId) -> Vec<NodeOutput>
         message: "out of order".into(),
         msg_id: Some(refused.to_bytes()),
         after: Some(last.to_bytes()),
+        retry_after_ms: None,
     };
     let routing = Routing {
         conversation: CONV,
@@ -425,6 +426,7 @@ fn a_message_refused_for_good_leaves_the_chain_and_the_next_goes_again_after_its
         message: "no".into(),
         msg_id: Some(a.to_bytes()),
         after: None,
+        retry_after_ms: None,
     };
     let routing = Routing {
         conversation: CONV,
@@ -731,6 +733,7 @@ fn a_rejected_message_leaves_the_outbox_with_its_reason() {
         message: "no".into(),
         msg_id: Some(id.to_bytes()),
         after: None,
+        retry_after_ms: None,
     };
     let out = h.frame(1, Routing::default(), Payload::Error(report));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::Rejected {
@@ -814,6 +817,7 @@ fn replay_window_exceeded_reports_the_gap_and_moves_the_cursor() {
         message: "gone".into(),
         msg_id: None,
         after: None,
+        retry_after_ms: None,
     };
     let out = h.frame(
         1,
@@ -900,6 +904,7 @@ fn a_refused_resume_token_is_forgotten() {
         message: "no".into(),
         msg_id: None,
         after: None,
+        retry_after_ms: None,
     };
     h.frame(2, Routing::default(), Payload::Error(report));
     let node = Node::recover(config(), Box::new(Counter(8)), h.now, &h.store).unwrap();
@@ -1082,6 +1087,7 @@ fn a_loss_notice_is_told_to_the_user_and_skipped() {
         message: "lost".into(),
         msg_id: None,
         after: None,
+        retry_after_ms: None,
     };
     let out = h.frame(1, routing, Payload::Error(report));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::HistoryLost {
@@ -1117,6 +1123,7 @@ fn a_divergence_notice_is_told_and_the_cursor_stops_naming_its_message() {
         message: "diverged".into(),
         msg_id: None,
         after: None,
+        retry_after_ms: None,
     };
     let out = h.frame(1, routing, Payload::Error(report));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::HistoryDiverged {
@@ -1136,4 +1143,87 @@ fn a_divergence_notice_is_told_and_the_cursor_stops_naming_its_message() {
         vec![Cursor::new(CONV, 2)],
         "same seq, no message named"
     );
+}
+
+fn sends_limited(h: &mut Harness, refused: MsgId, retry_after_ms: Option<u32>) -> Vec<NodeOutput> {
+    let report = ErrorReport {
+        code: ErrorCode::SendsLimited as u16,
+        message: "too many messages from this device".into(),
+        msg_id: Some(refused.to_bytes()),
+        after: None,
+        retry_after_ms,
+    };
+    let routing = Routing {
+        conversation: CONV,
+        ..Routing::default()
+    };
+    h.frame(1, routing, Payload::Error(report))
+}
+
+#[test]
+fn a_rate_limited_message_waits_with_everything_after_it_and_all_go_in_order_after_the_hint() {
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    let b = h.node.send(h.now, CONV, Bytes::from_static(b"b")).unwrap();
+    eager_and_held(&mut h);
+    send_ack(&mut h, a, 1);
+    // b was refused by the limit: the user hears it once, and nothing goes out for 300 ms,
+    // not even a message sent meanwhile.
+    let out = sends_limited(&mut h, b, Some(300));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        NodeOutput::Event(NodeEvent::Throttled { code: ErrorCode::SendsLimited, retry_after, .. })
+            if *retry_after == Duration::from_millis(300)
+    )));
+    h.now = h.now + Duration::from_millis(100);
+    let c = h.node.send(h.now, CONV, Bytes::from_static(b"c")).unwrap();
+    assert!(sends(&eager_and_held(&mut h)).is_empty(), "held back");
+    let out = sends_limited(&mut h, b, Some(300));
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, NodeOutput::Event(NodeEvent::Throttled { .. }))),
+        "a second refusal within the pause says nothing new"
+    );
+    assert_eq!(
+        h.node.poll_timeout(),
+        Some(Instant(400_000)),
+        "the pause's end"
+    );
+    h.now = Instant(400_000);
+    let out = h.tick();
+    assert_eq!(
+        sends(&out),
+        vec![(b, Some(a)), (c, Some(b))],
+        "in send order, chained"
+    );
+    assert_eq!(h.node.stats().throttled, 2);
+    assert_eq!(
+        h.node.stats().resends,
+        0,
+        "a refused message was never taken"
+    );
+    // Past the pause, sending is immediate again.
+    send_ack(&mut h, b, 2);
+    send_ack(&mut h, c, 3);
+    let d = h.node.send(h.now, CONV, Bytes::from_static(b"d")).unwrap();
+    assert_eq!(sends(&eager_and_held(&mut h)), vec![(d, Some(c))]);
+    assert!(
+        h.node.poll_timeout() > Some(h.now),
+        "no timer left in the past"
+    );
+}
+
+#[test]
+fn a_rate_limit_without_a_hint_pauses_for_a_second() {
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    eager_and_held(&mut h);
+    sends_limited(&mut h, a, None);
+    assert_eq!(h.node.poll_timeout(), Some(h.now + Duration::from_secs(1)));
+    // A refusal of a message no longer waiting (settled since) changes nothing.
+    send_ack(&mut h, a, 1);
+    let out = sends_limited(&mut h, a, Some(60_000));
+    assert!(out.is_empty(), "{out:?}");
 }

@@ -86,16 +86,18 @@ fn payload() -> impl Strategy<Value = Payload> {
             any::<u16>(),
             text(),
             proptest::option::of(bytes16()),
-            proptest::option::of(bytes16())
+            proptest::option::of(bytes16()),
+            proptest::option::of(any::<u32>())
         )
-            .prop_map(
-                |(code, message, msg_id, after)| Payload::Error(ErrorReport {
+            .prop_map(|(code, message, msg_id, after, retry_after_ms)| {
+                Payload::Error(ErrorReport {
                     code,
                     message,
                     msg_id,
-                    after
+                    after,
+                    retry_after_ms,
                 })
-            ),
+            }),
         (
             bytes16(),
             body(),

@@ -239,6 +239,7 @@ fn group_frames_bytes() {
             message: "a commit for epoch 3 was already accepted".into(),
             msg_id: Some([0x5e; 16]),
             after: None,
+            retry_after_ms: None,
         }),
     )
     .encode();

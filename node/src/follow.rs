@@ -93,6 +93,14 @@ pub(crate) enum FollowRecord {
     },
     /// The gateway refused this device (it keeps retrying).
     Refused { message: String },
+    /// The gateway's rate limit paused this device's sending (it sends again by itself).
+    Throttled {
+        /// The error code's name (`sends_limited`, `conversations_limited`).
+        limit: String,
+        /// Milliseconds until sending goes on.
+        retry_after_ms: u64,
+        message: String,
+    },
     /// A membership change, a join, a removal, or a message that could not be read.
     Group {
         kind: &'static str,
@@ -290,6 +298,18 @@ pub(crate) async fn follow(
                 Some(NodeEvent::Refused { message, .. }) => output.news(
                     &format!("refused by the gateway: {message}"),
                     || FollowRecord::Refused { message: message.clone() },
+                ),
+                Some(NodeEvent::Throttled { code, retry_after, message }) => output.news(
+                    &format!(
+                        "the gateway is pacing this device ({}): {message}; sending again in {:.1} s",
+                        code.name(),
+                        retry_after.as_secs_f64()
+                    ),
+                    || FollowRecord::Throttled {
+                        limit: code.name(),
+                        retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+                        message: message.clone(),
+                    },
                 ),
                 Some(NodeEvent::Revoked) => {
                     let _ = node.stop().await;

@@ -234,14 +234,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send one message (encrypted in a DM or room) and wait until the gateway acknowledges it.
+    /// Send a message (encrypted in a DM or room) and wait until the gateway acknowledges it.
+    ///
+    /// With `-` as the message, each line of standard input is sent as its own message, in
+    /// order. A gateway that paces this device (too many messages at once) says so; the rest
+    /// goes out by itself after the pause.
     Send {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
         /// The conversation's name.
         conversation: String,
-        /// The message.
+        /// The message (`-`: one message per line of standard input).
         message: Vec<String>,
     },
     /// Print messages as they arrive; keeps going across gateway restarts.
@@ -376,7 +380,7 @@ async fn run(command: Command) -> Result<(), String> {
             data_dir,
             conversation,
             message,
-        } => send(&data_dir, &conversation, &message.join(" ")).await,
+        } => send(&data_dir, &conversation, &message).await,
         Command::Follow {
             data_dir,
             count,
@@ -432,10 +436,34 @@ fn load(data_dir: &Path) -> Result<Device, String> {
     Device::load(data_dir).map_err(|e| e.to_string())
 }
 
-async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), String> {
-    if message.is_empty() {
-        return Err("nothing to send: give the message after the conversation name".into());
+/// The messages `sund send` was given: the words after the conversation as one message, or
+/// with `-` each non-empty line of standard input as its own message, in order.
+fn messages_to_send(words: &[String]) -> Result<Vec<String>, String> {
+    if words.len() == 1 && words[0] == "-" {
+        let mut lines = Vec::new();
+        for line in std::io::stdin().lines() {
+            let line = line.map_err(|e| format!("cannot read standard input: {e}"))?;
+            if !line.trim().is_empty() {
+                lines.push(line);
+            }
+        }
+        if lines.is_empty() {
+            return Err("nothing to send: standard input had no lines".into());
+        }
+        return Ok(lines);
     }
+    let message = words.join(" ");
+    if message.is_empty() {
+        return Err("nothing to send: give the message after the conversation name (or `-` to send each line of standard input)".into());
+    }
+    Ok(vec![message])
+}
+
+/// How long `sund send` waits for the gateway's next acknowledgement.
+const ACK_WAIT: Duration = Duration::from_secs(15);
+
+async fn send(data_dir: &Path, conversation: &str, words: &[String]) -> Result<(), String> {
+    let messages = messages_to_send(words)?;
     let device = load(data_dir)?;
     let mut node = driver::start(device.options())
         .await
@@ -458,27 +486,37 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
             return Err(e);
         }
     }
-    let msg_id = match node.send(id, Bytes::from(message.to_string())).await {
-        Ok(Ok(msg_id)) => msg_id,
-        Ok(Err(e)) => {
-            let _ = node.stop().await;
-            return Err(format!("cannot send to `{conversation}`: {e}"));
+    // Every message is saved in the outbox, in order, before any acknowledgement is awaited:
+    // the gateway sequences them in this order (sender order).
+    let mut waiting = std::collections::VecDeque::new();
+    for message in messages {
+        match node.send(id, Bytes::from(message)).await {
+            Ok(Ok(msg_id)) => waiting.push_back(msg_id),
+            Ok(Err(e)) => {
+                let _ = node.stop().await;
+                let saved = match waiting.len() {
+                    0 => String::new(),
+                    n => format!(" ({n} earlier message(s) are saved and go out with the next `sund send` or `sund follow`)"),
+                };
+                return Err(format!("cannot send to `{conversation}`: {e}{saved}"));
+            }
+            Err(_) => {
+                // The node stopped before the message was saved (its store failed: a full
+                // disk). It may have left already: the node sends before its outbox commit
+                // completes.
+                let why = why_stopped(node).await;
+                return Err(format!(
+                    "this device stopped before it could save the message ({why}); the message may already have reached the gateway, so look at `{conversation}` with `sund follow` before sending it again"
+                ));
+            }
         }
-        Err(_) => {
-            // The node stopped before the message was saved (its store failed: a full disk).
-            // It may have left already: the node sends before its outbox commit completes.
-            let why = why_stopped(node).await;
-            return Err(format!(
-                "this device stopped before it could save the message ({why}); the message may already have reached the gateway, so look at `{conversation}` with `sund follow` before sending it again"
-            ));
-        }
-    };
-    let deadline = tokio::time::sleep(Duration::from_secs(15));
+    }
+    let deadline = tokio::time::sleep(ACK_WAIT);
     tokio::pin!(deadline);
     let still_waiting = tokio::time::sleep(Duration::from_secs(3));
     tokio::pin!(still_waiting);
     let mut told = false;
-    loop {
+    while !waiting.is_empty() {
         tokio::select! {
             _ = &mut still_waiting, if !told => {
                 told = true;
@@ -490,14 +528,28 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
                     None => String::new(),
                 };
                 let _ = node.stop().await;
-                return Err(format!("the gateway at {} did not acknowledge within 15 s{why}; the message stays in this device's outbox and goes out with the next `sund send` or `sund follow`", device.gateway));
+                let what = match waiting.len() {
+                    1 => "the message stays".to_string(),
+                    n => format!("{n} messages stay"),
+                };
+                return Err(format!("the gateway at {} did not acknowledge within 15 s{why}; {what} in this device's outbox and go out with the next `sund send` or `sund follow`", device.gateway));
             }
             event = node.events.recv() => match event {
-                Some(NodeEvent::Accepted { msg_id: m, seq, .. }) if m == msg_id => {
+                Some(NodeEvent::Accepted { msg_id: m, seq, .. }) if waiting.contains(&m) => {
+                    waiting.retain(|w| *w != m);
                     say!("sent to {conversation}: seq {seq}");
-                    break;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + ACK_WAIT);
                 }
-                Some(NodeEvent::Rejected { msg_id: m, code }) if m == msg_id => {
+                Some(NodeEvent::Throttled { code, retry_after, message }) => {
+                    // The node holds what waits and sends it again after the pause by itself.
+                    esay!(
+                        "the gateway is pacing this device ({}): {message}; sending again in {:.1} s",
+                        code.name(),
+                        retry_after.as_secs_f64()
+                    );
+                    deadline.as_mut().reset(tokio::time::Instant::now() + retry_after + ACK_WAIT);
+                }
+                Some(NodeEvent::Rejected { msg_id: m, code }) if waiting.contains(&m) => {
                     let _ = node.stop().await;
                     let hint = match code {
                         ErrorCode::UnknownConversation => format!(
@@ -521,9 +573,9 @@ async fn send(data_dir: &Path, conversation: &str, message: &str) -> Result<(), 
                 }
                 Some(_) => {}
                 None => {
-                    // The message is saved (the send returned): it waits in the outbox.
+                    // The messages are saved (each send returned): they wait in the outbox.
                     let why = why_stopped(node).await;
-                    return Err(format!("this device stopped ({why}) before the gateway acknowledged the message; it is saved in this device's outbox and goes out with the next `sund send` or `sund follow` once the device can write to its data directory again"));
+                    return Err(format!("this device stopped ({why}) before the gateway acknowledged every message; what it did not acknowledge is saved in this device's outbox and goes out with the next `sund send` or `sund follow` once the device can write to its data directory again"));
                 }
             }
         }

@@ -27,7 +27,7 @@ fn send_without_a_message_says_what_is_missing() {
     let dir = tmp.path().join("d");
     let (code, _, stderr) = sund(&["send", "--data-dir", dir.to_str().unwrap(), "room"]);
     assert_eq!(code, 1);
-    insta::assert_snapshot!(stderr, @"error: nothing to send: give the message after the conversation name");
+    insta::assert_snapshot!(stderr, @"error: nothing to send: give the message after the conversation name (or `-` to send each line of standard input)");
 }
 
 #[test]

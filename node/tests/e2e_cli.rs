@@ -732,3 +732,61 @@ fn kill_gateway(dm: &mut Dm) {
     let _ = dm._gateway.0.kill();
     let _ = dm._gateway.0.wait();
 }
+
+/// A flood of sends against a gateway configured with a low per-device limit: the gateway
+/// refuses what is past it with `sends_limited` and a retry hint, the device says so once per
+/// pause and sends again by itself, and every message arrives once, in the order it was typed.
+#[test]
+fn a_flood_of_sends_is_paced_by_the_gateway_and_nothing_is_lost_or_reordered() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("gateway.toml");
+    std::fs::write(&config, "[limits]\nsends_per_second = 5\nsend_burst = 4\n").unwrap();
+    let dm = Dm::with_gateway_flags(&["--config", config.to_str().unwrap()]);
+    let lines: Vec<String> = (1..=24).map(|i| format!("flood {i:02}")).collect();
+    let mut child = Command::new(sund())
+        .args(["send", "--data-dir", &dm.alice, "@bob", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        for line in &lines {
+            writeln!(stdin, "{line}").unwrap();
+        }
+        writeln!(stdin).unwrap(); // blank lines are skipped
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let acknowledged: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("sent to @bob: seq "))
+        .collect();
+    assert_eq!(acknowledged.len(), lines.len(), "{stdout}");
+    assert!(
+        stderr.contains("the gateway is pacing this device (sends_limited)")
+            && stderr.contains("sending again in"),
+        "the user is told which limit and for how long: {stderr}"
+    );
+    assert!(
+        stderr.contains("at most 5 per second (bursts of 4)"),
+        "{stderr}"
+    );
+    let read = follow(&dm.bob, "@alice", lines.len(), Duration::from_secs(30));
+    let texts: Vec<&str> = read
+        .iter()
+        .filter_map(|l| l.split_once(": ").map(|(_, text)| text))
+        .collect();
+    let expected: Vec<&str> = lines.iter().map(String::as_str).collect();
+    assert_eq!(texts, expected, "once each and in order: {read:?}");
+    // The refusals are counted by code, and a blank input is an error that says so.
+    let (_, err) = fails_with_output(&sund(), &["send", "--data-dir", &dm.alice, "@bob"]);
+    assert!(
+        err.contains("`-` to send each line of standard input"),
+        "{err}"
+    );
+}

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
+use sund_model::gateway::limits::Rate;
 use sund_model::gateway::GatewayConfig;
 use sund_model::mls::group_ops::GroupKind;
 use sund_model::node::NodeConfig;
@@ -319,6 +320,13 @@ pub enum Invariant {
     /// every device that was a member when a file was sent and still is holds it complete,
     /// and the sender holds its verified receipt.
     Files,
+    /// The gateway's per-device send limit bounds what a flooding device gets sequenced (see
+    /// `world::limits`).
+    Limits,
+    /// Devices whose `send` lines make at most half the send limit's rate are never
+    /// throttled. Only where outages are short: a device back from a long one with more than a
+    /// burst waiting is rightly throttled.
+    Unthrottled,
 }
 
 impl Invariant {
@@ -339,6 +347,8 @@ impl Invariant {
         ("sender-order", Invariant::SenderOrder),
         ("no-panic", Invariant::NoPanic),
         ("files", Invariant::Files),
+        ("rate-limits", Invariant::Limits),
+        ("ordinary-unthrottled", Invariant::Unthrottled),
     ];
 
     /// The DSL name.
@@ -365,6 +375,8 @@ impl Invariant {
                 | Invariant::SenderOrder
                 | Invariant::NoPanic
                 | Invariant::Files
+                | Invariant::Limits
+                | Invariant::Unthrottled
         )
     }
 }
@@ -401,6 +413,18 @@ impl Tunables {
         if let Some(b) = self.backoff_max {
             node.backoff_max = b.max(node.backoff_initial);
         }
+        if let Some(rate) = self.send_limit {
+            gateway.limits.sends = rate;
+        }
+        if let Some(rate) = self.conversation_limit {
+            gateway.limits.conversations = rate;
+        }
+    }
+
+    /// The per-device send limit the gateways of this scenario apply.
+    pub fn send_rate(&self) -> Option<Rate> {
+        self.send_limit
+            .unwrap_or(sund_model::gateway::limits::RateLimits::default().sends)
     }
 }
 
@@ -454,6 +478,10 @@ pub struct Tunables {
     pub backoff_max: Option<Duration>,
     /// Gateway retention limit: older messages are dropped even if unacknowledged.
     pub retention: Option<Duration>,
+    /// Gateway rate limit on messages per device (`Some(None)`: off).
+    pub send_limit: Option<Option<Rate>>,
+    /// Gateway rate limit on conversations created per user (`Some(None)`: off).
+    pub conversation_limit: Option<Option<Rate>>,
 }
 
 /// A whole parsed and resolved scenario.
@@ -621,6 +649,31 @@ impl<'a> Line<'a> {
             ));
         }
         Ok(t.text.to_string())
+    }
+
+    /// `off`, or `COUNT [burst B]` (a burst of COUNT when not given): a gateway rate limit,
+    /// COUNT per the period `make` gives.
+    fn rate(&mut self, make: fn(u32, u32) -> Rate) -> Result<Option<Rate>, ScenarioError> {
+        if self.accept("off") {
+            return Ok(None);
+        }
+        let t = self.next("a rate limit")?;
+        let count = t.text.replace('_', "").parse::<u64>().map_err(|_| {
+            self.error_at(
+                t.column,
+                format!(
+                    "expected a rate limit (how many per period, like `20 burst 40`, or `off`), found `{}`",
+                    t.text
+                ),
+            )
+        })?;
+        let count = count.clamp(1, 1_000_000) as u32;
+        let burst = if self.accept("burst") {
+            self.integer("a burst size")?.clamp(1, 1_000_000) as u32
+        } else {
+            count
+        };
+        Ok(Some(make(count, burst)))
     }
 
     fn integer(&mut self, what: &str) -> Result<u64, ScenarioError> {
@@ -1056,10 +1109,12 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "decrypt-sample" => b.tunables.decrypt_sample = Some(u32::try_from(line.integer("a number of members")?).unwrap_or(u32::MAX)),
                 "key-packages" => b.tunables.key_packages = Some(line.integer("a KeyPackage pool size")?.clamp(1, 1000) as usize),
                 "retention" => b.tunables.retention = Some(line.duration("a retention limit")?),
+                "send-limit" => b.tunables.send_limit = Some(line.rate(Rate::per_second)?),
+                "conversation-limit" => b.tunables.conversation_limit = Some(line.rate(Rate::per_hour)?),
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample` or `key-packages`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample`, `key-packages`, `send-limit` or `conversation-limit`, found `{other}`"),
                     ))
                 }
             }

@@ -18,6 +18,8 @@ use crate::rng::SimRng;
 
 /// ChaCha stream of the generator: independent of every stream a run draws from its seed.
 const GENERATOR_STREAM: u64 = 0x0053_5741_524d;
+/// The stream floods are drawn from (see `draw_flood`).
+const FLOOD_STREAM: u64 = 0x0046_4c4f_4f44;
 
 /// What kind of world a swarm seed builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -107,6 +109,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "bandwidth",
     "lying-disk",
     "files",
+    "flood",
 ];
 
 struct Draw {
@@ -566,6 +569,10 @@ pub fn generate(seed: u64, family: Family) -> Generated {
             previous = Some(name);
         }
     }
+    let flood = draw_flood(seed, duration_s, &users, &convs, &mix, &mut out);
+    if flood {
+        mix.insert("flood");
+    }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
     if !mls_convs.is_empty() {
@@ -577,6 +584,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if revokes {
         checks.extend(["revoked-never-authenticates", "crl-converge"]);
     }
+    if flood {
+        checks.push("rate-limits");
+    }
     let _ = writeln!(out, "check {}", checks.join(" "));
     debug_assert!(mix.iter().all(|k| FAULT_KINDS.contains(k)));
     Generated {
@@ -585,6 +595,50 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         text: out,
         mix,
     }
+}
+
+/// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before
+/// floods existed), whether one device floods a plain conversation against a per-device send
+/// limit, and writes the limit and the flood. The limit (100–200 messages a second) is above
+/// what the ordinary workload sends; the flood (one message a millisecond for 1–2 s) is far
+/// above it. Not drawn where the gateway's acknowledgements may lag their admission by more
+/// than the `rate-limits` check allows (stalled disks, clock jumps), nor where slow
+/// links or a small window keep a flood's backlog from draining within the liveness bound.
+fn draw_flood(
+    seed: u64,
+    duration_s: u64,
+    users: &[User],
+    convs: &[Conv],
+    mix: &BTreeSet<&'static str>,
+    out: &mut String,
+) -> bool {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(FLOOD_STREAM),
+    };
+    let unsuited = [
+        "slow-links",
+        "bandwidth",
+        "small-window",
+        "clock-jump",
+        "disk-stall",
+    ];
+    let plain: Vec<&Conv> = convs.iter().filter(|c| !c.mls).collect();
+    if !d.chance(0.3) || plain.is_empty() || unsuited.iter().any(|k| mix.contains(k)) {
+        return false;
+    }
+    let conv = *d.pick(&plain);
+    let flooder = &users[*d.pick(&conv.members)];
+    let rate = d.range(100, 200);
+    let burst = d.range(20, 100);
+    let start_ms = d.range(500, (duration_s * 1_000 / 2).max(600));
+    let stop_ms = start_ms + d.range(1_000, 2_000);
+    let _ = writeln!(out, "config send-limit {rate} burst {burst}");
+    let _ = writeln!(
+        out,
+        "send {} from {}/0 every 1ms start {start_ms}ms stop {stop_ms}ms",
+        conv.name, flooder.name
+    );
+    true
 }
 
 /// Indexes of at least two distinct users (all of them when there are two).

@@ -37,6 +37,7 @@ use crate::trace::{Record, TraceHash};
 
 mod drain;
 mod files;
+mod limits;
 pub use files::FilesReport;
 mod mls_groups;
 mod trust;
@@ -269,6 +270,7 @@ pub struct World {
     lost_uncommitted: u64,
     revocations: trust::Revocations,
     drains: drain::Drains,
+    limit_watch: limits::LimitWatch,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
     /// When the liveness probe found everything converged.
@@ -427,6 +429,7 @@ impl World {
             lost_uncommitted: 0,
             revocations: trust::Revocations::default(),
             drains: drain::Drains::default(),
+            limit_watch: limits::LimitWatch::new(scenario.tunables.send_rate()),
             event_log: None,
             recovered_at: None,
             files: files::SimFiles::default(),
@@ -550,6 +553,7 @@ impl World {
         for (index, w) in self.scenario.workloads.clone().into_iter().enumerate() {
             let period = us(w.period);
             for device in self.resolve(&w.from) {
+                self.limit_watch.plan(device, period);
                 let phase = self
                     .workload_rng
                     .range_inclusive(0, period.saturating_sub(1));
@@ -673,6 +677,9 @@ impl World {
             }
         }
 
+        if recovered_heads.is_some() {
+            self.limit_watch.gateway_started();
+        }
         if let Some(heads) = recovered_heads {
             if actor.incarnation > 1 {
                 let crash_heads = std::mem::take(&mut actor.heads_at_crash);
@@ -970,6 +977,7 @@ impl World {
         match output {
             GatewayOutput::Send(conn, frame) => {
                 self.check_released_frame(a, conn.0, &frame);
+                self.check_rate_limit(a, conn.0, &frame);
                 self.transmit(a, conn.0, frame)
             }
             GatewayOutput::Close(conn) if self.drains.is_draining(a) => {
@@ -1096,6 +1104,20 @@ impl World {
                 record.extend_from_slice(&msg_id.to_bytes());
                 self.checker
                     .on_accepted(self.now, name, *conversation, device, *msg_id, *seq);
+            }
+            NodeEvent::Throttled { code, .. } => {
+                record.push(27);
+                record.extend_from_slice(&(*code as u16).to_le_bytes());
+                *self.faults.entry("throttled").or_default() += 1;
+                if self.scenario.invariants.contains(&Invariant::Unthrottled)
+                    && self.limit_watch.ordinary(a)
+                {
+                    let detail = format!(
+                        "{name} was throttled ({code:?}) although it sends at most half the limit's rate"
+                    );
+                    self.checker
+                        .fail_safety(Invariant::Unthrottled, self.now, detail);
+                }
             }
             NodeEvent::Rejected { msg_id, code } => {
                 record.push(3);

@@ -95,7 +95,7 @@ fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file");
     insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a\nat 1s lie-disk a\n"), @"bad.sund:4:1: `lie-disk` takes gateways: a device whose disk lies is not modelled yet");
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
-    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic, files");
+    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic, files, rate-limits, ordinary-unthrottled");
     insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room or dm");
     insta::assert_snapshot!(error("seed 12 13\n"), @"bad.sund:1:9: expected end of line, found `13`");
     let files = "duration 5s\ngateway gw\nuser a\nconversation c kind room members a\n";
@@ -153,7 +153,22 @@ fn the_mission_scenarios_are_expressible() {
 
 #[test]
 fn an_unknown_planted_bug_is_named_with_the_ones_there_are() {
-    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one");
+    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored");
+}
+
+#[test]
+fn rate_limits_are_read_and_checked() {
+    let s = parse(
+        "ok.sund",
+        "duration 1s\ngateway gw\nconfig send-limit 20 burst 40\nconfig conversation-limit off\n",
+    )
+    .unwrap();
+    assert_eq!(
+        s.tunables.send_limit,
+        Some(Some(sund_model::gateway::limits::Rate::per_second(20, 40)))
+    );
+    assert_eq!(s.tunables.conversation_limit, Some(None));
+    insta::assert_snapshot!(error("gateway gw\nconfig send-limit lots\n"), @"bad.sund:2:19: expected a rate limit (how many per period, like `20 burst 40`, or `off`), found `lots`");
 }
 
 #[test]

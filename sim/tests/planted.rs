@@ -20,6 +20,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("dedup-forgets", "no-loss"),
     ("node-ack-before-durable", "no-loss"),
     ("resume-off-by-one", "converge"),
+    ("send-limit-ignored", "rate-limits"),
 ];
 
 /// A swarm must find each bug within this many seeds.

@@ -135,6 +135,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 message: "not a member of this conversation".into(),
                 msg_id: Some([0x42; 16]),
                 after: None,
+                retry_after_ms: None,
             }),
         ),
         (
@@ -144,6 +145,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 message: String::new(),
                 msg_id: None,
                 after: None,
+                retry_after_ms: None,
             }),
         ),
         (

@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::delivery::DeliveryLimits;
 use super::files::ChunkLimits;
 use super::key_packages::DirectoryConfig;
+use super::limits::RateLimits;
 use crate::planted::PlantedBug;
 use crate::wire::PAYLOAD_BYTES_MAX;
 
@@ -49,6 +50,8 @@ pub struct GatewayConfig {
     pub directory: DirectoryConfig,
     /// Limits of file transfers: quota per user, retention, uploads open at once.
     pub files: ChunkLimits,
+    /// Rate limits per device and per user (abuse controls).
+    pub limits: RateLimits,
     /// What a shutting-down gateway tells its devices to wait before reconnecting (each waits
     /// this plus a random share of it, so a restart does not bring them all back at once).
     pub shutdown_retry_after: Duration,
@@ -76,6 +79,7 @@ impl Default for GatewayConfig {
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
             directory: DirectoryConfig::default(),
             files: ChunkLimits::default(),
+            limits: RateLimits::default(),
             shutdown_retry_after: Duration::from_secs(2),
             planted: None,
         }

@@ -486,7 +486,8 @@ impl KeyPackageService {
         };
         if let Err(limited) = self.directory.admit_fetch(now, requester) {
             return Err(Refusal::error(ErrorCode::RateLimited, limited.to_string())
-                .in_conversation(routing));
+                .in_conversation(routing)
+                .retry_after(limited.retry_after));
         }
         let mut targets: Vec<(UserId, DeviceId)> = Vec::new();
         for user in fetch.users.iter().map(|u| UserId::from_bytes(**u)) {

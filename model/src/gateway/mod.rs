@@ -21,6 +21,7 @@
 //!   binding of devices to users;
 //! - [`groups`]: MLS conversations (commit admission, roles, the external sender, removals);
 //! - [`key_packages`]: the KeyPackage directory;
+//! - [`limits`]: rate limits per device and per user (abuse controls);
 //! - [`files`]: the chunk index of file transfers (quota, references, uploads, damage at rest),
 //!   and [`transfers`], its wire side (membership, answers, chunks to serve).
 //!
@@ -35,6 +36,7 @@ pub mod delivery;
 pub mod files;
 pub mod groups;
 pub mod key_packages;
+pub mod limits;
 mod refusal;
 pub mod registry;
 pub mod sender_order;
@@ -60,6 +62,7 @@ use crate::wire::{Frame, Payload, Routing};
 use delivery::{AppendError, Delivery, DeliveryStats};
 use groups::{GroupEffect, GroupState, Groups, Removal};
 use key_packages::KeyPackageService;
+use limits::Limits;
 use registry::Registry;
 use sequencer::{Appended, ConversationLog};
 use session::{Challenged, Resume, Sessions, Stage};
@@ -183,6 +186,7 @@ pub struct Gateway {
     groups: Groups,
     key_packages: KeyPackageService,
     transfers: Transfers,
+    limits: Limits,
     timers: TimerTable<GatewayTimer>,
     refusals: RefusalCounts,
     fx: Fx,
@@ -286,6 +290,7 @@ impl Gateway {
         );
         let mut timers = TimerTable::default();
         timers.set(GatewayTimer::Tick, now + config.tick_interval);
+        let limits = Limits::new(config.limits);
         let mut gateway = Gateway {
             timers,
             config,
@@ -296,6 +301,7 @@ impl Gateway {
             groups,
             key_packages,
             transfers,
+            limits,
             refusals: RefusalCounts::default(),
             fx: Fx::default(),
         };
@@ -340,6 +346,7 @@ impl Gateway {
             groups: self.groups.stats().clone(),
             key_packages: self.key_packages.stats().clone(),
             transfers: self.transfers.stats().clone(),
+            limits: self.limits.stats().clone(),
             refusals: self.refusals,
         }
     }
@@ -493,6 +500,7 @@ impl Gateway {
         self.sessions
             .expire_tokens(now, self.config.gc_batch_max, self.fx.writes());
         self.transfers.expire(now, &mut self.fx);
+        self.limits.forget_idle(now);
     }
 
     fn handle_frame(&mut self, now: Instant, conn: ConnectionId, bytes: &[u8]) {
@@ -907,16 +915,22 @@ impl Gateway {
                 code: refusal.code as u16,
                 message: message.to_string(),
                 // Going away on purpose: the devices' reconnects are spread over a window.
-                retry_after_ms: (refusal.code == ErrorCode::ShuttingDown).then(|| {
-                    u32::try_from(self.config.shutdown_retry_after.as_millis()).unwrap_or(u32::MAX)
-                }),
+                retry_after_ms: if refusal.code == ErrorCode::ShuttingDown {
+                    Some(
+                        u32::try_from(self.config.shutdown_retry_after.as_millis())
+                            .unwrap_or(u32::MAX),
+                    )
+                } else {
+                    refusal.detail.retry_after_ms()
+                },
             })
         } else {
             Payload::Error(ErrorReport {
                 code: refusal.code as u16,
                 message: message.to_string(),
                 msg_id: refusal.msg_id,
-                after: refusal.after,
+                after: refusal.detail.after(),
+                retry_after_ms: refusal.detail.retry_after_ms(),
             })
         };
         self.fx.send(conn, refusal.routing, payload);
@@ -933,6 +947,55 @@ impl Gateway {
     }
 
     // ---- messages ----
+
+    /// Charges a new message to its device's send limit, and a message to a conversation that
+    /// does not exist yet (a creating commit) to its user's conversation limit. A retry of a
+    /// message already sequenced costs nothing: the deduplication record answers it.
+    fn charge_message(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+    ) -> Result<(), Refusal> {
+        let log = self.delivery.log(conv);
+        if log.is_some_and(|log| log.duplicate_of(device, msg_id).is_some()) {
+            return Ok(());
+        }
+        let routing = Routing {
+            conversation: conv,
+            ..Routing::default()
+        };
+        let refusal = |code, what: &str, limited: limits::Limited| {
+            let message = format!("{what}: at most {}", limits::describe(limited.rate));
+            if limited.cut_off {
+                let message = format!("{message}; it went on sending while told to wait");
+                return Refusal::goodbye(code, message).retry_after(limited.retry_after);
+            }
+            Refusal::error(code, message)
+                .in_conversation(routing)
+                .about(msg_id)
+                .retry_after(limited.retry_after)
+        };
+        let admitted = self.limits.admit_send(now, device);
+        if self.config.planted == Some(PlantedBug::SendLimitIgnored) {
+            // Planted by the simulator: never in a real gateway.
+            return Ok(());
+        }
+        if let Err(limited) = admitted {
+            let what = "too many messages from this device";
+            return Err(refusal(ErrorCode::SendsLimited, what, limited));
+        }
+        if log.is_none() {
+            if let Some(user) = self.registry.user_of(device) {
+                if let Err(limited) = self.limits.admit_conversation(now, user) {
+                    let what = "too many new conversations from this user";
+                    return Err(refusal(ErrorCode::ConversationsLimited, what, limited));
+                }
+            }
+        }
+        Ok(())
+    }
 
     fn accept_message(
         &mut self,
@@ -981,6 +1044,10 @@ impl Gateway {
         if self.config.planted == Some(PlantedBug::DedupForgets) {
             // Planted by the simulator: never in a real gateway.
             self.delivery.forget_old_duplicate(conv, device, msg_id);
+        }
+        if let Err(refusal) = self.charge_message(now, device, conv, msg_id) {
+            self.refuse(conn, refusal);
+            return;
         }
         let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
         let body = send.body;

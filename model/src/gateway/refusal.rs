@@ -4,6 +4,7 @@
 use super::delivery::DeliveryStats;
 use super::groups::GroupStats;
 use super::key_packages::KeyPackageStats;
+use super::limits::LimitStats;
 use super::registry::RegistryStats;
 use super::session::SessionStats;
 use super::transfers::TransferStats;
@@ -66,6 +67,8 @@ pub struct GatewayStats {
     pub key_packages: KeyPackageStats,
     /// File transfers.
     pub transfers: TransferStats,
+    /// Rate limits.
+    pub limits: LimitStats,
     /// Errors and goodbyes sent, by code.
     #[serde(skip)]
     pub refusals: RefusalCounts,
@@ -80,8 +83,38 @@ pub struct Refusal {
     pub(super) routing: Routing,
     /// As bytes (align 1) to keep `Refusal` small: it travels in every `Result` of the gateway.
     pub(super) msg_id: Option<[u8; 16]>,
-    pub(super) after: Option<[u8; 16]>,
+    pub(super) detail: Detail,
     pub(super) ends_session: bool,
+}
+
+/// What a refusal adds for its code (never both, so one field keeps `Refusal` small; bytes,
+/// align 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Detail {
+    /// Nothing.
+    None,
+    /// `sender_out_of_order`: the message the refused one must come after.
+    After([u8; 16]),
+    /// A rate limit: milliseconds to wait before asking again (little-endian).
+    RetryAfterMs([u8; 4]),
+}
+
+impl Detail {
+    /// The message named, with `sender_out_of_order`.
+    pub(super) fn after(self) -> Option<[u8; 16]> {
+        match self {
+            Detail::After(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The retry hint, with a rate limit.
+    pub(super) fn retry_after_ms(self) -> Option<u32> {
+        match self {
+            Detail::RetryAfterMs(ms) => Some(u32::from_le_bytes(ms)),
+            _ => None,
+        }
+    }
 }
 
 impl Refusal {
@@ -92,7 +125,7 @@ impl Refusal {
             message: message.into(),
             routing: Routing::default(),
             msg_id: None,
-            after: None,
+            detail: Detail::None,
             ends_session: false,
         }
     }
@@ -113,7 +146,18 @@ impl Refusal {
     /// Naming the message the refused one must come after (`sender_out_of_order`).
     pub(crate) fn after(self, last: MsgId) -> Refusal {
         Refusal {
-            after: Some(last.to_bytes()),
+            detail: Detail::After(last.to_bytes()),
+            ..self
+        }
+    }
+
+    /// Telling the device when to ask again (a rate limit's hint, rounded up to whole
+    /// milliseconds so that a retry at the hint is never early).
+    pub(crate) fn retry_after(self, wait: core::time::Duration) -> Refusal {
+        let ms = wait.as_micros().div_ceil(1000);
+        let ms = u32::try_from(ms).unwrap_or(u32::MAX);
+        Refusal {
+            detail: Detail::RetryAfterMs(ms.to_le_bytes()),
             ..self
         }
     }

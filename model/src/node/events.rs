@@ -86,6 +86,17 @@ pub enum NodeEvent {
         /// The seq it got.
         seq: u64,
     },
+    /// The gateway took no more messages from this device for a while (a rate limit): what
+    /// waits in the outbox goes again after `retry_after`. Said once per pause, not per
+    /// message.
+    Throttled {
+        /// The limit: `sends_limited` or `conversations_limited`.
+        code: ErrorCode,
+        /// How long sending pauses.
+        retry_after: core::time::Duration,
+        /// The gateway's explanation (names the limit).
+        message: String,
+    },
     /// The gateway refused one of our messages; it left the outbox.
     Rejected {
         /// Our id for it.
@@ -407,4 +418,7 @@ pub struct NodeStats {
     /// Receipts refused: malformed, naming another device than their sender, or with a
     /// signature that does not verify against the device's certificate key.
     pub receipts_refused: u64,
+    /// Messages the gateway refused by a rate limit (`sends_limited`,
+    /// `conversations_limited`); each waited in the outbox and went again after the hint.
+    pub throttled: u64,
 }

@@ -40,6 +40,7 @@ pub mod trust;
 pub mod unread;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -75,6 +76,16 @@ use outbox::Outbox;
 use timers::NodeTimer;
 use trust::{CrlOutcome, NodeTrust};
 use unread::Unread;
+
+/// How long a device pauses sending after a rate-limit refusal that carries no hint.
+const THROTTLE_DEFAULT: Duration = Duration::from_secs(1);
+/// After a rate limit, only the first this many messages waiting in each conversation go out
+/// (one more per acknowledgement, no pace again past `PACING_MAX`): a backlog goes out from
+/// its head, a window at a time, not all at once to be refused again. Within a window the
+/// gateway takes what its limit allows and refuses the rest, which goes in the next.
+const PACING_START: usize = 32;
+/// Past this pace, pacing ends.
+const PACING_MAX: usize = 1024;
 
 /// What a device whose data was copied is told (the gateway's refusal, and every start after).
 pub const STATE_COPIED: &str = "another copy of this device's data (a copied data directory, or one restored from a backup) has connected since this copy last did. Using both would reuse encryption secrets, so this copy stays offline for good. Keep using the other copy; to use this machine as well, set it up as a new device in a new data directory (`sund pair show` on the other copy, `sund pair accept` here)";
@@ -112,6 +123,12 @@ pub struct Node {
     timers: TimerTable<NodeTimer>,
     /// When each conversation was last sent again in sender order (see `resync_sender_order`).
     sender_resync_at: BTreeMap<ConversationId, Instant>,
+    /// Until when the gateway takes no messages from this device (its rate limit said so):
+    /// what waits in the outbox is held back until then (in memory only).
+    throttled_until: Option<Instant>,
+    /// After a rate limit: only the first this many messages waiting in a conversation go
+    /// out (see `throttle`); `None` when no limit was met recently.
+    pacing: Option<usize>,
     stats: NodeStats,
     fx: NodeFx,
 }
@@ -180,6 +197,8 @@ impl Node {
             transfers,
             timers: TimerTable::default(),
             sender_resync_at: BTreeMap::new(),
+            throttled_until: None,
+            pacing: None,
             stats: NodeStats::default(),
             fx,
         };
@@ -747,6 +766,7 @@ impl Node {
             Payload::SendAck(ack) => {
                 let msg_id = MsgId::from_bytes(ack.msg_id);
                 self.settle(routing.conversation, msg_id, routing.seq);
+                self.send_paced(now);
             }
             Payload::Deliver(deliver) => {
                 let inbound = Inbound {
@@ -821,6 +841,15 @@ impl Node {
             if let Some(m) = &mut self.mls {
                 m.device.upload_abandoned();
             }
+        }
+        if matches!(
+            code,
+            ErrorCode::SendsLimited | ErrorCode::ConversationsLimited
+        ) {
+            if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
+                self.throttle(now, id, code, &report);
+            }
+            return;
         }
         if code == ErrorCode::RateLimited && report.msg_id.is_none() {
             // Only KeyPackage fetches are rate limited: the waiting group tries again at its
@@ -923,7 +952,71 @@ impl Node {
         }
     }
 
+    /// The gateway refused our `msg_id` by a rate limit: it stays in the outbox, and nothing
+    /// goes out until the hint has passed; then everything waiting goes, in order.
+    fn throttle(&mut self, now: Instant, msg_id: MsgId, code: ErrorCode, report: &ErrorReport) {
+        if self.outbox.get(msg_id).is_none() {
+            return; // a late refusal of a copy of a message settled since
+        }
+        self.stats.throttled += 1;
+        // Older gateways send no hint: a second is what their limits refill in.
+        let wait = report
+            .retry_after_ms
+            .map_or(THROTTLE_DEFAULT, |ms| Duration::from_millis(u64::from(ms)));
+        // It and what waits behind it in its conversation (the gateway refuses those as out
+        // of order) go again, in order, when the pause ends.
+        let conv = self.outbox.get(msg_id).map(|out| out.conversation);
+        let mut behind = false;
+        for id in conv.map(|c| self.outbox.ids_in(c)).unwrap_or_default() {
+            behind |= id == msg_id;
+            if behind {
+                self.outbox.unsend(id);
+            }
+        }
+        let until = now + wait;
+        let paused = self.throttled_until.is_some_and(|at| now < at);
+        if !paused {
+            self.pacing = Some(self.pacing.unwrap_or(PACING_START).min(PACING_START));
+            self.fx.event(NodeEvent::Throttled {
+                code,
+                retry_after: wait,
+                message: report.message.clone(),
+            });
+        }
+        self.throttled_until = Some(self.throttled_until.map_or(until, |at| at.max(until)));
+    }
+
+    /// After a rate limit: sends what waits within the pace, in order.
+    fn send_paced(&mut self, now: Instant) {
+        let Some(cap) = self.pacing else {
+            return;
+        };
+        if self.throttled(now) {
+            return;
+        }
+        let Some(conn) = self.link.open_conn() else {
+            return;
+        };
+        for msg_id in self.outbox.leading_unsent(cap) {
+            self.transmit(now, conn, msg_id);
+        }
+    }
+
+    /// True while the gateway's rate limit holds this device's messages back.
+    fn throttled(&self, now: Instant) -> bool {
+        self.throttled_until.is_some_and(|at| now < at)
+    }
+
     fn transmit(&mut self, now: Instant, conn: ConnectionId, msg_id: MsgId) {
+        let over_pace = self
+            .pacing
+            .is_some_and(|cap| !self.outbox.is_leading(msg_id, cap));
+        if self.throttled(now) || over_pace {
+            // Goes with the rest when the pause ends (see `timers`), or as acknowledgements
+            // make room (`send_paced`).
+            self.outbox.unsend(msg_id);
+            return;
+        }
         let (frame, conversation, resend) = self.outbox.transmit(now, self.config.device, msg_id);
         if resend {
             self.stats.resends += 1;
@@ -962,6 +1055,11 @@ impl Node {
                 conv == out.conversation,
                 "a message settles in its own conversation"
             );
+            // Each acknowledgement widens the pace by one, until it needs none.
+            self.pacing = self
+                .pacing
+                .map(|cap| cap + 1)
+                .filter(|&cap| cap < PACING_MAX);
             self.fx.event(NodeEvent::Accepted {
                 conversation: out.conversation,
                 msg_id,

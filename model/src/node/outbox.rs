@@ -323,6 +323,54 @@ impl Outbox {
         Some(out)
     }
 
+    /// `msg_id` did not reach the sequencer (a rate limit refused it, or it was held back):
+    /// it counts as never sent, so it goes with the next resend, in its place.
+    pub fn unsend(&mut self, msg_id: MsgId) {
+        if let Some(out) = self.entries.get_mut(&msg_id) {
+            if let Some(at) = out.last_sent.take() {
+                self.sent_order.remove(&(at, msg_id));
+            }
+        }
+    }
+
+    /// True if some entry waits that is not in flight (never sent, or held back).
+    pub fn has_unsent(&self) -> bool {
+        self.sent_order.len() < self.entries.len()
+    }
+
+    /// True if fewer than `n` entries wait before `msg_id` in its conversation.
+    pub fn is_leading(&self, msg_id: MsgId, n: usize) -> bool {
+        let Some(out) = self.entries.get(&msg_id) else {
+            return false;
+        };
+        let conv = out.conversation;
+        self.order
+            .range((conv, 0)..(conv, out.place))
+            .take(n)
+            .count()
+            < n
+    }
+
+    /// Per conversation, those of its first `n` entries that are not in flight, in order.
+    pub fn leading_unsent(&self, n: usize) -> Vec<MsgId> {
+        let mut out = Vec::new();
+        let mut current = None;
+        let mut taken = 0;
+        for (&(conv, _), &id) in &self.order {
+            if current != Some(conv) {
+                current = Some(conv);
+                taken = 0;
+            }
+            if taken < n {
+                taken += 1;
+                if self.entries[&id].last_sent.is_none() {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
     /// The frame that transmits `msg_id` now, its conversation, and whether it went out before
     /// (a resend).
     pub fn transmit(

@@ -1,7 +1,8 @@
 //! The node's timers, all in one table that `poll_timeout` reads.
 //!
 //! The link arms its own (reconnect, handshake, idle, heartbeat); while a session is open the
-//! outbox arms the resend of its oldest transmission (`resend_after` after it went out) and the
+//! outbox arms the resend of its oldest transmission (`resend_after` after it went out, or
+//! when a rate limit's pause ends) and the
 //! groups arm their next deadline (a fetch to give up on, a leave to ask again, a stalled
 //! proposal to take over). The table is refreshed after every input, command and timeout.
 
@@ -46,7 +47,11 @@ impl Node {
     pub(super) fn refresh_timers(&mut self) {
         self.link.arm(&mut self.timers);
         let open = self.link.is_open();
-        let resend = self.outbox.next_resend(self.config.resend_after);
+        let resend = match self.throttled_until {
+            // Held back by the gateway's rate limit: everything waiting goes when it ends.
+            Some(until) => (!self.outbox.is_empty()).then_some(until),
+            None => self.outbox.next_resend(self.config.resend_after),
+        };
         self.timers
             .set_or_clear(NodeTimer::Resend, resend.filter(|_| open));
         let groups = self
@@ -78,6 +83,9 @@ impl Node {
                     }
                 }
                 NodeTimer::Resend => {
+                    if self.throttled_until.is_some_and(|until| until <= now) {
+                        self.throttled_until = None;
+                    }
                     if let Some(conn) = self.link.open_conn() {
                         self.resend_stale(now, conn);
                     }

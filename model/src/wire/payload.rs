@@ -391,9 +391,32 @@ pub enum ErrorCode {
     NoSuchUpload = 37,
     /// A chunk's bytes were refused: not awaited by the upload, or not the declared length.
     ChunkRefused = 38,
+    /// This device sent more messages than the gateway's per-device rate allows; the error's
+    /// `retry_after_ms` says when the refused message will be taken. Nothing was stored:
+    /// send it again then (nodes do so by themselves).
+    SendsLimited = 39,
+    /// This user created more conversations (DMs, rooms) than the gateway's per-user rate
+    /// allows; `retry_after_ms` says when the next creation will be taken.
+    ConversationsLimited = 40,
 }
 
 impl ErrorCode {
+    /// Its name as the protocol documents and metrics label it: `sends_limited`.
+    pub fn name(self) -> String {
+        let mut out = String::new();
+        for (i, c) in format!("{self:?}").chars().enumerate() {
+            if c.is_ascii_uppercase() {
+                if i > 0 {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_lowercase());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     /// The code for a wire value; unknown values map to `Unknown`.
     pub fn from_u16(value: u16) -> ErrorCode {
         use ErrorCode::*;
@@ -436,6 +459,8 @@ impl ErrorCode {
             UploadRefused,
             NoSuchUpload,
             ChunkRefused,
+            SendsLimited,
+            ConversationsLimited,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -479,6 +504,11 @@ pub struct ErrorReport {
     #[n(3)]
     #[cbor(with = "minicbor::bytes")]
     pub after: Option<[u8; 16]>,
+    /// With a rate-limit refusal (`sends_limited`, `conversations_limited`, `rate_limited`):
+    /// milliseconds until the gateway will take the request; send it again no earlier.
+    /// Absent from other errors and from older gateways.
+    #[n(4)]
+    pub retry_after_ms: Option<u32>,
 }
 
 /// Node → gateway: a message for the conversation named in the header.

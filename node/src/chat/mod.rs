@@ -133,6 +133,10 @@ async fn run(
                     ConnectionStatus::Offline => Connection::Offline,
                 }),
                 Some(NodeEvent::Refused { message, .. }) => view.notice(format!("refused by the gateway: {message}")),
+                Some(NodeEvent::Throttled { retry_after, .. }) => view.notice(format!(
+                    "sending too fast for the gateway: the rest goes in {:.1} s",
+                    retry_after.as_secs_f64()
+                )),
                 Some(NodeEvent::Revoked) => {
                     let _ = node.stop().await;
                     return Err(REVOKED.into());

@@ -144,6 +144,7 @@ impl InboxItem {
                 message: format!("what this device read of the conversation up to seq {seq} is not what the gateway holds: the gateway lost messages this device had read (its disk lost writes it had reported durable), and others took their seqs"),
                 msg_id: None,
                 after: None,
+                retry_after_ms: None,
             }),
         }
     }
@@ -164,6 +165,7 @@ fn send_skip_notice(
         message,
         msg_id: None,
         after: None,
+        retry_after_ms: None,
     };
     let routing = Routing {
         conversation: conv,

@@ -1,0 +1,401 @@
+//! Abuse controls: rate limits on what one device or one user may ask of the gateway.
+//!
+//! Each limit is a token bucket, kept as GCRA (the generic cell rate algorithm): per key, one
+//! instant, the *theoretical arrival time* of the next request. A request at `now` is allowed
+//! when `tat - tolerance <= now` (at most `burst` requests at once, then one per `interval`),
+//! and moves `tat` on by one interval; otherwise it is refused with the time until it would be
+//! allowed. A bucket holds one `Instant` per key that asked recently; keys whose bucket is full
+//! again are forgotten on each tick, so memory follows the active senders, not every device.
+//!
+//! Limits live in memory only: a restarted gateway starts every bucket full. A device that was
+//! refused keeps its message and sends it again after the retry hint (see `node::outbox`), so a
+//! refusal loses nothing.
+//!
+//! What is limited here (the KeyPackage directory limits its own fetches):
+//! - messages (application messages and commits) per device: `sends_limited`; a device that
+//!   goes on sending past `send_refusals_max` refusals in a row (it ignores the hint, as a
+//!   well-behaved node never does beyond what it had in flight) has its session ended with a
+//!   `sends_limited` goodbye carrying the hint: a refused frame costs the gateway about as
+//!   much as a sequenced one, so a flood must not be answered frame by frame for long;
+//! - conversations (DMs and rooms) created per user: `conversations_limited`.
+//!
+//! Retries of a message the gateway already sequenced are answered from the deduplication
+//! record and never charged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::ids::{DeviceId, UserId};
+use crate::time::Instant;
+
+/// A rate: `count` requests per `period`, with bursts of up to `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per `period` in the long run.
+    pub count: u32,
+    /// The period `count` is over.
+    pub period: Duration,
+    /// Most requests allowed at once after a quiet spell (at least 1).
+    pub burst: u32,
+}
+
+impl Rate {
+    /// `count` per second, bursts of `burst`.
+    pub fn per_second(count: u32, burst: u32) -> Rate {
+        Rate {
+            count,
+            period: Duration::from_secs(1),
+            burst,
+        }
+    }
+
+    /// `count` per hour, bursts of `burst`.
+    pub fn per_hour(count: u32, burst: u32) -> Rate {
+        Rate {
+            count,
+            period: Duration::from_secs(3600),
+            burst,
+        }
+    }
+
+    /// The time one request costs, in whole microseconds (the model's clock), so that a burst
+    /// is exactly `burst` intervals.
+    fn interval(self) -> Duration {
+        let period_us = u64::try_from(self.period.as_micros()).unwrap_or(u64::MAX);
+        Duration::from_micros((period_us / u64::from(self.count.max(1))).max(1))
+    }
+
+    /// How far ahead of `now` the bucket may be booked.
+    fn tolerance(self) -> Duration {
+        self.interval() * self.burst.max(1).saturating_sub(1)
+    }
+}
+
+/// The gateway's rate limits (see the module docs). `None` turns a limit off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Messages a device may send (application messages and group commits).
+    pub sends: Option<Rate>,
+    /// Conversations (DMs, rooms) a user may create.
+    pub conversations: Option<Rate>,
+    /// Messages a device may have refused by the send limit in a row (none admitted between)
+    /// before the gateway ends its session: a device that keeps sending while told to wait
+    /// costs the gateway as much per refused frame as per message, so it is cut off for the
+    /// retry hint. Above what a real device has in flight when it is first refused.
+    pub send_refusals_max: u32,
+}
+
+impl Default for RateLimits {
+    /// Far above what a person types or a client syncs (a device resending a full outbox of
+    /// 1,000 messages after a week offline waits about 20 s in all), low enough that one device
+    /// cannot take a gateway's sequencer for itself.
+    fn default() -> Self {
+        RateLimits {
+            sends: Some(Rate::per_second(50, 200)),
+            conversations: Some(Rate::per_hour(60, 30)),
+            send_refusals_max: 1_000,
+        }
+    }
+}
+
+/// A refused request: which limit, and how long until one more is allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limited {
+    /// When the next request will be allowed, from now.
+    pub retry_after: Duration,
+    /// The limit that refused it.
+    pub rate: Rate,
+    /// The device went on sending past `send_refusals_max` refusals: end its session.
+    pub cut_off: bool,
+}
+
+/// One limit, per key (a GCRA bucket each).
+#[derive(Clone, Debug)]
+pub struct Bucket<K> {
+    rate: Rate,
+    tat: BTreeMap<K, Instant>,
+}
+
+impl<K: Ord + Copy> Bucket<K> {
+    /// An empty bucket set for `rate`.
+    pub fn new(rate: Rate) -> Bucket<K> {
+        assert!(
+            rate.count > 0,
+            "a rate of zero would refuse everything forever"
+        );
+        Bucket {
+            rate,
+            tat: BTreeMap::new(),
+        }
+    }
+
+    /// Charges `key` one request at `now`, or says when it may ask again.
+    pub fn admit(&mut self, now: Instant, key: K) -> Result<(), Limited> {
+        let tat = self.tat.get(&key).copied().unwrap_or(now).max(now);
+        let allowed_from = tat - self.rate.tolerance();
+        if now < allowed_from {
+            return Err(Limited {
+                retry_after: allowed_from.saturating_since(now),
+                rate: self.rate,
+                cut_off: false,
+            });
+        }
+        let next = tat + self.rate.interval();
+        debug_assert!(next > now, "an admitted request books the bucket ahead");
+        self.tat.insert(key, next);
+        Ok(())
+    }
+
+    /// Forgets the keys whose bucket is full again (they would be admitted as if new).
+    pub fn forget_idle(&mut self, now: Instant) {
+        self.tat.retain(|_, tat| *tat > now);
+    }
+
+    /// Keys with a bucket in use (memory held).
+    pub fn len(&self) -> usize {
+        self.tat.len()
+    }
+
+    /// True if no key has a bucket in use.
+    pub fn is_empty(&self) -> bool {
+        self.tat.is_empty()
+    }
+}
+
+/// Counters of the limits, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LimitStats {
+    /// Messages refused by the per-device send limit.
+    pub sends_limited: u64,
+    /// Conversation creations refused by the per-user limit.
+    pub conversations_limited: u64,
+    /// Sessions ended because their device kept sending while refused.
+    pub cut_off: u64,
+}
+
+/// The gateway's rate limits and their buckets.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    sends: Option<Bucket<DeviceId>>,
+    conversations: Option<Bucket<UserId>>,
+    /// Per device being refused: its refusals since its last admitted message.
+    refused_in_row: BTreeMap<DeviceId, u32>,
+    send_refusals_max: u32,
+    stats: LimitStats,
+}
+
+impl Limits {
+    /// Every bucket full.
+    pub fn new(config: RateLimits) -> Limits {
+        Limits {
+            sends: config.sends.map(Bucket::new),
+            conversations: config.conversations.map(Bucket::new),
+            refused_in_row: BTreeMap::new(),
+            send_refusals_max: config.send_refusals_max.max(1),
+            stats: LimitStats::default(),
+        }
+    }
+
+    /// Charges `device` one message. A refusal past `send_refusals_max` in a row says to cut
+    /// the device off (and starts its count again).
+    pub fn admit_send(&mut self, now: Instant, device: DeviceId) -> Result<(), Limited> {
+        let Some(bucket) = &mut self.sends else {
+            return Ok(());
+        };
+        match bucket.admit(now, device) {
+            Ok(()) => {
+                self.refused_in_row.remove(&device);
+                Ok(())
+            }
+            Err(mut limited) => {
+                self.stats.sends_limited += 1;
+                let in_row = self.refused_in_row.entry(device).or_default();
+                *in_row += 1;
+                if *in_row > self.send_refusals_max {
+                    self.refused_in_row.remove(&device);
+                    self.stats.cut_off += 1;
+                    limited.cut_off = true;
+                }
+                Err(limited)
+            }
+        }
+    }
+
+    /// Charges `user` one new conversation.
+    pub fn admit_conversation(&mut self, now: Instant, user: UserId) -> Result<(), Limited> {
+        let Some(bucket) = &mut self.conversations else {
+            return Ok(());
+        };
+        bucket.admit(now, user).inspect_err(|_| {
+            self.stats.conversations_limited += 1;
+        })
+    }
+
+    /// Forgets buckets that are full again (each tick).
+    pub fn forget_idle(&mut self, now: Instant) {
+        if let Some(b) = &mut self.sends {
+            b.forget_idle(now);
+            // A device whose bucket is full again starts its count of refusals afresh.
+            self.refused_in_row
+                .retain(|device, _| b.tat.contains_key(device));
+        }
+        if let Some(b) = &mut self.conversations {
+            b.forget_idle(now);
+        }
+    }
+
+    /// Buckets in use, all limits together.
+    pub fn buckets(&self) -> usize {
+        self.sends.as_ref().map_or(0, Bucket::len)
+            + self.conversations.as_ref().map_or(0, Bucket::len)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &LimitStats {
+        &self.stats
+    }
+}
+
+/// A rate in words for people: "50 per second (bursts of 200)".
+pub fn describe(rate: Rate) -> String {
+    let per = match rate.period.as_secs() {
+        1 => "second".to_string(),
+        60 => "minute".to_string(),
+        3600 => "hour".to_string(),
+        86_400 => "day".to_string(),
+        s => format!("{s} s"),
+    };
+    format!("{} per {per} (bursts of {})", rate.count, rate.burst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at_ms(ms: u64) -> Instant {
+        Instant(ms * 1000)
+    }
+
+    #[test]
+    fn a_burst_passes_then_one_request_per_interval() {
+        let mut bucket = Bucket::new(Rate::per_second(10, 3));
+        for _ in 0..3 {
+            bucket.admit(at_ms(0), 1u8).expect("within the burst");
+        }
+        let refused = bucket.admit(at_ms(0), 1u8).expect_err("past the burst");
+        assert_eq!(refused.retry_after, Duration::from_millis(100));
+        bucket
+            .admit(at_ms(50), 2u8)
+            .expect("other keys have their own bucket");
+        assert!(bucket.admit(at_ms(99), 1u8).is_err());
+        bucket.admit(at_ms(100), 1u8).expect("one interval later");
+        assert!(bucket.admit(at_ms(100), 1u8).is_err());
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten_and_start_full() {
+        let mut bucket = Bucket::new(Rate::per_second(10, 2));
+        bucket.admit(at_ms(0), 7u8).unwrap();
+        bucket.admit(at_ms(0), 7u8).unwrap();
+        bucket.forget_idle(at_ms(150));
+        assert_eq!(bucket.len(), 1, "still booked until 200 ms");
+        bucket.forget_idle(at_ms(200));
+        assert!(bucket.is_empty());
+        bucket.admit(at_ms(200), 7u8).unwrap();
+        bucket.admit(at_ms(200), 7u8).unwrap();
+        assert!(bucket.admit(at_ms(200), 7u8).is_err());
+    }
+
+    #[test]
+    fn counters_count_each_refusal_by_limit() {
+        let mut limits = Limits::new(RateLimits {
+            sends: Some(Rate::per_second(1, 1)),
+            conversations: Some(Rate::per_hour(1, 1)),
+            send_refusals_max: 3,
+        });
+        let device = DeviceId::from_bytes([1; 16]);
+        let user = UserId::from_bytes([2; 16]);
+        limits.admit_send(at_ms(0), device).unwrap();
+        assert!(limits.admit_send(at_ms(0), device).is_err());
+        limits.admit_conversation(at_ms(0), user).unwrap();
+        let refused = limits.admit_conversation(at_ms(1), user).unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_millis(3_600_000 - 1));
+        assert_eq!(limits.stats().sends_limited, 1);
+        assert_eq!(limits.stats().conversations_limited, 1);
+        let off = Limits::new(RateLimits {
+            sends: None,
+            conversations: None,
+            send_refusals_max: 3,
+        });
+        assert_eq!(off.buckets(), 0);
+    }
+
+    #[test]
+    fn a_device_that_keeps_sending_while_refused_is_cut_off_and_one_admitted_message_resets_it() {
+        let mut limits = Limits::new(RateLimits {
+            sends: Some(Rate::per_second(10, 1)),
+            conversations: None,
+            send_refusals_max: 2,
+        });
+        let device = DeviceId::from_bytes([1; 16]);
+        limits.admit_send(at_ms(0), device).unwrap();
+        assert!(!limits.admit_send(at_ms(1), device).unwrap_err().cut_off);
+        assert!(!limits.admit_send(at_ms(2), device).unwrap_err().cut_off);
+        limits.admit_send(at_ms(100), device).unwrap();
+        assert!(!limits.admit_send(at_ms(101), device).unwrap_err().cut_off);
+        assert!(!limits.admit_send(at_ms(102), device).unwrap_err().cut_off);
+        assert!(limits.admit_send(at_ms(103), device).unwrap_err().cut_off);
+        assert_eq!(limits.stats().cut_off, 1);
+        limits.forget_idle(at_ms(1_000));
+        assert!(limits.refused_in_row.is_empty() && limits.buckets() == 0);
+    }
+
+    #[test]
+    fn rates_read_as_words() {
+        assert_eq!(
+            describe(Rate::per_second(50, 200)),
+            "50 per second (bursts of 200)"
+        );
+        assert_eq!(
+            describe(Rate::per_hour(60, 30)),
+            "60 per hour (bursts of 30)"
+        );
+    }
+
+    proptest! {
+        /// Whatever the arrival times, what a bucket admits within any window of length `w`
+        /// is at most `burst + w / interval` (rounded down), and a refused request is admitted
+        /// when its retry hint has passed.
+        #[test]
+        fn admitted_requests_never_exceed_the_rate(
+            count in 1u32..200,
+            burst in 1u32..50,
+            gaps in proptest::collection::vec(0u64..50_000, 1..300),
+        ) {
+            let rate = Rate::per_second(count, burst);
+            let mut bucket = Bucket::new(rate);
+            let mut now = Instant(0);
+            let mut admitted = Vec::new();
+            for gap in gaps {
+                now = now + Duration::from_micros(gap);
+                match bucket.admit(now, 0u8) {
+                    Ok(()) => admitted.push(now),
+                    Err(limited) => {
+                        prop_assert!(limited.retry_after > Duration::ZERO);
+                        let mut probe = bucket.clone();
+                        prop_assert!(probe.admit(now + limited.retry_after, 0u8).is_ok());
+                    }
+                }
+            }
+            let interval = rate.interval().as_micros() as u64;
+            for (i, start) in admitted.iter().enumerate() {
+                for (j, end) in admitted.iter().enumerate().skip(i) {
+                    let within = (end.0 - start.0) / interval;
+                    prop_assert!((j - i + 1) as u64 <= u64::from(burst) + within,
+                        "{} admitted in {} µs", j - i + 1, end.0 - start.0);
+                }
+            }
+        }
+    }
+}

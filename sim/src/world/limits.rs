@@ -1,0 +1,175 @@
+//! The `rate-limits` invariant: the gateway's per-device send limit bounds what a flooding
+//! device gets sequenced, and leaves devices that send at an ordinary pace alone.
+//!
+//! Checked from outside the gateway, on what it releases:
+//! - **Bounded.** A device's newly sequenced messages (the first acknowledgement the gateway
+//!   releases for each conversation and seq of that device; retries answered from the
+//!   deduplication record do not count) number at most `burst + rate × 2 s` in any one-second
+//!   window: the limit admits at most `burst + rate × 1 s` in a second, and an admitted
+//!   message's acknowledgement leaves when its commit is durable, up to a second later (the
+//!   slack). A gateway's buckets live in memory, so its restart starts the windows afresh.
+//! - **Unharmed** (`ordinary-unthrottled`, a separate invariant). A device whose `send` lines
+//!   make at most half the limit's rate is never throttled (its node never reports
+//!   `Throttled`). A device that comes back from an outage with more than a burst waiting may
+//!   rightly be throttled, so only scenarios with short outages check this; swarms do not.
+//!
+//! Every throttle is counted in the report's fault counts (`throttled`), so a scenario that
+//! floods shows that the limit acted.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use sund_model::gateway::limits::Rate;
+use sund_model::ids::ConversationId;
+use sund_model::wire::{Frame, Opcode, PAYLOAD_BYTES_MAX};
+
+use super::World;
+use crate::network::ActorIndex;
+use crate::scenario::Invariant;
+
+/// Window of the bound, microseconds.
+const WINDOW_US: u64 = 1_000_000;
+/// Longest an admitted message's acknowledgement may trail its admission, microseconds.
+const SLACK_US: u64 = 1_000_000;
+
+/// One device's newly sequenced messages.
+#[derive(Debug, Default)]
+struct Sequenced {
+    seen: BTreeSet<(ConversationId, u64)>,
+    /// When each of the last window's first acknowledgements left the gateway.
+    recent: VecDeque<u64>,
+}
+
+/// What the world watches for `rate-limits`.
+#[derive(Debug, Default)]
+pub(super) struct LimitWatch {
+    rate: Option<Rate>,
+    /// Per device: the sends per 1,000 s its `send` lines make.
+    planned_per_ks: BTreeMap<ActorIndex, u64>,
+    sequenced: BTreeMap<ActorIndex, Sequenced>,
+}
+
+impl LimitWatch {
+    /// Watches under the scenario's send limit (`None`: off, nothing to bound).
+    pub(super) fn new(rate: Option<Rate>) -> LimitWatch {
+        LimitWatch {
+            rate,
+            ..LimitWatch::default()
+        }
+    }
+
+    /// `device` sends once per `period_us` (one of its `send` lines).
+    pub(super) fn plan(&mut self, device: ActorIndex, period_us: u64) {
+        let per_ks = 1_000_000_000 / period_us.max(1);
+        *self.planned_per_ks.entry(device).or_default() += per_ks;
+    }
+
+    /// Whether `device` sends at most half the limit's rate (and so must never be throttled).
+    pub(super) fn ordinary(&self, device: ActorIndex) -> bool {
+        let Some(rate) = self.rate else {
+            return true; // no limit: nobody is throttled
+        };
+        let limit_per_ks = u64::from(rate.count) * 1000 / rate.period.as_secs().max(1);
+        self.planned_per_ks.get(&device).copied().unwrap_or(0) * 2 <= limit_per_ks
+    }
+
+    /// The gateway released an acknowledgement of `device`'s message at `seq` of `conv` at
+    /// `now`: an error in words if it breaks the bound.
+    pub(super) fn acknowledged(
+        &mut self,
+        now: u64,
+        device: ActorIndex,
+        conv: ConversationId,
+        seq: u64,
+    ) -> Option<String> {
+        let rate = self.rate?;
+        let entry = self.sequenced.entry(device).or_default();
+        if !entry.seen.insert((conv, seq)) {
+            return None; // a retry answered from the deduplication record
+        }
+        entry.recent.push_back(now);
+        while entry.recent.front().is_some_and(|&t| t + WINDOW_US <= now) {
+            entry.recent.pop_front();
+        }
+        let period_us = u64::try_from(rate.period.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let bound =
+            u64::from(rate.burst) + u64::from(rate.count) * (WINDOW_US + SLACK_US) / period_us;
+        let count = entry.recent.len() as u64;
+        (count > bound).then(|| {
+            format!(
+                "{count} messages of one device sequenced within 1 s, more than the limit allows ({bound}: a burst of {} and {} per {:?}, with 1 s of slack)",
+                rate.burst, rate.count, rate.period
+            )
+        })
+    }
+
+    /// A gateway (re)started with every bucket full.
+    pub(super) fn gateway_started(&mut self) {
+        for entry in self.sequenced.values_mut() {
+            entry.recent.clear();
+        }
+    }
+}
+
+impl World {
+    /// A frame `gateway` releases on `conn`: an acknowledgement counts towards its device's
+    /// bound (with `rate-limits` only).
+    pub(super) fn check_rate_limit(&mut self, gateway: ActorIndex, conn: u64, frame: &[u8]) {
+        if !self.scenario.invariants.contains(&Invariant::Limits) || frame.len() < 8 {
+            return;
+        }
+        if u16::from_be_bytes([frame[6], frame[7]]) != Opcode::SendAck.to_u16() {
+            return;
+        }
+        let Some(device) = self.network.peer_of(conn, gateway) else {
+            return;
+        };
+        let Ok(ack) = Frame::decode(frame, PAYLOAD_BYTES_MAX) else {
+            return;
+        };
+        let (conv, seq) = (ack.routing.conversation, ack.routing.seq);
+        if let Some(detail) = self.limit_watch.acknowledged(self.now, device, conv, seq) {
+            let name = &self.actors[device as usize].name;
+            let detail = format!("{name}: {detail}");
+            self.checker
+                .fail_safety(Invariant::Limits, self.now, detail);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_past_the_bound_is_reported_and_retries_are_not_counted() {
+        let mut watch = LimitWatch::new(Some(Rate::per_second(10, 5)));
+        let conv = ConversationId::from_bytes([1; 16]);
+        // Bound: 5 + 10 × 2 = 25 within a second.
+        for seq in 1..=25 {
+            assert_eq!(watch.acknowledged(seq * 10, 0, conv, seq), None);
+        }
+        assert_eq!(watch.acknowledged(300, 0, conv, 3), None, "a retry");
+        assert!(watch.acknowledged(300, 0, conv, 26).is_some());
+        watch.gateway_started();
+        assert_eq!(watch.acknowledged(400, 0, conv, 27), None);
+        assert_eq!(
+            watch.acknowledged(2_000_000, 1, conv, 1),
+            None,
+            "another device has its own window"
+        );
+    }
+
+    #[test]
+    fn ordinary_devices_send_at_most_half_the_limit() {
+        let mut watch = LimitWatch::new(Some(Rate::per_second(20, 40)));
+        watch.plan(1, 100_000); // 10/s
+        watch.plan(2, 100_000);
+        watch.plan(2, 1_000); // and 1,000/s
+        assert!(watch.ordinary(1));
+        assert!(!watch.ordinary(2));
+        assert!(watch.ordinary(3), "sends nothing");
+        assert!(LimitWatch::new(None).ordinary(2));
+    }
+}
