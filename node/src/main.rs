@@ -529,10 +529,10 @@ async fn send(data_dir: &Path, conversation: &str, words: &[String]) -> Result<(
                 };
                 let _ = node.stop().await;
                 let what = match waiting.len() {
-                    1 => "the message stays".to_string(),
-                    n => format!("{n} messages stay"),
+                    1 => "the message stays in this device's outbox and goes".to_string(),
+                    n => format!("{n} messages stay in this device's outbox and go"),
                 };
-                return Err(format!("the gateway at {} did not acknowledge within 15 s{why}; {what} in this device's outbox and go out with the next `sund send` or `sund follow`", device.gateway));
+                return Err(format!("the gateway at {} did not acknowledge within 15 s{why}; {what} out with the next `sund send` or `sund follow`", device.gateway));
             }
             event = node.events.recv() => match event {
                 Some(NodeEvent::Accepted { msg_id: m, seq, .. }) if waiting.contains(&m) => {
@@ -575,7 +575,11 @@ async fn send(data_dir: &Path, conversation: &str, words: &[String]) -> Result<(
                 None => {
                     // The messages are saved (each send returned): they wait in the outbox.
                     let why = why_stopped(node).await;
-                    return Err(format!("this device stopped ({why}) before the gateway acknowledged every message; what it did not acknowledge is saved in this device's outbox and goes out with the next `sund send` or `sund follow` once the device can write to its data directory again"));
+                    let (what, it) = match waiting.len() {
+                        1 => ("the message".to_string(), "it is"),
+                        n => (format!("{n} messages"), "they are"),
+                    };
+                    return Err(format!("this device stopped ({why}) before the gateway acknowledged {what}; {it} saved in this device's outbox and go{} out with the next `sund send` or `sund follow` once the device can write to its data directory again", if it == "it is" { "es" } else { "" }));
                 }
             }
         }
