@@ -118,6 +118,7 @@ async fn a_peer_that_stops_reading_is_disconnected_at_once() {
         Payload::Heartbeat(Heartbeat {
             nonce: 1,
             crl_version: None,
+            presence: None,
         }),
     )
     .encode();

@@ -348,6 +348,7 @@ fn a_gateway_shutting_down_tells_each_device_when_to_come_back_and_only_then() {
         Payload::HeartbeatAck(Heartbeat {
             nonce: 1,
             crl_version: None,
+            presence: None,
         }),
     );
     let hints: Vec<_> = frames_to(&out, 3)
@@ -760,6 +761,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
         Payload::Heartbeat(Heartbeat {
             nonce: 41,
             crl_version: None,
+            presence: None,
         }),
     );
     assert_eq!(
@@ -767,6 +769,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
         Payload::HeartbeatAck(Heartbeat {
             nonce: 41,
             crl_version: Some(0),
+            presence: None,
         })
     );
 }
@@ -1029,6 +1032,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
         Payload::Heartbeat(Heartbeat {
             nonce: 1,
             crl_version: None,
+            presence: None,
         }),
     )
     .encode()
@@ -1042,6 +1046,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
         Payload::Heartbeat(Heartbeat {
             nonce: 1,
             crl_version: None,
+            presence: None,
         }),
     )
     .encode()
@@ -1094,6 +1099,7 @@ fn a_stalled_cursor_is_redelivered_and_a_replay_request_rewinds() {
         Payload::Heartbeat(Heartbeat {
             nonce: 1,
             crl_version: None,
+            presence: None,
         }),
     );
     h.gateway.handle_timeout(h.now);
@@ -1806,4 +1812,207 @@ fn a_device_that_keeps_sending_while_refused_is_cut_off_with_the_hint() {
         });
     assert!(hint.is_some_and(|ms| ms > 0 && ms <= 1000), "{hint:?}");
     assert_eq!(h.gateway.stats().limits.cut_off, 1);
+}
+
+// ---- contacts and presence ----
+
+impl Harness {
+    fn social(&mut self, conn: u64, request: u64, payload: Payload) -> Vec<GatewayOutput> {
+        let routing = Routing {
+            seq: request,
+            ..Routing::default()
+        };
+        self.frame(conn, routing, payload)
+    }
+
+    fn contact(&mut self, conn: u64, user: UserId, action: ContactAction) -> Vec<GatewayOutput> {
+        let change = ContactChange {
+            user: user.to_bytes().into(),
+            action: action as u8,
+        };
+        self.social(conn, 1 << 63 | 1, Payload::ContactChange(change))
+    }
+
+    fn watch(&mut self, conn: u64, users: &[UserId]) -> Vec<GatewayOutput> {
+        let subscribe = PresenceSubscribe {
+            users: users.iter().map(|u| u.to_bytes().into()).collect(),
+        };
+        self.social(conn, 1 << 63 | 2, Payload::PresenceSubscribe(subscribe))
+    }
+}
+
+fn user_of(device: DeviceId) -> UserId {
+    UserId(device.0)
+}
+
+/// Every presence entry sent to `conn`, as (user, state).
+fn presence_to(out: &[GatewayOutput], conn: u64) -> Vec<(UserId, Seen)> {
+    frames_to(out, conn)
+        .into_iter()
+        .filter_map(|f| match f.payload {
+            Payload::PresenceNotify(n) => Some(n.entries),
+            _ => None,
+        })
+        .flatten()
+        .map(|e| (UserId::from_bytes(*e.user), Seen::from_u8(e.seen)))
+        .collect()
+}
+
+fn listing_to(out: &[GatewayOutput], conn: u64) -> Option<(u64, Contacts)> {
+    frames_to(out, conn)
+        .into_iter()
+        .find_map(|f| match f.payload {
+            Payload::Contacts(c) => Some((f.routing.seq, c)),
+            _ => None,
+        })
+}
+
+fn error_to(out: &[GatewayOutput], conn: u64) -> Option<(ErrorCode, Routing, ErrorReport)> {
+    frames_to(out, conn)
+        .into_iter()
+        .find_map(|f| match f.payload {
+            Payload::Error(e) => Some((ErrorCode::from_u16(e.code), f.routing, e)),
+            _ => None,
+        })
+}
+
+#[test]
+fn presence_flows_only_between_mutual_contacts_who_are_visible() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.connect(2, bob());
+    let (a, b) = (user_of(alice()), user_of(bob()));
+    let out = h.watch(1, &[b]);
+    assert_eq!(
+        presence_to(&out, 1),
+        vec![(b, Seen::Unknown)],
+        "not contacts yet"
+    );
+
+    // Alice asks; bob hears of it; neither sees the other yet.
+    let out = h.contact(1, b, ContactAction::Add);
+    let (request, mine) = listing_to(&out, 1).expect("an answer");
+    assert_eq!(request, 1 << 63 | 1, "the answer names the request");
+    assert_eq!(mine.outgoing, vec![b.to_bytes().into()]);
+    let (unasked, theirs) = listing_to(&out, 2).expect("bob hears of the request");
+    assert_eq!(unasked, 0);
+    assert_eq!(theirs.incoming, vec![a.to_bytes().into()]);
+    assert!(presence_to(&out, 1).is_empty());
+
+    // Bob accepts: alice, watching, sees him online at once.
+    let out = h.contact(2, a, ContactAction::Add);
+    assert_eq!(presence_to(&out, 1), vec![(b, Seen::Online)]);
+
+    // Invisible: offline to everyone, while bob's session works on.
+    let out = h.social(
+        2,
+        1 << 63 | 5,
+        Payload::PresenceUpdate(PresenceUpdate { invisible: true }),
+    );
+    assert!(listing_to(&out, 2).unwrap().1.invisible);
+    assert_eq!(presence_to(&out, 1), vec![(b, Seen::Unknown)]);
+    let out = h.social(
+        2,
+        1 << 63 | 6,
+        Payload::PresenceUpdate(PresenceUpdate { invisible: false }),
+    );
+    assert_eq!(presence_to(&out, 1), vec![(b, Seen::Online)]);
+
+    // Bob goes away: alice sees only a coarse bucket, never a time.
+    h.now = Instant(h.now.0 + 3_600_000_000 * 5);
+    let out = h.input(GatewayInput::Closed(ConnectionId(2)));
+    assert_eq!(presence_to(&out, 1), vec![(b, Seen::Recently)]);
+
+    // A restart keeps contacts and the last-seen hour: a new watchlist sees the same.
+    let mut h = h.restarted(open_config());
+    h.connect(3, alice());
+    let out = h.watch(3, &[b]);
+    assert_eq!(presence_to(&out, 3), vec![(b, Seen::Recently)]);
+    assert_eq!(
+        h.gateway.stats().presence.watchlists,
+        1,
+        "counted since the restart"
+    );
+}
+
+#[test]
+fn a_block_hides_presence_both_ways_and_keeps_key_packages_from_the_blocked() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.connect(2, bob());
+    let (a, b) = (user_of(alice()), user_of(bob()));
+    h.contact(1, b, ContactAction::Add);
+    h.contact(2, a, ContactAction::Add);
+    h.watch(1, &[b]);
+    h.watch(2, &[a]);
+    h.upload(2, KeyPackageUpload::default());
+    let before = answer(&frames_to(&h.fetch(1, &[b]), 1));
+    assert!(
+        !before.found.is_empty() || !before.exhausted.is_empty(),
+        "bob's device is listed before the block"
+    );
+
+    let out = h.contact(2, a, ContactAction::Block);
+    assert_eq!(presence_to(&out, 1), vec![(b, Seen::Unknown)]);
+    assert_eq!(presence_to(&out, 2), vec![(a, Seen::Unknown)]);
+    let listing = listing_to(&out, 2).unwrap().1;
+    assert_eq!(listing.blocked, vec![a.to_bytes().into()]);
+    assert!(
+        listing.incoming.is_empty(),
+        "a blocked user's request is not shown"
+    );
+
+    let after = answer(&frames_to(&h.fetch(1, &[b]), 1));
+    assert!(
+        after.found.is_empty() && after.exhausted.is_empty(),
+        "no device of bob for alice: no DM, no invitation"
+    );
+    // Alice adding bob again changes nothing bob sees.
+    let out = h.contact(1, b, ContactAction::Add);
+    assert!(presence_to(&out, 1).is_empty());
+    assert!(listing_to(&out, 2).is_none_or(|(_, l)| l.incoming.is_empty()));
+}
+
+#[test]
+fn contact_requests_and_watchlists_are_limited_with_distinct_codes() {
+    let mut config = open_config();
+    config.limits = RateLimits {
+        contact_requests: Some(Rate::per_day(10, 3)),
+        presence_subscriptions: Some(Rate::per_hour(10, 2)),
+        watchlist_max: 4,
+        ..RateLimits::default()
+    };
+    let mut h = Harness::with_config(config);
+    h.connect(3, mallory());
+    for n in 0..3u128 {
+        let out = h.contact(3, UserId(1000 + n), ContactAction::Add);
+        assert!(
+            listing_to(&out, 3).is_some(),
+            "request {n} within the burst"
+        );
+    }
+    let out = h.contact(3, UserId(2000), ContactAction::Add);
+    let (code, routing, report) = error_to(&out, 3).expect("refused");
+    assert_eq!(code, ErrorCode::ContactsLimited);
+    assert_eq!(routing.seq, 1 << 63 | 1, "the refusal names the request");
+    assert_eq!(report.retry_after_ms, Some(8_640_000), "a tenth of a day");
+    // Repeating a request already made is not a new one.
+    let out = h.contact(3, UserId(1000), ContactAction::Add);
+    assert!(listing_to(&out, 3).is_some());
+
+    let many: Vec<UserId> = (0..5u128).map(|n| UserId(3000 + n)).collect();
+    let out = h.watch(3, &many);
+    let (code, _, report) = error_to(&out, 3).expect("too long");
+    assert_eq!(code, ErrorCode::WatchlistTooLong);
+    assert!(report.message.contains("at most 4"), "{}", report.message);
+    let out = h.watch(3, &many[..4]);
+    assert_eq!(presence_to(&out, 3).len(), 4);
+    let out = h.watch(3, &many[..4]);
+    let (code, _, report) = error_to(&out, 3).expect("limited");
+    assert_eq!(code, ErrorCode::PresenceLimited);
+    assert!(report.retry_after_ms.is_some());
+    let stats = h.gateway.stats();
+    assert_eq!(stats.limits.contacts_limited, 1);
+    assert_eq!(stats.limits.presence_limited, 1);
+    assert_eq!(stats.presence.watchlists_too_long, 1);
 }

@@ -998,6 +998,7 @@ fn a_crl_older_than_the_one_held_is_refused() {
     let ack = Heartbeat {
         nonce: 1,
         crl_version: Some(4),
+        presence: None,
     };
     let out = h.frame(1, Routing::default(), Payload::HeartbeatAck(ack));
     assert!(matches!(

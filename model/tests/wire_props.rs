@@ -70,10 +70,15 @@ fn payload() -> impl Strategy<Value = Payload> {
         }),
         any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat {
             nonce,
-            crl_version: None
+            crl_version: None,
+            presence: None,
         })),
         (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(nonce, crl_version)| {
-            Payload::HeartbeatAck(Heartbeat { nonce, crl_version })
+            Payload::HeartbeatAck(Heartbeat {
+                nonce,
+                crl_version,
+                presence: crl_version.map(|v| v / 2),
+            })
         }),
         (any::<u16>(), text(), any::<Option<u32>>()).prop_map(|(code, message, retry_after_ms)| {
             Payload::Goodbye(Goodbye {
@@ -252,7 +257,39 @@ fn payload() -> impl Strategy<Value = Payload> {
             ChunksUnavailable { upload, ids }
         )),
         bytes16().prop_map(|upload| Payload::FileFetched(FileFetched { upload })),
+        any::<bool>().prop_map(|invisible| Payload::PresenceUpdate(PresenceUpdate { invisible })),
+        ids16().prop_map(|users| Payload::PresenceSubscribe(PresenceSubscribe { users })),
+        proptest::collection::vec((bytes16(), any::<u8>()), 0..6).prop_map(|entries| {
+            Payload::PresenceNotify(PresenceNotify {
+                entries: entries
+                    .into_iter()
+                    .map(|(user, seen)| PresenceEntry {
+                        user: user.into(),
+                        seen,
+                    })
+                    .collect(),
+                number: 1,
+            })
+        }),
+        (bytes16(), any::<u8>()).prop_map(|(user, action)| Payload::ContactChange(ContactChange {
+            user: user.into(),
+            action
+        })),
+        Just(Payload::ContactsFetch(ContactsFetch {})),
+        (ids16(), ids16(), ids16(), ids16(), any::<bool>()).prop_map(
+            |(contacts, incoming, outgoing, blocked, invisible)| Payload::Contacts(Contacts {
+                contacts,
+                incoming,
+                outgoing,
+                blocked,
+                invisible,
+            })
+        ),
     ]
+}
+
+fn ids16() -> impl Strategy<Value = Vec<minicbor::bytes::ByteArray<16>>> {
+    proptest::collection::vec(bytes16().prop_map(Into::into), 0..6)
 }
 
 fn ids32() -> impl Strategy<Value = Vec<minicbor::bytes::ByteArray<32>>> {
@@ -339,6 +376,7 @@ fn valid_frame() -> Vec<u8> {
         Payload::Heartbeat(Heartbeat {
             nonce: 1,
             crl_version: None,
+            presence: None,
         }),
     )
     .encode()

@@ -419,3 +419,43 @@ fn file_frames_bytes() {
         "upload_open:\n{open}\nupload_status:\n{status}\nchunk_head:\n{head}\nchunk_ack:\n{ack}\nchunk_request:\n{request}\nchunks_unavailable:\n{unavailable}\nfile_fetched:\n{fetched}"
     ));
 }
+
+#[test]
+fn contact_and_presence_frames_bytes() {
+    let request = |payload| {
+        hex(&Frame::new(
+            Routing {
+                seq: 7,
+                ..Routing::default()
+            },
+            payload,
+        )
+        .encode())
+    };
+    let change = request(Payload::ContactChange(ContactChange {
+        user: [0x0b; 16].into(),
+        action: ContactAction::Add as u8,
+    }));
+    let update = request(Payload::PresenceUpdate(PresenceUpdate { invisible: true }));
+    let fetch = request(Payload::ContactsFetch(ContactsFetch {}));
+    let contacts = request(Payload::Contacts(Contacts {
+        contacts: vec![[0x0b; 16].into()],
+        incoming: vec![[0x0c; 16].into()],
+        outgoing: vec![],
+        blocked: vec![[0x0d; 16].into()],
+        invisible: false,
+    }));
+    let subscribe = request(Payload::PresenceSubscribe(PresenceSubscribe {
+        users: vec![[0x0b; 16].into()],
+    }));
+    let notify = request(Payload::PresenceNotify(PresenceNotify {
+        entries: vec![PresenceEntry {
+            user: [0x0b; 16].into(),
+            seen: Seen::Recently as u8,
+        }],
+        number: 1,
+    }));
+    insta::assert_snapshot!(format!(
+        "contact_change:\n{change}\npresence_update:\n{update}\ncontacts_fetch:\n{fetch}\ncontacts:\n{contacts}\npresence_subscribe:\n{subscribe}\npresence_notify:\n{notify}"
+    ));
+}

@@ -328,6 +328,9 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         Action::Network(_) | Action::Link(..) | Action::ClockJump(..) => Ok(()),
         Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
         Action::Handover(..) => Err("needs federation"),
+        Action::Contact(..) | Action::Invisible(..) | Action::Watch(..) => {
+            Err("needs contacts and presence in the drivers' plan")
+        }
         Action::Commit(..) | Action::SendFile { .. } => Err("needs MLS"),
         Action::StallDisk(_) | Action::ResumeDisk(_) => {
             Err("needs a slow disk: simulated drivers commit inline, on turmoil's one thread")

@@ -373,6 +373,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             Payload::Heartbeat(Heartbeat {
                 nonce,
                 crl_version: None,
+                presence: None,
             }),
         ),
         WellFormed::HeartbeatAck { nonce } => Frame::new(
@@ -380,6 +381,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             Payload::HeartbeatAck(Heartbeat {
                 nonce,
                 crl_version: None,
+                presence: None,
             }),
         ),
         WellFormed::Goodbye { code } => Frame::new(

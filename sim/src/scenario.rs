@@ -14,6 +14,7 @@ use sund_model::gateway::GatewayConfig;
 use sund_model::mls::group_ops::GroupKind;
 use sund_model::node::NodeConfig;
 use sund_model::planted::PlantedBug;
+use sund_model::wire::payload::ContactAction;
 
 use crate::network::LinkProfile;
 
@@ -200,6 +201,14 @@ pub enum Action {
         /// An earlier file this one is an edit of.
         like: Option<String>,
     },
+    /// Each device of the first set adds (asks, or accepts), removes, blocks or unblocks the
+    /// users of the second set's devices.
+    Contact(Target, Target, ContactAction),
+    /// Each device of the set makes its user invisible (`true`) or visible again.
+    Invisible(Target, bool),
+    /// Each device of the first set watches the presence of the second set's users (its
+    /// watchlist from now on, in memory: a restarted node watches nobody).
+    Watch(Target, Target),
 }
 
 /// Largest file a scenario sends (the simulation keeps files in memory).
@@ -235,6 +244,9 @@ impl Action {
             Action::ClockJump(..) => "clock",
             Action::Drift(..) => "drift",
             Action::SendFile { .. } => "send-file",
+            Action::Contact(..) => "contact",
+            Action::Invisible(..) => "invisible",
+            Action::Watch(..) => "watch",
         }
     }
 }
@@ -327,6 +339,11 @@ pub enum Invariant {
     /// throttled. Only where outages are short: a device back from a long one with more than a
     /// burst waiting is rightly throttled.
     Unthrottled,
+    /// No device learns the presence of a user who is not its mutual contact, is invisible, or
+    /// blocked it (or was blocked by it), judged by the contact changes the gateway answered;
+    /// what it learns is only online or a coarse bucket; after heal, every watcher's view of
+    /// each watched user is what that rule allows (see `world::presence`).
+    PresencePrivacy,
 }
 
 impl Invariant {
@@ -349,6 +366,7 @@ impl Invariant {
         ("files", Invariant::Files),
         ("rate-limits", Invariant::Limits),
         ("ordinary-unthrottled", Invariant::Unthrottled),
+        ("presence-privacy", Invariant::PresencePrivacy),
     ];
 
     /// The DSL name.
@@ -377,6 +395,7 @@ impl Invariant {
                 | Invariant::Files
                 | Invariant::Limits
                 | Invariant::Unthrottled
+                | Invariant::PresencePrivacy
         )
     }
 }
@@ -418,6 +437,15 @@ impl Tunables {
         }
         if let Some(rate) = self.conversation_limit {
             gateway.limits.conversations = rate;
+        }
+        if let Some(rate) = self.contact_limit {
+            gateway.limits.contact_requests = rate;
+        }
+        if let Some(rate) = self.watch_limit {
+            gateway.limits.presence_subscriptions = rate;
+        }
+        if let Some(max) = self.watchlist_max {
+            gateway.limits.watchlist_max = max;
         }
     }
 
@@ -482,6 +510,12 @@ pub struct Tunables {
     pub send_limit: Option<Option<Rate>>,
     /// Gateway rate limit on conversations created per user (`Some(None)`: off).
     pub conversation_limit: Option<Option<Rate>>,
+    /// Gateway rate limit on contact requests per user, per day (`Some(None)`: off).
+    pub contact_limit: Option<Option<Rate>>,
+    /// Gateway rate limit on watchlists per device, per hour (`Some(None)`: off).
+    pub watch_limit: Option<Option<Rate>>,
+    /// Gateway cap on a watchlist's length.
+    pub watchlist_max: Option<u32>,
 }
 
 /// A whole parsed and resolved scenario.
@@ -1111,10 +1145,16 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "retention" => b.tunables.retention = Some(line.duration("a retention limit")?),
                 "send-limit" => b.tunables.send_limit = Some(line.rate(Rate::per_second)?),
                 "conversation-limit" => b.tunables.conversation_limit = Some(line.rate(Rate::per_hour)?),
+                "contact-limit" => b.tunables.contact_limit = Some(line.rate(Rate::per_day)?),
+                "watch-limit" => b.tunables.watch_limit = Some(line.rate(Rate::per_hour)?),
+                "watchlist-max" => {
+                    b.tunables.watchlist_max =
+                        Some(u32::try_from(line.integer("most users in a watchlist")?).unwrap_or(u32::MAX))
+                }
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample`, `key-packages`, `send-limit` or `conversation-limit`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
                     ))
                 }
             }
@@ -1233,6 +1273,37 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
             Action::Link(a, c, line.profile_patch()?)
         }
         "revoke" => Action::Revoke(one(line, &mut targets)?),
+        "contact" => {
+            let verb = line.next("`add`, `remove`, `block` or `unblock`")?;
+            let action = match verb.text {
+                "add" => ContactAction::Add,
+                "remove" => ContactAction::Remove,
+                "block" => ContactAction::Block,
+                "unblock" => ContactAction::Unblock,
+                other => {
+                    return Err(line.error_at(
+                        verb.column,
+                        format!("expected `add`, `remove`, `block` or `unblock`, found `{other}`"),
+                    ))
+                }
+            };
+            Action::Contact(one(line, &mut targets)?, one(line, &mut targets)?, action)
+        }
+        "invisible" => {
+            let verb = line.next("`on` or `off`")?;
+            let on = match verb.text {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(line.error_at(
+                        verb.column,
+                        format!("expected `on` or `off`, found `{other}`"),
+                    ))
+                }
+            };
+            Action::Invisible(one(line, &mut targets)?, on)
+        }
+        "watch" => Action::Watch(one(line, &mut targets)?, one(line, &mut targets)?),
         "block" => Action::Block(one(line, &mut targets)?, one(line, &mut targets)?),
         "unblock" => Action::Unblock(one(line, &mut targets)?, one(line, &mut targets)?),
         "stall-disk" => Action::StallDisk(one(line, &mut targets)?),
@@ -1309,7 +1380,7 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file"),
+                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file, contact, invisible, watch"),
             ))
         }
     };
@@ -1513,6 +1584,8 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             | Action::Release(a, c)
             | Action::Block(a, c)
             | Action::Unblock(a, c)
+            | Action::Contact(a, c, _)
+            | Action::Watch(a, c)
             | Action::Link(a, c, _) => {
                 f(a)?;
                 f(c)?;
@@ -1528,6 +1601,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             | Action::FreeDisk(a)
             | Action::ClockJump(a, _)
             | Action::Drift(a, _)
+            | Action::Invisible(a, _)
             | Action::Revoke(a) => f(a)?,
             Action::LieDisk(a) | Action::HonestDisk(a) => {
                 f(a)?;

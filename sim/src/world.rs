@@ -40,6 +40,7 @@ mod files;
 mod limits;
 pub use files::FilesReport;
 mod mls_groups;
+mod presence;
 mod trust;
 pub use drain::DrainReport;
 use mls_groups::SimConversation;
@@ -271,6 +272,7 @@ pub struct World {
     revocations: trust::Revocations,
     drains: drain::Drains,
     limit_watch: limits::LimitWatch,
+    presence_watch: presence::PresenceWatch,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
     /// When the liveness probe found everything converged.
@@ -280,6 +282,17 @@ pub struct World {
 }
 
 /// What a clock `ppm` parts per million off adds over `elapsed_us` (signed, truncated).
+/// True if the scenario changes contacts or watches presence: then each device names its user
+/// (plain scenarios otherwise leave devices their own users, and their traces unchanged).
+fn uses_contacts(scenario: &Scenario) -> bool {
+    scenario.schedule.iter().any(|s| {
+        matches!(
+            s.action,
+            Action::Contact(..) | Action::Invisible(..) | Action::Watch(..)
+        )
+    })
+}
+
 fn drift_us(ppm: i64, elapsed_us: u64) -> i64 {
     if ppm == 0 {
         return 0;
@@ -365,6 +378,9 @@ impl World {
                 };
                 if mls_groups::uses_mls(&scenario) {
                     mls_groups::enable_mls(&mut config, &user.name, &scenario.tunables, &verified);
+                } else if uses_contacts(&scenario) {
+                    // Contacts are between users: each device names its user.
+                    config.user = Some(sund_model::ids::UserId::from_name(&user.name));
                 }
                 actors.push(Actor {
                     name: format!("{}/{}", user.name, d),
@@ -430,6 +446,7 @@ impl World {
             revocations: trust::Revocations::default(),
             drains: drain::Drains::default(),
             limit_watch: limits::LimitWatch::new(scenario.tunables.send_rate()),
+            presence_watch: presence::PresenceWatch::default(),
             event_log: None,
             recovered_at: None,
             files: files::SimFiles::default(),
@@ -978,6 +995,7 @@ impl World {
             GatewayOutput::Send(conn, frame) => {
                 self.check_released_frame(a, conn.0, &frame);
                 self.check_rate_limit(a, conn.0, &frame);
+                self.check_presence(a, conn.0, &frame);
                 self.transmit(a, conn.0, frame)
             }
             GatewayOutput::Close(conn) if self.drains.is_draining(a) => {
@@ -1035,7 +1053,10 @@ impl World {
                     }
                 }
             }
-            NodeOutput::Send(conn, frame) => self.transmit(a, conn.0, frame),
+            NodeOutput::Send(conn, frame) => {
+                self.note_social_request(a, &frame);
+                self.transmit(a, conn.0, frame)
+            }
             NodeOutput::Close(conn) => self.close(a, conn.0),
             NodeOutput::SendChunk(chunk) => self.send_chunk(a, chunk),
             NodeOutput::Event(event) => self.app_event(a, event),
@@ -1157,6 +1178,27 @@ impl World {
                 record.extend_from_slice(&upto.to_le_bytes());
                 self.checker
                     .on_history_diverged(self.now, a, name, *conversation, *upto);
+            }
+            NodeEvent::Contacts { contacts, .. } => {
+                record.push(28);
+                for list in [
+                    &contacts.contacts,
+                    &contacts.incoming,
+                    &contacts.outgoing,
+                    &contacts.blocked,
+                ] {
+                    record.extend_from_slice(&(list.len() as u32).to_le_bytes());
+                }
+                record.push(u8::from(contacts.invisible));
+            }
+            NodeEvent::Presence { user, seen } => {
+                record.push(29);
+                record.extend_from_slice(&user.to_bytes());
+                record.push(*seen as u8);
+            }
+            NodeEvent::ContactsRefused { code, .. } => {
+                record.push(30);
+                record.extend_from_slice(&(*code as u16).to_le_bytes());
             }
             NodeEvent::Refused { code, .. } => {
                 record.push(6);
@@ -1752,8 +1794,47 @@ impl World {
                 }
             }
             Action::Revoke(t) => self.revoke_action(t),
+            Action::Contact(from, to, action) => {
+                let users = self.users_of(to);
+                for d in self.resolve(from) {
+                    for user in &users {
+                        self.with_node(d, |n, now| {
+                            n.change_contact(now, *user, *action);
+                        });
+                    }
+                }
+            }
+            Action::Invisible(t, on) => {
+                for d in self.resolve(t) {
+                    self.with_node(d, |n, now| {
+                        n.set_invisible(now, *on);
+                    });
+                }
+            }
+            Action::Watch(from, to) => {
+                let users = self.users_of(to);
+                for d in self.resolve(from) {
+                    let users = users.clone();
+                    self.with_node(d, |n, now| n.watch(now, users));
+                }
+            }
             Action::Handover(..) => unreachable!("rejected by check_supported"),
         }
+    }
+
+    /// The distinct users of a target's devices, in id order.
+    fn users_of(&mut self, target: &Target) -> Vec<sund_model::ids::UserId> {
+        let mut users: Vec<sund_model::ids::UserId> = self
+            .resolve(target)
+            .into_iter()
+            .filter_map(|d| match &self.actors[d as usize].machine {
+                Machine::Node(_, config) => Some(config.certificate_user()),
+                Machine::Gateway(..) => None,
+            })
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        users
     }
 
     fn heal_all(&mut self) {
@@ -1845,6 +1926,7 @@ impl World {
         }
         self.crl_not_converged()
             .or_else(|| self.files_not_converged())
+            .or_else(|| self.presence_not_converged())
     }
 
     /// The run's end: a device holding a message the gateway lost, at a seq that now holds

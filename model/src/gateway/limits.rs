@@ -17,7 +17,11 @@
 //!   well-behaved node never does beyond what it had in flight) has its session ended with a
 //!   `sends_limited` goodbye carrying the hint: a refused frame costs the gateway about as
 //!   much as a sequenced one, so a flood must not be answered frame by frame for long;
-//! - conversations (DMs and rooms) created per user: `conversations_limited`.
+//! - conversations (DMs and rooms) created per user: `conversations_limited`;
+//! - contact requests per user: `contacts_limited`;
+//! - watchlist changes (presence subscriptions) per device: `presence_limited`; and two caps
+//!   checked by the `social` and `presence` sub-machines: the longest watchlist
+//!   (`watchlist_too_long`) and the most relations one user may hold (`contact_list_full`).
 //!
 //! Retries of a message the gateway already sequenced are answered from the deduplication
 //! record and never charged.
@@ -45,6 +49,15 @@ impl Rate {
         Rate {
             count,
             period: Duration::from_secs(1),
+            burst,
+        }
+    }
+
+    /// `count` per day, bursts of `burst`.
+    pub fn per_day(count: u32, burst: u32) -> Rate {
+        Rate {
+            count,
+            period: Duration::from_secs(24 * 3600),
             burst,
         }
     }
@@ -78,6 +91,14 @@ pub struct RateLimits {
     pub sends: Option<Rate>,
     /// Conversations (DMs, rooms) a user may create.
     pub conversations: Option<Rate>,
+    /// Contact requests a user may send (adding someone not yet asked).
+    pub contact_requests: Option<Rate>,
+    /// Watchlists a device may send (each replaces the last; a node sends one per session).
+    pub presence_subscriptions: Option<Rate>,
+    /// Most users one watchlist may name.
+    pub watchlist_max: u32,
+    /// Most relations (contacts, requests sent, blocks) one user may hold.
+    pub contacts_max: u32,
     /// Messages a device may have refused by the send limit in a row (none admitted between)
     /// before the gateway ends its session: a device that keeps sending while told to wait
     /// costs the gateway as much per refused frame as per message, so it is cut off for the
@@ -93,6 +114,10 @@ impl Default for RateLimits {
         RateLimits {
             sends: Some(Rate::per_second(50, 200)),
             conversations: Some(Rate::per_hour(60, 30)),
+            contact_requests: Some(Rate::per_day(100, 20)),
+            presence_subscriptions: Some(Rate::per_hour(120, 20)),
+            watchlist_max: 512,
+            contacts_max: 2_000,
             send_refusals_max: 1_000,
         }
     }
@@ -169,6 +194,10 @@ pub struct LimitStats {
     pub sends_limited: u64,
     /// Conversation creations refused by the per-user limit.
     pub conversations_limited: u64,
+    /// Contact requests refused by the per-user limit.
+    pub contacts_limited: u64,
+    /// Watchlists refused by the per-device limit.
+    pub presence_limited: u64,
     /// Sessions ended because their device kept sending while refused.
     pub cut_off: u64,
 }
@@ -178,6 +207,8 @@ pub struct LimitStats {
 pub struct Limits {
     sends: Option<Bucket<DeviceId>>,
     conversations: Option<Bucket<UserId>>,
+    contact_requests: Option<Bucket<UserId>>,
+    presence_subscriptions: Option<Bucket<DeviceId>>,
     /// Per device being refused: its refusals since its last admitted message.
     refused_in_row: BTreeMap<DeviceId, u32>,
     send_refusals_max: u32,
@@ -190,6 +221,8 @@ impl Limits {
         Limits {
             sends: config.sends.map(Bucket::new),
             conversations: config.conversations.map(Bucket::new),
+            contact_requests: config.contact_requests.map(Bucket::new),
+            presence_subscriptions: config.presence_subscriptions.map(Bucket::new),
             refused_in_row: BTreeMap::new(),
             send_refusals_max: config.send_refusals_max.max(1),
             stats: LimitStats::default(),
@@ -231,6 +264,26 @@ impl Limits {
         })
     }
 
+    /// Charges `user` one contact request.
+    pub fn admit_contact_request(&mut self, now: Instant, user: UserId) -> Result<(), Limited> {
+        let Some(bucket) = &mut self.contact_requests else {
+            return Ok(());
+        };
+        bucket.admit(now, user).inspect_err(|_| {
+            self.stats.contacts_limited += 1;
+        })
+    }
+
+    /// Charges `device` one watchlist.
+    pub fn admit_subscription(&mut self, now: Instant, device: DeviceId) -> Result<(), Limited> {
+        let Some(bucket) = &mut self.presence_subscriptions else {
+            return Ok(());
+        };
+        bucket.admit(now, device).inspect_err(|_| {
+            self.stats.presence_limited += 1;
+        })
+    }
+
     /// Forgets buckets that are full again (each tick).
     pub fn forget_idle(&mut self, now: Instant) {
         if let Some(b) = &mut self.sends {
@@ -242,12 +295,20 @@ impl Limits {
         if let Some(b) = &mut self.conversations {
             b.forget_idle(now);
         }
+        if let Some(b) = &mut self.contact_requests {
+            b.forget_idle(now);
+        }
+        if let Some(b) = &mut self.presence_subscriptions {
+            b.forget_idle(now);
+        }
     }
 
     /// Buckets in use, all limits together.
     pub fn buckets(&self) -> usize {
         self.sends.as_ref().map_or(0, Bucket::len)
             + self.conversations.as_ref().map_or(0, Bucket::len)
+            + self.contact_requests.as_ref().map_or(0, Bucket::len)
+            + self.presence_subscriptions.as_ref().map_or(0, Bucket::len)
     }
 
     /// The counters.
@@ -313,6 +374,7 @@ mod tests {
             sends: Some(Rate::per_second(1, 1)),
             conversations: Some(Rate::per_hour(1, 1)),
             send_refusals_max: 3,
+            ..RateLimits::default()
         });
         let device = DeviceId::from_bytes([1; 16]);
         let user = UserId::from_bytes([2; 16]);
@@ -326,7 +388,9 @@ mod tests {
         let off = Limits::new(RateLimits {
             sends: None,
             conversations: None,
-            send_refusals_max: 3,
+            contact_requests: None,
+            presence_subscriptions: None,
+            ..RateLimits::default()
         });
         assert_eq!(off.buckets(), 0);
     }
@@ -337,6 +401,7 @@ mod tests {
             sends: Some(Rate::per_second(10, 1)),
             conversations: None,
             send_refusals_max: 2,
+            ..RateLimits::default()
         });
         let device = DeviceId::from_bytes([1; 16]);
         limits.admit_send(at_ms(0), device).unwrap();

@@ -22,6 +22,9 @@
 //! - [`groups`]: MLS conversations (commit admission, roles, the external sender, removals);
 //! - [`key_packages`]: the KeyPackage directory;
 //! - [`limits`]: rate limits per device and per user (abuse controls);
+//! - [`social`]: contacts, blocks and invisibility (who may see whose presence, who may fetch
+//!   whose KeyPackages);
+//! - [`presence`]: who is online, last-seen times, and the watchlists told of them;
 //! - [`files`]: the chunk index of file transfers (quota, references, uploads, damage at rest),
 //!   and [`transfers`], its wire side (membership, answers, chunks to serve).
 //!
@@ -37,11 +40,13 @@ pub mod files;
 pub mod groups;
 pub mod key_packages;
 pub mod limits;
+pub mod presence;
 mod refusal;
 pub mod registry;
 pub mod sender_order;
 pub mod sequencer;
 pub mod session;
+pub mod social;
 pub mod transfers;
 
 use bytes::Bytes;
@@ -55,7 +60,8 @@ use crate::time::Instant;
 use crate::timers::{TimerName, TimerTable};
 use crate::trust::{RegistrationAuthority, TrustRoot};
 use crate::wire::payload::{
-    Ack, Challenge, Cursor, ErrorCode, ErrorReport, Goodbye, Heartbeat, Hello, HelloOk, Proof, Send,
+    Ack, Challenge, ContactAction, Cursor, ErrorCode, ErrorReport, Goodbye, Heartbeat, Hello,
+    HelloOk, Proof, Send,
 };
 use crate::wire::{Frame, Payload, Routing};
 
@@ -63,9 +69,11 @@ use delivery::{AppendError, Delivery, DeliveryStats};
 use groups::{GroupEffect, GroupState, Groups, Removal};
 use key_packages::KeyPackageService;
 use limits::Limits;
+use presence::Presence;
 use registry::Registry;
 use sequencer::{Appended, ConversationLog};
 use session::{Challenged, Resume, Sessions, Stage};
+use social::Social;
 use transfers::Transfers;
 
 pub use admin::{AdminAnswer, AdminCommand};
@@ -187,6 +195,11 @@ pub struct Gateway {
     key_packages: KeyPackageService,
     transfers: Transfers,
     limits: Limits,
+    social: Social,
+    presence: Presence,
+    /// The time of the input being handled (for effects of a session's end, whose callers
+    /// do not pass it).
+    now: Instant,
     timers: TimerTable<GatewayTimer>,
     refusals: RefusalCounts,
     fx: Fx,
@@ -229,6 +242,7 @@ impl Gateway {
             Groups::default(),
             KeyPackageService::new(config.directory.clone()),
             Transfers::new(config.files.clone()),
+            (Social::default(), Presence::default()),
         );
         gateway.fx = fx;
         gateway
@@ -257,6 +271,7 @@ impl Gateway {
         let key_packages = KeyPackageService::recover(config.directory.clone(), store)?;
         let sessions = Sessions::recover(store)?;
         let transfers = Transfers::recover(config.files.clone(), store)?;
+        let social = (Social::recover(store)?, Presence::recover(store)?);
         let mut gateway = Gateway::assemble(
             config,
             now,
@@ -267,6 +282,7 @@ impl Gateway {
             groups,
             key_packages,
             transfers,
+            social,
         );
         gateway.fx = fx;
         Ok(gateway)
@@ -283,6 +299,7 @@ impl Gateway {
         groups: Groups,
         key_packages: KeyPackageService,
         transfers: Transfers,
+        (social, presence): (Social, Presence),
     ) -> Gateway {
         assert!(
             !config.tick_interval.is_zero(),
@@ -302,6 +319,9 @@ impl Gateway {
             key_packages,
             transfers,
             limits,
+            social,
+            presence,
+            now,
             refusals: RefusalCounts::default(),
             fx: Fx::default(),
         };
@@ -347,8 +367,20 @@ impl Gateway {
             key_packages: self.key_packages.stats().clone(),
             transfers: self.transfers.stats().clone(),
             limits: self.limits.stats().clone(),
+            social: self.social.stats().clone(),
+            presence: self.presence.stats().clone(),
             refusals: self.refusals,
         }
+    }
+
+    /// Contacts, blocks and invisibility.
+    pub fn social(&self) -> &Social {
+        &self.social
+    }
+
+    /// Who is online, last-seen times and watchlists.
+    pub fn presence(&self) -> &Presence {
+        &self.presence
     }
 
     /// Kind, epoch, roles and devices of an MLS conversation.
@@ -407,7 +439,10 @@ impl Gateway {
 
     /// Graceful shutdown: says goodbye to every session (`ShuttingDown`) and closes it. The
     /// driver commits and flushes the resulting `Ready` before it stops.
-    pub fn shut_down(&mut self, _now: Instant) {
+    pub fn shut_down(&mut self, now: Instant) {
+        self.now = now;
+        // Every session ends: nobody is left to tell who went offline.
+        self.presence.drop_watches();
         let conns: Vec<ConnectionId> = self.sessions.connections().map(|(c, _)| c).collect();
         for conn in conns {
             let goodbye = Refusal::goodbye(
@@ -422,6 +457,7 @@ impl Gateway {
 
     /// Feeds one input. Then drain [`Gateway::poll_ready`].
     pub fn handle(&mut self, now: Instant, input: GatewayInput) {
+        self.now = now;
         match input {
             GatewayInput::Accepted(conn) => self.sessions.accept(now, conn),
             GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
@@ -456,6 +492,7 @@ impl Gateway {
     /// stalled delivery windows, inbox resends, a GC step, expired resume tokens), GC steps
     /// ahead of it while there is a backlog, and steps deleting chunks no upload references.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         for name in self.timers.due(now) {
             match name {
                 GatewayTimer::Tick => self.tick(now),
@@ -590,6 +627,7 @@ impl Gateway {
                 let ack = Heartbeat {
                     nonce: beat.nonce,
                     crl_version: Some(self.registry.crl().version),
+                    presence: self.presence.notifications(conn),
                 };
                 fx.send(conn, Routing::default(), Payload::HeartbeatAck(ack));
                 Ok(())
@@ -637,13 +675,24 @@ impl Gateway {
             Payload::KeyPackageFetch(fetch) => {
                 let registry = &self.registry;
                 let sessions = &self.sessions;
+                let social = &self.social;
+                let requester = registry.user_of(device);
+                // A user's KeyPackages are not handed to anyone they blocked: nobody starts a
+                // DM with, or adds to a room, someone who blocked them.
+                let reachable = |user| requester.is_none_or(|r| !social.blocked(user, r));
                 self.key_packages.fetch(
                     now,
                     conn,
                     device,
                     fetch,
                     routing.seq,
-                    &|user| registry.devices_of(user).collect(),
+                    &|user| {
+                        if reachable(user) {
+                            registry.devices_of(user).collect()
+                        } else {
+                            Vec::new()
+                        }
+                    },
                     &|d| sessions.online(d),
                     fx,
                 )
@@ -670,6 +719,65 @@ impl Gateway {
                 ErrorCode::UnexpectedOpcode,
                 "a chunk travels on a stream of its own, not in the message stream",
             )),
+            Payload::ContactChange(change) => {
+                self.change_contact(now, conn, device, routing, change)
+            }
+            Payload::ContactsFetch(_) => {
+                let user = owner_of(&self.registry, device)?;
+                let listing = self.social.listing(user);
+                let routing = Routing {
+                    seq: routing.seq,
+                    ..Routing::default()
+                };
+                fx.send(conn, routing, Payload::Contacts(listing));
+                Ok(())
+            }
+            Payload::PresenceUpdate(update) => {
+                let user = owner_of(&self.registry, device)?;
+                let changed = self
+                    .social
+                    .set_invisible(user, update.invisible, self.fx.writes());
+                self.answer_contacts(conn, user, routing.seq);
+                if changed {
+                    self.tell_contacts(user, conn);
+                    self.presence.push(now, user, &self.social, &mut self.fx);
+                }
+                Ok(())
+            }
+            Payload::PresenceSubscribe(subscribe) => {
+                let user = owner_of(&self.registry, device)?;
+                let request = Routing {
+                    seq: routing.seq,
+                    ..Routing::default()
+                };
+                if let Err(limited) = self.limits.admit_subscription(now, device) {
+                    return Err(Refusal::error(
+                        ErrorCode::PresenceLimited,
+                        format!(
+                            "too many watchlists from this device: at most {}",
+                            limits::describe(limited.rate)
+                        ),
+                    )
+                    .in_conversation(request)
+                    .retry_after(limited.retry_after));
+                }
+                let users: Vec<UserId> = subscribe
+                    .users
+                    .iter()
+                    .map(|u| UserId::from_bytes(**u))
+                    .collect();
+                let max = self.config.limits.watchlist_max as usize;
+                self.presence.subscribe(
+                    now,
+                    conn,
+                    user,
+                    &users,
+                    max,
+                    routing.seq,
+                    &self.social,
+                    &mut self.fx,
+                )
+            }
             Payload::Goodbye(_) => {
                 fx.hold(GatewayOutput::Close(conn));
                 self.forget_session(conn);
@@ -858,7 +966,13 @@ impl Gateway {
             self.refuse(conn, refusal);
             return;
         }
-        if let Some(old) = self.sessions.open(conn, device) {
+        let replaced = self.sessions.open(conn, device);
+        if let Some(user) = self.registry.user_of(device) {
+            // Before the replaced session ends, so its end is no moment offline.
+            self.presence
+                .opened(now, conn, user, &self.social, &mut self.fx);
+        }
+        if let Some(old) = replaced {
             let goodbye = Refusal::goodbye(
                 ErrorCode::SessionReplaced,
                 "a newer session replaced this one",
@@ -941,8 +1055,97 @@ impl Gateway {
     }
 
     fn forget_session(&mut self, conn: ConnectionId) {
+        let user = self
+            .sessions
+            .device(conn)
+            .and_then(|d| self.registry.user_of(d));
         if self.sessions.forget(conn) {
             self.delivery.close_session(conn);
+            let now = self.now;
+            self.presence
+                .closed(now, conn, user, &self.social, &mut self.fx);
+        }
+    }
+
+    // ---- contacts and presence ----
+
+    /// A contact change: add (or accept), remove, block, unblock. Answered with the user's
+    /// listing; the other user's devices and the user's other devices hear their new listing,
+    /// and watchers of either hear what changed for them.
+    fn change_contact(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        routing: Routing,
+        change: crate::wire::payload::ContactChange,
+    ) -> Result<(), Refusal> {
+        let request = Routing {
+            seq: routing.seq,
+            ..Routing::default()
+        };
+        let user = owner_of(&self.registry, device)?;
+        let other = UserId::from_bytes(*change.user);
+        let Some(action) = ContactAction::from_u8(change.action) else {
+            return Err(Refusal::error(
+                ErrorCode::MalformedFrame,
+                format!("unknown contact action {}", change.action),
+            )
+            .in_conversation(request));
+        };
+        if self.social.is_new_request(user, other, action) {
+            if let Err(limited) = self.limits.admit_contact_request(now, user) {
+                return Err(Refusal::error(
+                    ErrorCode::ContactsLimited,
+                    format!(
+                        "too many contact requests from this user: at most {}",
+                        limits::describe(limited.rate)
+                    ),
+                )
+                .in_conversation(request)
+                .retry_after(limited.retry_after));
+            }
+        }
+        let max = self.config.limits.contacts_max as usize;
+        let changed = self
+            .social
+            .change(user, other, action, max, self.fx.writes())
+            .map_err(|r| r.in_conversation(request))?;
+        self.answer_contacts(conn, user, routing.seq);
+        if changed.changed {
+            self.tell_contacts(user, conn);
+            self.tell_contacts(other, conn);
+            self.presence.push(now, user, &self.social, &mut self.fx);
+            self.presence.push(now, other, &self.social, &mut self.fx);
+        }
+        Ok(())
+    }
+
+    /// Sends `user`'s listing to `conn` as the answer to `request`.
+    fn answer_contacts(&mut self, conn: ConnectionId, user: UserId, request: u64) {
+        let routing = Routing {
+            seq: request,
+            ..Routing::default()
+        };
+        let listing = self.social.listing(user);
+        self.fx.send(conn, routing, Payload::Contacts(listing));
+    }
+
+    /// Sends `user`'s listing, unasked (seq 0), to each of its devices in session but `except`.
+    fn tell_contacts(&mut self, user: UserId, except: ConnectionId) {
+        let conns: Vec<ConnectionId> = self
+            .registry
+            .devices_of(user)
+            .filter_map(|d| self.sessions.online(d))
+            .filter(|c| *c != except)
+            .collect();
+        if conns.is_empty() {
+            return;
+        }
+        let listing = self.social.listing(user);
+        for conn in conns {
+            self.fx
+                .send(conn, Routing::default(), Payload::Contacts(listing.clone()));
         }
     }
 

@@ -5,8 +5,10 @@ use super::delivery::DeliveryStats;
 use super::groups::GroupStats;
 use super::key_packages::KeyPackageStats;
 use super::limits::LimitStats;
+use super::presence::PresenceStats;
 use super::registry::RegistryStats;
 use super::session::SessionStats;
+use super::social::SocialStats;
 use super::transfers::TransferStats;
 use crate::ids::MsgId;
 use crate::wire::payload::ErrorCode;
@@ -69,6 +71,10 @@ pub struct GatewayStats {
     pub transfers: TransferStats,
     /// Rate limits.
     pub limits: LimitStats,
+    /// Contacts and blocks.
+    pub social: SocialStats,
+    /// Presence.
+    pub presence: PresenceStats,
     /// Errors and goodbyes sent, by code.
     #[serde(skip)]
     pub refusals: RefusalCounts,

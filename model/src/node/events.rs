@@ -3,10 +3,40 @@
 use bytes::Bytes;
 
 use crate::files::{ManifestDigest, UploadId};
-use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::device_groups::GroupError;
 use crate::mls::group_ops::GroupKind;
-use crate::wire::payload::ErrorCode;
+use crate::wire::payload::{Contacts, ErrorCode, Seen};
+
+/// This user's contacts, requests, blocks and visibility, as the gateway last listed them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContactList {
+    /// Mutual contacts.
+    pub contacts: Vec<UserId>,
+    /// Users who asked this user and were not added back.
+    pub incoming: Vec<UserId>,
+    /// Users this user asked who have not added back.
+    pub outgoing: Vec<UserId>,
+    /// Users this user blocked.
+    pub blocked: Vec<UserId>,
+    /// Whether this user is invisible.
+    pub invisible: bool,
+}
+
+impl From<Contacts> for ContactList {
+    fn from(c: Contacts) -> ContactList {
+        let ids = |list: Vec<minicbor::bytes::ByteArray<16>>| {
+            list.into_iter().map(|u| UserId::from_bytes(*u)).collect()
+        };
+        ContactList {
+            contacts: ids(c.contacts),
+            incoming: ids(c.incoming),
+            outgoing: ids(c.outgoing),
+            blocked: ids(c.blocked),
+            invisible: c.invisible,
+        }
+    }
+}
 
 /// A pairing code's secret and expiry, as [`super::Node::offer_pairing`] made them; the application
 /// adds the gateway's address and the user's name to show a `trust::pairing::PairingCode`.
@@ -96,6 +126,34 @@ pub enum NodeEvent {
         retry_after: core::time::Duration,
         /// The gateway's explanation (names the limit).
         message: String,
+    },
+    /// The gateway listed this user's contacts: the answer to `request` (a contact change,
+    /// visibility change or fetch), or unasked (`None`) after a change made elsewhere.
+    Contacts {
+        /// The request answered.
+        request: Option<u64>,
+        /// The listing.
+        contacts: ContactList,
+    },
+    /// A watched user's presence changed (or was first told).
+    Presence {
+        /// The user.
+        user: UserId,
+        /// Online, or a coarse bucket of when last seen; unknown for anyone not a mutual
+        /// contact, invisible, or blocking.
+        seen: Seen,
+    },
+    /// The gateway refused a contact or presence request.
+    ContactsRefused {
+        /// The request.
+        request: u64,
+        /// Why (`contacts_limited`, `contact_list_full`, `watchlist_too_long`,
+        /// `presence_limited`, `forbidden`...).
+        code: ErrorCode,
+        /// The gateway's explanation.
+        message: String,
+        /// With a rate limit: when to ask again.
+        retry_after: Option<core::time::Duration>,
     },
     /// The gateway refused one of our messages; it left the outbox.
     Rejected {

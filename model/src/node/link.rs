@@ -355,6 +355,7 @@ impl Link {
                 let beat = Heartbeat {
                     nonce: self.next_heartbeat_nonce,
                     crl_version: None,
+                    presence: None,
                 };
                 LinkDue::Heartbeat(conn, beat)
             }

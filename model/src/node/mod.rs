@@ -34,6 +34,7 @@ pub mod link;
 pub mod mls;
 pub mod outbox;
 mod session;
+pub mod social;
 mod timers;
 pub mod transfers;
 pub mod trust;
@@ -62,7 +63,8 @@ use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
 pub use config::NodeConfig;
 pub use events::{
-    ConnectionStatus, NodeEvent, NodeInput, NodeOutput, NodeStats, PairingOffer, SendError,
+    ConnectionStatus, ContactList, NodeEvent, NodeInput, NodeOutput, NodeStats, PairingOffer,
+    SendError,
 };
 pub use inbox::NODE_CURSORS_TABLE;
 pub use link::NODE_SESSION_TABLE;
@@ -120,6 +122,7 @@ pub struct Node {
     mls: Option<NodeMls>,
     files: files::DeviceFiles,
     transfers: transfers::NodeTransfers,
+    social: social::NodeSocial,
     timers: TimerTable<NodeTimer>,
     /// When each conversation was last sent again in sender order (see `resync_sender_order`).
     sender_resync_at: BTreeMap<ConversationId, Instant>,
@@ -195,6 +198,7 @@ impl Node {
             mls,
             files,
             transfers,
+            social: social::NodeSocial::default(),
             timers: TimerTable::default(),
             sender_resync_at: BTreeMap::new(),
             throttled_until: None,
@@ -215,6 +219,49 @@ impl Node {
     }
 
     // ---- getters ----
+
+    /// Contacts and presence as this device knows them.
+    pub fn social(&self) -> &social::NodeSocial {
+        &self.social
+    }
+
+    /// Adds (asks to be contacts, or accepts a request), removes, blocks or unblocks `user`.
+    /// Returns the request id: the answer is a [`NodeEvent::Contacts`] or a
+    /// [`NodeEvent::ContactsRefused`] naming it. Sent now if a session is open, else when one
+    /// opens.
+    pub fn change_contact(
+        &mut self,
+        _now: Instant,
+        user: UserId,
+        action: crate::wire::payload::ContactAction,
+    ) -> u64 {
+        let conn = self.link.open_conn();
+        self.social.change(user, action, conn, &mut self.fx)
+    }
+
+    /// Appears offline to everyone (`true`) or not; answered as [`Node::change_contact`].
+    pub fn set_invisible(&mut self, _now: Instant, invisible: bool) -> u64 {
+        let conn = self.link.open_conn();
+        self.social.set_invisible(invisible, conn, &mut self.fx)
+    }
+
+    /// Asks the gateway for this user's contacts; answered as [`Node::change_contact`].
+    pub fn fetch_contacts(&mut self, _now: Instant) -> u64 {
+        let conn = self.link.open_conn();
+        self.social.fetch(conn, &mut self.fx)
+    }
+
+    /// Watches the presence of `users` (replacing the watchlist): each one's state comes as
+    /// a [`NodeEvent::Presence`] now and whenever it changes.
+    pub fn watch(&mut self, _now: Instant, users: Vec<UserId>) {
+        let conn = self.link.open_conn();
+        self.social.watch(users, conn, &mut self.fx);
+    }
+
+    /// The user this device's certificate names.
+    pub fn user(&self) -> UserId {
+        self.config.certificate_user()
+    }
 
     /// This device.
     pub fn device(&self) -> DeviceId {
@@ -715,6 +762,7 @@ impl Node {
             }
             Payload::HeartbeatAck(ack) => {
                 self.renew_if_due(now, conn);
+                self.social.on_heartbeat(ack.presence, conn, &mut self.fx);
                 let held = self.trust.holder().crl_version();
                 if ack.crl_version.is_some_and(|v| v > held) {
                     let fetch = CrlFetch { have_version: held };
@@ -822,6 +870,19 @@ impl Node {
             }
             Payload::Welcome(welcome) => self.on_welcome(now, routing.conversation, welcome),
             Payload::Removed(removed) => self.on_removed(now, routing.conversation, removed.seq),
+            Payload::Contacts(listing) => {
+                self.social.on_contacts(routing.seq, listing, &mut self.fx);
+            }
+            Payload::PresenceNotify(notify) => {
+                self.social.on_presence(routing.seq, notify, &mut self.fx);
+            }
+            Payload::Error(report)
+                if routing.conversation == ConversationId(0)
+                    && social::NodeSocial::owns(routing.seq) =>
+            {
+                self.social
+                    .on_error(now, routing.seq, &report, &mut self.fx);
+            }
             Payload::Error(report) => self.on_error(now, routing, report),
             Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
             _ => {} // frames meant for gateways are ignored

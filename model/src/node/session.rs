@@ -60,6 +60,7 @@ impl Node {
         self.drive_groups(now);
         self.transfers
             .session_opened(now, conn, &self.files, &mut self.fx);
+        self.social.session_opened(conn, &mut self.fx);
     }
 
     pub(super) fn send_pending_vouch(&mut self, now: Instant) {

@@ -25,6 +25,8 @@ pub enum NodeTimer {
     Resend,
     /// Drive the groups (fetch expiry, leave resend, proposal takeover).
     Groups,
+    /// Send the watchlist again after the gateway's presence limit refused it.
+    Watch,
 }
 
 impl TimerName for NodeTimer {
@@ -35,6 +37,7 @@ impl TimerName for NodeTimer {
         NodeTimer::Heartbeat,
         NodeTimer::Resend,
         NodeTimer::Groups,
+        NodeTimer::Watch,
     ];
 
     fn index(self) -> usize {
@@ -60,6 +63,9 @@ impl Node {
             .and_then(|m| m.groups.next_deadline(self.config.resend_after));
         self.timers
             .set_or_clear(NodeTimer::Groups, groups.filter(|_| open));
+        let watch = self.social.watch_retry_at();
+        self.timers
+            .set_or_clear(NodeTimer::Watch, watch.filter(|_| open));
     }
 
     /// Fires every timer due at `now`, in order, re-arming after each.
@@ -95,6 +101,10 @@ impl Node {
                         m.groups.expire_fetches(now, self.config.resend_after);
                     }
                     self.drive_groups(now);
+                }
+                NodeTimer::Watch => {
+                    let conn = self.link.open_conn();
+                    self.social.retry_watch(conn, &mut self.fx);
                 }
             }
             self.refresh_timers();

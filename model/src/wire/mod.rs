@@ -24,6 +24,7 @@ mod frame;
 mod header;
 mod opcode;
 pub mod payload;
+pub mod presence;
 
 pub use error::WireError;
 pub use frame::{Frame, FrameDecoder, Routing};

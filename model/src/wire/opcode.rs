@@ -96,13 +96,19 @@ opcodes! {
     /// Node → gateway, in a session: renew this device's certificate (answered by
     /// `Certificate`).
     RenewCertificate = 0x0309,
-    // 0x04xx: presence (later wave)
-    /// Node → gateway: set own presence.
+    // 0x04xx: contacts and presence
+    /// Node → gateway: be invisible or visible (answered by `Contacts`).
     PresenceUpdate = 0x0400,
-    /// Node → gateway: subscribe to a watchlist.
+    /// Node → gateway: this session's watchlist (answered by `PresenceNotify`).
     PresenceSubscribe = 0x0401,
-    /// Gateway → node: a watched device's presence changed.
+    /// Gateway → node: watched users' presence (after a subscribe, and on each change).
     PresenceNotify = 0x0402,
+    /// Node → gateway: add, remove, block or unblock a user (answered by `Contacts`).
+    ContactChange = 0x0403,
+    /// Node → gateway: send the user's contacts (answered by `Contacts`).
+    ContactsFetch = 0x0404,
+    /// Gateway → node: the user's contacts, requests, blocks and visibility.
+    Contacts = 0x0405,
     // 0x05xx: files
     /// Node → gateway: send these chunks of an upload.
     ChunkRequest = 0x0500,

@@ -14,6 +14,10 @@ pub use super::files::{
     ChunkAck, ChunkHead, ChunkRequest, ChunksUnavailable, FileFetched, ListedChunkWire, UploadOpen,
     UploadStatus, CHUNK_REQUEST_IDS_MAX, UPLOAD_CHUNKS_MAX,
 };
+pub use super::presence::{
+    ContactAction, ContactChange, Contacts, ContactsFetch, PresenceEntry, PresenceNotify,
+    PresenceSubscribe, PresenceUpdate, Seen, CONTACTS_LEN_MAX, WATCHLIST_LEN_MAX,
+};
 use super::{Opcode, WireError};
 use crate::ids::{ConversationId, MsgId};
 
@@ -292,6 +296,11 @@ pub struct Heartbeat {
     /// pushed CRL was lost fetches it.
     #[n(1)]
     pub crl_version: Option<u64>,
+    /// In a gateway's answer, while the session watches presence: how many
+    /// `PresenceNotify` frames it sent for the current watchlist, so that a device that
+    /// missed one asks again (absent otherwise).
+    #[n(2)]
+    pub presence: Option<u64>,
 }
 
 /// Machine-readable reasons for `Goodbye` and `Error`.
@@ -398,6 +407,17 @@ pub enum ErrorCode {
     /// This user created more conversations (DMs, rooms) than the gateway's per-user rate
     /// allows; `retry_after_ms` says when the next creation will be taken.
     ConversationsLimited = 40,
+    /// This user sent more contact requests than the gateway's per-user rate allows;
+    /// `retry_after_ms` says when the next will be taken.
+    ContactsLimited = 41,
+    /// A watchlist longer than the gateway allows; the message says the cap. Watch fewer.
+    WatchlistTooLong = 42,
+    /// This device changed its watchlist more often than the gateway's rate allows;
+    /// `retry_after_ms` says when the next will be taken.
+    PresenceLimited = 43,
+    /// This user's contact list (contacts, requests and blocks) is full; the message says the
+    /// cap. Remove someone first.
+    ContactListFull = 44,
 }
 
 impl ErrorCode {
@@ -461,6 +481,10 @@ impl ErrorCode {
             ChunkRefused,
             SendsLimited,
             ConversationsLimited,
+            ContactsLimited,
+            WatchlistTooLong,
+            PresenceLimited,
+            ContactListFull,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -731,6 +755,12 @@ pub enum Payload {
     ChunkRequest(ChunkRequest),
     ChunksUnavailable(ChunksUnavailable),
     FileFetched(FileFetched),
+    PresenceUpdate(PresenceUpdate),
+    PresenceSubscribe(PresenceSubscribe),
+    PresenceNotify(PresenceNotify),
+    ContactChange(ContactChange),
+    ContactsFetch(ContactsFetch),
+    Contacts(Contacts),
 }
 
 /// Decodes exactly one CBOR item that fills `bytes`: anything after it is refused, so one
@@ -801,6 +831,12 @@ impl Payload {
             Payload::ChunkRequest(_) => Opcode::ChunkRequest,
             Payload::ChunksUnavailable(_) => Opcode::ChunksUnavailable,
             Payload::FileFetched(_) => Opcode::FileFetched,
+            Payload::PresenceUpdate(_) => Opcode::PresenceUpdate,
+            Payload::PresenceSubscribe(_) => Opcode::PresenceSubscribe,
+            Payload::PresenceNotify(_) => Opcode::PresenceNotify,
+            Payload::ContactChange(_) => Opcode::ContactChange,
+            Payload::ContactsFetch(_) => Opcode::ContactsFetch,
+            Payload::Contacts(_) => Opcode::Contacts,
         }
     }
 
@@ -843,6 +879,12 @@ impl Payload {
             Payload::ChunkRequest(p) => minicbor::encode(p, &mut *out),
             Payload::ChunksUnavailable(p) => minicbor::encode(p, &mut *out),
             Payload::FileFetched(p) => minicbor::encode(p, &mut *out),
+            Payload::PresenceUpdate(p) => minicbor::encode(p, &mut *out),
+            Payload::PresenceSubscribe(p) => minicbor::encode(p, &mut *out),
+            Payload::PresenceNotify(p) => minicbor::encode(p, &mut *out),
+            Payload::ContactChange(p) => minicbor::encode(p, &mut *out),
+            Payload::ContactsFetch(p) => minicbor::encode(p, &mut *out),
+            Payload::Contacts(p) => minicbor::encode(p, &mut *out),
         };
         result.expect("encoding into a Vec cannot fail");
     }
@@ -956,6 +998,31 @@ impl Payload {
                 Payload::ChunksUnavailable(p)
             }
             Opcode::FileFetched => Payload::FileFetched(decode_as(opcode, bytes)?),
+            Opcode::PresenceUpdate => Payload::PresenceUpdate(decode_as(opcode, bytes)?),
+            Opcode::PresenceSubscribe => {
+                let p: PresenceSubscribe = decode_as(opcode, bytes)?;
+                check_len("presence_subscribe.users", p.users.len(), WATCHLIST_LEN_MAX)?;
+                Payload::PresenceSubscribe(p)
+            }
+            Opcode::PresenceNotify => {
+                let p: PresenceNotify = decode_as(opcode, bytes)?;
+                check_len("presence_notify.entries", p.entries.len(), CONTACTS_LEN_MAX)?;
+                Payload::PresenceNotify(p)
+            }
+            Opcode::ContactChange => Payload::ContactChange(decode_as(opcode, bytes)?),
+            Opcode::ContactsFetch => Payload::ContactsFetch(decode_as(opcode, bytes)?),
+            Opcode::Contacts => {
+                let p: Contacts = decode_as(opcode, bytes)?;
+                for (field, list) in [
+                    ("contacts.contacts", &p.contacts),
+                    ("contacts.incoming", &p.incoming),
+                    ("contacts.outgoing", &p.outgoing),
+                    ("contacts.blocked", &p.blocked),
+                ] {
+                    check_len(field, list.len(), CONTACTS_LEN_MAX)?;
+                }
+                Payload::Contacts(p)
+            }
             reserved => return Err(WireError::PayloadNotDefined(reserved)),
         };
         debug_assert_eq!(payload.opcode(), opcode);

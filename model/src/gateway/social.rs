@@ -1,0 +1,401 @@
+//! Contacts, blocks and invisibility: who may learn whose presence and reach whom.
+//!
+//! Per user, the gateway holds the users it *added* (asked to be contacts, or accepted), the
+//! users it *blocked*, and whether it is *invisible*. Two users are contacts when each added
+//! the other; a request is an add not yet returned. Nothing else: the names people give each
+//! other, and the fingerprints they verified, stay on their devices.
+//!
+//! What this allows ([`Social::may_see`]): a watcher learns a user's presence only if they are
+//! contacts, the user is not invisible, and neither blocked the other. A blocked user's
+//! requests are not shown to the one who blocked them, and a user's KeyPackages are not
+//! handed to anyone they blocked (so nobody can start a DM with, or add to a room, a user who
+//! blocked them). A block also ends the contact on the blocker's side.
+//!
+//! Durable: one record per user in [`SOCIAL_TABLE`], rewritten whole on each change (at most
+//! `contacts_max` entries, so a record stays a few tens of KiB).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use minicbor::bytes::ByteArray;
+use minicbor::{Decode, Encode};
+
+use super::refusal::Refusal;
+use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
+use crate::ids::UserId;
+use crate::wire::payload::{ContactAction, Contacts, ErrorCode};
+
+/// Table of users' relations: user id → [`SocialRecord`].
+pub const SOCIAL_TABLE: Table = Table("social");
+
+/// One user's relations as stored.
+#[derive(Encode, Decode, Clone, Debug, Default, PartialEq, Eq)]
+#[cbor(map)]
+struct SocialRecord {
+    #[n(0)]
+    added: Vec<ByteArray<16>>,
+    #[n(1)]
+    blocked: Vec<ByteArray<16>>,
+    #[n(2)]
+    invisible: bool,
+}
+
+/// One user's relations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Relations {
+    added: BTreeSet<UserId>,
+    blocked: BTreeSet<UserId>,
+    invisible: bool,
+}
+
+impl Relations {
+    fn len(&self) -> usize {
+        self.added.len() + self.blocked.len()
+    }
+
+    fn record(&self) -> SocialRecord {
+        let ids =
+            |set: &BTreeSet<UserId>| set.iter().map(|u| ByteArray::from(u.to_bytes())).collect();
+        SocialRecord {
+            added: ids(&self.added),
+            blocked: ids(&self.blocked),
+            invisible: self.invisible,
+        }
+    }
+}
+
+/// Counters for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SocialStats {
+    /// Contact requests taken (adds of someone not added before).
+    pub requests: u64,
+    /// Blocks taken.
+    pub blocks: u64,
+    /// Changes refused because a user's list was full.
+    pub lists_full: u64,
+}
+
+/// What a change did, for the router to tell the users concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Changed {
+    /// The relation between the two users changed (not a repeat).
+    pub changed: bool,
+    /// An add of someone not added before: charge it as a contact request.
+    pub new_request: bool,
+}
+
+/// The users' relations (see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct Social {
+    users: BTreeMap<UserId, Relations>,
+    /// Reverse index: who added each user.
+    added_by: BTreeMap<UserId, BTreeSet<UserId>>,
+    stats: SocialStats,
+}
+
+impl Social {
+    /// Reads every user's relations back.
+    pub fn recover(store: &dyn StoreRead) -> Result<Social, StoreError> {
+        let mut social = Social::default();
+        scan_all(store, SOCIAL_TABLE, |key, value| {
+            let user: [u8; 16] = key.try_into().map_err(|_| StoreError::Corrupt {
+                table: SOCIAL_TABLE.0,
+                reason: "a social key is not a user id".into(),
+            })?;
+            let record: SocialRecord =
+                minicbor::decode(value).map_err(|e| StoreError::Corrupt {
+                    table: SOCIAL_TABLE.0,
+                    reason: format!("a social record does not decode: {e}"),
+                })?;
+            let user = UserId::from_bytes(user);
+            let relations = Relations {
+                added: record
+                    .added
+                    .iter()
+                    .map(|u| UserId::from_bytes(**u))
+                    .collect(),
+                blocked: record
+                    .blocked
+                    .iter()
+                    .map(|u| UserId::from_bytes(**u))
+                    .collect(),
+                invisible: record.invisible,
+            };
+            for other in &relations.added {
+                social.added_by.entry(*other).or_default().insert(user);
+            }
+            social.users.insert(user, relations);
+            Ok(())
+        })?;
+        Ok(social)
+    }
+
+    /// True if each of `a` and `b` added the other.
+    pub fn mutual(&self, a: UserId, b: UserId) -> bool {
+        self.added(a, b) && self.added(b, a)
+    }
+
+    /// True if `a` added `b`.
+    pub fn added(&self, a: UserId, b: UserId) -> bool {
+        self.users.get(&a).is_some_and(|r| r.added.contains(&b))
+    }
+
+    /// True if `a` blocked `b`.
+    pub fn blocked(&self, a: UserId, b: UserId) -> bool {
+        self.users.get(&a).is_some_and(|r| r.blocked.contains(&b))
+    }
+
+    /// True if `user` is invisible.
+    pub fn invisible(&self, user: UserId) -> bool {
+        self.users.get(&user).is_some_and(|r| r.invisible)
+    }
+
+    /// Whether `watcher` may learn the presence of `target`: contacts, `target` visible, and
+    /// no block either way.
+    pub fn may_see(&self, watcher: UserId, target: UserId) -> bool {
+        watcher != target
+            && self.mutual(watcher, target)
+            && !self.invisible(target)
+            && !self.blocked(target, watcher)
+            && !self.blocked(watcher, target)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &SocialStats {
+        &self.stats
+    }
+
+    /// Users with any relation held here.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether an `action` by `user` on `other` would be a new contact request (to charge it
+    /// before it is taken).
+    pub fn is_new_request(&self, user: UserId, other: UserId, action: ContactAction) -> bool {
+        action == ContactAction::Add && !self.added(user, other)
+    }
+
+    /// Takes `user`'s `action` on `other`; the record is rewritten in `writes`.
+    pub fn change(
+        &mut self,
+        user: UserId,
+        other: UserId,
+        action: ContactAction,
+        contacts_max: usize,
+        writes: &mut WriteBatch,
+    ) -> Result<Changed, Refusal> {
+        if user == other {
+            return Err(Refusal::error(
+                ErrorCode::Forbidden,
+                "that is this device's own user",
+            ));
+        }
+        let relations = self.users.entry(user).or_default();
+        let before = relations.clone();
+        let grows = match action {
+            ContactAction::Add => !relations.added.contains(&other),
+            ContactAction::Block => !relations.blocked.contains(&other),
+            ContactAction::Remove | ContactAction::Unblock => false,
+        };
+        if grows && relations.len() >= contacts_max {
+            self.stats.lists_full += 1;
+            return Err(Refusal::error(
+                ErrorCode::ContactListFull,
+                format!(
+                    "this user's contacts, requests and blocks number {contacts_max}, the most this gateway keeps; remove someone first"
+                ),
+            ));
+        }
+        let new_request = action == ContactAction::Add && grows;
+        match action {
+            ContactAction::Add => {
+                relations.added.insert(other);
+                // Adding someone lifts a block on them: the two are exclusive.
+                relations.blocked.remove(&other);
+            }
+            ContactAction::Remove => {
+                relations.added.remove(&other);
+            }
+            ContactAction::Block => {
+                relations.blocked.insert(other);
+                relations.added.remove(&other);
+            }
+            ContactAction::Unblock => {
+                relations.blocked.remove(&other);
+            }
+        }
+        let changed = *relations != before;
+        if changed {
+            writes.put(SOCIAL_TABLE, user.to_bytes().to_vec(), encode(relations));
+            if relations.added.contains(&other) {
+                self.added_by.entry(other).or_default().insert(user);
+            } else if let Some(by) = self.added_by.get_mut(&other) {
+                by.remove(&user);
+                if by.is_empty() {
+                    self.added_by.remove(&other);
+                }
+            }
+            if new_request {
+                self.stats.requests += 1;
+            }
+            if action == ContactAction::Block {
+                self.stats.blocks += 1;
+            }
+        }
+        Ok(Changed {
+            changed,
+            new_request,
+        })
+    }
+
+    /// Makes `user` invisible or visible; true if that changed it.
+    pub fn set_invisible(
+        &mut self,
+        user: UserId,
+        invisible: bool,
+        writes: &mut WriteBatch,
+    ) -> bool {
+        let relations = self.users.entry(user).or_default();
+        if relations.invisible == invisible {
+            return false;
+        }
+        relations.invisible = invisible;
+        writes.put(SOCIAL_TABLE, user.to_bytes().to_vec(), encode(relations));
+        true
+    }
+
+    /// `user`'s relations as the wire lists them.
+    pub fn listing(&self, user: UserId) -> Contacts {
+        let ids = |it: &mut dyn Iterator<Item = UserId>| -> Vec<ByteArray<16>> {
+            it.map(|u| ByteArray::from(u.to_bytes())).collect()
+        };
+        let empty = Relations::default();
+        let mine = self.users.get(&user).unwrap_or(&empty);
+        let no_one = BTreeSet::new();
+        let by = self.added_by.get(&user).unwrap_or(&no_one);
+        Contacts {
+            contacts: ids(&mut mine.added.iter().copied().filter(|o| by.contains(o))),
+            incoming: ids(&mut by
+                .iter()
+                .copied()
+                .filter(|o| !mine.added.contains(o) && !mine.blocked.contains(o))),
+            outgoing: ids(&mut mine.added.iter().copied().filter(|o| !by.contains(o))),
+            blocked: ids(&mut mine.blocked.iter().copied()),
+            invisible: mine.invisible,
+        }
+    }
+}
+
+fn encode(relations: &Relations) -> Vec<u8> {
+    minicbor::to_vec(relations.record()).expect("encoding into a Vec cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{MemStore, Store};
+
+    fn u(n: u8) -> UserId {
+        UserId::from_bytes([n; 16])
+    }
+
+    fn ids(list: &[ByteArray<16>]) -> Vec<UserId> {
+        list.iter().map(|b| UserId::from_bytes(**b)).collect()
+    }
+
+    #[test]
+    fn contacts_are_mutual_adds_and_blocks_hide_requests_and_presence() {
+        let mut social = Social::default();
+        let mut w = WriteBatch::default();
+        let first = social
+            .change(u(1), u(2), ContactAction::Add, 10, &mut w)
+            .unwrap();
+        assert!(first.new_request && first.changed);
+        assert!(!social.may_see(u(1), u(2)) && !social.may_see(u(2), u(1)));
+        assert_eq!(ids(&social.listing(u(2)).incoming), vec![u(1)]);
+        assert_eq!(ids(&social.listing(u(1)).outgoing), vec![u(2)]);
+        let again = social
+            .change(u(1), u(2), ContactAction::Add, 10, &mut w)
+            .unwrap();
+        assert!(
+            !again.new_request && !again.changed,
+            "a repeat is no new request"
+        );
+        social
+            .change(u(2), u(1), ContactAction::Add, 10, &mut w)
+            .unwrap();
+        assert!(social.may_see(u(1), u(2)) && social.may_see(u(2), u(1)));
+        assert_eq!(ids(&social.listing(u(1)).contacts), vec![u(2)]);
+        social.set_invisible(u(2), true, &mut w);
+        assert!(!social.may_see(u(1), u(2)) && social.may_see(u(2), u(1)));
+        social.set_invisible(u(2), false, &mut w);
+        social
+            .change(u(2), u(1), ContactAction::Block, 10, &mut w)
+            .unwrap();
+        assert!(!social.may_see(u(1), u(2)) && !social.may_see(u(2), u(1)));
+        assert!(social.blocked(u(2), u(1)));
+        assert!(
+            social.listing(u(2)).incoming.is_empty(),
+            "a blocked user's request is hidden"
+        );
+        social
+            .change(u(2), u(1), ContactAction::Unblock, 10, &mut w)
+            .unwrap();
+        assert!(
+            !social.mutual(u(1), u(2)),
+            "unblocking does not make a contact again"
+        );
+        assert_eq!(ids(&social.listing(u(2)).incoming), vec![u(1)]);
+        assert!(social
+            .change(u(1), u(1), ContactAction::Add, 10, &mut w)
+            .is_err());
+    }
+
+    #[test]
+    fn a_full_list_refuses_growth_but_not_removal() {
+        let mut social = Social::default();
+        let mut w = WriteBatch::default();
+        social
+            .change(u(1), u(2), ContactAction::Add, 2, &mut w)
+            .unwrap();
+        social
+            .change(u(1), u(3), ContactAction::Block, 2, &mut w)
+            .unwrap();
+        let full = social
+            .change(u(1), u(4), ContactAction::Add, 2, &mut w)
+            .unwrap_err();
+        assert_eq!(full.code(), ErrorCode::ContactListFull);
+        social
+            .change(u(1), u(2), ContactAction::Remove, 2, &mut w)
+            .unwrap();
+        social
+            .change(u(1), u(4), ContactAction::Add, 2, &mut w)
+            .unwrap();
+        assert_eq!(social.stats().lists_full, 1);
+    }
+
+    #[test]
+    fn relations_survive_a_restart() {
+        let mut social = Social::default();
+        let mut w = WriteBatch::default();
+        social
+            .change(u(1), u(2), ContactAction::Add, 10, &mut w)
+            .unwrap();
+        social
+            .change(u(2), u(1), ContactAction::Add, 10, &mut w)
+            .unwrap();
+        social
+            .change(u(3), u(1), ContactAction::Block, 10, &mut w)
+            .unwrap();
+        social.set_invisible(u(2), true, &mut w);
+        let mut store = MemStore::default();
+        store.commit(w).unwrap();
+        let back = Social::recover(&store).unwrap();
+        for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1)] {
+            assert_eq!(back.mutual(u(a), u(b)), social.mutual(u(a), u(b)));
+            assert_eq!(back.may_see(u(a), u(b)), social.may_see(u(a), u(b)));
+            assert_eq!(back.listing(u(a)), social.listing(u(a)));
+        }
+        assert!(back.blocked(u(3), u(1)) && back.invisible(u(2)));
+    }
+}

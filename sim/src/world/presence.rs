@@ -1,0 +1,284 @@
+//! The `presence-privacy` invariant: no device learns the presence of a user it may not see.
+//!
+//! Checked from outside the gateway, on what crosses the wire:
+//! - **The rule, kept apart.** The world keeps its own ledger of who added, blocked and hid
+//!   from whom ([`Ledger`]), built from the contact requests the nodes send
+//!   (`ContactChange`, `PresenceUpdate`), each applied when the gateway releases its answer
+//!   (a `Contacts` naming the request, so after its commit). The ledger applies the rule as
+//!   the issue states it, not the gateway's code: a watcher may see a user only if each added
+//!   the other, the user is not invisible, and neither blocked the other.
+//! - **Safety.** Every `PresenceNotify` the gateway releases is checked against the ledger at
+//!   that moment: an entry other than `unknown` about a user the watcher may not see fails
+//!   the run, and so does a value that is not one of the coarse buckets (the wire has no
+//!   other resolution: this catches a change that adds one).
+//! - **Liveness.** After heal, each node's view of every user on its watchlist is what the
+//!   rule allows: `online` for users it may see (every device is up by then), `unknown` for
+//!   the rest.
+//!
+//! The report counts what was told (`presence-told`, `presence-hidden`) and the refusals
+//! (`contact-refused`), so a scrape scenario shows its bots were refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sund_model::ids::UserId;
+use sund_model::node::social::NodeSocial;
+use sund_model::wire::payload::{ContactAction, Seen};
+use sund_model::wire::{Frame, Opcode, Payload, PAYLOAD_BYTES_MAX};
+
+use super::{Machine, World};
+use crate::network::ActorIndex;
+use crate::scenario::Invariant;
+
+/// Who added, blocked and hid from whom, as the gateway answered it.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    added: BTreeSet<(UserId, UserId)>,
+    blocked: BTreeSet<(UserId, UserId)>,
+    invisible: BTreeSet<UserId>,
+}
+
+/// A change a node asked for, waiting for the gateway's answer.
+#[derive(Clone, Copy, Debug)]
+enum Asked {
+    Contact(UserId, ContactAction),
+    Invisible(bool),
+}
+
+impl Ledger {
+    fn apply(&mut self, user: UserId, asked: Asked) {
+        match asked {
+            Asked::Contact(other, ContactAction::Add) => {
+                self.added.insert((user, other));
+                self.blocked.remove(&(user, other));
+            }
+            Asked::Contact(other, ContactAction::Remove) => {
+                self.added.remove(&(user, other));
+            }
+            Asked::Contact(other, ContactAction::Block) => {
+                self.blocked.insert((user, other));
+                self.added.remove(&(user, other));
+            }
+            Asked::Contact(other, ContactAction::Unblock) => {
+                self.blocked.remove(&(user, other));
+            }
+            Asked::Invisible(true) => {
+                self.invisible.insert(user);
+            }
+            Asked::Invisible(false) => {
+                self.invisible.remove(&user);
+            }
+        }
+    }
+
+    /// The rule: contacts both ways, visible, no block either way.
+    pub(super) fn may_see(&self, watcher: UserId, target: UserId) -> bool {
+        watcher != target
+            && self.added.contains(&(watcher, target))
+            && self.added.contains(&(target, watcher))
+            && !self.invisible.contains(&target)
+            && !self.blocked.contains(&(watcher, target))
+            && !self.blocked.contains(&(target, watcher))
+    }
+}
+
+/// What the world watches for `presence-privacy`.
+#[derive(Debug, Default)]
+pub(super) struct PresenceWatch {
+    ledger: Ledger,
+    /// Requests sent and not answered, by (device, request id).
+    asked: BTreeMap<(ActorIndex, u64), Asked>,
+}
+
+fn opcode(frame: &[u8]) -> Option<u16> {
+    (frame.len() >= 8).then(|| u16::from_be_bytes([frame[6], frame[7]]))
+}
+
+impl World {
+    /// The user a device's sessions are bound to (its certificate's user).
+    fn user_id_of(&self, device: ActorIndex) -> Option<UserId> {
+        match &self.actors[device as usize].machine {
+            Machine::Node(_, config) => Some(config.certificate_user()),
+            Machine::Gateway(..) => None,
+        }
+    }
+
+    /// A node sent `frame`: remember a contact or visibility change until it is answered.
+    pub(super) fn note_social_request(&mut self, device: ActorIndex, frame: &[u8]) {
+        if !self
+            .scenario
+            .invariants
+            .contains(&Invariant::PresencePrivacy)
+        {
+            return;
+        }
+        let op = opcode(frame);
+        if op != Some(Opcode::ContactChange.to_u16()) && op != Some(Opcode::PresenceUpdate.to_u16())
+        {
+            return;
+        }
+        let Ok(frame) = Frame::decode(frame, PAYLOAD_BYTES_MAX) else {
+            return;
+        };
+        let asked = match frame.payload {
+            Payload::ContactChange(change) => match ContactAction::from_u8(change.action) {
+                Some(action) => Asked::Contact(UserId::from_bytes(*change.user), action),
+                None => return,
+            },
+            Payload::PresenceUpdate(update) => Asked::Invisible(update.invisible),
+            _ => return,
+        };
+        self.presence_watch
+            .asked
+            .insert((device, frame.routing.seq), asked);
+    }
+
+    /// The gateway released `frame` to `conn`: apply an answered change, check a presence
+    /// notification against the ledger.
+    pub(super) fn check_presence(&mut self, gateway: ActorIndex, conn: u64, frame: &[u8]) {
+        if !self
+            .scenario
+            .invariants
+            .contains(&Invariant::PresencePrivacy)
+        {
+            return;
+        }
+        let op = opcode(frame);
+        let contacts = op == Some(Opcode::Contacts.to_u16());
+        let notify = op == Some(Opcode::PresenceNotify.to_u16());
+        let error = op == Some(Opcode::Error.to_u16());
+        if !(contacts || notify || error) {
+            return;
+        }
+        let Some(device) = self.network.peer_of(conn, gateway) else {
+            return;
+        };
+        let Ok(frame) = Frame::decode(frame, PAYLOAD_BYTES_MAX) else {
+            return;
+        };
+        let Some(watcher) = self.user_id_of(device) else {
+            return;
+        };
+        match frame.payload {
+            Payload::Contacts(_) => {
+                if let Some(asked) = self
+                    .presence_watch
+                    .asked
+                    .remove(&(device, frame.routing.seq))
+                {
+                    self.presence_watch.ledger.apply(watcher, asked);
+                }
+            }
+            Payload::Error(_) if NodeSocial::owns(frame.routing.seq) => {
+                self.presence_watch
+                    .asked
+                    .remove(&(device, frame.routing.seq));
+                *self.faults.entry("contact-refused").or_default() += 1;
+            }
+            Payload::PresenceNotify(notify) => {
+                for entry in notify.entries {
+                    let target = UserId::from_bytes(*entry.user);
+                    let seen = Seen::from_u8(entry.seen);
+                    let name = &self.actors[device as usize].name;
+                    if seen as u8 != entry.seen {
+                        let detail = format!(
+                            "{name} was told presence value {} of {target}: not one of the coarse buckets",
+                            entry.seen
+                        );
+                        self.checker
+                            .fail_safety(Invariant::PresencePrivacy, self.now, detail);
+                    }
+                    if seen == Seen::Unknown {
+                        *self.faults.entry("presence-hidden").or_default() += 1;
+                        continue;
+                    }
+                    *self.faults.entry("presence-told").or_default() += 1;
+                    if !self.presence_watch.ledger.may_see(watcher, target) {
+                        let detail = format!(
+                            "{name} was told {target} is {} although it may not see them (not mutual contacts, invisible, or blocked)",
+                            seen.describe()
+                        );
+                        self.checker
+                            .fail_safety(Invariant::PresencePrivacy, self.now, detail);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// After heal: why some node's view of a watched user is not what the rule allows.
+    pub(super) fn presence_not_converged(&self) -> Option<String> {
+        if !self
+            .scenario
+            .invariants
+            .contains(&Invariant::PresencePrivacy)
+        {
+            return None;
+        }
+        for &d in &self.devices {
+            let Machine::Node(Some(node), _) = &self.actors[d as usize].machine else {
+                continue;
+            };
+            if !node.is_connected() {
+                continue; // the connection check reports it
+            }
+            let watcher = node.user();
+            for &target in node.social().watchlist() {
+                let target_devices: Vec<ActorIndex> = self
+                    .devices
+                    .iter()
+                    .copied()
+                    .filter(|&t| self.user_id_of(t) == Some(target))
+                    .collect();
+                let target_online = target_devices.iter().any(|&t| {
+                    matches!(&self.actors[t as usize].machine, Machine::Node(Some(n), _) if n.is_connected())
+                });
+                let expected = if !self.presence_watch.ledger.may_see(watcher, target) {
+                    Seen::Unknown
+                } else if target_online {
+                    Seen::Online
+                } else {
+                    continue; // the connection check reports it
+                };
+                let seen = node.social().seen(target);
+                if seen != expected {
+                    let name = target_devices
+                        .first()
+                        .map_or("?", |&t| self.actors[t as usize].name.as_str());
+                    return Some(format!(
+                        "{} sees {target} ({name}) as {}, expected {}",
+                        self.actors[d as usize].name,
+                        seen.describe(),
+                        expected.describe()
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(n: u8) -> UserId {
+        UserId::from_bytes([n; 16])
+    }
+
+    #[test]
+    fn the_ledger_sees_only_visible_mutual_contacts_without_blocks() {
+        let mut l = Ledger::default();
+        l.apply(u(1), Asked::Contact(u(2), ContactAction::Add));
+        assert!(!l.may_see(u(1), u(2)));
+        l.apply(u(2), Asked::Contact(u(1), ContactAction::Add));
+        assert!(l.may_see(u(1), u(2)) && l.may_see(u(2), u(1)));
+        l.apply(u(2), Asked::Invisible(true));
+        assert!(!l.may_see(u(1), u(2)) && l.may_see(u(2), u(1)));
+        l.apply(u(2), Asked::Invisible(false));
+        l.apply(u(1), Asked::Contact(u(2), ContactAction::Block));
+        assert!(!l.may_see(u(1), u(2)) && !l.may_see(u(2), u(1)));
+        l.apply(u(1), Asked::Contact(u(2), ContactAction::Unblock));
+        assert!(!l.may_see(u(2), u(1)), "the block ended the contact");
+    }
+}
