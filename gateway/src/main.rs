@@ -37,7 +37,9 @@ struct Cli {
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
     /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, admin_web, log_format,
     /// and a `[limits]` table: sends_per_second, send_burst, conversations_per_hour,
-    /// conversation_burst, 0 turning one off, send_refusals_max); command-line flags win.
+    /// conversation_burst, contact_requests_per_day, contact_request_burst, watchlists_per_hour,
+    /// watchlist_burst, 0 turning one off, send_refusals_max, watchlist_max, contacts_max);
+    /// command-line flags win.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Certify any device that registers without an enrolment token (for local use; otherwise
@@ -217,6 +219,12 @@ struct LimitsConfig {
     conversations_per_hour: Option<u32>,
     conversation_burst: Option<u32>,
     send_refusals_max: Option<u32>,
+    contact_requests_per_day: Option<u32>,
+    contact_request_burst: Option<u32>,
+    watchlists_per_hour: Option<u32>,
+    watchlist_burst: Option<u32>,
+    watchlist_max: Option<u32>,
+    contacts_max: Option<u32>,
 }
 
 impl LimitsConfig {
@@ -247,8 +255,26 @@ impl LimitsConfig {
             self.conversation_burst,
             Rate::per_hour,
         );
+        limits.contact_requests = rate(
+            limits.contact_requests,
+            self.contact_requests_per_day,
+            self.contact_request_burst,
+            Rate::per_day,
+        );
+        limits.presence_subscriptions = rate(
+            limits.presence_subscriptions,
+            self.watchlists_per_hour,
+            self.watchlist_burst,
+            Rate::per_hour,
+        );
         if let Some(max) = self.send_refusals_max {
             limits.send_refusals_max = max.max(1);
+        }
+        if let Some(max) = self.watchlist_max {
+            limits.watchlist_max = max;
+        }
+        if let Some(max) = self.contacts_max {
+            limits.contacts_max = max;
         }
     }
 }

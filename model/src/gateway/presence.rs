@@ -6,7 +6,8 @@
 //! `session_idle_timeout` (a device that went away without saying so) or the connection
 //! closes. When the last session of a user ends, its *last seen* time is kept, rounded down
 //! to the hour ([`LAST_SEEN_GRAIN`]): durable in [`LAST_SEEN_TABLE`], so a restarted gateway
-//! still knows it, and never finer than the hour. Watchers learn only coarse buckets of it
+//! still knows it, and never finer than the hour; only for users with at least one contact
+//! (nobody else may ever be told it). Watchers learn only coarse buckets of it
 //! ([`Seen`]), computed when they are told.
 //!
 //! Each session may hold one watchlist (at most `watchlist_max` users, each change charged to
@@ -133,7 +134,12 @@ impl Presence {
         }
     }
 
-    fn note_seen(&mut self, now: Instant, user: UserId, writes: &mut WriteBatch) {
+    /// Keeps when `user` was last seen, if anyone may ever be told: a user without contacts
+    /// leaves no last-seen time (nor a write on each connection).
+    fn note_seen(&mut self, now: Instant, user: UserId, social: &Social, writes: &mut WriteBatch) {
+        if !social.has_contacts(user) {
+            return;
+        }
         let at = round_down(now);
         if self.last_seen.insert(user, at) != Some(at) {
             writes.put(
@@ -158,7 +164,7 @@ impl Presence {
         sessions.insert(conn);
         // Kept at the session's start too, so a gateway that crashes while the user is online
         // still knows roughly when it last saw them.
-        self.note_seen(now, user, fx.writes());
+        self.note_seen(now, user, social, fx.writes());
         if first {
             self.stats.transitions += 1;
             self.push(now, user, social, fx);
@@ -183,7 +189,7 @@ impl Presence {
             return;
         }
         self.online.remove(&user);
-        self.note_seen(now, user, fx.writes());
+        self.note_seen(now, user, social, fx.writes());
         self.stats.transitions += 1;
         self.push(now, user, social, fx);
     }

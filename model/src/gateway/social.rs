@@ -134,6 +134,14 @@ impl Social {
         self.added(a, b) && self.added(b, a)
     }
 
+    /// True if `user` has at least one contact (someone who may ever see its presence).
+    pub fn has_contacts(&self, user: UserId) -> bool {
+        let (Some(mine), Some(by)) = (self.users.get(&user), self.added_by.get(&user)) else {
+            return false;
+        };
+        mine.added.iter().any(|o| by.contains(o))
+    }
+
     /// True if `a` added `b`.
     pub fn added(&self, a: UserId, b: UserId) -> bool {
         self.users.get(&a).is_some_and(|r| r.added.contains(&b))
