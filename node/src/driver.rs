@@ -216,6 +216,10 @@ enum Command {
         as_it_arrives: bool,
         reply: oneshot::Sender<Result<PathBuf, String>>,
     },
+    Social {
+        request: SocialRequest,
+        reply: oneshot::Sender<Option<u64>>,
+    },
     Reconnect,
     Taken {
         conversation: ConversationId,
@@ -305,6 +309,19 @@ impl From<SessionEvent> for Link {
     fn from(event: SessionEvent) -> Link {
         Link::Session(event)
     }
+}
+
+/// A contact or presence request ([`NodeHandle::social`]).
+#[derive(Clone, Debug)]
+pub enum SocialRequest {
+    /// Add (ask, or accept), remove, block or unblock a user.
+    Change(UserId, sund_model::wire::payload::ContactAction),
+    /// Be invisible (`true`) or visible.
+    Invisible(bool),
+    /// List this user's contacts.
+    Fetch,
+    /// Watch these users' presence.
+    Watch(Vec<UserId>),
 }
 
 /// A running node.
@@ -419,6 +436,18 @@ impl NodeHandle {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Group { request, reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Asks for a contact or presence change, a listing or a watchlist: returns the request
+    /// id its answer names (a [`NodeEvent::Contacts`] or [`NodeEvent::ContactsRefused`]); a
+    /// watchlist has none (its states come as [`NodeEvent::Presence`]).
+    pub async fn social(&self, request: SocialRequest) -> Result<Option<u64>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Social { request, reply })
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
@@ -778,6 +807,20 @@ impl Core {
             }
             Command::Groups { reply: to } => {
                 let _ = to.send(self.summaries());
+            }
+            Command::Social { request, reply: to } => {
+                let id = match request {
+                    SocialRequest::Change(user, action) => {
+                        Some(self.node.change_contact(now, user, action))
+                    }
+                    SocialRequest::Invisible(on) => Some(self.node.set_invisible(now, on)),
+                    SocialRequest::Fetch => Some(self.node.fetch_contacts(now)),
+                    SocialRequest::Watch(users) => {
+                        self.node.watch(now, users);
+                        None
+                    }
+                };
+                let _ = to.send(id);
             }
             Command::Taken { conversation, seq } => self.node.taken(conversation, seq),
             Command::Reconnect => {

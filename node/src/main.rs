@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{CommandFactory, Parser, Subcommand};
 use sund_model::node::{ConnectionStatus, NodeEvent};
-use sund_model::wire::payload::ErrorCode;
+use sund_model::wire::payload::{ContactAction, ErrorCode};
 use sund_node::device::Device;
 use sund_node::display;
 use sund_node::driver;
@@ -31,6 +31,7 @@ macro_rules! esay {
 }
 
 mod chat;
+mod contact_commands;
 #[cfg(feature = "demo")]
 mod demo;
 mod file_commands;
@@ -145,6 +146,52 @@ enum FileCommand {
         /// Where to save it.
         #[arg(long, default_value = ".")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContactsCommand {
+    /// Ask a user to be contacts, or accept their request (contacts see each other's
+    /// presence).
+    Add {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The user's name.
+        name: String,
+    },
+    /// Stop being contacts, or withdraw or decline a request.
+    Remove {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The user's name.
+        name: String,
+    },
+    /// Block a user: no presence either way, no DM with you, no invitation of you to a room.
+    Block {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The user's name.
+        name: String,
+    },
+    /// Unblock a user.
+    Unblock {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The user's name.
+        name: String,
+    },
+    /// Show your contacts, requests to and from you, blocks, and whether you are invisible.
+    List {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// One JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -285,6 +332,26 @@ enum Command {
         /// The user's name, as their own devices were set up with (`--user`).
         name: String,
     },
+    /// Contacts: people who added each other see each other's presence.
+    Contacts {
+        #[command(subcommand)]
+        command: ContactsCommand,
+    },
+    /// Show whether your contacts (or the users named) are online, or when they were last
+    /// seen, in coarse steps only; or become invisible (offline to everyone) or visible again.
+    Presence {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// Users to show (default: all your contacts).
+        users: Vec<String>,
+        /// Appear offline to everyone, while this device works as usual.
+        #[arg(long, conflicts_with = "visible")]
+        invisible: bool,
+        /// Show your presence to your contacts again.
+        #[arg(long)]
+        visible: bool,
+    },
     /// Show the device, its gateway, its outbox, and whether the gateway can be reached.
     Status {
         /// The device's data directory.
@@ -392,6 +459,36 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Chat { data_dir } => chat::chat(&data_dir).await,
         Command::Completions { .. } => unreachable!("printed before the runtime starts"),
         Command::Contact { data_dir, name } => group_commands::contact(&data_dir, &name),
+        Command::Contacts { command } => match command {
+            ContactsCommand::Add { data_dir, name } => {
+                contact_commands::change(&data_dir, &name, ContactAction::Add).await
+            }
+            ContactsCommand::Remove { data_dir, name } => {
+                contact_commands::change(&data_dir, &name, ContactAction::Remove).await
+            }
+            ContactsCommand::Block { data_dir, name } => {
+                contact_commands::change(&data_dir, &name, ContactAction::Block).await
+            }
+            ContactsCommand::Unblock { data_dir, name } => {
+                contact_commands::change(&data_dir, &name, ContactAction::Unblock).await
+            }
+            ContactsCommand::List { data_dir, json } => {
+                contact_commands::list(&data_dir, json).await
+            }
+        },
+        Command::Presence {
+            data_dir,
+            users,
+            invisible,
+            visible,
+        } => {
+            let visibility = match (invisible, visible) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            contact_commands::presence(&data_dir, &users, visibility).await
+        }
         Command::Dm { data_dir, user } => group_commands::dm(&data_dir, &user).await,
         Command::Room { command } => group_commands::room(command).await,
         Command::Devices { data_dir, json } => group_commands::devices(&data_dir, json).await,

@@ -1,0 +1,281 @@
+//! `sund contacts add|remove|block|unblock|list` and `sund presence`: contacts and presence
+//! from the command line. Each command starts the device, asks the gateway, waits for its
+//! answer and says what changed in words; the gateway holds the truth, the device keeps the
+//! names.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use sund_model::ids::UserId;
+use sund_model::node::{ContactList, NodeEvent};
+use sund_model::wire::payload::{ContactAction, Seen};
+use sund_node::device::Device;
+use sund_node::driver::{self, NodeHandle, SocialRequest};
+
+use crate::group_commands::check_user_name;
+
+/// How long a command waits for the gateway's answer.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
+/// How long `sund presence` waits for the state of every watched user.
+const PRESENCE_DEADLINE: Duration = Duration::from_secs(10);
+
+fn load(data_dir: &Path) -> Result<Device, String> {
+    let device = Device::load(data_dir).map_err(|e| e.to_string())?;
+    if device.user.is_none() {
+        return Err(
+            "this device has no user; set one up with `sund init --user NAME` (contacts are \
+             between users)"
+                .into(),
+        );
+    }
+    Ok(device)
+}
+
+/// A user as this device names them.
+fn name_of(user: UserId, names: &BTreeMap<UserId, String>) -> String {
+    names
+        .get(&user)
+        .cloned()
+        .unwrap_or_else(|| user.to_string())
+}
+
+/// A user named on the command line: a name, or `user:` and the 32 hex digits of an id (as
+/// `sund contacts list` shows someone whose name this device does not know yet).
+fn parse_user(text: &str) -> Result<(UserId, Option<&str>), String> {
+    if let Some(hex) = text.strip_prefix("user:") {
+        let bytes = sund_model::hex::decode_array::<16>(hex).ok_or_else(|| {
+            format!("`{text}` is not a user id: `user:` and 32 hex digits, as `sund contacts list` shows them")
+        })?;
+        return Ok((UserId::from_bytes(bytes), None));
+    }
+    check_user_name(text)?;
+    Ok((UserId::from_name(text), Some(text)))
+}
+
+/// Sends `request` and waits for the listing that answers it.
+async fn ask(node: &mut NodeHandle, request: SocialRequest) -> Result<ContactList, String> {
+    let id = node
+        .social(request)
+        .await
+        .map_err(|e| e.to_string())?
+        .expect("a contact request has an id");
+    let deadline = tokio::time::sleep(ANSWER_DEADLINE);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Contacts { request: Some(r), contacts }) if r == id => {
+                    return Ok(contacts);
+                }
+                Some(NodeEvent::ContactsRefused { request, code, message, retry_after })
+                    if request == id =>
+                {
+                    let wait = retry_after
+                        .map(|d| format!("; try again in {}", display_wait(d)))
+                        .unwrap_or_default();
+                    return Err(format!("the gateway refused ({}): {message}{wait}", code.name()));
+                }
+                Some(NodeEvent::Refused { code, message }) => {
+                    return Err(format!("the gateway refused this device ({}): {message}", code.name()));
+                }
+                Some(_) => {}
+                None => return Err("the device stopped".into()),
+            },
+            _ = &mut deadline => {
+                return Err(format!(
+                    "no answer from the gateway within {} s; check `sund status`, then run the command again (nothing was changed on this device)",
+                    ANSWER_DEADLINE.as_secs()
+                ));
+            }
+        }
+    }
+}
+
+fn display_wait(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{:.1} s", d.as_secs_f64()),
+        120..=7199 => format!("{} min", s / 60),
+        _ => format!("{} h", s / 3600),
+    }
+}
+
+/// `sund contacts add|remove|block|unblock NAME`.
+pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Result<(), String> {
+    let (user, known) = parse_user(name)?;
+    let device = load(data_dir)?;
+    if device.user.as_deref().map(UserId::from_name) == Some(user) {
+        return Err(format!("`{name}` is this device's own user"));
+    }
+    if let Some(known) = known {
+        device.remember_user(known).map_err(|e| e.to_string())?;
+    }
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = ask(&mut node, SocialRequest::Change(user, action)).await;
+    let _ = node.stop().await;
+    let list = result?;
+    let me = device.user.clone().unwrap_or_default();
+    match action {
+        ContactAction::Add if list.contacts.contains(&user) => say!(
+            "{name} and you are contacts: you see each other's presence (`sund presence`)"
+        ),
+        ContactAction::Add => say!(
+            "asked {name} to be contacts; they see it in `sund contacts list` and accept with `sund contacts add {me}`"
+        ),
+        ContactAction::Remove => {
+            say!("{name} is not a contact any more (and any request between you is withdrawn)")
+        }
+        ContactAction::Block => say!(
+            "blocked {name}: they cannot see your presence, start a DM with you or add you to a room, and their requests are hidden"
+        ),
+        ContactAction::Unblock => say!(
+            "unblocked {name}; you are contacts again only once you both add each other"
+        ),
+    }
+    Ok(())
+}
+
+/// `sund contacts list`.
+pub async fn list(data_dir: &Path, json: bool) -> Result<(), String> {
+    let device = load(data_dir)?;
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = ask(&mut node, SocialRequest::Fetch).await;
+    let _ = node.stop().await;
+    let list = result?;
+    let names = device.user_names();
+    let named =
+        |users: &[UserId]| -> Vec<String> { users.iter().map(|u| name_of(*u, &names)).collect() };
+    if json {
+        let doc = serde_json::json!({
+            "contacts": named(&list.contacts),
+            "incoming": named(&list.incoming),
+            "outgoing": named(&list.outgoing),
+            "blocked": named(&list.blocked),
+            "invisible": list.invisible,
+        });
+        say!("{doc}");
+        return Ok(());
+    }
+    let line = |label: &str, users: &[UserId]| {
+        let shown = named(users);
+        if shown.is_empty() {
+            say!("{label}: none");
+        } else {
+            say!("{label}: {}", shown.join(", "));
+        }
+    };
+    line("contacts", &list.contacts);
+    line(
+        "asked you (accept with `sund contacts add NAME`, or the id shown)",
+        &list.incoming,
+    );
+    line("you asked", &list.outgoing);
+    line("blocked", &list.blocked);
+    say!(
+        "you are {}",
+        if list.invisible {
+            "invisible: offline to everyone (`sund presence --visible` to show again)"
+        } else {
+            "visible to your contacts"
+        }
+    );
+    Ok(())
+}
+
+/// `sund presence [NAME...] [--invisible | --visible]`.
+pub async fn presence(
+    data_dir: &Path,
+    users: &[String],
+    invisible: Option<bool>,
+) -> Result<(), String> {
+    for name in users {
+        parse_user(name)?;
+    }
+    let device = load(data_dir)?;
+    let mut node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = presence_with(&mut node, &device, users, invisible).await;
+    let _ = node.stop().await;
+    result
+}
+
+async fn presence_with(
+    node: &mut NodeHandle,
+    device: &Device,
+    users: &[String],
+    invisible: Option<bool>,
+) -> Result<(), String> {
+    if let Some(on) = invisible {
+        let list = ask(node, SocialRequest::Invisible(on)).await?;
+        if list.invisible {
+            say!("you appear offline to everyone now, while this device works as usual (`sund presence --visible` to show again)");
+        } else {
+            say!("your contacts see you online again");
+        }
+        return Ok(());
+    }
+    let mut watched: Vec<UserId> = Vec::new();
+    for text in users {
+        let (user, known) = parse_user(text)?;
+        if let Some(known) = known {
+            device.remember_user(known).map_err(|e| e.to_string())?;
+        }
+        watched.push(user);
+    }
+    let names = device.user_names();
+    if users.is_empty() {
+        watched = ask(node, SocialRequest::Fetch).await?.contacts;
+    }
+    if watched.is_empty() {
+        say!("no contacts yet: add one with `sund contacts add NAME`");
+        return Ok(());
+    }
+    node.social(SocialRequest::Watch(watched.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen: BTreeMap<UserId, Seen> = BTreeMap::new();
+    let deadline = tokio::time::sleep(PRESENCE_DEADLINE);
+    tokio::pin!(deadline);
+    while seen.len() < watched.len() {
+        tokio::select! {
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Presence { user, seen: state }) => {
+                    seen.insert(user, state);
+                }
+                Some(NodeEvent::ContactsRefused { code, message, retry_after, .. }) => {
+                    let wait = retry_after
+                        .map(|d| format!("; try again in {}", display_wait(d)))
+                        .unwrap_or_default();
+                    return Err(format!("the gateway refused the watchlist ({}): {message}{wait}", code.name()));
+                }
+                Some(NodeEvent::Refused { code, message }) => {
+                    return Err(format!("the gateway refused this device ({}): {message}", code.name()));
+                }
+                Some(_) => {}
+                None => return Err("the device stopped".into()),
+            },
+            _ = &mut deadline => break,
+        }
+    }
+    if seen.is_empty() {
+        return Err(format!(
+            "no answer from the gateway within {} s; check `sund status`",
+            PRESENCE_DEADLINE.as_secs()
+        ));
+    }
+    for user in watched {
+        let state = seen.get(&user).copied().unwrap_or(Seen::Unknown);
+        let words = match state {
+            Seen::Unknown => "unknown (not a contact of yours, invisible, or not sharing it)",
+            other => other.describe(),
+        };
+        say!("{}: {words}", name_of(user, &names));
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Contacts, presence and blocking as a user types them, against a real gateway on loopback:
+//! a request and its acceptance, presence online then only "recently" after the device went
+//! away without saying so (its lease lapsed), invisible mode, and a block that stops a DM.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+/// Runs `sund ARGS` until its output contains `want` (the gateway's view changes on its own
+/// time), returning that output.
+fn until(args: &[&str], want: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = Command::new(sund()).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`sund {}` never said `{want}`; last: {text}",
+            args.join(" ")
+        );
+        // Each `sund presence` sends a watchlist, which the gateway limits (bursts of 20).
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// A device kept online by a running `sund follow`.
+fn online(dir: &str) -> Guard {
+    let guard = Guard(
+        Command::new(sund())
+            .args(["follow", "--data-dir", dir])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    guard
+}
+
+#[test]
+fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stops_a_dm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let port = free_udp_port();
+    let cert = run(
+        &gateway_binary(),
+        &["cert", "--data-dir", gw_dir.to_str().unwrap()],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let (alice, bob, carol) = (dir("alice"), dir("bob"), dir("carol"));
+    for (d, user) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        init_device(d, &addr, cert.trim(), Some(user), None);
+    }
+    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
+    for d in [&bob, &carol] {
+        let status = run(&sund(), &["status", "--data-dir", d]);
+        assert!(status.contains("connection connected"), "{status}");
+    }
+
+    // A request, seen by bob, accepted by bob.
+    let out = run(&sund(), &["contacts", "add", "--data-dir", &alice, "bob"]);
+    assert!(out.contains("asked bob to be contacts"), "{out}");
+    // Bob's device does not know alice's name yet (names travel only as hashes): it shows her
+    // id, which bob may accept by.
+    let out = run(&sund(), &["contacts", "list", "--data-dir", &bob]);
+    let id = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("asked you (accept with `sund contacts add NAME`, or the id shown): ")
+        })
+        .unwrap_or_else(|| panic!("a request listed: {out}"))
+        .to_string();
+    assert!(id.starts_with("user:") && id.len() == 37, "{out}");
+    let out = run(&sund(), &["contacts", "add", "--data-dir", &bob, &id]);
+    assert!(out.contains("and you are contacts"), "{out}");
+    run(&sund(), &["contact", "--data-dir", &bob, "alice"]);
+    let out = run(&sund(), &["contacts", "list", "--data-dir", &alice]);
+    assert!(out.contains("contacts: bob"), "{out}");
+
+    // Bob online, then gone without a word: only a coarse "recently", never a time.
+    let mut bob_running = online(&bob);
+    let out = until(
+        &["presence", "--data-dir", &alice],
+        "bob: online",
+        Duration::from_secs(20),
+    );
+    assert!(out.contains("bob: online"), "{out}");
+    let _ = bob_running.0.kill();
+    let out = until(
+        &["presence", "--data-dir", &alice, "bob"],
+        "bob: last seen recently",
+        Duration::from_secs(60),
+    );
+    assert!(out.contains("bob: last seen recently"), "{out}");
+
+    // Invisible: bob works on, but appears offline to alice.
+    let out = run(&sund(), &["presence", "--data-dir", &bob, "--invisible"]);
+    assert!(out.contains("you appear offline to everyone"), "{out}");
+    let bob_running = online(&bob);
+    let out = run(&sund(), &["presence", "--data-dir", &alice, "bob"]);
+    assert!(out.contains("bob: unknown"), "{out}");
+    drop(bob_running);
+    let out = run(&sund(), &["presence", "--data-dir", &bob, "--visible"]);
+    assert!(out.contains("your contacts see you online again"), "{out}");
+
+    // A stranger's presence is unknown, whatever it is.
+    let out = run(&sund(), &["presence", "--data-dir", &alice, "carol"]);
+    assert!(out.contains("carol: unknown"), "{out}");
+
+    // Carol blocks alice: alice cannot start a DM with her; bob still can.
+    let out = run(
+        &sund(),
+        &["contacts", "block", "--data-dir", &carol, "alice"],
+    );
+    assert!(out.contains("blocked alice"), "{out}");
+    let err = fails(&sund(), &["dm", "--data-dir", &alice, "carol"]);
+    assert!(err.contains("no such user here"), "{err}");
+    let out = run(&sund(), &["dm", "--data-dir", &bob, "carol"]);
+    assert!(out.starts_with("dm @carol (conv:"), "{out}");
+    let out = run(&sund(), &["contacts", "list", "--data-dir", &carol]);
+    assert!(out.contains("blocked: alice"), "{out}");
+
+    // Bad input is named.
+    let err = fails(&sund(), &["contacts", "add", "--data-dir", &alice, "alice"]);
+    assert!(err.contains("this device's own user"), "{err}");
+    let err = fails(
+        &sund(),
+        &["contacts", "add", "--data-dir", &alice, "two words"],
+    );
+    assert!(err.contains("is not a user name"), "{err}");
+}
