@@ -16,8 +16,9 @@ use sund_model::testing::TestDevice;
 use sund_model::time::Instant;
 use sund_model::trust::DeviceCertificate;
 use sund_model::wire::payload::{
-    Ack, ChunkHead, ChunkRequest, Cursor, FileFetched, Goodbye, Heartbeat, Hello, HelloOk,
-    KeyPackageFetch, KeyPackageUpload, Leave, ListedChunkWire, ReplayRequest, Send, UploadOpen,
+    Ack, ChunkHead, ChunkRequest, ContactChange, ContactsFetch, Cursor, FileFetched, Goodbye,
+    Heartbeat, Hello, HelloOk, KeyPackageFetch, KeyPackageUpload, Leave, ListedChunkWire,
+    PresenceSubscribe, PresenceUpdate, ReplayRequest, Send, UploadOpen,
 };
 use sund_model::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
@@ -149,6 +150,21 @@ enum WellFormed {
         count: u8,
         last_resort: bool,
     },
+    /// Add, remove, block or unblock one of the three users (any action byte: unknown ones
+    /// must be refused).
+    ContactChange {
+        user: u8,
+        action: u8,
+    },
+    /// Be invisible or not.
+    PresenceUpdate {
+        invisible: bool,
+    },
+    /// Watch some of the three users (repeated: the list may pass the gateway's cap).
+    PresenceSubscribe {
+        users: Vec<u8>,
+    },
+    ContactsFetch,
 }
 
 /// One-time packages cached per device (and one last-resort package).
@@ -485,6 +501,33 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                     .collect(),
             }),
         ),
+        WellFormed::ContactChange { user: k, action } => Frame::new(
+            Routing {
+                seq: 1 << 63 | 1,
+                ..Routing::default()
+            },
+            Payload::ContactChange(ContactChange {
+                user: user(k).to_bytes().into(),
+                action,
+            }),
+        ),
+        WellFormed::PresenceUpdate { invisible } => Frame::new(
+            Routing::default(),
+            Payload::PresenceUpdate(PresenceUpdate { invisible }),
+        ),
+        WellFormed::PresenceSubscribe { users } => Frame::new(
+            Routing::default(),
+            Payload::PresenceSubscribe(PresenceSubscribe {
+                users: users
+                    .into_iter()
+                    .take(64)
+                    .map(|k| user(k).to_bytes().into())
+                    .collect(),
+            }),
+        ),
+        WellFormed::ContactsFetch => {
+            Frame::new(Routing::default(), Payload::ContactsFetch(ContactsFetch {}))
+        }
     }
 }
 

@@ -44,6 +44,10 @@ use sund_model::wire::payload::{
     DeviceLinked, FileFetched, ListedChunkWire, PairVouch, PairVouched, Register,
     RenewCertificate, TrustRoot, TrustRootFetch, UploadOpen, UploadStatus,
 };
+use sund_model::wire::payload::{
+    ContactAction, ContactChange, Contacts, ContactsFetch, PresenceEntry, PresenceNotify,
+    PresenceSubscribe, PresenceUpdate, Seen,
+};
 use sund_model::wire::{
     Frame, Opcode, Payload, Routing, WireError, HEADER_BYTES, PAYLOAD_BYTES_MAX,
 };
@@ -111,6 +115,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::Heartbeat(Heartbeat {
                 nonce: 0xdead_beef,
                 crl_version: None,
+                presence: None,
             }),
         ),
         (
@@ -118,6 +123,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::HeartbeatAck(Heartbeat {
                 nonce: 0,
                 crl_version: None,
+                presence: Some(3),
             }),
         ),
         (
@@ -327,6 +333,47 @@ fn payloads() -> Vec<(&'static str, Payload)> {
         (
             "file-fetched",
             Payload::FileFetched(FileFetched { upload: [0x55; 16] }),
+        ),
+        (
+            "contact-change",
+            Payload::ContactChange(ContactChange {
+                user: [0x0b; 16].into(),
+                action: ContactAction::Block as u8,
+            }),
+        ),
+        (
+            "contacts-fetch",
+            Payload::ContactsFetch(ContactsFetch {}),
+        ),
+        (
+            "contacts",
+            Payload::Contacts(Contacts {
+                contacts: vec![[0x0b; 16].into()],
+                incoming: vec![[0x0c; 16].into()],
+                outgoing: vec![[0x0d; 16].into()],
+                blocked: vec![[0x0e; 16].into()],
+                invisible: true,
+            }),
+        ),
+        (
+            "presence-update",
+            Payload::PresenceUpdate(PresenceUpdate { invisible: true }),
+        ),
+        (
+            "presence-subscribe",
+            Payload::PresenceSubscribe(PresenceSubscribe {
+                users: vec![[0x0b; 16].into(), [0x0c; 16].into()],
+            }),
+        ),
+        (
+            "presence-notify",
+            Payload::PresenceNotify(PresenceNotify {
+                entries: vec![PresenceEntry {
+                    user: [0x0b; 16].into(),
+                    seen: Seen::WithinWeek as u8,
+                }],
+                number: 2,
+            }),
         ),
         (
             "register",
