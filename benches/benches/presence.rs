@@ -60,7 +60,10 @@ impl Bench {
     fn open(&mut self, conn: u64, device: &TestDevice) {
         let reg = conn + (1 << 40);
         self.input(GatewayInput::Accepted(ConnectionId(reg)));
-        let out = self.input(GatewayInput::Frame(ConnectionId(reg), device.register([0; 16])));
+        let out = self.input(GatewayInput::Frame(
+            ConnectionId(reg),
+            device.register([0; 16]),
+        ));
         let certificate = first_payload(&out, reg)
             .and_then(|p| match p {
                 Payload::Certificate(c) => Some(Vec::from(c.certificate)),
@@ -83,9 +86,9 @@ impl Bench {
 
 fn first_payload(out: &[GatewayOutput], conn: u64) -> Option<Payload> {
     out.iter().find_map(|o| match o {
-        GatewayOutput::Send(c, bytes) if c.0 == conn => {
-            Frame::decode(bytes, PAYLOAD_BYTES_MAX).ok().map(|f| f.payload)
-        }
+        GatewayOutput::Send(c, bytes) if c.0 == conn => Frame::decode(bytes, PAYLOAD_BYTES_MAX)
+            .ok()
+            .map(|f| f.payload),
         _ => None,
     })
 }
@@ -232,7 +235,11 @@ fn fan_out(c: &mut Criterion) {
                 },
                 Payload::PresenceUpdate(PresenceUpdate { invisible }),
             );
-            assert_eq!(out.len() as u64, watchers + 1, "each watcher told, and the answer");
+            assert_eq!(
+                out.len() as u64,
+                watchers + 1,
+                "each watcher told, and the answer"
+            );
             black_box(out.len())
         })
     });

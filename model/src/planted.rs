@@ -25,6 +25,8 @@ pub enum PlantedBug {
     /// The gateway charges each device's sends to its rate limit but never refuses one: a
     /// flooding device takes the sequencer for itself.
     SendLimitIgnored,
+    /// The gateway tells watchers a user's presence while the user is invisible.
+    PresenceIgnoresInvisible,
 }
 
 impl PlantedBug {
@@ -38,6 +40,10 @@ impl PlantedBug {
         ("node-ack-before-durable", PlantedBug::NodeAckBeforeDurable),
         ("resume-off-by-one", PlantedBug::ResumeOffByOne),
         ("send-limit-ignored", PlantedBug::SendLimitIgnored),
+        (
+            "presence-ignores-invisible",
+            PlantedBug::PresenceIgnoresInvisible,
+        ),
     ];
 
     /// Looks a bug up by its command-line name.

@@ -20,6 +20,8 @@ use crate::rng::SimRng;
 const GENERATOR_STREAM: u64 = 0x0053_5741_524d;
 /// The stream floods are drawn from (see `draw_flood`).
 const FLOOD_STREAM: u64 = 0x0046_4c4f_4f44;
+/// The stream contacts and presence are drawn from (see `draw_presence`).
+const PRESENCE_STREAM: u64 = 0x0050_5245_5345;
 
 /// What kind of world a swarm seed builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -110,6 +112,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "lying-disk",
     "files",
     "flood",
+    "presence",
 ];
 
 struct Draw {
@@ -573,6 +576,10 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if flood {
         mix.insert("flood");
     }
+    let presence = draw_presence(seed, family, duration_s, &users, &mix, &mut out);
+    if presence {
+        mix.insert("presence");
+    }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
     if !mls_convs.is_empty() {
@@ -586,6 +593,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     if flood {
         checks.push("rate-limits");
+    }
+    if presence {
+        checks.push("presence-privacy");
     }
     let _ = writeln!(out, "check {}", checks.join(" "));
     debug_assert!(mix.iter().all(|k| FAULT_KINDS.contains(k)));
@@ -638,6 +648,67 @@ fn draw_flood(
         "send {} from {}/0 every 1ms start {start_ms}ms stop {stop_ms}ms",
         conv.name, flooder.name
     );
+    true
+}
+
+/// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before),
+/// whether some users become contacts and watch everyone's presence, with a user hiding for a
+/// while and a block (and perhaps its end) among them, checked by `presence-privacy`. Only in
+/// the MLS and trust families, whose devices already name their users (the plain family is
+/// also what the drivers' swarm runs, and the drivers' plan has no contacts yet); never with a
+/// lying disk, whose lost commits the world's ledger of answered changes cannot see.
+fn draw_presence(
+    seed: u64,
+    family: Family,
+    duration_s: u64,
+    users: &[User],
+    mix: &BTreeSet<&'static str>,
+    out: &mut String,
+) -> bool {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(PRESENCE_STREAM),
+    };
+    if family == Family::Plain || !d.chance(0.3) || mix.contains("lying-disk") {
+        return false;
+    }
+    let end_ms = duration_s * 1_000;
+    let chosen = some_users(&mut d, users.len());
+    let added = d.range(200, end_ms / 3);
+    for &a in &chosen {
+        for &b in &chosen {
+            if a != b {
+                let _ = writeln!(
+                    out,
+                    "at {added}ms contact add {} {}",
+                    users[a].name, users[b].name
+                );
+            }
+        }
+    }
+    for &a in &chosen {
+        let at = d.range(added, end_ms / 2);
+        let _ = writeln!(out, "at {at}ms watch {} all-devices", users[a].name);
+    }
+    if d.chance(0.5) {
+        let who = &users[*d.pick(&chosen)].name;
+        let on = d.range(added, end_ms * 2 / 3);
+        let _ = writeln!(out, "at {on}ms invisible on {who}");
+        if d.chance(0.5) {
+            let off = d.range(on, end_ms - 100);
+            let _ = writeln!(out, "at {off}ms invisible off {who}");
+        }
+    }
+    if d.chance(0.4) {
+        let a = &users[chosen[0]].name;
+        let b = &users[chosen[1]].name;
+        let at = d.range(added, end_ms * 2 / 3);
+        let _ = writeln!(out, "at {at}ms contact block {a} {b}");
+        if d.chance(0.5) {
+            let later = d.range(at, end_ms - 100);
+            let _ = writeln!(out, "at {later}ms contact unblock {a} {b}");
+            let _ = writeln!(out, "at {later}ms contact add {a} {b}");
+        }
+    }
     true
 }
 

@@ -21,6 +21,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("node-ack-before-durable", "no-loss"),
     ("resume-off-by-one", "converge"),
     ("send-limit-ignored", "rate-limits"),
+    ("presence-ignores-invisible", "presence-privacy"),
 ];
 
 /// A swarm must find each bug within this many seeds.

@@ -308,6 +308,11 @@ impl Gateway {
         let mut timers = TimerTable::default();
         timers.set(GatewayTimer::Tick, now + config.tick_interval);
         let limits = Limits::new(config.limits);
+        let mut social = social;
+        if config.planted == Some(PlantedBug::PresenceIgnoresInvisible) {
+            // Planted by the simulator: never in a real gateway.
+            social.plant_ignores_invisible();
+        }
         let mut gateway = Gateway {
             timers,
             config,

@@ -90,6 +90,8 @@ pub struct Social {
     /// Reverse index: who added each user.
     added_by: BTreeMap<UserId, BTreeSet<UserId>>,
     stats: SocialStats,
+    /// Planted by the simulator only ([`crate::planted::PlantedBug::PresenceIgnoresInvisible`]).
+    ignores_invisible: bool,
 }
 
 impl Social {
@@ -134,6 +136,12 @@ impl Social {
         self.added(a, b) && self.added(b, a)
     }
 
+    /// Plants the bug that forgets invisibility (the simulator's planted bugs; never in a real
+    /// gateway).
+    pub fn plant_ignores_invisible(&mut self) {
+        self.ignores_invisible = true;
+    }
+
     /// True if `user` has at least one contact (someone who may ever see its presence).
     pub fn has_contacts(&self, user: UserId) -> bool {
         let (Some(mine), Some(by)) = (self.users.get(&user), self.added_by.get(&user)) else {
@@ -162,7 +170,7 @@ impl Social {
     pub fn may_see(&self, watcher: UserId, target: UserId) -> bool {
         watcher != target
             && self.mutual(watcher, target)
-            && !self.invisible(target)
+            && (!self.invisible(target) || self.ignores_invisible)
             && !self.blocked(target, watcher)
             && !self.blocked(watcher, target)
     }
