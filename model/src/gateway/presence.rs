@@ -234,6 +234,8 @@ impl Presence {
         };
         let listed: BTreeSet<UserId> = users.iter().copied().collect();
         if listed.len() > watchlist_max {
+            // The session asked for this list instead of its last: it watches nothing now.
+            self.unwatch(conn);
             self.stats.watchlists_too_long += 1;
             return Err(Refusal::error(
                 ErrorCode::WatchlistTooLong,

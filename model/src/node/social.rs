@@ -256,6 +256,13 @@ impl NodeSocial {
             return false;
         }
         self.pending.remove(&request);
+        if ErrorCode::from_u16(report.code) == ErrorCode::WatchlistTooLong {
+            // Sending it again would be refused again: the application must choose a shorter
+            // one. Nothing is watched until it does.
+            self.watchlist.clear();
+            self.seen.clear();
+            self.watch_request = None;
+        }
         if ErrorCode::from_u16(report.code) == ErrorCode::PresenceLimited {
             let wait = core::time::Duration::from_millis(u64::from(
                 report.retry_after_ms.unwrap_or(60_000),
@@ -280,4 +287,122 @@ fn send(conn: ConnectionId, request: u64, payload: Payload, fx: &mut NodeFx) {
         ..Routing::default()
     };
     fx.send(conn, routing, payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::MemStore;
+    use crate::node::NodeOutput;
+    use crate::wire::payload::PresenceEntry;
+    use crate::wire::{Frame, PAYLOAD_BYTES_MAX};
+
+    const CONN: ConnectionId = ConnectionId(5);
+
+    fn u(n: u8) -> UserId {
+        UserId::from_bytes([n; 16])
+    }
+
+    /// The frames sent and the events told, in order.
+    fn drain(fx: &mut NodeFx) -> (Vec<Frame>, Vec<NodeEvent>) {
+        let (mut frames, mut events) = (Vec::new(), Vec::new());
+        while let Some(ready) = fx.take_ready() {
+            for output in ready.commit(&mut MemStore::default()).unwrap() {
+                match output {
+                    NodeOutput::Send(_, bytes) => {
+                        frames.push(Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap());
+                    }
+                    NodeOutput::Event(e) => events.push(e),
+                    _ => {}
+                }
+            }
+        }
+        (frames, events)
+    }
+
+    fn notify(number: u64, entries: &[(UserId, Seen)]) -> PresenceNotify {
+        PresenceNotify {
+            entries: entries
+                .iter()
+                .map(|(user, seen)| PresenceEntry {
+                    user: user.to_bytes().into(),
+                    seen: *seen as u8,
+                })
+                .collect(),
+            number,
+        }
+    }
+
+    fn error(code: ErrorCode) -> ErrorReport {
+        ErrorReport {
+            code: code as u16,
+            message: "no".into(),
+            msg_id: None,
+            after: None,
+            retry_after_ms: Some(1_000),
+        }
+    }
+
+    #[test]
+    fn a_late_notification_never_overwrites_a_newer_one_and_a_missed_one_brings_the_watchlist_again(
+    ) {
+        let mut social = NodeSocial::default();
+        let mut fx = NodeFx::default();
+        social.watch(vec![u(2)], Some(CONN), &mut fx);
+        let (frames, _) = drain(&mut fx);
+        let request = frames[0].routing.seq;
+        assert!(NodeSocial::owns(request));
+        social.on_presence(request, notify(1, &[(u(2), Seen::Unknown)]), &mut fx);
+        social.on_presence(request, notify(3, &[(u(2), Seen::Online)]), &mut fx);
+        social.on_presence(request, notify(2, &[(u(2), Seen::Recently)]), &mut fx);
+        assert_eq!(social.seen(u(2)), Seen::Online, "the late one is ignored");
+        social.on_presence(request + 1, notify(4, &[(u(2), Seen::LongAgo)]), &mut fx);
+        assert_eq!(social.seen(u(2)), Seen::Online, "another watchlist's");
+        drain(&mut fx);
+        // The gateway sent 4: one is missing. Once is not enough (it may be overtaken)...
+        social.on_heartbeat(Some(4), CONN, &mut fx);
+        assert!(drain(&mut fx).0.is_empty());
+        // ... twice is.
+        social.on_heartbeat(Some(4), CONN, &mut fx);
+        let (frames, _) = drain(&mut fx);
+        assert!(matches!(
+            frames[..],
+            [Frame {
+                payload: Payload::PresenceSubscribe(_),
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn unanswered_requests_go_again_and_a_too_long_watchlist_is_dropped() {
+        let mut social = NodeSocial::default();
+        let mut fx = NodeFx::default();
+        let id = social.change(u(3), ContactAction::Add, Some(CONN), &mut fx);
+        assert_eq!(drain(&mut fx).0.len(), 1);
+        social.on_heartbeat(None, CONN, &mut fx);
+        assert!(drain(&mut fx).0.is_empty(), "one round is not yet a loss");
+        social.on_heartbeat(None, CONN, &mut fx);
+        let (frames, _) = drain(&mut fx);
+        assert_eq!(frames.len(), 1, "sent again");
+        assert_eq!(frames[0].routing.seq, id);
+        social.on_contacts(id, Contacts::default(), &mut fx);
+        let (_, events) = drain(&mut fx);
+        assert!(matches!(events[..], [NodeEvent::Contacts { request: Some(r), .. }] if r == id));
+        assert_eq!(social.pending(), 0);
+
+        social.watch(vec![u(2), u(3)], Some(CONN), &mut fx);
+        let (frames, _) = drain(&mut fx);
+        let request = frames[0].routing.seq;
+        let report = error(ErrorCode::WatchlistTooLong);
+        assert!(social.on_error(crate::time::Instant(0), request, &report, &mut fx));
+        assert!(social.watchlist().is_empty());
+        for _ in 0..4 {
+            social.on_heartbeat(None, CONN, &mut fx);
+        }
+        assert!(
+            drain(&mut fx).0.is_empty(),
+            "a list the gateway refused for its length is not sent again"
+        );
+    }
 }
