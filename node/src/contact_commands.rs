@@ -53,6 +53,21 @@ fn parse_user(text: &str) -> Result<(UserId, Option<&str>), String> {
     Ok((UserId::from_name(text), Some(text)))
 }
 
+/// Sends `request`, waits for the listing that answers it, and keeps its blocks on the device
+/// (for `follow`).
+async fn ask_and_keep(
+    node: &mut NodeHandle,
+    device: &Device,
+    request: SocialRequest,
+) -> Result<ContactList, String> {
+    let list = ask(node, request).await?;
+    let blocked = list.blocked.iter().copied().collect();
+    device
+        .set_blocked_users(&blocked)
+        .map_err(|e| e.to_string())?;
+    Ok(list)
+}
+
 /// Sends `request` and waits for the listing that answers it.
 async fn ask(node: &mut NodeHandle, request: SocialRequest) -> Result<ContactList, String> {
     let id = node
@@ -114,7 +129,7 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
-    let result = ask(&mut node, SocialRequest::Change(user, action)).await;
+    let result = ask_and_keep(&mut node, &device, SocialRequest::Change(user, action)).await;
     let _ = node.stop().await;
     let list = result?;
     let me = device.user.clone().unwrap_or_default();
@@ -129,7 +144,7 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
             say!("{name} is not a contact any more (and any request between you is withdrawn)")
         }
         ContactAction::Block => say!(
-            "blocked {name}: they cannot see your presence, start a DM with you or add you to a room, and their requests are hidden"
+            "blocked {name}: they cannot see your presence, start a DM with you or add you to a room, and their requests and their messages in rooms you share are hidden"
         ),
         ContactAction::Unblock => say!(
             "unblocked {name}; you are contacts again only once you both add each other"
@@ -144,7 +159,7 @@ pub async fn list(data_dir: &Path, json: bool) -> Result<(), String> {
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
-    let result = ask(&mut node, SocialRequest::Fetch).await;
+    let result = ask_and_keep(&mut node, &device, SocialRequest::Fetch).await;
     let _ = node.stop().await;
     let list = result?;
     let names = device.user_names();
@@ -212,7 +227,7 @@ async fn presence_with(
     invisible: Option<bool>,
 ) -> Result<(), String> {
     if let Some(on) = invisible {
-        let list = ask(node, SocialRequest::Invisible(on)).await?;
+        let list = ask_and_keep(node, device, SocialRequest::Invisible(on)).await?;
         if list.invisible {
             say!("you appear offline to everyone now, while this device works as usual (`sund presence --visible` to show again)");
         } else {
@@ -230,7 +245,9 @@ async fn presence_with(
     }
     let names = device.user_names();
     if users.is_empty() {
-        watched = ask(node, SocialRequest::Fetch).await?.contacts;
+        watched = ask_and_keep(node, device, SocialRequest::Fetch)
+            .await?
+            .contacts;
     }
     if watched.is_empty() {
         say!("no contacts yet: add one with `sund contacts add NAME`");

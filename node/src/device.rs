@@ -12,7 +12,7 @@
 //! DATA_DIR/contacts          user names this device has used, one per line
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -372,6 +372,30 @@ impl Device {
             .chain(self.user.clone())
             .map(|n| (UserId::from_name(&n), n))
             .collect()
+    }
+
+    /// The users this user blocked, as the gateway last listed them to this device (file
+    /// `blocked`, one id in 32 hex digits per line): `follow` hides their messages in shared
+    /// rooms from its first line on, before the gateway's listing arrives.
+    pub fn blocked_users(&self) -> BTreeSet<UserId> {
+        let text = std::fs::read_to_string(self.data_dir.join("blocked")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| sund_model::hex::decode_array::<16>(l.trim()))
+            .map(UserId::from_bytes)
+            .collect()
+    }
+
+    /// Keeps the gateway's latest list of users this user blocked.
+    pub fn set_blocked_users(&self, blocked: &BTreeSet<UserId>) -> Result<(), DeviceError> {
+        if *blocked == self.blocked_users() {
+            return Ok(());
+        }
+        let path = self.data_dir.join("blocked");
+        let text: String = blocked
+            .iter()
+            .map(|u| format!("{}\n", sund_model::hex::encode(&u.to_bytes())))
+            .collect();
+        std::fs::write(&path, text).map_err(io(&path))
     }
 
     /// The options to start this device's node.

@@ -196,11 +196,31 @@ pub(crate) async fn follow(
         .map_err(|e| e.to_string())?;
     let mut members = group_commands::members(&node).await;
     let mut unnamed = std::collections::BTreeSet::new();
+    // Messages of users this user blocked are not shown (in rooms shared with them): the list
+    // kept on the device from the start, then the gateway's.
+    let mut blocked = device.blocked_users();
+    let mut hid_blocked = false;
+    node.social(driver::SocialRequest::Fetch)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut seen = 0;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             event = node.events.recv() => match event {
+                Some(NodeEvent::Contacts { contacts, .. }) => {
+                    blocked = contacts.blocked.iter().copied().collect();
+                    device.set_blocked_users(&blocked).map_err(|e| e.to_string())?;
+                }
+                Some(NodeEvent::Delivered { conversation: id, seq, sender, .. })
+                    if members.get(&sender).is_some_and(|u| blocked.contains(u)) =>
+                {
+                    if !hid_blocked {
+                        hid_blocked = true;
+                        output.hint("a message from a user you blocked is hidden (and every one after it); `sund contacts unblock NAME` shows theirs again");
+                    }
+                    node.taken(id, seq).await.map_err(|e| e.to_string())?;
+                }
                 Some(NodeEvent::Delivered { conversation: id, seq, sender, body, .. }) => {
                     let conversation = name_of(id).unwrap_or_else(|| id.to_string());
                     let from = group_commands::who(sender, &members, &users);

@@ -114,6 +114,28 @@ fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stop
     let out = run(&sund(), &["presence", "--data-dir", &alice, "carol"]);
     assert!(out.contains("carol: unknown"), "{out}");
 
+    // A room bob shares with alice and carol, made before carol blocks alice.
+    let out = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &bob,
+            "team",
+            "--invite",
+            "alice",
+            "--invite",
+            "carol",
+        ],
+    );
+    let room = out
+        .split_whitespace()
+        .find(|w| w.starts_with("(conv:") || w.starts_with("conv:"))
+        .map(|w| w.trim_matches(|c| c == '(' || c == ')' || c == ','))
+        .unwrap_or_else(|| panic!("a room id: {out}"))
+        .to_string();
+
     // Carol blocks alice: alice cannot start a DM with her; bob still can.
     let out = run(
         &sund(),
@@ -126,6 +148,23 @@ fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stop
     assert!(out.starts_with("dm @carol (conv:"), "{out}");
     let out = run(&sund(), &["contacts", "list", "--data-dir", &carol]);
     assert!(out.contains("blocked: alice"), "{out}");
+
+    // In the room they still share, carol's device hides what alice writes.
+    let out = run(
+        &sund(),
+        &["send", "--data-dir", &alice, &room, "from alice"],
+    );
+    assert!(out.contains("sent to"), "{out}");
+    let out = run(&sund(), &["send", "--data-dir", &bob, "team", "from bob"]);
+    assert!(out.contains("sent to"), "{out}");
+    let got = follow(&carol, &room, 1, Duration::from_secs(30));
+    assert!(got.iter().any(|l| l.ends_with(": from bob")), "{got:#?}");
+    assert!(!got.iter().any(|l| l.contains("from alice")), "{got:#?}");
+    let got = follow(&bob, "team", 2, Duration::from_secs(30));
+    assert!(
+        got.iter().any(|l| l.ends_with(": from alice")),
+        "bob sees it: {got:#?}"
+    );
 
     // Bad input is named.
     let err = fails(&sund(), &["contacts", "add", "--data-dir", &alice, "alice"]);
