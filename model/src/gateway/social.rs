@@ -22,7 +22,7 @@ use minicbor::{Decode, Encode};
 use super::refusal::Refusal;
 use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::ids::UserId;
-use crate::wire::payload::{ContactAction, Contacts, ErrorCode};
+use crate::wire::payload::{ContactAction, Contacts, ErrorCode, CONTACTS_LEN_MAX};
 
 /// Table of users' relations: user id → [`SocialRecord`].
 pub const SOCIAL_TABLE: Table = Table("social");
@@ -280,10 +280,15 @@ impl Social {
         true
     }
 
-    /// `user`'s relations as the wire lists them.
+    /// `user`'s relations as the wire lists them. Each list is cut at the wire's maximum:
+    /// requests come from others, and thousands of bots asking one user must not make a
+    /// listing that user's devices refuse to decode (the oldest ids in id order are kept;
+    /// a user's own lists are below `contacts_max` anyway).
     pub fn listing(&self, user: UserId) -> Contacts {
         let ids = |it: &mut dyn Iterator<Item = UserId>| -> Vec<ByteArray<16>> {
-            it.map(|u| ByteArray::from(u.to_bytes())).collect()
+            it.take(CONTACTS_LEN_MAX)
+                .map(|u| ByteArray::from(u.to_bytes()))
+                .collect()
         };
         let empty = Relations::default();
         let mine = self.users.get(&user).unwrap_or(&empty);
@@ -388,6 +393,30 @@ mod tests {
             .change(u(1), u(4), ContactAction::Add, 2, &mut w)
             .unwrap();
         assert_eq!(social.stats().lists_full, 1);
+    }
+
+    #[test]
+    fn a_flood_of_requests_never_makes_a_listing_the_wire_refuses() {
+        let mut social = Social::default();
+        let mut w = WriteBatch::default();
+        let victim = UserId::from_bytes([0xff; 16]);
+        for n in 0..(CONTACTS_LEN_MAX as u32 + 10) {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&n.to_le_bytes());
+            let bot = UserId::from_bytes(id);
+            social
+                .change(bot, victim, ContactAction::Add, 10, &mut w)
+                .unwrap();
+        }
+        let listing = social.listing(victim);
+        assert_eq!(listing.incoming.len(), CONTACTS_LEN_MAX);
+        let frame = crate::wire::Frame::new(
+            crate::wire::Routing::default(),
+            crate::wire::Payload::Contacts(listing),
+        )
+        .encode();
+        crate::wire::Frame::decode(&frame, crate::wire::PAYLOAD_BYTES_MAX)
+            .expect("the victim's devices can read it");
     }
 
     #[test]
