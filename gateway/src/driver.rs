@@ -25,6 +25,7 @@ use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use sund_model::env::{Ready, Store, StoreError, WriteBatch};
 use sund_model::gateway::files::BLOBS_TABLE;
+use sund_model::gateway::limits::SourceAddress;
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, ChunkToServe, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
     GatewayStats, HistoryKind,
@@ -837,6 +838,7 @@ impl Core {
                     connection.close(CLOSE_STORAGE_UNAVAILABLE.into(), STORAGE_UNAVAILABLE_REASON);
                     return 1;
                 };
+                let source = SourceAddress::of(connection.remote_address().ip());
                 self.routes.insert(
                     conn,
                     Route {
@@ -846,7 +848,8 @@ impl Core {
                         early: Vec::new(),
                     },
                 );
-                s.gateway.handle(now, GatewayInput::Accepted(conn));
+                s.gateway
+                    .handle(now, GatewayInput::AcceptedFrom(conn, source));
             }
             Link::Stream(conn, session) => match self.routes.get_mut(&conn) {
                 Some(route) => {

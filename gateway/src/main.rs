@@ -37,8 +37,10 @@ struct Cli {
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
     /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, admin_web, log_format,
     /// and a `[limits]` table: sends_per_second, send_burst, conversations_per_hour,
-    /// conversation_burst, contact_requests_per_day, contact_request_burst, watchlists_per_hour,
-    /// watchlist_burst, 0 turning one off, send_refusals_max, watchlist_max, contacts_max);
+    /// conversation_burst, invitations_per_hour, invitation_burst, registrations_per_hour,
+    /// registration_burst, contact_requests_per_day,
+    /// contact_request_burst, watchlists_per_hour, watchlist_burst, 0 turning one off,
+    /// send_refusals_max, watchlist_max, contacts_max);
     /// command-line flags win.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -218,6 +220,10 @@ struct LimitsConfig {
     send_burst: Option<u32>,
     conversations_per_hour: Option<u32>,
     conversation_burst: Option<u32>,
+    invitations_per_hour: Option<u32>,
+    invitation_burst: Option<u32>,
+    registrations_per_hour: Option<u32>,
+    registration_burst: Option<u32>,
     send_refusals_max: Option<u32>,
     contact_requests_per_day: Option<u32>,
     contact_request_burst: Option<u32>,
@@ -253,6 +259,18 @@ impl LimitsConfig {
             limits.conversations,
             self.conversations_per_hour,
             self.conversation_burst,
+            Rate::per_hour,
+        );
+        limits.invitations = rate(
+            limits.invitations,
+            self.invitations_per_hour,
+            self.invitation_burst,
+            Rate::per_hour,
+        );
+        limits.registrations = rate(
+            limits.registrations,
+            self.registrations_per_hour,
+            self.registration_burst,
             Rate::per_hour,
         );
         limits.contact_requests = rate(

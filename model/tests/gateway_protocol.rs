@@ -1771,6 +1771,62 @@ fn a_device_past_its_send_limit_is_refused_with_a_hint_and_taken_after_it() {
 }
 
 #[test]
+fn registrations_are_limited_per_source_address_and_told_when_to_come_back() {
+    use sund_model::gateway::limits::SourceAddress;
+    let mut config = open_config();
+    config.limits.registrations = Some(Rate::per_hour(2, 2));
+    let mut h = Harness::with_config(config);
+    let here = SourceAddress::of("192.0.2.7".parse().unwrap());
+    let elsewhere = SourceAddress::of("2001:db8::1".parse().unwrap());
+    let register = |h: &mut Harness, conn: u64, source, seed: u8| {
+        h.input(GatewayInput::AcceptedFrom(ConnectionId(conn), source));
+        let frame = TestDevice::new([seed; 32], UserId::from_bytes([seed; 16])).register([0; 16]);
+        h.input(GatewayInput::Frame(ConnectionId(conn), frame))
+    };
+    for (conn, seed) in [(1, 11), (2, 12)] {
+        let out = register(&mut h, conn, here, seed);
+        assert!(
+            matches!(frames_to(&out, conn)[0].payload, Payload::Certificate(_)),
+            "within the burst"
+        );
+    }
+    let out = register(&mut h, 3, here, 13);
+    let refused = frames_to(&out, 3)
+        .into_iter()
+        .find_map(|f| match f.payload {
+            Payload::Goodbye(g) => Some((ErrorCode::from_u16(g.code), g.retry_after_ms, g.message)),
+            _ => None,
+        })
+        .expect("a goodbye");
+    assert_eq!(refused.0, ErrorCode::RegistrationsLimited);
+    assert_eq!(refused.1, Some(1_800_000), "one more every half hour");
+    assert!(
+        refused.2.contains("2 per hour (bursts of 2)"),
+        "{}",
+        refused.2
+    );
+    assert!(out.contains(&GatewayOutput::Close(ConnectionId(3))));
+    // Another address, and a connection whose driver gives none, are not charged.
+    let out = register(&mut h, 4, elsewhere, 14);
+    assert!(matches!(
+        frames_to(&out, 4)[0].payload,
+        Payload::Certificate(_)
+    ));
+    let out = h.register(5, alice(), UserId(alice().0), [0; 16]);
+    assert!(matches!(
+        frames_to(&out, 5)[0].payload,
+        Payload::Certificate(_)
+    ));
+    h.now = h.now + Duration::from_secs(1_800);
+    let out = register(&mut h, 6, here, 13);
+    assert!(matches!(
+        frames_to(&out, 6)[0].payload,
+        Payload::Certificate(_)
+    ));
+    assert_eq!(h.gateway.stats().limits.registrations_limited, 1);
+}
+
+#[test]
 fn a_gateway_without_limits_takes_every_message() {
     let mut config = open_config();
     config.limits = RateLimits {

@@ -931,3 +931,178 @@ fn a_user_past_the_conversation_limit_is_paused_and_the_creation_goes_through_af
     assert_eq!(net.gateway.stats().limits.conversations_limited, 1);
     assert_eq!(net.node(1).stats().throttled, 1);
 }
+
+#[test]
+fn a_user_past_the_invitation_limit_is_paused_and_the_invitation_goes_through_after_the_hint() {
+    let mut config = GatewayConfig {
+        open_enrolment: true,
+        ..GatewayConfig::default()
+    };
+    config.limits.invitations = Some(Rate {
+        count: 1,
+        period: Duration::from_secs(2),
+        burst: 2,
+    });
+    let mut net = Net::with_config(config);
+    for (conn, name) in [
+        (1, "alice"),
+        (2, "bob"),
+        (3, "bob"),
+        (4, "carol"),
+        (5, "dave"),
+    ] {
+        net.add(conn, node_config(conn as u8, name));
+    }
+    let now = net.now;
+    // Bob's two devices are one invitation; Alice's own devices would be none.
+    let room = net.node(1).create_room(now, &[user("bob")]).unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 3);
+    let carol = vec![user("carol").to_bytes().into()];
+    net.node(1)
+        .change_group(now, room, Intent::AddUsers(carol))
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 4);
+    let dave = vec![user("dave").to_bytes().into()];
+    net.node(1)
+        .change_group(now, room, Intent::AddUsers(dave))
+        .unwrap();
+    net.settle();
+    assert_eq!(
+        net.gateway.group(room).unwrap().devices().len(),
+        4,
+        "a third invitation within the burst of two is held back"
+    );
+    let throttled: Vec<_> = net
+        .events(1)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Throttled {
+                code, retry_after, ..
+            } => Some((*code, *retry_after)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(throttled.len(), 1, "{throttled:?}");
+    assert_eq!(throttled[0].0, ErrorCode::InvitationsLimited);
+    assert!(throttled[0].1 <= Duration::from_secs(2), "{throttled:?}");
+    net.now = net.now + Duration::from_secs(2);
+    net.settle();
+    assert_eq!(
+        net.gateway.group(room).unwrap().devices().len(),
+        5,
+        "dave is in after the hint"
+    );
+    send(&mut net, 5, room, "dave here");
+    for conn in [1, 2, 3, 4] {
+        assert_eq!(plaintexts(&net, conn, room), vec![b"dave here".to_vec()]);
+    }
+    assert_eq!(net.gateway.stats().limits.invitations_limited, 1);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
+#[test]
+fn a_commit_inviting_more_users_than_the_burst_is_refused_for_good_and_dropped() {
+    let mut config = GatewayConfig {
+        open_enrolment: true,
+        ..GatewayConfig::default()
+    };
+    config.limits.invitations = Some(Rate::per_hour(10, 2));
+    let mut net = Net::with_config(config);
+    for (conn, name) in [(1, "alice"), (2, "bob"), (3, "carol"), (4, "dave")] {
+        net.add(conn, node_config(conn as u8, name));
+    }
+    let now = net.now;
+    let room = net
+        .node(1)
+        .create_room(now, &[user("bob"), user("carol"), user("dave")])
+        .unwrap();
+    net.settle();
+    assert!(
+        net.gateway.group(room).is_none(),
+        "three at once, burst two"
+    );
+    let refused: Vec<_> = net
+        .events(1)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::GroupChangeRefused { code, message, .. } => Some((*code, message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, ErrorCode::InvitationTooLarge);
+    assert!(refused[0].1.contains("at most 2"), "{refused:?}");
+    assert_eq!(net.node(1).stats().throttled, 0, "not retried");
+    // Two at once is within the burst.
+    let room = net
+        .node(1)
+        .create_room(now, &[user("bob"), user("carol")])
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.group(room).unwrap().devices().len(), 3);
+}
+
+#[test]
+fn a_user_who_blocked_the_committer_after_its_key_packages_were_fetched_is_not_added() {
+    // Carol is conn 1, so in a round the gateway hears her before Alice (conn 2).
+    let mut net = Net::new();
+    for (conn, name) in [(1, "carol"), (2, "alice"), (3, "bob")] {
+        net.add(conn, node_config(conn as u8, name));
+    }
+    let now = net.now;
+    let room = net.node(2).create_room(now, &[user("bob")]).unwrap();
+    net.settle();
+    let carol = vec![user("carol").to_bytes().into()];
+    net.node(2)
+        .change_group(now, room, Intent::AddUsers(carol))
+        .unwrap();
+    // Alice fetches Carol's KeyPackages and makes the commit; it waits for the next round.
+    let pending = |net: &Net| {
+        matches!(
+            net.nodes[&2]
+                .0
+                .groups()
+                .unwrap()
+                .entry(room)
+                .unwrap()
+                .status,
+            GroupStatus::PendingCommit { .. }
+        )
+    };
+    while !pending(&net) {
+        assert!(net.step(), "the commit was never made");
+    }
+    // Carol blocks Alice: the block reaches the gateway just before the commit.
+    let block = sund_model::wire::payload::ContactAction::Block;
+    net.node(1).change_contact(now, user("alice"), block);
+    net.settle();
+    assert_eq!(
+        net.gateway.group(room).unwrap().devices().len(),
+        2,
+        "Carol was not added"
+    );
+    let refused: Vec<_> = net
+        .events(2)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::GroupChangeRefused { code, message, .. } => Some((*code, message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, ErrorCode::Forbidden);
+    assert!(
+        refused[0].1.contains("does not accept invitations"),
+        "{refused:?}"
+    );
+    assert!(!pending(&net), "the refused commit was dropped");
+    assert!(!net
+        .events(1)
+        .iter()
+        .any(|e| matches!(e, NodeEvent::Joined { conversation, .. } if *conversation == room)));
+    // The room goes on.
+    send(&mut net, 3, room, "still here");
+    assert_eq!(plaintexts(&net, 2, room), vec![b"still here".to_vec()]);
+}

@@ -87,7 +87,7 @@ async fn ask(node: &mut NodeHandle, request: SocialRequest) -> Result<ContactLis
                     if request == id =>
                 {
                     let wait = retry_after
-                        .map(|d| format!("; try again in {}", display_wait(d)))
+                        .map(|d| format!("; try again in {}", sund_model::gateway::limits::describe_wait(d)))
                         .unwrap_or_default();
                     return Err(format!("the gateway refused ({}): {message}{wait}", code.name()));
                 }
@@ -104,15 +104,6 @@ async fn ask(node: &mut NodeHandle, request: SocialRequest) -> Result<ContactLis
                 ));
             }
         }
-    }
-}
-
-fn display_wait(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=119 => format!("{:.1} s", d.as_secs_f64()),
-        120..=7199 => format!("{} min", s / 60),
-        _ => format!("{} h", s / 3600),
     }
 }
 
@@ -267,7 +258,7 @@ async fn presence_with(
                 }
                 Some(NodeEvent::ContactsRefused { code, message, retry_after, .. }) => {
                     let wait = retry_after
-                        .map(|d| format!("; try again in {}", display_wait(d)))
+                        .map(|d| format!("; try again in {}", sund_model::gateway::limits::describe_wait(d)))
                         .unwrap_or_default();
                     return Err(format!("the gateway refused the watchlist ({}): {message}{wait}", code.name()));
                 }

@@ -228,6 +228,10 @@ pub async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Re
     }
 }
 
+/// The longest rate-limit pause a group command waits out before returning (the change stays
+/// queued in the device either way).
+const THROTTLE_WAIT_MAX: Duration = Duration::from_secs(15);
+
 async fn wait_until_done(
     node: &mut NodeHandle,
     conv: ConversationId,
@@ -261,6 +265,17 @@ async fn wait_until_done(
                 }
                 Some(NodeEvent::Refused { message, .. }) => {
                     return Err(format!("the gateway refused this device: {message}"));
+                }
+                Some(NodeEvent::Throttled { code, retry_after, message }) => {
+                    let wait = sund_model::gateway::limits::describe_wait(retry_after);
+                    if retry_after > THROTTLE_WAIT_MAX {
+                        return Err(format!(
+                            "the gateway is pacing this user ({}): {message}; the change stays queued and goes out with the next `sund` command after {wait}",
+                            code.name()
+                        ));
+                    }
+                    esay!("the gateway is pacing this user ({}): {message}; trying again in {wait}", code.name());
+                    deadline.as_mut().reset(tokio::time::Instant::now() + retry_after + GROUP_DEADLINE);
                 }
                 Some(NodeEvent::Revoked) => {
                     return Err("this device was revoked by the gateway's operator and cannot connect again".into());

@@ -733,6 +733,36 @@ fn kill_gateway(dm: &mut Dm) {
     let _ = dm._gateway.0.wait();
 }
 
+/// A gateway limits how many devices register from one network address: a third device set
+/// up from loopback within the hour is refused and told the limit and when to try again;
+/// devices registered before go on working.
+#[test]
+fn registrations_from_one_address_are_limited_and_the_user_is_told_when_to_try_again() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nregistrations_per_hour = 1\nregistration_burst = 2\n",
+    )
+    .unwrap();
+    let dm = Dm::with_gateway_flags(&["--config", config.to_str().unwrap()]);
+    let carol = dm.gw_dir.parent().unwrap().join("carol");
+    let carol = carol.to_str().unwrap();
+    let addr = format!("127.0.0.1:{}", dm.port);
+    let cert = run(
+        &gateway_binary(),
+        &["cert", "--data-dir", dm.gw_dir.to_str().unwrap()],
+    );
+    init_device(carol, &addr, cert.trim(), Some("carol"), None);
+    let (stdout, stderr) = fails_with_output(&sund(), &["status", "--data-dir", carol]);
+    assert!(
+        stderr.contains("too many devices registered from this network address: at most 1 per hour (bursts of 2); try again in"),
+        "{stdout}\n{stderr}"
+    );
+    // Alice and Bob, registered already, are not affected.
+    dm.send("still talking");
+}
+
 /// A flood of sends against a gateway configured with a low per-device limit: the gateway
 /// refuses what is past it with `sends_limited` and a retry hint, the device says so once per
 /// pause and sends again by itself, and every message arrives once, in the order it was typed.

@@ -18,6 +18,13 @@
 //!   `sends_limited` goodbye carrying the hint: a refused frame costs the gateway about as
 //!   much as a sequenced one, so a flood must not be answered frame by frame for long;
 //! - conversations (DMs and rooms) created per user: `conversations_limited`;
+//! - invitations per user: each user a commit adds to a conversation (a DM's other user, a
+//!   room's new members) who was not in it and is not the committer's own user costs one;
+//!   `invitations_limited`; a commit that invites more than the burst at once could never be
+//!   admitted, and is refused for good (`invitation_too_large`);
+//! - registrations (a new device enrolling with a token or a pairing code, or renewing its
+//!   certificate) per source address, when the driver says where a connection comes from
+//!   (`GatewayInput::AcceptedFrom`): `registrations_limited`, as a goodbye with the hint;
 //! - contact requests per user: `contacts_limited`;
 //! - watchlist changes (presence subscriptions) per device: `presence_limited`; and two caps
 //!   checked by the `social` and `presence` sub-machines: the longest watchlist
@@ -27,10 +34,34 @@
 //! record and never charged.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::ids::{DeviceId, UserId};
 use crate::time::Instant;
+
+/// Where a connection comes from, as the limits per address see it: an IPv4 address, or an
+/// IPv6 address's /64 prefix (one host commonly holds a whole /64, so counting single IPv6
+/// addresses would limit nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceAddress([u8; 16]);
+
+impl SourceAddress {
+    /// The key of `ip`: IPv4 whole (as an IPv4-mapped IPv6 address), IPv6 cut to its /64.
+    pub fn of(ip: IpAddr) -> SourceAddress {
+        match ip {
+            IpAddr::V4(v4) => SourceAddress(v4.to_ipv6_mapped().octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => SourceAddress(v4.to_ipv6_mapped().octets()),
+                None => {
+                    let mut octets = v6.octets();
+                    octets[8..].fill(0);
+                    SourceAddress(octets)
+                }
+            },
+        }
+    }
+}
 
 /// A rate: `count` requests per `period`, with bursts of up to `burst` at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +122,10 @@ pub struct RateLimits {
     pub sends: Option<Rate>,
     /// Conversations (DMs, rooms) a user may create.
     pub conversations: Option<Rate>,
+    /// Users a user may invite into conversations (see the module docs).
+    pub invitations: Option<Rate>,
+    /// Registrations per source address.
+    pub registrations: Option<Rate>,
     /// Contact requests a user may send (adding someone not yet asked).
     pub contact_requests: Option<Rate>,
     /// Watchlists a device may send (each replaces the last; a node sends one per session).
@@ -114,6 +149,8 @@ impl Default for RateLimits {
         RateLimits {
             sends: Some(Rate::per_second(50, 200)),
             conversations: Some(Rate::per_hour(60, 30)),
+            invitations: Some(Rate::per_hour(500, 250)),
+            registrations: Some(Rate::per_hour(60, 20)),
             contact_requests: Some(Rate::per_day(100, 20)),
             presence_subscriptions: Some(Rate::per_hour(120, 20)),
             watchlist_max: 512,
@@ -156,8 +193,20 @@ impl<K: Ord + Copy> Bucket<K> {
 
     /// Charges `key` one request at `now`, or says when it may ask again.
     pub fn admit(&mut self, now: Instant, key: K) -> Result<(), Limited> {
+        self.admit_n(now, key, 1)
+    }
+
+    /// Charges `key` `n` requests at once (1 ≤ `n` ≤ burst), or says when all `n` may go:
+    /// all or nothing.
+    pub fn admit_n(&mut self, now: Instant, key: K, n: u32) -> Result<(), Limited> {
+        assert!(
+            (1..=self.rate.burst.max(1)).contains(&n),
+            "a charge of {n} against a burst of {} could never be admitted",
+            self.rate.burst
+        );
         let tat = self.tat.get(&key).copied().unwrap_or(now).max(now);
-        let allowed_from = tat - self.rate.tolerance();
+        // The last of the n must fit: it arrives n - 1 intervals after the first.
+        let allowed_from = tat + self.rate.interval() * (n - 1) - self.rate.tolerance();
         if now < allowed_from {
             return Err(Limited {
                 retry_after: allowed_from.saturating_since(now),
@@ -165,7 +214,7 @@ impl<K: Ord + Copy> Bucket<K> {
                 cut_off: false,
             });
         }
-        let next = tat + self.rate.interval();
+        let next = tat + self.rate.interval() * n;
         debug_assert!(next > now, "an admitted request books the bucket ahead");
         self.tat.insert(key, next);
         Ok(())
@@ -194,6 +243,10 @@ pub struct LimitStats {
     pub sends_limited: u64,
     /// Conversation creations refused by the per-user limit.
     pub conversations_limited: u64,
+    /// Commits refused by the per-user invitation limit.
+    pub invitations_limited: u64,
+    /// Registrations refused by the per-address limit.
+    pub registrations_limited: u64,
     /// Contact requests refused by the per-user limit.
     pub contacts_limited: u64,
     /// Watchlists refused by the per-device limit.
@@ -207,6 +260,8 @@ pub struct LimitStats {
 pub struct Limits {
     sends: Option<Bucket<DeviceId>>,
     conversations: Option<Bucket<UserId>>,
+    invitations: Option<Bucket<UserId>>,
+    registrations: Option<Bucket<SourceAddress>>,
     contact_requests: Option<Bucket<UserId>>,
     presence_subscriptions: Option<Bucket<DeviceId>>,
     /// Per device being refused: its refusals since its last admitted message.
@@ -221,6 +276,8 @@ impl Limits {
         Limits {
             sends: config.sends.map(Bucket::new),
             conversations: config.conversations.map(Bucket::new),
+            invitations: config.invitations.map(Bucket::new),
+            registrations: config.registrations.map(Bucket::new),
             contact_requests: config.contact_requests.map(Bucket::new),
             presence_subscriptions: config.presence_subscriptions.map(Bucket::new),
             refused_in_row: BTreeMap::new(),
@@ -264,6 +321,50 @@ impl Limits {
         })
     }
 
+    /// Charges `user` for inviting `count` users at once. `Ok` if the limit is off; a count
+    /// above the burst is refused with `cut_off` set (it could never be admitted: the caller
+    /// refuses the commit for good, not for a while).
+    pub fn admit_invitations(
+        &mut self,
+        now: Instant,
+        user: UserId,
+        count: u32,
+    ) -> Result<(), Limited> {
+        let Some(bucket) = &mut self.invitations else {
+            return Ok(());
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        let rate = bucket.rate;
+        let result = if count > rate.burst.max(1) {
+            Err(Limited {
+                retry_after: Duration::ZERO,
+                rate,
+                cut_off: true,
+            })
+        } else {
+            bucket.admit_n(now, user, count)
+        };
+        result.inspect_err(|_| {
+            self.stats.invitations_limited += 1;
+        })
+    }
+
+    /// Charges `source` one registration.
+    pub fn admit_registration(
+        &mut self,
+        now: Instant,
+        source: SourceAddress,
+    ) -> Result<(), Limited> {
+        let Some(bucket) = &mut self.registrations else {
+            return Ok(());
+        };
+        bucket.admit(now, source).inspect_err(|_| {
+            self.stats.registrations_limited += 1;
+        })
+    }
+
     /// Charges `user` one contact request.
     pub fn admit_contact_request(&mut self, now: Instant, user: UserId) -> Result<(), Limited> {
         let Some(bucket) = &mut self.contact_requests else {
@@ -295,6 +396,12 @@ impl Limits {
         if let Some(b) = &mut self.conversations {
             b.forget_idle(now);
         }
+        if let Some(b) = &mut self.invitations {
+            b.forget_idle(now);
+        }
+        if let Some(b) = &mut self.registrations {
+            b.forget_idle(now);
+        }
         if let Some(b) = &mut self.contact_requests {
             b.forget_idle(now);
         }
@@ -307,6 +414,8 @@ impl Limits {
     pub fn buckets(&self) -> usize {
         self.sends.as_ref().map_or(0, Bucket::len)
             + self.conversations.as_ref().map_or(0, Bucket::len)
+            + self.invitations.as_ref().map_or(0, Bucket::len)
+            + self.registrations.as_ref().map_or(0, Bucket::len)
             + self.contact_requests.as_ref().map_or(0, Bucket::len)
             + self.presence_subscriptions.as_ref().map_or(0, Bucket::len)
     }
@@ -327,6 +436,17 @@ pub fn describe(rate: Rate) -> String {
         s => format!("{s} s"),
     };
     format!("{} per {per} (bursts of {})", rate.count, rate.burst)
+}
+
+/// A wait in words for people: "0.2 s", "30 min", "5 h" (a retry hint, read by someone who
+/// will try again by hand).
+pub fn describe_wait(wait: Duration) -> String {
+    let s = wait.as_secs();
+    match s {
+        0..=119 => format!("{:.1} s", wait.as_secs_f64()),
+        120..=7199 => format!("{} min", s.div_ceil(60)),
+        _ => format!("{} h", s.div_ceil(3600)),
+    }
 }
 
 #[cfg(test)]
@@ -417,6 +537,55 @@ mod tests {
     }
 
     #[test]
+    fn an_invitation_of_several_users_is_charged_all_or_nothing() {
+        let mut limits = Limits::new(RateLimits {
+            invitations: Some(Rate::per_second(10, 5)),
+            ..RateLimits::default()
+        });
+        let user = UserId::from_bytes([3; 16]);
+        limits.admit_invitations(at_ms(0), user, 3).unwrap();
+        let refused = limits.admit_invitations(at_ms(0), user, 3).unwrap_err();
+        assert!(!refused.cut_off);
+        assert_eq!(
+            refused.retry_after,
+            Duration::from_millis(100),
+            "one more token is due in one interval"
+        );
+        limits
+            .admit_invitations(at_ms(0), user, 2)
+            .expect("the two left in the burst");
+        limits.admit_invitations(at_ms(0), user, 0).unwrap();
+        let too_many = limits
+            .admit_invitations(at_ms(10_000), user, 6)
+            .unwrap_err();
+        assert!(too_many.cut_off, "more than a burst can never be admitted");
+        assert_eq!(limits.stats().invitations_limited, 2);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_address_and_ipv4_is_counted_whole() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            SourceAddress::of(ip("2001:db8:1:2::1")),
+            SourceAddress::of(ip("2001:db8:1:2:ffff::9")),
+            "one /64"
+        );
+        assert_ne!(
+            SourceAddress::of(ip("2001:db8:1:2::1")),
+            SourceAddress::of(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(
+            SourceAddress::of(ip("192.0.2.7")),
+            SourceAddress::of(ip("::ffff:192.0.2.7")),
+            "an IPv4 peer on a dual-stack socket is the same peer"
+        );
+        assert_ne!(
+            SourceAddress::of(ip("192.0.2.7")),
+            SourceAddress::of(ip("192.0.2.8"))
+        );
+    }
+
+    #[test]
     fn rates_read_as_words() {
         assert_eq!(
             describe(Rate::per_second(50, 200)),
@@ -426,9 +595,45 @@ mod tests {
             describe(Rate::per_hour(60, 30)),
             "60 per hour (bursts of 30)"
         );
+        let wait = |ms| describe_wait(Duration::from_millis(ms));
+        assert_eq!(wait(200), "0.2 s");
+        assert_eq!(wait(1_800_000), "30 min");
+        assert_eq!(
+            wait(1_799_001),
+            "30 min",
+            "rounded up: never earlier than the hint"
+        );
+        assert_eq!(wait(86_400_000), "24 h");
     }
 
     proptest! {
+        /// Charging n at once is charging one n times at the same instant: both admit or
+        /// both refuse, and leave the bucket in the same state.
+        #[test]
+        fn a_charge_of_n_is_n_charges_of_one(
+            burst in 1u32..20,
+            first in 0u32..20,
+            n in 1u32..20,
+            gap_us in 0u64..1_000_000,
+        ) {
+            let n = n.min(burst);
+            let rate = Rate::per_second(5, burst);
+            let mut one_by_one = Bucket::new(rate);
+            for _ in 0..first {
+                let _ = one_by_one.admit(Instant(0), 0u8);
+            }
+            let mut at_once = one_by_one.clone();
+            let now = Instant(gap_us);
+            let mut probe = one_by_one.clone();
+            let singles = (0..n).all(|_| probe.admit(now, 0u8).is_ok());
+            let all = at_once.admit_n(now, 0u8, n).is_ok();
+            prop_assert_eq!(singles, all);
+            if all {
+                one_by_one = probe;
+                prop_assert_eq!(&one_by_one.tat, &at_once.tat);
+            }
+        }
+
         /// Whatever the arrival times, what a bucket admits within any window of length `w`
         /// is at most `burst + w / interval` (rounded down), and a refused request is admitted
         /// when its retry hint has passed.

@@ -49,6 +49,8 @@ pub mod session;
 pub mod social;
 pub mod transfers;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use bytes::Bytes;
 
 use crate::effects::Effects;
@@ -87,8 +89,10 @@ pub use transfers::{ChunkToServe, TransferStats};
 /// Inputs to [`Gateway::handle`].
 #[derive(Clone, Debug)]
 pub enum GatewayInput {
-    /// A node connected.
+    /// A node connected, from an address the driver does not give (no limits per address).
     Accepted(ConnectionId),
+    /// A node connected from a source address (limits per address apply to it).
+    AcceptedFrom(ConnectionId, limits::SourceAddress),
     /// A frame arrived on a connection's message stream.
     Frame(ConnectionId, Bytes),
     /// A chunk stream of a connection was read whole: its first frame (a `Chunk` head) and
@@ -195,6 +199,8 @@ pub struct Gateway {
     key_packages: KeyPackageService,
     transfers: Transfers,
     limits: Limits,
+    /// The source address of each connection whose driver gave one (see [`limits`]).
+    sources: BTreeMap<ConnectionId, limits::SourceAddress>,
     social: Social,
     presence: Presence,
     /// The time of the input being handled (for effects of a session's end, whose callers
@@ -324,6 +330,7 @@ impl Gateway {
             key_packages,
             transfers,
             limits,
+            sources: BTreeMap::new(),
             social,
             presence,
             now,
@@ -465,6 +472,10 @@ impl Gateway {
         self.now = now;
         match input {
             GatewayInput::Accepted(conn) => self.sessions.accept(now, conn),
+            GatewayInput::AcceptedFrom(conn, source) => {
+                self.sessions.accept(now, conn);
+                self.sources.insert(conn, source);
+            }
             GatewayInput::Frame(conn, bytes) => self.handle_frame(now, conn, &bytes),
             GatewayInput::Closed(conn) => self.forget_session(conn),
             GatewayInput::Chunk { conn, head, body } => self.handle_chunk(now, conn, &head, body),
@@ -569,6 +580,18 @@ impl Gateway {
                 Ok(())
             }
             (Stage::AwaitingHello, Payload::Register(register)) => {
+                if let Some(&source) = self.sources.get(&conn) {
+                    if let Err(limited) = self.limits.admit_registration(now, source) {
+                        let message = format!(
+                            "too many devices registered from this network address: at most {}",
+                            limits::describe(limited.rate)
+                        );
+                        let refusal = Refusal::goodbye(ErrorCode::RegistrationsLimited, message)
+                            .retry_after(limited.retry_after);
+                        self.refuse(conn, refusal);
+                        return;
+                    }
+                }
                 let sessions = &self.sessions;
                 let sender = routing.sender;
                 self.registry
@@ -1060,6 +1083,7 @@ impl Gateway {
     }
 
     fn forget_session(&mut self, conn: ConnectionId) {
+        self.sources.remove(&conn);
         let user = self
             .sessions
             .device(conn)
@@ -1205,6 +1229,73 @@ impl Gateway {
         Ok(())
     }
 
+    /// Checks the users a commit invites (see [`limits`]): none of them blocked the committer's
+    /// user, and the committer's user may invite that many now. Adding a user's devices to a
+    /// conversation the user is in already, or one's own devices, invites nobody.
+    fn admit_invitations(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+        change: &groups::Change,
+    ) -> Result<(), Refusal> {
+        let Some(inviter) = self.registry.user_of(device) else {
+            return Ok(());
+        };
+        let group = self.groups.get(conv);
+        let invited: BTreeSet<UserId> = change
+            .added
+            .iter()
+            .map(|&(_, user, _)| user)
+            .filter(|&user| user != inviter)
+            .filter(|&user| group.is_none_or(|g| !g.devices().values().any(|&u| u == user)))
+            .collect();
+        if invited.is_empty() {
+            return Ok(());
+        }
+        let routing = Routing {
+            conversation: conv,
+            epoch: group.map_or(0, GroupState::epoch),
+            ..Routing::default()
+        };
+        // KeyPackages are not handed to someone a user blocked; this catches the ones fetched
+        // before the block.
+        if invited
+            .iter()
+            .any(|&user| self.social.blocked(user, inviter))
+        {
+            let message = "a user this commit adds does not accept invitations from you";
+            return Err(Refusal::error(ErrorCode::Forbidden, message)
+                .in_conversation(routing)
+                .about(msg_id));
+        }
+        let count = u32::try_from(invited.len()).unwrap_or(u32::MAX);
+        match self.limits.admit_invitations(now, inviter, count) {
+            Ok(()) => Ok(()),
+            Err(limited) if limited.cut_off => {
+                let message = format!(
+                    "this commit invites {count} users; at most {} may be invited at once: \
+                     invite the others in later commits",
+                    limited.rate.burst
+                );
+                Err(Refusal::error(ErrorCode::InvitationTooLarge, message)
+                    .in_conversation(routing)
+                    .about(msg_id))
+            }
+            Err(limited) => {
+                let message = format!(
+                    "too many invitations from this user: at most {}",
+                    limits::describe(limited.rate)
+                );
+                Err(Refusal::error(ErrorCode::InvitationsLimited, message)
+                    .in_conversation(routing)
+                    .about(msg_id)
+                    .retry_after(limited.retry_after))
+            }
+        }
+    }
+
     fn accept_message(
         &mut self,
         now: Instant,
@@ -1282,6 +1373,12 @@ impl Gateway {
             match admitted {
                 Ok(admitted) => effect = admitted,
                 Err(refusal) => {
+                    self.refuse(conn, refusal);
+                    return;
+                }
+            }
+            if let Some(change) = effect.as_ref().map(|e| &e.change) {
+                if let Err(refusal) = self.admit_invitations(now, device, conv, msg_id, change) {
                     self.refuse(conn, refusal);
                     return;
                 }

@@ -905,7 +905,9 @@ impl Node {
         }
         if matches!(
             code,
-            ErrorCode::SendsLimited | ErrorCode::ConversationsLimited
+            ErrorCode::SendsLimited
+                | ErrorCode::ConversationsLimited
+                | ErrorCode::InvitationsLimited
         ) {
             if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
                 self.throttle(now, id, code, &report);
@@ -969,6 +971,7 @@ impl Node {
                     | ErrorCode::StaleEpoch
                     | ErrorCode::Forbidden
                     | ErrorCode::InvalidGroupMessage
+                    | ErrorCode::InvitationTooLarge
             );
             if refused && self.outbox.remove(id, self.fx.writes()).is_some() {
                 self.group_message_refused(now, routing, id, code, &report.message);

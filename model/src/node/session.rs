@@ -155,12 +155,18 @@ impl Node {
                 | ErrorCode::EnrolmentTokenUsed
                 | ErrorCode::EnrolmentTokenExpired
                 | ErrorCode::PairingRefused
+                | ErrorCode::RegistrationsLimited
         ) {
             self.link.forget_resume_token(self.fx.writes());
-            self.fx.event(NodeEvent::Refused {
-                code,
-                message: goodbye.message.clone(),
-            });
+            let message = match goodbye.retry_after_ms {
+                Some(ms) => format!(
+                    "{}; try again in {}",
+                    goodbye.message,
+                    crate::gateway::limits::describe_wait(Duration::from_millis(ms.into()))
+                ),
+                None => goodbye.message.clone(),
+            };
+            self.fx.event(NodeEvent::Refused { code, message });
         }
         self.fx.hold(NodeOutput::Close(conn));
         // A gateway going away on purpose refuses nothing: its hint says when to come back.

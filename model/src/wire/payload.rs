@@ -418,6 +418,16 @@ pub enum ErrorCode {
     /// This user's contact list (contacts, requests and blocks) is full; the message says the
     /// cap. Remove someone first.
     ContactListFull = 44,
+    /// This user invited more users into conversations than the gateway's per-user rate
+    /// allows; `retry_after_ms` says when the refused commit will be taken (nodes send it
+    /// again by themselves).
+    InvitationsLimited = 45,
+    /// A commit invites more users at once than the gateway's invitation burst; the message
+    /// says the cap. Not retried: invite the others in later commits.
+    InvitationTooLarge = 46,
+    /// Too many devices registered from this network address (IPv4 address or IPv6 /64) for
+    /// the gateway's rate; `retry_after_ms` says when the next registration will be taken.
+    RegistrationsLimited = 47,
 }
 
 impl ErrorCode {
@@ -485,6 +495,9 @@ impl ErrorCode {
             WatchlistTooLong,
             PresenceLimited,
             ContactListFull,
+            InvitationsLimited,
+            InvitationTooLarge,
+            RegistrationsLimited,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
