@@ -620,7 +620,15 @@ impl Harness {
                 let conn = ConnectionId(self.next_conn);
                 self.next_conn += 1;
                 self.slots[slot] = Some((conn, true));
-                self.input(GatewayInput::Accepted(conn));
+                // Most connections come from one of four addresses (limits per address apply),
+                // some from a driver that gives none.
+                if k & 0x80 == 0 {
+                    let ip = core::net::IpAddr::from([192, 0, 2, k % 4]);
+                    let source = sund_model::gateway::limits::SourceAddress::of(ip);
+                    self.input(GatewayInput::AcceptedFrom(conn, source));
+                } else {
+                    self.input(GatewayInput::Accepted(conn));
+                }
             }
             Op::Close(k) => {
                 let slot = usize::from(k) % SLOTS;

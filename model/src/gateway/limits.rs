@@ -34,7 +34,7 @@
 //! record and never charged.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use core::net::IpAddr;
 use std::time::Duration;
 
 use crate::ids::{DeviceId, UserId};
