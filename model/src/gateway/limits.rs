@@ -33,8 +33,8 @@
 //! Retries of a message the gateway already sequenced are answered from the deduplication
 //! record and never charged.
 
-use std::collections::BTreeMap;
 use core::net::IpAddr;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::ids::{DeviceId, UserId};
