@@ -1,22 +1,26 @@
-//! `sund contacts add|remove|block|unblock|list` and `sund presence`: contacts and presence
-//! from the command line. Each command starts the device, asks the gateway, waits for its
-//! answer and says what changed in words; the gateway holds the truth, the device keeps the
-//! names.
+//! `sund contacts add|remove|block|unblock|list|verify` and `sund presence`: contacts and
+//! presence from the command line. Each command starts the device, asks the gateway, waits for
+//! its answer and says what changed in words; the gateway holds the truth, the device keeps the
+//! names and which users it verified (safety numbers, from the DM's MLS state).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use sund_model::identity::DevicePublicKey;
 use sund_model::ids::UserId;
-use sund_model::node::{ContactList, NodeEvent};
+use sund_model::node::{dm_id, ContactList, NodeEvent};
+use sund_model::trust::safety_number::SafetyNumber;
 use sund_model::wire::payload::{ContactAction, Seen};
 use sund_node::device::Device;
-use sund_node::driver::{self, NodeHandle, SocialRequest};
+use sund_node::driver::{self, GroupSummary, NodeHandle, SocialRequest};
 
 use crate::group_commands::check_user_name;
 
 /// How long a command waits for the gateway's answer.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
+/// How long `sund contacts verify` waits for the device to join a DM it has not joined yet.
+const DM_WAIT: Duration = Duration::from_secs(5);
 /// How long `sund presence` waits for the state of every watched user.
 const PRESENCE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -151,14 +155,27 @@ pub async fn list(data_dir: &Path, json: bool) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let result = ask_and_keep(&mut node, &device, SocialRequest::Fetch).await;
+    let groups = node.groups().await.unwrap_or_default();
     let _ = node.stop().await;
     let list = result?;
     let names = device.user_names();
     let named =
         |users: &[UserId]| -> Vec<String> { users.iter().map(|u| name_of(*u, &names)).collect() };
+    let me = UserId::from_name(device.user.as_deref().unwrap_or_default());
+    let verified = device.verified_users();
+    let check = |user: UserId| -> Verification {
+        let now = dm_keys(&groups, me, user).map(|(_, theirs)| theirs);
+        Verification::of(verified.get(&user), now.as_ref())
+    };
     if json {
+        let verification: BTreeMap<String, &str> = list
+            .contacts
+            .iter()
+            .map(|u| (name_of(*u, &names), check(*u).word()))
+            .collect();
         let doc = serde_json::json!({
             "contacts": named(&list.contacts),
+            "verification": verification,
             "incoming": named(&list.incoming),
             "outgoing": named(&list.outgoing),
             "blocked": named(&list.blocked),
@@ -175,7 +192,19 @@ pub async fn list(data_dir: &Path, json: bool) -> Result<(), String> {
             say!("{label}: {}", shown.join(", "));
         }
     };
-    line("contacts", &list.contacts);
+    let contacts: Vec<String> = list
+        .contacts
+        .iter()
+        .map(|u| match check(*u) {
+            Verification::Unverified => name_of(*u, &names),
+            other => format!("{} ({})", name_of(*u, &names), other.word()),
+        })
+        .collect();
+    if contacts.is_empty() {
+        say!("contacts: none");
+    } else {
+        say!("contacts: {}", contacts.join(", "));
+    }
     line(
         "asked you (accept with `sund contacts add NAME`, or the id shown)",
         &list.incoming,
@@ -191,6 +220,169 @@ pub async fn list(data_dir: &Path, json: bool) -> Result<(), String> {
         }
     );
     Ok(())
+}
+
+/// Whether a user is verified on this device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verification {
+    /// Never marked.
+    Unverified,
+    /// Marked, and the DM holds the same devices of theirs now.
+    Verified,
+    /// Marked, but their devices in the DM differ now (or there is no DM to tell).
+    Changed,
+}
+
+impl Verification {
+    fn of(
+        marked: Option<&BTreeSet<DevicePublicKey>>,
+        now: Option<&BTreeSet<DevicePublicKey>>,
+    ) -> Verification {
+        match (marked, now) {
+            (None, _) => Verification::Unverified,
+            (Some(then), Some(now)) if then == now => Verification::Verified,
+            (Some(_), _) => Verification::Changed,
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Verification::Unverified => "not verified",
+            Verification::Verified => "verified",
+            Verification::Changed => "devices changed since verified: compare safety numbers again",
+        }
+    }
+}
+
+/// The device keys of `me` and of `other` in this device's DM with `other` (as its MLS state
+/// holds them), or `None` if this device is not in such a DM.
+fn dm_keys(
+    groups: &[GroupSummary],
+    me: UserId,
+    other: UserId,
+) -> Option<(BTreeSet<DevicePublicKey>, BTreeSet<DevicePublicKey>)> {
+    let dm = groups.iter().find(|g| g.conversation == dm_id(me, other))?;
+    let mut mine = BTreeSet::new();
+    let mut theirs = BTreeSet::new();
+    for (device, user) in &dm.members {
+        let Some(key) = dm.keys.get(device) else {
+            continue;
+        };
+        if *user == me {
+            mine.insert(*key);
+        } else if *user == other {
+            theirs.insert(*key);
+        }
+    }
+    (!theirs.is_empty() && !mine.is_empty()).then_some((mine, theirs))
+}
+
+/// What `sund contacts verify` does besides showing the number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyAction {
+    /// Only show the number and whether the user is verified.
+    Show,
+    /// The user compared the numbers and they match: mark verified.
+    Matches,
+    /// Compare with the number the other device shows, typed in; mark verified if equal.
+    Compare(String),
+    /// Forget the mark.
+    Forget,
+}
+
+/// `sund contacts verify NAME [--matches | --compare NUMBER | --forget]`.
+pub async fn verify(data_dir: &Path, name: &str, action: VerifyAction) -> Result<(), String> {
+    let (user, known) = parse_user(name)?;
+    let device = load(data_dir)?;
+    let me = UserId::from_name(device.user.as_deref().unwrap_or_default());
+    if me == user {
+        return Err(format!(
+            "`{name}` is this device's own user: verify someone else"
+        ));
+    }
+    if let Some(known) = known {
+        device.remember_user(known).map_err(|e| e.to_string())?;
+    }
+    let typed = match &action {
+        VerifyAction::Compare(text) => Some(SafetyNumber::parse(text).ok_or_else(|| {
+            format!(
+                "`{text}` is not a safety number: 60 digits, as `sund contacts verify {}` shows them on {name}'s device",
+                device.user.as_deref().unwrap_or_default()
+            )
+        })?),
+        _ => None,
+    };
+    if action == VerifyAction::Forget {
+        device.set_verified(user, None).map_err(|e| e.to_string())?;
+        say!("{name} is not marked verified any more");
+        return Ok(());
+    }
+    let node = driver::start(device.options())
+        .await
+        .map_err(|e| e.to_string())?;
+    // A Welcome into the DM may still wait at the gateway: give the device a moment to
+    // connect and join before saying there is none.
+    let deadline = tokio::time::Instant::now() + DM_WAIT;
+    let keys = loop {
+        let groups = match node.groups().await {
+            Ok(groups) => groups,
+            Err(e) => {
+                let _ = node.stop().await;
+                return Err(e.to_string());
+            }
+        };
+        let keys = dm_keys(&groups, me, user);
+        if keys.is_some() || tokio::time::Instant::now() >= deadline {
+            break keys;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = node.stop().await;
+    let Some((mine, theirs)) = keys else {
+        return Err(format!(
+            "this device is not in a DM with {name} yet, and safety numbers come from the DM's devices: start one with `sund dm {name}` (or wait for {name}'s)"
+        ));
+    };
+    let mine_list: Vec<DevicePublicKey> = mine.iter().copied().collect();
+    let theirs_list: Vec<DevicePublicKey> = theirs.iter().copied().collect();
+    let number = SafetyNumber::of(me, &mine_list, user, &theirs_list);
+    let plural = |n: usize| if n == 1 { "device" } else { "devices" };
+    say!(
+        "safety number with {name} (your {} {} and their {} {} in your DM):",
+        mine.len(),
+        plural(mine.len()),
+        theirs.len(),
+        plural(theirs.len())
+    );
+    for line in number.lines() {
+        say!("    {line}");
+    }
+    let marked = device.verified_users().remove(&user);
+    match (action, typed) {
+        (VerifyAction::Compare(_), Some(typed)) if typed != number => Err(format!(
+            "the numbers differ: the devices in your DM are not the ones {name}'s device sees. Do not trust this conversation with secrets until you find out why (a new device of theirs, or of yours, not yet in the DM changes it too)"
+        )),
+        (VerifyAction::Compare(_) | VerifyAction::Matches, _) => {
+            device
+                .set_verified(user, Some(&theirs))
+                .map_err(|e| e.to_string())?;
+            say!(
+                "{name} is verified: `sund contacts list` says so until their devices change"
+            );
+            Ok(())
+        }
+        _ => {
+            let me_name = device.user.clone().unwrap_or_default();
+            let verification = Verification::of(marked.as_ref(), Some(&theirs));
+            say!("{name}: {}", verification.word());
+            if verification != Verification::Verified {
+                say!(
+                    "compare it with what `sund contacts verify {me_name}` shows on {name}'s device, in person or over a call you trust; if they are the same, run `sund contacts verify {name} --matches`"
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 /// `sund presence [NAME...] [--invisible | --visible]`.
@@ -286,4 +478,37 @@ async fn presence_with(
         say!("{}: {words}", name_of(user, &names));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(seeds: &[u8]) -> BTreeSet<DevicePublicKey> {
+        seeds.iter().map(|s| DevicePublicKey([*s; 32])).collect()
+    }
+
+    #[test]
+    fn a_verified_user_whose_devices_changed_is_shown_as_changed_not_verified() {
+        let then = keys(&[1, 2]);
+        assert_eq!(
+            Verification::of(None, Some(&then)),
+            Verification::Unverified
+        );
+        assert_eq!(
+            Verification::of(Some(&then), Some(&keys(&[2, 1]))),
+            Verification::Verified
+        );
+        for now in [keys(&[1]), keys(&[1, 2, 3]), keys(&[1, 4])] {
+            assert_eq!(
+                Verification::of(Some(&then), Some(&now)),
+                Verification::Changed
+            );
+        }
+        assert_eq!(
+            Verification::of(Some(&then), None),
+            Verification::Changed,
+            "no DM to tell from: not shown as verified"
+        );
+    }
 }

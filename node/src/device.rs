@@ -20,7 +20,7 @@ use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-use sund_model::identity::DeviceKey;
+use sund_model::identity::{DeviceKey, DevicePublicKey};
 use sund_model::ids::{ConversationId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::trust::pairing::PairingCode;
@@ -396,6 +396,53 @@ impl Device {
             .map(|u| format!("{}\n", sund_model::hex::encode(&u.to_bytes())))
             .collect();
         std::fs::write(&path, text).map_err(io(&path))
+    }
+
+    /// The users this user marked verified after comparing safety numbers, with the device
+    /// keys they had then (file `verified`: per line a user id and its keys, in hex, separated
+    /// by spaces). A user whose devices differ now is shown as changed, not verified.
+    pub fn verified_users(&self) -> BTreeMap<UserId, BTreeSet<DevicePublicKey>> {
+        let text = std::fs::read_to_string(self.data_dir.join("verified")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let user = sund_model::hex::decode_array::<16>(words.next()?)?;
+                let keys: Option<BTreeSet<DevicePublicKey>> = words
+                    .map(|w| sund_model::hex::decode_array::<32>(w).map(DevicePublicKey))
+                    .collect();
+                Some((UserId::from_bytes(user), keys?))
+            })
+            .collect()
+    }
+
+    /// Marks `user` verified with these device keys, or (`None`) forgets the mark. Written to
+    /// a new file and renamed over the old, so a crash leaves one or the other whole.
+    pub fn set_verified(
+        &self,
+        user: UserId,
+        keys: Option<&BTreeSet<DevicePublicKey>>,
+    ) -> Result<(), DeviceError> {
+        let mut all = self.verified_users();
+        match keys {
+            Some(keys) => all.insert(user, keys.clone()),
+            None => all.remove(&user),
+        };
+        let text: String = all
+            .iter()
+            .map(|(user, keys)| {
+                let mut line = sund_model::hex::encode(&user.to_bytes());
+                for key in keys {
+                    line.push(' ');
+                    line.push_str(&sund_model::hex::encode(&key.0));
+                }
+                line.push('\n');
+                line
+            })
+            .collect();
+        let path = self.data_dir.join("verified");
+        let new = self.data_dir.join("verified.new");
+        write_private(&new, text.as_bytes()).map_err(io(&new))?;
+        std::fs::rename(&new, &path).map_err(io(&path))
     }
 
     /// The options to start this device's node.

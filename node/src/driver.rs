@@ -20,7 +20,7 @@ use sund_model::env::Ready;
 use sund_model::env::StoreRead;
 use sund_model::files::ContentHash;
 use sund_model::files::{seal_chunk, Manifest, ManifestDigest, UploadId};
-use sund_model::identity::DeviceKey;
+use sund_model::identity::{DeviceKey, DevicePublicKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
 use sund_model::mls::device_groups::{GroupError, GroupStatus, Intent};
@@ -288,6 +288,9 @@ pub struct GroupSummary {
     pub members: Vec<(DeviceId, UserId)>,
     /// Changes still queued.
     pub queued: usize,
+    /// The certified keys of the member devices in this device's MLS state (for safety
+    /// numbers); empty while it is not in the group yet.
+    pub keys: BTreeMap<DeviceId, DevicePublicKey>,
 }
 
 /// What a connection attempt and its session tell the core, in one queue so that a
@@ -1049,6 +1052,7 @@ impl Core {
                     .map(|m| (DeviceId::from_bytes(*m.device), UserId::from_bytes(*m.user)))
                     .collect(),
                 queued: entry.intents.len(),
+                keys: groups.member_keys(*conv).unwrap_or_default(),
             })
             .collect()
     }

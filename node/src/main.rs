@@ -184,6 +184,24 @@ enum ContactsCommand {
         /// The user's name.
         name: String,
     },
+    /// Show the safety number of your DM with a user, to compare with theirs in person or
+    /// over a call you trust, and mark them verified when it matches.
+    Verify {
+        /// The device's data directory.
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The user's name.
+        name: String,
+        /// The numbers match (you compared them): mark the user verified.
+        #[arg(long, conflicts_with_all = ["compare", "forget"])]
+        matches: bool,
+        /// The number their device shows, typed in (spaces allowed): marked verified if equal.
+        #[arg(long, value_name = "NUMBER", conflicts_with = "forget")]
+        compare: Option<String>,
+        /// Forget that the user was verified.
+        #[arg(long)]
+        forget: bool,
+    },
     /// Show your contacts, requests to and from you, blocks, and whether you are invisible.
     List {
         /// The device's data directory.
@@ -474,6 +492,22 @@ async fn run(command: Command) -> Result<(), String> {
             }
             ContactsCommand::List { data_dir, json } => {
                 contact_commands::list(&data_dir, json).await
+            }
+            ContactsCommand::Verify {
+                data_dir,
+                name,
+                matches,
+                compare,
+                forget,
+            } => {
+                use contact_commands::VerifyAction;
+                let action = match (matches, compare, forget) {
+                    (true, _, _) => VerifyAction::Matches,
+                    (_, Some(number), _) => VerifyAction::Compare(number),
+                    (_, _, true) => VerifyAction::Forget,
+                    _ => VerifyAction::Show,
+                };
+                contact_commands::verify(&data_dir, &name, action).await
             }
         },
         Command::Presence {

@@ -175,3 +175,150 @@ fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stop
     );
     assert!(err.contains("is not a user name"), "{err}");
 }
+
+/// Signal-style safety numbers: both sides of a DM see the same 60 digits; typing the other
+/// side's number in marks the user verified (and `contacts list` says so); a wrong number is
+/// refused and marks nothing.
+#[test]
+fn both_sides_of_a_dm_see_the_same_safety_number_and_a_match_marks_the_contact_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gateway");
+    let port = free_udp_port();
+    let cert = run(
+        &gateway_binary(),
+        &["cert", "--data-dir", gw_dir.to_str().unwrap()],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let (alice, bob) = (dir("alice"), dir("bob"));
+    for (d, user) in [(&alice, "alice"), (&bob, "bob")] {
+        init_device(d, &addr, cert.trim(), Some(user), None);
+    }
+    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
+    let status = run(&sund(), &["status", "--data-dir", &bob]);
+    assert!(status.contains("connection connected"), "{status}");
+
+    let err = fails(
+        &sund(),
+        &["contacts", "verify", "--data-dir", &alice, "bob"],
+    );
+    assert!(err.contains("not in a DM with bob yet"), "{err}");
+    let dm = run(&sund(), &["dm", "--data-dir", &alice, "bob"]);
+    assert!(dm.starts_with("dm @bob (conv:"), "{dm}");
+    for d in [&alice, &bob] {
+        run(
+            &sund(),
+            &[
+                "contacts",
+                "add",
+                "--data-dir",
+                d,
+                if d == &alice { "bob" } else { "alice" },
+            ],
+        );
+    }
+
+    let number = |out: &str| -> String {
+        let lines: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("safety number with"))
+            .skip(1)
+            .take(3)
+            .map(str::trim)
+            .collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(lines.iter().all(|l| l.len() == 23), "{out}");
+        lines.join(" ")
+    };
+    let at_alice = run(
+        &sund(),
+        &["contacts", "verify", "--data-dir", &alice, "bob"],
+    );
+    assert!(
+        at_alice.contains("your 1 device and their 1 device in your DM")
+            && at_alice.contains("bob: not verified")
+            && at_alice.contains("sund contacts verify bob --matches"),
+        "{at_alice}"
+    );
+    let at_bob = run(
+        &sund(),
+        &["contacts", "verify", "--data-dir", &bob, "alice"],
+    );
+    assert_eq!(number(&at_alice), number(&at_bob), "{at_alice}\n{at_bob}");
+
+    // A number that differs (one digit) is refused and marks nothing.
+    let shown = number(&at_bob);
+    let last = shown.chars().last().unwrap();
+    let wrong = format!(
+        "{}{}",
+        &shown[..shown.len() - 1],
+        if last == '0' { '1' } else { '0' }
+    );
+    let err = fails(
+        &sund(),
+        &[
+            "contacts",
+            "verify",
+            "--data-dir",
+            &alice,
+            "bob",
+            "--compare",
+            &wrong,
+        ],
+    );
+    assert!(err.contains("the numbers differ"), "{err}");
+    let list = run(&sund(), &["contacts", "list", "--data-dir", &alice]);
+    assert!(list.contains("contacts: bob\n"), "{list}");
+
+    // Bob's number typed in on alice's device marks bob verified.
+    let out = run(
+        &sund(),
+        &[
+            "contacts",
+            "verify",
+            "--data-dir",
+            &alice,
+            "bob",
+            "--compare",
+            &shown,
+        ],
+    );
+    assert!(out.contains("bob is verified"), "{out}");
+    let list = run(&sund(), &["contacts", "list", "--data-dir", &alice]);
+    assert!(list.contains("contacts: bob (verified)"), "{list}");
+    let json = run(
+        &sund(),
+        &["contacts", "list", "--data-dir", &alice, "--json"],
+    );
+    assert!(
+        json.contains(r#""verification":{"bob":"verified"}"#),
+        "{json}"
+    );
+    let out = run(
+        &sund(),
+        &[
+            "contacts",
+            "verify",
+            "--data-dir",
+            &alice,
+            "bob",
+            "--forget",
+        ],
+    );
+    assert!(out.contains("not marked verified any more"), "{out}");
+    let list = run(&sund(), &["contacts", "list", "--data-dir", &alice]);
+    assert!(list.contains("contacts: bob\n"), "{list}");
+    let err = fails(
+        &sund(),
+        &[
+            "contacts",
+            "verify",
+            "--data-dir",
+            &alice,
+            "bob",
+            "--compare",
+            "12345",
+        ],
+    );
+    assert!(err.contains("is not a safety number"), "{err}");
+}

@@ -38,7 +38,7 @@ use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::group_ops::{GroupKind, GroupOps, Role};
 use crate::time::Instant;
-use crate::trust::credential::device_of_identity;
+use crate::trust::credential::{device_key_of_identity, device_of_identity};
 use crate::wire::payload::{RosterEntry, FETCH_USERS_MAX};
 
 /// How long a proposed removal may wait per rank before the next member commits it (see
@@ -497,6 +497,25 @@ impl DeviceGroups {
     /// Every group conversation this device knows, with its entry.
     pub fn entries(&self) -> impl Iterator<Item = (&ConversationId, &GroupEntry)> {
         self.entries.iter()
+    }
+
+    /// The certified device keys of a group's members, by device (from their leaves'
+    /// credentials, checked when each joined): what safety numbers are made of.
+    pub fn member_keys(
+        &self,
+        conv: ConversationId,
+    ) -> Option<BTreeMap<DeviceId, crate::identity::DevicePublicKey>> {
+        let group = self.groups.get(&conv)?;
+        Some(
+            group
+                .members()
+                .filter_map(|m| {
+                    let basic = BasicCredential::try_from(m.credential).ok()?;
+                    let key = device_key_of_identity(basic.identity())?;
+                    Some((key.device_id(), key))
+                })
+                .collect(),
+        )
     }
 
     /// The MLS epoch of a group we are in.
