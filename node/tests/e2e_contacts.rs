@@ -1,6 +1,7 @@
 //! Contacts, presence and blocking as a user types them, against a real gateway on loopback:
 //! a request and its acceptance, presence online then only "recently" after the device went
-//! away without saying so (its lease lapsed), invisible mode, and a block that stops a DM.
+//! away without saying so (its lease lapsed), invisible mode, a block that stops a DM and hides
+//! the blocked user's messages in `follow` and `chat`, presence in `chat`, and safety numbers.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -165,6 +166,44 @@ fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stop
         got.iter().any(|l| l.ends_with(": from alice")),
         "bob sees it: {got:#?}"
     );
+
+    // So does carol's `sund chat`, saying once that it hid something.
+    run(
+        &sund(),
+        &["send", "--data-dir", &alice, &room, "alice again"],
+    );
+    run(&sund(), &["send", "--data-dir", &bob, "team", "bob again"]);
+    let chat = Tmux::start(&format!(
+        "'{}' chat --data-dir '{}'; sleep 30",
+        sund().display(),
+        carol
+    ));
+    chat.wait_for("the notice", |s| {
+        s.contains("a message from a user you blocked is hidden")
+    });
+    // Carol is in a DM with bob and in the room: Tab moves between them until the room shows.
+    let screen = chat.wait_for("bob's message in the room", |s| {
+        let found = s.contains("bob again");
+        if !found {
+            chat.key("Tab");
+        }
+        found
+    });
+    assert!(!screen.contains("alice again"), "{screen}");
+    chat.key("Escape");
+    drop(chat);
+
+    // Bob's chat watches his contacts: alice shows as online.
+    let alice_running = online(&alice);
+    let chat = Tmux::start(&format!(
+        "'{}' chat --data-dir '{}'; sleep 30",
+        sund().display(),
+        bob
+    ));
+    chat.wait_for("alice's presence", |s| s.contains("alice is online"));
+    chat.key("Escape");
+    drop(chat);
+    drop(alice_running);
 
     // Bad input is named.
     let err = fails(&sund(), &["contacts", "add", "--data-dir", &alice, "alice"]);

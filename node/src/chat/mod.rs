@@ -4,9 +4,14 @@
 //! feeds its events and the user's keys into [`view::ChatView`] and draws it. A message counts
 //! as read (taken) only once a frame showing it has been drawn, as `follow` takes a message only
 //! once its line is printed.
+//!
+//! As in `follow`, messages of users this user blocked are hidden (the block list kept on the
+//! device, then the gateway's). The user's contacts are watched: their presence changes show as
+//! notices, in the gateway's coarse steps only.
 
 mod view;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,8 +19,9 @@ use bytes::Bytes;
 use ratatui::crossterm::event::{self, Event};
 use sund_model::ids::{ConversationId, UserId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
+use sund_model::wire::payload::Seen;
 use sund_node::device::Device;
-use sund_node::driver::{self, GroupRequest, NodeHandle};
+use sund_node::driver::{self, GroupRequest, NodeHandle, SocialRequest};
 use tokio::sync::mpsc;
 
 use crate::{group_commands, load, why_stopped, REVOKED};
@@ -70,6 +76,12 @@ async fn run(
 ) -> Result<(), String> {
     let users = device.user_names();
     let mut members = group_commands::members(&node).await;
+    let mut blocked: BTreeSet<UserId> = device.blocked_users();
+    let mut hid_blocked = false;
+    let mut watched: Vec<UserId> = Vec::new();
+    let mut presence: BTreeMap<UserId, Seen> = BTreeMap::new();
+    // The gateway's listing (blocks, and the contacts to watch) answers this.
+    let _ = node.social(SocialRequest::Fetch).await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // Messages drawn into the view but not yet on the screen: taken after the next draw.
     let mut to_take: Vec<(ConversationId, u64)> = Vec::new();
@@ -102,6 +114,33 @@ async fn run(
                 }
             }
             event = node.events.recv() => match event {
+                Some(NodeEvent::Contacts { contacts, .. }) => {
+                    blocked = contacts.blocked.iter().copied().collect();
+                    if let Err(e) = device.set_blocked_users(&blocked) {
+                        view.notice(e.to_string());
+                    }
+                    if contacts.contacts != watched {
+                        watched = contacts.contacts.clone();
+                        presence.retain(|user, _| watched.contains(user));
+                        let _ = node.social(SocialRequest::Watch(watched.clone())).await;
+                    }
+                }
+                Some(NodeEvent::Presence { user, seen }) => {
+                    let before = presence.insert(user, seen);
+                    if before != Some(seen) && seen != Seen::Unknown {
+                        let name = users.get(&user).cloned().unwrap_or_else(|| user.to_string());
+                        view.notice(format!("{name} is {}", seen.describe()));
+                    }
+                }
+                Some(NodeEvent::Delivered { conversation, seq, sender, .. })
+                    if members.get(&sender).is_some_and(|u| blocked.contains(u)) =>
+                {
+                    if !hid_blocked {
+                        hid_blocked = true;
+                        view.notice("a message from a user you blocked is hidden (and every one after it); `sund contacts unblock NAME` shows theirs again".to_string());
+                    }
+                    to_take.push((conversation, seq));
+                }
                 Some(NodeEvent::Delivered { conversation, seq, sender, msg_id, body }) => {
                     if sund_model::node::files::Receipt::decode_message(&body).is_some() {
                         node.taken(conversation, seq).await.map_err(|e| e.to_string())?;

@@ -260,3 +260,85 @@ impl RoomOfTwo {
         self.gw_dir.to_str().unwrap()
     }
 }
+
+/// A terminal (a tmux session on a server of its own) that a test types into and reads.
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    pub fn start(command: &str) -> Tmux {
+        let socket = format!("sund-test-{}-{}", std::process::id(), rand_suffix());
+        let tmux = Tmux { socket };
+        let status = Command::new("tmux")
+            .args([
+                "-L",
+                &tmux.socket,
+                "new-session",
+                "-d",
+                "-s",
+                "t",
+                "-x",
+                "100",
+                "-y",
+                "30",
+            ])
+            .arg(command)
+            .status()
+            .expect("tmux runs (CI installs it: apt-get install tmux)");
+        assert!(status.success());
+        tmux
+    }
+
+    pub fn tmux(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.tmux(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
+    }
+
+    pub fn type_text(&self, text: &str) {
+        assert!(self
+            .tmux(&["send-keys", "-t", "t", "-l", text])
+            .status
+            .success());
+    }
+
+    pub fn key(&self, key: &str) {
+        assert!(self.tmux(&["send-keys", "-t", "t", key]).status.success());
+    }
+
+    /// The screen once `done` holds for it, or a panic showing it.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let screen = self.screen();
+            if done(&screen) {
+                return screen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waiting for {what}; the screen:\n{screen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-server"]);
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
