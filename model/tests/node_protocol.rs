@@ -528,6 +528,55 @@ fn refused_session(h: &mut Harness, conn: u64, code: ErrorCode) -> Duration {
 }
 
 #[test]
+fn a_gateway_whose_frames_this_device_cannot_read_is_not_reconnected_to_in_a_tight_loop() {
+    // A newer gateway sends, in every session, a frame with an opcode this device does not
+    // know. Each ends the connection; the waits grow as after refusals, and the application
+    // is told once, in words that say what to do.
+    let mut h = Harness::new();
+    let mut waits = Vec::new();
+    let mut told = Vec::new();
+    for conn in 1..=12 {
+        h.open(conn);
+        let mut bytes = Frame::new(
+            Routing::default(),
+            Payload::HeartbeatAck(Heartbeat {
+                nonce: 1,
+                crl_version: None,
+                presence: None,
+            }),
+        )
+        .encode()
+        .to_vec();
+        bytes[6..8].copy_from_slice(&0x7fffu16.to_be_bytes());
+        let out = h.input(NodeInput::Frame(ConnectionId(conn), Bytes::from(bytes)));
+        assert!(
+            out.contains(&NodeOutput::Close(ConnectionId(conn))),
+            "{out:?}"
+        );
+        told.extend(out.into_iter().filter_map(|o| match o {
+            NodeOutput::Event(NodeEvent::Refused { code, message }) => Some((code, message)),
+            _ => None,
+        }));
+        let next = h.node.poll_timeout().unwrap();
+        waits.push(next.saturating_since(h.now));
+        h.now = next;
+    }
+    let total: Duration = waits.iter().sum();
+    assert!(
+        total > Duration::from_secs(5),
+        "twelve unreadable sessions take seconds, not a tight loop: {waits:?}"
+    );
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].0, ErrorCode::MalformedFrame);
+    assert!(
+        told[0].1.contains("unknown opcode") && told[0].1.contains("upgrade sund"),
+        "{}",
+        told[0].1
+    );
+    assert_eq!(h.node.stats().unreadable_frames, 12);
+}
+
+#[test]
 fn a_gateway_that_refuses_each_session_as_it_opens_is_not_reconnected_to_in_a_tight_loop() {
     // Each connect succeeds and each session opens, then the gateway ends it (a frame it does
     // not understand, say). Were the open session counted as a success, every reconnect would

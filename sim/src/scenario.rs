@@ -438,6 +438,9 @@ impl Tunables {
         if let Some(rate) = self.conversation_limit {
             gateway.limits.conversations = rate;
         }
+        if let Some(rate) = self.invitation_limit {
+            gateway.limits.invitations = rate;
+        }
         if let Some(rate) = self.contact_limit {
             gateway.limits.contact_requests = rate;
         }
@@ -510,6 +513,8 @@ pub struct Tunables {
     pub send_limit: Option<Option<Rate>>,
     /// Gateway rate limit on conversations created per user (`Some(None)`: off).
     pub conversation_limit: Option<Option<Rate>>,
+    /// Gateway rate limit on users invited per user, per hour (`Some(None)`: off).
+    pub invitation_limit: Option<Option<Rate>>,
     /// Gateway rate limit on contact requests per user, per day (`Some(None)`: off).
     pub contact_limit: Option<Option<Rate>>,
     /// Gateway rate limit on watchlists per device, per hour (`Some(None)`: off).
@@ -1145,6 +1150,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "retention" => b.tunables.retention = Some(line.duration("a retention limit")?),
                 "send-limit" => b.tunables.send_limit = Some(line.rate(Rate::per_second)?),
                 "conversation-limit" => b.tunables.conversation_limit = Some(line.rate(Rate::per_hour)?),
+                "invitation-limit" => b.tunables.invitation_limit = Some(line.rate(Rate::per_hour)?),
                 "contact-limit" => b.tunables.contact_limit = Some(line.rate(Rate::per_day)?),
                 "watch-limit" => b.tunables.watch_limit = Some(line.rate(Rate::per_hour)?),
                 "watchlist-max" => {
@@ -1154,7 +1160,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `invitation-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
                     ))
                 }
             }

@@ -149,7 +149,8 @@ impl Default for RateLimits {
         RateLimits {
             sends: Some(Rate::per_second(50, 200)),
             conversations: Some(Rate::per_hour(60, 30)),
-            invitations: Some(Rate::per_hour(500, 250)),
+            // A room of 1,000 (Signal's largest group) can be made at once.
+            invitations: Some(Rate::per_hour(1_000, 1_000)),
             registrations: Some(Rate::per_hour(60, 20)),
             contact_requests: Some(Rate::per_day(100, 20)),
             presence_subscriptions: Some(Rate::per_hour(120, 20)),

@@ -554,6 +554,7 @@ impl Gateway {
             .expire_tokens(now, self.config.gc_batch_max, self.fx.writes());
         self.transfers.expire(now, &mut self.fx);
         self.limits.forget_idle(now);
+        self.presence.age(now, &self.social, &mut self.fx);
     }
 
     fn handle_frame(&mut self, now: Instant, conn: ConnectionId, bytes: &[u8]) {

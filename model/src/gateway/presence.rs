@@ -18,8 +18,9 @@
 //! watcher may not see ([`super::social::Social::may_see`]) is [`Seen::Unknown`], whatever the
 //! reason, so a watcher cannot tell "not a contact" from "invisible" or "blocked me".
 //! Watchlists live in memory with their sessions: a node sends its watchlist again in each
-//! new session. Buckets that age (recently → within a week) are not pushed; a new watchlist
-//! shows them.
+//! new session. Buckets age as time passes (recently → within a week → …): the gateway's tick
+//! looks for them at most once per [`LAST_SEEN_GRAIN`] ([`Presence::age`]) and pushes what
+//! changed, so a watcher learns of it at most an hour late.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -71,6 +72,8 @@ pub struct Presence {
     watches: BTreeMap<ConnectionId, Watch>,
     /// Reverse index: the sessions watching each user.
     watchers: BTreeMap<UserId, BTreeSet<ConnectionId>>,
+    /// When [`Presence::age`] next looks for buckets that aged (`None` until its first call).
+    next_ageing: Option<Instant>,
     stats: PresenceStats,
 }
 
@@ -277,6 +280,31 @@ impl Presence {
         Ok(())
     }
 
+    /// Tells watchers of the buckets that aged since they were told (a user last seen 3 days
+    /// ago moves from recently to within a week without a word from its devices). Called on
+    /// every tick; does its work at most once per [`LAST_SEEN_GRAIN`], the first time one
+    /// grain after its first call, so a bucket is told at most that late.
+    pub fn age(&mut self, now: Instant, social: &Social, fx: &mut Fx) {
+        match self.next_ageing {
+            Some(at) if now >= at => {}
+            Some(_) => return,
+            None => {
+                self.next_ageing = Some(now + LAST_SEEN_GRAIN);
+                return;
+            }
+        }
+        self.next_ageing = Some(now + LAST_SEEN_GRAIN);
+        let offline: Vec<UserId> = self
+            .watchers
+            .keys()
+            .filter(|user| !self.online.contains_key(user))
+            .copied()
+            .collect();
+        for target in offline {
+            self.push(now, target, social, fx);
+        }
+    }
+
     /// Tells each session watching `target` its new state, where it changed.
     pub fn push(&mut self, now: Instant, target: UserId, social: &Social, fx: &mut Fx) {
         let Some(conns) = self.watchers.get(&target) else {
@@ -414,6 +442,43 @@ mod tests {
         assert_eq!(told(&mut fx), vec![(10, u(2), Seen::Recently)]);
         assert_eq!(p.seen(hours(24 * 5), u(1), u(2), &social), Seen::WithinWeek);
         assert_eq!(p.seen(hours(24 * 5), u(3), u(2), &social), Seen::Unknown);
+    }
+
+    #[test]
+    fn buckets_that_age_are_pushed_within_an_hour_and_only_when_they_change() {
+        let social = contacts(&[(1, 2)]);
+        let mut p = Presence::default();
+        let mut fx = Fx::default();
+        p.opened(hours(0), ConnectionId(20), u(2), &social, &mut fx);
+        p.closed(hours(1), ConnectionId(20), Some(u(2)), &social, &mut fx);
+        p.subscribe(
+            hours(2),
+            ConnectionId(10),
+            u(1),
+            &[u(2)],
+            8,
+            1,
+            &social,
+            &mut fx,
+        )
+        .unwrap();
+        assert_eq!(told(&mut fx), vec![(10, u(2), Seen::Recently)]);
+        // Every tick calls `age`; it looks once an hour.
+        let mut pushed = Vec::new();
+        for minute in (2 * 60)..(24 * 40 * 60) {
+            p.age(Instant(minute * 60_000_000 + 17), &social, &mut fx);
+            pushed.extend(told(&mut fx).into_iter().map(|t| (minute / 60, t)));
+        }
+        assert_eq!(
+            pushed,
+            vec![
+                // Last seen in hour 1: past 72 hours from hour 74 on (the hour is rounded down).
+                (74, (10, u(2), Seen::WithinWeek)),
+                (24 * 7 + 2, (10, u(2), Seen::WithinMonth)),
+                (24 * 30 + 2, (10, u(2), Seen::LongAgo)),
+            ],
+            "each change once, at most an hour late"
+        );
     }
 
     #[test]

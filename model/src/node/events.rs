@@ -477,6 +477,9 @@ pub struct NodeStats {
     /// signature that does not verify against the device's certificate key.
     pub receipts_refused: u64,
     /// Messages the gateway refused by a rate limit (`sends_limited`,
-    /// `conversations_limited`); each waited in the outbox and went again after the hint.
+    /// `conversations_limited`, `invitations_limited`); each waited in the outbox and went
+    /// again after the hint.
     pub throttled: u64,
+    /// Frames from the gateway this device could not decode (each ended its connection).
+    pub unreadable_frames: u64,
 }

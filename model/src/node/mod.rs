@@ -129,6 +129,9 @@ pub struct Node {
     /// Until when the gateway takes no messages from this device (its rate limit said so):
     /// what waits in the outbox is held back until then (in memory only).
     throttled_until: Option<Instant>,
+    /// The application was told that the gateway sends frames this device cannot read (once
+    /// per run of the node).
+    told_unreadable: bool,
     /// After a rate limit: only the first this many messages waiting in a conversation go
     /// out (see `throttle`); `None` when no limit was met recently.
     pacing: Option<usize>,
@@ -202,6 +205,7 @@ impl Node {
             timers: TimerTable::default(),
             sender_resync_at: BTreeMap::new(),
             throttled_until: None,
+            told_unreadable: false,
             pacing: None,
             stats: NodeStats::default(),
             fx,
@@ -662,9 +666,23 @@ impl Node {
                 }
                 match Frame::decode(&bytes, PAYLOAD_BYTES_MAX) {
                     Ok(frame) => self.handle_frame(now, conn, frame),
-                    Err(_) => {
-                        // A gateway that sends garbage is broken or not a gateway: start over.
+                    Err(e) => {
+                        // A gateway that sends what this device cannot read speaks a newer
+                        // protocol, or is broken: start over, backing off as after a refusal,
+                        // so that one that does it in every session is not asked again in a
+                        // tight loop; and say so once.
+                        self.stats.unreadable_frames += 1;
                         self.fx.hold(NodeOutput::Close(conn));
+                        self.link.refused(now);
+                        if !self.told_unreadable {
+                            self.told_unreadable = true;
+                            self.fx.event(NodeEvent::Refused {
+                                code: ErrorCode::MalformedFrame,
+                                message: format!(
+                                    "the gateway sent a frame this device cannot read ({e}); it keeps trying, waiting longer each time. If the gateway was upgraded, upgrade sund too"
+                                ),
+                            });
+                        }
                         self.schedule_reconnect(now);
                     }
                 }
