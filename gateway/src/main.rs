@@ -40,7 +40,7 @@ struct Cli {
     /// conversation_burst, invitations_per_hour, invitation_burst, registrations_per_hour,
     /// registration_burst, contact_requests_per_day,
     /// contact_request_burst, watchlists_per_hour, watchlist_burst, 0 turning one off,
-    /// send_refusals_max, watchlist_max, contacts_max);
+    /// send_refusals_max, watchlist_max, contacts_max, conversations_max);
     /// command-line flags win.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -231,6 +231,7 @@ struct LimitsConfig {
     watchlist_burst: Option<u32>,
     watchlist_max: Option<u32>,
     contacts_max: Option<u32>,
+    conversations_max: Option<u32>,
 }
 
 impl LimitsConfig {
@@ -293,6 +294,9 @@ impl LimitsConfig {
         }
         if let Some(max) = self.contacts_max {
             limits.contacts_max = max;
+        }
+        if let Some(max) = self.conversations_max {
+            limits.conversations_max = max;
         }
     }
 }

@@ -1045,6 +1045,57 @@ fn a_commit_inviting_more_users_than_the_burst_is_refused_for_good_and_dropped()
 }
 
 #[test]
+fn a_user_in_as_many_conversations_as_the_quota_allows_can_neither_create_nor_be_added() {
+    let mut config = GatewayConfig {
+        open_enrolment: true,
+        ..GatewayConfig::default()
+    };
+    config.limits.conversations_max = 1;
+    let mut net = Net::with_config(config);
+    for (conn, name) in [(1, "alice"), (2, "bob"), (3, "carol"), (4, "dave")] {
+        net.add(conn, node_config(conn as u8, name));
+    }
+    let now = net.now;
+    let with_bob = net.node(1).create_dm(now, user("bob")).unwrap();
+    net.settle();
+    assert!(net.gateway.group(with_bob).is_some());
+    let refusals = |net: &Net, conn: u64| -> Vec<(ErrorCode, String)> {
+        net.events(conn)
+            .iter()
+            .filter_map(|e| match e {
+                NodeEvent::GroupChangeRefused { code, message, .. } => {
+                    Some((*code, message.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    // Bob is at the quota: carol cannot start a DM with him.
+    let carol_bob = net.node(3).create_dm(now, user("bob")).unwrap();
+    net.settle();
+    assert!(net.gateway.group(carol_bob).is_none());
+    let refused = refusals(&net, 3);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, ErrorCode::ConversationQuota);
+    assert!(
+        refused[0].1.contains("a user this commit adds"),
+        "{refused:?}"
+    );
+    // Alice is at the quota: she cannot create a room, even with a user who is not.
+    let room = net.node(1).create_room(now, &[user("dave")]).unwrap();
+    net.settle();
+    assert!(net.gateway.group(room).is_none());
+    let refused = refusals(&net, 1);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].1.contains("leave one first"), "{refused:?}");
+    // Carol and dave, below it, talk.
+    let carol_dave = net.node(3).create_dm(now, user("dave")).unwrap();
+    net.settle();
+    assert!(net.gateway.group(carol_dave).is_some());
+    assert_eq!(net.node(1).stats().throttled, 0, "a quota is not retried");
+}
+
+#[test]
 fn a_user_who_blocked_the_committer_after_its_key_packages_were_fetched_is_not_added() {
     // Carol is conn 1, so in a round the gateway hears her before Alice (conn 2).
     let mut net = Net::new();

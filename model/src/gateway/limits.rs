@@ -21,7 +21,9 @@
 //! - invitations per user: each user a commit adds to a conversation (a DM's other user, a
 //!   room's new members) who was not in it and is not the committer's own user costs one;
 //!   `invitations_limited`; a commit that invites more than the burst at once could never be
-//!   admitted, and is refused for good (`invitation_too_large`);
+//!   admitted, and is refused for good (`invitation_too_large`); and a quota, not a rate: the
+//!   most conversations one user may be in (`conversation_quota`, checked by the router with
+//!   the groups' count of memberships);
 //! - registrations (a new device enrolling with a token or a pairing code, or renewing its
 //!   certificate) per source address, when the driver says where a connection comes from
 //!   (`GatewayInput::AcceptedFrom`): `registrations_limited`, as a goodbye with the hint;
@@ -134,6 +136,9 @@ pub struct RateLimits {
     pub watchlist_max: u32,
     /// Most relations (contacts, requests sent, blocks) one user may hold.
     pub contacts_max: u32,
+    /// Most MLS conversations (DMs and rooms) one user may be in: a creation by a user at the
+    /// cap, or a commit adding one, is refused (`conversation_quota`).
+    pub conversations_max: u32,
     /// Messages a device may have refused by the send limit in a row (none admitted between)
     /// before the gateway ends its session: a device that keeps sending while told to wait
     /// costs the gateway as much per refused frame as per message, so it is cut off for the
@@ -156,6 +161,7 @@ impl Default for RateLimits {
             presence_subscriptions: Some(Rate::per_hour(120, 20)),
             watchlist_max: 512,
             contacts_max: 2_000,
+            conversations_max: 10_000,
             send_refusals_max: 1_000,
         }
     }

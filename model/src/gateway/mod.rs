@@ -1230,8 +1230,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// Checks the users a commit invites (see [`limits`]): none of them blocked the committer's
-    /// user, and the committer's user may invite that many now. Adding a user's devices to a
+    /// Checks the users a commit invites (see [`limits`]): a creator and every invited user
+    /// below the quota of conversations, none of them blocked the committer's user, and the
+    /// committer's user may invite that many now. Adding a user's devices to a
     /// conversation the user is in already, or one's own devices, invites nobody.
     fn admit_invitations(
         &mut self,
@@ -1245,6 +1246,22 @@ impl Gateway {
             return Ok(());
         };
         let group = self.groups.get(conv);
+        let quota = self.config.limits.conversations_max;
+        let routing = Routing {
+            conversation: conv,
+            epoch: group.map_or(0, GroupState::epoch),
+            ..Routing::default()
+        };
+        let over_quota = |what: String| {
+            Err(Refusal::error(ErrorCode::ConversationQuota, what)
+                .in_conversation(routing)
+                .about(msg_id))
+        };
+        if group.is_none() && self.groups.conversations_of(inviter) >= quota {
+            return over_quota(format!(
+                "you are in as many conversations as this gateway allows one user ({quota}): leave one first"
+            ));
+        }
         let invited: BTreeSet<UserId> = change
             .added
             .iter()
@@ -1255,11 +1272,6 @@ impl Gateway {
         if invited.is_empty() {
             return Ok(());
         }
-        let routing = Routing {
-            conversation: conv,
-            epoch: group.map_or(0, GroupState::epoch),
-            ..Routing::default()
-        };
         // KeyPackages are not handed to someone a user blocked; this catches the ones fetched
         // before the block.
         if invited
@@ -1270,6 +1282,14 @@ impl Gateway {
             return Err(Refusal::error(ErrorCode::Forbidden, message)
                 .in_conversation(routing)
                 .about(msg_id));
+        }
+        if invited
+            .iter()
+            .any(|&user| self.groups.conversations_of(user) >= quota)
+        {
+            return over_quota(format!(
+                "a user this commit adds is in as many conversations as this gateway allows one user ({quota})"
+            ));
         }
         let count = u32::try_from(invited.len()).unwrap_or(u32::MAX);
         match self.limits.admit_invitations(now, inviter, count) {

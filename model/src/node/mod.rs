@@ -990,6 +990,7 @@ impl Node {
                     | ErrorCode::Forbidden
                     | ErrorCode::InvalidGroupMessage
                     | ErrorCode::InvitationTooLarge
+                    | ErrorCode::ConversationQuota
             );
             if refused && self.outbox.remove(id, self.fx.writes()).is_some() {
                 self.group_message_refused(now, routing, id, code, &report.message);

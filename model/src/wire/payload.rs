@@ -428,6 +428,9 @@ pub enum ErrorCode {
     /// Too many devices registered from this network address (IPv4 address or IPv6 /64) for
     /// the gateway's rate; `retry_after_ms` says when the next registration will be taken.
     RegistrationsLimited = 47,
+    /// The user creating a conversation, or one a commit adds, is in as many conversations as
+    /// the gateway allows one user; the message says the cap. Not retried: leave one first.
+    ConversationQuota = 48,
 }
 
 impl ErrorCode {
@@ -498,6 +501,7 @@ impl ErrorCode {
             InvitationsLimited,
             InvitationTooLarge,
             RegistrationsLimited,
+            ConversationQuota,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)

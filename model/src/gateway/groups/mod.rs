@@ -101,6 +101,9 @@ pub struct GroupStats {
 #[derive(Default)]
 pub struct Groups {
     groups: BTreeMap<ConversationId, GroupState>,
+    /// For each user, how many groups hold at least one of its devices (derived from
+    /// `groups`, kept in memory: the quota of conversations per user reads it).
+    memberships: BTreeMap<UserId, u32>,
     /// The key the gateway signs external proposals with (made at the first session).
     signer: Option<openmls_basic_credential::SignatureKeyPair>,
     stats: GroupStats,
@@ -121,6 +124,9 @@ impl Groups {
         let mut groups = Groups::default();
         crate::env::scan_all(store, GROUPS_TABLE, |key, value| {
             let (conv, state) = GroupState::decode(key, value)?;
+            for user in state.users() {
+                *groups.memberships.entry(user).or_default() += 1;
+            }
             groups.groups.insert(conv, state);
             Ok(())
         })?;
@@ -394,7 +400,31 @@ impl Groups {
             assert!(state.epoch() >= old.epoch(), "group epochs are monotonic");
         }
         state.persist(conv, writes);
+        let before = self
+            .groups
+            .get(&conv)
+            .map(GroupState::users)
+            .unwrap_or_default();
+        let after = state.users();
+        for user in after.difference(&before) {
+            *self.memberships.entry(*user).or_default() += 1;
+        }
+        for user in before.difference(&after) {
+            let count = self
+                .memberships
+                .get_mut(user)
+                .expect("a member's groups are counted");
+            *count -= 1;
+            if *count == 0 {
+                self.memberships.remove(user);
+            }
+        }
         self.groups.insert(conv, state);
+    }
+
+    /// How many MLS conversations hold a device of `user`.
+    pub fn conversations_of(&self, user: UserId) -> u32 {
+        self.memberships.get(&user).copied().unwrap_or(0)
     }
 
     /// Records a request to remove `device` from `conv` (it leaves, is revoked, or the operator
@@ -531,6 +561,11 @@ impl GroupState {
     /// The epoch the next commit must be made in.
     pub fn epoch(&self) -> u64 {
         self.authority.epoch()
+    }
+
+    /// The users with at least one device in the group.
+    pub fn users(&self) -> BTreeSet<UserId> {
+        self.devices.values().copied().collect()
     }
 
     /// Member devices and their users.

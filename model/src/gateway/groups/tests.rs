@@ -200,3 +200,39 @@ fn records_round_trip() {
     assert!(GroupState::decode(key, &[0xa0]).is_err());
     assert!(GroupState::decode(&[1, 2], value).is_err());
 }
+
+#[test]
+fn each_users_count_of_conversations_follows_its_devices_and_survives_a_restart() {
+    use crate::env::{MemStore, Store};
+    let mut groups = Groups::default();
+    let mut batch = WriteBatch::default();
+    // Room 1: users 1, 2 and 3. Room 2: users 1 and 2, then user 2's last device leaves.
+    groups.set_state(ConversationId(1), room(), &mut batch);
+    let mut g = GroupState::create(GroupKind::Room, d(10), u(1));
+    let change = g.check(d(10), &ops(&[20, 21], &[]), user_of).unwrap();
+    g.apply(&change);
+    groups.set_state(ConversationId(2), g.clone(), &mut batch);
+    assert_eq!(
+        [1, 2, 3, 4].map(|n| groups.conversations_of(u(n))),
+        [2, 2, 1, 0]
+    );
+    let change = g.check(d(10), &ops(&[], &[20]), user_of).unwrap();
+    g.apply(&change);
+    groups.set_state(ConversationId(2), g.clone(), &mut batch);
+    assert_eq!(
+        groups.conversations_of(u(2)),
+        2,
+        "one device of user 2 is left"
+    );
+    let change = g.check(d(10), &ops(&[], &[21]), user_of).unwrap();
+    g.apply(&change);
+    groups.set_state(ConversationId(2), g, &mut batch);
+    assert_eq!(
+        [1, 2, 3, 4].map(|n| groups.conversations_of(u(n))),
+        [2, 1, 1, 0]
+    );
+    let mut store = MemStore::default();
+    store.commit(batch).unwrap();
+    let back = Groups::recover(&store).unwrap();
+    assert_eq!(back.memberships, groups.memberships);
+}
