@@ -54,6 +54,30 @@ fn failures(net: &Net) -> Vec<String> {
         .collect()
 }
 
+/// The rate-limit pauses a device was told of: the limit and its hint.
+fn throttles(net: &Net, conn: u64) -> Vec<(ErrorCode, Duration)> {
+    net.events(conn)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Throttled {
+                code, retry_after, ..
+            } => Some((*code, *retry_after)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The group changes of a device the gateway refused: the code and its words.
+fn group_refusals(net: &Net, conn: u64) -> Vec<(ErrorCode, String)> {
+    net.events(conn)
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::GroupChangeRefused { code, message, .. } => Some((*code, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn authenticator(net: &Net, conn: u64, conv: ConversationId) -> (u64, Vec<u8>) {
     let groups = net.nodes[&conn].0.groups().unwrap();
     (
@@ -906,16 +930,7 @@ fn a_user_past_the_conversation_limit_is_paused_and_the_creation_goes_through_af
         net.gateway.group(with_carol).is_none(),
         "a second conversation within 2 s is held back"
     );
-    let throttled: Vec<_> = net
-        .events(1)
-        .iter()
-        .filter_map(|e| match e {
-            NodeEvent::Throttled {
-                code, retry_after, ..
-            } => Some((*code, *retry_after)),
-            _ => None,
-        })
-        .collect();
+    let throttled = throttles(&net, 1);
     assert_eq!(throttled.len(), 1, "{throttled:?}");
     assert_eq!(throttled[0].0, ErrorCode::ConversationsLimited);
     assert!(throttled[0].1 <= Duration::from_secs(2), "{throttled:?}");
@@ -974,16 +989,7 @@ fn a_user_past_the_invitation_limit_is_paused_and_the_invitation_goes_through_af
         4,
         "a third invitation within the burst of two is held back"
     );
-    let throttled: Vec<_> = net
-        .events(1)
-        .iter()
-        .filter_map(|e| match e {
-            NodeEvent::Throttled {
-                code, retry_after, ..
-            } => Some((*code, *retry_after)),
-            _ => None,
-        })
-        .collect();
+    let throttled = throttles(&net, 1);
     assert_eq!(throttled.len(), 1, "{throttled:?}");
     assert_eq!(throttled[0].0, ErrorCode::InvitationsLimited);
     assert!(throttled[0].1 <= Duration::from_secs(2), "{throttled:?}");
@@ -1023,14 +1029,7 @@ fn a_commit_inviting_more_users_than_the_burst_is_refused_for_good_and_dropped()
         net.gateway.group(room).is_none(),
         "three at once, burst two"
     );
-    let refused: Vec<_> = net
-        .events(1)
-        .iter()
-        .filter_map(|e| match e {
-            NodeEvent::GroupChangeRefused { code, message, .. } => Some((*code, message.clone())),
-            _ => None,
-        })
-        .collect();
+    let refused = group_refusals(&net, 1);
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].0, ErrorCode::InvitationTooLarge);
     assert!(refused[0].1.contains("at most 2"), "{refused:?}");
@@ -1059,22 +1058,11 @@ fn a_user_in_as_many_conversations_as_the_quota_allows_can_neither_create_nor_be
     let with_bob = net.node(1).create_dm(now, user("bob")).unwrap();
     net.settle();
     assert!(net.gateway.group(with_bob).is_some());
-    let refusals = |net: &Net, conn: u64| -> Vec<(ErrorCode, String)> {
-        net.events(conn)
-            .iter()
-            .filter_map(|e| match e {
-                NodeEvent::GroupChangeRefused { code, message, .. } => {
-                    Some((*code, message.clone()))
-                }
-                _ => None,
-            })
-            .collect()
-    };
     // Bob is at the quota: carol cannot start a DM with him.
     let carol_bob = net.node(3).create_dm(now, user("bob")).unwrap();
     net.settle();
     assert!(net.gateway.group(carol_bob).is_none());
-    let refused = refusals(&net, 3);
+    let refused = group_refusals(&net, 3);
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].0, ErrorCode::ConversationQuota);
     assert!(
@@ -1085,7 +1073,7 @@ fn a_user_in_as_many_conversations_as_the_quota_allows_can_neither_create_nor_be
     let room = net.node(1).create_room(now, &[user("dave")]).unwrap();
     net.settle();
     assert!(net.gateway.group(room).is_none());
-    let refused = refusals(&net, 1);
+    let refused = group_refusals(&net, 1);
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(refused[0].1.contains("leave one first"), "{refused:?}");
     // Carol and dave, below it, talk.
@@ -1134,14 +1122,7 @@ fn a_user_who_blocked_the_committer_after_its_key_packages_were_fetched_is_not_a
         2,
         "Carol was not added"
     );
-    let refused: Vec<_> = net
-        .events(2)
-        .iter()
-        .filter_map(|e| match e {
-            NodeEvent::GroupChangeRefused { code, message, .. } => Some((*code, message.clone())),
-            _ => None,
-        })
-        .collect();
+    let refused = group_refusals(&net, 2);
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].0, ErrorCode::Forbidden);
     assert!(

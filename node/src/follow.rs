@@ -198,8 +198,7 @@ pub(crate) async fn follow(
     let mut unnamed = std::collections::BTreeSet::new();
     // Messages of users this user blocked are not shown (in rooms shared with them): the list
     // kept on the device from the start, then the gateway's.
-    let mut blocked = device.blocked_users();
-    let mut hid_blocked = false;
+    let mut blocked = crate::blocked::Blocked::load(&device);
     node.social(driver::SocialRequest::Fetch)
         .await
         .map_err(|e| e.to_string())?;
@@ -208,16 +207,12 @@ pub(crate) async fn follow(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             event = node.events.recv() => match event {
-                Some(NodeEvent::Contacts { contacts, .. }) => {
-                    blocked = contacts.blocked.iter().copied().collect();
-                    device.set_blocked_users(&blocked).map_err(|e| e.to_string())?;
-                }
+                Some(NodeEvent::Contacts { contacts, .. }) => blocked.update(&device, &contacts)?,
                 Some(NodeEvent::Delivered { conversation: id, seq, sender, .. })
-                    if members.get(&sender).is_some_and(|u| blocked.contains(u)) =>
+                    if blocked.hides(sender, &members) =>
                 {
-                    if !hid_blocked {
-                        hid_blocked = true;
-                        output.hint("a message from a user you blocked is hidden (and every one after it); `sund contacts unblock NAME` shows theirs again");
+                    if let Some(notice) = blocked.notice() {
+                        output.hint(notice);
                     }
                     node.taken(id, seq).await.map_err(|e| e.to_string())?;
                 }

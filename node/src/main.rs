@@ -30,6 +30,7 @@ macro_rules! esay {
     }};
 }
 
+mod blocked;
 mod chat;
 mod contact_commands;
 #[cfg(feature = "demo")]

@@ -30,6 +30,45 @@ fn until(args: &[&str], want: &str, within: Duration) -> String {
     }
 }
 
+/// A gateway on loopback with open enrolment and a device for each user; every device but
+/// the first has registered (and left KeyPackages).
+struct World {
+    // Dropped in this order: the gateway stops before its directory goes.
+    _gateway: Guard,
+    _tmp: tempfile::TempDir,
+    dirs: Vec<String>,
+}
+
+impl World {
+    fn new(users: &[&str]) -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let gw_dir = tmp.path().join("gateway");
+        let port = free_udp_port();
+        let cert = run(
+            &gateway_binary(),
+            &["cert", "--data-dir", gw_dir.to_str().unwrap()],
+        );
+        let addr = format!("127.0.0.1:{port}");
+        let dirs: Vec<String> = users
+            .iter()
+            .map(|user| tmp.path().join(user).to_str().unwrap().to_string())
+            .collect();
+        for (dir, user) in dirs.iter().zip(users) {
+            init_device(dir, &addr, cert.trim(), Some(user), None);
+        }
+        let gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
+        for dir in &dirs[1..] {
+            let status = run(&sund(), &["status", "--data-dir", dir]);
+            assert!(status.contains("connection connected"), "{status}");
+        }
+        World {
+            _tmp: tmp,
+            _gateway: gateway,
+            dirs,
+        }
+    }
+}
+
 /// A device kept online by a running `sund follow`.
 fn online(dir: &str) -> Guard {
     let guard = Guard(
@@ -46,24 +85,8 @@ fn online(dir: &str) -> Guard {
 
 #[test]
 fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stops_a_dm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let gw_dir = tmp.path().join("gateway");
-    let port = free_udp_port();
-    let cert = run(
-        &gateway_binary(),
-        &["cert", "--data-dir", gw_dir.to_str().unwrap()],
-    );
-    let addr = format!("127.0.0.1:{port}");
-    let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
-    let (alice, bob, carol) = (dir("alice"), dir("bob"), dir("carol"));
-    for (d, user) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
-        init_device(d, &addr, cert.trim(), Some(user), None);
-    }
-    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
-    for d in [&bob, &carol] {
-        let status = run(&sund(), &["status", "--data-dir", d]);
-        assert!(status.contains("connection connected"), "{status}");
-    }
+    let world = World::new(&["alice", "bob", "carol"]);
+    let [alice, bob, carol] = [0, 1, 2].map(|i| world.dirs[i].clone());
 
     // A request, seen by bob, accepted by bob.
     let out = run(&sund(), &["contacts", "add", "--data-dir", &alice, "bob"]);
@@ -220,22 +243,8 @@ fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stop
 /// refused and marks nothing.
 #[test]
 fn both_sides_of_a_dm_see_the_same_safety_number_and_a_match_marks_the_contact_verified() {
-    let tmp = tempfile::tempdir().unwrap();
-    let gw_dir = tmp.path().join("gateway");
-    let port = free_udp_port();
-    let cert = run(
-        &gateway_binary(),
-        &["cert", "--data-dir", gw_dir.to_str().unwrap()],
-    );
-    let addr = format!("127.0.0.1:{port}");
-    let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
-    let (alice, bob) = (dir("alice"), dir("bob"));
-    for (d, user) in [(&alice, "alice"), (&bob, "bob")] {
-        init_device(d, &addr, cert.trim(), Some(user), None);
-    }
-    let _gateway = Guard(start_gateway_with(&gw_dir, port, &["--open-enrolment"]));
-    let status = run(&sund(), &["status", "--data-dir", &bob]);
-    assert!(status.contains("connection connected"), "{status}");
+    let world = World::new(&["alice", "bob"]);
+    let [alice, bob] = [0, 1].map(|i| world.dirs[i].clone());
 
     let err = fails(
         &sund(),

@@ -11,7 +11,7 @@
 
 mod view;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -76,8 +76,7 @@ async fn run(
 ) -> Result<(), String> {
     let users = device.user_names();
     let mut members = group_commands::members(&node).await;
-    let mut blocked: BTreeSet<UserId> = device.blocked_users();
-    let mut hid_blocked = false;
+    let mut blocked = crate::blocked::Blocked::load(device);
     let mut watched: Vec<UserId> = Vec::new();
     let mut presence: BTreeMap<UserId, Seen> = BTreeMap::new();
     // The gateway's listing (blocks, and the contacts to watch) answers this.
@@ -115,9 +114,8 @@ async fn run(
             }
             event = node.events.recv() => match event {
                 Some(NodeEvent::Contacts { contacts, .. }) => {
-                    blocked = contacts.blocked.iter().copied().collect();
-                    if let Err(e) = device.set_blocked_users(&blocked) {
-                        view.notice(e.to_string());
+                    if let Err(e) = blocked.update(device, &contacts) {
+                        view.notice(e);
                     }
                     if contacts.contacts != watched {
                         watched = contacts.contacts.clone();
@@ -133,11 +131,10 @@ async fn run(
                     }
                 }
                 Some(NodeEvent::Delivered { conversation, seq, sender, .. })
-                    if members.get(&sender).is_some_and(|u| blocked.contains(u)) =>
+                    if blocked.hides(sender, &members) =>
                 {
-                    if !hid_blocked {
-                        hid_blocked = true;
-                        view.notice("a message from a user you blocked is hidden (and every one after it); `sund contacts unblock NAME` shows theirs again".to_string());
+                    if let Some(notice) = blocked.notice() {
+                        view.notice(notice);
                     }
                     to_take.push((conversation, seq));
                 }
