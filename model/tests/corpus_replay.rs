@@ -25,8 +25,18 @@ include!(concat!(
 
 include!(concat!(
     env!("CARGO_MANIFEST_DIR"),
+    "/../fuzz/checks/contacts.rs"
+));
+
+include!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
     "/../fuzz/checks/replay.rs"
 ));
+
+#[test]
+fn contact_records_decode_corpus() {
+    replay("contact_records_decode", check_contact_records_decode);
+}
 
 #[test]
 fn frame_decode_corpus() {

@@ -1138,3 +1138,78 @@ fn a_user_who_blocked_the_committer_after_its_key_packages_were_fetched_is_not_a
     send(&mut net, 3, room, "still here");
     assert_eq!(plaintexts(&net, 2, room), vec![b"still here".to_vec()]);
 }
+
+#[test]
+fn a_users_devices_share_their_contact_book_in_a_group_no_one_else_can_join() {
+    use sund_model::node::contact_book::{self, ContactBook, ContactRecord};
+    use sund_model::node::own_id;
+    let mut net = three_devices();
+    net.add(4, node_config(4, "alice"));
+    let now = net.now;
+    // Both of alice's devices create it at once: one group, the later creation joins it.
+    let a = net.nodes.get_mut(&1).unwrap().0.create_own(now).unwrap();
+    let b = net.nodes.get_mut(&4).unwrap().0.create_own(now).unwrap();
+    assert_eq!((a, b), (own_id(user("alice")), own_id(user("alice"))));
+    net.settle();
+    let group = net.gateway.group(a).expect("the gateway knows it");
+    assert_eq!(group.kind(), GroupKind::Own);
+    assert_eq!(group.devices().len(), 2);
+    assert_eq!(authenticator(&net, 1, a), authenticator(&net, 4, a));
+    assert!(net.events[&2].iter().chain(&net.events[&3]).all(
+        |e| !matches!(e, NodeEvent::Joined { conversation, .. } | NodeEvent::Delivered { conversation, .. } if *conversation == a)
+    ), "bob's devices hear nothing of it");
+
+    // What one device learns, the other applies in the same order.
+    let bob = user("bob");
+    let records = vec![
+        ContactRecord::Named {
+            user: bob,
+            name: "bob".into(),
+        },
+        ContactRecord::Verified {
+            user: bob,
+            keys: [sund_model::identity::DevicePublicKey([9; 32])].into(),
+        },
+    ];
+    for body in contact_book::encode(&records) {
+        let now = net.now;
+        net.nodes
+            .get_mut(&1)
+            .unwrap()
+            .0
+            .send(now, a, Bytes::from(body))
+            .unwrap();
+    }
+    send(&mut net, 4, a, "");
+    let mut books = Vec::new();
+    for conn in [1, 4] {
+        let mut book = ContactBook::default();
+        for body in plaintexts(&net, conn, a).iter().filter(|b| !b.is_empty()) {
+            for r in contact_book::decode(body).unwrap() {
+                book.apply(&r);
+            }
+        }
+        books.push(book);
+    }
+    assert_eq!(books[0], books[1]);
+    assert_eq!(books[0].names.get(&bob).map(String::as_str), Some("bob"));
+    assert!(books[0].verified.contains_key(&bob));
+
+    // A commit adding bob is refused by the gateway: nobody else joins.
+    net.nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .change_group(now, a, Intent::AddUsers(vec![bob.to_bytes().into()]))
+        .unwrap();
+    net.settle();
+    assert!(
+        group_refusals(&net, 1)
+            .iter()
+            .any(|(code, _)| *code == ErrorCode::Forbidden),
+        "{:?}",
+        group_refusals(&net, 1)
+    );
+    assert_eq!(net.gateway.group(a).unwrap().devices().len(), 2);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}

@@ -125,8 +125,14 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
         .await
         .map_err(|e| e.to_string())?;
     let result = ask_and_keep(&mut node, &device, SocialRequest::Change(user, action)).await;
+    // The names this device knows go to the user's other devices (and anything left over).
+    let shared = match &result {
+        Ok(_) => crate::contact_sync::share(&mut node, &device, &[]).await,
+        Err(_) => crate::contact_sync::Shared::Nothing,
+    };
     let _ = node.stop().await;
     let list = result?;
+    shared.say();
     let me = device.user.clone().unwrap_or_default();
     match action {
         ContactAction::Add if list.contacts.contains(&user) => say!(
@@ -312,14 +318,23 @@ pub async fn verify(data_dir: &Path, name: &str, action: VerifyAction) -> Result
         })?),
         _ => None,
     };
-    if action == VerifyAction::Forget {
-        device.set_verified(user, None).map_err(|e| e.to_string())?;
-        say!("{name} is not marked verified any more");
-        return Ok(());
-    }
-    let node = driver::start(device.options())
+    let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
+    if action == VerifyAction::Forget {
+        let result = device.set_verified(user, None).map_err(|e| e.to_string());
+        let shared = match &result {
+            Ok(record) => {
+                crate::contact_sync::share(&mut node, &device, std::slice::from_ref(record)).await
+            }
+            Err(_) => crate::contact_sync::Shared::Nothing,
+        };
+        let _ = node.stop().await;
+        result?;
+        say!("{name} is not marked verified any more");
+        shared.say();
+        return Ok(());
+    }
     // A Welcome into the DM may still wait at the gateway: give the device a moment to
     // connect and join before saying there is none.
     let deadline = tokio::time::Instant::now() + DM_WAIT;
@@ -337,8 +352,8 @@ pub async fn verify(data_dir: &Path, name: &str, action: VerifyAction) -> Result
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let _ = node.stop().await;
     let Some((mine, theirs)) = keys else {
+        let _ = node.stop().await;
         return Err(format!(
             "this device is not in a DM with {name} yet, and safety numbers come from the DM's devices: start one with `sund dm {name}` (or wait for {name}'s)"
         ));
@@ -358,18 +373,23 @@ pub async fn verify(data_dir: &Path, name: &str, action: VerifyAction) -> Result
         say!("    {line}");
     }
     let marked = device.verified_users().remove(&user);
-    match (action, typed) {
+    let outcome = match (action, typed) {
         (VerifyAction::Compare(_), Some(typed)) if typed != number => Err(format!(
             "the numbers differ: the devices in your DM are not the ones {name}'s device sees. Do not trust this conversation with secrets until you find out why (a new device of theirs, or of yours, not yet in the DM changes it too)"
         )),
         (VerifyAction::Compare(_) | VerifyAction::Matches, _) => {
-            device
-                .set_verified(user, Some(&theirs))
-                .map_err(|e| e.to_string())?;
-            say!(
-                "{name} is verified: `sund contacts list` says so until their devices change"
-            );
-            Ok(())
+            match device.set_verified(user, Some(&theirs)) {
+                Ok(record) => {
+                    say!(
+                        "{name} is verified: `sund contacts list` says so until their devices change"
+                    );
+                    crate::contact_sync::share(&mut node, &device, &[record])
+                        .await
+                        .say();
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
         }
         _ => {
             let me_name = device.user.clone().unwrap_or_default();
@@ -382,7 +402,9 @@ pub async fn verify(data_dir: &Path, name: &str, action: VerifyAction) -> Result
             }
             Ok(())
         }
-    }
+    };
+    let _ = node.stop().await;
+    outcome
 }
 
 /// `sund presence [NAME...] [--invisible | --visible]`.

@@ -9,7 +9,9 @@
 //! DATA_DIR/node.redb         outbox, cursors, resume token, MLS state, files' records
 //! DATA_DIR/values/           the plaintext chunks of files, one file each (owner-only)
 //! DATA_DIR/conversations     local names of conversations: `NAME` or `NAME=ID`, one per line
-//! DATA_DIR/contacts          user names this device has used, one per line
+//! DATA_DIR/contacts          user names this device knows, one per line (see `contact_files`)
+//! DATA_DIR/verified          users verified by safety number and their device keys then
+//! DATA_DIR/blocked           users this user blocked, as the gateway last listed them
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,7 +37,17 @@ fn private(e: FileError) -> DeviceError {
     DeviceError::Private(e.to_string())
 }
 
+use crate::contact_files;
 use crate::driver::NodeOptions;
+use sund_model::node::contact_book::ContactRecord;
+
+/// A contact file that could not be written.
+fn file_error((path, source): (PathBuf, std::io::Error)) -> DeviceError {
+    DeviceError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
 
 /// Why a device directory could not be created or read.
 #[derive(Debug, thiserror::Error)]
@@ -350,28 +362,27 @@ impl Device {
 
     /// Remembers a person's user name, so that output can show names instead of user ids.
     pub fn remember_user(&self, name: &str) -> Result<(), DeviceError> {
-        let path = self.data_dir.join("contacts");
-        let mut names = self.user_names();
-        if names
-            .insert(UserId::from_name(name), name.to_string())
-            .is_some()
-        {
-            return Ok(());
+        let record = ContactRecord::Named {
+            user: UserId::from_name(name),
+            name: name.to_string(),
+        };
+        if record.check().is_err() {
+            return Err(DeviceError::Invalid {
+                path: "user name".into(),
+                reason: format!("`{}` is not a user name", crate::display::printable(name)),
+            });
         }
-        let text: String = names.values().map(|n| format!("{n}\n")).collect();
-        std::fs::write(&path, text).map_err(io(&path))
+        contact_files::apply(&self.data_dir, &[record]).map_err(file_error)?;
+        Ok(())
     }
 
     /// The user names this device knows (its own, and everyone it named), by user id.
     pub fn user_names(&self) -> BTreeMap<UserId, String> {
-        let text = std::fs::read_to_string(self.data_dir.join("contacts")).unwrap_or_default();
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .chain(self.user.clone())
-            .map(|n| (UserId::from_name(&n), n))
-            .collect()
+        let mut names = contact_files::names(&self.data_dir);
+        if let Some(own) = &self.user {
+            names.insert(UserId::from_name(own), own.clone());
+        }
+        names
     }
 
     /// The users this user blocked, as the gateway last listed them to this device (file
@@ -399,50 +410,34 @@ impl Device {
     }
 
     /// The users this user marked verified after comparing safety numbers, with the device
-    /// keys they had then (file `verified`: per line a user id and its keys, in hex, separated
-    /// by spaces). A user whose devices differ now is shown as changed, not verified.
+    /// keys they had then (file `verified`, see [`contact_files`]). A user whose devices differ
+    /// now is shown as changed, not verified.
     pub fn verified_users(&self) -> BTreeMap<UserId, BTreeSet<DevicePublicKey>> {
-        let text = std::fs::read_to_string(self.data_dir.join("verified")).unwrap_or_default();
-        text.lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                let user = sund_model::hex::decode_array::<16>(words.next()?)?;
-                let keys: Option<BTreeSet<DevicePublicKey>> = words
-                    .map(|w| sund_model::hex::decode_array::<32>(w).map(DevicePublicKey))
-                    .collect();
-                Some((UserId::from_bytes(user), keys?))
-            })
-            .collect()
+        contact_files::verified(&self.data_dir)
     }
 
-    /// Marks `user` verified with these device keys, or (`None`) forgets the mark. Written to
-    /// a new file and renamed over the old, so a crash leaves one or the other whole.
+    /// Marks `user` verified with these device keys, or (`None`) forgets the mark; the record
+    /// that says so, for the user's other devices.
     pub fn set_verified(
         &self,
         user: UserId,
         keys: Option<&BTreeSet<DevicePublicKey>>,
-    ) -> Result<(), DeviceError> {
-        let mut all = self.verified_users();
-        match keys {
-            Some(keys) => all.insert(user, keys.clone()),
-            None => all.remove(&user),
+    ) -> Result<ContactRecord, DeviceError> {
+        let record = match keys {
+            Some(keys) => ContactRecord::Verified {
+                user,
+                keys: keys.clone(),
+            },
+            None => ContactRecord::Unverified { user },
         };
-        let text: String = all
-            .iter()
-            .map(|(user, keys)| {
-                let mut line = sund_model::hex::encode(&user.to_bytes());
-                for key in keys {
-                    line.push(' ');
-                    line.push_str(&sund_model::hex::encode(&key.0));
-                }
-                line.push('\n');
-                line
-            })
-            .collect();
-        let path = self.data_dir.join("verified");
-        let new = self.data_dir.join("verified.new");
-        write_private(&new, text.as_bytes()).map_err(io(&new))?;
-        std::fs::rename(&new, &path).map_err(io(&path))
+        if let Err(e) = record.check() {
+            return Err(DeviceError::Invalid {
+                path: "verified".into(),
+                reason: e.to_string(),
+            });
+        }
+        contact_files::apply(&self.data_dir, std::slice::from_ref(&record)).map_err(file_error)?;
+        Ok(record)
     }
 
     /// The options to start this device's node.

@@ -271,6 +271,9 @@ pub enum GroupRequest {
     Room(Vec<UserId>),
     /// Change a group (add users, remove a user or device, update keys, set a role).
     Change(ConversationId, Intent),
+    /// Start (or find) the group of this user's own devices, where they share the contact
+    /// book.
+    Own,
 }
 
 /// One group as `sund devices` shows it.
@@ -642,6 +645,8 @@ pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
         events: events_tx,
         waiting_events: VecDeque::new(),
         last_problem: None,
+        data_dir: options.data_dir.clone(),
+        own: options.user.map(|u| (u, sund_model::node::own_id(u))),
     };
     let core = tokio::spawn(core.run(commands_rx, links_rx));
     Ok(NodeHandle {
@@ -689,6 +694,11 @@ struct Core {
     waiting_events: VecDeque<NodeEvent>,
     /// Why the last connection failed or ended, if the network or the gateway said.
     last_problem: Option<String>,
+    /// The data directory, where records from the user's other devices update the contact
+    /// book's files.
+    data_dir: PathBuf,
+    /// This device's user and the group of its devices (`None`: no user, no contact book).
+    own: Option<(UserId, ConversationId)>,
 }
 
 impl Core {
@@ -802,6 +812,7 @@ impl Core {
                 let result = match request {
                     GroupRequest::Dm(user) => self.node.create_dm(now, user),
                     GroupRequest::Room(users) => self.node.create_room(now, &users),
+                    GroupRequest::Own => self.node.create_own(now),
                     GroupRequest::Change(conv, intent) => {
                         self.node.change_group(now, conv, intent).map(|()| conv)
                     }
@@ -1129,6 +1140,15 @@ impl Core {
                     };
                     tokio::spawn(send_chunk(connection.clone(), chunk, self.links.clone()));
                 }
+                NodeOutput::Event(NodeEvent::Delivered {
+                    conversation,
+                    seq,
+                    sender,
+                    body,
+                    ..
+                }) if self.own.is_some_and(|(_, own)| own == conversation) => {
+                    self.contact_records(conversation, seq, sender, &body);
+                }
                 NodeOutput::Event(event) => match self.events.try_send(event) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(event)) => {
@@ -1138,6 +1158,50 @@ impl Core {
                 },
             }
         }
+    }
+}
+
+impl Core {
+    /// A message in the group of this user's own devices: contact-book records from another
+    /// device (or this one), applied to the files and taken, so the application never sees
+    /// them. A message that cannot be written stays untaken and comes again at the next start;
+    /// one that is not records, or not from a device of this user, is logged and dropped.
+    fn contact_records(
+        &mut self,
+        conversation: ConversationId,
+        seq: u64,
+        sender: DeviceId,
+        body: &[u8],
+    ) {
+        let Some((user, _)) = self.own else { return };
+        let entry = self.node.groups().and_then(|g| g.entry(conversation));
+        let from_own_device = entry.is_some_and(|e| {
+            e.group_kind() == GroupKind::Own
+                && e.members.iter().any(|m| {
+                    DeviceId::from_bytes(*m.device) == sender && UserId::from_bytes(*m.user) == user
+                })
+        });
+        if !from_own_device {
+            tracing::warn!(%sender, seq, "a message in the group of this user's devices from a device not of this user: dropped");
+        } else if body.is_empty() {
+            // Nothing to apply.
+        } else {
+            match sund_model::node::contact_book::decode(body) {
+                Ok(records) => match crate::contact_files::apply(&self.data_dir, &records) {
+                    Ok(changed) => {
+                        tracing::info!(%sender, seq, records = records.len(), changed, "contact book updated from the user's devices");
+                    }
+                    Err((path, error)) => {
+                        tracing::error!(path = %path.display(), %error, "the contact book could not be written; it is applied again at the next start");
+                        return;
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%sender, seq, %error, "a contact-book message this version cannot read: dropped (upgrade sund)");
+                }
+            }
+        }
+        self.node.taken(conversation, seq);
     }
 }
 

@@ -85,6 +85,10 @@ pub fn describe_event(
             conv_name(*conversation, names)
         ),
         NodeEvent::Joined {
+            kind: GroupKind::Own,
+            ..
+        } => "joined the group of your own devices: they share your contact book (names, verified users) through it".to_string(),
+        NodeEvent::Joined {
             conversation,
             seq,
             kind,
@@ -232,7 +236,7 @@ pub async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Re
 /// queued in the device either way).
 const THROTTLE_WAIT_MAX: Duration = Duration::from_secs(15);
 
-async fn wait_until_done(
+pub(crate) async fn wait_until_done(
     node: &mut NodeHandle,
     conv: ConversationId,
     names: &BTreeMap<UserId, String>,
@@ -336,7 +340,11 @@ pub async fn bring_in(node: &mut NodeHandle, device: &Device, linked: DeviceId) 
         return;
     };
     let me = UserId::from_name(&user_name);
-    let names = device.conversation_names();
+    let mut names = device.conversation_names();
+    names.insert(
+        sund_model::node::own_id(me),
+        "your devices' contact book".into(),
+    );
     let users = device.user_names();
     let mut pending: Vec<ConversationId> = match node.groups().await {
         Ok(groups) => groups
@@ -698,6 +706,7 @@ pub async fn devices(data_dir: &Path, json: bool) -> Result<(), String> {
             .unwrap_or_else(|| match g.kind {
                 GroupKind::Dm => "(unnamed DM)".to_string(),
                 GroupKind::Room => "(unnamed room)".to_string(),
+                GroupKind::Own => "(your devices: the contact book)".to_string(),
             });
         print_group(&name, g, &users, device.key.device_id());
     }

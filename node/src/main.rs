@@ -33,6 +33,7 @@ macro_rules! esay {
 mod blocked;
 mod chat;
 mod contact_commands;
+mod contact_sync;
 #[cfg(feature = "demo")]
 mod demo;
 mod file_commands;

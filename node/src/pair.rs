@@ -10,7 +10,7 @@ use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::trust::pairing::PairingCode;
 use sund_model::wire::payload::ErrorCode;
 use sund_node::device::Device;
-use sund_node::driver;
+use sund_node::driver::{self, GroupRequest};
 
 use crate::REVOKED;
 
@@ -104,7 +104,27 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
                 }
                 Some(NodeEvent::DeviceLinked { device: linked }) => {
                     say!("device {linked} is now linked to {user_name}");
+                    // The contact book travels in the group of the user's devices: made
+                    // first (if missing) so that bringing in adds the new device to it too.
+                    let book = sund_node::contact_files::book(&device.data_dir);
+                    let sharing = !book.records().is_empty();
+                    if sharing {
+                        if let Ok(Ok(own)) = node.group(GroupRequest::Own).await {
+                            let users = device.user_names();
+                            let _ = crate::group_commands::wait_until_done(&mut node, own, &users).await;
+                        }
+                    }
                     crate::group_commands::bring_in(&mut node, &device, linked).await;
+                    if sharing {
+                        match crate::contact_sync::share_book(&mut node, &device).await {
+                            crate::contact_sync::Shared::Sent(_) => say!(
+                                "  the contact book ({} name(s), {} verified user(s)) is on its way to the new device",
+                                book.names.len(),
+                                book.verified.len()
+                            ),
+                            other => other.say(),
+                        }
+                    }
                     break Ok(());
                 }
                 Some(NodeEvent::PairingRefused { reason }) => {

@@ -370,3 +370,118 @@ fn both_sides_of_a_dm_see_the_same_safety_number_and_a_match_marks_the_contact_v
     );
     assert!(err.contains("is not a safety number"), "{err}");
 }
+
+/// Pairs a new device with `dir`'s user: `pair show` on `dir`, `pair accept` on `new`; what
+/// `pair show` said.
+fn pair(dir: &str, new: &str) -> Vec<String> {
+    let show = Command::new(sund())
+        .args(["pair", "show", "--data-dir", dir, "--wait", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut show = Guard(show);
+    let stdout = show.0.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let code = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a pairing code");
+        if line.starts_with("SUND-PAIR:") {
+            break line;
+        }
+    };
+    run(&sund(), &["pair", "accept", "--data-dir", new, &code]);
+    let mut said = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(90)) {
+        said.push(line);
+    }
+    assert!(show.0.wait().unwrap().success(), "{said:#?}");
+    said
+}
+
+#[test]
+fn a_users_devices_share_names_and_verification_marks_end_to_end() {
+    let world = World::new(&["alice", "bob", "carol"]);
+    let [alice, bob, carol] = [0, 1, 2].map(|i| world.dirs[i].clone());
+    run(&sund(), &["dm", "--data-dir", &alice, "bob"]);
+    run(&sund(), &["contacts", "add", "--data-dir", &alice, "bob"]);
+    run(&sund(), &["contacts", "add", "--data-dir", &bob, "alice"]);
+    run(&sund(), &["contacts", "add", "--data-dir", &carol, "alice"]);
+    let out = run(
+        &sund(),
+        &[
+            "contacts",
+            "verify",
+            "--data-dir",
+            &alice,
+            "bob",
+            "--matches",
+        ],
+    );
+    assert!(out.contains("bob is verified"), "{out}");
+    assert!(!out.contains("not shared"), "{out}");
+
+    // A new device of alice gets the book from the device that brought it in.
+    let phone = format!("{alice}-phone");
+    let said = pair(&alice, &phone);
+    assert!(
+        said.iter()
+            .any(|l| l.contains("the contact book (1 name(s), 1 verified user(s)) is on its way")),
+        "{said:#?}"
+    );
+    // Named and verified there too (carol, who asked alice, is known to neither by name).
+    let out = until(
+        &["contacts", "list", "--data-dir", &phone],
+        "contacts: bob (verified)",
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.contains("asked you (accept with `sund contacts add NAME`, or the id shown): user:"),
+        "{out}"
+    );
+
+    // What the phone learns and undoes, the laptop learns: carol's name, bob unverified.
+    run(&sund(), &["contacts", "add", "--data-dir", &phone, "carol"]);
+    let out = run(
+        &sund(),
+        &[
+            "contacts",
+            "verify",
+            "--data-dir",
+            &phone,
+            "bob",
+            "--forget",
+        ],
+    );
+    assert!(out.contains("not marked verified any more"), "{out}");
+    let out = until(
+        &["contacts", "list", "--data-dir", &alice],
+        // (Listed in the order of user ids.)
+        "contacts: carol, bob\n",
+        Duration::from_secs(30),
+    );
+    assert!(!out.contains("verified"), "{out}");
+
+    // The gateway held none of it in plaintext: no name in its database.
+    let gateway_db = std::path::Path::new(&alice)
+        .parent()
+        .unwrap()
+        .join("gateway");
+    for entry in std::fs::read_dir(&gateway_db).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        assert!(
+            !bytes.windows(5).any(|w| w == b"carol"),
+            "a name in the gateway's files"
+        );
+    }
+}

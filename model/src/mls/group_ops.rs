@@ -25,6 +25,10 @@ pub enum GroupKind {
     Dm = 1,
     /// Any number of users, with roles.
     Room = 2,
+    /// One user's own devices, and nobody else: where the user's devices share what only the
+    /// user should know (contact names, verification marks; see `node::contact_book`). Its id
+    /// follows from the user (`node::own_id`), so every device names the same one.
+    Own = 3,
 }
 
 impl GroupKind {
@@ -33,6 +37,7 @@ impl GroupKind {
         match value {
             1 => Some(GroupKind::Dm),
             2 => Some(GroupKind::Room),
+            3 => Some(GroupKind::Own),
             _ => None,
         }
     }
@@ -43,6 +48,7 @@ impl core::fmt::Display for GroupKind {
         f.write_str(match self {
             GroupKind::Dm => "dm",
             GroupKind::Room => "room",
+            GroupKind::Own => "own",
         })
     }
 }

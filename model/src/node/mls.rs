@@ -93,6 +93,20 @@ impl Node {
         Ok(conv)
     }
 
+    /// Starts (or finds) the group of this user's own devices, with every other device of the
+    /// user. Its id follows from the user; if two devices create it at once, the first
+    /// creating commit wins and the other joins from its Welcome.
+    pub fn create_own(&mut self, now: Instant) -> Result<ConversationId, GroupError> {
+        let user = self.config.user.ok_or(GroupError::NoIdentity)?;
+        let conv = super::own_id(user);
+        let m = self.mls.as_mut().ok_or(GroupError::NoIdentity)?;
+        m.groups
+            .create(conv, GroupKind::Own, &[], self.fx.writes())?;
+        self.drive_groups(now);
+        self.refresh_timers();
+        Ok(conv)
+    }
+
     /// Creates a room owned by this device's user, inviting `users`.
     pub fn create_room(
         &mut self,

@@ -27,6 +27,7 @@
 //! Every handler writes into one effects sink ([`Effects`]).
 
 mod config;
+pub mod contact_book;
 mod events;
 pub mod files;
 pub mod inbox;
@@ -1444,6 +1445,17 @@ pub fn dm_id(a: UserId, b: UserId) -> ConversationId {
         .chain_update(b"sund/dm/v1")
         .chain_update(low.to_bytes())
         .chain_update(high.to_bytes())
+        .finalize();
+    ConversationId::from_bytes(digest[..16].try_into().expect("16 bytes"))
+}
+
+/// The id of the group of one user's own devices ([`GroupKind::Own`](crate::mls::group_ops::GroupKind::Own)):
+/// the same on every device of the user, so two devices creating it at once name one group.
+pub fn own_id(user: UserId) -> ConversationId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"sund/own/v1")
+        .chain_update(user.to_bytes())
         .finalize();
     ConversationId::from_bytes(digest[..16].try_into().expect("16 bytes"))
 }

@@ -128,6 +128,8 @@ impl World {
             id = match kind {
                 GroupKind::Dm => n.create_dm(now, users[0]).ok(),
                 GroupKind::Room => n.create_room(now, &users).ok(),
+                // Scenario files name rooms and DMs only (the parser says so).
+                GroupKind::Own => n.create_own(now).ok(),
             };
         });
         let id = id.expect("simulated devices have a user and MLS");

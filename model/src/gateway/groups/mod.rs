@@ -340,6 +340,11 @@ impl Groups {
                         .into();
                     return Err((ErrorCode::Forbidden, message, 0));
                 };
+                if kind == GroupKind::Own && conv != crate::node::own_id(user) {
+                    let message = "the group of a user's own devices has the id that follows                                    from the user"
+                        .into();
+                    return Err((ErrorCode::InvalidGroupMessage, message, 0));
+                }
                 GroupState::create(kind, device, user)
             }
         };
@@ -638,12 +643,16 @@ impl GroupState {
             }
             let allowed = match (self.kind, role) {
                 (GroupKind::Dm, _) => users_after.contains_key(&user) || users_after.len() < 2,
+                (GroupKind::Own, _) => user == sender_user,
                 (GroupKind::Room, Role::Owner | Role::Admin) => true,
                 (GroupKind::Room, Role::Member) => user == sender_user,
             };
             if !allowed {
                 let why = match self.kind {
                     GroupKind::Dm => "a DM holds two users; create a room for more".to_string(),
+                    GroupKind::Own => {
+                        "the group of a user's own devices holds no one else".to_string()
+                    }
                     GroupKind::Room => format!("a {role} may add only its own devices"),
                 };
                 return Err(GroupRefusal::Forbidden(format!("adding {device}: {why}")));
@@ -664,7 +673,7 @@ impl GroupState {
             let allowed = user == sender_user
                 || self.removals.contains(&device)
                 || match (self.kind, role) {
-                    (GroupKind::Dm, _) => false,
+                    (GroupKind::Dm | GroupKind::Own, _) => false,
                     (GroupKind::Room, Role::Owner) => true,
                     (GroupKind::Room, Role::Admin) => target_role == Role::Member,
                     (GroupKind::Room, Role::Member) => false,
@@ -728,7 +737,7 @@ impl GroupState {
                 self.leaves.insert(*device, *leaf);
             }
             let default = match self.kind {
-                GroupKind::Dm => Role::Owner,
+                GroupKind::Dm | GroupKind::Own => Role::Owner,
                 GroupKind::Room => Role::Member,
             };
             self.roles.entry(*user).or_insert(default);

@@ -236,3 +236,31 @@ fn each_users_count_of_conversations_follows_its_devices_and_survives_a_restart(
     let back = Groups::recover(&store).unwrap();
     assert_eq!(back.memberships, groups.memberships);
 }
+
+#[test]
+fn the_group_of_own_devices_holds_only_its_users_devices() {
+    let mut g = GroupState::create(GroupKind::Own, d(10), u(1));
+    let change = g.check(d(10), &ops(&[11, 12], &[]), user_of).unwrap();
+    g.apply(&change);
+    // Nobody else, whoever asks and however few users it holds.
+    for device in [10, 11] {
+        assert!(matches!(
+            g.check(d(device), &ops(&[20], &[]), user_of),
+            Err(GroupRefusal::Forbidden(_))
+        ));
+    }
+    assert!(g.check(d(11), &ops(&[13], &[]), user_of).is_ok());
+    assert!(g.check(d(11), &ops(&[], &[12]), user_of).is_ok());
+    // No roles to set in it.
+    let promote = GroupOps {
+        roles: vec![RoleChange {
+            user: ByteArray::from(u(1).to_bytes()),
+            role: Role::Admin as u8,
+        }],
+        ..GroupOps::default()
+    };
+    assert!(matches!(
+        g.check(d(10), &promote, user_of),
+        Err(GroupRefusal::Forbidden(_))
+    ));
+}
