@@ -35,7 +35,8 @@ struct Cli {
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (keys: listen, data_dir, domain, open_enrolment,
-    /// heartbeat_interval_s, retention_days, drain_timeout_s, metrics, admin_web, log_format,
+    /// heartbeat_interval_s, retention_days, mailbox_mib (0: no quota), drain_timeout_s,
+    /// metrics, admin_web, log_format,
     /// and a `[limits]` table: sends_per_second, send_burst, conversations_per_hour,
     /// conversation_burst, invitations_per_hour, invitation_burst, registrations_per_hour,
     /// registration_burst, contact_requests_per_day,
@@ -204,6 +205,8 @@ struct FileConfig {
     domain: Option<String>,
     heartbeat_interval_s: Option<u64>,
     retention_days: Option<u64>,
+    /// Most MiB of messages kept for one device that has not read them (0: no quota).
+    mailbox_mib: Option<u64>,
     drain_timeout_s: Option<u64>,
     metrics: Option<SocketAddr>,
     admin_web: Option<SocketAddr>,
@@ -408,6 +411,9 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
     }
     if let Some(days) = file.retention_days {
         config.retention_max = Duration::from_secs(days * 24 * 3600);
+    }
+    if let Some(mib) = file.mailbox_mib {
+        config.mailbox_bytes_max = (mib > 0).then(|| mib.saturating_mul(1 << 20));
     }
     if let Some(limits) = &file.limits {
         limits.apply(&mut config.limits);

@@ -251,7 +251,7 @@ pub(crate) async fn follow(
                     }
                 }
                 Some(NodeEvent::Gap { conversation, from, to }) => output.news(
-                    &format!("{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them"),
+                    &format!("{conversation}: seqs {from}..={to} are gone: the gateway no longer kept them for this device (it was away longer than the gateway keeps messages, or more waited for it than the gateway keeps per device)"),
                     || FollowRecord::Gap { conversation_id: conversation.to_string(), from, to },
                 ),
                 Some(NodeEvent::HistoryDiverged { conversation, upto }) => output.news(

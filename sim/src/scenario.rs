@@ -429,6 +429,9 @@ impl Tunables {
             gateway.retention_max = r;
             gateway.dedup_retention = gateway.dedup_retention.max(r);
         }
+        if let Some(m) = self.mailbox {
+            gateway.mailbox_bytes_max = Some(m);
+        }
         if let Some(b) = self.backoff_max {
             node.backoff_max = b.max(node.backoff_initial);
         }
@@ -509,6 +512,8 @@ pub struct Tunables {
     pub backoff_max: Option<Duration>,
     /// Gateway retention limit: older messages are dropped even if unacknowledged.
     pub retention: Option<Duration>,
+    /// Gateway mailbox quota: most bytes kept for one device that has not read them.
+    pub mailbox: Option<u64>,
     /// Gateway rate limit on messages per device (`Some(None)`: off).
     pub send_limit: Option<Option<Rate>>,
     /// Gateway rate limit on conversations created per user (`Some(None)`: off).
@@ -1148,6 +1153,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "decrypt-sample" => b.tunables.decrypt_sample = Some(u32::try_from(line.integer("a number of members")?).unwrap_or(u32::MAX)),
                 "key-packages" => b.tunables.key_packages = Some(line.integer("a KeyPackage pool size")?.clamp(1, 1000) as usize),
                 "retention" => b.tunables.retention = Some(line.duration("a retention limit")?),
+                "mailbox" => b.tunables.mailbox = Some(line.integer("a mailbox quota in bytes")?.max(1)),
                 "send-limit" => b.tunables.send_limit = Some(line.rate(Rate::per_second)?),
                 "conversation-limit" => b.tunables.conversation_limit = Some(line.rate(Rate::per_hour)?),
                 "invitation-limit" => b.tunables.invitation_limit = Some(line.rate(Rate::per_hour)?),
@@ -1160,7 +1166,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `invitation-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `mailbox`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `invitation-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
                     ))
                 }
             }

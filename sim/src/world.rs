@@ -418,7 +418,7 @@ impl World {
         let mut world = World {
             checker: Checker::new(
                 scenario.invariants.clone(),
-                scenario.tunables.retention.is_some(),
+                scenario.tunables.retention.is_some() || scenario.tunables.mailbox.is_some(),
             ),
             seed,
             now: 0,

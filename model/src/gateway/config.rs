@@ -31,6 +31,10 @@ pub struct GatewayConfig {
     /// How long a deduplication record outlives its message (a sender's late retry still gets
     /// its original seq within this window).
     pub dedup_retention: Duration,
+    /// Most bytes of messages the gateway keeps for one device that has not read them, over
+    /// all its conversations (`None`: no quota): past it, the oldest go for that device, which
+    /// is told of the gap as after retention.
+    pub mailbox_bytes_max: Option<u64>,
     /// Most log entries garbage-collected per conversation in one step. GC runs incrementally:
     /// one step per tick, and further steps every `gc_backlog_interval` while a step found more
     /// than it could take. Small steps keep each commit short, so GC adds little latency to the
@@ -72,6 +76,8 @@ impl Default for GatewayConfig {
             payload_bytes_max: PAYLOAD_BYTES_MAX,
             retention_max: Duration::from_secs(30 * 24 * 3600),
             dedup_retention: Duration::from_secs(30 * 24 * 3600),
+            // A thousand messages of the largest size, a million of a typical one.
+            mailbox_bytes_max: Some(1 << 30),
             gc_batch_max: 128,
             gc_backlog_interval: Duration::from_millis(5),
             open_enrolment: false,
@@ -93,6 +99,7 @@ impl GatewayConfig {
             redeliver_after: self.redeliver_after,
             retention_max: self.retention_max,
             dedup_retention: self.dedup_retention,
+            mailbox_bytes_max: self.mailbox_bytes_max,
             gc_batch_max: self.gc_batch_max,
             gc_backlog_interval: self.gc_backlog_interval,
             resume_off_by_one: self.planted == Some(PlantedBug::ResumeOffByOne),

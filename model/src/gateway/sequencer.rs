@@ -84,6 +84,11 @@ pub struct ConversationLog {
     members: BTreeSet<DeviceId>,
     /// Retained entries; `entries[0].seq == first_seq`.
     entries: VecDeque<LogEntry>,
+    /// Beside each retained entry, the bytes of every body up to and including it since the
+    /// conversation began (so the bytes after any seq are one subtraction).
+    ends: VecDeque<u64>,
+    /// Bytes of the bodies of the entries already dropped.
+    dropped_bytes: u64,
     first_seq: u64,
     dedup: BTreeMap<(DeviceId, MsgId), DedupRecord>,
     /// Deduplication keys in seq order, for expiry.
@@ -102,6 +107,8 @@ impl ConversationLog {
             id,
             members: members.into_iter().collect(),
             entries: VecDeque::new(),
+            ends: VecDeque::new(),
+            dropped_bytes: 0,
             first_seq: 1,
             dedup: BTreeMap::new(),
             dedup_order: VecDeque::new(),
@@ -144,6 +151,19 @@ impl ConversationLog {
     pub fn get(&self, seq: u64) -> Option<&LogEntry> {
         let index = seq.checked_sub(self.first_seq)?;
         self.entries.get(usize::try_from(index).ok()?)
+    }
+
+    /// Bytes of the bodies of the retained entries after `seq`.
+    pub fn bytes_after(&self, seq: u64) -> u64 {
+        let end = self.ends.back().copied().unwrap_or(self.dropped_bytes);
+        let upto = match seq.checked_sub(self.first_seq) {
+            None => self.dropped_bytes,
+            Some(index) => match usize::try_from(index).ok().and_then(|i| self.ends.get(i)) {
+                Some(upto) => *upto,
+                None => end,
+            },
+        };
+        end - upto
     }
 
     /// The retained entries, in seq order.
@@ -230,7 +250,10 @@ impl ConversationLog {
         assert!(previous.is_none(), "a message id must map to one seq");
         self.dedup_order
             .push_back((entry.seq, entry.sender, entry.msg_id));
+        let before = self.ends.back().copied().unwrap_or(self.dropped_bytes);
+        self.ends.push_back(before + entry.body.len() as u64);
         self.entries.push_back(entry);
+        debug_assert_eq!(self.ends.len(), self.entries.len());
     }
 
     /// Adds the writes that persist the entry at `seq` (entry, bounds, deduplication record).
@@ -288,6 +311,7 @@ impl ConversationLog {
             chunk.extend_from_slice(&front.msg_id.to_bytes());
             chunk.extend_from_slice(&front.accepted_at.0.to_be_bytes());
             self.entries.pop_front();
+            self.dropped_bytes = self.ends.pop_front().expect("one end per entry");
             self.first_seq += 1;
             dropped += 1;
         }

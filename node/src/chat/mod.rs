@@ -182,7 +182,7 @@ async fn run(
                     view.notice(format!("this device was removed from {conversation}"));
                 }
                 Some(NodeEvent::Gap { conversation, from, to }) => view.notice(format!(
-                    "{conversation}: seqs {from}..={to} expired on the gateway before this device fetched them"
+                    "{conversation}: seqs {from}..={to} are gone: the gateway no longer kept them for this device (it was away longer than the gateway keeps messages, or more waited for it than the gateway keeps per device)"
                 )),
                 Some(NodeEvent::HistoryLost { conversation, from, to }) => view.notice(format!(
                     "{conversation}: seqs {from}..={to} were lost by the gateway; tell its operator"

@@ -203,6 +203,10 @@ pub struct DeliveryLimits {
     pub retention_max: Duration,
     /// How long a deduplication record outlives its message.
     pub dedup_retention: Duration,
+    /// Most bytes of messages kept for one device past its cursors, over all its
+    /// conversations (its mailbox); past it the oldest are no longer kept for it, as if their
+    /// retention had passed (`None`: no quota). See [`Delivery::collect_garbage`].
+    pub mailbox_bytes_max: Option<u64>,
     /// Most log entries garbage-collected per conversation in one step.
     pub gc_batch_max: usize,
     /// How soon the next GC step runs while a step left a backlog.
@@ -245,7 +249,16 @@ pub struct DeliveryStats {
     pub implausible_cursors: u64,
     /// Devices told that what they read differs from what the gateway now holds.
     pub history_diverged: u64,
+    /// Times a device was found holding more than its mailbox quota (one per device and
+    /// check, a check a minute at most).
+    pub mailbox_over_quota: u64,
+    /// Messages no longer kept for a device because its mailbox was over its quota.
+    pub mailbox_released: u64,
 }
+
+/// How often the mailboxes are measured against their quota (each check walks every
+/// membership once).
+pub const MAILBOX_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Most seqs one device's cursor may show lost at once. More is not a disk that lost its last
 /// writes but a broken or hostile device, and is not believed.
@@ -340,6 +353,12 @@ pub struct Delivery {
     /// Each conversation's head when this gateway recovered: a device that read beyond it
     /// before a crash read what this run may have lost (see [`Delivery::open_session`]).
     recovered_heads: BTreeMap<ConversationId, u64>,
+    /// From the last mailbox check: for a device over its quota, per conversation, the seq up
+    /// to which messages are no longer kept for it (garbage collection counts it as its
+    /// cursor). In memory: a restart measures again.
+    mailbox_floors: BTreeMap<(DeviceId, ConversationId), u64>,
+    /// When the mailboxes were last checked.
+    mailbox_checked_at: Option<Instant>,
     stats: DeliveryStats,
 }
 
@@ -379,6 +398,8 @@ impl Delivery {
             departing: BTreeMap::new(),
             sender_order: SenderOrder::default(),
             recovered_heads: BTreeMap::new(),
+            mailbox_floors: BTreeMap::new(),
+            mailbox_checked_at: None,
             stats: DeliveryStats::default(),
         }
     }
@@ -1263,8 +1284,25 @@ impl Delivery {
     /// One GC step: drops log entries every member acknowledged or that passed retention, a
     /// bounded amount per conversation, and schedules the next step soon if any conversation
     /// had more than that.
+    ///
+    /// With a mailbox quota, once a minute each device's mailbox (the bytes of every retained
+    /// message past its cursors) is measured; for a device over the quota, the oldest messages
+    /// across its conversations (by when they were sequenced) that bring it back under it are
+    /// no longer kept for it: collection treats them as acknowledged by it. They stay while
+    /// another member needs them (and the device still gets them); once dropped, the device is
+    /// told of the gap when it reads there, as after retention.
     pub fn collect_garbage(&mut self, now: Instant, writes: &mut WriteBatch) {
         let limits = self.limits;
+        if let Some(quota) = limits.mailbox_bytes_max {
+            if self
+                .mailbox_checked_at
+                .is_none_or(|at| now >= at + MAILBOX_CHECK_INTERVAL)
+            {
+                self.mailbox_checked_at = Some(now);
+                self.check_mailboxes(quota);
+            }
+        }
+        let floors = &self.mailbox_floors;
         let expire_before = now - limits.retention_max;
         let dedup_expire_before = now - limits.dedup_retention;
         let mut backlog = false;
@@ -1279,7 +1317,12 @@ impl Delivery {
                 .members()
                 .iter()
                 .chain(departing)
-                .map(|d| self.cursors.get(&(*d, log.id())).copied().unwrap_or(0))
+                .map(|d| {
+                    let cursor = self.cursors.get(&(*d, log.id())).copied().unwrap_or(0);
+                    floors
+                        .get(&(*d, log.id()))
+                        .map_or(cursor, |floor| cursor.max(*floor))
+                })
                 .min()
                 .unwrap_or(0);
             let (conv, head) = (log.id(), log.head());
@@ -1296,5 +1339,55 @@ impl Delivery {
             backlog |= dropped > 0 && dropped == limits.gc_batch_max;
         }
         self.gc_again_at = backlog.then(|| now + limits.gc_backlog_interval);
+    }
+
+    /// Measures every device's mailbox against `quota` and sets the floors of those over it
+    /// (see [`Delivery::collect_garbage`]).
+    fn check_mailboxes(&mut self, quota: u64) {
+        let mut floors = BTreeMap::new();
+        for (device, convs) in &self.memberships {
+            let held = |conv: &ConversationId| -> Option<(ConversationId, u64, &ConversationLog)> {
+                let log = self.conversations.get(conv)?;
+                let cursor = self.cursors.get(&(*device, *conv)).copied().unwrap_or(0);
+                Some((*conv, cursor.max(log.first_seq() - 1), log))
+            };
+            let held: Vec<_> = convs.iter().filter_map(held).collect();
+            let total: u64 = held.iter().map(|(_, c, log)| log.bytes_after(*c)).sum();
+            if total <= quota {
+                continue;
+            }
+            self.stats.mailbox_over_quota += 1;
+            // The oldest first, across conversations, until the rest fits.
+            let mut excess = total - quota;
+            let mut next: BTreeSet<(Instant, ConversationId, u64)> = BTreeSet::new();
+            let logs: BTreeMap<ConversationId, &ConversationLog> =
+                held.iter().map(|(conv, _, log)| (*conv, *log)).collect();
+            for (conv, cursor, log) in &held {
+                if let Some(entry) = log.get(cursor + 1) {
+                    next.insert((entry.accepted_at, *conv, entry.seq));
+                }
+            }
+            while excess > 0 {
+                let Some((_, conv, seq)) = next.pop_first() else {
+                    break;
+                };
+                let log = logs[&conv];
+                let entry = log.get(seq).expect("queued from the retained log");
+                excess = excess.saturating_sub(entry.body.len() as u64);
+                let previous = self
+                    .mailbox_floors
+                    .get(&(*device, conv))
+                    .copied()
+                    .unwrap_or(0);
+                if seq > previous {
+                    self.stats.mailbox_released += 1;
+                }
+                floors.insert((*device, conv), seq);
+                if let Some(after) = log.get(seq + 1) {
+                    next.insert((after.accepted_at, conv, after.seq));
+                }
+            }
+        }
+        self.mailbox_floors = floors;
     }
 }
