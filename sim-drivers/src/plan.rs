@@ -176,6 +176,11 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
     {
         why_not.push("a bandwidth limit on a link: turmoil's links have none".into());
     }
+    if scenario.users.iter().any(|u| u.address.is_some()) {
+        why_not.push(
+            "devices sharing a network address (`address`): each turmoil host has its own".into(),
+        );
+    }
     if scenario.planted == Some(PlantedBug::NodeAckBeforeDurable) {
         why_not.push(
             "`plant node-ack-before-durable`: the node driver takes no model configuration".into(),
@@ -297,7 +302,7 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
         schedule: scenario.schedule.clone(),
         gateway_config,
         node_timers: NodeTimers::of(&node_config),
-        gaps_allowed: scenario.tunables.retention.is_some(),
+        gaps_allowed: scenario.tunables.retention.is_some() || scenario.tunables.mailbox.is_some(),
         approximations,
     })
 }

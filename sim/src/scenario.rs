@@ -444,6 +444,9 @@ impl Tunables {
         if let Some(rate) = self.invitation_limit {
             gateway.limits.invitations = rate;
         }
+        if let Some(rate) = self.registration_limit {
+            gateway.limits.registrations = rate;
+        }
         if let Some(rate) = self.contact_limit {
             gateway.limits.contact_requests = rate;
         }
@@ -460,6 +463,12 @@ impl Tunables {
         self.send_limit
             .unwrap_or(sund_model::gateway::limits::RateLimits::default().sends)
     }
+
+    /// The per-address registration limit the gateways of this scenario apply.
+    pub fn registration_rate(&self) -> Option<Rate> {
+        self.registration_limit
+            .unwrap_or(sund_model::gateway::limits::RateLimits::default().registrations)
+    }
 }
 
 /// A declared user.
@@ -471,6 +480,9 @@ pub struct UserDecl {
     pub devices: u32,
     /// Home gateway name.
     pub gateway: String,
+    /// The network address every device of the user connects from (`None`: an address of
+    /// each device's own), which the gateways' per-address limits see.
+    pub address: Option<core::net::Ipv4Addr>,
 }
 
 /// A declared conversation.
@@ -518,6 +530,8 @@ pub struct Tunables {
     pub send_limit: Option<Option<Rate>>,
     /// Gateway rate limit on conversations created per user (`Some(None)`: off).
     pub conversation_limit: Option<Option<Rate>>,
+    /// Gateway rate limit on registrations per source address (`Some(None)`: off).
+    pub registration_limit: Option<Option<Rate>>,
     /// Gateway rate limit on users invited per user, per hour (`Some(None)`: off).
     pub invitation_limit: Option<Option<Rate>>,
     /// Gateway rate limit on contact requests per user, per day (`Some(None)`: off).
@@ -948,6 +962,7 @@ struct PendingUser {
     name: String,
     devices: u32,
     gateway: Option<At<String>>,
+    address: Option<core::net::Ipv4Addr>,
     span: Span,
 }
 
@@ -1042,8 +1057,16 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             };
             let mut devices = 1;
             let mut gateway = None;
+            let mut address = None;
             while let Some(t) = line.peek().cloned() {
                 match t.text {
+                    "address" => {
+                        line.pos += 1;
+                        let word = line.next("an IPv4 address")?;
+                        address = Some(word.text.parse::<core::net::Ipv4Addr>().map_err(|_| {
+                            line.error_at(word.column, format!("expected an IPv4 address such as 203.0.113.7, found `{}`", word.text))
+                        })?);
+                    }
                     "devices" => {
                         line.pos += 1;
                         devices = line.integer("a device count")?;
@@ -1057,7 +1080,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                         gateway = Some((line.name("a gateway name")?, col));
                     }
                     other => {
-                        return Err(line.error_at(t.column, format!("expected `devices` or `gateway`, found `{other}`")))
+                        return Err(line.error_at(t.column, format!("expected `devices`, `gateway` or `address`, found `{other}`")))
                     }
                 }
             }
@@ -1073,7 +1096,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             }
             for i in 0..count {
                 let user = if plural { format!("{name}{i}") } else { name.clone() };
-                b.users.push(PendingUser { name: user, devices: devices as u32, gateway: gateway.clone(), span });
+                b.users.push(PendingUser { name: user, devices: devices as u32, gateway: gateway.clone(), address, span });
             }
         }
         "conversation" => {
@@ -1157,6 +1180,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "send-limit" => b.tunables.send_limit = Some(line.rate(Rate::per_second)?),
                 "conversation-limit" => b.tunables.conversation_limit = Some(line.rate(Rate::per_hour)?),
                 "invitation-limit" => b.tunables.invitation_limit = Some(line.rate(Rate::per_hour)?),
+                "registration-limit" => b.tunables.registration_limit = Some(line.rate(Rate::per_hour)?),
                 "contact-limit" => b.tunables.contact_limit = Some(line.rate(Rate::per_day)?),
                 "watch-limit" => b.tunables.watch_limit = Some(line.rate(Rate::per_hour)?),
                 "watchlist-max" => {
@@ -1166,7 +1190,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `mailbox`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `invitation-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `mailbox`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `invitation-limit`, `registration-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
                     ))
                 }
             }
@@ -1454,6 +1478,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         name,
         devices,
         gateway,
+        address,
         span,
     } in &b.users
     {
@@ -1468,6 +1493,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             name: name.clone(),
             devices: *devices,
             gateway: default_gateway(*span, gateway)?,
+            address: *address,
         });
     }
     // Gateways and users share one namespace, so `User(name)` may really name a gateway.

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sund_model::env::{HeldOutputs, WriteBatch};
+use sund_model::gateway::limits::SourceAddress;
 use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
@@ -272,6 +273,9 @@ pub struct World {
     revocations: trust::Revocations,
     drains: drain::Drains,
     limit_watch: limits::LimitWatch,
+    /// Devices whose user's `address` they share (the others each have their own; see
+    /// [`World::address_of`]).
+    shared_addresses: BTreeMap<ActorIndex, core::net::Ipv4Addr>,
     presence_watch: presence::PresenceWatch,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
@@ -360,6 +364,7 @@ impl World {
         }
         let mut devices = Vec::new();
         let mut user_devices = BTreeMap::new();
+        let mut shared_addresses = BTreeMap::new();
         // One memo of verified signatures for every device of this run (see
         // sund_model::mls::verified): the same check answers the same everywhere.
         let verified = VerifiedSignatures::default();
@@ -409,6 +414,9 @@ impl World {
                 });
                 mine.push(index);
                 devices.push(index);
+                if let Some(address) = user.address {
+                    shared_addresses.insert(index, address);
+                }
             }
             user_devices.insert(user.name.clone(), mine);
         }
@@ -445,7 +453,11 @@ impl World {
             lost_uncommitted: 0,
             revocations: trust::Revocations::default(),
             drains: drain::Drains::default(),
-            limit_watch: limits::LimitWatch::new(scenario.tunables.send_rate()),
+            limit_watch: limits::LimitWatch::new(
+                scenario.tunables.send_rate(),
+                scenario.tunables.registration_rate(),
+            ),
+            shared_addresses,
             presence_watch: presence::PresenceWatch::default(),
             event_log: None,
             recovered_at: None,
@@ -998,7 +1010,9 @@ impl World {
                 self.check_presence(a, conn.0, &frame);
                 self.transmit(a, conn.0, frame)
             }
-            GatewayOutput::Close(conn) if self.drains.is_draining(a) => {
+            GatewayOutput::Close(conn)
+                if self.drains.is_draining(a) || self.drains.awaits_arrival(conn.0) =>
+            {
                 self.close_after_goodbye(a, conn.0)
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
@@ -1071,9 +1085,16 @@ impl World {
                 w.describe(&frame)
             )
         });
+        // A gateway closes a connection right after its goodbye; the close waits until the
+        // goodbye has arrived, as the driver's does (it flushes the stream before closing), so
+        // the device hears why and how long to wait.
+        let goodbye = frame.len() >= 8
+            && u16::from_be_bytes([frame[6], frame[7]])
+                == sund_model::wire::Opcode::Goodbye.to_u16()
+            && matches!(self.actors[from as usize].machine, Machine::Gateway(..));
         let draining = self.drains.is_draining(from);
         for (at, arrival) in self.network.send(self.now, conn, from, frame) {
-            if draining {
+            if draining || goodbye {
                 self.drains.sent(conn, at);
             }
             self.push(at, EventKind::Arrive(arrival));
@@ -1203,6 +1224,9 @@ impl World {
             NodeEvent::Refused { code, .. } => {
                 record.push(6);
                 record.extend_from_slice(&(*code as u16).to_le_bytes());
+                if *code == sund_model::wire::payload::ErrorCode::RegistrationsLimited {
+                    *self.faults.entry("registrations_limited").or_default() += 1;
+                }
             }
             NodeEvent::Status(status) => {
                 record.push(4);
@@ -1354,6 +1378,14 @@ impl World {
             NodeEvent::Registered { serial } => {
                 record.push(14);
                 record.extend_from_slice(&serial.to_le_bytes());
+                *self.faults.entry("registered").or_default() += 1;
+                if self.scenario.invariants.contains(&Invariant::Limits) {
+                    let address = self.address_of(a);
+                    if let Some(detail) = self.limit_watch.registered(self.now, address) {
+                        self.checker
+                            .fail_safety(Invariant::Limits, self.now, detail);
+                    }
+                }
             }
             NodeEvent::CrlUpdated { version } => {
                 record.push(15);
@@ -1445,8 +1477,15 @@ impl World {
                 self.trace
                     .record(Record::Connection, self.now, gateway, &conn.to_le_bytes());
                 self.note(|w| format!("{} accepts conn {conn}", w.actors[gateway as usize].name));
-                self.with_gateway(gateway, |g, now| {
-                    g.handle(now, GatewayInput::Accepted(ConnectionId(conn)))
+                let source = self
+                    .network
+                    .peer_of(conn, gateway)
+                    .map(|node| SourceAddress::of(core::net::IpAddr::V4(self.address_of(node))));
+                self.with_gateway(gateway, |g, now| match source {
+                    Some(source) => {
+                        g.handle(now, GatewayInput::AcceptedFrom(ConnectionId(conn), source))
+                    }
+                    None => g.handle(now, GatewayInput::Accepted(ConnectionId(conn))),
                 });
             }
             EventKind::ConnectDone {

@@ -50,7 +50,8 @@ pub(super) struct Drains {
     watched: BTreeMap<ActorIndex, usize>,
     /// Per drain: each device's first accepted connection after the signal.
     first: Vec<BTreeMap<ActorIndex, u64>>,
-    /// Per connection of a draining gateway: when its last frame arrives.
+    /// Per connection of a draining gateway, or on which a gateway sent a goodbye: when its
+    /// last frame arrives.
     last_arrival: BTreeMap<u64, u64>,
     /// Per draining gateway: connections closing once their last frame has arrived.
     closing: BTreeMap<ActorIndex, u64>,
@@ -65,7 +66,13 @@ impl Drains {
         self.active.contains_key(&gateway)
     }
 
-    /// A draining gateway sent a frame on `conn` that arrives at `at`.
+    /// Whether a frame on `conn` (a goodbye) is still to arrive before it may close.
+    pub(super) fn awaits_arrival(&self, conn: u64) -> bool {
+        self.last_arrival.contains_key(&conn)
+    }
+
+    /// A draining gateway sent a frame on `conn` that arrives at `at` (or any gateway sent a
+    /// goodbye there).
     pub(super) fn sent(&mut self, conn: u64, at: u64) {
         let last = self.last_arrival.entry(conn).or_default();
         *last = (*last).max(at);
@@ -115,7 +122,8 @@ impl World {
         self.close(gateway, conn);
     }
 
-    /// A draining gateway closes `conn`: once its last frame has arrived.
+    /// A draining gateway closes `conn`, or a gateway closes it after a goodbye: once its last
+    /// frame has arrived.
     pub(super) fn close_after_goodbye(&mut self, gateway: ActorIndex, conn: u64) {
         let at = self
             .drains
@@ -123,7 +131,9 @@ impl World {
             .remove(&conn)
             .unwrap_or(self.now)
             .max(self.now);
-        *self.drains.closing.entry(gateway).or_default() += 1;
+        if self.drains.is_draining(gateway) {
+            *self.drains.closing.entry(gateway).or_default() += 1;
+        }
         let incarnation = self.actors[gateway as usize].incarnation;
         self.push(
             at,

@@ -43,18 +43,55 @@ struct Sequenced {
 #[derive(Debug, Default)]
 pub(super) struct LimitWatch {
     rate: Option<Rate>,
+    /// The gateways' limit on registrations per source address.
+    registration_rate: Option<Rate>,
+    /// Per address: when each device that connects from it registered, since the gateway
+    /// last started.
+    registrations: BTreeMap<core::net::Ipv4Addr, Vec<u64>>,
     /// Per device: the sends per 1,000 s its `send` lines make.
     planned_per_ks: BTreeMap<ActorIndex, u64>,
     sequenced: BTreeMap<ActorIndex, Sequenced>,
 }
 
 impl LimitWatch {
-    /// Watches under the scenario's send limit (`None`: off, nothing to bound).
-    pub(super) fn new(rate: Option<Rate>) -> LimitWatch {
+    /// Watches under the scenario's send limit and registration limit (`None`: off, nothing
+    /// to bound).
+    pub(super) fn new(rate: Option<Rate>, registration_rate: Option<Rate>) -> LimitWatch {
         LimitWatch {
             rate,
+            registration_rate,
             ..LimitWatch::default()
         }
+    }
+
+    /// A device connecting from `address` was told it is registered at `now`: an error in
+    /// words if more registered from that address than the limit admits. For every earlier
+    /// registration since the gateway started, the ones from it to now number at most
+    /// `burst + rate × (span + slack)`: the bucket admits no more in any span, and a
+    /// registration reaches its device after the gateway's commit and the network (the slack).
+    pub(super) fn registered(&mut self, now: u64, address: core::net::Ipv4Addr) -> Option<String> {
+        let rate = self.registration_rate?;
+        let times = self.registrations.entry(address).or_default();
+        times.push(now);
+        let period_us = u64::try_from(rate.period.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let n = times.len();
+        times.iter().enumerate().find_map(|(i, &since)| {
+            let span = now - since + REGISTRATION_SLACK_US;
+            let count = (n - i) as u64;
+            let bound = u64::from(rate.burst) + u64::from(rate.count) * span / period_us;
+            (count > bound).then(|| {
+                format!(
+                    "{count} devices from {address} registered within {:.1} s, more than the limit allows ({bound}: a burst of {} and {} per {:?}, with {} s of slack)",
+                    (now - since) as f64 / 1e6,
+                    rate.burst,
+                    rate.count,
+                    rate.period,
+                    REGISTRATION_SLACK_US / 1_000_000
+                )
+            })
+        })
     }
 
     /// `device` sends once per `period_us` (one of its `send` lines).
@@ -109,6 +146,23 @@ impl LimitWatch {
         for entry in self.sequenced.values_mut() {
             entry.recent.clear();
         }
+        self.registrations.clear();
+    }
+}
+
+/// Longest a registration's answer may trail its admission (the gateway's commit, then the
+/// network), microseconds.
+const REGISTRATION_SLACK_US: u64 = 2_000_000;
+
+impl World {
+    /// The address `node` connects from: its user's `address`, or one of its own (10.x.y.z
+    /// from its index), so that per-address limits only meet devices a scenario puts together.
+    pub(super) fn address_of(&self, node: ActorIndex) -> core::net::Ipv4Addr {
+        if let Some(address) = self.shared_addresses.get(&node) {
+            return *address;
+        }
+        let [_, b, c, d] = node.to_be_bytes();
+        core::net::Ipv4Addr::new(10, b, c, d)
     }
 }
 
@@ -144,7 +198,7 @@ mod tests {
 
     #[test]
     fn a_device_past_the_bound_is_reported_and_retries_are_not_counted() {
-        let mut watch = LimitWatch::new(Some(Rate::per_second(10, 5)));
+        let mut watch = LimitWatch::new(Some(Rate::per_second(10, 5)), None);
         let conv = ConversationId::from_bytes([1; 16]);
         // Bound: 5 + 10 × 2 = 25 within a second.
         for seq in 1..=25 {
@@ -162,14 +216,45 @@ mod tests {
     }
 
     #[test]
+    fn registrations_from_one_address_past_the_limit_are_reported() {
+        // A burst of 3, then one a minute.
+        let mut watch = LimitWatch::new(None, Some(Rate::per_hour(60, 3)));
+        let home = core::net::Ipv4Addr::new(203, 0, 113, 7);
+        for t in [0, 10, 20] {
+            assert_eq!(watch.registered(t, home), None);
+        }
+        assert!(
+            watch.registered(1_000_000, home).is_some(),
+            "a fourth within a second"
+        );
+        let mut watch = LimitWatch::new(None, Some(Rate::per_hour(60, 3)));
+        for t in [0, 10, 20, 60_000_000, 120_000_000] {
+            assert_eq!(watch.registered(t, home), None, "at {t}");
+        }
+        assert_eq!(
+            watch.registered(1_000, core::net::Ipv4Addr::new(10, 0, 0, 1)),
+            None,
+            "another address has its own bucket"
+        );
+        watch.gateway_started();
+        for t in [130_000_000, 130_000_001, 130_000_002] {
+            assert_eq!(
+                watch.registered(t, home),
+                None,
+                "a restarted gateway's bucket is full"
+            );
+        }
+    }
+
+    #[test]
     fn ordinary_devices_send_at_most_half_the_limit() {
-        let mut watch = LimitWatch::new(Some(Rate::per_second(20, 40)));
+        let mut watch = LimitWatch::new(Some(Rate::per_second(20, 40)), None);
         watch.plan(1, 100_000); // 10/s
         watch.plan(2, 100_000);
         watch.plan(2, 1_000); // and 1,000/s
         assert!(watch.ordinary(1));
         assert!(!watch.ordinary(2));
         assert!(watch.ordinary(3), "sends nothing");
-        assert!(LimitWatch::new(None).ordinary(2));
+        assert!(LimitWatch::new(None, None).ordinary(2));
     }
 }
