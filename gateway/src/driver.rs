@@ -999,6 +999,11 @@ impl Core {
                     }
                 }
                 GatewayOutput::ServeChunk(chunk) => self.serve_chunk(chunk),
+                GatewayOutput::PauseReading(conn, pause) => {
+                    if let Some(session) = self.routes.get(&conn).and_then(|r| r.session.as_ref()) {
+                        session.pause_reading(pause);
+                    }
+                }
                 GatewayOutput::HistoryLost(lost) => match lost.kind {
                     HistoryKind::Lost => tracing::error!(
                         conversation = %lost.conversation,

@@ -11,6 +11,10 @@
 //!   (`write_all_chunks`), so a burst of deliveries costs one lock and one wake-up of quinn's
 //!   connection driver instead of one per frame.
 //!
+//! A driver may pause the reader ([`SessionHandle::pause_reading`]): the gateway does so for a
+//! device refused by a rate limit, so that QUIC's flow control, not the gateway, absorbs what
+//! the device sends while told to wait.
+//!
 //! Closing is always bounded in time. [`SessionHandle::close`] lets the writer flush what is
 //! queued (a goodbye), then closes the connection after at most `linger` even if the peer reads
 //! nothing; [`SessionHandle::abort`] closes at once, whatever the writer is doing (a peer that
@@ -23,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sund_model::ids::ConnectionId;
 use sund_model::wire::{FrameDecoder, WireError, PAYLOAD_BYTES_MAX};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Most bytes asked of the stream in one read.
 pub const READ_BYTES_MAX: usize = 64 * 1024;
@@ -97,12 +101,14 @@ pub struct SessionLimits {
 #[error("the peer reads too slowly: {0} frames are queued for it")]
 pub struct QueueFull(pub usize);
 
-/// The driver's side of a session: frames to send, and closing.
+/// The driver's side of a session: frames to send, pausing the reader, and closing.
 #[derive(Debug)]
 pub struct SessionHandle {
     frames: mpsc::Sender<Bytes>,
     connection: quinn::Connection,
     limits: SessionLimits,
+    /// Until when the reader reads nothing (see [`SessionHandle::pause_reading`]).
+    pause: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl SessionHandle {
@@ -111,6 +117,21 @@ impl SessionHandle {
         self.frames
             .try_send(frame)
             .map_err(|_| QueueFull(self.limits.writer_queue_max))
+    }
+
+    /// Reads nothing more from the peer for `pause` (from now; a later pause replaces an
+    /// earlier one if it ends later). What the peer sends meanwhile waits in QUIC's receive
+    /// window, and once that is full the peer cannot send: flow control holds it back at no
+    /// cost here. Reading resumes where it stopped; nothing is dropped or reordered.
+    pub fn pause_reading(&self, pause: Duration) {
+        let until = tokio::time::Instant::now() + pause;
+        self.pause.send_if_modified(|current| {
+            if current.is_some_and(|c| c >= until) {
+                return false;
+            }
+            *current = Some(until);
+            true
+        });
     }
 
     /// The peer's address.
@@ -125,6 +146,7 @@ impl SessionHandle {
             frames,
             connection,
             limits,
+            ..
         } = self;
         drop(frames); // the writer flushes, finishes the stream and closes
         tokio::spawn(async move {
@@ -160,12 +182,20 @@ pub fn spawn<E: From<SessionEvent> + Send + 'static>(
 ) -> SessionHandle {
     assert!(limits.writer_queue_max > 0, "a session can queue a frame");
     let (frames_tx, frames_rx) = mpsc::channel(limits.writer_queue_max);
+    let (pause_tx, pause_rx) = watch::channel(None);
     tokio::spawn(write_frames(send, frames_rx, connection.clone(), limits));
-    tokio::spawn(read_frames(conn, recv, connection.clone(), events));
+    tokio::spawn(read_frames(
+        conn,
+        recv,
+        connection.clone(),
+        events,
+        pause_rx,
+    ));
     SessionHandle {
         frames: frames_tx,
         connection,
         limits,
+        pause: pause_tx,
     }
 }
 
@@ -199,9 +229,16 @@ async fn read_frames<E: From<SessionEvent>>(
     mut recv: quinn::RecvStream,
     connection: quinn::Connection,
     events: mpsc::Sender<E>,
+    pause: watch::Receiver<Option<tokio::time::Instant>>,
 ) {
     let mut decoder = FrameDecoder::new(PAYLOAD_BYTES_MAX);
     let cause = loop {
+        // Paused by the driver (a rate limit): read on once the pause is over. Bounded (the
+        // driver pauses for seconds at most), so a close is noticed soon after.
+        let resume = *pause.borrow();
+        if let Some(at) = resume.filter(|at| *at > tokio::time::Instant::now()) {
+            tokio::time::sleep_until(at).await;
+        }
         match recv.read_chunk(READ_BYTES_MAX, true).await {
             Ok(Some(chunk)) => decoder.push(&chunk.bytes),
             Ok(None) if decoder.buffered() > 0 => {

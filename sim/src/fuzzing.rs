@@ -739,6 +739,16 @@ impl Harness {
                         assert_eq!(request, ADMIN_REQUEST, "answers name their request");
                     }
                     GatewayOutput::HistoryLost(_) => {}
+                    GatewayOutput::PauseReading(conn, pause) => {
+                        assert!(
+                            !self.closed_by_gateway.contains(&conn),
+                            "a pause of {conn:?} after the gateway closed it"
+                        );
+                        assert!(
+                            !pause.is_zero() && pause <= sund_model::gateway::READ_PAUSE_MAX,
+                            "a pause of {pause:?}"
+                        );
+                    }
                     GatewayOutput::ServeChunk(serve) => {
                         // As a driver does: read and check. This disk never damages what it
                         // holds, so a chunk the index calls stored must read back whole.

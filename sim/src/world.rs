@@ -42,6 +42,7 @@ mod limits;
 pub use files::FilesReport;
 mod mls_groups;
 mod presence;
+mod read_pause;
 mod trust;
 pub use drain::DrainReport;
 use mls_groups::SimConversation;
@@ -164,6 +165,10 @@ enum EventKind {
         incarnation: u32,
         conn: u64,
     },
+    /// A gateway's pause of reading a connection may be over (see `world/read_pause.rs`).
+    ResumeReading {
+        conn: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -276,6 +281,8 @@ pub struct World {
     /// Devices whose user's `address` they share (the others each have their own; see
     /// [`World::address_of`]).
     shared_addresses: BTreeMap<ActorIndex, core::net::Ipv4Addr>,
+    /// Connections a gateway stopped reading for a while.
+    read_pauses: read_pause::ReadPauses,
     presence_watch: presence::PresenceWatch,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
@@ -458,6 +465,7 @@ impl World {
                 scenario.tunables.registration_rate(),
             ),
             shared_addresses,
+            read_pauses: read_pause::ReadPauses::default(),
             presence_watch: presence::PresenceWatch::default(),
             event_log: None,
             recovered_at: None,
@@ -1016,6 +1024,7 @@ impl World {
                 self.close_after_goodbye(a, conn.0)
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
+            GatewayOutput::PauseReading(conn, pause) => self.pause_reading(conn.0, us(pause)),
             GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
             GatewayOutput::ServeChunk(serve) => self.serve_chunk(a, serve),
             GatewayOutput::HistoryLost(lost) => {
@@ -1433,38 +1442,7 @@ impl World {
     fn dispatch(&mut self, kind: EventKind) {
         match kind {
             EventKind::PlantedPanic => panic!("planted by a test"),
-            EventKind::Arrive(arrival) => {
-                let to = arrival.to;
-                if !self.actors[to as usize].up || !self.network.is_open(arrival.conn) {
-                    return;
-                }
-                let from = self.network.peer_of(arrival.conn, to).unwrap_or(to);
-                if self.network.drops(from, to) {
-                    return; // in flight when the link was cut
-                }
-                let mut data = Vec::with_capacity(8 + arrival.frame.len());
-                data.extend_from_slice(&arrival.conn.to_le_bytes());
-                data.extend_from_slice(&arrival.frame);
-                self.trace.record(Record::Frame, self.now, to, &data);
-                self.note(|w| {
-                    format!(
-                        "{} <- {} conn {}: {}",
-                        w.actors[to as usize].name,
-                        w.actors[from as usize].name,
-                        arrival.conn,
-                        w.describe(&arrival.frame)
-                    )
-                });
-                let conn = ConnectionId(arrival.conn);
-                let frame = arrival.frame;
-                if frame.starts_with(b"SCHK") {
-                    self.chunk_arrived(to, conn, &frame);
-                } else if self.is_gateway(to) {
-                    self.with_gateway(to, |g, now| g.handle(now, GatewayInput::Frame(conn, frame)));
-                } else {
-                    self.with_node(to, |n, now| n.handle(now, NodeInput::Frame(conn, frame)));
-                }
-            }
+            EventKind::Arrive(arrival) => self.arrive(arrival, false),
             EventKind::Accept { gateway, conn } => {
                 if !self.actors[gateway as usize].up || !self.network.is_open(conn) {
                     return;
@@ -1580,6 +1558,55 @@ impl World {
                 incarnation,
                 conn,
             } => self.graceful_close(gateway, incarnation, conn),
+            EventKind::ResumeReading { conn } => self.resume_reading(conn),
+        }
+    }
+
+    /// A frame or chunk stream arriving at an actor.
+    /// `held`: it had arrived at a gateway that was not reading the connection (a read pause),
+    /// so a link cut since does not lose it.
+    fn arrive(&mut self, arrival: Arrival, held: bool) {
+        let to = arrival.to;
+        if !self.actors[to as usize].up || !self.network.is_open(arrival.conn) {
+            return;
+        }
+        let from = self.network.peer_of(arrival.conn, to).unwrap_or(to);
+        if !held && self.network.drops(from, to) {
+            return; // in flight when the link was cut
+        }
+        if self.is_gateway(to) && !arrival.frame.starts_with(b"SCHK") {
+            let Some(arrival) = self.hold_if_paused(arrival) else {
+                return; // read when the pause ends
+            };
+            return self.read_arrival(arrival, from);
+        }
+        self.read_arrival(arrival, from);
+    }
+
+    /// A frame or chunk stream read by its receiver.
+    fn read_arrival(&mut self, arrival: Arrival, from: ActorIndex) {
+        let to = arrival.to;
+        let mut data = Vec::with_capacity(8 + arrival.frame.len());
+        data.extend_from_slice(&arrival.conn.to_le_bytes());
+        data.extend_from_slice(&arrival.frame);
+        self.trace.record(Record::Frame, self.now, to, &data);
+        self.note(|w| {
+            format!(
+                "{} <- {} conn {}: {}",
+                w.actors[to as usize].name,
+                w.actors[from as usize].name,
+                arrival.conn,
+                w.describe(&arrival.frame)
+            )
+        });
+        let conn = ConnectionId(arrival.conn);
+        let frame = arrival.frame;
+        if frame.starts_with(b"SCHK") {
+            self.chunk_arrived(to, conn, &frame);
+        } else if self.is_gateway(to) {
+            self.with_gateway(to, |g, now| g.handle(now, GatewayInput::Frame(conn, frame)));
+        } else {
+            self.with_node(to, |n, now| n.handle(now, NodeInput::Frame(conn, frame)));
         }
     }
 

@@ -144,7 +144,18 @@ pub enum GatewayOutput {
     /// connection on a chunk stream of its own: [`ChunkToServe::head`], then the bytes. A
     /// blob that fails the check is not sent but reported as [`GatewayInput::ChunkDamaged`].
     ServeChunk(ChunkToServe),
+    /// Read nothing more from this connection for this long: its device was refused by a rate
+    /// limit, and what it sends meanwhile would be refused too. The driver stops reading the
+    /// connection's stream, so QUIC's flow control holds the device back instead of the
+    /// gateway decoding and refusing each frame; reading resumes in order, nothing is dropped.
+    PauseReading(ConnectionId, core::time::Duration),
 }
+
+/// Shortest pause of reading after a rate-limit refusal: a device that ignores the hint then
+/// costs the gateway at most one read of its stream per pause.
+pub const READ_PAUSE_MIN: core::time::Duration = core::time::Duration::from_millis(200);
+/// Longest pause of reading (and never more than a quarter of the session's idle timeout).
+pub const READ_PAUSE_MAX: core::time::Duration = core::time::Duration::from_secs(2);
 
 /// The gateway's effects sink.
 pub(crate) type Fx = Effects<GatewayOutput>;
@@ -1080,6 +1091,19 @@ impl Gateway {
         if refusal.ends_session {
             self.fx.hold(GatewayOutput::Close(conn));
             self.forget_session(conn);
+        } else if let (
+            ErrorCode::SendsLimited
+            | ErrorCode::ConversationsLimited
+            | ErrorCode::InvitationsLimited,
+            Some(ms),
+        ) = (refusal.code, refusal.detail.retry_after_ms())
+        {
+            // Never near the idle timeout: a paused session is heard from by nothing.
+            let pause = core::time::Duration::from_millis(u64::from(ms))
+                .max(READ_PAUSE_MIN)
+                .min(READ_PAUSE_MAX)
+                .min(self.config.session_idle_timeout / 4);
+            self.fx.hold(GatewayOutput::PauseReading(conn, pause));
         }
     }
 
