@@ -412,6 +412,9 @@ struct FloodClient {
     latencies: Vec<Duration>,
     /// The gateway closed the connection (it stopped reading what it was sent).
     cut_off: bool,
+    /// A write was still held back by flow control when the run ended (the gateway paused
+    /// reading this client).
+    held: bool,
 }
 
 /// A protocol client that sends into `conv` for `length`: paced at `rate` messages a second
@@ -436,11 +439,14 @@ async fn flood_client(
         tokio::spawn(async move {
             let mut seen = FloodClient::default();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok(Ok(bytes)) =
-                    tokio::time::timeout(Duration::from_millis(200), reader.next()).await
-                else {
-                    continue;
-                };
+                let bytes =
+                    match tokio::time::timeout(Duration::from_millis(200), reader.next()).await {
+                        Ok(Ok(bytes)) => bytes,
+                        // The stream ended (the gateway cut this client off): nothing more
+                        // comes, and asking again at once would spin.
+                        Ok(Err(())) => break,
+                        Err(_) => continue,
+                    };
                 let frame = Frame::decode(&bytes, u32::MAX).unwrap();
                 match frame.payload {
                     Payload::SendAck(ack) => {
@@ -463,6 +469,7 @@ async fn flood_client(
     let mut n = 0u64;
     let mut previous = [0u8; 16];
     let mut cut_off = false;
+    let mut held = false;
     while started.elapsed() < length {
         n += 1;
         if let Some(rate) = rate {
@@ -476,16 +483,26 @@ async fn flood_client(
         previous = msg_id;
         let frame = send_frame(conv, me, msg_id, after);
         sent_at.lock().unwrap().insert(n, Instant::now());
-        if send.write_all(&frame.encode()).await.is_err() {
-            // The gateway cut this client off (a bot that does not read what it is sent).
-            cut_off = true;
-            break;
+        let left = length.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, send.write_all(&frame.encode())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                // The gateway cut this client off (a bot that does not read what it is sent).
+                cut_off = true;
+                break;
+            }
+            Err(_) => {
+                // Held back by flow control to the end (the gateway stopped reading it).
+                held = true;
+                break;
+            }
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut seen = reading.await.unwrap();
     seen.cut_off = cut_off;
+    seen.held = held;
     conn.close(0u32.into(), b"done");
     seen
 }
@@ -526,6 +543,8 @@ struct FloodRound {
     refused: u64,
     /// Connections the gateway cut off: well-behaved, bots.
     cut_off: [u32; 2],
+    /// Clients held back by flow control at the end: well-behaved, bots.
+    held: [u32; 2],
 }
 
 /// Well-behaved clients (`ordinary`, each at `rate` messages a second, in conversations of
@@ -559,6 +578,7 @@ async fn flood_round(
     let mut good = FloodClient::default();
     let mut bad = FloodClient::default();
     let mut cut_off = [0u32; 2];
+    let mut held = [0u32; 2];
     for (i, t) in tasks.into_iter().enumerate() {
         let seen = t.await.unwrap();
         let bot = i >= ordinary;
@@ -567,6 +587,7 @@ async fn flood_round(
         into.refused += seen.refused;
         into.latencies.extend(seen.latencies);
         cut_off[usize::from(bot)] += u32::from(seen.cut_off);
+        held[usize::from(bot)] += u32::from(seen.held);
     }
     gateway.shutdown().await.unwrap();
     good.latencies.sort();
@@ -581,6 +602,7 @@ async fn flood_round(
         bots: bad.acknowledged as f64 / secs,
         refused: bad.refused,
         cut_off,
+        held,
     }
 }
 
@@ -604,14 +626,16 @@ async fn floods() {
         let open = flood_round(ordinary, rate, bots, off, length).await;
         let show = |r: &FloodRound| {
             format!(
-                "{:.0} msg/s = {:.1} % (p99 {:.1?}; bots got {:.0} msg/s, {} refused, cut off: {} bots, {} others)",
+                "{:.0} msg/s = {:.1} % (p99 {:.1?}; bots got {:.0} msg/s, {} refused, cut off: {} bots, {} others; held back by flow control at the end: {} bots, {} others)",
                 r.ordinary,
                 100.0 * r.ordinary / quiet.ordinary,
                 r.ordinary_p99,
                 r.bots,
                 r.refused,
                 r.cut_off[1],
-                r.cut_off[0]
+                r.cut_off[0],
+                r.held[1],
+                r.held[0]
             )
         };
         println!(
