@@ -360,6 +360,21 @@ impl Device {
         }
     }
 
+    /// Refuses `id` as a place to send messages or files if it is the group of this user's own
+    /// devices: that carries the contact book (its messages are records, never shown).
+    pub fn check_not_own_group(&self, id: ConversationId) -> Result<(), String> {
+        let own = self
+            .user
+            .as_deref()
+            .map(|u| sund_model::node::own_id(UserId::from_name(u)));
+        if own == Some(id) {
+            return Err(format!(
+                "{id} is the group of your own devices: it carries your contact book, not messages; send in a DM or room"
+            ));
+        }
+        Ok(())
+    }
+
     /// Remembers a person's user name, so that output can show names instead of user ids.
     pub fn remember_user(&self, name: &str) -> Result<(), DeviceError> {
         let record = ContactRecord::Named {

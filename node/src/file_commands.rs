@@ -120,6 +120,7 @@ pub(crate) async fn send(data_dir: &Path, conversation: &str, path: &Path) -> Re
         .ok_or_else(|| format!("{} is not a UTF-8 path; move the file", source.display()))?
         .to_string();
     let id = device.resolve_conversation(conversation);
+    device.check_not_own_group(id)?;
     let mut node = open_node(&device).await?;
     if let Err(e) = group_commands::await_membership(&mut node, id).await {
         let _ = node.stop().await;

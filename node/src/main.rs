@@ -598,10 +598,11 @@ const ACK_WAIT: Duration = Duration::from_secs(15);
 async fn send(data_dir: &Path, conversation: &str, words: &[String]) -> Result<(), String> {
     let messages = messages_to_send(words)?;
     let device = load(data_dir)?;
+    let id = device.resolve_conversation(conversation);
+    device.check_not_own_group(id)?;
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
-    let id = device.resolve_conversation(conversation);
     if node.status().await.is_ok_and(|s| s.state_copied) {
         let _ = node.stop().await;
         return Err(stale_copy());

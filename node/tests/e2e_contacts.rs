@@ -472,6 +472,20 @@ fn a_users_devices_share_names_and_verification_marks_end_to_end() {
     );
     assert!(!out.contains("verified"), "{out}");
 
+    // The group is listed for what it is, and takes no messages typed by hand.
+    let listing = run(&sund(), &["devices", "--data-dir", &alice, "--json"]);
+    let groups: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let own = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["kind"] == "own")
+        .unwrap_or_else(|| panic!("the group of alice's devices is listed: {listing}"));
+    assert_eq!(own["members"].as_array().unwrap().len(), 2, "{listing}");
+    let id = own["conversation_id"].as_str().unwrap().to_string();
+    let err = fails(&sund(), &["send", "--data-dir", &alice, &id, "hello me"]);
+    assert!(err.contains("the group of your own devices"), "{err}");
+
     // The gateway held none of it in plaintext: no name in its database.
     let gateway_db = std::path::Path::new(&alice)
         .parent()

@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ratatui::crossterm::event::{self, Event};
 use sund_model::ids::{ConversationId, UserId};
+use sund_model::mls::group_ops::GroupKind;
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::wire::payload::Seen;
 use sund_node::device::Device;
@@ -209,7 +210,14 @@ async fn run(
 /// Lists the device's DMs and rooms in the view, by the names this device gave them.
 async fn refresh_groups(node: &NodeHandle, device: &Device, view: &mut ChatView) {
     let names = device.conversation_names();
-    for g in node.groups().await.unwrap_or_default() {
+    // The group of the user's own devices carries the contact book, not messages to show.
+    for g in node
+        .groups()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|g| g.kind != GroupKind::Own)
+    {
         let name = names
             .get(&g.conversation)
             .cloned()
