@@ -1109,14 +1109,15 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
             }
             let mut kind = None;
             if line.accept("kind") {
-                let word = line.next("a conversation kind (room or dm)")?;
+                let word = line.next("a conversation kind (room, dm or own)")?;
                 kind = Some(match word.text {
                     "room" => GroupKind::Room,
                     "dm" => GroupKind::Dm,
+                    "own" => GroupKind::Own,
                     other => {
                         return Err(line.error_at(
                             word.column,
-                            format!("unknown conversation kind `{other}`; expected room or dm"),
+                            format!("unknown conversation kind `{other}`; expected room, dm or own"),
                         ))
                     }
                 });
@@ -1552,6 +1553,23 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
                     col,
                     "conversation members are users or devices".into(),
                 ));
+            }
+            if kind == Some(GroupKind::Own) {
+                let user = match &t {
+                    Target::User(u) | Target::Device(u, _) => Some(u.as_str()),
+                    _ => None,
+                };
+                let first = resolved.first().and_then(|f: &Target| match f {
+                    Target::User(u) | Target::Device(u, _) => Some(u.as_str()),
+                    _ => None,
+                });
+                if user.is_none() || (first.is_some() && first != user) {
+                    return Err(err(
+                        span,
+                        col,
+                        "the group of a user's own devices (`kind own`) holds the devices of one user only".into(),
+                    ));
+                }
             }
             resolved.push(t);
         }

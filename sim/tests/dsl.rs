@@ -96,7 +96,9 @@ fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a\nat 1s lie-disk a\n"), @"bad.sund:4:1: `lie-disk` takes gateways: a device whose disk lies is not modelled yet");
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
     insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic, files, rate-limits, ordinary-unthrottled, presence-privacy");
-    insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room or dm");
+    insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room, dm or own");
+    insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a devices 2\nuser b\nconversation c kind own members a/0 b\n"), @"bad.sund:5:37: the group of a user's own devices (`kind own`) holds the devices of one user only");
+    insta::assert_snapshot!(error("gateway gw\nuser a address 300.1.2.3\n"), @"bad.sund:2:16: expected an IPv4 address such as 203.0.113.7, found `300.1.2.3`");
     insta::assert_snapshot!(error("seed 12 13\n"), @"bad.sund:1:9: expected end of line, found `13`");
     let files = "duration 5s\ngateway gw\nuser a\nconversation c kind room members a\n";
     insta::assert_snapshot!(error(&format!("{files}at 1s send-file c from a size 0 name x\n")), @"bad.sund:5:31: a file is 1 to 67108864 bytes here");
