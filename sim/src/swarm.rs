@@ -22,6 +22,8 @@ const GENERATOR_STREAM: u64 = 0x0053_5741_524d;
 const FLOOD_STREAM: u64 = 0x0046_4c4f_4f44;
 /// The stream contacts and presence are drawn from (see `draw_presence`).
 const PRESENCE_STREAM: u64 = 0x0050_5245_5345;
+/// The stream the group of a user's own devices is drawn from (see `draw_own_group`).
+const OWN_STREAM: u64 = 0x004f_574e_4752;
 
 /// What kind of world a swarm seed builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,6 +115,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "files",
     "flood",
     "presence",
+    "own-devices",
 ];
 
 struct Draw {
@@ -580,9 +583,13 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if presence {
         mix.insert("presence");
     }
+    let own = draw_own_group(seed, family, duration_s, &users, &mut out);
+    if own {
+        mix.insert("own-devices");
+    }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
-    if !mls_convs.is_empty() {
+    if !mls_convs.is_empty() || own {
         checks.extend(["epoch-agreement", "decrypt"]);
     }
     if files {
@@ -647,6 +654,41 @@ fn draw_flood(
         out,
         "send {} from {}/0 every 1ms start {start_ms}ms stop {stop_ms}ms",
         conv.name, flooder.name
+    );
+    true
+}
+
+/// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before),
+/// whether a user with several devices keeps the group of its own devices (`kind own`, where
+/// `sund` keeps the contact book), its devices writing into it (as contact records go) and
+/// updating its keys. Only in the MLS and trust families (the plain family is also what the
+/// drivers' swarm runs, and they run no MLS).
+fn draw_own_group(
+    seed: u64,
+    family: Family,
+    duration_s: u64,
+    users: &[User],
+    out: &mut String,
+) -> bool {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(OWN_STREAM),
+    };
+    let several: Vec<&User> = users.iter().filter(|u| u.devices >= 2).collect();
+    if family == Family::Plain || several.is_empty() || !d.chance(0.3) {
+        return false;
+    }
+    let user = &d.pick(&several).name;
+    let _ = writeln!(out, "conversation own0 kind own members {user}");
+    let period = d.range(400, 1_500);
+    let stop_ms = duration_s * 1_000;
+    let _ = writeln!(
+        out,
+        "send own0 from {user} every {period}ms stop {stop_ms}ms"
+    );
+    let update = d.range(2, 6);
+    let _ = writeln!(
+        out,
+        "every {update}s start 2s commit own0 from random-device update"
     );
     true
 }
