@@ -99,11 +99,13 @@ pub fn apply(dir: &Path, records: &[ContactRecord]) -> Result<usize, (PathBuf, s
     Ok(changed)
 }
 
-/// Messages waiting to be shared (see [`OUTGOING`]).
+/// Messages waiting to be shared (see [`OUTGOING`]); a line that is not a contact-book
+/// message (the file was damaged or edited) is left out, not sent.
 pub fn outgoing(dir: &Path) -> Vec<Vec<u8>> {
     let text = std::fs::read_to_string(dir.join(OUTGOING)).unwrap_or_default();
     text.lines()
         .filter_map(|l| sund_model::hex::decode(l.trim()))
+        .filter(|m| sund_model::node::contact_book::decode(m).is_ok())
         .collect()
 }
 
@@ -159,8 +161,16 @@ mod tests {
     fn outgoing_messages_survive_and_go() {
         let dir = tempfile::tempdir().unwrap();
         assert!(outgoing(dir.path()).is_empty());
-        set_outgoing(dir.path(), &[vec![1, 2], vec![3]]).unwrap();
-        assert_eq!(outgoing(dir.path()), vec![vec![1, 2], vec![3]]);
+        let messages = sund_model::node::contact_book::encode(&[ContactRecord::Named {
+            user: UserId::from_name("bob"),
+            name: "bob".into(),
+        }]);
+        set_outgoing(dir.path(), &messages).unwrap();
+        assert_eq!(outgoing(dir.path()), messages);
+        // A damaged file: what is not a contact-book message is not sent.
+        let text = std::fs::read_to_string(dir.path().join(OUTGOING)).unwrap();
+        std::fs::write(dir.path().join(OUTGOING), format!("zz\n00ff\n{text}")).unwrap();
+        assert_eq!(outgoing(dir.path()), messages);
         set_outgoing(dir.path(), &[]).unwrap();
         assert!(outgoing(dir.path()).is_empty());
         set_outgoing(dir.path(), &[]).unwrap();
