@@ -2073,17 +2073,24 @@ fn contact_requests_and_watchlists_are_limited_with_distinct_codes() {
     assert_eq!(stats.presence.watchlists_too_long, 1);
 }
 
-#[test]
-fn a_device_over_its_mailbox_quota_loses_the_oldest_and_is_told_of_the_gap() {
+/// A gateway keeping at most 250 bytes per device, where alice has sent four messages of
+/// 100 bytes.
+fn four_hundred_bytes_against_a_quota_of_250() -> Harness {
     let mut h = Harness::with_config(GatewayConfig {
         mailbox_bytes_max: Some(250),
         ..open_config()
     });
     h.connect(1, alice());
-    // Alice reads as she sends; bob is away: 400 bytes wait for him.
     for i in 1..=4 {
         h.send(1, alice(), i, &[i; 100]);
     }
+    h
+}
+
+#[test]
+fn a_device_over_its_mailbox_quota_loses_the_oldest_and_is_told_of_the_gap() {
+    // Alice reads as she sends; bob is away: 400 bytes wait for him.
+    let mut h = four_hundred_bytes_against_a_quota_of_250();
     h.ack(1, 4);
     let log = h.gateway.conversations().next().unwrap();
     assert_eq!(log.bytes_after(0), 400);
@@ -2120,14 +2127,7 @@ fn a_device_over_its_mailbox_quota_loses_the_oldest_and_is_told_of_the_gap() {
 
 #[test]
 fn members_all_over_their_quota_let_the_oldest_go_for_each_of_them() {
-    let mut h = Harness::with_config(GatewayConfig {
-        mailbox_bytes_max: Some(250),
-        ..open_config()
-    });
-    h.connect(1, alice());
-    for i in 1..=4 {
-        h.send(1, alice(), i, &[i; 100]);
-    }
+    let mut h = four_hundred_bytes_against_a_quota_of_250();
     // Neither has read: both are over the quota, so the two oldest go for both (one member
     // under it would have held them: collection takes the lowest of the members' floors).
     h.now = h.now + Duration::from_secs(1);

@@ -5,7 +5,7 @@
 //! the data directory and go with the next share. Receiving is the node's (the driver applies
 //! what arrives in that group to the files; see `sund_node::contact_files`).
 
-use sund_model::node::contact_book::{self, ContactRecord};
+use sund_model::node::contact_book::{self, ContactBook, ContactRecord};
 use sund_model::node::NodeEvent;
 use sund_node::contact_files;
 use sund_node::device::Device;
@@ -45,9 +45,8 @@ pub async fn share(node: &mut NodeHandle, device: &Device, marks: &[ContactRecor
 }
 
 /// Shares the whole book (names and every mark) with a device just brought in.
-pub async fn share_book(node: &mut NodeHandle, device: &Device) -> Shared {
-    let records = contact_files::book(&device.data_dir).records();
-    share_records(node, device, &records).await
+pub async fn share_book(node: &mut NodeHandle, device: &Device, book: &ContactBook) -> Shared {
+    share_records(node, device, &book.records()).await
 }
 
 async fn share_records(

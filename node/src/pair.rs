@@ -116,7 +116,7 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
                     }
                     crate::group_commands::bring_in(&mut node, &device, linked).await;
                     if sharing {
-                        match crate::contact_sync::share_book(&mut node, &device).await {
+                        match crate::contact_sync::share_book(&mut node, &device, &book).await {
                             crate::contact_sync::Shared::Sent(_) => say!(
                                 "  the contact book ({} name(s), {} verified user(s)) is on its way to the new device",
                                 book.names.len(),

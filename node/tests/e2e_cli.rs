@@ -448,39 +448,8 @@ fn a_paired_device_is_added_to_its_users_conversations() {
     );
     assert!(out.contains("team"), "{out}");
     // Alice shows a code on her device and her new phone takes it.
-    let show = Command::new(sund())
-        .args(["pair", "show", "--data-dir", &dm.alice, "--wait", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut show = Guard(show);
-    let stdout = show.0.stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let code = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("a pairing code");
-        if line.starts_with("SUND-PAIR:") {
-            break line;
-        }
-    };
     let phone = format!("{}-phone", dm.alice);
-    run(&sund(), &["pair", "accept", "--data-dir", &phone, &code]);
-    let mut said = Vec::new();
-    while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
-        said.push(line);
-    }
-    assert!(show.0.wait().unwrap().success(), "{said:#?}");
+    let said = pair(&dm.alice, &phone);
     assert!(said.iter().any(|l| l == "  @bob: added"), "{said:#?}");
     assert!(said.iter().any(|l| l == "  team: added"), "{said:#?}");
     // Bob writes in both; the phone reads both.

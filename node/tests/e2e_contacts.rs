@@ -371,44 +371,6 @@ fn both_sides_of_a_dm_see_the_same_safety_number_and_a_match_marks_the_contact_v
     assert!(err.contains("is not a safety number"), "{err}");
 }
 
-/// Pairs a new device with `dir`'s user: `pair show` on `dir`, `pair accept` on `new`; what
-/// `pair show` said.
-fn pair(dir: &str, new: &str) -> Vec<String> {
-    let show = Command::new(sund())
-        .args(["pair", "show", "--data-dir", dir, "--wait", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut show = Guard(show);
-    let stdout = show.0.stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let code = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("a pairing code");
-        if line.starts_with("SUND-PAIR:") {
-            break line;
-        }
-    };
-    run(&sund(), &["pair", "accept", "--data-dir", new, &code]);
-    let mut said = Vec::new();
-    while let Ok(line) = lines.recv_timeout(Duration::from_secs(90)) {
-        said.push(line);
-    }
-    assert!(show.0.wait().unwrap().success(), "{said:#?}");
-    said
-}
-
 #[test]
 fn a_users_devices_share_names_and_verification_marks_end_to_end() {
     let world = World::new(&["alice", "bob", "carol"]);

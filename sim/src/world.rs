@@ -1574,12 +1574,14 @@ impl World {
         if !held && self.network.drops(from, to) {
             return; // in flight when the link was cut
         }
-        if self.is_gateway(to) && !arrival.frame.starts_with(b"SCHK") {
+        let arrival = if self.is_gateway(to) && !arrival.frame.starts_with(b"SCHK") {
             let Some(arrival) = self.hold_if_paused(arrival) else {
                 return; // read when the pause ends
             };
-            return self.read_arrival(arrival, from);
-        }
+            arrival
+        } else {
+            arrival
+        };
         self.read_arrival(arrival, from);
     }
 

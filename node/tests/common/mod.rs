@@ -342,3 +342,41 @@ fn rand_suffix() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+/// Pairs a new device with `dir`'s user: `pair show` on `dir`, `pair accept` on `new`; what
+/// `pair show` said.
+pub fn pair(dir: &str, new: &str) -> Vec<String> {
+    let show = std::process::Command::new(sund())
+        .args(["pair", "show", "--data-dir", dir, "--wait", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut show = Guard(show);
+    let stdout = show.0.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let code = loop {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a pairing code");
+        if line.starts_with("SUND-PAIR:") {
+            break line;
+        }
+    };
+    run(&sund(), &["pair", "accept", "--data-dir", new, &code]);
+    let mut said = Vec::new();
+    while let Ok(line) = lines.recv_timeout(std::time::Duration::from_secs(90)) {
+        said.push(line);
+    }
+    assert!(show.0.wait().unwrap().success(), "{said:#?}");
+    said
+}
