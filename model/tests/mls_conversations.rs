@@ -1213,3 +1213,30 @@ fn a_users_devices_share_their_contact_book_in_a_group_no_one_else_can_join() {
     assert_eq!(net.gateway.group(a).unwrap().devices().len(), 2);
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));
 }
+
+#[test]
+fn changes_that_turn_out_to_need_nothing_are_dropped_together_and_the_next_goes_at_once() {
+    let mut net = three_devices();
+    let now = net.now;
+    let room = net.node(1).create_room(now, &[user("bob")]).unwrap();
+    net.settle();
+    let epoch = net.gateway.group(room).unwrap().epoch();
+    // Away, Alice queues removals of someone who is not in the room (as a paced device's
+    // backlog of churn may hold), then a key update.
+    net.node(1).go_offline(now);
+    net.settle();
+    let carol = user("carol").to_bytes().into();
+    for _ in 0..5 {
+        net.node(1)
+            .change_group(now, room, Intent::RemoveUser(carol))
+            .unwrap();
+    }
+    net.node(1).change_group(now, room, Intent::Update).unwrap();
+    net.node(1).go_online(now);
+    // No time passes, so no heartbeat drives the groups again: the five go in one drive.
+    net.settle();
+    let entry = net.node(1).groups().unwrap().entry(room).unwrap();
+    assert!(entry.intents.is_empty(), "{:?}", entry.intents);
+    assert_eq!(entry.status, GroupStatus::Synchronized);
+    assert_eq!(net.gateway.group(room).unwrap().epoch(), epoch + 1);
+}

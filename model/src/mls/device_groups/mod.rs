@@ -715,30 +715,37 @@ impl DeviceGroups {
             .map(|(conv, _)| *conv)
             .collect();
         for conv in ready {
-            let intent = self.entries[&conv].intents[0].clone();
-            if intent == Intent::Leave {
-                let asked = self.leave_asked.get(&conv).copied();
-                if asked.is_none_or(|t| now.saturating_since(t) >= LEAVE_RESEND) {
-                    self.leave_asked.insert(conv, now);
-                    actions.push(GroupAction::Leave(conv));
+            // An intent that turns out to need nothing (its target already gone) is dropped
+            // and the next one goes at once: a backlog built while the device was paced drains
+            // in one go, not one intent per heartbeat.
+            while self.movable(conv) {
+                let intents = self.entries[&conv].intents.len();
+                let intent = self.entries[&conv].intents[0].clone();
+                if intent == Intent::Leave {
+                    let asked = self.leave_asked.get(&conv).copied();
+                    if asked.is_none_or(|t| now.saturating_since(t) >= LEAVE_RESEND) {
+                        self.leave_asked.insert(conv, now);
+                        actions.push(GroupAction::Leave(conv));
+                    }
+                    break;
                 }
-                continue;
-            }
-            let pending = self
-                .groups
-                .get(&conv)
-                .is_some_and(|g| g.pending_proposals().next().is_some());
-            match intent.users().filter(|_| !pending) {
-                Some(users) => {
+                let pending = self
+                    .groups
+                    .get(&conv)
+                    .is_some_and(|g| g.pending_proposals().next().is_some());
+                if let Some(users) = intent.users().filter(|_| !pending) {
                     let request = self.next_request;
                     self.next_request += 1;
                     self.fetches.insert(request, (conv, now));
                     actions.push(GroupAction::Fetch { request, users });
+                    break;
                 }
-                None => {
-                    if let Some(action) = self.commit(now, conv, &[], mls, next_id(), writes) {
-                        actions.push(action);
-                    }
+                if let Some(action) = self.commit(now, conv, &[], mls, next_id(), writes) {
+                    actions.push(action);
+                    break;
+                }
+                if self.entries.get(&conv).map_or(0, |e| e.intents.len()) >= intents {
+                    break; // nothing was dropped: wait for what it waits on
                 }
             }
         }
