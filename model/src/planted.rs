@@ -27,6 +27,9 @@ pub enum PlantedBug {
     SendLimitIgnored,
     /// The gateway tells watchers a user's presence while the user is invisible.
     PresenceIgnoresInvisible,
+    /// The gateway charges each user's invitations to its rate limit but never refuses a
+    /// commit for them: one user can pull others into conversations as fast as it likes.
+    InvitationLimitIgnored,
 }
 
 impl PlantedBug {
@@ -43,6 +46,10 @@ impl PlantedBug {
         (
             "presence-ignores-invisible",
             PlantedBug::PresenceIgnoresInvisible,
+        ),
+        (
+            "invitation-limit-ignored",
+            PlantedBug::InvitationLimitIgnored,
         ),
     ];
 

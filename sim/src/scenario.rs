@@ -464,6 +464,12 @@ impl Tunables {
             .unwrap_or(sund_model::gateway::limits::RateLimits::default().sends)
     }
 
+    /// The per-user invitation limit the gateways of this scenario apply.
+    pub fn invitation_rate(&self) -> Option<Rate> {
+        self.invitation_limit
+            .unwrap_or(sund_model::gateway::limits::RateLimits::default().invitations)
+    }
+
     /// The per-address registration limit the gateways of this scenario apply.
     pub fn registration_rate(&self) -> Option<Rate> {
         self.registration_limit

@@ -11,7 +11,7 @@
 //! never does). [`Generated::mix`] names the kinds a seed switched on; a swarm reports how many
 //! distinct mixes it covered.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::rng::SimRng;
@@ -24,6 +24,8 @@ const FLOOD_STREAM: u64 = 0x0046_4c4f_4f44;
 const PRESENCE_STREAM: u64 = 0x0050_5245_5345;
 /// The stream the group of a user's own devices is drawn from (see `draw_own_group`).
 const OWN_STREAM: u64 = 0x004f_574e_4752;
+/// The stream invitation limits are drawn from (see `draw_invitation_limit`).
+const INVITATION_STREAM: u64 = 0x0049_4e56_4954;
 
 /// What kind of world a swarm seed builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -116,6 +118,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "flood",
     "presence",
     "own-devices",
+    "invitation-limit",
 ];
 
 struct Draw {
@@ -492,6 +495,7 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         let _ = writeln!(out, "link {target} gw bandwidth {kbit}kbit");
     }
     let mls_convs: Vec<&Conv> = convs.iter().filter(|c| c.mls).collect();
+    let mut readds = false;
     if !mls_convs.is_empty() && d.chance(0.7) {
         mix.insert("mls-churn");
         for c in &mls_convs {
@@ -515,6 +519,7 @@ pub fn generate(seed: u64, family: Family) -> Generated {
                     3 + d.range(1, 2),
                     c.name
                 );
+                readds = true;
             }
             if d.chance(0.3) {
                 let leaver = &users[*c.members.last().expect("two members")];
@@ -587,6 +592,10 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if own {
         mix.insert("own-devices");
     }
+    let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
+    if invitation_limit {
+        mix.insert("invitation-limit");
+    }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
     if !mls_convs.is_empty() || own {
@@ -598,7 +607,7 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if revokes {
         checks.extend(["revoked-never-authenticates", "crl-converge"]);
     }
-    if flood {
+    if flood || invitation_limit {
         checks.push("rate-limits");
     }
     if presence {
@@ -655,6 +664,29 @@ fn draw_flood(
         "send {} from {}/0 every 1ms start {start_ms}ms stop {stop_ms}ms",
         conv.name, flooder.name
     );
+    true
+}
+
+/// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before),
+/// whether a seed whose room owners remove and re-add members also runs under a small
+/// invitation limit, which the re-adds soon exceed (one user every 6–15 s). The burst is what
+/// the busiest creator invites when the conversations are made, plus up to two, so that
+/// creation is never refused for good. Checked by `rate-limits`.
+fn draw_invitation_limit(seed: u64, convs: &[Conv], out: &mut String) -> bool {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(INVITATION_STREAM),
+    };
+    if !d.chance(0.5) {
+        return false;
+    }
+    let mut at_creation: BTreeMap<usize, u64> = BTreeMap::new();
+    for c in convs.iter().filter(|c| c.mls) {
+        *at_creation.entry(c.members[0]).or_default() += c.members.len() as u64 - 1;
+    }
+    let busiest = at_creation.values().copied().max().unwrap_or(0);
+    let burst = busiest.max(1) + d.range(0, 2);
+    let per_hour = 3_600 / d.range(6, 15);
+    let _ = writeln!(out, "config invitation-limit {per_hour} burst {burst}");
     true
 }
 

@@ -463,7 +463,8 @@ impl World {
             limit_watch: limits::LimitWatch::new(
                 scenario.tunables.send_rate(),
                 scenario.tunables.registration_rate(),
-            ),
+            )
+            .with_invitations(scenario.tunables.invitation_rate()),
             shared_addresses,
             read_pauses: read_pause::ReadPauses::default(),
             presence_watch: presence::PresenceWatch::default(),
@@ -1606,7 +1607,11 @@ impl World {
         if frame.starts_with(b"SCHK") {
             self.chunk_arrived(to, conn, &frame);
         } else if self.is_gateway(to) {
+            let commit = self.commit_arriving(to, conn.0, &frame);
             self.with_gateway(to, |g, now| g.handle(now, GatewayInput::Frame(conn, frame)));
+            if let Some(commit) = commit {
+                self.check_invitations(to, commit);
+            }
         } else {
             self.with_node(to, |n, now| n.handle(now, NodeInput::Frame(conn, frame)));
         }

@@ -22,6 +22,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("resume-off-by-one", "converge"),
     ("send-limit-ignored", "rate-limits"),
     ("presence-ignores-invisible", "presence-privacy"),
+    ("invitation-limit-ignored", "rate-limits"),
 ];
 
 /// A swarm must find each bug within this many seeds.

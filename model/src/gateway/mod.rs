@@ -1316,7 +1316,12 @@ impl Gateway {
             ));
         }
         let count = u32::try_from(invited.len()).unwrap_or(u32::MAX);
-        match self.limits.admit_invitations(now, inviter, count) {
+        let admitted = self.limits.admit_invitations(now, inviter, count);
+        if self.config.planted == Some(PlantedBug::InvitationLimitIgnored) {
+            // Planted by the simulator: never in a real gateway.
+            return Ok(());
+        }
+        match admitted {
             Ok(()) => Ok(()),
             Err(limited) if limited.cut_off => {
                 let message = format!(

@@ -13,16 +13,22 @@
 //!   `Throttled`). A device that comes back from an outage with more than a burst waiting may
 //!   rightly be throttled, so only scenarios with short outages check this; swarms do not.
 //!
+//! - **Invitations.** The users a user's commits bring into conversations they were not in
+//!   (the committer's own user never counts) number at most `burst + span / interval` over any
+//!   span since the gateway started, measured on the gateway's clock when it admits each commit:
+//!   the world compares the conversation's member users before and after the gateway reads the
+//!   commit, without asking the gateway's limits what they charged.
+//!
 //! Every throttle is counted in the report's fault counts (`throttled`), so a scenario that
 //! floods shows that the limit acted.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use sund_model::gateway::limits::Rate;
-use sund_model::ids::ConversationId;
+use sund_model::ids::{ConversationId, UserId};
 use sund_model::wire::{Frame, Opcode, PAYLOAD_BYTES_MAX};
 
-use super::World;
+use super::{Machine, World};
 use crate::network::ActorIndex;
 use crate::scenario::Invariant;
 
@@ -51,6 +57,21 @@ pub(super) struct LimitWatch {
     /// Per device: the sends per 1,000 s its `send` lines make.
     planned_per_ks: BTreeMap<ActorIndex, u64>,
     sequenced: BTreeMap<ActorIndex, Sequenced>,
+    /// The gateways' limit on invitations per user.
+    invitation_rate: Option<Rate>,
+    /// Per inviting user: the gateway's clock (µs) at each invitation it admitted, since the
+    /// gateway last started (one entry per invited user).
+    invitations: BTreeMap<UserId, Vec<u64>>,
+    /// Per gateway and conversation: the epoch and member users last seen there.
+    rosters: BTreeMap<(ActorIndex, ConversationId), (u64, BTreeSet<UserId>)>,
+}
+
+/// A `Send` about to reach a gateway, as the invitation check needs it.
+pub(super) struct PendingCommit {
+    conv: ConversationId,
+    inviter: UserId,
+    /// The conversation's epoch before (`None`: not created yet).
+    epoch: Option<u64>,
 }
 
 impl LimitWatch {
@@ -62,6 +83,43 @@ impl LimitWatch {
             registration_rate,
             ..LimitWatch::default()
         }
+    }
+
+    /// Also bounds invitations per user by `rate` (`None`: off).
+    pub(super) fn with_invitations(mut self, rate: Option<Rate>) -> LimitWatch {
+        self.invitation_rate = rate;
+        self
+    }
+
+    /// `inviter` brought `count` users into a conversation at `now` on the gateway's clock: an
+    /// error in words if more were admitted than the limit allows. For every earlier
+    /// invitation since the gateway started, the ones from it to now number at most
+    /// `burst + span / interval`, the interval being the limit's (its period over its count,
+    /// in whole microseconds).
+    pub(super) fn invited(&mut self, now: u64, inviter: UserId, count: usize) -> Option<String> {
+        let rate = self.invitation_rate?;
+        if count == 0 {
+            return None;
+        }
+        let times = self.invitations.entry(inviter).or_default();
+        times.extend(std::iter::repeat_n(now, count));
+        let period_us = u64::try_from(rate.period.as_micros()).unwrap_or(u64::MAX);
+        let interval_us = (period_us / u64::from(rate.count.max(1))).max(1);
+        let n = times.len();
+        times.iter().enumerate().find_map(|(i, &since)| {
+            let span = now.saturating_sub(since);
+            let admitted = (n - i) as u64;
+            let bound = u64::from(rate.burst.max(1)) + span / interval_us;
+            (admitted > bound).then(|| {
+                format!(
+                    "{inviter} invited {admitted} users within {:.1} s, more than the limit allows ({bound}: a burst of {} and {} per {:?})",
+                    span as f64 / 1e6,
+                    rate.burst,
+                    rate.count,
+                    rate.period
+                )
+            })
+        })
     }
 
     /// A device connecting from `address` was told it is registered at `now`: an error in
@@ -147,6 +205,8 @@ impl LimitWatch {
             entry.recent.clear();
         }
         self.registrations.clear();
+        self.invitations.clear();
+        self.rosters.clear();
     }
 }
 
@@ -186,6 +246,88 @@ impl World {
         if let Some(detail) = self.limit_watch.acknowledged(self.now, device, conv, seq) {
             let name = &self.actors[device as usize].name;
             let detail = format!("{name}: {detail}");
+            self.checker
+                .fail_safety(Invariant::Limits, self.now, detail);
+        }
+    }
+}
+
+impl World {
+    /// A frame about to reach `gateway` on `conn`: a `Send` is remembered (with the
+    /// conversation's epoch and, if the world has not seen that epoch's members yet, its member
+    /// users) for [`World::check_invitations`]. Only with `rate-limits` and an invitation limit.
+    pub(super) fn commit_arriving(
+        &mut self,
+        gateway: ActorIndex,
+        conn: u64,
+        frame: &[u8],
+    ) -> Option<PendingCommit> {
+        if self.limit_watch.invitation_rate.is_none()
+            || !self.scenario.invariants.contains(&Invariant::Limits)
+            || frame.len() < 8
+            || u16::from_be_bytes([frame[6], frame[7]]) != Opcode::Send.to_u16()
+        {
+            return None;
+        }
+        let device = self.network.peer_of(conn, gateway)?;
+        let conv = Frame::decode(frame, PAYLOAD_BYTES_MAX)
+            .ok()?
+            .routing
+            .conversation;
+        let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
+            return None;
+        };
+        let group = g.group(conv);
+        let epoch = group.map(|g| g.epoch());
+        if let Some(group) = group {
+            let seen = self.limit_watch.rosters.get(&(gateway, conv));
+            if seen.is_none_or(|(e, _)| *e != group.epoch()) {
+                self.limit_watch
+                    .rosters
+                    .insert((gateway, conv), (group.epoch(), group.users()));
+            }
+        }
+        let name = &self.actors[device as usize].name;
+        let user = name.split('/').next().unwrap_or(name);
+        Some(PendingCommit {
+            conv,
+            inviter: UserId::from_name(user),
+            epoch,
+        })
+    }
+
+    /// After `gateway` read the frame of `pending`: if it admitted a commit (the epoch moved,
+    /// or the conversation now exists), the member users it brought in count as invitations of
+    /// the committer's user.
+    pub(super) fn check_invitations(&mut self, gateway: ActorIndex, pending: PendingCommit) {
+        let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
+            return;
+        };
+        let Some(group) = g.group(pending.conv) else {
+            return;
+        };
+        if pending.epoch == Some(group.epoch()) {
+            return;
+        }
+        let after = group.users();
+        let before = match pending.epoch {
+            Some(_) => self
+                .limit_watch
+                .rosters
+                .get(&(gateway, pending.conv))
+                .map(|(_, users)| users.clone())
+                .unwrap_or_default(),
+            None => BTreeSet::new(),
+        };
+        let invited = after
+            .iter()
+            .filter(|u| **u != pending.inviter && !before.contains(u))
+            .count();
+        self.limit_watch
+            .rosters
+            .insert((gateway, pending.conv), (group.epoch(), after));
+        let now = self.local_now(gateway).0;
+        if let Some(detail) = self.limit_watch.invited(now, pending.inviter, invited) {
             self.checker
                 .fail_safety(Invariant::Limits, self.now, detail);
         }
@@ -244,6 +386,42 @@ mod tests {
                 "a restarted gateway's bucket is full"
             );
         }
+    }
+
+    #[test]
+    fn invitations_past_the_burst_and_rate_are_reported_per_user() {
+        // A burst of 3, then one every 10 s.
+        let mut watch = LimitWatch::new(None, None).with_invitations(Some(Rate::per_hour(360, 3)));
+        let alice = UserId::from_name("alice");
+        let bob = UserId::from_name("bob");
+        assert_eq!(watch.invited(0, alice, 3), None, "the creation's burst");
+        assert_eq!(
+            watch.invited(10_000_000, alice, 1),
+            None,
+            "one interval later"
+        );
+        assert_eq!(
+            watch.invited(20_000_000, alice, 0),
+            None,
+            "a commit inviting nobody"
+        );
+        assert_eq!(watch.invited(20_000_000, bob, 3), None, "bob has his own");
+        let report = watch
+            .invited(20_000_001, alice, 2)
+            .expect("two at once, one due");
+        assert!(report.contains("invited 6 users within 20.0 s"), "{report}");
+        watch.gateway_started();
+        assert_eq!(
+            watch.invited(20_000_002, alice, 3),
+            None,
+            "a restart refills"
+        );
+        let mut off = LimitWatch::new(None, None);
+        assert_eq!(
+            off.invited(0, alice, 1_000),
+            None,
+            "no limit, nothing to bound"
+        );
     }
 
     #[test]
