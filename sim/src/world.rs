@@ -1078,7 +1078,7 @@ impl World {
                 }
             }
             NodeOutput::Send(conn, frame) => {
-                self.note_social_request(a, &frame);
+                self.note_social_request(a, conn.0, &frame);
                 self.transmit(a, conn.0, frame)
             }
             NodeOutput::Close(conn) => self.close(a, conn.0),

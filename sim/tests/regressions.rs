@@ -103,3 +103,12 @@ fn dm_creation_revoked_swarm_21070_is_made_again_without_the_revoked_device() {
         21070,
     );
 }
+
+/// A contact request committed after its connection closed (a stalled gateway disk, constant
+/// disconnects) was never put in the checker's ledger, so a later, allowed presence
+/// notification failed `presence-privacy`. Answers now apply by the connection they were
+/// asked on, open or not.
+#[test]
+fn presence_swarm_40565_a_request_answered_after_its_connection_closed_counts() {
+    run("tests/regressions/presence-swarm-40565.sund", 40565);
+}

@@ -85,8 +85,10 @@ impl Ledger {
 #[derive(Debug, Default)]
 pub(super) struct PresenceWatch {
     ledger: Ledger,
-    /// Requests sent and not answered, by (device, request id).
-    asked: BTreeMap<(ActorIndex, u64), Asked>,
+    /// Requests sent and not answered, by (connection, request id), with the device that
+    /// sent each: an answer released after its connection closed (the gateway's commit
+    /// outlasted it) still applies, though nobody hears it.
+    asked: BTreeMap<(u64, u64), (ActorIndex, Asked)>,
 }
 
 fn opcode(frame: &[u8]) -> Option<u16> {
@@ -102,8 +104,9 @@ impl World {
         }
     }
 
-    /// A node sent `frame`: remember a contact or visibility change until it is answered.
-    pub(super) fn note_social_request(&mut self, device: ActorIndex, frame: &[u8]) {
+    /// A node sent `frame` on `conn`: remember a contact or visibility change until it is
+    /// answered.
+    pub(super) fn note_social_request(&mut self, device: ActorIndex, conn: u64, frame: &[u8]) {
         if !self
             .scenario
             .invariants
@@ -129,7 +132,7 @@ impl World {
         };
         self.presence_watch
             .asked
-            .insert((device, frame.routing.seq), asked);
+            .insert((conn, frame.routing.seq), (device, asked));
     }
 
     /// The gateway released `frame` to `conn`: apply an answered change, check a presence
@@ -149,32 +152,32 @@ impl World {
         if !(contacts || notify || error) {
             return;
         }
-        let Some(device) = self.network.peer_of(conn, gateway) else {
-            return;
-        };
         let Ok(frame) = Frame::decode(frame, PAYLOAD_BYTES_MAX) else {
-            return;
-        };
-        let Some(watcher) = self.user_id_of(device) else {
             return;
         };
         match frame.payload {
             Payload::Contacts(_) => {
-                if let Some(asked) = self
-                    .presence_watch
-                    .asked
-                    .remove(&(device, frame.routing.seq))
+                // The answer applies even if its connection closed meanwhile: the gateway
+                // committed the change before releasing it.
+                if let Some((device, asked)) =
+                    self.presence_watch.asked.remove(&(conn, frame.routing.seq))
                 {
-                    self.presence_watch.ledger.apply(watcher, asked);
+                    if let Some(user) = self.user_id_of(device) {
+                        self.presence_watch.ledger.apply(user, asked);
+                    }
                 }
             }
             Payload::Error(_) if NodeSocial::owns(frame.routing.seq) => {
-                self.presence_watch
-                    .asked
-                    .remove(&(device, frame.routing.seq));
+                self.presence_watch.asked.remove(&(conn, frame.routing.seq));
                 *self.faults.entry("contact-refused").or_default() += 1;
             }
             Payload::PresenceNotify(notify) => {
+                let Some(device) = self.network.peer_of(conn, gateway) else {
+                    return; // a closed connection: nobody hears it
+                };
+                let Some(watcher) = self.user_id_of(device) else {
+                    return;
+                };
                 for entry in notify.entries {
                     let target = UserId::from_bytes(*entry.user);
                     let seen = Seen::from_u8(entry.seen);
