@@ -23,6 +23,7 @@
 pub(crate) mod codec;
 pub mod effects;
 pub mod env;
+pub mod federation;
 pub mod files;
 pub mod gateway;
 pub mod hex;

@@ -257,6 +257,14 @@ fn payload() -> impl Strategy<Value = Payload> {
             ChunksUnavailable { upload, ids }
         )),
         bytes16().prop_map(|upload| Payload::FileFetched(FileFetched { upload })),
+        proptest::collection::vec(any::<u8>(), 0..200).prop_map(|message| {
+            Payload::FederationHello(FederationHello {
+                message: message.into(),
+            })
+        }),
+        proptest::collection::vec(any::<u8>(), 0..200)
+            .prop_map(|body| Payload::FederationForward(FederationForward { body: body.into() })),
+        Just(Payload::FederationAck(FederationAck {})),
         any::<bool>().prop_map(|invisible| Payload::PresenceUpdate(PresenceUpdate { invisible })),
         ids16().prop_map(|users| Payload::PresenceSubscribe(PresenceSubscribe { users })),
         proptest::collection::vec((bytes16(), any::<u8>()), 0..6).prop_map(|entries| {

@@ -459,3 +459,33 @@ fn contact_and_presence_frames_bytes() {
         "contact_change:\n{change}\npresence_update:\n{update}\ncontacts_fetch:\n{fetch}\ncontacts:\n{contacts}\npresence_subscribe:\n{subscribe}\npresence_notify:\n{notify}"
     ));
 }
+
+#[test]
+fn federation_frames_bytes() {
+    let at = |seq, payload| {
+        hex(&Frame::new(
+            Routing {
+                seq,
+                ..Routing::default()
+            },
+            payload,
+        )
+        .encode())
+    };
+    let hello = at(
+        0,
+        Payload::FederationHello(FederationHello {
+            message: b"SFH\x01\x03".to_vec().into(),
+        }),
+    );
+    let forward = at(
+        7,
+        Payload::FederationForward(FederationForward {
+            body: b"entry".to_vec().into(),
+        }),
+    );
+    let ack = at(7, Payload::FederationAck(FederationAck {}));
+    insta::assert_snapshot!(format!(
+        "federation_hello:\n{hello}\nfederation_forward:\n{forward}\nfederation_ack:\n{ack}"
+    ));
+}

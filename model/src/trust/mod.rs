@@ -16,7 +16,7 @@
 
 mod authority;
 mod certificate;
-mod codec;
+pub(crate) mod codec;
 pub mod credential;
 mod crl;
 pub mod handshake;

@@ -128,13 +128,16 @@ opcodes! {
     FileFetched = 0x0506,
     /// Gateway → node: requested chunks that cannot be sent.
     ChunksUnavailable = 0x0507,
-    // 0x06xx: federation (later wave)
+    // 0x06xx: federation (gateway-to-gateway links, `crate::federation`)
     /// Gateway → gateway: mutual authentication.
     FederationHello = 0x0600,
     /// Gateway → gateway: a frame forwarded for another domain.
     FederationForward = 0x0601,
     /// Gateway → gateway: signed hand-over of a conversation's authority.
     HandoverCertificate = 0x0602,
+    /// Gateway → gateway: every forwarded frame up to the header's seq is durable here (also
+    /// the link's heartbeat).
+    FederationAck = 0x0603,
 }
 
 impl Opcode {

@@ -731,6 +731,34 @@ pub struct Removed {
 #[cbor(map)]
 pub struct Leave {}
 
+/// Longest federation handshake message (two domain names, a certificate, keys, a signature).
+pub const FEDERATION_HANDSHAKE_BYTES_MAX: usize = 1_024;
+
+/// Gateway → gateway: one step of the link's mutual authentication
+/// (`crate::federation::handshake`), whose bytes sign and verify on their own.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct FederationHello {
+    /// The handshake message.
+    #[n(0)]
+    pub message: minicbor::bytes::ByteVec,
+}
+
+/// Gateway → gateway: one entry of the sender's durable outbox for this peer, numbered by the
+/// header's seq (1, 2, … per direction of a link, never reused).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct FederationForward {
+    /// What the entry carries (opaque to the link).
+    #[n(0)]
+    pub body: minicbor::bytes::ByteVec,
+}
+
+/// Gateway → gateway: every entry up to the header's seq is durable at the receiver.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cbor(map)]
+pub struct FederationAck {}
+
 /// A decoded payload: one variant per opcode whose payload is defined.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -778,6 +806,9 @@ pub enum Payload {
     ContactChange(ContactChange),
     ContactsFetch(ContactsFetch),
     Contacts(Contacts),
+    FederationHello(FederationHello),
+    FederationForward(FederationForward),
+    FederationAck(FederationAck),
 }
 
 /// Decodes exactly one CBOR item that fills `bytes`: anything after it is refused, so one
@@ -848,6 +879,9 @@ impl Payload {
             Payload::ChunkRequest(_) => Opcode::ChunkRequest,
             Payload::ChunksUnavailable(_) => Opcode::ChunksUnavailable,
             Payload::FileFetched(_) => Opcode::FileFetched,
+            Payload::FederationHello(_) => Opcode::FederationHello,
+            Payload::FederationForward(_) => Opcode::FederationForward,
+            Payload::FederationAck(_) => Opcode::FederationAck,
             Payload::PresenceUpdate(_) => Opcode::PresenceUpdate,
             Payload::PresenceSubscribe(_) => Opcode::PresenceSubscribe,
             Payload::PresenceNotify(_) => Opcode::PresenceNotify,
@@ -896,6 +930,9 @@ impl Payload {
             Payload::ChunkRequest(p) => minicbor::encode(p, &mut *out),
             Payload::ChunksUnavailable(p) => minicbor::encode(p, &mut *out),
             Payload::FileFetched(p) => minicbor::encode(p, &mut *out),
+            Payload::FederationHello(p) => minicbor::encode(p, &mut *out),
+            Payload::FederationForward(p) => minicbor::encode(p, &mut *out),
+            Payload::FederationAck(p) => minicbor::encode(p, &mut *out),
             Payload::PresenceUpdate(p) => minicbor::encode(p, &mut *out),
             Payload::PresenceSubscribe(p) => minicbor::encode(p, &mut *out),
             Payload::PresenceNotify(p) => minicbor::encode(p, &mut *out),
@@ -1015,6 +1052,17 @@ impl Payload {
                 Payload::ChunksUnavailable(p)
             }
             Opcode::FileFetched => Payload::FileFetched(decode_as(opcode, bytes)?),
+            Opcode::FederationHello => {
+                let p: FederationHello = decode_as(opcode, bytes)?;
+                check_bytes(
+                    "federation_hello.message",
+                    p.message.len(),
+                    FEDERATION_HANDSHAKE_BYTES_MAX,
+                )?;
+                Payload::FederationHello(p)
+            }
+            Opcode::FederationForward => Payload::FederationForward(decode_as(opcode, bytes)?),
+            Opcode::FederationAck => Payload::FederationAck(decode_as(opcode, bytes)?),
             Opcode::PresenceUpdate => Payload::PresenceUpdate(decode_as(opcode, bytes)?),
             Opcode::PresenceSubscribe => {
                 let p: PresenceSubscribe = decode_as(opcode, bytes)?;

@@ -1,0 +1,849 @@
+//! Gateway-to-gateway links: one authenticated connection per configured peer domain, and a
+//! durable outbox per peer whose entries reach the peer exactly once and in order, across
+//! losses, disconnects and crashes of either side.
+//!
+//! - **Who dials.** Of two peers, the one whose domain sorts first dials; the other answers.
+//!   The dialer reconnects with exponential backoff and jitter (from the injected entropy)
+//!   after any failure; an answerer waits to be dialed, and its outbox fills meanwhile.
+//! - **Authentication** is [`super::handshake`]: nothing but handshake frames is read on a
+//!   connection before it completes, and a connection that does not complete in time is
+//!   closed.
+//! - **Outbox.** [`Federation::enqueue`] numbers each entry (1, 2, … per peer, never reused:
+//!   the last number is written with the entry) and keeps it durably until the peer
+//!   acknowledges it. An entry is sent only once its write is durable, so a number is never
+//!   seen by the peer with two bodies.
+//! - **Receiving.** The receiver takes only the next number after its durable cursor: the
+//!   entry is handed on (`Received`) in the same batch as the cursor moves, and acknowledged
+//!   only after that commit. Older numbers are duplicates (acknowledged again), newer ones a
+//!   gap (ignored: the sender goes back).
+//! - **Sending** is go-back-N with a window: at most [`WINDOW`] unacknowledged entries in
+//!   flight; if acknowledgements stop progressing for `resend_after`, everything past the
+//!   last acknowledgement goes again. On every new connection, sending starts after the last
+//!   acknowledgement.
+//! - **Liveness.** Each side sends its cursor (`FederationAck`) every `heartbeat`; a link that
+//!   hears nothing for `idle_timeout` is closed and (by the dialer) dialed again.
+//!
+//! A peer that acknowledges numbers this gateway never assigned has a cursor from an earlier
+//! history of this outbox (this gateway's data was restored or reset): numbering continues
+//! past the peer's cursor, so new entries are not taken for duplicates, and the event is
+//! counted and reported.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use core::time::Duration;
+
+use crate::effects::Effects;
+use crate::env::{Entropy, Ready, StoreError, StoreRead, Table};
+use crate::ids::ConnectionId;
+use crate::time::Instant;
+use crate::trust::codec::put_domain;
+use crate::wire::payload::{FederationAck, FederationForward, FederationHello};
+use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
+
+use super::handshake::{
+    self, Answering, Dialing, FederationHandshakeError, LinkIdentity, PeerConfig,
+};
+
+/// Outbox entries: key (peer domain as length and bytes, seq as u64 BE), value the body.
+pub const FEDERATION_OUTBOX_TABLE: Table = Table("federation_outbox");
+/// Per peer: the last number assigned to an outbox entry (u64 BE).
+pub const FEDERATION_NUMBERS_TABLE: Table = Table("federation_numbers");
+/// Per peer: the receive cursor, the last entry taken from the peer (u64 BE).
+pub const FEDERATION_CURSORS_TABLE: Table = Table("federation_cursors");
+
+/// Most unacknowledged entries in flight on one link.
+pub const WINDOW: u64 = 256;
+
+/// The link timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkTimers {
+    /// How often each side sends its cursor.
+    pub heartbeat: Duration,
+    /// A link that hears nothing this long is closed.
+    pub idle_timeout: Duration,
+    /// A handshake not finished this long after the connection opened is abandoned.
+    pub handshake_timeout: Duration,
+    /// Unacknowledged entries go again after acknowledgements stall this long.
+    pub resend_after: Duration,
+    /// First reconnect delay of a dialer.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for LinkTimers {
+    fn default() -> Self {
+        LinkTimers {
+            heartbeat: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            resend_after: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the driver tells the federation machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FederationInput {
+    /// A connection this gateway dialed to `peer` opened.
+    Connected {
+        /// The peer dialed.
+        peer: String,
+        /// The new connection.
+        conn: ConnectionId,
+    },
+    /// Dialing `peer` failed.
+    ConnectFailed {
+        /// The peer dialed.
+        peer: String,
+    },
+    /// A peer gateway opened a connection to this one (not yet authenticated).
+    Accepted(ConnectionId),
+    /// A connection closed.
+    Closed(ConnectionId),
+    /// A frame arrived on a connection.
+    Frame(ConnectionId, Bytes),
+}
+
+/// What the federation machine asks of its driver, or reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FederationOutput {
+    /// Dial `peer` (at its configured address), then report `Connected` or `ConnectFailed`.
+    Connect {
+        /// The peer to dial.
+        peer: String,
+    },
+    /// Send a frame on a connection.
+    Send(ConnectionId, Bytes),
+    /// Close a connection.
+    Close(ConnectionId),
+    /// An entry from `peer`, durable here: hand it on (it is never handed on twice).
+    Received {
+        /// The sending domain.
+        peer: String,
+        /// Its number on the link.
+        seq: u64,
+        /// The entry.
+        body: Bytes,
+    },
+    /// The link to `peer` is authenticated and up.
+    LinkUp {
+        /// The peer.
+        peer: String,
+    },
+    /// The link to `peer` went down.
+    LinkDown {
+        /// The peer.
+        peer: String,
+        /// Why, in words.
+        reason: String,
+    },
+    /// `peer` had taken entries up to `peer_cursor`, past this gateway's last number: this
+    /// gateway's data is older than the peer's view of it (restored or reset). Numbering
+    /// continues after the peer's cursor; what the peer took under the old numbers is not
+    /// known here. An operator should hear of it.
+    HistoryBehind {
+        /// The peer.
+        peer: String,
+        /// The peer's cursor.
+        peer_cursor: u64,
+    },
+    /// A connection was refused (authentication failed, or it broke the protocol).
+    Refused {
+        /// The connection.
+        conn: ConnectionId,
+        /// Why, in words (no secrets).
+        reason: String,
+    },
+}
+
+/// Why an entry could not be queued.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EnqueueError {
+    /// The domain is not a configured peer.
+    #[error("domain `{0}` is not a federation peer of this gateway; its operator must add it to [[federation.peer]]")]
+    UnknownPeer(String),
+    /// The entry does not fit in one frame.
+    #[error("an entry of {0} bytes does not fit in one federation frame")]
+    TooLarge(usize),
+}
+
+/// Counters for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FederationStats {
+    /// Links that came up.
+    pub links_up: u64,
+    /// Links that went down.
+    pub links_down: u64,
+    /// Connections refused at authentication.
+    pub handshakes_refused: u64,
+    /// Connections closed for a frame outside the protocol.
+    pub protocol_errors: u64,
+    /// Entries sent again (go-back-N).
+    pub resent: u64,
+    /// Duplicate entries received (already taken).
+    pub duplicates: u64,
+    /// Entries received past a gap (ignored).
+    pub gaps: u64,
+    /// Peers that acknowledged numbers this gateway never assigned.
+    pub cursor_ahead: u64,
+}
+
+enum LinkState {
+    /// Not connected; a dialer dials again at `retry_at`.
+    Down { retry_at: Instant },
+    /// Dial asked for, not yet connected.
+    Dialing { since: Instant },
+    /// This gateway dialed and sent its hello.
+    Hello {
+        conn: ConnectionId,
+        since: Instant,
+        dialing: Dialing,
+    },
+    /// Authenticated.
+    Up { conn: ConnectionId },
+}
+
+struct Link {
+    peer: PeerConfig,
+    dials: bool,
+    state: LinkState,
+    /// Last number assigned.
+    numbered: u64,
+    /// Unacknowledged entries, durable.
+    outbox: BTreeMap<u64, Bytes>,
+    /// Highest number the peer acknowledged.
+    acked: u64,
+    /// Highest number sent on the current connection.
+    sent: u64,
+    /// Last entry taken from the peer (durable once its batch commits).
+    cursor: u64,
+    last_heard: Instant,
+    last_beat: Instant,
+    last_progress: Instant,
+    attempts: u32,
+}
+
+/// An accepted connection, not yet authenticated.
+enum Pending {
+    AwaitHello {
+        since: Instant,
+    },
+    AwaitFinish {
+        since: Instant,
+        answering: Answering,
+    },
+}
+
+/// The federation sub-machine of a gateway: its links to every configured peer.
+pub struct Federation {
+    me: LinkIdentity,
+    peers: Vec<PeerConfig>,
+    timers: LinkTimers,
+    links: BTreeMap<String, Link>,
+    pending: BTreeMap<ConnectionId, Pending>,
+    entropy: Box<dyn Entropy>,
+    fx: Effects<FederationOutput>,
+    stats: FederationStats,
+}
+
+fn peer_key(domain: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + domain.len());
+    put_domain(&mut key, domain);
+    key
+}
+
+fn entry_key(domain: &str, seq: u64) -> Vec<u8> {
+    let mut key = peer_key(domain);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn read_u64(value: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = value
+        .try_into()
+        .map_err(|_| StoreError::Damaged("a federation number is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn frame(routing: Routing, payload: Payload) -> Bytes {
+    Frame::new(routing, payload).encode()
+}
+
+fn with_seq(seq: u64) -> Routing {
+    Routing {
+        seq,
+        ..Routing::default()
+    }
+}
+
+impl Federation {
+    /// Recovers the links to `peers` from what `store` holds (outboxes, numbers, cursors).
+    pub fn recover(
+        me: LinkIdentity,
+        peers: Vec<PeerConfig>,
+        timers: LinkTimers,
+        entropy: Box<dyn Entropy>,
+        store: &dyn StoreRead,
+        now: Instant,
+    ) -> Result<Federation, StoreError> {
+        let mut links = BTreeMap::new();
+        for peer in &peers {
+            let key = peer_key(&peer.domain);
+            let numbered = store
+                .get(FEDERATION_NUMBERS_TABLE, &key)?
+                .map_or(Ok(0), |v| read_u64(&v))?;
+            let cursor = store
+                .get(FEDERATION_CURSORS_TABLE, &key)?
+                .map_or(Ok(0), |v| read_u64(&v))?;
+            let mut outbox = BTreeMap::new();
+            let mut damaged = None;
+            store.scan_from(FEDERATION_OUTBOX_TABLE, &key, &mut |k, v| {
+                if !k.starts_with(&key) {
+                    return core::ops::ControlFlow::Break(());
+                }
+                match k[key.len()..].try_into() {
+                    Ok(seq) => {
+                        outbox.insert(u64::from_be_bytes(seq), Bytes::copy_from_slice(v));
+                    }
+                    Err(_) => damaged = Some("an outbox key is not a peer and a number"),
+                }
+                core::ops::ControlFlow::Continue(())
+            })?;
+            if let Some(what) = damaged {
+                return Err(StoreError::Damaged(what.into()));
+            }
+            if outbox
+                .keys()
+                .next_back()
+                .is_some_and(|&last| last > numbered)
+            {
+                return Err(StoreError::Damaged(format!(
+                    "the federation outbox for {} holds entries past its last number",
+                    peer.domain
+                )));
+            }
+            let acked = outbox.keys().next().map_or(numbered, |&first| first - 1);
+            links.insert(
+                peer.domain.clone(),
+                Link {
+                    dials: me.domain < peer.domain,
+                    peer: peer.clone(),
+                    state: LinkState::Down { retry_at: now },
+                    numbered,
+                    outbox,
+                    acked,
+                    sent: acked,
+                    cursor,
+                    last_heard: now,
+                    last_beat: now,
+                    last_progress: now,
+                    attempts: 0,
+                },
+            );
+        }
+        let mut federation = Federation {
+            me,
+            peers,
+            timers,
+            links,
+            pending: BTreeMap::new(),
+            entropy,
+            fx: Effects::default(),
+            stats: FederationStats::default(),
+        };
+        federation.handle_timeout(now);
+        Ok(federation)
+    }
+
+    /// Queues `body` for `peer`: it reaches the peer once, after every entry queued before it.
+    /// Returns its number on the link.
+    pub fn enqueue(&mut self, now: Instant, peer: &str, body: Bytes) -> Result<u64, EnqueueError> {
+        if body.len() + 64 > PAYLOAD_BYTES_MAX as usize {
+            return Err(EnqueueError::TooLarge(body.len()));
+        }
+        let link = self
+            .links
+            .get_mut(peer)
+            .ok_or_else(|| EnqueueError::UnknownPeer(peer.to_string()))?;
+        link.numbered += 1;
+        let seq = link.numbered;
+        self.fx
+            .put(FEDERATION_OUTBOX_TABLE, entry_key(peer, seq), body.to_vec());
+        self.fx.put(
+            FEDERATION_NUMBERS_TABLE,
+            peer_key(peer),
+            seq.to_be_bytes().to_vec(),
+        );
+        link.outbox.insert(seq, body);
+        self.pump(now, peer);
+        Ok(seq)
+    }
+
+    /// Handles one input.
+    pub fn handle(&mut self, now: Instant, input: FederationInput) {
+        match input {
+            FederationInput::Connected { peer, conn } => self.connected(now, &peer, conn),
+            FederationInput::ConnectFailed { peer } => {
+                if let Some(link) = self.links.get_mut(&peer) {
+                    if matches!(link.state, LinkState::Dialing { .. }) {
+                        self.down(now, &peer, "could not connect".into());
+                    }
+                }
+            }
+            FederationInput::Accepted(conn) => {
+                self.pending
+                    .insert(conn, Pending::AwaitHello { since: now });
+            }
+            FederationInput::Closed(conn) => {
+                self.pending.remove(&conn);
+                if let Some(peer) = self.peer_on(conn) {
+                    self.down(now, &peer, "the connection closed".into());
+                }
+            }
+            FederationInput::Frame(conn, bytes) => self.frame(now, conn, &bytes),
+        }
+    }
+
+    /// Fires what is due: dials, heartbeats, resends, timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<ConnectionId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                let since = match p {
+                    Pending::AwaitHello { since } | Pending::AwaitFinish { since, .. } => *since,
+                };
+                now.saturating_since(since) >= self.timers.handshake_timeout
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in expired {
+            self.pending.remove(&conn);
+            self.refuse(conn, "the handshake did not finish in time".into());
+        }
+        let peers: Vec<String> = self.links.keys().cloned().collect();
+        for peer in peers {
+            let timers = self.timers;
+            let link = self.links.get_mut(&peer).expect("listed");
+            match &link.state {
+                LinkState::Down { retry_at } if link.dials && now >= *retry_at => {
+                    link.state = LinkState::Dialing { since: now };
+                    self.fx
+                        .hold(FederationOutput::Connect { peer: peer.clone() });
+                }
+                LinkState::Dialing { since }
+                    if now.saturating_since(*since) >= timers.handshake_timeout =>
+                {
+                    self.down(now, &peer, "connecting took too long".into());
+                }
+                LinkState::Hello { conn, since, .. }
+                    if now.saturating_since(*since) >= timers.handshake_timeout =>
+                {
+                    let conn = *conn;
+                    self.fx.hold(FederationOutput::Close(conn));
+                    self.down(now, &peer, "the peer did not answer the handshake".into());
+                }
+                LinkState::Up { conn } => {
+                    let conn = *conn;
+                    if now.saturating_since(link.last_heard) >= timers.idle_timeout {
+                        self.fx.hold(FederationOutput::Close(conn));
+                        self.down(now, &peer, "the peer went silent".into());
+                        continue;
+                    }
+                    if now.saturating_since(link.last_beat) >= timers.heartbeat {
+                        link.last_beat = now;
+                        let ack = frame(
+                            with_seq(link.cursor),
+                            Payload::FederationAck(FederationAck {}),
+                        );
+                        self.fx.hold(FederationOutput::Send(conn, ack));
+                    }
+                    if link.sent > link.acked
+                        && now.saturating_since(link.last_progress) >= timers.resend_after
+                    {
+                        self.stats.resent += link.sent - link.acked;
+                        link.sent = link.acked;
+                        link.last_progress = now;
+                        self.pump(now, &peer);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// When [`Self::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = &self.timers;
+        let pending = self.pending.values().map(|p| match p {
+            Pending::AwaitHello { since } | Pending::AwaitFinish { since, .. } => {
+                *since + t.handshake_timeout
+            }
+        });
+        let links = self.links.values().filter_map(|l| match &l.state {
+            LinkState::Down { retry_at } => l.dials.then_some(*retry_at),
+            LinkState::Dialing { since } | LinkState::Hello { since, .. } => {
+                Some(*since + t.handshake_timeout)
+            }
+            LinkState::Up { .. } => {
+                let mut due = (l.last_heard + t.idle_timeout).min(l.last_beat + t.heartbeat);
+                if l.sent > l.acked {
+                    due = due.min(l.last_progress + t.resend_after);
+                }
+                Some(due)
+            }
+        });
+        pending.chain(links).min()
+    }
+
+    /// What accumulated since the last call: writes to commit, and the outputs they release.
+    pub fn poll_ready(&mut self) -> Option<Ready<FederationOutput>> {
+        self.fx.take_ready()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> FederationStats {
+        self.stats
+    }
+
+    /// True if the link to `peer` is authenticated and up.
+    pub fn is_up(&self, peer: &str) -> bool {
+        self.links
+            .get(peer)
+            .is_some_and(|l| matches!(l.state, LinkState::Up { .. }))
+    }
+
+    /// Entries queued for `peer` and not yet acknowledged.
+    pub fn queued(&self, peer: &str) -> usize {
+        self.links.get(peer).map_or(0, |l| l.outbox.len())
+    }
+
+    fn peer_on(&self, conn: ConnectionId) -> Option<String> {
+        self.links.iter().find_map(|(domain, l)| match &l.state {
+            LinkState::Hello { conn: c, .. } | LinkState::Up { conn: c } if *c == conn => {
+                Some(domain.clone())
+            }
+            _ => None,
+        })
+    }
+
+    fn connected(&mut self, now: Instant, peer: &str, conn: ConnectionId) {
+        let Some(link) = self.links.get_mut(peer) else {
+            self.fx.hold(FederationOutput::Close(conn));
+            return;
+        };
+        if !matches!(link.state, LinkState::Dialing { .. }) {
+            self.fx.hold(FederationOutput::Close(conn)); // a late dial: not wanted any more
+            return;
+        }
+        let (dialing, hello) = handshake::dial(&self.me, &link.peer, self.entropy.as_mut());
+        link.state = LinkState::Hello {
+            conn,
+            since: now,
+            dialing,
+        };
+        let hello = FederationHello {
+            message: hello.into(),
+        };
+        self.fx.hold(FederationOutput::Send(
+            conn,
+            frame(Routing::default(), Payload::FederationHello(hello)),
+        ));
+    }
+
+    fn frame(&mut self, now: Instant, conn: ConnectionId, bytes: &[u8]) {
+        let decoded = match Frame::decode(bytes, PAYLOAD_BYTES_MAX) {
+            Ok(f) => f,
+            Err(e) => return self.protocol_error(now, conn, format!("an unreadable frame: {e}")),
+        };
+        if self.pending.contains_key(&conn) {
+            return self.pending_frame(now, conn, decoded);
+        }
+        let Some(peer) = self.peer_on(conn) else {
+            return; // a connection already given up: nothing on it counts
+        };
+        let link = self.links.get_mut(&peer).expect("found");
+        link.last_heard = now;
+        match (&link.state, decoded.payload) {
+            (LinkState::Hello { .. }, Payload::FederationHello(reply)) => {
+                let LinkState::Hello { dialing, .. } =
+                    core::mem::replace(&mut link.state, LinkState::Up { conn })
+                else {
+                    unreachable!("matched above")
+                };
+                match dialing.finish(&self.me, &reply.message, now) {
+                    Ok(finish) => {
+                        let finish = FederationHello {
+                            message: finish.into(),
+                        };
+                        self.fx.hold(FederationOutput::Send(
+                            conn,
+                            frame(Routing::default(), Payload::FederationHello(finish)),
+                        ));
+                        self.up(now, &peer, conn);
+                    }
+                    Err(e) => {
+                        self.stats.handshakes_refused += 1;
+                        self.fx.hold(FederationOutput::Refused {
+                            conn,
+                            reason: e.to_string(),
+                        });
+                        self.fx.hold(FederationOutput::Close(conn));
+                        self.down(now, &peer, format!("authentication failed: {e}"));
+                    }
+                }
+            }
+            (LinkState::Up { .. }, Payload::FederationForward(forward)) => {
+                self.forwarded(
+                    &peer,
+                    conn,
+                    decoded.routing.seq,
+                    Bytes::from(Vec::from(forward.body)),
+                );
+            }
+            (LinkState::Up { .. }, Payload::FederationAck(_)) => {
+                self.acknowledged(now, &peer, decoded.routing.seq);
+            }
+            (_, other) => {
+                let what = format!("a {:?} frame out of place", other.opcode());
+                self.protocol_error(now, conn, what);
+            }
+        }
+    }
+
+    fn pending_frame(&mut self, now: Instant, conn: ConnectionId, decoded: Frame) {
+        let Payload::FederationHello(hello) = decoded.payload else {
+            self.pending.remove(&conn);
+            let what = format!(
+                "a {:?} frame before authentication",
+                decoded.payload.opcode()
+            );
+            return self.protocol_error(now, conn, what);
+        };
+        let step = self.pending.remove(&conn).expect("checked");
+        match step {
+            Pending::AwaitHello { .. } => {
+                match handshake::answer(
+                    &self.me,
+                    &self.peers,
+                    &hello.message,
+                    now,
+                    self.entropy.as_mut(),
+                ) {
+                    Ok((answering, reply)) => {
+                        let reply = FederationHello {
+                            message: reply.into(),
+                        };
+                        self.fx.hold(FederationOutput::Send(
+                            conn,
+                            frame(Routing::default(), Payload::FederationHello(reply)),
+                        ));
+                        self.pending.insert(
+                            conn,
+                            Pending::AwaitFinish {
+                                since: now,
+                                answering,
+                            },
+                        );
+                    }
+                    Err(e) => self.refused(conn, &e),
+                }
+            }
+            Pending::AwaitFinish { answering, .. } => match answering.finish(&hello.message) {
+                Ok(peer) => {
+                    let link = self.links.get_mut(&peer).expect("answer found the peer");
+                    match link.state {
+                        LinkState::Hello { conn: old, .. } | LinkState::Up { conn: old } => {
+                            // The peer dialed again: the new connection replaces the old.
+                            self.fx.hold(FederationOutput::Close(old));
+                        }
+                        LinkState::Down { .. } | LinkState::Dialing { .. } => {}
+                    }
+                    link.last_heard = now;
+                    self.up(now, &peer, conn);
+                }
+                Err(e) => self.refused(conn, &e),
+            },
+        }
+    }
+
+    fn refused(&mut self, conn: ConnectionId, error: &FederationHandshakeError) {
+        self.stats.handshakes_refused += 1;
+        self.refuse(conn, error.to_string());
+    }
+
+    fn refuse(&mut self, conn: ConnectionId, reason: String) {
+        self.fx.hold(FederationOutput::Refused { conn, reason });
+        self.fx.hold(FederationOutput::Close(conn));
+    }
+
+    fn protocol_error(&mut self, now: Instant, conn: ConnectionId, what: String) {
+        self.stats.protocol_errors += 1;
+        self.pending.remove(&conn);
+        self.refuse(conn, what.clone());
+        if let Some(peer) = self.peer_on(conn) {
+            self.down(now, &peer, what);
+        }
+    }
+
+    fn up(&mut self, now: Instant, peer: &str, conn: ConnectionId) {
+        let link = self.links.get_mut(peer).expect("a configured peer");
+        link.state = LinkState::Up { conn };
+        link.attempts = 0;
+        link.sent = link.acked;
+        link.last_heard = now;
+        link.last_beat = now;
+        link.last_progress = now;
+        self.stats.links_up += 1;
+        // The cursor first, so the peer trims what this side already holds.
+        let ack = frame(
+            with_seq(link.cursor),
+            Payload::FederationAck(FederationAck {}),
+        );
+        self.fx.hold(FederationOutput::Send(conn, ack));
+        self.fx.hold(FederationOutput::LinkUp {
+            peer: peer.to_string(),
+        });
+        self.pump(now, peer);
+    }
+
+    fn down(&mut self, now: Instant, peer: &str, reason: String) {
+        let delay = {
+            let link = self.links.get_mut(peer).expect("a configured peer");
+            let was_up = matches!(link.state, LinkState::Up { .. });
+            link.attempts = link.attempts.saturating_add(1);
+            let base = self
+                .timers
+                .backoff_initial
+                .saturating_mul(1u32 << link.attempts.min(16).saturating_sub(1))
+                .min(self.timers.backoff_max);
+            if was_up {
+                self.stats.links_down += 1;
+            }
+            base
+        };
+        // Full jitter over the upper half: [delay/2, delay].
+        let half = delay / 2;
+        let jitter_us = u64::try_from(half.as_micros()).unwrap_or(u64::MAX).max(1);
+        let jitter = Duration::from_micros(self.entropy.next_u64() % jitter_us);
+        let link = self.links.get_mut(peer).expect("a configured peer");
+        if matches!(link.state, LinkState::Up { .. }) {
+            self.fx.hold(FederationOutput::LinkDown {
+                peer: peer.to_string(),
+                reason,
+            });
+        }
+        link.state = LinkState::Down {
+            retry_at: now + half + jitter,
+        };
+        link.sent = link.acked;
+    }
+
+    fn forwarded(&mut self, peer: &str, conn: ConnectionId, seq: u64, body: Bytes) {
+        let link = self.links.get_mut(peer).expect("a configured peer");
+        if seq <= link.cursor {
+            self.stats.duplicates += 1;
+        } else if seq == link.cursor + 1 {
+            link.cursor = seq;
+            self.fx.put(
+                FEDERATION_CURSORS_TABLE,
+                peer_key(peer),
+                seq.to_be_bytes().to_vec(),
+            );
+            self.fx.hold(FederationOutput::Received {
+                peer: peer.to_string(),
+                seq,
+                body,
+            });
+        } else {
+            self.stats.gaps += 1;
+            return; // the sender goes back after resend_after
+        }
+        // Held: it leaves after the cursor's write is durable.
+        let ack = frame(
+            with_seq(link.cursor),
+            Payload::FederationAck(FederationAck {}),
+        );
+        self.fx.hold(FederationOutput::Send(conn, ack));
+    }
+
+    fn acknowledged(&mut self, now: Instant, peer: &str, upto: u64) {
+        let link = self.links.get_mut(peer).expect("a configured peer");
+        if upto > link.numbered {
+            // The peer holds a cursor from an earlier history of this outbox.
+            self.stats.cursor_ahead += 1;
+            link.numbered = upto;
+            let stale: Vec<u64> = link.outbox.keys().copied().collect();
+            for seq in stale {
+                // Numbers the peer already took for other entries: these can never arrive
+                // under them. Queued again under new numbers.
+                let body = link.outbox.remove(&seq).expect("listed");
+                self.fx
+                    .delete(FEDERATION_OUTBOX_TABLE, entry_key(peer, seq));
+                link.numbered += 1;
+                let fresh = link.numbered;
+                self.fx.put(
+                    FEDERATION_OUTBOX_TABLE,
+                    entry_key(peer, fresh),
+                    body.to_vec(),
+                );
+                link.outbox.insert(fresh, body);
+            }
+            let numbered = link.numbered;
+            self.fx.put(
+                FEDERATION_NUMBERS_TABLE,
+                peer_key(peer),
+                numbered.to_be_bytes().to_vec(),
+            );
+            link.acked = upto;
+            link.sent = upto;
+            self.fx.hold(FederationOutput::HistoryBehind {
+                peer: peer.to_string(),
+                peer_cursor: upto,
+            });
+            self.pump(now, peer);
+            return;
+        }
+        if upto <= link.acked {
+            return;
+        }
+        let done: Vec<u64> = link.outbox.range(..=upto).map(|(&s, _)| s).collect();
+        for seq in done {
+            link.outbox.remove(&seq);
+            self.fx
+                .delete(FEDERATION_OUTBOX_TABLE, entry_key(peer, seq));
+        }
+        link.acked = upto;
+        link.sent = link.sent.max(upto);
+        link.last_progress = now;
+        self.pump(now, peer);
+    }
+
+    /// Sends what the window allows on an up link.
+    fn pump(&mut self, _now: Instant, peer: &str) {
+        let link = self.links.get_mut(peer).expect("a configured peer");
+        let LinkState::Up { conn } = link.state else {
+            return;
+        };
+        while link.sent < link.numbered && link.sent - link.acked < WINDOW {
+            let seq = link.sent + 1;
+            let Some(body) = link.outbox.get(&seq) else {
+                debug_assert!(false, "entry {seq} past the acknowledgement is queued");
+                break;
+            };
+            let forward = FederationForward {
+                body: body.to_vec().into(),
+            };
+            // Held: an entry leaves only once its number is durable here.
+            self.fx.hold(FederationOutput::Send(
+                conn,
+                frame(with_seq(seq), Payload::FederationForward(forward)),
+            ));
+            link.sent = seq;
+        }
+    }
+}
