@@ -999,6 +999,11 @@ impl Core {
                     }
                 }
                 GatewayOutput::ServeChunk(chunk) => self.serve_chunk(chunk),
+                GatewayOutput::Federation(_) => {
+                    // This driver configures no federation peers yet (issue 15), so the
+                    // model makes no link outputs.
+                    debug_assert!(false, "a federation output without federation peers");
+                }
                 GatewayOutput::PauseReading(conn, pause) => {
                     if let Some(session) = self.routes.get(&conn).and_then(|r| r.session.as_ref()) {
                         session.pause_reading(pause);

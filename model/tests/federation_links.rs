@@ -552,3 +552,108 @@ fn write_federation_handshake_seeds() {
         std::fs::write(format!("{out}/seed-{name}"), bytes).unwrap();
     }
 }
+
+mod in_the_gateway {
+    use super::*;
+    use sund_model::federation::certificate::GatewayCertificate;
+    use sund_model::federation::handshake::PeerConfig;
+    use sund_model::gateway::links::FEDERATION_IDENTITY_TABLE;
+    use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+    use sund_model::testing::drain_gateway;
+
+    fn config(domain: &str, peer: &str) -> GatewayConfig {
+        GatewayConfig {
+            domain: domain.into(),
+            federation_peers: vec![PeerConfig {
+                domain: peer.into(),
+                root_fingerprint: "00".repeat(16),
+            }],
+            ..GatewayConfig::default()
+        }
+    }
+
+    fn link_certificate(store: &MemStore) -> GatewayCertificate {
+        let value = store
+            .records()
+            .find(|(table, key, _)| *table == FEDERATION_IDENTITY_TABLE.0 && *key == b"link")
+            .map(|(_, _, value)| value.to_vec())
+            .expect("the link identity is stored");
+        GatewayCertificate::decode(&value[32..]).unwrap()
+    }
+
+    #[test]
+    fn a_gateway_with_peers_certifies_a_link_key_keeps_it_and_dials_the_peers_after_it() {
+        let now = Instant(1_000_000_000);
+        let mut store = MemStore::default();
+        let mut gateway = Gateway::new(
+            config("a.example", "b.example"),
+            now,
+            Box::new(TestEntropy(3)),
+        );
+        let outputs = drain_gateway(&mut gateway, &mut store);
+        assert!(
+            outputs.contains(&GatewayOutput::Federation(FederationOutput::Connect {
+                peer: "b.example".into()
+            }))
+        );
+        let cert = link_certificate(&store);
+        assert_eq!(cert.verify(gateway.trust_root(), now), Ok(()));
+        // A restart keeps the key and its certificate.
+        let mut again = Gateway::recover(
+            config("a.example", "b.example"),
+            now,
+            &store,
+            Box::new(TestEntropy(4)),
+        )
+        .unwrap();
+        drain_gateway(&mut again, &mut store);
+        assert_eq!(link_certificate(&store), cert);
+        assert!(again.federation().is_some());
+        // The peer that sorts after does not dial; its link waits to be dialed.
+        let mut b = Gateway::new(
+            config("b.example", "a.example"),
+            now,
+            Box::new(TestEntropy(5)),
+        );
+        let mut b_store = MemStore::default();
+        let outputs = drain_gateway(&mut b, &mut b_store);
+        assert!(!outputs.iter().any(|o| matches!(
+            o,
+            GatewayOutput::Federation(FederationOutput::Connect { .. })
+        )));
+        // Frames on a link connection go to the links, not to the device sessions.
+        b.handle(
+            now,
+            GatewayInput::Federation(FederationInput::Accepted(ConnectionId(9))),
+        );
+        b.handle(
+            now,
+            GatewayInput::Federation(FederationInput::Frame(
+                ConnectionId(9),
+                Bytes::from_static(b"junk"),
+            )),
+        );
+        let outputs = drain_gateway(&mut b, &mut b_store);
+        assert!(
+            outputs.contains(&GatewayOutput::Federation(FederationOutput::Close(
+                ConnectionId(9)
+            )))
+        );
+        assert_eq!(b.federation().unwrap().stats().protocol_errors, 1);
+    }
+
+    #[test]
+    fn a_gateway_without_peers_has_no_links_and_draws_nothing_for_them() {
+        let now = Instant(1_000_000_000);
+        let mut plain = Gateway::new(GatewayConfig::default(), now, Box::new(TestEntropy(3)));
+        let mut store = MemStore::default();
+        drain_gateway(&mut plain, &mut store);
+        assert!(plain.federation().is_none());
+        assert!(!store
+            .records()
+            .any(|(table, _, _)| table == FEDERATION_IDENTITY_TABLE.0));
+        assert!(plain
+            .federation_enqueue(now, "b.example", Bytes::from_static(b"x"))
+            .is_err());
+    }
+}

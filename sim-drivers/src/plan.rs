@@ -122,7 +122,7 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
     let mut why_not = Vec::new();
     if scenario.gateways.len() != 1 {
         why_not.push(format!(
-            "{} gateways: the driver layer runs one (federation is not built yet)",
+            "{} gateways: the driver layer runs one (the gateway driver carries no federation links yet)",
             scenario.gateways.len()
         ));
     }
@@ -187,7 +187,11 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
         );
     }
     for invariant in &scenario.invariants {
-        if !CHECKED.contains(invariant) {
+        if *invariant == Invariant::FederationLinks {
+            why_not.push(
+                "invariant `federation-links` needs federation links in the gateway driver".into(),
+            );
+        } else if !CHECKED.contains(invariant) {
             why_not.push(format!(
                 "invariant `{}` needs MLS or trust state the driver layer does not run",
                 invariant.name()
@@ -333,6 +337,7 @@ fn supported(action: &Action) -> Result<(), &'static str> {
         Action::Network(_) | Action::Link(..) | Action::ClockJump(..) => Ok(()),
         Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
         Action::Handover(..) => Err("needs federation"),
+        Action::Relay(..) => Err("needs federation links in the gateway driver"),
         Action::Contact(..) | Action::Invisible(..) | Action::Watch(..) => {
             Err("needs contacts and presence in the drivers' plan")
         }

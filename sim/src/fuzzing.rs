@@ -735,6 +735,9 @@ impl Harness {
                             }
                         }
                     }
+                    GatewayOutput::Federation(_) => {
+                        panic!("a federation output from a gateway with no federation peer")
+                    }
                     GatewayOutput::Admin { request, .. } => {
                         assert_eq!(request, ADMIN_REQUEST, "answers name their request");
                     }

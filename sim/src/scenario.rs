@@ -161,6 +161,9 @@ pub enum Action {
     Revoke(Target),
     /// Hand a conversation's authority to another gateway (federation).
     Handover(String, String),
+    /// The first gateway queues one entry for the second on their federation link (the two
+    /// must be declared with `federate`).
+    Relay(String, String),
     /// An MLS commit by a member.
     Commit(String, Target, CommitKind),
     /// Cut one direction: frames from the first set to the second are dropped.
@@ -232,6 +235,7 @@ impl Action {
             Action::Link(..) => "link",
             Action::Revoke(_) => "revoke",
             Action::Handover(..) => "handover",
+            Action::Relay(..) => "relay",
             Action::Commit(..) => "commit",
             Action::Block(..) => "block",
             Action::Unblock(..) => "unblock",
@@ -321,6 +325,10 @@ pub enum Invariant {
     CrlConverge,
     /// At most one authority per conversation at any time (federation).
     SingleAuthority,
+    /// Every entry a gateway queued durably for a federation peer reaches it once, in order,
+    /// with the body queued under its number; after heal every link is up and every outbox
+    /// empty (see `world::federation`).
+    FederationLinks,
     /// What one device sends to one conversation is sequenced in the order it was sent.
     /// Checked in every scenario, named or not.
     SenderOrder,
@@ -361,6 +369,7 @@ impl Invariant {
         ),
         ("crl-converge", Invariant::CrlConverge),
         ("single-authority", Invariant::SingleAuthority),
+        ("federation-links", Invariant::FederationLinks),
         ("sender-order", Invariant::SenderOrder),
         ("no-panic", Invariant::NoPanic),
         ("files", Invariant::Files),
@@ -396,6 +405,7 @@ impl Invariant {
                 | Invariant::Limits
                 | Invariant::Unthrottled
                 | Invariant::PresencePrivacy
+                | Invariant::FederationLinks
         )
     }
 }
@@ -563,6 +573,8 @@ pub struct Scenario {
     pub liveness: Duration,
     /// Gateways in declaration order.
     pub gateways: Vec<String>,
+    /// Pairs of gateways linked by federation (`federate A B`), each pair once.
+    pub federations: Vec<(String, String)>,
     /// Users in declaration order.
     pub users: Vec<UserDecl>,
     /// Conversations.
@@ -992,6 +1004,7 @@ struct Builder {
     duration: Option<Duration>,
     liveness: Duration,
     gateways: Vec<(String, Span)>,
+    federations: Vec<(String, usize, String, usize, Span)>,
     users: Vec<PendingUser>,
     conversations: Vec<PendingConversation>,
     network: LinkProfile,
@@ -1013,6 +1026,7 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ScenarioError> {
         duration: None,
         liveness: Duration::from_secs(60),
         gateways: Vec::new(),
+        federations: Vec::new(),
         users: Vec::new(),
         conversations: Vec::new(),
         network: LinkProfile::default(),
@@ -1051,6 +1065,14 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
         "gateway" => {
             let name = line.name("a gateway name")?;
             b.gateways.push((name, span));
+        }
+        "federate" => {
+            let first_col = line.peek().map_or(line.end_column, |t| t.column);
+            let first = line.name("a gateway name")?;
+            let second_col = line.peek().map_or(line.end_column, |t| t.column);
+            let second = line.name("a second gateway name")?;
+            b.federations
+                .push((first, first_col, second, second_col, span));
         }
         "user" | "users" => {
             let plural = head.text == "users";
@@ -1272,7 +1294,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown statement `{other}`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant"),
+                format!("unknown statement `{other}`; expected one of: name, seed, duration, liveness, gateway, federate, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant"),
             ))
         }
     }
@@ -1363,6 +1385,16 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
             let t = one(line, &mut targets)?;
             Action::Drift(t, line.ppm()?)
         }
+        "relay" => {
+            let gcol = line.peek().map_or(line.end_column, |t| t.column);
+            let from = line.name("a gateway name")?;
+            targets.push((Target::Gateway(from.clone()), gcol));
+            line.keyword("to")?;
+            let tcol = line.peek().map_or(line.end_column, |t| t.column);
+            let to = line.name("a gateway name")?;
+            targets.push((Target::Gateway(to.clone()), tcol));
+            Action::Relay(from, to)
+        }
         "handover" => {
             let col = line.peek().map_or(line.end_column, |t| t.column);
             let conv = line.name("a conversation name")?;
@@ -1423,7 +1455,7 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
         other => {
             return Err(line.error_at(
                 head.column,
-                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file, contact, invisible, watch"),
+                format!("unknown action `{other}`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, relay, commit, send-file, contact, invisible, watch"),
             ))
         }
     };
@@ -1465,6 +1497,33 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
                 format!("gateway `{g}` is declared twice"),
             ));
         }
+    }
+    let mut federations: Vec<(String, String)> = Vec::new();
+    for (first, first_col, second, second_col, span) in &b.federations {
+        for (g, col) in [(first, first_col), (second, second_col)] {
+            if !gateway_names.contains(g) {
+                return Err(err(*span, *col, format!("unknown gateway `{g}`")));
+            }
+        }
+        if first == second {
+            return Err(err(
+                *span,
+                *second_col,
+                format!("`federate {first} {second}`: a gateway does not federate with itself"),
+            ));
+        }
+        let pair = (
+            first.clone().min(second.clone()),
+            first.clone().max(second.clone()),
+        );
+        if federations.contains(&pair) {
+            return Err(err(
+                *span,
+                span.column,
+                format!("`federate {first} {second}` is declared twice"),
+            ));
+        }
+        federations.push(pair);
     }
     let default_gateway =
         |span: Span, given: &Option<(String, usize)>| -> Result<String, ScenarioError> {
@@ -1698,6 +1757,18 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
                 let mut t = Target::Gateway(g.clone());
                 f(&mut t)?;
             }
+            Action::Relay(from, to) => {
+                let linked = federations
+                    .iter()
+                    .any(|(a, c)| (a == from && c == to) || (a == to && c == from));
+                if !linked {
+                    return Err(err(
+                        s.span,
+                        s.span.column,
+                        format!("`relay {from} to {to}`: the two gateways are not linked; add `federate {from} {to}`"),
+                    ));
+                }
+            }
             Action::Commit(_, who, _) => f(who)?,
             Action::SendFile { from, like, .. } => {
                 if let Some(like) = like {
@@ -1745,6 +1816,7 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         duration,
         liveness: b.liveness,
         gateways: b.gateways.into_iter().map(|(g, _)| g).collect(),
+        federations,
         users,
         conversations,
         network: b.network,

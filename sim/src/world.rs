@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sund_model::env::{HeldOutputs, WriteBatch};
+use sund_model::federation::FederationInput;
 use sund_model::gateway::limits::SourceAddress;
 use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
 use sund_model::identity::DeviceKey;
@@ -37,6 +38,7 @@ use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
 use crate::trace::{Record, TraceHash};
 
 mod drain;
+mod federation;
 mod files;
 mod limits;
 pub use files::FilesReport;
@@ -165,6 +167,18 @@ enum EventKind {
         incarnation: u32,
         conn: u64,
     },
+    /// A gateway accepts a federation link from a peer gateway (see `world/federation.rs`).
+    LinkAccept {
+        gateway: ActorIndex,
+        conn: u64,
+    },
+    /// A gateway's dial of a federation peer finished (`conn`) or failed.
+    LinkConnectDone {
+        gateway: ActorIndex,
+        incarnation: u32,
+        peer: ActorIndex,
+        conn: Option<u64>,
+    },
     /// A gateway's pause of reading a connection may be over (see `world/read_pause.rs`).
     ResumeReading {
         conn: u64,
@@ -284,6 +298,7 @@ pub struct World {
     /// Connections a gateway stopped reading for a while.
     read_pauses: read_pause::ReadPauses,
     presence_watch: presence::PresenceWatch,
+    federation: federation::FederationWatch,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
     /// When the liveness probe found everything converged.
@@ -428,6 +443,24 @@ impl World {
             user_devices.insert(user.name.clone(), mine);
         }
 
+        let federation = {
+            let mut gateways: Vec<_> = actors
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, actor)| match &mut actor.machine {
+                    Machine::Gateway(_, config) => Some((
+                        actor.name.clone(),
+                        i as ActorIndex,
+                        config,
+                        // The entropy of the gateway's first start (incarnation 1).
+                        actor.entropy_base.with_stream(1),
+                    )),
+                    Machine::Node(..) => None,
+                })
+                .collect();
+            federation::configure(&scenario, &mut gateways)
+        };
+
         let duration_us = us(scenario.duration);
         let end_us = duration_us.saturating_add(us(scenario.liveness));
         let mut world = World {
@@ -468,6 +501,7 @@ impl World {
             shared_addresses,
             read_pauses: read_pause::ReadPauses::default(),
             presence_watch: presence::PresenceWatch::default(),
+            federation,
             event_log: None,
             recovered_at: None,
             files: files::SimFiles::default(),
@@ -737,7 +771,9 @@ impl World {
             // Nodes still talking on connections the crash cut learn of it from their next
             // packet (a QUIC stateless reset): tell them after one latency.
             for conn in std::mem::take(&mut self.actors[a as usize].killed_conns) {
-                if let Some((node, _)) = self.network.ends(conn) {
+                if let Some((dialer, acceptor)) = self.network.ends(conn) {
+                    // The other end: a device, or a peer gateway on a federation link.
+                    let node = if dialer == a { acceptor } else { dialer };
                     if self.actors[node as usize].up && !self.network.drops(a, node) {
                         let at = self.now + self.network.default_profile().latency_us_max;
                         let incarnation = self.actors[node as usize].incarnation;
@@ -752,6 +788,9 @@ impl World {
                     }
                 }
             }
+        }
+        if self.is_gateway(a) {
+            self.federation_restarted(a);
         }
         if !self.is_gateway(a) && self.actors[a as usize].incarnation > 1 {
             self.files_after_restart(a);
@@ -1013,6 +1052,10 @@ impl World {
 
     fn gateway_output(&mut self, a: ActorIndex, output: GatewayOutput) {
         match output {
+            GatewayOutput::Federation(output) => self.federation_output(a, output),
+            GatewayOutput::Send(conn, frame) if self.is_federation_conn(conn.0) => {
+                self.transmit(a, conn.0, frame)
+            }
             GatewayOutput::Send(conn, frame) => {
                 self.check_released_frame(a, conn.0, &frame);
                 self.check_rate_limit(a, conn.0, &frame);
@@ -1444,6 +1487,13 @@ impl World {
         match kind {
             EventKind::PlantedPanic => panic!("planted by a test"),
             EventKind::Arrive(arrival) => self.arrive(arrival, false),
+            EventKind::LinkAccept { gateway, conn } => self.link_accept(gateway, conn),
+            EventKind::LinkConnectDone {
+                gateway,
+                incarnation,
+                peer,
+                conn,
+            } => self.link_connect_done(gateway, incarnation, peer, conn),
             EventKind::Accept { gateway, conn } => {
                 if !self.actors[gateway as usize].up || !self.network.is_open(conn) {
                     return;
@@ -1511,7 +1561,11 @@ impl World {
                     format!("{} hears conn {conn} closed", w.actors[actor as usize].name)
                 });
                 let c = ConnectionId(conn);
-                if self.is_gateway(actor) {
+                if self.is_gateway(actor) && self.is_federation_conn(conn) {
+                    self.with_gateway(actor, |g, now| {
+                        g.handle(now, GatewayInput::Federation(FederationInput::Closed(c)))
+                    });
+                } else if self.is_gateway(actor) {
                     self.with_gateway(actor, |g, now| g.handle(now, GatewayInput::Closed(c)));
                 } else {
                     self.with_node(actor, |n, now| n.handle(now, NodeInput::Closed(c)));
@@ -1606,6 +1660,13 @@ impl World {
         let frame = arrival.frame;
         if frame.starts_with(b"SCHK") {
             self.chunk_arrived(to, conn, &frame);
+        } else if self.is_gateway(to) && self.is_federation_conn(conn.0) {
+            self.with_gateway(to, |g, now| {
+                g.handle(
+                    now,
+                    GatewayInput::Federation(FederationInput::Frame(conn, frame)),
+                )
+            });
         } else if self.is_gateway(to) {
             let commit = self.commit_arriving(to, conn.0, &frame);
             self.with_gateway(to, |g, now| g.handle(now, GatewayInput::Frame(conn, frame)));
@@ -1892,6 +1953,13 @@ impl World {
                 }
             }
             Action::Handover(..) => unreachable!("rejected by check_supported"),
+            Action::Relay(from, to) => {
+                let from = self.resolve(&Target::Gateway(from.clone()));
+                let to = self.resolve(&Target::Gateway(to.clone()));
+                if let (Some(&from), Some(&to)) = (from.first(), to.first()) {
+                    self.relay(from, to);
+                }
+            }
         }
     }
 
@@ -2000,17 +2068,27 @@ impl World {
         self.crl_not_converged()
             .or_else(|| self.files_not_converged())
             .or_else(|| self.presence_not_converged())
+            .or_else(|| self.federation_not_converged())
     }
 
     /// The run's end: a device holding a message the gateway lost, at a seq that now holds
     /// another, must have been told (the checker can only know once every device is back).
     fn silent_fork(&self) -> Option<Violation> {
         let name = |a: ActorIndex| self.actors[a as usize].name.clone();
-        self.checker.silent_fork(&name).map(|detail| Violation {
+        let fork = self.checker.silent_fork(&name).map(|detail| Violation {
             invariant: Invariant::NoLoss,
             phase: Phase::Safety,
             at_us: self.now,
             detail,
+        });
+        let fork = fork.filter(|_| self.scenario.invariants.contains(&Invariant::NoLoss));
+        fork.or_else(|| {
+            self.federation_lost().map(|detail| Violation {
+                invariant: Invariant::FederationLinks,
+                phase: Phase::Safety,
+                at_us: self.now,
+                detail,
+            })
         })
     }
 
@@ -2019,10 +2097,8 @@ impl World {
             None => {
                 self.recovered_at = Some(self.now);
                 self.outcome = Some(match self.silent_fork() {
-                    Some(v) if self.scenario.invariants.contains(&Invariant::NoLoss) => {
-                        Outcome::Safety(v)
-                    }
-                    _ => Outcome::Passed,
+                    Some(v) => Outcome::Safety(v),
+                    None => Outcome::Passed,
                 });
             }
             Some(why) => {
@@ -2155,10 +2231,8 @@ impl World {
     fn probe_final(&mut self) {
         self.outcome = Some(match self.not_converged() {
             None => match self.silent_fork() {
-                Some(v) if self.scenario.invariants.contains(&Invariant::NoLoss) => {
-                    Outcome::Safety(v)
-                }
-                _ => Outcome::Passed,
+                Some(v) => Outcome::Safety(v),
+                None => Outcome::Passed,
             },
             Some(why) => Outcome::Liveness(Violation {
                 invariant: Invariant::Converge,

@@ -89,13 +89,13 @@ fn the_name_defaults_to_the_file_stem() {
 #[test]
 fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("duration 5 seconds\n"), @"bad.sund:1:10: expected a duration like `250ms`, `5s`, `2m`, found `5`");
-    insta::assert_snapshot!(error("gateway gw\n  frobnicate x\n"), @"bad.sund:2:3: unknown statement `frobnicate`; expected one of: name, seed, duration, liveness, gateway, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant");
+    insta::assert_snapshot!(error("gateway gw\n  frobnicate x\n"), @"bad.sund:2:3: unknown statement `frobnicate`; expected one of: name, seed, duration, liveness, gateway, federate, user, users, conversation, network, link, disk, skew, config, send, at, every, check, plant");
     insta::assert_snapshot!(error("network latency 5ms..1ms\n"), @"bad.sund:1:17: expected a latency range like `1ms..5ms` (low <= high), found `5ms..1ms`");
     insta::assert_snapshot!(error("network loss 150%\n"), @"bad.sund:1:14: expected a loss probability like `5%` or `0.05` (between 0 and 1), found `150%`");
-    insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, commit, send-file, contact, invisible, watch");
+    insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, relay, commit, send-file, contact, invisible, watch");
     insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a\nat 1s lie-disk a\n"), @"bad.sund:4:1: `lie-disk` takes gateways: a device whose disk lies is not modelled yet");
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
-    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, sender-order, no-panic, files, rate-limits, ordinary-unthrottled, presence-privacy");
+    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, federation-links, sender-order, no-panic, files, rate-limits, ordinary-unthrottled, presence-privacy");
     insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room, dm or own");
     insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a devices 2\nuser b\nconversation c kind own members a/0 b\n"), @"bad.sund:5:37: the group of a user's own devices (`kind own`) holds the devices of one user only");
     insta::assert_snapshot!(error("gateway gw\nuser a address 300.1.2.3\n"), @"bad.sund:2:16: expected an IPv4 address such as 203.0.113.7, found `300.1.2.3`");
@@ -155,7 +155,7 @@ fn the_mission_scenarios_are_expressible() {
 
 #[test]
 fn an_unknown_planted_bug_is_named_with_the_ones_there_are() {
-    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored, presence-ignores-invisible");
+    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored, presence-ignores-invisible, invitation-limit-ignored");
 }
 
 #[test]
@@ -178,4 +178,23 @@ fn harsher_fault_values_are_checked() {
     insta::assert_snapshot!(error("gateway gw\nnetwork bandwidth fast\n"), @"bad.sund:2:19: expected a bandwidth (`unlimited`, or bits per second like `64kbit`, `10mbit`), found `fast`");
     insta::assert_snapshot!(error("gateway gw\nuser a\nat 1s drift a 5%\n"), @"bad.sund:3:15: expected a clock rate like `+200ppm` or `-50ppm` (at most 100000), found `5%`");
     insta::assert_snapshot!(error("gateway gw\nuser a\nat 1s clock a soon\n"), @"bad.sund:3:15: expected a clock jump like `+250ms` or `-1s`, found `soon`");
+}
+
+#[test]
+fn federation_links_are_declared_between_known_gateways_and_relays_need_one() {
+    let s = parse(
+        "f.sund",
+        "duration 1s\ngateway gwa\ngateway gwb\nfederate gwb gwa\nevery 50ms relay gwa to gwb\ncheck federation-links\n",
+    )
+    .unwrap();
+    assert_eq!(s.federations, vec![("gwa".to_string(), "gwb".to_string())]);
+    assert_eq!(
+        s.schedule[0].action,
+        Action::Relay("gwa".into(), "gwb".into())
+    );
+    assert!(s.invariants.contains(&Invariant::FederationLinks));
+    insta::assert_snapshot!(error("duration 1s\ngateway gwa\nfederate gwa gwz\n"), @"bad.sund:3:14: unknown gateway `gwz`");
+    insta::assert_snapshot!(error("duration 1s\ngateway gwa\nfederate gwa gwa\n"), @"bad.sund:3:14: `federate gwa gwa`: a gateway does not federate with itself");
+    insta::assert_snapshot!(error("duration 1s\ngateway gwa\ngateway gwb\nfederate gwa gwb\nfederate gwb gwa\n"), @"bad.sund:5:1: `federate gwb gwa` is declared twice");
+    insta::assert_snapshot!(error("duration 1s\ngateway gwa\ngateway gwb\nat 1s relay gwa to gwb\n"), @"bad.sund:4:1: `relay gwa to gwb`: the two gateways are not linked; add `federate gwa gwb`");
 }

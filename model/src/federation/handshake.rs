@@ -193,6 +193,11 @@ fn fresh_nonce(entropy: &mut dyn Entropy) -> [u8; 32] {
     nonce
 }
 
+/// True if `message` is a hello (by its header only; nothing is checked).
+pub fn is_hello(message: &[u8]) -> bool {
+    message.len() > 5 && &message[..3] == MAGIC && message[3] == VERSION && message[4] == HELLO
+}
+
 /// Starts a link to `peer`: the hello to send.
 pub fn dial(me: &LinkIdentity, peer: &PeerConfig, entropy: &mut dyn Entropy) -> (Dialing, Vec<u8>) {
     let mut hello = header(HELLO);

@@ -7,7 +7,8 @@
 //!   after any failure; an answerer waits to be dialed, and its outbox fills meanwhile.
 //! - **Authentication** is [`super::handshake`]: nothing but handshake frames is read on a
 //!   connection before it completes, and a connection that does not complete in time is
-//!   closed.
+//!   closed. The dialer treats the link as up only when the answerer's first cursor arrives
+//!   (sent once the dialer's finish checked out), so no entry can overtake the finish.
 //! - **Outbox.** [`Federation::enqueue`] numbers each entry (1, 2, … per peer, never reused:
 //!   the last number is written with the entry) and keeps it durably until the peer
 //!   acknowledges it. An entry is sent only once its write is durable, so a number is never
@@ -203,6 +204,10 @@ enum LinkState {
         since: Instant,
         dialing: Dialing,
     },
+    /// This gateway dialed, checked the reply and sent its finish; the link is up when the
+    /// answerer's first cursor arrives (it sends it once the finish checked out), so nothing
+    /// is forwarded that could overtake the finish.
+    Finishing { conn: ConnectionId, since: Instant },
     /// Authenticated.
     Up { conn: ConnectionId },
 }
@@ -245,7 +250,7 @@ pub struct Federation {
     timers: LinkTimers,
     links: BTreeMap<String, Link>,
     pending: BTreeMap<ConnectionId, Pending>,
-    entropy: Box<dyn Entropy>,
+    entropy: Box<dyn Entropy + Send>,
     fx: Effects<FederationOutput>,
     stats: FederationStats,
 }
@@ -286,7 +291,7 @@ impl Federation {
         me: LinkIdentity,
         peers: Vec<PeerConfig>,
         timers: LinkTimers,
-        entropy: Box<dyn Entropy>,
+        entropy: Box<dyn Entropy + Send>,
         store: &dyn StoreRead,
         now: Instant,
     ) -> Result<Federation, StoreError> {
@@ -440,7 +445,7 @@ impl Federation {
                 {
                     self.down(now, &peer, "connecting took too long".into());
                 }
-                LinkState::Hello { conn, since, .. }
+                LinkState::Hello { conn, since, .. } | LinkState::Finishing { conn, since }
                     if now.saturating_since(*since) >= timers.handshake_timeout =>
                 {
                     let conn = *conn;
@@ -486,9 +491,9 @@ impl Federation {
         });
         let links = self.links.values().filter_map(|l| match &l.state {
             LinkState::Down { retry_at } => l.dials.then_some(*retry_at),
-            LinkState::Dialing { since } | LinkState::Hello { since, .. } => {
-                Some(*since + t.handshake_timeout)
-            }
+            LinkState::Dialing { since }
+            | LinkState::Hello { since, .. }
+            | LinkState::Finishing { since, .. } => Some(*since + t.handshake_timeout),
             LinkState::Up { .. } => {
                 let mut due = (l.last_heard + t.idle_timeout).min(l.last_beat + t.heartbeat);
                 if l.sent > l.acked {
@@ -517,6 +522,11 @@ impl Federation {
             .is_some_and(|l| matches!(l.state, LinkState::Up { .. }))
     }
 
+    /// The last number given to an entry for `peer` (0: none yet).
+    pub fn numbered(&self, peer: &str) -> u64 {
+        self.links.get(peer).map_or(0, |l| l.numbered)
+    }
+
     /// Entries queued for `peer` and not yet acknowledged.
     pub fn queued(&self, peer: &str) -> usize {
         self.links.get(peer).map_or(0, |l| l.outbox.len())
@@ -524,7 +534,11 @@ impl Federation {
 
     fn peer_on(&self, conn: ConnectionId) -> Option<String> {
         self.links.iter().find_map(|(domain, l)| match &l.state {
-            LinkState::Hello { conn: c, .. } | LinkState::Up { conn: c } if *c == conn => {
+            LinkState::Hello { conn: c, .. }
+            | LinkState::Finishing { conn: c, .. }
+            | LinkState::Up { conn: c }
+                if *c == conn =>
+            {
                 Some(domain.clone())
             }
             _ => None,
@@ -571,7 +585,7 @@ impl Federation {
         match (&link.state, decoded.payload) {
             (LinkState::Hello { .. }, Payload::FederationHello(reply)) => {
                 let LinkState::Hello { dialing, .. } =
-                    core::mem::replace(&mut link.state, LinkState::Up { conn })
+                    core::mem::replace(&mut link.state, LinkState::Finishing { conn, since: now })
                 else {
                     unreachable!("matched above")
                 };
@@ -584,7 +598,6 @@ impl Federation {
                             conn,
                             frame(Routing::default(), Payload::FederationHello(finish)),
                         ));
-                        self.up(now, &peer, conn);
                     }
                     Err(e) => {
                         self.stats.handshakes_refused += 1;
@@ -608,6 +621,16 @@ impl Federation {
             (LinkState::Up { .. }, Payload::FederationAck(_)) => {
                 self.acknowledged(now, &peer, decoded.routing.seq);
             }
+            (LinkState::Finishing { .. }, Payload::FederationAck(_)) => {
+                // The answerer checked the finish: up, and its cursor trims the outbox.
+                self.up(now, &peer, conn);
+                self.acknowledged(now, &peer, decoded.routing.seq);
+            }
+            // A copy of a handshake message (the network duplicated it), or a frame of the
+            // other side that overtook the last handshake step: nothing to act on. (QUIC keeps
+            // a stream in order and never duplicates; the simulator's network does both.)
+            (LinkState::Hello { .. } | LinkState::Finishing { .. }, _)
+            | (LinkState::Up { .. }, Payload::FederationHello(_)) => {}
             (_, other) => {
                 let what = format!("a {:?} frame out of place", other.opcode());
                 self.protocol_error(now, conn, what);
@@ -653,11 +676,18 @@ impl Federation {
                     Err(e) => self.refused(conn, &e),
                 }
             }
+            Pending::AwaitFinish { since, answering } if handshake::is_hello(&hello.message) => {
+                // A copy of the hello already answered.
+                self.pending
+                    .insert(conn, Pending::AwaitFinish { since, answering });
+            }
             Pending::AwaitFinish { answering, .. } => match answering.finish(&hello.message) {
                 Ok(peer) => {
                     let link = self.links.get_mut(&peer).expect("answer found the peer");
                     match link.state {
-                        LinkState::Hello { conn: old, .. } | LinkState::Up { conn: old } => {
+                        LinkState::Hello { conn: old, .. }
+                        | LinkState::Finishing { conn: old, .. }
+                        | LinkState::Up { conn: old } => {
                             // The peer dialed again: the new connection replaces the old.
                             self.fx.hold(FederationOutput::Close(old));
                         }

@@ -6,6 +6,8 @@ use super::delivery::DeliveryLimits;
 use super::files::ChunkLimits;
 use super::key_packages::DirectoryConfig;
 use super::limits::RateLimits;
+use crate::federation::handshake::PeerConfig;
+use crate::federation::LinkTimers;
 use crate::planted::PlantedBug;
 use crate::wire::PAYLOAD_BYTES_MAX;
 
@@ -48,6 +50,11 @@ pub struct GatewayConfig {
     pub open_enrolment: bool,
     /// The domain this gateway is the registration authority of (named in every certificate).
     pub domain: String,
+    /// The gateways this one federates with (none: federation is off). Each names a domain
+    /// and the fingerprint of its trust root, which its link must prove.
+    pub federation_peers: Vec<PeerConfig>,
+    /// The federation links' timers.
+    pub federation_timers: LinkTimers,
     /// How long a resume token stays valid.
     pub resume_token_ttl: Duration,
     /// Limits of the KeyPackage directory.
@@ -82,6 +89,8 @@ impl Default for GatewayConfig {
             gc_backlog_interval: Duration::from_millis(5),
             open_enrolment: false,
             domain: "localhost".into(),
+            federation_peers: Vec::new(),
+            federation_timers: LinkTimers::default(),
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),
             directory: DirectoryConfig::default(),
             files: ChunkLimits::default(),

@@ -40,6 +40,7 @@ pub mod files;
 pub mod groups;
 pub mod key_packages;
 pub mod limits;
+pub mod links;
 pub mod presence;
 mod refusal;
 pub mod registry;
@@ -55,6 +56,7 @@ use bytes::Bytes;
 
 use crate::effects::Effects;
 use crate::env::{Entropy, Ready, StoreError, StoreRead};
+use crate::federation::{EnqueueError, Federation, FederationInput, FederationOutput};
 use crate::identity::{session_proof_message, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::planted::PlantedBug;
@@ -111,6 +113,9 @@ pub enum GatewayInput {
     ChunkDamaged(ChunkToServe),
     /// A connection is gone.
     Closed(ConnectionId),
+    /// About a federation link (a connection to or from a peer gateway, never a device's):
+    /// ignored when no peer is configured.
+    Federation(FederationInput),
     /// An operator's command; its answer leaves as [`GatewayOutput::Admin`] with the same
     /// `request`, released by the commit that makes it true.
     Admin {
@@ -144,6 +149,9 @@ pub enum GatewayOutput {
     /// connection on a chunk stream of its own: [`ChunkToServe::head`], then the bytes. A
     /// blob that fails the check is not sent but reported as [`GatewayInput::ChunkDamaged`].
     ServeChunk(ChunkToServe),
+    /// What the federation links ask or report (see [`crate::federation`]); only with
+    /// federation peers configured.
+    Federation(FederationOutput),
     /// Read nothing more from this connection for this long: its device was refused by a rate
     /// limit, and what it sends meanwhile would be refused too. The driver stops reading the
     /// connection's stream, so QUIC's flow control holds the device back instead of the
@@ -219,6 +227,8 @@ pub struct Gateway {
     now: Instant,
     timers: TimerTable<GatewayTimer>,
     refusals: RefusalCounts,
+    /// Links to peer gateways (`None`: no federation peer configured).
+    federation: Option<Federation>,
     fx: Fx,
 }
 
@@ -261,6 +271,15 @@ impl Gateway {
             Transfers::new(config.files.clone()),
             (Social::default(), Presence::default()),
         );
+        gateway.federation = links::start(
+            &gateway.config,
+            gateway.registry.authority(),
+            &crate::env::MemStore::default(),
+            now,
+            gateway.entropy.as_mut(),
+            fx.writes(),
+        )
+        .expect("an empty store reads without error");
         gateway.fx = fx;
         gateway
     }
@@ -301,6 +320,14 @@ impl Gateway {
             transfers,
             social,
         );
+        gateway.federation = links::start(
+            &gateway.config,
+            gateway.registry.authority(),
+            store,
+            now,
+            gateway.entropy.as_mut(),
+            fx.writes(),
+        )?;
         gateway.fx = fx;
         Ok(gateway)
     }
@@ -346,6 +373,7 @@ impl Gateway {
             presence,
             now,
             refusals: RefusalCounts::default(),
+            federation: None,
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.
@@ -443,14 +471,49 @@ impl Gateway {
 
     /// When `handle_timeout` must next be called: the earliest of every timer.
     pub fn poll_timeout(&self) -> Instant {
-        self.timers.next().expect("the tick is always armed")
+        let next = self.timers.next().expect("the tick is always armed");
+        match self.federation.as_ref().and_then(Federation::poll_timeout) {
+            Some(links) => next.min(links),
+            None => next,
+        }
     }
 
     /// The writes and outputs produced so far, or `None` if there are none.
     pub fn poll_ready(&mut self) -> Option<Ready<GatewayOutput>> {
         // Sender order is written once per batch, atomically with the entries it names.
         self.delivery.flush_sender_order(self.fx.writes());
-        self.fx.take_ready()
+        let own = self.fx.take_ready();
+        let links = self
+            .federation
+            .as_mut()
+            .and_then(Federation::poll_ready)
+            .map(|r| r.map(GatewayOutput::Federation));
+        match (own, links) {
+            (Some(mut own), Some(links)) => {
+                own.merge(links);
+                Some(own)
+            }
+            (own, links) => own.or(links),
+        }
+    }
+
+    /// The federation links, if peers are configured.
+    pub fn federation(&self) -> Option<&Federation> {
+        self.federation.as_ref()
+    }
+
+    /// Queues `body` for the peer gateway of `domain` on its link (see
+    /// [`Federation::enqueue`]).
+    pub fn federation_enqueue(
+        &mut self,
+        now: Instant,
+        domain: &str,
+        body: Bytes,
+    ) -> Result<u64, EnqueueError> {
+        match &mut self.federation {
+            Some(federation) => federation.enqueue(now, domain, body),
+            None => Err(EnqueueError::UnknownPeer(domain.to_string())),
+        }
     }
 
     /// The registration authority's trust root.
@@ -499,6 +562,11 @@ impl Gateway {
                 self.transfers.damaged(&serve, &uploader, &mut self.fx);
             }
             GatewayInput::Admin { request, command } => self.admin(now, request, command),
+            GatewayInput::Federation(input) => {
+                if let Some(federation) = &mut self.federation {
+                    federation.handle(now, input);
+                }
+            }
         }
         self.arm_chunk_drop(now);
     }
@@ -520,6 +588,11 @@ impl Gateway {
     /// ahead of it while there is a backlog, and steps deleting chunks no upload references.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        if let Some(federation) = &mut self.federation {
+            if federation.poll_timeout().is_some_and(|at| at <= now) {
+                federation.handle_timeout(now);
+            }
+        }
         for name in self.timers.due(now) {
             match name {
                 GatewayTimer::Tick => self.tick(now),

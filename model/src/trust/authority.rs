@@ -39,6 +39,10 @@ pub const ENROLMENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// is within [`RENEWAL_WINDOW`] of expiry; one that expired anyway registers again with a new
 /// token (or pairing code).
 pub const CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a gateway's federation link certificate is valid; the gateway issues itself a new
+/// one at start once less than a month is left.
+pub const GATEWAY_LINK_VALIDITY: core::time::Duration =
+    core::time::Duration::from_secs(365 * 24 * 3600);
 
 /// How close to expiry a certificate is renewed: the device asks at each session open from
 /// then on, and the gateway renews only then (earlier requests get the current certificate).
@@ -374,6 +378,24 @@ impl RegistrationAuthority {
             certificates,
             crl,
         }))
+    }
+
+    /// Certifies `link_key` as this domain's gateway link key (federation) from an hour before
+    /// `now` for [`GATEWAY_LINK_VALIDITY`].
+    pub fn issue_gateway_certificate(
+        &self,
+        link_key: crate::identity::DevicePublicKey,
+        now: Instant,
+    ) -> crate::federation::certificate::GatewayCertificate {
+        let from = seconds(now).saturating_sub(3_600);
+        crate::federation::certificate::GatewayCertificate::issue(
+            &self.root_key,
+            &self.root.domain,
+            seconds(now),
+            link_key,
+            from,
+            from + GATEWAY_LINK_VALIDITY.as_secs(),
+        )
     }
 
     /// The trust root devices pin.
