@@ -24,6 +24,8 @@ const FLOOD_STREAM: u64 = 0x0046_4c4f_4f44;
 const PRESENCE_STREAM: u64 = 0x0050_5245_5345;
 /// The stream the group of a user's own devices is drawn from (see `draw_own_group`).
 const OWN_STREAM: u64 = 0x004f_574e_4752;
+/// The stream federation links are drawn from (see `draw_federation`).
+const FEDERATION_STREAM: u64 = 0x0046_4544_4552;
 /// The stream invitation limits are drawn from (see `draw_invitation_limit`).
 const INVITATION_STREAM: u64 = 0x0049_4e56_4954;
 
@@ -119,6 +121,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "presence",
     "own-devices",
     "invitation-limit",
+    "federation",
 ];
 
 struct Draw {
@@ -179,6 +182,19 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     let _ = writeln!(out, "liveness within 90s");
     let _ = writeln!(out);
     let _ = writeln!(out, "gateway gw");
+    // Drawn first, from its own stream: with links, the other gateways are declared now and
+    // every user and conversation names its gateway; nothing else the seed draws changes.
+    let federation = draw_federation(seed, family, duration_s);
+    let home = if federation.is_some() {
+        " gateway gw"
+    } else {
+        ""
+    };
+    if let Some(links) = &federation {
+        for g in &links.gateways {
+            let _ = writeln!(out, "gateway {g}");
+        }
+    }
 
     // Topology. MLS groups are costly to simulate (every commit is real HPKE and signatures),
     // so MLS worlds are smaller.
@@ -193,7 +209,7 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         })
         .collect();
     for u in &users {
-        let _ = writeln!(out, "user {} devices {}", u.name, u.devices);
+        let _ = writeln!(out, "user {} devices {}{home}", u.name, u.devices);
     }
     let mut convs: Vec<Conv> = Vec::new();
     let plain_count = match family {
@@ -242,7 +258,7 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         };
         let _ = writeln!(
             out,
-            "conversation {}{kind} members {}",
+            "conversation {}{home}{kind} members {}",
             c.name,
             members.join(" ")
         );
@@ -588,9 +604,13 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if presence {
         mix.insert("presence");
     }
-    let own = draw_own_group(seed, family, duration_s, &users, &mut out);
+    let own = draw_own_group(seed, family, duration_s, &users, home, &mut out);
     if own {
         mix.insert("own-devices");
+    }
+    if let Some(links) = &federation {
+        mix.insert("federation");
+        out.push_str(&links.text);
     }
     let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
     if invitation_limit {
@@ -612,6 +632,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     if presence {
         checks.push("presence-privacy");
+    }
+    if federation.is_some() {
+        checks.push("federation-links");
     }
     let _ = writeln!(out, "check {}", checks.join(" "));
     debug_assert!(mix.iter().all(|k| FAULT_KINDS.contains(k)));
@@ -667,6 +690,72 @@ fn draw_flood(
     true
 }
 
+/// Federation links a seed draws: the extra gateways to declare, and the rest of its lines.
+struct FederationDraw {
+    gateways: Vec<&'static str>,
+    text: String,
+}
+
+/// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
+/// (MLS and trust families: the plain family is also the drivers' swarm, whose gateway driver
+/// carries no links yet): every pair linked, entries relayed both ways every 20–300 ms, and
+/// link faults — a cut between two gateways, a crash of a peer gateway, resets of its links.
+/// Checked by `federation-links`.
+fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<FederationDraw> {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(FEDERATION_STREAM),
+    };
+    if family == Family::Plain || !d.chance(0.2) {
+        return None;
+    }
+    let gateways: Vec<&'static str> = if d.chance(0.5) {
+        vec!["gwx"]
+    } else {
+        vec!["gwx", "gwy"]
+    };
+    let all: Vec<&str> = std::iter::once("gw")
+        .chain(gateways.iter().copied())
+        .collect();
+    let mut text = String::new();
+    let end_ms = duration_s * 1_000;
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            let _ = writeln!(text, "federate {a} {b}");
+            for (from, to) in [(a, b), (b, a)] {
+                let _ = writeln!(
+                    text,
+                    "every {}ms stop {end_ms}ms relay {from} to {to}",
+                    d.range(20, 300)
+                );
+            }
+        }
+    }
+    let peer = *d.pick(&gateways);
+    if d.chance(0.5) {
+        let a = d.range(500, end_ms * 2 / 3);
+        let b = d.range(a + 100, end_ms);
+        let _ = writeln!(text, "at {a}ms partition gw {peer}");
+        let _ = writeln!(text, "at {b}ms heal gw {peer}");
+    }
+    if d.chance(0.5) {
+        let a = d.range(500, end_ms * 2 / 3);
+        let b = d.range(a + 100, end_ms);
+        let _ = writeln!(text, "at {a}ms crash {peer}");
+        let _ = writeln!(text, "at {b}ms restart {peer}");
+    }
+    if d.chance(0.5) {
+        let _ = writeln!(text, "disk {peer} commit {}ms", d.range(1, 30));
+    }
+    if d.chance(0.3) {
+        let _ = writeln!(
+            text,
+            "every {}ms start 1s disconnect {peer}",
+            d.range(500, 5_000)
+        );
+    }
+    Some(FederationDraw { gateways, text })
+}
+
 /// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before),
 /// whether a seed whose room owners remove and re-add members also runs under a small
 /// invitation limit, which the re-adds soon exceed (one user every 6–15 s). The burst is what
@@ -700,6 +789,7 @@ fn draw_own_group(
     family: Family,
     duration_s: u64,
     users: &[User],
+    home: &str,
     out: &mut String,
 ) -> bool {
     let mut d = Draw {
@@ -710,7 +800,7 @@ fn draw_own_group(
         return false;
     }
     let user = &d.pick(&several).name;
-    let _ = writeln!(out, "conversation own0 kind own members {user}");
+    let _ = writeln!(out, "conversation own0{home} kind own members {user}");
     let period = d.range(400, 1_500);
     let stop_ms = duration_s * 1_000;
     let _ = writeln!(
