@@ -112,3 +112,15 @@ fn dm_creation_revoked_swarm_21070_is_made_again_without_the_revoked_device() {
 fn presence_swarm_40565_a_request_answered_after_its_connection_closed_counts() {
     run("tests/regressions/presence-swarm-40565.sund", 40565);
 }
+
+/// A paced device (after a rate limit) whose acknowledgements of a whole window were lost
+/// learned from its own messages coming back that they were sequenced, but sent nothing
+/// behind them, and no timer woke it: its outbox waited for good. Its own deliveries now
+/// widen the pace and send what waits, as acknowledgements do.
+#[test]
+fn paced_own_deliveries_swarm_61459_keep_the_outbox_moving() {
+    run(
+        "tests/regressions/paced-own-deliveries-swarm-61459.sund",
+        61459,
+    );
+}

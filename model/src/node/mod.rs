@@ -1215,6 +1215,9 @@ impl Node {
             // was lost: settle the outbox entry now, so that a resend after the log entry is
             // garbage-collected cannot become a second copy.
             self.settle(conv, inbound.msg_id, seq);
+            // It widens the pace as an acknowledgement does, so what waits behind goes: when
+            // every acknowledgement of a paced window was lost, nothing else would send it.
+            self.send_paced(now);
         }
         let cursor = self.inbox.cursor(conv);
         if seq <= cursor {
