@@ -18,7 +18,7 @@ use crate::codec::Reader;
 use crate::identity::{DeviceKey, DevicePublicKey};
 use crate::time::Instant;
 use crate::trust::codec::{get_domain, put_domain};
-use crate::trust::{valid_domain, CertificateError, TrustRoot};
+use crate::trust::{check_validity, valid_domain, CertificateError, TrustRoot};
 
 const MAGIC: &[u8; 3] = b"SGC";
 const FORMAT: u8 = 1;
@@ -145,20 +145,7 @@ impl GatewayCertificate {
         if !root.key.verify(&self.signed_message(), &self.signature) {
             return Err(CertificateError::BadSignature);
         }
-        let now_s = now.as_micros() / 1_000_000;
-        if now_s < self.not_before_s {
-            return Err(CertificateError::NotYetValid {
-                not_before: self.not_before_s,
-                now: now_s,
-            });
-        }
-        if now_s >= self.not_after_s {
-            return Err(CertificateError::Expired {
-                not_after: self.not_after_s,
-                now: now_s,
-            });
-        }
-        Ok(())
+        check_validity(self.not_before_s, self.not_after_s, now)
     }
 }
 

@@ -204,21 +204,31 @@ impl DeviceCertificate {
     /// Checks only the validity period at `now`: for a certificate whose signature is known
     /// good (its issuer holds the very same one).
     pub fn verify_validity(&self, now: Instant) -> Result<(), CertificateError> {
-        let now_s = now.as_micros() / 1_000_000;
-        if now_s < self.not_before_s {
-            return Err(CertificateError::NotYetValid {
-                not_before: self.not_before_s,
-                now: now_s,
-            });
-        }
-        if now_s >= self.not_after_s {
-            return Err(CertificateError::Expired {
-                not_after: self.not_after_s,
-                now: now_s,
-            });
-        }
-        Ok(())
+        check_validity(self.not_before_s, self.not_after_s, now)
     }
+}
+
+/// Checks a validity period `[not_before_s, not_after_s)` (seconds of the model clock) at
+/// `now`: shared by device and gateway certificates.
+pub(crate) fn check_validity(
+    not_before_s: u64,
+    not_after_s: u64,
+    now: Instant,
+) -> Result<(), CertificateError> {
+    let now_s = now.as_micros() / 1_000_000;
+    if now_s < not_before_s {
+        return Err(CertificateError::NotYetValid {
+            not_before: not_before_s,
+            now: now_s,
+        });
+    }
+    if now_s >= not_after_s {
+        return Err(CertificateError::Expired {
+            not_after: not_after_s,
+            now: now_s,
+        });
+    }
+    Ok(())
 }
 
 /// What a device signs to register: proof that it holds the key it asks a certificate for,

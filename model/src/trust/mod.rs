@@ -30,6 +30,7 @@ pub use authority::{
     CERTIFICATE_VALIDITY, CLOCK_SKEW_ALLOWANCE, ENROLMENT_TOKENS_TABLE, ENROLMENT_TOKEN_TTL,
     PAIRING_TTL, RENEWAL_WINDOW, VOUCHES_PER_DEVICE_MAX,
 };
+pub(crate) use certificate::check_validity;
 pub use certificate::{register_message, CertificateError, DeviceCertificate};
 pub use crl::{Crl, CrlError, CRL_ENTRIES_MAX};
 pub use holder::{HolderError, PendingVouch, TrustHolder, NODE_TRUST_TABLE};

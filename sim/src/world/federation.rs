@@ -395,29 +395,26 @@ impl World {
         {
             return None;
         }
-        for &gateway in self.federation.domain_of.keys() {
-            let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
-                return Some(format!("{} is down", self.actors[gateway as usize].name));
-            };
-            let Some(federation) = g.federation() else {
+        let gateway_named = |name: &str| {
+            self.federation
+                .domain_of
+                .keys()
+                .copied()
+                .find(|&g| self.actors[g as usize].name == name)
+        };
+        for (a, b) in &self.scenario.federations {
+            let (Some(a), Some(b)) = (gateway_named(a), gateway_named(b)) else {
                 continue;
             };
-            for (&peer, domain) in &self.federation.domain_of {
-                if peer == gateway {
-                    continue;
-                }
-                let linked = self.scenario.federations.iter().any(|(a, b)| {
-                    let (a, b) = (a.as_str(), b.as_str());
-                    let (x, y) = (
-                        self.actors[gateway as usize].name.as_str(),
-                        self.actors[peer as usize].name.as_str(),
-                    );
-                    (a == x && b == y) || (a == y && b == x)
-                });
-                if !linked {
-                    continue;
-                }
+            for (gateway, peer) in [(a, b), (b, a)] {
                 let name = &self.actors[gateway as usize].name;
+                let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
+                    return Some(format!("{name} is down"));
+                };
+                let Some(federation) = g.federation() else {
+                    continue;
+                };
+                let domain = &self.federation.domain_of[&peer];
                 if !federation.is_up(domain) {
                     return Some(format!("{name}'s link to {domain} is not up"));
                 }
