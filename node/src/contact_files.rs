@@ -29,7 +29,11 @@ fn replace(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
 /// The user names this device knows, by id (file `contacts`; lines that are not user names
 /// are skipped).
 pub fn names(dir: &Path) -> BTreeMap<UserId, String> {
-    let text = std::fs::read_to_string(dir.join("contacts")).unwrap_or_default();
+    names_in(&std::fs::read_to_string(dir.join("contacts")).unwrap_or_default())
+}
+
+/// The user names a `contacts` file's text holds, by id.
+pub fn names_in(text: &str) -> BTreeMap<UserId, String> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -39,7 +43,11 @@ pub fn names(dir: &Path) -> BTreeMap<UserId, String> {
 
 /// The users marked verified and their device keys then (file `verified`).
 pub fn verified(dir: &Path) -> BTreeMap<UserId, BTreeSet<DevicePublicKey>> {
-    let text = std::fs::read_to_string(dir.join("verified")).unwrap_or_default();
+    verified_in(&std::fs::read_to_string(dir.join("verified")).unwrap_or_default())
+}
+
+/// The verified users a `verified` file's text holds.
+pub fn verified_in(text: &str) -> BTreeMap<UserId, BTreeSet<DevicePublicKey>> {
     text.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();

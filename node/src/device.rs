@@ -32,6 +32,21 @@ use sund_runtime::environment::Production;
 use sund_runtime::files::{check_private, private_dir, FileError};
 use sund_runtime::tls::{certificate_pin, write_private};
 
+/// The conversation names a `conversations` file's text holds, by id: each line is `NAME`
+/// (an operator-made conversation, id derived from the name) or `NAME=ID` (32 hex digits).
+pub fn conversation_names_in(text: &str) -> BTreeMap<ConversationId, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter_map(|line| match line.split_once('=') {
+            Some((name, hex)) => u128::from_str_radix(hex, 16)
+                .ok()
+                .map(|id| (ConversationId(id), name.to_string())),
+            None => Some((ConversationId::from_name(line), line.to_string())),
+        })
+        .collect()
+}
+
 /// A data directory or secret file that is not private.
 fn private(e: FileError) -> DeviceError {
     DeviceError::Private(e.to_string())
@@ -330,17 +345,9 @@ impl Device {
     /// The conversation names this device knows, by id. Each line of the file is `NAME`
     /// (an operator-made conversation, id derived from the name) or `NAME=ID` (32 hex digits).
     pub fn conversation_names(&self) -> BTreeMap<ConversationId, String> {
-        let text = std::fs::read_to_string(self.data_dir.join("conversations")).unwrap_or_default();
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .filter_map(|line| match line.split_once('=') {
-                Some((name, hex)) => u128::from_str_radix(hex, 16)
-                    .ok()
-                    .map(|id| (ConversationId(id), name.to_string())),
-                None => Some((ConversationId::from_name(line), line.to_string())),
-            })
-            .collect()
+        conversation_names_in(
+            &std::fs::read_to_string(self.data_dir.join("conversations")).unwrap_or_default(),
+        )
     }
 
     /// The conversation a name stands for: a name this device knows, `@user` for the DM with

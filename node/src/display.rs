@@ -36,9 +36,32 @@ pub fn body(bytes: &[u8]) -> String {
     printable(&String::from_utf8_lossy(bytes)).into_owned()
 }
 
+/// A duration in seconds as a person says it: the largest whole unit (`40 s`, `3 min`,
+/// `5 h`, `12 days`).
+pub fn coarse_duration(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3_600 => format!("{} min", s / 60),
+        s if s < 2 * 86_400 => format!("{} h", s / 3_600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_said_in_their_largest_whole_unit() {
+        let said: Vec<String> = [0, 59, 60, 3_599, 3_600, 172_799, 172_800]
+            .into_iter()
+            .map(coarse_duration)
+            .collect();
+        assert_eq!(
+            said,
+            ["0 s", "59 s", "1 min", "59 min", "1 h", "47 h", "2 days"]
+        );
+    }
 
     #[test]
     fn plain_text_passes_unchanged() {

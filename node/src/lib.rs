@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod contact_files;
 pub mod device;
 pub mod display;

@@ -382,6 +382,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up what you would lose with this device (user names, verified users, conversation
+    /// names, files received) into one file sealed under a passphrase.
+    ///
+    /// Not the device itself: its key and encryption state stay out (a copy of them would be
+    /// refused). Restore the backup into a new device of the same user with `sund restore`.
+    Backup {
+        /// The device's data directory (the device must not be running).
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The backup file to write (must not exist).
+        file: PathBuf,
+        /// Read the passphrase from the first line of this file (owner-only) instead of the
+        /// terminal or SUND_BACKUP_PASSPHRASE.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Restore a backup (`sund backup`) into this device: a new device of the same user, set up
+    /// first with `sund pair accept` or `sund init --token`. Checks the whole backup before
+    /// changing anything; what this device knows already is kept.
+    Restore {
+        /// The new device's data directory (the device must not be running).
+        #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
+        data_dir: PathBuf,
+        /// The backup file.
+        file: PathBuf,
+        /// Read the passphrase from the first line of this file (owner-only) instead of the
+        /// terminal or SUND_BACKUP_PASSPHRASE.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Print a completion script for a shell, e.g.
     /// `sund completions bash > ~/.local/share/bash-completion/completions/sund`.
     Completions {
@@ -420,6 +450,99 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The passphrase of a backup: from `--passphrase-file`, else `SUND_BACKUP_PASSPHRASE`, else
+/// typed on the terminal without echo (twice for a new backup).
+fn backup_passphrase(file: Option<&Path>, new: bool) -> Result<zeroize::Zeroizing<String>, String> {
+    if let Some(path) = file {
+        sund_runtime::files::check_private(path, 0o600).map_err(|e| e.to_string())?;
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the passphrase from {}: {e}", path.display()))?,
+        );
+        let line = text.lines().next().unwrap_or("");
+        return Ok(zeroize::Zeroizing::new(line.to_string()));
+    }
+    if let Ok(passphrase) = std::env::var("SUND_BACKUP_PASSPHRASE") {
+        return Ok(zeroize::Zeroizing::new(passphrase));
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err("no passphrase for the backup: give --passphrase-file FILE (owner-only, the passphrase on its first line), set SUND_BACKUP_PASSPHRASE, or run this on a terminal to type it".into());
+    }
+    let typed = |prompt: &str| {
+        rpassword::prompt_password(prompt)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| format!("cannot read the passphrase from the terminal: {e}"))
+    };
+    let first = typed("passphrase for the backup: ")?;
+    if new {
+        sund_runtime::sealed::check_passphrase(&first).map_err(|e| e.to_string())?;
+        if *typed("the same passphrase again: ")? != *first {
+            return Err(
+                "the two passphrases differ: nothing was written; run `sund backup` again".into(),
+            );
+        }
+    }
+    Ok(first)
+}
+
+/// `sund backup FILE`.
+fn backup_command(
+    data_dir: &Path,
+    file: &Path,
+    passphrase_file: Option<&Path>,
+) -> Result<(), String> {
+    let passphrase = backup_passphrase(passphrase_file, true)?;
+    let done = sund_node::backup::backup(
+        data_dir,
+        file,
+        &passphrase,
+        sund_runtime::sealed::KdfParams::BACKUP,
+    )?;
+    say!(
+        "backed up {}'s {} to {} ({} bytes, sealed under your passphrase)",
+        done.user,
+        done.contents.words(),
+        file.display(),
+        done.bytes
+    );
+    say!("keep the passphrase: without it nobody, you included, can open the backup");
+    say!("to restore: set up a new device of {} (`sund pair accept` or `sund init --token`), then `sund restore {} --data-dir NEW`", done.user, file.display());
+    Ok(())
+}
+
+/// `sund restore FILE`.
+fn restore_command(
+    data_dir: &Path,
+    file: &Path,
+    passphrase_file: Option<&Path>,
+) -> Result<(), String> {
+    let passphrase = backup_passphrase(passphrase_file, false)?;
+    let done = sund_node::backup::restore(data_dir, file, &passphrase)?;
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs().saturating_sub(done.written_unix))
+        .unwrap_or(0);
+    say!(
+        "restored the backup of device {} (written {} ago) into {}: it holds {}",
+        done.from_device,
+        display::coarse_duration(age),
+        data_dir.display(),
+        done.contents.words()
+    );
+    say!(
+        "new on this device: {} user name(s), {} verified user(s), {} conversation name(s); the files are listed by `sund file list`",
+        done.added_names,
+        done.added_verified,
+        done.added_conversations
+    );
+    if done.same_device {
+        say!("the backup is of this very device: what it lacked of it is back");
+    } else {
+        say!("this device joins DMs and rooms as a new device: `sund pair show` on another of your devices adds it to yours; if the old device is lost, ask the operator to revoke it (`sund-gateway admin revoke`)");
+    }
+    Ok(())
 }
 
 /// What a revoked device's commands say.
@@ -468,6 +591,16 @@ async fn run(command: Command) -> Result<(), String> {
             conversation,
             message,
         } => send(&data_dir, &conversation, &message).await,
+        Command::Backup {
+            data_dir,
+            file,
+            passphrase_file,
+        } => backup_command(&data_dir, &file, passphrase_file.as_deref()),
+        Command::Restore {
+            data_dir,
+            file,
+            passphrase_file,
+        } => restore_command(&data_dir, &file, passphrase_file.as_deref()),
         Command::Follow {
             data_dir,
             count,

@@ -93,3 +93,32 @@ fn chat_outside_a_terminal_says_what_to_use_instead() {
     assert_eq!(code, 1);
     insta::assert_snapshot!(stderr, @"error: `sund chat` needs a terminal; in scripts use `sund follow --json` and `sund send`");
 }
+
+#[test]
+fn backup_and_restore_say_where_the_passphrase_comes_from_and_what_a_file_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let dir = dir.to_str().unwrap();
+    let (code, _, stderr) = sund(&["backup", "--data-dir", dir, "x.backup"]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(stderr, @"error: no passphrase for the backup: give --passphrase-file FILE (owner-only, the passphrase on its first line), set SUND_BACKUP_PASSPHRASE, or run this on a terminal to type it");
+    let pass = tmp.path().join("pass");
+    std::fs::write(&pass, "a long enough passphrase\n").unwrap();
+    let not_a_backup = tmp.path().join("notes.txt");
+    std::fs::write(&not_a_backup, "shopping list").unwrap();
+    let (code, _, stderr) = sund(&[
+        "restore",
+        "--data-dir",
+        dir,
+        not_a_backup.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    // The passphrase file is checked before anything else: it was left readable by others.
+    assert!(stderr.contains("pass"), "{stderr}");
+    assert!(
+        stderr.contains("0o644") || stderr.contains("644"),
+        "{stderr}"
+    );
+}

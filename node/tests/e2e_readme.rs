@@ -62,6 +62,8 @@ fn the_readme_by_hand_flow_runs_top_to_bottom() {
         "paired: the gateway confirmed",
         "revoked dev:",
         "the laptop is refused now",
+        "backed up alice's",
+        "restored the backup of device dev:",
         "backed up ",
         "CRL version 1 issued",
     ] {

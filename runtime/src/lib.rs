@@ -12,6 +12,8 @@
 //! - [`files`]: owner-only data directories and secret files;
 //! - [`committer`]: pipelined group commit on a thread of its own;
 //! - [`background`]: long jobs (a backup) on a thread that yields to the driver;
+//! - [`sealed`], [`archive`]: a stream sealed under a passphrase, and the entries of a device's
+//!   backup inside it (`sund backup`);
 //! - [`metrics`]: histograms of the stages a message passes in a driver;
 //! - [`tls`], [`endpoint`]: the gateway's TLS identity, certificate pinning, QUIC endpoints;
 //! - [`memory`]: one malloc arena, so that what a file transfer frees is reused;
@@ -25,6 +27,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod background;
 pub mod backup;
 pub mod chunk_stream;
@@ -37,6 +40,7 @@ pub mod environment;
 pub mod files;
 pub mod memory;
 pub mod metrics;
+pub mod sealed;
 pub mod seeded;
 pub mod session;
 pub mod sim_disk;
