@@ -10,5 +10,6 @@ pub mod contact_files;
 pub mod device;
 pub mod display;
 pub mod driver;
+pub mod settings;
 
 pub use sund_model::node;

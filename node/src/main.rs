@@ -412,6 +412,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
     },
+    /// Show the settings file (`$SUND_CONFIG`, else `~/.config/sund/config.toml`) and where each
+    /// setting comes from: a flag, the environment, that file or the default.
+    ///
+    /// The file may set `data_dir` (instead of --data-dir), `log` (instead of RUST_LOG) and
+    /// `fetch_into` (where `sund follow` saves offered files); paths are absolute or `~/...`.
+    Settings,
     /// Print a completion script for a shell, e.g.
     /// `sund completions bash > ~/.local/share/bash-completion/completions/sund`.
     Completions {
@@ -422,14 +428,37 @@ enum Command {
 
 fn main() -> ExitCode {
     sund_runtime::memory::one_malloc_arena();
+    let settings = match sund_node::settings::load() {
+        Ok(settings) => settings,
+        Err(e) => {
+            esay!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let sources = SettingSources::from_environment();
+    let (settings_file, settings) = match settings {
+        Some((path, settings)) => (Some(path), settings),
+        None => (None, Default::default()),
+    };
+    if std::env::var_os("SUND_DATA_DIR").is_none() {
+        if let Some(dir) = &settings.data_dir {
+            // Before any thread starts: the data-dir arguments read it as their default.
+            std::env::set_var("SUND_DATA_DIR", dir);
+        }
+    }
+    let log = settings.log.clone().unwrap_or_else(|| "warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| log.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Command::Settings = cli.command {
+        sources.print(settings_file.as_deref(), &settings);
+        return ExitCode::SUCCESS;
+    }
     if let Command::Completions { shell } = cli.command {
         let mut script = Vec::new();
         clap_complete::generate(shell, &mut Cli::command(), "sund", &mut script);
@@ -443,12 +472,76 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             esay!("error: {message}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Where the data directory and the log filter come from, for `sund settings`: noted before
+/// the settings file's values are put in place.
+struct SettingSources {
+    data_dir_env: Option<String>,
+    log_env: Option<String>,
+}
+
+impl SettingSources {
+    fn from_environment() -> SettingSources {
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        SettingSources {
+            data_dir_env: var("SUND_DATA_DIR"),
+            log_env: var("RUST_LOG"),
+        }
+    }
+
+    fn print(&self, file: Option<&Path>, settings: &sund_node::settings::Settings) {
+        match (file, sund_node::settings::location()) {
+            (Some(path), _) => say!("settings file: {}", path.display()),
+            (None, Some((path, _))) => say!(
+                "settings file: {} (there is none; every setting has its default)",
+                path.display()
+            ),
+            (None, None) => {
+                say!("settings file: none (SUND_CONFIG is empty, or no home directory is known)")
+            }
+        }
+        let from_file = |value: Option<String>| value.map(|v| (v, "the settings file"));
+        let show = |key: &str,
+                    env: Option<(String, &str)>,
+                    file: Option<(String, &str)>,
+                    default: &str| {
+            match env.or(file) {
+                Some((value, source)) => say!("{key} = {value:?}   (from {source})"),
+                None => say!("{key} = {default}   (default)"),
+            }
+        };
+        show(
+            "data_dir",
+            self.data_dir_env.clone().map(|v| (v, "SUND_DATA_DIR")),
+            from_file(settings.data_dir.as_ref().map(|p| p.display().to_string())),
+            "\"sund-device\" in the current directory",
+        );
+        show(
+            "log",
+            self.log_env.clone().map(|v| (v, "RUST_LOG")),
+            from_file(settings.log.clone()),
+            "\"warn\"",
+        );
+        show(
+            "fetch_into",
+            None,
+            from_file(
+                settings
+                    .fetch_into
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            ),
+            "not set (`sund follow` fetches files only with --fetch-into)",
+        );
+        say!("a flag given to a command wins over all of these");
     }
 }
 
@@ -548,7 +641,7 @@ fn restore_command(
 /// What a revoked device's commands say.
 pub(crate) const REVOKED: &str = "this device was revoked by the gateway's operator and cannot connect again; set up a new device (`sund init` in a new directory) with a new enrolment token";
 
-async fn run(command: Command) -> Result<(), String> {
+async fn run(command: Command, settings: sund_node::settings::Settings) -> Result<(), String> {
     match command {
         #[cfg(feature = "demo")]
         Command::Demo => demo::run().await,
@@ -607,10 +700,15 @@ async fn run(command: Command) -> Result<(), String> {
             conversations,
             fetch_into,
             json,
-        } => follow::follow(&data_dir, count, &conversations, fetch_into.as_deref(), json).await,
+        } => {
+            let fetch_into = fetch_into.or(settings.fetch_into);
+            follow::follow(&data_dir, count, &conversations, fetch_into.as_deref(), json).await
+        }
         Command::Status { data_dir, json } => status(&data_dir, json).await,
         Command::Chat { data_dir } => chat::chat(&data_dir).await,
-        Command::Completions { .. } => unreachable!("printed before the runtime starts"),
+        Command::Completions { .. } | Command::Settings => {
+            unreachable!("printed before the runtime starts")
+        }
         Command::Contact { data_dir, name } => group_commands::contact(&data_dir, &name),
         Command::Contacts { command } => match command {
             ContactsCommand::Add { data_dir, name } => {

@@ -122,3 +122,65 @@ fn backup_and_restore_say_where_the_passphrase_comes_from_and_what_a_file_is_not
         "{stderr}"
     );
 }
+
+fn sund_with(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sund"))
+        .env_remove("SUND_DATA_DIR")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_settings_file_gives_defaults_that_the_environment_and_flags_override() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("config.toml");
+    let from_file = tmp.path().join("from-file");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = {:?}\nlog = \"info\"\n",
+            from_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = ("SUND_CONFIG", file.to_str().unwrap());
+    // The file's data_dir is where commands look.
+    let (code, _, stderr) = sund_with(&[config], &["devices"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!("no device in {}", from_file.display())),
+        "{stderr}"
+    );
+    // SUND_DATA_DIR wins over it, and a flag over both.
+    let (_, _, stderr) = sund_with(&[config, ("SUND_DATA_DIR", "/nowhere/env")], &["devices"]);
+    assert!(stderr.contains("no device in /nowhere/env"), "{stderr}");
+    let (_, _, stderr) = sund_with(
+        &[config, ("SUND_DATA_DIR", "/nowhere/env")],
+        &["devices", "--data-dir", "/nowhere/flag"],
+    );
+    assert!(stderr.contains("no device in /nowhere/flag"), "{stderr}");
+    // `sund settings` says where each comes from.
+    let (code, stdout, _) = sund_with(&[config, ("RUST_LOG", "debug")], &["settings"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("(from the settings file)")
+            && stdout.contains("log = \"debug\"   (from RUST_LOG)"),
+        "{stdout}"
+    );
+    // A mistake in the file stops every command with the file, the key and the way out.
+    std::fs::write(&file, "dat_dir = \"/x\"\n").unwrap();
+    let (code, _, stderr) = sund_with(&[config], &["devices"]);
+    assert_eq!(code, 1);
+    let stderr = stderr.replace(file.to_str().unwrap(), "FILE");
+    insta::assert_snapshot!(stderr, @r#"error: settings file FILE: unknown field `dat_dir`, expected one of `data_dir`, `log`, `fetch_into`; fix it, or set SUND_CONFIG="" to read none"#);
+    let (code, stdout, _) = sund_with(&[("SUND_CONFIG", "")], &["settings"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("settings file: none"), "{stdout}");
+}
