@@ -23,6 +23,61 @@ pub struct Violation {
     pub detail: String,
 }
 
+impl Violation {
+    /// What kind of failure this is, so that a shrinker keeps the failure it was given and does
+    /// not drift to another of the same invariant (a stuck outbox is not a slow drain). `names`
+    /// are the scenario's users, gateways and conversations: which of them fails, and every
+    /// number, may change while the kind stays.
+    pub fn kind(&self, names: &BTreeSet<String>) -> FailureKind {
+        FailureKind {
+            invariant: self.invariant,
+            phase: self.phase,
+            shape: shape(&self.detail, names),
+        }
+    }
+}
+
+/// A failure's invariant, phase and the shape of its detail (see [`Violation::kind`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailureKind {
+    /// The invariant.
+    pub invariant: Invariant,
+    /// The phase.
+    pub phase: Phase,
+    /// The detail with every word holding a digit written `#` and every declared name `@`.
+    pub shape: String,
+}
+
+/// `detail` with its numbers and names abstracted: words (letters, digits, `_`, `-`, `.`)
+/// holding a digit become `#`, declared names `@`; everything else stays.
+fn shape(detail: &str, names: &BTreeSet<String>) -> String {
+    let mut out = String::with_capacity(detail.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.is_empty() {
+            return;
+        }
+        if word.bytes().any(|b| b.is_ascii_digit()) {
+            out.push('#');
+        } else if names.contains(word.as_str()) {
+            out.push('@');
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in detail.chars() {
+        if c.is_alphanumeric() || matches!(c, '_' | '-' | '.') {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 /// Which phase of a run a violation belongs to (see SIMULATION.md, "Two phases").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -684,6 +739,37 @@ impl Checker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_keeps_its_kind_when_numbers_and_names_change_not_its_words() {
+        let names: BTreeSet<String> = ["alice", "bob", "gw", "room"].map(String::from).into();
+        let failing = |detail: &str| Violation {
+            invariant: Invariant::Converge,
+            phase: Phase::Liveness,
+            at_us: 7,
+            detail: detail.into(),
+        };
+        let stuck = failing("no events left and not converged: alice/2 still has 939 unacknowledged messages in its outbox").kind(&names);
+        assert_eq!(
+            stuck.shape,
+            "no events left and not converged: @/# still has # unacknowledged messages in its outbox"
+        );
+        let smaller = failing("no events left and not converged: bob/1 still has 12 unacknowledged messages in its outbox");
+        assert_eq!(
+            smaller.kind(&names),
+            stuck,
+            "other device, other count: same kind"
+        );
+        let other = failing(
+            "no events left and not converged: bob/1 has delivered conv:9f3a up to seq 3 of 40",
+        );
+        assert_ne!(other.kind(&names), stuck, "another reason is another kind");
+        let safety = Violation {
+            phase: Phase::Safety,
+            ..smaller
+        };
+        assert_ne!(safety.kind(&names), stuck, "another phase is another kind");
+    }
 
     fn checker() -> Checker {
         Checker::new(Invariant::ALL.iter().map(|(_, i)| *i).collect(), false)

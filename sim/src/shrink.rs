@@ -1,5 +1,9 @@
-//! Shrinking: reduces a failing scenario, with its seed, to a smaller one that still breaks the
-//! same invariant (`cargo sim FILE --seed S --shrink`).
+//! Shrinking: reduces a failing scenario, with its seed, to a smaller one that still fails the
+//! same way (`cargo sim FILE --seed S --shrink`): the same invariant, in the same phase, with a
+//! detail of the same shape ([`crate::checker::Violation::kind`]: numbers and names may change,
+//! the words may not). Matching the invariant alone let a shrink drift to another failure of it,
+//! such as from a device whose outbox stalled for good to a flood a rate limit rightly cannot
+//! drain within the bound.
 //!
 //! The scenario is shrunk as text, statement by statement, so that every step is itself a valid
 //! scenario that anyone can read and replay. Greedy passes, repeated until none helps or the
@@ -11,10 +15,13 @@
 //!    periods (`every T` doubles, so actions and sends run less often), narrow latency ranges.
 //!
 //! A candidate is kept only if it parses, this build can run it, and its run with the same seed
-//! fails with the same invariant. Nothing here is random: the same input shrinks the same way.
+//! fails the same way. Nothing here is random: the same input shrinks the same way.
 
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
+use crate::checker::{FailureKind, Violation};
 use crate::scenario::{self, Invariant};
 use crate::world::{Outcome, World};
 
@@ -25,6 +32,8 @@ pub struct Shrunk {
     pub text: String,
     /// The invariant it breaks (the original's).
     pub invariant: Invariant,
+    /// The original failure's detail.
+    pub detail: String,
     /// Statements in the original and in the result.
     pub statements_before: usize,
     /// Statements left.
@@ -61,9 +70,16 @@ pub fn shrink(
     progress: &mut dyn FnMut(usize, u64),
 ) -> Result<Shrunk, ShrinkError> {
     let original = scenario::parse(file, text).map_err(|e| ShrinkError::Scenario(e.to_string()))?;
+    let names: BTreeSet<String> = original
+        .users
+        .iter()
+        .map(|u| u.name.clone())
+        .chain(original.gateways.iter().cloned())
+        .chain(original.conversations.iter().map(|c| c.name.clone()))
+        .collect();
     let mut runs = 0;
-    let invariant = match failure(file, text, seed) {
-        Ok(Some(invariant)) => invariant,
+    let violation = match failure(file, text, seed) {
+        Ok(Some(violation)) => violation,
         Ok(None) => {
             return Err(ShrinkError::Passes {
                 file: file.to_string(),
@@ -72,6 +88,7 @@ pub fn shrink(
         }
         Err(e) => return Err(ShrinkError::Scenario(e)),
     };
+    let kind: FailureKind = violation.kind(&names);
     runs += 1;
     // Statements only, with the seed pinned and the name marked.
     let mut lines: Vec<String> = text
@@ -87,7 +104,7 @@ pub fn shrink(
     let still_fails = |candidate: &[String], runs: &mut u64| -> bool {
         *runs += 1;
         let text = candidate.join("\n");
-        matches!(failure(file, &text, seed), Ok(Some(i)) if i == invariant)
+        matches!(failure(file, &text, seed), Ok(Some(v)) if v.kind(&names) == kind)
     };
     let mut budget_spent = false;
     'passes: loop {
@@ -141,10 +158,13 @@ pub fn shrink(
         }
     }
     let statements_after = lines.len() - fixed;
+    let invariant = violation.invariant;
     let mut out = format!(
-        "# Shrunk by `cargo sim --shrink` from {file} with seed {seed}: `{}` still fails\n\
-         # ({statements_after} of {statements_before} statements left, {runs} runs).\n",
-        invariant.name()
+        "# Shrunk by `cargo sim --shrink` from {file} with seed {seed}: `{}` still fails the same\n\
+         # way ({statements_after} of {statements_before} statements left, {runs} runs). It failed as:\n\
+         # {}\n",
+        invariant.name(),
+        violation.detail.replace('\n', " ")
     );
     for line in &lines {
         out.push_str(line);
@@ -153,6 +173,7 @@ pub fn shrink(
     Ok(Shrunk {
         text: out,
         invariant,
+        detail: violation.detail,
         statements_before,
         statements_after,
         runs,
@@ -160,13 +181,13 @@ pub fn shrink(
     })
 }
 
-/// The invariant the scenario breaks with `seed`, `None` if it passes; `Err` if it cannot run.
-fn failure(file: &str, text: &str, seed: u64) -> Result<Option<Invariant>, String> {
+/// How the scenario fails with `seed`, `None` if it passes; `Err` if it cannot run.
+fn failure(file: &str, text: &str, seed: u64) -> Result<Option<Violation>, String> {
     let scenario = scenario::parse(file, text).map_err(|e| e.to_string())?;
     let world = World::new(scenario, seed).map_err(|e| e.to_string())?;
     Ok(match world.run().outcome {
         Outcome::Passed => None,
-        Outcome::Safety(v) | Outcome::Liveness(v) => Some(v.invariant),
+        Outcome::Safety(v) | Outcome::Liveness(v) => Some(v),
     })
 }
 

@@ -303,6 +303,9 @@ pub struct World {
     event_log: Option<EventLog>,
     /// When the liveness probe found everything converged.
     recovered_at: Option<u64>,
+    /// Each running device's outbox length just after the heal, so that a liveness failure
+    /// says whether an outbox stalled or was still draining (two different failures).
+    outbox_at_heal: BTreeMap<ActorIndex, usize>,
     /// Files sent and how they arrived.
     files: files::SimFiles,
 }
@@ -504,6 +507,7 @@ impl World {
             federation,
             event_log: None,
             recovered_at: None,
+            outbox_at_heal: BTreeMap::new(),
             files: files::SimFiles::default(),
             scenario,
         };
@@ -2011,6 +2015,11 @@ impl World {
             b"heal all (liveness phase)",
         );
         self.heal_all();
+        for &d in &self.devices {
+            if let Machine::Node(Some(n), _) = &self.actors[d as usize].machine {
+                self.outbox_at_heal.insert(d, n.outbox_len());
+            }
+        }
         self.push(self.now + PROBE_INTERVAL_US, EventKind::Probe);
     }
 
@@ -2056,11 +2065,21 @@ impl World {
                 continue;
             }
             if let Machine::Node(Some(n), _) = &self.actors[d as usize].machine {
-                if n.outbox_len() > 0 {
+                let left = n.outbox_len();
+                if left > 0 {
+                    let progress = match self.outbox_at_heal.get(&d) {
+                        Some(&at_heal) if left < at_heal => {
+                            format!(
+                                " ({} acknowledged since heal: still draining)",
+                                at_heal - left
+                            )
+                        }
+                        Some(_) => " (none acknowledged since heal: stalled)".to_string(),
+                        None => String::new(),
+                    };
                     return Some(format!(
-                        "{} still has {} unacknowledged messages in its outbox",
+                        "{} still has {left} unacknowledged messages in its outbox{progress}",
                         self.actors[d as usize].name,
-                        n.outbox_len()
                     ));
                 }
             }

@@ -124,3 +124,13 @@ fn paced_own_deliveries_swarm_61459_keep_the_outbox_moving() {
         61459,
     );
 }
+
+/// The same, shrunk with the fix reverted (the shrinker keeping the failure's kind: a stalled
+/// outbox, not a slow drain): a rate limit, half a second of isolation and one sender.
+#[test]
+fn paced_own_deliveries_swarm_61459_shrunk_keeps_the_outbox_moving() {
+    run(
+        "tests/regressions/paced-own-deliveries-swarm-61459-shrunk.sund",
+        61459,
+    );
+}
