@@ -28,18 +28,18 @@ pub fn check_federation_handshake(data: &[u8]) {
     let mut entropy = TestEntropy(0x5eed);
     // As a hello at b: only a hello from a.example's real key can be answered, and then the
     // reply is b's own.
-    if let Ok((answering, _)) = answer(&b, &[peer_of(&a)], data, now, &mut entropy) {
+    if let Ok((answering, _)) = answer(&b, &[peer_of(&a)], data, [0x42; 32], now, &mut entropy) {
         assert_eq!(answering.peer(), "a.example");
     }
     // As a reply to a's dial: forged bytes never verify (they would need b's link key).
-    let (dialing, _) = dial(&a, &peer_of(&b), &mut entropy);
+    let (dialing, _) = dial(&a, &peer_of(&b), [0x42; 32], &mut entropy);
     assert!(
         dialing.finish(&a, data, now).is_err(),
         "arbitrary bytes finished a handshake as b"
     );
     // As a finish to b's reply to a real hello: forged bytes never verify.
-    let (_, hello) = dial(&a, &peer_of(&b), &mut entropy);
-    let (answering, _) = answer(&b, &[peer_of(&a)], &hello, now, &mut entropy)
+    let (_, hello) = dial(&a, &peer_of(&b), [0x42; 32], &mut entropy);
+    let (answering, _) = answer(&b, &[peer_of(&a)], &hello, [0x42; 32], now, &mut entropy)
         .expect("a real hello is answered");
     assert!(answering.finish(data).is_err(), "arbitrary bytes finished a handshake as a");
 }

@@ -178,8 +178,17 @@ impl Net {
                 let conn = ConnectionId(self.next_conn);
                 self.next_conn += 1;
                 self.conn = Some(conn);
-                self.input(Who::B, FederationInput::Accepted(conn));
-                self.input(Who::A, FederationInput::Connected { peer, conn });
+                // Both ends of one connection derive the same binding.
+                let binding = [conn.0 as u8; 32];
+                self.input(Who::B, FederationInput::Accepted(conn, binding));
+                self.input(
+                    Who::A,
+                    FederationInput::Connected {
+                        peer,
+                        conn,
+                        binding,
+                    },
+                );
             }
             FederationOutput::Send(conn, bytes) => {
                 if self.conn == Some(conn) {
@@ -536,8 +545,8 @@ fn write_federation_handshake_seeds() {
     let b = test_identity("b.example", 2);
     let mut entropy = TestEntropy(7);
     let now = Instant(1_000_000_000);
-    let (dialing, hello) = dial(&a, &peer_of(&b), &mut entropy);
-    let (_, reply) = answer(&b, &[peer_of(&a)], &hello, now, &mut entropy).unwrap();
+    let (dialing, hello) = dial(&a, &peer_of(&b), [0x42; 32], &mut entropy);
+    let (_, reply) = answer(&b, &[peer_of(&a)], &hello, [0x42; 32], now, &mut entropy).unwrap();
     let finish = dialing.finish(&a, &reply, now).unwrap();
     let out = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -624,7 +633,7 @@ mod in_the_gateway {
         // Frames on a link connection go to the links, not to the device sessions.
         b.handle(
             now,
-            GatewayInput::Federation(FederationInput::Accepted(ConnectionId(9))),
+            GatewayInput::Federation(FederationInput::Accepted(ConnectionId(9), [9; 32])),
         );
         b.handle(
             now,

@@ -9,14 +9,21 @@
 //! D -> A  hello:   "SFH" 1 | 0x01 | nonce_D (32) | root_D (32) | cert_D length (u16) | cert_D
 //!                  | wanted domain length (u8) | wanted domain
 //! A -> D  reply:   "SFH" 1 | 0x02 | nonce_A (32) | root_A (32) | cert_A length (u16) | cert_A
-//!                  | signature_A (64) over H("sund/federation/v1 answerer" | hello | reply-without-signature)
-//! D -> A  finish:  "SFH" 1 | 0x03 | signature_D (64) over H("sund/federation/v1 dialer" | hello | reply)
+//!                  | signature_A (64) over H("sund/federation/v1 answerer" | binding | hello | reply-without-signature)
+//! D -> A  finish:  "SFH" 1 | 0x03 | signature_D (64) over H("sund/federation/v1 dialer" | binding | hello | reply)
 //! ```
 //!
 //! The dialer names the domain it wants, so a hello recorded at one gateway cannot be played
 //! to another; a replayed hello gets a fresh reply that only the holder of the dialer's link
 //! key can finish, and a replayed finish does not match a new reply's nonce. The QUIC
 //! connection's TLS keeps the frames private; this exchange is what names the domains.
+//!
+//! Both signatures cover the connection's *channel binding*: 32 bytes both ends of one TLS
+//! session derive alike and no other session yields (on the real stack, the TLS exporter of RFC
+//! 5705 with label `EXPORTER-sund-federation-v1`). Gateways do not pin each other's TLS
+//! certificates (the operator pins the trust root), so without it a host in between could end
+//! TLS on both sides, relay the three messages and then read and alter the link's frames; with
+//! it, its two TLS sessions have different bindings and neither signature verifies.
 
 use sha2::{Digest, Sha256};
 
@@ -121,6 +128,7 @@ impl PeerConfig {
 pub struct Dialing {
     hello: Vec<u8>,
     peer: PeerConfig,
+    binding: ChannelBinding,
 }
 
 /// The answerer after sending its reply.
@@ -129,6 +137,7 @@ pub struct Answering {
     peer: String,
     peer_key: DevicePublicKey,
     transcript: Vec<u8>,
+    binding: ChannelBinding,
 }
 
 fn header(kind: u8) -> Vec<u8> {
@@ -179,9 +188,13 @@ fn read_credentials(
     Ok((nonce, root, cert))
 }
 
-fn transcript_hash(context: &[u8], transcript: &[u8]) -> Vec<u8> {
+/// 32 bytes both ends of one connection derive alike (see the module's documentation).
+pub type ChannelBinding = [u8; 32];
+
+fn transcript_hash(context: &[u8], binding: &ChannelBinding, transcript: &[u8]) -> Vec<u8> {
     Sha256::new()
         .chain_update(context)
+        .chain_update(binding)
         .chain_update(transcript)
         .finalize()
         .to_vec()
@@ -198,14 +211,20 @@ pub fn is_hello(message: &[u8]) -> bool {
     message.len() > 5 && &message[..3] == MAGIC && message[3] == VERSION && message[4] == HELLO
 }
 
-/// Starts a link to `peer`: the hello to send.
-pub fn dial(me: &LinkIdentity, peer: &PeerConfig, entropy: &mut dyn Entropy) -> (Dialing, Vec<u8>) {
+/// Starts a link to `peer` on a connection with `binding`: the hello to send.
+pub fn dial(
+    me: &LinkIdentity,
+    peer: &PeerConfig,
+    binding: ChannelBinding,
+    entropy: &mut dyn Entropy,
+) -> (Dialing, Vec<u8>) {
     let mut hello = header(HELLO);
     put_credentials(&mut hello, &fresh_nonce(entropy), me);
     put_domain(&mut hello, &peer.domain);
     let dialing = Dialing {
         hello: hello.clone(),
         peer: peer.clone(),
+        binding,
     };
     (dialing, hello)
 }
@@ -234,16 +253,20 @@ impl Dialing {
         }
         let mut transcript = self.hello.clone();
         transcript.extend_from_slice(&reply[..signed_len]);
-        if !cert
-            .link_key
-            .verify(&transcript_hash(ANSWERER_CONTEXT, &transcript), &signature)
-        {
+        if !cert.link_key.verify(
+            &transcript_hash(ANSWERER_CONTEXT, &self.binding, &transcript),
+            &signature,
+        ) {
             return Err(FederationHandshakeError::BadSignature);
         }
         let mut transcript = self.hello;
         transcript.extend_from_slice(reply);
         let mut finish = header(FINISH);
-        finish.extend_from_slice(&me.key.sign(&transcript_hash(DIALER_CONTEXT, &transcript)));
+        finish.extend_from_slice(&me.key.sign(&transcript_hash(
+            DIALER_CONTEXT,
+            &self.binding,
+            &transcript,
+        )));
         Ok(finish)
     }
 
@@ -253,12 +276,13 @@ impl Dialing {
     }
 }
 
-/// Answers a hello from a gateway that dialed this one: finds its domain among `peers`, checks
-/// its root and certificate; the reply to send.
+/// Answers a hello from a gateway that dialed this one on a connection with `binding`: finds
+/// its domain among `peers`, checks its root and certificate; the reply to send.
 pub fn answer(
     me: &LinkIdentity,
     peers: &[PeerConfig],
     hello: &[u8],
+    binding: ChannelBinding,
     now: Instant,
     entropy: &mut dyn Entropy,
 ) -> Result<(Answering, Vec<u8>), FederationHandshakeError> {
@@ -282,13 +306,18 @@ pub fn answer(
     put_credentials(&mut reply, &fresh_nonce(entropy), me);
     let mut transcript = hello.to_vec();
     transcript.extend_from_slice(&reply);
-    reply.extend_from_slice(&me.key.sign(&transcript_hash(ANSWERER_CONTEXT, &transcript)));
+    reply.extend_from_slice(&me.key.sign(&transcript_hash(
+        ANSWERER_CONTEXT,
+        &binding,
+        &transcript,
+    )));
     let mut transcript = hello.to_vec();
     transcript.extend_from_slice(&reply);
     let answering = Answering {
         peer: cert.domain,
         peer_key: cert.link_key,
         transcript,
+        binding,
     };
     Ok((answering, reply))
 }
@@ -305,7 +334,7 @@ impl Answering {
             return Err(FederationHandshakeError::Malformed("trailing bytes"));
         }
         if !self.peer_key.verify(
-            &transcript_hash(DIALER_CONTEXT, &self.transcript),
+            &transcript_hash(DIALER_CONTEXT, &self.binding, &self.transcript),
             &signature,
         ) {
             return Err(FederationHandshakeError::BadSignature);
@@ -353,6 +382,31 @@ mod tests {
     use proptest::prelude::*;
 
     const NOW: Instant = Instant(1_000_000_000);
+    const BINDING: ChannelBinding = [0x42; 32];
+
+    #[test]
+    fn a_host_in_between_with_two_tls_sessions_cannot_finish_either_side() {
+        // It relays every message unchanged, but its session with each side has its own
+        // binding: the answerer's signature fails at the dialer, and a finish signed for one
+        // session fails at the other.
+        let (a, b) = pair();
+        let mut entropy = Counter(5);
+        let (dialing, hello) = dial(&a, &peer_of(&b), [1; 32], &mut entropy);
+        let (answering, reply) =
+            answer(&b, &[peer_of(&a)], &hello, [2; 32], NOW, &mut entropy).unwrap();
+        assert_eq!(
+            dialing.finish(&a, &reply, NOW).unwrap_err(),
+            FederationHandshakeError::BadSignature
+        );
+        let (dialing, hello) = dial(&a, &peer_of(&b), [1; 32], &mut entropy);
+        let (_, reply_on_1) =
+            answer(&b, &[peer_of(&a)], &hello, [1; 32], NOW, &mut entropy).unwrap();
+        let finish = dialing.finish(&a, &reply_on_1, NOW).unwrap();
+        assert_eq!(
+            answering.finish(&finish).unwrap_err(),
+            FederationHandshakeError::BadSignature
+        );
+    }
 
     fn pair() -> (LinkIdentity, LinkIdentity) {
         (test_identity("a.example", 1), test_identity("b.example", 2))
@@ -362,8 +416,9 @@ mod tests {
     fn two_configured_gateways_authenticate_each_other() {
         let (a, b) = pair();
         let mut entropy = Counter(5);
-        let (dialing, hello) = dial(&a, &peer_of(&b), &mut entropy);
-        let (answering, reply) = answer(&b, &[peer_of(&a)], &hello, NOW, &mut entropy).unwrap();
+        let (dialing, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
+        let (answering, reply) =
+            answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
         assert_eq!(answering.peer(), "a.example");
         let finish = dialing.finish(&a, &reply, NOW).unwrap();
         assert_eq!(answering.finish(&finish).unwrap(), "a.example");
@@ -373,23 +428,31 @@ mod tests {
     fn an_unknown_domain_or_a_wrong_root_is_refused() {
         let (a, b) = pair();
         let mut entropy = Counter(5);
-        let (_, hello) = dial(&a, &peer_of(&b), &mut entropy);
+        let (_, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
         let c = test_identity("c.example", 3);
         assert_eq!(
-            answer(&b, &[peer_of(&c)], &hello, NOW, &mut entropy).unwrap_err(),
+            answer(&b, &[peer_of(&c)], &hello, BINDING, NOW, &mut entropy).unwrap_err(),
             FederationHandshakeError::UnknownDomain("a.example".into())
         );
         // a.example's name with another root (an impostor with its own root).
         let impostor = test_identity("a.example", 9);
-        let (_, hello) = dial(&impostor, &peer_of(&b), &mut entropy);
+        let (_, hello) = dial(&impostor, &peer_of(&b), BINDING, &mut entropy);
         assert!(matches!(
-            answer(&b, &[peer_of(&a)], &hello, NOW, &mut entropy),
+            answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy),
             Err(FederationHandshakeError::WrongRoot { .. })
         ));
         // The dialer checks the answerer the same way.
-        let (dialing, hello) = dial(&a, &peer_of(&b), &mut entropy);
+        let (dialing, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
         let b_impostor = test_identity("b.example", 8);
-        let (_, reply) = answer(&b_impostor, &[peer_of(&a)], &hello, NOW, &mut entropy).unwrap();
+        let (_, reply) = answer(
+            &b_impostor,
+            &[peer_of(&a)],
+            &hello,
+            BINDING,
+            NOW,
+            &mut entropy,
+        )
+        .unwrap();
         assert!(matches!(
             dialing.finish(&a, &reply, NOW),
             Err(FederationHandshakeError::WrongRoot { .. })
@@ -401,9 +464,9 @@ mod tests {
         let (a, b) = pair();
         let c = test_identity("c.example", 3);
         let mut entropy = Counter(5);
-        let (_, hello) = dial(&a, &peer_of(&c), &mut entropy);
+        let (_, hello) = dial(&a, &peer_of(&c), BINDING, &mut entropy);
         assert_eq!(
-            answer(&b, &[peer_of(&a)], &hello, NOW, &mut entropy).unwrap_err(),
+            answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap_err(),
             FederationHandshakeError::NotForUs("c.example".into())
         );
     }
@@ -412,13 +475,14 @@ mod tests {
     fn a_replayed_hello_cannot_be_finished_and_a_replayed_finish_does_not_match() {
         let (a, b) = pair();
         let mut entropy = Counter(5);
-        let (dialing, hello) = dial(&a, &peer_of(&b), &mut entropy);
-        let (answering, reply) = answer(&b, &[peer_of(&a)], &hello, NOW, &mut entropy).unwrap();
+        let (dialing, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
+        let (answering, reply) =
+            answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
         let finish = dialing.finish(&a, &reply, NOW).unwrap();
         answering.finish(&finish).unwrap();
         // An attacker replays the hello and the finish it recorded: the new reply has a new
         // nonce, so the old finish does not verify.
-        let (again, _) = answer(&b, &[peer_of(&a)], &hello, NOW, &mut entropy).unwrap();
+        let (again, _) = answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
         assert_eq!(
             again.finish(&finish).unwrap_err(),
             FederationHandshakeError::BadSignature
@@ -429,8 +493,9 @@ mod tests {
     fn a_forged_signature_or_an_expired_certificate_is_refused() {
         let (a, b) = pair();
         let mut entropy = Counter(5);
-        let (dialing, hello) = dial(&a, &peer_of(&b), &mut entropy);
-        let (_, mut reply) = answer(&b, &[peer_of(&a)], &hello, NOW, &mut entropy).unwrap();
+        let (dialing, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
+        let (_, mut reply) =
+            answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
         let last = reply.len() - 1;
         reply[last] ^= 1;
         assert_eq!(
@@ -438,9 +503,9 @@ mod tests {
             FederationHandshakeError::BadSignature
         );
         let late = Instant(200 * 365 * 86_400 * 1_000_000);
-        let (_, hello) = dial(&a, &peer_of(&b), &mut entropy);
+        let (_, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
         assert!(matches!(
-            answer(&b, &[peer_of(&a)], &hello, late, &mut entropy),
+            answer(&b, &[peer_of(&a)], &hello, BINDING, late, &mut entropy),
             Err(FederationHandshakeError::Certificate(
                 CertificateError::Expired { .. }
             ))
@@ -452,10 +517,10 @@ mod tests {
         fn any_bytes_are_refused_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
             let (a, b) = pair();
             let mut entropy = Counter(5);
-            let _ = answer(&b, &[peer_of(&a)], &bytes, NOW, &mut entropy);
-            let (dialing, _) = dial(&a, &peer_of(&b), &mut entropy);
+            let _ = answer(&b, &[peer_of(&a)], &bytes, BINDING, NOW, &mut entropy);
+            let (dialing, _) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
             let _ = dialing.finish(&a, &bytes, NOW);
-            let (answering, _) = answer(&b, &[peer_of(&a)], &dial(&a, &peer_of(&b), &mut entropy).1, NOW, &mut entropy).unwrap();
+            let (answering, _) = answer(&b, &[peer_of(&a)], &dial(&a, &peer_of(&b), BINDING, &mut entropy).1, BINDING, NOW, &mut entropy).unwrap();
             let _ = answering.finish(&bytes);
         }
     }

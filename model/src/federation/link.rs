@@ -43,7 +43,7 @@ use crate::wire::payload::{FederationAck, FederationForward, FederationHello};
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
 use super::handshake::{
-    self, Answering, Dialing, FederationHandshakeError, LinkIdentity, PeerConfig,
+    self, Answering, ChannelBinding, Dialing, FederationHandshakeError, LinkIdentity, PeerConfig,
 };
 
 /// Outbox entries: key (peer domain as length and bytes, seq as u64 BE), value the body.
@@ -95,14 +95,17 @@ pub enum FederationInput {
         peer: String,
         /// The new connection.
         conn: ConnectionId,
+        /// Its channel binding ([`handshake::ChannelBinding`]).
+        binding: ChannelBinding,
     },
     /// Dialing `peer` failed.
     ConnectFailed {
         /// The peer dialed.
         peer: String,
     },
-    /// A peer gateway opened a connection to this one (not yet authenticated).
-    Accepted(ConnectionId),
+    /// A peer gateway opened a connection to this one (not yet authenticated), with the
+    /// connection's channel binding.
+    Accepted(ConnectionId, ChannelBinding),
     /// A connection closed.
     Closed(ConnectionId),
     /// A frame arrived on a connection.
@@ -236,6 +239,7 @@ struct Link {
 enum Pending {
     AwaitHello {
         since: Instant,
+        binding: ChannelBinding,
     },
     AwaitFinish {
         since: Instant,
@@ -391,7 +395,11 @@ impl Federation {
     /// Handles one input.
     pub fn handle(&mut self, now: Instant, input: FederationInput) {
         match input {
-            FederationInput::Connected { peer, conn } => self.connected(now, &peer, conn),
+            FederationInput::Connected {
+                peer,
+                conn,
+                binding,
+            } => self.connected(now, &peer, conn, binding),
             FederationInput::ConnectFailed { peer } => {
                 if let Some(link) = self.links.get_mut(&peer) {
                     if matches!(link.state, LinkState::Dialing { .. }) {
@@ -399,9 +407,14 @@ impl Federation {
                     }
                 }
             }
-            FederationInput::Accepted(conn) => {
-                self.pending
-                    .insert(conn, Pending::AwaitHello { since: now });
+            FederationInput::Accepted(conn, binding) => {
+                self.pending.insert(
+                    conn,
+                    Pending::AwaitHello {
+                        since: now,
+                        binding,
+                    },
+                );
             }
             FederationInput::Closed(conn) => {
                 self.pending.remove(&conn);
@@ -420,7 +433,9 @@ impl Federation {
             .iter()
             .filter(|(_, p)| {
                 let since = match p {
-                    Pending::AwaitHello { since } | Pending::AwaitFinish { since, .. } => *since,
+                    Pending::AwaitHello { since, .. } | Pending::AwaitFinish { since, .. } => {
+                        *since
+                    }
                 };
                 now.saturating_since(since) >= self.timers.handshake_timeout
             })
@@ -485,7 +500,7 @@ impl Federation {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = &self.timers;
         let pending = self.pending.values().map(|p| match p {
-            Pending::AwaitHello { since } | Pending::AwaitFinish { since, .. } => {
+            Pending::AwaitHello { since, .. } | Pending::AwaitFinish { since, .. } => {
                 *since + t.handshake_timeout
             }
         });
@@ -545,7 +560,7 @@ impl Federation {
         })
     }
 
-    fn connected(&mut self, now: Instant, peer: &str, conn: ConnectionId) {
+    fn connected(&mut self, now: Instant, peer: &str, conn: ConnectionId, binding: ChannelBinding) {
         let Some(link) = self.links.get_mut(peer) else {
             self.fx.hold(FederationOutput::Close(conn));
             return;
@@ -554,7 +569,8 @@ impl Federation {
             self.fx.hold(FederationOutput::Close(conn)); // a late dial: not wanted any more
             return;
         }
-        let (dialing, hello) = handshake::dial(&self.me, &link.peer, self.entropy.as_mut());
+        let (dialing, hello) =
+            handshake::dial(&self.me, &link.peer, binding, self.entropy.as_mut());
         link.state = LinkState::Hello {
             conn,
             since: now,
@@ -649,11 +665,12 @@ impl Federation {
         };
         let step = self.pending.remove(&conn).expect("checked");
         match step {
-            Pending::AwaitHello { .. } => {
+            Pending::AwaitHello { binding, .. } => {
                 match handshake::answer(
                     &self.me,
                     &self.peers,
                     &hello.message,
+                    binding,
                     now,
                     self.entropy.as_mut(),
                 ) {

@@ -357,6 +357,7 @@ impl World {
             Some(c) if self.network.is_open(c) => FederationInput::Connected {
                 peer: domain,
                 conn: ConnectionId(c),
+                binding: channel_binding(c),
             },
             _ => FederationInput::ConnectFailed { peer: domain },
         };
@@ -366,6 +367,8 @@ impl World {
     }
 
     /// A gateway accepts a link connection from a peer gateway.
+    ///
+    /// (The connection's channel binding is [`channel_binding`] of its id at both ends.)
     pub(super) fn link_accept(&mut self, gateway: ActorIndex, conn: u64) {
         if !self.actors[gateway as usize].up || !self.network.is_open(conn) {
             return;
@@ -381,7 +384,10 @@ impl World {
         self.with_gateway(gateway, |g, now| {
             g.handle(
                 now,
-                GatewayInput::Federation(FederationInput::Accepted(ConnectionId(conn))),
+                GatewayInput::Federation(FederationInput::Accepted(
+                    ConnectionId(conn),
+                    channel_binding(conn),
+                )),
             );
         });
     }
@@ -428,4 +434,14 @@ impl World {
         }
         None
     }
+}
+
+/// A simulated link connection's channel binding: the same at both ends and unique to the
+/// connection, as a TLS exporter is (the simulator has no host in between to model).
+fn channel_binding(conn: u64) -> sund_model::federation::handshake::ChannelBinding {
+    let mut binding = [0u8; 32];
+    for part in binding.chunks_mut(8) {
+        part.copy_from_slice(&conn.to_le_bytes());
+    }
+    binding
 }
