@@ -68,6 +68,7 @@ async fn start_gateway_limited(dir: &std::path::Path, limits: RateLimits) -> Gat
             limits,
             ..GatewayConfig::default()
         },
+        federation: None,
     };
     driver::start(options).await.unwrap()
 }

@@ -71,6 +71,13 @@ pub enum AdminRequest {
         /// 16 hex digits, or `sund-enrol:…`.
         token: String,
     },
+    /// Show this gateway's domain and trust-root fingerprint (what a peer's operator pins) and
+    /// each federation link: state, entries numbered, acknowledged, queued and taken.
+    Federation {
+        /// One JSON document instead of lines.
+        #[serde(default)]
+        json: bool,
+    },
     /// Back up the whole gateway into a new file (an absolute path on the gateway's machine).
     Backup {
         /// Where the backup goes.
@@ -101,6 +108,7 @@ impl AdminRequest {
             AdminRequest::Backup { .. } => "backup",
             AdminRequest::Tokens { .. } => "tokens",
             AdminRequest::ExpireToken { .. } => "expire-token",
+            AdminRequest::Federation { .. } => "federation",
         }
     }
 
@@ -121,7 +129,8 @@ impl AdminRequest {
             AdminRequest::Devices { .. }
             | AdminRequest::Crl { .. }
             | AdminRequest::List { .. }
-            | AdminRequest::Tokens { .. } => String::new(),
+            | AdminRequest::Tokens { .. }
+            | AdminRequest::Federation { .. } => String::new(),
         }
     }
 
@@ -177,7 +186,8 @@ impl AdminRequest {
             AdminRequest::Devices { .. }
             | AdminRequest::Crl { .. }
             | AdminRequest::List { .. }
-            | AdminRequest::Tokens { .. } => return Ok(None),
+            | AdminRequest::Tokens { .. }
+            | AdminRequest::Federation { .. } => return Ok(None),
         }))
     }
 
@@ -311,6 +321,57 @@ impl AdminRequest {
                 }
             }
             (AdminRequest::List { .. }, None) => out.stdout = list(gateway),
+            (AdminRequest::Federation { json }, None) => {
+                let root = gateway.trust_root();
+                let links = gateway
+                    .federation()
+                    .map(|f| f.links(now))
+                    .unwrap_or_default();
+                if *json {
+                    out.stdout = listing_json(&serde_json::json!({
+                        "domain": root.domain,
+                        "root_fingerprint": root.fingerprint(),
+                        "peers": links.iter().map(|l| serde_json::json!({
+                            "domain": l.domain,
+                            "root_fingerprint": l.root_fingerprint,
+                            "state": l.state,
+                            "dials": l.dials,
+                            "numbered": l.numbered,
+                            "acknowledged": l.acknowledged,
+                            "queued": l.queued,
+                            "taken": l.taken,
+                            "failed_attempts": l.failed_attempts,
+                            "silent_s": l.silent_for.as_secs(),
+                        })).collect::<Vec<_>>(),
+                    }));
+                } else {
+                    out.stdout = format!(
+                        "this gateway: domain {}, trust root {}\n",
+                        root.domain,
+                        root.fingerprint()
+                    );
+                    for l in &links {
+                        out.stdout.push_str(&format!(
+                            "peer {}  root {}  {}{}  numbered {}, acknowledged {}, queued {}, taken {}, heard {} s ago ({} dials)\n",
+                            l.domain,
+                            l.root_fingerprint,
+                            l.state,
+                            if l.failed_attempts > 0 { format!(" after {} failed dial(s)", l.failed_attempts) } else { String::new() },
+                            l.numbered,
+                            l.acknowledged,
+                            l.queued,
+                            l.taken,
+                            l.silent_for.as_secs(),
+                            if l.dials { "this gateway" } else { "the peer" },
+                        ));
+                    }
+                    out.stderr = if links.is_empty() {
+                        "this gateway federates with no one: a peer's operator pins the domain and root above; add `[federation] listen = \"ADDR\"` and a `[[federation.peer]]` (domain, address, root_fingerprint) per peer to this gateway's --config file\n".into()
+                    } else {
+                        String::new()
+                    };
+                }
+            }
             (request, answer) => {
                 return Err(format!(
                     "the gateway gave an unexpected answer to `{}`: {answer:?}",

@@ -47,6 +47,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::chunks::{accept_chunk_streams, ChunkServer, QueueRefused};
+use crate::federation::{is_link, FederationOptions, LinkRoute, Links};
+use sund_model::federation::{FederationInput, FederationOutput};
 
 /// Most frames folded into one commit.
 pub const BATCH_MAX: usize = 512;
@@ -100,6 +102,9 @@ pub struct GatewayOptions {
     pub data_dir: PathBuf,
     /// Protocol tunables.
     pub config: GatewayConfig,
+    /// Where links to federation peers are accepted and where the peers are (`None`: no
+    /// federation; the peers' domains and roots are in `config.federation_peers`).
+    pub federation: Option<FederationOptions>,
 }
 
 /// A running gateway.
@@ -108,6 +113,8 @@ pub struct GatewayHandle {
     pub addr: SocketAddr,
     /// Its certificate (nodes pin it).
     pub cert: CertificateDer<'static>,
+    /// The address its federation endpoint listens on, if it federates.
+    pub federation_addr: Option<SocketAddr>,
     control: mpsc::Sender<Control>,
     shutdown: Option<oneshot::Sender<()>>,
     core: JoinHandle<Result<GatewayStats, DriverError>>,
@@ -212,6 +219,21 @@ pub(crate) enum Link {
     Chunk(ConnectionId, Bytes, Bytes),
     /// A chunk to serve failed its digest check when read from the store.
     ChunkDamaged(ChunkToServe),
+    /// A federation link's connection opened (its stream too), dialed to `dialed` or accepted.
+    PeerOpened {
+        /// The link's connection id (see [`crate::federation::LINK_CONNS`]).
+        conn: ConnectionId,
+        /// The connection.
+        connection: quinn::Connection,
+        /// Its TLS channel binding.
+        binding: [u8; 32],
+        /// The peer this gateway dialed; `None` for a link a peer opened.
+        dialed: Option<String>,
+    },
+    /// A link's session tasks run.
+    PeerStream(ConnectionId, SessionHandle),
+    /// Dialing a peer failed.
+    PeerDialFailed(String),
 }
 
 impl From<SessionEvent> for Link {
@@ -342,6 +364,17 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         link_tx.clone(),
         hello_timeout,
     ));
+    let federation = match &options.federation {
+        Some(links) if !options.config.federation_peers.is_empty() => {
+            let (endpoint, client) =
+                endpoint::federation_endpoint(environment.as_ref(), links.listen, &identity)?;
+            let links = Links::start(endpoint, client, links, link_tx.clone());
+            tracing::info!(addr = %links.addr, peers = options.config.federation_peers.len(), domain = %options.config.domain, "federation listening");
+            Some(links)
+        }
+        _ => None,
+    };
+    let federation_addr = federation.as_ref().map(|l| l.addr);
     let stages = Arc::new(Stages::default());
     let reader = store.reader();
     let committer =
@@ -367,10 +400,12 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
         admin: BTreeMap::new(),
         next_admin: 0,
         refusals: RefusalLog::default(),
+        federation,
     };
     let core = tokio::spawn(core.run(control_rx, link_rx, shutdown_rx));
     Ok(GatewayHandle {
         addr,
+        federation_addr,
         cert: identity.cert.clone(),
         control: control_tx,
         shutdown: Some(shutdown_tx),
@@ -609,6 +644,8 @@ struct Core {
     admin: BTreeMap<u64, oneshot::Sender<AdminAnswer>>,
     next_admin: u64,
     refusals: RefusalLog,
+    /// Links to federation peers (`None`: this gateway does not federate).
+    federation: Option<Links>,
 }
 
 impl Core {
@@ -680,6 +717,9 @@ impl Core {
                     );
                 }
             }
+        }
+        if let Some(links) = &mut self.federation {
+            links.close_all();
         }
         let Some(mut serving) = self.serving.take() else {
             for (_, route) in std::mem::take(&mut self.routes) {
@@ -868,6 +908,57 @@ impl Core {
                         .handle(now, GatewayInput::Chunk { conn, head, body });
                 }
             }
+            Link::PeerOpened {
+                conn,
+                connection,
+                binding,
+                dialed,
+            } => {
+                let (Some(s), Some(links)) = (&mut self.serving, &mut self.federation) else {
+                    connection.close(CLOSE_STORAGE_UNAVAILABLE.into(), STORAGE_UNAVAILABLE_REASON);
+                    return 1;
+                };
+                links.routes.insert(
+                    conn,
+                    LinkRoute {
+                        connection,
+                        session: None,
+                        early: Vec::new(),
+                    },
+                );
+                let input = match dialed {
+                    Some(peer) => FederationInput::Connected {
+                        peer,
+                        conn,
+                        binding,
+                    },
+                    None => FederationInput::Accepted(conn, binding),
+                };
+                s.gateway.handle(now, GatewayInput::Federation(input));
+            }
+            Link::PeerStream(conn, session) => {
+                match self
+                    .federation
+                    .as_mut()
+                    .and_then(|l| l.routes.get_mut(&conn))
+                {
+                    Some(route) => {
+                        for frame in route.early.drain(..) {
+                            let _ = session.send(frame);
+                        }
+                        route.session = Some(session);
+                    }
+                    None => session.abort("link closed by gateway"),
+                }
+            }
+            Link::PeerDialFailed(peer) => {
+                if let Some(s) = &mut self.serving {
+                    s.gateway.handle(
+                        now,
+                        GatewayInput::Federation(FederationInput::ConnectFailed { peer }),
+                    );
+                }
+            }
             Link::ChunkDamaged(chunk) => {
                 tracing::error!(
                     conversation = %chunk.conversation,
@@ -886,6 +977,32 @@ impl Core {
     fn session(&mut self, event: SessionEvent) -> usize {
         let now = self.clock.now();
         match event {
+            SessionEvent::Frames(conn, frames, _) if is_link(conn) => {
+                let count = frames.len();
+                if let Some(s) = &mut self.serving {
+                    for frame in frames {
+                        s.gateway.handle(
+                            now,
+                            GatewayInput::Federation(FederationInput::Frame(conn, frame)),
+                        );
+                    }
+                }
+                count
+            }
+            SessionEvent::Closed(conn, cause) if is_link(conn) => {
+                let gone = self
+                    .federation
+                    .as_mut()
+                    .and_then(|l| l.routes.remove(&conn));
+                if let Some(route) = gone {
+                    tracing::debug!(peer = %route.connection.remote_address(), ?conn, ?cause, "a federation link's connection ended");
+                    if let Some(s) = &mut self.serving {
+                        s.gateway
+                            .handle(now, GatewayInput::Federation(FederationInput::Closed(conn)));
+                    }
+                }
+                1
+            }
             SessionEvent::Frames(conn, frames, read_at) => {
                 self.stages.queued.record_duration(read_at.elapsed());
                 let count = frames.len();
@@ -999,11 +1116,7 @@ impl Core {
                     }
                 }
                 GatewayOutput::ServeChunk(chunk) => self.serve_chunk(chunk),
-                GatewayOutput::Federation(_) => {
-                    // This driver configures no federation peers yet (issue 15), so the
-                    // model makes no link outputs.
-                    debug_assert!(false, "a federation output without federation peers");
-                }
+                GatewayOutput::Federation(output) => self.federation_output(output),
                 GatewayOutput::PauseReading(conn, pause) => {
                     if let Some(session) = self.routes.get(&conn).and_then(|r| r.session.as_ref()) {
                         session.pause_reading(pause);
@@ -1033,6 +1146,39 @@ impl Core {
 
 impl Core {
     /// Queues a chunk for its connection's chunk server (started at the first).
+    /// Carries out what the federation machine asks, and logs what it reports.
+    fn federation_output(&mut self, output: FederationOutput) {
+        let Some(links) = &mut self.federation else {
+            debug_assert!(false, "a federation output without federation links");
+            return;
+        };
+        match output {
+            FederationOutput::Connect { peer } => links.dial(peer),
+            FederationOutput::Send(conn, frame) => links.send(conn, frame),
+            FederationOutput::Close(conn) => links.close(conn),
+            FederationOutput::Received { peer, seq, body } => {
+                // Nothing consumes entries yet (relays and fan-out come next, issue 15).
+                tracing::debug!(%peer, seq, bytes = body.len(), "federation entry received");
+            }
+            FederationOutput::LinkUp { peer } => {
+                tracing::info!(%peer, "federation link up");
+            }
+            FederationOutput::LinkDown { peer, reason } => {
+                tracing::warn!(%peer, %reason, "federation link down; it is dialed again with backoff");
+            }
+            FederationOutput::HistoryBehind { peer, peer_cursor } => {
+                tracing::error!(%peer, peer_cursor, "a federation peer took entries numbered past this gateway's last: this data directory is older than the peer's view of it (restored from a backup, or reset); numbering goes on after the peer's cursor");
+            }
+            FederationOutput::Refused { conn, reason } => {
+                let peer = links
+                    .routes
+                    .get(&conn)
+                    .map(|r| r.connection.remote_address());
+                tracing::warn!(?peer, %reason, "federation connection refused");
+            }
+        }
+    }
+
     fn serve_chunk(&mut self, chunk: ChunkToServe) {
         let conn = chunk.conn;
         let (Some(route), Some(s)) = (self.routes.get_mut(&conn), &self.serving) else {

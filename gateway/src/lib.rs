@@ -14,6 +14,7 @@ mod chunks;
 #[cfg(unix)]
 pub mod control;
 pub mod driver;
+pub mod federation;
 pub mod metrics;
 #[cfg(unix)]
 pub mod web;

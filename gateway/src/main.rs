@@ -12,6 +12,7 @@ use std::sync::Arc;
 use sund_gateway::admin::{AdminRequest, Printed};
 use sund_gateway::control::{self, AskError};
 use sund_gateway::driver::{self, GatewayOptions};
+use sund_model::federation::handshake::PeerConfig;
 use sund_model::gateway::limits::{Rate, RateLimits};
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::trust::{valid_domain, RegistrationAuthority};
@@ -41,7 +42,9 @@ struct Cli {
     /// conversation_burst, invitations_per_hour, invitation_burst, registrations_per_hour,
     /// registration_burst, contact_requests_per_day,
     /// contact_request_burst, watchlists_per_hour, watchlist_burst, 0 turning one off,
-    /// send_refusals_max, watchlist_max, contacts_max, conversations_max);
+    /// send_refusals_max, watchlist_max, contacts_max, conversations_max;
+    /// and a `[federation]` table: listen (UDP address for peer gateways) and
+    /// `[[federation.peer]]` entries of domain, address (HOST:PORT) and root_fingerprint);
     /// command-line flags win.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -126,6 +129,13 @@ enum Admin {
         /// Device id (`dev:` and 32 hex digits) or device key (64 hex digits).
         device: String,
     },
+    /// Show this gateway's domain and trust-root fingerprint (give both to a peer's operator)
+    /// and each federation link: up or down, entries numbered, acknowledged, queued, taken.
+    Federation {
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the current CRL: version, issue time and revoked devices.
     Crl {
         /// One JSON document instead of lines.
@@ -178,6 +188,7 @@ impl Admin {
             Admin::Devices { json } => AdminRequest::Devices { json },
             Admin::Revoke { device } => AdminRequest::Revoke { device },
             Admin::Crl { json } => AdminRequest::Crl { json },
+            Admin::Federation { json } => AdminRequest::Federation { json },
             Admin::CreateConversation { name, members } => {
                 AdminRequest::CreateConversation { name, members }
             }
@@ -212,6 +223,82 @@ struct FileConfig {
     admin_web: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     limits: Option<LimitsConfig>,
+    federation: Option<FederationConfig>,
+}
+
+/// The `[federation]` table: where links from peer gateways are accepted, and each peer
+/// (`[[federation.peer]]`: its domain, its address and its trust root's fingerprint, which
+/// its operator reads from `sund-gateway admin federation`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FederationConfig {
+    /// UDP address of the federation endpoint (a port of its own, beside `listen`).
+    listen: SocketAddr,
+    #[serde(default)]
+    peer: Vec<PeerEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerEntry {
+    domain: String,
+    /// `HOST:PORT` of the peer's federation endpoint.
+    address: String,
+    /// 32 hex digits.
+    root_fingerprint: String,
+}
+
+impl FederationConfig {
+    /// Checks the table: what the gateway's config and driver take from it.
+    fn take(
+        &self,
+        own_domain: &str,
+    ) -> Result<(Vec<PeerConfig>, sund_gateway::federation::FederationOptions), String> {
+        let mut peers = Vec::new();
+        let mut addresses = std::collections::BTreeMap::new();
+        for entry in &self.peer {
+            if !valid_domain(&entry.domain) {
+                return Err(format!("[[federation.peer]] domain `{}` is not a domain name: use lower-case letters, digits, dots and hyphens", entry.domain));
+            }
+            if entry.domain == own_domain {
+                return Err(format!("[[federation.peer]] names this gateway's own domain `{own_domain}`: list the other gateways"));
+            }
+            let fingerprint = entry.root_fingerprint.trim().to_ascii_lowercase();
+            if fingerprint.len() != 32 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("[[federation.peer]] `{}`: root_fingerprint must be the 32 hex digits its operator reads from `sund-gateway admin federation`", entry.domain));
+            }
+            if entry
+                .address
+                .rsplit_once(':')
+                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+            {
+                return Err(format!(
+                    "[[federation.peer]] `{}`: address `{}` is not HOST:PORT",
+                    entry.domain, entry.address
+                ));
+            }
+            if addresses
+                .insert(entry.domain.clone(), entry.address.clone())
+                .is_some()
+            {
+                return Err(format!(
+                    "[[federation.peer]] `{}` is listed twice",
+                    entry.domain
+                ));
+            }
+            peers.push(PeerConfig {
+                domain: entry.domain.clone(),
+                root_fingerprint: fingerprint,
+            });
+        }
+        Ok((
+            peers,
+            sund_gateway::federation::FederationOptions {
+                listen: self.listen,
+                peers: addresses,
+            },
+        ))
+    }
 }
 
 /// The `[limits]` table: rate limits per device and per user (0 turns one off). Devices
@@ -418,6 +505,14 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
     if let Some(limits) = &file.limits {
         limits.apply(&mut config.limits);
     }
+    let federation = match &file.federation {
+        Some(table) => {
+            let (peers, options) = table.take(&config.domain)?;
+            config.federation_peers = peers;
+            Some(options)
+        }
+        None => None,
+    };
     let endpoints = Endpoints {
         metrics: cli.metrics.or(file.metrics),
         admin_web: cli.admin_web.or(file.admin_web),
@@ -434,6 +529,7 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
                 environment: Arc::new(Production),
                 data_dir,
                 config,
+                federation,
             },
             drain_timeout,
             endpoints,

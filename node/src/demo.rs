@@ -29,6 +29,7 @@ async fn start_gateway(dir: &std::path::Path, listen: SocketAddr) -> Result<Gate
         environment: Arc::new(Production),
         data_dir: dir.join("gateway"),
         config: GatewayConfig::default(),
+        federation: None,
     };
     driver::start(options)
         .await

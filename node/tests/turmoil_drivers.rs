@@ -124,6 +124,7 @@ impl World {
                     environment: Arc::new(Simulated::new(socket, seed32(seed, 1), EPOCH)),
                     data_dir: dir,
                     config: GatewayConfig::default(),
+                    federation: None,
                 };
                 let _handle = gateway_driver::start(options)
                     .await

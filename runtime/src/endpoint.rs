@@ -17,10 +17,15 @@ use crate::chunk_stream::CHUNK_STREAMS_MAX;
 use crate::clock::DriverClock;
 use crate::environment::Environment;
 use crate::seeded;
-use crate::tls::{PinnedCertificate, TlsIdentity};
+use crate::tls::{AnyCertificate, PinnedCertificate, TlsIdentity};
 
 /// ALPN of protocol version 1.
 pub const ALPN: &[u8] = b"sund/1";
+/// The ALPN of links between gateways: a device cannot open one, nor a gateway a device's
+/// session, by mistake.
+pub const FEDERATION_ALPN: &[u8] = b"sund-federation/1";
+/// The TLS exporter label of a federation link's channel binding.
+pub const FEDERATION_EXPORTER_LABEL: &[u8] = b"EXPORTER-sund-federation-v1";
 /// UDP socket buffers: the kernel's 208 KiB default loses QUIC Initial packets under load and
 /// stalls handshakes for about a second.
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;
@@ -259,4 +264,58 @@ pub fn client_endpoint(
     let mut endpoint = stack.endpoint(any, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// A gateway's federation endpoint on `addr`: it accepts links from peer gateways and dials
+/// them (with the client configuration returned), both with ALPN [`FEDERATION_ALPN`]. Either
+/// side may open the one bidirectional stream of a link; keep-alives run both ways.
+pub fn federation_endpoint(
+    environment: &dyn Environment,
+    addr: SocketAddr,
+    identity: &TlsIdentity,
+) -> Result<(quinn::Endpoint, quinn::ClientConfig), QuicError> {
+    let stack = Stack::new(environment, addr)?;
+    let provider = stack.tls_provider();
+    let mut transport = transport_config(Side::Server);
+    transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    transport.max_concurrent_uni_streams(0u8.into());
+    let transport = Arc::new(transport);
+    let mut server = rustls::ServerConfig::builder_with_details(provider.clone(), stack.tls_time())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| QuicError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![identity.cert.clone()],
+            PrivateKeyDer::Pkcs8(identity.key.clone_key()),
+        )
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
+    server.alpn_protocols = vec![FEDERATION_ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(server).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut server = stack.server_config(Arc::new(crypto));
+    server.transport_config(transport.clone());
+    let mut client = rustls::ClientConfig::builder_with_details(provider.clone(), stack.tls_time())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| QuicError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate { provider }))
+        .with_no_client_auth();
+    client.alpn_protocols = vec![FEDERATION_ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(client).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport);
+    if let Some(seed) = &stack.seed {
+        client.initial_dst_cid_provider(seeded::initial_connection_ids(seed));
+    }
+    let endpoint = stack.endpoint(addr, Some((server, identity.reset_key())))?;
+    Ok((endpoint, client))
+}
+
+/// A federation connection's channel binding: the TLS exporter under
+/// [`FEDERATION_EXPORTER_LABEL`], the same at both ends of one TLS session.
+pub fn federation_binding(connection: &quinn::Connection) -> Option<[u8; 32]> {
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, FEDERATION_EXPORTER_LABEL, b"")
+        .ok()?;
+    Some(binding)
 }

@@ -424,6 +424,7 @@ fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
                 environment: Arc::new(environment),
                 data_dir: w.root.join("gateway"),
                 config: w.plan.gateway_config.clone(),
+                federation: None,
             };
             let error = match gateway_driver::start(options).await {
                 // A full disk makes the gateway refuse sessions until it can commit again (it

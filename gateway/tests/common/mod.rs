@@ -27,6 +27,7 @@ pub async fn gateway(dir: &Path, hello_timeout: Duration) -> GatewayHandle {
             hello_timeout,
             ..GatewayConfig::default()
         },
+        federation: None,
     };
     driver::start(options).await.unwrap()
 }

@@ -196,6 +196,31 @@ pub struct FederationStats {
     pub cursor_ahead: u64,
 }
 
+/// One link as an operator sees it ([`Federation::links`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkReport {
+    /// The peer's domain.
+    pub domain: String,
+    /// The peer's trust-root fingerprint, as configured.
+    pub root_fingerprint: String,
+    /// True if this gateway dials (its domain sorts first).
+    pub dials: bool,
+    /// `up`, `down`, `dialing` or `authenticating`.
+    pub state: &'static str,
+    /// Entries numbered for the peer so far.
+    pub numbered: u64,
+    /// The highest the peer acknowledged.
+    pub acknowledged: u64,
+    /// Entries queued, not yet acknowledged.
+    pub queued: usize,
+    /// The last entry taken from the peer.
+    pub taken: u64,
+    /// Dials that failed since the link was last up.
+    pub failed_attempts: u32,
+    /// Time since the peer was last heard.
+    pub silent_for: Duration,
+}
+
 enum LinkState {
     /// Not connected; a dialer dials again at `retry_at`.
     Down { retry_at: Instant },
@@ -540,6 +565,30 @@ impl Federation {
     /// The last number given to an entry for `peer` (0: none yet).
     pub fn numbered(&self, peer: &str) -> u64 {
         self.links.get(peer).map_or(0, |l| l.numbered)
+    }
+
+    /// Every configured link as an operator sees it, by domain.
+    pub fn links(&self, now: Instant) -> Vec<LinkReport> {
+        self.links
+            .iter()
+            .map(|(domain, l)| LinkReport {
+                domain: domain.clone(),
+                root_fingerprint: l.peer.root_fingerprint.clone(),
+                dials: l.dials,
+                state: match l.state {
+                    LinkState::Down { .. } => "down",
+                    LinkState::Dialing { .. } => "dialing",
+                    LinkState::Hello { .. } | LinkState::Finishing { .. } => "authenticating",
+                    LinkState::Up { .. } => "up",
+                },
+                numbered: l.numbered,
+                acknowledged: l.acked,
+                queued: l.outbox.len(),
+                taken: l.cursor,
+                failed_attempts: l.attempts,
+                silent_for: now.saturating_since(l.last_heard),
+            })
+            .collect()
     }
 
     /// Entries queued for `peer` and not yet acknowledged.

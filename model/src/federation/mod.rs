@@ -16,5 +16,6 @@ pub mod handshake;
 pub mod link;
 
 pub use link::{
-    EnqueueError, Federation, FederationInput, FederationOutput, FederationStats, LinkTimers,
+    EnqueueError, Federation, FederationInput, FederationOutput, FederationStats, LinkReport,
+    LinkTimers,
 };
