@@ -301,8 +301,17 @@ pub fn open_store(
     disk: Option<sund_runtime::sim_disk::SimulatedDisk>,
 ) -> Result<RedbStore, StoreError> {
     let values = path.with_file_name("values");
-    RedbStore::open_with(path, disk)?.with_value_files(&values, &[BLOBS_TABLE])
+    let store = match disk {
+        Some(disk) => RedbStore::open_with(path, Some(disk))?,
+        // An admin command that found a restarting gateway's control socket dead opens the
+        // database itself for a moment: wait for it rather than fail to start.
+        None => RedbStore::open_patiently(path, STORE_OPEN_PATIENCE)?,
+    };
+    store.with_value_files(&values, &[BLOBS_TABLE])
 }
+
+/// How long a starting gateway waits for another process to let go of its database.
+pub const STORE_OPEN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Starts a gateway: opens (or creates) its data directory, recovers its state, listens.
 pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError> {

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use sund_model::env::{Store, StoreError, StoreRead, Table, Visit, WriteBatch, WriteOp};
@@ -103,6 +104,24 @@ impl RedbStore {
             created: !existed,
             values: None,
         })
+    }
+
+    /// [`RedbStore::open`], waiting up to `patience` while another process holds the database
+    /// (such as a short `sund-gateway admin` command that found the control socket of a
+    /// gateway that was restarting and opened the database itself) instead of failing at once.
+    /// Any other error, or one that lasts, is returned as it is.
+    pub fn open_patiently(path: &Path, patience: Duration) -> Result<RedbStore, StoreError> {
+        let started = std::time::Instant::now();
+        loop {
+            match RedbStore::open(path) {
+                Err(StoreError::Refused(why))
+                    if why == in_use(path) && started.elapsed() < patience =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Keeps the values of `tables` in files under `root` instead of in the database (see
@@ -351,6 +370,23 @@ mod tests {
     use super::*;
 
     const T: Table = Table("t");
+
+    #[test]
+    fn a_patient_open_waits_for_a_short_holder_and_not_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let held = RedbStore::open(&path).unwrap();
+        let refused = RedbStore::open_patiently(&path, Duration::ZERO)
+            .err()
+            .unwrap();
+        assert!(refused.to_string().contains("in use"), "{refused}");
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        RedbStore::open_patiently(&path, Duration::from_secs(10)).unwrap();
+        holder.join().unwrap();
+    }
 
     #[test]
     fn committed_writes_survive_reopening_and_scan_in_key_order() {
