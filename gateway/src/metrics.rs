@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sund_model::federation::{FederationStats, LinkReport};
 use sund_model::gateway::{Gateway, GatewayStats};
+use sund_model::time::Instant;
 use sund_model::wire::payload::ErrorCode;
 use sund_runtime::metrics::{Stages, Summary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,16 +44,26 @@ pub struct Gauges {
     pub crl_version: u64,
     /// Devices whose KeyPackage pool is below the replenish threshold.
     pub key_package_pools_low: usize,
+    /// Each federation link (its peer's domain is the operator's configuration, not user
+    /// data, so it may label a series).
+    pub links: Vec<LinkReport>,
+    /// The federation machine's counters, if this gateway federates.
+    pub federation: Option<FederationStats>,
 }
 
 impl Gauges {
     /// Reads them from the machine.
-    pub fn of(gateway: &Gateway) -> Gauges {
+    pub fn of(gateway: &Gateway, now: Instant) -> Gauges {
         Gauges {
             sessions_open: gateway.session_count(),
             conversations: gateway.conversations().count(),
             crl_version: gateway.registration_authority().crl().version,
             key_package_pools_low: gateway.key_package_pools_low(),
+            links: gateway
+                .federation()
+                .map(|f| f.links(now))
+                .unwrap_or_default(),
+            federation: gateway.federation().map(|f| f.stats()),
         }
     }
 }
@@ -113,7 +125,7 @@ async fn answer(mut stream: TcpStream, admin: &AdminClient, stages: &Stages) {
     let (status, body) = match (method, path) {
         (b"GET", Some(b"/metrics" | b"/")) => {
             let now = admin
-                .inspect(|gateway, _| (gateway.stats(), Gauges::of(gateway)))
+                .inspect(|gateway, now| (gateway.stats(), Gauges::of(gateway, now)))
                 .await;
             let report = stages.report();
             ("200 OK", render(now.as_ref(), &report))
@@ -175,6 +187,7 @@ pub fn render(
         for (name, value) in counters {
             let _ = writeln!(out, "# TYPE {name}_total counter\n{name}_total {value}");
         }
+        federation_lines(&mut out, gauges);
         let _ = writeln!(out, "# HELP sund_gateway_refusals_total errors and goodbyes sent, by code\n# TYPE sund_gateway_refusals_total counter");
         for slot in 1..=u16::from(u8::MAX) {
             let code = ErrorCode::from_u16(slot);
@@ -219,6 +232,63 @@ pub fn render(
         1.0,
     );
     out
+}
+
+/// Per peer: whether its link is up, entries queued for it, numbered for it and taken from it;
+/// and the federation machine's counters.
+fn federation_lines(out: &mut String, gauges: &Gauges) {
+    let Some(stats) = &gauges.federation else {
+        return;
+    };
+    type Figure = fn(&LinkReport) -> u64;
+    let per_peer: [(&str, &str, &str, Figure); 4] = [
+        (
+            "sund_gateway_federation_link_up",
+            "gauge",
+            "1 while the link to the peer is up",
+            |l| u64::from(l.state == "up"),
+        ),
+        (
+            "sund_gateway_federation_queued",
+            "gauge",
+            "entries queued for the peer, not yet acknowledged",
+            |l| l.queued as u64,
+        ),
+        (
+            "sund_gateway_federation_numbered_total",
+            "counter",
+            "entries numbered for the peer",
+            |l| l.numbered,
+        ),
+        (
+            "sund_gateway_federation_taken_total",
+            "counter",
+            "entries taken from the peer",
+            |l| l.taken,
+        ),
+    ];
+    for (name, kind, help, figure) in per_peer {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for link in &gauges.links {
+            // Domains are letters, digits, dots and hyphens: nothing to escape.
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", link.domain, figure(link));
+        }
+    }
+    for (name, value) in [
+        ("links_up", stats.links_up),
+        ("links_down", stats.links_down),
+        ("handshakes_refused", stats.handshakes_refused),
+        ("protocol_errors", stats.protocol_errors),
+        ("resent", stats.resent),
+        ("duplicates", stats.duplicates),
+        ("gaps", stats.gaps),
+        ("cursor_ahead", stats.cursor_ahead),
+    ] {
+        let _ = writeln!(
+            out,
+            "# TYPE sund_gateway_federation_{name}_total counter\nsund_gateway_federation_{name}_total {value}"
+        );
+    }
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
@@ -294,6 +364,22 @@ mod tests {
             conversations: 5,
             crl_version: 7,
             key_package_pools_low: 1,
+            links: vec![LinkReport {
+                domain: "b.example".into(),
+                root_fingerprint: "00".repeat(16),
+                dials: true,
+                state: "up",
+                numbered: 9,
+                acknowledged: 7,
+                queued: 2,
+                taken: 4,
+                failed_attempts: 0,
+                silent_for: Duration::from_secs(1),
+            }],
+            federation: Some(FederationStats {
+                links_up: 3,
+                ..FederationStats::default()
+            }),
         };
         let text = render(Some(&(stats, gauges)), &Default::default());
         for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -317,6 +403,11 @@ mod tests {
             "sund_gateway_refusals_total{code=\"malformed_frame\"} 0",
             "sund_gateway_stage_seconds_count{stage=\"fsync\"} 0",
             "sund_gateway_commit_writes_count 0",
+            "sund_gateway_federation_link_up{peer=\"b.example\"} 1",
+            "sund_gateway_federation_queued{peer=\"b.example\"} 2",
+            "sund_gateway_federation_numbered_total{peer=\"b.example\"} 9",
+            "sund_gateway_federation_taken_total{peer=\"b.example\"} 4",
+            "sund_gateway_federation_links_up_total 3",
         ] {
             assert!(
                 text.lines().any(|l| l == expected),

@@ -330,7 +330,7 @@ async fn overview(
     }
     let now = web
         .admin
-        .inspect(|gateway, _| (gateway.stats(), Gauges::of(gateway)))
+        .inspect(|gateway, now| (gateway.stats(), Gauges::of(gateway, now)))
         .await;
     match now {
         Some((stats, gauges)) => hardened(

@@ -159,6 +159,14 @@ fn two_gateways_link_authenticated_come_back_after_sigkill_and_refuse_an_imposto
         b_port,
         Some((b_link, "a.example", a_link, &fa)),
     );
+    let metrics = free_tcp_addr();
+    let mut text = std::fs::read_to_string(at("a.toml")).unwrap();
+    text = text.replacen(
+        "\n[federation]",
+        &format!("metrics = {metrics:?}\n\n[federation]"),
+        1,
+    );
+    std::fs::write(at("a.toml"), text).unwrap();
     let a = start(&at("a.toml"), &at("a.log"));
     let b = start(&at("b.toml"), &at("b.log"));
     wait_for_socket(&at("a").join("admin.sock"));
@@ -170,6 +178,19 @@ fn two_gateways_link_authenticated_come_back_after_sigkill_and_refuse_an_imposto
     );
     let up_b = wait_for_link(&at("b.toml"), "a.example", "up", Duration::from_secs(30));
     assert!(up_b.contains("(the peer dials)"), "{up_b}");
+    // A scraper sees the link per peer.
+    let figures = scrape(&metrics);
+    for expected in [
+        "sund_gateway_federation_link_up{peer=\"b.example\"} 1",
+        "sund_gateway_federation_queued{peer=\"b.example\"} 0",
+        "sund_gateway_federation_links_up_total 1",
+        "sund_gateway_federation_handshakes_refused_total 0",
+    ] {
+        assert!(
+            figures.lines().any(|l| l == expected),
+            "no {expected} in:\n{figures}"
+        );
+    }
 
     // B is killed without a word and comes back on the same ports: the link is up again.
     let mut b = b;
@@ -207,6 +228,14 @@ fn two_gateways_link_authenticated_come_back_after_sigkill_and_refuse_an_imposto
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(a_log.contains(&fb), "the refusal names the pinned root too");
+    let figures = scrape(&metrics);
+    assert!(
+        figures.lines().any(
+            |l| l.starts_with("sund_gateway_federation_handshakes_refused_total ")
+                && !l.ends_with(" 0")
+        ),
+        "{figures}"
+    );
     let status = admin_federation(&at("a.toml"));
     assert!(
         !status
@@ -216,6 +245,20 @@ fn two_gateways_link_authenticated_come_back_after_sigkill_and_refuse_an_imposto
     );
     terminate(c);
     terminate(a);
+}
+
+/// The metrics endpoint's exposition.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+        .split_once("\r\n\r\n")
+        .expect("an HTTP answer")
+        .1
+        .to_string()
 }
 
 fn wait_for_socket(path: &Path) {
