@@ -28,6 +28,8 @@ const OWN_STREAM: u64 = 0x004f_574e_4752;
 const FEDERATION_STREAM: u64 = 0x0046_4544_4552;
 /// The stream invitation limits are drawn from (see `draw_invitation_limit`).
 const INVITATION_STREAM: u64 = 0x0049_4e56_4954;
+/// The stream graceful drains of the gateway are drawn from (see `draw_drain`).
+const DRAIN_STREAM: u64 = 0x0044_5241_494e;
 
 /// What kind of world a swarm seed builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,6 +124,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "own-devices",
     "invitation-limit",
     "federation",
+    "drain",
 ];
 
 struct Draw {
@@ -616,6 +619,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if invitation_limit {
         mix.insert("invitation-limit");
     }
+    if draw_drain(seed, duration_s, &mut out) {
+        mix.insert("drain");
+    }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
     if !mls_convs.is_empty() || own {
@@ -754,6 +760,35 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
         );
     }
     Some(FederationDraw { gateways, text })
+}
+
+/// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before
+/// drains existed), whether the home gateway is drained as on SIGTERM once or twice (new
+/// connections refused, every session told goodbye with a retry hint, the commits in flight
+/// finished) and started again 0.2–4 s later: what an operator's restart does, beside the
+/// crashes other streams draw.
+fn draw_drain(seed: u64, duration_s: u64, out: &mut String) -> bool {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(DRAIN_STREAM),
+    };
+    if !d.chance(0.15) {
+        return false;
+    }
+    let end_ms = duration_s * 1_000;
+    let mut from = 500;
+    let mut drawn = false;
+    for _ in 0..d.range(1, 2) {
+        if from + 300 >= end_ms {
+            break;
+        }
+        let at = d.range(from, (from + end_ms) / 2);
+        let back = at + d.range(200, 4_000);
+        let _ = writeln!(out, "at {at}ms drain gw");
+        let _ = writeln!(out, "at {back}ms restart gw");
+        drawn = true;
+        from = back + 100;
+    }
+    drawn
 }
 
 /// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before),

@@ -811,6 +811,8 @@ impl World {
         for &conn in &conns {
             self.network.kill(conn);
         }
+        // A crash ends a drain: the gateway that starts again accepts connections.
+        self.drains.crashed(a);
         let actor = &mut self.actors[a as usize];
         actor.up = false;
         actor.pending.clear(); // uncommitted writes and the outputs they held are lost
@@ -872,6 +874,10 @@ impl World {
                     incarnation,
                 },
             );
+        } else {
+            // A drain that waited only for the disk (nothing pending) can stop now; with
+            // commits pending it stops when they are done.
+            self.finish_drain_if_done(a);
         }
     }
 

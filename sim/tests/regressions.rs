@@ -134,3 +134,21 @@ fn paced_own_deliveries_swarm_61459_shrunk_keeps_the_outbox_moving() {
         61459,
     );
 }
+
+/// A drain that waited for a stalled disk with nothing pending was never checked again once the
+/// disk resumed: the gateway refused connections for good (a simulator bug, found by the first
+/// swarm seeds to draw drains).
+#[test]
+fn drain_on_a_stalled_disk_swarm_162_finishes_when_the_disk_resumes() {
+    run(
+        "tests/regressions/drain-on-a-stalled-disk-swarm-162.sund",
+        162,
+    );
+}
+
+/// A gateway that crashed while draining stayed marked as draining and, started again, refused
+/// every connection (a simulator bug).
+#[test]
+fn crash_while_draining_swarm_918_ends_the_drain() {
+    run("tests/regressions/crash-while-draining-swarm-918.sund", 918);
+}

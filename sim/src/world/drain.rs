@@ -66,6 +66,12 @@ impl Drains {
         self.active.contains_key(&gateway)
     }
 
+    /// The gateway crashed (or stopped): a drain it was in is over, with no stop to report.
+    pub(super) fn crashed(&mut self, gateway: ActorIndex) {
+        self.active.remove(&gateway);
+        self.closing.remove(&gateway);
+    }
+
     /// Whether a frame on `conn` (a goodbye) is still to arrive before it may close.
     pub(super) fn awaits_arrival(&self, conn: u64) -> bool {
         self.last_arrival.contains_key(&conn)
@@ -193,6 +199,12 @@ impl World {
             a.durable_while_lying = Some(a.disk.clone());
         }
         self.crash_actor(gateway);
+        if self.healing {
+            // A drain that could finish only after the heal (its commits waited on a stalled
+            // disk) stops the gateway after `heal_all` started everything: start it again, as
+            // the operator who signalled it would, or it would stay down for good.
+            self.start_actor(gateway);
+        }
     }
 
     /// A connection the gateway accepted: the first per device after a drain is a reconnect.
