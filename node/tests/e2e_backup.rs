@@ -269,3 +269,74 @@ fn a_backup_restored_into_a_new_device_gives_back_names_verified_users_and_files
         "{said}"
     );
 }
+
+#[test]
+fn a_passphrase_typed_on_a_terminal_is_asked_twice_and_never_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", &path("gw")]);
+    let dir = path("alice");
+    init_device(&dir, "127.0.0.1:9", cert.trim(), Some("alice"), None);
+    run(&sund(), &["contact", "--data-dir", &dir, "bob"]);
+    let sund = sund();
+    let shell = |args: &str| {
+        format!(
+            "env -u SUND_BACKUP_PASSPHRASE {} {args}; echo EXIT=$?; sleep 60",
+            sund.display()
+        )
+    };
+    let secret = "typed on a terminal";
+    // Asked twice, without echo; the backup is written.
+    let backup = path("typed.backup");
+    let term = Tmux::start(&shell(&format!("backup --data-dir {dir} {backup}")));
+    term.wait_for("the first prompt", |s| {
+        s.contains("passphrase for the backup:")
+    });
+    term.type_text(secret);
+    term.key("Enter");
+    term.wait_for("the second prompt", |s| {
+        s.contains("the same passphrase again:")
+    });
+    term.type_text(secret);
+    term.key("Enter");
+    let screen = term.wait_for("the end", |s| s.contains("EXIT="));
+    assert!(
+        screen.contains("EXIT=0") && screen.contains("backed up alice's"),
+        "{screen}"
+    );
+    assert!(
+        !screen.contains(secret),
+        "the passphrase was shown:\n{screen}"
+    );
+    drop(term);
+    // Two different answers: nothing is written.
+    let other = path("other.backup");
+    let term = Tmux::start(&shell(&format!("backup --data-dir {dir} {other}")));
+    term.wait_for("the first prompt", |s| {
+        s.contains("passphrase for the backup:")
+    });
+    term.type_text(secret);
+    term.key("Enter");
+    term.wait_for("the second prompt", |s| {
+        s.contains("the same passphrase again:")
+    });
+    term.type_text("typed on a terminal, but not the same");
+    term.key("Enter");
+    let screen = term.wait_for("the end", |s| s.contains("EXIT="));
+    assert!(
+        screen.contains("EXIT=1") && screen.contains("the two passphrases differ"),
+        "{screen}"
+    );
+    assert!(!std::path::Path::new(&other).exists());
+    drop(term);
+    // A restore asks once; into the device it came from, it says so.
+    let term = Tmux::start(&shell(&format!("restore --data-dir {dir} {backup}")));
+    term.wait_for("the prompt", |s| s.contains("passphrase for the backup:"));
+    term.type_text(secret);
+    term.key("Enter");
+    let screen = term.wait_for("the end", |s| s.contains("EXIT="));
+    assert!(
+        screen.contains("EXIT=0") && screen.contains("the backup is of this very device"),
+        "{screen}"
+    );
+}
