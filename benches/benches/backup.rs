@@ -54,6 +54,7 @@ fn sealing(c: &mut Criterion) {
         kdf: KdfParams::BACKUP,
         salt: [3; 16],
         nonce_prefix: [4; 7],
+        key_check: [0; 16],
     };
     group.bench_function("argon2id 64 MiB x3", |b| {
         b.iter(|| black_box(header.derive_key(black_box(PASS))))

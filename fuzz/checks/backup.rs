@@ -24,6 +24,7 @@ pub fn backup_fuzz_header() -> sund_runtime::sealed::Header {
         },
         salt: [0; 16],
         nonce_prefix: [0; 7],
+        key_check: [0; 16],
     }
 }
 
@@ -38,9 +39,9 @@ pub fn check_backup_decode(data: &[u8]) {
         assert!(header.kdf.check().is_ok(), "a decoded header has bounded settings");
         assert_eq!(&header.encode()[..], &data[..HEADER_LEN], "header round trip");
     }
-    let header = backup_fuzz_header();
     static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
-    let key = KEY.get_or_init(|| *header.derive_key(BACKUP_FUZZ_PASSPHRASE));
+    let key = KEY.get_or_init(|| *backup_fuzz_header().derive_key(BACKUP_FUZZ_PASSPHRASE));
+    let header = backup_fuzz_header().with_key_check(key);
     if let Ok(mut reader) = SealReader::with_key(data, &header, key) {
         let mut plain = Vec::new();
         if reader.read_to_end(&mut plain).is_ok() {

@@ -798,6 +798,11 @@ impl Core {
                 .connection
                 .close(CLOSE_STORAGE_UNAVAILABLE.into(), STORAGE_UNAVAILABLE_REASON);
         }
+        // The federation machine goes with the rest: its links end too (the machine recovered
+        // later dials or is dialed again), rather than linger unknown to it.
+        if let Some(links) = &mut self.federation {
+            links.close_links();
+        }
         self.retry_at = tokio::time::Instant::now() + STORAGE_RETRY;
     }
 

@@ -11,9 +11,9 @@
 //! routes a session's frames by its id.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +29,11 @@ pub const LINK_CONNS: u64 = 1 << 62;
 
 /// How long a dial or an accepted link may take to open its stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Link connections accepted at once, from all addresses: a gateway has a handful of peers,
+/// so anyone opening connections to the federation port by the thousand is refused.
+const ACCEPTED_MAX: usize = 64;
+/// Link connections accepted at once from one address.
+const ACCEPTED_PER_ADDRESS_MAX: usize = 4;
 
 /// What a gateway needs to run links beside its machine's federation config.
 #[derive(Clone, Debug)]
@@ -163,11 +168,16 @@ impl Links {
         }
     }
 
-    /// Closes every link (the gateway stops).
-    pub(crate) fn close_all(&mut self) {
+    /// Closes every link, keeping the endpoint (the store failed; the machine goes).
+    pub(crate) fn close_links(&mut self) {
         for conn in self.routes.keys().copied().collect::<Vec<_>>() {
             self.close(conn);
         }
+    }
+
+    /// Closes every link and the endpoint (the gateway stops).
+    pub(crate) fn close_all(&mut self) {
+        self.close_links();
         self.endpoint.close(0u32.into(), b"gateway shut down");
     }
 }
@@ -234,32 +244,81 @@ async fn opened(
     let _ = events.send(Link::PeerStream(conn, handle)).await;
 }
 
+/// Accepted link connections open now, per address.
+#[derive(Default)]
+struct Admission {
+    per_address: BTreeMap<IpAddr, usize>,
+    total: usize,
+}
+
+impl Admission {
+    fn admit(&mut self, ip: IpAddr) -> bool {
+        let here = self.per_address.entry(ip).or_default();
+        if *here >= ACCEPTED_PER_ADDRESS_MAX || self.total >= ACCEPTED_MAX {
+            return false;
+        }
+        *here += 1;
+        self.total += 1;
+        true
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        if let Some(here) = self.per_address.get_mut(&ip) {
+            *here -= 1;
+            if *here == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
+        self.total = self.total.saturating_sub(1);
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     next_conn: Arc<AtomicU64>,
     events: mpsc::Sender<Link>,
 ) {
+    let admission = Arc::new(Mutex::new(Admission::default()));
+    let mut refused_logged: Option<tokio::time::Instant> = None;
     while let Some(incoming) = endpoint.accept().await {
+        let ip = incoming.remote_address().ip();
+        if !admission.lock().expect("not poisoned").admit(ip) {
+            let now = tokio::time::Instant::now();
+            if refused_logged.is_none_or(|at| now >= at + Duration::from_secs(60)) {
+                refused_logged = Some(now);
+                tracing::warn!(%ip, per_address_max = ACCEPTED_PER_ADDRESS_MAX, total_max = ACCEPTED_MAX, "federation connection refused: too many at once");
+            }
+            incoming.refuse();
+            continue;
+        }
         let conn = ConnectionId(next_conn.fetch_add(1, Ordering::Relaxed));
         let events = events.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            let from = incoming.remote_address();
-            let accepted = async {
-                let connection = incoming.await.map_err(|e| e.to_string())?;
-                let binding = federation_binding(&connection)
-                    .ok_or_else(|| "the TLS session gives no channel binding".to_string())?;
-                let (send, recv) = connection.accept_bi().await.map_err(|e| e.to_string())?;
-                Ok::<_, String>((connection, send, recv, binding))
-            };
-            match tokio::time::timeout(OPEN_TIMEOUT, accepted).await {
-                Ok(Ok((connection, send, recv, binding))) => {
-                    opened(conn, connection, send, recv, binding, None, events).await;
-                }
-                Ok(Err(why)) => {
-                    tracing::info!(%from, %why, "a federation connection failed before its link opened")
-                }
-                Err(_) => tracing::info!(%from, "a federation connection opened no link in time"),
-            }
+            accept_one(incoming, conn, events).await;
+            admission.lock().expect("not poisoned").release(ip);
         });
+    }
+}
+
+/// One accepted link connection, until it closes (its admission slot is held meanwhile).
+async fn accept_one(incoming: quinn::Incoming, conn: ConnectionId, events: mpsc::Sender<Link>) {
+    let from = incoming.remote_address();
+    let accepted = async {
+        let connection = incoming.await.map_err(|e| e.to_string())?;
+        let binding = federation_binding(&connection)
+            .ok_or_else(|| "the TLS session gives no channel binding".to_string())?;
+        let (send, recv) = connection.accept_bi().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((connection, send, recv, binding))
+    };
+    match tokio::time::timeout(OPEN_TIMEOUT, accepted).await {
+        Ok(Ok((connection, send, recv, binding))) => {
+            opened(conn, connection.clone(), send, recv, binding, None, events).await;
+            connection.closed().await;
+        }
+        Ok(Err(why)) => {
+            tracing::info!(%from, %why, "a federation connection failed before its link opened")
+        }
+        Err(_) => tracing::info!(%from, "a federation connection opened no link in time"),
     }
 }

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sund_model::env::{scan_all, Entropy, Store, Table, WriteBatch};
+use sund_model::files::{ContentHash, Manifest};
 use sund_model::node::contact_book::ContactRecord;
 use sund_model::node::files::{CHUNK_BYTES_TABLE, CHUNK_INDEX_TABLE, FILES_TABLE};
 use sund_model::node::transfers::{OfferState, NODE_OFFERS_TABLE};
@@ -153,16 +154,21 @@ pub fn backup(
         ));
     }
     let store = open_store(data_dir)?;
+    // Written under a name of its own beside the destination, then linked to it (which,
+    // unlike a rename, never replaces a file that appeared meanwhile): a backup that exists is
+    // whole.
+    let mut suffix = [0u8; 8];
+    OsEntropy.fill_bytes(&mut suffix);
     let mut part = dest.as_os_str().to_owned();
-    part.push(".part");
+    part.push(format!(".{}.part", sund_model::hex::encode(&suffix)));
     let part = PathBuf::from(part);
-    let _ = std::fs::remove_file(&part);
     let result = write_backup(&device, &user, &store, &part, passphrase, kdf);
     match result {
         Ok(contents) => {
             let bytes = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-            std::fs::rename(&part, dest)
-                .map_err(|e| format!("cannot name the backup {}: {e}", dest.display()))?;
+            let linked = std::fs::hard_link(&part, dest);
+            let _ = std::fs::remove_file(&part);
+            linked.map_err(|e| format!("cannot name the backup {}: {e}", dest.display()))?;
             if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
                 File::open(dir)
                     .and_then(|d| d.sync_all())
@@ -239,11 +245,32 @@ fn write_backup(
         Ok(())
     })
     .map_err(|e| e.to_string())?;
+    // Their chunks: (conversation, hash) for the index, the hash for the bytes.
+    let mut indexed = std::collections::BTreeSet::new();
+    let mut hashes = std::collections::BTreeSet::new();
+    scan_all(store, FILES_TABLE, |key, value| {
+        if whole.contains(key) {
+            if let Ok(manifest) = Manifest::decode(value) {
+                for chunk in &manifest.chunks {
+                    indexed.insert([&key[..16], &chunk.hash.0[..]].concat());
+                    hashes.insert(chunk.hash.0.to_vec());
+                }
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
     for table in TABLES {
         let mut error = None;
-        let keyed_by_file = table == NODE_OFFERS_TABLE || table == FILES_TABLE;
         scan_all(store, table, |key, value| {
-            if keyed_by_file && !whole.contains(key) {
+            let carried = if table == NODE_OFFERS_TABLE || table == FILES_TABLE {
+                whole.contains(key)
+            } else if table == CHUNK_INDEX_TABLE {
+                indexed.contains(key)
+            } else {
+                hashes.contains(key)
+            };
+            if !carried {
                 return Ok(());
             }
             count_row(&mut contents, table.0, value);
@@ -333,6 +360,53 @@ impl Opened {
     }
 }
 
+/// What the checking pass learns of the rows, so that a restore writes only rows the device
+/// will read back as its own recovery does (a row it cannot read would stop it from starting).
+#[derive(Default)]
+struct RowCheck {
+    /// (conversation, digest) of each offer and of each manifest.
+    offers: std::collections::BTreeSet<Vec<u8>>,
+    manifests: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl RowCheck {
+    /// Checks one row as the device's recovery reads it.
+    fn check(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+        if table == NODE_OFFERS_TABLE.0 {
+            // Key: conversation and digest; value: upload, sender, state (complete only).
+            if key.len() != 48 || value.len() != 33 {
+                return Err("a file offer of the wrong size".into());
+            }
+            if value[32] != OfferState::Complete as u8 {
+                return Err("an offer of a file not received whole".into());
+            }
+            self.offers.insert(key.to_vec());
+        } else if table == FILES_TABLE.0 {
+            let manifest = Manifest::decode(value)
+                .map_err(|e| format!("a file's manifest that does not decode ({e})"))?;
+            if key.len() != 48 || manifest.digest().0[..] != key[16..] {
+                return Err("a file's manifest under another file's key".into());
+            }
+            self.manifests.insert(key.to_vec());
+        } else if table == CHUNK_INDEX_TABLE.0 && (key.len() != 48 || value.len() != 4) {
+            return Err("a chunk index entry of the wrong size".into());
+        } else if table == CHUNK_BYTES_TABLE.0
+            && (key.len() != 32 || ContentHash::of(value).0[..] != key[..])
+        {
+            return Err("a file chunk whose bytes do not match their hash".into());
+        }
+        Ok(())
+    }
+
+    /// Offers and manifests go in pairs.
+    fn check_whole(&self) -> Result<(), String> {
+        if self.offers != self.manifests {
+            return Err("files whose offer or manifest is missing".into());
+        }
+        Ok(())
+    }
+}
+
 /// The backup's text files and what it holds, read in the checking pass.
 struct Checked {
     about: About,
@@ -360,6 +434,7 @@ fn check(opened: &Opened) -> Result<Checked, String> {
     };
     let mut files = BTreeMap::new();
     let mut contents = Contents::default();
+    let mut rows = RowCheck::default();
     while let Some(entry) = entries.next_entry().map_err(named)? {
         match entry {
             Entry::File { name, bytes } => {
@@ -373,16 +448,18 @@ fn check(opened: &Opened) -> Result<Checked, String> {
                     .map_err(|_| malformed(format!("file {name} is not UTF-8")))?;
                 files.insert(name, text);
             }
-            Entry::Row { table, value, .. } => {
+            Entry::Row { table, key, value } => {
                 if table_named(&table).is_none() {
                     return Err(malformed(format!(
                         "a row of table {table:?}, which a device backup does not carry"
                     )));
                 }
+                rows.check(&table, &key, &value).map_err(malformed)?;
                 count_row(&mut contents, &table, &value);
             }
         }
     }
+    rows.check_whole().map_err(malformed)?;
     Ok(Checked {
         about,
         files,
@@ -421,7 +498,13 @@ pub fn restore(data_dir: &Path, file: &Path, passphrase: &str) -> Result<Restore
         .map_err(|e| format!("{}: {e}", file.display()))?
     {
         if let Entry::Row { table, key, value } = entry {
-            let table = table_named(&table).expect("checked in the first pass");
+            let Some(table) = table_named(&table) else {
+                // The file changed since the first pass read it.
+                return Err(format!(
+                    "{}: the backup changed while it was restored; nothing more was written, run `sund restore` again",
+                    file.display()
+                ));
+            };
             batch.put(table, key, value);
             if batch.put_bytes() >= RESTORE_BATCH_BYTES {
                 commit(&mut store, std::mem::take(&mut batch))?;
@@ -453,16 +536,19 @@ pub fn restore(data_dir: &Path, file: &Path, passphrase: &str) -> Result<Restore
     records.extend(verified);
     contact_files::apply(data_dir, &records)
         .map_err(|(path, e)| format!("cannot write {}: {e}", path.display()))?;
-    let known = device.conversation_names();
+    let mut names = device.conversation_names();
     let mut added_conversations = 0;
     for (id, name) in conversation_names_in(text("conversations")) {
-        if known.contains_key(&id) || known.values().any(|n| *n == name) {
+        if names.contains_key(&id) || names.values().any(|n| *n == name) {
             continue;
         }
-        device
-            .name_conversation(&name, id)
-            .map_err(|e| e.to_string())?;
+        names.insert(id, name);
         added_conversations += 1;
+    }
+    if added_conversations > 0 {
+        device
+            .set_conversation_names(&names)
+            .map_err(|e| e.to_string())?;
     }
     Ok(RestoreDone {
         same_device: checked.about.device == device.key.device_id().to_string(),
@@ -473,4 +559,76 @@ pub fn restore(data_dir: &Path, file: &Path, passphrase: &str) -> Result<Restore
         added_verified,
         added_conversations,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const PASS: &str = "correct horse battery staple";
+
+    /// A sealed backup of `rows` (with its description first), checked as a restore would.
+    fn checked(rows: &[(Table, Vec<u8>, Vec<u8>)]) -> Result<Checked, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.backup");
+        let cheap = KdfParams {
+            memory_kib: 8,
+            passes: 1,
+            lanes: 1,
+        };
+        let sealed = SealWriter::new(Vec::new(), PASS, cheap, [1; 16], [2; 7]).unwrap();
+        let mut archive = ArchiveWriter::start(sealed, KIND).unwrap();
+        let about = "user = \"alice\"\ndevice = \"dev:00\"\nwritten_unix = 1\nsund = \"0\"\n";
+        archive.file(ABOUT, about.as_bytes()).unwrap();
+        for (table, key, value) in rows {
+            archive.row(table.0, key, value).unwrap();
+        }
+        let bytes = archive.finish().unwrap().finish().unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
+        check(&Opened::new(&path, PASS)?)
+    }
+
+    #[test]
+    fn rows_the_device_could_not_read_back_are_refused_before_anything_is_written() {
+        assert!(checked(&[]).is_ok());
+        let offer = |state: u8| [vec![0; 32], vec![state]].concat();
+        let refused = |rows: &[(Table, Vec<u8>, Vec<u8>)], why: &str| {
+            let e = checked(rows).err().expect("refused");
+            assert!(e.contains(why), "{e}");
+        };
+        refused(
+            &[(FILES_TABLE, vec![0; 48], b"not a manifest".to_vec())],
+            "manifest that does not decode",
+        );
+        refused(
+            &[(
+                NODE_OFFERS_TABLE,
+                vec![0; 48],
+                offer(OfferState::Complete as u8),
+            )],
+            "offer or manifest is missing",
+        );
+        refused(
+            &[(
+                NODE_OFFERS_TABLE,
+                vec![0; 48],
+                offer(OfferState::Fetching as u8),
+            )],
+            "not received whole",
+        );
+        refused(
+            &[(CHUNK_BYTES_TABLE, vec![0; 32], b"bytes".to_vec())],
+            "do not match their hash",
+        );
+        let bytes = b"a chunk".to_vec();
+        assert!(checked(&[(CHUNK_BYTES_TABLE, ContentHash::of(&bytes).0.to_vec(), bytes)]).is_ok());
+        refused(
+            &[(CHUNK_INDEX_TABLE, vec![0; 47], vec![0; 4])],
+            "index entry of the wrong size",
+        );
+    }
 }

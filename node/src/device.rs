@@ -342,6 +342,28 @@ impl Device {
         std::fs::write(&path, text).map_err(io(&path))
     }
 
+    /// Replaces the conversation names with `names`, at once (a new file renamed over the old,
+    /// so a crash leaves one or the other).
+    pub fn set_conversation_names(
+        &self,
+        names: &BTreeMap<ConversationId, String>,
+    ) -> Result<(), DeviceError> {
+        let path = self.data_dir.join("conversations");
+        let new = self.data_dir.join("conversations.new");
+        let text: String = names
+            .iter()
+            .map(|(id, n)| {
+                if *id == ConversationId::from_name(n) {
+                    format!("{n}\n")
+                } else {
+                    format!("{n}={:032x}\n", id.0)
+                }
+            })
+            .collect();
+        std::fs::write(&new, text).map_err(io(&new))?;
+        std::fs::rename(&new, &path).map_err(io(&path))
+    }
+
     /// The conversation names this device knows, by id. Each line of the file is `NAME`
     /// (an operator-made conversation, id derived from the name) or `NAME=ID` (32 hex digits).
     pub fn conversation_names(&self) -> BTreeMap<ConversationId, String> {

@@ -2,9 +2,13 @@
 //!
 //! ```text
 //! header   "SUNDSEAL" | format u8 = 1 | memory KiB u32 | passes u32 | lanes u32 | salt [16]
-//!          | nonce prefix [7]                                  (44 bytes, big-endian numbers)
+//!          | nonce prefix [7] | key check [16]                 (60 bytes, big-endian numbers)
 //! segment  ChaCha20-Poly1305 of up to 64 KiB of the plaintext, with its 16-byte tag
 //! ```
+//!
+//! The key check is the tag of an empty message under the key, with a nonce no segment uses
+//! (counter `u32::MAX`, flag 2) and the header's fields as associated data: a reader tells a
+//! wrong passphrase from a damaged file by it, before it opens any segment.
 //!
 //! The key is Argon2id of the passphrase and the salt with the header's cost settings, so a
 //! stolen backup costs an attacker that much memory and time per guess. Segments follow the
@@ -25,8 +29,10 @@ use zeroize::Zeroizing;
 pub const MAGIC: &[u8; 8] = b"SUNDSEAL";
 /// The format this code writes and reads.
 pub const FORMAT: u8 = 1;
-/// Bytes of the header.
-pub const HEADER_LEN: usize = 8 + 1 + 4 + 4 + 4 + 16 + 7;
+/// Bytes of the header's fields (what every segment authenticates).
+const FIELDS_LEN: usize = 8 + 1 + 4 + 4 + 4 + 16 + 7;
+/// Bytes of the header: its fields and the key check.
+pub const HEADER_LEN: usize = FIELDS_LEN + TAG;
 /// Plaintext bytes in every segment but the last.
 pub const SEGMENT: usize = 64 * 1024;
 /// Bytes a segment's tag adds.
@@ -53,10 +59,11 @@ impl KdfParams {
         passes: 3,
         lanes: 1,
     };
-    /// The most memory a reader spends on a header's word (1 GiB).
-    pub const MAX_MEMORY_KIB: u32 = 1 << 20;
+    /// The most memory a reader spends on a header's word (256 MiB, four times what backups
+    /// use): a file someone hands over cannot make opening it take much more than usual.
+    pub const MAX_MEMORY_KIB: u32 = 1 << 18;
     /// The most passes a reader makes.
-    pub const MAX_PASSES: u32 = 16;
+    pub const MAX_PASSES: u32 = 8;
     /// The most lanes a reader runs.
     pub const MAX_LANES: u32 = 8;
 
@@ -99,8 +106,9 @@ pub enum SealError {
     /// Cost settings out of bounds.
     #[error("the backup's header asks for {0}, more than any Sund writes: the file is damaged or not from Sund")]
     Params(String),
-    /// The first segment does not open: the passphrase is wrong (or that segment is damaged).
-    #[error("wrong passphrase (or the backup is damaged at its start): nothing was read")]
+    /// The key does not match the header's key check: the passphrase is wrong (or the header's
+    /// check was altered).
+    #[error("wrong passphrase: nothing was read")]
     WrongPassphrase,
     /// A later segment fails its check.
     #[error("the backup is damaged: the part at byte {offset} fails its authentication check (altered or corrupted since it was written); use another copy")]
@@ -154,12 +162,22 @@ pub struct Header {
     pub salt: [u8; 16],
     /// The first seven bytes of every segment's nonce.
     pub nonce_prefix: [u8; 7],
+    /// The tag that shows a key is the right one ([`Header::with_key_check`]).
+    pub key_check: [u8; 16],
 }
 
 impl Header {
     /// The header's bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
+        out[..FIELDS_LEN].copy_from_slice(&self.fields());
+        out[FIELDS_LEN..].copy_from_slice(&self.key_check);
+        out
+    }
+
+    /// The header's fields, without the key check: what every segment authenticates.
+    fn fields(&self) -> [u8; FIELDS_LEN] {
+        let mut out = [0u8; FIELDS_LEN];
         out[..8].copy_from_slice(MAGIC);
         out[8] = FORMAT;
         out[9..13].copy_from_slice(&self.kdf.memory_kib.to_be_bytes());
@@ -189,7 +207,36 @@ impl Header {
             kdf,
             salt: bytes[21..37].try_into().expect("16 bytes"),
             nonce_prefix: bytes[37..44].try_into().expect("7 bytes"),
+            key_check: bytes[FIELDS_LEN..HEADER_LEN].try_into().expect("16 bytes"),
         })
+    }
+
+    /// The tag a reader checks a key against (nonce counter `u32::MAX` and flag 2, which no
+    /// segment uses).
+    fn check_for(&self, key: &[u8; 32]) -> [u8; 16] {
+        let tag = ChaCha20Poly1305::new(Key::from_slice(key))
+            .encrypt(
+                &nonce_with(&self.nonce_prefix, u32::MAX, 2),
+                Payload {
+                    msg: &[],
+                    aad: &self.fields(),
+                },
+            )
+            .expect("an empty message seals");
+        tag.try_into().expect("a bare tag is 16 bytes")
+    }
+
+    /// This header with the key check for `key`.
+    pub fn with_key_check(mut self, key: &[u8; 32]) -> Header {
+        self.key_check = self.check_for(key);
+        self
+    }
+
+    /// True if `key` is the one the header was sealed under.
+    pub fn key_matches(&self, key: &[u8; 32]) -> bool {
+        // Not secret-dependent timing that matters: the tag is public, the key is what is
+        // being guessed, and a guess costs an Argon2 derivation first.
+        self.check_for(key) == self.key_check
     }
 
     /// The key Argon2id derives from `passphrase` under this header (memory and time as its
@@ -202,12 +249,20 @@ impl Header {
             Some(32),
         )
         .expect("settings checked by KdfParams::check");
+        let blocks = params.block_count();
         let argon =
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut key = Zeroizing::new([0u8; 32]);
+        // Argon2's memory, from which the key could be computed again, is wiped after use.
+        let mut memory = Zeroizing::new(vec![argon2::Block::default(); blocks]);
         argon
-            .hash_password_into(passphrase.as_bytes(), &self.salt, key.as_mut())
-            .expect("a 32-byte output and a 16-byte salt are within Argon2's limits");
+            .hash_password_into_with_memory(
+                passphrase.as_bytes(),
+                &self.salt,
+                key.as_mut(),
+                &mut memory[..],
+            )
+            .expect("a 32-byte output, a 16-byte salt and its own block count are within Argon2's limits");
         key
     }
 }
@@ -221,10 +276,14 @@ pub fn check_passphrase(passphrase: &str) -> Result<(), SealError> {
 }
 
 fn nonce(prefix: &[u8; 7], counter: u32, last: bool) -> Nonce {
+    nonce_with(prefix, counter, u8::from(last))
+}
+
+fn nonce_with(prefix: &[u8; 7], counter: u32, flag: u8) -> Nonce {
     let mut bytes = [0u8; 12];
     bytes[..7].copy_from_slice(prefix);
     bytes[7..11].copy_from_slice(&counter.to_be_bytes());
-    bytes[11] = u8::from(last);
+    bytes[11] = flag;
     Nonce::from(bytes)
 }
 
@@ -234,10 +293,12 @@ fn nonce(prefix: &[u8; 7], counter: u32, last: bool) -> Nonce {
 pub struct SealWriter<W: Write> {
     inner: W,
     cipher: ChaCha20Poly1305,
-    header: [u8; HEADER_LEN],
+    fields: [u8; FIELDS_LEN],
     prefix: [u8; 7],
     counter: u32,
     buffer: Zeroizing<Vec<u8>>,
+    /// A write failed: nothing more is sealed (a retry could reuse a nonce).
+    failed: bool,
 }
 
 impl<W: Write> SealWriter<W> {
@@ -256,21 +317,33 @@ impl<W: Write> SealWriter<W> {
             kdf,
             salt,
             nonce_prefix,
+            key_check: [0; 16],
         };
         let key = header.derive_key(passphrase);
-        let header = header.encode();
-        inner.write_all(&header)?;
+        let header = header.with_key_check(&key);
+        inner.write_all(&header.encode())?;
         Ok(SealWriter {
             inner,
             cipher: ChaCha20Poly1305::new(Key::from_slice(key.as_ref())),
-            header,
+            fields: header.fields(),
             prefix: nonce_prefix,
             counter: 0,
             buffer: Zeroizing::new(Vec::with_capacity(SEGMENT)),
+            failed: false,
         })
     }
 
     fn seal_segment(&mut self, last: bool) -> io::Result<()> {
+        if self.failed {
+            return Err(io::Error::other(
+                "an earlier write of this sealed file failed",
+            ));
+        }
+        // The counter is checked before it is used: `u32::MAX` belongs to the key check.
+        if self.counter == u32::MAX {
+            self.failed = true;
+            return Err(io::Error::other("a sealed file holds at most 256 TiB"));
+        }
         debug_assert!(self.buffer.len() <= SEGMENT);
         debug_assert!(
             last || self.buffer.len() == SEGMENT,
@@ -282,16 +355,17 @@ impl<W: Write> SealWriter<W> {
                 &nonce(&self.prefix, self.counter, last),
                 Payload {
                     msg: &self.buffer,
-                    aad: &self.header,
+                    aad: &self.fields,
                 },
             )
-            .map_err(|_| io::Error::other("sealing a segment failed"))?;
-        self.inner.write_all(&sealed)?;
+            .map_err(|_| io::Error::other("sealing a segment failed"));
+        self.counter += 1;
+        let written = sealed.and_then(|sealed| self.inner.write_all(&sealed));
+        if written.is_err() {
+            self.failed = true;
+        }
+        written?;
         self.buffer.clear();
-        self.counter = self
-            .counter
-            .checked_add(1)
-            .ok_or_else(|| io::Error::other("a sealed file holds at most 256 TiB"))?;
         Ok(())
     }
 
@@ -329,7 +403,7 @@ impl<W: Write> Write for SealWriter<W> {
 pub struct SealReader<R: Read> {
     inner: R,
     cipher: ChaCha20Poly1305,
-    header: [u8; HEADER_LEN],
+    fields: [u8; FIELDS_LEN],
     prefix: [u8; 7],
     counter: u32,
     /// Ciphertext read but not yet opened (at most a segment and one byte past it).
@@ -342,11 +416,15 @@ pub struct SealReader<R: Read> {
 }
 
 impl<R: Read> SealReader<R> {
-    /// Reads the header, derives the key from `passphrase` and opens the first segment (so a
-    /// wrong passphrase is told at once).
+    /// Reads the header, derives the key from `passphrase`, checks it against the header's key
+    /// check (a wrong passphrase is told at once, apart from damage) and opens the first
+    /// segment.
     pub fn open(mut inner: R, passphrase: &str) -> Result<SealReader<R>, SealError> {
         let mut header = [0u8; HEADER_LEN];
-        let got = read_full(&mut inner, &mut header)?;
+        let (got, failed) = read_full(&mut inner, &mut header);
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         if got < HEADER_LEN {
             return Err(if got > 0 && header[..got.min(8)] == MAGIC[..got.min(8)] {
                 SealError::Truncated { bytes: got as u64 }
@@ -362,10 +440,13 @@ impl<R: Read> SealReader<R> {
     /// Opens a stream whose header was read already, with the key derived from it: for
     /// readers that derived the key once (and the fuzz target, which cannot afford Argon2).
     pub fn with_key(inner: R, header: &Header, key: &[u8; 32]) -> Result<SealReader<R>, SealError> {
+        if !header.key_matches(key) {
+            return Err(SealError::WrongPassphrase);
+        }
         let mut reader = SealReader {
             inner,
             cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
-            header: header.encode(),
+            fields: header.fields(),
             prefix: header.nonce_prefix,
             counter: 0,
             raw: Vec::with_capacity(SEGMENT + TAG + 1),
@@ -385,8 +466,13 @@ impl<R: Read> SealReader<R> {
         let want = SEGMENT + TAG + 1;
         let had = self.raw.len();
         self.raw.resize(want, 0);
-        let got = read_full(&mut self.inner, &mut self.raw[had..])?;
+        let (got, failed) = read_full(&mut self.inner, &mut self.raw[had..]);
+        // Whatever happened, `raw` holds only what was read, so a read tried again goes on
+        // where this one stopped.
         self.raw.truncate(had + got);
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         let last = self.raw.len() <= SEGMENT + TAG;
         let length = self.raw.len().min(SEGMENT + TAG);
         let end = self.offset + self.raw.len() as u64;
@@ -398,17 +484,16 @@ impl<R: Read> SealReader<R> {
                 &nonce(&self.prefix, self.counter, last),
                 Payload {
                     msg: &self.raw[..length],
-                    aad: &self.header,
+                    aad: &self.fields,
                 },
             )
         };
         let plain = match open(last) {
             Ok(plain) => plain,
             Err(_) => {
+                // The key is right (checked against the header): this is damage or a cut.
                 return Err(if last && length == SEGMENT + TAG && open(false).is_ok() {
                     SealError::Truncated { bytes: end }
-                } else if self.counter == 0 {
-                    SealError::WrongPassphrase
                 } else if last {
                     SealError::DamagedEnd {
                         offset: self.offset,
@@ -418,7 +503,7 @@ impl<R: Read> SealReader<R> {
                     SealError::Damaged {
                         offset: self.offset,
                     }
-                })
+                });
             }
         };
         debug_assert!(last || plain.len() == SEGMENT);
@@ -449,18 +534,19 @@ impl<R: Read> Read for SealReader<R> {
     }
 }
 
-/// Reads until `out` is full or the stream ends: the bytes read.
-fn read_full(inner: &mut impl Read, out: &mut [u8]) -> io::Result<usize> {
+/// Reads until `out` is full, the stream ends or a read fails: the bytes read, and the
+/// failure if there was one.
+fn read_full(inner: &mut impl Read, out: &mut [u8]) -> (usize, Option<io::Error>) {
     let mut got = 0;
     while got < out.len() {
         match inner.read(&mut out[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return (got, Some(e)),
         }
     }
-    Ok(got)
+    (got, None)
 }
 
 #[cfg(test)]
@@ -516,6 +602,76 @@ mod tests {
     }
 
     #[test]
+    fn a_small_file_cut_or_grown_is_told_as_damaged_not_as_a_wrong_passphrase() {
+        let sealed = seal(b"a few contact names");
+        for damaged in [
+            sealed[..sealed.len() - 1].to_vec(),
+            [sealed.clone(), vec![0]].concat(),
+            {
+                let mut flipped = sealed.clone();
+                flipped[HEADER_LEN + 3] ^= 4;
+                flipped
+            },
+        ] {
+            assert!(
+                matches!(open(&damaged, PASS), Err(SealError::DamagedEnd { .. })),
+                "{:?}",
+                open(&damaged, PASS).err()
+            );
+        }
+        let mut check = sealed.clone();
+        check[HEADER_LEN - 1] ^= 1;
+        assert!(matches!(
+            open(&check, PASS),
+            Err(SealError::WrongPassphrase)
+        ));
+    }
+
+    #[test]
+    fn a_read_that_fails_can_be_tried_again_where_it_stopped() {
+        struct Flaky<'a> {
+            bytes: &'a [u8],
+            at: usize,
+            fail_at: Option<usize>,
+        }
+        impl Read for Flaky<'_> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                if let Some(f) = self.fail_at {
+                    if self.at >= f {
+                        self.fail_at = None;
+                        return Err(io::Error::other("a flaky disk"));
+                    }
+                }
+                let end = (self.at + out.len().min(1000)).min(self.bytes.len());
+                let n = end - self.at;
+                out[..n].copy_from_slice(&self.bytes[self.at..end]);
+                self.at = end;
+                Ok(n)
+            }
+        }
+        let plain: Vec<u8> = (0..3 * SEGMENT).map(|i| (i % 7) as u8).collect();
+        let sealed = seal(&plain);
+        let flaky = Flaky {
+            bytes: &sealed,
+            at: 0,
+            fail_at: Some(HEADER_LEN + SEGMENT + 5_000),
+        };
+        let mut reader = SealReader::open(flaky, PASS).unwrap();
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 10_000];
+        let mut failures = 0;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => failures += 1,
+            }
+        }
+        assert_eq!(failures, 1);
+        assert_eq!(out, plain);
+    }
+
+    #[test]
     fn a_wrong_passphrase_is_told_before_anything_is_read() {
         let sealed = seal(b"secret");
         assert!(matches!(
@@ -536,10 +692,6 @@ mod tests {
                     assert_eq!(bytes, cut as u64)
                 }
                 Err(SealError::NotSealed) => assert_eq!(cut, 0),
-                // Inside the first segment a cut and a wrong passphrase look the same.
-                Err(SealError::WrongPassphrase) => {
-                    assert!(cut > HEADER_LEN && cut < HEADER_LEN + SEGMENT + TAG)
-                }
                 Err(other) => panic!("cut at {cut}: {other}"),
             }
         }
@@ -585,7 +737,7 @@ mod tests {
         swapped.extend_from_slice(&body[2 * seg..]);
         assert!(matches!(
             open(&swapped, PASS),
-            Err(SealError::WrongPassphrase)
+            Err(SealError::Damaged { offset }) if offset == HEADER_LEN as u64
         ));
         let mut dropped = sealed[..HEADER_LEN].to_vec();
         dropped.extend_from_slice(&body[..seg]);

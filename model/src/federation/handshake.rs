@@ -70,6 +70,14 @@ pub enum FederationHandshakeError {
     /// The dialer wanted another domain than this gateway's.
     #[error("the peer wanted domain `{0}`, not this gateway's")]
     NotForUs(String),
+    /// The gateway dialed answered as another domain than the one dialed.
+    #[error("the gateway at this peer's address answered as `{answered}`, not as `{dialed}`")]
+    AnsweredAs {
+        /// The domain dialed.
+        dialed: String,
+        /// The domain its certificate names.
+        answered: String,
+    },
     /// A transcript signature does not verify against the certified link key.
     #[error("the peer's handshake signature does not verify")]
     BadSignature,
@@ -241,7 +249,10 @@ impl Dialing {
         read_header(&mut r, REPLY)?;
         let (_, root, cert) = read_credentials(&mut r)?;
         if cert.domain != self.peer.domain {
-            return Err(FederationHandshakeError::NotForUs(cert.domain));
+            return Err(FederationHandshakeError::AnsweredAs {
+                dialed: self.peer.domain.clone(),
+                answered: cert.domain,
+            });
         }
         self.peer.check(root, &cert, now)?;
         let signed_len = reply.len() - r.remaining();
