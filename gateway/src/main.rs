@@ -712,8 +712,14 @@ fn offline(
     let path = data_dir.join("gateway.redb");
     let new = !path.exists();
     if new && !request.writes() {
+        let hint = match request {
+            AdminRequest::Federation { .. } => {
+                "; a gateway makes its trust root at its first start: run it once, then ask again for the fingerprint a peer pins"
+            }
+            _ => "",
+        };
         return Err(format!(
-            "no gateway database at {}: nothing is registered there yet (pass the --data-dir the gateway runs with)",
+            "no gateway database at {}: nothing is registered there yet (pass the --data-dir the gateway runs with){hint}",
             path.display()
         ));
     }

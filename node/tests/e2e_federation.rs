@@ -118,6 +118,9 @@ fn two_gateways_link_authenticated_come_back_after_sigkill_and_refuse_an_imposto
     config_file(&at("a.toml"), &at("a"), "a.example", a_port, None);
     config_file(&at("b.toml"), &at("b"), "b.example", b_port, None);
     config_file(&at("c.toml"), &at("c"), "b.example", c_port, None);
+    // Before its first start a gateway has no root to show, and says how to get one.
+    let before = admin_federation_stderr(&at("a.toml"));
+    assert!(before.contains("run it once"), "{before}");
     let (mut fa, mut fb, mut fc) = (String::new(), String::new(), String::new());
     for (config, print) in [
         ("a.toml", &mut fa),
