@@ -433,17 +433,30 @@ pub fn empty_database(path: &std::path::Path) -> String {
     )
 }
 
-/// Connections open per source address, and in all.
-#[derive(Default)]
-struct Admission {
+/// Connections open per source address, and in all, within limits (the device listener's and
+/// the federation listener's).
+pub(crate) struct Admission {
     per_address: BTreeMap<IpAddr, usize>,
     total: usize,
+    per_address_max: usize,
+    total_max: usize,
 }
 
 impl Admission {
-    fn admit(&mut self, ip: IpAddr) -> bool {
+    /// No connection yet; at most `per_address_max` from one address, `total_max` in all.
+    pub(crate) fn new(per_address_max: usize, total_max: usize) -> Admission {
+        Admission {
+            per_address: BTreeMap::new(),
+            total: 0,
+            per_address_max,
+            total_max,
+        }
+    }
+
+    /// Counts a connection from `ip`, or refuses it (false) past a limit.
+    pub(crate) fn admit(&mut self, ip: IpAddr) -> bool {
         let here = self.per_address.entry(ip).or_default();
-        if *here >= CONNECTIONS_PER_ADDRESS_MAX || self.total >= CONNECTIONS_MAX {
+        if *here >= self.per_address_max || self.total >= self.total_max {
             return false;
         }
         *here += 1;
@@ -451,7 +464,8 @@ impl Admission {
         true
     }
 
-    fn release(&mut self, ip: IpAddr) {
+    /// A connection from `ip` is gone.
+    pub(crate) fn release(&mut self, ip: IpAddr) {
         if let Some(here) = self.per_address.get_mut(&ip) {
             *here -= 1;
             if *here == 0 {
@@ -467,7 +481,10 @@ async fn accept_loop(
     links: mpsc::Sender<Link>,
     hello_timeout: Duration,
 ) {
-    let admission = Arc::new(Mutex::new(Admission::default()));
+    let admission = Arc::new(Mutex::new(Admission::new(
+        CONNECTIONS_PER_ADDRESS_MAX,
+        CONNECTIONS_MAX,
+    )));
     let mut next_conn = 1u64;
     let mut refused_logged: Option<tokio::time::Instant> = None;
     while let Some(incoming) = endpoint.accept().await {

@@ -11,7 +11,7 @@
 //! routes a session's frames by its id.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +22,7 @@ use sund_runtime::endpoint::federation_binding;
 use sund_runtime::session::{self, SessionHandle, SessionLimits};
 use tokio::sync::mpsc;
 
-use crate::driver::Link;
+use crate::driver::{Admission, Link};
 
 /// The first connection id of a link (devices' ids count up from 1).
 pub const LINK_CONNS: u64 = 1 << 62;
@@ -244,41 +244,15 @@ async fn opened(
     let _ = events.send(Link::PeerStream(conn, handle)).await;
 }
 
-/// Accepted link connections open now, per address.
-#[derive(Default)]
-struct Admission {
-    per_address: BTreeMap<IpAddr, usize>,
-    total: usize,
-}
-
-impl Admission {
-    fn admit(&mut self, ip: IpAddr) -> bool {
-        let here = self.per_address.entry(ip).or_default();
-        if *here >= ACCEPTED_PER_ADDRESS_MAX || self.total >= ACCEPTED_MAX {
-            return false;
-        }
-        *here += 1;
-        self.total += 1;
-        true
-    }
-
-    fn release(&mut self, ip: IpAddr) {
-        if let Some(here) = self.per_address.get_mut(&ip) {
-            *here -= 1;
-            if *here == 0 {
-                self.per_address.remove(&ip);
-            }
-        }
-        self.total = self.total.saturating_sub(1);
-    }
-}
-
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     next_conn: Arc<AtomicU64>,
     events: mpsc::Sender<Link>,
 ) {
-    let admission = Arc::new(Mutex::new(Admission::default()));
+    let admission = Arc::new(Mutex::new(Admission::new(
+        ACCEPTED_PER_ADDRESS_MAX,
+        ACCEPTED_MAX,
+    )));
     let mut refused_logged: Option<tokio::time::Instant> = None;
     while let Some(incoming) = endpoint.accept().await {
         let ip = incoming.remote_address().ip();

@@ -322,24 +322,13 @@ impl Device {
 
     /// Gives a conversation a local name (DMs and rooms have random or derived ids).
     pub fn name_conversation(&self, name: &str, id: ConversationId) -> Result<(), DeviceError> {
-        let path = self.data_dir.join("conversations");
         let mut names = self.conversation_names();
         if names.get(&id).is_some_and(|n| n == name) {
             return Ok(());
         }
         names.retain(|_, n| n != name);
         names.insert(id, name.to_string());
-        let text: String = names
-            .iter()
-            .map(|(id, n)| {
-                if *id == ConversationId::from_name(n) {
-                    format!("{n}\n")
-                } else {
-                    format!("{n}={:032x}\n", id.0)
-                }
-            })
-            .collect();
-        std::fs::write(&path, text).map_err(io(&path))
+        self.set_conversation_names(&names)
     }
 
     /// Replaces the conversation names with `names`, at once (a new file renamed over the old,
