@@ -43,3 +43,16 @@ pub fn check_federation_handshake(data: &[u8]) {
         .expect("a real hello is answered");
     assert!(answering.finish(data).is_err(), "arbitrary bytes finished a handshake as a");
 }
+
+/// `federation_entry_decode`: arbitrary bytes as the body of a federation link entry (what an
+/// authenticated peer gateway queues: relayed messages, sequenced messages, answers, opens).
+/// The decoder never panics, and an entry that decodes reads back as itself after encoding.
+#[allow(dead_code)]
+pub fn check_federation_entry_decode(data: &[u8]) {
+    use sund_model::federation::entry::Entry;
+
+    if let Ok(entry) = Entry::decode(data) {
+        let again = Entry::decode(&entry.encode()).expect("an encoded entry decodes");
+        assert_eq!(again, entry, "an entry changed through encode and decode");
+    }
+}

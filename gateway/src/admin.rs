@@ -54,6 +54,15 @@ pub enum AdminRequest {
         /// Member device keys (64 hex digits each).
         members: Vec<String>,
     },
+    /// Share a conversation homed here with member devices of a federation peer's domain.
+    ShareConversation {
+        /// The conversation's name.
+        name: String,
+        /// The peer's domain (a `[[federation.peer]]` of this gateway).
+        domain: String,
+        /// Member device keys of that domain (64 hex digits each).
+        members: Vec<String>,
+    },
     /// List conversations, users, devices and KeyPackages left.
     List {
         /// One JSON document instead of lines.
@@ -104,6 +113,7 @@ impl AdminRequest {
             AdminRequest::Revoke { .. } => "revoke",
             AdminRequest::Crl { .. } => "crl",
             AdminRequest::CreateConversation { .. } => "create-conversation",
+            AdminRequest::ShareConversation { .. } => "share-conversation",
             AdminRequest::List { .. } => "list",
             AdminRequest::Backup { .. } => "backup",
             AdminRequest::Tokens { .. } => "tokens",
@@ -120,6 +130,11 @@ impl AdminRequest {
             AdminRequest::CreateConversation { name, members } => {
                 format!("{name} ({} members)", members.len())
             }
+            AdminRequest::ShareConversation {
+                name,
+                domain,
+                members,
+            } => format!("{name} with {domain} ({} members)", members.len()),
             AdminRequest::Backup { file } => file.clone(),
             // The id only: a whole token given here is a credential, kept out of audit lines.
             AdminRequest::ExpireToken { token } => match parse_token_id(token) {
@@ -141,6 +156,7 @@ impl AdminRequest {
             AdminRequest::EnrolToken { .. }
                 | AdminRequest::Revoke { .. }
                 | AdminRequest::CreateConversation { .. }
+                | AdminRequest::ShareConversation { .. }
                 | AdminRequest::ExpireToken { .. }
         )
     }
@@ -170,6 +186,34 @@ impl AdminRequest {
                     .map(|m| parse_key(m).map(|k| k.device_id()))
                     .collect::<Result<Vec<_>, _>>()?;
                 AdminCommand::CreateConversation(ConversationId::from_name(name), devices)
+            }
+            AdminRequest::ShareConversation {
+                name,
+                domain,
+                members,
+            } => {
+                check_name("conversation", name)?;
+                check_name("domain", domain)?;
+                if members.is_empty() {
+                    return Err(format!(
+                        "name at least one member device of {domain} with --member KEY"
+                    ));
+                }
+                if members.len() > MEMBERS_MAX {
+                    return Err(format!(
+                        "{} members in one request: at most {MEMBERS_MAX}; share the rest with another share-conversation",
+                        members.len()
+                    ));
+                }
+                let members = members
+                    .iter()
+                    .map(|m| parse_key(m).map(|k| k.device_id()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                AdminCommand::ShareConversation {
+                    conversation: ConversationId::from_name(name),
+                    domain: domain.clone(),
+                    members,
+                }
             }
             AdminRequest::Backup { file } => {
                 if !Path::new(file).is_absolute() {
@@ -241,6 +285,24 @@ impl AdminRequest {
                 out.stdout = format!(
                     "conversation `{name}` ({conversation}) has {members} member devices\n"
                 );
+            }
+            (
+                AdminRequest::ShareConversation { name, .. },
+                Some(AdminAnswer::ConversationShared {
+                    conversation,
+                    domain,
+                    members,
+                }),
+            ) => {
+                out.stdout = format!(
+                    "conversation `{name}` ({conversation}) is shared with {members} member devices of {domain}: this gateway sequences it, {domain}'s gateway serves them\n"
+                );
+            }
+            (
+                AdminRequest::ShareConversation { name, .. },
+                Some(AdminAnswer::ShareRefused { why, .. }),
+            ) => {
+                return Err(format!("`{name}` was not shared: {why}"));
             }
             (AdminRequest::ExpireToken { .. }, Some(AdminAnswer::TokenExpired(token))) => {
                 out.stdout = if now >= token.expires || token.used.is_some() {

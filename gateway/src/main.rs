@@ -150,6 +150,19 @@ enum Admin {
         #[arg(long = "member", required = true)]
         members: Vec<String>,
     },
+    /// Share a conversation homed here with devices of a federation peer's domain: this
+    /// gateway sequences it, the peer's gateway relays their messages and serves them.
+    ShareConversation {
+        /// The conversation's name (made with `create-conversation`).
+        name: String,
+        /// The peer's domain, as in a `[[federation.peer]]` of this gateway's config (not
+        /// `--domain`, which names this gateway's own).
+        #[arg(long, value_name = "DOMAIN")]
+        peer: String,
+        /// Member device keys of that domain (each device's `sund init` prints its key).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+    },
     /// List conversations and their heads, then users, their devices and KeyPackages left.
     List {
         /// One JSON document (`conversations`, `devices`) instead of lines.
@@ -192,6 +205,15 @@ impl Admin {
             Admin::CreateConversation { name, members } => {
                 AdminRequest::CreateConversation { name, members }
             }
+            Admin::ShareConversation {
+                name,
+                peer,
+                members,
+            } => AdminRequest::ShareConversation {
+                name,
+                domain: peer,
+                members,
+            },
             Admin::List { json } => AdminRequest::List { json },
             Admin::Tokens { json } => AdminRequest::Tokens { json },
             Admin::ExpireToken { token } => AdminRequest::ExpireToken { token },

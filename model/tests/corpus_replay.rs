@@ -1,8 +1,8 @@
 //! Replays the committed fuzz corpora of the wire targets (`corpus/frame_decode`,
 //! `corpus/payload_decode`, `corpus/stream_decode`) and the trust targets
 //! (`corpus/certificate_decode`, `corpus/crl_decode`) and the file manifest
-//! (`corpus/manifest_decode`), the contact records and the federation handshake
-//! (`corpus/federation_handshake`) with the same checks the fuzz targets run:
+//! (`corpus/manifest_decode`), the contact records, the federation handshake
+//! (`corpus/federation_handshake`) and link entries (`corpus/federation_entry_decode`) with the same checks the fuzz targets run:
 //! no panic, every frame or payload that decodes survives encode → decode unchanged, and every
 //! certificate or CRL that decodes re-encodes to exactly its input.
 //!
@@ -38,6 +38,11 @@ include!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../fuzz/checks/replay.rs"
 ));
+
+#[test]
+fn federation_entry_decode_corpus() {
+    replay("federation_entry_decode", check_federation_entry_decode);
+}
 
 #[test]
 fn federation_handshake_corpus() {

@@ -532,6 +532,79 @@ fn a_lost_entry_goes_again_without_a_reconnect() {
     assert_eq!(stats.links_up, 1, "the link stayed up");
 }
 
+/// Writes seed inputs for the `federation_entry_decode` fuzz target (run by hand with
+/// `SUND_WRITE_SEEDS=1`): one entry of each kind.
+#[test]
+fn write_federation_entry_seeds() {
+    if std::env::var("SUND_WRITE_SEEDS").is_err() {
+        return;
+    }
+    use sund_model::federation::entry::{Entry, Outcome};
+    use sund_model::ids::{ConversationId, DeviceId, MsgId};
+    use sund_model::wire::payload::ErrorCode;
+    let conversation = ConversationId(0xC0 << 120 | 1);
+    let (sender, msg_id) = (DeviceId(0xB1), MsgId(0x5eed));
+    let out = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../corpus/federation_entry_decode"
+    );
+    std::fs::create_dir_all(out).unwrap();
+    let entries = [
+        (
+            "open",
+            Entry::Open {
+                conversation,
+                members: vec![sender, DeviceId(0xB2)],
+            },
+        ),
+        (
+            "relay",
+            Entry::Relay {
+                conversation,
+                sender,
+                msg_id,
+                after: Some(MsgId(0x1)),
+                body: Bytes::from_static(b"ciphertext"),
+            },
+        ),
+        (
+            "sequenced",
+            Entry::Sequenced {
+                conversation,
+                seq: 42,
+                sender,
+                msg_id,
+                body: Bytes::from_static(b"ciphertext"),
+            },
+        ),
+        (
+            "answer-sequenced",
+            Entry::Answer {
+                conversation,
+                sender,
+                msg_id,
+                outcome: Outcome::Sequenced(42),
+            },
+        ),
+        (
+            "answer-refused",
+            Entry::Answer {
+                conversation,
+                sender,
+                msg_id,
+                outcome: Outcome::Refused {
+                    code: ErrorCode::SenderOutOfOrder,
+                    message: "this message comes after another".into(),
+                    after: Some(MsgId(0x2)),
+                },
+            },
+        ),
+    ];
+    for (name, entry) in entries {
+        std::fs::write(format!("{out}/seed-{name}"), entry.encode()).unwrap();
+    }
+}
+
 /// Writes seed inputs for the `federation_handshake` fuzz target (run by hand with
 /// `SUND_WRITE_SEEDS=1`): a certificate and each handshake message of a real exchange.
 #[test]

@@ -2,7 +2,9 @@
 //! each reads its own domain and trust-root fingerprint from `admin federation`, pins the
 //! other's in its config file, and the link comes up over QUIC, mutually authenticated. It comes
 //! back after the peer is killed with SIGKILL and restarted, and an impostor at the peer's
-//! address (the right domain, another root) is refused and never counts as up.
+//! address (the right domain, another root) is refused and never counts as up. A room homed at
+//! one gateway and shared with the other's users carries messages both ways, through a SIGKILL
+//! of the member gateway, in order and once each.
 
 mod common;
 
@@ -282,4 +284,177 @@ fn admin_federation_stderr(config: &Path) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The first start of a gateway with this config: it makes its trust root and TLS identity;
+/// its operator reads the root's fingerprint from `admin federation`.
+fn first_start(config: &Path) -> String {
+    let dir = config.parent().unwrap();
+    let name = config.file_stem().unwrap().to_str().unwrap();
+    let gateway = start(config, &dir.join(format!("{name}.log")));
+    wait_for_socket(&dir.join(name).join("admin.sock"));
+    let print = fingerprint(config);
+    terminate(gateway);
+    print
+}
+
+/// Sends `text` to `conv` from the device in `dir`; what `sund send` printed.
+fn send(dir: &Path, conv: &str, text: &str) -> String {
+    run(
+        &sund(),
+        &["send", "--data-dir", dir.to_str().unwrap(), conv, text],
+    )
+}
+
+#[test]
+fn a_room_homed_at_one_gateway_spans_two_domains_and_survives_a_sigkill_of_the_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let (a_port, b_port) = (free_udp_port(), free_udp_port());
+    let (a_link, b_link) = (free_udp_port(), free_udp_port());
+    config_file(&at("a.toml"), &at("a"), "a.example", a_port, None);
+    config_file(&at("b.toml"), &at("b"), "b.example", b_port, None);
+    let (fa, fb) = (first_start(&at("a.toml")), first_start(&at("b.toml")));
+    config_file(
+        &at("a.toml"),
+        &at("a"),
+        "a.example",
+        a_port,
+        Some((a_link, "b.example", b_link, &fb)),
+    );
+    config_file(
+        &at("b.toml"),
+        &at("b"),
+        "b.example",
+        b_port,
+        Some((b_link, "a.example", a_link, &fa)),
+    );
+    // alice is a user of a.example, bob of b.example, each enrolled at their own gateway.
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let mut keys = Vec::new();
+    for (user, gw, port) in [("alice", "a", a_port), ("bob", "b", b_port)] {
+        let cert = run(&gateway_binary(), &["cert", "--data-dir", &path(gw)]);
+        let token = enrol(&path(gw), user);
+        let init = init_device(
+            &path(user),
+            &format!("127.0.0.1:{port}"),
+            cert.trim(),
+            Some(user),
+            Some(&token),
+        );
+        keys.push(device_key(&init));
+    }
+    let a = start(&at("a.toml"), &at("a.log"));
+    let b = start(&at("b.toml"), &at("b.log"));
+    wait_for_link(&at("a.toml"), "b.example", "up", Duration::from_secs(30));
+    let a_config = at("a.toml");
+    let a_config = a_config.to_str().unwrap();
+    // a.example's operator makes the room, homed there, and shares it with bob's device.
+    run(
+        &gateway_binary(),
+        &[
+            "admin",
+            "create-conversation",
+            "room",
+            "--member",
+            &keys[0],
+            "--config",
+            a_config,
+        ],
+    );
+    // A domain that is no peer, and a conversation that is not there, are refused in words.
+    let stranger = fails(
+        &gateway_binary(),
+        &[
+            "admin",
+            "share-conversation",
+            "room",
+            "--peer",
+            "c.example",
+            "--member",
+            &keys[1],
+            "--config",
+            a_config,
+        ],
+    );
+    assert!(
+        stranger.contains("not a federation peer") && stranger.contains("[[federation.peer]]"),
+        "{stranger}"
+    );
+    let shared = run(
+        &gateway_binary(),
+        &[
+            "admin",
+            "share-conversation",
+            "room",
+            "--peer",
+            "b.example",
+            "--member",
+            &keys[1],
+            "--config",
+            a_config,
+        ],
+    );
+    assert!(
+        shared.contains("shared with 1 member devices of b.example"),
+        "{shared}"
+    );
+
+    // bob writes through his own gateway, which relays to the room's authority.
+    let sent = send(&at("bob"), "room", "hello from b.example");
+    assert!(sent.contains("seq 1"), "{sent}");
+    let got = follow(&path("alice"), "room", 1, Duration::from_secs(30));
+    assert!(
+        got.iter().any(|l| l.contains("hello from b.example")),
+        "{got:?}"
+    );
+    let sent = send(&at("alice"), "room", "hello from a.example");
+    assert!(sent.contains("seq 2"), "{sent}");
+    let got = follow(&path("bob"), "room", 2, Duration::from_secs(30));
+    let texts: Vec<&String> = got.iter().filter(|l| l.contains("hello from")).collect();
+    assert_eq!(texts.len(), 2, "{got:?}");
+    assert!(
+        texts[0].contains("b.example") && texts[1].contains("a.example"),
+        "{got:?}"
+    );
+
+    // b.example is killed without a word; alice goes on writing. What a.example sequenced
+    // meanwhile waits in its link's durable outbox and reaches bob after b.example is back.
+    let mut b = b;
+    b.0.kill().unwrap();
+    b.0.wait().unwrap();
+    drop(b);
+    for n in 3..=5 {
+        let sent = send(
+            &at("alice"),
+            "room",
+            &format!("while b.example was down #{n}"),
+        );
+        assert!(sent.contains(&format!("seq {n}")), "{sent}");
+    }
+    let b = start(&at("b.toml"), &at("b.log"));
+    wait_for_link(&at("b.toml"), "a.example", "up", Duration::from_secs(60));
+    let got = follow(&path("bob"), "room", 3, Duration::from_secs(30));
+    let texts: Vec<&String> = got
+        .iter()
+        .filter(|l| l.contains("while b.example"))
+        .collect();
+    assert_eq!(texts.len(), 3, "{got:?}");
+    for (i, line) in texts.iter().enumerate() {
+        assert!(line.contains(&format!("#{}", i + 3)), "in order: {got:?}");
+    }
+    let sent = send(&at("bob"), "room", "back again");
+    assert!(sent.contains("seq 6"), "{sent}");
+    // alice reads her own messages 2..=5 too, then bob's.
+    let got = follow(&path("alice"), "room", 5, Duration::from_secs(30));
+    assert!(
+        got.len() == 5 && got[4].contains("seq 6") && got[4].contains("back again"),
+        "{got:?}"
+    );
+    // Neither gateway's log holds a message's text.
+    let logs = std::fs::read_to_string(at("a.log")).unwrap()
+        + &std::fs::read_to_string(at("b.log")).unwrap();
+    assert!(!logs.contains("hello from") && !logs.contains("back again"));
+    terminate(b);
+    terminate(a);
 }

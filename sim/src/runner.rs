@@ -83,6 +83,11 @@ struct JsonRun<'a> {
     removals: u64,
     undecryptable: u64,
     faults: &'a BTreeMap<&'static str, u64>,
+    /// Conversations spanning domains, summed over the gateways up at the end (each from its
+    /// last start): messages relayed to an authority, and sequenced messages sent to member
+    /// gateways.
+    spanning_relayed: Option<u64>,
+    spanning_fanned_out: Option<u64>,
     /// Revocations: newest CRL version, devices revoked, devices holding it, and the time
     /// from the last revocation until the last device took its CRL.
     crl_version: Option<u64>,
@@ -400,6 +405,8 @@ fn write_report(
             removals: r.app.removals,
             undecryptable: r.app.undecryptable,
             faults: &r.faults,
+            spanning_relayed: r.spanning.map(|s| s.relayed),
+            spanning_fanned_out: r.spanning.map(|s| s.fanned_out),
             crl_version: r.crl.as_ref().map(|c| c.version),
             crl_revoked: r.crl.as_ref().map(|c| c.revoked),
             crl_holders: r.crl.as_ref().map(|c| c.holders),
@@ -445,7 +452,7 @@ fn write_report(
         };
         writeln!(
             out,
-            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}{}{}",
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}{}{}{}",
             r.scenario,
             r.seed,
             r.trace_hash,
@@ -505,6 +512,9 @@ fn write_report(
                     d.peak_per_100ms
                 ))
                 .collect::<String>(),
+            r.spanning
+                .map(|s| format!(" spanning relayed {} fanned-out {}", s.relayed, s.fanned_out))
+                .unwrap_or_default(),
             r.recovery_ms
                 .map(|ms| format!(" recovered {:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_default(),

@@ -1638,8 +1638,42 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             }
             resolved.push(t);
         }
+        let home = default_gateway(span, &gateway)?;
+        // Members homed at other gateways: a plain conversation spans domains through
+        // federation links; an MLS one does not yet.
+        let homes: BTreeSet<&str> = resolved
+            .iter()
+            .flat_map(|t| {
+                users.iter().filter(move |u| match t {
+                    Target::User(n) | Target::Device(n, _) => u.name == *n,
+                    Target::UserGlob(p) => u.name.starts_with(p.as_str()),
+                    _ => true,
+                })
+            })
+            .map(|u| u.gateway.as_str())
+            .filter(|g| *g != home)
+            .collect();
+        for other in homes {
+            if kind.is_some() {
+                return Err(err(
+                    span,
+                    span.column,
+                    format!("conversation `{name}` has members at gateway `{other}`, not its own `{home}`: MLS conversations do not span gateways yet"),
+                ));
+            }
+            let linked = federations
+                .iter()
+                .any(|(a, b)| (a == &home && b == other) || (a == other && b == &home));
+            if !linked {
+                return Err(err(
+                    span,
+                    span.column,
+                    format!("conversation `{name}` is homed at `{home}` and has members at `{other}`: add `federate {home} {other}`"),
+                ));
+            }
+        }
         conversations.push(ConversationDecl {
-            gateway: default_gateway(span, &gateway)?,
+            gateway: home,
             name,
             kind,
             members: resolved,

@@ -118,6 +118,8 @@ pub struct RunReport {
     pub files: Option<FilesReport>,
     /// Each `drain`: how long it took and how the devices came back.
     pub drains: Vec<DrainReport>,
+    /// Conversations spanning domains (`None`: none relayed or fanned out anything).
+    pub spanning: Option<sund_model::gateway::SpanningStats>,
 }
 
 #[derive(Clone, Debug)]
@@ -604,16 +606,50 @@ impl World {
                 kind: decl.kind,
             });
             match decl.kind {
-                None => self.with_gateway(gateway, |g, now| {
-                    let command = AdminCommand::CreateConversation(id, devices);
-                    g.handle(
-                        now,
-                        GatewayInput::Admin {
-                            request: 0,
-                            command,
-                        },
-                    )
-                }),
+                None => {
+                    // Members homed at other gateways: the conversation is homed here and
+                    // shared with each of their gateways (federation peers of this one).
+                    let mut foreign: BTreeMap<String, Vec<DeviceId>> = BTreeMap::new();
+                    let mut local = Vec::new();
+                    for &m in &self.conversations[index].members {
+                        let home = self.actors[m as usize].home;
+                        let device = self.actors[m as usize].device;
+                        match self.federation.domain(home) {
+                            Some(domain) if home != gateway => {
+                                foreign.entry(domain).or_default().push(device);
+                            }
+                            _ => local.push(device),
+                        }
+                    }
+                    debug_assert_eq!(
+                        local.len() + foreign.values().map(Vec::len).sum::<usize>(),
+                        devices.len()
+                    );
+                    self.with_gateway(gateway, |g, now| {
+                        let command = AdminCommand::CreateConversation(id, local);
+                        g.handle(
+                            now,
+                            GatewayInput::Admin {
+                                request: 0,
+                                command,
+                            },
+                        );
+                        for (domain, members) in foreign {
+                            let command = AdminCommand::ShareConversation {
+                                conversation: id,
+                                domain,
+                                members,
+                            };
+                            g.handle(
+                                now,
+                                GatewayInput::Admin {
+                                    request: 0,
+                                    command,
+                                },
+                            );
+                        }
+                    })
+                }
                 Some(_) => self.push(
                     mls_groups::CREATE_AT_US,
                     EventKind::CreateGroup {
@@ -739,11 +775,8 @@ impl World {
             Machine::Gateway(slot, config) => {
                 let g = Gateway::recover(config.clone(), now, &actor.disk, Box::new(entropy))
                     .expect("the simulated disk holds what the gateway wrote");
-                recovered_heads = Some(
-                    g.conversations()
-                        .map(|c| (c.id(), c.head()))
-                        .collect::<BTreeMap<_, _>>(),
-                );
+                // Replicas of conversations homed elsewhere lag their authority by design.
+                recovered_heads = Some(g.sequenced_heads().collect::<BTreeMap<_, _>>());
                 *slot = Some(Box::new(g));
             }
             Machine::Node(slot, config) => {
@@ -829,7 +862,7 @@ impl World {
         match &mut actor.machine {
             Machine::Gateway(slot, _) => {
                 if let Some(g) = slot.take() {
-                    actor.heads_at_crash = g.conversations().map(|c| (c.id(), c.head())).collect();
+                    actor.heads_at_crash = g.sequenced_heads().collect();
                 }
                 actor.killed_conns = conns;
             }
@@ -2230,7 +2263,9 @@ impl World {
         let crl = self.crl_report();
         let files = self.files_report();
         let drains = self.drain_reports();
+        let spanning = self.spanning_report();
         RunReport {
+            spanning,
             files,
             drains,
             scenario: self.scenario.name.clone(),

@@ -29,7 +29,7 @@
 //! past the peer's cursor, so new entries are not taken for duplicates, and the event is
 //! counted and reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 use core::time::Duration;
@@ -282,6 +282,8 @@ pub struct Federation {
     entropy: Box<dyn Entropy + Send>,
     fx: Effects<FederationOutput>,
     stats: FederationStats,
+    /// Entries received since the gateway last took them ([`Federation::take_arrived`]).
+    arrived: VecDeque<(String, Bytes)>,
 }
 
 fn peer_key(domain: &str) -> Vec<u8> {
@@ -388,6 +390,7 @@ impl Federation {
             entropy,
             fx: Effects::default(),
             stats: FederationStats::default(),
+            arrived: VecDeque::new(),
         };
         federation.handle_timeout(now);
         Ok(federation)
@@ -543,6 +546,13 @@ impl Federation {
             }
         });
         pending.chain(links).min()
+    }
+
+    /// The next entry received from a peer that the gateway has not taken yet, with the
+    /// peer's domain. The gateway takes each while handling the input that brought it, so
+    /// that what it does with the entry commits with the cursor that marks it received.
+    pub fn take_arrived(&mut self) -> Option<(String, Bytes)> {
+        self.arrived.pop_front()
     }
 
     /// What accumulated since the last call: writes to commit, and the outputs they release.
@@ -850,6 +860,7 @@ impl Federation {
                 peer_key(peer),
                 seq.to_be_bytes().to_vec(),
             );
+            self.arrived.push_back((peer.to_string(), body.clone()));
             self.fx.hold(FederationOutput::Received {
                 peer: peer.to_string(),
                 seq,

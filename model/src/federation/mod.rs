@@ -12,6 +12,7 @@
 //! uses these links yet.
 
 pub mod certificate;
+pub mod entry;
 pub mod handshake;
 pub mod link;
 

@@ -22,6 +22,17 @@ pub enum AdminCommand {
     /// Create a plain conversation with these member devices (idempotent; members are added;
     /// an empty list creates nothing).
     CreateConversation(ConversationId, Vec<DeviceId>),
+    /// Share a plain conversation homed here with these member devices of another domain:
+    /// that domain's gateway (a federation peer) keeps a replica for them, and relays their
+    /// messages here to be sequenced (idempotent; members are added).
+    ShareConversation {
+        /// The conversation, homed here.
+        conversation: ConversationId,
+        /// The peer's domain.
+        domain: String,
+        /// Its member devices.
+        members: Vec<DeviceId>,
+    },
     /// Make the enrolment token or pairing code with this id
     /// ([`crate::trust::token_id`]) expire now.
     ExpireToken([u8; 8]),
@@ -61,6 +72,22 @@ pub enum AdminAnswer {
     TokenExpired(crate::trust::TokenSummary),
     /// No token has that id (never issued, or expired and forgotten).
     UnknownToken([u8; 8]),
+    /// The conversation is shared with this many member devices of `domain`.
+    ConversationShared {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The peer's domain.
+        domain: String,
+        /// Member devices of that domain named by the command.
+        members: usize,
+    },
+    /// The conversation was not shared; `why` says what to do.
+    ShareRefused {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Why, in words.
+        why: String,
+    },
     /// The plain conversation exists with this many member devices.
     ConversationCreated {
         /// The conversation.
@@ -128,6 +155,11 @@ impl Gateway {
                     members,
                 }
             }
+            AdminCommand::ShareConversation {
+                conversation,
+                domain,
+                members,
+            } => self.share_conversation(now, conversation, &domain, members),
             AdminCommand::ExpireToken(id) => {
                 match self.registry.expire_token(now, id, self.fx.writes()) {
                     Some(token) => AdminAnswer::TokenExpired(token),

@@ -44,10 +44,12 @@ pub mod links;
 pub mod presence;
 mod refusal;
 pub mod registry;
+mod relay;
 pub mod sender_order;
 pub mod sequencer;
 pub mod session;
 pub mod social;
+pub mod spanning;
 pub mod transfers;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -85,6 +87,7 @@ pub use config::GatewayConfig;
 pub use delivery::{HistoryKind, LostHistory, CURSORS_TABLE, FENCE_MAX, INBOX_TABLE};
 pub use refusal::{GatewayStats, Refusal, RefusalCounts};
 pub use registry::USERS_TABLE;
+pub use relay::SpanningStats;
 pub use session::TOKENS_TABLE;
 pub use transfers::{ChunkToServe, TransferStats};
 
@@ -229,6 +232,9 @@ pub struct Gateway {
     refusals: RefusalCounts,
     /// Links to peer gateways (`None`: no federation peer configured).
     federation: Option<Federation>,
+    /// Conversations spanning domains: this gateway's role in each.
+    spanning: spanning::Spanning,
+    spanning_stats: relay::SpanningStats,
     fx: Fx,
 }
 
@@ -328,6 +334,7 @@ impl Gateway {
             gateway.entropy.as_mut(),
             fx.writes(),
         )?;
+        gateway.spanning = spanning::Spanning::recover(store)?;
         gateway.fx = fx;
         Ok(gateway)
     }
@@ -374,6 +381,8 @@ impl Gateway {
             now,
             refusals: RefusalCounts::default(),
             federation: None,
+            spanning: spanning::Spanning::default(),
+            spanning_stats: relay::SpanningStats::default(),
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.
@@ -382,6 +391,20 @@ impl Gateway {
     }
 
     // ---- getters ----
+
+    /// The domain whose gateway sequences `conversation`, if this gateway only keeps a
+    /// replica of it for its devices (a conversation spanning domains, homed elsewhere).
+    pub fn replica_of(&self, conversation: ConversationId) -> Option<&str> {
+        self.spanning.authority_of(conversation)
+    }
+
+    /// This gateway's conversations that it sequences itself (all but the replicas).
+    pub fn sequenced_heads(&self) -> impl Iterator<Item = (ConversationId, u64)> + '_ {
+        self.delivery
+            .conversations()
+            .filter(|log| self.spanning.authority_of(log.id()).is_none())
+            .map(|log| (log.id(), log.head()))
+    }
 
     /// The highest seq of a conversation, if it exists here.
     pub fn conversation_head(&self, conversation: ConversationId) -> Option<u64> {
@@ -420,6 +443,7 @@ impl Gateway {
             limits: self.limits.stats().clone(),
             social: self.social.stats().clone(),
             presence: self.presence.stats().clone(),
+            spanning: self.spanning_stats,
             refusals: self.refusals,
         }
     }
@@ -566,6 +590,7 @@ impl Gateway {
                 if let Some(federation) = &mut self.federation {
                     federation.handle(now, input);
                 }
+                self.take_federated_entries(now);
             }
         }
         self.arm_chunk_drop(now);
@@ -593,6 +618,7 @@ impl Gateway {
                 federation.handle_timeout(now);
             }
         }
+        self.take_federated_entries(now);
         for name in self.timers.due(now) {
             match name {
                 GatewayTimer::Tick => self.tick(now),
@@ -1443,6 +1469,11 @@ impl Gateway {
             self.refuse(conn, refusal);
             return;
         }
+        if let Some(authority) = self.spanning.authority_of(conv) {
+            let authority = authority.to_string();
+            self.relay_send(now, conn, device, conv, send, authority);
+            return;
+        }
         let after = send.after.map(MsgId::from_bytes);
         if let Err(last) = self
             .delivery
@@ -1528,6 +1559,7 @@ impl Gateway {
                     self.groups.count_commit();
                     self.apply_group_effect(now, conv, seq, *effect);
                 }
+                self.fan_out(now, conv, seq);
                 seq
             }
             Ok(Appended::Duplicate(seq)) => seq,

@@ -75,6 +75,8 @@ pub struct GatewayStats {
     pub social: SocialStats,
     /// Presence.
     pub presence: PresenceStats,
+    /// Conversations spanning domains.
+    pub spanning: super::relay::SpanningStats,
     /// Errors and goodbyes sent, by code.
     #[serde(skip)]
     pub refusals: RefusalCounts,

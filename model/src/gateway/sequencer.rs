@@ -199,6 +199,55 @@ impl ConversationLog {
         Ok(Appended::New(seq))
     }
 
+    /// Offers a message of a device that is a member elsewhere: a device of another domain in
+    /// a conversation homed here, whose gateway relayed it (the caller checked that it is a
+    /// member there). Sequences it unless it is a duplicate.
+    pub fn append_relayed(
+        &mut self,
+        now: Instant,
+        sender: DeviceId,
+        msg_id: MsgId,
+        body: Bytes,
+    ) -> Appended {
+        if let Some(record) = self.dedup.get(&(sender, msg_id)) {
+            return Appended::Duplicate(record.seq);
+        }
+        let seq = self.head() + 1;
+        self.push(LogEntry {
+            seq,
+            sender,
+            msg_id,
+            accepted_at: now,
+            body,
+        });
+        Appended::New(seq)
+    }
+
+    /// Puts the message the conversation's authority (another domain's gateway) sequenced at
+    /// `seq == head + 1` into this replica of its log. A record of the same message id at an
+    /// earlier seq (the authority forgot it and sequenced a copy again) gives way to it.
+    pub fn append_at(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        sender: DeviceId,
+        msg_id: MsgId,
+        body: Bytes,
+    ) {
+        assert_eq!(seq, self.head() + 1, "a replica's entries are contiguous");
+        if self.dedup.remove(&(sender, msg_id)).is_some() {
+            self.dedup_order
+                .retain(|&(_, s, m)| !(s == sender && m == msg_id));
+        }
+        self.push(LogEntry {
+            seq,
+            sender,
+            msg_id,
+            accepted_at: now,
+            body,
+        });
+    }
+
     /// Sequences a message of the conversation's authority itself (an external proposal); its
     /// sender is [`AUTHORITY_SENDER`].
     pub fn append_by_authority(&mut self, now: Instant, msg_id: MsgId, body: Bytes) -> u64 {

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use sund_model::federation::handshake::PeerConfig;
 use sund_model::federation::{FederationInput, FederationOutput};
-use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput};
+use sund_model::gateway::{Gateway, GatewayConfig, GatewayInput, SpanningStats};
 use sund_model::ids::ConnectionId;
 use sund_model::time::Instant;
 
@@ -122,7 +122,33 @@ pub(super) fn configure(
     watch
 }
 
+impl FederationWatch {
+    /// The domain of a federated gateway.
+    pub(super) fn domain(&self, gateway: ActorIndex) -> Option<String> {
+        self.domain_of.get(&gateway).cloned()
+    }
+}
+
 impl World {
+    /// The conversations spanning domains, summed over the gateways up at the end (each
+    /// counts from its last start); `None` if nothing was relayed or fanned out.
+    pub(super) fn spanning_report(&self) -> Option<SpanningStats> {
+        let mut sum = SpanningStats::default();
+        for &g in &self.gateways {
+            if let Machine::Gateway(Some(g), _) = &self.actors[g as usize].machine {
+                let s = g.stats().spanning;
+                sum.relayed += s.relayed;
+                sum.relays_taken += s.relays_taken;
+                sum.relays_refused += s.relays_refused;
+                sum.fanned_out += s.fanned_out;
+                sum.answers_passed += s.answers_passed;
+                sum.entries_malformed += s.entries_malformed;
+                sum.entries_refused += s.entries_refused;
+            }
+        }
+        (sum.relayed + sum.fanned_out > 0).then_some(sum)
+    }
+
     /// True if `conn` links two gateways.
     pub(super) fn is_federation_conn(&self, conn: u64) -> bool {
         self.federation.conns.contains(&conn)

@@ -220,6 +220,8 @@ pub struct DeliveryLimits {
 pub struct DeliveryStats {
     /// Messages newly sequenced.
     pub sequenced: u64,
+    /// Messages another domain's gateway sequenced, put into replicas of its logs here.
+    pub replicated: u64,
     /// Sends answered as duplicates.
     pub duplicates: u64,
     /// Deliver frames sent (first sends and redeliveries).
@@ -817,6 +819,108 @@ impl Delivery {
             Appended::Duplicate(_) => self.stats.duplicates += 1,
         }
         Ok(appended)
+    }
+
+    /// Sequences a message that a member gateway of another domain relayed from its device
+    /// (the caller checked that the device is a member there, and its sender order), with the
+    /// writes that make it durable.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_relayed(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+        chained: bool,
+        body: Bytes,
+        writes: &mut WriteBatch,
+    ) -> Result<Appended, AppendError> {
+        let log = self
+            .conversations
+            .get_mut(&conv)
+            .ok_or(AppendError::UnknownConversation)?;
+        let appended = log.append_relayed(now, device, msg_id, body);
+        match appended {
+            Appended::New(seq) => {
+                log.persist_append(seq, writes);
+                if chained {
+                    self.sender_order.chained(conv, device, msg_id);
+                } else {
+                    self.sender_order.unchained(conv, device, seq);
+                }
+                self.stats.sequenced += 1;
+            }
+            Appended::Duplicate(_) => self.stats.duplicates += 1,
+        }
+        Ok(appended)
+    }
+
+    /// Puts a message the conversation's authority (another domain's gateway) sequenced at
+    /// `seq` into this gateway's replica of the log, with the writes that make it durable.
+    /// Entries arrive once and in order, so `seq` is the head's next; seqs below it are
+    /// ignored (returns false), and seqs skipped (the authority's disk lost them) become
+    /// placeholders, as lost seqs do at an authority.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_replica(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        sender: DeviceId,
+        msg_id: MsgId,
+        body: Bytes,
+        writes: &mut WriteBatch,
+    ) -> Result<bool, AppendError> {
+        let log = self
+            .conversations
+            .get_mut(&conv)
+            .ok_or(AppendError::UnknownConversation)?;
+        let head = log.head();
+        if seq <= head {
+            self.stats.duplicates += 1;
+            return Ok(false);
+        }
+        if seq > head + 1 {
+            let from = log.fence(now, seq - 1, None);
+            for lost in from..seq {
+                log.persist_append(lost, writes);
+            }
+        }
+        log.append_at(now, seq, sender, msg_id, body);
+        log.persist_append(seq, writes);
+        // Kept as at the authority, though a replica never checks it: garbage collection
+        // finds every sender of an entry in it.
+        self.sender_order.chained(conv, sender, msg_id);
+        self.stats.replicated += 1;
+        Ok(true)
+    }
+
+    /// Another domain's gateway, the authority of `conv`, opened it here with these of this
+    /// gateway's devices as members: the replica's log (idempotent), and a window for each
+    /// member online now.
+    pub fn open_replica(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        members: &[DeviceId],
+        writes: &mut WriteBatch,
+    ) {
+        for &device in members {
+            self.add_member(conv, device);
+        }
+        if let Some(log) = self.conversations.get(&conv) {
+            log.persist_members(writes);
+        }
+        for session in self.sessions.values_mut() {
+            if members.contains(&session.device) && !session.windows.contains_key(&conv) {
+                let cursor = self
+                    .cursors
+                    .get(&(session.device, conv))
+                    .copied()
+                    .unwrap_or(0);
+                session.windows.insert(conv, Window::at(cursor, now));
+            }
+        }
     }
 
     /// Adds the sender-order rows changed since the last call to `writes`: call it before the

@@ -1,0 +1,464 @@
+//! What travels in the entries of a federation link (see [`super::link`]) for conversations
+//! that span domains: one authority (the conversation's home gateway) sequences, every other
+//! gateway with members keeps a replica of the log and serves its own devices from it.
+//!
+//! - [`Entry::Open`]: the authority tells a member gateway that the conversation exists and
+//!   which of that gateway's devices are in it;
+//! - [`Entry::Relay`]: a member gateway hands the authority a message one of its devices sent;
+//! - [`Entry::Sequenced`]: the authority gives a member gateway the message it sequenced at a
+//!   seq (every one, in order: the link delivers entries once and in order, so the replica's
+//!   log is the authority's);
+//! - [`Entry::Answer`]: the authority's answer to a relayed message (its seq, or a refusal),
+//!   which the member gateway passes to the device.
+//!
+//! The encoding is hand-written and bounded: a version byte, a kind byte, fixed-size fields, and
+//! lengths checked against what is left; trailing bytes are refused.
+
+use bytes::Bytes;
+
+use crate::codec::Reader;
+use crate::ids::{ConversationId, DeviceId, MsgId};
+use crate::wire::payload::ErrorCode;
+
+/// The first byte of every entry of this format (a text or anything else is not an entry).
+pub const ENTRY_VERSION: u8 = 0xE1;
+/// The most devices an [`Entry::Open`] names.
+pub const OPEN_MEMBERS_MAX: usize = 10_000;
+/// The longest refusal message an [`Entry::Answer`] carries, in bytes.
+pub const ANSWER_MESSAGE_MAX: usize = 1024;
+
+const KIND_OPEN: u8 = 1;
+const KIND_RELAY: u8 = 2;
+const KIND_SEQUENCED: u8 = 3;
+const KIND_ANSWER: u8 = 4;
+
+/// One entry of a federation link about a conversation spanning domains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// From the authority: `conversation` is homed there, and these devices of the receiving
+    /// gateway are members.
+    Open {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The receiving gateway's member devices.
+        members: Vec<DeviceId>,
+    },
+    /// From a member gateway: its device `sender` sent this message.
+    Relay {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The device that sent it (a device of the relaying gateway's domain).
+        sender: DeviceId,
+        /// The sender's message id.
+        msg_id: MsgId,
+        /// The message it comes after, in its sender's order, if it names one.
+        after: Option<MsgId>,
+        /// Opaque content.
+        body: Bytes,
+    },
+    /// From the authority: the message it sequenced at `seq`.
+    Sequenced {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Its seq.
+        seq: u64,
+        /// The device that sent it.
+        sender: DeviceId,
+        /// The sender's message id.
+        msg_id: MsgId,
+        /// Opaque content.
+        body: Bytes,
+    },
+    /// From the authority: what became of a relayed message.
+    Answer {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The device that sent it.
+        sender: DeviceId,
+        /// The sender's message id.
+        msg_id: MsgId,
+        /// Sequenced, or refused.
+        outcome: Outcome,
+    },
+}
+
+/// What the authority did with a relayed message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sequenced at this seq (now or earlier: a copy gets its original seq).
+    Sequenced(u64),
+    /// Refused.
+    Refused {
+        /// Why, as the device will hear it.
+        code: ErrorCode,
+        /// In words (at most [`ANSWER_MESSAGE_MAX`] bytes).
+        message: String,
+        /// With `sender_out_of_order`: the message it must come after.
+        after: Option<MsgId>,
+    },
+}
+
+/// Why bytes are not an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    /// Not this format's version byte.
+    #[error("not a conversation entry (version byte {0:#04x})")]
+    NotAnEntry(u8),
+    /// An unknown kind.
+    #[error("unknown entry kind {0}")]
+    UnknownKind(u8),
+    /// Shorter than its fields say.
+    #[error("the entry ends early")]
+    Truncated,
+    /// A count or length over its bound.
+    #[error("a count or length in the entry is over its bound")]
+    TooLong,
+    /// Bytes after the last field.
+    #[error("bytes after the entry's last field")]
+    Trailing,
+    /// A flag byte that is neither 0 nor 1.
+    #[error("a flag byte of {0} in the entry")]
+    BadFlag(u8),
+    /// A refusal message that is not UTF-8.
+    #[error("a refusal message that is not UTF-8")]
+    NotUtf8,
+}
+
+impl Entry {
+    /// The conversation it is about.
+    pub fn conversation(&self) -> ConversationId {
+        match self {
+            Entry::Open { conversation, .. }
+            | Entry::Relay { conversation, .. }
+            | Entry::Sequenced { conversation, .. }
+            | Entry::Answer { conversation, .. } => *conversation,
+        }
+    }
+
+    /// The entry's bytes.
+    pub fn encode(&self) -> Bytes {
+        let mut out = vec![ENTRY_VERSION];
+        match self {
+            Entry::Open {
+                conversation,
+                members,
+            } => {
+                debug_assert!(members.len() <= OPEN_MEMBERS_MAX, "bounded by the caller");
+                out.push(KIND_OPEN);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&(members.len() as u32).to_be_bytes());
+                for device in members {
+                    out.extend_from_slice(&device.to_bytes());
+                }
+            }
+            Entry::Relay {
+                conversation,
+                sender,
+                msg_id,
+                after,
+                body,
+            } => {
+                out.push(KIND_RELAY);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&sender.to_bytes());
+                out.extend_from_slice(&msg_id.to_bytes());
+                put_optional_id(&mut out, *after);
+                put_body(&mut out, body);
+            }
+            Entry::Sequenced {
+                conversation,
+                seq,
+                sender,
+                msg_id,
+                body,
+            } => {
+                out.push(KIND_SEQUENCED);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&sender.to_bytes());
+                out.extend_from_slice(&msg_id.to_bytes());
+                put_body(&mut out, body);
+            }
+            Entry::Answer {
+                conversation,
+                sender,
+                msg_id,
+                outcome,
+            } => {
+                out.push(KIND_ANSWER);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&sender.to_bytes());
+                out.extend_from_slice(&msg_id.to_bytes());
+                match outcome {
+                    Outcome::Sequenced(seq) => {
+                        out.push(0);
+                        out.extend_from_slice(&seq.to_be_bytes());
+                    }
+                    Outcome::Refused {
+                        code,
+                        message,
+                        after,
+                    } => {
+                        out.push(1);
+                        out.extend_from_slice(&(*code as u16).to_be_bytes());
+                        put_optional_id(&mut out, *after);
+                        let message = truncate_utf8(message, ANSWER_MESSAGE_MAX);
+                        out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+                        out.extend_from_slice(message.as_bytes());
+                    }
+                }
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// Reads an entry; never panics, allocates only what the input holds.
+    pub fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8().ok_or(EntryError::Truncated)?;
+        if version != ENTRY_VERSION {
+            return Err(EntryError::NotAnEntry(version));
+        }
+        let kind = r.u8().ok_or(EntryError::Truncated)?;
+        let conversation = ConversationId::from_bytes(id(&mut r)?);
+        let entry = match kind {
+            KIND_OPEN => {
+                let count = r.u32().ok_or(EntryError::Truncated)? as usize;
+                if count > OPEN_MEMBERS_MAX {
+                    return Err(EntryError::TooLong);
+                }
+                if r.remaining() < count * 16 {
+                    return Err(EntryError::Truncated);
+                }
+                let members = (0..count)
+                    .map(|_| id(&mut r).map(DeviceId::from_bytes))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Entry::Open {
+                    conversation,
+                    members,
+                }
+            }
+            KIND_RELAY => Entry::Relay {
+                conversation,
+                sender: DeviceId::from_bytes(id(&mut r)?),
+                msg_id: MsgId::from_bytes(id(&mut r)?),
+                after: optional_id(&mut r)?,
+                body: body(&mut r)?,
+            },
+            KIND_SEQUENCED => Entry::Sequenced {
+                conversation,
+                seq: r.u64().ok_or(EntryError::Truncated)?,
+                sender: DeviceId::from_bytes(id(&mut r)?),
+                msg_id: MsgId::from_bytes(id(&mut r)?),
+                body: body(&mut r)?,
+            },
+            KIND_ANSWER => {
+                let sender = DeviceId::from_bytes(id(&mut r)?);
+                let msg_id = MsgId::from_bytes(id(&mut r)?);
+                let outcome = match r.u8().ok_or(EntryError::Truncated)? {
+                    0 => Outcome::Sequenced(r.u64().ok_or(EntryError::Truncated)?),
+                    1 => {
+                        let code = r.array::<2>().ok_or(EntryError::Truncated)?;
+                        let code = ErrorCode::from_u16(u16::from_be_bytes(code));
+                        let after = optional_id(&mut r)?;
+                        let len = r.array::<2>().ok_or(EntryError::Truncated)?;
+                        let len = usize::from(u16::from_be_bytes(len));
+                        if len > ANSWER_MESSAGE_MAX {
+                            return Err(EntryError::TooLong);
+                        }
+                        let text = r.take(len).ok_or(EntryError::Truncated)?;
+                        let message = core::str::from_utf8(text)
+                            .map_err(|_| EntryError::NotUtf8)?
+                            .to_string();
+                        Outcome::Refused {
+                            code,
+                            message,
+                            after,
+                        }
+                    }
+                    other => return Err(EntryError::BadFlag(other)),
+                };
+                Entry::Answer {
+                    conversation,
+                    sender,
+                    msg_id,
+                    outcome,
+                }
+            }
+            other => return Err(EntryError::UnknownKind(other)),
+        };
+        if r.remaining() != 0 {
+            return Err(EntryError::Trailing);
+        }
+        Ok(entry)
+    }
+}
+
+fn id(r: &mut Reader<'_>) -> Result<[u8; 16], EntryError> {
+    r.array::<16>().ok_or(EntryError::Truncated)
+}
+
+fn put_optional_id(out: &mut Vec<u8>, id: Option<MsgId>) {
+    match id {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.to_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
+fn optional_id(r: &mut Reader<'_>) -> Result<Option<MsgId>, EntryError> {
+    match r.u8().ok_or(EntryError::Truncated)? {
+        0 => Ok(None),
+        1 => Ok(Some(MsgId::from_bytes(id(r)?))),
+        other => Err(EntryError::BadFlag(other)),
+    }
+}
+
+fn put_body(out: &mut Vec<u8>, body: &[u8]) {
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+fn body(r: &mut Reader<'_>) -> Result<Bytes, EntryError> {
+    let len = r.u32().ok_or(EntryError::Truncated)? as usize;
+    let bytes = r.take(len).ok_or(EntryError::Truncated)?;
+    Ok(Bytes::copy_from_slice(bytes))
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id16() -> impl Strategy<Value = u128> {
+        any::<u128>()
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            any::<u64>().prop_map(Outcome::Sequenced),
+            (0u16..49, "[ -~]{0,60}", proptest::option::of(id16())).prop_map(
+                |(code, message, after)| Outcome::Refused {
+                    code: ErrorCode::from_u16(code),
+                    message,
+                    after: after.map(MsgId),
+                }
+            ),
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        let body = proptest::collection::vec(any::<u8>(), 0..200).prop_map(Bytes::from);
+        prop_oneof![
+            (id16(), proptest::collection::vec(id16(), 0..20)).prop_map(|(c, m)| Entry::Open {
+                conversation: ConversationId(c),
+                members: m.into_iter().map(DeviceId).collect(),
+            }),
+            (
+                id16(),
+                id16(),
+                id16(),
+                proptest::option::of(id16()),
+                body.clone()
+            )
+                .prop_map(|(c, s, m, a, body)| Entry::Relay {
+                    conversation: ConversationId(c),
+                    sender: DeviceId(s),
+                    msg_id: MsgId(m),
+                    after: a.map(MsgId),
+                    body,
+                }),
+            (id16(), any::<u64>(), id16(), id16(), body).prop_map(|(c, seq, s, m, body)| {
+                Entry::Sequenced {
+                    conversation: ConversationId(c),
+                    seq,
+                    sender: DeviceId(s),
+                    msg_id: MsgId(m),
+                    body,
+                }
+            }),
+            (id16(), id16(), id16(), outcome()).prop_map(|(c, s, m, outcome)| Entry::Answer {
+                conversation: ConversationId(c),
+                sender: DeviceId(s),
+                msg_id: MsgId(m),
+                outcome,
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_entry_reads_back_as_itself(entry in entry()) {
+            let bytes = entry.encode();
+            prop_assert_eq!(Entry::decode(&bytes), Ok(entry.clone()));
+            // Every proper prefix is refused, never misread.
+            for cut in 0..bytes.len() {
+                prop_assert!(Entry::decode(&bytes[..cut]).is_err(), "prefix of {cut} bytes read");
+            }
+            let mut longer = bytes.to_vec();
+            longer.push(0);
+            prop_assert_eq!(Entry::decode(&longer), Err(EntryError::Trailing));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_are_refused_without_panicking(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300)
+        ) {
+            if let Ok(entry) = Entry::decode(&bytes) {
+                prop_assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
+            }
+        }
+    }
+
+    #[test]
+    fn a_text_is_not_an_entry_and_counts_are_bounded() {
+        assert_eq!(
+            Entry::decode(b"gwa -> gwb #1"),
+            Err(EntryError::NotAnEntry(b'g'))
+        );
+        let mut open = vec![ENTRY_VERSION, KIND_OPEN];
+        open.extend_from_slice(&[0; 16]);
+        open.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(Entry::decode(&open), Err(EntryError::TooLong));
+        let mut open = vec![ENTRY_VERSION, KIND_OPEN];
+        open.extend_from_slice(&[0; 16]);
+        open.extend_from_slice(&5u32.to_be_bytes());
+        open.extend_from_slice(&[0; 16]);
+        assert_eq!(Entry::decode(&open), Err(EntryError::Truncated));
+    }
+
+    #[test]
+    fn a_long_refusal_message_is_cut_at_a_character_boundary() {
+        let entry = Entry::Answer {
+            conversation: ConversationId(1),
+            sender: DeviceId(2),
+            msg_id: MsgId(3),
+            outcome: Outcome::Refused {
+                code: ErrorCode::NotMember,
+                message: "é".repeat(ANSWER_MESSAGE_MAX),
+                after: None,
+            },
+        };
+        let Ok(Entry::Answer {
+            outcome: Outcome::Refused { message, .. },
+            ..
+        }) = Entry::decode(&entry.encode())
+        else {
+            panic!("reads back");
+        };
+        assert_eq!(message.len(), ANSWER_MESSAGE_MAX);
+    }
+}

@@ -1,0 +1,581 @@
+//! Routing for conversations that span domains (issue 15, step 3; roles in [`super::spanning`],
+//! entries in [`crate::federation::entry`]).
+//!
+//! - At a **member gateway**, a device's message to a conversation homed elsewhere is checked
+//!   here as any message is (member of the replica, rate limits), then relayed to the
+//!   authority; the device's acknowledgement (or refusal) is the authority's answer, passed
+//!   on. Nothing is sequenced here: the replica only takes what the authority sequenced, in
+//!   its order, and serves this gateway's devices from it.
+//! - At the **authority**, a relayed message goes through the same sender-order check,
+//!   deduplication and sequencing as a local one; every message sequenced in a conversation
+//!   with members elsewhere goes to each of their gateways in the same commit.
+//!
+//! Entries ride the federation links, which hand each on once and in order, durably on both
+//! sides: what a gateway does with an entry commits with the cursor that marks it received.
+
+use bytes::Bytes;
+
+use super::{AdminAnswer, Gateway, Refusal};
+use crate::federation::entry::{Entry, Outcome, OPEN_MEMBERS_MAX};
+use crate::gateway::sender_order;
+use crate::gateway::sequencer::Appended;
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::time::Instant;
+use crate::wire::payload::{ErrorCode, Payload, Send, SendAck};
+use crate::wire::Routing;
+
+/// Counters of conversations spanning domains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpanningStats {
+    /// Devices' messages relayed to another domain's gateway.
+    pub relayed: u64,
+    /// Copies of messages a device sent again while their relay still waited for its answer
+    /// (not queued again).
+    pub relays_coalesced: u64,
+    /// Relayed messages this gateway (the authority) sequenced or answered as copies.
+    pub relays_taken: u64,
+    /// Relayed messages this gateway (the authority) refused.
+    pub relays_refused: u64,
+    /// Sequenced messages sent to member gateways.
+    pub fanned_out: u64,
+    /// Answers from an authority passed on to a device online here.
+    pub answers_passed: u64,
+    /// Entries that did not decode.
+    pub entries_malformed: u64,
+    /// Entries refused: from a gateway that is not the conversation's authority, or about a
+    /// conversation this gateway does not hold in that role.
+    pub entries_refused: u64,
+}
+
+impl Gateway {
+    /// Operator (or the simulator's set-up): `conv`, homed here, gets these member devices
+    /// of `domain`; that domain's gateway is told to keep a replica for them.
+    pub(super) fn share_conversation(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        domain: &str,
+        members: Vec<DeviceId>,
+    ) -> AdminAnswer {
+        let refused = |why: String| AdminAnswer::ShareRefused {
+            conversation: conv,
+            why,
+        };
+        if !self.delivery.contains(conv) || self.groups.contains(conv) {
+            return refused("no plain conversation of that id is homed here".into());
+        }
+        if self.spanning.authority_of(conv).is_some() {
+            return refused("the conversation is homed at another gateway".into());
+        }
+        if members.is_empty() || members.len() > OPEN_MEMBERS_MAX {
+            return refused(format!(
+                "name 1 to {OPEN_MEMBERS_MAX} member devices of {domain}"
+            ));
+        }
+        let open = Entry::Open {
+            conversation: conv,
+            members: members.clone(),
+        };
+        if let Err(error) = self.federation_enqueue(now, domain, open.encode()) {
+            return refused(error.to_string());
+        }
+        let shared = self
+            .spanning
+            .share(conv, domain, &members, self.fx.writes());
+        debug_assert!(shared, "checked above");
+        AdminAnswer::ConversationShared {
+            conversation: conv,
+            domain: domain.to_string(),
+            members: members.len(),
+        }
+    }
+
+    /// A device of this gateway sent `send` to `conv`, homed at `authority`'s gateway: checked
+    /// here, then relayed there.
+    pub(super) fn relay_send(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        send: Send,
+        authority: String,
+    ) {
+        let msg_id = send.msg_id();
+        let routing = Routing {
+            conversation: conv,
+            ..Routing::default()
+        };
+        if !self
+            .delivery
+            .log(conv)
+            .is_some_and(|log| log.is_member(device))
+        {
+            let refusal = Refusal::error(ErrorCode::NotMember, "not a member of this conversation")
+                .in_conversation(routing)
+                .about(msg_id);
+            self.refuse(conn, refusal);
+            return;
+        }
+        if let Err(refusal) = self.charge_message(now, device, conv, msg_id) {
+            self.refuse(conn, refusal);
+            return;
+        }
+        if self.spanning.relay_pending(conv, device, msg_id) {
+            // Queued already, on a link that hands it on once: the answer to it comes back.
+            self.spanning_stats.relays_coalesced += 1;
+            return;
+        }
+        let relay = Entry::Relay {
+            conversation: conv,
+            sender: device,
+            msg_id,
+            after: send.after.map(MsgId::from_bytes),
+            body: Bytes::from(send.body),
+        };
+        match self.federation_enqueue(now, &authority, relay.encode()) {
+            Ok(_) => {
+                self.spanning.relayed(conv, device, msg_id);
+                self.spanning_stats.relayed += 1;
+            }
+            Err(error) => {
+                let message = format!(
+                    "this conversation is homed at {authority}, and the message cannot go there: {error}"
+                );
+                let refusal = Refusal::error(ErrorCode::Forbidden, message)
+                    .in_conversation(routing)
+                    .about(msg_id);
+                self.refuse(conn, refusal);
+            }
+        }
+    }
+
+    /// A message this gateway sequenced at `seq` in `conv`: to each member gateway of another
+    /// domain, in the same commit.
+    pub(super) fn fan_out(&mut self, now: Instant, conv: ConversationId, seq: u64) {
+        let domains: Vec<String> = self
+            .spanning
+            .foreign_domains(conv)
+            .map(str::to_string)
+            .collect();
+        if domains.is_empty() {
+            return;
+        }
+        let Some(entry) = self.delivery.log(conv).and_then(|log| log.get(seq)) else {
+            return;
+        };
+        let body = Entry::Sequenced {
+            conversation: conv,
+            seq,
+            sender: entry.sender,
+            msg_id: entry.msg_id,
+            body: entry.body.clone(),
+        }
+        .encode();
+        for domain in domains {
+            // A configured peer (checked when shared); an entry no larger than the message
+            // that made it plus its fixed fields.
+            if self.federation_enqueue(now, &domain, body.clone()).is_ok() {
+                self.spanning_stats.fanned_out += 1;
+            }
+        }
+    }
+
+    /// Takes every entry the links received during the input just handled.
+    pub(super) fn take_federated_entries(&mut self, now: Instant) {
+        while let Some((peer, body)) = self
+            .federation
+            .as_mut()
+            .and_then(crate::federation::Federation::take_arrived)
+        {
+            match Entry::decode(&body) {
+                Ok(entry) => self.handle_entry(now, &peer, entry),
+                Err(_) => self.spanning_stats.entries_malformed += 1,
+            }
+        }
+    }
+
+    fn handle_entry(&mut self, now: Instant, peer: &str, entry: Entry) {
+        let conv = entry.conversation();
+        let from_authority = self.spanning.authority_of(conv) == Some(peer);
+        match entry {
+            Entry::Open {
+                conversation,
+                members,
+            } => {
+                let local = self.delivery.contains(conversation) && !from_authority;
+                if local || !self.spanning.follow(conversation, peer, self.fx.writes()) {
+                    self.spanning_stats.entries_refused += 1;
+                    return;
+                }
+                self.delivery
+                    .open_replica(now, conversation, &members, self.fx.writes());
+                self.delivery
+                    .pump_members(now, conversation, &self.sessions, &mut self.fx);
+            }
+            Entry::Sequenced {
+                conversation,
+                seq,
+                sender,
+                msg_id,
+                body,
+            } => {
+                if !from_authority {
+                    self.spanning_stats.entries_refused += 1;
+                    return;
+                }
+                let appended = self.delivery.append_replica(
+                    now,
+                    conversation,
+                    seq,
+                    sender,
+                    msg_id,
+                    body,
+                    self.fx.writes(),
+                );
+                if appended == Ok(true) {
+                    self.delivery
+                        .pump_members(now, conversation, &self.sessions, &mut self.fx);
+                }
+            }
+            Entry::Answer {
+                conversation,
+                sender,
+                msg_id,
+                outcome,
+            } => {
+                if !from_authority {
+                    self.spanning_stats.entries_refused += 1;
+                    return;
+                }
+                self.spanning.answered(conversation, sender, msg_id);
+                // Offline: the device sends the message again when it is back, and hears
+                // the authority's answer to the copy.
+                let Some(conn) = self.sessions.online(sender) else {
+                    return;
+                };
+                self.spanning_stats.answers_passed += 1;
+                match outcome {
+                    Outcome::Sequenced(seq) => {
+                        let routing = Routing {
+                            conversation,
+                            seq,
+                            ..Routing::default()
+                        };
+                        let ack = SendAck {
+                            msg_id: msg_id.to_bytes(),
+                        };
+                        self.fx.send(conn, routing, Payload::SendAck(ack));
+                    }
+                    Outcome::Refused {
+                        code,
+                        message,
+                        after,
+                    } => {
+                        let routing = Routing {
+                            conversation,
+                            ..Routing::default()
+                        };
+                        let mut refusal = Refusal::error(code, message)
+                            .in_conversation(routing)
+                            .about(msg_id);
+                        if let Some(after) = after {
+                            refusal = refusal.after(after);
+                        }
+                        self.refuse(conn, refusal);
+                    }
+                }
+            }
+            Entry::Relay {
+                conversation,
+                sender,
+                msg_id,
+                after,
+                body,
+            } => {
+                let outcome = self.take_relay(now, peer, conversation, sender, msg_id, after, body);
+                let answer = Entry::Answer {
+                    conversation,
+                    sender,
+                    msg_id,
+                    outcome,
+                };
+                // The peer is configured: it sent this.
+                let _ = self.federation_enqueue(now, peer, answer.encode());
+            }
+        }
+    }
+
+    /// The authority's handling of a relayed message: what the device will hear.
+    #[allow(clippy::too_many_arguments)]
+    fn take_relay(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        conv: ConversationId,
+        sender: DeviceId,
+        msg_id: MsgId,
+        after: Option<MsgId>,
+        body: Bytes,
+    ) -> Outcome {
+        let refused = |code, message: String| Outcome::Refused {
+            code,
+            message,
+            after: None,
+        };
+        let outcome = if !self.spanning.is_foreign_member(conv, peer, sender) {
+            refused(
+                ErrorCode::NotMember,
+                "not a member of this conversation".into(),
+            )
+        } else if msg_id == sender_order::NO_MESSAGE {
+            refused(
+                ErrorCode::MalformedFrame,
+                "a message id of all zeros is reserved: choose a random one".into(),
+            )
+        } else if let Err(last) = self
+            .delivery
+            .check_sender_order(conv, sender, msg_id, after)
+        {
+            Outcome::Refused {
+                code: ErrorCode::SenderOutOfOrder,
+                message: format!(
+                    "this message comes after {}, but the last one sequenced from this device here is {last}",
+                    after.unwrap_or_default()
+                ),
+                after: Some(last),
+            }
+        } else {
+            let appended = self.delivery.append_relayed(
+                now,
+                sender,
+                conv,
+                msg_id,
+                after.is_some(),
+                body,
+                self.fx.writes(),
+            );
+            match appended {
+                Ok(Appended::New(seq)) => {
+                    self.fan_out(now, conv, seq);
+                    self.delivery
+                        .pump_members(now, conv, &self.sessions, &mut self.fx);
+                    Outcome::Sequenced(seq)
+                }
+                Ok(Appended::Duplicate(seq)) => Outcome::Sequenced(seq),
+                Err(_) => refused(
+                    ErrorCode::UnknownConversation,
+                    "no such conversation here".into(),
+                ),
+            }
+        };
+        match outcome {
+            Outcome::Sequenced(_) => self.spanning_stats.relays_taken += 1,
+            Outcome::Refused { .. } => self.spanning_stats.relays_refused += 1,
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::MemStore;
+    use crate::federation::handshake::PeerConfig;
+    use crate::federation::link::FEDERATION_OUTBOX_TABLE;
+    use crate::gateway::{AdminCommand, GatewayConfig};
+    use crate::testing::{drain_gateway, TestEntropy};
+
+    const NOW: Instant = Instant(1_000_000_000);
+    const CONV: ConversationId = ConversationId(0xC0);
+    const LOCAL: DeviceId = DeviceId(0xA1);
+    const FOREIGN: DeviceId = DeviceId(0xB1);
+
+    fn gateway(domain: &str, peers: &[&str]) -> (Gateway, MemStore) {
+        let config = GatewayConfig {
+            domain: domain.into(),
+            federation_peers: peers
+                .iter()
+                .map(|p| PeerConfig {
+                    domain: (*p).into(),
+                    root_fingerprint: "00".repeat(16),
+                })
+                .collect(),
+            ..GatewayConfig::default()
+        };
+        let mut store = MemStore::default();
+        let mut g = Gateway::new(config, NOW, Box::new(TestEntropy(9)));
+        drain_gateway(&mut g, &mut store);
+        (g, store)
+    }
+
+    /// Every entry queued for peers, in the order queued (one peer per test).
+    fn outbox(store: &MemStore) -> Vec<Entry> {
+        store
+            .records()
+            .filter(|(table, _, _)| *table == FEDERATION_OUTBOX_TABLE.0)
+            .map(|(_, _, value)| Entry::decode(value).expect("an entry"))
+            .collect()
+    }
+
+    fn relay(sender: DeviceId, msg: u128, body: &'static [u8]) -> Entry {
+        Entry::Relay {
+            conversation: CONV,
+            sender,
+            msg_id: MsgId(msg),
+            after: None,
+            body: Bytes::from_static(body),
+        }
+    }
+
+    fn authority() -> (Gateway, MemStore) {
+        let (mut g, mut store) = gateway("a.example", &["b.example"]);
+        let create = AdminCommand::CreateConversation(CONV, vec![LOCAL]);
+        g.run_admin(NOW, create, &mut store).unwrap();
+        let share = AdminCommand::ShareConversation {
+            conversation: CONV,
+            domain: "b.example".into(),
+            members: vec![FOREIGN],
+        };
+        let (answer, _) = g.run_admin(NOW, share, &mut store).unwrap();
+        assert!(matches!(
+            answer,
+            AdminAnswer::ConversationShared { members: 1, .. }
+        ));
+        (g, store)
+    }
+
+    #[test]
+    fn the_authority_sequences_a_relayed_message_once_fans_it_out_and_answers() {
+        let (mut g, mut store) = authority();
+        g.handle_entry(NOW, "b.example", relay(FOREIGN, 5, b"hello"));
+        // The same message relayed again (the device sent a copy): its seq, nothing new.
+        g.handle_entry(NOW, "b.example", relay(FOREIGN, 5, b"hello"));
+        drain_gateway(&mut g, &mut store);
+        assert_eq!(g.conversation_head(CONV), Some(1));
+        let sequenced = Entry::Sequenced {
+            conversation: CONV,
+            seq: 1,
+            sender: FOREIGN,
+            msg_id: MsgId(5),
+            body: Bytes::from_static(b"hello"),
+        };
+        let answer = Entry::Answer {
+            conversation: CONV,
+            sender: FOREIGN,
+            msg_id: MsgId(5),
+            outcome: Outcome::Sequenced(1),
+        };
+        let open = Entry::Open {
+            conversation: CONV,
+            members: vec![FOREIGN],
+        };
+        assert_eq!(outbox(&store), [open, sequenced, answer.clone(), answer]);
+        let stats = g.stats().spanning;
+        assert_eq!((stats.relays_taken, stats.fanned_out), (2, 1));
+        // A restart keeps the role: the next message goes out too.
+        let mut again =
+            Gateway::recover(g.config.clone(), NOW, &store, Box::new(TestEntropy(1))).unwrap();
+        again.handle_entry(NOW, "b.example", relay(FOREIGN, 6, b"again"));
+        drain_gateway(&mut again, &mut store);
+        assert_eq!(again.conversation_head(CONV), Some(2));
+        assert_eq!(again.stats().spanning.fanned_out, 1);
+    }
+
+    #[test]
+    fn the_authority_refuses_a_relay_from_a_device_that_is_no_member_there() {
+        let (mut g, mut store) = authority();
+        // A device of b.example that is not a member, and a member's id relayed by a gateway
+        // that is not its home (as if c.example claimed it).
+        g.handle_entry(NOW, "b.example", relay(DeviceId(0xB2), 7, b"x"));
+        drain_gateway(&mut g, &mut store);
+        assert_eq!(g.conversation_head(CONV), Some(0));
+        let last = outbox(&store).pop().unwrap();
+        let Entry::Answer {
+            outcome: Outcome::Refused { code, .. },
+            ..
+        } = last
+        else {
+            panic!("refused: {last:?}");
+        };
+        assert_eq!(code, ErrorCode::NotMember);
+        assert_eq!(g.stats().spanning.relays_refused, 1);
+    }
+
+    #[test]
+    fn sharing_names_what_is_wrong() {
+        let (mut g, mut store) = authority();
+        let cases = [
+            (CONV, "c.example", "not a federation peer"),
+            (ConversationId(0xDD), "b.example", "no plain conversation"),
+        ];
+        for (conversation, domain, said) in cases {
+            let share = AdminCommand::ShareConversation {
+                conversation,
+                domain: domain.into(),
+                members: vec![FOREIGN],
+            };
+            let (answer, _) = g.run_admin(NOW, share, &mut store).unwrap();
+            let AdminAnswer::ShareRefused { why, .. } = answer else {
+                panic!("refused: {answer:?}");
+            };
+            assert!(why.contains(said), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_replica_takes_only_its_authoritys_entries_in_order() {
+        let (mut g, mut store) = gateway("b.example", &["a.example", "c.example"]);
+        let sequenced = |seq: u64, body: &'static [u8]| Entry::Sequenced {
+            conversation: CONV,
+            seq,
+            sender: LOCAL,
+            msg_id: MsgId(u128::from(seq)),
+            body: Bytes::from_static(body),
+        };
+        // Before the conversation is opened here, nothing is taken.
+        g.handle_entry(NOW, "a.example", sequenced(1, b"early"));
+        assert_eq!(g.stats().spanning.entries_refused, 1);
+        let open = Entry::Open {
+            conversation: CONV,
+            members: vec![FOREIGN],
+        };
+        g.handle_entry(NOW, "a.example", open.clone());
+        g.handle_entry(NOW, "a.example", sequenced(1, b"one"));
+        // From a gateway that is not the authority: refused; the authority's role stays.
+        g.handle_entry(NOW, "c.example", sequenced(2, b"forged"));
+        g.handle_entry(NOW, "c.example", open);
+        assert_eq!(g.stats().spanning.entries_refused, 3);
+        assert_eq!(g.replica_of(CONV), Some("a.example"));
+        // A seq the authority skipped (its disk lost it) becomes a placeholder.
+        g.handle_entry(NOW, "a.example", sequenced(3, b"three"));
+        drain_gateway(&mut g, &mut store);
+        let log = g.delivery.log(CONV).unwrap();
+        assert_eq!(log.head(), 3);
+        assert_eq!(log.get(1).unwrap().body.as_ref(), b"one");
+        assert_eq!(
+            log.get(2).unwrap().sender,
+            crate::gateway::sequencer::LOST_SENDER
+        );
+        assert!(log.is_member(FOREIGN));
+        // After a restart the replica is still one, with its log.
+        let again =
+            Gateway::recover(g.config.clone(), NOW, &store, Box::new(TestEntropy(2))).unwrap();
+        assert_eq!(again.replica_of(CONV), Some("a.example"));
+        assert_eq!(again.conversation_head(CONV), Some(3));
+        // A conversation of its own is not taken over by a peer's Open.
+        let (mut own, mut own_store) = gateway("b.example", &["a.example"]);
+        let create = AdminCommand::CreateConversation(CONV, vec![FOREIGN]);
+        own.run_admin(NOW, create, &mut own_store).unwrap();
+        own.handle_entry(
+            NOW,
+            "a.example",
+            Entry::Open {
+                conversation: CONV,
+                members: vec![FOREIGN],
+            },
+        );
+        assert_eq!(own.replica_of(CONV), None);
+        assert_eq!(own.stats().spanning.entries_refused, 1);
+    }
+}
