@@ -572,9 +572,11 @@ fn write_federation_entry_seeds() {
             Entry::Sequenced {
                 conversation,
                 seq: 42,
+                epoch: 0,
                 sender,
                 msg_id,
                 body: Bytes::from_static(b"ciphertext"),
+                signature: [0x5a; 64],
             },
         ),
         (
@@ -620,7 +622,7 @@ fn write_federation_handshake_seeds() {
     let now = Instant(1_000_000_000);
     let (dialing, hello) = dial(&a, &peer_of(&b), [0x42; 32], &mut entropy);
     let (_, reply) = answer(&b, &[peer_of(&a)], &hello, [0x42; 32], now, &mut entropy).unwrap();
-    let finish = dialing.finish(&a, &reply, now).unwrap();
+    let (finish, _) = dialing.finish(&a, &reply, now).unwrap();
     let out = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../corpus/federation_handshake"

@@ -56,18 +56,23 @@ pub enum Entry {
         /// Opaque content.
         body: Bytes,
     },
-    /// From the authority: the message it sequenced at `seq`.
+    /// From the authority: the message it sequenced at `seq`, signed by the authority's link
+    /// key over [`sequenced_statement`] (so whoever holds it can show who ordered it).
     Sequenced {
         /// The conversation.
         conversation: ConversationId,
         /// Its seq.
         seq: u64,
+        /// The MLS epoch it was sequenced in (0 in a plain conversation).
+        epoch: u64,
         /// The device that sent it.
         sender: DeviceId,
         /// The sender's message id.
         msg_id: MsgId,
         /// Opaque content.
         body: Bytes,
+        /// The authority's signature over [`sequenced_statement`].
+        signature: [u8; 64],
     },
     /// From the authority: what became of a relayed message.
     Answer {
@@ -168,16 +173,20 @@ impl Entry {
             Entry::Sequenced {
                 conversation,
                 seq,
+                epoch,
                 sender,
                 msg_id,
                 body,
+                signature,
             } => {
                 out.push(KIND_SEQUENCED);
                 out.extend_from_slice(&conversation.to_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&epoch.to_be_bytes());
                 out.extend_from_slice(&sender.to_bytes());
                 out.extend_from_slice(&msg_id.to_bytes());
                 put_body(&mut out, body);
+                out.extend_from_slice(signature);
             }
             Entry::Answer {
                 conversation,
@@ -248,9 +257,11 @@ impl Entry {
             KIND_SEQUENCED => Entry::Sequenced {
                 conversation,
                 seq: r.u64().ok_or(EntryError::Truncated)?,
+                epoch: r.u64().ok_or(EntryError::Truncated)?,
                 sender: DeviceId::from_bytes(id(&mut r)?),
                 msg_id: MsgId::from_bytes(id(&mut r)?),
                 body: body(&mut r)?,
+                signature: r.array::<64>().ok_or(EntryError::Truncated)?,
             },
             KIND_ANSWER => {
                 let sender = DeviceId::from_bytes(id(&mut r)?);
@@ -292,6 +303,30 @@ impl Entry {
         }
         Ok(entry)
     }
+}
+
+/// What an authority signs for each message it sequences: the conversation, the seq, the
+/// epoch and a digest of the message (its sender, its id and its body), under a context of
+/// its own so that no other signature of the link key can be taken for one.
+pub fn sequenced_statement(
+    conversation: ConversationId,
+    seq: u64,
+    epoch: u64,
+    sender: DeviceId,
+    msg_id: MsgId,
+    body: &[u8],
+) -> [u8; 32] {
+    let mut message = blake3::Hasher::new();
+    message.update(&sender.to_bytes());
+    message.update(&msg_id.to_bytes());
+    message.update(body);
+    let mut statement =
+        blake3::Hasher::new_derive_key("sund federation: sequenced by the authority, v1");
+    statement.update(&conversation.to_bytes());
+    statement.update(&seq.to_be_bytes());
+    statement.update(&epoch.to_be_bytes());
+    statement.update(message.finalize().as_bytes());
+    *statement.finalize().as_bytes()
 }
 
 fn id(r: &mut Reader<'_>) -> Result<[u8; 16], EntryError> {
@@ -381,15 +416,27 @@ mod tests {
                     after: a.map(MsgId),
                     body,
                 }),
-            (id16(), any::<u64>(), id16(), id16(), body).prop_map(|(c, seq, s, m, body)| {
-                Entry::Sequenced {
-                    conversation: ConversationId(c),
-                    seq,
-                    sender: DeviceId(s),
-                    msg_id: MsgId(m),
-                    body,
-                }
-            }),
+            (
+                id16(),
+                any::<(u64, u64)>(),
+                id16(),
+                id16(),
+                body,
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(c, (seq, epoch), s, m, body, half)| {
+                    let mut signature = [0u8; 64];
+                    signature[..32].copy_from_slice(&half);
+                    Entry::Sequenced {
+                        conversation: ConversationId(c),
+                        seq,
+                        epoch,
+                        sender: DeviceId(s),
+                        msg_id: MsgId(m),
+                        body,
+                        signature,
+                    }
+                }),
             (id16(), id16(), id16(), outcome()).prop_map(|(c, s, m, outcome)| Entry::Answer {
                 conversation: ConversationId(c),
                 sender: DeviceId(s),

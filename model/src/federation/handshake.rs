@@ -238,13 +238,14 @@ pub fn dial(
 }
 
 impl Dialing {
-    /// The peer answered: checks its root, certificate and signature; the finish to send.
+    /// The peer answered: checks its root, certificate and signature; the finish to send,
+    /// and the peer's link key (which signs what it sequences).
     pub fn finish(
         self,
         me: &LinkIdentity,
         reply: &[u8],
         now: Instant,
-    ) -> Result<Vec<u8>, FederationHandshakeError> {
+    ) -> Result<(Vec<u8>, DevicePublicKey), FederationHandshakeError> {
         let mut r = Reader::new(reply);
         read_header(&mut r, REPLY)?;
         let (_, root, cert) = read_credentials(&mut r)?;
@@ -278,7 +279,7 @@ impl Dialing {
             &self.binding,
             &transcript,
         )));
-        Ok(finish)
+        Ok((finish, cert.link_key))
     }
 
     /// The peer this dial is for.
@@ -334,8 +335,12 @@ pub fn answer(
 }
 
 impl Answering {
-    /// The dialer finished: checks its signature; the peer's domain, now authenticated.
-    pub fn finish(self, finish: &[u8]) -> Result<String, FederationHandshakeError> {
+    /// The dialer finished: checks its signature; the peer's domain, now authenticated, and
+    /// its link key (which signs what it sequences).
+    pub fn finish(
+        self,
+        finish: &[u8],
+    ) -> Result<(String, DevicePublicKey), FederationHandshakeError> {
         let mut r = Reader::new(finish);
         read_header(&mut r, FINISH)?;
         let signature: [u8; 64] = r
@@ -350,7 +355,7 @@ impl Answering {
         ) {
             return Err(FederationHandshakeError::BadSignature);
         }
-        Ok(self.peer)
+        Ok((self.peer, self.peer_key))
     }
 
     /// The domain the dialer claims (not yet proven until [`Self::finish`]).
@@ -412,7 +417,7 @@ mod tests {
         let (dialing, hello) = dial(&a, &peer_of(&b), [1; 32], &mut entropy);
         let (_, reply_on_1) =
             answer(&b, &[peer_of(&a)], &hello, [1; 32], NOW, &mut entropy).unwrap();
-        let finish = dialing.finish(&a, &reply_on_1, NOW).unwrap();
+        let (finish, _) = dialing.finish(&a, &reply_on_1, NOW).unwrap();
         assert_eq!(
             answering.finish(&finish).unwrap_err(),
             FederationHandshakeError::BadSignature
@@ -431,8 +436,12 @@ mod tests {
         let (answering, reply) =
             answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
         assert_eq!(answering.peer(), "a.example");
-        let finish = dialing.finish(&a, &reply, NOW).unwrap();
-        assert_eq!(answering.finish(&finish).unwrap(), "a.example");
+        let (finish, b_key) = dialing.finish(&a, &reply, NOW).unwrap();
+        assert_eq!(b_key, b.key.public());
+        assert_eq!(
+            answering.finish(&finish).unwrap(),
+            ("a.example".to_string(), a.key.public())
+        );
     }
 
     #[test]
@@ -489,7 +498,7 @@ mod tests {
         let (dialing, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
         let (answering, reply) =
             answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
-        let finish = dialing.finish(&a, &reply, NOW).unwrap();
+        let (finish, _) = dialing.finish(&a, &reply, NOW).unwrap();
         answering.finish(&finish).unwrap();
         // An attacker replays the hello and the finish it recorded: the new reply has a new
         // nonce, so the old finish does not verify.

@@ -36,6 +36,7 @@ use core::time::Duration;
 
 use crate::effects::Effects;
 use crate::env::{Entropy, Ready, StoreError, StoreRead, Table};
+use crate::identity::DevicePublicKey;
 use crate::ids::ConnectionId;
 use crate::time::Instant;
 use crate::trust::codec::put_domain;
@@ -258,6 +259,9 @@ struct Link {
     last_beat: Instant,
     last_progress: Instant,
     attempts: u32,
+    /// The peer's link key, from its certificate in the last handshake: it signs what the
+    /// peer sequences.
+    peer_key: Option<DevicePublicKey>,
 }
 
 /// An accepted connection, not yet authenticated.
@@ -378,6 +382,7 @@ impl Federation {
                     last_beat: now,
                     last_progress: now,
                     attempts: 0,
+                    peer_key: None,
                 },
             );
         }
@@ -548,6 +553,30 @@ impl Federation {
         pending.chain(links).min()
     }
 
+    /// This gateway's link key (certified by its root; its peers learn it in the handshake).
+    pub fn link_key(&self) -> DevicePublicKey {
+        self.me.key.public()
+    }
+
+    /// Tests: as if `peer` had proved `key` in a handshake.
+    #[cfg(test)]
+    pub(crate) fn assume_peer_key(&mut self, peer: &str, key: DevicePublicKey) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.peer_key = Some(key);
+        }
+    }
+
+    /// Signs `message` with this gateway's link key (what it sequences for its peers).
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.me.key.sign(message)
+    }
+
+    /// The link key `peer` proved in its last handshake (known once a link came up since
+    /// this gateway started; entries arrive only on such a link).
+    pub fn peer_key(&self, peer: &str) -> Option<DevicePublicKey> {
+        self.links.get(peer).and_then(|l| l.peer_key)
+    }
+
     /// The next entry received from a peer that the gateway has not taken yet, with the
     /// peer's domain. The gateway takes each while handling the input that brought it, so
     /// that what it does with the entry commits with the cursor that marks it received.
@@ -665,7 +694,8 @@ impl Federation {
                     unreachable!("matched above")
                 };
                 match dialing.finish(&self.me, &reply.message, now) {
-                    Ok(finish) => {
+                    Ok((finish, peer_key)) => {
+                        link.peer_key = Some(peer_key);
                         let finish = FederationHello {
                             message: finish.into(),
                         };
@@ -758,8 +788,9 @@ impl Federation {
                     .insert(conn, Pending::AwaitFinish { since, answering });
             }
             Pending::AwaitFinish { answering, .. } => match answering.finish(&hello.message) {
-                Ok(peer) => {
+                Ok((peer, peer_key)) => {
                     let link = self.links.get_mut(&peer).expect("answer found the peer");
+                    link.peer_key = Some(peer_key);
                     match link.state {
                         LinkState::Hello { conn: old, .. }
                         | LinkState::Finishing { conn: old, .. }

@@ -16,7 +16,7 @@
 use bytes::Bytes;
 
 use super::{AdminAnswer, Gateway, Refusal};
-use crate::federation::entry::{Entry, Outcome, OPEN_MEMBERS_MAX};
+use crate::federation::entry::{sequenced_statement, Entry, Outcome, OPEN_MEMBERS_MAX};
 use crate::gateway::sender_order;
 use crate::gateway::sequencer::Appended;
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
@@ -40,6 +40,8 @@ pub struct SpanningStats {
     pub fanned_out: u64,
     /// Answers from an authority passed on to a device online here.
     pub answers_passed: u64,
+    /// Sequenced messages whose signature was not the authority's link key's.
+    pub signatures_refused: u64,
     /// Entries that did not decode.
     pub entries_malformed: u64,
     /// Entries refused: from a gateway that is not the conversation's authority, or about a
@@ -164,12 +166,21 @@ impl Gateway {
         let Some(entry) = self.delivery.log(conv).and_then(|log| log.get(seq)) else {
             return;
         };
+        let Some(federation) = &self.federation else {
+            return;
+        };
+        // Plain conversations only so far: epoch 0.
+        let epoch = 0;
+        let statement =
+            sequenced_statement(conv, seq, epoch, entry.sender, entry.msg_id, &entry.body);
         let body = Entry::Sequenced {
             conversation: conv,
             seq,
+            epoch,
             sender: entry.sender,
             msg_id: entry.msg_id,
             body: entry.body.clone(),
+            signature: federation.sign(&statement),
         }
         .encode();
         for domain in domains {
@@ -216,12 +227,27 @@ impl Gateway {
             Entry::Sequenced {
                 conversation,
                 seq,
+                epoch,
                 sender,
                 msg_id,
                 body,
+                signature,
             } => {
                 if !from_authority {
                     self.spanning_stats.entries_refused += 1;
+                    return;
+                }
+                let statement =
+                    sequenced_statement(conversation, seq, epoch, sender, msg_id, &body);
+                let signed = self
+                    .federation
+                    .as_ref()
+                    .and_then(|f| f.peer_key(peer))
+                    .is_some_and(|key| key.verify(&statement, &signature));
+                if !signed {
+                    // The link is authenticated, so this is the authority's own fault: its
+                    // seq is not taken, and is marked lost when the next one comes.
+                    self.spanning_stats.signatures_refused += 1;
                     return;
                 }
                 let appended = self.delivery.append_replica(
@@ -446,20 +472,13 @@ mod tests {
     }
 
     #[test]
-    fn the_authority_sequences_a_relayed_message_once_fans_it_out_and_answers() {
+    fn the_authority_sequences_a_relayed_message_once_fans_it_out_signed_and_answers() {
         let (mut g, mut store) = authority();
         g.handle_entry(NOW, "b.example", relay(FOREIGN, 5, b"hello"));
         // The same message relayed again (the device sent a copy): its seq, nothing new.
         g.handle_entry(NOW, "b.example", relay(FOREIGN, 5, b"hello"));
         drain_gateway(&mut g, &mut store);
         assert_eq!(g.conversation_head(CONV), Some(1));
-        let sequenced = Entry::Sequenced {
-            conversation: CONV,
-            seq: 1,
-            sender: FOREIGN,
-            msg_id: MsgId(5),
-            body: Bytes::from_static(b"hello"),
-        };
         let answer = Entry::Answer {
             conversation: CONV,
             sender: FOREIGN,
@@ -470,7 +489,29 @@ mod tests {
             conversation: CONV,
             members: vec![FOREIGN],
         };
-        assert_eq!(outbox(&store), [open, sequenced, answer.clone(), answer]);
+        let queued = outbox(&store);
+        assert_eq!(queued.len(), 4, "{queued:?}");
+        assert_eq!(queued[0], open);
+        assert_eq!(queued[2..], [answer.clone(), answer]);
+        let Entry::Sequenced {
+            seq: 1,
+            epoch: 0,
+            sender: FOREIGN,
+            msg_id: MsgId(5),
+            ref body,
+            signature,
+            ..
+        } = queued[1]
+        else {
+            panic!("sequenced: {:?}", queued[1]);
+        };
+        assert_eq!(body.as_ref(), b"hello");
+        // Signed by the authority's link key over what it ordered, and nothing else.
+        let key = g.federation().unwrap().link_key();
+        let statement = sequenced_statement(CONV, 1, 0, FOREIGN, MsgId(5), b"hello");
+        assert!(key.verify(&statement, &signature));
+        let other = sequenced_statement(CONV, 2, 0, FOREIGN, MsgId(5), b"hello");
+        assert!(!key.verify(&other, &signature));
         let stats = g.stats().spanning;
         assert_eq!((stats.relays_taken, stats.fanned_out), (2, 1));
         // A restart keeps the role: the next message goes out too.
@@ -524,31 +565,59 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_takes_only_its_authoritys_entries_in_order() {
+    fn a_replica_takes_only_its_authoritys_signed_entries_in_order() {
         let (mut g, mut store) = gateway("b.example", &["a.example", "c.example"]);
-        let sequenced = |seq: u64, body: &'static [u8]| Entry::Sequenced {
-            conversation: CONV,
-            seq,
-            sender: LOCAL,
-            msg_id: MsgId(u128::from(seq)),
-            body: Bytes::from_static(body),
+        let authority = crate::identity::DeviceKey::from_seed([7; 32]);
+        let stranger = crate::identity::DeviceKey::from_seed([8; 32]);
+        let federation = g.federation.as_mut().unwrap();
+        federation.assume_peer_key("a.example", authority.public());
+        federation.assume_peer_key("c.example", stranger.public());
+        let signed_by = |key: &crate::identity::DeviceKey, seq: u64, body: &'static [u8]| {
+            let msg_id = MsgId(u128::from(seq));
+            let statement = sequenced_statement(CONV, seq, 0, LOCAL, msg_id, body);
+            Entry::Sequenced {
+                conversation: CONV,
+                seq,
+                epoch: 0,
+                sender: LOCAL,
+                msg_id,
+                body: Bytes::from_static(body),
+                signature: key.sign(&statement),
+            }
         };
         // Before the conversation is opened here, nothing is taken.
-        g.handle_entry(NOW, "a.example", sequenced(1, b"early"));
+        g.handle_entry(NOW, "a.example", signed_by(&authority, 1, b"early"));
         assert_eq!(g.stats().spanning.entries_refused, 1);
         let open = Entry::Open {
             conversation: CONV,
             members: vec![FOREIGN],
         };
         g.handle_entry(NOW, "a.example", open.clone());
-        g.handle_entry(NOW, "a.example", sequenced(1, b"one"));
+        g.handle_entry(NOW, "a.example", signed_by(&authority, 1, b"one"));
         // From a gateway that is not the authority: refused; the authority's role stays.
-        g.handle_entry(NOW, "c.example", sequenced(2, b"forged"));
+        g.handle_entry(NOW, "c.example", signed_by(&stranger, 2, b"forged"));
         g.handle_entry(NOW, "c.example", open);
         assert_eq!(g.stats().spanning.entries_refused, 3);
         assert_eq!(g.replica_of(CONV), Some("a.example"));
-        // A seq the authority skipped (its disk lost it) becomes a placeholder.
-        g.handle_entry(NOW, "a.example", sequenced(3, b"three"));
+        // On the authority's link but not signed by its key (a body changed after signing):
+        // not taken.
+        let Entry::Sequenced { signature, .. } = signed_by(&authority, 2, b"two") else {
+            unreachable!()
+        };
+        let altered = Entry::Sequenced {
+            conversation: CONV,
+            seq: 2,
+            epoch: 0,
+            sender: LOCAL,
+            msg_id: MsgId(2),
+            body: Bytes::from_static(b"TWO"),
+            signature,
+        };
+        g.handle_entry(NOW, "a.example", altered);
+        assert_eq!(g.stats().spanning.signatures_refused, 1);
+        assert_eq!(g.conversation_head(CONV), Some(1));
+        // A seq the replica never took becomes a placeholder when the next one comes.
+        g.handle_entry(NOW, "a.example", signed_by(&authority, 3, b"three"));
         drain_gateway(&mut g, &mut store);
         let log = g.delivery.log(CONV).unwrap();
         assert_eq!(log.head(), 3);
