@@ -556,6 +556,12 @@ fn list_json(gateway: &Gateway) -> serde_json::Value {
                 "head": log.head(),
                 "retained": log.retained(),
                 "members": log.members().len(),
+                // Spanning domains: the domain whose gateway orders it (null: this one), and
+                // the other domains' member devices of one homed here.
+                "home": gateway.replica_of(log.id()),
+                "shared_with": shared_with(gateway, log.id())
+                    .map(|(domain, n)| (domain.to_string(), n))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
             })
         })
         .collect();
@@ -592,11 +598,32 @@ fn devices(gateway: &Gateway, now: Instant) -> String {
     text
 }
 
+/// The other domains with member devices in `conversation`, homed here, and how many each.
+fn shared_with(
+    gateway: &Gateway,
+    conversation: ConversationId,
+) -> impl Iterator<Item = (&str, usize)> + '_ {
+    let members = match gateway.spanning_role(conversation) {
+        Some(sund_model::gateway::spanning::Role::Authority(members)) => Some(members),
+        _ => None,
+    };
+    members.into_iter().flat_map(|m| {
+        m.iter()
+            .map(|(domain, devices)| (domain.as_str(), devices.len()))
+    })
+}
+
 fn list(gateway: &Gateway) -> String {
     let mut text = String::new();
     for log in gateway.conversations() {
+        let mut spans: String = shared_with(gateway, log.id())
+            .map(|(domain, n)| format!(" shared with {domain} ({n} devices)"))
+            .collect();
+        if let Some(home) = gateway.replica_of(log.id()) {
+            spans = format!(" homed at {home} (a copy it orders)");
+        }
         text.push_str(&format!(
-            "{} head {} retained {} members {}\n",
+            "{} head {} retained {} members {}{spans}\n",
             log.id(),
             log.head(),
             log.retained(),

@@ -408,6 +408,21 @@ fn a_room_homed_at_one_gateway_spans_two_domains_and_survives_a_sigkill_of_the_o
         got.iter().any(|l| l.contains("hello from b.example")),
         "{got:?}"
     );
+    // Each operator sees the room's home in `admin list`.
+    let b_config = at("b.toml");
+    let listed = run(
+        &gateway_binary(),
+        &["admin", "list", "--config", b_config.to_str().unwrap()],
+    );
+    assert!(
+        listed.contains("head 1") && listed.contains("homed at a.example"),
+        "{listed}"
+    );
+    let listed = run(&gateway_binary(), &["admin", "list", "--config", a_config]);
+    assert!(
+        listed.contains("head 1") && listed.contains("shared with b.example (1 devices)"),
+        "{listed}"
+    );
     let sent = send(&at("alice"), "room", "hello from a.example");
     assert!(sent.contains("seq 2"), "{sent}");
     let got = follow(&path("bob"), "room", 2, Duration::from_secs(30));

@@ -398,6 +398,12 @@ impl Gateway {
         self.spanning.authority_of(conversation)
     }
 
+    /// This gateway's role in `conversation` if it spans domains: its home (with the other
+    /// domains' member devices), or a replica of one homed elsewhere.
+    pub fn spanning_role(&self, conversation: ConversationId) -> Option<&spanning::Role> {
+        self.spanning.role(conversation)
+    }
+
     /// This gateway's conversations that it sequences itself (all but the replicas).
     pub fn sequenced_heads(&self) -> impl Iterator<Item = (ConversationId, u64)> + '_ {
         self.delivery
