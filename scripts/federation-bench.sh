@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Federation lag on loopback (issue 15): two gateways of two domains, linked as their operators
-# would link them, and three message streams at RATE per second (default 100), each COUNT
-# messages (default 1000), measured send-to-delivery by benches/examples/message_latency.rs
-# (both devices in one process, one clock):
+# would link them, and three message streams at RATE per second (default 25, half the
+# gateway's default per-device limit of 50), each COUNT messages (default 500), measured
+# send-to-delivery by benches/examples/message_latency.rs (both devices in one process, one
+# clock):
 #
 #   single domain   carol@a.example -> dave@a.example, in a room homed at a.example
 #   relayed         bob@b.example -> alice@a.example, in a room homed at a.example: bob's gateway
 #                   relays to the home, which sequences and delivers
-#   fanned out      alice@a.example -> bob@b.example in the same room: the home sequences and
-#                   sends the message over the link to b.example, which delivers
+#   fanned out      alice@a.example -> bob@b.example, in another room homed at a.example: the
+#                   home sequences and sends the message over the link to b.example, which
+#                   delivers
 #
 #   scripts/federation-bench.sh [COUNT] [RATE]   (builds the release binaries first)
 #
 # Devices' data are on tmpfs (on a real network they are other machines); the gateways' on
 # the disk. Prints one line per stream; benches/README.md ("Federation") records the runs.
 set -euo pipefail
-COUNT=${1:-1000}
-RATE=${2:-100}
+COUNT=${1:-500}
+RATE=${2:-25}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 cargo build --release -q -p sund-node -p sund-gateway --bins
@@ -59,19 +61,23 @@ device() { # user gateway port
 ALICE=$(device alice a $A_PORT); CAROL=$(device carol a $A_PORT); DAVE=$(device dave a $A_PORT)
 BOB=$(device bob b $B_PORT)
 $G admin create-conversation local --member "$CAROL" --member "$DAVE" --data-dir a >/dev/null
-$G admin create-conversation span --member "$ALICE" --data-dir a >/dev/null
+$G admin create-conversation span-in --member "$ALICE" --data-dir a >/dev/null
+$G admin create-conversation span-out --member "$ALICE" --data-dir a >/dev/null
 $G run --config a.toml 2>a.log & PIDS+=($!)
 $G run --config b.toml 2>b.log & PIDS+=($!)
 for _ in $(seq 100); do
   $G admin federation --config a.toml 2>/dev/null | grep -q '^peer b.example .*  up' && break
   sleep 0.2
 done
-$G admin share-conversation span --peer b.example --member "$BOB" --config a.toml >/dev/null
-# A first message each way, untimed: both devices connected and the room open at b.example.
-$S send --data-dir "$DEV/bob" span "warm-up" >/dev/null
-$S send --data-dir "$DEV/alice" span "warm-up" >/dev/null
+for room in span-in span-out; do
+  $G admin share-conversation $room --peer b.example --member "$BOB" --config a.toml >/dev/null
+done
+# A first message in each room, untimed: the rooms open at b.example, and every device has
+# read what it will not be measured on.
+$S send --data-dir "$DEV/bob" span-in "warm-up" >/dev/null
+$S send --data-dir "$DEV/alice" span-out "warm-up" >/dev/null
 $S follow --data-dir "$DEV/bob" --count 2 >/dev/null
 $S follow --data-dir "$DEV/alice" --count 2 >/dev/null
 $LATENCY "$DEV/carol" "$DEV/dave" local "$COUNT" "$RATE" "single domain (a -> a)"
-$LATENCY "$DEV/bob" "$DEV/alice" span "$COUNT" "$RATE" "relayed (b -> home a)"
-$LATENCY "$DEV/alice" "$DEV/bob" span "$COUNT" "$RATE" "fanned out (home a -> b)"
+$LATENCY "$DEV/bob" "$DEV/alice" span-in "$COUNT" "$RATE" "relayed (b -> home a)"
+$LATENCY "$DEV/alice" "$DEV/bob" span-out "$COUNT" "$RATE" "fanned out (home a -> b)"

@@ -575,6 +575,7 @@ fn write_federation_entry_seeds() {
                 epoch: 0,
                 sender,
                 msg_id,
+                chained: true,
                 body: Bytes::from_static(b"ciphertext"),
                 signature: [0x5a; 64],
             },

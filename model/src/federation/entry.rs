@@ -69,6 +69,8 @@ pub enum Entry {
         sender: DeviceId,
         /// The sender's message id.
         msg_id: MsgId,
+        /// True if it named the message it comes after (its sender's order goes on from it).
+        chained: bool,
         /// Opaque content.
         body: Bytes,
         /// The authority's signature over [`sequenced_statement`].
@@ -176,6 +178,7 @@ impl Entry {
                 epoch,
                 sender,
                 msg_id,
+                chained,
                 body,
                 signature,
             } => {
@@ -185,6 +188,7 @@ impl Entry {
                 out.extend_from_slice(&epoch.to_be_bytes());
                 out.extend_from_slice(&sender.to_bytes());
                 out.extend_from_slice(&msg_id.to_bytes());
+                out.push(u8::from(*chained));
                 put_body(&mut out, body);
                 out.extend_from_slice(signature);
             }
@@ -260,6 +264,11 @@ impl Entry {
                 epoch: r.u64().ok_or(EntryError::Truncated)?,
                 sender: DeviceId::from_bytes(id(&mut r)?),
                 msg_id: MsgId::from_bytes(id(&mut r)?),
+                chained: match r.u8().ok_or(EntryError::Truncated)? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(EntryError::BadFlag(other)),
+                },
                 body: body(&mut r)?,
                 signature: r.array::<64>().ok_or(EntryError::Truncated)?,
             },
@@ -418,13 +427,13 @@ mod tests {
                 }),
             (
                 id16(),
-                any::<(u64, u64)>(),
+                any::<(u64, u64, bool)>(),
                 id16(),
                 id16(),
                 body,
                 any::<[u8; 32]>()
             )
-                .prop_map(|(c, (seq, epoch), s, m, body, half)| {
+                .prop_map(|(c, (seq, epoch, chained), s, m, body, half)| {
                     let mut signature = [0u8; 64];
                     signature[..32].copy_from_slice(&half);
                     Entry::Sequenced {
@@ -433,6 +442,7 @@ mod tests {
                         epoch,
                         sender: DeviceId(s),
                         msg_id: MsgId(m),
+                        chained,
                         body,
                         signature,
                     }

@@ -1565,7 +1565,7 @@ impl Gateway {
                     self.groups.count_commit();
                     self.apply_group_effect(now, conv, seq, *effect);
                 }
-                self.fan_out(now, conv, seq);
+                self.fan_out(now, conv, seq, after.is_some());
                 seq
             }
             Ok(Appended::Duplicate(seq)) => seq,

@@ -119,6 +119,28 @@ impl Gateway {
             self.refuse(conn, refusal);
             return;
         }
+        // Sender order as the authority will check it, as far as this gateway knows it: the
+        // replica's last message of the device, or one relayed and not answered yet (then
+        // the authority decides). Checked before the rate limit, as for a local message.
+        let after = send.after.map(MsgId::from_bytes);
+        if let Err(last) = self
+            .delivery
+            .check_sender_order(conv, device, msg_id, after)
+        {
+            let waiting = after.is_some_and(|a| self.spanning.relay_pending(conv, device, a));
+            if !waiting {
+                let message = format!(
+                    "this message comes after {}, but the last one sequenced from this device is {last}",
+                    after.unwrap_or_default()
+                );
+                let refusal = Refusal::error(ErrorCode::SenderOutOfOrder, message)
+                    .in_conversation(routing)
+                    .about(msg_id)
+                    .after(last);
+                self.refuse(conn, refusal);
+                return;
+            }
+        }
         if let Err(refusal) = self.charge_message(now, device, conv, msg_id) {
             self.refuse(conn, refusal);
             return;
@@ -132,7 +154,7 @@ impl Gateway {
             conversation: conv,
             sender: device,
             msg_id,
-            after: send.after.map(MsgId::from_bytes),
+            after,
             body: Bytes::from(send.body),
         };
         match self.federation_enqueue(now, &authority, relay.encode()) {
@@ -154,7 +176,7 @@ impl Gateway {
 
     /// A message this gateway sequenced at `seq` in `conv`: to each member gateway of another
     /// domain, in the same commit.
-    pub(super) fn fan_out(&mut self, now: Instant, conv: ConversationId, seq: u64) {
+    pub(super) fn fan_out(&mut self, now: Instant, conv: ConversationId, seq: u64, chained: bool) {
         let domains: Vec<String> = self
             .spanning
             .foreign_domains(conv)
@@ -179,6 +201,7 @@ impl Gateway {
             epoch,
             sender: entry.sender,
             msg_id: entry.msg_id,
+            chained,
             body: entry.body.clone(),
             signature: federation.sign(&statement),
         }
@@ -230,6 +253,7 @@ impl Gateway {
                 epoch,
                 sender,
                 msg_id,
+                chained,
                 body,
                 signature,
             } => {
@@ -256,6 +280,7 @@ impl Gateway {
                     seq,
                     sender,
                     msg_id,
+                    chained,
                     body,
                     self.fx.writes(),
                 );
@@ -383,7 +408,7 @@ impl Gateway {
             );
             match appended {
                 Ok(Appended::New(seq)) => {
-                    self.fan_out(now, conv, seq);
+                    self.fan_out(now, conv, seq, after.is_some());
                     self.delivery
                         .pump_members(now, conv, &self.sessions, &mut self.fx);
                     Outcome::Sequenced(seq)
@@ -581,6 +606,7 @@ mod tests {
                 epoch: 0,
                 sender: LOCAL,
                 msg_id,
+                chained: true,
                 body: Bytes::from_static(body),
                 signature: key.sign(&statement),
             }
@@ -610,6 +636,7 @@ mod tests {
             epoch: 0,
             sender: LOCAL,
             msg_id: MsgId(2),
+            chained: true,
             body: Bytes::from_static(b"TWO"),
             signature,
         };

@@ -859,7 +859,9 @@ impl Delivery {
     /// `seq` into this gateway's replica of the log, with the writes that make it durable.
     /// Entries arrive once and in order, so `seq` is the head's next; seqs below it are
     /// ignored (returns false), and seqs skipped (the authority's disk lost them) become
-    /// placeholders, as lost seqs do at an authority.
+    /// placeholders, as lost seqs do at an authority. `chained` as at the authority: the
+    /// replica keeps each sender's order as the authority does, so that this gateway refuses a
+    /// device's message out of order before relaying it.
     #[allow(clippy::too_many_arguments)]
     pub fn append_replica(
         &mut self,
@@ -868,6 +870,7 @@ impl Delivery {
         seq: u64,
         sender: DeviceId,
         msg_id: MsgId,
+        chained: bool,
         body: Bytes,
         writes: &mut WriteBatch,
     ) -> Result<bool, AppendError> {
@@ -888,9 +891,11 @@ impl Delivery {
         }
         log.append_at(now, seq, sender, msg_id, body);
         log.persist_append(seq, writes);
-        // Kept as at the authority, though a replica never checks it: garbage collection
-        // finds every sender of an entry in it.
-        self.sender_order.chained(conv, sender, msg_id);
+        if chained {
+            self.sender_order.chained(conv, sender, msg_id);
+        } else {
+            self.sender_order.unchained(conv, sender, seq);
+        }
         self.stats.replicated += 1;
         Ok(true)
     }
