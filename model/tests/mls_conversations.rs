@@ -947,6 +947,48 @@ fn a_user_past_the_conversation_limit_is_paused_and_the_creation_goes_through_af
     assert_eq!(net.node(1).stats().throttled, 1);
 }
 
+/// Regression (swarm seed 1246, conversations spanning domains): messages to a conversation
+/// the gateway does not hold (not shared with it yet, or a mistyped name) create nothing, and
+/// used to be charged as new conversations: a device that sent a few could not start a DM.
+#[test]
+fn messages_to_an_unknown_conversation_do_not_use_up_the_users_new_conversations() {
+    let mut config = GatewayConfig {
+        open_enrolment: true,
+        ..GatewayConfig::default()
+    };
+    config.limits.conversations = Some(Rate {
+        count: 1,
+        period: Duration::from_secs(3600),
+        burst: 1,
+    });
+    let mut net = Net::with_config(config);
+    net.add(1, node_config(1, "alice"));
+    net.add(2, node_config(2, "bob"));
+    let now = net.now;
+    let nowhere = ConversationId::from_name("not shared here yet");
+    for i in 0..5u8 {
+        net.node(1)
+            .send(now, nowhere, Bytes::from(vec![i]))
+            .unwrap();
+        net.settle();
+    }
+    assert_eq!(
+        net.gateway
+            .stats()
+            .refusals
+            .get(ErrorCode::UnknownConversation),
+        5
+    );
+    let with_bob = net.node(1).create_dm(now, user("bob")).unwrap();
+    net.settle();
+    assert!(
+        net.gateway.group(with_bob).is_some(),
+        "{:?}",
+        throttles(&net, 1)
+    );
+    assert_eq!(net.gateway.stats().limits.conversations_limited, 0);
+}
+
 #[test]
 fn a_user_past_the_invitation_limit_is_paused_and_the_invitation_goes_through_after_the_hint() {
     let mut config = GatewayConfig {

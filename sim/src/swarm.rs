@@ -124,6 +124,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "own-devices",
     "invitation-limit",
     "federation",
+    "spanning",
     "drain",
 ];
 
@@ -613,6 +614,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     if let Some(links) = &federation {
         mix.insert("federation");
+        if links.spanning {
+            mix.insert("spanning");
+        }
         out.push_str(&links.text);
     }
     let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
@@ -700,13 +704,17 @@ fn draw_flood(
 struct FederationDraw {
     gateways: Vec<&'static str>,
     text: String,
+    /// A plain conversation spans the domains.
+    spanning: bool,
 }
 
 /// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
 /// (MLS and trust families: the plain family is also the drivers' swarm, whose gateway driver
 /// carries no links yet): every pair linked, entries relayed both ways every 20–300 ms, and
 /// link faults — a cut between two gateways, a crash of a peer gateway, resets of its links.
-/// Checked by `federation-links`.
+/// Checked by `federation-links`. Half of those worlds also get a plain conversation spanning
+/// the domains (`span0`): one or two users homed at the other gateways with `u0` of `gw`,
+/// homed at any of the gateways, each member sending into it.
 fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<FederationDraw> {
     let mut d = Draw {
         rng: SimRng::from_seed(seed).with_stream(FEDERATION_STREAM),
@@ -759,7 +767,38 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
             d.range(500, 5_000)
         );
     }
-    Some(FederationDraw { gateways, text })
+    let spanning = d.chance(0.5);
+    if spanning {
+        let mut members = vec!["u0".to_string()];
+        for i in 0..d.range(1, 2) {
+            let name = format!("f{i}");
+            let _ = writeln!(
+                text,
+                "user {name} devices {} gateway {}",
+                d.range(1, 2),
+                d.pick(&gateways)
+            );
+            members.push(name);
+        }
+        let home = *d.pick(&all);
+        let _ = writeln!(
+            text,
+            "conversation span0 gateway {home} members {}",
+            members.join(" ")
+        );
+        for member in &members {
+            let _ = writeln!(
+                text,
+                "send span0 from {member} every {}ms",
+                d.range(200, 1_000)
+            );
+        }
+    }
+    Some(FederationDraw {
+        gateways,
+        text,
+        spanning,
+    })
 }
 
 /// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before

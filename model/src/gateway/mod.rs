@@ -1348,15 +1348,49 @@ impl Gateway {
             let what = "too many messages from this device";
             return Err(refusal(ErrorCode::SendsLimited, what, limited));
         }
-        if log.is_none() {
-            if let Some(user) = self.registry.user_of(device) {
-                if let Err(limited) = self.limits.admit_conversation(now, user) {
-                    let what = "too many new conversations from this user";
-                    return Err(refusal(ErrorCode::ConversationsLimited, what, limited));
+        Ok(())
+    }
+
+    /// Charges a creating commit to its user's rate of new conversations. Only a commit that
+    /// creates one is charged: a message to a conversation that does not exist creates none
+    /// (it is refused as unknown), and must not use up its user's creations (a device sending
+    /// into a conversation its gateway did not know yet could not start a DM for an hour).
+    fn charge_creation(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+    ) -> Result<(), Refusal> {
+        let Some(user) = self.registry.user_of(device) else {
+            return Ok(());
+        };
+        if self.config.planted == Some(PlantedBug::SendLimitIgnored) {
+            // Planted by the simulator: never in a real gateway.
+            return Ok(());
+        }
+        match self.limits.admit_conversation(now, user) {
+            Ok(()) => Ok(()),
+            Err(limited) => {
+                let message = format!(
+                    "too many new conversations from this user: at most {}",
+                    limits::describe(limited.rate)
+                );
+                if limited.cut_off {
+                    let message = format!("{message}; it went on sending while told to wait");
+                    return Err(Refusal::goodbye(ErrorCode::ConversationsLimited, message)
+                        .retry_after(limited.retry_after));
                 }
+                let routing = Routing {
+                    conversation: conv,
+                    ..Routing::default()
+                };
+                Err(Refusal::error(ErrorCode::ConversationsLimited, message)
+                    .in_conversation(routing)
+                    .about(msg_id)
+                    .retry_after(limited.retry_after))
             }
         }
-        Ok(())
     }
 
     /// Checks the users a commit invites (see [`limits`]): a creator and every invited user
@@ -1533,6 +1567,12 @@ impl Gateway {
             match admitted {
                 Ok(admitted) => effect = admitted,
                 Err(refusal) => {
+                    self.refuse(conn, refusal);
+                    return;
+                }
+            }
+            if effect.is_some() && !self.delivery.contains(conv) {
+                if let Err(refusal) = self.charge_creation(now, device, conv, msg_id) {
                     self.refuse(conn, refusal);
                     return;
                 }

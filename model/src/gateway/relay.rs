@@ -51,7 +51,8 @@ pub struct SpanningStats {
 
 impl Gateway {
     /// Operator (or the simulator's set-up): `conv`, homed here, gets these member devices
-    /// of `domain`; that domain's gateway is told to keep a replica for them.
+    /// of `domain`; that domain's gateway is told to keep a replica for them. A conversation
+    /// new here is created (with no member device of this gateway yet).
     pub(super) fn share_conversation(
         &mut self,
         now: Instant,
@@ -63,8 +64,8 @@ impl Gateway {
             conversation: conv,
             why,
         };
-        if !self.delivery.contains(conv) || self.groups.contains(conv) {
-            return refused("no plain conversation of that id is homed here".into());
+        if self.groups.contains(conv) {
+            return refused("it is an MLS conversation, and those do not span domains yet".into());
         }
         if self.spanning.authority_of(conv).is_some() {
             return refused("the conversation is homed at another gateway".into());
@@ -85,6 +86,7 @@ impl Gateway {
             .spanning
             .share(conv, domain, &members, self.fx.writes());
         debug_assert!(shared, "checked above");
+        self.delivery.ensure_log(conv);
         AdminAnswer::ConversationShared {
             conversation: conv,
             domain: domain.to_string(),
@@ -569,24 +571,45 @@ mod tests {
     }
 
     #[test]
-    fn sharing_names_what_is_wrong() {
+    fn sharing_names_what_is_wrong_and_a_home_needs_no_member_of_its_own() {
         let (mut g, mut store) = authority();
-        let cases = [
-            (CONV, "c.example", "not a federation peer"),
-            (ConversationId(0xDD), "b.example", "no plain conversation"),
-        ];
-        for (conversation, domain, said) in cases {
-            let share = AdminCommand::ShareConversation {
-                conversation,
-                domain: domain.into(),
-                members: vec![FOREIGN],
-            };
-            let (answer, _) = g.run_admin(NOW, share, &mut store).unwrap();
-            let AdminAnswer::ShareRefused { why, .. } = answer else {
-                panic!("refused: {answer:?}");
-            };
-            assert!(why.contains(said), "{why}");
-        }
+        let share = |conversation, domain: &str| AdminCommand::ShareConversation {
+            conversation,
+            domain: domain.into(),
+            members: vec![FOREIGN],
+        };
+        let (answer, _) = g
+            .run_admin(NOW, share(CONV, "c.example"), &mut store)
+            .unwrap();
+        let AdminAnswer::ShareRefused { why, .. } = answer else {
+            panic!("refused: {answer:?}");
+        };
+        assert!(why.contains("not a federation peer"), "{why}");
+        // A conversation homed here whose members are all of another domain.
+        let remote_only = ConversationId(0xDD);
+        let (answer, _) = g
+            .run_admin(NOW, share(remote_only, "b.example"), &mut store)
+            .unwrap();
+        assert!(
+            matches!(answer, AdminAnswer::ConversationShared { .. }),
+            "{answer:?}"
+        );
+        g.handle_entry(
+            NOW,
+            "b.example",
+            Entry::Relay {
+                conversation: remote_only,
+                sender: FOREIGN,
+                msg_id: MsgId(9),
+                after: None,
+                body: Bytes::from_static(b"only them"),
+            },
+        );
+        drain_gateway(&mut g, &mut store);
+        assert_eq!(g.conversation_head(remote_only), Some(1));
+        let again =
+            Gateway::recover(g.config.clone(), NOW, &store, Box::new(TestEntropy(3))).unwrap();
+        assert_eq!(again.conversation_head(remote_only), Some(1));
     }
 
     #[test]
@@ -625,6 +648,17 @@ mod tests {
         g.handle_entry(NOW, "c.example", open);
         assert_eq!(g.stats().spanning.entries_refused, 3);
         assert_eq!(g.replica_of(CONV), Some("a.example"));
+        // Only its home shares it.
+        let share = AdminCommand::ShareConversation {
+            conversation: CONV,
+            domain: "c.example".into(),
+            members: vec![FOREIGN],
+        };
+        let (answer, _) = g.run_admin(NOW, share, &mut store).unwrap();
+        let AdminAnswer::ShareRefused { why, .. } = answer else {
+            panic!("refused: {answer:?}");
+        };
+        assert!(why.contains("homed at another gateway"), "{why}");
         // On the authority's link but not signed by its key (a body changed after signing):
         // not taken.
         let Entry::Sequenced { signature, .. } = signed_by(&authority, 2, b"two") else {

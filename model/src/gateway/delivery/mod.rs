@@ -409,18 +409,22 @@ impl Delivery {
     /// Reads logs, members, cursors and inboxes back from the store.
     pub fn recover(limits: DeliveryLimits, store: &dyn StoreRead) -> Result<Delivery, StoreError> {
         let mut d = Delivery::new(limits);
-        // A group's log exists even when every device has left it.
-        scan_all(store, GROUPS_TABLE, |key, _| {
-            let conv =
-                ConversationId::from_bytes(key.try_into().map_err(|_| StoreError::Corrupt {
-                    table: GROUPS_TABLE.0,
-                    reason: format!("key of {} bytes", key.len()),
+        // A group's log exists even when every device has left it, and a conversation spanning
+        // domains has one here even when no device of this gateway is in it.
+        for table in [GROUPS_TABLE, super::spanning::SPANNING_TABLE] {
+            scan_all(store, table, |key, _| {
+                let conv = ConversationId::from_bytes(key.try_into().map_err(|_| {
+                    StoreError::Corrupt {
+                        table: table.0,
+                        reason: format!("key of {} bytes", key.len()),
+                    }
                 })?);
-            d.conversations
-                .entry(conv)
-                .or_insert_with(|| ConversationLog::new(conv, []));
-            Ok(())
-        })?;
+                d.conversations
+                    .entry(conv)
+                    .or_insert_with(|| ConversationLog::new(conv, []));
+                Ok(())
+            })?;
+        }
         scan_all(store, INBOX_TABLE, |key, value| {
             let (device, conv) = split_pair_key(INBOX_TABLE, key)?;
             let item = InboxItem::decode(value)?;
@@ -542,6 +546,14 @@ impl Delivery {
         if let Some(log) = self.conversations.get(&conv) {
             log.persist_members(fx.writes());
         }
+    }
+
+    /// A conversation spanning domains that has no member device here yet: its log exists
+    /// (recovery finds it through its role, `spanning_conversations`).
+    pub fn ensure_log(&mut self, conv: ConversationId) {
+        self.conversations
+            .entry(conv)
+            .or_insert_with(|| ConversationLog::new(conv, []));
     }
 
     /// A creating commit made `conv`, with its creator as the sole member so far; the creator's
