@@ -124,7 +124,7 @@ fn a_scenario_needing_a_later_feature_exits_2_and_says_so() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("federation-handover.sund:10:1: action `handover` is part of the DSL"),
+        stderr.contains("federation-handover.sund:11:1: action `handover` is part of the DSL"),
         "{stderr}"
     );
 }
