@@ -2,6 +2,15 @@
 //! CRLs, file manifests): every read checks the remaining length, so no input can make a
 //! decoder read past its end or allocate for a count the input cannot hold.
 
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Reads fixed-size fields from a byte slice; every read checks the remaining length.
 pub(crate) struct Reader<'a> {
     bytes: &'a [u8],

@@ -215,7 +215,7 @@ impl Entry {
                         out.push(1);
                         out.extend_from_slice(&(*code as u16).to_be_bytes());
                         put_optional_id(&mut out, *after);
-                        let message = truncate_utf8(message, ANSWER_MESSAGE_MAX);
+                        let message = crate::codec::truncate_utf8(message, ANSWER_MESSAGE_MAX);
                         out.extend_from_slice(&(message.len() as u16).to_be_bytes());
                         out.extend_from_slice(message.as_bytes());
                     }
@@ -369,17 +369,6 @@ fn body(r: &mut Reader<'_>) -> Result<Bytes, EntryError> {
     let len = r.u32().ok_or(EntryError::Truncated)? as usize;
     let bytes = r.take(len).ok_or(EntryError::Truncated)?;
     Ok(Bytes::copy_from_slice(bytes))
-}
-
-fn truncate_utf8(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 #[cfg(test)]

@@ -1168,7 +1168,8 @@ impl Gateway {
     /// forgets its session.
     fn refuse(&mut self, conn: ConnectionId, refusal: Refusal) {
         self.refusals.count(refusal.code);
-        let message = truncate_utf8(&refusal.message, crate::wire::payload::MESSAGE_BYTES_MAX);
+        let message =
+            crate::codec::truncate_utf8(&refusal.message, crate::wire::payload::MESSAGE_BYTES_MAX);
         let payload = if refusal.ends_session {
             Payload::Goodbye(Goodbye {
                 code: refusal.code as u16,
@@ -1501,11 +1502,8 @@ impl Gateway {
                 conversation: conv,
                 ..Routing::default()
             };
-            let refusal = Refusal::error(
-                ErrorCode::MalformedFrame,
-                "a message id of all zeros is reserved: choose a random one",
-            )
-            .in_conversation(routing);
+            let refusal = Refusal::error(ErrorCode::MalformedFrame, refusal::ZERO_MESSAGE_ID)
+                .in_conversation(routing);
             self.refuse(conn, refusal);
             return;
         }
@@ -1519,19 +1517,10 @@ impl Gateway {
             .delivery
             .check_sender_order(conv, device, msg_id, after)
         {
-            let routing = Routing {
-                conversation: conv,
-                ..Routing::default()
-            };
-            let message = format!(
-                "this message comes after {}, but the last one sequenced from this device here is {last}",
-                after.unwrap_or_default()
+            self.refuse(
+                conn,
+                Refusal::out_of_sender_order(conv, msg_id, after, last),
             );
-            let refusal = Refusal::error(ErrorCode::SenderOutOfOrder, message)
-                .in_conversation(routing)
-                .about(msg_id)
-                .after(last);
-            self.refuse(conn, refusal);
             return;
         }
         if self.config.planted == Some(PlantedBug::DedupForgets) {
@@ -1748,13 +1737,4 @@ fn owner_of(registry: &Registry, device: DeviceId) -> Result<UserId, Refusal> {
             "this device is not bound to a user here",
         )
     })
-}
-
-/// The longest prefix of `text` that fits in `max` bytes and ends on a character boundary.
-fn truncate_utf8(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }

@@ -10,7 +10,7 @@ use super::registry::RegistryStats;
 use super::session::SessionStats;
 use super::social::SocialStats;
 use super::transfers::TransferStats;
-use crate::ids::MsgId;
+use crate::ids::{ConversationId, MsgId};
 use crate::wire::payload::ErrorCode;
 use crate::wire::Routing;
 
@@ -182,7 +182,42 @@ impl Refusal {
     pub fn code(&self) -> ErrorCode {
         self.code
     }
+
+    /// `sender_out_of_order`: a message of a device in `conversation` names `after` as the
+    /// one it comes after, but the last one sequenced from that device is `last`.
+    pub(crate) fn out_of_sender_order(
+        conversation: ConversationId,
+        msg_id: MsgId,
+        after: Option<MsgId>,
+        last: MsgId,
+    ) -> Refusal {
+        let routing = Routing {
+            conversation,
+            ..Routing::default()
+        };
+        Refusal::error(
+            ErrorCode::SenderOutOfOrder,
+            out_of_sender_order_message(after, last),
+        )
+        .in_conversation(routing)
+        .about(msg_id)
+        .after(last)
+    }
 }
+
+/// What a device hears when its message names `after` but the last one sequenced from it is
+/// `last` (at its gateway, or at the conversation's home through a relay).
+pub(crate) fn out_of_sender_order_message(after: Option<MsgId>, last: MsgId) -> String {
+    format!(
+        "this message comes after {}, but the last one sequenced from this device here is {last}",
+        after.unwrap_or_default()
+    )
+}
+
+/// What a device hears when its message's id is all zeros (which means "no message" in
+/// sender order).
+pub(crate) const ZERO_MESSAGE_ID: &str =
+    "a message id of all zeros is reserved: choose a random one";
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,7 @@
 
 use bytes::Bytes;
 
+use super::refusal::{out_of_sender_order_message, ZERO_MESSAGE_ID};
 use super::{AdminAnswer, Gateway, Refusal};
 use crate::federation::entry::{sequenced_statement, Entry, Outcome, OPEN_MEMBERS_MAX};
 use crate::gateway::sender_order;
@@ -131,15 +132,10 @@ impl Gateway {
         {
             let waiting = after.is_some_and(|a| self.spanning.relay_pending(conv, device, a));
             if !waiting {
-                let message = format!(
-                    "this message comes after {}, but the last one sequenced from this device is {last}",
-                    after.unwrap_or_default()
+                self.refuse(
+                    conn,
+                    Refusal::out_of_sender_order(conv, msg_id, after, last),
                 );
-                let refusal = Refusal::error(ErrorCode::SenderOutOfOrder, message)
-                    .in_conversation(routing)
-                    .about(msg_id)
-                    .after(last);
-                self.refuse(conn, refusal);
                 return;
             }
         }
@@ -382,20 +378,14 @@ impl Gateway {
                 "not a member of this conversation".into(),
             )
         } else if msg_id == sender_order::NO_MESSAGE {
-            refused(
-                ErrorCode::MalformedFrame,
-                "a message id of all zeros is reserved: choose a random one".into(),
-            )
+            refused(ErrorCode::MalformedFrame, ZERO_MESSAGE_ID.into())
         } else if let Err(last) = self
             .delivery
             .check_sender_order(conv, sender, msg_id, after)
         {
             Outcome::Refused {
                 code: ErrorCode::SenderOutOfOrder,
-                message: format!(
-                    "this message comes after {}, but the last one sequenced from this device here is {last}",
-                    after.unwrap_or_default()
-                ),
+                message: out_of_sender_order_message(after, last),
                 after: Some(last),
             }
         } else {

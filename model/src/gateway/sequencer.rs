@@ -188,6 +188,11 @@ impl ConversationLog {
         if !self.is_member(sender) {
             return Err(SequencerError::NotMember);
         }
+        Ok(Appended::New(self.push_next(now, sender, msg_id, body)))
+    }
+
+    /// Sequences a new message at the next seq.
+    fn push_next(&mut self, now: Instant, sender: DeviceId, msg_id: MsgId, body: Bytes) -> u64 {
         let seq = self.head() + 1;
         self.push(LogEntry {
             seq,
@@ -196,7 +201,7 @@ impl ConversationLog {
             accepted_at: now,
             body,
         });
-        Ok(Appended::New(seq))
+        seq
     }
 
     /// Offers a message of a device that is a member elsewhere: a device of another domain in
@@ -212,15 +217,7 @@ impl ConversationLog {
         if let Some(record) = self.dedup.get(&(sender, msg_id)) {
             return Appended::Duplicate(record.seq);
         }
-        let seq = self.head() + 1;
-        self.push(LogEntry {
-            seq,
-            sender,
-            msg_id,
-            accepted_at: now,
-            body,
-        });
-        Appended::New(seq)
+        Appended::New(self.push_next(now, sender, msg_id, body))
     }
 
     /// Puts the message the conversation's authority (another domain's gateway) sequenced at
@@ -251,15 +248,7 @@ impl ConversationLog {
     /// Sequences a message of the conversation's authority itself (an external proposal); its
     /// sender is [`AUTHORITY_SENDER`].
     pub fn append_by_authority(&mut self, now: Instant, msg_id: MsgId, body: Bytes) -> u64 {
-        let seq = self.head() + 1;
-        self.push(LogEntry {
-            seq,
-            sender: AUTHORITY_SENDER,
-            msg_id,
-            accepted_at: now,
-            body,
-        });
-        seq
+        self.push_next(now, AUTHORITY_SENDER, msg_id, body)
     }
 
     /// Marks `head + 1 ..= upto` as lost: a device showed that it had read up to `upto`, so

@@ -818,9 +818,25 @@ impl Delivery {
         let appended = log
             .append(now, device, msg_id, body)
             .map_err(|SequencerError::NotMember| AppendError::NotMember)?;
+        if let Appended::New(seq) = appended {
+            log.persist_append(seq, writes);
+        }
+        self.appended(conv, device, msg_id, chained, appended);
+        Ok(appended)
+    }
+
+    /// What sequencing a message leaves beside its log (whose entry the caller persisted): its
+    /// sender's order, the counters.
+    fn appended(
+        &mut self,
+        conv: ConversationId,
+        device: DeviceId,
+        msg_id: MsgId,
+        chained: bool,
+        appended: Appended,
+    ) {
         match appended {
             Appended::New(seq) => {
-                log.persist_append(seq, writes);
                 if chained {
                     self.sender_order.chained(conv, device, msg_id);
                 } else {
@@ -830,7 +846,6 @@ impl Delivery {
             }
             Appended::Duplicate(_) => self.stats.duplicates += 1,
         }
-        Ok(appended)
     }
 
     /// Sequences a message that a member gateway of another domain relayed from its device
@@ -852,18 +867,10 @@ impl Delivery {
             .get_mut(&conv)
             .ok_or(AppendError::UnknownConversation)?;
         let appended = log.append_relayed(now, device, msg_id, body);
-        match appended {
-            Appended::New(seq) => {
-                log.persist_append(seq, writes);
-                if chained {
-                    self.sender_order.chained(conv, device, msg_id);
-                } else {
-                    self.sender_order.unchained(conv, device, seq);
-                }
-                self.stats.sequenced += 1;
-            }
-            Appended::Duplicate(_) => self.stats.duplicates += 1,
+        if let Appended::New(seq) = appended {
+            log.persist_append(seq, writes);
         }
+        self.appended(conv, device, msg_id, chained, appended);
         Ok(appended)
     }
 
