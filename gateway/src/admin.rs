@@ -604,7 +604,7 @@ fn shared_with(
     conversation: ConversationId,
 ) -> impl Iterator<Item = (&str, usize)> + '_ {
     let members = match gateway.spanning_role(conversation) {
-        Some(sund_model::gateway::spanning::Role::Authority(members)) => Some(members),
+        Some(sund_model::gateway::spanning::Role::Authority(home)) => Some(&home.members),
         _ => None,
     };
     members.into_iter().flat_map(|m| {

@@ -1153,6 +1153,22 @@ impl Core {
                         session.pause_reading(pause);
                     }
                 }
+                GatewayOutput::HandedOver(done) => match &done.declined {
+                    None => tracing::info!(
+                        conversation = %done.conversation,
+                        to = %done.to,
+                        last_seq = done.last_seq,
+                        frozen_ms = done.frozen_for.map(|d| d.as_millis() as u64),
+                        "handover done: the conversation's authority is {} now; this gateway keeps a replica and relays its devices' messages there",
+                        done.to
+                    ),
+                    Some(reason) => tracing::warn!(
+                        conversation = %done.conversation,
+                        to = %done.to,
+                        %reason,
+                        "handover declined: this gateway sequences the conversation again"
+                    ),
+                },
                 GatewayOutput::HistoryLost(lost) => match lost.kind {
                     HistoryKind::Lost => tracing::error!(
                         conversation = %lost.conversation,
@@ -1188,7 +1204,7 @@ impl Core {
             FederationOutput::Send(conn, frame) => links.send(conn, frame),
             FederationOutput::Close(conn) => links.close(conn),
             FederationOutput::Received { peer, seq, body } => {
-                // Nothing consumes entries yet (relays and fan-out come next, issue 15).
+                // The gateway took it within the input that brought it (`gateway::relay`).
                 tracing::debug!(%peer, seq, bytes = body.len(), "federation entry received");
             }
             FederationOutput::LinkUp { peer } => {

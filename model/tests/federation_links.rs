@@ -523,13 +523,44 @@ fn a_lost_entry_goes_again_without_a_reconnect() {
         net.deliver(Who::A);
         net.drive();
     }
-    assert!(net.b.received.is_empty(), "2 and 3 wait behind the gap");
+    // 2 and 3 arrived past the gap and were not taken; b told a of the gap once, and a
+    // went back at once, without waiting for its resend timer.
     assert_eq!(net.b.fed.stats().gaps, 2);
-    net.heal();
     assert_eq!(net.b.received, net.a.sent);
     let stats = net.a.fed.stats();
+    assert_eq!(stats.fast_resends, 1);
     assert_eq!(stats.resent, 3, "go-back-N from the gap");
     assert_eq!(stats.links_up, 1, "the link stayed up");
+}
+
+#[test]
+fn a_lost_resend_still_goes_again_after_the_resend_timer() {
+    let mut net = Net::new();
+    net.heal();
+    for n in 1..=3 {
+        net.enqueue(Who::A, n);
+    }
+    net.drive();
+    // Entry 1 lost, and its fast resend lost too.
+    net.to_b.pop_front().expect("entry 1 in flight");
+    let mut dropped_resend = false;
+    while !net.to_b.is_empty() || !net.to_a.is_empty() {
+        net.deliver(Who::B);
+        net.deliver(Who::A);
+        net.drive();
+        if !dropped_resend && net.a.fed.stats().fast_resends == 1 {
+            if let Some(frame) = net.to_b.pop_front() {
+                assert!(!frame.1.is_empty());
+                dropped_resend = true;
+            }
+        }
+    }
+    assert!(dropped_resend);
+    assert!(net.b.received.is_empty(), "1 is still missing");
+    // Gap reports at the same cursor change nothing; the timer goes back.
+    net.heal();
+    assert_eq!(net.b.received, net.a.sent);
+    assert_eq!(net.a.fed.stats().fast_resends, 1);
 }
 
 /// Writes seed inputs for the `federation_entry_decode` fuzz target (run by hand with

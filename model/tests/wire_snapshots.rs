@@ -484,8 +484,9 @@ fn federation_frames_bytes() {
             body: b"entry".to_vec().into(),
         }),
     );
-    let ack = at(7, Payload::FederationAck(FederationAck {}));
+    let ack = at(7, Payload::FederationAck(FederationAck::default()));
+    let gap = at(7, Payload::FederationAck(FederationAck { gap: Some(9) }));
     insta::assert_snapshot!(format!(
-        "federation_hello:\n{hello}\nfederation_forward:\n{forward}\nfederation_ack:\n{ack}"
+        "federation_hello:\n{hello}\nfederation_forward:\n{forward}\nfederation_ack:\n{ack}\nfederation_ack (gap):\n{gap}"
     ));
 }

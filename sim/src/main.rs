@@ -27,7 +27,7 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
   --plant BUG           plant a known protocol bug in every gateway and device, to show
                         that runs find it: gateway-ack-before-commit, dedup-forgets,
                         node-ack-before-durable, resume-off-by-one
-  --trace N             for a failing run, print its last N events in words (frames with
+  --trace N             print each run's last N events in words, under its failure if it fails (frames with
                         their opcode, conversation and seq; commits; faults; application events)
   --list                list the scenarios and exit
   --shrink              reduce a failing scenario (one file, its seed or --seed) to a smaller

@@ -88,6 +88,13 @@ struct JsonRun<'a> {
     /// gateways.
     spanning_relayed: Option<u64>,
     spanning_fanned_out: Option<u64>,
+    /// Authority handovers: asked of an authority, done, declined, and the longest and median
+    /// time a conversation was frozen (as its old authority timed it).
+    handovers_asked: Option<u64>,
+    handovers_done: Option<u64>,
+    handovers_declined: Option<u64>,
+    handover_frozen_max_ms: Option<f64>,
+    handover_frozen_median_ms: Option<f64>,
     /// Revocations: newest CRL version, devices revoked, devices holding it, and the time
     /// from the last revocation until the last device took its CRL.
     crl_version: Option<u64>,
@@ -407,6 +414,19 @@ fn write_report(
             faults: &r.faults,
             spanning_relayed: r.spanning.map(|s| s.relayed),
             spanning_fanned_out: r.spanning.map(|s| s.fanned_out),
+            handovers_asked: r.handovers.as_ref().map(|h| h.asked),
+            handovers_done: r.handovers.as_ref().map(|h| h.done),
+            handovers_declined: r.handovers.as_ref().map(|h| h.declined),
+            handover_frozen_max_ms: r
+                .handovers
+                .as_ref()
+                .and_then(|h| h.frozen_max_us)
+                .map(|us| us as f64 / 1000.0),
+            handover_frozen_median_ms: r
+                .handovers
+                .as_ref()
+                .and_then(|h| h.frozen_median_us)
+                .map(|us| us as f64 / 1000.0),
             crl_version: r.crl.as_ref().map(|c| c.version),
             crl_revoked: r.crl.as_ref().map(|c| c.revoked),
             crl_holders: r.crl.as_ref().map(|c| c.holders),
@@ -452,7 +472,7 @@ fn write_report(
         };
         writeln!(
             out,
-            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}{}{}{}",
+            "{status} {:<28} seed {:<6} trace {} events {:>10} sim {:>8.1}s wall {:>7.2}s delivered {} accepted {}{}{}{}{}{}{}{}{}",
             r.scenario,
             r.seed,
             r.trace_hash,
@@ -515,6 +535,25 @@ fn write_report(
             r.spanning
                 .map(|s| format!(" spanning relayed {} fanned-out {}", s.relayed, s.fanned_out))
                 .unwrap_or_default(),
+            r.handovers
+                .as_ref()
+                .map(|h| format!(
+                    " handovers {}/{}{}{}",
+                    h.done,
+                    h.asked,
+                    h.frozen_max_us
+                        .map(|us| format!(" frozen max {:.1}ms", us as f64 / 1000.0))
+                        .unwrap_or_default(),
+                    if h.declined + h.skipped + h.refused > 0 {
+                        format!(
+                            " (declined {} refused {} skipped {})",
+                            h.declined, h.refused, h.skipped
+                        )
+                    } else {
+                        String::new()
+                    }
+                ))
+                .unwrap_or_default(),
             r.recovery_ms
                 .map(|ms| format!(" recovered {:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_default(),
@@ -537,15 +576,20 @@ fn write_report(
             v.detail
         )?;
         writeln!(err, "  replay: {replay}")?;
-        if !r.event_log.is_empty() {
-            writeln!(
-                err,
-                "  the last {} events up to the failure (--trace):",
-                r.event_log.len()
-            )?;
-            for line in &r.event_log {
-                writeln!(err, "    {line}")?;
-            }
+    }
+    if !r.event_log.is_empty() {
+        let upto = if violation.is_some() {
+            "up to the failure"
+        } else {
+            "of the run"
+        };
+        writeln!(
+            err,
+            "  the last {} events {upto} (--trace):",
+            r.event_log.len()
+        )?;
+        for line in &r.event_log {
+            writeln!(err, "    {line}")?;
         }
     }
     if let Some(text) = nondeterminism {

@@ -406,6 +406,7 @@ impl Invariant {
                 | Invariant::Unthrottled
                 | Invariant::PresencePrivacy
                 | Invariant::FederationLinks
+                | Invariant::SingleAuthority
         )
     }
 }
@@ -1587,6 +1588,8 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         }
     };
     let mut conversations = Vec::new();
+    // Each conversation's home gateway and its members' gateways.
+    let mut conversation_gateways: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut conversation_names = BTreeSet::new();
     for PendingConversation {
         name,
@@ -1653,6 +1656,9 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             .map(|u| u.gateway.as_str())
             .filter(|g| *g != home)
             .collect();
+        let mut holders: BTreeSet<String> = homes.iter().map(|g| g.to_string()).collect();
+        holders.insert(home.clone());
+        conversation_gateways.insert(name.clone(), holders);
         for other in homes {
             if kind.is_some() {
                 return Err(err(
@@ -1787,9 +1793,29 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
                     ));
                 }
             }
-            Action::Handover(_, g) => {
+            Action::Handover(conv, g) => {
                 let mut t = Target::Gateway(g.clone());
                 f(&mut t)?;
+                let mls = conversations
+                    .iter()
+                    .any(|c| c.name == *conv && c.kind.is_some());
+                if mls {
+                    return Err(err(
+                        s.span,
+                        s.span.column,
+                        format!("`handover {conv} to {g}`: `{conv}` is an MLS conversation, and those do not span gateways yet"),
+                    ));
+                }
+                let holds = conversation_gateways
+                    .get(conv)
+                    .is_some_and(|gateways| gateways.contains(g));
+                if !holds {
+                    return Err(err(
+                        s.span,
+                        s.span.column,
+                        format!("`handover {conv} to {g}`: no member of `{conv}` is at `{g}`; hand it to a gateway that keeps a copy (its home or a member's gateway)"),
+                    ));
+                }
             }
             Action::Relay(from, to) => {
                 let linked = federations

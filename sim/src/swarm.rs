@@ -125,6 +125,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "invitation-limit",
     "federation",
     "spanning",
+    "handover",
     "drain",
 ];
 
@@ -617,6 +618,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         if links.spanning {
             mix.insert("spanning");
         }
+        if links.handovers {
+            mix.insert("handover");
+        }
         out.push_str(&links.text);
     }
     let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
@@ -645,6 +649,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     if federation.is_some() {
         checks.push("federation-links");
+    }
+    if federation.as_ref().is_some_and(|f| f.handovers) {
+        checks.push("single-authority");
     }
     let _ = writeln!(out, "check {}", checks.join(" "));
     debug_assert!(mix.iter().all(|k| FAULT_KINDS.contains(k)));
@@ -706,6 +713,8 @@ struct FederationDraw {
     text: String,
     /// A plain conversation spans the domains.
     spanning: bool,
+    /// Its authority is handed over while it runs.
+    handovers: bool,
 }
 
 /// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
@@ -714,7 +723,9 @@ struct FederationDraw {
 /// link faults — a cut between two gateways, a crash of a peer gateway, resets of its links.
 /// Checked by `federation-links`. Half of those worlds also get a plain conversation spanning
 /// the domains (`span0`): one or two users homed at the other gateways with `u0` of `gw`,
-/// homed at any of the gateways, each member sending into it.
+/// homed at any of the gateways, each member sending into it; and half of those hand its
+/// authority over one to three times, to gateways that keep a copy (checked by
+/// `single-authority` too).
 fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<FederationDraw> {
     let mut d = Draw {
         rng: SimRng::from_seed(seed).with_stream(FEDERATION_STREAM),
@@ -768,16 +779,16 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
         );
     }
     let spanning = d.chance(0.5);
+    // The gateways that keep a copy of `span0`: `gw` (u0's), the others' and its home.
+    let mut member_gateways: Vec<&str> = vec!["gw"];
     if spanning {
         let mut members = vec!["u0".to_string()];
         for i in 0..d.range(1, 2) {
             let name = format!("f{i}");
-            let _ = writeln!(
-                text,
-                "user {name} devices {} gateway {}",
-                d.range(1, 2),
-                d.pick(&gateways)
-            );
+            let devices = d.range(1, 2);
+            let gateway = *d.pick(&gateways);
+            let _ = writeln!(text, "user {name} devices {devices} gateway {gateway}");
+            member_gateways.push(gateway);
             members.push(name);
         }
         let home = *d.pick(&all);
@@ -793,11 +804,32 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
                 d.range(200, 1_000)
             );
         }
+        member_gateways.push(home);
+    }
+    let handovers = spanning && d.chance(0.5);
+    if handovers {
+        // Each to another gateway than the one the last handed it to (or its home).
+        let mut authority = *member_gateways.last().expect("the home");
+        let mut at = 0;
+        for _ in 0..d.range(1, 3) {
+            let others: Vec<&str> = member_gateways
+                .iter()
+                .copied()
+                .filter(|g| *g != authority)
+                .collect();
+            if others.is_empty() {
+                break;
+            }
+            authority = *d.pick(&others);
+            at = d.range(at.max(500), end_ms * 3 / 4);
+            let _ = writeln!(text, "at {at}ms handover span0 to {authority}");
+        }
     }
     Some(FederationDraw {
         gateways,
         text,
         spanning,
+        handovers,
     })
 }
 

@@ -40,6 +40,7 @@ use crate::trace::{Record, TraceHash};
 mod drain;
 mod federation;
 mod files;
+mod handover;
 mod limits;
 pub use files::FilesReport;
 mod mls_groups;
@@ -120,6 +121,8 @@ pub struct RunReport {
     pub drains: Vec<DrainReport>,
     /// Conversations spanning domains (`None`: none relayed or fanned out anything).
     pub spanning: Option<sund_model::gateway::SpanningStats>,
+    /// Authority handovers (`None`: the scenario hands nothing over).
+    pub handovers: Option<handover::HandoverReport>,
 }
 
 #[derive(Clone, Debug)]
@@ -301,6 +304,7 @@ pub struct World {
     read_pauses: read_pause::ReadPauses,
     presence_watch: presence::PresenceWatch,
     federation: federation::FederationWatch,
+    handovers: handover::HandoverWatch,
     /// The newest events in words, when `--trace` asked for them.
     event_log: Option<EventLog>,
     /// When the liveness probe found everything converged.
@@ -507,6 +511,7 @@ impl World {
             read_pauses: read_pause::ReadPauses::default(),
             presence_watch: presence::PresenceWatch::default(),
             federation,
+            handovers: handover::HandoverWatch::default(),
             event_log: None,
             recovered_at: None,
             outbox_at_heal: BTreeMap::new(),
@@ -524,15 +529,6 @@ impl World {
             column: span.column,
             message,
         };
-        for s in &scenario.schedule {
-            let lands_with = match &s.action {
-                Action::Handover(..) => Some("the federation work (authority handover)"),
-                _ => None,
-            };
-            if let Some(work) = lands_with {
-                return Err(unsupported(s.span, format!("action `{}` is part of the DSL but this build cannot run it yet; it lands with {work}", s.action.keyword())));
-            }
-        }
         if let Some(inv) = scenario.invariants.iter().find(|i| !i.implemented()) {
             return Err(unsupported(
                 crate::scenario::Span { line: 1, column: 1 },
@@ -775,7 +771,8 @@ impl World {
             Machine::Gateway(slot, config) => {
                 let g = Gateway::recover(config.clone(), now, &actor.disk, Box::new(entropy))
                     .expect("the simulated disk holds what the gateway wrote");
-                // Replicas of conversations homed elsewhere lag their authority by design.
+                // Replicas of conversations homed elsewhere lag their authority by design, and
+                // so does a conversation this gateway is handing over.
                 recovered_heads = Some(g.sequenced_heads().collect::<BTreeMap<_, _>>());
                 *slot = Some(Box::new(g));
             }
@@ -945,6 +942,12 @@ impl World {
 
     /// Drains the actor's ready batches into the commit pipeline and reschedules its wake-up.
     fn after_step(&mut self, a: ActorIndex) {
+        if matches!(
+            self.actors[a as usize].machine,
+            Machine::Gateway(Some(_), _)
+        ) {
+            self.check_single_authority(a);
+        }
         loop {
             let actor = &mut self.actors[a as usize];
             let mut eager = Vec::new();
@@ -1114,6 +1117,7 @@ impl World {
             GatewayOutput::PauseReading(conn, pause) => self.pause_reading(conn.0, us(pause)),
             GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
             GatewayOutput::ServeChunk(serve) => self.serve_chunk(a, serve),
+            GatewayOutput::HandedOver(done) => self.handed_over(a, done),
             GatewayOutput::HistoryLost(lost) => {
                 *self.faults.entry("history-lost-detected").or_default() += 1;
                 self.note(|w| {
@@ -1995,7 +1999,7 @@ impl World {
                     self.with_node(d, |n, now| n.watch(now, users));
                 }
             }
-            Action::Handover(..) => unreachable!("rejected by check_supported"),
+            Action::Handover(conversation, to) => self.handover_action(conversation, to),
             Action::Relay(from, to) => {
                 let from = self.resolve(&Target::Gateway(from.clone()));
                 let to = self.resolve(&Target::Gateway(to.clone()));
@@ -2148,6 +2152,14 @@ impl World {
                 detail,
             })
         })
+        .or_else(|| {
+            self.seq_assigned_twice().map(|detail| Violation {
+                invariant: Invariant::SingleAuthority,
+                phase: Phase::Safety,
+                at_us: self.now,
+                detail,
+            })
+        })
     }
 
     fn probe(&mut self) {
@@ -2264,8 +2276,10 @@ impl World {
         let files = self.files_report();
         let drains = self.drain_reports();
         let spanning = self.spanning_report();
+        let handovers = self.handover_report();
         RunReport {
             spanning,
+            handovers,
             files,
             drains,
             scenario: self.scenario.name.clone(),

@@ -11,6 +11,17 @@
 //! - [`Entry::Answer`]: the authority's answer to a relayed message (its seq, or a refusal),
 //!   which the member gateway passes to the device.
 //!
+//! Authority handover (issue 15, step 5; see `gateway::handover`):
+//!
+//! - [`Entry::Handover`]: the old authority, its log frozen at `last_seq`, gives the new one
+//!   the conversation's members, signed;
+//! - [`Entry::Moved`]: the new authority tells every member gateway (the old one too) with the
+//!   certificate both signed;
+//! - [`Entry::Following`]: a member gateway tells the new authority where its replica ends, so
+//!   that the new authority sends it everything after, then every message it sequences;
+//! - [`Entry::Declined`]: the gateway asked to take a conversation over cannot; the old
+//!   authority takes it back.
+//!
 //! The encoding is hand-written and bounded: a version byte, a kind byte, fixed-size fields, and
 //! lengths checked against what is left; trailing bytes are refused.
 
@@ -31,6 +42,15 @@ const KIND_OPEN: u8 = 1;
 const KIND_RELAY: u8 = 2;
 const KIND_SEQUENCED: u8 = 3;
 const KIND_ANSWER: u8 = 4;
+const KIND_HANDOVER: u8 = 5;
+const KIND_MOVED: u8 = 6;
+const KIND_FOLLOWING: u8 = 7;
+const KIND_DECLINED: u8 = 8;
+
+/// The most domains an [`Entry::Handover`] names members of.
+pub const HANDOVER_DOMAINS_MAX: usize = 64;
+/// The longest domain name an entry carries, in bytes (as DNS allows).
+pub const DOMAIN_MAX: usize = 253;
 
 /// One entry of a federation link about a conversation spanning domains.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +107,94 @@ pub enum Entry {
         /// Sequenced, or refused.
         outcome: Outcome,
     },
+    /// From the authority to the gateway it hands the conversation over to: its log is frozen
+    /// at `last_seq` (every message up to it went to the receiver before this entry, on the
+    /// same link), and these are the members of every domain, its own included. Signed by the
+    /// sender's link key over the [`HandoverCertificate::statement`] naming the receiver.
+    Handover {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The authority's term the receiver starts (one more than the sender's).
+        term: u64,
+        /// The last seq the sender sequenced.
+        last_seq: u64,
+        /// The MLS epoch the conversation is in (0 in a plain conversation).
+        epoch: u64,
+        /// Each domain's member devices (at most [`HANDOVER_DOMAINS_MAX`] domains and
+        /// [`OPEN_MEMBERS_MAX`] devices in all).
+        members: Vec<(String, Vec<DeviceId>)>,
+        /// The sender's signature over the certificate's statement.
+        signature: [u8; 64],
+    },
+    /// From the new authority to each member gateway: the conversation moved.
+    Moved {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Signed by both authorities.
+        certificate: HandoverCertificate,
+    },
+    /// From a member gateway to the authority it now follows: its replica ends at `head`.
+    Following {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The authority's term it follows.
+        term: u64,
+        /// The last seq of its replica.
+        head: u64,
+    },
+    /// From the gateway a conversation was handed to: it does not take it over, and why.
+    Declined {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The term that was offered.
+        term: u64,
+        /// In words (at most [`ANSWER_MESSAGE_MAX`] bytes).
+        reason: String,
+    },
+}
+
+/// Proof that a conversation's authority moved: both gateways signed, each with its link key,
+/// that `from` sequenced up to `last_seq` and `to` sequences from the next seq, in `term`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandoverCertificate {
+    /// The new authority's term (one more than the old one's).
+    pub term: u64,
+    /// The old authority's domain.
+    pub from: String,
+    /// The new authority's domain.
+    pub to: String,
+    /// The last seq the old authority sequenced.
+    pub last_seq: u64,
+    /// The MLS epoch at the handover (0 in a plain conversation).
+    pub epoch: u64,
+    /// The old authority's signature over [`HandoverCertificate::statement`].
+    pub from_signature: [u8; 64],
+    /// The new authority's signature over the same statement.
+    pub to_signature: [u8; 64],
+}
+
+impl HandoverCertificate {
+    /// What both authorities sign, under a context of its own.
+    pub fn statement(
+        conversation: ConversationId,
+        term: u64,
+        from: &str,
+        to: &str,
+        last_seq: u64,
+        epoch: u64,
+    ) -> [u8; 32] {
+        let mut statement =
+            blake3::Hasher::new_derive_key("sund federation: authority handed over, v1");
+        statement.update(&conversation.to_bytes());
+        statement.update(&term.to_be_bytes());
+        for domain in [from, to] {
+            statement.update(&(domain.len() as u64).to_be_bytes());
+            statement.update(domain.as_bytes());
+        }
+        statement.update(&last_seq.to_be_bytes());
+        statement.update(&epoch.to_be_bytes());
+        *statement.finalize().as_bytes()
+    }
 }
 
 /// What the authority did with a relayed message.
@@ -138,7 +246,11 @@ impl Entry {
             Entry::Open { conversation, .. }
             | Entry::Relay { conversation, .. }
             | Entry::Sequenced { conversation, .. }
-            | Entry::Answer { conversation, .. } => *conversation,
+            | Entry::Answer { conversation, .. }
+            | Entry::Handover { conversation, .. }
+            | Entry::Moved { conversation, .. }
+            | Entry::Following { conversation, .. }
+            | Entry::Declined { conversation, .. } => *conversation,
         }
     }
 
@@ -221,6 +333,69 @@ impl Entry {
                     }
                 }
             }
+            Entry::Handover {
+                conversation,
+                term,
+                last_seq,
+                epoch,
+                members,
+                signature,
+            } => {
+                debug_assert!(
+                    members.len() <= HANDOVER_DOMAINS_MAX,
+                    "bounded by the caller"
+                );
+                out.push(KIND_HANDOVER);
+                out.extend_from_slice(&conversation.to_bytes());
+                for n in [term, last_seq, epoch] {
+                    out.extend_from_slice(&n.to_be_bytes());
+                }
+                out.push(members.len() as u8);
+                for (domain, devices) in members {
+                    put_domain(&mut out, domain);
+                    out.extend_from_slice(&(devices.len() as u32).to_be_bytes());
+                    for device in devices {
+                        out.extend_from_slice(&device.to_bytes());
+                    }
+                }
+                out.extend_from_slice(signature);
+            }
+            Entry::Moved {
+                conversation,
+                certificate: c,
+            } => {
+                out.push(KIND_MOVED);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&c.term.to_be_bytes());
+                put_domain(&mut out, &c.from);
+                put_domain(&mut out, &c.to);
+                out.extend_from_slice(&c.last_seq.to_be_bytes());
+                out.extend_from_slice(&c.epoch.to_be_bytes());
+                out.extend_from_slice(&c.from_signature);
+                out.extend_from_slice(&c.to_signature);
+            }
+            Entry::Following {
+                conversation,
+                term,
+                head,
+            } => {
+                out.push(KIND_FOLLOWING);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&head.to_be_bytes());
+            }
+            Entry::Declined {
+                conversation,
+                term,
+                reason,
+            } => {
+                out.push(KIND_DECLINED);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&term.to_be_bytes());
+                let reason = crate::codec::truncate_utf8(reason, ANSWER_MESSAGE_MAX);
+                out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+                out.extend_from_slice(reason.as_bytes());
+            }
         }
         Bytes::from(out)
     }
@@ -281,15 +456,7 @@ impl Entry {
                         let code = r.array::<2>().ok_or(EntryError::Truncated)?;
                         let code = ErrorCode::from_u16(u16::from_be_bytes(code));
                         let after = optional_id(&mut r)?;
-                        let len = r.array::<2>().ok_or(EntryError::Truncated)?;
-                        let len = usize::from(u16::from_be_bytes(len));
-                        if len > ANSWER_MESSAGE_MAX {
-                            return Err(EntryError::TooLong);
-                        }
-                        let text = r.take(len).ok_or(EntryError::Truncated)?;
-                        let message = core::str::from_utf8(text)
-                            .map_err(|_| EntryError::NotUtf8)?
-                            .to_string();
+                        let message = words(&mut r)?;
                         Outcome::Refused {
                             code,
                             message,
@@ -305,6 +472,62 @@ impl Entry {
                     outcome,
                 }
             }
+            KIND_HANDOVER => {
+                let term = r.u64().ok_or(EntryError::Truncated)?;
+                let last_seq = r.u64().ok_or(EntryError::Truncated)?;
+                let epoch = r.u64().ok_or(EntryError::Truncated)?;
+                let domains = usize::from(r.u8().ok_or(EntryError::Truncated)?);
+                if domains > HANDOVER_DOMAINS_MAX {
+                    return Err(EntryError::TooLong);
+                }
+                let mut members = Vec::with_capacity(domains);
+                let mut devices_in_all = 0usize;
+                for _ in 0..domains {
+                    let domain = domain(&mut r)?;
+                    let count = r.u32().ok_or(EntryError::Truncated)? as usize;
+                    devices_in_all = devices_in_all.saturating_add(count);
+                    if devices_in_all > OPEN_MEMBERS_MAX {
+                        return Err(EntryError::TooLong);
+                    }
+                    if r.remaining() < count * 16 {
+                        return Err(EntryError::Truncated);
+                    }
+                    let devices = (0..count)
+                        .map(|_| id(&mut r).map(DeviceId::from_bytes))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    members.push((domain, devices));
+                }
+                Entry::Handover {
+                    conversation,
+                    term,
+                    last_seq,
+                    epoch,
+                    members,
+                    signature: r.array::<64>().ok_or(EntryError::Truncated)?,
+                }
+            }
+            KIND_MOVED => Entry::Moved {
+                conversation,
+                certificate: HandoverCertificate {
+                    term: r.u64().ok_or(EntryError::Truncated)?,
+                    from: domain(&mut r)?,
+                    to: domain(&mut r)?,
+                    last_seq: r.u64().ok_or(EntryError::Truncated)?,
+                    epoch: r.u64().ok_or(EntryError::Truncated)?,
+                    from_signature: r.array::<64>().ok_or(EntryError::Truncated)?,
+                    to_signature: r.array::<64>().ok_or(EntryError::Truncated)?,
+                },
+            },
+            KIND_FOLLOWING => Entry::Following {
+                conversation,
+                term: r.u64().ok_or(EntryError::Truncated)?,
+                head: r.u64().ok_or(EntryError::Truncated)?,
+            },
+            KIND_DECLINED => Entry::Declined {
+                conversation,
+                term: r.u64().ok_or(EntryError::Truncated)?,
+                reason: words(&mut r)?,
+            },
             other => return Err(EntryError::UnknownKind(other)),
         };
         if r.remaining() != 0 {
@@ -336,6 +559,39 @@ pub fn sequenced_statement(
     statement.update(&epoch.to_be_bytes());
     statement.update(message.finalize().as_bytes());
     *statement.finalize().as_bytes()
+}
+
+/// A refusal's or a decline's words: a u16 length (at most [`ANSWER_MESSAGE_MAX`]), UTF-8.
+fn words(r: &mut Reader<'_>) -> Result<String, EntryError> {
+    let len = r.array::<2>().ok_or(EntryError::Truncated)?;
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > ANSWER_MESSAGE_MAX {
+        return Err(EntryError::TooLong);
+    }
+    let text = r.take(len).ok_or(EntryError::Truncated)?;
+    Ok(core::str::from_utf8(text)
+        .map_err(|_| EntryError::NotUtf8)?
+        .to_string())
+}
+
+fn put_domain(out: &mut Vec<u8>, domain: &str) {
+    assert!(
+        domain.len() <= DOMAIN_MAX,
+        "domains are checked when configured"
+    );
+    out.push(domain.len() as u8);
+    out.extend_from_slice(domain.as_bytes());
+}
+
+fn domain(r: &mut Reader<'_>) -> Result<String, EntryError> {
+    let len = usize::from(r.u8().ok_or(EntryError::Truncated)?);
+    if len > DOMAIN_MAX {
+        return Err(EntryError::TooLong);
+    }
+    let text = r.take(len).ok_or(EntryError::Truncated)?;
+    Ok(core::str::from_utf8(text)
+        .map_err(|_| EntryError::NotUtf8)?
+        .to_string())
 }
 
 fn id(r: &mut Reader<'_>) -> Result<[u8; 16], EntryError> {
@@ -383,7 +639,7 @@ mod tests {
     fn outcome() -> impl Strategy<Value = Outcome> {
         prop_oneof![
             any::<u64>().prop_map(Outcome::Sequenced),
-            (0u16..49, "[ -~]{0,60}", proptest::option::of(id16())).prop_map(
+            (0u16..50, "[ -~]{0,60}", proptest::option::of(id16())).prop_map(
                 |(code, message, after)| Outcome::Refused {
                     code: ErrorCode::from_u16(code),
                     message,
@@ -441,6 +697,66 @@ mod tests {
                 sender: DeviceId(s),
                 msg_id: MsgId(m),
                 outcome,
+            }),
+            (
+                id16(),
+                any::<(u64, u64, u64)>(),
+                proptest::collection::vec(
+                    ("[a-z.]{0,20}", proptest::collection::vec(id16(), 0..5)),
+                    0..4
+                ),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(c, (term, last_seq, epoch), members, half)| {
+                    let mut signature = [7u8; 64];
+                    signature[32..].copy_from_slice(&half);
+                    Entry::Handover {
+                        conversation: ConversationId(c),
+                        term,
+                        last_seq,
+                        epoch,
+                        members: members
+                            .into_iter()
+                            .map(|(d, m)| (d, m.into_iter().map(DeviceId).collect()))
+                            .collect(),
+                        signature,
+                    }
+                }),
+            (
+                id16(),
+                any::<(u64, u64, u64)>(),
+                "[a-z.é]{0,30}",
+                "[a-z.]{0,30}",
+                any::<([u8; 32], [u8; 32])>()
+            )
+                .prop_map(|(c, (term, last_seq, epoch), from, to, (a, b))| {
+                    let (mut from_signature, mut to_signature) = ([1u8; 64], [2u8; 64]);
+                    from_signature[..32].copy_from_slice(&a);
+                    to_signature[32..].copy_from_slice(&b);
+                    Entry::Moved {
+                        conversation: ConversationId(c),
+                        certificate: HandoverCertificate {
+                            term,
+                            from,
+                            to,
+                            last_seq,
+                            epoch,
+                            from_signature,
+                            to_signature,
+                        },
+                    }
+                }),
+            (id16(), any::<(u64, u64)>()).prop_map(|(c, (term, head))| Entry::Following {
+                conversation: ConversationId(c),
+                term,
+                head,
+            }),
+            (id16(), any::<u64>(), "[ -~]{0,60}").prop_map(|(c, term, reason)| {
+                Entry::Declined {
+                    conversation: ConversationId(c),
+                    term,
+                    reason,
+                }
             }),
         ]
     }

@@ -19,8 +19,11 @@
 //!   gap (ignored: the sender goes back).
 //! - **Sending** is go-back-N with a window: at most [`WINDOW`] unacknowledged entries in
 //!   flight; if acknowledgements stop progressing for `resend_after`, everything past the
-//!   last acknowledgement goes again. On every new connection, sending starts after the last
-//!   acknowledgement.
+//!   last acknowledgement goes again. The receiver tells a gap at once (an acknowledgement
+//!   naming the entry that arrived past its cursor, once per cursor), and the sender goes
+//!   back then (once per acknowledgement it goes back from), so a lost entry costs a round
+//!   trip rather than the resend timer. On every new connection, sending starts after the
+//!   last acknowledgement.
 //! - **Liveness.** Each side sends its cursor (`FederationAck`) every `heartbeat`; a link that
 //!   hears nothing for `idle_timeout` is closed and (by the dialer) dialed again.
 //!
@@ -189,6 +192,8 @@ pub struct FederationStats {
     pub protocol_errors: u64,
     /// Entries sent again (go-back-N).
     pub resent: u64,
+    /// Times this side went back at once on the peer's report of a gap.
+    pub fast_resends: u64,
     /// Duplicate entries received (already taken).
     pub duplicates: u64,
     /// Entries received past a gap (ignored).
@@ -255,6 +260,11 @@ struct Link {
     sent: u64,
     /// Last entry taken from the peer (durable once its batch commits).
     cursor: u64,
+    /// The cursor at which this side last told the peer of a gap (once per cursor).
+    gap_told: Option<u64>,
+    /// The acknowledgement this side last went back from on a peer's gap (once per
+    /// acknowledgement: the peer's later gap reports about the same loss change nothing).
+    went_back_from: Option<u64>,
     last_heard: Instant,
     last_beat: Instant,
     last_progress: Instant,
@@ -378,6 +388,8 @@ impl Federation {
                     acked,
                     sent: acked,
                     cursor,
+                    gap_told: None,
+                    went_back_from: None,
                     last_heard: now,
                     last_beat: now,
                     last_progress: now,
@@ -511,7 +523,7 @@ impl Federation {
                         link.last_beat = now;
                         let ack = frame(
                             with_seq(link.cursor),
-                            Payload::FederationAck(FederationAck {}),
+                            Payload::FederationAck(FederationAck::default()),
                         );
                         self.fx.hold(FederationOutput::Send(conn, ack));
                     }
@@ -558,11 +570,15 @@ impl Federation {
         self.me.key.public()
     }
 
-    /// Tests: as if `peer` had proved `key` in a handshake.
+    /// Tests: as if `peer` had proved `key` in a handshake, on a link that is up (on a
+    /// connection of its own number, far from any device's).
     #[cfg(test)]
     pub(crate) fn assume_peer_key(&mut self, peer: &str, key: DevicePublicKey) {
         if let Some(link) = self.links.get_mut(peer) {
             link.peer_key = Some(key);
+            link.state = LinkState::Up {
+                conn: ConnectionId(u64::MAX - 1),
+            };
         }
     }
 
@@ -592,6 +608,11 @@ impl Federation {
     /// The counters.
     pub fn stats(&self) -> FederationStats {
         self.stats
+    }
+
+    /// True if `peer` is a configured federation peer.
+    pub fn is_peer(&self, peer: &str) -> bool {
+        self.links.contains_key(peer)
     }
 
     /// True if the link to `peer` is authenticated and up.
@@ -723,13 +744,13 @@ impl Federation {
                     Bytes::from(Vec::from(forward.body)),
                 );
             }
-            (LinkState::Up { .. }, Payload::FederationAck(_)) => {
-                self.acknowledged(now, &peer, decoded.routing.seq);
+            (LinkState::Up { .. }, Payload::FederationAck(ack)) => {
+                self.acknowledged(now, &peer, decoded.routing.seq, ack.gap.is_some());
             }
             (LinkState::Finishing { .. }, Payload::FederationAck(_)) => {
                 // The answerer checked the finish: up, and its cursor trims the outbox.
                 self.up(now, &peer, conn);
-                self.acknowledged(now, &peer, decoded.routing.seq);
+                self.acknowledged(now, &peer, decoded.routing.seq, false);
             }
             // A copy of a handshake message (the network duplicated it), or a frame of the
             // other side that overtook the last handshake step: nothing to act on. (QUIC keeps
@@ -839,7 +860,7 @@ impl Federation {
         // The cursor first, so the peer trims what this side already holds.
         let ack = frame(
             with_seq(link.cursor),
-            Payload::FederationAck(FederationAck {}),
+            Payload::FederationAck(FederationAck::default()),
         );
         self.fx.hold(FederationOutput::Send(conn, ack));
         self.fx.hold(FederationOutput::LinkUp {
@@ -878,6 +899,8 @@ impl Federation {
             retry_at: now + half + jitter,
         };
         link.sent = link.acked;
+        link.gap_told = None;
+        link.went_back_from = None;
     }
 
     fn forwarded(&mut self, peer: &str, conn: ConnectionId, seq: u64, body: Bytes) {
@@ -899,17 +922,27 @@ impl Federation {
             });
         } else {
             self.stats.gaps += 1;
-            return; // the sender goes back after resend_after
+            if link.gap_told == Some(link.cursor) {
+                return; // told already: the sender is going back
+            }
+            link.gap_told = Some(link.cursor);
+            // Held: it names the cursor, which must be durable first.
+            let ack = frame(
+                with_seq(link.cursor),
+                Payload::FederationAck(FederationAck { gap: Some(seq) }),
+            );
+            self.fx.hold(FederationOutput::Send(conn, ack));
+            return;
         }
         // Held: it leaves after the cursor's write is durable.
         let ack = frame(
             with_seq(link.cursor),
-            Payload::FederationAck(FederationAck {}),
+            Payload::FederationAck(FederationAck::default()),
         );
         self.fx.hold(FederationOutput::Send(conn, ack));
     }
 
-    fn acknowledged(&mut self, now: Instant, peer: &str, upto: u64) {
+    fn acknowledged(&mut self, now: Instant, peer: &str, upto: u64, gap: bool) {
         let link = self.links.get_mut(peer).expect("a configured peer");
         if upto > link.numbered {
             // The peer holds a cursor from an earlier history of this outbox.
@@ -947,6 +980,17 @@ impl Federation {
             return;
         }
         if upto <= link.acked {
+            let lost = gap && upto == link.acked && link.sent > link.acked;
+            if lost && link.went_back_from != Some(upto) {
+                // The peer got an entry past one it lost: everything after its cursor goes
+                // again now.
+                link.went_back_from = Some(upto);
+                self.stats.fast_resends += 1;
+                self.stats.resent += link.sent - link.acked;
+                link.sent = link.acked;
+                link.last_progress = now;
+                self.pump(now, peer);
+            }
             return;
         }
         let done: Vec<u64> = link.outbox.range(..=upto).map(|(&s, _)| s).collect();

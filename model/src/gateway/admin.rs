@@ -33,6 +33,15 @@ pub enum AdminCommand {
         /// Its member devices.
         members: Vec<DeviceId>,
     },
+    /// Hand the authority of `conversation`, homed here, over to the gateway of `to`, which
+    /// keeps a replica of it: the log freezes (sends are answered `authority_moving`) until
+    /// `to` takes it over or declines (issue 15, step 5; see `gateway::handover`).
+    Handover {
+        /// The conversation, homed here.
+        conversation: ConversationId,
+        /// The domain whose gateway becomes its authority.
+        to: String,
+    },
     /// Make the enrolment token or pairing code with this id
     /// ([`crate::trust::token_id`]) expire now.
     ExpireToken([u8; 8]),
@@ -83,6 +92,23 @@ pub enum AdminAnswer {
     },
     /// The conversation was not shared; `why` says what to do.
     ShareRefused {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Why, in words.
+        why: String,
+    },
+    /// The conversation is frozen at `last_seq` and offered to `to`'s gateway; it is the
+    /// authority once it has signed (`admin list` shows "moving to" until then).
+    HandoverStarted {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The domain it is handed to.
+        to: String,
+        /// The last seq sequenced here.
+        last_seq: u64,
+    },
+    /// The conversation was not handed over; `why` says what to do.
+    HandoverRefused {
         /// The conversation.
         conversation: ConversationId,
         /// Why, in words.
@@ -160,6 +186,9 @@ impl Gateway {
                 domain,
                 members,
             } => self.share_conversation(now, conversation, &domain, members),
+            AdminCommand::Handover { conversation, to } => {
+                self.start_handover(now, conversation, &to)
+            }
             AdminCommand::ExpireToken(id) => {
                 match self.registry.expire_token(now, id, self.fx.writes()) {
                     Some(token) => AdminAnswer::TokenExpired(token),

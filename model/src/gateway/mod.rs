@@ -38,6 +38,7 @@ mod config;
 pub mod delivery;
 pub mod files;
 pub mod groups;
+pub mod handover;
 pub mod key_packages;
 pub mod limits;
 pub mod links;
@@ -152,6 +153,9 @@ pub enum GatewayOutput {
     /// connection on a chunk stream of its own: [`ChunkToServe::head`], then the bytes. A
     /// blob that fails the check is not sent but reported as [`GatewayInput::ChunkDamaged`].
     ServeChunk(ChunkToServe),
+    /// For the operator: a handover this gateway started is done, or was declined (see
+    /// [`handover`]). Drivers log it; the simulator reports its duration.
+    HandedOver(handover::HandedOver),
     /// What the federation links ask or report (see [`crate::federation`]); only with
     /// federation peers configured.
     Federation(FederationOutput),
@@ -235,6 +239,10 @@ pub struct Gateway {
     /// Conversations spanning domains: this gateway's role in each.
     spanning: spanning::Spanning,
     spanning_stats: relay::SpanningStats,
+    handover_stats: handover::HandoverStats,
+    /// When this gateway froze each conversation it is handing over (in memory: for the
+    /// report of how long it took).
+    handovers_started_at: BTreeMap<ConversationId, Instant>,
     fx: Fx,
 }
 
@@ -335,6 +343,10 @@ impl Gateway {
             fx.writes(),
         )?;
         gateway.spanning = spanning::Spanning::recover(store)?;
+        let awaiting: Vec<ConversationId> = gateway.spanning.awaiting_followers().collect();
+        for conv in awaiting {
+            gateway.delivery.keep_acknowledged(conv, true);
+        }
         gateway.fx = fx;
         Ok(gateway)
     }
@@ -383,6 +395,8 @@ impl Gateway {
             federation: None,
             spanning: spanning::Spanning::default(),
             spanning_stats: relay::SpanningStats::default(),
+            handover_stats: handover::HandoverStats::default(),
+            handovers_started_at: BTreeMap::new(),
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.
@@ -404,11 +418,21 @@ impl Gateway {
         self.spanning.role(conversation)
     }
 
-    /// This gateway's conversations that it sequences itself (all but the replicas).
+    /// True if this gateway sequences `conversation` now: it holds its log, and neither keeps
+    /// a replica of it for another domain's authority nor is handing it over (the simulator's
+    /// `single-authority` invariant checks that at most one gateway does).
+    pub fn sequences(&self, conversation: ConversationId) -> bool {
+        self.delivery.contains(conversation)
+            && self.spanning.authority_of(conversation).is_none()
+            && self.spanning.moving_to(conversation).is_none()
+    }
+
+    /// This gateway's conversations that it sequences itself (all but the replicas and those
+    /// it is handing over), with their heads.
     pub fn sequenced_heads(&self) -> impl Iterator<Item = (ConversationId, u64)> + '_ {
         self.delivery
             .conversations()
-            .filter(|log| self.spanning.authority_of(log.id()).is_none())
+            .filter(|log| self.sequences(log.id()))
             .map(|log| (log.id(), log.head()))
     }
 
@@ -420,6 +444,11 @@ impl Gateway {
     /// The conversations this gateway is authority for, in id order.
     pub fn conversations(&self) -> impl Iterator<Item = &ConversationLog> {
         self.delivery.conversations()
+    }
+
+    /// The log of `conversation`, if it exists here (sequenced here or a replica).
+    pub fn log(&self, conversation: ConversationId) -> Option<&ConversationLog> {
+        self.delivery.log(conversation)
     }
 
     /// The durable acknowledgement cursor of a device in a conversation.
@@ -450,6 +479,7 @@ impl Gateway {
             social: self.social.stats().clone(),
             presence: self.presence.stats().clone(),
             spanning: self.spanning_stats,
+            handover: self.handover_stats,
             refusals: self.refusals,
         }
     }
@@ -1510,6 +1540,11 @@ impl Gateway {
         if let Some(authority) = self.spanning.authority_of(conv) {
             let authority = authority.to_string();
             self.relay_send(now, conn, device, conv, send, authority);
+            return;
+        }
+        if let Some(to) = self.spanning.moving_to(conv) {
+            let refusal = Refusal::authority_moving(conv, msg_id, to);
+            self.refuse(conn, refusal);
             return;
         }
         let after = send.after.map(MsgId::from_bytes);

@@ -77,6 +77,8 @@ pub struct GatewayStats {
     pub presence: PresenceStats,
     /// Conversations spanning domains.
     pub spanning: super::relay::SpanningStats,
+    /// Authority handovers, at either end.
+    pub handover: super::handover::HandoverStats,
     /// Errors and goodbyes sent, by code.
     #[serde(skip)]
     pub refusals: RefusalCounts,
@@ -183,6 +185,23 @@ impl Refusal {
         self.code
     }
 
+    /// `authority_moving`: `conversation` is being handed over to `to`'s gateway; the device
+    /// sends `msg_id` again after [`super::handover::HANDOVER_RETRY`].
+    pub(crate) fn authority_moving(
+        conversation: ConversationId,
+        msg_id: MsgId,
+        to: &str,
+    ) -> Refusal {
+        let routing = Routing {
+            conversation,
+            ..Routing::default()
+        };
+        Refusal::error(ErrorCode::AuthorityMoving, authority_moving_message(to))
+            .in_conversation(routing)
+            .about(msg_id)
+            .retry_after(super::handover::HANDOVER_RETRY)
+    }
+
     /// `sender_out_of_order`: a message of a device in `conversation` names `after` as the
     /// one it comes after, but the last one sequenced from that device is `last`.
     pub(crate) fn out_of_sender_order(
@@ -218,6 +237,11 @@ pub(crate) fn out_of_sender_order_message(after: Option<MsgId>, last: MsgId) -> 
 /// sender order).
 pub(crate) const ZERO_MESSAGE_ID: &str =
     "a message id of all zeros is reserved: choose a random one";
+
+/// The words of `authority_moving`, wherever the conversation is frozen.
+pub(crate) fn authority_moving_message(to: &str) -> String {
+    format!("this conversation's authority is moving to {to}; the message was not stored, send it again shortly")
+}
 
 #[cfg(test)]
 mod tests {

@@ -71,6 +71,11 @@ impl Gateway {
         if self.spanning.authority_of(conv).is_some() {
             return refused("the conversation is homed at another gateway".into());
         }
+        if let Some(to) = self.spanning.moving_to(conv) {
+            return refused(format!(
+                "it is being handed over to {to}; share it there once that is done"
+            ));
+        }
         if members.is_empty() || members.len() > OPEN_MEMBERS_MAX {
             return refused(format!(
                 "name 1 to {OPEN_MEMBERS_MAX} member devices of {domain}"
@@ -157,7 +162,7 @@ impl Gateway {
         };
         match self.federation_enqueue(now, &authority, relay.encode()) {
             Ok(_) => {
-                self.spanning.relayed(conv, device, msg_id);
+                self.spanning.relayed(conv, device, msg_id, &authority);
                 self.spanning_stats.relayed += 1;
             }
             Err(error) => {
@@ -177,7 +182,7 @@ impl Gateway {
     pub(super) fn fan_out(&mut self, now: Instant, conv: ConversationId, seq: u64, chained: bool) {
         let domains: Vec<String> = self
             .spanning
-            .foreign_domains(conv)
+            .fan_out_domains(conv)
             .map(str::to_string)
             .collect();
         if domains.is_empty() {
@@ -227,7 +232,7 @@ impl Gateway {
         }
     }
 
-    fn handle_entry(&mut self, now: Instant, peer: &str, entry: Entry) {
+    pub(super) fn handle_entry(&mut self, now: Instant, peer: &str, entry: Entry) {
         let conv = entry.conversation();
         let from_authority = self.spanning.authority_of(conv) == Some(peer);
         match entry {
@@ -235,8 +240,19 @@ impl Gateway {
                 conversation,
                 members,
             } => {
-                let local = self.delivery.contains(conversation) && !from_authority;
-                if local || !self.spanning.follow(conversation, peer, self.fx.writes()) {
+                // After a handover this gateway learned of first, the old authority's `Open`
+                // comes from it.
+                let previous = self
+                    .spanning
+                    .previous_of(conversation)
+                    .filter(|(domain, _)| *domain == peer)
+                    .map(|(_, last)| last);
+                let known = from_authority || previous.is_some();
+                let local = self.delivery.contains(conversation) && !known;
+                if local
+                    || (previous.is_none()
+                        && !self.spanning.follow(conversation, peer, self.fx.writes()))
+                {
                     self.spanning_stats.entries_refused += 1;
                     return;
                 }
@@ -244,6 +260,11 @@ impl Gateway {
                     .open_replica(now, conversation, &members, self.fx.writes());
                 self.delivery
                     .pump_members(now, conversation, &self.sessions, &mut self.fx);
+                let head = self.delivery.head(conversation).unwrap_or(0);
+                if previous.is_some_and(|last| head >= last) {
+                    self.spanning.caught_up(conversation, self.fx.writes());
+                    self.follow_authority(now, conversation);
+                }
             }
             Entry::Sequenced {
                 conversation,
@@ -255,7 +276,13 @@ impl Gateway {
                 body,
                 signature,
             } => {
-                if !from_authority {
+                // After a handover, the old authority's last messages still come from it.
+                let previous = self
+                    .spanning
+                    .previous_of(conversation)
+                    .filter(|(domain, last)| *domain == peer && seq <= *last)
+                    .map(|(_, last)| last);
+                if !from_authority && previous.is_none() {
                     self.spanning_stats.entries_refused += 1;
                     return;
                 }
@@ -286,6 +313,11 @@ impl Gateway {
                     self.delivery
                         .pump_members(now, conversation, &self.sessions, &mut self.fx);
                 }
+                if previous.is_some_and(|last| seq >= last) {
+                    // The replica holds all the old authority sequenced: on to the new one.
+                    self.spanning.caught_up(conversation, self.fx.writes());
+                    self.follow_authority(now, conversation);
+                }
             }
             Entry::Answer {
                 conversation,
@@ -293,7 +325,10 @@ impl Gateway {
                 msg_id,
                 outcome,
             } => {
-                if !from_authority {
+                // From whoever it was relayed to: the authority then, though it may have
+                // handed the conversation over since.
+                let asked = self.spanning.relayed_to(conversation, sender, msg_id) == Some(peer);
+                if !from_authority && !asked {
                     self.spanning_stats.entries_refused += 1;
                     return;
                 }
@@ -331,6 +366,9 @@ impl Gateway {
                         if let Some(after) = after {
                             refusal = refusal.after(after);
                         }
+                        if code == ErrorCode::AuthorityMoving {
+                            refusal = refusal.retry_after(super::handover::HANDOVER_RETRY);
+                        }
                         self.refuse(conn, refusal);
                     }
                 }
@@ -352,6 +390,37 @@ impl Gateway {
                 // The peer is configured: it sent this.
                 let _ = self.federation_enqueue(now, peer, answer.encode());
             }
+            Entry::Handover {
+                conversation,
+                term,
+                last_seq,
+                epoch,
+                members,
+                signature,
+            } => self.on_handover(
+                now,
+                peer,
+                conversation,
+                term,
+                last_seq,
+                epoch,
+                members,
+                signature,
+            ),
+            Entry::Moved {
+                conversation,
+                certificate,
+            } => self.on_moved(now, peer, conversation, certificate),
+            Entry::Following {
+                conversation,
+                term,
+                head,
+            } => self.on_following(now, peer, conversation, term, head),
+            Entry::Declined {
+                conversation,
+                term,
+                reason,
+            } => self.on_declined(now, peer, conversation, term, reason),
         }
     }
 
@@ -372,7 +441,18 @@ impl Gateway {
             message,
             after: None,
         };
-        let outcome = if !self.spanning.is_foreign_member(conv, peer, sender) {
+        let moved = self
+            .spanning
+            .moving_to(conv)
+            .or_else(|| self.spanning.authority_of(conv));
+        let outcome = if let Some(to) = moved {
+            // Frozen for a handover, or handed over since the member gateway relayed it:
+            // the device sends it again, and its gateway relays it to the new authority.
+            refused(
+                ErrorCode::AuthorityMoving,
+                super::refusal::authority_moving_message(to),
+            )
+        } else if !self.spanning.is_foreign_member(conv, peer, sender) {
             refused(
                 ErrorCode::NotMember,
                 "not a member of this conversation".into(),

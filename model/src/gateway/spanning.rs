@@ -13,28 +13,59 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::ids::{ConversationId, DeviceId, MsgId};
 
-/// One row per conversation spanning domains: key conversation (16); value
-/// `0 | domain` for a replica (the authority's domain), or `1 | (domain len u8 | domain |
-/// count u32 | devices)*` for a conversation homed here (its members in other domains).
+/// One row per conversation spanning domains: key conversation (16); value a kind byte and
+/// the role (see `encode_role`). Kinds 0 and 1 are the first format's (a replica and a home
+/// without a term), read as term 0; rows are written in kinds 2 to 4.
 pub const SPANNING_TABLE: Table = Table("spanning_conversations");
+
+/// What a conversation's authority knows of it beyond its log: the other domains' members.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Home {
+    /// How many times the conversation's authority has moved (0 where it was first shared);
+    /// a handover certificate of an earlier term is stale.
+    pub term: u64,
+    /// Each other domain's member devices; that domain's gateway keeps a replica for them.
+    pub members: BTreeMap<String, BTreeSet<DeviceId>>,
+    /// Domains whose gateway has not said where its replica ends since this gateway became
+    /// the authority by a handover: nothing goes to them until it has.
+    pub waiting: BTreeSet<String>,
+}
 
 /// This gateway's part in a conversation that spans domains.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// Homed here: this gateway sequences it; these devices of other domains are members,
-    /// each domain's gateway keeping a replica.
-    Authority(BTreeMap<String, BTreeSet<DeviceId>>),
-    /// Homed at the gateway of this domain; this gateway keeps a replica for its devices.
-    Replica(String),
+    /// Homed here: this gateway sequences it.
+    Authority(Home),
+    /// Homed here until the gateway of `to` takes it over: frozen, nothing is sequenced (sends
+    /// are answered `authority_moving`). If `to` declines, this gateway is the authority again.
+    Moving {
+        /// The domain it is handed to.
+        to: String,
+        /// What this gateway knew as its authority.
+        home: Home,
+    },
+    /// Homed at the gateway of `authority`; this gateway keeps a replica for its devices.
+    Replica {
+        /// The authority's domain.
+        authority: String,
+        /// The authority's term.
+        term: u64,
+        /// After a handover whose certificate came before the old authority's last messages
+        /// (another link was faster): the old authority and its last seq. Its messages up to
+        /// that seq are still taken from it; once the replica holds them all, this gateway
+        /// tells the new authority where it ends, and the new one sends the rest.
+        previous: Option<(String, u64)>,
+    },
 }
 
 /// The roles of every conversation spanning domains.
 #[derive(Clone, Debug, Default)]
 pub struct Spanning {
     roles: BTreeMap<ConversationId, Role>,
-    /// Messages relayed to their authority and not answered yet (in memory: after a restart
-    /// a device's next copy is relayed again, and the authority answers both).
-    pending: BTreeSet<(ConversationId, DeviceId, MsgId)>,
+    /// Messages relayed to an authority and not answered yet, with the domain relayed to (in
+    /// memory: after a restart a device's next copy is relayed again, and the authority
+    /// answers both).
+    pending: BTreeMap<(ConversationId, DeviceId, MsgId), String>,
 }
 
 impl Spanning {
@@ -53,35 +84,96 @@ impl Spanning {
         })?;
         Ok(Spanning {
             roles,
-            pending: BTreeSet::new(),
+            pending: BTreeMap::new(),
         })
     }
 
     /// The domain whose gateway sequences `conv`, if this gateway keeps a replica of it.
     pub fn authority_of(&self, conv: ConversationId) -> Option<&str> {
         match self.roles.get(&conv) {
-            Some(Role::Replica(domain)) => Some(domain),
+            Some(Role::Replica { authority, .. }) => Some(authority),
+            _ => None,
+        }
+    }
+
+    /// The old authority of `conv` and its last seq, while this replica still takes its last
+    /// messages from it after a handover.
+    pub fn previous_of(&self, conv: ConversationId) -> Option<(&str, u64)> {
+        match self.roles.get(&conv) {
+            Some(Role::Replica {
+                previous: Some((domain, last)),
+                ..
+            }) => Some((domain, *last)),
+            _ => None,
+        }
+    }
+
+    /// The replica of `conv` holds every message of its old authority: it follows the new
+    /// one alone from now on.
+    pub fn caught_up(&mut self, conv: ConversationId, writes: &mut WriteBatch) {
+        if let Some(Role::Replica {
+            authority, term, ..
+        }) = self.roles.get(&conv)
+        {
+            let role = Role::Replica {
+                authority: authority.clone(),
+                term: *term,
+                previous: None,
+            };
+            self.put(conv, role, writes);
+        }
+    }
+
+    /// The conversations homed here whose member gateways have not all said where their
+    /// replica ends since this gateway took them over.
+    pub fn awaiting_followers(&self) -> impl Iterator<Item = ConversationId> + '_ {
+        self.roles.iter().filter_map(|(conv, role)| match role {
+            Role::Authority(home) if !home.waiting.is_empty() => Some(*conv),
+            _ => None,
+        })
+    }
+
+    /// The domain `conv` is being handed to, if it is frozen here for a handover.
+    pub fn moving_to(&self, conv: ConversationId) -> Option<&str> {
+        match self.roles.get(&conv) {
+            Some(Role::Moving { to, .. }) => Some(to),
+            _ => None,
+        }
+    }
+
+    /// What this gateway, the authority of `conv`, knows of its other domains.
+    pub fn home(&self, conv: ConversationId) -> Option<&Home> {
+        match self.roles.get(&conv) {
+            Some(Role::Authority(home)) => Some(home),
             _ => None,
         }
     }
 
     /// The other domains with members in `conv`, if it is homed here and spans domains.
     pub fn foreign_domains(&self, conv: ConversationId) -> impl Iterator<Item = &str> + '_ {
-        let members = match self.roles.get(&conv) {
-            Some(Role::Authority(members)) => Some(members),
-            _ => None,
-        };
-        members
+        self.home(conv)
             .into_iter()
-            .flat_map(|m| m.keys().map(String::as_str))
+            .flat_map(|home| home.members.keys().map(String::as_str))
+    }
+
+    /// The domains that get each message sequenced in `conv`: its other domains, but those
+    /// that have not said where their replica ends since a handover.
+    pub fn fan_out_domains(&self, conv: ConversationId) -> impl Iterator<Item = &str> + '_ {
+        self.home(conv).into_iter().flat_map(|home| {
+            home.members
+                .keys()
+                .filter(|d| !home.waiting.contains(*d))
+                .map(String::as_str)
+        })
     }
 
     /// True if `device` of `domain` is a member of `conv`, homed here.
     pub fn is_foreign_member(&self, conv: ConversationId, domain: &str, device: DeviceId) -> bool {
-        matches!(
-            self.roles.get(&conv),
-            Some(Role::Authority(members)) if members.get(domain).is_some_and(|d| d.contains(&device))
-        )
+        self.home(conv).is_some_and(|home| {
+            home.members
+                .get(domain)
+                .is_some_and(|d| d.contains(&device))
+        })
     }
 
     /// The role of `conv`, if it spans domains.
@@ -89,14 +181,41 @@ impl Spanning {
         self.roles.get(&conv)
     }
 
-    /// True if this message was relayed and its answer has not come back.
-    pub fn relay_pending(&self, conv: ConversationId, device: DeviceId, msg_id: MsgId) -> bool {
-        self.pending.contains(&(conv, device, msg_id))
+    /// The term of `conv`'s authority as this gateway knows it.
+    pub fn term(&self, conv: ConversationId) -> Option<u64> {
+        match self.roles.get(&conv)? {
+            Role::Authority(home) | Role::Moving { home, .. } => Some(home.term),
+            Role::Replica { term, .. } => Some(*term),
+        }
     }
 
-    /// This message was relayed to its authority.
-    pub fn relayed(&mut self, conv: ConversationId, device: DeviceId, msg_id: MsgId) {
-        self.pending.insert((conv, device, msg_id));
+    /// True if this message was relayed and its answer has not come back.
+    pub fn relay_pending(&self, conv: ConversationId, device: DeviceId, msg_id: MsgId) -> bool {
+        self.pending.contains_key(&(conv, device, msg_id))
+    }
+
+    /// The domain this message was relayed to, if its answer has not come back.
+    pub fn relayed_to(
+        &self,
+        conv: ConversationId,
+        device: DeviceId,
+        msg_id: MsgId,
+    ) -> Option<&str> {
+        self.pending
+            .get(&(conv, device, msg_id))
+            .map(String::as_str)
+    }
+
+    /// This message was relayed to `authority`.
+    pub fn relayed(
+        &mut self,
+        conv: ConversationId,
+        device: DeviceId,
+        msg_id: MsgId,
+        authority: &str,
+    ) {
+        self.pending
+            .insert((conv, device, msg_id), authority.to_string());
     }
 
     /// The authority answered this message.
@@ -104,18 +223,18 @@ impl Spanning {
         self.pending.remove(&(conv, device, msg_id));
     }
 
-    /// How many conversations span domains, as authority and as replica.
+    /// How many conversations span domains, as authority (or moving away) and as replica.
     pub fn counts(&self) -> (usize, usize) {
-        let homed = self
+        let replicas = self
             .roles
             .values()
-            .filter(|r| matches!(r, Role::Authority(_)))
+            .filter(|r| matches!(r, Role::Replica { .. }))
             .count();
-        (homed, self.roles.len() - homed)
+        (self.roles.len() - replicas, replicas)
     }
 
     /// `conv`, homed here, gets these members of `domain`. Returns false (and changes nothing)
-    /// if `conv` is a replica here: only its authority shares it.
+    /// if `conv` is a replica here or moving away: only its authority shares it.
     pub fn share(
         &mut self,
         conv: ConversationId,
@@ -126,11 +245,11 @@ impl Spanning {
         let role = self
             .roles
             .entry(conv)
-            .or_insert_with(|| Role::Authority(BTreeMap::new()));
-        let Role::Authority(members) = role else {
+            .or_insert_with(|| Role::Authority(Home::default()));
+        let Role::Authority(home) = role else {
             return false;
         };
-        members
+        home.members
             .entry(domain.to_string())
             .or_default()
             .extend(devices.iter().copied());
@@ -147,65 +266,281 @@ impl Spanning {
         writes: &mut WriteBatch,
     ) -> bool {
         match self.roles.get(&conv) {
-            Some(Role::Replica(domain)) => domain == authority,
-            Some(Role::Authority(_)) => false,
+            Some(Role::Replica { authority: a, .. }) => a == authority,
+            Some(Role::Authority(_) | Role::Moving { .. }) => false,
             None => {
-                let role = Role::Replica(authority.to_string());
-                writes.put(SPANNING_TABLE, conv.to_bytes().to_vec(), encode_role(&role));
-                self.roles.insert(conv, role);
+                let role = Role::Replica {
+                    authority: authority.to_string(),
+                    term: 0,
+                    previous: None,
+                };
+                self.put(conv, role, writes);
                 true
             }
         }
     }
+
+    /// Freezes `conv`, homed here, for a handover to `to`'s gateway: its home, to hand over.
+    pub fn freeze(
+        &mut self,
+        conv: ConversationId,
+        to: &str,
+        writes: &mut WriteBatch,
+    ) -> Option<Home> {
+        let Some(Role::Authority(home)) = self.roles.get(&conv) else {
+            return None;
+        };
+        let home = home.clone();
+        let role = Role::Moving {
+            to: to.to_string(),
+            home: home.clone(),
+        };
+        self.put(conv, role, writes);
+        Some(home)
+    }
+
+    /// The handover of `conv` in `term` was declined: this gateway is its authority again.
+    /// Returns false (and changes nothing) if it was not moving in that term.
+    pub fn thaw(&mut self, conv: ConversationId, term: u64, writes: &mut WriteBatch) -> bool {
+        match self.roles.get(&conv) {
+            Some(Role::Moving { home, .. }) if home.term + 1 == term => {
+                let role = Role::Authority(home.clone());
+                self.put(conv, role, writes);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// This gateway takes `conv` over in `term` with `members` of other domains; until each
+    /// of those says where its replica ends, nothing goes to it.
+    pub fn take_over(
+        &mut self,
+        conv: ConversationId,
+        term: u64,
+        members: BTreeMap<String, BTreeSet<DeviceId>>,
+        writes: &mut WriteBatch,
+    ) {
+        let waiting = members.keys().cloned().collect();
+        let role = Role::Authority(Home {
+            term,
+            members,
+            waiting,
+        });
+        self.put(conv, role, writes);
+    }
+
+    /// `conv` moved to `to`'s gateway in `term`: this gateway keeps a replica and follows it
+    /// (taking the old authority's last messages from it first, if `previous` names it; a
+    /// conversation new here is known from then on, its log opened by the old authority's
+    /// `Open` when that comes). Returns false (and changes nothing) unless the certificate is
+    /// newer than what this gateway knows (a stale one from an earlier handover changes
+    /// nothing).
+    pub fn moved(
+        &mut self,
+        conv: ConversationId,
+        term: u64,
+        to: &str,
+        previous: Option<(String, u64)>,
+        writes: &mut WriteBatch,
+    ) -> bool {
+        if self.term(conv).is_some_and(|known| term <= known) {
+            return false;
+        }
+        let role = Role::Replica {
+            authority: to.to_string(),
+            term,
+            previous,
+        };
+        self.put(conv, role, writes);
+        true
+    }
+
+    /// The gateway of `domain` said where its replica of `conv` ends: it gets every message
+    /// from now on. Returns false if it was not waiting.
+    pub fn following(
+        &mut self,
+        conv: ConversationId,
+        domain: &str,
+        writes: &mut WriteBatch,
+    ) -> bool {
+        let Some(Role::Authority(home)) = self.roles.get_mut(&conv) else {
+            return false;
+        };
+        if !home.waiting.remove(domain) {
+            return false;
+        }
+        let role = self.roles[&conv].clone();
+        self.put(conv, role, writes);
+        true
+    }
+
+    fn put(&mut self, conv: ConversationId, role: Role, writes: &mut WriteBatch) {
+        writes.put(SPANNING_TABLE, conv.to_bytes().to_vec(), encode_role(&role));
+        self.roles.insert(conv, role);
+    }
 }
 
+const KIND_REPLICA_V1: u8 = 0;
+const KIND_AUTHORITY_V1: u8 = 1;
+const KIND_REPLICA: u8 = 2;
+const KIND_AUTHORITY: u8 = 3;
+const KIND_MOVING: u8 = 4;
+
+/// `2 | term u64 | 0 | domain` for a replica (`2 | term | 1 | previous len u8 | previous |
+/// its last seq u64 | domain` while it takes an old authority's last messages); `3 | term |
+/// waiting count u8 | (domain len u8 |
+/// domain)* | members` for an authority and `4 | term | to len u8 | to | waiting.. | members`
+/// for one moving away, where members are `(domain len u8 | domain | count u32 | devices)*`.
 fn encode_role(role: &Role) -> Vec<u8> {
     let mut out = Vec::new();
     match role {
-        Role::Replica(domain) => {
-            out.push(0);
-            out.extend_from_slice(domain.as_bytes());
-        }
-        Role::Authority(members) => {
-            out.push(1);
-            for (domain, devices) in members {
-                assert!(domain.len() <= usize::from(u8::MAX), "domains are short");
-                out.push(domain.len() as u8);
-                out.extend_from_slice(domain.as_bytes());
-                out.extend_from_slice(&(devices.len() as u32).to_be_bytes());
-                for device in devices {
-                    out.extend_from_slice(&device.to_bytes());
+        Role::Replica {
+            authority,
+            term,
+            previous,
+        } => {
+            out.push(KIND_REPLICA);
+            out.extend_from_slice(&term.to_be_bytes());
+            match previous {
+                None => out.push(0),
+                Some((domain, last)) => {
+                    out.push(1);
+                    put_domain(&mut out, domain);
+                    out.extend_from_slice(&last.to_be_bytes());
                 }
             }
+            out.extend_from_slice(authority.as_bytes());
+        }
+        Role::Authority(home) => {
+            out.push(KIND_AUTHORITY);
+            encode_home(home, None, &mut out);
+        }
+        Role::Moving { to, home } => {
+            out.push(KIND_MOVING);
+            encode_home(home, Some(to), &mut out);
         }
     }
     out
 }
 
+fn put_domain(out: &mut Vec<u8>, domain: &str) {
+    assert!(domain.len() <= usize::from(u8::MAX), "domains are short");
+    out.push(domain.len() as u8);
+    out.extend_from_slice(domain.as_bytes());
+}
+
+fn encode_home(home: &Home, to: Option<&str>, out: &mut Vec<u8>) {
+    out.extend_from_slice(&home.term.to_be_bytes());
+    if let Some(to) = to {
+        put_domain(out, to);
+    }
+    assert!(
+        home.waiting.len() <= usize::from(u8::MAX),
+        "bounded by a handover's domains"
+    );
+    out.push(home.waiting.len() as u8);
+    for domain in &home.waiting {
+        put_domain(out, domain);
+    }
+    encode_members(&home.members, out);
+}
+
+fn encode_members(members: &BTreeMap<String, BTreeSet<DeviceId>>, out: &mut Vec<u8>) {
+    for (domain, devices) in members {
+        put_domain(out, domain);
+        out.extend_from_slice(&(devices.len() as u32).to_be_bytes());
+        for device in devices {
+            out.extend_from_slice(&device.to_bytes());
+        }
+    }
+}
+
 fn decode_role(value: &[u8]) -> Option<Role> {
-    let (&kind, mut rest) = value.split_first()?;
+    let (&kind, rest) = value.split_first()?;
+    let term = |rest: &[u8]| -> Option<(u64, usize)> {
+        Some((u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 8))
+    };
     match kind {
-        0 => Some(Role::Replica(String::from_utf8(rest.to_vec()).ok()?)),
-        1 => {
-            let mut members = BTreeMap::new();
-            while let Some((&len, tail)) = rest.split_first() {
-                let len = usize::from(len);
-                let domain = String::from_utf8(tail.get(..len)?.to_vec()).ok()?;
-                let count = u32::from_be_bytes(tail.get(len..len + 4)?.try_into().ok()?) as usize;
-                let start = len + 4;
-                let end = start.checked_add(count.checked_mul(16)?)?;
-                let devices = tail
-                    .get(start..end)?
-                    .chunks_exact(16)
-                    .map(|c| DeviceId::from_bytes(c.try_into().expect("16 bytes")))
-                    .collect();
-                members.insert(domain, devices);
-                rest = &tail[end..];
-            }
-            Some(Role::Authority(members))
+        KIND_REPLICA_V1 => Some(Role::Replica {
+            authority: String::from_utf8(rest.to_vec()).ok()?,
+            term: 0,
+            previous: None,
+        }),
+        KIND_AUTHORITY_V1 => Some(Role::Authority(Home {
+            members: decode_members(rest)?,
+            ..Home::default()
+        })),
+        KIND_REPLICA => {
+            let (term, mut at) = term(rest)?;
+            let previous = match *rest.get(at)? {
+                0 => None,
+                1 => {
+                    let len = usize::from(*rest.get(at + 1)?);
+                    let domain =
+                        String::from_utf8(rest.get(at + 2..at + 2 + len)?.to_vec()).ok()?;
+                    at += 1 + len;
+                    let last = u64::from_be_bytes(rest.get(at + 1..at + 9)?.try_into().ok()?);
+                    at += 8;
+                    Some((domain, last))
+                }
+                _ => return None,
+            };
+            Some(Role::Replica {
+                authority: String::from_utf8(rest.get(at + 1..)?.to_vec()).ok()?,
+                term,
+                previous,
+            })
+        }
+        KIND_AUTHORITY | KIND_MOVING => {
+            let (term, mut at) = term(rest)?;
+            let domain = |at: &mut usize| -> Option<String> {
+                let len = usize::from(*rest.get(*at)?);
+                let text = rest.get(*at + 1..*at + 1 + len)?;
+                *at += 1 + len;
+                String::from_utf8(text.to_vec()).ok()
+            };
+            let to = if kind == KIND_MOVING {
+                Some(domain(&mut at)?)
+            } else {
+                None
+            };
+            let count = *rest.get(at)?;
+            at += 1;
+            let waiting = (0..count)
+                .map(|_| domain(&mut at))
+                .collect::<Option<BTreeSet<_>>>()?;
+            let home = Home {
+                term,
+                members: decode_members(&rest[at..])?,
+                waiting,
+            };
+            Some(match to {
+                Some(to) => Role::Moving { to, home },
+                None => Role::Authority(home),
+            })
         }
         _ => None,
     }
+}
+
+fn decode_members(mut rest: &[u8]) -> Option<BTreeMap<String, BTreeSet<DeviceId>>> {
+    let mut members = BTreeMap::new();
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len);
+        let domain = String::from_utf8(tail.get(..len)?.to_vec()).ok()?;
+        let count = u32::from_be_bytes(tail.get(len..len + 4)?.try_into().ok()?) as usize;
+        let start = len + 4;
+        let end = start.checked_add(count.checked_mul(16)?)?;
+        let devices = tail
+            .get(start..end)?
+            .chunks_exact(16)
+            .map(|c| DeviceId::from_bytes(c.try_into().expect("16 bytes")))
+            .collect();
+        members.insert(domain, devices);
+        rest = &tail[end..];
+    }
+    Some(members)
 }
 
 #[cfg(test)]
@@ -244,10 +579,75 @@ mod tests {
     }
 
     #[test]
+    fn a_handover_freezes_thaws_or_moves_and_a_stale_certificate_changes_nothing() {
+        let mut spanning = Spanning::default();
+        let mut writes = WriteBatch::default();
+        let conv = ConversationId(1);
+        spanning.share(conv, "b.example", &[DeviceId(7)], &mut writes);
+        spanning.share(conv, "c.example", &[DeviceId(9)], &mut writes);
+        let home = spanning.freeze(conv, "b.example", &mut writes).unwrap();
+        assert_eq!(home.term, 0);
+        assert_eq!(spanning.moving_to(conv), Some("b.example"));
+        assert!(!spanning.share(conv, "b.example", &[DeviceId(8)], &mut writes));
+        assert!(spanning.freeze(conv, "c.example", &mut writes).is_none());
+        // Declined in term 1: the authority again, as it was.
+        assert!(!spanning.thaw(conv, 2, &mut writes));
+        assert!(spanning.thaw(conv, 1, &mut writes));
+        assert_eq!(spanning.home(conv), Some(&home));
+        // Handed over in term 1; a certificate of term 1 again, or older, changes nothing.
+        spanning.freeze(conv, "b.example", &mut writes).unwrap();
+        assert!(spanning.moved(conv, 1, "b.example", None, &mut writes));
+        assert!(!spanning.moved(conv, 1, "c.example", None, &mut writes));
+        assert_eq!(spanning.previous_of(conv), None);
+        assert_eq!(spanning.authority_of(conv), Some("b.example"));
+        // Taken back over in term 2 with the others waiting until they say where they are.
+        let members = BTreeMap::from([
+            ("b.example".to_string(), BTreeSet::from([DeviceId(7)])),
+            ("c.example".to_string(), BTreeSet::from([DeviceId(9)])),
+        ]);
+        spanning.take_over(conv, 2, members, &mut writes);
+        assert_eq!(spanning.fan_out_domains(conv).count(), 0);
+        assert!(spanning.following(conv, "c.example", &mut writes));
+        assert!(!spanning.following(conv, "c.example", &mut writes));
+        assert_eq!(
+            spanning.fan_out_domains(conv).collect::<Vec<_>>(),
+            ["c.example"]
+        );
+        // A replica that takes an old authority's last messages first, until it holds them.
+        let other = ConversationId(2);
+        spanning.follow(other, "a.example", &mut writes);
+        let previous = Some(("a.example".to_string(), 41));
+        assert!(spanning.moved(other, 1, "c.example", previous, &mut writes));
+        assert_eq!(spanning.previous_of(other), Some(("a.example", 41)));
+        let mut store = MemStore::default();
+        commit_durably(&mut store, writes).expect("commits");
+        let back = Spanning::recover(&store).expect("reads");
+        assert_eq!(back.roles, spanning.roles);
+        assert_eq!(back.term(conv), Some(2));
+        assert_eq!(back.previous_of(other), Some(("a.example", 41)));
+        let mut back = back;
+        let mut writes = WriteBatch::default();
+        back.caught_up(other, &mut writes);
+        assert_eq!(back.previous_of(other), None);
+        assert_eq!(back.authority_of(other), Some("c.example"));
+        // A row of the first format reads as term 0.
+        assert_eq!(
+            decode_role(&[0, b'a']),
+            Some(Role::Replica {
+                authority: "a".into(),
+                term: 0,
+                previous: None
+            })
+        );
+    }
+
+    #[test]
     fn a_damaged_row_is_refused_not_misread() {
         for value in [
             &[][..],
             &[2][..],
+            &[3, 0, 0, 0, 0, 0, 0, 0, 1, 1][..],
+            &[9][..],
             &[1, 9, b'a'][..],
             &[1, 1, b'a', 0, 0, 0, 2][..],
         ] {

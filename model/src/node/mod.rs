@@ -927,6 +927,7 @@ impl Node {
             ErrorCode::SendsLimited
                 | ErrorCode::ConversationsLimited
                 | ErrorCode::InvitationsLimited
+                | ErrorCode::AuthorityMoving
         ) {
             if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
                 self.throttle(now, id, code, &report);

@@ -431,6 +431,10 @@ pub enum ErrorCode {
     /// The user creating a conversation, or one a commit adds, is in as many conversations as
     /// the gateway allows one user; the message says the cap. Not retried: leave one first.
     ConversationQuota = 48,
+    /// The conversation's authority is moving to another domain's gateway (an operator's
+    /// handover): nothing was stored. `retry_after_ms` says when to send it again (nodes do so
+    /// by themselves); the message goes to the new authority then, in its place.
+    AuthorityMoving = 49,
 }
 
 impl ErrorCode {
@@ -502,6 +506,7 @@ impl ErrorCode {
             InvitationTooLarge,
             RegistrationsLimited,
             ConversationQuota,
+            AuthorityMoving,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -757,7 +762,13 @@ pub struct FederationForward {
 /// Gateway → gateway: every entry up to the header's seq is durable at the receiver.
 #[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cbor(map)]
-pub struct FederationAck {}
+pub struct FederationAck {
+    /// Set when an entry of this number arrived past the receiver's cursor (one before it
+    /// was lost): the sender goes back to the entry after the cursor now instead of waiting
+    /// for its resend timer. Absent from heartbeats and ordinary acknowledgements.
+    #[n(0)]
+    pub gap: Option<u64>,
+}
 
 /// A decoded payload: one variant per opcode whose payload is defined.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -124,6 +124,11 @@ pub(super) fn configure(
 }
 
 impl FederationWatch {
+    /// The federated gateway of a domain.
+    pub(super) fn gateway_of(&self, domain: &str) -> Option<ActorIndex> {
+        self.gateway_of.get(domain).copied()
+    }
+
     /// The domain of a federated gateway.
     pub(super) fn domain(&self, gateway: ActorIndex) -> Option<String> {
         self.domain_of.get(&gateway).cloned()

@@ -82,6 +82,9 @@ impl World {
     /// command returns only then); a gateway that crashes before never answers, and the
     /// device was never revoked. A device that never registered cannot be revoked.
     pub(super) fn on_admin_answer(&mut self, answer: &AdminAnswer) {
+        if let AdminAnswer::HandoverRefused { why, .. } = answer {
+            self.handover_refused(why);
+        }
         if let AdminAnswer::Revoked {
             device,
             crl_version,

@@ -359,6 +359,10 @@ pub struct Delivery {
     /// to which messages are no longer kept for it (garbage collection counts it as its
     /// cursor). In memory: a restart measures again.
     mailbox_floors: BTreeMap<(DeviceId, ConversationId), u64>,
+    /// Conversations whose acknowledged entries are kept for now: this gateway took them over
+    /// by a handover, and a member gateway has not said where its replica ends yet (it gets
+    /// everything after that from this log). Retention still applies.
+    kept: BTreeSet<ConversationId>,
     /// When the mailboxes were last checked.
     mailbox_checked_at: Option<Instant>,
     stats: DeliveryStats,
@@ -401,6 +405,7 @@ impl Delivery {
             sender_order: SenderOrder::default(),
             recovered_heads: BTreeMap::new(),
             mailbox_floors: BTreeMap::new(),
+            kept: BTreeSet::new(),
             mailbox_checked_at: None,
             stats: DeliveryStats::default(),
         }
@@ -919,6 +924,16 @@ impl Delivery {
         Ok(true)
     }
 
+    /// Keeps (or stops keeping) the acknowledged entries of `conv` for member gateways that
+    /// will read them after a handover (see `kept`).
+    pub fn keep_acknowledged(&mut self, conv: ConversationId, keep: bool) {
+        if keep {
+            self.kept.insert(conv);
+        } else {
+            self.kept.remove(&conv);
+        }
+    }
+
     /// Another domain's gateway, the authority of `conv`, opened it here with these of this
     /// gateway's devices as members: the replica's log (idempotent), and a window for each
     /// member online now.
@@ -1431,6 +1446,7 @@ impl Delivery {
             }
         }
         let floors = &self.mailbox_floors;
+        let kept = &self.kept;
         let expire_before = now - limits.retention_max;
         let dedup_expire_before = now - limits.dedup_retention;
         let mut backlog = false;
@@ -1453,6 +1469,11 @@ impl Delivery {
                 })
                 .min()
                 .unwrap_or(0);
+            let acked_by_all = if kept.contains(&log.id()) {
+                0
+            } else {
+                acked_by_all
+            };
             let (conv, head) = (log.id(), log.head());
             let order = &mut self.sender_order;
             let dropped = log.collect_garbage(
