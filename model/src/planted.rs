@@ -30,6 +30,9 @@ pub enum PlantedBug {
     /// The gateway charges each user's invitations to its rate limit but never refuses a
     /// commit for them: one user can pull others into conversations as fast as it likes.
     InvitationLimitIgnored,
+    /// A gateway handing a conversation over goes on sequencing it instead of freezing it: for
+    /// a while two gateways sequence the same conversation.
+    HandoverKeepsSequencing,
 }
 
 impl PlantedBug {
@@ -50,6 +53,10 @@ impl PlantedBug {
         (
             "invitation-limit-ignored",
             PlantedBug::InvitationLimitIgnored,
+        ),
+        (
+            "handover-keeps-sequencing",
+            PlantedBug::HandoverKeepsSequencing,
         ),
     ];
 

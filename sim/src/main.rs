@@ -26,7 +26,9 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
   --json                print one JSON object per run on stdout
   --plant BUG           plant a known protocol bug in every gateway and device, to show
                         that runs find it: gateway-ack-before-commit, dedup-forgets,
-                        node-ack-before-durable, resume-off-by-one
+                        node-ack-before-durable, resume-off-by-one, send-limit-ignored,
+                        presence-ignores-invisible, invitation-limit-ignored,
+                        handover-keeps-sequencing
   --trace N             print each run's last N events in words, under its failure if it fails (frames with
                         their opcode, conversation and seq; commits; faults; application events)
   --list                list the scenarios and exit
