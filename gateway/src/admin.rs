@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use sund_model::gateway::spanning::Role;
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway};
 use sund_model::identity::DevicePublicKey;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
@@ -63,6 +64,14 @@ pub enum AdminRequest {
         /// Member device keys of that domain (64 hex digits each).
         members: Vec<String>,
     },
+    /// Hand the authority of a conversation homed here over to a federation peer's gateway
+    /// that keeps a copy of it.
+    Handover {
+        /// The conversation's name.
+        name: String,
+        /// The peer's domain.
+        to: String,
+    },
     /// List conversations, users, devices and KeyPackages left.
     List {
         /// One JSON document instead of lines.
@@ -114,6 +123,7 @@ impl AdminRequest {
             AdminRequest::Crl { .. } => "crl",
             AdminRequest::CreateConversation { .. } => "create-conversation",
             AdminRequest::ShareConversation { .. } => "share-conversation",
+            AdminRequest::Handover { .. } => "handover",
             AdminRequest::List { .. } => "list",
             AdminRequest::Backup { .. } => "backup",
             AdminRequest::Tokens { .. } => "tokens",
@@ -135,6 +145,7 @@ impl AdminRequest {
                 domain,
                 members,
             } => format!("{name} with {domain} ({} members)", members.len()),
+            AdminRequest::Handover { name, to } => format!("{name} to {to}"),
             AdminRequest::Backup { file } => file.clone(),
             // The id only: a whole token given here is a credential, kept out of audit lines.
             AdminRequest::ExpireToken { token } => match parse_token_id(token) {
@@ -157,6 +168,7 @@ impl AdminRequest {
                 | AdminRequest::Revoke { .. }
                 | AdminRequest::CreateConversation { .. }
                 | AdminRequest::ShareConversation { .. }
+                | AdminRequest::Handover { .. }
                 | AdminRequest::ExpireToken { .. }
         )
     }
@@ -213,6 +225,14 @@ impl AdminRequest {
                     conversation: ConversationId::from_name(name),
                     domain: domain.clone(),
                     members,
+                }
+            }
+            AdminRequest::Handover { name, to } => {
+                check_name("conversation", name)?;
+                check_name("domain", to)?;
+                AdminCommand::Handover {
+                    conversation: ConversationId::from_name(name),
+                    to: to.clone(),
                 }
             }
             AdminRequest::Backup { file } => {
@@ -303,6 +323,27 @@ impl AdminRequest {
                 Some(AdminAnswer::ShareRefused { why, .. }),
             ) => {
                 return Err(format!("`{name}` was not shared: {why}"));
+            }
+            (
+                AdminRequest::Handover { name, .. },
+                Some(AdminAnswer::HandoverStarted {
+                    conversation,
+                    to,
+                    last_seq,
+                }),
+            ) => {
+                out.stdout = format!(
+                    "conversation `{name}` ({conversation}) is frozen at seq {last_seq} and handed over to {to}\n"
+                );
+                out.stderr = format!(
+                    "until {to} takes it over, sends to it are answered `authority_moving` and devices send them again; `admin list` shows `homed at {to}` once it has\n"
+                );
+            }
+            (
+                AdminRequest::Handover { name, .. },
+                Some(AdminAnswer::HandoverRefused { why, .. }),
+            ) => {
+                return Err(format!("`{name}` was not handed over: {why}"));
             }
             (AdminRequest::ExpireToken { .. }, Some(AdminAnswer::TokenExpired(token))) => {
                 out.stdout = if now >= token.expires || token.used.is_some() {
@@ -559,6 +600,11 @@ fn list_json(gateway: &Gateway) -> serde_json::Value {
                 // Spanning domains: the domain whose gateway orders it (null: this one), and
                 // the other domains' member devices of one homed here.
                 "home": gateway.replica_of(log.id()),
+                // The domain it is being handed over to, while it is frozen here.
+                "moving_to": match gateway.spanning_role(log.id()) {
+                    Some(Role::Moving { to, .. }) => Some(to.as_str()),
+                    _ => None,
+                },
                 "shared_with": shared_with(gateway, log.id())
                     .map(|(domain, n)| (domain.to_string(), n))
                     .collect::<std::collections::BTreeMap<_, _>>(),
@@ -604,7 +650,7 @@ fn shared_with(
     conversation: ConversationId,
 ) -> impl Iterator<Item = (&str, usize)> + '_ {
     let members = match gateway.spanning_role(conversation) {
-        Some(sund_model::gateway::spanning::Role::Authority(home)) => Some(&home.members),
+        Some(Role::Authority(home)) => Some(&home.members),
         _ => None,
     };
     members.into_iter().flat_map(|m| {
@@ -621,6 +667,9 @@ fn list(gateway: &Gateway) -> String {
             .collect();
         if let Some(home) = gateway.replica_of(log.id()) {
             spans = format!(" homed at {home} (a copy it orders)");
+        }
+        if let Some(Role::Moving { to, .. }) = gateway.spanning_role(log.id()) {
+            spans = format!(" moving to {to} (frozen until it takes over)");
         }
         text.push_str(&format!(
             "{} head {} retained {} members {}{spans}\n",

@@ -163,6 +163,16 @@ enum Admin {
         #[arg(long = "member", required = true)]
         members: Vec<String>,
     },
+    /// Hand the authority of a conversation homed here over to a federation peer that keeps a
+    /// copy of it (it was shared with the peer): the conversation freezes here until the peer
+    /// has taken it over; devices' sends meanwhile are refused and sent again by the devices.
+    Handover {
+        /// The conversation's name.
+        name: String,
+        /// The peer's domain, as in a `[[federation.peer]]` of this gateway's config.
+        #[arg(long, value_name = "DOMAIN")]
+        to: String,
+    },
     /// List conversations and their heads, then users, their devices and KeyPackages left.
     List {
         /// One JSON document (`conversations`, `devices`) instead of lines.
@@ -214,6 +224,7 @@ impl Admin {
                 domain: peer,
                 members,
             },
+            Admin::Handover { name, to } => AdminRequest::Handover { name, to },
             Admin::List { json } => AdminRequest::List { json },
             Admin::Tokens { json } => AdminRequest::Tokens { json },
             Admin::ExpireToken { token } => AdminRequest::ExpireToken { token },

@@ -307,7 +307,8 @@ fn send(dir: &Path, conv: &str, text: &str) -> String {
 }
 
 #[test]
-fn a_room_homed_at_one_gateway_spans_two_domains_and_survives_a_sigkill_of_the_other() {
+fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other_and_is_handed_over(
+) {
     let tmp = tempfile::tempdir().unwrap();
     let at = |name: &str| tmp.path().join(name);
     let (a_port, b_port) = (free_udp_port(), free_udp_port());
@@ -466,10 +467,90 @@ fn a_room_homed_at_one_gateway_spans_two_domains_and_survives_a_sigkill_of_the_o
         got.len() == 5 && got[4].contains("seq 6") && got[4].contains("back again"),
         "{got:?}"
     );
+
+    // a.example's operator hands the room over to b.example while both run: it freezes at
+    // seq 6 and b.example sequences it from seq 7 on.
+    let handover = |to: &str| {
+        std::process::Command::new(gateway_binary())
+            .args([
+                "admin", "handover", "room", "--to", to, "--config", a_config,
+            ])
+            .output()
+            .unwrap()
+    };
+    let refused = handover("c.example");
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("not handed over") && why.contains("c.example keeps no copy"),
+        "{why}"
+    );
+    let started = run(
+        &gateway_binary(),
+        &[
+            "admin",
+            "handover",
+            "room",
+            "--to",
+            "b.example",
+            "--config",
+            a_config,
+        ],
+    );
+    assert!(
+        started.contains("frozen at seq 6 and handed over to b.example"),
+        "{started}"
+    );
+    let b_config = b_config.to_str().unwrap();
+    let started = Instant::now();
+    loop {
+        let listed = run(&gateway_binary(), &["admin", "list", "--config", a_config]);
+        if listed.contains("homed at b.example") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a.example still lists: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listed = run(&gateway_binary(), &["admin", "list", "--config", b_config]);
+    assert!(
+        listed.contains("head 6") && listed.contains("shared with a.example (1 devices)"),
+        "{listed}"
+    );
+    // alice writes through her gateway, now a member gateway that relays to b.example; bob
+    // reads it from b.example's own log, and alice hers from a.example's copy.
+    let sent = send(&at("alice"), "room", "after the handover");
+    assert!(sent.contains("seq 7"), "{sent}");
+    let sent = send(&at("bob"), "room", "bob after the handover");
+    assert!(sent.contains("seq 8"), "{sent}");
+    // (bob had not read his own "back again" yet.)
+    let got = follow(&path("bob"), "room", 3, Duration::from_secs(30));
+    assert!(
+        got.len() == 3
+            && got[0].contains("seq 6")
+            && got[1].contains("seq 7")
+            && got[1].contains("after the handover")
+            && got[2].contains("seq 8"),
+        "{got:?}"
+    );
+    let got = follow(&path("alice"), "room", 2, Duration::from_secs(30));
+    assert!(
+        got.len() == 2 && got[0].contains("seq 7") && got[1].contains("bob after the handover"),
+        "{got:?}"
+    );
+    // The old authority's log says where the room went, and how long it was frozen.
+    let a_log = std::fs::read_to_string(at("a.log")).unwrap();
+    assert!(a_log.contains("handover done"), "{a_log}");
+
     // Neither gateway's log holds a message's text.
-    let logs = std::fs::read_to_string(at("a.log")).unwrap()
-        + &std::fs::read_to_string(at("b.log")).unwrap();
-    assert!(!logs.contains("hello from") && !logs.contains("back again"));
+    let logs = a_log + &std::fs::read_to_string(at("b.log")).unwrap();
+    assert!(
+        !logs.contains("hello from")
+            && !logs.contains("back again")
+            && !logs.contains("after the handover")
+    );
     terminate(b);
     terminate(a);
 }

@@ -94,6 +94,9 @@ impl Gateway {
         if let Some(home) = self.spanning.authority_of(conv) {
             return refused(format!("it is homed at {home}: its operator hands it over"));
         }
+        if to == self.config.domain {
+            return refused(format!("it is homed at {to} already"));
+        }
         if let Some(moving) = self.spanning.moving_to(conv) {
             return refused(format!(
                 "it is being handed over to {moving} already; `admin list` shows when that is done"
@@ -143,7 +146,7 @@ impl Gateway {
         if !federation.is_up(to) {
             // The conversation would stay frozen until the link came back.
             return refused(format!(
-                "the link to {to} is down; hand it over once `admin links` shows it up"
+                "the link to {to} is down; hand it over once `sund-gateway admin federation` shows it up"
             ));
         }
         let statement = HandoverCertificate::statement(conv, term, &own, to, last_seq, epoch);
