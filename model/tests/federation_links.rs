@@ -570,7 +570,7 @@ fn write_federation_entry_seeds() {
     if std::env::var("SUND_WRITE_SEEDS").is_err() {
         return;
     }
-    use sund_model::federation::entry::{Entry, Outcome};
+    use sund_model::federation::entry::{Entry, HandoverCertificate, Outcome};
     use sund_model::ids::{ConversationId, DeviceId, MsgId};
     use sund_model::wire::payload::ErrorCode;
     let conversation = ConversationId(0xC0 << 120 | 1);
@@ -631,6 +631,51 @@ fn write_federation_entry_seeds() {
                     message: "this message comes after another".into(),
                     after: Some(MsgId(0x2)),
                 },
+            },
+        ),
+        (
+            "handover",
+            Entry::Handover {
+                conversation,
+                term: 1,
+                last_seq: 42,
+                epoch: 0,
+                members: vec![
+                    ("a.example".into(), vec![DeviceId(0xA1)]),
+                    ("b.example".into(), vec![sender, DeviceId(0xB2)]),
+                ],
+                signature: [0x5a; 64],
+            },
+        ),
+        (
+            "moved",
+            Entry::Moved {
+                conversation,
+                certificate: HandoverCertificate {
+                    term: 1,
+                    from: "a.example".into(),
+                    to: "b.example".into(),
+                    last_seq: 42,
+                    epoch: 0,
+                    from_signature: [0x5a; 64],
+                    to_signature: [0xa5; 64],
+                },
+            },
+        ),
+        (
+            "following",
+            Entry::Following {
+                conversation,
+                term: 1,
+                head: 40,
+            },
+        ),
+        (
+            "declined",
+            Entry::Declined {
+                conversation,
+                term: 1,
+                reason: "b.example does not federate with c.example, a member domain".into(),
             },
         ),
     ];
