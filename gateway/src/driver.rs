@@ -1158,7 +1158,7 @@ impl Core {
                         conversation = %done.conversation,
                         to = %done.to,
                         last_seq = done.last_seq,
-                        frozen_ms = done.frozen_for.map(|d| d.as_millis() as u64),
+                        frozen_ms = done.frozen_for.as_millis() as u64,
                         "handover done: the conversation's authority is {} now; this gateway keeps a replica and relays its devices' messages there",
                         done.to
                     ),

@@ -1288,6 +1288,55 @@ fn creating_a_conversation_without_members_creates_nothing() {
     );
 }
 
+/// Regression (found by `sund demo` with a room an operator made while its member was
+/// online): a device added to a plain conversation during its session got nothing of it until
+/// its next session.
+#[test]
+fn a_device_added_to_a_conversation_while_online_reads_it_at_once() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.connect(3, mallory());
+    h.send(1, alice(), 1, b"before");
+    let out = h.input(support::admin(AdminCommand::CreateConversation(
+        CONV,
+        vec![mallory()],
+    )));
+    let seqs = |out: &[GatewayOutput]| -> Vec<u64> {
+        frames_to(out, 3)
+            .iter()
+            .filter(|f| matches!(f.payload, Payload::Deliver(_)) && f.routing.conversation == CONV)
+            .map(|f| f.routing.seq)
+            .collect()
+    };
+    assert_eq!(seqs(&out), [1], "what the conversation holds, at once");
+    assert_eq!(seqs(&h.send(1, alice(), 2, b"after")), [2]);
+    // A conversation new since the session opened, too.
+    let new = ConversationId(0x0A);
+    h.input(support::admin(AdminCommand::CreateConversation(
+        new,
+        vec![alice(), mallory()],
+    )));
+    let routing = Routing {
+        conversation: new,
+        sender: mallory(),
+        ..Routing::default()
+    };
+    let send = Payload::Send(Send {
+        msg_id: [3; 16],
+        body: b"in the new one".to_vec(),
+        welcome: None,
+        after: Some([0; 16]),
+    });
+    let sent = h.frame(3, routing, send);
+    let to_alice = frames_to(&sent, 1);
+    assert!(
+        to_alice
+            .iter()
+            .any(|f| matches!(f.payload, Payload::Deliver(_)) && f.routing.conversation == new),
+        "{to_alice:?}"
+    );
+}
+
 #[test]
 fn after_collection_and_more_sends_recovery_keeps_head_and_deduplication() {
     let mut h = Harness::new();

@@ -1265,6 +1265,48 @@ fn a_rate_limited_message_waits_with_everything_after_it_and_all_go_in_order_aft
 }
 
 #[test]
+fn a_message_refused_while_its_authority_moves_goes_again_after_the_hint_and_nothing_else_waits() {
+    let other = ConversationId(0x0E);
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    let b = h.node.send(h.now, CONV, Bytes::from_static(b"b")).unwrap();
+    eager_and_held(&mut h);
+    // CONV is being handed over to another gateway: a is refused for now (b, behind it,
+    // would be refused the same way). This is no rate limit: the user is told nothing.
+    let report = ErrorReport {
+        code: ErrorCode::AuthorityMoving as u16,
+        message: "this conversation's authority is moving to b.example".into(),
+        msg_id: Some(a.to_bytes()),
+        after: None,
+        retry_after_ms: Some(500),
+    };
+    let routing = Routing {
+        conversation: CONV,
+        ..Routing::default()
+    };
+    let out = h.frame(1, routing, Payload::Error(report));
+    assert!(
+        !out.iter().any(|o| matches!(o, NodeOutput::Event(_))),
+        "{out:?}"
+    );
+    // Another conversation is not held up.
+    let x = h.node.send(h.now, other, Bytes::from_static(b"x")).unwrap();
+    assert_eq!(sends(&eager_and_held(&mut h)), vec![(x, Some(MsgId(0)))]);
+    assert_eq!(h.node.poll_timeout(), Some(Instant(500_000)), "the hint");
+    h.now = Instant(499_999);
+    assert!(sends(&h.tick()).is_empty(), "not before the hint");
+    h.now = Instant(500_000);
+    assert_eq!(
+        sends(&h.tick()),
+        vec![(a, Some(MsgId(0))), (b, Some(a))],
+        "both again, in order, chained"
+    );
+    let stats = h.node.stats();
+    assert_eq!((stats.authority_moving, stats.throttled), (1, 0));
+}
+
+#[test]
 fn a_rate_limit_without_a_hint_pauses_for_a_second() {
     let mut h = Harness::new();
     h.open(1);

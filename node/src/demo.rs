@@ -1,9 +1,11 @@
 //! `sund demo`: a gateway and three devices on loopback over real QUIC and redb. Alice creates
 //! a room with Bob and Carol and a DM with Bob (MLS groups: Welcomes through the gateway),
-//! encrypted messages flow, the gateway restarts, Alice sends a file into the room (Bob and
-//! Carol fetch and verify it, and sign receipts Alice verifies), and at the end the gateway's
-//! database is searched for every message text and pieces of the file: the gateway stored
-//! ciphertext only.
+//! encrypted messages flow, the gateway restarts, now federated with a second domain's
+//! gateway: Dave of b.example and Alice talk in a room spanning the two domains, whose
+//! authority is then handed over to b.example while both run. Alice sends a file into the room
+//! (Bob and Carol fetch and verify it, and sign receipts Alice verifies), and at the end the
+//! gateway's database is searched for every MLS message text and pieces of the file: the
+//! gateway stored ciphertext only.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,57 +15,129 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use sund_gateway::driver::{self, GatewayHandle, GatewayOptions};
-use sund_model::gateway::GatewayConfig;
+use sund_gateway::federation::FederationOptions;
+use sund_model::federation::handshake::PeerConfig;
+use sund_model::gateway::{AdminAnswer, AdminCommand, GatewayConfig};
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_node::device::Device;
 use sund_node::driver::{self as node_driver, GroupRequest, NodeHandle};
 use sund_runtime::environment::Production;
 
-const NAMES: [&str; 3] = ["alice", "bob", "carol"];
+const NAMES: [&str; 4] = ["alice", "bob", "carol", "dave"];
+/// The first gateway's users; dave is of the second domain.
+const FIRST_DOMAIN_USERS: usize = 3;
 const DEADLINE: Duration = Duration::from_secs(60);
+/// The two domains.
+const DOMAIN_A: &str = "a.example";
+const DOMAIN_B: &str = "b.example";
+/// The plain room spanning the two domains.
+const ACROSS: &str = "across-domains";
 
-async fn start_gateway(dir: &std::path::Path, listen: SocketAddr) -> Result<GatewayHandle, String> {
+/// A gateway of `domain` with its data in `dir/name`, federating with `peer` if given (its
+/// domain, root fingerprint and link address) on `link`.
+async fn start_gateway(
+    dir: &std::path::Path,
+    name: &str,
+    domain: &str,
+    listen: SocketAddr,
+    peer: Option<(&str, String, String)>,
+    link: SocketAddr,
+) -> Result<GatewayHandle, String> {
+    let mut config = GatewayConfig {
+        domain: domain.to_string(),
+        ..GatewayConfig::default()
+    };
+    let federation = peer.map(|(domain, root_fingerprint, address)| {
+        config.federation_peers.push(PeerConfig {
+            domain: domain.to_string(),
+            root_fingerprint,
+        });
+        FederationOptions {
+            listen: link,
+            peers: BTreeMap::from([(domain.to_string(), address)]),
+        }
+    });
     let options = GatewayOptions {
         listen,
         environment: Arc::new(Production),
-        data_dir: dir.join("gateway"),
-        config: GatewayConfig::default(),
-        federation: None,
+        data_dir: dir.join(name),
+        config,
+        federation,
     };
     driver::start(options)
         .await
-        .map_err(|e| format!("gateway: {e}"))
+        .map_err(|e| format!("gateway {domain}: {e}"))
+}
+
+/// A free UDP port on loopback, for a federation endpoint a peer must know before it starts.
+fn free_udp_addr() -> Result<SocketAddr, String> {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("no free UDP port on loopback: {e}"))
+}
+
+/// The gateway's trust-root fingerprint (what a peer's operator pins).
+async fn fingerprint(gateway: &GatewayHandle) -> Result<String, String> {
+    gateway
+        .admin_client()
+        .inspect(|g, _| g.trust_root().fingerprint())
+        .await
+        .ok_or_else(|| "the gateway stopped".to_string())
+}
+
+/// Sets a device up at `gateway` (certificate from `cert`) with a one-time enrolment token.
+async fn enrol(
+    dir: &std::path::Path,
+    gateway: &GatewayHandle,
+    cert: &std::path::Path,
+    name: &str,
+) -> Result<Device, String> {
+    let token = gateway
+        .enrolment_token(UserId::from_name(name))
+        .await
+        .ok_or("the gateway stopped")?;
+    Device::init(
+        &dir.join(name),
+        &gateway.addr.to_string(),
+        cert,
+        Some(name),
+        Some(&token.to_text()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Starts a device's node for this run only.
+async fn start_node(device: &Device) -> Result<NodeHandle, String> {
+    // The demo's devices live for one run in a temporary directory: nothing is kept for a
+    // later one.
+    let options = node_driver::NodeOptions {
+        hold_until_taken: false,
+        timers: None,
+        ..device.options()
+    };
+    node_driver::start(options).await.map_err(|e| e.to_string())
 }
 
 /// Runs the demo; an error means something did not arrive exactly once.
 pub async fn run() -> Result<(), String> {
     let dir =
         tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let gateway = start_gateway(dir.path(), "127.0.0.1:0".parse().expect("valid")).await?;
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid");
+    let a_link = free_udp_addr()?;
+    let gateway = start_gateway(dir.path(), "gateway", DOMAIN_A, loopback, None, a_link).await?;
     let addr = gateway.addr;
     say!(
-        "[gateway] listening on {addr} over QUIC, data in {}",
+        "[gateway] {DOMAIN_A} listening on {addr} over QUIC, data in {}",
         dir.path().join("gateway").display()
     );
     let cert = dir.path().join("gateway/tls/cert.der");
 
     let mut devices = Vec::new();
     let mut names = BTreeMap::new();
-    for name in NAMES {
-        let token = gateway
-            .enrolment_token(UserId::from_name(name))
-            .await
-            .ok_or("the gateway stopped")?;
-        let device = Device::init(
-            &dir.path().join(name),
-            &addr.to_string(),
-            &cert,
-            Some(name),
-            Some(&token.to_text()),
-        )
-        .map_err(|e| e.to_string())?;
-        names.insert(device.key.device_id(), name);
+    for name in &NAMES[..FIRST_DOMAIN_USERS] {
+        let device = enrol(dir.path(), &gateway, &cert, name).await?;
+        names.insert(device.key.device_id(), *name);
         say!(
             "[{name:<7}] device {} set up with a one-time enrolment token",
             device.key.device_id()
@@ -72,22 +146,12 @@ pub async fn run() -> Result<(), String> {
     }
     let mut nodes = Vec::new();
     for device in &devices {
-        // The demo's devices live for one run in a temporary directory: nothing is kept for a
-        // later one.
-        let options = node_driver::NodeOptions {
-            hold_until_taken: false,
-            timers: None,
-            ..device.options()
-        };
-        nodes.push(
-            node_driver::start(options)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+        nodes.push(start_node(device).await?);
     }
     let mut transcript = Transcript {
         names,
         conversations: BTreeMap::new(),
+        members: BTreeMap::new(),
         delivered: BTreeMap::new(),
         connected: BTreeMap::new(),
     };
@@ -99,6 +163,8 @@ pub async fn run() -> Result<(), String> {
     let dm = group(&nodes[0], GroupRequest::Dm(bob)).await?;
     transcript.conversations.insert(room, "demo-room");
     transcript.conversations.insert(dm, "alice-bob");
+    transcript.members.insert(room, vec![0, 1, 2]);
+    transcript.members.insert(dm, vec![0, 1]);
     say!("[alice  ] creates MLS room demo-room (bob, carol) and a DM with bob");
     let mut expected: BTreeMap<(usize, ConversationId), u64> = BTreeMap::new();
     // Each group's first commit (seq 1) reaches its creator; the others join from Welcomes.
@@ -120,13 +186,28 @@ pub async fn run() -> Result<(), String> {
     }
     transcript.wait(&mut nodes, &expected).await?;
 
-    say!("[gateway] graceful restart: drain, stop, start again from the same data directory");
+    // A second domain: b.example's gateway, which federates with this one as two operators
+    // link theirs (each pins the other's root fingerprint).
+    let a_root = fingerprint(&gateway).await?;
+    let b_link = free_udp_addr()?;
+    let peer_a = Some((DOMAIN_A, a_root, a_link.to_string()));
+    let b = start_gateway(dir.path(), "gateway-b", DOMAIN_B, loopback, peer_a, b_link).await?;
+    let b_root = fingerprint(&b).await?;
+    say!(
+        "[gateway] {DOMAIN_B} listening on {}, its federation link on {b_link}; each pins the other's root",
+        b.addr
+    );
+
+    say!("[gateway] graceful restart: drain, stop, start again from the same data directory, now federating with {DOMAIN_B}");
     let stats = gateway.shutdown().await.map_err(|e| e.to_string())?;
     say!(
         "[gateway] stopped after sequencing {} messages and taking {} MLS KeyPackages from the devices; restarting",
         stats.delivery.sequenced, stats.key_packages.uploaded
     );
-    let gateway = start_gateway(dir.path(), addr).await?;
+    let peer_b = Some((DOMAIN_B, b_root, b_link.to_string()));
+    let gateway = start_gateway(dir.path(), "gateway", DOMAIN_A, addr, peer_b, a_link).await?;
+
+    across_domains(dir.path(), &gateway, &b, &mut nodes, &mut transcript).await?;
 
     let second = [
         (1, room, "did the gateway just restart?"),
@@ -146,6 +227,7 @@ pub async fn run() -> Result<(), String> {
         node.stop().await.map_err(|e| e.to_string())?;
     }
     gateway.shutdown().await.map_err(|e| e.to_string())?;
+    b.shutdown().await.map_err(|e| e.to_string())?;
     let mut texts: Vec<&[u8]> = first
         .iter()
         .chain(second.iter())
@@ -159,6 +241,111 @@ pub async fn run() -> Result<(), String> {
     }
     search_gateway_database(&dir.path().join("gateway/gateway.redb"), &texts, &devices)?;
     say!("demo: {total} deliveries (messages, commits, a file and its receipts), each exactly once and in seq order; the gateway restart lost nothing");
+    Ok(())
+}
+
+/// Dave, of b.example, and Alice talk in a room homed at a.example and shared with b.example
+/// (a plain conversation: MLS groups do not span domains yet); then a.example's operator hands
+/// its authority over to b.example while both run, and they talk on.
+async fn across_domains(
+    dir: &std::path::Path,
+    a: &GatewayHandle,
+    b: &GatewayHandle,
+    nodes: &mut Vec<NodeHandle>,
+    transcript: &mut Transcript,
+) -> Result<(), String> {
+    let linked = |gateway: &GatewayHandle, peer: &'static str| {
+        let admin = gateway.admin_client();
+        async move {
+            admin
+                .inspect(move |g, _| g.federation().is_some_and(|f| f.is_up(peer)))
+                .await
+                .unwrap_or(false)
+        }
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !linked(a, DOMAIN_B).await {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "the link {DOMAIN_A} -> {DOMAIN_B} did not come up within {DEADLINE:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    say!("[gateway] {DOMAIN_A} and {DOMAIN_B} linked, each having proved its domain with a key its root certified");
+    let dave = enrol(dir, b, &dir.join("gateway-b/tls/cert.der"), "dave").await?;
+    let dave_id = dave.key.device_id();
+    transcript.names.insert(dave_id, "dave");
+    say!("[dave   ] device {dave_id} set up at {DOMAIN_B}");
+    nodes.push(start_node(&dave).await?);
+    transcript.wait_connected(nodes).await?;
+
+    let room = ConversationId::from_name(ACROSS);
+    let alice = *transcript
+        .names
+        .iter()
+        .find(|(_, n)| **n == "alice")
+        .expect("alice is set up")
+        .0;
+    let answer = a
+        .admin(AdminCommand::CreateConversation(room, vec![alice]))
+        .await;
+    if !matches!(answer, Some(AdminAnswer::ConversationCreated { .. })) {
+        return Err(format!("{ACROSS} was not created: {answer:?}"));
+    }
+    let share = AdminCommand::ShareConversation {
+        conversation: room,
+        domain: DOMAIN_B.into(),
+        members: vec![dave_id],
+    };
+    let answer = a.admin(share).await;
+    if !matches!(answer, Some(AdminAnswer::ConversationShared { .. })) {
+        return Err(format!("{ACROSS} was not shared: {answer:?}"));
+    }
+    transcript.conversations.insert(room, ACROSS);
+    transcript.members.insert(room, vec![0, 3]);
+    say!("[gateway] {DOMAIN_A}'s operator makes {ACROSS} (a plain room, not end-to-end encrypted: MLS does not span domains yet) and shares it with dave's device: {DOMAIN_A} orders it, {DOMAIN_B} relays dave's messages and serves him a copy");
+    let mut expected = BTreeMap::new();
+    for (who, text) in [(0, "hello, b.example"), (3, "hello from b.example")] {
+        send(&nodes[who], who, room, text, &mut expected, transcript).await?;
+        transcript.wait(nodes, &expected).await?;
+    }
+
+    let answer = a
+        .admin(AdminCommand::Handover {
+            conversation: room,
+            to: DOMAIN_B.into(),
+        })
+        .await;
+    let Some(AdminAnswer::HandoverStarted { last_seq, .. }) = answer else {
+        return Err(format!("{ACROSS} was not handed over: {answer:?}"));
+    };
+    let started = tokio::time::Instant::now();
+    let deadline = started + DEADLINE;
+    loop {
+        let home = a
+            .admin_client()
+            .inspect(move |g, _| g.replica_of(room).map(str::to_string))
+            .await
+            .flatten();
+        if home.as_deref() == Some(DOMAIN_B) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{DOMAIN_B} did not take {ACROSS} over within {DEADLINE:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    say!(
+        "[gateway] {DOMAIN_A} hands {ACROSS} over to {DOMAIN_B}: frozen at seq {last_seq}, {DOMAIN_B} orders it {} ms later (a certificate both signed)",
+        started.elapsed().as_millis()
+    );
+    for (who, text) in [(0, "after the handover"), (3, "ordered here now")] {
+        send(&nodes[who], who, room, text, &mut expected, transcript).await?;
+        transcript.wait(nodes, &expected).await?;
+    }
     Ok(())
 }
 
@@ -323,12 +510,7 @@ async fn send(
         NAMES[who],
         transcript.conversations[&conv]
     );
-    let members: &[usize] = if transcript.conversations[&conv] == "demo-room" {
-        &[0, 1, 2]
-    } else {
-        &[0, 1]
-    };
-    for &m in members {
+    for &m in &transcript.members[&conv] {
         *expected.entry((m, conv)).or_default() += 1;
     }
     Ok(())
@@ -337,6 +519,8 @@ async fn send(
 struct Transcript {
     names: BTreeMap<DeviceId, &'static str>,
     conversations: BTreeMap<ConversationId, &'static str>,
+    /// Each conversation's member devices (by index in `NAMES`).
+    members: BTreeMap<ConversationId, Vec<usize>>,
     /// Per (device, conversation): the seqs delivered (messages and commits), in order.
     delivered: BTreeMap<(usize, ConversationId), Vec<u64>>,
     /// Devices whose session is open.
@@ -409,7 +593,9 @@ impl Transcript {
                 ..
             } => {
                 let seqs = self.delivered.entry((device, conversation)).or_default();
-                if seqs.last().is_none_or(|&last| seq != last + 1) {
+                // A plain conversation starts at seq 1; an MLS one at the commit that made or
+                // joined it (`Joined`, `GroupChanged`).
+                if seqs.last().map_or(seq != 1, |&last| seq != last + 1) {
                     return Err(format!(
                         "{me} got seq {seq} of {conversation} after {seqs:?}"
                     ));

@@ -171,7 +171,10 @@ impl Gateway {
             }
             AdminCommand::CreateConversation(conversation, members) => {
                 self.delivery
-                    .create_plain(conversation, &members, &mut self.fx);
+                    .add_plain_members(now, conversation, &members, self.fx.writes());
+                // A member online now reads what the conversation holds at once.
+                self.delivery
+                    .pump_members(now, conversation, &self.sessions, &mut self.fx);
                 let members = self
                     .delivery
                     .log(conversation)

@@ -70,8 +70,8 @@ pub struct HandedOver {
     pub to: String,
     /// The last seq this gateway sequenced.
     pub last_seq: u64,
-    /// How long it was frozen here, if it started since this gateway last started.
-    pub frozen_for: Option<Duration>,
+    /// How long it was frozen here (restarts of this gateway included).
+    pub frozen_for: Duration,
     /// If the gateway it was offered to declined (this gateway is the authority again): why.
     pub declined: Option<String>,
 }
@@ -162,10 +162,9 @@ impl Gateway {
             return refused(error.to_string());
         }
         if self.config.planted != Some(crate::planted::PlantedBug::HandoverKeepsSequencing) {
-            let frozen = self.spanning.freeze(conv, to, self.fx.writes());
+            let frozen = self.spanning.freeze(conv, to, now, self.fx.writes());
             debug_assert!(frozen.is_some(), "checked above");
         }
-        self.handovers_started_at.insert(conv, now);
         self.handover_stats.started += 1;
         AdminAnswer::HandoverStarted {
             conversation: conv,
@@ -287,11 +286,19 @@ impl Gateway {
             federation.peer_key(&c.from)
         };
         let by_old = from_key.map(|key| key.verify(&statement, &c.from_signature));
-        if !by_new || by_old == Some(false) {
+        // A gateway sequencing the conversation follows no one, and one handing it over
+        // follows only the gateway it handed it to.
+        let sequencing_here = self.spanning.home(conv).is_some();
+        let moving_elsewhere = self
+            .spanning
+            .moving_to(conv)
+            .is_some_and(|to| to != peer || c.from != own);
+        if !by_new || by_old == Some(false) || sequencing_here || moving_elsewhere {
             self.handover_stats.refused += 1;
             return;
         }
         let was_moving = self.spanning.moving_to(conv) == Some(peer);
+        let frozen_since = self.spanning.frozen_since(conv);
         // The old authority's last messages may still be on their way on its own link (its
         // `Open` too, if this gateway never heard of the conversation): taken from it first,
         // then the new authority is told where the replica ends.
@@ -312,13 +319,12 @@ impl Gateway {
         if !behind {
             self.follow_authority(now, conv);
         }
-        let started = self.handovers_started_at.remove(&conv);
-        if was_moving || c.from == own {
+        if let (true, Some(since)) = (was_moving, frozen_since) {
             self.fx.hold(GatewayOutput::HandedOver(HandedOver {
                 conversation: conv,
                 to: c.to.clone(),
                 last_seq: c.last_seq,
-                frozen_for: started.map(|at| now.saturating_since(at)),
+                frozen_for: now.saturating_since(since),
                 declined: None,
             }));
         }
@@ -416,19 +422,19 @@ impl Gateway {
         term: u64,
         reason: String,
     ) {
+        let since = self.spanning.frozen_since(conv);
         if self.spanning.moving_to(conv) != Some(peer)
             || !self.spanning.thaw(conv, term, self.fx.writes())
         {
             self.handover_stats.refused += 1;
             return;
         }
-        let started = self.handovers_started_at.remove(&conv);
         self.handover_stats.declined += 1;
         self.fx.hold(GatewayOutput::HandedOver(HandedOver {
             conversation: conv,
             to: peer.to_string(),
             last_seq: self.delivery.head(conv).unwrap_or(0),
-            frozen_for: started.map(|at| now.saturating_since(at)),
+            frozen_for: since.map_or(Duration::ZERO, |at| now.saturating_since(at)),
             declined: Some(reason),
         }));
     }
@@ -880,5 +886,22 @@ mod tests {
         w.gateways[1].0.handle_entry(NOW, "b.example", forged);
         assert_eq!(w.gateways[1].0.stats().handover.refused, 2);
         assert_eq!(w.gateways[1].0.replica_of(CONV), Some("a.example"));
+        // Signed by both, but a.example never handed it over: the authority follows no one.
+        let statement = HandoverCertificate::statement(CONV, 1, "a.example", "c.example", 0, 0);
+        let both = Entry::Moved {
+            conversation: CONV,
+            certificate: HandoverCertificate {
+                term: 1,
+                from: "a.example".into(),
+                to: "c.example".into(),
+                last_seq: 0,
+                epoch: 0,
+                from_signature: w.gateways[0].0.federation().unwrap().sign(&statement),
+                to_signature: w.gateways[2].0.federation().unwrap().sign(&statement),
+            },
+        };
+        w.gateways[0].0.handle_entry(NOW, "c.example", both);
+        assert_eq!(w.gateways[0].0.stats().handover.refused, 1);
+        assert!(w.gateways[0].0.sequences(CONV));
     }
 }

@@ -240,9 +240,6 @@ pub struct Gateway {
     spanning: spanning::Spanning,
     spanning_stats: relay::SpanningStats,
     handover_stats: handover::HandoverStats,
-    /// When this gateway froze each conversation it is handing over (in memory: for the
-    /// report of how long it took).
-    handovers_started_at: BTreeMap<ConversationId, Instant>,
     fx: Fx,
 }
 
@@ -396,7 +393,6 @@ impl Gateway {
             spanning: spanning::Spanning::default(),
             spanning_stats: relay::SpanningStats::default(),
             handover_stats: handover::HandoverStats::default(),
-            handovers_started_at: BTreeMap::new(),
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.

@@ -257,7 +257,7 @@ impl Gateway {
                     return;
                 }
                 self.delivery
-                    .open_replica(now, conversation, &members, self.fx.writes());
+                    .add_plain_members(now, conversation, &members, self.fx.writes());
                 self.delivery
                     .pump_members(now, conversation, &self.sessions, &mut self.fx);
                 let head = self.delivery.head(conversation).unwrap_or(0);

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::ids::{ConversationId, DeviceId, MsgId};
+use crate::time::Instant;
 
 /// One row per conversation spanning domains: key conversation (16); value a kind byte and
 /// the role (see `encode_role`). Kinds 0 and 1 are the first format's (a replica and a home
@@ -43,6 +44,8 @@ pub enum Role {
         to: String,
         /// What this gateway knew as its authority.
         home: Home,
+        /// When it froze (for how long a handover takes, across restarts too).
+        since: Instant,
     },
     /// Homed at the gateway of `authority`; this gateway keeps a replica for its devices.
     Replica {
@@ -131,6 +134,14 @@ impl Spanning {
             Role::Authority(home) if !home.waiting.is_empty() => Some(*conv),
             _ => None,
         })
+    }
+
+    /// Since when `conv` is frozen here for a handover.
+    pub fn frozen_since(&self, conv: ConversationId) -> Option<Instant> {
+        match self.roles.get(&conv) {
+            Some(Role::Moving { since, .. }) => Some(*since),
+            _ => None,
+        }
     }
 
     /// The domain `conv` is being handed to, if it is frozen here for a handover.
@@ -280,11 +291,13 @@ impl Spanning {
         }
     }
 
-    /// Freezes `conv`, homed here, for a handover to `to`'s gateway: its home, to hand over.
+    /// Freezes `conv`, homed here, at `now` for a handover to `to`'s gateway: its home, to
+    /// hand over.
     pub fn freeze(
         &mut self,
         conv: ConversationId,
         to: &str,
+        now: Instant,
         writes: &mut WriteBatch,
     ) -> Option<Home> {
         let Some(Role::Authority(home)) = self.roles.get(&conv) else {
@@ -294,6 +307,7 @@ impl Spanning {
         let role = Role::Moving {
             to: to.to_string(),
             home: home.clone(),
+            since: now,
         };
         self.put(conv, role, writes);
         Some(home)
@@ -416,9 +430,9 @@ fn encode_role(role: &Role) -> Vec<u8> {
             out.push(KIND_AUTHORITY);
             encode_home(home, None, &mut out);
         }
-        Role::Moving { to, home } => {
+        Role::Moving { to, home, since } => {
             out.push(KIND_MOVING);
-            encode_home(home, Some(to), &mut out);
+            encode_home(home, Some((to, *since)), &mut out);
         }
     }
     out
@@ -430,9 +444,10 @@ fn put_domain(out: &mut Vec<u8>, domain: &str) {
     out.extend_from_slice(domain.as_bytes());
 }
 
-fn encode_home(home: &Home, to: Option<&str>, out: &mut Vec<u8>) {
+fn encode_home(home: &Home, moving: Option<(&str, Instant)>, out: &mut Vec<u8>) {
     out.extend_from_slice(&home.term.to_be_bytes());
-    if let Some(to) = to {
+    if let Some((to, since)) = moving {
+        out.extend_from_slice(&since.0.to_be_bytes());
         put_domain(out, to);
     }
     assert!(
@@ -500,8 +515,10 @@ fn decode_role(value: &[u8]) -> Option<Role> {
                 *at += 1 + len;
                 String::from_utf8(text.to_vec()).ok()
             };
-            let to = if kind == KIND_MOVING {
-                Some(domain(&mut at)?)
+            let moving = if kind == KIND_MOVING {
+                let since = u64::from_be_bytes(rest.get(at..at + 8)?.try_into().ok()?);
+                at += 8;
+                Some((domain(&mut at)?, Instant(since)))
             } else {
                 None
             };
@@ -515,8 +532,8 @@ fn decode_role(value: &[u8]) -> Option<Role> {
                 members: decode_members(&rest[at..])?,
                 waiting,
             };
-            Some(match to {
-                Some(to) => Role::Moving { to, home },
+            Some(match moving {
+                Some((to, since)) => Role::Moving { to, home, since },
                 None => Role::Authority(home),
             })
         }
@@ -585,17 +602,23 @@ mod tests {
         let conv = ConversationId(1);
         spanning.share(conv, "b.example", &[DeviceId(7)], &mut writes);
         spanning.share(conv, "c.example", &[DeviceId(9)], &mut writes);
-        let home = spanning.freeze(conv, "b.example", &mut writes).unwrap();
+        let home = spanning
+            .freeze(conv, "b.example", Instant(7), &mut writes)
+            .unwrap();
         assert_eq!(home.term, 0);
         assert_eq!(spanning.moving_to(conv), Some("b.example"));
         assert!(!spanning.share(conv, "b.example", &[DeviceId(8)], &mut writes));
-        assert!(spanning.freeze(conv, "c.example", &mut writes).is_none());
+        assert!(spanning
+            .freeze(conv, "c.example", Instant(7), &mut writes)
+            .is_none());
         // Declined in term 1: the authority again, as it was.
         assert!(!spanning.thaw(conv, 2, &mut writes));
         assert!(spanning.thaw(conv, 1, &mut writes));
         assert_eq!(spanning.home(conv), Some(&home));
         // Handed over in term 1; a certificate of term 1 again, or older, changes nothing.
-        spanning.freeze(conv, "b.example", &mut writes).unwrap();
+        spanning
+            .freeze(conv, "b.example", Instant(7), &mut writes)
+            .unwrap();
         assert!(spanning.moved(conv, 1, "b.example", None, &mut writes));
         assert!(!spanning.moved(conv, 1, "c.example", None, &mut writes));
         assert_eq!(spanning.previous_of(conv), None);

@@ -459,6 +459,9 @@ pub struct NodeStats {
     /// Times the gateway refused a message out of this device's order and what waited went
     /// out again, chained from the gateway's last.
     pub sender_resyncs: u64,
+    /// Messages the gateway refused while their conversation's authority moved to another
+    /// gateway, sent again after its hint.
+    pub authority_moving: u64,
     /// Chunk streams whose head was not a chunk head.
     pub bad_chunk_streams: u64,
     /// File messages whose manifest this device refused.

@@ -82,6 +82,8 @@ use unread::Unread;
 
 /// How long a device pauses sending after a rate-limit refusal that carries no hint.
 const THROTTLE_DEFAULT: Duration = Duration::from_secs(1);
+/// When a message refused `authority_moving` without a hint goes again.
+const AUTHORITY_MOVING_DEFAULT: Duration = Duration::from_millis(500);
 /// After a rate limit, only the first this many messages waiting in each conversation go out
 /// (one more per acknowledgement, no pace again past `PACING_MAX`): a backlog goes out from
 /// its head, a window at a time, not all at once to be refused again. Within a window the
@@ -130,6 +132,9 @@ pub struct Node {
     /// Until when the gateway takes no messages from this device (its rate limit said so):
     /// what waits in the outbox is held back until then (in memory only).
     throttled_until: Option<Instant>,
+    /// Conversations whose messages wait until then: their authority is moving to another
+    /// gateway (`authority_moving`).
+    deferred: BTreeMap<ConversationId, Instant>,
     /// The application was told that the gateway sends frames this device cannot read (once
     /// per run of the node).
     told_unreadable: bool,
@@ -206,6 +211,7 @@ impl Node {
             timers: TimerTable::default(),
             sender_resync_at: BTreeMap::new(),
             throttled_until: None,
+            deferred: BTreeMap::new(),
             told_unreadable: false,
             pacing: None,
             stats: NodeStats::default(),
@@ -916,6 +922,12 @@ impl Node {
             self.resync_sender_order(now, routing.conversation, last);
             return;
         }
+        if code == ErrorCode::AuthorityMoving {
+            if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
+                self.authority_moving(now, id, &report);
+            }
+            return;
+        }
         if code == ErrorCode::KeyPackageRejected {
             self.stats.key_package_failures += 1;
             if let Some(m) = &mut self.mls {
@@ -927,7 +939,6 @@ impl Node {
             ErrorCode::SendsLimited
                 | ErrorCode::ConversationsLimited
                 | ErrorCode::InvitationsLimited
-                | ErrorCode::AuthorityMoving
         ) {
             if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
                 self.throttle(now, id, code, &report);
@@ -1037,6 +1048,32 @@ impl Node {
         }
     }
 
+    /// The gateway refused our `msg_id` because its conversation's authority is moving to
+    /// another gateway (an operator's handover): it and what waits behind it in that
+    /// conversation (refused likewise) go again once the hint has passed, in order. Other
+    /// conversations are not held up, and this is no rate limit.
+    fn authority_moving(&mut self, now: Instant, msg_id: MsgId, report: &ErrorReport) {
+        let Some(conv) = self.outbox.get(msg_id).map(|out| out.conversation) else {
+            return; // a late refusal of a copy of a message settled since
+        };
+        self.stats.authority_moving += 1;
+        let wait = report
+            .retry_after_ms
+            .map_or(AUTHORITY_MOVING_DEFAULT, |ms| {
+                Duration::from_millis(u64::from(ms))
+            });
+        let mut behind = false;
+        for id in self.outbox.ids_in(conv) {
+            behind |= id == msg_id;
+            if behind {
+                self.outbox.unsend(id);
+            }
+        }
+        let until = now + wait;
+        let at = self.deferred.entry(conv).or_insert(until);
+        *at = (*at).max(until);
+    }
+
     /// The gateway refused our `msg_id` by a rate limit: it stays in the outbox, and nothing
     /// goes out until the hint has passed; then everything waiting goes, in order.
     fn throttle(&mut self, now: Instant, msg_id: MsgId, code: ErrorCode, report: &ErrorReport) {
@@ -1096,7 +1133,12 @@ impl Node {
         let over_pace = self
             .pacing
             .is_some_and(|cap| !self.outbox.is_leading(msg_id, cap));
-        if self.throttled(now) || over_pace {
+        let deferred = self
+            .outbox
+            .get(msg_id)
+            .and_then(|out| self.deferred.get(&out.conversation))
+            .is_some_and(|&until| now < until);
+        if self.throttled(now) || over_pace || deferred {
             // Goes with the rest when the pause ends (see `timers`), or as acknowledgements
             // make room (`send_paced`).
             self.outbox.unsend(msg_id);

@@ -55,6 +55,12 @@ impl Node {
             Some(until) => (!self.outbox.is_empty()).then_some(until),
             None => self.outbox.next_resend(self.config.resend_after),
         };
+        // A conversation whose authority is moving goes again at its hint.
+        let deferred = self.deferred.values().min().copied();
+        let resend = match (resend, deferred) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.timers
             .set_or_clear(NodeTimer::Resend, resend.filter(|_| open));
         let groups = self
@@ -92,6 +98,7 @@ impl Node {
                     if self.throttled_until.is_some_and(|until| until <= now) {
                         self.throttled_until = None;
                     }
+                    self.deferred.retain(|_, until| *until > now);
                     if let Some(conn) = self.link.open_conn() {
                         self.resend_stale(now, conn);
                     }

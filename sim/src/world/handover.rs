@@ -43,8 +43,8 @@ pub struct HandoverReport {
     pub done: u64,
     /// Handovers declined.
     pub declined: u64,
-    /// The longest time a conversation was frozen, of those its old authority timed (it did
-    /// not restart in between), in microseconds.
+    /// The longest time a conversation was frozen, as its old authority timed it (restarts
+    /// included), in microseconds.
     pub frozen_max_us: Option<u64>,
     /// The median of those times.
     pub frozen_median_us: Option<u64>,
@@ -125,14 +125,12 @@ impl World {
         }
         self.note(|w| {
             format!(
-                "{} handed {} over to {} at seq {}{}{}",
+                "{} handed {} over to {} at seq {} after {:.1} ms frozen{}",
                 w.actors[from as usize].name,
                 done.conversation,
                 done.to,
                 done.last_seq,
-                done.frozen_for
-                    .map(|d| format!(" after {:.1} ms frozen", d.as_micros() as f64 / 1000.0))
-                    .unwrap_or_default(),
+                done.frozen_for.as_micros() as f64 / 1000.0,
                 done.declined
                     .as_deref()
                     .map(|r| format!(" (declined: {r})"))
@@ -233,8 +231,7 @@ impl World {
             .done
             .iter()
             .filter(|d| d.declined.is_none())
-            .filter_map(|d| d.frozen_for)
-            .map(|d| d.as_micros() as u64)
+            .map(|d| d.frozen_for.as_micros() as u64)
             .collect();
         frozen.sort_unstable();
         Some(HandoverReport {

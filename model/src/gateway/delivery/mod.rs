@@ -542,17 +542,6 @@ impl Delivery {
         self.memberships.entry(device).or_default().insert(conv);
     }
 
-    /// Admin: a plain conversation with these members (idempotent; an empty list creates
-    /// nothing, since a conversation exists through its members).
-    pub fn create_plain(&mut self, conv: ConversationId, members: &[DeviceId], fx: &mut Fx) {
-        for &device in members {
-            self.add_member(conv, device);
-        }
-        if let Some(log) = self.conversations.get(&conv) {
-            log.persist_members(fx.writes());
-        }
-    }
-
     /// A conversation spanning domains that has no member device here yet: its log exists
     /// (recovery finds it through its role, `spanning_conversations`).
     pub fn ensure_log(&mut self, conv: ConversationId) {
@@ -934,10 +923,11 @@ impl Delivery {
         }
     }
 
-    /// Another domain's gateway, the authority of `conv`, opened it here with these of this
-    /// gateway's devices as members: the replica's log (idempotent), and a window for each
-    /// member online now.
-    pub fn open_replica(
+    /// A plain conversation gets these member devices (it is created if new: an operator's
+    /// `create-conversation`, or another domain's gateway, its authority, opening its replica
+    /// here), durably, and each of them online now a window on it, so that what is sequenced
+    /// reaches it without waiting for its next session. Idempotent.
+    pub fn add_plain_members(
         &mut self,
         now: Instant,
         conv: ConversationId,
