@@ -265,10 +265,7 @@ impl Entry {
                 debug_assert!(members.len() <= OPEN_MEMBERS_MAX, "bounded by the caller");
                 out.push(KIND_OPEN);
                 out.extend_from_slice(&conversation.to_bytes());
-                out.extend_from_slice(&(members.len() as u32).to_be_bytes());
-                for device in members {
-                    out.extend_from_slice(&device.to_bytes());
-                }
+                put_devices(&mut out, members);
             }
             Entry::Relay {
                 conversation,
@@ -327,9 +324,7 @@ impl Entry {
                         out.push(1);
                         out.extend_from_slice(&(*code as u16).to_be_bytes());
                         put_optional_id(&mut out, *after);
-                        let message = crate::codec::truncate_utf8(message, ANSWER_MESSAGE_MAX);
-                        out.extend_from_slice(&(message.len() as u16).to_be_bytes());
-                        out.extend_from_slice(message.as_bytes());
+                        put_words(&mut out, message);
                     }
                 }
             }
@@ -353,10 +348,7 @@ impl Entry {
                 out.push(members.len() as u8);
                 for (domain, devices) in members {
                     put_domain(&mut out, domain);
-                    out.extend_from_slice(&(devices.len() as u32).to_be_bytes());
-                    for device in devices {
-                        out.extend_from_slice(&device.to_bytes());
-                    }
+                    put_devices(&mut out, devices);
                 }
                 out.extend_from_slice(signature);
             }
@@ -392,9 +384,7 @@ impl Entry {
                 out.push(KIND_DECLINED);
                 out.extend_from_slice(&conversation.to_bytes());
                 out.extend_from_slice(&term.to_be_bytes());
-                let reason = crate::codec::truncate_utf8(reason, ANSWER_MESSAGE_MAX);
-                out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
-                out.extend_from_slice(reason.as_bytes());
+                put_words(&mut out, reason);
             }
         }
         Bytes::from(out)
@@ -411,16 +401,7 @@ impl Entry {
         let conversation = ConversationId::from_bytes(id(&mut r)?);
         let entry = match kind {
             KIND_OPEN => {
-                let count = r.u32().ok_or(EntryError::Truncated)? as usize;
-                if count > OPEN_MEMBERS_MAX {
-                    return Err(EntryError::TooLong);
-                }
-                if r.remaining() < count * 16 {
-                    return Err(EntryError::Truncated);
-                }
-                let members = (0..count)
-                    .map(|_| id(&mut r).map(DeviceId::from_bytes))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let members = devices(&mut r, OPEN_MEMBERS_MAX)?;
                 Entry::Open {
                     conversation,
                     members,
@@ -484,17 +465,8 @@ impl Entry {
                 let mut devices_in_all = 0usize;
                 for _ in 0..domains {
                     let domain = domain(&mut r)?;
-                    let count = r.u32().ok_or(EntryError::Truncated)? as usize;
-                    devices_in_all = devices_in_all.saturating_add(count);
-                    if devices_in_all > OPEN_MEMBERS_MAX {
-                        return Err(EntryError::TooLong);
-                    }
-                    if r.remaining() < count * 16 {
-                        return Err(EntryError::Truncated);
-                    }
-                    let devices = (0..count)
-                        .map(|_| id(&mut r).map(DeviceId::from_bytes))
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let devices = devices(&mut r, OPEN_MEMBERS_MAX - devices_in_all)?;
+                    devices_in_all += devices.len();
                     members.push((domain, devices));
                 }
                 Entry::Handover {
@@ -559,6 +531,35 @@ pub fn sequenced_statement(
     statement.update(&epoch.to_be_bytes());
     statement.update(message.finalize().as_bytes());
     *statement.finalize().as_bytes()
+}
+
+/// A count (u32) and that many device ids.
+fn put_devices(out: &mut Vec<u8>, devices: &[DeviceId]) {
+    out.extend_from_slice(&(devices.len() as u32).to_be_bytes());
+    for device in devices {
+        out.extend_from_slice(&device.to_bytes());
+    }
+}
+
+/// A count of at most `max` and that many device ids; allocates only what the input holds.
+fn devices(r: &mut Reader<'_>, max: usize) -> Result<Vec<DeviceId>, EntryError> {
+    let count = r.u32().ok_or(EntryError::Truncated)? as usize;
+    if count > max {
+        return Err(EntryError::TooLong);
+    }
+    if r.remaining() < count * 16 {
+        return Err(EntryError::Truncated);
+    }
+    (0..count)
+        .map(|_| id(r).map(DeviceId::from_bytes))
+        .collect()
+}
+
+/// Words cut at a character boundary to [`ANSWER_MESSAGE_MAX`] bytes, after their u16 length.
+fn put_words(out: &mut Vec<u8>, words: &str) {
+    let words = crate::codec::truncate_utf8(words, ANSWER_MESSAGE_MAX);
+    out.extend_from_slice(&(words.len() as u16).to_be_bytes());
+    out.extend_from_slice(words.as_bytes());
 }
 
 /// A refusal's or a decline's words: a u16 length (at most [`ANSWER_MESSAGE_MAX`]), UTF-8.
