@@ -430,6 +430,11 @@ impl AdminRequest {
                     .federation()
                     .map(|f| f.links(now))
                     .unwrap_or_default();
+                // What this gateway holds of each peer's CRL: version and devices revoked.
+                let crl_of = |domain: &str| {
+                    let held = gateway.peer_crls().held().find(|(d, _)| *d == domain);
+                    held.map_or((0, 0), |(_, crl)| (crl.version, crl.revoked.len()))
+                };
                 if *json {
                     out.stdout = listing_json(&serde_json::json!({
                         "domain": root.domain,
@@ -445,6 +450,8 @@ impl AdminRequest {
                             "taken": l.taken,
                             "failed_attempts": l.failed_attempts,
                             "silent_s": l.silent_for.as_secs(),
+                            "crl_version": crl_of(&l.domain).0,
+                            "crl_revoked": crl_of(&l.domain).1,
                         })).collect::<Vec<_>>(),
                     }));
                 } else {
@@ -454,8 +461,9 @@ impl AdminRequest {
                         root.fingerprint()
                     );
                     for l in &links {
+                        let (crl_version, crl_revoked) = crl_of(&l.domain);
                         out.stdout.push_str(&format!(
-                            "peer {}  root {}  {}{}  numbered {}, acknowledged {}, queued {}, taken {}, heard {} s ago ({} dials)\n",
+                            "peer {}  root {}  {}{}  numbered {}, acknowledged {}, queued {}, taken {}, heard {} s ago ({} dials), its CRL version {crl_version} ({crl_revoked} revoked)\n",
                             l.domain,
                             l.root_fingerprint,
                             l.state,

@@ -26,6 +26,7 @@ use rustls::pki_types::CertificateDer;
 use sund_model::env::{Ready, Store, StoreError, WriteBatch};
 use sund_model::gateway::files::BLOBS_TABLE;
 use sund_model::gateway::limits::SourceAddress;
+use sund_model::gateway::peer_crls::PeerCrlTaken;
 use sund_model::gateway::{
     AdminAnswer, AdminCommand, ChunkToServe, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
     GatewayStats, HistoryKind,
@@ -1153,6 +1154,22 @@ impl Core {
                         session.pause_reading(pause);
                     }
                 }
+                GatewayOutput::PeerCrl(event) => match &event.outcome {
+                    PeerCrlTaken::Taken { version, revoked } => tracing::info!(
+                        peer = %event.peer,
+                        version,
+                        revoked,
+                        "took {}'s CRL: its revoked devices can send through this gateway no more",
+                        event.peer
+                    ),
+                    PeerCrlTaken::Refused(why) => tracing::warn!(
+                        peer = %event.peer,
+                        %why,
+                        "refused {}'s CRL; check that its root fingerprint in [[federation.peer]] is right",
+                        event.peer
+                    ),
+                    PeerCrlTaken::Stale { .. } => {}
+                },
                 GatewayOutput::HandedOver(done) => match &done.declined {
                     None => tracing::info!(
                         conversation = %done.conversation,

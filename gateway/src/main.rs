@@ -130,7 +130,8 @@ enum Admin {
         device: String,
     },
     /// Show this gateway's domain and trust-root fingerprint (give both to a peer's operator)
-    /// and each federation link: up or down, entries numbered, acknowledged, queued, taken.
+    /// and each federation link: up or down, entries numbered, acknowledged, queued, taken,
+    /// and the version of the peer's CRL this gateway holds.
     Federation {
         /// One JSON document instead of lines.
         #[arg(long)]

@@ -241,7 +241,7 @@ fn federation_lines(out: &mut String, gauges: &Gauges) {
         return;
     };
     type Figure = fn(&LinkReport) -> u64;
-    let per_peer: [(&str, &str, &str, Figure); 4] = [
+    let per_peer: [(&str, &str, &str, Figure); 5] = [
         (
             "sund_gateway_federation_link_up",
             "gauge",
@@ -265,6 +265,12 @@ fn federation_lines(out: &mut String, gauges: &Gauges) {
             "counter",
             "entries taken from the peer",
             |l| l.taken,
+        ),
+        (
+            "sund_gateway_federation_peer_crl_version",
+            "gauge",
+            "version of the peer domain's CRL this gateway holds and enforces",
+            |l| l.crl_held,
         ),
     ];
     for (name, kind, help, figure) in per_peer {
@@ -375,6 +381,8 @@ mod tests {
                 taken: 4,
                 failed_attempts: 0,
                 silent_for: Duration::from_secs(1),
+                crl_held: 3,
+                peer_holds_crl: Some(0),
             }],
             federation: Some(FederationStats {
                 links_up: 3,
@@ -407,6 +415,8 @@ mod tests {
             "sund_gateway_federation_queued{peer=\"b.example\"} 2",
             "sund_gateway_federation_numbered_total{peer=\"b.example\"} 9",
             "sund_gateway_federation_taken_total{peer=\"b.example\"} 4",
+            "sund_gateway_federation_peer_crl_version{peer=\"b.example\"} 3",
+            "sund_gateway_peer_crls_relays_refused_total 0",
             "sund_gateway_federation_links_up_total 3",
         ] {
             assert!(

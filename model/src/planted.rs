@@ -33,6 +33,10 @@ pub enum PlantedBug {
     /// A gateway handing a conversation over goes on sequencing it instead of freezing it: for
     /// a while two gateways sequence the same conversation.
     HandoverKeepsSequencing,
+    /// A gateway takes no peer domain's CRL, as if each failed its checks: a device revoked by
+    /// its own domain is refused there only, and every other gateway goes on taking its
+    /// relayed messages.
+    PeerCrlIgnored,
 }
 
 impl PlantedBug {
@@ -58,6 +62,7 @@ impl PlantedBug {
             "handover-keeps-sequencing",
             PlantedBug::HandoverKeepsSequencing,
         ),
+        ("peer-crl-ignored", PlantedBug::PeerCrlIgnored),
     ];
 
     /// Looks a bug up by its command-line name.

@@ -575,6 +575,7 @@ fn write_federation_entry_seeds() {
     use sund_model::wire::payload::ErrorCode;
     let conversation = ConversationId(0xC0 << 120 | 1);
     let (sender, msg_id) = (DeviceId(0xB1), MsgId(0x5eed));
+    let root = sund_model::identity::DeviceKey::from_seed([0xB0; 32]);
     let out = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../corpus/federation_entry_decode"
@@ -676,6 +677,21 @@ fn write_federation_entry_seeds() {
                 conversation,
                 term: 1,
                 reason: "b.example does not federate with c.example, a member domain".into(),
+            },
+        ),
+        (
+            "revocations",
+            Entry::Revocations {
+                root: root.public(),
+                crl: sund_model::trust::Crl::issue(
+                    &root,
+                    "b.example",
+                    2,
+                    1_700_000_000,
+                    [sender, DeviceId(0xB2)].into_iter().collect(),
+                )
+                .encode()
+                .into(),
             },
         ),
     ];

@@ -264,8 +264,11 @@ fn payload() -> impl Strategy<Value = Payload> {
         }),
         proptest::collection::vec(any::<u8>(), 0..200)
             .prop_map(|body| Payload::FederationForward(FederationForward { body: body.into() })),
-        proptest::option::of(any::<u64>())
-            .prop_map(|gap| Payload::FederationAck(FederationAck { gap })),
+        (
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(gap, crl)| Payload::FederationAck(FederationAck { gap, crl })),
         any::<bool>().prop_map(|invisible| Payload::PresenceUpdate(PresenceUpdate { invisible })),
         ids16().prop_map(|users| Payload::PresenceSubscribe(PresenceSubscribe { users })),
         proptest::collection::vec((bytes16(), any::<u8>()), 0..6).prop_map(|entries| {

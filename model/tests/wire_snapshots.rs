@@ -485,8 +485,21 @@ fn federation_frames_bytes() {
         }),
     );
     let ack = at(7, Payload::FederationAck(FederationAck::default()));
-    let gap = at(7, Payload::FederationAck(FederationAck { gap: Some(9) }));
+    let gap = at(
+        7,
+        Payload::FederationAck(FederationAck {
+            gap: Some(9),
+            crl: None,
+        }),
+    );
+    let beat = at(
+        7,
+        Payload::FederationAck(FederationAck {
+            gap: None,
+            crl: Some(3),
+        }),
+    );
     insta::assert_snapshot!(format!(
-        "federation_hello:\n{hello}\nfederation_forward:\n{forward}\nfederation_ack:\n{ack}\nfederation_ack (gap):\n{gap}"
+        "federation_hello:\n{hello}\nfederation_forward:\n{forward}\nfederation_ack:\n{ack}\nfederation_ack (gap):\n{gap}\nfederation_ack (heartbeat, CRL version 3 held):\n{beat}"
     ));
 }

@@ -544,6 +544,44 @@ fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other
     let a_log = std::fs::read_to_string(at("a.log")).unwrap();
     assert!(a_log.contains("handover done"), "{a_log}");
 
+    // a.example revokes alice's device. Its new CRL travels to b.example over the link (the
+    // room's authority now), which shows it in `admin federation`, logs it, and refuses to
+    // share the room with that device again.
+    let revoked = run(
+        &gateway_binary(),
+        &["admin", "revoke", &keys[0], "--config", a_config],
+    );
+    assert!(revoked.contains("CRL version 1"), "{revoked}");
+    let started = Instant::now();
+    loop {
+        let status = admin_federation(&at("b.toml"));
+        if status.contains("its CRL version 1 (1 revoked)") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "b.example holds no newer CRL of a.example: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = fails(
+        &gateway_binary(),
+        &[
+            "admin",
+            "share-conversation",
+            "room",
+            "--peer",
+            "a.example",
+            "--member",
+            &keys[0],
+            "--config",
+            b_config,
+        ],
+    );
+    assert!(refused.contains("was revoked by a.example"), "{refused}");
+    let b_log = std::fs::read_to_string(at("b.log")).unwrap();
+    assert!(b_log.contains("took a.example's CRL"), "{b_log}");
+
     // Neither gateway's log holds a message's text.
     let logs = a_log + &std::fs::read_to_string(at("b.log")).unwrap();
     assert!(

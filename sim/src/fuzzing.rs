@@ -741,7 +741,9 @@ impl Harness {
                     GatewayOutput::Admin { request, .. } => {
                         assert_eq!(request, ADMIN_REQUEST, "answers name their request");
                     }
-                    GatewayOutput::HistoryLost(_) | GatewayOutput::HandedOver(_) => {}
+                    GatewayOutput::HistoryLost(_)
+                    | GatewayOutput::HandedOver(_)
+                    | GatewayOutput::PeerCrl(_) => {}
                     GatewayOutput::PauseReading(conn, pause) => {
                         assert!(
                             !self.closed_by_gateway.contains(&conn),

@@ -103,6 +103,11 @@ struct JsonRun<'a> {
     crl_slowest_ms: Option<f64>,
     crl_median_ms: Option<f64>,
     crl_p99_ms: Option<f64>,
+    /// Federated revocations: (gateway, peer domain that revoked) pairs, how many hold the
+    /// peer's newest CRL at the end, and the time until the last took it.
+    crl_peer_links: Option<u64>,
+    crl_peer_holding: Option<u64>,
+    crl_peer_slowest_ms: Option<f64>,
     /// Files: sent, completed by member devices, chunk streams and sealed bytes each way, and
     /// the plaintext bytes completed (so `bytes_down / files_bytes_completed` shows what
     /// deduplication saved).
@@ -437,6 +442,17 @@ fn write_report(
                 .map(|us| us as f64 / 1000.0),
             crl_median_ms: r.crl.as_ref().map(|c| c.median_us as f64 / 1000.0),
             crl_p99_ms: r.crl.as_ref().map(|c| c.p99_us as f64 / 1000.0),
+            crl_peer_links: r.crl.as_ref().map(|c| c.peer_links).filter(|&n| n > 0),
+            crl_peer_holding: r
+                .crl
+                .as_ref()
+                .filter(|c| c.peer_links > 0)
+                .map(|c| c.peer_holding),
+            crl_peer_slowest_ms: r
+                .crl
+                .as_ref()
+                .and_then(|c| c.peer_slowest_us.filter(|_| c.peer_links > 0))
+                .map(|us| us as f64 / 1000.0),
             files_sent: r.files.as_ref().map(|f| f.sent),
             files_completed: r.files.as_ref().map(|f| f.completed),
             files_chunks_up: r.files.as_ref().map(|f| f.chunks_up),
@@ -491,7 +507,7 @@ fn write_report(
             },
             match &r.crl {
                 Some(c) => format!(
-                    " crl v{} revoked {} held-by {}/{}{} (p50 {:.1}ms p99 {:.1}ms) peer-refused {}",
+                    " crl v{} revoked {} held-by {}/{}{} (p50 {:.1}ms p99 {:.1}ms) peer-refused {}{}",
                     c.version,
                     c.revoked,
                     c.holders,
@@ -501,7 +517,19 @@ fn write_report(
                         .unwrap_or_default(),
                     c.median_us as f64 / 1000.0,
                     c.p99_us as f64 / 1000.0,
-                    c.handshakes_refused
+                    c.handshakes_refused,
+                    if c.peer_links > 0 {
+                        format!(
+                            " peer-gateways {}/{}{}",
+                            c.peer_holding,
+                            c.peer_links,
+                            c.peer_slowest_us
+                                .map(|us| format!(" in {:.1}ms", us as f64 / 1000.0))
+                                .unwrap_or_default()
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
                 None => String::new(),
             },

@@ -1115,9 +1115,10 @@ impl World {
             }
             GatewayOutput::Close(conn) => self.close(a, conn.0),
             GatewayOutput::PauseReading(conn, pause) => self.pause_reading(conn.0, us(pause)),
-            GatewayOutput::Admin { answer, .. } => self.on_admin_answer(&answer),
+            GatewayOutput::Admin { answer, .. } => self.on_admin_answer(a, &answer),
             GatewayOutput::ServeChunk(serve) => self.serve_chunk(a, serve),
             GatewayOutput::HandedOver(done) => self.handed_over(a, done),
+            GatewayOutput::PeerCrl(event) => self.on_peer_crl(a, &event),
             GatewayOutput::HistoryLost(lost) => {
                 *self.faults.entry("history-lost-detected").or_default() += 1;
                 self.note(|w| {

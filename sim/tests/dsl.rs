@@ -155,7 +155,7 @@ fn the_mission_scenarios_are_expressible() {
 
 #[test]
 fn an_unknown_planted_bug_is_named_with_the_ones_there_are() {
-    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored, presence-ignores-invisible, invitation-limit-ignored, handover-keeps-sequencing");
+    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored, presence-ignores-invisible, invitation-limit-ignored, handover-keeps-sequencing, peer-crl-ignored");
 }
 
 #[test]

@@ -24,6 +24,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("presence-ignores-invisible", "presence-privacy"),
     ("invitation-limit-ignored", "rate-limits"),
     ("handover-keeps-sequencing", "single-authority"),
+    ("peer-crl-ignored", "converge"),
 ];
 
 /// A swarm must find each bug within this many seeds.

@@ -22,12 +22,19 @@
 //! - [`Entry::Declined`]: the gateway asked to take a conversation over cannot; the old
 //!   authority takes it back.
 //!
+//! Trust across domains (issue 15, step 4; see `gateway::peer_crls`):
+//!
+//! - [`Entry::Revocations`]: a gateway's current CRL, signed by its domain's trust root, with
+//!   that root's key (which the receiver checks against the fingerprint it pins). The only
+//!   entry about no conversation.
+//!
 //! The encoding is hand-written and bounded: a version byte, a kind byte, fixed-size fields, and
 //! lengths checked against what is left; trailing bytes are refused.
 
 use bytes::Bytes;
 
 use crate::codec::Reader;
+use crate::identity::DevicePublicKey;
 use crate::ids::{ConversationId, DeviceId, MsgId};
 use crate::wire::payload::ErrorCode;
 
@@ -46,6 +53,11 @@ const KIND_HANDOVER: u8 = 5;
 const KIND_MOVED: u8 = 6;
 const KIND_FOLLOWING: u8 = 7;
 const KIND_DECLINED: u8 = 8;
+const KIND_REVOCATIONS: u8 = 9;
+
+/// The longest CRL an [`Entry::Revocations`] carries, in bytes: a CRL of
+/// [`crate::trust::CRL_ENTRIES_MAX`] devices and its header.
+pub const REVOCATIONS_CRL_MAX: usize = crate::trust::CRL_ENTRIES_MAX * 16 + 512;
 
 /// The most domains an [`Entry::Handover`] names members of.
 pub const HANDOVER_DOMAINS_MAX: usize = 64;
@@ -151,6 +163,14 @@ pub enum Entry {
         /// In words (at most [`ANSWER_MESSAGE_MAX`] bytes).
         reason: String,
     },
+    /// From any peer: its domain's current CRL (on each revocation, and again whenever the
+    /// receiver's heartbeat shows an older version), with its trust root's key.
+    Revocations {
+        /// The sending domain's trust root key (the receiver checks its fingerprint).
+        root: DevicePublicKey,
+        /// The encoded `trust::Crl`, at most [`REVOCATIONS_CRL_MAX`] bytes.
+        crl: Bytes,
+    },
 }
 
 /// Proof that a conversation's authority moved: both gateways signed, each with its link key,
@@ -240,9 +260,9 @@ pub enum EntryError {
 }
 
 impl Entry {
-    /// The conversation it is about.
-    pub fn conversation(&self) -> ConversationId {
-        match self {
+    /// The conversation it is about (`None` for [`Entry::Revocations`], which is about none).
+    pub fn conversation(&self) -> Option<ConversationId> {
+        Some(match self {
             Entry::Open { conversation, .. }
             | Entry::Relay { conversation, .. }
             | Entry::Sequenced { conversation, .. }
@@ -251,7 +271,8 @@ impl Entry {
             | Entry::Moved { conversation, .. }
             | Entry::Following { conversation, .. }
             | Entry::Declined { conversation, .. } => *conversation,
-        }
+            Entry::Revocations { .. } => return None,
+        })
     }
 
     /// The entry's bytes.
@@ -386,6 +407,12 @@ impl Entry {
                 out.extend_from_slice(&term.to_be_bytes());
                 put_words(&mut out, reason);
             }
+            Entry::Revocations { root, crl } => {
+                debug_assert!(crl.len() <= REVOCATIONS_CRL_MAX, "bounded by the CRL's");
+                out.push(KIND_REVOCATIONS);
+                out.extend_from_slice(&root.0);
+                put_body(&mut out, crl);
+            }
         }
         Bytes::from(out)
     }
@@ -398,6 +425,18 @@ impl Entry {
             return Err(EntryError::NotAnEntry(version));
         }
         let kind = r.u8().ok_or(EntryError::Truncated)?;
+        if kind == KIND_REVOCATIONS {
+            let root = DevicePublicKey(r.array::<32>().ok_or(EntryError::Truncated)?);
+            let len = r.u32().ok_or(EntryError::Truncated)? as usize;
+            if len > REVOCATIONS_CRL_MAX {
+                return Err(EntryError::TooLong);
+            }
+            let crl = Bytes::copy_from_slice(r.take(len).ok_or(EntryError::Truncated)?);
+            if r.remaining() != 0 {
+                return Err(EntryError::Trailing);
+            }
+            return Ok(Entry::Revocations { root, crl });
+        }
         let conversation = ConversationId::from_bytes(id(&mut r)?);
         let entry = match kind {
             KIND_OPEN => {
@@ -676,7 +715,7 @@ mod tests {
                 any::<(u64, u64, bool)>(),
                 id16(),
                 id16(),
-                body,
+                body.clone(),
                 any::<[u8; 32]>()
             )
                 .prop_map(|(c, (seq, epoch, chained), s, m, body, half)| {
@@ -759,6 +798,10 @@ mod tests {
                     reason,
                 }
             }),
+            (any::<[u8; 32]>(), body).prop_map(|(root, crl)| Entry::Revocations {
+                root: DevicePublicKey(root),
+                crl,
+            }),
         ]
     }
 
@@ -801,6 +844,23 @@ mod tests {
         open.extend_from_slice(&5u32.to_be_bytes());
         open.extend_from_slice(&[0; 16]);
         assert_eq!(Entry::decode(&open), Err(EntryError::Truncated));
+    }
+
+    #[test]
+    fn a_crl_over_its_bound_is_refused_before_anything_is_read() {
+        let mut revocations = vec![ENTRY_VERSION, KIND_REVOCATIONS];
+        revocations.extend_from_slice(&[3; 32]);
+        revocations.extend_from_slice(&(REVOCATIONS_CRL_MAX as u32 + 1).to_be_bytes());
+        assert_eq!(Entry::decode(&revocations), Err(EntryError::TooLong));
+        let entry = Entry::Revocations {
+            root: DevicePublicKey([3; 32]),
+            crl: Bytes::from(vec![9; REVOCATIONS_CRL_MAX]),
+        };
+        assert_eq!(Entry::decode(&entry.encode()), Ok(entry.clone()));
+        assert_eq!(entry.conversation(), None);
+        let mut trailing = entry.encode().to_vec();
+        trailing.push(0);
+        assert_eq!(Entry::decode(&trailing), Err(EntryError::Trailing));
     }
 
     #[test]

@@ -225,6 +225,10 @@ pub struct LinkReport {
     pub failed_attempts: u32,
     /// Time since the peer was last heard.
     pub silent_for: Duration,
+    /// The version of the peer's CRL this gateway holds (0: none yet).
+    pub crl_held: u64,
+    /// The version of this gateway's CRL the peer last said it holds.
+    pub peer_holds_crl: Option<u64>,
 }
 
 enum LinkState {
@@ -272,6 +276,12 @@ struct Link {
     /// The peer's link key, from its certificate in the last handshake: it signs what the
     /// peer sequences.
     peer_key: Option<DevicePublicKey>,
+    /// The version of the peer's CRL this gateway holds (told in heartbeats).
+    crl_held: u64,
+    /// The version of this gateway's CRL the peer last said it holds.
+    peer_holds_crl: Option<u64>,
+    /// The version of this gateway's CRL last queued for the peer since the link came up.
+    crl_pushed: Option<u64>,
 }
 
 /// An accepted connection, not yet authenticated.
@@ -327,6 +337,16 @@ fn with_seq(seq: u64) -> Routing {
     Routing {
         seq,
         ..Routing::default()
+    }
+}
+
+impl Link {
+    /// A heartbeat: the cursor goes in the routing; this carries the CRL version held.
+    fn beat(&self) -> FederationAck {
+        FederationAck {
+            gap: None,
+            crl: Some(self.crl_held),
+        }
     }
 }
 
@@ -395,6 +415,9 @@ impl Federation {
                     last_progress: now,
                     attempts: 0,
                     peer_key: None,
+                    crl_held: 0,
+                    peer_holds_crl: None,
+                    crl_pushed: None,
                 },
             );
         }
@@ -521,10 +544,7 @@ impl Federation {
                     }
                     if now.saturating_since(link.last_beat) >= timers.heartbeat {
                         link.last_beat = now;
-                        let ack = frame(
-                            with_seq(link.cursor),
-                            Payload::FederationAck(FederationAck::default()),
-                        );
+                        let ack = frame(with_seq(link.cursor), Payload::FederationAck(link.beat()));
                         self.fx.hold(FederationOutput::Send(conn, ack));
                     }
                     if link.sent > link.acked
@@ -570,7 +590,7 @@ impl Federation {
         self.me.key.public()
     }
 
-    /// Tests: as if `peer` had proved `key` in a handshake, on a link that is up (on a
+    /// Tests: as if `peer` had proved `key` in a handshake, on a link that just came up (on a
     /// connection of its own number, far from any device's).
     #[cfg(test)]
     pub(crate) fn assume_peer_key(&mut self, peer: &str, key: DevicePublicKey) {
@@ -579,12 +599,59 @@ impl Federation {
             link.state = LinkState::Up {
                 conn: ConnectionId(u64::MAX - 1),
             };
+            link.crl_pushed = None;
         }
     }
 
     /// Signs `message` with this gateway's link key (what it sequences for its peers).
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.me.key.sign(message)
+    }
+
+    /// Records the version of `peer`'s CRL this gateway holds, told to the peer in heartbeats.
+    pub fn set_crl_held(&mut self, peer: &str, version: u64) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.crl_held = version;
+        }
+    }
+
+    /// The peers whose link is up and that said they hold an older version of this gateway's
+    /// CRL than `version`, unless it was queued for them since their link came up. The gateway
+    /// queues it and calls [`Federation::crl_queued`].
+    pub fn crl_behind(&self, version: u64) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|(_, l)| matches!(l.state, LinkState::Up { .. }))
+            .filter(|(_, l)| l.peer_holds_crl.is_some_and(|held| held < version))
+            .filter(|(_, l)| l.crl_pushed.is_none_or(|pushed| pushed < version))
+            .map(|(peer, _)| peer.clone())
+            .collect()
+    }
+
+    /// This gateway's CRL `version` was queued for `peer`.
+    pub fn crl_queued(&mut self, peer: &str, version: u64) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.crl_pushed = Some(version);
+        }
+    }
+
+    /// True if `root` is the trust root key whose fingerprint this gateway pins for `peer`.
+    pub fn pins_root(&self, peer: &str, root: DevicePublicKey) -> bool {
+        self.peers.iter().any(|p| {
+            p.domain == peer
+                && crate::trust::TrustRoot {
+                    key: root,
+                    domain: peer.to_string(),
+                }
+                .fingerprint()
+                .eq_ignore_ascii_case(&p.root_fingerprint)
+        })
+    }
+
+    fn heard_crl(&mut self, peer: &str, held: Option<u64>) {
+        if let (Some(link), Some(held)) = (self.links.get_mut(peer), held) {
+            link.peer_holds_crl = Some(held);
+        }
     }
 
     /// The link key `peer` proved in its last handshake (known once a link came up since
@@ -647,6 +714,8 @@ impl Federation {
                 taken: l.cursor,
                 failed_attempts: l.attempts,
                 silent_for: now.saturating_since(l.last_heard),
+                crl_held: l.crl_held,
+                peer_holds_crl: l.peer_holds_crl,
             })
             .collect()
     }
@@ -745,11 +814,13 @@ impl Federation {
                 );
             }
             (LinkState::Up { .. }, Payload::FederationAck(ack)) => {
+                self.heard_crl(&peer, ack.crl);
                 self.acknowledged(now, &peer, decoded.routing.seq, ack.gap.is_some());
             }
-            (LinkState::Finishing { .. }, Payload::FederationAck(_)) => {
+            (LinkState::Finishing { .. }, Payload::FederationAck(ack)) => {
                 // The answerer checked the finish: up, and its cursor trims the outbox.
                 self.up(now, &peer, conn);
+                self.heard_crl(&peer, ack.crl);
                 self.acknowledged(now, &peer, decoded.routing.seq, false);
             }
             // A copy of a handshake message (the network duplicated it), or a frame of the
@@ -857,11 +928,9 @@ impl Federation {
         link.last_beat = now;
         link.last_progress = now;
         self.stats.links_up += 1;
+        link.crl_pushed = None;
         // The cursor first, so the peer trims what this side already holds.
-        let ack = frame(
-            with_seq(link.cursor),
-            Payload::FederationAck(FederationAck::default()),
-        );
+        let ack = frame(with_seq(link.cursor), Payload::FederationAck(link.beat()));
         self.fx.hold(FederationOutput::Send(conn, ack));
         self.fx.hold(FederationOutput::LinkUp {
             peer: peer.to_string(),
@@ -929,7 +998,10 @@ impl Federation {
             // Held: it names the cursor, which must be durable first.
             let ack = frame(
                 with_seq(link.cursor),
-                Payload::FederationAck(FederationAck { gap: Some(seq) }),
+                Payload::FederationAck(FederationAck {
+                    gap: Some(seq),
+                    crl: None,
+                }),
             );
             self.fx.hold(FederationOutput::Send(conn, ack));
             return;

@@ -42,6 +42,7 @@ pub mod handover;
 pub mod key_packages;
 pub mod limits;
 pub mod links;
+pub mod peer_crls;
 pub mod presence;
 mod refusal;
 pub mod registry;
@@ -159,6 +160,8 @@ pub enum GatewayOutput {
     /// What the federation links ask or report (see [`crate::federation`]); only with
     /// federation peers configured.
     Federation(FederationOutput),
+    /// For the operator: a peer domain's CRL was taken or refused (see [`peer_crls`]).
+    PeerCrl(peer_crls::PeerCrlEvent),
     /// Read nothing more from this connection for this long: its device was refused by a rate
     /// limit, and what it sends meanwhile would be refused too. The driver stops reading the
     /// connection's stream, so QUIC's flow control holds the device back instead of the
@@ -240,6 +243,8 @@ pub struct Gateway {
     spanning: spanning::Spanning,
     spanning_stats: relay::SpanningStats,
     handover_stats: handover::HandoverStats,
+    /// The CRLs of the domains this gateway federates with.
+    peer_crls: peer_crls::PeerCrls,
     fx: Fx,
 }
 
@@ -340,6 +345,12 @@ impl Gateway {
             fx.writes(),
         )?;
         gateway.spanning = spanning::Spanning::recover(store)?;
+        gateway.peer_crls = peer_crls::PeerCrls::recover(store)?;
+        if let Some(federation) = &mut gateway.federation {
+            for (domain, crl) in gateway.peer_crls.held() {
+                federation.set_crl_held(domain, crl.version);
+            }
+        }
         let awaiting: Vec<ConversationId> = gateway.spanning.awaiting_followers().collect();
         for conv in awaiting {
             gateway.delivery.keep_acknowledged(conv, true);
@@ -393,6 +404,7 @@ impl Gateway {
             spanning: spanning::Spanning::default(),
             spanning_stats: relay::SpanningStats::default(),
             handover_stats: handover::HandoverStats::default(),
+            peer_crls: peer_crls::PeerCrls::default(),
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.
@@ -476,6 +488,7 @@ impl Gateway {
             presence: self.presence.stats().clone(),
             spanning: self.spanning_stats,
             handover: self.handover_stats,
+            peer_crls: self.peer_crls.stats(),
             refusals: self.refusals,
         }
     }
@@ -572,6 +585,11 @@ impl Gateway {
         }
     }
 
+    /// The CRLs of peer domains this gateway holds.
+    pub fn peer_crls(&self) -> &peer_crls::PeerCrls {
+        &self.peer_crls
+    }
+
     /// The registration authority's trust root.
     pub fn trust_root(&self) -> &TrustRoot {
         self.registry.trust_root()
@@ -623,6 +641,7 @@ impl Gateway {
                     federation.handle(now, input);
                 }
                 self.take_federated_entries(now);
+                self.push_crl_where_behind(now);
             }
         }
         self.arm_chunk_drop(now);
@@ -651,6 +670,7 @@ impl Gateway {
             }
         }
         self.take_federated_entries(now);
+        self.push_crl_where_behind(now);
         for name in self.timers.due(now) {
             match name {
                 GatewayTimer::Tick => self.tick(now),
@@ -1742,6 +1762,14 @@ impl Gateway {
         if !self.registry.revoke(now, device, self.fx.writes()) {
             return; // revoked already, or never registered here
         }
+        // Every peer domain refuses it from now on: behind what the device sent before.
+        let peers: Vec<String> = self
+            .config
+            .federation_peers
+            .iter()
+            .map(|p| p.domain.clone())
+            .collect();
+        self.push_crl(now, &peers);
         self.sessions.drop_device_token(device, self.fx.writes());
         // Nobody may add it to a group again.
         self.key_packages.forget(device, self.fx.writes());

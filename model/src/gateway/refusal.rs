@@ -79,6 +79,8 @@ pub struct GatewayStats {
     pub spanning: super::relay::SpanningStats,
     /// Authority handovers, at either end.
     pub handover: super::handover::HandoverStats,
+    /// CRLs exchanged with peer domains.
+    pub peer_crls: super::peer_crls::PeerCrlStats,
     /// Errors and goodbyes sent, by code.
     #[serde(skip)]
     pub refusals: RefusalCounts,

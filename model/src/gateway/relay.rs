@@ -81,6 +81,12 @@ impl Gateway {
                 "name 1 to {OPEN_MEMBERS_MAX} member devices of {domain}"
             ));
         }
+        if let Some(device) = members.iter().find(|d| self.peer_crls.revokes(domain, **d)) {
+            return refused(format!(
+                "device {device} was revoked by {domain} (its CRL version {} lists it)",
+                self.peer_crls.version(domain)
+            ));
+        }
         let open = Entry::Open {
             conversation: conv,
             members: members.clone(),
@@ -233,8 +239,9 @@ impl Gateway {
     }
 
     pub(super) fn handle_entry(&mut self, now: Instant, peer: &str, entry: Entry) {
-        let conv = entry.conversation();
-        let from_authority = self.spanning.authority_of(conv) == Some(peer);
+        let from_authority = entry
+            .conversation()
+            .is_some_and(|conv| self.spanning.authority_of(conv) == Some(peer));
         match entry {
             Entry::Open {
                 conversation,
@@ -421,6 +428,7 @@ impl Gateway {
                 term,
                 reason,
             } => self.on_declined(now, peer, conversation, term, reason),
+            Entry::Revocations { root, crl } => self.on_peer_crl(peer, root, &crl),
         }
     }
 
@@ -456,6 +464,16 @@ impl Gateway {
             refused(
                 ErrorCode::NotMember,
                 "not a member of this conversation".into(),
+            )
+        } else if self.peer_crls.revokes(peer, sender) {
+            // Its own domain revoked it: no gateway takes its messages any more.
+            self.peer_crls.count_relay_refused();
+            refused(
+                ErrorCode::DeviceRevoked,
+                format!(
+                    "this device was revoked by {peer} (CRL version {})",
+                    self.peer_crls.version(peer)
+                ),
             )
         } else if msg_id == sender_order::NO_MESSAGE {
             refused(ErrorCode::MalformedFrame, ZERO_MESSAGE_ID.into())

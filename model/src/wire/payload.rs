@@ -768,6 +768,11 @@ pub struct FederationAck {
     /// for its resend timer. Absent from heartbeats and ordinary acknowledgements.
     #[n(0)]
     pub gap: Option<u64>,
+    /// In heartbeats and the first acknowledgement of a link: the version of the receiver's
+    /// CRL this gateway holds, so that a receiver whose newer CRL did not arrive (or was lost
+    /// with the peer's data) sends it again.
+    #[n(1)]
+    pub crl: Option<u64>,
 }
 
 /// A decoded payload: one variant per opcode whose payload is defined.

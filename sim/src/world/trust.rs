@@ -7,11 +7,16 @@
 //! - `revoked-never-authenticates` fails if a gateway sends `HelloOk` to a device it has
 //!   revoked (checked on every frame a gateway releases).
 //! - `crl-converge` (liveness, with `converge`): every device that is not revoked holds its
-//!   gateway's current CRL, and no MLS group at any gateway still lists a revoked device.
-//!   Revoked devices are left out of the other convergence checks: they will never read again.
+//!   gateway's current CRL, every gateway holds the current CRL of each domain it federates
+//!   with (pushed over the link, repaired through heartbeats), and no MLS group at any gateway
+//!   still lists a revoked device. Revoked devices are left out of the other convergence
+//!   checks: they will never read again.
+//! - A gateway that refuses a peer's CRL is noted in the trace and counted as the fault
+//!   `peer-crl-refused` (every root in a simulated world is pinned right, so it never should).
 
 use std::collections::BTreeMap;
 
+use sund_model::gateway::peer_crls::{PeerCrlEvent, PeerCrlTaken};
 use sund_model::gateway::{AdminAnswer, AdminCommand, GatewayInput};
 use sund_model::ids::DeviceId;
 use sund_model::trust::handshake::{Initiator, Responder};
@@ -29,12 +34,12 @@ pub struct CrlReport {
     pub revoked: u64,
     /// The newest CRL version any gateway issued.
     pub version: u64,
-    /// Devices (not revoked) holding that version at the end.
+    /// Devices (not revoked) holding their own gateway's newest version at the end.
     pub holders: u64,
-    /// Devices not revoked.
+    /// Devices not revoked whose gateway revoked a device.
     pub devices: u64,
-    /// From the last revocation to the last device taking its CRL, microseconds (`None` if some
-    /// device never took it).
+    /// From its gateway's last revocation to the last device taking that CRL, microseconds
+    /// (`None` if some device never took it).
     pub slowest_us: Option<u64>,
     /// Half of the devices that took the newest CRL had it within this, microseconds.
     pub median_us: u64,
@@ -43,6 +48,14 @@ pub struct CrlReport {
     /// Device-to-device handshakes from revoked devices refused by a CRL (each device that takes
     /// a CRL is tried by every revoked device at once).
     pub handshakes_refused: u64,
+    /// Federated gateways that should hold a peer domain's CRL, counted per (gateway, peer
+    /// domain that revoked a device).
+    pub peer_links: u64,
+    /// Of those, how many hold its newest version at the end.
+    pub peer_holding: u64,
+    /// From a domain's last revocation to the last peer gateway taking its CRL, microseconds
+    /// (`None` if some peer never took it).
+    pub peer_slowest_us: Option<u64>,
 }
 
 /// What the world remembers of revocations.
@@ -60,6 +73,10 @@ pub(super) struct Revocations {
     handshakes: u64,
     /// Those refused because the responder's CRL lists the initiator.
     refused: u64,
+    /// Per gateway that revoked: its newest CRL version and when it issued it.
+    issued: BTreeMap<ActorIndex, (u64, u64)>,
+    /// Per (gateway, peer domain): the newest version of the peer's CRL it took, and when.
+    peer_taken: BTreeMap<(ActorIndex, String), (u64, u64)>,
 }
 
 impl World {
@@ -81,7 +98,7 @@ impl World {
     /// gateway releases only once the revocation is durable (as the operator's `revoke`
     /// command returns only then); a gateway that crashes before never answers, and the
     /// device was never revoked. A device that never registered cannot be revoked.
-    pub(super) fn on_admin_answer(&mut self, answer: &AdminAnswer) {
+    pub(super) fn on_admin_answer(&mut self, gateway: ActorIndex, answer: &AdminAnswer) {
         if let AdminAnswer::HandoverRefused { why, .. } = answer {
             self.handover_refused(why);
         }
@@ -92,10 +109,58 @@ impl World {
         } = *answer
         {
             self.revocations.revoked.insert(device, self.now);
+            self.revocations
+                .issued
+                .insert(gateway, (crl_version, self.now));
             if self.revocations.latest.is_none_or(|(v, _)| v < crl_version) {
                 self.revocations.latest = Some((crl_version, self.now));
             }
         }
+    }
+
+    /// A gateway took or refused a peer domain's CRL.
+    pub(super) fn on_peer_crl(&mut self, gateway: ActorIndex, event: &PeerCrlEvent) {
+        match &event.outcome {
+            PeerCrlTaken::Taken { version, .. } => {
+                self.revocations
+                    .peer_taken
+                    .insert((gateway, event.peer.clone()), (*version, self.now));
+            }
+            PeerCrlTaken::Refused(why) => {
+                *self.faults.entry("peer-crl-refused").or_default() += 1;
+                let (peer, why) = (event.peer.clone(), why.clone());
+                self.note(|w| {
+                    format!(
+                        "{} refused {peer}'s CRL: {why}",
+                        w.actors[gateway as usize].name
+                    )
+                });
+            }
+            PeerCrlTaken::Stale { .. } => {}
+        }
+    }
+
+    /// Each federated gateway with the peer domains whose CRL it should hold: (gateway, peer
+    /// gateway, peer domain), in the order the scenario federates them.
+    fn peer_crl_pairs(&self) -> Vec<(ActorIndex, ActorIndex, String)> {
+        let named = |name: &str| {
+            self.gateways
+                .iter()
+                .copied()
+                .find(|&g| self.actors[g as usize].name == name)
+        };
+        let mut pairs = Vec::new();
+        for (a, b) in &self.scenario.federations {
+            let (Some(a), Some(b)) = (named(a), named(b)) else {
+                continue;
+            };
+            for (gateway, peer) in [(a, b), (b, a)] {
+                if let Some(domain) = self.federation.domain(peer) {
+                    pairs.push((gateway, peer, domain));
+                }
+            }
+        }
+        pairs
     }
 
     fn crl_version_at(&self, gateway: ActorIndex) -> u64 {
@@ -207,6 +272,22 @@ impl World {
                 ));
             }
         }
+        for (gateway, peer, domain) in self.peer_crl_pairs() {
+            let want = self.crl_version_at(peer);
+            if want == 0 {
+                continue; // nothing revoked there
+            }
+            let name = &self.actors[gateway as usize].name;
+            let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
+                return Some(format!("{name} is down"));
+            };
+            let have = g.peer_crls().version(&domain);
+            if have != want {
+                return Some(format!(
+                    "{name} holds {domain}'s CRL version {have}, {domain} is at {want}"
+                ));
+            }
+        }
         for c in &self.conversations {
             let Machine::Gateway(Some(g), _) = &self.actors[c.gateway as usize].machine else {
                 continue;
@@ -231,7 +312,7 @@ impl World {
 
     /// The revocation figures of this run.
     pub(super) fn crl_report(&self) -> Option<CrlReport> {
-        let (version, issued_at) = self.revocations.latest?;
+        let (version, _) = self.revocations.latest?;
         let mut report = CrlReport {
             revoked: self.revocations.revoked.len() as u64,
             version,
@@ -243,9 +324,14 @@ impl World {
             if self.is_revoked(d) {
                 continue;
             }
+            // Each device holds its own gateway's CRL: counted where that gateway revoked.
+            let home = self.actors[d as usize].home;
+            let Some(&(want, issued_at)) = self.revocations.issued.get(&home) else {
+                continue;
+            };
             report.devices += 1;
             if let Some(&(v, at)) = self.revocations.held.get(&d) {
-                if v >= version {
+                if v >= want {
                     report.holders += 1;
                     delays.push(at.saturating_sub(issued_at));
                 }
@@ -259,6 +345,20 @@ impl World {
         report.median_us = at(0.5);
         report.p99_us = at(0.99);
         report.slowest_us = (report.holders == report.devices).then(|| at(1.0));
+        let mut slowest = 0;
+        for (gateway, peer, domain) in self.peer_crl_pairs() {
+            let Some(&(version, issued_at)) = self.revocations.issued.get(&peer) else {
+                continue;
+            };
+            report.peer_links += 1;
+            if let Some(&(v, at)) = self.revocations.peer_taken.get(&(gateway, domain)) {
+                if v >= version {
+                    report.peer_holding += 1;
+                    slowest = slowest.max(at.saturating_sub(issued_at));
+                }
+            }
+        }
+        report.peer_slowest_us = (report.peer_holding == report.peer_links).then_some(slowest);
         Some(report)
     }
 }
