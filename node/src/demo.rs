@@ -2,7 +2,8 @@
 //! a room with Bob and Carol and a DM with Bob (MLS groups: Welcomes through the gateway),
 //! encrypted messages flow, the gateway restarts, now federated with a second domain's
 //! gateway: Dave of b.example and Alice talk in a room spanning the two domains, whose
-//! authority is then handed over to b.example while both run. Alice sends a file into the room
+//! authority is then handed over to b.example while both run, and a device b.example revokes is
+//! refused by a.example too once its CRL arrives over the link. Alice sends a file into the room
 //! (Bob and Carol fetch and verify it, and sign receipts Alice verifies), and at the end the
 //! gateway's database is searched for every MLS message text and pieces of the file: the
 //! gateway stored ciphertext only.
@@ -310,6 +311,7 @@ async fn across_domains(
         send(&nodes[who], who, room, text, &mut expected, transcript).await?;
         transcript.wait(nodes, &expected).await?;
     }
+    revoked_across_domains(dir, b, a).await?;
 
     let answer = a
         .admin(AdminCommand::Handover {
@@ -346,6 +348,82 @@ async fn across_domains(
         send(&nodes[who], who, room, text, &mut expected, transcript).await?;
         transcript.wait(nodes, &expected).await?;
     }
+    Ok(())
+}
+
+/// Trust across domains: dave's old phone, set up at b.example, is revoked there; a.example
+/// (the home of the room spanning both) takes b.example's new CRL over the link and from then
+/// on refuses that device: sharing the room with it is refused.
+async fn revoked_across_domains(
+    dir: &std::path::Path,
+    b: &GatewayHandle,
+    a: &GatewayHandle,
+) -> Result<(), String> {
+    let token = b
+        .enrolment_token(UserId::from_name("dave"))
+        .await
+        .ok_or("the gateway stopped")?;
+    let phone = Device::init(
+        &dir.join("dave-old-phone"),
+        &b.addr.to_string(),
+        &dir.join("gateway-b/tls/cert.der"),
+        Some("dave"),
+        Some(&token.to_text()),
+    )
+    .map_err(|e| e.to_string())?;
+    let phone_id = phone.key.device_id();
+    // Its first session registers it at b.example.
+    let mut node = start_node(&phone).await?;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match node.events.try_recv() {
+            Ok(NodeEvent::Status(ConnectionStatus::Connected)) => break,
+            Ok(_) => continue,
+            Err(_) if tokio::time::Instant::now() > deadline => {
+                return Err(format!(
+                    "dave's old phone did not connect within {DEADLINE:?}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let answer = b.admin(AdminCommand::RevokeDevice(phone_id)).await;
+    let Some(AdminAnswer::Revoked { crl_version, .. }) = answer else {
+        return Err(format!("dave's old phone was not revoked: {answer:?}"));
+    };
+    let revoked = tokio::time::Instant::now();
+    loop {
+        let taken = a
+            .admin_client()
+            .inspect(move |g, _| g.peer_crls().revokes(DOMAIN_B, phone_id))
+            .await
+            .unwrap_or(false);
+        if taken {
+            break;
+        }
+        if tokio::time::Instant::now() > revoked + DEADLINE {
+            return Err(format!(
+                "{DOMAIN_A} did not take {DOMAIN_B}'s CRL version {crl_version} within {DEADLINE:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let taken_ms = revoked.elapsed().as_millis();
+    let share = AdminCommand::ShareConversation {
+        conversation: ConversationId::from_name(ACROSS),
+        domain: DOMAIN_B.into(),
+        members: vec![phone_id],
+    };
+    let why = match a.admin(share).await {
+        Some(AdminAnswer::ShareRefused { why, .. }) => why,
+        other => {
+            return Err(format!(
+                "{DOMAIN_A} shared {ACROSS} with a device {DOMAIN_B} revoked: {other:?}"
+            ))
+        }
+    };
+    say!("[gateway] {DOMAIN_B} revokes dave's old phone; {DOMAIN_A} holds {DOMAIN_B}'s CRL version {crl_version} {taken_ms} ms later and refuses to share {ACROSS} with it: {why}");
+    let _ = node.stop().await;
     Ok(())
 }
 
