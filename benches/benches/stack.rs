@@ -7,7 +7,9 @@
 //! `SUND_STACK=ingest` runs only the gateway-alone measurement; `SUND_STACK=ops` the operations
 //! figures instead (metrics endpoint on and off, drain with 100 devices, backup of a million
 //! messages with and without live traffic); `SUND_STACK=flood` the abuse-control figures
-//! (well-behaved devices while bots flood, with the default rate limits and without).
+//! (well-behaved devices while bots flood, with the default rate limits and without);
+//! `SUND_STACK=relay` the federation figure of issue 15 (protocol clients sending through a
+//! relay gateway to another domain's, against the same clients at a single gateway).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -908,8 +910,159 @@ async fn timed_backup(
     started.elapsed()
 }
 
+/// A gateway of `domain` on loopback (open enrolment, no rate limits), its data in
+/// `dir/name`, federating with `peer` (its domain, root fingerprint and link address) on
+/// `link` if given.
+async fn start_federated(
+    dir: &std::path::Path,
+    name: &str,
+    domain: &str,
+    link: SocketAddr,
+    peer: Option<(&str, String, SocketAddr)>,
+) -> GatewayHandle {
+    use sund_gateway::federation::FederationOptions;
+    use sund_model::federation::handshake::PeerConfig;
+    let mut config = GatewayConfig {
+        domain: domain.to_string(),
+        open_enrolment: true,
+        limits: RateLimits {
+            sends: None,
+            conversations: None,
+            registrations: None,
+            ..RateLimits::default()
+        },
+        ..GatewayConfig::default()
+    };
+    let federation = peer.map(|(domain, root_fingerprint, address)| {
+        config.federation_peers.push(PeerConfig {
+            domain: domain.to_string(),
+            root_fingerprint,
+        });
+        FederationOptions {
+            listen: link,
+            peers: BTreeMap::from([(domain.to_string(), address.to_string())]),
+        }
+    });
+    let options = GatewayOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        environment: Arc::new(Production),
+        data_dir: dir.join(name),
+        config,
+        federation,
+    };
+    driver::start(options).await.unwrap()
+}
+
+fn free_udp_addr() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .unwrap()
+}
+
+async fn root_fingerprint(gateway: &GatewayHandle) -> String {
+    gateway
+        .admin_client()
+        .inspect(|g, _| g.trust_root().fingerprint())
+        .await
+        .unwrap()
+}
+
+/// Issue 15's relay figure, one round: `clients` protocol clients each send `per_client`
+/// messages (pipelined, as in the gateway-alone figure) into a conversation of their own
+/// with one more member that never connects (so both gateways keep every message).
+/// **Single**: the clients are devices of a.example, their conversations homed there.
+/// **Relayed**: the clients are devices of b.example, their conversations homed at a.example:
+/// b.example relays each message over the federation link, a.example sequences it and answers
+/// through b.example, and sends it back over the link to b.example's copy, from which the
+/// client gets its echo. Both in the same run, on the same two gateways; returns (single,
+/// relayed) in messages per second.
+async fn relay_round(clients: usize, per_client: usize) -> (f64, f64) {
+    let dir = private_tempdir();
+    let (a_link, b_link) = (free_udp_addr(), free_udp_addr());
+    // First starts, to read each root's fingerprint as the operators would.
+    let a = start_federated(dir.path(), "a", "a.example", a_link, None).await;
+    let b = start_federated(dir.path(), "b", "b.example", b_link, None).await;
+    let (fa, fb) = (root_fingerprint(&a).await, root_fingerprint(&b).await);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let a = start_federated(
+        dir.path(),
+        "a",
+        "a.example",
+        a_link,
+        Some(("b.example", fb, b_link)),
+    )
+    .await;
+    let b = start_federated(
+        dir.path(),
+        "b",
+        "b.example",
+        b_link,
+        Some(("a.example", fa, a_link)),
+    )
+    .await;
+    let up = |g: &GatewayHandle, peer: &'static str| {
+        let admin = g.admin_client();
+        async move {
+            admin
+                .inspect(move |g, _| g.federation().is_some_and(|f| f.is_up(peer)))
+                .await
+                .unwrap_or(false)
+        }
+    };
+    while !(up(&a, "b.example").await && up(&b, "a.example").await) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let single = load_conversations(&a, clients, true).await;
+    let single_rate = ingest(&a, &single, per_client).await;
+
+    let silent = DeviceKey::from_seed([0xee; 32]).device_id();
+    let mut relayed = Vec::new();
+    for i in 0..clients {
+        let key = DeviceKey::from_seed([0x80 + i as u8; 32]);
+        let conv = ConversationId::from_name(&format!("relayed-{i}"));
+        a.admin(AdminCommand::CreateConversation(conv, vec![silent]))
+            .await;
+        a.admin(AdminCommand::ShareConversation {
+            conversation: conv,
+            domain: "b.example".into(),
+            members: vec![key.device_id()],
+        })
+        .await;
+        relayed.push((key, conv));
+    }
+    // b.example keeps a copy of each before the clients send.
+    let convs: Vec<ConversationId> = relayed.iter().map(|(_, c)| *c).collect();
+    loop {
+        let convs = convs.clone();
+        let ready = b
+            .admin_client()
+            .inspect(move |g, _| convs.iter().all(|c| g.replica_of(*c) == Some("a.example")))
+            .await
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let relayed_rate = ingest(&b, &relayed, per_client).await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    (single_rate, relayed_rate)
+}
+
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    if std::env::var("SUND_STACK").as_deref() == Ok("relay") {
+        for round in 1..=5 {
+            let (single, relayed) = runtime.block_on(relay_round(100, 500));
+            println!(
+                "round {round}: single gateway {single:.0} msg/s, through a relay {relayed:.0} msg/s ({:.0} %)",
+                100.0 * relayed / single
+            );
+        }
+        return;
+    }
     // `SUND_STACK=ingest` runs the gateway-alone measurement only (for profiling).
     if std::env::var("SUND_STACK").as_deref() == Ok("ingest") {
         let rate = runtime.block_on(gateway_ingest(100, 1_000));

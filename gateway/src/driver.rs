@@ -745,10 +745,10 @@ impl Core {
                 }
             }
         }
-        if let Some(links) = &mut self.federation {
-            links.close_all();
-        }
         let Some(mut serving) = self.serving.take() else {
+            if let Some(links) = &mut self.federation {
+                links.close_all();
+            }
             for (_, route) in std::mem::take(&mut self.routes) {
                 route.connection.close(0u32.into(), b"gateway shut down");
             }
@@ -774,13 +774,17 @@ impl Core {
             gateway, committer, ..
         } = serving;
         committer.finish().await?;
-        // Dropping the sessions lets each writer flush its goodbye and close (within LINGER).
+        // Dropping the sessions lets each writer flush its goodbye and close (within LINGER);
+        // each federation link's goodbye went the same way (the machine closed them).
         for (_, route) in std::mem::take(&mut self.routes) {
             if let Some(session) = route.session {
                 session.close();
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(links) = &mut self.federation {
+            links.close_all();
+        }
         Ok(gateway.stats())
     }
 
@@ -1227,7 +1231,14 @@ impl Core {
             FederationOutput::LinkUp { peer } => {
                 tracing::info!(%peer, "federation link up");
             }
-            FederationOutput::LinkDown { peer, reason } => {
+            FederationOutput::LinkDown {
+                peer,
+                reason,
+                graceful: true,
+            } => {
+                tracing::info!(%peer, %reason, "federation peer shut down; entries for it wait in its outbox");
+            }
+            FederationOutput::LinkDown { peer, reason, .. } => {
                 tracing::warn!(%peer, %reason, "federation link down; it is dialed again with backoff");
             }
             FederationOutput::HistoryBehind { peer, peer_cursor } => {

@@ -27,6 +27,8 @@ struct Side {
     received: Vec<Bytes>,
     refused: Vec<String>,
     restarts: u64,
+    /// Each time its link went down: whether the peer said it was shutting down.
+    downs: Vec<bool>,
 }
 
 impl Side {
@@ -52,6 +54,7 @@ impl Side {
             received: Vec::new(),
             refused: Vec::new(),
             restarts: 0,
+            downs: Vec::new(),
         }
     }
 
@@ -205,9 +208,8 @@ impl Net {
                 side.received.push(body);
             }
             FederationOutput::Refused { reason, .. } => self.side(who).refused.push(reason),
-            FederationOutput::LinkUp { .. }
-            | FederationOutput::LinkDown { .. }
-            | FederationOutput::HistoryBehind { .. } => {}
+            FederationOutput::LinkDown { graceful, .. } => self.side(who).downs.push(graceful),
+            FederationOutput::LinkUp { .. } | FederationOutput::HistoryBehind { .. } => {}
         }
     }
 
@@ -399,6 +401,44 @@ fn entries_queue_while_the_peer_is_unreachable_and_flow_in_order_after() {
     assert!(net.a.fed.is_up("b.example") && net.b.fed.is_up("a.example"));
     let stats = net.a.fed.stats();
     assert!(stats.links_up >= 1);
+}
+
+#[test]
+fn a_peer_that_shuts_down_says_so_and_its_link_comes_back_after_its_restart() {
+    let mut net = Net::new();
+    net.heal();
+    assert!(net.a.fed.is_up("b.example") && net.b.fed.is_up("a.example"));
+    // b.example stops on purpose: a goodbye on the link, then the close (which QUIC sends
+    // after the stream's data).
+    net.b.fed.shut_down();
+    let ready = net.b.fed.poll_ready().expect("a goodbye");
+    for output in ready.commit(&mut net.b.store).unwrap() {
+        match output {
+            FederationOutput::Send(conn, bytes) => {
+                net.input(Who::A, FederationInput::Frame(conn, bytes))
+            }
+            FederationOutput::Close(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    net.drive();
+    assert_eq!(
+        net.a.downs,
+        vec![true],
+        "a.example heard a shutdown, not a fault"
+    );
+    assert!(!net.a.fed.is_up("b.example"));
+    // b.example starts again; a.example dials it after its backoff and entries flow.
+    net.b.crash(net.now);
+    net.enqueue(Who::A, 1);
+    net.heal();
+    assert_eq!(net.b.received.len(), 1);
+    assert!(net.a.fed.is_up("b.example"));
+    // A connection that just closes is a fault.
+    let conn = net.conn.expect("up");
+    net.close(conn);
+    net.drive();
+    assert_eq!(net.a.downs, vec![true, false]);
 }
 
 #[test]

@@ -43,7 +43,7 @@ use crate::identity::DevicePublicKey;
 use crate::ids::ConnectionId;
 use crate::time::Instant;
 use crate::trust::codec::put_domain;
-use crate::wire::payload::{FederationAck, FederationForward, FederationHello};
+use crate::wire::payload::{ErrorCode, FederationAck, FederationForward, FederationHello, Goodbye};
 use crate::wire::{Frame, Payload, Routing, PAYLOAD_BYTES_MAX};
 
 use super::handshake::{
@@ -148,6 +148,9 @@ pub enum FederationOutput {
         peer: String,
         /// Why, in words.
         reason: String,
+        /// True if the peer said it was shutting down (a stop or restart its operator asked
+        /// for): expected, not a fault.
+        graceful: bool,
     },
     /// `peer` had taken entries up to `peer_cursor`, past this gateway's last number: this
     /// gateway's data is older than the peer's view of it (restored or reset). Numbering
@@ -608,6 +611,26 @@ impl Federation {
         self.me.key.sign(message)
     }
 
+    /// The gateway is stopping on purpose: each peer whose link is up is told so (a goodbye
+    /// with `shutting_down`) and the connection closed, so that the peer takes the link's end
+    /// as expected rather than as a fault. Nothing durable changes.
+    pub fn shut_down(&mut self) {
+        let goodbye = frame(
+            Routing::default(),
+            Payload::Goodbye(Goodbye {
+                code: ErrorCode::ShuttingDown as u16,
+                message: "the gateway is shutting down".into(),
+                retry_after_ms: None,
+            }),
+        );
+        for link in self.links.values() {
+            if let LinkState::Up { conn } = link.state {
+                self.fx.hold(FederationOutput::Send(conn, goodbye.clone()));
+                self.fx.hold(FederationOutput::Close(conn));
+            }
+        }
+    }
+
     /// Records the version of `peer`'s CRL this gateway holds, told to the peer in heartbeats.
     pub fn set_crl_held(&mut self, peer: &str, version: u64) {
         if let Some(link) = self.links.get_mut(peer) {
@@ -817,6 +840,13 @@ impl Federation {
                 self.heard_crl(&peer, ack.crl);
                 self.acknowledged(now, &peer, decoded.routing.seq, ack.gap.is_some());
             }
+            (LinkState::Up { conn }, Payload::Goodbye(_)) => {
+                // The peer is stopping on purpose: its entries wait in the outboxes of both.
+                let conn = *conn;
+                self.fx.hold(FederationOutput::Close(conn));
+                let reason = "the peer gateway shut down; the link comes back when it does";
+                self.went_down(now, &peer, reason.into(), true);
+            }
             (LinkState::Finishing { .. }, Payload::FederationAck(ack)) => {
                 // The answerer checked the finish: up, and its cursor trims the outbox.
                 self.up(now, &peer, conn);
@@ -939,6 +969,10 @@ impl Federation {
     }
 
     fn down(&mut self, now: Instant, peer: &str, reason: String) {
+        self.went_down(now, peer, reason, false);
+    }
+
+    fn went_down(&mut self, now: Instant, peer: &str, reason: String, graceful: bool) {
         let delay = {
             let link = self.links.get_mut(peer).expect("a configured peer");
             let was_up = matches!(link.state, LinkState::Up { .. });
@@ -962,6 +996,7 @@ impl Federation {
             self.fx.hold(FederationOutput::LinkDown {
                 peer: peer.to_string(),
                 reason,
+                graceful,
             });
         }
         link.state = LinkState::Down {

@@ -597,12 +597,16 @@ impl Gateway {
 
     // ---- commands ----
 
-    /// Graceful shutdown: says goodbye to every session (`ShuttingDown`) and closes it. The
-    /// driver commits and flushes the resulting `Ready` before it stops.
+    /// Graceful shutdown: says goodbye to every session (`ShuttingDown`) and every federation
+    /// link, and closes them. The driver commits and flushes the resulting `Ready` before it
+    /// stops.
     pub fn shut_down(&mut self, now: Instant) {
         self.now = now;
         // Every session ends: nobody is left to tell who went offline.
         self.presence.drop_watches();
+        if let Some(federation) = &mut self.federation {
+            federation.shut_down();
+        }
         let conns: Vec<ConnectionId> = self.sessions.connections().map(|(c, _)| c).collect();
         for conn in conns {
             let goodbye = Refusal::goodbye(

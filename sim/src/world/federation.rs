@@ -211,7 +211,7 @@ impl World {
             FederationOutput::LinkUp { .. } => {
                 *self.faults.entry("link-up").or_default() += 1;
             }
-            FederationOutput::LinkDown { peer, reason } => {
+            FederationOutput::LinkDown { peer, reason, .. } => {
                 *self.faults.entry("link-down").or_default() += 1;
                 self.note(|w| {
                     format!(
