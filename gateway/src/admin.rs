@@ -614,7 +614,11 @@ fn list_json(gateway: &Gateway) -> serde_json::Value {
                     _ => None,
                 },
                 "shared_with": shared_with(gateway, log.id())
-                    .map(|(domain, n)| (domain.to_string(), n))
+                    .map(|(domain, n, _)| (domain.to_string(), n))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+                // Of those, the devices each domain revoked (they send through no gateway).
+                "shared_revoked": shared_with(gateway, log.id())
+                    .map(|(domain, _, revoked)| (domain.to_string(), revoked))
                     .collect::<std::collections::BTreeMap<_, _>>(),
             })
         })
@@ -653,17 +657,22 @@ fn devices(gateway: &Gateway, now: Instant) -> String {
 }
 
 /// The other domains with member devices in `conversation`, homed here, and how many each.
+/// Each peer domain a conversation homed here is shared with: its member devices, and how many
+/// of them that domain's CRL (as held here) revokes.
 fn shared_with(
     gateway: &Gateway,
     conversation: ConversationId,
-) -> impl Iterator<Item = (&str, usize)> + '_ {
+) -> impl Iterator<Item = (&str, usize, usize)> + '_ {
     let members = match gateway.spanning_role(conversation) {
         Some(Role::Authority(home)) => Some(&home.members),
         _ => None,
     };
-    members.into_iter().flat_map(|m| {
-        m.iter()
-            .map(|(domain, devices)| (domain.as_str(), devices.len()))
+    members.into_iter().flat_map(move |m| {
+        m.iter().map(move |(domain, devices)| {
+            let crls = gateway.peer_crls();
+            let revoked = devices.iter().filter(|d| crls.revokes(domain, **d)).count();
+            (domain.as_str(), devices.len(), revoked)
+        })
     })
 }
 
@@ -671,7 +680,10 @@ fn list(gateway: &Gateway) -> String {
     let mut text = String::new();
     for log in gateway.conversations() {
         let mut spans: String = shared_with(gateway, log.id())
-            .map(|(domain, n)| format!(" shared with {domain} ({n} devices)"))
+            .map(|(domain, n, revoked)| match revoked {
+                0 => format!(" shared with {domain} ({n} devices)"),
+                r => format!(" shared with {domain} ({n} devices, {r} revoked by {domain})"),
+            })
             .collect();
         if let Some(home) = gateway.replica_of(log.id()) {
             spans = format!(" homed at {home} (a copy it orders)");

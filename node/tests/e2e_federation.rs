@@ -581,6 +581,11 @@ fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other
     assert!(refused.contains("was revoked by a.example"), "{refused}");
     let b_log = std::fs::read_to_string(at("b.log")).unwrap();
     assert!(b_log.contains("took a.example's CRL"), "{b_log}");
+    let listed = run(&gateway_binary(), &["admin", "list", "--config", b_config]);
+    assert!(
+        listed.contains("shared with a.example (1 devices, 1 revoked by a.example)"),
+        "{listed}"
+    );
 
     // Neither gateway's log holds a message's text.
     let logs = a_log + &std::fs::read_to_string(at("b.log")).unwrap();
