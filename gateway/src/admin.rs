@@ -432,8 +432,8 @@ impl AdminRequest {
                     .unwrap_or_default();
                 // What this gateway holds of each peer's CRL: version and devices revoked.
                 let crl_of = |domain: &str| {
-                    let held = gateway.peer_crls().held().find(|(d, _)| *d == domain);
-                    held.map_or((0, 0), |(_, crl)| (crl.version, crl.revoked.len()))
+                    let held = gateway.peer_crls().crl(domain);
+                    held.map_or((0, 0), |crl| (crl.version, crl.revoked.len()))
                 };
                 if *json {
                     out.stdout = listing_json(&serde_json::json!({

@@ -163,16 +163,20 @@ impl PeerCrls {
         taken
     }
 
+    /// `domain`'s CRL, if one is held here.
+    pub fn crl(&self, domain: &str) -> Option<&Crl> {
+        self.held.get(domain)
+    }
+
     /// True if `domain`'s CRL, as held here, revokes `device`.
     pub fn revokes(&self, domain: &str, device: DeviceId) -> bool {
-        self.held
-            .get(domain)
+        self.crl(domain)
             .is_some_and(|crl| crl.revoked.contains(&device))
     }
 
     /// The version of `domain`'s CRL held here (0 if none: a new domain's list is empty).
     pub fn version(&self, domain: &str) -> u64 {
-        self.held.get(domain).map_or(0, |crl| crl.version)
+        self.crl(domain).map_or(0, |crl| crl.version)
     }
 
     /// Every CRL held, by domain.
@@ -242,19 +246,14 @@ impl Gateway {
         let outcome = self
             .peer_crls
             .take(peer, root, pinned, crl, self.fx.writes());
-        match outcome {
-            PeerCrlTaken::Stale { .. } => {}
-            PeerCrlTaken::Taken { version, .. } => {
-                federation.set_crl_held(peer, version);
-                self.fx.hold(GatewayOutput::PeerCrl(PeerCrlEvent {
-                    peer: peer.to_string(),
-                    outcome,
-                }));
-            }
-            PeerCrlTaken::Refused(_) => self.fx.hold(GatewayOutput::PeerCrl(PeerCrlEvent {
+        if let PeerCrlTaken::Taken { version, .. } = outcome {
+            federation.set_crl_held(peer, version);
+        }
+        if !matches!(outcome, PeerCrlTaken::Stale { .. }) {
+            self.fx.hold(GatewayOutput::PeerCrl(PeerCrlEvent {
                 peer: peer.to_string(),
                 outcome,
-            })),
+            }));
         }
     }
 }
