@@ -1046,8 +1046,12 @@ async fn relay_round(clients: usize, per_client: usize) -> (f64, f64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let relayed_rate = ingest(&b, &relayed, per_client).await;
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
+    let a = a.shutdown().await.unwrap().outgoing;
+    let b = b.shutdown().await.unwrap().outgoing;
+    println!(
+        "  link entries: a.example {} carrying {} entries ({} signatures), b.example {} carrying {}",
+        a.link_entries, a.entries, a.signatures, b.link_entries, b.entries
+    );
     (single_rate, relayed_rate)
 }
 

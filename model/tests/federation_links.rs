@@ -649,7 +649,6 @@ fn write_federation_entry_seeds() {
                 msg_id,
                 chained: true,
                 body: Bytes::from_static(b"ciphertext"),
-                signature: [0x5a; 64],
             },
         ),
         (
@@ -735,7 +734,23 @@ fn write_federation_entry_seeds() {
             },
         ),
     ];
-    for (name, entry) in entries {
+    // A signed bundle of a sequenced message, an answer and a following entry.
+    let inner: Vec<Entry> = entries
+        .iter()
+        .filter(|(name, _)| ["sequenced", "answer-sequenced", "following"].contains(name))
+        .map(|(_, entry)| entry.clone())
+        .collect();
+    let statements: Vec<[u8; 32]> = inner
+        .iter()
+        .filter_map(sund_model::federation::entry::statement_of)
+        .collect();
+    let bundle = Entry::Bundle {
+        entries: inner,
+        signature: Some(root.sign(&sund_model::federation::entry::bundle_statement(
+            &statements,
+        ))),
+    };
+    for (name, entry) in entries.into_iter().chain([("bundle", bundle)]) {
         std::fs::write(format!("{out}/seed-{name}"), entry.encode()).unwrap();
     }
 }

@@ -7,7 +7,7 @@
 //! - [`Entry::Relay`]: a member gateway hands the authority a message one of its devices sent;
 //! - [`Entry::Sequenced`]: the authority gives a member gateway the message it sequenced at a
 //!   seq (every one, in order: the link delivers entries once and in order, so the replica's
-//!   log is the authority's);
+//!   log is the authority's); it travels only in a signed [`Entry::Bundle`];
 //! - [`Entry::Answer`]: the authority's answer to a relayed message (its seq, or a refusal),
 //!   which the member gateway passes to the device.
 //!
@@ -27,6 +27,14 @@
 //! - [`Entry::Revocations`]: a gateway's current CRL, signed by its domain's trust root, with
 //!   that root's key (which the receiver checks against the fingerprint it pins). The only
 //!   entry about no conversation.
+//!
+//! Batching:
+//!
+//! - [`Entry::Bundle`]: the entries a gateway produced for one peer in one batch (one commit),
+//!   carried as one link entry (one outbox row, one cursor step, one acknowledgement), with
+//!   one signature of the sender's link key over every [`Entry::Sequenced`] in it (see
+//!   [`bundle_statement`]): a message's proof of who ordered it is that signature and its
+//!   siblings' statements.
 //!
 //! The encoding is hand-written and bounded: a version byte, a kind byte, fixed-size fields, and
 //! lengths checked against what is left; trailing bytes are refused.
@@ -54,6 +62,15 @@ const KIND_MOVED: u8 = 6;
 const KIND_FOLLOWING: u8 = 7;
 const KIND_DECLINED: u8 = 8;
 const KIND_REVOCATIONS: u8 = 9;
+const KIND_BUNDLE: u8 = 10;
+
+/// The most entries an [`Entry::Bundle`] carries.
+pub const BUNDLE_ENTRIES_MAX: usize = 1024;
+/// What an [`Entry::Bundle`] adds to its entries' bytes: its header (version, kind, signature
+/// flag and signature, count) and a length before each entry.
+pub const BUNDLE_HEADER_BYTES: usize = 1 + 1 + 1 + 64 + 2;
+/// What each entry in a bundle adds: its length.
+pub const BUNDLE_ENTRY_OVERHEAD: usize = 4;
 
 /// The longest CRL an [`Entry::Revocations`] carries, in bytes: a CRL of
 /// [`crate::trust::CRL_ENTRIES_MAX`] devices and its header.
@@ -88,8 +105,9 @@ pub enum Entry {
         /// Opaque content.
         body: Bytes,
     },
-    /// From the authority: the message it sequenced at `seq`, signed by the authority's link
-    /// key over [`sequenced_statement`] (so whoever holds it can show who ordered it).
+    /// From the authority: the message it sequenced at `seq`. Taken only from a bundle whose
+    /// signature covers its [`sequenced_statement`] (so whoever holds it can show who ordered
+    /// it).
     Sequenced {
         /// The conversation.
         conversation: ConversationId,
@@ -105,8 +123,6 @@ pub enum Entry {
         chained: bool,
         /// Opaque content.
         body: Bytes,
-        /// The authority's signature over [`sequenced_statement`].
-        signature: [u8; 64],
     },
     /// From the authority: what became of a relayed message.
     Answer {
@@ -170,6 +186,15 @@ pub enum Entry {
         root: DevicePublicKey,
         /// The encoded `trust::Crl`, at most [`REVOCATIONS_CRL_MAX`] bytes.
         crl: Bytes,
+    },
+    /// From any peer: several entries, in the order the sender produced them, as one link
+    /// entry. Never nested.
+    Bundle {
+        /// At most [`BUNDLE_ENTRIES_MAX`], none of them a bundle.
+        entries: Vec<Entry>,
+        /// The sender's link-key signature over the [`bundle_statement`] of the
+        /// [`Entry::Sequenced`] among `entries` (`None` if there are none).
+        signature: Option<[u8; 64]>,
     },
 }
 
@@ -257,10 +282,14 @@ pub enum EntryError {
     /// A refusal message that is not UTF-8.
     #[error("a refusal message that is not UTF-8")]
     NotUtf8,
+    /// A bundle inside a bundle.
+    #[error("a bundle inside a bundle")]
+    Nested,
 }
 
 impl Entry {
-    /// The conversation it is about (`None` for [`Entry::Revocations`], which is about none).
+    /// The conversation it is about (`None` for [`Entry::Revocations`], which is about none,
+    /// and for an [`Entry::Bundle`], which may be about several).
     pub fn conversation(&self) -> Option<ConversationId> {
         Some(match self {
             Entry::Open { conversation, .. }
@@ -271,8 +300,16 @@ impl Entry {
             | Entry::Moved { conversation, .. }
             | Entry::Following { conversation, .. }
             | Entry::Declined { conversation, .. } => *conversation,
-            Entry::Revocations { .. } => return None,
+            Entry::Revocations { .. } | Entry::Bundle { .. } => return None,
         })
+    }
+
+    /// The entries it carries: a bundle's, or itself.
+    pub fn into_entries(self) -> Vec<Entry> {
+        match self {
+            Entry::Bundle { entries, .. } => entries,
+            other => vec![other],
+        }
     }
 
     /// The entry's bytes.
@@ -310,7 +347,6 @@ impl Entry {
                 msg_id,
                 chained,
                 body,
-                signature,
             } => {
                 out.push(KIND_SEQUENCED);
                 out.extend_from_slice(&conversation.to_bytes());
@@ -320,7 +356,6 @@ impl Entry {
                 out.extend_from_slice(&msg_id.to_bytes());
                 out.push(u8::from(*chained));
                 put_body(&mut out, body);
-                out.extend_from_slice(signature);
             }
             Entry::Answer {
                 conversation,
@@ -413,12 +448,57 @@ impl Entry {
                 out.extend_from_slice(&root.0);
                 put_body(&mut out, crl);
             }
+            Entry::Bundle { entries, signature } => {
+                let parts: Vec<Bytes> = entries.iter().map(Entry::encode).collect();
+                return encode_bundle(&parts, *signature);
+            }
         }
         Bytes::from(out)
     }
 
     /// Reads an entry; never panics, allocates only what the input holds.
     pub fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8().ok_or(EntryError::Truncated)?;
+        if version != ENTRY_VERSION {
+            return Err(EntryError::NotAnEntry(version));
+        }
+        if bytes.get(1) != Some(&KIND_BUNDLE) {
+            return Entry::decode_one(bytes);
+        }
+        r.u8();
+        let signature = match r.u8().ok_or(EntryError::Truncated)? {
+            0 => None,
+            1 => Some(r.array::<64>().ok_or(EntryError::Truncated)?),
+            other => return Err(EntryError::BadFlag(other)),
+        };
+        let count = usize::from(u16::from_be_bytes(
+            r.array::<2>().ok_or(EntryError::Truncated)?,
+        ));
+        if count > BUNDLE_ENTRIES_MAX {
+            return Err(EntryError::TooLong);
+        }
+        // Each entry takes at least its length and two bytes.
+        if r.remaining() < count * (BUNDLE_ENTRY_OVERHEAD + 2) {
+            return Err(EntryError::Truncated);
+        }
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = r.u32().ok_or(EntryError::Truncated)? as usize;
+            let part = r.take(len).ok_or(EntryError::Truncated)?;
+            if part.get(1) == Some(&KIND_BUNDLE) {
+                return Err(EntryError::Nested);
+            }
+            entries.push(Entry::decode_one(part)?);
+        }
+        if r.remaining() != 0 {
+            return Err(EntryError::Trailing);
+        }
+        Ok(Entry::Bundle { entries, signature })
+    }
+
+    /// Reads an entry that is not a bundle.
+    fn decode_one(bytes: &[u8]) -> Result<Entry, EntryError> {
         let mut r = Reader::new(bytes);
         let version = r.u8().ok_or(EntryError::Truncated)?;
         if version != ENTRY_VERSION {
@@ -465,7 +545,6 @@ impl Entry {
                     other => return Err(EntryError::BadFlag(other)),
                 },
                 body: body(&mut r)?,
-                signature: r.array::<64>().ok_or(EntryError::Truncated)?,
             },
             KIND_ANSWER => {
                 let sender = DeviceId::from_bytes(id(&mut r)?);
@@ -570,6 +649,68 @@ pub fn sequenced_statement(
     statement.update(&epoch.to_be_bytes());
     statement.update(message.finalize().as_bytes());
     *statement.finalize().as_bytes()
+}
+
+/// What the sender of a bundle signs: the [`sequenced_statement`] of every
+/// [`Entry::Sequenced`] in it, in order, under a context of its own.
+pub fn bundle_statement(statements: &[[u8; 32]]) -> [u8; 32] {
+    let mut bundle = blake3::Hasher::new_derive_key("sund federation: sequenced bundle, v1");
+    bundle.update(&(statements.len() as u64).to_be_bytes());
+    for statement in statements {
+        bundle.update(statement);
+    }
+    *bundle.finalize().as_bytes()
+}
+
+/// The [`sequenced_statement`] of an entry if it is an [`Entry::Sequenced`].
+pub fn statement_of(entry: &Entry) -> Option<[u8; 32]> {
+    match entry {
+        Entry::Sequenced {
+            conversation,
+            seq,
+            epoch,
+            sender,
+            msg_id,
+            body,
+            ..
+        } => Some(sequenced_statement(
+            *conversation,
+            *seq,
+            *epoch,
+            *sender,
+            *msg_id,
+            body,
+        )),
+        _ => None,
+    }
+}
+
+/// A bundle of entries already encoded (none of them a bundle, at most
+/// [`BUNDLE_ENTRIES_MAX`]), signed or not: the link entry a gateway queues for a peer.
+pub fn encode_bundle(parts: &[Bytes], signature: Option<[u8; 64]>) -> Bytes {
+    assert!(parts.len() <= BUNDLE_ENTRIES_MAX, "bounded by the caller");
+    let len = BUNDLE_HEADER_BYTES
+        + parts
+            .iter()
+            .map(|p| p.len() + BUNDLE_ENTRY_OVERHEAD)
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(len);
+    out.push(ENTRY_VERSION);
+    out.push(KIND_BUNDLE);
+    match signature {
+        Some(signature) => {
+            out.push(1);
+            out.extend_from_slice(&signature);
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&(parts.len() as u16).to_be_bytes());
+    for part in parts {
+        debug_assert_ne!(part.get(1), Some(&KIND_BUNDLE), "bundles are not nested");
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    Bytes::from(out)
 }
 
 /// A count (u32) and that many device ids.
@@ -689,7 +830,27 @@ mod tests {
         ]
     }
 
+    /// Any entry, bundles of any other entries among them.
     fn entry() -> impl Strategy<Value = Entry> {
+        prop_oneof![
+            4 => single(),
+            1 => (
+                proptest::collection::vec(single(), 0..6),
+                proptest::option::of(any::<[u8; 32]>())
+            )
+                .prop_map(|(entries, half)| Entry::Bundle {
+                    entries,
+                    signature: half.map(|half| {
+                        let mut signature = [5u8; 64];
+                        signature[..32].copy_from_slice(&half);
+                        signature
+                    }),
+                }),
+        ]
+    }
+
+    /// Any entry but a bundle.
+    fn single() -> impl Strategy<Value = Entry> {
         let body = proptest::collection::vec(any::<u8>(), 0..200).prop_map(Bytes::from);
         prop_oneof![
             (id16(), proptest::collection::vec(id16(), 0..20)).prop_map(|(c, m)| Entry::Open {
@@ -716,11 +877,8 @@ mod tests {
                 id16(),
                 id16(),
                 body.clone(),
-                any::<[u8; 32]>()
             )
-                .prop_map(|(c, (seq, epoch, chained), s, m, body, half)| {
-                    let mut signature = [0u8; 64];
-                    signature[..32].copy_from_slice(&half);
+                .prop_map(|(c, (seq, epoch, chained), s, m, body)| {
                     Entry::Sequenced {
                         conversation: ConversationId(c),
                         seq,
@@ -729,7 +887,6 @@ mod tests {
                         msg_id: MsgId(m),
                         chained,
                         body,
-                        signature,
                     }
                 }),
             (id16(), id16(), id16(), outcome()).prop_map(|(c, s, m, outcome)| Entry::Answer {
@@ -861,6 +1018,78 @@ mod tests {
         let mut trailing = entry.encode().to_vec();
         trailing.push(0);
         assert_eq!(Entry::decode(&trailing), Err(EntryError::Trailing));
+    }
+
+    #[test]
+    fn bundles_are_bounded_and_never_nested() {
+        let inner = Entry::Following {
+            conversation: ConversationId(1),
+            term: 2,
+            head: 3,
+        };
+        let bundle = Entry::Bundle {
+            entries: vec![inner.clone(), inner.clone()],
+            signature: None,
+        };
+        assert_eq!(Entry::decode(&bundle.encode()), Ok(bundle.clone()));
+        assert_eq!(bundle.conversation(), None);
+        // A bundle in a bundle.
+        let inside = bundle.encode();
+        let mut nested = vec![ENTRY_VERSION, KIND_BUNDLE, 0, 0, 1];
+        nested.extend_from_slice(&(inside.len() as u32).to_be_bytes());
+        nested.extend_from_slice(&inside);
+        assert_eq!(Entry::decode(&nested), Err(EntryError::Nested));
+        // A count over the bound is refused before anything is read.
+        let mut many = vec![ENTRY_VERSION, KIND_BUNDLE, 0];
+        many.extend_from_slice(&(BUNDLE_ENTRIES_MAX as u16 + 1).to_be_bytes());
+        assert_eq!(Entry::decode(&many), Err(EntryError::TooLong));
+        // A count the bytes cannot hold.
+        let mut short = vec![ENTRY_VERSION, KIND_BUNDLE, 0];
+        short.extend_from_slice(&1000u16.to_be_bytes());
+        short.extend_from_slice(&[0; 100]);
+        assert_eq!(Entry::decode(&short), Err(EntryError::Truncated));
+        // A bad signature flag.
+        let mut flag = bundle.encode().to_vec();
+        flag[2] = 2;
+        assert_eq!(Entry::decode(&flag), Err(EntryError::BadFlag(2)));
+        // An inner entry that is not one.
+        let bad = encode_bundle(&[Bytes::from_static(b"text")], None);
+        assert_eq!(Entry::decode(&bad), Err(EntryError::NotAnEntry(b't')));
+        // Its header is what BUNDLE_HEADER_BYTES says, with a signature.
+        let parts = [inner.encode()];
+        let signed = encode_bundle(&parts, Some([1; 64]));
+        assert_eq!(
+            signed.len(),
+            BUNDLE_HEADER_BYTES + BUNDLE_ENTRY_OVERHEAD + parts[0].len()
+        );
+    }
+
+    #[test]
+    fn a_bundle_statement_covers_every_sequenced_entry_and_its_order() {
+        let one = sequenced_statement(ConversationId(1), 1, 0, DeviceId(2), MsgId(3), b"a");
+        let two = sequenced_statement(ConversationId(1), 2, 0, DeviceId(2), MsgId(4), b"b");
+        let both = bundle_statement(&[one, two]);
+        assert_ne!(both, bundle_statement(&[two, one]));
+        assert_ne!(both, bundle_statement(&[one]));
+        assert_ne!(bundle_statement(&[]), bundle_statement(&[one]));
+        let entry = Entry::Sequenced {
+            conversation: ConversationId(1),
+            seq: 1,
+            epoch: 0,
+            sender: DeviceId(2),
+            msg_id: MsgId(3),
+            chained: true,
+            body: Bytes::from_static(b"a"),
+        };
+        assert_eq!(statement_of(&entry), Some(one));
+        assert_eq!(
+            statement_of(&Entry::Following {
+                conversation: ConversationId(1),
+                term: 1,
+                head: 1
+            }),
+            None
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub const FEDERATION_CURSORS_TABLE: Table = Table("federation_cursors");
 
 /// Most unacknowledged entries in flight on one link.
 pub const WINDOW: u64 = 256;
+/// The longest entry a link carries: one frame's payload, less room for the frame's own fields.
+pub const ENTRY_BYTES_MAX: usize = PAYLOAD_BYTES_MAX as usize - 64;
 
 /// The link timers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -442,13 +444,8 @@ impl Federation {
     /// Queues `body` for `peer`: it reaches the peer once, after every entry queued before it.
     /// Returns its number on the link.
     pub fn enqueue(&mut self, now: Instant, peer: &str, body: Bytes) -> Result<u64, EnqueueError> {
-        if body.len() + 64 > PAYLOAD_BYTES_MAX as usize {
-            return Err(EnqueueError::TooLarge(body.len()));
-        }
-        let link = self
-            .links
-            .get_mut(peer)
-            .ok_or_else(|| EnqueueError::UnknownPeer(peer.to_string()))?;
+        self.check_entry(peer, body.len())?;
+        let link = self.links.get_mut(peer).expect("checked above");
         link.numbered += 1;
         let seq = link.numbered;
         self.fx
@@ -461,6 +458,18 @@ impl Federation {
         link.outbox.insert(seq, body);
         self.pump(now, peer);
         Ok(seq)
+    }
+
+    /// Whether an entry of `len` bytes can be queued for `peer`: the peer is configured and
+    /// the entry fits in one frame.
+    pub fn check_entry(&self, peer: &str, len: usize) -> Result<(), EnqueueError> {
+        if !self.links.contains_key(peer) {
+            return Err(EnqueueError::UnknownPeer(peer.to_string()));
+        }
+        if len > ENTRY_BYTES_MAX {
+            return Err(EnqueueError::TooLarge(len));
+        }
+        Ok(())
     }
 
     /// Handles one input.

@@ -188,7 +188,7 @@ impl Gateway {
                 conversation,
                 domain,
                 members,
-            } => self.share_conversation(now, conversation, &domain, members),
+            } => self.share_conversation(conversation, &domain, members),
             AdminCommand::Handover { conversation, to } => {
                 self.start_handover(now, conversation, &to)
             }

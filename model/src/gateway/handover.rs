@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::sequencer::{AUTHORITY_SENDER, LOST_SENDER};
 use super::{AdminAnswer, Gateway, GatewayOutput};
 use crate::federation::entry::{
-    sequenced_statement, Entry, HandoverCertificate, HANDOVER_DOMAINS_MAX, OPEN_MEMBERS_MAX,
+    Entry, HandoverCertificate, HANDOVER_DOMAINS_MAX, OPEN_MEMBERS_MAX,
 };
 use crate::ids::{ConversationId, DeviceId};
 use crate::time::Instant;
@@ -158,7 +158,7 @@ impl Gateway {
             members,
             signature: federation.sign(&statement),
         };
-        if let Err(error) = self.federation_enqueue(now, to, handover.encode()) {
+        if let Err(error) = self.send_entry(to, &handover) {
             return refused(error.to_string());
         }
         if self.config.planted != Some(crate::planted::PlantedBug::HandoverKeepsSequencing) {
@@ -177,7 +177,6 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_handover(
         &mut self,
-        now: Instant,
         peer: &str,
         conv: ConversationId,
         term: u64,
@@ -224,7 +223,7 @@ impl Gateway {
                 reason,
             };
             // The peer is configured: it sent this.
-            let _ = self.federation_enqueue(now, peer, declined.encode());
+            let _ = self.send_entry(peer, &declined);
             return;
         }
         let mut others: BTreeMap<String, BTreeSet<DeviceId>> = BTreeMap::new();
@@ -252,11 +251,10 @@ impl Gateway {
         let moved = Entry::Moved {
             conversation: conv,
             certificate,
-        }
-        .encode();
+        };
         for domain in domains {
             // Each is a configured peer (checked above).
-            let _ = self.federation_enqueue(now, &domain, moved.clone());
+            let _ = self.send_entry(&domain, &moved);
         }
         self.handover_stats.taken += 1;
     }
@@ -317,7 +315,7 @@ impl Gateway {
         }
         self.handover_stats.followed += 1;
         if !behind {
-            self.follow_authority(now, conv);
+            self.follow_authority(conv);
         }
         if let (true, Some(since)) = (was_moving, frozen_since) {
             self.fx.hold(GatewayOutput::HandedOver(HandedOver {
@@ -331,7 +329,7 @@ impl Gateway {
     }
 
     /// Tells `conv`'s authority where this replica ends, so that it sends what comes after.
-    pub(super) fn follow_authority(&mut self, now: Instant, conv: ConversationId) {
+    pub(super) fn follow_authority(&mut self, conv: ConversationId) {
         let (Some(authority), Some(term)) = (
             self.spanning.authority_of(conv).map(str::to_string),
             self.spanning.term(conv),
@@ -345,19 +343,12 @@ impl Gateway {
             head,
         };
         // A configured peer: the certificate came from it.
-        let _ = self.federation_enqueue(now, &authority, following.encode());
+        let _ = self.send_entry(&authority, &following);
     }
 
     /// At the new authority: `peer`'s replica ends at `head`; it gets everything after, and
     /// then every message sequenced (step 3).
-    pub(super) fn on_following(
-        &mut self,
-        now: Instant,
-        peer: &str,
-        conv: ConversationId,
-        term: u64,
-        head: u64,
-    ) {
+    pub(super) fn on_following(&mut self, peer: &str, conv: ConversationId, term: u64, head: u64) {
         if self.spanning.term(conv) != Some(term)
             || !self.spanning.following(conv, peer, self.fx.writes())
         {
@@ -374,10 +365,6 @@ impl Gateway {
         let Some(log) = self.delivery.log(conv) else {
             return;
         };
-        let federation = self
-            .federation
-            .as_ref()
-            .expect("entries come over federation");
         let mut entries = Vec::new();
         for seq in head + 1..=log.head() {
             // What is gone from the log (past retention) or was lost is not sent: the
@@ -388,25 +375,20 @@ impl Gateway {
             }
             // Plain conversations only so far: epoch 0, and every message chained in its
             // sender's order but the authority's own.
-            let epoch = 0;
-            let statement =
-                sequenced_statement(conv, seq, epoch, entry.sender, entry.msg_id, &entry.body);
-            entries.push(
-                Entry::Sequenced {
-                    conversation: conv,
-                    seq,
-                    epoch,
-                    sender: entry.sender,
-                    msg_id: entry.msg_id,
-                    chained: entry.sender != AUTHORITY_SENDER,
-                    body: entry.body.clone(),
-                    signature: federation.sign(&statement),
-                }
-                .encode(),
-            );
+            entries.push(Entry::Sequenced {
+                conversation: conv,
+                seq,
+                epoch: 0,
+                sender: entry.sender,
+                msg_id: entry.msg_id,
+                chained: entry.sender != AUTHORITY_SENDER,
+                body: entry.body.clone(),
+            });
         }
-        for body in entries {
-            if self.federation_enqueue(now, peer, body).is_ok() {
+        // Signed with the rest of this batch's bundles for the peer (up to a thousand
+        // messages under one signature).
+        for entry in entries {
+            if self.send_entry(peer, &entry).is_ok() {
                 self.handover_stats.caught_up += 1;
             }
         }
@@ -611,8 +593,13 @@ mod tests {
             store
                 .records()
                 .filter(|(t, _, _)| *t == FEDERATION_OUTBOX_TABLE.0)
-                .filter_map(|(_, _, v)| match Entry::decode(v) {
-                    Ok(Entry::Answer { outcome, .. }) => Some(outcome),
+                .flat_map(|(_, _, v)| {
+                    Entry::decode(v)
+                        .map(Entry::into_entries)
+                        .unwrap_or_default()
+                })
+                .filter_map(|entry| match entry {
+                    Entry::Answer { outcome, .. } => Some(outcome),
                     _ => None,
                 })
                 .last()

@@ -42,6 +42,7 @@ pub mod handover;
 pub mod key_packages;
 pub mod limits;
 pub mod links;
+pub mod outgoing;
 pub mod peer_crls;
 pub mod presence;
 mod refusal;
@@ -60,6 +61,7 @@ use bytes::Bytes;
 
 use crate::effects::Effects;
 use crate::env::{Entropy, Ready, StoreError, StoreRead};
+use crate::federation::entry::{statement_of, Entry};
 use crate::federation::{EnqueueError, Federation, FederationInput, FederationOutput};
 use crate::identity::{session_proof_message, DevicePublicKey};
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
@@ -242,6 +244,8 @@ pub struct Gateway {
     /// Conversations spanning domains: this gateway's role in each.
     spanning: spanning::Spanning,
     spanning_stats: relay::SpanningStats,
+    /// Entries for peer gateways, queued on their links as bundles when a batch ends.
+    outgoing: outgoing::Outgoing,
     handover_stats: handover::HandoverStats,
     /// The CRLs of the domains this gateway federates with.
     peer_crls: peer_crls::PeerCrls,
@@ -403,6 +407,7 @@ impl Gateway {
             federation: None,
             spanning: spanning::Spanning::default(),
             spanning_stats: relay::SpanningStats::default(),
+            outgoing: outgoing::Outgoing::default(),
             handover_stats: handover::HandoverStats::default(),
             peer_crls: peer_crls::PeerCrls::default(),
             fx: Fx::default(),
@@ -489,6 +494,7 @@ impl Gateway {
             spanning: self.spanning_stats,
             handover: self.handover_stats,
             peer_crls: self.peer_crls.stats(),
+            outgoing: self.outgoing.stats(),
             refusals: self.refusals,
         }
     }
@@ -551,6 +557,8 @@ impl Gateway {
     pub fn poll_ready(&mut self) -> Option<Ready<GatewayOutput>> {
         // Sender order is written once per batch, atomically with the entries it names.
         self.delivery.flush_sender_order(self.fx.writes());
+        // So is what the batch produced for each peer gateway, as one bundle per peer.
+        self.flush_outgoing();
         let own = self.fx.take_ready();
         let links = self
             .federation
@@ -571,17 +579,63 @@ impl Gateway {
         self.federation.as_ref()
     }
 
-    /// Queues `body` for the peer gateway of `domain` on its link (see
-    /// [`Federation::enqueue`]).
+    /// Queues `body` for the peer gateway of `domain` on its link as an entry of its own
+    /// (see [`Federation::enqueue`]), after whatever this batch staged for it. The gateway's
+    /// own entries go through [`Gateway::send_entry`].
     pub fn federation_enqueue(
         &mut self,
         now: Instant,
         domain: &str,
         body: Bytes,
     ) -> Result<u64, EnqueueError> {
+        self.flush_outgoing();
         match &mut self.federation {
             Some(federation) => federation.enqueue(now, domain, body),
             None => Err(EnqueueError::UnknownPeer(domain.to_string())),
+        }
+    }
+
+    /// Stages `entry` for the peer gateway of `domain`: it leaves in this batch's bundle for
+    /// that peer (see [`outgoing`]), in order. Refused now if `domain` is not a peer or the
+    /// entry cannot fit in a link entry.
+    pub(super) fn send_entry(&mut self, domain: &str, entry: &Entry) -> Result<(), EnqueueError> {
+        self.stage_encoded(domain, entry.encode(), statement_of(entry))
+    }
+
+    /// [`Gateway::send_entry`] for an entry already encoded, with its sequenced statement if
+    /// it is a sequenced message.
+    pub(super) fn stage_encoded(
+        &mut self,
+        domain: &str,
+        bytes: Bytes,
+        statement: Option<[u8; 32]>,
+    ) -> Result<(), EnqueueError> {
+        let Some(federation) = &self.federation else {
+            return Err(EnqueueError::UnknownPeer(domain.to_string()));
+        };
+        federation.check_entry(domain, bytes.len())?;
+        if bytes.len() > outgoing::STAGED_BYTES_MAX {
+            return Err(EnqueueError::TooLarge(bytes.len()));
+        }
+        self.outgoing.stage(domain, bytes, statement);
+        Ok(())
+    }
+
+    /// Queues what this batch staged for each peer, bundled and signed.
+    fn flush_outgoing(&mut self) {
+        if self.outgoing.is_empty() {
+            return;
+        }
+        let Some(federation) = &mut self.federation else {
+            return;
+        };
+        let now = self.now;
+        let taken = self.outgoing.take(|statement| federation.sign(statement));
+        for (peer, bodies) in taken {
+            for body in bodies {
+                let queued = federation.enqueue(now, &peer, body);
+                debug_assert!(queued.is_ok(), "checked when staged: {queued:?}");
+            }
         }
     }
 
@@ -604,6 +658,7 @@ impl Gateway {
         self.now = now;
         // Every session ends: nobody is left to tell who went offline.
         self.presence.drop_watches();
+        self.flush_outgoing();
         if let Some(federation) = &mut self.federation {
             federation.shut_down();
         }
@@ -645,7 +700,7 @@ impl Gateway {
                     federation.handle(now, input);
                 }
                 self.take_federated_entries(now);
-                self.push_crl_where_behind(now);
+                self.push_crl_where_behind();
             }
         }
         self.arm_chunk_drop(now);
@@ -674,7 +729,7 @@ impl Gateway {
             }
         }
         self.take_federated_entries(now);
-        self.push_crl_where_behind(now);
+        self.push_crl_where_behind();
         for name in self.timers.due(now) {
             match name {
                 GatewayTimer::Tick => self.tick(now),
@@ -1649,7 +1704,7 @@ impl Gateway {
                     self.groups.count_commit();
                     self.apply_group_effect(now, conv, seq, *effect);
                 }
-                self.fan_out(now, conv, seq, after.is_some());
+                self.fan_out(conv, seq, after.is_some());
                 seq
             }
             Ok(Appended::Duplicate(seq)) => seq,
@@ -1773,7 +1828,7 @@ impl Gateway {
             .iter()
             .map(|p| p.domain.clone())
             .collect();
-        self.push_crl(now, &peers);
+        self.push_crl(&peers);
         self.sessions.drop_device_token(device, self.fx.writes());
         // Nobody may add it to a group again.
         self.key_packages.forget(device, self.fx.writes());

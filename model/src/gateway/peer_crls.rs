@@ -24,7 +24,6 @@ use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::federation::entry::Entry;
 use crate::identity::DevicePublicKey;
 use crate::ids::DeviceId;
-use crate::time::Instant;
 use crate::trust::{Crl, CrlError, TrustRoot};
 
 use super::{Gateway, GatewayOutput};
@@ -202,7 +201,7 @@ impl PeerCrls {
 
 impl Gateway {
     /// Queues this gateway's current CRL for `peers`, behind what is queued for them already.
-    pub(super) fn push_crl(&mut self, now: Instant, peers: &[String]) {
+    pub(super) fn push_crl(&mut self, peers: &[String]) {
         if self.federation.is_none() {
             return;
         }
@@ -211,11 +210,10 @@ impl Gateway {
         let entry = Entry::Revocations {
             root: self.registry.trust_root().key,
             crl: crl.encode().into(),
-        }
-        .encode();
+        };
         for peer in peers {
             // Only configured peers are named; a CRL fits an entry by its bound.
-            if self.federation_enqueue(now, peer, entry.clone()).is_ok() {
+            if self.send_entry(peer, &entry).is_ok() {
                 self.peer_crls.count_pushed();
                 if let Some(federation) = &mut self.federation {
                     federation.crl_queued(peer, version);
@@ -225,13 +223,13 @@ impl Gateway {
     }
 
     /// Queues this gateway's CRL again for every peer whose heartbeat shows an older version.
-    pub(super) fn push_crl_where_behind(&mut self, now: Instant) {
+    pub(super) fn push_crl_where_behind(&mut self) {
         let Some(federation) = &self.federation else {
             return;
         };
         let behind = federation.crl_behind(self.registry.crl().version);
         if !behind.is_empty() {
-            self.push_crl(now, &behind);
+            self.push_crl(&behind);
         }
     }
 
@@ -359,6 +357,7 @@ mod tests {
         use crate::ids::{ConnectionId, ConversationId, MsgId, UserId};
         use crate::testing::TestEntropy;
         use crate::testing::{drain_gateway, TestDevice};
+        use crate::time::Instant;
         use crate::wire::payload::{ErrorCode, FederationAck};
         use crate::wire::{Frame, Payload, Routing};
         use bytes::Bytes;
@@ -483,8 +482,13 @@ mod tests {
                 store
                     .records()
                     .filter(|(t, _, _)| *t == FEDERATION_OUTBOX_TABLE.0)
-                    .filter_map(|(_, _, v)| match Entry::decode(v) {
-                        Ok(Entry::Answer { outcome, .. }) => Some(outcome),
+                    .flat_map(|(_, _, v)| {
+                        Entry::decode(v)
+                            .map(Entry::into_entries)
+                            .unwrap_or_default()
+                    })
+                    .filter_map(|entry| match entry {
+                        Entry::Answer { outcome, .. } => Some(outcome),
                         _ => None,
                     })
                     .last()

@@ -81,6 +81,8 @@ pub struct GatewayStats {
     pub handover: super::handover::HandoverStats,
     /// CRLs exchanged with peer domains.
     pub peer_crls: super::peer_crls::PeerCrlStats,
+    /// Entries for peer gateways and the link entries (bundles) that carried them.
+    pub outgoing: super::outgoing::OutgoingStats,
     /// Errors and goodbyes sent, by code.
     #[serde(skip)]
     pub refusals: RefusalCounts,

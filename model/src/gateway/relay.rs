@@ -17,7 +17,9 @@ use bytes::Bytes;
 
 use super::refusal::{out_of_sender_order_message, ZERO_MESSAGE_ID};
 use super::{AdminAnswer, Gateway, Refusal};
-use crate::federation::entry::{sequenced_statement, Entry, Outcome, OPEN_MEMBERS_MAX};
+use crate::federation::entry::{
+    bundle_statement, sequenced_statement, statement_of, Entry, Outcome, OPEN_MEMBERS_MAX,
+};
 use crate::gateway::sender_order;
 use crate::gateway::sequencer::Appended;
 use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
@@ -56,7 +58,6 @@ impl Gateway {
     /// new here is created (with no member device of this gateway yet).
     pub(super) fn share_conversation(
         &mut self,
-        now: Instant,
         conv: ConversationId,
         domain: &str,
         members: Vec<DeviceId>,
@@ -91,7 +92,7 @@ impl Gateway {
             conversation: conv,
             members: members.clone(),
         };
-        if let Err(error) = self.federation_enqueue(now, domain, open.encode()) {
+        if let Err(error) = self.send_entry(domain, &open) {
             return refused(error.to_string());
         }
         let shared = self
@@ -166,7 +167,7 @@ impl Gateway {
             after,
             body: Bytes::from(send.body),
         };
-        match self.federation_enqueue(now, &authority, relay.encode()) {
+        match self.send_entry(&authority, &relay) {
             Ok(_) => {
                 self.spanning.relayed(conv, device, msg_id, &authority);
                 self.spanning_stats.relayed += 1;
@@ -185,7 +186,7 @@ impl Gateway {
 
     /// A message this gateway sequenced at `seq` in `conv`: to each member gateway of another
     /// domain, in the same commit.
-    pub(super) fn fan_out(&mut self, now: Instant, conv: ConversationId, seq: u64, chained: bool) {
+    pub(super) fn fan_out(&mut self, conv: ConversationId, seq: u64, chained: bool) {
         let domains: Vec<String> = self
             .spanning
             .fan_out_domains(conv)
@@ -195,9 +196,6 @@ impl Gateway {
             return;
         }
         let Some(entry) = self.delivery.log(conv).and_then(|log| log.get(seq)) else {
-            return;
-        };
-        let Some(federation) = &self.federation else {
             return;
         };
         // Plain conversations only so far: epoch 0.
@@ -212,13 +210,15 @@ impl Gateway {
             msg_id: entry.msg_id,
             chained,
             body: entry.body.clone(),
-            signature: federation.sign(&statement),
         }
         .encode();
         for domain in domains {
             // A configured peer (checked when shared); an entry no larger than the message
-            // that made it plus its fixed fields.
-            if self.federation_enqueue(now, &domain, body.clone()).is_ok() {
+            // that made it plus its fixed fields. Signed with the rest of the batch's bundle.
+            if self
+                .stage_encoded(&domain, body.clone(), Some(statement))
+                .is_ok()
+            {
                 self.spanning_stats.fanned_out += 1;
             }
         }
@@ -238,7 +238,30 @@ impl Gateway {
         }
     }
 
+    /// One entry from `peer`: a bundle's entries in order, each sequenced message in it
+    /// taken only if the bundle's signature by `peer`'s link key covers it.
     pub(super) fn handle_entry(&mut self, now: Instant, peer: &str, entry: Entry) {
+        let Entry::Bundle { entries, signature } = entry else {
+            // Alone, a sequenced message is not signed: refused below.
+            self.take_entry(now, peer, entry, false);
+            return;
+        };
+        let statements: Vec<[u8; 32]> = entries.iter().filter_map(statement_of).collect();
+        let signed = !statements.is_empty()
+            && signature.is_some_and(|signature| {
+                self.federation
+                    .as_ref()
+                    .and_then(|f| f.peer_key(peer))
+                    .is_some_and(|key| key.verify(&bundle_statement(&statements), &signature))
+            });
+        for entry in entries {
+            self.take_entry(now, peer, entry, signed);
+        }
+    }
+
+    /// One entry from `peer` that is not a bundle; `signed`: a sequenced message's statement
+    /// is covered by `peer`'s signature.
+    fn take_entry(&mut self, now: Instant, peer: &str, entry: Entry, signed: bool) {
         let from_authority = entry
             .conversation()
             .is_some_and(|conv| self.spanning.authority_of(conv) == Some(peer));
@@ -270,18 +293,17 @@ impl Gateway {
                 let head = self.delivery.head(conversation).unwrap_or(0);
                 if previous.is_some_and(|last| head >= last) {
                     self.spanning.caught_up(conversation, self.fx.writes());
-                    self.follow_authority(now, conversation);
+                    self.follow_authority(conversation);
                 }
             }
             Entry::Sequenced {
                 conversation,
                 seq,
-                epoch,
+                epoch: _,
                 sender,
                 msg_id,
                 chained,
                 body,
-                signature,
             } => {
                 // After a handover, the old authority's last messages still come from it.
                 let previous = self
@@ -293,13 +315,6 @@ impl Gateway {
                     self.spanning_stats.entries_refused += 1;
                     return;
                 }
-                let statement =
-                    sequenced_statement(conversation, seq, epoch, sender, msg_id, &body);
-                let signed = self
-                    .federation
-                    .as_ref()
-                    .and_then(|f| f.peer_key(peer))
-                    .is_some_and(|key| key.verify(&statement, &signature));
                 if !signed {
                     // The link is authenticated, so this is the authority's own fault: its
                     // seq is not taken, and is marked lost when the next one comes.
@@ -323,7 +338,7 @@ impl Gateway {
                 if previous.is_some_and(|last| seq >= last) {
                     // The replica holds all the old authority sequenced: on to the new one.
                     self.spanning.caught_up(conversation, self.fx.writes());
-                    self.follow_authority(now, conversation);
+                    self.follow_authority(conversation);
                 }
             }
             Entry::Answer {
@@ -395,7 +410,7 @@ impl Gateway {
                     outcome,
                 };
                 // The peer is configured: it sent this.
-                let _ = self.federation_enqueue(now, peer, answer.encode());
+                let _ = self.send_entry(peer, &answer);
             }
             Entry::Handover {
                 conversation,
@@ -405,7 +420,6 @@ impl Gateway {
                 members,
                 signature,
             } => self.on_handover(
-                now,
                 peer,
                 conversation,
                 term,
@@ -422,13 +436,17 @@ impl Gateway {
                 conversation,
                 term,
                 head,
-            } => self.on_following(now, peer, conversation, term, head),
+            } => self.on_following(peer, conversation, term, head),
             Entry::Declined {
                 conversation,
                 term,
                 reason,
             } => self.on_declined(now, peer, conversation, term, reason),
             Entry::Revocations { root, crl } => self.on_peer_crl(peer, root, &crl),
+            Entry::Bundle { .. } => {
+                // Bundles are never nested (the decoder refuses them).
+                self.spanning_stats.entries_refused += 1;
+            }
         }
     }
 
@@ -498,7 +516,7 @@ impl Gateway {
             );
             match appended {
                 Ok(Appended::New(seq)) => {
-                    self.fan_out(now, conv, seq, after.is_some());
+                    self.fan_out(conv, seq, after.is_some());
                     self.delivery
                         .pump_members(now, conv, &self.sessions, &mut self.fx);
                     Outcome::Sequenced(seq)
@@ -550,13 +568,33 @@ mod tests {
         (g, store)
     }
 
-    /// Every entry queued for peers, in the order queued (one peer per test).
-    fn outbox(store: &MemStore) -> Vec<Entry> {
+    /// Every link entry queued for peers, in the order queued (one peer per test).
+    fn outbox_rows(store: &MemStore) -> Vec<Entry> {
         store
             .records()
             .filter(|(table, _, _)| *table == FEDERATION_OUTBOX_TABLE.0)
             .map(|(_, _, value)| Entry::decode(value).expect("an entry"))
             .collect()
+    }
+
+    /// Every entry queued for peers, in the order queued, bundles opened.
+    fn outbox(store: &MemStore) -> Vec<Entry> {
+        outbox_rows(store)
+            .into_iter()
+            .flat_map(|entry| match entry {
+                Entry::Bundle { entries, .. } => entries,
+                other => vec![other],
+            })
+            .collect()
+    }
+
+    /// `entries` in a bundle signed by `key` over their sequenced statements.
+    fn bundle_signed_by(key: &crate::identity::DeviceKey, entries: Vec<Entry>) -> Entry {
+        let statements: Vec<[u8; 32]> = entries.iter().filter_map(statement_of).collect();
+        Entry::Bundle {
+            entries,
+            signature: Some(key.sign(&bundle_statement(&statements))),
+        }
     }
 
     fn relay(sender: DeviceId, msg: u128, body: &'static [u8]) -> Entry {
@@ -614,19 +652,30 @@ mod tests {
             sender: FOREIGN,
             msg_id: MsgId(5),
             ref body,
-            signature,
             ..
         } = queued[1]
         else {
             panic!("sequenced: {:?}", queued[1]);
         };
         assert_eq!(body.as_ref(), b"hello");
-        // Signed by the authority's link key over what it ordered, and nothing else.
+        // What the batch produced left as one link entry, a bundle signed by the authority's
+        // link key over what it ordered, and nothing else.
+        let rows = outbox_rows(&store);
+        assert_eq!(rows.len(), 2, "the open, then one bundle: {rows:?}");
+        let Entry::Bundle {
+            signature: Some(signature),
+            ..
+        } = rows[1]
+        else {
+            panic!("a signed bundle: {:?}", rows[1]);
+        };
         let key = g.federation().unwrap().link_key();
         let statement = sequenced_statement(CONV, 1, 0, FOREIGN, MsgId(5), b"hello");
-        assert!(key.verify(&statement, &signature));
+        assert!(key.verify(&bundle_statement(&[statement]), &signature));
         let other = sequenced_statement(CONV, 2, 0, FOREIGN, MsgId(5), b"hello");
-        assert!(!key.verify(&other, &signature));
+        assert!(!key.verify(&bundle_statement(&[other]), &signature));
+        let outgoing = g.stats().outgoing;
+        assert_eq!((outgoing.signatures, outgoing.link_entries), (1, 2));
         let stats = g.stats().spanning;
         assert_eq!((stats.relays_taken, stats.fanned_out), (2, 1));
         // A restart keeps the role: the next message goes out too.
@@ -708,19 +757,17 @@ mod tests {
         let federation = g.federation.as_mut().unwrap();
         federation.assume_peer_key("a.example", authority.public());
         federation.assume_peer_key("c.example", stranger.public());
+        let sequenced = |seq: u64, body: &'static [u8]| Entry::Sequenced {
+            conversation: CONV,
+            seq,
+            epoch: 0,
+            sender: LOCAL,
+            msg_id: MsgId(u128::from(seq)),
+            chained: true,
+            body: Bytes::from_static(body),
+        };
         let signed_by = |key: &crate::identity::DeviceKey, seq: u64, body: &'static [u8]| {
-            let msg_id = MsgId(u128::from(seq));
-            let statement = sequenced_statement(CONV, seq, 0, LOCAL, msg_id, body);
-            Entry::Sequenced {
-                conversation: CONV,
-                seq,
-                epoch: 0,
-                sender: LOCAL,
-                msg_id,
-                chained: true,
-                body: Bytes::from_static(body),
-                signature: key.sign(&statement),
-            }
+            bundle_signed_by(key, vec![sequenced(seq, body)])
         };
         // Before the conversation is opened here, nothing is taken.
         g.handle_entry(NOW, "a.example", signed_by(&authority, 1, b"early"));
@@ -749,21 +796,32 @@ mod tests {
         assert!(why.contains("homed at another gateway"), "{why}");
         // On the authority's link but not signed by its key (a body changed after signing):
         // not taken.
-        let Entry::Sequenced { signature, .. } = signed_by(&authority, 2, b"two") else {
+        let Entry::Bundle { signature, .. } = signed_by(&authority, 2, b"two") else {
             unreachable!()
         };
-        let altered = Entry::Sequenced {
-            conversation: CONV,
-            seq: 2,
-            epoch: 0,
-            sender: LOCAL,
-            msg_id: MsgId(2),
-            chained: true,
-            body: Bytes::from_static(b"TWO"),
+        let altered = Entry::Bundle {
+            entries: vec![sequenced(2, b"TWO")],
             signature,
         };
         g.handle_entry(NOW, "a.example", altered);
         assert_eq!(g.stats().spanning.signatures_refused, 1);
+        // Nor alone (nothing signs it), nor in an unsigned bundle, nor with a sibling the
+        // signature does not cover.
+        g.handle_entry(NOW, "a.example", sequenced(2, b"two"));
+        let unsigned = Entry::Bundle {
+            entries: vec![sequenced(2, b"two")],
+            signature: None,
+        };
+        g.handle_entry(NOW, "a.example", unsigned);
+        let Entry::Bundle { signature, .. } = signed_by(&authority, 2, b"two") else {
+            unreachable!()
+        };
+        let smuggled = Entry::Bundle {
+            entries: vec![sequenced(2, b"two"), sequenced(3, b"smuggled")],
+            signature,
+        };
+        g.handle_entry(NOW, "a.example", smuggled);
+        assert_eq!(g.stats().spanning.signatures_refused, 5);
         assert_eq!(g.conversation_head(CONV), Some(1));
         // A seq the replica never took becomes a placeholder when the next one comes.
         g.handle_entry(NOW, "a.example", signed_by(&authority, 3, b"three"));
