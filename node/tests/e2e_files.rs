@@ -115,8 +115,12 @@ fn files_resume_after_sigkills_of_sender_receiver_and_gateway_and_arrive_whole()
     let send = ["file", "send", "--data-dir", a, "@bob", big_path];
     sigkill(&mut run_until(&send, "sending big.bin: 25 %"));
     let sent = run(&sund(), &send);
+    // On a loaded machine the kill can land after the last chunk went (the progress line is
+    // read late): then the gateway holds it all and nothing moves, which is right too.
     assert!(
-        sent.contains("sent big.bin") && sent.contains("was at the gateway already"),
+        sent.contains("sent big.bin")
+            && (sent.contains("was at the gateway already")
+                || sent.contains("the gateway held all of it already")),
         "{sent}"
     );
 
