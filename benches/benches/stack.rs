@@ -929,6 +929,7 @@ async fn start_federated(
             sends: None,
             conversations: None,
             registrations: None,
+            peer_relays: None,
             ..RateLimits::default()
         },
         ..GatewayConfig::default()

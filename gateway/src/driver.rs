@@ -1174,6 +1174,11 @@ impl Core {
                     ),
                     PeerCrlTaken::Stale { .. } => {}
                 },
+                GatewayOutput::PeerLimited { peer, rate } => tracing::warn!(
+                    %peer,
+                    "{peer} relays more than {} into conversations homed here; the excess is refused (peer_limited) and its devices send again later. If this traffic is expected, raise peer_relays_per_second in [limits]",
+                    sund_model::gateway::limits::describe(rate)
+                ),
                 GatewayOutput::HandedOver(done) => match &done.declined {
                     None => tracing::info!(
                         conversation = %done.conversation,

@@ -41,7 +41,8 @@ struct Cli {
     /// and a `[limits]` table: sends_per_second, send_burst, conversations_per_hour,
     /// conversation_burst, invitations_per_hour, invitation_burst, registrations_per_hour,
     /// registration_burst, contact_requests_per_day,
-    /// contact_request_burst, watchlists_per_hour, watchlist_burst, 0 turning one off,
+    /// contact_request_burst, watchlists_per_hour, watchlist_burst, peer_relays_per_second
+    /// (messages one federation peer may relay here), peer_relay_burst, 0 turning one off,
     /// send_refusals_max, watchlist_max, contacts_max, conversations_max;
     /// and a `[federation]` table: listen (UDP address for peer gateways) and
     /// `[[federation.peer]]` entries of domain, address (HOST:PORT) and root_fingerprint);
@@ -353,6 +354,8 @@ struct LimitsConfig {
     contact_request_burst: Option<u32>,
     watchlists_per_hour: Option<u32>,
     watchlist_burst: Option<u32>,
+    peer_relays_per_second: Option<u32>,
+    peer_relay_burst: Option<u32>,
     watchlist_max: Option<u32>,
     contacts_max: Option<u32>,
     conversations_max: Option<u32>,
@@ -409,6 +412,12 @@ impl LimitsConfig {
             self.watchlists_per_hour,
             self.watchlist_burst,
             Rate::per_hour,
+        );
+        limits.peer_relays = rate(
+            limits.peer_relays,
+            self.peer_relays_per_second,
+            self.peer_relay_burst,
+            Rate::per_second,
         );
         if let Some(max) = self.send_refusals_max {
             limits.send_refusals_max = max.max(1);

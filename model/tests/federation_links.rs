@@ -674,6 +674,19 @@ fn write_federation_entry_seeds() {
             },
         ),
         (
+            "answer-limited",
+            Entry::Answer {
+                conversation,
+                sender,
+                msg_id,
+                outcome: Outcome::Limited {
+                    code: ErrorCode::PeerLimited,
+                    message: "the conversation's home gateway takes at most 2000 per second".into(),
+                    retry_after_ms: 1_500,
+                },
+            },
+        ),
+        (
             "handover",
             Entry::Handover {
                 conversation,

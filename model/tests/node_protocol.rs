@@ -1266,6 +1266,18 @@ fn a_rate_limited_message_waits_with_everything_after_it_and_all_go_in_order_aft
 
 #[test]
 fn a_message_refused_while_its_authority_moves_goes_again_after_the_hint_and_nothing_else_waits() {
+    deferred_by(ErrorCode::AuthorityMoving);
+}
+
+#[test]
+fn a_message_its_authority_limits_per_peer_goes_again_after_the_hint_and_nothing_else_waits() {
+    deferred_by(ErrorCode::PeerLimited);
+}
+
+/// A refusal that holds back one conversation (the authority elsewhere is moving, or takes no
+/// more from this device's gateway for now), and neither the device nor its other
+/// conversations.
+fn deferred_by(code: ErrorCode) {
     let other = ConversationId(0x0E);
     let mut h = Harness::new();
     h.open(1);
@@ -1275,7 +1287,7 @@ fn a_message_refused_while_its_authority_moves_goes_again_after_the_hint_and_not
     // CONV is being handed over to another gateway: a is refused for now (b, behind it,
     // would be refused the same way). This is no rate limit: the user is told nothing.
     let report = ErrorReport {
-        code: ErrorCode::AuthorityMoving as u16,
+        code: code as u16,
         message: "this conversation's authority is moving to b.example".into(),
         msg_id: Some(a.to_bytes()),
         after: None,
@@ -1303,7 +1315,12 @@ fn a_message_refused_while_its_authority_moves_goes_again_after_the_hint_and_not
         "both again, in order, chained"
     );
     let stats = h.node.stats();
-    assert_eq!((stats.authority_moving, stats.throttled), (1, 0));
+    let counted = if code == ErrorCode::PeerLimited {
+        stats.peer_limited
+    } else {
+        stats.authority_moving
+    };
+    assert_eq!((counted, stats.throttled), (1, 0));
 }
 
 #[test]

@@ -743,7 +743,8 @@ impl Harness {
                     }
                     GatewayOutput::HistoryLost(_)
                     | GatewayOutput::HandedOver(_)
-                    | GatewayOutput::PeerCrl(_) => {}
+                    | GatewayOutput::PeerCrl(_)
+                    | GatewayOutput::PeerLimited { .. } => {}
                     GatewayOutput::PauseReading(conn, pause) => {
                         assert!(
                             !self.closed_by_gateway.contains(&conn),

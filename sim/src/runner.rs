@@ -88,6 +88,8 @@ struct JsonRun<'a> {
     /// gateways.
     spanning_relayed: Option<u64>,
     spanning_fanned_out: Option<u64>,
+    /// Relays an authority refused by its limit per peer (`peer_limited`).
+    spanning_relays_limited: Option<u64>,
     /// Authority handovers: asked of an authority, done, declined, and the longest and median
     /// time a conversation was frozen (as its old authority timed it).
     handovers_asked: Option<u64>,
@@ -419,6 +421,7 @@ fn write_report(
             faults: &r.faults,
             spanning_relayed: r.spanning.map(|s| s.relayed),
             spanning_fanned_out: r.spanning.map(|s| s.fanned_out),
+            spanning_relays_limited: r.spanning.map(|s| s.relays_limited),
             handovers_asked: r.handovers.as_ref().map(|h| h.asked),
             handovers_done: r.handovers.as_ref().map(|h| h.done),
             handovers_declined: r.handovers.as_ref().map(|h| h.declined),
@@ -561,7 +564,17 @@ fn write_report(
                 ))
                 .collect::<String>(),
             r.spanning
-                .map(|s| format!(" spanning relayed {} fanned-out {}", s.relayed, s.fanned_out))
+                .map(|s| {
+                    let limited = if s.relays_limited > 0 {
+                        format!(" peer-limited {}", s.relays_limited)
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        " spanning relayed {} fanned-out {}{limited}",
+                        s.relayed, s.fanned_out
+                    )
+                })
                 .unwrap_or_default(),
             r.handovers
                 .as_ref()

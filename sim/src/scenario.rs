@@ -467,6 +467,9 @@ impl Tunables {
         if let Some(max) = self.watchlist_max {
             gateway.limits.watchlist_max = max;
         }
+        if let Some(rate) = self.peer_limit {
+            gateway.limits.peer_relays = rate;
+        }
     }
 
     /// The per-device send limit the gateways of this scenario apply.
@@ -557,6 +560,8 @@ pub struct Tunables {
     pub watch_limit: Option<Option<Rate>>,
     /// Gateway cap on a watchlist's length.
     pub watchlist_max: Option<u32>,
+    /// Gateway rate limit on messages relayed per peer gateway (`Some(None)`: off).
+    pub peer_limit: Option<Option<Rate>>,
 }
 
 /// A whole parsed and resolved scenario.
@@ -1213,6 +1218,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 "registration-limit" => b.tunables.registration_limit = Some(line.rate(Rate::per_hour)?),
                 "contact-limit" => b.tunables.contact_limit = Some(line.rate(Rate::per_day)?),
                 "watch-limit" => b.tunables.watch_limit = Some(line.rate(Rate::per_hour)?),
+                "peer-limit" => b.tunables.peer_limit = Some(line.rate(Rate::per_second)?),
                 "watchlist-max" => {
                     b.tunables.watchlist_max =
                         Some(u32::try_from(line.integer("most users in a watchlist")?).unwrap_or(u32::MAX))
@@ -1220,7 +1226,7 @@ fn statement(b: &mut Builder, line: &mut Line<'_>) -> Result<(), ScenarioError> 
                 other => {
                     return Err(line.error_at(
                         key.column,
-                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `mailbox`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `invitation-limit`, `registration-limit`, `contact-limit`, `watch-limit` or `watchlist-max`, found `{other}`"),
+                        format!("expected `heartbeat`, `idle-timeout`, `handshake-timeout`, `redeliver-after`, `resend-after`, `backoff-max`, `window`, `retention`, `mailbox`, `decrypt-sample`, `key-packages`, `send-limit`, `conversation-limit`, `invitation-limit`, `registration-limit`, `contact-limit`, `watch-limit`, `peer-limit` or `watchlist-max`, found `{other}`"),
                     ))
                 }
             }

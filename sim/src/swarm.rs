@@ -126,6 +126,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "federation",
     "spanning",
     "handover",
+    "peer-limit",
     "drain",
 ];
 
@@ -621,6 +622,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         if links.handovers {
             mix.insert("handover");
         }
+        if links.peer_limit {
+            mix.insert("peer-limit");
+        }
         out.push_str(&links.text);
     }
     let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
@@ -715,6 +719,8 @@ struct FederationDraw {
     spanning: bool,
     /// Its authority is handed over while it runs.
     handovers: bool,
+    /// The gateways limit what each peer relays (tight enough for a backlog to meet it).
+    peer_limit: bool,
 }
 
 /// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
@@ -825,11 +831,24 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
             let _ = writeln!(text, "at {at}ms handover span0 to {authority}");
         }
     }
+    // Drawn last, so that what each seed drew before the limit existed stays as it was.
+    // Above what the members send (at most about 20 a second in all), below what a backlog
+    // after a cut or a crash brings at once.
+    let peer_limit = spanning && d.chance(0.4);
+    if peer_limit {
+        let _ = writeln!(
+            text,
+            "config peer-limit {} burst {}",
+            d.range(25, 50),
+            d.range(4, 20)
+        );
+    }
     Some(FederationDraw {
         gateways,
         text,
         spanning,
         handovers,
+        peer_limit,
     })
 }
 

@@ -256,6 +256,16 @@ pub enum Outcome {
         /// With `sender_out_of_order`: the message it must come after.
         after: Option<MsgId>,
     },
+    /// Refused for now by a rate limit (`peer_limited`): the device sends it again after
+    /// `retry_after_ms`.
+    Limited {
+        /// Why, as the device will hear it.
+        code: ErrorCode,
+        /// In words (at most [`ANSWER_MESSAGE_MAX`] bytes).
+        message: String,
+        /// When it may be sent again, in milliseconds.
+        retry_after_ms: u32,
+    },
 }
 
 /// Why bytes are not an entry.
@@ -380,6 +390,16 @@ impl Entry {
                         out.push(1);
                         out.extend_from_slice(&(*code as u16).to_be_bytes());
                         put_optional_id(&mut out, *after);
+                        put_words(&mut out, message);
+                    }
+                    Outcome::Limited {
+                        code,
+                        message,
+                        retry_after_ms,
+                    } => {
+                        out.push(2);
+                        out.extend_from_slice(&(*code as u16).to_be_bytes());
+                        out.extend_from_slice(&retry_after_ms.to_be_bytes());
                         put_words(&mut out, message);
                     }
                 }
@@ -560,6 +580,16 @@ impl Entry {
                             code,
                             message,
                             after,
+                        }
+                    }
+                    2 => {
+                        let code = r.array::<2>().ok_or(EntryError::Truncated)?;
+                        let code = ErrorCode::from_u16(u16::from_be_bytes(code));
+                        let retry_after_ms = r.u32().ok_or(EntryError::Truncated)?;
+                        Outcome::Limited {
+                            code,
+                            message: words(&mut r)?,
+                            retry_after_ms,
                         }
                     }
                     other => return Err(EntryError::BadFlag(other)),
@@ -827,6 +857,13 @@ mod tests {
                     after: after.map(MsgId),
                 }
             ),
+            (0u16..60, "[ -~]{0,60}", any::<u32>()).prop_map(|(code, message, retry_after_ms)| {
+                Outcome::Limited {
+                    code: ErrorCode::from_u16(code),
+                    message,
+                    retry_after_ms,
+                }
+            }),
         ]
     }
 

@@ -28,6 +28,10 @@
 //!   certificate) per source address, when the driver says where a connection comes from
 //!   (`GatewayInput::AcceptedFrom`): `registrations_limited`, as a goodbye with the hint;
 //! - contact requests per user: `contacts_limited`;
+//! - relayed messages per peer gateway, at the authority of conversations spanning domains
+//!   (`peer_limited`): a peer's own gateway charges its devices' sends, but a peer that does
+//!   not (a bug, or a hostile operator) must not take this gateway's sequencer, disk and links
+//!   for itself; the excess is answered with the hint, which the peer passes to the device;
 //! - watchlist changes (presence subscriptions) per device: `presence_limited`; and two caps
 //!   checked by the `social` and `presence` sub-machines: the longest watchlist
 //!   (`watchlist_too_long`) and the most relations one user may hold (`contact_list_full`).
@@ -64,6 +68,12 @@ impl SourceAddress {
         }
     }
 }
+
+/// The furthest ahead a relay refused by its peer's limit is told to come back.
+pub const PEER_PROMISE_MAX: Duration = Duration::from_secs(60);
+
+/// How often the operator hears of one peer refused by its relay limit, at most.
+pub const PEER_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A rate: `count` requests per `period`, with bursts of up to `burst` at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +142,9 @@ pub struct RateLimits {
     pub contact_requests: Option<Rate>,
     /// Watchlists a device may send (each replaces the last; a node sends one per session).
     pub presence_subscriptions: Option<Rate>,
+    /// Messages one peer gateway may relay here, into conversations homed here, all its
+    /// devices together.
+    pub peer_relays: Option<Rate>,
     /// Most users one watchlist may name.
     pub watchlist_max: u32,
     /// Most relations (contacts, requests sent, blocks) one user may hold.
@@ -159,6 +172,9 @@ impl Default for RateLimits {
             registrations: Some(Rate::per_hour(60, 20)),
             contact_requests: Some(Rate::per_day(100, 20)),
             presence_subscriptions: Some(Rate::per_hour(120, 20)),
+            // Forty devices sending at their own limit; a burst holds what a busy peer
+            // queued during a minute's partition.
+            peer_relays: Some(Rate::per_second(2_000, 20_000)),
             watchlist_max: 512,
             contacts_max: 2_000,
             conversations_max: 10_000,
@@ -185,7 +201,7 @@ pub struct Bucket<K> {
     tat: BTreeMap<K, Instant>,
 }
 
-impl<K: Ord + Copy> Bucket<K> {
+impl<K: Ord> Bucket<K> {
     /// An empty bucket set for `rate`.
     pub fn new(rate: Rate) -> Bucket<K> {
         assert!(
@@ -258,6 +274,8 @@ pub struct LimitStats {
     pub contacts_limited: u64,
     /// Watchlists refused by the per-device limit.
     pub presence_limited: u64,
+    /// Relayed messages refused by the per-peer limit.
+    pub peer_relays_limited: u64,
     /// Sessions ended because their device kept sending while refused.
     pub cut_off: u64,
 }
@@ -271,6 +289,12 @@ pub struct Limits {
     registrations: Option<Bucket<SourceAddress>>,
     contact_requests: Option<Bucket<UserId>>,
     presence_subscriptions: Option<Bucket<DeviceId>>,
+    peer_relays: Option<Bucket<String>>,
+    /// Per peer refused by `peer_relays`: when the operator was last told.
+    peer_reported: BTreeMap<String, Instant>,
+    /// Per peer refused by `peer_relays`: the first time not yet promised to a refused relay
+    /// (see `admit_peer_relay`).
+    peer_promised: BTreeMap<String, Instant>,
     /// Per device being refused: its refusals since its last admitted message.
     refused_in_row: BTreeMap<DeviceId, u32>,
     send_refusals_max: u32,
@@ -287,10 +311,53 @@ impl Limits {
             registrations: config.registrations.map(Bucket::new),
             contact_requests: config.contact_requests.map(Bucket::new),
             presence_subscriptions: config.presence_subscriptions.map(Bucket::new),
+            peer_relays: config.peer_relays.map(Bucket::new),
+            peer_reported: BTreeMap::new(),
+            peer_promised: BTreeMap::new(),
             refused_in_row: BTreeMap::new(),
             send_refusals_max: config.send_refusals_max.max(1),
             stats: LimitStats::default(),
         }
+    }
+
+    /// Charges the peer gateway of `domain` one relayed message. A refusal promises the
+    /// relay a time of its own: each refused relay is told to come back one interval of the
+    /// limit after the one refused before it (up to [`PEER_PROMISE_MAX`] ahead), so that a
+    /// backlog comes back spread over the time the limit needs for it, each when there is
+    /// room for it, rather than all at the next free slot to be refused again.
+    pub fn admit_peer_relay(&mut self, now: Instant, domain: &str) -> Result<(), Limited> {
+        let Some(bucket) = &mut self.peer_relays else {
+            return Ok(());
+        };
+        let mut limited = match bucket.admit(now, domain.to_string()) {
+            Ok(()) => return Ok(()),
+            Err(limited) => limited,
+        };
+        self.stats.peer_relays_limited += 1;
+        let next_free = now + limited.retry_after;
+        let slot = match self.peer_promised.get(domain) {
+            Some(&promised) if promised > next_free => promised,
+            _ => next_free,
+        };
+        let slot = slot.min(now + PEER_PROMISE_MAX);
+        self.peer_promised
+            .insert(domain.to_string(), slot + limited.rate.interval());
+        limited.retry_after = slot.saturating_since(now);
+        Err(limited)
+    }
+
+    /// True if the operator should hear now that `domain`'s relays are refused: at most once
+    /// per [`PEER_REPORT_INTERVAL`] per peer, however long the flood.
+    pub fn report_peer_limited(&mut self, now: Instant, domain: &str) -> bool {
+        if self
+            .peer_reported
+            .get(domain)
+            .is_some_and(|last| now < *last + PEER_REPORT_INTERVAL)
+        {
+            return false;
+        }
+        self.peer_reported.insert(domain.to_string(), now);
+        true
     }
 
     /// Charges `device` one message. A refusal past `send_refusals_max` in a row says to cut
@@ -415,6 +482,12 @@ impl Limits {
         if let Some(b) = &mut self.presence_subscriptions {
             b.forget_idle(now);
         }
+        if let Some(b) = &mut self.peer_relays {
+            b.forget_idle(now);
+        }
+        self.peer_promised.retain(|_, at| *at > now);
+        self.peer_reported
+            .retain(|_, at| now < *at + PEER_REPORT_INTERVAL);
     }
 
     /// Buckets in use, all limits together.
@@ -425,6 +498,7 @@ impl Limits {
             + self.registrations.as_ref().map_or(0, Bucket::len)
             + self.contact_requests.as_ref().map_or(0, Bucket::len)
             + self.presence_subscriptions.as_ref().map_or(0, Bucket::len)
+            + self.peer_relays.as_ref().map_or(0, Bucket::len)
     }
 
     /// The counters.

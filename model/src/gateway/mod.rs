@@ -164,6 +164,14 @@ pub enum GatewayOutput {
     Federation(FederationOutput),
     /// For the operator: a peer domain's CRL was taken or refused (see [`peer_crls`]).
     PeerCrl(peer_crls::PeerCrlEvent),
+    /// For the operator: the peer gateway of `peer` relays more than its limit here and the
+    /// excess is refused (`peer_limited`); at most once a minute per peer while it lasts.
+    PeerLimited {
+        /// The peer's domain.
+        peer: String,
+        /// Its limit.
+        rate: limits::Rate,
+    },
     /// Read nothing more from this connection for this long: its device was refused by a rate
     /// limit, and what it sends meanwhile would be refused too. The driver stops reading the
     /// connection's stream, so QUIC's flow control holds the device back instead of the

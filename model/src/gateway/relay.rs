@@ -16,7 +16,7 @@
 use bytes::Bytes;
 
 use super::refusal::{out_of_sender_order_message, ZERO_MESSAGE_ID};
-use super::{AdminAnswer, Gateway, Refusal};
+use super::{AdminAnswer, Gateway, GatewayOutput, Refusal};
 use crate::federation::entry::{
     bundle_statement, sequenced_statement, statement_of, Entry, Outcome, OPEN_MEMBERS_MAX,
 };
@@ -39,6 +39,10 @@ pub struct SpanningStats {
     pub relays_taken: u64,
     /// Relayed messages this gateway (the authority) refused.
     pub relays_refused: u64,
+    /// Relayed messages this gateway (the authority) refused for now because their peer
+    /// gateway relayed more than its limit (`peer_limited`, also counted in the limits).
+    pub relays_limited: u64,
+
     /// Sequenced messages sent to member gateways.
     pub fanned_out: u64,
     /// Answers from an authority passed on to a device online here.
@@ -393,6 +397,22 @@ impl Gateway {
                         }
                         self.refuse(conn, refusal);
                     }
+                    Outcome::Limited {
+                        code,
+                        message,
+                        retry_after_ms,
+                    } => {
+                        let routing = Routing {
+                            conversation,
+                            ..Routing::default()
+                        };
+                        let wait = core::time::Duration::from_millis(u64::from(retry_after_ms));
+                        let refusal = Refusal::error(code, message)
+                            .in_conversation(routing)
+                            .about(msg_id)
+                            .retry_after(wait);
+                        self.refuse(conn, refusal);
+                    }
                 }
             }
             Entry::Relay {
@@ -467,6 +487,27 @@ impl Gateway {
             message,
             after: None,
         };
+        if let Err(limited) = self.limits.admit_peer_relay(now, peer) {
+            // A peer relaying more than its share: refused before any other work, each
+            // relay told when to come again; the operator hears of it once a minute.
+            self.spanning_stats.relays_limited += 1;
+            if self.limits.report_peer_limited(now, peer) {
+                self.fx.hold(GatewayOutput::PeerLimited {
+                    peer: peer.to_string(),
+                    rate: limited.rate,
+                });
+            }
+            return Outcome::Limited {
+                code: ErrorCode::PeerLimited,
+                message: format!(
+                    "the conversation's home gateway takes at most {} from {peer}",
+                    super::limits::describe(limited.rate)
+                ),
+                retry_after_ms: u32::try_from(limited.retry_after.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            };
+        }
         let moved = self
             .spanning
             .moving_to(conv)
@@ -531,6 +572,7 @@ impl Gateway {
         match outcome {
             Outcome::Sequenced(_) => self.spanning_stats.relays_taken += 1,
             Outcome::Refused { .. } => self.spanning_stats.relays_refused += 1,
+            Outcome::Limited { .. } => unreachable!("answered above"),
         }
         outcome
     }
@@ -685,6 +727,94 @@ mod tests {
         drain_gateway(&mut again, &mut store);
         assert_eq!(again.conversation_head(CONV), Some(2));
         assert_eq!(again.stats().spanning.fanned_out, 1);
+    }
+
+    #[test]
+    fn a_peer_relaying_past_its_limit_is_answered_peer_limited_and_other_peers_are_not() {
+        use crate::gateway::limits::{Limits, Rate, RateLimits};
+        const OTHER: DeviceId = DeviceId(0xC1);
+        let (mut g, mut store) = gateway("a.example", &["b.example", "c.example"]);
+        let create = AdminCommand::CreateConversation(CONV, vec![LOCAL]);
+        g.run_admin(NOW, create, &mut store).unwrap();
+        for (domain, member) in [("b.example", FOREIGN), ("c.example", OTHER)] {
+            let share = AdminCommand::ShareConversation {
+                conversation: CONV,
+                domain: domain.into(),
+                members: vec![member],
+            };
+            g.run_admin(NOW, share, &mut store).unwrap();
+        }
+        g.limits = Limits::new(RateLimits {
+            peer_relays: Some(Rate::per_second(1, 3)),
+            ..RateLimits::default()
+        });
+        let answers = |store: &MemStore, sender: DeviceId| -> Vec<Outcome> {
+            outbox(store)
+                .into_iter()
+                .filter_map(|entry| match entry {
+                    Entry::Answer {
+                        sender: s, outcome, ..
+                    } if s == sender => Some(outcome),
+                    _ => None,
+                })
+                .collect()
+        };
+        // b.example relays five at once: its burst of three is sequenced, two are refused for
+        // now, with the time until one more is taken.
+        for msg in 1..=5 {
+            g.handle_entry(NOW, "b.example", relay(FOREIGN, msg, b"flood"));
+        }
+        let outputs = drain_gateway(&mut g, &mut store);
+        assert_eq!(g.conversation_head(CONV), Some(3));
+        let got = answers(&store, FOREIGN);
+        assert_eq!(got[..3], [1, 2, 3].map(Outcome::Sequenced));
+        // Each refused relay gets a time of its own, one interval after the one before, so
+        // that they come back when there is room for each.
+        for (outcome, wait) in got[3..].iter().zip([1_000, 2_000]) {
+            let Outcome::Limited {
+                code,
+                message,
+                retry_after_ms,
+            } = outcome
+            else {
+                panic!("limited: {outcome:?}");
+            };
+            assert_eq!(*code, ErrorCode::PeerLimited);
+            assert!(message.contains("at most 1 per second"), "{message}");
+            assert_eq!(*retry_after_ms, wait);
+        }
+        // The operator hears of it once, not once per refusal.
+        let told: Vec<_> = outputs
+            .iter()
+            .filter(|o| matches!(o, GatewayOutput::PeerLimited { peer, .. } if peer == "b.example"))
+            .collect();
+        assert_eq!(told.len(), 1, "{outputs:?}");
+        // c.example's relays are not held up by b.example's flood.
+        g.handle_entry(NOW, "c.example", relay(OTHER, 9, b"mine"));
+        drain_gateway(&mut g, &mut store);
+        assert_eq!(answers(&store, OTHER), [Outcome::Sequenced(4)]);
+        // At its time, the first refused relay is taken; the second, come too early, is told
+        // the next time not promised yet; the flood going on is told to the operator again
+        // only a minute after the first.
+        let later = NOW + core::time::Duration::from_secs(1);
+        g.handle_entry(later, "b.example", relay(FOREIGN, 4, b"flood"));
+        g.handle_entry(later, "b.example", relay(FOREIGN, 5, b"flood"));
+        let outputs = drain_gateway(&mut g, &mut store);
+        assert!(matches!(
+            answers(&store, FOREIGN).last(),
+            Some(Outcome::Limited {
+                retry_after_ms: 2_000,
+                ..
+            })
+        ));
+        assert!(!outputs
+            .iter()
+            .any(|o| matches!(o, GatewayOutput::PeerLimited { .. })));
+        assert_eq!(g.conversation_head(CONV), Some(5));
+        let stats = g.stats();
+        assert_eq!(stats.spanning.relays_limited, 3);
+        assert_eq!(stats.limits.peer_relays_limited, 3);
+        assert_eq!(stats.spanning.relays_taken, 5);
     }
 
     #[test]

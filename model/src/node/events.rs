@@ -462,6 +462,10 @@ pub struct NodeStats {
     /// Messages the gateway refused while their conversation's authority moved to another
     /// gateway, sent again after its hint.
     pub authority_moving: u64,
+    /// Messages the gateway refused because their conversation's authority, another domain's
+    /// gateway, took no more from this device's gateway for a while (`peer_limited`), sent
+    /// again after its hint.
+    pub peer_limited: u64,
     /// Chunk streams whose head was not a chunk head.
     pub bad_chunk_streams: u64,
     /// File messages whose manifest this device refused.

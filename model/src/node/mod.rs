@@ -133,7 +133,7 @@ pub struct Node {
     /// what waits in the outbox is held back until then (in memory only).
     throttled_until: Option<Instant>,
     /// Conversations whose messages wait until then: their authority is moving to another
-    /// gateway (`authority_moving`).
+    /// gateway (`authority_moving`), or limits what our gateway relays (`peer_limited`).
     deferred: BTreeMap<ConversationId, Instant>,
     /// The application was told that the gateway sends frames this device cannot read (once
     /// per run of the node).
@@ -922,9 +922,9 @@ impl Node {
             self.resync_sender_order(now, routing.conversation, last);
             return;
         }
-        if code == ErrorCode::AuthorityMoving {
+        if matches!(code, ErrorCode::AuthorityMoving | ErrorCode::PeerLimited) {
             if let Some(id) = report.msg_id.map(MsgId::from_bytes) {
-                self.authority_moving(now, id, &report);
+                self.defer_conversation(now, id, code, &report);
             }
             return;
         }
@@ -1049,14 +1049,28 @@ impl Node {
     }
 
     /// The gateway refused our `msg_id` because its conversation's authority is moving to
-    /// another gateway (an operator's handover): it and what waits behind it in that
-    /// conversation (refused likewise) go again once the hint has passed, in order. Other
-    /// conversations are not held up, and this is no rate limit.
-    fn authority_moving(&mut self, now: Instant, msg_id: MsgId, report: &ErrorReport) {
+    /// another gateway (an operator's handover, `authority_moving`), or is another domain's
+    /// gateway that takes no more from ours for a while (`peer_limited`): it and what waits
+    /// behind it in that conversation (refused likewise) go again once the hint has passed,
+    /// in order. Other conversations are not held up, and this device was not over a limit.
+    fn defer_conversation(
+        &mut self,
+        now: Instant,
+        msg_id: MsgId,
+        code: ErrorCode,
+        report: &ErrorReport,
+    ) {
         let Some(conv) = self.outbox.get(msg_id).map(|out| out.conversation) else {
             return; // a late refusal of a copy of a message settled since
         };
-        self.stats.authority_moving += 1;
+        if code == ErrorCode::PeerLimited {
+            self.stats.peer_limited += 1;
+            // A backlog goes again from its head, a window at a time (as after our own rate
+            // limit), not all at once to be refused again.
+            self.pacing = Some(self.pacing.unwrap_or(PACING_START).min(PACING_START));
+        } else {
+            self.stats.authority_moving += 1;
+        }
         let wait = report
             .retry_after_ms
             .map_or(AUTHORITY_MOVING_DEFAULT, |ms| {

@@ -435,6 +435,10 @@ pub enum ErrorCode {
     /// handover): nothing was stored. `retry_after_ms` says when to send it again (nodes do so
     /// by themselves); the message goes to the new authority then, in its place.
     AuthorityMoving = 49,
+    /// The conversation's authority is another domain's gateway, and it takes no more of
+    /// what this device's gateway relays for now (its limit per peer gateway): nothing was
+    /// stored. `retry_after_ms` says when to send it again (nodes do so by themselves).
+    PeerLimited = 50,
 }
 
 impl ErrorCode {
@@ -507,6 +511,7 @@ impl ErrorCode {
             RegistrationsLimited,
             ConversationQuota,
             AuthorityMoving,
+            PeerLimited,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)

@@ -146,6 +146,7 @@ impl World {
                 sum.relayed += s.relayed;
                 sum.relays_taken += s.relays_taken;
                 sum.relays_refused += s.relays_refused;
+                sum.relays_limited += s.relays_limited;
                 sum.fanned_out += s.fanned_out;
                 sum.answers_passed += s.answers_passed;
                 sum.entries_malformed += s.entries_malformed;
