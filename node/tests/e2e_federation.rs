@@ -311,58 +311,13 @@ fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other
 ) {
     let tmp = tempfile::tempdir().unwrap();
     let at = |name: &str| tmp.path().join(name);
-    let (a_port, b_port) = (free_udp_port(), free_udp_port());
-    let (a_link, b_link) = (free_udp_port(), free_udp_port());
-    config_file(&at("a.toml"), &at("a"), "a.example", a_port, None);
-    config_file(&at("b.toml"), &at("b"), "b.example", b_port, None);
-    let (fa, fb) = (first_start(&at("a.toml")), first_start(&at("b.toml")));
-    config_file(
-        &at("a.toml"),
-        &at("a"),
-        "a.example",
-        a_port,
-        Some((a_link, "b.example", b_link, &fb)),
-    );
-    config_file(
-        &at("b.toml"),
-        &at("b"),
-        "b.example",
-        b_port,
-        Some((b_link, "a.example", a_link, &fa)),
-    );
-    // alice is a user of a.example, bob of b.example, each enrolled at their own gateway.
     let path = |name: &str| at(name).to_str().unwrap().to_string();
-    let mut keys = Vec::new();
-    for (user, gw, port) in [("alice", "a", a_port), ("bob", "b", b_port)] {
-        let cert = run(&gateway_binary(), &["cert", "--data-dir", &path(gw)]);
-        let token = enrol(&path(gw), user);
-        let init = init_device(
-            &path(user),
-            &format!("127.0.0.1:{port}"),
-            cert.trim(),
-            Some(user),
-            Some(&token),
-        );
-        keys.push(device_key(&init));
-    }
-    let a = start(&at("a.toml"), &at("a.log"));
-    let b = start(&at("b.toml"), &at("b.log"));
+    let Federated { a, b, keys } = federated(tmp.path(), "");
     wait_for_link(&at("a.toml"), "b.example", "up", Duration::from_secs(30));
     let a_config = at("a.toml");
     let a_config = a_config.to_str().unwrap();
     // a.example's operator makes the room, homed there, and shares it with bob's device.
-    run(
-        &gateway_binary(),
-        &[
-            "admin",
-            "create-conversation",
-            "room",
-            "--member",
-            &keys[0],
-            "--config",
-            a_config,
-        ],
-    );
+    share_room(a_config, &keys);
     // A domain that is no peer, and a conversation that is not there, are refused in words.
     let stranger = fails(
         &gateway_binary(),
@@ -381,24 +336,6 @@ fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other
     assert!(
         stranger.contains("not a federation peer") && stranger.contains("[[federation.peer]]"),
         "{stranger}"
-    );
-    let shared = run(
-        &gateway_binary(),
-        &[
-            "admin",
-            "share-conversation",
-            "room",
-            "--peer",
-            "b.example",
-            "--member",
-            &keys[1],
-            "--config",
-            a_config,
-        ],
-    );
-    assert!(
-        shared.contains("shared with 1 member devices of b.example"),
-        "{shared}"
     );
 
     // bob writes through his own gateway, which relays to the room's authority.
@@ -596,4 +533,154 @@ fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other
     );
     terminate(b);
     terminate(a);
+}
+
+/// Two gateways as their operators link them: a.example and b.example, each pinning the
+/// other's root, `a_extra` appended to a.example's config file; alice enrolled at a.example
+/// and bob at b.example (their data in `dir/alice` and `dir/bob`); both gateways running (logs
+/// in `dir/a.log` and `dir/b.log`) and their link up.
+fn federated(dir: &Path, a_extra: &str) -> Federated {
+    let at = |name: &str| dir.join(name);
+    let (a_port, b_port) = (free_udp_port(), free_udp_port());
+    let (a_link, b_link) = (free_udp_port(), free_udp_port());
+    config_file(&at("a.toml"), &at("a"), "a.example", a_port, None);
+    config_file(&at("b.toml"), &at("b"), "b.example", b_port, None);
+    let (fa, fb) = (first_start(&at("a.toml")), first_start(&at("b.toml")));
+    config_file(
+        &at("a.toml"),
+        &at("a"),
+        "a.example",
+        a_port,
+        Some((a_link, "b.example", b_link, &fb)),
+    );
+    let mut text = std::fs::read_to_string(at("a.toml")).unwrap();
+    text.push_str(a_extra);
+    std::fs::write(at("a.toml"), text).unwrap();
+    config_file(
+        &at("b.toml"),
+        &at("b"),
+        "b.example",
+        b_port,
+        Some((b_link, "a.example", a_link, &fa)),
+    );
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let mut keys = Vec::new();
+    for (user, gw, port) in [("alice", "a", a_port), ("bob", "b", b_port)] {
+        let cert = run(&gateway_binary(), &["cert", "--data-dir", &path(gw)]);
+        let token = enrol(&path(gw), user);
+        let init = init_device(
+            &path(user),
+            &format!("127.0.0.1:{port}"),
+            cert.trim(),
+            Some(user),
+            Some(&token),
+        );
+        keys.push(device_key(&init));
+    }
+    let a = start(&at("a.toml"), &at("a.log"));
+    let b = start(&at("b.toml"), &at("b.log"));
+    wait_for_link(&at("a.toml"), "b.example", "up", Duration::from_secs(30));
+    Federated { a, b, keys }
+}
+
+/// What [`federated`] started.
+struct Federated {
+    a: Guard,
+    b: Guard,
+    /// alice's and bob's device keys.
+    keys: Vec<String>,
+}
+
+/// a.example's operator makes `room`, homed there, with alice's device, and shares it with
+/// bob's device of b.example.
+fn share_room(a_config: &str, keys: &[String]) {
+    run(
+        &gateway_binary(),
+        &[
+            "admin",
+            "create-conversation",
+            "room",
+            "--member",
+            &keys[0],
+            "--config",
+            a_config,
+        ],
+    );
+    let shared = run(
+        &gateway_binary(),
+        &[
+            "admin",
+            "share-conversation",
+            "room",
+            "--peer",
+            "b.example",
+            "--member",
+            &keys[1],
+            "--config",
+            a_config,
+        ],
+    );
+    assert!(
+        shared.contains("shared with 1 member devices of b.example"),
+        "{shared}"
+    );
+}
+
+/// b.example relays more than a.example takes from it: a.example's limit per peer refuses the
+/// excess with `peer_limited` and a time for each, bob's device holds the room and sends again
+/// by itself, and every message arrives once and in the order typed; a.example's operator
+/// reads one warning naming the peer and the setting.
+#[test]
+fn a_peer_past_its_relay_limit_is_refused_for_a_while_and_nothing_is_lost_or_reordered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let Federated { a, b, keys } = federated(
+        tmp.path(),
+        "\n[limits]\npeer_relays_per_second = 2\npeer_relay_burst = 3\n",
+    );
+    let a_config = path("a.toml");
+    share_room(&a_config, &keys);
+    let lines: Vec<String> = (1..=12).map(|i| format!("relayed {i:02}")).collect();
+    let mut child = std::process::Command::new(sund())
+        .args(["send", "--data-dir", &path("bob"), "room", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        for line in &lines {
+            writeln!(stdin, "{line}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let acknowledged = stdout
+        .lines()
+        .filter(|l| l.starts_with("sent to room: seq "))
+        .count();
+    assert_eq!(acknowledged, lines.len(), "{stdout}\n{stderr}");
+    let read = follow(&path("alice"), "room", lines.len(), Duration::from_secs(60));
+    let texts: Vec<&str> = read
+        .iter()
+        .filter_map(|l| l.split_once(": ").map(|(_, text)| text))
+        .collect();
+    assert_eq!(texts, lines, "once each, in the order typed: {read:?}");
+    terminate(a);
+    terminate(b);
+    let log = std::fs::read_to_string(at("a.log")).unwrap();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("b.example relays more than 2 per second"))
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "told once, naming the peer and its limit:\n{log}"
+    );
+    assert!(log.contains("peer_relays_per_second"), "{log}");
 }
