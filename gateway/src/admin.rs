@@ -452,6 +452,7 @@ impl AdminRequest {
                             "silent_s": l.silent_for.as_secs(),
                             "crl_version": crl_of(&l.domain).0,
                             "crl_revoked": crl_of(&l.domain).1,
+                            "relays_limited": l.relays_limited,
                         })).collect::<Vec<_>>(),
                     }));
                 } else {
@@ -463,7 +464,7 @@ impl AdminRequest {
                     for l in &links {
                         let (crl_version, crl_revoked) = crl_of(&l.domain);
                         out.stdout.push_str(&format!(
-                            "peer {}  root {}  {}{}  numbered {}, acknowledged {}, queued {}, taken {}, heard {} s ago ({} dials), its CRL version {crl_version} ({crl_revoked} revoked)\n",
+                            "peer {}  root {}  {}{}  numbered {}, acknowledged {}, queued {}, taken {}, heard {} s ago ({} dials), its CRL version {crl_version} ({crl_revoked} revoked){}\n",
                             l.domain,
                             l.root_fingerprint,
                             l.state,
@@ -474,6 +475,11 @@ impl AdminRequest {
                             l.taken,
                             l.silent_for.as_secs(),
                             if l.dials { "this gateway" } else { "the peer" },
+                            if l.relays_limited > 0 {
+                                format!(", {} of its relays refused by [limits] peer_relays_per_second", l.relays_limited)
+                            } else {
+                                String::new()
+                            },
                         ));
                     }
                     out.stderr = if links.is_empty() {

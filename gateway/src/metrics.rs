@@ -241,7 +241,7 @@ fn federation_lines(out: &mut String, gauges: &Gauges) {
         return;
     };
     type Figure = fn(&LinkReport) -> u64;
-    let per_peer: [(&str, &str, &str, Figure); 5] = [
+    let per_peer: [(&str, &str, &str, Figure); 6] = [
         (
             "sund_gateway_federation_link_up",
             "gauge",
@@ -271,6 +271,12 @@ fn federation_lines(out: &mut String, gauges: &Gauges) {
             "gauge",
             "version of the peer domain's CRL this gateway holds and enforces",
             |l| l.crl_held,
+        ),
+        (
+            "sund_gateway_federation_relays_limited_total",
+            "counter",
+            "messages the peer relayed that this gateway refused by its limit per peer",
+            |l| l.relays_limited,
         ),
     ];
     for (name, kind, help, figure) in per_peer {
@@ -383,6 +389,7 @@ mod tests {
                 silent_for: Duration::from_secs(1),
                 crl_held: 3,
                 peer_holds_crl: Some(0),
+                relays_limited: 5,
             }],
             federation: Some(FederationStats {
                 links_up: 3,
@@ -416,6 +423,10 @@ mod tests {
             "sund_gateway_federation_numbered_total{peer=\"b.example\"} 9",
             "sund_gateway_federation_taken_total{peer=\"b.example\"} 4",
             "sund_gateway_federation_peer_crl_version{peer=\"b.example\"} 3",
+            "sund_gateway_federation_relays_limited_total{peer=\"b.example\"} 5",
+            "sund_gateway_spanning_relays_limited_total 0",
+            "sund_gateway_limits_peer_relays_limited_total 0",
+            "sund_gateway_outgoing_link_entries_total 0",
             "sund_gateway_peer_crls_relays_refused_total 0",
             "sund_gateway_federation_links_up_total 3",
         ] {

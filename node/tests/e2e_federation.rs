@@ -671,6 +671,12 @@ fn a_peer_past_its_relay_limit_is_refused_for_a_while_and_nothing_is_lost_or_reo
         .filter_map(|l| l.split_once(": ").map(|(_, text)| text))
         .collect();
     assert_eq!(texts, lines, "once each, in the order typed: {read:?}");
+    // The operator sees which peer was held back, and by which setting.
+    let status = admin_federation(&at("a.toml"));
+    assert!(
+        status.contains("of its relays refused by [limits] peer_relays_per_second"),
+        "{status}"
+    );
     terminate(a);
     terminate(b);
     let log = std::fs::read_to_string(at("a.log")).unwrap();

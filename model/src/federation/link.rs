@@ -234,6 +234,9 @@ pub struct LinkReport {
     pub crl_held: u64,
     /// The version of this gateway's CRL the peer last said it holds.
     pub peer_holds_crl: Option<u64>,
+    /// Messages the peer relayed that this gateway refused by its limit per peer, since it
+    /// started.
+    pub relays_limited: u64,
 }
 
 enum LinkState {
@@ -287,6 +290,8 @@ struct Link {
     peer_holds_crl: Option<u64>,
     /// The version of this gateway's CRL last queued for the peer since the link came up.
     crl_pushed: Option<u64>,
+    /// Relays from the peer refused by the gateway's limit per peer (in memory).
+    relays_limited: u64,
 }
 
 /// An accepted connection, not yet authenticated.
@@ -423,6 +428,7 @@ impl Federation {
                     crl_held: 0,
                     peer_holds_crl: None,
                     crl_pushed: None,
+                    relays_limited: 0,
                 },
             );
         }
@@ -660,6 +666,14 @@ impl Federation {
             .collect()
     }
 
+    /// The gateway refused a relay from `peer` by its limit per peer (counted for
+    /// [`LinkReport::relays_limited`]).
+    pub fn count_relay_limited(&mut self, peer: &str) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.relays_limited += 1;
+        }
+    }
+
     /// This gateway's CRL `version` was queued for `peer`.
     pub fn crl_queued(&mut self, peer: &str, version: u64) {
         if let Some(link) = self.links.get_mut(peer) {
@@ -748,6 +762,7 @@ impl Federation {
                 silent_for: now.saturating_since(l.last_heard),
                 crl_held: l.crl_held,
                 peer_holds_crl: l.peer_holds_crl,
+                relays_limited: l.relays_limited,
             })
             .collect()
     }

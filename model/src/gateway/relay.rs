@@ -491,6 +491,9 @@ impl Gateway {
             // A peer relaying more than its share: refused before any other work, each
             // relay told when to come again; the operator hears of it once a minute.
             self.spanning_stats.relays_limited += 1;
+            if let Some(federation) = &mut self.federation {
+                federation.count_relay_limited(peer);
+            }
             if self.limits.report_peer_limited(now, peer) {
                 self.fx.hold(GatewayOutput::PeerLimited {
                     peer: peer.to_string(),
@@ -814,6 +817,13 @@ mod tests {
         let stats = g.stats();
         assert_eq!(stats.spanning.relays_limited, 3);
         assert_eq!(stats.limits.peer_relays_limited, 3);
+        // Per peer, for `admin federation` and `/metrics`.
+        let links = g.federation().unwrap().links(later);
+        let limited: Vec<(&str, u64)> = links
+            .iter()
+            .map(|l| (l.domain.as_str(), l.relays_limited))
+            .collect();
+        assert_eq!(limited, [("b.example", 3), ("c.example", 0)]);
         assert_eq!(stats.spanning.relays_taken, 5);
     }
 
