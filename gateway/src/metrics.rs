@@ -390,6 +390,7 @@ mod tests {
                 crl_held: 3,
                 peer_holds_crl: Some(0),
                 relays_limited: 5,
+                relays_admitted: 6,
             }],
             federation: Some(FederationStats {
                 links_up: 3,

@@ -37,6 +37,9 @@ pub enum PlantedBug {
     /// its own domain is refused there only, and every other gateway goes on taking its
     /// relayed messages.
     PeerCrlIgnored,
+    /// The authority counts what each peer gateway relays but never refuses a relay by its
+    /// limit per peer: one peer can take the sequencer for itself.
+    PeerLimitIgnored,
 }
 
 impl PlantedBug {
@@ -63,6 +66,7 @@ impl PlantedBug {
             PlantedBug::HandoverKeepsSequencing,
         ),
         ("peer-crl-ignored", PlantedBug::PeerCrlIgnored),
+        ("peer-limit-ignored", PlantedBug::PeerLimitIgnored),
     ];
 
     /// Looks a bug up by its command-line name.

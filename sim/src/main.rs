@@ -28,7 +28,7 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
                         that runs find it: gateway-ack-before-commit, dedup-forgets,
                         node-ack-before-durable, resume-off-by-one, send-limit-ignored,
                         presence-ignores-invisible, invitation-limit-ignored,
-                        handover-keeps-sequencing, peer-crl-ignored
+                        handover-keeps-sequencing, peer-crl-ignored, peer-limit-ignored
   --trace N             print each run's last N events in words, under its failure if it fails (frames with
                         their opcode, conversation and seq; commits; faults; application events)
   --list                list the scenarios and exit

@@ -347,6 +347,9 @@ pub enum Invariant {
     /// throttled. Only where outages are short: a device back from a long one with more than a
     /// burst waiting is rightly throttled.
     Unthrottled,
+    /// Each gateway's limit per peer bounds the relays it lets through from each peer gateway
+    /// (see `world::peer_limit`).
+    PeerLimit,
     /// No device learns the presence of a user who is not its mutual contact, is invisible, or
     /// blocked it (or was blocked by it), judged by the contact changes the gateway answered;
     /// what it learns is only online or a coarse bucket; after heal, every watcher's view of
@@ -375,6 +378,7 @@ impl Invariant {
         ("files", Invariant::Files),
         ("rate-limits", Invariant::Limits),
         ("ordinary-unthrottled", Invariant::Unthrottled),
+        ("peer-limit", Invariant::PeerLimit),
         ("presence-privacy", Invariant::PresencePrivacy),
     ];
 
@@ -404,6 +408,7 @@ impl Invariant {
                 | Invariant::Files
                 | Invariant::Limits
                 | Invariant::Unthrottled
+                | Invariant::PeerLimit
                 | Invariant::PresencePrivacy
                 | Invariant::FederationLinks
                 | Invariant::SingleAuthority

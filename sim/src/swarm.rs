@@ -657,6 +657,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     if federation.as_ref().is_some_and(|f| f.handovers) {
         checks.push("single-authority");
     }
+    if federation.as_ref().is_some_and(|f| f.peer_limit) {
+        checks.push("peer-limit");
+    }
     let _ = writeln!(out, "check {}", checks.join(" "));
     debug_assert!(mix.iter().all(|k| FAULT_KINDS.contains(k)));
     Generated {

@@ -42,6 +42,7 @@ mod federation;
 mod files;
 mod handover;
 mod limits;
+mod peer_limit;
 pub use files::FilesReport;
 mod mls_groups;
 mod presence;
@@ -300,6 +301,7 @@ pub struct World {
     revocations: trust::Revocations,
     drains: drain::Drains,
     limit_watch: limits::LimitWatch,
+    peer_limit_watch: peer_limit::PeerLimitWatch,
     /// Devices whose user's `address` they share (the others each have their own; see
     /// [`World::address_of`]).
     shared_addresses: BTreeMap<ActorIndex, core::net::Ipv4Addr>,
@@ -505,6 +507,7 @@ impl World {
             lost_uncommitted: 0,
             revocations: trust::Revocations::default(),
             drains: drain::Drains::default(),
+            peer_limit_watch: peer_limit::PeerLimitWatch::default(),
             limit_watch: limits::LimitWatch::new(
                 scenario.tunables.send_rate(),
                 scenario.tunables.registration_rate(),
@@ -950,6 +953,7 @@ impl World {
             Machine::Gateway(Some(_), _)
         ) {
             self.check_single_authority(a);
+            self.check_peer_limit(a);
         }
         loop {
             let actor = &mut self.actors[a as usize];

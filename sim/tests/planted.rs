@@ -25,12 +25,13 @@ const EXPECTED: &[(&str, &str)] = &[
     ("invitation-limit-ignored", "rate-limits"),
     ("handover-keeps-sequencing", "single-authority"),
     ("peer-crl-ignored", "converge"),
+    ("peer-limit-ignored", "peer-limit"),
 ];
 
 /// A swarm must find each bug within this many seeds.
 const SWARM_SEEDS_MAX: u64 = 64;
 /// ... or this many, for a bug only a handover shows (about one swarm seed in 40 hands a
-/// conversation over).
+/// conversation over) or a tight limit per peer (about one in 50 meets one).
 const SWARM_SEEDS_MAX_HANDOVER: u64 = 256;
 /// A shrunk scenario has at most this many statements (name and seed lines not counted).
 const SHRUNK_STATEMENTS_MAX: usize = 15;
@@ -93,7 +94,9 @@ fn a_swarm_finds_every_planted_bug_and_the_shrinker_reduces_it_to_a_few_lines() 
     for &(name, bug) in PlantedBug::ALL {
         let mut found = None;
         let seeds_max = match bug {
-            PlantedBug::HandoverKeepsSequencing => SWARM_SEEDS_MAX_HANDOVER,
+            PlantedBug::HandoverKeepsSequencing | PlantedBug::PeerLimitIgnored => {
+                SWARM_SEEDS_MAX_HANDOVER
+            }
             _ => SWARM_SEEDS_MAX,
         };
         for seed in 1..=seeds_max {

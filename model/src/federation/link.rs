@@ -237,6 +237,9 @@ pub struct LinkReport {
     /// Messages the peer relayed that this gateway refused by its limit per peer, since it
     /// started.
     pub relays_limited: u64,
+    /// Messages the peer relayed that this gateway's limit per peer let through (to be
+    /// sequenced, answered as copies or refused for other reasons), since it started.
+    pub relays_admitted: u64,
 }
 
 enum LinkState {
@@ -292,6 +295,8 @@ struct Link {
     crl_pushed: Option<u64>,
     /// Relays from the peer refused by the gateway's limit per peer (in memory).
     relays_limited: u64,
+    /// Relays from the peer its limit per peer let through (in memory).
+    relays_admitted: u64,
 }
 
 /// An accepted connection, not yet authenticated.
@@ -429,6 +434,7 @@ impl Federation {
                     peer_holds_crl: None,
                     crl_pushed: None,
                     relays_limited: 0,
+                    relays_admitted: 0,
                 },
             );
         }
@@ -674,6 +680,14 @@ impl Federation {
         }
     }
 
+    /// The gateway's limit per peer let a relay from `peer` through (counted for
+    /// [`LinkReport::relays_admitted`]).
+    pub fn count_relay_admitted(&mut self, peer: &str) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.relays_admitted += 1;
+        }
+    }
+
     /// This gateway's CRL `version` was queued for `peer`.
     pub fn crl_queued(&mut self, peer: &str, version: u64) {
         if let Some(link) = self.links.get_mut(peer) {
@@ -763,6 +777,7 @@ impl Federation {
                 crl_held: l.crl_held,
                 peer_holds_crl: l.peer_holds_crl,
                 relays_limited: l.relays_limited,
+                relays_admitted: l.relays_admitted,
             })
             .collect()
     }

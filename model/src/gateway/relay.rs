@@ -487,7 +487,14 @@ impl Gateway {
             message,
             after: None,
         };
-        if let Err(limited) = self.limits.admit_peer_relay(now, peer) {
+        let admitted = if self.config.planted == Some(crate::planted::PlantedBug::PeerLimitIgnored)
+        {
+            // Planted by the simulator: never in a real gateway.
+            Ok(())
+        } else {
+            self.limits.admit_peer_relay(now, peer)
+        };
+        if let Err(limited) = admitted {
             // A peer relaying more than its share: refused before any other work, each
             // relay told when to come again; the operator hears of it once a minute.
             self.spanning_stats.relays_limited += 1;
@@ -510,6 +517,9 @@ impl Gateway {
                     .unwrap_or(u32::MAX)
                     .max(1),
             };
+        }
+        if let Some(federation) = &mut self.federation {
+            federation.count_relay_admitted(peer);
         }
         let moved = self
             .spanning
