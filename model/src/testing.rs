@@ -120,3 +120,18 @@ impl Entropy for TestEntropy {
         }
     }
 }
+
+/// Every entry queued in `store`'s federation outboxes, in the store's key order (peer, then
+/// number), the entries of each bundle in order.
+pub fn queued_entries(store: &crate::env::MemStore) -> Vec<crate::federation::entry::Entry> {
+    use crate::federation::entry::Entry;
+    store
+        .records()
+        .filter(|(table, _, _)| *table == crate::federation::link::FEDERATION_OUTBOX_TABLE.0)
+        .flat_map(|(_, _, value)| {
+            Entry::decode(value)
+                .expect("the gateway queues entries")
+                .into_entries()
+        })
+        .collect()
+}

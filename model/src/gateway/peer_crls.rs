@@ -479,14 +479,8 @@ mod tests {
                     },
                 );
                 drain_gateway(g, store);
-                store
-                    .records()
-                    .filter(|(t, _, _)| *t == FEDERATION_OUTBOX_TABLE.0)
-                    .flat_map(|(_, _, v)| {
-                        Entry::decode(v)
-                            .map(Entry::into_entries)
-                            .unwrap_or_default()
-                    })
+                crate::testing::queued_entries(store)
+                    .into_iter()
                     .filter_map(|entry| match entry {
                         Entry::Answer { outcome, .. } => Some(outcome),
                         _ => None,

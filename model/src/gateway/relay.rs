@@ -598,7 +598,7 @@ mod tests {
     use crate::federation::handshake::PeerConfig;
     use crate::federation::link::FEDERATION_OUTBOX_TABLE;
     use crate::gateway::{AdminCommand, GatewayConfig};
-    use crate::testing::{drain_gateway, TestEntropy};
+    use crate::testing::{drain_gateway, queued_entries, TestEntropy};
 
     const NOW: Instant = Instant(1_000_000_000);
     const CONV: ConversationId = ConversationId(0xC0);
@@ -629,17 +629,6 @@ mod tests {
             .records()
             .filter(|(table, _, _)| *table == FEDERATION_OUTBOX_TABLE.0)
             .map(|(_, _, value)| Entry::decode(value).expect("an entry"))
-            .collect()
-    }
-
-    /// Every entry queued for peers, in the order queued, bundles opened.
-    fn outbox(store: &MemStore) -> Vec<Entry> {
-        outbox_rows(store)
-            .into_iter()
-            .flat_map(|entry| match entry {
-                Entry::Bundle { entries, .. } => entries,
-                other => vec![other],
-            })
             .collect()
     }
 
@@ -697,7 +686,7 @@ mod tests {
             conversation: CONV,
             members: vec![FOREIGN],
         };
-        let queued = outbox(&store);
+        let queued = queued_entries(&store);
         assert_eq!(queued.len(), 4, "{queued:?}");
         assert_eq!(queued[0], open);
         assert_eq!(queued[2..], [answer.clone(), answer]);
@@ -762,7 +751,7 @@ mod tests {
             ..RateLimits::default()
         });
         let answers = |store: &MemStore, sender: DeviceId| -> Vec<Outcome> {
-            outbox(store)
+            queued_entries(store)
                 .into_iter()
                 .filter_map(|entry| match entry {
                     Entry::Answer {
@@ -845,7 +834,7 @@ mod tests {
         g.handle_entry(NOW, "b.example", relay(DeviceId(0xB2), 7, b"x"));
         drain_gateway(&mut g, &mut store);
         assert_eq!(g.conversation_head(CONV), Some(0));
-        let last = outbox(&store).pop().unwrap();
+        let last = queued_entries(&store).pop().unwrap();
         let Entry::Answer {
             outcome: Outcome::Refused { code, .. },
             ..
