@@ -97,7 +97,7 @@ fn device(n: u64) -> TestDevice {
     let mut seed = [0u8; 32];
     seed[..8].copy_from_slice(&n.to_le_bytes());
     seed[31] = 0x5e;
-    TestDevice::new(seed, UserId::from_name(&format!("user{n}")))
+    TestDevice::new(seed, UserId::of(&format!("user{n}"), "localhost"))
 }
 
 fn rss_bytes() -> u64 {

@@ -82,8 +82,10 @@ pub fn check_pairing_code_parse(data: &[u8]) {
             assert!(again == code, "pairing code changed in a round trip: {code:?}");
             assert!(code.to_text().len() <= PAIRING_CODE_TEXT_MAX, "a code longer than its limit");
             assert!(
-                !code.user_name.is_empty() && code.user_name.len() <= USER_NAME_BYTES_MAX,
-                "a user name out of bounds decoded"
+                code.user.to_string().len() <= USER_NAME_BYTES_MAX
+                    && sund_model::address::Address::parse_full(&code.user.to_string()).as_ref()
+                        == Ok(&code.user),
+                "a user address out of bounds or not an address decoded"
             );
             let _ = code.enrolment();
         }

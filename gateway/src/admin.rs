@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sund_model::gateway::spanning::Role;
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway};
 use sund_model::identity::DevicePublicKey;
-use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::ids::{ConversationId, DeviceId};
 use sund_model::time::{format_utc, Instant};
 
 /// The longest user or conversation name a request may carry (bytes).
@@ -28,7 +28,7 @@ pub const MEMBERS_MAX: usize = 4096;
 pub enum AdminRequest {
     /// Issue a one-time enrolment token for a new device of `user`.
     EnrolToken {
-        /// The user name.
+        /// The user name (or its whole address, `name@domain`, in this gateway's domain).
         user: String,
     },
     /// List registered devices.
@@ -178,8 +178,10 @@ impl AdminRequest {
     pub fn command(&self) -> Result<Option<AdminCommand>, String> {
         Ok(Some(match self {
             AdminRequest::EnrolToken { user } => {
-                check_name("user", user)?;
-                AdminCommand::IssueEnrolmentToken(UserId::from_name(user))
+                // The gateway's domain is checked by the gateway itself; the name here.
+                sund_model::address::Address::parse(user, "localhost")
+                    .map_err(|e| e.to_string())?;
+                AdminCommand::IssueEnrolmentToken(user.clone())
             }
             AdminRequest::Revoke { device } => AdminCommand::RevokeDevice(parse_device(device)?),
             AdminRequest::CreateConversation { name, members } => {
@@ -265,11 +267,11 @@ impl AdminRequest {
     ) -> Result<Printed, String> {
         let mut out = Printed::default();
         match (self, answer) {
-            (AdminRequest::EnrolToken { user }, Some(AdminAnswer::EnrolmentToken(token))) => {
+            (AdminRequest::EnrolToken { .. }, Some(AdminAnswer::EnrolmentToken(token, user))) => {
                 let root = gateway.trust_root();
                 out.stdout = format!("{}\n", token.to_text());
                 out.stderr = format!(
-                    "one device of `{user}` can register with this token within 7 days; root {} of {}; its id is {} (`admin expire-token {}` withdraws it)\n",
+                    "one device of {user} can register with this token within 7 days; root {} of {}; its id is {} (`admin expire-token {}` withdraws it)\n",
                     root.fingerprint(),
                     root.domain,
                     hex_id(token.id()),
@@ -317,6 +319,9 @@ impl AdminRequest {
                 out.stdout = format!(
                     "conversation `{name}` ({conversation}) is shared with {members} member devices of {domain}: this gateway sequences it, {domain}'s gateway serves them\n"
                 );
+            }
+            (AdminRequest::EnrolToken { .. }, Some(AdminAnswer::EnrolmentRefused { why })) => {
+                return Err(format!("no token issued: {why}"));
             }
             (
                 AdminRequest::ShareConversation { name, .. },
@@ -778,9 +783,13 @@ mod tests {
         })
         .contains("control characters"));
         assert!(refused(AdminRequest::EnrolToken {
-            user: "x".repeat(NAME_MAX + 1)
+            user: "x".repeat(65)
         })
-        .contains("1 to 256 bytes"));
+        .contains("1 to 64 bytes"));
+        assert!(refused(AdminRequest::EnrolToken {
+            user: "alice@B_X".into()
+        })
+        .contains("not a domain name"));
         assert!(refused(AdminRequest::CreateConversation {
             name: "team".into(),
             members: vec![]
@@ -831,6 +840,21 @@ mod tests {
         let token = sund_model::trust::EnrolmentToken::from_text(&text).unwrap();
         let id = hex_id(token.id());
         assert!(issued.stderr.contains(&id), "{issued:?}");
+        assert!(issued.stderr.contains("of alice@localhost"), "{issued:?}");
+        assert!(token.is_for("alice"));
+        let foreign = ask(
+            &mut gateway,
+            &mut store,
+            now,
+            AdminRequest::EnrolToken {
+                user: "bob@b.example".into(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            foreign,
+            "no token issued: bob@b.example is a user of b.example, and this gateway enrols users of localhost: its own gateway's operator issues tokens for it"
+        );
         let secret = sund_model::hex::encode(&token.secret);
         let listed = ask(
             &mut gateway,

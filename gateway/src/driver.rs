@@ -31,7 +31,7 @@ use sund_model::gateway::{
     AdminAnswer, AdminCommand, ChunkToServe, Gateway, GatewayConfig, GatewayInput, GatewayOutput,
     GatewayStats, HistoryKind,
 };
-use sund_model::ids::{ConnectionId, UserId};
+use sund_model::ids::ConnectionId;
 use sund_model::time::Instant;
 use sund_model::trust::{EnrolmentToken, RegistrationAuthority};
 use sund_model::wire::{Frame, Payload, PAYLOAD_BYTES_MAX};
@@ -158,11 +158,14 @@ impl GatewayHandle {
         }
     }
 
-    /// Issues a one-time enrolment token for a new device of `user`, once it is stored. `None`
-    /// if the gateway stopped.
-    pub async fn enrolment_token(&self, user: UserId) -> Option<EnrolmentToken> {
-        match self.admin(AdminCommand::IssueEnrolmentToken(user)).await? {
-            AdminAnswer::EnrolmentToken(token) => Some(token),
+    /// Issues a one-time enrolment token for a new device of `user` (a name in this gateway's
+    /// domain), once it is stored. `None` if the gateway stopped or does not enrol that user.
+    pub async fn enrolment_token(&self, user: &str) -> Option<EnrolmentToken> {
+        match self
+            .admin(AdminCommand::IssueEnrolmentToken(user.to_string()))
+            .await?
+        {
+            AdminAnswer::EnrolmentToken(token, _) => Some(token),
             _ => None,
         }
     }

@@ -77,16 +77,3 @@ impl ConversationId {
         ConversationId::from_bytes(digest[..16].try_into().expect("16 of 32 bytes"))
     }
 }
-
-impl UserId {
-    /// The id of a user named by people (`"alice"`), derived like [`ConversationId::from_name`]
-    /// under its own context string.
-    pub fn from_name(name: &str) -> UserId {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::new()
-            .chain_update(b"sund/user/v1")
-            .chain_update(name.as_bytes())
-            .finalize();
-        UserId::from_bytes(digest[..16].try_into().expect("16 of 32 bytes"))
-    }
-}

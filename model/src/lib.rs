@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod address;
 pub(crate) mod codec;
 pub mod effects;
 pub mod env;

@@ -26,7 +26,7 @@ use support::{node_config, Counter, Net};
 const UPLOAD: [u8; 16] = [0x55; 16];
 
 fn user(name: &str) -> UserId {
-    UserId::from_name(name)
+    UserId::of(name, "localhost")
 }
 
 /// Bytes that do not repeat (so that the chunker cuts them as it would a real file).

@@ -517,12 +517,25 @@ fn without_open_enrolment_a_device_registers_with_a_one_time_token() {
         goodbye_code(&out, 1),
         Some(ErrorCode::EnrolmentTokenInvalid)
     );
+    // Another domain's user is its own gateway's to enrol.
     let out = h.input(support::admin(AdminCommand::IssueEnrolmentToken(
-        alice_user(),
+        "alice@b.example".into(),
     )));
-    let Some(AdminAnswer::EnrolmentToken(token)) = support::answer_in(&out) else {
+    let Some(AdminAnswer::EnrolmentRefused { why }) = support::answer_in(&out) else {
+        panic!("expected a refusal: {out:?}")
+    };
+    assert!(why.contains("a user of b.example"), "{why}");
+    let out = h.input(support::admin(AdminCommand::IssueEnrolmentToken(
+        "alice".into(),
+    )));
+    let Some(AdminAnswer::EnrolmentToken(token, address)) = support::answer_in(&out) else {
         panic!("expected a token: {out:?}")
     };
+    assert_eq!(address.to_string(), "alice@localhost");
+    assert_eq!(
+        (token.user, token.domain.as_str()),
+        (alice_user(), "localhost")
+    );
     let out = h.register(2, alice(), alice_user(), token.secret);
     let Payload::Certificate(answer) = &frames_to(&out, 2)[0].payload else {
         panic!("expected a certificate: {out:?}")
@@ -1376,10 +1389,10 @@ fn after_collection_and_more_sends_recovery_keeps_head_and_deduplication() {
 // ---- KeyPackage directory ----
 
 fn alice_user() -> UserId {
-    UserId::from_name("alice")
+    UserId::of("alice", "localhost")
 }
 fn bob_user() -> UserId {
-    UserId::from_name("bob")
+    UserId::of("bob", "localhost")
 }
 
 /// Real KeyPackages of `device`, made with Sund's MLS provider.
@@ -1559,7 +1572,10 @@ fn invalid_or_foreign_packages_are_refused_and_nothing_is_stored() {
 fn fetches_beyond_the_burst_are_rate_limited_per_requester() {
     let mut h = directory_harness();
     for _ in 0..20 {
-        answer(&frames_to(&h.fetch(1, &[UserId::from_name("nobody")]), 1));
+        answer(&frames_to(
+            &h.fetch(1, &[UserId::of("nobody", "localhost")]),
+            1,
+        ));
     }
     let frames = frames_to(&h.fetch(1, &[bob_user()]), 1);
     assert_eq!(error_code(&frames[0]), Some(ErrorCode::RateLimited));

@@ -74,7 +74,7 @@ fn a_restarted_device_keeps_its_signing_key_and_package_keys() {
 fn devices_without_mls_ignore_counts_and_upload_nothing() {
     let mut net = Net::new();
     let mut plain = NodeConfig::new(DeviceKey::from_seed([3; 32]));
-    plain.user = Some(UserId::from_name("carol"));
+    plain.user = Some(UserId::of("carol", "localhost"));
     net.add(3, plain);
     assert_eq!(net.gateway.key_packages_left(net.device(3)), 0);
     assert!(net.nodes[&3].0.mls().is_none());

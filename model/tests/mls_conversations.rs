@@ -17,7 +17,7 @@ use sund_model::wire::payload::{ErrorCode, Payload};
 use support::{node_config, Counter, Net};
 
 fn user(name: &str) -> UserId {
-    UserId::from_name(name)
+    UserId::of(name, "localhost")
 }
 
 /// Alice (1), Bob's phone (2) and Bob's laptop (3), all online.
@@ -1206,7 +1206,7 @@ fn a_users_devices_share_their_contact_book_in_a_group_no_one_else_can_join() {
     let records = vec![
         ContactRecord::Named {
             user: bob,
-            name: "bob".into(),
+            name: "bob@localhost".into(),
         },
         ContactRecord::Verified {
             user: bob,
@@ -1234,7 +1234,10 @@ fn a_users_devices_share_their_contact_book_in_a_group_no_one_else_can_join() {
         books.push(book);
     }
     assert_eq!(books[0], books[1]);
-    assert_eq!(books[0].names.get(&bob).map(String::as_str), Some("bob"));
+    assert_eq!(
+        books[0].names.get(&bob).map(String::as_str),
+        Some("bob@localhost")
+    );
     assert!(books[0].verified.contains_key(&bob));
 
     // A commit adding bob is refused by the gateway: nobody else joins.

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use sund_model::address::Address;
 use sund_model::gateway::{AdminCommand, GatewayConfig, GatewayInput};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, UserId};
@@ -20,7 +21,7 @@ fn alice_enrolled() -> (Net, EnrolmentToken) {
     let mut net = Net::with_config(GatewayConfig::default());
     let token = net.enrolment_token("alice");
     let mut first = node_config(1, "alice");
-    first.enrolment = Some(token);
+    first.enrolment = Some(token.clone());
     net.add(1, first);
     assert!(net.node(1).trust().certificate().is_some());
     (net, token)
@@ -37,7 +38,7 @@ fn code_for(net: &mut Net, token: &EnrolmentToken, secret: [u8; 16]) -> PairingC
         voucher,
         root_fingerprint: token.root_fingerprint,
         gateway_pin: [0; 32],
-        user_name: "alice".into(),
+        user: Address::new("alice", "localhost").unwrap(),
         gateway: "gateway.example.org:4433".into(),
     }
 }
@@ -82,7 +83,7 @@ fn a_device_paired_from_another_is_certified_and_both_hear_of_it() {
         .events(1)
         .contains(&NodeEvent::DeviceLinked { device: second }));
     let cert = net.node(2).trust().certificate().unwrap().clone();
-    assert_eq!(cert.user, UserId::from_name("alice"));
+    assert_eq!(cert.user, UserId::of("alice", "localhost"));
     assert_eq!(net.node(2).trust().paired_with().unwrap().device(), first);
     assert!(
         net.node(2).is_connected(),
@@ -106,9 +107,9 @@ fn a_code_for_another_user_or_after_its_voucher_was_revoked_or_expired_is_refuse
     let offer = net.node(1).offer_pairing(now);
     net.settle();
     let mut code = code_for(&mut net, &token, offer.secret);
-    code.user_name = "mallory".into();
+    code.user = Address::new("mallory", "localhost").unwrap();
     let mut config = paired_config(2, &code);
-    config.user = Some(UserId::from_name("mallory"));
+    config.user = Some(UserId::of("mallory", "localhost"));
     net.add(2, config);
     assert!(net.node(2).trust().certificate().is_none());
     assert!(refused_with(&net, 2).contains(&ErrorCode::EnrolmentTokenInvalid));
@@ -126,7 +127,7 @@ fn a_code_for_another_user_or_after_its_voucher_was_revoked_or_expired_is_refuse
     // The voucher is revoked after vouching (first it reconnects after the clock's jump).
     net.restart(1, {
         let mut c = node_config(1, "alice");
-        c.enrolment = Some(token);
+        c.enrolment = Some(token.clone());
         c
     });
     assert!(net.node(1).is_connected());

@@ -144,7 +144,7 @@ pub fn backup(
 ) -> Result<BackupDone, String> {
     sund_runtime::sealed::check_passphrase(passphrase).map_err(|e| e.to_string())?;
     let device = Device::load(data_dir).map_err(|e| e.to_string())?;
-    let user = device.user.clone().ok_or_else(|| {
+    let user = device.user.as_ref().map(ToString::to_string).ok_or_else(|| {
         "this device was set up without a user (`sund init` without --user): a backup is restored into another device of the same user, so there is nothing to restore it into".to_string()
     })?;
     if dest.exists() {
@@ -295,7 +295,7 @@ fn write_backup(
 fn count_file(contents: &mut Contents, name: &str, bytes: &[u8]) {
     let text = String::from_utf8_lossy(bytes);
     match name {
-        "contacts" => contents.names = contact_files::names_in(&text).len(),
+        "contacts" => contents.names = contact_files::addresses_in(&text).len(),
         "verified" => contents.verified = contact_files::verified_in(&text).len(),
         "conversations" => contents.conversations = conversation_names_in(&text).len(),
         _ => {}
@@ -475,7 +475,11 @@ pub fn restore(data_dir: &Path, file: &Path, passphrase: &str) -> Result<Restore
     })?;
     let opened = Opened::new(file, passphrase)?;
     let checked = check(&opened)?;
-    let user = device.user.as_deref().unwrap_or("");
+    let user = device
+        .user
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     if checked.about.user != user {
         return Err(format!(
             "this backup is of user `{}`, and this device belongs to {}: restore it into a device set up for `{}`",
@@ -519,10 +523,13 @@ pub fn restore(data_dir: &Path, file: &Path, passphrase: &str) -> Result<Restore
     // Names and verified users this device does not know yet; what it knows wins.
     let known_names = contact_files::names(data_dir);
     let known_verified = contact_files::verified(data_dir);
-    let mut records: Vec<ContactRecord> = contact_files::names_in(text("contacts"))
+    let mut records: Vec<ContactRecord> = contact_files::addresses_in(text("contacts"))
         .into_iter()
         .filter(|(user, _)| !known_names.contains_key(user))
-        .map(|(user, name)| ContactRecord::Named { user, name })
+        .map(|(user, address)| ContactRecord::Named {
+            user,
+            name: address.to_string(),
+        })
         .filter(|r| r.check().is_ok())
         .collect();
     let added_names = records.len();

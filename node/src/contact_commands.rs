@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use sund_model::address::Address;
 use sund_model::identity::DevicePublicKey;
 use sund_model::ids::UserId;
 use sund_model::node::{dm_id, ContactList, NodeEvent};
@@ -14,8 +15,6 @@ use sund_model::trust::safety_number::SafetyNumber;
 use sund_model::wire::payload::{ContactAction, Seen};
 use sund_node::device::Device;
 use sund_node::driver::{self, GroupSummary, NodeHandle, SocialRequest};
-
-use crate::group_commands::check_user_name;
 
 /// How long a command waits for the gateway's answer.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
@@ -46,15 +45,24 @@ fn name_of(user: UserId, names: &BTreeMap<UserId, String>) -> String {
 
 /// A user named on the command line: a name, or `user:` and the 32 hex digits of an id (as
 /// `sund contacts list` shows someone whose name this device does not know yet).
-fn parse_user(text: &str) -> Result<(UserId, Option<&str>), String> {
+fn parse_user(device: &Device, text: &str) -> Result<(UserId, Option<Address>), String> {
     if let Some(hex) = text.strip_prefix("user:") {
         let bytes = sund_model::hex::decode_array::<16>(hex).ok_or_else(|| {
             format!("`{text}` is not a user id: `user:` and 32 hex digits, as `sund contacts list` shows them")
         })?;
         return Ok((UserId::from_bytes(bytes), None));
     }
-    check_user_name(text)?;
-    Ok((UserId::from_name(text), Some(text)))
+    let address = device.local_user(text)?;
+    Ok((address.user(), Some(address)))
+}
+
+/// This device's user's name, as another user of its domain types it.
+fn own_name(device: &Device) -> String {
+    device
+        .user
+        .as_ref()
+        .map(|a| a.name().to_string())
+        .unwrap_or_default()
 }
 
 /// Sends `request`, waits for the listing that answers it, and keeps its blocks on the device
@@ -113,13 +121,13 @@ async fn ask(node: &mut NodeHandle, request: SocialRequest) -> Result<ContactLis
 
 /// `sund contacts add|remove|block|unblock NAME`.
 pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Result<(), String> {
-    let (user, known) = parse_user(name)?;
     let device = load(data_dir)?;
-    if device.user.as_deref().map(UserId::from_name) == Some(user) {
+    let (user, known) = parse_user(&device, name)?;
+    if device.user_id() == Some(user) {
         return Err(format!("`{name}` is this device's own user"));
     }
     if let Some(known) = known {
-        device.remember_user(known).map_err(|e| e.to_string())?;
+        device.remember_user(&known).map_err(|e| e.to_string())?;
     }
     let mut node = driver::start(device.options())
         .await
@@ -133,7 +141,7 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
     let _ = node.stop().await;
     let list = result?;
     shared.say();
-    let me = device.user.clone().unwrap_or_default();
+    let me = own_name(&device);
     match action {
         ContactAction::Add if list.contacts.contains(&user) => say!(
             "{name} and you are contacts: you see each other's presence (`sund presence`)"
@@ -167,7 +175,7 @@ pub async fn list(data_dir: &Path, json: bool) -> Result<(), String> {
     let names = device.user_names();
     let named =
         |users: &[UserId]| -> Vec<String> { users.iter().map(|u| name_of(*u, &names)).collect() };
-    let me = UserId::from_name(device.user.as_deref().unwrap_or_default());
+    let me = device.user_id().unwrap_or_default();
     let verified = device.verified_users();
     let check = |user: UserId| -> Verification {
         let now = dm_keys(&groups, me, user).map(|(_, theirs)| theirs);
@@ -298,22 +306,22 @@ pub enum VerifyAction {
 
 /// `sund contacts verify NAME [--matches | --compare NUMBER | --forget]`.
 pub async fn verify(data_dir: &Path, name: &str, action: VerifyAction) -> Result<(), String> {
-    let (user, known) = parse_user(name)?;
     let device = load(data_dir)?;
-    let me = UserId::from_name(device.user.as_deref().unwrap_or_default());
+    let (user, known) = parse_user(&device, name)?;
+    let me = device.user_id().unwrap_or_default();
     if me == user {
         return Err(format!(
             "`{name}` is this device's own user: verify someone else"
         ));
     }
     if let Some(known) = known {
-        device.remember_user(known).map_err(|e| e.to_string())?;
+        device.remember_user(&known).map_err(|e| e.to_string())?;
     }
     let typed = match &action {
         VerifyAction::Compare(text) => Some(SafetyNumber::parse(text).ok_or_else(|| {
             format!(
                 "`{text}` is not a safety number: 60 digits, as `sund contacts verify {}` shows them on {name}'s device",
-                device.user.as_deref().unwrap_or_default()
+                own_name(&device)
             )
         })?),
         _ => None,
@@ -392,7 +400,7 @@ pub async fn verify(data_dir: &Path, name: &str, action: VerifyAction) -> Result
             }
         }
         _ => {
-            let me_name = device.user.clone().unwrap_or_default();
+            let me_name = own_name(&device);
             let verification = Verification::of(marked.as_ref(), Some(&theirs));
             say!("{name}: {}", verification.word());
             if verification != Verification::Verified {
@@ -413,10 +421,10 @@ pub async fn presence(
     users: &[String],
     invisible: Option<bool>,
 ) -> Result<(), String> {
-    for name in users {
-        parse_user(name)?;
-    }
     let device = load(data_dir)?;
+    for name in users {
+        parse_user(&device, name)?;
+    }
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
@@ -442,9 +450,9 @@ async fn presence_with(
     }
     let mut watched: Vec<UserId> = Vec::new();
     for text in users {
-        let (user, known) = parse_user(text)?;
+        let (user, known) = parse_user(device, text)?;
         if let Some(known) = known {
-            device.remember_user(known).map_err(|e| e.to_string())?;
+            device.remember_user(&known).map_err(|e| e.to_string())?;
         }
         watched.push(user);
     }

@@ -1,5 +1,5 @@
-//! The contact book in a device's data directory: file `contacts` (the user names the device
-//! knows, one per line) and file `verified` (per line a verified user's id and the device keys
+//! The contact book in a device's data directory: file `contacts` (the users' addresses the
+//! device knows, `name@domain`, one per line) and file `verified` (per line a verified user's id and the device keys
 //! compared, in hex), and the records that keep them the same on every device of the user
 //! (`sund_model::node::contact_book`, carried in the group of the user's own devices).
 //!
@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use sund_model::address::Address;
 use sund_model::identity::DevicePublicKey;
 use sund_model::ids::UserId;
 use sund_model::node::contact_book::{ContactBook, ContactRecord};
@@ -26,18 +27,26 @@ fn replace(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
     std::fs::rename(&new, dir.join(name))
 }
 
-/// The user names this device knows, by id (file `contacts`; lines that are not user names
-/// are skipped).
-pub fn names(dir: &Path) -> BTreeMap<UserId, String> {
-    names_in(&std::fs::read_to_string(dir.join("contacts")).unwrap_or_default())
+/// The users this device knows by address, by id (file `contacts`; lines that are not whole
+/// addresses are skipped).
+pub fn addresses(dir: &Path) -> BTreeMap<UserId, Address> {
+    addresses_in(&std::fs::read_to_string(dir.join("contacts")).unwrap_or_default())
 }
 
-/// The user names a `contacts` file's text holds, by id.
-pub fn names_in(text: &str) -> BTreeMap<UserId, String> {
+/// The addresses a `contacts` file's text holds (`name@domain`, one per line), by id.
+pub fn addresses_in(text: &str) -> BTreeMap<UserId, Address> {
     text.lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|n| (UserId::from_name(n), n.to_string()))
+        .filter_map(|line| Address::parse_full(line).ok())
+        .map(|address| (address.user(), address))
+        .collect()
+}
+
+/// The addresses as the contact book holds them (written out whole), by id.
+pub fn names(dir: &Path) -> BTreeMap<UserId, String> {
+    addresses(dir)
+        .into_iter()
+        .map(|(user, address)| (user, address.to_string()))
         .collect()
 }
 
@@ -140,12 +149,12 @@ mod tests {
     #[test]
     fn records_from_another_device_land_in_the_files_once() {
         let dir = tempfile::tempdir().unwrap();
-        let bob = UserId::from_name("bob");
+        let bob = UserId::of("bob", "a.example");
         let keys: BTreeSet<_> = [DevicePublicKey([3; 32])].into();
         let records = [
             ContactRecord::Named {
                 user: bob,
-                name: "bob".into(),
+                name: "bob@a.example".into(),
             },
             ContactRecord::Verified {
                 user: bob,
@@ -158,11 +167,18 @@ mod tests {
             0,
             "applied again: no change"
         );
-        assert_eq!(names(dir.path()).get(&bob).map(String::as_str), Some("bob"));
+        assert_eq!(
+            names(dir.path()).get(&bob).map(String::as_str),
+            Some("bob@a.example")
+        );
         assert_eq!(verified(dir.path()).get(&bob), Some(&keys));
         apply(dir.path(), &[ContactRecord::Unverified { user: bob }]).unwrap();
         assert!(verified(dir.path()).is_empty());
         assert_eq!(names(dir.path()).len(), 1, "names stay");
+        // A line that is not a whole address (a bare name, as older builds wrote) is skipped.
+        let text = std::fs::read_to_string(dir.path().join("contacts")).unwrap();
+        std::fs::write(dir.path().join("contacts"), format!("carol\n{text}")).unwrap();
+        assert_eq!(names(dir.path()).len(), 1);
     }
 
     #[test]
@@ -170,8 +186,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(outgoing(dir.path()).is_empty());
         let messages = sund_model::node::contact_book::encode(&[ContactRecord::Named {
-            user: UserId::from_name("bob"),
-            name: "bob".into(),
+            user: UserId::of("bob", "a.example"),
+            name: "bob@a.example".into(),
         }]);
         set_outgoing(dir.path(), &messages).unwrap();
         assert_eq!(outgoing(dir.path()), messages);

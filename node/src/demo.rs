@@ -95,7 +95,7 @@ async fn enrol(
     name: &str,
 ) -> Result<Device, String> {
     let token = gateway
-        .enrolment_token(UserId::from_name(name))
+        .enrolment_token(name)
         .await
         .ok_or("the gateway stopped")?;
     Device::init(
@@ -158,8 +158,8 @@ pub async fn run() -> Result<(), String> {
     };
     // Everyone connects and uploads KeyPackages; then Alice creates the room and the DM.
     transcript.wait_connected(&mut nodes).await?;
-    let bob = UserId::from_name("bob");
-    let carol = UserId::from_name("carol");
+    let bob = UserId::of("bob", DOMAIN_A);
+    let carol = UserId::of("carol", DOMAIN_A);
     let room = group(&nodes[0], GroupRequest::Room(vec![bob, carol])).await?;
     let dm = group(&nodes[0], GroupRequest::Dm(bob)).await?;
     transcript.conversations.insert(room, "demo-room");
@@ -360,7 +360,7 @@ async fn revoked_across_domains(
     a: &GatewayHandle,
 ) -> Result<(), String> {
     let token = b
-        .enrolment_token(UserId::from_name("dave"))
+        .enrolment_token("dave")
         .await
         .ok_or("the gateway stopped")?;
     let phone = Device::init(

@@ -22,6 +22,7 @@ use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+use sund_model::address::{Address, DEFAULT_DOMAIN};
 use sund_model::identity::{DeviceKey, DevicePublicKey};
 use sund_model::ids::{ConversationId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
@@ -96,7 +97,8 @@ pub enum DeviceError {
 struct Settings {
     /// `HOST:PORT` as given to `sund init` (a name is resolved at each start).
     gateway: String,
-    /// The user this device belongs to (its other devices name the same user).
+    /// The user this device belongs to, `name@domain` (its other devices name the same
+    /// user; a bare name means the default domain, `localhost`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     user: Option<String>,
     /// The one-time enrolment token (`sund-gateway admin enrol-token USER`) the device
@@ -123,7 +125,7 @@ pub struct Device {
     /// SHA-256 of the gateway's certificate, pinned.
     pub gateway_pin: [u8; 32],
     /// The user this device belongs to, if set at `init`.
-    pub user: Option<String>,
+    pub user: Option<Address>,
     /// The enrolment token given at `init`, if any.
     pub enrolment: Option<EnrolmentToken>,
     /// The pairing code given to `sund pair accept`, if the device was set up with one.
@@ -163,20 +165,45 @@ impl Device {
             let token = EnrolmentToken::from_text(text).ok_or_else(|| {
                 invalid("not an enrolment token: expected `sund-enrol:...` as `sund-gateway admin enrol-token USER` prints it".into())
             })?;
-            match user {
-                None => {
-                    return Err(invalid(
-                        "an enrolment token is for a named user: give --user NAME too".into(),
-                    ))
-                }
-                Some(name) if UserId::from_name(name) != token.user => {
-                    return Err(invalid(format!(
-                        "this token is for another user than `{name}`; ask the operator for a token for `{name}`"
-                    )))
-                }
-                Some(_) => {}
+            let Some(name) = user else {
+                return Err(invalid(
+                    "an enrolment token is for a named user: give --user NAME too".into(),
+                ));
+            };
+            let address =
+                Address::parse(name, &token.domain).map_err(|e| DeviceError::Invalid {
+                    path: "--user".into(),
+                    reason: e.to_string(),
+                })?;
+            if address.domain() != token.domain {
+                return Err(invalid(format!(
+                    "this token is for a user of {}, not of {}; ask {}'s operator for a token for {address}",
+                    token.domain,
+                    address.domain(),
+                    address.domain()
+                )));
+            }
+            if address.user() != token.user {
+                return Err(invalid(format!(
+                    "this token is for another user than {address}; ask the operator for a token for `{}`",
+                    address.name()
+                )));
             }
         }
+        // With a token, a bare name is in the token's domain; without one (open enrolment),
+        // in the default domain unless given whole.
+        let home = token
+            .and_then(EnrolmentToken::from_text)
+            .map_or(DEFAULT_DOMAIN.to_string(), |t| t.domain);
+        let user = match user {
+            Some(text) => Some(
+                Address::parse(text, &home).map_err(|e| DeviceError::Invalid {
+                    path: "--user".into(),
+                    reason: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
         let cert = std::fs::read(cert_file).map_err(io(cert_file))?;
         sund_runtime::tls::check_certificate(&cert).map_err(|e| DeviceError::Invalid {
             path: cert_file.display().to_string(),
@@ -195,7 +222,7 @@ impl Device {
         let settings_path = data_dir.join("node.toml");
         let settings = Settings {
             gateway: gateway.to_string(),
-            user: user.map(str::to_string),
+            user: user.map(|u| u.to_string()),
             enrolment_token: token.map(|t| t.trim().to_string()),
             pairing_code: None,
             gateway_pin: None,
@@ -232,7 +259,7 @@ impl Device {
         write_private(&key_path, key.seed()).map_err(io(&key_path))?;
         let settings = Settings {
             gateway,
-            user: Some(code.user_name.clone()),
+            user: Some(code.user.to_string()),
             enrolment_token: None,
             pairing_code: Some(code.to_text()),
             gateway_pin: Some(hex(&code.gateway_pin)),
@@ -316,7 +343,12 @@ impl Device {
                 ))
             })?,
             gateway_pin,
-            user: settings.user,
+            user: match &settings.user {
+                Some(text) => Some(Address::parse(text, DEFAULT_DOMAIN).map_err(|e| {
+                    invalid(&format!("user: {e}; rerun `sund init` to rewrite it"))
+                })?),
+                None => None,
+            },
         })
     }
 
@@ -368,8 +400,10 @@ impl Device {
         if let Some((id, _)) = self.conversation_names().iter().find(|(_, n)| *n == name) {
             return *id;
         }
-        if let (Some(other), Some(me)) = (name.strip_prefix('@'), self.user.as_deref()) {
-            return sund_model::node::dm_id(UserId::from_name(me), UserId::from_name(other));
+        if let (Some(other), Some(me)) = (name.strip_prefix('@'), &self.user) {
+            if let Ok(other) = Address::parse(other, me.domain()) {
+                return sund_model::node::dm_id(me.user(), other.user());
+            }
         }
         let hex = name.strip_prefix("conv:").unwrap_or("");
         match (hex.len(), u128::from_str_radix(hex, 16)) {
@@ -381,10 +415,7 @@ impl Device {
     /// Refuses `id` as a place to send messages or files if it is the group of this user's own
     /// devices: that carries the contact book (its messages are records, never shown).
     pub fn check_not_own_group(&self, id: ConversationId) -> Result<(), String> {
-        let own = self
-            .user
-            .as_deref()
-            .map(|u| sund_model::node::own_id(UserId::from_name(u)));
+        let own = self.user_id().map(sund_model::node::own_id);
         if own == Some(id) {
             return Err(format!(
                 "{id} is the group of your own devices: it carries your contact book, not messages; send in a DM or room"
@@ -393,29 +424,61 @@ impl Device {
         Ok(())
     }
 
-    /// Remembers a person's user name, so that output can show names instead of user ids.
-    pub fn remember_user(&self, name: &str) -> Result<(), DeviceError> {
-        let record = ContactRecord::Named {
-            user: UserId::from_name(name),
-            name: name.to_string(),
-        };
-        if record.check().is_err() {
-            return Err(DeviceError::Invalid {
-                path: "user name".into(),
-                reason: format!("`{}` is not a user name", crate::display::printable(name)),
-            });
+    /// The domain a name without one is read in: this device's user's (the default domain,
+    /// `localhost`, for a device set up without a user).
+    pub fn home_domain(&self) -> &str {
+        self.user.as_ref().map_or(DEFAULT_DOMAIN, Address::domain)
+    }
+
+    /// This device's user's id, if it was set up for a user.
+    pub fn user_id(&self) -> Option<UserId> {
+        self.user.as_ref().map(Address::user)
+    }
+
+    /// A user as typed on the command line: `name` (a user of this device's domain) or
+    /// `name@domain`. The error says what was wrong.
+    pub fn address(&self, text: &str) -> Result<Address, String> {
+        Address::parse(text, self.home_domain()).map_err(|e| e.to_string())
+    }
+
+    /// A user this device can hold a DM or room with (one of its own domain: MLS
+    /// conversations do not span domains yet), as typed on the command line.
+    pub fn local_user(&self, text: &str) -> Result<Address, String> {
+        let address = self.address(text)?;
+        if address.domain() != self.home_domain() {
+            return Err(format!(
+                "{address} is a user of {}, another domain than this device's ({}): DMs, rooms and contacts with users of other domains are not built yet; a conversation shared by the gateways' operators (`sund-gateway admin share-conversation`) reaches them",
+                address.domain(),
+                self.home_domain()
+            ));
         }
+        Ok(address)
+    }
+
+    /// Remembers a person's address, so that output can show names instead of user ids.
+    pub fn remember_user(&self, address: &Address) -> Result<(), DeviceError> {
+        let record = ContactRecord::Named {
+            user: address.user(),
+            name: address.to_string(),
+        };
+        debug_assert!(record.check().is_ok(), "an address is a valid name record");
         contact_files::apply(&self.data_dir, &[record]).map_err(file_error)?;
         Ok(())
     }
 
-    /// The user names this device knows (its own, and everyone it named), by user id.
+    /// The users this device knows (its own, and everyone it named), by user id, as output
+    /// shows them: the bare name for a user of this device's domain, the whole address
+    /// otherwise.
     pub fn user_names(&self) -> BTreeMap<UserId, String> {
-        let mut names = contact_files::names(&self.data_dir);
+        let home = self.home_domain().to_string();
+        let mut addresses = contact_files::addresses(&self.data_dir);
         if let Some(own) = &self.user {
-            names.insert(UserId::from_name(own), own.clone());
+            addresses.insert(own.user(), own.clone());
         }
-        names
+        addresses
+            .into_iter()
+            .map(|(user, address)| (user, address.shown_from(&home)))
+            .collect()
     }
 
     /// The users this user blocked, as the gateway last listed them to this device (file
@@ -481,9 +544,9 @@ impl Device {
             gateway_pin: self.gateway_pin,
             key: self.key.clone(),
             environment: Arc::new(Production),
-            user: self.user.as_deref().map(UserId::from_name),
+            user: self.user_id(),
             mls: Some(DeviceMlsConfig::default()),
-            enrolment: self.enrolment,
+            enrolment: self.enrolment.clone(),
             pairing_voucher: self.pairing.as_ref().map(|p| p.voucher),
             // What `sund follow` prints is gone if the terminal goes: a message stays on the
             // device until it was printed.

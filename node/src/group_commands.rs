@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use sund_model::address::Address;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::mls::device_groups::{DeviceGroups, GroupStatus, Intent};
 use sund_model::mls::group_ops::{GroupKind, Role};
@@ -20,19 +21,10 @@ use crate::RoomCommand;
 /// How long a command waits for its change to be sequenced.
 const GROUP_DEADLINE: Duration = Duration::from_secs(20);
 
-/// A user name as people type it: not empty, no spaces or control characters, at most 64
-/// bytes (the gateway's operator enrols users by these names).
-pub fn check_user_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a user name cannot be empty".into());
-    }
-    if name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "`{}` is not a user name: at most 64 bytes, no spaces or control characters",
-            crate::display::printable(name)
-        ));
-    }
-    Ok(())
+/// Users as people type them (`name`, or `name@domain` of this device's domain; see
+/// [`Device::local_user`]), or the first error.
+pub fn local_users(device: &Device, users: &[String]) -> Result<Vec<Address>, String> {
+    users.iter().map(|u| device.local_user(u)).collect()
 }
 
 /// Member devices and their users, over every group of the device.
@@ -311,19 +303,20 @@ pub(crate) async fn wait_until_done(
 /// in certificates, so a device learns them only from its user), and `@NAME` for the DM with
 /// them.
 pub fn contact(data_dir: &Path, name: &str) -> Result<(), String> {
-    check_user_name(name)?;
     let device = load(data_dir)?;
-    device.remember_user(name).map_err(|e| e.to_string())?;
-    let user = UserId::from_name(name);
-    match device.user.as_deref() {
-        Some(me) if me != name => {
-            let dm = sund_model::node::dm_id(UserId::from_name(me), user);
+    let address = device.address(name)?;
+    device.remember_user(&address).map_err(|e| e.to_string())?;
+    let user = address.user();
+    let shown = address.shown_from(device.home_domain());
+    match &device.user {
+        Some(me) if *me != address && me.domain() == address.domain() => {
+            let dm = sund_model::node::dm_id(me.user(), user);
             device
-                .name_conversation(&format!("@{name}"), dm)
+                .name_conversation(&format!("@{shown}"), dm)
                 .map_err(|e| e.to_string())?;
-            say!("{name} = {user}; your DM with them is @{name} ({dm})");
+            say!("{address} = {user}; your DM with them is @{shown} ({dm})");
         }
-        _ => say!("{name} = {user}"),
+        _ => say!("{address} = {user}"),
     }
     Ok(())
 }
@@ -336,10 +329,10 @@ const BRING_IN_ATTEMPTS: u32 = 5;
 /// (as Signal's linked devices join their user's conversations), and says for each whether it
 /// got in, and what to run where it did not.
 pub async fn bring_in(node: &mut NodeHandle, device: &Device, linked: DeviceId) {
-    let Some(user_name) = device.user.clone() else {
+    let Some(user_name) = device.user.as_ref().map(|a| a.name().to_string()) else {
         return;
     };
-    let me = UserId::from_name(&user_name);
+    let me = device.user_id().expect("a device with a user");
     let mut names = device.conversation_names();
     names.insert(
         sund_model::node::own_id(me),
@@ -451,25 +444,22 @@ fn print_group(name: &str, g: &GroupSummary, users: &BTreeMap<UserId, String>, m
 
 /// `sund dm USER`.
 pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
-    check_user_name(user)?;
     let device = load(data_dir)?;
-    if device.user.as_deref() == Some(user) {
+    let address = device.local_user(user)?;
+    if device.user.as_ref() == Some(&address) {
         return Err(format!(
             "`{user}` is this device's own user; name the person to write to"
         ));
     }
-    device.remember_user(user).map_err(|e| e.to_string())?;
-    let group = change(&device, GroupRequest::Dm(UserId::from_name(user))).await?;
+    device.remember_user(&address).map_err(|e| e.to_string())?;
+    let group = change(&device, GroupRequest::Dm(address.user())).await?;
+    let user = address.shown_from(device.home_domain());
     let name = format!("@{user}");
     device
         .name_conversation(&name, group.conversation)
         .map_err(|e| e.to_string())?;
     print_group(&name, &group, &device.user_names(), device.key.device_id());
-    if !group
-        .members
-        .iter()
-        .any(|(_, u)| *u == UserId::from_name(user))
-    {
+    if !group.members.iter().any(|(_, u)| *u == address.user()) {
         say!(
             "  {user} has no device with KeyPackages at the gateway yet; add them later with \
              `sund room invite {name} {user}`"
@@ -480,9 +470,10 @@ pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
 }
 
 /// Says which invited users have no device in the group (none had KeyPackages at the gateway).
-fn note_missing(name: &str, invited: &[String], group: &GroupSummary) {
-    for user in invited {
-        let id = UserId::from_name(user);
+fn note_missing(name: &str, invited: &[Address], home: &str, group: &GroupSummary) {
+    for address in invited {
+        let id = address.user();
+        let user = address.shown_from(home);
         if !group.members.iter().any(|(_, u)| *u == id) {
             say!(
                 "  {user} has no device with KeyPackages at the gateway (never connected, or not \
@@ -524,10 +515,8 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             name,
             invite,
         } => {
-            for user in &invite {
-                check_user_name(user)?;
-            }
             let device = load(&data_dir)?;
+            let invite = local_users(&device, &invite)?;
             if device.conversation_names().values().any(|n| *n == name) {
                 return Err(format!(
                     "this device already has a conversation named `{name}`"
@@ -536,13 +525,13 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             for user in &invite {
                 device.remember_user(user).map_err(|e| e.to_string())?;
             }
-            let users = invite.iter().map(|u| UserId::from_name(u)).collect();
+            let users = invite.iter().map(Address::user).collect();
             let group = change(&device, GroupRequest::Room(users)).await?;
             device
                 .name_conversation(&name, group.conversation)
                 .map_err(|e| e.to_string())?;
             print_group(&name, &group, &device.user_names(), device.key.device_id());
-            note_missing(&name, &invite, &group);
+            note_missing(&name, &invite, device.home_domain(), &group);
             Ok(())
         }
         RoomCommand::Invite {
@@ -550,21 +539,16 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             name,
             users,
         } => {
-            for user in &users {
-                check_user_name(user)?;
-            }
             let device = load(&data_dir)?;
+            let users = local_users(&device, &users)?;
             let conv = known_group(&device, &name)?;
             for user in &users {
                 device.remember_user(user).map_err(|e| e.to_string())?;
             }
-            let ids = users
-                .iter()
-                .map(|u| UserId::from_name(u).to_bytes().into())
-                .collect();
+            let ids = users.iter().map(|u| u.user().to_bytes().into()).collect();
             let group = change(&device, GroupRequest::Change(conv, Intent::AddUsers(ids))).await?;
             print_group(&name, &group, &device.user_names(), device.key.device_id());
-            note_missing(&name, &users, &group);
+            note_missing(&name, &users, device.home_domain(), &group);
             Ok(())
         }
         RoomCommand::Remove {
@@ -573,8 +557,9 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             user,
         } => {
             let device = load(&data_dir)?;
+            let address = device.local_user(&user)?;
             let conv = known_group(&device, &name)?;
-            let intent = Intent::RemoveUser(UserId::from_name(&user).to_bytes().into());
+            let intent = Intent::RemoveUser(address.user().to_bytes().into());
             let group = change(&device, GroupRequest::Change(conv, intent)).await?;
             print_group(&name, &group, &device.user_names(), device.key.device_id());
             Ok(())
@@ -586,9 +571,10 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             role,
         } => {
             let device = load(&data_dir)?;
+            let address = device.local_user(&user)?;
             let conv = known_group(&device, &name)?;
             let role = parse_role(&role)?;
-            let intent = DeviceGroups::role_change(UserId::from_name(&user), role);
+            let intent = DeviceGroups::role_change(address.user(), role);
             change(&device, GroupRequest::Change(conv, intent)).await?;
             say!("{user} is now {role} of {name}");
             Ok(())

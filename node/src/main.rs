@@ -260,7 +260,8 @@ enum Command {
         /// The gateway's certificate file (`sund-gateway cert` prints its path).
         #[arg(long)]
         gateway_cert: PathBuf,
-        /// The user this device belongs to (give all of a person's devices the same name).
+        /// The user this device belongs to (give all of a person's devices the same name):
+        /// NAME, in the token's domain (without a token: localhost), or NAME@DOMAIN.
         #[arg(long)]
         user: Option<String>,
         /// The one-time enrolment token from the gateway's operator
@@ -663,11 +664,18 @@ async fn run(command: Command, settings: sund_node::settings::Settings) -> Resul
             )
             .map_err(|e| e.to_string())?;
             let key = device.key.public().to_hex();
-            say!(
-                "device {} ready in {}",
-                device.key.device_id(),
-                data_dir.display()
-            );
+            match &device.user {
+                Some(user) => say!(
+                    "device {} of {user} ready in {}",
+                    device.key.device_id(),
+                    data_dir.display()
+                ),
+                None => say!(
+                    "device {} ready in {}",
+                    device.key.device_id(),
+                    data_dir.display()
+                ),
+            }
             say!("device key: {key}");
             if device.enrolment.is_some() {
                 say!("it registers with its enrolment token when it first connects");
@@ -992,6 +1000,8 @@ struct StatusReport {
     reconnect_attempt: Option<u32>,
     /// Why the device is not connected, in words that say what to do.
     problem: Option<String>,
+    /// The user this device belongs to (`name@domain`), if set up for one.
+    user: Option<String>,
     /// Messages waiting for the gateway's acknowledgement.
     outbox: usize,
     /// Messages delivered that `sund follow` has not printed yet.
@@ -1025,6 +1035,7 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     let mut report = StatusReport {
         device: device.key.device_id().to_string(),
         device_key: device.key.public().to_hex(),
+        user: device.user.as_ref().map(ToString::to_string),
         gateway: device.gateway.to_string(),
         connection: "offline",
         reconnect_attempt: None,
@@ -1043,6 +1054,9 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     if !json {
         say!("device     {}", report.device);
         say!("device key {}", report.device_key);
+        if let Some(user) = &report.user {
+            say!("user       {user}");
+        }
         say!("gateway    {}", report.gateway);
     }
     let mut node = driver::start(device.options())
@@ -1081,7 +1095,19 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
         report.paired_with = Some(voucher.to_string());
         report.pairing_unconfirmed = None;
     }
+    // A device set up without a token for a bare name took the default domain: if its
+    // gateway certifies another, its user id is not the one its user's address names.
+    let misnamed = match (&device.user, &snapshot.root) {
+        (Some(user), Some(root)) if user.domain() != root.domain => Some(format!(
+            "this device was set up as {user}, but its gateway certifies users of {}: set it up again with `sund init --user {}@{}` (in a new data directory)",
+            root.domain,
+            user.name(),
+            root.domain
+        )),
+        _ => None,
+    };
     let failure = match (snapshot.connection, refused) {
+        (_, _) if misnamed.is_some() => misnamed,
         (_, Some(message)) => {
             report.connection = "refused";
             Some(format!("the gateway refused this device: {message}"))

@@ -54,7 +54,7 @@ pub async fn show(data_dir: &Path, wait: Duration, qr: bool) -> Result<(), Strin
             .expect("16 of 32 bytes"),
         root_fingerprint: root.key.0[..16].try_into().expect("16 of 32 bytes"),
         gateway_pin: device.gateway_pin,
-        user_name: user_name.clone(),
+        user: user_name.clone(),
         gateway: device.gateway.to_string(),
     };
     // A QR code is for a camera: only on a terminal, not into files or pipes.
@@ -151,7 +151,7 @@ pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), S
         "device {} set up in {} for {}",
         device.key.device_id(),
         data_dir.display(),
-        code.user_name
+        code.user
     );
     say!(
         "trusting the device that showed the code on first use: {}",
@@ -178,7 +178,7 @@ pub async fn accept(data_dir: &Path, text: &str, wait: Duration) -> Result<(), S
                     say!("paired: the gateway confirmed that device {voucher} vouched for this one");
                 }
                 Some(NodeEvent::Status(ConnectionStatus::Connected)) => {
-                    say!("connected to the gateway as a device of {}", code.user_name);
+                    say!("connected to the gateway as a device of {}", code.user);
                     break Ok(());
                 }
                 Some(NodeEvent::Refused { code: ErrorCode::EnrolmentTokenInvalid, .. }) if !told_unknown => {

@@ -147,7 +147,7 @@ fn a_backup_restored_into_a_new_device_gives_back_names_verified_users_and_files
     write_secret(&pass, "correct horse battery staple\n");
     let said = run(&sund(), &backup_args);
     assert!(
-        said.contains("backed up alice's")
+        said.contains("backed up alice@localhost's")
             && said.contains("1 verified user(s)")
             && said.contains("1 file(s)"),
         "{said}"
@@ -224,7 +224,8 @@ fn a_backup_restored_into_a_new_device_gives_back_names_verified_users_and_files
     assert!(refused.contains("damaged"), "{refused}");
     let refused = fails(&sund(), &as_args(&restore(&bob, &backup)));
     assert!(
-        refused.contains("this backup is of user `alice`") && refused.contains("`bob`"),
+        refused.contains("this backup is of user `alice@localhost`")
+            && refused.contains("`bob@localhost`"),
         "{refused}"
     );
     for name in ["contacts", "verified", "conversations"] {
@@ -240,7 +241,7 @@ fn a_backup_restored_into_a_new_device_gives_back_names_verified_users_and_files
         "{said}"
     );
     let contacts = std::fs::read_to_string(std::path::Path::new(&laptop).join("contacts")).unwrap();
-    assert!(contacts.lines().any(|l| l == "bob"), "{contacts}");
+    assert!(contacts.lines().any(|l| l == "bob@localhost"), "{contacts}");
     let conversations =
         std::fs::read_to_string(std::path::Path::new(&laptop).join("conversations")).unwrap();
     assert!(
@@ -301,7 +302,7 @@ fn a_passphrase_typed_on_a_terminal_is_asked_twice_and_never_shown() {
     term.key("Enter");
     let screen = term.wait_for("the end", |s| s.contains("EXIT="));
     assert!(
-        screen.contains("EXIT=0") && screen.contains("backed up alice's"),
+        screen.contains("EXIT=0") && screen.contains("backed up alice@localhost's"),
         "{screen}"
     );
     assert!(

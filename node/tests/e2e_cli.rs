@@ -147,7 +147,17 @@ fn unknown_users_are_an_error_never_a_silent_success() {
     );
     assert!(err.contains("no such user here"), "{err}");
     let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, ""]);
-    assert!(err.contains("cannot be empty"), "{err}");
+    assert!(err.contains("is not a user name"), "{err}");
+    // Another domain's user: said plainly, nothing asked of the gateway.
+    let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, "bob@b.example"]);
+    assert!(
+        err.contains(
+            "bob@b.example is a user of b.example, another domain than this device's (localhost)"
+        ),
+        "{err}"
+    );
+    let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, "bob@B_X"]);
+    assert!(err.contains("`b_x` is not a domain name"), "{err}");
     let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, "two words"]);
     assert!(err.contains("is not a user name"), "{err}");
     // A room with bob, then an invitation for a user who does not exist.
@@ -316,7 +326,11 @@ fn flags_after_run_work_and_a_forged_token_is_named_as_unknown() {
     let token = enrol(gw, "alice");
     // The token's secret changed: well formed, but not one the gateway issued.
     let mut parts: Vec<String> = token.trim().split(':').map(str::to_string).collect();
-    assert_eq!(parts.len(), 4, "{token}");
+    assert_eq!(parts.len(), 5, "{token}");
+    assert_eq!(
+        parts[4], "localhost",
+        "the token names the gateway's domain"
+    );
     parts[2] = parts[2].chars().rev().collect();
     let forged = parts.join(":");
     let port = free_udp_port();

@@ -62,7 +62,7 @@ fn the_readme_by_hand_flow_runs_top_to_bottom() {
         "paired: the gateway confirmed",
         "revoked dev:",
         "the laptop is refused now",
-        "backed up alice's",
+        "backed up alice@localhost's",
         "restored the backup of device dev:",
         "backed up ",
         "CRL version 1 issued",

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use sund_gateway::driver::{self as gateway_driver, GatewayOptions};
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::identity::DeviceKey;
-use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::ids::{ConversationId, DeviceId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::time::Instant;
 use sund_model::trust::EnrolmentToken;
@@ -68,10 +68,11 @@ fn prepare_gateway(
     let tokens = devices
         .iter()
         .map(|k| {
-            let user = UserId(k.device_id().0);
+            // A user of its own per device.
+            let user = format!("u{:x}", k.device_id().0);
             let command = AdminCommand::IssueEnrolmentToken(user);
             match gateway.run_admin(EPOCH, command, &mut store).unwrap().0 {
-                AdminAnswer::EnrolmentToken(token) => token,
+                AdminAnswer::EnrolmentToken(token, _) => token,
                 other => panic!("expected a token: {other:?}"),
             }
         })
@@ -155,9 +156,10 @@ impl World {
             pairing_voucher: None,
             key: key(n),
             environment: Arc::new(Simulated::new(socket, seed32(seed, 10 + n), EPOCH)),
-            user: None,
+            // Each device is a user of its own (the token's).
+            user: Some(self.tokens[usize::from(n) - 1].user),
             mls: None,
-            enrolment: Some(self.tokens[usize::from(n) - 1]),
+            enrolment: Some(self.tokens[usize::from(n) - 1].clone()),
             hold_until_taken: true,
             timers: None,
         };

@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use sha2::Digest;
+use sund_model::address::{Address, DEFAULT_DOMAIN};
 use sund_model::gateway::GatewayConfig;
 use sund_model::identity::DeviceKey;
-use sund_model::ids::{ConversationId, DeviceId, UserId};
+use sund_model::ids::{ConversationId, DeviceId};
 use sund_model::node::NodeConfig;
 use sund_model::planted::PlantedBug;
 use sund_node::driver::NodeTimers;
@@ -25,7 +26,7 @@ pub struct DevicePlan {
     /// Its turmoil host name (`alice-0`).
     pub host: String,
     /// Its user.
-    pub user: UserId,
+    pub user: Address,
     /// Its key (from the scenario's names, so every run of a scenario has the same devices).
     pub key: DeviceKey,
 }
@@ -133,7 +134,8 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
             (0..user.devices).map(move |d| DevicePlan {
                 name: format!("{}/{d}", user.name),
                 host: format!("{}-{d}", user.name),
-                user: UserId::from_name(&user.name),
+                user: Address::new(&user.name, DEFAULT_DOMAIN)
+                    .expect("the DSL's user names are addresses' names"),
                 key: DeviceKey::from_seed(seed_of(&["device", &user.name, &d.to_string()])),
             })
         })

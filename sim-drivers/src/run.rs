@@ -193,9 +193,9 @@ fn prepare_gateway(
     );
     let mut tokens = Vec::new();
     for device in &plan.devices {
-        let command = AdminCommand::IssueEnrolmentToken(device.user);
+        let command = AdminCommand::IssueEnrolmentToken(device.user.to_string());
         match gateway.run_admin(EPOCH, command, &mut store) {
-            Ok((AdminAnswer::EnrolmentToken(token), _)) => tokens.push(token),
+            Ok((AdminAnswer::EnrolmentToken(token, _), _)) => tokens.push(token),
             other => return Err(format!("issuing a token for {}: {other:?}", device.name)),
         }
     }
@@ -504,9 +504,9 @@ async fn device_main(w: &World, index: usize) -> turmoil::Result {
         gateway_pin: w.pin,
         key: device.key.clone(),
         environment: Arc::new(environment),
-        user: Some(device.user),
+        user: Some(device.user.user()),
         mls: None,
-        enrolment: Some(w.tokens[index]),
+        enrolment: Some(w.tokens[index].clone()),
         pairing_voucher: None,
         hold_until_taken: true,
         timers: Some(w.plan.node_timers),

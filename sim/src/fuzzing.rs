@@ -208,7 +208,7 @@ fn real_key_packages(d: u8) -> &'static DevicePackages {
 }
 
 fn user(k: u8) -> UserId {
-    UserId::from_name(["u0", "u1", "u2"][usize::from(k) % 3])
+    UserId::of(["u0", "u1", "u2"][usize::from(k) % 3], "localhost")
 }
 
 /// One step of a fuzzed gateway run.

@@ -418,10 +418,11 @@ impl World {
                     ..node_template.clone()
                 };
                 if mls_groups::uses_mls(&scenario) {
-                    mls_groups::enable_mls(&mut config, &user.name, &scenario.tunables, &verified);
+                    let id = federation::user_id(&scenario, &user.name);
+                    mls_groups::enable_mls(&mut config, id, &scenario.tunables, &verified);
                 } else if uses_contacts(&scenario) {
                     // Contacts are between users: each device names its user.
-                    config.user = Some(sund_model::ids::UserId::from_name(&user.name));
+                    config.user = Some(federation::user_id(&scenario, &user.name));
                 }
                 actors.push(Actor {
                     name: format!("{}/{}", user.name, d),

@@ -86,7 +86,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 cursors: vec![Cursor::new(conv, 1)],
                 device_key: [0x5c; 32],
                 resume_token: None,
-                user: Some(UserId::from_name("alice").to_bytes()),
+                user: Some(UserId::of("alice", "localhost").to_bytes()),
                 certificate: None,
                 generation: Some(3),
             }),
@@ -200,8 +200,8 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             "key-package-fetch",
             Payload::KeyPackageFetch(KeyPackageFetch {
                 users: vec![
-                    UserId::from_name("alice").to_bytes().into(),
-                    UserId::from_name("bob").to_bytes().into(),
+                    UserId::of("alice", "localhost").to_bytes().into(),
+                    UserId::of("bob", "localhost").to_bytes().into(),
                 ],
             }),
         ),
@@ -210,13 +210,13 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::KeyPackages(KeyPackages {
                 found: vec![
                     FetchedKeyPackage {
-                        user: UserId::from_name("bob").to_bytes().into(),
+                        user: UserId::of("bob", "localhost").to_bytes().into(),
                         device: DeviceId(0x0b0b).to_bytes().into(),
                         package: vec![0x6b; 120].into(),
                         last_resort: false,
                     },
                     FetchedKeyPackage {
-                        user: UserId::from_name("bob").to_bytes().into(),
+                        user: UserId::of("bob", "localhost").to_bytes().into(),
                         device: DeviceId(0x0b0c).to_bytes().into(),
                         package: vec![0x4c; 80].into(),
                         last_resort: true,
@@ -543,7 +543,7 @@ fn certificate_seeds(dir: &Option<PathBuf>) {
                 &long,
                 7,
                 device(3),
-                UserId::from_name("alice"),
+                UserId::of("alice", "localhost"),
                 JAN_2026_S - 3_600,
                 JAN_2026_S - 3_600 + year,
             ),
@@ -555,7 +555,7 @@ fn certificate_seeds(dir: &Option<PathBuf>) {
                 "sund-1.local",
                 1,
                 device(4),
-                UserId::from_name("bob"),
+                UserId::of("bob", "localhost"),
                 JAN_2026_S - 3_600,
                 JAN_2026_S - 3_600 + year,
             ),
@@ -919,7 +919,7 @@ fn main() {
     // One user more than a fetch may name (the limit is checked after decoding).
     let too_many = Payload::KeyPackageFetch(KeyPackageFetch {
         users: (0..=FETCH_USERS_MAX)
-            .map(|i| UserId::from_name(&format!("u{i}")).to_bytes().into())
+            .map(|i| UserId::of(&format!("u{i}"), "localhost").to_bytes().into())
             .collect(),
     });
     cbor_for(

@@ -212,7 +212,7 @@ mod tests {
             "a.example",
             7,
             key,
-            crate::ids::UserId::from_name("x"),
+            crate::ids::UserId::of("x", "localhost"),
             100,
             200,
         );

@@ -3,16 +3,19 @@
 //! a CRL on disk).
 
 use super::{Gateway, GatewayInput, GatewayOutput};
+use crate::address::Address;
 use crate::env::{Store, StoreError};
-use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::ids::{ConversationId, DeviceId};
 use crate::time::Instant;
 use crate::trust::EnrolmentToken;
 
 /// A command of the gateway's operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminCommand {
-    /// A one-time token that lets one new device of this user register.
-    IssueEnrolmentToken(UserId),
+    /// A one-time token that lets one new device of this user register: a user name of this
+    /// gateway's domain, or a whole address in it (`alice` or `alice@a.example`; another
+    /// domain's users are enrolled by their own gateway).
+    IssueEnrolmentToken(String),
     /// Revoke a device: a new CRL goes to every connected device, the device's sessions close,
     /// it never opens another, and the gateway proposes its removal from each of its groups.
     RevokeDevice(DeviceId),
@@ -50,8 +53,13 @@ pub enum AdminCommand {
 /// The answer to an [`AdminCommand`], released with the commit that holds its effect.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminAnswer {
-    /// The token to hand to the new device (`EnrolmentToken::to_text`).
-    EnrolmentToken(EnrolmentToken),
+    /// The token to hand to the new device (`EnrolmentToken::to_text`), for this address.
+    EnrolmentToken(EnrolmentToken, Address),
+    /// No token: the user is not one this gateway enrols; `why` says what to do.
+    EnrolmentRefused {
+        /// Why, in words.
+        why: String,
+    },
     /// The device is revoked in this CRL version (newly, or `already` before).
     Revoked {
         /// The device.
@@ -129,13 +137,25 @@ impl Gateway {
     pub(super) fn admin(&mut self, now: Instant, request: u64, command: AdminCommand) {
         let answer = match command {
             AdminCommand::IssueEnrolmentToken(user) => {
-                let token = self.registry.issue_enrolment_token(
-                    now,
-                    user,
-                    self.entropy.as_mut(),
-                    self.fx.writes(),
-                );
-                AdminAnswer::EnrolmentToken(token)
+                let domain = self.registry.authority().root().domain.clone();
+                match Address::parse(&user, &domain) {
+                    Err(e) => AdminAnswer::EnrolmentRefused { why: e.to_string() },
+                    Ok(address) if address.domain() != domain => AdminAnswer::EnrolmentRefused {
+                        why: format!(
+                            "{address} is a user of {}, and this gateway enrols users of {domain}: its own gateway's operator issues tokens for it",
+                            address.domain()
+                        ),
+                    },
+                    Ok(address) => {
+                        let token = self.registry.issue_enrolment_token(
+                            now,
+                            address.user(),
+                            self.entropy.as_mut(),
+                            self.fx.writes(),
+                        );
+                        AdminAnswer::EnrolmentToken(token, address)
+                    }
+                }
             }
             AdminCommand::RevokeDevice(device) => {
                 let known = self.registry.authority().certificate_of(device).is_some();

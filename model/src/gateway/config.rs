@@ -88,7 +88,7 @@ impl Default for GatewayConfig {
             gc_batch_max: 128,
             gc_backlog_interval: Duration::from_millis(5),
             open_enrolment: false,
-            domain: "localhost".into(),
+            domain: crate::address::DEFAULT_DOMAIN.into(),
             federation_peers: Vec::new(),
             federation_timers: LinkTimers::default(),
             resume_token_ttl: Duration::from_secs(7 * 24 * 3600),

@@ -9,31 +9,32 @@
 //! later record wins" is needed. A device that joins later gets the whole book as records from
 //! the device that brought it in ([`ContactBook::records`]).
 //!
-//! Names only grow (a name is the user's own name: `UserId::from_name(name) == user`, so a
-//! record cannot name a user falsely). A verification mark is set with the device keys compared
+//! Names only grow (a name is the user's own address, `name@domain`, whose
+//! [`Address::user`] is the record's user, so a record cannot name a user falsely). A verification mark is set with the device keys compared
 //! (`Verified`) and taken away by `Unverified`.
 //!
 //! ```text
-//! message  = "sundcb01" | count(2, big-endian, 1..=RECORDS_MAX) | record*
+//! message  = "sundcb02" | count(2, big-endian, 1..=RECORDS_MAX) | record*
 //! record   = tag(1) | user(16) | fields
-//!   tag 1  Named       len(1, 1..=64) | name (UTF-8, no whitespace or control characters)
+//!   tag 1  Named       len(1, 3..=255) | address (UTF-8 `name@domain`, see `crate::address`)
 //!   tag 2  Verified    count(1, 1..=KEYS_MAX) | key(32)*  (strictly increasing)
 //!   tag 3  Unverified
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::address::Address;
 use crate::identity::DevicePublicKey;
 use crate::ids::UserId;
 
 /// First bytes of every contact-book message (and its version).
-pub const MAGIC: &[u8; 8] = b"sundcb01";
+pub const MAGIC: &[u8; 8] = b"sundcb02";
 /// Records in one message at most.
 pub const RECORDS_MAX: usize = 256;
 /// Device keys in one verification mark at most (a user with more devices is not verified).
 pub const KEYS_MAX: usize = 64;
-/// Bytes of a user name at most (as `sund` accepts them).
-pub const NAME_BYTES_MAX: usize = 64;
+/// Bytes of a name record's address at most.
+pub const NAME_BYTES_MAX: usize = crate::address::ADDRESS_BYTES_MAX;
 /// Bytes of one message at most: records are split into messages below this.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
 
@@ -44,11 +45,11 @@ const TAG_UNVERIFIED: u8 = 3;
 /// One fact about one user in the contact book.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ContactRecord {
-    /// The user's name (`UserId::from_name(name) == user`).
+    /// The user's address (`name@domain` whose [`Address::user`] is `user`).
     Named {
         /// The user.
         user: UserId,
-        /// Their name.
+        /// Their address, written out whole.
         name: String,
     },
     /// The user was verified with these device keys (their devices then).
@@ -120,16 +121,14 @@ impl ContactRecord {
     }
 }
 
-/// Whether `name` is a user name (1 to 64 bytes, no whitespace or control characters) and
-/// `user`'s.
+/// Whether `name` is a whole address (`name@domain`, see [`crate::address`]) written as it
+/// always is (domain in lower case, so a user has one name) and `user`'s.
 pub fn check_name(user: UserId, name: &str) -> Result<(), ContactBookError> {
-    if name.is_empty()
-        || name.len() > NAME_BYTES_MAX
-        || name.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
+    let address = Address::parse_full(name).map_err(|_| ContactBookError::BadName)?;
+    if address.to_string() != name {
         return Err(ContactBookError::BadName);
     }
-    if UserId::from_name(name) != user {
+    if address.user() != user {
         return Err(ContactBookError::NameOfAnother(user));
     }
     Ok(())
@@ -157,7 +156,7 @@ pub enum ContactBookError {
     #[error("unknown record kind {0}")]
     Tag(u8),
     /// A name that is not a user name.
-    #[error("a name that is not a user name (1 to {NAME_BYTES_MAX} bytes, no spaces or control characters)")]
+    #[error("a name that is not a user's address (NAME@DOMAIN, at most {NAME_BYTES_MAX} bytes)")]
     BadName,
     /// A name that is not the named user's.
     #[error("a name that is not the name of {0}")]
@@ -327,15 +326,20 @@ mod tests {
     use proptest::prelude::*;
 
     fn named(name: &str) -> ContactRecord {
+        let address = Address::parse(name, "a.example").unwrap();
         ContactRecord::Named {
-            user: UserId::from_name(name),
-            name: name.into(),
+            user: address.user(),
+            name: address.to_string(),
         }
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::of(name, "a.example")
     }
 
     fn arb_record() -> impl Strategy<Value = ContactRecord> {
         prop_oneof![
-            "[a-z0-9._@-]{1,64}".prop_map(|n| named(&n)),
+            "[a-z0-9._-]{1,64}(@[a-z0-9-]{1,20}(\\.[a-z0-9-]{1,20}){0,2})?".prop_map(|n| named(&n)),
             (
                 any::<[u8; 16]>(),
                 proptest::collection::btree_set(any::<[u8; 32]>(), 1..=KEYS_MAX)
@@ -387,12 +391,27 @@ mod tests {
     fn a_name_that_is_not_the_users_is_refused() {
         let mut message = encode(&[named("bob")]).remove(0);
         // Same length, another user's id in the record.
-        message[MAGIC.len() + 3..MAGIC.len() + 19]
-            .copy_from_slice(&UserId::from_name("eve").to_bytes());
+        message[MAGIC.len() + 3..MAGIC.len() + 19].copy_from_slice(&user("eve").to_bytes());
         assert_eq!(
             decode(&message),
-            Err(ContactBookError::NameOfAnother(UserId::from_name("eve")))
+            Err(ContactBookError::NameOfAnother(user("eve")))
         );
+    }
+
+    #[test]
+    fn a_name_without_its_domain_is_refused() {
+        let mut message = encode(&[named("bob")]).remove(0);
+        // `bob@a.example` cut to `bob`: the length byte and the bytes after it.
+        let at = MAGIC.len() + 2 + 1 + 16;
+        message[at] = 3;
+        message.truncate(at + 4);
+        assert_eq!(decode(&message), Err(ContactBookError::BadName));
+        // The right user, its domain written in capitals: one user, one way to write it.
+        let upper = ContactRecord::Named {
+            user: UserId::of("bob", "a.example"),
+            name: "bob@A.example".into(),
+        };
+        assert_eq!(upper.check(), Err(ContactBookError::BadName));
     }
 
     #[test]
@@ -400,7 +419,7 @@ mod tests {
         let message = encode(&[
             named("bob"),
             ContactRecord::Unverified {
-                user: UserId::from_name("carol"),
+                user: user("carol"),
             },
         ])
         .remove(0);
@@ -417,7 +436,7 @@ mod tests {
 
     #[test]
     fn the_later_record_wins() {
-        let bob = UserId::from_name("bob");
+        let bob = user("bob");
         let keys: BTreeSet<_> = [DevicePublicKey([1; 32])].into();
         let mut book = ContactBook::default();
         assert!(book.apply(&ContactRecord::Verified {
@@ -435,11 +454,11 @@ mod tests {
         let records = [
             named("bob"),
             ContactRecord::Verified {
-                user: UserId::from_name("bob"),
+                user: user("bob"),
                 keys: [DevicePublicKey([7; 32])].into(),
             },
             ContactRecord::Unverified {
-                user: UserId::from_name("carol"),
+                user: user("carol"),
             },
         ];
         insta::assert_snapshot!(crate::hex::encode(&encode(&records)[0]));

@@ -66,7 +66,7 @@ impl NodeTrust {
     pub fn register(&self, config: &NodeConfig) -> Payload {
         let key = config.key.public();
         let user = config.certificate_user();
-        let token = config.enrolment.map_or([0; 16], |t| t.secret);
+        let token = config.enrolment.as_ref().map_or([0; 16], |t| t.secret);
         let proof = config.key.sign(&register_message(&token, &key, user));
         Payload::Register(Register {
             device_key: key.0,

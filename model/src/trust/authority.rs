@@ -65,10 +65,13 @@ const CRL_KEY: &[u8] = b"crl";
 /// A one-time enrolment token: what an operator hands to a user so that one new device of that
 /// user can register. Its text form also pins the trust root, so the device can check that the
 /// gateway it registers with is the one the operator meant.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct EnrolmentToken {
     /// The user the device will belong to.
     pub user: UserId,
+    /// The domain whose gateway issued it (the user's domain): with it a device checks the
+    /// user's name against `user` before it registers.
+    pub domain: String,
     /// The one-time secret.
     pub secret: [u8; 16],
     /// The first 16 bytes of the trust root's public key.
@@ -116,14 +119,21 @@ impl EnrolmentToken {
         token_id(&self.secret)
     }
 
-    /// `sund-enrol:<user>:<secret>:<root fingerprint>`, each 32 hex digits.
+    /// `sund-enrol:<user>:<secret>:<root fingerprint>:<domain>`, the first three 32 hex
+    /// digits each.
     pub fn to_text(&self) -> String {
         format!(
-            "sund-enrol:{}:{}:{}",
+            "sund-enrol:{}:{}:{}:{}",
             hex(&self.user.to_bytes()),
             hex(&self.secret),
-            hex(&self.root_fingerprint)
+            hex(&self.root_fingerprint),
+            self.domain
         )
+    }
+
+    /// Whether the token is for `name` of its domain.
+    pub fn is_for(&self, name: &str) -> bool {
+        crate::address::Address::new(name, &self.domain).is_ok_and(|a| a.user() == self.user)
     }
 
     /// Parses [`Self::to_text`]'s form; `None` if it is not one.
@@ -135,8 +145,10 @@ impl EnrolmentToken {
         let user = UserId::from_bytes(unhex16(parts.next()?)?);
         let secret = unhex16(parts.next()?)?;
         let root_fingerprint = unhex16(parts.next()?)?;
+        let domain = parts.next().filter(|d| valid_domain(d))?.to_string();
         parts.next().is_none().then_some(EnrolmentToken {
             user,
+            domain,
             secret,
             root_fingerprint,
         })
@@ -452,6 +464,7 @@ impl RegistrationAuthority {
         self.tokens.insert(secret, record);
         EnrolmentToken {
             user,
+            domain: self.root.domain.clone(),
             secret,
             root_fingerprint: self.root.key.0[..16].try_into().expect("16 of 32 bytes"),
         }
@@ -519,9 +532,11 @@ impl RegistrationAuthority {
     }
 
     /// Registers `device_key` for `user`: checks the proof of possession and, unless `open`
-    /// (open enrolment, for local use), the one-time token, which is consumed. A pairing code's
-    /// secret is checked even under open enrolment, so that its voucher is known. Returns the
-    /// new certificate.
+    /// (open enrolment, for local use) and the device shows no token (all zeros), the one-time
+    /// token, which is consumed. A token shown is checked even under open enrolment, so that a
+    /// pairing code's voucher is known: a code whose vouch has not arrived yet is unknown (the
+    /// device tries again) rather than taken as an open registration without its voucher.
+    /// Returns the new certificate.
     #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
@@ -547,7 +562,7 @@ impl RegistrationAuthority {
                 });
             }
         }
-        if !open || self.tokens.contains_key(&token) {
+        if !open || token != [0; 16] {
             let record = self
                 .tokens
                 .get_mut(&token)
@@ -785,6 +800,34 @@ mod tests {
     }
 
     #[test]
+    fn under_open_enrolment_a_token_shown_is_still_checked() {
+        // Found by the end-to-end contacts test under load: a new device took a pairing code
+        // before the other device's vouch reached the gateway, was registered openly without
+        // its voucher, and then (rightly) refused its own certificate. An unknown token is now
+        // unknown whatever the mode, and the new device tries again until the vouch is there.
+        let (mut ra, _) = authority();
+        let device = DeviceKey::from_seed([2; 32]);
+        let open = |ra: &mut RegistrationAuthority, token: [u8; 16]| {
+            let proof = device.sign(&register_message(&token, &device.public(), UserId(1)));
+            ra.register(
+                NOW,
+                device.public(),
+                UserId(1),
+                token,
+                &proof,
+                true,
+                &mut WriteBatch::default(),
+            )
+        };
+        assert_eq!(
+            open(&mut ra, [7; 16]).unwrap_err(),
+            RegistrationError::TokenUnknown
+        );
+        // No token at all: the open registration it always was.
+        assert!(open(&mut ra, [0; 16]).is_ok());
+    }
+
+    #[test]
     fn the_same_device_registering_again_with_its_token_gets_its_certificate_again() {
         // Found by `cargo sim --drivers --swarm` (seed 4): the certificate answer was lost on a
         // lossy link, and every retry was refused as `token used`: the device was locked out.
@@ -838,7 +881,10 @@ mod tests {
         let (mut ra, _) = authority();
         let token = ra.issue_token(NOW, UserId(1), &mut Counter(50), &mut WriteBatch::default());
         assert!(token.pins(ra.root()));
-        assert_eq!(EnrolmentToken::from_text(&token.to_text()), Some(token));
+        assert_eq!(
+            EnrolmentToken::from_text(&token.to_text()),
+            Some(token.clone())
+        );
         let device = DeviceKey::from_seed([1; 32]);
         let cert = register(&mut ra, &device, UserId(1), &token).unwrap();
         assert_eq!(cert.user, UserId(1));
@@ -894,7 +940,7 @@ mod tests {
         let (mut ra, _) = authority();
         let device = DeviceKey::from_seed([1; 32]);
         let token = ra.issue_token(NOW, UserId(1), &mut Counter(50), &mut WriteBatch::default());
-        let mut unknown = token;
+        let mut unknown = token.clone();
         unknown.secret[0] ^= 1;
         assert_eq!(
             register(&mut ra, &device, UserId(1), &unknown),
@@ -1028,7 +1074,7 @@ mod tests {
     fn a_token_listed_by_id_expires_at_once_and_its_expiry_is_stored() {
         let (mut ra, mut store) = authority();
         let mut writes = WriteBatch::default();
-        let alice = UserId::from_name("alice");
+        let alice = UserId::of("alice", "localhost");
         let token = ra.issue_token(NOW, alice, &mut Counter(7), &mut writes);
         store.commit(writes).unwrap();
         let listed = ra.tokens();
@@ -1067,12 +1113,26 @@ mod tests {
     #[test]
     fn a_token_never_prints_its_secret() {
         let token = EnrolmentToken {
-            user: UserId(1),
+            user: UserId::of("alice", "a.example"),
+            domain: "a.example".into(),
             secret: [0xab; 16],
             root_fingerprint: [0; 16],
         };
         assert!(!format!("{token:?}").contains("abab"));
-        for bad in ["", "sund-enrol:", "sund-enrol:00:00:00", "other:0:0:0"] {
+        let text = token.to_text();
+        assert!(text.ends_with(":a.example"), "{text}");
+        assert_eq!(EnrolmentToken::from_text(&text), Some(token.clone()));
+        assert!(token.is_for("alice") && !token.is_for("bob") && !token.is_for("al ice"));
+        let without_domain = text.trim_end_matches(":a.example");
+        let bad_domain = text.replace("a.example", "A_B");
+        for bad in [
+            "",
+            "sund-enrol:",
+            "sund-enrol:00:00:00",
+            "other:0:0:0",
+            without_domain,
+            &bad_domain,
+        ] {
             assert!(EnrolmentToken::from_text(bad).is_none(), "{bad}");
         }
     }

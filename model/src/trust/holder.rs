@@ -363,6 +363,7 @@ mod tests {
         let device = DeviceKey::from_seed([1; 32]);
         let token = EnrolmentToken {
             user: UserId(3),
+            domain: "localhost".into(),
             secret: [0; 16],
             root_fingerprint: [0xee; 16],
         };

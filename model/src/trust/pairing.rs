@@ -7,7 +7,7 @@
 //!    as A reaches it (it waits durably in A's store while the gateway cannot be reached).
 //! 2. A shows a [`PairingCode`] (a QR code and its text form): the secret, the fingerprint of
 //!    A's device key, the gateway's address and transport pin, the trust root's fingerprint and
-//!    the user's name. The code is the direct channel between the two devices.
+//!    the user's address. The code is the direct channel between the two devices.
 //! 3. The new device B takes the code, pins the gateway and the root from it, and records A's
 //!    fingerprint: trust on first use, unconfirmed. It registers with the secret as its token.
 //! 4. The gateway accepts the registration only if A's vouch for the secret arrived, A is not
@@ -23,6 +23,7 @@
 //! If the gateway cannot be reached when the code is shown or taken, both sides keep what they
 //! need and the pairing completes once they reach it, within [`PAIRING_TTL`] of the vouch.
 
+use crate::address::Address;
 use crate::identity::DevicePublicKey;
 use crate::ids::UserId;
 
@@ -32,8 +33,8 @@ use super::TrustRoot;
 
 pub use super::authority::PAIRING_TTL;
 
-/// Longest user name a pairing code carries.
-pub const USER_NAME_BYTES_MAX: usize = 64;
+/// Longest user address a pairing code carries (`name@domain`).
+pub const USER_NAME_BYTES_MAX: usize = crate::address::ADDRESS_BYTES_MAX;
 /// Longest gateway address a pairing code carries (a DNS name and a port).
 pub const GATEWAY_ADDRESS_BYTES_MAX: usize = 260;
 /// Longest text form of a pairing code.
@@ -53,8 +54,8 @@ pub struct PairingCode {
     pub root_fingerprint: [u8; 16],
     /// SHA-256 of the gateway's transport certificate (what the new device pins).
     pub gateway_pin: [u8; 32],
-    /// The user's name (both devices belong to it).
-    pub user_name: String,
+    /// The user's address (both devices belong to it).
+    pub user: Address,
     /// The gateway's address, `HOST:PORT`.
     pub gateway: String,
 }
@@ -62,7 +63,7 @@ pub struct PairingCode {
 impl core::fmt::Debug for PairingCode {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         // The secret is a credential until used: never in logs.
-        write!(f, "PairingCode({} at {})", self.user_name, self.gateway)
+        write!(f, "PairingCode({} at {})", self.user, self.gateway)
     }
 }
 
@@ -96,13 +97,14 @@ fn unhex_array<const N: usize>(
 impl PairingCode {
     /// The user both devices belong to.
     pub fn user(&self) -> UserId {
-        UserId::from_name(&self.user_name)
+        self.user.user()
     }
 
     /// The enrolment token the new device registers with.
     pub fn enrolment(&self) -> EnrolmentToken {
         EnrolmentToken {
             user: self.user(),
+            domain: self.user.domain().to_string(),
             secret: self.secret,
             root_fingerprint: self.root_fingerprint,
         }
@@ -124,7 +126,7 @@ impl PairingCode {
             hex_upper(&self.voucher),
             hex_upper(&self.root_fingerprint),
             hex_upper(&self.gateway_pin),
-            hex_upper(self.user_name.as_bytes()),
+            hex_upper(self.user.to_string().as_bytes()),
             self.gateway.to_ascii_uppercase(),
         )
     }
@@ -152,8 +154,10 @@ impl PairingCode {
         if name.is_empty() || name.len() > USER_NAME_BYTES_MAX {
             return Err(PairingCodeError::BadField("user name"));
         }
-        let user_name =
-            String::from_utf8(name).map_err(|_| PairingCodeError::BadField("user name"))?;
+        let user = String::from_utf8(name)
+            .ok()
+            .and_then(|name| Address::parse_full(&name).ok())
+            .ok_or(PairingCodeError::BadField("user name"))?;
         if gateway.is_empty()
             || gateway.len() > GATEWAY_ADDRESS_BYTES_MAX
             || !gateway.bytes().all(|b| b.is_ascii_graphic())
@@ -165,7 +169,7 @@ impl PairingCode {
             voucher,
             root_fingerprint,
             gateway_pin,
-            user_name,
+            user,
             gateway,
         })
     }
@@ -226,7 +230,7 @@ mod tests {
             voucher: [1; 16],
             root_fingerprint: [2; 16],
             gateway_pin: [3; 32],
-            user_name: "alice".into(),
+            user: Address::new("alice", "a.example").unwrap(),
             gateway: "[::1]:4433".into(),
         }
     }
@@ -241,7 +245,7 @@ mod tests {
             PairingCode::from_text(&format!("  {}\n", text.to_lowercase())),
             Ok(code.clone())
         );
-        assert_eq!(code.enrolment().user, UserId::from_name("alice"));
+        assert_eq!(code.enrolment().user, UserId::of("alice", "a.example"));
         assert!(!format!("{code:?}").contains("171"), "no secret in logs");
         assert!(!format!("{code:?}").contains("ab"), "no secret in logs");
     }
@@ -270,12 +274,15 @@ mod tests {
             PairingCode::from_text(&long),
             Err(PairingCodeError::TooLong(_))
         ));
-        let mut no_name = code();
-        no_name.user_name = String::new();
-        assert_eq!(
-            PairingCode::from_text(&no_name.to_text()),
-            Err(PairingCodeError::BadField("user name"))
-        );
+        let name_hex = crate::hex::encode_upper(b"alice@a.example");
+        for bad in ["", "alice", "alice@", "@a.example"] {
+            let other = text.replace(&name_hex, &crate::hex::encode_upper(bad.as_bytes()));
+            assert_eq!(
+                PairingCode::from_text(&other),
+                Err(PairingCodeError::BadField("user name")),
+                "{bad}"
+            );
+        }
     }
 
     proptest! {
@@ -289,7 +296,8 @@ mod tests {
             secret: [u8; 16],
             voucher: [u8; 16],
             pin: [u8; 32],
-            name in "[a-zA-Z0-9 éø._-]{1,20}",
+            name in "[a-zA-Z0-9éø._-]{1,20}",
+            domain in "[a-z0-9-]{1,20}(\\.[a-z]{2,5})?",
             port: u16,
         ) {
             let code = PairingCode {
@@ -297,7 +305,7 @@ mod tests {
                 voucher,
                 root_fingerprint: [9; 16],
                 gateway_pin: pin,
-                user_name: name,
+                user: Address::new(&name, &domain).unwrap(),
                 gateway: format!("gw.example.org:{port}"),
             };
             prop_assert_eq!(PairingCode::from_text(&code.to_text()), Ok(code));

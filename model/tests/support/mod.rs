@@ -55,7 +55,7 @@ pub fn mls_config() -> DeviceMlsConfig {
 
 pub fn node_config(seed: u8, user: &str) -> NodeConfig {
     let mut config = NodeConfig::new(DeviceKey::from_seed([seed; 32]));
-    config.user = Some(UserId::from_name(user));
+    config.user = Some(UserId::of(user, "localhost"));
     config.mls = Some(mls_config());
     config
 }
@@ -275,8 +275,8 @@ impl Net {
 
     /// A one-time enrolment token for `user`.
     pub fn enrolment_token(&mut self, user: &str) -> sund_model::trust::EnrolmentToken {
-        match self.admin(AdminCommand::IssueEnrolmentToken(UserId::from_name(user))) {
-            AdminAnswer::EnrolmentToken(token) => token,
+        match self.admin(AdminCommand::IssueEnrolmentToken(user.to_string())) {
+            AdminAnswer::EnrolmentToken(token, _) => token,
             other => panic!("expected a token: {other:?}"),
         }
     }
@@ -296,7 +296,7 @@ impl Net {
     /// `conn` fetches packages of `user` through the gateway; returns the answer.
     pub fn fetch(&mut self, conn: u64, user: &str) -> KeyPackages {
         let fetch = KeyPackageFetch {
-            users: vec![UserId::from_name(user).to_bytes().into()],
+            users: vec![UserId::of(user, "localhost").to_bytes().into()],
         };
         let bytes = Frame::new(Routing::default(), Payload::KeyPackageFetch(fetch)).encode();
         self.gateway

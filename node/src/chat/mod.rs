@@ -229,21 +229,25 @@ async fn refresh_groups(node: &NodeHandle, device: &Device, view: &mut ChatView)
 /// `/dm USER`: asks the node for the DM (the commit goes out in the background; the DM lists
 /// itself at once and its epoch shows once the gateway sequenced it).
 async fn start_dm(node: &NodeHandle, device: &Device, view: &mut ChatView, user: &str) {
-    if let Err(e) = group_commands::check_user_name(user) {
-        view.notice(e);
-        return;
-    }
-    if device.user.as_deref() == Some(user) {
+    let address = match device.local_user(user) {
+        Ok(address) => address,
+        Err(e) => {
+            view.notice(e);
+            return;
+        }
+    };
+    if device.user.as_ref() == Some(&address) {
         view.notice(format!(
             "`{user}` is this device's own user; name the person to write to"
         ));
         return;
     }
-    if let Err(e) = device.remember_user(user) {
+    if let Err(e) = device.remember_user(&address) {
         view.notice(e.to_string());
         return;
     }
-    match node.group(GroupRequest::Dm(UserId::from_name(user))).await {
+    let user = address.shown_from(device.home_domain());
+    match node.group(GroupRequest::Dm(address.user())).await {
         Ok(Ok(conversation)) => {
             let name = format!("@{user}");
             if let Err(e) = device.name_conversation(&name, conversation) {

@@ -68,6 +68,33 @@ fn domain_for(name: &str) -> String {
     format!("{label}.example")
 }
 
+/// The domain of the gateway named `gateway`: its own if it federates, else the default one
+/// (`localhost`, as a gateway whose operator named none).
+pub(super) fn domain_of(scenario: &Scenario, gateway: &str) -> String {
+    let federated = scenario
+        .federations
+        .iter()
+        .any(|(a, b)| a == gateway || b == gateway);
+    if federated {
+        domain_for(gateway)
+    } else {
+        sund_model::address::DEFAULT_DOMAIN.to_string()
+    }
+}
+
+/// The id of the scenario's user `name` (`name@` its home gateway's domain; the default
+/// domain for a name the scenario does not declare).
+pub(super) fn user_id(scenario: &Scenario, name: &str) -> sund_model::ids::UserId {
+    let domain = scenario
+        .users
+        .iter()
+        .find(|u| u.name == name)
+        .map_or(sund_model::address::DEFAULT_DOMAIN.to_string(), |u| {
+            domain_of(scenario, &u.gateway)
+        });
+    sund_model::ids::UserId::of(name, &domain)
+}
+
 /// Gives the gateways of `scenario.federations` their domains and peers. `gateways` maps each
 /// gateway's name to its actor, its configuration and the entropy of its first start.
 pub(super) fn configure(

@@ -291,7 +291,7 @@ impl World {
         let user = name.split('/').next().unwrap_or(name);
         Some(PendingCommit {
             conv,
-            inviter: UserId::from_name(user),
+            inviter: super::federation::user_id(&self.scenario, user),
             epoch,
         })
     }
@@ -392,8 +392,8 @@ mod tests {
     fn invitations_past_the_burst_and_rate_are_reported_per_user() {
         // A burst of 3, then one every 10 s.
         let mut watch = LimitWatch::new(None, None).with_invitations(Some(Rate::per_hour(360, 3)));
-        let alice = UserId::from_name("alice");
-        let bob = UserId::from_name("bob");
+        let alice = UserId::of("alice", "localhost");
+        let bob = UserId::of("bob", "localhost");
         assert_eq!(watch.invited(0, alice, 3), None, "the creation's burst");
         assert_eq!(
             watch.invited(10_000_000, alice, 1),

@@ -43,11 +43,11 @@ pub(super) fn uses_mls(scenario: &Scenario) -> bool {
 /// Gives a simulated device its user and a deterministic MLS configuration.
 pub(super) fn enable_mls(
     config: &mut NodeConfig,
-    user: &str,
+    user: UserId,
     tunables: &Tunables,
     verified: &VerifiedSignatures,
 ) {
-    config.user = Some(UserId::from_name(user));
+    config.user = Some(user);
     config.mls = Some(DeviceMlsConfig {
         randomness: Randomness::Simulation,
         lifetime: LifetimePolicy::Unbounded,
@@ -104,7 +104,7 @@ impl World {
         let mut users: Vec<UserId> = Vec::new();
         for &m in &c.members {
             let name = self.user_name(m);
-            let user = UserId::from_name(name);
+            let user = super::federation::user_id(&self.scenario, name);
             // A user whose every device was revoked cannot be invited (the gateway holds no
             // KeyPackage of theirs); a person would create the room without them.
             if name != own && !users.contains(&user) && !self.user_revoked(name) {
@@ -265,7 +265,7 @@ impl World {
                 CommitKind::Add => {
                     let mut users: Vec<UserId> = Vec::new();
                     for &m in &declared {
-                        let user = UserId::from_name(self.user_name(m));
+                        let user = super::federation::user_id(&self.scenario, self.user_name(m));
                         let missing = !members.contains(&self.actors[m as usize].device);
                         if missing && !users.contains(&user) {
                             users.push(user);
