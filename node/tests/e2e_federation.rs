@@ -690,3 +690,96 @@ fn a_peer_past_its_relay_limit_is_refused_for_a_while_and_nothing_is_lost_or_reo
     );
     assert!(log.contains("peer_relays_per_second"), "{log}");
 }
+
+/// Users are `name@domain` as people type them on two real gateways: bob of b.example is
+/// shown as such, `alice` on his device is alice@b.example (another person than alice of
+/// a.example), a DM with a user of a.example is refused in words that say what is not built,
+/// b.example's operator cannot enrol a.example's users, and a token of b.example does not set
+/// up a device of a.example.
+#[test]
+fn users_are_named_by_address_and_each_domain_enrols_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let Federated { a, b, .. } = federated(tmp.path(), "");
+    let status = run(&sund(), &["status", "--data-dir", &path("bob")]);
+    assert!(status.contains("user       bob@b.example"), "{status}");
+    let status = run(&sund(), &["status", "--data-dir", &path("alice")]);
+    assert!(status.contains("user       alice@a.example"), "{status}");
+
+    // The same name in two domains is two users.
+    let there = run(
+        &sund(),
+        &["contact", "--data-dir", &path("bob"), "alice@a.example"],
+    );
+    let here = run(&sund(), &["contact", "--data-dir", &path("bob"), "alice"]);
+    let id = |said: &str| {
+        said.split(" = ")
+            .nth(1)
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert!(there.starts_with("alice@a.example = user:"), "{there}");
+    assert!(here.starts_with("alice@b.example = user:"), "{here}");
+    assert_ne!(id(&there), id(&here));
+
+    let refused = fails(
+        &sund(),
+        &["dm", "--data-dir", &path("bob"), "alice@a.example"],
+    );
+    assert!(
+        refused.contains(
+            "alice@a.example is a user of a.example, another domain than this device's (b.example)"
+        ),
+        "{refused}"
+    );
+    let refused = fails(
+        &gateway_binary(),
+        &[
+            "admin",
+            "enrol-token",
+            "carol@a.example",
+            "--config",
+            &path("b.toml"),
+        ],
+    );
+    assert!(
+        refused.contains(
+            "carol@a.example is a user of a.example, and this gateway enrols users of b.example"
+        ),
+        "{refused}"
+    );
+    let token = run(
+        &gateway_binary(),
+        &["admin", "enrol-token", "carol", "--config", &path("b.toml")],
+    );
+    assert!(token.trim().ends_with(":b.example"), "{token}");
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", &path("a")]);
+    let refused = fails(
+        &sund(),
+        &[
+            "init",
+            "--data-dir",
+            &path("carol"),
+            "--gateway",
+            "127.0.0.1:1",
+            "--gateway-cert",
+            cert.trim(),
+            "--user",
+            "carol@a.example",
+            "--token",
+            token.trim(),
+        ],
+    );
+    assert!(
+        refused.contains("this token is for a user of b.example, not of a.example"),
+        "{refused}"
+    );
+    assert!(!at("carol").join("node.toml").exists(), "nothing set up");
+    terminate(b);
+    terminate(a);
+}
