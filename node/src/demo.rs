@@ -140,8 +140,13 @@ pub async fn run() -> Result<(), String> {
         let device = enrol(dir.path(), &gateway, &cert, name).await?;
         names.insert(device.key.device_id(), *name);
         say!(
-            "[{name:<7}] device {} set up with a one-time enrolment token",
-            device.key.device_id()
+            "[{name:<7}] device {} of {} set up with a one-time enrolment token",
+            device.key.device_id(),
+            device
+                .user
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
         );
         devices.push(device);
     }
@@ -277,7 +282,10 @@ async fn across_domains(
     let dave = enrol(dir, b, &dir.join("gateway-b/tls/cert.der"), "dave").await?;
     let dave_id = dave.key.device_id();
     transcript.names.insert(dave_id, "dave");
-    say!("[dave   ] device {dave_id} set up at {DOMAIN_B}");
+    say!(
+        "[dave   ] device {dave_id} of {} set up at {DOMAIN_B}'s gateway (a different person than a dave of {DOMAIN_A} would be)",
+        dave.user.as_ref().map(ToString::to_string).unwrap_or_default()
+    );
     nodes.push(start_node(&dave).await?);
     transcript.wait_connected(nodes).await?;
 
