@@ -159,7 +159,7 @@ enum ContactsCommand {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The user's name.
+        /// The user: NAME (of this device's domain) or NAME@DOMAIN.
         name: String,
     },
     /// Stop being contacts, or withdraw or decline a request.
@@ -167,7 +167,7 @@ enum ContactsCommand {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The user's name.
+        /// The user: NAME (of this device's domain) or NAME@DOMAIN.
         name: String,
     },
     /// Block a user: no presence either way, no DM with you, no invitation of you to a room.
@@ -175,7 +175,7 @@ enum ContactsCommand {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The user's name.
+        /// The user: NAME (of this device's domain) or NAME@DOMAIN.
         name: String,
     },
     /// Unblock a user.
@@ -183,7 +183,7 @@ enum ContactsCommand {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The user's name.
+        /// The user: NAME (of this device's domain) or NAME@DOMAIN.
         name: String,
     },
     /// Show the safety number of your DM with a user, to compare with theirs in person or
@@ -192,7 +192,7 @@ enum ContactsCommand {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The user's name.
+        /// The user: NAME (of this device's domain) or NAME@DOMAIN.
         name: String,
         /// The numbers match (you compared them): mark the user verified.
         #[arg(long, conflicts_with_all = ["compare", "forget"])]
@@ -280,7 +280,7 @@ enum Command {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The other person's user name.
+        /// The other person: NAME (a user of this device's domain) or NAME@DOMAIN.
         user: String,
     },
     /// Create rooms, invite and remove people.
@@ -350,7 +350,8 @@ enum Command {
         /// The device's data directory.
         #[arg(long, env = "SUND_DATA_DIR", default_value = "sund-device")]
         data_dir: PathBuf,
-        /// The user's name, as their own devices were set up with (`--user`).
+        /// The user: NAME, as their own devices were set up with (`--user`), in this device's
+        /// domain, or NAME@DOMAIN.
         name: String,
     },
     /// Contacts: people who added each other see each other's presence.
