@@ -157,24 +157,36 @@ impl Device {
                 ),
             });
         }
-        if let Some(text) = token {
-            let invalid = |reason: String| DeviceError::Invalid {
-                path: "--token".into(),
-                reason,
-            };
-            let token = EnrolmentToken::from_text(text).ok_or_else(|| {
+        let invalid = |reason: String| DeviceError::Invalid {
+            path: "--token".into(),
+            reason,
+        };
+        let parsed = match token {
+            Some(text) => Some(EnrolmentToken::from_text(text).ok_or_else(|| {
                 invalid("not an enrolment token: expected `sund-enrol:...` as `sund-gateway admin enrol-token USER` prints it".into())
-            })?;
-            let Some(name) = user else {
+            })?),
+            None => None,
+        };
+        // With a token, a bare name is in the token's domain; without one (open enrolment),
+        // in the default domain unless given whole.
+        let home = parsed
+            .as_ref()
+            .map_or(DEFAULT_DOMAIN, |t| t.domain.as_str());
+        let user = match user {
+            Some(text) => Some(
+                Address::parse(text, home).map_err(|e| DeviceError::Invalid {
+                    path: "--user".into(),
+                    reason: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
+        if let Some(token) = &parsed {
+            let Some(address) = &user else {
                 return Err(invalid(
                     "an enrolment token is for a named user: give --user NAME too".into(),
                 ));
             };
-            let address =
-                Address::parse(name, &token.domain).map_err(|e| DeviceError::Invalid {
-                    path: "--user".into(),
-                    reason: e.to_string(),
-                })?;
             if address.domain() != token.domain {
                 return Err(invalid(format!(
                     "this token is for a user of {}, not of {}; ask {}'s operator for a token for {address}",
@@ -190,20 +202,6 @@ impl Device {
                 )));
             }
         }
-        // With a token, a bare name is in the token's domain; without one (open enrolment),
-        // in the default domain unless given whole.
-        let home = token
-            .and_then(EnrolmentToken::from_text)
-            .map_or(DEFAULT_DOMAIN.to_string(), |t| t.domain);
-        let user = match user {
-            Some(text) => Some(
-                Address::parse(text, &home).map_err(|e| DeviceError::Invalid {
-                    path: "--user".into(),
-                    reason: e.to_string(),
-                })?,
-            ),
-            None => None,
-        };
         let cert = std::fs::read(cert_file).map_err(io(cert_file))?;
         sund_runtime::tls::check_certificate(&cert).map_err(|e| DeviceError::Invalid {
             path: cert_file.display().to_string(),
