@@ -610,8 +610,10 @@ fn write_federation_entry_seeds() {
     if std::env::var("SUND_WRITE_SEEDS").is_err() {
         return;
     }
-    use sund_model::federation::entry::{Entry, HandoverCertificate, Outcome};
-    use sund_model::ids::{ConversationId, DeviceId, MsgId};
+    use sund_model::federation::entry::{
+        Entry, FetchAnswer, ForeignPackage, HandoverCertificate, Outcome,
+    };
+    use sund_model::ids::{ConversationId, DeviceId, MsgId, UserId};
     use sund_model::wire::payload::ErrorCode;
     let conversation = ConversationId(0xC0 << 120 | 1);
     let (sender, msg_id) = (DeviceId(0xB1), MsgId(0x5eed));
@@ -744,6 +746,41 @@ fn write_federation_entry_seeds() {
                 )
                 .encode()
                 .into(),
+            },
+        ),
+        (
+            "key-package-request",
+            Entry::KeyPackageRequest {
+                request: 0x4b50,
+                requester: UserId::of("alice", "a.example"),
+                users: vec![
+                    UserId::of("bob", "b.example"),
+                    UserId::of("carol", "b.example"),
+                ],
+            },
+        ),
+        (
+            "key-packages",
+            Entry::KeyPackages {
+                request: 0x4b50,
+                answer: FetchAnswer::Found {
+                    packages: vec![ForeignPackage {
+                        user: UserId::of("bob", "b.example"),
+                        device: DeviceId(0xB2),
+                        package: Bytes::from_static(b"a TLS-encoded KeyPackage"),
+                        last_resort: true,
+                    }],
+                    exhausted: vec![DeviceId(0xB3)],
+                },
+            },
+        ),
+        (
+            "key-packages-limited",
+            Entry::KeyPackages {
+                request: 0x4b51,
+                answer: FetchAnswer::Limited {
+                    retry_after_ms: 1_500,
+                },
             },
         ),
     ];

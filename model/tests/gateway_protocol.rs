@@ -1429,6 +1429,7 @@ impl Harness {
     fn fetch(&mut self, conn: u64, users: &[UserId]) -> Vec<GatewayOutput> {
         let fetch = KeyPackageFetch {
             users: users.iter().map(|u| u.to_bytes().into()).collect(),
+            domain: None,
         };
         self.frame(conn, Routing::default(), Payload::KeyPackageFetch(fetch))
     }

@@ -131,11 +131,16 @@ fn payload() -> impl Strategy<Value = Payload> {
                     last_resort: last_resort.map(Into::into),
                 })
             }),
-        proptest::collection::vec(bytes16(), 0..4).prop_map(|users| {
-            Payload::KeyPackageFetch(KeyPackageFetch {
-                users: users.into_iter().map(Into::into).collect(),
-            })
-        }),
+        (
+            proptest::collection::vec(bytes16(), 0..4),
+            proptest::option::of("[a-z0-9.-]{1,40}")
+        )
+            .prop_map(|(users, domain)| {
+                Payload::KeyPackageFetch(KeyPackageFetch {
+                    users: users.into_iter().map(Into::into).collect(),
+                    domain,
+                })
+            }),
         (
             proptest::collection::vec((bytes16(), bytes16(), body(), any::<bool>()), 0..4),
             proptest::collection::vec(bytes16(), 0..4)
@@ -566,6 +571,7 @@ fn error_messages_say_what_to_do() {
 fn too_many_fetched_users_are_refused() {
     let fetch = KeyPackageFetch {
         users: vec![[1u8; 16].into(); FETCH_USERS_MAX + 1],
+        domain: None,
     };
     let bytes = Frame::new(Routing::default(), Payload::KeyPackageFetch(fetch)).encode();
     assert!(matches!(
@@ -674,4 +680,26 @@ fn a_chunk_head_must_announce_a_length_a_sealed_chunk_can_have() {
     assert!(head(max).check_len().is_ok());
     assert!(head(0).check_len().is_err());
     assert!(head(max + 1).check_len().is_err());
+}
+
+#[test]
+fn a_fetch_naming_a_domain_longer_than_dns_allows_is_refused() {
+    let fetch = |len: usize| {
+        Payload::KeyPackageFetch(KeyPackageFetch {
+            users: vec![[1u8; 16].into()],
+            domain: Some("a".repeat(len)),
+        })
+    };
+    let decode = |payload: Payload| {
+        let bytes = Frame::new(Routing::default(), payload).encode();
+        Frame::decode(&bytes, PAYLOAD_BYTES_MAX).map(|f| f.payload)
+    };
+    assert!(decode(fetch(253)).is_ok());
+    assert!(matches!(
+        decode(fetch(254)),
+        Err(WireError::BytesTooLong {
+            field: "fetch.domain",
+            ..
+        })
+    ));
 }

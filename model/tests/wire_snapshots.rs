@@ -151,6 +151,7 @@ fn key_package_frames_bytes() {
         Routing::default(),
         Payload::KeyPackageFetch(KeyPackageFetch {
             users: vec![[0xb0; 16].into()],
+            domain: Some("b.example".into()),
         }),
     )
     .encode();

@@ -119,8 +119,10 @@ enum WellFormed {
         packages: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     },
+    /// A fetch of the gateway's own users, or (`foreign`) of another domain's.
     KeyPackageFetch {
         users: Vec<u8>,
+        foreign: bool,
     },
     /// Ask the gateway to remove the session's device from a conversation.
     Leave {
@@ -491,7 +493,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             },
             Payload::Leave(Leave {}),
         ),
-        WellFormed::KeyPackageFetch { users } => Frame::new(
+        WellFormed::KeyPackageFetch { users, foreign } => Frame::new(
             Routing::default(),
             Payload::KeyPackageFetch(KeyPackageFetch {
                 users: users
@@ -499,6 +501,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                     .take(4)
                     .map(|k| user(k).to_bytes().into())
                     .collect(),
+                domain: foreign.then(|| "b.example".to_string()),
             }),
         ),
         WellFormed::ContactChange { user: k, action } => Frame::new(
@@ -963,13 +966,31 @@ mod tests {
         ));
         h.step(Op::Frame(
             0,
-            WellFormed::KeyPackageFetch { users: vec![1, 2] },
+            WellFormed::KeyPackageFetch {
+                users: vec![1, 2],
+                foreign: false,
+            },
         ));
         assert_eq!(
             h.gateway
                 .stats()
                 .refusals
                 .get(sund_model::wire::payload::ErrorCode::KeyPackageRejected),
+            1
+        );
+        // This gateway federates with nobody: another domain's users are refused in words.
+        h.step(Op::Frame(
+            0,
+            WellFormed::KeyPackageFetch {
+                users: vec![3],
+                foreign: true,
+            },
+        ));
+        assert_eq!(
+            h.gateway
+                .stats()
+                .refusals
+                .get(sund_model::wire::payload::ErrorCode::UnknownDomain),
             1
         );
         assert_eq!(

@@ -42,7 +42,8 @@ use sund_model::wire::payload::{
 use sund_model::wire::payload::{
     Certificate, ChunkAck, ChunkHead, ChunkRequest, ChunksUnavailable, Crl as CrlPayload, CrlFetch,
     DeviceLinked, FileFetched, ListedChunkWire, PairVouch, PairVouched, Register,
-    RenewCertificate, TrustRoot, TrustRootFetch, UploadOpen, UploadStatus,
+    FederationAck, FederationForward, FederationHello, RenewCertificate, TrustRoot, TrustRootFetch,
+    UploadOpen, UploadStatus,
 };
 use sund_model::wire::payload::{
     ContactAction, ContactChange, Contacts, ContactsFetch, PresenceEntry, PresenceNotify,
@@ -203,6 +204,14 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                     UserId::of("alice", "localhost").to_bytes().into(),
                     UserId::of("bob", "localhost").to_bytes().into(),
                 ],
+                domain: None,
+            }),
+        ),
+        (
+            "key-package-fetch-foreign",
+            Payload::KeyPackageFetch(KeyPackageFetch {
+                users: vec![UserId::of("bob", "b.example").to_bytes().into()],
+                domain: Some("b.example".into()),
             }),
         ),
         (
@@ -411,6 +420,25 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::TrustRoot(TrustRoot {
                 key: [0x52; 32],
                 domain: "example.org".into(),
+            }),
+        ),
+        (
+            "federation-hello",
+            Payload::FederationHello(FederationHello {
+                message: b"SFH\x01\x01 a handshake message".to_vec().into(),
+            }),
+        ),
+        (
+            "federation-forward",
+            Payload::FederationForward(FederationForward {
+                body: vec![0xE1, 4, 0xC0].into(),
+            }),
+        ),
+        (
+            "federation-ack",
+            Payload::FederationAck(FederationAck {
+                gap: Some(7),
+                crl: Some(3),
             }),
         ),
     ]
@@ -921,6 +949,7 @@ fn main() {
         users: (0..=FETCH_USERS_MAX)
             .map(|i| UserId::of(&format!("u{i}"), "localhost").to_bytes().into())
             .collect(),
+        domain: None,
     });
     cbor_for(
         "fetch-too-many-users",

@@ -28,6 +28,14 @@
 //!   that root's key (which the receiver checks against the fingerprint it pins). The only
 //!   entry about no conversation.
 //!
+//! KeyPackages across domains (issue 15, step 3; see `gateway::foreign_fetch`):
+//!
+//! - [`Entry::KeyPackageRequest`]: a gateway asks a peer, for one of its devices, for one
+//!   KeyPackage of each device of some of the peer's users (the DM or room that device is
+//!   making adds them);
+//! - [`Entry::KeyPackages`]: the peer's answer, by the request's id: the packages it took
+//!   from its directory, or that its limit for the asking gateway refused the request.
+//!
 //! Batching:
 //!
 //! - [`Entry::Bundle`]: the entries a gateway produced for one peer in one batch (one commit),
@@ -43,7 +51,7 @@ use bytes::Bytes;
 
 use crate::codec::Reader;
 use crate::identity::DevicePublicKey;
-use crate::ids::{ConversationId, DeviceId, MsgId};
+use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
 use crate::wire::payload::ErrorCode;
 
 /// The first byte of every entry of this format (a text or anything else is not an entry).
@@ -63,6 +71,16 @@ const KIND_FOLLOWING: u8 = 7;
 const KIND_DECLINED: u8 = 8;
 const KIND_REVOCATIONS: u8 = 9;
 const KIND_BUNDLE: u8 = 10;
+const KIND_KEY_PACKAGE_REQUEST: u8 = 11;
+const KIND_KEY_PACKAGES: u8 = 12;
+
+/// The most users one KeyPackage request names: as many as a device's fetch may.
+pub use crate::wire::payload::FETCH_USERS_MAX;
+/// The most devices' packages one answer carries: past them, devices are left out as if they
+/// had none (their user's other devices are enough to start; they join by a later commit).
+pub const FETCH_DEVICES_MAX: usize = 48;
+/// The largest KeyPackage an answer carries, in bytes (what a directory accepts by default).
+pub const FETCHED_PACKAGE_BYTES_MAX: usize = 16 * 1024;
 
 /// The most entries an [`Entry::Bundle`] carries.
 pub const BUNDLE_ENTRIES_MAX: usize = 1024;
@@ -187,6 +205,23 @@ pub enum Entry {
         /// The encoded `trust::Crl`, at most [`REVOCATIONS_CRL_MAX`] bytes.
         crl: Bytes,
     },
+    /// From a gateway one of whose devices is adding users of the receiver's domain to a
+    /// conversation: one KeyPackage of each of their devices, please.
+    KeyPackageRequest {
+        /// The asking gateway's id of the request (random), which the answer carries back.
+        request: u64,
+        /// The user the asking device belongs to: a user who blocked them is not handed out.
+        requester: UserId,
+        /// Users of the receiver's domain (at most [`FETCH_USERS_MAX`]).
+        users: Vec<UserId>,
+    },
+    /// The answer to a [`Entry::KeyPackageRequest`].
+    KeyPackages {
+        /// The request's id.
+        request: u64,
+        /// What the receiver's directory gave.
+        answer: FetchAnswer,
+    },
     /// From any peer: several entries, in the order the sender produced them, as one link
     /// entry. Never nested.
     Bundle {
@@ -240,6 +275,37 @@ impl HandoverCertificate {
         statement.update(&epoch.to_be_bytes());
         *statement.finalize().as_bytes()
     }
+}
+
+/// A peer's answer to a KeyPackage request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchAnswer {
+    /// The packages taken from the peer's directory (one-time ones are gone there now).
+    Found {
+        /// At most [`FETCH_DEVICES_MAX`] packages, each at most [`FETCHED_PACKAGE_BYTES_MAX`]
+        /// bytes.
+        packages: Vec<ForeignPackage>,
+        /// Devices with no package at all (at most [`FETCH_DEVICES_MAX`]).
+        exhausted: Vec<DeviceId>,
+    },
+    /// The peer's limit for requests from the asking gateway refused it; nothing was taken.
+    Limited {
+        /// When it may be asked again, in milliseconds.
+        retry_after_ms: u32,
+    },
+}
+
+/// One device's KeyPackage in a [`FetchAnswer::Found`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignPackage {
+    /// Its user.
+    pub user: UserId,
+    /// The device.
+    pub device: DeviceId,
+    /// The TLS-encoded MLS KeyPackage.
+    pub package: Bytes,
+    /// True if it is the device's last-resort package (its pool was empty).
+    pub last_resort: bool,
 }
 
 /// What the authority did with a relayed message.
@@ -298,8 +364,9 @@ pub enum EntryError {
 }
 
 impl Entry {
-    /// The conversation it is about (`None` for [`Entry::Revocations`], which is about none,
-    /// and for an [`Entry::Bundle`], which may be about several).
+    /// The conversation it is about (`None` for [`Entry::Revocations`] and the KeyPackage
+    /// entries, which are about none, and for an [`Entry::Bundle`], which may be about
+    /// several).
     pub fn conversation(&self) -> Option<ConversationId> {
         Some(match self {
             Entry::Open { conversation, .. }
@@ -310,7 +377,10 @@ impl Entry {
             | Entry::Moved { conversation, .. }
             | Entry::Following { conversation, .. }
             | Entry::Declined { conversation, .. } => *conversation,
-            Entry::Revocations { .. } | Entry::Bundle { .. } => return None,
+            Entry::Revocations { .. }
+            | Entry::KeyPackageRequest { .. }
+            | Entry::KeyPackages { .. }
+            | Entry::Bundle { .. } => return None,
         })
     }
 
@@ -468,6 +538,57 @@ impl Entry {
                 out.extend_from_slice(&root.0);
                 put_body(&mut out, crl);
             }
+            Entry::KeyPackageRequest {
+                request,
+                requester,
+                users,
+            } => {
+                assert!(users.len() <= FETCH_USERS_MAX, "bounded by the caller");
+                out.push(KIND_KEY_PACKAGE_REQUEST);
+                out.extend_from_slice(&request.to_be_bytes());
+                out.extend_from_slice(&requester.to_bytes());
+                out.push(users.len() as u8);
+                for user in users {
+                    out.extend_from_slice(&user.to_bytes());
+                }
+            }
+            Entry::KeyPackages { request, answer } => {
+                out.push(KIND_KEY_PACKAGES);
+                out.extend_from_slice(&request.to_be_bytes());
+                match answer {
+                    FetchAnswer::Found {
+                        packages,
+                        exhausted,
+                    } => {
+                        assert!(
+                            packages.len() <= FETCH_DEVICES_MAX
+                                && exhausted.len() <= FETCH_DEVICES_MAX,
+                            "bounded by the caller"
+                        );
+                        out.push(0);
+                        out.push(packages.len() as u8);
+                        for p in packages {
+                            assert!(
+                                p.package.len() <= FETCHED_PACKAGE_BYTES_MAX,
+                                "bounded by the directory"
+                            );
+                            out.extend_from_slice(&p.user.to_bytes());
+                            out.extend_from_slice(&p.device.to_bytes());
+                            out.push(u8::from(p.last_resort));
+                            out.extend_from_slice(&(p.package.len() as u16).to_be_bytes());
+                            out.extend_from_slice(&p.package);
+                        }
+                        out.push(exhausted.len() as u8);
+                        for device in exhausted {
+                            out.extend_from_slice(&device.to_bytes());
+                        }
+                    }
+                    FetchAnswer::Limited { retry_after_ms } => {
+                        out.push(1);
+                        out.extend_from_slice(&retry_after_ms.to_be_bytes());
+                    }
+                }
+            }
             Entry::Bundle { entries, signature } => {
                 let parts: Vec<Bytes> = entries.iter().map(Entry::encode).collect();
                 return encode_bundle(&parts, *signature);
@@ -536,6 +657,13 @@ impl Entry {
                 return Err(EntryError::Trailing);
             }
             return Ok(Entry::Revocations { root, crl });
+        }
+        if kind == KIND_KEY_PACKAGE_REQUEST || kind == KIND_KEY_PACKAGES {
+            let entry = decode_key_packages(kind, &mut r)?;
+            if r.remaining() != 0 {
+                return Err(EntryError::Trailing);
+            }
+            return Ok(entry);
         }
         let conversation = ConversationId::from_bytes(id(&mut r)?);
         let entry = match kind {
@@ -655,6 +783,73 @@ impl Entry {
         }
         Ok(entry)
     }
+}
+
+/// The fields of a KeyPackage request or answer after its kind byte.
+fn decode_key_packages(kind: u8, r: &mut Reader<'_>) -> Result<Entry, EntryError> {
+    let request = r.u64().ok_or(EntryError::Truncated)?;
+    if kind == KIND_KEY_PACKAGE_REQUEST {
+        let requester = UserId::from_bytes(id(r)?);
+        let count = usize::from(r.u8().ok_or(EntryError::Truncated)?);
+        if count > FETCH_USERS_MAX {
+            return Err(EntryError::TooLong);
+        }
+        let users = (0..count)
+            .map(|_| id(r).map(UserId::from_bytes))
+            .collect::<Result<_, _>>()?;
+        return Ok(Entry::KeyPackageRequest {
+            request,
+            requester,
+            users,
+        });
+    }
+    let answer = match r.u8().ok_or(EntryError::Truncated)? {
+        0 => {
+            let count = usize::from(r.u8().ok_or(EntryError::Truncated)?);
+            if count > FETCH_DEVICES_MAX {
+                return Err(EntryError::TooLong);
+            }
+            let mut packages = Vec::new();
+            for _ in 0..count {
+                let user = UserId::from_bytes(id(r)?);
+                let device = DeviceId::from_bytes(id(r)?);
+                let last_resort = match r.u8().ok_or(EntryError::Truncated)? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(EntryError::BadFlag(other)),
+                };
+                let len = usize::from(u16::from_be_bytes(
+                    r.array::<2>().ok_or(EntryError::Truncated)?,
+                ));
+                if len > FETCHED_PACKAGE_BYTES_MAX {
+                    return Err(EntryError::TooLong);
+                }
+                let package = Bytes::copy_from_slice(r.take(len).ok_or(EntryError::Truncated)?);
+                packages.push(ForeignPackage {
+                    user,
+                    device,
+                    package,
+                    last_resort,
+                });
+            }
+            let count = usize::from(r.u8().ok_or(EntryError::Truncated)?);
+            if count > FETCH_DEVICES_MAX {
+                return Err(EntryError::TooLong);
+            }
+            let exhausted = (0..count)
+                .map(|_| id(r).map(DeviceId::from_bytes))
+                .collect::<Result<_, _>>()?;
+            FetchAnswer::Found {
+                packages,
+                exhausted,
+            }
+        }
+        1 => FetchAnswer::Limited {
+            retry_after_ms: r.u32().ok_or(EntryError::Truncated)?,
+        },
+        other => return Err(EntryError::BadFlag(other)),
+    };
+    Ok(Entry::KeyPackages { request, answer })
 }
 
 /// What an authority signs for each message it sequences: the conversation, the seq, the
@@ -992,10 +1187,44 @@ mod tests {
                     reason,
                 }
             }),
-            (any::<[u8; 32]>(), body).prop_map(|(root, crl)| Entry::Revocations {
+            (any::<[u8; 32]>(), body.clone()).prop_map(|(root, crl)| Entry::Revocations {
                 root: DevicePublicKey(root),
                 crl,
             }),
+            (
+                any::<u64>(),
+                id16(),
+                proptest::collection::vec(id16(), 0..=FETCH_USERS_MAX)
+            )
+                .prop_map(|(request, requester, users)| Entry::KeyPackageRequest {
+                    request,
+                    requester: UserId(requester),
+                    users: users.into_iter().map(UserId).collect(),
+                }),
+            (any::<u64>(), fetch_answer(body))
+                .prop_map(|(request, answer)| Entry::KeyPackages { request, answer }),
+        ]
+    }
+
+    fn fetch_answer(body: impl Strategy<Value = Bytes>) -> impl Strategy<Value = FetchAnswer> {
+        let package = (id16(), id16(), body, any::<bool>()).prop_map(
+            |(user, device, package, last_resort)| ForeignPackage {
+                user: UserId(user),
+                device: DeviceId(device),
+                package,
+                last_resort,
+            },
+        );
+        prop_oneof![
+            (
+                proptest::collection::vec(package, 0..6),
+                proptest::collection::vec(id16(), 0..6)
+            )
+                .prop_map(|(packages, exhausted)| FetchAnswer::Found {
+                    packages,
+                    exhausted: exhausted.into_iter().map(DeviceId).collect(),
+                }),
+            any::<u32>().prop_map(|retry_after_ms| FetchAnswer::Limited { retry_after_ms }),
         ]
     }
 
@@ -1021,6 +1250,67 @@ mod tests {
                 prop_assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
             }
         }
+    }
+
+    #[test]
+    fn key_package_entries_refuse_counts_and_packages_over_their_bounds() {
+        let request = |users: usize| {
+            let mut bytes = vec![ENTRY_VERSION, KIND_KEY_PACKAGE_REQUEST];
+            bytes.extend_from_slice(&7u64.to_be_bytes());
+            bytes.extend_from_slice(&[1; 16]);
+            bytes.push(users as u8);
+            bytes.extend(std::iter::repeat_n(2u8, users * 16));
+            bytes
+        };
+        assert!(matches!(
+            Entry::decode(&request(FETCH_USERS_MAX)),
+            Ok(Entry::KeyPackageRequest { users, .. }) if users.len() == FETCH_USERS_MAX
+        ));
+        assert_eq!(
+            Entry::decode(&request(FETCH_USERS_MAX + 1)),
+            Err(EntryError::TooLong)
+        );
+        let answer = |devices: usize, len: usize| {
+            let mut bytes = vec![ENTRY_VERSION, KIND_KEY_PACKAGES];
+            bytes.extend_from_slice(&7u64.to_be_bytes());
+            bytes.push(0);
+            bytes.push(devices as u8);
+            for _ in 0..devices {
+                bytes.extend_from_slice(&[3; 32]);
+                bytes.push(0);
+                bytes.extend_from_slice(&(len as u16).to_be_bytes());
+                bytes.extend(std::iter::repeat_n(4u8, len));
+            }
+            bytes.push(0);
+            bytes
+        };
+        assert!(Entry::decode(&answer(FETCH_DEVICES_MAX, 10)).is_ok());
+        assert!(Entry::decode(&answer(1, FETCHED_PACKAGE_BYTES_MAX)).is_ok());
+        assert_eq!(
+            Entry::decode(&answer(FETCH_DEVICES_MAX + 1, 10)),
+            Err(EntryError::TooLong)
+        );
+        assert_eq!(
+            Entry::decode(&answer(1, FETCHED_PACKAGE_BYTES_MAX + 1)),
+            Err(EntryError::TooLong)
+        );
+        // The largest answer fits a link entry, with room for a bundle around it.
+        let largest = Entry::KeyPackages {
+            request: 1,
+            answer: FetchAnswer::Found {
+                packages: vec![
+                    ForeignPackage {
+                        user: UserId(1),
+                        device: DeviceId(2),
+                        package: Bytes::from(vec![0; FETCHED_PACKAGE_BYTES_MAX]),
+                        last_resort: false,
+                    };
+                    FETCH_DEVICES_MAX
+                ],
+                exhausted: vec![DeviceId(3); FETCH_DEVICES_MAX],
+            },
+        };
+        assert!(largest.encode().len() <= crate::gateway::outgoing::STAGED_BYTES_MAX);
     }
 
     #[test]

@@ -418,6 +418,12 @@ impl KeyPackageService {
         &self.directory
     }
 
+    /// Tests: the pools, to fill without real KeyPackages.
+    #[cfg(test)]
+    pub(crate) fn directory_mut(&mut self) -> &mut KeyPackageDirectory {
+        &mut self.directory
+    }
+
     /// Counters.
     pub fn stats(&self) -> &KeyPackageStats {
         &self.stats
@@ -465,38 +471,35 @@ impl KeyPackageService {
         Ok(())
     }
 
-    /// One KeyPackage per device of each requested user, the requesting device excluded. The
-    /// answer (or the refusal) carries the request's id (the header's seq) back; owners whose
-    /// pool ran low hear their count.
-    #[allow(clippy::too_many_arguments)]
-    pub fn fetch(
+    /// Charges `requester` one fetch (local or of another domain's users), or refuses it
+    /// with the fetch's id (`request`, the header's seq) and when to ask again.
+    pub fn admit(
         &mut self,
         now: Instant,
-        conn: ConnectionId,
         requester: DeviceId,
-        fetch: KeyPackageFetch,
         request: u64,
-        devices_of: &dyn Fn(UserId) -> Vec<DeviceId>,
-        online: &dyn Fn(DeviceId) -> Option<ConnectionId>,
-        fx: &mut Fx,
     ) -> Result<(), Refusal> {
-        let routing = Routing {
-            seq: request,
-            ..Routing::default()
-        };
-        if let Err(limited) = self.directory.admit_fetch(now, requester) {
-            return Err(Refusal::error(ErrorCode::RateLimited, limited.to_string())
-                .in_conversation(routing)
-                .retry_after(limited.retry_after));
-        }
-        let mut targets: Vec<(UserId, DeviceId)> = Vec::new();
-        for user in fetch.users.iter().map(|u| UserId::from_bytes(**u)) {
-            for device in devices_of(user) {
-                if device != requester && !targets.iter().any(|(_, d)| *d == device) {
-                    targets.push((user, device));
-                }
-            }
-        }
+        self.directory
+            .admit_fetch(now, requester)
+            .map_err(|limited| {
+                let routing = Routing {
+                    seq: request,
+                    ..Routing::default()
+                };
+                Refusal::error(ErrorCode::RateLimited, limited.to_string())
+                    .in_conversation(routing)
+                    .retry_after(limited.retry_after)
+            })
+    }
+
+    /// Takes one package for each of `targets` (user and device, no device twice): what a
+    /// fetch answers, here or to a peer gateway, and the owners whose pool ran low (tell them
+    /// with [`KeyPackageService::tell_drained`] after the answer).
+    pub fn take(
+        &mut self,
+        targets: Vec<(UserId, DeviceId)>,
+        fx: &mut Fx,
+    ) -> (KeyPackages, Vec<DeviceId>) {
         let devices: Vec<DeviceId> = targets.iter().map(|(_, d)| *d).collect();
         let taken = self.directory.take(&devices, fx.writes());
         let mut answer = KeyPackages::default();
@@ -522,12 +525,54 @@ impl KeyPackageService {
                 Fetched::Exhausted(device) => answer.exhausted.push(device.to_bytes().into()),
             }
         }
-        fx.send(conn, routing, Payload::KeyPackages(answer));
-        for owner in drained {
+        (answer, drained)
+    }
+
+    /// Tells each of `owners` online its count: a fetch took its pool below the threshold.
+    pub fn tell_drained(
+        &self,
+        owners: Vec<DeviceId>,
+        online: &dyn Fn(DeviceId) -> Option<ConnectionId>,
+        fx: &mut Fx,
+    ) {
+        for owner in owners {
             if let Some(owner_conn) = online(owner) {
                 self.send_count(owner_conn, owner, fx);
             }
         }
+    }
+
+    /// One KeyPackage per device of each requested user, the requesting device excluded. The
+    /// answer (or the refusal) carries the request's id (the header's seq) back; owners whose
+    /// pool ran low hear their count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fetch(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        requester: DeviceId,
+        fetch: KeyPackageFetch,
+        request: u64,
+        devices_of: &dyn Fn(UserId) -> Vec<DeviceId>,
+        online: &dyn Fn(DeviceId) -> Option<ConnectionId>,
+        fx: &mut Fx,
+    ) -> Result<(), Refusal> {
+        self.admit(now, requester, request)?;
+        let mut targets: Vec<(UserId, DeviceId)> = Vec::new();
+        for user in fetch.users.iter().map(|u| UserId::from_bytes(**u)) {
+            for device in devices_of(user) {
+                if device != requester && !targets.iter().any(|(_, d)| *d == device) {
+                    targets.push((user, device));
+                }
+            }
+        }
+        let (answer, drained) = self.take(targets, fx);
+        let routing = Routing {
+            seq: request,
+            ..Routing::default()
+        };
+        fx.send(conn, routing, Payload::KeyPackages(answer));
+        self.tell_drained(drained, online, fx);
         Ok(())
     }
 }

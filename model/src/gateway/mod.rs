@@ -37,6 +37,7 @@ mod admin;
 mod config;
 pub mod delivery;
 pub mod files;
+pub mod foreign_fetch;
 pub mod groups;
 pub mod handover;
 pub mod key_packages;
@@ -53,6 +54,8 @@ pub mod sequencer;
 pub mod session;
 pub mod social;
 pub mod spanning;
+#[cfg(test)]
+mod test_pair;
 pub mod transfers;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -257,6 +260,8 @@ pub struct Gateway {
     handover_stats: handover::HandoverStats,
     /// The CRLs of the domains this gateway federates with.
     peer_crls: peer_crls::PeerCrls,
+    /// KeyPackage fetches of other domains' users, at both ends.
+    foreign_fetches: foreign_fetch::ForeignFetches,
     fx: Fx,
 }
 
@@ -418,6 +423,7 @@ impl Gateway {
             outgoing: outgoing::Outgoing::default(),
             handover_stats: handover::HandoverStats::default(),
             peer_crls: peer_crls::PeerCrls::default(),
+            foreign_fetches: foreign_fetch::ForeignFetches::default(),
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.
@@ -502,6 +508,7 @@ impl Gateway {
             spanning: self.spanning_stats,
             handover: self.handover_stats,
             peer_crls: self.peer_crls.stats(),
+            foreign_key_packages: self.foreign_fetches.stats(),
             outgoing: self.outgoing.stats(),
             refusals: self.refusals,
         }
@@ -783,6 +790,10 @@ impl Gateway {
             .expire_tokens(now, self.config.gc_batch_max, self.fx.writes());
         self.transfers.expire(now, &mut self.fx);
         self.limits.forget_idle(now);
+        self.foreign_fetches.forget_idle(now);
+        let sessions = &self.sessions;
+        self.foreign_fetches
+            .forget_stale(now, &|conn, device| sessions.online(device) == Some(conn));
         self.presence.age(now, &self.social, &mut self.fx);
     }
 
@@ -930,6 +941,14 @@ impl Gateway {
             Payload::PairVouch(vouch) => self.registry.vouch(now, conn, device, vouch, fx),
             Payload::RenewCertificate(_) => self.registry.renew(now, conn, device, fx),
             Payload::KeyPackageUpload(upload) => self.key_packages.upload(conn, device, upload, fx),
+            Payload::KeyPackageFetch(fetch)
+                if fetch
+                    .domain
+                    .as_deref()
+                    .is_some_and(|d| d != self.config.domain) =>
+            {
+                self.ask_peer_for_key_packages(now, conn, device, routing.seq, fetch)
+            }
             Payload::KeyPackageFetch(fetch) => {
                 let registry = &self.registry;
                 let sessions = &self.sessions;

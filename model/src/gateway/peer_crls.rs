@@ -348,122 +348,20 @@ mod tests {
     /// real root, with a conversation homed at a.example shared with two devices of b.example.
     mod federated {
         use super::super::*;
-        use crate::env::MemStore;
         use crate::federation::entry::Outcome;
-        use crate::federation::handshake::PeerConfig;
         use crate::federation::link::FEDERATION_OUTBOX_TABLE;
-        use crate::federation::FederationInput;
-        use crate::gateway::{AdminAnswer, AdminCommand, GatewayConfig, GatewayInput};
-        use crate::ids::{ConnectionId, ConversationId, MsgId, UserId};
+        use crate::gateway::test_pair::{Pair, DOMAINS, NOW};
+        use crate::gateway::{AdminAnswer, AdminCommand};
+        use crate::ids::{ConversationId, MsgId};
+        use crate::testing::drain_gateway;
         use crate::testing::TestEntropy;
-        use crate::testing::{drain_gateway, TestDevice};
-        use crate::time::Instant;
-        use crate::wire::payload::{ErrorCode, FederationAck};
-        use crate::wire::{Frame, Payload, Routing};
+        use crate::wire::payload::ErrorCode;
         use bytes::Bytes;
         use std::collections::BTreeSet;
 
-        const NOW: Instant = Instant(1_000_000_000);
         const CONV: ConversationId = ConversationId(0xC0);
-        const DOMAINS: [&str; 2] = ["a.example", "b.example"];
-
-        struct Pair {
-            gateways: Vec<(Gateway, MemStore)>,
-            /// Outbox rows handed on already, by (gateway, key).
-            handed: BTreeSet<(usize, Vec<u8>)>,
-        }
-
-        fn config(i: usize, peers: Vec<PeerConfig>) -> GatewayConfig {
-            GatewayConfig {
-                domain: DOMAINS[i].into(),
-                open_enrolment: true,
-                federation_peers: peers,
-                ..GatewayConfig::default()
-            }
-        }
 
         impl Pair {
-            fn new() -> Pair {
-                // The same entropy makes the same root: learn each one's fingerprint first.
-                let fingerprints: Vec<String> = (0..2)
-                    .map(|i| {
-                        Gateway::new(config(i, vec![]), NOW, Box::new(TestEntropy(20 + i as u64)))
-                            .trust_root()
-                            .fingerprint()
-                    })
-                    .collect();
-                let mut gateways: Vec<(Gateway, MemStore)> = (0..2)
-                    .map(|i| {
-                        let peer = PeerConfig {
-                            domain: DOMAINS[1 - i].into(),
-                            root_fingerprint: fingerprints[1 - i].clone(),
-                        };
-                        let mut g = Gateway::new(
-                            config(i, vec![peer]),
-                            NOW,
-                            Box::new(TestEntropy(20 + i as u64)),
-                        );
-                        let mut store = MemStore::default();
-                        drain_gateway(&mut g, &mut store);
-                        (g, store)
-                    })
-                    .collect();
-                let keys: Vec<_> = gateways
-                    .iter()
-                    .map(|(g, _)| g.federation().unwrap().link_key())
-                    .collect();
-                for (i, (g, _)) in gateways.iter_mut().enumerate() {
-                    let f = g.federation.as_mut().unwrap();
-                    f.assume_peer_key(DOMAINS[1 - i], keys[1 - i]);
-                }
-                Pair {
-                    gateways,
-                    handed: BTreeSet::new(),
-                }
-            }
-
-            /// Registers a device at gateway `at`.
-            fn register(&mut self, at: usize, seed: u8) -> DeviceId {
-                let device = TestDevice::new([seed; 32], UserId::from_bytes([seed; 16]));
-                let (g, store) = &mut self.gateways[at];
-                let conn = ConnectionId(u64::from(seed));
-                g.handle(NOW, GatewayInput::Accepted(conn));
-                g.handle(NOW, GatewayInput::Frame(conn, device.register([0; 16])));
-                drain_gateway(g, store);
-                device.id()
-            }
-
-            fn admin(&mut self, at: usize, command: AdminCommand) -> AdminAnswer {
-                let (g, store) = &mut self.gateways[at];
-                g.run_admin(NOW, command, store).unwrap().0
-            }
-
-            /// Hands every outbox entry not handed on yet to the other gateway; returns the
-            /// entries handed on.
-            fn settle(&mut self) -> Vec<Entry> {
-                let mut handed = Vec::new();
-                for (from, domain) in DOMAINS.iter().enumerate() {
-                    let rows: Vec<(Vec<u8>, Vec<u8>)> = self.gateways[from]
-                        .1
-                        .records()
-                        .filter(|(t, k, _)| {
-                            *t == FEDERATION_OUTBOX_TABLE.0
-                                && !self.handed.contains(&(from, k.to_vec()))
-                        })
-                        .map(|(_, k, v)| (k.to_vec(), v.to_vec()))
-                        .collect();
-                    for (key, value) in rows {
-                        self.handed.insert((from, key));
-                        let entry = Entry::decode(&value).unwrap();
-                        let (g, store) = &mut self.gateways[1 - from];
-                        g.handle_entry(NOW, domain, entry.clone());
-                        drain_gateway(g, store);
-                        handed.push(entry);
-                    }
-                }
-                handed
-            }
-
             /// b.example's device `sender` sends `msg`, relayed to a.example: its answer.
             fn relay(&mut self, sender: DeviceId, msg: u128) -> Outcome {
                 let (g, store) = &mut self.gateways[0];
@@ -487,23 +385,6 @@ mod tests {
                     })
                     .last()
                     .expect("an answer")
-            }
-
-            /// A heartbeat from the other gateway arrives at `at`, saying it holds `crl` of
-            /// `at`'s CRL.
-            fn heartbeat(&mut self, at: usize, crl: u64) {
-                let (g, store) = &mut self.gateways[at];
-                let ack = FederationAck {
-                    gap: None,
-                    crl: Some(crl),
-                };
-                let frame = Frame::new(Routing::default(), Payload::FederationAck(ack)).encode();
-                let conn = ConnectionId(u64::MAX - 1); // the assumed link's
-                g.handle(
-                    NOW,
-                    GatewayInput::Federation(FederationInput::Frame(conn, frame)),
-                );
-                drain_gateway(g, store);
             }
         }
 

@@ -81,6 +81,8 @@ pub struct GatewayStats {
     pub handover: super::handover::HandoverStats,
     /// CRLs exchanged with peer domains.
     pub peer_crls: super::peer_crls::PeerCrlStats,
+    /// KeyPackage fetches across domains, at both ends.
+    pub foreign_key_packages: super::foreign_fetch::ForeignFetchStats,
     /// Entries for peer gateways and the link entries (bundles) that carried them.
     pub outgoing: super::outgoing::OutgoingStats,
     /// Errors and goodbyes sent, by code.

@@ -463,6 +463,14 @@ impl Gateway {
                 reason,
             } => self.on_declined(now, peer, conversation, term, reason),
             Entry::Revocations { root, crl } => self.on_peer_crl(peer, root, &crl),
+            Entry::KeyPackageRequest {
+                request,
+                requester,
+                users,
+            } => self.on_key_package_request(now, peer, request, requester, users),
+            Entry::KeyPackages { request, answer } => {
+                self.on_foreign_key_packages(peer, request, answer);
+            }
             Entry::Bundle { .. } => {
                 // Bundles are never nested (the decoder refuses them).
                 self.spanning_stats.entries_refused += 1;

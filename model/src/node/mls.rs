@@ -220,6 +220,7 @@ impl Node {
             GroupAction::Fetch { request, users } => {
                 let fetch = KeyPackageFetch {
                     users: users.iter().map(|u| u.to_bytes().into()).collect(),
+                    domain: None,
                 };
                 let routing = Routing {
                     seq: request,

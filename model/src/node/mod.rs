@@ -945,9 +945,14 @@ impl Node {
             }
             return;
         }
-        if code == ErrorCode::RateLimited && report.msg_id.is_none() {
-            // Only KeyPackage fetches are rate limited: the waiting group tries again at its
-            // next chance.
+        let fetch_refused_for_now = matches!(
+            code,
+            ErrorCode::RateLimited | ErrorCode::PeerLimited | ErrorCode::PeerUnreachable
+        );
+        if fetch_refused_for_now && report.msg_id.is_none() {
+            // Only KeyPackage fetches are refused for now without a message id (by the
+            // gateway's limit, or another domain's gateway's, or while that one is not
+            // reachable): the waiting group tries again at its next chance.
             if let Some(m) = &mut self.mls {
                 m.groups.fetch_refused(routing.seq);
             }

@@ -439,6 +439,13 @@ pub enum ErrorCode {
     /// what this device's gateway relays for now (its limit per peer gateway): nothing was
     /// stored. `retry_after_ms` says when to send it again (nodes do so by themselves).
     PeerLimited = 50,
+    /// A request names users of a domain this gateway does not federate with (its operator
+    /// lists the peers it does in its configuration). Not retried.
+    UnknownDomain = 51,
+    /// The gateway of the domain a request names is not reachable now (its link is down):
+    /// nothing was asked of it. `retry_after_ms` says when to ask again (nodes do so by
+    /// themselves).
+    PeerUnreachable = 52,
 }
 
 impl ErrorCode {
@@ -512,6 +519,8 @@ impl ErrorCode {
             ConversationQuota,
             AuthorityMoving,
             PeerLimited,
+            UnknownDomain,
+            PeerUnreachable,
         ]
         .into_iter()
         .find(|c| *c as u16 == value)
@@ -645,6 +654,11 @@ pub struct KeyPackageFetch {
     /// The users whose devices to fetch.
     #[n(0)]
     pub users: Vec<minicbor::bytes::ByteArray<16>>,
+    /// The users' domain, if not the gateway's own: the gateway asks that domain's gateway
+    /// and answers `unknown_domain` if it does not federate with it, `peer_unreachable` if its link is down. Absent from
+    /// older nodes: the gateway's own domain.
+    #[n(1)]
+    pub domain: Option<String>,
 }
 
 /// One device's KeyPackage in an answer.
@@ -1002,6 +1016,9 @@ impl Payload {
             Opcode::KeyPackageFetch => {
                 let p: KeyPackageFetch = decode_as(opcode, bytes)?;
                 check_len("fetch.users", p.users.len(), FETCH_USERS_MAX)?;
+                if let Some(domain) = &p.domain {
+                    check_bytes("fetch.domain", domain.len(), crate::trust::DOMAIN_BYTES_MAX)?;
+                }
                 Payload::KeyPackageFetch(p)
             }
             Opcode::KeyPackages => {

@@ -297,6 +297,7 @@ impl Net {
     pub fn fetch(&mut self, conn: u64, user: &str) -> KeyPackages {
         let fetch = KeyPackageFetch {
             users: vec![UserId::of(user, "localhost").to_bytes().into()],
+            domain: None,
         };
         let bytes = Frame::new(Routing::default(), Payload::KeyPackageFetch(fetch)).encode();
         self.gateway
