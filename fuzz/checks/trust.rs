@@ -1,4 +1,4 @@
-// Checks for the trust fuzz targets, shared by `fuzz/fuzz_targets/{certificate,crl}_decode.rs`
+// Checks for the trust fuzz targets, shared by `fuzz/fuzz_targets/{certificate,crl,peer_roots}_decode.rs`
 // and `model/tests/corpus_replay.rs` through `include!`, so the committed corpora are replayed by
 // `cargo test` with exactly the checks the fuzzer ran. Plain (non-doc) comments only: this file is
 // spliced into other files. It names the model crate by path only (`sund_model::...`).
@@ -88,6 +88,35 @@ pub fn check_pairing_code_parse(data: &[u8]) {
                 "a user address out of bounds or not an address decoded"
             );
             let _ = code.enrolment();
+        }
+        Err(error) => {
+            let _ = error.to_string();
+        }
+    }
+}
+
+/// `peer_roots_decode`: arbitrary bytes to `PeerRoots::decode` (a gateway's `HelloOk` carries
+/// them, and a device's store keeps them).
+#[allow(dead_code)]
+pub fn check_peer_roots_decode(data: &[u8]) {
+    use sund_model::trust::peer_roots::{PeerRoots, PEER_ROOTS_MAX};
+    match PeerRoots::decode(data) {
+        Ok(set) => {
+            let encoded = set.encode();
+            assert_eq!(encoded, data, "peer roots encoding is not canonical: {set:?}");
+            let again = PeerRoots::decode(&encoded).unwrap_or_else(|e| {
+                panic!("re-encoded peer roots do not decode: {e}; set {set:?}")
+            });
+            assert_eq!(again, set, "peer roots changed in a round trip");
+            assert!(set.roots.len() <= PEER_ROOTS_MAX, "too many roots decoded");
+            assert!(
+                !set.roots.contains_key(&set.issuer),
+                "the issuer's own domain decoded as a peer"
+            );
+            assert!(
+                set.roots.keys().all(|d| sund_model::trust::valid_domain(d)),
+                "invalid domain decoded"
+            );
         }
         Err(error) => {
             let _ = error.to_string();

@@ -1,6 +1,6 @@
 //! Replays the committed fuzz corpora of the wire targets (`corpus/frame_decode`,
 //! `corpus/payload_decode`, `corpus/stream_decode`) and the trust targets
-//! (`corpus/certificate_decode`, `corpus/crl_decode`) and the file manifest
+//! (`corpus/certificate_decode`, `corpus/crl_decode`, `corpus/peer_roots_decode`) and the file manifest
 //! (`corpus/manifest_decode`), the contact records, the federation handshake
 //! (`corpus/federation_handshake`) and link entries (`corpus/federation_entry_decode`) with the same checks the fuzz targets run:
 //! no panic, every frame or payload that decodes survives encode → decode unchanged, and every
@@ -77,6 +77,11 @@ fn certificate_decode_corpus() {
 #[test]
 fn crl_decode_corpus() {
     replay("crl_decode", check_crl_decode);
+}
+
+#[test]
+fn peer_roots_decode_corpus() {
+    replay("peer_roots_decode", check_peer_roots_decode);
 }
 
 #[test]

@@ -442,6 +442,37 @@ fn a_peer_that_shuts_down_says_so_and_its_link_comes_back_after_its_restart() {
 }
 
 #[test]
+fn each_side_keeps_the_root_its_peer_proved_across_restarts_until_it_is_pinned_no_more() {
+    let mut net = Net::new();
+    assert!(net.a.fed.peer_roots().is_empty(), "nothing proved yet");
+    net.heal();
+    let b_root = net.b.me.root;
+    let a_root = net.a.me.root;
+    assert_eq!(
+        net.a.fed.peer_roots().into_iter().collect::<Vec<_>>(),
+        vec![("b.example".to_string(), b_root)]
+    );
+    assert_eq!(net.b.fed.peer_roots().get("a.example"), Some(&a_root));
+    // Durable: known after a restart, with the link still down.
+    net.a.crash(net.now);
+    assert!(!net.a.fed.is_up("b.example"));
+    assert_eq!(net.a.fed.peer_roots().get("b.example"), Some(&b_root));
+    // The operator pins another root for b.example: the stored one is dropped.
+    let mut repinned = net.a.peers.clone();
+    repinned[0].root_fingerprint = "ab".repeat(16);
+    let fed = Federation::recover(
+        net.a.me.clone(),
+        repinned,
+        LinkTimers::default(),
+        Box::new(TestEntropy(77)),
+        &net.a.store,
+        net.now,
+    )
+    .unwrap();
+    assert!(fed.peer_roots().is_empty());
+}
+
+#[test]
 fn a_peer_with_another_root_is_refused_and_nothing_reaches_it() {
     let now = Instant(1_000_000);
     let a_id = test_identity("a.example", 1);
@@ -820,7 +851,7 @@ fn write_federation_handshake_seeds() {
     let now = Instant(1_000_000_000);
     let (dialing, hello) = dial(&a, &peer_of(&b), [0x42; 32], &mut entropy);
     let (_, reply) = answer(&b, &[peer_of(&a)], &hello, [0x42; 32], now, &mut entropy).unwrap();
-    let (finish, _) = dialing.finish(&a, &reply, now).unwrap();
+    let (finish, _, _) = dialing.finish(&a, &reply, now).unwrap();
     let out = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../corpus/federation_handshake"

@@ -81,6 +81,11 @@ impl Harness {
 
     /// Connect on `conn` and complete the handshake (registering first, the first time).
     fn open(&mut self, conn: u64) -> Vec<NodeOutput> {
+        self.open_with(conn, None)
+    }
+
+    /// [`Harness::open`], the gateway's `HelloOk` carrying `peer_roots`.
+    fn open_with(&mut self, conn: u64, peer_roots: Option<Vec<u8>>) -> Vec<NodeOutput> {
         let out = self.tick();
         assert!(out.contains(&NodeOutput::Connect), "{out:?}");
         let out = self.input(NodeInput::Connected(ConnectionId(conn)));
@@ -101,6 +106,7 @@ impl Harness {
                 resume_token: [7; 32],
                 resume_token_ttl_s: 60,
                 external_sender: None,
+                peer_roots: peer_roots.map(Into::into),
             }),
         )
     }
@@ -1335,4 +1341,42 @@ fn a_rate_limit_without_a_hint_pauses_for_a_second() {
     send_ack(&mut h, a, 1);
     let out = sends_limited(&mut h, a, Some(60_000));
     assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn peer_roots_signed_by_the_pinned_root_are_kept_across_restarts_and_others_refused() {
+    use std::collections::BTreeMap;
+    use sund_model::trust::peer_roots::PeerRoots;
+    let b_root = DeviceKey::from_seed([0xB0; 32]).public();
+    let roots = BTreeMap::from([("b.example".to_string(), b_root)]);
+    let vouched = PeerRoots::issue(&root_key(), "localhost", roots.clone());
+    let mut h = Harness::new();
+    h.open_with(1, Some(vouched.encode()));
+    h.drain();
+    assert_eq!(h.node.trust().peer_roots(), Some(&vouched));
+    // Kept across a restart; a set signed by another key is refused, in words, and the one
+    // held stays.
+    let node = Node::recover(config(), Box::new(Counter(2)), h.now, &h.store).unwrap();
+    h.node = node;
+    assert_eq!(h.node.trust().peer_roots(), Some(&vouched));
+    let mallory = DeviceKey::from_seed([0x66; 32]);
+    let forged = PeerRoots::issue(&mallory, "localhost", roots);
+    let out = h.open_with(2, Some(forged.encode()));
+    let refused = out.iter().find_map(|o| match o {
+        NodeOutput::Event(NodeEvent::PeerRootsRefused { reason }) => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(
+        refused.as_deref().is_some_and(|r| r.contains("not signed")),
+        "{out:?}"
+    );
+    assert_eq!(h.node.trust().peer_roots(), Some(&vouched));
+    assert_eq!(h.node.stats().peer_roots_refused, 1);
+    // Bytes that are no set at all (after another restart).
+    h.drain();
+    h.node = Node::recover(config(), Box::new(Counter(3)), h.now, &h.store).unwrap();
+    let out = h.open_with(3, Some(b"garbage".to_vec()));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, NodeOutput::Event(NodeEvent::PeerRootsRefused { .. }))));
 }

@@ -66,6 +66,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                 resume_token,
                 resume_token_ttl_s: ttl,
                 external_sender: None,
+                peer_roots: None,
             })
         }),
         any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat {

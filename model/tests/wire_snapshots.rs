@@ -126,6 +126,7 @@ fn handshake_frames_bytes() {
             resume_token: [0x70; 32],
             resume_token_ttl_s: 604_800,
             external_sender: None,
+            peer_roots: None,
         }),
     )
     .encode();
@@ -259,6 +260,7 @@ fn group_frames_bytes() {
             resume_token: [0x70; 32],
             resume_token_ttl_s: 604_800,
             external_sender: Some(vec![0xe5; 32].into()),
+            peer_roots: None,
         }),
     )
     .encode();

@@ -158,6 +158,8 @@ pub struct NodeStatus {
     pub certificate: Option<(UserId, u64)>,
     /// The trust root it pinned.
     pub root: Option<TrustRoot>,
+    /// Other domains' roots, as its own root vouched for them (whose members it can check).
+    pub peer_roots: Vec<TrustRoot>,
     /// The device whose pairing code this device took, once the gateway confirmed it.
     pub paired_with: Option<DeviceId>,
     /// The version of the CRL it holds.
@@ -848,6 +850,12 @@ impl Core {
                     outbox: self.node.outbox_len(),
                     certificate: trust.certificate().map(|c| (c.user, c.serial)),
                     root: trust.root().cloned(),
+                    peer_roots: trust.peer_roots().map_or_else(Vec::new, |set| {
+                        set.roots
+                            .keys()
+                            .filter_map(|domain| set.root_of(domain))
+                            .collect()
+                    }),
                     paired_with: trust.paired_with().map(|c| c.device()),
                     crl_version: trust.crl_version(),
                     unread: self.node.unread_len(),

@@ -1013,6 +1013,10 @@ struct StatusReport {
     root: Option<RootReport>,
     /// The version of the CRL it holds.
     crl_version: u64,
+    /// Other domains' roots this device's root vouches for (members of those domains are
+    /// checked against them); absent when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    peers: Vec<RootReport>,
     /// The device that vouched for this one, once the gateway confirmed the pairing.
     paired_with: Option<String>,
     /// Set up from a pairing code the gateway has not confirmed yet: the voucher's key prefix.
@@ -1046,6 +1050,7 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
         certificate: None,
         root: None,
         crl_version: 0,
+        peers: Vec::new(),
         paired_with: None,
         pairing_unconfirmed: device
             .pairing
@@ -1082,6 +1087,14 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     report.outbox = snapshot.outbox;
     report.unread = snapshot.unread;
     report.crl_version = snapshot.crl_version;
+    report.peers = snapshot
+        .peer_roots
+        .iter()
+        .map(|root| RootReport {
+            fingerprint: root.fingerprint(),
+            domain: root.domain.clone(),
+        })
+        .collect();
     if let (Some((user, serial)), Some(root)) = (&snapshot.certificate, &snapshot.root) {
         report.certificate = Some(CertificateReport {
             user: user.to_string(),
@@ -1156,6 +1169,17 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
                 report.crl_version
             ),
             _ => say!("trust      not registered yet"),
+        }
+        if !report.peers.is_empty() {
+            let peers: Vec<String> = report
+                .peers
+                .iter()
+                .map(|p| format!("{} (root {})", p.domain, p.fingerprint))
+                .collect();
+            say!(
+                "peers      {}: their members are checked against these roots, which this domain's root vouches for",
+                peers.join(", ")
+            );
         }
         match (&report.paired_with, &report.pairing_unconfirmed) {
             (Some(voucher), _) => {

@@ -706,6 +706,16 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
     assert!(status.contains("user       bob@b.example"), "{status}");
     let status = run(&sund(), &["status", "--data-dir", &path("alice")]);
     assert!(status.contains("user       alice@a.example"), "{status}");
+    // Each device holds the other domain's root, vouched for by its own domain's root: the
+    // one its gateway's handshake proved against the pinned fingerprint.
+    let b_fingerprint = fingerprint(&at("b.toml"));
+    assert!(
+        status.contains(&format!("peers      b.example (root {b_fingerprint})")),
+        "{status}"
+    );
+    let json = run(&sund(), &["status", "--json", "--data-dir", &path("bob")]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["peers"][0]["domain"], "a.example", "{json}");
 
     // The same name in two domains is two users.
     let there = run(

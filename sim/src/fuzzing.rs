@@ -416,6 +416,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 resume_token: [0; 32],
                 resume_token_ttl_s: 0,
                 external_sender: None,
+                peer_roots: None,
                 heartbeat_interval_ms: interval_ms,
             }),
         ),

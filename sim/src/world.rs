@@ -1505,6 +1505,11 @@ impl World {
                 self.on_crl_taken(a, *version);
             }
             NodeEvent::CrlRefused { .. } => record.push(16),
+            NodeEvent::PeerRootsRefused { .. } => {
+                // Every simulated gateway signs with its devices' own root: a refusal is a bug.
+                record.push(31);
+                *self.faults.entry("peer-roots-refused").or_default() += 1;
+            }
             NodeEvent::Revoked => record.push(17),
             NodeEvent::Paired { voucher } => {
                 record.push(18);

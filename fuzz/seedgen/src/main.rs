@@ -109,6 +109,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 resume_token: [0x22; 32],
                 resume_token_ttl_s: 3_600,
                 external_sender: None,
+                peer_roots: None,
             }),
         ),
         (
@@ -683,6 +684,65 @@ fn certificate_seeds(dir: &Option<PathBuf>) {
     write(dir, "signed-empty-validity", &empty.encode());
 }
 
+fn peer_roots_seeds(dir: &Option<PathBuf>) {
+    use std::collections::BTreeMap;
+    use sund_model::trust::peer_roots::{PeerRoots, PEER_ROOTS_MAX};
+    let root = root_key();
+    let key = |n: u8| DeviceKey::from_seed([n; 32]).public();
+    let valid: Vec<(&str, PeerRoots)> = vec![
+        ("none", PeerRoots::issue(&root, "a.example", BTreeMap::new())),
+        (
+            "two",
+            PeerRoots::issue(
+                &root,
+                "a.example",
+                BTreeMap::from([("b.example".into(), key(2)), ("c.example".into(), key(3))]),
+            ),
+        ),
+        (
+            "most",
+            PeerRoots::issue(
+                &root,
+                &longest_domain(),
+                (0..PEER_ROOTS_MAX)
+                    .map(|i| (format!("peer-{i:02}.example"), key(i as u8)))
+                    .collect(),
+            ),
+        ),
+    ];
+    for (name, set) in &valid {
+        let bytes = set.encode();
+        assert_eq!(PeerRoots::decode(&bytes).as_ref(), Ok(set));
+        write(dir, name, &bytes);
+    }
+    // "SPR" 1 | issuer length | issuer | count | entries | signature.
+    let two = valid[1].1.encode();
+    let count_at = 4 + 1 + "a.example".len();
+    let entry = 1 + "b.example".len() + 32;
+    let bad = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = two.clone();
+        f(&mut b);
+        assert!(PeerRoots::decode(&b).is_err(), "{name} decodes");
+        write(dir, name, &b);
+    };
+    bad("empty", &|b| b.clear());
+    bad("truncated-signature", &|b| {
+        b.pop();
+    });
+    bad("trailing-byte", &|b| b.push(0));
+    bad("wrong-magic", &|b| b[0] = b'X');
+    bad("count-one-more", &|b| b[count_at] = 3);
+    bad("count-over-limit", &|b| b[count_at] = PEER_ROOTS_MAX as u8 + 1);
+    bad("entries-swapped", &|b| {
+        let first = count_at + 1;
+        b[first..first + 2 * entry].rotate_left(entry)
+    });
+    bad("issuer-as-peer", &|b| {
+        b[count_at + 2..count_at + 2 + 9].copy_from_slice(b"a.example")
+    });
+    bad("upper-case-domain", &|b| b[count_at + 2] = b'B');
+}
+
 fn crl_seeds(dir: &Option<PathBuf>) {
     let root = root_key();
     let ids = |ids: &[u128]| ids.iter().map(|&d| DeviceId(d)).collect::<BTreeSet<_>>();
@@ -1021,6 +1081,9 @@ fn main() {
     // ---- certificate_decode, crl_decode
     certificate_seeds(&dir("certificate_decode"));
     crl_seeds(&dir("crl_decode"));
+
+    // ---- peer_roots_decode
+    peer_roots_seeds(&dir("peer_roots_decode"));
 
     // ---- manifest_decode
     manifest_seeds(&dir("manifest_decode"));

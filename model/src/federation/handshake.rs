@@ -144,6 +144,7 @@ pub struct Dialing {
 pub struct Answering {
     peer: String,
     peer_key: DevicePublicKey,
+    peer_root: DevicePublicKey,
     transcript: Vec<u8>,
     binding: ChannelBinding,
 }
@@ -239,13 +240,14 @@ pub fn dial(
 
 impl Dialing {
     /// The peer answered: checks its root, certificate and signature; the finish to send,
-    /// and the peer's link key (which signs what it sequences).
+    /// the peer's link key (which signs what it sequences) and its root key (checked against
+    /// the pinned fingerprint, which is all the configuration holds of it).
     pub fn finish(
         self,
         me: &LinkIdentity,
         reply: &[u8],
         now: Instant,
-    ) -> Result<(Vec<u8>, DevicePublicKey), FederationHandshakeError> {
+    ) -> Result<(Vec<u8>, DevicePublicKey, DevicePublicKey), FederationHandshakeError> {
         let mut r = Reader::new(reply);
         read_header(&mut r, REPLY)?;
         let (_, root, cert) = read_credentials(&mut r)?;
@@ -279,7 +281,7 @@ impl Dialing {
             &self.binding,
             &transcript,
         )));
-        Ok((finish, cert.link_key))
+        Ok((finish, cert.link_key, root))
     }
 
     /// The peer this dial is for.
@@ -328,6 +330,7 @@ pub fn answer(
     let answering = Answering {
         peer: cert.domain,
         peer_key: cert.link_key,
+        peer_root: root,
         transcript,
         binding,
     };
@@ -335,12 +338,13 @@ pub fn answer(
 }
 
 impl Answering {
-    /// The dialer finished: checks its signature; the peer's domain, now authenticated, and
-    /// its link key (which signs what it sequences).
+    /// The dialer finished: checks its signature; the peer's domain, now authenticated, its
+    /// link key (which signs what it sequences) and its root key (checked against the pinned
+    /// fingerprint).
     pub fn finish(
         self,
         finish: &[u8],
-    ) -> Result<(String, DevicePublicKey), FederationHandshakeError> {
+    ) -> Result<(String, DevicePublicKey, DevicePublicKey), FederationHandshakeError> {
         let mut r = Reader::new(finish);
         read_header(&mut r, FINISH)?;
         let signature: [u8; 64] = r
@@ -355,7 +359,7 @@ impl Answering {
         ) {
             return Err(FederationHandshakeError::BadSignature);
         }
-        Ok((self.peer, self.peer_key))
+        Ok((self.peer, self.peer_key, self.peer_root))
     }
 
     /// The domain the dialer claims (not yet proven until [`Self::finish`]).
@@ -417,7 +421,7 @@ mod tests {
         let (dialing, hello) = dial(&a, &peer_of(&b), [1; 32], &mut entropy);
         let (_, reply_on_1) =
             answer(&b, &[peer_of(&a)], &hello, [1; 32], NOW, &mut entropy).unwrap();
-        let (finish, _) = dialing.finish(&a, &reply_on_1, NOW).unwrap();
+        let (finish, _, _) = dialing.finish(&a, &reply_on_1, NOW).unwrap();
         assert_eq!(
             answering.finish(&finish).unwrap_err(),
             FederationHandshakeError::BadSignature
@@ -436,11 +440,12 @@ mod tests {
         let (answering, reply) =
             answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
         assert_eq!(answering.peer(), "a.example");
-        let (finish, b_key) = dialing.finish(&a, &reply, NOW).unwrap();
+        let (finish, b_key, b_root) = dialing.finish(&a, &reply, NOW).unwrap();
         assert_eq!(b_key, b.key.public());
+        assert_eq!(b_root, b.root);
         assert_eq!(
             answering.finish(&finish).unwrap(),
-            ("a.example".to_string(), a.key.public())
+            ("a.example".to_string(), a.key.public(), a.root)
         );
     }
 
@@ -498,7 +503,7 @@ mod tests {
         let (dialing, hello) = dial(&a, &peer_of(&b), BINDING, &mut entropy);
         let (answering, reply) =
             answer(&b, &[peer_of(&a)], &hello, BINDING, NOW, &mut entropy).unwrap();
-        let (finish, _) = dialing.finish(&a, &reply, NOW).unwrap();
+        let (finish, _, _) = dialing.finish(&a, &reply, NOW).unwrap();
         answering.finish(&finish).unwrap();
         // An attacker replays the hello and the finish it recorded: the new reply has a new
         // nonce, so the old finish does not verify.

@@ -56,6 +56,10 @@ pub const FEDERATION_OUTBOX_TABLE: Table = Table("federation_outbox");
 pub const FEDERATION_NUMBERS_TABLE: Table = Table("federation_numbers");
 /// Per peer: the receive cursor, the last entry taken from the peer (u64 BE).
 pub const FEDERATION_CURSORS_TABLE: Table = Table("federation_cursors");
+/// Each peer's trust root key, as its last handshake proved it (key: the domain; value: the
+/// 32-byte key): the gateway vouches for it to its devices (`trust::peer_roots`) even while
+/// the link is down. A row whose key no longer matches the configured fingerprint is ignored.
+pub const FEDERATION_ROOTS_TABLE: Table = Table("federation_roots");
 
 /// Most unacknowledged entries in flight on one link.
 pub const WINDOW: u64 = 256;
@@ -287,6 +291,9 @@ struct Link {
     /// The peer's link key, from its certificate in the last handshake: it signs what the
     /// peer sequences.
     peer_key: Option<DevicePublicKey>,
+    /// The peer's trust root key, from its last handshake (or the store), checked against the
+    /// pinned fingerprint.
+    peer_root: Option<DevicePublicKey>,
     /// The version of the peer's CRL this gateway holds (told in heartbeats).
     crl_held: u64,
     /// The version of this gateway's CRL the peer last said it holds.
@@ -365,6 +372,16 @@ impl Link {
     }
 }
 
+/// True if `root`'s fingerprint is the one configured for `peer`.
+fn pins(peer: &PeerConfig, root: DevicePublicKey) -> bool {
+    crate::trust::TrustRoot {
+        key: root,
+        domain: peer.domain.clone(),
+    }
+    .fingerprint()
+    .eq_ignore_ascii_case(&peer.root_fingerprint)
+}
+
 impl Federation {
     /// Recovers the links to `peers` from what `store` holds (outboxes, numbers, cursors).
     pub fn recover(
@@ -412,6 +429,19 @@ impl Federation {
                 )));
             }
             let acked = outbox.keys().next().map_or(numbered, |&first| first - 1);
+            let peer_root = match store.get(FEDERATION_ROOTS_TABLE, peer.domain.as_bytes())? {
+                Some(bytes) => {
+                    let key = DevicePublicKey(bytes.as_slice().try_into().map_err(|_| {
+                        StoreError::Damaged(format!(
+                            "the stored trust root of {} is not a key",
+                            peer.domain
+                        ))
+                    })?);
+                    // Re-pinned since: the stored key is not this peer's any more.
+                    pins(peer, key).then_some(key)
+                }
+                None => None,
+            };
             links.insert(
                 peer.domain.clone(),
                 Link {
@@ -430,6 +460,7 @@ impl Federation {
                     last_progress: now,
                     attempts: 0,
                     peer_key: None,
+                    peer_root,
                     crl_held: 0,
                     peer_holds_crl: None,
                     crl_pushed: None,
@@ -627,6 +658,14 @@ impl Federation {
         }
     }
 
+    /// Tests: as if a handshake with `peer` had proved its root `root`.
+    #[cfg(test)]
+    pub(crate) fn assume_peer_root(&mut self, peer: &str, root: DevicePublicKey) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.peer_root = Some(root);
+        }
+    }
+
     /// Signs `message` with this gateway's link key (what it sequences for its peers).
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.me.key.sign(message)
@@ -697,15 +736,16 @@ impl Federation {
 
     /// True if `root` is the trust root key whose fingerprint this gateway pins for `peer`.
     pub fn pins_root(&self, peer: &str, root: DevicePublicKey) -> bool {
-        self.peers.iter().any(|p| {
-            p.domain == peer
-                && crate::trust::TrustRoot {
-                    key: root,
-                    domain: peer.to_string(),
-                }
-                .fingerprint()
-                .eq_ignore_ascii_case(&p.root_fingerprint)
-        })
+        self.peers.iter().any(|p| p.domain == peer && pins(p, root))
+    }
+
+    /// Each peer's trust root key that a handshake proved (now or before a restart), by
+    /// domain: what the gateway's own root vouches for to its devices.
+    pub fn peer_roots(&self) -> BTreeMap<String, DevicePublicKey> {
+        self.links
+            .iter()
+            .filter_map(|(domain, link)| link.peer_root.map(|root| (domain.clone(), root)))
+            .collect()
     }
 
     fn heard_crl(&mut self, peer: &str, held: Option<u64>) {
@@ -846,8 +886,17 @@ impl Federation {
                     unreachable!("matched above")
                 };
                 match dialing.finish(&self.me, &reply.message, now) {
-                    Ok((finish, peer_key)) => {
+                    Ok((finish, peer_key, peer_root)) => {
                         link.peer_key = Some(peer_key);
+                        if link.peer_root != Some(peer_root) {
+                            link.peer_root = Some(peer_root);
+                            let domain = link.peer.domain.as_bytes().to_vec();
+                            self.fx.writes().put(
+                                FEDERATION_ROOTS_TABLE,
+                                domain,
+                                peer_root.0.to_vec(),
+                            );
+                        }
                         let finish = FederationHello {
                             message: finish.into(),
                         };
@@ -949,9 +998,17 @@ impl Federation {
                     .insert(conn, Pending::AwaitFinish { since, answering });
             }
             Pending::AwaitFinish { answering, .. } => match answering.finish(&hello.message) {
-                Ok((peer, peer_key)) => {
+                Ok((peer, peer_key, peer_root)) => {
                     let link = self.links.get_mut(&peer).expect("answer found the peer");
                     link.peer_key = Some(peer_key);
+                    if link.peer_root != Some(peer_root) {
+                        link.peer_root = Some(peer_root);
+                        self.fx.writes().put(
+                            FEDERATION_ROOTS_TABLE,
+                            peer.as_bytes().to_vec(),
+                            peer_root.0.to_vec(),
+                        );
+                    }
                     match link.state {
                         LinkState::Hello { conn: old, .. }
                         | LinkState::Finishing { conn: old, .. }

@@ -262,6 +262,8 @@ pub struct Gateway {
     peer_crls: peer_crls::PeerCrls,
     /// KeyPackage fetches of other domains' users, at both ends.
     foreign_fetches: foreign_fetch::ForeignFetches,
+    /// The peer roots last vouched for to devices (see `Gateway::peer_roots`).
+    peer_roots: Option<crate::trust::peer_roots::PeerRoots>,
     fx: Fx,
 }
 
@@ -424,6 +426,7 @@ impl Gateway {
             handover_stats: handover::HandoverStats::default(),
             peer_crls: peer_crls::PeerCrls::default(),
             foreign_fetches: foreign_fetch::ForeignFetches::default(),
+            peer_roots: None,
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.
@@ -1272,11 +1275,13 @@ impl Gateway {
         let external_sender = self
             .groups
             .external_key(self.entropy.as_mut(), self.fx.writes());
+        let peer_roots = self.peer_roots().map(|set| set.encode().into());
         let ok = HelloOk {
             heartbeat_interval_ms: interval_ms,
             resume_token: token,
             resume_token_ttl_s: ttl_s,
             external_sender: Some(external_sender.into()),
+            peer_roots,
         };
         self.fx.send(conn, Routing::default(), Payload::HelloOk(ok));
         for finding in findings {
@@ -1840,6 +1845,23 @@ impl Gateway {
         );
         self.delivery
             .pump_members(now, conv, &self.sessions, &mut self.fx);
+    }
+
+    /// The peer roots this gateway's root vouches for to its devices (`None` before any
+    /// handshake proved one): signed again only when the set changes.
+    fn peer_roots(&mut self) -> Option<&crate::trust::peer_roots::PeerRoots> {
+        let roots = self.federation.as_ref()?.peer_roots();
+        if roots.is_empty() {
+            return None;
+        }
+        if self
+            .peer_roots
+            .as_ref()
+            .is_none_or(|signed| signed.roots != roots)
+        {
+            self.peer_roots = Some(self.registry.authority().vouch_peer_roots(roots));
+        }
+        self.peer_roots.as_ref()
     }
 
     /// Revokes `device`: new CRL to every session, the device's sessions and resume token end,

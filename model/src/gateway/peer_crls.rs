@@ -389,6 +389,24 @@ mod tests {
         }
 
         #[test]
+        fn a_device_hears_its_peers_roots_vouched_for_by_its_own_root() {
+            use crate::trust::peer_roots::PeerRoots;
+            let mut w = Pair::new();
+            let (_, _, ok) = w.open_session_ok(0, 40, crate::ids::UserId(40));
+            let set = PeerRoots::decode(&ok.peer_roots.expect("a peer root is known")).unwrap();
+            let a = &w.gateways[0].0;
+            assert_eq!(set.verify(a.trust_root()), Ok(()));
+            let b_root = w.gateways[1].0.trust_root().clone();
+            assert_eq!(set.root_of(DOMAINS[1]), Some(b_root.clone()));
+            assert_eq!(set.roots.len(), 1);
+            // b.example's devices hear a.example's root, vouched for by b.example's.
+            let (_, _, ok) = w.open_session_ok(1, 41, crate::ids::UserId(41));
+            let set = PeerRoots::decode(&ok.peer_roots.unwrap()).unwrap();
+            assert_eq!(set.verify(&b_root), Ok(()));
+            assert!(set.verify(w.gateways[0].0.trust_root()).is_err());
+        }
+
+        #[test]
         fn a_device_revoked_by_its_domain_sends_through_no_gateway_and_is_not_added_again() {
             let mut w = Pair::new();
             let revoked = w.register(1, 31);

@@ -13,7 +13,7 @@ use crate::federation::FederationInput;
 use crate::ids::{ConnectionId, DeviceId, UserId};
 use crate::testing::{drain_gateway, TestDevice, TestEntropy};
 use crate::time::Instant;
-use crate::wire::payload::FederationAck;
+use crate::wire::payload::{FederationAck, HelloOk};
 use crate::wire::{Frame, Payload, Routing};
 
 pub(crate) const NOW: Instant = Instant(1_000_000_000);
@@ -67,9 +67,11 @@ impl Pair {
             .iter()
             .map(|(g, _)| g.federation().unwrap().link_key())
             .collect();
+        let roots: Vec<_> = gateways.iter().map(|(g, _)| g.trust_root().key).collect();
         for (i, (g, _)) in gateways.iter_mut().enumerate() {
             let f = g.federation.as_mut().unwrap();
             f.assume_peer_key(DOMAINS[1 - i], keys[1 - i]);
+            f.assume_peer_root(DOMAINS[1 - i], roots[1 - i]);
         }
         Pair {
             gateways,
@@ -145,6 +147,17 @@ impl Pair {
         seed: u8,
         user: UserId,
     ) -> (ConnectionId, DeviceId) {
+        let (conn, device, _) = self.open_session_ok(at, seed, user);
+        (conn, device)
+    }
+
+    /// [`Pair::open_session`], with the gateway's `HelloOk`.
+    pub(crate) fn open_session_ok(
+        &mut self,
+        at: usize,
+        seed: u8,
+        user: UserId,
+    ) -> (ConnectionId, DeviceId, HelloOk) {
         let device = TestDevice::new([seed; 32], user);
         let (g, store) = &mut self.gateways[at];
         let conn = ConnectionId(1000 + u64::from(seed));
@@ -170,11 +183,14 @@ impl Pair {
             .expect("challenged");
         g.handle(NOW, GatewayInput::Frame(conn, device.proof(&nonce)));
         let opened = frames(&drain_gateway(g, store), conn);
-        assert!(
-            opened.iter().any(|p| matches!(p, Payload::HelloOk(_))),
-            "session open: {opened:?}"
-        );
-        (conn, device.id())
+        let ok = opened
+            .into_iter()
+            .find_map(|p| match p {
+                Payload::HelloOk(ok) => Some(ok),
+                _ => None,
+            })
+            .expect("session open");
+        (conn, device.id(), ok)
     }
 }
 

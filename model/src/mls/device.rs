@@ -19,7 +19,8 @@ use crate::env::{Entropy, StoreError, StoreRead, Table, WriteBatch};
 use crate::identity::DeviceKey;
 use crate::ids::{DeviceId, UserId};
 use crate::time::Instant;
-use crate::trust::credential::{credential_identity, verify_identity};
+use crate::trust::credential::{credential_identity, domain_of_identity, verify_identity};
+use crate::trust::peer_roots::PeerRoots;
 use crate::trust::{Crl, DeviceCertificate, TrustRoot};
 
 /// Key of the signing key's public half in the node's session table.
@@ -100,6 +101,9 @@ pub struct DeviceMls {
     /// The trust root and CRL members' credentials are checked against (`None`: no root pinned
     /// yet, nothing can be checked).
     trust: Option<(TrustRoot, Option<Crl>)>,
+    /// Other domains' roots, as the own root vouched for them: members certified by one of
+    /// them are checked against it (no CRL of theirs is held yet).
+    peer_roots: Option<PeerRoots>,
 }
 
 impl core::fmt::Debug for DeviceMls {
@@ -165,6 +169,7 @@ impl DeviceMls {
             upload_pending: false,
             identity: device.to_bytes().to_vec(),
             trust: None,
+            peer_roots: None,
         })
     }
 
@@ -177,6 +182,11 @@ impl DeviceMls {
     /// The root and CRL the credentials of other members are checked against.
     pub fn set_trust(&mut self, root: TrustRoot, crl: Option<Crl>) {
         self.trust = Some((root, crl));
+    }
+
+    /// Other domains' roots (already checked against the own root by the caller).
+    pub fn set_peer_roots(&mut self, roots: PeerRoots) {
+        self.peer_roots = Some(roots);
     }
 
     /// This device's credential identity.
@@ -195,8 +205,31 @@ impl DeviceMls {
         let Some((root, crl)) = &self.trust else {
             return Ok(None);
         };
-        self.check_credential(identity, signature_key, root, crl.as_ref())
-            .map(|(_, u)| Some(u))
+        match self.peer_root_for(identity, root)? {
+            Some(peer) => self.check_credential(identity, signature_key, &peer, None),
+            None => self.check_credential(identity, signature_key, root, crl.as_ref()),
+        }
+        .map(|(_, u)| Some(u))
+    }
+
+    /// For a credential certified by another domain than `own`'s: that domain's root as the
+    /// own root vouched for it, or why it cannot be checked. `None` for the own domain's (and
+    /// whenever no peer roots are held: the own root's check then says what is wrong).
+    fn peer_root_for(&self, identity: &[u8], own: &TrustRoot) -> Result<Option<TrustRoot>, String> {
+        let Some(peers) = &self.peer_roots else {
+            return Ok(None);
+        };
+        match domain_of_identity(identity) {
+            Some(domain) if domain != own.domain => {
+                peers.root_of(&domain).map(Some).ok_or_else(|| {
+                    format!(
+                    "the credential is certified by {domain}, a domain this device's gateway does \
+                     not federate with"
+                )
+                })
+            }
+            _ => Ok(None),
+        }
     }
 
     /// As [`DeviceMls::verify_member`], but a revoked certificate passes: the check a joining
@@ -212,7 +245,8 @@ impl DeviceMls {
         let Some((root, _)) = &self.trust else {
             return Ok(None);
         };
-        self.check_credential(identity, signature_key, root, None)
+        let peer = self.peer_root_for(identity, root)?;
+        self.check_credential(identity, signature_key, peer.as_ref().unwrap_or(root), None)
             .map(|(_, u)| Some(u))
     }
 
@@ -299,5 +333,92 @@ impl DeviceMls {
     /// True while an upload waits for the gateway's count.
     pub fn upload_pending(&self) -> bool {
         self.upload_pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::env::MemStore;
+    use crate::testing::TestEntropy;
+    use crate::trust::peer_roots::PeerRoots;
+
+    const TABLE: Table = Table("session");
+
+    fn root(seed: u8, domain: &str) -> (DeviceKey, TrustRoot) {
+        let key = DeviceKey::from_seed([seed; 32]);
+        let root = TrustRoot {
+            key: key.public(),
+            domain: domain.into(),
+        };
+        (key, root)
+    }
+
+    /// The credential identity of a device of `domain` certified by `root_key`, for MLS key
+    /// `[7; 32]`.
+    fn credential(root_key: &DeviceKey, domain: &str, seed: u8) -> Vec<u8> {
+        let key = DeviceKey::from_seed([seed; 32]);
+        let user = UserId::of("bob", domain);
+        let cert =
+            DeviceCertificate::issue(root_key, domain, 1, key.public(), user, 0, 4_000_000_000);
+        credential_identity(&key, &cert, &[7; 32])
+    }
+
+    fn device() -> DeviceMls {
+        let mut writes = WriteBatch::default();
+        DeviceMls::recover(
+            DeviceMlsConfig::default(),
+            DeviceId(1),
+            &mut TestEntropy(1),
+            &MemStore::default(),
+            TABLE,
+            &mut writes,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn another_domains_member_is_checked_against_the_root_the_own_root_vouched_for() {
+        let (a_key, a_root) = root(1, "a.example");
+        let (b_key, b_root) = root(2, "b.example");
+        let (_, c_root) = root(3, "c.example");
+        let mut mls = device();
+        mls.set_trust(a_root.clone(), None);
+        let bob = credential(&b_key, "b.example", 20);
+        // Without peer roots, a certificate of b.example is not this domain's.
+        assert!(mls.verify_member(&bob, &[7; 32]).is_err());
+        let vouched = |roots: &[&TrustRoot]| {
+            let roots: BTreeMap<_, _> = roots.iter().map(|r| (r.domain.clone(), r.key)).collect();
+            a_key_vouches(&a_key, roots)
+        };
+        mls.set_peer_roots(vouched(&[&b_root, &c_root]));
+        assert_eq!(
+            mls.verify_member(&bob, &[7; 32]),
+            Ok(Some(UserId::of("bob", "b.example")))
+        );
+        assert!(mls.verify_member_at_join(&bob, &[7; 32]).is_ok());
+        // The binding to the MLS key still counts.
+        assert!(mls.verify_member(&bob, &[8; 32]).is_err());
+        // A b.example certificate signed by another key than b.example's vouched root.
+        let (mallory, _) = root(9, "b.example");
+        let forged = credential(&mallory, "b.example", 21);
+        assert!(mls.verify_member(&forged, &[7; 32]).is_err());
+        // A domain the own root did not vouch for.
+        let (d_key, _) = root(4, "d.example");
+        let dave = credential(&d_key, "d.example", 22);
+        let refused = mls.verify_member(&dave, &[7; 32]).unwrap_err();
+        assert!(refused.contains("d.example"), "{refused}");
+        // The own domain's members are checked as before, with its CRL.
+        let carol = credential(&a_key, "a.example", 23);
+        assert!(mls.verify_member(&carol, &[7; 32]).is_ok());
+    }
+
+    fn a_key_vouches(
+        key: &DeviceKey,
+        roots: BTreeMap<String, crate::identity::DevicePublicKey>,
+    ) -> PeerRoots {
+        PeerRoots::issue(key, "a.example", roots)
     }
 }

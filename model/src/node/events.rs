@@ -218,6 +218,13 @@ pub enum NodeEvent {
         /// Why.
         reason: String,
     },
+    /// The gateway's set of other domains' roots was refused (not signed by this device's
+    /// root, or malformed): members of other domains cannot be checked against it. The set
+    /// held before, if any, stays.
+    PeerRootsRefused {
+        /// Why.
+        reason: String,
+    },
     /// This device is revoked: it disconnected and will not connect again.
     Revoked,
     /// This device registered with a pairing code, and the gateway confirmed that the device
@@ -446,6 +453,8 @@ pub enum SendError {
 pub struct NodeStats {
     /// Connections that reached `HelloOk`.
     pub sessions: u64,
+    /// Sets of peer roots from the gateway refused (see `NodeEvent::PeerRootsRefused`).
+    pub peer_roots_refused: u64,
     /// Deliveries dropped as duplicates (at or below the cursor).
     pub duplicate_deliveries: u64,
     /// Replay requests sent.

@@ -67,6 +67,9 @@ impl NodeMls {
         if let Some(root) = trust.root() {
             self.device.set_trust(root.clone(), trust.crl().cloned());
         }
+        if let Some(peers) = trust.peer_roots() {
+            self.device.set_peer_roots(peers.clone());
+        }
     }
 
     /// Keeps the gateway's external-sender key from its `HelloOk`, if it changed.

@@ -43,6 +43,9 @@ impl Node {
         if let (Some(m), Some(key)) = (&mut self.mls, ok.external_sender) {
             m.set_gateway_key(Vec::from(key), self.fx.writes());
         }
+        if let Some(encoded) = ok.peer_roots {
+            self.take_peer_roots(&encoded);
+        }
         self.stats.sessions += 1;
         self.set_status(ConnectionStatus::Connected);
         // Catch up on revocations made while this device was away.
@@ -75,6 +78,26 @@ impl Node {
     pub(super) fn renew_if_due(&mut self, now: Instant, conn: ConnectionId) {
         if let Some(renew) = self.trust.renewal_due(now) {
             self.fx.send(conn, Routing::default(), renew);
+        }
+    }
+
+    /// The gateway's set of other domains' roots: kept if this device's own root signed it
+    /// (the MLS layer checks other domains' members against them from then on); a set it did
+    /// not sign is refused and reported, and the one held before stays.
+    fn take_peer_roots(&mut self, encoded: &[u8]) {
+        match self
+            .trust
+            .holder_mut()
+            .accept_peer_roots(encoded, self.fx.writes())
+        {
+            Ok(true) => self.bind_mls_to_trust(),
+            Ok(false) => {}
+            Err(e) => {
+                self.stats.peer_roots_refused += 1;
+                self.fx.event(NodeEvent::PeerRootsRefused {
+                    reason: e.to_string(),
+                });
+            }
         }
     }
 

@@ -56,6 +56,11 @@ impl NodeTrust {
         &self.holder
     }
 
+    /// See [`NodeTrust::holder`].
+    pub fn holder_mut(&mut self) -> &mut TrustHolder {
+        &mut self.holder
+    }
+
     /// The certificate's bytes for a `Hello`, if the device has one.
     pub fn hello_certificate(&self) -> Option<Vec<u8>> {
         self.holder.certificate().map(DeviceCertificate::encode)

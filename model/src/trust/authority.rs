@@ -410,6 +410,15 @@ impl RegistrationAuthority {
         )
     }
 
+    /// Vouches for the roots of peer domains to this domain's devices: the set signed by
+    /// this domain's root.
+    pub fn vouch_peer_roots(
+        &self,
+        roots: BTreeMap<String, DevicePublicKey>,
+    ) -> super::peer_roots::PeerRoots {
+        super::peer_roots::PeerRoots::issue(&self.root_key, &self.root.domain, roots)
+    }
+
     /// The trust root devices pin.
     pub fn root(&self) -> &TrustRoot {
         &self.root

@@ -65,6 +65,16 @@ pub fn device_key_of_identity(identity: &[u8]) -> Option<crate::identity::Device
     (cert.device() == device).then_some(cert.device_key)
 }
 
+/// The domain in a credential identity's certificate, without checking it: which root to
+/// check the credential against. `None` for an identity without a certificate.
+pub fn domain_of_identity(identity: &[u8]) -> Option<String> {
+    let len = identity
+        .get(16..18)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))?;
+    let cert = DeviceCertificate::decode(identity.get(18..18 + len)?).ok()?;
+    Some(cert.domain)
+}
+
 /// Checks a credential identity seen in a group: a certificate for the named device from
 /// `root`, not revoked in `crl`, whose key signed the binding to `mls_signature_key`. Returns
 /// the device and its user. The validity period is the gateway's to check, at every session:

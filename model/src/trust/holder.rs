@@ -25,6 +25,7 @@ const ROOT_KEY: &[u8] = b"root";
 const CRL_KEY: &[u8] = b"crl";
 const PENDING_VOUCH_KEY: &[u8] = b"pending_vouch";
 const PAIRED_WITH_KEY: &[u8] = b"paired_with";
+const PEER_ROOTS_KEY: &[u8] = b"peer_roots";
 
 /// A vouch for this device's pairing code that the gateway has not confirmed yet: stored as
 /// secret (16) | expires (u64, Unix seconds) | signature (64).
@@ -88,6 +89,8 @@ pub struct TrustHolder {
     crl: Option<Crl>,
     pending_vouch: Option<PendingVouch>,
     paired_with: Option<DeviceCertificate>,
+    /// Other domains' roots, as the pinned root vouched for them (checked when taken).
+    peer_roots: Option<super::peer_roots::PeerRoots>,
 }
 
 impl TrustHolder {
@@ -123,12 +126,19 @@ impl TrustHolder {
             }
             None => None,
         };
+        let peer_roots = match store.get(NODE_TRUST_TABLE, PEER_ROOTS_KEY)? {
+            Some(bytes) => Some(
+                super::peer_roots::PeerRoots::decode(&bytes).map_err(|e| corrupt(e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(TrustHolder {
             certificate,
             root,
             crl,
             pending_vouch,
             paired_with,
+            peer_roots,
         })
     }
 
@@ -170,6 +180,35 @@ impl TrustHolder {
     pub fn record_pairing(&mut self, voucher: &DeviceCertificate, writes: &mut WriteBatch) {
         writes.put(NODE_TRUST_TABLE, PAIRED_WITH_KEY.to_vec(), voucher.encode());
         self.paired_with = Some(voucher.clone());
+    }
+
+    /// Other domains' roots as the pinned root vouches for them, if the gateway said any.
+    pub fn peer_roots(&self) -> Option<&super::peer_roots::PeerRoots> {
+        self.peer_roots.as_ref()
+    }
+
+    /// Takes the gateway's set of peer roots (`encoded`) if the pinned root signed it:
+    /// `Ok(true)` if it differs from the set held (kept in `writes`), `Ok(false)` if the same.
+    /// Refused without a pinned root, or if its issuer or signature is not the root's.
+    pub fn accept_peer_roots(
+        &mut self,
+        encoded: &[u8],
+        writes: &mut WriteBatch,
+    ) -> Result<bool, super::peer_roots::PeerRootsError> {
+        use super::peer_roots::{PeerRoots, PeerRootsError};
+        let set = PeerRoots::decode(encoded)?;
+        let Some(root) = &self.root else {
+            return Err(PeerRootsError::Malformed(
+                "no root pinned to check it against",
+            ));
+        };
+        set.verify(root)?;
+        if self.peer_roots.as_ref() == Some(&set) {
+            return Ok(false);
+        }
+        writes.put(NODE_TRUST_TABLE, PEER_ROOTS_KEY.to_vec(), set.encode());
+        self.peer_roots = Some(set);
+        Ok(true)
     }
 
     /// The pinned trust root.

@@ -22,6 +22,7 @@ mod crl;
 pub mod handshake;
 mod holder;
 pub mod pairing;
+pub mod peer_roots;
 pub mod safety_number;
 
 pub use authority::{token_id, TokenSummary};

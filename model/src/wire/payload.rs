@@ -283,6 +283,11 @@ pub struct HelloOk {
     /// that the gateway can propose removals.
     #[n(3)]
     pub external_sender: Option<minicbor::bytes::ByteVec>,
+    /// The trust roots of the domains the gateway federates with, signed by the device's own
+    /// root (an encoded `trust::peer_roots::PeerRoots`): what the device checks other domains'
+    /// members against. Absent without federation peers, and from older gateways.
+    #[n(4)]
+    pub peer_roots: Option<minicbor::bytes::ByteVec>,
 }
 
 /// Either way: a liveness probe carrying a nonce the answer echoes.
