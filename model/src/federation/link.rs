@@ -666,6 +666,14 @@ impl Federation {
         }
     }
 
+    /// Tests: as if no handshake had ever proved `peer`'s root.
+    #[cfg(test)]
+    pub(crate) fn forget_peer_root(&mut self, peer: &str) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.peer_root = None;
+        }
+    }
+
     /// Signs `message` with this gateway's link key (what it sequences for its peers).
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.me.key.sign(message)

@@ -666,7 +666,7 @@ mod tests {
         use crate::env::{Store, WriteBatch};
         use crate::gateway::key_packages::PackageKind;
         use crate::gateway::test_pair::{frames, Pair, DOMAINS, NOW};
-        use crate::gateway::GatewayInput;
+        use crate::gateway::{GatewayInput, GatewayOutput};
         use crate::testing::{drain_gateway, queued_entries};
         use crate::wire::payload::ErrorReport;
         use crate::wire::presence::ContactAction;
@@ -818,6 +818,203 @@ mod tests {
             assert_eq!(
                 w.gateways[0].0.stats().foreign_key_packages.answers_dropped,
                 1
+            );
+        }
+
+        /// A real device (a `Node` with MLS) on a connection of its own to gateway `at`.
+        struct Device {
+            at: usize,
+            conn: ConnectionId,
+            node: crate::node::Node,
+            store: crate::env::MemStore,
+            events: Vec<crate::node::NodeEvent>,
+            sent: Vec<Frame>,
+        }
+
+        fn device(at: usize, seed: u8, user: UserId) -> Device {
+            use crate::mls::device::DeviceMlsConfig;
+            use crate::mls::{LifetimePolicy, Randomness};
+            let mut config =
+                crate::node::NodeConfig::new(crate::identity::DeviceKey::from_seed([seed; 32]));
+            config.user = Some(user);
+            config.mls = Some(DeviceMlsConfig {
+                randomness: Randomness::Simulation,
+                lifetime: LifetimePolicy::Unbounded,
+                pool_target: 4,
+                decrypt_sample: None,
+                verified: None,
+            });
+            let store = crate::env::MemStore::default();
+            let entropy = Box::new(crate::testing::TestEntropy(u64::from(seed)));
+            let node = crate::node::Node::recover(config, entropy, NOW, &store).unwrap();
+            Device {
+                at,
+                conn: ConnectionId(5000 + u64::from(seed)),
+                node,
+                store,
+                events: Vec::new(),
+                sent: Vec::new(),
+            }
+        }
+
+        /// Moves frames between devices and their gateways, and entries between the
+        /// gateways, until nothing moves.
+        fn run(w: &mut Pair, devices: &mut [Device]) {
+            use crate::node::{NodeInput, NodeOutput};
+            for _ in 0..200 {
+                let mut moved = false;
+                for d in devices.iter_mut() {
+                    if d.node.poll_timeout().is_some_and(|at| at <= NOW) {
+                        d.node.handle_timeout(NOW);
+                    }
+                    while let Some(mut ready) = d.node.poll_ready() {
+                        let mut outputs = ready.take_eager();
+                        outputs.extend(ready.commit(&mut d.store).unwrap());
+                        for output in outputs {
+                            let (g, _) = &mut w.gateways[d.at];
+                            match output {
+                                NodeOutput::Connect => {
+                                    g.handle(NOW, GatewayInput::Accepted(d.conn));
+                                    d.node.handle(NOW, NodeInput::Connected(d.conn));
+                                    moved = true;
+                                }
+                                NodeOutput::Send(conn, bytes) => {
+                                    d.sent.push(Frame::decode(&bytes, u32::MAX).unwrap());
+                                    g.handle(NOW, GatewayInput::Frame(conn, bytes));
+                                    moved = true;
+                                }
+                                NodeOutput::Event(event) => d.events.push(event),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                let mut released: Vec<(usize, GatewayOutput)> = Vec::new();
+                for at in 0..2 {
+                    let (g, store) = &mut w.gateways[at];
+                    released.extend(drain_gateway(g, store).into_iter().map(|o| (at, o)));
+                }
+                let handed = w.settle();
+                for at in 0..2 {
+                    released.extend(
+                        std::mem::take(&mut w.released[at])
+                            .into_iter()
+                            .map(|o| (at, o)),
+                    );
+                }
+                for (at, output) in released {
+                    if let GatewayOutput::Send(conn, bytes) = output {
+                        if let Some(d) = devices.iter_mut().find(|d| d.at == at && d.conn == conn) {
+                            d.node.handle(NOW, NodeInput::Frame(conn, bytes));
+                            moved = true;
+                        }
+                    }
+                }
+                if !moved && handed.is_empty() {
+                    return;
+                }
+            }
+            panic!("the devices and gateways never went quiet");
+        }
+
+        /// The devices that alice's commits sent to a.example add, and whether each carried
+        /// a Welcome.
+        fn added_by_commits(alice: &Device) -> Vec<(Vec<DeviceId>, bool)> {
+            use crate::mls::commit_authority::read_message;
+            use crate::mls::group_ops::GroupOps;
+            alice
+                .sent
+                .iter()
+                .filter_map(|f| match &f.payload {
+                    Payload::Send(send) => {
+                        let (_, aad) = read_message(&send.body).ok()?;
+                        let ops = GroupOps::decode(&aad).ok()?;
+                        let added = ops
+                            .added
+                            .iter()
+                            .map(|a| DeviceId::from_bytes(*a.device))
+                            .collect();
+                        Some((added, send.welcome.is_some()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+
+        #[test]
+        fn a_dm_with_another_domains_user_adds_the_devices_his_root_certified() {
+            let mut w = Pair::new();
+            let mut devices = vec![device(0, 61, alice()), device(1, 62, bob())];
+            run(&mut w, &mut devices);
+            let bob_device = devices[1].node.device();
+            assert!(
+                w.gateways[1]
+                    .0
+                    .key_packages
+                    .directory()
+                    .remaining(bob_device)
+                    > 0,
+                "bob's device uploaded its packages"
+            );
+            devices[0]
+                .node
+                .create_dm_across(NOW, bob(), DOMAINS[1])
+                .unwrap();
+            run(&mut w, &mut devices);
+            let fetched = devices[0].sent.iter().any(|f| {
+                matches!(&f.payload, Payload::KeyPackageFetch(fetch)
+                    if fetch.domain.as_deref() == Some(DOMAINS[1]))
+            });
+            assert!(fetched, "alice's device asked for b.example's packages");
+            // The commit adding bob's device, with its Welcome: his package passed the check
+            // against b.example's root, which a.example's root vouched for.
+            let commits = added_by_commits(&devices[0]);
+            assert!(
+                commits.contains(&(vec![bob_device], true)),
+                "{commits:?} {:?}",
+                devices[0].events
+            );
+            // Where the built part ends: a.example does not know bob's device yet (taking
+            // the device's user from b.example's answer, and delivering the Welcome through
+            // the link, are the next step). Alice hears so, in words; nothing is lost quietly.
+            let refused = devices[0].events.iter().find_map(|e| match e {
+                crate::node::NodeEvent::GroupChangeRefused { message, .. } => Some(message.clone()),
+                _ => None,
+            });
+            assert!(
+                refused.is_some_and(|m| m.contains("has never said which user it belongs to")),
+                "{:?}",
+                devices[0].events
+            );
+        }
+
+        #[test]
+        fn without_a_vouched_root_a_dm_with_another_domains_user_is_refused_in_words() {
+            let mut w = Pair::new();
+            w.gateways[0]
+                .0
+                .federation
+                .as_mut()
+                .unwrap()
+                .forget_peer_root(DOMAINS[1]);
+            let mut devices = vec![device(0, 61, alice()), device(1, 62, bob())];
+            run(&mut w, &mut devices);
+            devices[0]
+                .node
+                .create_dm_across(NOW, bob(), DOMAINS[1])
+                .unwrap();
+            run(&mut w, &mut devices);
+            let refused = devices[0].events.iter().find_map(|e| match e {
+                crate::node::NodeEvent::GroupChangeRefused { message, .. } => Some(message.clone()),
+                _ => None,
+            });
+            let refused = refused.expect("alice hears that bob was not added");
+            assert!(refused.contains("could be checked"), "{refused}");
+            assert!(
+                added_by_commits(&devices[0])
+                    .iter()
+                    .all(|(added, _)| added.is_empty()),
+                "nobody of b.example was added"
             );
         }
 

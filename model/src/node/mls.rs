@@ -96,6 +96,32 @@ impl Node {
         Ok(conv)
     }
 
+    /// Starts a DM with every device of `peer`, a user of another `domain`: the group is made
+    /// with this user's other devices first, then the peer's devices are added from the
+    /// KeyPackages their own gateway hands to this device's (each checked against that
+    /// domain's root as this device's own root vouched for it). The DM's id follows from the
+    /// two users, as for a DM within one domain.
+    pub fn create_dm_across(
+        &mut self,
+        now: Instant,
+        peer: UserId,
+        domain: &str,
+    ) -> Result<ConversationId, GroupError> {
+        let user = self.config.user.ok_or(GroupError::NoIdentity)?;
+        let conv = dm_id(user, peer);
+        let m = self.mls.as_mut().ok_or(GroupError::NoIdentity)?;
+        m.groups
+            .create(conv, GroupKind::Dm, &[], self.fx.writes())?;
+        let add = Intent::AddForeign {
+            domain: domain.to_string(),
+            users: vec![peer.to_bytes().into()],
+        };
+        m.groups.request(conv, add, self.fx.writes())?;
+        self.drive_groups(now);
+        self.refresh_timers();
+        Ok(conv)
+    }
+
     /// Starts (or finds) the group of this user's own devices, with every other device of the
     /// user. Its id follows from the user; if two devices create it at once, the first
     /// creating commit wins and the other joins from its Welcome.
@@ -220,10 +246,14 @@ impl Node {
                 body,
                 welcome,
             } => self.enqueue(now, conversation, msg_id, false, body, welcome),
-            GroupAction::Fetch { request, users } => {
+            GroupAction::Fetch {
+                request,
+                users,
+                domain,
+            } => {
                 let fetch = KeyPackageFetch {
                     users: users.iter().map(|u| u.to_bytes().into()).collect(),
-                    domain: None,
+                    domain,
                 };
                 let routing = Routing {
                     seq: request,
@@ -269,15 +299,22 @@ impl Node {
         match outcome {
             Ok(Some(action)) => self.perform(now, action),
             Ok(None) => {}
-            Err((conversation, users)) => {
-                let names: Vec<String> = users.iter().map(ToString::to_string).collect();
-                self.fx.event(NodeEvent::GroupChangeRefused {
-                    conversation,
-                    code: ErrorCode::UnknownUser,
-                    message: format!(
+            Err(refusal) => {
+                let names: Vec<String> = refusal.users.iter().map(ToString::to_string).collect();
+                let message = match refusal.why {
+                    None => format!(
                         "no device of {} is registered at this gateway",
                         names.join(", ")
                     ),
+                    Some(why) => format!(
+                        "no device of {} could be checked, so none was added: {why}",
+                        names.join(", ")
+                    ),
+                };
+                self.fx.event(NodeEvent::GroupChangeRefused {
+                    conversation: refusal.conversation,
+                    code: ErrorCode::UnknownUser,
+                    message,
                 });
             }
         }

@@ -37,6 +37,53 @@ fn remove_one(
     Ok((commit, welcome))
 }
 
+/// A change dropped because some users it adds could not be added: no device of theirs is
+/// known, or (another domain's) none of their packages could be checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRefusal {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The users left out.
+    pub users: Vec<UserId>,
+    /// Why their packages could not be used, if packages came.
+    pub why: Option<String>,
+}
+
+/// The packages whose credential this device can check and whose user is the one the answer
+/// names, and the first reason another was left out.
+fn checked_packages(
+    found: &[FetchedKeyPackage],
+    mls: &DeviceMls,
+) -> (Vec<FetchedKeyPackage>, Option<String>) {
+    let mut checked = Vec::with_capacity(found.len());
+    let mut why = None;
+    for fetched in found {
+        let verdict = KeyPackageIn::tls_deserialize_exact(&fetched.package[..])
+            .map_err(|e| format!("a KeyPackage that does not decode: {e}"))
+            .and_then(|p| {
+                let leaf = p.unverified_credential();
+                verify_leaf(mls, &leaf.credential, leaf.signature_key.as_slice())
+            });
+        match verdict {
+            Ok(Some(user)) if user == UserId::from_bytes(*fetched.user) => {
+                checked.push(fetched.clone());
+            }
+            Ok(Some(_)) => {
+                why.get_or_insert_with(|| "a KeyPackage certified for another user".to_string());
+            }
+            Ok(None) => {
+                why.get_or_insert_with(|| {
+                    "this device has no trust root yet to check it against".to_string()
+                });
+            }
+            Err(e) => {
+                why.get_or_insert(e);
+            }
+        }
+    }
+    (checked, why)
+}
+
 impl DeviceGroups {
     /// KeyPackages arrived for fetch `request`: the waiting conversation commits. If the
     /// gateway knows no device of a user the change names (nothing found, nothing exhausted),
@@ -52,7 +99,7 @@ impl DeviceGroups {
         mls: &DeviceMls,
         msg_id: MsgId,
         writes: &mut WriteBatch,
-    ) -> Result<Option<GroupAction>, (ConversationId, Vec<UserId>)> {
+    ) -> Result<Option<GroupAction>, FetchRefusal> {
         let Some((conv, _)) = self.fetches.remove(&request) else {
             return Ok(None);
         };
@@ -63,7 +110,21 @@ impl DeviceGroups {
         if !ready {
             return Ok(None);
         }
-        if exhausted == 0 {
+        // Another domain's packages are checked here, before anything is made: a user none
+        // of whose devices this device can check (its gateway vouched for no root of that
+        // domain, or the packages are not that domain's) is an error the user hears, not an
+        // add that silently adds nobody.
+        let foreign = matches!(
+            self.entries[&conv].intents.front(),
+            Some(Intent::AddForeign { .. })
+        );
+        let (checked, why) = if foreign {
+            checked_packages(found, mls)
+        } else {
+            (found.to_vec(), None)
+        };
+        let found = &checked[..];
+        if exhausted == 0 || why.is_some() {
             let unknown = self.unknown_users(conv, found);
             if !unknown.is_empty() {
                 let entry = self.entries.get_mut(&conv).expect("ready above");
@@ -76,7 +137,11 @@ impl DeviceGroups {
                     entry.intents.pop_front();
                     self.persist(conv, writes);
                 }
-                return Err((conv, unknown));
+                return Err(FetchRefusal {
+                    conversation: conv,
+                    users: unknown,
+                    why,
+                });
             }
         }
         Ok(self.commit(now, conv, found, mls, msg_id, writes))
@@ -86,7 +151,11 @@ impl DeviceGroups {
     /// `found` holds no device.
     fn unknown_users(&self, conv: ConversationId, found: &[FetchedKeyPackage]) -> Vec<UserId> {
         let users = match self.entries[&conv].intents.front() {
-            Some(Intent::Create { users } | Intent::AddUsers(users)) => users,
+            Some(
+                Intent::Create { users }
+                | Intent::AddUsers(users)
+                | Intent::AddForeign { users, .. },
+            ) => users,
             _ => return Vec::new(),
         };
         users
@@ -204,7 +273,7 @@ impl DeviceGroups {
             ..GroupOps::default()
         };
         let commit = match intent {
-            Intent::Create { .. } | Intent::AddUsers(_) => {
+            Intent::Create { .. } | Intent::AddUsers(_) | Intent::AddForeign { .. } => {
                 let occupied: BTreeSet<u32> = members.values().map(|l| l.u32()).collect();
                 let mut free = free_leaves(occupied);
                 let mut packages = Vec::new();

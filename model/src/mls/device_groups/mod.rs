@@ -26,6 +26,8 @@ mod commit;
 mod inbound;
 mod messages;
 
+pub use commit::FetchRefusal;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
@@ -125,14 +127,35 @@ pub enum Intent {
     /// Commit the removals the gateway proposed (this device was chosen to).
     #[n(7)]
     CommitPending,
+    /// Add every device of these users of another domain (whose gateway the own gateway asks
+    /// for their KeyPackages), at most [`FETCH_USERS_MAX`].
+    #[n(8)]
+    AddForeign {
+        /// Their domain.
+        #[n(0)]
+        domain: String,
+        /// The users.
+        #[n(1)]
+        users: Vec<ByteArray<16>>,
+    },
 }
 
 impl Intent {
     fn users(&self) -> Option<Vec<UserId>> {
         match self {
-            Intent::Create { users } | Intent::AddUsers(users) => {
+            Intent::Create { users }
+            | Intent::AddUsers(users)
+            | Intent::AddForeign { users, .. } => {
                 Some(users.iter().map(|u| UserId::from_bytes(**u)).collect())
             }
+            _ => None,
+        }
+    }
+
+    /// The domain of the users it adds, if not the device's own.
+    fn domain(&self) -> Option<String> {
+        match self {
+            Intent::AddForeign { domain, .. } => Some(domain.clone()),
             _ => None,
         }
     }
@@ -211,6 +234,8 @@ pub enum GroupAction {
         request: u64,
         /// Users whose devices are wanted.
         users: Vec<UserId>,
+        /// Their domain, if not the device's own (the gateway asks that domain's).
+        domain: Option<String>,
     },
     /// We joined at `seq`: the conversation's cursor moves there, and `seq` is acknowledged.
     Joined {
@@ -629,6 +654,14 @@ impl DeviceGroups {
                     entry.intents.push_back(Intent::AddUsers(chunk.to_vec()));
                 }
             }
+            Intent::AddForeign { domain, users } if users.len() > FETCH_USERS_MAX => {
+                for chunk in users.chunks(FETCH_USERS_MAX) {
+                    entry.intents.push_back(Intent::AddForeign {
+                        domain: domain.clone(),
+                        users: chunk.to_vec(),
+                    });
+                }
+            }
             intent => entry.intents.push_back(intent),
         }
         self.persist(conv, writes);
@@ -737,7 +770,12 @@ impl DeviceGroups {
                     let request = self.next_request;
                     self.next_request += 1;
                     self.fetches.insert(request, (conv, now));
-                    actions.push(GroupAction::Fetch { request, users });
+                    let domain = intent.domain();
+                    actions.push(GroupAction::Fetch {
+                        request,
+                        users,
+                        domain,
+                    });
                     break;
                 }
                 if let Some(action) = self.commit(now, conv, &[], mls, next_id(), writes) {
