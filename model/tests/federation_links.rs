@@ -806,6 +806,16 @@ fn write_federation_entry_seeds() {
             },
         ),
         (
+            "welcome",
+            Entry::Welcome {
+                conversation,
+                seq: 7,
+                kind: 1,
+                devices: vec![sender, DeviceId(0xB2)],
+                welcome: Bytes::from_static(b"an MLS Welcome"),
+            },
+        ),
+        (
             "key-packages-limited",
             Entry::KeyPackages {
                 request: 0x4b51,

@@ -439,18 +439,27 @@ impl Device {
         Address::parse(text, self.home_domain()).map_err(|e| e.to_string())
     }
 
-    /// A user this device can hold a DM or room with (one of its own domain: MLS
-    /// conversations do not span domains yet), as typed on the command line.
+    /// A user this device can hold contacts with (one of its own domain: contacts and
+    /// presence do not span domains yet), as typed on the command line.
     pub fn local_user(&self, text: &str) -> Result<Address, String> {
         let address = self.address(text)?;
         if address.domain() != self.home_domain() {
             return Err(format!(
-                "{address} is a user of {}, another domain than this device's ({}): DMs, rooms and contacts with users of other domains are not built yet; a conversation shared by the gateways' operators (`sund-gateway admin share-conversation`) reaches them",
+                "{address} is a user of {}, another domain than this device's ({}): contacts and presence with users of other domains are not built yet (DMs and rooms with them are: `sund dm {address}`)",
                 address.domain(),
                 self.home_domain()
             ));
         }
         Ok(address)
+    }
+
+    /// The request starting a DM with `address`: within this device's domain, or across.
+    pub fn dm_request(&self, address: &Address) -> crate::driver::GroupRequest {
+        if address.domain() == self.home_domain() {
+            crate::driver::GroupRequest::Dm(address.user())
+        } else {
+            crate::driver::GroupRequest::DmAcross(address.user(), address.domain().to_string())
+        }
     }
 
     /// Remembers a person's address, so that output can show names instead of user ids.

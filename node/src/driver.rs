@@ -269,6 +269,8 @@ pub struct SentFileSummary {
 pub enum GroupRequest {
     /// Start (or find) the DM with a user.
     Dm(UserId),
+    /// Start (or find) the DM with a user of another domain (the second field).
+    DmAcross(UserId, String),
     /// Create a room inviting these users.
     Room(Vec<UserId>),
     /// Change a group (add users, remove a user or device, update keys, set a role).
@@ -813,6 +815,9 @@ impl Core {
             Command::Group { request, reply: to } => {
                 let result = match request {
                     GroupRequest::Dm(user) => self.node.create_dm(now, user),
+                    GroupRequest::DmAcross(user, domain) => {
+                        self.node.create_dm_across(now, user, &domain)
+                    }
                     GroupRequest::Room(users) => self.node.create_room(now, &users),
                     GroupRequest::Own => self.node.create_own(now),
                     GroupRequest::Change(conv, intent) => {

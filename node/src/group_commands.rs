@@ -21,10 +21,37 @@ use crate::RoomCommand;
 /// How long a command waits for its change to be sequenced.
 const GROUP_DEADLINE: Duration = Duration::from_secs(20);
 
-/// Users as people type them (`name`, or `name@domain` of this device's domain; see
-/// [`Device::local_user`]), or the first error.
-pub fn local_users(device: &Device, users: &[String]) -> Result<Vec<Address>, String> {
-    users.iter().map(|u| device.local_user(u)).collect()
+/// Users as people type them (`name`, or `name@domain`; see [`Device::address`]), or the
+/// first error.
+pub fn addresses(device: &Device, users: &[String]) -> Result<Vec<Address>, String> {
+    users.iter().map(|u| device.address(u)).collect()
+}
+
+/// The intents adding `users` to a group: one for this device's domain, one per other domain
+/// (whose gateway hands out its users' KeyPackages).
+fn add_intents(device: &Device, users: &[Address]) -> Vec<Intent> {
+    let mut local = Vec::new();
+    let mut foreign: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for user in users {
+        let id = user.user().to_bytes().into();
+        if user.domain() == device.home_domain() {
+            local.push(id);
+        } else {
+            foreign
+                .entry(user.domain().to_string())
+                .or_default()
+                .push(id);
+        }
+    }
+    let local = (!local.is_empty()).then_some(Intent::AddUsers(local));
+    local
+        .into_iter()
+        .chain(
+            foreign
+                .into_iter()
+                .map(|(domain, users)| Intent::AddForeign { domain, users }),
+        )
+        .collect()
 }
 
 /// Member devices and their users, over every group of the device.
@@ -252,9 +279,12 @@ pub(crate) async fn wait_until_done(
                     for (id, name) in names {
                         message = message.replace(&id.to_string(), &format!("`{name}`"));
                     }
-                    return Err(format!(
-                        "{message}: no such user here. Check the name; the gateway's operator enrols users with `sund-gateway admin enrol-token USER`"
-                    ));
+                    let hint = if message.contains("registered at the gateway of ") || message.contains("could be checked") {
+                        "Check the address; each domain's operator enrols its own users"
+                    } else {
+                        "no such user here. Check the name; the gateway's operator enrols users with `sund-gateway admin enrol-token USER`"
+                    };
+                    return Err(format!("{message}: {hint}"));
                 }
                 Some(NodeEvent::GroupChangeRefused { conversation, message, .. }) if conversation == conv => {
                     return Err(format!("the gateway refused the change: {message}"));
@@ -445,14 +475,14 @@ fn print_group(name: &str, g: &GroupSummary, users: &BTreeMap<UserId, String>, m
 /// `sund dm USER`.
 pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
     let device = load(data_dir)?;
-    let address = device.local_user(user)?;
+    let address = device.address(user)?;
     if device.user.as_ref() == Some(&address) {
         return Err(format!(
             "`{user}` is this device's own user; name the person to write to"
         ));
     }
     device.remember_user(&address).map_err(|e| e.to_string())?;
-    let group = change(&device, GroupRequest::Dm(address.user())).await?;
+    let group = change(&device, device.dm_request(&address)).await?;
     let user = address.shown_from(device.home_domain());
     let name = format!("@{user}");
     device
@@ -461,26 +491,38 @@ pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
     print_group(&name, &group, &device.user_names(), device.key.device_id());
     if !group.members.iter().any(|(_, u)| *u == address.user()) {
         say!(
-            "  {user} has no device with KeyPackages at the gateway yet; add them later with \
-             `sund room invite {name} {user}`"
+            "  {user} has no device with KeyPackages at {} yet; add them later with \
+             `sund room invite {name} {user}`",
+            gateway_of(&address, device.home_domain())
         );
     }
     say!("write with: sund send {name} MESSAGE");
     Ok(())
 }
 
-/// Says which invited users have no device in the group (none had KeyPackages at the gateway).
+/// Says which invited users have no device in the group (none had KeyPackages at their
+/// gateway).
 fn note_missing(name: &str, invited: &[Address], home: &str, group: &GroupSummary) {
     for address in invited {
         let id = address.user();
         let user = address.shown_from(home);
         if !group.members.iter().any(|(_, u)| *u == id) {
             say!(
-                "  {user} has no device with KeyPackages at the gateway (never connected, or not \
+                "  {user} has no device with KeyPackages at {} (never connected, or not \
                  a user there); invite them again once they have run sund: \
-                 sund room invite {name} {user}"
+                 sund room invite {name} {user}",
+                gateway_of(address, home)
             );
         }
+    }
+}
+
+/// "the gateway", or "the gateway of DOMAIN" for a user of another domain than `home`.
+fn gateway_of(address: &Address, home: &str) -> String {
+    if address.domain() == home {
+        "the gateway".to_string()
+    } else {
+        format!("the gateway of {}", address.domain())
     }
 }
 
@@ -516,7 +558,7 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             invite,
         } => {
             let device = load(&data_dir)?;
-            let invite = local_users(&device, &invite)?;
+            let invite = addresses(&device, &invite)?;
             if device.conversation_names().values().any(|n| *n == name) {
                 return Err(format!(
                     "this device already has a conversation named `{name}`"
@@ -525,11 +567,24 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             for user in &invite {
                 device.remember_user(user).map_err(|e| e.to_string())?;
             }
-            let users = invite.iter().map(Address::user).collect();
-            let group = change(&device, GroupRequest::Room(users)).await?;
+            let users = invite
+                .iter()
+                .filter(|a| a.domain() == device.home_domain())
+                .map(Address::user)
+                .collect();
+            let mut group = change(&device, GroupRequest::Room(users)).await?;
             device
                 .name_conversation(&name, group.conversation)
                 .map_err(|e| e.to_string())?;
+            // Users of other domains join by a commit each domain's packages make.
+            let foreign: Vec<Address> = invite
+                .iter()
+                .filter(|a| a.domain() != device.home_domain())
+                .cloned()
+                .collect();
+            for intent in add_intents(&device, &foreign) {
+                group = change(&device, GroupRequest::Change(group.conversation, intent)).await?;
+            }
             print_group(&name, &group, &device.user_names(), device.key.device_id());
             note_missing(&name, &invite, device.home_domain(), &group);
             Ok(())
@@ -540,13 +595,18 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             users,
         } => {
             let device = load(&data_dir)?;
-            let users = local_users(&device, &users)?;
+            let users = addresses(&device, &users)?;
             let conv = known_group(&device, &name)?;
             for user in &users {
                 device.remember_user(user).map_err(|e| e.to_string())?;
             }
-            let ids = users.iter().map(|u| u.user().to_bytes().into()).collect();
-            let group = change(&device, GroupRequest::Change(conv, Intent::AddUsers(ids))).await?;
+            let mut group = None;
+            for intent in add_intents(&device, &users) {
+                group = Some(change(&device, GroupRequest::Change(conv, intent)).await?);
+            }
+            let Some(group) = group else {
+                return Err("name at least one user to invite".into());
+            };
             print_group(&name, &group, &device.user_names(), device.key.device_id());
             note_missing(&name, &users, device.home_domain(), &group);
             Ok(())
@@ -557,7 +617,7 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             user,
         } => {
             let device = load(&data_dir)?;
-            let address = device.local_user(&user)?;
+            let address = device.address(&user)?;
             let conv = known_group(&device, &name)?;
             let intent = Intent::RemoveUser(address.user().to_bytes().into());
             let group = change(&device, GroupRequest::Change(conv, intent)).await?;
@@ -571,7 +631,7 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             role,
         } => {
             let device = load(&data_dir)?;
-            let address = device.local_user(&user)?;
+            let address = device.address(&user)?;
             let conv = known_group(&device, &name)?;
             let role = parse_role(&role)?;
             let intent = DeviceGroups::role_change(address.user(), role);

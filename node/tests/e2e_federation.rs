@@ -737,14 +737,47 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
     assert!(here.starts_with("alice@b.example = user:"), "{here}");
     assert_ne!(id(&there), id(&here));
 
-    let refused = fails(
+    // A DM across the two domains, end to end encrypted: bob's gateway asks a.example's for
+    // alice's KeyPackages, bob's device checks them against a.example's root (which
+    // b.example's root vouched for), b.example sequences the DM and sends alice's gateway the
+    // Welcome, and alice's device joins from it there.
+    let dm = run(
         &sund(),
         &["dm", "--data-dir", &path("bob"), "alice@a.example"],
     );
+    assert!(dm.starts_with("dm @alice@a.example (conv:"), "{dm}");
     assert!(
-        refused.contains(
-            "alice@a.example is a user of a.example, another domain than this device's (b.example)"
-        ),
+        !dm.contains("has no device"),
+        "alice's device was added: {dm}"
+    );
+    let sent = send(&at("bob"), "@alice@a.example", "hello from b.example");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(&path("alice"), "@bob@b.example", 1, Duration::from_secs(60));
+    assert!(
+        read.iter().any(|l| l.ends_with("hello from b.example")),
+        "{read:?}"
+    );
+    // Her answer goes through her gateway to the DM's home, and back to bob's.
+    let sent = send(&at("alice"), "@bob@b.example", "hello from a.example");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(&path("bob"), "@alice@a.example", 2, Duration::from_secs(60));
+    assert!(
+        read.iter().any(|l| l.ends_with("hello from a.example")),
+        "{read:?}"
+    );
+    // Contacts do not span domains yet: said in words.
+    let refused = fails(
+        &sund(),
+        &[
+            "contacts",
+            "add",
+            "--data-dir",
+            &path("bob"),
+            "alice@a.example",
+        ],
+    );
+    assert!(
+        refused.contains("contacts and presence with users of other domains are not built yet"),
         "{refused}"
     );
     let refused = fails(

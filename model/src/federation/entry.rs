@@ -36,6 +36,13 @@
 //! - [`Entry::KeyPackages`]: the peer's answer, by the request's id: the packages it took
 //!   from its directory, or that its limit for the asking gateway refused the request.
 //!
+//! MLS conversations across domains (issue 15, step 3):
+//!
+//! - [`Entry::Welcome`]: the authority tells a member gateway that a commit it sequenced at
+//!   `seq` added these devices of that gateway's domain, with the MLS Welcome for them; the
+//!   member gateway keeps a replica of the conversation from then on and puts the Welcome in
+//!   each device's inbox.
+//!
 //! Batching:
 //!
 //! - [`Entry::Bundle`]: the entries a gateway produced for one peer in one batch (one commit),
@@ -73,6 +80,7 @@ const KIND_REVOCATIONS: u8 = 9;
 const KIND_BUNDLE: u8 = 10;
 const KIND_KEY_PACKAGE_REQUEST: u8 = 11;
 const KIND_KEY_PACKAGES: u8 = 12;
+const KIND_WELCOME: u8 = 13;
 
 /// The most users one KeyPackage request names: as many as a device's fetch may.
 pub use crate::wire::payload::FETCH_USERS_MAX;
@@ -221,6 +229,20 @@ pub enum Entry {
         request: u64,
         /// What the receiver's directory gave.
         answer: FetchAnswer,
+    },
+    /// From the authority of an MLS conversation: the commit it sequenced at `seq` added
+    /// `devices` of the receiving gateway's domain; they join from `welcome`.
+    Welcome {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The seq of the commit that added them.
+        seq: u64,
+        /// The conversation's kind (`mls::group_ops::GroupKind` as a byte).
+        kind: u8,
+        /// The receiving gateway's devices the commit added (at most [`OPEN_MEMBERS_MAX`]).
+        devices: Vec<DeviceId>,
+        /// The MLS Welcome.
+        welcome: Bytes,
     },
     /// From any peer: several entries, in the order the sender produced them, as one link
     /// entry. Never nested.
@@ -376,7 +398,8 @@ impl Entry {
             | Entry::Handover { conversation, .. }
             | Entry::Moved { conversation, .. }
             | Entry::Following { conversation, .. }
-            | Entry::Declined { conversation, .. } => *conversation,
+            | Entry::Declined { conversation, .. }
+            | Entry::Welcome { conversation, .. } => *conversation,
             Entry::Revocations { .. }
             | Entry::KeyPackageRequest { .. }
             | Entry::KeyPackages { .. }
@@ -537,6 +560,21 @@ impl Entry {
                 out.push(KIND_REVOCATIONS);
                 out.extend_from_slice(&root.0);
                 put_body(&mut out, crl);
+            }
+            Entry::Welcome {
+                conversation,
+                seq,
+                kind,
+                devices,
+                welcome,
+            } => {
+                debug_assert!(devices.len() <= OPEN_MEMBERS_MAX, "bounded by the caller");
+                out.push(KIND_WELCOME);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.push(*kind);
+                put_devices(&mut out, devices);
+                put_body(&mut out, welcome);
             }
             Entry::KeyPackageRequest {
                 request,
@@ -775,6 +813,13 @@ impl Entry {
                 conversation,
                 term: r.u64().ok_or(EntryError::Truncated)?,
                 reason: words(&mut r)?,
+            },
+            KIND_WELCOME => Entry::Welcome {
+                conversation,
+                seq: r.u64().ok_or(EntryError::Truncated)?,
+                kind: r.u8().ok_or(EntryError::Truncated)?,
+                devices: devices(&mut r, OPEN_MEMBERS_MAX)?,
+                welcome: body(&mut r)?,
             },
             other => return Err(EntryError::UnknownKind(other)),
         };
@@ -1201,8 +1246,21 @@ mod tests {
                     requester: UserId(requester),
                     users: users.into_iter().map(UserId).collect(),
                 }),
-            (any::<u64>(), fetch_answer(body))
+            (any::<u64>(), fetch_answer(body.clone()))
                 .prop_map(|(request, answer)| Entry::KeyPackages { request, answer }),
+            (
+                id16(),
+                any::<(u64, u8)>(),
+                proptest::collection::vec(id16(), 0..8),
+                body
+            )
+                .prop_map(|(c, (seq, kind), devices, welcome)| Entry::Welcome {
+                    conversation: ConversationId(c),
+                    seq,
+                    kind,
+                    devices: devices.into_iter().map(DeviceId).collect(),
+                    welcome,
+                }),
         ]
     }
 

@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::federation::entry::{
     FetchAnswer, ForeignPackage, FETCHED_PACKAGE_BYTES_MAX, FETCH_DEVICES_MAX, FETCH_USERS_MAX,
 };
@@ -77,6 +78,13 @@ pub struct ForeignFetchStats {
     pub packages_given: u64,
 }
 
+/// The devices of other domains this gateway learned of from their gateways' KeyPackage
+/// answers: key the device (16), value its user (16) and its domain. The domain's own
+/// gateway is the authority on which user a device of its domain belongs to, so what it said
+/// is what this gateway checks commits adding the device against (the adding device checks
+/// the device's certificate itself).
+pub const FOREIGN_DEVICES_TABLE: Table = Table("foreign_devices");
+
 /// A device's fetch waiting for a peer's answer.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -105,6 +113,8 @@ pub struct ForDevice {
 pub struct ForeignFetches {
     pending: BTreeMap<u64, Pending>,
     peer_requests: Bucket<String>,
+    /// Other domains' devices, by what their gateway said (see [`FOREIGN_DEVICES_TABLE`]).
+    devices: BTreeMap<DeviceId, (UserId, String)>,
     stats: ForeignFetchStats,
 }
 
@@ -113,12 +123,42 @@ impl Default for ForeignFetches {
         ForeignFetches {
             pending: BTreeMap::new(),
             peer_requests: Bucket::new(PEER_FETCH_RATE),
+            devices: BTreeMap::new(),
             stats: ForeignFetchStats::default(),
         }
     }
 }
 
 impl ForeignFetches {
+    /// Reads the other domains' devices back from `store`.
+    pub fn recover(store: &dyn StoreRead) -> Result<ForeignFetches, StoreError> {
+        let mut fetches = ForeignFetches::default();
+        scan_all(store, FOREIGN_DEVICES_TABLE, |key, value| {
+            let damaged = || {
+                StoreError::Damaged(
+                    "a row of foreign_devices is not a device, a user and a domain".into(),
+                )
+            };
+            let device = DeviceId::from_bytes(key.try_into().map_err(|_| damaged())?);
+            let (user, domain) = value.split_at_checked(16).ok_or_else(damaged)?;
+            let user = UserId::from_bytes(user.try_into().map_err(|_| damaged())?);
+            let domain = core::str::from_utf8(domain)
+                .ok()
+                .filter(|d| crate::trust::valid_domain(d))
+                .ok_or_else(damaged)?;
+            fetches.devices.insert(device, (user, domain.to_string()));
+            Ok(())
+        })?;
+        Ok(fetches)
+    }
+
+    /// The user and domain of another domain's device, as its gateway said.
+    pub fn foreign_device(&self, device: DeviceId) -> Option<(UserId, &str)> {
+        self.devices
+            .get(&device)
+            .map(|(user, domain)| (*user, domain.as_str()))
+    }
+
     /// Counters.
     pub fn stats(&self) -> ForeignFetchStats {
         self.stats
@@ -197,8 +237,17 @@ impl ForeignFetches {
     }
 
     /// Asking end: `peer` answered request `id`; what goes to the device, if its request
-    /// still waits. Packages for users the request did not name are dropped.
-    pub fn answered(&mut self, peer: &str, id: u64, answer: FetchAnswer) -> Option<ForDevice> {
+    /// still waits. Packages for users the request did not name are dropped; the devices of
+    /// the others are remembered as `peer`'s (in `writes`), unless `local` says a device is
+    /// this gateway's own.
+    pub fn answered(
+        &mut self,
+        peer: &str,
+        id: u64,
+        answer: FetchAnswer,
+        local: &dyn Fn(DeviceId) -> bool,
+        writes: &mut WriteBatch,
+    ) -> Option<ForDevice> {
         if self.pending.get(&id).is_none_or(|p| p.peer != peer) {
             self.stats.answers_unmatched += 1;
             return None;
@@ -216,9 +265,16 @@ impl ForeignFetches {
             } => {
                 let mut found = Vec::with_capacity(packages.len());
                 for p in packages {
-                    if !pending.users.contains(&p.user) {
+                    if !pending.users.contains(&p.user) || local(p.device) {
                         self.stats.packages_unasked += 1;
                         continue;
+                    }
+                    let known = self.devices.get(&p.device);
+                    if known.is_none_or(|(user, domain)| *user != p.user || domain != peer) {
+                        let mut value = p.user.to_bytes().to_vec();
+                        value.extend_from_slice(peer.as_bytes());
+                        writes.put(FOREIGN_DEVICES_TABLE, p.device.to_bytes().to_vec(), value);
+                        self.devices.insert(p.device, (p.user, peer.to_string()));
                     }
                     found.push(FetchedKeyPackage {
                         user: p.user.to_bytes().into(),
@@ -408,7 +464,12 @@ impl Gateway {
         request: u64,
         answer: FetchAnswer,
     ) {
-        let Some(to) = self.foreign_fetches.answered(peer, request, answer) else {
+        let registry = &self.registry;
+        let local = |device| registry.user_of(device).is_some();
+        let Some(to) =
+            self.foreign_fetches
+                .answered(peer, request, answer, &local, self.fx.writes())
+        else {
             return;
         };
         if self.sessions.online(to.device) != Some(to.conn) {
@@ -517,8 +578,24 @@ mod tests {
             exhausted: vec![DeviceId(51)],
         };
         // Another peer cannot answer for b.example.
-        assert!(f.answered("c.example", 99, found.clone()).is_none());
-        let to = f.answered("b.example", 99, found.clone()).expect("waiting");
+        assert!(f
+            .answered(
+                "c.example",
+                99,
+                found.clone(),
+                &|_| false,
+                &mut WriteBatch::default()
+            )
+            .is_none());
+        let to = f
+            .answered(
+                "b.example",
+                99,
+                found.clone(),
+                &|_| false,
+                &mut WriteBatch::default(),
+            )
+            .expect("waiting");
         assert_eq!((to.conn, to.device), (conn, device));
         let (routing, answer) = to.answer.unwrap();
         assert_eq!(routing.seq, 17);
@@ -530,8 +607,22 @@ mod tests {
         assert_eq!(*answer.found[0].device, DeviceId(50).to_bytes());
         assert!(answer.found[0].last_resort);
         assert_eq!(answer.exhausted.len(), 1);
+        // The device of the user asked is remembered as b.example's; the other one is not.
+        assert_eq!(
+            f.foreign_device(DeviceId(50)),
+            Some((UserId(5), "b.example"))
+        );
+        assert_eq!(f.foreign_device(DeviceId(60)), None);
         // A repeat finds nothing waiting.
-        assert!(f.answered("b.example", 99, found).is_none());
+        assert!(f
+            .answered(
+                "b.example",
+                99,
+                found,
+                &|_| false,
+                &mut WriteBatch::default()
+            )
+            .is_none());
         let stats = f.stats();
         assert_eq!(
             (
@@ -566,6 +657,8 @@ mod tests {
                 FetchAnswer::Limited {
                     retry_after_ms: 2_500,
                 },
+                &|_| false,
+                &mut WriteBatch::default(),
             )
             .unwrap();
         let refusal = to.answer.unwrap_err();
@@ -941,8 +1034,25 @@ mod tests {
                 .collect()
         }
 
+        /// The bodies `d` was delivered in `conv` from `from`, in order.
+        fn read(d: &Device, conv: crate::ids::ConversationId, from: &Device) -> Vec<bytes::Bytes> {
+            let from = from.node.device();
+            d.events
+                .iter()
+                .filter_map(|e| match e {
+                    crate::node::NodeEvent::Delivered {
+                        conversation,
+                        body,
+                        sender,
+                        ..
+                    } if *conversation == conv && *sender == from => Some(body.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
         #[test]
-        fn a_dm_with_another_domains_user_adds_the_devices_his_root_certified() {
+        fn a_dm_with_another_domains_user_reaches_him_through_his_gateway_both_ways() {
             let mut w = Pair::new();
             let mut devices = vec![device(0, 61, alice()), device(1, 62, bob())];
             run(&mut w, &mut devices);
@@ -956,7 +1066,7 @@ mod tests {
                     > 0,
                 "bob's device uploaded its packages"
             );
-            devices[0]
+            let conv = devices[0]
                 .node
                 .create_dm_across(NOW, bob(), DOMAINS[1])
                 .unwrap();
@@ -974,17 +1084,115 @@ mod tests {
                 "{commits:?} {:?}",
                 devices[0].events
             );
-            // Where the built part ends: a.example does not know bob's device yet (taking
-            // the device's user from b.example's answer, and delivering the Welcome through
-            // the link, are the next step). Alice hears so, in words; nothing is lost quietly.
-            let refused = devices[0].events.iter().find_map(|e| match e {
+            // a.example took bob's user from b.example's answer, sequenced the commit and
+            // sent the Welcome to b.example, which keeps a replica: bob's device joined,
+            // checking alice's credential against a.example's root as b.example vouched.
+            let joined = devices[1].events.iter().any(|e| {
+                matches!(e, crate::node::NodeEvent::Joined { conversation, .. } if *conversation == conv)
+            });
+            assert!(joined, "{:?}", devices[1].events);
+            let a = w.gateways[0].0.stats().spanning;
+            let b = w.gateways[1].0.stats().spanning;
+            assert_eq!((a.welcomes_sent, b.welcomes_taken), (1, 1));
+            assert_eq!(
+                w.gateways[0].0.spanning.authority_of(conv),
+                None,
+                "homed at a"
+            );
+            assert_eq!(
+                w.gateways[1].0.spanning.authority_of(conv),
+                Some(DOMAINS[0])
+            );
+            // Messages both ways, end to end encrypted, in order.
+            for text in ["hello bob", "from a.example"] {
+                devices[0]
+                    .node
+                    .send(NOW, conv, bytes::Bytes::from_static(text.as_bytes()))
+                    .unwrap();
+            }
+            devices[1]
+                .node
+                .send(NOW, conv, bytes::Bytes::from_static(b"hi alice"))
+                .unwrap();
+            run(&mut w, &mut devices);
+            assert_eq!(
+                read(&devices[1], conv, &devices[0]),
+                [&b"hello bob"[..], &b"from a.example"[..]]
+            );
+            assert_eq!(read(&devices[0], conv, &devices[1]), [&b"hi alice"[..]]);
+            // Each reads its own messages back too, in the one order the authority gave.
+            assert_eq!(read(&devices[1], conv, &devices[1]), [&b"hi alice"[..]]);
+            assert!(
+                w.gateways[0].0.stats().spanning.relays_taken >= 1,
+                "bob's message was relayed to the authority"
+            );
+        }
+
+        #[test]
+        fn a_room_takes_members_of_both_domains_and_a_change_from_the_other_domain_is_refused() {
+            let mut w = Pair::new();
+            let carol = UserId::of("carol", DOMAINS[0]);
+            let mut devices = vec![
+                device(0, 71, alice()),
+                device(1, 72, bob()),
+                device(0, 73, carol),
+            ];
+            run(&mut w, &mut devices);
+            let conv = devices[0].node.create_room(NOW, &[carol]).unwrap();
+            run(&mut w, &mut devices);
+            let invite = crate::mls::device_groups::Intent::AddForeign {
+                domain: DOMAINS[1].into(),
+                users: vec![bob().to_bytes().into()],
+            };
+            devices[0].node.change_group(NOW, conv, invite).unwrap();
+            run(&mut w, &mut devices);
+            devices[0]
+                .node
+                .send(NOW, conv, bytes::Bytes::from_static(b"welcome, bob"))
+                .unwrap();
+            devices[1]
+                .node
+                .send(NOW, conv, bytes::Bytes::from_static(b"thanks"))
+                .unwrap();
+            run(&mut w, &mut devices);
+            for reader in [1, 2] {
+                assert_eq!(
+                    read(&devices[reader], conv, &devices[0]),
+                    [&b"welcome, bob"[..]],
+                    "reader {reader}"
+                );
+            }
+            for reader in [0, 2] {
+                assert_eq!(
+                    read(&devices[reader], conv, &devices[1]),
+                    [&b"thanks"[..]],
+                    "reader {reader}"
+                );
+            }
+            // Bob refreshing his keys is a commit relayed from b.example: not built yet, and
+            // said so (his device drops the change; the room goes on).
+            devices[1]
+                .node
+                .change_group(NOW, conv, crate::mls::device_groups::Intent::Update)
+                .unwrap();
+            run(&mut w, &mut devices);
+            let refused = devices[1].events.iter().find_map(|e| match e {
                 crate::node::NodeEvent::GroupChangeRefused { message, .. } => Some(message.clone()),
                 _ => None,
             });
             assert!(
-                refused.is_some_and(|m| m.contains("has never said which user it belongs to")),
+                refused.is_some_and(|m| m.contains("not built yet")),
                 "{:?}",
-                devices[0].events
+                devices[1].events
+            );
+            devices[1]
+                .node
+                .send(NOW, conv, bytes::Bytes::from_static(b"still here"))
+                .unwrap();
+            run(&mut w, &mut devices);
+            assert_eq!(
+                read(&devices[0], conv, &devices[1]),
+                [&b"thanks"[..], &b"still here"[..]]
             );
         }
 

@@ -89,7 +89,7 @@ impl Gateway {
             why,
         };
         if self.groups.contains(conv) {
-            return refused("it is an MLS conversation, and those do not span domains yet".into());
+            return refused("it is an MLS conversation, whose group state (epoch, members, roles) cannot move between gateways yet".into());
         }
         if let Some(home) = self.spanning.authority_of(conv) {
             return refused(format!("it is homed at {home}: its operator hands it over"));

@@ -38,6 +38,7 @@ mod config;
 pub mod delivery;
 pub mod files;
 pub mod foreign_fetch;
+mod foreign_members;
 pub mod groups;
 pub mod handover;
 pub mod key_packages;
@@ -365,6 +366,7 @@ impl Gateway {
         )?;
         gateway.spanning = spanning::Spanning::recover(store)?;
         gateway.peer_crls = peer_crls::PeerCrls::recover(store)?;
+        gateway.foreign_fetches = foreign_fetch::ForeignFetches::recover(store)?;
         if let Some(federation) = &mut gateway.federation {
             for (domain, crl) in gateway.peer_crls.held() {
                 federation.set_crl_held(domain, crl.version);
@@ -1684,6 +1686,7 @@ impl Gateway {
                 .and_then(|log| log.duplicate_of(device, msg_id))
                 .is_some();
             let registry = &self.registry;
+            let foreign = &self.foreign_fetches;
             let admitted = self.groups.admit(
                 device,
                 conv,
@@ -1692,12 +1695,25 @@ impl Gateway {
                 welcome,
                 duplicate,
                 self.delivery.contains(conv),
-                &|d| registry.user_of(d),
+                &|d| {
+                    registry
+                        .user_of(d)
+                        .or_else(|| foreign.foreign_device(d).map(|(user, _)| user))
+                },
                 Some(registry.crl()),
             );
             match admitted {
                 Ok(admitted) => effect = admitted,
                 Err(refusal) => {
+                    self.refuse(conn, refusal);
+                    return;
+                }
+            }
+            if let Some(effect) = &effect {
+                let welcome = effect.welcome.as_ref();
+                if let Err(refusal) =
+                    self.check_foreign_change(conv, msg_id, &effect.change, welcome)
+                {
                     self.refuse(conn, refusal);
                     return;
                 }
@@ -1795,6 +1811,8 @@ impl Gateway {
         for &device in &change.removed {
             self.transfers.member_removed(conv, device, &mut self.fx);
         }
+        // Devices of other domains join through their own gateway, which keeps a replica.
+        let (change, foreign) = self.split_foreign(change);
         let group = self.groups.get(conv).expect("set above");
         self.delivery.apply_membership(
             now,
@@ -1806,6 +1824,11 @@ impl Gateway {
             &self.sessions,
             &mut self.fx,
         );
+        if !foreign.is_empty() {
+            let kind = group.kind() as u8;
+            let welcome = welcome.expect("checked: adds carry a Welcome");
+            self.welcome_abroad(conv, seq, kind, &welcome, foreign);
+        }
         // Proposals are bound to their epoch: what this commit did not remove is proposed
         // again in the new one, one device per epoch (a commit holds at most one removal).
         if let Some(device) = self.groups.next_removal(conv) {

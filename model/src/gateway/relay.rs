@@ -49,6 +49,12 @@ pub struct SpanningStats {
     pub answers_passed: u64,
     /// Sequenced messages whose signature was not the authority's link key's.
     pub signatures_refused: u64,
+    /// Welcomes sent to member gateways for their devices an MLS commit added here.
+    pub welcomes_sent: u64,
+    /// Welcomes that could not be queued for a member gateway (its link refused the entry).
+    pub welcomes_unsent: u64,
+    /// Welcomes from an authority put in this gateway's devices' inboxes.
+    pub welcomes_taken: u64,
     /// Entries that did not decode.
     pub entries_malformed: u64,
     /// Entries refused: from a gateway that is not the conversation's authority, or about a
@@ -71,7 +77,7 @@ impl Gateway {
             why,
         };
         if self.groups.contains(conv) {
-            return refused("it is an MLS conversation, and those do not span domains yet".into());
+            return refused("it is an MLS conversation: its members add other domains' users themselves, by commits".into());
         }
         if self.spanning.authority_of(conv).is_some() {
             return refused("the conversation is homed at another gateway".into());
@@ -471,6 +477,13 @@ impl Gateway {
             Entry::KeyPackages { request, answer } => {
                 self.on_foreign_key_packages(peer, request, answer);
             }
+            Entry::Welcome {
+                conversation,
+                seq,
+                kind,
+                devices,
+                welcome,
+            } => self.on_welcome_entry(now, peer, conversation, seq, kind, devices, welcome),
             Entry::Bundle { .. } => {
                 // Bundles are never nested (the decoder refuses them).
                 self.spanning_stats.entries_refused += 1;
@@ -557,6 +570,9 @@ impl Gateway {
             )
         } else if msg_id == sender_order::NO_MESSAGE {
             refused(ErrorCode::MalformedFrame, ZERO_MESSAGE_ID.into())
+        } else if let Some(outcome) = self.admit_relayed_group_message(conv, sender, msg_id, &body)
+        {
+            outcome
         } else if let Err(last) = self
             .delivery
             .check_sender_order(conv, sender, msg_id, after)

@@ -301,11 +301,12 @@ impl Node {
             Ok(None) => {}
             Err(refusal) => {
                 let names: Vec<String> = refusal.users.iter().map(ToString::to_string).collect();
+                let at = match &refusal.domain {
+                    Some(domain) => format!("the gateway of {domain}"),
+                    None => "this gateway".to_string(),
+                };
                 let message = match refusal.why {
-                    None => format!(
-                        "no device of {} is registered at this gateway",
-                        names.join(", ")
-                    ),
+                    None => format!("no device of {} is registered at {at}", names.join(", ")),
                     Some(why) => format!(
                         "no device of {} could be checked, so none was added: {why}",
                         names.join(", ")

@@ -949,6 +949,22 @@ impl Node {
             code,
             ErrorCode::RateLimited | ErrorCode::PeerLimited | ErrorCode::PeerUnreachable
         );
+        if code == ErrorCode::UnknownDomain && report.msg_id.is_none() {
+            // A fetch of users of a domain the gateway does not federate with: the change
+            // that waited for it cannot be made.
+            let conversation = self
+                .mls
+                .as_mut()
+                .and_then(|m| m.groups.fetch_failed(routing.seq, self.fx.writes()));
+            if let Some(conversation) = conversation {
+                self.fx.event(NodeEvent::GroupChangeRefused {
+                    conversation,
+                    code,
+                    message: report.message.clone(),
+                });
+            }
+            self.drive_groups(now);
+        }
         if fetch_refused_for_now && report.msg_id.is_none() {
             // Only KeyPackage fetches are refused for now without a message id (by the
             // gateway's limit, or another domain's gateway's, or while that one is not

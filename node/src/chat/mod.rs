@@ -22,7 +22,7 @@ use sund_model::mls::group_ops::GroupKind;
 use sund_model::node::{ConnectionStatus, NodeEvent};
 use sund_model::wire::payload::Seen;
 use sund_node::device::Device;
-use sund_node::driver::{self, GroupRequest, NodeHandle, SocialRequest};
+use sund_node::driver::{self, NodeHandle, SocialRequest};
 use tokio::sync::mpsc;
 
 use crate::{group_commands, load, why_stopped, REVOKED};
@@ -229,7 +229,7 @@ async fn refresh_groups(node: &NodeHandle, device: &Device, view: &mut ChatView)
 /// `/dm USER`: asks the node for the DM (the commit goes out in the background; the DM lists
 /// itself at once and its epoch shows once the gateway sequenced it).
 async fn start_dm(node: &NodeHandle, device: &Device, view: &mut ChatView, user: &str) {
-    let address = match device.local_user(user) {
+    let address = match device.address(user) {
         Ok(address) => address,
         Err(e) => {
             view.notice(e);
@@ -247,7 +247,7 @@ async fn start_dm(node: &NodeHandle, device: &Device, view: &mut ChatView, user:
         return;
     }
     let user = address.shown_from(device.home_domain());
-    match node.group(GroupRequest::Dm(address.user())).await {
+    match node.group(device.dm_request(&address)).await {
         Ok(Ok(conversation)) => {
             let name = format!("@{user}");
             if let Err(e) = device.name_conversation(&name, conversation) {

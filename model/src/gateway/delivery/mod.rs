@@ -655,6 +655,45 @@ impl Delivery {
         }
     }
 
+    /// At a member gateway: the authority of `conv` (which this gateway keeps a replica of)
+    /// sequenced at `seq` a commit adding `devices` of this gateway: each becomes a member
+    /// here, gets `welcome` in its inbox and reads after `seq`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn welcome_from_authority(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        kind: GroupKind,
+        welcome: &Bytes,
+        devices: &[DeviceId],
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        let log = self
+            .conversations
+            .get_mut(&conv)
+            .expect("the replica exists");
+        for &device in devices {
+            log.add_member(device, fx.writes());
+        }
+        for &device in devices {
+            self.memberships.entry(device).or_default().insert(conv);
+            let item = InboxItem::Welcome {
+                seq,
+                kind,
+                welcome: welcome.clone(),
+            };
+            self.store_cursor(device, conv, seq, fx.writes());
+            self.put_inbox(now, device, conv, item, None, sessions, fx);
+            if let Some(conn) = sessions.online(device) {
+                if let Some(session) = self.sessions.get_mut(&conn) {
+                    session.windows.insert(conv, Window::at(seq, now));
+                }
+            }
+        }
+    }
+
     /// True if `device`'s inbox holds a Welcome to `conv` from before seq `before` (one it has
     /// not acknowledged: it may not have joined yet).
     fn welcome_before(&self, device: DeviceId, conv: ConversationId, before: u64) -> bool {

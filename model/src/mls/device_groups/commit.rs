@@ -47,6 +47,8 @@ pub struct FetchRefusal {
     pub users: Vec<UserId>,
     /// Why their packages could not be used, if packages came.
     pub why: Option<String>,
+    /// Their domain, if not the device's own.
+    pub domain: Option<String>,
 }
 
 /// The packages whose credential this device can check and whose user is the one the answer
@@ -114,10 +116,8 @@ impl DeviceGroups {
         // of whose devices this device can check (its gateway vouched for no root of that
         // domain, or the packages are not that domain's) is an error the user hears, not an
         // add that silently adds nobody.
-        let foreign = matches!(
-            self.entries[&conv].intents.front(),
-            Some(Intent::AddForeign { .. })
-        );
+        let domain = self.entries[&conv].intents.front().and_then(Intent::domain);
+        let foreign = domain.is_some();
         let (checked, why) = if foreign {
             checked_packages(found, mls)
         } else {
@@ -141,6 +141,7 @@ impl DeviceGroups {
                     conversation: conv,
                     users: unknown,
                     why,
+                    domain,
                 });
             }
         }

@@ -111,6 +111,10 @@ impl DeviceGroups {
                 ),
             ));
         }
+        // The roster comes from the gateway's view of the group; a member gateway of another
+        // domain than the conversation's home has none, and the members' own certified
+        // credentials (checked above) say the same.
+        let derived = roster.is_empty().then(|| roster_of(&group, mls));
         transaction.commit(writes);
         self.groups.insert(conv, group);
         let intents = self
@@ -118,7 +122,7 @@ impl DeviceGroups {
             .get(&conv)
             .map(|e| e.intents.clone())
             .unwrap_or_default();
-        let mut members = roster.to_vec();
+        let mut members = derived.unwrap_or_else(|| roster.to_vec());
         members.sort_by_key(|m| *m.device);
         self.entries.insert(
             conv,
@@ -405,4 +409,23 @@ impl DeviceGroups {
             removed: ops.removed_devices().collect(),
         }
     }
+}
+
+/// Every member of `group` as its certified credential names it (device and user).
+fn roster_of(group: &MlsGroup, mls: &DeviceMls) -> Vec<crate::wire::payload::RosterEntry> {
+    group
+        .members()
+        .filter_map(|m| {
+            let basic = BasicCredential::try_from(m.credential.clone()).ok()?;
+            let device = crate::trust::credential::device_of_identity(basic.identity())?;
+            let user = mls
+                .verify_member_at_join(basic.identity(), m.signature_key.as_slice())
+                .ok()
+                .flatten()?;
+            Some(crate::wire::payload::RosterEntry {
+                device: device.to_bytes().into(),
+                user: user.to_bytes().into(),
+            })
+        })
+        .collect()
 }

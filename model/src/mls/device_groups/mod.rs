@@ -153,7 +153,7 @@ impl Intent {
     }
 
     /// The domain of the users it adds, if not the device's own.
-    fn domain(&self) -> Option<String> {
+    pub fn domain(&self) -> Option<String> {
         match self {
             Intent::AddForeign { domain, .. } => Some(domain.clone()),
             _ => None,
@@ -689,6 +689,28 @@ impl DeviceGroups {
     /// next chance.
     pub fn fetch_refused(&mut self, request: u64) {
         self.fetches.remove(&request);
+    }
+
+    /// A fetch was refused for good (a domain the gateway does not federate with): the change
+    /// waiting for it is dropped (a conversation it was to create is forgotten). Returns the
+    /// conversation, if the fetch was still awaited.
+    pub fn fetch_failed(
+        &mut self,
+        request: u64,
+        writes: &mut WriteBatch,
+    ) -> Option<ConversationId> {
+        let (conv, _) = self.fetches.remove(&request)?;
+        let entry = self.entries.get_mut(&conv)?;
+        let creating = matches!(entry.intents.front(), Some(Intent::Create { .. }))
+            && !self.groups.contains_key(&conv);
+        if creating {
+            self.entries.remove(&conv);
+            writes.delete(NODE_GROUPS_TABLE, conv.to_bytes().to_vec());
+        } else {
+            entry.intents.pop_front();
+            self.persist(conv, writes);
+        }
+        Some(conv)
     }
 
     /// Forgets fetches unanswered for `timeout` (a frame was lost), so they are asked again.
