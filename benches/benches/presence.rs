@@ -181,6 +181,7 @@ fn heartbeats(c: &mut Criterion) {
                 nonce: n,
                 crl_version: None,
                 presence: None,
+                peer_roots: None,
             };
             (
                 ConnectionId(n + 1),

@@ -119,6 +119,7 @@ async fn a_peer_that_stops_reading_is_disconnected_at_once() {
             nonce: 1,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         }),
     )
     .encode();

@@ -349,6 +349,7 @@ fn a_gateway_shutting_down_tells_each_device_when_to_come_back_and_only_then() {
             nonce: 1,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         }),
     );
     let hints: Vec<_> = frames_to(&out, 3)
@@ -775,6 +776,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
             nonce: 41,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         }),
     );
     assert_eq!(
@@ -783,6 +785,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
             nonce: 41,
             crl_version: Some(0),
             presence: None,
+            peer_roots: None,
         })
     );
 }
@@ -1046,6 +1049,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
             nonce: 1,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         }),
     )
     .encode()
@@ -1060,6 +1064,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
             nonce: 1,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         }),
     )
     .encode()
@@ -1113,6 +1118,7 @@ fn a_stalled_cursor_is_redelivered_and_a_replay_request_rewinds() {
             nonce: 1,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         }),
     );
     h.gateway.handle_timeout(h.now);

@@ -549,6 +549,7 @@ fn a_gateway_whose_frames_this_device_cannot_read_is_not_reconnected_to_in_a_tig
                 nonce: 1,
                 crl_version: None,
                 presence: None,
+                peer_roots: None,
             }),
         )
         .encode()
@@ -1054,6 +1055,7 @@ fn a_crl_older_than_the_one_held_is_refused() {
         nonce: 1,
         crl_version: Some(4),
         presence: None,
+        peer_roots: None,
     };
     let out = h.frame(1, Routing::default(), Payload::HeartbeatAck(ack));
     assert!(matches!(

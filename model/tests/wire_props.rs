@@ -73,12 +73,14 @@ fn payload() -> impl Strategy<Value = Payload> {
             nonce,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         })),
         (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(nonce, crl_version)| {
             Payload::HeartbeatAck(Heartbeat {
                 nonce,
                 crl_version,
                 presence: crl_version.map(|v| v / 2),
+                peer_roots: None,
             })
         }),
         (any::<u16>(), text(), any::<Option<u32>>()).prop_map(|(code, message, retry_after_ms)| {
@@ -395,6 +397,7 @@ fn valid_frame() -> Vec<u8> {
             nonce: 1,
             crl_version: None,
             presence: None,
+            peer_roots: None,
         }),
     )
     .encode()

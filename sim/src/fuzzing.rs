@@ -392,6 +392,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 nonce,
                 crl_version: None,
                 presence: None,
+                peer_roots: None,
             }),
         ),
         WellFormed::HeartbeatAck { nonce } => Frame::new(
@@ -400,6 +401,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 nonce,
                 crl_version: None,
                 presence: None,
+                peer_roots: None,
             }),
         ),
         WellFormed::Goodbye { code } => Frame::new(

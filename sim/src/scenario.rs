@@ -1671,13 +1671,6 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
         holders.insert(home.clone());
         conversation_gateways.insert(name.clone(), holders);
         for other in homes {
-            if kind.is_some() {
-                return Err(err(
-                    span,
-                    span.column,
-                    format!("conversation `{name}` has members at gateway `{other}`, not its own `{home}`: MLS conversations do not span gateways yet"),
-                ));
-            }
             let linked = federations
                 .iter()
                 .any(|(a, b)| (a == &home && b == other) || (a == other && b == &home));

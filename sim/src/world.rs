@@ -592,6 +592,17 @@ impl World {
                 decl.members.iter().flat_map(|t| self.resolve(t)).collect();
             members.sort_unstable();
             members.dedup();
+            if decl.kind.is_some() {
+                // The creator (the first member) is one of the conversation's gateway: an MLS
+                // conversation is sequenced where it was made.
+                if let Some(at) = members
+                    .iter()
+                    .position(|&m| self.actors[m as usize].home == gateway)
+                {
+                    let creator = members.remove(at);
+                    members.insert(0, creator);
+                }
+            }
             let devices: Vec<DeviceId> = members
                 .iter()
                 .map(|&m| self.actors[m as usize].device)
@@ -1505,6 +1516,11 @@ impl World {
                 self.on_crl_taken(a, *version);
             }
             NodeEvent::CrlRefused { .. } => record.push(16),
+            NodeEvent::JoinWaiting { .. } => {
+                // Its gateway has not met the certifying domain's yet: the Welcome comes again.
+                record.push(32);
+                *self.faults.entry("join-waiting").or_default() += 1;
+            }
             NodeEvent::PeerRootsRefused { .. } => {
                 // Every simulated gateway signs with its devices' own root: a refusal is a bug.
                 record.push(31);

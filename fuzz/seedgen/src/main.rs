@@ -42,7 +42,7 @@ use sund_model::wire::payload::{
 use sund_model::wire::payload::{
     Certificate, ChunkAck, ChunkHead, ChunkRequest, ChunksUnavailable, Crl as CrlPayload, CrlFetch,
     DeviceLinked, FileFetched, ListedChunkWire, PairVouch, PairVouched, Register,
-    FederationAck, FederationForward, FederationHello, RenewCertificate, TrustRoot, TrustRootFetch,
+    FederationAck, FederationForward, FederationHello, PeerRootsUpdate, RenewCertificate, TrustRoot, TrustRootFetch,
     UploadOpen, UploadStatus,
 };
 use sund_model::wire::payload::{
@@ -118,6 +118,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 nonce: 0xdead_beef,
                 crl_version: None,
                 presence: None,
+                peer_roots: None,
             }),
         ),
         (
@@ -126,6 +127,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 nonce: 0,
                 crl_version: None,
                 presence: Some(3),
+                peer_roots: None,
             }),
         ),
         (
@@ -421,6 +423,12 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::TrustRoot(TrustRoot {
                 key: [0x52; 32],
                 domain: "example.org".into(),
+            }),
+        ),
+        (
+            "peer-roots",
+            Payload::PeerRoots(PeerRootsUpdate {
+                roots: b"SPR\x01\x09a.example\x00".to_vec().into(),
             }),
         ),
         (

@@ -344,6 +344,14 @@ pub enum Outcome {
         /// With `sender_out_of_order`: the message it must come after.
         after: Option<MsgId>,
     },
+    /// Refused `stale_epoch`: made in an epoch the group has left (it is at `epoch` now); the
+    /// device encrypts it again once it is there.
+    Stale {
+        /// In words (at most [`ANSWER_MESSAGE_MAX`] bytes).
+        message: String,
+        /// The group's epoch at the authority.
+        epoch: u64,
+    },
     /// Refused for now by a rate limit (`peer_limited`): the device sends it again after
     /// `retry_after_ms`.
     Limited {
@@ -483,6 +491,11 @@ impl Entry {
                         out.push(1);
                         out.extend_from_slice(&(*code as u16).to_be_bytes());
                         put_optional_id(&mut out, *after);
+                        put_words(&mut out, message);
+                    }
+                    Outcome::Stale { message, epoch } => {
+                        out.push(3);
+                        out.extend_from_slice(&epoch.to_be_bytes());
                         put_words(&mut out, message);
                     }
                     Outcome::Limited {
@@ -756,6 +769,13 @@ impl Entry {
                             code,
                             message: words(&mut r)?,
                             retry_after_ms,
+                        }
+                    }
+                    3 => {
+                        let epoch = r.u64().ok_or(EntryError::Truncated)?;
+                        Outcome::Stale {
+                            message: words(&mut r)?,
+                            epoch,
                         }
                     }
                     other => return Err(EntryError::BadFlag(other)),
@@ -1097,6 +1117,8 @@ mod tests {
                     after: after.map(MsgId),
                 }
             ),
+            ("[ -~]{0,60}", any::<u64>())
+                .prop_map(|(message, epoch)| Outcome::Stale { message, epoch }),
             (0u16..60, "[ -~]{0,60}", any::<u32>()).prop_map(|(code, message, retry_after_ms)| {
                 Outcome::Limited {
                     code: ErrorCode::from_u16(code),

@@ -330,6 +330,9 @@ pub struct Federation {
     stats: FederationStats,
     /// Entries received since the gateway last took them ([`Federation::take_arrived`]).
     arrived: VecDeque<(String, Bytes)>,
+    /// How many times a handshake proved a peer root this machine did not hold (in memory:
+    /// the gateway compares it with what it last told its devices).
+    roots_learned: u64,
 }
 
 fn peer_key(domain: &str) -> Vec<u8> {
@@ -479,6 +482,7 @@ impl Federation {
             fx: Effects::default(),
             stats: FederationStats::default(),
             arrived: VecDeque::new(),
+            roots_learned: 0,
         };
         federation.handle_timeout(now);
         Ok(federation)
@@ -747,6 +751,12 @@ impl Federation {
         self.peers.iter().any(|p| p.domain == peer && pins(p, root))
     }
 
+    /// How many times a handshake proved a peer root not held before (since this machine
+    /// started): when it moves, the set the gateway vouches for changed.
+    pub fn roots_learned(&self) -> u64 {
+        self.roots_learned
+    }
+
     /// Each peer's trust root key that a handshake proved (now or before a restart), by
     /// domain: what the gateway's own root vouches for to its devices.
     pub fn peer_roots(&self) -> BTreeMap<String, DevicePublicKey> {
@@ -904,6 +914,7 @@ impl Federation {
                                 domain,
                                 peer_root.0.to_vec(),
                             );
+                            self.roots_learned += 1;
                         }
                         let finish = FederationHello {
                             message: finish.into(),
@@ -1016,6 +1027,7 @@ impl Federation {
                             peer.as_bytes().to_vec(),
                             peer_root.0.to_vec(),
                         );
+                        self.roots_learned += 1;
                     }
                     match link.state {
                         LinkState::Hello { conn: old, .. }

@@ -251,6 +251,10 @@ impl Gateway {
         );
         match admitted {
             Ok(_) => None,
+            Err(refusal) if refusal.code == ErrorCode::StaleEpoch => Some(Outcome::Stale {
+                message: refusal.message,
+                epoch: refusal.routing.epoch,
+            }),
             Err(refusal) => refused(refusal.code, refusal.message),
         }
     }

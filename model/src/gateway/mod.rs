@@ -265,6 +265,8 @@ pub struct Gateway {
     foreign_fetches: foreign_fetch::ForeignFetches,
     /// The peer roots last vouched for to devices (see `Gateway::peer_roots`).
     peer_roots: Option<crate::trust::peer_roots::PeerRoots>,
+    /// The federation's count of roots learned when open sessions were last told the set.
+    roots_told: u64,
     fx: Fx,
 }
 
@@ -429,6 +431,7 @@ impl Gateway {
             peer_crls: peer_crls::PeerCrls::default(),
             foreign_fetches: foreign_fetch::ForeignFetches::default(),
             peer_roots: None,
+            roots_told: 0,
             fx: Fx::default(),
         };
         // Chunks dropped before a restart whose steps had not come.
@@ -573,8 +576,41 @@ impl Gateway {
         }
     }
 
+    /// When a link's handshake proved a peer root the gateway did not hold, every open
+    /// session hears the new set (a device that opened its session before would otherwise
+    /// meet that domain's members without their root).
+    pub(super) fn tell_new_peer_roots(&mut self) {
+        let learned = self
+            .federation
+            .as_ref()
+            .map_or(0, Federation::roots_learned);
+        if learned == self.roots_told {
+            return;
+        }
+        self.roots_told = learned;
+        let Some(set) = self
+            .peer_roots()
+            .map(crate::trust::peer_roots::PeerRoots::encode)
+        else {
+            return;
+        };
+        let open: Vec<ConnectionId> = self
+            .sessions
+            .connections()
+            .filter_map(|(conn, device)| device.map(|_| conn))
+            .collect();
+        for conn in open {
+            let update = crate::wire::payload::PeerRootsUpdate {
+                roots: set.clone().into(),
+            };
+            self.fx
+                .send(conn, Routing::default(), Payload::PeerRoots(update));
+        }
+    }
+
     /// The writes and outputs produced so far, or `None` if there are none.
     pub fn poll_ready(&mut self) -> Option<Ready<GatewayOutput>> {
+        self.tell_new_peer_roots();
         // Sender order is written once per batch, atomically with the entries it names.
         self.delivery.flush_sender_order(self.fx.writes());
         // So is what the batch produced for each peer gateway, as one bundle per peer.
@@ -895,6 +931,24 @@ impl Gateway {
         routing: Routing,
         payload: Payload,
     ) -> Result<(), Refusal> {
+        if let Payload::PeerRoots(_) = payload {
+            // The device missed a pushed set (its digest differs from the heartbeat's).
+            if let Some(set) = self
+                .peer_roots()
+                .map(crate::trust::peer_roots::PeerRoots::encode)
+            {
+                let update = crate::wire::payload::PeerRootsUpdate { roots: set.into() };
+                self.fx
+                    .send(conn, Routing::default(), Payload::PeerRoots(update));
+            }
+            return Ok(());
+        }
+        let peer_roots = match payload {
+            Payload::Heartbeat(_) => self
+                .peer_roots()
+                .map(crate::trust::peer_roots::PeerRoots::digest),
+            _ => None,
+        };
         let fx = &mut self.fx;
         match payload {
             Payload::Heartbeat(beat) => {
@@ -902,6 +956,7 @@ impl Gateway {
                     nonce: beat.nonce,
                     crl_version: Some(self.registry.crl().version),
                     presence: self.presence.notifications(conn),
+                    peer_roots,
                 };
                 fx.send(conn, Routing::default(), Payload::HeartbeatAck(ack));
                 Ok(())

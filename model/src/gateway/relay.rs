@@ -236,6 +236,9 @@ impl Gateway {
 
     /// Takes every entry the links received during the input just handled.
     pub(super) fn take_federated_entries(&mut self, now: Instant) {
+        // A root a handshake just proved reaches open sessions before anything the link
+        // brings (a Welcome from that domain needs it).
+        self.tell_new_peer_roots();
         while let Some((peer, body)) = self
             .federation
             .as_mut()
@@ -401,6 +404,17 @@ impl Gateway {
                         if code == ErrorCode::AuthorityMoving {
                             refusal = refusal.retry_after(super::handover::HANDOVER_RETRY);
                         }
+                        self.refuse(conn, refusal);
+                    }
+                    Outcome::Stale { message, epoch } => {
+                        let routing = Routing {
+                            conversation,
+                            epoch,
+                            ..Routing::default()
+                        };
+                        let refusal = Refusal::error(ErrorCode::StaleEpoch, message)
+                            .in_conversation(routing)
+                            .about(msg_id);
                         self.refuse(conn, refusal);
                     }
                     Outcome::Limited {
@@ -608,7 +622,9 @@ impl Gateway {
         };
         match outcome {
             Outcome::Sequenced(_) => self.spanning_stats.relays_taken += 1,
-            Outcome::Refused { .. } => self.spanning_stats.relays_refused += 1,
+            Outcome::Refused { .. } | Outcome::Stale { .. } => {
+                self.spanning_stats.relays_refused += 1;
+            }
             Outcome::Limited { .. } => unreachable!("answered above"),
         }
         outcome

@@ -212,6 +212,31 @@ impl DeviceMls {
         .map(|(_, u)| Some(u))
     }
 
+    /// True if this device can check members certified by `domain`: its own, or one whose
+    /// root its own root vouched for (or no root is pinned yet, when nothing is checked).
+    pub fn vouches_for(&self, domain: &str) -> bool {
+        let Some((own, _)) = &self.trust else {
+            return true;
+        };
+        own.domain == domain
+            || self
+                .peer_roots
+                .as_ref()
+                .is_some_and(|p| p.roots.contains_key(domain))
+    }
+
+    /// The domain certifying `identity`, if it is another than this device's own and no root
+    /// of it is vouched for (so that the credential cannot be checked now).
+    pub fn unvouched_domain(&self, identity: &[u8]) -> Option<String> {
+        let (own, _) = self.trust.as_ref()?;
+        let domain = domain_of_identity(identity)?;
+        let vouched = self
+            .peer_roots
+            .as_ref()
+            .is_some_and(|p| p.roots.contains_key(&domain));
+        (domain != own.domain && !vouched).then_some(domain)
+    }
+
     /// For a credential certified by another domain than `own`'s: that domain's root as the
     /// own root vouched for it, or why it cannot be checked. `None` for the own domain's (and
     /// whenever no peer roots are held: the own root's check then says what is wrong).

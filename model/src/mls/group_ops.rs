@@ -141,6 +141,23 @@ pub struct GroupOps {
     /// Role changes.
     #[n(3)]
     pub roles: Vec<RoleChange>,
+    /// The domain of each added device of another domain than the committer's, so that a
+    /// member whose gateway has not vouched for that domain's root yet waits before
+    /// processing the commit (processing it spends its key). `None` when there are none.
+    #[n(4)]
+    pub domains: Option<Vec<AddedDomain>>,
+}
+
+/// The domain of a device a commit adds (see [`GroupOps::domains`]).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct AddedDomain {
+    /// The device.
+    #[n(0)]
+    pub device: ByteArray<16>,
+    /// Its domain.
+    #[n(1)]
+    pub domain: String,
 }
 
 impl GroupOps {
@@ -157,6 +174,18 @@ impl GroupOps {
         }
         let ops: GroupOps = minicbor::decode(aad)
             .map_err(|e| GroupRefusal::Invalid(format!("group operations: {e}")))?;
+        let domains = ops.domains.as_ref().map_or(0, Vec::len);
+        if domains > ops.added.len()
+            || ops
+                .domains
+                .iter()
+                .flatten()
+                .any(|d| d.domain.len() > crate::trust::DOMAIN_BYTES_MAX)
+        {
+            return Err(GroupRefusal::Invalid(
+                "a commit names more domains of added devices than it adds, or a domain longer than DNS allows".into(),
+            ));
+        }
         let limits = [
             ("added", ops.added.len(), ADDED_MAX),
             ("removed", ops.removed.len(), REMOVED_MAX),

@@ -225,6 +225,17 @@ pub enum NodeEvent {
         /// Why.
         reason: String,
     },
+    /// A Welcome to `conversation`, or a commit in it, cannot be checked yet: a member is
+    /// certified by a domain whose root this device's gateway has not vouched for (its link to
+    /// that domain may not have come up). The Welcome stays at the gateway and is tried again
+    /// when it comes again; a commit waits, and the conversation's reading with it, until the
+    /// gateway vouches for that root.
+    JoinWaiting {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Why, in words.
+        reason: String,
+    },
     /// This device is revoked: it disconnected and will not connect again.
     Revoked,
     /// This device registered with a pairing code, and the gateway confirmed that the device
@@ -455,6 +466,11 @@ pub struct NodeStats {
     pub sessions: u64,
     /// Sets of peer roots from the gateway refused (see `NodeEvent::PeerRootsRefused`).
     pub peer_roots_refused: u64,
+    /// Welcomes that could not be checked yet (see `NodeEvent::JoinWaiting`).
+    pub welcomes_waiting_for_roots: u64,
+    /// Deliveries parked because a commit could not be checked yet (see
+    /// `NodeEvent::JoinWaiting`).
+    pub deliveries_parked: u64,
     /// Deliveries dropped as duplicates (at or below the cursor).
     pub duplicate_deliveries: u64,
     /// Replay requests sent.

@@ -166,6 +166,31 @@ impl Inbox {
         false
     }
 
+    /// Keeps the delivery at the cursor's next seq, which could not be processed yet (a
+    /// commit adding a device of a domain whose root is not vouched for yet): it is taken
+    /// again by [`Inbox::ready`] when that changes, or comes again from the gateway.
+    pub fn park(&mut self, conversation: ConversationId, seq: u64, inbound: Inbound) {
+        debug_assert_eq!(
+            seq,
+            self.cursor(conversation) + 1,
+            "only the next one is parked"
+        );
+        self.reorder
+            .entry(conversation)
+            .or_default()
+            .insert(seq, inbound);
+    }
+
+    /// The conversations whose next delivery waits in the buffer (parked, or arrived after
+    /// the one before it was parked).
+    pub fn ready(&self) -> Vec<ConversationId> {
+        self.reorder
+            .iter()
+            .filter(|(conv, buffer)| buffer.contains_key(&(self.cursor(**conv) + 1)))
+            .map(|(conv, _)| *conv)
+            .collect()
+    }
+
     /// The buffered delivery at `seq`, if any, taken out.
     pub fn take(&mut self, conversation: ConversationId, seq: u64) -> Option<Inbound> {
         self.reorder.get_mut(&conversation)?.remove(&seq)

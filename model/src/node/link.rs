@@ -356,6 +356,7 @@ impl Link {
                     nonce: self.next_heartbeat_nonce,
                     crl_version: None,
                     presence: None,
+                    peer_roots: None,
                 };
                 LinkDue::Heartbeat(conn, beat)
             }

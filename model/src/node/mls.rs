@@ -347,6 +347,17 @@ impl Node {
                 self.perform(now, action);
                 self.drive_groups(now);
             }
+            Err(GroupError::RootNotVouched(domain)) => {
+                // Not undecryptable: not checkable yet. The gateway sends the Welcome again,
+                // and the device joins once its gateway vouches for that domain's root.
+                self.stats.welcomes_waiting_for_roots += 1;
+                self.fx.event(NodeEvent::JoinWaiting {
+                    conversation: conv,
+                    reason: format!(
+                        "a member is certified by {domain}, whose root this device's gateway has not vouched for yet"
+                    ),
+                });
+            }
             Err(e) => {
                 // A Welcome we cannot use stays in the inbox; tell the application once per
                 // session, without the Welcome's bytes.

@@ -788,6 +788,19 @@ impl Node {
             Payload::HeartbeatAck(ack) => {
                 self.renew_if_due(now, conn);
                 self.social.on_heartbeat(ack.presence, conn, &mut self.fx);
+                let roots_held = self
+                    .trust
+                    .holder()
+                    .peer_roots()
+                    .map_or(0, crate::trust::peer_roots::PeerRoots::digest);
+                if ack.peer_roots.is_some_and(|d| d != roots_held) {
+                    // A pushed set of peer roots was lost on the way: ask for it.
+                    let ask = crate::wire::payload::PeerRootsUpdate {
+                        roots: Vec::new().into(),
+                    };
+                    self.fx
+                        .send(conn, Routing::default(), Payload::PeerRoots(ask));
+                }
                 let held = self.trust.holder().crl_version();
                 if ack.crl_version.is_some_and(|v| v > held) {
                     let fetch = CrlFetch { have_version: held };
@@ -888,6 +901,7 @@ impl Node {
                 self.trust
                     .on_device_linked(&self.config, &linked, &mut self.fx);
             }
+            Payload::PeerRoots(update) => self.take_peer_roots(now, &update.roots),
             Payload::KeyPackageCount(count) => self.replenish(now, conn, count),
             Payload::KeyPackages(answer) => {
                 let exhausted = answer.exhausted.len();
@@ -1320,10 +1334,24 @@ impl Node {
         let mut next = seq;
         let mut item = inbound;
         let mut group_changed = false;
-        let mut last_read;
+        let mut last_read = None;
         loop {
-            last_read = item.msg_id;
-            let event = self.process(conv, next, item);
+            let event = match self.process(conv, next, item.clone()) {
+                Ok(event) => event,
+                Err(reason) => {
+                    // Parked until its gateway vouches for the root it needs (or the gateway
+                    // sends it again): nothing after it is read before it.
+                    self.inbox.park(conv, next, item);
+                    self.stats.deliveries_parked += 1;
+                    self.fx.event(NodeEvent::JoinWaiting {
+                        conversation: conv,
+                        reason,
+                    });
+                    next -= 1;
+                    break;
+                }
+            };
+            last_read = Some(item.msg_id);
             group_changed |= matches!(
                 event,
                 Some(NodeEvent::GroupChanged { .. } | NodeEvent::RemovalProposed { .. })
@@ -1351,6 +1379,9 @@ impl Node {
                 None => break,
             }
         }
+        let Some(last_read) = last_read else {
+            return; // the first one waits: nothing was read
+        };
         debug_assert!(next > cursor, "cursor only moves forward");
         self.inbox
             .set_cursor_read(conv, next, last_read, self.fx.writes());
@@ -1460,7 +1491,12 @@ impl Node {
 
     /// What the application hears of the message at `seq`: the body itself in a plain
     /// conversation; in a group, the decrypted message or the commit's effect.
-    fn process(&mut self, conv: ConversationId, seq: u64, item: Inbound) -> Option<NodeEvent> {
+    fn process(
+        &mut self,
+        conv: ConversationId,
+        seq: u64,
+        item: Inbound,
+    ) -> Result<Option<NodeEvent>, String> {
         let delivered = |body: Bytes| NodeEvent::Delivered {
             conversation: conv,
             seq,
@@ -1469,7 +1505,7 @@ impl Node {
             body,
         };
         let Some(m) = self.mls.as_mut().filter(|m| m.groups.is_group(conv)) else {
-            return Some(delivered(item.body.clone()));
+            return Ok(Some(delivered(item.body.clone())));
         };
         let processed = m.groups.on_deliver(
             conv,
@@ -1480,7 +1516,8 @@ impl Node {
             &m.device,
             self.fx.writes(),
         );
-        match processed {
+        Ok(match processed {
+            Processed::Wait(reason) => return Err(reason),
             Processed::Message(plaintext) => Some(delivered(plaintext)),
             Processed::Commit {
                 epoch,
@@ -1514,6 +1551,20 @@ impl Node {
                 msg_id: item.msg_id,
             }),
             Processed::Nothing => None,
+        })
+    }
+
+    /// Reads on in every conversation whose next delivery waits in the buffer (parked until
+    /// a root was vouched for, which just changed).
+    pub(super) fn resume_parked(&mut self, now: Instant) {
+        let Some(conn) = self.link.open_conn() else {
+            return;
+        };
+        for conv in self.inbox.ready() {
+            let seq = self.inbox.cursor(conv) + 1;
+            if let Some(item) = self.inbox.take(conv, seq) {
+                self.receive(now, conn, conv, seq, item);
+            }
         }
     }
 }

@@ -44,7 +44,7 @@ impl Node {
             m.set_gateway_key(Vec::from(key), self.fx.writes());
         }
         if let Some(encoded) = ok.peer_roots {
-            self.take_peer_roots(&encoded);
+            self.take_peer_roots(now, &encoded);
         }
         self.stats.sessions += 1;
         self.set_status(ConnectionStatus::Connected);
@@ -84,13 +84,16 @@ impl Node {
     /// The gateway's set of other domains' roots: kept if this device's own root signed it
     /// (the MLS layer checks other domains' members against them from then on); a set it did
     /// not sign is refused and reported, and the one held before stays.
-    fn take_peer_roots(&mut self, encoded: &[u8]) {
+    pub(super) fn take_peer_roots(&mut self, now: Instant, encoded: &[u8]) {
         match self
             .trust
             .holder_mut()
             .accept_peer_roots(encoded, self.fx.writes())
         {
-            Ok(true) => self.bind_mls_to_trust(),
+            Ok(true) => {
+                self.bind_mls_to_trust();
+                self.resume_parked(now);
+            }
             Ok(false) => {}
             Err(e) => {
                 self.stats.peer_roots_refused += 1;

@@ -27,6 +27,10 @@ use super::{valid_domain, TrustRoot};
 
 /// The most peer roots one set carries (as many domains as a handover names).
 pub const PEER_ROOTS_MAX: usize = 64;
+/// The longest encoded set: the magic, two counts, every domain at its longest with its key,
+/// and the signature.
+pub const PEER_ROOTS_BYTES_MAX: usize =
+    4 + 2 + (1 + 253) * (PEER_ROOTS_MAX + 1) + 32 * PEER_ROOTS_MAX + 64;
 
 const MAGIC: &[u8; 4] = b"SPR\x01";
 
@@ -107,6 +111,14 @@ impl PeerRoots {
             key: *key,
             domain: domain.to_string(),
         })
+    }
+
+    /// A short digest of the set (the first 8 bytes of the SHA-256 of its encoding), which a
+    /// gateway's heartbeat carries so that a device notices a set it missed; never 0.
+    pub fn digest(&self) -> u64 {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(self.encode());
+        u64::from_be_bytes(hash[..8].try_into().expect("32 bytes")).max(1)
     }
 
     /// The encoding.

@@ -96,6 +96,10 @@ opcodes! {
     /// Node → gateway, in a session: renew this device's certificate (answered by
     /// `Certificate`).
     RenewCertificate = 0x0309,
+    /// Gateway → node, in a session: the roots of the domains the gateway federates with,
+    /// signed by the device's own root (pushed when the set changes; `HelloOk` carries it at
+    /// each session's start).
+    PeerRoots = 0x030A,
     // 0x04xx: contacts and presence
     /// Node → gateway: be invisible or visible (answered by `Contacts`).
     PresenceUpdate = 0x0400,

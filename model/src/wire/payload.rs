@@ -180,6 +180,18 @@ pub struct PairVouched {
     pub secret: [u8; 16],
 }
 
+/// Gateway → node, in a session: the gateway's peer domains' roots changed (a link's
+/// handshake proved one for the first time, or a peer's root was re-pinned), or the device
+/// asked. Node → gateway, with no bytes: send the current set (the device's digest differs
+/// from the one in the gateway's heartbeat).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+#[cbor(map)]
+pub struct PeerRootsUpdate {
+    /// An encoded `trust::peer_roots::PeerRoots`, as in `HelloOk::peer_roots`.
+    #[n(0)]
+    pub roots: minicbor::bytes::ByteVec,
+}
+
 /// Node → gateway, in a session: renew this device's certificate; the gateway answers with a
 /// `Certificate`, a new one if the current one is close to expiry.
 #[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -306,6 +318,11 @@ pub struct Heartbeat {
     /// missed one asks again (absent otherwise).
     #[n(2)]
     pub presence: Option<u64>,
+    /// In a gateway's answer, when it vouches for peer roots: the digest of the set
+    /// (`trust::peer_roots::PeerRoots::digest`), so that a device whose copy of a pushed set
+    /// was lost asks for it again (absent otherwise).
+    #[n(3)]
+    pub peer_roots: Option<u64>,
 }
 
 /// Machine-readable reasons for `Goodbye` and `Error`.
@@ -833,6 +850,7 @@ pub enum Payload {
     PairVouched(PairVouched),
     DeviceLinked(DeviceLinked),
     RenewCertificate(RenewCertificate),
+    PeerRoots(PeerRootsUpdate),
     UploadOpen(UploadOpen),
     UploadStatus(UploadStatus),
     Chunk(ChunkHead),
@@ -912,6 +930,7 @@ impl Payload {
             Payload::PairVouched(_) => Opcode::PairVouched,
             Payload::DeviceLinked(_) => Opcode::DeviceLinked,
             Payload::RenewCertificate(_) => Opcode::RenewCertificate,
+            Payload::PeerRoots(_) => Opcode::PeerRoots,
             Payload::UploadOpen(_) => Opcode::UploadOpen,
             Payload::UploadStatus(_) => Opcode::UploadStatus,
             Payload::Chunk(_) => Opcode::Chunk,
@@ -963,6 +982,7 @@ impl Payload {
             Payload::PairVouched(p) => minicbor::encode(p, &mut *out),
             Payload::DeviceLinked(p) => minicbor::encode(p, &mut *out),
             Payload::RenewCertificate(p) => minicbor::encode(p, &mut *out),
+            Payload::PeerRoots(p) => minicbor::encode(p, &mut *out),
             Payload::UploadOpen(p) => minicbor::encode(p, &mut *out),
             Payload::UploadStatus(p) => minicbor::encode(p, &mut *out),
             Payload::Chunk(p) => minicbor::encode(p, &mut *out),
@@ -1072,6 +1092,15 @@ impl Payload {
                 Payload::DeviceLinked(p)
             }
             Opcode::RenewCertificate => Payload::RenewCertificate(decode_as(opcode, bytes)?),
+            Opcode::PeerRoots => {
+                let p: PeerRootsUpdate = decode_as(opcode, bytes)?;
+                check_bytes(
+                    "peer_roots.roots",
+                    p.roots.len(),
+                    crate::trust::peer_roots::PEER_ROOTS_BYTES_MAX,
+                )?;
+                Payload::PeerRoots(p)
+            }
             Opcode::UploadOpen => {
                 let p: UploadOpen = decode_as(opcode, bytes)?;
                 check_len("upload_open.chunks", p.chunks.len(), UPLOAD_CHUNKS_MAX)?;

@@ -6,6 +6,8 @@
 //! KeyPackages were not available then (not yet connected, frames lost) are brought in by later
 //! `commit ... add` actions, which add every declared member missing from the committer's view.
 
+use std::collections::BTreeMap;
+
 use sund_model::gateway::Gateway;
 use sund_model::ids::{ConversationId, DeviceId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
@@ -88,6 +90,19 @@ impl World {
                 .all(|name| self.user_revoked(name))
     }
 
+    /// The domain of `member`'s home gateway if it is another than `of`'s (a federating
+    /// gateway's), else `None`.
+    fn foreign_domain(&self, of: ActorIndex, member: ActorIndex) -> Option<String> {
+        let (here, there) = (
+            self.actors[of as usize].home,
+            self.actors[member as usize].home,
+        );
+        if here == there {
+            return None;
+        }
+        self.federation.domain(there)
+    }
+
     pub(super) fn node(&self, a: ActorIndex) -> Option<&sund_model::node::Node> {
         match &self.actors[a as usize].machine {
             Machine::Node(Some(n), _) => Some(n),
@@ -102,13 +117,24 @@ impl World {
         let creator = c.members[0];
         let own = self.user_name(creator).to_string();
         let mut users: Vec<UserId> = Vec::new();
+        // Users of other domains, by domain: their devices join through their own gateway.
+        let mut foreign: BTreeMap<String, Vec<UserId>> = BTreeMap::new();
         for &m in &c.members {
             let name = self.user_name(m);
             let user = super::federation::user_id(&self.scenario, name);
             // A user whose every device was revoked cannot be invited (the gateway holds no
             // KeyPackage of theirs); a person would create the room without them.
-            if name != own && !users.contains(&user) && !self.user_revoked(name) {
-                users.push(user);
+            if name == own || users.contains(&user) || self.user_revoked(name) {
+                continue;
+            }
+            match self.foreign_domain(creator, m) {
+                Some(domain) => {
+                    let of_domain = foreign.entry(domain).or_default();
+                    if !of_domain.contains(&user) {
+                        of_domain.push(user);
+                    }
+                }
+                None => users.push(user),
             }
         }
         if self.creation_abandoned(c) {
@@ -126,8 +152,23 @@ impl World {
         let mut id = None;
         self.with_node(creator, |n, now| {
             id = match kind {
-                GroupKind::Dm => n.create_dm(now, users[0]).ok(),
-                GroupKind::Room => n.create_room(now, &users).ok(),
+                GroupKind::Dm => match foreign.iter().next() {
+                    Some((domain, other)) => n.create_dm_across(now, other[0], domain).ok(),
+                    None => n.create_dm(now, users[0]).ok(),
+                },
+                GroupKind::Room => {
+                    let id = n.create_room(now, &users).ok();
+                    for (domain, users) in &foreign {
+                        let add = Intent::AddForeign {
+                            domain: domain.clone(),
+                            users: users.iter().map(|u| u.to_bytes().into()).collect(),
+                        };
+                        if let Some(id) = id {
+                            let _ = n.change_group(now, id, add);
+                        }
+                    }
+                    id
+                }
                 // Scenario files name rooms and DMs only (the parser says so).
                 GroupKind::Own => n.create_own(now).ok(),
             };
@@ -263,17 +304,34 @@ impl World {
                 CommitKind::Update => Some(Intent::Update),
                 CommitKind::Leave => Some(Intent::Leave),
                 CommitKind::Add => {
-                    let mut users: Vec<UserId> = Vec::new();
+                    // One intent per domain: this device's own, then each other one.
+                    let mut users: BTreeMap<Option<String>, Vec<UserId>> = BTreeMap::new();
                     for &m in &declared {
                         let user = super::federation::user_id(&self.scenario, self.user_name(m));
                         let missing = !members.contains(&self.actors[m as usize].device);
-                        if missing && !users.contains(&user) {
-                            users.push(user);
+                        let of_domain = users.entry(self.foreign_domain(device, m)).or_default();
+                        if missing && !of_domain.contains(&user) {
+                            of_domain.push(user);
                         }
                     }
-                    (!users.is_empty()).then(|| {
-                        Intent::AddUsers(users.iter().map(|u| u.to_bytes().into()).collect())
-                    })
+                    let mut intents =
+                        users
+                            .into_iter()
+                            .filter(|(_, u)| !u.is_empty())
+                            .map(|(domain, users)| {
+                                let users = users.iter().map(|u| u.to_bytes().into()).collect();
+                                match domain {
+                                    None => Intent::AddUsers(users),
+                                    Some(domain) => Intent::AddForeign { domain, users },
+                                }
+                            });
+                    let first = intents.next();
+                    for later in intents {
+                        self.with_node(device, |n, now| {
+                            let _ = n.change_group(now, id, later);
+                        });
+                    }
+                    first
                 }
                 CommitKind::Remove => {
                     // A DM member removes only its own user's devices; in a room, anyone but

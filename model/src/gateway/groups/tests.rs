@@ -30,7 +30,31 @@ fn ops(added: &[u128], removed: &[u128]) -> GroupOps {
             .map(|n| ByteArray::from(d(*n).to_bytes()))
             .collect(),
         roles: Vec::new(),
+        domains: None,
     }
+}
+
+#[test]
+fn a_declaration_naming_more_domains_than_added_devices_is_invalid() {
+    use crate::mls::group_ops::AddedDomain;
+    let domain = |domain: &str| AddedDomain {
+        device: ByteArray::from(d(20).to_bytes()),
+        domain: domain.into(),
+    };
+    let mut declared = ops(&[20], &[]);
+    declared.domains = Some(vec![domain("b.example")]);
+    assert_eq!(GroupOps::decode(&declared.encode()), Ok(declared.clone()));
+    declared.domains = Some(vec![domain("b.example"), domain("c.example")]);
+    assert!(matches!(
+        GroupOps::decode(&declared.encode()),
+        Err(GroupRefusal::Invalid(_))
+    ));
+    declared.domains = Some(vec![domain(&"a".repeat(254))]);
+    assert!(GroupOps::decode(&declared.encode()).is_err());
+    // Without other domains' devices the field is left out: the bytes are as before.
+    let plain = ops(&[20], &[]);
+    assert!(!plain.encode().is_empty());
+    assert_eq!(GroupOps::decode(&plain.encode()), Ok(plain));
 }
 
 fn room() -> GroupState {

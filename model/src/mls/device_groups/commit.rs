@@ -309,6 +309,14 @@ impl DeviceGroups {
                     }
                     let leaf = free.next().expect("an endless supply of leaves");
                     ops.added.push(AddedDevice::new(device, user, leaf));
+                    if let Some(domain) = intent.domain() {
+                        ops.domains.get_or_insert_with(Vec::new).push(
+                            crate::mls::group_ops::AddedDomain {
+                                device: ByteArray::from(device.to_bytes()),
+                                domain,
+                            },
+                        );
+                    }
                     packages.push(package);
                 }
                 if packages.is_empty() && !creating {

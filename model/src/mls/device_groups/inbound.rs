@@ -86,6 +86,15 @@ impl DeviceGroups {
                     .map_err(mls_error(MlsStep::Join))
             });
         let group = result?;
+        // A member certified by a domain whose root is not vouched for here: the Welcome stays
+        // in the inbox (this device's gateway may not have met that domain's yet).
+        let unvouched = group.members().find_map(|m| {
+            let basic = BasicCredential::try_from(m.credential.clone()).ok()?;
+            mls.unvouched_domain(basic.identity())
+        });
+        if let Some(domain) = unvouched {
+            return Err(GroupError::RootNotVouched(domain));
+        }
         // Every member of the group joined must be certified and bound to its MLS key; one
         // revoked since it joined is being removed by the group (see `verify_member_at_join`).
         let uncertified = group.members().find_map(|m| {
@@ -203,6 +212,27 @@ impl DeviceGroups {
                 && !drawn(conv, seq, self.device, members, sample)
             {
                 return Processed::Skipped;
+            }
+        }
+        // A commit adding a device of a domain whose root is not vouched for here yet: wait
+        // before processing it (processing spends its key, so it could not be tried again).
+        let commit = message.content_type() == ContentType::Commit;
+        if let Some(Ok((framing, aad))) =
+            commit.then(|| crate::mls::commit_authority::read_message(body))
+        {
+            if framing.kind == crate::mls::commit_authority::Kind::Commit {
+                let unvouched = GroupOps::decode(&aad)
+                    .ok()
+                    .and_then(|ops| ops.domains)
+                    .into_iter()
+                    .flatten()
+                    .find(|d| !mls.vouches_for(&d.domain));
+                if let Some(d) = unvouched {
+                    return Processed::Wait(format!(
+                        "a commit by {sender} adds a device certified by {}, whose root this device's gateway has not vouched for yet",
+                        d.domain
+                    ));
+                }
             }
         }
         let epoch_before = group.epoch().as_u64();

@@ -278,6 +278,9 @@ pub enum Processed {
     },
     /// Nothing for the application (a message for a group we are not in any more).
     Nothing,
+    /// Not processed yet: a commit adds a device certified by a domain whose root this
+    /// device's gateway has not vouched for (yet). Delivery waits here until it has.
+    Wait(String),
 }
 
 /// Why a group command was refused.
@@ -296,6 +299,13 @@ pub enum GroupError {
     /// An MLS step failed.
     #[error("{0}")]
     Mls(MlsFailure),
+    /// A member is certified by a domain whose root this device's gateway has not vouched for
+    /// (yet: its link to that domain may not have come up): the Welcome waits at the gateway
+    /// and is tried again when it comes again.
+    #[error(
+        "a member is certified by {0}, whose root this device's gateway has not vouched for (yet)"
+    )]
+    RootNotVouched(String),
 }
 
 /// Which MLS step failed.
