@@ -20,11 +20,13 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use super::foreign_fetch::ForeignFetches;
+use super::registry::Registry;
 use super::{Gateway, Refusal};
 use crate::federation::entry::{Entry, Outcome, OPEN_MEMBERS_MAX};
 use crate::gateway::groups::Change;
 use crate::gateway::outgoing::STAGED_BYTES_MAX;
-use crate::ids::{ConversationId, DeviceId, MsgId};
+use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::commit_authority::{read_message, Kind};
 use crate::mls::group_ops::GroupKind;
 use crate::time::Instant;
@@ -35,7 +37,30 @@ use crate::wire::Routing;
 /// devices it names, at 16 bytes each).
 const WELCOME_ENTRY_OVERHEAD: usize = 64;
 
+/// The user of a group's member device: one registered here, or another domain's as its own
+/// gateway said (what commits adding it are checked against).
+pub(super) fn member_user(
+    registry: &Registry,
+    foreign: &ForeignFetches,
+    device: DeviceId,
+) -> Option<UserId> {
+    registry
+        .user_of(device)
+        .or_else(|| foreign.foreign_device(device).map(|(user, _)| user))
+}
+
 impl Gateway {
+    /// The domain of `device` if it is another domain's that this gateway learned of (a
+    /// device registered here is never foreign).
+    fn foreign_domain(&self, device: DeviceId) -> Option<&str> {
+        if self.registry.user_of(device).is_some() {
+            return None;
+        }
+        self.foreign_fetches
+            .foreign_device(device)
+            .map(|(_, domain)| domain)
+    }
+
     /// Checks the part of an admitted commit that concerns other domains' devices: each one
     /// added is known from its gateway's answer and not revoked by its domain, the Welcome
     /// fits the link, and none is removed (not built yet).
@@ -57,11 +82,9 @@ impl Gateway {
         };
         let mut added = 0usize;
         for (device, _, _) in &change.added {
-            if self.registry.user_of(*device).is_some() {
+            // The groups' check refused devices nobody named already.
+            let Some(domain) = self.foreign_domain(*device) else {
                 continue;
-            }
-            let Some((_, domain)) = self.foreign_fetches.foreign_device(*device) else {
-                continue; // the groups' check refused devices nobody named already
             };
             added += 1;
             if self.peer_crls.revokes(domain, *device) {
@@ -92,10 +115,11 @@ impl Gateway {
                 "the Welcome is too large to cross to another domain's gateway: add fewer devices at once".into(),
             ));
         }
-        if let Some(device) = change.removed.iter().find(|d| {
-            self.foreign_fetches.foreign_device(**d).is_some()
-                && self.registry.user_of(**d).is_none()
-        }) {
+        if let Some(device) = change
+            .removed
+            .iter()
+            .find(|d| self.foreign_domain(**d).is_some())
+        {
             return Err(refuse(
                 ErrorCode::Forbidden,
                 format!("device {device} is of another domain, and removing other domains' members is not built yet"),
@@ -111,18 +135,15 @@ impl Gateway {
         mut change: Change,
     ) -> (Change, BTreeMap<String, Vec<DeviceId>>) {
         let mut foreign: BTreeMap<String, Vec<DeviceId>> = BTreeMap::new();
-        change.added.retain(|(device, _, _)| {
-            if self.registry.user_of(*device).is_some() {
-                return true;
-            }
-            match self.foreign_fetches.foreign_device(*device) {
-                Some((_, domain)) => {
+        change
+            .added
+            .retain(|(device, _, _)| match self.foreign_domain(*device) {
+                Some(domain) => {
                     foreign.entry(domain.to_string()).or_default().push(*device);
                     false
                 }
                 None => true,
-            }
-        });
+            });
         (change, foreign)
     }
 
@@ -232,8 +253,7 @@ impl Gateway {
             .log(conv)
             .and_then(|log| log.duplicate_of(sender, msg_id))
             .is_some();
-        let registry = &self.registry;
-        let foreign = &self.foreign_fetches;
+        let (registry, foreign) = (&self.registry, &self.foreign_fetches);
         let admitted = self.groups.admit(
             sender,
             conv,
@@ -242,11 +262,7 @@ impl Gateway {
             None,
             duplicate,
             true,
-            &|d| {
-                registry
-                    .user_of(d)
-                    .or_else(|| foreign.foreign_device(d).map(|(user, _)| user))
-            },
+            &|d| member_user(registry, foreign, d),
             None,
         );
         match admitted {

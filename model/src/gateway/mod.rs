@@ -1740,8 +1740,7 @@ impl Gateway {
                 .log(conv)
                 .and_then(|log| log.duplicate_of(device, msg_id))
                 .is_some();
-            let registry = &self.registry;
-            let foreign = &self.foreign_fetches;
+            let (registry, foreign) = (&self.registry, &self.foreign_fetches);
             let admitted = self.groups.admit(
                 device,
                 conv,
@@ -1750,11 +1749,7 @@ impl Gateway {
                 welcome,
                 duplicate,
                 self.delivery.contains(conv),
-                &|d| {
-                    registry
-                        .user_of(d)
-                        .or_else(|| foreign.foreign_device(d).map(|(user, _)| user))
-                },
+                &|d| foreign_members::member_user(registry, foreign, d),
                 Some(registry.crl()),
             );
             match admitted {

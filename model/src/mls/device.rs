@@ -225,16 +225,10 @@ impl DeviceMls {
                 .is_some_and(|p| p.roots.contains_key(domain))
     }
 
-    /// The domain certifying `identity`, if it is another than this device's own and no root
-    /// of it is vouched for (so that the credential cannot be checked now).
+    /// The domain certifying `identity`, if it is one this device cannot vouch for (see
+    /// [`DeviceMls::vouches_for`]), so that the credential cannot be checked now.
     pub fn unvouched_domain(&self, identity: &[u8]) -> Option<String> {
-        let (own, _) = self.trust.as_ref()?;
-        let domain = domain_of_identity(identity)?;
-        let vouched = self
-            .peer_roots
-            .as_ref()
-            .is_some_and(|p| p.roots.contains_key(&domain));
-        (domain != own.domain && !vouched).then_some(domain)
+        domain_of_identity(identity).filter(|domain| !self.vouches_for(domain))
     }
 
     /// For a credential certified by another domain than `own`'s: that domain's root as the

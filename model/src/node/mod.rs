@@ -1336,7 +1336,7 @@ impl Node {
         let mut group_changed = false;
         let mut last_read = None;
         loop {
-            let event = match self.process(conv, next, item.clone()) {
+            let event = match self.process(conv, next, &item) {
                 Ok(event) => event,
                 Err(reason) => {
                     // Parked until its gateway vouches for the root it needs (or the gateway
@@ -1495,7 +1495,7 @@ impl Node {
         &mut self,
         conv: ConversationId,
         seq: u64,
-        item: Inbound,
+        item: &Inbound,
     ) -> Result<Option<NodeEvent>, String> {
         let delivered = |body: Bytes| NodeEvent::Delivered {
             conversation: conv,
