@@ -670,6 +670,35 @@ fn write_federation_entry_seeds() {
                 msg_id,
                 after: Some(MsgId(0x1)),
                 body: Bytes::from_static(b"ciphertext"),
+                welcome: None,
+                vouched: vec![],
+            },
+        ),
+        (
+            "relay-commit",
+            Entry::Relay {
+                conversation,
+                sender,
+                msg_id,
+                after: None,
+                body: Bytes::from_static(b"a commit"),
+                welcome: Some(Bytes::from_static(b"an MLS Welcome")),
+                vouched: vec![(DeviceId(0xB2), UserId(0xB0B))],
+            },
+        ),
+        (
+            "removed",
+            Entry::Removed {
+                conversation,
+                seq: 9,
+                devices: vec![DeviceId(0xB2)],
+            },
+        ),
+        (
+            "leave",
+            Entry::Leave {
+                conversation,
+                device: sender,
             },
         ),
         (

@@ -701,7 +701,7 @@ async fn leave(device: &Device, conv: ConversationId) -> Result<Left, String> {
         loop {
             tokio::select! {
                 _ = &mut deadline, if !proposed => return Err(format!(
-                    "the gateway did not sequence this device's removal within {GROUP_DEADLINE:?}                      (`sund status` says whether it can be reached); the request is kept and sent                      again at the next start of this device"
+                    "the gateway did not sequence this device's removal within {GROUP_DEADLINE:?} (`sund status` says whether it can be reached); the request is kept and sent again at the next start of this device"
                 )),
                 _ = &mut grace, if proposed => return Ok(Left::Proposed),
                 event = node.events.recv() => match event {

@@ -312,7 +312,7 @@ fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other
     let tmp = tempfile::tempdir().unwrap();
     let at = |name: &str| tmp.path().join(name);
     let path = |name: &str| at(name).to_str().unwrap().to_string();
-    let Federated { a, b, keys } = federated(tmp.path(), "");
+    let Federated { a, b, keys, .. } = federated(tmp.path(), "");
     wait_for_link(&at("a.toml"), "b.example", "up", Duration::from_secs(30));
     let a_config = at("a.toml");
     let a_config = a_config.to_str().unwrap();
@@ -580,7 +580,7 @@ fn federated(dir: &Path, a_extra: &str) -> Federated {
     let a = start(&at("a.toml"), &at("a.log"));
     let b = start(&at("b.toml"), &at("b.log"));
     wait_for_link(&at("a.toml"), "b.example", "up", Duration::from_secs(30));
-    Federated { a, b, keys }
+    Federated { a, b, keys, a_port }
 }
 
 /// What [`federated`] started.
@@ -589,6 +589,8 @@ struct Federated {
     b: Guard,
     /// alice's and bob's device keys.
     keys: Vec<String>,
+    /// a.example's device port.
+    a_port: u16,
 }
 
 /// a.example's operator makes `room`, homed there, with alice's device, and shares it with
@@ -635,7 +637,7 @@ fn a_peer_past_its_relay_limit_is_refused_for_a_while_and_nothing_is_lost_or_reo
     let tmp = tempfile::tempdir().unwrap();
     let at = |name: &str| tmp.path().join(name);
     let path = |name: &str| at(name).to_str().unwrap().to_string();
-    let Federated { a, b, keys } = federated(
+    let Federated { a, b, keys, .. } = federated(
         tmp.path(),
         "\n[limits]\npeer_relays_per_second = 2\npeer_relay_burst = 3\n",
     );
@@ -823,6 +825,122 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
         "{refused}"
     );
     assert!(!at("carol").join("node.toml").exists(), "nothing set up");
+    terminate(b);
+    terminate(a);
+}
+
+/// The conversation id `sund room create` printed (`room NAME (conv:…) …`).
+fn conversation_in(out: &str) -> String {
+    let start = out.find("(conv:").expect("the room's id is printed") + 1;
+    let end = start + out[start..].find(')').unwrap();
+    out[start..end].to_string()
+}
+
+#[test]
+fn members_of_both_domains_change_a_room_that_spans_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let Federated { a, b, a_port, .. } = federated(tmp.path(), "");
+    // carol, a second user of a.example.
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", &path("a")]);
+    let token = enrol(&path("a"), "carol");
+    init_device(
+        &path("carol"),
+        &format!("127.0.0.1:{a_port}"),
+        cert.trim(),
+        Some("carol"),
+        Some(&token),
+    );
+    // Each device comes online once (and uploads its KeyPackages).
+    for who in ["alice", "bob", "carol"] {
+        run(&sund(), &["status", "--data-dir", &path(who)]);
+    }
+    // bob makes a room at b.example with alice of a.example, and makes her an admin.
+    let made = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &path("bob"),
+            "team",
+            "--invite",
+            "alice@a.example",
+        ],
+    );
+    let conv = conversation_in(&made);
+    for who in ["alice", "carol"] {
+        run(
+            &sund(),
+            &["room", "name", "--data-dir", &path(who), &conv, "team"],
+        );
+    }
+    let role = run(
+        &sund(),
+        &[
+            "room",
+            "role",
+            "--data-dir",
+            &path("bob"),
+            "team",
+            "alice@a.example",
+            "admin",
+        ],
+    );
+    assert!(role.contains("is now admin of team"), "{role}");
+    // alice invites carol: her commit goes through a.example, which vouches for carol's
+    // device, to the room's home at b.example, which sends the Welcome back to a.example.
+    let invited = run(
+        &sund(),
+        &[
+            "room",
+            "invite",
+            "--data-dir",
+            &path("alice"),
+            "team",
+            "carol",
+        ],
+    );
+    assert!(invited.contains("carol"), "{invited}");
+    assert!(!invited.contains("has no device"), "{invited}");
+    let sent = send(&at("bob"), "team", "hello team");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(&path("carol"), "team", 1, Duration::from_secs(60));
+    assert!(
+        read.iter().any(|l| l.ends_with("hello team")),
+        "carol joined from the Welcome and reads bob: {read:?}"
+    );
+    let sent = send(&at("carol"), "team", "hi from carol");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(&path("bob"), "team", 2, Duration::from_secs(60));
+    assert!(
+        read.iter().any(|l| l.ends_with("hi from carol")),
+        "{read:?}"
+    );
+    // carol leaves: asked through a.example, proposed at b.example, committed by a member.
+    let left = run(
+        &sund(),
+        &["room", "leave", "--data-dir", &path("carol"), "team"],
+    );
+    assert!(left.contains("this device left team"), "{left}");
+    // bob removes alice, a member of another domain.
+    let removed = run(
+        &sund(),
+        &[
+            "room",
+            "remove",
+            "--data-dir",
+            &path("bob"),
+            "team",
+            "alice@a.example",
+        ],
+    );
+    assert!(
+        !removed.contains("alice"),
+        "alice is no longer listed: {removed}"
+    );
+    assert!(!removed.contains("carol"), "nor carol: {removed}");
     terminate(b);
     terminate(a);
 }

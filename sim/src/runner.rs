@@ -90,6 +90,11 @@ struct JsonRun<'a> {
     spanning_fanned_out: Option<u64>,
     /// Relays an authority refused by its limit per peer (`peer_limited`).
     spanning_relays_limited: Option<u64>,
+    /// MLS conversations across domains: Welcomes sent to other domains' gateways, commits
+    /// relayed from them and sequenced, removals of their devices told to them.
+    spanning_welcomes_abroad: Option<u64>,
+    spanning_commits_relayed: Option<u64>,
+    spanning_removals_abroad: Option<u64>,
     /// Authority handovers: asked of an authority, done, declined, and the longest and median
     /// time a conversation was frozen (as its old authority timed it).
     handovers_asked: Option<u64>,
@@ -422,6 +427,9 @@ fn write_report(
             spanning_relayed: r.spanning.map(|s| s.relayed),
             spanning_fanned_out: r.spanning.map(|s| s.fanned_out),
             spanning_relays_limited: r.spanning.map(|s| s.relays_limited),
+            spanning_welcomes_abroad: r.spanning.map(|s| s.welcomes_sent),
+            spanning_commits_relayed: r.spanning.map(|s| s.commits_relayed),
+            spanning_removals_abroad: r.spanning.map(|s| s.removals_sent),
             handovers_asked: r.handovers.as_ref().map(|h| h.asked),
             handovers_done: r.handovers.as_ref().map(|h| h.done),
             handovers_declined: r.handovers.as_ref().map(|h| h.declined),
@@ -570,8 +578,16 @@ fn write_report(
                     } else {
                         String::new()
                     };
+                    let mls = if s.welcomes_sent + s.commits_relayed + s.removals_sent > 0 {
+                        format!(
+                            " welcomes-abroad {} commits-relayed {} removals-abroad {}",
+                            s.welcomes_sent, s.commits_relayed, s.removals_sent
+                        )
+                    } else {
+                        String::new()
+                    };
                     format!(
-                        " spanning relayed {} fanned-out {}{limited}",
+                        " spanning relayed {} fanned-out {}{mls}{limited}",
                         s.relayed, s.fanned_out
                     )
                 })

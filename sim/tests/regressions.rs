@@ -152,3 +152,18 @@ fn drain_on_a_stalled_disk_swarm_162_finishes_when_the_disk_resumes() {
 fn crash_while_draining_swarm_918_ends_the_drain() {
     run("tests/regressions/crash-while-draining-swarm-918.sund", 918);
 }
+
+/// carol/0 was removed from room-a and added back while offline; at her gateway (a replica of
+/// the room) the new Welcome replaced what she still had to read before her removal, so she
+/// never read seqs 13–65. A replica now holds the Welcome until she has, as an authority does.
+#[test]
+fn federation_mls_seed_4_a_device_re_added_abroad_reads_up_to_its_removal_first() {
+    run("../scenarios/federation-mls.sund", 4);
+}
+
+/// The authority proposed the next removal while applying a commit, and the proposal went to
+/// the other domains before the commit itself: their replicas took the commit's seq as lost.
+#[test]
+fn federation_mls_seed_6_a_proposal_goes_abroad_after_the_commit_before_it() {
+    run("../scenarios/federation-mls.sund", 6);
+}

@@ -43,6 +43,13 @@
 //!   member gateway keeps a replica of the conversation from then on and puts the Welcome in
 //!   each device's inbox.
 //!
+//! - [`Entry::Removed`]: the authority tells a member gateway that a commit it sequenced at
+//!   `seq` removed these devices of that gateway's domain.
+//! - [`Entry::Leave`]: a member gateway's device asks to leave; the authority proposes its
+//!   removal.
+//! - A relayed commit ([`Entry::Relay`] with `welcome` or `vouched`) carries the Welcome for
+//!   the devices it adds and, for those of the relaying gateway's domain, their users.
+//!
 //! Batching:
 //!
 //! - [`Entry::Bundle`]: the entries a gateway produced for one peer in one batch (one commit),
@@ -81,6 +88,13 @@ const KIND_BUNDLE: u8 = 10;
 const KIND_KEY_PACKAGE_REQUEST: u8 = 11;
 const KIND_KEY_PACKAGES: u8 = 12;
 const KIND_WELCOME: u8 = 13;
+/// A relay with a Welcome or vouched devices (one without is [`KIND_RELAY`], as before).
+const KIND_RELAY_COMMIT: u8 = 14;
+const KIND_REMOVED: u8 = 15;
+const KIND_LEAVE: u8 = 16;
+
+/// The most devices a relayed commit vouches for: as many as a commit adds.
+pub const RELAY_VOUCHED_MAX: usize = crate::mls::group_ops::ADDED_MAX;
 
 /// The most users one KeyPackage request names: as many as a device's fetch may.
 pub use crate::wire::payload::FETCH_USERS_MAX;
@@ -130,6 +144,13 @@ pub enum Entry {
         after: Option<MsgId>,
         /// Opaque content.
         body: Bytes,
+        /// With an MLS commit that adds devices: their Welcome, which the authority hands to
+        /// each added device's gateway once it has sequenced the commit.
+        welcome: Option<Bytes>,
+        /// With an MLS commit that adds devices of the relaying gateway's domain: their users,
+        /// as that gateway (the authority on its own domain's devices) says (at most
+        /// [`RELAY_VOUCHED_MAX`]).
+        vouched: Vec<(DeviceId, UserId)>,
     },
     /// From the authority: the message it sequenced at `seq`. Taken only from a bundle whose
     /// signature covers its [`sequenced_statement`] (so whoever holds it can show who ordered
@@ -243,6 +264,26 @@ pub enum Entry {
         devices: Vec<DeviceId>,
         /// The MLS Welcome.
         welcome: Bytes,
+    },
+    /// From the authority of an MLS conversation: the commit it sequenced at `seq` (sent
+    /// just after, if the receiving gateway keeps other member devices) removed `devices` of
+    /// the receiving gateway's domain; each reads up to the seq before, then hears that it
+    /// was removed.
+    Removed {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The seq of the commit that removed them.
+        seq: u64,
+        /// The receiving gateway's devices it removed (at most [`OPEN_MEMBERS_MAX`]).
+        devices: Vec<DeviceId>,
+    },
+    /// From a member gateway: its `device` asks to leave the MLS conversation (the authority
+    /// proposes its removal as the group's external sender; a member commits it).
+    Leave {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The device leaving (a device of the relaying gateway's domain).
+        device: DeviceId,
     },
     /// From any peer: several entries, in the order the sender produced them, as one link
     /// entry. Never nested.
@@ -407,7 +448,9 @@ impl Entry {
             | Entry::Moved { conversation, .. }
             | Entry::Following { conversation, .. }
             | Entry::Declined { conversation, .. }
-            | Entry::Welcome { conversation, .. } => *conversation,
+            | Entry::Welcome { conversation, .. }
+            | Entry::Removed { conversation, .. }
+            | Entry::Leave { conversation, .. } => *conversation,
             Entry::Revocations { .. }
             | Entry::KeyPackageRequest { .. }
             | Entry::KeyPackages { .. }
@@ -442,13 +485,31 @@ impl Entry {
                 msg_id,
                 after,
                 body,
+                welcome,
+                vouched,
             } => {
-                out.push(KIND_RELAY);
+                let plain = welcome.is_none() && vouched.is_empty();
+                out.push(if plain { KIND_RELAY } else { KIND_RELAY_COMMIT });
                 out.extend_from_slice(&conversation.to_bytes());
                 out.extend_from_slice(&sender.to_bytes());
                 out.extend_from_slice(&msg_id.to_bytes());
                 put_optional_id(&mut out, *after);
                 put_body(&mut out, body);
+                if !plain {
+                    assert!(vouched.len() <= RELAY_VOUCHED_MAX, "bounded by the caller");
+                    match welcome {
+                        None => out.push(0),
+                        Some(welcome) => {
+                            out.push(1);
+                            put_body(&mut out, welcome);
+                        }
+                    }
+                    out.extend_from_slice(&(vouched.len() as u16).to_be_bytes());
+                    for (device, user) in vouched {
+                        out.extend_from_slice(&device.to_bytes());
+                        out.extend_from_slice(&user.to_bytes());
+                    }
+                }
             }
             Entry::Sequenced {
                 conversation,
@@ -589,6 +650,25 @@ impl Entry {
                 put_devices(&mut out, devices);
                 put_body(&mut out, welcome);
             }
+            Entry::Leave {
+                conversation,
+                device,
+            } => {
+                out.push(KIND_LEAVE);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&device.to_bytes());
+            }
+            Entry::Removed {
+                conversation,
+                seq,
+                devices,
+            } => {
+                debug_assert!(devices.len() <= OPEN_MEMBERS_MAX, "bounded by the caller");
+                out.push(KIND_REMOVED);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+                put_devices(&mut out, devices);
+            }
             Entry::KeyPackageRequest {
                 request,
                 requester,
@@ -725,13 +805,26 @@ impl Entry {
                     members,
                 }
             }
-            KIND_RELAY => Entry::Relay {
-                conversation,
-                sender: DeviceId::from_bytes(id(&mut r)?),
-                msg_id: MsgId::from_bytes(id(&mut r)?),
-                after: optional_id(&mut r)?,
-                body: body(&mut r)?,
-            },
+            KIND_RELAY | KIND_RELAY_COMMIT => {
+                let sender = DeviceId::from_bytes(id(&mut r)?);
+                let msg_id = MsgId::from_bytes(id(&mut r)?);
+                let after = optional_id(&mut r)?;
+                let body = body(&mut r)?;
+                let (welcome, vouched) = if kind == KIND_RELAY {
+                    (None, Vec::new())
+                } else {
+                    relayed_commit(&mut r)?
+                };
+                Entry::Relay {
+                    conversation,
+                    sender,
+                    msg_id,
+                    after,
+                    body,
+                    welcome,
+                    vouched,
+                }
+            }
             KIND_SEQUENCED => Entry::Sequenced {
                 conversation,
                 seq: r.u64().ok_or(EntryError::Truncated)?,
@@ -841,6 +934,15 @@ impl Entry {
                 devices: devices(&mut r, OPEN_MEMBERS_MAX)?,
                 welcome: body(&mut r)?,
             },
+            KIND_LEAVE => Entry::Leave {
+                conversation,
+                device: DeviceId::from_bytes(id(&mut r)?),
+            },
+            KIND_REMOVED => Entry::Removed {
+                conversation,
+                seq: r.u64().ok_or(EntryError::Truncated)?,
+                devices: devices(&mut r, OPEN_MEMBERS_MAX)?,
+            },
             other => return Err(EntryError::UnknownKind(other)),
         };
         if r.remaining() != 0 {
@@ -848,6 +950,32 @@ impl Entry {
         }
         Ok(entry)
     }
+}
+
+/// What a relayed commit adds after the relay's body: its Welcome, and the users of the
+/// relaying domain's devices it adds.
+type RelayedCommit = (Option<Bytes>, Vec<(DeviceId, UserId)>);
+
+/// Reads [`RelayedCommit`]; allocates only what the input holds.
+fn relayed_commit(r: &mut Reader<'_>) -> Result<RelayedCommit, EntryError> {
+    let welcome = match r.u8().ok_or(EntryError::Truncated)? {
+        0 => None,
+        1 => Some(body(r)?),
+        other => return Err(EntryError::BadFlag(other)),
+    };
+    let count = usize::from(u16::from_be_bytes(
+        r.array::<2>().ok_or(EntryError::Truncated)?,
+    ));
+    if count > RELAY_VOUCHED_MAX {
+        return Err(EntryError::TooLong);
+    }
+    if r.remaining() < count * 32 {
+        return Err(EntryError::Truncated);
+    }
+    let vouched = (0..count)
+        .map(|_| Ok((DeviceId::from_bytes(id(r)?), UserId::from_bytes(id(r)?))))
+        .collect::<Result<_, EntryError>>()?;
+    Ok((welcome, vouched))
 }
 
 /// The fields of a KeyPackage request or answer after its kind byte.
@@ -1161,14 +1289,21 @@ mod tests {
                 id16(),
                 id16(),
                 proptest::option::of(id16()),
-                body.clone()
+                body.clone(),
+                proptest::option::of(body.clone()),
+                proptest::collection::vec((id16(), id16()), 0..4),
             )
-                .prop_map(|(c, s, m, a, body)| Entry::Relay {
+                .prop_map(|(c, s, m, a, body, welcome, vouched)| Entry::Relay {
                     conversation: ConversationId(c),
                     sender: DeviceId(s),
                     msg_id: MsgId(m),
                     after: a.map(MsgId),
                     body,
+                    welcome,
+                    vouched: vouched
+                        .into_iter()
+                        .map(|(d, u)| (DeviceId(d), UserId(u)))
+                        .collect(),
                 }),
             (
                 id16(),
@@ -1283,6 +1418,20 @@ mod tests {
                     devices: devices.into_iter().map(DeviceId).collect(),
                     welcome,
                 }),
+            (id16(), id16()).prop_map(|(c, d)| Entry::Leave {
+                conversation: ConversationId(c),
+                device: DeviceId(d),
+            }),
+            (
+                id16(),
+                any::<u64>(),
+                proptest::collection::vec(id16(), 0..8)
+            )
+                .prop_map(|(c, seq, devices)| Entry::Removed {
+                    conversation: ConversationId(c),
+                    seq,
+                    devices: devices.into_iter().map(DeviceId).collect(),
+                }),
         ]
     }
 
@@ -1391,6 +1540,51 @@ mod tests {
             },
         };
         assert!(largest.encode().len() <= crate::gateway::outgoing::STAGED_BYTES_MAX);
+    }
+
+    #[test]
+    fn a_relay_keeps_its_first_format_unless_it_carries_a_commits_parts() {
+        let plain = Entry::Relay {
+            conversation: ConversationId(1),
+            sender: DeviceId(2),
+            msg_id: MsgId(3),
+            after: None,
+            body: Bytes::from_static(b"m"),
+            welcome: None,
+            vouched: Vec::new(),
+        };
+        let bytes = plain.encode();
+        assert_eq!(
+            bytes[1], KIND_RELAY,
+            "a gateway of the first format reads it"
+        );
+        let Entry::Relay { body, .. } = plain.clone() else {
+            unreachable!()
+        };
+        let commit = Entry::Relay {
+            conversation: ConversationId(1),
+            sender: DeviceId(2),
+            msg_id: MsgId(3),
+            after: None,
+            body,
+            welcome: Some(Bytes::from_static(b"w")),
+            vouched: vec![(DeviceId(4), UserId(5))],
+        };
+        let bytes = commit.encode();
+        assert_eq!(bytes[1], KIND_RELAY_COMMIT);
+        assert_eq!(Entry::decode(&bytes), Ok(commit));
+        // More vouched devices than a commit adds: refused before they are read.
+        let mut long = bytes[..bytes.len() - 34].to_vec();
+        long.extend_from_slice(&((RELAY_VOUCHED_MAX + 1) as u16).to_be_bytes());
+        assert_eq!(Entry::decode(&long), Err(EntryError::TooLong));
+        // Fewer than it says: truncated, not a panic.
+        let mut short = bytes.to_vec();
+        short.truncate(short.len() - 1);
+        assert_eq!(Entry::decode(&short), Err(EntryError::Truncated));
+        // A welcome flag that is neither 0 nor 1.
+        let mut flag = bytes[..bytes.len() - 34 - 5 - 1].to_vec();
+        flag.push(2);
+        assert_eq!(Entry::decode(&flag), Err(EntryError::BadFlag(2)));
     }
 
     #[test]

@@ -152,6 +152,17 @@ impl ForeignFetches {
         Ok(fetches)
     }
 
+    /// Keeps what `domain`'s gateway said of one of its devices: it belongs to `user`.
+    pub fn learn(&mut self, device: DeviceId, user: UserId, domain: &str, writes: &mut WriteBatch) {
+        let known = self.devices.get(&device);
+        if known.is_none_or(|(u, d)| *u != user || d != domain) {
+            let mut value = user.to_bytes().to_vec();
+            value.extend_from_slice(domain.as_bytes());
+            writes.put(FOREIGN_DEVICES_TABLE, device.to_bytes().to_vec(), value);
+            self.devices.insert(device, (user, domain.to_string()));
+        }
+    }
+
     /// The user and domain of another domain's device, as its gateway said.
     pub fn foreign_device(&self, device: DeviceId) -> Option<(UserId, &str)> {
         self.devices
@@ -269,13 +280,7 @@ impl ForeignFetches {
                         self.stats.packages_unasked += 1;
                         continue;
                     }
-                    let known = self.devices.get(&p.device);
-                    if known.is_none_or(|(user, domain)| *user != p.user || domain != peer) {
-                        let mut value = p.user.to_bytes().to_vec();
-                        value.extend_from_slice(peer.as_bytes());
-                        writes.put(FOREIGN_DEVICES_TABLE, p.device.to_bytes().to_vec(), value);
-                        self.devices.insert(p.device, (p.user, peer.to_string()));
-                    }
+                    self.learn(p.device, p.user, peer, writes);
                     found.push(FetchedKeyPackage {
                         user: p.user.to_bytes().into(),
                         device: p.device.to_bytes().into(),
@@ -759,7 +764,7 @@ mod tests {
         use crate::env::{Store, WriteBatch};
         use crate::gateway::key_packages::PackageKind;
         use crate::gateway::test_pair::{frames, Pair, DOMAINS, NOW};
-        use crate::gateway::{GatewayInput, GatewayOutput};
+        use crate::gateway::GatewayInput;
         use crate::testing::{drain_gateway, queued_entries};
         use crate::wire::payload::ErrorReport;
         use crate::wire::presence::ContactAction;
@@ -911,318 +916,6 @@ mod tests {
             assert_eq!(
                 w.gateways[0].0.stats().foreign_key_packages.answers_dropped,
                 1
-            );
-        }
-
-        /// A real device (a `Node` with MLS) on a connection of its own to gateway `at`.
-        struct Device {
-            at: usize,
-            conn: ConnectionId,
-            node: crate::node::Node,
-            store: crate::env::MemStore,
-            events: Vec<crate::node::NodeEvent>,
-            sent: Vec<Frame>,
-        }
-
-        fn device(at: usize, seed: u8, user: UserId) -> Device {
-            use crate::mls::device::DeviceMlsConfig;
-            use crate::mls::{LifetimePolicy, Randomness};
-            let mut config =
-                crate::node::NodeConfig::new(crate::identity::DeviceKey::from_seed([seed; 32]));
-            config.user = Some(user);
-            config.mls = Some(DeviceMlsConfig {
-                randomness: Randomness::Simulation,
-                lifetime: LifetimePolicy::Unbounded,
-                pool_target: 4,
-                decrypt_sample: None,
-                verified: None,
-            });
-            let store = crate::env::MemStore::default();
-            let entropy = Box::new(crate::testing::TestEntropy(u64::from(seed)));
-            let node = crate::node::Node::recover(config, entropy, NOW, &store).unwrap();
-            Device {
-                at,
-                conn: ConnectionId(5000 + u64::from(seed)),
-                node,
-                store,
-                events: Vec::new(),
-                sent: Vec::new(),
-            }
-        }
-
-        /// Moves frames between devices and their gateways, and entries between the
-        /// gateways, until nothing moves.
-        fn run(w: &mut Pair, devices: &mut [Device]) {
-            use crate::node::{NodeInput, NodeOutput};
-            for _ in 0..200 {
-                let mut moved = false;
-                for d in devices.iter_mut() {
-                    if d.node.poll_timeout().is_some_and(|at| at <= NOW) {
-                        d.node.handle_timeout(NOW);
-                    }
-                    while let Some(mut ready) = d.node.poll_ready() {
-                        let mut outputs = ready.take_eager();
-                        outputs.extend(ready.commit(&mut d.store).unwrap());
-                        for output in outputs {
-                            let (g, _) = &mut w.gateways[d.at];
-                            match output {
-                                NodeOutput::Connect => {
-                                    g.handle(NOW, GatewayInput::Accepted(d.conn));
-                                    d.node.handle(NOW, NodeInput::Connected(d.conn));
-                                    moved = true;
-                                }
-                                NodeOutput::Send(conn, bytes) => {
-                                    d.sent.push(Frame::decode(&bytes, u32::MAX).unwrap());
-                                    g.handle(NOW, GatewayInput::Frame(conn, bytes));
-                                    moved = true;
-                                }
-                                NodeOutput::Event(event) => d.events.push(event),
-                                _ => {}
-                            }
-                        }
-                    }
-                }
-                let mut released: Vec<(usize, GatewayOutput)> = Vec::new();
-                for at in 0..2 {
-                    let (g, store) = &mut w.gateways[at];
-                    released.extend(drain_gateway(g, store).into_iter().map(|o| (at, o)));
-                }
-                let handed = w.settle();
-                for at in 0..2 {
-                    released.extend(
-                        std::mem::take(&mut w.released[at])
-                            .into_iter()
-                            .map(|o| (at, o)),
-                    );
-                }
-                for (at, output) in released {
-                    if let GatewayOutput::Send(conn, bytes) = output {
-                        if let Some(d) = devices.iter_mut().find(|d| d.at == at && d.conn == conn) {
-                            d.node.handle(NOW, NodeInput::Frame(conn, bytes));
-                            moved = true;
-                        }
-                    }
-                }
-                if !moved && handed.is_empty() {
-                    return;
-                }
-            }
-            panic!("the devices and gateways never went quiet");
-        }
-
-        /// The devices that alice's commits sent to a.example add, and whether each carried
-        /// a Welcome.
-        fn added_by_commits(alice: &Device) -> Vec<(Vec<DeviceId>, bool)> {
-            use crate::mls::commit_authority::read_message;
-            use crate::mls::group_ops::GroupOps;
-            alice
-                .sent
-                .iter()
-                .filter_map(|f| match &f.payload {
-                    Payload::Send(send) => {
-                        let (_, aad) = read_message(&send.body).ok()?;
-                        let ops = GroupOps::decode(&aad).ok()?;
-                        let added = ops
-                            .added
-                            .iter()
-                            .map(|a| DeviceId::from_bytes(*a.device))
-                            .collect();
-                        Some((added, send.welcome.is_some()))
-                    }
-                    _ => None,
-                })
-                .collect()
-        }
-
-        /// The bodies `d` was delivered in `conv` from `from`, in order.
-        fn read(d: &Device, conv: crate::ids::ConversationId, from: &Device) -> Vec<bytes::Bytes> {
-            let from = from.node.device();
-            d.events
-                .iter()
-                .filter_map(|e| match e {
-                    crate::node::NodeEvent::Delivered {
-                        conversation,
-                        body,
-                        sender,
-                        ..
-                    } if *conversation == conv && *sender == from => Some(body.clone()),
-                    _ => None,
-                })
-                .collect()
-        }
-
-        #[test]
-        fn a_dm_with_another_domains_user_reaches_him_through_his_gateway_both_ways() {
-            let mut w = Pair::new();
-            let mut devices = vec![device(0, 61, alice()), device(1, 62, bob())];
-            run(&mut w, &mut devices);
-            let bob_device = devices[1].node.device();
-            assert!(
-                w.gateways[1]
-                    .0
-                    .key_packages
-                    .directory()
-                    .remaining(bob_device)
-                    > 0,
-                "bob's device uploaded its packages"
-            );
-            let conv = devices[0]
-                .node
-                .create_dm_across(NOW, bob(), DOMAINS[1])
-                .unwrap();
-            run(&mut w, &mut devices);
-            let fetched = devices[0].sent.iter().any(|f| {
-                matches!(&f.payload, Payload::KeyPackageFetch(fetch)
-                    if fetch.domain.as_deref() == Some(DOMAINS[1]))
-            });
-            assert!(fetched, "alice's device asked for b.example's packages");
-            // The commit adding bob's device, with its Welcome: his package passed the check
-            // against b.example's root, which a.example's root vouched for.
-            let commits = added_by_commits(&devices[0]);
-            assert!(
-                commits.contains(&(vec![bob_device], true)),
-                "{commits:?} {:?}",
-                devices[0].events
-            );
-            // a.example took bob's user from b.example's answer, sequenced the commit and
-            // sent the Welcome to b.example, which keeps a replica: bob's device joined,
-            // checking alice's credential against a.example's root as b.example vouched.
-            let joined = devices[1].events.iter().any(|e| {
-                matches!(e, crate::node::NodeEvent::Joined { conversation, .. } if *conversation == conv)
-            });
-            assert!(joined, "{:?}", devices[1].events);
-            let a = w.gateways[0].0.stats().spanning;
-            let b = w.gateways[1].0.stats().spanning;
-            assert_eq!((a.welcomes_sent, b.welcomes_taken), (1, 1));
-            assert_eq!(
-                w.gateways[0].0.spanning.authority_of(conv),
-                None,
-                "homed at a"
-            );
-            assert_eq!(
-                w.gateways[1].0.spanning.authority_of(conv),
-                Some(DOMAINS[0])
-            );
-            // Messages both ways, end to end encrypted, in order.
-            for text in ["hello bob", "from a.example"] {
-                devices[0]
-                    .node
-                    .send(NOW, conv, bytes::Bytes::from_static(text.as_bytes()))
-                    .unwrap();
-            }
-            devices[1]
-                .node
-                .send(NOW, conv, bytes::Bytes::from_static(b"hi alice"))
-                .unwrap();
-            run(&mut w, &mut devices);
-            assert_eq!(
-                read(&devices[1], conv, &devices[0]),
-                [&b"hello bob"[..], &b"from a.example"[..]]
-            );
-            assert_eq!(read(&devices[0], conv, &devices[1]), [&b"hi alice"[..]]);
-            // Each reads its own messages back too, in the one order the authority gave.
-            assert_eq!(read(&devices[1], conv, &devices[1]), [&b"hi alice"[..]]);
-            assert!(
-                w.gateways[0].0.stats().spanning.relays_taken >= 1,
-                "bob's message was relayed to the authority"
-            );
-        }
-
-        #[test]
-        fn a_room_takes_members_of_both_domains_and_a_change_from_the_other_domain_is_refused() {
-            let mut w = Pair::new();
-            let carol = UserId::of("carol", DOMAINS[0]);
-            let mut devices = vec![
-                device(0, 71, alice()),
-                device(1, 72, bob()),
-                device(0, 73, carol),
-            ];
-            run(&mut w, &mut devices);
-            let conv = devices[0].node.create_room(NOW, &[carol]).unwrap();
-            run(&mut w, &mut devices);
-            let invite = crate::mls::device_groups::Intent::AddForeign {
-                domain: DOMAINS[1].into(),
-                users: vec![bob().to_bytes().into()],
-            };
-            devices[0].node.change_group(NOW, conv, invite).unwrap();
-            run(&mut w, &mut devices);
-            devices[0]
-                .node
-                .send(NOW, conv, bytes::Bytes::from_static(b"welcome, bob"))
-                .unwrap();
-            devices[1]
-                .node
-                .send(NOW, conv, bytes::Bytes::from_static(b"thanks"))
-                .unwrap();
-            run(&mut w, &mut devices);
-            for reader in [1, 2] {
-                assert_eq!(
-                    read(&devices[reader], conv, &devices[0]),
-                    [&b"welcome, bob"[..]],
-                    "reader {reader}"
-                );
-            }
-            for reader in [0, 2] {
-                assert_eq!(
-                    read(&devices[reader], conv, &devices[1]),
-                    [&b"thanks"[..]],
-                    "reader {reader}"
-                );
-            }
-            // Bob refreshing his keys is a commit relayed from b.example: not built yet, and
-            // said so (his device drops the change; the room goes on).
-            devices[1]
-                .node
-                .change_group(NOW, conv, crate::mls::device_groups::Intent::Update)
-                .unwrap();
-            run(&mut w, &mut devices);
-            let refused = devices[1].events.iter().find_map(|e| match e {
-                crate::node::NodeEvent::GroupChangeRefused { message, .. } => Some(message.clone()),
-                _ => None,
-            });
-            assert!(
-                refused.is_some_and(|m| m.contains("not built yet")),
-                "{:?}",
-                devices[1].events
-            );
-            devices[1]
-                .node
-                .send(NOW, conv, bytes::Bytes::from_static(b"still here"))
-                .unwrap();
-            run(&mut w, &mut devices);
-            assert_eq!(
-                read(&devices[0], conv, &devices[1]),
-                [&b"thanks"[..], &b"still here"[..]]
-            );
-        }
-
-        #[test]
-        fn without_a_vouched_root_a_dm_with_another_domains_user_is_refused_in_words() {
-            let mut w = Pair::new();
-            w.gateways[0]
-                .0
-                .federation
-                .as_mut()
-                .unwrap()
-                .forget_peer_root(DOMAINS[1]);
-            let mut devices = vec![device(0, 61, alice()), device(1, 62, bob())];
-            run(&mut w, &mut devices);
-            devices[0]
-                .node
-                .create_dm_across(NOW, bob(), DOMAINS[1])
-                .unwrap();
-            run(&mut w, &mut devices);
-            let refused = devices[0].events.iter().find_map(|e| match e {
-                crate::node::NodeEvent::GroupChangeRefused { message, .. } => Some(message.clone()),
-                _ => None,
-            });
-            let refused = refused.expect("alice hears that bob was not added");
-            assert!(refused.contains("could be checked"), "{refused}");
-            assert!(
-                added_by_commits(&devices[0])
-                    .iter()
-                    .all(|(added, _)| added.is_empty()),
-                "nobody of b.example was added"
             );
         }
 

@@ -576,6 +576,8 @@ mod tests {
                     msg_id: MsgId(msg),
                     after: None,
                     body: Bytes::from(format!("message {msg}")),
+                    welcome: None,
+                    vouched: Vec::new(),
                 },
             );
             self.outputs.extend(drain_gateway(g, store));

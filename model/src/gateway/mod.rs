@@ -56,6 +56,8 @@ pub mod session;
 pub mod social;
 pub mod spanning;
 #[cfg(test)]
+mod test_devices;
+#[cfg(test)]
 mod test_pair;
 pub mod transfers;
 
@@ -972,6 +974,10 @@ impl Gateway {
                 self.delivery
                     .acknowledge(now, conn, device, conv, seq, group, fx)
             }
+            Payload::Leave(_) if self.spanning.authority_of(routing.conversation).is_some() => {
+                self.relay_leave(conn, device, routing.conversation);
+                Ok(())
+            }
             Payload::Leave(_) => {
                 let conv = routing.conversation;
                 let member = self
@@ -1760,10 +1766,8 @@ impl Gateway {
                 }
             }
             if let Some(effect) = &effect {
-                let welcome = effect.welcome.as_ref();
-                if let Err(refusal) =
-                    self.check_foreign_change(conv, msg_id, &effect.change, welcome)
-                {
+                let home = self.config.domain.clone();
+                if let Err(refusal) = self.check_foreign_change(conv, msg_id, effect, &home) {
                     self.refuse(conn, refusal);
                     return;
                 }
@@ -1798,11 +1802,7 @@ impl Gateway {
         );
         let seq = match appended {
             Ok(Appended::New(seq)) => {
-                if let Some(effect) = effect.take() {
-                    self.groups.count_commit();
-                    self.apply_group_effect(now, conv, seq, *effect);
-                }
-                self.fan_out(conv, seq, after.is_some());
+                self.sequenced(now, conv, seq, after.is_some(), effect.take().map(|e| *e));
                 seq
             }
             Ok(Appended::Duplicate(seq)) => seq,
@@ -1838,9 +1838,41 @@ impl Gateway {
             .pump_members(now, conv, &self.sessions, &mut self.fx);
     }
 
+    /// A message (a local device's or a relayed one) was sequenced at `seq` in `conv`: a
+    /// commit's `effect` applies, then the message goes to each other domain with members.
+    fn sequenced(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        chained: bool,
+        effect: Option<GroupEffect>,
+    ) {
+        let commit = effect.is_some();
+        if let Some(effect) = effect {
+            self.groups.count_commit();
+            self.apply_group_effect(now, conv, seq, effect);
+        }
+        self.fan_out(conv, seq, chained);
+        if commit {
+            // After the commit went out: other domains' replicas take seqs in order.
+            self.propose_next_removal(now, conv);
+        }
+    }
+
+    /// Proposals are bound to their epoch: what a commit did not remove is proposed again in
+    /// the new one, one device per epoch (a commit holds at most one removal).
+    fn propose_next_removal(&mut self, now: Instant, conv: ConversationId) {
+        if let Some(device) = self.groups.next_removal(conv) {
+            self.issue_removal(now, conv, device);
+        }
+    }
+
     /// Applies an accepted commit sequenced at `seq`: the group's new state, the members it
-    /// adds (cursor at `seq`, a Welcome in their inbox) and removes (a notice in theirs), and
-    /// the next pending removal proposed in the new epoch.
+    /// adds (cursor at `seq`, a Welcome in their inbox; other domains' get theirs through
+    /// their gateway) and removes (a notice in theirs); the caller proposes the next pending
+    /// removal once the commit went out. Other domains' gateways hear of their devices it adds and removes
+    /// before the commit itself (as a removed device here, one removed there never reads it).
     fn apply_group_effect(
         &mut self,
         now: Instant,
@@ -1853,6 +1885,7 @@ impl Gateway {
             change,
             welcome,
             new_owner,
+            domains: _,
         } = effect;
         if new_owner.is_some() {
             self.groups.note_handover();
@@ -1861,8 +1894,9 @@ impl Gateway {
         for &device in &change.removed {
             self.transfers.member_removed(conv, device, &mut self.fx);
         }
-        // Devices of other domains join through their own gateway, which keeps a replica.
-        let (change, foreign) = self.split_foreign(change);
+        // Devices of other domains join and leave through their own gateway, which keeps a
+        // replica.
+        let (change, abroad) = self.split_foreign(change);
         let group = self.groups.get(conv).expect("set above");
         self.delivery.apply_membership(
             now,
@@ -1874,16 +1908,12 @@ impl Gateway {
             &self.sessions,
             &mut self.fx,
         );
-        if !foreign.is_empty() {
+        if !abroad.added.is_empty() {
             let kind = group.kind() as u8;
             let welcome = welcome.expect("checked: adds carry a Welcome");
-            self.welcome_abroad(conv, seq, kind, &welcome, foreign);
+            self.welcome_abroad(conv, seq, kind, &welcome, abroad.added);
         }
-        // Proposals are bound to their epoch: what this commit did not remove is proposed
-        // again in the new one, one device per epoch (a commit holds at most one removal).
-        if let Some(device) = self.groups.next_removal(conv) {
-            self.issue_removal(now, conv, device);
-        }
+        self.remove_abroad(conv, seq, abroad.removed);
     }
 
     /// Asks for `device` to leave `conv`: proposed as the group's external sender now, or once
@@ -1894,6 +1924,7 @@ impl Gateway {
             Removal::LastMember(effect) => {
                 let head = self.delivery.head(conv).unwrap_or(0);
                 self.apply_group_effect(now, conv, head, *effect);
+                self.propose_next_removal(now, conv);
             }
             Removal::Propose => self.issue_removal(now, conv, device),
         }
@@ -1909,13 +1940,16 @@ impl Gateway {
         };
         let mut id = [0u8; 16];
         self.entropy.fill_bytes(&mut id);
-        self.delivery.append_by_authority(
+        let seq = self.delivery.append_by_authority(
             now,
             conv,
             MsgId::from_bytes(id),
             proposal,
             self.fx.writes(),
         );
+        // Members of other domains must see the proposal too: the commit that follows
+        // refers to it.
+        self.fan_out(conv, seq, false);
         self.delivery
             .pump_members(now, conv, &self.sessions, &mut self.fx);
     }

@@ -24,6 +24,7 @@ use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::federation::entry::Entry;
 use crate::identity::DevicePublicKey;
 use crate::ids::DeviceId;
+use crate::time::Instant;
 use crate::trust::{Crl, CrlError, TrustRoot};
 
 use super::{Gateway, GatewayOutput};
@@ -234,7 +235,13 @@ impl Gateway {
     }
 
     /// `peer` sent its CRL.
-    pub(super) fn on_peer_crl(&mut self, peer: &str, root: DevicePublicKey, crl: &[u8]) {
+    pub(super) fn on_peer_crl(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        root: DevicePublicKey,
+        crl: &[u8],
+    ) {
         let Some(federation) = &mut self.federation else {
             return;
         };
@@ -244,6 +251,7 @@ impl Gateway {
         let outcome = self
             .peer_crls
             .take(peer, root, pinned, crl, self.fx.writes());
+        let taken = matches!(outcome, PeerCrlTaken::Taken { .. });
         if let PeerCrlTaken::Taken { version, .. } = outcome {
             federation.set_crl_held(peer, version);
         }
@@ -252,6 +260,10 @@ impl Gateway {
                 peer: peer.to_string(),
                 outcome,
             }));
+        }
+        if taken {
+            // The MLS conversations homed here drop the devices it revokes.
+            self.remove_revoked_abroad(now, peer);
         }
     }
 }
@@ -374,6 +386,8 @@ mod tests {
                         msg_id: MsgId(msg),
                         after: None,
                         body: Bytes::from_static(b"ciphertext"),
+                        welcome: None,
+                        vouched: Vec::new(),
                     },
                 );
                 drain_gateway(g, store);

@@ -19,10 +19,13 @@ use super::refusal::{out_of_sender_order_message, ZERO_MESSAGE_ID};
 use super::{AdminAnswer, Gateway, GatewayOutput, Refusal};
 use crate::federation::entry::{
     bundle_statement, sequenced_statement, statement_of, Entry, Outcome, OPEN_MEMBERS_MAX,
+    RELAY_VOUCHED_MAX,
 };
 use crate::gateway::sender_order;
 use crate::gateway::sequencer::Appended;
-use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId};
+use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
+use crate::mls::commit_authority::{read_message, Kind};
+use crate::mls::group_ops::GroupOps;
 use crate::time::Instant;
 use crate::wire::payload::{ErrorCode, Payload, Send, SendAck};
 use crate::wire::Routing;
@@ -55,11 +58,27 @@ pub struct SpanningStats {
     pub welcomes_unsent: u64,
     /// Welcomes from an authority put in this gateway's devices' inboxes.
     pub welcomes_taken: u64,
+    /// Commits relayed from member gateways that this gateway (the authority) sequenced.
+    pub commits_relayed: u64,
+    /// Removals of member gateways' devices told to those gateways.
+    pub removals_sent: u64,
+    /// Removals of this gateway's devices an authority told of.
+    pub removals_taken: u64,
     /// Entries that did not decode.
     pub entries_malformed: u64,
     /// Entries refused: from a gateway that is not the conversation's authority, or about a
     /// conversation this gateway does not hold in that role.
     pub entries_refused: u64,
+}
+
+/// A message a member gateway relayed, as its entry carried it.
+pub(super) struct Relayed {
+    sender: DeviceId,
+    msg_id: MsgId,
+    after: Option<MsgId>,
+    body: Bytes,
+    welcome: Option<Bytes>,
+    vouched: Vec<(DeviceId, UserId)>,
 }
 
 impl Gateway {
@@ -170,17 +189,32 @@ impl Gateway {
             self.spanning_stats.relays_coalesced += 1;
             return;
         }
+        let body = Bytes::from(send.body);
+        let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
+        let vouched = self.vouch_for_added(&body);
+        let with_welcome = welcome.is_some();
         let relay = Entry::Relay {
             conversation: conv,
             sender: device,
             msg_id,
             after,
-            body: Bytes::from(send.body),
+            body,
+            welcome,
+            vouched,
         };
         match self.send_entry(&authority, &relay) {
             Ok(_) => {
                 self.spanning.relayed(conv, device, msg_id, &authority);
                 self.spanning_stats.relayed += 1;
+            }
+            Err(crate::federation::EnqueueError::TooLarge(_)) if with_welcome => {
+                let message = format!(
+                    "this conversation is homed at {authority}, and the Welcome is too large to go there: add fewer devices at once"
+                );
+                let refusal = Refusal::error(ErrorCode::InvitationTooLarge, message)
+                    .in_conversation(routing)
+                    .about(msg_id);
+                self.refuse(conn, refusal);
             }
             Err(error) => {
                 let message = format!(
@@ -192,6 +226,25 @@ impl Gateway {
                 self.refuse(conn, refusal);
             }
         }
+    }
+
+    /// For a relayed MLS commit: the users of the devices of this gateway's domain it adds
+    /// (this gateway is the authority on them; the conversation's authority is not).
+    fn vouch_for_added(&self, body: &[u8]) -> Vec<(DeviceId, UserId)> {
+        let Ok((framing, aad)) = read_message(body) else {
+            return Vec::new();
+        };
+        if framing.kind != Kind::Commit {
+            return Vec::new();
+        }
+        // A declaration that does not decode is the authority's to refuse.
+        let Ok(ops) = GroupOps::decode(&aad) else {
+            return Vec::new();
+        };
+        ops.added_devices()
+            .filter_map(|(device, _)| Some((device, self.registry.user_of(device)?)))
+            .take(RELAY_VOUCHED_MAX)
+            .collect()
     }
 
     /// A message this gateway sequenced at `seq` in `conv`: to each member gateway of another
@@ -208,8 +261,8 @@ impl Gateway {
         let Some(entry) = self.delivery.log(conv).and_then(|log| log.get(seq)) else {
             return;
         };
-        // Plain conversations only so far: epoch 0.
-        let epoch = 0;
+        // The group's epoch after the message (0 in a plain conversation).
+        let epoch = self.groups.get(conv).map_or(0, |g| g.epoch());
         let statement =
             sequenced_statement(conv, seq, epoch, entry.sender, entry.msg_id, &entry.body);
         let body = Entry::Sequenced {
@@ -441,8 +494,18 @@ impl Gateway {
                 msg_id,
                 after,
                 body,
+                welcome,
+                vouched,
             } => {
-                let outcome = self.take_relay(now, peer, conversation, sender, msg_id, after, body);
+                let relayed = Relayed {
+                    sender,
+                    msg_id,
+                    after,
+                    body,
+                    welcome,
+                    vouched,
+                };
+                let outcome = self.take_relay(now, peer, conversation, relayed);
                 let answer = Entry::Answer {
                     conversation,
                     sender,
@@ -482,7 +545,7 @@ impl Gateway {
                 term,
                 reason,
             } => self.on_declined(now, peer, conversation, term, reason),
-            Entry::Revocations { root, crl } => self.on_peer_crl(peer, root, &crl),
+            Entry::Revocations { root, crl } => self.on_peer_crl(now, peer, root, &crl),
             Entry::KeyPackageRequest {
                 request,
                 requester,
@@ -498,6 +561,22 @@ impl Gateway {
                 devices,
                 welcome,
             } => self.on_welcome_entry(now, peer, conversation, seq, kind, devices, welcome),
+            Entry::Leave {
+                conversation,
+                device,
+            } => self.on_leave_entry(now, peer, conversation, device),
+            Entry::Removed {
+                conversation,
+                seq,
+                devices,
+            } => {
+                let replica = self.spanning.authority_of(conversation) == Some(peer);
+                if !replica {
+                    self.spanning_stats.entries_refused += 1;
+                    return;
+                }
+                self.on_removed_entry(now, conversation, seq, devices);
+            }
             Entry::Bundle { .. } => {
                 // Bundles are never nested (the decoder refuses them).
                 self.spanning_stats.entries_refused += 1;
@@ -506,22 +585,13 @@ impl Gateway {
     }
 
     /// The authority's handling of a relayed message: what the device will hear.
-    #[allow(clippy::too_many_arguments)]
     fn take_relay(
         &mut self,
         now: Instant,
         peer: &str,
         conv: ConversationId,
-        sender: DeviceId,
-        msg_id: MsgId,
-        after: Option<MsgId>,
-        body: Bytes,
+        relayed: Relayed,
     ) -> Outcome {
-        let refused = |code, message: String| Outcome::Refused {
-            code,
-            message,
-            after: None,
-        };
         let admitted = if self.config.planted == Some(crate::planted::PlantedBug::PeerLimitIgnored)
         {
             // Planted by the simulator: never in a real gateway.
@@ -556,70 +626,7 @@ impl Gateway {
         if let Some(federation) = &mut self.federation {
             federation.count_relay_admitted(peer);
         }
-        let moved = self
-            .spanning
-            .moving_to(conv)
-            .or_else(|| self.spanning.authority_of(conv));
-        let outcome = if let Some(to) = moved {
-            // Frozen for a handover, or handed over since the member gateway relayed it:
-            // the device sends it again, and its gateway relays it to the new authority.
-            refused(
-                ErrorCode::AuthorityMoving,
-                super::refusal::authority_moving_message(to),
-            )
-        } else if !self.spanning.is_foreign_member(conv, peer, sender) {
-            refused(
-                ErrorCode::NotMember,
-                "not a member of this conversation".into(),
-            )
-        } else if self.peer_crls.revokes(peer, sender) {
-            // Its own domain revoked it: no gateway takes its messages any more.
-            self.peer_crls.count_relay_refused();
-            refused(
-                ErrorCode::DeviceRevoked,
-                format!(
-                    "this device was revoked by {peer} (CRL version {})",
-                    self.peer_crls.version(peer)
-                ),
-            )
-        } else if msg_id == sender_order::NO_MESSAGE {
-            refused(ErrorCode::MalformedFrame, ZERO_MESSAGE_ID.into())
-        } else if let Some(outcome) = self.admit_relayed_group_message(conv, sender, msg_id, &body)
-        {
-            outcome
-        } else if let Err(last) = self
-            .delivery
-            .check_sender_order(conv, sender, msg_id, after)
-        {
-            Outcome::Refused {
-                code: ErrorCode::SenderOutOfOrder,
-                message: out_of_sender_order_message(after, last),
-                after: Some(last),
-            }
-        } else {
-            let appended = self.delivery.append_relayed(
-                now,
-                sender,
-                conv,
-                msg_id,
-                after.is_some(),
-                body,
-                self.fx.writes(),
-            );
-            match appended {
-                Ok(Appended::New(seq)) => {
-                    self.fan_out(conv, seq, after.is_some());
-                    self.delivery
-                        .pump_members(now, conv, &self.sessions, &mut self.fx);
-                    Outcome::Sequenced(seq)
-                }
-                Ok(Appended::Duplicate(seq)) => Outcome::Sequenced(seq),
-                Err(_) => refused(
-                    ErrorCode::UnknownConversation,
-                    "no such conversation here".into(),
-                ),
-            }
-        };
+        let outcome = self.sequence_relayed(now, peer, conv, relayed);
         match outcome {
             Outcome::Sequenced(_) => self.spanning_stats.relays_taken += 1,
             Outcome::Refused { .. } | Outcome::Stale { .. } => {
@@ -628,6 +635,102 @@ impl Gateway {
             Outcome::Limited { .. } => unreachable!("answered above"),
         }
         outcome
+    }
+
+    /// The checks and sequencing of a relayed message its peer's limit admitted.
+    fn sequence_relayed(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        conv: ConversationId,
+        relayed: Relayed,
+    ) -> Outcome {
+        let Relayed {
+            sender,
+            msg_id,
+            after,
+            body,
+            welcome,
+            vouched,
+        } = relayed;
+        let refused = |code, message: String| Outcome::Refused {
+            code,
+            message,
+            after: None,
+        };
+        let moved = self
+            .spanning
+            .moving_to(conv)
+            .or_else(|| self.spanning.authority_of(conv));
+        if let Some(to) = moved {
+            // Frozen for a handover, or handed over since the member gateway relayed it:
+            // the device sends it again, and its gateway relays it to the new authority.
+            return refused(
+                ErrorCode::AuthorityMoving,
+                super::refusal::authority_moving_message(to),
+            );
+        }
+        if !self.spanning.is_foreign_member(conv, peer, sender) {
+            return refused(
+                ErrorCode::NotMember,
+                "not a member of this conversation".into(),
+            );
+        }
+        if self.peer_crls.revokes(peer, sender) {
+            // Its own domain revoked it: no gateway takes its messages any more.
+            self.peer_crls.count_relay_refused();
+            return refused(
+                ErrorCode::DeviceRevoked,
+                format!(
+                    "this device was revoked by {peer} (CRL version {})",
+                    self.peer_crls.version(peer)
+                ),
+            );
+        }
+        if msg_id == sender_order::NO_MESSAGE {
+            return refused(ErrorCode::MalformedFrame, ZERO_MESSAGE_ID.into());
+        }
+        if let Err(last) = self
+            .delivery
+            .check_sender_order(conv, sender, msg_id, after)
+        {
+            return Outcome::Refused {
+                code: ErrorCode::SenderOutOfOrder,
+                message: out_of_sender_order_message(after, last),
+                after: Some(last),
+            };
+        }
+        let effect = match self
+            .admit_relayed_group_message(peer, conv, sender, msg_id, &body, welcome, &vouched)
+        {
+            Ok(effect) => effect,
+            Err(outcome) => return outcome,
+        };
+        let appended = self.delivery.append_relayed(
+            now,
+            sender,
+            conv,
+            msg_id,
+            after.is_some(),
+            body,
+            self.fx.writes(),
+        );
+        match appended {
+            Ok(Appended::New(seq)) => {
+                if effect.is_some() {
+                    self.spanning_stats.commits_relayed += 1;
+                }
+                self.sequenced(now, conv, seq, after.is_some(), effect.map(|e| *e));
+                self.delivery
+                    .pump_members(now, conv, &self.sessions, &mut self.fx);
+                Outcome::Sequenced(seq)
+            }
+            Ok(Appended::Duplicate(seq)) => Outcome::Sequenced(seq),
+            Err(_) => refused(
+                ErrorCode::UnknownConversation,
+                "no such conversation here".into(),
+            ),
+        }
     }
 }
 
@@ -688,6 +791,8 @@ mod tests {
             msg_id: MsgId(msg),
             after: None,
             body: Bytes::from_static(body),
+            welcome: None,
+            vouched: Vec::new(),
         }
     }
 
@@ -919,6 +1024,8 @@ mod tests {
                 msg_id: MsgId(9),
                 after: None,
                 body: Bytes::from_static(b"only them"),
+                welcome: None,
+                vouched: Vec::new(),
             },
         );
         drain_gateway(&mut g, &mut store);

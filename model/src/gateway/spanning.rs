@@ -268,6 +268,35 @@ impl Spanning {
         true
     }
 
+    /// `conv`, homed here, no longer has `devices` of `domain` among its members (a commit
+    /// removed them); a domain left with none gets nothing more. Returns false (and changes
+    /// nothing) if `conv` is not homed here.
+    pub fn unshare(
+        &mut self,
+        conv: ConversationId,
+        domain: &str,
+        devices: &[DeviceId],
+        writes: &mut WriteBatch,
+    ) -> bool {
+        let Some(role @ Role::Authority(_)) = self.roles.get_mut(&conv) else {
+            return false;
+        };
+        let Role::Authority(home) = &mut *role else {
+            unreachable!("matched above");
+        };
+        if let Some(members) = home.members.get_mut(domain) {
+            for device in devices {
+                members.remove(device);
+            }
+            if members.is_empty() {
+                home.members.remove(domain);
+                home.waiting.remove(domain);
+            }
+        }
+        writes.put(SPANNING_TABLE, conv.to_bytes().to_vec(), encode_role(role));
+        true
+    }
+
     /// `conv` is homed at `authority`'s gateway; this one keeps a replica. Returns false (and
     /// changes nothing) if `conv` is known here under another role or authority.
     pub fn follow(

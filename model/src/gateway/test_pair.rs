@@ -26,6 +26,8 @@ pub(crate) struct Pair {
     pub(crate) handed: BTreeSet<(usize, Vec<u8>)>,
     /// What each gateway released while [`Pair::settle`] handed it entries, in order.
     pub(crate) released: [Vec<GatewayOutput>; 2],
+    /// Rewrites each entry before it is handed on (a peer that says less, or lies).
+    pub(crate) rewrite: Option<fn(Entry) -> Entry>,
 }
 
 fn config(i: usize, peers: Vec<PeerConfig>) -> GatewayConfig {
@@ -77,6 +79,7 @@ impl Pair {
             gateways,
             handed: BTreeSet::new(),
             released: [Vec::new(), Vec::new()],
+            rewrite: None,
         }
     }
 
@@ -111,7 +114,18 @@ impl Pair {
                 .collect();
             for (key, value) in rows {
                 self.handed.insert((from, key));
-                let entry = Entry::decode(&value).unwrap();
+                let mut entry = Entry::decode(&value).unwrap();
+                if let Some(rewrite) = self.rewrite {
+                    // Only other entries than sequenced ones are rewritten: the signature
+                    // still holds.
+                    entry = match entry {
+                        Entry::Bundle { entries, signature } => Entry::Bundle {
+                            entries: entries.into_iter().map(rewrite).collect(),
+                            signature,
+                        },
+                        other => rewrite(other),
+                    };
+                }
                 let (g, store) = &mut self.gateways[1 - from];
                 g.handle_entry(NOW, domain, entry.clone());
                 let released = drain_gateway(g, store);

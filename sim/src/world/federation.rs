@@ -175,6 +175,9 @@ impl World {
                 sum.relays_refused += s.relays_refused;
                 sum.relays_limited += s.relays_limited;
                 sum.fanned_out += s.fanned_out;
+                sum.commits_relayed += s.commits_relayed;
+                sum.welcomes_sent += s.welcomes_sent;
+                sum.removals_sent += s.removals_sent;
                 sum.answers_passed += s.answers_passed;
                 sum.entries_malformed += s.entries_malformed;
                 sum.entries_refused += s.entries_refused;

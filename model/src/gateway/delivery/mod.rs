@@ -593,31 +593,63 @@ impl Delivery {
         for device in &change.removed {
             log.remove_member(*device, fx.writes());
         }
-        let kind = group.kind();
-        for (device, _, _) in &change.added {
-            self.memberships.entry(*device).or_default().insert(conv);
-            let welcome = welcome.cloned().expect("checked: adds carry a Welcome");
-            let item = InboxItem::Welcome { seq, kind, welcome };
-            if let Some(&removed_at) = self.departing.get(&(*device, conv)) {
-                if self.welcome_before(*device, conv, removed_at) {
-                    // It never joined the membership it is departing: nothing to read there.
-                    self.end_departure(*device, conv, fx);
-                } else {
-                    // Added again before it read what came before its removal: it reads that
-                    // first (its cursor and capped window stay), then gets this Welcome.
-                    self.hold_inbox(*device, conv, item, fx);
-                    continue;
-                }
-            }
-            self.store_cursor(*device, conv, seq, fx.writes());
-            self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
-            if let Some(conn) = sessions.online(*device) {
-                if let Some(session) = self.sessions.get_mut(&conn) {
-                    session.windows.insert(conv, Window::at(seq, now));
-                }
-            }
+        if let Some(welcome) = welcome {
+            let added: Vec<DeviceId> = change.added.iter().map(|(d, _, _)| *d).collect();
+            let kind = group.kind();
+            self.join(
+                now,
+                conv,
+                seq,
+                kind,
+                welcome,
+                &added,
+                Some(group),
+                sessions,
+                fx,
+            );
         }
-        for device in &change.removed {
+        debug_assert!(
+            welcome.is_some() || change.added.is_empty(),
+            "checked: adds carry a Welcome"
+        );
+        self.depart(now, conv, seq, &change.removed, Some(group), sessions, fx);
+    }
+
+    /// At a member gateway: the authority of `conv` (which this gateway keeps a replica of)
+    /// sequenced at `seq` a commit removing `devices` of this gateway: each reads up to it,
+    /// then hears that it was removed.
+    pub fn removed_by_authority(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        devices: &[DeviceId],
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        let Some(log) = self.conversations.get_mut(&conv) else {
+            return;
+        };
+        for device in devices {
+            log.remove_member(*device, fx.writes());
+        }
+        self.depart(now, conv, seq, devices, None, sessions, fx);
+    }
+
+    /// `devices`, removed by the commit at `seq`, leave `conv`: at once if they have read up
+    /// to it, else once they have.
+    #[allow(clippy::too_many_arguments)]
+    fn depart(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        devices: &[DeviceId],
+        group: Option<&GroupState>,
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        for device in devices {
             if self.departing.contains_key(&(*device, conv)) {
                 // Removed again before its first removal took effect: it never joined from
                 // the Welcome in between, which it no longer needs.
@@ -629,7 +661,7 @@ impl Delivery {
             if self.cursor(*device, conv) + 1 >= seq {
                 self.forget_member(*device, conv, sessions, fx);
                 let item = InboxItem::Removed { seq };
-                self.put_inbox(now, *device, conv, item, Some(group), sessions, fx);
+                self.put_inbox(now, *device, conv, item, group, sessions, fx);
                 continue;
             }
             // Messages sequenced while it was a member have not all reached it (or it has
@@ -677,6 +709,24 @@ impl Delivery {
         for &device in devices {
             log.add_member(device, fx.writes());
         }
+        self.join(now, conv, seq, kind, welcome, devices, None, sessions, fx);
+    }
+
+    /// `devices`, added by the commit at `seq`, join `conv` from `welcome`: each reads after
+    /// `seq`, once it has read up to a removal it is still departing from.
+    #[allow(clippy::too_many_arguments)]
+    fn join(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        seq: u64,
+        kind: GroupKind,
+        welcome: &Bytes,
+        devices: &[DeviceId],
+        group: Option<&GroupState>,
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
         for &device in devices {
             self.memberships.entry(device).or_default().insert(conv);
             let item = InboxItem::Welcome {
@@ -684,8 +734,19 @@ impl Delivery {
                 kind,
                 welcome: welcome.clone(),
             };
+            if let Some(&removed_at) = self.departing.get(&(device, conv)) {
+                if self.welcome_before(device, conv, removed_at) {
+                    // It never joined the membership it is departing: nothing to read there.
+                    self.end_departure(device, conv, fx);
+                } else {
+                    // Added again before it read what came before its removal: it reads that
+                    // first (its cursor and capped window stay), then gets this Welcome.
+                    self.hold_inbox(device, conv, item, fx);
+                    continue;
+                }
+            }
             self.store_cursor(device, conv, seq, fx.writes());
-            self.put_inbox(now, device, conv, item, None, sessions, fx);
+            self.put_inbox(now, device, conv, item, group, sessions, fx);
             if let Some(conn) = sessions.online(device) {
                 if let Some(session) = self.sessions.get_mut(&conn) {
                     session.windows.insert(conv, Window::at(seq, now));

@@ -69,6 +69,9 @@ pub struct GroupEffect {
     /// The user who became the room's owner because the commit took the last owner's last
     /// device (the handover rule, see the module docs).
     pub new_owner: Option<UserId>,
+    /// The domains the commit names for the devices it adds of another domain than its
+    /// committer's (`GroupOps::domains`), which the gateway checks against what it knows.
+    pub domains: Vec<(DeviceId, String)>,
 }
 
 /// What a removal request leads to.
@@ -159,6 +162,18 @@ impl Groups {
             .iter()
             .filter(|(_, g)| g.devices().contains_key(&device))
             .map(|(&conv, _)| conv)
+            .collect()
+    }
+
+    /// Each (conversation, member device) whose device `pick` chooses.
+    pub fn members_where(
+        &self,
+        pick: impl Fn(DeviceId) -> bool,
+    ) -> Vec<(ConversationId, DeviceId)> {
+        self.groups
+            .iter()
+            .flat_map(|(&conv, g)| g.devices().keys().map(move |&d| (conv, d)))
+            .filter(|&(_, d)| pick(d))
             .collect()
     }
 
@@ -341,8 +356,9 @@ impl Groups {
                     return Err((ErrorCode::Forbidden, message, 0));
                 };
                 if kind == GroupKind::Own && conv != crate::node::own_id(user) {
-                    let message = "the group of a user's own devices has the id that follows                                    from the user"
-                        .into();
+                    let message =
+                        "the group of a user's own devices has the id that follows from the user"
+                            .into();
                     return Err((ErrorCode::InvalidGroupMessage, message, 0));
                 }
                 GroupState::create(kind, device, user)
@@ -385,11 +401,18 @@ impl Groups {
         }
         let new_owner = state.apply(&change);
         debug_assert!(state.epoch() > before, "an accepted commit moves the epoch");
+        let domains = ops
+            .domains
+            .iter()
+            .flatten()
+            .map(|a| (DeviceId::from_bytes(*a.device), a.domain.clone()))
+            .collect();
         Ok(GroupEffect {
             state,
             change,
             welcome,
             new_owner,
+            domains,
         })
     }
 
@@ -458,6 +481,7 @@ impl Groups {
                 change,
                 welcome: None,
                 new_owner,
+                domains: Vec::new(),
             }));
         }
         let already = group.removals().contains(&device);
