@@ -1285,3 +1285,51 @@ fn changes_that_turn_out_to_need_nothing_are_dropped_together_and_the_next_goes_
     assert_eq!(entry.status, GroupStatus::Synchronized);
     assert_eq!(net.gateway.group(room).unwrap().epoch(), epoch + 1);
 }
+
+/// A KeyPackage fetch answered after its timeout (one of another domain's users crosses two
+/// gateways and their link) is still used, not dropped and asked for ever; each time a
+/// conversation's fetch goes unanswered, the next waits twice as long (every fetch takes
+/// one-time packages). Found by the swarm (seed 1961: a 272 ms resend timeout, slower
+/// answers, a device that fetched every 272 ms for 90 s and never made its room).
+#[test]
+fn a_late_key_package_answer_is_used_and_unanswered_fetches_back_off() {
+    let mut net = three_devices();
+    net.hold = Some(|f| matches!(f.payload, Payload::KeyPackages(_)));
+    let resend =
+        sund_model::node::NodeConfig::new(sund_model::identity::DeviceKey::from_seed([1; 32]))
+            .resend_after;
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob")])
+        .unwrap();
+    net.settle();
+    assert_eq!(net.held.len(), 1, "the answer is held back");
+    let mut asked_at = Vec::new();
+    for step in 1..=8u64 {
+        net.now = now + resend / 2 * u32::try_from(step).unwrap();
+        net.settle();
+        asked_at.push(net.held.len());
+    }
+    // Asked again after one timeout (3 s), then after two more (6 s): not every 3 s.
+    assert_eq!(asked_at, [1, 2, 2, 2, 2, 3, 3, 3], "{asked_at:?}");
+    // The first answer comes at last: the room is made from it, once.
+    net.hold = None;
+    net.release_held(0);
+    let group = net.gateway.group(room).expect("the room was made");
+    assert_eq!(
+        group.devices().len(),
+        3,
+        "alice's and both of bob's devices"
+    );
+    let epoch = group.epoch();
+    while !net.held.is_empty() {
+        net.release_held(0);
+    }
+    assert_eq!(net.gateway.group(room).unwrap().epoch(), epoch, "made once");
+    send(&mut net, 1, room, "made late");
+    assert_eq!(plaintexts(&net, 2, room), vec![b"made late".to_vec()]);
+}

@@ -128,6 +128,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "handover",
     "peer-limit",
     "drain",
+    "mls-spanning",
 ];
 
 struct Draw {
@@ -625,6 +626,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         if links.peer_limit {
             mix.insert("peer-limit");
         }
+        if links.mls_spanning {
+            mix.insert("mls-spanning");
+        }
         out.push_str(&links.text);
     }
     let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
@@ -636,7 +640,8 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
-    if !mls_convs.is_empty() || own {
+    let mls_spanning = federation.as_ref().is_some_and(|f| f.mls_spanning);
+    if !mls_convs.is_empty() || own || mls_spanning {
         checks.extend(["epoch-agreement", "decrypt"]);
     }
     if files {
@@ -724,6 +729,8 @@ struct FederationDraw {
     handovers: bool,
     /// The gateways limit what each peer relays (tight enough for a backlog to meet it).
     peer_limit: bool,
+    /// An MLS DM or room spans the domains (`mspan0`), changed by members of every domain.
+    mls_spanning: bool,
 }
 
 /// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
@@ -846,13 +853,84 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
             d.range(4, 20)
         );
     }
+    let mls_spanning = d.chance(0.5);
+    if mls_spanning {
+        draw_mls_spanning(&mut d, &all, end_ms, &mut text);
+    }
     Some(FederationDraw {
         gateways,
         text,
         spanning,
         handovers,
         peer_limit,
+        mls_spanning,
     })
+}
+
+/// An MLS DM or room spanning the domains (`mspan0`, drawn after everything else of the
+/// federation stream, so that what seeds drew before it stays as it was): its creator homed at
+/// its gateway, one or two members homed at others (their devices join through their own
+/// gateway), each sending into it; every member refreshes its keys now and then through its
+/// own gateway; in a room the creator removes a random member (often another domain's) and
+/// adds the missing ones back, and another domain's member may leave.
+fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String) {
+    let home = *d.pick(all);
+    let _ = writeln!(text, "user mh devices {} gateway {home}", d.range(1, 2));
+    let mut members = vec!["mh".to_string()];
+    let dm = d.chance(0.3);
+    let others = if dm { 1 } else { d.range(1, 2) };
+    let abroad: Vec<&str> = all.iter().copied().filter(|g| *g != home).collect();
+    for i in 0..others {
+        let name = format!("m{i}");
+        let gateway = *d.pick(&abroad);
+        let _ = writeln!(
+            text,
+            "user {name} devices {} gateway {gateway}",
+            d.range(1, 2)
+        );
+        members.push(name);
+    }
+    let kind = if dm { "dm" } else { "room" };
+    let _ = writeln!(
+        text,
+        "conversation mspan0 gateway {home} kind {kind} members {}",
+        members.join(" ")
+    );
+    for member in &members {
+        let _ = writeln!(
+            text,
+            "send mspan0 from {member} every {}ms start 2s",
+            d.range(300, 1_500)
+        );
+        if d.chance(0.6) {
+            let _ = writeln!(
+                text,
+                "every {}ms start {}ms commit mspan0 from {member} update",
+                d.range(3_000, 12_000),
+                d.range(3_000, 8_000)
+            );
+        }
+    }
+    if !dm && d.chance(0.6) {
+        let every = d.range(8_000, 20_000);
+        let start = d.range(5_000, 10_000);
+        let _ = writeln!(
+            text,
+            "every {every}ms start {start}ms commit mspan0 from mh/0 remove"
+        );
+        let _ = writeln!(
+            text,
+            "every {every}ms start {}ms commit mspan0 from mh/0 add",
+            start + every / 2
+        );
+    }
+    if !dm && d.chance(0.3) {
+        let _ = writeln!(
+            text,
+            "at {}ms commit mspan0 from m0/0 leave",
+            d.range(4_000, end_ms * 2 / 3)
+        );
+    }
 }
 
 /// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before

@@ -167,3 +167,11 @@ fn federation_mls_seed_4_a_device_re_added_abroad_reads_up_to_its_removal_first(
 fn federation_mls_seed_6_a_proposal_goes_abroad_after_the_commit_before_it() {
     run("../scenarios/federation-mls.sund", 6);
 }
+
+/// mh's fetch of another domain's KeyPackages crossed two gateways and their link and took
+/// longer than the resend timeout; the device asked again and dropped the late answer, for
+/// ever, so the room never added m1. Late answers are now taken and unanswered fetches back off.
+#[test]
+fn late_key_packages_swarm_1961_are_taken() {
+    run("tests/regressions/late-key-packages-swarm-1961.sund", 1961);
+}

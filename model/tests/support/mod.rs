@@ -83,6 +83,10 @@ pub struct Net {
     /// Restarts so far: each restart's entropy is its own, as a real device's would be (a
     /// repeated seed would repeat message ids).
     pub restarts: u64,
+    /// Frames from the gateway that are held back instead of delivered (late answers).
+    pub hold: Option<fn(&Frame) -> bool>,
+    /// The frames held back, by connection, in order.
+    pub held: Vec<(u64, Bytes)>,
 }
 
 impl Net {
@@ -107,6 +111,8 @@ impl Net {
             chunks_sent: BTreeMap::new(),
             lose_served: 0,
             restarts: 0,
+            hold: None,
+            held: Vec::new(),
         }
     }
 
@@ -252,10 +258,12 @@ impl Net {
                 }
                 if let GatewayOutput::Send(conn, bytes) = output {
                     moved = true;
-                    self.seen
-                        .entry(conn.0)
-                        .or_default()
-                        .push(Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap());
+                    let frame = Frame::decode(&bytes, PAYLOAD_BYTES_MAX).unwrap();
+                    if self.hold.is_some_and(|hold| hold(&frame)) {
+                        self.held.push((conn.0, bytes));
+                        continue;
+                    }
+                    self.seen.entry(conn.0).or_default().push(frame);
                     if let Some((node, _)) = self.nodes.get_mut(&conn.0) {
                         node.handle(self.now, NodeInput::Frame(conn, bytes));
                     }
@@ -263,6 +271,15 @@ impl Net {
             }
             moved
         }
+    }
+
+    /// Delivers the held frame at `index` (late) and settles.
+    pub fn release_held(&mut self, index: usize) {
+        let (conn, bytes) = self.held.remove(index);
+        if let Some((node, _)) = self.nodes.get_mut(&conn) {
+            node.handle(self.now, NodeInput::Frame(ConnectionId(conn), bytes));
+        }
+        self.settle();
     }
 
     /// Runs an operator's command against the gateway's store (frames it releases are

@@ -102,7 +102,7 @@ impl DeviceGroups {
         msg_id: MsgId,
         writes: &mut WriteBatch,
     ) -> Result<Option<GroupAction>, FetchRefusal> {
-        let Some((conv, _)) = self.fetches.remove(&request) else {
+        let Some(conv) = self.take_fetch(request) else {
             return Ok(None);
         };
         let ready = self

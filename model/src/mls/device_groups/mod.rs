@@ -47,6 +47,12 @@ use crate::wire::payload::{RosterEntry, FETCH_USERS_MAX};
 /// `DeviceGroups::take_over_stalled_proposals`).
 pub const PROPOSAL_TAKEOVER: core::time::Duration = core::time::Duration::from_secs(10);
 
+/// How many times a conversation's KeyPackage fetch timeout doubles at most (16 times the
+/// resend timeout: 48 s by default).
+const FETCH_BACKOFF_MAX: u32 = 4;
+/// How many fetches asked again per conversation still have their late answer taken.
+const SUPERSEDED_MAX: usize = 4;
+
 /// How long a leave request waits for its removal before it is asked again.
 pub const LEAVE_RESEND: core::time::Duration = core::time::Duration::from_secs(3);
 
@@ -379,6 +385,13 @@ pub struct DeviceGroups {
     leave_asked: BTreeMap<ConversationId, Instant>,
     /// KeyPackage fetches out: request id → conversation waiting, and when it was asked.
     fetches: BTreeMap<u64, (ConversationId, Instant)>,
+    /// Fetches asked again after their timeout: their answer is still taken if it comes
+    /// first (a fetch of another domain's users crosses two gateways and their link, which
+    /// may take longer than the timeout; dropping late answers would ask for ever).
+    superseded: BTreeMap<u64, ConversationId>,
+    /// How many times in a row each conversation's fetch went unanswered: its next timeout
+    /// doubles each time (each fetch takes one-time packages at the answering gateway).
+    fetch_tries: BTreeMap<ConversationId, u32>,
     next_request: u64,
     /// Our application messages the gateway refused as made in an old epoch: encrypted again
     /// once the group reaches the epoch named (not persisted: after a restart, the resend is
@@ -519,6 +532,8 @@ impl DeviceGroups {
             proposals_seen: BTreeMap::new(),
             takeover_due: BTreeMap::new(),
             fetches: BTreeMap::new(),
+            superseded: BTreeMap::new(),
+            fetch_tries: BTreeMap::new(),
             next_request: 1,
             stale_messages: BTreeMap::new(),
         })
@@ -682,6 +697,7 @@ impl DeviceGroups {
     /// asked again.
     pub fn connection_lost(&mut self) {
         self.fetches.clear();
+        self.superseded.clear();
         self.leave_asked.clear();
     }
 
@@ -699,6 +715,20 @@ impl DeviceGroups {
     /// next chance.
     pub fn fetch_refused(&mut self, request: u64) {
         self.fetches.remove(&request);
+        self.superseded.remove(&request);
+    }
+
+    /// The conversation fetch `request` (the current one, or one asked again since) was for;
+    /// every fetch for it is then answered.
+    pub(super) fn take_fetch(&mut self, request: u64) -> Option<ConversationId> {
+        let conv = match self.fetches.remove(&request) {
+            Some((conv, _)) => conv,
+            None => self.superseded.remove(&request)?,
+        };
+        self.fetches.retain(|_, (c, _)| *c != conv);
+        self.superseded.retain(|_, c| *c != conv);
+        self.fetch_tries.remove(&conv);
+        Some(conv)
     }
 
     /// A fetch was refused for good (a domain the gateway does not federate with): the change
@@ -709,7 +739,7 @@ impl DeviceGroups {
         request: u64,
         writes: &mut WriteBatch,
     ) -> Option<ConversationId> {
-        let (conv, _) = self.fetches.remove(&request)?;
+        let conv = self.take_fetch(request)?;
         let entry = self.entries.get_mut(&conv)?;
         let creating = matches!(entry.intents.front(), Some(Intent::Create { .. }))
             && !self.groups.contains_key(&conv);
@@ -723,10 +753,49 @@ impl DeviceGroups {
         Some(conv)
     }
 
-    /// Forgets fetches unanswered for `timeout` (a frame was lost), so they are asked again.
+    /// Fetches unanswered for their timeout (`timeout`, doubled for each time the
+    /// conversation's fetch already went unanswered, at most [`FETCH_BACKOFF_MAX`] times) are
+    /// asked again; an answer to the old one is still taken.
     pub fn expire_fetches(&mut self, now: Instant, timeout: core::time::Duration) {
-        self.fetches
-            .retain(|_, (_, asked)| now.saturating_since(*asked) < timeout);
+        let expired: Vec<(u64, ConversationId)> = self
+            .fetches
+            .iter()
+            .filter(|(_, (conv, asked))| now >= self.fetch_deadline(*conv, *asked, timeout))
+            .map(|(request, (conv, _))| (*request, *conv))
+            .collect();
+        for (request, conv) in expired {
+            self.fetches.remove(&request);
+            // A few late answers are waited for; older ones are given up.
+            if self.superseded.values().filter(|c| **c == conv).count() >= SUPERSEDED_MAX {
+                if let Some(oldest) = self
+                    .superseded
+                    .iter()
+                    .find(|(_, c)| **c == conv)
+                    .map(|(r, _)| *r)
+                {
+                    self.superseded.remove(&oldest);
+                }
+            }
+            self.superseded.insert(request, conv);
+            let tries = self.fetch_tries.entry(conv).or_default();
+            *tries = tries.saturating_add(1);
+        }
+    }
+
+    /// When a fetch for `conv` asked at `asked` is asked again.
+    fn fetch_deadline(
+        &self,
+        conv: ConversationId,
+        asked: Instant,
+        timeout: core::time::Duration,
+    ) -> Instant {
+        let tries = self
+            .fetch_tries
+            .get(&conv)
+            .copied()
+            .unwrap_or(0)
+            .min(FETCH_BACKOFF_MAX);
+        asked + timeout * (1u32 << tries)
     }
 
     /// True if the front intent of `conv` can go now (`drive` moves it).
@@ -746,7 +815,7 @@ impl DeviceGroups {
         let fetches = self
             .fetches
             .values()
-            .map(|(_, asked)| *asked + fetch_timeout);
+            .map(|(conv, asked)| self.fetch_deadline(*conv, *asked, fetch_timeout));
         let leaves = self
             .leave_asked
             .iter()
