@@ -36,12 +36,25 @@ pub fn run(bin: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// A loopback UDP port free now, for a gateway to listen on. Chosen below the kernel's
+/// ephemeral range (32768 and up on Linux), which is where every client socket's port comes
+/// from (each `sund` command binds one): a port from that range could be taken by a client
+/// between the test choosing it and its gateway binding it, or while a killed gateway is down
+/// before its restart. Each process starts at its own offset and never hands a port out twice.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % SPAN).expect("below 32000");
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port between {LOW} and {}", LOW + SPAN);
 }
 
 /// Starts the gateway with debug logging appended to `DATA/../gateway.log`.
