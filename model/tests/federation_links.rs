@@ -642,7 +642,7 @@ fn write_federation_entry_seeds() {
         return;
     }
     use sund_model::federation::entry::{
-        Entry, FetchAnswer, ForeignPackage, HandoverCertificate, Outcome,
+        DmClaimAnswer, Entry, FetchAnswer, ForeignPackage, HandoverCertificate, Outcome,
     };
     use sund_model::ids::{ConversationId, DeviceId, MsgId, UserId};
     use sund_model::wire::payload::ErrorCode;
@@ -699,6 +699,14 @@ fn write_federation_entry_seeds() {
             Entry::Leave {
                 conversation,
                 device: sender,
+            },
+        ),
+        ("dm-claim", Entry::DmClaim { conversation }),
+        (
+            "dm-claim-answer",
+            Entry::DmClaimAnswer {
+                conversation,
+                answer: DmClaimAnswer::Granted,
             },
         ),
         (

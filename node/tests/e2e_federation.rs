@@ -829,6 +829,58 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
     terminate(a);
 }
 
+/// alice and bob start their DM in the same moment, each through their own gateway. A DM's id
+/// follows from its two users, so each gateway would make it: they agree instead (a.example,
+/// which sorts first, makes it; b.example's device joins from the Welcome), and the two see
+/// one DM, with messages both ways.
+#[test]
+fn a_dm_started_from_both_domains_at_once_is_one_dm() {
+    use std::process::{Command, Output, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let Federated { a, b, .. } = federated(tmp.path(), "");
+    let start_dm = |who: &str, with: &str| {
+        Command::new(sund())
+            .args(["dm", "--data-dir", &path(who), with])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let from_alice = start_dm("alice", "bob@b.example");
+    let from_bob = start_dm("bob", "alice@a.example");
+    let (alice, bob) = (
+        from_alice.wait_with_output().unwrap(),
+        from_bob.wait_with_output().unwrap(),
+    );
+    let said = |out: &Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let (alice, bob) = (said(&alice), said(&bob));
+    assert!(alice.starts_with("dm @bob@b.example (conv:"), "{alice}");
+    assert!(bob.starts_with("dm @alice@a.example (conv:"), "{bob}");
+    assert_eq!(conversation_in(&alice), conversation_in(&bob), "one DM");
+    let sent = send(&at("alice"), "@bob@b.example", "first from a.example");
+    assert!(sent.contains("seq"), "{sent}");
+    let sent = send(&at("bob"), "@alice@a.example", "first from b.example");
+    assert!(sent.contains("seq"), "{sent}");
+    for (reader, dm, from) in [
+        ("alice", "@bob@b.example", "first from b.example"),
+        ("bob", "@alice@a.example", "first from a.example"),
+    ] {
+        let read = follow(&path(reader), dm, 2, Duration::from_secs(60));
+        assert!(read.iter().any(|l| l.ends_with(from)), "{reader}: {read:?}");
+    }
+    terminate(b);
+    terminate(a);
+}
+
 /// The conversation id `sund room create` printed (`room NAME (conv:…) …`).
 fn conversation_in(out: &str) -> String {
     let start = out.find("(conv:").expect("the room's id is printed") + 1;

@@ -125,6 +125,9 @@ pub enum CommitKind {
     Update,
     /// Leave (the gateway proposes the removal, a member commits it).
     Leave,
+    /// Start the DM as if nobody had (a DM's id follows from its two users, so both may
+    /// start it at once; the gateways make it once).
+    Start,
 }
 
 /// Something done at a point in time.
@@ -1423,13 +1426,14 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
             names.push((conv.clone(), col));
             line.keyword("from")?;
             let who = one(line, &mut targets)?;
-            let kind_token = line.next("`add`, `remove`, `update` or `leave`")?;
+            let kind_token = line.next("`add`, `remove`, `update`, `leave` or `start`")?;
             let kind = match kind_token.text {
                 "add" => CommitKind::Add,
                 "remove" => CommitKind::Remove,
                 "update" => CommitKind::Update,
                 "leave" => CommitKind::Leave,
-                other => return Err(line.error_at(kind_token.column, format!("expected `add`, `remove`, `update` or `leave`, found `{other}`"))),
+                "start" => CommitKind::Start,
+                other => return Err(line.error_at(kind_token.column, format!("expected `add`, `remove`, `update`, `leave` or `start`, found `{other}`"))),
             };
             Action::Commit(conv, who, kind)
         }

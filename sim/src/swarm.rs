@@ -872,7 +872,8 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
 /// its gateway, one or two members homed at others (their devices join through their own
 /// gateway), each sending into it; every member refreshes its keys now and then through its
 /// own gateway; in a room the creator removes a random member (often another domain's) and
-/// adds the missing ones back, and another domain's member may leave.
+/// adds the missing ones back, and another domain's member may leave; in a DM the other user
+/// may start it too, at once or a moment later.
 fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String) {
     let home = *d.pick(all);
     let _ = writeln!(text, "user mh devices {} gateway {home}", d.range(1, 2));
@@ -929,6 +930,14 @@ fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String)
             text,
             "at {}ms commit mspan0 from m0/0 leave",
             d.range(4_000, end_ms * 2 / 3)
+        );
+    }
+    if dm && d.chance(0.5) {
+        // m0 starts the DM too, as mh does (at 1 s) or a moment later: one DM results.
+        let _ = writeln!(
+            text,
+            "at {}ms commit mspan0 from m0 start",
+            1_000 + d.range(0, 400)
         );
     }
 }

@@ -964,6 +964,7 @@ impl World {
             self.actors[a as usize].machine,
             Machine::Gateway(Some(_), _)
         ) {
+            self.follow_dm_homes(a);
             self.check_single_authority(a);
             self.check_peer_limit(a);
         }

@@ -216,3 +216,24 @@ fn a_handover_names_a_plain_conversation_and_a_gateway_that_keeps_a_copy() {
     insta::assert_snapshot!(error(&format!("{SPANNING}at 1s handover dm to gwa\n")), @"bad.sund:11:1: `handover dm to gwa`: `dm` is an MLS conversation, and those do not span gateways yet");
     insta::assert_snapshot!(error(&format!("{SPANNING}at 1s handover room to gwz\n")), @"bad.sund:11:24: unknown gateway `gwz`");
 }
+
+#[test]
+fn a_dm_member_may_start_the_dm_and_a_commit_names_its_kind() {
+    use sund_sim::scenario::CommitKind;
+    let s = parse(
+        "x.sund",
+        "duration 2s\ngateway gw\nuser a\nuser b\nconversation d kind dm members a b\nat 1s commit d from b start\n",
+    )
+    .unwrap();
+    assert!(
+        s.schedule
+            .iter()
+            .any(|e| matches!(&e.action, Action::Commit(c, _, CommitKind::Start) if c == "d")),
+        "{:?}",
+        s.schedule
+    );
+    insta::assert_snapshot!(
+        error("duration 2s\ngateway gw\nuser a\nconversation d kind dm members a\nat 1s commit d from a join\n"),
+        @"bad.sund:5:23: expected `add`, `remove`, `update`, `leave` or `start`, found `join`"
+    );
+}

@@ -175,3 +175,11 @@ fn federation_mls_seed_6_a_proposal_goes_abroad_after_the_commit_before_it() {
 fn late_key_packages_swarm_1961_are_taken() {
     run("tests/regressions/late-key-packages-swarm-1961.sund", 1961);
 }
+
+/// gwb asked gwc for dm-bc, crashed, and came back before gwc's crossing claim arrived: it had
+/// forgotten its question, granted gwc's claim while gwc granted its own, and neither made the
+/// DM. A question out is now durable.
+#[test]
+fn federation_dm_race_seed_9_a_question_out_outlives_a_crash() {
+    run("../scenarios/federation-dm-race.sund", 9);
+}

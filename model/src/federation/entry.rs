@@ -49,6 +49,11 @@
 //!   removal.
 //! - A relayed commit ([`Entry::Relay`] with `welcome` or `vouched`) carries the Welcome for
 //!   the devices it adds and, for those of the relaying gateway's domain, their users.
+//! - [`Entry::DmClaim`]: a gateway asks the other user's gateway whether one of its devices
+//!   may make the DM between them, homed at the asker (a DM's id follows from its two users,
+//!   so both sides could make it at once; see `gateway::dm_claims`);
+//! - [`Entry::DmClaimAnswer`]: the answer: granted, made (or being made) at the answerer, or
+//!   refused.
 //!
 //! Batching:
 //!
@@ -92,6 +97,8 @@ const KIND_WELCOME: u8 = 13;
 const KIND_RELAY_COMMIT: u8 = 14;
 const KIND_REMOVED: u8 = 15;
 const KIND_LEAVE: u8 = 16;
+const KIND_DM_CLAIM: u8 = 17;
+const KIND_DM_CLAIM_ANSWER: u8 = 18;
 
 /// The most devices a relayed commit vouches for: as many as a commit adds.
 pub const RELAY_VOUCHED_MAX: usize = crate::mls::group_ops::ADDED_MAX;
@@ -285,6 +292,19 @@ pub enum Entry {
         /// The device leaving (a device of the relaying gateway's domain).
         device: DeviceId,
     },
+    /// From a peer: may one of its devices make the DM `conversation` between a user of its
+    /// domain and one of this gateway's, homed there? Answered by [`Entry::DmClaimAnswer`].
+    DmClaim {
+        /// The DM (its id follows from its two users).
+        conversation: ConversationId,
+    },
+    /// The answer to an [`Entry::DmClaim`] this gateway sent.
+    DmClaimAnswer {
+        /// The DM.
+        conversation: ConversationId,
+        /// What the peer decided.
+        answer: DmClaimAnswer,
+    },
     /// From any peer: several entries, in the order the sender produced them, as one link
     /// entry. Never nested.
     Bundle {
@@ -294,6 +314,37 @@ pub enum Entry {
         /// [`Entry::Sequenced`] among `entries` (`None` if there are none).
         signature: Option<[u8; 64]>,
     },
+}
+
+/// A gateway's answer to a peer's [`Entry::DmClaim`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmClaimAnswer {
+    /// The DM is made (or being made) at the answering gateway: the asker's device joins it
+    /// from its Welcome.
+    MadeHere,
+    /// The asker makes it; the answering gateway never will.
+    Granted,
+    /// The answering gateway takes no more claims from the asker.
+    Refused,
+}
+
+impl DmClaimAnswer {
+    fn to_u8(self) -> u8 {
+        match self {
+            DmClaimAnswer::MadeHere => 0,
+            DmClaimAnswer::Granted => 1,
+            DmClaimAnswer::Refused => 2,
+        }
+    }
+
+    fn from_u8(byte: u8) -> Option<DmClaimAnswer> {
+        Some(match byte {
+            0 => DmClaimAnswer::MadeHere,
+            1 => DmClaimAnswer::Granted,
+            2 => DmClaimAnswer::Refused,
+            _ => return None,
+        })
+    }
 }
 
 /// Proof that a conversation's authority moved: both gateways signed, each with its link key,
@@ -432,6 +483,9 @@ pub enum EntryError {
     /// A bundle inside a bundle.
     #[error("a bundle inside a bundle")]
     Nested,
+    /// A DM claim's answer byte that names no answer.
+    #[error("a DM claim answer of {0}")]
+    UnknownClaimAnswer(u8),
 }
 
 impl Entry {
@@ -450,7 +504,9 @@ impl Entry {
             | Entry::Declined { conversation, .. }
             | Entry::Welcome { conversation, .. }
             | Entry::Removed { conversation, .. }
-            | Entry::Leave { conversation, .. } => *conversation,
+            | Entry::Leave { conversation, .. }
+            | Entry::DmClaim { conversation }
+            | Entry::DmClaimAnswer { conversation, .. } => *conversation,
             Entry::Revocations { .. }
             | Entry::KeyPackageRequest { .. }
             | Entry::KeyPackages { .. }
@@ -657,6 +713,18 @@ impl Entry {
                 out.push(KIND_LEAVE);
                 out.extend_from_slice(&conversation.to_bytes());
                 out.extend_from_slice(&device.to_bytes());
+            }
+            Entry::DmClaim { conversation } => {
+                out.push(KIND_DM_CLAIM);
+                out.extend_from_slice(&conversation.to_bytes());
+            }
+            Entry::DmClaimAnswer {
+                conversation,
+                answer,
+            } => {
+                out.push(KIND_DM_CLAIM_ANSWER);
+                out.extend_from_slice(&conversation.to_bytes());
+                out.push(answer.to_u8());
             }
             Entry::Removed {
                 conversation,
@@ -943,6 +1011,15 @@ impl Entry {
                 seq: r.u64().ok_or(EntryError::Truncated)?,
                 devices: devices(&mut r, OPEN_MEMBERS_MAX)?,
             },
+            KIND_DM_CLAIM => Entry::DmClaim { conversation },
+            KIND_DM_CLAIM_ANSWER => {
+                let byte = r.u8().ok_or(EntryError::Truncated)?;
+                Entry::DmClaimAnswer {
+                    conversation,
+                    answer: DmClaimAnswer::from_u8(byte)
+                        .ok_or(EntryError::UnknownClaimAnswer(byte))?,
+                }
+            }
             other => return Err(EntryError::UnknownKind(other)),
         };
         if r.remaining() != 0 {
@@ -1421,6 +1498,13 @@ mod tests {
             (id16(), id16()).prop_map(|(c, d)| Entry::Leave {
                 conversation: ConversationId(c),
                 device: DeviceId(d),
+            }),
+            id16().prop_map(|c| Entry::DmClaim {
+                conversation: ConversationId(c),
+            }),
+            (id16(), 0u8..3).prop_map(|(c, a)| Entry::DmClaimAnswer {
+                conversation: ConversationId(c),
+                answer: DmClaimAnswer::from_u8(a).expect("0..3"),
             }),
             (
                 id16(),

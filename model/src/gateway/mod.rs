@@ -36,6 +36,7 @@
 mod admin;
 mod config;
 pub mod delivery;
+pub mod dm_claims;
 pub mod files;
 pub mod foreign_fetch;
 mod foreign_members;
@@ -265,6 +266,8 @@ pub struct Gateway {
     peer_crls: peer_crls::PeerCrls,
     /// KeyPackage fetches of other domains' users, at both ends.
     foreign_fetches: foreign_fetch::ForeignFetches,
+    /// Which gateway makes each DM between users of two domains.
+    dm_claims: dm_claims::DmClaims,
     /// The peer roots last vouched for to devices (see `Gateway::peer_roots`).
     peer_roots: Option<crate::trust::peer_roots::PeerRoots>,
     /// The federation's count of roots learned when open sessions were last told the set.
@@ -371,6 +374,7 @@ impl Gateway {
         gateway.spanning = spanning::Spanning::recover(store)?;
         gateway.peer_crls = peer_crls::PeerCrls::recover(store)?;
         gateway.foreign_fetches = foreign_fetch::ForeignFetches::recover(store)?;
+        gateway.dm_claims = dm_claims::DmClaims::recover(store)?;
         if let Some(federation) = &mut gateway.federation {
             for (domain, crl) in gateway.peer_crls.held() {
                 federation.set_crl_held(domain, crl.version);
@@ -432,6 +436,7 @@ impl Gateway {
             handover_stats: handover::HandoverStats::default(),
             peer_crls: peer_crls::PeerCrls::default(),
             foreign_fetches: foreign_fetch::ForeignFetches::default(),
+            dm_claims: dm_claims::DmClaims::default(),
             peer_roots: None,
             roots_told: 0,
             fx: Fx::default(),
@@ -519,6 +524,7 @@ impl Gateway {
             handover: self.handover_stats,
             peer_crls: self.peer_crls.stats(),
             foreign_key_packages: self.foreign_fetches.stats(),
+            dm_claims: self.dm_claims.stats(),
             outgoing: self.outgoing.stats(),
             refusals: self.refusals,
         }
@@ -1772,6 +1778,13 @@ impl Gateway {
                     return;
                 }
             }
+            if let Some(creating) = effect.as_ref().filter(|_| !self.delivery.contains(conv)) {
+                // A DM with another domain's user: that domain's gateway must not make it too.
+                if let Err(refusal) = self.claim_dm(conv, msg_id, creating) {
+                    self.refuse(conn, refusal);
+                    return;
+                }
+            }
             if effect.is_some() && !self.delivery.contains(conv) {
                 if let Err(refusal) = self.charge_creation(now, device, conv, msg_id) {
                     self.refuse(conn, refusal);
@@ -1787,6 +1800,7 @@ impl Gateway {
             if effect.is_some() && !self.delivery.contains(conv) {
                 // A creating commit: the conversation starts with its creator as sole member,
                 // and the commit adds the others.
+                self.dm_claims.created(conv);
                 self.delivery
                     .create_group_log(now, conn, conv, device, self.fx.writes());
             }
@@ -1886,6 +1900,7 @@ impl Gateway {
             welcome,
             new_owner,
             domains: _,
+            dm_with: _,
         } = effect;
         if new_owner.is_some() {
             self.groups.note_handover();

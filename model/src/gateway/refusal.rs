@@ -83,6 +83,8 @@ pub struct GatewayStats {
     pub peer_crls: super::peer_crls::PeerCrlStats,
     /// KeyPackage fetches across domains, at both ends.
     pub foreign_key_packages: super::foreign_fetch::ForeignFetchStats,
+    /// Who makes each DM between users of two domains.
+    pub dm_claims: super::dm_claims::DmClaimStats,
     /// Entries for peer gateways and the link entries (bundles) that carried them.
     pub outgoing: super::outgoing::OutgoingStats,
     /// Errors and goodbyes sent, by code.

@@ -146,6 +146,10 @@ pub struct GroupOps {
     /// processing the commit (processing it spends its key). `None` when there are none.
     #[n(4)]
     pub domains: Option<Vec<AddedDomain>>,
+    /// On the commit creating a DM with a user of another domain: that domain, whose gateway
+    /// the committer's gateway asks whether it makes the DM itself (`gateway::dm_claims`).
+    #[n(5)]
+    pub dm_with: Option<String>,
 }
 
 /// The domain of a device a commit adds (see [`GroupOps::domains`]).
@@ -181,6 +185,10 @@ impl GroupOps {
                 .iter()
                 .flatten()
                 .any(|d| d.domain.len() > crate::trust::DOMAIN_BYTES_MAX)
+            || ops
+                .dm_with
+                .as_ref()
+                .is_some_and(|d| d.len() > crate::trust::DOMAIN_BYTES_MAX)
         {
             return Err(GroupRefusal::Invalid(
                 "a commit names more domains of added devices than it adds, or a domain longer than DNS allows".into(),

@@ -1039,6 +1039,8 @@ impl Node {
                     | ErrorCode::InvalidGroupMessage
                     | ErrorCode::InvitationTooLarge
                     | ErrorCode::ConversationQuota
+                    // A DM with a domain the gateway does not federate with.
+                    | ErrorCode::UnknownDomain
             );
             if refused && self.outbox.remove(id, self.fx.writes()).is_some() {
                 self.group_message_refused(now, routing, id, code, &report.message);

@@ -258,6 +258,62 @@ impl World {
         }
     }
 
+    /// `commit DM from WHO start`: each device of WHO not in the DM yet starts it with the
+    /// DM's other user, as its creator does (both may at once; one DM results).
+    fn start_dm(&mut self, index: usize, who: &Target) {
+        let c = &self.conversations[index];
+        if c.kind != Some(GroupKind::Dm) {
+            return;
+        }
+        let declared = c.members.clone();
+        for device in self.resolve(who) {
+            let own = self.user_name(device).to_string();
+            let Some(&other) = declared.iter().find(|&&m| self.user_name(m) != own) else {
+                continue;
+            };
+            let user = super::federation::user_id(&self.scenario, self.user_name(other));
+            let domain = self.foreign_domain(device, other);
+            self.with_node(device, |n, now| {
+                // A device in the DM already: creating it again is the same request.
+                let _ = match &domain {
+                    Some(domain) => n.create_dm_across(now, user, domain),
+                    None => n.create_dm(now, user),
+                };
+            });
+        }
+    }
+
+    /// A DM across domains is homed where the gateways' claims put it (the first domain when
+    /// both users start it at once), not always at its declared gateway: once `gateway`
+    /// sequences a DM that its declared gateway does not, the world's books follow.
+    pub(super) fn follow_dm_homes(&mut self, gateway: ActorIndex) {
+        if self.gateways.len() < 2 {
+            return;
+        }
+        let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
+            return;
+        };
+        let moved: Vec<usize> = self
+            .conversations
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.kind == Some(GroupKind::Dm) && c.gateway != gateway && g.sequences(c.id)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for index in moved {
+            let declared = self.conversations[index].gateway;
+            let declared_sequences = match &self.actors[declared as usize].machine {
+                Machine::Gateway(Some(d), _) => d.sequences(self.conversations[index].id),
+                _ => false,
+            };
+            if !declared_sequences {
+                self.conversations[index].gateway = gateway;
+            }
+        }
+    }
+
     /// The running gateway `device` is homed at.
     fn gateway_of(&self, device: ActorIndex) -> Option<&Gateway> {
         match &self.actors[self.actors[device as usize].home as usize].machine {
@@ -285,6 +341,10 @@ impl World {
     /// `commit CONV from WHO KIND`: each device of WHO that is in the group queues the change.
     pub(super) fn commit_action(&mut self, conv: &str, who: &Target, kind: CommitKind) {
         let index = self.conversation_ids[conv];
+        if kind == CommitKind::Start {
+            self.start_dm(index, who);
+            return;
+        }
         let id = self.conversations[index].id;
         let group_kind = self.conversations[index].kind;
         let declared = self.conversations[index].members.clone();
@@ -303,6 +363,7 @@ impl World {
             let intent = match kind {
                 CommitKind::Update => Some(Intent::Update),
                 CommitKind::Leave => Some(Intent::Leave),
+                CommitKind::Start => unreachable!("handled above"),
                 CommitKind::Add => {
                     // One intent per domain: this device's own, then each other one.
                     let mut users: BTreeMap<Option<String>, Vec<UserId>> = BTreeMap::new();

@@ -72,6 +72,9 @@ pub struct GroupEffect {
     /// The domains the commit names for the devices it adds of another domain than its
     /// committer's (`GroupOps::domains`), which the gateway checks against what it knows.
     pub domains: Vec<(DeviceId, String)>,
+    /// On a commit creating a DM with a user of another domain: that domain
+    /// (`GroupOps::dm_with`).
+    pub dm_with: Option<String>,
 }
 
 /// What a removal request leads to.
@@ -407,12 +410,14 @@ impl Groups {
             .flatten()
             .map(|a| (DeviceId::from_bytes(*a.device), a.domain.clone()))
             .collect();
+        let dm_with = ops.dm_with.clone().filter(|_| ops.create.is_some());
         Ok(GroupEffect {
             state,
             change,
             welcome,
             new_owner,
             domains,
+            dm_with,
         })
     }
 
@@ -482,6 +487,7 @@ impl Groups {
                 welcome: None,
                 new_owner,
                 domains: Vec::new(),
+                dm_with: None,
             }));
         }
         let already = group.removals().contains(&device);

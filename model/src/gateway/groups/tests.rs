@@ -31,6 +31,7 @@ fn ops(added: &[u128], removed: &[u128]) -> GroupOps {
             .collect(),
         roles: Vec::new(),
         domains: None,
+        dm_with: None,
     }
 }
 

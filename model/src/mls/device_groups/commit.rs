@@ -271,6 +271,7 @@ impl DeviceGroups {
             .collect();
         let mut ops = GroupOps {
             create: creating.then_some(entry.kind),
+            dm_with: creating.then(|| dm_with(entry)).flatten(),
             ..GroupOps::default()
         };
         let commit = match intent {
@@ -502,4 +503,13 @@ impl DeviceGroups {
         self.persist(conv, writes);
         refused
     }
+}
+
+/// The other domain of a DM this device is making with a user of another domain: the domain
+/// of the users its queued changes add (the creating commit adds only our own devices).
+fn dm_with(entry: &super::GroupEntry) -> Option<String> {
+    if entry.kind != crate::mls::group_ops::GroupKind::Dm as u8 {
+        return None;
+    }
+    entry.intents.iter().find_map(Intent::domain)
 }
