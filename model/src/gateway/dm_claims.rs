@@ -38,7 +38,6 @@ use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::federation::entry::{DmClaimAnswer, Entry};
 use crate::ids::{ConversationId, MsgId};
 use crate::mls::group_ops::GroupKind;
-use crate::time::Instant;
 use crate::wire::payload::ErrorCode;
 use crate::wire::Routing;
 
@@ -348,7 +347,7 @@ impl Gateway {
     }
 
     /// `peer` claims the DM `conv` (see the module docs): answered at once.
-    pub(super) fn on_dm_claim(&mut self, _now: Instant, peer: &str, conv: ConversationId) {
+    pub(super) fn on_dm_claim(&mut self, peer: &str, conv: ConversationId) {
         let made_here = self.delivery.contains(conv) || self.groups.contains(conv);
         let own = self.config.domain.clone();
         let answer = self

@@ -1778,26 +1778,26 @@ impl Gateway {
                     return;
                 }
             }
-            if let Some(creating) = effect.as_ref().filter(|_| !self.delivery.contains(conv)) {
+            // A creating commit (checked once: nothing below makes the log before it is time).
+            let creating = effect.as_deref().filter(|_| !self.delivery.contains(conv));
+            if let Some(creating) = creating {
                 // A DM with another domain's user: that domain's gateway must not make it too.
-                if let Err(refusal) = self.claim_dm(conv, msg_id, creating) {
+                let claimed = self.claim_dm(conv, msg_id, creating);
+                let charged =
+                    claimed.and_then(|()| self.charge_creation(now, device, conv, msg_id));
+                if let Err(refusal) = charged {
                     self.refuse(conn, refusal);
                     return;
                 }
             }
-            if effect.is_some() && !self.delivery.contains(conv) {
-                if let Err(refusal) = self.charge_creation(now, device, conv, msg_id) {
-                    self.refuse(conn, refusal);
-                    return;
-                }
-            }
+            let creating = creating.is_some();
             if let Some(change) = effect.as_ref().map(|e| &e.change) {
                 if let Err(refusal) = self.admit_invitations(now, device, conv, msg_id, change) {
                     self.refuse(conn, refusal);
                     return;
                 }
             }
-            if effect.is_some() && !self.delivery.contains(conv) {
+            if creating {
                 // A creating commit: the conversation starts with its creator as sole member,
                 // and the commit adds the others.
                 self.dm_claims.created(conv);

@@ -207,20 +207,18 @@ impl Gateway {
                 self.spanning.relayed(conv, device, msg_id, &authority);
                 self.spanning_stats.relayed += 1;
             }
-            Err(crate::federation::EnqueueError::TooLarge(_)) if with_welcome => {
-                let message = format!(
-                    "this conversation is homed at {authority}, and the Welcome is too large to go there: add fewer devices at once"
-                );
-                let refusal = Refusal::error(ErrorCode::InvitationTooLarge, message)
-                    .in_conversation(routing)
-                    .about(msg_id);
-                self.refuse(conn, refusal);
-            }
             Err(error) => {
-                let message = format!(
-                    "this conversation is homed at {authority}, and the message cannot go there: {error}"
-                );
-                let refusal = Refusal::error(ErrorCode::Forbidden, message)
+                let (code, message) = match error {
+                    crate::federation::EnqueueError::TooLarge(_) if with_welcome => (
+                        ErrorCode::InvitationTooLarge,
+                        format!("this conversation is homed at {authority}, and the Welcome is too large to go there: add fewer devices at once"),
+                    ),
+                    error => (
+                        ErrorCode::Forbidden,
+                        format!("this conversation is homed at {authority}, and the message cannot go there: {error}"),
+                    ),
+                };
+                let refusal = Refusal::error(code, message)
                     .in_conversation(routing)
                     .about(msg_id);
                 self.refuse(conn, refusal);
@@ -565,7 +563,7 @@ impl Gateway {
                 conversation,
                 device,
             } => self.on_leave_entry(now, peer, conversation, device),
-            Entry::DmClaim { conversation } => self.on_dm_claim(now, peer, conversation),
+            Entry::DmClaim { conversation } => self.on_dm_claim(peer, conversation),
             Entry::DmClaimAnswer {
                 conversation,
                 answer,
