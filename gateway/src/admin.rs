@@ -233,7 +233,7 @@ impl AdminRequest {
                 check_name("conversation", name)?;
                 check_name("domain", to)?;
                 AdminCommand::Handover {
-                    conversation: ConversationId::from_name(name),
+                    conversation: conversation_named(name),
                     to: to.clone(),
                 }
             }
@@ -719,6 +719,17 @@ fn list(gateway: &Gateway) -> String {
         }
     }
     text
+}
+
+/// The conversation an operator names: its id as printed (`conv:` and 32 hex digits, the
+/// id of an MLS room or DM, which has no name here), or an operator-made one's name.
+fn conversation_named(name: &str) -> ConversationId {
+    let hex = name.strip_prefix("conv:").unwrap_or("");
+    let digits = hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    match u128::from_str_radix(hex, 16) {
+        Ok(id) if digits => ConversationId(id),
+        _ => ConversationId::from_name(name),
+    }
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), String> {

@@ -166,10 +166,13 @@ enum Admin {
         members: Vec<String>,
     },
     /// Hand the authority of a conversation homed here over to a federation peer that keeps a
-    /// copy of it (it was shared with the peer): the conversation freezes here until the peer
-    /// has taken it over; devices' sends meanwhile are refused and sent again by the devices.
+    /// copy of it (a member of its domain is in it): the conversation freezes here until the
+    /// peer has taken it over; devices' sends meanwhile are refused and sent again by the
+    /// devices. An MLS room or DM goes with its group state, and the peer becomes the
+    /// group's external sender.
     Handover {
-        /// The conversation's name.
+        /// The conversation: the name an operator gave it, or its id as `sund room` and
+        /// `admin list` print it (`conv:` and 32 hex digits).
         name: String,
         /// The peer's domain, as in a `[[federation.peer]]` of this gateway's config.
         #[arg(long, value_name = "DOMAIN")]

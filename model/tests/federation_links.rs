@@ -768,8 +768,27 @@ fn write_federation_entry_seeds() {
                     ("b.example".into(), vec![sender, DeviceId(0xB2)]),
                 ],
                 signature: [0x5a; 64],
+                mls: None,
             },
         ),
+        (
+            "handover-mls",
+            Entry::Handover {
+                conversation,
+                term: 2,
+                last_seq: 42,
+                epoch: 7,
+                members: vec![("b.example".into(), vec![sender])],
+                signature: [0x5b; 64],
+                mls: Some(sund_model::federation::entry::MlsHandover {
+                    group: Bytes::from_static(b"\xa1\x00\x01"),
+                    external_key: [0xE5; 32],
+                    proposal: Bytes::from_static(b"mls proposal"),
+                    senders: vec![(sender, msg_id)],
+                }),
+            },
+        ),
+        ("external-key", Entry::ExternalKey { key: [0xE5; 32] }),
         (
             "moved",
             Entry::Moved {

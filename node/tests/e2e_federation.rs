@@ -996,3 +996,125 @@ fn members_of_both_domains_change_a_room_that_spans_them() {
     terminate(b);
     terminate(a);
 }
+
+/// An MLS room made at a.example with bob of b.example is handed over to b.example by its
+/// operator while both gateways run: the room's group state goes with it, a.example's last
+/// proposal names b.example's key as the group's external sender, alice's device commits it
+/// (relayed through a.example, which now relays), and messages and membership changes go on
+/// at the new authority.
+#[test]
+fn an_mls_room_is_handed_over_to_the_other_domain_with_its_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let Federated { a, b, .. } = federated(tmp.path(), "");
+    for who in ["alice", "bob"] {
+        run(&sund(), &["status", "--data-dir", &path(who)]);
+    }
+    let made = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &path("alice"),
+            "team",
+            "--invite",
+            "bob@b.example",
+        ],
+    );
+    let conv = conversation_in(&made);
+    run(
+        &sund(),
+        &["room", "name", "--data-dir", &path("bob"), &conv, "team"],
+    );
+    let sent = send(&at("alice"), "team", "before the handover");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(&path("bob"), "team", 1, Duration::from_secs(60));
+    assert!(
+        read.iter().any(|l| l.ends_with("before the handover")),
+        "{read:?}"
+    );
+    // a.example's operator hands the room over by its id. b.example told a.example its
+    // MLS key once their link first came up; until then the handover is refused in words.
+    let a_config = path("a.toml");
+    let started = Instant::now();
+    loop {
+        let out = std::process::Command::new(gateway_binary())
+            .args([
+                "admin",
+                "handover",
+                &conv,
+                "--to",
+                "b.example",
+                "--config",
+                &a_config,
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            assert!(stdout.contains("handed over to b.example"), "{stdout}");
+            break;
+        }
+        assert!(
+            stderr.contains("has not told this gateway the key"),
+            "{stderr}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still refused: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let started = Instant::now();
+    loop {
+        let listed = run(&gateway_binary(), &["admin", "list", "--config", &a_config]);
+        if listed.contains("homed at b.example") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a.example still lists: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // alice's device (the group's first leaf) commits the proposal naming b.example's key,
+    // then sends; both go through a.example to the new authority.
+    let sent = send(&at("alice"), "team", "after the handover");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(&path("bob"), "team", 1, Duration::from_secs(60));
+    assert!(
+        read.iter().any(|l| l.ends_with("after the handover")),
+        "{read:?}"
+    );
+    let sent = send(&at("bob"), "team", "bob at the new home");
+    assert!(sent.contains("seq"), "{sent}");
+    // alice reads her own two messages, then bob's.
+    let read = follow(&path("alice"), "team", 3, Duration::from_secs(60));
+    assert!(
+        read.iter().any(|l| l.ends_with("bob at the new home")),
+        "{read:?}"
+    );
+    // The owner's role came with the group: alice, at a.example, still removes bob.
+    let removed = run(
+        &sund(),
+        &[
+            "room",
+            "remove",
+            "--data-dir",
+            &path("alice"),
+            "team",
+            "bob@b.example",
+        ],
+    );
+    assert!(
+        !removed.contains("bob"),
+        "bob is no longer listed: {removed}"
+    );
+    let b_log = std::fs::read_to_string(at("b.log")).unwrap();
+    assert!(!b_log.contains("panicked"), "{b_log}");
+    terminate(b);
+    terminate(a);
+}

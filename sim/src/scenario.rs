@@ -1804,16 +1804,6 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
             Action::Handover(conv, g) => {
                 let mut t = Target::Gateway(g.clone());
                 f(&mut t)?;
-                let mls = conversations
-                    .iter()
-                    .any(|c| c.name == *conv && c.kind.is_some());
-                if mls {
-                    return Err(err(
-                        s.span,
-                        s.span.column,
-                        format!("`handover {conv} to {g}`: `{conv}` is an MLS conversation, and those do not span gateways yet"),
-                    ));
-                }
                 let holds = conversation_gateways
                     .get(conv)
                     .is_some_and(|gateways| gateways.contains(g));

@@ -129,6 +129,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "peer-limit",
     "drain",
     "mls-spanning",
+    "mls-handover",
 ];
 
 struct Draw {
@@ -629,6 +630,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         if links.mls_spanning {
             mix.insert("mls-spanning");
         }
+        if links.mls_handovers {
+            mix.insert("mls-handover");
+        }
         out.push_str(&links.text);
     }
     let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
@@ -731,6 +735,8 @@ struct FederationDraw {
     peer_limit: bool,
     /// An MLS DM or room spans the domains (`mspan0`), changed by members of every domain.
     mls_spanning: bool,
+    /// Its authority is handed over while it runs.
+    mls_handovers: bool,
 }
 
 /// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
@@ -854,9 +860,7 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
         );
     }
     let mls_spanning = d.chance(0.5);
-    if mls_spanning {
-        draw_mls_spanning(&mut d, &all, end_ms, &mut text);
-    }
+    let mls_handovers = mls_spanning && draw_mls_spanning(&mut d, &all, end_ms, &mut text);
     Some(FederationDraw {
         gateways,
         text,
@@ -864,6 +868,7 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
         handovers,
         peer_limit,
         mls_spanning,
+        mls_handovers,
     })
 }
 
@@ -873,17 +878,20 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
 /// gateway), each sending into it; every member refreshes its keys now and then through its
 /// own gateway; in a room the creator removes a random member (often another domain's) and
 /// adds the missing ones back, and another domain's member may leave; in a DM the other user
-/// may start it too, at once or a moment later.
-fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String) {
+/// may start it too, at once or a moment later. Last, in half the draws, its authority is
+/// handed over once or twice to a member's gateway (returns true then).
+fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String) -> bool {
     let home = *d.pick(all);
     let _ = writeln!(text, "user mh devices {} gateway {home}", d.range(1, 2));
     let mut members = vec!["mh".to_string()];
     let dm = d.chance(0.3);
     let others = if dm { 1 } else { d.range(1, 2) };
     let abroad: Vec<&str> = all.iter().copied().filter(|g| *g != home).collect();
+    let mut member_gateways = vec![home.to_string()];
     for i in 0..others {
         let name = format!("m{i}");
         let gateway = *d.pick(&abroad);
+        member_gateways.push(gateway.to_string());
         let _ = writeln!(
             text,
             "user {name} devices {} gateway {gateway}",
@@ -940,6 +948,29 @@ fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String)
             1_000 + d.range(0, 400)
         );
     }
+    // Drawn last, so that what each seed drew before MLS handovers existed stays as it was.
+    if !d.chance(0.5) {
+        return false;
+    }
+    // Each to another member's gateway than the one the last handed it to (or its home);
+    // the old authority refuses one that comes before a commit took the last one's key.
+    let mut authority = home.to_string();
+    let mut at = 0;
+    let mut drawn = false;
+    for _ in 0..d.range(1, 2) {
+        let others: Vec<&String> = member_gateways
+            .iter()
+            .filter(|g| **g != authority)
+            .collect();
+        if others.is_empty() {
+            break;
+        }
+        authority = (*d.pick(&others)).clone();
+        at = d.range(at.max(3_000), end_ms * 3 / 4);
+        let _ = writeln!(text, "at {at}ms handover mspan0 to {authority}");
+        drawn = true;
+    }
+    drawn
 }
 
 /// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before

@@ -964,7 +964,7 @@ impl World {
             self.actors[a as usize].machine,
             Machine::Gateway(Some(_), _)
         ) {
-            self.follow_dm_homes(a);
+            self.follow_group_homes(a);
             self.check_single_authority(a);
             self.check_peer_limit(a);
         }
@@ -1407,6 +1407,18 @@ impl World {
                 record.extend_from_slice(&seq.to_le_bytes());
                 self.checker
                     .on_undecryptable(self.now, a, name, *conversation, *seq, reason);
+            }
+            NodeEvent::ExternalSenderProposed {
+                conversation,
+                seq,
+                msg_id,
+            } => {
+                record.push(33);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&seq.to_le_bytes());
+                let sender = sund_model::gateway::sequencer::AUTHORITY_SENDER;
+                self.checker
+                    .on_delivered(self.now, a, name, *conversation, *seq, sender, *msg_id);
             }
             NodeEvent::RemovalProposed {
                 conversation,

@@ -200,7 +200,7 @@ fn federation_links_are_declared_between_known_gateways_and_relays_need_one() {
 }
 
 #[test]
-fn a_handover_names_a_plain_conversation_and_a_gateway_that_keeps_a_copy() {
+fn a_handover_names_a_conversation_and_a_gateway_that_keeps_a_copy() {
     const SPANNING: &str = "duration 1s\ngateway gwa\ngateway gwb\ngateway gwc\nfederate gwa gwb\nfederate gwa gwc\nuser a gateway gwa\nuser b gateway gwb\nconversation room gateway gwa members a b\nconversation dm gateway gwa kind dm members a\n";
     let s = parse(
         "h.sund",
@@ -213,7 +213,17 @@ fn a_handover_names_a_plain_conversation_and_a_gateway_that_keeps_a_copy() {
     );
     assert!(s.invariants.contains(&Invariant::SingleAuthority));
     insta::assert_snapshot!(error(&format!("{SPANNING}at 1s handover room to gwc\n")), @"bad.sund:11:1: `handover room to gwc`: no member of `room` is at `gwc`; hand it to a gateway that keeps a copy (its home or a member's gateway)");
-    insta::assert_snapshot!(error(&format!("{SPANNING}at 1s handover dm to gwa\n")), @"bad.sund:11:1: `handover dm to gwa`: `dm` is an MLS conversation, and those do not span gateways yet");
+    // MLS conversations are handed over too, to a gateway one of their members is at.
+    let mls = parse(
+        "h.sund",
+        &format!("{SPANNING}conversation team gateway gwa kind room members a b\nat 1s handover team to gwb\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        mls.schedule[0].action,
+        Action::Handover("team".into(), "gwb".into())
+    );
+    insta::assert_snapshot!(error(&format!("{SPANNING}at 1s handover dm to gwb\n")), @"bad.sund:11:1: `handover dm to gwb`: no member of `dm` is at `gwb`; hand it to a gateway that keeps a copy (its home or a member's gateway)");
     insta::assert_snapshot!(error(&format!("{SPANNING}at 1s handover room to gwz\n")), @"bad.sund:11:24: unknown gateway `gwz`");
 }
 

@@ -183,3 +183,52 @@ fn late_key_packages_swarm_1961_are_taken() {
 fn federation_dm_race_seed_9_a_question_out_outlives_a_crash() {
     run("../scenarios/federation-dm-race.sund", 9);
 }
+
+/// `federation-mls-handover` seed 5: a commit removed the last devices of a domain whose
+/// gateway had not yet said where its replica ended after the handover; the new authority
+/// forgot that domain, so it never got the messages before the removal, and its departing
+/// device was told they were lost. A waiting domain now stays until it has followed.
+#[test]
+fn federation_mls_handover_seed_5_a_waiting_domain_gets_what_it_missed_before_its_removal() {
+    run("../scenarios/federation-mls-handover.sund", 5);
+}
+
+/// `federation-mls-handover` seed 8 (the simulator's own bug): a commit refused as forbidden
+/// made the world look for the room at its creator's gateway, which had handed it over, and
+/// create it again.
+#[test]
+fn federation_mls_handover_seed_8_a_handed_over_room_is_not_created_again() {
+    run("../scenarios/federation-mls-handover.sund", 8);
+}
+
+/// `federation-mls-handover` seed 13: the new authority's removal notice reached a member
+/// gateway before the old authority's Welcome of that device (another link, cut then); the
+/// device joined after its removal and read past it. Such notices now wait until the replica
+/// has caught up with the old authority.
+#[test]
+fn federation_mls_handover_seed_13_a_removal_notice_waits_for_the_old_authoritys_welcome() {
+    run("../scenarios/federation-mls-handover.sund", 13);
+}
+
+/// `federation-mls-handover` seed 17: a domain with no member left missed a handover, and the
+/// new authority's Welcome re-adding its device was refused as from a stranger.
+#[test]
+fn federation_mls_handover_seed_17_a_domain_that_left_follows_the_new_authority_back_in() {
+    run("../scenarios/federation-mls-handover.sund", 17);
+}
+
+/// `federation-mls-handover` seed 24: the old authority's Welcome of a commit just before the
+/// handover came after the certificate and was refused.
+#[test]
+fn federation_mls_handover_seed_24_the_old_authoritys_last_welcome_is_taken() {
+    run("../scenarios/federation-mls-handover.sund", 24);
+}
+
+/// `federation-mls-handover` seed 55: the new authority's replica began where its first
+/// device joined, after a member's last message, so it and the member's gateway disagreed on
+/// that member's sender order and refused each other's chain for ever. The handover now
+/// carries each member's last message.
+#[test]
+fn federation_mls_handover_seed_55_the_new_authority_adopts_each_senders_last_message() {
+    run("../scenarios/federation-mls-handover.sund", 55);
+}

@@ -99,6 +99,15 @@ const KIND_REMOVED: u8 = 15;
 const KIND_LEAVE: u8 = 16;
 const KIND_DM_CLAIM: u8 = 17;
 const KIND_DM_CLAIM_ANSWER: u8 = 18;
+/// A handover of an MLS conversation: [`KIND_HANDOVER`]'s fields, then its [`MlsHandover`].
+const KIND_HANDOVER_MLS: u8 = 19;
+const KIND_EXTERNAL_KEY: u8 = 20;
+
+/// The longest group record an MLS handover carries (`gateway::groups::GroupState::encode`:
+/// about 100 bytes per member device).
+pub const HANDOVER_GROUP_BYTES_MAX: usize = 640 * 1024;
+/// The longest MLS proposal an MLS handover carries (one external sender: a few hundred).
+pub const HANDOVER_PROPOSAL_BYTES_MAX: usize = 4 * 1024;
 
 /// The most devices a relayed commit vouches for: as many as a commit adds.
 pub const RELAY_VOUCHED_MAX: usize = crate::mls::group_ops::ADDED_MAX;
@@ -207,6 +216,9 @@ pub enum Entry {
         members: Vec<(String, Vec<DeviceId>)>,
         /// The sender's signature over the certificate's statement.
         signature: [u8; 64],
+        /// For an MLS conversation: its group state and the proposal moving its external
+        /// sender to the receiver.
+        mls: Option<MlsHandover>,
     },
     /// From the new authority to each member gateway: the conversation moved.
     Moved {
@@ -305,6 +317,13 @@ pub enum Entry {
         /// What the peer decided.
         answer: DmClaimAnswer,
     },
+    /// From any peer, once per data directory: the key it signs MLS proposals with as a
+    /// group's external sender, which a gateway handing it an MLS conversation names in the
+    /// group.
+    ExternalKey {
+        /// The Ed25519 public key.
+        key: [u8; 32],
+    },
     /// From any peer: several entries, in the order the sender produced them, as one link
     /// entry. Never nested.
     Bundle {
@@ -314,6 +333,24 @@ pub enum Entry {
         /// [`Entry::Sequenced`] among `entries` (`None` if there are none).
         signature: Option<[u8; 64]>,
     },
+}
+
+/// What an [`Entry::Handover`] of an MLS conversation adds: the gateway's view of the group,
+/// and the old authority's proposal making the new one the group's external sender.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MlsHandover {
+    /// The group as the old authority kept it (`gateway::groups::GroupState::encode`, at
+    /// most [`HANDOVER_GROUP_BYTES_MAX`] bytes).
+    pub group: Bytes,
+    /// The key the proposal names (the receiver checks it is its own).
+    pub external_key: [u8; 32],
+    /// The MLS proposal, signed by the old authority as the group's external sender in the
+    /// handover's epoch (at most [`HANDOVER_PROPOSAL_BYTES_MAX`] bytes): the receiver
+    /// sequences it first, and every commit after must take it.
+    pub proposal: Bytes,
+    /// Each member device's last message in its sender order (the receiver's replica began
+    /// where its first device joined, and may not hold it); at most [`OPEN_MEMBERS_MAX`].
+    pub senders: Vec<(DeviceId, MsgId)>,
 }
 
 /// A gateway's answer to a peer's [`Entry::DmClaim`].
@@ -508,6 +545,7 @@ impl Entry {
             | Entry::DmClaim { conversation }
             | Entry::DmClaimAnswer { conversation, .. } => *conversation,
             Entry::Revocations { .. }
+            | Entry::ExternalKey { .. }
             | Entry::KeyPackageRequest { .. }
             | Entry::KeyPackages { .. }
             | Entry::Bundle { .. } => return None,
@@ -634,12 +672,17 @@ impl Entry {
                 epoch,
                 members,
                 signature,
+                mls,
             } => {
                 debug_assert!(
                     members.len() <= HANDOVER_DOMAINS_MAX,
                     "bounded by the caller"
                 );
-                out.push(KIND_HANDOVER);
+                out.push(if mls.is_some() {
+                    KIND_HANDOVER_MLS
+                } else {
+                    KIND_HANDOVER
+                });
                 out.extend_from_slice(&conversation.to_bytes());
                 for n in [term, last_seq, epoch] {
                     out.extend_from_slice(&n.to_be_bytes());
@@ -650,6 +693,29 @@ impl Entry {
                     put_devices(&mut out, devices);
                 }
                 out.extend_from_slice(signature);
+                if let Some(mls) = mls {
+                    debug_assert!(
+                        mls.group.len() <= HANDOVER_GROUP_BYTES_MAX
+                            && mls.proposal.len() <= HANDOVER_PROPOSAL_BYTES_MAX,
+                        "bounded by the caller"
+                    );
+                    put_body(&mut out, &mls.group);
+                    out.extend_from_slice(&mls.external_key);
+                    put_body(&mut out, &mls.proposal);
+                    debug_assert!(
+                        mls.senders.len() <= OPEN_MEMBERS_MAX,
+                        "bounded by the caller"
+                    );
+                    out.extend_from_slice(&(mls.senders.len() as u32).to_be_bytes());
+                    for (device, last) in &mls.senders {
+                        out.extend_from_slice(&device.to_bytes());
+                        out.extend_from_slice(&last.to_bytes());
+                    }
+                }
+            }
+            Entry::ExternalKey { key } => {
+                out.push(KIND_EXTERNAL_KEY);
+                out.extend_from_slice(key);
             }
             Entry::Moved {
                 conversation,
@@ -857,6 +923,13 @@ impl Entry {
             }
             return Ok(Entry::Revocations { root, crl });
         }
+        if kind == KIND_EXTERNAL_KEY {
+            let key = r.array::<32>().ok_or(EntryError::Truncated)?;
+            if r.remaining() != 0 {
+                return Err(EntryError::Trailing);
+            }
+            return Ok(Entry::ExternalKey { key });
+        }
         if kind == KIND_KEY_PACKAGE_REQUEST || kind == KIND_KEY_PACKAGES {
             let entry = decode_key_packages(kind, &mut r)?;
             if r.remaining() != 0 {
@@ -948,7 +1021,7 @@ impl Entry {
                     outcome,
                 }
             }
-            KIND_HANDOVER => {
+            KIND_HANDOVER | KIND_HANDOVER_MLS => {
                 let term = r.u64().ok_or(EntryError::Truncated)?;
                 let last_seq = r.u64().ok_or(EntryError::Truncated)?;
                 let epoch = r.u64().ok_or(EntryError::Truncated)?;
@@ -964,13 +1037,41 @@ impl Entry {
                     devices_in_all += devices.len();
                     members.push((domain, devices));
                 }
+                let signature = r.array::<64>().ok_or(EntryError::Truncated)?;
+                let mls = if kind == KIND_HANDOVER_MLS {
+                    let group = bounded_body(&mut r, HANDOVER_GROUP_BYTES_MAX)?;
+                    let external_key = r.array::<32>().ok_or(EntryError::Truncated)?;
+                    let proposal = bounded_body(&mut r, HANDOVER_PROPOSAL_BYTES_MAX)?;
+                    let count = r.u32().ok_or(EntryError::Truncated)? as usize;
+                    if count > OPEN_MEMBERS_MAX {
+                        return Err(EntryError::TooLong);
+                    }
+                    if r.remaining() < count * 32 {
+                        return Err(EntryError::Truncated);
+                    }
+                    let mut senders = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let device = DeviceId::from_bytes(id(&mut r)?);
+                        let last = MsgId::from_bytes(id(&mut r)?);
+                        senders.push((device, last));
+                    }
+                    Some(MlsHandover {
+                        group,
+                        external_key,
+                        proposal,
+                        senders,
+                    })
+                } else {
+                    None
+                };
                 Entry::Handover {
                     conversation,
                     term,
                     last_seq,
                     epoch,
                     members,
-                    signature: r.array::<64>().ok_or(EntryError::Truncated)?,
+                    signature,
+                    mls,
                 }
             }
             KIND_MOVED => Entry::Moved {
@@ -1303,6 +1404,16 @@ fn body(r: &mut Reader<'_>) -> Result<Bytes, EntryError> {
     Ok(Bytes::copy_from_slice(bytes))
 }
 
+/// [`body`], refused if longer than `max`.
+fn bounded_body(r: &mut Reader<'_>, max: usize) -> Result<Bytes, EntryError> {
+    let len = r.u32().ok_or(EntryError::Truncated)? as usize;
+    if len > max {
+        return Err(EntryError::TooLong);
+    }
+    let bytes = r.take(len).ok_or(EntryError::Truncated)?;
+    Ok(Bytes::copy_from_slice(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1400,6 +1511,7 @@ mod tests {
                         body,
                     }
                 }),
+            any::<[u8; 32]>().prop_map(|key| Entry::ExternalKey { key }),
             (id16(), id16(), id16(), outcome()).prop_map(|(c, s, m, outcome)| Entry::Answer {
                 conversation: ConversationId(c),
                 sender: DeviceId(s),
@@ -1413,9 +1525,15 @@ mod tests {
                     ("[a-z.]{0,20}", proptest::collection::vec(id16(), 0..5)),
                     0..4
                 ),
-                any::<[u8; 32]>()
+                any::<[u8; 32]>(),
+                proptest::option::of((
+                    body.clone(),
+                    any::<[u8; 32]>(),
+                    body.clone(),
+                    proptest::collection::vec((id16(), id16()), 0..4)
+                )),
             )
-                .prop_map(|(c, (term, last_seq, epoch), members, half)| {
+                .prop_map(|(c, (term, last_seq, epoch), members, half, mls)| {
                     let mut signature = [7u8; 64];
                     signature[32..].copy_from_slice(&half);
                     Entry::Handover {
@@ -1428,6 +1546,15 @@ mod tests {
                             .map(|(d, m)| (d, m.into_iter().map(DeviceId).collect()))
                             .collect(),
                         signature,
+                        mls: mls.map(|(group, external_key, proposal, senders)| MlsHandover {
+                            group,
+                            external_key,
+                            proposal,
+                            senders: senders
+                                .into_iter()
+                                .map(|(d, m)| (DeviceId(d), MsgId(m)))
+                                .collect(),
+                        }),
                     }
                 }),
             (

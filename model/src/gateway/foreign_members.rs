@@ -360,7 +360,23 @@ impl Gateway {
             self.spanning_stats.entries_refused += 1;
             return;
         };
-        if local || !self.spanning.follow(conv, peer, self.fx.writes()) {
+        // After a handover whose certificate came first, the old authority's last Welcomes
+        // (of commits up to the seq it handed over at) still come from it.
+        let from_previous = self
+            .spanning
+            .previous_of(conv)
+            .is_some_and(|(domain, last)| domain == peer && seq <= last);
+        // A domain left with no member devices hears nothing more, handovers included: a
+        // Welcome from another gateway than the one its replica knew is that conversation's
+        // new authority bringing it back.
+        let left = self
+            .delivery
+            .log(conv)
+            .is_some_and(|log| log.members().is_empty());
+        if left && !local && !from_previous {
+            self.spanning.follow_anew(conv, peer, self.fx.writes());
+        }
+        if local || !(from_previous || self.spanning.follow(conv, peer, self.fx.writes())) {
             self.spanning_stats.entries_refused += 1;
             return;
         }

@@ -25,13 +25,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::groups::GroupState;
 use super::sequencer::{AUTHORITY_SENDER, LOST_SENDER};
 use super::{AdminAnswer, Gateway, GatewayOutput};
 use crate::federation::entry::{
-    Entry, HandoverCertificate, HANDOVER_DOMAINS_MAX, OPEN_MEMBERS_MAX,
+    Entry, HandoverCertificate, MlsHandover, HANDOVER_DOMAINS_MAX, HANDOVER_GROUP_BYTES_MAX,
+    HANDOVER_PROPOSAL_BYTES_MAX, OPEN_MEMBERS_MAX,
 };
-use crate::ids::{ConversationId, DeviceId};
+use crate::ids::{ConversationId, DeviceId, MsgId};
 use crate::time::Instant;
+use bytes::Bytes;
 use core::time::Duration;
 
 /// When a device refused `authority_moving` sends again: a handover takes a few round trips
@@ -88,9 +91,6 @@ impl Gateway {
             conversation: conv,
             why,
         };
-        if self.groups.contains(conv) {
-            return refused("it is an MLS conversation, whose group state (epoch, members, roles) cannot move between gateways yet".into());
-        }
         if let Some(home) = self.spanning.authority_of(conv) {
             return refused(format!("it is homed at {home}: its operator hands it over"));
         }
@@ -138,17 +138,21 @@ impl Gateway {
         }
         let term = home.term + 1;
         let last_seq = self.delivery.head(conv).unwrap_or(0);
-        // Plain conversations only so far: epoch 0.
-        let epoch = 0;
-        let Some(federation) = &self.federation else {
-            return refused("this gateway has no federation peers".into());
-        };
-        if !federation.is_up(to) {
+        // The MLS epoch (0 in a plain conversation).
+        let epoch = self.groups.get(conv).map_or(0, |g| g.epoch());
+        if !self.federation.as_ref().is_some_and(|f| f.is_up(to)) {
             // The conversation would stay frozen until the link came back.
             return refused(format!(
                 "the link to {to} is down; hand it over once `sund-gateway admin federation` shows it up"
             ));
         }
+        let mls = match self.mls_handover(conv, to) {
+            Ok(mls) => mls,
+            Err(why) => return refused(why),
+        };
+        let Some(federation) = &self.federation else {
+            return refused("this gateway has no federation peers".into());
+        };
         let statement = HandoverCertificate::statement(conv, term, &own, to, last_seq, epoch);
         let handover = Entry::Handover {
             conversation: conv,
@@ -157,6 +161,7 @@ impl Gateway {
             epoch,
             members,
             signature: federation.sign(&statement),
+            mls,
         };
         if let Err(error) = self.send_entry(to, &handover) {
             return refused(error.to_string());
@@ -173,10 +178,92 @@ impl Gateway {
         }
     }
 
+    /// For a handover of the MLS conversation `conv` to `to`: the group state and the
+    /// proposal naming `to`'s key as the group's external sender; `None` for a plain one.
+    fn mls_handover(
+        &mut self,
+        conv: ConversationId,
+        to: &str,
+    ) -> Result<Option<MlsHandover>, String> {
+        let Some(group) = self.groups.get(conv) else {
+            return Ok(None);
+        };
+        let group = Bytes::from(group.encode());
+        if group.len() > HANDOVER_GROUP_BYTES_MAX {
+            return Err(format!(
+                "its group state takes {} bytes; a handover carries at most {HANDOVER_GROUP_BYTES_MAX}",
+                group.len()
+            ));
+        }
+        let Some(external_key) = self.external_keys.of(to) else {
+            return Err(format!(
+                "{to}'s gateway has not told this gateway the key it signs MLS proposals with \
+                 (it does once, soon after their link first comes up); try again shortly"
+            ));
+        };
+        let proposal = self.groups.external_sender_proposal(
+            conv,
+            external_key,
+            self.entropy.as_mut(),
+            self.fx.writes(),
+        )?;
+        if proposal.len() > HANDOVER_PROPOSAL_BYTES_MAX {
+            return Err("the proposal of the new external sender is too long".into());
+        }
+        let mut senders = self.delivery.senders_last(conv);
+        senders.truncate(OPEN_MEMBERS_MAX);
+        Ok(Some(MlsHandover {
+            group,
+            external_key,
+            proposal,
+            senders,
+        }))
+    }
+
+    /// Why the MLS part of a handover of `conv` in `epoch` cannot be taken here, or the group
+    /// state it gives (`None` for a plain conversation).
+    fn check_mls_handover(
+        &mut self,
+        conv: ConversationId,
+        epoch: u64,
+        mls: Option<&MlsHandover>,
+    ) -> Result<Option<GroupState>, String> {
+        let Some(mls) = mls else {
+            return Ok(None);
+        };
+        let state = GroupState::decode_record(&mls.group)?;
+        if state.epoch() != epoch {
+            return Err(format!(
+                "the group state is at epoch {}, the handover at {epoch}",
+                state.epoch()
+            ));
+        }
+        let own = self
+            .groups
+            .external_key(self.entropy.as_mut(), self.fx.writes());
+        if mls.external_key[..] != own[..] {
+            return Err(
+                "the proposal names another external-sender key than this gateway's \
+                        (its data directory was reset since it told its key)"
+                    .into(),
+            );
+        }
+        let (framing, _) = crate::mls::commit_authority::read_message(&mls.proposal)
+            .map_err(|e| format!("the proposal does not read: {e}"))?;
+        if framing.group_id != conv.to_bytes()
+            || framing.epoch != epoch
+            || framing.kind != crate::mls::commit_authority::Kind::Proposal
+        {
+            return Err("the proposal is not one of this group in the handover's epoch".into());
+        }
+        Ok(Some(state))
+    }
+
     /// At the gateway handed `conv`: take it over, or decline (step 2).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_handover(
         &mut self,
+        now: Instant,
         peer: &str,
         conv: ConversationId,
         term: u64,
@@ -184,6 +271,7 @@ impl Gateway {
         epoch: u64,
         members: Vec<(String, Vec<DeviceId>)>,
         signature: [u8; 64],
+        mls: Option<MlsHandover>,
     ) {
         let own = self.config.domain.clone();
         let statement = HandoverCertificate::statement(conv, term, peer, &own, last_seq, epoch);
@@ -200,6 +288,7 @@ impl Gateway {
             .iter()
             .map(|(d, _)| d)
             .find(|d| **d != own && !federation.is_some_and(|f| f.is_peer(d)));
+        let group = self.check_mls_handover(conv, epoch, mls.as_ref());
         let why = if !following {
             Some(format!(
                 "{own} keeps no copy of this conversation under {peer} in term {}",
@@ -211,6 +300,8 @@ impl Gateway {
             Some(format!(
                 "{own}'s copy ends at seq {head}, not at {last_seq}"
             ))
+        } else if let Err(why) = &group {
+            Some(format!("the MLS group cannot be taken: {why}"))
         } else {
             stranger
                 .map(|stranger| format!("{own} does not federate with {stranger}, a member domain"))
@@ -231,6 +322,24 @@ impl Gateway {
             if domain != own {
                 others.entry(domain).or_default().extend(devices);
             }
+        }
+        let group = group.ok().flatten();
+        if let Some(mut state) = group {
+            // Other domains' member devices are known here by the users the old authority
+            // knew them by (as from their gateways' KeyPackage answers).
+            for (domain, devices) in &others {
+                for device in devices {
+                    if let Some(&user) = state.devices().get(device) {
+                        self.foreign_fetches
+                            .learn(*device, user, domain, self.fx.writes());
+                    }
+                }
+            }
+            let key = self
+                .groups
+                .external_key(self.entropy.as_mut(), self.fx.writes());
+            state.expect_external_sender(key.try_into().expect("32 bytes"));
+            self.groups.set_state(conv, state, self.fx.writes());
         }
         let domains: Vec<String> = others.keys().cloned().collect();
         self.spanning
@@ -255,6 +364,28 @@ impl Gateway {
         for domain in domains {
             // Each is a configured peer (checked above).
             let _ = self.send_entry(&domain, &moved);
+        }
+        if let Some(mls) = mls {
+            // This replica began where this domain's first device joined: who sent what
+            // last before that, only the old authority knew.
+            self.delivery
+                .adopt_senders_last(conv, &mls.senders, last_seq);
+            // The first message of this term: the old authority's proposal making this
+            // gateway the group's external sender, which the next commit must take. Member
+            // gateways read it once they have said where their replicas end.
+            let mut id = [0u8; 16];
+            self.entropy.fill_bytes(&mut id);
+            let seq = self.delivery.append_by_authority(
+                now,
+                conv,
+                MsgId::from_bytes(id),
+                mls.proposal,
+                self.fx.writes(),
+            );
+            debug_assert_eq!(seq, last_seq + 1, "the new term goes on without a gap");
+            self.fan_out(conv, seq, false);
+            self.delivery
+                .pump_members(now, conv, &self.sessions, &mut self.fx);
         }
         self.handover_stats.taken += 1;
     }
@@ -314,6 +445,10 @@ impl Gateway {
             self.handover_stats.unverified_from += 1;
         }
         self.handover_stats.followed += 1;
+        if was_moving {
+            // The new authority holds the group state now (it came with the handover).
+            self.groups.forget(conv, self.fx.writes());
+        }
         if !behind {
             self.follow_authority(conv);
         }
@@ -362,6 +497,7 @@ impl Gateway {
         {
             self.delivery.keep_acknowledged(conv, false);
         }
+        let epoch = self.groups.get(conv).map_or(0, |g| g.epoch());
         let Some(log) = self.delivery.log(conv) else {
             return;
         };
@@ -373,12 +509,13 @@ impl Gateway {
             if entry.sender == LOST_SENDER {
                 continue;
             }
-            // Plain conversations only so far: epoch 0, and every message chained in its
-            // sender's order but the authority's own.
+            // Every message chained in its sender's order but the authority's own. The
+            // log keeps no epoch per message: each goes with the group's epoch now, as
+            // fan-out sends each with the epoch after it.
             entries.push(Entry::Sequenced {
                 conversation: conv,
                 seq,
-                epoch: 0,
+                epoch,
                 sender: entry.sender,
                 msg_id: entry.msg_id,
                 chained: entry.sender != AUTHORITY_SENDER,

@@ -37,11 +37,13 @@ mod admin;
 mod config;
 pub mod delivery;
 pub mod dm_claims;
+pub mod external_keys;
 pub mod files;
 pub mod foreign_fetch;
 mod foreign_members;
 pub mod groups;
 pub mod handover;
+pub mod held_entries;
 pub mod key_packages;
 pub mod limits;
 pub mod links;
@@ -268,6 +270,8 @@ pub struct Gateway {
     foreign_fetches: foreign_fetch::ForeignFetches,
     /// Which gateway makes each DM between users of two domains.
     dm_claims: dm_claims::DmClaims,
+    external_keys: external_keys::ExternalKeys,
+    held_entries: held_entries::HeldEntries,
     /// The peer roots last vouched for to devices (see `Gateway::peer_roots`).
     peer_roots: Option<crate::trust::peer_roots::PeerRoots>,
     /// The federation's count of roots learned when open sessions were last told the set.
@@ -375,6 +379,8 @@ impl Gateway {
         gateway.peer_crls = peer_crls::PeerCrls::recover(store)?;
         gateway.foreign_fetches = foreign_fetch::ForeignFetches::recover(store)?;
         gateway.dm_claims = dm_claims::DmClaims::recover(store)?;
+        gateway.external_keys = external_keys::ExternalKeys::recover(store)?;
+        gateway.held_entries = held_entries::HeldEntries::recover(store)?;
         if let Some(federation) = &mut gateway.federation {
             for (domain, crl) in gateway.peer_crls.held() {
                 federation.set_crl_held(domain, crl.version);
@@ -437,6 +443,8 @@ impl Gateway {
             peer_crls: peer_crls::PeerCrls::default(),
             foreign_fetches: foreign_fetch::ForeignFetches::default(),
             dm_claims: dm_claims::DmClaims::default(),
+            external_keys: external_keys::ExternalKeys::default(),
+            held_entries: held_entries::HeldEntries::default(),
             peer_roots: None,
             roots_told: 0,
             fx: Fx::default(),
@@ -765,6 +773,7 @@ impl Gateway {
                 }
                 self.take_federated_entries(now);
                 self.push_crl_where_behind();
+                self.announce_external_key();
             }
         }
         self.arm_chunk_drop(now);
@@ -794,6 +803,7 @@ impl Gateway {
         }
         self.take_federated_entries(now);
         self.push_crl_where_behind();
+        self.announce_external_key();
         for name in self.timers.due(now) {
             match name {
                 GatewayTimer::Tick => self.tick(now),
@@ -1934,6 +1944,20 @@ impl Gateway {
     /// Asks for `device` to leave `conv`: proposed as the group's external sender now, or once
     /// the removal pending in this epoch is committed.
     fn propose_removal(&mut self, now: Instant, conv: ConversationId, device: DeviceId) {
+        if let Some(to) = self.spanning.moving_to(conv).map(str::to_string) {
+            // Frozen for a handover: the gateway it goes to holds the group state from now
+            // on; it hears of a device of this domain as of one leaving (and of another
+            // domain's revoked device from that domain's CRL).
+            if self.registry.user_of(device).is_some() {
+                let leave = Entry::Leave {
+                    conversation: conv,
+                    device,
+                };
+                // A configured peer: the handover went to it.
+                let _ = self.send_entry(&to, &leave);
+            }
+            return;
+        }
         match self.groups.request_removal(conv, device, self.fx.writes()) {
             Removal::Nothing => {}
             Removal::LastMember(effect) => {

@@ -52,6 +52,9 @@ pub struct SpanningStats {
     pub answers_passed: u64,
     /// Sequenced messages whose signature was not the authority's link key's.
     pub signatures_refused: u64,
+    /// Welcomes and removal notices of a new authority held until this gateway's replica
+    /// caught up with the old one (`held_entries`).
+    pub entries_held: u64,
     /// Welcomes sent to member gateways for their devices an MLS commit added here.
     pub welcomes_sent: u64,
     /// Welcomes that could not be queued for a member gateway (its link refused the entry).
@@ -325,7 +328,10 @@ impl Gateway {
 
     /// One entry from `peer` that is not a bundle; `signed`: a sequenced message's statement
     /// is covered by `peer`'s signature.
-    fn take_entry(&mut self, now: Instant, peer: &str, entry: Entry, signed: bool) {
+    pub(super) fn take_entry(&mut self, now: Instant, peer: &str, entry: Entry, signed: bool) {
+        if self.hold_until_caught_up(peer, &entry) {
+            return;
+        }
         let from_authority = entry
             .conversation()
             .is_some_and(|conv| self.spanning.authority_of(conv) == Some(peer));
@@ -358,6 +364,7 @@ impl Gateway {
                 if previous.is_some_and(|last| head >= last) {
                     self.spanning.caught_up(conversation, self.fx.writes());
                     self.follow_authority(conversation);
+                    self.release_held(now, conversation);
                 }
             }
             Entry::Sequenced {
@@ -403,6 +410,7 @@ impl Gateway {
                     // The replica holds all the old authority sequenced: on to the new one.
                     self.spanning.caught_up(conversation, self.fx.writes());
                     self.follow_authority(conversation);
+                    self.release_held(now, conversation);
                 }
             }
             Entry::Answer {
@@ -520,7 +528,9 @@ impl Gateway {
                 epoch,
                 members,
                 signature,
+                mls,
             } => self.on_handover(
+                now,
                 peer,
                 conversation,
                 term,
@@ -528,6 +538,7 @@ impl Gateway {
                 epoch,
                 members,
                 signature,
+                mls,
             ),
             Entry::Moved {
                 conversation,
@@ -544,6 +555,9 @@ impl Gateway {
                 reason,
             } => self.on_declined(now, peer, conversation, term, reason),
             Entry::Revocations { root, crl } => self.on_peer_crl(now, peer, root, &crl),
+            Entry::ExternalKey { key } => {
+                self.external_keys.learn(peer, key, self.fx.writes());
+            }
             Entry::KeyPackageRequest {
                 request,
                 requester,
@@ -575,7 +589,13 @@ impl Gateway {
                 seq,
                 devices,
             } => {
-                let replica = self.spanning.authority_of(conversation) == Some(peer);
+                // From the authority, or from the old one about a commit it sequenced
+                // before the handover whose certificate came first.
+                let replica = self.spanning.authority_of(conversation) == Some(peer)
+                    || self
+                        .spanning
+                        .previous_of(conversation)
+                        .is_some_and(|(domain, last)| domain == peer && seq <= last);
                 if !replica {
                     self.spanning_stats.entries_refused += 1;
                     return;

@@ -194,6 +194,26 @@ impl SenderOrder {
         }
     }
 
+    /// Each device's last chained message in `conv`, in device order (none for devices that
+    /// sent none): what a handover gives the new authority.
+    pub fn of_conversation(&self, conv: ConversationId) -> Vec<(DeviceId, MsgId)> {
+        self.rows
+            .range((conv, DeviceId(0))..=(conv, DeviceId(u128::MAX)))
+            .filter(|(_, row)| row.last != NO_MESSAGE)
+            .map(|((_, device), row)| (*device, row.last))
+            .collect()
+    }
+
+    /// After a handover: `device`'s last chained message in `conv` is `last`, as the old
+    /// authority knew it when its log stopped at `head` (this gateway's replica may have
+    /// begun after it). Written as of `head`.
+    pub fn adopt(&mut self, conv: ConversationId, device: DeviceId, last: MsgId, head: u64) {
+        let row = self.rows.entry((conv, device)).or_insert(Row::NONE);
+        row.last = last;
+        let through = row.through.max(head);
+        self.mark(conv, device, through);
+    }
+
     fn mark(&mut self, conv: ConversationId, device: DeviceId, through: u64) {
         let row = self.rows.entry((conv, device)).or_insert(Row::NONE);
         debug_assert!(through >= row.through || row.through == u64::MAX);
@@ -425,5 +445,32 @@ mod tests {
         writes.put(SENDER_ORDER_TABLE, key(C, D), vec![1; 20]);
         store.commit(writes).unwrap();
         assert!(SenderOrder::recover(&store, std::iter::empty()).is_err());
+    }
+
+    #[test]
+    fn a_new_authority_adopts_the_last_messages_its_replica_never_held_and_keeps_them() {
+        let mut g = Gateway::new();
+        // The replica here began after D's message 5 and E's 6, at seq 3.
+        g.send(D, 1, true);
+        g.send(D, 2, true);
+        g.send(E, 3, true);
+        assert_eq!(
+            g.order.of_conversation(C),
+            vec![(D, MsgId(2)), (E, MsgId(3))]
+        );
+        // The old authority knew D's last as 9 when it stopped at seq 3.
+        g.order.adopt(C, D, MsgId(9), 3);
+        assert_eq!(g.order.last(C, D), MsgId(9));
+        assert_eq!(g.order.check(C, D, MsgId(9)), Ok(()));
+        let mut writes = WriteBatch::default();
+        g.order.flush(&mut writes);
+        g.store.commit(writes).unwrap();
+        // A restart keeps it: the row is written as of the old authority's head.
+        let back = g.recovered();
+        assert_eq!(back.last(C, D), MsgId(9));
+        assert_eq!(back.last(C, E), MsgId(3));
+        // Messages sequenced here after it are taken from the log again.
+        g.send(D, 10, true);
+        assert_eq!(g.recovered().last(C, D), MsgId(10));
     }
 }

@@ -269,8 +269,8 @@ impl Spanning {
     }
 
     /// `conv`, homed here, no longer has `devices` of `domain` among its members (a commit
-    /// removed them); a domain left with none gets nothing more. Returns false (and changes
-    /// nothing) if `conv` is not homed here.
+    /// removed them); a domain left with none gets nothing more (once it has followed, after
+    /// a handover). Returns false (and changes nothing) if `conv` is not homed here.
     pub fn unshare(
         &mut self,
         conv: ConversationId,
@@ -288,9 +288,11 @@ impl Spanning {
             for device in devices {
                 members.remove(device);
             }
-            if members.is_empty() {
+            // A domain that has not said where its replica ends since a handover stays
+            // until it has: its departing devices still read up to the commit removing
+            // them, which it gets when it follows, with all the rest.
+            if members.is_empty() && !home.waiting.contains(domain) {
                 home.members.remove(domain);
-                home.waiting.remove(domain);
             }
         }
         writes.put(SPANNING_TABLE, conv.to_bytes().to_vec(), encode_role(role));
@@ -317,6 +319,30 @@ impl Spanning {
                 self.put(conv, role, writes);
                 true
             }
+        }
+    }
+
+    /// A replica of `conv` that no device here is a member of any more follows `authority`
+    /// from now on (a commit there adds devices of this domain again, and the conversation
+    /// was handed over while this domain had none: nobody sent it the certificate). Returns
+    /// false (and changes nothing) unless `conv` is a replica of another authority here.
+    pub fn follow_anew(
+        &mut self,
+        conv: ConversationId,
+        authority: &str,
+        writes: &mut WriteBatch,
+    ) -> bool {
+        match self.roles.get(&conv) {
+            Some(Role::Replica { authority: a, .. }) if a != authority => {
+                let role = Role::Replica {
+                    authority: authority.to_string(),
+                    term: 0,
+                    previous: None,
+                };
+                self.put(conv, role, writes);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -412,6 +438,11 @@ impl Spanning {
         };
         if !home.waiting.remove(domain) {
             return false;
+        }
+        if home.members.get(domain).is_some_and(BTreeSet::is_empty) {
+            // Its last member devices were removed while it was waiting (see `unshare`):
+            // it gets what it missed, and nothing more.
+            home.members.remove(domain);
         }
         let role = self.roles[&conv].clone();
         self.put(conv, role, writes);

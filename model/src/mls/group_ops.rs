@@ -150,6 +150,11 @@ pub struct GroupOps {
     /// the committer's gateway asks whether it makes the DM itself (`gateway::dm_claims`).
     #[n(5)]
     pub dm_with: Option<String>,
+    /// On a commit taking the gateway's proposal to change the group's external sender (its
+    /// authority was handed to another domain's gateway, `gateway::handover`): the new
+    /// sender's 32-byte signature key, which members check against the proposal they commit.
+    #[n(6)]
+    pub external_sender: Option<ByteArray<32>>,
 }
 
 /// The domain of a device a commit adds (see [`GroupOps::domains`]).

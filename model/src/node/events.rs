@@ -304,6 +304,16 @@ pub enum NodeEvent {
         /// What went wrong (no plaintext, no key material).
         reason: String,
     },
+    /// The conversation's authority moved to another gateway, and the old one proposed (as
+    /// the group's external sender) the new one's key in its place; a member commits it next.
+    ExternalSenderProposed {
+        /// Conversation.
+        conversation: ConversationId,
+        /// The proposal's seq.
+        seq: u64,
+        /// Its message id.
+        msg_id: MsgId,
+    },
     /// The gateway proposed (as the group's external sender) to remove `device`; a member
     /// commits it next.
     RemovalProposed {

@@ -1356,7 +1356,11 @@ impl Node {
             last_read = Some(item.msg_id);
             group_changed |= matches!(
                 event,
-                Some(NodeEvent::GroupChanged { .. } | NodeEvent::RemovalProposed { .. })
+                Some(
+                    NodeEvent::GroupChanged { .. }
+                        | NodeEvent::RemovalProposed { .. }
+                        | NodeEvent::ExternalSenderProposed { .. }
+                )
             );
             if let Some(NodeEvent::Delivered {
                 conversation,
@@ -1539,6 +1543,11 @@ impl Node {
                 seq,
                 sender: item.sender,
                 reason,
+            }),
+            Processed::ExternalSenderProposed => Some(NodeEvent::ExternalSenderProposed {
+                conversation: conv,
+                seq,
+                msg_id: item.msg_id,
             }),
             Processed::RemovalProposed { device } => Some(NodeEvent::RemovalProposed {
                 conversation: conv,

@@ -205,15 +205,19 @@ impl World {
     /// fetched its KeyPackage): the creator tries again, as a person told so would, and the
     /// new attempt leaves out users with no device left.
     pub(super) fn retry_refused_creation(&mut self, device: ActorIndex) {
-        let Some(gateway) = self.gateway_of(device) else {
-            return;
-        };
+        // Asked of the conversation's authority in the world's books: a room handed over to
+        // another domain's gateway is not held at its creator's any more.
         let refused: Vec<usize> = self
             .conversations
             .iter()
             .enumerate()
             .filter(|(_, c)| {
-                c.kind.is_some() && c.members[0] == device && gateway.group(c.id).is_none()
+                c.kind.is_some()
+                    && c.members[0] == device
+                    && match &self.actors[c.gateway as usize].machine {
+                        Machine::Gateway(Some(g), _) => g.group(c.id).is_none(),
+                        _ => false,
+                    }
             })
             .map(|(i, _)| i)
             .collect();
@@ -283,10 +287,11 @@ impl World {
         }
     }
 
-    /// A DM across domains is homed where the gateways' claims put it (the first domain when
-    /// both users start it at once), not always at its declared gateway: once `gateway`
-    /// sequences a DM that its declared gateway does not, the world's books follow.
-    pub(super) fn follow_dm_homes(&mut self, gateway: ActorIndex) {
+    /// An MLS conversation is not always homed at its declared gateway: a DM across domains
+    /// is homed where the gateways' claims put it (the first domain when both users start it
+    /// at once), and a handover moves any. Once `gateway` sequences a conversation that its
+    /// gateway in the books does not, the books follow.
+    pub(super) fn follow_group_homes(&mut self, gateway: ActorIndex) {
         if self.gateways.len() < 2 {
             return;
         }
@@ -297,9 +302,7 @@ impl World {
             .conversations
             .iter()
             .enumerate()
-            .filter(|(_, c)| {
-                c.kind == Some(GroupKind::Dm) && c.gateway != gateway && g.sequences(c.id)
-            })
+            .filter(|(_, c)| c.kind.is_some() && c.gateway != gateway && g.sequences(c.id))
             .map(|(i, _)| i)
             .collect();
         for index in moved {
@@ -311,14 +314,6 @@ impl World {
             if !declared_sequences {
                 self.conversations[index].gateway = gateway;
             }
-        }
-    }
-
-    /// The running gateway `device` is homed at.
-    fn gateway_of(&self, device: ActorIndex) -> Option<&Gateway> {
-        match &self.actors[self.actors[device as usize].home as usize].machine {
-            Machine::Gateway(Some(g), _) => Some(g),
-            _ => None,
         }
     }
 

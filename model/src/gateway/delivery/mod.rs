@@ -1013,6 +1013,24 @@ impl Delivery {
         Ok(true)
     }
 
+    /// Each device's last chained message in `conv` (see `sender_order`).
+    pub fn senders_last(&self, conv: ConversationId) -> Vec<(DeviceId, MsgId)> {
+        self.sender_order.of_conversation(conv)
+    }
+
+    /// After a handover to this gateway: each device's last chained message in `conv` as the
+    /// old authority knew it at `head`.
+    pub fn adopt_senders_last(
+        &mut self,
+        conv: ConversationId,
+        senders: &[(DeviceId, MsgId)],
+        head: u64,
+    ) {
+        for &(device, last) in senders {
+            self.sender_order.adopt(conv, device, last, head);
+        }
+    }
+
     /// Keeps (or stops keeping) the acknowledged entries of `conv` for member gateways that
     /// will read them after a handover (see `kept`).
     pub fn keep_acknowledged(&mut self, conv: ConversationId, keep: bool) {

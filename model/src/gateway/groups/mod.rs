@@ -49,6 +49,7 @@ use crate::mls::group_ops::{GroupKind, GroupOps, GroupRefusal, Role, RoleChange}
 use crate::trust::Crl;
 use crate::wire::payload::ErrorCode;
 use crate::wire::Routing;
+use openmls::prelude::{BasicCredential, Extension, Extensions, ExternalSender};
 
 /// Store table of group records: conversation id → a `GroupRecord` in CBOR.
 pub const GROUPS_TABLE: Table = Table("groups");
@@ -402,6 +403,26 @@ impl Groups {
                 return Err((ErrorCode::Forbidden, message, before));
             }
         }
+        let declared = ops.external_sender.as_ref().map(|k| **k);
+        if declared != state.external_pending {
+            let message = match state.external_pending {
+                // A member made it before reading the old authority's proposal: it commits
+                // again once it has read it (the proposal is sequenced before any commit).
+                Some(_) => {
+                    "this conversation's authority moved here: the next commit takes the \
+                            gateway's proposal of its new external sender; read on and commit again"
+                        .to_string()
+                }
+                None => "the commit names an external sender no proposal waits for".to_string(),
+            };
+            let code = if state.external_pending.is_some() {
+                ErrorCode::StaleEpoch
+            } else {
+                ErrorCode::InvalidGroupMessage
+            };
+            return Err((code, message, before));
+        }
+        state.external_pending = None;
         let new_owner = state.apply(&change);
         debug_assert!(state.epoch() > before, "an accepted commit moves the epoch");
         let domains = ops
@@ -517,6 +538,11 @@ impl Groups {
         writes: &mut WriteBatch,
     ) -> Option<Bytes> {
         let group = self.groups.get(&conv)?;
+        if group.external_pending.is_some() {
+            // The group's external sender is still the old authority: proposed once a
+            // commit has made it this gateway (`propose_next_removal` after each commit).
+            return None;
+        }
         let (leaf, epoch) = (group.leaf_of(device)?, group.epoch());
         let signer = self.signer(entropy, writes);
         let proposal = openmls::prelude::ExternalProposal::new_remove::<mls::MlsProvider>(
@@ -530,6 +556,68 @@ impl Groups {
         let bytes = proposal.ok().and_then(|m| m.to_bytes().ok())?;
         self.stats.removals_proposed += 1;
         Some(Bytes::from(bytes))
+    }
+}
+
+impl Groups {
+    /// For a handover of `conv` to the gateway whose external-sender key is `to_key`: the
+    /// signed MLS proposal (in the group's current epoch) that makes `to_key` the group's
+    /// only external sender, or why there is none. The receiving gateway sequences it; the
+    /// next commit must take it.
+    pub fn external_sender_proposal(
+        &mut self,
+        conv: ConversationId,
+        to_key: [u8; 32],
+        entropy: &mut dyn Entropy,
+        writes: &mut WriteBatch,
+    ) -> Result<Bytes, String> {
+        let Some(group) = self.groups.get(&conv) else {
+            return Err("it is not an MLS conversation".into());
+        };
+        if group.external_pending.is_some() {
+            return Err(
+                "no commit has taken this gateway's key as the group's external sender \
+                 since it took the conversation over; try again after the next commit"
+                    .into(),
+            );
+        }
+        let epoch = group.epoch();
+        let signer = self.signer(entropy, writes);
+        let sender = ExternalSender::new(
+            to_key.to_vec().into(),
+            BasicCredential::new(mls::GATEWAY_CREDENTIAL.to_vec()).into(),
+        );
+        let extensions = Extensions::single(Extension::ExternalSenders(vec![sender]))
+            .map_err(|e| format!("external senders: {e}"))?;
+        let proposal =
+            openmls::prelude::ExternalProposal::new_group_context_extensions::<mls::MlsProvider>(
+                extensions,
+                openmls::prelude::GroupId::from_slice(&conv.to_bytes()),
+                openmls::prelude::GroupEpoch::from(epoch),
+                signer,
+                openmls::prelude::SenderExtensionIndex::new(0),
+            )
+            .map_err(|e| format!("signing the proposal: {e}"))?;
+        let bytes = proposal
+            .to_bytes()
+            .map_err(|e| format!("encoding the proposal: {e}"))?;
+        Ok(Bytes::from(bytes))
+    }
+
+    /// Forgets `conv` (its authority moved to another gateway, which holds its state now).
+    pub fn forget(&mut self, conv: ConversationId, writes: &mut WriteBatch) {
+        let Some(state) = self.groups.remove(&conv) else {
+            return;
+        };
+        for user in state.users() {
+            if let Some(count) = self.memberships.get_mut(&user) {
+                *count -= 1;
+                if *count == 0 {
+                    self.memberships.remove(&user);
+                }
+            }
+        }
+        writes.delete(GROUPS_TABLE, conv.to_bytes().to_vec());
     }
 }
 
@@ -567,6 +655,10 @@ pub struct GroupState {
     removals: BTreeSet<DeviceId>,
     /// Each member user's place in join order (smaller joined earlier), for owner handover.
     joined: BTreeMap<UserId, u64>,
+    /// After an authority handover to this gateway: the key the group's external sender
+    /// changes to (this gateway's) once a commit takes the old authority's proposal. Until
+    /// then this gateway cannot propose removals, and every commit must take that proposal.
+    external_pending: Option<[u8; 32]>,
 }
 
 impl GroupState {
@@ -580,7 +672,20 @@ impl GroupState {
             leaves: BTreeMap::from([(creator, 0)]),
             removals: BTreeSet::new(),
             joined: BTreeMap::from([(user, 0)]),
+            external_pending: None,
         }
+    }
+
+    /// The key the group's external sender changes to once a commit takes the proposal
+    /// naming it, if that proposal waits (see `gateway::handover`).
+    pub fn external_pending(&self) -> Option<[u8; 32]> {
+        self.external_pending
+    }
+
+    /// After a handover to this gateway: commits must take the old authority's proposal
+    /// making `key` the group's external sender.
+    pub fn expect_external_sender(&mut self, key: [u8; 32]) {
+        self.external_pending = Some(key);
     }
 
     /// DM or room.
@@ -825,6 +930,11 @@ impl GroupState {
 
     /// Adds the write that persists this group.
     pub fn persist(&self, conv: ConversationId, batch: &mut WriteBatch) {
+        batch.put(GROUPS_TABLE, conv.to_bytes().to_vec(), self.encode());
+    }
+
+    /// The group as CBOR: its store record, which a handover carries too.
+    pub fn encode(&self) -> Vec<u8> {
         let record = GroupRecord {
             kind: self.kind as u8,
             epoch: self.authority.epoch(),
@@ -859,9 +969,9 @@ impl GroupState {
                     })
                     .collect(),
             ),
+            external_sender: self.external_pending.map(ByteArray::from),
         };
-        let value = minicbor::to_vec(&record).expect("encoding into a Vec cannot fail");
-        batch.put(GROUPS_TABLE, conv.to_bytes().to_vec(), value);
+        minicbor::to_vec(&record).expect("encoding into a Vec cannot fail")
     }
 
     /// Reads a persisted group back.
@@ -873,14 +983,19 @@ impl GroupState {
         let id: [u8; 16] = key
             .try_into()
             .map_err(|_| corrupt(format!("key of {} bytes, want 16", key.len())))?;
+        let state = GroupState::decode_record(value).map_err(corrupt)?;
+        Ok((ConversationId::from_bytes(id), state))
+    }
+
+    /// Reads a group's CBOR record ([`GroupState::encode`]), or says what is wrong with it.
+    pub fn decode_record(value: &[u8]) -> Result<GroupState, String> {
         let record: GroupRecord =
-            minicbor::decode(value).map_err(|e| corrupt(format!("record: {e}")))?;
+            minicbor::decode(value).map_err(|e| format!("group record: {e}"))?;
         let kind = GroupKind::from_u8(record.kind)
-            .ok_or_else(|| corrupt(format!("unknown kind {}", record.kind)))?;
+            .ok_or_else(|| format!("unknown conversation kind {}", record.kind))?;
         let mut roles = BTreeMap::new();
         for rc in record.roles {
-            let role = Role::from_u8(rc.role)
-                .ok_or_else(|| corrupt(format!("unknown role {}", rc.role)))?;
+            let role = Role::from_u8(rc.role).ok_or_else(|| format!("unknown role {}", rc.role))?;
             roles.insert(UserId::from_bytes(*rc.user), role);
         }
         let devices = record
@@ -912,8 +1027,9 @@ impl GroupState {
             leaves,
             removals,
             joined,
+            external_pending: record.external_sender.map(|k| *k),
         };
-        Ok((ConversationId::from_bytes(id), state))
+        Ok(state)
     }
 }
 
@@ -944,6 +1060,10 @@ struct GroupRecord {
     /// Join order of member users (absent in records written before it was kept).
     #[n(5)]
     joined: Option<Vec<JoinedRecord>>,
+    /// The external sender the group changes to once a commit takes its proposal (absent
+    /// unless a handover made this gateway the authority and no commit followed yet).
+    #[n(6)]
+    external_sender: Option<ByteArray<32>>,
 }
 
 #[derive(Encode, Decode)]

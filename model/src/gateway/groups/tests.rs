@@ -32,6 +32,7 @@ fn ops(added: &[u128], removed: &[u128]) -> GroupOps {
         roles: Vec::new(),
         domains: None,
         dm_with: None,
+        external_sender: None,
     }
 }
 
@@ -288,4 +289,102 @@ fn the_group_of_own_devices_holds_only_its_users_devices() {
         g.check(d(10), &promote, user_of),
         Err(GroupRefusal::Forbidden(_))
     ));
+}
+
+#[test]
+fn after_a_handover_every_commit_takes_the_new_external_sender_and_removals_wait_for_it() {
+    use crate::testing::TestEntropy;
+    let conv = ConversationId(0xC0);
+    let key = [7u8; 32];
+    let mut state = room();
+    state.expect_external_sender(key);
+    // The record a handover carries keeps what waits.
+    let back = GroupState::decode_record(&state.encode()).unwrap();
+    assert_eq!(back, state);
+    assert_eq!(back.external_pending(), Some(key));
+    let mut groups = Groups::default();
+    let mut writes = WriteBatch::default();
+    let mut entropy = TestEntropy(5);
+    groups.set_state(conv, state.clone(), &mut writes);
+    let epoch = state.epoch();
+    let commit = |groups: &Groups, ops: &GroupOps, epoch: u64| {
+        groups.check_commit(d(20), conv, epoch, ops, None, false, &user_of, None)
+    };
+    // A member that committed before reading the proposal commits again, after it.
+    let refused = commit(&groups, &ops(&[], &[]), epoch);
+    assert!(matches!(refused, Err((ErrorCode::StaleEpoch, _, e)) if e == epoch));
+    let mut other_key = ops(&[], &[]);
+    other_key.external_sender = Some(ByteArray::from([8u8; 32]));
+    assert!(matches!(
+        commit(&groups, &other_key, epoch),
+        Err((ErrorCode::StaleEpoch, _, _))
+    ));
+    // Until a commit takes it, the group's external sender is the old authority: removals
+    // are kept, not proposed with a key members would refuse.
+    assert!(matches!(
+        groups.request_removal(conv, d(30), &mut writes),
+        Removal::Propose
+    ));
+    assert!(groups
+        .removal_proposal(conv, d(30), &mut entropy, &mut writes)
+        .is_none());
+    assert_eq!(groups.next_removal(conv), Some(d(30)));
+    let mut taking = ops(&[], &[]);
+    taking.external_sender = Some(ByteArray::from(key));
+    let effect = commit(&groups, &taking, epoch).expect("the commit taking it passes");
+    assert_eq!(effect.state.external_pending(), None);
+    groups.set_state(conv, effect.state, &mut writes);
+    assert!(groups
+        .removal_proposal(conv, d(30), &mut entropy, &mut writes)
+        .is_some());
+    // A commit naming an external sender no proposal waits for is invalid.
+    assert!(matches!(
+        commit(&groups, &taking, epoch + 1),
+        Err((ErrorCode::InvalidGroupMessage, _, _))
+    ));
+    // The gateway that hands a group over forgets it (and its members' count).
+    assert_eq!(groups.conversations_of(u(2)), 1);
+    groups.forget(conv, &mut writes);
+    assert!(!groups.contains(conv));
+    assert_eq!(groups.conversations_of(u(2)), 0);
+}
+
+#[test]
+fn a_handover_proposal_names_the_new_key_in_the_groups_epoch_and_not_twice() {
+    use crate::testing::TestEntropy;
+    let conv = ConversationId(0xC1);
+    let mut groups = Groups::default();
+    let mut writes = WriteBatch::default();
+    let mut entropy = TestEntropy(9);
+    assert!(groups
+        .external_sender_proposal(conv, [1; 32], &mut entropy, &mut writes)
+        .is_err());
+    let state = room();
+    let epoch = state.epoch();
+    groups.set_state(conv, state, &mut writes);
+    let proposal = groups
+        .external_sender_proposal(conv, [1; 32], &mut entropy, &mut writes)
+        .unwrap();
+    let (framing, _) = crate::mls::commit_authority::read_message(&proposal).unwrap();
+    assert_eq!(framing.group_id, conv.to_bytes());
+    assert_eq!(framing.epoch, epoch);
+    assert_eq!(framing.kind, crate::mls::commit_authority::Kind::Proposal);
+    // A gateway that took a group over and has not seen its key taken cannot sign for it.
+    let mut taken = groups.get(conv).unwrap().clone();
+    taken.expect_external_sender([2; 32]);
+    groups.set_state(conv, taken, &mut writes);
+    assert!(groups
+        .external_sender_proposal(conv, [1; 32], &mut entropy, &mut writes)
+        .is_err());
+}
+
+proptest::proptest! {
+    /// A group record comes from a peer in a handover: any bytes give a group or an error,
+    /// never a panic, and a group's own record reads back as itself.
+    #[test]
+    fn any_group_record_reads_or_is_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+        let _ = GroupState::decode_record(&bytes);
+        let g = room();
+        proptest::prop_assert_eq!(GroupState::decode_record(&g.encode()), Ok(g));
+    }
 }

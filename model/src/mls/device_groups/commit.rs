@@ -409,6 +409,12 @@ impl DeviceGroups {
                 _ => None,
             })
             .collect();
+        let external_sender = group.pending_proposals().find_map(|p| match p.proposal() {
+            Proposal::GroupContextExtensions(gce) => {
+                super::inbound::proposed_external_sender(gce.extensions())
+            }
+            _ => None,
+        });
         if group.pending_proposals().next().is_none() {
             return Ok(None);
         }
@@ -417,6 +423,7 @@ impl DeviceGroups {
                 .iter()
                 .map(|d| ByteArray::from(d.to_bytes()))
                 .collect(),
+            external_sender: external_sender.map(ByteArray::from),
             ..GroupOps::default()
         };
         group.set_aad(ops.encode());

@@ -295,6 +295,28 @@ impl DeviceGroups {
                         "a commit by {sender} declares other membership changes than it makes"
                     ));
                 }
+                // The gateway admits commits by what they declare: a change of the group's
+                // external sender must be declared exactly (see `gateway::handover`).
+                let external_change: Vec<Option<[u8; 32]>> = staged
+                    .queued_proposals()
+                    .filter_map(|p| match p.proposal() {
+                        Proposal::GroupContextExtensions(gce) => {
+                            Some(proposed_external_sender(gce.extensions()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let declared_external = ops.external_sender.as_ref().map(|k| **k);
+                let matches = match (&external_change[..], declared_external) {
+                    ([], None) => true,
+                    ([Some(key)], Some(declared)) => *key == declared,
+                    _ => false,
+                };
+                if !matches {
+                    return Processed::Failed(format!(
+                        "a commit by {sender} declares another change of the external sender than it makes"
+                    ));
+                }
                 let self_removed = staged.self_removed();
                 // Another member's commit for this epoch won over ours: drop ours, retry later.
                 let entry = self.entries.get_mut(&conv).expect("group has an entry");
@@ -342,20 +364,34 @@ impl DeviceGroups {
             ProcessedMessageContent::ProposalMessage(queued)
                 if matches!(queued.sender(), Sender::External(_)) =>
             {
-                let Proposal::Remove(remove) = queued.proposal() else {
-                    return Processed::Failed("the gateway proposes removals only".into());
-                };
-                let removed = remove.removed();
                 let members: BTreeMap<LeafNodeIndex, DeviceId> = devices_by_leaf(group);
-                let Some(&device) = members.get(&removed) else {
-                    return Processed::Failed("a removal of an empty leaf".into());
+                let (removed, device) = match queued.proposal() {
+                    Proposal::Remove(remove) => {
+                        let removed = remove.removed();
+                        let Some(&device) = members.get(&removed) else {
+                            return Processed::Failed("a removal of an empty leaf".into());
+                        };
+                        (Some(removed), Some(device))
+                    }
+                    // The conversation's authority moved to another gateway: the old one
+                    // names the new one as the group's only external sender.
+                    Proposal::GroupContextExtensions(gce)
+                        if proposed_external_sender(gce.extensions()).is_some() =>
+                    {
+                        (None, None)
+                    }
+                    _ => {
+                        return Processed::Failed(
+                            "the gateway proposes removals and a new external sender only".into(),
+                        )
+                    }
                 };
                 if let Err(e) = group.store_pending_proposal(provider.storage(), *queued) {
                     return Processed::Failed(format!("keeping the gateway's proposal: {e}"));
                 }
                 transaction.commit(writes);
                 // One member commits it: the one with the lowest leaf, other than the leaver.
-                let committer = members.iter().find(|(leaf, _)| **leaf != removed);
+                let committer = members.iter().find(|(leaf, _)| Some(**leaf) != removed);
                 let entry = self.entries.get_mut(&conv).expect("group has an entry");
                 if committer.is_some_and(|(_, d)| *d == self.device)
                     && entry.intents.front() != Some(&Intent::CommitPending)
@@ -363,7 +399,10 @@ impl DeviceGroups {
                     entry.intents.push_front(Intent::CommitPending);
                     self.persist(conv, writes);
                 }
-                Processed::RemovalProposed { device }
+                match device {
+                    Some(device) => Processed::RemovalProposed { device },
+                    None => Processed::ExternalSenderProposed,
+                }
             }
             other => Processed::Failed(format!(
                 "{} messages are not used by Sund",
@@ -458,4 +497,72 @@ fn roster_of(group: &MlsGroup, mls: &DeviceMls) -> Vec<crate::wire::payload::Ros
             })
         })
         .collect()
+}
+
+/// The key a proposed group context names as the group's external sender, if it holds just
+/// that: one external sender, with the gateway's credential (what a handover proposes).
+pub(super) fn proposed_external_sender(extensions: &Extensions<GroupContext>) -> Option<[u8; 32]> {
+    use openmls::prelude::tls_codec::Serialize as _;
+    let all: Vec<&Extension> = extensions.iter().collect();
+    let [Extension::ExternalSenders(senders)] = all[..] else {
+        return None;
+    };
+    let [sender] = &senders[..] else {
+        return None;
+    };
+    // Its fields are not public: read the key from its encoding (a one-byte length, then
+    // the key), and check the whole against the sender that key makes.
+    let bytes = sender.tls_serialize_detached().ok()?;
+    let (&len, rest) = bytes.split_first()?;
+    if len != 32 || rest.len() < 32 {
+        return None;
+    }
+    let key: [u8; 32] = rest[..32].try_into().ok()?;
+    let expected = ExternalSender::new(
+        key.to_vec().into(),
+        BasicCredential::new(crate::mls::GATEWAY_CREDENTIAL.to_vec()).into(),
+    );
+    (expected == *sender).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn senders(senders: Vec<ExternalSender>) -> Extensions<GroupContext> {
+        Extensions::single(Extension::ExternalSenders(senders)).unwrap()
+    }
+
+    fn gateway(key: [u8; 32], identity: &[u8]) -> ExternalSender {
+        ExternalSender::new(
+            key.to_vec().into(),
+            BasicCredential::new(identity.to_vec()).into(),
+        )
+    }
+
+    #[test]
+    fn only_a_single_gateway_external_sender_is_taken_from_a_proposal() {
+        let key = [0x42; 32];
+        let id = crate::mls::GATEWAY_CREDENTIAL;
+        assert_eq!(
+            proposed_external_sender(&senders(vec![gateway(key, id)])),
+            Some(key)
+        );
+        // Another credential, two senders, none, or a key of another length: not ours.
+        assert_eq!(
+            proposed_external_sender(&senders(vec![gateway(key, b"someone")])),
+            None
+        );
+        assert_eq!(
+            proposed_external_sender(&senders(vec![gateway(key, id), gateway([1; 32], id)])),
+            None
+        );
+        assert_eq!(proposed_external_sender(&senders(vec![])), None);
+        let short = ExternalSender::new(
+            vec![7u8; 31].into(),
+            BasicCredential::new(id.to_vec()).into(),
+        );
+        assert_eq!(proposed_external_sender(&senders(vec![short])), None);
+        assert_eq!(proposed_external_sender(&Extensions::empty()), None);
+    }
 }

@@ -277,6 +277,9 @@ pub enum Processed {
     Failed(String),
     /// An application message this device was not drawn to decrypt (simulation sampling).
     Skipped,
+    /// The old authority proposed the new one as the group's external sender (a handover);
+    /// the proposal waits for a commit.
+    ExternalSenderProposed,
     /// The gateway proposed to remove `device`; the proposal waits for a commit.
     RemovalProposed {
         /// The device to be removed.
@@ -906,7 +909,7 @@ impl DeviceGroups {
                     _ => None,
                 })
                 .collect();
-            if proposed.is_empty() {
+            if group.pending_proposals().next().is_none() {
                 continue;
             }
             let since = *self.proposals_seen.entry(*conv).or_insert(now);
