@@ -984,6 +984,84 @@ mod tests {
     }
 
     #[test]
+    fn an_mls_group_moves_with_its_handover_once_the_peer_told_its_key() {
+        use crate::env::WriteBatch;
+        use crate::gateway::groups::GroupState;
+        use crate::ids::UserId;
+        use crate::mls::group_ops::GroupKind;
+        let mut w = World::shared();
+        let group = GroupState::create(GroupKind::Room, DEVICES[0], UserId(1));
+        w.gateways[0]
+            .0
+            .groups
+            .set_state(CONV, group.clone(), &mut WriteBatch::default());
+        let hand_over = |w: &mut World| {
+            w.admin(
+                0,
+                AdminCommand::Handover {
+                    conversation: CONV,
+                    to: "b.example".into(),
+                },
+            )
+        };
+        // b.example has not told its MLS key yet: refused in words, nothing frozen.
+        let refused = hand_over(&mut w);
+        let AdminAnswer::HandoverRefused { why, .. } = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(why.contains("has not told this gateway the key"), "{why}");
+        assert!(w.gateways[0].0.sequences(CONV));
+        // Each gateway tells its peers once (a driver's first federation input does it).
+        for i in 0..3 {
+            let (g, store) = &mut w.gateways[i];
+            g.announce_external_key();
+            w.outputs.extend(drain_gateway(g, store));
+        }
+        w.settle();
+        let head = w.gateways[0].0.delivery.head(CONV).unwrap_or(0);
+        let started = hand_over(&mut w);
+        assert!(
+            matches!(started, AdminAnswer::HandoverStarted { .. }),
+            "{started:?}"
+        );
+        w.settle();
+        // b.example sequences it now, with the group as a.example kept it, and the proposal
+        // naming its key as the first message of its term; a.example forgot the group.
+        assert!(w.gateways[1].0.sequences(CONV));
+        let b_key: [u8; 32] = {
+            let (g, _) = &mut w.gateways[1];
+            let key = g
+                .groups
+                .external_key(g.entropy.as_mut(), &mut WriteBatch::default());
+            key.try_into().unwrap()
+        };
+        let moved = w.gateways[1].0.groups.get(CONV).expect("the group moved");
+        assert_eq!(moved.epoch(), group.epoch());
+        assert_eq!(moved.devices(), group.devices());
+        assert_eq!(moved.external_pending(), Some(b_key));
+        assert!(!w.gateways[0].0.groups.contains(CONV));
+        assert_eq!(w.gateways[1].0.delivery.head(CONV), Some(head + 1));
+        let log = w.gateways[1].0.delivery.log(CONV).unwrap();
+        let proposal = &log.get(head + 1).unwrap().body;
+        let (framing, _) = crate::mls::commit_authority::read_message(proposal).unwrap();
+        assert_eq!(framing.kind, crate::mls::commit_authority::Kind::Proposal);
+        // The member gateways follow and take it too.
+        assert_eq!(w.gateways[2].0.delivery.head(CONV), Some(head + 1));
+        // A second handover waits for a commit taking the new key.
+        let again = w.admin(
+            1,
+            AdminCommand::Handover {
+                conversation: CONV,
+                to: "c.example".into(),
+            },
+        );
+        let AdminAnswer::HandoverRefused { why, .. } = again else {
+            panic!("{again:?}");
+        };
+        assert!(why.contains("no commit has taken"), "{why}");
+    }
+
+    #[test]
     fn a_certificate_not_signed_by_the_new_authority_is_refused() {
         let mut w = World::shared();
         let statement = HandoverCertificate::statement(CONV, 1, "a.example", "c.example", 0, 0);

@@ -1945,9 +1945,12 @@ impl Gateway {
     /// the removal pending in this epoch is committed.
     fn propose_removal(&mut self, now: Instant, conv: ConversationId, device: DeviceId) {
         if let Some(to) = self.spanning.moving_to(conv).map(str::to_string) {
-            // Frozen for a handover: the gateway it goes to holds the group state from now
-            // on; it hears of a device of this domain as of one leaving (and of another
-            // domain's revoked device from that domain's CRL).
+            // Frozen for a handover: nothing is sequenced here. Kept in the group state, to
+            // be proposed after the next commit if the peer declines and this gateway is the
+            // authority again; the gateway it goes to holds the group state it was given,
+            // and hears of a device of this domain as of one leaving (of another domain's
+            // revoked device, from that domain's CRL).
+            let _ = self.groups.request_removal(conv, device, self.fx.writes());
             if self.registry.user_of(device).is_some() {
                 let leave = Entry::Leave {
                     conversation: conv,
