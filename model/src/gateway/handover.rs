@@ -32,7 +32,7 @@ use crate::federation::entry::{
     Entry, HandoverCertificate, MlsHandover, HANDOVER_DOMAINS_MAX, HANDOVER_GROUP_BYTES_MAX,
     HANDOVER_PROPOSAL_BYTES_MAX, OPEN_MEMBERS_MAX,
 };
-use crate::ids::{ConversationId, DeviceId, MsgId};
+use crate::ids::{ConversationId, DeviceId};
 use crate::time::Instant;
 use bytes::Bytes;
 use core::time::Duration;
@@ -373,19 +373,8 @@ impl Gateway {
             // The first message of this term: the old authority's proposal making this
             // gateway the group's external sender, which the next commit must take. Member
             // gateways read it once they have said where their replicas end.
-            let mut id = [0u8; 16];
-            self.entropy.fill_bytes(&mut id);
-            let seq = self.delivery.append_by_authority(
-                now,
-                conv,
-                MsgId::from_bytes(id),
-                mls.proposal,
-                self.fx.writes(),
-            );
+            let seq = self.sequence_proposal(now, conv, mls.proposal);
             debug_assert_eq!(seq, last_seq + 1, "the new term goes on without a gap");
-            self.fan_out(conv, seq, false);
-            self.delivery
-                .pump_members(now, conv, &self.sessions, &mut self.fx);
         }
         self.handover_stats.taken += 1;
     }

@@ -1980,6 +1980,18 @@ impl Gateway {
         else {
             return;
         };
+        self.sequence_proposal(now, conv, proposal);
+    }
+
+    /// Sequences an MLS proposal this gateway signed (or was handed) as the group's external
+    /// sender, under a fresh id, and hands it to members here and abroad: the commit that
+    /// follows refers to it. Returns its seq.
+    pub(super) fn sequence_proposal(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        proposal: Bytes,
+    ) -> u64 {
         let mut id = [0u8; 16];
         self.entropy.fill_bytes(&mut id);
         let seq = self.delivery.append_by_authority(
@@ -1989,11 +2001,10 @@ impl Gateway {
             proposal,
             self.fx.writes(),
         );
-        // Members of other domains must see the proposal too: the commit that follows
-        // refers to it.
         self.fan_out(conv, seq, false);
         self.delivery
             .pump_members(now, conv, &self.sessions, &mut self.fx);
+        seq
     }
 
     /// The peer roots this gateway's root vouches for to its devices (`None` before any

@@ -332,18 +332,16 @@ impl Spanning {
         authority: &str,
         writes: &mut WriteBatch,
     ) -> bool {
-        match self.roles.get(&conv) {
-            Some(Role::Replica { authority: a, .. }) if a != authority => {
-                let role = Role::Replica {
-                    authority: authority.to_string(),
-                    term: 0,
-                    previous: None,
-                };
-                self.put(conv, role, writes);
-                true
-            }
-            _ => false,
+        let other = matches!(
+            self.roles.get(&conv),
+            Some(Role::Replica { authority: a, .. }) if a != authority
+        );
+        if !other {
+            return false;
         }
+        // Followed as a conversation new here (its row is written again).
+        self.roles.remove(&conv);
+        self.follow(conv, authority, writes)
     }
 
     /// Freezes `conv`, homed here, at `now` for a handover to `to`'s gateway: its home, to
