@@ -72,6 +72,9 @@ impl Environment for Production {
 #[derive(Clone)]
 pub struct Simulated {
     socket: Arc<dyn quinn::AsyncUdpSocket>,
+    /// Sockets for endpoints on other ports (a gateway's federation endpoint beside its
+    /// devices' one), by port.
+    more_sockets: std::collections::BTreeMap<u16, Arc<dyn quinn::AsyncUdpSocket>>,
     seed: [u8; 32],
     origin: Instant,
     disk: Option<SimulatedDisk>,
@@ -86,6 +89,7 @@ impl Simulated {
     pub fn new(socket: Arc<dyn quinn::AsyncUdpSocket>, seed: [u8; 32], origin: Instant) -> Self {
         Simulated {
             socket,
+            more_sockets: std::collections::BTreeMap::new(),
             seed,
             origin,
             disk: None,
@@ -96,6 +100,13 @@ impl Simulated {
     /// The same machine on a disk `switch` can fill.
     pub fn with_disk(mut self, switch: SimulatedDisk) -> Self {
         self.disk = Some(switch);
+        self
+    }
+
+    /// The same machine with `socket` for an endpoint on `port` (every other endpoint gets
+    /// the first socket). Its QUIC and TLS stacks draw from a stream of their own.
+    pub fn with_socket(mut self, port: u16, socket: Arc<dyn quinn::AsyncUdpSocket>) -> Self {
+        self.more_sockets.insert(port, socket);
         self
     }
 
@@ -126,8 +137,17 @@ impl Environment for Simulated {
         )))
     }
 
-    fn udp_socket(&self, _addr: SocketAddr) -> Result<EndpointSocket, QuicError> {
-        Ok((self.socket.clone(), Some(self.stream(2))))
+    fn udp_socket(&self, addr: SocketAddr) -> Result<EndpointSocket, QuicError> {
+        match self.more_sockets.get(&addr.port()) {
+            Some(socket) => Ok((
+                socket.clone(),
+                Some(crate::seeded::derive(
+                    &self.stream(2),
+                    &format!("socket/{}", addr.port()),
+                )),
+            )),
+            None => Ok((self.socket.clone(), Some(self.stream(2)))),
+        }
     }
 
     fn commit_mode(&self) -> CommitMode {

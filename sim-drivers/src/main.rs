@@ -14,7 +14,7 @@ use sund_sim::runner::{self, collect_files, RunError};
 use sund_sim::scenario::{self, Scenario};
 use sund_sim::swarm::{generate, Family};
 use sund_sim_drivers::plan::plan;
-use sund_sim_drivers::run::{result_word, run, RunReport};
+use sund_sim_drivers::run::{result_word, run, HandoverCounts, RunReport};
 
 const USAGE: &str = "\
 usage: cargo sim --drivers [SCENARIO...] [--seed N] [--check-determinism] [--json] [--plant BUG]
@@ -23,8 +23,9 @@ usage: cargo sim --drivers [SCENARIO...] [--seed N] [--check-determinism] [--jso
 Runs scenario files (default: every *.sund file in scenarios/) on the production gateway and
 node drivers (tokio, quinn, rustls, redb) inside turmoil's simulated network and clock, with the
 simulator's invariant checker. A scenario the drivers cannot express (MLS groups, revocations,
-several gateways, a slow disk, clock drift, bandwidth limits, more than 32 devices) is skipped
-with its reasons; naming such a file is an error.
+a slow disk, clock drift, bandwidth limits, more than 32 devices) is skipped with its reasons;
+naming such a file is an error. Gateways that federate link over real QUIC, and `handover`
+goes to the conversation's authority as `sund-gateway admin handover` does.
 
   SCENARIO              a scenario file or a directory of them
   --seed N              run with seed N instead of the scenario's `seed` line
@@ -62,7 +63,7 @@ fn real_main() -> Result<ExitCode, RunError> {
     if let Ok(filter) = std::env::var("SUND_LOG") {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .without_time()
+            .with_timer(SimulatedTime)
             .with_writer(std::io::stderr)
             .init();
     }
@@ -299,6 +300,12 @@ fn print_report(
             "refused": report.refused,
             "reconnects": report.reconnects,
             "restarts": report.restarts,
+            "handovers": {
+                "asked": report.handovers.asked,
+                "skipped": report.handovers.skipped,
+                "started": report.handovers.started,
+                "refused": report.handovers.refused,
+            },
         });
         println!("{json}");
         return;
@@ -311,7 +318,7 @@ fn print_report(
             );
         }
         None => println!(
-            "ok {} seed {seed} trace {} datagrams {} ({} lost) sim {:.1}s wall {:.1}s offered {} delivered {} (replayed {}) restarts {} recovery {}{}",
+            "ok {} seed {seed} trace {} datagrams {} ({} lost) sim {:.1}s wall {:.1}s offered {} delivered {} (replayed {}) restarts {}{} recovery {}{}",
             scenario.name,
             report.short_hash(),
             report.packets.datagrams,
@@ -322,6 +329,7 @@ fn print_report(
             report.delivered,
             report.replayed,
             report.restarts,
+            handovers(&report.handovers),
             report
                 .recovery
                 .map_or("-".to_string(), |r| format!("{}ms", r.as_millis())),
@@ -342,6 +350,29 @@ fn print_report(
                 v.at_us as f64 / 1e6,
                 v.detail
             );
+        }
+    }
+}
+
+/// The `handover` actions of a run, for its `ok` line (empty if it had none).
+fn handovers(h: &HandoverCounts) -> String {
+    if h.asked + h.skipped == 0 {
+        return String::new();
+    }
+    format!(
+        " handovers {} asked ({} begun, {} refused) {} skipped",
+        h.asked, h.started, h.refused, h.skipped
+    )
+}
+
+/// Log lines stamped with turmoil's simulated time (the wall clock says nothing of a run).
+struct SimulatedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "{:>10.6}s", t.as_secs_f64()),
+            None => write!(w, "{:>11}", "-"),
         }
     }
 }

@@ -1,11 +1,14 @@
 //! What a scenario becomes on the real drivers: one turmoil host per gateway and device, and
-//! the faults turmoil and the socket adapter can inject. A scenario that asks for something
-//! the driver layer cannot do is refused with every reason, never run half-way.
+//! the faults turmoil and the socket adapter can inject. Gateways that `federate` get their
+//! domains and each other as peers, pinned by trust-root fingerprint, as on the model layer;
+//! a conversation with members at other gateways is homed at its own and shared with theirs.
+//! A scenario that asks for something the driver layer cannot do is refused with every
+//! reason, never run half-way.
 
 use std::time::Duration;
 
 use sha2::Digest;
-use sund_model::address::{Address, DEFAULT_DOMAIN};
+use sund_model::address::Address;
 use sund_model::gateway::GatewayConfig;
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConversationId, DeviceId};
@@ -14,9 +17,21 @@ use sund_model::planted::PlantedBug;
 use sund_node::driver::NodeTimers;
 use sund_sim::network::LinkProfile;
 use sund_sim::scenario::{Action, Invariant, ProfilePatch, Scenario, Scheduled, Target};
+use sund_sim::world::domain_of;
 
 /// Most devices a driver-layer run takes: each is a real QUIC endpoint, TLS stack and redb file.
 pub const DEVICES_MAX: usize = 32;
+
+/// One simulated gateway: a `sund-gateway` driver on a turmoil host of its own.
+#[derive(Clone, Debug)]
+pub struct GatewayPlan {
+    /// As the DSL names it, and its turmoil host name.
+    pub host: String,
+    /// Its domain (`gwa.example` for a gateway that federates, else the default one).
+    pub domain: String,
+    /// The gateways it federates with (indices into [`Plan::gateways`]).
+    pub peers: Vec<usize>,
+}
 
 /// One simulated device: a `sund-node` driver on a turmoil host of its own.
 #[derive(Clone, Debug)]
@@ -25,8 +40,10 @@ pub struct DevicePlan {
     pub name: String,
     /// Its turmoil host name (`alice-0`).
     pub host: String,
-    /// Its user.
+    /// Its user (at its home gateway's domain).
     pub user: Address,
+    /// Its home gateway (index into [`Plan::gateways`]).
+    pub home: usize,
     /// Its key (from the scenario's names, so every run of a scenario has the same devices).
     pub key: DeviceKey,
 }
@@ -38,13 +55,16 @@ impl DevicePlan {
     }
 }
 
-/// A plain conversation the operator creates before the run.
+/// A plain conversation the operator creates before the run (at its home gateway, shared with
+/// each other domain that has members in it).
 #[derive(Clone, Debug)]
 pub struct ConversationPlan {
     /// DSL name.
     pub name: String,
     /// Its id.
     pub id: ConversationId,
+    /// The gateway that sequences it first (index into [`Plan::gateways`]).
+    pub home: usize,
     /// Member devices (indices into [`Plan::devices`]).
     pub members: Vec<usize>,
 }
@@ -69,8 +89,8 @@ pub struct SendPlan {
 /// A scenario the drivers can run.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// The gateway's turmoil host name.
-    pub gateway: String,
+    /// Every gateway, in declaration order.
+    pub gateways: Vec<GatewayPlan>,
     /// Every device, in declaration order.
     pub devices: Vec<DevicePlan>,
     /// Every conversation.
@@ -79,14 +99,16 @@ pub struct Plan {
     pub sends: Vec<SendPlan>,
     /// The default link profile (latency range, datagram loss and duplication).
     pub network: LinkProfile,
-    /// `link` statements between the gateway and devices: which devices' links, and the change.
-    /// (Devices talk to the gateway only, so a link between two sets of devices carries nothing.)
-    pub links: Vec<(Vec<usize>, ProfilePatch)>,
+    /// `link` statements: the pairs of hosts that talk (a device and its gateway, two
+    /// federated gateways) whose link they change, and the change. (A device talks to its
+    /// gateway only, so a link between two sets of devices carries nothing.)
+    pub links: Vec<(Vec<(String, String)>, ProfilePatch)>,
     /// `skew` statements: a clock offset in microseconds per host.
     pub skews: Vec<(String, i64)>,
     /// The timed actions, each checked to be one the drivers can do.
     pub schedule: Vec<Scheduled>,
-    /// The gateway driver's configuration: the scenario's `config` lines and planted bug.
+    /// The gateway drivers' configuration: the scenario's `config` lines and planted bug (each
+    /// gateway adds its domain and peers).
     pub gateway_config: GatewayConfig,
     /// The node drivers' timers, from the scenario's `config` lines.
     pub node_timers: NodeTimers,
@@ -105,6 +127,7 @@ const CHECKED: &[Invariant] = &[
     Invariant::Converge,
     Invariant::SenderOrder,
     Invariant::NoPanic,
+    Invariant::SingleAuthority,
 ];
 
 /// A stable 32-byte seed from words: device keys come from the scenario's names.
@@ -121,21 +144,43 @@ fn seed_of(parts: &[&str]) -> [u8; 32] {
 /// Maps `scenario` onto the drivers, or says everything that stops it.
 pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
     let mut why_not = Vec::new();
-    if scenario.gateways.len() != 1 {
-        why_not.push(format!(
-            "{} gateways: the driver layer runs one (the gateway driver carries no federation links yet)",
-            scenario.gateways.len()
-        ));
-    }
+    let gateways: Vec<GatewayPlan> = scenario
+        .gateways
+        .iter()
+        .map(|name| GatewayPlan {
+            host: name.clone(),
+            domain: domain_of(scenario, name),
+            peers: scenario
+                .federations
+                .iter()
+                .filter_map(|(a, b)| match () {
+                    () if a == name => Some(b),
+                    () if b == name => Some(a),
+                    () => None,
+                })
+                .filter_map(|other| scenario.gateways.iter().position(|g| g == other))
+                .collect(),
+        })
+        .collect();
+    let home_of = |gateway: &str| {
+        scenario
+            .gateways
+            .iter()
+            .position(|g| g == gateway)
+            .expect("the parser resolved every gateway name")
+    };
     let devices: Vec<DevicePlan> = scenario
         .users
         .iter()
         .flat_map(|user| {
+            let home = home_of(&user.gateway);
+            let domain = gateways[home].domain.clone();
             (0..user.devices).map(move |d| DevicePlan {
                 name: format!("{}/{d}", user.name),
                 host: format!("{}-{d}", user.name),
-                user: Address::new(&user.name, DEFAULT_DOMAIN)
+                user: Address::new(&user.name, &domain)
                     .expect("the DSL's user names are addresses' names"),
+                home,
                 key: DeviceKey::from_seed(seed_of(&["device", &user.name, &d.to_string()])),
             })
         })
@@ -164,6 +209,7 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
         conversations.push(ConversationPlan {
             name: conv.name.clone(),
             id: ConversationId::from_name(&conv.name),
+            home: home_of(&conv.gateway),
             members,
         });
     }
@@ -191,7 +237,7 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
     for invariant in &scenario.invariants {
         if *invariant == Invariant::FederationLinks {
             why_not.push(
-                "invariant `federation-links` needs federation links in the gateway driver".into(),
+                "invariant `federation-links` checks the test entries `relay` queues inside the gateways' machines, which the drivers do not expose".into(),
             );
         } else if !CHECKED.contains(invariant) {
             why_not.push(format!(
@@ -217,7 +263,13 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
         else {
             continue; // the parser resolved it; unreachable for a parsed scenario
         };
+        // As on the model layer, only members send (`from all-devices` into a conversation
+        // of some of them).
+        let members = &conversations[conversation].members;
         for device in resolve(scenario, &devices, &workload.from) {
+            if !members.contains(&device) {
+                continue;
+            }
             sends.push(SendPlan {
                 device,
                 conversation,
@@ -242,13 +294,13 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
     let links = scenario
         .links
         .iter()
-        .map(|(a, b, patch)| (link_devices(scenario, &devices, a, b), *patch))
+        .map(|(a, b, patch)| (link_pairs(scenario, &gateways, &devices, a, b), *patch))
         .collect();
     let skews = scenario
         .skews
         .iter()
         .flat_map(|(target, offset)| {
-            static_hosts(scenario, &devices, &scenario.gateways[0], target)
+            static_hosts(scenario, &gateways, &devices, target)
                 .into_iter()
                 .map(move |host| (host, *offset))
         })
@@ -298,7 +350,7 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
         );
     }
     Ok(Plan {
-        gateway: scenario.gateways[0].clone(),
+        gateways,
         devices,
         conversations,
         sends,
@@ -337,9 +389,11 @@ fn supported(action: &Action) -> Result<(), &'static str> {
             Err("sets a bandwidth: turmoil's links have none")
         }
         Action::Network(_) | Action::Link(..) | Action::ClockJump(..) => Ok(()),
-        Action::Revoke(_) => Err("needs the operator's admin channel during the run"),
-        Action::Handover(..) => Err("needs federation"),
-        Action::Relay(..) => Err("needs federation links in the gateway driver"),
+        Action::Handover(..) => Ok(()),
+        Action::Revoke(_) => Err("needs trust state the driver layer's checker does not follow"),
+        Action::Relay(..) => {
+            Err("queues a test entry inside the gateway's machine, which the drivers do not expose")
+        }
         Action::Contact(..) | Action::Invisible(..) | Action::Watch(..) => {
             Err("needs contacts and presence in the drivers' plan")
         }
@@ -351,38 +405,67 @@ fn supported(action: &Action) -> Result<(), &'static str> {
     }
 }
 
-/// The devices whose link with the gateway a `link A B` names (empty if neither side names
-/// the gateway).
-pub fn link_devices(
+/// The pairs of hosts that talk (a device and its home gateway, two gateways that federate)
+/// whose link a `link A B` names, each pair once with its names in order.
+pub fn link_pairs(
     scenario: &Scenario,
+    gateways: &[GatewayPlan],
     devices: &[DevicePlan],
     a: &Target,
     b: &Target,
-) -> Vec<usize> {
-    let gateway = |t: &Target| matches!(t, Target::Gateway(_) | Target::AllGateways);
-    let mut out = Vec::new();
-    if gateway(a) {
-        out.extend(resolve(scenario, devices, b));
-    }
-    if gateway(b) {
-        out.extend(resolve(scenario, devices, a));
+) -> Vec<(String, String)> {
+    let (xs, ys) = (
+        static_hosts(scenario, gateways, devices, a),
+        static_hosts(scenario, gateways, devices, b),
+    );
+    let talking = talking_pairs(gateways, devices);
+    let mut out: Vec<(String, String)> = xs
+        .iter()
+        .flat_map(|x| ys.iter().map(move |y| ordered(x, y)))
+        .filter(|pair| talking.contains(pair))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Every pair of hosts that talk: each device with its home gateway, each two gateways that
+/// federate.
+pub fn talking_pairs(gateways: &[GatewayPlan], devices: &[DevicePlan]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = devices
+        .iter()
+        .map(|d| ordered(&d.host, &gateways[d.home].host))
+        .collect();
+    for g in gateways {
+        for &peer in &g.peers {
+            out.push(ordered(&g.host, &gateways[peer].host));
+        }
     }
     out.sort_unstable();
     out.dedup();
     out
 }
 
+/// A pair of host names, the smaller first.
+pub fn ordered(x: &str, y: &str) -> (String, String) {
+    if x <= y {
+        (x.to_string(), y.to_string())
+    } else {
+        (y.to_string(), x.to_string())
+    }
+}
+
 /// The turmoil hosts a target names, without random draws (for statements read once).
 pub fn static_hosts(
     scenario: &Scenario,
+    gateways: &[GatewayPlan],
     devices: &[DevicePlan],
-    gateway: &str,
     target: &Target,
 ) -> Vec<String> {
     match target {
-        Target::Gateway(_) | Target::AllGateways | Target::RandomGateway => {
-            vec![gateway.to_string()]
-        }
+        Target::Gateway(name) => vec![name.clone()],
+        Target::AllGateways => gateways.iter().map(|g| g.host.clone()).collect(),
+        Target::RandomGateway => Vec::new(),
         other => resolve(scenario, devices, other)
             .into_iter()
             .map(|i| devices[i].host.clone())

@@ -1,7 +1,11 @@
 //! One run of a [`Plan`] on the production drivers under turmoil.
 //!
-//! The gateway and every device are turmoil hosts running the real `sund-gateway` and
-//! `sund-node` drivers (tokio, quinn, rustls, redb on a [`SimulatedDisk`]). Each device's
+//! Every gateway and every device are turmoil hosts running the real `sund-gateway` and
+//! `sund-node` drivers (tokio, quinn, rustls, redb on a [`SimulatedDisk`]). Gateways that
+//! federate listen for each other on a second port and link over real QUIC, as on loopback;
+//! `handover` goes to the conversation's authority as `sund-gateway admin handover` does, and
+//! `single-authority` is checked on what each running gateway's machine says it sequences,
+//! read every millisecond. Each device's
 //! host is also its application: it sends on the scenario's schedule and takes what it is
 //! delivered, and reports both to the same invariant checker the model layer uses. The control
 //! loop steps turmoil one millisecond at a time and carries out the scenario's faults between
@@ -23,7 +27,9 @@ use bytes::Bytes;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use sha2::Digest;
-use sund_gateway::driver::{self as gateway_driver, GatewayOptions};
+use sund_gateway::driver::{self as gateway_driver, AdminClient, GatewayOptions};
+use sund_gateway::federation::FederationOptions;
+use sund_model::federation::handshake::PeerConfig;
 use sund_model::gateway::{AdminAnswer, AdminCommand, Gateway, GatewayConfig};
 use sund_model::ids::{ConversationId, DeviceId, MsgId};
 use sund_model::node::{ConnectionStatus, NodeEvent};
@@ -42,10 +48,12 @@ use sund_sim::checker::{Checker, Phase, Violation};
 use sund_sim::network::LinkProfile;
 use sund_sim::scenario::{Action, Invariant, Scenario, Target, Timing};
 
-use crate::plan::{link_devices, resolve, Plan};
+use crate::plan::{link_pairs, resolve, talking_pairs, Plan};
 
-/// The gateway's UDP port.
+/// The gateways' UDP port for devices.
 const PORT: u16 = 4433;
+/// The gateways' UDP port for each other (federation links).
+const FEDERATION_PORT: u16 = 4434;
 /// Model clocks read this at the start of a run (a simulation never reads the real time).
 const EPOCH: Instant = Instant(1_700_000_000_000_000);
 /// One turmoil step.
@@ -82,6 +90,22 @@ pub struct RunReport {
     pub reconnects: u64,
     /// Host starts after the first (restarts after crashes).
     pub restarts: u64,
+    /// `handover` actions: how they went.
+    pub handovers: HandoverCounts,
+}
+
+/// What became of the scenario's `handover` actions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandoverCounts {
+    /// Asked of the gateway that sequenced the conversation then.
+    pub asked: u64,
+    /// Not asked: no running gateway sequenced the conversation then (it was being handed
+    /// over, or its authority was down), as an operator would be told.
+    pub skipped: u64,
+    /// Begun: the authority froze the conversation and sent it to the new one.
+    pub started: u64,
+    /// Refused by the authority (a link down, a member gateway behind, homed there already).
+    pub refused: u64,
 }
 
 impl RunReport {
@@ -115,15 +139,22 @@ struct Shared {
     may_replay: BTreeSet<(usize, ConversationId)>,
     /// Host starts so far, per device.
     starts: Vec<u32>,
-    gateway_starts: u32,
+    /// Host starts so far, per gateway.
+    gateway_starts: Vec<u32>,
+    /// Per gateway: the conversations its machine sequenced at its last reading (none while
+    /// it is down), for `single-authority` and to find where a `handover` goes.
+    sequencing: Vec<BTreeSet<ConversationId>>,
+    /// Per gateway: admin commands waiting for its host to carry them out.
+    admin_queue: Vec<Vec<AdminCommand>>,
     /// Disconnects asked for and not yet carried out, per device.
     disconnects: Vec<u32>,
     /// SHA-256 over the application events.
     events: sha2::Sha256,
-    /// The link profile of every device's link with the gateway that no `link` changed.
+    /// The link profile of every link (a device with its gateway, two federated gateways)
+    /// that no `link` changed.
     default_profile: LinkProfile,
-    /// Links a `link` statement or action changed, by device.
-    link_profiles: BTreeMap<usize, LinkProfile>,
+    /// Links a `link` statement or action changed, by pair of hosts (in order).
+    link_profiles: BTreeMap<(String, String), LinkProfile>,
     /// Hosts whose driver stopped because their disk is full; `free-disk` starts them again.
     stopped: BTreeSet<String>,
     /// Each device's last connection status, in words (for a liveness failure's detail).
@@ -161,63 +192,160 @@ struct World {
     plan: Plan,
     seed: u64,
     root: PathBuf,
-    pin: [u8; 32],
+    /// Each gateway's TLS certificate pin, which its devices check.
+    pins: Vec<[u8; 32]>,
+    /// Each gateway's configuration: the plan's, with its domain and federation peers.
+    configs: Vec<GatewayConfig>,
+    /// Each device's enrolment token, from its home gateway.
     tokens: Vec<EnrolmentToken>,
-    /// What the gateway's socket does to datagrams, per device it sends to.
-    gateway_faults: SocketFaults,
-    /// What each device's socket does to its datagrams.
-    device_faults: Vec<SocketFaults>,
+    /// What each host's sockets do to the datagrams they send, per destination (a gateway's
+    /// two sockets share one: they send to different hosts).
+    faults: BTreeMap<String, SocketFaults>,
     /// Each host's disk (`fill-disk`, `free-disk`), by host name.
     disks: BTreeMap<String, SimulatedDisk>,
     packets: PacketTrace,
     shared: RefCell<Shared>,
-    /// `drain`: wakes the running gateway host, which shuts its driver down as SIGTERM does.
-    drain: tokio::sync::Notify,
+    /// `drain`, per gateway: wakes its running host, which shuts its driver down as SIGTERM
+    /// does.
+    drain: Vec<tokio::sync::Notify>,
 }
 
-/// Prepares the gateway's data directory as an operator would before the run: a TLS identity
-/// (seeded, so handshakes repeat), one enrolment token per device, the conversations.
-fn prepare_gateway(
-    dir: &Path,
-    disk: &SimulatedDisk,
+/// The seed of one gateway's TLS identity or first entropy: the first gateway keeps the
+/// numbers a single-gateway run always had.
+fn gateway_seed(base: u8, gateway: usize) -> [u8; 32] {
+    let mut seed = [base; 32];
+    seed[0] = seed[0].wrapping_add(gateway as u8);
+    seed
+}
+
+/// Prepares each gateway's data directory as its operator would before the run: a TLS
+/// identity (seeded, so handshakes repeat), one enrolment token per device of its domain, the
+/// conversations homed there, shared with the domains of their other members. Returns each
+/// gateway's pin and configuration, and each device's token.
+#[allow(clippy::type_complexity)]
+fn prepare_gateways(
+    root: &Path,
+    disks: &BTreeMap<String, SimulatedDisk>,
     plan: &Plan,
-) -> Result<([u8; 32], Vec<EnrolmentToken>), String> {
-    let identity = TlsIdentity::from_seed([7; 32]).map_err(|e| e.to_string())?;
-    identity.save(&dir.join("tls")).map_err(|e| e.to_string())?;
-    let mut store = RedbStore::open_with(&dir.join("gateway.redb"), Some(disk.clone()))
+) -> Result<(Vec<[u8; 32]>, Vec<GatewayConfig>, Vec<EnrolmentToken>), String> {
+    let mut pins = Vec::new();
+    let mut configs = Vec::new();
+    let mut tokens: Vec<Option<EnrolmentToken>> = vec![None; plan.devices.len()];
+    let mut stores = Vec::new();
+    let mut fingerprints = Vec::new();
+    // First each gateway's root and tokens, with its domain; then, knowing every root, the
+    // peers of each and the conversations (a share needs its peer configured).
+    for (g, gateway_plan) in plan.gateways.iter().enumerate() {
+        let dir = root.join(&gateway_plan.host);
+        let identity = TlsIdentity::from_seed(gateway_seed(7, g)).map_err(|e| e.to_string())?;
+        identity.save(&dir.join("tls")).map_err(|e| e.to_string())?;
+        pins.push(certificate_pin(&identity.cert));
+        let mut store = RedbStore::open_with(
+            &dir.join("gateway.redb"),
+            Some(disks[&gateway_plan.host].clone()),
+        )
         .map_err(|e| e.to_string())?;
-    let mut gateway = Gateway::new(
-        GatewayConfig::default(),
-        EPOCH,
-        Box::new(SeededEntropy::new([9; 32])),
-    );
-    let mut tokens = Vec::new();
-    for device in &plan.devices {
-        let command = AdminCommand::IssueEnrolmentToken(device.user.to_string());
-        match gateway.run_admin(EPOCH, command, &mut store) {
-            Ok((AdminAnswer::EnrolmentToken(token, _), _)) => tokens.push(token),
-            other => return Err(format!("issuing a token for {}: {other:?}", device.name)),
+        let config = GatewayConfig {
+            domain: gateway_plan.domain.clone(),
+            ..plan.gateway_config.clone()
+        };
+        let mut gateway = Gateway::new(
+            config.clone(),
+            EPOCH,
+            Box::new(SeededEntropy::new(gateway_seed(9, g))),
+        );
+        fingerprints.push(gateway.trust_root().fingerprint());
+        for (i, device) in plan.devices.iter().enumerate() {
+            if device.home != g {
+                continue;
+            }
+            let command = AdminCommand::IssueEnrolmentToken(device.user.to_string());
+            match gateway.run_admin(EPOCH, command, &mut store) {
+                Ok((AdminAnswer::EnrolmentToken(token, _), _)) => tokens[i] = Some(token),
+                other => return Err(format!("issuing a token for {}: {other:?}", device.name)),
+            }
+        }
+        configs.push(config);
+        stores.push(store);
+    }
+    for (g, gateway_plan) in plan.gateways.iter().enumerate() {
+        configs[g].federation_peers = gateway_plan
+            .peers
+            .iter()
+            .map(|&p| PeerConfig {
+                domain: plan.gateways[p].domain.clone(),
+                root_fingerprint: fingerprints[p].clone(),
+            })
+            .collect();
+        let store = &mut stores[g];
+        let mut gateway = Gateway::recover(
+            configs[g].clone(),
+            EPOCH,
+            store,
+            Box::new(SeededEntropy::new(gateway_seed(10, g))),
+        )
+        .map_err(|e| format!("{}: {e}", gateway_plan.host))?;
+        for conv in plan.conversations.iter().filter(|c| c.home == g) {
+            let mut local = Vec::new();
+            let mut foreign: BTreeMap<String, Vec<DeviceId>> = BTreeMap::new();
+            for &m in &conv.members {
+                let device = &plan.devices[m];
+                if device.home != g && gateway_plan.peers.contains(&device.home) {
+                    foreign
+                        .entry(plan.gateways[device.home].domain.clone())
+                        .or_default()
+                        .push(device.id());
+                } else {
+                    local.push(device.id());
+                }
+            }
+            let command = AdminCommand::CreateConversation(conv.id, local);
+            gateway
+                .run_admin(EPOCH, command, store)
+                .map_err(|e| format!("creating {}: {e:?}", conv.name))?;
+            for (domain, members) in foreign {
+                let command = AdminCommand::ShareConversation {
+                    conversation: conv.id,
+                    domain: domain.clone(),
+                    members,
+                };
+                match gateway.run_admin(EPOCH, command, store) {
+                    Ok((AdminAnswer::ShareRefused { why, .. }, _)) => {
+                        return Err(format!("sharing {} with {domain}: {why}", conv.name))
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("sharing {} with {domain}: {e:?}", conv.name)),
+                }
+            }
         }
     }
-    for conv in &plan.conversations {
-        let members = conv.members.iter().map(|&i| plan.devices[i].id()).collect();
-        let command = AdminCommand::CreateConversation(conv.id, members);
-        gateway
-            .run_admin(EPOCH, command, &mut store)
-            .map_err(|e| format!("creating {}: {e:?}", conv.name))?;
-    }
-    Ok((certificate_pin(&identity.cert), tokens))
+    let tokens = tokens
+        .into_iter()
+        .map(|t| t.expect("every device has a home gateway, which issued its token"))
+        .collect();
+    Ok((pins, configs, tokens))
 }
 
 /// Runs `scenario` (already planned as `plan`) with `seed`.
 pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, String> {
     let tmp = data_dir().map_err(|e| format!("a temporary directory: {e}"))?;
     let root = tmp.path().to_path_buf();
-    let disks: BTreeMap<String, SimulatedDisk> = std::iter::once(plan.gateway.clone())
+    let hosts: Vec<String> = plan
+        .gateways
+        .iter()
+        .map(|g| g.host.clone())
         .chain(plan.devices.iter().map(|d| d.host.clone()))
-        .map(|host| (host, SimulatedDisk::default()))
         .collect();
-    let (pin, tokens) = prepare_gateway(&root.join("gateway"), &disks[&plan.gateway], &plan)?;
+    let disks: BTreeMap<String, SimulatedDisk> = hosts
+        .iter()
+        .map(|host| (host.clone(), SimulatedDisk::default()))
+        .collect();
+    let faults: BTreeMap<String, SocketFaults> = hosts
+        .iter()
+        .map(|host| (host.clone(), SocketFaults::default()))
+        .collect();
+    let (pins, configs, tokens) = prepare_gateways(&root, &disks, &plan)?;
+    let gateways = plan.gateways.len();
     let mut rng = ChaCha20Rng::from_seed(stream_seed(seed, "workload", 0));
     let next_send = plan
         .sends
@@ -238,7 +366,9 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         unacknowledged: BTreeSet::new(),
         may_replay: BTreeSet::new(),
         starts: vec![0; devices],
-        gateway_starts: 0,
+        gateway_starts: vec![0; gateways],
+        sequencing: vec![BTreeSet::new(); gateways],
+        admin_queue: vec![Vec::new(); gateways],
         disconnects: vec![0; devices],
         events: sha2::Sha256::new(),
         default_profile: plan.network,
@@ -259,20 +389,21 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
             refused: 0,
             reconnects: 0,
             restarts: 0,
+            handovers: HandoverCounts::default(),
         },
     };
     let world = Rc::new(World {
-        gateway_faults: SocketFaults::default(),
-        device_faults: (0..devices).map(|_| SocketFaults::default()).collect(),
+        faults,
         disks,
         plan,
         seed,
         root,
-        pin,
+        pins,
+        configs,
         tokens,
         packets: PacketTrace::new(),
         shared: RefCell::new(shared),
-        drain: tokio::sync::Notify::new(),
+        drain: (0..gateways).map(|_| tokio::sync::Notify::new()).collect(),
     });
     let end = scenario.duration + scenario.liveness;
     let mut sim = turmoil::Builder::new()
@@ -282,16 +413,20 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         .max_message_latency(Duration::from_micros(world.plan.network.latency_us_max))
         .rng_seed(seed)
         .build();
-    add_gateway(&mut sim, &world);
+    for index in 0..gateways {
+        add_gateway(&mut sim, &world, index);
+    }
     for index in 0..devices {
         add_device(&mut sim, &world, index);
     }
     {
         let mut shared = world.shared.borrow_mut();
         for (changed, patch) in &world.plan.links {
-            for &device in changed {
-                let current = shared.profile(device);
-                shared.link_profiles.insert(device, patch.apply(current));
+            for pair in changed {
+                let current = shared.profile(pair);
+                shared
+                    .link_profiles
+                    .insert(pair.clone(), patch.apply(current));
             }
         }
     }
@@ -359,82 +494,113 @@ impl World {
 }
 
 impl Shared {
-    /// The profile of a device's link with the gateway.
-    fn profile(&self, device: usize) -> LinkProfile {
+    /// The profile of the link between two hosts (in order).
+    fn profile(&self, pair: &(String, String)) -> LinkProfile {
         self.link_profiles
-            .get(&device)
+            .get(pair)
             .copied()
             .unwrap_or(self.default_profile)
     }
 }
 
-/// Gives every link between the gateway and a device its current profile: datagram faults in
-/// both sockets, latency in turmoil.
+/// Gives every link between hosts that talk (a device and its gateway, two federated
+/// gateways) its current profile: datagram faults in both ends' sockets, latency in turmoil.
 fn apply_profiles(sim: &turmoil::Sim<'_>, world: &World) {
     let shared = world.shared.borrow();
-    let gateway = world.plan.gateway.as_str();
-    for (index, device) in world.plan.devices.iter().enumerate() {
-        let profile = shared.profile(index);
+    for pair in talking_pairs(&world.plan.gateways, &world.plan.devices) {
+        let profile = shared.profile(&pair);
         let faults = DatagramFaults {
             loss: profile.loss,
             duplicate: profile.duplicate,
         };
-        world.device_faults[index].set_default(faults);
-        world
-            .gateway_faults
-            .set_to(sim.lookup(device.host.as_str()), faults);
-        let host = device.host.as_str();
-        sim.set_link_latency(host, gateway, Duration::from_micros(profile.latency_us_min));
-        sim.set_link_max_message_latency(
-            host,
-            gateway,
-            Duration::from_micros(profile.latency_us_max),
-        );
+        let (x, y) = (pair.0.as_str(), pair.1.as_str());
+        world.faults[x].set_to(sim.lookup(y), faults);
+        world.faults[y].set_to(sim.lookup(x), faults);
+        sim.set_link_latency(x, y, Duration::from_micros(profile.latency_us_min));
+        sim.set_link_max_message_latency(x, y, Duration::from_micros(profile.latency_us_max));
     }
 }
 
-fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
+fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>, index: usize) {
     let w = world.clone();
-    sim.host(world.plan.gateway.as_str(), move || {
+    sim.host(world.plan.gateways[index].host.as_str(), move || {
         let w = w.clone();
         async move {
+            let host = w.plan.gateways[index].host.as_str();
             let start = {
                 let mut shared = w.shared.borrow_mut();
-                shared.gateway_starts += 1;
-                if shared.gateway_starts > 1 {
+                shared.gateway_starts[index] += 1;
+                if shared.gateway_starts[index] > 1 {
                     shared.report.restarts += 1;
                 }
-                shared.gateway_starts
+                shared.gateway_starts[index]
             };
-            let socket_seed = seed_u64(stream_seed(w.seed, "gateway-socket", start.into()));
+            // The first gateway's streams keep the names a single-gateway run always had.
+            let label = match index {
+                0 => "gateway".to_string(),
+                n => format!("gateway/{n}"),
+            };
+            let socket_seed = seed_u64(stream_seed(
+                w.seed,
+                &format!("{label}-socket"),
+                start.into(),
+            ));
             let socket = TurmoilUdp::bind_traced(
                 PORT,
-                w.gateway_faults.clone(),
+                w.faults[host].clone(),
                 socket_seed,
                 Some(w.packets.clone()),
             )
             .await;
-            let origin = w.origin(&w.plan.gateway);
-            let host = w.plan.gateway.as_str();
-            let environment =
-                Simulated::new(socket, stream_seed(w.seed, "gateway", start.into()), origin)
+            let origin = w.origin(host);
+            let mut environment =
+                Simulated::new(socket, stream_seed(w.seed, &label, start.into()), origin)
                     .with_disk(w.disks[host].clone());
+            let peers = &w.plan.gateways[index].peers;
+            let federation = if peers.is_empty() {
+                None
+            } else {
+                let seed = seed_u64(stream_seed(w.seed, &format!("{label}-links"), start.into()));
+                let socket = TurmoilUdp::bind_traced(
+                    FEDERATION_PORT,
+                    w.faults[host].clone(),
+                    seed,
+                    Some(w.packets.clone()),
+                )
+                .await;
+                environment = environment.with_socket(FEDERATION_PORT, socket);
+                Some(FederationOptions {
+                    listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), FEDERATION_PORT),
+                    peers: peers
+                        .iter()
+                        .map(|&p| {
+                            let peer = &w.plan.gateways[p];
+                            let ip = turmoil::lookup(peer.host.as_str());
+                            (peer.domain.clone(), format!("{ip}:{FEDERATION_PORT}"))
+                        })
+                        .collect(),
+                })
+            };
             let options = GatewayOptions {
                 listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
                 environment: Arc::new(environment),
-                data_dir: w.root.join("gateway"),
-                config: w.plan.gateway_config.clone(),
-                federation: None,
+                data_dir: w.root.join(host),
+                config: w.configs[index].clone(),
+                federation,
             };
             let error = match gateway_driver::start(options).await {
                 // A full disk makes the gateway refuse sessions until it can commit again (it
                 // probes by itself); only a failure it cannot live through ends the driver.
                 Ok(mut gateway) => {
-                    let drain = w.drain.notified();
+                    let drain = w.drain[index].notified();
+                    let operator = operate(&w, index, gateway.admin_client());
                     let failed = tokio::select! {
                         error = gateway.failed() => Some(error.to_string()),
                         () = drain => None,
+                        () = operator => unreachable!("the operator never stops"),
                     };
+                    // Down or draining: it sequences nothing.
+                    w.shared.borrow_mut().sequencing[index].clear();
                     match failed {
                         Some(error) => error,
                         None => {
@@ -454,6 +620,77 @@ fn add_gateway(sim: &mut turmoil::Sim<'_>, world: &Rc<World>) {
             w.stopped_or_failed(host, error).await
         }
     });
+}
+
+/// The operator at a running gateway: carries out the admin commands the scenario asks of it
+/// (`handover`), as `sund-gateway admin` does through the control socket, and reads every
+/// millisecond which conversations its machine sequences, checking `single-authority`.
+async fn operate(w: &Rc<World>, index: usize, admin: AdminClient) {
+    if w.plan.gateways.len() == 1 {
+        // One gateway: nothing to hand over, no other to sequence at once.
+        return std::future::pending().await;
+    }
+    let ids: Vec<ConversationId> = w.plan.conversations.iter().map(|c| c.id).collect();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        let commands = std::mem::take(&mut w.shared.borrow_mut().admin_queue[index]);
+        for command in commands {
+            let (w, admin) = (w.clone(), admin.clone());
+            tokio::task::spawn_local(async move {
+                let answer = admin.admin(command).await;
+                let mut shared = w.shared.borrow_mut();
+                match answer {
+                    Some(AdminAnswer::HandoverStarted { .. }) => {
+                        shared.report.handovers.started += 1
+                    }
+                    Some(AdminAnswer::HandoverRefused { .. }) | None => {
+                        shared.report.handovers.refused += 1
+                    }
+                    Some(_) => {}
+                }
+            });
+        }
+        let ids = ids.clone();
+        let Some(sequenced) = admin
+            .inspect(move |gateway, _| {
+                ids.into_iter()
+                    .filter(|&id| gateway.sequences(id))
+                    .collect::<BTreeSet<_>>()
+            })
+            .await
+        else {
+            continue; // stopping, or its store is out: the select above ends
+        };
+        let mut shared = w.shared.borrow_mut();
+        let shared = &mut *shared;
+        for &conv in &sequenced {
+            let others: Vec<&str> = shared
+                .sequencing
+                .iter()
+                .enumerate()
+                .filter(|&(g, set)| g != index && set.contains(&conv))
+                .map(|(g, _)| w.plan.gateways[g].host.as_str())
+                .collect();
+            if let Some(other) = others.first() {
+                let name = w
+                    .plan
+                    .conversations
+                    .iter()
+                    .find(|c| c.id == conv)
+                    .map_or("?", |c| c.name.as_str());
+                shared.checker.fail_safety(
+                    Invariant::SingleAuthority,
+                    now_us(),
+                    format!(
+                        "{} and {other} sequence {name} ({conv}) at once",
+                        w.plan.gateways[index].host
+                    ),
+                );
+            }
+        }
+        shared.sequencing[index] = sequenced;
+    }
 }
 
 fn add_device(sim: &mut turmoil::Sim<'_>, world: &Rc<World>, index: usize) {
@@ -490,7 +727,7 @@ async fn device_main(w: &World, index: usize) -> turmoil::Result {
     ));
     let socket = TurmoilUdp::bind_traced(
         0,
-        w.device_faults[index].clone(),
+        w.faults[&device.host].clone(),
         socket_seed,
         Some(w.packets.clone()),
     )
@@ -500,8 +737,11 @@ async fn device_main(w: &World, index: usize) -> turmoil::Result {
         .with_disk(w.disks[&device.host].clone());
     let options = NodeOptions {
         data_dir: w.root.join(&device.host),
-        gateway: SocketAddr::new(turmoil::lookup(w.plan.gateway.as_str()), PORT),
-        gateway_pin: w.pin,
+        gateway: SocketAddr::new(
+            turmoil::lookup(w.plan.gateways[device.home].host.as_str()),
+            PORT,
+        ),
+        gateway_pin: w.pins[device.home],
         key: device.key.clone(),
         environment: Arc::new(environment),
         user: Some(device.user.user()),
@@ -884,8 +1124,11 @@ impl Faults {
     ) -> Vec<String> {
         let plan = &world.plan;
         match target {
-            Target::Gateway(_) | Target::AllGateways | Target::RandomGateway => {
-                vec![plan.gateway.clone()]
+            Target::Gateway(name) => vec![name.clone()],
+            Target::AllGateways => plan.gateways.iter().map(|g| g.host.clone()).collect(),
+            Target::RandomGateway => {
+                let n = plan.gateways.len() as u64;
+                vec![plan.gateways[(rng.next_u64() % n) as usize].host.clone()]
             }
             Target::RandomDevice => {
                 let n = plan.devices.len() as u64;
@@ -899,7 +1142,7 @@ impl Faults {
     }
 
     fn all_hosts(world: &World) -> Vec<String> {
-        let mut hosts = vec![world.plan.gateway.clone()];
+        let mut hosts: Vec<String> = world.plan.gateways.iter().map(|g| g.host.clone()).collect();
         hosts.extend(world.plan.devices.iter().map(|d| d.host.clone()));
         hosts
     }
@@ -988,9 +1231,10 @@ impl Faults {
             Action::Disconnect(a) => {
                 let named = hosts(a);
                 let mut shared = world.shared.borrow_mut();
-                let gateway = named.contains(&world.plan.gateway);
+                // A gateway named: every device it serves.
                 for (i, device) in world.plan.devices.iter().enumerate() {
-                    if gateway || named.contains(&device.host) {
+                    let home = &world.plan.gateways[device.home].host;
+                    if named.contains(home) || named.contains(&device.host) {
                         shared.disconnects[i] += 1;
                     }
                 }
@@ -1013,8 +1257,12 @@ impl Faults {
                         let lying = disk.is_lying();
                         let cut = disk.power_cut(&mut || !lying && coin.next_u64() & 1 == 1);
                         sim.crash(host.as_str());
-                        if lying && cut.unsynced > 0 && host == world.plan.gateway {
-                            let heads = recovered_heads(world, disk);
+                        let gateway = world.plan.gateways.iter().position(|g| g.host == host);
+                        if let Some(g) = gateway {
+                            world.shared.borrow_mut().sequencing[g].clear();
+                        }
+                        if let (Some(g), true) = (gateway, lying && cut.unsynced > 0) {
+                            let heads = recovered_heads(world, g, disk);
                             world
                                 .shared
                                 .borrow_mut()
@@ -1038,8 +1286,11 @@ impl Faults {
                     // Only a running gateway drains (a waiter exists only while it runs); it
                     // counts as down until `restart`, as after a crash, but its disk keeps
                     // everything: the driver finished its commits before it stopped.
-                    if host == world.plan.gateway && self.crashed.insert(host) {
-                        world.drain.notify_waiters();
+                    let gateway = world.plan.gateways.iter().position(|g| g.host == host);
+                    if let Some(g) = gateway {
+                        if self.crashed.insert(host) {
+                            world.drain[g].notify_waiters();
+                        }
                     }
                 }
             }
@@ -1053,9 +1304,11 @@ impl Faults {
             Action::Link(a, b, patch) => {
                 {
                     let mut shared = world.shared.borrow_mut();
-                    for device in link_devices(scenario, &world.plan.devices, a, b) {
-                        let current = shared.profile(device);
-                        shared.link_profiles.insert(device, patch.apply(current));
+                    for pair in
+                        link_pairs(scenario, &world.plan.gateways, &world.plan.devices, a, b)
+                    {
+                        let current = shared.profile(&pair);
+                        shared.link_profiles.insert(pair, patch.apply(current));
                     }
                 }
                 apply_profiles(sim, world);
@@ -1085,6 +1338,7 @@ impl Faults {
                 }
             }
             Action::HealAll => self.heal_all(sim, world),
+            Action::Handover(conversation, to) => handover(world, conversation, to),
             // The plan refused every other action.
             other => unreachable!("the plan admits no `{}`", other.keyword()),
         }
@@ -1133,12 +1387,19 @@ impl Faults {
 
 /// The conversations' heads in what a crashed gateway's disk kept: its database opened and
 /// its state machine recovered from it, as the gateway will at its restart, for the checker.
-fn recovered_heads(world: &World, disk: &SimulatedDisk) -> BTreeMap<ConversationId, u64> {
-    let path = world.root.join("gateway").join("gateway.redb");
+fn recovered_heads(
+    world: &World,
+    gateway: usize,
+    disk: &SimulatedDisk,
+) -> BTreeMap<ConversationId, u64> {
+    let path = world
+        .root
+        .join(&world.plan.gateways[gateway].host)
+        .join("gateway.redb");
     let store = RedbStore::open_with(&path, Some(disk.clone()))
         .expect("the gateway's disk after a power cut of a lying disk opens");
     let gateway = Gateway::recover(
-        GatewayConfig::default(),
+        world.configs[gateway].clone(),
         EPOCH,
         &store,
         Box::new(SeededEntropy::new([0; 32])),
@@ -1148,6 +1409,34 @@ fn recovered_heads(world: &World, disk: &SimulatedDisk) -> BTreeMap<Conversation
         .conversations()
         .map(|c| (c.id(), c.head()))
         .collect()
+}
+
+/// `handover CONV to GATEWAY`: what an operator types at the conversation's authority, the
+/// gateway whose machine sequenced it at its last reading. If none did (it is being handed
+/// over, or its authority is down), the action is skipped and counted, as on the model layer.
+fn handover(world: &World, conversation: &str, to: &str) {
+    let plan = &world.plan;
+    let (Some(conv), Some(to)) = (
+        plan.conversations.iter().find(|c| c.name == conversation),
+        plan.gateways.iter().find(|g| g.host == to),
+    ) else {
+        return; // the parser resolved both names
+    };
+    let mut shared = world.shared.borrow_mut();
+    let authority = shared
+        .sequencing
+        .iter()
+        .position(|set| set.contains(&conv.id));
+    match authority {
+        None => shared.report.handovers.skipped += 1,
+        Some(g) => {
+            shared.report.handovers.asked += 1;
+            shared.admin_queue[g].push(AdminCommand::Handover {
+                conversation: conv.id,
+                to: to.domain.clone(),
+            });
+        }
+    }
 }
 
 /// How a report's result reads in one word, as `cargo sim --json` writes it.

@@ -49,6 +49,7 @@ mod presence;
 mod read_pause;
 mod trust;
 pub use drain::DrainReport;
+pub use federation::domain_of;
 use mls_groups::SimConversation;
 pub use trust::CrlReport;
 

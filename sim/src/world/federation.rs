@@ -70,7 +70,7 @@ fn domain_for(name: &str) -> String {
 
 /// The domain of the gateway named `gateway`: its own if it federates, else the default one
 /// (`localhost`, as a gateway whose operator named none).
-pub(super) fn domain_of(scenario: &Scenario, gateway: &str) -> String {
+pub fn domain_of(scenario: &Scenario, gateway: &str) -> String {
     let federated = scenario
         .federations
         .iter()
