@@ -146,6 +146,11 @@ struct Shared {
     sequencing: Vec<BTreeSet<ConversationId>>,
     /// Per gateway: admin commands waiting for its host to carry them out.
     admin_queue: Vec<Vec<AdminCommand>>,
+    /// Per gateway: the conversations it has heard of (its own, and those another gateway
+    /// shared with it once the share arrived). With several gateways a device sends into a
+    /// conversation only once its gateway has it, as a user learns of one only from there;
+    /// before, its gateway would rightly answer that it knows no such conversation.
+    known: Vec<BTreeSet<ConversationId>>,
     /// Disconnects asked for and not yet carried out, per device.
     disconnects: Vec<u32>,
     /// SHA-256 over the application events.
@@ -216,6 +221,22 @@ fn gateway_seed(base: u8, gateway: usize) -> [u8; 32] {
     let mut seed = [base; 32];
     seed[0] = seed[0].wrapping_add(gateway as u8);
     seed
+}
+
+/// The conversations each gateway has before the run: with one gateway, all of them; with
+/// several, each its own (the shared ones arrive over the links; see [`Shared::known`]).
+fn plan_known(plan: &Plan) -> Vec<BTreeSet<ConversationId>> {
+    plan.gateways
+        .iter()
+        .enumerate()
+        .map(|(g, _)| {
+            plan.conversations
+                .iter()
+                .filter(|c| plan.gateways.len() == 1 || c.home == g)
+                .map(|c| c.id)
+                .collect()
+        })
+        .collect()
 }
 
 /// Prepares each gateway's data directory as its operator would before the run: a TLS
@@ -369,6 +390,7 @@ pub fn run(scenario: &Scenario, plan: Plan, seed: u64) -> Result<RunReport, Stri
         gateway_starts: vec![0; gateways],
         sequencing: vec![BTreeSet::new(); gateways],
         admin_queue: vec![Vec::new(); gateways],
+        known: plan_known(&plan),
         disconnects: vec![0; devices],
         events: sha2::Sha256::new(),
         default_profile: plan.network,
@@ -652,11 +674,18 @@ async fn operate(w: &Rc<World>, index: usize, admin: AdminClient) {
             });
         }
         let ids = ids.clone();
-        let Some(sequenced) = admin
+        let Some((sequenced, known)) = admin
             .inspect(move |gateway, _| {
-                ids.into_iter()
+                let sequenced = ids
+                    .iter()
+                    .copied()
                     .filter(|&id| gateway.sequences(id))
-                    .collect::<BTreeSet<_>>()
+                    .collect::<BTreeSet<_>>();
+                let known = ids
+                    .into_iter()
+                    .filter(|&id| gateway.log(id).is_some())
+                    .collect::<BTreeSet<_>>();
+                (sequenced, known)
             })
             .await
         else {
@@ -664,6 +693,7 @@ async fn operate(w: &Rc<World>, index: usize, admin: AdminClient) {
         };
         let mut shared = w.shared.borrow_mut();
         let shared = &mut *shared;
+        shared.known[index].extend(known);
         for &conv in &sequenced {
             let others: Vec<&str> = shared
                 .sequencing
@@ -931,7 +961,8 @@ async fn act(w: &World, index: usize, node: &NodeHandle) -> turmoil::Result {
                 if send.device != index || shared.next_send[n] > now {
                     continue;
                 }
-                if now < send.stop {
+                let conversation = w.plan.conversations[send.conversation].id;
+                if now < send.stop && shared.known[device.home].contains(&conversation) {
                     shared.made[index] += 1;
                     let mut body = format!("{}#{}", device.name, shared.made[index]).into_bytes();
                     if body.len() < send.size {
