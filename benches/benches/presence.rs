@@ -182,6 +182,7 @@ fn heartbeats(c: &mut Criterion) {
                 crl_version: None,
                 presence: None,
                 peer_roots: None,
+                peer_crls: None,
             };
             (
                 ConnectionId(n + 1),

@@ -120,6 +120,7 @@ async fn a_peer_that_stops_reading_is_disconnected_at_once() {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     )
     .encode();

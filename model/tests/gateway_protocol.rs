@@ -350,6 +350,7 @@ fn a_gateway_shutting_down_tells_each_device_when_to_come_back_and_only_then() {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     );
     let hints: Vec<_> = frames_to(&out, 3)
@@ -411,13 +412,19 @@ fn trust_root_and_crl_lookups_before_a_session_are_bounded_per_connection() {
         h.frame(
             2,
             Routing::default(),
-            Payload::CrlFetch(CrlFetch { have_version: 0 }),
+            Payload::CrlFetch(CrlFetch {
+                have_version: 0,
+                peers: None,
+            }),
         );
     }
     let out = h.frame(
         2,
         Routing::default(),
-        Payload::CrlFetch(CrlFetch { have_version: 0 }),
+        Payload::CrlFetch(CrlFetch {
+            have_version: 0,
+            peers: None,
+        }),
     );
     assert_eq!(goodbye_code(&out, 2), Some(ErrorCode::RateLimited));
 }
@@ -660,13 +667,19 @@ fn a_revoked_device_is_cut_off_and_everyone_connected_gets_the_new_crl() {
     let out = h2.frame(
         7,
         Routing::default(),
-        Payload::CrlFetch(CrlFetch { have_version: 0 }),
+        Payload::CrlFetch(CrlFetch {
+            have_version: 0,
+            peers: None,
+        }),
     );
     assert!(matches!(frames_to(&out, 7)[0].payload, Payload::Crl(_)));
     let out = h2.frame(
         7,
         Routing::default(),
-        Payload::CrlFetch(CrlFetch { have_version: 1 }),
+        Payload::CrlFetch(CrlFetch {
+            have_version: 1,
+            peers: None,
+        }),
     );
     assert!(frames_to(&out, 7).is_empty());
 }
@@ -777,6 +790,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     );
     assert_eq!(
@@ -786,6 +800,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
             crl_version: Some(0),
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         })
     );
 }
@@ -1050,6 +1065,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     )
     .encode()
@@ -1065,6 +1081,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     )
     .encode()
@@ -1119,6 +1136,7 @@ fn a_stalled_cursor_is_redelivered_and_a_replay_request_rewinds() {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     );
     h.gateway.handle_timeout(h.now);

@@ -550,6 +550,7 @@ fn a_gateway_whose_frames_this_device_cannot_read_is_not_reconnected_to_in_a_tig
                 crl_version: None,
                 presence: None,
                 peer_roots: None,
+                peer_crls: None,
             }),
         )
         .encode()
@@ -1056,11 +1057,15 @@ fn a_crl_older_than_the_one_held_is_refused() {
         crl_version: Some(4),
         presence: None,
         peer_roots: None,
+        peer_crls: None,
     };
     let out = h.frame(1, Routing::default(), Payload::HeartbeatAck(ack));
     assert!(matches!(
         sent(&out)[0].payload,
-        Payload::CrlFetch(CrlFetch { have_version: 3 })
+        Payload::CrlFetch(CrlFetch {
+            have_version: 3,
+            peers: None
+        })
     ));
 }
 

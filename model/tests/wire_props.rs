@@ -74,6 +74,7 @@ fn payload() -> impl Strategy<Value = Payload> {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         })),
         (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(nonce, crl_version)| {
             Payload::HeartbeatAck(Heartbeat {
@@ -81,6 +82,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                 crl_version,
                 presence: crl_version.map(|v| v / 2),
                 peer_roots: None,
+                peer_crls: crl_version.map(|v| v ^ 1),
             })
         }),
         (any::<u16>(), text(), any::<Option<u32>>()).prop_map(|(code, message, retry_after_ms)| {
@@ -237,7 +239,12 @@ fn payload() -> impl Strategy<Value = Payload> {
                 certificate: certificate.into(),
             })
         }),
-        any::<u64>().prop_map(|have_version| Payload::CrlFetch(CrlFetch { have_version })),
+        (any::<u64>(), proptest::option::of(any::<bool>())).prop_map(|(have_version, peers)| {
+            Payload::CrlFetch(CrlFetch {
+                have_version,
+                peers,
+            })
+        }),
         body().prop_map(|crl| Payload::Crl(Crl { crl: crl.into() })),
         Just(Payload::TrustRootFetch(TrustRootFetch {})),
         (any::<[u8; 32]>(), "[a-z0-9.-]{1,40}")
@@ -398,6 +405,7 @@ fn valid_frame() -> Vec<u8> {
             crl_version: None,
             presence: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     )
     .encode()

@@ -302,7 +302,10 @@ fn trust_frames_bytes() {
     .encode();
     let crl_fetch = Frame::new(
         Routing::default(),
-        Payload::CrlFetch(CrlFetch { have_version: 3 }),
+        Payload::CrlFetch(CrlFetch {
+            have_version: 3,
+            peers: None,
+        }),
     )
     .encode();
     let crl = Frame::new(

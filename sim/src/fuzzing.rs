@@ -393,6 +393,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 crl_version: None,
                 presence: None,
                 peer_roots: None,
+                peer_crls: None,
             }),
         ),
         WellFormed::HeartbeatAck { nonce } => Frame::new(
@@ -402,6 +403,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 crl_version: None,
                 presence: None,
                 peer_roots: None,
+                peer_crls: None,
             }),
         ),
         WellFormed::Goodbye { code } => Frame::new(

@@ -1529,6 +1529,10 @@ impl World {
                 record.extend_from_slice(&version.to_le_bytes());
                 self.on_crl_taken(a, *version);
             }
+            NodeEvent::PeerCrlUpdated { version, .. } => {
+                record.push(34);
+                record.extend_from_slice(&version.to_le_bytes());
+            }
             NodeEvent::CrlRefused { .. } => record.push(16),
             NodeEvent::JoinWaiting { .. } => {
                 // Its gateway has not met the certifying domain's yet: the Welcome comes again.

@@ -119,6 +119,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 crl_version: None,
                 presence: None,
                 peer_roots: None,
+                peer_crls: None,
             }),
         ),
         (
@@ -128,6 +129,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 crl_version: None,
                 presence: Some(3),
                 peer_roots: None,
+                peer_crls: None,
             }),
         ),
         (
@@ -406,7 +408,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
         ),
         (
             "crl-fetch",
-            Payload::CrlFetch(CrlFetch { have_version: 3 }),
+            Payload::CrlFetch(CrlFetch { have_version: 3, peers: None }),
         ),
         (
             "crl",

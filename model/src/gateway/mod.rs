@@ -908,6 +908,16 @@ impl Gateway {
                     ))
                 }
             }
+            (
+                Stage::Open(_),
+                Payload::CrlFetch(crate::wire::payload::CrlFetch {
+                    peers: Some(true), ..
+                }),
+            ) => {
+                // The device's digest of other domains' CRLs differs from the heartbeat's.
+                self.send_peer_crls(conn);
+                Ok(())
+            }
             (stage, Payload::CrlFetch(fetch)) => {
                 let open = matches!(stage, Stage::Open(_));
                 if open || self.sessions.lookup_allowed(conn) {
@@ -961,11 +971,13 @@ impl Gateway {
             }
             return Ok(());
         }
-        let peer_roots = match payload {
-            Payload::Heartbeat(_) => self
-                .peer_roots()
-                .map(crate::trust::peer_roots::PeerRoots::digest),
-            _ => None,
+        let (peer_roots, peer_crls) = match payload {
+            Payload::Heartbeat(_) => (
+                self.peer_roots()
+                    .map(crate::trust::peer_roots::PeerRoots::digest),
+                self.peer_crls.digest(),
+            ),
+            _ => (None, None),
         };
         let fx = &mut self.fx;
         match payload {
@@ -975,6 +987,7 @@ impl Gateway {
                     crl_version: Some(self.registry.crl().version),
                     presence: self.presence.notifications(conn),
                     peer_roots,
+                    peer_crls,
                 };
                 fx.send(conn, Routing::default(), Payload::HeartbeatAck(ack));
                 Ok(())

@@ -15,6 +15,14 @@
 //!   fingerprint this gateway pins for that peer, and only if its version is newer than the
 //!   one held; it is kept durably (table [`PEER_CRLS_TABLE`]) and survives restarts.
 //!
+//! - **Passed on to devices.** A peer CRL taken goes to every open device session (a `Crl`
+//!   frame: the device tells it from its own domain's by the domain it names, and checks it
+//!   against the root its own root vouched for that domain), and each session's heartbeat
+//!   answer carries the digest of the peer CRLs held ([`crate::trust::versions_digest`]), so
+//!   a device that missed one, or connected after it, asks for them all (`CrlFetch` with
+//!   `peers`). Members then refuse commits adding a device its own domain revoked, whatever
+//!   the gateway lets through.
+//!
 //! What a held CRL refuses: a relayed message from a revoked device of that domain (answered
 //! `device_revoked`), and an operator sharing a conversation with one.
 
@@ -23,7 +31,7 @@ use std::collections::BTreeMap;
 use crate::env::{StoreError, StoreRead, Table, WriteBatch};
 use crate::federation::entry::Entry;
 use crate::identity::DevicePublicKey;
-use crate::ids::DeviceId;
+use crate::ids::{ConnectionId, DeviceId};
 use crate::time::Instant;
 use crate::trust::{Crl, CrlError, TrustRoot};
 
@@ -184,6 +192,12 @@ impl PeerCrls {
         self.held.iter().map(|(d, c)| (d.as_str(), c))
     }
 
+    /// The digest of the versions held (`None` if none revokes anything), which every
+    /// heartbeat answer to a device carries.
+    pub fn digest(&self) -> Option<u64> {
+        crate::trust::versions_digest(self.held().map(|(domain, crl)| (domain, crl.version)))
+    }
+
     /// The counters.
     pub fn stats(&self) -> PeerCrlStats {
         self.stats
@@ -262,9 +276,39 @@ impl Gateway {
             }));
         }
         if taken {
-            // The MLS conversations homed here drop the devices it revokes.
+            // Every device here hears of it, and the MLS conversations homed here drop the
+            // devices it revokes.
+            if let Some(crl) = self.peer_crls.crl(peer).map(Crl::encode) {
+                let open: Vec<ConnectionId> = self
+                    .sessions
+                    .connections()
+                    .filter_map(|(conn, device)| device.map(|_| conn))
+                    .collect();
+                for conn in open {
+                    self.send_crl_frame(conn, crl.clone());
+                }
+            }
             self.remove_revoked_abroad(now, peer);
         }
+    }
+
+    /// Every peer CRL held that revokes anything, to a device that asked (its digest differs
+    /// from the heartbeat's).
+    pub(super) fn send_peer_crls(&mut self, conn: ConnectionId) {
+        let crls: Vec<Vec<u8>> = self
+            .peer_crls
+            .held()
+            .filter(|(_, crl)| crl.version > 0)
+            .map(|(_, crl)| crl.encode())
+            .collect();
+        for crl in crls {
+            self.send_crl_frame(conn, crl);
+        }
+    }
+
+    fn send_crl_frame(&mut self, conn: ConnectionId, crl: Vec<u8>) {
+        let payload = crate::wire::Payload::Crl(crate::wire::payload::Crl { crl: crl.into() });
+        self.fx.send(conn, crate::wire::Routing::default(), payload);
     }
 }
 
@@ -368,6 +412,7 @@ mod tests {
         use crate::testing::drain_gateway;
         use crate::testing::TestEntropy;
         use crate::wire::payload::ErrorCode;
+        use crate::wire::Payload;
         use bytes::Bytes;
         use std::collections::BTreeSet;
 
@@ -471,6 +516,64 @@ mod tests {
             let config = w.gateways[0].0.config.clone();
             let again = Gateway::recover(config, NOW, store, Box::new(TestEntropy(99))).unwrap();
             assert!(again.peer_crls().revokes(DOMAINS[1], revoked));
+        }
+
+        /// What gateway `at` answers on `conn` to `payload`.
+        fn ask(w: &mut Pair, at: usize, conn: ConnectionId, payload: Payload) -> Vec<Payload> {
+            use crate::gateway::GatewayInput;
+            let (g, store) = &mut w.gateways[at];
+            let frame = crate::wire::Frame::new(crate::wire::Routing::default(), payload);
+            g.handle(NOW, GatewayInput::Frame(conn, frame.encode()));
+            crate::gateway::test_pair::frames(&drain_gateway(g, store), conn)
+        }
+
+        fn crls_in(payloads: &[Payload]) -> Vec<Crl> {
+            payloads
+                .iter()
+                .filter_map(|p| match p {
+                    Payload::Crl(c) => Some(Crl::decode(&c.crl).unwrap()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        #[test]
+        fn a_peer_crl_reaches_the_devices_here_when_taken_and_when_asked() {
+            use crate::wire::payload::{CrlFetch, Heartbeat};
+            let mut w = Pair::new();
+            let (conn, _, _) = w.open_session_ok(0, 40, crate::ids::UserId(40));
+            let beat = Payload::Heartbeat(Heartbeat {
+                nonce: 1,
+                crl_version: None,
+                presence: None,
+                peer_roots: None,
+                peer_crls: None,
+            });
+            let digest_of = |answer: &[Payload]| {
+                answer.iter().find_map(|p| match p {
+                    Payload::HeartbeatAck(ack) => Some(ack.peer_crls),
+                    _ => None,
+                })
+            };
+            // Nothing revoked abroad: no digest.
+            assert_eq!(digest_of(&ask(&mut w, 0, conn, beat.clone())), Some(None));
+            let revoked = w.register(1, 31);
+            w.admin(1, AdminCommand::RevokeDevice(revoked));
+            w.settle();
+            // Pushed to the open session as a.example took it.
+            let pushed = crls_in(&crate::gateway::test_pair::frames(&w.released[0], conn));
+            assert_eq!(pushed.len(), 1, "{pushed:?}");
+            assert_eq!(pushed[0].domain, DOMAINS[1]);
+            assert!(pushed[0].revoked.contains(&revoked));
+            // The heartbeat answer names the versions held, so a device that missed it asks.
+            let want = crate::trust::versions_digest([(DOMAINS[1], 1)]);
+            assert_eq!(digest_of(&ask(&mut w, 0, conn, beat)), Some(want));
+            let fetch = Payload::CrlFetch(CrlFetch {
+                have_version: 0,
+                peers: Some(true),
+            });
+            let again = crls_in(&ask(&mut w, 0, conn, fetch));
+            assert_eq!(again, pushed);
         }
 
         #[test]

@@ -104,6 +104,9 @@ pub struct DeviceMls {
     /// Other domains' roots, as the own root vouched for them: members certified by one of
     /// them are checked against it (no CRL of theirs is held yet).
     peer_roots: Option<PeerRoots>,
+    /// Other domains' CRLs, by domain: a member one of them revokes is refused as its own
+    /// domain's revoked devices are.
+    peer_crls: std::collections::BTreeMap<String, Crl>,
 }
 
 impl core::fmt::Debug for DeviceMls {
@@ -170,6 +173,7 @@ impl DeviceMls {
             identity: device.to_bytes().to_vec(),
             trust: None,
             peer_roots: None,
+            peer_crls: std::collections::BTreeMap::new(),
         })
     }
 
@@ -189,6 +193,11 @@ impl DeviceMls {
         self.peer_roots = Some(roots);
     }
 
+    /// Other domains' CRLs (each already checked against its domain's root by the caller).
+    pub fn set_peer_crls(&mut self, crls: std::collections::BTreeMap<String, Crl>) {
+        self.peer_crls = crls;
+    }
+
     /// This device's credential identity.
     pub fn identity(&self) -> &[u8] {
         &self.identity
@@ -206,7 +215,10 @@ impl DeviceMls {
             return Ok(None);
         };
         match self.peer_root_for(identity, root)? {
-            Some(peer) => self.check_credential(identity, signature_key, &peer, None),
+            Some(peer) => {
+                let peer_crl = self.peer_crls.get(&peer.domain);
+                self.check_credential(identity, signature_key, &peer, peer_crl)
+            }
             None => self.check_credential(identity, signature_key, root, crl.as_ref()),
         }
         .map(|(_, u)| Some(u))
@@ -432,6 +444,39 @@ mod tests {
         // The own domain's members are checked as before, with its CRL.
         let carol = credential(&a_key, "a.example", 23);
         assert!(mls.verify_member(&carol, &[7; 32]).is_ok());
+    }
+
+    #[test]
+    fn another_domains_member_it_revoked_is_refused_once_its_crl_is_held() {
+        let (a_key, a_root) = root(1, "a.example");
+        let (b_key, b_root) = root(2, "b.example");
+        let mut mls = device();
+        mls.set_trust(a_root, None);
+        mls.set_peer_roots(a_key_vouches(
+            &a_key,
+            BTreeMap::from([(b_root.domain.clone(), b_root.key)]),
+        ));
+        let bob = credential(&b_key, "b.example", 20);
+        let bob_device = DeviceKey::from_seed([20; 32]).device_id();
+        assert!(mls.verify_member(&bob, &[7; 32]).is_ok());
+        // b.example revokes bob's device; a CRL of another domain revokes nothing here.
+        let revoking = Crl::issue(
+            &b_key,
+            "b.example",
+            1,
+            0,
+            std::collections::BTreeSet::from([bob_device]),
+        );
+        mls.set_peer_crls(BTreeMap::from([(
+            "c.example".to_string(),
+            revoking.clone(),
+        )]));
+        assert!(mls.verify_member(&bob, &[7; 32]).is_ok());
+        mls.set_peer_crls(BTreeMap::from([("b.example".to_string(), revoking)]));
+        let refused = mls.verify_member(&bob, &[7; 32]).unwrap_err();
+        assert!(refused.contains("revoked"), "{refused}");
+        // A joiner still takes a Welcome listing it (the group is removing it).
+        assert!(mls.verify_member_at_join(&bob, &[7; 32]).is_ok());
     }
 
     fn a_key_vouches(

@@ -213,6 +213,14 @@ pub enum NodeEvent {
         /// Its version.
         version: u64,
     },
+    /// A newer CRL of another domain arrived (its gateway pushed it to this device's) and is
+    /// kept: members that domain revoked are refused in commits from now on.
+    PeerCrlUpdated {
+        /// The domain that revoked.
+        domain: String,
+        /// Its CRL's version.
+        version: u64,
+    },
     /// A CRL was refused (forged, foreign, or older than the one held).
     CrlRefused {
         /// Why.

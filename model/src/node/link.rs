@@ -357,6 +357,7 @@ impl Link {
                     crl_version: None,
                     presence: None,
                     peer_roots: None,
+                    peer_crls: None,
                 };
                 LinkDue::Heartbeat(conn, beat)
             }

@@ -70,6 +70,7 @@ impl NodeMls {
         if let Some(peers) = trust.peer_roots() {
             self.device.set_peer_roots(peers.clone());
         }
+        self.device.set_peer_crls(trust.peer_crls().clone());
     }
 
     /// Keeps the gateway's external-sender key from its `HelloOk`, if it changed.

@@ -803,7 +803,22 @@ impl Node {
                 }
                 let held = self.trust.holder().crl_version();
                 if ack.crl_version.is_some_and(|v| v > held) {
-                    let fetch = CrlFetch { have_version: held };
+                    let fetch = CrlFetch {
+                        have_version: held,
+                        peers: None,
+                    };
+                    self.fx
+                        .send(conn, Routing::default(), Payload::CrlFetch(fetch));
+                }
+                if ack.peer_crls.is_some()
+                    && ack.peer_crls != self.trust.holder().peer_crls_digest()
+                {
+                    // Another domain's CRL was revised and this device missed it (or it
+                    // connected since): ask for them all.
+                    let fetch = CrlFetch {
+                        have_version: held,
+                        peers: Some(true),
+                    };
                     self.fx
                         .send(conn, Routing::default(), Payload::CrlFetch(fetch));
                 }

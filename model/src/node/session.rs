@@ -51,6 +51,7 @@ impl Node {
         // Catch up on revocations made while this device was away.
         let fetch = CrlFetch {
             have_version: self.trust.holder().crl_version(),
+            peers: None,
         };
         self.fx
             .send(conn, Routing::default(), Payload::CrlFetch(fetch));
@@ -114,11 +115,15 @@ impl Node {
     /// A CRL from the gateway (pushed on revocation, or answering our fetch).
     pub(super) fn on_crl(&mut self, now: Instant, crl: &[u8]) {
         let outcome = self.trust.on_crl(self.config.device, crl, &mut self.fx);
-        if let CrlOutcome::Updated { revoked } = outcome {
-            self.bind_mls_to_trust();
-            if revoked {
-                self.revoked(now);
+        match outcome {
+            CrlOutcome::Updated { revoked } => {
+                self.bind_mls_to_trust();
+                if revoked {
+                    self.revoked(now);
+                }
             }
+            CrlOutcome::PeerUpdated => self.bind_mls_to_trust(),
+            CrlOutcome::Unchanged => {}
         }
     }
 

@@ -30,6 +30,8 @@ pub enum CrlOutcome {
         /// This device is revoked.
         revoked: bool,
     },
+    /// Another domain's, newer than the one held for it: kept.
+    PeerUpdated,
     /// Not kept (not newer, or refused).
     Unchanged,
 }
@@ -204,13 +206,35 @@ impl NodeTrust {
         Some(Payload::RenewCertificate(RenewCertificate {}))
     }
 
-    /// A CRL from the gateway (pushed on revocation, or answering our fetch).
+    /// A CRL from the gateway (pushed on revocation, or answering our fetch): this domain's,
+    /// or another domain's that the gateway holds (checked against the root this device's root
+    /// vouched for that domain).
     pub fn on_crl(
         &mut self,
         device: crate::ids::DeviceId,
         crl: &[u8],
         fx: &mut NodeFx,
     ) -> CrlOutcome {
+        let own = self.holder.root().map(|r| r.domain.clone());
+        if let Ok(decoded) = crate::trust::Crl::decode(crl) {
+            if own.is_some_and(|own| own != decoded.domain) {
+                let domain = decoded.domain.clone();
+                return match self.holder.accept_peer_crl(decoded, crl, fx.writes()) {
+                    Ok(true) => {
+                        let version = self.holder.peer_crl(&domain).map_or(0, |c| c.version);
+                        fx.event(NodeEvent::PeerCrlUpdated { domain, version });
+                        CrlOutcome::PeerUpdated
+                    }
+                    Ok(false) => CrlOutcome::Unchanged,
+                    Err(e) => {
+                        fx.event(NodeEvent::CrlRefused {
+                            reason: format!("{domain}'s CRL: {e}"),
+                        });
+                        CrlOutcome::Unchanged
+                    }
+                };
+            }
+        }
         match self.holder.accept_crl(crl, fx.writes()) {
             Ok(true) => {
                 let version = self.holder.crl_version();

@@ -200,10 +200,46 @@ impl Crl {
     }
 }
 
+/// A short digest of the versions of other domains' CRLs (by domain), which a gateway's
+/// heartbeat carries so that a device notices one it missed: the first 8 bytes of SHA-256 over
+/// each domain and version in domain order, never 0; `None` when no list revokes anything
+/// (version 0 is a new domain's empty list, which nobody needs to fetch).
+pub fn versions_digest<'a>(crls: impl IntoIterator<Item = (&'a str, u64)>) -> Option<u64> {
+    use sha2::Digest as _;
+    let mut held: Vec<(&str, u64)> = crls.into_iter().filter(|(_, v)| *v > 0).collect();
+    if held.is_empty() {
+        return None;
+    }
+    held.sort_unstable();
+    let mut hash = sha2::Sha256::new();
+    for (domain, version) in held {
+        hash.update((domain.len() as u64).to_be_bytes());
+        hash.update(domain.as_bytes());
+        hash.update(version.to_be_bytes());
+    }
+    let hash = hash.finalize();
+    Some(u64::from_be_bytes(hash[..8].try_into().expect("32 bytes")).max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_versions_digest_follows_every_domain_and_version_and_skips_empty_lists() {
+        let a = versions_digest([("a.example", 2), ("b.example", 1)]);
+        assert!(a.is_some());
+        assert_eq!(a, versions_digest([("b.example", 1), ("a.example", 2)]));
+        assert_ne!(a, versions_digest([("a.example", 3), ("b.example", 1)]));
+        assert_ne!(a, versions_digest([("a.example", 2), ("c.example", 1)]));
+        assert_eq!(
+            versions_digest([("a.example", 2), ("c.example", 0)]),
+            versions_digest([("a.example", 2)])
+        );
+        assert_eq!(versions_digest([("a.example", 0)]), None);
+        assert_eq!(versions_digest([]), None);
+    }
 
     fn root() -> (DeviceKey, TrustRoot) {
         let key = DeviceKey::from_seed([7; 32]);

@@ -1,11 +1,15 @@
 //! What a device holds of its domain's trust: its own certificate, the trust root it pinned, and
-//! the newest CRL it has seen, kept durably in [`NODE_TRUST_TABLE`].
+//! the newest CRL it has seen, kept durably in [`NODE_TRUST_TABLE`]; and of other domains',
+//! the roots its own root vouched for and each one's newest CRL ([`NODE_PEER_CRLS_TABLE`]).
 //!
 //! The root is pinned by the enrolment token's fingerprint when the device registers with one,
 //! and on first use otherwise (open enrolment, for local use). A CRL is accepted only if the
-//! pinned root signed it and it is not older than the one held.
+//! pinned root signed it and it is not older than the one held; another domain's, only if the
+//! root the pinned root vouched for that domain signed it, and likewise not older.
 
-use crate::env::{StoreError, StoreRead, Table, WriteBatch};
+use std::collections::BTreeMap;
+
+use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::identity::DevicePublicKey;
 use crate::ids::{DeviceId, UserId};
 
@@ -19,6 +23,9 @@ use super::{valid_domain, TrustRoot};
 /// certificate of the device whose pairing code this device took, once the gateway confirmed
 /// it).
 pub const NODE_TRUST_TABLE: Table = Table("node_trust");
+
+/// Other domains' newest CRLs a device holds: key the domain, value the encoded CRL.
+pub const NODE_PEER_CRLS_TABLE: Table = Table("node_peer_crls");
 
 const CERTIFICATE_KEY: &[u8] = b"certificate";
 const ROOT_KEY: &[u8] = b"root";
@@ -91,6 +98,8 @@ pub struct TrustHolder {
     paired_with: Option<DeviceCertificate>,
     /// Other domains' roots, as the pinned root vouched for them (checked when taken).
     peer_roots: Option<super::peer_roots::PeerRoots>,
+    /// Other domains' newest CRLs, by domain (each checked against its vouched root).
+    peer_crls: BTreeMap<String, Crl>,
 }
 
 impl TrustHolder {
@@ -132,6 +141,21 @@ impl TrustHolder {
             ),
             None => None,
         };
+        let mut peer_crls = BTreeMap::new();
+        scan_all(store, NODE_PEER_CRLS_TABLE, |key, value| {
+            let crl = Crl::decode(value).map_err(|e| StoreError::Corrupt {
+                table: NODE_PEER_CRLS_TABLE.0,
+                reason: e.to_string(),
+            })?;
+            if crl.domain.as_bytes() != key {
+                return Err(StoreError::Corrupt {
+                    table: NODE_PEER_CRLS_TABLE.0,
+                    reason: format!("a CRL of {} kept under another domain", crl.domain),
+                });
+            }
+            peer_crls.insert(crl.domain.clone(), crl);
+            Ok(())
+        })?;
         Ok(TrustHolder {
             certificate,
             root,
@@ -139,7 +163,57 @@ impl TrustHolder {
             pending_vouch,
             paired_with,
             peer_roots,
+            peer_crls,
         })
+    }
+
+    /// Another domain's newest CRL this device holds.
+    pub fn peer_crl(&self, domain: &str) -> Option<&Crl> {
+        self.peer_crls.get(domain)
+    }
+
+    /// Every other domain's CRL held, by domain.
+    pub fn peer_crls(&self) -> &BTreeMap<String, Crl> {
+        &self.peer_crls
+    }
+
+    /// The digest of the other domains' CRL versions held ([`super::versions_digest`]), to
+    /// compare with the one the gateway's heartbeat carries.
+    pub fn peer_crls_digest(&self) -> Option<u64> {
+        super::versions_digest(self.peer_crls.iter().map(|(d, c)| (d.as_str(), c.version)))
+    }
+
+    /// Takes another domain's CRL (`crl`, decoded from `encoded`): `Ok(true)` if it is newer
+    /// than the one held for that domain (kept in `writes`), `Ok(false)` for a resend; refused
+    /// if the pinned root has not vouched for that domain's root, if that root did not sign
+    /// it, or if it is older than the one held (a rollback is never taken).
+    pub fn accept_peer_crl(
+        &mut self,
+        crl: Crl,
+        encoded: &[u8],
+        writes: &mut WriteBatch,
+    ) -> Result<bool, CrlError> {
+        let Some(root) = self
+            .peer_roots
+            .as_ref()
+            .and_then(|roots| roots.root_of(&crl.domain))
+        else {
+            return Err(CrlError::Malformed(
+                "a CRL of a domain whose root this device's gateway has not vouched for",
+            ));
+        };
+        let held = self.peer_crls.get(&crl.domain);
+        Crl::accept(held, &crl, &root)?;
+        if held.is_some_and(|held| held.version == crl.version) {
+            return Ok(false);
+        }
+        writes.put(
+            NODE_PEER_CRLS_TABLE,
+            crl.domain.as_bytes().to_vec(),
+            encoded.to_vec(),
+        );
+        self.peer_crls.insert(crl.domain.clone(), crl);
+        Ok(true)
     }
 
     /// The device's certificate, if it registered.
@@ -395,6 +469,77 @@ mod tests {
         assert_eq!(back.crl_version(), 2);
         assert_eq!(back.root(), holder.root());
         assert_eq!(back.certificate(), holder.certificate());
+    }
+
+    #[test]
+    fn another_domains_crl_is_taken_only_under_its_vouched_root_and_only_forward() {
+        use crate::trust::peer_roots::PeerRoots;
+        let device = DeviceKey::from_seed([1; 32]);
+        let peer_key = DeviceKey::from_seed([8; 32]);
+        let peer_crl = |key: &DeviceKey, version: u64, revoked: &[u128]| {
+            let set: BTreeSet<DeviceId> = revoked.iter().map(|&d| DeviceId(d)).collect();
+            let crl = Crl::issue(key, "b.example", version, 1, set);
+            let encoded = crl.encode();
+            (crl, encoded)
+        };
+        let mut holder = TrustHolder::default();
+        let mut writes = WriteBatch::default();
+        holder
+            .accept_certificate(
+                &cert_for(&device, UserId(3)),
+                root_key().public().0,
+                device.public(),
+                UserId(3),
+                None,
+                &mut writes,
+            )
+            .unwrap();
+        let (crl2, bytes2) = peer_crl(&peer_key, 2, &[9]);
+        // No vouched root for b.example yet: refused.
+        assert!(holder
+            .accept_peer_crl(crl2.clone(), &bytes2, &mut writes)
+            .is_err());
+        let roots = PeerRoots::issue(
+            &root_key(),
+            "example.org",
+            std::collections::BTreeMap::from([("b.example".to_string(), peer_key.public())]),
+        );
+        holder
+            .accept_peer_roots(&roots.encode(), &mut writes)
+            .unwrap();
+        assert_eq!(holder.peer_crls_digest(), None);
+        // Signed by another key than the vouched root: refused.
+        let (forged, forged_bytes) = peer_crl(&DeviceKey::from_seed([9; 32]), 5, &[1]);
+        assert!(matches!(
+            holder.accept_peer_crl(forged, &forged_bytes, &mut writes),
+            Err(CrlError::BadSignature)
+        ));
+        assert_eq!(
+            holder.accept_peer_crl(crl2.clone(), &bytes2, &mut writes),
+            Ok(true)
+        );
+        assert_eq!(
+            holder.accept_peer_crl(crl2, &bytes2, &mut writes),
+            Ok(false)
+        );
+        let (crl1, bytes1) = peer_crl(&peer_key, 1, &[]);
+        assert!(matches!(
+            holder.accept_peer_crl(crl1, &bytes1, &mut writes),
+            Err(CrlError::Rollback { .. })
+        ));
+        assert!(holder
+            .peer_crl("b.example")
+            .is_some_and(|c| c.revoked.contains(&DeviceId(9))));
+        assert_eq!(
+            holder.peer_crls_digest(),
+            crate::trust::versions_digest([("b.example", 2)])
+        );
+        // The own domain's CRL is untouched, and it all survives a restart.
+        assert_eq!(holder.crl_version(), 0);
+        let mut store = MemStore::default();
+        store.commit(writes).unwrap();
+        let back = TrustHolder::recover(&store).unwrap();
+        assert_eq!(back.peer_crls(), holder.peer_crls());
     }
 
     #[test]

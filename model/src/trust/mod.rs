@@ -33,8 +33,8 @@ pub use authority::{
 };
 pub(crate) use certificate::check_validity;
 pub use certificate::{register_message, CertificateError, DeviceCertificate};
-pub use crl::{Crl, CrlError, CRL_ENTRIES_MAX};
-pub use holder::{HolderError, PendingVouch, TrustHolder, NODE_TRUST_TABLE};
+pub use crl::{versions_digest, Crl, CrlError, CRL_ENTRIES_MAX};
+pub use holder::{HolderError, PendingVouch, TrustHolder, NODE_PEER_CRLS_TABLE, NODE_TRUST_TABLE};
 
 use crate::identity::DevicePublicKey;
 

@@ -227,6 +227,10 @@ pub struct CrlFetch {
     /// The version the device holds.
     #[n(0)]
     pub have_version: u64,
+    /// `Some(true)`: send the other domains' CRLs the gateway holds instead (the device's
+    /// digest of them differs from the heartbeat's; on an open session only).
+    #[n(1)]
+    pub peers: Option<bool>,
 }
 
 /// Gateway → node: the current CRL (an answer to `CrlFetch`, or pushed on revocation).
@@ -323,6 +327,11 @@ pub struct Heartbeat {
     /// was lost asks for it again (absent otherwise).
     #[n(3)]
     pub peer_roots: Option<u64>,
+    /// In a gateway's answer, when it holds other domains' CRLs that revoke anything: the
+    /// digest of their versions (`trust::versions_digest`), so that a device that missed one
+    /// asks for them (absent otherwise).
+    #[n(4)]
+    pub peer_crls: Option<u64>,
 }
 
 /// Machine-readable reasons for `Goodbye` and `Error`.

@@ -272,6 +272,34 @@ impl World {
                 ));
             }
         }
+        // Every device holds each peer domain's CRL its gateway federates with (pushed when
+        // the gateway took it, or asked for when a heartbeat's digest differed).
+        for &d in &self.devices {
+            if self.is_revoked(d) {
+                continue;
+            }
+            let actor = &self.actors[d as usize];
+            for (_, peer, domain) in self
+                .peer_crl_pairs()
+                .into_iter()
+                .filter(|(g, _, _)| *g == actor.home)
+            {
+                let want = self.crl_version_at(peer);
+                if want == 0 {
+                    continue;
+                }
+                let Some(node) = self.node(d) else {
+                    return Some(format!("{} is down", actor.name));
+                };
+                let have = node.trust().peer_crl(&domain).map_or(0, |c| c.version);
+                if have != want {
+                    return Some(format!(
+                        "{} holds {domain}'s CRL version {have}, {domain} is at {want}",
+                        actor.name
+                    ));
+                }
+            }
+        }
         for (gateway, peer, domain) in self.peer_crl_pairs() {
             let want = self.crl_version_at(peer);
             if want == 0 {
