@@ -69,6 +69,15 @@ fn files_swarm_47_a_fetch_the_gateway_let_go_ends() {
     run("tests/regressions/files-swarm-47.sund", 47);
 }
 
+/// A device crashed 1 ms after a file was offered to it, before its fetch (asked for at once)
+/// was durable: after its restart it never fetched the file. The simulated application now
+/// fetches again every file offered and not yet asked for after a restart, as `sund follow
+/// --fetch-into` does when the message carrying it comes again.
+#[test]
+fn mls_swarm_5110_a_file_offered_just_before_a_crash_is_fetched() {
+    run("tests/regressions/mls-swarm-5110.sund", 5110);
+}
+
 /// A whole upload's file message met a removal waiting for its commit (MLS sends nothing
 /// then) and was dropped with "try again in a moment". It now waits, durably, for a later
 /// heartbeat.
