@@ -107,6 +107,7 @@ impl Harness {
                 resume_token_ttl_s: 60,
                 external_sender: None,
                 peer_roots: peer_roots.map(Into::into),
+                peer_crls: None,
             }),
         )
     }

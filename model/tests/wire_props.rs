@@ -67,6 +67,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                 resume_token_ttl_s: ttl,
                 external_sender: None,
                 peer_roots: None,
+                peer_crls: None,
             })
         }),
         any::<u64>().prop_map(|nonce| Payload::Heartbeat(Heartbeat {

@@ -127,6 +127,7 @@ fn handshake_frames_bytes() {
             resume_token_ttl_s: 604_800,
             external_sender: None,
             peer_roots: None,
+            peer_crls: None,
         }),
     )
     .encode();
@@ -261,6 +262,7 @@ fn group_frames_bytes() {
             resume_token_ttl_s: 604_800,
             external_sender: Some(vec![0xe5; 32].into()),
             peer_roots: None,
+            peer_crls: None,
         }),
     )
     .encode();

@@ -164,6 +164,8 @@ pub struct NodeStatus {
     pub paired_with: Option<DeviceId>,
     /// The version of the CRL it holds.
     pub crl_version: u64,
+    /// Other domains' CRLs it holds: domain, version, devices revoked.
+    pub peer_crls: Vec<(String, u64, usize)>,
     /// Delivered messages the application has not taken yet (`hold_until_taken`).
     pub unread: usize,
     /// While not connected: why the last connection failed or ended, as the network or the
@@ -863,6 +865,11 @@ impl Core {
                     }),
                     paired_with: trust.paired_with().map(|c| c.device()),
                     crl_version: trust.crl_version(),
+                    peer_crls: trust
+                        .peer_crls()
+                        .iter()
+                        .map(|(domain, crl)| (domain.clone(), crl.version, crl.revoked.len()))
+                        .collect(),
                     unread: self.node.unread_len(),
                     state_copied: self.node.state_copied(),
                     last_problem: match self.node.status() {

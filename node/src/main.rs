@@ -1033,6 +1033,13 @@ struct CertificateReport {
 struct RootReport {
     fingerprint: String,
     domain: String,
+    /// For another domain's root: the version of that domain's CRL this device holds, if it
+    /// holds one (its gateway passes on what that domain revokes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    crl_version: Option<u64>,
+    /// And how many devices it revokes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revoked: Option<usize>,
 }
 
 async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
@@ -1090,9 +1097,17 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
     report.peers = snapshot
         .peer_roots
         .iter()
-        .map(|root| RootReport {
-            fingerprint: root.fingerprint(),
-            domain: root.domain.clone(),
+        .map(|root| {
+            let crl = snapshot
+                .peer_crls
+                .iter()
+                .find(|(d, _, _)| *d == root.domain);
+            RootReport {
+                fingerprint: root.fingerprint(),
+                domain: root.domain.clone(),
+                crl_version: crl.map(|c| c.1),
+                revoked: crl.map(|c| c.2),
+            }
         })
         .collect();
     if let (Some((user, serial)), Some(root)) = (&snapshot.certificate, &snapshot.root) {
@@ -1103,6 +1118,8 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
         report.root = Some(RootReport {
             fingerprint: root.fingerprint(),
             domain: root.domain.clone(),
+            crl_version: None,
+            revoked: None,
         });
     }
     if let Some(voucher) = snapshot.paired_with {
@@ -1174,7 +1191,13 @@ async fn status(data_dir: &Path, json: bool) -> Result<(), String> {
             let peers: Vec<String> = report
                 .peers
                 .iter()
-                .map(|p| format!("{} (root {})", p.domain, p.fingerprint))
+                .map(|p| match (p.crl_version, p.revoked) {
+                    (Some(version), Some(revoked)) => format!(
+                        "{} (root {}, CRL version {version}, {revoked} revoked)",
+                        p.domain, p.fingerprint
+                    ),
+                    _ => format!("{} (root {})", p.domain, p.fingerprint),
+                })
                 .collect();
             say!(
                 "peers      {}: their members are checked against these roots, which this domain's root vouches for",

@@ -523,6 +523,21 @@ fn a_room_homed_at_one_gateway_spans_two_domains_survives_a_sigkill_of_the_other
         listed.contains("shared with a.example (1 devices, 1 revoked by a.example)"),
         "{listed}"
     );
+    // bob's device, at b.example, holds a.example's CRL too: its gateway passes it on (at its
+    // next session: the digest in `HelloOk` differs from the device's), and its MLS layer
+    // refuses a commit adding the revoked device.
+    let started = Instant::now();
+    loop {
+        let status = run(&sund(), &["status", "--data-dir", &path("bob")]);
+        if status.contains("a.example (root ") && status.contains("CRL version 1, 1 revoked)") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "bob's device holds no CRL of a.example: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Neither gateway's log holds a message's text.
     let logs = a_log + &std::fs::read_to_string(at("b.log")).unwrap();

@@ -422,6 +422,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 external_sender: None,
                 peer_roots: None,
                 heartbeat_interval_ms: interval_ms,
+                peer_crls: None,
             }),
         ),
         WellFormed::KeyPackageUpload {

@@ -110,6 +110,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 resume_token_ttl_s: 3_600,
                 external_sender: None,
                 peer_roots: None,
+                peer_crls: None,
             }),
         ),
         (

@@ -1374,6 +1374,7 @@ impl Gateway {
             resume_token_ttl_s: ttl_s,
             external_sender: Some(external_sender.into()),
             peer_roots,
+            peer_crls: self.peer_crls.digest(),
         };
         self.fx.send(conn, Routing::default(), Payload::HelloOk(ok));
         for finding in findings {

@@ -17,10 +17,10 @@
 //!
 //! - **Passed on to devices.** A peer CRL taken goes to every open device session (a `Crl`
 //!   frame: the device tells it from its own domain's by the domain it names, and checks it
-//!   against the root its own root vouched for that domain), and each session's heartbeat
-//!   answer carries the digest of the peer CRLs held ([`crate::trust::versions_digest`]), so
-//!   a device that missed one, or connected after it, asks for them all (`CrlFetch` with
-//!   `peers`). Members then refuse commits adding a device its own domain revoked, whatever
+//!   against the root its own root vouched for that domain), and `HelloOk` and each
+//!   heartbeat answer carry the digest of the peer CRLs held
+//!   ([`crate::trust::versions_digest`]), so a device that was away, or missed one, asks for
+//!   them all (`CrlFetch` with `peers`). Members then refuse commits adding a device its own domain revoked, whatever
 //!   the gateway lets through.
 //!
 //! What a held CRL refuses: a relayed message from a revoked device of that domain (answered

@@ -46,6 +46,15 @@ impl Node {
         if let Some(encoded) = ok.peer_roots {
             self.take_peer_roots(now, &encoded);
         }
+        if ok.peer_crls.is_some() && ok.peer_crls != self.trust.holder().peer_crls_digest() {
+            // Another domain revoked a device while this one was away: catch up at once.
+            let fetch = CrlFetch {
+                have_version: self.trust.holder().crl_version(),
+                peers: Some(true),
+            };
+            self.fx
+                .send(conn, Routing::default(), Payload::CrlFetch(fetch));
+        }
         self.stats.sessions += 1;
         self.set_status(ConnectionStatus::Connected);
         // Catch up on revocations made while this device was away.

@@ -304,6 +304,11 @@ pub struct HelloOk {
     /// members against. Absent without federation peers, and from older gateways.
     #[n(4)]
     pub peer_roots: Option<minicbor::bytes::ByteVec>,
+    /// The digest of the other domains' CRL versions the gateway holds
+    /// (`trust::versions_digest`), so that a device behind asks for them at once (absent when
+    /// none revokes anything).
+    #[n(5)]
+    pub peer_crls: Option<u64>,
 }
 
 /// Either way: a liveness probe carrying a nonce the answer echoes.
