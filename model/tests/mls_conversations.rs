@@ -192,6 +192,75 @@ fn both_users_creating_the_same_dm_at_once_converge_on_one_group() {
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));
 }
 
+/// A device whose DM creation lost waits for the winner's Welcome; if none comes within its
+/// patience (the winner went away before its gateway made the DM), it creates the DM again.
+/// Here the DM does exist (one gateway), so the second try is refused as the first was, and
+/// the Welcome, when it comes at last, brings the device in.
+#[test]
+fn a_dm_creation_that_lost_and_hears_no_welcome_is_tried_again() {
+    let mut net = Net::new();
+    let patient = |seed, name| sund_model::node::NodeConfig {
+        dm_welcome_patience: Duration::from_secs(6),
+        ..node_config(seed, name)
+    };
+    net.add(1, patient(1, "alice"));
+    net.add(2, patient(2, "bob"));
+    // Every Welcome is held back: the loser never hears of the winner's group.
+    net.hold = Some(|frame| matches!(frame.payload, Payload::Welcome(_)));
+    let now = net.now;
+    let dm = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_dm(now, user("bob"))
+        .unwrap();
+    net.nodes
+        .get_mut(&2)
+        .unwrap()
+        .0
+        .create_dm(now, user("alice"))
+        .unwrap();
+    net.settle();
+    assert_eq!(net.gateway.stats().groups.stale_commits, 1);
+    let waiting = |net: &Net, conn: u64| {
+        net.nodes[&conn]
+            .0
+            .groups()
+            .unwrap()
+            .entry(dm)
+            .unwrap()
+            .status
+            == GroupStatus::PendingWelcome
+    };
+    let loser = [1u64, 2]
+        .into_iter()
+        .find(|&c| waiting(&net, c))
+        .expect("one lost");
+    // Within its patience it only waits (heartbeats keep the sessions open).
+    for _ in 0..2 {
+        net.now = net.now + Duration::from_secs(2);
+        net.settle();
+    }
+    assert_eq!(net.gateway.stats().groups.stale_commits, 1);
+    assert!(waiting(&net, loser));
+    // Past it, it creates the DM again: refused as made, so it waits once more.
+    for _ in 0..2 {
+        net.now = net.now + Duration::from_secs(2);
+        net.settle();
+    }
+    assert_eq!(net.gateway.stats().groups.stale_commits, 2, "tried again");
+    assert!(waiting(&net, loser));
+    // The Welcome comes at last: both are in the one group.
+    net.hold = None;
+    while !net.held.is_empty() {
+        net.release_held(0);
+    }
+    send(&mut net, 1, dm, "at last");
+    assert_eq!(plaintexts(&net, 2, dm), vec![b"at last".to_vec()]);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
 #[test]
 fn rooms_invite_remove_and_roles_are_enforced_by_the_gateway() {
     let mut net = three_devices();

@@ -27,9 +27,18 @@
 //! `federation-dm-race` seed 9). Answers wait in memory for their device's next try (after a
 //! restart the gateway asks again, and one that granted a claim grants it again).
 //!
-//! Left for later: a granted claim whose device never sends its commit again (gone for good)
-//! leaves the other user waiting for a Welcome that does not come; a DM between two users of
-//! one domain needs no claim.
+//! **Grants lapse.** A device whose DM was granted may never send its commit again (gone for
+//! good), and the other user would wait for a Welcome that does not come. So a grant made to
+//! a peer lapses after [`DM_CLAIM_LAPSE`] if the DM has not reached this gateway by then
+//! (made at the peer, its Welcome brings a replica here, and the question never arises
+//! again): this gateway's next creation of it asks the peer anew. At the peer, likewise, a
+//! grant its own device never used lapses: the peer's question is then granted, and the
+//! device, if it comes back, joins from the Welcome. A device that lost a creation tries again
+//! after `NodeConfig::dm_welcome_patience` without a Welcome, so the other user gets the DM
+//! about [`DM_CLAIM_LAPSE`] after the first one left. Both ends agree whichever question or
+//! creation comes first: a DM made anywhere answers every later question `made there`.
+//!
+//! A DM between two users of one domain needs no claim.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -38,6 +47,7 @@ use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 use crate::federation::entry::{DmClaimAnswer, Entry};
 use crate::ids::{ConversationId, MsgId};
 use crate::mls::group_ops::GroupKind;
+use crate::time::Instant;
 use crate::wire::payload::ErrorCode;
 use crate::wire::Routing;
 
@@ -56,6 +66,11 @@ pub const DM_CLAIM_RETRY: Duration = Duration::from_millis(500);
 pub const YIELDED_PER_PEER_MAX: usize = 1_000_000;
 /// Claims asked of peers and not answered yet, all peers together.
 pub const ASKING_MAX: usize = 10_000;
+/// How long a grant holds (see the module docs): far beyond a device's retry of its commit
+/// (0.5 s) or a reconnect, and twice a losing device's patience for its Welcome.
+pub const DM_CLAIM_LAPSE: Duration = Duration::from_secs(10 * 60);
+/// The first byte of a grant's row that carries its time (a domain never starts with it).
+const TIMED: u8 = 0xFF;
 
 /// Counters of DM claims, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -80,6 +95,10 @@ pub struct DmClaimStats {
     pub creations_waited: u64,
     /// Local creations refused because the DM is (being) made at a peer.
     pub creations_made_there: u64,
+    /// Grants to peers that lapsed unused: the DM is asked for anew.
+    pub grants_lapsed: u64,
+    /// Grants by peers that this gateway's device never used, dropped for the peer's question.
+    pub answers_lapsed: u64,
 }
 
 /// What a local creating commit of a DM across domains may do now.
@@ -100,14 +119,14 @@ pub enum Creation {
 /// Claims on DMs across domains, at both ends.
 #[derive(Clone, Debug, Default)]
 pub struct DmClaims {
-    /// DMs granted to a peer (durable, [`DM_YIELDED_TABLE`]).
-    yielded: BTreeMap<ConversationId, String>,
+    /// DMs granted to a peer, and when (durable, [`DM_YIELDED_TABLE`]).
+    yielded: BTreeMap<ConversationId, (String, Instant)>,
     /// How many DMs each peer was granted.
     yielded_per_peer: BTreeMap<String, usize>,
     /// Claims asked and not answered: DM → the peer asked.
     asking: BTreeMap<ConversationId, String>,
-    /// Answers waiting for their device to send its commit again.
-    answers: BTreeMap<ConversationId, (String, DmClaimAnswer)>,
+    /// Answers waiting for their device to send its commit again, and when they came.
+    answers: BTreeMap<ConversationId, (String, DmClaimAnswer, Instant)>,
     stats: DmClaimStats,
 }
 
@@ -123,11 +142,20 @@ impl DmClaims {
                 };
                 let key: [u8; 16] = key.try_into().map_err(|_| corrupt())?;
                 let conv = ConversationId::from_bytes(key);
+                // A grant's row: TIMED, its time (µs, big-endian), the peer; rows written
+                // before grants lapsed hold the peer alone (granted at time 0: long ago).
+                let (at, value) = match value {
+                    [TIMED, rest @ ..] if table == DM_YIELDED_TABLE && rest.len() >= 8 => (
+                        Instant(u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"))),
+                        &rest[8..],
+                    ),
+                    _ => (Instant(0), value),
+                };
                 let peer = std::str::from_utf8(value)
                     .map_err(|_| corrupt())?
                     .to_string();
                 if table == DM_YIELDED_TABLE {
-                    claims.note_yielded(conv, peer);
+                    claims.note_yielded(conv, peer, at);
                 } else {
                     claims.asking.insert(conv, peer);
                 }
@@ -144,33 +172,53 @@ impl DmClaims {
 
     /// The peer `conv` was granted to, if any.
     pub fn yielded_to(&self, conv: ConversationId) -> Option<&str> {
-        self.yielded.get(&conv).map(String::as_str)
+        self.yielded.get(&conv).map(|(peer, _)| peer.as_str())
     }
 
-    fn note_yielded(&mut self, conv: ConversationId, peer: String) {
+    fn note_yielded(&mut self, conv: ConversationId, peer: String, at: Instant) {
         *self.yielded_per_peer.entry(peer.clone()).or_default() += 1;
-        self.yielded.insert(conv, peer);
+        if let Some((before, _)) = self.yielded.insert(conv, (peer, at)) {
+            self.forget_count(&before);
+        }
+    }
+
+    fn forget_count(&mut self, peer: &str) {
+        if let Some(count) = self.yielded_per_peer.get_mut(peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.yielded_per_peer.remove(peer);
+            }
+        }
     }
 
     /// A device of this gateway sent a commit creating the DM `conv`, which adds devices of
     /// `peer`: what it may do now.
     pub fn creation(
         &mut self,
+        now: Instant,
         conv: ConversationId,
         peer: &str,
         writes: &mut WriteBatch,
     ) -> Creation {
-        if let Some(owner) = self.yielded.get(&conv) {
-            self.stats.creations_made_there += 1;
-            return Creation::MadeAt(owner.clone());
+        if let Some((owner, at)) = self.yielded.get(&conv) {
+            if now.saturating_since(*at) < DM_CLAIM_LAPSE {
+                self.stats.creations_made_there += 1;
+                return Creation::MadeAt(owner.clone());
+            }
+            // Granted long ago and never made (it would be known here): ask anew.
+            let owner = owner.clone();
+            self.yielded.remove(&conv);
+            self.forget_count(&owner);
+            writes.delete(DM_YIELDED_TABLE, conv.to_bytes().to_vec());
+            self.stats.grants_lapsed += 1;
         }
         match self.answers.get(&conv) {
-            Some((asked, DmClaimAnswer::Granted)) if asked == peer => return Creation::Go,
-            Some((asked, DmClaimAnswer::MadeHere)) => {
+            Some((asked, DmClaimAnswer::Granted, _)) if asked == peer => return Creation::Go,
+            Some((asked, DmClaimAnswer::MadeHere, _)) => {
                 self.stats.creations_made_there += 1;
                 return Creation::MadeAt(asked.clone());
             }
-            Some((asked, DmClaimAnswer::Refused)) => {
+            Some((asked, DmClaimAnswer::Refused, _)) => {
                 let message = format!("{asked} takes no more new DMs from this domain");
                 // Asked again at the next try.
                 self.answers.remove(&conv);
@@ -215,6 +263,7 @@ impl DmClaims {
     /// domain. A grant is written to `writes`.
     pub fn on_claim(
         &mut self,
+        now: Instant,
         conv: ConversationId,
         peer: &str,
         own: &str,
@@ -225,7 +274,7 @@ impl DmClaims {
             self.stats.peer_claims_made_here += 1;
             return DmClaimAnswer::MadeHere;
         }
-        if let Some(owner) = self.yielded.get(&conv) {
+        if let Some((owner, _)) = self.yielded.get(&conv) {
             if owner == peer {
                 // Asked again (it restarted, or its device tried again): the same answer.
                 self.stats.peer_claims_granted += 1;
@@ -236,7 +285,18 @@ impl DmClaims {
             return DmClaimAnswer::Refused;
         }
         let ours_first = self.asking.contains_key(&conv) && own < peer;
-        let ours_granted = matches!(self.answers.get(&conv), Some((_, DmClaimAnswer::Granted)));
+        let ours_granted = match self.answers.get(&conv) {
+            Some((_, DmClaimAnswer::Granted, at))
+                if now.saturating_since(*at) >= DM_CLAIM_LAPSE =>
+            {
+                // The peer granted it here long ago and this gateway's device never came back
+                // to make it: the peer's user makes it now.
+                self.stats.answers_lapsed += 1;
+                false
+            }
+            Some((_, DmClaimAnswer::Granted, _)) => true,
+            _ => false,
+        };
         if ours_first || ours_granted {
             // Both asked at once and this domain sorts first, or the peer granted it here
             // already (then it does not ask; answered all the same).
@@ -247,12 +307,11 @@ impl DmClaims {
             self.stats.peer_claims_refused += 1;
             return DmClaimAnswer::Refused;
         }
-        writes.put(
-            DM_YIELDED_TABLE,
-            conv.to_bytes().to_vec(),
-            peer.as_bytes().to_vec(),
-        );
-        self.note_yielded(conv, peer.to_string());
+        let mut row = vec![TIMED];
+        row.extend_from_slice(&now.0.to_be_bytes());
+        row.extend_from_slice(peer.as_bytes());
+        writes.put(DM_YIELDED_TABLE, conv.to_bytes().to_vec(), row);
+        self.note_yielded(conv, peer.to_string(), now);
         // Our own question, if any, is moot: our devices wait for the peer's Welcome.
         self.forget_question(conv, writes);
         self.answers.remove(&conv);
@@ -263,6 +322,7 @@ impl DmClaims {
     /// `peer` answered this gateway's claim on `conv`.
     pub fn on_answer(
         &mut self,
+        now: Instant,
         conv: ConversationId,
         peer: &str,
         answer: DmClaimAnswer,
@@ -278,7 +338,7 @@ impl DmClaims {
             DmClaimAnswer::MadeHere => self.stats.made_there += 1,
             DmClaimAnswer::Refused => self.stats.refused_there += 1,
         }
-        self.answers.insert(conv, (peer.to_string(), answer));
+        self.answers.insert(conv, (peer.to_string(), answer, now));
     }
 }
 
@@ -288,6 +348,7 @@ impl Gateway {
     /// docs). `Err` is the device's answer for now.
     pub(super) fn claim_dm(
         &mut self,
+        now: Instant,
         conv: ConversationId,
         msg_id: MsgId,
         effect: &GroupEffect,
@@ -312,7 +373,7 @@ impl Gateway {
                 .about(msg_id)
                 .retry_after(DM_CLAIM_RETRY)
         };
-        match self.dm_claims.creation(conv, &peer, self.fx.writes()) {
+        match self.dm_claims.creation(now, conv, &peer, self.fx.writes()) {
             Creation::Go => Ok(()),
             Creation::Wait => Err(wait(&peer)),
             Creation::Ask => {
@@ -347,12 +408,12 @@ impl Gateway {
     }
 
     /// `peer` claims the DM `conv` (see the module docs): answered at once.
-    pub(super) fn on_dm_claim(&mut self, peer: &str, conv: ConversationId) {
+    pub(super) fn on_dm_claim(&mut self, now: Instant, peer: &str, conv: ConversationId) {
         let made_here = self.delivery.contains(conv) || self.groups.contains(conv);
         let own = self.config.domain.clone();
         let answer = self
             .dm_claims
-            .on_claim(conv, peer, &own, made_here, self.fx.writes());
+            .on_claim(now, conv, peer, &own, made_here, self.fx.writes());
         let entry = Entry::DmClaimAnswer {
             conversation: conv,
             answer,
@@ -367,8 +428,10 @@ impl Gateway {
 mod tests {
     use super::*;
     use crate::env::{commit_durably, MemStore};
+    use std::time::Duration;
 
     const DM: ConversationId = ConversationId(0xD0);
+    const T0: Instant = Instant(1_000_000_000);
 
     fn yielded_rows(store: &MemStore) -> usize {
         store.table_len(DM_YIELDED_TABLE)
@@ -378,21 +441,22 @@ mod tests {
     fn a_creation_asks_once_then_goes_when_granted() {
         let mut claims = DmClaims::default();
         assert_eq!(
-            claims.creation(DM, "b.example", &mut WriteBatch::default()),
+            claims.creation(T0, DM, "b.example", &mut WriteBatch::default()),
             Creation::Ask
         );
         assert_eq!(
-            claims.creation(DM, "b.example", &mut WriteBatch::default()),
+            claims.creation(T0, DM, "b.example", &mut WriteBatch::default()),
             Creation::Wait
         );
         claims.on_answer(
+            T0,
             DM,
             "b.example",
             DmClaimAnswer::Granted,
             &mut WriteBatch::default(),
         );
         assert_eq!(
-            claims.creation(DM, "b.example", &mut WriteBatch::default()),
+            claims.creation(T0, DM, "b.example", &mut WriteBatch::default()),
             Creation::Go
         );
         claims.created(DM);
@@ -405,26 +469,26 @@ mod tests {
         let (mut a, mut b) = (DmClaims::default(), DmClaims::default());
         let (mut wa, mut wb) = (WriteBatch::default(), WriteBatch::default());
         assert_eq!(
-            a.creation(DM, "b.example", &mut WriteBatch::default()),
+            a.creation(T0, DM, "b.example", &mut WriteBatch::default()),
             Creation::Ask
         );
         assert_eq!(
-            b.creation(DM, "a.example", &mut WriteBatch::default()),
+            b.creation(T0, DM, "a.example", &mut WriteBatch::default()),
             Creation::Ask
         );
         // Each claim reaches the other side while its own is out.
-        let to_b = b.on_claim(DM, "a.example", "b.example", false, &mut wb);
-        let to_a = a.on_claim(DM, "b.example", "a.example", false, &mut wa);
+        let to_b = b.on_claim(T0, DM, "a.example", "b.example", false, &mut wb);
+        let to_a = a.on_claim(T0, DM, "b.example", "a.example", false, &mut wa);
         assert_eq!(to_b, DmClaimAnswer::Granted, "b yields to a");
         assert_eq!(to_a, DmClaimAnswer::MadeHere, "a keeps it");
-        a.on_answer(DM, "b.example", to_b, &mut WriteBatch::default());
-        b.on_answer(DM, "a.example", to_a, &mut WriteBatch::default());
+        a.on_answer(T0, DM, "b.example", to_b, &mut WriteBatch::default());
+        b.on_answer(T0, DM, "a.example", to_a, &mut WriteBatch::default());
         assert_eq!(
-            a.creation(DM, "b.example", &mut WriteBatch::default()),
+            a.creation(T0, DM, "b.example", &mut WriteBatch::default()),
             Creation::Go
         );
         assert_eq!(
-            b.creation(DM, "a.example", &mut WriteBatch::default()),
+            b.creation(T0, DM, "a.example", &mut WriteBatch::default()),
             Creation::MadeAt("a.example".into())
         );
         assert_eq!(
@@ -442,23 +506,23 @@ mod tests {
         let mut store = MemStore::default();
         let mut b = DmClaims::default();
         let mut writes = WriteBatch::default();
-        assert_eq!(b.creation(DM, "c.example", &mut writes), Creation::Ask);
+        assert_eq!(b.creation(T0, DM, "c.example", &mut writes), Creation::Ask);
         commit_durably(&mut store, writes).expect("commits");
         let mut b = DmClaims::recover(&store).expect("reads");
         let mut c = DmClaims::default();
         let mut wc = WriteBatch::default();
-        assert_eq!(c.creation(DM, "b.example", &mut wc), Creation::Ask);
+        assert_eq!(c.creation(T0, DM, "b.example", &mut wc), Creation::Ask);
         let mut wb = WriteBatch::default();
-        let to_c = b.on_claim(DM, "c.example", "b.example", false, &mut wb);
-        let to_b = c.on_claim(DM, "b.example", "c.example", false, &mut wc);
+        let to_c = b.on_claim(T0, DM, "c.example", "b.example", false, &mut wb);
+        let to_b = c.on_claim(T0, DM, "b.example", "c.example", false, &mut wc);
         assert_eq!(
             (to_c, to_b),
             (DmClaimAnswer::MadeHere, DmClaimAnswer::Granted)
         );
-        b.on_answer(DM, "c.example", to_b, &mut wb);
+        b.on_answer(T0, DM, "c.example", to_b, &mut wb);
         commit_durably(&mut store, wb).expect("commits");
         assert_eq!(
-            b.creation(DM, "c.example", &mut WriteBatch::default()),
+            b.creation(T0, DM, "c.example", &mut WriteBatch::default()),
             Creation::Go
         );
         assert_eq!(
@@ -473,7 +537,7 @@ mod tests {
         let mut store = MemStore::default();
         let mut claims = DmClaims::default();
         let mut writes = WriteBatch::default();
-        let answer = claims.on_claim(DM, "b.example", "a.example", false, &mut writes);
+        let answer = claims.on_claim(T0, DM, "b.example", "a.example", false, &mut writes);
         assert_eq!(answer, DmClaimAnswer::Granted);
         commit_durably(&mut store, writes).expect("commits");
         assert_eq!(yielded_rows(&store), 1);
@@ -481,17 +545,111 @@ mod tests {
         assert_eq!(back.yielded_to(DM), Some("b.example"));
         let mut writes = WriteBatch::default();
         assert_eq!(
-            back.on_claim(DM, "b.example", "a.example", false, &mut writes),
+            back.on_claim(T0, DM, "b.example", "a.example", false, &mut writes),
             DmClaimAnswer::Granted
         );
         assert_eq!(
-            back.on_claim(DM, "c.example", "a.example", false, &mut writes),
+            back.on_claim(T0, DM, "c.example", "a.example", false, &mut writes),
             DmClaimAnswer::Refused
         );
         // This gateway's own device now waits for b's Welcome.
         assert_eq!(
-            back.creation(DM, "b.example", &mut WriteBatch::default()),
+            back.creation(T0, DM, "b.example", &mut WriteBatch::default()),
             Creation::MadeAt("b.example".into())
+        );
+    }
+
+    /// alice@a's device asked for the DM, b granted it, and the device never came back: after
+    /// the lapse bob@b's creation asks a anew, a drops its unused grant and grants b, and
+    /// alice's device, if it comes back, joins from b's Welcome.
+    #[test]
+    fn a_grant_never_used_lapses_at_both_ends_and_the_other_user_makes_the_dm() {
+        let (mut a, mut b) = (DmClaims::default(), DmClaims::default());
+        let mut store_b = MemStore::default();
+        assert_eq!(
+            a.creation(T0, DM, "b.example", &mut WriteBatch::default()),
+            Creation::Ask
+        );
+        let mut wb = WriteBatch::default();
+        let granted = b.on_claim(T0, DM, "a.example", "b.example", false, &mut wb);
+        commit_durably(&mut store_b, wb).expect("commits");
+        assert_eq!(granted, DmClaimAnswer::Granted);
+        a.on_answer(T0, DM, "b.example", granted, &mut WriteBatch::default());
+        // Before the lapse bob's device waits for a Welcome, across b's restarts too.
+        let mut b = DmClaims::recover(&store_b).expect("reads");
+        let soon = T0 + DM_CLAIM_LAPSE - Duration::from_secs(1);
+        assert_eq!(
+            b.creation(soon, DM, "a.example", &mut WriteBatch::default()),
+            Creation::MadeAt("a.example".into())
+        );
+        // After it, b asks a again and no longer counts the grant.
+        let later = T0 + DM_CLAIM_LAPSE;
+        let mut wb = WriteBatch::default();
+        assert_eq!(b.creation(later, DM, "a.example", &mut wb), Creation::Ask);
+        commit_durably(&mut store_b, wb).expect("commits");
+        assert_eq!(yielded_rows(&store_b), 0);
+        assert_eq!(b.yielded_to(DM), None);
+        assert_eq!(b.stats().grants_lapsed, 1);
+        // a's own grant is as old: it yields to b's question.
+        let mut wa = WriteBatch::default();
+        let answer = a.on_claim(later, DM, "b.example", "a.example", false, &mut wa);
+        assert_eq!(answer, DmClaimAnswer::Granted);
+        assert_eq!(a.stats().answers_lapsed, 1);
+        b.on_answer(later, DM, "a.example", answer, &mut WriteBatch::default());
+        assert_eq!(
+            b.creation(later, DM, "a.example", &mut WriteBatch::default()),
+            Creation::Go
+        );
+        assert_eq!(
+            a.creation(later, DM, "b.example", &mut WriteBatch::default()),
+            Creation::MadeAt("b.example".into()),
+            "alice's device, back at last, joins from b's Welcome"
+        );
+    }
+
+    /// A grant used within the lapse still wins over a later question: a's device came back
+    /// in time, so b's question is answered `made here`.
+    #[test]
+    fn a_grant_used_in_time_still_answers_made_here() {
+        let mut a = DmClaims::default();
+        a.creation(T0, DM, "b.example", &mut WriteBatch::default());
+        a.on_answer(
+            T0,
+            DM,
+            "b.example",
+            DmClaimAnswer::Granted,
+            &mut WriteBatch::default(),
+        );
+        let soon = T0 + DM_CLAIM_LAPSE / 2;
+        assert_eq!(
+            a.on_claim(
+                soon,
+                DM,
+                "b.example",
+                "a.example",
+                false,
+                &mut WriteBatch::default()
+            ),
+            DmClaimAnswer::MadeHere
+        );
+    }
+
+    /// A grant's row written before grants lapsed (the peer alone) reads as granted long ago.
+    #[test]
+    fn a_grant_row_without_a_time_reads_as_old() {
+        let mut store = MemStore::default();
+        let mut writes = WriteBatch::default();
+        writes.put(
+            DM_YIELDED_TABLE,
+            DM.to_bytes().to_vec(),
+            b"b.example".to_vec(),
+        );
+        commit_durably(&mut store, writes).expect("commits");
+        let mut back = DmClaims::recover(&store).expect("reads");
+        assert_eq!(back.yielded_to(DM), Some("b.example"));
+        assert_eq!(
+            back.creation(T0, DM, "b.example", &mut WriteBatch::default()),
+            Creation::Ask
         );
     }
 
@@ -500,7 +658,7 @@ mod tests {
         let mut claims = DmClaims::default();
         let mut writes = WriteBatch::default();
         assert_eq!(
-            claims.on_claim(DM, "b.example", "z.example", true, &mut writes),
+            claims.on_claim(T0, DM, "b.example", "z.example", true, &mut writes),
             DmClaimAnswer::MadeHere
         );
         assert!(claims.yielded_to(DM).is_none());

@@ -1806,7 +1806,7 @@ impl Gateway {
             let creating = effect.as_deref().filter(|_| !self.delivery.contains(conv));
             if let Some(creating) = creating {
                 // A DM with another domain's user: that domain's gateway must not make it too.
-                let claimed = self.claim_dm(conv, msg_id, creating);
+                let claimed = self.claim_dm(now, conv, msg_id, creating);
                 let charged =
                     claimed.and_then(|()| self.charge_creation(now, device, conv, msg_id));
                 if let Err(refusal) = charged {

@@ -577,13 +577,13 @@ impl Gateway {
                 conversation,
                 device,
             } => self.on_leave_entry(now, peer, conversation, device),
-            Entry::DmClaim { conversation } => self.on_dm_claim(peer, conversation),
+            Entry::DmClaim { conversation } => self.on_dm_claim(now, peer, conversation),
             Entry::DmClaimAnswer {
                 conversation,
                 answer,
             } => self
                 .dm_claims
-                .on_answer(conversation, peer, answer, self.fx.writes()),
+                .on_answer(now, conversation, peer, answer, self.fx.writes()),
             Entry::Removed {
                 conversation,
                 seq,

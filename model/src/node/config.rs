@@ -8,6 +8,12 @@ use crate::mls::device::DeviceMlsConfig;
 use crate::trust::EnrolmentToken;
 use crate::wire::PAYLOAD_BYTES_MAX;
 
+/// How long a DM whose creation lost waits for the winner's Welcome before it is created
+/// again ([`NodeConfig::dm_welcome_patience`]): far beyond any gateway's round trip, shorter
+/// than a gateway's lapse of a DM grant (`gateway::dm_claims::DM_CLAIM_LAPSE`), so that the
+/// second try after a lapse comes soon after it.
+pub const DM_WELCOME_PATIENCE: Duration = Duration::from_secs(5 * 60);
+
 /// Tunables of a node. Every queue and timer has a named bound here.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -31,6 +37,10 @@ pub struct NodeConfig {
     /// A transfer with chunks in flight and no progress for this long asks again (a chunk
     /// stream or its acknowledgement lost without the connection failing).
     pub transfer_stall: Duration,
+    /// A DM whose creation lost to another device's waits this long for that device's
+    /// Welcome before creating it again (the other device may have gone before its gateway
+    /// made the DM; see `mls::device_groups`).
+    pub dm_welcome_patience: Duration,
     /// At most one replay request per conversation per this interval.
     pub replay_request_interval: Duration,
     /// Most out-of-order deliveries buffered per conversation.
@@ -72,6 +82,7 @@ impl NodeConfig {
             backoff_max: Duration::from_secs(10),
             resend_after: Duration::from_secs(3),
             transfer_stall: Duration::from_secs(30),
+            dm_welcome_patience: DM_WELCOME_PATIENCE,
             replay_request_interval: Duration::from_millis(500),
             reorder_buffer_max: 256,
             outbox_len_max: 10_000,

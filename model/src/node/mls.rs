@@ -198,9 +198,10 @@ impl Node {
             entropy.fill_bytes(&mut id);
             MsgId::from_bytes(id)
         };
+        let patience = self.config.dm_welcome_patience;
         let actions = m
             .groups
-            .drive(now, &m.device, &mut next_id, self.fx.writes());
+            .drive(now, &m.device, patience, &mut next_id, self.fx.writes());
         let again = m.groups.reencrypt_ready(&m.device, self.fx.writes());
         for action in actions {
             self.perform(now, action);

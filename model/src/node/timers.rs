@@ -63,10 +63,10 @@ impl Node {
         };
         self.timers
             .set_or_clear(NodeTimer::Resend, resend.filter(|_| open));
-        let groups = self
-            .mls
-            .as_ref()
-            .and_then(|m| m.groups.next_deadline(self.config.resend_after));
+        let groups = self.mls.as_ref().and_then(|m| {
+            m.groups
+                .next_deadline(self.config.resend_after, self.config.dm_welcome_patience)
+        });
         self.timers
             .set_or_clear(NodeTimer::Groups, groups.filter(|_| open));
         let watch = self.social.watch_retry_at();

@@ -386,6 +386,9 @@ pub struct DeviceGroups {
     /// When each leave request last went out (asked again after [`LEAVE_RESEND`]: a frame
     /// can be lost).
     leave_asked: BTreeMap<ConversationId, Instant>,
+    /// When each DM whose creation lost (`PendingWelcome`) was first seen waiting for the
+    /// winner's Welcome (in memory: after a restart the wait starts again).
+    welcome_waits: BTreeMap<ConversationId, Instant>,
     /// KeyPackage fetches out: request id → conversation waiting, and when it was asked.
     fetches: BTreeMap<u64, (ConversationId, Instant)>,
     /// Fetches asked again after their timeout: their answer is still taken if it comes
@@ -532,6 +535,7 @@ impl DeviceGroups {
             sent,
             gateway_key: None,
             leave_asked: BTreeMap::new(),
+            welcome_waits: BTreeMap::new(),
             proposals_seen: BTreeMap::new(),
             takeover_due: BTreeMap::new(),
             fetches: BTreeMap::new(),
@@ -813,8 +817,13 @@ impl DeviceGroups {
 
     /// When the groups next need driving while a session is open: a KeyPackage fetch to give
     /// up on after `fetch_timeout`, a leave request to ask again, a stalled proposal this member
-    /// takes over. `None` if nothing waits on time.
-    pub fn next_deadline(&self, fetch_timeout: core::time::Duration) -> Option<Instant> {
+    /// takes over, a DM to create again after `welcome_patience` without its Welcome. `None`
+    /// if nothing waits on time.
+    pub fn next_deadline(
+        &self,
+        fetch_timeout: core::time::Duration,
+        welcome_patience: core::time::Duration,
+    ) -> Option<Instant> {
         let fetches = self
             .fetches
             .values()
@@ -827,7 +836,53 @@ impl DeviceGroups {
             })
             .map(|(_, asked)| *asked + LEAVE_RESEND);
         let takeovers = self.takeover_due.values().copied();
-        fetches.chain(leaves).chain(takeovers).min()
+        let welcomes = self
+            .welcome_waits
+            .iter()
+            .filter(|(conv, _)| {
+                self.entries
+                    .get(*conv)
+                    .is_some_and(|e| e.status == GroupStatus::PendingWelcome)
+            })
+            .map(|(_, since)| *since + welcome_patience);
+        fetches.chain(leaves).chain(takeovers).chain(welcomes).min()
+    }
+
+    /// A DM whose creation lost to another's (`stale_epoch`) waits for the winner's Welcome.
+    /// If none comes within `patience` — the winning device went away before its gateway made
+    /// the DM, and that gateway's grant lapses (`gateway::dm_claims`) — this device creates it
+    /// again, and the gateways decide anew where it is made. Within one domain a creation that
+    /// did land is refused `stale_epoch` again, and the wait starts over.
+    fn revive_unwelcomed_dms(
+        &mut self,
+        now: Instant,
+        patience: core::time::Duration,
+        writes: &mut WriteBatch,
+    ) {
+        let waiting: Vec<ConversationId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.status == GroupStatus::PendingWelcome && e.kind == GroupKind::Dm as u8
+            })
+            .map(|(conv, _)| *conv)
+            .collect();
+        self.welcome_waits.retain(|conv, _| waiting.contains(conv));
+        for conv in waiting {
+            let since = *self.welcome_waits.entry(conv).or_insert(now);
+            if now.saturating_since(since) < patience {
+                continue;
+            }
+            let entry = self.entries.get_mut(&conv).expect("listed above");
+            let Some(Intent::AddUsers(users)) = entry.intents.front().cloned() else {
+                continue; // not a creation that lost (nothing to make again)
+            };
+            self.welcome_waits.remove(&conv);
+            entry.intents[0] = Intent::Create { users };
+            entry.status = GroupStatus::Synchronized;
+            entry.retry_at_epoch = 0;
+            self.persist(conv, writes);
+        }
     }
 
     fn fetching(&self, conv: ConversationId) -> bool {
@@ -840,10 +895,12 @@ impl DeviceGroups {
         &mut self,
         now: Instant,
         mls: &DeviceMls,
+        welcome_patience: core::time::Duration,
         next_id: &mut dyn FnMut() -> MsgId,
         writes: &mut WriteBatch,
     ) -> Vec<GroupAction> {
         let mut actions = Vec::new();
+        self.revive_unwelcomed_dms(now, welcome_patience, writes);
         self.take_over_stalled_proposals(now, writes);
         let ready: Vec<ConversationId> = self
             .entries
