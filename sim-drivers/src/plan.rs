@@ -306,6 +306,11 @@ pub fn plan(scenario: &Scenario) -> Result<Plan, Vec<String>> {
         })
         .collect();
     let mut approximations = Vec::new();
+    if scenario.invariants.contains(&Invariant::SingleAuthority) {
+        approximations.push(
+            "`single-authority`: read from each running gateway's machine every millisecond (the model layer checks after every step); a seq given twice would reach members as two messages at one seq (`order`, `no-duplicate`)".to_string(),
+        );
+    }
     if !scenario.disks.is_empty() {
         approximations.push(
             "`disk … commit`: the drivers commit to real redb files; their latency is redb's"
