@@ -610,12 +610,7 @@ impl Gateway {
         else {
             return;
         };
-        let open: Vec<ConnectionId> = self
-            .sessions
-            .connections()
-            .filter_map(|(conn, device)| device.map(|_| conn))
-            .collect();
-        for conn in open {
+        for conn in self.sessions.open_connections() {
             let update = crate::wire::payload::PeerRootsUpdate {
                 roots: set.clone().into(),
             };

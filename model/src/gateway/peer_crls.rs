@@ -279,12 +279,7 @@ impl Gateway {
             // Every device here hears of it, and the MLS conversations homed here drop the
             // devices it revokes.
             if let Some(crl) = self.peer_crls.crl(peer).map(Crl::encode) {
-                let open: Vec<ConnectionId> = self
-                    .sessions
-                    .connections()
-                    .filter_map(|(conn, device)| device.map(|_| conn))
-                    .collect();
-                for conn in open {
+                for conn in self.sessions.open_connections() {
                     self.send_crl_frame(conn, crl.clone());
                 }
             }

@@ -200,6 +200,14 @@ impl Sessions {
         self.online.get(&device).copied()
     }
 
+    /// The connections with an open session, in connection order (those news goes to: peer
+    /// roots and peer CRLs as the gateway learns them).
+    pub fn open_connections(&self) -> Vec<ConnectionId> {
+        self.connections()
+            .filter_map(|(conn, device)| device.map(|_| conn))
+            .collect()
+    }
+
     /// Every connection with the device of its open session, in connection order.
     pub fn connections(&self) -> impl Iterator<Item = (ConnectionId, Option<DeviceId>)> + '_ {
         self.sessions.iter().map(|(&conn, s)| {
