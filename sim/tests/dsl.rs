@@ -153,6 +153,30 @@ fn the_mission_scenarios_are_expressible() {
     }
 }
 
+/// The long scenarios CI does not run still parse (and are not left to rot until someone
+/// wants a measurement from them).
+#[test]
+fn every_long_scenario_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/long");
+    let mut parsed = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "sund") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let scenario = parse(&name, &text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(format!("{}.sund", scenario.name), name);
+            parsed.push(name);
+        }
+    }
+    parsed.sort();
+    assert!(
+        parsed.contains(&"handover-1k-members.sund".to_string())
+            && parsed.contains(&"handover-1k-mls.sund".to_string()),
+        "{parsed:?}"
+    );
+}
+
 #[test]
 fn an_unknown_planted_bug_is_named_with_the_ones_there_are() {
     insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored, presence-ignores-invisible, invitation-limit-ignored, handover-keeps-sequencing, peer-crl-ignored, peer-limit-ignored");
