@@ -39,3 +39,39 @@ pub fn check_contact_records_decode(data: &[u8]) {
         }
     }
 }
+
+/// `roster_decode`: arbitrary bytes to `told_names::decode_roster` (rosters of members'
+/// addresses arrive from any member inside MLS messages and become rows of the device's
+/// store): no panic, at most ROSTER_NAMES_MAX entries, a roster of valid addresses is
+/// canonical, and only addresses that hash to a member's user id are learnt.
+#[allow(dead_code)]
+pub fn check_roster_decode(data: &[u8]) {
+    use sund_model::node::told_names::{
+        address_told, decode_roster, encode_roster, ToldNames, ROSTER_MAGIC, ROSTER_NAMES_MAX,
+    };
+    let mut body = ROSTER_MAGIC.to_vec();
+    body.extend_from_slice(data);
+    for bytes in [data, &body[..]] {
+        let Some(decoded) = decode_roster(bytes) else {
+            continue;
+        };
+        let Ok(entries) = decoded else {
+            continue;
+        };
+        assert!(entries.len() <= ROSTER_NAMES_MAX);
+        let addresses: Vec<_> = entries
+            .iter()
+            .filter_map(|e| address_told(e, |_| true))
+            .collect();
+        if addresses.len() == entries.len() {
+            assert_eq!(&encode_roster(&addresses)[..], bytes, "not canonical");
+        }
+        // Only the first valid address's user is a member here.
+        let member = addresses.first().map(|a| a.user());
+        let mut told = ToldNames::default();
+        let mut writes = sund_model::env::WriteBatch::default();
+        told.learn(bytes, |u| Some(u) == member, &mut writes);
+        assert!(told.all().len() <= 1);
+        assert!(told.all().keys().all(|u| Some(*u) == member));
+    }
+}

@@ -1,7 +1,7 @@
 //! Replays the committed fuzz corpora of the wire targets (`corpus/frame_decode`,
 //! `corpus/payload_decode`, `corpus/stream_decode`) and the trust targets
 //! (`corpus/certificate_decode`, `corpus/crl_decode`, `corpus/peer_roots_decode`) and the file manifest
-//! (`corpus/manifest_decode`), the contact records, the federation handshake
+//! (`corpus/manifest_decode`), the contact records and rosters (`corpus/roster_decode`), the federation handshake
 //! (`corpus/federation_handshake`) and link entries (`corpus/federation_entry_decode`) with the same checks the fuzz targets run:
 //! no panic, every frame or payload that decodes survives encode → decode unchanged, and every
 //! certificate or CRL that decodes re-encodes to exactly its input.
@@ -52,6 +52,11 @@ fn federation_handshake_corpus() {
 #[test]
 fn contact_records_decode_corpus() {
     replay("contact_records_decode", check_contact_records_decode);
+}
+
+#[test]
+fn roster_decode_corpus() {
+    replay("roster_decode", check_roster_decode);
 }
 
 #[test]

@@ -156,6 +156,64 @@ fn a_dm_reaches_every_device_of_both_users_and_the_gateway_stores_only_ciphertex
 }
 
 #[test]
+fn members_learn_each_others_addresses_from_a_roster_and_the_gateway_sees_no_name() {
+    use sund_model::address::Address;
+    use sund_model::node::told_names::encode_roster;
+    let mut net = three_devices();
+    net.add(4, node_config(4, "carol"));
+    let now = net.now;
+    let conv = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob"), user("carol")])
+        .unwrap();
+    net.settle();
+    let address = |name: &str| Address::new(name, "localhost").unwrap();
+    // alice tells the room who is in it: bob and herself, a user who is not a member
+    // (dave), and an address that is not the user's it claims to be (carol's id is the hash
+    // of `carol@localhost`, so `mallory@localhost` can only name mallory, not a member).
+    let roster = encode_roster(&[
+        address("alice"),
+        address("bob"),
+        address("dave"),
+        address("mallory"),
+    ]);
+    let node = &mut net.nodes.get_mut(&1).unwrap().0;
+    node.send(now, conv, roster.clone()).unwrap();
+    net.settle();
+    for conn in [1, 2, 3, 4] {
+        let told = net.nodes[&conn].0.told_names();
+        assert_eq!(
+            told.keys().copied().collect::<Vec<_>>(),
+            {
+                let mut users = vec![user("alice"), user("bob")];
+                users.sort();
+                users
+            },
+            "device {conn} learnt the members' addresses only"
+        );
+        assert_eq!(told.get(&user("bob")), Some(&address("bob")));
+        assert_eq!(net.nodes[&conn].0.stats().names_told, 2);
+        // The application hears the roster too (`sund` does not show it).
+        assert_eq!(plaintexts(&net, conn, conv), vec![roster.to_vec()]);
+    }
+    // What a device learnt survives its restart.
+    net.restart(4, node_config(4, "carol"));
+    assert_eq!(net.nodes[&4].0.told_names().len(), 2);
+    // The gateway holds ids, never names.
+    for (table, key, value) in net.gateway_store.records() {
+        for bytes in [key, value] {
+            assert!(
+                !bytes.windows(5).any(|w| w == b"alice" || w == b"bob@l"),
+                "a name in the gateway's table {table}"
+            );
+        }
+    }
+}
+
+#[test]
 fn both_users_creating_the_same_dm_at_once_converge_on_one_group() {
     let mut net = three_devices();
     let now = net.now;

@@ -692,6 +692,8 @@ impl Transcript {
                     format!("a file, {}", file.manifest.name.as_str())
                 } else if sund_model::node::files::Receipt::decode_message(&body).is_some() {
                     "a file receipt".to_string()
+                } else if sund_model::node::told_names::is_roster(&body) {
+                    "the members' names".to_string()
                 } else {
                     crate::display::body(&body)
                 };

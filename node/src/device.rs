@@ -488,6 +488,23 @@ impl Device {
             .collect()
     }
 
+    /// [`Device::user_names`], and for users this user never named, the addresses told in
+    /// `groups`' rosters (checked against the user id by the model; shown escaped, since
+    /// another domain's operator chose the name).
+    pub fn user_names_with(
+        &self,
+        groups: &[crate::driver::GroupSummary],
+    ) -> BTreeMap<UserId, String> {
+        let home = self.home_domain().to_string();
+        let mut names = self.user_names();
+        for (user, address) in groups.iter().flat_map(|g| &g.names) {
+            names.entry(*user).or_insert_with(|| {
+                crate::display::printable(&address.shown_from(&home)).into_owned()
+            });
+        }
+        names
+    }
+
     /// The users this user blocked, as the gateway last listed them to this device (file
     /// `blocked`, one id in 32 hex digits per line): `follow` hides their messages in shared
     /// rooms from its first line on, before the gateway's listing arrives.

@@ -300,6 +300,9 @@ pub struct GroupSummary {
     /// The certified keys of the member devices in this device's MLS state (for safety
     /// numbers); empty while it is not in the group yet.
     pub keys: BTreeMap<DeviceId, DevicePublicKey>,
+    /// The addresses of member users told in the group's rosters, each checked against the
+    /// user id (`sund_model::node::told_names`): how a member this user never named is shown.
+    pub names: BTreeMap<UserId, sund_model::address::Address>,
 }
 
 /// What a connection attempt and its session tell the core, in one queue so that a
@@ -1070,20 +1073,29 @@ impl Core {
         let Some(groups) = self.node.groups() else {
             return Vec::new();
         };
+        let told = self.node.told_names();
         groups
             .entries()
-            .map(|(conv, entry)| GroupSummary {
-                conversation: *conv,
-                kind: entry.group_kind(),
-                status: entry.status.clone(),
-                epoch: groups.epoch(*conv),
-                members: entry
+            .map(|(conv, entry)| {
+                let members: Vec<(DeviceId, UserId)> = entry
                     .members
                     .iter()
                     .map(|m| (DeviceId::from_bytes(*m.device), UserId::from_bytes(*m.user)))
-                    .collect(),
-                queued: entry.intents.len(),
-                keys: groups.member_keys(*conv).unwrap_or_default(),
+                    .collect();
+                let names = members
+                    .iter()
+                    .filter_map(|(_, u)| Some((*u, told.get(u)?.clone())))
+                    .collect();
+                GroupSummary {
+                    conversation: *conv,
+                    kind: entry.group_kind(),
+                    status: entry.status.clone(),
+                    epoch: groups.epoch(*conv),
+                    members,
+                    queued: entry.intents.len(),
+                    keys: groups.member_keys(*conv).unwrap_or_default(),
+                    names,
+                }
             })
             .collect()
     }

@@ -289,8 +289,8 @@ pub(crate) async fn list(data_dir: &Path, conversation: Option<&str>) -> Result<
     let files = node.files().await.map_err(|e| e.to_string());
     let sent = node.sent_files().await.map_err(|e| e.to_string());
     let members = group_commands::members(&node).await;
+    let users = group_commands::users(&node, &device).await;
     let _ = node.stop().await;
-    let users = device.user_names();
     let files: Vec<FileSummary> = files?
         .into_iter()
         .filter(|f| only.is_none_or(|c| c == f.conversation))

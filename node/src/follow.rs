@@ -190,11 +190,11 @@ pub(crate) async fn follow(
     }
     let names = device.conversation_names();
     let name_of = |id: ConversationId| names.get(&id).cloned();
-    let users = device.user_names();
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
     let mut members = group_commands::members(&node).await;
+    let mut users = group_commands::users(&node, &device).await;
     let mut unnamed = std::collections::BTreeSet::new();
     // Messages of users this user blocked are not shown (in rooms shared with them): the list
     // kept on the device from the start, then the gateway's.
@@ -215,6 +215,14 @@ pub(crate) async fn follow(
                         output.hint(notice);
                     }
                     node.taken(id, seq).await.map_err(|e| e.to_string())?;
+                }
+                Some(NodeEvent::Delivered { conversation: id, seq, body, .. })
+                    if sund_model::node::told_names::is_roster(&body) =>
+                {
+                    // Members' addresses, which the node took as it read them: not a line of
+                    // the conversation, but names for the lines after it.
+                    node.taken(id, seq).await.map_err(|e| e.to_string())?;
+                    users = group_commands::users(&node, &device).await;
                 }
                 Some(NodeEvent::Delivered { conversation: id, seq, sender, body, .. }) => {
                     let conversation = name_of(id).unwrap_or_else(|| id.to_string());
@@ -332,6 +340,7 @@ pub(crate) async fn follow(
                 }
                 Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::RemovedFrom { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
                     members = group_commands::members(&node).await;
+                    users = group_commands::users(&node, &device).await;
                     let text = group_commands::describe_event(&event, &names, &members, &users);
                     let (kind, id) = group_event(&event);
                     output.news(&text, || FollowRecord::Group {

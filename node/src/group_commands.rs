@@ -67,6 +67,12 @@ pub async fn members(node: &NodeHandle) -> Members {
         .collect()
 }
 
+/// Everyone this device can name: the users this user named, and for the others the
+/// addresses members tell in the groups of the running node (see [`Device::user_names_with`]).
+pub async fn users(node: &NodeHandle, device: &Device) -> BTreeMap<UserId, String> {
+    device.user_names_with(&node.groups().await.unwrap_or_default())
+}
+
 /// A device as people read it: `alice (dev:1a2b3c4d)` when the user is known.
 pub fn who(device: DeviceId, members: &Members, users: &BTreeMap<UserId, String>) -> String {
     let short = format!("{device}");
@@ -180,6 +186,13 @@ async fn change(device: &Device, request: GroupRequest) -> Result<GroupSummary, 
         .await
         .map_err(|e| e.to_string())?;
     let names = device.user_names();
+    let adds_users = matches!(
+        &request,
+        GroupRequest::Dm(_)
+            | GroupRequest::DmAcross(..)
+            | GroupRequest::Room(_)
+            | GroupRequest::Change(_, Intent::AddUsers(_) | Intent::AddForeign { .. })
+    );
     let result = async {
         if let GroupRequest::Change(conv, _) = &request {
             await_membership(&mut node, *conv).await?;
@@ -189,12 +202,56 @@ async fn change(device: &Device, request: GroupRequest) -> Result<GroupSummary, 
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        wait_until_done(&mut node, conv, &names).await
+        let group = wait_until_done(&mut node, conv, &names).await?;
+        if adds_users {
+            tell_roster(&mut node, device, &group).await;
+        }
+        Ok(group)
     }
     .await;
     let _ = node.stop().await;
     result
 }
+
+/// Tells a group this device just added users to the addresses it knows of its members, its
+/// own included, in one end-to-end-encrypted roster (`sund_model::node::told_names`): members
+/// who never named each other (users of another domain, most often) then see names instead
+/// of user ids. Best effort: a roster the gateway has not sequenced within a few seconds
+/// stays in the outbox and goes with the next command.
+async fn tell_roster(node: &mut NodeHandle, device: &Device, group: &GroupSummary) {
+    let mut known = sund_node::contact_files::addresses(&device.data_dir);
+    if let Some(own) = &device.user {
+        known.insert(own.user(), own.clone());
+    }
+    for (user, address) in &group.names {
+        known.entry(*user).or_insert_with(|| address.clone());
+    }
+    let members: std::collections::BTreeSet<UserId> =
+        group.members.iter().map(|(_, u)| *u).collect();
+    let roster: Vec<&Address> = members.iter().filter_map(|u| known.get(u)).collect();
+    if roster.is_empty() {
+        return;
+    }
+    let body = sund_model::node::told_names::encode_roster(roster);
+    let Ok(Ok(id)) = node.send(group.conversation, body).await else {
+        return; // not saved: the members' names are told with the next change
+    };
+    let deadline = tokio::time::sleep(ROSTER_WAIT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return,
+            event = node.events.recv() => match event {
+                Some(NodeEvent::Accepted { msg_id, .. } | NodeEvent::Rejected { msg_id, .. }) if msg_id == id => return,
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+}
+
+/// How long a command waits for the gateway to sequence the roster it sends after a change.
+const ROSTER_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a command waits, once connected, for the Welcome of a room this device was
 /// invited to but has not opened yet.
@@ -488,7 +545,12 @@ pub async fn dm(data_dir: &Path, user: &str) -> Result<(), String> {
     device
         .name_conversation(&name, group.conversation)
         .map_err(|e| e.to_string())?;
-    print_group(&name, &group, &device.user_names(), device.key.device_id());
+    print_group(
+        &name,
+        &group,
+        &device.user_names_with(std::slice::from_ref(&group)),
+        device.key.device_id(),
+    );
     if !group.members.iter().any(|(_, u)| *u == address.user()) {
         say!(
             "  {user} has no device with KeyPackages at {} yet; add them later with \
@@ -585,7 +647,12 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             for intent in add_intents(&device, &foreign) {
                 group = change(&device, GroupRequest::Change(group.conversation, intent)).await?;
             }
-            print_group(&name, &group, &device.user_names(), device.key.device_id());
+            print_group(
+                &name,
+                &group,
+                &device.user_names_with(std::slice::from_ref(&group)),
+                device.key.device_id(),
+            );
             note_missing(&name, &invite, device.home_domain(), &group);
             Ok(())
         }
@@ -607,7 +674,12 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             let Some(group) = group else {
                 return Err("name at least one user to invite".into());
             };
-            print_group(&name, &group, &device.user_names(), device.key.device_id());
+            print_group(
+                &name,
+                &group,
+                &device.user_names_with(std::slice::from_ref(&group)),
+                device.key.device_id(),
+            );
             note_missing(&name, &users, device.home_domain(), &group);
             Ok(())
         }
@@ -621,7 +693,12 @@ pub async fn room(command: RoomCommand) -> Result<(), String> {
             let conv = known_group(&device, &name)?;
             let intent = Intent::RemoveUser(address.user().to_bytes().into());
             let group = change(&device, GroupRequest::Change(conv, intent)).await?;
-            print_group(&name, &group, &device.user_names(), device.key.device_id());
+            print_group(
+                &name,
+                &group,
+                &device.user_names_with(std::slice::from_ref(&group)),
+                device.key.device_id(),
+            );
             Ok(())
         }
         RoomCommand::Role {
@@ -732,7 +809,7 @@ pub async fn devices(data_dir: &Path, json: bool) -> Result<(), String> {
     let groups = node.groups().await.map_err(|e| e.to_string())?;
     let _ = node.stop().await;
     let names = device.conversation_names();
-    let users = device.user_names();
+    let users = device.user_names_with(&groups);
     if json {
         let report: Vec<GroupReport> = groups
             .iter()

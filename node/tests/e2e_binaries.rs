@@ -511,10 +511,15 @@ fn an_encrypted_dm_between_real_binaries_leaves_only_ciphertext_at_the_gateway()
         &sund(),
         &["send", "--data-dir", a, "@bob", "MARKER-e2e a secret"],
     );
-    assert_eq!(sent.trim(), "sent to @bob: seq 2");
+    // Seq 1 is the commit making the DM, seq 2 the roster telling bob alice's address.
+    assert_eq!(sent.trim(), "sent to @bob: seq 3");
     wait_for("joined dm");
     let line = wait_for("MARKER-e2e");
     assert!(line.ends_with(": MARKER-e2e a secret"), "{line}");
+    assert!(
+        line.contains(" from alice ("),
+        "bob reads alice's name: {line}"
+    );
     assert!(follower.0.wait().unwrap().success());
     let devices = run(&sund(), &["devices", "--data-dir", a]);
     assert!(devices.contains("epoch 1, in sync"), "{devices}");

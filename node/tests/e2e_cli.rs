@@ -474,18 +474,21 @@ fn a_paired_device_is_added_to_its_users_conversations() {
 }
 
 #[test]
-fn a_receiver_names_a_sender_once_and_sees_the_name_after() {
+fn a_receiver_reads_the_senders_name_from_the_group_and_names_the_dm_once() {
     let dm = Dm::new();
     dm.send("who am I?");
-    // Bob's device knows alice only by the hash of her name: it says so, and how to name her.
+    // Bob never named alice, but her device tells her address in its leaf of the DM's
+    // tree, which bob's device checks against her user id: her name, not the id's hash.
     let out = Command::new(sund())
         .args(["follow", "--data-dir", &dm.bob, "--count", "1"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stdout.contains("from user:"), "{stdout}");
-    assert!(stderr.contains("`sund contact NAME`"), "{stderr}");
+    assert!(stdout.contains(" from alice ("), "{stdout}");
+    assert!(!stdout.contains("from user:"), "{stdout}");
+    assert!(!stderr.contains("is not named on this device"), "{stderr}");
+    // Naming her still names the DM, so that bob can write to it by name.
     let named = run(&sund(), &["contact", "--data-dir", &dm.bob, "alice"]);
     assert!(named.contains("your DM with them is @alice"), "{named}");
     dm.send("now you know");

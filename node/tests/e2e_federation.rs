@@ -974,17 +974,22 @@ fn members_of_both_domains_change_a_room_that_spans_them() {
     let sent = send(&at("bob"), "team", "hello team");
     assert!(sent.contains("seq"), "{sent}");
     let read = follow(&path("carol"), "team", 1, Duration::from_secs(60));
+    // carol never named bob: his name comes from his leaf in the room's tree.
     assert!(
-        read.iter().any(|l| l.ends_with("hello team")),
-        "carol joined from the Welcome and reads bob: {read:?}"
+        read.iter()
+            .any(|l| l.contains("bob@b.example") && l.ends_with("hello team")),
+        "carol joined from the Welcome and reads bob, named: {read:?}"
     );
     let sent = send(&at("carol"), "team", "hi from carol");
     assert!(sent.contains("seq"), "{sent}");
     let read = follow(&path("bob"), "team", 2, Duration::from_secs(60));
     assert!(
-        read.iter().any(|l| l.ends_with("hi from carol")),
-        "{read:?}"
+        read.iter()
+            .any(|l| l.contains("carol@a.example") && l.ends_with("hi from carol")),
+        "bob, who never named carol, reads her name: {read:?}"
     );
+    let listed = run(&sund(), &["devices", "--data-dir", &path("bob")]);
+    assert!(listed.contains("  carol@a.example: "), "{listed}");
     // carol leaves: asked through a.example, proposed at b.example, committed by a member.
     let left = run(
         &sund(),

@@ -532,4 +532,6 @@ pub struct NodeStats {
     pub throttled: u64,
     /// Frames from the gateway this device could not decode (each ended its connection).
     pub unreadable_frames: u64,
+    /// Members' addresses learnt from rosters (see `node::told_names`).
+    pub names_told: u64,
 }

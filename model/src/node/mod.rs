@@ -37,11 +37,12 @@ pub mod outbox;
 mod session;
 pub mod social;
 mod timers;
+pub mod told_names;
 pub mod transfers;
 pub mod trust;
 pub mod unread;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -121,6 +122,8 @@ pub struct Node {
     outbox: Outbox,
     inbox: Inbox,
     unread: Unread,
+    /// Members' addresses told in rosters (see [`told_names`]).
+    told_names: told_names::ToldNames,
     trust: NodeTrust,
     mls: Option<NodeMls>,
     files: files::DeviceFiles,
@@ -188,6 +191,7 @@ impl Node {
         let trust = NodeTrust::recover(store)?;
         let files = files::DeviceFiles::recover(store)?;
         let transfers = transfers::NodeTransfers::recover(store)?;
+        let told_names = told_names::ToldNames::recover(store)?;
         let mut unread = Unread::default();
         if config.hold_until_taken {
             let (held, untaken) = Unread::recover(store)?;
@@ -203,6 +207,7 @@ impl Node {
             outbox,
             inbox,
             unread,
+            told_names,
             trust,
             mls,
             files,
@@ -292,6 +297,11 @@ impl Node {
     /// Messages waiting for the gateway's acknowledgement.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Members' addresses this device was told in its groups (see [`told_names`]).
+    pub fn told_names(&self) -> &BTreeMap<UserId, crate::address::Address> {
+        self.told_names.all()
     }
 
     /// Delivered messages the application has not taken yet (with `hold_until_taken`).
@@ -1539,7 +1549,28 @@ impl Node {
         );
         Ok(match processed {
             Processed::Wait(reason) => return Err(reason),
-            Processed::Message(plaintext) => Some(delivered(plaintext)),
+            Processed::Message(plaintext) => {
+                if told_names::is_roster(&plaintext) {
+                    // Addresses of this group's members, told by one of them.
+                    let members: BTreeSet<UserId> = m
+                        .groups
+                        .entry(conv)
+                        .map(|e| {
+                            e.members
+                                .iter()
+                                .map(|r| UserId::from_bytes(*r.user))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let learnt = self.told_names.learn(
+                        &plaintext,
+                        |u| members.contains(&u),
+                        self.fx.writes(),
+                    );
+                    self.stats.names_told += learnt as u64;
+                }
+                Some(delivered(plaintext))
+            }
             Processed::Commit {
                 epoch,
                 added,

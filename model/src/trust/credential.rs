@@ -53,16 +53,22 @@ pub fn device_of_identity(identity: &[u8]) -> Option<DeviceId> {
     Some(DeviceId::from_bytes(id))
 }
 
-/// The device key in a credential identity's certificate, without checking it: for a member
-/// of a group, whose credential was checked (`verify_identity`) when it joined. `None` for an
-/// identity without a certificate or one naming another device.
-pub fn device_key_of_identity(identity: &[u8]) -> Option<crate::identity::DevicePublicKey> {
+/// The certificate in a credential identity, without checking it: for a member of a group,
+/// whose credential was checked (`verify_identity`) when it joined. `None` for an identity
+/// without a certificate or one whose certificate names another device.
+pub fn certificate_of_identity(identity: &[u8]) -> Option<DeviceCertificate> {
     let device = device_of_identity(identity)?;
     let len = identity
         .get(16..18)
         .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))?;
     let cert = DeviceCertificate::decode(identity.get(18..18 + len)?).ok()?;
-    (cert.device() == device).then_some(cert.device_key)
+    (cert.device() == device).then_some(cert)
+}
+
+/// The device key in a credential identity's certificate, without checking it (see
+/// [`certificate_of_identity`]).
+pub fn device_key_of_identity(identity: &[u8]) -> Option<crate::identity::DevicePublicKey> {
+    certificate_of_identity(identity).map(|cert| cert.device_key)
 }
 
 /// The domain in a credential identity's certificate, without checking it: which root to

@@ -75,7 +75,7 @@ async fn run(
     mut view: ChatView,
     mut keys: mpsc::Receiver<event::KeyEvent>,
 ) -> Result<(), String> {
-    let users = device.user_names();
+    let mut users = group_commands::users(&node, device).await;
     let mut members = group_commands::members(&node).await;
     let mut blocked = crate::blocked::Blocked::load(device);
     let mut watched: Vec<UserId> = Vec::new();
@@ -144,6 +144,12 @@ async fn run(
                         node.taken(conversation, seq).await.map_err(|e| e.to_string())?;
                         continue;
                     }
+                    if sund_model::node::told_names::is_roster(&body) {
+                        // Members' addresses (the node took them): names for what follows.
+                        node.taken(conversation, seq).await.map_err(|e| e.to_string())?;
+                        users = group_commands::users(&node, device).await;
+                        continue;
+                    }
                     let from = if sender == device.key.device_id() {
                         "me".to_string()
                     } else {
@@ -190,6 +196,7 @@ async fn run(
                 )),
                 Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
                     members = group_commands::members(&node).await;
+                    users = group_commands::users(&node, device).await;
                     refresh_groups(&node, device, &mut view).await;
                     if matches!(event, NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. }) {
                         let names = device.conversation_names();
