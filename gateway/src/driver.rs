@@ -359,7 +359,10 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
             assert!(outputs.is_empty(), "a new gateway has no one to answer");
         }
     }
-    let endpoint = endpoint::server_endpoint(environment.as_ref(), options.listen, &identity)?;
+    let endpoint = bind_patiently(options.listen, || {
+        endpoint::server_endpoint(environment.as_ref(), options.listen, &identity)
+    })
+    .await?;
     let addr = endpoint
         .local_addr()
         .map_err(|source| DriverError::DataDir {
@@ -379,8 +382,10 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
     ));
     let federation = match &options.federation {
         Some(links) if !options.config.federation_peers.is_empty() => {
-            let (endpoint, client) =
-                endpoint::federation_endpoint(environment.as_ref(), links.listen, &identity)?;
+            let (endpoint, client) = bind_patiently(links.listen, || {
+                endpoint::federation_endpoint(environment.as_ref(), links.listen, &identity)
+            })
+            .await?;
             let links = Links::start(endpoint, client, links, link_tx.clone());
             tracing::info!(addr = %links.addr, peers = options.config.federation_peers.len(), domain = %options.config.domain, "federation listening");
             Some(links)
@@ -477,6 +482,33 @@ impl Admission {
             }
         }
         self.total = self.total.saturating_sub(1);
+    }
+}
+
+/// How long a start waits for its port while it is in use.
+const BIND_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Binds with `bind`, trying again for up to [`BIND_PATIENCE`] while `addr`'s port is in use:
+/// a gateway started again in the same process right after [`GatewayHandle::shutdown`] (or
+/// just after its previous process exited) finds its port held for a moment by the previous
+/// incarnation's socket, which closes only as that endpoint's last task ends. Anything else,
+/// or a port still taken after the wait (another process's), fails at once / then.
+async fn bind_patiently<T>(
+    addr: SocketAddr,
+    mut bind: impl FnMut() -> Result<T, QuicError>,
+) -> Result<T, QuicError> {
+    let give_up = tokio::time::Instant::now() + BIND_PATIENCE;
+    loop {
+        match bind() {
+            Err(QuicError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && addr.port() != 0
+                    && tokio::time::Instant::now() < give_up =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
     }
 }
 
