@@ -241,3 +241,25 @@ fn federation_mls_handover_seed_24_the_old_authoritys_last_welcome_is_taken() {
 fn federation_mls_handover_seed_55_the_new_authority_adopts_each_senders_last_message() {
     run("../scenarios/federation-mls-handover.sund", 55);
 }
+
+/// `federation-dm-lapse` at its own seed: the DM's winning creator crashes for good, so the
+/// DM is made only once the grant lapsed, 10 minutes after it was made (across the granting
+/// gateway's crash at 7 minutes), by the other user's device trying again every 5 minutes.
+/// ben writes every 5 s from 2 s to 14 min, but only once he is in the DM: about 48 of his
+/// 168 messages are sequenced. None would be without lapses (or with a grant whose time a
+/// restart forgot: it would lapse at 17 minutes); about 168 if ben had made the DM at once.
+#[test]
+fn federation_dm_lapse_makes_the_dm_once_the_grant_lapsed() {
+    let file = "../scenarios/federation-dm-lapse.sund";
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let scenario = parse(file, &text).unwrap_or_else(|e| panic!("{e}"));
+    let seed = scenario.seed;
+    let report = World::new(scenario, seed).unwrap().run();
+    assert!(matches!(report.outcome, Outcome::Passed), "{:?}", report.outcome);
+    assert!(
+        (30..=60).contains(&report.app.accepted),
+        "{} of ben's messages sequenced",
+        report.app.accepted
+    );
+}
