@@ -223,6 +223,21 @@ pub(crate) async fn follow(
                     // the conversation, but names for the lines after it.
                     node.taken(id, seq).await.map_err(|e| e.to_string())?;
                     users = group_commands::users(&node, &device).await;
+                    // A DM this device joined unnamed: now it knows with whom.
+                    if name_of(id).is_none() {
+                        let groups = node.groups().await.unwrap_or_default();
+                        let me = device.user_id();
+                        let with = groups
+                            .iter()
+                            .find(|g| g.conversation == id && g.kind == sund_model::mls::group_ops::GroupKind::Dm)
+                            .and_then(|g| g.names.iter().find(|(u, _)| Some(**u) != me));
+                        if let Some((user, address)) = with {
+                            if unnamed.insert(*user) {
+                                let address = display::printable(&address.shown_from(device.home_domain())).into_owned();
+                                output.hint(&format!("{id} is your DM with {address}: `sund contact {address}` names them and the DM"));
+                            }
+                        }
+                    }
                 }
                 Some(NodeEvent::Delivered { conversation: id, seq, sender, body, .. }) => {
                     let conversation = name_of(id).unwrap_or_else(|| id.to_string());

@@ -488,6 +488,11 @@ fn a_receiver_reads_the_senders_name_from_the_group_and_names_the_dm_once() {
     assert!(stdout.contains(" from alice ("), "{stdout}");
     assert!(!stdout.contains("from user:"), "{stdout}");
     assert!(!stderr.contains("is not named on this device"), "{stderr}");
+    // The DM came unnamed; the roster says with whom, and how to name it.
+    assert!(
+        stderr.contains("is your DM with alice: `sund contact alice` names them and the DM"),
+        "{stderr}"
+    );
     // Naming her still names the DM, so that bob can write to it by name.
     let named = run(&sund(), &["contact", "--data-dir", &dm.bob, "alice"]);
     assert!(named.contains("your DM with them is @alice"), "{named}");

@@ -256,7 +256,11 @@ fn federation_dm_lapse_makes_the_dm_once_the_grant_lapsed() {
     let scenario = parse(file, &text).unwrap_or_else(|e| panic!("{e}"));
     let seed = scenario.seed;
     let report = World::new(scenario, seed).unwrap().run();
-    assert!(matches!(report.outcome, Outcome::Passed), "{:?}", report.outcome);
+    assert!(
+        matches!(report.outcome, Outcome::Passed),
+        "{:?}",
+        report.outcome
+    );
     assert!(
         (30..=60).contains(&report.app.accepted),
         "{} of ben's messages sequenced",

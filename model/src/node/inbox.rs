@@ -51,8 +51,9 @@ impl Inbox {
         let mut cursors = BTreeMap::new();
         let mut last_read = BTreeMap::new();
         scan_all(store, NODE_CURSORS_TABLE, |key, value| {
+            // A cursor alone (8 bytes), or with the id of the message read at it (24); any
+            // other length fails the conversion below.
             let (seq, last) = match value.len() {
-                8 => (value, None),
                 24 => (&value[..8], Some(&value[8..])),
                 _ => (value, None),
             };
@@ -244,5 +245,26 @@ mod tests {
         store.commit(writes).unwrap();
         let inbox = recovered(&store);
         assert_eq!((inbox.cursor(CONV), inbox.last_read(CONV)), (9, None));
+    }
+
+    #[test]
+    fn a_cursor_row_of_another_length_or_key_is_refused_as_corrupt() {
+        for (key, value) in [
+            (CONV.to_bytes().to_vec(), vec![0u8; 16]),
+            (CONV.to_bytes().to_vec(), vec![0u8; 7]),
+            (vec![1u8; 15], 9u64.to_be_bytes().to_vec()),
+        ] {
+            let mut store = MemStore::default();
+            let mut writes = WriteBatch::default();
+            writes.put(NODE_CURSORS_TABLE, key, value);
+            store.commit(writes).unwrap();
+            assert!(matches!(
+                Inbox::recover(8, Duration::from_secs(1), &store),
+                Err(StoreError::Corrupt {
+                    table: "node_cursors",
+                    ..
+                })
+            ));
+        }
     }
 }
