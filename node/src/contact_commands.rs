@@ -172,7 +172,8 @@ pub async fn list(data_dir: &Path, json: bool) -> Result<(), String> {
     let groups = node.groups().await.unwrap_or_default();
     let _ = node.stop().await;
     let list = result?;
-    let names = device.user_names();
+    // Someone who asked and was never named here may have been told in a shared group.
+    let names = device.user_names_with(&groups);
     let named =
         |users: &[UserId]| -> Vec<String> { users.iter().map(|u| name_of(*u, &names)).collect() };
     let me = device.user_id().unwrap_or_default();
