@@ -1189,7 +1189,17 @@ impl Core {
                 GatewayOutput::ServeChunk(chunk) => self.serve_chunk(chunk),
                 GatewayOutput::Federation(output) => self.federation_output(output),
                 GatewayOutput::PauseReading(conn, pause) => {
-                    if let Some(session) = self.routes.get(&conn).and_then(|r| r.session.as_ref()) {
+                    // A device's session, or a federation link whose peer relayed past its
+                    // limit.
+                    let session = if is_link(conn) {
+                        self.federation
+                            .as_ref()
+                            .and_then(|links| links.routes.get(&conn))
+                            .and_then(|r| r.session.as_ref())
+                    } else {
+                        self.routes.get(&conn).and_then(|r| r.session.as_ref())
+                    };
+                    if let Some(session) = session {
                         session.pause_reading(pause);
                     }
                 }

@@ -573,7 +573,12 @@ fn write_report(
                 .collect::<String>(),
             r.spanning
                 .map(|s| {
-                    let limited = if s.relays_limited > 0 {
+                    let limited = if s.relays_past_hint > 0 {
+                        format!(
+                            " peer-limited {} past-hint {}",
+                            s.relays_limited, s.relays_past_hint
+                        )
+                    } else if s.relays_limited > 0 {
                         format!(" peer-limited {}", s.relays_limited)
                     } else {
                         String::new()

@@ -731,6 +731,15 @@ impl Federation {
         }
     }
 
+    /// The connection of the link to `peer` if it is up, and how long the link may stay
+    /// silent before it is closed: what a pause of its reading must stay well within.
+    pub fn up_link(&self, peer: &str) -> Option<(ConnectionId, Duration)> {
+        match self.links.get(peer)?.state {
+            LinkState::Up { conn } => Some((conn, self.timers.idle_timeout)),
+            _ => None,
+        }
+    }
+
     /// The gateway's limit per peer let a relay from `peer` through (counted for
     /// [`LinkReport::relays_admitted`]).
     pub fn count_relay_admitted(&mut self, peer: &str) {

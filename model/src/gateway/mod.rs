@@ -49,6 +49,7 @@ pub mod limits;
 pub mod links;
 pub mod outgoing;
 pub mod peer_crls;
+pub mod peer_hints;
 pub mod presence;
 mod refusal;
 pub mod registry;
@@ -181,17 +182,19 @@ pub enum GatewayOutput {
         /// Its limit.
         rate: limits::Rate,
     },
-    /// Read nothing more from this connection for this long: its device was refused by a rate
-    /// limit, and what it sends meanwhile would be refused too. The driver stops reading the
-    /// connection's stream, so QUIC's flow control holds the device back instead of the
-    /// gateway decoding and refusing each frame; reading resumes in order, nothing is dropped.
+    /// Read nothing more from this connection for this long: its device (or, on a federation
+    /// link, its peer gateway) was refused by a rate limit, and what it sends meanwhile would
+    /// be refused too. The driver stops reading the connection's stream, so QUIC's flow
+    /// control holds the sender back instead of the gateway decoding and refusing each frame;
+    /// reading resumes in order, nothing is dropped.
     PauseReading(ConnectionId, core::time::Duration),
 }
 
 /// Shortest pause of reading after a rate-limit refusal: a device that ignores the hint then
 /// costs the gateway at most one read of its stream per pause.
 pub const READ_PAUSE_MIN: core::time::Duration = core::time::Duration::from_millis(200);
-/// Longest pause of reading (and never more than a quarter of the session's idle timeout).
+/// Longest pause of reading (and never more than a quarter of the session's, or the link's,
+/// idle timeout).
 pub const READ_PAUSE_MAX: core::time::Duration = core::time::Duration::from_secs(2);
 
 /// The gateway's effects sink.
@@ -270,6 +273,8 @@ pub struct Gateway {
     foreign_fetches: foreign_fetch::ForeignFetches,
     /// Which gateway makes each DM between users of two domains.
     dm_claims: dm_claims::DmClaims,
+    /// The hints given to peers' relays past their limit, to tell a peer that ignores them.
+    peer_hints: peer_hints::PeerHints,
     external_keys: external_keys::ExternalKeys,
     held_entries: held_entries::HeldEntries,
     /// The peer roots last vouched for to devices (see `Gateway::peer_roots`).
@@ -443,6 +448,7 @@ impl Gateway {
             peer_crls: peer_crls::PeerCrls::default(),
             foreign_fetches: foreign_fetch::ForeignFetches::default(),
             dm_claims: dm_claims::DmClaims::default(),
+            peer_hints: peer_hints::PeerHints::default(),
             external_keys: external_keys::ExternalKeys::default(),
             held_entries: held_entries::HeldEntries::default(),
             peer_roots: None,

@@ -45,6 +45,10 @@ pub struct SpanningStats {
     /// Relayed messages this gateway (the authority) refused for now because their peer
     /// gateway relayed more than its limit (`peer_limited`, also counted in the limits).
     pub relays_limited: u64,
+    /// Of those, relays that came before the hint an earlier refusal gave the same sender in
+    /// the same conversation, well after that refusal: their peer ignores its hints, and its
+    /// link's reading was paused (`gateway::peer_hints`).
+    pub relays_past_hint: u64,
 
     /// Sequenced messages sent to member gateways.
     pub fanned_out: u64,
@@ -637,6 +641,28 @@ impl Gateway {
                     rate: limited.rate,
                 });
             }
+            // A peer that goes on relaying past its hints has its link's reading paused until
+            // the time promised (bounded as a device's session is, and never near the link's
+            // idle timeout), so that QUIC's flow control holds it back rather than this gateway
+            // decoding and refusing each relay; its other entries wait too, in order, and
+            // nothing is dropped. An honest peer's link is never paused: that would hold back
+            // its acknowledgements and copies too, and slow its recovery from a backlog.
+            let ignores_hints =
+                self.peer_hints
+                    .refused(now, peer, relayed.sender, conv, limited.retry_after);
+            if ignores_hints {
+                self.spanning_stats.relays_past_hint += 1;
+                if let Some((conn, idle_timeout)) =
+                    self.federation.as_ref().and_then(|f| f.up_link(peer))
+                {
+                    let pause = limited
+                        .retry_after
+                        .max(super::READ_PAUSE_MIN)
+                        .min(super::READ_PAUSE_MAX)
+                        .min(idle_timeout / 4);
+                    self.fx.hold(GatewayOutput::PauseReading(conn, pause));
+                }
+            }
             return Outcome::Limited {
                 code: ErrorCode::PeerLimited,
                 message: format!(
@@ -994,6 +1020,76 @@ mod tests {
             .collect();
         assert_eq!(limited, [("b.example", 3), ("c.example", 0)]);
         assert_eq!(stats.spanning.relays_taken, 5);
+    }
+
+    #[test]
+    fn a_peer_relaying_past_its_hints_has_its_link_read_paused_and_an_honest_one_does_not() {
+        use crate::gateway::limits::{Limits, Rate, RateLimits};
+        use crate::gateway::peer_hints::HINT_GRACE;
+        use crate::gateway::READ_PAUSE_MAX;
+        use core::time::Duration;
+        const OTHER: DeviceId = DeviceId(0xC1);
+        let (mut g, mut store) = gateway("a.example", &["b.example", "c.example"]);
+        let create = AdminCommand::CreateConversation(CONV, vec![LOCAL]);
+        g.run_admin(NOW, create, &mut store).unwrap();
+        for (domain, member) in [("b.example", FOREIGN), ("c.example", OTHER)] {
+            let share = AdminCommand::ShareConversation {
+                conversation: CONV,
+                domain: domain.into(),
+                members: vec![member],
+            };
+            g.run_admin(NOW, share, &mut store).unwrap();
+        }
+        // One relay every 10 s per peer, so that a hint lasts longer than the grace.
+        g.limits = Limits::new(RateLimits {
+            peer_relays: Some(Rate {
+                count: 1,
+                period: Duration::from_secs(10),
+                burst: 1,
+            }),
+            ..RateLimits::default()
+        });
+        // b.example's link is up; c.example's is not.
+        let key = g.federation().unwrap().link_key();
+        g.federation
+            .as_mut()
+            .unwrap()
+            .assume_peer_key("b.example", key);
+        let (link, idle_timeout) = g.federation().unwrap().up_link("b.example").unwrap();
+        assert!(g.federation().unwrap().up_link("c.example").is_none());
+        let mut relay_at = |g: &mut Gateway, at: Instant, peer: &str, sender, msg| {
+            g.handle_entry(at, peer, relay(sender, msg, b"flood"));
+            drain_gateway(g, &mut store)
+                .into_iter()
+                .filter_map(|o| match o {
+                    GatewayOutput::PauseReading(conn, pause) => Some((conn, pause)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // Within its limit, refused once, and what was on its way before that refusal reached
+        // the device: an honest peer's link is read on.
+        assert_eq!(relay_at(&mut g, NOW, "b.example", FOREIGN, 1), []);
+        assert_eq!(relay_at(&mut g, NOW, "b.example", FOREIGN, 2), []);
+        let soon = NOW + Duration::from_secs(1);
+        assert_eq!(relay_at(&mut g, soon, "b.example", FOREIGN, 3), []);
+        assert_eq!(g.stats().spanning.relays_limited, 2);
+        assert_eq!(g.stats().spanning.relays_past_hint, 0);
+        // Well after its refusal and before its hint: b.example ignores its hints, and its
+        // link's reading pauses, bounded as a device's session is.
+        let later = soon + HINT_GRACE + Duration::from_secs(1);
+        let paused = relay_at(&mut g, later, "b.example", FOREIGN, 4);
+        let pause = READ_PAUSE_MAX.min(idle_timeout / 4);
+        assert_eq!(paused, [(link, pause)]);
+        assert!(pause < idle_timeout / 2);
+        assert_eq!(g.stats().spanning.relays_past_hint, 1);
+        // c.example ignoring its hints too is counted, with no link to pause; b.example's
+        // pause is not c.example's.
+        assert_eq!(relay_at(&mut g, NOW, "c.example", OTHER, 1), []);
+        assert_eq!(relay_at(&mut g, NOW, "c.example", OTHER, 2), []);
+        let past_grace = NOW + HINT_GRACE + Duration::from_secs(1);
+        assert_eq!(relay_at(&mut g, past_grace, "c.example", OTHER, 3), []);
+        assert_eq!(g.stats().spanning.relays_past_hint, 2);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! A gateway pausing its reading of a connection (`GatewayOutput::PauseReading`, after a
-//! rate-limit refusal): the driver stops reading that connection's stream, and QUIC's flow
-//! control holds the device back. Here frames that arrive at the gateway on a paused connection
-//! wait, in order, and are all read when the pause ends (the driver reads up to 64 KiB at a
-//! time; the simulated network has no flow control, so nothing holds the sender back and the
-//! queue is bounded only by what a device sends in a pause of at most 2 s). Chunk streams are
-//! streams of their own and are never paused.
+//! rate-limit refusal of a device, or of a peer gateway's relay on a federation link): the
+//! driver stops reading that connection's stream, and QUIC's flow control holds the sender
+//! back. Here frames that arrive at the gateway on a paused connection wait, in order, and are
+//! all read when the pause ends (the driver reads up to 64 KiB at a time; the simulated network
+//! has no flow control, so nothing holds the sender back and the queue is bounded only by what
+//! a device or a peer sends in a pause of at most 2 s). Chunk streams are streams of their own
+//! and are never paused.
 
 use std::collections::{BTreeMap, VecDeque};
 
