@@ -3,10 +3,10 @@
 //! encrypted messages flow, the gateway restarts, now federated with a second domain's
 //! gateway: Dave of b.example and Alice talk in a room spanning the two domains, whose
 //! authority is then handed over to b.example while both run, and a device b.example revokes is
-//! refused by a.example too once its CRL arrives over the link. Alice sends a file into the room
-//! (Bob and Carol fetch and verify it, and sign receipts Alice verifies), and at the end the
-//! gateway's database is searched for every MLS message text and pieces of the file: the
-//! gateway stored ciphertext only.
+//! refused by a.example too once its CRL arrives over the link; then they talk in an MLS DM
+//! across the two domains. Alice sends a file into the room (Bob and Carol fetch and verify it,
+//! and sign receipts Alice verifies), and at the end both gateways' databases are searched for
+//! every MLS message text and pieces of the file: the gateways stored ciphertext only.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -213,7 +213,8 @@ pub async fn run() -> Result<(), String> {
     let peer_b = Some((DOMAIN_B, b_root, b_link.to_string()));
     let gateway = start_gateway(dir.path(), "gateway", DOMAIN_A, addr, peer_b, a_link).await?;
 
-    across_domains(dir.path(), &gateway, &b, &mut nodes, &mut transcript).await?;
+    let (dave, across_texts) =
+        across_domains(dir.path(), &gateway, &b, &mut nodes, &mut transcript).await?;
 
     let second = [
         (1, room, "did the gateway just restart?"),
@@ -238,28 +239,47 @@ pub async fn run() -> Result<(), String> {
         .iter()
         .chain(second.iter())
         .map(|m| m.2.as_bytes())
+        .chain(across_texts.iter().map(|t| t.as_bytes()))
         .collect();
+    let messages = texts.len();
     // The file's name, and 64 bytes from each of its first, middle and last parts.
     let quarter = file.len() / 4;
     texts.push(FILE_NAME.as_bytes());
     for at in [16, 2 * quarter, file.len() - 80] {
         texts.push(&file[at..at + 64]);
     }
-    search_gateway_database(&dir.path().join("gateway/gateway.redb"), &texts, &devices)?;
+    search_gateway_database(
+        &dir.path().join("gateway/gateway.redb"),
+        DOMAIN_A,
+        &texts,
+        &format!("all {messages} MLS message texts, the file's name and pieces of its bytes"),
+        &devices,
+    )?;
+    let across: Vec<&[u8]> = across_texts.iter().map(|t| t.as_bytes()).collect();
+    search_gateway_database(
+        &dir.path().join("gateway-b/gateway.redb"),
+        DOMAIN_B,
+        &across,
+        &format!("the {} texts of the DM across domains", across.len()),
+        std::slice::from_ref(&dave),
+    )?;
     say!("demo: {total} deliveries (messages, commits, a file and its receipts), each exactly once and in seq order; the gateway restart lost nothing");
     Ok(())
 }
 
 /// Dave, of b.example, and Alice talk in a room homed at a.example and shared with b.example
-/// (a plain conversation: MLS groups do not span domains yet); then a.example's operator hands
-/// its authority over to b.example while both run, and they talk on.
+/// (a plain conversation its operator makes); then a.example's operator hands its authority
+/// over to b.example while both run, and they talk on. Then Alice starts an MLS DM with
+/// dave@b.example (his KeyPackage fetched through both gateways and checked against the root
+/// a.example's root vouches for), and they write to each other end to end encrypted. Returns
+/// Dave's device and the DM's texts (which no gateway's database may hold).
 async fn across_domains(
     dir: &std::path::Path,
     a: &GatewayHandle,
     b: &GatewayHandle,
     nodes: &mut Vec<NodeHandle>,
     transcript: &mut Transcript,
-) -> Result<(), String> {
+) -> Result<(Device, Vec<&'static str>), String> {
     let linked = |gateway: &GatewayHandle, peer: &'static str| {
         let admin = gateway.admin_client();
         async move {
@@ -313,7 +333,7 @@ async fn across_domains(
     }
     transcript.conversations.insert(room, ACROSS);
     transcript.members.insert(room, vec![0, 3]);
-    say!("[gateway] {DOMAIN_A}'s operator makes {ACROSS} (a plain room, not end-to-end encrypted: MLS does not span domains yet) and shares it with dave's device: {DOMAIN_A} orders it, {DOMAIN_B} relays dave's messages and serves him a copy");
+    say!("[gateway] {DOMAIN_A}'s operator makes {ACROSS} (a plain room, not end-to-end encrypted) and shares it with dave's device: {DOMAIN_A} orders it, {DOMAIN_B} relays dave's messages and serves him a copy");
     let mut expected = BTreeMap::new();
     for (who, text) in [(0, "hello, b.example"), (3, "hello from b.example")] {
         send(&nodes[who], who, room, text, &mut expected, transcript).await?;
@@ -356,7 +376,28 @@ async fn across_domains(
         send(&nodes[who], who, room, text, &mut expected, transcript).await?;
         transcript.wait(nodes, &expected).await?;
     }
-    Ok(())
+
+    // An MLS DM across the two domains: its creating commit (seq 1, alice alone), then the
+    // commit adding dave's device (seq 2), from which he joins by the Welcome a.example sends
+    // b.example for him.
+    let dave_user = UserId::of("dave", DOMAIN_B);
+    say!("[alice  ] starts an MLS DM with dave@{DOMAIN_B}: his KeyPackage comes through both gateways, checked against the root {DOMAIN_A}'s root vouches for; he joins from the Welcome {DOMAIN_A} sends {DOMAIN_B}");
+    let dm = group(
+        &nodes[0],
+        GroupRequest::DmAcross(dave_user, DOMAIN_B.into()),
+    )
+    .await?;
+    transcript.conversations.insert(dm, "alice-dave");
+    transcript.members.insert(dm, vec![0, 3]);
+    expected.insert((0, dm), 2);
+    expected.insert((3, dm), 1);
+    transcript.wait(nodes, &expected).await?;
+    let texts = ["hello dave, end to end", "hello alice, across domains"];
+    for (who, text) in [(0, texts[0]), (3, texts[1])] {
+        send(&nodes[who], who, dm, text, &mut expected, transcript).await?;
+        transcript.wait(nodes, &expected).await?;
+    }
+    Ok((dave, texts.to_vec()))
 }
 
 /// Trust across domains: dave's old phone, set up at b.example, is revoked there; a.example
@@ -554,7 +595,9 @@ async fn group(node: &NodeHandle, request: GroupRequest) -> Result<ConversationI
 /// control, the device ids the gateway does store in the clear must be found.
 fn search_gateway_database(
     path: &std::path::Path,
+    domain: &str,
     texts: &[&[u8]],
+    described: &str,
     devices: &[Device],
 ) -> Result<(), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -572,9 +615,8 @@ fn search_gateway_database(
         ));
     }
     say!(
-        "[gateway] searched its database ({} KiB) for all {} message texts, the file's name and pieces of its bytes: none found, only ciphertext",
+        "[gateway] {domain} searched its database ({} KiB) for {described}: none found, only ciphertext",
         bytes.len() / 1024,
-        texts.len() - 4
     );
     Ok(())
 }
@@ -711,7 +753,7 @@ impl Transcript {
                     .or_default()
                     .push(seq);
                 say!(
-                    "[{me:<7}] joined {} from its Welcome (epoch 1)",
+                    "[{me:<7}] joined {} from its Welcome (the commit at seq {seq})",
                     self.name_of(conversation)
                 );
             }
@@ -728,11 +770,18 @@ impl Transcript {
                     .iter()
                     .map(|d| self.names.get(d).copied().unwrap_or("?"))
                     .collect();
-                say!(
-                    "[{me:<7}] {} is at epoch {epoch}: added {}",
-                    self.name_of(conversation),
-                    added.join(", ")
-                );
+                if added.is_empty() {
+                    say!(
+                        "[{me:<7}] {} is at epoch {epoch}: made, with no other device yet",
+                        self.name_of(conversation)
+                    );
+                } else {
+                    say!(
+                        "[{me:<7}] {} is at epoch {epoch}: added {}",
+                        self.name_of(conversation),
+                        added.join(", ")
+                    );
+                }
             }
             NodeEvent::Undecryptable { reason, .. } => {
                 return Err(format!("{me} could not decrypt a message: {reason}"))
