@@ -458,6 +458,7 @@ impl AdminRequest {
                             "crl_version": crl_of(&l.domain).0,
                             "crl_revoked": crl_of(&l.domain).1,
                             "relays_limited": l.relays_limited,
+                            "relays_past_hint": l.relays_past_hint,
                         })).collect::<Vec<_>>(),
                     }));
                 } else {
@@ -480,10 +481,10 @@ impl AdminRequest {
                             l.taken,
                             l.silent_for.as_secs(),
                             if l.dials { "this gateway" } else { "the peer" },
-                            if l.relays_limited > 0 {
-                                format!(", {} of its relays refused by [limits] peer_relays_per_second", l.relays_limited)
-                            } else {
-                                String::new()
+                            match (l.relays_limited, l.relays_past_hint) {
+                                (0, _) => String::new(),
+                                (limited, 0) => format!(", {limited} of its relays refused by [limits] peer_relays_per_second"),
+                                (limited, past) => format!(", {limited} of its relays refused by [limits] peer_relays_per_second ({past} of them sent before the time it was told: its link's reading was paused)"),
                             },
                         ));
                     }

@@ -1219,6 +1219,11 @@ impl Core {
                     ),
                     PeerCrlTaken::Stale { .. } => {}
                 },
+                GatewayOutput::PeerIgnoresHints { peer, pause } => tracing::warn!(
+                    %peer,
+                    pause_ms = pause.as_millis() as u64,
+                    "{peer} goes on relaying past the peer_limited hints it was given: this gateway stops reading its link for a while at each such relay, so that QUIC holds it back (`sund-gateway admin federation` counts them); its operator should check why its gateway does not pass the hints on"
+                ),
                 GatewayOutput::PeerLimited { peer, rate } => tracing::warn!(
                     %peer,
                     "{peer} relays more than {} into conversations homed here; the excess is refused (peer_limited) and its devices send again later. If this traffic is expected, raise peer_relays_per_second in [limits]",

@@ -241,7 +241,7 @@ fn federation_lines(out: &mut String, gauges: &Gauges) {
         return;
     };
     type Figure = fn(&LinkReport) -> u64;
-    let per_peer: [(&str, &str, &str, Figure); 6] = [
+    let per_peer: [(&str, &str, &str, Figure); 7] = [
         (
             "sund_gateway_federation_link_up",
             "gauge",
@@ -277,6 +277,12 @@ fn federation_lines(out: &mut String, gauges: &Gauges) {
             "counter",
             "messages the peer relayed that this gateway refused by its limit per peer",
             |l| l.relays_limited,
+        ),
+        (
+            "sund_gateway_federation_relays_past_hint_total",
+            "counter",
+            "of those, relays sent before the time an earlier refusal told (the link's reading was paused)",
+            |l| l.relays_past_hint,
         ),
     ];
     for (name, kind, help, figure) in per_peer {
@@ -391,6 +397,7 @@ mod tests {
                 peer_holds_crl: Some(0),
                 relays_limited: 5,
                 relays_admitted: 6,
+                relays_past_hint: 2,
             }],
             federation: Some(FederationStats {
                 links_up: 3,
@@ -425,6 +432,8 @@ mod tests {
             "sund_gateway_federation_taken_total{peer=\"b.example\"} 4",
             "sund_gateway_federation_peer_crl_version{peer=\"b.example\"} 3",
             "sund_gateway_federation_relays_limited_total{peer=\"b.example\"} 5",
+            "sund_gateway_federation_relays_past_hint_total{peer=\"b.example\"} 2",
+            "sund_gateway_spanning_relays_past_hint_total 0",
             "sund_gateway_spanning_relays_limited_total 0",
             "sund_gateway_limits_peer_relays_limited_total 0",
             "sund_gateway_outgoing_link_entries_total 0",

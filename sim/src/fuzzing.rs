@@ -753,7 +753,8 @@ impl Harness {
                     GatewayOutput::HistoryLost(_)
                     | GatewayOutput::HandedOver(_)
                     | GatewayOutput::PeerCrl(_)
-                    | GatewayOutput::PeerLimited { .. } => {}
+                    | GatewayOutput::PeerLimited { .. }
+                    | GatewayOutput::PeerIgnoresHints { .. } => {}
                     GatewayOutput::PauseReading(conn, pause) => {
                         assert!(
                             !self.closed_by_gateway.contains(&conn),

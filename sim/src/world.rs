@@ -1143,6 +1143,9 @@ impl World {
             GatewayOutput::PeerLimited { .. } => {
                 *self.faults.entry("peer-limited").or_default() += 1;
             }
+            GatewayOutput::PeerIgnoresHints { .. } => {
+                *self.faults.entry("peer-ignores-hints").or_default() += 1;
+            }
             GatewayOutput::HistoryLost(lost) => {
                 *self.faults.entry("history-lost-detected").or_default() += 1;
                 self.note(|w| {

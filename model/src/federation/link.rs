@@ -244,6 +244,9 @@ pub struct LinkReport {
     /// Messages the peer relayed that this gateway's limit per peer let through (to be
     /// sequenced, answered as copies or refused for other reasons), since it started.
     pub relays_admitted: u64,
+    /// Of the refused, relays that came before the hint an earlier refusal gave (the peer
+    /// ignores its hints: its link's reading was paused), since it started.
+    pub relays_past_hint: u64,
 }
 
 enum LinkState {
@@ -304,6 +307,8 @@ struct Link {
     relays_limited: u64,
     /// Relays from the peer its limit per peer let through (in memory).
     relays_admitted: u64,
+    /// Refused relays from the peer that came before their hint (in memory).
+    relays_past_hint: u64,
 }
 
 /// An accepted connection, not yet authenticated.
@@ -469,6 +474,7 @@ impl Federation {
                     crl_pushed: None,
                     relays_limited: 0,
                     relays_admitted: 0,
+                    relays_past_hint: 0,
                 },
             );
         }
@@ -740,6 +746,14 @@ impl Federation {
         }
     }
 
+    /// A relay from `peer` refused by the limit per peer came before the hint an earlier
+    /// refusal gave (counted for [`LinkReport::relays_past_hint`]).
+    pub fn count_relay_past_hint(&mut self, peer: &str) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.relays_past_hint += 1;
+        }
+    }
+
     /// The gateway's limit per peer let a relay from `peer` through (counted for
     /// [`LinkReport::relays_admitted`]).
     pub fn count_relay_admitted(&mut self, peer: &str) {
@@ -844,6 +858,7 @@ impl Federation {
                 crl_held: l.crl_held,
                 peer_holds_crl: l.peer_holds_crl,
                 relays_limited: l.relays_limited,
+                relays_past_hint: l.relays_past_hint,
                 relays_admitted: l.relays_admitted,
             })
             .collect()

@@ -182,6 +182,14 @@ pub enum GatewayOutput {
         /// Its limit.
         rate: limits::Rate,
     },
+    /// A peer gateway goes on relaying past the `peer_limited` hints it was given: its link's
+    /// reading is paused for `pause` (told at most once a minute per peer while it lasts).
+    PeerIgnoresHints {
+        /// The peer's domain.
+        peer: String,
+        /// How long this pause is.
+        pause: core::time::Duration,
+    },
     /// Read nothing more from this connection for this long: its device (or, on a federation
     /// link, its peer gateway) was refused by a rate limit, and what it sends meanwhile would
     /// be refused too. The driver stops reading the connection's stream, so QUIC's flow
@@ -275,6 +283,8 @@ pub struct Gateway {
     dm_claims: dm_claims::DmClaims,
     /// The hints given to peers' relays past their limit, to tell a peer that ignores them.
     peer_hints: peer_hints::PeerHints,
+    /// The hints other domains' authorities gave this gateway's devices, held to.
+    held_hints: peer_hints::HeldHints,
     external_keys: external_keys::ExternalKeys,
     held_entries: held_entries::HeldEntries,
     /// The peer roots last vouched for to devices (see `Gateway::peer_roots`).
@@ -449,6 +459,7 @@ impl Gateway {
             foreign_fetches: foreign_fetch::ForeignFetches::default(),
             dm_claims: dm_claims::DmClaims::default(),
             peer_hints: peer_hints::PeerHints::default(),
+            held_hints: peer_hints::HeldHints::default(),
             external_keys: external_keys::ExternalKeys::default(),
             held_entries: held_entries::HeldEntries::default(),
             peer_roots: None,

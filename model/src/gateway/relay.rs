@@ -49,6 +49,10 @@ pub struct SpanningStats {
     /// the same conversation, well after that refusal: their peer ignores its hints, and its
     /// link's reading was paused (`gateway::peer_hints`).
     pub relays_past_hint: u64,
+    /// Messages of this gateway's devices not relayed because the conversation's authority
+    /// had told the device to wait (`peer_limited`) and its time had not come: refused here
+    /// with the time left.
+    pub relays_held: u64,
 
     /// Sequenced messages sent to member gateways.
     pub fanned_out: u64,
@@ -186,6 +190,25 @@ impl Gateway {
                 );
                 return;
             }
+        }
+        // The authority told this device to wait in this conversation: what it sends before
+        // its time is refused here, with the time left (a copy of a relay still pending is
+        // left to the authority's answer to it).
+        if let Some(wait) = self
+            .held_hints
+            .wait(now, device, conv)
+            .filter(|_| !self.spanning.relay_pending(conv, device, msg_id))
+        {
+            self.spanning_stats.relays_held += 1;
+            let refusal = Refusal::error(
+                ErrorCode::PeerLimited,
+                format!("this conversation is homed at {authority}, which asked this device to wait before sending there again"),
+            )
+            .in_conversation(routing)
+            .about(msg_id)
+            .retry_after(wait);
+            self.refuse(conn, refusal);
+            return;
         }
         if let Err(refusal) = self.charge_message(now, device, conv, msg_id) {
             self.refuse(conn, refusal);
@@ -431,6 +454,11 @@ impl Gateway {
                     return;
                 }
                 self.spanning.answered(conversation, sender, msg_id);
+                if let Outcome::Limited { retry_after_ms, .. } = &outcome {
+                    // Kept here, so that this gateway holds the device to it.
+                    let wait = core::time::Duration::from_millis(u64::from(*retry_after_ms));
+                    self.held_hints.hold(now, sender, conversation, wait);
+                }
                 // Offline: the device sends the message again when it is back, and hears
                 // the authority's answer to the copy.
                 let Some(conn) = self.sessions.online(sender) else {
@@ -652,6 +680,9 @@ impl Gateway {
                     .refused(now, peer, relayed.sender, conv, limited.retry_after);
             if ignores_hints {
                 self.spanning_stats.relays_past_hint += 1;
+                if let Some(federation) = &mut self.federation {
+                    federation.count_relay_past_hint(peer);
+                }
                 if let Some((conn, idle_timeout)) =
                     self.federation.as_ref().and_then(|f| f.up_link(peer))
                 {
@@ -661,6 +692,12 @@ impl Gateway {
                         .min(super::READ_PAUSE_MAX)
                         .min(idle_timeout / 4);
                     self.fx.hold(GatewayOutput::PauseReading(conn, pause));
+                    if self.peer_hints.report_due(now, peer) {
+                        self.fx.hold(GatewayOutput::PeerIgnoresHints {
+                            peer: peer.to_string(),
+                            pause,
+                        });
+                    }
                 }
             }
             return Outcome::Limited {
@@ -1040,11 +1077,11 @@ mod tests {
             };
             g.run_admin(NOW, share, &mut store).unwrap();
         }
-        // One relay every 10 s per peer, so that a hint lasts longer than the grace.
+        // One relay a minute per peer, so that a hint lasts longer than the grace.
         g.limits = Limits::new(RateLimits {
             peer_relays: Some(Rate {
                 count: 1,
-                period: Duration::from_secs(10),
+                period: Duration::from_secs(60),
                 burst: 1,
             }),
             ..RateLimits::default()
@@ -1057,12 +1094,17 @@ mod tests {
             .assume_peer_key("b.example", key);
         let (link, idle_timeout) = g.federation().unwrap().up_link("b.example").unwrap();
         assert!(g.federation().unwrap().up_link("c.example").is_none());
+        let mut told = Vec::new();
         let mut relay_at = |g: &mut Gateway, at: Instant, peer: &str, sender, msg| {
             g.handle_entry(at, peer, relay(sender, msg, b"flood"));
             drain_gateway(g, &mut store)
                 .into_iter()
                 .filter_map(|o| match o {
                     GatewayOutput::PauseReading(conn, pause) => Some((conn, pause)),
+                    GatewayOutput::PeerIgnoresHints { peer, pause } => {
+                        told.push((peer, pause));
+                        None
+                    }
                     _ => None,
                 })
                 .collect::<Vec<_>>()
@@ -1089,7 +1131,108 @@ mod tests {
         assert_eq!(relay_at(&mut g, NOW, "c.example", OTHER, 2), []);
         let past_grace = NOW + HINT_GRACE + Duration::from_secs(1);
         assert_eq!(relay_at(&mut g, past_grace, "c.example", OTHER, 3), []);
-        assert_eq!(g.stats().spanning.relays_past_hint, 2);
+        // Again from b.example, past the grace after its last refusal: paused again, but
+        // the operator heard of it once.
+        let again = relay_at(
+            &mut g,
+            later + HINT_GRACE + Duration::from_secs(1),
+            "b.example",
+            FOREIGN,
+            5,
+        );
+        assert_eq!(again.len(), 1);
+        assert_eq!(told, [("b.example".to_string(), pause)]);
+        assert_eq!(g.stats().spanning.relays_past_hint, 3);
+        // Per peer, for `admin federation` and `/metrics`.
+        let links = g.federation().unwrap().links(later);
+        let past: Vec<(&str, u64)> = links
+            .iter()
+            .map(|l| (l.domain.as_str(), l.relays_past_hint))
+            .collect();
+        assert_eq!(past, [("b.example", 2), ("c.example", 1)]);
+    }
+
+    #[test]
+    fn a_member_gateway_holds_its_device_to_the_authoritys_hint_and_relays_nothing_early() {
+        use crate::gateway::limits::{Limits, Rate, RateLimits};
+        use crate::gateway::test_pair::{frames, Pair, NOW};
+        use crate::gateway::GatewayInput;
+        use crate::wire::payload::ErrorReport;
+        use crate::wire::Frame;
+        use core::time::Duration;
+        let mut w = Pair::new();
+        let (conn, device) = w.open_session(1, 7, UserId::from_bytes([7; 16]));
+        // A conversation homed at a.example (0), shared with bob's device at b.example (1);
+        // a.example takes one relay every 10 s from b.example.
+        let create = AdminCommand::CreateConversation(CONV, vec![LOCAL]);
+        w.admin(0, create);
+        let share = AdminCommand::ShareConversation {
+            conversation: CONV,
+            domain: "b.example".into(),
+            members: vec![device],
+        };
+        w.admin(0, share);
+        w.settle();
+        w.gateways[0].0.limits = Limits::new(RateLimits {
+            peer_relays: Some(Rate {
+                count: 1,
+                period: Duration::from_secs(10),
+                burst: 1,
+            }),
+            ..RateLimits::default()
+        });
+        let send = |w: &mut Pair, at: Instant, msg: u128, after: u128| -> Vec<Payload> {
+            let payload = Payload::Send(Send {
+                msg_id: MsgId(msg).to_bytes(),
+                body: b"hello".to_vec(),
+                welcome: None,
+                after: Some(MsgId(after).to_bytes()),
+            });
+            let routing = Routing {
+                conversation: CONV,
+                ..Routing::default()
+            };
+            let (g, store) = &mut w.gateways[1];
+            g.handle(
+                at,
+                GatewayInput::Frame(conn, Frame::new(routing, payload).encode()),
+            );
+            frames(&drain_gateway(g, store), conn)
+        };
+        let refusal_of = |payloads: &[Payload]| -> Option<ErrorReport> {
+            payloads.iter().find_map(|p| match p {
+                Payload::Error(e) => Some(e.clone()),
+                _ => None,
+            })
+        };
+        // The first is sequenced; the second refused by a.example for 10 s, which b.example
+        // passes on and keeps.
+        assert_eq!(send(&mut w, NOW, 1, 0), []);
+        w.settle();
+        assert_eq!(send(&mut w, NOW, 2, 1), []);
+        // The relay to a.example, then its answer back.
+        w.settle();
+        w.settle();
+        let passed = frames(&w.released[1], conn);
+        let refused = refusal_of(&passed).expect("the authority's refusal passed on");
+        assert_eq!(ErrorCode::from_u16(refused.code), ErrorCode::PeerLimited);
+        assert_eq!(refused.retry_after_ms, Some(10_000));
+        // Sent again 4 s later, before its time (a device that ignores its hint): refused
+        // here with the time left, and nothing goes to a.example.
+        let relayed = w.gateways[1].0.stats().spanning.relayed;
+        let later = NOW + Duration::from_secs(4);
+        let here = refusal_of(&send(&mut w, later, 2, 1)).expect("refused here");
+        assert_eq!(ErrorCode::from_u16(here.code), ErrorCode::PeerLimited);
+        assert_eq!(here.retry_after_ms, Some(6_000));
+        assert_eq!(here.msg_id, Some(MsgId(2).to_bytes()));
+        let stats = w.gateways[1].0.stats().spanning;
+        assert_eq!((stats.relayed, stats.relays_held), (relayed, 1));
+        // At its time it is relayed again.
+        let on_time = NOW + Duration::from_secs(10);
+        assert_eq!(send(&mut w, on_time, 2, 1), []);
+        assert_eq!(w.gateways[1].0.stats().spanning.relayed, relayed + 1);
+        // a.example never saw a relay before its hint.
+        assert_eq!(w.gateways[0].0.stats().spanning.relays_past_hint, 0);
     }
 
     #[test]
