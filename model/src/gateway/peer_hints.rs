@@ -50,7 +50,6 @@ struct Hint {
 #[derive(Debug, Default)]
 pub struct PeerHints {
     hints: BTreeMap<(String, DeviceId, ConversationId), Hint>,
-    ignored: u64,
     /// When the operator was last told of each peer (peers are configured: bounded).
     reported: BTreeMap<String, Instant>,
 }
@@ -73,9 +72,6 @@ impl PeerHints {
             .hints
             .get(&key)
             .is_some_and(|h| now < h.promised && now.saturating_since(h.given) > HINT_GRACE);
-        if ignored {
-            self.ignored += 1;
-        }
         let hint = Hint {
             given: now,
             promised: now + retry_after,
@@ -101,11 +97,6 @@ impl PeerHints {
             self.reported.insert(peer.to_string(), now);
         }
         due
-    }
-
-    /// How many relays came before their hint (since this gateway started).
-    pub fn ignored(&self) -> u64 {
-        self.ignored
     }
 
     /// How many hints are remembered.
@@ -193,7 +184,6 @@ mod tests {
         assert!(!hints.refused(at(3), "b.example", DEVICE, CONV, wait));
         // At its hint (the one given at 3 s), refused again as the window comes back.
         assert!(!hints.refused(at(33), "b.example", DEVICE, CONV, wait));
-        assert_eq!(hints.ignored(), 0);
     }
 
     #[test]
@@ -207,7 +197,6 @@ mod tests {
         assert!(!hints.refused(at(12), "b.example", DEVICE, ConversationId(8), wait));
         assert!(!hints.refused(at(12), "c.example", DEVICE, CONV, wait));
         assert!(hints.refused(at(12), "b.example", DEVICE, CONV, wait));
-        assert_eq!(hints.ignored(), 2);
     }
 
     #[test]

@@ -964,10 +964,13 @@ mod tests {
         assert_eq!(again.stats().spanning.fanned_out, 1);
     }
 
-    #[test]
-    fn a_peer_relaying_past_its_limit_is_answered_peer_limited_and_other_peers_are_not() {
-        use crate::gateway::limits::{Limits, Rate, RateLimits};
-        const OTHER: DeviceId = DeviceId(0xC1);
+    /// A device of c.example's, as [`FOREIGN`] is b.example's.
+    const OTHER: DeviceId = DeviceId(0xC1);
+
+    /// a.example, home of [`CONV`], shared with b.example ([`FOREIGN`]) and c.example
+    /// ([`OTHER`]), taking relays from each peer at `rate`.
+    fn home_shared_with_b_and_c(rate: crate::gateway::limits::Rate) -> (Gateway, MemStore) {
+        use crate::gateway::limits::{Limits, RateLimits};
         let (mut g, mut store) = gateway("a.example", &["b.example", "c.example"]);
         let create = AdminCommand::CreateConversation(CONV, vec![LOCAL]);
         g.run_admin(NOW, create, &mut store).unwrap();
@@ -980,9 +983,16 @@ mod tests {
             g.run_admin(NOW, share, &mut store).unwrap();
         }
         g.limits = Limits::new(RateLimits {
-            peer_relays: Some(Rate::per_second(1, 3)),
+            peer_relays: Some(rate),
             ..RateLimits::default()
         });
+        (g, store)
+    }
+
+    #[test]
+    fn a_peer_relaying_past_its_limit_is_answered_peer_limited_and_other_peers_are_not() {
+        use crate::gateway::limits::Rate;
+        let (mut g, mut store) = home_shared_with_b_and_c(Rate::per_second(1, 3));
         let answers = |store: &MemStore, sender: DeviceId| -> Vec<Outcome> {
             queued_entries(store)
                 .into_iter()
@@ -1061,30 +1071,15 @@ mod tests {
 
     #[test]
     fn a_peer_relaying_past_its_hints_has_its_link_read_paused_and_an_honest_one_does_not() {
-        use crate::gateway::limits::{Limits, Rate, RateLimits};
+        use crate::gateway::limits::Rate;
         use crate::gateway::peer_hints::HINT_GRACE;
         use crate::gateway::READ_PAUSE_MAX;
         use core::time::Duration;
-        const OTHER: DeviceId = DeviceId(0xC1);
-        let (mut g, mut store) = gateway("a.example", &["b.example", "c.example"]);
-        let create = AdminCommand::CreateConversation(CONV, vec![LOCAL]);
-        g.run_admin(NOW, create, &mut store).unwrap();
-        for (domain, member) in [("b.example", FOREIGN), ("c.example", OTHER)] {
-            let share = AdminCommand::ShareConversation {
-                conversation: CONV,
-                domain: domain.into(),
-                members: vec![member],
-            };
-            g.run_admin(NOW, share, &mut store).unwrap();
-        }
         // One relay a minute per peer, so that a hint lasts longer than the grace.
-        g.limits = Limits::new(RateLimits {
-            peer_relays: Some(Rate {
-                count: 1,
-                period: Duration::from_secs(60),
-                burst: 1,
-            }),
-            ..RateLimits::default()
+        let (mut g, mut store) = home_shared_with_b_and_c(Rate {
+            count: 1,
+            period: Duration::from_secs(60),
+            burst: 1,
         });
         // b.example's link is up; c.example's is not.
         let key = g.federation().unwrap().link_key();
