@@ -464,6 +464,12 @@ pub async fn bring_in(node: &mut NodeHandle, device: &Device, linked: DeviceId) 
                         "  {}: added",
                         crate::display::printable(&conv_name(conv, &names))
                     );
+                    // The new device reads only what comes after its Welcome, so the names
+                    // told before it joined never reach it: tell them again (members of
+                    // another domain would show as user ids on it otherwise).
+                    if g.members.iter().any(|(_, user)| *user != me) {
+                        tell_roster(node, device, &g).await;
+                    }
                 }
                 Ok(_) => still.push(conv),
                 Err(e) => {

@@ -782,6 +782,24 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
         read.iter().any(|l| l.ends_with("hello from a.example")),
         "{read:?}"
     );
+    // A new device of alice's joins the DM when she pairs it, after bob's roster went by:
+    // alice's device tells the names again as it adds the phone, so the phone shows bob by
+    // his address, not by a user id.
+    let said = pair(&path("alice"), &path("alice-phone"));
+    assert!(said.iter().any(|l| l.ends_with(": added")), "{said:#?}");
+    let sent = send(&at("bob"), "@alice@a.example", "hello, new phone");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(
+        &path("alice-phone"),
+        "@bob@b.example",
+        1,
+        Duration::from_secs(60),
+    );
+    assert!(
+        read.iter()
+            .any(|l| l.contains("bob@b.example (") && l.ends_with("hello, new phone")),
+        "{read:?}"
+    );
     // Contacts do not span domains yet: said in words.
     let refused = fails(
         &sund(),
