@@ -14,6 +14,7 @@ pub mod disk;
 pub mod event_log;
 pub mod fuzzing;
 pub mod network;
+pub mod planted_hunt;
 pub mod rng;
 pub mod runner;
 pub mod scenario;

@@ -15,6 +15,7 @@ usage: cargo sim [SCENARIO...] [--seed N | --seeds A..B] [--check-determinism] [
        cargo sim SCENARIO [--seed N] --shrink
        cargo sim --drivers [SCENARIO...] [--seed N] [--check-determinism] [--json] [--plant BUG]
        cargo sim --swarm N [--family NAME] [--first-seed S] [--time-budget T] [--check-determinism] [--json]
+       cargo sim --hunt-planted
 
 Runs scenario files (default: every *.sund file in scenarios/) in the deterministic simulator.
 With --swarm, each seed draws its own scenario (topology, workload, fault mix and rates).
@@ -39,6 +40,9 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
   --family NAME         what the swarm draws: plain, mls, trust or mixed (default mixed)
   --first-seed S        the swarm's first seed (default 1)
   --time-budget T       start no swarm seed after T of wall time (e.g. 10m)
+  --hunt-planted        for each bug --plant knows: a swarm from seed 1 until a seed finds
+                        it, then the shrinker; fails unless every bug is found and shrunk to
+                        a few lines that break the same invariant, and pass without the bug
   --drivers             run the scenarios on the production gateway and node drivers (tokio,
                         quinn, rustls, redb) under turmoil instead, bit for bit from the seed;
                         see `cargo sim --drivers --help`
@@ -94,6 +98,7 @@ fn real_main() -> Result<ExitCode, RunError> {
             }
             "--list" => list = true,
             "--shrink" => shrink = true,
+            "--hunt-planted" => return Ok(hunt_planted()),
             "--swarm" => {
                 let value = args
                     .next()
@@ -182,6 +187,28 @@ fn real_main() -> Result<ExitCode, RunError> {
 
 /// Most runs one shrink may spend.
 const SHRINK_RUNS_MAX: u64 = 3_000;
+
+/// `--hunt-planted`: every planted bug found by a swarm and shrunk (see
+/// `sund_sim::planted_hunt`), one line each.
+fn hunt_planted() -> ExitCode {
+    let mut failed = 0;
+    for &(name, bug) in sund_model::planted::PlantedBug::ALL {
+        match sund_sim::planted_hunt::hunt(name, bug) {
+            Ok(found) => println!("{found}"),
+            Err(why) => {
+                failed += 1;
+                println!("FAIL {why}");
+            }
+        }
+    }
+    let total = sund_model::planted::PlantedBug::ALL.len();
+    println!("planted: {} passed, {failed} failed", total - failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
 
 fn run_shrink(paths: &[PathBuf], options: &Options) -> Result<ExitCode, RunError> {
     let [path] = paths else {
