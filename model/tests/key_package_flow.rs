@@ -79,3 +79,45 @@ fn devices_without_mls_ignore_counts_and_upload_nothing() {
     assert_eq!(net.gateway.key_packages_left(net.device(3)), 0);
     assert!(net.nodes[&3].0.mls().is_none());
 }
+
+/// A command-line driver stops the node only once its gateway holds its KeyPackages (see
+/// `Node::key_packages_settled`): a first command that stopped earlier left the device's
+/// upload unsent, and anyone starting a DM with it then found no device to add.
+#[test]
+fn a_node_is_settled_only_once_its_gateway_holds_its_key_packages_in_this_session() {
+    let mut net = Net::new();
+    let store = sund_model::env::MemStore::default();
+    let node = sund_model::node::Node::recover(
+        node_config(1, "alice"),
+        Box::new(support::Counter(1)),
+        net.now,
+        &store,
+    )
+    .unwrap();
+    net.nodes.insert(1, (node, store));
+    assert!(
+        net.nodes[&1].0.key_packages_settled(),
+        "no session: nothing to wait for"
+    );
+    let mut open_and_unsettled = 0;
+    while net.step() {
+        let node = &net.nodes[&1].0;
+        if node.is_connected() && !node.key_packages_settled() {
+            open_and_unsettled += 1;
+        }
+    }
+    assert!(
+        open_and_unsettled > 0,
+        "unsettled between the session's opening and the answer"
+    );
+    assert!(net.nodes[&1].0.key_packages_settled());
+    assert_eq!(net.gateway.key_packages_left(net.device(1)), 12);
+    // A new session is unsettled again until the gateway's count, which needs no upload.
+    net.restart(1, node_config(1, "alice"));
+    assert!(net.nodes[&1].0.key_packages_settled());
+    assert_eq!(
+        net.nodes[&1].0.stats().key_packages_uploaded,
+        0,
+        "a full pool"
+    );
+}

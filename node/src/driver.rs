@@ -607,6 +607,10 @@ impl NodeHandle {
     }
 }
 
+/// How long a stopping node waits, at most, for its gateway to take its KeyPackages (see
+/// `Node::key_packages_settled`).
+const KEY_PACKAGES_LINGER: Duration = Duration::from_secs(5);
+
 /// Opens the node's store, recovers its state and starts connecting.
 pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
     sund_runtime::files::private_dir(&options.data_dir)
@@ -718,7 +722,14 @@ impl Core {
     ) -> Result<(), NodeError> {
         let clock = self.clock;
         let events = self.events.clone();
+        // Once asked to stop: until when the node goes on for its KeyPackages to settle.
+        let mut lingering: Option<tokio::time::Instant> = None;
         loop {
+            if lingering.is_some_and(|until| {
+                self.node.key_packages_settled() || tokio::time::Instant::now() >= until
+            }) {
+                break;
+            }
             let deadline = self.node.poll_timeout().map(|d| clock.deadline(d));
             let saturated = self.committer.is_saturated();
             // While the application leaves events untaken, read nothing more from the gateway.
@@ -737,7 +748,8 @@ impl Core {
                     let Ok(permit) = permit else { break };
                     permit.send(self.waiting_events.pop_front().expect("checked non-empty"));
                 }
-                command = commands.recv(), if !saturated => {
+                _ = async { match lingering { Some(until) => tokio::time::sleep_until(until).await, None => std::future::pending().await } } => {}
+                command = commands.recv(), if !saturated && lingering.is_none() => {
                     // Group commit: take every command already waiting (up to a bound); their
                     // messages become durable in one commit, and each reply waits for it.
                     let mut next = command;
@@ -756,8 +768,14 @@ impl Core {
                         }
                     }
                     if stop {
-                        self.submit(replies);
-                        break;
+                        if self.node.key_packages_settled() {
+                            self.submit(replies);
+                            break;
+                        }
+                        // The gateway has not yet taken this device's KeyPackages in this
+                        // session (a first command, most often): stopping now would leave
+                        // nobody able to add the device until its next run.
+                        lingering = Some(tokio::time::Instant::now() + KEY_PACKAGES_LINGER);
                     }
                 }
                 event = links.recv(), if !saturated && reading => {

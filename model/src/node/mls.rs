@@ -420,8 +420,11 @@ impl Node {
             count.replenish_below as usize,
             self.fx.writes(),
         );
+        // Settled unless an upload goes out now: the gateway answers it with a new count.
+        self.key_packages_settled_on = Some(conn);
         match result {
             Ok(Some((packages, last_resort))) => {
+                self.key_packages_settled_on = None;
                 self.stats.key_packages_uploaded += packages.len() as u64;
                 let upload = KeyPackageUpload {
                     packages: packages.into_iter().map(|p| p.to_vec().into()).collect(),

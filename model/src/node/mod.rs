@@ -144,6 +144,9 @@ pub struct Node {
     /// After a rate limit: only the first this many messages waiting in a conversation go
     /// out (see `throttle`); `None` when no limit was met recently.
     pacing: Option<usize>,
+    /// The session on which the gateway last said it holds enough of this device's
+    /// KeyPackages (see [`Node::key_packages_settled`]).
+    key_packages_settled_on: Option<ConnectionId>,
     stats: NodeStats,
     fx: NodeFx,
 }
@@ -219,6 +222,7 @@ impl Node {
             deferred: BTreeMap::new(),
             told_unreadable: false,
             pacing: None,
+            key_packages_settled_on: None,
             stats: NodeStats::default(),
             fx,
         };
@@ -317,6 +321,21 @@ impl Node {
     /// True while a session is open.
     pub fn is_connected(&self) -> bool {
         self.link.is_open()
+    }
+
+    /// False while this device is connected and its gateway has not yet said, in this
+    /// session, that it holds enough of the device's KeyPackages (it says so as the session
+    /// opens, and answers every upload): a command that stops the node now would leave
+    /// others unable to add this device, since the upload dies with the connection. A
+    /// driver stopping for the command line waits (briefly) for this. Always true for a
+    /// device without MLS or without a session.
+    pub fn key_packages_settled(&self) -> bool {
+        match (&self.mls, self.link.current_conn()) {
+            (Some(_), Some(conn)) if self.link.is_open() => {
+                self.key_packages_settled_on == Some(conn)
+            }
+            _ => true,
+        }
     }
 
     /// This device's trust state (certificate, pinned root, CRL).
