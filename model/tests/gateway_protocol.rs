@@ -2227,3 +2227,48 @@ fn members_all_over_their_quota_let_the_oldest_go_for_each_of_them() {
     let log = h.gateway.conversations().next().unwrap();
     assert_eq!(log.first_seq(), 3);
 }
+
+/// A revoked device leaves the plain conversations it was in: no member list names it, and its
+/// cursor no longer keeps what every other member has read (it kept it until retention ran
+/// out, thirty days by default).
+#[test]
+fn a_revoked_device_leaves_its_plain_conversations_and_holds_nothing_back() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.connect(2, bob());
+    one_batch(
+        &mut h,
+        vec![
+            alice_send(1, Some(0)),
+            alice_send(2, Some(1)),
+            alice_send(3, Some(2)),
+        ],
+    );
+    // alice read everything, bob nothing: all three are kept for bob.
+    h.ack(1, 3);
+    h.now = h.now + Duration::from_secs(1);
+    h.gateway.handle_timeout(h.now);
+    h.drain();
+    assert_eq!(h.gateway.stats().delivery.gc_dropped, 0);
+    h.input(support::admin(AdminCommand::RevokeDevice(bob())));
+    assert!(!h.gateway.log(CONV).unwrap().is_member(bob()));
+    assert!(h.gateway.log(CONV).unwrap().is_member(alice()));
+    assert_eq!(h.gateway.stats().delivery.revoked_left, 1);
+    h.now = h.now + Duration::from_secs(1);
+    h.gateway.handle_timeout(h.now);
+    h.drain();
+    assert_eq!(
+        h.gateway.stats().delivery.gc_dropped,
+        3,
+        "nothing kept for bob"
+    );
+    // Durably: not a member after a restart either, and not made one again.
+    let mut h = h.restarted(open_config());
+    assert!(!h.gateway.log(CONV).unwrap().is_member(bob()));
+    h.input(support::admin(AdminCommand::CreateConversation(
+        ConversationId(0xC2),
+        vec![alice(), bob()],
+    )));
+    let made = h.gateway.log(ConversationId(0xC2)).unwrap();
+    assert!(made.is_member(alice()) && !made.is_member(bob()));
+}

@@ -1460,3 +1460,49 @@ fn a_late_key_package_answer_is_used_and_unanswered_fetches_back_off() {
     send(&mut net, 1, room, "made late");
     assert_eq!(plaintexts(&net, 2, room), vec![b"made late".to_vec()]);
 }
+
+/// A member that was away when it was revoked is removed by a commit it will never read up
+/// to: its departure ends at once, so nothing is kept for it (its cursor held every message
+/// after it until retention ran out).
+#[test]
+fn a_revoked_member_that_was_away_holds_nothing_back_once_removed() {
+    let mut net = Net::new();
+    net.add(1, node_config(1, "alice"));
+    net.add(2, node_config(2, "bob"));
+    let now = net.now;
+    let room = net.node(1).create_room(now, &[user("bob")]).unwrap();
+    net.settle();
+    let bob = net.device(2);
+    assert!(net
+        .gateway
+        .group(room)
+        .unwrap()
+        .devices()
+        .contains_key(&bob));
+    // bob's device goes away; alice writes on.
+    net.nodes.remove(&2);
+    net.gateway.handle(
+        net.now,
+        sund_model::gateway::GatewayInput::Closed(sund_model::ids::ConnectionId(2)),
+    );
+    for text in ["one", "two", "three"] {
+        send(&mut net, 1, room, text);
+    }
+    net.settle();
+    let behind = net.gateway.cursor(bob, room);
+    assert!(behind > 0 && behind < net.gateway.conversation_head(room).unwrap());
+    net.admin(sund_model::gateway::AdminCommand::RevokeDevice(bob));
+    net.settle();
+    assert!(
+        !net.gateway
+            .group(room)
+            .unwrap()
+            .devices()
+            .contains_key(&bob),
+        "alice committed the removal"
+    );
+    let stats = net.gateway.stats().delivery;
+    assert_eq!(stats.departing, 1, "it had not read up to its removal");
+    assert_eq!(stats.revoked_left, 1, "and never will: its departure ended");
+    assert_eq!(net.gateway.cursor(bob, room), 0, "no cursor kept for it");
+}

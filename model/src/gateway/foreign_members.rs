@@ -235,6 +235,9 @@ impl Gateway {
             .collect();
         self.delivery
             .removed_by_authority(now, conv, seq, &ours, &self.sessions, &mut self.fx);
+        let revoked = self.revoked_among(&ours);
+        self.delivery
+            .revoked_departed(conv, &revoked, &self.sessions, &mut self.fx);
         self.spanning_stats.removals_taken += 1;
     }
 
@@ -307,6 +310,23 @@ impl Gateway {
         });
         for (conv, device) in revoked {
             self.propose_removal(now, conv, device);
+        }
+        // A plain conversation has no commits: its home drops the device from its members
+        // of `peer` at once (nothing is fanned out to `peer` for it any more once it was the
+        // last of them).
+        let plain: Vec<(ConversationId, DeviceId)> = self
+            .spanning
+            .homed_members_of(peer)
+            .filter(|(conv, device)| {
+                self.groups.get(*conv).is_none() && self.peer_crls.revokes(peer, *device)
+            })
+            .collect();
+        for (conv, device) in plain {
+            let homed = self
+                .spanning
+                .unshare(conv, peer, &[device], self.fx.writes());
+            debug_assert!(homed, "listed as homed here");
+            self.spanning_stats.revoked_unshared += 1;
         }
     }
 

@@ -1959,6 +1959,9 @@ impl Gateway {
             &self.sessions,
             &mut self.fx,
         );
+        let revoked: Vec<DeviceId> = self.revoked_among(&change.removed);
+        self.delivery
+            .revoked_departed(conv, &revoked, &self.sessions, &mut self.fx);
         if !abroad.added.is_empty() {
             let kind = group.kind() as u8;
             let welcome = welcome.expect("checked: adds carry a Welcome");
@@ -2079,6 +2082,34 @@ impl Gateway {
         for conv in self.groups.groups_of(device) {
             self.propose_removal(now, conv, device);
         }
+        let groups = &self.groups;
+        self.delivery.drop_revoked_member(
+            device,
+            |conv| groups.get(conv).is_some(),
+            &self.sessions,
+            &mut self.fx,
+        );
+    }
+
+    /// The devices among `devices` that this gateway revoked.
+    pub(super) fn revoked_among(&self, devices: &[DeviceId]) -> Vec<DeviceId> {
+        let crl = self.registry.crl();
+        devices
+            .iter()
+            .copied()
+            .filter(|d| crl.revoked.contains(d))
+            .collect()
+    }
+
+    /// `members` without the devices this gateway revoked (a plain conversation made or
+    /// opened here never lists one again).
+    pub(super) fn not_revoked(&self, members: &[DeviceId]) -> Vec<DeviceId> {
+        let crl = self.registry.crl();
+        members
+            .iter()
+            .copied()
+            .filter(|d| !crl.revoked.contains(d))
+            .collect()
     }
 }
 

@@ -491,6 +491,18 @@ mod tests {
             assert!(a.peer_crls().revokes(DOMAINS[1], revoked));
             assert_eq!(a.peer_crls().version(DOMAINS[1]), 1);
             assert_eq!(a.stats().peer_crls.taken, 1);
+            // No member list names it any more: not the home's list of b.example's members,
+            // nor b.example's replica (where its cursor would have kept every message).
+            let home = a.spanning.home(CONV).expect("homed at a.example");
+            assert_eq!(
+                home.members[DOMAINS[1]].iter().copied().collect::<Vec<_>>(),
+                vec![kept]
+            );
+            assert_eq!(a.spanning_stats.revoked_unshared, 1);
+            let b = &w.gateways[1].0;
+            let replica = b.delivery.log(CONV).expect("b.example keeps a replica");
+            assert!(!replica.is_member(revoked) && replica.is_member(kept));
+            assert_eq!(b.delivery.stats().revoked_left, 1);
             match w.relay(revoked, 2) {
                 Outcome::Refused { code, message, .. } => {
                     assert_eq!(code, ErrorCode::DeviceRevoked);

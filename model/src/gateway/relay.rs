@@ -80,6 +80,9 @@ pub struct SpanningStats {
     /// Entries refused: from a gateway that is not the conversation's authority, or about a
     /// conversation this gateway does not hold in that role.
     pub entries_refused: u64,
+    /// Devices of another domain dropped from a plain conversation homed here once their
+    /// domain's CRL revoked them.
+    pub revoked_unshared: u64,
 }
 
 /// A message a member gateway relayed, as its entry carried it.
@@ -383,6 +386,9 @@ impl Gateway {
                     self.spanning_stats.entries_refused += 1;
                     return;
                 }
+                // A device revoked here is not a member again, whatever the authority had
+                // not yet heard.
+                let members = self.not_revoked(&members);
                 self.delivery
                     .add_plain_members(now, conversation, &members, self.fx.writes());
                 self.delivery
@@ -758,12 +764,8 @@ impl Gateway {
                 super::refusal::authority_moving_message(to),
             );
         }
-        if !self.spanning.is_foreign_member(conv, peer, sender) {
-            return refused(
-                ErrorCode::NotMember,
-                "not a member of this conversation".into(),
-            );
-        }
+        // Revocation first: a revoked device is no member of a plain conversation any more
+        // either, and "revoked" is what it needs to hear.
         if self.peer_crls.revokes(peer, sender) {
             // Its own domain revoked it: no gateway takes its messages any more.
             self.peer_crls.count_relay_refused();
@@ -773,6 +775,12 @@ impl Gateway {
                     "this device was revoked by {peer} (CRL version {})",
                     self.peer_crls.version(peer)
                 ),
+            );
+        }
+        if !self.spanning.is_foreign_member(conv, peer, sender) {
+            return refused(
+                ErrorCode::NotMember,
+                "not a member of this conversation".into(),
             );
         }
         if msg_id == sender_order::NO_MESSAGE {

@@ -244,6 +244,24 @@ impl Spanning {
         (self.roles.len() - replicas, replicas)
     }
 
+    /// Every (conversation, device) of `domain` among the members of a conversation homed
+    /// here.
+    pub fn homed_members_of<'a>(
+        &'a self,
+        domain: &'a str,
+    ) -> impl Iterator<Item = (ConversationId, DeviceId)> + 'a {
+        self.roles.iter().flat_map(move |(conv, role)| {
+            let devices = match role {
+                Role::Authority(home) => home.members.get(domain),
+                _ => None,
+            };
+            devices
+                .into_iter()
+                .flatten()
+                .map(move |device| (*conv, *device))
+        })
+    }
+
     /// `conv`, homed here, gets these members of `domain`. Returns false (and changes nothing)
     /// if `conv` is a replica here or moving away: only its authority shares it.
     pub fn share(

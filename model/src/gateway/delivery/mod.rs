@@ -256,6 +256,10 @@ pub struct DeliveryStats {
     pub mailbox_over_quota: u64,
     /// Messages no longer kept for a device because its mailbox was over its quota.
     pub mailbox_released: u64,
+    /// Memberships ended at once because their device was revoked: of plain conversations
+    /// at the revocation, of groups at the commit removing it (a departure would have waited
+    /// for it to read up to there).
+    pub revoked_left: u64,
 }
 
 /// How often the mailboxes are measured against their quota (each check walks every
@@ -540,6 +544,57 @@ impl Delivery {
             .or_insert_with(|| ConversationLog::new(conv, []))
             .restore_member(device);
         self.memberships.entry(device).or_default().insert(conv);
+    }
+
+    /// `device` was revoked: it leaves every plain conversation it is a member of here (the
+    /// members of an MLS group remove it by a commit instead: `is_group` tells them apart),
+    /// so that no member list names it and nothing is kept for it any more (its cursor held
+    /// every message back until retention ran out). Returns those conversations.
+    pub fn drop_revoked_member(
+        &mut self,
+        device: DeviceId,
+        is_group: impl Fn(ConversationId) -> bool,
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) -> Vec<ConversationId> {
+        let plain: Vec<ConversationId> = self
+            .memberships
+            .get(&device)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|conv| !is_group(*conv))
+            .collect();
+        for &conv in &plain {
+            if let Some(log) = self.conversations.get_mut(&conv) {
+                log.remove_member(device, fx.writes());
+            }
+            self.forget_member(device, conv, sessions, fx);
+            self.stats.revoked_left += 1;
+        }
+        plain
+    }
+
+    /// `devices`, removed from `conv` by a commit and revoked, will never read up to their
+    /// removal: their departures end now, so that nothing is kept for them any more.
+    pub fn revoked_departed(
+        &mut self,
+        conv: ConversationId,
+        devices: &[DeviceId],
+        sessions: &Sessions,
+        fx: &mut Fx,
+    ) {
+        for &device in devices {
+            if !self.departing.contains_key(&(device, conv)) {
+                continue;
+            }
+            self.end_departure(device, conv, fx);
+            self.forget_member(device, conv, sessions, fx);
+            if self.inbox.remove(&(device, conv)).is_some() {
+                fx.delete(INBOX_TABLE, pair_key(device.0, conv.0));
+            }
+            self.stats.revoked_left += 1;
+        }
     }
 
     /// A conversation spanning domains that has no member device here yet: its log exists
