@@ -190,7 +190,7 @@ impl Gateway {
                 }
             }
             AdminCommand::CreateConversation(conversation, members) => {
-                let members = self.not_revoked(&members);
+                let (_, members) = self.split_revoked(&members);
                 self.delivery
                     .add_plain_members(now, conversation, &members, self.fx.writes());
                 // A member online now reads what the conversation holds at once.

@@ -235,7 +235,7 @@ impl Gateway {
             .collect();
         self.delivery
             .removed_by_authority(now, conv, seq, &ours, &self.sessions, &mut self.fx);
-        let revoked = self.revoked_among(&ours);
+        let (revoked, _) = self.split_revoked(&ours);
         self.delivery
             .revoked_departed(conv, &revoked, &self.sessions, &mut self.fx);
         self.spanning_stats.removals_taken += 1;

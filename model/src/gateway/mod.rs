@@ -1959,7 +1959,7 @@ impl Gateway {
             &self.sessions,
             &mut self.fx,
         );
-        let revoked: Vec<DeviceId> = self.revoked_among(&change.removed);
+        let (revoked, _) = self.split_revoked(&change.removed);
         self.delivery
             .revoked_departed(conv, &revoked, &self.sessions, &mut self.fx);
         if !abroad.added.is_empty() {
@@ -2091,25 +2091,12 @@ impl Gateway {
         );
     }
 
-    /// The devices among `devices` that this gateway revoked.
-    pub(super) fn revoked_among(&self, devices: &[DeviceId]) -> Vec<DeviceId> {
+    /// `devices` split into those this gateway revoked and the rest (a plain conversation
+    /// made or opened here never lists a revoked one again; a group's revoked members depart
+    /// at once).
+    pub(super) fn split_revoked(&self, devices: &[DeviceId]) -> (Vec<DeviceId>, Vec<DeviceId>) {
         let crl = self.registry.crl();
-        devices
-            .iter()
-            .copied()
-            .filter(|d| crl.revoked.contains(d))
-            .collect()
-    }
-
-    /// `members` without the devices this gateway revoked (a plain conversation made or
-    /// opened here never lists one again).
-    pub(super) fn not_revoked(&self, members: &[DeviceId]) -> Vec<DeviceId> {
-        let crl = self.registry.crl();
-        members
-            .iter()
-            .copied()
-            .filter(|d| !crl.revoked.contains(d))
-            .collect()
+        devices.iter().partition(|d| crl.revoked.contains(d))
     }
 }
 

@@ -388,7 +388,7 @@ impl Gateway {
                 }
                 // A device revoked here is not a member again, whatever the authority had
                 // not yet heard.
-                let members = self.not_revoked(&members);
+                let (_, members) = self.split_revoked(&members);
                 self.delivery
                     .add_plain_members(now, conversation, &members, self.fx.writes());
                 self.delivery
