@@ -2272,3 +2272,24 @@ fn a_revoked_device_leaves_its_plain_conversations_and_holds_nothing_back() {
     let made = h.gateway.log(ConversationId(0xC2)).unwrap();
     assert!(made.is_member(alice()) && !made.is_member(bob()));
 }
+
+/// Swarm seed 504383: every member of a plain conversation was revoked while it still held
+/// messages (nobody had read them), and the gateway's restart refused its own store as
+/// corrupt ("log entry for a conversation which has no members"): a gateway that could never
+/// start again. A conversation with no member left is legitimate, and is restored.
+#[test]
+fn a_gateway_restarts_after_every_member_of_a_conversation_was_revoked() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.connect(2, bob());
+    one_batch(&mut h, vec![alice_send(1, Some(0)), alice_send(2, Some(1))]);
+    h.input(support::admin(AdminCommand::RevokeDevice(bob())));
+    h.input(support::admin(AdminCommand::RevokeDevice(alice())));
+    let log = h.gateway.log(CONV).unwrap();
+    assert!(!log.is_member(alice()) && !log.is_member(bob()));
+    assert_eq!(log.head(), 2);
+    let h = h.restarted(open_config());
+    let log = h.gateway.log(CONV).expect("the conversation is restored");
+    assert_eq!(log.head(), 2, "seqs go on where they were");
+    assert!(!log.is_member(alice()) && !log.is_member(bob()));
+}

@@ -101,6 +101,43 @@ fn lying_disk_swarm_22782_two_lost_histories_at_one_seq_are_told() {
     run("tests/regressions/lying-disk-swarm-22782.sund", 22782);
 }
 
+/// A gateway's lying disk lost seqs 27 to 31 of a conversation a device had read; after the
+/// crash a retried message got its old seq 31 back, so the message at the device's cursor
+/// matched and the gateway took the device's history for its own, though 27 to 30 now held
+/// other messages (a silent fork). A device's first cursor in a gateway's run is now
+/// examined whatever the message at it (shrunk from a 100,000-seed swarm, seed 500624).
+#[test]
+fn lying_disk_swarm_500624_a_retried_message_at_its_old_seq_hides_no_fork() {
+    run(
+        "tests/regressions/lying-disk-retried-at-its-old-seq-swarm-500624-shrunk.sund",
+        500624,
+    );
+}
+
+/// A device of another domain sent into a room, its gateway crashed before the authority's
+/// answers came back, and the device left the room meanwhile: its gateway answered the
+/// retries `not_member`, so its application was told "rejected" of messages every member had
+/// read. A copy of a message sequenced while its device was a member now gets its seq back
+/// at both gateways, as a local device's does (swarm seed 500326).
+#[test]
+fn left_member_swarm_500326_is_not_told_its_sequenced_messages_were_refused() {
+    run(
+        "tests/regressions/left-member-retry-swarm-500326.sund",
+        500326,
+    );
+}
+
+/// Both members of a plain conversation were revoked while it held messages nobody had read,
+/// and the gateway's restart refused its own store as corrupt (a log with no member): it
+/// could never start again (swarm seed 504383).
+#[test]
+fn revoked_last_members_swarm_504383_the_gateway_restarts() {
+    run(
+        "tests/regressions/revoked-last-members-swarm-504383.sund",
+        504383,
+    );
+}
+
 /// A DM's creating commit added the other user's second device, revoked a moment before the
 /// commit reached the gateway, which refused it (`forbidden`). The creator took every refusal
 /// of a creation for "another device created it first" and waited for a Welcome that never

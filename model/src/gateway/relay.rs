@@ -171,6 +171,21 @@ impl Gateway {
             .log(conv)
             .is_some_and(|log| log.is_member(device))
         {
+            // A copy of a message the authority sequenced while the device was a member (its
+            // answer was lost to a crash, and the device left since) gets its seq back, as a
+            // local device's does: it was sequenced, and must not be reported refused.
+            let sequenced = self
+                .delivery
+                .log(conv)
+                .and_then(|log| log.duplicate_of(device, msg_id));
+            if let Some(seq) = sequenced {
+                let routing = Routing { seq, ..routing };
+                let ack = SendAck {
+                    msg_id: msg_id.to_bytes(),
+                };
+                self.fx.send(conn, routing, Payload::SendAck(ack));
+                return;
+            }
             let refusal = Refusal::error(ErrorCode::NotMember, "not a member of this conversation")
                 .in_conversation(routing)
                 .about(msg_id);
@@ -778,6 +793,15 @@ impl Gateway {
             );
         }
         if !self.spanning.is_foreign_member(conv, peer, sender) {
+            // A copy of a message sequenced while the device was a member gets its seq back
+            // (as a local device's does): it was sequenced, and must not be reported refused.
+            let sequenced = self
+                .delivery
+                .log(conv)
+                .and_then(|log| log.duplicate_of(sender, msg_id));
+            if let Some(seq) = sequenced {
+                return Outcome::Sequenced(seq);
+            }
             return refused(
                 ErrorCode::NotMember,
                 "not a member of this conversation".into(),

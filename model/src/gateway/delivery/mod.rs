@@ -359,6 +359,12 @@ pub struct Delivery {
     /// Each conversation's head when this gateway recovered: a device that read beyond it
     /// before a crash read what this run may have lost (see [`Delivery::open_session`]).
     recovered_heads: BTreeMap<ConversationId, u64>,
+    /// (device, conversation) pairs this run has looked at: the device opened a session as
+    /// a member, or became one here. Until then, whatever a device read beyond the recovered
+    /// head it read before the crash, whatever the message at its cursor is now (a message
+    /// retried after a lossy crash can get its old seq back, so its id matches there while
+    /// the seqs before it hold other messages). In memory: each run looks afresh.
+    looked_at: BTreeSet<(DeviceId, ConversationId)>,
     /// From the last mailbox check: for a device over its quota, per conversation, the seq up
     /// to which messages are no longer kept for it (garbage collection counts it as its
     /// cursor). In memory: a restart measures again.
@@ -408,6 +414,7 @@ impl Delivery {
             departing: BTreeMap::new(),
             sender_order: SenderOrder::default(),
             recovered_heads: BTreeMap::new(),
+            looked_at: BTreeSet::new(),
             mailbox_floors: BTreeMap::new(),
             kept: BTreeSet::new(),
             mailbox_checked_at: None,
@@ -460,15 +467,14 @@ impl Delivery {
             }
             Ok(())
         })?;
+        // A plain conversation can have no member left (its last devices were revoked) and
+        // still hold messages until garbage collection drops them: its log is restored too.
         scan_all(store, LOG_TABLE, |key, value| {
             let (conv, entry) = decode_entry(key, value)?;
-            match d.conversations.get_mut(&conv) {
-                Some(log) => log.restore_entry(entry),
-                None => Err(StoreError::Corrupt {
-                    table: LOG_TABLE.0,
-                    reason: format!("entry for {conv} which has no members"),
-                }),
-            }
+            d.conversations
+                .entry(conv)
+                .or_insert_with(|| ConversationLog::new(conv, []))
+                .restore_entry(entry)
         })?;
         for log in d.conversations.values_mut() {
             log.finish_restore()?;
@@ -620,6 +626,7 @@ impl Delivery {
         log.add_member(creator, writes);
         self.conversations.insert(conv, log);
         self.memberships.entry(creator).or_default().insert(conv);
+        self.looked_at.insert((creator, conv));
         self.store_cursor(creator, conv, 0, writes);
         if let Some(session) = self.sessions.get_mut(&conn) {
             session.windows.insert(conv, Window::at(0, now));
@@ -784,6 +791,7 @@ impl Delivery {
     ) {
         for &device in devices {
             self.memberships.entry(device).or_default().insert(conv);
+            self.looked_at.insert((device, conv));
             let item = InboxItem::Welcome {
                 seq,
                 kind,
@@ -855,6 +863,7 @@ impl Delivery {
         if let Some(convs) = self.memberships.get_mut(&device) {
             convs.remove(&conv);
         }
+        self.looked_at.remove(&(device, conv));
         self.cursors.remove(&(device, conv));
         fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
         if let Some(conn) = sessions.online(device) {
@@ -903,6 +912,7 @@ impl Delivery {
         if let Some(convs) = self.memberships.get_mut(&device) {
             convs.remove(&conv);
         }
+        self.looked_at.remove(&(device, conv));
         self.cursors.remove(&(device, conv));
         fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
         if let Some(session) = self.sessions.get_mut(&conn) {
@@ -1108,6 +1118,14 @@ impl Delivery {
         writes: &mut WriteBatch,
     ) {
         for &device in members {
+            if !self
+                .memberships
+                .get(&device)
+                .is_some_and(|convs| convs.contains(&conv))
+            {
+                // A new member: it read nothing of `conv` before this run.
+                self.looked_at.insert((device, conv));
+            }
             self.add_member(conv, device);
         }
         if let Some(log) = self.conversations.get(&conv) {
@@ -1187,8 +1205,11 @@ impl Delivery {
             .collect();
         for conv in convs {
             let read = presented_last.get(&conv).copied().flatten();
+            let first_look = self.looked_at.insert((device, conv));
             if let Some(&shown) = presented.get(&conv) {
-                self.examine_cursor(now, device, conv, shown, read, writes, &mut lost);
+                self.examine_cursor(
+                    now, device, conv, shown, read, first_look, writes, &mut lost,
+                );
             }
             let head = self.conversations[&conv].head();
             let stored = self.cursor(device, conv);
@@ -1214,6 +1235,8 @@ impl Delivery {
     /// (beyond the head, at a seq now marked lost, or another message than the one now at its
     /// cursor) read everything after the recovered head from before the crash: any seq this
     /// run gave to another message since is one where its history diverged, and it is told.
+    /// So did a device showing a cursor beyond the recovered head in its first session of
+    /// this run (`first_look`), whatever the message at its cursor now is.
     #[allow(clippy::too_many_arguments)]
     fn examine_cursor(
         &mut self,
@@ -1222,10 +1245,12 @@ impl Delivery {
         conv: ConversationId,
         shown: u64,
         read: Option<[u8; 16]>,
+        first_look: bool,
         writes: &mut WriteBatch,
         found: &mut Vec<LostHistory>,
     ) {
-        let recovered = self.recovered_heads.get(&conv).copied().unwrap_or(0);
+        let recovered_here = self.recovered_heads.get(&conv).copied();
+        let recovered = recovered_here.unwrap_or(0);
         let log = self.conversations.get_mut(&conv).expect("a member's log");
         let head = log.head();
         let read_lost = if shown > head {
@@ -1266,7 +1291,9 @@ impl Delivery {
                     self.diverged_found(device, conv, from, shown, writes, found);
                     return;
                 }
-                _ => false,
+                // Nothing was delivered to it in this run yet: it read beyond the recovered
+                // head before the crash, even if a retried message is back at its cursor.
+                _ => first_look && recovered_here.is_some_and(|r| shown > r),
             }
         };
         if !read_lost {
