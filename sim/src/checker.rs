@@ -3,6 +3,7 @@
 //! The checker sees only what applications see (deliveries, acceptances) and what a gateway
 //! reports about its log after a restart; it never reads a state machine's private state.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sund_model::ids::{ConversationId, DeviceId, MsgId};
@@ -247,15 +248,18 @@ impl Checker {
             }
             return;
         }
-        match self.owners.get(&(conv, seq)) {
-            Some(&owner) if owner != (sender, msg_id) => self.fail(
-                Invariant::NoLoss,
-                at_us,
-                format!("{who}: seq {seq} of {conv} carries {msg_id} from {sender}, but it was first seen carrying {} from {}: an acknowledged message was overwritten", owner.1, owner.0),
-            ),
-            Some(_) => {}
-            None => {
-                self.owners.insert((conv, seq), (sender, msg_id));
+        match self.owners.entry((conv, seq)) {
+            Entry::Occupied(owner) if *owner.get() != (sender, msg_id) => {
+                let owner = *owner.get();
+                self.fail(
+                    Invariant::NoLoss,
+                    at_us,
+                    format!("{who}: seq {seq} of {conv} carries {msg_id} from {sender}, but it was first seen carrying {} from {}: an acknowledged message was overwritten", owner.1, owner.0),
+                )
+            }
+            Entry::Occupied(_) => {}
+            Entry::Vacant(vacant) => {
+                vacant.insert((sender, msg_id));
                 self.check_sender_order(at_us, conv, seq, sender, msg_id, who);
             }
         }
@@ -338,7 +342,13 @@ impl Checker {
         msg_id: MsgId,
     ) {
         self.stats.delivered += 1;
-        let upto = self.delivered_upto(device, conv);
+        // One search of each map per delivery (this runs for every message at every member).
+        let upto = {
+            let slot = self.delivered_upto.entry((device, conv)).or_insert(0);
+            let upto = *slot;
+            *slot = seq.max(upto);
+            upto
+        };
         if seq <= upto {
             self.fail(
                 Invariant::NoDuplicate,
@@ -354,23 +364,33 @@ impl Checker {
                 ),
             );
         }
-        match self.delivered_seqs.get(&(conv, sender, msg_id)) {
-            // A message the gateway lost after delivering it, retried by its sender, gets
-            // another seq: the devices that read it before read it again.
-            Some(&first) if first != seq && (self.in_lost(conv, first) || self.in_lost(conv, seq)) => {
-                self.delivered_seqs.insert((conv, sender, msg_id), seq);
+        let twice = match self.delivered_seqs.entry((conv, sender, msg_id)) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(seq);
+                None
             }
-            Some(&first) if first != seq => self.fail(
+            Entry::Occupied(mut seen) => {
+                let first = *seen.get();
+                // A message the gateway lost after delivering it, retried by its sender, gets
+                // another seq: the devices that read it before read it again.
+                let lost = |s| self.lost.get(&conv).is_some_and(|l| l.contains(&s));
+                if first == seq {
+                    None
+                } else if lost(first) || lost(seq) {
+                    seen.insert(seq);
+                    None
+                } else {
+                    Some(first)
+                }
+            }
+        };
+        if let Some(first) = twice {
+            self.fail(
                 Invariant::NoDuplicate,
                 at_us,
                 format!("{who}: {msg_id} from {sender} delivered as seq {seq} of {conv}, but it was delivered as seq {first} before: the gateway sequenced one message twice"),
-            ),
-            Some(_) => {}
-            None => {
-                self.delivered_seqs.insert((conv, sender, msg_id), seq);
-            }
+            );
         }
-        self.delivered_upto.insert((device, conv), seq.max(upto));
         self.claim(at_us, conv, seq, sender, msg_id, who, Some(device));
     }
 

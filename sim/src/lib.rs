@@ -12,6 +12,7 @@
 pub mod checker;
 pub mod disk;
 pub mod event_log;
+pub mod event_queue;
 pub mod fuzzing;
 pub mod network;
 pub mod planted_hunt;

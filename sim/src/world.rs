@@ -14,8 +14,7 @@
 //! At `duration` the world heals every fault (cuts, holds, link faults, crashed actors) and
 //! probes for convergence every 100 ms of virtual time until the liveness bound.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +31,7 @@ use sund_model::time::Instant;
 use crate::checker::{Checker, CheckerStats, Phase, Violation};
 use crate::disk::SimDisk;
 use crate::event_log::{describe_frame, EventLog};
+use crate::event_queue::EventQueue;
 use crate::network::{ActorIndex, Arrival, NetStats, Network};
 use crate::rng::SimRng;
 use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
@@ -192,30 +192,6 @@ enum EventKind {
     },
 }
 
-#[derive(Debug)]
-struct Event {
-    at: u64,
-    seq: u64,
-    kind: EventKind,
-}
-
-impl PartialEq for Event {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Event {}
-impl PartialOrd for Event {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Event {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
 // Both configs stay inline, one per actor: a node's is large too (boxing the gateway's alone
 // leaves the node's the larger by as much), and an actor's machine is reached in every step.
 #[allow(clippy::large_enum_variant)]
@@ -277,8 +253,7 @@ pub struct World {
     scenario: Scenario,
     seed: u64,
     now: u64,
-    next_seq: u64,
-    queue: BinaryHeap<Reverse<Event>>,
+    queue: EventQueue<EventKind>,
     actors: Vec<Actor>,
     gateways: Vec<ActorIndex>,
     devices: Vec<ActorIndex>,
@@ -486,8 +461,7 @@ impl World {
             ),
             seed,
             now: 0,
-            next_seq: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::default(),
             actors,
             gateways,
             devices,
@@ -550,9 +524,7 @@ impl World {
     }
 
     fn push(&mut self, at: u64, kind: EventKind) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.queue.push(Reverse(Event { at, seq, kind }));
+        self.queue.push(at, kind);
     }
 
     fn setup(&mut self) {
@@ -2301,15 +2273,15 @@ impl World {
 
     fn run_events(&mut self) {
         while self.outcome.is_none() {
-            let Some(Reverse(event)) = self.queue.pop() else {
+            let Some((at, kind)) = self.queue.pop() else {
                 // Nothing left to do: converged or stuck; let the probe logic decide.
                 self.probe_final();
                 break;
             };
-            debug_assert!(event.at >= self.now, "time never goes backwards");
-            self.now = event.at;
+            debug_assert!(at >= self.now, "time never goes backwards");
+            self.now = at;
             self.events += 1;
-            self.dispatch(event.kind);
+            self.dispatch(kind);
             if let Some(v) = self.checker.violation() {
                 self.outcome = Some(match v.phase {
                     Phase::Liveness => Outcome::Liveness(v.clone()),
