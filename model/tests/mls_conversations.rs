@@ -755,6 +755,46 @@ fn a_device_leaves_and_the_operator_removes_another_through_the_gateways_proposa
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));
 }
 
+/// Swarm seed 2026120600452: a group's last member asks to leave; nobody is left to commit its
+/// removal, so the gateway ends its membership at the head, which the device has read. The
+/// device took that notice for news of an earlier membership and ignored it: it never
+/// acknowledged it, and asked to leave, and was told `not_member`, for ever.
+#[test]
+fn the_last_member_that_leaves_hears_it_was_removed() {
+    let mut net = three_devices();
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[])
+        .unwrap();
+    net.settle();
+    let alice = net.device(1);
+    assert_eq!(
+        net.gateway
+            .group(room)
+            .unwrap()
+            .devices()
+            .keys()
+            .collect::<Vec<_>>(),
+        vec![&alice]
+    );
+    net.nodes.get_mut(&1).unwrap().0.leave(now, room).unwrap();
+    net.settle();
+    assert!(net.events[&1].iter().any(
+        |e| matches!(e, NodeEvent::RemovedFrom { conversation, .. } if *conversation == room)
+    ));
+    let groups = net.nodes[&1].0.groups().unwrap();
+    let entry = groups
+        .entry(room)
+        .expect("the group's entry stays, as removed");
+    assert!(matches!(entry.status, GroupStatus::Removed { .. }));
+    assert!(entry.intents.is_empty(), "no leave left to ask for");
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
 #[test]
 fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
     let mut net = three_devices();

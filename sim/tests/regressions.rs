@@ -138,6 +138,19 @@ fn revoked_last_members_swarm_504383_the_gateway_restarts() {
     );
 }
 
+/// A DM's other member was revoked and removed; the last member then asked to leave, and the
+/// gateway ended its membership at the head it had read (nobody was left to commit its
+/// removal). The device took the notice for news of an earlier membership and ignored it: it
+/// asked to leave, was told `not_member`, and its messages waited, for ever (the first minute
+/// of `scripts/long-swarm.sh`, seed 2026120600452; mls seed 514655 was the same).
+#[test]
+fn last_member_leaves_swarm_2026120600452_hears_it_was_removed() {
+    run(
+        "tests/regressions/last-member-leaves-swarm-2026120600452.sund",
+        2026120600452,
+    );
+}
+
 /// A DM's creating commit added the other user's second device, revoked a moment before the
 /// commit reached the gateway, which refused it (`forbidden`). The creator took every refusal
 /// of a creation for "another device created it first" and waited for a Welcome that never

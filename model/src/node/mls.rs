@@ -445,8 +445,12 @@ impl Node {
         // the Welcome of a later one (the gateway sends the two back to back, and frames may
         // overtake each other): applying it would throw the current membership away, and with
         // it what arrives next (found by the simulator's swarm). A removed device never reads
-        // up to the commit that removed it, so a current notice is always ahead of the cursor.
-        if seq <= self.inbox.cursor(conv) {
+        // up to the commit that removed it, and a later membership's Welcome comes after that
+        // commit, so such news is always behind the cursor. One current notice is *at* the
+        // cursor: a group's last member that leaves is removed at the head it has read (no
+        // one is left to commit its removal); ignoring that one left it asking to leave for
+        // ever (swarm seed 2026120600452).
+        if seq < self.inbox.cursor(conv) {
             return;
         }
         let Some(m) = &mut self.mls else {
