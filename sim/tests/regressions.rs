@@ -114,6 +114,16 @@ fn lying_disk_swarm_500624_a_retried_message_at_its_old_seq_hides_no_fork() {
     );
 }
 
+/// A lying disk lost what bob read; the gateway gave those seqs to alice's messages and then
+/// restarted again, honestly, before bob came back: the head it recovered was past the loss, so
+/// it compared bob's cursor with nothing lost and told nobody (ten seeds of a 27,000-seed
+/// swarm, e.g. 506537, failed this way). The gateway now keeps in which run each device last
+/// had a session and where each run began sequencing, and tells bob and carol.
+#[test]
+fn lying_disk_restarted_again_before_the_reader_came_back_is_no_silent_fork() {
+    run("tests/regressions/lying-disk-restarted-again.sund", 1);
+}
+
 /// A device of another domain sent into a room, its gateway crashed before the authority's
 /// answers came back, and the device left the room meanwhile: its gateway answered the
 /// retries `not_member`, so its application was told "rejected" of messages every member had

@@ -342,8 +342,17 @@ impl Gateway {
             fx.writes(),
         )
         .expect("an empty store reads without error");
+        let nonce = gateway.draw_u64();
+        gateway.delivery.start_run(nonce);
         gateway.fx = fx;
         gateway
+    }
+
+    /// A number from the gateway's entropy.
+    fn draw_u64(&mut self) -> u64 {
+        let mut bytes = [0u8; 8];
+        self.entropy.fill_bytes(&mut bytes);
+        u64::from_be_bytes(bytes)
     }
 
     /// Rebuilds a gateway from committed storage after a (re)start. Sessions start empty; resume
@@ -405,6 +414,8 @@ impl Gateway {
         for conv in awaiting {
             gateway.delivery.keep_acknowledged(conv, true);
         }
+        let nonce = gateway.draw_u64();
+        gateway.delivery.start_run(nonce);
         gateway.fx = fx;
         Ok(gateway)
     }
@@ -1248,7 +1259,15 @@ impl Gateway {
             match self.sessions.check_resume(now, device, &token) {
                 Resume::Valid => {
                     self.sessions.count_opening(true);
-                    self.open_session(now, conn, device, &hello.cursors, user, hello.generation);
+                    self.open_session(
+                        now,
+                        conn,
+                        device,
+                        &hello.cursors,
+                        user,
+                        hello.generation,
+                        Some(token),
+                    );
                     return;
                 }
                 Resume::Expired => self.refuse(
@@ -1276,6 +1295,7 @@ impl Gateway {
             cursors: hello.cursors,
             user,
             generation: hello.generation,
+            token: hello.resume_token,
         };
         self.sessions.challenge(conn, challenged);
         self.fx.send(
@@ -1305,13 +1325,16 @@ impl Gateway {
             cursors,
             user,
             generation,
+            token,
             ..
         } = challenged;
-        self.open_session(now, conn, device, &cursors, user, generation);
+        self.open_session(now, conn, device, &cursors, user, generation, token);
     }
 
     /// Opens the authenticated session of `device`, unless its `Hello` came from a stale copy
-    /// of the device's data (`generation` not above the last one seen).
+    /// of the device's data (`generation` not above the last one seen). `token`: the resume
+    /// token the `Hello` presented, valid or not (it names the device's last session's run).
+    #[allow(clippy::too_many_arguments)]
     fn open_session(
         &mut self,
         now: Instant,
@@ -1320,6 +1343,7 @@ impl Gateway {
         cursors: &[Cursor],
         user: Option<UserId>,
         generation: Option<u64>,
+        token: Option<[u8; 32]>,
     ) {
         // The certificate was checked at `Hello`; a revocation that came while the device was
         // answering its challenge must still keep it out.
@@ -1363,13 +1387,20 @@ impl Gateway {
             );
             self.refuse(old, goodbye);
         }
-        let findings = self
-            .delivery
-            .open_session(now, conn, device, cursors, self.fx.writes());
+        let findings = self.delivery.open_session(
+            now,
+            conn,
+            device,
+            cursors,
+            token.as_ref(),
+            self.fx.writes(),
+        );
+        let stamp = self.delivery.token_stamp(self.fx.writes());
         let token = self.sessions.issue_token(
             now,
             device,
             self.config.resume_token_ttl,
+            &stamp,
             self.entropy.as_mut(),
             self.fx.writes(),
         );

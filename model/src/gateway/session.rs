@@ -50,6 +50,9 @@ pub struct Challenged {
     pub user: Option<UserId>,
     /// The hello's session number (see `Hello::generation`).
     pub generation: Option<u64>,
+    /// The resume token the hello presented, known here or not: it names the run of the
+    /// device's last session (see `delivery::Runs`).
+    pub token: Option<[u8; 32]>,
 }
 
 #[derive(Clone, Debug)]
@@ -351,18 +354,22 @@ impl Sessions {
 
     // ---- resume tokens ----
 
-    /// Issues the device's new resume token, replacing its old one.
+    /// Issues the device's new resume token, replacing its old one: `stamp` (the run that
+    /// issues it, see `delivery::Runs`) and random bytes after it.
     pub fn issue_token(
         &mut self,
         now: Instant,
         device: DeviceId,
         ttl: Duration,
+        stamp: &[u8],
         entropy: &mut dyn Entropy,
         writes: &mut WriteBatch,
     ) -> [u8; 32] {
+        assert!(stamp.len() <= 16, "at least 16 random bytes in a token");
         self.drop_device_token(device, writes);
         let mut token = [0u8; 32];
         entropy.fill_bytes(&mut token);
+        token[..stamp.len()].copy_from_slice(stamp);
         let expires = now + ttl;
         self.tokens.insert(token, (device, expires));
         self.device_tokens.insert(device, token);

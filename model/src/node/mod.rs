@@ -797,17 +797,11 @@ impl Node {
             }
             _ if !self.link.is_open() => {
                 // Before HelloOk only a challenge, a token refusal or a goodbye make sense.
-                match frame.payload {
-                    Payload::Error(report)
-                        if matches!(
-                            ErrorCode::from_u16(report.code),
-                            ErrorCode::ResumeTokenExpired | ErrorCode::ResumeTokenInvalid
-                        ) =>
-                    {
-                        self.link.forget_resume_token(self.fx.writes());
-                    }
-                    Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
-                    _ => {}
+                // A refused resume token is kept until the next `HelloOk` brings a new one:
+                // the challenge follows at once, and each `Hello` until then still shows the
+                // gateway the run of this device's last session (what it may have read).
+                if let Payload::Goodbye(goodbye) = frame.payload {
+                    self.refused(now, conn, &goodbye);
                 }
             }
             Payload::Heartbeat(beat) => {

@@ -15,6 +15,9 @@
 //! head (the sequencer asserts it).
 
 mod inboxes;
+mod runs;
+
+pub use runs::{Runs, RUNS_TABLE, RUN_STARTS_TABLE, TOKEN_STAMP_BYTES};
 
 use inboxes::send_inbox_item;
 
@@ -356,15 +359,9 @@ pub struct Delivery {
     departing: BTreeMap<(DeviceId, ConversationId), u64>,
     /// The last message sequenced from each device in each conversation.
     sender_order: SenderOrder,
-    /// Each conversation's head when this gateway recovered: a device that read beyond it
-    /// before a crash read what this run may have lost (see [`Delivery::open_session`]).
-    recovered_heads: BTreeMap<ConversationId, u64>,
-    /// (device, conversation) pairs this run has looked at: the device opened a session as
-    /// a member, or became one here. Until then, whatever a device read beyond the recovered
-    /// head it read before the crash, whatever the message at its cursor is now (a message
-    /// retried after a lossy crash can get its old seq back, so its id matches there while
-    /// the seqs before it hold other messages). In memory: each run looks afresh.
-    looked_at: BTreeSet<(DeviceId, ConversationId)>,
+    /// The gateway's runs: which one sequenced where, and each device's last session's (to
+    /// tell what a device read from what the log holds now, see [`Delivery::open_session`]).
+    runs: Runs,
     /// From the last mailbox check: for a device over its quota, per conversation, the seq up
     /// to which messages are no longer kept for it (garbage collection counts it as its
     /// cursor). In memory: a restart measures again.
@@ -413,8 +410,7 @@ impl Delivery {
             gc_again_at: None,
             departing: BTreeMap::new(),
             sender_order: SenderOrder::default(),
-            recovered_heads: BTreeMap::new(),
-            looked_at: BTreeSet::new(),
+            runs: Runs::default(),
             mailbox_floors: BTreeMap::new(),
             kept: BTreeSet::new(),
             mailbox_checked_at: None,
@@ -491,12 +487,20 @@ impl Delivery {
             d.memberships.entry(device).or_default().insert(conv);
             Ok(())
         })?;
-        d.recovered_heads = d
-            .conversations
-            .iter()
-            .map(|(&id, log)| (id, log.head()))
-            .collect();
+        d.runs = Runs::recover(store)?;
         Ok(d)
+    }
+
+    /// A run of the gateway begins (after [`Delivery::new`] or [`Delivery::recover`]), with
+    /// a nonce from the gateway's entropy (see [`Runs`]).
+    pub fn start_run(&mut self, nonce: u64) {
+        self.runs.start(nonce);
+    }
+
+    /// The start of each resume token this run issues: its number and nonce, which the device
+    /// presents again at its next session (see [`Runs`]).
+    pub fn token_stamp(&mut self, writes: &mut WriteBatch) -> [u8; TOKEN_STAMP_BYTES] {
+        self.runs.token_stamp(writes)
     }
 
     // ---- getters ----
@@ -626,7 +630,6 @@ impl Delivery {
         log.add_member(creator, writes);
         self.conversations.insert(conv, log);
         self.memberships.entry(creator).or_default().insert(conv);
-        self.looked_at.insert((creator, conv));
         self.store_cursor(creator, conv, 0, writes);
         if let Some(session) = self.sessions.get_mut(&conn) {
             session.windows.insert(conv, Window::at(0, now));
@@ -791,7 +794,6 @@ impl Delivery {
     ) {
         for &device in devices {
             self.memberships.entry(device).or_default().insert(conv);
-            self.looked_at.insert((device, conv));
             let item = InboxItem::Welcome {
                 seq,
                 kind,
@@ -863,7 +865,6 @@ impl Delivery {
         if let Some(convs) = self.memberships.get_mut(&device) {
             convs.remove(&conv);
         }
-        self.looked_at.remove(&(device, conv));
         self.cursors.remove(&(device, conv));
         fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
         if let Some(conn) = sessions.online(device) {
@@ -912,7 +913,6 @@ impl Delivery {
         if let Some(convs) = self.memberships.get_mut(&device) {
             convs.remove(&conv);
         }
-        self.looked_at.remove(&(device, conv));
         self.cursors.remove(&(device, conv));
         fx.delete(CURSORS_TABLE, pair_key(device.0, conv.0));
         if let Some(session) = self.sessions.get_mut(&conn) {
@@ -979,6 +979,7 @@ impl Delivery {
             .map_err(|SequencerError::NotMember| AppendError::NotMember)?;
         if let Appended::New(seq) = appended {
             log.persist_append(seq, writes);
+            self.runs.sequenced(conv, seq, writes);
         }
         self.appended(conv, device, msg_id, chained, appended);
         Ok(appended)
@@ -1028,6 +1029,7 @@ impl Delivery {
         let appended = log.append_relayed(now, device, msg_id, body);
         if let Appended::New(seq) = appended {
             log.persist_append(seq, writes);
+            self.runs.sequenced(conv, seq, writes);
         }
         self.appended(conv, device, msg_id, chained, appended);
         Ok(appended)
@@ -1124,7 +1126,6 @@ impl Delivery {
                 .is_some_and(|convs| convs.contains(&conv))
             {
                 // A new member: it read nothing of `conv` before this run.
-                self.looked_at.insert((device, conv));
             }
             self.add_member(conv, device);
         }
@@ -1164,6 +1165,7 @@ impl Delivery {
             .expect("a group has a log");
         let seq = log.append_by_authority(now, msg_id, body);
         log.persist_append(seq, writes);
+        self.runs.sequenced(conv, seq, writes);
         seq
     }
 
@@ -1178,12 +1180,16 @@ impl Delivery {
     /// them to other messages (the device would take a different message for one it has, a
     /// silent fork): they become placeholders ([`ConversationLog::fence`]), the devices behind
     /// are told of the loss as they reach it, and the loss is returned for the operator.
+    /// `token` is the resume token the device presented (known here or not): it names the
+    /// last run the device read from, so what it shows it read is compared with what later
+    /// runs sequenced ([`Delivery::examine_cursor`]).
     pub fn open_session(
         &mut self,
         now: Instant,
         conn: ConnectionId,
         device: DeviceId,
         presented: &[Cursor],
+        token: Option<&[u8; 32]>,
         writes: &mut WriteBatch,
     ) -> Vec<LostHistory> {
         let mut lost = Vec::new();
@@ -1196,6 +1202,8 @@ impl Delivery {
             .map(|c| (c.conversation_id(), c.seq))
             .collect();
         let mut windows = BTreeMap::new();
+        // The last run it may have read from, if not this one (see [`Runs`]).
+        let last_session = self.runs.last_read_run(token);
         let convs: Vec<ConversationId> = self
             .memberships
             .get(&device)
@@ -1205,10 +1213,16 @@ impl Delivery {
             .collect();
         for conv in convs {
             let read = presented_last.get(&conv).copied().flatten();
-            let first_look = self.looked_at.insert((device, conv));
             if let Some(&shown) = presented.get(&conv) {
                 self.examine_cursor(
-                    now, device, conv, shown, read, first_look, writes, &mut lost,
+                    now,
+                    device,
+                    conv,
+                    shown,
+                    read,
+                    last_session,
+                    writes,
+                    &mut lost,
                 );
             }
             let head = self.conversations[&conv].head();
@@ -1231,12 +1245,12 @@ impl Delivery {
 
     /// What a cursor `device` presented for `conv` (read there: the message it read at it)
     /// shows of history this gateway lost; see [`Delivery::open_session`]. A cursor beyond the
-    /// head fences the seqs up to it as lost. A device that read a message the gateway lost
-    /// (beyond the head, at a seq now marked lost, or another message than the one now at its
-    /// cursor) read everything after the recovered head from before the crash: any seq this
-    /// run gave to another message since is one where its history diverged, and it is told.
-    /// So did a device showing a cursor beyond the recovered head in its first session of
-    /// this run (`first_look`), whatever the message at its cursor now is.
+    /// head fences the seqs up to it as lost. The device read nothing this gateway sequenced
+    /// in a run after its last session (`last_session`: `None` if that was this run), so a
+    /// message of such a run at a seq it read, past its stored cursor, is one where its
+    /// history diverged, and it is told; that holds however many times the gateway restarted
+    /// since ([`Runs`]). So is a device that read another message at its cursor than the one
+    /// there now, or another lost message than the one a placeholder there kept.
     #[allow(clippy::too_many_arguments)]
     fn examine_cursor(
         &mut self,
@@ -1245,15 +1259,14 @@ impl Delivery {
         conv: ConversationId,
         shown: u64,
         read: Option<[u8; 16]>,
-        first_look: bool,
+        last_session: Option<u64>,
         writes: &mut WriteBatch,
         found: &mut Vec<LostHistory>,
     ) {
-        let recovered_here = self.recovered_heads.get(&conv).copied();
-        let recovered = recovered_here.unwrap_or(0);
+        let stored = self.cursor(device, conv);
         let log = self.conversations.get_mut(&conv).expect("a member's log");
         let head = log.head();
-        let read_lost = if shown > head {
+        if shown > head {
             if shown - head > FENCE_MAX {
                 self.stats.implausible_cursors += 1;
                 return;
@@ -1271,40 +1284,35 @@ impl Delivery {
                 from,
                 to: shown,
             });
-            true
-        } else {
-            match (read, log.get(shown)) {
+        } else if shown > stored {
+            let other_message = match (read, log.get(shown)) {
                 // Another device read another message at this lost seq: two lost histories
                 // (two lossy crashes in one lying spell, each run giving the seq to another
-                // message). This one is told its history diverged.
-                (Some(id), Some(entry))
-                    if entry.sender == LOST_SENDER
-                        && lost_read(entry).is_some_and(|kept| kept != id) =>
-                {
-                    let from = recovered.min(shown - 1) + 1;
-                    self.diverged_found(device, conv, from, shown, writes, found);
-                    return;
+                // message).
+                (Some(id), Some(entry)) if entry.sender == LOST_SENDER => {
+                    lost_read(entry).is_some_and(|kept| kept != id)
                 }
-                (Some(_), Some(entry)) if entry.sender == LOST_SENDER => true,
-                (Some(id), Some(entry)) if entry.msg_id.to_bytes() != id => {
-                    let from = recovered.min(shown - 1) + 1;
-                    self.diverged_found(device, conv, from, shown, writes, found);
-                    return;
-                }
-                // Nothing was delivered to it in this run yet: it read beyond the recovered
-                // head before the crash, even if a retried message is back at its cursor.
-                _ => first_look && recovered_here.is_some_and(|r| shown > r),
+                (Some(id), Some(entry)) => entry.msg_id.to_bytes() != id,
+                _ => false,
+            };
+            if other_message {
+                self.diverged_found(device, conv, stored + 1, shown, writes, found);
+                return;
             }
-        };
-        if !read_lost {
-            return;
         }
+        // Messages of runs after its last session, at seqs it says it read.
+        let Some(since) = last_session
+            .and_then(|run| self.runs.first_seq_after(conv, run))
+            .map(|first| first.max(stored + 1))
+        else {
+            return;
+        };
         let log = &self.conversations[&conv];
-        let replaced = (recovered + 1..=shown.min(log.head()))
+        let replaced = (since..=shown.min(log.head()))
             .rev()
             .find(|&s| log.get(s).is_some_and(|e| e.sender != LOST_SENDER));
         if let Some(to) = replaced {
-            self.diverged_found(device, conv, recovered + 1, to, writes, found);
+            self.diverged_found(device, conv, since, to, writes, found);
         }
     }
 
@@ -1674,6 +1682,9 @@ impl Delivery {
                 writes,
                 &mut |entry| order.dropping(conv, entry.sender, entry.seq, head),
             );
+            if dropped > 0 {
+                self.runs.collected(conv, log.first_seq(), writes);
+            }
             self.stats.gc_dropped += dropped as u64;
             backlog |= dropped > 0 && dropped == limits.gc_batch_max;
         }
