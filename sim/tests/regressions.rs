@@ -114,6 +114,18 @@ fn lying_disk_swarm_500624_a_retried_message_at_its_old_seq_hides_no_fork() {
     );
 }
 
+/// A DM's member asked to leave while the other member was cut off and then revoked: nobody
+/// was left to commit its removal, and it asked for good (a gap the checker let pass). The
+/// gateway now ends a conversation whose last device able to commit leaves, removing the
+/// revoked devices with it; the checker's two exemptions for such groups are gone.
+#[test]
+fn last_able_member_leaves_swarm_704_the_conversation_ends() {
+    run(
+        "tests/regressions/last-able-member-leaves-swarm-704.sund",
+        704,
+    );
+}
+
 /// A lying disk lost what bob read; the gateway gave those seqs to alice's messages and then
 /// restarted again, honestly, before bob came back: the head it recovered was past the loss, so
 /// it compared bob's cursor with nothing lost and told nobody (ten seeds of a 27,000-seed

@@ -70,7 +70,7 @@ pub(super) fn member_user(
 impl Gateway {
     /// The domain of `device` if it is another domain's that this gateway learned of (a
     /// device registered here is never foreign).
-    fn foreign_domain(&self, device: DeviceId) -> Option<&str> {
+    pub(super) fn foreign_domain(&self, device: DeviceId) -> Option<&str> {
         if self.registry.user_of(device).is_some() {
             return None;
         }

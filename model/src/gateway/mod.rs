@@ -2010,7 +2010,9 @@ impl Gateway {
             // authority again; the gateway it goes to holds the group state it was given,
             // and hears of a device of this domain as of one leaving (of another domain's
             // revoked device, from that domain's CRL).
-            let _ = self.groups.request_removal(conv, device, self.fx.writes());
+            let _ = self
+                .groups
+                .request_removal(conv, device, &|_| false, self.fx.writes());
             if self.registry.user_of(device).is_some() {
                 let leave = Entry::Leave {
                     conversation: conv,
@@ -2021,7 +2023,28 @@ impl Gateway {
             }
             return;
         }
-        match self.groups.request_removal(conv, device, self.fx.writes()) {
+        // The group's devices revoked by their domain: they will never commit again.
+        let revoked: BTreeSet<DeviceId> = self
+            .groups
+            .get(conv)
+            .map(|group| {
+                group
+                    .devices()
+                    .keys()
+                    .copied()
+                    .filter(|&d| {
+                        self.registry.crl().revoked.contains(&d)
+                            || self
+                                .foreign_domain(d)
+                                .is_some_and(|domain| self.peer_crls.revokes(domain, d))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let removal =
+            self.groups
+                .request_removal(conv, device, &|d| revoked.contains(&d), self.fx.writes());
+        match removal {
             Removal::Nothing => {}
             Removal::LastMember(effect) => {
                 let head = self.delivery.head(conv).unwrap_or(0);

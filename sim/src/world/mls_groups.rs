@@ -455,18 +455,6 @@ impl World {
                     "{name} is a member of {conv} but has not joined it"
                 ));
             };
-            // Known gap, left for later (see SIMULATION.md): the last member able to commit
-            // cannot commit its own removal, so its `leave` waits for good once every other
-            // member is revoked. Swarm seeds 704 and 1912 found it.
-            let stranded_leave = matches!(entry.intents.front(), Some(Intent::Leave))
-                && group
-                    .devices()
-                    .keys()
-                    .filter(|&&d| d != device)
-                    .all(|d| self.revocations_hold(*d));
-            if stranded_leave {
-                continue;
-            }
             if entry.status != GroupStatus::Synchronized || !entry.intents.is_empty() {
                 return Some(format!(
                     "{name} is {:?} with {} changes queued in {conv} (first {:?}); the gateway proposed removing {:?}",

@@ -170,11 +170,6 @@ impl World {
         }
     }
 
-    /// True if `device` was revoked.
-    pub(super) fn revocations_hold(&self, device: DeviceId) -> bool {
-        self.revocations.revoked.contains_key(&device)
-    }
-
     /// True if `a`'s device was revoked.
     pub(super) fn is_revoked(&self, a: ActorIndex) -> bool {
         self.revocations
@@ -321,15 +316,12 @@ impl World {
                 continue;
             };
             if let Some(group) = g.group(c.id) {
-                // Only a member can commit a removal, and not its own: a group whose every
-                // device was revoked or is leaving stays as it is, read by nobody.
-                let committer = group.devices().keys().any(|d| {
-                    !self.revocations.revoked.contains_key(d) && !group.removals().contains(d)
-                });
+                // A group whose last device able to commit left or was revoked is over: the
+                // gateway removed every device with it, so none is listed here either.
                 if let Some(device) = group
                     .devices()
                     .keys()
-                    .find(|d| committer && self.revocations.revoked.contains_key(d))
+                    .find(|d| self.revocations.revoked.contains_key(d))
                 {
                     return Some(format!("{} still lists revoked device {device}", c.id));
                 }

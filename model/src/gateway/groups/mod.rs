@@ -484,21 +484,30 @@ impl Groups {
     /// Records a request to remove `device` from `conv` (it leaves, is revoked, or the operator
     /// removes it) and says what to do now. Proposals are bound to their epoch and a commit
     /// holds at most one removal, so one is proposed per epoch; the others wait their turn.
+    ///
+    /// `revoked` says which devices will never commit again (revoked by their domain). When
+    /// `device` is the last member that could, nobody is left to commit its removal: it goes
+    /// at once, with the revoked ones, and the conversation is over (else it would ask to
+    /// leave for good; swarm seed 704).
     pub fn request_removal(
         &mut self,
         conv: ConversationId,
         device: DeviceId,
+        revoked: &dyn Fn(DeviceId) -> bool,
         writes: &mut WriteBatch,
     ) -> Removal {
         let Some(group) = self.groups.get_mut(&conv) else {
             return Removal::Nothing;
         };
-        if group.devices().len() == 1 && group.devices().contains_key(&device) {
-            // The last member leaves: nobody is left to commit, so it goes at once and the
-            // conversation is over.
+        let last_able = group.devices().contains_key(&device)
+            && group
+                .devices()
+                .keys()
+                .all(|&other| other == device || revoked(other));
+        if last_able {
             let mut state = group.clone();
             let change = Change {
-                removed: vec![device],
+                removed: state.devices().keys().copied().collect(),
                 ..Change::default()
             };
             let new_owner = state.apply(&change);

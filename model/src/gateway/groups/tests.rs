@@ -322,7 +322,7 @@ fn after_a_handover_every_commit_takes_the_new_external_sender_and_removals_wait
     // Until a commit takes it, the group's external sender is the old authority: removals
     // are kept, not proposed with a key members would refuse.
     assert!(matches!(
-        groups.request_removal(conv, d(30), &mut writes),
+        groups.request_removal(conv, d(30), &|_| false, &mut writes),
         Removal::Propose
     ));
     assert!(groups
@@ -387,4 +387,37 @@ proptest::proptest! {
         let g = room();
         proptest::prop_assert_eq!(GroupState::decode_record(&g.encode()), Ok(g));
     }
+}
+
+/// The last device able to commit asks to leave while every other device of the group is
+/// revoked: nobody can commit its removal, so it goes at once, with the revoked devices, and
+/// the conversation is over. While one other device could still commit, its removal is
+/// proposed as usual. Swarm seed 704 waited for good here.
+#[test]
+fn the_last_device_able_to_commit_leaves_at_once_with_the_revoked_ones() {
+    let conv = ConversationId(0xC1);
+    let mut groups = Groups::default();
+    let mut writes = WriteBatch::default();
+    groups.set_state(conv, room(), &mut writes);
+    let all_but_20_and_21 = |d: DeviceId| ![20, 21].contains(&d.0);
+    assert!(matches!(
+        groups.request_removal(conv, d(20), &all_but_20_and_21, &mut writes),
+        Removal::Propose
+    ));
+    let all_but_20 = |d: DeviceId| d.0 != 20;
+    match groups.request_removal(conv, d(20), &all_but_20, &mut writes) {
+        Removal::LastMember(effect) => {
+            assert_eq!(
+                effect.change.removed,
+                vec![d(10), d(11), d(20), d(21), d(30)]
+            );
+            assert!(effect.state.devices().is_empty());
+        }
+        _ => panic!("the last device able to commit goes at once"),
+    }
+    // A device that is not a member changes nothing.
+    assert!(matches!(
+        groups.request_removal(conv, d(99), &|_| true, &mut writes),
+        Removal::Nothing
+    ));
 }
