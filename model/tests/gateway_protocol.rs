@@ -74,6 +74,8 @@ struct Harness {
     acked_last: BTreeMap<DeviceId, u8>,
     /// Each device's last resume token, presented at its next hello as a node does.
     tokens: BTreeMap<DeviceId, [u8; 32]>,
+    /// Restarts so far (each run draws its own entropy, as a real one does).
+    restarts: u64,
 }
 
 impl Harness {
@@ -91,6 +93,7 @@ impl Harness {
             sent_after: BTreeMap::new(),
             acked_last: BTreeMap::new(),
             tokens: BTreeMap::new(),
+            restarts: 0,
         };
         h.input(support::admin(AdminCommand::CreateConversation(
             CONV,
@@ -103,7 +106,7 @@ impl Harness {
     fn restarted(&self, config: GatewayConfig) -> Harness {
         // Each run draws other tokens, as a real one does (the same stream twice would issue
         // a token the store holds for another device).
-        let entropy = Counter(5 + self.store.commits());
+        let entropy = Counter(5 + self.store.commits() + 1_000 * (self.restarts + 1));
         let gateway = Gateway::recover(config, self.now, &self.store, Box::new(entropy)).unwrap();
         Harness {
             gateway,
@@ -113,6 +116,7 @@ impl Harness {
             sent_after: self.sent_after.clone(),
             acked_last: self.acked_last.clone(),
             tokens: self.tokens.clone(),
+            restarts: self.restarts + 1,
         }
     }
 
@@ -1862,6 +1866,68 @@ fn two_devices_that_read_different_lost_messages_at_one_seq_are_not_both_left_un
         .collect();
     assert_eq!(found, vec![(HistoryKind::Diverged, bob(), 3)]);
     assert_eq!(notices(&out, 4, ErrorCode::HistoryDiverged), vec![3]);
+}
+
+/// Two lossy crashes in one lying spell, and the devices' cursors stop at different seqs:
+/// bob read alice's 2 and 3 in the first run, carol read her own message at seq 2 in the
+/// second. Bob comes back first and marks 2..=3 lost; the placeholders keep the run he read
+/// them in (his token names it, his cursor says he read from seq 1 on). Carol read seq 2 in
+/// another run, so she is told her history diverged; dave, who read alice's 2 in bob's run,
+/// is not. Before, nobody was told (plain swarm seeds 693, 2338, 508215 and others).
+#[test]
+fn devices_that_read_lost_seqs_in_different_runs_are_told_even_at_different_seqs() {
+    let mut h = Harness::new();
+    // Carol is mallory's key here, dave alice's phone.
+    h.input(support::admin(AdminCommand::CreateConversation(
+        CONV,
+        vec![mallory(), alice_phone()],
+    )));
+    h.connect(1, alice());
+    h.connect(2, bob());
+    h.connect(3, mallory());
+    h.connect(4, alice_phone());
+    h.send(1, alice(), 1, b"one");
+    for conn in 2..=4 {
+        h.ack(conn, 1);
+    }
+    let durable = h.store.clone();
+    h.send(1, alice(), 2, b"two");
+    h.send(1, alice(), 3, b"three");
+    // The disk lied: the gateway comes back from `durable`; carol sends into seq 2.
+    h.store = durable.clone();
+    let mut h = h.restarted(open_config());
+    h.connect_with(5, mallory(), vec![Cursor::new(CONV, 1)]);
+    let out = h.send(5, mallory(), 9, b"carol's");
+    assert!(!frames_to(&out, 5).is_empty());
+    assert_eq!(h.gateway.conversation_head(CONV), Some(2));
+    // And again: the run carol read in is lost whole.
+    h.store = durable;
+    let mut h = h.restarted(open_config());
+    let bobs = Cursor {
+        since: Some(0),
+        ..Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])))
+    };
+    let out = h.connect_with(6, bob(), vec![bobs]);
+    assert_eq!(
+        history(&out)
+            .iter()
+            .map(|f| (f.kind, f.from, f.to))
+            .collect::<Vec<_>>(),
+        vec![(HistoryKind::Lost, 2, 3)]
+    );
+    let carols = Cursor {
+        since: Some(1),
+        ..Cursor::read(CONV, 2, Some(MsgId::from_bytes([9; 16])))
+    };
+    let out = h.connect_with(7, mallory(), vec![carols]);
+    assert_eq!(notices(&out, 7, ErrorCode::HistoryDiverged), vec![2]);
+    let daves = Cursor {
+        since: Some(0),
+        ..Cursor::read(CONV, 2, Some(MsgId::from_bytes([2; 16])))
+    };
+    let out = h.connect_with(8, alice_phone(), vec![daves]);
+    assert!(notices(&out, 8, ErrorCode::HistoryDiverged).is_empty());
+    assert!(history(&out).is_empty(), "{:?}", history(&out));
 }
 
 #[test]

@@ -474,7 +474,11 @@ fn hello_presents_the_durable_cursors() {
     assert_eq!(
         hello.payload,
         Payload::Hello(Hello {
-            cursors: vec![Cursor::read(CONV, 2, Some(MsgId::from_bytes([2; 16])))],
+            // It read seqs 1 and 2 in the session whose token it shows, from seq 0 on.
+            cursors: vec![Cursor {
+                since: Some(0),
+                ..Cursor::read(CONV, 2, Some(MsgId::from_bytes([2; 16])))
+            }],
             device_key: my_key().public().0,
             resume_token: Some([7; 32]),
             user: None,
@@ -1207,7 +1211,10 @@ fn a_divergence_notice_is_told_and_the_cursor_stops_naming_its_message() {
     };
     assert_eq!(
         hello.cursors,
-        vec![Cursor::new(CONV, 2)],
+        vec![Cursor {
+            since: Some(0),
+            ..Cursor::new(CONV, 2)
+        }],
         "same seq, no message named"
     );
 }

@@ -25,7 +25,12 @@ fn payload() -> impl Strategy<Value = Payload> {
     prop_oneof![
         (
             proptest::collection::vec(
-                (bytes16(), any::<u64>(), proptest::option::of(bytes16())),
+                (
+                    bytes16(),
+                    any::<u64>(),
+                    proptest::option::of(bytes16()),
+                    proptest::option::of(any::<u64>())
+                ),
                 0..8
             ),
             any::<[u8; 32]>(),
@@ -39,10 +44,11 @@ fn payload() -> impl Strategy<Value = Payload> {
                     Hello {
                         cursors: cs
                             .into_iter()
-                            .map(|(conversation, seq, last)| Cursor {
+                            .map(|(conversation, seq, last, since)| Cursor {
                                 conversation,
                                 seq,
-                                last
+                                last,
+                                since
                             })
                             .collect(),
                         device_key,
@@ -544,6 +550,7 @@ fn too_many_cursors_are_refused() {
             conversation: [0; 16],
             seq: 0,
             last: None,
+            since: None,
         };
         CURSORS_LEN_MAX + 1
     ];

@@ -65,6 +65,7 @@ fn hello_frame_bytes() {
                 conversation: [3; 16],
                 seq: 9,
                 last: Some([0x1d; 16]),
+                since: None,
             }],
             device_key: [0x4b; 32],
             resume_token: Some([0x7e; 32]),

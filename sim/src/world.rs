@@ -2127,6 +2127,14 @@ impl World {
                         self.actors[m as usize].name
                     ));
                 }
+                // A divergence notice on its way is heard before the run can end (the
+                // silent-fork check then counts it as told).
+                if g.divergence_waiting(self.actors[m as usize].device, *conv) {
+                    return Some(format!(
+                        "{} has not acknowledged the notice that its history of {conv} diverged",
+                        self.actors[m as usize].name
+                    ));
+                }
             }
         }
         for &d in &self.devices {

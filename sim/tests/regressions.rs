@@ -114,6 +114,17 @@ fn lying_disk_swarm_500624_a_retried_message_at_its_old_seq_hides_no_fork() {
     );
 }
 
+/// Two lossy crashes in one lying spell, and devices that read the lost seqs in different
+/// runs stopped at different seqs: nobody was told (a silent fork). The placeholders now keep
+/// the run their fencer read them in, and a device that read there in another run is told.
+#[test]
+fn lying_disk_two_lost_runs_swarm_508215_no_silent_fork() {
+    run(
+        "tests/regressions/lying-disk-two-lost-runs-swarm-508215.sund",
+        508215,
+    );
+}
+
 /// A DM's member asked to leave while the other member was cut off and then revoked: nobody
 /// was left to commit its removal, and it asked for good (a gap the checker let pass). The
 /// gateway now ends a conversation whose last device able to commit leaves, removing the

@@ -519,6 +519,12 @@ impl Gateway {
         self.delivery.head(conversation)
     }
 
+    /// Whether a notice that `device`'s history of `conversation` diverged waits for its
+    /// acknowledgement (sent at each session until then).
+    pub fn divergence_waiting(&self, device: DeviceId, conversation: ConversationId) -> bool {
+        self.delivery.divergence_waiting(device, conversation)
+    }
+
     /// The conversations this gateway is authority for, in id order.
     pub fn conversations(&self) -> impl Iterator<Item = &ConversationLog> {
         self.delivery.conversations()

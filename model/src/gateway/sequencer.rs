@@ -260,14 +260,36 @@ impl ConversationLog {
     /// the loss as they reach it. The placeholder at `upto` keeps `read`, the id of the
     /// message the device read there ([`lost_read`]), so that a device that read another
     /// message at that seq (a second lossy crash gave it to another) is known to have diverged.
+    /// `run`: where the device began reading in the gateway run its token names, and that
+    /// run's stamp; each placeholder after that point keeps the stamp ([`lost_stamp`]), so
+    /// that a device that read there in another run is known to have read other messages.
     /// Returns the first lost seq; the caller persists the placeholders with
     /// [`ConversationLog::persist_append`].
-    pub fn fence(&mut self, now: Instant, upto: u64, read: Option<[u8; 16]>) -> u64 {
+    pub fn fence(
+        &mut self,
+        now: Instant,
+        upto: u64,
+        read: Option<[u8; 16]>,
+        run: Option<(u64, [u8; 16])>,
+    ) -> u64 {
         let from = self.head() + 1;
         for seq in from..=upto {
-            let body = match read {
-                Some(id) if seq == upto => Bytes::copy_from_slice(&id),
-                _ => Bytes::new(),
+            let id = read.filter(|_| seq == upto);
+            let stamp = run
+                .filter(|(since, _)| seq > *since)
+                .map(|(_, stamp)| stamp);
+            let body = match (stamp, id) {
+                (None, Some(id)) => Bytes::copy_from_slice(&id),
+                (None, None) => Bytes::new(),
+                (Some(stamp), id) => {
+                    let mut body = Vec::with_capacity(33);
+                    body.push(STAMPED);
+                    body.extend_from_slice(&stamp);
+                    if let Some(id) = id {
+                        body.extend_from_slice(&id);
+                    }
+                    Bytes::from(body)
+                }
             };
             self.push(LogEntry {
                 seq,
@@ -513,11 +535,31 @@ pub const AUTHORITY_SENDER: DeviceId = DeviceId(0);
 /// The sender of the placeholders for seqs the gateway lost ([`ConversationLog::fence`]).
 pub const LOST_SENDER: DeviceId = DeviceId(1);
 
+/// The first byte of a placeholder's body that keeps the run its seq was read in.
+const STAMPED: u8 = b'R';
+
 /// The id of the message a device had read at a lost seq, if a placeholder ([`LOST_SENDER`])
-/// keeps one: the placeholder's body is that id (empty when no device's cursor named it).
+/// keeps one. A placeholder's body is empty, that id (16 bytes), or [`STAMPED`], the stamp of
+/// the gateway run the device read the seq in (16, see [`lost_stamp`]) and the id if kept.
 pub fn lost_read(entry: &LogEntry) -> Option<[u8; 16]> {
     debug_assert_eq!(entry.sender, LOST_SENDER);
-    entry.body.as_ref().try_into().ok()
+    let body = entry.body.as_ref();
+    match body.len() {
+        16 => body.try_into().ok(),
+        33 if body[0] == STAMPED => body[17..].try_into().ok(),
+        _ => None,
+    }
+}
+
+/// The stamp of the gateway run in which the device that marked this seq lost had read it, if
+/// a placeholder ([`LOST_SENDER`]) keeps one (see [`lost_read`]).
+pub fn lost_stamp(entry: &LogEntry) -> Option<[u8; 16]> {
+    debug_assert_eq!(entry.sender, LOST_SENDER);
+    let body = entry.body.as_ref();
+    match body.len() {
+        17 | 33 if body[0] == STAMPED => body[1..17].try_into().ok(),
+        _ => None,
+    }
 }
 
 /// The store key of a log entry.
@@ -899,7 +941,7 @@ mod tests {
         log.append(at(1), DeviceId(2), MsgId(1), Bytes::from_static(b"a"))
             .unwrap();
         // The gateway lost seqs 2 and 3; a device's cursor named the message it read at 3.
-        assert_eq!(log.fence(at(2), 3, Some([7; 16])), 2);
+        assert_eq!(log.fence(at(2), 3, Some([7; 16]), None), 2);
         assert_eq!(log.get(2).map(lost_read), Some(None));
         assert_eq!(log.get(3).map(lost_read), Some(Some([7; 16])));
     }

@@ -18,6 +18,12 @@ use crate::time::Instant;
 /// the message read at it (16) where there is one.
 pub const NODE_CURSORS_TABLE: Table = Table("node_cursors");
 
+/// Table of where reading under the current resume token began: key `conversation(16)`, value
+/// the cursor before the first move under that token (8, big-endian) and the token's first 16
+/// bytes (the gateway run that issued it). Written once per conversation per token, with the
+/// cursor move it precedes.
+pub const NODE_READ_SINCE_TABLE: Table = Table("node_read_since");
+
 /// A delivery waiting for its turn.
 #[derive(Clone, Debug)]
 pub struct Inbound {
@@ -35,6 +41,12 @@ pub struct Inbox {
     cursors: BTreeMap<ConversationId, u64>,
     /// The id of the message read at each cursor, where the cursor moved by reading one.
     last_read: BTreeMap<ConversationId, MsgId>,
+    /// Per conversation: the cursor before its first move under a token, and that token's
+    /// stamp (its first 16 bytes: the gateway run that issued it).
+    read_since: BTreeMap<ConversationId, (u64, [u8; 16])>,
+    /// The stamp of the token of the current session, if any: cursor moves now are reads
+    /// from that gateway run.
+    stamp: Option<[u8; 16]>,
     reorder: BTreeMap<ConversationId, BTreeMap<u64, Inbound>>,
     replay_asked: BTreeMap<ConversationId, Instant>,
     reorder_buffer_max: usize,
@@ -72,9 +84,26 @@ impl Inbox {
                 }),
             }
         })?;
+        let mut read_since = BTreeMap::new();
+        scan_all(store, NODE_READ_SINCE_TABLE, |key, value| {
+            match (<[u8; 16]>::try_from(key), <[u8; 24]>::try_from(value)) {
+                (Ok(k), Ok(v)) => {
+                    let since = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+                    let stamp: [u8; 16] = v[8..].try_into().expect("16 bytes");
+                    read_since.insert(ConversationId::from_bytes(k), (since, stamp));
+                    Ok(())
+                }
+                _ => Err(StoreError::Corrupt {
+                    table: NODE_READ_SINCE_TABLE.0,
+                    reason: "read-since key or value length".into(),
+                }),
+            }
+        })?;
         Ok(Inbox {
             cursors,
             last_read,
+            read_since,
+            stamp: None,
             reorder: BTreeMap::new(),
             replay_asked: BTreeMap::new(),
             reorder_buffer_max,
@@ -95,6 +124,28 @@ impl Inbox {
     /// The id of the message read at the cursor, if the cursor moved by reading one.
     pub fn last_read(&self, conversation: ConversationId) -> Option<MsgId> {
         self.last_read.get(&conversation).copied()
+    }
+
+    /// The session's resume token changed (a `HelloOk`, or the token read back at a start):
+    /// cursor moves from now on are reads from the gateway run it names.
+    pub fn set_token(&mut self, token: Option<&[u8; 32]>) {
+        self.stamp = token.map(|t| t[..16].try_into().expect("16 bytes"));
+    }
+
+    /// Where the device began reading `conversation` in the gateway run `token` names: the
+    /// cursor before its first move under that token, or the cursor itself if it has not
+    /// moved under it. `None` without a token.
+    pub fn read_since(
+        &self,
+        conversation: ConversationId,
+        token: Option<&[u8; 32]>,
+    ) -> Option<u64> {
+        let stamp: [u8; 16] = token?[..16].try_into().expect("16 bytes");
+        let cursor = self.cursor(conversation);
+        Some(match self.read_since.get(&conversation) {
+            Some(&(since, at)) if at == stamp => since.min(cursor),
+            _ => cursor,
+        })
     }
 
     /// Moves a conversation's cursor to `seq` (forward only, except when a Welcome resets
@@ -121,6 +172,23 @@ impl Inbox {
         last: Option<MsgId>,
         writes: &mut WriteBatch,
     ) {
+        if let Some(stamp) = self.stamp {
+            if self
+                .read_since
+                .get(&conversation)
+                .is_none_or(|(_, at)| *at != stamp)
+            {
+                let since = self.cursor(conversation);
+                self.read_since.insert(conversation, (since, stamp));
+                let mut value = since.to_be_bytes().to_vec();
+                value.extend_from_slice(&stamp);
+                writes.put(
+                    NODE_READ_SINCE_TABLE,
+                    conversation.to_bytes().to_vec(),
+                    value,
+                );
+            }
+        }
         self.cursors.insert(conversation, seq);
         let mut value = seq.to_be_bytes().to_vec();
         match last {
@@ -231,6 +299,53 @@ mod tests {
         store.commit(writes.take()).unwrap();
         let again = recovered(&store);
         assert_eq!((again.cursor(CONV), again.last_read(CONV)), (6, None));
+    }
+
+    /// What a device read under a token came from the gateway run that issued it: the
+    /// cursor before its first move under that token is kept (durably), and shown with the
+    /// next `Hello` while that token is the one shown too.
+    #[test]
+    fn where_reading_began_under_each_token_is_kept() {
+        let mut store = MemStore::default();
+        let mut inbox = recovered(&store);
+        let mut writes = WriteBatch::default();
+        let first = [1u8; 32];
+        let second = [2u8; 32];
+        assert_eq!(inbox.read_since(CONV, None), None);
+        inbox.set_cursor(CONV, 3, &mut writes);
+        assert_eq!(
+            inbox.read_since(CONV, Some(&first)),
+            Some(3),
+            "nothing under it"
+        );
+        inbox.set_token(Some(&first));
+        inbox.set_cursor_read(CONV, 5, MsgId(5), &mut writes);
+        inbox.set_cursor_read(CONV, 7, MsgId(7), &mut writes);
+        assert_eq!(inbox.read_since(CONV, Some(&first)), Some(3));
+        store.commit(writes.take()).unwrap();
+        let mut again = recovered(&store);
+        assert_eq!(again.read_since(CONV, Some(&first)), Some(3));
+        // A new session's token: reading under it begins at 7.
+        again.set_token(Some(&second));
+        assert_eq!(again.read_since(CONV, Some(&second)), Some(7));
+        again.set_cursor_read(CONV, 8, MsgId(8), &mut writes);
+        store.commit(writes.take()).unwrap();
+        assert_eq!(recovered(&store).read_since(CONV, Some(&second)), Some(7));
+        // A damaged row is refused.
+        let mut writes = WriteBatch::default();
+        writes.put(
+            NODE_READ_SINCE_TABLE,
+            CONV.to_bytes().to_vec(),
+            vec![0u8; 23],
+        );
+        store.commit(writes).unwrap();
+        assert!(matches!(
+            Inbox::recover(8, Duration::from_secs(1), &store),
+            Err(StoreError::Corrupt {
+                table: "node_read_since",
+                ..
+            })
+        ));
     }
 
     #[test]

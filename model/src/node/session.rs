@@ -12,7 +12,10 @@ impl Node {
             .inbox
             .cursors()
             .iter()
-            .map(|(c, s)| Cursor::read(*c, *s, self.inbox.last_read(*c)))
+            .map(|(c, s)| Cursor {
+                since: self.inbox.read_since(*c, self.link.resume_token().as_ref()),
+                ..Cursor::read(*c, *s, self.inbox.last_read(*c))
+            })
             .collect();
         cursors.truncate(CURSORS_LEN_MAX);
         let routing = Routing {
@@ -40,6 +43,7 @@ impl Node {
             ok.heartbeat_interval_ms,
             self.fx.writes(),
         );
+        self.inbox.set_token(Some(&ok.resume_token));
         if let (Some(m), Some(key)) = (&mut self.mls, ok.external_sender) {
             m.set_gateway_key(Vec::from(key), self.fx.writes());
         }

@@ -54,6 +54,12 @@ pub struct Cursor {
     #[n(2)]
     #[cbor(with = "minicbor::bytes")]
     pub last: Option<[u8; 16]>,
+    /// Where the device's cursor stood when it began reading in the gateway run its resume
+    /// token names (the run of its last session): what it read after `since` came from that
+    /// run. A gateway that lost those messages keeps the run with the seqs it marks lost, so
+    /// that a device that read other messages there, from another run, is told.
+    #[n(3)]
+    pub since: Option<u64>,
 }
 
 impl Cursor {
@@ -63,6 +69,7 @@ impl Cursor {
             conversation: conversation.to_bytes(),
             seq,
             last: None,
+            since: None,
         }
     }
 

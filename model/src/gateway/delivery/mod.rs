@@ -29,7 +29,7 @@ use bytes::Bytes;
 use super::groups::{Change, GroupState, Groups, GROUPS_TABLE};
 use super::sender_order::SenderOrder;
 use super::sequencer::{
-    decode_bounds, decode_dedup, decode_entry, lost_read, split_pair_key, Appended,
+    decode_bounds, decode_dedup, decode_entry, lost_read, lost_stamp, split_pair_key, Appended,
     ConversationLog, SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER,
     MEMBERS_TABLE,
 };
@@ -184,6 +184,35 @@ pub(super) fn pair_key(a: u128, b: u128) -> Vec<u8> {
     key.extend_from_slice(&a.to_be_bytes());
     key.extend_from_slice(&b.to_be_bytes());
     key
+}
+
+/// A cursor a device presented at session open, with what it says of where it was read.
+#[derive(Clone, Copy, Debug)]
+struct ShownCursor {
+    /// The seq it read up to.
+    shown: u64,
+    /// The id of the message it read there, if one.
+    read: Option<[u8; 16]>,
+    /// Where it began reading in the gateway run its token names, and that run's stamp.
+    run: Option<(u64, [u8; TOKEN_STAMP_BYTES])>,
+    /// The last run of this store it may have read from (`None`: this run).
+    last_session: Option<u64>,
+}
+
+/// Whether a placeholder in `from..=to` (at most [`FENCE_MAX`] seqs back from `to`) keeps the
+/// stamp of another gateway run than `stamp`: the device that marked it lost read that seq in
+/// another run than the one this device read it in.
+fn read_in_another_run(
+    log: &ConversationLog,
+    from: u64,
+    to: u64,
+    stamp: [u8; TOKEN_STAMP_BYTES],
+) -> bool {
+    (from.max(to.saturating_sub(FENCE_MAX))..=to).any(|seq| {
+        log.get(seq).is_some_and(|e| {
+            e.sender == LOST_SENDER && lost_stamp(e).is_some_and(|kept| kept != stamp)
+        })
+    })
 }
 
 /// Why a message could not be appended.
@@ -504,6 +533,14 @@ impl Delivery {
     }
 
     // ---- getters ----
+
+    /// Whether a divergence notice waits in `device`'s inbox for `conversation`.
+    pub fn divergence_waiting(&self, device: DeviceId, conversation: ConversationId) -> bool {
+        matches!(
+            self.inbox.get(&(device, conversation)),
+            Some(InboxItem::Diverged { .. })
+        )
+    }
 
     /// The highest seq of a conversation, if it exists here.
     pub fn head(&self, conversation: ConversationId) -> Option<u64> {
@@ -1064,7 +1101,7 @@ impl Delivery {
             return Ok(false);
         }
         if seq > head + 1 {
-            let from = log.fence(now, seq - 1, None);
+            let from = log.fence(now, seq - 1, None, None);
             for lost in from..seq {
                 log.persist_append(lost, writes);
             }
@@ -1197,13 +1234,20 @@ impl Delivery {
             .iter()
             .map(|c| (c.conversation_id(), c.last))
             .collect();
+        let presented_since: BTreeMap<ConversationId, u64> = presented
+            .iter()
+            .filter_map(|c| Some((c.conversation_id(), c.since?)))
+            .collect();
         let presented: BTreeMap<ConversationId, u64> = presented
             .iter()
             .map(|c| (c.conversation_id(), c.seq))
             .collect();
         let mut windows = BTreeMap::new();
-        // The last run it may have read from, if not this one (see [`Runs`]).
+        // The last run it may have read from, if not this one (see [`Runs`]), and that run's
+        // stamp (the token's first bytes).
         let last_session = self.runs.last_read_run(token);
+        let stamp: Option<[u8; TOKEN_STAMP_BYTES]> =
+            token.map(|t| t[..TOKEN_STAMP_BYTES].try_into().expect("16 bytes"));
         let convs: Vec<ConversationId> = self
             .memberships
             .get(&device)
@@ -1213,17 +1257,15 @@ impl Delivery {
             .collect();
         for conv in convs {
             let read = presented_last.get(&conv).copied().flatten();
+            let run = presented_since.get(&conv).copied().zip(stamp);
             if let Some(&shown) = presented.get(&conv) {
-                self.examine_cursor(
-                    now,
-                    device,
-                    conv,
+                let cursor = ShownCursor {
                     shown,
                     read,
+                    run,
                     last_session,
-                    writes,
-                    &mut lost,
-                );
+                };
+                self.examine_cursor(now, device, conv, cursor, writes, &mut lost);
             }
             let head = self.conversations[&conv].head();
             let stored = self.cursor(device, conv);
@@ -1250,19 +1292,25 @@ impl Delivery {
     /// message of such a run at a seq it read, past its stored cursor, is one where its
     /// history diverged, and it is told; that holds however many times the gateway restarted
     /// since ([`Runs`]). So is a device that read another message at its cursor than the one
-    /// there now, or another lost message than the one a placeholder there kept.
-    #[allow(clippy::too_many_arguments)]
+    /// there now, or another lost message than the one a placeholder there kept, or one that
+    /// read a lost message at its cursor and, since it began reading in its token's run, read
+    /// seqs that another device read in another run (the placeholders keep that run's stamp:
+    /// two lossy crashes in one lying spell gave those seqs to other messages).
     fn examine_cursor(
         &mut self,
         now: Instant,
         device: DeviceId,
         conv: ConversationId,
-        shown: u64,
-        read: Option<[u8; 16]>,
-        last_session: Option<u64>,
+        cursor: ShownCursor,
         writes: &mut WriteBatch,
         found: &mut Vec<LostHistory>,
     ) {
+        let ShownCursor {
+            shown,
+            read,
+            run,
+            last_session,
+        } = cursor;
         let stored = self.cursor(device, conv);
         let log = self.conversations.get_mut(&conv).expect("a member's log");
         let head = log.head();
@@ -1271,7 +1319,7 @@ impl Delivery {
                 self.stats.implausible_cursors += 1;
                 return;
             }
-            let from = log.fence(now, shown, read);
+            let from = log.fence(now, shown, read, run);
             for seq in from..=shown {
                 log.persist_append(seq, writes);
             }
@@ -1291,6 +1339,14 @@ impl Delivery {
                 // message).
                 (Some(id), Some(entry)) if entry.sender == LOST_SENDER => {
                     lost_read(entry).is_some_and(|kept| kept != id)
+                        || run.is_some_and(|(since, stamp)| {
+                            read_in_another_run(
+                                log,
+                                since.max(stored).saturating_add(1),
+                                shown,
+                                stamp,
+                            )
+                        })
                 }
                 (Some(id), Some(entry)) => entry.msg_id.to_bytes() != id,
                 _ => false,
