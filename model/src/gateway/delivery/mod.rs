@@ -1230,18 +1230,8 @@ impl Delivery {
         writes: &mut WriteBatch,
     ) -> Vec<LostHistory> {
         let mut lost = Vec::new();
-        let presented_last: BTreeMap<ConversationId, Option<[u8; 16]>> = presented
-            .iter()
-            .map(|c| (c.conversation_id(), c.last))
-            .collect();
-        let presented_since: BTreeMap<ConversationId, u64> = presented
-            .iter()
-            .filter_map(|c| Some((c.conversation_id(), c.since?)))
-            .collect();
-        let presented: BTreeMap<ConversationId, u64> = presented
-            .iter()
-            .map(|c| (c.conversation_id(), c.seq))
-            .collect();
+        let presented: BTreeMap<ConversationId, &Cursor> =
+            presented.iter().map(|c| (c.conversation_id(), c)).collect();
         let mut windows = BTreeMap::new();
         // The last run it may have read from, if not this one (see [`Runs`]), and that run's
         // stamp (the token's first bytes).
@@ -1256,20 +1246,18 @@ impl Delivery {
             .copied()
             .collect();
         for conv in convs {
-            let read = presented_last.get(&conv).copied().flatten();
-            let run = presented_since.get(&conv).copied().zip(stamp);
-            if let Some(&shown) = presented.get(&conv) {
+            if let Some(c) = presented.get(&conv) {
                 let cursor = ShownCursor {
-                    shown,
-                    read,
-                    run,
+                    shown: c.seq,
+                    read: c.last,
+                    run: c.since.zip(stamp),
                     last_session,
                 };
                 self.examine_cursor(now, device, conv, cursor, writes, &mut lost);
             }
             let head = self.conversations[&conv].head();
             let stored = self.cursor(device, conv);
-            let mut acked = presented.get(&conv).copied().unwrap_or(stored).min(head);
+            let mut acked = presented.get(&conv).map_or(stored, |c| c.seq).min(head);
             if self.limits.resume_off_by_one && acked < head {
                 acked += 1; // planted by the simulator: never in a real gateway
             }
