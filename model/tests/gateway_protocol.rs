@@ -1930,6 +1930,92 @@ fn devices_that_read_lost_seqs_in_different_runs_are_told_even_at_different_seqs
     assert!(history(&out).is_empty(), "{:?}", history(&out));
 }
 
+/// A device whose cursor did not move under its latest token read what it read in the run of
+/// an earlier one, and its cursor says which (`Cursor.since_run`). Three lossy crashes in one
+/// lying spell: bob read alice's 2 and 3 in the first run, carol her own message at seq 2 in
+/// the second; in the third carol came back, read nothing new, and so holds a token of a run
+/// she read nothing in; erin (alice's phone here) likewise, having read alice's 2 and 3 in the
+/// first. In the fourth, bob marks 2..=3 lost with the first run's stamp. Carol is told her
+/// history diverged (before, her cursor claimed to have begun reading at 2 under her last
+/// token, so nothing was compared: plain swarm seed 693, shrunk); erin, who read in bob's run,
+/// is not, though her token names another run.
+#[test]
+fn a_device_that_read_nothing_under_its_last_token_shows_the_run_it_read_in() {
+    let mut h = Harness::new();
+    h.input(support::admin(AdminCommand::CreateConversation(
+        CONV,
+        vec![mallory(), alice_phone()],
+    )));
+    h.connect(1, alice());
+    h.connect(2, bob());
+    h.connect(3, mallory());
+    h.connect(4, alice_phone());
+    h.send(1, alice(), 1, b"one");
+    for conn in 2..=4 {
+        h.ack(conn, 1);
+    }
+    let durable = h.store.clone();
+    h.send(1, alice(), 2, b"two");
+    h.send(1, alice(), 3, b"three");
+    let stamp = |h: &Harness, device| -> [u8; 16] { h.tokens[&device][..16].try_into().unwrap() };
+    let first_run = stamp(&h, bob());
+    // The second run: carol sends into seq 2 and reads it.
+    h.store = durable.clone();
+    let mut h = h.restarted(open_config());
+    h.connect_with(5, mallory(), vec![Cursor::new(CONV, 1)]);
+    let out = h.send(5, mallory(), 9, b"carol's");
+    assert!(!frames_to(&out, 5).is_empty());
+    let second_run = stamp(&h, mallory());
+    let carols = Cursor {
+        since: Some(1),
+        ..Cursor::read(CONV, 2, Some(MsgId::from_bytes([9; 16])))
+    };
+    let erins = Cursor {
+        since: Some(1),
+        ..Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])))
+    };
+    // The third run: carol and erin come back and read nothing new; each gets a token.
+    h.store = durable.clone();
+    let mut h = h.restarted(open_config());
+    h.connect_with(6, mallory(), vec![carols]);
+    h.connect_with(7, alice_phone(), vec![erins]);
+    assert_ne!(stamp(&h, mallory()), second_run);
+    // The fourth: bob comes back first.
+    h.store = durable;
+    let mut h = h.restarted(open_config());
+    let bobs = Cursor {
+        since: Some(1),
+        ..Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])))
+    };
+    let out = h.connect_with(8, bob(), vec![bobs]);
+    assert_eq!(
+        history(&out)
+            .iter()
+            .map(|f| (f.kind, f.from, f.to))
+            .collect::<Vec<_>>(),
+        vec![(HistoryKind::Lost, 2, 3)]
+    );
+    let out = h.connect_with(
+        9,
+        mallory(),
+        vec![Cursor {
+            since_run: Some(second_run),
+            ..carols
+        }],
+    );
+    assert_eq!(notices(&out, 9, ErrorCode::HistoryDiverged), vec![2]);
+    let out = h.connect_with(
+        10,
+        alice_phone(),
+        vec![Cursor {
+            since_run: Some(first_run),
+            ..erins
+        }],
+    );
+    assert!(notices(&out, 10, ErrorCode::HistoryDiverged).is_empty());
+    assert!(history(&out).is_empty(), "{:?}", history(&out));
+}
+
 #[test]
 fn a_cursor_implausibly_far_beyond_the_head_is_not_believed() {
     let mut h = gateway_that_lost_seqs_2_and_3();

@@ -29,7 +29,8 @@ fn payload() -> impl Strategy<Value = Payload> {
                     bytes16(),
                     any::<u64>(),
                     proptest::option::of(bytes16()),
-                    proptest::option::of(any::<u64>())
+                    proptest::option::of(any::<u64>()),
+                    proptest::option::of(bytes16())
                 ),
                 0..8
             ),
@@ -44,11 +45,12 @@ fn payload() -> impl Strategy<Value = Payload> {
                     Hello {
                         cursors: cs
                             .into_iter()
-                            .map(|(conversation, seq, last, since)| Cursor {
+                            .map(|(conversation, seq, last, since, since_run)| Cursor {
                                 conversation,
                                 seq,
                                 last,
-                                since
+                                since,
+                                since_run
                             })
                             .collect(),
                         device_key,
@@ -551,6 +553,7 @@ fn too_many_cursors_are_refused() {
             seq: 0,
             last: None,
             since: None,
+            since_run: None,
         };
         CURSORS_LEN_MAX + 1
     ];

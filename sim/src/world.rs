@@ -222,8 +222,12 @@ struct Actor {
     commit_latency_us: u64,
     wake_at: Option<u64>,
     entropy_base: SimRng,
-    /// Gateways: connections cut by the last crash, reset to their nodes on restart.
-    killed_conns: Vec<u64>,
+    /// Gateways: connections cut by the last crash, each with the actor at its other end and
+    /// that actor's incarnation then, reset to it on restart. Kept here, not looked up in the
+    /// network at restart: the network forgets dead connections whenever it collects closed
+    /// ones (a `disconnect` while the gateway is down), and the devices on them would then
+    /// wait out their idle timeout.
+    killed_conns: Vec<(u64, ActorIndex, u32)>,
     /// Gateways: conversation heads in memory at the last crash.
     heads_at_crash: BTreeMap<ConversationId, u64>,
     /// Disk faults: commits wait while stalled; a commit with writes fails while full.
@@ -795,22 +799,22 @@ impl World {
             }
             // Nodes still talking on connections the crash cut learn of it from their next
             // packet (a QUIC stateless reset): tell them after one latency.
-            for conn in std::mem::take(&mut self.actors[a as usize].killed_conns) {
-                if let Some((dialer, acceptor)) = self.network.ends(conn) {
-                    // The other end: a device, or a peer gateway on a federation link.
-                    let node = if dialer == a { acceptor } else { dialer };
-                    if self.actors[node as usize].up && !self.network.drops(a, node) {
-                        let at = self.now + self.network.default_profile().latency_us_max;
-                        let incarnation = self.actors[node as usize].incarnation;
-                        self.push(
-                            at,
-                            EventKind::Closed {
-                                actor: node,
-                                incarnation,
-                                conn,
-                            },
-                        );
-                    }
+            for (conn, node, incarnation) in
+                std::mem::take(&mut self.actors[a as usize].killed_conns)
+            {
+                // The other end: a device, or a peer gateway on a federation link; one that
+                // restarted since holds no such connection any more.
+                let peer = &self.actors[node as usize];
+                if peer.up && peer.incarnation == incarnation && !self.network.drops(a, node) {
+                    let at = self.now + self.network.default_profile().latency_us_max;
+                    self.push(
+                        at,
+                        EventKind::Closed {
+                            actor: node,
+                            incarnation,
+                            conn,
+                        },
+                    );
                 }
             }
         }
@@ -829,7 +833,12 @@ impl World {
             return;
         }
         let conns = self.network.connections_of(a);
+        let mut killed = Vec::with_capacity(conns.len());
         for &conn in &conns {
+            if let Some((dialer, acceptor)) = self.network.ends(conn) {
+                let peer = if dialer == a { acceptor } else { dialer };
+                killed.push((conn, peer, self.actors[peer as usize].incarnation));
+            }
             self.network.kill(conn);
         }
         // A crash ends a drain: the gateway that starts again accepts connections.
@@ -852,7 +861,7 @@ impl World {
                 if let Some(g) = slot.take() {
                     actor.heads_at_crash = g.sequenced_heads().collect();
                 }
-                actor.killed_conns = conns;
+                actor.killed_conns = killed;
             }
             Machine::Node(slot, _) => *slot = None,
         }

@@ -132,20 +132,23 @@ impl Inbox {
         self.stamp = token.map(|t| t[..16].try_into().expect("16 bytes"));
     }
 
-    /// Where the device began reading `conversation` in the gateway run `token` names: the
-    /// cursor before its first move under that token, or the cursor itself if it has not
-    /// moved under it. `None` without a token.
+    /// Where the device began reading `conversation` in the last gateway run it read it from,
+    /// and that run's stamp: the cursor before its first move under the last token it moved
+    /// under. If it has not moved under any, the cursor itself and `token`'s stamp. `None`
+    /// without either.
     pub fn read_since(
         &self,
         conversation: ConversationId,
         token: Option<&[u8; 32]>,
-    ) -> Option<u64> {
-        let stamp: [u8; 16] = token?[..16].try_into().expect("16 bytes");
+    ) -> Option<(u64, [u8; 16])> {
         let cursor = self.cursor(conversation);
-        Some(match self.read_since.get(&conversation) {
-            Some(&(since, at)) if at == stamp => since.min(cursor),
-            _ => cursor,
-        })
+        match self.read_since.get(&conversation) {
+            Some(&(since, at)) => Some((since.min(cursor), at)),
+            None => {
+                let stamp: [u8; 16] = token?[..16].try_into().expect("16 bytes");
+                Some((cursor, stamp))
+            }
+        }
     }
 
     /// Moves a conversation's cursor to `seq` (forward only, except when a Welcome resets
@@ -302,8 +305,9 @@ mod tests {
     }
 
     /// What a device read under a token came from the gateway run that issued it: the
-    /// cursor before its first move under that token is kept (durably), and shown with the
-    /// next `Hello` while that token is the one shown too.
+    /// cursor before its first move under that token is kept (durably) with the token's stamp,
+    /// and shown with every `Hello` until the cursor moves under another token, even one shown
+    /// with a later token under which it read nothing.
     #[test]
     fn where_reading_began_under_each_token_is_kept() {
         let mut store = MemStore::default();
@@ -311,26 +315,46 @@ mod tests {
         let mut writes = WriteBatch::default();
         let first = [1u8; 32];
         let second = [2u8; 32];
+        let stamp = |t: &[u8; 32]| -> [u8; 16] { t[..16].try_into().unwrap() };
         assert_eq!(inbox.read_since(CONV, None), None);
         inbox.set_cursor(CONV, 3, &mut writes);
         assert_eq!(
             inbox.read_since(CONV, Some(&first)),
-            Some(3),
+            Some((3, stamp(&first))),
             "nothing under it"
         );
         inbox.set_token(Some(&first));
         inbox.set_cursor_read(CONV, 5, MsgId(5), &mut writes);
         inbox.set_cursor_read(CONV, 7, MsgId(7), &mut writes);
-        assert_eq!(inbox.read_since(CONV, Some(&first)), Some(3));
+        assert_eq!(
+            inbox.read_since(CONV, Some(&first)),
+            Some((3, stamp(&first)))
+        );
         store.commit(writes.take()).unwrap();
         let mut again = recovered(&store);
-        assert_eq!(again.read_since(CONV, Some(&first)), Some(3));
-        // A new session's token: reading under it begins at 7.
+        assert_eq!(
+            again.read_since(CONV, Some(&first)),
+            Some((3, stamp(&first)))
+        );
+        // A new session's token under which it has read nothing yet: what it read came from
+        // the first token's run, and it says so.
         again.set_token(Some(&second));
-        assert_eq!(again.read_since(CONV, Some(&second)), Some(7));
+        assert_eq!(
+            again.read_since(CONV, Some(&second)),
+            Some((3, stamp(&first)))
+        );
+        assert_eq!(again.read_since(CONV, None), Some((3, stamp(&first))));
+        // Reading under it begins at 7.
         again.set_cursor_read(CONV, 8, MsgId(8), &mut writes);
+        assert_eq!(
+            again.read_since(CONV, Some(&second)),
+            Some((7, stamp(&second)))
+        );
         store.commit(writes.take()).unwrap();
-        assert_eq!(recovered(&store).read_since(CONV, Some(&second)), Some(7));
+        assert_eq!(
+            recovered(&store).read_since(CONV, Some(&second)),
+            Some((7, stamp(&second)))
+        );
         // A damaged row is refused.
         let mut writes = WriteBatch::default();
         writes.put(

@@ -12,9 +12,17 @@ impl Node {
             .inbox
             .cursors()
             .iter()
-            .map(|(c, s)| Cursor {
-                since: self.inbox.read_since(*c, self.link.resume_token().as_ref()),
-                ..Cursor::read(*c, *s, self.inbox.last_read(*c))
+            .map(|(c, s)| {
+                let token = self.link.resume_token();
+                let since = self.inbox.read_since(*c, token.as_ref());
+                Cursor {
+                    since: since.map(|(seq, _)| seq),
+                    // The run's stamp only when it is not the token's (the usual case).
+                    since_run: since
+                        .map(|(_, stamp)| stamp)
+                        .filter(|stamp| token.is_none_or(|t| t[..16] != stamp[..])),
+                    ..Cursor::read(*c, *s, self.inbox.last_read(*c))
+                }
             })
             .collect();
         cursors.truncate(CURSORS_LEN_MAX);

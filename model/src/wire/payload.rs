@@ -60,6 +60,12 @@ pub struct Cursor {
     /// that a device that read other messages there, from another run, is told.
     #[n(3)]
     pub since: Option<u64>,
+    /// The stamp of the gateway run `since` refers to (a resume token's first 16 bytes), when
+    /// it is not the run the resume token names: the device has not read under its latest
+    /// token, so what it read after `since` came from the run of an earlier one.
+    #[n(4)]
+    #[cbor(with = "minicbor::bytes")]
+    pub since_run: Option<[u8; 16]>,
 }
 
 impl Cursor {
@@ -70,6 +76,7 @@ impl Cursor {
             seq,
             last: None,
             since: None,
+            since_run: None,
         }
     }
 

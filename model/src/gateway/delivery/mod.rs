@@ -193,7 +193,8 @@ struct ShownCursor {
     shown: u64,
     /// The id of the message it read there, if one.
     read: Option<[u8; 16]>,
-    /// Where it began reading in the gateway run its token names, and that run's stamp.
+    /// Where it began reading in the last gateway run it read from (the one its token names,
+    /// unless it read nothing there), and that run's stamp.
     run: Option<(u64, [u8; TOKEN_STAMP_BYTES])>,
     /// The last run of this store it may have read from (`None`: this run).
     last_session: Option<u64>,
@@ -1250,7 +1251,7 @@ impl Delivery {
                 let cursor = ShownCursor {
                     shown: c.seq,
                     read: c.last,
-                    run: c.since.zip(stamp),
+                    run: c.since.zip(c.since_run.or(stamp)),
                     last_session,
                 };
                 self.examine_cursor(now, device, conv, cursor, writes, &mut lost);
