@@ -862,11 +862,48 @@ fn an_unacknowledged_message_is_resent_at_resend_after_not_at_the_next_heartbeat
         "the heartbeat resends nothing"
     );
     h.now = sent_at + resend_after + resend_after;
-    assert_eq!(
-        sent_ids(&h.tick()),
-        vec![id],
-        "and again after resend_after"
+    assert!(
+        sent_ids(&h.tick()).is_empty(),
+        "a round of resends without an answer doubles the wait"
     );
+    h.now = sent_at + resend_after * 3;
+    assert_eq!(sent_ids(&h.tick()), vec![id], "and again then");
+}
+
+/// The wait before a resend follows the link: a heartbeat answered 8 s after it went (a slow
+/// link whose queue holds seconds of frames) makes a message wait longer than its answer
+/// should take before it goes again, where a fixed `resend_after` would send a copy every 3 s
+/// into the same queue (plain swarm seed 502431: 82 copies of each message).
+#[test]
+fn a_slow_links_answers_lengthen_the_wait_before_a_resend() {
+    let mut h = Harness::new();
+    h.open(1);
+    let resend_after = config().resend_after;
+    h.now = h.now + Duration::from_secs(5);
+    let beat = sent(&h.tick())
+        .into_iter()
+        .find_map(|f| match f.payload {
+            Payload::Heartbeat(beat) => Some(beat),
+            _ => None,
+        })
+        .expect("a heartbeat is due");
+    h.now = h.now + Duration::from_secs(8);
+    h.frame(1, Routing::default(), Payload::HeartbeatAck(beat));
+    let sent_at = h.now;
+    let id: MsgId = h.node.send(h.now, CONV, Bytes::from_static(b"x")).unwrap();
+    h.drain();
+    // It waits 8 s plus four times 4 s (24 s), not 3: nothing goes again in the next 9 s
+    // (before the link's idle timeout, 15 s after the answer).
+    for rounds in 1..=3 {
+        h.now = sent_at + resend_after * rounds;
+        assert!(
+            sent_ids(&h.tick()).is_empty(),
+            "not after {rounds} x resend_after"
+        );
+    }
+    assert_eq!(h.node.stats().resends, 0);
+    send_ack(&mut h, id, 1);
+    assert_eq!(h.node.outbox_len(), 0, "its answer settles it");
 }
 
 #[test]

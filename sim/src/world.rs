@@ -21,7 +21,9 @@ use bytes::Bytes;
 use sund_model::env::{HeldOutputs, WriteBatch};
 use sund_model::federation::FederationInput;
 use sund_model::gateway::limits::SourceAddress;
-use sund_model::gateway::{AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput};
+use sund_model::gateway::{
+    AdminCommand, Gateway, GatewayConfig, GatewayInput, GatewayOutput, HistoryKind,
+};
 use sund_model::identity::DeviceKey;
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId};
 use sund_model::mls::verified::VerifiedSignatures;
@@ -1130,8 +1132,19 @@ impl World {
             GatewayOutput::HistoryLost(lost) => {
                 *self.faults.entry("history-lost-detected").or_default() += 1;
                 self.note(|w| {
+                    let device = w
+                        .actors
+                        .iter()
+                        .find(|x| x.device == lost.device && matches!(x.machine, Machine::Node(..)))
+                        .map_or_else(|| lost.device.to_string(), |x| x.name.clone());
+                    let what = match lost.kind {
+                        HistoryKind::Lost => "lost: it had read them",
+                        HistoryKind::Diverged => {
+                            "diverged: it read other messages there than the gateway holds, and is told"
+                        }
+                    };
                     format!(
-                        "{} found seqs {}..={} of {} lost (a device had read them)",
+                        "{} found seqs {}..={} of {} {what} (the cursor of {device})",
                         w.actors[a as usize].name, lost.from, lost.to, lost.conversation
                     )
                 });

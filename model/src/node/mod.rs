@@ -34,6 +34,7 @@ pub mod inbox;
 pub mod link;
 pub mod mls;
 pub mod outbox;
+pub mod round_trip;
 mod session;
 pub mod social;
 mod timers;
@@ -144,6 +145,8 @@ pub struct Node {
     /// After a rate limit: only the first this many messages waiting in a conversation go
     /// out (see `throttle`); `None` when no limit was met recently.
     pacing: Option<usize>,
+    /// The link's measured round trip: how long the outbox waits before sending again.
+    round_trip: round_trip::RoundTrip,
     /// The session on which the gateway last said it holds enough of this device's
     /// KeyPackages (see [`Node::key_packages_settled`]).
     key_packages_settled_on: Option<ConnectionId>,
@@ -222,6 +225,7 @@ impl Node {
             deferred: BTreeMap::new(),
             told_unreadable: false,
             pacing: None,
+            round_trip: round_trip::RoundTrip::default(),
             key_packages_settled_on: None,
             stats: NodeStats::default(),
             fx,
@@ -742,6 +746,7 @@ impl Node {
                 self.schedule_reconnect(now);
             }
             LinkDue::Heartbeat(conn, beat) => {
+                self.round_trip.beat_sent(beat.nonce, now);
                 self.fx
                     .send(conn, Routing::default(), Payload::Heartbeat(beat));
                 // A periodic nudge for group work that waits on no timer of its own (a
@@ -809,6 +814,7 @@ impl Node {
                     .send(conn, Routing::default(), Payload::HeartbeatAck(beat));
             }
             Payload::HeartbeatAck(ack) => {
+                self.round_trip.beat_answered(ack.nonce, now);
                 self.renew_if_due(now, conn);
                 self.social.on_heartbeat(ack.presence, conn, &mut self.fx);
                 let roots_held = self
@@ -889,7 +895,7 @@ impl Node {
             }
             Payload::SendAck(ack) => {
                 let msg_id = MsgId::from_bytes(ack.msg_id);
-                self.settle(routing.conversation, msg_id, routing.seq);
+                self.settle(now, routing.conversation, msg_id, routing.seq);
                 self.send_paced(now);
             }
             Payload::Deliver(deliver) => {
@@ -1100,10 +1106,18 @@ impl Node {
         let waiting = self.outbox.get(last).is_some();
         let rechained = !waiting && self.outbox.chain_after(conv, last, self.fx.writes());
         if !rechained {
+            // Refusals keep coming for the copies sent before the last resync until its own
+            // copies arrive: one resync per round trip (on a slow link's long queue, one per
+            // `replay_request_interval` sent the whole backlog again and again: plain swarm
+            // seed 502431).
+            let gap = self
+                .config
+                .replay_request_interval
+                .max(self.round_trip.estimate());
             let recent = self
                 .sender_resync_at
                 .get(&conv)
-                .is_some_and(|&at| now < at + self.config.replay_request_interval);
+                .is_some_and(|&at| now < at + gap);
             if recent {
                 return;
             }
@@ -1256,17 +1270,33 @@ impl Node {
     }
 
     fn resend_stale(&mut self, now: Instant, conn: ConnectionId) {
-        for msg_id in self.outbox.stale(now, self.config.resend_after) {
+        let resends = self.stats.resends;
+        for msg_id in self.outbox.stale(now, self.resend_after()) {
             self.transmit(now, conn, msg_id);
+        }
+        if self.stats.resends > resends {
+            // Sent again for want of an answer: wait twice as long next time, until one comes.
+            self.round_trip.timed_out();
         }
     }
 
+    /// How long a transmitted message waits for an answer before it goes again: the
+    /// configured `resend_after`, or longer on a link whose answers take longer (see
+    /// [`round_trip`]).
+    pub(super) fn resend_after(&self) -> Duration {
+        self.round_trip.resend_after(self.config.resend_after)
+    }
+
     /// The gateway sequenced our `msg_id` at `seq`: it leaves the outbox.
-    fn settle(&mut self, conv: ConversationId, msg_id: MsgId, seq: u64) {
+    fn settle(&mut self, now: Instant, conv: ConversationId, msg_id: MsgId, seq: u64) {
         if self.outbox.get(msg_id).is_some_and(|out| out.chained) {
             self.outbox.sequenced(conv, msg_id, seq, self.fx.writes());
         }
         if let Some(out) = self.outbox.remove(msg_id, self.fx.writes()) {
+            match out.answered_once(now) {
+                Some(round_trip) => self.round_trip.sample(round_trip),
+                None => self.round_trip.answered(),
+            }
             debug_assert!(
                 conv == out.conversation,
                 "a message settles in its own conversation"
@@ -1346,7 +1376,7 @@ impl Node {
             // Our own message coming back proves the gateway sequenced it, even if its SendAck
             // was lost: settle the outbox entry now, so that a resend after the log entry is
             // garbage-collected cannot become a second copy.
-            self.settle(conv, inbound.msg_id, seq);
+            self.settle(now, conv, inbound.msg_id, seq);
             // It widens the pace as an acknowledgement does, so what waits behind goes: when
             // every acknowledgement of a paced window was lost, nothing else would send it.
             self.send_paced(now);

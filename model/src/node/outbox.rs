@@ -52,6 +52,20 @@ pub struct Outgoing {
     pub welcome: Option<Bytes>,
     /// When it last went out on a session (in memory only).
     last_sent: Option<Instant>,
+    /// It went out more than once in this run (in memory only): an answer cannot tell which
+    /// copy it answers.
+    sent_again: bool,
+}
+
+impl Outgoing {
+    /// How long after it went out an answer came at `now`, if it went out once, so that the
+    /// answer is to that copy (Karn's rule: an answer to one of several copies measures
+    /// nothing).
+    pub fn answered_once(&self, now: Instant) -> Option<core::time::Duration> {
+        self.last_sent
+            .filter(|_| !self.sent_again)
+            .map(|at| now.saturating_since(at))
+    }
 }
 
 /// The last message of this device known sequenced in a conversation, and its seq (0 when it
@@ -287,6 +301,7 @@ impl Outbox {
             body,
             welcome,
             last_sent: None,
+            sent_again: false,
         };
         writes.put(OUTBOX_TABLE, msg_id.to_bytes().to_vec(), encode(&out));
         self.order.insert((conversation, place), msg_id);
@@ -385,6 +400,7 @@ impl Outbox {
             .get_mut(&msg_id)
             .expect("transmitting an outbox entry");
         let resend = out.last_sent.is_some();
+        out.sent_again |= resend;
         if let Some(at) = out.last_sent.replace(now) {
             self.sent_order.remove(&(at, msg_id));
         }
@@ -445,6 +461,7 @@ fn decode(key: &[u8], value: &[u8]) -> Result<(MsgId, Outgoing), StoreError> {
             body,
             welcome: None,
             last_sent: None,
+            sent_again: false,
         },
     ))
 }

@@ -79,6 +79,7 @@ impl Node {
         self.send_pending_vouch(now);
         self.trust.session_opened();
         self.renew_if_due(now, conn);
+        self.round_trip.session_opened();
         for msg_id in self.outbox.ids() {
             self.transmit(now, conn, msg_id);
         }

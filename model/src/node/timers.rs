@@ -53,7 +53,7 @@ impl Node {
         let resend = match self.throttled_until {
             // Held back by the gateway's rate limit: everything waiting goes when it ends.
             Some(until) => (!self.outbox.is_empty()).then_some(until),
-            None => self.outbox.next_resend(self.config.resend_after),
+            None => self.outbox.next_resend(self.resend_after()),
         };
         // A conversation whose authority is moving goes again at its hint.
         let deferred = self.deferred.values().min().copied();
