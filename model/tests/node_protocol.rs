@@ -752,6 +752,51 @@ fn silence_from_the_gateway_drops_the_connection_and_reconnects() {
     ));
 }
 
+/// The gateway opened the session and its `HelloOk` was lost (the simulator loses frames a
+/// QUIC stream would not): the frames of the open session that follow it tell the device, which
+/// gives the `HelloOk` a second more and then connects again, instead of ignoring deliveries
+/// for the whole 15 s handshake timeout (`duplicate-sends`: a device deaf for 15 s after the
+/// heal).
+#[test]
+fn frames_of_an_open_session_before_its_hello_ok_cut_the_wait_for_it() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.input(NodeInput::Closed(ConnectionId(1)));
+    // Connect again: the Hello goes, its HelloOk is lost, the session's first frames come.
+    loop {
+        h.now = h.now + Duration::from_millis(100);
+        if h.tick().contains(&NodeOutput::Connect) {
+            break;
+        }
+    }
+    let out = h.input(NodeInput::Connected(ConnectionId(2)));
+    assert!(
+        matches!(sent(&out)[0].payload, Payload::Hello(_)),
+        "{out:?}"
+    );
+    let count = Payload::KeyPackageCount(KeyPackageCount {
+        remaining: 0,
+        last_resort: false,
+        replenish_below: 0,
+    });
+    h.frame(2, Routing::default(), count);
+    assert!(!h.node.is_connected());
+    h.now = h.now + Duration::from_millis(900);
+    assert!(
+        !h.tick().contains(&NodeOutput::Close(ConnectionId(2))),
+        "not yet"
+    );
+    h.now = h.now + Duration::from_millis(100);
+    assert!(
+        h.tick().contains(&NodeOutput::Close(ConnectionId(2))),
+        "a second after the session's first frame, not 15 s after the Hello"
+    );
+    assert!(matches!(
+        h.node.status(),
+        ConnectionStatus::Reconnecting { .. }
+    ));
+}
+
 #[test]
 fn going_offline_says_goodbye_and_stays_offline() {
     let mut h = Harness::new();

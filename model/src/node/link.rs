@@ -214,6 +214,22 @@ impl Link {
         matches!(self.state, LinkState::Handshaking { .. })
     }
 
+    /// Frames that only an open session carries came on `conn` before its `HelloOk`: the
+    /// gateway opened the session and its `HelloOk` was lost, or is overtaken. Wait for it
+    /// until `by` at the latest, not the whole handshake timeout (the gateway meanwhile
+    /// delivers into a session this device does not know it has).
+    pub fn hello_ok_overdue(&mut self, conn: ConnectionId, by: Instant) {
+        if let LinkState::Handshaking {
+            conn: waiting,
+            deadline,
+        } = &mut self.state
+        {
+            if *waiting == conn {
+                *deadline = (*deadline).min(by);
+            }
+        }
+    }
+
     /// True if the user asked to stay offline (or the device was revoked).
     pub fn stays_offline(&self) -> bool {
         matches!(self.state, LinkState::Offline { retry_at: None })

@@ -84,6 +84,8 @@ use unread::Unread;
 
 /// How long a device pauses sending after a rate-limit refusal that carries no hint.
 const THROTTLE_DEFAULT: Duration = Duration::from_secs(1);
+/// How long a device waits for a `HelloOk` once frames of the open session came without it.
+const HELLO_OK_GRACE: Duration = Duration::from_secs(1);
 /// When a message refused `authority_moving` without a hint goes again.
 const AUTHORITY_MOVING_DEFAULT: Duration = Duration::from_millis(500);
 /// After a rate limit, only the first this many messages waiting in each conversation go out
@@ -805,8 +807,18 @@ impl Node {
                 // A refused resume token is kept until the next `HelloOk` brings a new one:
                 // the challenge follows at once, and each `Hello` until then still shows the
                 // gateway the run of this device's last session (what it may have read).
-                if let Payload::Goodbye(goodbye) = frame.payload {
-                    self.refused(now, conn, &goodbye);
+                match frame.payload {
+                    Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
+                    Payload::Deliver(_) | Payload::SendAck(_) | Payload::KeyPackageCount(_)
+                        if self.link.is_handshaking() =>
+                    {
+                        // Its HelloOk was lost (a QUIC stream would not lose it; the
+                        // simulator's frames can) or overtaken: a moment more, then a new
+                        // connection, rather than the whole handshake timeout (15 s).
+                        let grace = HELLO_OK_GRACE.max(self.round_trip.estimate());
+                        self.link.hello_ok_overdue(conn, now + grace);
+                    }
+                    _ => {}
                 }
             }
             Payload::Heartbeat(beat) => {
