@@ -1868,16 +1868,11 @@ fn two_devices_that_read_different_lost_messages_at_one_seq_are_not_both_left_un
     assert_eq!(notices(&out, 4, ErrorCode::HistoryDiverged), vec![3]);
 }
 
-/// Two lossy crashes in one lying spell, and the devices' cursors stop at different seqs:
-/// bob read alice's 2 and 3 in the first run, carol read her own message at seq 2 in the
-/// second. Bob comes back first and marks 2..=3 lost; the placeholders keep the run he read
-/// them in (his token names it, his cursor says he read from seq 1 on). Carol read seq 2 in
-/// another run, so she is told her history diverged; dave, who read alice's 2 in bob's run,
-/// is not. Before, nobody was told (plain swarm seeds 693, 2338, 508215 and others).
-#[test]
-fn devices_that_read_lost_seqs_in_different_runs_are_told_even_at_different_seqs() {
+/// Alice, bob, mallory and alice's phone in `CONV` (the last two added by the operator);
+/// seq 1 is durable and acknowledged by all, alice's 2 and 3 are sequenced after it. Returns
+/// the harness and the store as it was before 2 and 3: what a lying disk gives back.
+fn everyone_read_alices_two_and_three_that_the_disk_will_lose() -> (Harness, MemStore) {
     let mut h = Harness::new();
-    // Carol is mallory's key here, dave alice's phone.
     h.input(support::admin(AdminCommand::CreateConversation(
         CONV,
         vec![mallory(), alice_phone()],
@@ -1893,6 +1888,19 @@ fn devices_that_read_lost_seqs_in_different_runs_are_told_even_at_different_seqs
     let durable = h.store.clone();
     h.send(1, alice(), 2, b"two");
     h.send(1, alice(), 3, b"three");
+    (h, durable)
+}
+
+/// Two lossy crashes in one lying spell, and the devices' cursors stop at different seqs:
+/// bob read alice's 2 and 3 in the first run, carol read her own message at seq 2 in the
+/// second. Bob comes back first and marks 2..=3 lost; the placeholders keep the run he read
+/// them in (his token names it, his cursor says he read from seq 1 on). Carol read seq 2 in
+/// another run, so she is told her history diverged; dave, who read alice's 2 in bob's run,
+/// is not. Before, nobody was told (plain swarm seeds 693, 2338, 508215 and others).
+#[test]
+fn devices_that_read_lost_seqs_in_different_runs_are_told_even_at_different_seqs() {
+    // Carol is mallory's key here, dave alice's phone.
+    let (mut h, durable) = everyone_read_alices_two_and_three_that_the_disk_will_lose();
     // The disk lied: the gateway comes back from `durable`; carol sends into seq 2.
     h.store = durable.clone();
     let mut h = h.restarted(open_config());
@@ -1941,22 +1949,7 @@ fn devices_that_read_lost_seqs_in_different_runs_are_told_even_at_different_seqs
 /// is not, though her token names another run.
 #[test]
 fn a_device_that_read_nothing_under_its_last_token_shows_the_run_it_read_in() {
-    let mut h = Harness::new();
-    h.input(support::admin(AdminCommand::CreateConversation(
-        CONV,
-        vec![mallory(), alice_phone()],
-    )));
-    h.connect(1, alice());
-    h.connect(2, bob());
-    h.connect(3, mallory());
-    h.connect(4, alice_phone());
-    h.send(1, alice(), 1, b"one");
-    for conn in 2..=4 {
-        h.ack(conn, 1);
-    }
-    let durable = h.store.clone();
-    h.send(1, alice(), 2, b"two");
-    h.send(1, alice(), 3, b"three");
+    let (mut h, durable) = everyone_read_alices_two_and_three_that_the_disk_will_lose();
     let stamp = |h: &Harness, device| -> [u8; 16] { h.tokens[&device][..16].try_into().unwrap() };
     let first_run = stamp(&h, bob());
     // The second run: carol sends into seq 2 and reads it.
