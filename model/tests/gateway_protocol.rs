@@ -497,6 +497,45 @@ fn a_proof_that_does_not_verify_closes_the_connection() {
     );
 }
 
+/// A device that heard no challenge (or whose proof was lost: the simulator's frames can be)
+/// says hello again on the same connection: the same challenge comes again, its proof opens
+/// the session, and a second proof of it changes nothing. Another device's hello there is
+/// refused, and a hello on the open session is an error that leaves it open.
+#[test]
+fn a_repeated_hello_gets_the_same_challenge_and_a_repeated_proof_changes_nothing() {
+    let mut h = Harness::new();
+    h.input(GatewayInput::Accepted(ConnectionId(1)));
+    let out = h.hello(1, alice(), vec![], None);
+    let Payload::Challenge(first) = frames_to(&out, 1)[0].payload else {
+        panic!("{out:?}")
+    };
+    let out = h.hello(1, alice(), vec![], None);
+    let Payload::Challenge(again) = frames_to(&out, 1)[0].payload else {
+        panic!("{out:?}")
+    };
+    assert_eq!(again.nonce, first.nonce, "the same challenge");
+    let out = h.prove(1, alice(), &out);
+    assert!(frames_to(&out, 1)
+        .iter()
+        .any(|f| matches!(f.payload, Payload::HelloOk(_))));
+    assert_eq!(h.gateway.stats().sessions.authenticated, 1);
+    let proof = test_device(alice(), UserId(alice().0)).proof(&first.nonce);
+    let out = h.input(GatewayInput::Frame(ConnectionId(1), proof));
+    assert!(out.is_empty(), "a second proof changes nothing: {out:?}");
+    let out = h.hello(1, alice(), vec![], None);
+    let frames = frames_to(&out, 1);
+    assert_eq!(frames.len(), 1, "{out:?}");
+    assert_eq!(error_code(&frames[0]), Some(ErrorCode::UnexpectedOpcode));
+    assert!(!closed(&out, 1), "the session stays open");
+    assert_eq!(h.gateway.stats().sessions.authenticated, 1);
+
+    h.input(GatewayInput::Accepted(ConnectionId(2)));
+    h.hello(2, bob(), vec![], None);
+    let out = h.hello(2, alice(), vec![], None);
+    assert_eq!(goodbye_code(&out, 2), Some(ErrorCode::NotAuthenticated));
+    assert!(closed(&out, 2));
+}
+
 #[test]
 fn a_proof_replayed_on_another_connection_is_refused() {
     let mut h = Harness::new();
@@ -2007,6 +2046,48 @@ fn a_device_that_read_nothing_under_its_last_token_shows_the_run_it_read_in() {
     );
     assert!(notices(&out, 10, ErrorCode::HistoryDiverged).is_empty());
     assert!(history(&out).is_empty(), "{:?}", history(&out));
+}
+
+/// The device that marks seqs lost may not know the run it read them in: it was told its
+/// history diverged, or lost, after them, and read on in a later run (plain swarm seed
+/// 508215, 2026-12-07). Its placeholders keep no run there. The first device to show the run
+/// it read them in stamps them, and the next ones are compared with it: carol and alice read
+/// seq 2 in one run, dave in another, and dave is told his history diverged. Before, nobody
+/// was compared there, and carol and dave held different messages at 2 untold (a silent fork).
+#[test]
+fn the_first_device_to_show_the_run_of_unstamped_lost_seqs_is_the_one_the_next_are_compared_with() {
+    // Carol is mallory's key here, dave alice's phone.
+    let (mut h, durable) = everyone_read_alices_two_and_three_that_the_disk_will_lose();
+    h.store = durable;
+    let mut h = h.restarted(open_config());
+    let (one_run, another) = ([0xaa; 16], [0xbb; 16]);
+    // Bob read 2 and 3, but in a run before the one his cursor counts from.
+    let bobs = Cursor {
+        since: Some(3),
+        ..Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])))
+    };
+    let out = h.connect_with(6, bob(), vec![bobs]);
+    assert_eq!(
+        history(&out)
+            .iter()
+            .map(|f| (f.kind, f.from, f.to))
+            .collect::<Vec<_>>(),
+        vec![(HistoryKind::Lost, 2, 3)]
+    );
+    let read_at_two = |run: [u8; 16], id: u8| Cursor {
+        since: Some(1),
+        since_run: Some(run),
+        ..Cursor::read(CONV, 2, Some(MsgId::from_bytes([id; 16])))
+    };
+    let out = h.connect_with(7, mallory(), vec![read_at_two(one_run, 9)]);
+    assert!(notices(&out, 7, ErrorCode::HistoryDiverged).is_empty());
+    assert!(history(&out).is_empty(), "{:?}", history(&out));
+    // The stamp carol gave is durable.
+    let mut h = h.restarted(open_config());
+    let out = h.connect_with(8, alice_phone(), vec![read_at_two(another, 2)]);
+    assert_eq!(notices(&out, 8, ErrorCode::HistoryDiverged), vec![2]);
+    let out = h.connect_with(9, alice(), vec![read_at_two(one_run, 9)]);
+    assert!(notices(&out, 9, ErrorCode::HistoryDiverged).is_empty());
 }
 
 #[test]

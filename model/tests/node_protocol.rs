@@ -797,6 +797,112 @@ fn frames_of_an_open_session_before_its_hello_ok_cut_the_wait_for_it() {
     ));
 }
 
+fn hellos(outputs: &[NodeOutput]) -> Vec<Hello> {
+    sent(outputs)
+        .into_iter()
+        .filter_map(|f| match f.payload {
+            Payload::Hello(hello) => Some(hello),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connects on `conn` after a first session on conn 1 ended; returns the `Hello`.
+fn reconnect(h: &mut Harness, conn: u64) -> Hello {
+    h.open(1);
+    h.input(NodeInput::Closed(ConnectionId(1)));
+    loop {
+        h.now = h.now + Duration::from_millis(100);
+        if h.tick().contains(&NodeOutput::Connect) {
+            break;
+        }
+    }
+    let out = h.input(NodeInput::Connected(ConnectionId(conn)));
+    hellos(&out).remove(0)
+}
+
+/// The simulator's frames can be lost where a QUIC stream's would not: a `Hello` nothing
+/// answers goes again, with the same number (the gateway answers a repeated one with the same
+/// challenge), after a second, then after two more, not only after the 15 s timeout.
+#[test]
+fn an_unanswered_hello_goes_again_with_the_same_number_at_growing_intervals() {
+    let mut h = Harness::new();
+    let first = reconnect(&mut h, 2);
+    let start = h.now;
+    let mut again = Vec::new();
+    while h.now < start + Duration::from_secs(14) {
+        h.now = h.now + Duration::from_millis(100);
+        for hello in hellos(&h.tick()) {
+            again.push((h.now.saturating_since(start), hello));
+        }
+    }
+    let at: Vec<u64> = again.iter().map(|(t, _)| t.as_secs()).collect();
+    assert_eq!(at, [1, 3, 7], "{again:?}");
+    for (_, hello) in &again {
+        assert_eq!(
+            hello.generation, first.generation,
+            "the same session number"
+        );
+        assert_eq!(hello.resume_token, first.resume_token);
+    }
+    assert_eq!(h.node.stats().hellos_again, 3);
+    h.now = start + Duration::from_secs(15);
+    assert!(
+        h.tick().contains(&NodeOutput::Close(ConnectionId(2))),
+        "the handshake timeout still ends it"
+    );
+}
+
+/// A challenge heard means the `Hello` arrived: the next resend (for a lost proof) waits a
+/// whole wait from the challenge, and each challenge, repeated or not, is answered.
+#[test]
+fn a_challenge_puts_off_the_next_hello_and_every_challenge_gets_its_proof() {
+    let mut h = Harness::new();
+    reconnect(&mut h, 2);
+    let challenge = Payload::Challenge(Challenge { nonce: [5; 32] });
+    h.now = h.now + Duration::from_millis(900);
+    let out = h.frame(2, Routing::default(), challenge.clone());
+    assert!(matches!(sent(&out)[0].payload, Payload::Proof(_)));
+    h.now = h.now + Duration::from_millis(900);
+    assert!(
+        hellos(&h.tick()).is_empty(),
+        "a second after the challenge, not the hello"
+    );
+    h.now = h.now + Duration::from_millis(100);
+    assert_eq!(
+        hellos(&h.tick()).len(),
+        1,
+        "the proof was lost: hello again"
+    );
+    let out = h.frame(2, Routing::default(), challenge);
+    assert!(matches!(sent(&out)[0].payload, Payload::Proof(_)));
+}
+
+/// The gateway opened the session and its `HelloOk` was lost: the repeated `Hello` is refused
+/// as out of place, which cuts the wait to a second; no more `Hello`s go on this connection.
+#[test]
+fn a_hello_refused_as_already_open_cuts_the_wait_for_the_hello_ok() {
+    let mut h = Harness::new();
+    reconnect(&mut h, 2);
+    h.now = h.now + Duration::from_secs(1);
+    assert_eq!(hellos(&h.tick()).len(), 1);
+    let report = ErrorReport {
+        code: ErrorCode::UnexpectedOpcode as u16,
+        message: "this session is already open".into(),
+        msg_id: None,
+        after: None,
+        retry_after_ms: None,
+    };
+    h.frame(2, Routing::default(), Payload::Error(report));
+    h.now = h.now + Duration::from_millis(900);
+    let out = h.tick();
+    assert!(hellos(&out).is_empty() && !out.contains(&NodeOutput::Close(ConnectionId(2))));
+    h.now = h.now + Duration::from_millis(100);
+    let out = h.tick();
+    assert!(hellos(&out).is_empty(), "{out:?}");
+    assert!(out.contains(&NodeOutput::Close(ConnectionId(2))), "{out:?}");
+}
+
 #[test]
 fn going_offline_says_goodbye_and_stays_offline() {
     let mut h = Harness::new();
@@ -1294,10 +1400,11 @@ fn a_divergence_notice_is_told_and_the_cursor_stops_naming_its_message() {
     assert_eq!(
         hello.cursors,
         vec![Cursor {
-            since: Some(0),
+            since: Some(2),
             ..Cursor::new(CONV, 2)
         }],
-        "same seq, no message named"
+        "same seq, no message named, and nothing shown as read in the token's run: what it \
+         read up to 2 is not what that run holds"
     );
 }
 

@@ -30,7 +30,8 @@ fn payload() -> impl Strategy<Value = Payload> {
                     any::<u64>(),
                     proptest::option::of(bytes16()),
                     proptest::option::of(any::<u64>()),
-                    proptest::option::of(bytes16())
+                    proptest::option::of(bytes16()),
+                    proptest::option::of(any::<[u64; 2]>())
                 ),
                 0..8
             ),
@@ -45,12 +46,15 @@ fn payload() -> impl Strategy<Value = Payload> {
                     Hello {
                         cursors: cs
                             .into_iter()
-                            .map(|(conversation, seq, last, since, since_run)| Cursor {
-                                conversation,
-                                seq,
-                                last,
-                                since,
-                                since_run
+                            .map(|(conversation, seq, last, since, since_run, skipped)| {
+                                Cursor {
+                                    conversation,
+                                    seq,
+                                    last,
+                                    since,
+                                    since_run,
+                                    skipped,
+                                }
                             })
                             .collect(),
                         device_key,
@@ -554,6 +558,7 @@ fn too_many_cursors_are_refused() {
             last: None,
             since: None,
             since_run: None,
+            skipped: None,
         };
         CURSORS_LEN_MAX + 1
     ];

@@ -67,6 +67,7 @@ fn hello_frame_bytes() {
                 last: Some([0x1d; 16]),
                 since: Some(4),
                 since_run: Some([0x5e; 16]),
+                skipped: Some([6, 7]),
             }],
             device_key: [0x4b; 32],
             resume_token: Some([0x7e; 32]),

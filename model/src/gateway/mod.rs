@@ -908,6 +908,24 @@ impl Gateway {
                 self.handle_proof(now, conn, proof);
                 Ok(())
             }
+            // The device sent its `Hello` again for want of an answer: the challenge (or its
+            // proof) was lost on the way. The same challenge again.
+            (Stage::AwaitingProof, Payload::Hello(_)) => {
+                match self.sessions.pending_challenge(conn, routing.sender) {
+                    Some(nonce) => {
+                        let challenge = Payload::Challenge(Challenge { nonce });
+                        self.fx.send(conn, Routing::default(), challenge);
+                        Ok(())
+                    }
+                    None => Err(Refusal::goodbye(
+                        ErrorCode::NotAuthenticated,
+                        "answer the challenge of the hello before",
+                    )),
+                }
+            }
+            // The proof of a challenge that went twice (so did the `Hello`): the first opened
+            // the session, and this one changes nothing.
+            (Stage::Open(_), Payload::Proof(_)) => Ok(()),
             (Stage::AwaitingHello, Payload::Register(register)) => {
                 if let Some(&source) = self.sources.get(&conn) {
                     if let Err(limited) = self.limits.admit_registration(now, source) {

@@ -270,27 +270,20 @@ impl ConversationLog {
         now: Instant,
         upto: u64,
         read: Option<[u8; 16]>,
-        run: Option<(u64, [u8; 16])>,
+        run: Option<ReadRun>,
     ) -> u64 {
         let from = self.head() + 1;
         for seq in from..=upto {
             let id = read.filter(|_| seq == upto);
-            let stamp = run
-                .filter(|(since, _)| seq > *since)
-                .map(|(_, stamp)| stamp);
-            let body = match (stamp, id) {
-                (None, Some(id)) => Bytes::copy_from_slice(&id),
-                (None, None) => Bytes::new(),
-                (Some(stamp), id) => {
-                    let mut body = Vec::with_capacity(33);
-                    body.push(STAMPED);
-                    body.extend_from_slice(&stamp);
-                    if let Some(id) = id {
-                        body.extend_from_slice(&id);
-                    }
-                    Bytes::from(body)
-                }
-            };
+            let stamp = run.and_then(|run| run.stamp_at(seq));
+            // Always the full length, a stamp or an id not known as zeros: a later device may
+            // fill in the stamp ([`ConversationLog::stamp_lost`]) without moving the byte
+            // counts of the entries after it.
+            let mut body = Vec::with_capacity(PLACEHOLDER_BYTES);
+            body.push(STAMPED);
+            body.extend_from_slice(&stamp.unwrap_or_default());
+            body.extend_from_slice(&id.unwrap_or_default());
+            let body = Bytes::from(body);
             self.push(LogEntry {
                 seq,
                 sender: LOST_SENDER,
@@ -300,6 +293,40 @@ impl ConversationLog {
             });
         }
         from
+    }
+
+    /// Gives the placeholders in `from..=to` that keep no run yet the stamp of the run in
+    /// which a device read those seqs (`run`, but where it skipped them): the first device to show where
+    /// it read them is the one the next devices are compared with (a fencer whose own reading
+    /// of them began in an earlier run could not stamp them). Returns the seqs stamped; the
+    /// caller persists them with [`ConversationLog::persist_append`].
+    pub fn stamp_lost(&mut self, from: u64, to: u64, run: ReadRun) -> Vec<u64> {
+        let mut stamped = Vec::new();
+        for seq in from.max(self.first_seq)..=to.min(self.head()) {
+            let Some(stamp) = run.stamp_at(seq) else {
+                continue;
+            };
+            let Some(index) = usize::try_from(seq - self.first_seq).ok() else {
+                break;
+            };
+            let Some(entry) = self.entries.get_mut(index) else {
+                break;
+            };
+            let body = entry.body.as_ref();
+            if entry.sender != LOST_SENDER
+                || body.len() != PLACEHOLDER_BYTES
+                || body[0] != STAMPED
+                || body[1..17] != [0; 16]
+            {
+                continue;
+            }
+            let mut new = body.to_vec();
+            new[1..17].copy_from_slice(&stamp);
+            debug_assert_eq!(new.len(), entry.body.len(), "the byte counts stay");
+            entry.body = Bytes::from(new);
+            stamped.push(seq);
+        }
+        stamped
     }
 
     fn push(&mut self, entry: LogEntry) {
@@ -538,28 +565,57 @@ pub const LOST_SENDER: DeviceId = DeviceId(1);
 /// The first byte of a placeholder's body that keeps the run its seq was read in.
 const STAMPED: u8 = b'R';
 
-/// The id of the message a device had read at a lost seq, if a placeholder ([`LOST_SENDER`])
-/// keeps one. A placeholder's body is empty, that id (16 bytes), or [`STAMPED`], the stamp of
-/// the gateway run the device read the seq in (16, see [`lost_stamp`]) and the id if kept.
-pub fn lost_read(entry: &LogEntry) -> Option<[u8; 16]> {
-    debug_assert_eq!(entry.sender, LOST_SENDER);
-    let body = entry.body.as_ref();
-    match body.len() {
-        16 => body.try_into().ok(),
-        33 if body[0] == STAMPED => body[17..].try_into().ok(),
-        _ => None,
+/// Where a device began reading a conversation in a gateway run, and that run's stamp (a
+/// resume token's first 16 bytes): it read every seq after `since` there, but the stretch it
+/// `skipped` (told they were lost, or past the replay window).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRun {
+    /// The cursor before its first read in the run.
+    pub since: u64,
+    /// The run's stamp.
+    pub stamp: [u8; 16],
+    /// Seqs after `since` it did not read there, first and last.
+    pub skipped: Option<(u64, u64)>,
+}
+
+impl ReadRun {
+    /// The run's stamp if the device read `seq` in it.
+    pub fn stamp_at(&self, seq: u64) -> Option<[u8; 16]> {
+        let skipped = self
+            .skipped
+            .is_some_and(|(from, to)| (from..=to).contains(&seq));
+        (seq > self.since && !skipped && self.stamp != [0; 16]).then_some(self.stamp)
     }
 }
 
-/// The stamp of the gateway run in which the device that marked this seq lost had read it, if
-/// a placeholder ([`LOST_SENDER`]) keeps one (see [`lost_read`]).
+/// The length of a placeholder's body as [`ConversationLog::fence`] writes it.
+const PLACEHOLDER_BYTES: usize = 33;
+
+/// The id of the message a device had read at a lost seq, if a placeholder ([`LOST_SENDER`])
+/// keeps one. A placeholder's body is [`STAMPED`], the stamp of the gateway run a device read
+/// the seq in (16, see [`lost_stamp`]) and the id (16), each all zeros if not known; bodies
+/// written before were empty, the id alone, or [`STAMPED`] and the stamp alone.
+pub fn lost_read(entry: &LogEntry) -> Option<[u8; 16]> {
+    debug_assert_eq!(entry.sender, LOST_SENDER);
+    let body = entry.body.as_ref();
+    let id: [u8; 16] = match body.len() {
+        16 => body.try_into().ok()?,
+        PLACEHOLDER_BYTES if body[0] == STAMPED => body[17..].try_into().ok()?,
+        _ => return None,
+    };
+    (id != [0; 16]).then_some(id)
+}
+
+/// The stamp of the gateway run in which a device read this lost seq, if a placeholder
+/// ([`LOST_SENDER`]) keeps one (see [`lost_read`]).
 pub fn lost_stamp(entry: &LogEntry) -> Option<[u8; 16]> {
     debug_assert_eq!(entry.sender, LOST_SENDER);
     let body = entry.body.as_ref();
-    match body.len() {
-        17 | 33 if body[0] == STAMPED => body[1..17].try_into().ok(),
-        _ => None,
-    }
+    let stamp: [u8; 16] = match body.len() {
+        17 | PLACEHOLDER_BYTES if body[0] == STAMPED => body[1..17].try_into().ok()?,
+        _ => return None,
+    };
+    (stamp != [0; 16]).then_some(stamp)
 }
 
 /// The store key of a log entry.

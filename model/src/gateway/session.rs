@@ -269,6 +269,18 @@ impl Sessions {
         session.auth = Auth::AwaitingProof(Box::new(challenged));
     }
 
+    /// The nonce of the challenge out on `conn` if `device` is the one it challenged: a
+    /// `Hello` repeated by a device that heard no challenge (or whose proof was lost) gets the
+    /// same challenge again.
+    pub fn pending_challenge(&self, conn: ConnectionId, device: DeviceId) -> Option<[u8; 32]> {
+        match &self.sessions.get(&conn)?.auth {
+            Auth::AwaitingProof(challenged) if challenged.device == device => {
+                Some(challenged.nonce)
+            }
+            _ => None,
+        }
+    }
+
     /// The challenge a proof on `conn` answers (the connection goes back to awaiting a hello
     /// until the session opens).
     pub fn take_challenge(&mut self, conn: ConnectionId) -> Option<Challenged> {

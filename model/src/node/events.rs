@@ -482,6 +482,8 @@ pub enum SendError {
 pub struct NodeStats {
     /// Connections that reached `HelloOk`.
     pub sessions: u64,
+    /// `Hello`s sent again on a connection because nothing answered the first in time.
+    pub hellos_again: u64,
     /// Sets of peer roots from the gateway refused (see `NodeEvent::PeerRootsRefused`).
     pub peer_roots_refused: u64,
     /// Welcomes that could not be checked yet (see `NodeEvent::JoinWaiting`).

@@ -35,15 +35,79 @@ pub struct Inbound {
     pub body: Bytes,
 }
 
+/// Where a device began reading a conversation in the last gateway run it read it from: every
+/// seq after `since` up to the cursor was read in that run, but those in `skipped`. A gateway
+/// that loses those messages compares the run with the one other devices read them in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadSince {
+    /// The cursor before the first move under the token (or after a move that read nothing,
+    /// when it cannot be kept in `skipped`).
+    pub since: u64,
+    /// The token's stamp: its first 16 bytes, naming the gateway run that issued it.
+    pub stamp: [u8; 16],
+    /// The last stretch after `since` that the cursor moved over without reading (a gap, a
+    /// loss it was told of), first and last seq.
+    pub skipped: Option<(u64, u64)>,
+}
+
+impl ReadSince {
+    fn encode(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(40);
+        value.extend_from_slice(&self.since.to_be_bytes());
+        value.extend_from_slice(&self.stamp);
+        if let Some((from, to)) = self.skipped {
+            value.extend_from_slice(&from.to_be_bytes());
+            value.extend_from_slice(&to.to_be_bytes());
+        }
+        value
+    }
+
+    fn decode(value: &[u8]) -> Option<ReadSince> {
+        let u64_at = |at: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(value.get(at..at + 8)?.try_into().ok()?))
+        };
+        let skipped = match value.len() {
+            24 => None,
+            40 => Some((u64_at(24)?, u64_at(32)?)),
+            _ => return None,
+        };
+        Some(ReadSince {
+            since: u64_at(0)?,
+            stamp: value[8..24].try_into().ok()?,
+            skipped,
+        })
+    }
+
+    /// The cursor moved from `cursor` to `seq` without reading (`seq` below it: a Welcome
+    /// restarted the conversation there).
+    fn moved_unread(&mut self, cursor: u64, seq: u64) {
+        if seq <= cursor || self.since >= cursor {
+            // Back, or in place (a divergence: what it read up to here is not what the run
+            // holds), or nothing read yet: reading begins after it.
+            self.since = seq;
+            self.skipped = None;
+            return;
+        }
+        self.skipped = match self.skipped {
+            Some((from, to)) if to == cursor => Some((from, seq)),
+            Some((_, to)) => {
+                // One stretch is kept: what came before the older one is no longer claimed.
+                self.since = to;
+                Some((cursor + 1, seq))
+            }
+            None => Some((cursor + 1, seq)),
+        };
+    }
+}
+
 /// Cursors and the reorder buffer. See the module docs.
 #[derive(Clone, Debug)]
 pub struct Inbox {
     cursors: BTreeMap<ConversationId, u64>,
     /// The id of the message read at each cursor, where the cursor moved by reading one.
     last_read: BTreeMap<ConversationId, MsgId>,
-    /// Per conversation: the cursor before its first move under a token, and that token's
-    /// stamp (its first 16 bytes: the gateway run that issued it).
-    read_since: BTreeMap<ConversationId, (u64, [u8; 16])>,
+    /// Per conversation: where reading began under the last token the cursor moved under.
+    read_since: BTreeMap<ConversationId, ReadSince>,
     /// The stamp of the token of the current session, if any: cursor moves now are reads
     /// from that gateway run.
     stamp: Option<[u8; 16]>,
@@ -86,11 +150,9 @@ impl Inbox {
         })?;
         let mut read_since = BTreeMap::new();
         scan_all(store, NODE_READ_SINCE_TABLE, |key, value| {
-            match (<[u8; 16]>::try_from(key), <[u8; 24]>::try_from(value)) {
-                (Ok(k), Ok(v)) => {
-                    let since = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-                    let stamp: [u8; 16] = v[8..].try_into().expect("16 bytes");
-                    read_since.insert(ConversationId::from_bytes(k), (since, stamp));
+            match (<[u8; 16]>::try_from(key), ReadSince::decode(value)) {
+                (Ok(k), Some(v)) => {
+                    read_since.insert(ConversationId::from_bytes(k), v);
                     Ok(())
                 }
                 _ => Err(StoreError::Corrupt {
@@ -132,21 +194,27 @@ impl Inbox {
         self.stamp = token.map(|t| t[..16].try_into().expect("16 bytes"));
     }
 
-    /// Where the device began reading `conversation` in the last gateway run it read it from,
-    /// and that run's stamp: the cursor before its first move under the last token it moved
-    /// under. If it has not moved under any, the cursor itself and `token`'s stamp. `None`
-    /// without either.
+    /// Where the device began reading `conversation` in the last gateway run it read it from
+    /// (see [`ReadSince`]): under the last token it moved under. If it has not moved under
+    /// any, the cursor itself and `token`'s stamp. `None` without either.
     pub fn read_since(
         &self,
         conversation: ConversationId,
         token: Option<&[u8; 32]>,
-    ) -> Option<(u64, [u8; 16])> {
+    ) -> Option<ReadSince> {
         let cursor = self.cursor(conversation);
         match self.read_since.get(&conversation) {
-            Some(&(since, at)) => Some((since.min(cursor), at)),
+            Some(&read) => Some(ReadSince {
+                since: read.since.min(cursor),
+                ..read
+            }),
             None => {
                 let stamp: [u8; 16] = token?[..16].try_into().expect("16 bytes");
-                Some((cursor, stamp))
+                Some(ReadSince {
+                    since: cursor,
+                    stamp,
+                    skipped: None,
+                })
             }
         }
     }
@@ -176,19 +244,25 @@ impl Inbox {
         writes: &mut WriteBatch,
     ) {
         if let Some(stamp) = self.stamp {
-            if self
-                .read_since
-                .get(&conversation)
-                .is_none_or(|(_, at)| *at != stamp)
-            {
-                let since = self.cursor(conversation);
-                self.read_since.insert(conversation, (since, stamp));
-                let mut value = since.to_be_bytes().to_vec();
-                value.extend_from_slice(&stamp);
+            let cursor = self.cursor(conversation);
+            let mut read = match self.read_since.get(&conversation) {
+                Some(&read) if read.stamp == stamp => read,
+                // The first move under this token: reading in its run begins here.
+                _ => ReadSince {
+                    since: cursor,
+                    stamp,
+                    skipped: None,
+                },
+            };
+            if last.is_none() {
+                read.moved_unread(cursor, seq);
+            }
+            if self.read_since.get(&conversation) != Some(&read) {
+                self.read_since.insert(conversation, read);
                 writes.put(
                     NODE_READ_SINCE_TABLE,
                     conversation.to_bytes().to_vec(),
-                    value,
+                    read.encode(),
                 );
             }
         }
@@ -315,45 +389,83 @@ mod tests {
         let mut writes = WriteBatch::default();
         let first = [1u8; 32];
         let second = [2u8; 32];
-        let stamp = |t: &[u8; 32]| -> [u8; 16] { t[..16].try_into().unwrap() };
+        let at = |since: u64, t: &[u8; 32]| {
+            Some(ReadSince {
+                since,
+                stamp: t[..16].try_into().unwrap(),
+                skipped: None,
+            })
+        };
         assert_eq!(inbox.read_since(CONV, None), None);
         inbox.set_cursor(CONV, 3, &mut writes);
         assert_eq!(
             inbox.read_since(CONV, Some(&first)),
-            Some((3, stamp(&first))),
+            at(3, &first),
             "nothing under it"
         );
         inbox.set_token(Some(&first));
         inbox.set_cursor_read(CONV, 5, MsgId(5), &mut writes);
         inbox.set_cursor_read(CONV, 7, MsgId(7), &mut writes);
-        assert_eq!(
-            inbox.read_since(CONV, Some(&first)),
-            Some((3, stamp(&first)))
-        );
+        assert_eq!(inbox.read_since(CONV, Some(&first)), at(3, &first));
         store.commit(writes.take()).unwrap();
         let mut again = recovered(&store);
-        assert_eq!(
-            again.read_since(CONV, Some(&first)),
-            Some((3, stamp(&first)))
-        );
+        assert_eq!(again.read_since(CONV, Some(&first)), at(3, &first));
         // A new session's token under which it has read nothing yet: what it read came from
         // the first token's run, and it says so.
         again.set_token(Some(&second));
-        assert_eq!(
-            again.read_since(CONV, Some(&second)),
-            Some((3, stamp(&first)))
-        );
-        assert_eq!(again.read_since(CONV, None), Some((3, stamp(&first))));
+        assert_eq!(again.read_since(CONV, Some(&second)), at(3, &first));
+        assert_eq!(again.read_since(CONV, None), at(3, &first));
         // Reading under it begins at 7.
         again.set_cursor_read(CONV, 8, MsgId(8), &mut writes);
-        assert_eq!(
-            again.read_since(CONV, Some(&second)),
-            Some((7, stamp(&second)))
-        );
+        assert_eq!(again.read_since(CONV, Some(&second)), at(7, &second));
         store.commit(writes.take()).unwrap();
         assert_eq!(
             recovered(&store).read_since(CONV, Some(&second)),
-            Some((7, stamp(&second)))
+            at(7, &second)
+        );
+        // A loss it is told of, under that token, was not read there: the stretch is kept
+        // beside what it reads. Before anything was read under the token, reading begins after
+        // it; a second stretch keeps only the newer, and what came before it is no longer
+        // claimed; a move back (a Welcome) begins anew.
+        let mut again = recovered(&store);
+        again.set_token(Some(&second));
+        again.set_cursor(CONV, 12, &mut writes);
+        let skipped = |since, skipped| {
+            Some(ReadSince {
+                skipped: Some(skipped),
+                ..at(since, &second).unwrap()
+            })
+        };
+        assert_eq!(again.read_since(CONV, Some(&second)), skipped(7, (9, 12)));
+        again.set_cursor(CONV, 14, &mut writes);
+        assert_eq!(again.read_since(CONV, Some(&second)), skipped(7, (9, 14)));
+        again.set_cursor_read(CONV, 15, MsgId(15), &mut writes);
+        store.commit(writes.take()).unwrap();
+        let mut again = recovered(&store);
+        assert_eq!(again.read_since(CONV, Some(&second)), skipped(7, (9, 14)));
+        again.set_token(Some(&second));
+        again.set_cursor(CONV, 20, &mut writes);
+        assert_eq!(again.read_since(CONV, Some(&second)), skipped(14, (16, 20)));
+        again.set_cursor(CONV, 20, &mut writes);
+        assert_eq!(
+            again.read_since(CONV, Some(&second)),
+            at(20, &second),
+            "diverged"
+        );
+        again.set_cursor_read(CONV, 21, MsgId(21), &mut writes);
+        again.set_cursor(CONV, 2, &mut writes);
+        assert_eq!(
+            again.read_since(CONV, Some(&second)),
+            at(2, &second),
+            "a Welcome"
+        );
+        let mut fresh = recovered(&MemStore::default());
+        fresh.set_token(Some(&first));
+        fresh.set_cursor(CONV, 4, &mut writes);
+        assert_eq!(
+            fresh.read_since(CONV, None),
+            at(4, &first),
+            "nothing read before"
         );
         // A damaged row is refused.
         let mut writes = WriteBatch::default();

@@ -45,6 +45,11 @@ pub enum LinkState {
         conn: ConnectionId,
         /// When the handshake is given up.
         deadline: Instant,
+        /// When the `Hello` goes again if nothing answered it (none before a `Hello` left, and
+        /// none once frames showed the gateway's session open).
+        hello_again: Option<Instant>,
+        /// The wait before that resend; it doubles with each.
+        hello_wait: Duration,
     },
     /// Session open.
     Open {
@@ -66,6 +71,8 @@ pub enum LinkDue {
     Connect,
     /// The connection is dead (handshake or idle timeout): close it and reconnect later.
     Dead(ConnectionId),
+    /// Nothing answered the `Hello` on this connection in time: send it again (same number).
+    HelloAgain(ConnectionId),
     /// A heartbeat went out on the open session (its frame is returned by `heartbeat`).
     Heartbeat(ConnectionId, Heartbeat),
 }
@@ -163,6 +170,11 @@ impl Link {
         self.generation
     }
 
+    /// The number of the last `Hello` (a resent `Hello` carries it again).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// True once the gateway said another copy of this device's data was used since.
     pub fn state_copied(&self) -> bool {
         self.copied
@@ -222,11 +234,44 @@ impl Link {
         if let LinkState::Handshaking {
             conn: waiting,
             deadline,
+            hello_again,
+            ..
         } = &mut self.state
         {
             if *waiting == conn {
                 *deadline = (*deadline).min(by);
+                // The gateway's session is open: another `Hello` would only be refused.
+                *hello_again = None;
             }
+        }
+    }
+
+    /// A `Hello` went out on the handshaking connection: unless something answers it within
+    /// `wait`, it goes again, each time after twice the wait before (until the handshake's
+    /// deadline). A QUIC stream does not lose a `Hello`, but the simulator's frames can, and
+    /// a lost `Hello`, challenge or proof otherwise cost the whole handshake timeout.
+    pub fn hello_sent(&mut self, now: Instant, wait: Duration) {
+        if let LinkState::Handshaking {
+            hello_again,
+            hello_wait,
+            ..
+        } = &mut self.state
+        {
+            *hello_wait = wait;
+            *hello_again = Some(now + wait);
+        }
+    }
+
+    /// The gateway answered the handshake (a challenge): the next resend of the `Hello`, if
+    /// the proof or what answers it is lost, waits a whole wait from now.
+    pub fn handshake_answered(&mut self, now: Instant) {
+        if let LinkState::Handshaking {
+            hello_again: Some(at),
+            hello_wait,
+            ..
+        } = &mut self.state
+        {
+            *at = now + *hello_wait;
         }
     }
 
@@ -246,7 +291,11 @@ impl Link {
         match self.state {
             LinkState::Offline { retry_at } => reconnect = retry_at,
             LinkState::Connecting => {}
-            LinkState::Handshaking { deadline, .. } => handshake = Some(deadline),
+            LinkState::Handshaking {
+                deadline,
+                hello_again,
+                ..
+            } => handshake = Some(hello_again.map_or(deadline, |at| at.min(deadline))),
             LinkState::Open {
                 last_heard,
                 next_heartbeat,
@@ -272,6 +321,8 @@ impl Link {
         self.state = LinkState::Handshaking {
             conn,
             deadline: now + self.handshake_timeout,
+            hello_again: None,
+            hello_wait: Duration::ZERO,
         };
         true
     }
@@ -350,7 +401,22 @@ impl Link {
                 self.state = LinkState::Connecting;
                 LinkDue::Connect
             }
-            LinkState::Handshaking { conn, deadline } if now >= deadline => LinkDue::Dead(conn),
+            LinkState::Handshaking { conn, deadline, .. } if now >= deadline => LinkDue::Dead(conn),
+            LinkState::Handshaking {
+                conn,
+                deadline,
+                hello_again: Some(at),
+                hello_wait,
+            } if now >= at => {
+                let wait = hello_wait * 2;
+                self.state = LinkState::Handshaking {
+                    conn,
+                    deadline,
+                    hello_again: Some(now + wait),
+                    hello_wait: wait,
+                };
+                LinkDue::HelloAgain(conn)
+            }
             LinkState::Open {
                 conn,
                 last_heard,

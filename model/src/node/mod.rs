@@ -658,7 +658,7 @@ impl Node {
                     return;
                 }
                 if self.trust.holder().certificate().is_some() {
-                    self.send_hello(conn);
+                    self.send_hello(now, conn);
                 } else {
                     let routing = Routing {
                         sender: self.config.device,
@@ -747,6 +747,7 @@ impl Node {
                 self.fx.hold(NodeOutput::Close(conn));
                 self.schedule_reconnect(now);
             }
+            LinkDue::HelloAgain(conn) => self.send_hello_again(conn),
             LinkDue::Heartbeat(conn, beat) => {
                 self.round_trip.beat_sent(beat.nonce, now);
                 self.fx
@@ -774,6 +775,7 @@ impl Node {
                 if !self.link.is_handshaking() {
                     return;
                 }
+                self.link.handshake_answered(now);
                 let message = session_proof_message(&challenge.nonce, self.config.device);
                 let signature = self.config.key.sign(&message);
                 self.fx.send(
@@ -790,7 +792,7 @@ impl Node {
                     .on_certificate(&self.config, &answer, &mut self.fx)
                 {
                     self.bind_mls_to_trust();
-                    self.send_hello(conn);
+                    self.send_hello(now, conn);
                 } else {
                     self.fx.hold(NodeOutput::Close(conn));
                     self.schedule_reconnect(now);
@@ -812,11 +814,15 @@ impl Node {
                     Payload::Deliver(_) | Payload::SendAck(_) | Payload::KeyPackageCount(_)
                         if self.link.is_handshaking() =>
                     {
-                        // Its HelloOk was lost (a QUIC stream would not lose it; the
-                        // simulator's frames can) or overtaken: a moment more, then a new
-                        // connection, rather than the whole handshake timeout (15 s).
-                        let grace = HELLO_OK_GRACE.max(self.round_trip.estimate());
-                        self.link.hello_ok_overdue(conn, now + grace);
+                        self.hello_ok_overdue(now, conn);
+                    }
+                    // A `Hello` sent again after the gateway had opened the session (its
+                    // `HelloOk` lost): the same.
+                    Payload::Error(report)
+                        if self.link.is_handshaking()
+                            && ErrorCode::from_u16(report.code) == ErrorCode::UnexpectedOpcode =>
+                    {
+                        self.hello_ok_overdue(now, conn);
                     }
                     _ => {}
                 }
@@ -982,6 +988,14 @@ impl Node {
             Payload::Goodbye(goodbye) => self.refused(now, conn, &goodbye),
             _ => {} // frames meant for gateways are ignored
         }
+    }
+
+    /// The gateway's session on `conn` is open, but its `HelloOk` was lost (a QUIC stream would
+    /// not lose it; the simulator's frames can) or is overtaken: a moment more, then a new
+    /// connection, rather than the whole handshake timeout (15 s).
+    fn hello_ok_overdue(&mut self, now: Instant, conn: ConnectionId) {
+        let grace = HELLO_OK_GRACE.max(self.round_trip.estimate());
+        self.link.hello_ok_overdue(conn, now + grace);
     }
 
     /// An error frame on the open session.

@@ -6,8 +6,23 @@ use super::*;
 use std::time::Duration;
 
 impl Node {
-    /// Opens a session with the device's certificate.
-    pub(super) fn send_hello(&mut self, conn: ConnectionId) {
+    /// Opens a session with the device's certificate: a `Hello` with the next number, sent
+    /// again with the same number if nothing answers it (see [`Link::hello_sent`]).
+    pub(super) fn send_hello(&mut self, now: Instant, conn: ConnectionId) {
+        let generation = self.link.next_generation(self.fx.writes());
+        self.send_hello_numbered(conn, generation);
+        let wait = HELLO_OK_GRACE.max(self.round_trip.estimate() * 2);
+        self.link.hello_sent(now, wait);
+    }
+
+    /// The `Hello` on `conn` went unanswered: the same again (a lost `Hello`, challenge or
+    /// proof; the gateway answers a repeated `Hello` with its challenge again).
+    pub(super) fn send_hello_again(&mut self, conn: ConnectionId) {
+        self.stats.hellos_again += 1;
+        self.send_hello_numbered(conn, self.link.generation());
+    }
+
+    fn send_hello_numbered(&mut self, conn: ConnectionId, generation: u64) {
         let mut cursors: Vec<Cursor> = self
             .inbox
             .cursors()
@@ -16,11 +31,14 @@ impl Node {
                 let token = self.link.resume_token();
                 let since = self.inbox.read_since(*c, token.as_ref());
                 Cursor {
-                    since: since.map(|(seq, _)| seq),
+                    since: since.map(|read| read.since),
                     // The run's stamp only when it is not the token's (the usual case).
                     since_run: since
-                        .map(|(_, stamp)| stamp)
+                        .map(|read| read.stamp)
                         .filter(|stamp| token.is_none_or(|t| t[..16] != stamp[..])),
+                    skipped: since
+                        .and_then(|read| read.skipped)
+                        .map(|(from, to)| [from, to]),
                     ..Cursor::read(*c, *s, self.inbox.last_read(*c))
                 }
             })
@@ -30,7 +48,6 @@ impl Node {
             sender: self.config.device,
             ..Routing::default()
         };
-        let generation = self.link.next_generation(self.fx.writes());
         let hello = Hello {
             cursors,
             device_key: self.config.key.public().0,

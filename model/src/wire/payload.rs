@@ -66,6 +66,11 @@ pub struct Cursor {
     #[n(4)]
     #[cbor(with = "minicbor::bytes")]
     pub since_run: Option<[u8; 16]>,
+    /// Seqs after `since` that the device moved over in that run without reading them (it was
+    /// told they were lost, or past the replay window), first and last: they are not compared
+    /// with what other devices read there.
+    #[n(5)]
+    pub skipped: Option<[u64; 2]>,
 }
 
 impl Cursor {
@@ -77,6 +82,7 @@ impl Cursor {
             last: None,
             since: None,
             since_run: None,
+            skipped: None,
         }
     }
 

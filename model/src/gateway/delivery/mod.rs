@@ -30,7 +30,7 @@ use super::groups::{Change, GroupState, Groups, GROUPS_TABLE};
 use super::sender_order::SenderOrder;
 use super::sequencer::{
     decode_bounds, decode_dedup, decode_entry, lost_read, lost_stamp, split_pair_key, Appended,
-    ConversationLog, SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER,
+    ConversationLog, ReadRun, SequencerError, BOUNDS_TABLE, DEDUP_TABLE, LOG_TABLE, LOST_SENDER,
     MEMBERS_TABLE,
 };
 use super::session::Sessions;
@@ -194,22 +194,20 @@ struct ShownCursor {
     /// The id of the message it read there, if one.
     read: Option<[u8; 16]>,
     /// Where it began reading in the last gateway run it read from (the one its token names,
-    /// unless it read nothing there), and that run's stamp.
-    run: Option<(u64, [u8; TOKEN_STAMP_BYTES])>,
+    /// unless it read nothing there), that run's stamp, and what it skipped there.
+    run: Option<ReadRun>,
     /// The last run of this store it may have read from (`None`: this run).
     last_session: Option<u64>,
 }
 
 /// Whether a placeholder in `from..=to` (at most [`FENCE_MAX`] seqs back from `to`) keeps the
-/// stamp of another gateway run than `stamp`: the device that marked it lost read that seq in
-/// another run than the one this device read it in.
-fn read_in_another_run(
-    log: &ConversationLog,
-    from: u64,
-    to: u64,
-    stamp: [u8; TOKEN_STAMP_BYTES],
-) -> bool {
+/// stamp of another gateway run than the one `run` says this device read that seq in: the
+/// device that stamped it read it in another run.
+fn read_in_another_run(log: &ConversationLog, from: u64, to: u64, run: ReadRun) -> bool {
     (from.max(to.saturating_sub(FENCE_MAX))..=to).any(|seq| {
+        let Some(stamp) = run.stamp_at(seq) else {
+            return false;
+        };
         log.get(seq).is_some_and(|e| {
             e.sender == LOST_SENDER && lost_stamp(e).is_some_and(|kept| kept != stamp)
         })
@@ -1251,7 +1249,14 @@ impl Delivery {
                 let cursor = ShownCursor {
                     shown: c.seq,
                     read: c.last,
-                    run: c.since.zip(c.since_run.or(stamp)),
+                    run: c
+                        .since
+                        .zip(c.since_run.or(stamp))
+                        .map(|(since, stamp)| ReadRun {
+                            since,
+                            stamp,
+                            skipped: c.skipped.map(|[from, to]| (from, to)),
+                        }),
                     last_session,
                 };
                 self.examine_cursor(now, device, conv, cursor, writes, &mut lost);
@@ -1281,10 +1286,11 @@ impl Delivery {
     /// message of such a run at a seq it read, past its stored cursor, is one where its
     /// history diverged, and it is told; that holds however many times the gateway restarted
     /// since ([`Runs`]). So is a device that read another message at its cursor than the one
-    /// there now, or another lost message than the one a placeholder there kept, or one that
-    /// read a lost message at its cursor and, since it began reading in its token's run, read
-    /// seqs that another device read in another run (the placeholders keep that run's stamp:
-    /// two lossy crashes in one lying spell gave those seqs to other messages).
+    /// there now, or another lost message than the one a placeholder there kept, or one that,
+    /// since it began reading in its token's run, read lost seqs that another device read in
+    /// another run (the placeholders keep that run's stamp: two lossy crashes in one lying
+    /// spell gave those seqs to other messages). A placeholder that keeps no run yet takes the
+    /// first one a device shows for it ([`ConversationLog::stamp_lost`]).
     fn examine_cursor(
         &mut self,
         now: Instant,
@@ -1303,11 +1309,36 @@ impl Delivery {
         let stored = self.cursor(device, conv);
         let log = self.conversations.get_mut(&conv).expect("a member's log");
         let head = log.head();
-        if shown > head {
-            if shown - head > FENCE_MAX {
-                self.stats.implausible_cursors += 1;
-                return;
+        if shown > head && shown - head > FENCE_MAX {
+            self.stats.implausible_cursors += 1;
+            return;
+        }
+        // What it read where the log holds the seq already: at its cursor, the message (or,
+        // where a placeholder kept one, the lost message another device read there); and
+        // before it, since it began reading in its token's run, the run each lost seq was read
+        // in (two lossy crashes in one lying spell gave those seqs to other messages).
+        let mut other_message = shown > stored
+            && shown <= head
+            && match (read, log.get(shown)) {
+                (Some(id), Some(entry)) if entry.sender == LOST_SENDER => {
+                    lost_read(entry).is_some_and(|kept| kept != id)
+                }
+                (Some(id), Some(entry)) => entry.msg_id.to_bytes() != id,
+                _ => false,
+            };
+        if let Some(run) = run.filter(|_| !other_message) {
+            let (from, to) = (run.since.max(stored).saturating_add(1), shown.min(head));
+            if from <= to {
+                if read_in_another_run(log, from, to, run) {
+                    other_message = true;
+                } else {
+                    for seq in log.stamp_lost(from.max(to.saturating_sub(FENCE_MAX)), to, run) {
+                        log.persist_append(seq, writes);
+                    }
+                }
             }
+        }
+        if shown > head {
             let from = log.fence(now, shown, read, run);
             for seq in from..=shown {
                 log.persist_append(seq, writes);
@@ -1321,29 +1352,10 @@ impl Delivery {
                 from,
                 to: shown,
             });
-        } else if shown > stored {
-            let other_message = match (read, log.get(shown)) {
-                // Another device read another message at this lost seq: two lost histories
-                // (two lossy crashes in one lying spell, each run giving the seq to another
-                // message).
-                (Some(id), Some(entry)) if entry.sender == LOST_SENDER => {
-                    lost_read(entry).is_some_and(|kept| kept != id)
-                        || run.is_some_and(|(since, stamp)| {
-                            read_in_another_run(
-                                log,
-                                since.max(stored).saturating_add(1),
-                                shown,
-                                stamp,
-                            )
-                        })
-                }
-                (Some(id), Some(entry)) => entry.msg_id.to_bytes() != id,
-                _ => false,
-            };
-            if other_message {
-                self.diverged_found(device, conv, stored + 1, shown, writes, found);
-                return;
-            }
+        }
+        if other_message {
+            self.diverged_found(device, conv, stored + 1, shown, writes, found);
+            return;
         }
         // Messages of runs after its last session, at seqs it says it read.
         let Some(since) = last_session
