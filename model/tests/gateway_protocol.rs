@@ -1719,6 +1719,14 @@ fn pools_and_user_bindings_survive_a_restart() {
 // ---- a disk that lost writes it had reported durable ----
 
 /// The operator outputs that report lost history.
+/// What each finding among `outputs` was, and over which seqs.
+fn found_ranges(outputs: &[GatewayOutput]) -> Vec<(HistoryKind, u64, u64)> {
+    history(outputs)
+        .iter()
+        .map(|f| (f.kind, f.from, f.to))
+        .collect()
+}
+
 fn history(outputs: &[GatewayOutput]) -> Vec<LostHistory> {
     outputs
         .iter()
@@ -1800,10 +1808,7 @@ fn a_device_that_read_seqs_given_to_other_messages_since_is_told_until_it_heard(
     h.send(2, bob(), 9, b"bob's");
     let read = Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])));
     let out = h.connect_with(3, alice(), vec![read]);
-    let kinds: Vec<_> = history(&out)
-        .iter()
-        .map(|f| (f.kind, f.from, f.to))
-        .collect();
+    let kinds: Vec<_> = found_ranges(&out);
     assert_eq!(
         kinds,
         vec![(HistoryKind::Lost, 3, 3), (HistoryKind::Diverged, 2, 2)]
@@ -1847,10 +1852,7 @@ fn a_device_away_while_the_gateway_restarted_twice_is_still_told_its_history_div
     assert_eq!(h.gateway.conversation_head(CONV), Some(2));
     let read = Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])));
     let out = h.connect_with(3, alice(), vec![read]);
-    let kinds: Vec<_> = history(&out)
-        .iter()
-        .map(|f| (f.kind, f.from, f.to))
-        .collect();
+    let kinds: Vec<_> = found_ranges(&out);
     assert_eq!(
         kinds,
         vec![(HistoryKind::Lost, 3, 3), (HistoryKind::Diverged, 2, 2)]
@@ -1955,13 +1957,7 @@ fn devices_that_read_lost_seqs_in_different_runs_are_told_even_at_different_seqs
         ..Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])))
     };
     let out = h.connect_with(6, bob(), vec![bobs]);
-    assert_eq!(
-        history(&out)
-            .iter()
-            .map(|f| (f.kind, f.from, f.to))
-            .collect::<Vec<_>>(),
-        vec![(HistoryKind::Lost, 2, 3)]
-    );
+    assert_eq!(found_ranges(&out), vec![(HistoryKind::Lost, 2, 3)]);
     let carols = Cursor {
         since: Some(1),
         ..Cursor::read(CONV, 2, Some(MsgId::from_bytes([9; 16])))
@@ -2020,13 +2016,7 @@ fn a_device_that_read_nothing_under_its_last_token_shows_the_run_it_read_in() {
         ..Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])))
     };
     let out = h.connect_with(8, bob(), vec![bobs]);
-    assert_eq!(
-        history(&out)
-            .iter()
-            .map(|f| (f.kind, f.from, f.to))
-            .collect::<Vec<_>>(),
-        vec![(HistoryKind::Lost, 2, 3)]
-    );
+    assert_eq!(found_ranges(&out), vec![(HistoryKind::Lost, 2, 3)]);
     let out = h.connect_with(
         9,
         mallory(),
@@ -2067,13 +2057,7 @@ fn the_first_device_to_show_the_run_of_unstamped_lost_seqs_is_the_one_the_next_a
         ..Cursor::read(CONV, 3, Some(MsgId::from_bytes([3; 16])))
     };
     let out = h.connect_with(6, bob(), vec![bobs]);
-    assert_eq!(
-        history(&out)
-            .iter()
-            .map(|f| (f.kind, f.from, f.to))
-            .collect::<Vec<_>>(),
-        vec![(HistoryKind::Lost, 2, 3)]
-    );
+    assert_eq!(found_ranges(&out), vec![(HistoryKind::Lost, 2, 3)]);
     let read_at_two = |run: [u8; 16], id: u8| Cursor {
         since: Some(1),
         since_run: Some(run),
