@@ -11,16 +11,18 @@
 #                                         the receiving device's data and the saved file on
 #                                         tmpfs: what the gateway does with no other process
 #                                         writing a gigabyte to its disk
+#   BIN=DIR scripts/file-bench.sh [SIZE]  sund and sund-gateway from DIR instead (no build):
+#                                         to alternate two builds in one session
 #
 # Prints one line per figure; benches/README.md ("Files") records the runs.
 set -euo pipefail
 SIZE=${1:-1073741824}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-cargo build --release -q -p sund-node -p sund-gateway --bins
+[ -n "${BIN:-}" ] || cargo build --release -q -p sund-node -p sund-gateway --bins
 cargo build --release -q -p sund-benches --example quinn_bulk --example message_latency
-G=$ROOT/target/release/sund-gateway
-S=$ROOT/target/release/sund
+G=${BIN:-$ROOT/target/release}/sund-gateway
+S=${BIN:-$ROOT/target/release}/sund
 WORK=$(mktemp -d)
 trap 'kill $GW 2>/dev/null || true; rm -rf "$WORK"' EXIT
 cd "$WORK"
@@ -46,7 +48,10 @@ for user in bob carol dave; do
   $S init --data-dir $dir --gateway 127.0.0.1:$PORT --gateway-cert "$CERT" --user $user \
      --token "$($G admin enrol-token $user --data-dir gw)" >/dev/null
 done
-$G run --listen 127.0.0.1:$PORT --data-dir gw 2>gw.log &
+# carol's 100 messages a second stand for the traffic of many devices: past the default limit
+# of one device (50 a second, bursts of 200), which would measure the pacing of a flood instead.
+printf '[limits]\nsends_per_second = 0\n' > gw.toml
+$G run --listen 127.0.0.1:$PORT --data-dir gw --config gw.toml 2>gw.log &
 GW=$!
 sleep 0.5
 $S status --data-dir $BOB >/dev/null
