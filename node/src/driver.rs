@@ -19,7 +19,7 @@ use bytes::Bytes;
 use sund_model::env::Ready;
 use sund_model::env::StoreRead;
 use sund_model::files::ContentHash;
-use sund_model::files::{seal_chunk, Manifest, ManifestDigest, UploadId};
+use sund_model::files::{seal_chunk_in_place, sealed_len, Manifest, ManifestDigest, UploadId};
 use sund_model::identity::{DeviceKey, DevicePublicKey};
 use sund_model::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use sund_model::mls::device::DeviceMlsConfig;
@@ -1456,16 +1456,25 @@ fn read_and_seal(chunk: &ChunkToSend) -> Result<Vec<u8>, String> {
             path.display()
         )
     })?;
-    let mut plain = vec![0u8; entry.len as usize];
+    // Read into a buffer the sealing can fill in place: the chunk is copied once, from the
+    // file.
+    let len = entry.len as usize;
+    let mut plain = Vec::with_capacity(sealed_len(len));
     file.seek(SeekFrom::Start(chunk.offset))
-        .and_then(|_| file.read_exact(&mut plain))
+        .and_then(|_| (&mut file).take(len as u64).read_to_end(&mut plain))
         .map_err(|e| {
             format!(
-                "{} is shorter than when it was sent ({e}): send it again",
+                "{} cannot be read any more ({e}): send it again",
                 path.display()
             )
         })?;
-    let (read, sealed) = seal_chunk(&chunk.manifest.secret, &plain);
+    if plain.len() != len {
+        return Err(format!(
+            "{} is shorter than when it was sent: send it again",
+            path.display()
+        ));
+    }
+    let (read, sealed) = seal_chunk_in_place(&chunk.manifest.secret, plain);
     if read.hash != entry.hash || sealed.id != chunk.id {
         return Err(format!(
             "{} changed since it was sent: send it again",
@@ -1579,6 +1588,52 @@ mod tests {
         }
         assert!(chunks.len() >= 3, "{} chunks", chunks.len());
         (manifest, chunks)
+    }
+
+    #[test]
+    fn a_chunk_is_read_and_sealed_as_the_manifest_names_it_and_a_changed_file_is_refused() {
+        let (manifest, chunks) = file();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, chunks.concat()).unwrap();
+        let manifest = Arc::new(manifest);
+        let index = 1;
+        let to_send = ChunkToSend {
+            conn: ConnectionId(1),
+            conversation: ConversationId::from_name("read and seal"),
+            upload: UploadId([1; 16]),
+            source: Bytes::from(path.to_str().unwrap().to_string()),
+            manifest: manifest.clone(),
+            index,
+            id: manifest.chunk_id(index),
+            offset: chunks[0].len() as u64,
+        };
+        let sealed = read_and_seal(&to_send).unwrap();
+        let opened =
+            sund_model::files::open_chunk(&manifest.secret, &manifest.chunks[index], sealed)
+                .unwrap();
+        assert_eq!(opened, chunks[index]);
+
+        // One byte of the chunk changed on disk: not sent under the old id.
+        let mut changed = chunks.concat();
+        changed[chunks[0].len() + 10] ^= 1;
+        std::fs::write(&path, &changed).unwrap();
+        let error = read_and_seal(&to_send).unwrap_err();
+        assert!(
+            error.contains("changed since it was sent: send it again"),
+            "{error}"
+        );
+        // Cut short inside the chunk.
+        std::fs::write(&path, &changed[..chunks[0].len() + 5]).unwrap();
+        let error = read_and_seal(&to_send).unwrap_err();
+        assert!(
+            error.contains("is shorter than when it was sent"),
+            "{error}"
+        );
+        // Gone.
+        std::fs::remove_file(&path).unwrap();
+        let error = read_and_seal(&to_send).unwrap_err();
+        assert!(error.contains("cannot be read any more"), "{error}");
     }
 
     fn keep(store: &mut RedbStore, manifest: &Manifest, chunks: &[Vec<u8>], index: usize) {

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
-use sund_model::files::{
-    sealed_len, stream_chunker, FileId, FileName, FileSecret, ManifestBuilder, ManifestDigest,
-};
+use sund_model::files::{sealed_len, FileId, FileName, FileSecret, ManifestDigest};
 use sund_model::ids::ConversationId;
 use sund_model::node::transfers::OfferState;
 use sund_model::node::NodeEvent;
@@ -127,25 +125,17 @@ pub(crate) async fn send(data_dir: &Path, conversation: &str, path: &Path) -> Re
         return Err(format!("cannot send into `{conversation}`: {e}"));
     }
 
-    // Cut and seal the file once to learn its chunks (one chunk in memory at a time); the
-    // node's driver reads and seals each chunk again when the gateway asks for it.
+    // Cut and hash the file once to learn its chunks; the node's driver reads, hashes again
+    // and seals each chunk when the gateway asks for it.
     let secret = FileSecret::for_conversation(&device.key, id);
     let total = metadata.len();
     let mut reading = Progress::new(&format!("reading {}", name.as_str()), total);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let reader_path = PathBuf::from(&source);
     let cut = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&reader_path)
-            .map_err(|e| format!("cannot read {}: {e}", reader_path.display()))?;
-        let mut builder = ManifestBuilder::new(name, secret.clone());
-        let mut done = 0u64;
-        for chunk in stream_chunker(&secret, std::io::BufReader::new(file)) {
-            let chunk = chunk.map_err(|e| format!("cannot read {}: {e}", reader_path.display()))?;
-            builder.push(&chunk.data).map_err(|e| e.to_string())?;
-            done += chunk.length as u64;
+        sund_node::cutting::cut_and_hash(&reader_path, name, secret, |done| {
             let _ = tx.send(done);
-        }
-        Ok::<_, String>(builder.finish())
+        })
     });
     tokio::pin!(cut);
     let manifest = loop {

@@ -7,6 +7,7 @@
 
 pub mod backup;
 pub mod contact_files;
+pub mod cutting;
 pub mod device;
 pub mod display;
 pub mod driver;

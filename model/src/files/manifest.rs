@@ -412,28 +412,46 @@ impl ManifestBuilder {
 
     /// Seals the next chunk (as the chunker cut it) and notes it in the manifest.
     pub fn push(&mut self, plain: &[u8]) -> Result<SealedChunk, ManifestError> {
-        assert!(!plain.is_empty(), "the chunker never cuts an empty chunk");
-        if plain.len() > CHUNK_BYTES_MAX {
+        let size = self.size_with(plain.len())?;
+        let (entry, sealed) = seal_chunk(&self.secret, plain);
+        self.size = size;
+        self.chunks.push(entry);
+        Ok(sealed)
+    }
+
+    /// Notes the next chunk by its length and plaintext hash ([`ContentHash::of`]) without
+    /// sealing it. The manifest needs only these: a sender that seals each chunk again as it
+    /// uploads it hashes the chunks elsewhere (another thread, while the next is cut) and
+    /// notes them here in file order.
+    pub fn push_hashed(&mut self, len: usize, hash: ContentHash) -> Result<(), ManifestError> {
+        let size = self.size_with(len)?;
+        let len = u32::try_from(len).expect("checked against CHUNK_BYTES_MAX");
+        self.size = size;
+        self.chunks.push(ChunkEntry { hash, len });
+        Ok(())
+    }
+
+    /// The file's size with one more chunk of `len` bytes, if the manifest can take it.
+    fn size_with(&self, len: usize) -> Result<u64, ManifestError> {
+        assert!(len > 0, "the chunker never cuts an empty chunk");
+        if len > CHUNK_BYTES_MAX {
             return Err(ManifestError::ChunkLength {
                 index: self.chunks.len(),
-                len: u32::try_from(plain.len()).unwrap_or(u32::MAX),
+                len: u32::try_from(len).unwrap_or(u32::MAX),
                 max: CHUNK_BYTES_MAX,
             });
         }
         if self.chunks.len() == CHUNKS_MAX {
             return Err(ManifestError::TooManyChunks { max: CHUNKS_MAX });
         }
-        let size = self.size + plain.len() as u64;
+        let size = self.size + len as u64;
         if size > FILE_BYTES_MAX {
             return Err(ManifestError::TooLarge {
                 size,
                 max: FILE_BYTES_MAX,
             });
         }
-        let (entry, sealed) = seal_chunk(&self.secret, plain);
-        self.size = size;
-        self.chunks.push(entry);
-        Ok(sealed)
+        Ok(size)
     }
 
     /// The manifest of everything pushed.

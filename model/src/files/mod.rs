@@ -39,7 +39,9 @@ pub use manifest::{
     ManifestDigest, ManifestError, MANIFEST_BYTES_MAX,
 };
 pub use message::{FileMessage, UploadId, FILE_MESSAGE_MAGIC};
-pub use sealing::{open_chunk, padded_len, seal_chunk, sealed_len, ChunkError, SealedChunk};
+pub use sealing::{
+    open_chunk, padded_len, seal_chunk, seal_chunk_in_place, sealed_len, ChunkError, SealedChunk,
+};
 pub use secret::{ChunkId, ContentHash, FileSecret};
 
 /// Smallest chunk the chunker cuts (the last chunk of a file may be shorter).

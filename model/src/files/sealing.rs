@@ -93,12 +93,20 @@ fn key(secret: &FileSecret, hash: &ContentHash) -> LessSafeKey {
 
 /// Seals `plain` under `secret`: its manifest entry and what the gateway stores.
 pub fn seal_chunk(secret: &FileSecret, plain: &[u8]) -> (ChunkEntry, SealedChunk) {
-    let len = u32::try_from(plain.len()).expect("a chunk is at most a few MiB");
-    let hash = ContentHash::of(plain);
-    let id = secret.chunk_id(&hash);
-    let padded = padded_len(plain.len());
-    let mut buffer = Vec::with_capacity(padded + TAG_BYTES);
+    let mut buffer = Vec::with_capacity(sealed_len(plain.len()));
     buffer.extend_from_slice(plain);
+    seal_chunk_in_place(secret, buffer)
+}
+
+/// Seals the chunk `buffer` holds, in place: the same as [`seal_chunk`] without copying the
+/// plaintext (a buffer with [`sealed_len`] of capacity is never reallocated).
+pub fn seal_chunk_in_place(secret: &FileSecret, mut buffer: Vec<u8>) -> (ChunkEntry, SealedChunk) {
+    let plain_len = buffer.len();
+    let len = u32::try_from(plain_len).expect("a chunk is at most a few MiB");
+    let hash = ContentHash::of(&buffer);
+    let id = secret.chunk_id(&hash);
+    let padded = padded_len(plain_len);
+    buffer.reserve_exact(padded + TAG_BYTES - plain_len);
     buffer.push(PAD_MARK);
     buffer.resize(padded, 0);
     key(secret, &hash)
@@ -108,7 +116,7 @@ pub fn seal_chunk(secret: &FileSecret, plain: &[u8]) -> (ChunkEntry, SealedChunk
             &mut buffer,
         )
         .expect("a chunk is far below AES-GCM's length limit");
-    debug_assert_eq!(buffer.len(), sealed_len(plain.len()));
+    debug_assert_eq!(buffer.len(), sealed_len(plain_len));
     let entry = ChunkEntry { hash, len };
     (
         entry,

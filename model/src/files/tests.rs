@@ -42,9 +42,16 @@ fn a_sealed_chunk_opens_to_its_plaintext_and_only_under_its_own_manifest() {
         "sealed, not copied"
     );
     assert_eq!(
-        open_chunk(&secret(1), &entry, sealed.ciphertext.clone()),
-        Ok(plain)
+        open_chunk(&secret(1), &entry, sealed.ciphertext.clone()).as_ref(),
+        Ok(&plain)
     );
+    // Sealed in place, the same bytes come out, without a second buffer.
+    let mut buffer = Vec::with_capacity(sealed_len(plain.len()));
+    buffer.extend_from_slice(&plain);
+    let at = buffer.as_ptr();
+    let (in_place_entry, in_place) = seal_chunk_in_place(&secret(1), buffer);
+    assert_eq!((in_place_entry, &in_place), (entry, &sealed));
+    assert_eq!(in_place.ciphertext.as_ptr(), at, "not reallocated");
     // Another conversation's secret neither finds nor opens it.
     assert_ne!(secret(2).chunk_id(&entry.hash), sealed.id);
     assert!(matches!(
@@ -180,6 +187,33 @@ fn a_whole_file_round_trips_through_its_manifest() {
     // The gateway stores a few percent more than the file, never less.
     let sealed_bytes = manifest.sealed_bytes();
     assert!(sealed_bytes > data.len() as u64 && sealed_bytes < data.len() as u64 * 106 / 100);
+}
+
+#[test]
+fn a_manifest_noted_from_hashes_is_the_one_sealing_builds() {
+    let data = noise(5 << 20, 11);
+    let (sealed, _) = seal_file(name("notes.txt"), secret(4), &data).unwrap();
+    let mut builder = ManifestBuilder::new(name("notes.txt"), secret(4));
+    for range in chunk_ranges(&secret(4), &data) {
+        let plain = &data[range];
+        builder
+            .push_hashed(plain.len(), ContentHash::of(plain))
+            .unwrap();
+    }
+    let noted = builder.finish();
+    assert_eq!(noted, sealed);
+    assert_eq!(noted.digest(), sealed.digest());
+    // The same limits hold: a chunk past the largest is refused and nothing is noted.
+    let mut builder = ManifestBuilder::new(name("big"), secret(4));
+    assert_eq!(
+        builder.push_hashed(CHUNK_BYTES_MAX + 1, ContentHash::of(b"x")),
+        Err(ManifestError::ChunkLength {
+            index: 0,
+            len: CHUNK_BYTES_MAX as u32 + 1,
+            max: CHUNK_BYTES_MAX
+        })
+    );
+    assert_eq!(builder.finish().chunks.len(), 0);
 }
 
 #[test]
