@@ -143,6 +143,9 @@ struct JsonDrain<'a> {
     reconnect_p99_ms: f64,
     reconnect_max_ms: f64,
     peak_per_100ms: u64,
+    /// It stopped at the drain timeout, not having finished.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    timed_out: bool,
 }
 
 /// Parses `A..B` (inclusive).
@@ -484,6 +487,7 @@ fn write_report(
                     reconnect_p99_ms: d.reconnect_p99_us as f64 / 1000.0,
                     reconnect_max_ms: d.reconnect_max_us as f64 / 1000.0,
                     peak_per_100ms: d.peak_per_100ms,
+                    timed_out: d.timed_out,
                 })
                 .collect(),
         };
@@ -559,11 +563,12 @@ fn write_report(
             r.drains
                 .iter()
                 .map(|d| format!(
-                    " drain {} {} sessions stopped {} back {}/{} p50 {:.2}s p99 {:.2}s peak {}/100ms",
+                    " drain {} {} sessions stopped {}{} back {}/{} p50 {:.2}s p99 {:.2}s peak {}/100ms",
                     d.gateway,
                     d.sessions,
                     d.stopped_after_us
                         .map_or("never".to_string(), |us| format!("{:.1}ms", us as f64 / 1000.0)),
+                    if d.timed_out { " (timed out)" } else { "" },
                     d.reconnected,
                     d.sessions,
                     d.reconnect_p50_us as f64 / 1e6,

@@ -170,6 +170,11 @@ enum EventKind {
     Probe,
     /// A panic planted by a test (see `World::plant_panic`).
     PlantedPanic,
+    /// A drain's time is up (see `world/drain.rs`).
+    DrainTimeout {
+        gateway: ActorIndex,
+        incarnation: u32,
+    },
     /// A draining gateway closes a connection once its goodbye has arrived.
     GracefulClose {
         gateway: ActorIndex,
@@ -1708,6 +1713,10 @@ impl World {
                 incarnation,
                 conn,
             } => self.graceful_close(gateway, incarnation, conn),
+            EventKind::DrainTimeout {
+                gateway,
+                incarnation,
+            } => self.drain_timeout(gateway, incarnation),
             EventKind::ResumeReading { conn } => self.resume_reading(conn),
         }
     }
@@ -1932,6 +1941,8 @@ impl World {
                 for x in self.resolve(t) {
                     if !self.actors[x as usize].up {
                         self.start_actor(x);
+                    } else if self.drains.is_draining(x) {
+                        self.drains.restart_when_stopped(x);
                     }
                 }
             }

@@ -245,6 +245,17 @@ fn crash_while_draining_swarm_918_ends_the_drain() {
     run("tests/regressions/crash-while-draining-swarm-918.sund", 918);
 }
 
+/// A drain whose goodbye waited behind a file on a 256 kbit link never finished, and the
+/// gateway refused every connection for good (a simulator bug: the real gateway exits after its
+/// drain timeout, as the simulated one now does).
+#[test]
+fn drain_behind_a_slow_link_swarm_701646_stops_at_the_drain_timeout() {
+    run(
+        "tests/regressions/drain-behind-a-slow-link-swarm-701646.sund",
+        701646,
+    );
+}
+
 /// carol/0 was removed from room-a and added back while offline; at her gateway (a replica of
 /// the room) the new Welcome replaced what she still had to read before her removal, so she
 /// never read seqs 13–65. A replica now holds the Welcome until she has, as an authority does.

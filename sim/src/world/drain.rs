@@ -4,14 +4,20 @@
 //! - Every session gets its `Goodbye` (`ShuttingDown`, with the retry hint), and its connection
 //!   closes only once that goodbye has arrived (as the driver waits for each session's writer
 //!   to deliver it before closing the endpoint); a goodbye the network loses is lost.
-//! - Commits in flight complete; then the gateway stops. `restart GATEWAY` starts it again.
+//! - Commits in flight complete; then the gateway stops. `restart GATEWAY` starts it again
+//!   (given while it still drains, it starts it once the drain is over, as an operator's
+//!   restart waits for the old process to exit).
+//! - A drain that has not finished after [`DRAIN_TIMEOUT_US`] stops the gateway without it,
+//!   as the real gateway exits after `drain_timeout_s` (10 s by default): a goodbye stuck
+//!   behind a slow link, or a device that never reads it, must not keep a gateway refusing
+//!   every connection for as long as that lasts.
 //!
 //! The run reports, per drain, how long it took from the signal to the stop, and how the
 //! devices' reconnects spread once the gateway was back: each device's first accepted
 //! connection after the signal, and the most accepted in any 100 ms (the thundering herd the
 //! retry hint is there to prevent).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{EventKind, World};
 use crate::network::ActorIndex;
@@ -38,7 +44,13 @@ pub struct DrainReport {
     pub reconnect_max_us: u64,
     /// The most first reconnects in any 100 ms window.
     pub peak_per_100ms: u64,
+    /// It stopped at [`DRAIN_TIMEOUT_US`], not having finished.
+    pub timed_out: bool,
 }
+
+/// How long a drain may take before the gateway stops without finishing it: the real
+/// gateway's default `drain_timeout_s` (`gateway/src/main.rs`).
+pub const DRAIN_TIMEOUT_US: u64 = 10_000_000;
 
 /// What the world remembers of drains.
 #[derive(Debug, Default)]
@@ -58,6 +70,8 @@ pub(super) struct Drains {
     reports: Vec<DrainReport>,
     /// Per report: the gateway and when its signal came.
     starts: Vec<(ActorIndex, u64)>,
+    /// Gateways told to restart while they drained: started when the drain is over.
+    restart_after: BTreeSet<ActorIndex>,
 }
 
 impl Drains {
@@ -70,6 +84,11 @@ impl Drains {
     pub(super) fn crashed(&mut self, gateway: ActorIndex) {
         self.active.remove(&gateway);
         self.closing.remove(&gateway);
+    }
+
+    /// `restart GATEWAY` while it drains: it starts once the drain is over.
+    pub(super) fn restart_when_stopped(&mut self, gateway: ActorIndex) {
+        self.restart_after.insert(gateway);
     }
 
     /// Whether a frame on `conn` (a goodbye) is still to arrive before it may close.
@@ -117,7 +136,37 @@ impl World {
         self.drains.watched.insert(gateway, index);
         self.drains.first.push(BTreeMap::new());
         self.with_gateway(gateway, |g, now| g.shut_down(now));
+        self.push(
+            self.now + DRAIN_TIMEOUT_US,
+            EventKind::DrainTimeout {
+                gateway,
+                incarnation,
+            },
+        );
         self.finish_drain_if_done(gateway);
+    }
+
+    /// [`DRAIN_TIMEOUT_US`] after a drain's signal: if that drain is still going, the gateway
+    /// stops without it.
+    pub(super) fn drain_timeout(&mut self, gateway: ActorIndex, incarnation: u32) {
+        let Some(&(index, draining)) = self.drains.active.get(&gateway) else {
+            return;
+        };
+        let actor = &self.actors[gateway as usize];
+        if draining != incarnation || !actor.up || actor.incarnation != incarnation {
+            return;
+        }
+        self.drains.reports[index].timed_out = true;
+        self.trace
+            .record(Record::Fault, self.now, gateway, b"drain timed out");
+        self.note(|w| {
+            format!(
+                "{} stops: its drain did not finish within {} s",
+                w.actors[gateway as usize].name,
+                DRAIN_TIMEOUT_US / 1_000_000
+            )
+        });
+        self.stop_after_drain(gateway, index);
     }
 
     /// A connection to a draining gateway: refused.
@@ -180,11 +229,6 @@ impl World {
         if !actor.pending.is_empty() || closing > 0 || actor.disk_stalled {
             return;
         }
-        self.drains.active.remove(&gateway);
-        self.drains.closing.remove(&gateway);
-        self.network.collect_closed();
-        let started = self.drains.starts[index].1;
-        self.drains.reports[index].stopped_after_us = Some(self.now - started);
         self.trace
             .record(Record::Fault, self.now, gateway, b"drained");
         self.note(|w| {
@@ -193,16 +237,29 @@ impl World {
                 w.actors[gateway as usize].name
             )
         });
-        // A clean stop: whatever a lying disk held in its cache is flushed first.
+        self.stop_after_drain(gateway, index);
+    }
+
+    /// Stops a gateway whose drain (report `index`) finished or timed out.
+    fn stop_after_drain(&mut self, gateway: ActorIndex, index: usize) {
+        self.drains.active.remove(&gateway);
+        self.drains.closing.remove(&gateway);
+        self.network.collect_closed();
+        let started = self.drains.starts[index].1;
+        self.drains.reports[index].stopped_after_us = Some(self.now - started);
+        // The process exits, cleanly or at the timeout: whatever a lying disk held in the
+        // operating system's cache is not lost with it (a power cut would lose it).
         let a = &mut self.actors[gateway as usize];
         if a.durable_while_lying.is_some() {
             a.durable_while_lying = Some(a.disk.clone());
         }
         self.crash_actor(gateway);
-        if self.healing {
-            // A drain that could finish only after the heal (its commits waited on a stalled
-            // disk) stops the gateway after `heal_all` started everything: start it again, as
-            // the operator who signalled it would, or it would stay down for good.
+        let restart = self.drains.restart_after.remove(&gateway);
+        if self.healing || restart {
+            // Told to restart while it drained; or a drain that could finish only after the
+            // heal (its commits waited on a stalled disk, or it timed out) stops the gateway
+            // after `heal_all` started everything: start it again, as the operator who
+            // signalled it would, or it would stay down for good.
             self.start_actor(gateway);
         }
     }
@@ -288,6 +345,46 @@ at 5.5s restart gw
             .unwrap()
             .run();
         assert_eq!(again.trace_hash, report.trace_hash);
+    }
+
+    /// bob fetches a file over a slow link when the gateway drains: its goodbye to him waits
+    /// behind the chunks, so the drain cannot finish. It stops at the drain timeout, the
+    /// restart given meanwhile starts it then, and nothing is lost.
+    const DRAIN_BEHIND_A_SLOW_LINK: &str = "
+duration 4s
+liveness within 60s
+gateway gw
+user alice
+user bob
+conversation dm members alice bob
+link bob gw bandwidth 256kbit
+send dm from alice every 300ms
+at 500ms send-file dm from alice size 2000000 name big
+at 1500ms drain gw
+at 2s restart gw
+";
+
+    #[test]
+    fn a_drain_that_cannot_finish_stops_at_the_timeout_and_a_restart_given_meanwhile_follows() {
+        let scenario = parse("slow.sund", DRAIN_BEHIND_A_SLOW_LINK).unwrap();
+        let report = World::new(scenario, 3).unwrap().run();
+        assert!(
+            matches!(report.outcome, crate::world::Outcome::Passed),
+            "{:?}",
+            report.outcome
+        );
+        let drain = &report.drains[0];
+        assert!(drain.timed_out, "{drain:?}");
+        assert_eq!(drain.stopped_after_us, Some(super::DRAIN_TIMEOUT_US));
+        assert_eq!(
+            drain.reconnected, 2,
+            "both came back to the restarted gateway: {drain:?}"
+        );
+        // The restart waited for the stop, at the timeout.
+        assert!(
+            drain.reconnect_p50_us >= super::DRAIN_TIMEOUT_US,
+            "{drain:?}"
+        );
     }
 
     #[test]
