@@ -104,6 +104,20 @@ pub fn drain_node(node: &mut Node, store: &mut dyn Store) -> Vec<NodeOutput> {
     outputs
 }
 
+/// Deterministic pseudo-random bytes (xorshift64) for file contents in tests: no entropy
+/// source needed, and distinct seeds give unrelated bytes that cut into unrelated chunks.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
 /// A deterministic stand-in for entropy (a linear congruential generator): enough for nonces,
 /// tokens and keys in tests; distinct starting values give distinct streams.
 #[derive(Clone, Debug)]

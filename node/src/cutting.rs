@@ -62,6 +62,7 @@ mod tests {
     use sund_model::files::seal_file;
     use sund_model::identity::DeviceKey;
     use sund_model::ids::ConversationId;
+    use sund_model::testing::noise;
 
     fn secret() -> FileSecret {
         FileSecret::for_conversation(
@@ -70,24 +71,11 @@ mod tests {
         )
     }
 
-    /// Bytes that cut into several chunks (xorshift, so no entropy source is needed).
-    fn noise(len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn the_two_thread_pass_gives_the_manifest_sealing_in_memory_gives() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("report.pdf");
-        let data = noise(7 << 20);
+        let data = noise(7 << 20, 3);
         std::fs::write(&path, &data).unwrap();
         let name = FileName::new("report.pdf").unwrap();
         let mut heard = Vec::new();

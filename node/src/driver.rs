@@ -1566,14 +1566,7 @@ mod tests {
 
     /// A file of three chunks or more, and its plaintext chunks in order.
     fn file() -> (Manifest, Vec<Vec<u8>>) {
-        let mut data = vec![0u8; 6_000_000];
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for b in &mut data {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        let data = sund_model::testing::noise(6_000_000, 0x2545_f491_4f6c_dd1d);
         let (manifest, _) = seal_file(
             FileName::new("f.bin").unwrap(),
             FileSecret::from_bytes([4; 32]),

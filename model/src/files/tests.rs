@@ -7,19 +7,8 @@ use proptest::prelude::*;
 
 use super::*;
 
-/// Deterministic pseudo-random bytes (xorshift64), so the tests need no entropy source
-/// (shared with the device's file tests).
-pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
-}
+/// Shared with the device's file tests.
+pub(crate) use crate::testing::noise;
 
 fn secret(byte: u8) -> FileSecret {
     FileSecret::from_bytes([byte; 32])
