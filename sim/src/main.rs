@@ -40,6 +40,7 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
   --family NAME         what the swarm draws: plain, mls, trust or mixed (default mixed)
   --first-seed S        the swarm's first seed (default 1)
   --time-budget T       start no swarm seed after T of wall time (e.g. 10m)
+  --keep                write every swarm seed's scenario to target/swarm/, passing or not
   --hunt-planted        for each bug --plant knows: a swarm from seed 1 until a seed finds
                         it, then the shrinker; fails unless every bug is found and shrunk to
                         a few lines that break the same invariant, and pass without the bug
@@ -62,6 +63,7 @@ fn real_main() -> Result<ExitCode, RunError> {
     let mut paths: Vec<PathBuf> = Vec::new();
     let mut list = false;
     let mut shrink = false;
+    let mut keep = false;
     let mut swarm: Option<SwarmOptions> = None;
     let mut family = Family::Mixed;
     let mut first_seed = 1;
@@ -116,8 +118,10 @@ fn real_main() -> Result<ExitCode, RunError> {
                     check_determinism: false,
                     trace: None,
                     plant: None,
+                    keep: false,
                 });
             }
+            "--keep" => keep = true,
             "--family" => family = runner::family(args.next())?,
             "--first-seed" => first_seed = runner::whole_number("--first-seed", args.next())?,
             "--time-budget" => {
@@ -149,7 +153,13 @@ fn real_main() -> Result<ExitCode, RunError> {
         swarm.check_determinism = options.check_determinism;
         swarm.trace = options.trace;
         swarm.plant = options.plant;
+        swarm.keep = keep;
         return run_swarm(&swarm);
+    }
+    if keep {
+        return Err(RunError::Usage(
+            "--keep writes swarm seeds' scenarios: use it with --swarm".into(),
+        ));
     }
     if shrink {
         return run_shrink(&paths, &options);
@@ -273,7 +283,7 @@ const SWARM_DIR: &str = "target/swarm";
 
 fn run_swarm(options: &SwarmOptions) -> Result<ExitCode, RunError> {
     let result = runner::run_swarm(options, &mut std::io::stdout(), &mut std::io::stderr())?;
-    for (file, generated) in &result.failures {
+    for (file, generated) in result.kept.iter().chain(&result.failures) {
         let written = std::fs::create_dir_all(&options.out_dir) // deterministic: after the runs
             .and_then(|()| std::fs::write(file, &generated.text)); // deterministic: never read by a run
         match written {

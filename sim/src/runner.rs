@@ -687,6 +687,9 @@ pub struct SwarmOptions {
     pub trace: Option<usize>,
     /// As [`Options::plant`]: written into each drawn scenario as `plant NAME`.
     pub plant: Option<PlantedBug>,
+    /// Keep every seed's scenario, passing or not (`--keep`), to read or rerun a world that
+    /// passed but looks odd (a slow recovery, say).
+    pub keep: bool,
 }
 
 /// What a swarm covered and found.
@@ -696,6 +699,8 @@ pub struct SwarmSummary {
     pub summary: Summary,
     /// The scenarios of the failing seeds, for the command to write out.
     pub failures: Vec<(String, Generated)>,
+    /// Passing seeds' scenarios to write as well (with [`SwarmOptions::keep`]).
+    pub kept: Vec<(String, Generated)>,
     /// Seeds run per family.
     pub families: BTreeMap<&'static str, u64>,
     /// Seeds that switched each fault kind on.
@@ -777,6 +782,9 @@ pub fn run_swarm(
         );
         if passed {
             s.summary.passed += 1;
+            if options.keep {
+                s.kept.push((file, generated));
+            }
         } else {
             s.summary.failed += 1;
             s.failures.push((file, generated));
