@@ -26,13 +26,13 @@ pub fn cut_and_hash(
 ) -> Result<Manifest, String> {
     let file =
         std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let (chunks, cut) = std::sync::mpsc::sync_channel::<Vec<u8>>(CUT_AHEAD);
+    let (chunks, cut) = std::sync::mpsc::sync_channel::<bytes::Bytes>(CUT_AHEAD);
     let gear = &secret;
     std::thread::scope(|scope| {
         let cutter = scope.spawn(move || {
-            for chunk in stream_chunker(gear, std::io::BufReader::new(file)) {
+            for chunk in stream_chunker(gear, file) {
                 let chunk = chunk.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                if chunks.send(chunk.data).is_err() {
+                if chunks.send(chunk).is_err() {
                     break; // the hasher refused a chunk and stopped
                 }
             }

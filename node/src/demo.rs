@@ -513,7 +513,7 @@ async fn send_file_into_room(
     let mut builder = ManifestBuilder::new(name, secret.clone());
     for chunk in stream_chunker(&secret, &data[..]) {
         let chunk = chunk.map_err(|e| e.to_string())?;
-        builder.push(&chunk.data).map_err(|e| e.to_string())?;
+        builder.push(&chunk).map_err(|e| e.to_string())?;
     }
     let manifest = builder.finish();
     let chunks = manifest.chunks.len();

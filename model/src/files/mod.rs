@@ -33,7 +33,7 @@ mod secret;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use chunking::{chunk_ranges, stream_chunker};
+pub use chunking::{chunk_ranges, stream_chunker, StreamChunker, CHUNKER_BLOCK_BYTES};
 pub use manifest::{
     seal_file, ChunkEntry, FileId, FileName, FileNameError, Manifest, ManifestBuilder,
     ManifestDigest, ManifestError, MANIFEST_BYTES_MAX,

@@ -101,10 +101,13 @@ fn a_member_sealing_other_bytes_under_a_chunks_id_is_caught_by_the_hash() {
 fn streaming_cuts_exactly_where_the_in_memory_chunker_does() {
     let data = noise(9 << 20, 5);
     let in_memory: Vec<_> = chunk_ranges(&secret(1), &data).collect();
+    let mut offset = 0;
     let streamed: Vec<_> = stream_chunker(&secret(1), std::io::Cursor::new(&data))
         .map(|chunk| {
             let chunk = chunk.unwrap();
-            chunk.offset as usize..chunk.offset as usize + chunk.length
+            assert_eq!(&chunk[..], &data[offset..offset + chunk.len()]);
+            offset += chunk.len();
+            offset - chunk.len()..offset
         })
         .collect();
     assert_eq!(in_memory, streamed);
