@@ -1073,7 +1073,7 @@ impl Core {
             .offers()
             .filter_map(|(conversation, digest, offer)| {
                 let record = files.file(conversation, digest)?;
-                let missing_bytes = files.needed(conversation, digest).map_or(0, |n| n.bytes);
+                let missing_bytes = files.lacking_bytes(conversation, digest).unwrap_or(0);
                 Some(FileSummary {
                     conversation,
                     digest,

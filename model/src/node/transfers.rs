@@ -145,26 +145,32 @@ struct Outgoing {
     manifest: Arc<Manifest>,
     /// Distinct chunks: id → (first index, sealed length), in listing order below.
     chunks: Vec<(ChunkId, usize, u32)>,
+    /// Where each id is in `chunks`.
+    position: BTreeMap<ChunkId, usize>,
+    /// Where each chunk of the manifest starts in the file, by index.
+    offsets: Vec<u64>,
     /// What the gateway lacks, once it said; `None` before its answer in this session.
     missing: Option<BTreeSet<ChunkId>>,
+    /// Sealed bytes of `missing`.
+    missing_bytes: u64,
     in_flight: BTreeSet<ChunkId>,
+    /// Every entry of `chunks` before this one is either not missing or in flight, so
+    /// [`NodeTransfers::pump_upload`] starts here instead of at the first chunk each time (it
+    /// ran once per acknowledgement, so that walk grew with the square of a file's size).
+    /// Back to 0 whenever `missing` or `in_flight` change other than by a send or an
+    /// acknowledgement.
+    cursor: usize,
     /// When it last opened or heard of a chunk.
     progress_at: Instant,
 }
 
 impl Outgoing {
-    /// Tells the application how many plaintext bytes of the upload the gateway still lacks.
-    fn tell_progress(&self, upload: UploadId, missing: &BTreeSet<ChunkId>, fx: &mut NodeFx) {
-        let remaining_bytes = self
-            .chunks
-            .iter()
-            .filter(|(c, _, _)| missing.contains(c))
-            .map(|&(_, _, len)| u64::from(len))
-            .sum();
+    /// Tells the application how many sealed bytes of the upload the gateway still lacks.
+    fn tell_progress(&self, upload: UploadId, fx: &mut NodeFx) {
         fx.event(NodeEvent::UploadProgress {
             conversation: self.conversation,
             upload,
-            remaining_bytes,
+            remaining_bytes: self.missing_bytes,
         });
     }
 }
@@ -469,6 +475,20 @@ impl NodeTransfers {
         manifest: Manifest,
     ) {
         let chunks = distinct_chunks(&manifest);
+        let position = chunks
+            .iter()
+            .enumerate()
+            .map(|(at, &(id, _, _))| (id, at))
+            .collect();
+        let offsets = manifest
+            .chunks
+            .iter()
+            .scan(0u64, |at, c| {
+                let here = *at;
+                *at += u64::from(c.len);
+                Some(here)
+            })
+            .collect();
         self.uploads.insert(
             upload,
             Outgoing {
@@ -476,8 +496,12 @@ impl NodeTransfers {
                 source,
                 manifest: Arc::new(manifest),
                 chunks,
+                position,
+                offsets,
                 missing: None,
+                missing_bytes: 0,
                 in_flight: BTreeSet::new(),
+                cursor: 0,
                 progress_at: Instant::default(),
             },
         );
@@ -486,15 +510,8 @@ impl NodeTransfers {
     /// Sealed bytes of upload `upload` the gateway lacks, once it said (`None` before).
     pub fn upload_missing_bytes(&self, upload: UploadId) -> Option<u64> {
         let outgoing = self.uploads.get(&upload)?;
-        let missing = outgoing.missing.as_ref()?;
-        Some(
-            outgoing
-                .chunks
-                .iter()
-                .filter(|(c, _, _)| missing.contains(c))
-                .map(|&(_, _, len)| u64::from(len))
-                .sum(),
-        )
+        outgoing.missing.as_ref()?;
+        Some(outgoing.missing_bytes)
     }
 
     /// Every file offered to this device, by conversation and digest.
@@ -558,7 +575,9 @@ impl NodeTransfers {
         };
         outgoing.progress_at = now;
         outgoing.missing = None;
+        outgoing.missing_bytes = 0;
         outgoing.in_flight.clear();
+        outgoing.cursor = 0;
         let open = UploadOpen {
             upload: upload.0,
             chunks: outgoing
@@ -658,8 +677,15 @@ impl NodeTransfers {
         outgoing.progress_at = now;
         let missing: BTreeSet<ChunkId> = status.missing.iter().map(|id| ChunkId(**id)).collect();
         outgoing.in_flight.retain(|id| missing.contains(id));
-        outgoing.tell_progress(upload, &missing, fx);
+        outgoing.missing_bytes = outgoing
+            .chunks
+            .iter()
+            .filter(|(c, _, _)| missing.contains(c))
+            .map(|&(_, _, len)| u64::from(len))
+            .sum();
         outgoing.missing = Some(missing);
+        outgoing.cursor = 0;
+        outgoing.tell_progress(upload, fx);
         self.pump_upload(conn, upload, fx)
     }
 
@@ -676,11 +702,14 @@ impl NodeTransfers {
         outgoing.progress_at = now;
         let id = ChunkId(ack.id);
         outgoing.in_flight.remove(&id);
-        if let Some(mut missing) = outgoing.missing.take() {
+        if let Some(missing) = &mut outgoing.missing {
             if missing.remove(&id) {
-                outgoing.tell_progress(upload, &missing, fx);
+                // An id the gateway named that is not this file's counted for nothing.
+                if let Some(&at) = outgoing.position.get(&id) {
+                    outgoing.missing_bytes -= u64::from(outgoing.chunks[at].2);
+                }
+                outgoing.tell_progress(upload, fx);
             }
-            outgoing.missing = Some(missing);
         }
         self.pump_upload(conn, upload, fx)
     }
@@ -700,20 +729,11 @@ impl NodeTransfers {
             let manifest = Manifest::clone(&outgoing.manifest);
             return Some((outgoing.conversation, FileMessage { upload, manifest }));
         }
-        let offsets: Vec<u64> = outgoing
-            .manifest
-            .chunks
-            .iter()
-            .scan(0u64, |at, c| {
-                let here = *at;
-                *at += u64::from(c.len);
-                Some(here)
-            })
-            .collect();
-        for &(id, index, _) in &outgoing.chunks {
+        while let Some(&(id, index, _)) = outgoing.chunks.get(outgoing.cursor) {
             if outgoing.in_flight.len() >= UPLOAD_WINDOW {
                 break;
             }
+            outgoing.cursor += 1;
             if !missing.contains(&id) || outgoing.in_flight.contains(&id) {
                 continue;
             }
@@ -726,7 +746,7 @@ impl NodeTransfers {
                 manifest: outgoing.manifest.clone(),
                 index,
                 id,
-                offset: offsets[index],
+                offset: outgoing.offsets[index],
             }));
         }
         None
@@ -961,10 +981,10 @@ impl NodeTransfers {
     ) {
         let keys: Vec<(ConversationId, ManifestDigest)> = self.fetching.keys().copied().collect();
         for (conversation, digest) in keys {
-            let Some(needed) = files.needed(conversation, digest) else {
+            if files.file(conversation, digest).is_none() {
                 continue;
-            };
-            if needed.chunks.is_empty() {
+            }
+            if files.lacking(conversation, digest).next().is_none() {
                 self.finish(conn, conversation, digest, fx);
                 continue;
             }
@@ -974,10 +994,11 @@ impl NodeTransfers {
                 .get_mut(&(conversation, digest))
                 .expect("listed");
             let room = FETCH_WINDOW.saturating_sub(fetching.asked.len());
-            let ids: Vec<ChunkId> = needed
-                .chunks
-                .iter()
-                .map(|&(_, id)| id)
+            // The first chunks lacking are the ones asked for already, at most a window of
+            // them, so this looks at a few dozen entries whatever the file's size.
+            let ids: Vec<ChunkId> = files
+                .lacking(conversation, digest)
+                .map(|(_, id)| id)
                 .filter(|id| !fetching.asked.contains(id) && !fetching.held_back.contains(id))
                 .take(room.min(CHUNK_REQUEST_IDS_MAX))
                 .collect();
@@ -1033,15 +1054,12 @@ impl NodeTransfers {
         };
         fetching.asked.remove(&id);
         fetching.progress_at = now;
-        let Some(index) = files
-            .needed(conversation, digest)
-            .and_then(|n| n.chunks.iter().find(|(_, c)| *c == id).map(|&(i, _)| i))
-        else {
+        let Some(index) = files.lacking_index(conversation, digest, id) else {
             return; // already held
         };
         match files.chunk_arrived(conversation, digest, index, Vec::from(body), fx.writes()) {
             Ok(ChunkProgress::Kept { .. } | ChunkProgress::AlreadyHeld) => {
-                let remaining = files.needed(conversation, digest).map_or(0, |n| n.bytes);
+                let remaining = files.lacking_bytes(conversation, digest).unwrap_or(0);
                 fx.event(NodeEvent::FileProgress {
                     conversation,
                     digest,
@@ -1079,5 +1097,129 @@ impl NodeTransfers {
                 fetching.held_back.insert(ChunkId(**id));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::MemStore;
+    use crate::files::{seal_file, FileName, FileSecret};
+    use crate::testing::noise;
+
+    const CONN: ConnectionId = ConnectionId(1);
+    const CONV: ConversationId = ConversationId(3);
+    const UPLOAD: UploadId = UploadId([7; 16]);
+
+    /// The chunks the step asked to send, and the progress it told.
+    fn outputs(fx: &mut NodeFx) -> (Vec<ChunkId>, Vec<u64>) {
+        let Some(ready) = fx.take_ready() else {
+            return (Vec::new(), Vec::new());
+        };
+        let (mut sent, mut told) = (Vec::new(), Vec::new());
+        for output in ready.commit(&mut MemStore::default()).unwrap() {
+            match output {
+                NodeOutput::SendChunk(chunk) => sent.push(chunk.id),
+                NodeOutput::Event(NodeEvent::UploadProgress {
+                    remaining_bytes, ..
+                }) => told.push(remaining_bytes),
+                _ => {}
+            }
+        }
+        (sent, told)
+    }
+
+    fn status(missing: &[ChunkId]) -> UploadStatus {
+        UploadStatus {
+            upload: UPLOAD.0,
+            missing: missing.iter().map(|id| id.0.into()).collect(),
+        }
+    }
+
+    fn ack(id: ChunkId) -> ChunkAck {
+        ChunkAck {
+            upload: UPLOAD.0,
+            id: id.0,
+        }
+    }
+
+    /// The upload pump starts where it stopped instead of at the first chunk (it runs once per
+    /// acknowledgement), and starts again from the first chunk whenever the gateway says anew
+    /// what it lacks: a chunk the gateway found damaged after acknowledging it is sent again.
+    /// Progress is the sum a walk of the chunks gives, at every step.
+    #[test]
+    fn the_upload_pump_resumes_where_it_stopped_and_rewinds_when_the_gateway_says_anew() {
+        let data = noise(12 << 20, 31);
+        let (manifest, sealed) = seal_file(
+            FileName::new("f.bin").unwrap(),
+            FileSecret::from_bytes([5; 32]),
+            &data,
+        )
+        .unwrap();
+        let ids: Vec<ChunkId> = sealed.iter().map(|c| c.id).collect();
+        let len_of = |id: ChunkId| {
+            let c = sealed.iter().find(|c| c.id == id).unwrap();
+            c.ciphertext.len() as u64
+        };
+        assert!(ids.len() > 2 * UPLOAD_WINDOW, "{} chunks", ids.len());
+        let now = Instant::default();
+        let mut transfers = NodeTransfers::default();
+        let mut fx = NodeFx::default();
+        transfers.start_upload(
+            now,
+            Some(CONN),
+            CONV,
+            UPLOAD,
+            manifest,
+            Bytes::from_static(b"f.bin"),
+            &mut fx,
+        );
+        outputs(&mut fx);
+
+        // The gateway lacks all of them: the first window goes.
+        transfers.on_status(now, CONN, status(&ids), &mut fx);
+        let (sent, told) = outputs(&mut fx);
+        assert_eq!(sent, ids[..UPLOAD_WINDOW]);
+        assert_eq!(told, vec![ids.iter().map(|&id| len_of(id)).sum::<u64>()]);
+
+        // Acknowledgements in another order: each lets the next chunk go, in file order.
+        let mut remaining: u64 = ids.iter().map(|&id| len_of(id)).sum();
+        for (next, &id) in (UPLOAD_WINDOW..).zip(ids[..UPLOAD_WINDOW].iter().rev()) {
+            assert_eq!(transfers.on_ack(now, CONN, ack(id), &mut fx), None);
+            remaining -= len_of(id);
+            let (sent, told) = outputs(&mut fx);
+            assert_eq!(sent, vec![ids[next]]);
+            assert_eq!(told, vec![remaining]);
+            assert_eq!(transfers.upload_missing_bytes(UPLOAD), Some(remaining));
+        }
+
+        // Chunks 4 to 7 are in flight. The gateway found chunk 1 damaged, and holds chunk 4
+        // (its acknowledgement was lost): it lacks chunk 1 again, and 5 on.
+        let mut lacking = vec![ids[1]];
+        lacking.extend_from_slice(&ids[UPLOAD_WINDOW + 1..]);
+        transfers.on_status(now, CONN, status(&lacking), &mut fx);
+        let (sent, told) = outputs(&mut fx);
+        assert_eq!(
+            sent,
+            vec![ids[1]],
+            "sent again in the one free place of the window"
+        );
+        assert_eq!(
+            told,
+            vec![lacking.iter().map(|&id| len_of(id)).sum::<u64>()]
+        );
+
+        // Everything acknowledged (a duplicate and a stranger's id among them): the upload
+        // hands over its message once the gateway lacks nothing.
+        let mut message = None;
+        for &id in lacking.iter().chain([&ids[1], &ChunkId([0xee; 32])]) {
+            if let Some(m) = transfers.on_ack(now, CONN, ack(id), &mut fx) {
+                message = Some(m);
+            }
+            outputs(&mut fx);
+        }
+        assert_eq!(transfers.upload_missing_bytes(UPLOAD), Some(0));
+        let (conversation, message) = message.expect("the upload is whole");
+        assert_eq!((conversation, message.upload), (CONV, UPLOAD));
     }
 }
