@@ -120,6 +120,9 @@ pub struct Upload {
     pub owner: UserId,
     /// Its distinct chunks, in the order listed.
     pub chunks: Vec<ChunkId>,
+    /// The same ids, to look one up per arriving chunk (a search of `chunks` per chunk held
+    /// the gateway's core for seconds on a file of tens of thousands of chunks). Not stored.
+    listed: BTreeSet<ChunkId>,
     /// Member devices that have not fetched all of it yet.
     pub pending: BTreeSet<DeviceId>,
     /// When it goes whatever is still pending.
@@ -366,6 +369,7 @@ impl ChunkIndex {
         let expires = now + self.limits.retention;
         let record = Upload {
             owner,
+            listed: ids.iter().copied().collect(),
             chunks: ids.clone(),
             pending: members,
             expires,
@@ -417,7 +421,7 @@ impl ChunkIndex {
             .get(&(conversation, upload))
             .filter(|u| u.owner == owner)
             .ok_or(ChunkRefusal::NoSuchUpload)?
-            .chunks
+            .listed
             .contains(&id);
         let at = (conversation, owner, id);
         let record = self
@@ -786,6 +790,7 @@ fn decode_upload(value: &[u8]) -> Option<Upload> {
         .collect::<Option<BTreeSet<_>>>()?;
     Some(Upload {
         owner,
+        listed: chunks.iter().copied().collect(),
         chunks,
         pending,
         expires,
