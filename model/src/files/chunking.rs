@@ -18,14 +18,14 @@ const NORMALIZATION: Normalization = Normalization::Level1;
 /// `StreamCDC` at 29 MiB).
 pub const CHUNKER_BLOCK_BYTES: usize = 2 * CHUNK_BYTES_MAX;
 
-fn chunker<'a>(secret: &FileSecret, data: &'a [u8]) -> FastCDC<'a> {
+fn chunker(gear_seed: u64, data: &[u8]) -> FastCDC<'_> {
     FastCDC::with_level_and_seed(
         data,
         CHUNK_BYTES_MIN,
         CHUNK_BYTES_AVG,
         CHUNK_BYTES_MAX,
         NORMALIZATION,
-        secret.gear_seed(),
+        gear_seed,
     )
 }
 
@@ -35,14 +35,14 @@ pub fn chunk_ranges<'a>(
     secret: &FileSecret,
     data: &'a [u8],
 ) -> impl Iterator<Item = Range<usize>> + 'a {
-    chunker(secret, data).map(|chunk| chunk.offset..chunk.offset + chunk.length)
+    chunker(secret.gear_seed(), data).map(|chunk| chunk.offset..chunk.offset + chunk.length)
 }
 
 /// A chunker that reads `source` as it goes, [`CHUNKER_BLOCK_BYTES`] at a time: the node
 /// streams files of any size through it. Cuts exactly where [`chunk_ranges`] would.
 pub fn stream_chunker<R: Read>(secret: &FileSecret, source: R) -> StreamChunker<R> {
     StreamChunker {
-        secret: secret.clone(),
+        gear_seed: secret.gear_seed(),
         source,
         block: Bytes::new(),
         at: 0,
@@ -58,7 +58,8 @@ pub fn stream_chunker<R: Read>(secret: &FileSecret, source: R) -> StreamChunker<
 /// Why not fastcdc's own `StreamCDC`: it copies every chunk out of its buffer and moves the
 /// rest of the buffer forward after each one, which was a tenth of a sender's CPU.
 pub struct StreamChunker<R> {
-    secret: FileSecret,
+    /// The secret's chunker seed, derived once (the chunker keeps no copy of the secret).
+    gear_seed: u64,
     source: R,
     /// The block being cut; `block[at..]` is not cut yet.
     block: Bytes,
@@ -79,7 +80,7 @@ impl<R: Read> StreamChunker<R> {
         if remaining == 0 || (remaining < CHUNK_BYTES_MAX && !self.at_end) {
             return None;
         }
-        let (_, end) = chunker(&self.secret, &self.block).cut(self.at, remaining);
+        let (_, end) = chunker(self.gear_seed, &self.block).cut(self.at, remaining);
         debug_assert!(end > self.at && end - self.at <= CHUNK_BYTES_MAX);
         Some(end)
     }

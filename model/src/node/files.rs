@@ -203,15 +203,13 @@ impl Lacking {
         self.bytes += u64::from(entry.len);
     }
 
-    /// Removes chunk `hash`, if lacking; true if it was.
-    fn remove(&mut self, manifest: &Manifest, hash: &ContentHash) -> bool {
-        let Some(index) = self.by_hash.remove(hash) else {
-            return false;
-        };
-        let id = self.by_index.remove(&index).expect("kept in step");
-        self.by_id.remove(&id);
-        self.bytes -= u64::from(manifest.chunks[index].len);
-        true
+    /// Removes chunk `hash`, if lacking.
+    fn remove(&mut self, manifest: &Manifest, hash: &ContentHash) {
+        if let Some(index) = self.by_hash.remove(hash) {
+            let id = self.by_index.remove(&index).expect("kept in step");
+            self.by_id.remove(&id);
+            self.bytes -= u64::from(manifest.chunks[index].len);
+        }
     }
 
     fn assert_in_step(&self) {
