@@ -26,6 +26,8 @@ pub struct Options {
     pub trace: Option<usize>,
     /// Plant this bug in every run (as the scenario statement `plant NAME` does).
     pub plant: Option<PlantedBug>,
+    /// Print on stderr how far each run got, every [`crate::world::PROGRESS_EVENTS`] events.
+    pub progress: bool,
 }
 
 /// Errors that end the command with exit code 2.
@@ -281,12 +283,25 @@ fn run_once(
     scenario: &Scenario,
     seed: u64,
     trace: Option<usize>,
+    progress: bool,
 ) -> Result<(RunReport, u64), RunError> {
     let started = std::time::Instant::now(); // deterministic: reported only, never enters a run
     let mut world =
         World::new(scenario.clone(), seed).map_err(|e| RunError::Scenario(e.to_string()))?;
     if let Some(lines) = trace {
         world.keep_event_log(lines);
+    }
+    if progress {
+        let name = scenario.name.clone();
+        let duration = scenario.duration.as_secs_f64();
+        world.report_progress(crate::world::PROGRESS_EVENTS, move |now_us, events| {
+            // Deterministic: the wall time is printed only, it never enters the run.
+            eprintln!(
+                "{name} seed {seed}: {:.1} of {duration:.0} simulated seconds, {events} events, {:.1} s of wall time",
+                now_us as f64 / 1e6,
+                started.elapsed().as_secs_f64(),
+            );
+        });
     }
     let report = world.run();
     Ok((report, started.elapsed().as_millis() as u64))
@@ -303,7 +318,7 @@ fn check_again(
     if !check {
         return Ok((None, None));
     }
-    let (again, _) = run_once(scenario, seed, None)?;
+    let (again, _) = run_once(scenario, seed, None, false)?;
     let same = again.trace_hash == report.trace_hash && again.events == report.events;
     let text = (!same).then(|| {
         format!(
@@ -337,7 +352,7 @@ pub fn run_all(
     for s in &parsed {
         let (first, last) = options.seeds.unwrap_or((s.seed, s.seed));
         for seed in first..=last {
-            let (report, wall_ms) = run_once(s, seed, options.trace)?;
+            let (report, wall_ms) = run_once(s, seed, options.trace, options.progress)?;
             let (deterministic, outcome_text) =
                 check_again(s, seed, &report, options.check_determinism)?;
             let passed = report.outcome == Outcome::Passed && deterministic != Some(false);
@@ -743,7 +758,7 @@ pub fn run_swarm(
                 generated.text
             ))
         })?;
-        let (report, wall_ms) = run_once(&scenario, seed, options.trace)?;
+        let (report, wall_ms) = run_once(&scenario, seed, options.trace, false)?;
         let (deterministic, nondeterminism) =
             check_again(&scenario, seed, &report, options.check_determinism)?;
         let passed = report.outcome == Outcome::Passed && deterministic != Some(false);

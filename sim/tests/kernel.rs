@@ -41,6 +41,39 @@ fn the_same_seed_gives_the_same_trace() {
     assert_eq!(first.app, second.app);
 }
 
+/// `--progress` sees the run and changes nothing: one call per `every` events, with the
+/// virtual time never going back, and the same trace as a run without it.
+#[test]
+fn progress_reports_come_every_so_many_events_and_change_nothing() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let plain = run(SMALL, 42);
+    let calls: Rc<RefCell<Vec<(u64, u64)>>> = Rc::default();
+    let mut world = World::new(scenario::parse("test.sund", SMALL).unwrap(), 42).unwrap();
+    let seen = calls.clone();
+    world.report_progress(500, move |now_us, events| {
+        seen.borrow_mut().push((now_us, events))
+    });
+    let watched = world.run();
+    assert_eq!(watched.trace_hash, plain.trace_hash);
+    assert_eq!(watched.events, plain.events);
+    let calls = calls.borrow();
+    assert_eq!(
+        calls.len() as u64,
+        plain.events / 500,
+        "one report per 500 events"
+    );
+    assert!(calls
+        .iter()
+        .enumerate()
+        .all(|(i, &(_, events))| events == 500 * (i as u64 + 1)));
+    assert!(
+        calls.windows(2).all(|w| w[0].0 <= w[1].0),
+        "virtual time never goes back"
+    );
+    assert!(calls.last().unwrap().0 <= plain.sim_time_ms * 1000);
+}
+
 #[test]
 fn another_seed_gives_another_trace() {
     let a = run(SMALL, 1);
