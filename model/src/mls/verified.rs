@@ -12,12 +12,20 @@
 //! answers a repeat from it. Only checks that passed are kept: a failing one is made in full
 //! each time, and revocation (which changes) is checked every time.
 //!
+//! The same memo keeps hashes (`OpenMlsCrypto::hash`): every member computes the tree hash of
+//! the same tree at every commit, and a commit changes only the nodes on one path, so almost
+//! every node's hash input was hashed before, by this member or another one. At 700 members
+//! SHA-256 was a fifth of the run. The memo's key is the whole input (compared byte for byte,
+//! never by a digest of it), so an answer is always what hashing would give.
+//!
 //! Production devices run without a memo (`DeviceMlsConfig::verified` is `None`): one device
 //! rarely sees the same signature twice. Under simulation, sharing changes no result (the
 //! trace hash stays the same with or without it), only the time spent.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use rustc_hash::FxBuildHasher;
 
 use sha2::{Digest, Sha256};
 
@@ -29,10 +37,28 @@ use crate::trust::{Crl, TrustRoot};
 /// per entry, so at most a few hundred megabytes for a whole simulation).
 pub const VERIFIED_MAX: usize = 2_000_000;
 
+/// Longest input whose hash is remembered: a node of the ratchet tree is a few hundred bytes;
+/// longer inputs (transcripts, whole messages) are rarely hashed twice.
+pub const DIGEST_INPUT_MAX: usize = 4096;
+
+/// Most bytes of hash inputs kept; the hash memo starts again when they pass it. Small, so
+/// that a lookup finds its entry in the processor's cache: with 32 MiB, the lookups missed it
+/// and cost as much as the hashing they replaced.
+pub const DIGEST_BYTES_MAX: usize = 4 << 20;
+
+/// Hash input → output for one algorithm, hashed with FxHash: a lookup must cost less than
+/// hashing the input with SHA-256 would.
+type Digests = HashMap<Box<[u8]>, Box<[u8]>, FxBuildHasher>;
+
 #[derive(Default)]
 struct Memo {
     signatures: BTreeSet<[u8; 32]>,
     credentials: BTreeMap<[u8; 32], (DeviceId, UserId)>,
+    /// Hash input → output, one map per hash algorithm (by its code). Looked up only, never
+    /// iterated, so the map's order cannot reach a run.
+    digests: BTreeMap<u8, Digests>,
+    /// Bytes of inputs and outputs in `digests`.
+    digest_bytes: usize,
     hits: u64,
 }
 
@@ -152,7 +178,45 @@ impl VerifiedSignatures {
         Ok(verified)
     }
 
-    /// How many checks the memo answered.
+    /// The hash of `input` under algorithm `algorithm` (any code that names it): from the memo
+    /// if this exact input was hashed before, else by `hash`, whose success is remembered
+    /// (inputs longer than [`DIGEST_INPUT_MAX`] are not).
+    pub fn digest<E>(
+        &self,
+        algorithm: u8,
+        input: &[u8],
+        hash: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<Vec<u8>, E> {
+        if input.len() > DIGEST_INPUT_MAX {
+            return hash();
+        }
+        {
+            let mut memo = self.memo();
+            let known = memo
+                .digests
+                .get(&algorithm)
+                .and_then(|digests| digests.get(input))
+                .map(|digest| digest.to_vec());
+            if let Some(digest) = known {
+                memo.hits += 1;
+                return Ok(digest);
+            }
+        }
+        let digest = hash()?;
+        let mut memo = self.memo();
+        if memo.digest_bytes >= DIGEST_BYTES_MAX {
+            memo.digests.clear();
+            memo.digest_bytes = 0;
+        }
+        memo.digest_bytes += input.len() + digest.len();
+        memo.digests
+            .entry(algorithm)
+            .or_default()
+            .insert(input.into(), digest.as_slice().into());
+        Ok(digest)
+    }
+
+    /// How many checks and hashes the memo answered.
     pub fn hits(&self) -> u64 {
         self.memo().hits
     }
@@ -244,6 +308,47 @@ mod tests {
         };
         assert!(memo.credential(&identity, &[7; 32], &other, None).is_err());
         assert_eq!(memo.hits(), 0);
+    }
+
+    #[test]
+    fn a_remembered_hash_is_the_hash_of_exactly_those_bytes_under_that_algorithm() {
+        let memo = VerifiedSignatures::default();
+        let sha256 = |input: &[u8]| Ok::<_, ()>(Sha256::digest(input).to_vec());
+        let mut calls = 0;
+        let mut hash = |algorithm: u8, input: &[u8]| {
+            memo.digest(algorithm, input, || {
+                calls += 1;
+                sha256(input)
+            })
+            .unwrap()
+        };
+        assert_eq!(hash(4, b"node"), sha256(b"node").unwrap());
+        assert_eq!(hash(4, b"node"), sha256(b"node").unwrap());
+        // Another input, a prefix of one, or another algorithm is hashed anew.
+        assert_eq!(hash(4, b"nodf"), sha256(b"nodf").unwrap());
+        assert_eq!(hash(4, b"nod"), sha256(b"nod").unwrap());
+        hash(6, b"node");
+        assert_eq!(calls, 4);
+        // A failure is not remembered; a long input is hashed every time.
+        assert_eq!(
+            memo.digest(4, b"fails", || Err::<Vec<u8>, _>("no")),
+            Err("no")
+        );
+        assert_eq!(
+            memo.digest(4, b"fails", || Err::<Vec<u8>, _>("no")),
+            Err("no")
+        );
+        let long = vec![1u8; DIGEST_INPUT_MAX + 1];
+        let mut long_calls = 0;
+        for _ in 0..2 {
+            memo.digest(4, &long, || {
+                long_calls += 1;
+                sha256(&long)
+            })
+            .unwrap();
+        }
+        assert_eq!(long_calls, 2);
+        assert_eq!(memo.hits(), 1);
     }
 
     #[test]
