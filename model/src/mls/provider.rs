@@ -89,8 +89,10 @@ impl MlsProvider {
         }
     }
 
-    /// Answers repeated signature checks from `memo` (see [`super::verified`]).
+    /// Answers repeated signature checks and hashes from `memo`, and shares ratchet trees
+    /// through it (see [`super::verified`]).
     pub fn with_verified(mut self, memo: Option<VerifiedSignatures>) -> MlsProvider {
+        self.storage.share_trees(memo.clone());
         self.crypto.set_verified(memo);
         self
     }

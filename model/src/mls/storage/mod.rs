@@ -43,6 +43,7 @@ use openmls_traits::storage::{Entity, CURRENT_VERSION};
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Serialize;
 
+use super::verified::VerifiedSignatures;
 use crate::env::{scan_all, StoreError, StoreRead, Table, WriteBatch};
 
 /// First byte of a MessagePack value (JSON never starts with it).
@@ -130,6 +131,9 @@ pub enum MlsStorageError {
 #[derive(Debug, Default)]
 pub struct MlsStorage {
     state: RwLock<State>,
+    /// Under simulation, the memo that lets devices holding the same ratchet tree share one
+    /// copy of its bytes (see [`MlsStorage::share_trees`]).
+    shared: Option<VerifiedSignatures>,
 }
 
 /// The records and the changes since the last take.
@@ -149,9 +153,9 @@ struct State {
 impl State {
     /// Sets (`Some`) or removes (`None`) one record, remembering its value at the last take the
     /// first time the key is touched since then.
-    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+    fn set(&mut self, key: Vec<u8>, value: Option<Bytes>) {
         let previous = match value {
-            Some(value) => self.values.insert(key.clone(), Bytes::from(value)),
+            Some(value) => self.values.insert(key.clone(), value),
             None => self.values.remove(&key),
         };
         self.undo.entry(key).or_insert(previous);
@@ -190,7 +194,7 @@ impl State {
         let mut elements: Vec<&V> = list.iter().collect();
         elements.push(item);
         let bytes = encode(record, &elements)?;
-        self.set(key, Some(bytes));
+        self.set(key, Some(Bytes::from(bytes)));
         Ok(())
     }
 }
@@ -227,7 +231,16 @@ impl MlsStorage {
                 values,
                 undo: BTreeMap::new(),
             }),
+            shared: None,
         })
+    }
+
+    /// Stores each ratchet tree written from now on as one copy shared through `memo` with
+    /// every device that holds the same bytes. Every member of a group holds the same public
+    /// tree; a simulated 1,000-member room kept a thousand copies of it (half a megabyte
+    /// each). Production devices never share (`None`).
+    pub fn share_trees(&mut self, memo: Option<VerifiedSignatures>) {
+        self.shared = memo;
     }
 
     /// Moves every change since the last take into `batch`, in key order: a put of the current
@@ -299,6 +312,10 @@ impl MlsStorage {
     ) -> Result<(), MlsStorageError> {
         let key = storage_key(record, id)?;
         let value = encode(record, value)?;
+        let value = match &self.shared {
+            Some(memo) if record == TREE => memo.share(value),
+            _ => Bytes::from(value),
+        };
         self.write_state()?.set(key, Some(value));
         Ok(())
     }

@@ -63,8 +63,8 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
             queued.push(proposal_ref);
         }
         let refs_json = encode(PROPOSAL_REFS, &queued)?;
-        state.set(refs_key, Some(refs_json));
-        state.set(proposal_key, Some(proposal_json));
+        state.set(refs_key, Some(refs_json.into()));
+        state.set(proposal_key, Some(proposal_json.into()));
         Ok(())
     }
 
@@ -464,7 +464,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
         } else {
             Some(encode(PROPOSAL_REFS, &kept)?)
         };
-        state.set(refs_key, refs_json);
+        state.set(refs_key, refs_json.map(Bytes::from));
         state.set(proposal_key, None);
         Ok(())
     }
