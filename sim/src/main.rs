@@ -75,7 +75,27 @@ fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--drivers") {
         return run_drivers();
     }
-    runner::exit_code(real_main(), USAGE)
+    on_one_thread(|| runner::exit_code(real_main(), USAGE))
+}
+
+/// Stack of the thread the simulator runs on (as much as a main thread's, and more).
+const STACK_BYTES: usize = 64 << 20;
+
+/// Runs `run` as the only thread of a rayon pool. openmls encrypts and decrypts tree paths
+/// with rayon's parallel iterators: called from outside any pool, they hand the work to a
+/// global pool of one thread per core, whose threads then spin waiting for more (a thirtieth
+/// of a large room's run, and the other core taken from whatever else runs there). Inside a
+/// one-thread pool they run inline, on the simulation's own thread.
+fn on_one_thread<R: Send>(run: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .stack_size(STACK_BYTES)
+        .thread_name(|_| "sund-sim".into())
+        .build()
+    {
+        Ok(pool) => pool.install(run),
+        Err(_) => run(),
+    }
 }
 
 fn real_main() -> Result<ExitCode, RunError> {
