@@ -263,7 +263,7 @@ struct Actor {
 type ProgressReport = Box<dyn FnMut(u64, u64)>;
 
 /// How many events pass between two progress lines of `cargo sim --progress`: about a minute
-/// of a 1,000-member room's run, a few seconds of a disconnect storm's.
+/// of a 1,000-member room's run, about fifteen seconds at chaos-10k's pace.
 pub const PROGRESS_EVENTS: u64 = 1 << 24;
 
 /// One run of one scenario with one seed.

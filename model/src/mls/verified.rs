@@ -53,7 +53,7 @@ pub const DIGEST_BYTES_MAX: usize = 4 << 20;
 
 /// Hash input → output for one algorithm, hashed with FxHash: a lookup must cost less than
 /// hashing the input with SHA-256 would.
-type Digests = HashMap<Box<[u8]>, Box<[u8]>, FxBuildHasher>;
+type Digests = HashMap<Box<[u8]>, Box<[u8]>, FxBuildHasher>; // deterministic: looked up only, never iterated
 
 /// How many values [`VerifiedSignatures::share`] adds between two sweeps of those no device
 /// holds any more.
