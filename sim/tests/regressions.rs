@@ -374,3 +374,12 @@ fn disconnect_while_gateway_down_swarm_693_resets_every_cut_connection() {
         );
     }
 }
+
+/// A watchlist the network delivered twice was taken anew: the gateway numbered its
+/// notifications from 1 again, so when the next one was lost the device's count of what it
+/// heard still matched the gateway's, and it never asked again (an3/0 saw its friend as
+/// unknown for good). A copy is now recognised by its request id and changes nothing.
+#[test]
+fn presence_scrape_seed_1013_a_duplicated_watchlist_keeps_its_count() {
+    run("../scenarios/presence-scrape.sund", 1013);
+}

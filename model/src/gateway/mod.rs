@@ -1169,6 +1169,12 @@ impl Gateway {
                     seq: routing.seq,
                     ..Routing::default()
                 };
+                if self.presence.is_watching(conn, routing.seq) {
+                    // A copy (the network duplicated it): the watch goes on as it is. Taken
+                    // anew it would number its notifications from 1 again, and a device that
+                    // then missed one could not tell (presence-scrape seed 1000).
+                    return Ok(());
+                }
                 if let Err(limited) = self.limits.admit_subscription(now, device) {
                     return Err(Refusal::error(
                         ErrorCode::PresenceLimited,
