@@ -887,15 +887,19 @@ fn a_new_session_replaces_the_old_one_of_the_same_device() {
 
 // ---- sequencing and delivery ----
 
-/// The `SendAck`s and `sender_out_of_order` refusals to `conn`, as (message byte, seq or the
-/// byte of the message the gateway says comes last).
+/// The `SendAck`s and `sender_out_of_order` refusals and holds to `conn`, as (message byte,
+/// seq or the byte of the message the gateway says comes last).
 fn send_answers(outputs: &[GatewayOutput], conn: u64) -> Vec<(&'static str, u8, u64)> {
     frames_to(outputs, conn)
         .into_iter()
         .filter_map(|f| match f.payload {
             Payload::SendAck(a) => Some(("ack", a.msg_id[0], f.routing.seq)),
             Payload::Error(e) if e.code == ErrorCode::SenderOutOfOrder as u16 => Some((
-                "out of order",
+                if e.held == Some(true) {
+                    "held"
+                } else {
+                    "out of order"
+                },
                 e.msg_id.unwrap()[0],
                 u64::from(e.after.unwrap()[0]),
             )),
@@ -908,11 +912,24 @@ fn send_answers(outputs: &[GatewayOutput], conn: u64) -> Vec<(&'static str, u8, 
 fn a_device_s_messages_are_sequenced_only_in_the_order_it_chained_them() {
     let mut h = Harness::new();
     h.connect(1, alice());
-    // 2 comes after 1, which has not arrived (lost or overtaken): refused, naming "none yet".
+    // 2 comes after 1, which has not arrived (lost or overtaken): held, and the device told
+    // so once, naming "none yet" as its last sequenced.
     let out = h.send_after(1, alice(), 2, 1, b"second");
-    assert_eq!(send_answers(&out, 1), vec![("out of order", 2, 0)]);
+    assert_eq!(send_answers(&out, 1), vec![("held", 2, 0)]);
+    let out = h.send_after(1, alice(), 2, 1, b"second");
+    assert_eq!(
+        send_answers(&out, 1),
+        vec![],
+        "a copy of a held message: nothing more said"
+    );
+    assert_eq!(
+        h.gateway.conversation_head(CONV),
+        Some(0),
+        "nothing sequenced yet"
+    );
+    // 1 comes: both are sequenced, in the order the device chained them.
     let out = h.send_after(1, alice(), 1, 0, b"first");
-    assert_eq!(send_answers(&out, 1), vec![("ack", 1, 1)]);
+    assert_eq!(send_answers(&out, 1), vec![("ack", 1, 1), ("ack", 2, 2)]);
     let out = h.send_after(1, alice(), 2, 1, b"second");
     assert_eq!(send_answers(&out, 1), vec![("ack", 2, 2)]);
     // A copy of 1 is a duplicate whatever it names: its original seq.
@@ -934,6 +951,114 @@ fn a_device_s_messages_are_sequenced_only_in_the_order_it_chained_them() {
         1,
         "counted since the restart"
     );
+}
+
+#[test]
+fn a_chain_held_across_two_gaps_comes_out_whole_once_each_gap_fills() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    // 1 and 4 lost on the way: 2, 3, 5, 6 arrive.
+    let mut told = Vec::new();
+    for (id, after) in [(2, 1), (3, 2), (5, 4), (6, 5)] {
+        told.extend(send_answers(&h.send_after(1, alice(), id, after, b"m"), 1));
+    }
+    assert_eq!(told, vec![("held", 2, 0), ("held", 5, 0)], "once per gap");
+    let out = h.send_after(1, alice(), 1, 0, b"m");
+    assert_eq!(
+        send_answers(&out, 1),
+        vec![("ack", 1, 1), ("ack", 2, 2), ("ack", 3, 3)]
+    );
+    let out = h.send_after(1, alice(), 4, 3, b"m");
+    assert_eq!(
+        send_answers(&out, 1),
+        vec![("ack", 4, 4), ("ack", 5, 5), ("ack", 6, 6)]
+    );
+    let held = h.gateway.stats().held_sends;
+    assert_eq!((held.held, held.gaps_told, held.taken), (4, 2, 4));
+}
+
+#[test]
+fn a_message_that_names_one_sequenced_before_the_last_is_refused_not_held() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.send_after(1, alice(), 1, 0, b"m");
+    h.send_after(1, alice(), 2, 1, b"m");
+    // The device forgot 2 (it crashed before writing its acknowledgement): behind, not ahead.
+    let out = h.send_after(1, alice(), 3, 1, b"m");
+    assert_eq!(send_answers(&out, 1), vec![("out of order", 3, 2)]);
+    // Its first message ever, while the gateway has sequenced others of it: refused too.
+    let out = h.send_after(1, alice(), 4, 0, b"m");
+    assert_eq!(send_answers(&out, 1), vec![("out of order", 4, 2)]);
+    assert_eq!(h.gateway.stats().held_sends.held, 0);
+}
+
+#[test]
+fn what_is_held_behind_a_refused_message_is_let_go_and_its_device_told_to_send_again() {
+    let mut h = Harness::with_config(limited_config(Rate::per_second(4, 1)));
+    h.connect(1, alice());
+    h.send_after(1, alice(), 1, 0, b"m");
+    // 2 is on its way; 3 and 4 overtake it.
+    assert_eq!(
+        send_answers(&h.send_after(1, alice(), 3, 2, b"m"), 1),
+        vec![("held", 3, 1)]
+    );
+    h.send_after(1, alice(), 4, 3, b"m");
+    // 2 comes past the send limit: refused, and 3 can no longer come in order.
+    let out = h.send_after(1, alice(), 2, 1, b"m");
+    assert_eq!(
+        limit_refusal(&out, 1).map(|r| (r.0, r.1)),
+        Some((ErrorCode::SendsLimited, 2))
+    );
+    assert_eq!(send_answers(&out, 1), vec![("out of order", 3, 1)]);
+    assert_eq!(h.gateway.stats().held_sends.let_go, 2);
+    assert_eq!(h.gateway.conversation_head(CONV), Some(1));
+    // After the hint, the device sends what waits again, in order.
+    h.now = h.now + Duration::from_millis(250);
+    assert_eq!(
+        send_answers(&h.send_after(1, alice(), 2, 1, b"m"), 1),
+        vec![("ack", 2, 2)]
+    );
+}
+
+#[test]
+fn a_session_that_ends_takes_its_held_messages_with_it() {
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    h.send_after(1, alice(), 2, 1, b"m");
+    h.input(GatewayInput::Closed(ConnectionId(1)));
+    assert_eq!(h.gateway.stats().held_sends.let_go, 1);
+    // On the next session, 1 alone is sequenced: 2 was not kept (the device sends it again).
+    h.connect(2, alice());
+    let out = h.send_after(2, alice(), 1, 0, b"m");
+    assert_eq!(send_answers(&out, 2), vec![("ack", 1, 1)]);
+    assert_eq!(h.gateway.conversation_head(CONV), Some(1));
+}
+
+#[test]
+fn no_more_than_the_bound_is_held_per_sender() {
+    use sund_model::gateway::held_sends::HELD_PER_SENDER_MAX;
+    let mut h = Harness::new();
+    h.connect(1, alice());
+    let mut told = Vec::new();
+    // 1 lost; 2..=HELD_PER_SENDER_MAX+2 arrive, each after the one before.
+    let last = u8::try_from(HELD_PER_SENDER_MAX + 2).unwrap();
+    for id in 2..=last {
+        told.extend(send_answers(&h.send_after(1, alice(), id, id - 1, b"m"), 1));
+    }
+    assert_eq!(told.first(), Some(&("held", 2, 0)));
+    assert_eq!(told.last(), Some(&("out of order", last, 0)));
+    assert_eq!(told.len(), 2);
+    let held = h.gateway.stats().held_sends;
+    assert_eq!(held.full, 1);
+    // Refused, the last lets go of what was held (the device sends everything again, as
+    // told): nothing is held past the refusal.
+    assert_eq!(held.let_go, HELD_PER_SENDER_MAX as u64);
+    let out = h.send_after(1, alice(), 1, 0, b"m");
+    assert_eq!(send_answers(&out, 1), vec![("ack", 1, 1)]);
+    for id in 2..=last {
+        let out = h.send_after(1, alice(), id, id - 1, b"m");
+        assert_eq!(send_answers(&out, 1), vec![("ack", id, u64::from(id))]);
+    }
 }
 
 /// A `Send` frame of alice's in `CONV` that comes after `after` (0: none; `None`: unchained,

@@ -350,6 +350,7 @@ fn out_of_order(h: &mut Harness, refused: MsgId, last: MsgId) -> Vec<NodeOutput>
         msg_id: Some(refused.to_bytes()),
         after: Some(last.to_bytes()),
         retry_after_ms: None,
+        held: None,
     };
     let routing = Routing {
         conversation: CONV,
@@ -421,6 +422,93 @@ fn a_refusal_out_of_order_resends_what_waits_chained_from_the_gateways_last() {
     assert_eq!(sends(&out), vec![(a, Some(forgotten)), (b, Some(a))]);
 }
 
+fn held(h: &mut Harness, held: MsgId, last: MsgId) -> Vec<NodeOutput> {
+    let report = ErrorReport {
+        code: ErrorCode::SenderOutOfOrder as u16,
+        message: "held".into(),
+        msg_id: Some(held.to_bytes()),
+        after: Some(last.to_bytes()),
+        retry_after_ms: None,
+        held: Some(true),
+    };
+    let routing = Routing {
+        conversation: CONV,
+        ..Routing::default()
+    };
+    h.frame(1, routing, Payload::Error(report))
+}
+
+#[test]
+fn a_message_the_gateway_holds_sends_again_only_the_one_before_it() {
+    let mut h = Harness::new();
+    h.now = h.now + Duration::from_secs(10);
+    h.open(1);
+    let ids: Vec<MsgId> = (0..5)
+        .map(|i| {
+            h.node
+                .send(h.now, CONV, Bytes::from(format!("m{i}")))
+                .unwrap()
+        })
+        .collect();
+    eager_and_held(&mut h);
+    // A round trip of 20 ms.
+    h.now = h.now + Duration::from_millis(20);
+    send_ack(&mut h, ids[0], 1);
+    // ids[1] was lost on the way; the gateway holds ids[2] (and quietly ids[3], ids[4]).
+    let out = held(&mut h, ids[2], ids[0]);
+    assert_eq!(
+        sends(&out),
+        vec![(ids[1], Some(ids[0]))],
+        "the one before it alone"
+    );
+    assert_eq!(h.node.stats().sender_gaps_filled, 1);
+    assert_eq!(h.node.stats().sender_resyncs, 0);
+    // Told again within a round trip: it went out after ids[2], and is on its way.
+    h.now = h.now + Duration::from_millis(1);
+    assert!(sends(&held(&mut h, ids[2], ids[0])).is_empty());
+    // ids[3] was lost too: the gateway holds ids[4] and tells of that gap.
+    let out = held(&mut h, ids[4], ids[0]);
+    assert_eq!(sends(&out), vec![(ids[3], Some(ids[2]))]);
+    // Told again after more than a round trip (the gateway tells every open gap again after
+    // a while): lost again, it goes again.
+    h.now = h.now + Duration::from_secs(1);
+    let out = held(&mut h, ids[2], ids[0]);
+    assert_eq!(sends(&out), vec![(ids[1], Some(ids[0]))]);
+    // A late notice about a message settled since sends nothing.
+    send_ack(&mut h, ids[1], 2);
+    send_ack(&mut h, ids[2], 3);
+    assert!(sends(&held(&mut h, ids[2], ids[0])).is_empty());
+}
+
+#[test]
+fn a_held_message_whose_chain_starts_elsewhere_sends_everything_again() {
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    let b = h.node.send(h.now, CONV, Bytes::from_static(b"b")).unwrap();
+    eager_and_held(&mut h);
+    // The gateway's last is a message this device forgot: the chain starts there, so the
+    // held copy of b (after a) may be fine, but a must go again after the forgotten one.
+    let forgotten = MsgId::from_bytes([0xf0; 16]);
+    let out = held(&mut h, b, forgotten);
+    assert_eq!(sends(&out), vec![(a, Some(forgotten)), (b, Some(a))]);
+    assert_eq!(h.node.stats().sender_resyncs, 1);
+}
+
+#[test]
+fn a_held_copy_chained_before_the_device_learnt_the_gateways_last_goes_again_itself() {
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    let b = h.node.send(h.now, CONV, Bytes::from_static(b"b")).unwrap();
+    eager_and_held(&mut h);
+    // a was sequenced (its acknowledgement came); the gateway holds an old copy of b that
+    // names another message: b goes again, after a.
+    send_ack(&mut h, a, 1);
+    let out = held(&mut h, b, a);
+    assert_eq!(sends(&out), vec![(b, Some(a))]);
+}
+
 #[test]
 fn a_message_refused_for_good_leaves_the_chain_and_the_next_goes_again_after_its_predecessor() {
     let mut h = Harness::new();
@@ -434,6 +522,7 @@ fn a_message_refused_for_good_leaves_the_chain_and_the_next_goes_again_after_its
         msg_id: Some(a.to_bytes()),
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     let routing = Routing {
         conversation: CONV,
@@ -892,6 +981,7 @@ fn a_hello_refused_as_already_open_cuts_the_wait_for_the_hello_ok() {
         msg_id: None,
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     h.frame(2, Routing::default(), Payload::Error(report));
     h.now = h.now + Duration::from_millis(900);
@@ -947,6 +1037,7 @@ fn a_rejected_message_leaves_the_outbox_with_its_reason() {
         msg_id: Some(id.to_bytes()),
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     let out = h.frame(1, Routing::default(), Payload::Error(report));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::Rejected {
@@ -1068,6 +1159,7 @@ fn replay_window_exceeded_reports_the_gap_and_moves_the_cursor() {
         msg_id: None,
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     let out = h.frame(
         1,
@@ -1158,6 +1250,7 @@ fn a_refused_resume_token_is_kept_until_a_new_one_comes() {
         msg_id: None,
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     h.frame(2, Routing::default(), Payload::Error(report));
     let node = Node::recover(config(), Box::new(Counter(8)), h.now, &h.store).unwrap();
@@ -1347,6 +1440,7 @@ fn a_loss_notice_is_told_to_the_user_and_skipped() {
         msg_id: None,
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     let out = h.frame(1, routing, Payload::Error(report));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::HistoryLost {
@@ -1383,6 +1477,7 @@ fn a_divergence_notice_is_told_and_the_cursor_stops_naming_its_message() {
         msg_id: None,
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     let out = h.frame(1, routing, Payload::Error(report));
     assert!(out.contains(&NodeOutput::Event(NodeEvent::HistoryDiverged {
@@ -1415,6 +1510,7 @@ fn sends_limited(h: &mut Harness, refused: MsgId, retry_after_ms: Option<u32>) -
         msg_id: Some(refused.to_bytes()),
         after: None,
         retry_after_ms,
+        held: None,
     };
     let routing = Routing {
         conversation: CONV,
@@ -1505,6 +1601,7 @@ fn deferred_by(code: ErrorCode) {
         msg_id: Some(a.to_bytes()),
         after: None,
         retry_after_ms: Some(500),
+        held: None,
     };
     let routing = Routing {
         conversation: CONV,

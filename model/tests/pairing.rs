@@ -259,6 +259,7 @@ fn a_device_may_hold_only_a_few_unused_codes_and_a_refusal_names_its_own_code() 
         msg_id: Some([0x77; 16]),
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     let bytes = Frame::new(Routing::default(), Payload::Error(report)).encode();
     assert!(net.node(1).is_connected());

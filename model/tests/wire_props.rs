@@ -110,15 +110,17 @@ fn payload() -> impl Strategy<Value = Payload> {
             text(),
             proptest::option::of(bytes16()),
             proptest::option::of(bytes16()),
-            proptest::option::of(any::<u32>())
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<bool>())
         )
-            .prop_map(|(code, message, msg_id, after, retry_after_ms)| {
+            .prop_map(|(code, message, msg_id, after, retry_after_ms, held)| {
                 Payload::Error(ErrorReport {
                     code,
                     message,
                     msg_id,
                     after,
                     retry_after_ms,
+                    held,
                 })
             }),
         (

@@ -108,6 +108,30 @@ fn ack_and_replay_request_bytes() {
     ));
 }
 
+/// `sender_out_of_order` as a refusal and as the notice of a held message (key 5, `held`).
+#[test]
+fn sender_order_error_bytes() {
+    let report = |held| {
+        Frame::new(
+            routing(),
+            Payload::Error(ErrorReport {
+                code: ErrorCode::SenderOutOfOrder as u16,
+                message: "held".into(),
+                msg_id: Some([0x33; 16]),
+                after: Some([0x11; 16]),
+                retry_after_ms: None,
+                held,
+            }),
+        )
+        .encode()
+    };
+    insta::assert_snapshot!(format!(
+        "refused:\n{}\nheld:\n{}",
+        hex(&report(None)),
+        hex(&report(Some(true)))
+    ));
+}
+
 #[test]
 fn handshake_frames_bytes() {
     let challenge = Frame::new(
@@ -246,6 +270,7 @@ fn group_frames_bytes() {
             msg_id: Some([0x5e; 16]),
             after: None,
             retry_after_ms: None,
+            held: None,
         }),
     )
     .encode();

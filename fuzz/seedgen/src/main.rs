@@ -149,6 +149,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 msg_id: Some([0x42; 16]),
                 after: None,
                 retry_after_ms: None,
+                held: None,
             }),
         ),
         (
@@ -159,6 +160,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 msg_id: None,
                 after: None,
                 retry_after_ms: None,
+                held: None,
             }),
         ),
         (

@@ -44,6 +44,7 @@ mod foreign_members;
 pub mod groups;
 pub mod handover;
 pub mod held_entries;
+pub mod held_sends;
 pub mod key_packages;
 pub mod limits;
 pub mod links;
@@ -95,6 +96,22 @@ use sequencer::{Appended, ConversationLog};
 use session::{Challenged, Resume, Sessions, Stage};
 use social::Social;
 use transfers::Transfers;
+
+use held_sends::Holding;
+
+/// What taking one device message did (see [`Gateway::accept_one`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// Sequenced now, or earlier (a duplicate): what is held behind it may follow.
+    Sequenced,
+    /// Held until the message before it arrives.
+    Held,
+    /// Refused: what is held behind it cannot follow.
+    Refused,
+    /// Relayed to another domain's authority, which answers for it: what is held behind it
+    /// may follow it there.
+    Relayed,
+}
 
 pub use admin::{AdminAnswer, AdminCommand};
 pub use config::GatewayConfig;
@@ -287,6 +304,9 @@ pub struct Gateway {
     held_hints: peer_hints::HeldHints,
     external_keys: external_keys::ExternalKeys,
     held_entries: held_entries::HeldEntries,
+    /// Messages that came ahead of their sender's order (in memory; see `held_sends`).
+    held_sends: held_sends::HeldSends,
+    held_send_stats: held_sends::HeldSendStats,
     /// The peer roots last vouched for to devices (see `Gateway::peer_roots`).
     peer_roots: Option<crate::trust::peer_roots::PeerRoots>,
     /// The federation's count of roots learned when open sessions were last told the set.
@@ -473,6 +493,8 @@ impl Gateway {
             held_hints: peer_hints::HeldHints::default(),
             external_keys: external_keys::ExternalKeys::default(),
             held_entries: held_entries::HeldEntries::default(),
+            held_sends: held_sends::HeldSends::default(),
+            held_send_stats: held_sends::HeldSendStats::default(),
             peer_roots: None,
             roots_told: 0,
             fx: Fx::default(),
@@ -564,6 +586,7 @@ impl Gateway {
             presence: self.presence.stats().clone(),
             spanning: self.spanning_stats,
             handover: self.handover_stats,
+            held_sends: self.held_send_stats,
             peer_crls: self.peer_crls.stats(),
             foreign_key_packages: self.foreign_fetches.stats(),
             dm_claims: self.dm_claims.stats(),
@@ -1494,6 +1517,7 @@ impl Gateway {
                 msg_id: refusal.msg_id,
                 after: refusal.detail.after(),
                 retry_after_ms: refusal.detail.retry_after_ms(),
+                held: None,
             })
         };
         self.fx.send(conn, refusal.routing, payload);
@@ -1518,10 +1542,13 @@ impl Gateway {
 
     fn forget_session(&mut self, conn: ConnectionId) {
         self.sources.remove(&conn);
-        let user = self
-            .sessions
-            .device(conn)
-            .and_then(|d| self.registry.user_of(d));
+        let device = self.sessions.device(conn);
+        if let Some(device) = device {
+            let before = self.held_sends.len();
+            self.held_sends.session_ended(device, conn);
+            self.held_send_stats.let_go += (before - self.held_sends.len()) as u64;
+        }
+        let user = device.and_then(|d| self.registry.user_of(d));
         if self.sessions.forget(conn) {
             self.delivery.close_session(conn);
             let now = self.now;
@@ -1789,14 +1816,16 @@ impl Gateway {
         }
     }
 
-    fn accept_message(
+    /// Takes one message of a device in `conv`: relays it to its authority, holds it until
+    /// the gap before it in its sender's order fills, sequences it, or refuses it.
+    fn accept_one(
         &mut self,
         now: Instant,
         conn: ConnectionId,
         device: DeviceId,
         conv: ConversationId,
         send: Send,
-    ) {
+    ) -> Taken {
         let msg_id = send.msg_id();
         if msg_id == sender_order::NO_MESSAGE {
             // All zeros means "no message" in sender order (what `after` names before a
@@ -1808,28 +1837,33 @@ impl Gateway {
             let refusal = Refusal::error(ErrorCode::MalformedFrame, refusal::ZERO_MESSAGE_ID)
                 .in_conversation(routing);
             self.refuse(conn, refusal);
-            return;
+            return Taken::Refused;
         }
         if let Some(authority) = self.spanning.authority_of(conv) {
             let authority = authority.to_string();
-            self.relay_send(now, conn, device, conv, send, authority);
-            return;
+            return self.relay_send(now, conn, device, conv, send, authority);
         }
         if let Some(to) = self.spanning.moving_to(conv) {
             let refusal = Refusal::authority_moving(conv, msg_id, to);
             self.refuse(conn, refusal);
-            return;
+            return Taken::Refused;
         }
         let after = send.after.map(MsgId::from_bytes);
         if let Err(last) = self
             .delivery
             .check_sender_order(conv, device, msg_id, after)
         {
+            // Ahead of its sender's order: held if what it comes after may still come (a
+            // message the gateway never sequenced); refused if the device is behind (it names
+            // one sequenced before its last) or the bounds are reached.
+            if let Some(taken) = self.hold_ahead(now, conn, device, conv, after, last, send) {
+                return taken;
+            }
             self.refuse(
                 conn,
                 Refusal::out_of_sender_order(conv, msg_id, after, last),
             );
-            return;
+            return Taken::Refused;
         }
         if self.config.planted == Some(PlantedBug::DedupForgets) {
             // Planted by the simulator: never in a real gateway.
@@ -1837,7 +1871,7 @@ impl Gateway {
         }
         if let Err(refusal) = self.charge_message(now, device, conv, msg_id) {
             self.refuse(conn, refusal);
-            return;
+            return Taken::Refused;
         }
         let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
         let body = send.body;
@@ -1865,14 +1899,14 @@ impl Gateway {
                 Ok(admitted) => effect = admitted,
                 Err(refusal) => {
                     self.refuse(conn, refusal);
-                    return;
+                    return Taken::Refused;
                 }
             }
             if let Some(effect) = &effect {
                 let home = self.config.domain.clone();
                 if let Err(refusal) = self.check_foreign_change(conv, msg_id, effect, &home) {
                     self.refuse(conn, refusal);
-                    return;
+                    return Taken::Refused;
                 }
             }
             // A creating commit (checked once: nothing below makes the log before it is time).
@@ -1884,14 +1918,14 @@ impl Gateway {
                     claimed.and_then(|()| self.charge_creation(now, device, conv, msg_id));
                 if let Err(refusal) = charged {
                     self.refuse(conn, refusal);
-                    return;
+                    return Taken::Refused;
                 }
             }
             let creating = creating.is_some();
             if let Some(change) = effect.as_ref().map(|e| &e.change) {
                 if let Err(refusal) = self.admit_invitations(now, device, conv, msg_id, change) {
                     self.refuse(conn, refusal);
-                    return;
+                    return Taken::Refused;
                 }
             }
             if creating {
@@ -1927,7 +1961,7 @@ impl Gateway {
                     }
                 };
                 self.refuse(conn, Refusal::error(code, message).about(msg_id));
-                return;
+                return Taken::Refused;
             }
         };
         let routing = Routing {
@@ -1947,6 +1981,147 @@ impl Gateway {
         }
         self.delivery
             .pump_members(now, conv, &self.sessions, &mut self.fx);
+        Taken::Sequenced
+    }
+
+    /// Takes a device's message in `conv` (see [`Gateway::accept_one`]), then, once it is
+    /// sequenced (or relayed), each message held behind it in its sender's order, down the
+    /// chain; if it is
+    /// refused, what was held behind it is let go and the device told to send again from its
+    /// last sequenced message (see `held_sends`).
+    fn accept_message(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        send: Send,
+    ) {
+        self.take_chain(now, device, conv, held_sends::HeldSend { conn, send });
+    }
+
+    /// A message of `device` in `conv` was sequenced (or relayed) by another path than a
+    /// `Send` of its own (a replica took it from the authority): what is held behind it
+    /// follows, down the chain.
+    pub(super) fn take_held_behind(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        msg_id: MsgId,
+    ) {
+        if let Some(next) = self.held_sends.release(device, conv, msg_id) {
+            self.held_send_stats.taken += 1;
+            self.take_chain(now, device, conv, next);
+        }
+    }
+
+    /// Takes `first`, then what is held behind each message taken (see
+    /// [`Gateway::accept_message`]).
+    fn take_chain(
+        &mut self,
+        now: Instant,
+        device: DeviceId,
+        conv: ConversationId,
+        first: held_sends::HeldSend,
+    ) {
+        let mut next = Some(first);
+        while let Some(held_sends::HeldSend { conn, send }) = next.take() {
+            let msg_id = send.msg_id();
+            let chained = send.after.is_some();
+            match self.accept_one(now, conn, device, conv, send) {
+                // Relayed: the conversation's authority moved to another domain's gateway
+                // while messages were held here; they follow it there, in order.
+                Taken::Sequenced | Taken::Relayed if chained => {
+                    next = self.held_sends.release(device, conv, msg_id);
+                    if next.is_some() {
+                        self.held_send_stats.taken += 1;
+                    }
+                }
+                Taken::Refused if chained => self.let_go_behind(device, conv, msg_id),
+                Taken::Sequenced | Taken::Refused | Taken::Held | Taken::Relayed => {}
+            }
+        }
+    }
+
+    /// A message of `device` in `conv` that came ahead of its sender's order (`after` is not
+    /// its last sequenced, `last`): held if what it comes after may still come (a message
+    /// never sequenced; `Some(Taken::Held)`), the device told of each gap it should fill.
+    /// `None` if it must be refused: the device is behind (it names one sequenced before its
+    /// last, or none), or the bounds are reached.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn hold_ahead(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        device: DeviceId,
+        conv: ConversationId,
+        after: Option<MsgId>,
+        last: MsgId,
+        send: Send,
+    ) -> Option<Taken> {
+        let ahead = after.filter(|&a| {
+            a != sender_order::NO_MESSAGE && !self.delivery.is_sequenced(conv, device, a)
+        })?;
+        match self.held_sends.hold(now, conn, device, conv, ahead, send) {
+            Holding::Tell(gaps) => {
+                self.held_send_stats.held += 1;
+                for (head, missing) in gaps {
+                    self.held_send_stats.gaps_told += 1;
+                    self.tell_sender_gap(conn, conv, head, missing, last);
+                }
+                Some(Taken::Held)
+            }
+            Holding::Quiet => {
+                self.held_send_stats.held += 1;
+                Some(Taken::Held)
+            }
+            Holding::Full => {
+                self.held_send_stats.full += 1;
+                None
+            }
+        }
+    }
+
+    /// Tells a device that its `msg_id` in `conv` is held: it comes after `ahead`, which has
+    /// not arrived, and the last message sequenced from it there is `last`. The notice names
+    /// `msg_id` (the device knows what it comes after), the way a refusal would.
+    fn tell_sender_gap(
+        &mut self,
+        conn: ConnectionId,
+        conv: ConversationId,
+        msg_id: MsgId,
+        ahead: MsgId,
+        last: MsgId,
+    ) {
+        let routing = Routing {
+            conversation: conv,
+            ..Routing::default()
+        };
+        let report = ErrorReport {
+            code: ErrorCode::SenderOutOfOrder as u16,
+            message: refusal::held_message(ahead, last),
+            msg_id: Some(msg_id.to_bytes()),
+            after: Some(last.to_bytes()),
+            retry_after_ms: None,
+            held: Some(true),
+        };
+        self.fx.send(conn, routing, Payload::Error(report));
+    }
+
+    /// `msg_id` of `device` in `conv` was refused: what was held behind it cannot come in
+    /// order. It is let go, and the device told (as if it had been refused on arrival) to send
+    /// everything waiting again, chained from its last sequenced message.
+    fn let_go_behind(&mut self, device: DeviceId, conv: ConversationId, msg_id: MsgId) {
+        let before = self.held_sends.len();
+        let first = self.held_sends.refused(device, conv, msg_id);
+        self.held_send_stats.let_go += (before - self.held_sends.len()) as u64;
+        if let Some(first) = first {
+            let last = self.delivery.sender_last(conv, device);
+            let after = first.send.after.map(MsgId::from_bytes);
+            let refusal = Refusal::out_of_sender_order(conv, first.send.msg_id(), after, last);
+            self.refuse(first.conn, refusal);
+        }
     }
 
     /// A message (a local device's or a relayed one) was sequenced at `seq` in `conv`: a

@@ -220,7 +220,9 @@ impl Presence {
     /// True if the session on `conn` watches under the request id `request` already: a
     /// watchlist with that id is a copy of the one it watches.
     pub fn is_watching(&self, conn: ConnectionId, request: u64) -> bool {
-        self.watches.get(&conn).is_some_and(|w| w.request == request)
+        self.watches
+            .get(&conn)
+            .is_some_and(|w| w.request == request)
     }
 
     /// Takes the watchlist of the session on `conn` (replacing its last) and answers it with

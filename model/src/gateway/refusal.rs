@@ -87,6 +87,8 @@ pub struct GatewayStats {
     pub dm_claims: super::dm_claims::DmClaimStats,
     /// Entries for peer gateways and the link entries (bundles) that carried them.
     pub outgoing: super::outgoing::OutgoingStats,
+    /// Messages held until the gap before them in their sender's order filled.
+    pub held_sends: super::held_sends::HeldSendStats,
     /// Errors and goodbyes sent, by code.
     #[serde(skip)]
     pub refusals: RefusalCounts,
@@ -238,6 +240,14 @@ pub(crate) fn out_of_sender_order_message(after: Option<MsgId>, last: MsgId) -> 
     format!(
         "this message comes after {}, but the last one sequenced from this device here is {last}",
         after.unwrap_or_default()
+    )
+}
+
+/// What a device hears when its message came ahead of `ahead`, which has not arrived, and the
+/// gateway holds it until it does (`sender_out_of_order` with `held`).
+pub(crate) fn held_message(ahead: MsgId, last: MsgId) -> String {
+    format!(
+        "this message comes after {ahead}, which has not arrived (the last one sequenced from this device here is {last}): it is held until that one comes"
     )
 }
 

@@ -16,7 +16,7 @@
 use bytes::Bytes;
 
 use super::refusal::{out_of_sender_order_message, ZERO_MESSAGE_ID};
-use super::{AdminAnswer, Gateway, GatewayOutput, Refusal};
+use super::{AdminAnswer, Gateway, GatewayOutput, Refusal, Taken};
 use crate::federation::entry::{
     bundle_statement, sequenced_statement, statement_of, Entry, Outcome, OPEN_MEMBERS_MAX,
     RELAY_VOUCHED_MAX,
@@ -160,7 +160,7 @@ impl Gateway {
         conv: ConversationId,
         send: Send,
         authority: String,
-    ) {
+    ) -> Taken {
         let msg_id = send.msg_id();
         let routing = Routing {
             conversation: conv,
@@ -184,13 +184,13 @@ impl Gateway {
                     msg_id: msg_id.to_bytes(),
                 };
                 self.fx.send(conn, routing, Payload::SendAck(ack));
-                return;
+                return Taken::Sequenced;
             }
             let refusal = Refusal::error(ErrorCode::NotMember, "not a member of this conversation")
                 .in_conversation(routing)
                 .about(msg_id);
             self.refuse(conn, refusal);
-            return;
+            return Taken::Refused;
         }
         // Sender order as the authority will check it, as far as this gateway knows it: the
         // replica's last message of the device, or one relayed and not answered yet (then
@@ -202,11 +202,16 @@ impl Gateway {
         {
             let waiting = after.is_some_and(|a| self.spanning.relay_pending(conv, device, a));
             if !waiting {
-                self.refuse(
-                    conn,
-                    Refusal::out_of_sender_order(conv, msg_id, after, last),
-                );
-                return;
+                return match self.hold_ahead(now, conn, device, conv, after, last, send) {
+                    Some(taken) => taken,
+                    None => {
+                        self.refuse(
+                            conn,
+                            Refusal::out_of_sender_order(conv, msg_id, after, last),
+                        );
+                        Taken::Refused
+                    }
+                };
             }
         }
         // The authority told this device to wait in this conversation: what it sends before
@@ -226,16 +231,16 @@ impl Gateway {
             .about(msg_id)
             .retry_after(wait);
             self.refuse(conn, refusal);
-            return;
+            return Taken::Refused;
         }
         if let Err(refusal) = self.charge_message(now, device, conv, msg_id) {
             self.refuse(conn, refusal);
-            return;
+            return Taken::Refused;
         }
         if self.spanning.relay_pending(conv, device, msg_id) {
             // Queued already, on a link that hands it on once: the answer to it comes back.
             self.spanning_stats.relays_coalesced += 1;
-            return;
+            return Taken::Relayed;
         }
         let body = Bytes::from(send.body);
         let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
@@ -254,6 +259,7 @@ impl Gateway {
             Ok(_) => {
                 self.spanning.relayed(conv, device, msg_id, &authority);
                 self.spanning_stats.relayed += 1;
+                Taken::Relayed
             }
             Err(error) => {
                 let (code, message) = match error {
@@ -270,6 +276,7 @@ impl Gateway {
                     .in_conversation(routing)
                     .about(msg_id);
                 self.refuse(conn, refusal);
+                Taken::Refused
             }
         }
     }
@@ -453,6 +460,11 @@ impl Gateway {
                 if appended == Ok(true) {
                     self.delivery
                         .pump_members(now, conversation, &self.sessions, &mut self.fx);
+                    if chained {
+                        // A message of a device here may wait for this one (it came before
+                        // the authority's answer reached the replica).
+                        self.take_held_behind(now, sender, conversation, msg_id);
+                    }
                 }
                 if previous.is_some_and(|last| seq >= last) {
                     // The replica holds all the old authority sequenced: on to the new one.
@@ -1260,6 +1272,75 @@ mod tests {
         assert_eq!(w.gateways[1].0.stats().spanning.relayed, relayed + 1);
         // a.example never saw a relay before its hint.
         assert_eq!(w.gateways[0].0.stats().spanning.relays_past_hint, 0);
+    }
+
+    #[test]
+    fn a_member_gateway_holds_a_message_ahead_of_its_senders_order_and_relays_it_after_the_gap() {
+        use crate::gateway::test_pair::{frames, Pair, NOW};
+        use crate::gateway::GatewayInput;
+        use crate::wire::Frame;
+        let mut w = Pair::new();
+        let (conn, device) = w.open_session(1, 7, UserId::from_bytes([7; 16]));
+        // Homed at a.example (0), shared with the device at b.example (1).
+        w.admin(0, AdminCommand::CreateConversation(CONV, vec![LOCAL]));
+        let share = AdminCommand::ShareConversation {
+            conversation: CONV,
+            domain: "b.example".into(),
+            members: vec![device],
+        };
+        w.admin(0, share);
+        w.settle();
+        let send = |w: &mut Pair, msg: u128, after: u128| -> Vec<Payload> {
+            let payload = Payload::Send(Send {
+                msg_id: MsgId(msg).to_bytes(),
+                body: vec![msg as u8],
+                welcome: None,
+                after: Some(MsgId(after).to_bytes()),
+            });
+            let routing = Routing {
+                conversation: CONV,
+                ..Routing::default()
+            };
+            let (g, store) = &mut w.gateways[1];
+            g.handle(
+                NOW,
+                GatewayInput::Frame(conn, Frame::new(routing, payload).encode()),
+            );
+            frames(&drain_gateway(g, store), conn)
+        };
+        // 1 is sequenced; 2 is lost on the way; 3 comes: held at b.example, which says so.
+        assert_eq!(send(&mut w, 1, 0), []);
+        w.settle();
+        w.settle();
+        let told = send(&mut w, 3, 2);
+        let [Payload::Error(notice)] = told.as_slice() else {
+            panic!("one notice: {told:?}");
+        };
+        assert_eq!(
+            ErrorCode::from_u16(notice.code),
+            ErrorCode::SenderOutOfOrder
+        );
+        assert_eq!(notice.held, Some(true));
+        assert_eq!(
+            notice.after,
+            Some(MsgId(1).to_bytes()),
+            "the last sequenced"
+        );
+        assert_eq!(
+            w.gateways[1].0.stats().spanning.relayed,
+            1,
+            "3 not relayed yet"
+        );
+        // 2 comes: relayed, and 3 after it; a.example sequences both in order.
+        assert_eq!(send(&mut w, 2, 1), []);
+        assert_eq!(w.gateways[1].0.stats().spanning.relayed, 3);
+        w.settle();
+        w.settle();
+        let log = w.gateways[0].0.delivery.log(CONV).unwrap();
+        let order: Vec<MsgId> = (1..=3).map(|seq| log.get(seq).unwrap().msg_id).collect();
+        assert_eq!(order, [MsgId(1), MsgId(2), MsgId(3)]);
+        let held = w.gateways[1].0.stats().held_sends;
+        assert_eq!((held.held, held.gaps_told, held.taken), (1, 1, 1));
     }
 
     #[test]

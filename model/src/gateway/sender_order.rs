@@ -7,8 +7,9 @@
 //! a message waiting for its group's next epoch must not hold up the commit that makes it. The
 //! gateway keeps the id of the last message it sequenced from each device in each conversation,
 //! durably with the log entry, and sequences a new message only if it comes after exactly that
-//! one. Anything else is refused with `sender_out_of_order` naming the last one, and the device
-//! sends what waits again, chained from it:
+//! one. Anything else is refused with `sender_out_of_order` naming the last one (or, when the
+//! message it names may still come, held until it does: `held_sends`), and the device sends
+//! what waits again, chained from it:
 //!
 //! - an earlier message lost or overtaken on the way: it is among what waits, and goes first;
 //! - an earlier message refused for good (the device dropped it): the next now comes after

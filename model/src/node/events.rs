@@ -504,6 +504,9 @@ pub struct NodeStats {
     /// Times the gateway refused a message out of this device's order and what waited went
     /// out again, chained from the gateway's last.
     pub sender_resyncs: u64,
+    /// Times the gateway held a message of this device until the ones before it came (some
+    /// were lost on the way) and only those went out again.
+    pub sender_gaps_filled: u64,
     /// Messages the gateway refused while their conversation's authority moved to another
     /// gateway, sent again after its hint.
     pub authority_moving: u64,

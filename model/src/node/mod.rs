@@ -1003,7 +1003,12 @@ impl Node {
         let code = ErrorCode::from_u16(report.code);
         if code == ErrorCode::SenderOutOfOrder {
             let last = MsgId::from_bytes(report.after.unwrap_or_default());
-            self.resync_sender_order(now, routing.conversation, last);
+            match report.msg_id.map(MsgId::from_bytes) {
+                Some(held) if report.held == Some(true) => {
+                    self.fill_sender_gap(now, routing.conversation, held, last);
+                }
+                _ => self.resync_sender_order(now, routing.conversation, last),
+            }
             return;
         }
         if matches!(code, ErrorCode::AuthorityMoving | ErrorCode::PeerLimited) {
@@ -1151,6 +1156,38 @@ impl Node {
         self.stats.sender_resyncs += 1;
         self.sender_resync_at.insert(conv, now);
         self.retransmit_conversation(now, conv);
+    }
+
+    /// The gateway holds our `held` message in `conv` until the one before it comes (it was
+    /// lost on the way, or is late), and its last sequenced from us there is `last`: that one
+    /// goes again, unless it went out after `held` and within a round trip (see
+    /// [`Outbox::missing_before`]). If more were lost, the gateway
+    /// holds the one sent again and tells of the next gap. If our chain does not start at
+    /// `last`, everything goes again as after a refusal.
+    fn fill_sender_gap(&mut self, now: Instant, conv: ConversationId, held: MsgId, last: MsgId) {
+        if self.outbox.get(held).is_none() {
+            return; // a late notice about a message settled since
+        }
+        // An answer: the link carries what we send, whatever the resend timer thought. What
+        // waits in the conversation is answered only once the gap fills: those answers must
+        // not teach the round trip (a message held for seconds is no sign of a slow link).
+        self.round_trip.answered();
+        self.outbox.answers_delayed(conv);
+        let chain_holds =
+            self.outbox.get(last).is_some() || self.outbox.last_sequenced(conv) == last;
+        if !chain_holds {
+            self.resync_sender_order(now, conv, last);
+            return;
+        }
+        let sent_by = now - self.round_trip.estimate();
+        let Some(missing) = self.outbox.missing_before(held, sent_by) else {
+            return;
+        };
+        let Some(conn) = self.link.open_conn() else {
+            return;
+        };
+        self.stats.sender_gaps_filled += 1;
+        self.transmit(now, conn, missing);
     }
 
     /// Sends every message waiting in `conv` again, in order (each names the one before it).

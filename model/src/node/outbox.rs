@@ -10,7 +10,9 @@
 //! have sequenced there. Group operations (commits) are not chained. The gateway sequences a message
 //! only right after the one it names (see `gateway::sender_order`), so what the device sent
 //! first is sequenced first whatever the network does. When the gateway answers that its last
-//! is another message, what waits goes out again chained from that one.
+//! is another message, what waits goes out again chained from that one; when it holds a
+//! message that came before the one it names (`gateway::held_sends`), only that one goes
+//! again ([`Outbox::missing_before`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -219,6 +221,45 @@ impl Outbox {
             .map(|(_, id)| *id)
             .find(|id| self.entries[id].chained);
         Some(before.unwrap_or_else(|| self.last_sequenced(conv)))
+    }
+
+    /// The gateway holds messages of `conversation` behind a gap: when their answers come
+    /// says nothing of the round trip (Karn's rule, as for a message sent twice).
+    pub fn answers_delayed(&mut self, conversation: ConversationId) {
+        for (_, id) in self
+            .order
+            .range((conversation, 0)..=(conversation, u64::MAX))
+        {
+            if let Some(out) = self.entries.get_mut(id) {
+                out.sent_again = true;
+            }
+        }
+    }
+
+    /// What a gateway that holds `held` (it came before the message it comes after) lacks:
+    /// the application message waiting right before it, or `held` itself if none waits (its
+    /// held copy was chained before the device learnt the gateway's last). `None` if that
+    /// one may be on its way: it went out after `held` last did, and after `sent_by` (within
+    /// a round trip). A message lost right before that one shows as the next gap, once this
+    /// one arrives.
+    pub fn missing_before(&self, held: MsgId, sent_by: Instant) -> Option<MsgId> {
+        let out = self.entries.get(&held)?;
+        if !out.chained {
+            return None;
+        }
+        // Held back here since (a rate limit's pause): it goes again in its turn, with what
+        // waits before it.
+        let held_sent = out.last_sent?;
+        let before = self
+            .order
+            .range((out.conversation, 0)..(out.conversation, out.place))
+            .rev()
+            .map(|(_, id)| *id)
+            .find(|id| self.entries[id].chained)
+            .unwrap_or(held);
+        let sent = self.entries[&before].last_sent;
+        sent.is_none_or(|at| at <= held_sent || at <= sent_by)
+            .then_some(before)
     }
 
     /// The gateway sequenced application message `msg_id` of this device at `seq` (it was

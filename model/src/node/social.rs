@@ -340,6 +340,7 @@ mod tests {
             msg_id: None,
             after: None,
             retry_after_ms: Some(1_000),
+            held: None,
         }
     }
 

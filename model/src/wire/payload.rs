@@ -625,6 +625,12 @@ pub struct ErrorReport {
     /// Absent from other errors and from older gateways.
     #[n(4)]
     pub retry_after_ms: Option<u32>,
+    /// With `sender_out_of_order`: true if the gateway did not refuse the message but keeps it,
+    /// and sequences it as soon as the messages before it arrive (see
+    /// `gateway::held_sends`): send again only those waiting before it. Absent (false) from
+    /// refusals and from older gateways, and then everything waiting goes again.
+    #[n(5)]
+    pub held: Option<bool>,
 }
 
 /// Node → gateway: a message for the conversation named in the header.

@@ -148,6 +148,7 @@ impl InboxItem {
                 msg_id: None,
                 after: None,
                 retry_after_ms: None,
+                held: None,
             }),
         }
     }
@@ -169,6 +170,7 @@ fn send_skip_notice(
         msg_id: None,
         after: None,
         retry_after_ms: None,
+        held: None,
     };
     let routing = Routing {
         conversation: conv,
@@ -268,7 +270,7 @@ pub struct DeliveryStats {
     pub gc_dropped: u64,
     /// Replays refused because they started before the retained log.
     pub replay_window_exceeded: u64,
-    /// Sends refused because they came out of their sender's order.
+    /// Sends that came out of their sender's order (held until the gap filled, or refused).
     pub out_of_sender_order: u64,
     /// Devices removed before everything sequenced while they were members had reached them
     /// (they read up to their removal first).
@@ -992,6 +994,19 @@ impl Delivery {
         checked
     }
 
+    /// True if `msg_id` of `device` is sequenced in `conv`, as far as its log's duplicate
+    /// window remembers.
+    pub fn is_sequenced(&self, conv: ConversationId, device: DeviceId, msg_id: MsgId) -> bool {
+        self.conversations
+            .get(&conv)
+            .is_some_and(|log| log.duplicate_of(device, msg_id).is_some())
+    }
+
+    /// The last chained message sequenced from `device` in `conv` (see `sender_order`).
+    pub fn sender_last(&self, conv: ConversationId, device: DeviceId) -> MsgId {
+        self.sender_order.last(conv, device)
+    }
+
     /// Sequences a message that passed [`Delivery::check_sender_order`] (and, in a group, its
     /// admission), with the writes that make it durable; a `chained` one becomes its sender's
     /// last.
@@ -1556,7 +1571,14 @@ impl Delivery {
             self.stats.deliveries += 1;
         }
         debug_assert!(window.acked <= window.sent_upto, "acked <= sent_upto");
-        debug_assert!(window.sent_upto <= log.head(), "sent_upto <= head");
+        // A device that joined from a Welcome of another domain's authority past what this
+        // replica holds yet (a domain that had left, brought back) stands beyond the head,
+        // with nothing in flight, until the entries after its join arrive (federation-mls-
+        // handover seed 17).
+        debug_assert!(
+            window.sent_upto <= log.head() || window.sent_upto == window.acked,
+            "sent_upto <= head, or nothing in flight"
+        );
         debug_assert!(
             window.sent_upto - window.acked <= window_max,
             "the window stays within its bound"
