@@ -1159,26 +1159,30 @@ impl Node {
     }
 
     /// The gateway holds our `held` message in `conv` until the one before it comes (it was
-    /// lost on the way, or is late), and its last sequenced from us there is `last`: that one
-    /// goes again, unless it went out after `held` and within a round trip (see
-    /// [`Outbox::missing_before`]). If more were lost, the gateway
-    /// holds the one sent again and tells of the next gap. If our chain does not start at
-    /// `last`, everything goes again as after a refusal.
+    /// lost on the way, or is late): that one goes again, unless it went out after `held` and
+    /// within a round trip (see [`Outbox::missing_before`]). If more were lost, the gateway
+    /// holds the one sent again and tells of the next gap. The notice's `last` (the gateway's
+    /// last sequenced from us) matters only when nothing of ours waits before `held`: then
+    /// what it lacks is where our chain starts (the gateway lost it, or sequenced one we
+    /// forgot), and everything goes again from its last. Otherwise it is not acted on: notices
+    /// of a burst of gaps cross the acknowledgements, so it is often older than what we know,
+    /// and taking it as the chain's start sent the whole backlog again for each (swarm seed
+    /// 71); a chain that starts elsewhere shows at its head.
     fn fill_sender_gap(&mut self, now: Instant, conv: ConversationId, held: MsgId, last: MsgId) {
         if self.outbox.get(held).is_none() {
             return; // a late notice about a message settled since
+        }
+        let start = self.outbox.last_sequenced(conv);
+        let at_head = self.outbox.after(held) == Some(start);
+        if at_head && start != last && self.outbox.get(last).is_none() {
+            self.resync_sender_order(now, conv, last);
+            return;
         }
         // An answer: the link carries what we send, whatever the resend timer thought. What
         // waits in the conversation is answered only once the gap fills: those answers must
         // not teach the round trip (a message held for seconds is no sign of a slow link).
         self.round_trip.answered();
         self.outbox.answers_delayed(conv);
-        let chain_holds =
-            self.outbox.get(last).is_some() || self.outbox.last_sequenced(conv) == last;
-        if !chain_holds {
-            self.resync_sender_order(now, conv, last);
-            return;
-        }
         let sent_by = now - self.round_trip.estimate();
         let Some(missing) = self.outbox.missing_before(held, sent_by) else {
             return;
