@@ -1007,7 +1007,7 @@ impl Node {
                 Some(held) if report.held == Some(true) => {
                     self.fill_sender_gap(now, routing.conversation, held, last);
                 }
-                _ => self.resync_sender_order(now, routing.conversation, last),
+                refused => self.resync_sender_order(now, routing.conversation, last, refused),
             }
             return;
         }
@@ -1133,9 +1133,38 @@ impl Node {
     /// `outbox`). If `last` is itself waiting, its acknowledgement is on the way and what waits
     /// is merely in flight or lost: it goes again at most once per `replay_request_interval`,
     /// however many later messages the gateway turned away meanwhile.
-    fn resync_sender_order(&mut self, now: Instant, conv: ConversationId, last: MsgId) {
+    fn resync_sender_order(
+        &mut self,
+        now: Instant,
+        conv: ConversationId,
+        last: MsgId,
+        refused: Option<MsgId>,
+    ) {
         let waiting = self.outbox.get(last).is_some();
         let rechained = !waiting && self.outbox.chain_after(conv, last, self.fx.writes());
+        if let (true, Some(refused)) = (
+            rechained,
+            refused.filter(|id| self.outbox.get(*id).is_some()),
+        ) {
+            // The chain starts elsewhere now: only its head names another message than its
+            // copies on the way did, and the gateway holds what comes after it until it
+            // does. What waits up to the refused message goes again; the rest is on its way
+            // (sending everything again at every such refusal, while the gateway's last moved
+            // on through a burst, sent a backlog of 1,097 messages dozens of times: swarm
+            // seed 71).
+            self.stats.sender_resyncs += 1;
+            self.sender_resync_at.insert(conv, now);
+            let Some(conn) = self.link.open_conn() else {
+                return;
+            };
+            for msg_id in self.outbox.ids_in(conv) {
+                self.transmit(now, conn, msg_id);
+                if msg_id == refused {
+                    break;
+                }
+            }
+            return;
+        }
         if !rechained {
             // Refusals keep coming for the copies sent before the last resync until its own
             // copies arrive: one resync per round trip (on a slow link's long queue, one per
@@ -1175,7 +1204,7 @@ impl Node {
         let start = self.outbox.last_sequenced(conv);
         let at_head = self.outbox.after(held) == Some(start);
         if at_head && start != last && self.outbox.get(last).is_none() {
-            self.resync_sender_order(now, conv, last);
+            self.resync_sender_order(now, conv, last, None);
             return;
         }
         // An answer: the link carries what we send, whatever the resend timer thought. What
