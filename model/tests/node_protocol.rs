@@ -343,20 +343,26 @@ fn send_ack(h: &mut Harness, id: MsgId, seq: u64) -> Vec<NodeOutput> {
     )
 }
 
-fn out_of_order(h: &mut Harness, refused: MsgId, last: MsgId) -> Vec<NodeOutput> {
+/// `sender_out_of_order` about `msg` naming the gateway's `last`: a refusal, or with `held` the
+/// notice of a message the gateway keeps until the one before it comes.
+fn sender_order_error(h: &mut Harness, msg: MsgId, last: MsgId, held: bool) -> Vec<NodeOutput> {
     let report = ErrorReport {
         code: ErrorCode::SenderOutOfOrder as u16,
-        message: "out of order".into(),
-        msg_id: Some(refused.to_bytes()),
+        message: if held { "held" } else { "out of order" }.into(),
+        msg_id: Some(msg.to_bytes()),
         after: Some(last.to_bytes()),
         retry_after_ms: None,
-        held: None,
+        held: held.then_some(true),
     };
     let routing = Routing {
         conversation: CONV,
         ..Routing::default()
     };
     h.frame(1, routing, Payload::Error(report))
+}
+
+fn out_of_order(h: &mut Harness, refused: MsgId, last: MsgId) -> Vec<NodeOutput> {
+    sender_order_error(h, refused, last, false)
 }
 
 #[test]
@@ -424,19 +430,7 @@ fn a_refusal_out_of_order_resends_what_waits_chained_from_the_gateways_last() {
 }
 
 fn held(h: &mut Harness, held: MsgId, last: MsgId) -> Vec<NodeOutput> {
-    let report = ErrorReport {
-        code: ErrorCode::SenderOutOfOrder as u16,
-        message: "held".into(),
-        msg_id: Some(held.to_bytes()),
-        after: Some(last.to_bytes()),
-        retry_after_ms: None,
-        held: Some(true),
-    };
-    let routing = Routing {
-        conversation: CONV,
-        ..Routing::default()
-    };
-    h.frame(1, routing, Payload::Error(report))
+    sender_order_error(h, held, last, true)
 }
 
 #[test]

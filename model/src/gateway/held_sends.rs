@@ -88,10 +88,8 @@ struct Sender {
 #[derive(Debug, Default)]
 pub struct HeldSends {
     held: BTreeMap<(DeviceId, ConversationId), Sender>,
-    /// Body bytes held in all.
+    /// Body bytes held in all (what [`HELD_BYTES_MAX`] bounds).
     bytes: usize,
-    /// Messages held in all.
-    count: usize,
 }
 
 fn size(send: &Send) -> usize {
@@ -101,12 +99,12 @@ fn size(send: &Send) -> usize {
 impl HeldSends {
     /// Messages held now.
     pub fn len(&self) -> usize {
-        self.count
+        self.held.values().map(|s| s.by_after.len()).sum()
     }
 
-    /// True if nothing is held.
+    /// True if nothing is held (a sender's entry goes with its last message).
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.held.is_empty()
     }
 
     /// Body bytes held now.
@@ -150,7 +148,6 @@ impl HeldSends {
             // Two messages after the same one: only a device that lost its outbox sends
             // that; keep the newer, forget the older (its device sends it again if needed).
             self.bytes -= size(&old.send);
-            self.count -= 1;
         }
         let tell = new_gap || now >= sender.told_at + TELL_AGAIN_AFTER;
         if tell {
@@ -175,10 +172,13 @@ impl HeldSends {
             Holding::Tell(heads)
         };
         self.bytes += added;
-        self.count += 1;
         debug_assert_eq!(
-            self.count,
-            self.held.values().map(|s| s.by_after.len()).sum::<usize>()
+            self.bytes,
+            self.held
+                .values()
+                .flat_map(|s| s.by_after.values())
+                .map(|h| size(&h.send))
+                .sum::<usize>()
         );
         holding
     }
@@ -202,37 +202,36 @@ impl HeldSends {
         }
         if let Some(next) = &next {
             self.bytes -= size(&next.send);
-            self.count -= 1;
         }
         next
     }
 
     /// `msg_id` of `device` in `conv` was refused: what is held after it cannot be taken in
-    /// order. Every message held for that sender goes; the first one after `msg_id`, if any, is
-    /// returned so that the device can be told to send again from its last sequenced message.
+    /// order. Every message held for that sender goes (how many is returned); the first one
+    /// after `msg_id`, if any, is returned so that the device can be told to send again from
+    /// its last sequenced message.
     pub fn refused(
         &mut self,
         device: DeviceId,
         conv: ConversationId,
         msg_id: MsgId,
-    ) -> Option<HeldSend> {
-        if self.is_empty() {
-            return None;
-        }
-        let mut sender = self.held.remove(&(device, conv))?;
-        for held in sender.by_after.values() {
-            self.bytes -= size(&held.send);
-            self.count -= 1;
-        }
-        sender.by_after.remove(&msg_id)
+    ) -> (Option<HeldSend>, usize) {
+        let Some(mut sender) = self.held.remove(&(device, conv)) else {
+            return (None, 0);
+        };
+        self.bytes -= sender
+            .by_after
+            .values()
+            .map(|h| size(&h.send))
+            .sum::<usize>();
+        let let_go = sender.by_after.len();
+        (sender.by_after.remove(&msg_id), let_go)
     }
 
     /// The session `conn` of `device` ended or was replaced: what came on it goes (the
-    /// device sends it again on its next session).
-    pub fn session_ended(&mut self, device: DeviceId, conn: ConnectionId) {
-        if self.is_empty() {
-            return;
-        }
+    /// device sends it again on its next session); how many.
+    pub fn session_ended(&mut self, device: DeviceId, conn: ConnectionId) -> usize {
+        let mut let_go = 0;
         let senders: Vec<(DeviceId, ConversationId)> = self
             .held
             .range((device, ConversationId(0))..=(device, ConversationId(u128::MAX)))
@@ -251,12 +250,13 @@ impl HeldSends {
                 }
                 keep
             });
-            self.count -= before - sender.by_after.len();
+            let_go += before - sender.by_after.len();
             self.bytes -= bytes;
             if sender.by_after.is_empty() {
                 self.held.remove(&key);
             }
         }
+        let_go
     }
 
     /// Takes a held copy of `msg_id` out, wherever it was chained; the message it came after.
@@ -274,7 +274,6 @@ impl HeldSends {
             .map(|(&after, _)| after)?;
         if let Some(old) = sender.by_after.remove(&after) {
             self.bytes -= size(&old.send);
-            self.count -= 1;
         }
         // The sender's entry stays while empty within `hold` (its `told_at` with it); `release`
         // removes it.
@@ -408,13 +407,16 @@ mod tests {
         hold(&mut h, D, 6, 5);
         hold(&mut h, D, 7, 6);
         hold(&mut h, E, 6, 5);
-        let first = h.refused(D, C, MsgId(5)).expect("the one held after 5");
-        assert_eq!(first.send.msg_id, MsgId(6).to_bytes());
-        assert_eq!(h.len(), 1);
-        assert!(h.refused(D, C, MsgId(5)).is_none());
-        h.session_ended(E, ConnectionId(99));
+        let (first, let_go) = h.refused(D, C, MsgId(5));
+        assert_eq!(
+            first.expect("the one held after 5").send.msg_id,
+            MsgId(6).to_bytes()
+        );
+        assert_eq!((let_go, h.len()), (2, 1));
+        assert_eq!(h.refused(D, C, MsgId(5)).1, 0);
+        assert_eq!(h.session_ended(E, ConnectionId(99)), 0);
         assert_eq!(h.len(), 1, "another session's holds stay");
-        h.session_ended(E, CONN);
+        assert_eq!(h.session_ended(E, CONN), 1);
         assert!(h.is_empty() && h.bytes() == 0);
     }
 }

@@ -1544,9 +1544,8 @@ impl Gateway {
         self.sources.remove(&conn);
         let device = self.sessions.device(conn);
         if let Some(device) = device {
-            let before = self.held_sends.len();
-            self.held_sends.session_ended(device, conn);
-            self.held_send_stats.let_go += (before - self.held_sends.len()) as u64;
+            let let_go = self.held_sends.session_ended(device, conn);
+            self.held_send_stats.let_go += let_go as u64;
         }
         let user = device.and_then(|d| self.registry.user_of(d));
         if self.sessions.forget(conn) {
@@ -1986,9 +1985,8 @@ impl Gateway {
 
     /// Takes a device's message in `conv` (see [`Gateway::accept_one`]), then, once it is
     /// sequenced (or relayed), each message held behind it in its sender's order, down the
-    /// chain; if it is
-    /// refused, what was held behind it is let go and the device told to send again from its
-    /// last sequenced message (see `held_sends`).
+    /// chain; if it is refused, what was held behind it is let go and the device told to send
+    /// again from its last sequenced message (see `held_sends`).
     fn accept_message(
         &mut self,
         now: Instant,
@@ -2113,9 +2111,8 @@ impl Gateway {
     /// order. It is let go, and the device told (as if it had been refused on arrival) to send
     /// everything waiting again, chained from its last sequenced message.
     fn let_go_behind(&mut self, device: DeviceId, conv: ConversationId, msg_id: MsgId) {
-        let before = self.held_sends.len();
-        let first = self.held_sends.refused(device, conv, msg_id);
-        self.held_send_stats.let_go += (before - self.held_sends.len()) as u64;
+        let (first, let_go) = self.held_sends.refused(device, conv, msg_id);
+        self.held_send_stats.let_go += let_go as u64;
         if let Some(first) = first {
             let last = self.delivery.sender_last(conv, device);
             let after = first.send.after.map(MsgId::from_bytes);

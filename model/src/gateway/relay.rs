@@ -1191,20 +1191,12 @@ mod tests {
         assert_eq!(past, [("b.example", 2), ("c.example", 1)]);
     }
 
-    #[test]
-    fn a_member_gateway_holds_its_device_to_the_authoritys_hint_and_relays_nothing_early() {
-        use crate::gateway::limits::{Limits, Rate, RateLimits};
-        use crate::gateway::test_pair::{frames, Pair, NOW};
-        use crate::gateway::GatewayInput;
-        use crate::wire::payload::ErrorReport;
-        use crate::wire::Frame;
-        use core::time::Duration;
-        let mut w = Pair::new();
+    /// A conversation homed at a.example (gateway 0), shared with a device of b.example
+    /// (gateway 1) whose session is `conn`.
+    fn shared_with_a_member_device() -> (crate::gateway::test_pair::Pair, ConnectionId) {
+        let mut w = crate::gateway::test_pair::Pair::new();
         let (conn, device) = w.open_session(1, 7, UserId::from_bytes([7; 16]));
-        // A conversation homed at a.example (0), shared with bob's device at b.example (1);
-        // a.example takes one relay every 10 s from b.example.
-        let create = AdminCommand::CreateConversation(CONV, vec![LOCAL]);
-        w.admin(0, create);
+        w.admin(0, AdminCommand::CreateConversation(CONV, vec![LOCAL]));
         let share = AdminCommand::ShareConversation {
             conversation: CONV,
             domain: "b.example".into(),
@@ -1212,6 +1204,46 @@ mod tests {
         };
         w.admin(0, share);
         w.settle();
+        (w, conn)
+    }
+
+    /// The device on `conn` at b.example sends `msg` (body `[msg]`) after `after` at `at`:
+    /// what b.example answers it in the batch.
+    fn member_sends(
+        w: &mut crate::gateway::test_pair::Pair,
+        conn: ConnectionId,
+        at: Instant,
+        msg: u128,
+        after: u128,
+    ) -> Vec<Payload> {
+        use crate::gateway::GatewayInput;
+        use crate::wire::Frame;
+        let payload = Payload::Send(Send {
+            msg_id: MsgId(msg).to_bytes(),
+            body: vec![msg as u8],
+            welcome: None,
+            after: Some(MsgId(after).to_bytes()),
+        });
+        let routing = Routing {
+            conversation: CONV,
+            ..Routing::default()
+        };
+        let (g, store) = &mut w.gateways[1];
+        g.handle(
+            at,
+            GatewayInput::Frame(conn, Frame::new(routing, payload).encode()),
+        );
+        crate::gateway::test_pair::frames(&drain_gateway(g, store), conn)
+    }
+
+    #[test]
+    fn a_member_gateway_holds_its_device_to_the_authoritys_hint_and_relays_nothing_early() {
+        use crate::gateway::limits::{Limits, Rate, RateLimits};
+        use crate::gateway::test_pair::{frames, NOW};
+        use crate::wire::payload::ErrorReport;
+        use core::time::Duration;
+        // a.example takes one relay every 10 s from b.example.
+        let (mut w, conn) = shared_with_a_member_device();
         w.gateways[0].0.limits = Limits::new(RateLimits {
             peer_relays: Some(Rate {
                 count: 1,
@@ -1220,24 +1252,7 @@ mod tests {
             }),
             ..RateLimits::default()
         });
-        let send = |w: &mut Pair, at: Instant, msg: u128, after: u128| -> Vec<Payload> {
-            let payload = Payload::Send(Send {
-                msg_id: MsgId(msg).to_bytes(),
-                body: b"hello".to_vec(),
-                welcome: None,
-                after: Some(MsgId(after).to_bytes()),
-            });
-            let routing = Routing {
-                conversation: CONV,
-                ..Routing::default()
-            };
-            let (g, store) = &mut w.gateways[1];
-            g.handle(
-                at,
-                GatewayInput::Frame(conn, Frame::new(routing, payload).encode()),
-            );
-            frames(&drain_gateway(g, store), conn)
-        };
+        let send = |w: &mut _, at, msg, after| member_sends(w, conn, at, msg, after);
         let refusal_of = |payloads: &[Payload]| -> Option<ErrorReport> {
             payloads.iter().find_map(|p| match p {
                 Payload::Error(e) => Some(e.clone()),
@@ -1276,38 +1291,9 @@ mod tests {
 
     #[test]
     fn a_member_gateway_holds_a_message_ahead_of_its_senders_order_and_relays_it_after_the_gap() {
-        use crate::gateway::test_pair::{frames, Pair, NOW};
-        use crate::gateway::GatewayInput;
-        use crate::wire::Frame;
-        let mut w = Pair::new();
-        let (conn, device) = w.open_session(1, 7, UserId::from_bytes([7; 16]));
-        // Homed at a.example (0), shared with the device at b.example (1).
-        w.admin(0, AdminCommand::CreateConversation(CONV, vec![LOCAL]));
-        let share = AdminCommand::ShareConversation {
-            conversation: CONV,
-            domain: "b.example".into(),
-            members: vec![device],
-        };
-        w.admin(0, share);
-        w.settle();
-        let send = |w: &mut Pair, msg: u128, after: u128| -> Vec<Payload> {
-            let payload = Payload::Send(Send {
-                msg_id: MsgId(msg).to_bytes(),
-                body: vec![msg as u8],
-                welcome: None,
-                after: Some(MsgId(after).to_bytes()),
-            });
-            let routing = Routing {
-                conversation: CONV,
-                ..Routing::default()
-            };
-            let (g, store) = &mut w.gateways[1];
-            g.handle(
-                NOW,
-                GatewayInput::Frame(conn, Frame::new(routing, payload).encode()),
-            );
-            frames(&drain_gateway(g, store), conn)
-        };
+        use crate::gateway::test_pair::NOW;
+        let (mut w, conn) = shared_with_a_member_device();
+        let send = |w: &mut _, msg, after| member_sends(w, conn, NOW, msg, after);
         // 1 is sequenced; 2 is lost on the way; 3 comes: held at b.example, which says so.
         assert_eq!(send(&mut w, 1, 0), []);
         w.settle();

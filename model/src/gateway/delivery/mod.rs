@@ -982,11 +982,7 @@ impl Delivery {
         if checked.is_err() {
             // Only a message out of order needs the duplicate lookup: one in order is either
             // new or a copy of the last, and either may go on.
-            let duplicate = self
-                .conversations
-                .get(&conv)
-                .is_some_and(|log| log.duplicate_of(device, msg_id).is_some());
-            if duplicate {
+            if self.is_sequenced(conv, device, msg_id) {
                 return Ok(());
             }
             self.stats.out_of_sender_order += 1;
