@@ -114,6 +114,7 @@ fn add(bench: &mut Bench, conn: u64, other: UserId) {
     let change = ContactChange {
         user: other.to_bytes().into(),
         action: ContactAction::Add as u8,
+        domain: None,
     };
     let routing = Routing {
         seq: 1 << 63 | 1,

@@ -790,6 +790,14 @@ fn write_federation_entry_seeds() {
         ),
         ("external-key", Entry::ExternalKey { key: [0xE5; 32] }),
         (
+            "contact",
+            Entry::Contact {
+                from: UserId(0xA11CE),
+                to: UserId(0xB0B),
+                added: true,
+            },
+        ),
+        (
             "moved",
             Entry::Moved {
                 conversation,

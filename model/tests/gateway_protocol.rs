@@ -2377,6 +2377,7 @@ impl Harness {
         let change = ContactChange {
             user: user.to_bytes().into(),
             action: action as u8,
+            domain: None,
         };
         self.social(conn, 1 << 63 | 1, Payload::ContactChange(change))
     }

@@ -313,10 +313,18 @@ fn payload() -> impl Strategy<Value = Payload> {
                 number: 1,
             })
         }),
-        (bytes16(), any::<u8>()).prop_map(|(user, action)| Payload::ContactChange(ContactChange {
-            user: user.into(),
-            action
-        })),
+        (
+            bytes16(),
+            any::<u8>(),
+            proptest::option::of("[a-z0-9.-]{0,40}")
+        )
+            .prop_map(
+                |(user, action, domain)| Payload::ContactChange(ContactChange {
+                    user: user.into(),
+                    action,
+                    domain
+                })
+            ),
         Just(Payload::ContactsFetch(ContactsFetch {})),
         (ids16(), ids16(), ids16(), ids16(), any::<bool>()).prop_map(
             |(contacts, incoming, outgoing, blocked, invisible)| Payload::Contacts(Contacts {

@@ -471,6 +471,7 @@ fn contact_and_presence_frames_bytes() {
     let change = request(Payload::ContactChange(ContactChange {
         user: [0x0b; 16].into(),
         action: ContactAction::Add as u8,
+        domain: None,
     }));
     let update = request(Payload::PresenceUpdate(PresenceUpdate { invisible: true }));
     let fetch = request(Payload::ContactsFetch(ContactsFetch {}));

@@ -43,8 +43,9 @@ fn name_of(user: UserId, names: &BTreeMap<UserId, String>) -> String {
         .unwrap_or_else(|| user.to_string())
 }
 
-/// A user named on the command line: a name, or `user:` and the 32 hex digits of an id (as
-/// `sund contacts list` shows someone whose name this device does not know yet).
+/// A user named on the command line: a name (`bob`, a user of this device's domain, or
+/// `bob@b.example`), or `user:` and the 32 hex digits of an id (as `sund contacts list` shows
+/// someone whose name this device does not know yet).
 fn parse_user(device: &Device, text: &str) -> Result<(UserId, Option<Address>), String> {
     if let Some(hex) = text.strip_prefix("user:") {
         let bytes = sund_model::hex::decode_array::<16>(hex).ok_or_else(|| {
@@ -52,8 +53,16 @@ fn parse_user(device: &Device, text: &str) -> Result<(UserId, Option<Address>), 
         })?;
         return Ok((UserId::from_bytes(bytes), None));
     }
-    let address = device.local_user(text)?;
+    let address = device.address(text)?;
     Ok((address.user(), Some(address)))
+}
+
+/// The domain to name with a contact change: the user's if it is not this device's (the
+/// gateway cannot tell it from the id).
+fn foreign_domain(device: &Device, known: Option<&Address>) -> Option<String> {
+    known
+        .filter(|a| a.domain() != device.home_domain())
+        .map(|a| a.domain().to_string())
 }
 
 /// This device's user's name, as another user of its domain types it.
@@ -126,13 +135,24 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
     if device.user_id() == Some(user) {
         return Err(format!("`{name}` is this device's own user"));
     }
+    let domain = foreign_domain(&device, known.as_ref());
+    // How the other user names this one: by the whole address from another domain.
+    let me = match (&domain, &device.user) {
+        (Some(_), Some(own)) => own.to_string(),
+        _ => own_name(&device),
+    };
     if let Some(known) = known {
         device.remember_user(&known).map_err(|e| e.to_string())?;
     }
     let mut node = driver::start(device.options())
         .await
         .map_err(|e| e.to_string())?;
-    let result = ask_and_keep(&mut node, &device, SocialRequest::Change(user, action)).await;
+    let result = ask_and_keep(
+        &mut node,
+        &device,
+        SocialRequest::Change(user, domain, action),
+    )
+    .await;
     // The names this device knows go to the user's other devices (and anything left over).
     let shared = match &result {
         Ok(_) => crate::contact_sync::share(&mut node, &device, &[]).await,
@@ -141,7 +161,6 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
     let _ = node.stop().await;
     let list = result?;
     shared.say();
-    let me = own_name(&device);
     match action {
         ContactAction::Add if list.contacts.contains(&user) => say!(
             "{name} and you are contacts: you see each other's presence (`sund presence`)"
@@ -500,9 +519,13 @@ async fn presence_with(
             PRESENCE_DEADLINE.as_secs()
         ));
     }
+    let abroad = device.users_abroad();
     for user in watched {
         let state = seen.get(&user).copied().unwrap_or(Seen::Unknown);
         let words = match state {
+            Seen::Unknown if abroad.contains(&user) => {
+                "unknown (presence is not shared across domains yet)"
+            }
             Seen::Unknown => "unknown (not a contact of yours, invisible, or not sharing it)",
             other => other.describe(),
         };

@@ -439,18 +439,14 @@ impl Device {
         Address::parse(text, self.home_domain()).map_err(|e| e.to_string())
     }
 
-    /// A user this device can hold contacts with (one of its own domain: contacts and
-    /// presence do not span domains yet), as typed on the command line.
-    pub fn local_user(&self, text: &str) -> Result<Address, String> {
-        let address = self.address(text)?;
-        if address.domain() != self.home_domain() {
-            return Err(format!(
-                "{address} is a user of {}, another domain than this device's ({}): contacts and presence with users of other domains are not built yet (DMs and rooms with them are: `sund dm {address}`)",
-                address.domain(),
-                self.home_domain()
-            ));
-        }
-        Ok(address)
+    /// The users this device knows by name who belong to other domains.
+    pub fn users_abroad(&self) -> BTreeSet<UserId> {
+        let home = self.home_domain();
+        contact_files::addresses(&self.data_dir)
+            .into_iter()
+            .filter(|(_, address)| address.domain() != home)
+            .map(|(user, _)| user)
+            .collect()
     }
 
     /// The request starting a DM with `address`: within this device's domain, or across.

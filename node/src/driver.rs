@@ -329,8 +329,13 @@ impl From<SessionEvent> for Link {
 /// A contact or presence request ([`NodeHandle::social`]).
 #[derive(Clone, Debug)]
 pub enum SocialRequest {
-    /// Add (ask, or accept), remove, block or unblock a user.
-    Change(UserId, sund_model::wire::payload::ContactAction),
+    /// Add (ask, or accept), remove, block or unblock a user, of the domain named if it is
+    /// not this device's.
+    Change(
+        UserId,
+        Option<String>,
+        sund_model::wire::payload::ContactAction,
+    ),
     /// Be invisible (`true`) or visible.
     Invisible(bool),
     /// List this user's contacts.
@@ -854,8 +859,8 @@ impl Core {
             }
             Command::Social { request, reply: to } => {
                 let id = match request {
-                    SocialRequest::Change(user, action) => {
-                        Some(self.node.change_contact(now, user, action))
+                    SocialRequest::Change(user, domain, action) => {
+                        Some(self.node.change_contact_abroad(now, user, domain, action))
                     }
                     SocialRequest::Invisible(on) => Some(self.node.set_invisible(now, on)),
                     SocialRequest::Fetch => Some(self.node.fetch_contacts(now)),

@@ -803,8 +803,10 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
             .any(|l| l.contains("bob@b.example (") && l.ends_with("hello, new phone")),
         "{read:?}"
     );
-    // Contacts do not span domains yet: said in words.
-    let refused = fails(
+    // Contacts span domains: bob asks alice, her gateway learns of it over the link and she
+    // sees his request by name; she accepts, and each sees the other as a contact. Presence
+    // does not cross domains yet, and says so.
+    let asked = run(
         &sund(),
         &[
             "contacts",
@@ -815,7 +817,63 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
         ],
     );
     assert!(
-        refused.contains("contacts and presence with users of other domains are not built yet"),
+        asked.contains("asked alice@a.example to be contacts")
+            && asked.contains("accept with `sund contacts add bob@b.example`"),
+        "{asked}"
+    );
+    let listed = contacts_until(
+        &path("alice"),
+        "asked you (accept with `sund contacts add NAME`, or the id shown): bob@b.example",
+    );
+    assert!(listed.contains("contacts: none"), "{listed}");
+    let accepted = run(
+        &sund(),
+        &[
+            "contacts",
+            "add",
+            "--data-dir",
+            &path("alice"),
+            "bob@b.example",
+        ],
+    );
+    assert!(
+        accepted.contains("bob@b.example and you are contacts"),
+        "{accepted}"
+    );
+    contacts_until(&path("bob"), "contacts: alice@a.example");
+    let presence = run(&sund(), &["presence", "--data-dir", &path("alice")]);
+    assert!(
+        presence.contains("bob@b.example: unknown (presence is not shared across domains yet)"),
+        "{presence}"
+    );
+    // A block crosses as a withdrawn add, nothing more: alice sees bob's add gone.
+    let blocked = run(
+        &sund(),
+        &[
+            "contacts",
+            "block",
+            "--data-dir",
+            &path("bob"),
+            "alice@a.example",
+        ],
+    );
+    assert!(blocked.contains("blocked alice@a.example"), "{blocked}");
+    let listed = contacts_until(&path("alice"), "you asked: bob@b.example");
+    assert!(listed.contains("contacts: none"), "{listed}");
+    // A domain neither gateway federates with is refused by the gateway, in words.
+    let refused = fails(
+        &sund(),
+        &[
+            "contacts",
+            "add",
+            "--data-dir",
+            &path("bob"),
+            "carol@c.example",
+        ],
+    );
+    assert!(
+        refused.contains("unknown_domain")
+            && refused.contains("this gateway does not federate with c.example"),
         "{refused}"
     );
     let refused = fails(
@@ -918,6 +976,23 @@ fn a_dm_started_from_both_domains_at_once_is_one_dm() {
 }
 
 /// The conversation id `sund room create` printed (`room NAME (conv:…) …`).
+/// `sund contacts list` on `dir` until its output holds `line` (what a peer gateway tells
+/// arrives over the link a moment later); the last output.
+fn contacts_until(dir: &str, line: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = run(&sund(), &["contacts", "list", "--data-dir", dir]);
+        if listed.lines().any(|l| l == line) {
+            return listed;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `{line}` within 30 s: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn conversation_in(out: &str) -> String {
     let start = out.find("(conv:").expect("the room's id is printed") + 1;
     let end = start + out[start..].find(')').unwrap();

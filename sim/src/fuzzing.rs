@@ -157,6 +157,8 @@ enum WellFormed {
     ContactChange {
         user: u8,
         action: u8,
+        /// Of another domain's user (`b.example`).
+        foreign: bool,
     },
     /// Be invisible or not.
     PresenceUpdate {
@@ -510,7 +512,11 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 domain: foreign.then(|| "b.example".to_string()),
             }),
         ),
-        WellFormed::ContactChange { user: k, action } => Frame::new(
+        WellFormed::ContactChange {
+            user: k,
+            action,
+            foreign,
+        } => Frame::new(
             Routing {
                 seq: 1 << 63 | 1,
                 ..Routing::default()
@@ -518,6 +524,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
             Payload::ContactChange(ContactChange {
                 user: user(k).to_bytes().into(),
                 action,
+                domain: foreign.then(|| "b.example".to_string()),
             }),
         ),
         WellFormed::PresenceUpdate { invisible } => Frame::new(

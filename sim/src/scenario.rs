@@ -358,6 +358,11 @@ pub enum Invariant {
     /// what it learns is only online or a coarse bucket; after heal, every watcher's view of
     /// each watched user is what that rule allows (see `world::presence`).
     PresencePrivacy,
+    /// After heal, every gateway holds for each of its users the contacts, requests (both
+    /// ways) and blocks that the answered contact changes of every domain's devices make:
+    /// adds and removes across domains reached the other user's gateway (see
+    /// `world::presence`).
+    ContactsConverge,
 }
 
 impl Invariant {
@@ -383,6 +388,7 @@ impl Invariant {
         ("ordinary-unthrottled", Invariant::Unthrottled),
         ("peer-limit", Invariant::PeerLimit),
         ("presence-privacy", Invariant::PresencePrivacy),
+        ("contacts-converge", Invariant::ContactsConverge),
     ];
 
     /// The DSL name.
@@ -413,6 +419,7 @@ impl Invariant {
                 | Invariant::Unthrottled
                 | Invariant::PeerLimit
                 | Invariant::PresencePrivacy
+                | Invariant::ContactsConverge
                 | Invariant::FederationLinks
                 | Invariant::SingleAuthority
         )

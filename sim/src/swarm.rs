@@ -658,7 +658,7 @@ pub fn generate(seed: u64, family: Family) -> Generated {
         checks.push("rate-limits");
     }
     if presence {
-        checks.push("presence-privacy");
+        checks.extend(["presence-privacy", "contacts-converge"]);
     }
     if federation.is_some() {
         checks.push("federation-links");
@@ -1063,7 +1063,8 @@ fn draw_own_group(
 
 /// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before),
 /// whether some users become contacts and watch everyone's presence, with a user hiding for a
-/// while and a block (and perhaps its end) among them, checked by `presence-privacy`. Only in
+/// while and a block (and perhaps its end) among them, checked by `presence-privacy` and
+/// `contacts-converge`. Only in
 /// the MLS and trust families, whose devices already name their users (the plain family is
 /// also what the drivers' swarm runs, and the drivers' plan has no contacts yet); never with a
 /// lying disk, whose lost commits the world's ledger of answered changes cannot see.

@@ -2046,11 +2046,14 @@ impl World {
             }
             Action::Revoke(t) => self.revoke_action(t),
             Action::Contact(from, to, action) => {
-                let users = self.users_of(to);
+                let users = self.users_with_domains(to);
                 for d in self.resolve(from) {
-                    for user in &users {
+                    let own = self.federation.domain(self.actors[d as usize].home);
+                    for (user, domain) in &users {
+                        // A user of another domain is named with it, as `sund` does.
+                        let abroad = domain.clone().filter(|_| *domain != own);
                         self.with_node(d, |n, now| {
-                            n.change_contact(now, *user, *action);
+                            n.change_contact_abroad(now, *user, abroad, *action);
                         });
                     }
                 }
@@ -2081,6 +2084,28 @@ impl World {
     }
 
     /// The distinct users of a target's devices, in id order.
+    /// [`World::users_of`], each with its home gateway's domain (`None` for a gateway that
+    /// federates with no one).
+    fn users_with_domains(
+        &mut self,
+        target: &Target,
+    ) -> Vec<(sund_model::ids::UserId, Option<String>)> {
+        let mut users: Vec<(sund_model::ids::UserId, Option<String>)> = self
+            .resolve(target)
+            .into_iter()
+            .filter_map(|d| match &self.actors[d as usize].machine {
+                Machine::Node(_, config) => Some((
+                    config.certificate_user(),
+                    self.federation.domain(self.actors[d as usize].home),
+                )),
+                Machine::Gateway(..) => None,
+            })
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        users
+    }
+
     fn users_of(&mut self, target: &Target) -> Vec<sund_model::ids::UserId> {
         let mut users: Vec<sund_model::ids::UserId> = self
             .resolve(target)
@@ -2208,6 +2233,7 @@ impl World {
         self.crl_not_converged()
             .or_else(|| self.files_not_converged())
             .or_else(|| self.presence_not_converged())
+            .or_else(|| self.contacts_not_converged())
             .or_else(|| self.federation_not_converged())
     }
 

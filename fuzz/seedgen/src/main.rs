@@ -356,6 +356,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
             Payload::ContactChange(ContactChange {
                 user: [0x0b; 16].into(),
                 action: ContactAction::Block as u8,
+                domain: Some("b.example".into()),
             }),
         ),
         (

@@ -54,6 +54,8 @@
 //!   so both sides could make it at once; see `gateway::dm_claims`);
 //! - [`Entry::DmClaimAnswer`]: the answer: granted, made (or being made) at the answerer, or
 //!   refused.
+//! - [`Entry::Contact`]: a user of the sender's domain added, or stopped adding, a user of
+//!   the receiver's as a contact (`gateway::social`, "Across domains").
 //!
 //! Batching:
 //!
@@ -102,6 +104,7 @@ const KIND_DM_CLAIM_ANSWER: u8 = 18;
 /// A handover of an MLS conversation: [`KIND_HANDOVER`]'s fields, then its [`MlsHandover`].
 const KIND_HANDOVER_MLS: u8 = 19;
 const KIND_EXTERNAL_KEY: u8 = 20;
+const KIND_CONTACT: u8 = 21;
 
 /// The longest group record an MLS handover carries (`gateway::groups::GroupState::encode`:
 /// about 100 bytes per member device).
@@ -323,6 +326,18 @@ pub enum Entry {
     ExternalKey {
         /// The Ed25519 public key.
         key: [u8; 32],
+    },
+    /// From any peer: `from`, a user of its domain, has added `to`, a user of the receiver's,
+    /// as a contact (asked, or accepted their request) when `added`, or no longer has
+    /// (removed, withdrew, declined or blocked: the receiver cannot tell which). The state
+    /// after the change, so a repeat changes nothing.
+    Contact {
+        /// The user of the sender's domain.
+        from: UserId,
+        /// The user of the receiver's domain.
+        to: UserId,
+        /// Whether `from` adds `to` now.
+        added: bool,
     },
     /// From any peer: several entries, in the order the sender produced them, as one link
     /// entry. Never nested.
@@ -546,6 +561,7 @@ impl Entry {
             | Entry::DmClaimAnswer { conversation, .. } => *conversation,
             Entry::Revocations { .. }
             | Entry::ExternalKey { .. }
+            | Entry::Contact { .. }
             | Entry::KeyPackageRequest { .. }
             | Entry::KeyPackages { .. }
             | Entry::Bundle { .. } => return None,
@@ -716,6 +732,12 @@ impl Entry {
             Entry::ExternalKey { key } => {
                 out.push(KIND_EXTERNAL_KEY);
                 out.extend_from_slice(key);
+            }
+            Entry::Contact { from, to, added } => {
+                out.push(KIND_CONTACT);
+                out.extend_from_slice(&from.to_bytes());
+                out.extend_from_slice(&to.to_bytes());
+                out.push(u8::from(*added));
             }
             Entry::Moved {
                 conversation,
@@ -929,6 +951,19 @@ impl Entry {
                 return Err(EntryError::Trailing);
             }
             return Ok(Entry::ExternalKey { key });
+        }
+        if kind == KIND_CONTACT {
+            let from = UserId::from_bytes(id(&mut r)?);
+            let to = UserId::from_bytes(id(&mut r)?);
+            let added = match r.u8().ok_or(EntryError::Truncated)? {
+                0 => false,
+                1 => true,
+                other => return Err(EntryError::BadFlag(other)),
+            };
+            if r.remaining() != 0 {
+                return Err(EntryError::Trailing);
+            }
+            return Ok(Entry::Contact { from, to, added });
         }
         if kind == KIND_KEY_PACKAGE_REQUEST || kind == KIND_KEY_PACKAGES {
             let entry = decode_key_packages(kind, &mut r)?;
@@ -1512,6 +1547,11 @@ mod tests {
                     }
                 }),
             any::<[u8; 32]>().prop_map(|key| Entry::ExternalKey { key }),
+            (id16(), id16(), any::<bool>()).prop_map(|(f, t, added)| Entry::Contact {
+                from: UserId(f),
+                to: UserId(t),
+                added,
+            }),
             (id16(), id16(), id16(), outcome()).prop_map(|(c, s, m, outcome)| Entry::Answer {
                 conversation: ConversationId(c),
                 sender: DeviceId(s),

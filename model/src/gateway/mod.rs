@@ -35,6 +35,7 @@
 
 mod admin;
 mod config;
+mod contacts_abroad;
 pub mod delivery;
 pub mod dm_claims;
 pub mod external_keys;
@@ -1181,7 +1182,7 @@ impl Gateway {
                     .set_invisible(user, update.invisible, self.fx.writes());
                 self.answer_contacts(conn, user, routing.seq);
                 if changed {
-                    self.tell_contacts(user, conn);
+                    self.tell_contacts(user, Some(conn));
                     self.presence.push(now, user, &self.social, &mut self.fx);
                 }
                 Ok(())
@@ -1582,6 +1583,9 @@ impl Gateway {
             )
             .in_conversation(request));
         };
+        let abroad = self
+            .contact_domain(other, change.domain.as_deref(), action)
+            .map_err(|r| r.in_conversation(request))?;
         if self.social.is_new_request(user, other, action) {
             if let Err(limited) = self.limits.admit_contact_request(now, user) {
                 return Err(Refusal::error(
@@ -1596,14 +1600,18 @@ impl Gateway {
             }
         }
         let max = self.config.limits.contacts_max as usize;
+        let was_added = self.social.added(user, other);
         let changed = self
             .social
             .change(user, other, action, max, self.fx.writes())
             .map_err(|r| r.in_conversation(request))?;
+        if let Some(domain) = abroad {
+            self.tell_contact_abroad(&domain, user, other, was_added);
+        }
         self.answer_contacts(conn, user, routing.seq);
         if changed.changed {
-            self.tell_contacts(user, conn);
-            self.tell_contacts(other, conn);
+            self.tell_contacts(user, Some(conn));
+            self.tell_contacts(other, Some(conn));
             self.presence.push(now, user, &self.social, &mut self.fx);
             self.presence.push(now, other, &self.social, &mut self.fx);
         }
@@ -1621,12 +1629,12 @@ impl Gateway {
     }
 
     /// Sends `user`'s listing, unasked (seq 0), to each of its devices in session but `except`.
-    fn tell_contacts(&mut self, user: UserId, except: ConnectionId) {
+    fn tell_contacts(&mut self, user: UserId, except: Option<ConnectionId>) {
         let conns: Vec<ConnectionId> = self
             .registry
             .devices_of(user)
             .filter_map(|d| self.sessions.online(d))
-            .filter(|c| *c != except)
+            .filter(|c| Some(*c) != except)
             .collect();
         if conns.is_empty() {
             return;

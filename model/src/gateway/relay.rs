@@ -623,6 +623,7 @@ impl Gateway {
             Entry::ExternalKey { key } => {
                 self.external_keys.learn(peer, key, self.fx.writes());
             }
+            Entry::Contact { from, to, added } => self.on_contact_entry(now, peer, from, to, added),
             Entry::KeyPackageRequest {
                 request,
                 requester,

@@ -11,6 +11,14 @@
 //! handed to anyone they blocked (so nobody can start a DM with, or add to a room, a user who
 //! blocked them). A block also ends the contact on the blocker's side.
 //!
+//! **Across domains.** Each gateway holds its own users' relations, and a mirror of what users
+//! of peer domains told about this gateway's users: when a user adds or stops adding someone
+//! of another domain, its gateway tells that domain's gateway
+//! ([`crate::federation::entry::Entry::Contact`]), which records it as the foreign user's add
+//! (their record names their domain, [`Social::domain_of`]). Mutuality, requests and what a
+//! block hides then follow from the same records as at home. A block is never told: the
+//! blocked user's side learns only that the add is gone.
+//!
 //! Durable: one record per user in [`SOCIAL_TABLE`], rewritten whole on each change (at most
 //! `contacts_max` entries, so a record stays a few tens of KiB).
 
@@ -27,6 +35,11 @@ use crate::wire::payload::{ContactAction, Contacts, ErrorCode, CONTACTS_LEN_MAX}
 /// Table of users' relations: user id → [`SocialRecord`].
 pub const SOCIAL_TABLE: Table = Table("social");
 
+/// The most users of one peer domain whose adds this gateway mirrors: what a peer tells can
+/// name users this gateway never met (their requests wait here until the user's first device
+/// comes), so this bounds what a hostile peer can make it store.
+pub const FOREIGN_USERS_PER_PEER_MAX: usize = 100_000;
+
 /// One user's relations as stored.
 #[derive(Encode, Decode, Clone, Debug, Default, PartialEq, Eq)]
 #[cbor(map)]
@@ -37,6 +50,9 @@ struct SocialRecord {
     blocked: Vec<ByteArray<16>>,
     #[n(2)]
     invisible: bool,
+    /// A user of another domain: that domain (its `added` mirrors what its gateway told).
+    #[n(3)]
+    domain: Option<String>,
 }
 
 /// One user's relations.
@@ -45,6 +61,8 @@ struct Relations {
     added: BTreeSet<UserId>,
     blocked: BTreeSet<UserId>,
     invisible: bool,
+    /// `Some` for a user of another domain (see the module docs).
+    domain: Option<String>,
 }
 
 impl Relations {
@@ -59,6 +77,7 @@ impl Relations {
             added: ids(&self.added),
             blocked: ids(&self.blocked),
             invisible: self.invisible,
+            domain: self.domain.clone(),
         }
     }
 }
@@ -72,6 +91,13 @@ pub struct SocialStats {
     pub blocks: u64,
     /// Changes refused because a user's list was full.
     pub lists_full: u64,
+    /// Adds and removes told to other domains' gateways.
+    pub told_abroad: u64,
+    /// Adds and removes other domains' gateways told, taken.
+    pub taken_from_abroad: u64,
+    /// Told from abroad and dropped: about a user this gateway does not hold, by a user of
+    /// this domain or known at another, or past the foreign user's request rate.
+    pub dropped_from_abroad: u64,
 }
 
 /// What a change did, for the router to tell the users concerned.
@@ -89,6 +115,8 @@ pub struct Social {
     users: BTreeMap<UserId, Relations>,
     /// Reverse index: who added each user.
     added_by: BTreeMap<UserId, BTreeSet<UserId>>,
+    /// How many users of each other domain are held (see [`FOREIGN_USERS_PER_PEER_MAX`]).
+    foreign_users: BTreeMap<String, usize>,
     stats: SocialStats,
     /// Planted by the simulator only ([`crate::planted::PlantedBug::PresenceIgnoresInvisible`]).
     ignores_invisible: bool,
@@ -121,9 +149,13 @@ impl Social {
                     .map(|u| UserId::from_bytes(**u))
                     .collect(),
                 invisible: record.invisible,
+                domain: record.domain,
             };
             for other in &relations.added {
                 social.added_by.entry(*other).or_default().insert(user);
+            }
+            if let Some(domain) = &relations.domain {
+                *social.foreign_users.entry(domain.clone()).or_default() += 1;
             }
             social.users.insert(user, relations);
             Ok(())
@@ -160,6 +192,45 @@ impl Social {
         self.users.get(&a).is_some_and(|r| r.blocked.contains(&b))
     }
 
+    /// The domain of `user` if it is a user of another domain that this gateway knows of
+    /// (asked by, or asked for, one of its users).
+    pub fn domain_of(&self, user: UserId) -> Option<&str> {
+        self.users.get(&user).and_then(|r| r.domain.as_deref())
+    }
+
+    /// Records that `user` is a user of `domain`, as a user of this gateway named them (the
+    /// device computed the id from the whole address, so its word wins). If another domain
+    /// had claimed them, what it told of their adds is dropped: a peer cannot speak for
+    /// another domain's users. True if the record changed.
+    pub fn note_domain(&mut self, user: UserId, domain: &str, writes: &mut WriteBatch) -> bool {
+        let relations = self.users.entry(user).or_default();
+        if relations.domain.as_deref() == Some(domain) {
+            return false;
+        }
+        let claimed = core::mem::take(&mut relations.added);
+        if let Some(before) = relations.domain.replace(domain.to_string()) {
+            if let Some(count) = self.foreign_users.get_mut(&before) {
+                *count -= 1;
+            }
+        }
+        *self.foreign_users.entry(domain.to_string()).or_default() += 1;
+        writes.put(SOCIAL_TABLE, user.to_bytes().to_vec(), encode(relations));
+        for other in claimed {
+            if let Some(by) = self.added_by.get_mut(&other) {
+                by.remove(&user);
+                if by.is_empty() {
+                    self.added_by.remove(&other);
+                }
+            }
+        }
+        true
+    }
+
+    /// How many users of `domain` this gateway holds.
+    pub fn foreign_users(&self, domain: &str) -> usize {
+        self.foreign_users.get(domain).copied().unwrap_or(0)
+    }
+
     /// True if `user` is invisible.
     pub fn invisible(&self, user: UserId) -> bool {
         self.users.get(&user).is_some_and(|r| r.invisible)
@@ -173,6 +244,21 @@ impl Social {
             && (!self.invisible(target) || self.ignores_invisible)
             && !self.blocked(target, watcher)
             && !self.blocked(watcher, target)
+    }
+
+    /// Counts an add or remove told to another domain's gateway.
+    pub fn count_told_abroad(&mut self) {
+        self.stats.told_abroad += 1;
+    }
+
+    /// Counts an add or remove another domain's gateway told, taken.
+    pub fn count_taken_from_abroad(&mut self) {
+        self.stats.taken_from_abroad += 1;
+    }
+
+    /// Counts an add or remove another domain's gateway told, dropped.
+    pub fn count_dropped_from_abroad(&mut self) {
+        self.stats.dropped_from_abroad += 1;
     }
 
     /// The counters.

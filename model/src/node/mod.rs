@@ -257,12 +257,24 @@ impl Node {
     /// opens.
     pub fn change_contact(
         &mut self,
-        _now: Instant,
+        now: Instant,
         user: UserId,
         action: crate::wire::payload::ContactAction,
     ) -> u64 {
+        self.change_contact_abroad(now, user, None, action)
+    }
+
+    /// [`Node::change_contact`] for a user of `domain` when it is not this device's (`None`:
+    /// a user of its own domain, or one its gateway knows, who asked from abroad).
+    pub fn change_contact_abroad(
+        &mut self,
+        _now: Instant,
+        user: UserId,
+        domain: Option<String>,
+        action: crate::wire::payload::ContactAction,
+    ) -> u64 {
         let conn = self.link.open_conn();
-        self.social.change(user, action, conn, &mut self.fx)
+        self.social.change(user, domain, action, conn, &mut self.fx)
     }
 
     /// Appears offline to everyone (`true`) or not; answered as [`Node::change_contact`].

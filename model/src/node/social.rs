@@ -91,6 +91,7 @@ impl NodeSocial {
     pub fn change(
         &mut self,
         user: UserId,
+        domain: Option<String>,
         action: ContactAction,
         conn: Option<ConnectionId>,
         fx: &mut NodeFx,
@@ -98,6 +99,7 @@ impl NodeSocial {
         let change = ContactChange {
             user: user.to_bytes().into(),
             action: action as u8,
+            domain,
         };
         self.request(Payload::ContactChange(change), conn, fx)
     }
@@ -379,7 +381,7 @@ mod tests {
     fn unanswered_requests_go_again_and_a_too_long_watchlist_is_dropped() {
         let mut social = NodeSocial::default();
         let mut fx = NodeFx::default();
-        let id = social.change(u(3), ContactAction::Add, Some(CONN), &mut fx);
+        let id = social.change(u(3), None, ContactAction::Add, Some(CONN), &mut fx);
         assert_eq!(drain(&mut fx).0.len(), 1);
         social.on_heartbeat(None, CONN, &mut fx);
         assert!(drain(&mut fx).0.is_empty(), "one round is not yet a loss");

@@ -49,7 +49,7 @@ impl ContactAction {
 }
 
 /// Node → gateway: change this device's user's relation to `user`.
-#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
 #[cbor(map)]
 pub struct ContactChange {
     /// The other user.
@@ -58,6 +58,12 @@ pub struct ContactChange {
     /// A [`ContactAction`] value.
     #[n(1)]
     pub action: u8,
+    /// The other user's domain when it is not the device's own (a user id does not say):
+    /// the gateway tells that domain's gateway of adds and removes, so that contacts span
+    /// domains. Absent for a user of the device's domain, or one the gateway already knows
+    /// (someone who asked from another domain).
+    #[n(2)]
+    pub domain: Option<String>,
 }
 
 /// Node → gateway: be invisible (appear offline to everyone, while working normally) or not.

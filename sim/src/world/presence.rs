@@ -13,7 +13,8 @@
 //!   other resolution: this catches a change that adds one).
 //! - **Liveness.** After heal, each node's view of every user on its watchlist is what the
 //!   rule allows: `online` for users it may see (every device is up by then), `unknown` for
-//!   the rest.
+//!   the rest, and for users of another domain (contacts span domains, presence does not
+//!   yet).
 //!
 //! The report counts what was told (`presence-told`, `presence-hidden`) and the refusals
 //! (`contact-refused`), so a scrape scenario shows its bots were refused.
@@ -70,6 +71,49 @@ impl Ledger {
         }
     }
 
+    /// `user`'s relations as a gateway should list them: (contacts, users who asked them,
+    /// users they asked, blocked, invisible).
+    #[allow(clippy::type_complexity)]
+    fn listing(
+        &self,
+        user: UserId,
+    ) -> (
+        BTreeSet<UserId>,
+        BTreeSet<UserId>,
+        BTreeSet<UserId>,
+        BTreeSet<UserId>,
+        bool,
+    ) {
+        let mine: BTreeSet<UserId> = self
+            .added
+            .iter()
+            .filter(|(a, _)| *a == user)
+            .map(|(_, b)| *b)
+            .collect();
+        let by: BTreeSet<UserId> = self
+            .added
+            .iter()
+            .filter(|(_, b)| *b == user)
+            .map(|(a, _)| *a)
+            .collect();
+        let blocked: BTreeSet<UserId> = self
+            .blocked
+            .iter()
+            .filter(|(a, _)| *a == user)
+            .map(|(_, b)| *b)
+            .collect();
+        (
+            mine.intersection(&by).copied().collect(),
+            by.iter()
+                .filter(|o| !mine.contains(o) && !blocked.contains(o))
+                .copied()
+                .collect(),
+            mine.difference(&by).copied().collect(),
+            blocked,
+            self.invisible.contains(&user),
+        )
+    }
+
     /// The rule: contacts both ways, visible, no block either way.
     pub(super) fn may_see(&self, watcher: UserId, target: UserId) -> bool {
         watcher != target
@@ -104,14 +148,31 @@ impl World {
         }
     }
 
+    /// True if an invariant needs the ledger of contact changes.
+    fn keeps_ledger(&self) -> bool {
+        let wanted = &self.scenario.invariants;
+        wanted.contains(&Invariant::PresencePrivacy)
+            || wanted.contains(&Invariant::ContactsConverge)
+    }
+
+    /// A user as the scenario names it: its first device's name without the device number.
+    fn name_of_user(&self, user: UserId) -> String {
+        self.devices
+            .iter()
+            .find(|&&d| self.user_id_of(d) == Some(user))
+            .map_or_else(
+                || user.to_string(),
+                |&d| {
+                    let name = &self.actors[d as usize].name;
+                    name.split('/').next().unwrap_or(name).to_string()
+                },
+            )
+    }
+
     /// A node sent `frame` on `conn`: remember a contact or visibility change until it is
     /// answered.
     pub(super) fn note_social_request(&mut self, device: ActorIndex, conn: u64, frame: &[u8]) {
-        if !self
-            .scenario
-            .invariants
-            .contains(&Invariant::PresencePrivacy)
-        {
+        if !self.keeps_ledger() {
             return;
         }
         let op = opcode(frame);
@@ -138,16 +199,16 @@ impl World {
     /// The gateway released `frame` to `conn`: apply an answered change, check a presence
     /// notification against the ledger.
     pub(super) fn check_presence(&mut self, gateway: ActorIndex, conn: u64, frame: &[u8]) {
-        if !self
-            .scenario
-            .invariants
-            .contains(&Invariant::PresencePrivacy)
-        {
+        if !self.keeps_ledger() {
             return;
         }
         let op = opcode(frame);
         let contacts = op == Some(Opcode::Contacts.to_u16());
-        let notify = op == Some(Opcode::PresenceNotify.to_u16());
+        let notify = op == Some(Opcode::PresenceNotify.to_u16())
+            && self
+                .scenario
+                .invariants
+                .contains(&Invariant::PresencePrivacy);
         let error = op == Some(Opcode::Error.to_u16());
         if !(contacts || notify || error) {
             return;
@@ -209,6 +270,54 @@ impl World {
         }
     }
 
+    /// After heal: why some gateway's listing of one of its users differs from what the
+    /// answered changes of every domain's devices make (`contacts-converge`).
+    pub(super) fn contacts_not_converged(&self) -> Option<String> {
+        if !self
+            .scenario
+            .invariants
+            .contains(&Invariant::ContactsConverge)
+        {
+            return None;
+        }
+        fn ids<T: core::ops::Deref<Target = [u8; 16]>>(list: &[T]) -> BTreeSet<UserId> {
+            list.iter().map(|u| UserId::from_bytes(**u)).collect()
+        }
+        let mut users: BTreeSet<(ActorIndex, UserId)> = BTreeSet::new();
+        for &d in &self.devices {
+            if let Some(user) = self.user_id_of(d) {
+                users.insert((self.actors[d as usize].home, user));
+            }
+        }
+        for (gateway, user) in users {
+            let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
+                continue; // down at the end: the connection check reports it
+            };
+            let listing = g.social().listing(user);
+            let held = (
+                ids(&listing.contacts),
+                ids(&listing.incoming),
+                ids(&listing.outgoing),
+                ids(&listing.blocked),
+                listing.invisible,
+            );
+            let expected = self.presence_watch.ledger.listing(user);
+            if held != expected {
+                let names = |set: &BTreeSet<UserId>| -> Vec<String> {
+                    set.iter().map(|u| self.name_of_user(*u)).collect()
+                };
+                return Some(format!(
+                    "{} lists {} with contacts {:?}, asked by {:?}, asking {:?}, blocked {:?}, invisible {}; the answered changes make contacts {:?}, asked by {:?}, asking {:?}, blocked {:?}, invisible {}",
+                    self.actors[gateway as usize].name,
+                    self.name_of_user(user),
+                    names(&held.0), names(&held.1), names(&held.2), names(&held.3), held.4,
+                    names(&expected.0), names(&expected.1), names(&expected.2), names(&expected.3), expected.4,
+                ));
+            }
+        }
+        None
+    }
+
     /// After heal: why some node's view of a watched user is not what the rule allows.
     pub(super) fn presence_not_converged(&self) -> Option<String> {
         if !self
@@ -236,7 +345,10 @@ impl World {
                 let target_online = target_devices.iter().any(|&t| {
                     matches!(&self.actors[t as usize].machine, Machine::Node(Some(n), _) if n.is_connected())
                 });
-                let expected = if !self.presence_watch.ledger.may_see(watcher, target) {
+                // Presence does not cross domains yet: a gateway tells only of its own users.
+                let home = |x: ActorIndex| self.federation.domain(self.actors[x as usize].home);
+                let abroad = target_devices.first().is_some_and(|&t| home(t) != home(d));
+                let expected = if abroad || !self.presence_watch.ledger.may_see(watcher, target) {
                     Seen::Unknown
                 } else if target_online {
                     Seen::Online
