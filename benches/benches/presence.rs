@@ -184,6 +184,7 @@ fn heartbeats(c: &mut Criterion) {
                 presence: None,
                 peer_roots: None,
                 peer_crls: None,
+                contacts: None,
             };
             (
                 ConnectionId(n + 1),

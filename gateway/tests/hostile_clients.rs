@@ -121,6 +121,7 @@ async fn a_peer_that_stops_reading_is_disconnected_at_once() {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     )
     .encode();

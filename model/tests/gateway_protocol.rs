@@ -383,6 +383,7 @@ fn a_gateway_shutting_down_tells_each_device_when_to_come_back_and_only_then() {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     );
     let hints: Vec<_> = frames_to(&out, 3)
@@ -862,6 +863,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     );
     assert_eq!(
@@ -872,6 +874,7 @@ fn a_heartbeat_is_answered_with_its_nonce() {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         })
     );
 }
@@ -1262,6 +1265,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     )
     .encode()
@@ -1278,6 +1282,7 @@ fn malformed_and_oversized_frames_close_only_their_own_session() {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     )
     .encode()
@@ -1335,6 +1340,7 @@ fn a_stalled_cursor_is_redelivered_and_a_replay_request_rewinds() {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     );
     h.gateway.handle_timeout(h.now);
@@ -2436,6 +2442,7 @@ fn presence_count(h: &mut Harness, conn: u64) -> Option<u64> {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     );
     frames_to(&out, conn)

@@ -647,6 +647,7 @@ fn a_gateway_whose_frames_this_device_cannot_read_is_not_reconnected_to_in_a_tig
                 presence: None,
                 peer_roots: None,
                 peer_crls: None,
+                contacts: None,
             }),
         )
         .encode()
@@ -1349,6 +1350,7 @@ fn a_crl_older_than_the_one_held_is_refused() {
         presence: None,
         peer_roots: None,
         peer_crls: None,
+        contacts: None,
     };
     let out = h.frame(1, Routing::default(), Payload::HeartbeatAck(ack));
     assert!(matches!(

@@ -88,6 +88,7 @@ fn payload() -> impl Strategy<Value = Payload> {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         })),
         (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(nonce, crl_version)| {
             Payload::HeartbeatAck(Heartbeat {
@@ -96,6 +97,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                 presence: crl_version.map(|v| v / 2),
                 peer_roots: None,
                 peer_crls: crl_version.map(|v| v ^ 1),
+                contacts: None,
             })
         }),
         (any::<u16>(), text(), any::<Option<u32>>()).prop_map(|(code, message, retry_after_ms)| {
@@ -429,6 +431,7 @@ fn valid_frame() -> Vec<u8> {
             presence: None,
             peer_roots: None,
             peer_crls: None,
+            contacts: None,
         }),
     )
     .encode()

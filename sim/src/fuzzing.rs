@@ -396,6 +396,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 presence: None,
                 peer_roots: None,
                 peer_crls: None,
+                contacts: None,
             }),
         ),
         WellFormed::HeartbeatAck { nonce } => Frame::new(
@@ -406,6 +407,7 @@ fn well_formed_frame(frame: WellFormed, conn: ConnectionId, hs: &mut Handshakes)
                 presence: None,
                 peer_roots: None,
                 peer_crls: None,
+                contacts: None,
             }),
         ),
         WellFormed::Goodbye { code } => Frame::new(

@@ -121,6 +121,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 presence: None,
                 peer_roots: None,
                 peer_crls: None,
+                contacts: None,
             }),
         ),
         (
@@ -131,6 +132,7 @@ fn payloads() -> Vec<(&'static str, Payload)> {
                 presence: Some(3),
                 peer_roots: None,
                 peer_crls: None,
+                contacts: None,
             }),
         ),
         (

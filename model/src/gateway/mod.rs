@@ -1042,13 +1042,17 @@ impl Gateway {
             }
             return Ok(());
         }
-        let (peer_roots, peer_crls) = match payload {
+        let (peer_roots, peer_crls, contacts) = match payload {
             Payload::Heartbeat(_) => (
                 self.peer_roots()
                     .map(crate::trust::peer_roots::PeerRoots::digest),
                 self.peer_crls.digest(),
+                self.registry
+                    .user_of(device)
+                    .filter(|u| self.social.has_relations(*u))
+                    .map(|u| self.social.listing(u).digest()),
             ),
-            _ => (None, None),
+            _ => (None, None, None),
         };
         let fx = &mut self.fx;
         match payload {
@@ -1059,6 +1063,7 @@ impl Gateway {
                     presence: self.presence.notifications(conn),
                     peer_roots,
                     peer_crls,
+                    contacts,
                 };
                 fx.send(conn, Routing::default(), Payload::HeartbeatAck(ack));
                 Ok(())

@@ -555,6 +555,7 @@ mod tests {
                 presence: None,
                 peer_roots: None,
                 peer_crls: None,
+                contacts: None,
             });
             let digest_of = |answer: &[Payload]| {
                 answer.iter().find_map(|p| match p {

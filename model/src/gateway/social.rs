@@ -231,6 +231,11 @@ impl Social {
         self.foreign_users.get(domain).copied().unwrap_or(0)
     }
 
+    /// True if `user` has any relation held here (a listing with anything in it).
+    pub fn has_relations(&self, user: UserId) -> bool {
+        self.users.contains_key(&user) || self.added_by.contains_key(&user)
+    }
+
     /// True if `user` is invisible.
     pub fn invisible(&self, user: UserId) -> bool {
         self.users.get(&user).is_some_and(|r| r.invisible)

@@ -440,6 +440,7 @@ impl Link {
                     presence: None,
                     peer_roots: None,
                     peer_crls: None,
+                    contacts: None,
                 };
                 LinkDue::Heartbeat(conn, beat)
             }

@@ -846,7 +846,8 @@ impl Node {
             Payload::HeartbeatAck(ack) => {
                 self.round_trip.beat_answered(ack.nonce, now);
                 self.renew_if_due(now, conn);
-                self.social.on_heartbeat(ack.presence, conn, &mut self.fx);
+                self.social
+                    .on_heartbeat(ack.presence, ack.contacts, conn, &mut self.fx);
                 let roots_held = self
                     .trust
                     .holder()

@@ -11,7 +11,12 @@
 //! for the session, the watchlist goes again. The application hears only changes
 //! ([`NodeEvent::Presence`]), listings ([`NodeEvent::Contacts`]) and refusals
 //! ([`NodeEvent::ContactsRefused`]). All of it lives in memory: the gateway holds the truth and
-//! a new session asks for it again.
+//! a new session asks for it again: the watchlist goes again, and a device that holds a
+//! listing asks for the current one (unless a request in flight brings it), since changes made
+//! while it was away (a block from another device of its user, a request from someone) were
+//! pushed only to the devices in session then. Within a session, heartbeats carry the digest
+//! of the user's listing: one that differs twice in a row from the last listing heard (a push
+//! lost) makes the device ask for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -47,6 +52,11 @@ pub struct NodeSocial {
     watchlist: Vec<UserId>,
     seen: BTreeMap<UserId, Seen>,
     contacts: Option<ContactList>,
+    /// The digest of the last listing ([`Contacts::digest`]).
+    listing_digest: Option<u64>,
+    /// A digest a heartbeat claimed that differs from the last listing's: asked for if the
+    /// next one claims it too (a pushed listing may merely be on its way).
+    listing_claimed: Option<u64>,
     /// The gateway's presence limit refused the watchlist: send it again then.
     watch_retry_at: Option<Instant>,
 }
@@ -170,13 +180,23 @@ impl NodeSocial {
             *round = self.round;
             send(conn, *id, payload.clone(), fx);
         }
+        // Every request is answered with a listing: one in flight brings it.
+        if self.contacts.is_some() && self.pending.is_empty() {
+            self.request(Payload::ContactsFetch(ContactsFetch {}), Some(conn), fx);
+        }
         self.watch_request = None;
         self.send_watchlist(conn, fx);
     }
 
     /// A heartbeat answer: requests unanswered for two rounds go again, and the watchlist if
     /// the gateway's count of its notifications says one was missed.
-    pub fn on_heartbeat(&mut self, presence: Option<u64>, conn: ConnectionId, fx: &mut NodeFx) {
+    pub fn on_heartbeat(
+        &mut self,
+        presence: Option<u64>,
+        contacts: Option<u64>,
+        conn: ConnectionId,
+        fx: &mut NodeFx,
+    ) {
         self.round += 1;
         let round = self.round;
         for (id, (payload, sent)) in &mut self.pending {
@@ -184,6 +204,19 @@ impl NodeSocial {
                 *sent = round;
                 send(conn, *id, payload.clone(), fx);
             }
+        }
+        // A listing pushed and lost: the gateway's digest differs twice in a row from the
+        // last one heard (every request in flight brings a listing anyway).
+        match contacts {
+            Some(digest) if self.listing_digest != Some(digest) && self.pending.is_empty() => {
+                if self.listing_claimed == Some(digest) {
+                    self.listing_claimed = None;
+                    self.request(Payload::ContactsFetch(ContactsFetch {}), Some(conn), fx);
+                } else {
+                    self.listing_claimed = Some(digest);
+                }
+            }
+            _ => self.listing_claimed = None,
         }
         if self.watchlist.is_empty() || self.watch_retry_at.is_some() {
             return;
@@ -212,6 +245,7 @@ impl NodeSocial {
     /// elsewhere (another device of this user, or the other side of a request).
     pub fn on_contacts(&mut self, request: u64, listing: Contacts, fx: &mut NodeFx) {
         let answered = NodeSocial::owns(request) && self.pending.remove(&request).is_some();
+        self.listing_digest = Some(listing.digest());
         let list = ContactList::from(listing);
         self.contacts = Some(list.clone());
         fx.event(NodeEvent::Contacts {
@@ -363,10 +397,10 @@ mod tests {
         assert_eq!(social.seen(u(2)), Seen::Online, "another watchlist's");
         drain(&mut fx);
         // The gateway sent 4: one is missing. Once is not enough (it may be overtaken)...
-        social.on_heartbeat(Some(4), CONN, &mut fx);
+        social.on_heartbeat(Some(4), None, CONN, &mut fx);
         assert!(drain(&mut fx).0.is_empty());
         // ... twice is.
-        social.on_heartbeat(Some(4), CONN, &mut fx);
+        social.on_heartbeat(Some(4), None, CONN, &mut fx);
         let (frames, _) = drain(&mut fx);
         assert!(matches!(
             frames[..],
@@ -383,9 +417,9 @@ mod tests {
         let mut fx = NodeFx::default();
         let id = social.change(u(3), None, ContactAction::Add, Some(CONN), &mut fx);
         assert_eq!(drain(&mut fx).0.len(), 1);
-        social.on_heartbeat(None, CONN, &mut fx);
+        social.on_heartbeat(None, None, CONN, &mut fx);
         assert!(drain(&mut fx).0.is_empty(), "one round is not yet a loss");
-        social.on_heartbeat(None, CONN, &mut fx);
+        social.on_heartbeat(None, None, CONN, &mut fx);
         let (frames, _) = drain(&mut fx);
         assert_eq!(frames.len(), 1, "sent again");
         assert_eq!(frames[0].routing.seq, id);
@@ -401,11 +435,83 @@ mod tests {
         assert!(social.on_error(crate::time::Instant(0), request, &report, &mut fx));
         assert!(social.watchlist().is_empty());
         for _ in 0..4 {
-            social.on_heartbeat(None, CONN, &mut fx);
+            social.on_heartbeat(None, None, CONN, &mut fx);
         }
         assert!(
             drain(&mut fx).0.is_empty(),
             "a list the gateway refused for its length is not sent again"
         );
+    }
+
+    #[test]
+    fn a_new_session_asks_for_the_listing_changed_while_the_device_was_away() {
+        let mut social = NodeSocial::default();
+        let mut fx = NodeFx::default();
+        social.session_opened(CONN, &mut fx);
+        assert!(
+            drain(&mut fx).0.is_empty(),
+            "a device that never held a listing asks for none"
+        );
+        let id = social.fetch(Some(CONN), &mut fx);
+        drain(&mut fx);
+        social.on_contacts(id, Contacts::default(), &mut fx);
+        drain(&mut fx);
+        // Away and back: the listing may have changed meanwhile.
+        social.session_opened(CONN, &mut fx);
+        let (frames, _) = drain(&mut fx);
+        assert!(
+            matches!(&frames[..], [f] if matches!(f.payload, Payload::ContactsFetch(_))),
+            "{frames:?}"
+        );
+        // A change in flight brings a listing: no fetch beside it.
+        let mut social = NodeSocial::default();
+        let id = social.fetch(Some(CONN), &mut fx);
+        social.on_contacts(id, Contacts::default(), &mut fx);
+        social.change(u(3), None, ContactAction::Add, None, &mut fx);
+        drain(&mut fx);
+        social.session_opened(CONN, &mut fx);
+        let (frames, _) = drain(&mut fx);
+        assert!(
+            matches!(&frames[..], [f] if matches!(f.payload, Payload::ContactChange(_))),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn a_listing_lost_in_a_session_is_asked_for_when_two_heartbeats_say_it_changed() {
+        let mut social = NodeSocial::default();
+        let mut fx = NodeFx::default();
+        let id = social.fetch(Some(CONN), &mut fx);
+        let before = Contacts::default();
+        social.on_contacts(id, before.clone(), &mut fx);
+        drain(&mut fx);
+        // The same listing: nothing to ask.
+        for _ in 0..3 {
+            social.on_heartbeat(None, Some(before.digest()), CONN, &mut fx);
+        }
+        assert!(drain(&mut fx).0.is_empty());
+        // A push was lost: the first heartbeat may have overtaken it, the second asks.
+        let after = Contacts {
+            incoming: vec![u(7).to_bytes().into()],
+            ..Contacts::default()
+        };
+        social.on_heartbeat(None, Some(after.digest()), CONN, &mut fx);
+        assert!(
+            drain(&mut fx).0.is_empty(),
+            "one heartbeat may have overtaken it"
+        );
+        social.on_heartbeat(None, Some(after.digest()), CONN, &mut fx);
+        let (frames, _) = drain(&mut fx);
+        assert!(
+            matches!(&frames[..], [f] if matches!(f.payload, Payload::ContactsFetch(_))),
+            "{frames:?}"
+        );
+        // Its answer settles it.
+        social.on_contacts(frames[0].routing.seq, after.clone(), &mut fx);
+        drain(&mut fx);
+        for _ in 0..3 {
+            social.on_heartbeat(None, Some(after.digest()), CONN, &mut fx);
+        }
+        assert!(drain(&mut fx).0.is_empty());
     }
 }

@@ -357,6 +357,11 @@ pub struct Heartbeat {
     /// asks for them (absent otherwise).
     #[n(4)]
     pub peer_crls: Option<u64>,
+    /// In a gateway's answer, when the device's user has any contact, request or block: the
+    /// digest of its listing ([`Contacts::digest`]), so that a device whose copy of a pushed
+    /// listing was lost asks for it (absent otherwise).
+    #[n(5)]
+    pub contacts: Option<u64>,
 }
 
 /// Machine-readable reasons for `Goodbye` and `Error`.

@@ -103,6 +103,18 @@ pub struct Contacts {
     pub invisible: bool,
 }
 
+impl Contacts {
+    /// A digest of the listing (BLAKE3 of its encoding, first eight bytes): gateway and
+    /// device compare theirs through heartbeats.
+    pub fn digest(&self) -> u64 {
+        let bytes = minicbor::to_vec(self).expect("a listing encodes");
+        let hash = blake3::hash(&bytes);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash.as_bytes()[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
 /// Node → gateway: this session's watchlist (replacing any earlier one); the gateway answers
 /// with a [`PresenceNotify`] of every listed user's state, then pushes changes.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq, Default)]

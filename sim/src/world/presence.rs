@@ -302,6 +302,42 @@ impl World {
                 listing.invisible,
             );
             let expected = self.presence_watch.ledger.listing(user);
+            // Each of the user's devices in session that holds a listing holds this one: a
+            // change was pushed to those in session, and one back from away asks again.
+            for &d in &self.devices {
+                if self.actors[d as usize].home != gateway || self.user_id_of(d) != Some(user) {
+                    continue;
+                }
+                let Machine::Node(Some(node), _) = &self.actors[d as usize].machine else {
+                    continue;
+                };
+                let Some(list) = node.social().contacts() else {
+                    continue;
+                };
+                if !node.is_connected() {
+                    continue; // the connection check reports it
+                }
+                let set = |v: &[UserId]| -> BTreeSet<UserId> { v.iter().copied().collect() };
+                let shown = (
+                    set(&list.contacts),
+                    set(&list.incoming),
+                    set(&list.outgoing),
+                    set(&list.blocked),
+                    list.invisible,
+                );
+                if shown != held {
+                    return Some(format!(
+                        "{} shows {}'s contacts {:?} and requests by {:?}, where {} lists {:?} and {:?}",
+                        self.actors[d as usize].name,
+                        self.name_of_user(user),
+                        shown.0.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
+                        shown.1.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
+                        self.actors[gateway as usize].name,
+                        held.0.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
+                        held.1.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
+                    ));
+                }
+            }
             if held != expected {
                 let names = |set: &BTreeSet<UserId>| -> Vec<String> {
                     set.iter().map(|u| self.name_of_user(*u)).collect()
