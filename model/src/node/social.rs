@@ -206,8 +206,10 @@ impl NodeSocial {
             }
         }
         // A listing pushed and lost: the gateway's digest differs twice in a row from the
-        // last one heard (every request in flight brings a listing anyway).
-        match contacts {
+        // last one heard (every request in flight brings a listing anyway). The gateway
+        // gives none for a user without relations: an empty listing.
+        let digest = contacts.or_else(|| self.listing_digest.map(|_| Contacts::default().digest()));
+        match digest {
             Some(digest) if self.listing_digest != Some(digest) && self.pending.is_empty() => {
                 if self.listing_claimed == Some(digest) {
                     self.listing_claimed = None;
@@ -513,5 +515,13 @@ mod tests {
             social.on_heartbeat(None, Some(after.digest()), CONN, &mut fx);
         }
         assert!(drain(&mut fx).0.is_empty());
+        // The request was withdrawn and its push lost: no digest now means an empty listing.
+        social.on_heartbeat(None, None, CONN, &mut fx);
+        social.on_heartbeat(None, None, CONN, &mut fx);
+        let (frames, _) = drain(&mut fx);
+        assert!(
+            matches!(&frames[..], [f] if matches!(f.payload, Payload::ContactsFetch(_))),
+            "{frames:?}"
+        );
     }
 }

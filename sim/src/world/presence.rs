@@ -71,47 +71,34 @@ impl Ledger {
         }
     }
 
-    /// `user`'s relations as a gateway should list them: (contacts, users who asked them,
-    /// users they asked, blocked, invisible).
-    #[allow(clippy::type_complexity)]
-    fn listing(
-        &self,
-        user: UserId,
-    ) -> (
-        BTreeSet<UserId>,
-        BTreeSet<UserId>,
-        BTreeSet<UserId>,
-        BTreeSet<UserId>,
-        bool,
-    ) {
-        let mine: BTreeSet<UserId> = self
-            .added
-            .iter()
-            .filter(|(a, _)| *a == user)
-            .map(|(_, b)| *b)
-            .collect();
+    /// `user`'s relations as a gateway should list them.
+    fn listing(&self, user: UserId) -> Listing {
+        let from = |pairs: &BTreeSet<(UserId, UserId)>| -> BTreeSet<UserId> {
+            pairs
+                .iter()
+                .filter(|(a, _)| *a == user)
+                .map(|(_, b)| *b)
+                .collect()
+        };
+        let mine = from(&self.added);
+        let blocked = from(&self.blocked);
         let by: BTreeSet<UserId> = self
             .added
             .iter()
             .filter(|(_, b)| *b == user)
             .map(|(a, _)| *a)
             .collect();
-        let blocked: BTreeSet<UserId> = self
-            .blocked
-            .iter()
-            .filter(|(a, _)| *a == user)
-            .map(|(_, b)| *b)
-            .collect();
-        (
-            mine.intersection(&by).copied().collect(),
-            by.iter()
+        Listing {
+            contacts: mine.intersection(&by).copied().collect(),
+            incoming: by
+                .iter()
                 .filter(|o| !mine.contains(o) && !blocked.contains(o))
                 .copied()
                 .collect(),
-            mine.difference(&by).copied().collect(),
+            outgoing: mine.difference(&by).copied().collect(),
             blocked,
-            self.invisible.contains(&user),
-        )
+            invisible: self.invisible.contains(&user),
+        }
     }
 
     /// The rule: contacts both ways, visible, no block either way.
@@ -122,6 +109,37 @@ impl Ledger {
             && !self.invisible.contains(&target)
             && !self.blocked.contains(&(watcher, target))
             && !self.blocked.contains(&(target, watcher))
+    }
+}
+
+/// One user's relations as a listing shows them, compared as sets.
+#[derive(Debug, PartialEq, Eq)]
+struct Listing {
+    contacts: BTreeSet<UserId>,
+    /// Users who asked and were not added back (blocked users' left out).
+    incoming: BTreeSet<UserId>,
+    /// Users asked who have not added back.
+    outgoing: BTreeSet<UserId>,
+    blocked: BTreeSet<UserId>,
+    invisible: bool,
+}
+
+impl Listing {
+    fn of(
+        contacts: &[UserId],
+        incoming: &[UserId],
+        outgoing: &[UserId],
+        blocked: &[UserId],
+        invisible: bool,
+    ) -> Listing {
+        let set = |v: &[UserId]| v.iter().copied().collect();
+        Listing {
+            contacts: set(contacts),
+            incoming: set(incoming),
+            outgoing: set(outgoing),
+            blocked: set(blocked),
+            invisible,
+        }
     }
 }
 
@@ -280,7 +298,7 @@ impl World {
         {
             return None;
         }
-        fn ids<T: core::ops::Deref<Target = [u8; 16]>>(list: &[T]) -> BTreeSet<UserId> {
+        fn ids<T: core::ops::Deref<Target = [u8; 16]>>(list: &[T]) -> Vec<UserId> {
             list.iter().map(|u| UserId::from_bytes(**u)).collect()
         }
         let mut users: BTreeSet<(ActorIndex, UserId)> = BTreeSet::new();
@@ -294,14 +312,13 @@ impl World {
                 continue; // down at the end: the connection check reports it
             };
             let listing = g.social().listing(user);
-            let held = (
-                ids(&listing.contacts),
-                ids(&listing.incoming),
-                ids(&listing.outgoing),
-                ids(&listing.blocked),
+            let held = Listing::of(
+                &ids(&listing.contacts),
+                &ids(&listing.incoming),
+                &ids(&listing.outgoing),
+                &ids(&listing.blocked),
                 listing.invisible,
             );
-            let expected = self.presence_watch.ledger.listing(user);
             // Each of the user's devices in session that holds a listing holds this one: a
             // change was pushed to those in session, and one back from away asks again.
             for &d in &self.devices {
@@ -311,47 +328,54 @@ impl World {
                 let Machine::Node(Some(node), _) = &self.actors[d as usize].machine else {
                     continue;
                 };
-                let Some(list) = node.social().contacts() else {
-                    continue;
+                let (Some(list), true) = (node.social().contacts(), node.is_connected()) else {
+                    continue; // none held, or not connected (the connection check reports it)
                 };
-                if !node.is_connected() {
-                    continue; // the connection check reports it
-                }
-                let set = |v: &[UserId]| -> BTreeSet<UserId> { v.iter().copied().collect() };
-                let shown = (
-                    set(&list.contacts),
-                    set(&list.incoming),
-                    set(&list.outgoing),
-                    set(&list.blocked),
+                let shown = Listing::of(
+                    &list.contacts,
+                    &list.incoming,
+                    &list.outgoing,
+                    &list.blocked,
                     list.invisible,
                 );
                 if shown != held {
                     return Some(format!(
-                        "{} shows {}'s contacts {:?} and requests by {:?}, where {} lists {:?} and {:?}",
+                        "{} shows {}'s relations as {}, where {} lists {}",
                         self.actors[d as usize].name,
                         self.name_of_user(user),
-                        shown.0.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
-                        shown.1.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
+                        self.describe_listing(&shown),
                         self.actors[gateway as usize].name,
-                        held.0.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
-                        held.1.iter().map(|u| self.name_of_user(*u)).collect::<Vec<_>>(),
+                        self.describe_listing(&held),
                     ));
                 }
             }
+            let expected = self.presence_watch.ledger.listing(user);
             if held != expected {
-                let names = |set: &BTreeSet<UserId>| -> Vec<String> {
-                    set.iter().map(|u| self.name_of_user(*u)).collect()
-                };
                 return Some(format!(
-                    "{} lists {} with contacts {:?}, asked by {:?}, asking {:?}, blocked {:?}, invisible {}; the answered changes make contacts {:?}, asked by {:?}, asking {:?}, blocked {:?}, invisible {}",
+                    "{} lists {} with {}; the answered changes make {}",
                     self.actors[gateway as usize].name,
                     self.name_of_user(user),
-                    names(&held.0), names(&held.1), names(&held.2), names(&held.3), held.4,
-                    names(&expected.0), names(&expected.1), names(&expected.2), names(&expected.3), expected.4,
+                    self.describe_listing(&held),
+                    self.describe_listing(&expected),
                 ));
             }
         }
         None
+    }
+
+    /// A listing in the scenario's names, for a failure's words.
+    fn describe_listing(&self, listing: &Listing) -> String {
+        let names = |set: &BTreeSet<UserId>| -> Vec<String> {
+            set.iter().map(|u| self.name_of_user(*u)).collect()
+        };
+        format!(
+            "contacts {:?}, asked by {:?}, asking {:?}, blocked {:?}, invisible {}",
+            names(&listing.contacts),
+            names(&listing.incoming),
+            names(&listing.outgoing),
+            names(&listing.blocked),
+            listing.invisible
+        )
     }
 
     /// After heal: why some node's view of a watched user is not what the rule allows.
