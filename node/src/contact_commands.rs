@@ -136,6 +136,7 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
         return Err(format!("`{name}` is this device's own user"));
     }
     let domain = foreign_domain(&device, known.as_ref());
+    let abroad = domain.is_some();
     // How the other user names this one: by the whole address from another domain.
     let me = match (&domain, &device.user) {
         (Some(_), Some(own)) => own.to_string(),
@@ -162,6 +163,9 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
     let list = result?;
     shared.say();
     match action {
+        ContactAction::Add if list.contacts.contains(&user) && abroad => say!(
+            "{name} and you are contacts (presence is not shared across domains yet)"
+        ),
         ContactAction::Add if list.contacts.contains(&user) => say!(
             "{name} and you are contacts: you see each other's presence (`sund presence`)"
         ),
