@@ -22,6 +22,9 @@ const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 const DM_WAIT: Duration = Duration::from_secs(5);
 /// How long `sund presence` waits for the state of every watched user.
 const PRESENCE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long `sund presence` waits, after the gateway's answer, for the states of contacts of
+/// other domains that their gateways were asked for.
+const ABROAD_WAIT: Duration = Duration::from_secs(3);
 
 fn load(data_dir: &Path) -> Result<Device, String> {
     let device = Device::load(data_dir).map_err(|e| e.to_string())?;
@@ -136,7 +139,6 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
         return Err(format!("`{name}` is this device's own user"));
     }
     let domain = foreign_domain(&device, known.as_ref());
-    let abroad = domain.is_some();
     // How the other user names this one: by the whole address from another domain.
     let me = match (&domain, &device.user) {
         (Some(_), Some(own)) => own.to_string(),
@@ -163,9 +165,6 @@ pub async fn change(data_dir: &Path, name: &str, action: ContactAction) -> Resul
     let list = result?;
     shared.say();
     match action {
-        ContactAction::Add if list.contacts.contains(&user) && abroad => say!(
-            "{name} and you are contacts (presence is not shared across domains yet)"
-        ),
         ContactAction::Add if list.contacts.contains(&user) => say!(
             "{name} and you are contacts: you see each other's presence (`sund presence`)"
         ),
@@ -496,11 +495,21 @@ async fn presence_with(
     let mut seen: BTreeMap<UserId, Seen> = BTreeMap::new();
     let deadline = tokio::time::sleep(PRESENCE_DEADLINE);
     tokio::pin!(deadline);
-    while seen.len() < watched.len() {
+    // Contacts of other domains are asked of their gateways: once every state is in, wait
+    // a moment more for those still being asked.
+    let mut answered = false;
+    while seen.len() < watched.len() || seen.values().any(|s| *s == Seen::Asking) {
         tokio::select! {
             event = node.events.recv() => match event {
                 Some(NodeEvent::Presence { user, seen: state }) => {
                     seen.insert(user, state);
+                    if !answered && seen.len() == watched.len() {
+                        answered = true;
+                        let wait = tokio::time::Instant::now() + ABROAD_WAIT;
+                        if wait < deadline.deadline() {
+                            deadline.as_mut().reset(wait);
+                        }
+                    }
                 }
                 Some(NodeEvent::ContactsRefused { code, message, retry_after, .. }) => {
                     let wait = retry_after
@@ -528,7 +537,10 @@ async fn presence_with(
         let state = seen.get(&user).copied().unwrap_or(Seen::Unknown);
         let words = match state {
             Seen::Unknown if abroad.contains(&user) => {
-                "unknown (presence is not shared across domains yet)"
+                "unknown (not a contact of yours, invisible, not sharing it, or their domain's gateway cannot be reached now)"
+            }
+            Seen::Asking => {
+                "not known yet: their domain's gateway has not answered (try again in a moment)"
             }
             Seen::Unknown => "unknown (not a contact of yours, invisible, or not sharing it)",
             other => other.describe(),

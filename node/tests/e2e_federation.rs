@@ -804,8 +804,8 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
         "{read:?}"
     );
     // Contacts span domains: bob asks alice, her gateway learns of it over the link and she
-    // sees his request by name; she accepts, and each sees the other as a contact. Presence
-    // does not cross domains yet, and says so.
+    // sees his request by name; she accepts, and each sees the other as a contact, and his
+    // presence as his gateway tells hers (he has no session open: last seen recently).
     let asked = run(
         &sund(),
         &[
@@ -838,14 +838,14 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
     );
     assert!(
         accepted.contains(
-            "bob@b.example and you are contacts (presence is not shared across domains yet)"
+            "bob@b.example and you are contacts: you see each other's presence (`sund presence`)"
         ),
         "{accepted}"
     );
     contacts_until(&path("bob"), "contacts: alice@a.example");
     let presence = run(&sund(), &["presence", "--data-dir", &path("alice")]);
     assert!(
-        presence.contains("bob@b.example: unknown (presence is not shared across domains yet)"),
+        presence.contains("bob@b.example: last seen recently"),
         "{presence}"
     );
     // A block crosses as a withdrawn add, nothing more: alice sees bob's add gone.
@@ -862,6 +862,11 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
     assert!(blocked.contains("blocked alice@a.example"), "{blocked}");
     let listed = contacts_until(&path("alice"), "you asked: bob@b.example");
     assert!(listed.contains("contacts: none"), "{listed}");
+    let presence = run(
+        &sund(),
+        &["presence", "--data-dir", &path("alice"), "bob@b.example"],
+    );
+    assert!(presence.contains("bob@b.example: unknown ("), "{presence}");
     // A domain neither gateway federates with is refused by the gateway, in words.
     let refused = fails(
         &sund(),

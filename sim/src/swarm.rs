@@ -26,6 +26,8 @@ const PRESENCE_STREAM: u64 = 0x0050_5245_5345;
 const OWN_STREAM: u64 = 0x004f_574e_4752;
 /// The stream federation links are drawn from (see `draw_federation`).
 const FEDERATION_STREAM: u64 = 0x0046_4544_4552;
+/// The stream presence across domains is drawn from (see `draw_presence_abroad`).
+const PRESENCE_ABROAD_STREAM: u64 = 0x0050_5241_4252;
 /// The stream invitation limits are drawn from (see `draw_invitation_limit`).
 const INVITATION_STREAM: u64 = 0x0049_4e56_4954;
 /// The stream graceful drains of the gateway are drawn from (see `draw_drain`).
@@ -130,6 +132,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "drain",
     "mls-spanning",
     "mls-handover",
+    "presence-abroad",
 ];
 
 struct Draw {
@@ -634,6 +637,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
             mix.insert("mls-handover");
         }
         out.push_str(&links.text);
+        if presence && draw_presence_abroad(seed, duration_s, &links.foreign_users, &mut out) {
+            mix.insert("presence-abroad");
+        }
     }
     let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
     if invitation_limit {
@@ -737,6 +743,8 @@ struct FederationDraw {
     mls_spanning: bool,
     /// Its authority is handed over while it runs.
     mls_handovers: bool,
+    /// The users homed at the other gateways (`span0`'s members there).
+    foreign_users: Vec<String>,
 }
 
 /// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
@@ -803,6 +811,7 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
     let spanning = d.chance(0.5);
     // The gateways that keep a copy of `span0`: `gw` (u0's), the others' and its home.
     let mut member_gateways: Vec<&str> = vec!["gw"];
+    let mut foreign_users = Vec::new();
     if spanning {
         let mut members = vec!["u0".to_string()];
         for i in 0..d.range(1, 2) {
@@ -811,6 +820,7 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
             let gateway = *d.pick(&gateways);
             let _ = writeln!(text, "user {name} devices {devices} gateway {gateway}");
             member_gateways.push(gateway);
+            foreign_users.push(name.clone());
             members.push(name);
         }
         let home = *d.pick(&all);
@@ -869,7 +879,57 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
         peer_limit,
         mls_spanning,
         mls_handovers,
+        foreign_users,
     })
+}
+
+/// In a world that draws presence and has users homed at other gateways, draws contacts
+/// and watches across the domains, from a stream of its own: `u0` and each foreign user add
+/// each other and watch everyone, and perhaps a foreign user hides for a while, or one side
+/// blocks the other (and perhaps ends it), so that each gateway decides its own user's part
+/// of the rule while the links are cut and the gateways crash.
+fn draw_presence_abroad(seed: u64, duration_s: u64, foreign: &[String], out: &mut String) -> bool {
+    if foreign.is_empty() {
+        return false;
+    }
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(PRESENCE_ABROAD_STREAM),
+    };
+    let end_ms = duration_s * 1_000;
+    let added = d.range(200, end_ms / 3);
+    for f in foreign {
+        let _ = writeln!(out, "at {added}ms contact add u0 {f}");
+        let later = d.range(added, end_ms / 2);
+        let _ = writeln!(out, "at {later}ms contact add {f} u0");
+    }
+    for who in std::iter::once("u0").chain(foreign.iter().map(String::as_str)) {
+        let at = d.range(added, end_ms / 2);
+        let _ = writeln!(out, "at {at}ms watch {who} all-devices");
+    }
+    let f = d.pick(foreign).clone();
+    if d.chance(0.4) {
+        let on = d.range(added, end_ms * 2 / 3);
+        let _ = writeln!(out, "at {on}ms invisible on {f}");
+        if d.chance(0.5) {
+            let off = d.range(on, end_ms - 100);
+            let _ = writeln!(out, "at {off}ms invisible off {f}");
+        }
+    }
+    if d.chance(0.4) {
+        let (a, b) = if d.chance(0.5) {
+            ("u0", f.as_str())
+        } else {
+            (f.as_str(), "u0")
+        };
+        let at = d.range(added, end_ms * 2 / 3);
+        let _ = writeln!(out, "at {at}ms contact block {a} {b}");
+        if d.chance(0.5) {
+            let later = d.range(at, end_ms - 100);
+            let _ = writeln!(out, "at {later}ms contact unblock {a} {b}");
+            let _ = writeln!(out, "at {later}ms contact add {a} {b}");
+        }
+    }
+    true
 }
 
 /// An MLS DM or room spanning the domains (`mspan0`, drawn after everything else of the

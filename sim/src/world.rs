@@ -1085,6 +1085,12 @@ impl World {
                 .collect(),
             HeldKind::Gateway(_) => Vec::new(),
         };
+        // The presence states this batch tells other domains' gateways, checked once the
+        // batch's answers are out (the ledger then holds what the batch decided on).
+        let told_abroad = match held {
+            HeldKind::Gateway(_) if self.checks_presence() => presence::told_abroad(&writes),
+            _ => Vec::new(),
+        };
         let receipt = sund_model::env::commit_durably(&mut self.actors[a as usize].disk, writes)
             .expect("the simulated disk accepts every batch");
         if ops > 0 {
@@ -1102,6 +1108,7 @@ impl World {
                 for output in h.release(receipt) {
                     self.gateway_output(a, output);
                 }
+                self.check_told_abroad(a, told_abroad);
             }
             HeldKind::Node(h) => {
                 for output in h.release(receipt) {

@@ -57,6 +57,15 @@
 //! - [`Entry::Contact`]: a user of the sender's domain added, or stopped adding, a user of
 //!   the receiver's as a contact (`gateway::social`, "Across domains").
 //!
+//! Presence across domains (see `gateway::presence_abroad`):
+//!
+//! - [`Entry::PresenceWatch`]: a session at the sender's gateway watches (or no longer
+//!   watches) a user of the receiver's, for a user of the sender's domain;
+//! - [`Entry::PresenceReset`]: the sender forgets every watch it made before (sent when a
+//!   link comes up, before the watches it holds now);
+//! - [`Entry::PresenceState`]: the watched user's state as the receiver may tell that
+//!   watcher, at each watch and each change.
+//!
 //! Batching:
 //!
 //! - [`Entry::Bundle`]: the entries a gateway produced for one peer in one batch (one commit),
@@ -73,7 +82,7 @@ use bytes::Bytes;
 use crate::codec::Reader;
 use crate::identity::DevicePublicKey;
 use crate::ids::{ConversationId, DeviceId, MsgId, UserId};
-use crate::wire::payload::ErrorCode;
+use crate::wire::payload::{ErrorCode, Seen};
 
 /// The first byte of every entry of this format (a text or anything else is not an entry).
 pub const ENTRY_VERSION: u8 = 0xE1;
@@ -105,6 +114,9 @@ const KIND_DM_CLAIM_ANSWER: u8 = 18;
 const KIND_HANDOVER_MLS: u8 = 19;
 const KIND_EXTERNAL_KEY: u8 = 20;
 const KIND_CONTACT: u8 = 21;
+const KIND_PRESENCE_WATCH: u8 = 22;
+const KIND_PRESENCE_RESET: u8 = 23;
+const KIND_PRESENCE_STATE: u8 = 24;
 
 /// The longest group record an MLS handover carries (`gateway::groups::GroupState::encode`:
 /// about 100 bytes per member device).
@@ -339,6 +351,30 @@ pub enum Entry {
         /// Whether `from` adds `to` now.
         added: bool,
     },
+    /// From any peer: a session there watches `target`, a user of the receiver's domain, for
+    /// `watcher`, a user of the sender's (`on`), or no session there watches it for them any
+    /// more. Answered with a [`Entry::PresenceState`] at each watch and each change after.
+    PresenceWatch {
+        /// The user of the sender's domain.
+        watcher: UserId,
+        /// The user of the receiver's domain.
+        target: UserId,
+        /// Whether it is watched now.
+        on: bool,
+    },
+    /// From any peer: forget every [`Entry::PresenceWatch`] it sent before this one.
+    PresenceReset,
+    /// From any peer: what `watcher`, a user of the receiver's domain, may be told of
+    /// `target`, a user of the sender's, as the sender decides it (contacts, blocks and
+    /// invisibility are its user's to decide).
+    PresenceState {
+        /// The user of the receiver's domain.
+        watcher: UserId,
+        /// The user of the sender's domain.
+        target: UserId,
+        /// The state.
+        seen: Seen,
+    },
     /// From any peer: several entries, in the order the sender produced them, as one link
     /// entry. Never nested.
     Bundle {
@@ -562,6 +598,9 @@ impl Entry {
             Entry::Revocations { .. }
             | Entry::ExternalKey { .. }
             | Entry::Contact { .. }
+            | Entry::PresenceWatch { .. }
+            | Entry::PresenceReset
+            | Entry::PresenceState { .. }
             | Entry::KeyPackageRequest { .. }
             | Entry::KeyPackages { .. }
             | Entry::Bundle { .. } => return None,
@@ -738,6 +777,27 @@ impl Entry {
                 out.extend_from_slice(&from.to_bytes());
                 out.extend_from_slice(&to.to_bytes());
                 out.push(u8::from(*added));
+            }
+            Entry::PresenceWatch {
+                watcher,
+                target,
+                on,
+            } => {
+                out.push(KIND_PRESENCE_WATCH);
+                out.extend_from_slice(&watcher.to_bytes());
+                out.extend_from_slice(&target.to_bytes());
+                out.push(u8::from(*on));
+            }
+            Entry::PresenceReset => out.push(KIND_PRESENCE_RESET),
+            Entry::PresenceState {
+                watcher,
+                target,
+                seen,
+            } => {
+                out.push(KIND_PRESENCE_STATE);
+                out.extend_from_slice(&watcher.to_bytes());
+                out.extend_from_slice(&target.to_bytes());
+                out.push(*seen as u8);
             }
             Entry::Moved {
                 conversation,
@@ -965,6 +1025,12 @@ impl Entry {
             }
             return Ok(Entry::Contact { from, to, added });
         }
+        if let Some(entry) = decode_presence(kind, &mut r)? {
+            if r.remaining() != 0 {
+                return Err(EntryError::Trailing);
+            }
+            return Ok(entry);
+        }
         if kind == KIND_KEY_PACKAGE_REQUEST || kind == KIND_KEY_PACKAGES {
             let entry = decode_key_packages(kind, &mut r)?;
             if r.remaining() != 0 {
@@ -1189,6 +1255,42 @@ fn relayed_commit(r: &mut Reader<'_>) -> Result<RelayedCommit, EntryError> {
         .map(|_| Ok((DeviceId::from_bytes(id(r)?), UserId::from_bytes(id(r)?))))
         .collect::<Result<_, EntryError>>()?;
     Ok((welcome, vouched))
+}
+
+/// A presence entry's fields after its kind byte (`None`: not a presence kind).
+fn decode_presence(kind: u8, r: &mut Reader<'_>) -> Result<Option<Entry>, EntryError> {
+    let entry = match kind {
+        KIND_PRESENCE_RESET => Entry::PresenceReset,
+        KIND_PRESENCE_WATCH | KIND_PRESENCE_STATE => {
+            let watcher = UserId::from_bytes(id(r)?);
+            let target = UserId::from_bytes(id(r)?);
+            let flag = r.u8().ok_or(EntryError::Truncated)?;
+            if kind == KIND_PRESENCE_WATCH {
+                let on = match flag {
+                    0 => false,
+                    1 => true,
+                    other => return Err(EntryError::BadFlag(other)),
+                };
+                Entry::PresenceWatch {
+                    watcher,
+                    target,
+                    on,
+                }
+            } else {
+                let seen = Seen::from_u8(flag);
+                if seen as u8 != flag {
+                    return Err(EntryError::BadFlag(flag));
+                }
+                Entry::PresenceState {
+                    watcher,
+                    target,
+                    seen,
+                }
+            }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(entry))
 }
 
 /// The fields of a KeyPackage request or answer after its kind byte.
@@ -1552,6 +1654,17 @@ mod tests {
                 to: UserId(t),
                 added,
             }),
+            (id16(), id16(), any::<bool>()).prop_map(|(w, t, on)| Entry::PresenceWatch {
+                watcher: UserId(w),
+                target: UserId(t),
+                on,
+            }),
+            Just(Entry::PresenceReset),
+            (id16(), id16(), 0u8..7).prop_map(|(w, t, seen)| Entry::PresenceState {
+                watcher: UserId(w),
+                target: UserId(t),
+                seen: Seen::from_u8(seen),
+            }),
             (id16(), id16(), id16(), outcome()).prop_map(|(c, s, m, outcome)| Entry::Answer {
                 conversation: ConversationId(c),
                 sender: DeviceId(s),
@@ -1730,6 +1843,31 @@ mod tests {
                 prop_assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
             }
         }
+    }
+
+    #[test]
+    fn presence_entries_refuse_flags_and_states_they_do_not_know() {
+        let watch = Entry::PresenceWatch {
+            watcher: UserId(1),
+            target: UserId(2),
+            on: true,
+        };
+        let mut bytes = watch.encode().to_vec();
+        *bytes.last_mut().unwrap() = 2;
+        assert_eq!(Entry::decode(&bytes), Err(EntryError::BadFlag(2)));
+        let state = Entry::PresenceState {
+            watcher: UserId(1),
+            target: UserId(2),
+            seen: Seen::Asking,
+        };
+        let mut bytes = state.encode().to_vec();
+        assert_eq!(Entry::decode(&bytes), Ok(state));
+        *bytes.last_mut().unwrap() = 7;
+        assert_eq!(Entry::decode(&bytes), Err(EntryError::BadFlag(7)));
+        assert_eq!(
+            Entry::decode(&[ENTRY_VERSION, KIND_PRESENCE_RESET, 0]),
+            Err(EntryError::Trailing)
+        );
     }
 
     #[test]

@@ -335,6 +335,9 @@ pub struct Federation {
     stats: FederationStats,
     /// Entries received since the gateway last took them ([`Federation::take_arrived`]).
     arrived: VecDeque<(String, Bytes)>,
+    /// Links that came up (`true`) or went down since the gateway last took them
+    /// ([`Federation::take_link_change`]).
+    link_changes: VecDeque<(String, bool)>,
     /// How many times a handshake proved a peer root this machine did not hold (in memory:
     /// the gateway compares it with what it last told its devices).
     roots_learned: u64,
@@ -488,6 +491,7 @@ impl Federation {
             fx: Effects::default(),
             stats: FederationStats::default(),
             arrived: VecDeque::new(),
+            link_changes: VecDeque::new(),
             roots_learned: 0,
         };
         federation.handle_timeout(now);
@@ -668,6 +672,24 @@ impl Federation {
         }
     }
 
+    /// Tests: as if the link to `peer` (assumed by [`Federation::assume_peer_key`]) came up
+    /// again (`up`) or went down, as the gateway hears of it.
+    #[cfg(test)]
+    pub(crate) fn assume_link_change(&mut self, peer: &str, up: bool) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.state = if up {
+                LinkState::Up {
+                    conn: ConnectionId(u64::MAX - 1),
+                }
+            } else {
+                LinkState::Down {
+                    retry_at: Instant(u64::MAX),
+                }
+            };
+            self.link_changes.push_back((peer.to_string(), up));
+        }
+    }
+
     /// Tests: as if a handshake with `peer` had proved its root `root`.
     #[cfg(test)]
     pub(crate) fn assume_peer_root(&mut self, peer: &str, root: DevicePublicKey) {
@@ -806,6 +828,12 @@ impl Federation {
     /// that what it does with the entry commits with the cursor that marks it received.
     pub fn take_arrived(&mut self) -> Option<(String, Bytes)> {
         self.arrived.pop_front()
+    }
+
+    /// The next link that came up (`true`) or went down, oldest first. The gateway takes
+    /// each while handling the input that caused it, before the entries it brought.
+    pub fn take_link_change(&mut self) -> Option<(String, bool)> {
+        self.link_changes.pop_front()
     }
 
     /// What accumulated since the last call: writes to commit, and the outputs they release.
@@ -1105,6 +1133,7 @@ impl Federation {
         self.fx.hold(FederationOutput::LinkUp {
             peer: peer.to_string(),
         });
+        self.link_changes.push_back((peer.to_string(), true));
         self.pump(now, peer);
     }
 
@@ -1138,6 +1167,7 @@ impl Federation {
                 reason,
                 graceful,
             });
+            self.link_changes.push_back((peer.to_string(), false));
         }
         link.state = LinkState::Down {
             retry_at: now + half + jitter,

@@ -123,7 +123,10 @@ impl Gateway {
                 self.social.count_taken_from_abroad();
                 if changed.changed {
                     self.tell_contacts(to, None);
+                    // Watchers of either may see something else now: `to`'s, here and
+                    // abroad (this gateway decides), and `from`'s here.
                     self.presence.push(now, to, &self.social, &mut self.fx);
+                    self.presence.push(now, from, &self.social, &mut self.fx);
                 }
             }
             Err(_) => self.social.count_dropped_from_abroad(),

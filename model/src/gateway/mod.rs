@@ -53,6 +53,7 @@ pub mod outgoing;
 pub mod peer_crls;
 pub mod peer_hints;
 pub mod presence;
+pub mod presence_abroad;
 mod refusal;
 pub mod registry;
 mod relay;
@@ -584,7 +585,7 @@ impl Gateway {
             transfers: self.transfers.stats().clone(),
             limits: self.limits.stats().clone(),
             social: self.social.stats().clone(),
-            presence: self.presence.stats().clone(),
+            presence: self.presence.stats(),
             spanning: self.spanning_stats,
             handover: self.handover_stats,
             held_sends: self.held_send_stats,
@@ -683,6 +684,7 @@ impl Gateway {
         // Sender order is written once per batch, atomically with the entries it names.
         self.delivery.flush_sender_order(self.fx.writes());
         // So is what the batch produced for each peer gateway, as one bundle per peer.
+        self.send_presence_abroad();
         self.flush_outgoing();
         let own = self.fx.take_ready();
         let links = self
@@ -824,6 +826,7 @@ impl Gateway {
                 if let Some(federation) = &mut self.federation {
                     federation.handle(now, input);
                 }
+                self.take_link_changes(now);
                 self.take_federated_entries(now);
                 self.push_crl_where_behind();
                 self.announce_external_key();
@@ -854,6 +857,7 @@ impl Gateway {
                 federation.handle_timeout(now);
             }
         }
+        self.take_link_changes(now);
         self.take_federated_entries(now);
         self.push_crl_where_behind();
         self.announce_external_key();

@@ -21,10 +21,15 @@
 //! new session. Buckets age as time passes (recently → within a week → …): the gateway's tick
 //! looks for them at most once per [`LAST_SEEN_GRAIN`] ([`Presence::age`]) and pushes what
 //! changed, so a watcher learns of it at most an hour late.
+//!
+//! A user of another domain is watched at their gateway, which decides what each watcher may
+//! see and tells each change ([`super::presence_abroad`]); this gateway's users are watched
+//! by peers' users the same way, and pushed to alike.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::presence_abroad::{PresenceAbroad, PresenceAbroadStats};
 use super::refusal::Refusal;
 use super::social::Social;
 use super::Fx;
@@ -51,6 +56,8 @@ pub struct PresenceStats {
     pub entries_told: u64,
     /// Users that went online (first session) or offline (last session ended).
     pub transitions: u64,
+    /// Watches across domains.
+    pub abroad: PresenceAbroadStats,
 }
 
 /// What one session watches, and what it was told of each.
@@ -74,6 +81,8 @@ pub struct Presence {
     watchers: BTreeMap<UserId, BTreeSet<ConnectionId>>,
     /// When [`Presence::age`] next looks for buckets that aged (`None` until its first call).
     next_ageing: Option<Instant>,
+    /// Watches across domains, both ways.
+    abroad: PresenceAbroad,
     stats: PresenceStats,
 }
 
@@ -102,8 +111,20 @@ impl Presence {
     }
 
     /// The counters.
-    pub fn stats(&self) -> &PresenceStats {
-        &self.stats
+    pub fn stats(&self) -> PresenceStats {
+        PresenceStats {
+            abroad: self.abroad.stats().clone(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Watches across domains.
+    pub fn abroad(&self) -> &PresenceAbroad {
+        &self.abroad
+    }
+
+    pub(super) fn abroad_mut(&mut self) -> &mut PresenceAbroad {
+        &mut self.abroad
     }
 
     /// Users online now.
@@ -127,6 +148,10 @@ impl Presence {
     pub fn seen(&self, now: Instant, watcher: UserId, target: UserId, social: &Social) -> Seen {
         if !social.may_see(watcher, target) {
             return Seen::Unknown;
+        }
+        if social.domain_of(target).is_some() {
+            // Theirs to decide: what their gateway told (this gateway's rule agreed above).
+            return self.abroad.told(watcher, target);
         }
         if self.online.contains_key(&target) {
             return Seen::Online;
@@ -183,7 +208,9 @@ impl Presence {
         social: &Social,
         fx: &mut Fx,
     ) {
-        self.unwatch(conn);
+        for target in self.unwatch(conn) {
+            self.sync_abroad(target, social);
+        }
         let Some(user) = user else { return };
         let Some(sessions) = self.online.get_mut(&user) else {
             return;
@@ -201,11 +228,13 @@ impl Presence {
     pub fn drop_watches(&mut self) {
         self.watches.clear();
         self.watchers.clear();
+        self.abroad.forget_asked();
     }
 
-    fn unwatch(&mut self, conn: ConnectionId) {
+    /// Ends the watch of the session on `conn`; returns the users it watched.
+    fn unwatch(&mut self, conn: ConnectionId) -> Vec<UserId> {
         let Some(watch) = self.watches.remove(&conn) else {
-            return;
+            return Vec::new();
         };
         for target in watch.told.keys() {
             if let Some(set) = self.watchers.get_mut(target) {
@@ -215,6 +244,21 @@ impl Presence {
                 }
             }
         }
+        watch.told.into_keys().collect()
+    }
+
+    /// Makes the watches asked of `target`'s gateway, if it is of another domain, those of
+    /// the users with a session watching it here.
+    fn sync_abroad(&mut self, target: UserId, social: &Social) {
+        let domain = social.domain_of(target);
+        let watchers: BTreeSet<UserId> = match (domain, self.watchers.get(&target)) {
+            (Some(_), Some(conns)) => conns
+                .iter()
+                .filter_map(|c| self.watches.get(c).map(|w| w.watcher))
+                .collect(),
+            _ => BTreeSet::new(),
+        };
+        self.abroad.sync(target, domain, &watchers);
     }
 
     /// True if the session on `conn` watches under the request id `request` already: a
@@ -246,7 +290,9 @@ impl Presence {
         let listed: BTreeSet<UserId> = users.iter().copied().collect();
         if listed.len() > watchlist_max {
             // The session asked for this list instead of its last: it watches nothing now.
-            self.unwatch(conn);
+            for target in self.unwatch(conn) {
+                self.sync_abroad(target, social);
+            }
             self.stats.watchlists_too_long += 1;
             return Err(Refusal::error(
                 ErrorCode::WatchlistTooLong,
@@ -257,18 +303,14 @@ impl Presence {
             )
             .in_conversation(routing));
         }
-        self.unwatch(conn);
+        let before = self.unwatch(conn);
         self.stats.watchlists += 1;
+        // Watched first, so that users of other domains are asked of their gateways (and
+        // answered as being asked) and those no longer watched are let go.
         let mut told = BTreeMap::new();
-        let mut entries = Vec::with_capacity(listed.len());
-        for target in listed {
-            let seen = self.seen(now, watcher, target, social);
-            told.insert(target, seen);
+        for &target in &listed {
+            told.insert(target, Seen::Unknown);
             self.watchers.entry(target).or_default().insert(conn);
-            entries.push(PresenceEntry {
-                user: target.to_bytes().into(),
-                seen: seen as u8,
-            });
         }
         self.watches.insert(
             conn,
@@ -279,6 +321,20 @@ impl Presence {
                 sent: 1,
             },
         );
+        for target in before.into_iter().chain(listed.iter().copied()) {
+            self.sync_abroad(target, social);
+        }
+        let mut entries = Vec::with_capacity(listed.len());
+        for target in listed {
+            let seen = self.seen(now, watcher, target, social);
+            if let Some(watch) = self.watches.get_mut(&conn) {
+                watch.told.insert(target, seen);
+            }
+            entries.push(PresenceEntry {
+                user: target.to_bytes().into(),
+                seen: seen as u8,
+            });
+        }
         self.stats.entries_told += entries.len() as u64;
         fx.send(
             conn,
@@ -302,39 +358,45 @@ impl Presence {
             }
         }
         self.next_ageing = Some(now + LAST_SEEN_GRAIN);
-        let offline: Vec<UserId> = self
+        let offline: BTreeSet<UserId> = self
             .watchers
             .keys()
-            .filter(|user| !self.online.contains_key(user))
             .copied()
+            .chain(self.abroad.held_targets())
+            .filter(|user| !self.online.contains_key(user))
             .collect();
         for target in offline {
             self.push(now, target, social, fx);
         }
     }
 
-    /// Tells each session watching `target` its new state, where it changed.
+    /// Tells each session watching `target` its new state, where it changed, and each peer
+    /// watching it for one of its users; and makes the watches asked abroad of `target` those
+    /// of its watchers here.
     pub fn push(&mut self, now: Instant, target: UserId, social: &Social, fx: &mut Fx) {
+        self.sync_abroad(target, social);
+        for (peer, watcher) in self.abroad.holders(target) {
+            let seen = self.seen(now, watcher, target, social);
+            self.abroad.tell(&peer, watcher, target, seen, false);
+        }
         let Some(conns) = self.watchers.get(&target) else {
             return;
         };
-        for conn in conns.iter().copied() {
+        let states: Vec<(ConnectionId, Seen)> = conns
+            .iter()
+            .map(|conn| {
+                let watch = self
+                    .watches
+                    .get(conn)
+                    .expect("the reverse index names only watching sessions");
+                (*conn, self.seen(now, watch.watcher, target, social))
+            })
+            .collect();
+        for (conn, seen) in states {
             let watch = self
                 .watches
                 .get_mut(&conn)
                 .expect("the reverse index names only watching sessions");
-            let seen = {
-                // `seen` without borrowing self: the same rule.
-                if !social.may_see(watch.watcher, target) {
-                    Seen::Unknown
-                } else if self.online.contains_key(&target) {
-                    Seen::Online
-                } else {
-                    self.last_seen.get(&target).map_or(Seen::Unknown, |at| {
-                        Seen::last_online(now.saturating_since(*at))
-                    })
-                }
-            };
             let told = watch.told.insert(target, seen);
             if told == Some(seen) {
                 continue;

@@ -624,6 +624,17 @@ impl Gateway {
                 self.external_keys.learn(peer, key, self.fx.writes());
             }
             Entry::Contact { from, to, added } => self.on_contact_entry(now, peer, from, to, added),
+            Entry::PresenceWatch {
+                watcher,
+                target,
+                on,
+            } => self.on_presence_watch(now, peer, watcher, target, on),
+            Entry::PresenceReset => self.on_presence_reset(peer),
+            Entry::PresenceState {
+                watcher,
+                target,
+                seen,
+            } => self.on_presence_state(now, peer, watcher, target, seen),
             Entry::KeyPackageRequest {
                 request,
                 requester,

@@ -141,6 +141,10 @@ pub enum Seen {
     WithinMonth = 4,
     /// Last online more than a month ago.
     LongAgo = 5,
+    /// A user of another domain whose gateway was asked and has not answered yet (the
+    /// watcher's own gateway found nothing against it). A device waits a moment for the
+    /// answer before it shows a state.
+    Asking = 6,
 }
 
 impl Seen {
@@ -152,6 +156,7 @@ impl Seen {
             Seen::WithinWeek,
             Seen::WithinMonth,
             Seen::LongAgo,
+            Seen::Asking,
         ]
         .into_iter()
         .find(|s| *s as u8 == value)
@@ -178,6 +183,7 @@ impl Seen {
             Seen::WithinWeek => "last seen within a week",
             Seen::WithinMonth => "last seen within a month",
             Seen::LongAgo => "last seen a long time ago",
+            Seen::Asking => "not known yet (their domain's gateway has not answered)",
         }
     }
 }
@@ -224,7 +230,7 @@ mod tests {
         assert_eq!(Seen::last_online(h(24 * 31)), Seen::LongAgo);
         for value in 0..=255u8 {
             let seen = Seen::from_u8(value);
-            assert!(value > 5 || seen as u8 == value);
+            assert!(value > 6 || seen as u8 == value);
         }
         for value in 0..=255u8 {
             if let Some(a) = ContactAction::from_u8(value) {

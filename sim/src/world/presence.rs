@@ -11,16 +11,31 @@
 //!   that moment: an entry other than `unknown` about a user the watcher may not see fails
 //!   the run, and so does a value that is not one of the coarse buckets (the wire has no
 //!   other resolution: this catches a change that adds one).
+//! - **Across domains.** The target's gateway decides what a watcher of another domain may
+//!   see, and tells the watcher's gateway over the link. Each state it tells is checked against
+//!   the ledger when the batch that made it is durable and released (read from the batch's
+//!   writes to the link outbox, never from the gateway's memory). Each gateway decides its own
+//!   user's part of the rule, and learns the other's over the link, late by the link's delay.
+//!   So the target's gateway is held to its user's part: anything but `unknown` requires the
+//!   target to add the watcher, be visible and not block them; `asking` fails (only a
+//!   watcher's gateway says that, of another domain's user). The watcher's gateway is held
+//!   to the watcher's part when it tells its devices (the watcher adds the target and does
+//!   not block them), and to what it heard: a state other than `unknown` or `asking` must be
+//!   one the target's gateway told for that watcher. A block made while a state was on its way
+//!   is the link's delay, not a leak.
 //! - **Liveness.** After heal, each node's view of every user on its watchlist is what the
 //!   rule allows: `online` for users it may see (every device is up by then), `unknown` for
-//!   the rest, and for users of another domain (contacts span domains, presence does not
-//!   yet).
+//!   the rest, whatever their domain (never still `asking`).
 //!
-//! The report counts what was told (`presence-told`, `presence-hidden`) and the refusals
-//! (`contact-refused`), so a scrape scenario shows its bots were refused.
+//! The report counts what was told (`presence-told`, `presence-hidden`, and
+//! `presence-told-abroad` for states told over links) and the refusals (`contact-refused`), so
+//! a scrape scenario shows its bots were refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use sund_model::env::{WriteBatch, WriteOp};
+use sund_model::federation::entry::Entry;
+use sund_model::federation::link::FEDERATION_OUTBOX_TABLE;
 use sund_model::ids::UserId;
 use sund_model::node::social::NodeSocial;
 use sund_model::wire::payload::{ContactAction, Seen};
@@ -101,6 +116,21 @@ impl Ledger {
         }
     }
 
+    /// True if `watcher` adds `target` and does not block them: the part of the rule the
+    /// watcher's own gateway decides.
+    fn watcher_allows(&self, watcher: UserId, target: UserId) -> bool {
+        self.added.contains(&(watcher, target)) && !self.blocked.contains(&(watcher, target))
+    }
+
+    /// True if `target` adds `watcher`, is visible and does not block them: the part of the
+    /// rule the target's gateway decides.
+    fn target_allows(&self, watcher: UserId, target: UserId) -> bool {
+        watcher != target
+            && self.added.contains(&(target, watcher))
+            && !self.invisible.contains(&target)
+            && !self.blocked.contains(&(target, watcher))
+    }
+
     /// The rule: contacts both ways, visible, no block either way.
     pub(super) fn may_see(&self, watcher: UserId, target: UserId) -> bool {
         watcher != target
@@ -151,6 +181,37 @@ pub(super) struct PresenceWatch {
     /// sent each: an answer released after its connection closed (the gateway's commit
     /// outlasted it) still applies, though nobody hears it.
     asked: BTreeMap<(u64, u64), (ActorIndex, Asked)>,
+    /// Every (watcher, target, state) a target's gateway told another domain's, after its
+    /// check.
+    told_abroad: BTreeSet<(UserId, UserId, Seen)>,
+}
+
+/// The presence states a gateway's batch tells other domains' gateways: (watcher, target,
+/// state) in each entry it writes to a link outbox.
+pub(super) fn told_abroad(writes: &WriteBatch) -> Vec<(UserId, UserId, Seen)> {
+    let mut told = Vec::new();
+    for op in writes.ops() {
+        let WriteOp::Put { table, value, .. } = op else {
+            continue;
+        };
+        if *table != FEDERATION_OUTBOX_TABLE {
+            continue;
+        }
+        let Ok(entry) = Entry::decode(value) else {
+            continue;
+        };
+        for entry in entry.into_entries() {
+            if let Entry::PresenceState {
+                watcher,
+                target,
+                seen,
+            } = entry
+            {
+                told.push((watcher, target, seen));
+            }
+        }
+    }
+    told
 }
 
 fn opcode(frame: &[u8]) -> Option<u16> {
@@ -163,6 +224,54 @@ impl World {
         match &self.actors[device as usize].machine {
             Machine::Node(_, config) => Some(config.certificate_user()),
             Machine::Gateway(..) => None,
+        }
+    }
+
+    /// True if `presence-privacy` is checked.
+    pub(super) fn checks_presence(&self) -> bool {
+        self.scenario
+            .invariants
+            .contains(&Invariant::PresencePrivacy)
+    }
+
+    /// The domain of the gateway serving `user`'s devices (`None` if it has none, or its
+    /// gateway does not federate).
+    fn domain_of_user(&self, user: UserId) -> Option<String> {
+        let device = self
+            .devices
+            .iter()
+            .find(|&&d| self.user_id_of(d) == Some(user))?;
+        self.federation.domain(self.actors[*device as usize].home)
+    }
+
+    /// `gateway` made durable a batch telling other domains' gateways `told`: each state is
+    /// one the ledger allows now, its answers in the batch released.
+    pub(super) fn check_told_abroad(
+        &mut self,
+        gateway: ActorIndex,
+        told: Vec<(UserId, UserId, Seen)>,
+    ) {
+        for (watcher, target, seen) in told {
+            *self.faults.entry("presence-told-abroad").or_default() += 1;
+            let allowed = match seen {
+                Seen::Unknown => true,
+                Seen::Asking => false,
+                _ => self.presence_watch.ledger.target_allows(watcher, target),
+            };
+            if !allowed {
+                let detail = format!(
+                    "{} told another domain's gateway that {} may see {} as {}, which its own user does not allow (no add of the watcher, invisible, or a block) or only a watcher's gateway says",
+                    self.actors[gateway as usize].name,
+                    self.name_of_user(watcher),
+                    self.name_of_user(target),
+                    seen.describe()
+                );
+                self.checker
+                    .fail_safety(Invariant::PresencePrivacy, self.now, detail);
+            }
+            self.presence_watch
+                .told_abroad
+                .insert((watcher, target, seen));
         }
     }
 
@@ -274,11 +383,31 @@ impl World {
                         continue;
                     }
                     *self.faults.entry("presence-told").or_default() += 1;
-                    if !self.presence_watch.ledger.may_see(watcher, target) {
-                        let detail = format!(
-                            "{name} was told {target} is {} although it may not see them (not mutual contacts, invisible, or blocked)",
-                            seen.describe()
-                        );
+                    let here = self.federation.domain(gateway);
+                    let abroad = self.domain_of_user(target) != here;
+                    let why = if abroad {
+                        let told = self
+                            .presence_watch
+                            .told_abroad
+                            .contains(&(watcher, target, seen));
+                        let allows = self.presence_watch.ledger.watcher_allows(watcher, target);
+                        if !allows {
+                            Some("although it does not add them, or blocks them")
+                        } else if seen != Seen::Asking && !told {
+                            Some("which their gateway never told for it")
+                        } else {
+                            None
+                        }
+                    } else if seen == Seen::Asking {
+                        Some("a state only told of another domain's users")
+                    } else if !self.presence_watch.ledger.may_see(watcher, target) {
+                        Some("although it may not see them (not mutual contacts, invisible, or blocked)")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        let detail =
+                            format!("{name} was told {target} is {} {why}", seen.describe());
                         self.checker
                             .fail_safety(Invariant::PresencePrivacy, self.now, detail);
                     }
@@ -405,10 +534,7 @@ impl World {
                 let target_online = target_devices.iter().any(|&t| {
                     matches!(&self.actors[t as usize].machine, Machine::Node(Some(n), _) if n.is_connected())
                 });
-                // Presence does not cross domains yet: a gateway tells only of its own users.
-                let home = |x: ActorIndex| self.federation.domain(self.actors[x as usize].home);
-                let abroad = target_devices.first().is_some_and(|&t| home(t) != home(d));
-                let expected = if abroad || !self.presence_watch.ledger.may_see(watcher, target) {
+                let expected = if !self.presence_watch.ledger.may_see(watcher, target) {
                     Seen::Unknown
                 } else if target_online {
                     Seen::Online
