@@ -203,9 +203,10 @@ pub(crate) async fn follow(
         .await
         .map_err(|e| e.to_string())?;
     let mut seen = 0;
+    let mut stop = stop_signal();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut stop => break,
             event = node.events.recv() => match event {
                 Some(NodeEvent::Contacts { contacts, .. }) => blocked.update(&device, &contacts)?,
                 Some(NodeEvent::Delivered { conversation: id, seq, sender, .. })
@@ -453,6 +454,31 @@ fn group_event(event: &NodeEvent) -> (&'static str, ConversationId) {
         NodeEvent::GroupChangeRefused { conversation, .. } => ("change_refused", *conversation),
         _ => unreachable!("only group events are described here"),
     }
+}
+
+/// Resolves when the user or a supervisor asks `follow` to stop: Ctrl-C (SIGINT), or SIGTERM
+/// (`kill`, `systemctl stop`, `docker stop`). Either way the device says goodbye, so its
+/// contacts see it go at once rather than when its session lapses.
+fn stop_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => Box::pin(async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }),
+            Err(_) => Box::pin(async {
+                let _ = tokio::signal::ctrl_c().await;
+            }),
+        }
+    }
+    #[cfg(not(unix))]
+    Box::pin(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 #[cfg(test)]

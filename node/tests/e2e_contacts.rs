@@ -1,6 +1,7 @@
 //! Contacts, presence and blocking as a user types them, against a real gateway on loopback:
 //! a request and its acceptance, presence online then only "recently" after the device went
-//! away without saying so (its lease lapsed), invisible mode, a block that stops a DM and hides
+//! away without saying so (its lease lapsed) and at once after a `follow` stopped by SIGTERM,
+//! invisible mode, a block that stops a DM and hides
 //! the blocked user's messages in `follow` and `chat`, presence in `chat`, and safety numbers.
 
 use std::process::{Command, Stdio};
@@ -121,6 +122,29 @@ fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stop
         &["presence", "--data-dir", &alice, "bob"],
         "bob: last seen recently",
         Duration::from_secs(60),
+    );
+    assert!(out.contains("bob: last seen recently"), "{out}");
+
+    // A `follow` stopped by a supervisor (SIGTERM, as `kill` or `systemctl stop` sends) says
+    // goodbye like Ctrl-C: it exits cleanly, and alice sees bob go long before his session's
+    // 15 s lease would lapse.
+    let mut bob_running = online(&bob);
+    until(
+        &["presence", "--data-dir", &alice, "bob"],
+        "bob: online",
+        Duration::from_secs(20),
+    );
+    let stopped = Command::new("kill")
+        .args(["-TERM", &bob_running.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let status = bob_running.0.wait().unwrap();
+    assert!(status.success(), "follow after SIGTERM: {status}");
+    let out = until(
+        &["presence", "--data-dir", &alice, "bob"],
+        "bob: last seen recently",
+        Duration::from_secs(8),
     );
     assert!(out.contains("bob: last seen recently"), "{out}");
 
