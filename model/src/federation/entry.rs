@@ -56,6 +56,8 @@
 //!   refused.
 //! - [`Entry::Contact`]: a user of the sender's domain added, or stopped adding, a user of
 //!   the receiver's as a contact (`gateway::social`, "Across domains").
+//! - [`Entry::Block`]: a user of the sender's domain blocked, or unblocked, a user of the
+//!   receiver's (whose gateway then refuses invitations from the blocked user to them).
 //!
 //! Presence across domains (see `gateway::presence_abroad`):
 //!
@@ -117,6 +119,7 @@ const KIND_CONTACT: u8 = 21;
 const KIND_PRESENCE_WATCH: u8 = 22;
 const KIND_PRESENCE_RESET: u8 = 23;
 const KIND_PRESENCE_STATE: u8 = 24;
+const KIND_BLOCK: u8 = 25;
 
 /// The longest group record an MLS handover carries (`gateway::groups::GroupState::encode`:
 /// about 100 bytes per member device).
@@ -350,6 +353,19 @@ pub enum Entry {
         to: UserId,
         /// Whether `from` adds `to` now.
         added: bool,
+    },
+    /// From any peer: `from`, a user of its domain, has blocked `to`, a user of the
+    /// receiver's, when `blocked` (or has unblocked them). Sent after the [`Entry::Contact`]
+    /// that withdrew `from`'s add. The receiver keeps it so that its authority refuses a
+    /// commit by `to` adding `from` (KeyPackages fetched before the block), as a gateway does
+    /// for its own users; it never shows it to `to`'s devices.
+    Block {
+        /// The user of the sender's domain who blocks.
+        from: UserId,
+        /// The user of the receiver's domain who is blocked.
+        to: UserId,
+        /// Whether `from` blocks `to` now.
+        blocked: bool,
     },
     /// From any peer: a session there watches `target`, a user of the receiver's domain, for
     /// `watcher`, a user of the sender's (`on`), or no session there watches it for them any
@@ -598,6 +614,7 @@ impl Entry {
             Entry::Revocations { .. }
             | Entry::ExternalKey { .. }
             | Entry::Contact { .. }
+            | Entry::Block { .. }
             | Entry::PresenceWatch { .. }
             | Entry::PresenceReset
             | Entry::PresenceState { .. }
@@ -777,6 +794,12 @@ impl Entry {
                 out.extend_from_slice(&from.to_bytes());
                 out.extend_from_slice(&to.to_bytes());
                 out.push(u8::from(*added));
+            }
+            Entry::Block { from, to, blocked } => {
+                out.push(KIND_BLOCK);
+                out.extend_from_slice(&from.to_bytes());
+                out.extend_from_slice(&to.to_bytes());
+                out.push(u8::from(*blocked));
             }
             Entry::PresenceWatch {
                 watcher,
@@ -1012,10 +1035,10 @@ impl Entry {
             }
             return Ok(Entry::ExternalKey { key });
         }
-        if kind == KIND_CONTACT {
+        if kind == KIND_CONTACT || kind == KIND_BLOCK {
             let from = UserId::from_bytes(id(&mut r)?);
             let to = UserId::from_bytes(id(&mut r)?);
-            let added = match r.u8().ok_or(EntryError::Truncated)? {
+            let flag = match r.u8().ok_or(EntryError::Truncated)? {
                 0 => false,
                 1 => true,
                 other => return Err(EntryError::BadFlag(other)),
@@ -1023,7 +1046,19 @@ impl Entry {
             if r.remaining() != 0 {
                 return Err(EntryError::Trailing);
             }
-            return Ok(Entry::Contact { from, to, added });
+            return Ok(if kind == KIND_CONTACT {
+                Entry::Contact {
+                    from,
+                    to,
+                    added: flag,
+                }
+            } else {
+                Entry::Block {
+                    from,
+                    to,
+                    blocked: flag,
+                }
+            });
         }
         if let Some(entry) = decode_presence(kind, &mut r)? {
             if r.remaining() != 0 {
@@ -1653,6 +1688,11 @@ mod tests {
                 from: UserId(f),
                 to: UserId(t),
                 added,
+            }),
+            (id16(), id16(), any::<bool>()).prop_map(|(f, t, blocked)| Entry::Block {
+                from: UserId(f),
+                to: UserId(t),
+                blocked,
             }),
             (id16(), id16(), any::<bool>()).prop_map(|(w, t, on)| Entry::PresenceWatch {
                 watcher: UserId(w),

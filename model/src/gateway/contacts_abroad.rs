@@ -4,7 +4,12 @@
 //! Each gateway keeps its own users' relations and a mirror of what other domains' users did
 //! toward them ([`super::social`], "Across domains"): mutuality, requests and blocks then work
 //! as at home. What crosses the link is the state of one add after a change
-//! ([`Entry::Contact`]), never a block: the blocked side learns only that the add is gone.
+//! ([`Entry::Contact`]) and of one block ([`Entry::Block`], after the withdrawn add). The
+//! blocked user's gateway keeps the block to enforce it as it would its own user's: its
+//! authority refuses a commit by the blocked user adding the blocker (with KeyPackages
+//! fetched before the block), and its rule hides the blocker's presence. It never shows the
+//! block to the blocked user's devices: their listing shows only that the add is gone, and
+//! an invitation is refused in the same words as at home.
 //!
 //! Whose word counts: a device names another domain's user by the whole address and sends
 //! the domain with the id it computed, so its statement fixes that user's domain here. A peer
@@ -59,29 +64,86 @@ impl Gateway {
     }
 
     /// After `user` changed their relation to `other`, a user of `domain`: records that
-    /// domain as the device named it, and tells that domain's gateway if the add changed
-    /// (`was_added`: before the change).
+    /// domain as the device named it, and tells that domain's gateway if the add or the block
+    /// changed (`was_added`, `was_blocked`: before the change), the add first.
     pub(super) fn tell_contact_abroad(
         &mut self,
         domain: &str,
         user: UserId,
         other: UserId,
         was_added: bool,
+        was_blocked: bool,
     ) {
         self.social.note_domain(other, domain, self.fx.writes());
         let added = self.social.added(user, other);
-        if added == was_added {
+        let blocked = self.social.blocked(user, other);
+        let mut entries = Vec::new();
+        if added != was_added {
+            entries.push(Entry::Contact {
+                from: user,
+                to: other,
+                added,
+            });
+        }
+        if blocked != was_blocked {
+            entries.push(Entry::Block {
+                from: user,
+                to: other,
+                blocked,
+            });
+        }
+        for entry in entries {
+            // A domain that is no longer a peer is not told: its users' adds of this user
+            // stay as they were told, and this user's listing shows the request as still
+            // theirs.
+            if self.send_entry(domain, &entry).is_ok() {
+                self.social.count_told_abroad();
+            }
+        }
+    }
+
+    /// True if what `peer` says `from` did toward `to` is to be dropped: `peer` speaks only
+    /// for users of its own domain, to users of this one (see the module docs).
+    fn not_theirs_to_say(&self, peer: &str, from: UserId, to: UserId) -> bool {
+        let ours = self.registry.devices_of(from).next().is_some();
+        let known_from = self.social.domain_of(from);
+        let claimed_elsewhere = known_from.is_some_and(|d| d != peer);
+        let to_abroad = self.social.domain_of(to).is_some();
+        let full =
+            known_from.is_none() && self.social.foreign_users(peer) >= FOREIGN_USERS_PER_PEER_MAX;
+        ours || claimed_elsewhere || to_abroad || from == to || full
+    }
+
+    /// `peer` says that `from`, a user of its domain, blocks `to` (or no longer does).
+    pub(super) fn on_block_entry(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        from: UserId,
+        to: UserId,
+        blocked: bool,
+    ) {
+        if self.not_theirs_to_say(peer, from, to) {
+            self.social.count_dropped_from_abroad();
             return;
         }
-        let entry = Entry::Contact {
-            from: user,
-            to: other,
-            added,
+        self.social.note_domain(from, peer, self.fx.writes());
+        let action = if blocked {
+            ContactAction::Block
+        } else {
+            ContactAction::Unblock
         };
-        // A domain that is no longer a peer is not told: its users' adds of this user stay as
-        // they were told, and this user's listing shows the request as still theirs.
-        if self.send_entry(domain, &entry).is_ok() {
-            self.social.count_told_abroad();
+        let max = self.config.limits.contacts_max as usize;
+        match self.social.change(from, to, action, max, self.fx.writes()) {
+            Ok(changed) => {
+                self.social.count_taken_from_abroad();
+                if changed.changed {
+                    // The add went before, by its own entry; what either may see changed.
+                    self.presence.push(now, to, &self.social, &mut self.fx);
+                    self.presence.push(now, from, &self.social, &mut self.fx);
+                }
+            }
+            Err(_) => self.social.count_dropped_from_abroad(),
         }
     }
 
@@ -94,13 +156,7 @@ impl Gateway {
         to: UserId,
         added: bool,
     ) {
-        let ours = self.registry.devices_of(from).next().is_some();
-        let known_from = self.social.domain_of(from);
-        let claimed_elsewhere = known_from.is_some_and(|d| d != peer);
-        let to_abroad = self.social.domain_of(to).is_some();
-        let full =
-            known_from.is_none() && self.social.foreign_users(peer) >= FOREIGN_USERS_PER_PEER_MAX;
-        if ours || claimed_elsewhere || to_abroad || from == to || full {
+        if self.not_theirs_to_say(peer, from, to) {
             self.social.count_dropped_from_abroad();
             return;
         }
@@ -198,9 +254,9 @@ mod tests {
     }
 
     #[test]
-    fn a_request_across_domains_is_seen_accepted_and_ended_on_both_sides() {
+    fn a_request_across_domains_is_seen_accepted_blocked_and_unblocked_on_both_sides() {
         let mut w = Pair::new();
-        let (a_conn, _) = w.open_session(0, 1, alice());
+        let (a_conn, a_device) = w.open_session(0, 1, alice());
         let (b_conn, _) = w.open_session(1, 2, bob());
         // alice asks bob: her gateway tells his.
         let asked = listing(change(
@@ -250,13 +306,43 @@ mod tests {
                 }),
             "{told:?}"
         );
-        let (g, _) = &w.gateways[0];
+        assert!(
+            told.iter().flat_map(|e| e.clone().into_entries()).any(|e| e
+                == Entry::Block {
+                    from: bob(),
+                    to: alice(),
+                    blocked: true
+                }),
+            "{told:?}"
+        );
+        let (g, _) = &mut w.gateways[0];
         assert!(!g.social.mutual(alice(), bob()));
         assert_eq!(g.social.listing(alice()).outgoing, ids(&[bob()]));
         assert!(g.social.listing(alice()).blocked.is_empty());
+        // Her gateway keeps the block to enforce it: a commit of hers adding bob (with
+        // KeyPackages fetched before the block) is refused in the words used at home.
+        assert!(g.social.blocked(bob(), alice()));
+        let adds_bob = crate::gateway::groups::Change {
+            added: vec![(crate::ids::DeviceId::from_bytes([9; 16]), bob(), None)],
+            removed: vec![],
+            roles: vec![],
+        };
+        let conv = crate::ids::ConversationId::from_bytes([7; 16]);
+        let msg = crate::ids::MsgId::from_bytes([1; 16]);
+        let refused = g
+            .admit_invitations(NOW, a_device, conv, msg, &adds_bob)
+            .unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::Forbidden);
         // A repeat of the block tells nothing more.
         change(&mut w, 1, b_conn, alice(), None, ContactAction::Block);
         assert!(w.settle().is_empty());
+        // The unblock crosses too: the invitation passes again.
+        change(&mut w, 1, b_conn, alice(), None, ContactAction::Unblock);
+        w.settle();
+        let (g, _) = &mut w.gateways[0];
+        assert!(!g.social.blocked(bob(), alice()));
+        g.admit_invitations(NOW, a_device, conv, msg, &adds_bob)
+            .unwrap();
     }
 
     #[test]
@@ -335,13 +421,20 @@ mod tests {
                 to: bob(),
                 added: true,
             },
+            // a block by carol, whom alice's device named at c.example.
+            Entry::Block {
+                from: carol(),
+                to: alice(),
+                blocked: true,
+            },
         ];
         let (g, store) = &mut w.gateways[0];
         for lie in lies {
             g.handle_entry(NOW, "b.example", lie);
             drain_gateway(g, store);
         }
-        assert_eq!(g.social.stats().dropped_from_abroad, 4);
+        assert_eq!(g.social.stats().dropped_from_abroad, 5);
+        assert!(!g.social.blocked(carol(), alice()));
         assert_eq!(g.social.stats().taken_from_abroad, 0);
         let list = g.social.listing(alice());
         assert!(

@@ -1610,12 +1610,13 @@ impl Gateway {
         }
         let max = self.config.limits.contacts_max as usize;
         let was_added = self.social.added(user, other);
+        let was_blocked = self.social.blocked(user, other);
         let changed = self
             .social
             .change(user, other, action, max, self.fx.writes())
             .map_err(|r| r.in_conversation(request))?;
         if let Some(domain) = abroad {
-            self.tell_contact_abroad(&domain, user, other, was_added);
+            self.tell_contact_abroad(&domain, user, other, was_added, was_blocked);
         }
         self.answer_contacts(conn, user, routing.seq);
         if changed.changed {

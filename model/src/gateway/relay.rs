@@ -624,6 +624,7 @@ impl Gateway {
                 self.external_keys.learn(peer, key, self.fx.writes());
             }
             Entry::Contact { from, to, added } => self.on_contact_entry(now, peer, from, to, added),
+            Entry::Block { from, to, blocked } => self.on_block_entry(now, peer, from, to, blocked),
             Entry::PresenceWatch {
                 watcher,
                 target,

@@ -16,8 +16,10 @@
 //! of another domain, its gateway tells that domain's gateway
 //! ([`crate::federation::entry::Entry::Contact`]), which records it as the foreign user's add
 //! (their record names their domain, [`Social::domain_of`]). Mutuality, requests and what a
-//! block hides then follow from the same records as at home. A block is never told: the
-//! blocked user's side learns only that the add is gone.
+//! block hides then follow from the same records as at home. A block is told too
+//! ([`crate::federation::entry::Entry::Block`]) so that the blocked user's gateway enforces
+//! it (no invitation from the blocked user passes its authority); its listings never show it
+//! to the blocked user, who sees only that the add is gone.
 //!
 //! Durable: one record per user in [`SOCIAL_TABLE`], rewritten whole on each change (at most
 //! `contacts_max` entries, so a record stays a few tens of KiB).
@@ -200,14 +202,15 @@ impl Social {
 
     /// Records that `user` is a user of `domain`, as a user of this gateway named them (the
     /// device computed the id from the whole address, so its word wins). If another domain
-    /// had claimed them, what it told of their adds is dropped: a peer cannot speak for
-    /// another domain's users. True if the record changed.
+    /// had claimed them, what it told of their adds and blocks is dropped: a peer cannot
+    /// speak for another domain's users. True if the record changed.
     pub fn note_domain(&mut self, user: UserId, domain: &str, writes: &mut WriteBatch) -> bool {
         let relations = self.users.entry(user).or_default();
         if relations.domain.as_deref() == Some(domain) {
             return false;
         }
         let claimed = core::mem::take(&mut relations.added);
+        relations.blocked.clear();
         if let Some(before) = relations.domain.replace(domain.to_string()) {
             if let Some(count) = self.foreign_users.get_mut(&before) {
                 *count -= 1;

@@ -126,7 +126,9 @@ async fn run(
                 }
                 Some(NodeEvent::Presence { user, seen }) => {
                     let before = presence.insert(user, seen);
-                    if before != Some(seen) && seen != Seen::Unknown {
+                    // Nothing to say of unknown, nor of a contact of another domain whose
+                    // gateway is still being asked (its answer follows).
+                    if before != Some(seen) && !matches!(seen, Seen::Unknown | Seen::Asking) {
                         let name = users.get(&user).cloned().unwrap_or_else(|| user.to_string());
                         view.notice(format!("{name} is {}", seen.describe()));
                     }
