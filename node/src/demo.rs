@@ -4,7 +4,8 @@
 //! gateway: Dave of b.example and Alice talk in a room spanning the two domains, whose
 //! authority is then handed over to b.example while both run, and a device b.example revokes is
 //! refused by a.example too once its CRL arrives over the link; then they talk in an MLS DM
-//! across the two domains. Alice sends a file into the room (Bob and Carol fetch and verify it,
+//! across the two domains, become contacts across them, and Alice sees Dave online as his
+//! domain's gateway tells hers. Alice sends a file into the room (Bob and Carol fetch and verify it,
 //! and sign receipts Alice verifies), and at the end both gateways' databases are searched for
 //! every MLS message text and pieces of the file: the gateways stored ciphertext only.
 
@@ -160,6 +161,8 @@ pub async fn run() -> Result<(), String> {
         members: BTreeMap::new(),
         delivered: BTreeMap::new(),
         connected: BTreeMap::new(),
+        listings: BTreeMap::new(),
+        presence: BTreeMap::new(),
     };
     // Everyone connects and uploads KeyPackages; then Alice creates the room and the DM.
     transcript.wait_connected(&mut nodes).await?;
@@ -397,7 +400,61 @@ async fn across_domains(
         send(&nodes[who], who, dm, text, &mut expected, transcript).await?;
         transcript.wait(nodes, &expected).await?;
     }
+    contacts_across_domains(nodes, transcript, dave_user).await?;
     Ok((dave, texts.to_vec()))
+}
+
+/// Alice asks dave@b.example to be contacts and he accepts, each through their own gateway,
+/// which tells the other's over the link; then Alice watches his presence, which b.example's
+/// gateway decides (his adds, blocks and invisibility are his domain's to hold) and tells.
+async fn contacts_across_domains(
+    nodes: &mut [NodeHandle],
+    transcript: &mut Transcript,
+    dave: UserId,
+) -> Result<(), String> {
+    use sund_model::wire::payload::{ContactAction, Seen};
+    use sund_node::driver::SocialRequest;
+    let alice = UserId::of("alice", DOMAIN_A);
+    async fn social(node: &NodeHandle, request: SocialRequest) -> Result<(), String> {
+        node.social(request)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("a contact request failed: {e}"))
+    }
+    social(
+        &nodes[0],
+        SocialRequest::Change(dave, Some(DOMAIN_B.into()), ContactAction::Add),
+    )
+    .await?;
+    say!("[alice  ] asks dave@{DOMAIN_B} to be contacts: {DOMAIN_A}'s gateway tells {DOMAIN_B}'s");
+    transcript
+        .wait_until(nodes, "dave to see alice's request", |t| {
+            t.listings
+                .get(&3)
+                .is_some_and(|l| l.incoming.contains(&alice))
+        })
+        .await?;
+    social(
+        &nodes[3],
+        SocialRequest::Change(alice, Some(DOMAIN_A.into()), ContactAction::Add),
+    )
+    .await?;
+    transcript
+        .wait_until(nodes, "alice and dave to be contacts", |t| {
+            t.listings
+                .get(&0)
+                .is_some_and(|l| l.contacts.contains(&dave))
+        })
+        .await?;
+    say!("[dave   ] accepts: alice@{DOMAIN_A} and dave@{DOMAIN_B} are contacts on both gateways");
+    social(&nodes[0], SocialRequest::Watch(vec![dave])).await?;
+    transcript
+        .wait_until(nodes, "alice to see dave online", |t| {
+            t.presence.get(&(0, dave)) == Some(&Seen::Online)
+        })
+        .await?;
+    say!("[alice  ] sees dave@{DOMAIN_B} online: {DOMAIN_A}'s gateway watches him at {DOMAIN_B}'s, which decides what she may see and tells each change");
+    Ok(())
 }
 
 /// Trust across domains: dave's old phone, set up at b.example, is revoked there; a.example
@@ -653,6 +710,10 @@ struct Transcript {
     delivered: BTreeMap<(usize, ConversationId), Vec<u64>>,
     /// Devices whose session is open.
     connected: BTreeMap<usize, bool>,
+    /// Each device's last contact listing.
+    listings: BTreeMap<usize, sund_model::node::ContactList>,
+    /// What each device was last told of each watched user's presence.
+    presence: BTreeMap<(usize, UserId), sund_model::wire::payload::Seen>,
 }
 
 impl Transcript {
@@ -701,6 +762,29 @@ impl Transcript {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Takes every device's events until `done` holds of what they told (`what`: for the
+    /// error if it never does).
+    async fn wait_until(
+        &mut self,
+        nodes: &mut [NodeHandle],
+        what: &str,
+        done: impl Fn(&Transcript) -> bool,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !done(self) {
+            for (i, node) in nodes.iter_mut().enumerate() {
+                while let Ok(event) = node.events.try_recv() {
+                    self.record(i, event)?;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("waited {DEADLINE:?} for {what}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     fn name_of(&self, conversation: ConversationId) -> &'static str {
@@ -793,6 +877,15 @@ impl Transcript {
             }
             NodeEvent::Refused { message, .. } => {
                 return Err(format!("{me} was refused: {message}"))
+            }
+            NodeEvent::Contacts { contacts, .. } => {
+                self.listings.insert(device, contacts);
+            }
+            NodeEvent::Presence { user, seen } => {
+                self.presence.insert((device, user), seen);
+            }
+            NodeEvent::ContactsRefused { message, .. } => {
+                return Err(format!("{me}'s contact request was refused: {message}"))
             }
             _ => {}
         }
