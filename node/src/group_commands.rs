@@ -336,10 +336,10 @@ pub(crate) async fn wait_until_done(
                     for (id, name) in names {
                         message = message.replace(&id.to_string(), &format!("`{name}`"));
                     }
-                    let hint = if message.contains("registered at the gateway of ") || message.contains("could be checked") {
-                        "Check the address; each domain's operator enrols its own users"
+                    let hint = if message.contains("offered by the gateway of ") || message.contains("could be checked") {
+                        "check the address; each domain's operator enrols its own users"
                     } else {
-                        "no such user here. Check the name; the gateway's operator enrols users with `sund-gateway admin enrol-token USER`"
+                        "check the name; the gateway's operator enrols users with `sund-gateway admin enrol-token USER`"
                     };
                     return Err(format!("{message}: {hint}"));
                 }

@@ -140,12 +140,18 @@ fn output_into_a_closed_pipe_does_not_panic() {
 fn unknown_users_are_an_error_never_a_silent_success() {
     let dm = Dm::new();
     let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, "nobody"]);
-    assert!(err.contains("no such user here"), "{err}");
+    assert!(
+        err.contains("none is registered there") && err.contains("check the name"),
+        "{err}"
+    );
     let err = fails(
         &sund(),
         &["dm", "--data-dir", &dm.alice, "nobody@localhost"],
     );
-    assert!(err.contains("no such user here"), "{err}");
+    assert!(
+        err.contains("none is registered there") && err.contains("check the name"),
+        "{err}"
+    );
     let err = fails(&sund(), &["dm", "--data-dir", &dm.alice, ""]);
     assert!(err.contains("is not a user name"), "{err}");
     // Another domain's user, on a gateway that federates with nobody: said plainly.
@@ -183,7 +189,10 @@ fn unknown_users_are_an_error_never_a_silent_success() {
             "nosuchuser",
         ],
     );
-    assert!(err.contains("no such user here"), "{err}");
+    assert!(
+        err.contains("none is registered there") && err.contains("check the name"),
+        "{err}"
+    );
     let err = fails(
         &sund(),
         &[
@@ -196,7 +205,10 @@ fn unknown_users_are_an_error_never_a_silent_success() {
             "ghost",
         ],
     );
-    assert!(err.contains("no such user here"), "{err}");
+    assert!(
+        err.contains("none is registered there") && err.contains("check the name"),
+        "{err}"
+    );
     // `@name` means the DM: never the operator-conversation path.
     let err = fails(
         &sund(),

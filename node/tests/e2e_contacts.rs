@@ -191,7 +191,10 @@ fn contacts_see_each_other_online_then_recently_invisible_hides_and_a_block_stop
     );
     assert!(out.contains("blocked alice"), "{out}");
     let err = fails(&sund(), &["dm", "--data-dir", &alice, "carol"]);
-    assert!(err.contains("no such user here"), "{err}");
+    assert!(
+        err.contains("or they do not accept invitations from you"),
+        "{err}"
+    );
     let out = run(&sund(), &["dm", "--data-dir", &bob, "carol"]);
     assert!(out.starts_with("dm @carol (conv:"), "{out}");
     let out = run(&sund(), &["contacts", "list", "--data-dir", &carol]);

@@ -867,6 +867,25 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
         &["presence", "--data-dir", &path("alice"), "bob@b.example"],
     );
     assert!(presence.contains("bob@b.example: unknown ("), "{presence}");
+    // Nor can she invite him: his gateway offers her none of his devices, and says why in
+    // words that neither name the block nor send her looking for a typo.
+    let refused = fails(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &path("alice"),
+            "after-the-block",
+            "--invite",
+            "bob@b.example",
+        ],
+    );
+    assert!(
+        refused.contains("no device of `bob@b.example` was offered by the gateway of b.example")
+            && refused.contains("or they do not accept invitations from you"),
+        "{refused}"
+    );
     // A domain neither gateway federates with is refused by the gateway, in words.
     let refused = fails(
         &sund(),

@@ -308,7 +308,12 @@ impl Node {
                     None => "this gateway".to_string(),
                 };
                 let message = match refusal.why {
-                    None => format!("no device of {} is registered at {at}", names.join(", ")),
+                    // A block is not told apart from no device: the user is not shown who
+                    // blocked them, but is not sent looking for a mistake either.
+                    None => format!(
+                        "no device of {} was offered by {at} (none is registered there, or they do not accept invitations from you)",
+                        names.join(", ")
+                    ),
                     Some(why) => format!(
                         "no device of {} could be checked, so none was added: {why}",
                         names.join(", ")
