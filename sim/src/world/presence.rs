@@ -516,6 +516,13 @@ impl World {
         {
             return None;
         }
+        // Each user's devices, found once (the watchlists below name thousands of users).
+        let mut devices_of: BTreeMap<UserId, Vec<ActorIndex>> = BTreeMap::new();
+        for &t in &self.devices {
+            if let Some(user) = self.user_id_of(t) {
+                devices_of.entry(user).or_default().push(t);
+            }
+        }
         for &d in &self.devices {
             let Machine::Node(Some(node), _) = &self.actors[d as usize].machine else {
                 continue;
@@ -525,12 +532,8 @@ impl World {
             }
             let watcher = node.user();
             for &target in node.social().watchlist() {
-                let target_devices: Vec<ActorIndex> = self
-                    .devices
-                    .iter()
-                    .copied()
-                    .filter(|&t| self.user_id_of(t) == Some(target))
-                    .collect();
+                let target_devices: &[ActorIndex] =
+                    devices_of.get(&target).map_or(&[], Vec::as_slice);
                 let target_online = target_devices.iter().any(|&t| {
                     matches!(&self.actors[t as usize].machine, Machine::Node(Some(n), _) if n.is_connected())
                 });
