@@ -409,11 +409,15 @@ mod tests {
         UserId::of("bob", "b.example")
     }
 
-    /// Sends `payload` on `conn` at gateway `at`; what the gateway sent on `conn`.
-    fn send(w: &mut Pair, at: usize, conn: ConnectionId, payload: Payload) -> Vec<Payload> {
-        // A request id of its own each time (a watchlist under the same id is a copy).
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Sends `payload` on `conn` at gateway `at` under the request id `id`; what the gateway
+    /// sent on `conn`.
+    fn send_as(
+        w: &mut Pair,
+        at: usize,
+        conn: ConnectionId,
+        id: u64,
+        payload: Payload,
+    ) -> Vec<Payload> {
         let frame = Frame::new(
             Routing {
                 seq: 1 << 63 | id,
@@ -424,6 +428,12 @@ mod tests {
         let (g, store) = &mut w.gateways[at];
         g.handle(NOW, GatewayInput::Frame(conn, frame.encode()));
         frames(&drain_gateway(g, store), conn)
+    }
+
+    /// [`send_as`] under a fixed request id (answers to other requests than watchlists do not
+    /// depend on it).
+    fn send(w: &mut Pair, at: usize, conn: ConnectionId, payload: Payload) -> Vec<Payload> {
+        send_as(w, at, conn, 7, payload)
     }
 
     /// The presence states among `payloads`, in order.
@@ -494,11 +504,21 @@ mod tests {
         while !w.settle().is_empty() {}
     }
 
+    /// A watchlist of `users` from `conn`, under a request id of its own (one under the same
+    /// id as the session's last is a copy); the answer's states.
     fn watch(w: &mut Pair, at: usize, conn: ConnectionId, users: &[UserId]) -> Vec<(UserId, Seen)> {
         let subscribe = PresenceSubscribe {
             users: users.iter().map(|u| u.to_bytes().into()).collect(),
         };
-        states(&send(w, at, conn, Payload::PresenceSubscribe(subscribe)))
+        w.requests += 1;
+        let id = 1000 + w.requests;
+        states(&send_as(
+            w,
+            at,
+            conn,
+            id,
+            Payload::PresenceSubscribe(subscribe),
+        ))
     }
 
     /// alice at a.example and bob at b.example, contacts, each in session; the link up.

@@ -28,6 +28,8 @@ pub(crate) struct Pair {
     pub(crate) released: [Vec<GatewayOutput>; 2],
     /// Rewrites each entry before it is handed on (a peer that says less, or lies).
     pub(crate) rewrite: Option<fn(Entry) -> Entry>,
+    /// Request ids a test has handed out (for requests that must each have their own).
+    pub(crate) requests: u64,
 }
 
 fn config(i: usize, peers: Vec<PeerConfig>) -> GatewayConfig {
@@ -80,6 +82,7 @@ impl Pair {
             handed: BTreeSet::new(),
             released: [Vec::new(), Vec::new()],
             rewrite: None,
+            requests: 0,
         }
     }
 
