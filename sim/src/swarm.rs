@@ -908,12 +908,7 @@ fn draw_presence_abroad(seed: u64, duration_s: u64, foreign: &[String], out: &mu
     }
     let f = d.pick(foreign).clone();
     if d.chance(0.4) {
-        let on = d.range(added, end_ms * 2 / 3);
-        let _ = writeln!(out, "at {on}ms invisible on {f}");
-        if d.chance(0.5) {
-            let off = d.range(on, end_ms - 100);
-            let _ = writeln!(out, "at {off}ms invisible off {f}");
-        }
+        draw_hiding(&mut d, &f, added, end_ms, out);
     }
     if d.chance(0.4) {
         let (a, b) = if d.chance(0.5) {
@@ -921,13 +916,7 @@ fn draw_presence_abroad(seed: u64, duration_s: u64, foreign: &[String], out: &mu
         } else {
             (f.as_str(), "u0")
         };
-        let at = d.range(added, end_ms * 2 / 3);
-        let _ = writeln!(out, "at {at}ms contact block {a} {b}");
-        if d.chance(0.5) {
-            let later = d.range(at, end_ms - 100);
-            let _ = writeln!(out, "at {later}ms contact unblock {a} {b}");
-            let _ = writeln!(out, "at {later}ms contact add {a} {b}");
-        }
+        draw_block(&mut d, a, b, added, end_ms, out);
     }
     true
 }
@@ -1162,25 +1151,40 @@ fn draw_presence(
     }
     if d.chance(0.5) {
         let who = &users[*d.pick(&chosen)].name;
-        let on = d.range(added, end_ms * 2 / 3);
-        let _ = writeln!(out, "at {on}ms invisible on {who}");
-        if d.chance(0.5) {
-            let off = d.range(on, end_ms - 100);
-            let _ = writeln!(out, "at {off}ms invisible off {who}");
-        }
+        draw_hiding(&mut d, who, added, end_ms, out);
     }
     if d.chance(0.4) {
-        let a = &users[chosen[0]].name;
-        let b = &users[chosen[1]].name;
-        let at = d.range(added, end_ms * 2 / 3);
-        let _ = writeln!(out, "at {at}ms contact block {a} {b}");
-        if d.chance(0.5) {
-            let later = d.range(at, end_ms - 100);
-            let _ = writeln!(out, "at {later}ms contact unblock {a} {b}");
-            let _ = writeln!(out, "at {later}ms contact add {a} {b}");
-        }
+        draw_block(
+            &mut d,
+            &users[chosen[0]].name,
+            &users[chosen[1]].name,
+            added,
+            end_ms,
+            out,
+        );
     }
     true
+}
+
+/// `who` hides from `added` on, and perhaps shows again before the end.
+fn draw_hiding(d: &mut Draw, who: &str, added: u64, end_ms: u64, out: &mut String) {
+    let on = d.range(added, end_ms * 2 / 3);
+    let _ = writeln!(out, "at {on}ms invisible on {who}");
+    if d.chance(0.5) {
+        let off = d.range(on, end_ms - 100);
+        let _ = writeln!(out, "at {off}ms invisible off {who}");
+    }
+}
+
+/// `a` blocks `b` from `added` on, and perhaps unblocks and adds them again before the end.
+fn draw_block(d: &mut Draw, a: &str, b: &str, added: u64, end_ms: u64, out: &mut String) {
+    let at = d.range(added, end_ms * 2 / 3);
+    let _ = writeln!(out, "at {at}ms contact block {a} {b}");
+    if d.chance(0.5) {
+        let later = d.range(at, end_ms - 100);
+        let _ = writeln!(out, "at {later}ms contact unblock {a} {b}");
+        let _ = writeln!(out, "at {later}ms contact add {a} {b}");
+    }
 }
 
 /// Indexes of at least two distinct users (all of them when there are two).

@@ -114,53 +114,22 @@ impl Gateway {
         ours || claimed_elsewhere || to_abroad || from == to || full
     }
 
-    /// `peer` says that `from`, a user of its domain, blocks `to` (or no longer does).
-    pub(super) fn on_block_entry(
+    /// `peer` says that `from`, a user of its domain, now adds `to` or no longer does
+    /// ([`Entry::Contact`]: `Add` or `Remove`), or blocks them or no longer does
+    /// ([`Entry::Block`]: `Block` or `Unblock`, after the withdrawn add).
+    pub(super) fn on_relation_entry(
         &mut self,
         now: Instant,
         peer: &str,
         from: UserId,
         to: UserId,
-        blocked: bool,
+        action: ContactAction,
     ) {
         if self.not_theirs_to_say(peer, from, to) {
             self.social.count_dropped_from_abroad();
             return;
         }
-        self.social.note_domain(from, peer, self.fx.writes());
-        let action = if blocked {
-            ContactAction::Block
-        } else {
-            ContactAction::Unblock
-        };
-        let max = self.config.limits.contacts_max as usize;
-        match self.social.change(from, to, action, max, self.fx.writes()) {
-            Ok(changed) => {
-                self.social.count_taken_from_abroad();
-                if changed.changed {
-                    // The add went before, by its own entry; what either may see changed.
-                    self.presence.push(now, to, &self.social, &mut self.fx);
-                    self.presence.push(now, from, &self.social, &mut self.fx);
-                }
-            }
-            Err(_) => self.social.count_dropped_from_abroad(),
-        }
-    }
-
-    /// `peer` says that `from`, a user of its domain, adds `to` (or no longer does).
-    pub(super) fn on_contact_entry(
-        &mut self,
-        now: Instant,
-        peer: &str,
-        from: UserId,
-        to: UserId,
-        added: bool,
-    ) {
-        if self.not_theirs_to_say(peer, from, to) {
-            self.social.count_dropped_from_abroad();
-            return;
-        }
-        if added
+        if action == ContactAction::Add
             && !self.social.added(from, to)
             && self.limits.admit_contact_request(now, from).is_err()
         {
@@ -168,22 +137,21 @@ impl Gateway {
             return;
         }
         self.social.note_domain(from, peer, self.fx.writes());
-        let action = if added {
-            ContactAction::Add
-        } else {
-            ContactAction::Remove
-        };
         let max = self.config.limits.contacts_max as usize;
         match self.social.change(from, to, action, max, self.fx.writes()) {
             Ok(changed) => {
                 self.social.count_taken_from_abroad();
-                if changed.changed {
-                    self.tell_contacts(to, None);
-                    // Watchers of either may see something else now: `to`'s, here and
-                    // abroad (this gateway decides), and `from`'s here.
-                    self.presence.push(now, to, &self.social, &mut self.fx);
-                    self.presence.push(now, from, &self.social, &mut self.fx);
+                if !changed.changed {
+                    return;
                 }
+                // A block is not shown to `to`; the add it withdrew came by its own entry.
+                if matches!(action, ContactAction::Add | ContactAction::Remove) {
+                    self.tell_contacts(to, None);
+                }
+                // Watchers of either may see something else now: `to`'s, here and abroad
+                // (this gateway decides), and `from`'s here.
+                self.presence.push(now, to, &self.social, &mut self.fx);
+                self.presence.push(now, from, &self.social, &mut self.fx);
             }
             Err(_) => self.social.count_dropped_from_abroad(),
         }

@@ -27,7 +27,7 @@ use crate::ids::{ConnectionId, ConversationId, DeviceId, MsgId, UserId};
 use crate::mls::commit_authority::{read_message, Kind};
 use crate::mls::group_ops::GroupOps;
 use crate::time::Instant;
-use crate::wire::payload::{ErrorCode, Payload, Send, SendAck};
+use crate::wire::payload::{ContactAction, ErrorCode, Payload, Send, SendAck};
 use crate::wire::Routing;
 
 /// Counters of conversations spanning domains.
@@ -623,8 +623,22 @@ impl Gateway {
             Entry::ExternalKey { key } => {
                 self.external_keys.learn(peer, key, self.fx.writes());
             }
-            Entry::Contact { from, to, added } => self.on_contact_entry(now, peer, from, to, added),
-            Entry::Block { from, to, blocked } => self.on_block_entry(now, peer, from, to, blocked),
+            Entry::Contact { from, to, added } => {
+                let action = if added {
+                    ContactAction::Add
+                } else {
+                    ContactAction::Remove
+                };
+                self.on_relation_entry(now, peer, from, to, action);
+            }
+            Entry::Block { from, to, blocked } => {
+                let action = if blocked {
+                    ContactAction::Block
+                } else {
+                    ContactAction::Unblock
+                };
+                self.on_relation_entry(now, peer, from, to, action);
+            }
             Entry::PresenceWatch {
                 watcher,
                 target,
