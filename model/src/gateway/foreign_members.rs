@@ -978,4 +978,133 @@ mod tests {
         assert_eq!(read(&devices[0], conv, &devices[2]), [&b"bye bob"[..]]);
         assert!(read(&devices[1], conv, &devices[2]).is_empty());
     }
+
+    /// alice (owner) and carol of a.example, bob of b.example made an admin, in a room homed
+    /// at a.example; dave of a.example, in no room, blocks bob. KeyPackage requests reach
+    /// a.example as from someone else (as if bob's device had fetched dave's packages before
+    /// the block), and `rewrite` may change more.
+    fn dave_blocks_an_admin_abroad(
+        rewrite: fn(Entry) -> Entry,
+    ) -> (Pair, Vec<Device>, ConversationId) {
+        let mut w = Pair::new();
+        let carol = UserId::of("carol", DOMAINS[0]);
+        let dave = UserId::of("dave", DOMAINS[0]);
+        let mut devices = vec![
+            device(0, 111, alice()),
+            device(1, 112, bob()),
+            device(0, 113, carol),
+            device(0, 114, dave),
+        ];
+        let conv = room_across(&mut w, &mut devices);
+        let admin = Intent::SetRole(
+            bob().to_bytes().into(),
+            crate::mls::group_ops::Role::Admin as u8,
+        );
+        devices[0].node.change_group(NOW, conv, admin).unwrap();
+        run(&mut w, &mut devices);
+        w.rewrite = Some(rewrite);
+        devices[3].node.change_contact_abroad(
+            NOW,
+            bob(),
+            Some(DOMAINS[1].into()),
+            crate::wire::payload::ContactAction::Block,
+        );
+        run(&mut w, &mut devices);
+        assert!(w.gateways[0].0.social.blocked(dave, bob()));
+        let add_dave = Intent::AddForeign {
+            domain: DOMAINS[0].into(),
+            users: vec![dave.to_bytes().into()],
+        };
+        devices[1].node.change_group(NOW, conv, add_dave).unwrap();
+        run(&mut w, &mut devices);
+        (w, devices, conv)
+    }
+
+    /// Stands in for packages bob's device fetched before dave's block.
+    fn fetched_before_the_block(entry: Entry) -> Entry {
+        match entry {
+            Entry::KeyPackageRequest { request, users, .. } => Entry::KeyPackageRequest {
+                request,
+                requester: UserId::of("someone", DOMAINS[1]),
+                users,
+            },
+            other => other,
+        }
+    }
+
+    fn refused_as_blocked(w: &Pair, devices: &[Device], conv: ConversationId) {
+        let refused = refusals(&devices[1]);
+        assert!(
+            refused
+                .iter()
+                .any(|m| m.contains("does not accept invitations from you")),
+            "{refused:?}"
+        );
+        assert!(
+            refused.iter().all(|m| !m.contains("block")),
+            "the block is never named: {refused:?}"
+        );
+        let dave_device = devices[3].node.device();
+        assert!(!w.gateways[0]
+            .0
+            .group(conv)
+            .unwrap()
+            .devices()
+            .contains_key(&dave_device));
+        let joined = devices[3]
+            .events
+            .iter()
+            .any(|e| matches!(e, NodeEvent::Joined { conversation, .. } if *conversation == conv));
+        assert!(!joined, "{:?}", devices[3].events);
+    }
+
+    #[test]
+    fn a_commit_adding_someone_who_blocked_its_sender_is_refused_by_the_senders_own_gateway() {
+        let (mut w, mut devices, conv) = dave_blocks_an_admin_abroad(fetched_before_the_block);
+        // b.example, told of dave's block, refuses bob's commit before relaying it: the home of
+        // a room of a third domain would know nothing of the block.
+        assert!(w.gateways[1]
+            .0
+            .social
+            .blocked(UserId::of("dave", DOMAINS[0]), bob()));
+        refused_as_blocked(&w, &devices, conv);
+        assert_eq!(w.gateways[1].0.stats().spanning.relays_blocked, 1);
+        assert_eq!(
+            w.gateways[0].0.stats().spanning.relays_refused,
+            0,
+            "never relayed"
+        );
+        // The room goes on, and bob may still add someone else's devices.
+        said(&mut devices[1], conv, "still here");
+        run(&mut w, &mut devices);
+        assert_eq!(
+            read(&devices[0], conv, &devices[1]),
+            [&b"thanks"[..], &b"still here"[..]]
+        );
+    }
+
+    #[test]
+    fn a_relayed_commit_adding_someone_who_blocked_its_sender_is_refused_at_the_home() {
+        // b.example never hears of the block (as a gateway of an older version would not),
+        // so it relays: a.example, dave's own gateway and the room's home, refuses in the
+        // same words.
+        fn block_untold(entry: Entry) -> Entry {
+            match fetched_before_the_block(entry) {
+                Entry::Block { from, to, .. } => Entry::Block {
+                    from,
+                    to,
+                    blocked: false,
+                },
+                other => other,
+            }
+        }
+        let (w, devices, conv) = dave_blocks_an_admin_abroad(block_untold);
+        assert!(!w.gateways[1]
+            .0
+            .social
+            .blocked(UserId::of("dave", DOMAINS[0]), bob()));
+        refused_as_blocked(&w, &devices, conv);
+        assert_eq!(w.gateways[1].0.stats().spanning.relays_blocked, 0);
+        assert_eq!(w.gateways[0].0.stats().spanning.relays_refused, 1);
+    }
 }

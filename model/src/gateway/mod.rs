@@ -242,6 +242,11 @@ impl Effects<GatewayOutput> {
 /// commits of messages between them stay short (freed pages cost the commits after them too).
 pub const CHUNK_DROP_INTERVAL: core::time::Duration = core::time::Duration::from_millis(25);
 
+/// What a device hears when its commit adds a user who blocked its user: the same words
+/// wherever the block is found (the conversation's home, or the device's own gateway before
+/// relaying), and never naming the block.
+const NOT_ACCEPTED_FROM_YOU: &str = "a user this commit adds does not accept invitations from you";
+
 /// The gateway's timers, in firing order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GatewayTimer {
@@ -1741,10 +1746,27 @@ impl Gateway {
         }
     }
 
+    /// True if one of the users a commit of `inviter` adds (other than `inviter`) blocked
+    /// `inviter`, as this gateway knows: its own users' blocks, and other domains' users'
+    /// blocks of its own users as their gateways told it ([`contacts_abroad`]).
+    pub(super) fn refuses_adds_by(
+        &self,
+        inviter: UserId,
+        mut added: impl Iterator<Item = UserId>,
+    ) -> bool {
+        added.any(|user| user != inviter && self.social.blocked(user, inviter))
+    }
+
     /// Checks the users a commit invites (see [`limits`]): a creator and every invited user
-    /// below the quota of conversations, none of them blocked the committer's user, and the
-    /// committer's user may invite that many now. Adding a user's devices to a
-    /// conversation the user is in already, or one's own devices, invites nobody.
+    /// below the quota of conversations, and the committer's user may invite that many now.
+    /// Adding a user's devices to a conversation the user is in already, or one's own
+    /// devices, invites nobody. Whatever the membership, no device of a user who blocked the
+    /// committer's user is added (the KeyPackage directory hands none out; this catches
+    /// the ones fetched before the block).
+    ///
+    /// A commit relayed from another domain (`device` is a member device of that domain) is
+    /// checked for blocks and for the invited users' quotas here; its sender's rate of
+    /// invitations is its own gateway's to keep.
     fn admit_invitations(
         &mut self,
         now: Instant,
@@ -1753,10 +1775,12 @@ impl Gateway {
         msg_id: MsgId,
         change: &groups::Change,
     ) -> Result<(), Refusal> {
-        let Some(inviter) = self.registry.user_of(device) else {
+        let group = self.groups.get(conv);
+        let ours = self.registry.user_of(device);
+        let Some(inviter) = ours.or_else(|| group.and_then(|g| g.devices().get(&device).copied()))
+        else {
             return Ok(());
         };
-        let group = self.groups.get(conv);
         let quota = self.config.limits.conversations_max;
         let routing = Routing {
             conversation: conv,
@@ -1773,6 +1797,12 @@ impl Gateway {
                 "you are in as many conversations as this gateway allows one user ({quota}): leave one first"
             ));
         }
+        let added_users = change.added.iter().map(|&(_, user, _)| user);
+        if self.refuses_adds_by(inviter, added_users) {
+            return Err(Refusal::error(ErrorCode::Forbidden, NOT_ACCEPTED_FROM_YOU)
+                .in_conversation(routing)
+                .about(msg_id));
+        }
         let invited: BTreeSet<UserId> = change
             .added
             .iter()
@@ -1783,17 +1813,6 @@ impl Gateway {
         if invited.is_empty() {
             return Ok(());
         }
-        // KeyPackages are not handed to someone a user blocked; this catches the ones fetched
-        // before the block.
-        if invited
-            .iter()
-            .any(|&user| self.social.blocked(user, inviter))
-        {
-            let message = "a user this commit adds does not accept invitations from you";
-            return Err(Refusal::error(ErrorCode::Forbidden, message)
-                .in_conversation(routing)
-                .about(msg_id));
-        }
         if invited
             .iter()
             .any(|&user| self.groups.conversations_of(user) >= quota)
@@ -1801,6 +1820,10 @@ impl Gateway {
             return over_quota(format!(
                 "a user this commit adds is in as many conversations as this gateway allows one user ({quota})"
             ));
+        }
+        if ours.is_none() {
+            // Relayed: the sender's own gateway keeps its rate (see `relay_send`).
+            return Ok(());
         }
         let count = u32::try_from(invited.len()).unwrap_or(u32::MAX);
         let admitted = self.limits.admit_invitations(now, inviter, count);

@@ -53,6 +53,9 @@ pub struct SpanningStats {
     /// had told the device to wait (`peer_limited`) and its time had not come: refused here
     /// with the time left.
     pub relays_held: u64,
+    /// Commits of this gateway's devices not relayed because they add a device of a user who
+    /// blocked the sender's user (`forbidden`, as the conversation's home would answer).
+    pub relays_blocked: u64,
 
     /// Sequenced messages sent to member gateways.
     pub fanned_out: u64,
@@ -93,6 +96,18 @@ pub(super) struct Relayed {
     body: Bytes,
     welcome: Option<Bytes>,
     vouched: Vec<(DeviceId, UserId)>,
+}
+
+/// The devices an MLS commit in `body` declares it adds, with their declared users; empty
+/// for any other message. A declaration that does not decode is the authority's to refuse.
+fn added_by_commit(body: &[u8]) -> Vec<(DeviceId, UserId)> {
+    let Ok((framing, aad)) = read_message(body) else {
+        return Vec::new();
+    };
+    if framing.kind != Kind::Commit {
+        return Vec::new();
+    }
+    GroupOps::decode(&aad).map_or_else(|_| Vec::new(), |ops| ops.added_devices().collect())
 }
 
 impl Gateway {
@@ -243,8 +258,20 @@ impl Gateway {
             return Taken::Relayed;
         }
         let body = Bytes::from(send.body);
+        let added = added_by_commit(&body);
+        if self.refuses_relayed_adds(device, &added) {
+            // Found here, where the sender's user is known and the blocks of its user by
+            // other domains' users were told: the home of a room of a third domain knows
+            // neither.
+            self.spanning_stats.relays_blocked += 1;
+            let refusal = Refusal::error(ErrorCode::Forbidden, super::NOT_ACCEPTED_FROM_YOU)
+                .in_conversation(routing)
+                .about(msg_id);
+            self.refuse(conn, refusal);
+            return Taken::Refused;
+        }
         let welcome = send.welcome.map(|w| Bytes::from(Vec::from(w)));
-        let vouched = self.vouch_for_added(&body);
+        let vouched = self.vouch_for_added(&added);
         let with_welcome = welcome.is_some();
         let relay = Entry::Relay {
             conversation: conv,
@@ -281,23 +308,36 @@ impl Gateway {
         }
     }
 
-    /// For a relayed MLS commit: the users of the devices of this gateway's domain it adds
-    /// (this gateway is the authority on them; the conversation's authority is not).
-    fn vouch_for_added(&self, body: &[u8]) -> Vec<(DeviceId, UserId)> {
-        let Ok((framing, aad)) = read_message(body) else {
-            return Vec::new();
-        };
-        if framing.kind != Kind::Commit {
-            return Vec::new();
-        }
-        // A declaration that does not decode is the authority's to refuse.
-        let Ok(ops) = GroupOps::decode(&aad) else {
-            return Vec::new();
-        };
-        ops.added_devices()
-            .filter_map(|(device, _)| Some((device, self.registry.user_of(device)?)))
+    /// For a relayed MLS commit adding `added`: the users of the devices of this gateway's
+    /// domain it adds (this gateway is the authority on them; the conversation's authority
+    /// is not).
+    fn vouch_for_added(&self, added: &[(DeviceId, UserId)]) -> Vec<(DeviceId, UserId)> {
+        added
+            .iter()
+            .filter_map(|&(device, _)| Some((device, self.registry.user_of(device)?)))
             .take(RELAY_VOUCHED_MAX)
             .collect()
+    }
+
+    /// True if a commit of `device` (registered here) adding `added` adds a device of a user
+    /// who blocked its user: each added device's user as the commit declares it and as this
+    /// gateway knows it (its own devices, and other domains' devices their gateways named).
+    /// Any device of such a user, member already or not: the directories hand its sender
+    /// none of their KeyPackages either.
+    fn refuses_relayed_adds(&self, device: DeviceId, added: &[(DeviceId, UserId)]) -> bool {
+        let Some(inviter) = self.registry.user_of(device) else {
+            return false;
+        };
+        let (registry, foreign) = (&self.registry, &self.foreign_fetches);
+        let users = added.iter().flat_map(|&(device, declared)| {
+            [
+                Some(declared),
+                super::foreign_members::member_user(registry, foreign, device),
+            ]
+            .into_iter()
+            .flatten()
+        });
+        self.refuses_adds_by(inviter, users)
     }
 
     /// A message this gateway sequenced at `seq` in `conv`: to each member gateway of another
@@ -865,6 +905,12 @@ impl Gateway {
             Ok(effect) => effect,
             Err(outcome) => return outcome,
         };
+        if let Some(change) = effect.as_ref().map(|e| &e.change) {
+            // Blocks by this domain's users and their quotas hold whoever commits.
+            if let Err(refusal) = self.admit_invitations(now, sender, conv, msg_id, change) {
+                return refused(refusal.code, refusal.message);
+            }
+        }
         let appended = self.delivery.append_relayed(
             now,
             sender,
