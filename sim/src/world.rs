@@ -1783,12 +1783,16 @@ impl World {
         if frame.starts_with(b"SCHK") {
             self.chunk_arrived(to, conn, &frame);
         } else if self.is_gateway(to) && self.is_federation_conn(conn.0) {
+            let commits = self.relayed_commits_arriving(to, &frame);
             self.with_gateway(to, |g, now| {
                 g.handle(
                     now,
                     GatewayInput::Federation(FederationInput::Frame(conn, frame)),
                 )
             });
+            for commit in commits {
+                self.check_invitations(to, commit);
+            }
         } else if self.is_gateway(to) {
             let commit = self.commit_arriving(to, conn.0, &frame);
             self.with_gateway(to, |g, now| g.handle(now, GatewayInput::Frame(conn, frame)));

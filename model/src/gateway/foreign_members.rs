@@ -525,6 +525,7 @@ mod tests {
     use crate::ids::{ConversationId, UserId};
     use crate::mls::device_groups::Intent;
     use crate::node::NodeEvent;
+    use crate::wire::payload::ErrorCode;
     use crate::wire::Payload;
 
     fn alice() -> UserId {
@@ -979,6 +980,18 @@ mod tests {
         assert!(read(&devices[1], conv, &devices[2]).is_empty());
     }
 
+    /// [`room_across`], and alice makes bob an admin (who may add anyone).
+    fn admin_abroad(w: &mut Pair, devices: &mut [Device]) -> ConversationId {
+        let conv = room_across(w, devices);
+        let admin = Intent::SetRole(
+            bob().to_bytes().into(),
+            crate::mls::group_ops::Role::Admin as u8,
+        );
+        devices[0].node.change_group(NOW, conv, admin).unwrap();
+        run(w, devices);
+        conv
+    }
+
     /// alice (owner) and carol of a.example, bob of b.example made an admin, in a room homed
     /// at a.example; dave of a.example, in no room, blocks bob. KeyPackage requests reach
     /// a.example as from someone else (as if bob's device had fetched dave's packages before
@@ -995,13 +1008,7 @@ mod tests {
             device(0, 113, carol),
             device(0, 114, dave),
         ];
-        let conv = room_across(&mut w, &mut devices);
-        let admin = Intent::SetRole(
-            bob().to_bytes().into(),
-            crate::mls::group_ops::Role::Admin as u8,
-        );
-        devices[0].node.change_group(NOW, conv, admin).unwrap();
-        run(&mut w, &mut devices);
+        let conv = admin_abroad(&mut w, &mut devices);
         w.rewrite = Some(rewrite);
         devices[3].node.change_contact_abroad(
             NOW,
@@ -1106,5 +1113,56 @@ mod tests {
         refused_as_blocked(&w, &devices, conv);
         assert_eq!(w.gateways[1].0.stats().spanning.relays_blocked, 0);
         assert_eq!(w.gateways[0].0.stats().spanning.relays_refused, 1);
+    }
+
+    #[test]
+    fn a_relayed_commit_is_charged_to_its_senders_user_at_the_home() {
+        use crate::gateway::limits::{Limits, Rate, RateLimits};
+        let mut w = Pair::new();
+        let (dave, erin) = (
+            UserId::of("dave", DOMAINS[0]),
+            UserId::of("erin", DOMAINS[0]),
+        );
+        let mut devices = vec![
+            device(0, 121, alice()),
+            device(1, 122, bob()),
+            device(0, 123, UserId::of("carol", DOMAINS[0])),
+            device(0, 124, dave),
+            device(0, 125, erin),
+        ];
+        let conv = admin_abroad(&mut w, &mut devices);
+        // a.example lets a user invite one user at once, then one a minute.
+        w.gateways[0].0.limits = Limits::new(RateLimits {
+            invitations: Some(Rate::per_hour(60, 1)),
+            ..RateLimits::default()
+        });
+        let add = |user: UserId| Intent::AddForeign {
+            domain: DOMAINS[0].into(),
+            users: vec![user.to_bytes().into()],
+        };
+        devices[1].node.change_group(NOW, conv, add(dave)).unwrap();
+        run(&mut w, &mut devices);
+        assert!(
+            refusals(&devices[1]).is_empty(),
+            "{:?}",
+            refusals(&devices[1])
+        );
+        let members = |w: &Pair| w.gateways[0].0.group(conv).unwrap().users();
+        assert!(members(&w).contains(&dave));
+        // The second invitation within the minute: refused with the time to wait, as at home.
+        devices[1].node.change_group(NOW, conv, add(erin)).unwrap();
+        run(&mut w, &mut devices);
+        let throttled = devices[1].events.iter().any(|e| {
+            matches!(e, NodeEvent::Throttled { code: ErrorCode::InvitationsLimited, retry_after, message }
+                if *retry_after > core::time::Duration::from_secs(50)
+                    && message.contains("too many invitations"))
+        });
+        assert!(throttled, "{:?}", devices[1].events);
+        assert!(!members(&w).contains(&erin));
+        assert_eq!(w.gateways[0].0.limits.stats().invitations_limited, 1);
+        // The device pauses as it would at home; its gateway holds nothing back for it (as
+        // it does when the home is past its limit for the whole peer).
+        let bob_phone = devices[1].node.device();
+        assert_eq!(w.gateways[1].0.held_hints.wait(NOW, bob_phone, conv), None);
     }
 }

@@ -1765,8 +1765,8 @@ impl Gateway {
     /// the ones fetched before the block).
     ///
     /// A commit relayed from another domain (`device` is a member device of that domain) is
-    /// checked for blocks and for the invited users' quotas here; its sender's rate of
-    /// invitations is its own gateway's to keep.
+    /// checked alike, its user charged here: each gateway bounds the invitations into the
+    /// conversations it sequences, whoever's they are.
     fn admit_invitations(
         &mut self,
         now: Instant,
@@ -1820,10 +1820,6 @@ impl Gateway {
             return over_quota(format!(
                 "a user this commit adds is in as many conversations as this gateway allows one user ({quota})"
             ));
-        }
-        if ours.is_none() {
-            // Relayed: the sender's own gateway keeps its rate (see `relay_send`).
-            return Ok(());
         }
         let count = u32::try_from(invited.len()).unwrap_or(u32::MAX);
         let admitted = self.limits.admit_invitations(now, inviter, count);

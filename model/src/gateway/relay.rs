@@ -527,8 +527,14 @@ impl Gateway {
                     return;
                 }
                 self.spanning.answered(conversation, sender, msg_id);
-                if let Outcome::Limited { retry_after_ms, .. } = &outcome {
-                    // Kept here, so that this gateway holds the device to it.
+                if let Outcome::Limited {
+                    code: ErrorCode::PeerLimited,
+                    retry_after_ms,
+                    ..
+                } = &outcome
+                {
+                    // Kept here, so that this gateway holds the device to it (another limit,
+                    // as on invitations, holds only the commit it refused).
                     let wait = core::time::Duration::from_millis(u64::from(*retry_after_ms));
                     self.held_hints.hold(now, sender, conversation, wait);
                 }
@@ -817,10 +823,10 @@ impl Gateway {
         let outcome = self.sequence_relayed(now, peer, conv, relayed);
         match outcome {
             Outcome::Sequenced(_) => self.spanning_stats.relays_taken += 1,
-            Outcome::Refused { .. } | Outcome::Stale { .. } => {
+            // A limit of the sender's own here (invitations); the peer's was answered above.
+            Outcome::Refused { .. } | Outcome::Stale { .. } | Outcome::Limited { .. } => {
                 self.spanning_stats.relays_refused += 1;
             }
-            Outcome::Limited { .. } => unreachable!("answered above"),
         }
         outcome
     }
@@ -908,7 +914,15 @@ impl Gateway {
         if let Some(change) = effect.as_ref().map(|e| &e.change) {
             // Blocks by this domain's users and their quotas hold whoever commits.
             if let Err(refusal) = self.admit_invitations(now, sender, conv, msg_id, change) {
-                return refused(refusal.code, refusal.message);
+                return match refusal.detail.retry_after_ms() {
+                    // The invitation limit: the device hears when to commit again, as at home.
+                    Some(retry_after_ms) => Outcome::Limited {
+                        code: refusal.code,
+                        message: refusal.message,
+                        retry_after_ms: retry_after_ms.max(1),
+                    },
+                    None => refused(refusal.code, refusal.message),
+                };
             }
         }
         let appended = self.delivery.append_relayed(

@@ -59,9 +59,11 @@ pub(super) struct LimitWatch {
     sequenced: BTreeMap<ActorIndex, Sequenced>,
     /// The gateways' limit on invitations per user.
     invitation_rate: Option<Rate>,
-    /// Per inviting user: the gateway's clock (µs) at each invitation it admitted, since the
-    /// gateway last started (one entry per invited user).
-    invitations: BTreeMap<UserId, Vec<u64>>,
+    /// Per gateway and inviting user (each gateway charges whoever commits in the
+    /// conversations it sequences, its own users or, relayed, other domains'): the gateway's
+    /// clock (µs) at each invitation it admitted, since a gateway last started (one entry per
+    /// invited user).
+    invitations: BTreeMap<(ActorIndex, UserId), Vec<u64>>,
     /// Per gateway and conversation: the epoch and member users last seen there.
     rosters: BTreeMap<(ActorIndex, ConversationId), (u64, BTreeSet<UserId>)>,
 }
@@ -96,12 +98,18 @@ impl LimitWatch {
     /// invitation since the gateway started, the ones from it to now number at most
     /// `burst + span / interval`, the interval being the limit's (its period over its count,
     /// in whole microseconds).
-    pub(super) fn invited(&mut self, now: u64, inviter: UserId, count: usize) -> Option<String> {
+    pub(super) fn invited(
+        &mut self,
+        now: u64,
+        gateway: ActorIndex,
+        inviter: UserId,
+        count: usize,
+    ) -> Option<String> {
         let rate = self.invitation_rate?;
         if count == 0 {
             return None;
         }
-        let times = self.invitations.entry(inviter).or_default();
+        let times = self.invitations.entry((gateway, inviter)).or_default();
         times.extend(std::iter::repeat_n(now, count));
         let period_us = u64::try_from(rate.period.as_micros()).unwrap_or(u64::MAX);
         let interval_us = (period_us / u64::from(rate.count.max(1))).max(1);
@@ -274,6 +282,70 @@ impl World {
             .ok()?
             .routing
             .conversation;
+        self.pending_commit(gateway, conv, device)
+    }
+
+    /// Commits of other domains' devices in a federation frame about to reach `gateway`
+    /// (relays, each entry on its own or in a bundle), remembered as a device's `Send` is
+    /// by [`World::commit_arriving`]: the gateway charges their users too. Only with
+    /// `rate-limits` and an invitation limit.
+    pub(super) fn relayed_commits_arriving(
+        &mut self,
+        gateway: ActorIndex,
+        frame: &[u8],
+    ) -> Vec<PendingCommit> {
+        use sund_model::federation::entry::Entry;
+        use sund_model::mls::commit_authority::{read_message, Kind};
+        use sund_model::wire::Payload;
+        if self.limit_watch.invitation_rate.is_none()
+            || !self.scenario.invariants.contains(&Invariant::Limits)
+        {
+            return Vec::new();
+        }
+        let Ok(Frame {
+            payload: Payload::FederationForward(forward),
+            ..
+        }) = Frame::decode(frame, PAYLOAD_BYTES_MAX)
+        else {
+            return Vec::new();
+        };
+        let Ok(entry) = Entry::decode(&forward.body) else {
+            return Vec::new();
+        };
+        let mut pending = Vec::new();
+        for entry in entry.into_entries() {
+            let Entry::Relay {
+                conversation,
+                sender,
+                body,
+                ..
+            } = entry
+            else {
+                continue;
+            };
+            if !read_message(&body).is_ok_and(|(framing, _)| framing.kind == Kind::Commit) {
+                continue;
+            }
+            let device = self
+                .actors
+                .iter()
+                .position(|a| a.device == sender && matches!(a.machine, Machine::Node(..)));
+            let Some(device) = device.and_then(|d| ActorIndex::try_from(d).ok()) else {
+                continue;
+            };
+            pending.extend(self.pending_commit(gateway, conversation, device));
+        }
+        pending
+    }
+
+    /// A commit of `device` in `conv` about to reach `gateway`: the conversation's epoch
+    /// there, and its member users if the world has not seen that epoch's yet.
+    fn pending_commit(
+        &mut self,
+        gateway: ActorIndex,
+        conv: ConversationId,
+        device: ActorIndex,
+    ) -> Option<PendingCommit> {
         let Machine::Gateway(Some(g), _) = &self.actors[gateway as usize].machine else {
             return None;
         };
@@ -327,7 +399,10 @@ impl World {
             .rosters
             .insert((gateway, pending.conv), (group.epoch(), after));
         let now = self.local_now(gateway).0;
-        if let Some(detail) = self.limit_watch.invited(now, pending.inviter, invited) {
+        if let Some(detail) = self
+            .limit_watch
+            .invited(now, gateway, pending.inviter, invited)
+        {
             self.checker
                 .fail_safety(Invariant::Limits, self.now, detail);
         }
@@ -394,31 +469,40 @@ mod tests {
         let mut watch = LimitWatch::new(None, None).with_invitations(Some(Rate::per_hour(360, 3)));
         let alice = UserId::of("alice", "localhost");
         let bob = UserId::of("bob", "localhost");
-        assert_eq!(watch.invited(0, alice, 3), None, "the creation's burst");
+        assert_eq!(watch.invited(0, 0, alice, 3), None, "the creation's burst");
         assert_eq!(
-            watch.invited(10_000_000, alice, 1),
+            watch.invited(10_000_000, 0, alice, 1),
             None,
             "one interval later"
         );
         assert_eq!(
-            watch.invited(20_000_000, alice, 0),
+            watch.invited(20_000_000, 0, alice, 0),
             None,
             "a commit inviting nobody"
         );
-        assert_eq!(watch.invited(20_000_000, bob, 3), None, "bob has his own");
+        assert_eq!(
+            watch.invited(20_000_000, 0, bob, 3),
+            None,
+            "bob has his own"
+        );
+        assert_eq!(
+            watch.invited(20_000_000, 1, alice, 3),
+            None,
+            "another gateway charges alice's commits there on its own"
+        );
         let report = watch
-            .invited(20_000_001, alice, 2)
+            .invited(20_000_001, 0, alice, 2)
             .expect("two at once, one due");
         assert!(report.contains("invited 6 users within 20.0 s"), "{report}");
         watch.gateway_started();
         assert_eq!(
-            watch.invited(20_000_002, alice, 3),
+            watch.invited(20_000_002, 0, alice, 3),
             None,
             "a restart refills"
         );
         let mut off = LimitWatch::new(None, None);
         assert_eq!(
-            off.invited(0, alice, 1_000),
+            off.invited(0, 0, alice, 1_000),
             None,
             "no limit, nothing to bound"
         );
