@@ -115,7 +115,7 @@ impl ProfilePatch {
 }
 
 /// Kinds of MLS changes a future `commit` action may ask for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommitKind {
     /// Add a device.
     Add,
@@ -128,6 +128,9 @@ pub enum CommitKind {
     /// Start the DM as if nobody had (a DM's id follows from its two users, so both may
     /// start it at once; the gateways make it once).
     Start,
+    /// Make this user an admin of the room (who may then add anyone's devices and remove
+    /// members').
+    Admin(String),
 }
 
 /// Something done at a point in time.
@@ -1433,14 +1436,20 @@ fn action(line: &mut Line<'_>) -> Result<ActionParts, ScenarioError> {
             names.push((conv.clone(), col));
             line.keyword("from")?;
             let who = one(line, &mut targets)?;
-            let kind_token = line.next("`add`, `remove`, `update`, `leave` or `start`")?;
+            let kind_token = line.next("`add`, `remove`, `update`, `leave`, `start` or `admin USER`")?;
             let kind = match kind_token.text {
                 "add" => CommitKind::Add,
                 "remove" => CommitKind::Remove,
                 "update" => CommitKind::Update,
                 "leave" => CommitKind::Leave,
                 "start" => CommitKind::Start,
-                other => return Err(line.error_at(kind_token.column, format!("expected `add`, `remove`, `update`, `leave` or `start`, found `{other}`"))),
+                "admin" => {
+                    let col = line.peek().map_or(line.end_column, |t| t.column);
+                    let user = line.name("a user name")?;
+                    targets.push((Target::User(user.clone()), col));
+                    CommitKind::Admin(user)
+                }
+                other => return Err(line.error_at(kind_token.column, format!("expected `add`, `remove`, `update`, `leave`, `start` or `admin USER`, found `{other}`"))),
             };
             Action::Commit(conv, who, kind)
         }
@@ -1834,7 +1843,22 @@ fn resolve(file: &str, b: Builder, last_line: usize) -> Result<Scenario, Scenari
                     ));
                 }
             }
-            Action::Commit(_, who, _) => f(who)?,
+            Action::Commit(_, who, kind) => {
+                f(who)?;
+                if let CommitKind::Admin(user) = kind {
+                    // A user, never a gateway (they share one namespace).
+                    let mut named = Target::User(user.clone());
+                    f(&mut named)?;
+                    if !matches!(named, Target::User(_)) {
+                        let col = cols.next().unwrap_or(s.span.column);
+                        return Err(err(
+                            s.span,
+                            col,
+                            format!("`{user}` is a gateway; `admin` names a user"),
+                        ));
+                    }
+                }
+            }
             Action::SendFile { from, like, .. } => {
                 if let Some(like) = like {
                     let known = file_names.contains(like);

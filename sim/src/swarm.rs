@@ -32,6 +32,8 @@ const PRESENCE_ABROAD_STREAM: u64 = 0x0050_5241_4252;
 const INVITATION_STREAM: u64 = 0x0049_4e56_4954;
 /// The stream graceful drains of the gateway are drawn from (see `draw_drain`).
 const DRAIN_STREAM: u64 = 0x0044_5241_494e;
+/// The stream of [`draw_admins_abroad`].
+const ADMINS_STREAM: u64 = 0x0041_444d_494e;
 
 /// What kind of world a swarm seed builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -133,6 +135,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "mls-spanning",
     "mls-handover",
     "presence-abroad",
+    "admins-abroad",
 ];
 
 struct Draw {
@@ -641,7 +644,21 @@ pub fn generate(seed: u64, family: Family) -> Generated {
             mix.insert("presence-abroad");
         }
     }
-    let invitation_limit = readds && draw_invitation_limit(seed, &convs, &mut out);
+    let room_abroad = federation
+        .as_ref()
+        .map_or(&[][..], |f| &f.mls_room_abroad[..]);
+    let admins_abroad = draw_admins_abroad(seed, duration_s, room_abroad, &mut out);
+    if admins_abroad {
+        mix.insert("admins-abroad");
+    }
+    // With admins abroad, the room's creation invites its other members at once.
+    let spanning_invites = if admins_abroad {
+        room_abroad.len() as u64
+    } else {
+        0
+    };
+    let invitation_limit = (readds || admins_abroad)
+        && draw_invitation_limit(seed, &convs, spanning_invites, &mut out);
     if invitation_limit {
         mix.insert("invitation-limit");
     }
@@ -745,6 +762,8 @@ struct FederationDraw {
     mls_handovers: bool,
     /// The users homed at the other gateways (`span0`'s members there).
     foreign_users: Vec<String>,
+    /// If `mspan0` is a room: its members' users homed at the other gateways.
+    mls_room_abroad: Vec<String>,
 }
 
 /// Draws, from a stream of its own, whether `gw` federates with one or two more gateways
@@ -870,7 +889,9 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
         );
     }
     let mls_spanning = d.chance(0.5);
-    let mls_handovers = mls_spanning && draw_mls_spanning(&mut d, &all, end_ms, &mut text);
+    let mut mls_room_abroad = Vec::new();
+    let mls_handovers =
+        mls_spanning && draw_mls_spanning(&mut d, &all, end_ms, &mut text, &mut mls_room_abroad);
     Some(FederationDraw {
         gateways,
         text,
@@ -880,6 +901,7 @@ fn draw_federation(seed: u64, family: Family, duration_s: u64) -> Option<Federat
         mls_spanning,
         mls_handovers,
         foreign_users,
+        mls_room_abroad,
     })
 }
 
@@ -929,7 +951,13 @@ fn draw_presence_abroad(seed: u64, duration_s: u64, foreign: &[String], out: &mu
 /// adds the missing ones back, and another domain's member may leave; in a DM the other user
 /// may start it too, at once or a moment later. Last, in half the draws, its authority is
 /// handed over once or twice to a member's gateway (returns true then).
-fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String) -> bool {
+fn draw_mls_spanning(
+    d: &mut Draw,
+    all: &[&str],
+    end_ms: u64,
+    text: &mut String,
+    room_abroad: &mut Vec<String>,
+) -> bool {
     let home = *d.pick(all);
     let _ = writeln!(text, "user mh devices {} gateway {home}", d.range(1, 2));
     let mut members = vec!["mh".to_string()];
@@ -947,6 +975,9 @@ fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String)
             d.range(1, 2)
         );
         members.push(name);
+    }
+    if !dm {
+        room_abroad.extend(members[1..].iter().cloned());
     }
     let kind = if dm { "dm" } else { "room" };
     let _ = writeln!(
@@ -1022,6 +1053,46 @@ fn draw_mls_spanning(d: &mut Draw, all: &[&str], end_ms: u64, text: &mut String)
     drawn
 }
 
+/// In a world whose MLS room spans the domains (`mspan0`, homed at `mh`'s gateway), draws
+/// from a stream of its own whether `mh/0` makes a member of another domain an admin, who
+/// then removes members and adds them back from its own domain: commits relayed to the home that bring users in
+/// and take devices out, checked there against roles, blocks and (when drawn) the
+/// invitation limit, which charges the relayed sender's user at the home.
+fn draw_admins_abroad(
+    seed: u64,
+    duration_s: u64,
+    room_abroad: &[String],
+    out: &mut String,
+) -> bool {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(ADMINS_STREAM),
+    };
+    if room_abroad.is_empty() || !d.chance(0.5) {
+        return false;
+    }
+    let end_ms = duration_s * 1_000;
+    // One admin abroad, who removes members and adds them back (an admin may remove members
+    // only, never the owner or another admin).
+    let admin = d.pick(room_abroad).clone();
+    let _ = writeln!(
+        out,
+        "at {}ms commit mspan0 from mh/0 admin {admin}",
+        d.range(2_500, 4_000)
+    );
+    let every = d.range(2_000, 12_000);
+    let start = d.range(5_000, (end_ms / 2).max(5_001));
+    let _ = writeln!(
+        out,
+        "every {every}ms start {start}ms commit mspan0 from {admin}/0 remove"
+    );
+    let _ = writeln!(
+        out,
+        "every {every}ms start {}ms commit mspan0 from {admin}/0 add",
+        start + every / 2
+    );
+    true
+}
+
 /// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before
 /// drains existed), whether the home gateway is drained as on SIGTERM once or twice (new
 /// connections refused, every session told goodbye with a retry hint, the commits in flight
@@ -1056,7 +1127,12 @@ fn draw_drain(seed: u64, duration_s: u64, out: &mut String) -> bool {
 /// invitation limit, which the re-adds soon exceed (one user every 6–15 s). The burst is what
 /// the busiest creator invites when the conversations are made, plus up to two, so that
 /// creation is never refused for good. Checked by `rate-limits`.
-fn draw_invitation_limit(seed: u64, convs: &[Conv], out: &mut String) -> bool {
+fn draw_invitation_limit(
+    seed: u64,
+    convs: &[Conv],
+    spanning_invites: u64,
+    out: &mut String,
+) -> bool {
     let mut d = Draw {
         rng: SimRng::from_seed(seed).with_stream(INVITATION_STREAM),
     };
@@ -1067,7 +1143,12 @@ fn draw_invitation_limit(seed: u64, convs: &[Conv], out: &mut String) -> bool {
     for c in convs.iter().filter(|c| c.mls) {
         *at_creation.entry(c.members[0]).or_default() += c.members.len() as u64 - 1;
     }
-    let busiest = at_creation.values().copied().max().unwrap_or(0);
+    let busiest = at_creation
+        .values()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(spanning_invites);
     let burst = busiest.max(1) + d.range(0, 2);
     let per_hour = 3_600 / d.range(6, 15);
     let _ = writeln!(out, "config invitation-limit {per_hour} burst {burst}");

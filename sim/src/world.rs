@@ -1985,7 +1985,7 @@ impl World {
                     self.network.set_pair_profile(x, y, p);
                 }
             }
-            Action::Commit(conv, who, kind) => self.commit_action(conv, who, *kind),
+            Action::Commit(conv, who, kind) => self.commit_action(conv, who, kind.clone()),
             Action::SendFile {
                 conversation,
                 from,

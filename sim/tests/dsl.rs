@@ -268,6 +268,23 @@ fn a_dm_member_may_start_the_dm_and_a_commit_names_its_kind() {
     );
     insta::assert_snapshot!(
         error("duration 2s\ngateway gw\nuser a\nconversation d kind dm members a\nat 1s commit d from a join\n"),
-        @"bad.sund:5:23: expected `add`, `remove`, `update`, `leave` or `start`, found `join`"
+        @"bad.sund:5:23: expected `add`, `remove`, `update`, `leave`, `start` or `admin USER`, found `join`"
+    );
+    // `admin` names a user of the scenario.
+    let s = parse(
+        "x.sund",
+        "duration 2s\ngateway gw\nuser a\nuser b\nconversation r kind room members a b\nat 1s commit r from a/0 admin b\n",
+    )
+    .unwrap();
+    assert!(
+        s.schedule.iter().any(
+            |e| matches!(&e.action, Action::Commit(c, _, CommitKind::Admin(u)) if c == "r" && u == "b")
+        ),
+        "{:?}",
+        s.schedule
+    );
+    insta::assert_snapshot!(
+        error("duration 2s\ngateway gw\nuser a\nconversation r kind room members a\nat 1s commit r from a admin zed\n"),
+        @"bad.sund:5:29: unknown gateway or user `zed`"
     );
 }

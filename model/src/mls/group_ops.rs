@@ -76,6 +76,17 @@ impl Role {
     }
 }
 
+impl Role {
+    /// The role with its article, as a sentence names it ("an admin").
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Role::Member => "a member",
+            Role::Admin => "an admin",
+            Role::Owner => "an owner",
+        }
+    }
+}
+
 impl core::fmt::Display for Role {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {

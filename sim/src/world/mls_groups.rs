@@ -355,10 +355,15 @@ impl World {
                 continue;
             };
             let me = self.actors[device as usize].device;
-            let intent = match kind {
+            let intent = match &kind {
                 CommitKind::Update => Some(Intent::Update),
                 CommitKind::Leave => Some(Intent::Leave),
                 CommitKind::Start => unreachable!("handled above"),
+                CommitKind::Admin(user) => {
+                    let user = super::federation::user_id(&self.scenario, user);
+                    let admin = sund_model::mls::group_ops::Role::Admin as u8;
+                    Some(Intent::SetRole(user.to_bytes().into(), admin))
+                }
                 CommitKind::Add => {
                     // One intent per domain: this device's own, then each other one.
                     let mut users: BTreeMap<Option<String>, Vec<UserId>> = BTreeMap::new();

@@ -797,7 +797,9 @@ impl GroupState {
                     GroupKind::Own => {
                         "the group of a user's own devices holds no one else".to_string()
                     }
-                    GroupKind::Room => format!("a {role} may add only its own devices"),
+                    GroupKind::Room => {
+                        format!("{} may add only its own devices", role.with_article())
+                    }
                 };
                 return Err(GroupRefusal::Forbidden(format!("adding {device}: {why}")));
             }
@@ -824,7 +826,9 @@ impl GroupState {
                 };
             if !allowed {
                 return Err(GroupRefusal::Forbidden(format!(
-                    "removing {device}: a {role} may not remove a device of a {target_role}"
+                    "removing {device}: {} may not remove a device of {}",
+                    role.with_article(),
+                    target_role.with_article()
                 )));
             }
             let asked = self.removals.contains(&device);
