@@ -1155,7 +1155,7 @@ mod tests {
         let throttled = devices[1].events.iter().any(|e| {
             matches!(e, NodeEvent::Throttled { code: ErrorCode::InvitationsLimited, retry_after, message }
                 if *retry_after > core::time::Duration::from_secs(50)
-                    && message.contains("too many invitations"))
+                    && message.contains("too many invitations from this user into conversations homed at a.example"))
         });
         assert!(throttled, "{:?}", devices[1].events);
         assert!(!members(&w).contains(&erin));

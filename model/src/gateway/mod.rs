@@ -1840,8 +1840,13 @@ impl Gateway {
                     .about(msg_id))
             }
             Err(limited) => {
+                // A relayed commit's sender hears which domain's gateway counts.
+                let into = match ours {
+                    Some(_) => String::new(),
+                    None => format!(" into conversations homed at {}", self.config.domain),
+                };
                 let message = format!(
-                    "too many invitations from this user: at most {}",
+                    "too many invitations from this user{into}: at most {}",
                     limits::describe(limited.rate)
                 );
                 Err(Refusal::error(ErrorCode::InvitationsLimited, message)
