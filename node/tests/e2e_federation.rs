@@ -1139,6 +1139,114 @@ fn members_of_both_domains_change_a_room_that_spans_them() {
     terminate(a);
 }
 
+/// An admin of another domain runs a room homed at a.example: bob of b.example, made an admin
+/// by alice, invites carol of a.example through his own gateway, which relays the commit to the
+/// room's home; the home charges his invitations to its `[limits]` as it does its own users',
+/// so his second invitation within the hour is refused there, and his terminal says which
+/// domain counts and that the change waits; carol reads bob.
+#[test]
+fn an_admin_of_another_domain_is_held_to_the_homes_invitation_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let Federated { a, b, a_port, .. } = federated(
+        tmp.path(),
+        "\n[limits]\ninvitations_per_hour = 60\ninvitation_burst = 1\n",
+    );
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", &path("a")]);
+    for user in ["carol", "dave"] {
+        let token = enrol(&path("a"), user);
+        init_device(
+            &path(user),
+            &format!("127.0.0.1:{a_port}"),
+            cert.trim(),
+            Some(user),
+            Some(&token),
+        );
+    }
+    for who in ["alice", "bob", "carol", "dave"] {
+        run(&sund(), &["status", "--data-dir", &path(who)]);
+    }
+    let made = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &path("alice"),
+            "team",
+            "--invite",
+            "bob@b.example",
+        ],
+    );
+    let conv = conversation_in(&made);
+    let role = run(
+        &sund(),
+        &[
+            "room",
+            "role",
+            "--data-dir",
+            &path("alice"),
+            "team",
+            "bob@b.example",
+            "admin",
+        ],
+    );
+    assert!(role.contains("is now admin of team"), "{role}");
+    for who in ["bob", "carol"] {
+        run(
+            &sund(),
+            &["room", "name", "--data-dir", &path(who), &conv, "team"],
+        );
+    }
+    // bob's first invitation is within the burst.
+    let invited = run(
+        &sund(),
+        &[
+            "room",
+            "invite",
+            "--data-dir",
+            &path("bob"),
+            "team",
+            "carol@a.example",
+        ],
+    );
+    assert!(invited.contains("carol@a.example"), "{invited}");
+    // The second is past the limit at a.example, which counts bob's invitations there.
+    let (stdout, stderr) = fails_with_output(
+        &sund(),
+        &[
+            "room",
+            "invite",
+            "--data-dir",
+            &path("bob"),
+            "team",
+            "dave@a.example",
+        ],
+    );
+    assert!(
+        stderr.contains("the gateway is pacing this user (invitations_limited)")
+            && stderr.contains(
+                "too many invitations from this user into conversations homed at a.example"
+            )
+            && stderr.contains("the change stays queued"),
+        "{stdout}\n{stderr}"
+    );
+    let listed = run(&sund(), &["devices", "--data-dir", &path("bob")]);
+    assert!(listed.contains("  carol@a.example: "), "{listed}");
+    assert!(!listed.contains("dave"), "{listed}");
+    let sent = send(&at("bob"), "team", "hello from b.example");
+    assert!(sent.contains("seq"), "{sent}");
+    let read = follow(&path("carol"), "team", 1, Duration::from_secs(60));
+    assert!(
+        read.iter()
+            .any(|l| l.contains("bob@b.example") && l.ends_with("hello from b.example")),
+        "{read:?}"
+    );
+    terminate(b);
+    terminate(a);
+}
+
 /// An MLS room made at a.example with bob of b.example is handed over to b.example by its
 /// operator while both gateways run: the room's group state goes with it, a.example's last
 /// proposal names b.example's key as the group's external sender, alice's device commits it
