@@ -1638,6 +1638,56 @@ fn deferred_by(code: ErrorCode) {
 }
 
 #[test]
+fn an_invitation_refused_by_the_limit_holds_back_its_conversation_only() {
+    let other = ConversationId(0x0E);
+    let mut h = Harness::new();
+    h.open(1);
+    let a = h.node.send(h.now, CONV, Bytes::from_static(b"a")).unwrap();
+    let b = h.node.send(h.now, CONV, Bytes::from_static(b"b")).unwrap();
+    eager_and_held(&mut h);
+    // a (standing for a commit that invites) is refused by the invitation limit: the user
+    // hears it once, with the hint.
+    let report = ErrorReport {
+        code: ErrorCode::InvitationsLimited as u16,
+        message: "too many invitations from this user: at most 60 per hour".into(),
+        msg_id: Some(a.to_bytes()),
+        after: None,
+        retry_after_ms: Some(2_000),
+        held: None,
+    };
+    let routing = Routing {
+        conversation: CONV,
+        ..Routing::default()
+    };
+    let out = h.frame(1, routing, Payload::Error(report.clone()));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        NodeOutput::Event(NodeEvent::Throttled { code: ErrorCode::InvitationsLimited, retry_after, .. })
+            if *retry_after == Duration::from_secs(2)
+    )));
+    // The user's other conversations are not held up by it, as they are by the send limit.
+    let x = h.node.send(h.now, other, Bytes::from_static(b"x")).unwrap();
+    assert_eq!(sends(&eager_and_held(&mut h)), vec![(x, Some(MsgId(0)))]);
+    // Its own conversation waits for the hint; a second refusal within it says nothing new.
+    let c = h.node.send(h.now, CONV, Bytes::from_static(b"c")).unwrap();
+    assert!(sends(&eager_and_held(&mut h)).is_empty(), "held back");
+    let out = h.frame(1, routing, Payload::Error(report));
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, NodeOutput::Event(NodeEvent::Throttled { .. }))),
+        "{out:?}"
+    );
+    assert_eq!(h.node.poll_timeout(), Some(Instant(2_000_000)), "the hint");
+    h.now = Instant(2_000_000);
+    assert_eq!(
+        sends(&h.tick()),
+        vec![(a, Some(MsgId(0))), (b, Some(a)), (c, Some(b))],
+        "all again after the hint, in order, chained"
+    );
+    assert_eq!(h.node.stats().throttled, 2);
+}
+
+#[test]
 fn a_rate_limit_without_a_hint_pauses_for_a_second() {
     let mut h = Harness::new();
     h.open(1);

@@ -139,7 +139,8 @@ pub struct Node {
     /// what waits in the outbox is held back until then (in memory only).
     throttled_until: Option<Instant>,
     /// Conversations whose messages wait until then: their authority is moving to another
-    /// gateway (`authority_moving`), or limits what our gateway relays (`peer_limited`).
+    /// gateway (`authority_moving`), limits what our gateway relays (`peer_limited`), or a
+    /// change in it was refused by the limit on invitations or on new conversations.
     deferred: BTreeMap<ConversationId, Instant>,
     /// The application was told that the gateway sends frames this device cannot read (once
     /// per run of the node).
@@ -1287,7 +1288,8 @@ impl Node {
     }
 
     /// The gateway refused our `msg_id` by a rate limit: it stays in the outbox, and nothing
-    /// goes out until the hint has passed; then everything waiting goes, in order.
+    /// (of its conversation, for a limit on invitations or new conversations) goes out until
+    /// the hint has passed; then everything waiting goes, in order.
     fn throttle(&mut self, now: Instant, msg_id: MsgId, code: ErrorCode, report: &ErrorReport) {
         if self.outbox.get(msg_id).is_none() {
             return; // a late refusal of a copy of a message settled since
@@ -1308,16 +1310,36 @@ impl Node {
             }
         }
         let until = now + wait;
-        let paused = self.throttled_until.is_some_and(|at| now < at);
+        // The send limit is the device's: everything waits. The limits on invitations and
+        // on new conversations hold back only the conversation they refused a change in, so
+        // the user's other conversations go on.
+        let per_conversation = matches!(
+            code,
+            ErrorCode::InvitationsLimited | ErrorCode::ConversationsLimited
+        );
+        let paused = match (per_conversation, conv) {
+            (true, Some(conv)) => {
+                let paused = self.deferred.get(&conv).is_some_and(|&at| now < at);
+                let at = self.deferred.entry(conv).or_insert(until);
+                *at = (*at).max(until);
+                paused
+            }
+            _ => {
+                let paused = self.throttled_until.is_some_and(|at| now < at);
+                if !paused {
+                    self.pacing = Some(self.pacing.unwrap_or(PACING_START).min(PACING_START));
+                }
+                self.throttled_until = Some(self.throttled_until.map_or(until, |at| at.max(until)));
+                paused
+            }
+        };
         if !paused {
-            self.pacing = Some(self.pacing.unwrap_or(PACING_START).min(PACING_START));
             self.fx.event(NodeEvent::Throttled {
                 code,
                 retry_after: wait,
                 message: report.message.clone(),
             });
         }
-        self.throttled_until = Some(self.throttled_until.map_or(until, |at| at.max(until)));
     }
 
     /// After a rate limit: sends what waits within the pace, in order.

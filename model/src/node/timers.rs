@@ -55,7 +55,8 @@ impl Node {
             Some(until) => (!self.outbox.is_empty()).then_some(until),
             None => self.outbox.next_resend(self.resend_after()),
         };
-        // A conversation whose authority is moving goes again at its hint.
+        // A conversation held back on its own (its authority is moving, or a limit refused a
+        // change in it) goes again at its hint.
         let deferred = self.deferred.values().min().copied();
         let resend = match (resend, deferred) {
             (Some(a), Some(b)) => Some(a.min(b)),
