@@ -1508,9 +1508,22 @@ fn a_divergence_notice_is_told_and_the_cursor_stops_naming_its_message() {
 }
 
 fn sends_limited(h: &mut Harness, refused: MsgId, retry_after_ms: Option<u32>) -> Vec<NodeOutput> {
+    let message = "too many messages from this device";
+    limited(h, ErrorCode::SendsLimited, message, refused, retry_after_ms)
+}
+
+/// The gateway refuses `refused` in `CONV` for now with `code` (a limit, or an authority
+/// moving), with its hint.
+fn limited(
+    h: &mut Harness,
+    code: ErrorCode,
+    message: &str,
+    refused: MsgId,
+    retry_after_ms: Option<u32>,
+) -> Vec<NodeOutput> {
     let report = ErrorReport {
-        code: ErrorCode::SendsLimited as u16,
-        message: "too many messages from this device".into(),
+        code: code as u16,
+        message: message.into(),
         msg_id: Some(refused.to_bytes()),
         after: None,
         retry_after_ms,
@@ -1599,19 +1612,8 @@ fn deferred_by(code: ErrorCode) {
     eager_and_held(&mut h);
     // CONV is being handed over to another gateway: a is refused for now (b, behind it,
     // would be refused the same way). This is no rate limit: the user is told nothing.
-    let report = ErrorReport {
-        code: code as u16,
-        message: "this conversation's authority is moving to b.example".into(),
-        msg_id: Some(a.to_bytes()),
-        after: None,
-        retry_after_ms: Some(500),
-        held: None,
-    };
-    let routing = Routing {
-        conversation: CONV,
-        ..Routing::default()
-    };
-    let out = h.frame(1, routing, Payload::Error(report));
+    let moving = "this conversation's authority is moving to b.example";
+    let out = limited(&mut h, code, moving, a, Some(500));
     assert!(
         !out.iter().any(|o| matches!(o, NodeOutput::Event(_))),
         "{out:?}"
@@ -1647,19 +1649,14 @@ fn an_invitation_refused_by_the_limit_holds_back_its_conversation_only() {
     eager_and_held(&mut h);
     // a (standing for a commit that invites) is refused by the invitation limit: the user
     // hears it once, with the hint.
-    let report = ErrorReport {
-        code: ErrorCode::InvitationsLimited as u16,
-        message: "too many invitations from this user: at most 60 per hour".into(),
-        msg_id: Some(a.to_bytes()),
-        after: None,
-        retry_after_ms: Some(2_000),
-        held: None,
-    };
-    let routing = Routing {
-        conversation: CONV,
-        ..Routing::default()
-    };
-    let out = h.frame(1, routing, Payload::Error(report.clone()));
+    let too_many = "too many invitations from this user: at most 60 per hour";
+    let out = limited(
+        &mut h,
+        ErrorCode::InvitationsLimited,
+        too_many,
+        a,
+        Some(2_000),
+    );
     assert!(out.iter().any(|o| matches!(
         o,
         NodeOutput::Event(NodeEvent::Throttled { code: ErrorCode::InvitationsLimited, retry_after, .. })
@@ -1671,7 +1668,13 @@ fn an_invitation_refused_by_the_limit_holds_back_its_conversation_only() {
     // Its own conversation waits for the hint; a second refusal within it says nothing new.
     let c = h.node.send(h.now, CONV, Bytes::from_static(b"c")).unwrap();
     assert!(sends(&eager_and_held(&mut h)).is_empty(), "held back");
-    let out = h.frame(1, routing, Payload::Error(report));
+    let out = limited(
+        &mut h,
+        ErrorCode::InvitationsLimited,
+        too_many,
+        a,
+        Some(2_000),
+    );
     assert!(
         !out.iter()
             .any(|o| matches!(o, NodeOutput::Event(NodeEvent::Throttled { .. }))),

@@ -611,6 +611,49 @@ struct Federated {
     a_port: u16,
 }
 
+/// More users of a.example (after [`federated`]), each with a device enrolled by token, its
+/// data in `dir/USER`.
+fn more_users_of_a(dir: &Path, a_port: u16, users: &[&str]) {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", &path("a")]);
+    for user in users {
+        let token = enrol(&path("a"), user);
+        init_device(
+            &path(user),
+            &format!("127.0.0.1:{a_port}"),
+            cert.trim(),
+            Some(user),
+            Some(&token),
+        );
+    }
+}
+
+/// Each device in `dir/WHO` comes online once (and uploads its KeyPackages).
+fn online(dir: &Path, who: &[&str]) {
+    for name in who {
+        let data = dir.join(name);
+        run(&sund(), &["status", "--data-dir", data.to_str().unwrap()]);
+    }
+}
+
+/// alice makes `team`, homed at a.example, inviting bob of b.example; its `conv:…` id.
+fn alice_makes_team_with_bob(dir: &Path) -> String {
+    let alice = dir.join("alice");
+    let made = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            alice.to_str().unwrap(),
+            "team",
+            "--invite",
+            "bob@b.example",
+        ],
+    );
+    conversation_in(&made)
+}
+
 /// a.example's operator makes `room`, homed there, with alice's device, and shares it with
 /// bob's device of b.example.
 fn share_room(a_config: &str, keys: &[String]) {
@@ -1032,19 +1075,8 @@ fn members_of_both_domains_change_a_room_that_spans_them() {
     let path = |name: &str| at(name).to_str().unwrap().to_string();
     let Federated { a, b, a_port, .. } = federated(tmp.path(), "");
     // carol, a second user of a.example.
-    let cert = run(&gateway_binary(), &["cert", "--data-dir", &path("a")]);
-    let token = enrol(&path("a"), "carol");
-    init_device(
-        &path("carol"),
-        &format!("127.0.0.1:{a_port}"),
-        cert.trim(),
-        Some("carol"),
-        Some(&token),
-    );
-    // Each device comes online once (and uploads its KeyPackages).
-    for who in ["alice", "bob", "carol"] {
-        run(&sund(), &["status", "--data-dir", &path(who)]);
-    }
+    more_users_of_a(tmp.path(), a_port, &["carol"]);
+    online(tmp.path(), &["alice", "bob", "carol"]);
     // bob makes a room at b.example with alice of a.example, and makes her an admin.
     let made = run(
         &sund(),
@@ -1153,33 +1185,9 @@ fn an_admin_of_another_domain_is_held_to_the_homes_invitation_limit() {
         tmp.path(),
         "\n[limits]\ninvitations_per_hour = 60\ninvitation_burst = 1\n",
     );
-    let cert = run(&gateway_binary(), &["cert", "--data-dir", &path("a")]);
-    for user in ["carol", "dave"] {
-        let token = enrol(&path("a"), user);
-        init_device(
-            &path(user),
-            &format!("127.0.0.1:{a_port}"),
-            cert.trim(),
-            Some(user),
-            Some(&token),
-        );
-    }
-    for who in ["alice", "bob", "carol", "dave"] {
-        run(&sund(), &["status", "--data-dir", &path(who)]);
-    }
-    let made = run(
-        &sund(),
-        &[
-            "room",
-            "create",
-            "--data-dir",
-            &path("alice"),
-            "team",
-            "--invite",
-            "bob@b.example",
-        ],
-    );
-    let conv = conversation_in(&made);
+    more_users_of_a(tmp.path(), a_port, &["carol", "dave"]);
+    online(tmp.path(), &["alice", "bob", "carol", "dave"]);
+    let conv = alice_makes_team_with_bob(tmp.path());
     let role = run(
         &sund(),
         &[
@@ -1258,22 +1266,8 @@ fn an_mls_room_is_handed_over_to_the_other_domain_with_its_group() {
     let at = |name: &str| tmp.path().join(name);
     let path = |name: &str| at(name).to_str().unwrap().to_string();
     let Federated { a, b, .. } = federated(tmp.path(), "");
-    for who in ["alice", "bob"] {
-        run(&sund(), &["status", "--data-dir", &path(who)]);
-    }
-    let made = run(
-        &sund(),
-        &[
-            "room",
-            "create",
-            "--data-dir",
-            &path("alice"),
-            "team",
-            "--invite",
-            "bob@b.example",
-        ],
-    );
-    let conv = conversation_in(&made);
+    online(tmp.path(), &["alice", "bob"]);
+    let conv = alice_makes_team_with_bob(tmp.path());
     run(
         &sund(),
         &["room", "name", "--data-dir", &path("bob"), &conv, "team"],
