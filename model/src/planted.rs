@@ -40,6 +40,10 @@ pub enum PlantedBug {
     /// The authority counts what each peer gateway relays but never refuses a relay by its
     /// limit per peer: one peer can take the sequencer for itself.
     PeerLimitIgnored,
+    /// The gateway records blocks but enforces none on invitations: it hands a user's
+    /// KeyPackages to someone they blocked (its own directory and other domains' fetches),
+    /// and admits that user's commits adding them.
+    BlocksIgnored,
 }
 
 impl PlantedBug {
@@ -67,6 +71,7 @@ impl PlantedBug {
         ),
         ("peer-crl-ignored", PlantedBug::PeerCrlIgnored),
         ("peer-limit-ignored", PlantedBug::PeerLimitIgnored),
+        ("blocks-ignored", PlantedBug::BlocksIgnored),
     ];
 
     /// Looks a bug up by its command-line name.

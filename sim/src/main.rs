@@ -46,7 +46,8 @@ With --swarm, each seed draws its own scenario (topology, workload, fault mix an
                         that runs find it: gateway-ack-before-commit, dedup-forgets,
                         node-ack-before-durable, resume-off-by-one, send-limit-ignored,
                         presence-ignores-invisible, invitation-limit-ignored,
-                        handover-keeps-sequencing, peer-crl-ignored, peer-limit-ignored
+                        handover-keeps-sequencing, peer-crl-ignored, peer-limit-ignored,
+                        blocks-ignored
   --trace N             print each run's last N events in words, under its failure if it fails (frames with
                         their opcode, conversation and seq; commits; faults; application events)
   --progress            print on stderr how far each run got (virtual time, events, wall

@@ -366,6 +366,9 @@ pub enum Invariant {
     /// adds and removes across domains reached the other user's gateway (see
     /// `world::presence`).
     ContactsConverge,
+    /// No gateway sequences or relays a commit adding a device of a user who blocked the
+    /// committer's user once its own durable records hold the block (see `world::blocks`).
+    BlocksHold,
 }
 
 impl Invariant {
@@ -392,6 +395,7 @@ impl Invariant {
         ("peer-limit", Invariant::PeerLimit),
         ("presence-privacy", Invariant::PresencePrivacy),
         ("contacts-converge", Invariant::ContactsConverge),
+        ("blocks-hold", Invariant::BlocksHold),
     ];
 
     /// The DSL name.
@@ -425,6 +429,7 @@ impl Invariant {
                 | Invariant::ContactsConverge
                 | Invariant::FederationLinks
                 | Invariant::SingleAuthority
+                | Invariant::BlocksHold
         )
     }
 }

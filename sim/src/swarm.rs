@@ -34,6 +34,8 @@ const INVITATION_STREAM: u64 = 0x0049_4e56_4954;
 const DRAIN_STREAM: u64 = 0x0044_5241_494e;
 /// The stream of [`draw_admins_abroad`].
 const ADMINS_STREAM: u64 = 0x0041_444d_494e;
+/// The stream of [`draw_blocks`].
+const BLOCKS_STREAM: u64 = 0x0042_4c4f_434b;
 
 /// What kind of world a swarm seed builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -136,6 +138,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "mls-handover",
     "presence-abroad",
     "admins-abroad",
+    "blocks",
 ];
 
 struct Draw {
@@ -526,6 +529,8 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     let mls_convs: Vec<&Conv> = convs.iter().filter(|c| c.mls).collect();
     let mut readds = false;
+    // (blocker, blocked): a member and the user who removes and adds members back.
+    let mut block_pairs: Vec<(String, String)> = Vec::new();
     if !mls_convs.is_empty() && d.chance(0.7) {
         mix.insert("mls-churn");
         for c in &mls_convs {
@@ -550,6 +555,10 @@ pub fn generate(seed: u64, family: Family) -> Generated {
                     c.name
                 );
                 readds = true;
+                // In a room (in a DM, blocking the other user ends it for good).
+                for &m in c.members[1..].iter().filter(|_| c.name.starts_with("room")) {
+                    block_pairs.push((users[m].name.clone(), owner.clone()));
+                }
             }
             if d.chance(0.3) {
                 let leaver = &users[*c.members.last().expect("two members")];
@@ -647,9 +656,13 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     let room_abroad = federation
         .as_ref()
         .map_or(&[][..], |f| &f.mls_room_abroad[..]);
-    let admins_abroad = draw_admins_abroad(seed, duration_s, room_abroad, &mut out);
-    if admins_abroad {
+    let admin_abroad = draw_admins_abroad(seed, duration_s, room_abroad, &mut out);
+    let admins_abroad = admin_abroad.is_some();
+    if let Some(admin) = admin_abroad {
         mix.insert("admins-abroad");
+        for member in room_abroad.iter().filter(|m| **m != admin) {
+            block_pairs.push((member.clone(), admin.clone()));
+        }
     }
     // With admins abroad, the room's creation invites its other members at once.
     let spanning_invites = if admins_abroad {
@@ -664,6 +677,10 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     if draw_drain(seed, duration_s, &mut out) {
         mix.insert("drain");
+    }
+    let blocks = draw_blocks(seed, duration_s, &block_pairs, &mut out);
+    if blocks {
+        mix.insert("blocks");
     }
     let _ = writeln!(out);
     let mut checks = vec!["no-loss", "no-duplicate", "order", "converge"];
@@ -682,6 +699,9 @@ pub fn generate(seed: u64, family: Family) -> Generated {
     }
     if presence {
         checks.extend(["presence-privacy", "contacts-converge"]);
+    }
+    if blocks {
+        checks.push("blocks-hold");
     }
     if federation.is_some() {
         checks.push("federation-links");
@@ -1063,12 +1083,12 @@ fn draw_admins_abroad(
     duration_s: u64,
     room_abroad: &[String],
     out: &mut String,
-) -> bool {
+) -> Option<String> {
     let mut d = Draw {
         rng: SimRng::from_seed(seed).with_stream(ADMINS_STREAM),
     };
     if room_abroad.is_empty() || !d.chance(0.5) {
-        return false;
+        return None;
     }
     let end_ms = duration_s * 1_000;
     // One admin abroad, who removes members and adds them back (an admin may remove members
@@ -1090,6 +1110,30 @@ fn draw_admins_abroad(
         "every {every}ms start {}ms commit mspan0 from {admin}/0 add",
         start + every / 2
     );
+    Some(admin)
+}
+
+/// Draws, from a stream of its own (so the rest of a seed's scenario is what it was before
+/// blocks were drawn), whether a member of a room whose owner or admin removes members and
+/// adds them back blocks that user at some moment, and in half the draws unblocks them later:
+/// the adds of the blocker then fail (their KeyPackages are withheld, a commit made with
+/// packages fetched just before is refused), and succeed again after the unblock. Checked by
+/// `blocks-hold`; `pairs` are the (blocker, blocked) users to draw from.
+fn draw_blocks(seed: u64, duration_s: u64, pairs: &[(String, String)], out: &mut String) -> bool {
+    let mut d = Draw {
+        rng: SimRng::from_seed(seed).with_stream(BLOCKS_STREAM),
+    };
+    if pairs.is_empty() || !d.chance(0.5) {
+        return false;
+    }
+    let end_ms = duration_s * 1_000;
+    let (blocker, blocked) = d.pick(pairs);
+    let at = d.range(3_000, (end_ms * 2 / 3).max(3_001));
+    let _ = writeln!(out, "at {at}ms contact block {blocker} {blocked}");
+    if d.chance(0.5) {
+        let back = d.range(at + 1_000, end_ms.saturating_sub(1_000).max(at + 1_001));
+        let _ = writeln!(out, "at {back}ms contact unblock {blocker} {blocked}");
+    }
     true
 }
 

@@ -39,6 +39,7 @@ use crate::rng::SimRng;
 use crate::scenario::{Action, Invariant, Scenario, Target, Timing};
 use crate::trace::{Record, TraceHash};
 
+mod blocks;
 mod drain;
 mod federation;
 mod files;
@@ -318,7 +319,6 @@ pub struct World {
     files: files::SimFiles,
 }
 
-/// What a clock `ppm` parts per million off adds over `elapsed_us` (signed, truncated).
 /// True if the scenario changes contacts or watches presence: then each device names its user
 /// (plain scenarios otherwise leave devices their own users, and their traces unchanged).
 fn uses_contacts(scenario: &Scenario) -> bool {
@@ -330,6 +330,7 @@ fn uses_contacts(scenario: &Scenario) -> bool {
     })
 }
 
+/// What a clock `ppm` parts per million off adds over `elapsed_us` (signed, truncated).
 fn drift_us(ppm: i64, elapsed_us: u64) -> i64 {
     if ppm == 0 {
         return 0;
@@ -512,7 +513,7 @@ impl World {
             .with_invitations(scenario.tunables.invitation_rate()),
             shared_addresses,
             read_pauses: read_pause::ReadPauses::default(),
-            presence_watch: presence::PresenceWatch::default(),
+            presence_watch: presence::PresenceWatch::new(uses_contacts(&scenario)),
             federation,
             handovers: handover::HandoverWatch::default(),
             event_log: None,
@@ -991,6 +992,9 @@ impl World {
                 },
                 _ => break,
             };
+            if matches!(held, HeldKind::Gateway(_)) {
+                self.check_blocks_hold(a, &writes);
+            }
             // Eager outputs leave now, ahead of the commit that holds the rest.
             for output in eager {
                 self.node_output(a, output);

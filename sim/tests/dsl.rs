@@ -95,7 +95,7 @@ fn syntax_errors_name_file_line_column_and_what_was_expected() {
     insta::assert_snapshot!(error("at 5s explode gw\n"), @"bad.sund:1:7: unknown action `explode`; expected one of: partition, heal, isolate, rejoin, hold, release, block, unblock, disconnect, crash, restart, drain, stall-disk, resume-disk, fill-disk, free-disk, lie-disk, honest-disk, clock, drift, network, link, revoke, handover, relay, commit, send-file, contact, invisible, watch");
     insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a\nat 1s lie-disk a\n"), @"bad.sund:4:1: `lie-disk` takes gateways: a device whose disk lies is not modelled yet");
     insta::assert_snapshot!(error("at 5s partition gw\n"), @"bad.sund:1:19: expected a target (gateway, user, user/N, prefix*, all-devices, random-device, ...), found end of line");
-    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, federation-links, sender-order, no-panic, files, rate-limits, ordinary-unthrottled, peer-limit, presence-privacy, contacts-converge");
+    insta::assert_snapshot!(error("check no-loss sanity\n"), @"bad.sund:1:15: unknown invariant `sanity`; known: no-loss, no-duplicate, order, converge, epoch-agreement, decrypt, revoked-never-authenticates, crl-converge, single-authority, federation-links, sender-order, no-panic, files, rate-limits, ordinary-unthrottled, peer-limit, presence-privacy, contacts-converge, blocks-hold");
     insta::assert_snapshot!(error("gateway gw\nuser a\nconversation c kind club members a\n"), @"bad.sund:3:21: unknown conversation kind `club`; expected room, dm or own");
     insta::assert_snapshot!(error("duration 5s\ngateway gw\nuser a devices 2\nuser b\nconversation c kind own members a/0 b\n"), @"bad.sund:5:37: the group of a user's own devices (`kind own`) holds the devices of one user only");
     insta::assert_snapshot!(error("gateway gw\nuser a address 300.1.2.3\n"), @"bad.sund:2:16: expected an IPv4 address such as 203.0.113.7, found `300.1.2.3`");
@@ -179,7 +179,7 @@ fn every_long_scenario_parses() {
 
 #[test]
 fn an_unknown_planted_bug_is_named_with_the_ones_there_are() {
-    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored, presence-ignores-invisible, invitation-limit-ignored, handover-keeps-sequencing, peer-crl-ignored, peer-limit-ignored");
+    insta::assert_snapshot!(error("gateway gw\nplant everything\n"), @"bad.sund:2:7: unknown planted bug `everything`; expected one of: gateway-ack-before-commit, dedup-forgets, node-ack-before-durable, resume-off-by-one, send-limit-ignored, presence-ignores-invisible, invitation-limit-ignored, handover-keeps-sequencing, peer-crl-ignored, peer-limit-ignored, blocks-ignored");
 }
 
 #[test]

@@ -24,6 +24,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("handover-keeps-sequencing", "single-authority"),
     ("peer-crl-ignored", "converge"),
     ("peer-limit-ignored", "peer-limit"),
+    ("blocks-ignored", "blocks-hold"),
 ];
 
 fn broken(file: &str, text: &str) -> Option<Invariant> {

@@ -1133,7 +1133,9 @@ impl Gateway {
                 let registry = &self.registry;
                 let sessions = &self.sessions;
                 let social = &self.social;
-                let requester = registry.user_of(device);
+                let requester = registry
+                    .user_of(device)
+                    .filter(|_| self.config.planted != Some(PlantedBug::BlocksIgnored));
                 // A user's KeyPackages are not handed to anyone they blocked: nobody starts a
                 // DM with, or adds to a room, someone who blocked them.
                 let reachable = |user| requester.is_none_or(|r| !social.blocked(user, r));
@@ -1754,6 +1756,9 @@ impl Gateway {
         inviter: UserId,
         mut added: impl Iterator<Item = UserId>,
     ) -> bool {
+        if self.config.planted == Some(PlantedBug::BlocksIgnored) {
+            return false;
+        }
         added.any(|user| user != inviter && self.social.blocked(user, inviter))
     }
 

@@ -405,6 +405,20 @@ fn encode(relations: &Relations) -> Vec<u8> {
     minicbor::to_vec(relations.record()).expect("encoding into a Vec cannot fail")
 }
 
+/// The users a stored [`SOCIAL_TABLE`] record says its user blocked: for an observer of the
+/// store (the simulator's `blocks-hold` invariant judges a gateway by what it made durable).
+pub fn blocked_in_record(value: &[u8]) -> Result<Vec<UserId>, StoreError> {
+    let record: SocialRecord = minicbor::decode(value).map_err(|e| StoreError::Corrupt {
+        table: SOCIAL_TABLE.0,
+        reason: format!("a social record does not decode: {e}"),
+    })?;
+    Ok(record
+        .blocked
+        .iter()
+        .map(|u| UserId::from_bytes(**u))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +430,23 @@ mod tests {
 
     fn ids(list: &[ByteArray<16>]) -> Vec<UserId> {
         list.iter().map(|b| UserId::from_bytes(**b)).collect()
+    }
+
+    #[test]
+    fn a_stored_record_tells_whom_its_user_blocked() {
+        let mut social = Social::default();
+        let mut w = WriteBatch::default();
+        social
+            .change(u(1), u(2), ContactAction::Block, 10, &mut w)
+            .unwrap();
+        social
+            .change(u(1), u(3), ContactAction::Add, 10, &mut w)
+            .unwrap();
+        let crate::env::WriteOp::Put { value, .. } = w.ops().last().expect("a record") else {
+            panic!("a put");
+        };
+        assert_eq!(blocked_in_record(value).unwrap(), vec![u(2)]);
+        assert!(blocked_in_record(&[0xff, 0x00]).is_err(), "not a record");
     }
 
     #[test]

@@ -75,19 +75,24 @@ impl World {
 
     /// True if a group not created yet never will be, and nobody expects it: its creator was
     /// revoked before its creating commit reached the gateway, or (a DM) the other user's every
-    /// device was.
+    /// device was, or the other user blocks the creator.
     fn creation_abandoned(&self, c: &SimConversation) -> bool {
         let creator = c.members[0];
         if self.is_revoked(creator) {
             return true;
         }
         let own = self.user_name(creator);
+        let own_id = super::federation::user_id(&self.scenario, own);
         c.kind == Some(GroupKind::Dm)
             && c.members
                 .iter()
                 .map(|&m| self.user_name(m))
                 .filter(|&name| name != own)
-                .all(|name| self.user_revoked(name))
+                .all(|name| {
+                    self.user_revoked(name)
+                        || self
+                            .blocks_known(super::federation::user_id(&self.scenario, name), own_id)
+                })
     }
 
     /// The domain of `member`'s home gateway if it is another than `of`'s (a federating
@@ -116,6 +121,7 @@ impl World {
         let kind = c.kind.expect("an MLS conversation");
         let creator = c.members[0];
         let own = self.user_name(creator).to_string();
+        let own_id = super::federation::user_id(&self.scenario, &own);
         let mut users: Vec<UserId> = Vec::new();
         // Users of other domains, by domain: their devices join through their own gateway.
         let mut foreign: BTreeMap<String, Vec<UserId>> = BTreeMap::new();
@@ -123,8 +129,13 @@ impl World {
             let name = self.user_name(m);
             let user = super::federation::user_id(&self.scenario, name);
             // A user whose every device was revoked cannot be invited (the gateway holds no
-            // KeyPackage of theirs); a person would create the room without them.
-            if name == own || users.contains(&user) || self.user_revoked(name) {
+            // KeyPackage of theirs), nor one who blocked the creator (their gateway hands out
+            // none); a person would create the room without them.
+            if name == own
+                || users.contains(&user)
+                || self.user_revoked(name)
+                || self.blocks_known(user, own_id)
+            {
                 continue;
             }
             match self.foreign_domain(creator, m) {

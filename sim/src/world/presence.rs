@@ -131,6 +131,11 @@ impl Ledger {
             && !self.blocked.contains(&(target, watcher))
     }
 
+    /// True if `a` blocks `b`.
+    fn blocks(&self, a: UserId, b: UserId) -> bool {
+        self.blocked.contains(&(a, b))
+    }
+
     /// The rule: contacts both ways, visible, no block either way.
     pub(super) fn may_see(&self, watcher: UserId, target: UserId) -> bool {
         watcher != target
@@ -184,6 +189,19 @@ pub(super) struct PresenceWatch {
     /// Every (watcher, target, state) a target's gateway told another domain's, after its
     /// check.
     told_abroad: BTreeSet<(UserId, UserId, Seen)>,
+    /// The scenario changes contacts: the ledger is kept whatever is checked, for the world's
+    /// own use (a creator leaves out who blocked them).
+    contacts: bool,
+}
+
+impl PresenceWatch {
+    /// Watches a scenario that changes contacts (`contacts`) or not.
+    pub(super) fn new(contacts: bool) -> PresenceWatch {
+        PresenceWatch {
+            contacts,
+            ..PresenceWatch::default()
+        }
+    }
 }
 
 /// The presence states a gateway's batch tells other domains' gateways: (watcher, target,
@@ -220,7 +238,7 @@ fn opcode(frame: &[u8]) -> Option<u16> {
 
 impl World {
     /// The user a device's sessions are bound to (its certificate's user).
-    fn user_id_of(&self, device: ActorIndex) -> Option<UserId> {
+    pub(super) fn user_id_of(&self, device: ActorIndex) -> Option<UserId> {
         match &self.actors[device as usize].machine {
             Machine::Node(_, config) => Some(config.certificate_user()),
             Machine::Gateway(..) => None,
@@ -278,12 +296,19 @@ impl World {
     /// True if an invariant needs the ledger of contact changes.
     fn keeps_ledger(&self) -> bool {
         let wanted = &self.scenario.invariants;
-        wanted.contains(&Invariant::PresencePrivacy)
+        self.presence_watch.contacts
+            || wanted.contains(&Invariant::PresencePrivacy)
             || wanted.contains(&Invariant::ContactsConverge)
     }
 
+    /// True if `blocker` blocks `blocked`, as the gateway answered it (known only in scenarios
+    /// that change contacts).
+    pub(super) fn blocks_known(&self, blocker: UserId, blocked: UserId) -> bool {
+        self.presence_watch.ledger.blocks(blocker, blocked)
+    }
+
     /// A user as the scenario names it: its first device's name without the device number.
-    fn name_of_user(&self, user: UserId) -> String {
+    pub(super) fn name_of_user(&self, user: UserId) -> String {
         self.devices
             .iter()
             .find(|&&d| self.user_id_of(d) == Some(user))
