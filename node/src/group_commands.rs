@@ -396,7 +396,9 @@ pub fn contact(data_dir: &Path, name: &str) -> Result<(), String> {
     let user = address.user();
     let shown = address.shown_from(device.home_domain());
     match &device.user {
-        Some(me) if *me != address && me.domain() == address.domain() => {
+        // The DM's id comes from the two user ids, which the whole addresses make: the same
+        // whatever the domains.
+        Some(me) if *me != address => {
             let dm = sund_model::node::dm_id(me.user(), user);
             device
                 .name_conversation(&format!("@{shown}"), dm)
@@ -828,12 +830,19 @@ pub async fn devices(data_dir: &Path, json: bool) -> Result<(), String> {
     if groups.is_empty() {
         say!("this device is in no DM or room yet: `sund dm USER` or `sund room create NAME`");
     }
+    let me = device.user_id();
     for g in &groups {
+        // An unnamed DM is shown as `send` and `follow` take it: `@` and the other user's
+        // address, when this device knows it.
+        let with = g.members.iter().map(|(_, u)| *u).find(|u| Some(*u) != me);
         let name = names
             .get(&g.conversation)
             .cloned()
             .unwrap_or_else(|| match g.kind {
-                GroupKind::Dm => "(unnamed DM)".to_string(),
+                GroupKind::Dm => match with.and_then(|u| users.get(&u)) {
+                    Some(address) => format!("@{address}"),
+                    None => "(unnamed DM)".to_string(),
+                },
                 GroupKind::Room => "(unnamed room)".to_string(),
                 GroupKind::Own => "(your devices: the contact book)".to_string(),
             });

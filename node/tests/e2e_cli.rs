@@ -505,6 +505,10 @@ fn a_receiver_reads_the_senders_name_from_the_group_and_names_the_dm_once() {
         stderr.contains("is your DM with alice: `sund contact alice` names them and the DM"),
         "{stderr}"
     );
+    // Unnamed, it is listed as `send` takes it anyway: `@` and her address.
+    let listed = run(&sund(), &["devices", "--data-dir", &dm.bob]);
+    assert!(listed.contains("dm @alice (conv:"), "{listed}");
+    assert!(!listed.contains("(unnamed DM)"), "{listed}");
     // Naming her still names the DM, so that bob can write to it by name.
     let named = run(&sund(), &["contact", "--data-dir", &dm.bob, "alice"]);
     assert!(named.contains("your DM with them is @alice"), "{named}");

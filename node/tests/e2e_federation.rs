@@ -820,6 +820,15 @@ fn users_are_named_by_address_and_each_domain_enrols_its_own() {
         read.iter().any(|l| l.ends_with("hello from b.example")),
         "{read:?}"
     );
+    // Naming him on her device names their DM too, across domains as at home.
+    let named = run(
+        &sund(),
+        &["contact", "--data-dir", &path("alice"), "bob@b.example"],
+    );
+    assert!(
+        named.contains("your DM with them is @bob@b.example (conv:"),
+        "{named}"
+    );
     // Her answer goes through her gateway to the DM's home, and back to bob's.
     let sent = send(&at("alice"), "@bob@b.example", "hello from a.example");
     assert!(sent.contains("seq"), "{sent}");
