@@ -698,7 +698,9 @@ fn list(gateway: &Gateway) -> String {
             })
             .collect();
         if let Some(home) = gateway.replica_of(log.id()) {
-            spans = format!(" homed at {home} (a copy it orders)");
+            spans = format!(
+                " homed at {home}, which orders it (this gateway keeps a copy for its devices)"
+            );
         }
         if let Some(Role::Moving { to, .. }) = gateway.spanning_role(log.id()) {
             spans = format!(" moving to {to} (frozen until it takes over)");

@@ -840,6 +840,54 @@ fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
 }
 
 #[test]
+fn a_member_whose_runs_are_short_still_takes_over_a_proposal_the_chosen_committer_leaves() {
+    // As above, but Bob's devices restart every 4 s (a `sund send` now and then): each must
+    // still count the wait from when it first saw the proposal, not from its latest start.
+    let mut net = three_devices();
+    net.add(4, node_config(4, "carol"));
+    let now = net.now;
+    let room = net
+        .nodes
+        .get_mut(&1)
+        .unwrap()
+        .0
+        .create_room(now, &[user("bob"), user("carol")])
+        .unwrap();
+    net.settle();
+    net.nodes.get_mut(&1).unwrap().0.go_offline(now);
+    net.settle();
+    net.nodes.get_mut(&4).unwrap().0.leave(now, room).unwrap();
+    net.settle();
+    let carol = net.device(4);
+    let in_room = |net: &Net| {
+        net.gateway
+            .group(room)
+            .unwrap()
+            .devices()
+            .contains_key(&carol)
+    };
+    assert!(in_room(&net));
+    for step in 0..8 {
+        net.now = sund_model::time::Instant(net.now.0 + 2_000_000);
+        if step % 2 == 1 {
+            net.restart(2, node_config(2, "bob"));
+            net.restart(3, node_config(3, "bob"));
+        }
+        net.settle();
+    }
+    assert!(
+        !in_room(&net),
+        "a member of rank 1 committed the leave within 16 s"
+    );
+    net.nodes.get_mut(&1).unwrap().0.go_online(net.now);
+    net.settle();
+    let a = authenticator(&net, 2, room);
+    assert_eq!(authenticator(&net, 1, room), a);
+    assert_eq!(authenticator(&net, 3, room), a);
+    assert!(failures(&net).is_empty(), "{:?}", failures(&net));
+}
+
+#[test]
 fn a_user_with_no_registered_device_is_an_error_not_an_empty_conversation() {
     let mut net = three_devices();
     let now = net.now;

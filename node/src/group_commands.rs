@@ -261,6 +261,32 @@ const WELCOME_GRACE: Duration = Duration::from_secs(3);
 /// running joins from the Welcome waiting at the gateway, so a command on such a room waits
 /// for the connection and then briefly for that Welcome before saying the room is unknown.
 pub async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Result<(), String> {
+    membership(node, conv).await.map_err(|e| e.to_string())
+}
+
+/// Why [`membership`] found no DM or room.
+#[derive(Debug)]
+pub enum NotMember {
+    /// Connected, and no Welcome came within the grace: the device was not invited.
+    NotInvited(String),
+    /// The gateway could not be reached, so a waiting Welcome could not be fetched.
+    Unreachable(String),
+    /// The gateway refused the device, or the node stopped.
+    Failed(String),
+}
+
+impl std::fmt::Display for NotMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotMember::NotInvited(s) | NotMember::Unreachable(s) | NotMember::Failed(s) => {
+                f.write_str(s)
+            }
+        }
+    }
+}
+
+/// As [`await_membership`], telling apart a device not invited from one that could not ask.
+pub async fn membership(node: &mut NodeHandle, conv: ConversationId) -> Result<(), NotMember> {
     let member = |groups: &[GroupSummary]| {
         groups.iter().any(|g| {
             g.conversation == conv
@@ -275,7 +301,10 @@ pub async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Re
     let mut connected_at: Option<tokio::time::Instant> = None;
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     loop {
-        let groups = node.groups().await.map_err(|e| e.to_string())?;
+        let groups = node
+            .groups()
+            .await
+            .map_err(|e| NotMember::Failed(e.to_string()))?;
         if member(&groups) {
             return Ok(());
         }
@@ -285,23 +314,23 @@ pub async fn await_membership(node: &mut NodeHandle, conv: ConversationId) -> Re
             )
         };
         if connected_at.is_some_and(|t| t.elapsed() >= WELCOME_GRACE) {
-            return Err(unknown());
+            return Err(NotMember::NotInvited(unknown()));
         }
         tokio::select! {
-            _ = &mut deadline => return Err(format!(
+            _ = &mut deadline => return Err(NotMember::Unreachable(format!(
                 "{}; the gateway could not be reached to fetch invitations (`sund status` says why)",
                 unknown()
-            )),
+            ))),
             event = node.events.recv() => match event {
                 Some(NodeEvent::Status(sund_model::node::ConnectionStatus::Connected)) => {
                     connected_at.get_or_insert_with(tokio::time::Instant::now);
                 }
                 Some(NodeEvent::Refused { message, .. }) => {
-                    return Err(format!("the gateway refused this device: {message}"));
+                    return Err(NotMember::Failed(format!("the gateway refused this device: {message}")));
                 }
-                Some(NodeEvent::Revoked) => return Err(crate::REVOKED.into()),
+                Some(NodeEvent::Revoked) => return Err(NotMember::Failed(crate::REVOKED.into())),
                 Some(_) => {}
-                None => return Err("the node stopped unexpectedly".into()),
+                None => return Err(NotMember::Failed("the node stopped unexpectedly".into())),
             },
             _ = poll.tick() => {}
         }

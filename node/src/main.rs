@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{CommandFactory, Parser, Subcommand};
-use sund_model::node::{ConnectionStatus, NodeEvent};
+use sund_model::ids::{ConversationId, MsgId};
+use sund_model::mls::device_groups::GroupError;
+use sund_model::node::{ConnectionStatus, NodeEvent, SendError};
 use sund_model::wire::payload::{ContactAction, ErrorCode};
 use sund_node::device::Device;
 use sund_node::display;
-use sund_node::driver;
+use sund_node::driver::{self, NodeError, NodeHandle};
 
 /// `println!` that never panics: when whoever reads our output has gone (`sund dm bob | head
 /// -1`), the command still finishes its work and the rest of its output is dropped.
@@ -832,8 +834,46 @@ fn messages_to_send(words: &[String]) -> Result<Vec<String>, String> {
     Ok(vec![message])
 }
 
+/// True if this device is in a DM or room of that id (joined, or joining).
+async fn is_group(node: &NodeHandle, id: ConversationId) -> bool {
+    node.groups()
+        .await
+        .is_ok_and(|groups| groups.iter().any(|g| g.conversation == id))
+}
+
 /// How long `sund send` waits for the gateway's next acknowledgement.
 const ACK_WAIT: Duration = Duration::from_secs(15);
+
+/// Saves `body` in the outbox as [`NodeHandle::send`] does, but while a change the gateway
+/// proposed waits for a member's commit (MLS takes no message until then, and this device
+/// commits it itself as soon as it can), tries again for up to [`ACK_WAIT`] instead of
+/// refusing at once. Events meanwhile stay queued for the caller.
+async fn send_when_no_proposal_waits(
+    node: &NodeHandle,
+    id: ConversationId,
+    conversation: &str,
+    body: Bytes,
+) -> Result<Result<MsgId, SendError>, NodeError> {
+    let started = tokio::time::Instant::now();
+    let mut told = false;
+    loop {
+        let result = node.send(id, body.clone()).await?;
+        let pending = matches!(
+            result,
+            Err(SendError::Group(GroupError::ProposalPending(_)))
+        );
+        if !pending || started.elapsed() >= ACK_WAIT {
+            return Ok(result);
+        }
+        if !told && started.elapsed() >= Duration::from_secs(1) {
+            told = true;
+            esay!(
+                "`{conversation}` waits for a member to commit a change its gateway proposed (a removal, or its new home); the message is saved once that is done (up to 15 s)…"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 async fn send(data_dir: &Path, conversation: &str, words: &[String]) -> Result<(), String> {
     let messages = messages_to_send(words)?;
@@ -859,12 +899,31 @@ async fn send(data_dir: &Path, conversation: &str, words: &[String]) -> Result<(
             }
             return Err(e);
         }
+    } else if conversation.starts_with("conv:") && !is_group(&node, id).await {
+        // An id this device knows no DM or room by may be a room it was invited to while it
+        // was not running: its Welcome waits at the gateway. Never send such a room's message
+        // down the operator-conversation path, where the gateway would read it in plaintext.
+        match group_commands::membership(&mut node, id).await {
+            Ok(()) => {}
+            // Connected, and invited to nothing by that id: a conversation an operator made.
+            Err(group_commands::NotMember::NotInvited(_)) => {}
+            Err(group_commands::NotMember::Unreachable(_)) => {
+                let _ = node.stop().await;
+                return Err(format!(
+                    "cannot tell whether `{conversation}` is a room this device was invited to (its invitation would wait at the gateway, which cannot be reached: `sund status` says why), so nothing was sent: its messages must be encrypted; send it again once the gateway answers"
+                ));
+            }
+            Err(group_commands::NotMember::Failed(e)) => {
+                let _ = node.stop().await;
+                return Err(e);
+            }
+        }
     }
     // Every message is saved in the outbox, in order, before any acknowledgement is awaited:
     // the gateway sequences them in this order (sender order).
     let mut waiting = std::collections::VecDeque::new();
     for message in messages {
-        match node.send(id, Bytes::from(message)).await {
+        match send_when_no_proposal_waits(&node, id, conversation, Bytes::from(message)).await {
             Ok(Ok(msg_id)) => waiting.push_back(msg_id),
             Ok(Err(e)) => {
                 let _ = node.stop().await;
@@ -872,6 +931,11 @@ async fn send(data_dir: &Path, conversation: &str, words: &[String]) -> Result<(
                     0 => String::new(),
                     n => format!(" ({n} earlier message(s) are saved and go out with the next `sund send` or `sund follow`)"),
                 };
+                if matches!(e, SendError::Group(GroupError::ProposalPending(_))) {
+                    return Err(format!(
+                        "cannot send to `{conversation}` yet: it waits for a member to commit a change its gateway proposed (a removal, or its new home), and none has within 15 s. The member chosen to commit it may be away; each other member steps in 10 s after the one before it (counted from when its device first saw the change, across runs). The message was not saved: send it again in a little while{saved}"
+                    ));
+                }
                 return Err(format!("cannot send to `{conversation}`: {e}{saved}"));
             }
             Err(_) => {

@@ -743,3 +743,74 @@ fn a_flood_of_sends_is_paced_by_the_gateway_and_nothing_is_lost_or_reordered() {
         "{err}"
     );
 }
+
+#[test]
+fn a_send_while_a_proposed_removal_waits_for_its_commit_is_saved_once_it_is_committed() {
+    let dm = Dm::new();
+    let gw = dm.gw_dir.to_str().unwrap();
+    let cert = run(&gateway_binary(), &["cert", "--data-dir", gw]);
+    let carol = dm._tmp.path().join("carol").to_str().unwrap().to_string();
+    let addr = format!("127.0.0.1:{}", dm.port);
+    init_device(&carol, &addr, cert.trim(), Some("carol"), None);
+    let status = run(&sund(), &["status", "--data-dir", &carol]);
+    let carol_id = status
+        .split_whitespace()
+        .find(|w| w.starts_with("dev:"))
+        .expect("status names the device")
+        .to_string();
+    let made = run(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &dm.alice,
+            "team",
+            "--invite",
+            "bob",
+            "--invite",
+            "carol",
+        ],
+    );
+    let room = conversation_of(&made);
+    // The operator revokes carol's device: the gateway proposes her removal, which alice's
+    // device (the member chosen to commit it, the lowest leaf) would commit, but it is not
+    // running.
+    let revoked = run(
+        &gateway_binary(),
+        &["admin", "revoke", &carol_id, "--data-dir", gw],
+    );
+    assert!(revoked.contains("CRL version 1"), "{revoked}");
+    // Bob's sends join the room (by its id, before his device ever opened it: never in
+    // plaintext) and take the proposal in. A message cannot be encrypted while the removal
+    // waits (MLS takes no message then): the send waits, bob's device steps in 10 s after it
+    // first saw the proposal, and the message goes out, where it used to be refused at once.
+    // Whether the first send or the second meets the proposal depends on when it arrives, so
+    // both are judged together.
+    let mut hinted = false;
+    for text in ["one", "two"] {
+        let out = Command::new(sund())
+            .args(["send", "--data-dir", &dm.bob, &room, text])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}: {stdout}{stderr}");
+        assert!(stdout.contains("seq"), "{stdout}");
+        hinted |= stderr.contains("waits for a member to commit a change its gateway proposed");
+    }
+    assert!(hinted, "one of the sends waited for the removal's commit");
+    let listed = run(&sund(), &["devices", "--data-dir", &dm.bob]);
+    assert!(
+        !listed.contains(&carol_id),
+        "carol's device is out: {listed}"
+    );
+}
+
+/// The `conv:…` id in what `room create` printed.
+fn conversation_of(out: &str) -> String {
+    out.split(|c: char| c == '(' || c == ')' || c.is_whitespace())
+        .find(|w| w.starts_with("conv:"))
+        .expect("the output names the conversation")
+        .to_string()
+}

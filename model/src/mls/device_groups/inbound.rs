@@ -141,6 +141,7 @@ impl DeviceGroups {
                 intents,
                 members,
                 retry_at_epoch: 0,
+                proposals_seen_at: None,
             },
         );
         self.persist(conv, writes);

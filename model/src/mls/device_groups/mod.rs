@@ -43,7 +43,8 @@ use crate::time::Instant;
 use crate::trust::credential::{device_key_of_identity, device_of_identity};
 use crate::wire::payload::{RosterEntry, FETCH_USERS_MAX};
 
-/// How long a proposed removal may wait per rank before the next member commits it (see
+/// How long a proposal of the gateway (a removal, or a new external sender) may wait per rank
+/// before the next member commits it (see
 /// `DeviceGroups::take_over_stalled_proposals`).
 pub const PROPOSAL_TAKEOVER: core::time::Duration = core::time::Duration::from_secs(10);
 
@@ -186,6 +187,11 @@ pub struct GroupEntry {
     /// Retry the front intent only once the group has reached this epoch (after `stale_epoch`).
     #[n(4)]
     pub retry_at_epoch: u64,
+    /// When this device first saw the group's pending proposals (µs, this device's clock),
+    /// for the takeover rule: durable, so that a member whose every run is short (a `sund
+    /// send` now and then) still comes to commit a proposal the chosen member leaves waiting.
+    #[n(5)]
+    pub proposals_seen_at: Option<u64>,
 }
 
 impl GroupEntry {
@@ -301,9 +307,10 @@ pub enum GroupError {
     /// Not a group this device is in.
     #[error("{0} is not a conversation this device is in")]
     NotInGroup(ConversationId),
-    /// A removal the gateway proposed waits for a member's commit; MLS allows no application
-    /// message until then (RFC 9420 §12.2). Try again in a moment.
-    #[error("a removal is being committed in {0}; try again in a moment")]
+    /// A change the gateway proposed (a removal, or its key as the group's external sender
+    /// after a handover) waits for a member's commit; MLS allows no application message until
+    /// then (RFC 9420 §12.2). A member online commits it at once.
+    #[error("{0} waits for a member to commit a change its gateway proposed (a removal, or the conversation's new home); try again in a moment")]
     ProposalPending(ConversationId),
     /// An MLS step failed.
     #[error("{0}")]
@@ -379,8 +386,6 @@ pub struct DeviceGroups {
     sent: BTreeMap<MsgId, Bytes>,
     /// The gateway's signature key, named as external sender in the groups this device creates.
     gateway_key: Option<Vec<u8>>,
-    /// When this device first saw each group's pending proposals (for the takeover rule).
-    proposals_seen: BTreeMap<ConversationId, Instant>,
     /// When this member takes over each stalled proposal not yet due (rebuilt by every drive).
     takeover_due: BTreeMap<ConversationId, Instant>,
     /// When each leave request last went out (asked again after [`LEAVE_RESEND`]: a frame
@@ -536,7 +541,6 @@ impl DeviceGroups {
             gateway_key: None,
             leave_asked: BTreeMap::new(),
             welcome_waits: BTreeMap::new(),
-            proposals_seen: BTreeMap::new(),
             takeover_due: BTreeMap::new(),
             fetches: BTreeMap::new(),
             superseded: BTreeMap::new(),
@@ -662,6 +666,7 @@ impl DeviceGroups {
                 user: user.to_bytes().into(),
             }],
             retry_at_epoch: 0,
+            proposals_seen_at: None,
         };
         self.entries.insert(conv, entry);
         self.persist(conv, writes);
@@ -957,6 +962,7 @@ impl DeviceGroups {
     /// long, and only one member at a time steps in.
     fn take_over_stalled_proposals(&mut self, now: Instant, writes: &mut WriteBatch) {
         let mut due = Vec::new();
+        let mut seen_now = Vec::new();
         self.takeover_due.clear();
         for (conv, group) in &self.groups {
             let proposed: BTreeSet<LeafNodeIndex> = group
@@ -969,7 +975,17 @@ impl DeviceGroups {
             if group.pending_proposals().next().is_none() {
                 continue;
             }
-            let since = *self.proposals_seen.entry(*conv).or_insert(now);
+            let Some(entry) = self.entries.get_mut(conv) else {
+                continue;
+            };
+            let since = match entry.proposals_seen_at {
+                Some(at) => Instant(at),
+                None => {
+                    entry.proposals_seen_at = Some(now.0);
+                    seen_now.push(*conv);
+                    now
+                }
+            };
             let rank = devices_by_leaf(group)
                 .into_iter()
                 .filter(|(leaf, _)| !proposed.contains(leaf))
@@ -984,11 +1000,20 @@ impl DeviceGroups {
                 self.takeover_due.insert(*conv, since + wait);
             }
         }
-        self.proposals_seen.retain(|conv, _| {
-            self.groups
+        // Proposals committed since: the next ones are timed from when they are seen.
+        for (conv, entry) in &mut self.entries {
+            let waiting = self
+                .groups
                 .get(conv)
-                .is_some_and(|g| g.pending_proposals().next().is_some())
-        });
+                .is_some_and(|g| g.pending_proposals().next().is_some());
+            if entry.proposals_seen_at.is_some() && !waiting {
+                entry.proposals_seen_at = None;
+                seen_now.push(*conv);
+            }
+        }
+        for conv in seen_now {
+            self.persist(conv, writes);
+        }
         for conv in due {
             let Some(entry) = self.entries.get_mut(&conv) else {
                 continue;
