@@ -196,6 +196,7 @@ pub(crate) async fn follow(
     let mut members = group_commands::members(&node).await;
     let mut users = group_commands::users(&node, &device).await;
     let mut unnamed = std::collections::BTreeSet::new();
+    let mut delays_told = std::collections::BTreeSet::new();
     // Messages of users this user blocked are not shown (in rooms shared with them): the list
     // kept on the device from the start, then the gateway's.
     let mut blocked = crate::blocked::Blocked::load(&device);
@@ -353,6 +354,13 @@ pub(crate) async fn follow(
                 Some(NodeEvent::Revoked) => {
                     let _ = node.stop().await;
                     return Err(REVOKED.into());
+                }
+                Some(NodeEvent::GroupChangeDelayed { conversation, message, .. }) => {
+                    // Once per reason and conversation: the device asks again every few seconds.
+                    if delays_told.insert((conversation, message.clone())) {
+                        let name = name_of(conversation).unwrap_or_else(|| conversation.to_string());
+                        output.hint(&format!("a change to {name} waits: {message}; this device asks again by itself"));
+                    }
                 }
                 Some(event @ (NodeEvent::Joined { .. } | NodeEvent::GroupChanged { .. } | NodeEvent::RemovedFrom { .. } | NodeEvent::Undecryptable { .. } | NodeEvent::GroupChangeRefused { .. })) => {
                     members = group_commands::members(&node).await;

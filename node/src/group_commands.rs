@@ -350,16 +350,27 @@ pub(crate) async fn wait_until_done(
     tokio::pin!(deadline);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut waited = 0u32;
+    // Why the change waits, as the gateway said it (another domain's gateway out of reach).
+    let mut delayed: Option<String> = None;
     loop {
         tokio::select! {
             _ = &mut deadline => {
+                let why = match &delayed {
+                    Some(message) => format!("({message})"),
+                    None => "(is the gateway reachable? `sund status`)".to_string(),
+                };
                 return Err(format!(
                     "the change to {conv} was not done within {GROUP_DEADLINE:?}; it stays queued \
-                     and goes on with the next `sund` command (is the gateway reachable? \
-                     `sund status`)"
+                     and goes on with the next `sund` command {why}"
                 ));
             }
             event = node.events.recv() => match event {
+                Some(NodeEvent::GroupChangeDelayed { conversation, code, message }) if conversation == conv => {
+                    if delayed.as_ref() != Some(&message) {
+                        esay!("the change waits ({}): {message}; this device asks again by itself", code.name());
+                        delayed = Some(message);
+                    }
+                }
                 Some(NodeEvent::GroupChangeRefused { conversation, code: ErrorCode::UnknownUser, message }) if conversation == conv => {
                     let mut message = message;
                     for (id, name) in names {

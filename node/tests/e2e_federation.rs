@@ -1371,3 +1371,60 @@ fn an_mls_room_is_handed_over_to_the_other_domain_with_its_group() {
     terminate(b);
     terminate(a);
 }
+
+/// An invitation of a user of a domain whose gateway is down says so, in the words of
+/// alice's own gateway, instead of leaving her to wonder whether her gateway is reachable;
+/// the change stays queued and is made once b.example is back.
+#[test]
+fn an_invitation_while_the_other_domain_is_down_says_so_and_goes_out_when_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name: &str| tmp.path().join(name);
+    let path = |name: &str| at(name).to_str().unwrap().to_string();
+    let Federated { a, b, .. } = federated(tmp.path(), "");
+    online(tmp.path(), &["alice", "bob"]);
+    terminate(b);
+    wait_for_link(&at("a.toml"), "b.example", "down", Duration::from_secs(30));
+    let (_, stderr) = fails_with_output(
+        &sund(),
+        &[
+            "room",
+            "create",
+            "--data-dir",
+            &path("alice"),
+            "team",
+            "--invite",
+            "bob@b.example",
+        ],
+    );
+    assert!(
+        stderr.contains(
+            "the change waits (peer_unreachable): the gateway of b.example is not reachable now"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("it stays queued and goes on with the next `sund` command (the gateway of b.example is not reachable now"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("is the gateway reachable?"), "{stderr}");
+    // b.example comes back; alice's device, running again, carries the queued invitation out.
+    let b = start(&at("b.toml"), &at("b.log"));
+    wait_for_link(&at("a.toml"), "b.example", "up", Duration::from_secs(30));
+    // (`sund devices` only reads; `follow` keeps the device at work until it is stopped.)
+    let out = std::process::Command::new("timeout")
+        .args(["10"])
+        .arg(sund())
+        .args(["follow", "--data-dir", &path("alice")])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("added bob@b.example"), "{said}");
+    let listed = run(&sund(), &["devices", "--data-dir", &path("alice")]);
+    assert!(listed.contains("bob@b.example: dev:"), "{listed}");
+    terminate(b);
+    terminate(a);
+}

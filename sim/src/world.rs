@@ -1578,6 +1578,16 @@ impl World {
                 record.extend_from_slice(&expires.to_le_bytes());
             }
             NodeEvent::PairingRefused { .. } => record.push(20),
+            NodeEvent::GroupChangeDelayed {
+                conversation, code, ..
+            } => {
+                // Another domain's gateway could not be asked for KeyPackages now: the device
+                // asks again by itself.
+                record.push(33);
+                record.extend_from_slice(&conversation.to_bytes());
+                record.extend_from_slice(&(*code as u16).to_le_bytes());
+                *self.faults.entry("change-delayed").or_default() += 1;
+            }
             NodeEvent::DeviceLinked { device } => {
                 record.push(21);
                 record.extend_from_slice(&device.to_bytes());

@@ -355,6 +355,17 @@ pub enum NodeEvent {
         /// The gateway's explanation.
         message: String,
     },
+    /// A group change of ours waits: the KeyPackages it needs could not be fetched now (another
+    /// domain's gateway is not reachable, or paces this one). The change stays queued and the
+    /// device asks again by itself; this says why it has not happened yet.
+    GroupChangeDelayed {
+        /// Conversation.
+        conversation: ConversationId,
+        /// Why.
+        code: ErrorCode,
+        /// The gateway's explanation.
+        message: String,
+    },
     /// A file arrived in a conversation (its chunks wait at the gateway): fetch it with
     /// `Node::fetch_file`.
     FileOffered {

@@ -1072,8 +1072,19 @@ impl Node {
             // Only KeyPackage fetches are refused for now without a message id (by the
             // gateway's limit, or another domain's gateway's, or while that one is not
             // reachable): the waiting group tries again at its next chance.
-            if let Some(m) = &mut self.mls {
-                m.groups.fetch_refused(routing.seq);
+            let conversation = self
+                .mls
+                .as_mut()
+                .and_then(|m| m.groups.fetch_refused(routing.seq));
+            // Another domain's gateway out of reach or pacing this one is worth telling: the
+            // change waits on something this device's own gateway cannot help. (This
+            // gateway's own limit on fetches is a pause of a second or so.)
+            if let (Some(conversation), true) = (conversation, code != ErrorCode::RateLimited) {
+                self.fx.event(NodeEvent::GroupChangeDelayed {
+                    conversation,
+                    code,
+                    message: report.message.clone(),
+                });
             }
         }
         let stale_message = code == ErrorCode::StaleEpoch

@@ -77,6 +77,7 @@ async fn run(
 ) -> Result<(), String> {
     let mut users = group_commands::users(&node, device).await;
     let mut members = group_commands::members(&node).await;
+    let mut delays_told = std::collections::BTreeSet::new();
     let mut blocked = crate::blocked::Blocked::load(device);
     let mut watched: Vec<UserId> = Vec::new();
     let mut presence: BTreeMap<UserId, Seen> = BTreeMap::new();
@@ -185,6 +186,12 @@ async fn run(
                 Some(NodeEvent::Revoked) => {
                     let _ = node.stop().await;
                     return Err(REVOKED.into());
+                }
+                Some(NodeEvent::GroupChangeDelayed { conversation, message, .. }) => {
+                    // Once per reason and conversation: the device asks again every few seconds.
+                    if delays_told.insert((conversation, message.clone())) {
+                        view.notice(format!("a change to {conversation} waits: {message}; this device asks again by itself"));
+                    }
                 }
                 Some(NodeEvent::RemovedFrom { conversation, .. }) => {
                     view.remove_conversation(conversation);

@@ -725,9 +725,9 @@ impl DeviceGroups {
 
     /// A fetch was refused (rate limit): the conversation waiting for it tries again at its
     /// next chance.
-    pub fn fetch_refused(&mut self, request: u64) {
-        self.fetches.remove(&request);
-        self.superseded.remove(&request);
+    pub fn fetch_refused(&mut self, request: u64) -> Option<ConversationId> {
+        let conv = self.fetches.remove(&request).map(|(conv, _)| conv);
+        conv.or(self.superseded.remove(&request))
     }
 
     /// The conversation fetch `request` (the current one, or one asked again since) was for;
