@@ -3,6 +3,7 @@
 //! Progress goes to stderr: a bar (bytes, rate, ETA) on a terminal, a plain line at each
 //! quarter otherwise, so logs and pipes stay readable.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use sund_model::files::{sealed_len, FileId, FileName, FileSecret, ManifestDigest};
-use sund_model::ids::ConversationId;
+use sund_model::ids::{ConversationId, UserId};
 use sund_model::node::transfers::OfferState;
 use sund_model::node::NodeEvent;
 use sund_node::device::Device;
@@ -123,6 +124,23 @@ pub(crate) async fn send(data_dir: &Path, conversation: &str, path: &Path) -> Re
     if let Err(e) = group_commands::await_membership(&mut node, id).await {
         let _ = node.stop().await;
         return Err(format!("cannot send into `{conversation}`: {e}"));
+    }
+    // Files do not cross domains yet: members of other domains fetch from their own gateway,
+    // which never holds this one's chunks. Said before anything moves, not found out by them.
+    let groups = node.groups().await.unwrap_or_default();
+    let (abroad, at_home) = members_abroad(&groups, id, &device);
+    if !abroad.is_empty() {
+        let who = abroad.join(", ");
+        if at_home == 0 {
+            let _ = node.stop().await;
+            return Err(format!(
+                "files do not reach members of other domains yet, and every other member of `{conversation}` is of another domain ({who}): nothing was sent; share it with them another way"
+            ));
+        }
+        esay!(
+            "files do not reach members of other domains yet: {who} will see that {} was sent but cannot fetch it",
+            name.as_str()
+        );
     }
 
     // Cut and hash the file once to learn its chunks; the node's driver reads, hashes again
@@ -350,6 +368,18 @@ pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), Str
             let _ = node.stop().await;
             return Err(format!("this device knows no file {id}: `sund file list` shows the ones it knows (a file sent while this device was away arrives with `sund follow`)"));
         };
+        // Files do not cross domains yet: this device's gateway never holds chunks another
+        // domain's device sent (said before asking it for them).
+        if round == 0 {
+            let groups = node.groups().await.unwrap_or_default();
+            if let Some(address) = sender_abroad(&groups, &file, &device) {
+                let _ = node.stop().await;
+                return Err(format!(
+                    "{} was sent by {address}, of another domain, and files do not cross domains yet: this device's gateway does not hold it; ask them to share it another way",
+                    sund_node::display::printable(&file.name)
+                ));
+            }
+        }
         // Refused before anything is fetched, not after.
         if let Err(why) = sund_node::driver::save_target(out, &file.name) {
             let _ = node.stop().await;
@@ -381,6 +411,60 @@ pub(crate) async fn get(data_dir: &Path, id: &str, out: &Path) -> Result<(), Str
         }
     }
     unreachable!("the second round returns")
+}
+
+/// The domain of `user` as this device knows them (the address its user typed, or the one a
+/// member told in the group's roster), if it is another than this device's.
+fn domain_abroad(
+    names: &BTreeMap<UserId, String>,
+    user: UserId,
+    device: &Device,
+) -> Option<String> {
+    let home = device.home_domain();
+    let shown = names.get(&user)?;
+    let address = sund_model::address::Address::parse(shown, home).ok()?;
+    (address.domain() != home).then(|| shown.clone())
+}
+
+/// The members of `conv` of another domain than this device's (by address), and how many of
+/// its other member devices are of this domain (or not known to be of another).
+fn members_abroad(
+    groups: &[driver::GroupSummary],
+    conv: ConversationId,
+    device: &Device,
+) -> (Vec<String>, usize) {
+    let Some(group) = groups.iter().find(|g| g.conversation == conv) else {
+        return (Vec::new(), 0);
+    };
+    let names = device.user_names_with(groups);
+    let me = device.key.device_id();
+    let mut abroad: Vec<String> = Vec::new();
+    let mut at_home = 0;
+    for (_, user) in group.members.iter().filter(|(d, _)| *d != me) {
+        match domain_abroad(&names, *user, device) {
+            Some(shown) if !abroad.contains(&shown) => abroad.push(shown),
+            Some(_) => {}
+            None => at_home += 1,
+        }
+    }
+    (abroad, at_home)
+}
+
+/// The address of the sender of `file` if it is a user of another domain than this device's.
+fn sender_abroad(
+    groups: &[driver::GroupSummary],
+    file: &FileSummary,
+    device: &Device,
+) -> Option<String> {
+    let group = groups
+        .iter()
+        .find(|g| g.conversation == file.conversation)?;
+    let user = group
+        .members
+        .iter()
+        .find(|(d, _)| *d == file.sender)
+        .map(|(_, u)| *u)?;
+    domain_abroad(&device.user_names_with(groups), user, device)
 }
 
 /// True if this device's file `digest` lacks chunks (after a save found one lost).

@@ -1372,16 +1372,19 @@ fn an_mls_room_is_handed_over_to_the_other_domain_with_its_group() {
     terminate(a);
 }
 
-/// An invitation of a user of a domain whose gateway is down says so, in the words of
-/// alice's own gateway, instead of leaving her to wonder whether her gateway is reachable;
-/// the change stays queued and is made once b.example is back.
+/// What cannot reach the other domain (yet) is said plainly. An invitation of a user of a
+/// domain whose gateway is down says so, in the words of alice's own gateway, instead of
+/// leaving her to wonder whether her gateway is reachable; the change stays queued and is
+/// made once b.example is back. And files, which do not cross domains yet, say so at both
+/// ends.
 #[test]
-fn an_invitation_while_the_other_domain_is_down_says_so_and_goes_out_when_it_is_back() {
+fn what_does_not_reach_the_other_domain_yet_is_said_plainly() {
     let tmp = tempfile::tempdir().unwrap();
     let at = |name: &str| tmp.path().join(name);
     let path = |name: &str| at(name).to_str().unwrap().to_string();
-    let Federated { a, b, .. } = federated(tmp.path(), "");
-    online(tmp.path(), &["alice", "bob"]);
+    let Federated { a, b, a_port, .. } = federated(tmp.path(), "");
+    more_users_of_a(tmp.path(), a_port, &["carol"]);
+    online(tmp.path(), &["alice", "bob", "carol"]);
     terminate(b);
     wait_for_link(&at("a.toml"), "b.example", "down", Duration::from_secs(30));
     let (_, stderr) = fails_with_output(
@@ -1425,6 +1428,74 @@ fn an_invitation_while_the_other_domain_is_down_says_so_and_goes_out_when_it_is_
     assert!(said.contains("added bob@b.example"), "{said}");
     let listed = run(&sund(), &["devices", "--data-dir", &path("alice")]);
     assert!(listed.contains("bob@b.example: dev:"), "{listed}");
+
+    // Files do not cross domains yet, and each end says so before anything moves: a file
+    // for a room whose every other member is abroad is not sent at all; with carol of
+    // a.example in it, it goes to her and alice is told bob cannot fetch it; bob is told why
+    // he cannot, instead of "ask the sender to send it again".
+    let file = at("notes.txt");
+    std::fs::write(&file, b"for the team").unwrap();
+    let file = file.to_str().unwrap();
+    let refused = fails(
+        &sund(),
+        &["file", "send", "--data-dir", &path("alice"), "team", file],
+    );
+    assert!(
+        refused.contains(
+            "every other member of `team` is of another domain (bob@b.example): nothing was sent"
+        ),
+        "{refused}"
+    );
+    run(
+        &sund(),
+        &[
+            "room",
+            "invite",
+            "--data-dir",
+            &path("alice"),
+            "team",
+            "carol",
+        ],
+    );
+    let out = std::process::Command::new(sund())
+        .args(["file", "send", "--data-dir", &path("alice"), "team", file])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("bob@b.example will see that notes.txt was sent but cannot fetch it"),
+        "{stderr}"
+    );
+    let team = listed
+        .lines()
+        .find(|l| l.starts_with("room team "))
+        .map(conversation_in)
+        .unwrap_or_else(|| panic!("{listed}"));
+    let read = follow(&path("bob"), &team, 1, Duration::from_secs(60));
+    let offer = read
+        .iter()
+        .find(|l| l.contains("sent a file: notes.txt"))
+        .unwrap_or_else(|| panic!("{read:?}"));
+    let id = offer.rsplit(' ').next().unwrap().to_string();
+    let out_dir = at("bob-files");
+    std::fs::create_dir(&out_dir).unwrap();
+    let refused = fails(
+        &sund(),
+        &[
+            "file",
+            "get",
+            "--data-dir",
+            &path("bob"),
+            &id,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        refused.contains("notes.txt was sent by alice@a.example, of another domain, and files do not cross domains yet"),
+        "{refused}"
+    );
     terminate(b);
     terminate(a);
 }

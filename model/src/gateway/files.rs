@@ -303,7 +303,7 @@ impl ChunkIndex {
         }
         if members.is_empty() {
             return Err(ChunkRefusal::BadList(
-                "no member device is there to fetch it",
+                "no member device of this gateway is there to fetch it (devices of other domains cannot fetch files yet)",
             ));
         }
         if ids.iter().collect::<BTreeSet<_>>().len() != ids.len() {
