@@ -688,18 +688,31 @@ fn shared_with(
     })
 }
 
+/// What `admin list` adds after a domain a conversation spans that is no peer of this gateway.
+fn not_a_peer(gateway: &Gateway, domain: &str) -> &'static str {
+    if gateway.federates_with(domain) {
+        ""
+    } else {
+        " [not a peer in this gateway's config: nothing reaches it]"
+    }
+}
+
 fn list(gateway: &Gateway) -> String {
     let mut text = String::new();
     for log in gateway.conversations() {
         let mut spans: String = shared_with(gateway, log.id())
-            .map(|(domain, n, revoked)| match revoked {
-                0 => format!(" shared with {domain} ({n} devices)"),
-                r => format!(" shared with {domain} ({n} devices, {r} revoked by {domain})"),
+            .map(|(domain, n, revoked)| {
+                let shared = match revoked {
+                    0 => format!(" shared with {domain} ({n} devices)"),
+                    r => format!(" shared with {domain} ({n} devices, {r} revoked by {domain})"),
+                };
+                format!("{shared}{}", not_a_peer(gateway, domain))
             })
             .collect();
         if let Some(home) = gateway.replica_of(log.id()) {
             spans = format!(
-                " homed at {home}, which orders it (this gateway keeps a copy for its devices)"
+                " homed at {home}, which orders it (this gateway keeps a copy for its devices){}",
+                not_a_peer(gateway, home)
             );
         }
         if let Some(Role::Moving { to, .. }) = gateway.spanning_role(log.id()) {

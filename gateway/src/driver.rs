@@ -370,6 +370,13 @@ pub async fn start(options: GatewayOptions) -> Result<GatewayHandle, DriverError
             source,
         })?;
     tracing::info!(%addr, data_dir = %dir.display(), conversations = gateway.conversations().count(), "gateway listening");
+    for (domain, conversations) in gateway.spans_without_peer() {
+        tracing::warn!(
+            %domain,
+            conversations,
+            "conversations here span a domain this gateway does not federate with (no [[federation.peer]] for it in the config): its members cannot send into them, and miss every message sequenced here meanwhile even if it becomes a peer again (they are told of a gap); `sund-gateway admin list` names them"
+        );
+    }
 
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_MAX);
     let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE_MAX);

@@ -284,7 +284,7 @@ pub(crate) async fn follow(
                     || FollowRecord::HistoryDiverged { conversation_id: conversation.to_string(), upto },
                 ),
                 Some(NodeEvent::HistoryLost { conversation, from, to }) => output.news(
-                    &format!("{conversation}: seqs {from}..={to} were lost by the gateway (its disk lost writes it had reported durable); they cannot be fetched. Tell the gateway's operator"),
+                    &format!("{conversation}: seqs {from}..={to} were lost (the gateway's disk lost writes it had reported durable, or the conversation's home, a gateway of another domain, did not send them here while it did not federate with this one); they cannot be fetched. Tell the gateway's operator"),
                     || FollowRecord::HistoryLost { conversation_id: conversation.to_string(), from, to },
                 ),
                 Some(NodeEvent::FileComplete { conversation, digest }) if fetch_into.is_some() => {

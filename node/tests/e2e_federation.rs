@@ -1496,6 +1496,38 @@ fn what_does_not_reach_the_other_domain_yet_is_said_plainly() {
         refused.contains("notes.txt was sent by alice@a.example, of another domain, and files do not cross domains yet"),
         "{refused}"
     );
+    // Its operator drops b.example from a.example's config while `team` spans it: the gateway
+    // starts, and says at once (and in `admin list`) what that cuts off.
+    terminate(a);
+    config_file(&at("a.toml"), &at("a"), "a.example", a_port, None);
+    let a = start(&at("a.toml"), &at("a2.log"));
+    let warned = |log: &str| {
+        log.contains("conversations here span a domain this gateway does not federate with")
+            && log.contains("domain=b.example")
+    };
+    let started = Instant::now();
+    let mut log = String::new();
+    while !warned(&log) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        log = std::fs::read_to_string(at("a2.log")).unwrap_or_default();
+    }
+    assert!(warned(&log), "{log}");
+    // (Asked again while the starting gateway's control socket is not up yet.)
+    let started = Instant::now();
+    let listed = loop {
+        let out = std::process::Command::new(gateway_binary())
+            .args(["admin", "list", "--config", &path("a.toml")])
+            .output()
+            .unwrap();
+        if out.status.success() || started.elapsed() > Duration::from_secs(10) {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        listed.contains("shared with b.example (1 devices) [not a peer in this gateway's config: nothing reaches it]"),
+        "{listed}"
+    );
     terminate(b);
     terminate(a);
 }

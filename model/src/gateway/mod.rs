@@ -513,6 +513,23 @@ impl Gateway {
 
     // ---- getters ----
 
+    /// True if `domain` is a configured federation peer of this gateway.
+    pub fn federates_with(&self, domain: &str) -> bool {
+        self.federation.as_ref().is_some_and(|f| f.is_peer(domain))
+    }
+
+    /// The domains conversations here span whose gateways this one does not federate with (its
+    /// operator removed the peer from its configuration), with how many conversations span
+    /// each: nothing goes to or comes from them until they are peers again.
+    pub fn spans_without_peer(&self) -> BTreeMap<String, usize> {
+        self.spanning
+            .domains_spanned()
+            .into_iter()
+            .filter(|(domain, _)| !self.federates_with(domain))
+            .map(|(domain, n)| (domain.to_string(), n))
+            .collect()
+    }
+
     /// The domain whose gateway sequences `conversation`, if this gateway only keeps a
     /// replica of it for its devices (a conversation spanning domains, homed elsewhere).
     pub fn replica_of(&self, conversation: ConversationId) -> Option<&str> {

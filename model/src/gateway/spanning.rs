@@ -187,6 +187,35 @@ impl Spanning {
         })
     }
 
+    /// Every other domain the conversations here span, with how many of them span it: the
+    /// member domains of those homed here (and where one is being handed), the authority of
+    /// the replicas (and a previous one still sending its last messages).
+    pub fn domains_spanned(&self) -> BTreeMap<&str, usize> {
+        let mut spanned: BTreeMap<&str, usize> = BTreeMap::new();
+        for role in self.roles.values() {
+            let mut domains: BTreeSet<&str> = BTreeSet::new();
+            match role {
+                Role::Authority(home) => domains.extend(home.members.keys().map(String::as_str)),
+                Role::Moving { to, home, .. } => {
+                    domains.extend(home.members.keys().map(String::as_str));
+                    domains.insert(to);
+                }
+                Role::Replica {
+                    authority,
+                    previous,
+                    ..
+                } => {
+                    domains.insert(authority);
+                    domains.extend(previous.as_ref().map(|(d, _)| d.as_str()));
+                }
+            }
+            for domain in domains {
+                *spanned.entry(domain).or_default() += 1;
+            }
+        }
+        spanned
+    }
+
     /// The role of `conv`, if it spans domains.
     pub fn role(&self, conv: ConversationId) -> Option<&Role> {
         self.roles.get(&conv)
@@ -737,6 +766,33 @@ mod tests {
                 term: 0,
                 previous: None
             })
+        );
+    }
+
+    #[test]
+    fn every_domain_spanned_is_counted_once_per_conversation() {
+        let mut spanning = Spanning::default();
+        let mut writes = WriteBatch::default();
+        spanning.share(
+            ConversationId(1),
+            "b.example",
+            &[DeviceId(7), DeviceId(8)],
+            &mut writes,
+        );
+        spanning.share(ConversationId(1), "c.example", &[DeviceId(9)], &mut writes);
+        spanning.share(ConversationId(2), "b.example", &[DeviceId(7)], &mut writes);
+        spanning.follow(ConversationId(3), "c.example", &mut writes);
+        spanning.share(ConversationId(4), "d.example", &[DeviceId(6)], &mut writes);
+        spanning.freeze(ConversationId(4), "e.example", Instant(7), &mut writes);
+        let spanned = spanning.domains_spanned();
+        assert_eq!(
+            spanned.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("b.example", 2),
+                ("c.example", 2),
+                ("d.example", 1),
+                ("e.example", 1)
+            ]
         );
     }
 
