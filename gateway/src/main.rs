@@ -296,7 +296,7 @@ impl FederationConfig {
         let mut addresses = std::collections::BTreeMap::new();
         for entry in &self.peer {
             if !valid_domain(&entry.domain) {
-                return Err(format!("[[federation.peer]] domain `{}` is not a domain name: use lower-case letters, digits, dots and hyphens", entry.domain));
+                return Err(format!("[[federation.peer]] domain `{}` is not a domain name: use labels of lower-case letters, digits and hyphens between single dots", entry.domain));
             }
             if entry.domain == own_domain {
                 return Err(format!("[[federation.peer]] names this gateway's own domain `{own_domain}`: list the other gateways"));
@@ -530,7 +530,7 @@ fn run(cli: Cli, file: FileConfig) -> Result<(), String> {
         .unwrap_or_else(|| "localhost".into());
     if !valid_domain(&domain) {
         return Err(format!(
-            "`{domain}` is not a domain name: use lower-case letters, digits, dots and hyphens"
+            "`{domain}` is not a domain name: use labels of lower-case letters, digits and hyphens between single dots"
         ));
     }
     let mut config = GatewayConfig {

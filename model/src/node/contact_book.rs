@@ -339,7 +339,7 @@ mod tests {
 
     fn arb_record() -> impl Strategy<Value = ContactRecord> {
         prop_oneof![
-            "[a-z0-9._-]{1,64}(@[a-z0-9-]{1,20}(\\.[a-z0-9-]{1,20}){0,2})?".prop_map(|n| named(&n)),
+            "[a-z0-9._-]{1,64}(@[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?){0,2})?".prop_map(|n| named(&n)),
             (
                 any::<[u8; 16]>(),
                 proptest::collection::btree_set(any::<[u8; 32]>(), 1..=KEYS_MAX)

@@ -58,14 +58,22 @@ impl TrustRoot {
     }
 }
 
-/// True if `domain` is a plausible domain name: 1..=253 bytes of lower-case letters, digits,
-/// dots and hyphens. Certificates and CRLs carry only such names.
+/// True if `domain` is a plausible domain name: 1..=253 bytes of dot-separated labels, each
+/// 1..=63 lower-case letters, digits and hyphens, neither starting nor ending with a hyphen
+/// (so `b..example`, `.b.example` and `-b.example` are not). Certificates and CRLs carry only
+/// such names.
 pub fn valid_domain(domain: &str) -> bool {
     !domain.is_empty()
         && domain.len() <= DOMAIN_BYTES_MAX
-        && domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 #[cfg(test)]
@@ -76,10 +84,28 @@ mod tests {
     fn domains_are_lower_case_dns_names() {
         assert!(valid_domain("example.org"));
         assert!(valid_domain("sund-1.local"));
-        for bad in ["", "Example.org", "a b", "ex/ample", "é.org"] {
+        for bad in [
+            "",
+            "Example.org",
+            "a b",
+            "ex/ample",
+            "é.org",
+            "b..example",
+            ".b.example",
+            "b.example.",
+            "-b.example",
+            "b-.example",
+        ] {
             assert!(!valid_domain(bad), "{bad}");
         }
-        assert!(valid_domain(&"a".repeat(253)));
-        assert!(!valid_domain(&"a".repeat(254)));
+        let label = "a".repeat(63);
+        assert!(valid_domain(&label));
+        assert!(
+            !valid_domain(&"a".repeat(64)),
+            "a label is at most 63 bytes"
+        );
+        let long = [label.as_str(); 4].join(".")[..253].to_string();
+        assert!(valid_domain(&long));
+        assert!(!valid_domain(&format!("{long}a")));
     }
 }

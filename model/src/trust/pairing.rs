@@ -297,7 +297,7 @@ mod tests {
             voucher: [u8; 16],
             pin: [u8; 32],
             name in "[a-zA-Z0-9éø._-]{1,20}",
-            domain in "[a-z0-9-]{1,20}(\\.[a-z]{2,5})?",
+            domain in "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z]{2,5})?",
             port: u16,
         ) {
             let code = PairingCode {
