@@ -383,3 +383,15 @@ fn disconnect_while_gateway_down_swarm_693_resets_every_cut_connection() {
 fn presence_scrape_seed_1013_a_duplicated_watchlist_keeps_its_count() {
     run("../scenarios/presence-scrape.sund", 1013);
 }
+
+/// A DM whose other user blocked its creator before the creator's device (down since a crash)
+/// could make it, and unblocked it later: the world gave the creation up while the block held
+/// and never asked again, so `converge` found the DM never made (swarm seed 40337, mls). It
+/// now asks again every second while only a block holds it back.
+#[test]
+fn dm_created_after_unblock_swarm_40337() {
+    run(
+        "tests/regressions/dm-created-after-unblock-swarm-40337.sund",
+        40337,
+    );
+}

@@ -95,6 +95,25 @@ impl World {
                 })
     }
 
+    /// True if a DM not created yet waits only on a block: the other user blocks its creator
+    /// now, which an unblock may lift (then it is made).
+    fn creation_blocked(&self, c: &SimConversation) -> bool {
+        let creator = c.members[0];
+        let own = self.user_name(creator);
+        let own_id = super::federation::user_id(&self.scenario, own);
+        c.kind == Some(GroupKind::Dm)
+            && !self.is_revoked(creator)
+            && c.members
+                .iter()
+                .map(|&m| self.user_name(m))
+                .filter(|&name| name != own)
+                .any(|name| {
+                    !self.user_revoked(name)
+                        && self
+                            .blocks_known(super::federation::user_id(&self.scenario, name), own_id)
+                })
+    }
+
     /// The domain of `member`'s home gateway if it is another than `of`'s (a federating
     /// gateway's), else `None`.
     fn foreign_domain(&self, of: ActorIndex, member: ActorIndex) -> Option<String> {
@@ -149,6 +168,15 @@ impl World {
             }
         }
         if self.creation_abandoned(c) {
+            if self.creation_blocked(c) {
+                // Asked again later: the block may be lifted.
+                self.push(
+                    self.now + CREATE_AT_US,
+                    EventKind::CreateGroup {
+                        conversation: index,
+                    },
+                );
+            }
             return;
         }
         if !self.actors[creator as usize].up {
