@@ -795,8 +795,9 @@ fn the_last_member_that_leaves_hears_it_was_removed() {
     assert!(failures(&net).is_empty(), "{:?}", failures(&net));
 }
 
-#[test]
-fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
+/// Alice's room with Bob's two devices and Carol (4); Alice (leaf 0), who would commit
+/// Carol's leave, goes offline, then Carol leaves.
+fn carol_leaves_while_the_chosen_committer_is_away() -> (Net, ConversationId) {
     let mut net = three_devices();
     net.add(4, node_config(4, "carol"));
     let now = net.now;
@@ -808,11 +809,16 @@ fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
         .create_room(now, &[user("bob"), user("carol")])
         .unwrap();
     net.settle();
-    // Alice (leaf 0) would commit Carol's leave, but she is offline.
     net.nodes.get_mut(&1).unwrap().0.go_offline(now);
     net.settle();
     net.nodes.get_mut(&4).unwrap().0.leave(now, room).unwrap();
     net.settle();
+    (net, room)
+}
+
+#[test]
+fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
+    let (mut net, room) = carol_leaves_while_the_chosen_committer_is_away();
     let carol = net.device(4);
     assert!(net
         .gateway
@@ -843,21 +849,7 @@ fn when_the_chosen_committer_is_offline_the_next_member_commits_the_removal() {
 fn a_member_whose_runs_are_short_still_takes_over_a_proposal_the_chosen_committer_leaves() {
     // As above, but Bob's devices restart every 4 s (a `sund send` now and then): each must
     // still count the wait from when it first saw the proposal, not from its latest start.
-    let mut net = three_devices();
-    net.add(4, node_config(4, "carol"));
-    let now = net.now;
-    let room = net
-        .nodes
-        .get_mut(&1)
-        .unwrap()
-        .0
-        .create_room(now, &[user("bob"), user("carol")])
-        .unwrap();
-    net.settle();
-    net.nodes.get_mut(&1).unwrap().0.go_offline(now);
-    net.settle();
-    net.nodes.get_mut(&4).unwrap().0.leave(now, room).unwrap();
-    net.settle();
+    let (mut net, room) = carol_leaves_while_the_chosen_committer_is_away();
     let carol = net.device(4);
     let in_room = |net: &Net| {
         net.gateway

@@ -772,7 +772,7 @@ fn a_send_while_a_proposed_removal_waits_for_its_commit_is_saved_once_it_is_comm
             "carol",
         ],
     );
-    let room = conversation_of(&made);
+    let room = conversation_in(&made);
     // The operator revokes carol's device: the gateway proposes her removal, which alice's
     // device (the member chosen to commit it, the lowest leaf) would commit, but it is not
     // running.
@@ -805,12 +805,4 @@ fn a_send_while_a_proposed_removal_waits_for_its_commit_is_saved_once_it_is_comm
         !listed.contains(&carol_id),
         "carol's device is out: {listed}"
     );
-}
-
-/// The `conv:…` id in what `room create` printed.
-fn conversation_of(out: &str) -> String {
-    out.split(|c: char| c == '(' || c == ')' || c.is_whitespace())
-        .find(|w| w.starts_with("conv:"))
-        .expect("the output names the conversation")
-        .to_string()
 }

@@ -1071,12 +1071,6 @@ fn contacts_until(dir: &str, line: &str) -> String {
     }
 }
 
-fn conversation_in(out: &str) -> String {
-    let start = out.find("(conv:").expect("the room's id is printed") + 1;
-    let end = start + out[start..].find(')').unwrap();
-    out[start..end].to_string()
-}
-
 #[test]
 fn members_of_both_domains_change_a_room_that_spans_them() {
     let tmp = tempfile::tempdir().unwrap();

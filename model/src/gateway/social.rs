@@ -133,11 +133,7 @@ impl Social {
                 table: SOCIAL_TABLE.0,
                 reason: "a social key is not a user id".into(),
             })?;
-            let record: SocialRecord =
-                minicbor::decode(value).map_err(|e| StoreError::Corrupt {
-                    table: SOCIAL_TABLE.0,
-                    reason: format!("a social record does not decode: {e}"),
-                })?;
+            let record = decode_record(value)?;
             let user = UserId::from_bytes(user);
             let relations = Relations {
                 added: record
@@ -401,6 +397,13 @@ impl Social {
     }
 }
 
+fn decode_record(value: &[u8]) -> Result<SocialRecord, StoreError> {
+    minicbor::decode(value).map_err(|e| StoreError::Corrupt {
+        table: SOCIAL_TABLE.0,
+        reason: format!("a social record does not decode: {e}"),
+    })
+}
+
 fn encode(relations: &Relations) -> Vec<u8> {
     minicbor::to_vec(relations.record()).expect("encoding into a Vec cannot fail")
 }
@@ -408,11 +411,7 @@ fn encode(relations: &Relations) -> Vec<u8> {
 /// The users a stored [`SOCIAL_TABLE`] record says its user blocked: for an observer of the
 /// store (the simulator's `blocks-hold` invariant judges a gateway by what it made durable).
 pub fn blocked_in_record(value: &[u8]) -> Result<Vec<UserId>, StoreError> {
-    let record: SocialRecord = minicbor::decode(value).map_err(|e| StoreError::Corrupt {
-        table: SOCIAL_TABLE.0,
-        reason: format!("a social record does not decode: {e}"),
-    })?;
-    Ok(record
+    Ok(decode_record(value)?
         .blocked
         .iter()
         .map(|u| UserId::from_bytes(**u))

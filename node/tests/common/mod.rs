@@ -393,3 +393,10 @@ pub fn pair(dir: &str, new: &str) -> Vec<String> {
     assert!(show.0.wait().unwrap().success(), "{said:#?}");
     said
 }
+
+/// The `conv:…` id a command printed in parentheses (`room create`, `devices`).
+pub fn conversation_in(out: &str) -> String {
+    let start = out.find("(conv:").expect("the room's id is printed") + 1;
+    let end = start + out[start..].find(')').unwrap();
+    out[start..end].to_string()
+}

@@ -73,45 +73,43 @@ impl World {
             .all(|&d| self.is_revoked(d))
     }
 
+    /// For each other user of a DM: whether every device of theirs was revoked, and whether
+    /// they block its creator (as the gateway answered it).
+    fn dm_others(&self, c: &SimConversation) -> Vec<(bool, bool)> {
+        let own = self.user_name(c.members[0]);
+        let own_id = super::federation::user_id(&self.scenario, own);
+        c.members
+            .iter()
+            .map(|&m| self.user_name(m))
+            .filter(|&name| name != own)
+            .map(|name| {
+                let id = super::federation::user_id(&self.scenario, name);
+                (self.user_revoked(name), self.blocks_known(id, own_id))
+            })
+            .collect()
+    }
+
     /// True if a group not created yet never will be, and nobody expects it: its creator was
     /// revoked before its creating commit reached the gateway, or (a DM) the other user's every
     /// device was, or the other user blocks the creator.
     fn creation_abandoned(&self, c: &SimConversation) -> bool {
-        let creator = c.members[0];
-        if self.is_revoked(creator) {
-            return true;
-        }
-        let own = self.user_name(creator);
-        let own_id = super::federation::user_id(&self.scenario, own);
-        c.kind == Some(GroupKind::Dm)
-            && c.members
-                .iter()
-                .map(|&m| self.user_name(m))
-                .filter(|&name| name != own)
-                .all(|name| {
-                    self.user_revoked(name)
-                        || self
-                            .blocks_known(super::federation::user_id(&self.scenario, name), own_id)
-                })
+        self.is_revoked(c.members[0])
+            || (c.kind == Some(GroupKind::Dm)
+                && self
+                    .dm_others(c)
+                    .iter()
+                    .all(|&(revoked, blocks)| revoked || blocks))
     }
 
     /// True if a DM not created yet waits only on a block: the other user blocks its creator
     /// now, which an unblock may lift (then it is made).
     fn creation_blocked(&self, c: &SimConversation) -> bool {
-        let creator = c.members[0];
-        let own = self.user_name(creator);
-        let own_id = super::federation::user_id(&self.scenario, own);
         c.kind == Some(GroupKind::Dm)
-            && !self.is_revoked(creator)
-            && c.members
+            && !self.is_revoked(c.members[0])
+            && self
+                .dm_others(c)
                 .iter()
-                .map(|&m| self.user_name(m))
-                .filter(|&name| name != own)
-                .any(|name| {
-                    !self.user_revoked(name)
-                        && self
-                            .blocks_known(super::federation::user_id(&self.scenario, name), own_id)
-                })
+                .any(|&(revoked, blocks)| !revoked && blocks)
     }
 
     /// The domain of `member`'s home gateway if it is another than `of`'s (a federating
